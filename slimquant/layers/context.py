@@ -1,0 +1,48 @@
+"""The per-step batch description that the engine sets and attention layers read (nano-vllm style).
+
+One step runs any mix of sequences; sequence i contributes query_lens[i] new tokens (a prefill chunk or
+one decode token) on top of context_lens[i] - query_lens[i] tokens already in its paged KV cache.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardContext:
+    """Batch layout of one forward step; tokens of all sequences are packed along one axis T."""
+
+    query_lens: list[int]  # [B] new tokens per sequence, sum = T
+    context_lens: list[int]  # [B] cached + new tokens per sequence
+    slot_mapping: torch.Tensor  # [T] int64 flat KV slot (block_id * block_size + offset) for each new token
+    block_tables: torch.Tensor  # [B, max_blocks] int32 block ids, -1 padded
+    block_size: int
+
+    @property
+    def is_decode(self) -> bool:
+        """True when every sequence adds exactly one token."""
+        return all(q == 1 for q in self.query_lens)
+
+
+_CONTEXT: ForwardContext | None = None
+
+
+def get_context() -> ForwardContext:
+    """The context of the step being run; attention layers call this."""
+    assert _CONTEXT is not None, "attention run outside of a forward step (no ForwardContext set)"
+    return _CONTEXT
+
+
+@contextmanager
+def forward_context(ctx: ForwardContext):
+    """Make ctx current for the duration of one model forward."""
+    global _CONTEXT
+    previous, _CONTEXT = _CONTEXT, ctx
+    try:
+        yield ctx
+    finally:
+        _CONTEXT = previous

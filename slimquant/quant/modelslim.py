@@ -1,0 +1,121 @@
+"""Writer and reader of the ascend (ModelSlim) checkpoint layout (FORMAT.md).
+
+A checkpoint folder holds `quant_model_description.json` (version, model_quant_type, then every tensor
+name -> type in write order), shards `quant_model_weight_<type>-0000i-of-0000N.safetensors` and their index
+`quant_model_weight_<type>.safetensors.index.json`, plus config and tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+DESCRIPTION_FILE = "quant_model_description.json"
+FORMAT_VERSION = "1.0.0"
+QUANT_TYPES = ("W8A8", "W8A8_DYNAMIC")
+FLOAT = "FLOAT"
+DEFAULT_SHARD_BYTES = 4 * 1024**3
+
+
+def shard_prefix(model_quant_type: str) -> str:
+    """File-name stem of the shards, e.g. 'quant_model_weight_w8a8_dynamic'."""
+    return f"quant_model_weight_{model_quant_type.lower()}"
+
+
+class ModelSlimWriter:
+    """Streams tensors into size-capped safetensors shards and records their description types."""
+
+    def __init__(self, out_dir: str | os.PathLike, model_quant_type: str, shard_bytes: int = DEFAULT_SHARD_BYTES):
+        if model_quant_type not in QUANT_TYPES:
+            raise ValueError(f"model_quant_type must be one of {QUANT_TYPES}, got {model_quant_type!r}")
+        if shard_bytes <= 0:
+            raise ValueError(f"shard size must be positive, got {shard_bytes}")
+        self.out_dir = Path(out_dir)
+        self.model_quant_type = model_quant_type
+        self.shard_bytes = shard_bytes
+        self.description: dict[str, str] = {"version": FORMAT_VERSION, "model_quant_type": model_quant_type}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor, quant_type: str) -> None:
+        """Queue one tensor; flushes a shard first if this tensor would push it past the cap."""
+        if name in self.description or name in self._pending:
+            raise ValueError(f"tensor {name!r} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.shard_bytes:
+            self.flush()
+        self._pending[name] = tensor.detach().contiguous().cpu()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+        self.description[name] = quant_type
+
+    def flush(self) -> None:
+        """Write the queued tensors as one shard (no-op when nothing is queued)."""
+        if not self._pending:
+            return
+        tmp_name = f".shard-{len(self._shards):05d}.safetensors"
+        save_file(self._pending, str(self.out_dir / tmp_name))  # no metadata, as ModelSlim writes
+        self._shards.append((tmp_name, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Flush, name the shards i-of-N, write index and description; returns the shard file names."""
+        self.flush()
+        n = len(self._shards)
+        stem = shard_prefix(self.model_quant_type)
+        weight_map, names = {}, []
+        for i, (tmp_name, tensors) in enumerate(self._shards, start=1):
+            final = f"{stem}-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out_dir / tmp_name, self.out_dir / final)
+            weight_map.update({t: final for t in tensors})
+            names.append(final)
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        _dump_json(self.out_dir / f"{stem}.safetensors.index.json", index, indent=2)
+        _dump_json(self.out_dir / DESCRIPTION_FILE, self.description, indent=2)
+        return names
+
+
+def _dump_json(path: Path, obj: dict, indent: int) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=indent)
+
+
+def is_modelslim_dir(path: str | os.PathLike) -> bool:
+    """True if the folder holds a quant_model_description.json."""
+    return (Path(path) / DESCRIPTION_FILE).is_file()
+
+
+def read_description(path: str | os.PathLike) -> dict[str, str]:
+    """The description dict of a checkpoint folder, with a clear error when missing or malformed."""
+    file = Path(path) / DESCRIPTION_FILE
+    if not file.is_file():
+        raise ValueError(f"{path} has no {DESCRIPTION_FILE}: it is not an ascend (ModelSlim) checkpoint")
+    try:
+        desc = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON ({e}); re-run the quantizer to write it again") from e
+    if not isinstance(desc, dict):
+        raise ValueError(f"{file} must hold a JSON object of tensor name -> quant type")
+    return desc
+
+
+def tensor_types(desc: dict) -> dict[str, str]:
+    """Only the tensor-name entries of a description (drops version, model_quant_type, metadata, ...)."""
+    return {k: v for k, v in desc.items() if isinstance(v, str) and k not in _HEADER_KEYS}
+
+
+_HEADER_KEYS = {
+    "version",
+    "model_quant_type",
+    "kv_cache_type",
+    "kv_quant_type",
+    "fa_quant_type",
+    "group_size",
+    "reduce_quant_type",
+}

@@ -1,0 +1,80 @@
+"""The int8 quantization math of the ascend (ModelSlim) format, in plain torch.
+
+Every function here is the definition that the quantizer writes and the engine reads (FORMAT.md):
+weights are symmetric per output channel, static activations are per-tensor asymmetric (min-max),
+dynamic activations are symmetric per token. round() is torch.round: half to even.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QMIN, QMAX = -128, 127
+_TINY = 1e-8  # smallest scale: a channel of zeros quantizes to zeros, never to NaN
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: w [N, K] -> (w_q int8 [N, K], scale fp32 [N, 1])."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=_TINY)  # [N, 1]
+    w_q = torch.clamp(torch.round(w / scale), QMIN, QMAX).to(torch.int8)
+    return w_q, scale
+
+
+def dequantize_weight(w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """w_q int8 [N, K] * scale [N, 1] -> fp32 [N, K]."""
+    return w_q.float() * scale.float()
+
+
+def static_activation_params(x_min: float, x_max: float) -> tuple[float, float]:
+    """Per-tensor asymmetric min-max parameters: (input_scale, input_offset), offset integer-valued."""
+    x_min, x_max = min(float(x_min), 0.0), max(float(x_max), 0.0)
+    scale = max(x_max / 255.0 - x_min / 255.0, _TINY)
+    offset = float(round(-x_min / scale) - 128)
+    return scale, max(min(offset, QMAX), QMIN)
+
+
+def quantize_static(x: torch.Tensor, input_scale: torch.Tensor, input_offset: torch.Tensor) -> torch.Tensor:
+    """Static W8A8 activation quantization, as the runtime does it: reciprocal scale in the model dtype.
+
+    x: [..., K] in the model dtype; input_scale, input_offset: [1]. Returns int8 [..., K].
+    """
+    inv = (1.0 / input_scale.float()).to(x.dtype)
+    x_q = torch.round(x * inv + input_offset.to(x.dtype))
+    return torch.clamp(x_q, QMIN, QMAX).to(torch.int8)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token int8: x [T, K] -> (x_q int8 [T, K], scale fp32 [T, 1])."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=_TINY)  # [T, 1]
+    x_q = torch.clamp(torch.round(xf / scale), QMIN, QMAX).to(torch.int8)
+    return x_q, scale
+
+
+def deq_scale(input_scale: float, weight_scale: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
+    """deq_scale [N] = input_scale * weight_scale: fp32 for bf16 models, else fp32 bits as int64."""
+    d = (float(input_scale) * weight_scale.float().reshape(-1)).to(torch.float32)  # [N]
+    if model_dtype == torch.bfloat16:
+        return d
+    return d.view(torch.int32).to(torch.int64)
+
+
+def decode_deq_scale(d: torch.Tensor) -> torch.Tensor:
+    """Inverse of deq_scale(): fp32 [N] from either stored form."""
+    if d.dtype == torch.int64:
+        return d.to(torch.int32).view(torch.float32)
+    return d.float()
+
+
+def quant_bias(bias: torch.Tensor | None, deq: torch.Tensor, w_q: torch.Tensor, input_offset: float) -> torch.Tensor:
+    """quant_bias int32 [N] = round(bias / deq_scale - rowsum(W_q) * input_offset)."""
+    deq = decode_deq_scale(deq).double()  # [N]
+    b = torch.zeros_like(deq) if bias is None else bias.double().reshape(-1)
+    rowsum = w_q.to(torch.int64).sum(dim=1).double()  # [N]
+    return torch.round(b / deq - rowsum * float(input_offset)).to(torch.int32)
+
+
+def int8_matmul_reference(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """Exact int32 product: x_q int8 [T, K] @ w_q int8 [N, K]^T -> int32 [T, N] (slow, for reference)."""
+    return (x_q.to(torch.int64) @ w_q.to(torch.int64).t()).to(torch.int32)

@@ -1,0 +1,25 @@
+"""Shared fixtures: tiny random models of every architecture, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimquant.random_models import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(arch, dtype=torch.float32, **config_overrides) -> folder of a random HF checkpoint (cached)."""
+    cache: dict[tuple, Path] = {}
+
+    def build(arch: str, dtype: torch.dtype = torch.float32, **overrides) -> Path:
+        key = (arch, dtype, tuple(sorted(overrides.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"tiny-{arch}")
+            cache[key] = make_tiny_model(arch, out, dtype=dtype, **overrides)
+        return cache[key]
+
+    return build
