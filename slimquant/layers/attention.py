@@ -1,0 +1,100 @@
+"""Attention over a paged KV cache, driven by the engine's ForwardContext.
+
+Every attention module is a KVCacheLayer: it says what cache it needs (`cache_shape`) and the engine assigns
+`kv_cache` (model dtype, zero-initialised). Standard attention stores (2, num_blocks, block_size, kv_heads, D);
+MLA (later) stores a latent cache with its own shape.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimquant.layers.context import get_context
+
+
+class KVCacheLayer(nn.Module):
+    """Base of layers that own a slice of the paged KV cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.kv_cache: torch.Tensor | None = None
+
+    def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """Shape of this layer's cache tensor for the given block pool."""
+        raise NotImplementedError
+
+
+class Attention(KVCacheLayer):
+    """Multi-head / grouped-query attention: q [T, H, D], k/v [T, KVH, D] -> [T, H * D]."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+
+    def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = get_context()
+        assert self.kv_cache is not None, "the engine must assign kv_cache before running attention"
+        k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]  # [NB, BS, KVH, D]
+        store_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
+        if ctx.is_decode:  # one batched call, contexts padded to the longest
+            out = paged_attention(q[:, None], k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale)
+            return out.reshape(q.shape[0], -1)  # [B, 1, H, D] -> [T, H * D]
+        outs, start = [], 0
+        for i, q_len in enumerate(ctx.query_lens):  # prefill chunks: one sequence at a time
+            q_i = q[None, start : start + q_len]  # [1, Q, H, D]
+            tables = ctx.block_tables[i : i + 1]
+            outs.append(paged_attention(q_i, k_cache, v_cache, tables, ctx.context_lens[i : i + 1], self.scale))
+            start += q_len
+        return torch.cat(outs, dim=1).reshape(q.shape[0], -1)
+
+
+def store_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write k/v [T, KVH, D] into caches [NB, BS, KVH, D] at flat slots [T]; slots of -1 are skipped."""
+    slots = slot_mapping.to(device=k.device, dtype=torch.long)
+    valid = slots >= 0
+    if not bool(valid.all()):
+        slots, k, v = slots[valid], k[valid], v[valid]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of the last Q tokens of each of B sequences over their cached context.
+
+    q: [B, Q, H, D] (the queries sit at positions ctx_len - Q .. ctx_len - 1; in a decode batch Q = 1);
+    block_tables: [B, max_blocks]; returns [B, Q, H, D].
+    """
+    b, q_len = q.shape[:2]
+    k = gather_context(k_cache, block_tables, max(context_lens))  # [B, S, KVH, D]
+    v = gather_context(v_cache, block_tables, max(context_lens))
+    ctx = torch.tensor(context_lens, device=q.device)[:, None, None]  # [B, 1, 1]
+    last_key = ctx - q_len + torch.arange(q_len, device=q.device)[None, :, None]  # [B, Q, 1]
+    mask = torch.arange(k.shape[1], device=q.device)[None, None, :] <= last_key  # [B, Q, S]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scale, enable_gqa=True
+    )  # [B, H, Q, D]
+    return out.transpose(1, 2)
+
+
+def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached tokens of each sequence: cache [NB, BS, KVH, D] -> [B, length, KVH, D]."""
+    block_size = cache.shape[1]
+    num_blocks = -(-length // block_size)
+    ids = block_tables[:, :num_blocks].to(device=cache.device, dtype=torch.long).clamp(min=0)  # [B, nb]
+    return cache[ids].flatten(1, 2)[:, :length]  # [B, nb * BS, KVH, D] -> [B, length, KVH, D]

@@ -1,0 +1,77 @@
+"""One linear layer for plain and fused (packed) projections; its quant method does the math.
+
+A fused layer such as qkv_proj is built from checkpoint linears (shards) q_proj, k_proj, v_proj whose
+output rows are concatenated along N. No tensor parallelism: every layer holds its full weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from slimquant.layers.quant_config import QuantConfig
+from slimquant.layers.quant_methods import add_param
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b) with W the concatenation of its shards' rows; quantized by its prefix's scheme."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_sizes: list[int],
+        *,
+        bias: bool,
+        quant_config: QuantConfig,
+        prefix: str,
+        dtype: torch.dtype,
+        shards: list[str] | None = None,
+    ):
+        super().__init__()
+        if shards is not None and len(shards) != len(out_sizes):
+            raise ValueError(f"{prefix}: {len(shards)} shard names for {len(out_sizes)} output sizes")
+        self.in_features, self.out_sizes, self.prefix = in_features, list(out_sizes), prefix
+        self.shard_prefixes = _shard_prefixes(prefix, shards)
+        self.method = quant_config.linear_method(prefix, self.shard_prefixes)
+        self.method.create_weights(self, in_features, sum(out_sizes), dtype)
+        if bias:
+            add_param(self, "bias", (sum(out_sizes),), dtype)
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, K] -> [T, N]
+        return self.method.apply(self, x, self.bias)
+
+    def checkpoint_entries(self) -> Iterator[tuple[str, str, int]]:
+        """(checkpoint tensor name, parameter name, shard index) for every tensor this layer loads."""
+        for name, _ in self.named_parameters(recurse=False):
+            for i, shard_prefix in enumerate(self.shard_prefixes):
+                yield f"{shard_prefix}.{name}", name, i
+
+    def load_shard(self, name: str, shard: int, tensor: torch.Tensor) -> None:
+        """Copy one checkpoint tensor into parameter `name`: its shard's rows, or its per-shard slot."""
+        param = getattr(self, name)
+        if param.load_transform is not None:
+            tensor = param.load_transform(tensor)
+        if param.per_shard:
+            target = param.data[shard : shard + 1]
+        else:
+            offset = sum(self.out_sizes[:shard])
+            target = param.data.narrow(0, offset, self.out_sizes[shard])
+        if tensor.numel() != target.numel():
+            raise ValueError(
+                f"{self.shard_prefixes[shard]}.{name}: checkpoint shape {tuple(tensor.shape)} does not fit "
+                f"{tuple(target.shape)}; the checkpoint does not match config.json"
+            )
+        target.copy_(tensor.reshape(target.shape))
+
+
+def _shard_prefixes(prefix: str, shards: list[str] | None) -> list[str]:
+    """Checkpoint prefixes of the shards: siblings of `prefix` (e.g. layers.0.self_attn.q_proj)."""
+    if shards is None:
+        return [prefix]
+    parent = prefix.rpartition(".")[0]
+    return [f"{parent}.{s}" if parent else s for s in shards]

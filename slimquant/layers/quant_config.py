@@ -1,0 +1,66 @@
+"""Quant configs: a layer asks for its method by dotted prefix, exactly the keys of quant_model_description.json."""
+
+from __future__ import annotations
+
+import os
+
+from slimquant.layers.quant_methods import METHODS_BY_TYPE, QuantMethod, UnquantizedMethod
+from slimquant.quant.modelslim import FLOAT, read_description, tensor_types
+
+
+class QuantConfig:
+    """No quantization: every linear is float, norms have no bias."""
+
+    norm_has_bias: bool = False
+
+    def linear_method(self, prefix: str, shard_prefixes: list[str]) -> QuantMethod:
+        """The method for the linear at `prefix`, built from checkpoint linears `shard_prefixes`."""
+        return UnquantizedMethod()
+
+
+class AscendQuantConfig(QuantConfig):
+    """An ascend (ModelSlim) checkpoint's description: per-tensor quant types by name."""
+
+    def __init__(self, description: dict):
+        self.types = tensor_types(description)
+        self.model_quant_type = description.get("model_quant_type")
+        # vLLM-Ascend gives RMSNorm a bias whenever the anti-outlier shift wrote any "*norm.bias"
+        self.norm_has_bias = any("norm.bias" in name for name in self.types)
+
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike) -> AscendQuantConfig:
+        """Read quant_model_description.json of a checkpoint folder."""
+        return cls(read_description(path))
+
+    def linear_method(self, prefix: str, shard_prefixes: list[str]) -> QuantMethod:
+        types = [self._weight_type(p, prefix) for p in shard_prefixes]
+        named = dict(zip(shard_prefixes, types, strict=True))
+        if all(t == FLOAT for t in types):
+            return UnquantizedMethod()
+        if FLOAT in types:
+            raise ValueError(
+                f"Detected some but not all shards of {prefix} are quantized: "
+                f"{named}. All shards of a fused layer must share a scheme; "
+                "re-quantize keeping all of them float or all of them int8."
+            )
+        if len(set(types)) > 1:
+            raise ValueError(
+                f"Not all shards of {prefix} have the same quant type: {named}. "
+                "Re-quantize so the fused shards share one type."
+            )
+        if types[0] not in METHODS_BY_TYPE:
+            raise ValueError(
+                f"{prefix}: quant type {types[0]!r} is not supported; supported: {sorted(METHODS_BY_TYPE)}"
+            )
+        return METHODS_BY_TYPE[types[0]]()
+
+    def _weight_type(self, shard_prefix: str, prefix: str) -> str:
+        key = f"{shard_prefix}.weight"
+        if key not in self.types:
+            raise ValueError(
+                f"quant_model_description.json has no entry {key!r} (needed by layer {prefix!r}). Likely causes: "
+                "the checkpoint was not written by a ModelSlim-compatible quantizer; its tensor names carry a "
+                "different prefix than this model expects (e.g. 'language_model.'); or entries are missing "
+                "(e.g. MTP layers). Re-quantize with `slimquant quantize`, or fix the description."
+            )
+        return self.types[key]

@@ -1,0 +1,125 @@
+"""Linear quant methods, one object per scheme: how a layer holds its weights and computes y = x W^T (+ b).
+
+Every method has three jobs (vLLM's plug-in shape): create_weights registers the parameters the checkpoint
+fills, process_weights_after_loading turns them into runtime form, apply runs the math of FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimquant import kernels
+from slimquant.quant.primitives import decode_deq_scale
+
+logger = logging.getLogger(__name__)
+
+
+def add_param(
+    layer: nn.Module,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    per_shard: bool = False,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """Register an empty parameter; per_shard ones hold one value per shard, others are split along dim 0."""
+    param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+    param.per_shard = per_shard
+    param.load_transform = transform
+    layer.register_parameter(name, param)
+
+
+def replace_param(layer: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Swap a parameter for its runtime form (after loading)."""
+    setattr(layer, name, nn.Parameter(value, requires_grad=False))
+
+
+class QuantMethod:
+    """Base of all linear methods."""
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        """Register the parameters (empty) that the checkpoint fills; the layer adds its float bias itself."""
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Turn loaded parameters into their runtime form."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """y [T, N] in x's dtype from x [T, K]."""
+        raise NotImplementedError
+
+
+class UnquantizedMethod(QuantMethod):
+    """Float weights: y = x W^T + b."""
+
+    def create_weights(self, layer, in_features, out_features, dtype):
+        add_param(layer, "weight", (out_features, in_features), dtype)
+
+    def apply(self, layer, x, bias):
+        return F.linear(x, layer.weight, bias)
+
+
+class W8A8StaticMethod(QuantMethod):
+    """W8A8: static per-tensor asymmetric activations, per-channel int8 weights, int32 quant_bias."""
+
+    def create_weights(self, layer, in_features, out_features, dtype):
+        num_shards = len(layer.shard_prefixes)
+        add_param(layer, "weight", (out_features, in_features), torch.int8)
+        add_param(layer, "weight_scale", (out_features, 1), torch.float32)
+        add_param(layer, "weight_offset", (out_features, 1), torch.float32)
+        add_param(layer, "input_scale", (num_shards,), torch.float32, per_shard=True)
+        add_param(layer, "input_offset", (num_shards,), torch.float32, per_shard=True)
+        add_param(layer, "quant_bias", (out_features,), torch.int32)
+        add_param(layer, "deq_scale", (out_features,), torch.float32, transform=decode_deq_scale)
+        layer.params_dtype = dtype
+
+    def process_weights_after_loading(self, layer):
+        scale, offset = _fused_input_params(layer)
+        layer.register_buffer("input_inv_scale", (1.0 / scale).to(layer.params_dtype).reshape(1))
+        layer.register_buffer("input_offset_rt", offset.to(layer.params_dtype).reshape(1))
+
+    def apply(self, layer, x, bias):
+        # x: [T, K]; the float bias is folded into quant_bias, so `bias` is not added (as on the NPU)
+        x_q = kernels.quantize_static(x, layer.input_inv_scale, layer.input_offset_rt)  # [T, K] int8
+        acc = kernels.int8_mm(x_q, layer.weight)  # [T, N] int32
+        return ((acc + layer.quant_bias).float() * layer.deq_scale).to(x.dtype)
+
+
+def _fused_input_params(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """One input_scale/offset for a fused layer; shards should agree, else the last one wins (as vLLM)."""
+    scales, offsets = layer.input_scale.data, layer.input_offset.data  # [S]
+    if not (torch.all(scales == scales[-1]) and torch.all(offsets == offsets[-1])):
+        logger.warning(
+            "%s: shards %s have different input_scale/input_offset; using the last shard's",
+            layer.prefix,
+            layer.shard_prefixes,
+        )
+    return scales[-1], offsets[-1]
+
+
+class W8A8DynamicMethod(QuantMethod):
+    """W8A8_DYNAMIC: symmetric per-token activations, per-channel int8 weights, scales in the model dtype."""
+
+    def create_weights(self, layer, in_features, out_features, dtype):
+        add_param(layer, "weight", (out_features, in_features), torch.int8)
+        add_param(layer, "weight_scale", (out_features, 1), torch.float32)
+        add_param(layer, "weight_offset", (out_features, 1), torch.float32)
+        layer.params_dtype = dtype
+
+    def process_weights_after_loading(self, layer):
+        replace_param(layer, "weight_scale", layer.weight_scale.data.to(layer.params_dtype).reshape(-1))  # [N]
+
+    def apply(self, layer, x, bias):
+        x_q, s_t = kernels.quantize_per_token(x)  # [T, K] int8, [T, 1] fp32
+        y = kernels.int8_mm(x_q, layer.weight).float() * s_t * layer.weight_scale.float()  # [T, N]
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
+
+
+METHODS_BY_TYPE: dict[str, type[QuantMethod]] = {"W8A8": W8A8StaticMethod, "W8A8_DYNAMIC": W8A8DynamicMethod}

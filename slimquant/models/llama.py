@@ -1,0 +1,152 @@
+"""Llama-family decoder (Llama, Qwen2, Qwen3 differ only in biases and per-head q/k norms)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimquant.layers.activation import silu_and_mul
+from slimquant.layers.attention import Attention
+from slimquant.layers.embedding import VocabEmbedding
+from slimquant.layers.linear import Linear
+from slimquant.layers.norm import RMSNorm
+from slimquant.layers.quant_config import QuantConfig
+from slimquant.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+
+# Fused layer -> checkpoint linears whose output rows it concatenates (the quantizer's names).
+PACKED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+
+def head_dim_of(config) -> int:
+    """config.head_dim if set, else hidden_size / num_attention_heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    """qkv_proj -> (q/k norm) -> rope -> paged attention -> o_proj."""
+
+    def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, variant: dict):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = head_dim_of(config)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        common = dict(quant_config=quant_config, dtype=dtype)
+        self.qkv_proj = Linear(
+            config.hidden_size, [q_size, kv_size, kv_size], bias=variant["qkv_bias"], prefix=f"{prefix}.qkv_proj",
+            shards=PACKED_MODULES["qkv_proj"], **common,
+        )  # fmt: skip
+        self.o_proj = Linear(q_size, [config.hidden_size], bias=variant["o_bias"], prefix=f"{prefix}.o_proj", **common)
+        self.q_norm = self.k_norm = None
+        if variant["qk_norm"]:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [T, H]; cos/sin: [T, D]
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([s for s in self.qkv_proj.out_sizes], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)  # [T, NH, D]
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = self.attn(q, k, v.view(t, self.num_kv_heads, self.head_dim))  # [T, NH * D]
+        return self.o_proj(o)
+
+
+class LlamaMLP(nn.Module):
+    """down_proj(silu(gate_proj x) * up_proj x), gate and up fused."""
+
+    def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype):
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; only 'silu'")
+        bias = bool(getattr(config, "mlp_bias", False))
+        h, i = config.hidden_size, config.intermediate_size
+        common = dict(quant_config=quant_config, dtype=dtype, bias=bias)
+        self.gate_up_proj = Linear(
+            h, [i, i], prefix=f"{prefix}.gate_up_proj", shards=PACKED_MODULES["gate_up_proj"], **common
+        )
+        self.down_proj = Linear(i, [h], prefix=f"{prefix}.down_proj", **common)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [T, H] -> [T, 2I] -> [T, I] -> [T, H]
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: attention and MLP, each with a residual add fused into the next norm."""
+
+    def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, variant: dict):
+        super().__init__()
+        eps, bias = config.rms_norm_eps, quant_config.norm_has_bias
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
+        self.self_attn = LlamaAttention(config, quant_config, f"{prefix}.self_attn", dtype, variant)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
+        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", dtype)
+
+    def forward(self, x, residual, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        # x, residual: [T, H] (residual None on the first layer)
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder layers, final norm: (input_ids [T], positions [T]) -> hidden [T, H]."""
+
+    def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype, variant: dict):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.rotary = RotaryEmbedding(head_dim_of(config), rope_parameters(config))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, quant_config, f"model.layers.{i}", dtype, variant)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None  # [T, H]
+        cos, sin = self.rotary(positions, x.dtype)  # [T, D]
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder + LM head; forward reads the engine's ForwardContext, compute_logits gives fp32 logits."""
+
+    packed_modules_mapping = PACKED_MODULES
+
+    def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, quant_config, dtype, self.variant(config))
+        self.lm_head = None
+        if not getattr(config, "tie_word_embeddings", False):
+            self.lm_head = Linear(
+                config.hidden_size, [config.vocab_size], bias=False, quant_config=quant_config, prefix="lm_head",
+                dtype=dtype,
+            )  # fmt: skip
+
+    @staticmethod
+    def variant(config) -> dict:
+        """Which of the family's options this architecture uses."""
+        bias = bool(getattr(config, "attention_bias", False))
+        return {"qkv_bias": bias, "o_bias": bias, "qk_norm": False}
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden [T, H]."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> fp32 logits [N, V]."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.model.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()

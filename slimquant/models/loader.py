@@ -1,0 +1,123 @@
+"""Build a CausalLM from a Hugging Face or ascend (ModelSlim) folder and load its tensors lazily (mmap)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from slimquant.layers.linear import Linear
+from slimquant.layers.quant_config import AscendQuantConfig, QuantConfig
+from slimquant.models.registry import model_class
+from slimquant.quant.modelslim import DESCRIPTION_FILE, is_modelslim_dir
+from slimquant.quant.sources import SafetensorsFolder
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+QUANTIZATIONS = (None, "ascend")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with the config and settings it was built from."""
+
+    model: nn.Module
+    hf_config: object  # transformers.PretrainedConfig
+    dtype: torch.dtype
+    quantized: bool  # True if loaded from an ascend checkpoint
+
+
+def load_model(
+    path: str,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str = "cpu",
+    quantization: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load the model in folder `path`; ascend checkpoints are detected by their quant_model_description.json."""
+    from transformers import AutoConfig
+
+    quantized = _use_ascend(path, quantization)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    torch_dtype = resolve_dtype(dtype, config)
+    quant_config = AscendQuantConfig.from_folder(path) if quantized else QuantConfig()
+    with torch.device(device):
+        model = model_class(config)(config, quant_config, torch_dtype)
+    load_weights(model, SafetensorsFolder(path))
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.method.process_weights_after_loading(module)
+    return LoadedModel(model=model.eval(), hf_config=config, dtype=torch_dtype, quantized=quantized)
+
+
+def _use_ascend(path: str, quantization: str | None) -> bool:
+    """Whether to load as an ascend checkpoint; ValueError for unknown or impossible requests."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be None or 'ascend', got {quantization!r}")
+    has_description = is_modelslim_dir(path)
+    if quantization == "ascend" and not has_description:
+        raise ValueError(
+            f"quantization='ascend' but {path} has no {DESCRIPTION_FILE}: it is a float checkpoint. "
+            "Quantize it first (`slimquant quantize SRC DST`) or drop quantization='ascend'."
+        )
+    if has_description and quantization is None:
+        logger.info("%s holds %s: loading it as an ascend (W8A8) checkpoint", path, DESCRIPTION_FILE)
+    return has_description
+
+
+def resolve_dtype(dtype: str | torch.dtype, config) -> torch.dtype:
+    """'auto' -> the config's dtype (float32 if absent); names and torch dtypes of bf16/fp16/fp32 accepted."""
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        if isinstance(dtype, str) and dtype not in DTYPES:
+            raise ValueError(f"config.json has dtype {dtype!r}; pass dtype= one of {sorted(DTYPES)}")
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype.removeprefix("torch."), dtype)
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be 'auto', one of {sorted(DTYPES)} or the torch dtype, got {dtype!r}")
+    return dtype
+
+
+def load_weights(model: nn.Module, tensors: SafetensorsFolder) -> None:
+    """Fill every parameter from the checkpoint (extra tensors are ignored); ValueError naming missing ones."""
+    missing = []
+    for name, load, optional in weight_entries(model):
+        if name in tensors:
+            load(tensors.get(name))
+        elif not optional:
+            missing.append(name)
+    if missing:
+        raise ValueError(
+            f"{len(missing)} tensors are missing from {tensors.path}: {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}. Likely causes: config.json does not match the weights "
+            "(architecture, layer count, tie_word_embeddings), the tensor names carry another prefix, "
+            "or shard files are missing."
+        )
+
+
+def weight_entries(model: nn.Module) -> Iterator[tuple[str, Callable[[torch.Tensor], None], bool]]:
+    """(checkpoint name, loader, optional) for every parameter of the model."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, Linear):
+            assert module.prefix == module_name, f"Linear prefix {module.prefix} built at {module_name}"
+            for name, param_name, shard in module.checkpoint_entries():
+                yield name, partial(module.load_shard, param_name, shard), False
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}"
+            yield name, partial(_copy_into, name, param), getattr(param, "optional", False)
+
+
+def _copy_into(name: str, param: nn.Parameter, tensor: torch.Tensor) -> None:
+    if tensor.shape != param.shape:
+        raise ValueError(
+            f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}; "
+            "the checkpoint does not match config.json"
+        )
+    param.data.copy_(tensor)

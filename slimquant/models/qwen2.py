@@ -1,0 +1,15 @@
+"""Qwen2: the Llama decoder with q/k/v biases (o_proj has none)."""
+
+from __future__ import annotations
+
+from slimquant.models.llama import LlamaForCausalLM
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2 / Qwen2.5 dense models."""
+
+    @staticmethod
+    def variant(config) -> dict:
+        if getattr(config, "use_sliding_window", False):
+            raise ValueError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported")
+        return {"qkv_bias": True, "o_bias": False, "qk_norm": False}

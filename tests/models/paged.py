@@ -1,0 +1,58 @@
+"""A minimal stand-in for the engine in model tests: allocates KV blocks and builds ForwardContexts."""
+
+from __future__ import annotations
+
+import torch
+
+from slimquant.layers.attention import KVCacheLayer
+from slimquant.layers.context import ForwardContext, forward_context
+
+
+class PagedRunner:
+    """Runs a CausalLM step by step over a paged KV cache; blocks are handed out in a shuffled order."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, num_blocks: int = 64, block_size: int = 4):
+        self.model, self.block_size = model, block_size
+        for layer in model.modules():
+            if isinstance(layer, KVCacheLayer):
+                layer.kv_cache = torch.zeros(layer.cache_shape(num_blocks, block_size), dtype=dtype)
+        self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
+        self.blocks: dict[int, list[int]] = {}  # seq id -> block ids
+        self.lengths: dict[int, int] = {}  # seq id -> tokens cached
+
+    def step(self, chunks: dict[int, list[int]]) -> torch.Tensor:
+        """Feed each sequence its new tokens (seq id -> token ids) in one step; fp32 logits [T, V]."""
+        ids, positions, slots, query_lens, context_lens = [], [], [], [], []
+        for seq, tokens in chunks.items():
+            start = self.lengths.get(seq, 0)
+            self._reserve(seq, start + len(tokens))
+            for pos in range(start, start + len(tokens)):
+                slots.append(self.blocks[seq][pos // self.block_size] * self.block_size + pos % self.block_size)
+            ids += tokens
+            positions += range(start, start + len(tokens))
+            query_lens.append(len(tokens))
+            context_lens.append(start + len(tokens))
+            self.lengths[seq] = start + len(tokens)
+        ctx = ForwardContext(query_lens, context_lens, torch.tensor(slots), self._tables(chunks), self.block_size)
+        with forward_context(ctx), torch.inference_mode():
+            hidden = self.model(torch.tensor(ids), torch.tensor(positions))
+            return self.model.compute_logits(hidden)
+
+    def _reserve(self, seq: int, length: int) -> None:
+        blocks = self.blocks.setdefault(seq, [])
+        while len(blocks) * self.block_size < length:
+            blocks.append(self.free.pop())
+
+    def _tables(self, chunks: dict[int, list[int]]) -> torch.Tensor:
+        width = max(len(self.blocks[s]) for s in chunks)
+        rows = [self.blocks[s] + [-1] * (width - len(self.blocks[s])) for s in chunks]
+        return torch.tensor(rows, dtype=torch.int32)
+
+
+def hf_logits(folder, token_ids: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """transformers' fp32 logits [T, V] for one sequence (the float reference)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    with torch.inference_mode():
+        return model(torch.tensor([token_ids])).logits[0].float()
