@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from slimquant.quant.shard_stream import StreamingShard
 
 DESCRIPTION_FILE = "quant_model_description.json"
 FORMAT_VERSION = "1.0.0"
@@ -38,31 +39,32 @@ class ModelSlimWriter:
         self.model_quant_type = model_quant_type
         self.shard_bytes = shard_bytes
         self.description: dict[str, str] = {"version": FORMAT_VERSION, "model_quant_type": model_quant_type}
-        self._pending: dict[str, torch.Tensor] = {}
+        self._pending: StreamingShard | None = None  # the open shard, spilled to disk tensor by tensor
         self._pending_bytes = 0
         self._shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor, quant_type: str) -> None:
         """Queue one tensor; flushes a shard first if this tensor would push it past the cap."""
-        if name in self.description or name in self._pending:
+        if name in self.description:
             raise ValueError(f"tensor {name!r} written twice")
         nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.shard_bytes:
+        if self._pending is not None and self._pending_bytes + nbytes > self.shard_bytes:
             self.flush()
-        self._pending[name] = tensor.detach().contiguous().cpu()
+        if self._pending is None:
+            self._pending = StreamingShard(self.out_dir / f".shard-{len(self._shards):05d}.safetensors")
+        self._pending.add(name, tensor)
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
         self.description[name] = quant_type
 
     def flush(self) -> None:
         """Write the queued tensors as one shard (no-op when nothing is queued)."""
-        if not self._pending:
+        if self._pending is None:
             return
-        tmp_name = f".shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(self.out_dir / tmp_name))  # no metadata, as ModelSlim writes
-        self._shards.append((tmp_name, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        self._pending.finish()  # no metadata, as ModelSlim writes
+        self._shards.append((self._pending.path.name, self._pending.names))
+        self._pending, self._pending_bytes = None, 0
 
     def close(self) -> list[str]:
         """Flush, name the shards i-of-N, write index and description; returns the shard file names."""

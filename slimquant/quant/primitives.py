@@ -78,3 +78,35 @@ def quant_bias(bias: torch.Tensor | None, deq: torch.Tensor, w_q: torch.Tensor, 
 def int8_matmul_reference(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """Exact int32 product: x_q int8 [T, K] @ w_q int8 [N, K]^T -> int32 [T, N] (slow, for reference)."""
     return (x_q.to(torch.int64) @ w_q.to(torch.int64).t()).to(torch.int32)
+
+
+def int8_matmul_exact(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """x_q int8 [T, K] @ w_q int8 [N, K]^T as exact integers in fp64 (BLAS speed; exact for K < 2^38)."""
+    return x_q.double() @ w_q.double().t()
+
+
+def static_linear(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    quant_bias: torch.Tensor,
+    deq: torch.Tensor,
+    input_scale: torch.Tensor,
+    input_offset: torch.Tensor,
+) -> torch.Tensor:
+    """W8A8 runtime: y = ((x_q @ W_q^T) + quant_bias) * deq_scale in the dtype of x: [..., K] -> [..., N]."""
+    x_q = quantize_static(x, input_scale, input_offset).reshape(-1, x.shape[-1])  # [T, K]
+    acc = int8_matmul_exact(x_q, w_q) + quant_bias.double()  # [T, N]
+    y = (acc * decode_deq_scale(deq).double()).to(x.dtype)
+    return y.reshape(*x.shape[:-1], -1)
+
+
+def dynamic_linear(
+    x: torch.Tensor, w_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W8A8_DYNAMIC runtime: y = (x_q @ W_q^T) * weight_scale * s_t + bias; scales rounded to x.dtype on load."""
+    x_q, s_t = quantize_per_token(x.reshape(-1, x.shape[-1]))  # [T, K], [T, 1]
+    w_s = weight_scale.to(x.dtype).double().reshape(1, -1)  # [1, N]
+    y = int8_matmul_exact(x_q, w_q) * w_s * s_t.double()  # [T, N]
+    if bias is not None:
+        y = y + bias.to(x.dtype).double()
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)

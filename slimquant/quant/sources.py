@@ -42,6 +42,10 @@ class SafetensorsFolder:
         for name in self._where:
             yield name, self.get(name)
 
+    def release(self) -> None:
+        """Close the open files: their mapped pages stop counting towards this process's memory."""
+        self._handles.clear()
+
     def _handle(self, file: str):
         if file not in self._handles:
             try:
@@ -111,6 +115,10 @@ class HFCheckpoint:
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors and not name.endswith(".weight_scale_inv")
+
+    def release(self) -> None:
+        """Close the open safetensors files (reopened on the next read)."""
+        self.tensors.release()
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor in float: FP8 weights come back dequantized to bf16."""

@@ -1,0 +1,74 @@
+"""One decoder layer at a time, with transformers' own layer classes: build, load, run, patch."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+from torch import nn
+
+from slimquant.quant.mappings import ArchSpec
+
+
+class BiasedNorm(nn.Module):
+    """A norm followed by a per-channel bias (what iterative smoothing's shift adds)."""
+
+    def __init__(self, norm: nn.Module, bias: torch.Tensor):
+        super().__init__()
+        self.norm = norm
+        self.bias = nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., H]
+        return self.norm(x) + self.bias.to(x.dtype)
+
+
+class LayerRunner:
+    """Builds decoder layer i of the source model from a state dict and runs it on calibration hidden states."""
+
+    def __init__(self, src_dir: str | os.PathLike, spec: ArchSpec, dtype: torch.dtype, device: str):
+        from transformers import AutoConfig
+
+        self.config = AutoConfig.from_pretrained(str(src_dir))
+        self.config._attn_implementation = "sdpa"  # with no mask, sdpa applies the causal mask itself
+        module = importlib.import_module(spec.module)
+        self.layer_cls = getattr(module, spec.decoder_layer)
+        self.rotary = getattr(module, spec.rotary)(config=self.config).to(device)
+        self.dtype, self.device = dtype, torch.device(device)
+        self._pos: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def param_names(self, i: int) -> list[str]:
+        """Names of layer i's parameters, relative to the layer."""
+        with torch.device("meta"):
+            return list(self.layer_cls(self.config, layer_idx=i).state_dict())
+
+    def build(self, i: int, state: dict[str, torch.Tensor]) -> nn.Module:
+        """Layer i with the given weights (assigned, not copied), in eval mode on the device."""
+        with torch.device("meta"):
+            layer = self.layer_cls(self.config, layer_idx=i)
+        state = {k: v.to(self.device, self.dtype) for k, v in state.items()}
+        layer.load_state_dict(state, strict=True, assign=True)
+        return layer.eval()
+
+    @torch.no_grad()
+    def run(self, layer: nn.Module, hidden: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """hidden: [S, T, H] -> the layer's output [S, T, H], batch_size samples at a time."""
+        pos = self._position_embeddings(hidden.shape[1])
+        outs = []
+        for h in hidden.split(batch_size):
+            out = layer(h, attention_mask=None, position_embeddings=pos)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        return torch.cat(outs)
+
+    def _position_embeddings(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pos is None or self._pos[0].shape[1] != seq_len:
+            ids = torch.arange(seq_len, device=self.device)[None]  # [1, T]
+            dummy = torch.empty(0, device=self.device, dtype=self.dtype)
+            self._pos = self.rotary(dummy, ids)  # cos, sin: [1, T, D]
+        return self._pos
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Swap the submodule at dotted `name` for `new`."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)

@@ -1,0 +1,115 @@
+"""One decoder layer: capture inputs -> smooth -> quantize -> write -> run the quantized layer for the next."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slimquant.quant.decoder import BiasedNorm, LayerRunner, replace_module
+from slimquant.quant.mappings import ArchSpec, layer_prefix
+from slimquant.quant.modelslim import FLOAT, ModelSlimWriter
+from slimquant.quant.observers import ChannelRange, observe_inputs
+from slimquant.quant.qlinear import SimLinear, Tensors, linear_tensors
+from slimquant.quant.smooth import Smoothing, smooth_linear, smooth_norm, smoothing_factors
+
+NormParams = dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # norm -> (weight, bias or None), fp32
+
+
+@dataclass
+class LayerJob:
+    """Settings shared by every layer."""
+
+    spec: ArchSpec
+    plan: dict[str, str]  # full linear name -> W8A8 | W8A8_DYNAMIC | FLOAT
+    method: str  # none | smoothquant | iterative
+    alpha: float
+    dtype: torch.dtype
+    batch_size: int
+
+
+@torch.no_grad()
+def quantize_layer(
+    i: int,
+    state: dict[str, torch.Tensor],
+    runner: LayerRunner,
+    job: LayerJob,
+    hidden: torch.Tensor,
+    writer: ModelSlimWriter,
+) -> torch.Tensor:
+    """Quantize and write layer i (state: its float tensors, relative names); returns its quantized output."""
+    layer = runner.build(i, state)
+    with observe_inputs(layer, list(job.spec.linears)) as ranges:
+        runner.run(layer, hidden, job.batch_size)  # hidden: [S, T, H]
+    types = {rel: job.plan[layer_prefix(i) + rel] for rel in job.spec.linears}
+    smoothings = _smoothings(layer, ranges, types, job)
+    norms = {norm: smooth_norm(layer.get_submodule(norm).weight, sm) for norm, (sm, _) in smoothings.items()}
+    by_linear = {rel: sm for sm, group in smoothings.values() for rel in group}
+    in_ranges = _input_ranges(ranges, by_linear, job.spec.fused)
+    tensors = {
+        rel: _quantize_linear(layer, rel, by_linear.get(rel), types[rel], in_ranges[rel], job.dtype) for rel in types
+    }
+    _write(writer, layer_prefix(i), layer, tensors, norms, job.dtype)
+    _patch(layer, tensors, norms, types, job.dtype)
+    return runner.run(layer, hidden, job.batch_size)
+
+
+def _smoothings(layer: nn.Module, ranges: dict[str, ChannelRange], types: dict[str, str], job: LayerJob):
+    """norm -> (Smoothing, its linears) for every pair with at least one quantized linear."""
+    out = {}
+    if job.method == "none":
+        return out
+    for norm, group in job.spec.smooth_pairs:
+        if all(types[rel] == FLOAT for rel in group):
+            continue
+        weights = [layer.get_submodule(rel).weight for rel in group]
+        out[norm] = (smoothing_factors(ranges[group[0]], weights, job.alpha, job.method), group)
+    return out
+
+
+def _input_ranges(ranges, by_linear: dict[str, Smoothing], fused) -> dict[str, tuple[float, float]]:
+    """Per-tensor input (min, max) of each linear after smoothing; fused linears get their union."""
+    out = {}
+    for rel, rng in ranges.items():
+        sm = by_linear.get(rel)
+        if sm is not None:
+            rng = rng.transformed(sm.shift if sm.shift is not None else 0.0, sm.scale)
+        out[rel] = rng.tensor_range()
+    for group in fused:
+        lo, hi = min(out[r][0] for r in group), max(out[r][1] for r in group)
+        out |= {r: (lo, hi) for r in group}
+    return out
+
+
+def _quantize_linear(layer, rel, sm, qtype, in_range, dtype) -> Tensors:
+    lin = layer.get_submodule(rel)
+    w, b = lin.weight.float(), None if lin.bias is None else lin.bias.float()  # [N, K], [N]
+    if sm is not None:
+        w, b = smooth_linear(w, b, sm)
+    return linear_tensors(w, b, qtype, in_range, dtype)
+
+
+def _write(writer: ModelSlimWriter, prefix: str, layer: nn.Module, tensors, norms: NormParams, dtype) -> None:
+    """Every tensor of the layer, in named_modules() order; norms after smoothing."""
+    for name, mod in layer.named_modules():
+        if name in tensors:
+            for suffix, (t, qtype) in tensors[name].items():
+                writer.add(f"{prefix}{name}.{suffix}", t, qtype)
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            value = norms[name][0] if name in norms and pname == "weight" else p
+            writer.add(f"{prefix}{name}.{pname}", value.to(dtype), FLOAT)
+        if name in norms and norms[name][1] is not None:
+            writer.add(f"{prefix}{name}.bias", norms[name][1].to(dtype), FLOAT)
+
+
+def _patch(layer: nn.Module, tensors, norms: NormParams, types: dict[str, str], dtype) -> None:
+    """Turn the float layer into what the runtime will compute: SimLinears, smoothed norms (+bias)."""
+    for rel, t in tensors.items():
+        replace_module(layer, rel, SimLinear(types[rel], t))
+    for name, (w, b) in norms.items():
+        norm = layer.get_submodule(name)
+        norm.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+        if b is not None:
+            replace_module(layer, name, BiasedNorm(norm, b.to(dtype)))

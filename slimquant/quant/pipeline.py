@@ -1,0 +1,159 @@
+"""slimquant.quantize(): a float HF checkpoint (or GGUF) -> the ascend W8A8 format, one decoder layer at a time."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
+from slimquant.quant.decoder import LayerRunner
+from slimquant.quant.layer_quant import LayerJob, quantize_layer
+from slimquant.quant.mappings import EMBED_PREFIX, LAYER_PREFIX, arch_spec, layer_prefix
+from slimquant.quant.modelslim import FLOAT, ModelSlimWriter
+from slimquant.quant.output import check_destination, folder_bytes, parse_size, staged_output, write_model_files
+from slimquant.quant.plan import parse_mix, parse_quant_type, plan_types
+from slimquant.quant.smooth import parse_method
+from slimquant.quant.sources import HFCheckpoint
+from slimquant.quant.summary import QuantizeSummary
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def quantize(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    quant_type: str = "w8a8",
+    *,
+    anti_outlier: str | None = None,
+    alpha: float = 0.5,
+    calib_data: str | os.PathLike | None = None,
+    num_samples: int = 16,
+    seq_len: int = 256,
+    keep_float: str | list[str] | tuple[str, ...] = (),
+    mix: list[str] | dict[str, str] | None = None,
+    device: str = "cpu",
+    shard_size: int | str = "4GiB",
+    overwrite: bool = False,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> QuantizeSummary:
+    """Quantize the HF folder or .gguf file `src` into the ascend (ModelSlim) folder `dst`; see FORMAT.md."""
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    qtype = parse_quant_type(quant_type)
+    method = parse_method(anti_outlier if anti_outlier is not None else _default_method(qtype))
+    mix_pairs, keep = parse_mix(mix), [keep_float] if isinstance(keep_float, str) else list(keep_float)
+    shard_bytes, device = parse_size(shard_size), _check_device(device)
+    if not src.exists():
+        raise ValueError(f"{src} does not exist; pass a Hugging Face model folder or a .gguf file")
+    check_destination(dst, overwrite)
+    texts = load_texts(calib_data)
+    with _hf_folder(src, dst) as hf_dir:
+        ckpt = HFCheckpoint(hf_dir)
+        spec = arch_spec(ckpt.config)
+        num_layers = int(ckpt.config["num_hidden_layers"])
+        plan = plan_types(spec, num_layers, qtype, mix_pairs, keep)
+        ids = token_batches(load_tokenizer(hf_dir), texts, num_samples, seq_len)  # [S, T]
+        dtype = _model_dtype(ckpt)
+        runner = LayerRunner(hf_dir, spec, dtype, device)
+        _check_complete(ckpt, runner, num_layers)
+        job = LayerJob(spec, plan, method, alpha, dtype, batch_size)
+        with staged_output(dst, overwrite) as out:
+            _convert(ckpt, runner, job, ids, ModelSlimWriter(out, qtype, shard_bytes), num_layers, progress)
+            write_model_files(hf_dir, out, ckpt.config)
+    counts = Counter(plan.values()) + Counter({FLOAT: int("lm_head.weight" in ckpt)})
+    return QuantizeSummary(
+        output=dst,
+        model_quant_type=qtype,
+        anti_outlier=method,
+        linears=dict(sorted(counts.items())),
+        num_layers=num_layers,
+        source_bytes=folder_bytes(src, "*.safetensors"),
+        output_bytes=folder_bytes(dst),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _default_method(qtype: str) -> str:
+    """SmoothQuant for static W8A8 (per-tensor activations need it); none for per-token dynamic."""
+    return "smoothquant" if qtype == "W8A8" else "none"
+
+
+def _check_device(device: str) -> str:
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+@contextmanager
+def _hf_folder(src: Path, dst: Path) -> Iterator[Path]:
+    """src itself, or for a .gguf file a temporary HF folder converted from it (removed afterwards)."""
+    if src.suffix != ".gguf":
+        yield src
+        return
+    from slimquant.quant.gguf import gguf_to_hf
+
+    tmp = dst.parent / f".{dst.name}.gguf-{os.getpid()}"
+    try:
+        yield Path(gguf_to_hf(src, tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _model_dtype(ckpt: HFCheckpoint) -> torch.dtype:
+    """The dtype of float tensors: config dtype/torch_dtype, else that of the embeddings."""
+    name = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
+    if name in _DTYPES:
+        return _DTYPES[name]
+    embed = ckpt.get(EMBED_PREFIX + "weight").dtype
+    return embed if embed in _DTYPES.values() else torch.bfloat16
+
+
+def _check_complete(ckpt: HFCheckpoint, runner: LayerRunner, num_layers: int) -> None:
+    """Every tensor the layers need is present, before any work starts."""
+    rel = runner.param_names(0)
+    need = [EMBED_PREFIX + "weight"] + [layer_prefix(i) + r for i in range(num_layers) for r in rel]
+    missing = [k for k in need if k not in ckpt]
+    if missing:
+        raise ValueError(
+            f"{ckpt.path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]!r}; "
+            "a shard is missing or the checkpoint is incomplete: download it again"
+        )
+
+
+def _convert(ckpt, runner, job: LayerJob, ids, writer: ModelSlimWriter, num_layers: int, progress: bool) -> None:
+    """Embeddings, then each decoder layer (calibrated on the quantized output of the previous), then the rest."""
+    head, tail = _outer_names(ckpt)
+    embed = ckpt.get(EMBED_PREFIX + "weight").to(runner.device, job.dtype)  # [V, H]
+    hidden = F.embedding(ids.to(runner.device), embed)  # [S, T, H]
+    del embed
+    for name in head:
+        writer.add(name, ckpt.get(name).to(job.dtype), FLOAT)
+    rel = runner.param_names(0)
+    for i in tqdm(range(num_layers), desc="quantizing", unit="layer", disable=not progress):
+        state = {r: ckpt.get(layer_prefix(i) + r) for r in rel}
+        hidden = quantize_layer(i, state, runner, job, hidden, writer)
+        del state
+        ckpt.release()
+    for name in tail:
+        writer.add(name, ckpt.get(name).to(job.dtype), FLOAT)
+    writer.close()
+
+
+def _outer_names(ckpt: HFCheckpoint) -> tuple[list[str], list[str]]:
+    """Tensors outside the decoder layers: (embeddings, the rest with model.* before lm_head)."""
+    outer = [k for k in ckpt.keys() if not k.startswith(LAYER_PREFIX)]
+    head = [k for k in outer if k.startswith(EMBED_PREFIX)]
+    tail = sorted((k for k in outer if k not in head), key=lambda k: not k.startswith("model."))
+    return head, tail

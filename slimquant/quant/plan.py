@@ -1,0 +1,82 @@
+"""Which quant type each linear gets: --type, --mix GLOB=TYPE (first match wins), --keep-float GLOB."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from slimquant.quant.mappings import ArchSpec, layer_prefix
+from slimquant.quant.modelslim import FLOAT, QUANT_TYPES
+
+_TYPE_NAMES = {t.lower(): t for t in QUANT_TYPES} | {"float": FLOAT}
+HEAD_LINEARS = ("lm_head",)  # always float: the quantizer does not calibrate the head
+
+
+def parse_quant_type(name: str, allow_float: bool = False) -> str:
+    """'w8a8' / 'w8a8_dynamic' (any case; 'float' if allowed) -> the description type string."""
+    t = _TYPE_NAMES.get(str(name).strip().lower())
+    if t is None or (t == FLOAT and not allow_float):
+        choices = [k for k, v in _TYPE_NAMES.items() if allow_float or v != FLOAT]
+        raise ValueError(f"unknown quant type {name!r}; choose one of: {', '.join(choices)}")
+    return t
+
+
+def parse_mix(items: list[str] | dict[str, str] | None) -> list[tuple[str, str]]:
+    """['*.mlp.*=w8a8_dynamic', ...] or {glob: type} -> [(glob, TYPE)], in order."""
+    if not items:
+        return []
+    pairs = list(items.items()) if isinstance(items, dict) else [_split_mix(s) for s in items]
+    return [(glob, parse_quant_type(t, allow_float=True)) for glob, t in pairs]
+
+
+def _split_mix(item: str) -> tuple[str, str]:
+    glob, sep, t = item.rpartition("=")
+    if not sep or not glob or not t:
+        raise ValueError(f"--mix expects GLOB=TYPE, e.g. '*.mlp.*=w8a8_dynamic'; got {item!r}")
+    return glob, t
+
+
+def linear_names(spec: ArchSpec, num_layers: int) -> list[str]:
+    """Every decoder-layer linear of the model, full dotted names, in layer order."""
+    return [layer_prefix(i) + rel for i in range(num_layers) for rel in spec.linears]
+
+
+def plan_types(
+    spec: ArchSpec, num_layers: int, quant_type: str, mix: list[tuple[str, str]], keep_float: list[str]
+) -> dict[str, str]:
+    """Full linear name -> W8A8 | W8A8_DYNAMIC | FLOAT; ValueError for globs that match nothing."""
+    names = linear_names(spec, num_layers)
+    _check_globs_match(names, [g for g, _ in mix], "--mix")
+    _check_globs_match(names, keep_float, "--keep-float")
+    floats = list(spec.keep_float) + list(keep_float)
+    plan = {}
+    for name in names:
+        if any(fnmatchcase(name, g) for g in floats):
+            plan[name] = FLOAT
+        else:
+            plan[name] = next((t for g, t in mix if fnmatchcase(name, g)), quant_type)
+    _check_fused(spec, num_layers, plan)
+    return plan
+
+
+def _check_globs_match(names: list[str], globs: list[str], option: str) -> None:
+    candidates = names + list(HEAD_LINEARS)
+    for g in globs:
+        if not any(fnmatchcase(n, g) for n in candidates):
+            raise ValueError(
+                f"{option} {g!r} matches no linear of this model; globs match full names such as "
+                f"{names[0]!r} (use e.g. '*.mlp.down_proj' or 'model.layers.0.*')"
+            )
+
+
+def _check_fused(spec: ArchSpec, num_layers: int, plan: dict[str, str]) -> None:
+    """Fused linears (q/k/v, gate/up) are one layer at runtime: they must share one type."""
+    for i in range(num_layers):
+        for group in spec.fused:
+            names = [layer_prefix(i) + rel for rel in group]
+            types = {plan[n] for n in names}
+            if len(types) > 1:
+                got = ", ".join(f"{n.rsplit('.', 1)[-1]}={plan[n]}" for n in names)
+                raise ValueError(
+                    f"layer {i}: fused linears must share one quant type, got {got}; "
+                    "give --mix/--keep-float globs that cover the whole group (e.g. '*.self_attn.[qkv]_proj')"
+                )

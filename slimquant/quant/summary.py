@@ -1,0 +1,44 @@
+"""What a quantize() run did: linears per type, sizes on disk, time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class QuantizeSummary:
+    """Returned by slimquant.quantize() and printed by `slimquant quantize`."""
+
+    output: Path
+    model_quant_type: str  # W8A8 | W8A8_DYNAMIC (the shard-name type; a --mix may hold both)
+    anti_outlier: str  # none | smoothquant | iterative
+    linears: dict[str, int] = field(default_factory=dict)  # W8A8 / W8A8_DYNAMIC / FLOAT -> count (lm_head in FLOAT)
+    num_layers: int = 0
+    source_bytes: int = 0  # float checkpoint on disk (weights only; the .gguf file for a GGUF source)
+    output_bytes: int = 0  # everything written to the output folder
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        quantized = {k: v for k, v in self.linears.items() if k != "FLOAT"}
+        rows = [
+            ("output", str(self.output)),
+            ("model_quant_type", self.model_quant_type),
+            ("anti-outlier", self.anti_outlier),
+            ("decoder layers", str(self.num_layers)),
+            ("linears quantized", ", ".join(f"{n} {t}" for t, n in quantized.items()) or "0"),
+            ("linears kept float", str(self.linears.get("FLOAT", 0))),
+            ("size before", _human(self.source_bytes)),
+            ("size after", f"{_human(self.output_bytes)} ({self.output_bytes / max(self.source_bytes, 1):.2f}x)"),
+            ("time", f"{self.seconds:.1f} s"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
