@@ -1,0 +1,125 @@
+"""Engine configuration: one dataclass that carries every setting, validated with ValueError."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32")
+QUANTIZATIONS = (None, "ascend")
+DEFAULT_KV_CACHE_BYTES = 2 << 30  # upper bound when kv_cache_memory_bytes is not given
+
+# vLLM engine arguments that have no meaning here: accepted with a one-line warning.
+VLLM_IGNORED = frozenset(
+    {
+        "gpu_memory_utilization",
+        "enforce_eager",
+        "swap_space",
+        "cpu_offload_gb",
+        "disable_log_stats",
+        "disable_custom_all_reduce",
+        "max_seq_len_to_capture",
+        "tokenizer_mode",
+        "revision",
+        "tokenizer_revision",
+        "code_revision",
+        "download_dir",
+        "load_format",
+        "compilation_config",
+        "distributed_executor_backend",
+        "disable_async_output_proc",
+        "max_logprobs",
+        "task",
+        "hf_token",
+        "worker_cls",
+        "kv_cache_dtype",
+        "num_scheduler_steps",
+        "allowed_local_media_path",
+    }
+)
+# vLLM parallelism arguments: accepted when 1 (the only supported value).
+VLLM_SINGLE_DEVICE = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs; max_model_len is resolved from the model config when None."""
+
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    quantization: str | None = None
+    max_model_len: int | None = None
+    trust_remote_code: bool = False
+    seed: int = 0
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    num_kv_blocks: int | None = None
+    block_size: int = 16
+    device: str = "cpu"
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        self.model = str(self.model)
+        if self.tokenizer is not None:
+            self.tokenizer = str(self.tokenizer)
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
+        _check(self.quantization in QUANTIZATIONS, "quantization", self.quantization, f"one of {QUANTIZATIONS}")
+        for name in ("max_num_seqs", "block_size"):
+            _check_positive(name, getattr(self, name))
+        for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes", "num_kv_blocks"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
+        _check(isinstance(self.seed, int), "seed", self.seed, "an int")
+        _check(self.device.split(":")[0] in ("cpu", "cuda"), "device", self.device, "'cpu' or 'cuda'")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:
+        """Build from LLM(...) keyword arguments: warn on vLLM-only ones, TypeError on unknown ones."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in kwargs if k not in fields and k not in VLLM_IGNORED and k not in VLLM_SINGLE_DEVICE)
+        if unknown:
+            raise TypeError(f"LLM() got unexpected keyword argument(s): {', '.join(unknown)}")
+        for name in VLLM_SINGLE_DEVICE:
+            if kwargs.pop(name, 1) not in (1, None):
+                raise ValueError(f"{name} must be 1: slimquant runs on a single device")
+        ignored = sorted(k for k in kwargs if k in VLLM_IGNORED)
+        if ignored:
+            logger.warning("ignoring vLLM argument(s) that have no effect in slimquant: %s", ", ".join(ignored))
+        return cls(model=model, **{k: v for k, v in kwargs.items() if k in fields})
+
+    def resolve(self, model_max_len: int | None) -> None:
+        """Fill max_model_len / max_num_batched_tokens from the model's limit and check they agree."""
+        if self.max_model_len is None:
+            self.max_model_len = model_max_len or 2048
+        elif model_max_len is not None and self.max_model_len > model_max_len:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's maximum context of {model_max_len}"
+            )
+        if self.max_num_batched_tokens is None:
+            default = 8192 if self.enable_chunked_prefill else max(8192, self.max_model_len)
+            self.max_num_batched_tokens = max(default, self.max_num_seqs)
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
+                f"({self.max_model_len}) without chunked prefill; raise it or enable_chunked_prefill=True"
+            )
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs ({self.max_num_seqs})"
+            )
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value, "a positive int")

@@ -1,0 +1,66 @@
+"""Prompt parsing and what the engine reads from the model folder: tokenizer, context length, EOS, defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Union
+
+from slimquant.config import EngineConfig
+
+# A prompt: text, token ids, or a vLLM TextPrompt / TokensPrompt dict.
+PromptType = Union[str, list[int], dict[str, Any]]  # noqa: UP007 (a runtime alias)
+_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+_SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def parse_prompt(prompt: PromptType, tokenizer, truncate: int | None = None) -> tuple[str | None, list[int]]:
+    """(text or None, token ids) of a prompt; ValueError for a malformed one."""
+    if isinstance(prompt, dict):
+        text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+        if ids is None and text is None:
+            raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
+    elif isinstance(prompt, str):
+        text, ids = prompt, None
+    elif isinstance(prompt, (list, tuple)):
+        text, ids = None, prompt
+    else:
+        raise ValueError(f"a prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
+    if ids is None:
+        if not isinstance(text, str):
+            raise ValueError(f"'prompt' must be a str, got {type(text).__name__}")
+        ids = tokenizer.encode(text)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ValueError("prompt token ids must be ints")
+    ids = list(ids)
+    return text, ids[-truncate:] if truncate else ids
+
+
+def load_tokenizer(config: EngineConfig):
+    """The tokenizer of config.tokenizer (or the model folder)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
+
+
+def model_max_len(hf_config) -> int | None:
+    """The longest context the model config allows, if it says."""
+    lengths = [getattr(hf_config, k) for k in _LENGTH_KEYS if isinstance(getattr(hf_config, k, None), int)]
+    return min(lengths) if lengths else None
+
+
+def stop_token_ids(config: EngineConfig, hf_config, tokenizer) -> tuple[frozenset[int], dict[str, Any]]:
+    """EOS token ids (generation_config.json, config.json, tokenizer) and the sampling defaults it sets."""
+    generation = _generation_config(Path(config.model))
+    eos: set[int] = set()
+    for value in (generation.get("eos_token_id"), getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id):
+        eos.update(value if isinstance(value, list) else [] if value is None else [value])
+    defaults = {k: generation[k] for k in _SAMPLING_DEFAULTS if generation.get(k) is not None}
+    if generation.get("max_new_tokens") is not None:
+        defaults["max_tokens"] = generation["max_new_tokens"]
+    return frozenset(int(t) for t in eos), defaults
+
+
+def _generation_config(folder: Path) -> dict[str, Any]:
+    path = folder / "generation_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
