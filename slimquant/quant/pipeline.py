@@ -50,7 +50,6 @@ def quantize(
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     qtype = parse_quant_type(quant_type)
-    method = parse_method(anti_outlier if anti_outlier is not None else _default_method(qtype))
     mix_pairs, keep = parse_mix(mix), [keep_float] if isinstance(keep_float, str) else list(keep_float)
     shard_bytes, device = parse_size(shard_size), _check_device(device)
     if not src.exists():
@@ -62,6 +61,7 @@ def quantize(
         spec = arch_spec(ckpt.config)
         num_layers = int(ckpt.config["num_hidden_layers"])
         plan = plan_types(spec, num_layers, qtype, mix_pairs, keep)
+        method = parse_method(anti_outlier if anti_outlier is not None else _default_method(plan))
         ids = token_batches(load_tokenizer(hf_dir), texts, num_samples, seq_len)  # [S, T]
         dtype = _model_dtype(ckpt)
         runner = LayerRunner(hf_dir, spec, dtype, device)
@@ -83,9 +83,9 @@ def quantize(
     )
 
 
-def _default_method(qtype: str) -> str:
-    """SmoothQuant for static W8A8 (per-tensor activations need it); none for per-token dynamic."""
-    return "smoothquant" if qtype == "W8A8" else "none"
+def _default_method(plan: dict[str, str]) -> str:
+    """SmoothQuant when some linear is static W8A8 (per-tensor activations need it); else none."""
+    return "smoothquant" if "W8A8" in plan.values() else "none"
 
 
 def _check_device(device: str) -> str:

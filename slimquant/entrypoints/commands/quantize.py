@@ -1,0 +1,69 @@
+"""`slimquant quantize SRC DST`: a float HF folder (bf16/fp16/fp32/FP8-block) or GGUF -> ascend W8A8 format."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = """Quantize a model to the ascend (ModelSlim) int8 format, one decoder layer at a time.
+--anti-outlier defaults to smoothquant when some linear is static W8A8 (per-tensor activation scales
+need it), else to none (per-token dynamic scales absorb outliers). lm_head always stays float."""
+
+
+def register(subparsers) -> None:
+    """Add the `quantize` parser."""
+    p = subparsers.add_parser("quantize", help="quantize a model to W8A8 / W8A8_DYNAMIC", description=HELP)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("src", metavar="SRC", help="Hugging Face model folder (safetensors) or a .gguf file")
+    p.add_argument("dst", metavar="DST", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--type", dest="quant_type", default="w8a8", help="w8a8 (static) or w8a8_dynamic [w8a8]")
+    p.add_argument(
+        "--anti-outlier",
+        choices=("none", "smoothquant", "iterative"),
+        help="smoothing folded into norms: smoothquant, iterative (with shift, ModelSlim m4) or none "
+        "[smoothquant if any linear is w8a8, else none]",
+    )
+    p.add_argument("--alpha", type=float, default=0.5, help="smoothing strength in [0, 1] [0.5]")
+    p.add_argument("--calib-data", help="calibration text: .txt, .json list of strings, .jsonl with 'text' [built-in]")
+    p.add_argument("--num-samples", type=int, default=16, help="calibration sequences [16]")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence [256]")
+    p.add_argument(
+        "--keep-float", action="append", default=[], metavar="GLOB", help="keep matching linears float (repeatable)"
+    )
+    p.add_argument(
+        "--mix",
+        action="append",
+        default=[],
+        metavar="GLOB=TYPE",
+        help="per-layer type, e.g. '*.mlp.*=w8a8_dynamic' (repeatable, first match wins, else --type)",
+    )
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where calibration runs [cpu]")
+    p.add_argument("--shard-size", default="4GiB", help="cap per output shard, e.g. 500MB, 4GiB [4GiB]")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward [4]")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Quantize and print the summary."""
+    from slimquant.quant.pipeline import quantize
+
+    summary = quantize(
+        args.src,
+        args.dst,
+        args.quant_type,
+        anti_outlier=args.anti_outlier,
+        alpha=args.alpha,
+        calib_data=args.calib_data,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        keep_float=args.keep_float,
+        mix=args.mix,
+        device=args.device,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(summary)
+    return 0
