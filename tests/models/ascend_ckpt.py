@@ -1,0 +1,82 @@
+"""Test helper: turn a tiny float HF folder into an ascend (ModelSlim) checkpoint with chosen quant types.
+
+Written directly with the quant primitives and ModelSlimWriter (not the project's quantizer), with random
+but calibrated-looking static activation parameters (non-zero input_offset).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from slimquant.quant import primitives as P
+from slimquant.quant.modelslim import FLOAT, ModelSlimWriter
+from slimquant.quant.sources import SafetensorsFolder
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Linears that read the same input share one input_scale/offset (they are fused at run time).
+INPUT_GROUP = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def write_ascend(
+    src: Path,
+    dst: Path,
+    quant_type: Callable[[str], str],
+    dtype: torch.dtype = torch.float32,
+    deq_int64: bool | None = None,
+    norm_bias: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Write dst from src; quant_type(linear prefix) -> "W8A8" | "W8A8_DYNAMIC" | "FLOAT"."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
+            shutil.copy(f, dst / f.name)
+    tensors, gen = SafetensorsFolder(src), torch.Generator().manual_seed(seed)
+    writer, act_params = ModelSlimWriter(dst, "W8A8"), {}
+    for name in tensors.keys():
+        prefix, _, leaf = name.rpartition(".")
+        if prefix.rpartition(".")[2] in LINEARS and quant_type(prefix) != FLOAT:
+            if leaf == "weight":  # the linear's bias is written with it
+                qtype = quant_type(prefix)
+                bias = tensors.get(f"{prefix}.bias") if f"{prefix}.bias" in tensors else None
+                params = _activation_params(prefix, act_params, gen)
+                for key, t in _quantized(tensors.get(name), bias, qtype, params, dtype, deq_int64).items():
+                    writer.add(f"{prefix}.{key}", t, FLOAT if key == "bias" else qtype)
+            continue
+        writer.add(name, tensors.get(name).to(dtype), FLOAT)
+        if norm_bias and name.endswith("layernorm.weight"):
+            writer.add(f"{prefix}.bias", (0.1 * torch.randn(tensors.get(name).shape, generator=gen)).to(dtype), FLOAT)
+    writer.close()
+    return dst
+
+
+def _activation_params(prefix: str, cache: dict, gen: torch.Generator) -> tuple[float, float]:
+    """(input_scale, input_offset) from a random asymmetric range; shared within a fused input group."""
+    parent, _, leaf = prefix.rpartition(".")
+    key = (parent, INPUT_GROUP.get(leaf, leaf))
+    if key not in cache:
+        lo, hi = -0.5 - 2.5 * torch.rand(1, generator=gen).item(), 0.5 + 4 * torch.rand(1, generator=gen).item()
+        cache[key] = P.static_activation_params(lo, hi)
+    return cache[key]
+
+
+def _quantized(w, bias, qtype, params, dtype, deq_int64) -> dict[str, torch.Tensor]:
+    """The tensors FORMAT.md lists for one quantized linear, in write order."""
+    w_q, w_scale = P.quantize_weight(w)
+    out = {"weight": w_q}
+    if bias is not None:
+        out["bias"] = bias.to(dtype)
+    out["weight_scale"], out["weight_offset"] = w_scale, torch.zeros_like(w_scale)
+    if qtype == "W8A8_DYNAMIC":
+        return out
+    scale, offset = params
+    deq = P.deq_scale(scale, w_scale, dtype)
+    if deq_int64 is not None:  # force one stored form regardless of the model dtype
+        deq = P.deq_scale(scale, w_scale, torch.float16 if deq_int64 else torch.bfloat16)
+    out["input_scale"], out["input_offset"] = torch.tensor([scale]), torch.tensor([offset])
+    out["quant_bias"], out["deq_scale"] = P.quant_bias(bias, deq, w_q, offset), deq
+    return out
