@@ -1,0 +1,84 @@
+"""`slimquant serve`: the OpenAI-compatible HTTP server, like `vllm serve`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the serve sub-command."""
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server (/v1/completions, /v1/chat/completions, ...)",
+        description="Serve MODEL over HTTP with the OpenAI API; one engine batches all requests.\n\n"
+        "example: slimquant serve out/qwen-w8a8 --quantization ascend --port 8000\n"
+        "         curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        '              -d \'{"messages": [{"role": "user", "content": "Hi"}]}\'',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="model folder (float or ascend-quantized), or 'SmolLM2-135M-Instruct'")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--quantization", choices=["ascend"], help="expect an ascend (ModelSlim) checkpoint")
+    p.add_argument("--served-model-name", help="the name clients use in 'model' (default: the folder name)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("SLIMQUANT_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 routes (or set SLIMQUANT_API_KEY)",
+    )
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, help="sequences batched together at most")
+    p.add_argument("--max-n", type=int, default=16, help="largest 'n' a request may ask for (default 16)")
+    p.add_argument("--chat-template", help="a Jinja chat template file that replaces the tokenizer's")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code")
+    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--kv-cache-memory-bytes", type=int, help="KV-cache size in bytes (default: the engine's choice)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model and serve until Ctrl-C."""
+    import uvicorn
+
+    from slimquant import LLM, zoo
+    from slimquant.entrypoints.openai.server import make_server_app
+
+    model = zoo.resolve_model(args.model)
+    template = _read_template(args.chat_template)
+    engine_args = {
+        k: v
+        for k, v in {"max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes": args.kv_cache_memory_bytes}.items()
+        if v is not None
+    }
+    llm = LLM(
+        model=str(model),
+        quantization=args.quantization,
+        max_model_len=args.max_model_len,
+        trust_remote_code=args.trust_remote_code,
+        dtype=args.dtype,
+        device=args.device,
+        **engine_args,
+    )
+    name = args.served_model_name or Path(args.model).name
+    app, engine = make_server_app(llm, name, api_key=args.api_key, chat_template=template, max_n=args.max_n)
+    log.info("serving %s as '%s' on http://%s:%d/v1", model, name, args.host, args.port)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def _read_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"chat template file not found: {path}")
+    return file.read_text()

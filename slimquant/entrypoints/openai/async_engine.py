@@ -1,0 +1,125 @@
+"""One background thread steps the engine for every request; asyncio handlers await their outputs.
+
+Requests join and leave between steps (continuous batching); a request whose consumer goes away
+(client disconnect) is aborted and its KV blocks freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    """Thread-safe, asyncio-facing wrapper around an LLMEngine."""
+
+    def __init__(self, engine: Any, metrics: Any = None):
+        self.engine = engine
+        self.metrics = metrics  # ServerMetrics or None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="slimquant-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, request_id: str, prompt: Any, params: Any) -> AsyncIterator[Any]:
+        """Add a request and yield its RequestOutputs until finished; aborts it if the consumer stops early."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        with self._lock:
+            self.engine.add_request(request_id, prompt, params)  # ValueError for bad input, nothing added
+            self._queues[request_id] = (loop, queue)
+        self._wake.set()
+        finished, timing, last = False, _Timing(), None
+        try:
+            while not finished:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished, last = out.finished, out
+                timing.tick()
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+            if self.metrics is not None and last is not None:
+                n_out = sum(len(c.token_ids) for c in last.outputs)
+                reason = (last.outputs[0].finish_reason or "abort") if finished else "abort"
+                self.metrics.observe_request(reason, len(last.prompt_token_ids), n_out, timing.ttft, timing.decode_time)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request and free its KV blocks (no-op if already finished)."""
+        with self._lock:
+            self._queues.pop(request_id, None)
+            self.engine.abort_request(request_id)
+
+    def stats(self) -> dict[str, float]:
+        """Engine gauges for /metrics (running, waiting, KV-cache use)."""
+        with self._lock:
+            return self.engine.stats() if hasattr(self.engine, "stats") else {}
+
+    def shutdown(self) -> None:
+        """Stop the stepping thread."""
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._wake.wait(timeout=0.5)
+            while not self._stopped and self._step():
+                pass
+            self._wake.clear()
+
+    def _step(self) -> bool:
+        """Run one engine step and deliver its outputs; False when there is nothing to do."""
+        with self._lock:
+            if not self.engine.has_unfinished_requests():
+                return False
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a failing step fails its requests, not the server
+                log.exception("engine step failed")
+                self._fail_all(e)
+                return False
+            for out in outputs:
+                self._deliver(out.request_id, out, remove=out.finished)
+        return True
+
+    def _deliver(self, request_id: str, item: Any, remove: bool) -> None:
+        entry = self._queues.pop(request_id, None) if remove else self._queues.get(request_id)
+        if entry is not None:
+            loop, queue = entry
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self._queues):
+            self.engine.abort_request(request_id)
+            self._deliver(request_id, error, remove=True)
+
+
+class _Timing:
+    """Arrival times of a request's outputs: time to first token and decode time after it."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last = self.start
+
+    def tick(self) -> None:
+        self.last = time.perf_counter()
+        self.first = self.first or self.last
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first is None else self.first - self.start
+
+    @property
+    def decode_time(self) -> float:
+        return 0.0 if self.first is None else self.last - self.first

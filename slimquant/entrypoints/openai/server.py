@@ -1,0 +1,167 @@
+"""The OpenAI-compatible HTTP server (FastAPI): routes, auth, errors, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from slimquant.entrypoints.openai import serving
+from slimquant.entrypoints.openai.async_engine import AsyncEngine
+from slimquant.entrypoints.openai.metrics import ServerMetrics
+from slimquant.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    OpenAIError,
+    TokenizeRequest,
+    now,
+)
+
+log = logging.getLogger(__name__)
+
+
+def build_app(ctx: serving.ServingContext, api_key: str | None = None, metrics: ServerMetrics | None = None) -> FastAPI:
+    """The app serving ctx's engine; every /v1 route needs `Authorization: Bearer api_key` when one is set."""
+    app = FastAPI(title="slimquant", version="0.1.0")
+    app.state.ctx, app.state.metrics = ctx, metrics
+    _install_errors(app)
+    _install_auth_and_counting(app, api_key, metrics)
+    _install_routes(app, ctx, metrics)
+    return app
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, e: OpenAIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        message = f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}"
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+        return JSONResponse(OpenAIError(message, param=".".join(loc) or None).body(), status_code=400)
+
+
+def _install_auth_and_counting(app: FastAPI, api_key: str | None, metrics: ServerMetrics | None) -> None:
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next):
+        if (
+            api_key
+            and request.url.path.startswith("/v1")
+            and request.headers.get("authorization") != f"Bearer {api_key}"
+        ):
+            e = OpenAIError(
+                "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                status=401,
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+            response = JSONResponse(e.body(), status_code=401)
+        else:
+            response = await call_next(request)
+        if metrics is not None:
+            metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+
+def _install_routes(app: FastAPI, ctx: serving.ServingContext, metrics: ServerMetrics | None) -> None:
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models():
+        card = {
+            "id": ctx.model_name,
+            "object": "model",
+            "created": now(),
+            "owned_by": "slimquant",
+            "max_model_len": ctx.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request):
+        return await _respond(raw, serving.create_completion(req, ctx))
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, raw: Request):
+        return await _respond(raw, serving.create_chat(req, ctx))
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        if (req.prompt is None) == (req.messages is None):
+            raise OpenAIError("give exactly one of 'prompt' or 'messages'", param="prompt")
+        if req.messages is not None:
+            ids = serving.chat_prompt(ChatCompletionRequest(messages=req.messages), ctx)
+        else:
+            ids = ctx.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": ctx.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        if any(t < 0 or t >= len(ctx.tokenizer) for t in req.tokens):
+            raise OpenAIError(f"token ids must be in [0, {len(ctx.tokenizer)})", param="tokens")
+        return {"prompt": ctx.tokenizer.decode(req.tokens)}
+
+    if metrics is not None:
+
+        @app.get("/metrics")
+        async def prometheus():
+            return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def _respond(raw: Request, job: Awaitable[dict | AsyncIterator[str]]) -> Any:
+    """JSON for a finished job, SSE for a stream; the work is cancelled if the client disconnects."""
+    task = asyncio.ensure_future(job)
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.25)
+        if not task.done() and await raw.is_disconnected():
+            task.cancel()
+            return Response(status_code=499)
+    result = task.result()
+    if isinstance(result, dict):
+        return JSONResponse(result)
+    return StreamingResponse(_guard_stream(result), media_type="text/event-stream")
+
+
+async def _guard_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Errors raised mid-stream become an error event instead of a broken connection."""
+    try:
+        async for event in events:
+            yield event
+    except OpenAIError as e:
+        yield f"data: {json.dumps(e.body())}\n\n"
+    except Exception as e:
+        log.exception("stream failed")
+        yield f"data: {json.dumps(OpenAIError(str(e), status=500, type='internal_error').body())}\n\n"
+
+
+def make_server_app(
+    llm: Any, model_name: str, api_key: str | None = None, chat_template: str | None = None, max_n: int = 16
+) -> tuple[FastAPI, AsyncEngine]:
+    """Wire an LLM (its engine and tokenizer) into an app; returns the app and its engine thread."""
+    engine = llm.llm_engine
+    async_engine = AsyncEngine(engine)
+    metrics = ServerMetrics(async_engine.stats)
+    async_engine.metrics = metrics
+    ctx = serving.ServingContext(
+        engine=async_engine,
+        tokenizer=llm.get_tokenizer(),
+        model_name=model_name,
+        max_model_len=engine.config.max_model_len,
+        max_n=max_n,
+        chat_template=chat_template,
+        generation_defaults=dict(engine.generation_defaults),
+    )
+    return build_app(ctx, api_key=api_key, metrics=metrics), async_engine

@@ -1,0 +1,241 @@
+"""The real server on a loopback port, driven by the official openai client and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+API_KEY = "test-key"
+MODEL = "tiny"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    """Start `slimquant serve` on a tiny llama; yields its base URL."""
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "slimquant.entrypoints.cli",
+        "serve",
+        str(tiny_model("llama")),
+        "--port",
+        str(port),
+        "--api-key",
+        API_KEY,
+        "--served-model-name",
+        MODEL,
+        "--max-model-len",
+        "128",
+        "--max-n",
+        "4",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "CI": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stdout.read().decode()[-3000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("server did not become healthy in 120 s")
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+
+
+def _auth() -> dict:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def test_models(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_completion_usage_and_greedy_determinism(client):
+    a = client.completions.create(model=MODEL, prompt="Hello, my name is", max_tokens=8, temperature=0)
+    b = client.completions.create(model=MODEL, prompt="Hello, my name is", max_tokens=8, temperature=0)
+    assert a.choices[0].text == b.choices[0].text
+    assert a.usage.completion_tokens == 8 and a.choices[0].finish_reason == "length"
+    tokens = httpx.post(f"{client.base_url}".replace("/v1/", "") + "/tokenize", json={"prompt": "Hello, my name is"})
+    assert a.usage.prompt_tokens == tokens.json()["count"]
+    assert a.usage.total_tokens == a.usage.prompt_tokens + 8
+
+
+def test_completion_n_and_logprobs(client):
+    r = client.completions.create(
+        model=MODEL, prompt="The capital", max_tokens=4, n=3, temperature=1.0, seed=1, logprobs=2
+    )
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    for c in r.choices:
+        assert len(c.logprobs.tokens) == 4 and len(c.logprobs.token_logprobs) == 4
+        assert all(lp <= 0 for lp in c.logprobs.token_logprobs)
+    assert r.usage.completion_tokens == 12
+
+
+def test_chat_and_seed(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0.9, seed=7)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    assert a.choices[0].message.role == "assistant"
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.completion_tokens <= 6
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob == c.top_logprobs[0].logprob for c in content)  # greedy picks the top token
+
+
+def test_streaming_completion_matches_non_streaming(client):
+    full = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=10, temperature=0)
+    stream = client.completions.create(
+        model=MODEL,
+        prompt="Once upon",
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 10 and not chunks[-1].choices
+
+
+def test_streaming_chat(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me"}], max_tokens=8, temperature=0)
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_raw_stream_ends_with_done(server):
+    body = {"prompt": "Hi", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=_auth(), timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+
+
+def test_health_metrics_tokenize(server, client):
+    assert httpx.get(f"{server}/health").status_code == 200
+    client.completions.create(model=MODEL, prompt="count me", max_tokens=2)
+    text = httpx.get(f"{server}/metrics").text
+    for name in (
+        "slimquant_prompt_tokens_total",
+        "slimquant_generation_tokens_total",
+        "slimquant_time_to_first_token_seconds_bucket",
+        "slimquant_num_requests_running",
+        "slimquant_kv_cache_usage_perc",
+    ):
+        assert name in text
+    ids = httpx.post(f"{server}/tokenize", json={"prompt": "Hello"}).json()["tokens"]
+    assert httpx.post(f"{server}/detokenize", json={"tokens": ids}).json()["prompt"] == "Hello"
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+@pytest.mark.parametrize(
+    "body,status,param",
+    [
+        ({"prompt": "x", "model": "nope"}, 404, "model"),
+        ({"max_tokens": 3}, 400, "prompt"),
+        ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+        ({"prompt": "x", "n": 99}, 400, "n"),
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "word " * 400}, 400, "prompt"),
+        ({"prompt": "x", "max_tokens": 1000}, 400, "max_tokens"),
+    ],
+)
+def test_bad_completion_requests(server, body, status, param):
+    err = _error(httpx.post(f"{server}/v1/completions", json=body, headers=_auth(), timeout=30), status)
+    assert err["param"] == param
+
+
+def test_malformed_json_and_missing_messages(server):
+    r = httpx.post(
+        f"{server}/v1/chat/completions", content=b"{not json", headers={**_auth(), "Content-Type": "application/json"}
+    )
+    assert "JSON" in _error(r, 400)["message"]
+    _error(httpx.post(f"{server}/v1/chat/completions", json={"model": MODEL}, headers=_auth()), 400)
+    _error(httpx.post(f"{server}/v1/chat/completions", json={"messages": []}, headers=_auth()), 400)
+
+
+def test_auth_required_on_v1(server):
+    assert _error(httpx.get(f"{server}/v1/models"), 401)["type"] == "authentication_error"
+    _error(httpx.get(f"{server}/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+    assert httpx.get(f"{server}/v1/models", headers=_auth()).status_code == 200
+
+
+def _aborted(server) -> float:
+    for line in httpx.get(f"{server}/metrics").text.splitlines():
+        if line.startswith('slimquant_request_success_total{finished_reason="abort"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_disconnect_cancels_and_frees_blocks(server, client):
+    before = _aborted(server)
+    body = {"prompt": "Go on", "max_tokens": 120, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=_auth(), timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # leave after the first chunk
+    for _ in range(50):
+        metrics = httpx.get(f"{server}/metrics").text
+        if "slimquant_num_requests_running 0.0" in metrics and "slimquant_kv_cache_usage_perc 0.0" in metrics:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the cancelled request still holds the batch or KV blocks:\n" + metrics)
+    assert _aborted(server) == before + 1
+    # the server keeps serving
+    assert client.completions.create(model=MODEL, prompt="still there?", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_error_body_is_json(server):
+    r = httpx.post(f"{server}/detokenize", json={"tokens": [10**9]})
+    assert json.loads(r.text)["error"]["param"] == "tokens"
