@@ -1,0 +1,117 @@
+"""Smoothing is an exact re-parameterisation; the quantized checkpoint stays close to the float model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import read_output
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
+from slimquant.quant.decoder import BiasedNorm, replace_module
+from slimquant.quant.mappings import SMOOTH_PAIRS
+from slimquant.quant.observers import observe_inputs
+from slimquant.quant.smooth import smooth_linear, smooth_norm, smoothing_factors
+
+
+def calibration_ids(src, n=2, t=24) -> torch.Tensor:
+    return token_batches(load_tokenizer(src), load_texts(), n, t)  # [S, T]
+
+
+def load_float(src) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+
+
+def smooth_model(model: nn.Module, ids: torch.Tensor, method: str, alpha: float) -> None:
+    """Apply the quantizer's smoothing to every norm -> linears pair of a float transformers model."""
+    n = model.config.num_hidden_layers
+    firsts = [f"model.layers.{i}.{group[0]}" for i in range(n) for _, group in SMOOTH_PAIRS]
+    with torch.no_grad(), observe_inputs(model, firsts) as ranges:
+        model(ids)
+    with torch.no_grad():
+        for i in range(n):
+            p = f"model.layers.{i}."
+            for norm_name, group in SMOOTH_PAIRS:
+                lins = [model.get_submodule(p + rel) for rel in group]
+                sm = smoothing_factors(ranges[p + group[0]], [lin.weight for lin in lins], alpha, method)
+                for lin in lins:
+                    w, b = smooth_linear(lin.weight, lin.bias, sm)
+                    lin.weight.copy_(w)
+                    if b is not None:
+                        lin.bias = nn.Parameter(b)
+                norm = model.get_submodule(p + norm_name)
+                w, b = smooth_norm(norm.weight, sm)
+                norm.weight.copy_(w)
+                if b is not None:
+                    replace_module(model, p + norm_name, BiasedNorm(norm, b))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("method", ["smoothquant", "iterative"])
+def test_smoothing_leaves_logits_unchanged(tiny_model, arch, method):
+    src = tiny_model(arch)
+    ids = calibration_ids(src)
+    model = load_float(src)
+    with torch.no_grad():
+        ref = model(ids).logits
+    smooth_model(model, ids, method, alpha=0.5)
+    scales = model.model.layers[0].input_layernorm
+    assert isinstance(scales, BiasedNorm) == (method == "iterative")
+    with torch.no_grad():
+        got = model(ids).logits
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+
+
+class RuntimeLinear(nn.Module):
+    """FORMAT.md runtime math, written out independently of slimquant.quant.primitives."""
+
+    def __init__(self, t: dict, name: str, qtype: str):
+        super().__init__()
+        self.t = {k[len(name) + 1 :]: v for k, v in t.items() if k.startswith(name + ".")}
+        self.qtype = qtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, K] fp32
+        t, w = self.t, self.t["weight"].double()
+        if self.qtype == "W8A8":
+            x_q = torch.clamp(torch.round(x.double() / t["input_scale"].double() + t["input_offset"]), -128, 127)
+            deq = (
+                t["deq_scale"].to(torch.int32).view(torch.float32)
+                if t["deq_scale"].dtype == torch.int64
+                else t["deq_scale"]
+            )
+            return ((x_q @ w.T + t["quant_bias"]) * deq.double()).float()
+        s = x.double().abs().amax(-1, keepdim=True) / 127  # [B, T, 1]
+        y = torch.round(x.double() / s) @ w.T * t["weight_scale"].double().T * s
+        return (y + t.get("bias", torch.zeros(1)).double()).float()
+
+
+def load_quantized(src, dst) -> nn.Module:
+    """The float transformers model with every quantized linear replaced by RuntimeLinear, norms (+bias) loaded."""
+    desc, t = read_output(dst)
+    model = load_float(src)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and desc.get(name + ".weight") not in (None, "FLOAT"):
+            replace_module(model, name, RuntimeLinear(t, name, desc[name + ".weight"]))
+        elif name.endswith("norm"):
+            mod.weight.data.copy_(t[name + ".weight"])
+            if name + ".bias" in t:
+                replace_module(model, name, BiasedNorm(mod, t[name + ".bias"]))
+    return model
+
+
+@pytest.mark.parametrize(
+    "arch,quant_type,method",
+    [("llama", "w8a8", "iterative"), ("qwen2", "w8a8", "smoothquant"), ("qwen3", "w8a8_dynamic", "none")],
+)
+def test_quantized_model_close_to_float(quantized, arch, quant_type, method):
+    src, dst, _ = quantized(arch, quant_type, anti_outlier=method)
+    ids = calibration_ids(src, 2, 16)  # the calibration tokens themselves: static ranges cover them
+    with torch.no_grad():
+        ref = load_float(src)(ids).logits
+        got = load_quantized(src, dst)(ids).logits
+    assert ((got - ref).norm() / ref.norm()).item() < 0.05
+    if method == "iterative":
+        desc = read_output(dst)[0]
+        assert desc["model.layers.0.input_layernorm.bias"] == "FLOAT"
+        assert desc["model.layers.0.self_attn.q_proj.bias"] == "FLOAT"
