@@ -61,6 +61,11 @@ class Linear(nn.Module):
         else:
             offset = sum(self.out_sizes[:shard])
             target = param.data.narrow(0, offset, self.out_sizes[shard])
+        if tensor.is_floating_point() != target.is_floating_point():
+            raise ValueError(
+                f"{self.shard_prefixes[shard]}.{name}: checkpoint dtype {tensor.dtype} where {target.dtype} is "
+                "expected; quant_model_description.json does not match the stored tensors"
+            )
         if tensor.numel() != target.numel():
             raise ValueError(
                 f"{self.shard_prefixes[shard]}.{name}: checkpoint shape {tuple(tensor.shape)} does not fit "

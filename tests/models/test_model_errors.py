@@ -1,0 +1,83 @@
+"""User errors surface as ValueErrors that name the problem (never a bare KeyError)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from slimquant.layers.rotary import inverse_frequencies
+from slimquant.models.loader import load_model
+from slimquant.models.registry import model_class
+from tests.models.ascend_ckpt import write_ascend
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_tensors_are_listed(tiny_model, tmp_path):
+    folder = _copy(tiny_model("llama"), tmp_path / "m")
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"], tensors["model.norm.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ValueError, match="missing") as e:
+        load_model(str(folder))
+    assert "model.layers.1.mlp.down_proj.weight" in str(e.value) and "model.norm.weight" in str(e.value)
+
+
+def test_shards_with_different_quant_types(tiny_model, tmp_path):
+    src = tiny_model("llama")
+    dst = write_ascend(src, tmp_path / "q", lambda p: "W8A8_DYNAMIC" if p.endswith("k_proj") else "W8A8")
+    with pytest.raises(ValueError, match="Not all shards .*qkv_proj.* same quant type"):
+        load_model(str(dst))
+
+
+def test_some_but_not_all_shards_float(tiny_model, tmp_path):
+    src = tiny_model("llama")
+    dst = write_ascend(src, tmp_path / "q", lambda p: "FLOAT" if p.endswith("up_proj") else "W8A8")
+    with pytest.raises(ValueError, match="Detected some but not all shards .*gate_up_proj"):
+        load_model(str(dst))
+
+
+def test_description_lacking_a_key(tiny_model, tmp_path):
+    dst = write_ascend(tiny_model("llama"), tmp_path / "q", lambda p: "W8A8")
+    desc_file = dst / "quant_model_description.json"
+    desc = json.loads(desc_file.read_text())
+    del desc["model.layers.0.self_attn.q_proj.weight"]
+    desc_file.write_text(json.dumps(desc))
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj.weight") as e:
+        load_model(str(dst))
+    assert "language_model." in str(e.value) and "MTP" in str(e.value)
+
+
+def test_unsupported_architecture_lists_supported(tiny_model, tmp_path):
+    config = SimpleNamespace(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*Qwen2ForCausalLM.*Qwen3ForCausalLM"):
+        model_class(config)
+    folder = _copy(tiny_model("llama"), tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unsupported model.*MistralForCausalLM"):
+        load_model(str(folder))
+
+
+def test_ascend_requested_on_float_folder(tiny_model):
+    with pytest.raises(ValueError, match="no quant_model_description.json.*slimquant quantize"):
+        load_model(str(tiny_model("llama")), quantization="ascend")
+
+
+@pytest.mark.parametrize("kwargs", [{"quantization": "gptq"}, {"dtype": "int8"}, {"dtype": "fp8"}])
+def test_bad_options(tiny_model, kwargs):
+    with pytest.raises(ValueError, match="quantization|dtype"):
+        load_model(str(tiny_model("llama")), **kwargs)
+
+
+def test_unsupported_rope_type():
+    with pytest.raises(ValueError, match="rope type 'yarn' is not supported.*llama3"):
+        inverse_frequencies(16, {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0})

@@ -1,0 +1,81 @@
+"""Loader behaviour: dtype resolution, ascend detection, tied embeddings, rope variants."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from slimquant.layers.attention import KVCacheLayer
+from slimquant.layers.rotary import inverse_frequencies, rope_parameters
+from slimquant.models.loader import load_model, resolve_dtype
+from slimquant.random_models import make_tiny_model
+from tests.models.ascend_ckpt import write_ascend
+from tests.models.paged import PagedRunner, hf_logits
+from tests.models.test_model_float import PROMPT, assert_close
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"tie_word_embeddings": True},
+        {"rope_parameters": LLAMA3_ROPE},
+        {"rope_parameters": {**LLAMA3_ROPE, "rope_type": "linear"}},
+    ],
+    ids=["tied", "llama3", "linear"],
+)
+def test_llama_variants_match_transformers(tmp_path, overrides):
+    folder = make_tiny_model("llama", tmp_path, **overrides)  # the fixture's cache key cannot hold dicts
+    runner = PagedRunner(load_model(str(folder)).model, torch.float32)
+    logits = torch.cat([runner.step({0: PROMPT[:5]}), *[runner.step({0: [t]}) for t in PROMPT[5:]]])
+    assert_close(logits, hf_logits(folder, PROMPT))
+
+
+def test_llama3_frequencies_equal_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_parameters=dict(LLAMA3_ROPE))
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+    assert torch.allclose(inverse_frequencies(16, rope_parameters(config)), expected)
+
+
+def test_old_style_rope_config():
+    config = SimpleNamespace(rope_theta=1e6, rope_scaling={"type": "linear", "factor": 2.0})
+    params = rope_parameters(config)
+    assert params["rope_type"] == "linear" and params["rope_theta"] == 1e6
+
+
+def test_dtype_resolution(tiny_model):
+    config = SimpleNamespace(dtype="bfloat16")
+    assert resolve_dtype("auto", config) == torch.bfloat16
+    assert resolve_dtype("auto", SimpleNamespace()) == torch.float32
+    assert resolve_dtype(torch.float16, config) == torch.float16
+    assert resolve_dtype("float32", config) == torch.float32
+    loaded = load_model(str(tiny_model("llama", dtype=torch.bfloat16)), dtype="float32")
+    assert loaded.dtype == torch.float32 and loaded.model.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_ascend_folder_detected_and_logged(tiny_model, tmp_path, caplog):
+    dst = write_ascend(tiny_model("llama"), tmp_path / "q", lambda p: "W8A8_DYNAMIC")
+    with caplog.at_level(logging.INFO, logger="slimquant.models.loader"):
+        loaded = load_model(str(dst))
+    assert loaded.quantized and "ascend" in caplog.text
+    assert loaded.model.model.layers[0].mlp.down_proj.weight.dtype == torch.int8
+
+
+def test_cache_shapes(tiny_model):
+    model = load_model(str(tiny_model("qwen3"))).model
+    layers = [m for m in model.modules() if isinstance(m, KVCacheLayer)]
+    assert len(layers) == 2 and all(m.cache_shape(10, 16) == (2, 10, 16, 2, 16) for m in layers)
