@@ -104,15 +104,11 @@ class EngineConfig:
             )
         if self.max_num_batched_tokens is None:
             default = 8192 if self.enable_chunked_prefill else max(8192, self.max_model_len)
-            self.max_num_batched_tokens = max(default, self.max_num_seqs)
+            self.max_num_batched_tokens = default
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
                 f"({self.max_model_len}) without chunked prefill; raise it or enable_chunked_prefill=True"
-            )
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs ({self.max_num_seqs})"
             )
 
 

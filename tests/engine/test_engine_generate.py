@@ -1,0 +1,129 @@
+"""End to end on a tiny llama: greedy equals naive transformers decoding, batching, seeds, stops, n, lengths."""
+
+from __future__ import annotations
+
+import pytest
+
+from slimquant import SamplingParams
+from tests.engine.conftest import hf_greedy
+
+PROMPTS = ["Hello, my name is", "The capital of France is", "It is a truth universally acknowledged", "1 2 3"]
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def test_greedy_matches_naive_transformers(llm, hf_model, tokenizer):
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        ids = tokenizer.encode(prompt)
+        assert out.prompt == prompt and out.prompt_token_ids == ids
+        assert out.outputs[0].token_ids == hf_greedy(hf_model, ids, 8)
+        assert out.finished and out.outputs[0].finish_reason == "length"
+
+
+def test_batch_equals_each_prompt_alone(llm):
+    batch = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    alone = [llm.generate(p, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
+    assert batch == alone
+
+
+def test_prompt_forms_give_the_same_result(llm, tokenizer):
+    ids = tokenizer.encode(PROMPTS[0])
+    expected = llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    for prompt in (ids, {"prompt_token_ids": ids}, {"prompt": PROMPTS[0]}):
+        assert llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == expected
+    outs = llm.generate([ids, ids], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [expected, expected] and outs[0].prompt is None
+
+
+def test_seed_reproduces_and_different_seeds_differ(llm):
+    def sample(seed):
+        params = SamplingParams(temperature=1.0, max_tokens=12, seed=seed, ignore_eos=True)
+        return llm.generate(PROMPTS[:2], params, use_tqdm=False)[0].outputs[0].token_ids
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_one_sampling_params_per_prompt(llm):
+    params = [SamplingParams(max_tokens=k, temperature=0) for k in (1, 3, 5)]
+    outs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [1, 3, 5]
+    with pytest.raises(ValueError, match="lengths must match"):
+        llm.generate(PROMPTS[:2], params, use_tqdm=False)
+
+
+def test_n_samples(llm):
+    out = llm.generate(PROMPTS[0], SamplingParams(n=3, max_tokens=6, seed=1, ignore_eos=True), use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 6 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+def test_stop_token_ids_and_eos(llm):
+    first = llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    stop_at = first[3]
+    params = SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop_at], ignore_eos=True)
+    c = llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0]
+    k = first.index(stop_at)
+    assert c.token_ids == first[: k + 1] and c.finish_reason == "stop" and c.stop_reason == stop_at
+
+
+def test_eos_stops_unless_ignored(llm_eos):
+    llm, eos = llm_eos
+    c = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0]
+    assert c.token_ids[-1] == eos and c.finish_reason == "stop" and c.stop_reason is None
+    c = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert len(c[0].outputs[0].token_ids) == 8
+
+
+def test_min_tokens_blocks_eos(llm_eos):
+    llm, eos = llm_eos
+    c = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, min_tokens=5), use_tqdm=False)
+    ids = c[0].outputs[0].token_ids
+    assert len(ids) >= 5 and eos not in ids[:5]
+
+
+@pytest.fixture(scope="module")
+def llm_eos(llama_path, tokenizer):
+    """An LLM whose EOS is the first greedy token of PROMPTS[0] (so EOS really comes up)."""
+    import json
+
+    from slimquant import LLM
+
+    llm = LLM(str(llama_path), max_model_len=256, num_kv_blocks=64)
+    eos = llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids[2]
+    llm.llm_engine.eos_token_ids = frozenset([eos])
+    assert json.loads((llama_path / "generation_config.json").read_text())["eos_token_id"] != eos
+    return llm, eos
+
+
+def test_stop_strings_truncate(llm):
+    full = llm.generate(PROMPTS[1], GREEDY, use_tqdm=False)[0].outputs[0].text
+    stop = full[3:5]
+    cut = full.index(stop)
+    c = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=8, stop=[stop]), use_tqdm=False)
+    c = c[0].outputs[0]
+    assert c.text == full[:cut] and c.finish_reason == "stop" and c.stop_reason == stop
+    params = SamplingParams(temperature=0, max_tokens=8, stop=stop, include_stop_str_in_output=True)
+    assert llm.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0].text == full[: cut + len(stop)]
+
+
+def test_max_tokens_and_max_model_len(llama_path):
+    from slimquant import LLM
+
+    llm = LLM(str(llama_path), max_model_len=32, num_kv_blocks=8)
+    out = llm.generate("1 2 3", SamplingParams(max_tokens=None, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 32
+    assert out.outputs[0].finish_reason == "length"
+    with pytest.raises(ValueError, match="max_model_len is 32"):
+        llm.generate(list(range(40)), use_tqdm=False)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([[1, 2, 99999]], use_tqdm=False)
+
+
+def test_chat_uses_the_template(llm, tokenizer):
+    messages = [{"role": "user", "content": "Hello"}]
+    out = llm.chat(messages, GREEDY, use_tqdm=False)[0]
+    assert out.prompt == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    assert out.prompt_token_ids == tokenizer.encode(out.prompt, add_special_tokens=False)
+    assert len(llm.chat([messages, messages], GREEDY, use_tqdm=False)) == 2
