@@ -1,0 +1,150 @@
+"""Bad input gets a clear ValueError (one line from the CLI), and nothing half-written is left behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import FAST, read_source
+from safetensors.torch import save_file
+
+import slimquant.quant.pipeline as pipeline
+from slimquant.entrypoints.cli import main
+from slimquant.quant.pipeline import quantize
+
+
+@pytest.fixture
+def src(tiny_model, tmp_path):
+    """A private copy of the tiny llama, free to damage."""
+    return shutil.copytree(tiny_model("llama"), tmp_path / "src")
+
+
+def split_in_two(folder) -> list[str]:
+    """Rewrite model.safetensors as two shards plus an index; returns the shard names."""
+    tensors = read_source(folder)
+    names = sorted(tensors)
+    files = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+    for file, half in zip(files, halves, strict=True):
+        save_file({k: tensors[k] for k in half}, str(folder / file))
+    (folder / "model.safetensors").unlink()
+    weight_map = {k: f for f, half in zip(files, halves, strict=True) for k in half}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return files
+
+
+def expect_error(src, dst, match: str, **kw) -> None:
+    with pytest.raises(ValueError, match=match):
+        quantize(src, dst, **{**FAST, **kw})
+    assert not dst.exists()
+    assert not [p for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.")], "temporary folder left"
+
+
+def test_unknown_type(src, tmp_path):
+    expect_error(src, tmp_path / "out", "unknown quant type 'w4a4'.*w8a8, w8a8_dynamic", quant_type="w4a4")
+
+
+def test_unsupported_architecture(src, tmp_path):
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"model_type": "gpt2"}))
+    expect_error(src, tmp_path / "out", "unsupported architecture 'gpt2'.*llama, qwen2, qwen3")
+
+
+def test_missing_shard(src, tmp_path):
+    (src / split_in_two(src)[1]).unlink()
+    expect_error(src, tmp_path / "out", "missing")
+
+
+def test_corrupt_shard(src, tmp_path):
+    file = src / "model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    expect_error(src, tmp_path / "out", "corrupt or truncated")
+
+
+def test_incomplete_checkpoint(src, tmp_path):
+    tensors = read_source(src)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(src / "model.safetensors"))
+    expect_error(src, tmp_path / "out", "lacks 1 tensor.*model.layers.1.mlp.up_proj.weight")
+
+
+@pytest.mark.parametrize("content", ["[]", '["", "  "]'])
+def test_empty_calibration(src, tmp_path, content):
+    (tmp_path / "calib.json").write_text(content)
+    expect_error(src, tmp_path / "out", "calibration data .* is empty", calib_data=tmp_path / "calib.json")
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"keep_float": ["*.mlp.nope"]}, "--keep-float '\\*.mlp.nope' matches no linear"),
+        ({"mix": ["*.attn.*=w8a8_dynamic"]}, "--mix '\\*.attn.\\*' matches no linear"),
+        ({"mix": ["*.mlp.*"]}, "--mix expects GLOB=TYPE"),
+        ({"mix": ["*.mlp.*=int4"]}, "unknown quant type 'int4'"),
+        ({"keep_float": ["*.q_proj"]}, "fused linears must share one quant type.*q_proj=FLOAT, k_proj=W8A8"),
+        ({"shard_size": "lots"}, "cannot read size 'lots'"),
+        ({"anti_outlier": "awq"}, "unknown anti-outlier method 'awq'"),
+        ({"device": "tpu"}, "unknown device 'tpu'"),
+    ],
+)
+def test_bad_options(src, tmp_path, kw, match):
+    expect_error(src, tmp_path / "out", match, **kw)
+
+
+def test_missing_source(tmp_path):
+    expect_error(tmp_path / "nowhere", tmp_path / "out", "does not exist")
+
+
+def test_existing_destination_refused_then_overwritten(src, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists; pass --overwrite"):
+        quantize(src, dst, **FAST)
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    quantize(src, dst, overwrite=True, **FAST)
+    assert not (dst / "keep.txt").exists() and (dst / "quant_model_description.json").is_file()
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_interrupt_leaves_nothing(src, tmp_path, monkeypatch, exc):
+    real = pipeline.quantize_layer
+
+    def fail_on_layer_1(i, *args):
+        if i == 1:
+            raise exc("stop")
+        return real(i, *args)
+
+    monkeypatch.setattr(pipeline, "quantize_layer", fail_on_layer_1)
+    dst = tmp_path / "out"
+    with pytest.raises(exc):
+        quantize(src, dst, **FAST)
+    assert list(tmp_path.iterdir()) == [src]
+
+
+def test_existing_destination_kept_after_failure(src, tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    quantize(src, dst, **FAST)
+    before = sorted(p.name for p in dst.iterdir())
+    monkeypatch.setattr(pipeline, "quantize_layer", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        quantize(src, dst, overwrite=True, **FAST)
+    assert sorted(p.name for p in dst.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_cli_prints_one_line(src, tmp_path, capsys):
+    assert main(["quantize", str(src), str(tmp_path / "out"), "--type", "int3"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown quant type 'int3'") and "\n" not in err
+
+
+def test_cli_success_prints_summary(src, tmp_path, capsys):
+    args = ["quantize", str(src), str(tmp_path / "out"), "--num-samples", "2", "--seq-len", "16", "--no-progress"]
+    assert (
+        main(args + ["--mix", "*.mlp.*=w8a8_dynamic", "--keep-float", "*.0.mlp.down_proj", "--shard-size", "100KB"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "8 W8A8, 5 W8A8_DYNAMIC" in out and "linears kept float  2" in out and "smoothquant" in out
