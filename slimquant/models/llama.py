@@ -46,7 +46,7 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; cos/sin: [T, D]
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([s for s in self.qkv_proj.out_sizes], dim=-1)
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)  # [T, NH, D]
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         if self.q_norm is not None:

@@ -7,6 +7,14 @@ import torch
 from slimquant.layers.attention import KVCacheLayer
 from slimquant.layers.context import ForwardContext, forward_context
 
+PROMPT = [5, 17, 300, 42, 7, 99, 250, 3, 11, 60, 128, 77, 1]  # 13 tokens: spans several 4-token blocks
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
+    """Max abs error within rel x the reference's largest logit."""
+    err = (ours - ref).abs().max().item()
+    assert err <= rel * ref.abs().max().item(), f"max abs error {err} vs logits scale {ref.abs().max().item()}"
+
 
 class PagedRunner:
     """Runs a CausalLM step by step over a paged KV cache; blocks are handed out in a shuffled order."""

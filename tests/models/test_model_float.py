@@ -6,15 +6,9 @@ import pytest
 import torch
 
 from slimquant.models.loader import load_model
-from tests.models.paged import PagedRunner, hf_logits
+from tests.models.paged import PROMPT, PagedRunner, assert_close, hf_logits
 
 ARCHS = ["llama", "qwen2", "qwen3"]
-PROMPT = [5, 17, 300, 42, 7, 99, 250, 3, 11, 60, 128, 77, 1]  # 13 tokens: spans several 4-token blocks
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
-    err = (ours - ref).abs().max().item()
-    assert err <= rel * ref.abs().max().item(), f"max abs error {err} vs logits scale {ref.abs().max().item()}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from slimquant.layers.attention import KVCacheLayer
 from slimquant.layers.rotary import inverse_frequencies, rope_parameters
 from slimquant.models.loader import load_model, resolve_dtype
 from slimquant.random_models import make_tiny_model
 from tests.models.ascend_ckpt import write_ascend
-from tests.models.paged import PagedRunner, hf_logits
-from tests.models.test_model_float import PROMPT, assert_close
+from tests.models.paged import PROMPT, PagedRunner, assert_close, hf_logits
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -79,3 +80,11 @@ def test_cache_shapes(tiny_model):
     model = load_model(str(tiny_model("qwen3"))).model
     layers = [m for m in model.modules() if isinstance(m, KVCacheLayer)]
     assert len(layers) == 2 and all(m.cache_shape(10, 16) == (2, 10, 16, 2, 16) for m in layers)
+
+
+def test_extra_checkpoint_tensors_are_ignored(tiny_model, tmp_path):
+    folder = shutil.copytree(tiny_model("qwen2"), tmp_path / "m")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, folder / "model.safetensors")
+    assert_close(PagedRunner(load_model(str(folder)).model, torch.float32).step({0: PROMPT}), hf_logits(folder, PROMPT))

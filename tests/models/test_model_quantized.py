@@ -8,9 +8,8 @@ import torch
 from slimquant.models.loader import load_model
 from slimquant.quant.sources import SafetensorsFolder
 from tests.models.ascend_ckpt import write_ascend
-from tests.models.paged import PagedRunner
+from tests.models.paged import PROMPT, PagedRunner, assert_close
 from tests.models.reference import reference_logits, reference_model
-from tests.models.test_model_float import PROMPT, assert_close
 
 
 def static(prefix: str) -> str:
