@@ -1,0 +1,101 @@
+"""`slimquant generate`: complete prompts offline; a single prompt streams its tokens as they come."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+_request_ids = itertools.count()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the generate sub-command."""
+    p = sub.add_parser(
+        "generate",
+        help="complete prompts offline",
+        description="Complete each --prompt with MODEL (float or ascend-quantized).\n\n"
+        'example: slimquant generate out/qwen-w8a8 --prompt "The capital of France is" --max-tokens 32',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="model folder (float or ascend-quantized), or 'SmolLM2-135M-Instruct'")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    add_engine_args(p)
+    add_sampling_args(p, max_tokens=64)
+    p.set_defaults(func=run)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Model-loading and engine options shared by generate and chat."""
+    p.add_argument("--quantization", choices=["ascend"], help="expect an ascend (ModelSlim) checkpoint")
+    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    """Sampling options shared by generate and chat."""
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most ({max_tokens})")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the model's, else 1.0)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+
+
+def make_llm(args: argparse.Namespace):
+    """The LLM the engine options describe."""
+    from slimquant import LLM, zoo
+
+    return LLM(
+        str(zoo.resolve_model(args.model)),
+        quantization=args.quantization,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def sampling_params(llm, args: argparse.Namespace, **extra: Any):
+    """The model's default SamplingParams overridden by the options given on the command line."""
+    import dataclasses
+
+    given = {k: getattr(args, k) for k in ("max_tokens", "temperature", "top_p", "top_k", "seed")}
+    return dataclasses.replace(
+        llm.get_default_sampling_params(), **{k: v for k, v in given.items() if v is not None}, **extra
+    )
+
+
+def stream(llm, prompt: Any, params) -> Iterator[str]:
+    """Run one prompt and yield its text as it is generated (aborted if the consumer stops early)."""
+    import dataclasses
+
+    from slimquant.sampling_params import RequestOutputKind
+
+    engine, request_id = llm.llm_engine, f"cli-{next(_request_ids)}"
+    engine.add_request(request_id, prompt, dataclasses.replace(params, output_kind=RequestOutputKind.DELTA))
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == request_id and out.outputs:
+                    yield out.outputs[0].text
+    finally:
+        engine.abort_request(request_id)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate and print."""
+    llm = make_llm(args)
+    params = sampling_params(llm, args)
+    if len(args.prompt) == 1:
+        print(args.prompt[0], end="", flush=True)
+        for piece in stream(llm, args.prompt[0], params):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    for out in llm.generate(args.prompt, params, use_tqdm=sys.stderr.isatty()):
+        print(f"{out.prompt!r} -> {out.outputs[0].text!r}")
+    return 0
