@@ -6,7 +6,8 @@ output rows are concatenated along N. No tensor parallelism: every layer holds i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 from torch import nn
@@ -45,11 +46,15 @@ class Linear(nn.Module):
         # x: [T, K] -> [T, N]
         return self.method.apply(self, x, self.bias)
 
-    def checkpoint_entries(self) -> Iterator[tuple[str, str, int]]:
-        """(checkpoint tensor name, parameter name, shard index) for every tensor this layer loads."""
+    def checkpoint_entries(self) -> Iterator[tuple[str, Callable[[torch.Tensor], None]]]:
+        """(checkpoint tensor name, function that loads it) for every tensor this layer reads."""
         for name, _ in self.named_parameters(recurse=False):
             for i, shard_prefix in enumerate(self.shard_prefixes):
-                yield f"{shard_prefix}.{name}", name, i
+                yield f"{shard_prefix}.{name}", partial(self.load_shard, name, i)
+
+    def process_weights_after_loading(self) -> None:
+        """Hand the loaded parameters to the quant method for their runtime form."""
+        self.method.process_weights_after_loading(self)
 
     def load_shard(self, name: str, shard: int, tensor: torch.Tensor) -> None:
         """Copy one checkpoint tensor into parameter `name`: its shard's rows, or its per-shard slot."""

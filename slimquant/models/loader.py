@@ -10,7 +10,6 @@ from functools import partial
 import torch
 from torch import nn
 
-from slimquant.layers.linear import Linear
 from slimquant.layers.quant_config import AscendQuantConfig, QuantConfig
 from slimquant.models.registry import model_class
 from slimquant.quant.modelslim import DESCRIPTION_FILE, is_modelslim_dir
@@ -51,8 +50,8 @@ def load_model(
         model = model_class(config)(config, quant_config, torch_dtype)
     load_weights(model, SafetensorsFolder(path))
     for module in model.modules():
-        if isinstance(module, Linear):
-            module.method.process_weights_after_loading(module)
+        if hasattr(module, "process_weights_after_loading"):
+            module.process_weights_after_loading()
     return LoadedModel(model=model.eval(), hf_config=config, dtype=torch_dtype, quantized=quantized)
 
 
@@ -102,12 +101,11 @@ def load_weights(model: nn.Module, tensors: SafetensorsFolder) -> None:
 
 
 def weight_entries(model: nn.Module) -> Iterator[tuple[str, Callable[[torch.Tensor], None], bool]]:
-    """(checkpoint name, loader, optional) for every parameter of the model."""
+    """(checkpoint name, loader, optional) for every parameter; modules with checkpoint_entries() name their own."""
     for module_name, module in model.named_modules():
-        if isinstance(module, Linear):
-            assert module.prefix == module_name, f"Linear prefix {module.prefix} built at {module_name}"
-            for name, param_name, shard in module.checkpoint_entries():
-                yield name, partial(module.load_shard, param_name, shard), False
+        if hasattr(module, "checkpoint_entries"):  # Linear (and later fused MoE): shards, quant tensors
+            assert module.prefix == module_name, f"layer prefix {module.prefix} built at {module_name}"
+            yield from ((name, load, False) for name, load in module.checkpoint_entries())
             continue
         for param_name, param in module.named_parameters(recurse=False):
             name = f"{module_name}.{param_name}"

@@ -43,7 +43,7 @@ def _static_qkv(scales: list[float]) -> Linear:
         tensors["quant_bias"] = P.quant_bias(None, deq, w_q, 3.0)
         for name, t in tensors.items():
             layer.load_shard(name, i, t)
-    layer.method.process_weights_after_loading(layer)
+    layer.process_weights_after_loading()
     return layer
 
 
@@ -66,7 +66,7 @@ def test_dynamic_weight_scale_rounded_to_model_dtype():
     w_q, w_s = P.quantize_weight(torch.randn(4, 8))
     for name, t in dict(weight=w_q, weight_scale=w_s, weight_offset=0 * w_s, bias=torch.randn(4)).items():
         layer.load_shard(name, 0, t)
-    layer.method.process_weights_after_loading(layer)
+    layer.process_weights_after_loading()
     assert layer.weight_scale.dtype == torch.bfloat16 and layer.weight_scale.shape == (4,)
     x = torch.randn(5, 8, dtype=torch.bfloat16)
     x_q, s_t = P.quantize_per_token(x)
