@@ -52,9 +52,7 @@ def quantize(
     qtype = parse_quant_type(quant_type)
     mix_pairs, keep = parse_mix(mix), [keep_float] if isinstance(keep_float, str) else list(keep_float)
     shard_bytes, device = parse_size(shard_size), _check_device(device)
-    if not src.exists():
-        raise ValueError(f"{src} does not exist; pass a Hugging Face model folder or a .gguf file")
-    check_destination(dst, overwrite)
+    _check_paths(src, dst, overwrite)
     texts = load_texts(calib_data)
     with _hf_folder(src, dst) as hf_dir:
         ckpt = HFCheckpoint(hf_dir)
@@ -81,6 +79,15 @@ def quantize(
         output_bytes=folder_bytes(dst),
         seconds=time.perf_counter() - start,
     )
+
+
+def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    if not src.exists():
+        raise ValueError(f"{src} does not exist; pass a Hugging Face model folder or a .gguf file")
+    a, b = src.resolve(), dst.resolve()
+    if a == b or b in a.parents or a in b.parents:
+        raise ValueError(f"DST {dst} must be outside SRC {src} (and SRC outside DST); choose another folder")
+    check_destination(dst, overwrite)
 
 
 def _default_method(plan: dict[str, str]) -> str:

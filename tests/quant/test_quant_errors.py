@@ -96,6 +96,14 @@ def test_missing_source(tmp_path):
     expect_error(tmp_path / "nowhere", tmp_path / "out", "does not exist")
 
 
+def test_destination_inside_source(src):
+    with pytest.raises(ValueError, match="must be outside SRC"):
+        quantize(src, src / "out", **FAST)
+    with pytest.raises(ValueError, match="must be outside SRC"):
+        quantize(src, src, overwrite=True, **FAST)
+    assert not (src / "out").exists() and (src / "model.safetensors").is_file()
+
+
 def test_existing_destination_refused_then_overwritten(src, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()
