@@ -21,7 +21,7 @@ from slimquant.quant.mappings import EMBED_PREFIX, LAYER_PREFIX, arch_spec, laye
 from slimquant.quant.modelslim import FLOAT, ModelSlimWriter
 from slimquant.quant.output import check_destination, folder_bytes, parse_size, staged_output, write_model_files
 from slimquant.quant.plan import parse_mix, parse_quant_type, plan_types
-from slimquant.quant.smooth import parse_method
+from slimquant.quant.smooth import check_alpha, parse_method
 from slimquant.quant.sources import HFCheckpoint
 from slimquant.quant.summary import QuantizeSummary
 
@@ -51,7 +51,9 @@ def quantize(
     src, dst = Path(src), Path(dst)
     qtype = parse_quant_type(quant_type)
     mix_pairs, keep = parse_mix(mix), [keep_float] if isinstance(keep_float, str) else list(keep_float)
-    shard_bytes, device = parse_size(shard_size), _check_device(device)
+    shard_bytes, device, alpha = parse_size(shard_size), _check_device(device), check_alpha(alpha)
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
     _check_paths(src, dst, overwrite)
     texts = load_texts(calib_data)
     with _hf_folder(src, dst) as hf_dir:

@@ -32,10 +32,16 @@ def parse_method(name: str) -> str:
     return name
 
 
-def smoothing_factors(rng: ChannelRange, weights: list[torch.Tensor], alpha: float, method: str) -> Smoothing:
-    """The scale (and shift) for one norm -> linears group from its input range and weights [N_i, K]."""
+def check_alpha(alpha: float) -> float:
+    """Validate an --alpha value (migration strength, 0 = all on activations kept, 1 = all moved to weights)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {alpha}")
+    return alpha
+
+
+def smoothing_factors(rng: ChannelRange, weights: list[torch.Tensor], alpha: float, method: str) -> Smoothing:
+    """The scale (and shift) for one norm -> linears group from its input range and weights [N_i, K]."""
+    assert 0.0 <= alpha <= 1.0, alpha
     shift = (rng.max + rng.min) / 2 if method == "iterative" else None  # [K]
     a_max = (rng.max - rng.min) / 2 if shift is not None else rng.absmax()  # [K]
     w_max = torch.stack([w.float().abs().amax(dim=0) for w in weights]).amax(dim=0)  # [K]

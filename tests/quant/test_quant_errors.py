@@ -86,6 +86,9 @@ def test_empty_calibration(src, tmp_path, content):
         ({"shard_size": "lots"}, "cannot read size 'lots'"),
         ({"anti_outlier": "awq"}, "unknown anti-outlier method 'awq'"),
         ({"device": "tpu"}, "unknown device 'tpu'"),
+        ({"alpha": 1.5}, "--alpha must be in \\[0, 1\\]"),
+        ({"batch_size": 0}, "batch size must be at least 1"),
+        ({"num_samples": 0}, "need num_samples >= 1"),
     ],
 )
 def test_bad_options(src, tmp_path, kw, match):
