@@ -141,6 +141,7 @@ class LLMEngine:
         """Run one forward over the scheduled batch; returns an output for each request with news this step."""
         batch = self.scheduler.schedule()
         if not batch:
+            assert not self.scheduler.has_unfinished(), "sequences are waiting but none could be scheduled"
             return []
         now = time.time()
         for seq in batch.seqs:

@@ -64,3 +64,33 @@ def test_kv_cache_too_small_for_one_sequence(llama_path):
 
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(str(llama_path), max_model_len=256, num_kv_blocks=4)
+
+
+def test_kv_cache_memory_bytes_sets_the_block_count(llama_path):
+    from slimquant import LLM
+
+    # tiny llama: 2 layers x (k, v) x 16 tokens x 2 kv heads x 16 dims x 4 bytes = 8 KiB per block
+    llm = LLM(str(llama_path), max_model_len=64, kv_cache_memory_bytes=20 * 8192 + 100)
+    assert llm.llm_engine.runner.num_blocks == 20
+
+
+def test_bfloat16_runs_with_a_bfloat16_cache(llama_path):
+    import torch
+
+    from slimquant import LLM, SamplingParams
+    from slimquant.layers.attention import KVCacheLayer
+
+    llm = LLM(str(llama_path), dtype="bfloat16", max_model_len=64)
+    out = llm.generate("Hello", SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+    caches = [m.kv_cache for m in llm.llm_engine.runner.model.modules() if isinstance(m, KVCacheLayer)]
+    assert caches and all(c.dtype == torch.bfloat16 for c in caches)
+
+
+BAD_PROMPTS = [("", "empty"), ([3.5], "must be a str"), ({"text": "x"}, "needs 'prompt'")]
+
+
+@pytest.mark.parametrize("prompt, message", BAD_PROMPTS)
+def test_bad_prompts(llm, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate(prompt, use_tqdm=False)

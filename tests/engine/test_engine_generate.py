@@ -37,8 +37,8 @@ def test_prompt_forms_give_the_same_result(llm, tokenizer):
 
 def test_seed_reproduces_and_different_seeds_differ(llm):
     def sample(seed):
-        params = SamplingParams(temperature=1.0, max_tokens=12, seed=seed, ignore_eos=True)
-        return llm.generate(PROMPTS[:2], params, use_tqdm=False)[0].outputs[0].token_ids
+        params = SamplingParams(temperature=1.0, max_tokens=8, seed=seed, ignore_eos=True)
+        return llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
