@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from slimquant import SamplingParams
-from tests.engine.conftest import hf_greedy
+from tests.engine.reference import hf_greedy
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "It is a truth universally acknowledged", "1 2 3"]
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

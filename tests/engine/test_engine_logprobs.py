@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slimquant import SamplingParams
-from tests.engine.conftest import hf_logprobs
+from tests.engine.reference import hf_logprobs
 
 PROMPT = "The quick brown fox jumps"
 
