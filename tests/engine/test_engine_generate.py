@@ -127,3 +127,18 @@ def test_chat_uses_the_template(llm, tokenizer):
     assert out.prompt == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
     assert out.prompt_token_ids == tokenizer.encode(out.prompt, add_special_tokens=False)
     assert len(llm.chat([messages, messages], GREEDY, use_tqdm=False)) == 2
+
+
+def test_logit_bias_and_allowed_tokens(llm):
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, logit_bias={42: 100.0}), use_tqdm=False)
+    assert out[0].outputs[0].token_ids == [42] * 4
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=6, allowed_token_ids=[7, 9]), use_tqdm=False)
+    assert set(out[0].outputs[0].token_ids) <= {7, 9}
+
+
+def test_repetition_penalty_reduces_repeats(llm):
+    def distinct(**kw):
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, **kw)
+        return len(set(llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids))
+
+    assert distinct(repetition_penalty=2.0) > distinct()

@@ -81,3 +81,19 @@ def test_request_id_in_use(llama_path):
     engine.add_request("x", PROMPTS[0])
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("x", PROMPTS[0])
+
+
+def test_delta_stream_holds_back_a_stop_string(llama_path):
+    engine = LLMEngine.from_kwargs(str(llama_path), max_model_len=64)
+    greedy = dict(temperature=0, max_tokens=12, ignore_eos=True)
+    engine.add_request("full", PROMPTS[2], SamplingParams(**greedy))
+    finals = []
+    while engine.has_unfinished_requests():
+        finals += [out for out in engine.step() if out.finished]
+    text = finals[0].outputs[0].text
+    stop = text[5:8]
+    engine.add_request("s", PROMPTS[2], SamplingParams(**greedy, stop=stop, output_kind=RequestOutputKind.DELTA))
+    pieces = []
+    while engine.has_unfinished_requests():
+        pieces += [c.text for out in engine.step() for c in out.outputs]
+    assert "".join(pieces) == text[: text.index(stop)]
