@@ -37,8 +37,11 @@ class Linear(nn.Module):
         self.shard_prefixes = _shard_prefixes(prefix, shards)
         self.method = quant_config.linear_method(prefix, self.shard_prefixes)
         self.method.create_weights(self, in_features, sum(out_sizes), dtype)
-        if bias:
+        if bias or quant_config.linear_has_bias(self.shard_prefixes):
             add_param(self, "bias", (sum(out_sizes),), dtype)
+            self.bias.optional = not bias  # a shift bias: zero for shards the checkpoint gives none
+            if not bias:
+                self.bias.data.zero_()
         else:
             self.bias = None
 
@@ -46,11 +49,11 @@ class Linear(nn.Module):
         # x: [T, K] -> [T, N]
         return self.method.apply(self, x, self.bias)
 
-    def checkpoint_entries(self) -> Iterator[tuple[str, Callable[[torch.Tensor], None]]]:
-        """(checkpoint tensor name, function that loads it) for every tensor this layer reads."""
-        for name, _ in self.named_parameters(recurse=False):
+    def checkpoint_entries(self) -> Iterator[tuple[str, Callable[[torch.Tensor], None], bool]]:
+        """(checkpoint tensor name, function that loads it, optional) for every tensor this layer reads."""
+        for name, param in self.named_parameters(recurse=False):
             for i, shard_prefix in enumerate(self.shard_prefixes):
-                yield f"{shard_prefix}.{name}", partial(self.load_shard, name, i)
+                yield f"{shard_prefix}.{name}", partial(self.load_shard, name, i), getattr(param, "optional", False)
 
     def process_weights_after_loading(self) -> None:
         """Hand the loaded parameters to the quant method for their runtime form."""

@@ -17,6 +17,10 @@ class QuantConfig:
         """The method for the linear at `prefix`, built from checkpoint linears `shard_prefixes`."""
         return UnquantizedMethod()
 
+    def linear_has_bias(self, shard_prefixes: list[str]) -> bool:
+        """Whether the checkpoint gives these linears a float bias that the architecture itself lacks."""
+        return False
+
 
 class AscendQuantConfig(QuantConfig):
     """An ascend (ModelSlim) checkpoint's description: per-tensor quant types by name."""
@@ -53,6 +57,10 @@ class AscendQuantConfig(QuantConfig):
                 f"{prefix}: quant type {types[0]!r} is not supported; supported: {sorted(METHODS_BY_TYPE)}"
             )
         return METHODS_BY_TYPE[types[0]]()
+
+    def linear_has_bias(self, shard_prefixes: list[str]) -> bool:
+        # the anti-outlier shift adds `<linear>.bias` (FLOAT) to the linears a shifted norm feeds
+        return any(f"{p}.bias" in self.types for p in shard_prefixes)
 
     def _weight_type(self, shard_prefix: str, prefix: str) -> str:
         key = f"{shard_prefix}.weight"

@@ -105,7 +105,7 @@ def weight_entries(model: nn.Module) -> Iterator[tuple[str, Callable[[torch.Tens
     for module_name, module in model.named_modules():
         if hasattr(module, "checkpoint_entries"):  # Linear (and later fused MoE): shards, quant tensors
             assert module.prefix == module_name, f"layer prefix {module.prefix} built at {module_name}"
-            yield from ((name, load, False) for name, load in module.checkpoint_entries())
+            yield from module.checkpoint_entries()
             continue
         for param_name, param in module.named_parameters(recurse=False):
             name = f"{module_name}.{param_name}"

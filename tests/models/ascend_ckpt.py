@@ -27,10 +27,13 @@ def write_ascend(
     quant_type: Callable[[str], str],
     dtype: torch.dtype = torch.float32,
     deq_int64: bool | None = None,
-    norm_bias: bool = False,
+    shift: bool = False,
     seed: int = 0,
 ) -> Path:
-    """Write dst from src; quant_type(linear prefix) -> "W8A8" | "W8A8_DYNAMIC" | "FLOAT"."""
+    """Write dst from src; quant_type(linear prefix) -> "W8A8" | "W8A8_DYNAMIC" | "FLOAT".
+
+    shift=True mimics the anti-outlier shift: every layernorm gets a bias and every linear it feeds gets one.
+    """
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
@@ -39,19 +42,30 @@ def write_ascend(
     writer, act_params = ModelSlimWriter(dst, "W8A8"), {}
     for name in tensors.keys():
         prefix, _, leaf = name.rpartition(".")
-        if prefix.rpartition(".")[2] in LINEARS and quant_type(prefix) != FLOAT:
-            if leaf == "weight":  # the linear's bias is written with it
-                qtype = quant_type(prefix)
-                bias = tensors.get(f"{prefix}.bias") if f"{prefix}.bias" in tensors else None
-                params = _activation_params(prefix, act_params, gen)
-                for key, t in _quantized(tensors.get(name), bias, qtype, params, dtype, deq_int64).items():
-                    writer.add(f"{prefix}.{key}", t, FLOAT if key == "bias" else qtype)
+        linear = prefix.rpartition(".")[2]
+        if linear not in LINEARS:
+            writer.add(name, tensors.get(name).to(dtype), FLOAT)
+            if shift and name.endswith("layernorm.weight"):
+                writer.add(f"{prefix}.bias", _random_like(tensors.get(name), gen).to(dtype), FLOAT)
             continue
-        writer.add(name, tensors.get(name).to(dtype), FLOAT)
-        if norm_bias and name.endswith("layernorm.weight"):
-            writer.add(f"{prefix}.bias", (0.1 * torch.randn(tensors.get(name).shape, generator=gen)).to(dtype), FLOAT)
+        if leaf != "weight":
+            continue  # a linear's bias is written with its weight
+        w, qtype = tensors.get(name), quant_type(prefix)
+        bias = tensors.get(f"{prefix}.bias") if f"{prefix}.bias" in tensors else None
+        if bias is None and shift and linear in INPUT_GROUP:
+            bias = _random_like(w[:, 0], gen)
+        if qtype == FLOAT:
+            out = {"weight": w.to(dtype)} | ({} if bias is None else {"bias": bias.to(dtype)})
+        else:
+            out = _quantized(w, bias, qtype, _activation_params(prefix, act_params, gen), dtype, deq_int64)
+        for key, t in out.items():
+            writer.add(f"{prefix}.{key}", t, FLOAT if qtype == FLOAT or key == "bias" else qtype)
     writer.close()
     return dst
+
+
+def _random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return 0.1 * torch.randn(t.shape, generator=gen)
 
 
 def _activation_params(prefix: str, cache: dict, gen: torch.Generator) -> tuple[float, float]:

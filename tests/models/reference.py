@@ -56,6 +56,8 @@ def reference_model(float_folder, ascend_folder, dtype: torch.dtype) -> nn.Modul
             t = {k.rpartition(".")[2]: tensors.get(k) for k in types if k.rpartition(".")[0] == name}
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, (StaticRef if kind == "W8A8" else DynamicRef)(t))
+        if isinstance(module, nn.Linear) and kind == FLOAT and module.bias is None and f"{name}.bias" in types:
+            module.bias = nn.Parameter(tensors.get(f"{name}.bias"))  # the anti-outlier shift's bias
         if f"{name}.bias" in types and name.endswith("norm"):
             bias = tensors.get(f"{name}.bias")
             module.register_forward_hook(lambda m, args, out, b=bias: out + b)

@@ -48,20 +48,28 @@ def test_quantized_matches_reference(tiny_model, tmp_path, arch, scheme):
 
 
 @pytest.mark.parametrize("deq_int64", [False, True])
-def test_static_deq_scale_forms_and_norm_bias(tiny_model, tmp_path, deq_int64):
+def test_static_deq_scale_forms_and_shift(tiny_model, tmp_path, deq_int64):
     src = tiny_model("qwen2")
-    dst = write_ascend(src, tmp_path / "q", static, deq_int64=deq_int64, norm_bias=True)
+    dst = write_ascend(src, tmp_path / "q", static, deq_int64=deq_int64, shift=True)
     ours, ref = run_both(src, dst)
     assert_close(ours, ref, rel=1e-4)
     plain, _ = run_both(src, write_ascend(src, tmp_path / "nobias", static))
     assert (plain - ours).abs().max() > 1e-2  # the norm bias really changed the output
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_shift_biases_on_linears_without_native_bias(tiny_model, tmp_path, arch):
+    """The anti-outlier shift gives bias-free linears a float bias: static folds it, dynamic/FLOAT add it."""
+    src = tiny_model(arch)
+    ours, ref = run_both(src, write_ascend(src, tmp_path / "q", mixed, shift=True))
+    assert_close(ours, ref, rel=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_checkpoints(tiny_model, tmp_path, dtype):
     """fp16 stores deq_scale as int64, bf16 as fp32; one prefill step runs the reference's exact op order."""
     src = tiny_model("qwen2", dtype=dtype)
-    dst = write_ascend(src, tmp_path / "q", mixed, dtype=dtype, norm_bias=True)
+    dst = write_ascend(src, tmp_path / "q", mixed, dtype=dtype, shift=True)
     deq = SafetensorsFolder(dst).get("model.layers.1.mlp.gate_proj.deq_scale")
     assert deq.dtype == (torch.int64 if dtype == torch.float16 else torch.float32)
     ours, ref = run_both(src, dst, dtype, chunked=False)
