@@ -17,8 +17,31 @@ from slimquant.layers.sampler import Sampler, SamplerOutput, SamplingBatch, TopL
 
 logger = logging.getLogger(__name__)
 
-
 PromptScores = tuple[Sequence, list[TopLogprobs]]  # a sequence and its next prompt tokens' logprobs
+PromptRows = tuple[Sequence, list[int]]  # a sequence and the packed rows that score its prompt tokens
+
+
+@dataclass
+class LogitRows:
+    """Which packed rows need logits: each sampling sequence's last token, and rows that score prompt tokens."""
+
+    sample_rows: list[int] = field(default_factory=list)  # [S]
+    sample_seqs: list[Sequence] = field(default_factory=list)  # [S]
+    prompt_rows: list[PromptRows] = field(default_factory=list)
+
+    def add(self, seq: Sequence, start: int, end: int, row0: int) -> None:
+        """seq runs positions [start, end) at packed rows row0 ...; note the rows it needs logits for."""
+        if end == seq.num_tokens:
+            self.sample_rows.append(row0 + end - start - 1)
+            self.sample_seqs.append(seq)
+        if seq.needs_prompt_logprobs:
+            first = max(start, len(seq.prompt_logprobs) - 1)  # row at position p scores prompt token p + 1
+            last = min(end, seq.num_prompt_tokens - 1)
+            self.prompt_rows.append((seq, [row0 + p - start for p in range(first, last)]))
+
+    def indices(self) -> list[int]:
+        """Rows to compute logits for: sampling rows first, then prompt-scoring rows."""
+        return self.sample_rows + [r for _, rows in self.prompt_rows for r in rows]
 
 
 @dataclass
@@ -28,9 +51,7 @@ class StepInputs:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     context: ForwardContext
-    sample_rows: list[int] = field(default_factory=list)  # [S] row of each sampling sequence's last token
-    sample_seqs: list[Sequence] = field(default_factory=list)
-    prompt_rows: list[tuple[Sequence, list[int]]] = field(default_factory=list)  # rows scoring prompt tokens
+    rows: LogitRows
 
 
 @dataclass
@@ -87,49 +108,37 @@ class ModelRunner:
         inputs = self.prepare(batch)
         with forward_context(inputs.context):
             hidden = self.model(inputs.input_ids, inputs.positions)  # [T, H]
-        prompt_index = [r for _, rows in inputs.prompt_rows for r in rows]
-        rows = torch.tensor(inputs.sample_rows + prompt_index, dtype=torch.long, device=hidden.device)
-        logits = self.model.compute_logits(hidden[rows]) if len(rows) else None  # [S + P, V] float32
+        rows = inputs.rows
+        index = torch.tensor(rows.indices(), dtype=torch.long, device=hidden.device)
+        logits = self.model.compute_logits(hidden[index]) if len(index) else None  # [S + P, V] float32
         sampled = None
-        if inputs.sample_seqs:
-            sampled = self.sampler(logits[: len(inputs.sample_rows)], self.sampling_batch(inputs.sample_seqs))
-        return StepResult(inputs.sample_seqs, sampled, self._prompt_logprobs(inputs, logits))
+        if rows.sample_seqs:
+            sampled = self.sampler(logits[: len(rows.sample_rows)], self.sampling_batch(rows.sample_seqs))
+        return StepResult(rows.sample_seqs, sampled, self._prompt_logprobs(rows, logits))
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Pack the scheduled tokens of all sequences along one axis and describe them in a ForwardContext."""
-        ids, positions, slots, context_lens, tables = [], [], [], [], []
-        sample_rows, sample_seqs, prompt_rows = [], [], []
+        ids, positions, slots, rows = [], [], [], LogitRows()
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            start, end, row0 = seq.num_computed_tokens, seq.num_computed_tokens + n, len(ids)
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            rows.add(seq, start, end, len(ids))
             ids += seq.token_ids[start:end]
             positions += range(start, end)
-            slots += [
-                seq.block_table[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end)
-            ]
-            context_lens.append(end)
-            tables.append(seq.block_table)
-            if end == seq.num_tokens:
-                sample_rows.append(row0 + n - 1)
-                sample_seqs.append(seq)
-            if seq.needs_prompt_logprobs:
-                first = max(start, len(seq.prompt_logprobs) - 1)  # row p scores prompt token p + 1
-                prompt_rows.append((seq, [row0 + p - start for p in range(first, min(end, seq.num_prompt_tokens - 1))]))
-        width = max(len(t) for t in tables)
+            slots += [self._slot(seq, p) for p in range(start, end)]
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [-1] * (width - len(s.block_table)) for s in batch.seqs]  # [B, width]
         context = ForwardContext(
             query_lens=list(batch.num_new_tokens),
-            context_lens=context_lens,
+            context_lens=[s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)],
             slot_mapping=self._tensor(slots, torch.int64),
-            block_tables=self._tensor([t + [-1] * (width - len(t)) for t in tables], torch.int32),
+            block_tables=self._tensor(tables, torch.int32),
             block_size=self.block_size,
         )
-        return StepInputs(
-            self._tensor(ids, torch.int64),
-            self._tensor(positions, torch.int64),
-            context,
-            sample_rows,
-            sample_seqs,
-            prompt_rows,
-        )
+        return StepInputs(self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), context, rows)
+
+    def _slot(self, seq: Sequence, position: int) -> int:
+        """Flat KV slot of a token position: block id * block_size + offset in its block."""
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         """Per-row sampling settings of the sequences being sampled."""
@@ -155,17 +164,17 @@ class ModelRunner:
             num_logprobs=[p.logprobs for p in params],
         )
 
-    def _prompt_logprobs(
-        self, inputs: StepInputs, logits: torch.Tensor | None
-    ) -> list[tuple[Sequence, list[TopLogprobs]]]:
-        out, offset = [], len(inputs.sample_rows)
-        for seq, rows in inputs.prompt_rows:
-            if rows:
+    def _prompt_logprobs(self, rows: LogitRows, logits: torch.Tensor | None) -> list[PromptScores]:
+        """Logprobs of the prompt tokens scored this step, per sequence."""
+        out, offset = [], len(rows.sample_rows)
+        for seq, prompt_rows in rows.prompt_rows:
+            n = len(prompt_rows)
+            if n:
                 first = len(seq.prompt_logprobs)  # prompt token index scored by the first row
-                targets = self._tensor(seq.token_ids[first : first + len(rows)], torch.int64)
-                raw = torch.log_softmax(logits[offset : offset + len(rows)], dim=-1)  # [R, V]
-                out.append((seq, top_logprobs(raw, targets, [seq.params.prompt_logprobs] * len(rows))))
-            offset += len(rows)
+                targets = self._tensor(seq.token_ids[first : first + n], torch.int64)
+                raw = torch.log_softmax(logits[offset : offset + n], dim=-1)  # [n, V]
+                out.append((seq, top_logprobs(raw, targets, [seq.params.prompt_logprobs] * n)))
+            offset += n
         return out
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
