@@ -1,0 +1,21 @@
+"""End to end with the project's quantizer: its checkpoints run exactly as FORMAT.md's reference math says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimquant.models.loader import load_model
+from slimquant.quant.pipeline import quantize
+from tests.models.paged import PROMPT, PagedRunner, assert_close
+from tests.models.reference import reference_logits, reference_model
+
+
+@pytest.mark.parametrize("quant_type", ["w8a8", "w8a8_dynamic"])
+def test_quantizer_checkpoint_matches_reference(tiny_model, tmp_path, quant_type):
+    src = tiny_model("qwen3", dtype=torch.bfloat16)
+    dst = tmp_path / "q"
+    quantize(src, dst, quant_type, anti_outlier="iterative", num_samples=2, seq_len=16, progress=False)
+    loaded = load_model(str(dst))
+    ours = PagedRunner(loaded.model, loaded.dtype).step({0: PROMPT})
+    assert_close(ours, reference_logits(reference_model(src, dst, torch.bfloat16), PROMPT), rel=1e-3)
