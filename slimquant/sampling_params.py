@@ -98,6 +98,7 @@ class SamplingParams:
             value = getattr(self, name)
             _require(value is None or value >= -1, name, value, "must be non-negative (or -1 for all)")
         _require(all(self.stop), "stop", self.stop, "cannot contain an empty string")
+        _require(self.detokenize or not self.stop, "stop", self.stop, "strings need detokenize=True")
         trunc = self.truncate_prompt_tokens
         _require(trunc is None or trunc >= 1, "truncate_prompt_tokens", trunc, "must be at least 1")
         allowed = self.allowed_token_ids

@@ -38,6 +38,7 @@ def test_stop_string_becomes_list_and_greedy_resets_filters():
         ({"logprobs": -2}, "logprobs"),
         ({"prompt_logprobs": -3}, "prompt_logprobs"),
         ({"stop": ["a", ""]}, "stop"),
+        ({"stop": "a", "detokenize": False}, "detokenize"),
         ({"n": 2, "temperature": 0.0}, "n"),
         ({"best_of": 1, "n": 2}, "best_of"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
