@@ -142,3 +142,18 @@ def test_repetition_penalty_reduces_repeats(llm):
         return len(set(llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids))
 
     assert distinct(repetition_penalty=2.0) > distinct()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_greedy_matches_transformers_on_other_architectures(tiny_model, arch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slimquant import LLM
+
+    path = tiny_model(arch)
+    llm = LLM(str(path), max_model_len=64, num_kv_blocks=16, block_size=4)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    for out in llm.generate(PROMPTS[:2], params, use_tqdm=False):
+        assert out.outputs[0].token_ids == hf_greedy(hf, out.prompt_token_ids, 6)
