@@ -18,7 +18,7 @@ class QuantConfig:
         return UnquantizedMethod()
 
     def linear_has_bias(self, shard_prefixes: list[str]) -> bool:
-        """Whether the checkpoint gives these linears a float bias that the architecture itself lacks."""
+        """Whether the checkpoint holds a float bias for any of these linears (the anti-outlier shift adds them)."""
         return False
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +15,16 @@ from slimquant.layers.linear import Linear
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The options that tell the family's members apart."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before rope
+
 
 # Fused layer -> checkpoint linears whose output rows it concatenates (the quantizer's names).
 PACKED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -26,19 +38,19 @@ def head_dim_of(config) -> int:
 class LlamaAttention(nn.Module):
     """qkv_proj -> (q/k norm) -> rope -> paged attention -> o_proj."""
 
-    def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, variant: dict):
+    def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, variant: Variant):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = head_dim_of(config)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         common = dict(quant_config=quant_config, dtype=dtype)
+        h, shards = config.hidden_size, PACKED_MODULES["qkv_proj"]
         self.qkv_proj = Linear(
-            config.hidden_size, [q_size, kv_size, kv_size], bias=variant["qkv_bias"], prefix=f"{prefix}.qkv_proj",
-            shards=PACKED_MODULES["qkv_proj"], **common,
-        )  # fmt: skip
-        self.o_proj = Linear(q_size, [config.hidden_size], bias=variant["o_bias"], prefix=f"{prefix}.o_proj", **common)
+            h, [q_size, kv_size, kv_size], bias=variant.qkv_bias, prefix=f"{prefix}.qkv_proj", shards=shards, **common
+        )
+        self.o_proj = Linear(q_size, [h], bias=variant.o_bias, prefix=f"{prefix}.o_proj", **common)
         self.q_norm = self.k_norm = None
-        if variant["qk_norm"]:
+        if variant.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
@@ -78,7 +90,7 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block: attention and MLP, each with a residual add fused into the next norm."""
 
-    def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, variant: dict):
+    def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, variant: Variant):
         super().__init__()
         eps, bias = config.rms_norm_eps, quant_config.norm_has_bias
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
@@ -100,7 +112,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embeddings, decoder layers, final norm: (input_ids [T], positions [T]) -> hidden [T, H]."""
 
-    def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype, variant: dict):
+    def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype, variant: Variant):
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
         self.rotary = RotaryEmbedding(head_dim_of(config), rope_parameters(config))
@@ -130,16 +142,14 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, quant_config, dtype, self.variant(config))
         self.lm_head = None
         if not getattr(config, "tie_word_embeddings", False):
-            self.lm_head = Linear(
-                config.hidden_size, [config.vocab_size], bias=False, quant_config=quant_config, prefix="lm_head",
-                dtype=dtype,
-            )  # fmt: skip
+            h, v = config.hidden_size, config.vocab_size
+            self.lm_head = Linear(h, [v], bias=False, quant_config=quant_config, prefix="lm_head", dtype=dtype)
 
     @staticmethod
-    def variant(config) -> dict:
+    def variant(config) -> Variant:
         """Which of the family's options this architecture uses."""
         bias = bool(getattr(config, "attention_bias", False))
-        return {"qkv_bias": bias, "o_bias": bias, "qk_norm": False}
+        return Variant(qkv_bias=bias, o_bias=bias)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden [T, H]."""

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from slimquant.models.llama import LlamaForCausalLM
+from slimquant.models.llama import LlamaForCausalLM, Variant
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     """Qwen2 / Qwen2.5 dense models."""
 
     @staticmethod
-    def variant(config) -> dict:
+    def variant(config) -> Variant:
         if getattr(config, "use_sliding_window", False):
             raise ValueError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported")
-        return {"qkv_bias": True, "o_bias": False, "qk_norm": False}
+        return Variant(qkv_bias=True)

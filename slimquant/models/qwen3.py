@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from slimquant.models.llama import LlamaForCausalLM
+from slimquant.models.llama import LlamaForCausalLM, Variant
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     """Qwen3 dense models."""
 
     @staticmethod
-    def variant(config) -> dict:
+    def variant(config) -> Variant:
         if getattr(config, "use_sliding_window", False):
             raise ValueError("Qwen3 sliding-window attention (use_sliding_window=true) is not supported")
         bias = bool(getattr(config, "attention_bias", False))
-        return {"qkv_bias": bias, "o_bias": bias, "qk_norm": True}
+        return Variant(qkv_bias=bias, o_bias=bias, qk_norm=True)
