@@ -57,7 +57,9 @@ class BlockManager:
         for block_id in hits:
             self._take(block_id)
             seq.block_table.append(block_id)
-        seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = len(hits) * self.block_size
+        if seq.num_cached_tokens is None:  # reported as the prefix-cache hit of the first admission
+            seq.num_cached_tokens = seq.num_computed_tokens
         seq.num_committed_blocks = len(hits)
         return self.extend(seq, num_tokens)
 
@@ -81,7 +83,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free[block_id] = None
         seq.block_table = []
-        seq.num_computed_tokens = seq.num_cached_tokens = seq.num_committed_blocks = 0
+        seq.num_computed_tokens = seq.num_committed_blocks = 0
 
     def commit(self, seq: Sequence) -> None:
         """Make the sequence's full, computed blocks findable by hash."""

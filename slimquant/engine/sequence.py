@@ -41,7 +41,7 @@ class Sequence:
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
-        self.num_cached_tokens = 0  # of those, how many came from the prefix cache
+        self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first admitted
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # content hashes of the full blocks of token_ids (prefix caching)

@@ -40,6 +40,7 @@ def test_prefix_hits_are_shared_and_leave_the_last_token():
     hits = bm.match_prefix(b)
     assert hits == a.block_table[:2]
     assert bm.allocate(b, 11, hits) and b.num_computed_tokens == 8 and b.num_cached_tokens == 8
+    assert a.num_cached_tokens == 0
     assert bm.blocks[hits[0]].ref_count == 2 and len(b.block_table) == 3
     exact = seq(list(range(8)))  # fully cached: the last block is recomputed so logits exist
     assert len(bm.match_prefix(exact)) == 1
