@@ -14,6 +14,7 @@ from slimquant.engine.sequence import Sequence
 from slimquant.layers.attention import KVCacheLayer
 from slimquant.layers.context import ForwardContext, forward_context
 from slimquant.layers.sampler import Sampler, SamplerOutput, SamplingBatch, TopLogprobs, top_logprobs
+from slimquant.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +156,8 @@ class ModelRunner:
             presence_penalty=column("presence_penalty"),
             frequency_penalty=column("frequency_penalty"),
             repetition_penalty=column("repetition_penalty"),
-            prompt_ids=[s.token_ids[: s.num_prompt_tokens] for s in seqs],
-            output_ids=[s.output_token_ids for s in seqs],
+            prompt_ids=[s.token_ids[: s.num_prompt_tokens] if penalized(s.params) else [] for s in seqs],
+            output_ids=[s.output_token_ids if penalized(s.params) else [] for s in seqs],
             logit_bias=[p.logit_bias for p in params],
             allowed_ids=[p.allowed_token_ids for p in params],
             banned_ids=[sorted(s.stop_ids) if s.num_output_tokens < s.params.min_tokens else [] for s in seqs],
@@ -179,3 +180,8 @@ class ModelRunner:
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
+
+
+def penalized(params: SamplingParams) -> bool:
+    """Whether any penalty applies (then the sampler needs the token history)."""
+    return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
