@@ -64,7 +64,7 @@ class SamplingParams:
             logger.warning("best_of=%d is ignored: slimquant returns the n=%d samples", self.best_of, self.n)
         if self.temperature < SAMPLING_EPS:
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
-            _require(self.n == 1, "n", self.n, "n must be 1 when using greedy sampling (temperature=0)")
+            _require(self.n == 1, "n", self.n, "must be 1 when using greedy sampling (temperature=0)")
 
     @property
     def sampling_type_greedy(self) -> bool:
@@ -98,7 +98,7 @@ class SamplingParams:
             value = getattr(self, name)
             _require(value is None or value >= -1, name, value, "must be non-negative (or -1 for all)")
         _require(all(self.stop), "stop", self.stop, "cannot contain an empty string")
-        _require(self.detokenize or not self.stop, "stop", self.stop, "strings need detokenize=True")
+        _require(self.detokenize or not self.stop, "stop", self.stop, "needs detokenize=True")
         trunc = self.truncate_prompt_tokens
         _require(trunc is None or trunc >= 1, "truncate_prompt_tokens", trunc, "must be at least 1")
         allowed = self.allowed_token_ids
@@ -107,4 +107,4 @@ class SamplingParams:
 
 def _require(ok: bool, name: str, value: object, why: str) -> None:
     if not ok:
-        raise ValueError(f"{name} {why}, got {value!r}." if not why.startswith(name) else f"{why}, got {value!r}.")
+        raise ValueError(f"{name} {why}, got {value!r}.")
