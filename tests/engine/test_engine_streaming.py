@@ -100,3 +100,30 @@ def test_delta_stream_holds_back_a_stop_string(llama_path):
     while engine.has_unfinished_requests():
         pieces += [c.text for out in engine.step() for c in out.outputs]
     assert "".join(pieces) == text[: text.index(stop)]
+
+
+class ScriptedSampler:
+    """Stands in for the sampler: emits a fixed token sequence (one request at a time)."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = iter(ids)
+
+    def __call__(self, logits, batch):
+        from slimquant.layers.sampler import SamplerOutput
+
+        return SamplerOutput([next(self.ids)], [0.0], [None])
+
+
+def test_streamed_multibyte_text_is_never_cut_mid_character(llama_path):
+    text = " Café naïve 你好 😀 日本語🎉 über"
+    engine = LLMEngine.from_kwargs(str(llama_path), max_model_len=64)
+    ids = engine.tokenizer.encode(text)
+    assert any("\ufffd" in engine.tokenizer.decode([t]) for t in ids)
+    for stop, expected in ((None, text), ("😀", text[: text.index("😀")])):
+        engine.runner.sampler = ScriptedSampler(ids)
+        params = SamplingParams(max_tokens=len(ids), stop=stop, output_kind=RequestOutputKind.DELTA)
+        engine.add_request("mb", "Hello", params)
+        pieces = []
+        while engine.has_unfinished_requests():
+            pieces += [c.text for out in engine.step() for c in out.outputs]
+        assert all("\ufffd" not in p for p in pieces) and "".join(pieces) == expected
