@@ -94,3 +94,18 @@ BAD_PROMPTS = [("", "empty"), ([3.5], "must be a str"), ({"text": "x"}, "needs '
 def test_bad_prompts(llm, prompt, message):
     with pytest.raises(ValueError, match=message):
         llm.generate(prompt, use_tqdm=False)
+
+
+def test_eos_and_sampling_defaults_from_generation_config(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from slimquant.engine.inputs import stop_token_ids
+
+    generation = {"eos_token_id": [5, 6], "temperature": 0.6, "top_p": 0.9, "max_new_tokens": 99, "do_sample": True}
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+    eos, defaults = stop_token_ids(
+        EngineConfig(str(tmp_path)), SimpleNamespace(eos_token_id=7), SimpleNamespace(eos_token_id=8)
+    )
+    assert eos == {5, 6, 7, 8}
+    assert defaults == {"temperature": 0.6, "top_p": 0.9, "max_tokens": 99}
