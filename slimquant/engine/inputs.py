@@ -40,7 +40,11 @@ def load_tokenizer(config: EngineConfig):
     """The tokenizer of config.tokenizer (or the model folder)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
+    path = config.tokenizer or config.model
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a tokenizer from {path} ({e}); pass tokenizer= a folder that has one") from e
 
 
 def model_max_len(hf_config) -> int | None:

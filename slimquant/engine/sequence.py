@@ -60,9 +60,6 @@ class Sequence:
         self.num_sent_chars = 0
         self.finish_reported = False
 
-    def __len__(self) -> int:
-        return len(self.token_ids)
-
     @property
     def num_tokens(self) -> int:
         """Prompt plus generated tokens."""

@@ -109,3 +109,10 @@ def test_eos_and_sampling_defaults_from_generation_config(tmp_path):
     )
     assert eos == {5, 6, 7, 8}
     assert defaults == {"temperature": 0.6, "top_p": 0.9, "max_tokens": 99}
+
+
+def test_missing_tokenizer_is_a_value_error(llama_path, tmp_path):
+    from slimquant import LLM
+
+    with pytest.raises(ValueError, match="cannot load a tokenizer"):
+        LLM(str(llama_path), tokenizer=str(tmp_path), max_model_len=64)
