@@ -34,7 +34,10 @@ class LayerRunner:
         module = importlib.import_module(spec.module)
         self.layer_cls = getattr(module, spec.decoder_layer)
         self.rotary = getattr(module, spec.rotary)(config=self.config).to(device)
-        self.dtype, self.device = dtype, torch.device(device)
+        self.device = torch.device(device)
+        # CPUs run bf16/fp16 GEMMs many times slower than fp32: compute there in fp32. SimLinear still rounds
+        # every linear's input and output to the model dtype, as the runtime does.
+        self.dtype = torch.float32 if self.device.type == "cpu" else dtype
         self._pos: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def param_names(self, i: int) -> list[str]:
@@ -43,7 +46,7 @@ class LayerRunner:
             return list(self.layer_cls(self.config, layer_idx=i).state_dict())
 
     def build(self, i: int, state: dict[str, torch.Tensor]) -> nn.Module:
-        """Layer i with the given weights (assigned, not copied), in eval mode on the device."""
+        """Layer i with the given weights (assigned), in eval mode, on the device in the compute dtype."""
         with torch.device("meta"):
             layer = self.layer_cls(self.config, layer_idx=i)
         state = {k: v.to(self.device, self.dtype) for k, v in state.items()}

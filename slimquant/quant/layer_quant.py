@@ -51,7 +51,7 @@ def quantize_layer(
         rel: _quantize_linear(layer, rel, by_linear.get(rel), types[rel], in_ranges[rel], job.dtype) for rel in types
     }
     _write(writer, layer_prefix(i), layer, tensors, norms, job.dtype)
-    _patch(layer, tensors, norms, types, job.dtype)
+    _patch(layer, tensors, norms, types, job.dtype, runner.dtype)
     return runner.run(layer, hidden, job.batch_size)
 
 
@@ -104,12 +104,12 @@ def _write(writer: ModelSlimWriter, prefix: str, layer: nn.Module, tensors, norm
             writer.add(f"{prefix}{name}.bias", norms[name][1].to(dtype), FLOAT)
 
 
-def _patch(layer: nn.Module, tensors, norms: NormParams, types: dict[str, str], dtype) -> None:
-    """Turn the float layer into what the runtime will compute: SimLinears, smoothed norms (+bias)."""
+def _patch(layer: nn.Module, tensors, norms: NormParams, types: dict[str, str], dtype, compute_dtype) -> None:
+    """Turn the float layer into what the runtime will compute: SimLinears, smoothed norms (+bias) as written."""
     for rel, t in tensors.items():
-        replace_module(layer, rel, SimLinear(types[rel], t))
+        replace_module(layer, rel, SimLinear(types[rel], t, dtype))
     for name, (w, b) in norms.items():
         norm = layer.get_submodule(name)
-        norm.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+        norm.weight = nn.Parameter(w.to(dtype).to(compute_dtype), requires_grad=False)
         if b is not None:
-            replace_module(layer, name, BiasedNorm(norm, b.to(dtype)))
+            replace_module(layer, name, BiasedNorm(norm, b.to(dtype).to(compute_dtype)))

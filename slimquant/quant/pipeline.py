@@ -145,7 +145,7 @@ def _convert(ckpt, runner, job: LayerJob, ids, writer: ModelSlimWriter, num_laye
     """Embeddings, then each decoder layer (calibrated on the quantized output of the previous), then the rest."""
     head, tail = _outer_names(ckpt)
     embed = ckpt.get(EMBED_PREFIX + "weight").to(runner.device, job.dtype)  # [V, H]
-    hidden = F.embedding(ids.to(runner.device), embed)  # [S, T, H]
+    hidden = F.embedding(ids.to(runner.device), embed).to(runner.dtype)  # [S, T, H] in the compute dtype
     del embed
     for name in head:
         writer.add(name, ckpt.get(name).to(job.dtype), FLOAT)

@@ -53,9 +53,9 @@ def _static_params(w_q, w_s, bias, in_range, dtype) -> dict[str, torch.Tensor]:
 class SimLinear(nn.Module):
     """A linear that computes exactly what the runtime computes from the written tensors (fake-quant)."""
 
-    def __init__(self, qtype: str, tensors: Tensors):
+    def __init__(self, qtype: str, tensors: Tensors, dtype: torch.dtype):
         super().__init__()
-        self.qtype = qtype
+        self.qtype, self.dtype = qtype, dtype  # dtype: the model's, in which the runtime sees x and y
         self.t = {k: v for k, (v, _) in tensors.items()}
 
     def to_device(self, device: torch.device | str) -> SimLinear:
@@ -63,10 +63,14 @@ class SimLinear(nn.Module):
         self.t = {k: v.to(device) for k, v in self.t.items()}
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N], in x's dtype
+        return self._runtime(x.to(self.dtype)).to(x.dtype)
+
+    def _runtime(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] in the model dtype
         t = self.t
         if self.qtype == FLOAT:
-            return F.linear(x, t["weight"].to(x.dtype), t.get("bias"))
+            b = t.get("bias")
+            return F.linear(x.float(), t["weight"].float(), None if b is None else b.float()).to(x.dtype)
         if self.qtype == W8A8:
             return P.static_linear(x, t["weight"], t["quant_bias"], t["deq_scale"], t["input_scale"], t["input_offset"])
         return P.dynamic_linear(x, t["weight"], t["weight_scale"], t.get("bias"))
