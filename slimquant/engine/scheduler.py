@@ -77,10 +77,11 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = self.block_manager.match_prefix(seq)
-            n = min(seq.num_tokens - len(hits) * self.block_manager.block_size, budget)
-            if n < seq.num_tokens - len(hits) * self.block_manager.block_size and not self.chunked_prefill:
+            cached = len(hits) * self.block_manager.block_size
+            n = min(seq.num_tokens - cached, budget)
+            if n < seq.num_tokens - cached and not self.chunked_prefill:
                 return
-            if not self.block_manager.allocate(seq, len(hits) * self.block_manager.block_size + n, hits):
+            if not self.block_manager.allocate(seq, cached + n, hits):
                 return
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
