@@ -117,3 +117,12 @@ def test_preemption_requeues_the_newest_and_keeps_its_tokens():
     sch.finish(a)
     batch = sch.schedule()
     assert batch.seqs == [b] and batch.num_new_tokens == [9]  # recomputes prompt + its generated tokens
+
+
+def test_without_chunked_prefill_a_prompt_waits_for_a_budget_that_fits_it():
+    sch = scheduler(16, max_num_batched_tokens=64, enable_chunked_prefill=False)
+    a, b = seq(list(range(40))), seq(list(range(30)))
+    sch.add(a)
+    sch.add(b)
+    assert run_step(sch).num_new_tokens == [40]  # b (30) does not fit in the 24 left
+    assert run_step(sch).num_new_tokens == [1, 30]
