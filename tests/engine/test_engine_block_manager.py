@@ -120,7 +120,7 @@ def test_preemption_requeues_the_newest_and_keeps_its_tokens():
 
 
 def test_without_chunked_prefill_a_prompt_waits_for_a_budget_that_fits_it():
-    sch = scheduler(16, max_num_batched_tokens=64, enable_chunked_prefill=False)
+    sch = scheduler(32, max_num_batched_tokens=64, enable_chunked_prefill=False)
     a, b = seq(list(range(40))), seq(list(range(30)))
     sch.add(a)
     sch.add(b)
