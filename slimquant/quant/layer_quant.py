@@ -38,8 +38,9 @@ def quantize_layer(
     hidden: torch.Tensor,
     writer: ModelSlimWriter,
 ) -> torch.Tensor:
-    """Quantize and write layer i (state: its float tensors, relative names); returns its quantized output."""
+    """Quantize and write layer i (state: its float tensors, relative names, consumed); returns its output."""
     layer = runner.build(i, state)
+    state.clear()  # the layer holds its own (compute-dtype) copies
     with observe_inputs(layer, list(job.spec.linears)) as ranges:
         runner.run(layer, hidden, job.batch_size)  # hidden: [S, T, H]
     types = {rel: job.plan[layer_prefix(i) + rel] for rel in job.spec.linears}

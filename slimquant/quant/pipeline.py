@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
 import time
@@ -153,8 +155,7 @@ def _convert(ckpt, runner, job: LayerJob, ids, writer: ModelSlimWriter, num_laye
     for i in tqdm(range(num_layers), desc="quantizing", unit="layer", disable=not progress):
         state = {r: ckpt.get(layer_prefix(i) + r) for r in rel}
         hidden = quantize_layer(i, state, runner, job, hidden, writer)
-        del state
-        ckpt.release()
+        _return_freed_memory()
     for name in tail:
         writer.add(name, ckpt.get(name).to(job.dtype), FLOAT)
     writer.close()
@@ -166,3 +167,9 @@ def _outer_names(ckpt: HFCheckpoint) -> tuple[list[str], list[str]]:
     head = [k for k in outer if k.startswith(EMBED_PREFIX)]
     tail = sorted((k for k in outer if k not in head), key=lambda k: not k.startswith("model."))
     return head, tail
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise, and peak memory would creep layer by layer)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

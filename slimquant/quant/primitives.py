@@ -16,8 +16,9 @@ _TINY = 1e-8  # smallest scale: a channel of zeros quantizes to zeros, never to 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: w [N, K] -> (w_q int8 [N, K], scale fp32 [N, 1])."""
     w = w.float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=_TINY)  # [N, 1]
-    w_q = torch.clamp(torch.round(w / scale), QMIN, QMAX).to(torch.int8)
+    lo, hi = w.aminmax(dim=1, keepdim=True)  # [N, 1] each; no |w| copy of the weight
+    scale = (torch.maximum(-lo, hi) / 127.0).clamp(min=_TINY)  # [N, 1]
+    w_q = (w / scale).round_().clamp_(QMIN, QMAX).to(torch.int8)  # one fp32 temporary, not three
     return w_q, scale
 
 

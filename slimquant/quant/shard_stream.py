@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-_DTYPES = {
+_CODES = {
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -27,6 +27,7 @@ _DTYPES = {
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
 }
+SAFETENSORS_DTYPES = {code: dtype for dtype, code in _CODES.items()}  # "BF16" -> torch.bfloat16, ...
 
 
 class StreamingShard:
@@ -47,12 +48,12 @@ class StreamingShard:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor's bytes to its spill file."""
-        if tensor.dtype not in _DTYPES:
+        if tensor.dtype not in _CODES:
             raise ValueError(f"cannot store {name!r}: dtype {tensor.dtype} has no safetensors code")
         t = tensor.detach().cpu().contiguous()
         raw = t.reshape(-1).view(torch.uint8).numpy()
         self._spill[t.element_size()].write(memoryview(raw))
-        self._entries[name] = (_DTYPES[t.dtype], list(t.shape), t.element_size(), raw.nbytes)
+        self._entries[name] = (_CODES[t.dtype], list(t.shape), t.element_size(), raw.nbytes)
 
     def finish(self) -> None:
         """Write header + data to `path` and remove the spill files."""

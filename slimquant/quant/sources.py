@@ -1,28 +1,31 @@
 """Lazy readers of source checkpoints: safetensors folders (bf16/fp16/fp32, FP8 block-quantized).
 
-Tensors are read one at a time through safetensors' mmap, so memory never holds the whole model.
+Tensors are read one at a time with plain file reads (no mmap: mapped pages would count towards the
+process's memory for as long as the file stays open), so memory never holds more than the tensor asked for.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from slimquant.quant.shard_stream import SAFETENSORS_DTYPES
+
 FP8_BLOCK = 128
 
 
 class SafetensorsFolder:
-    """Lazy, name-addressed access to every tensor in a folder of safetensors files (mmap, one at a time)."""
+    """Lazy, name-addressed access to every tensor in a folder of safetensors files (read one at a time)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._where = _locate_tensors(self.path)
-        self._handles: dict[str, object] = {}
 
     def keys(self) -> list[str]:
         """Every tensor name, in file order."""
@@ -32,27 +35,31 @@ class SafetensorsFolder:
         return name in self._where
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (a copy, independent of the file mapping)."""
+        """Load one tensor (a fresh copy read from its file)."""
         if name not in self._where:
             raise KeyError(name)
-        return self._handle(self._where[name]).get_tensor(name)
+        return _read_tensor(self.path / self._where[name], name)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) one at a time."""
         for name in self._where:
             yield name, self.get(name)
 
-    def release(self) -> None:
-        """Close the open files: their mapped pages stop counting towards this process's memory."""
-        self._handles.clear()
 
-    def _handle(self, file: str):
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(self.path / file), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise ValueError(f"cannot read {self.path / file}: {e}; the file is corrupt or truncated") from e
-        return self._handles[file]
+def _read_tensor(file: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file via its header offsets: [8-byte length][JSON header][data]."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        info = json.loads(f.read(n))[name]
+        start, end = info["data_offsets"]
+        dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        f.seek(8 + n + start)
+        buf = bytearray(end - start)
+        if f.readinto(buf) != len(buf):
+            raise ValueError(f"cannot read {name!r} from {file}: the file is truncated")
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 def _locate_tensors(path: Path) -> dict[str, str]:
@@ -115,10 +122,6 @@ class HFCheckpoint:
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors and not name.endswith(".weight_scale_inv")
-
-    def release(self) -> None:
-        """Close the open safetensors files (reopened on the next read)."""
-        self.tensors.release()
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor in float: FP8 weights come back dequantized to bf16."""
