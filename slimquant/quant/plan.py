@@ -45,8 +45,8 @@ def plan_types(
 ) -> dict[str, str]:
     """Full linear name -> W8A8 | W8A8_DYNAMIC | FLOAT; ValueError for globs that match nothing."""
     names = linear_names(spec, num_layers)
-    _check_globs_match(names, [g for g, _ in mix], "--mix")
-    _check_globs_match(names, keep_float, "--keep-float")
+    _check_globs_match(names, [g for g, _ in mix], "--mix", with_head=False)
+    _check_globs_match(names, keep_float, "--keep-float", with_head=True)
     floats = list(spec.keep_float) + list(keep_float)
     plan = {}
     for name in names:
@@ -58,10 +58,12 @@ def plan_types(
     return plan
 
 
-def _check_globs_match(names: list[str], globs: list[str], option: str) -> None:
-    candidates = names + list(HEAD_LINEARS)
+def _check_globs_match(names: list[str], globs: list[str], option: str, with_head: bool) -> None:
+    candidates = names + list(HEAD_LINEARS) if with_head else names
     for g in globs:
         if not any(fnmatchcase(n, g) for n in candidates):
+            if any(fnmatchcase(n, g) for n in HEAD_LINEARS):
+                raise ValueError(f"{option} {g!r} matches only {HEAD_LINEARS[0]}, which always stays float")
             raise ValueError(
                 f"{option} {g!r} matches no linear of this model; globs match full names such as "
                 f"{names[0]!r} (use e.g. '*.mlp.down_proj' or 'model.layers.0.*')"

@@ -81,6 +81,7 @@ def test_empty_calibration(src, tmp_path, content):
         ({"keep_float": ["*.mlp.nope"]}, "--keep-float '\\*.mlp.nope' matches no linear"),
         ({"mix": ["*.attn.*=w8a8_dynamic"]}, "--mix '\\*.attn.\\*' matches no linear"),
         ({"mix": ["*.mlp.*"]}, "--mix expects GLOB=TYPE"),
+        ({"mix": ["lm_head=w8a8"]}, "--mix 'lm_head' matches only lm_head, which always stays float"),
         ({"mix": ["*.mlp.*=int4"]}, "unknown quant type 'int4'"),
         ({"keep_float": ["*.q_proj"]}, "fused linears must share one quant type.*q_proj=FLOAT, k_proj=W8A8"),
         ({"shard_size": "lots"}, "cannot read size 'lots'"),
@@ -159,3 +160,11 @@ def test_cli_success_prints_summary(src, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "8 W8A8, 5 W8A8_DYNAMIC" in out and "linears kept float  2" in out and "smoothquant" in out
+
+
+def test_keep_float_lm_head_is_accepted():
+    from slimquant.quant.mappings import ARCHS
+    from slimquant.quant.plan import plan_types
+
+    plan = plan_types(ARCHS["llama"], 2, "W8A8", [("*.down_proj", "FLOAT")], ["lm_head"])
+    assert len(plan) == 14 and sum(t == "FLOAT" for t in plan.values()) == 2
