@@ -82,11 +82,12 @@ class W8A8StaticMethod(QuantMethod):
         scale, offset = _fused_input_params(layer)
         layer.register_buffer("input_inv_scale", (1.0 / scale).to(layer.params_dtype).reshape(1))
         layer.register_buffer("input_offset_rt", offset.to(layer.params_dtype).reshape(1))
+        replace_param(layer, "weight", kernels.pack_weight(layer.weight.data))
 
     def apply(self, layer, x, bias):
         # x: [T, K]; the float bias is folded into quant_bias, so `bias` is not added (as on the NPU)
         x_q = kernels.quantize_static(x, layer.input_inv_scale, layer.input_offset_rt)  # [T, K] int8
-        acc = kernels.int8_mm(x_q, layer.weight)  # [T, N] int32
+        acc = kernels.int8_mm_packed(x_q, layer.weight)  # [T, N] int32
         return ((acc + layer.quant_bias).float() * layer.deq_scale).to(x.dtype)
 
 
@@ -113,10 +114,11 @@ class W8A8DynamicMethod(QuantMethod):
 
     def process_weights_after_loading(self, layer):
         replace_param(layer, "weight_scale", layer.weight_scale.data.to(layer.params_dtype).reshape(-1))  # [N]
+        replace_param(layer, "weight", kernels.pack_weight(layer.weight.data))
 
     def apply(self, layer, x, bias):
         x_q, s_t = kernels.quantize_per_token(x)  # [T, K] int8, [T, 1] fp32
-        y = kernels.int8_mm(x_q, layer.weight).float() * s_t * layer.weight_scale.float()  # [T, N]
+        y = kernels.int8_mm_packed(x_q, layer.weight).float() * s_t * layer.weight_scale.float()  # [T, N]
         if bias is not None:
             y = y + bias.float()
         return y.to(x.dtype)

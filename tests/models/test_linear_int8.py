@@ -19,6 +19,15 @@ def test_int8_mm_is_exact(t, k, n):
     x_q = torch.randint(-128, 128, (t, k), dtype=torch.int8, generator=gen)
     w_q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
     assert torch.equal(kernels.int8_mm(x_q, w_q), P.int8_matmul_reference(x_q, w_q))
+    assert torch.equal(kernels.int8_mm_packed(x_q, kernels.pack_weight(w_q)), P.int8_matmul_reference(x_q, w_q))
+
+
+def test_packed_mm_exact_at_extreme_values():
+    # all -128: every product is 2^14, the worst case for fp32 accumulation over K-chunks
+    x_q = torch.full((2, 2100), -128, dtype=torch.int8)
+    w_q = torch.full((3, 2100), -128, dtype=torch.int8)
+    expected = torch.full((2, 3), 2100 * 128 * 128, dtype=torch.int32)
+    assert torch.equal(kernels.int8_mm_packed(x_q, kernels.pack_weight(w_q)), expected)
 
 
 def test_quantize_static_matches_primitives():
@@ -28,7 +37,7 @@ def test_quantize_static_matches_primitives():
     assert torch.equal(kernels.quantize_static(x, 1.0 / s, o), P.quantize_static(x, s, o))
 
 
-def _static_qkv(scales: list[float]) -> Linear:
+def _static_qkv(scales: list[float], process: bool = True) -> Linear:
     """A fused 3-shard W8A8 linear loaded with per-shard input scales."""
     shards = ["q_proj", "k_proj", "v_proj"]
     config = AscendQuantConfig({f"a.{s}.weight": "W8A8" for s in shards})
@@ -43,7 +52,8 @@ def _static_qkv(scales: list[float]) -> Linear:
         tensors["quant_bias"] = P.quant_bias(None, deq, w_q, 3.0)
         for name, t in tensors.items():
             layer.load_shard(name, i, t)
-    layer.process_weights_after_loading()
+    if process:
+        layer.process_weights_after_loading()
     return layer
 
 
@@ -55,7 +65,7 @@ def test_fused_static_shards_with_different_input_scales_use_the_last(caplog):
 
 
 def test_float_tensor_for_int8_weight_is_rejected():
-    layer = _static_qkv([0.02] * 3)
+    layer = _static_qkv([0.02] * 3, process=False)
     with pytest.raises(ValueError, match="a.k_proj.weight: checkpoint dtype torch.float32"):
         layer.load_shard("weight", 1, torch.randn(2, 8))
 
