@@ -20,7 +20,7 @@ from slimquant.quant.calibration import load_texts, load_tokenizer, token_batche
 from slimquant.quant.decoder import LayerRunner
 from slimquant.quant.layer_quant import LayerJob, quantize_layer
 from slimquant.quant.mappings import EMBED_PREFIX, LAYER_PREFIX, arch_spec, layer_prefix
-from slimquant.quant.modelslim import FLOAT, ModelSlimWriter
+from slimquant.quant.modelslim import FLOAT, ModelSlimWriter, is_modelslim_dir
 from slimquant.quant.output import check_destination, folder_bytes, parse_size, staged_output, write_model_files
 from slimquant.quant.plan import parse_mix, parse_quant_type, plan_types
 from slimquant.quant.smooth import check_alpha, parse_method
@@ -88,6 +88,8 @@ def quantize(
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
     if not src.exists():
         raise ValueError(f"{src} does not exist; pass a Hugging Face model folder or a .gguf file")
+    if is_modelslim_dir(src):
+        raise ValueError(f"{src} is already an ascend (ModelSlim) checkpoint; pass the float model it came from")
     a, b = src.resolve(), dst.resolve()
     if a == b or b in a.parents or a in b.parents:
         raise ValueError(f"DST {dst} must be outside SRC {src} (and SRC outside DST); choose another folder")

@@ -108,6 +108,11 @@ def test_destination_inside_source(src):
     assert not (src / "out").exists() and (src / "model.safetensors").is_file()
 
 
+def test_already_quantized_source(quantized, tmp_path):
+    _, dst, _ = quantized("llama", "w8a8_dynamic")
+    expect_error(dst, tmp_path / "out", "already an ascend \\(ModelSlim\\) checkpoint")
+
+
 def test_existing_destination_refused_then_overwritten(src, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()
