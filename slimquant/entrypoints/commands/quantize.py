@@ -7,12 +7,21 @@ import argparse
 HELP = """Quantize a model to the ascend (ModelSlim) int8 format, one decoder layer at a time.
 --anti-outlier defaults to smoothquant when some linear is static W8A8 (per-tensor activation scales
 need it), else to none (per-token dynamic scales absorb outliers). lm_head always stays float."""
+EXAMPLES = """examples:
+  slimquant quantize Qwen3-8B out/Qwen3-8B-W8A8 --type w8a8
+  slimquant quantize model.gguf out/model-dyn --type w8a8_dynamic --keep-float '*.mlp.down_proj'
+  slimquant quantize SRC DST --type w8a8 --mix '*.mlp.*=w8a8_dynamic' --anti-outlier iterative --alpha 0.6"""
 
 
 def register(subparsers) -> None:
     """Add the `quantize` parser."""
-    p = subparsers.add_parser("quantize", help="quantize a model to W8A8 / W8A8_DYNAMIC", description=HELP)
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser(
+        "quantize",
+        help="quantize a model to W8A8 / W8A8_DYNAMIC",
+        description=HELP,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("src", metavar="SRC", help="Hugging Face model folder (safetensors) or a .gguf file")
     p.add_argument("dst", metavar="DST", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--type", dest="quant_type", default="w8a8", help="w8a8 (static) or w8a8_dynamic [w8a8]")
