@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -86,19 +85,27 @@ def write_checkpoint(out: Path, hidden: int, layers: int, vocab: int) -> int:
     return sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
+# The child reports its own VmHWM: ru_maxrss would inherit the parent's high-water mark across fork/exec.
+CHILD = """import sys
+from slimquant.entrypoints.cli import main
+rc = main(sys.argv[1:])
+hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print("VmHWM_kB", hwm)
+sys.exit(rc)
+"""
+
+
 def quantize_in_child(src: Path, dst: Path, args) -> tuple[int, float, int]:
     """Run the CLI in a fresh process; returns (peak RSS bytes, seconds, output bytes)."""
-    cmd = [sys.executable, "-m", "slimquant.entrypoints.cli", "quantize", str(src), str(dst), "--type", args.type]
+    cmd = [sys.executable, "-c", CHILD, "quantize", str(src), str(dst), "--type", args.type]
     cmd += ["--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len), "--no-progress"]
     start = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
+    child = subprocess.run(cmd, capture_output=True, text=True)
     if child.returncode != 0:
-        raise SystemExit(f"quantize failed ({child.returncode}):\n{out}")
+        raise SystemExit(f"quantize failed ({child.returncode}):\n{child.stdout}{child.stderr}")
+    peak_kb = int(child.stdout.split("VmHWM_kB")[-1].split()[0])
     out_bytes = sum(f.stat().st_size for f in dst.iterdir())
-    return usage.ru_maxrss * 1024, time.perf_counter() - start, out_bytes
+    return peak_kb * 1024, time.perf_counter() - start, out_bytes
 
 
 def main() -> None:
