@@ -173,3 +173,12 @@ def test_keep_float_lm_head_is_accepted():
 
     plan = plan_types(ARCHS["llama"], 2, "W8A8", [("*.down_proj", "FLOAT")], ["lm_head"])
     assert len(plan) == 14 and sum(t == "FLOAT" for t in plan.values()) == 2
+
+
+def test_shard_size_units():
+    from slimquant.quant.output import parse_size
+
+    assert parse_size("500MB") == 500 * 10**6 and parse_size("4GiB") == 4 * 2**30 and parse_size(1024) == 1024
+    assert parse_size(" 1.5 GB ") == 1_500_000_000
+    with pytest.raises(ValueError, match="must be positive"):
+        parse_size("0MB")
