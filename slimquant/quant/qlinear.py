@@ -39,8 +39,8 @@ def linear_tensors(
 def _static_params(w_q, w_s, bias, in_range, dtype) -> dict[str, torch.Tensor]:
     assert in_range is not None, "W8A8 needs the input range"
     scale, offset = P.static_activation_params(*in_range)
-    input_scale = torch.tensor([scale], dtype=torch.float32)  # [1]
-    input_offset = torch.tensor([offset], dtype=torch.float32)  # [1]
+    input_scale = torch.tensor([scale], dtype=torch.float32, device=w_s.device)  # [1]
+    input_offset = torch.tensor([offset], dtype=torch.float32, device=w_s.device)  # [1]
     deq = P.deq_scale(float(input_scale), w_s, dtype)  # [N]
     return {
         "input_scale": input_scale,
