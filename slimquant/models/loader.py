@@ -10,6 +10,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from slimquant.kernels.cpu import has_native_half
 from slimquant.layers.quant_config import AscendQuantConfig, QuantConfig
 from slimquant.models.registry import model_class
 from slimquant.quant.modelslim import DESCRIPTION_FILE, is_modelslim_dir
@@ -44,7 +45,7 @@ def load_model(
 
     quantized = _use_ascend(path, quantization)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    torch_dtype = resolve_dtype(dtype, config)
+    torch_dtype = resolve_dtype(dtype, config, device)
     quant_config = AscendQuantConfig.from_folder(path) if quantized else QuantConfig()
     with torch.device(device):
         model = model_class(config)(config, quant_config, torch_dtype)
@@ -66,21 +67,32 @@ def _use_ascend(path: str, quantization: str | None) -> bool:
             "Quantize it first (`slimquant quantize SRC DST`) or drop quantization='ascend'."
         )
     if has_description and quantization is None:
-        logger.info("%s holds %s: loading it as an ascend (W8A8) checkpoint", path, DESCRIPTION_FILE)
+        logger.info(
+            "%s holds %s: loading it as an ascend-quantized checkpoint (quantization='ascend')", path, DESCRIPTION_FILE
+        )
     return has_description
 
 
-def resolve_dtype(dtype: str | torch.dtype, config) -> torch.dtype:
-    """'auto' -> the config's dtype (float32 if absent); names and torch dtypes of bf16/fp16/fp32 accepted."""
+def resolve_dtype(dtype: str | torch.dtype, config, device: str | None = None) -> torch.dtype:
+    """'auto' -> the config's dtype (float32 if absent, or on a CPU without native bf16/fp16); names accepted."""
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         if isinstance(dtype, str) and dtype not in DTYPES:
             raise ValueError(f"config.json has dtype {dtype!r}; pass dtype= one of {sorted(DTYPES)}")
+        dtype = _cpu_auto_dtype(DTYPES.get(str(dtype).removeprefix("torch."), dtype), device)
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype.removeprefix("torch."), dtype)
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be 'auto', one of {sorted(DTYPES)} or the torch dtype, got {dtype!r}")
     return dtype
+
+
+def _cpu_auto_dtype(dtype: torch.dtype, device: str | None) -> torch.dtype:
+    """On a CPU that only emulates bf16/fp16 (about 10x slower than fp32), 'auto' picks float32."""
+    if device is None or not str(device).startswith("cpu") or dtype == torch.float32 or has_native_half():
+        return dtype
+    logger.info("this CPU has no native %s: dtype='auto' runs in float32 (pass dtype= to override)", dtype)
+    return torch.float32
 
 
 def load_weights(model: nn.Module, tensors: SafetensorsFolder) -> None:

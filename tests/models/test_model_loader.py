@@ -69,6 +69,15 @@ def test_dtype_resolution(tiny_model):
     assert loaded.dtype == torch.float32 and loaded.model.model.embed_tokens.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("native,expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_on_cpu_follows_native_half_support(monkeypatch, native, expected):
+    monkeypatch.setattr("slimquant.models.loader.has_native_half", lambda: native)
+    config = SimpleNamespace(dtype="bfloat16")
+    assert resolve_dtype("auto", config, "cpu") == expected
+    assert resolve_dtype("auto", config, "cuda") == torch.bfloat16
+    assert resolve_dtype("bfloat16", config, "cpu") == torch.bfloat16  # an explicit dtype is kept
+
+
 def test_ascend_folder_detected_and_logged(tiny_model, tmp_path, caplog):
     dst = write_ascend(tiny_model("llama"), tmp_path / "q", lambda p: "W8A8_DYNAMIC")
     with caplog.at_level(logging.INFO, logger="slimquant.models.loader"):

@@ -29,7 +29,7 @@ def mixed(prefix: str) -> str:
 
 def run_both(float_folder, ascend_folder, dtype=torch.float32, chunked=True) -> tuple[torch.Tensor, torch.Tensor]:
     """(our logits, reference logits) for PROMPT; chunked = a prefill chunk then decode steps."""
-    loaded = load_model(str(ascend_folder))
+    loaded = load_model(str(ascend_folder), dtype=dtype)
     assert loaded.quantized and loaded.dtype == dtype
     runner = PagedRunner(loaded.model, dtype)
     if chunked:

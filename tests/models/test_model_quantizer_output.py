@@ -16,6 +16,6 @@ def test_quantizer_checkpoint_matches_reference(tiny_model, tmp_path, quant_type
     src = tiny_model("qwen3", dtype=torch.bfloat16)
     dst = tmp_path / "q"
     quantize(src, dst, quant_type, anti_outlier="iterative", num_samples=2, seq_len=16, progress=False)
-    loaded = load_model(str(dst))
+    loaded = load_model(str(dst), dtype=torch.bfloat16)
     ours = PagedRunner(loaded.model, loaded.dtype).step({0: PROMPT})
     assert_close(ours, reference_logits(reference_model(src, dst, torch.bfloat16), PROMPT), rel=1e-3)
