@@ -12,7 +12,7 @@ from slimquant.quant.mappings import ArchSpec, layer_prefix
 from slimquant.quant.modelslim import FLOAT, ModelSlimWriter
 from slimquant.quant.observers import ChannelRange, observe_inputs
 from slimquant.quant.qlinear import SimLinear, Tensors, linear_tensors
-from slimquant.quant.smooth import Smoothing, smooth_linear, smooth_norm, smoothing_factors
+from slimquant.quant.smooth import Smoothing, smooth_linear, smooth_norm, smooth_producer_linear, smoothing_factors
 
 NormParams = dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # norm -> (weight, bias or None), fp32
 
@@ -45,11 +45,15 @@ def quantize_layer(
         runner.run(layer, hidden, job.batch_size)  # hidden: [S, T, H]
     types = {rel: job.plan[layer_prefix(i) + rel] for rel in job.spec.linears}
     smoothings = _smoothings(layer, ranges, types, job)
-    norms = {norm: smooth_norm(layer.get_submodule(norm).weight, sm) for norm, (sm, _) in smoothings.items()}
-    by_linear = {rel: sm for sm, group in smoothings.values() for rel in group}
+    norms = {
+        src: smooth_norm(layer.get_submodule(src).weight, sm) for src, (sm, _) in smoothings.items() if src not in types
+    }
+    by_linear = {rel: sm for sm, group in smoothings.values() for rel in group}  # column smoothing
+    by_rows = {src: sm for src, (sm, _) in smoothings.items() if src in types}  # row smoothing (producer)
     in_ranges = _input_ranges(ranges, by_linear, job.spec.fused)
     tensors = {
-        rel: _quantize_linear(layer, rel, by_linear.get(rel), types[rel], in_ranges[rel], job.dtype) for rel in types
+        rel: _quantize_linear(layer, rel, by_linear.get(rel), by_rows.get(rel), types[rel], in_ranges[rel], job.dtype)
+        for rel in types
     }
     _write(writer, layer_prefix(i), layer, tensors, norms, job.dtype)
     _patch(layer, tensors, norms, types, job.dtype, runner.dtype)
@@ -61,11 +65,12 @@ def _smoothings(layer: nn.Module, ranges: dict[str, ChannelRange], types: dict[s
     out = {}
     if job.method == "none":
         return out
-    for norm, group in job.spec.smooth_pairs:
+    for src, group in job.spec.smooth_pairs:
         if all(types[rel] == FLOAT for rel in group):
             continue
         weights = [layer.get_submodule(rel).weight for rel in group]
-        out[norm] = (smoothing_factors(ranges[group[0]], weights, job.alpha, job.method), group)
+        method = "smoothquant" if src in types else job.method  # a linear producer takes no shift
+        out[src] = (smoothing_factors(ranges[group[0]], weights, job.alpha, method), group)
     return out
 
 
@@ -83,11 +88,13 @@ def _input_ranges(ranges, by_linear: dict[str, Smoothing], fused) -> dict[str, t
     return out
 
 
-def _quantize_linear(layer, rel, sm, qtype, in_range, dtype) -> Tensors:
+def _quantize_linear(layer, rel, sm, sm_rows, qtype, in_range, dtype) -> Tensors:
     lin = layer.get_submodule(rel)
     w, b = lin.weight.float(), None if lin.bias is None else lin.bias.float()  # [N, K], [N]
     if sm is not None:
         w, b = smooth_linear(w, b, sm)
+    if sm_rows is not None:
+        w, b = smooth_producer_linear(w, b, sm_rows)
     return linear_tensors(w, b, qtype, in_range, dtype)
 
 

@@ -8,10 +8,13 @@ ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # Linears that the runtime fuses into one layer: they must share one quant type and one input_scale/offset.
 FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
-# norm -> linears that read its output: the norm absorbs the smoothing scale (and shift).
+# producer -> linears that read its output. A norm producer absorbs the smoothing scale (and shift) in its
+# weight (and bias); a linear producer (up_proj, whose output multiplies silu(gate) channel by channel before
+# down_proj) absorbs the scale in its output rows, exactly, but no shift.
 SMOOTH_PAIRS = (
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
 )
 
 

@@ -1,8 +1,9 @@
-"""Anti-outlier smoothing folded into a norm and the linears that read it: an exact re-parameterisation.
+"""Anti-outlier smoothing folded into a producer (norm) and the linears that read it: exact re-parameterisation.
 
 SmoothQuant: s = clamp(A_absmax^a / W_colmax^(1-a), min 1e-5) per input channel; norm.weight /= s and each
 linear's columns *= s. Iterative (ModelSlim m4) first shifts each channel by (max+min)/2: the norm gains a
-bias -shift/s and each linear's bias grows by W @ shift.
+bias -shift/s and each linear's bias grows by W @ shift. A linear producer (up_proj before down_proj) takes
+the scale in its output rows instead of a norm, and no shift.
 """
 
 from __future__ import annotations
@@ -65,3 +66,11 @@ def smooth_linear(
         extra = w @ sm.shift  # [N]
         bias = extra if bias is None else bias.float() + extra
     return w * sm.scale[None, :], None if bias is None else bias.float()
+
+
+def smooth_producer_linear(
+    w: torch.Tensor, bias: torch.Tensor | None, sm: Smoothing
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear whose output feeds the smoothed linears: rows [N, K] / s and bias [N] / s; fp32."""
+    assert sm.shift is None, "a linear producer cannot absorb a shift"
+    return w.float() / sm.scale[:, None], None if bias is None else bias.float() / sm.scale

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from slimquant.quant.calibration import BUILTIN, load_texts, load_tokenizer, token_batches
 from slimquant.quant.observers import observe_inputs
+from slimquant.quant.smooth import smoothing_factors
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -48,6 +49,10 @@ def layer0_inputs(src, dst, ids) -> dict[str, tuple[float, float]]:
     names = [n for n, _ in layer.named_modules() if n.split(".")[-1] in LINEARS]
     with torch.no_grad(), observe_inputs(layer, names) as ranges:
         model(ids)
+    # up_proj -> down_proj smoothing lives in up_proj's rows: recompute it from the same statistics
+    with torch.no_grad():
+        w_down = layer.mlp.down_proj.weight
+        smoothing["down_proj"] = smoothing_factors(ranges["mlp.down_proj"], [w_down], 0.5, "smoothquant").scale
     out = {}
     for n, r in ranges.items():
         s = smoothing.get(n.split(".")[-1])

@@ -118,7 +118,7 @@ def test_dequantized_weights_within_half_step(quantized, anti_outlier):
         p = f"model.layers.{i}."
         s_attn = source[p + "input_layernorm.weight"] / t[p + "input_layernorm.weight"]  # [K] smoothing scale
         s_mlp = source[p + "post_attention_layernorm.weight"] / t[p + "post_attention_layernorm.weight"]
-        for rel, s in [("self_attn.q_proj", s_attn), ("self_attn.v_proj", s_attn), ("mlp.up_proj", s_mlp)]:
+        for rel, s in [("self_attn.q_proj", s_attn), ("self_attn.v_proj", s_attn), ("mlp.gate_proj", s_mlp)]:
             w = source[f"{p}{rel}.weight"] * s[None, :]  # smoothed source [N, K]
             scale = t[f"{p}{rel}.weight_scale"]  # [N, 1]
             err = (t[f"{p}{rel}.weight"].float() * scale - w).abs()

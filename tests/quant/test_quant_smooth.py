@@ -12,7 +12,7 @@ from slimquant.quant.calibration import load_texts, load_tokenizer, token_batche
 from slimquant.quant.decoder import BiasedNorm, replace_module
 from slimquant.quant.mappings import SMOOTH_PAIRS
 from slimquant.quant.observers import observe_inputs
-from slimquant.quant.smooth import smooth_linear, smooth_norm, smoothing_factors
+from slimquant.quant.smooth import smooth_linear, smooth_norm, smooth_producer_linear, smoothing_factors
 
 
 def calibration_ids(src, n=2, t=24) -> torch.Tensor:
@@ -32,19 +32,26 @@ def smooth_model(model: nn.Module, ids: torch.Tensor, method: str, alpha: float)
     with torch.no_grad():
         for i in range(n):
             p = f"model.layers.{i}."
-            for norm_name, group in SMOOTH_PAIRS:
+            for src, group in SMOOTH_PAIRS:
                 lins = [model.get_submodule(p + rel) for rel in group]
-                sm = smoothing_factors(ranges[p + group[0]], [lin.weight for lin in lins], alpha, method)
+                producer = model.get_submodule(p + src)
+                how = "smoothquant" if isinstance(producer, nn.Linear) else method
+                sm = smoothing_factors(ranges[p + group[0]], [lin.weight for lin in lins], alpha, how)
                 for lin in lins:
                     w, b = smooth_linear(lin.weight, lin.bias, sm)
                     lin.weight.copy_(w)
                     if b is not None:
                         lin.bias = nn.Parameter(b)
-                norm = model.get_submodule(p + norm_name)
-                w, b = smooth_norm(norm.weight, sm)
-                norm.weight.copy_(w)
+                if isinstance(producer, nn.Linear):
+                    w, b = smooth_producer_linear(producer.weight, producer.bias, sm)
+                    producer.weight.copy_(w)
+                    if b is not None:
+                        producer.bias = nn.Parameter(b)
+                    continue
+                w, b = smooth_norm(producer.weight, sm)
+                producer.weight.copy_(w)
                 if b is not None:
-                    replace_module(model, p + norm_name, BiasedNorm(norm, b))
+                    replace_module(model, p + src, BiasedNorm(producer, b))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
