@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from slimquant.quant.mappings import ArchSpec
+from slimquant.quant.moe import unfuse_experts
 
 
 class BiasedNorm(nn.Module):
@@ -27,11 +30,9 @@ class LayerRunner:
     """Builds decoder layer i of the source model from a state dict and runs it on calibration hidden states."""
 
     def __init__(self, src_dir: str | os.PathLike, spec: ArchSpec, dtype: torch.dtype, device: str):
-        from transformers import AutoConfig
-
-        self.config = AutoConfig.from_pretrained(str(src_dir))
-        self.config._attn_implementation = "sdpa"  # with no mask, sdpa applies the causal mask itself
         module = importlib.import_module(spec.module)
+        self.config = _load_config(src_dir, getattr(module, spec.config_class) if spec.config_class else None)
+        self.config._attn_implementation = "sdpa"  # with no mask, sdpa applies the causal mask itself
         self.layer_cls = getattr(module, spec.decoder_layer)
         self.rotary = getattr(module, spec.rotary)(config=self.config).to(device)
         self.device = torch.device(device)
@@ -42,13 +43,18 @@ class LayerRunner:
 
     def param_names(self, i: int) -> list[str]:
         """Names of layer i's parameters, relative to the layer."""
+        return list(self._meta_layer(i).state_dict())
+
+    def _meta_layer(self, i: int) -> nn.Module:
+        """Layer i without storage, routed experts one module per expert (the checkpoint's layout)."""
         with torch.device("meta"):
-            return list(self.layer_cls(self.config, layer_idx=i).state_dict())
+            layer = self.layer_cls(self.config, layer_idx=i)
+            unfuse_experts(layer)
+        return layer
 
     def build(self, i: int, state: dict[str, torch.Tensor]) -> nn.Module:
         """Layer i with the given weights (assigned), in eval mode, on the device in the compute dtype."""
-        with torch.device("meta"):
-            layer = self.layer_cls(self.config, layer_idx=i)
+        layer = self._meta_layer(i)
         state = {k: v.to(self.device, self.dtype) for k, v in state.items()}
         layer.load_state_dict(state, strict=True, assign=True)
         return layer.eval()
@@ -69,6 +75,16 @@ class LayerRunner:
             dummy = torch.empty(0, device=self.device, dtype=self.dtype)
             self._pos = self.rotary(dummy, ids)  # cos, sin: [1, T, D]
         return self._pos
+
+
+def _load_config(src_dir: str | os.PathLike, config_cls: type | None):
+    """AutoConfig of the folder, or config_cls built from its config.json (model types transformers lacks)."""
+    from transformers import AutoConfig
+
+    if config_cls is None:
+        return AutoConfig.from_pretrained(str(src_dir))
+    raw = json.loads((Path(src_dir) / "config.json").read_text())
+    return config_cls(**{k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures")})
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:

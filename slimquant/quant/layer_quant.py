@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -10,8 +10,9 @@ from torch import nn
 from slimquant.quant.decoder import BiasedNorm, LayerRunner, replace_module
 from slimquant.quant.mappings import ArchSpec, layer_prefix
 from slimquant.quant.modelslim import FLOAT, ModelSlimWriter
+from slimquant.quant.moe import count_idle
 from slimquant.quant.observers import ChannelRange, observe_inputs
-from slimquant.quant.qlinear import SimLinear, Tensors, linear_tensors
+from slimquant.quant.qlinear import W8A8, SimLinear, Tensors, linear_tensors
 from slimquant.quant.smooth import Smoothing, smooth_linear, smooth_norm, smooth_producer_linear, smoothing_factors
 
 NormParams = dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # norm -> (weight, bias or None), fp32
@@ -27,6 +28,8 @@ class LayerJob:
     alpha: float
     dtype: torch.dtype
     batch_size: int
+    config: dict = field(default_factory=dict)  # config.json (which linears each layer has)
+    idle_experts: int = 0  # routed experts that received no calibration token, over all layers so far
 
 
 @torch.no_grad()
@@ -41,18 +44,22 @@ def quantize_layer(
     """Quantize and write layer i (state: its float tensors, relative names, consumed); returns its output."""
     layer = runner.build(i, state)
     state.clear()  # the layer holds its own (compute-dtype) copies
-    with observe_inputs(layer, list(job.spec.linears)) as ranges:
+    linears = job.spec.layer_linears(job.config, i)
+    with observe_inputs(layer, list(linears)) as ranges:
         runner.run(layer, hidden, job.batch_size)  # hidden: [S, T, H]
-    types = {rel: job.plan[layer_prefix(i) + rel] for rel in job.spec.linears}
+    job.idle_experts += count_idle(ranges, linears)
+    types = {rel: job.plan[layer_prefix(i) + rel] for rel in linears}
     smoothings = _smoothings(layer, ranges, types, job)
     norms = {
         src: smooth_norm(layer.get_submodule(src).weight, sm) for src, (sm, _) in smoothings.items() if src not in types
     }
     by_linear = {rel: sm for sm, group in smoothings.values() for rel in group}  # column smoothing
     by_rows = {src: sm for src, (sm, _) in smoothings.items() if src in types}  # row smoothing (producer)
-    in_ranges = _input_ranges(ranges, by_linear, job.spec.fused)
+    in_ranges = _input_ranges(ranges, by_linear, job.spec.layer_fused(linears))
     tensors = {
-        rel: _quantize_linear(layer, rel, by_linear.get(rel), by_rows.get(rel), types[rel], in_ranges[rel], job.dtype)
+        rel: _quantize_linear(
+            layer, rel, by_linear.get(rel), by_rows.get(rel), types[rel], in_ranges.get(rel), job.dtype
+        )
         for rel in types
     }
     _write(writer, layer_prefix(i), layer, tensors, norms, job.dtype)
@@ -65,7 +72,7 @@ def _smoothings(layer: nn.Module, ranges: dict[str, ChannelRange], types: dict[s
     out = {}
     if job.method == "none":
         return out
-    for src, group in job.spec.smooth_pairs:
+    for src, group in job.spec.layer_smooth_pairs(tuple(types)):
         if all(types[rel] == FLOAT for rel in group):
             continue
         weights = [layer.get_submodule(rel).weight for rel in group]
@@ -75,20 +82,29 @@ def _smoothings(layer: nn.Module, ranges: dict[str, ChannelRange], types: dict[s
 
 
 def _input_ranges(ranges, by_linear: dict[str, Smoothing], fused) -> dict[str, tuple[float, float]]:
-    """Per-tensor input (min, max) of each linear after smoothing; fused linears get their union."""
+    """Per-tensor input (min, max) of each linear after smoothing (none if it saw no token); fused: their union."""
     out = {}
     for rel, rng in ranges.items():
+        if rng.min is None:  # a routed expert the router never chose
+            continue
         sm = by_linear.get(rel)
         if sm is not None:
             rng = rng.transformed(sm.shift if sm.shift is not None else 0.0, sm.scale)
         out[rel] = rng.tensor_range()
     for group in fused:
-        lo, hi = min(out[r][0] for r in group), max(out[r][1] for r in group)
-        out |= {r: (lo, hi) for r in group}
+        seen = [out[r] for r in group if r in out]
+        if seen:
+            lo, hi = min(r[0] for r in seen), max(r[1] for r in seen)
+            out |= {r: (lo, hi) for r in group}
     return out
 
 
 def _quantize_linear(layer, rel, sm, sm_rows, qtype, in_range, dtype) -> Tensors:
+    if qtype == W8A8 and in_range is None:
+        raise ValueError(
+            f"{rel} received no calibration token, so static W8A8 has no input range for it; "
+            "use more --num-samples or make it w8a8_dynamic (e.g. --mix '*.mlp.experts.*=w8a8_dynamic')"
+        )
     lin = layer.get_submodule(rel)
     w, b = lin.weight.float(), None if lin.bias is None else lin.bias.float()  # [N, K], [N]
     if sm is not None:
@@ -108,6 +124,9 @@ def _write(writer: ModelSlimWriter, prefix: str, layer: nn.Module, tensors, norm
         for pname, p in mod.named_parameters(recurse=False):
             value = norms[name][0] if name in norms and pname == "weight" else p
             writer.add(f"{prefix}{name}.{pname}", value.to(dtype), FLOAT)
+        for bname, buf in mod.named_buffers(recurse=False):  # e.g. the router's e_score_correction_bias: fp32
+            if bname not in mod._non_persistent_buffers_set:
+                writer.add(f"{prefix}{name}.{bname}", buf.float(), FLOAT)
         if name in norms and norms[name][1] is not None:
             writer.add(f"{prefix}{name}.bias", norms[name][1].to(dtype), FLOAT)
 

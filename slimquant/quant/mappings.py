@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -17,6 +18,31 @@ SMOOTH_PAIRS = (
     ("mlp.up_proj", ("mlp.down_proj",)),
 )
 
+# DeepSeek V2/V3, Kimi K2: multi-head latent attention (q_proj instead of q_a/q_b when q_lora_rank is null), then
+# a dense MLP (layers < first_k_dense_replace) or MoE: shared experts and routed experts "{e}" (per expert on disk).
+MLA = (
+    "self_attn.q_a_proj",
+    "self_attn.q_b_proj",
+    "self_attn.q_proj",
+    "self_attn.kv_a_proj_with_mqa",
+    "self_attn.kv_b_proj",
+    "self_attn.o_proj",
+)
+SHARED_EXPERTS = ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj")
+ROUTED_EXPERT = ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj")
+MLA_FUSED = (
+    ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),  # fused_qkv_a_proj: one input_scale/offset
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
+    ("mlp.experts.*",),  # one FusedMoE layer: every routed expert linear shares one type
+)
+MLA_SMOOTH_PAIRS = (
+    ("input_layernorm", ("self_attn.q_a_proj", "self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),
+    ("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
+)
+# --type w8a8 on these models: MLA static, every MLP linear dynamic (ModelSlim's DeepSeek recipe).
+MLA_MIX = (("*.mlp.*", "W8A8_DYNAMIC"),)
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -29,12 +55,75 @@ class ArchSpec:
     fused: tuple[tuple[str, ...], ...] = FUSED
     smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...] = SMOOTH_PAIRS
     keep_float: tuple[str, ...] = ("lm_head",)  # globs over full linear names
+    w8a8_mix: tuple[tuple[str, str], ...] = ()  # (glob, TYPE) applied after --mix when --type is w8a8
+    model_quant_type: str | None = None  # forced description model_quant_type (else --type)
+    static_method: str = "smoothquant"  # default anti-outlier when some linear is static W8A8
+    config_fields: dict[str, dict[str, str]] | None = None  # --type -> fields added to config.json
+    config_indent: int = 2
+    config_class: str | None = None  # build the config from config.json with this class (no AutoConfig)
+
+    def layer_linears(self, config: dict, i: int) -> tuple[str, ...]:
+        """Linears of decoder layer i (relative names): dense or MoE MLP, MLA with or without q_lora_rank."""
+        present = [r for r in self.linears if r not in _absent(config, i)]
+        if _is_moe_layer(config, i):
+            experts = tuple(r.format(e=e) for e in range(int(config["n_routed_experts"])) for r in ROUTED_EXPERT)
+            present = [r for r in present if r not in MLP] + list(SHARED_EXPERTS) + list(experts)
+        return tuple(present)
+
+    def layer_fused(self, linears: tuple[str, ...]) -> list[tuple[str, ...]]:
+        """The fused groups (globs allowed) resolved to the given linears of one layer; empty groups dropped."""
+        groups = [tuple(r for r in linears if any(fnmatchcase(r, g) for g in group)) for group in self.fused]
+        return [g for g in groups if g]
+
+    def layer_smooth_pairs(self, linears: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
+        """The smoothing pairs restricted to the given linears of one layer."""
+        pairs = [(src, tuple(r for r in group if r in linears)) for src, group in self.smooth_pairs]
+        return [(src, group) for src, group in pairs if group]
 
 
+def _absent(config: dict, i: int) -> tuple[str, ...]:
+    """MLA linears that this config does not have."""
+    if "kv_lora_rank" not in config:
+        return ()
+    if config.get("q_lora_rank") is None:
+        return ("self_attn.q_a_proj", "self_attn.q_b_proj")
+    return ("self_attn.q_proj",)
+
+
+def _is_moe_layer(config: dict, i: int) -> bool:
+    return bool(config.get("n_routed_experts")) and i >= int(config.get("first_k_dense_replace", 0))
+
+
+def _mla(module: str, prefix: str, **kw) -> ArchSpec:
+    return ArchSpec(
+        module,
+        f"{prefix}DecoderLayer",
+        f"{prefix}RotaryEmbedding",
+        linears=MLA + MLP,
+        fused=MLA_FUSED,
+        smooth_pairs=MLA_SMOOTH_PAIRS,
+        keep_float=("lm_head", "*.self_attn.kv_b_proj"),
+        w8a8_mix=MLA_MIX,
+        model_quant_type="W8A8_DYNAMIC",
+        static_method="iterative",
+        config_fields={
+            "W8A8": {"mla_quantize": "w8a8", "quantize": "w8a8_dynamic"},
+            "W8A8_DYNAMIC": {"mla_quantize": "w8a8_dynamic", "quantize": "w8a8_dynamic"},
+        },
+        config_indent=4,
+        **kw,
+    )
+
+
+_DSV2 = "transformers.models.deepseek_v2.modeling_deepseek_v2"
+_DSV3 = "transformers.models.deepseek_v3.modeling_deepseek_v3"
 ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding"),
     "qwen2": ArchSpec("transformers.models.qwen2.modeling_qwen2", "Qwen2DecoderLayer", "Qwen2RotaryEmbedding"),
     "qwen3": ArchSpec("transformers.models.qwen3.modeling_qwen3", "Qwen3DecoderLayer", "Qwen3RotaryEmbedding"),
+    "deepseek_v2": _mla(_DSV2, "DeepseekV2"),
+    "deepseek_v3": _mla(_DSV3, "DeepseekV3"),
+    "kimi_k2": _mla(_DSV3, "DeepseekV3", config_class="DeepseekV3Config"),  # DeepSeek-V3 layout, own model_type
 }
 
 LAYER_PREFIX = "model.layers."

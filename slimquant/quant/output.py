@@ -63,10 +63,10 @@ def _replace(tmp: Path, dst: Path) -> None:
         old.unlink()
 
 
-def write_model_files(src: Path, out: Path, config: dict) -> None:
+def write_model_files(src: Path, out: Path, config: dict, indent: int = 2) -> None:
     """config.json without quantization_config, plus tokenizer / generation / chat-template / *.py files."""
     config = {k: v for k, v in config.items() if k != "quantization_config"}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=indent) + "\n")
     for pattern in COPY_GLOBS:
         for f in src.glob(pattern):
             if f.is_file() and f.name != "config.json" and not f.name.endswith("index.json"):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
 from slimquant.quant.decoder import LayerRunner
 from slimquant.quant.layer_quant import LayerJob, quantize_layer
-from slimquant.quant.mappings import EMBED_PREFIX, LAYER_PREFIX, arch_spec, layer_prefix
+from slimquant.quant.mappings import EMBED_PREFIX, LAYER_PREFIX, ArchSpec, arch_spec, layer_prefix
 from slimquant.quant.modelslim import FLOAT, ModelSlimWriter, is_modelslim_dir
 from slimquant.quant.output import check_destination, folder_bytes, parse_size, staged_output, write_model_files
 from slimquant.quant.plan import parse_mix, parse_quant_type, plan_types
@@ -62,23 +62,28 @@ def quantize(
         ckpt = HFCheckpoint(hf_dir)
         spec = arch_spec(ckpt.config)
         num_layers = int(ckpt.config["num_hidden_layers"])
-        plan = plan_types(spec, num_layers, qtype, mix_pairs, keep)
-        method = parse_method(anti_outlier if anti_outlier is not None else _default_method(plan))
+        plan = plan_types(spec, num_layers, qtype, mix_pairs, keep, ckpt.config)
+        method = parse_method(anti_outlier if anti_outlier is not None else _default_method(spec, plan))
+        model_qtype = spec.model_quant_type or qtype
         ids = token_batches(load_tokenizer(hf_dir), texts, num_samples, seq_len)  # [S, T]
         dtype = _model_dtype(ckpt)
         runner = LayerRunner(hf_dir, spec, dtype, device)
         _check_complete(ckpt, runner, num_layers)
-        job = LayerJob(spec, plan, method, alpha, dtype, batch_size)
+        job = LayerJob(spec, plan, method, alpha, dtype, batch_size, ckpt.config)
         with staged_output(dst, overwrite) as out:
-            _convert(ckpt, runner, job, ids, ModelSlimWriter(out, qtype, shard_bytes), num_layers, progress)
-            write_model_files(hf_dir, out, ckpt.config)
+            writer = ModelSlimWriter(out, model_qtype, shard_bytes)
+            extra_layers = _convert(ckpt, runner, job, ids, writer, num_layers, progress)
+            fields = (spec.config_fields or {}).get(qtype, {})
+            write_model_files(hf_dir, out, ckpt.config | fields, spec.config_indent)
     counts = Counter(plan.values()) + Counter({FLOAT: int("lm_head.weight" in ckpt)})
     return QuantizeSummary(
         output=dst,
-        model_quant_type=qtype,
+        model_quant_type=model_qtype,
         anti_outlier=method,
         linears=dict(sorted(counts.items())),
         num_layers=num_layers,
+        float_layers=extra_layers,
+        idle_experts=job.idle_experts,
         source_bytes=folder_bytes(src, "*.safetensors"),
         output_bytes=folder_bytes(dst),
         seconds=time.perf_counter() - start,
@@ -96,9 +101,9 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
     check_destination(dst, overwrite)
 
 
-def _default_method(plan: dict[str, str]) -> str:
-    """SmoothQuant when some linear is static W8A8 (per-tensor activations need it); else none."""
-    return "smoothquant" if "W8A8" in plan.values() else "none"
+def _default_method(spec: ArchSpec, plan: dict[str, str]) -> str:
+    """The architecture's smoothing (SmoothQuant; iterative for DeepSeek) when some linear is static W8A8; else none."""
+    return spec.static_method if "W8A8" in plan.values() else "none"
 
 
 def _check_device(device: str) -> str:
@@ -135,8 +140,7 @@ def _model_dtype(ckpt: HFCheckpoint) -> torch.dtype:
 
 def _check_complete(ckpt: HFCheckpoint, runner: LayerRunner, num_layers: int) -> None:
     """Every tensor the layers need is present, before any work starts."""
-    rel = runner.param_names(0)
-    need = [EMBED_PREFIX + "weight"] + [layer_prefix(i) + r for i in range(num_layers) for r in rel]
+    need = [EMBED_PREFIX + "weight"] + [layer_prefix(i) + r for i in range(num_layers) for r in runner.param_names(i)]
     missing = [k for k in need if k not in ckpt]
     if missing:
         raise ValueError(
@@ -145,30 +149,47 @@ def _check_complete(ckpt: HFCheckpoint, runner: LayerRunner, num_layers: int) ->
         )
 
 
-def _convert(ckpt, runner, job: LayerJob, ids, writer: ModelSlimWriter, num_layers: int, progress: bool) -> None:
-    """Embeddings, then each decoder layer (calibrated on the quantized output of the previous), then the rest."""
-    head, tail = _outer_names(ckpt)
+def _convert(ckpt, runner, job: LayerJob, ids, writer: ModelSlimWriter, num_layers: int, progress: bool) -> int:
+    """Embeddings, each decoder layer (calibrated on the quantized output of the previous), then the rest FLOAT.
+
+    The rest includes layers past num_hidden_layers (DeepSeek's multi-token-prediction layers): written as they
+    are, so that a reader finds every key. Returns how many such layers there were.
+    """
+    head, tail = _outer_names(ckpt, num_layers)
     embed = ckpt.get(EMBED_PREFIX + "weight").to(runner.device, job.dtype)  # [V, H]
     hidden = F.embedding(ids.to(runner.device), embed).to(runner.dtype)  # [S, T, H] in the compute dtype
     del embed
     for name in head:
         writer.add(name, ckpt.get(name).to(job.dtype), FLOAT)
-    rel = runner.param_names(0)
     for i in tqdm(range(num_layers), desc="quantizing", unit="layer", disable=not progress):
-        state = {r: ckpt.get(layer_prefix(i) + r) for r in rel}
+        state = {r: ckpt.get(layer_prefix(i) + r) for r in runner.param_names(i)}
         hidden = quantize_layer(i, state, runner, job, hidden, writer)
         _return_freed_memory()
     for name in tail:
-        writer.add(name, ckpt.get(name).to(job.dtype), FLOAT)
+        writer.add(name, ckpt.get(name).to(_float_dtype(name, job.dtype)), FLOAT)
     writer.close()
+    return len({_layer_index(k) for k in tail} - {None})
 
 
-def _outer_names(ckpt: HFCheckpoint) -> tuple[list[str], list[str]]:
-    """Tensors outside the decoder layers: (embeddings, the rest with model.* before lm_head)."""
-    outer = [k for k in ckpt.keys() if not k.startswith(LAYER_PREFIX)]
+def _float_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """FLOAT tensors are written in the model dtype, except the router's correction bias (fp32, as on disk)."""
+    return torch.float32 if name.endswith("e_score_correction_bias") else dtype
+
+
+def _outer_names(ckpt: HFCheckpoint, num_layers: int) -> tuple[list[str], list[str]]:
+    """Tensors outside decoder layers 0..num_layers-1: (embeddings, extra layers then model.* then lm_head)."""
+    outer = [k for k in ckpt.keys() if (_layer_index(k) or 0) >= num_layers or not k.startswith(LAYER_PREFIX)]
     head = [k for k in outer if k.startswith(EMBED_PREFIX)]
-    tail = sorted((k for k in outer if k not in head), key=lambda k: not k.startswith("model."))
-    return head, tail
+    rank = {k: (_layer_index(k) is None, not k.startswith("model.")) for k in outer}
+    return head, sorted((k for k in outer if k not in head), key=rank.__getitem__)
+
+
+def _layer_index(name: str) -> int | None:
+    """i of 'model.layers.{i}.*', else None."""
+    if not name.startswith(LAYER_PREFIX):
+        return None
+    index = name[len(LAYER_PREFIX) :].split(".", 1)[0]
+    return int(index) if index.isdigit() else None
 
 
 def _return_freed_memory() -> None:

@@ -35,26 +35,32 @@ def _split_mix(item: str) -> tuple[str, str]:
     return glob, t
 
 
-def linear_names(spec: ArchSpec, num_layers: int) -> list[str]:
+def linear_names(spec: ArchSpec, num_layers: int, config: dict | None = None) -> list[str]:
     """Every decoder-layer linear of the model, full dotted names, in layer order."""
-    return [layer_prefix(i) + rel for i in range(num_layers) for rel in spec.linears]
+    return [layer_prefix(i) + rel for i in range(num_layers) for rel in spec.layer_linears(config or {}, i)]
 
 
 def plan_types(
-    spec: ArchSpec, num_layers: int, quant_type: str, mix: list[tuple[str, str]], keep_float: list[str]
+    spec: ArchSpec,
+    num_layers: int,
+    quant_type: str,
+    mix: list[tuple[str, str]],
+    keep_float: list[str],
+    config: dict | None = None,
 ) -> dict[str, str]:
     """Full linear name -> W8A8 | W8A8_DYNAMIC | FLOAT; ValueError for globs that match nothing."""
-    names = linear_names(spec, num_layers)
+    names = linear_names(spec, num_layers, config)
     _check_globs_match(names, [g for g, _ in mix], "--mix", with_head=False)
     _check_globs_match(names, keep_float, "--keep-float", with_head=True)
     floats = list(spec.keep_float) + list(keep_float)
+    mix = list(mix) + (list(spec.w8a8_mix) if quant_type == "W8A8" else [])  # the user's globs win
     plan = {}
     for name in names:
         if any(fnmatchcase(name, g) for g in floats):
             plan[name] = FLOAT
         else:
             plan[name] = next((t for g, t in mix if fnmatchcase(name, g)), quant_type)
-    _check_fused(spec, num_layers, plan)
+    _check_fused(spec, num_layers, plan, config or {})
     return plan
 
 
@@ -70,10 +76,10 @@ def _check_globs_match(names: list[str], globs: list[str], option: str, with_hea
             )
 
 
-def _check_fused(spec: ArchSpec, num_layers: int, plan: dict[str, str]) -> None:
-    """Fused linears (q/k/v, gate/up) are one layer at runtime: they must share one type."""
+def _check_fused(spec: ArchSpec, num_layers: int, plan: dict[str, str], config: dict) -> None:
+    """Fused linears (q/k/v, gate/up, routed experts) are one layer at runtime: they must share one type."""
     for i in range(num_layers):
-        for group in spec.fused:
+        for group in spec.layer_fused(spec.layer_linears(config, i)):
             names = [layer_prefix(i) + rel for rel in group]
             types = {plan[n] for n in names}
             if len(types) > 1:

@@ -15,6 +15,8 @@ class QuantizeSummary:
     anti_outlier: str  # none | smoothquant | iterative
     linears: dict[str, int] = field(default_factory=dict)  # W8A8 / W8A8_DYNAMIC / FLOAT -> count (lm_head in FLOAT)
     num_layers: int = 0
+    float_layers: int = 0  # layers past num_hidden_layers (multi-token prediction), written FLOAT
+    idle_experts: int = 0  # routed experts that received no calibration token (quantized all the same)
     source_bytes: int = 0  # float checkpoint on disk (weights only; the .gguf file for a GGUF source)
     output_bytes: int = 0  # everything written to the output folder
     seconds: float = 0.0
@@ -28,6 +30,8 @@ class QuantizeSummary:
             ("decoder layers", str(self.num_layers)),
             ("linears quantized", ", ".join(f"{n} {t}" for t, n in quantized.items()) or "0"),
             ("linears kept float", str(self.linears.get("FLOAT", 0))),
+            *([("MTP layers (float)", str(self.float_layers))] if self.float_layers else []),
+            *([("experts with no tokens", str(self.idle_experts))] if self.idle_experts else []),
             ("size before", _human(self.source_bytes)),
             ("size after", f"{_human(self.output_bytes)} ({self.output_bytes / max(self.source_bytes, 1):.2f}x)"),
             ("time", f"{self.seconds:.1f} s"),
