@@ -7,6 +7,8 @@ import os
 from slimquant.layers.quant_methods import METHODS_BY_TYPE, QuantMethod, UnquantizedMethod
 from slimquant.quant.modelslim import FLOAT, read_description, tensor_types
 
+MOE_TYPES = ("W8A8_DYNAMIC",)
+
 
 class QuantConfig:
     """No quantization: every linear is float, norms have no bias."""
@@ -16,6 +18,10 @@ class QuantConfig:
     def linear_method(self, prefix: str, shard_prefixes: list[str]) -> QuantMethod:
         """The method for the linear at `prefix`, built from checkpoint linears `shard_prefixes`."""
         return UnquantizedMethod()
+
+    def moe_quant_type(self, prefix: str, expert_prefixes: list[str]) -> str:
+        """Quant type of the routed experts at `prefix`, made of the linears `expert_prefixes`."""
+        return FLOAT
 
     def linear_has_bias(self, shard_prefixes: list[str]) -> bool:
         """Whether the checkpoint holds a float bias for any of these linears (the anti-outlier shift adds them)."""
@@ -57,6 +63,18 @@ class AscendQuantConfig(QuantConfig):
                 f"{prefix}: quant type {types[0]!r} is not supported; supported: {sorted(METHODS_BY_TYPE)}"
             )
         return METHODS_BY_TYPE[types[0]]()
+
+    def moe_quant_type(self, prefix: str, expert_prefixes: list[str]) -> str:
+        # vLLM-Ascend: experts stay float if any description key under their prefix is FLOAT
+        if any(k.startswith(f"{prefix}.") and v == FLOAT for k, v in self.types.items()):
+            return FLOAT
+        types = {self._weight_type(p, prefix) for p in expert_prefixes}
+        if len(types) > 1:
+            raise ValueError(f"Not all experts of {prefix} have the same quant type: {sorted(types)}")
+        (quant_type,) = types
+        if quant_type not in MOE_TYPES:
+            raise ValueError(f"{prefix}: expert quant type {quant_type!r} is not supported; supported: {MOE_TYPES}")
+        return quant_type
 
     def linear_has_bias(self, shard_prefixes: list[str]) -> bool:
         # the anti-outlier shift adds `<linear>.bias` (FLOAT) to the linears a shifted norm feeds

@@ -79,5 +79,5 @@ def test_bad_options(tiny_model, kwargs):
 
 
 def test_unsupported_rope_type():
-    with pytest.raises(ValueError, match="rope type 'yarn' is not supported.*llama3"):
-        inverse_frequencies(16, {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0})
+    with pytest.raises(ValueError, match="rope type 'longrope' is not supported.*llama3"):
+        inverse_frequencies(16, {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0})

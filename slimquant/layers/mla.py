@@ -1,0 +1,73 @@
+"""Multi-head latent attention (DeepSeek V2/V3) over a paged cache of the compressed latent.
+
+Each cached token holds [kv_a_layernorm(latent) | roped k_pe] (kv_lora_rank + qk_rope_head_dim values), not
+per-head K/V. Attention gathers a sequence's latents and up-projects them with kv_b_proj into per-head
+k_nope and v (the simple path; no weight absorption).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slimquant.layers.attention import KVCacheLayer, gather_context
+from slimquant.layers.context import get_context
+from slimquant.layers.linear import Linear
+
+
+class MLAttention(KVCacheLayer):
+    """q [T, NH, nope + rope], latent [T, R], k_pe [T, rope] -> [T, NH * V] through the latent cache."""
+
+    def __init__(self, num_heads: int, qk_nope_dim: int, qk_rope_dim: int, v_dim: int, kv_lora_rank: int, scale: float):
+        super().__init__()
+        self.num_heads, self.nope, self.rope, self.v_dim = num_heads, qk_nope_dim, qk_rope_dim, v_dim
+        self.kv_lora_rank, self.scale = kv_lora_rank, scale
+
+    def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (num_blocks, block_size, self.kv_lora_rank + self.rope)
+
+    def forward(self, q: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, kv_b_proj: Linear) -> torch.Tensor:
+        ctx = get_context()
+        assert self.kv_cache is not None, "the engine must assign kv_cache before running attention"
+        store_latent(self.kv_cache, torch.cat([latent, k_pe], dim=-1), ctx.slot_mapping)
+        if ctx.is_decode:  # one batched call, contexts padded to the longest
+            out = self._attend(q[:, None], ctx.block_tables, ctx.context_lens, kv_b_proj)  # [B, 1, NH, V]
+            return out.reshape(q.shape[0], -1)
+        outs, start = [], 0
+        for i, q_len in enumerate(ctx.query_lens):  # prefill chunks: one sequence at a time
+            tables, lens = ctx.block_tables[i : i + 1], ctx.context_lens[i : i + 1]
+            outs.append(self._attend(q[None, start : start + q_len], tables, lens, kv_b_proj))
+            start += q_len
+        return torch.cat(outs, dim=1).reshape(q.shape[0], -1)
+
+    def _attend(
+        self, q: torch.Tensor, block_tables: torch.Tensor, context_lens: list[int], kv_b_proj: Linear
+    ) -> torch.Tensor:
+        """Causal attention of q [B, Q, NH, Dqk] over the cached context; returns [B, Q, NH, V]."""
+        cached = gather_context(self.kv_cache, block_tables, max(context_lens))  # [B, S, R + rope]
+        b, s = cached.shape[:2]
+        latent, k_pe = cached.split([self.kv_lora_rank, self.rope], dim=-1)
+        kv = kv_b_proj(latent.reshape(b * s, -1)).view(b, s, self.num_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [B, S, NH, nope], [B, S, NH, V]
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)], dim=-1)  # [B, S, NH, Dqk]
+        mask = causal_mask(context_lens, q.shape[1], s, q.device)  # [B, Q, S]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=self.scale
+        )  # [B, NH, Q, V]
+        return out.transpose(1, 2)
+
+
+def store_latent(cache: torch.Tensor, entries: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write entries [T, C] into cache [NB, BS, C] at flat slots [T]; slots of -1 are skipped."""
+    slots = slot_mapping.to(device=entries.device, dtype=torch.long)
+    valid = slots >= 0
+    if not bool(valid.all()):
+        slots, entries = slots[valid], entries[valid]
+    cache.view(-1, cache.shape[-1]).index_copy_(0, slots, entries.to(cache.dtype))
+
+
+def causal_mask(context_lens: list[int], q_len: int, length: int, device: torch.device) -> torch.Tensor:
+    """[B, Q, S] bool: the Q queries sit at positions ctx_len - Q .. ctx_len - 1 of each sequence."""
+    ctx = torch.tensor(context_lens, device=device)[:, None, None]  # [B, 1, 1]
+    last_key = ctx - q_len + torch.arange(q_len, device=device)[None, :, None]  # [B, Q, 1]
+    return torch.arange(length, device=device)[None, None, :] <= last_key

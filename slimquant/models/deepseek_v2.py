@@ -1,0 +1,157 @@
+"""DeepSeek V2 / V3 (and Kimi-K2, the V3 layout): MLA attention over a latent cache, dense then MoE MLPs.
+
+Multi-token-prediction layers (index >= num_hidden_layers) are not built; their tensors are ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimquant.layers.embedding import VocabEmbedding
+from slimquant.layers.linear import Linear
+from slimquant.layers.mla import MLAttention
+from slimquant.layers.moe import DeepseekMoE, GatedMLP
+from slimquant.layers.norm import RMSNorm
+from slimquant.layers.quant_config import QuantConfig
+from slimquant.layers.rotary import (
+    RotaryEmbedding,
+    apply_rotary,
+    apply_rotary_interleaved,
+    mla_softmax_scale,
+    rope_parameters,
+)
+
+PACKED_MODULES = {
+    "gate_up_proj": ["gate_proj", "up_proj"],
+    "experts": ["experts.0.gate_proj", "experts.0.up_proj", "experts.0.down_proj"],
+}
+
+
+class DeepseekMLA(nn.Module):
+    """q (lora or direct) and latent kv projections -> rope on the pe parts -> latent-cache attention -> o_proj."""
+
+    def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype):
+        super().__init__()
+        h, nh, eps = config.hidden_size, config.num_attention_heads, config.rms_norm_eps
+        self.num_heads, self.q_lora_rank, self.kv_lora_rank = nh, config.q_lora_rank, config.kv_lora_rank
+        self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        qk_dim, bias, norm_bias = self.nope + self.rope, bool(config.attention_bias), quant_config.norm_has_bias
+
+        def linear(name: str, k: int, n: int, has_bias: bool = False) -> Linear:
+            return Linear(k, [n], bias=has_bias, quant_config=quant_config, prefix=f"{prefix}.{name}", dtype=dtype)
+
+        if self.q_lora_rank is None:
+            self.q_proj = linear("q_proj", h, nh * qk_dim)
+        else:
+            self.q_a_proj = linear("q_a_proj", h, self.q_lora_rank, bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps, dtype, bias=norm_bias)
+            self.q_b_proj = linear("q_b_proj", self.q_lora_rank, nh * qk_dim)
+        self.kv_a_proj_with_mqa = linear("kv_a_proj_with_mqa", h, self.kv_lora_rank + self.rope, bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps, dtype, bias=norm_bias)
+        self.kv_b_proj = linear("kv_b_proj", self.kv_lora_rank, nh * (self.nope + self.v_dim))
+        self.o_proj = linear("o_proj", nh * self.v_dim, h, bias)
+        # transformers' V2 always rotates interleaved pairs; V3 unless rope_interleave is false
+        interleave = config.model_type == "deepseek_v2" or getattr(config, "rope_interleave", True)
+        self.rotate = apply_rotary_interleaved if interleave else apply_rotary
+        scale = mla_softmax_scale(rope_parameters(config), qk_dim)
+        self.attn = MLAttention(nh, self.nope, self.rope, self.v_dim, self.kv_lora_rank, scale)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [T, H]; cos/sin: [T, rope]
+        t = x.shape[0]
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(t, self.num_heads, -1).split([self.nope, self.rope], dim=-1)  # [T, NH, *]
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)  # [T, R], [T, rope]
+        q = torch.cat([q_nope, self.rotate(q_pe, cos, sin)], dim=-1)  # [T, NH, nope + rope]
+        k_pe = self.rotate(k_pe[:, None], cos, sin)[:, 0]  # [T, rope]
+        o = self.attn(q, self.kv_a_layernorm(latent), k_pe, self.kv_b_proj)  # [T, NH * V]
+        return self.o_proj(o)
+
+
+class DeepseekDecoderLayer(nn.Module):
+    """Pre-norm block: MLA and a dense or MoE MLP, each residual add fused into the next norm."""
+
+    def __init__(self, config, quant_config: QuantConfig, index: int, dtype: torch.dtype):
+        super().__init__()
+        prefix, eps, bias = f"model.layers.{index}", config.rms_norm_eps, quant_config.norm_has_bias
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
+        self.self_attn = DeepseekMLA(config, quant_config, f"{prefix}.self_attn", dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
+        if is_moe_layer(config, index):
+            self.mlp = DeepseekMoE(config, quant_config, f"{prefix}.mlp", dtype)
+        else:
+            if config.hidden_act != "silu":
+                raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; only 'silu'")
+            mlp_bias = bool(getattr(config, "mlp_bias", False))
+            h, i = config.hidden_size, config.intermediate_size
+            self.mlp = GatedMLP(h, i, quant_config, f"{prefix}.mlp", dtype, mlp_bias)
+
+    def forward(self, x, residual, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        # x, residual: [T, H] (residual None on the first layer)
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+def is_moe_layer(config, index: int) -> bool:
+    """Layers from first_k_dense_replace on (every moe_layer_freq-th) use the MoE MLP."""
+    if not getattr(config, "n_routed_experts", None):
+        return False
+    freq = getattr(config, "moe_layer_freq", 1) or 1
+    return index >= (getattr(config, "first_k_dense_replace", 0) or 0) and index % freq == 0
+
+
+class DeepseekV2Model(nn.Module):
+    """Embeddings, decoder layers, final norm: (input_ids [T], positions [T]) -> hidden [T, H]."""
+
+    def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.rotary = RotaryEmbedding(config.qk_rope_head_dim, rope_parameters(config))
+        self.layers = nn.ModuleList(
+            DeepseekDecoderLayer(config, quant_config, i, dtype) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None  # [T, H]
+        cos, sin = self.rotary(positions, x.dtype)  # [T, rope]
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class DeepseekV2ForCausalLM(nn.Module):
+    """DeepSeek V2/V3 decoder + LM head; forward reads the engine's ForwardContext."""
+
+    packed_modules_mapping = PACKED_MODULES
+
+    def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype):
+        super().__init__()
+        self.config = config
+        self.model = DeepseekV2Model(config, quant_config, dtype)
+        self.lm_head = None
+        if not getattr(config, "tie_word_embeddings", False):
+            h, v = config.hidden_size, config.vocab_size
+            self.lm_head = Linear(h, [v], bias=False, quant_config=quant_config, prefix="lm_head", dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden [T, H]."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> fp32 logits [N, V]."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.model.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
+
+
+class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
+    """DeepSeek V3 / R1 and Kimi-K2 (same layout; sigmoid noaux_tc routing)."""

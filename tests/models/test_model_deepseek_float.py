@@ -1,0 +1,49 @@
+"""Float path: DeepSeek V2/V3 (MLA over a latent cache, grouped top-k MoE) equal transformers' logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimquant.layers.mla import MLAttention
+from slimquant.models.loader import load_model
+from tests.models.paged import PROMPT, PagedRunner, assert_close, hf_logits
+
+# transformers' V2 router ignores norm_topk_prob (DeepSeek's own code and vLLM honour it): compare without it
+ARCHS = {"deepseek_v3": {}, "deepseek_v2": {"norm_topk_prob": False}}
+
+
+def folder_of(tiny_model, arch):
+    return tiny_model(arch, **ARCHS[arch])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_matches_transformers(tiny_model, arch):
+    folder = folder_of(tiny_model, arch)
+    loaded = load_model(str(folder))
+    logits = PagedRunner(loaded.model, loaded.dtype).step({0: PROMPT})
+    assert_close(logits, hf_logits(folder, PROMPT))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_prefill_then_decode_through_latent_cache(tiny_model, arch):
+    folder = folder_of(tiny_model, arch)
+    model = load_model(str(folder)).model
+    runner = PagedRunner(model, torch.float32)
+    attn = next(m for m in model.modules() if isinstance(m, MLAttention))
+    assert attn.kv_cache.shape == (64, 4, 32 + 8)  # kv_lora_rank + qk_rope_head_dim per token
+    first = runner.step({0: PROMPT[:6]})
+    rest = [runner.step({0: [t]}) for t in PROMPT[6:]]
+    assert_close(torch.cat([first, *rest]), hf_logits(folder, PROMPT))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batch_of_two_sequences(tiny_model, arch):
+    folder = folder_of(tiny_model, arch)
+    runner = PagedRunner(load_model(str(folder)).model, torch.float32)
+    a, b = PROMPT, PROMPT[3:9]
+    logits = runner.step({0: a[:-2], 1: b[:-2]})
+    decode1 = runner.step({0: [a[-2]], 1: [b[-2]]})
+    decode2 = runner.step({0: [a[-1]], 1: [b[-1]]})
+    assert_close(torch.cat([logits[: len(a) - 2], decode1[:1], decode2[:1]]), hf_logits(folder, a))
+    assert_close(torch.cat([logits[len(a) - 2 :], decode1[1:], decode2[1:]]), hf_logits(folder, b))
