@@ -8,7 +8,7 @@ import logging
 import sys
 
 # Each module defines register(subparsers) that adds its parser and sets func=run(args) -> int.
-COMMANDS = ("demo", "quantize", "generate", "chat", "eval", "serve")
+COMMANDS = ("demo", "quantize", "generate", "chat", "eval", "bench", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,45 @@
+"""The slimquant command: help with examples, one-line errors, bench and eval on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from slimquant.entrypoints.cli import COMMANDS, main
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_explains_itself_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "example" in capsys.readouterr().out.lower()
+
+
+def test_errors_are_one_line(capsys, tmp_path):
+    assert main(["eval", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_bench_prints_one_row_per_system(tiny_model, capsys):
+    path = str(tiny_model("llama"))
+    assert main(["bench", path, path, "--prompt-len", "8", "--decode-tokens", "4", "--streams", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("slimquant ")]
+    assert len(rows) == 2 and "( 1.00x)" in rows[0]
+
+
+def test_bench_rejects_bad_sizes(tiny_model, capsys):
+    assert main(["bench", str(tiny_model("llama")), "--streams", "0"]) == 1
+    assert "--streams" in capsys.readouterr().err
+
+
+def test_eval_json(tiny_model, tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    path = str(tiny_model("qwen2"))
+    assert main(["eval", path, path, "--corpus", str(corpus), "--context", "32", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == 2 and results[0]["perplexity"] == results[1]["perplexity"]
+    assert results[1]["top1_agreement"] == 1.0
