@@ -16,9 +16,18 @@ from slimquant.quant import primitives as P
 from slimquant.quant.modelslim import FLOAT, ModelSlimWriter
 from slimquant.quant.sources import SafetensorsFolder
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Linears that read the same input share one input_scale/offset (they are fused at run time).
-INPUT_GROUP = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+MLA_LINEARS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")  # DeepSeek V2/V3 attention
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", *MLA_LINEARS)
+# Linears that read the same input share one input_scale/offset (fused at run time, or calibrated on one input).
+INPUT_GROUP = {
+    "q_proj": "qkv",
+    "k_proj": "qkv",
+    "v_proj": "qkv",
+    "q_a_proj": "qkv",
+    "kv_a_proj_with_mqa": "qkv",
+    "gate_proj": "gate_up",
+    "up_proj": "gate_up",
+}
 
 
 def write_ascend(

@@ -42,6 +42,42 @@ class DynamicRef(StaticRef):
         return y.to(x.dtype)
 
 
+class ExpertsRef(nn.Module):
+    """W8A8_DYNAMIC routed experts of transformers' DeepSeek MoE, token by token and expert by expert:
+    gate/up = DynamicRef(x), a = silu(gate) * up, down = DynamicRef(a), out = sum_k weight_k * down."""
+
+    def __init__(self, experts: list[dict[str, DynamicRef]]):
+        super().__init__()
+        self.experts = experts  # [E] of {"gate_proj" | "up_proj" | "down_proj": DynamicRef}
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)  # [T, H]
+        for t in range(hidden_states.shape[0]):
+            x = hidden_states[t : t + 1]
+            for k in range(top_k_index.shape[1]):
+                e = self.experts[int(top_k_index[t, k])]
+                a = torch.nn.functional.silu(e["gate_proj"](x)) * e["up_proj"](x)
+                out[t] += (e["down_proj"](a)[0] * top_k_weights[t, k]).to(out.dtype)
+        return out
+
+
+def experts_ref(name: str, tensors: SafetensorsFolder, types: dict[str, str]) -> ExpertsRef | None:
+    """An ExpertsRef for the MoE experts module `name` if the checkpoint holds them W8A8_DYNAMIC."""
+    if types.get(f"{name}.0.gate_proj.weight") != "W8A8_DYNAMIC":
+        return None
+    experts, e = [], 0
+    while f"{name}.{e}.gate_proj.weight" in types:
+        linears = {}
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            prefix = f"{name}.{e}.{proj}"
+            linears[proj] = DynamicRef(
+                {k.rpartition(".")[2]: tensors.get(k) for k in types if k.startswith(prefix + ".")}
+            )
+        experts.append(linears)
+        e += 1
+    return ExpertsRef(experts)
+
+
 def reference_model(float_folder, ascend_folder, dtype: torch.dtype) -> nn.Module:
     """transformers' model of float_folder, running the ascend checkpoint's tensors with reference math."""
     from transformers import AutoModelForCausalLM
@@ -51,6 +87,9 @@ def reference_model(float_folder, ascend_folder, dtype: torch.dtype) -> nn.Modul
     floats = {k: tensors.get(k) for k, v in types.items() if v == FLOAT and not k.endswith("norm.bias")}
     model.load_state_dict(floats, strict=False)
     for name, module in list(model.named_modules()):
+        if name.endswith("mlp.experts") and (experts := experts_ref(name, tensors, types)) is not None:
+            model.get_submodule(name.rpartition(".")[0]).experts = experts
+            continue
         kind = types.get(f"{name}.weight")
         if isinstance(module, nn.Linear) and kind in ("W8A8", "W8A8_DYNAMIC"):
             t = {k.rpartition(".")[2]: tensors.get(k) for k in types if k.rpartition(".")[0] == name}

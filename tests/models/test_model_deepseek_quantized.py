@@ -1,0 +1,82 @@
+"""Quantized DeepSeek: the default mix (MLA static W8A8, MLP / shared / routed experts W8A8_DYNAMIC, kv_b_proj and
+router float) equals transformers' DeepSeek with plain FORMAT.md int8 math in its linears and experts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimquant.layers.moe import RoutedExperts
+from slimquant.models.loader import load_model
+from slimquant.quant.modelslim import read_description, tensor_types
+from slimquant.quant.sources import SafetensorsFolder
+from tests.models.ascend_ckpt import write_ascend
+from tests.models.paged import PROMPT, PagedRunner, assert_close
+from tests.models.reference import experts_ref, reference_logits, reference_model
+
+ARCHS = {"deepseek_v3": {}, "deepseek_v2": {"norm_topk_prob": False}}
+
+
+def deepseek_mix(prefix: str) -> str:
+    """ModelSlim's DeepSeek recipe: {"*.mlp.*": "w8a8_dynamic", "*": "w8a8"}, kv_b_proj kept float."""
+    if prefix.endswith("kv_b_proj"):
+        return "FLOAT"
+    return "W8A8_DYNAMIC" if ".mlp." in prefix else "W8A8"
+
+
+def experts_float(prefix: str) -> str:
+    """Routed experts float, the rest as the DeepSeek mix."""
+    return "FLOAT" if ".mlp.experts." in prefix else deepseek_mix(prefix)
+
+
+def run_both(src, dst) -> tuple[torch.Tensor, torch.Tensor]:
+    """(our logits, reference logits) for PROMPT: a prefill chunk, then decode steps."""
+    loaded = load_model(str(dst))
+    assert loaded.quantized
+    runner = PagedRunner(loaded.model, torch.float32)
+    ours = torch.cat([runner.step({0: PROMPT[:7]}), *[runner.step({0: [t]}) for t in PROMPT[7:]]])
+    return ours, reference_logits(reference_model(src, dst, torch.float32), PROMPT)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_deepseek_mix_matches_reference(tiny_model, tmp_path, arch):
+    src = tiny_model(arch, **ARCHS[arch])
+    ours, ref = run_both(src, write_ascend(src, tmp_path / "q", deepseek_mix))
+    assert_close(ours, ref, rel=1e-4)
+
+
+def test_float_experts_and_shift_biases(tiny_model, tmp_path):
+    """Experts kept float (any FLOAT key under the prefix), anti-outlier norm/linear biases on the MLA path."""
+    src = tiny_model("deepseek_v3")
+    dst = write_ascend(src, tmp_path / "q", experts_float, shift=True)
+    loaded = load_model(str(dst))
+    experts = [m for m in loaded.model.modules() if isinstance(m, RoutedExperts)]
+    assert experts and not any(m.quantized for m in experts)
+    ours, ref = run_both(src, dst)
+    assert_close(ours, ref, rel=1e-4)
+
+
+def test_quantized_experts_are_int8(tiny_model, tmp_path):
+    src = tiny_model("deepseek_v3")
+    loaded = load_model(str(write_ascend(src, tmp_path / "q", deepseek_mix)))
+    experts = next(m for m in loaded.model.modules() if isinstance(m, RoutedExperts))
+    assert experts.quant_type == "W8A8_DYNAMIC" and experts.w13_scale.shape == (8, 64)
+    attn = loaded.model.model.layers[1].self_attn
+    assert type(attn.q_a_proj.method).__name__ == "W8A8StaticMethod"
+    assert type(attn.kv_b_proj.method).__name__ == "UnquantizedMethod"
+
+
+def test_int8_experts_match_reference_directly(tiny_model, tmp_path):
+    """The routed experts alone on large random inputs: int8 GEMMs, re-quantized activations, top-k sum."""
+    src = tiny_model("deepseek_v3")
+    dst = write_ascend(src, tmp_path / "q", deepseek_mix)
+    experts = load_model(str(dst)).model.model.layers[1].mlp.experts
+    name = "model.layers.1.mlp.experts"
+    ref = experts_ref(name, SafetensorsFolder(dst), tensor_types(read_description(dst)))
+    gen = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(20, 64, generator=gen)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(20)])  # [T, 2] distinct experts
+    weights = torch.rand(20, 2, generator=gen)
+    ours, expected = experts(x, weights, ids), ref(x, ids, weights)
+    assert (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert all(e["down_proj"].t["weight"].dtype == torch.int8 for e in ref.experts)
