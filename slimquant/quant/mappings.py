@@ -34,8 +34,10 @@ MLA_FUSED = (
     ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),  # fused_qkv_a_proj: one input_scale/offset
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
-    ("mlp.experts.*",),  # one FusedMoE layer: every routed expert linear shares one type
+    ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"),  # one FusedMoE w13: one input quantization
+    ("mlp.experts.*.down_proj",),  # w2
 )
+MLA_SAME_TYPE = (("mlp.experts.*",),)  # one FusedMoE layer: every routed expert linear shares one type
 MLA_SMOOTH_PAIRS = (
     ("input_layernorm", ("self_attn.q_a_proj", "self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),
     ("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
@@ -55,6 +57,7 @@ class ArchSpec:
     fused: tuple[tuple[str, ...], ...] = FUSED
     smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...] = SMOOTH_PAIRS
     keep_float: tuple[str, ...] = ("lm_head",)  # globs over full linear names
+    same_type: tuple[tuple[str, ...], ...] = ()  # further groups (globs) that must share one type, like fused
     w8a8_mix: tuple[tuple[str, str], ...] = ()  # (glob, TYPE) applied after --mix when --type is w8a8
     model_quant_type: str | None = None  # forced description model_quant_type (else --type)
     static_method: str = "smoothquant"  # default anti-outlier when some linear is static W8A8
@@ -70,9 +73,10 @@ class ArchSpec:
             present = [r for r in present if r not in MLP] + list(SHARED_EXPERTS) + list(experts)
         return tuple(present)
 
-    def layer_fused(self, linears: tuple[str, ...]) -> list[tuple[str, ...]]:
-        """The fused groups (globs allowed) resolved to the given linears of one layer; empty groups dropped."""
-        groups = [tuple(r for r in linears if any(fnmatchcase(r, g) for g in group)) for group in self.fused]
+    def layer_fused(self, linears: tuple[str, ...], with_same_type: bool = False) -> list[tuple[str, ...]]:
+        """The fused groups (globs allowed; + same_type) resolved to one layer's linears; empty groups dropped."""
+        table = self.fused + (self.same_type if with_same_type else ())
+        groups = [tuple(r for r in linears if any(fnmatchcase(r, g) for g in group)) for group in table]
         return [g for g in groups if g]
 
     def layer_smooth_pairs(self, linears: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
@@ -101,6 +105,7 @@ def _mla(module: str, prefix: str, **kw) -> ArchSpec:
         f"{prefix}RotaryEmbedding",
         linears=MLA + MLP,
         fused=MLA_FUSED,
+        same_type=MLA_SAME_TYPE,
         smooth_pairs=MLA_SMOOTH_PAIRS,
         keep_float=("lm_head", "*.self_attn.kv_b_proj"),
         w8a8_mix=MLA_MIX,

@@ -79,12 +79,20 @@ def _check_globs_match(names: list[str], globs: list[str], option: str, with_hea
 def _check_fused(spec: ArchSpec, num_layers: int, plan: dict[str, str], config: dict) -> None:
     """Fused linears (q/k/v, gate/up, routed experts) are one layer at runtime: they must share one type."""
     for i in range(num_layers):
-        for group in spec.layer_fused(spec.layer_linears(config, i)):
+        for group in spec.layer_fused(spec.layer_linears(config, i), with_same_type=True):
             names = [layer_prefix(i) + rel for rel in group]
             types = {plan[n] for n in names}
             if len(types) > 1:
-                got = ", ".join(f"{n.rsplit('.', 1)[-1]}={plan[n]}" for n in names)
+                got = _describe_group(names, plan, layer_prefix(i))
                 raise ValueError(
                     f"layer {i}: fused linears must share one quant type, got {got}; "
                     "give --mix/--keep-float globs that cover the whole group (e.g. '*.self_attn.[qkv]_proj')"
                 )
+
+
+def _describe_group(names: list[str], plan: dict[str, str], prefix: str) -> str:
+    """'q_proj=FLOAT, k_proj=W8A8, ...'; a big group (routed experts): one example linear per type."""
+    if len(names) <= 4:
+        return ", ".join(f"{n.rsplit('.', 1)[-1]}={plan[n]}" for n in names)
+    examples = {plan[n]: n[len(prefix) :] for n in reversed(names)}  # the first linear of each type
+    return ", ".join(f"{n}={t}" for t, n in sorted(examples.items()))

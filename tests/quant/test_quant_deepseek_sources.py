@@ -1,0 +1,132 @@
+"""DeepSeek sources: FP8 blocks, MTP layers, Kimi K2's model_type, exact smoothing and per-expert layer building."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAST, read_output, read_source
+from safetensors.torch import save_file
+from test_quant_deepseek import copy_with
+from test_quant_fp8 import write_pair
+from transformers import AutoModelForCausalLM
+
+from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
+from slimquant.quant.decoder import BiasedNorm, LayerRunner, replace_module
+from slimquant.quant.mappings import ARCHS
+from slimquant.quant.observers import observe_inputs
+from slimquant.quant.pipeline import quantize
+from slimquant.quant.smooth import smooth_linear, smooth_norm, smoothing_factors
+from slimquant.quant.sources import HFCheckpoint
+
+
+def test_fp8_source_matches_bf16_dequantization(tiny_model, tmp_path):
+    src = tiny_model("deepseek_v3", torch.bfloat16)
+    fp8_dir, bf16_dir = tmp_path / "fp8", tmp_path / "bf16"
+    write_pair(src, fp8_dir, bf16_dir)
+    fp8 = read_source(fp8_dir)
+    assert fp8["model.layers.1.mlp.experts.2.down_proj.weight"].dtype == torch.float8_e4m3fn
+    assert fp8["model.layers.0.self_attn.kv_b_proj.weight_scale_inv"].shape == (1, 1)
+    a, b = (quantize(d, tmp_path / f"q-{d.name}", "w8a8", **FAST).output for d in (fp8_dir, bf16_dir))
+    (desc_a, ta), (desc_b, tb) = read_output(a), read_output(b)
+    assert desc_a == desc_b and ta.keys() == tb.keys() and not any("scale_inv" in k for k in ta)
+    for name in ta:
+        assert torch.equal(ta[name], tb[name]), name
+    config = json.loads((a / "config.json").read_text())
+    assert "quantization_config" not in config and config["mla_quantize"] == "w8a8"
+
+
+def mtp_tensors(source: dict, n: int) -> dict:
+    """Layer n = a copy of layer n-1 plus DeepSeek-V3's MTP extras (enorm, hnorm, eh_proj, shared_head)."""
+    prev, p = f"model.layers.{n - 1}.", f"model.layers.{n}."
+    out = {p + k[len(prev) :]: t.clone() for k, t in source.items() if k.startswith(prev)}
+    h = source["model.norm.weight"].shape[0]
+    out |= {
+        p + "enorm.weight": torch.rand(h),
+        p + "hnorm.weight": torch.rand(h),
+        p + "eh_proj.weight": torch.randn(h, 2 * h),
+    }
+    out |= {p + "shared_head.norm.weight": torch.rand(h), p + "shared_head.head.weight": source["lm_head.weight"] * 2}
+    return out | {p + "embed_tokens.weight": source["model.embed_tokens.weight"].clone()}
+
+
+def test_mtp_layer_written_float(tiny_model, tmp_path):
+    src = tiny_model("deepseek_v3")
+    source = read_source(src)
+    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    copy_with(src, tmp_path / "src", source)
+    extra = mtp_tensors(source, n)
+    save_file(extra, str(tmp_path / "src" / "model-mtp.safetensors"))
+    summary = quantize(tmp_path / "src", tmp_path / "out", "w8a8", **FAST)
+    assert summary.float_layers == 1 and "MTP layers (float)  1" in str(summary)
+    desc, out = read_output(tmp_path / "out")
+    for name, t in extra.items():
+        assert desc[name] == "FLOAT" and torch.equal(out[name], t), name
+    keys = list(desc)
+    first_mtp = keys.index(min((k for k in extra), key=keys.index))
+    assert keys.index("model.layers.1.post_attention_layernorm.weight") < first_mtp < keys.index("model.norm.weight")
+
+
+def test_kimi_k2_quantizes_as_deepseek_v3(quantized, tiny_model, tmp_path):
+    src, ref, _ = quantized("deepseek_v3")
+    copy_with(src, tmp_path / "kimi", read_source(src))
+    config = json.loads((src / "config.json").read_text())
+    (tmp_path / "kimi" / "config.json").write_text(json.dumps(config | {"model_type": "kimi_k2"}))
+    quantize(tmp_path / "kimi", tmp_path / "out", "w8a8", **FAST)
+    (desc_a, a), (desc_b, b) = read_output(tmp_path / "out"), read_output(ref)
+    assert desc_a == desc_b and all(torch.equal(a[k], b[k]) for k in b)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "kimi_k2"
+
+
+def test_unsupported_architecture_lists_deepseek(tiny_model, tmp_path):
+    src = tiny_model("deepseek_v3")
+    copy_with(src, tmp_path / "src", read_source(src))
+    config = json.loads((src / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config | {"model_type": "deepseek_v4"}))
+    with pytest.raises(ValueError, match="'deepseek_v4'.*deepseek_v2, deepseek_v3, kimi_k2, llama, qwen2, qwen3"):
+        quantize(tmp_path / "src", tmp_path / "out", "w8a8", **FAST)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2"])
+def test_smoothing_leaves_logits_unchanged(tiny_model, arch):
+    src = tiny_model(arch)
+    ids = token_batches(load_tokenizer(src), load_texts(), 2, 24)  # [S, T]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    spec, config = ARCHS[arch], json.loads((src / "config.json").read_text())
+    pairs = {i: spec.layer_smooth_pairs(spec.layer_linears(config, i)) for i in range(config["num_hidden_layers"])}
+    firsts = [f"model.layers.{i}.{group[0]}" for i, ps in pairs.items() for _, group in ps]
+    with torch.no_grad(), observe_inputs(model, firsts) as ranges:
+        ref = model(ids).logits
+    with torch.no_grad():
+        for i, ps in pairs.items():
+            for src_norm, group in ps:
+                p, lins = f"model.layers.{i}.", [model.get_submodule(f"model.layers.{i}.{r}") for r in group]
+                sm = smoothing_factors(ranges[p + group[0]], [lin.weight for lin in lins], 0.5, "iterative")
+                for lin in lins:
+                    w, b = smooth_linear(lin.weight, lin.bias, sm)
+                    lin.weight.copy_(w)
+                    lin.bias = torch.nn.Parameter(b)
+                norm = model.get_submodule(p + src_norm)
+                w, b = smooth_norm(norm.weight, sm)
+                norm.weight.copy_(w)
+                replace_module(model, p + src_norm, BiasedNorm(norm, b))
+        got = model(ids).logits
+    assert len(firsts) == 2 * config["num_hidden_layers"]
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def test_layer_built_per_expert_matches_transformers(tiny_model):
+    src = tiny_model("deepseek_v3")
+    spec = ARCHS["deepseek_v3"]
+    runner = LayerRunner(src, spec, torch.float32, "cpu")
+    ckpt = HFCheckpoint(src)
+    names = runner.param_names(1)
+    assert "mlp.experts.7.down_proj.weight" in names and "mlp.gate.e_score_correction_bias" in names
+    layer = runner.build(1, {r: ckpt.get(f"model.layers.1.{r}") for r in names})
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    hidden = torch.randn(2, 12, model.config.hidden_size)  # [S, T, H]
+    with torch.no_grad():
+        want = model.model.layers[1](hidden, position_embeddings=runner._position_embeddings(12))
+    got = runner.run(layer, hidden, batch_size=1)
+    torch.testing.assert_close(got, want[0] if isinstance(want, tuple) else want, rtol=1e-5, atol=1e-5)
