@@ -1,0 +1,62 @@
+"""DeepSeek: clear errors for bad descriptions and configs; the engine generates as transformers does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from slimquant import LLM, SamplingParams
+from slimquant.models.loader import load_model
+from tests.engine.reference import hf_greedy
+from tests.models.ascend_ckpt import write_ascend
+from tests.models.test_model_deepseek_quantized import deepseek_mix
+
+
+def _edit_description(folder, edit) -> None:
+    path = folder / "quant_model_description.json"
+    desc = json.loads(path.read_text())
+    edit(desc)
+    path.write_text(json.dumps(desc))
+
+
+@pytest.mark.parametrize("key", ["mlp.experts.3.down_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"])
+def test_missing_description_entry_is_a_value_error(tiny_model, tmp_path, key):
+    dst = write_ascend(tiny_model("deepseek_v3"), tmp_path / "q", deepseek_mix)
+    _edit_description(dst, lambda d: d.pop(f"model.layers.1.{key}"))
+    with pytest.raises(ValueError, match=f"no entry 'model.layers.1.{key}'"):
+        load_model(str(dst))
+
+
+def test_experts_with_different_quant_types_are_a_value_error(tiny_model, tmp_path):
+    dst = write_ascend(tiny_model("deepseek_v3"), tmp_path / "q", deepseek_mix)
+    _edit_description(dst, lambda d: d.update({"model.layers.1.mlp.experts.2.up_proj.weight": "W8A8"}))
+    with pytest.raises(ValueError, match="Not all experts of model.layers.1.mlp.experts"):
+        load_model(str(dst))
+
+
+def test_static_experts_are_not_supported(tiny_model, tmp_path):
+    def static_experts(prefix: str) -> str:
+        return "W8A8" if ".mlp.experts." in prefix else deepseek_mix(prefix)
+
+    dst = write_ascend(tiny_model("deepseek_v3"), tmp_path / "q", static_experts)
+    with pytest.raises(ValueError, match="expert quant type 'W8A8' is not supported"):
+        load_model(str(dst))
+
+
+def test_unknown_routing_is_a_value_error(tiny_model):
+    folder = tiny_model("deepseek_v2", topk_method="sinkhorn")
+    with pytest.raises(ValueError, match="topk_method 'sinkhorn' is not supported"):
+        load_model(str(folder))
+
+
+def test_engine_greedy_matches_transformers(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model("deepseek_v3")
+    llm = LLM(str(path), max_model_len=64, num_kv_blocks=16, block_size=4)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    for out in llm.generate(["Hello, my name is", "1 2 3"], params, use_tqdm=False):
+        assert out.outputs[0].token_ids == hf_greedy(hf, out.prompt_token_ids, 6)
