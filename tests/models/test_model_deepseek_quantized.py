@@ -38,9 +38,24 @@ def run_both(src, dst) -> tuple[torch.Tensor, torch.Tensor]:
     return ours, reference_logits(reference_model(src, dst, torch.float32), PROMPT)
 
 
+def kv_b_quantized(prefix: str) -> str:
+    """kv_b_proj static and o_proj dynamic: the latent up-projection through the int8 quant methods too."""
+    if prefix.endswith("kv_b_proj"):
+        return "W8A8"
+    return "W8A8_DYNAMIC" if ".mlp." in prefix or prefix.endswith("o_proj") else "W8A8"
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_deepseek_mix_matches_reference(tiny_model, tmp_path, arch):
+@pytest.mark.parametrize("scheme", [deepseek_mix, kv_b_quantized])
+def test_deepseek_mix_matches_reference(tiny_model, tmp_path, arch, scheme):
     src = tiny_model(arch, **ARCHS[arch])
+    ours, ref = run_both(src, write_ascend(src, tmp_path / "q", scheme))
+    assert_close(ours, ref, rel=1e-4)
+
+
+def test_v2_lite_without_q_lora(tiny_model, tmp_path):
+    """q_lora_rank None: a plain q_proj (static W8A8) instead of q_a_proj / q_b_proj."""
+    src = tiny_model("deepseek_v2", q_lora_rank=None, topk_method="greedy", norm_topk_prob=False)
     ours, ref = run_both(src, write_ascend(src, tmp_path / "q", deepseek_mix))
     assert_close(ours, ref, rel=1e-4)
 
