@@ -24,6 +24,7 @@ from slimquant.layers.rotary import (
 )
 
 PACKED_MODULES = {
+    "fused_qkv_a_proj": ["q_a_proj", "kv_a_proj_with_mqa"],
     "gate_up_proj": ["gate_proj", "up_proj"],
     "experts": ["experts.0.gate_proj", "experts.0.up_proj", "experts.0.down_proj"],
 }
@@ -39,16 +40,19 @@ class DeepseekMLA(nn.Module):
         self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         qk_dim, bias, norm_bias = self.nope + self.rope, bool(config.attention_bias), quant_config.norm_has_bias
 
-        def linear(name: str, k: int, n: int, has_bias: bool = False) -> Linear:
-            return Linear(k, [n], bias=has_bias, quant_config=quant_config, prefix=f"{prefix}.{name}", dtype=dtype)
+        def linear(name: str, k: int, n: int | list[int], has_bias: bool = False, shards=None) -> Linear:
+            sizes, common = n if isinstance(n, list) else [n], dict(quant_config=quant_config, dtype=dtype)
+            return Linear(k, sizes, bias=has_bias, prefix=f"{prefix}.{name}", shards=shards, **common)
 
+        kv_a_size = self.kv_lora_rank + self.rope
         if self.q_lora_rank is None:
             self.q_proj = linear("q_proj", h, nh * qk_dim)
-        else:
-            self.q_a_proj = linear("q_a_proj", h, self.q_lora_rank, bias)
+            self.kv_a_proj_with_mqa = linear("kv_a_proj_with_mqa", h, kv_a_size, bias)
+        else:  # q_a_proj and kv_a_proj_with_mqa read the same input: one GEMM (vLLM's fused_qkv_a_proj)
+            shards = PACKED_MODULES["fused_qkv_a_proj"]
+            self.fused_qkv_a_proj = linear("fused_qkv_a_proj", h, [self.q_lora_rank, kv_a_size], bias, shards)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps, dtype, bias=norm_bias)
             self.q_b_proj = linear("q_b_proj", self.q_lora_rank, nh * qk_dim)
-        self.kv_a_proj_with_mqa = linear("kv_a_proj_with_mqa", h, self.kv_lora_rank + self.rope, bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps, dtype, bias=norm_bias)
         self.kv_b_proj = linear("kv_b_proj", self.kv_lora_rank, nh * (self.nope + self.v_dim))
         self.o_proj = linear("o_proj", nh * self.v_dim, h, bias)
@@ -61,9 +65,15 @@ class DeepseekMLA(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; cos/sin: [T, rope]
         t = x.shape[0]
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        if self.q_lora_rank is None:
+            q, kv_a = self.q_proj(x), self.kv_a_proj_with_mqa(x)
+        else:
+            q_a, kv_a = self.fused_qkv_a_proj(x).split(
+                self.fused_qkv_a_proj.out_sizes, dim=-1
+            )  # [T, Q_R], [T, R + rope]
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
         q_nope, q_pe = q.view(t, self.num_heads, -1).split([self.nope, self.rope], dim=-1)  # [T, NH, *]
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)  # [T, R], [T, rope]
+        latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)  # [T, R], [T, rope]
         q = torch.cat([q_nope, self.rotate(q_pe, cos, sin)], dim=-1)  # [T, NH, nope + rope]
         k_pe = self.rotate(k_pe[:, None], cos, sin)[:, 0]  # [T, rope]
         o = self.attn(q, self.kv_a_layernorm(latent), k_pe, self.kv_b_proj)  # [T, NH * V]

@@ -77,7 +77,7 @@ def test_quantized_experts_are_int8(tiny_model, tmp_path):
     experts = next(m for m in loaded.model.modules() if isinstance(m, RoutedExperts))
     assert experts.quant_type == "W8A8_DYNAMIC" and experts.w13_scale.shape == (8, 64)
     attn = loaded.model.model.layers[1].self_attn
-    assert type(attn.q_a_proj.method).__name__ == "W8A8StaticMethod"
+    assert type(attn.fused_qkv_a_proj.method).__name__ == "W8A8StaticMethod"
     assert type(attn.kv_b_proj.method).__name__ == "UnquantizedMethod"
 
 
