@@ -2,7 +2,8 @@
 
 Each cached token holds [kv_a_layernorm(latent) | roped k_pe] (kv_lora_rank + qk_rope_head_dim values), not
 per-head K/V. Attention gathers a sequence's latents and up-projects them with kv_b_proj into per-head
-k_nope and v (the simple path; no weight absorption).
+k_nope and v; decode steps with a float kv_b_proj instead absorb it into q and the output (one shared
+latent "head" of R + rope dims), which skips up-projecting the whole context every step.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from slimquant.layers.attention import KVCacheLayer, gather_context
 from slimquant.layers.context import get_context
 from slimquant.layers.linear import Linear
+from slimquant.layers.quant_methods import UnquantizedMethod
 
 
 class MLAttention(KVCacheLayer):
@@ -31,7 +33,8 @@ class MLAttention(KVCacheLayer):
         assert self.kv_cache is not None, "the engine must assign kv_cache before running attention"
         store_latent(self.kv_cache, torch.cat([latent, k_pe], dim=-1), ctx.slot_mapping)
         if ctx.is_decode:  # one batched call, contexts padded to the longest
-            out = self._attend(q[:, None], ctx.block_tables, ctx.context_lens, kv_b_proj)  # [B, 1, NH, V]
+            attend = self._attend_absorbed if absorbable(kv_b_proj) else self._attend
+            out = attend(q[:, None], ctx.block_tables, ctx.context_lens, kv_b_proj)  # [B, 1, NH, V]
             return out.reshape(q.shape[0], -1)
         outs, start = [], 0
         for i, q_len in enumerate(ctx.query_lens):  # prefill chunks: one sequence at a time
@@ -55,6 +58,27 @@ class MLAttention(KVCacheLayer):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=self.scale
         )  # [B, NH, Q, V]
         return out.transpose(1, 2)
+
+    def _attend_absorbed(
+        self, q: torch.Tensor, block_tables: torch.Tensor, context_lens: list[int], kv_b_proj: Linear
+    ) -> torch.Tensor:
+        """As _attend, with kv_b_proj's W_UK folded into q and W_UV applied after attention over latents."""
+        cached = gather_context(self.kv_cache, block_tables, max(context_lens))[:, None]  # [B, 1, S, R + rope]
+        w = kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)  # [NH, nope + V, R]
+        w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # [NH, nope, R], [NH, V, R]
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # [B, Q, NH, nope], [B, Q, NH, rope]
+        q_lat = torch.einsum("bqhn,hnr->bhqr", q_nope, w_uk)  # [B, NH, Q, R]
+        q_full = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # [B, NH, Q, R + rope]
+        mask = causal_mask(context_lens, q.shape[1], cached.shape[2], q.device)  # [B, Q, S]
+        out_lat = F.scaled_dot_product_attention(
+            q_full, cached, cached[..., : self.kv_lora_rank], attn_mask=mask[:, None], scale=self.scale, enable_gqa=True
+        )  # [B, NH, Q, R]
+        return torch.einsum("bhqr,hvr->bqhv", out_lat, w_uv)  # [B, Q, NH, V]
+
+
+def absorbable(kv_b_proj: Linear) -> bool:
+    """Whether kv_b_proj is a plain float weight that decode can fold into q and the output."""
+    return isinstance(kv_b_proj.method, UnquantizedMethod) and kv_b_proj.bias is None
 
 
 def store_latent(cache: torch.Tensor, entries: torch.Tensor, slot_mapping: torch.Tensor) -> None:

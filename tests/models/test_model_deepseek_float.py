@@ -47,3 +47,19 @@ def test_batch_of_two_sequences(tiny_model, arch):
     decode2 = runner.step({0: [a[-1]], 1: [b[-1]]})
     assert_close(torch.cat([logits[: len(a) - 2], decode1[:1], decode2[:1]]), hf_logits(folder, a))
     assert_close(torch.cat([logits[len(a) - 2 :], decode1[1:], decode2[1:]]), hf_logits(folder, b))
+
+
+def test_absorbed_decode_equals_up_projected_decode(tiny_model, monkeypatch):
+    """Decode folds a float kv_b_proj into q / the output; the plain up-projection gives the same logits."""
+    import slimquant.layers.mla as mla
+
+    folder = tiny_model("deepseek_v3")
+
+    def decode_logits() -> torch.Tensor:
+        runner = PagedRunner(load_model(str(folder)).model, torch.float32)
+        runner.step({0: PROMPT[:6], 1: PROMPT[2:5]})
+        return torch.cat([runner.step({0: [t], 1: [t]}) for t in PROMPT[6:]])
+
+    absorbed = decode_logits()
+    monkeypatch.setattr(mla, "absorbable", lambda kv_b_proj: False)
+    assert_close(absorbed, decode_logits(), rel=1e-5)
