@@ -130,3 +130,13 @@ def test_layer_built_per_expert_matches_transformers(tiny_model):
         want = model.model.layers[1](hidden, position_embeddings=runner._position_embeddings(12))
     got = runner.run(layer, hidden, batch_size=1)
     torch.testing.assert_close(got, want[0] if isinstance(want, tuple) else want, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_expert_tensor_is_named(tiny_model, tmp_path):
+    src = tiny_model("deepseek_v3")
+    tensors = read_source(src)
+    del tensors["model.layers.1.mlp.experts.5.up_proj.weight"]
+    copy_with(src, tmp_path / "src", tensors)
+    with pytest.raises(ValueError, match=r"lacks 1 tensor\(s\).*'model.layers.1.mlp.experts.5.up_proj.weight'"):
+        quantize(tmp_path / "src", tmp_path / "out", "w8a8", **FAST)
+    assert not (tmp_path / "out").exists()

@@ -9,7 +9,10 @@ HELP = """Quantize a model to the ascend (ModelSlim) int8 format, one decoder la
 need it), else to none (per-token dynamic scales absorb outliers). lm_head always stays float.
 Static per-tensor scales suit mlp.down_proj worst (silu(gate)*up has large outliers; it is smoothed into
 up_proj's rows). SmolLM2-135M perplexity: 31.0 float, 36.8 W8A8 (smoothquant), 31.4 W8A8 with
---keep-float '*.down_proj', 32.1 W8A8_DYNAMIC."""
+--keep-float '*.down_proj', 32.1 W8A8_DYNAMIC.
+DeepSeek V2/V3 and Kimi K2 (ModelSlim's DeepSeek recipe): --type w8a8 makes the MLA linears static W8A8 and
+every MLP linear (dense, shared and routed experts) W8A8_DYNAMIC, smoothed with iterative by default;
+kv_b_proj, the router and multi-token-prediction layers stay float; FP8 block weights are dequantized."""
 EXAMPLES = """examples:
   slimquant quantize Qwen3-8B out/Qwen3-8B-W8A8 --type w8a8
   slimquant quantize model.gguf out/model-dyn --type w8a8_dynamic --keep-float '*.mlp.down_proj'
@@ -32,7 +35,7 @@ def register(subparsers) -> None:
         "--anti-outlier",
         choices=("none", "smoothquant", "iterative"),
         help="smoothing folded into norms: smoothquant, iterative (with shift, ModelSlim m4) or none "
-        "[smoothquant if any linear is w8a8, else none]",
+        "[smoothquant (iterative for DeepSeek/Kimi) if any linear is w8a8, else none]",
     )
     p.add_argument("--alpha", type=float, default=0.5, help="smoothing strength in [0, 1] [0.5]")
     p.add_argument("--calib-data", help="calibration text: .txt, .json list of strings, .jsonl with 'text' [built-in]")
