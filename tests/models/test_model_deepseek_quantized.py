@@ -98,9 +98,15 @@ def test_int8_experts_match_reference_directly(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("quant_type", ["w8a8", "w8a8_dynamic"])
-def test_project_quantizer_checkpoint_matches_reference(tiny_model, tmp_path, quant_type):
-    """End to end: `slimquant quantize` of a bf16 DeepSeek V3, prefill then decode, against the reference math."""
+def test_project_quantizer_checkpoint_matches_reference(tiny_model, tmp_path, monkeypatch, quant_type):
+    """End to end: `slimquant quantize` of a bf16 DeepSeek V3, prefill then decode, against the reference math.
+
+    Decode runs the reference's op order (kv_b_proj up-projection): in bf16 the absorbed decode rounds
+    differently and int8 re-quantization magnifies that (its accuracy is checked in test_model_deepseek_float)."""
+    import slimquant.layers.mla as mla
     from slimquant.quant.pipeline import quantize
+
+    monkeypatch.setattr(mla, "absorbable", lambda kv_b_proj: False)
 
     src, dst = tiny_model("deepseek_v3", dtype=torch.bfloat16), tmp_path / "q"
     quantize(src, dst, quant_type, anti_outlier="iterative", num_samples=2, seq_len=16, progress=False)
