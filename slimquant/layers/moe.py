@@ -25,7 +25,9 @@ PROJS = ("gate_proj", "up_proj", "down_proj")
 class GatedMLP(nn.Module):
     """down_proj(silu(gate_proj x) * up_proj x), gate and up fused (dense layers and shared experts)."""
 
-    def __init__(self, hidden: int, inter: int, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, bias=False):
+    def __init__(
+        self, hidden: int, inter: int, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, bias: bool = False
+    ):
         super().__init__()
         common = dict(quant_config=quant_config, dtype=dtype, bias=bias)
         self.gate_up_proj = Linear(
@@ -40,7 +42,7 @@ class GatedMLP(nn.Module):
 class TopkRouter(nn.Module):
     """gate.weight [E, H] (fp32) -> (topk_weights fp32 [T, K], topk_ids [T, K]) as DeepSeek V2/V3 route."""
 
-    def __init__(self, config, dtype: torch.dtype):
+    def __init__(self, config):
         super().__init__()
         self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
         self.n_group, self.topk_group = getattr(config, "n_group", None) or 1, getattr(config, "topk_group", None) or 1
@@ -94,7 +96,9 @@ def _check_routing(scoring: str, topk_method: str, num_experts: int, n_group: in
 class RoutedExperts(nn.Module):
     """E gated MLPs; forward(x, topk_weights, topk_ids) = sum_k weight_k * expert_k(x) per token."""
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, quant_config: QuantConfig, prefix: str, dtype):
+    def __init__(
+        self, num_experts: int, hidden: int, inter: int, quant_config: QuantConfig, prefix: str, dtype: torch.dtype
+    ):
         super().__init__()
         self.num_experts, self.inter, self.prefix, self.dtype = num_experts, inter, prefix, dtype
         expert_linears = [f"{prefix}.{e}.{p}" for e in range(num_experts) for p in PROJS]
@@ -148,6 +152,7 @@ class RoutedExperts(nn.Module):
         return out
 
     def _expert(self, e: int, x_in, token_idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Expert e on the tokens token_idx: [n, H]; x_in is x, or (x_q, s_t) when the experts are int8."""
         if not self.quantized:
             return F.linear(silu_and_mul(F.linear(x_in[token_idx], self.w13[e])), self.w2[e])
         x_q, s_t = x_in[0][token_idx], x_in[1][token_idx]  # [n, H] int8, [n, 1]
@@ -168,7 +173,7 @@ class DeepseekMoE(nn.Module):
         h, i = config.hidden_size, config.moe_intermediate_size
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; only 'silu'")
-        self.gate = TopkRouter(config, dtype)
+        self.gate = TopkRouter(config)
         self.experts = RoutedExperts(config.n_routed_experts, h, i, quant_config, f"{prefix}.experts", dtype)
         self.shared_experts = None
         if getattr(config, "n_shared_experts", None):

@@ -60,3 +60,16 @@ def test_engine_greedy_matches_transformers(tiny_model):
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     for out in llm.generate(["Hello, my name is", "1 2 3"], params, use_tqdm=False):
         assert out.outputs[0].token_ids == hf_greedy(hf, out.prompt_token_ids, 6)
+
+
+def test_registry_maps_deepseek_and_kimi_k2():
+    from types import SimpleNamespace
+
+    from slimquant.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+    from slimquant.models.registry import model_class
+
+    assert model_class(SimpleNamespace(architectures=None, model_type="kimi_k2")) is DeepseekV3ForCausalLM
+    assert (
+        model_class(SimpleNamespace(architectures=["DeepseekV3ForCausalLM"], model_type="x")) is DeepseekV3ForCausalLM
+    )
+    assert model_class(SimpleNamespace(architectures=None, model_type="deepseek_v2")) is DeepseekV2ForCausalLM
