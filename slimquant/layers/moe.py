@@ -46,7 +46,7 @@ class TopkRouter(nn.Module):
         super().__init__()
         self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
         self.n_group, self.topk_group = getattr(config, "n_group", None) or 1, getattr(config, "topk_group", None) or 1
-        self.scoring = getattr(config, "scoring_func", "sigmoid" if _is_v3(config) else "softmax")
+        self.scoring = getattr(config, "scoring_func", None) or ("sigmoid" if _is_v3(config) else "softmax")
         self.topk_method = getattr(config, "topk_method", None) or ("noaux_tc" if _is_v3(config) else "greedy")
         self.norm_topk_prob, self.scaling = bool(config.norm_topk_prob), float(config.routed_scaling_factor)
         _check_routing(self.scoring, self.topk_method, self.num_experts, self.n_group)
