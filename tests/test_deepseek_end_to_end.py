@@ -1,0 +1,42 @@
+"""DeepSeek V2 / V3 end to end: quantize with the default mixed recipe, then run float and int8 side by side."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimquant import LLM, SamplingParams, quantize
+from slimquant.evaluation import evaluate
+from slimquant.random_models import make_tiny_model
+
+PROMPTS = ["Hello, my name is", "The capital of France is", "It is a truth universally", "Numbers: 0 1 2"]
+TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 6
+
+
+@pytest.fixture(scope="module", params=["deepseek_v3", "deepseek_v2"])
+def float_and_quantized(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    src = make_tiny_model(request.param, root / "float", dtype=torch.bfloat16)
+    quantize(src, root / "w8a8", "w8a8", progress=False)  # MLA static W8A8, MLP and experts W8A8_DYNAMIC
+    return src, root / "w8a8"
+
+
+def _greedy(path, **kw) -> list[list[int]]:
+    llm = LLM(str(path), max_model_len=128, dtype="float32", **kw)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_quantized_greedy_agrees_with_float_on_most_tokens(float_and_quantized):
+    src, dst = float_and_quantized
+    ref, quant = _greedy(src), _greedy(dst, quantization="ascend")
+    same = sum(a == b for x, y in zip(ref, quant, strict=True) for a, b in zip(x, y, strict=True))
+    assert same > 0.5 * 16 * len(PROMPTS)
+
+
+def test_quantized_next_token_agreement_and_perplexity(float_and_quantized):
+    float_res, quant_res = evaluate(
+        [str(p) for p in float_and_quantized], TEXT, context=64, dtype="float32", progress=False
+    )
+    assert quant_res.top1_agreement > 0.8
+    assert quant_res.perplexity < float_res.perplexity * 1.1
