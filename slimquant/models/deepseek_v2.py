@@ -6,22 +6,20 @@ Multi-token-prediction layers (index >= num_hidden_layers) are not built; their 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from slimquant.layers.embedding import VocabEmbedding
 from slimquant.layers.linear import Linear
 from slimquant.layers.mla import MLAttention
 from slimquant.layers.moe import DeepseekMoE, GatedMLP
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.rotary import (
-    RotaryEmbedding,
     apply_rotary,
     apply_rotary_interleaved,
     mla_softmax_scale,
     rope_parameters,
 )
+from slimquant.models.base import CausalLM, DecoderModel, PreNormDecoderLayer
 
 PACKED_MODULES = {
     "fused_qkv_a_proj": ["q_a_proj", "kv_a_proj_with_mqa"],
@@ -80,7 +78,7 @@ class DeepseekMLA(nn.Module):
         return self.o_proj(o)
 
 
-class DeepseekDecoderLayer(nn.Module):
+class DeepseekDecoderLayer(PreNormDecoderLayer):
     """Pre-norm block: MLA and a dense or MoE MLP, each residual add fused into the next norm."""
 
     def __init__(self, config, quant_config: QuantConfig, index: int, dtype: torch.dtype):
@@ -98,16 +96,6 @@ class DeepseekDecoderLayer(nn.Module):
             h, i = config.hidden_size, config.intermediate_size
             self.mlp = GatedMLP(h, i, quant_config, f"{prefix}.mlp", dtype, mlp_bias)
 
-    def forward(self, x, residual, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        # x, residual: [T, H] (residual None on the first layer)
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
-
 
 def is_moe_layer(config, index: int) -> bool:
     """Layers from first_k_dense_replace on (every moe_layer_freq-th) use the MoE MLP."""
@@ -117,50 +105,15 @@ def is_moe_layer(config, index: int) -> bool:
     return index >= (getattr(config, "first_k_dense_replace", 0) or 0) and index % freq == 0
 
 
-class DeepseekV2Model(nn.Module):
-    """Embeddings, decoder layers, final norm: (input_ids [T], positions [T]) -> hidden [T, H]."""
-
-    def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype):
-        super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
-        self.rotary = RotaryEmbedding(config.qk_rope_head_dim, rope_parameters(config))
-        self.layers = nn.ModuleList(
-            DeepseekDecoderLayer(config, quant_config, i, dtype) for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None  # [T, H]
-        cos, sin = self.rotary(positions, x.dtype)  # [T, rope]
-        for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin)
-        x, _ = self.norm(x, residual)
-        return x
-
-
-class DeepseekV2ForCausalLM(nn.Module):
-    """DeepSeek V2/V3 decoder + LM head; forward reads the engine's ForwardContext."""
+class DeepseekV2ForCausalLM(CausalLM):
+    """DeepSeek V2/V3 decoder (MLA + MoE) + LM head."""
 
     packed_modules_mapping = PACKED_MODULES
 
     def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype):
-        super().__init__()
-        self.config = config
-        self.model = DeepseekV2Model(config, quant_config, dtype)
-        self.lm_head = None
-        if not getattr(config, "tie_word_embeddings", False):
-            h, v = config.hidden_size, config.vocab_size
-            self.lm_head = Linear(h, [v], bias=False, quant_config=quant_config, prefix="lm_head", dtype=dtype)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [T] -> hidden [T, H]."""
-        return self.model(input_ids, positions)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> fp32 logits [N, V]."""
-        if self.lm_head is None:
-            return F.linear(hidden, self.model.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+        layers = [DeepseekDecoderLayer(config, quant_config, i, dtype) for i in range(config.num_hidden_layers)]
+        model = DecoderModel(config, quant_config, dtype, config.qk_rope_head_dim, layers)
+        super().__init__(config, quant_config, dtype, model)
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):

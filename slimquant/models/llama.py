@@ -5,16 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slimquant.layers.activation import silu_and_mul
 from slimquant.layers.attention import Attention
-from slimquant.layers.embedding import VocabEmbedding
 from slimquant.layers.linear import Linear
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
-from slimquant.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+from slimquant.layers.rotary import apply_rotary
+from slimquant.models.base import CausalLM, DecoderModel, PreNormDecoderLayer
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ class LlamaMLP(nn.Module):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [T, H] -> [T, 2I] -> [T, I] -> [T, H]
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(PreNormDecoderLayer):
     """Pre-norm block: attention and MLP, each with a residual add fused into the next norm."""
 
     def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, variant: Variant):
@@ -98,65 +97,24 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
         self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", dtype)
 
-    def forward(self, x, residual, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        # x, residual: [T, H] (residual None on the first layer)
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
 
-
-class LlamaModel(nn.Module):
-    """Embeddings, decoder layers, final norm: (input_ids [T], positions [T]) -> hidden [T, H]."""
-
-    def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype, variant: Variant):
-        super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
-        self.rotary = RotaryEmbedding(head_dim_of(config), rope_parameters(config))
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, quant_config, f"model.layers.{i}", dtype, variant)
-            for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None  # [T, H]
-        cos, sin = self.rotary(positions, x.dtype)  # [T, D]
-        for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin)
-        x, _ = self.norm(x, residual)
-        return x
-
-
-class LlamaForCausalLM(nn.Module):
-    """Decoder + LM head; forward reads the engine's ForwardContext, compute_logits gives fp32 logits."""
+class LlamaForCausalLM(CausalLM):
+    """Llama decoder + LM head (Qwen2 and Qwen3 are variants of it)."""
 
     packed_modules_mapping = PACKED_MODULES
 
     def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype):
-        super().__init__()
-        self.config = config
-        self.model = LlamaModel(config, quant_config, dtype, self.variant(config))
-        self.lm_head = None
-        if not getattr(config, "tie_word_embeddings", False):
-            h, v = config.hidden_size, config.vocab_size
-            self.lm_head = Linear(h, [v], bias=False, quant_config=quant_config, prefix="lm_head", dtype=dtype)
+        variant = self.variant(config)
+        layers = [
+            LlamaDecoderLayer(config, quant_config, f"model.layers.{i}", dtype, variant)
+            for i in range(config.num_hidden_layers)
+        ]
+        super().__init__(
+            config, quant_config, dtype, DecoderModel(config, quant_config, dtype, head_dim_of(config), layers)
+        )
 
     @staticmethod
     def variant(config) -> Variant:
         """Which of the family's options this architecture uses."""
         bias = bool(getattr(config, "attention_bias", False))
         return Variant(qkv_bias=bias, o_bias=bias)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [T] -> hidden [T, H]."""
-        return self.model(input_ids, positions)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> fp32 logits [N, V]."""
-        if self.lm_head is None:
-            return F.linear(hidden, self.model.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()

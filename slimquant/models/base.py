@@ -1,0 +1,75 @@
+"""What every decoder-only model shares: embeddings -> layers -> final norm, and the LM head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimquant.layers.embedding import VocabEmbedding
+from slimquant.layers.linear import Linear
+from slimquant.layers.norm import RMSNorm
+from slimquant.layers.quant_config import QuantConfig
+from slimquant.layers.rotary import RotaryEmbedding, rope_parameters
+
+
+class PreNormDecoderLayer(nn.Module):
+    """x -> norm -> self_attn -> (+ residual) -> norm -> mlp, residual adds fused into the norms.
+
+    Subclasses create input_layernorm, self_attn, post_attention_layernorm and mlp.
+    """
+
+    def forward(self, x, residual, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        # x, residual: [T, H] (residual None on the first layer)
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    """Embeddings, decoder layers, final norm: (input_ids [T], positions [T]) -> hidden [T, H].
+
+    Each layer is called as layer(x, residual, cos, sin) -> (x, residual), residual None on the first.
+    """
+
+    def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype, rope_dim: int, layers: list[nn.Module]):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.rotary = RotaryEmbedding(rope_dim, rope_parameters(config))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None  # [T, H]
+        cos, sin = self.rotary(positions, x.dtype)  # [T, rope_dim]
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class CausalLM(nn.Module):
+    """A DecoderModel plus LM head (tied to the embeddings when the config says so)."""
+
+    def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype, model: DecoderModel):
+        super().__init__()
+        self.config = config
+        self.model = model
+        self.lm_head = None
+        if not getattr(config, "tie_word_embeddings", False):
+            h, v = config.hidden_size, config.vocab_size
+            self.lm_head = Linear(h, [v], bias=False, quant_config=quant_config, prefix="lm_head", dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden [T, H]; reads the engine's ForwardContext."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> fp32 logits [N, V]."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.model.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
