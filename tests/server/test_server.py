@@ -95,6 +95,7 @@ def test_completion_n_and_logprobs(client):
     for c in r.choices:
         assert len(c.logprobs.tokens) == 4 and len(c.logprobs.token_logprobs) == 4
         assert all(lp <= 0 for lp in c.logprobs.token_logprobs)
+        assert c.logprobs.text_offset[0] == 0 and c.logprobs.text_offset == sorted(c.logprobs.text_offset)
     assert r.usage.completion_tokens == 12
 
 

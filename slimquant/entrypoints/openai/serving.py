@@ -242,7 +242,8 @@ def _completion_logprobs(c, ctx) -> dict | None:
         tokens.append(_token_text(ctx, tok, lps))
         token_lps.append(lps[tok].logprob)
         tops.append({_token_text(ctx, t, lps): lp.logprob for t, lp in lps.items()})
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": []}
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]  # into the completion text
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 def _chat_logprobs(c, ctx, k: int) -> dict:
