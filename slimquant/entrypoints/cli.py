@@ -11,6 +11,14 @@ import sys
 COMMANDS = ("demo", "quantize", "generate", "chat", "eval", "bench", "serve")
 
 
+class CommandParser(argparse.ArgumentParser):
+    """Sub-command parser that keeps the line breaks of descriptions and examples."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every sub-command registered."""
     parser = argparse.ArgumentParser(
@@ -18,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize LLMs to int8 (ascend / ModelSlim W8A8 format) and run them.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     for name in COMMANDS:
         importlib.import_module(f"slimquant.entrypoints.commands.{name}").register(sub)
     return parser

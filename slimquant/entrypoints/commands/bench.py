@@ -20,7 +20,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "prefill of --prompt-len tokens, and --streams concurrent streams decoding --decode-tokens each. "
         "Ratios are against the first row (the baseline), measured in the same run.\n\n"
         "example: slimquant bench out/float out/w8a8-dynamic --transformers",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("models", nargs="+", help="model folders, or 'SmolLM2-135M-Instruct'; the first is the baseline")
     p.add_argument("--transformers", action="store_true", help="add a transformers row for the first model")

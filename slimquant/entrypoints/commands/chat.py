@@ -22,7 +22,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="interactive chat in the terminal",
         description=f"Chat with MODEL using its chat template; replies stream as they are generated.\n{HELP}\n\n"
         "example: slimquant chat SmolLM2-135M-Instruct --temperature 0.7",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="model folder (float or ascend-quantized), or 'SmolLM2-135M-Instruct'")
     p.add_argument("--system", help="a system message that starts the conversation")

@@ -20,7 +20,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Convert the built-in SmolLM2-135M-Instruct once, quantize it to W8A8_DYNAMIC and W8A8 "
         "(cached in $SLIMQUANT_CACHE, default ~/.cache/slimquant), generate from two prompts and one chat "
         "turn, then print size, speed and perplexity of float vs int8.\n\nexample: slimquant demo",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--eval-tokens", type=int, default=4096, help="tokens of the built-in text for perplexity")
     p.add_argument("--refresh", action="store_true", help="re-quantize even if cached")

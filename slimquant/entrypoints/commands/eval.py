@@ -15,7 +15,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Perplexity of each MODEL on exactly the same token windows of a text, with the relative "
         "change and next-token (top-1) agreement against the first model.\n\n"
         "example: slimquant eval out/float out/w8a8 --corpus book.txt --context 512",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("models", nargs="+", help="model folders; the first is the baseline (usually float)")
     p.add_argument("--corpus", help="UTF-8 text file (default: the built-in Pride and Prejudice excerpt)")

@@ -18,7 +18,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="complete prompts offline",
         description="Complete each --prompt with MODEL (float or ascend-quantized).\n\n"
         'example: slimquant generate out/qwen-w8a8 --prompt "The capital of France is" --max-tokens 32',
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="model folder (float or ascend-quantized), or 'SmolLM2-135M-Instruct'")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")

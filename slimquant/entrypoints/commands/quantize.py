@@ -26,7 +26,6 @@ def register(subparsers) -> None:
         help="quantize a model to W8A8 / W8A8_DYNAMIC",
         description=HELP,
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", metavar="SRC", help="Hugging Face model folder (safetensors) or a .gguf file")
     p.add_argument("dst", metavar="DST", help="output folder (must not exist unless --overwrite)")

@@ -19,7 +19,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "example: slimquant serve out/qwen-w8a8 --quantization ascend --port 8000\n"
         "         curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
         '              -d \'{"messages": [{"role": "user", "content": "Hi"}]}\'',
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="model folder (float or ascend-quantized), or 'SmolLM2-135M-Instruct'")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
