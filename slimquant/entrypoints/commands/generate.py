@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Model-loading and engine options shared by generate and chat."""
+    """Model-loading and engine options shared by generate, chat and serve."""
     p.add_argument("--quantization", choices=["ascend"], help="expect an ascend (ModelSlim) checkpoint")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -44,8 +44,8 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
 
 
-def make_llm(args: argparse.Namespace):
-    """The LLM the engine options describe."""
+def make_llm(args: argparse.Namespace, **engine_kwargs):
+    """The LLM the engine options describe (plus any other LLM() keyword arguments)."""
     from slimquant import LLM, zoo
 
     return LLM(
@@ -55,6 +55,7 @@ def make_llm(args: argparse.Namespace):
         device=args.device,
         max_model_len=args.max_model_len,
         trust_remote_code=args.trust_remote_code,
+        **engine_kwargs,
     )
 
 

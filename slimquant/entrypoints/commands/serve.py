@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from slimquant.entrypoints.commands.generate import add_engine_args, make_llm
+
 log = logging.getLogger(__name__)
 
 
@@ -23,20 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model folder (float or ascend-quantized), or 'SmolLM2-135M-Instruct'")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--quantization", choices=["ascend"], help="expect an ascend (ModelSlim) checkpoint")
     p.add_argument("--served-model-name", help="the name clients use in 'model' (default: the folder name)")
     p.add_argument(
         "--api-key",
         default=os.environ.get("SLIMQUANT_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1 routes (or set SLIMQUANT_API_KEY)",
     )
-    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    add_engine_args(p)
     p.add_argument("--max-num-seqs", type=int, help="sequences batched together at most")
     p.add_argument("--max-n", type=int, default=16, help="largest 'n' a request may ask for (default 16)")
     p.add_argument("--chat-template", help="a Jinja chat template file that replaces the tokenizer's")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code")
-    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--kv-cache-memory-bytes", type=int, help="KV-cache size in bytes (default: the engine's choice)")
     p.set_defaults(func=run)
 
@@ -45,28 +43,14 @@ def run(args: argparse.Namespace) -> int:
     """Load the model and serve until Ctrl-C."""
     import uvicorn
 
-    from slimquant import LLM, zoo
     from slimquant.entrypoints.openai.server import make_server_app
 
-    model = zoo.resolve_model(args.model)
     template = _read_template(args.chat_template)
-    engine_args = {
-        k: v
-        for k, v in {"max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes": args.kv_cache_memory_bytes}.items()
-        if v is not None
-    }
-    llm = LLM(
-        model=str(model),
-        quantization=args.quantization,
-        max_model_len=args.max_model_len,
-        trust_remote_code=args.trust_remote_code,
-        dtype=args.dtype,
-        device=args.device,
-        **engine_args,
-    )
+    engine_args = {"max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes": args.kv_cache_memory_bytes}
+    llm = make_llm(args, **{k: v for k, v in engine_args.items() if v is not None})
     name = args.served_model_name or Path(args.model).name
     app, engine = make_server_app(llm, name, api_key=args.api_key, chat_template=template, max_n=args.max_n)
-    log.info("serving %s as '%s' on http://%s:%d/v1", model, name, args.host, args.port)
+    log.info("serving %s as '%s' on http://%s:%d/v1", args.model, name, args.host, args.port)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
