@@ -7,6 +7,8 @@ import gc
 import time
 from pathlib import Path
 
+from slimquant.quant.output import folder_bytes
+
 PROMPTS = ["Hello, my name is", "The future of AI is"]
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 SPEED_TOKENS = 64
@@ -82,15 +84,15 @@ def _perplexity(paths: list[Path], max_tokens: int) -> list[float]:
     return [r.perplexity for r in results]
 
 
-def _disk_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
-
-
 def _print_table(models: dict[str, Path], speeds: dict[str, float], ppl: list[float]) -> None:
-    base_size, base_speed, base_ppl = _disk_size(next(iter(models.values()))), speeds["float (bf16)"], ppl[0]
+    base_size, base_speed, base_ppl = (
+        folder_bytes(next(iter(models.values())), "*.safetensors"),
+        speeds["float (bf16)"],
+        ppl[0],
+    )
     print(f"\n{'model':<14}{'size MB':>9}{'x':>7}{'decode tok/s':>14}{'x':>7}{'perplexity':>12}{'change':>9}")
     for (name, path), p in zip(models.items(), ppl, strict=True):
-        size, speed = _disk_size(path), speeds[name]
+        size, speed = folder_bytes(path, "*.safetensors"), speeds[name]
         print(
             f"{name:<14}{size / 1e6:>9.1f}{size / base_size:>7.2f}{speed:>14.1f}{speed / base_speed:>7.2f}"
             f"{p:>12.3f}{(p / base_ppl - 1) * 100:>+8.2f}%"
