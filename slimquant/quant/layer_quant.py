@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
 
 from slimquant.quant.decoder import BiasedNorm, LayerRunner, replace_module
-from slimquant.quant.mappings import ArchSpec, layer_prefix
+from slimquant.quant.gptq import gptq_quantize
+from slimquant.quant.mappings import GPTQ_SKIP, ArchSpec, layer_prefix
 from slimquant.quant.modelslim import FLOAT, ModelSlimWriter
 from slimquant.quant.moe import count_idle
-from slimquant.quant.observers import ChannelRange, observe_inputs
+from slimquant.quant.observers import ChannelRange, SecondMoment, TokenSample, observe_inputs
 from slimquant.quant.qlinear import W8A8, SimLinear, Tensors, linear_tensors
-from slimquant.quant.smooth import Smoothing, smooth_linear, smooth_norm, smooth_producer_linear, smoothing_factors
+from slimquant.quant.smooth import (
+    AUTO,
+    Smoothing,
+    search_alpha,
+    smooth_linear,
+    smooth_norm,
+    smooth_producer_linear,
+    smoothing_factors,
+)
 
 NormParams = dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # norm -> (weight, bias or None), fp32
 
@@ -25,11 +35,14 @@ class LayerJob:
     spec: ArchSpec
     plan: dict[str, str]  # full linear name -> W8A8 | W8A8_DYNAMIC | FLOAT
     method: str  # none | smoothquant | iterative
-    alpha: float
+    alpha: float | str  # in [0, 1], or "auto": searched per smoothing group
     dtype: torch.dtype
     batch_size: int
     config: dict = field(default_factory=dict)  # config.json (which linears each layer has)
     idle_experts: int = 0  # routed experts that received no calibration token, over all layers so far
+    rounding: str = "nearest"  # nearest | gptq
+    sample_tokens: int = 2048  # calibration tokens per smoothing group that alpha "auto" scores on
+    alphas: dict[str, float] = field(default_factory=dict)  # full producer name -> alpha "auto" chose
 
 
 @torch.no_grad()
@@ -45,20 +58,32 @@ def quantize_layer(
     layer = runner.build(i, state)
     state.clear()  # the layer holds its own (compute-dtype) copies
     linears = job.spec.layer_linears(job.config, i)
-    with observe_inputs(layer, list(linears)) as ranges:
+    types = {rel: job.plan[layer_prefix(i) + rel] for rel in linears}
+    samples = {group[0]: TokenSample(job.sample_tokens) for _, group in _pairs(types, job)} if job.alpha == AUTO else {}
+    input_of = _gptq_inputs(types, job) if job.rounding == "gptq" else {}  # linear -> the linear its input is read at
+    moments = {key: SecondMoment() for key in set(input_of.values())}
+    extra = {n: [r for r in (samples.get(n), moments.get(n)) if r is not None] for n in linears}
+    with observe_inputs(layer, list(linears), extra) as ranges:
         runner.run(layer, hidden, job.batch_size)  # hidden: [S, T, H]
     job.idle_experts += count_idle(ranges, linears)
-    types = {rel: job.plan[layer_prefix(i) + rel] for rel in linears}
-    smoothings = _smoothings(layer, ranges, types, job)
+    smoothings = _smoothings(layer, ranges, types, job, samples, layer_prefix(i))
     norms = {
         src: smooth_norm(layer.get_submodule(src).weight, sm) for src, (sm, _) in smoothings.items() if src not in types
     }
     by_linear = {rel: sm for sm, group in smoothings.values() for rel in group}  # column smoothing
     by_rows = {src: sm for src, (sm, _) in smoothings.items() if src in types}  # row smoothing (producer)
     in_ranges = _input_ranges(ranges, by_linear, job.spec.layer_fused(linears))
+    hessians = _hessians(input_of, moments, by_linear)
     tensors = {
         rel: _quantize_linear(
-            layer, rel, by_linear.get(rel), by_rows.get(rel), types[rel], in_ranges.get(rel), job.dtype
+            layer,
+            rel,
+            by_linear.get(rel),
+            by_rows.get(rel),
+            types[rel],
+            in_ranges.get(rel),
+            job.dtype,
+            hessians.get(rel),
         )
         for rel in types
     }
@@ -67,17 +92,52 @@ def quantize_layer(
     return runner.run(layer, hidden, job.batch_size)
 
 
-def _smoothings(layer: nn.Module, ranges: dict[str, ChannelRange], types: dict[str, str], job: LayerJob):
-    """norm -> (Smoothing, its linears) for every pair with at least one quantized linear."""
-    out = {}
+def _pairs(types: dict[str, str], job: LayerJob) -> list[tuple[str, tuple[str, ...]]]:
+    """The smoothing pairs (producer, linears) with at least one quantized linear; none without smoothing."""
     if job.method == "none":
-        return out
-    for src, group in job.spec.layer_smooth_pairs(tuple(types)):
-        if all(types[rel] == FLOAT for rel in group):
-            continue
-        weights = [layer.get_submodule(rel).weight for rel in group]
+        return []
+    pairs = job.spec.layer_smooth_pairs(tuple(types))
+    return [(src, group) for src, group in pairs if any(types[rel] != FLOAT for rel in group)]
+
+
+def _smoothings(
+    layer: nn.Module, ranges: dict[str, ChannelRange], types: dict[str, str], job: LayerJob, samples, prefix
+):
+    """producer -> (Smoothing, its linears) for every pair with at least one quantized linear."""
+    out = {}
+    for src, group in _pairs(types, job):
+        lins = [layer.get_submodule(rel) for rel in group]
         method = "smoothquant" if src in types else job.method  # a linear producer takes no shift
-        out[src] = (smoothing_factors(ranges[group[0]], weights, job.alpha, method), group)
+        alpha = job.alpha
+        if alpha == AUTO:
+            members = [(lin.weight, lin.bias, types[rel]) for rel, lin in zip(group, lins, strict=True)]
+            alpha, _ = search_alpha(samples[group[0]].tensor(), ranges[group[0]], members, method, job.dtype)
+            job.alphas[prefix + src] = alpha
+        out[src] = (smoothing_factors(ranges[group[0]], [lin.weight for lin in lins], alpha, method), group)
+    return out
+
+
+def _gptq_inputs(types: dict[str, str], job: LayerJob) -> dict[str, str]:
+    """Each quantized linear that GPTQ rounds -> the linear whose input it shares (first of its smoothing group)."""
+    first = {rel: group[0] for _, group in job.spec.layer_smooth_pairs(tuple(types)) for rel in group}
+    return {
+        rel: first.get(rel, rel)
+        for rel, t in types.items()
+        if t != FLOAT and not any(fnmatchcase(rel, g) for g in GPTQ_SKIP)
+    }
+
+
+def _hessians(input_of: dict[str, str], moments: dict[str, SecondMoment], by_linear: dict[str, Smoothing]):
+    """linear -> H [K, K] of its smoothed input (one per shared input); linears whose input saw no token: none."""
+    cache: dict[str, torch.Tensor] = {}
+    out = {}
+    for rel, key in input_of.items():
+        if moments[key].count == 0:  # never ran: round to nearest
+            continue
+        if key not in cache:
+            sm = by_linear.get(rel)
+            cache[key] = moments[key].hessian(None, None) if sm is None else moments[key].hessian(sm.shift, sm.scale)
+        out[rel] = cache[key]
     return out
 
 
@@ -99,7 +159,7 @@ def _input_ranges(ranges, by_linear: dict[str, Smoothing], fused) -> dict[str, t
     return out
 
 
-def _quantize_linear(layer, rel, sm, sm_rows, qtype, in_range, dtype) -> Tensors:
+def _quantize_linear(layer, rel, sm, sm_rows, qtype, in_range, dtype, hessian=None) -> Tensors:
     if qtype == W8A8 and in_range is None:
         raise ValueError(
             f"{rel} received no calibration token, so static W8A8 has no input range for it; "
@@ -111,7 +171,8 @@ def _quantize_linear(layer, rel, sm, sm_rows, qtype, in_range, dtype) -> Tensors
         w, b = smooth_linear(w, b, sm)
     if sm_rows is not None:
         w, b = smooth_producer_linear(w, b, sm_rows)
-    return linear_tensors(w, b, qtype, in_range, dtype)
+    quantized = gptq_quantize(w, hessian.to(w.device)) if hessian is not None and qtype != FLOAT else None
+    return linear_tensors(w, b, qtype, in_range, dtype, quantized)
 
 
 def _write(writer: ModelSlimWriter, prefix: str, layer: nn.Module, tensors, norms: NormParams, dtype) -> None:

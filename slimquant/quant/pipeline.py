@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
 from slimquant.quant.decoder import LayerRunner
+from slimquant.quant.gptq import parse_rounding
 from slimquant.quant.layer_quant import LayerJob, quantize_layer
 from slimquant.quant.mappings import EMBED_PREFIX, LAYER_PREFIX, ArchSpec, arch_spec, layer_prefix
 from slimquant.quant.modelslim import FLOAT, ModelSlimWriter, is_modelslim_dir
@@ -36,7 +37,8 @@ def quantize(
     quant_type: str = "w8a8",
     *,
     anti_outlier: str | None = None,
-    alpha: float = 0.5,
+    alpha: float | str = 0.5,
+    rounding: str = "nearest",
     calib_data: str | os.PathLike | None = None,
     num_samples: int = 16,
     seq_len: int = 256,
@@ -54,6 +56,7 @@ def quantize(
     qtype = parse_quant_type(quant_type)
     mix_pairs, keep = parse_mix(mix), [keep_float] if isinstance(keep_float, str) else list(keep_float)
     shard_bytes, device, alpha = parse_size(shard_size), _check_device(device), check_alpha(alpha)
+    rounding = parse_rounding(rounding)
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     _check_paths(src, dst, overwrite)
@@ -69,7 +72,7 @@ def quantize(
         dtype = _model_dtype(ckpt)
         runner = LayerRunner(hf_dir, spec, dtype, device)
         _check_complete(ckpt, runner, num_layers)
-        job = LayerJob(spec, plan, method, alpha, dtype, batch_size, ckpt.config)
+        job = LayerJob(spec, plan, method, alpha, dtype, batch_size, ckpt.config, rounding=rounding)
         with staged_output(dst, overwrite) as out:
             writer = ModelSlimWriter(out, model_qtype, shard_bytes)
             extra_layers = _convert(ckpt, runner, job, ids, writer, num_layers, progress)

@@ -20,12 +20,16 @@ def linear_tensors(
     qtype: str,
     in_range: tuple[float, float] | None,
     dtype: torch.dtype,
+    quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Tensors:
-    """Quantize w [N, K] (fp32, already smoothed) as qtype; in_range (min, max) of its input for W8A8."""
+    """Quantize w [N, K] (fp32, already smoothed) as qtype; in_range (min, max) of its input for W8A8.
+
+    quantized: (w_q int8 [N, K], scale [N, 1]) rounded elsewhere (GPTQ); default: round to nearest.
+    """
     if qtype == FLOAT:
         out = {"weight": (w.to(dtype), FLOAT)}
         return out | ({"bias": (bias.to(dtype), FLOAT)} if bias is not None else {})
-    w_q, w_s = P.quantize_weight(w)  # [N, K] int8, [N, 1] fp32
+    w_q, w_s = quantized if quantized is not None else P.quantize_weight(w)  # [N, K] int8, [N, 1] fp32
     out = {"weight": (w_q, qtype)}
     if bias is not None:
         out["bias"] = (bias.to(dtype), FLOAT)

@@ -4,6 +4,9 @@ SmoothQuant: s = clamp(A_absmax^a / W_colmax^(1-a), min 1e-5) per input channel;
 linear's columns *= s. Iterative (ModelSlim m4) first shifts each channel by (max+min)/2: the norm gains a
 bias -shift/s and each linear's bias grows by W @ shift. A linear producer (up_proj before down_proj) takes
 the scale in its output rows instead of a norm, and no shift.
+
+alpha "auto" searches ALPHA_GRID per group: the alpha whose smoothed, quantized group (the runtime's math on a
+sample of the group's calibration inputs) has the lowest summed relative output error against float.
 """
 
 from __future__ import annotations
@@ -11,10 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
+from slimquant.quant.modelslim import FLOAT
 from slimquant.quant.observers import ChannelRange
+from slimquant.quant.qlinear import SimLinear, linear_tensors
 
 METHODS = ("none", "smoothquant", "iterative")
+AUTO = "auto"
+ALPHA_GRID = tuple(i / 20 for i in range(21))  # 0, 0.05, ..., 1
 _MIN_SCALE = 1e-5
 
 
@@ -33,11 +41,17 @@ def parse_method(name: str) -> str:
     return name
 
 
-def check_alpha(alpha: float) -> float:
-    """Validate an --alpha value (migration strength, 0 = all on activations kept, 1 = all moved to weights)."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"--alpha must be in [0, 1], got {alpha}")
-    return alpha
+def check_alpha(alpha: float | str) -> float | str:
+    """Validate an --alpha value: a migration strength in [0, 1] (0 keeps it on activations) or "auto" (per group)."""
+    if isinstance(alpha, str) and alpha.strip().lower() == AUTO:
+        return AUTO
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"--alpha must be a number in [0, 1] or 'auto', got {alpha!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"--alpha must be in [0, 1] or 'auto', got {alpha}")
+    return value
 
 
 def smoothing_factors(rng: ChannelRange, weights: list[torch.Tensor], alpha: float, method: str) -> Smoothing:
@@ -74,3 +88,40 @@ def smooth_producer_linear(
     """A linear whose output feeds the smoothed linears: rows [N, K] / s and bias [N] / s; fp32."""
     assert sm.shift is None, "a linear producer cannot absorb a shift"
     return w.float() / sm.scale[:, None], None if bias is None else bias.float() / sm.scale
+
+
+Member = tuple[torch.Tensor, torch.Tensor | None, str]  # one linear of a group: weight [N, K], bias [N], qtype
+
+
+def search_alpha(
+    x: torch.Tensor, rng: ChannelRange, members: list[Member], method: str, dtype: torch.dtype, grid=ALPHA_GRID
+) -> tuple[float, list[float]]:
+    """The grid alpha with the lowest group_error on the input sample x [n, K] (first on ties), and every error."""
+    weights = [w for w, _, _ in members]
+    refs = [F.linear(x, w.float(), None if b is None else b.float()) for w, b, _ in members]  # [n, N_i] each
+    errors = [group_error(x, rng, members, smoothing_factors(rng, weights, a, method), dtype, refs) for a in grid]
+    best = min(range(len(grid)), key=errors.__getitem__)
+    return grid[best], errors
+
+
+def group_error(
+    x: torch.Tensor,
+    rng: ChannelRange,
+    members: list[Member],
+    sm: Smoothing,
+    dtype: torch.dtype,
+    refs: list[torch.Tensor] | None = None,
+) -> float:
+    """Sum over the quantized linears of ||y_q - y||^2 / ||y||^2: y float, y_q the runtime on smoothed x [n, K]."""
+    shift = sm.shift if sm.shift is not None else torch.zeros_like(sm.scale)  # [K]
+    xs = (x - shift) / sm.scale  # [n, K]
+    in_range = rng.transformed(shift, sm.scale).tensor_range()  # static: per-tensor range of all smoothed tokens
+    total = 0.0
+    for j, (w, b, qtype) in enumerate(members):
+        if qtype == FLOAT:
+            continue
+        ref = refs[j] if refs is not None else F.linear(x, w.float(), None if b is None else b.float())  # [n, N]
+        ws, bs = smooth_linear(w, b, sm)
+        y = SimLinear(qtype, linear_tensors(ws, bs, qtype, in_range, dtype), dtype)(xs)  # [n, N]
+        total += float((y - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
+    return total

@@ -36,7 +36,17 @@ def register(subparsers) -> None:
         help="smoothing folded into norms: smoothquant, iterative (with shift, ModelSlim m4) or none "
         "[smoothquant (iterative for DeepSeek/Kimi) if any linear is w8a8, else none]",
     )
-    p.add_argument("--alpha", type=float, default=0.5, help="smoothing strength in [0, 1] [0.5]")
+    p.add_argument(
+        "--alpha",
+        default=0.5,
+        help="smoothing strength in [0, 1], or 'auto': searched per smoothing group on calibration data [0.5]",
+    )
+    p.add_argument(
+        "--rounding",
+        choices=("nearest", "gptq"),
+        default="nearest",
+        help="weight rounding: nearest, or gptq (error compensated with calibration Hessians, same format) [nearest]",
+    )
     p.add_argument("--calib-data", help="calibration text: .txt, .json list of strings, .jsonl with 'text' [built-in]")
     p.add_argument("--num-samples", type=int, default=16, help="calibration sequences [16]")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence [256]")
@@ -68,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         args.quant_type,
         anti_outlier=args.anti_outlier,
         alpha=args.alpha,
+        rounding=args.rounding,
         calib_data=args.calib_data,
         num_samples=args.num_samples,
         seq_len=args.seq_len,
