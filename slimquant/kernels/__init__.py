@@ -1,5 +1,21 @@
-"""Compute kernels: int8 GEMM and quantize ops (pure-torch reference + fast paths)."""
+"""Compute kernels: int8 GEMM with fused (de)quantization; pure-torch definitions + native AVX2 fast paths."""
 
-from slimquant.kernels.int8_ops import int8_mm, int8_mm_packed, pack_weight, quantize_per_token, quantize_static
+from slimquant.kernels.int8_ops import (
+    dynamic_linear,
+    int8_mm,
+    int8_mm_packed,
+    pack_weight,
+    quantize_per_token,
+    quantize_static,
+    static_linear,
+)
 
-__all__ = ["int8_mm", "int8_mm_packed", "pack_weight", "quantize_per_token", "quantize_static"]
+__all__ = [
+    "dynamic_linear",
+    "int8_mm",
+    "int8_mm_packed",
+    "pack_weight",
+    "quantize_per_token",
+    "quantize_static",
+    "static_linear",
+]

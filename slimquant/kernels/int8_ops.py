@@ -1,34 +1,56 @@
-"""int8 compute kernels the quant methods call: GEMM and activation quantization.
+"""int8 compute kernels the quant methods call: GEMM with fused activation quantization and dequantization.
 
-Each op has a pure-torch reference (the definition) and a fast path chosen by device; both give identical
-results. A later task swaps in oneDNN/AMX or compiled kernels behind these same functions.
+Each op has a pure-torch path (the definition) and, on AVX2 CPUs, a native path (kernels/native.py) that
+computes the same numbers bit for bit: exact int32 products, then the same float steps in the same order.
 
-GEMM on CPU: torch._int_mm has no vectorised kernel on CPUs without VNNI/AMX (25-1000x slower than fp32
-BLAS here, AVX2 EPYC). Until a native int8 kernel lands, `pack_weight` keeps the int8 weights as an fp32
-[K, N] copy and `int8_mm_packed` multiplies in K-chunks of at most 1024: every partial sum of int8 x int8
-products is an integer below 2^24, so fp32 holds it exactly and the int32 result is bit-exact. The cost is
-4 bytes of memory per weight at run time (the checkpoint stays int8).
+Runtime weight forms made by `pack_weight` from int8 [N, K]:
+- native CPU: int8 [N, Kp], K zero-padded to a multiple of 32 (1 byte per weight);
+- CPU without the native kernels (or a weight holding -128, which the AVX2 trick cannot take): an exact fp32
+  [K, N] copy multiplied in K-chunks of at most 1024, so every partial sum is an integer below 2^24 that fp32
+  holds exactly (torch._int_mm has no vectorised CPU kernel without VNNI/AMX: 25-1000x slower than fp32 BLAS);
+- CUDA: int8 [N, K] for torch._int_mm.
 """
 
 from __future__ import annotations
 
 import torch
 
+from slimquant.kernels import native
 from slimquant.quant.primitives import QMAX, QMIN, int8_matmul_reference
-from slimquant.quant.primitives import quantize_per_token as quantize_per_token  # the fast path too, for now
+from slimquant.quant.primitives import quantize_per_token as _quantize_per_token_torch
 
 _EXACT_K = 1024  # 1024 * 128 * 128 = 2^24: fp32 sums of this many int8 products are exact
 
 
 def pack_weight(w_q: torch.Tensor) -> torch.Tensor:
-    """Runtime form of an int8 weight [N, K]: int8 [N, K] on CUDA, exact fp32 [K, N] on CPU."""
-    if w_q.device.type == "cpu":
-        return w_q.float().t().contiguous()
-    return w_q
+    """Runtime form of int8 weights [..., N, K] (see the module docstring); a stack of experts packs alike."""
+    if w_q.device.type != "cpu":
+        return w_q
+    if native.available() and (w_q.numel() == 0 or int(w_q.min()) > QMIN):
+        k = w_q.shape[-1]
+        padded = torch.zeros(*w_q.shape[:-1], _round_up(k, native.K_ALIGN), dtype=torch.int8)  # [..., N, Kp]
+        padded[..., :k] = w_q
+        return padded
+    return w_q.float().transpose(-1, -2).contiguous()  # [..., K, N]
+
+
+def _round_up(k: int, multiple: int) -> int:
+    return (k + multiple - 1) // multiple * multiple
+
+
+def _is_native(packed: torch.Tensor) -> bool:
+    return packed.dtype == torch.int8 and packed.device.type == "cpu"
 
 
 def int8_mm_packed(x_q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """Exact int32 product x_q int8 [T, K] @ W^T for a weight made by pack_weight -> int32 [T, N]."""
+    if _is_native(packed):
+        x_q = _rows_contiguous(x_q)
+        out = torch.empty(x_q.shape[0], packed.shape[0], dtype=torch.int32)  # [T, N]
+        native.library().sq_int8_gemm(
+            x_q.data_ptr(), *_dims(x_q), packed.data_ptr(), packed.shape[0], packed.shape[1], out.data_ptr()
+        )
+        return out
     if packed.dtype == torch.int8:
         return int8_mm(x_q, packed)
     x = x_q.float()  # [T, K]
@@ -37,6 +59,71 @@ def int8_mm_packed(x_q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         part = (x[:, k : k + _EXACT_K] @ packed[k : k + _EXACT_K]).to(torch.int32)  # [T, N], exact
         out = part if out is None else out + part
     return out
+
+
+def dynamic_linear(
+    x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """W8A8_DYNAMIC: y [T, N] = (int8(x) @ W^T) * s_t * w_scale (+ bias) in fp32, x [T, K] quantized per token.
+
+    w_scale: fp32 [N] (already rounded to the model dtype); bias fp32 [N] or None.
+    """
+    if _is_native(packed) and x.device.type == "cpu":
+        xf = _rows_contiguous(x.float())  # [T, K]
+        y = torch.empty(xf.shape[0], packed.shape[0], dtype=torch.float32)  # [T, N]
+        native.library().sq_dynamic_linear(
+            xf.data_ptr(), *_dims(xf), packed.data_ptr(), packed.shape[0], packed.shape[1],
+            w_scale.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+        )  # fmt: skip
+        return y
+    x_q, s_t = quantize_per_token(x)  # [T, K] int8, [T, 1] fp32
+    y = int8_mm_packed(x_q, packed).float() * s_t * w_scale  # [T, N]
+    return y if bias is None else y + bias
+
+
+def static_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    inv_scale: torch.Tensor,
+    offset: torch.Tensor,
+    quant_bias: torch.Tensor,
+    deq_scale: torch.Tensor,
+) -> torch.Tensor:
+    """W8A8: y [T, N] = float(int8(x) @ W^T + quant_bias) * deq_scale, x [T, K] quantized with one scale/offset.
+
+    inv_scale, offset: [1] in x's dtype (the quantization runs in it); quant_bias int32 [N]; deq_scale fp32 [N].
+    """
+    if _is_native(packed) and x.dtype == torch.float32 and inv_scale.dtype == torch.float32:
+        x = _rows_contiguous(x)  # [T, K]
+        y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)  # [T, N]
+        native.library().sq_static_linear(
+            x.data_ptr(), *_dims(x), float(inv_scale), float(offset), packed.data_ptr(), packed.shape[0],
+            packed.shape[1], quant_bias.data_ptr(), deq_scale.data_ptr(), y.data_ptr(),
+        )  # fmt: skip
+        return y
+    acc = int8_mm_packed(quantize_static(x, inv_scale, offset), packed)  # [T, N] int32
+    return (acc + quant_bias).float() * deq_scale
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token int8: x [T, K] -> (x_q int8 [T, K], scale fp32 [T, 1])."""
+    if not (native.available() and x.device.type == "cpu"):
+        return _quantize_per_token_torch(x)
+    xf = _rows_contiguous(x.float())  # [T, K]
+    x_q = torch.empty(xf.shape, dtype=torch.int8)
+    scale = torch.empty(xf.shape[0], 1, dtype=torch.float32)
+    native.library().sq_quantize_per_token(xf.data_ptr(), *_dims(xf), x_q.data_ptr(), scale.data_ptr())
+    return x_q, scale
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x [T, K] with unit stride along K (a row stride of its own is fine)."""
+    return x if x.stride(-1) == 1 and x.stride(0) >= x.shape[1] else x.contiguous()
+
+
+def _dims(x: torch.Tensor) -> tuple[int, int, int]:
+    """(rows, columns, row stride) of a 2-D tensor for the native kernels."""
+    return x.shape[0], x.shape[1], x.stride(0)
 
 
 def int8_mm(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:

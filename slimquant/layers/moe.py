@@ -138,7 +138,7 @@ class RoutedExperts(nn.Module):
         for name in ("w13", "w2"):
             scale = getattr(self, f"{name}_scale").data  # [E, N, 1] fp32
             replace_param(self, f"{name}_scale", scale.to(self.dtype).reshape(self.num_experts, -1))  # [E, N]
-            packed = torch.stack([kernels.pack_weight(w) for w in getattr(self, name).data])
+            packed = kernels.pack_weight(getattr(self, name).data)  # [E, ...]: one form for all experts
             replace_param(self, name, packed)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:

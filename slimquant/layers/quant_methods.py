@@ -86,9 +86,10 @@ class W8A8StaticMethod(QuantMethod):
 
     def apply(self, layer, x, bias):
         # x: [T, K]; the float bias is folded into quant_bias, so `bias` is not added (as on the NPU)
-        x_q = kernels.quantize_static(x, layer.input_inv_scale, layer.input_offset_rt)  # [T, K] int8
-        acc = kernels.int8_mm_packed(x_q, layer.weight)  # [T, N] int32
-        return ((acc + layer.quant_bias).float() * layer.deq_scale).to(x.dtype)
+        y = kernels.static_linear(
+            x, layer.weight, layer.input_inv_scale, layer.input_offset_rt, layer.quant_bias, layer.deq_scale
+        )  # [T, N] fp32
+        return y.to(x.dtype)
 
 
 def _fused_input_params(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,15 +114,14 @@ class W8A8DynamicMethod(QuantMethod):
         layer.params_dtype = dtype
 
     def process_weights_after_loading(self, layer):
-        replace_param(layer, "weight_scale", layer.weight_scale.data.to(layer.params_dtype).reshape(-1))  # [N]
+        # scales as the NPU sees them (rounded to the model dtype), held in fp32 for the kernel: [N]
+        replace_param(layer, "weight_scale", layer.weight_scale.data.to(layer.params_dtype).float().reshape(-1))
         replace_param(layer, "weight", kernels.pack_weight(layer.weight.data))
 
     def apply(self, layer, x, bias):
-        x_q, s_t = kernels.quantize_per_token(x)  # [T, K] int8, [T, 1] fp32
-        y = kernels.int8_mm_packed(x_q, layer.weight).float() * s_t * layer.weight_scale.float()  # [T, N]
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(x.dtype)
+        # x: [T, K] -> [T, N]
+        bias = None if bias is None else bias.float()
+        return kernels.dynamic_linear(x, layer.weight, layer.weight_scale, bias).to(x.dtype)
 
 
 METHODS_BY_TYPE: dict[str, type[QuantMethod]] = {"W8A8": W8A8StaticMethod, "W8A8_DYNAMIC": W8A8DynamicMethod}

@@ -77,7 +77,7 @@ def test_dynamic_weight_scale_rounded_to_model_dtype():
     for name, t in dict(weight=w_q, weight_scale=w_s, weight_offset=0 * w_s, bias=torch.randn(4)).items():
         layer.load_shard(name, 0, t)
     layer.process_weights_after_loading()
-    assert layer.weight_scale.dtype == torch.bfloat16 and layer.weight_scale.shape == (4,)
+    assert torch.equal(layer.weight_scale, w_s.to(torch.bfloat16).float().reshape(4))  # rounded, held in fp32
     x = torch.randn(5, 8, dtype=torch.bfloat16)
     x_q, s_t = P.quantize_per_token(x)
     ref = (x_q.double() @ w_q.double().T) * w_s.to(torch.bfloat16).double().T * s_t.double() + layer.bias.double()

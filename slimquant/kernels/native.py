@@ -1,0 +1,102 @@
+"""The native AVX2 int8 kernels (csrc/int8_cpu.cpp): built once with the system C++ compiler, loaded by ctypes.
+
+The library lands in $SLIMQUANT_CACHE/kernels (default ~/.cache/slimquant/kernels) under a name that hashes
+the source and the flags, so an edit rebuilds it. Where there is no compiler, no AVX2, or
+SLIMQUANT_NATIVE=0, `library()` returns None and the callers keep the pure-torch path (logged once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from slimquant.kernels.cpu import cpu_flags
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "int8_cpu.cpp"
+FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
+K_ALIGN = 32  # the kernel reads K in steps of 32 bytes: weights are padded to a multiple of it
+_ABI_VERSION = 1
+
+_i, _p, _f = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+_SIGNATURES = {
+    "sq_int8_gemm": [_p, _i, _i, _i, _p, _i, _i, _p],
+    "sq_dynamic_linear": [_p, _i, _i, _i, _p, _i, _i, _p, _p, _p],
+    "sq_static_linear": [_p, _i, _i, _i, _f, _f, _p, _i, _i, _p, _p, _p],
+    "sq_quantize_per_token": [_p, _i, _i, _i, _p, _p],
+}
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept."""
+    root = os.environ.get("SLIMQUANT_CACHE") or Path.home() / ".cache" / "slimquant"
+    return Path(root) / "kernels"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None where it cannot run here (the reason is logged once)."""
+    reason = _unavailable_reason()
+    if reason is None:
+        try:
+            return _load(_build())
+        except (OSError, subprocess.CalledProcessError) as err:
+            reason = f"building {SOURCE.name} failed: {err}"
+    logger.warning("native int8 kernels off (%s); int8 GEMMs run through fp32 BLAS instead", reason)
+    return None
+
+
+def available() -> bool:
+    """True when the native kernels are loaded."""
+    return library() is not None
+
+
+def _unavailable_reason() -> str | None:
+    if os.environ.get("SLIMQUANT_NATIVE", "1") == "0":
+        return "SLIMQUANT_NATIVE=0"
+    if "avx2" not in cpu_flags():
+        return "this CPU has no AVX2"
+    if _compiler() is None:
+        return "no C++ compiler found (install g++ or set CXX)"
+    return None
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _build() -> Path:
+    """Compile the source unless a library built from the same source and flags is cached."""
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    out = cache_dir() / f"int8_cpu-{tag}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        staged = Path(tmp) / out.name
+        subprocess.run([_compiler(), *FLAGS, str(SOURCE), "-o", str(staged)], check=True, capture_output=True)
+        os.replace(staged, out)  # atomic: a concurrent build never sees half a file
+    logger.info("built native int8 kernels: %s", out)
+    return out
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    torch.get_num_threads()  # torch's OpenMP runtime first: the library shares it (same soname)
+    lib = ctypes.CDLL(str(path))
+    if lib.sq_abi_version() != _ABI_VERSION:
+        raise OSError(f"{path} has ABI {lib.sq_abi_version()}, expected {_ABI_VERSION}")
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
+    return lib

@@ -1,0 +1,121 @@
+"""Native int8 kernels vs the pure-torch definitions: exact integers, bit-identical fused (de)quantization."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from slimquant.kernels import int8_ops as K
+from slimquant.kernels import native
+from slimquant.kernels.cpu import cpu_flags
+from slimquant.quant import primitives as P
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+SHAPES = [(1, 1, 1), (1, 17, 5), (2, 31, 3), (3, 33, 17), (5, 1025, 7), (17, 64, 9), (65, 100, 13), (130, 40, 4)]
+
+
+def test_native_kernels_build_where_the_cpu_and_compiler_allow():
+    """A broken build must fail here, not silently fall back to the slow path."""
+    if "avx2" in cpu_flags() and shutil.which("g++"):
+        assert native.available()
+
+
+def _torch_form(w_q: torch.Tensor) -> torch.Tensor:
+    return w_q.float().t().contiguous()  # what pack_weight gives without native kernels: [K, N]
+
+
+@needs_native
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES)
+def test_int8_gemm_is_exact(m, k, n):
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    packed = K.pack_weight(w_q)
+    assert packed.dtype == torch.int8 and packed.shape == (n, -(-k // 32) * 32)
+    assert torch.equal(K.int8_mm_packed(x_q, packed), P.int8_matmul_reference(x_q, w_q))
+
+
+@needs_native
+def test_int8_gemm_extremes_do_not_saturate():
+    x_q = torch.full((3, 1024), -128, dtype=torch.int8)
+    w_q = torch.cat([torch.full((2, 1024), 127), torch.full((2, 1024), -127)]).to(torch.int8)  # [4, 1024]
+    assert torch.equal(K.int8_mm_packed(x_q, K.pack_weight(w_q)), P.int8_matmul_reference(x_q, w_q))
+
+
+def test_weight_with_minus_128_keeps_the_exact_fp32_form():
+    w_q = torch.tensor([[-128, 3], [5, 7]], dtype=torch.int8)
+    packed = K.pack_weight(w_q)
+    assert packed.dtype == torch.float32
+    x_q = torch.tensor([[-128, 127]], dtype=torch.int8)
+    assert torch.equal(K.int8_mm_packed(x_q, packed), P.int8_matmul_reference(x_q, w_q))
+
+
+@needs_native
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_dynamic_linear_equals_unfused(m, k, n, with_bias):
+    g = torch.Generator().manual_seed(k * 7 + n)
+    x = torch.randn(m, k, generator=g) * 4
+    x[0, : min(k, 3)] = 0.0  # exact zeros, and an all-zero row below
+    if m > 2:
+        x[2] = 0.0
+    w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    w_s, bias = torch.rand(n, generator=g) / 50, torch.randn(n, generator=g) if with_bias else None
+    fused = K.dynamic_linear(x, K.pack_weight(w_q), w_s, bias)
+    assert torch.equal(fused, K.dynamic_linear(x, _torch_form(w_q), w_s, bias))
+    x_q, s_t = P.quantize_per_token(x)  # the definition, step by step
+    y = P.int8_matmul_reference(x_q, w_q).float() * s_t * w_s
+    assert torch.equal(fused, y if bias is None else y + bias)
+
+
+@needs_native
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES)
+def test_fused_static_linear_equals_unfused(m, k, n):
+    g = torch.Generator().manual_seed(k * 5 + n)
+    x = torch.randn(m, k, generator=g) * 3
+    x[0, 0] = 1e4  # saturates at 127
+    inv, off = torch.tensor([1 / 0.02]), torch.tensor([-7.0])
+    w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    qb = torch.randint(-5000, 5000, (n,), dtype=torch.int32, generator=g)
+    deq = torch.rand(n, generator=g) / 1000
+    fused = K.static_linear(x, K.pack_weight(w_q), inv, off, qb, deq)
+    assert torch.equal(fused, K.static_linear(x, _torch_form(w_q), inv, off, qb, deq))
+    acc = P.int8_matmul_reference(K.quantize_static(x, inv, off), w_q)
+    assert torch.equal(fused, (acc + qb).float() * deq)
+
+
+@needs_native
+def test_strided_and_bf16_inputs():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 80, generator=g)
+    x = base[::2, 5:70]  # rows with a stride of their own, and a non-unit offset
+    w_q = torch.randint(-127, 128, (9, 65), dtype=torch.int8, generator=g)
+    w_s = torch.rand(9, generator=g)
+    assert torch.equal(
+        K.dynamic_linear(x, K.pack_weight(w_q), w_s, None), K.dynamic_linear(x.clone(), _torch_form(w_q), w_s, None)
+    )
+    xb = x.bfloat16()
+    assert torch.equal(
+        K.dynamic_linear(xb, K.pack_weight(w_q), w_s, None), K.dynamic_linear(xb, _torch_form(w_q), w_s, None)
+    )
+
+
+@needs_native
+@pytest.mark.parametrize(("m", "k"), [(1, 1), (3, 17), (40, 1025)])
+def test_quantize_per_token_equals_the_definition(m, k):
+    x = torch.randn(m, k) * 10
+    x[0, 0] = 0.5 * float(x[0].abs().max())  # a value near a rounding boundary is still decided alike
+    x_q, s = K.quantize_per_token(x)
+    ref_q, ref_s = P.quantize_per_token(x)
+    assert torch.equal(x_q, ref_q) and torch.equal(s, ref_s)
+
+
+@needs_native
+def test_stacked_expert_weights_pack_alike():
+    w = torch.randint(-127, 128, (3, 5, 40), dtype=torch.int8)
+    packed = K.pack_weight(w)
+    x_q = torch.randint(-128, 128, (4, 40), dtype=torch.int8)
+    for e in range(3):
+        assert torch.equal(K.int8_mm_packed(x_q, packed[e]), P.int8_matmul_reference(x_q, w[e]))
