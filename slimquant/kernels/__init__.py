@@ -1,5 +1,6 @@
 """Compute kernels: int8 GEMM with fused (de)quantization; pure-torch definitions + native AVX2 fast paths."""
 
+from slimquant.kernels.float_ops import float_linear, pack_float_weight
 from slimquant.kernels.int8_ops import (
     dynamic_linear,
     int8_mm,
@@ -12,8 +13,10 @@ from slimquant.kernels.int8_ops import (
 
 __all__ = [
     "dynamic_linear",
+    "float_linear",
     "int8_mm",
     "int8_mm_packed",
+    "pack_float_weight",
     "pack_weight",
     "quantize_per_token",
     "quantize_static",

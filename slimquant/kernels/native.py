@@ -34,6 +34,7 @@ _SIGNATURES = {
     "sq_dynamic_linear": [_p, _i, _i, _i, _p, _i, _i, _p, _p, _p],
     "sq_static_linear": [_p, _i, _i, _i, _f, _f, _p, _i, _i, _p, _p, _p],
     "sq_quantize_per_token": [_p, _i, _i, _i, _p, _p],
+    "sq_bf16_linear": [_p, _i, _i, _i, _p, _i, _p, _p],
 }
 
 

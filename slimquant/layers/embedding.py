@@ -6,13 +6,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimquant import kernels
+
 
 class VocabEmbedding(nn.Module):
     """ids [T] -> embeddings [T, H]; weight created empty, filled by the loader."""
 
     def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype):
         super().__init__()
+        self.dtype = dtype
         self.weight = nn.Parameter(torch.empty(num_embeddings, dim, dtype=dtype), requires_grad=False)
 
+    def process_weights_after_loading(self) -> None:
+        """Hold the table as bf16 where that is exact (kernels/float_ops.py); rows come out in the model dtype."""
+        self.weight = nn.Parameter(kernels.pack_float_weight(self.weight.data), requires_grad=False)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        return F.embedding(ids, self.weight).to(self.dtype)

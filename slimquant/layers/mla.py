@@ -64,7 +64,8 @@ class MLAttention(KVCacheLayer):
     ) -> torch.Tensor:
         """As _attend, with kv_b_proj's W_UK folded into q and W_UV applied after attention over latents."""
         cached = gather_context(self.kv_cache, block_tables, max(context_lens))[:, None]  # [B, 1, S, R + rope]
-        w = kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)  # [NH, nope + V, R]
+        w = kv_b_proj.weight.to(q.dtype)  # [NH * (nope + V), R]: float, maybe held as bf16
+        w = w.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)  # [NH, nope + V, R]
         w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # [NH, nope, R], [NH, V, R]
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # [B, Q, NH, nope], [B, Q, NH, rope]
         q_lat = torch.einsum("bqhn,hnr->bhqr", q_nope, w_uk)  # [B, NH, Q, R]

@@ -10,7 +10,6 @@ import logging
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slimquant import kernels
@@ -60,8 +59,11 @@ class UnquantizedMethod(QuantMethod):
     def create_weights(self, layer, in_features, out_features, dtype):
         add_param(layer, "weight", (out_features, in_features), dtype)
 
+    def process_weights_after_loading(self, layer):
+        replace_param(layer, "weight", kernels.pack_float_weight(layer.weight.data))  # bf16 if exact, else as is
+
     def apply(self, layer, x, bias):
-        return F.linear(x, layer.weight, bias)
+        return kernels.float_linear(x, layer.weight, bias)
 
 
 class W8A8StaticMethod(QuantMethod):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from slimquant import kernels
 from slimquant.layers.embedding import VocabEmbedding
 from slimquant.layers.linear import Linear
 from slimquant.layers.norm import RMSNorm
@@ -71,5 +71,5 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> fp32 logits [N, V]."""
         if self.lm_head is None:
-            return F.linear(hidden, self.model.embed_tokens.weight).float()
+            return kernels.float_linear(hidden, self.model.embed_tokens.weight).float()
         return self.lm_head(hidden).float()

@@ -141,6 +141,62 @@ void quantize_static(const float* x, int m, int k, int ldx, float inv, float off
 
 QuantizedX empty_x(int m, int kp) { return QuantizedX{std::vector<int8_t>((size_t)m * kp), std::vector<uint8_t>((size_t)m * kp), kp}; }
 
+
+// ---- float linears with bf16-stored weights: y = x W^T computed in fp32 (a bf16 value is exact in fp32) ----
+
+inline __m256 load_bf16x8(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// R rows x T tokens over K (a multiple of 8): x rows at stride ldx, weights at stride k.
+template <int R, int T>
+inline void block_dot_bf16(const uint16_t* w, int k, const float* x, int ldx, float* out) {
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  for (int j = 0; j < k; j += 8) {
+    __m256 xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + (size_t)t * ldx + j);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = load_bf16x8(w + (size_t)r * k + j);
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) out[r * T + t] = hsum_ps(acc[r][t]);
+}
+
+void bf16_tile(const float* x, int ldx, const uint16_t* w, int k, int n, int m0, int m1, int n0, int n1,
+               const float* bias, float* y) {
+  float r[8];
+  auto put = [&](int i, int j, float v) { y[(size_t)i * n + j] = bias ? v + bias[j] : v; };
+  int j = n0;
+  for (; j + 4 <= n1; j += 4) {
+    int i = m0;
+    for (; i + 2 <= m1; i += 2) {
+      block_dot_bf16<4, 2>(w + (size_t)j * k, k, x + (size_t)i * ldx, ldx, r);
+      for (int c = 0; c < 4; ++c) put(i, j + c, r[2 * c]), put(i + 1, j + c, r[2 * c + 1]);
+    }
+    for (; i < m1; ++i) {
+      block_dot_bf16<4, 1>(w + (size_t)j * k, k, x + (size_t)i * ldx, ldx, r);
+      for (int c = 0; c < 4; ++c) put(i, j + c, r[c]);
+    }
+  }
+  for (; j < n1; ++j)
+    for (int i = m0; i < m1; ++i) {
+      block_dot_bf16<1, 1>(w + (size_t)j * k, k, x + (size_t)i * ldx, ldx, r);
+      put(i, j, r[0]);
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -190,6 +246,16 @@ void sq_quantize_per_token(const float* x, int m, int k, int ldx, int8_t* xq, fl
   QuantizedX q = empty_x(m, k);
   quantize_dynamic(x, m, k, ldx, q, scales);
   std::memcpy(xq, q.q.data(), (size_t)m * k);
+}
+
+// y fp32 [M, N] = x fp32 [M, K] (row stride ldx) @ w bf16 [N, K]^T (+ bias fp32 [N]); K a multiple of 8.
+void sq_bf16_linear(const float* x, int m, int k, int ldx, const uint16_t* w, int n, const float* bias, float* y) {
+  const int tok_tiles = (m + kTokTile - 1) / kTokTile, row_tiles = (n + kRowTile - 1) / kRowTile;
+#pragma omp parallel for collapse(2) schedule(static) if ((size_t)m * n * k > 65536)
+  for (int mt = 0; mt < tok_tiles; ++mt)
+    for (int nt = 0; nt < row_tiles; ++nt)
+      bf16_tile(x, ldx, w, k, n, mt * kTokTile, std::min(m, (mt + 1) * kTokTile), nt * kRowTile,
+                std::min(n, (nt + 1) * kRowTile), bias, y);
 }
 
 }  // extern "C"

@@ -1,0 +1,39 @@
+"""bf16-held float weights: exact packing, and fp32 results equal to fp32 BLAS up to summation order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimquant.kernels import float_ops, native
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+
+
+@needs_native
+def test_weights_exact_in_bf16_are_held_as_bf16():
+    w = torch.randn(7, 16).bfloat16().float()
+    packed = float_ops.pack_float_weight(w)
+    assert packed.dtype == torch.bfloat16 and torch.equal(packed.float(), w)
+
+
+def test_weights_not_exact_in_bf16_stay_fp32():
+    w = torch.randn(7, 16) + 1e-4  # fp32 values with more mantissa than bf16
+    assert float_ops.pack_float_weight(w) is w
+    assert float_ops.pack_float_weight(torch.randn(3, 12).bfloat16().float()).dtype == torch.float32  # K % 8 != 0
+
+
+@needs_native
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 8, 1), (2, 24, 5), (3, 576, 37), (16, 64, 9), (17, 40, 6)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_float_linear_matches_fp32_blas(m, k, n, with_bias):
+    g = torch.Generator().manual_seed(m + k + n)
+    w = torch.randn(n, k, generator=g).bfloat16().float()
+    x = torch.randn(m, k, generator=g)[:, :k]
+    bias = torch.randn(n, generator=g) if with_bias else None
+    y = float_ops.float_linear(x, float_ops.pack_float_weight(w), bias)
+    ref = x.double() @ w.double().T + (0 if bias is None else bias.double())  # [m, n]
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * k**0.5)
+    torch.testing.assert_close(y, F.linear(x, w, bias), rtol=1e-5, atol=1e-5 * k**0.5)
