@@ -49,8 +49,19 @@ def quantize(
     overwrite: bool = False,
     batch_size: int = 4,
     progress: bool = True,
+    report: bool = False,
+    max_loss: float | None = None,
 ) -> QuantizeSummary:
-    """Quantize the HF folder or .gguf file `src` into the ascend (ModelSlim) folder `dst`; see FORMAT.md."""
+    """Quantize the HF folder or .gguf file `src` into the ascend (ModelSlim) folder `dst`; see FORMAT.md.
+
+    report: also write the per-linear sensitivity report (sensitivity.md/.json/.png, quant/sensitivity.py) into dst.
+    max_loss: keep the most sensitive linears float until held-out perplexity is within max_loss % (quant/fallback.py).
+    """
+    arguments = dict(locals())  # first statement: exactly the arguments
+    if max_loss is not None:
+        from slimquant.quant.fallback import quantize_within_loss
+
+        return quantize_within_loss(**arguments)
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     qtype = parse_quant_type(quant_type)
@@ -78,6 +89,8 @@ def quantize(
             extra_layers = _convert(ckpt, runner, job, ids, writer, num_layers, progress)
             fields = (spec.config_fields or {}).get(qtype, {})
             write_model_files(hf_dir, out, ckpt.config | fields, spec.config_indent)
+            if report:
+                _write_report(hf_dir, out, calib_data, num_samples, seq_len, batch_size, device, progress)
     counts = Counter(plan.values()) + Counter({FLOAT: int("lm_head.weight" in ckpt)})
     return QuantizeSummary(
         output=dst,
@@ -90,7 +103,16 @@ def quantize(
         source_bytes=folder_bytes(src, "*.safetensors"),
         output_bytes=folder_bytes(dst),
         seconds=time.perf_counter() - start,
+        report=dst / "sensitivity.md" if report else None,
     )
+
+
+def _write_report(hf_dir: Path, out: Path, calib_data, num_samples, seq_len, batch_size, device, progress) -> None:
+    """Per-linear sensitivity of the checkpoint just written in out, saved beside it."""
+    from slimquant.quant.sensitivity import measure_sensitivity
+
+    kw = dict(num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, device=device, progress=progress)
+    measure_sensitivity(hf_dir, out, calib_data=calib_data, **kw).save(out)
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:

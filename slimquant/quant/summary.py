@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from slimquant.quant.fallback import FallbackResult
 
 
 @dataclass
@@ -20,6 +24,8 @@ class QuantizeSummary:
     source_bytes: int = 0  # float checkpoint on disk (weights only; the .gguf file for a GGUF source)
     output_bytes: int = 0  # everything written to the output folder
     seconds: float = 0.0
+    report: Path | None = None  # sensitivity.md written with report=True (+ .json, .png beside it)
+    fallback: FallbackResult | None = None  # what max_loss= kept float, and the measured held-out loss
 
     def __str__(self) -> str:
         quantized = {k: v for k, v in self.linears.items() if k != "FLOAT"}
@@ -35,6 +41,8 @@ class QuantizeSummary:
             ("size before", _human(self.source_bytes)),
             ("size after", f"{_human(self.output_bytes)} ({self.output_bytes / max(self.source_bytes, 1):.2f}x)"),
             ("time", f"{self.seconds:.1f} s"),
+            *(self.fallback.rows() if self.fallback else []),
+            *([("sensitivity report", str(self.report))] if self.report else []),
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

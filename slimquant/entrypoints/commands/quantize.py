@@ -64,6 +64,17 @@ def register(subparsers) -> None:
     p.add_argument("--shard-size", default="4GiB", help="cap per output shard, e.g. 500MB, 4GiB [4GiB]")
     p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward [4]")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="also write DST/sensitivity.md, .json, .png: each quantized linear's relative output error",
+    )
+    p.add_argument(
+        "--max-loss",
+        metavar="P",
+        help="keep the most sensitive linears float, fewest first, until perplexity on held-out calibration "
+        "text (a quarter of it) is within +P%% of float, e.g. 1.0 (re-quantizes several times)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -89,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        report=args.report,
+        max_loss=args.max_loss,
     )
     print(summary)
     return 0

@@ -1,0 +1,257 @@
+"""--max-loss P: keep the most sensitive linears float, fewest first, until held-out perplexity is within P %.
+
+Held-out text: the calibration texts (the built-in prompt set, or --calib-data) are split once; the last text and
+every 4th before it (a quarter) are held out and never calibrate any candidate, the others calibrate all of them.
+The loss is 100 * (ppl(quantized) / ppl(float) - 1) on the held-out texts joined (512-token windows, at most
+8192 tokens), the float SRC as the baseline, both through slimquant.evaluation.evaluate(). The built-in set holds
+out about 200 tokens only: give a larger --calib-data (a book chapter) for a steadier measure.
+
+Search: quantize with the user's settings; if the loss exceeds P, measure each linear's sensitivity on that
+checkpoint (sensitivity.py) and rank the keep-float units (a linear, or a group that must share one type: q/k/v,
+gate/up, a layer's routed experts) by their most sensitive member. Quantize again with the top k units float,
+k = 1, 2, 4, ... until within P, then bisect down towards the smallest such k (to within k/8: every step is a
+full quantize run). The bound is every unit float: if even that misses P, that checkpoint is written and the
+summary says that P was not met. Kept linears are FLOAT in the description (as --keep-float makes them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from slimquant.quant.calibration import load_texts
+from slimquant.quant.mappings import arch_spec
+from slimquant.quant.output import check_destination, folder_bytes
+from slimquant.quant.sensitivity import SensitivityReport, measure_sensitivity
+from slimquant.quant.sources import HFCheckpoint
+from slimquant.quant.summary import QuantizeSummary
+
+HELDOUT_EVERY = 4  # one calibration text in 4 is held out
+HELDOUT_CONTEXT, HELDOUT_MAX_TOKENS = 512, 8192
+REFINE = 8  # bisection stops within k / 8 of the smallest passing k (each step is a full quantize run)
+
+
+@dataclass
+class FallbackResult:
+    """What --max-loss did: the bound, the measured loss, and the linears it kept float."""
+
+    max_loss: float  # P, percent
+    loss: float  # measured loss of the written checkpoint, percent
+    met: bool
+    kept_float: list[str] = field(default_factory=list)  # full linear names
+    tried: list[tuple[int, float]] = field(default_factory=list)  # (units kept float, loss %) in search order
+    units: int = 0  # keep-float units that were candidates
+    heldout_tokens: int = 0
+
+    def rows(self) -> list[tuple[str, str]]:
+        """Lines for the printed summary."""
+        verdict = "met" if self.met else f"NOT met even with all {self.units} quantized units float"
+        kept = ", ".join(self.kept_float[:6]) + (f", ... ({len(self.kept_float)})" if len(self.kept_float) > 6 else "")
+        loss = f"held-out loss {self.loss:+.3f}% on {self.heldout_tokens} tokens"
+        return [
+            ("max-loss", f"{self.max_loss:g}% ({verdict}); {loss}"),
+            ("max-loss kept float", kept or "none"),
+            ("max-loss search", " ".join(f"{k}:{loss:+.2f}%" for k, loss in self.tried)),
+        ]
+
+
+def parse_max_loss(value: object) -> float:
+    """A --max-loss value: a finite percentage >= 0."""
+    not_a_number = f"--max-loss must be a number (percent perplexity increase, e.g. 1.0), got {value!r}"
+    if isinstance(value, bool):
+        raise ValueError(not_a_number)
+    try:
+        p = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(not_a_number) from None
+    if not math.isfinite(p) or p < 0:
+        raise ValueError(f"--max-loss must be a finite percentage >= 0 (e.g. 1.0 for +1% perplexity), got {value!r}")
+    return p
+
+
+def split_texts(texts: list[str]) -> tuple[list[str], list[str]]:
+    """(calibration texts, held-out texts): the last text and every 4th before it are held out."""
+    if len(texts) < 2:
+        raise ValueError(
+            "--max-loss needs at least 2 calibration texts (a quarter is held out to measure the loss); "
+            "give --calib-data with more texts (paragraphs of a .txt are separated by blank lines)"
+        )
+    held = set(range(len(texts) - 1, 0, -HELDOUT_EVERY))
+    return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
+
+
+def search(units: int, measure: Callable[[int], float], max_loss: float, loss0: float) -> tuple[int, list]:
+    """Smallest k in 0..units with measure(k) <= max_loss: doubling, then bisection to within k/8 (units if none).
+
+    loss0 is measure(0), already known. Returns (k, [(k, loss), ...] in the order tried).
+    """
+    tried = [(0, loss0)]
+    if loss0 <= max_loss or units == 0:
+        return 0, tried
+    lo, hi, k = 0, None, 1  # lo: largest k known to miss; hi: smallest k known to meet
+    while hi is None and lo < units:
+        k = min(k, units)
+        tried.append((k, measure(k)))
+        lo, hi = (lo, k) if tried[-1][1] <= max_loss else (k, None)
+        k *= 2
+    if hi is None:
+        return units, tried
+    while hi - lo > max(1, hi // REFINE):
+        mid = (lo + hi) // 2
+        tried.append((mid, measure(mid)))
+        lo, hi = (lo, mid) if tried[-1][1] <= max_loss else (mid, hi)
+    return hi, tried
+
+
+def keep_units(report: SensitivityReport, config: dict) -> list[tuple[str, ...]]:
+    """Keep-float units (a linear or a same-type group) with a quantized member, most sensitive first."""
+    spec = arch_spec(config)
+    err = {r.name: r.rel_error for r in report.rows}
+    units = []
+    for i in range(int(config["num_hidden_layers"])):
+        prefix = f"model.layers.{i}."
+        linears = spec.layer_linears(config, i)
+        for group in _merge(spec.layer_fused(linears, with_same_type=True) + [(r,) for r in linears]):
+            names = tuple(prefix + r for r in group)
+            if any(n in err for n in names):
+                units.append(names)
+    return sorted(units, key=lambda u: -max(err.get(n, 0.0) for n in u))
+
+
+def _merge(groups: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """Union of overlapping groups, in first-seen order."""
+    out: list[list[str]] = []
+    for g in groups:
+        hit = [o for o in out if set(o) & set(g)]
+        merged = list(dict.fromkeys([n for o in hit for n in o] + list(g)))
+        out = [o for o in out if o not in hit] + [merged]
+    return [tuple(o) for o in out]
+
+
+def quantize_within_loss(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    quant_type: str = "w8a8",
+    *,
+    max_loss: float,
+    keep_float: str | list[str] | tuple[str, ...] = (),
+    calib_data: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    report: bool = False,
+    **kw,
+) -> QuantizeSummary:
+    """quantize() with the fewest most-sensitive linears kept float so that held-out loss <= max_loss %."""
+    start = time.perf_counter()
+    p, src, dst = parse_max_loss(max_loss), Path(src), Path(dst)
+    check_destination(dst, overwrite)
+    calib, held = split_texts(load_texts(calib_data))
+    work = dst.parent / f".{dst.name}.maxloss-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        hf_dir = _hf_source(src, work)
+        (work / "calib.json").write_text(json.dumps(calib))
+        run = _Runner(hf_dir, work, quant_type, keep_float, progress, kw)
+        run.baseline("\n\n".join(held))
+        result, chosen = run.search(p)
+        _move_into_place(chosen, dst)
+        summary = run.summaries[chosen]
+        if report:
+            run.sensitivity(dst).save(dst)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return replace(
+        summary,
+        output=dst,
+        source_bytes=folder_bytes(src, "*.safetensors"),
+        output_bytes=folder_bytes(dst),
+        seconds=time.perf_counter() - start,
+        fallback=result,
+        report=dst / "sensitivity.md" if report else None,
+    )
+
+
+class _Runner:
+    """Quantizes candidates into a work folder and measures their held-out loss against the float source."""
+
+    def __init__(self, hf_dir: Path, work: Path, quant_type: str, keep_float, progress: bool, kw: dict):
+        self.hf_dir, self.work, self.quant_type, self.progress, self.kw = hf_dir, work, quant_type, progress, kw
+        self.keep = [keep_float] if isinstance(keep_float, str) else list(keep_float)
+        self.summaries: dict[Path, QuantizeSummary] = {}
+        self.units: list[tuple[str, ...]] = []
+
+    def baseline(self, text: str) -> None:
+        """Score the float source on the held-out text."""
+        from slimquant.evaluation import evaluate
+
+        self.text = text
+        (base,) = evaluate([str(self.hf_dir)], text, HELDOUT_CONTEXT, max_tokens=HELDOUT_MAX_TOKENS, progress=False)
+        self.base_ppl, self.tokens = base.perplexity, base.tokens
+
+    def quantize(self, k: int) -> tuple[Path, float]:
+        """Quantize with the top k units float; (folder, held-out loss %)."""
+        from slimquant.evaluation import evaluate
+        from slimquant.quant.pipeline import quantize
+
+        out = self.work / f"float-{k}"
+        keep = self.keep + [n for unit in self.units[:k] for n in unit]
+        kw = dict(keep_float=keep, calib_data=self.work / "calib.json", overwrite=True, progress=False)
+        self.summaries[out] = quantize(self.hf_dir, out, self.quant_type, **kw, **self.kw)
+        (res,) = evaluate([str(out)], self.text, HELDOUT_CONTEXT, max_tokens=HELDOUT_MAX_TOKENS, progress=False)
+        loss = 100 * (res.perplexity / self.base_ppl - 1)
+        self._say(f"max-loss: {k} unit(s) float -> held-out loss {loss:+.3f}%")
+        return out, loss
+
+    def sensitivity(self, folder: Path) -> SensitivityReport:
+        """Per-linear sensitivity of a candidate, on the calibration split."""
+        kw = {k: self.kw[k] for k in ("num_samples", "seq_len", "batch_size", "device") if k in self.kw}
+        return measure_sensitivity(self.hf_dir, folder, calib_data=self.work / "calib.json", **kw)
+
+    def search(self, p: float) -> tuple[FallbackResult, Path]:
+        """Run the search; (result, folder of the chosen candidate). Other candidates are deleted."""
+        first, loss0 = self.quantize(0)
+        folders = {0: first}
+        if loss0 > p:
+            self.units = keep_units(self.sensitivity(first), HFCheckpoint(self.hf_dir).config)
+
+        def measure(k: int) -> float:
+            folders[k], loss = self.quantize(k)
+            return loss
+
+        k, tried = search(len(self.units), measure, p, loss0)
+        for other, folder in folders.items():
+            if other != k:
+                shutil.rmtree(folder, ignore_errors=True)
+        loss = dict(tried)[k]
+        kept = [n for unit in self.units[:k] for n in unit]
+        return FallbackResult(p, loss, loss <= p, kept, tried, len(self.units), self.tokens), folders[k]
+
+    def _say(self, line: str) -> None:
+        if self.progress:
+            print(line, file=sys.stderr, flush=True)
+
+
+def _hf_source(src: Path, work: Path) -> Path:
+    """src itself, or a .gguf converted into work/source."""
+    if src.suffix != ".gguf":
+        return src
+    from slimquant.quant.gguf import gguf_to_hf
+
+    return Path(gguf_to_hf(src, work / "source"))
+
+
+def _move_into_place(folder: Path, dst: Path) -> None:
+    """Rename folder to dst, replacing an existing dst."""
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(folder, dst)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,98 @@
+"""--max-loss: bad values, the search, keep-float units, and the end-to-end wiring on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import FAST, read_output
+
+from slimquant.quant import fallback
+from slimquant.quant.fallback import keep_units, parse_max_loss, search, split_texts
+from slimquant.quant.pipeline import quantize
+from slimquant.quant.sensitivity import SensitivityReport, SensitivityRow
+
+
+@pytest.mark.parametrize("bad", [-1, "-0.5", "abc", "", float("nan"), float("inf"), None, True])
+def test_bad_max_loss_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="--max-loss"):
+        parse_max_loss(bad)
+
+
+def test_max_loss_values():
+    assert parse_max_loss("1.5") == 1.5 and parse_max_loss(0) == 0.0
+
+
+def test_quantize_rejects_a_bad_max_loss_before_writing(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="--max-loss"):
+        quantize(tiny_model("llama"), tmp_path / "out", max_loss=-1, **FAST)
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_texts_holds_out_a_quarter():
+    calib, held = split_texts([str(i) for i in range(8)])
+    assert held == ["3", "7"] and calib == ["0", "1", "2", "4", "5", "6"]
+    with pytest.raises(ValueError, match="at least 2"):
+        split_texts(["one"])
+
+
+def _measure(losses: dict[int, float]):
+    calls = []
+
+    def measure(k: int) -> float:
+        calls.append(k)
+        return losses[k]
+
+    return measure, calls
+
+
+def test_search_doubles_then_bisects_to_the_smallest_k():
+    losses = {k: 10.0 - k for k in range(21)}  # within 1.0 from k = 9
+    measure, calls = _measure(losses)
+    k, tried = search(20, measure, 1.0, losses[0])
+    assert k == 9 and calls == [1, 2, 4, 8, 16, 12, 10, 9]
+    assert tried[0] == (0, 10.0) and tried[-1] == (9, 1.0)
+
+
+def test_search_stops_at_the_bound_and_at_zero():
+    measure, calls = _measure({k: 5.0 for k in range(6)})
+    assert search(5, measure, 1.0, 5.0)[0] == 5 and calls == [1, 2, 4, 5]
+    measure, calls = _measure({})
+    assert search(5, measure, 1.0, 0.5) == (0, [(0, 0.5)]) and calls == []
+
+
+def test_keep_units_group_fused_linears_and_rank_by_their_worst_member():
+    config = {"model_type": "llama", "num_hidden_layers": 2}
+    errors = {"1.mlp.down_proj": 0.05, "0.self_attn.k_proj": 0.09, "1.mlp.up_proj": 0.07, "0.self_attn.o_proj": 0.01}
+    rows = [SensitivityRow(f"model.layers.{n}", "W8A8", e) for n, e in errors.items()]
+    units = keep_units(SensitivityReport(rows, 32), config)
+    assert units == [
+        tuple(f"model.layers.0.self_attn.{p}_proj" for p in "qkv"),
+        ("model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"),
+        ("model.layers.1.mlp.down_proj",),
+        ("model.layers.0.self_attn.o_proj",),
+    ]
+
+
+def test_loose_max_loss_keeps_nothing_float(tiny_model, tmp_path):
+    summary = quantize(tiny_model("llama"), tmp_path / "out", "w8a8", max_loss=50, **FAST)
+    desc, _ = read_output(tmp_path / "out")
+    assert summary.fallback.met and summary.fallback.kept_float == [] and summary.fallback.tried[0][0] == 0
+    assert [k for k, v in desc.items() if k.endswith("_proj.weight") and v == "FLOAT"] == []
+    assert "max-loss" in str(summary) and summary.linears["W8A8"] == 14
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # candidates and work folder are gone
+
+
+def test_zero_max_loss_keeps_the_most_sensitive_linears_float(tiny_model, tmp_path, monkeypatch):
+    def one_step(units, measure, max_loss, loss0):  # the search itself is tested above; one step is enough here
+        return 1, [(0, loss0), (1, measure(1))]
+
+    ranked = []
+    monkeypatch.setattr(fallback, "search", one_step)
+    monkeypatch.setattr(fallback, "keep_units", lambda *a: ranked.extend(keep_units(*a)) or ranked)
+    summary = quantize(tiny_model("llama"), tmp_path / "out", "w8a8", max_loss=0, report=True, **FAST)
+    result = summary.fallback
+    assert result.units == 8 and result.kept_float == list(ranked[0])  # the most sensitive unit
+    report = SensitivityReport.load(tmp_path / "out")  # of the final checkpoint: kept linears are not in it
+    assert len(report.rows) == 14 - len(result.kept_float) and not {r.name for r in report.rows} & set(ranked[0])
+    desc, _ = read_output(tmp_path / "out")
+    assert all(desc[n + ".weight"] == "FLOAT" for n in result.kept_float)
+    assert summary.linears["FLOAT"] == 1 + len(result.kept_float)  # + lm_head
