@@ -39,7 +39,7 @@ from slimquant.quant.decoder import BiasedNorm, LayerRunner
 from slimquant.quant.mappings import EMBED_PREFIX, arch_spec, layer_prefix
 from slimquant.quant.modelslim import FLOAT, read_description, tensor_types
 from slimquant.quant.qlinear import SimLinear
-from slimquant.quant.sources import HFCheckpoint, SafetensorsFolder
+from slimquant.quant.sources import HFCheckpoint
 
 REPORT_FILES = ("sensitivity.md", "sensitivity.json", "sensitivity.png")
 _LINEAR_SUFFIXES = ("weight", "bias", "weight_scale", "weight_offset", "input_scale", "input_offset")
@@ -177,7 +177,7 @@ def measure_sensitivity(
     progress: bool = False,
 ) -> SensitivityReport:
     """Sensitivity of every quantized linear of checkpoint dst (quantized from the HF folder src)."""
-    ckpt, quant = HFCheckpoint(src), SafetensorsFolder(dst)
+    ckpt, quant = HFCheckpoint(src), _Shards(Path(dst))
     types = tensor_types(read_description(dst))
     spec = arch_spec(ckpt.config)
     dtype = quant.get(EMBED_PREFIX + "weight").dtype  # the model dtype the quantizer wrote
@@ -192,13 +192,44 @@ def measure_sensitivity(
             hidden = runner.run(layer, hidden, batch_size)  # [S, T, H], float
         rows += probe.rows()
         del layer, probe
+        quant.close()
     return SensitivityReport(rows, ids.numel())
+
+
+class _Shards:
+    """The written tensors by name: the index is read once, shards are opened per layer (close() unmaps them)."""
+
+    def __init__(self, path: Path):
+        self.path, self._open = path, {}
+        index = sorted(path.glob("*.safetensors.index.json"))
+        if index:
+            self.where = json.loads(index[0].read_text())["weight_map"]
+        else:
+            self.where = {k: f.name for f in sorted(path.glob("*.safetensors")) for k in self._file(f.name).keys()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor (KeyError if absent)."""
+        return self._file(self.where[name]).get_tensor(name)
+
+    def _file(self, file: str):
+        from safetensors import safe_open
+
+        if file not in self._open:
+            self._open[file] = safe_open(str(self.path / file), framework="pt")
+        return self._open[file]
+
+    def close(self) -> None:
+        """Drop the open shards (and their mapped pages)."""
+        self._open.clear()
 
 
 class _LayerProbe:
     """Hooks on one float source layer that run each quantized linear beside its float twin and sum the errors."""
 
-    def __init__(self, layer: nn.Module, prefix: str, linears, spec, quant: SafetensorsFolder, types, dtype):
+    def __init__(self, layer: nn.Module, prefix: str, linears, spec, quant: _Shards, types, dtype):
         self.layer, self.prefix = layer, prefix
         self.written = types  # full tensor name -> description type
         self.types = {rel: types[prefix + rel + ".weight"] for rel in linears}
@@ -214,7 +245,7 @@ class _LayerProbe:
         self.sq_err = dict.fromkeys(self.quantized, 0.0)
         self.sq_ref = dict.fromkeys(self.quantized, 0.0)
 
-    def _add_pair(self, src: str, group: tuple[str, ...], quant: SafetensorsFolder, linears) -> None:
+    def _add_pair(self, src: str, group: tuple[str, ...], quant: _Shards, linears) -> None:
         if src not in linears:  # a norm: its consumers read the checkpoint's norm
             self.norm_of |= dict.fromkeys(group, src)
             self.norms[src] = _checkpoint_norm(self.layer.get_submodule(src), quant, self.prefix + src)
@@ -266,13 +297,13 @@ class _LayerProbe:
         ]
 
 
-def _sim_linear(quant: SafetensorsFolder, types: dict, name: str, dtype, layer: nn.Module) -> SimLinear:
+def _sim_linear(quant: _Shards, types: dict, name: str, dtype, layer: nn.Module) -> SimLinear:
     """The written linear `name` as the runtime computes it."""
     t = {s: (quant.get(f"{name}.{s}"), types[f"{name}.{s}"]) for s in _LINEAR_SUFFIXES if f"{name}.{s}" in quant}
     return SimLinear(types[name + ".weight"], t, dtype).to_device(next(layer.parameters()).device)
 
 
-def _checkpoint_norm(norm: nn.Module, quant: SafetensorsFolder, name: str) -> nn.Module:
+def _checkpoint_norm(norm: nn.Module, quant: _Shards, name: str) -> nn.Module:
     """A copy of the source norm with the checkpoint's weight (and bias, if smoothing wrote one)."""
     w = norm.weight
     out = copy.deepcopy(norm)
@@ -282,7 +313,7 @@ def _checkpoint_norm(norm: nn.Module, quant: SafetensorsFolder, name: str) -> nn
     return out
 
 
-def _producer_scale(w_src: torch.Tensor, quant: SafetensorsFolder, name: str, types: dict) -> torch.Tensor:
+def _producer_scale(w_src: torch.Tensor, quant: _Shards, name: str, types: dict) -> torch.Tensor:
     """s [K] with written weight ~= w_src [N, K] * s (columns), from the written weight of `name`.
 
     int8: round(w_src[n, k] * s_k / scale_n) = q[n, k] bounds s_k to an interval per row; their intersection
