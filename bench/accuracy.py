@@ -1,0 +1,210 @@
+"""Accuracy of each quantization method on SmolLM2-135M-Instruct against float, all measured in one run.
+
+Every method in METHODS is quantized (into --work, reused with --reuse), then every model is scored by one
+slimquant.evaluation.evaluate() call: Pride and Prejudice (slimquant.zoo.EVAL_TEXT), the first --max-tokens
+tokens, --context-token windows, float (the bf16 source upcast to fp32 on CPU) first as the baseline. Prints a
+markdown table (method, type, perplexity, change vs float, top-1 agreement with float, float linears, size) and
+whether the issue's targets are met by the default settings: W8A8_DYNAMIC within +1.0%, W8A8 within +3.0%.
+
+    .venv/bin/python bench/accuracy.py                                  # all methods, 20480 tokens
+    .venv/bin/python bench/accuracy.py --methods float,dyn-default,w8a8-default --max-tokens 4096
+
+A method whose settings quantize() does not accept (yet) prints "n/a". Add a method: one line in METHODS.
+The defaults are W8A8_DYNAMIC without smoothing and W8A8 with SmoothQuant alpha 0.5 (the note column says which
+smoothing each row got), so those two have no rows of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TARGETS = {"dyn-default": 1.0, "w8a8-default": 3.0}  # method -> max perplexity increase, %
+
+
+@dataclass
+class Method:
+    """One row: a label and the keyword arguments of slimquant.quantize() (none: the float source itself)."""
+
+    label: str
+    kwargs: dict | None = field(default_factory=dict)
+
+
+DYN, STATIC = {"quant_type": "w8a8_dynamic"}, {"quant_type": "w8a8"}
+METHODS = [
+    Method("float", None),
+    Method("dyn-default", DYN),
+    Method("dyn-sq0.5", DYN | {"anti_outlier": "smoothquant", "alpha": 0.5}),
+    Method("dyn-auto", DYN | {"anti_outlier": "smoothquant", "alpha": "auto"}),
+    Method("dyn-gptq", DYN | {"rounding": "gptq"}),
+    Method("dyn-maxloss1", DYN | {"max_loss": 1.0}),
+    Method("w8a8-default", STATIC),
+    Method("w8a8-none", STATIC | {"anti_outlier": "none"}),
+    Method("w8a8-iterative", STATIC | {"anti_outlier": "iterative"}),
+    Method("w8a8-auto", STATIC | {"anti_outlier": "smoothquant", "alpha": "auto"}),
+    Method("w8a8-gptq", STATIC | {"rounding": "gptq"}),
+    Method("w8a8-auto-gptq", STATIC | {"anti_outlier": "smoothquant", "alpha": "auto", "rounding": "gptq"}),
+    Method("w8a8-maxloss1", STATIC | {"max_loss": 1.0}),
+]
+
+
+@dataclass
+class Built:
+    """A method's model folder (None: n/a) and what quantizing it reported."""
+
+    method: Method
+    path: Path | None
+    note: str = ""
+    seconds: float = 0.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    from slimquant import zoo
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", help=f"comma-separated labels (default: all): {','.join(m.label for m in METHODS)}")
+    p.add_argument("--max-tokens", type=int, default=20480, help="tokens of the text to score [20480]")
+    p.add_argument("--context", type=int, default=512, help="tokens per window [512]")
+    p.add_argument("--model", default=None, help="float HF folder [the zoo's SmolLM2-135M-Instruct bf16]")
+    p.add_argument("--work", type=Path, default=zoo.cache_dir() / "accuracy", help="where quantized models go")
+    p.add_argument("--reuse", action="store_true", help="keep models already quantized in --work")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    return p.parse_args(argv)
+
+
+def select(methods: str | None) -> list[Method]:
+    """The METHODS named in --methods (float always first), in table order."""
+    if not methods:
+        return list(METHODS)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = sorted(set(names) - {m.label for m in METHODS})
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {[m.label for m in METHODS]}")
+    return [m for m in METHODS if m.label == "float" or m.label in names]
+
+
+def build(method: Method, src: Path, work: Path, reuse: bool) -> Built:
+    """Quantize one method into work/label (or reuse it); n/a when quantize() rejects its settings."""
+    from slimquant import quantize
+
+    if method.kwargs is None:
+        return Built(method, src)
+    unknown = sorted(set(method.kwargs) - set(inspect.signature(quantize).parameters))
+    if unknown:
+        return Built(method, None, f"n/a: quantize() has no {', '.join(unknown)} yet")
+    dst = work / method.label
+    if reuse and (dst / "quant_model_description.json").is_file():
+        return Built(method, dst, "reused")
+    start = time.perf_counter()
+    try:
+        summary = quantize(src, dst, overwrite=True, progress=False, **method.kwargs)
+    except (TypeError, ValueError) as e:
+        return Built(method, None, f"n/a: {e}")
+    note = " ".join(filter(None, [f"smoothing {summary.anti_outlier}", _fallback_note(summary)]))
+    print(f"quantized {method.label} in {time.perf_counter() - start:.0f} s {note}", file=sys.stderr, flush=True)
+    return Built(method, dst, note, time.perf_counter() - start)
+
+
+def _fallback_note(summary) -> str:
+    """'held-out +0.8%' for a max_loss run, else ''."""
+    fb = getattr(summary, "fallback", None)
+    return "" if fb is None else f"held-out {fb.loss:+.2f}%{'' if fb.met else ' (not met)'}"
+
+
+def describe(path: Path) -> tuple[str, int, float]:
+    """(type, float decoder linears, weight MB) of a model folder."""
+    from slimquant.quant.modelslim import is_modelslim_dir, read_description, tensor_types
+
+    mb = round(sum(f.stat().st_size for f in path.glob("*.safetensors")) / 10**6, 1)
+    if not is_modelslim_dir(path):
+        return "float", -1, mb
+    types = tensor_types(read_description(path))
+    linears = {k: v for k, v in types.items() if k.startswith("model.layers.") and k.endswith("_proj.weight")}
+    kinds = sorted(set(linears.values()) - {"FLOAT"})
+    return "+".join(kinds) or "FLOAT", sum(v == "FLOAT" for v in linears.values()), mb
+
+
+def table(built: list[Built], results: list) -> list[dict]:
+    """One dict per row, n/a methods included, in METHODS order."""
+    scored = iter(results)
+    base = results[0].perplexity
+    rows = []
+    for b in built:
+        r = next(scored) if b.path is not None else None
+        qtype, floats, mb = describe(b.path) if b.path is not None else ("", -1, 0)
+        rows.append(
+            {
+                "method": b.method.label,
+                "type": qtype,
+                "ppl": None if r is None else r.perplexity,
+                "delta_pct": None if r is None else 100 * (r.perplexity / base - 1),
+                "top1": None if r is None or r.top1_agreement is None else 100 * r.top1_agreement,
+                "float_linears": floats,
+                "mb": mb,
+                "note": b.note,
+                "tokens": None if r is None else r.tokens,
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as a markdown table."""
+    out = [
+        "| method | type | perplexity | vs float | top-1 agree | float linears | weights MB | note |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if r["ppl"] is None:
+            out.append(f"| {r['method']} | n/a | | | | | | {r['note']} |")
+            continue
+        top1 = "" if r["top1"] is None else f"{r['top1']:.2f}%"
+        floats = "" if r["float_linears"] < 0 else str(r["float_linears"])
+        cells = [r["method"], r["type"], f"{r['ppl']:.3f}", f"{r['delta_pct']:+.2f}%", top1, floats, r["mb"], r["note"]]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(out)
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """One line per target of the issue whose method was measured."""
+    lines = []
+    for r in rows:
+        limit = TARGETS.get(r["method"])
+        if limit is not None and r["ppl"] is not None:
+            ok = "met" if r["delta_pct"] <= limit else "NOT met"
+            lines.append(f"target {r['method']} ({r['type']}) within +{limit:.1f}%: {r['delta_pct']:+.2f}% -> {ok}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Quantize, evaluate, print."""
+    from slimquant import zoo
+    from slimquant.evaluation import evaluate
+
+    args = parse_args(argv)
+    src = Path(args.model) if args.model else zoo.default_model_dir()
+    args.work.mkdir(parents=True, exist_ok=True)
+    built = [build(m, src, args.work, args.reuse) for m in select(args.methods)]
+    models = [str(b.path) for b in built if b.path is not None]
+    text = zoo.EVAL_TEXT.read_text(encoding="utf-8")
+    start = time.perf_counter()
+    results = evaluate(models, text, args.context, max_tokens=args.max_tokens)
+    rows = table(built, results)
+    seconds = time.perf_counter() - start
+    print(f"\n{results[0].tokens} tokens scored in {args.context}-token windows (evaluation {seconds:.0f} s)")
+    print(f"command: .venv/bin/python bench/accuracy.py {' '.join(sys.argv[1:])}\n")
+    print(markdown(rows))
+    print("\n" + "\n".join(targets(rows)))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
