@@ -10,8 +10,11 @@ from slimquant.kernels.int8_ops import (
     quantize_static,
     static_linear,
 )
+from slimquant.kernels.layer_ops import add_rms_norm, decode_attention
 
 __all__ = [
+    "add_rms_norm",
+    "decode_attention",
     "dynamic_linear",
     "float_linear",
     "int8_mm",

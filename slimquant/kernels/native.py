@@ -1,4 +1,4 @@
-"""The native AVX2 int8 kernels (csrc/int8_cpu.cpp): built once with the system C++ compiler, loaded by ctypes.
+"""The native AVX2 kernels (csrc/*.cpp): built once with the system C++ compiler into one library, loaded by ctypes.
 
 The library lands in $SLIMQUANT_CACHE/kernels (default ~/.cache/slimquant/kernels) under a name that hashes
 the source and the flags, so an edit rebuilds it. Where there is no compiler, no AVX2, or
@@ -23,7 +23,7 @@ from slimquant.kernels.cpu import cpu_flags
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "int8_cpu.cpp"
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))  # int8 GEMM, attention, norm
 FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
 K_ALIGN = 32  # the kernel reads K in steps of 32 bytes: weights are padded to a multiple of it
 _ABI_VERSION = 1
@@ -35,6 +35,8 @@ _SIGNATURES = {
     "sq_static_linear": [_p, _i, _i, _i, _f, _f, _p, _i, _i, _p, _p, _p],
     "sq_quantize_per_token": [_p, _i, _i, _i, _p, _p],
     "sq_bf16_linear": [_p, _i, _i, _i, _p, _i, _p, _p],
+    "sq_decode_attention": [_p, _i, _p, _i, _p, _i, _p, _p, _p, _p, _p, _p, _i, _p, _i, _i, _i, _i, _i, _f, _p],
+    "sq_add_rms_norm": [_p, _i, _i, _i, _p, _i, _p, _p, _f, _p, _p],
 }
 
 
@@ -52,8 +54,8 @@ def library() -> ctypes.CDLL | None:
         try:
             return _load(_build())
         except (OSError, subprocess.CalledProcessError) as err:
-            reason = f"building {SOURCE.name} failed: {err}"
-    logger.warning("native int8 kernels off (%s); int8 GEMMs run through fp32 BLAS instead", reason)
+            reason = f"building the kernels in {SOURCES[0].parent} failed: {err}"
+    logger.warning("native kernels off (%s); the pure-torch paths run instead (slower)", reason)
     return None
 
 
@@ -78,17 +80,18 @@ def _compiler() -> str | None:
 
 def _build() -> Path:
     """Compile the source unless a library built from the same source and flags is cached."""
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in SOURCES)
     tag = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    out = cache_dir() / f"int8_cpu-{tag}.so"
+    out = cache_dir() / f"slimquant_cpu-{tag}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
-        subprocess.run([_compiler(), *FLAGS, str(SOURCE), "-o", str(staged)], check=True, capture_output=True)
+        sources = [str(p) for p in SOURCES]
+        subprocess.run([_compiler(), *FLAGS, *sources, "-o", str(staged)], check=True, capture_output=True)
         os.replace(staged, out)  # atomic: a concurrent build never sees half a file
-    logger.info("built native int8 kernels: %s", out)
+    logger.info("built native kernels: %s", out)
     return out
 
 

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimquant import kernels
 from slimquant.layers.context import get_context
+from slimquant.layers.rotary import apply_rotary
 
 
 class KVCacheLayer(nn.Module):
@@ -38,10 +40,20 @@ class Attention(KVCacheLayer):
     def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Rotate q/k by rope (cos, sin) [T, D] if given (neox layout), store k/v, attend: -> [T, H * D]."""
         ctx = get_context()
         assert self.kv_cache is not None, "the engine must assign kv_cache before running attention"
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]  # [NB, BS, KVH, D]
+        if ctx.is_decode and q.device.type == "cpu":  # one fused native call where it applies
+            caches, lens = (k_cache, v_cache), ctx.context_lens_tensor
+            out = kernels.decode_attention(q, k, v, rope, caches, ctx.slot_mapping, ctx.block_tables, lens, self.scale)
+            if out is not None:
+                return out
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         store_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
         if ctx.is_decode:  # one batched call, contexts padded to the longest
             out = paged_attention(q[:, None], k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale)

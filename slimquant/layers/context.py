@@ -6,6 +6,7 @@ one decode token) on top of context_lens[i] - query_lens[i] tokens already in it
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -21,6 +22,11 @@ class ForwardContext:
     slot_mapping: torch.Tensor  # [T] int64 flat KV slot (block_id * block_size + offset) for each new token
     block_tables: torch.Tensor  # [B, max_blocks] int32 block ids, -1 padded
     block_size: int
+
+    @functools.cached_property
+    def context_lens_tensor(self) -> torch.Tensor:
+        """context_lens as int32 [B] on the CPU (made once per step, for the native attention kernel)."""
+        return torch.tensor(self.context_lens, dtype=torch.int32)
 
     @property
     def is_decode(self) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimquant import kernels
+
 
 class RMSNorm(nn.Module):
     """norm(x) = x / rms(x) * weight (+ bias), computed in fp32 like transformers."""
@@ -22,6 +24,9 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with a residual: (norm(x + residual), x + residual)."""
+        fused = kernels.add_rms_norm(x, residual, self.weight, self.bias, self.eps)  # native, fp32 CPU only
+        if fused is not None:
+            return fused if residual is not None else fused[0]
         if residual is None:
             return self._norm(x)
         x = x + residual

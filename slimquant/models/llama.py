@@ -12,7 +12,6 @@ from slimquant.layers.attention import Attention
 from slimquant.layers.linear import Linear
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
-from slimquant.layers.rotary import apply_rotary
 from slimquant.models.base import CausalLM, DecoderModel, PreNormDecoderLayer
 
 
@@ -62,8 +61,7 @@ class LlamaAttention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = self.attn(q, k, v.view(t, self.num_kv_heads, self.head_dim))  # [T, NH * D]
+        o = self.attn(q, k, v.view(t, self.num_kv_heads, self.head_dim), (cos, sin))  # rotated inside: [T, NH * D]
         return self.o_proj(o)
 
 

@@ -1,0 +1,95 @@
+// Decode-step attention over a paged KV cache, with rotary embedding and the cache write fused: one call per
+// layer instead of a dozen small torch ops. fp32 throughout; built with -ffp-contract=off so the rotation
+// rounds exactly like torch's x * cos + rotate_half(x) * sin.
+//
+// q [B, NH, D] at row stride ldq (elements per token), k / v [B, KVH, D] at ldk / ldv; caches [slots, KVH, D];
+// block_tables int32 [B, max_blocks]; slots int64 [B] (-1: do not store); cos / sin [B, D] or null (no rope).
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// out[i] = x[i] * cos[i] + (-x[i + h]) * sin[i]; out[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h].
+void rope_neox(const float* x, const float* cos, const float* sin, int d, float* out) {
+  const int h = d / 2;
+  for (int i = 0; i < h; ++i) {
+    const float a = x[i] * cos[i], b = -x[i + h] * sin[i];
+    const float c = x[i + h] * cos[i + h], e = x[i] * sin[i + h];
+    out[i] = a + b;
+    out[i + h] = c + e;
+  }
+}
+
+inline float dot(const float* a, const float* b, int d) {
+  __m256 acc = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  float r = _mm_cvtss_f32(s);
+  for (; i < d; ++i) r += a[i] * b[i];
+  return r;
+}
+
+inline void axpy(float w, const float* x, float* y, int d) {
+  const __m256 wv = _mm256_set1_ps(w);
+  int i = 0;
+  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < d; ++i) y[i] += w * x[i];
+}
+
+}  // namespace
+
+extern "C" {
+
+void sq_decode_attention(const float* q, int ldq, const float* k, int ldk, const float* v, int ldv, const float* cos,
+                         const float* sin, float* k_cache, float* v_cache, const int64_t* slots,
+                         const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size,
+                         int batch, int num_heads, int num_kv_heads, int head_dim, float scale, float* out) {
+  const int d = head_dim, group = num_heads / num_kv_heads;
+  for (int b = 0; b < batch; ++b) {  // write the new token's k (rotated) and v into the cache
+    if (slots[b] < 0) continue;
+    for (int h = 0; h < num_kv_heads; ++h) {
+      float* kc = k_cache + ((size_t)slots[b] * num_kv_heads + h) * d;
+      const float* kn = k + (size_t)b * ldk + (size_t)h * d;
+      if (cos) rope_neox(kn, cos + (size_t)b * d, sin + (size_t)b * d, d, kc);
+      else std::copy(kn, kn + d, kc);
+      const float* vn = v + (size_t)b * ldv + (size_t)h * d;
+      std::copy(vn, vn + d, v_cache + ((size_t)slots[b] * num_kv_heads + h) * d);
+    }
+  }
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) if (batch * num_heads > 1)
+  for (int b = 0; b < batch; ++b)
+    for (int h = 0; h < num_heads; ++h) {
+      const int n = context_lens[b], kvh = h / group;
+      std::vector<float> qr(d), scores(std::max(n, 1));
+      const float* qh = q + (size_t)b * ldq + (size_t)h * d;
+      if (cos) rope_neox(qh, cos + (size_t)b * d, sin + (size_t)b * d, d, qr.data());
+      else std::copy(qh, qh + d, qr.begin());
+      float top = -INFINITY;
+      for (int t = 0; t < n; ++t) {
+        const int64_t slot = (int64_t)block_tables[(size_t)b * max_blocks + t / block_size] * block_size + t % block_size;
+        scores[t] = dot(qr.data(), k_cache + ((size_t)slot * num_kv_heads + kvh) * d, d) * scale;
+        top = std::max(top, scores[t]);
+      }
+      float* o = out + ((size_t)b * num_heads + h) * d;
+      std::fill(o, o + d, 0.0f);
+      float total = 0.0f;
+      for (int t = 0; t < n; ++t) {
+        const int64_t slot = (int64_t)block_tables[(size_t)b * max_blocks + t / block_size] * block_size + t % block_size;
+        const float p = std::exp(scores[t] - top);
+        total += p;
+        axpy(p, v_cache + ((size_t)slot * num_kv_heads + kvh) * d, o, d);
+      }
+      const float inv = n > 0 ? 1.0f / total : 0.0f;
+      for (int i = 0; i < d; ++i) o[i] *= inv;
+    }
+}
+
+}  // extern "C"

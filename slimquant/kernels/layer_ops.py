@@ -1,0 +1,74 @@
+"""Native fused ops for a decoder layer's non-GEMM work: residual add + RMSNorm, decode attention with rope.
+
+A decode step of a small model is dominated by per-op overhead, not arithmetic: these replace a dozen torch
+ops each with one call. Each returns None where it does not apply (not CPU fp32, no native kernels), and the
+caller then runs its pure-torch definition.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimquant.kernels import native
+
+
+def _fp32_cpu(*ts: torch.Tensor | None) -> bool:
+    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in ts)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(norm(x + residual) * weight (+ bias), x + residual) for x [T, H]; None where the native op does not apply."""
+    if x.dim() != 2 or not native.available() or not _fp32_cpu(x, residual, weight, bias):
+        return None
+    if x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
+        return None
+    t, h = x.shape
+    summed, y = torch.empty(t, h), torch.empty(t, h)  # [T, H] each
+    native.library().sq_add_rms_norm(
+        x.data_ptr(), t, h, x.stride(0), None if residual is None else residual.data_ptr(),
+        0 if residual is None else residual.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+        eps, summed.data_ptr(), y.data_ptr(),
+    )  # fmt: skip
+    return y, summed
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+    caches: tuple[torch.Tensor, torch.Tensor],
+    slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor | None:
+    """One decode token per sequence: rotate q/k (neox, if rope), store k/v at slots, attend -> [B, NH * D].
+
+    q [B, NH, D], k/v [B, KVH, D] (rows may be strided); rope: (cos, sin) [B, D]; caches [NB, BS, KVH, D];
+    slots int64 [B]; block_tables int32 [B, max_blocks]; context_lens int32 [B]. None where it does not apply.
+    """
+    k_cache, v_cache = caches
+    cos, sin = rope if rope is not None else (None, None)
+    if not native.available() or not _fp32_cpu(q, k, v, k_cache, v_cache, cos, sin):
+        return None
+    if not (_heads_packed(q) and _heads_packed(k) and _heads_packed(v) and k_cache.is_contiguous()):
+        return None
+    if not (v_cache.is_contiguous() and (cos is None or (cos.is_contiguous() and sin.is_contiguous()))):
+        return None
+    b, nh, d = q.shape
+    out = torch.empty(b, nh * d)  # [B, NH * D]
+    native.library().sq_decode_attention(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+        None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+        context_lens.data_ptr(), k_cache.shape[1], b, nh, k.shape[1], d, scale, out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def _heads_packed(x: torch.Tensor) -> bool:
+    """x [T, heads, D] with each token's heads contiguous (a row stride of its own is fine)."""
+    return x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2]

@@ -1,0 +1,79 @@
+"""Native decode attention (rope + cache write fused) and residual RMSNorm vs their pure-torch definitions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimquant import kernels
+from slimquant.kernels import native
+from slimquant.layers.attention import paged_attention, store_kv
+from slimquant.layers.norm import RMSNorm
+from slimquant.layers.rotary import apply_rotary
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+
+
+def _case(nh: int, kvh: int, d: int, lens: list[int], block_size: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    b, nb = len(lens), 32
+    cache = torch.randn(2, nb, block_size, kvh, d, generator=g)  # old context: random
+    tables = torch.randperm(nb, generator=g)[: b * 8].reshape(b, 8).to(torch.int32)  # [B, 8]
+    slots = torch.tensor(
+        [int(tables[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size for i, n in enumerate(lens)]
+    )
+    qkv = torch.randn(b, (nh + 2 * kvh) * d, generator=g)  # rows of a fused projection: strided views
+    q, k, v = qkv.split([nh * d, kvh * d, kvh * d], dim=-1)
+    angles = torch.rand(b, d // 2, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # [B, D]
+    return cache, tables, slots, q.view(b, nh, d), k.view(b, kvh, d), v.view(b, kvh, d), (cos, sin)
+
+
+@pytest.mark.parametrize(("nh", "kvh", "d", "lens"), [(4, 2, 16, [1, 7, 9]), (3, 3, 12, [13]), (8, 1, 64, [5, 30])])
+def test_decode_attention_equals_torch_path(nh, kvh, d, lens):
+    cache, tables, slots, q, k, v, rope = _case(nh, kvh, d, lens)
+    ref_cache = cache.clone()
+    qr, kr = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    store_kv(ref_cache[0], ref_cache[1], kr, v, slots)
+    ref = paged_attention(qr[:, None], ref_cache[0], ref_cache[1], tables, lens, d**-0.5)  # [B, 1, NH, D]
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    out = kernels.decode_attention(q, k, v, rope, (cache[0], cache[1]), slots, tables, lens_t, d**-0.5)
+    assert torch.equal(cache, ref_cache)  # rotated k and v stored bit for bit as the torch path stores them
+    torch.testing.assert_close(out, ref.reshape(len(lens), -1), rtol=1e-5, atol=1e-6)
+
+
+def test_decode_attention_skips_padding_slots_and_runs_without_rope():
+    cache, tables, slots, q, k, v, _ = _case(2, 1, 8, [3, 4])
+    before = cache.clone()
+    slots[1] = -1
+    lens_t = torch.tensor([3, 4], dtype=torch.int32)
+    out = kernels.decode_attention(q, k, v, None, (cache[0], cache[1]), slots, tables, lens_t, 0.3)
+    store_kv(before[0], before[1], k, v, slots)
+    assert torch.equal(cache, before)
+    ref = paged_attention(q[:, None], before[0], before[1], tables, [3, 4], 0.3)
+    torch.testing.assert_close(out, ref.reshape(2, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_decode_attention_declines_other_dtypes():
+    cache, tables, slots, q, k, v, rope = _case(2, 1, 8, [3])
+    lens_t = torch.tensor([3], dtype=torch.int32)
+    bf = (cache[0].bfloat16(), cache[1].bfloat16())
+    assert (
+        kernels.decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, bf, slots, tables, lens_t, 1.0) is None
+    )
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(("t", "h"), [(1, 8), (3, 576), (70, 1000)])
+def test_add_rms_norm_equals_torch_norm(t, h, with_residual, with_bias):
+    g = torch.Generator().manual_seed(t + h)
+    norm = RMSNorm(h, 1e-5, torch.float32, bias=with_bias)
+    norm.weight.data = torch.randn(h, generator=g)
+    if with_bias:
+        norm.bias.data = torch.randn(h, generator=g)
+    x, res = torch.randn(t, h, generator=g) * 3, torch.randn(t, h, generator=g) if with_residual else None
+    y, summed = kernels.add_rms_norm(x, res, norm.weight, norm.bias, norm.eps)
+    ref_sum = x if res is None else x + res
+    assert torch.equal(summed, ref_sum)
+    torch.testing.assert_close(y, norm._norm(ref_sum), rtol=1e-5, atol=1e-5)
