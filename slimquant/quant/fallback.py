@@ -159,8 +159,7 @@ def quantize_within_loss(
     try:
         hf_dir = _hf_source(src, work)
         (work / "calib.json").write_text(json.dumps(calib))
-        run = _Runner(hf_dir, work, quant_type, keep_float, progress, kw)
-        run.baseline("\n\n".join(held))
+        run = _Runner(hf_dir, work, quant_type, keep_float, progress, kw, "\n\n".join(held))
         result, chosen = run.search(p)
         _move_into_place(chosen, dst)
         summary = run.summaries[chosen]
@@ -182,31 +181,36 @@ def quantize_within_loss(
 class _Runner:
     """Quantizes candidates into a work folder and measures their held-out loss against the float source."""
 
-    def __init__(self, hf_dir: Path, work: Path, quant_type: str, keep_float, progress: bool, kw: dict):
+    def __init__(self, hf_dir: Path, work: Path, quant_type: str, keep_float, progress: bool, kw: dict, text: str):
         self.hf_dir, self.work, self.quant_type, self.progress, self.kw = hf_dir, work, quant_type, progress, kw
         self.keep = [keep_float] if isinstance(keep_float, str) else list(keep_float)
+        self.text, self.base_ppl, self.tokens = text, 0.0, 0  # held-out text; the float source's score on it
         self.summaries: dict[Path, QuantizeSummary] = {}
         self.units: list[tuple[str, ...]] = []
 
-    def baseline(self, text: str) -> None:
-        """Score the float source on the held-out text."""
+    def _score(self, folder: Path):
+        """evaluate() of one model on the held-out text."""
         from slimquant.evaluation import evaluate
 
-        self.text = text
-        (base,) = evaluate([str(self.hf_dir)], text, HELDOUT_CONTEXT, max_tokens=HELDOUT_MAX_TOKENS, progress=False)
-        self.base_ppl, self.tokens = base.perplexity, base.tokens
+        (res,) = evaluate([str(folder)], self.text, HELDOUT_CONTEXT, max_tokens=HELDOUT_MAX_TOKENS, progress=False)
+        return res
+
+    def _baseline(self) -> None:
+        """Score the float source on the held-out text (once; after the first quantize() checked the inputs)."""
+        if not self.tokens:
+            base = self._score(self.hf_dir)
+            self.base_ppl, self.tokens = base.perplexity, base.tokens
 
     def quantize(self, k: int) -> tuple[Path, float]:
         """Quantize with the top k units float; (folder, held-out loss %)."""
-        from slimquant.evaluation import evaluate
         from slimquant.quant.pipeline import quantize
 
         out = self.work / f"float-{k}"
         keep = self.keep + [n for unit in self.units[:k] for n in unit]
         kw = dict(keep_float=keep, calib_data=self.work / "calib.json", overwrite=True, progress=False)
         self.summaries[out] = quantize(self.hf_dir, out, self.quant_type, **kw, **self.kw)
-        (res,) = evaluate([str(out)], self.text, HELDOUT_CONTEXT, max_tokens=HELDOUT_MAX_TOKENS, progress=False)
-        loss = 100 * (res.perplexity / self.base_ppl - 1)
+        self._baseline()
+        loss = 100 * (self._score(out).perplexity / self.base_ppl - 1)
         self._say(f"max-loss: {k} unit(s) float -> held-out loss {loss:+.3f}%")
         return out, loss
 
@@ -216,20 +220,25 @@ class _Runner:
         return measure_sensitivity(self.hf_dir, folder, calib_data=self.work / "calib.json", **kw)
 
     def search(self, p: float) -> tuple[FallbackResult, Path]:
-        """Run the search; (result, folder of the chosen candidate). Other candidates are deleted."""
+        """Run the search; (result, folder of the chosen candidate). Candidates that cannot be chosen are deleted."""
         first, loss0 = self.quantize(0)
-        folders = {0: first}
+        folders = {0: first}  # k -> folder, only those that may still be chosen
         if loss0 > p:
             self.units = keep_units(self.sensitivity(first), HFCheckpoint(self.hf_dir).config)
+            if self.units:
+                shutil.rmtree(folders.pop(0))
 
         def measure(k: int) -> float:
-            folders[k], loss = self.quantize(k)
+            folder, loss = self.quantize(k)
+            if loss <= p or k == len(self.units):  # the best so far, or the bound
+                for larger in [j for j in folders if j > k]:
+                    shutil.rmtree(folders.pop(larger))
+                folders[k] = folder
+            else:
+                shutil.rmtree(folder)
             return loss
 
         k, tried = search(len(self.units), measure, p, loss0)
-        for other, folder in folders.items():
-            if other != k:
-                shutil.rmtree(folder, ignore_errors=True)
         loss = dict(tried)[k]
         kept = [n for unit in self.units[:k] for n in unit]
         return FallbackResult(p, loss, loss <= p, kept, tried, len(self.units), self.tokens), folders[k]
