@@ -26,8 +26,10 @@ def test_errors_are_one_line(capsys, tmp_path):
 def test_bench_prints_one_row_per_system(tiny_model, capsys):
     path = str(tiny_model("llama"))
     assert main(["bench", path, path, "--prompt-len", "8", "--decode-tokens", "4", "--streams", "2"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("slimquant ")]
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("slimquant ")]
     assert len(rows) == 2 and "( 1.00x)" in rows[0]
+    assert "memory read bandwidth measured now" in out and out.count("of weights per decode step -> limit") == 2
 
 
 def test_bench_rejects_bad_sizes(tiny_model, capsys):

@@ -32,10 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @dataclass
 class Row:
-    """tokens/s of one system in each column."""
+    """tokens/s of one system in each column; weight_bytes: bytes of weights one decode step reads."""
 
     name: str
     speeds: tuple[float, float, float]
+    weight_bytes: int | None = None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,14 +46,19 @@ def run(args: argparse.Namespace) -> int:
     if min(args.prompt_len, args.decode_tokens, args.streams) < 1:
         raise ValueError("--prompt-len, --decode-tokens and --streams must be at least 1")
     paths = [str(zoo.resolve_model(m)) for m in args.models]
+    print_table(measure(paths, args, transformers=args.transformers), args)
+    return 0
+
+
+def measure(paths: list[str], args: argparse.Namespace, transformers: bool) -> list[Row]:
+    """One row per model (slimquant), plus transformers on the first model first if asked."""
     rows = []
     for p in paths:
         rows.append(_bench_slimquant(p, args))
         gc.collect()  # free one engine (weights, KV cache) before the next
-    if args.transformers:
+    if transformers:
         rows.insert(0, _bench_transformers(paths[0], args))
-    _print(rows, args)
-    return 0
+    return rows
 
 
 def _tokens_per_s(n_tokens: int, fn: Callable[[], object]) -> float:
@@ -85,7 +91,30 @@ def _bench_slimquant(path: str, args: argparse.Namespace) -> Row:
     pf = _tokens_per_s(args.prompt_len, lambda: gen([prompt], one))
     streams = [[1, 2, 3 + i] for i in range(args.streams)]
     dn = _tokens_per_s(args.decode_tokens * args.streams, lambda: gen(streams, decode))
-    return Row(f"slimquant {_short(path)}", (d1, pf, dn))
+    return Row(f"slimquant {_short(path)}", (d1, pf, dn), decode_weight_bytes(llm.llm_engine.runner.model))
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every parameter, but of the embedding table one row (unless tied)."""
+    embed = model.model.embed_tokens.weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total if model.lm_head is None else total - embed.numel() * embed.element_size()
+
+
+def read_bandwidth(gib: float = 0.5, repeats: int = 5) -> float:
+    """Memory read bandwidth in bytes/s now (best of a few sums over a buffer far larger than the caches)."""
+    import torch
+
+    buf = torch.ones(int(gib * 2**30) // 4)
+    buf.sum()  # touch every page first
+    best = min(_seconds(buf.sum) for _ in range(repeats))
+    return buf.numel() * 4 / best
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _bench_transformers(path: str, args: argparse.Namespace) -> Row:
@@ -109,6 +138,20 @@ def _bench_transformers(path: str, args: argparse.Namespace) -> Row:
 
 def _short(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1][-36:]
+
+
+def print_table(rows: list[Row], args: argparse.Namespace) -> None:
+    """The side-by-side table, then each slimquant row's decode speed against the memory-bandwidth limit."""
+    _print(rows, args)
+    bandwidth = read_bandwidth()
+    print(f"\nmemory read bandwidth measured now: {bandwidth / 1e9:.1f} GB/s")
+    for r in rows:
+        if r.weight_bytes:
+            limit = bandwidth / r.weight_bytes
+            print(
+                f"  {r.name}: {r.weight_bytes / 1e6:.0f} MB of weights per decode step -> limit {limit:.0f} "
+                f"tokens/s; decode 1 stream reached {r.speeds[0] / limit:.0%} of it"
+            )
 
 
 def _print(rows: list[Row], args: argparse.Namespace) -> None:
