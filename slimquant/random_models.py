@@ -42,19 +42,18 @@ def tiny_config(arch: str, **overrides):
         bos_token_id=0,
         eos_token_id=0,
     )
+    kw = common | overrides  # to the constructor: derived fields (e.g. layer_types) follow the overrides
     if arch == "llama":
-        cfg = LlamaConfig(**common)
+        cfg = LlamaConfig(**kw)
     elif arch == "qwen2":
-        cfg = Qwen2Config(**common)
+        cfg = Qwen2Config(**kw)
     elif arch == "qwen3":
-        cfg = Qwen3Config(head_dim=16, **common)
+        cfg = Qwen3Config(**({"head_dim": 16} | kw))
     elif arch in ("deepseek_v2", "deepseek_v3"):
         cls = DeepseekV3Config if arch == "deepseek_v3" else DeepseekV2Config
-        cfg = cls(**_mla_moe_fields(arch), **{**common, "num_key_value_heads": 4})
+        cfg = cls(**(_mla_moe_fields(arch) | common | {"num_key_value_heads": 4} | overrides))
     else:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}")
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
     return cfg
 
 
