@@ -49,6 +49,7 @@ METHODS = [
     Method("w8a8-auto", STATIC | {"anti_outlier": "smoothquant", "alpha": "auto"}),
     Method("w8a8-gptq", STATIC | {"rounding": "gptq"}),
     Method("w8a8-auto-gptq", STATIC | {"anti_outlier": "smoothquant", "alpha": "auto", "rounding": "gptq"}),
+    Method("w8a8-maxloss3", STATIC | {"max_loss": 3.0}),
     Method("w8a8-maxloss1", STATIC | {"max_loss": 1.0}),
 ]
 

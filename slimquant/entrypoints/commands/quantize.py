@@ -16,7 +16,8 @@ kv_b_proj, the router and multi-token-prediction layers stay float; FP8 block we
 EXAMPLES = """examples:
   slimquant quantize Qwen3-8B out/Qwen3-8B-W8A8 --type w8a8
   slimquant quantize model.gguf out/model-dyn --type w8a8_dynamic --keep-float '*.mlp.down_proj'
-  slimquant quantize SRC DST --type w8a8 --mix '*.mlp.*=w8a8_dynamic' --anti-outlier iterative --alpha 0.6"""
+  slimquant quantize SRC DST --type w8a8 --mix '*.mlp.*=w8a8_dynamic' --anti-outlier iterative --alpha 0.6
+  slimquant quantize SRC DST --type w8a8 --max-loss 1.0 --report   # fallback to float + sensitivity chart"""
 
 
 def register(subparsers) -> None:
