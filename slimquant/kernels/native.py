@@ -53,8 +53,11 @@ def library() -> ctypes.CDLL | None:
     if reason is None:
         try:
             return _load(_build())
-        except (OSError, subprocess.CalledProcessError) as err:
-            reason = f"building the kernels in {SOURCES[0].parent} failed: {err}"
+        except subprocess.CalledProcessError as err:
+            tail = err.stderr.decode(errors="replace").strip().splitlines()[-3:]
+            reason = f"compiling {SOURCES[0].parent} failed: {' | '.join(tail)}"
+        except OSError as err:
+            reason = f"loading the kernel library failed: {err}"
     logger.warning("native kernels off (%s); the pure-torch paths run instead (slower)", reason)
     return None
 

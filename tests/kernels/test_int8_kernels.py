@@ -119,3 +119,21 @@ def test_stacked_expert_weights_pack_alike():
     x_q = torch.randint(-128, 128, (4, 40), dtype=torch.int8)
     for e in range(3):
         assert torch.equal(K.int8_mm_packed(x_q, packed[e]), P.int8_matmul_reference(x_q, w[e]))
+
+
+def test_failed_build_falls_back_to_the_torch_path(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    monkeypatch.setenv("SLIMQUANT_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+        assert "native kernels off" in caplog.text
+        w_q = torch.randint(-127, 128, (5, 40), dtype=torch.int8)
+        packed = K.pack_weight(w_q)
+        assert packed.dtype == torch.float32  # the exact fp32 form
+        x = torch.randn(3, 40)
+        x_q, s_t = P.quantize_per_token(x)
+        expected = P.int8_matmul_reference(x_q, w_q).float() * s_t * torch.ones(5)
+        assert torch.equal(K.dynamic_linear(x, packed, torch.ones(5), None), expected)
+    finally:
+        native.library.cache_clear()  # the next caller loads the real library again
