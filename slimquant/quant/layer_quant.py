@@ -41,7 +41,7 @@ class LayerJob:
     config: dict = field(default_factory=dict)  # config.json (which linears each layer has)
     idle_experts: int = 0  # routed experts that received no calibration token, over all layers so far
     rounding: str = "nearest"  # nearest | gptq
-    sample_tokens: int = 2048  # calibration tokens per smoothing group that alpha "auto" scores on
+    sample_tokens: int = 512  # calibration tokens per smoothing group that alpha "auto" scores on
     alphas: dict[str, float] = field(default_factory=dict)  # full producer name -> alpha "auto" chose
 
 

@@ -5,8 +5,9 @@ linear's columns *= s. Iterative (ModelSlim m4) first shifts each channel by (ma
 bias -shift/s and each linear's bias grows by W @ shift. A linear producer (up_proj before down_proj) takes
 the scale in its output rows instead of a norm, and no shift.
 
-alpha "auto" searches ALPHA_GRID per group: the alpha whose smoothed, quantized group (the runtime's math on a
-sample of the group's calibration inputs) has the lowest summed relative output error against float.
+alpha "auto" searches per group: ALPHA_GRID (0, 0.1, ..., 1), then the best +- 0.05; it keeps the alpha whose
+smoothed, quantized group (the runtime's math on a sample of the group's calibration inputs) has the lowest
+summed relative output error against float.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from slimquant.quant.qlinear import SimLinear, linear_tensors
 
 METHODS = ("none", "smoothquant", "iterative")
 AUTO = "auto"
-ALPHA_GRID = tuple(i / 20 for i in range(21))  # 0, 0.05, ..., 1
+ALPHA_GRID = tuple(i / 10 for i in range(11))  # 0, 0.1, ..., 1
+ALPHA_REFINE = 0.05  # then the best grid alpha +- this
 _MIN_SCALE = 1e-5
 
 
@@ -94,14 +96,33 @@ Member = tuple[torch.Tensor, torch.Tensor | None, str]  # one linear of a group:
 
 
 def search_alpha(
-    x: torch.Tensor, rng: ChannelRange, members: list[Member], method: str, dtype: torch.dtype, grid=ALPHA_GRID
-) -> tuple[float, list[float]]:
-    """The grid alpha with the lowest group_error on the input sample x [n, K] (first on ties), and every error."""
+    x: torch.Tensor,
+    rng: ChannelRange,
+    members: list[Member],
+    method: str,
+    dtype: torch.dtype,
+    grid: tuple[float, ...] = ALPHA_GRID,
+    refine: float = ALPHA_REFINE,
+) -> tuple[float, dict[float, float]]:
+    """The alpha with the lowest group_error on the input sample x [n, K] (smallest on ties), and every error.
+
+    Scores every grid alpha, then (refine > 0) the best one +- refine within [0, 1].
+    """
     weights = [w for w, _, _ in members]
     refs = [F.linear(x, w.float(), None if b is None else b.float()) for w, b, _ in members]  # [n, N_i] each
-    errors = [group_error(x, rng, members, smoothing_factors(rng, weights, a, method), dtype, refs) for a in grid]
-    best = min(range(len(grid)), key=errors.__getitem__)
-    return grid[best], errors
+    errors: dict[float, float] = {}
+
+    def score(alpha: float) -> None:
+        if alpha not in errors and 0.0 <= alpha <= 1.0:
+            errors[alpha] = group_error(x, rng, members, smoothing_factors(rng, weights, alpha, method), dtype, refs)
+
+    for alpha in grid:
+        score(alpha)
+    if refine > 0:
+        best = min(sorted(errors), key=errors.__getitem__)
+        for alpha in (best - refine, best + refine):
+            score(round(alpha, 6))
+    return min(sorted(errors), key=errors.__getitem__), errors
 
 
 def group_error(
@@ -117,11 +138,16 @@ def group_error(
     xs = (x - shift) / sm.scale  # [n, K]
     in_range = rng.transformed(shift, sm.scale).tensor_range()  # static: per-tensor range of all smoothed tokens
     total = 0.0
-    for j, (w, b, qtype) in enumerate(members):
-        if qtype == FLOAT:
-            continue
-        ref = refs[j] if refs is not None else F.linear(x, w.float(), None if b is None else b.float())  # [n, N]
-        ws, bs = smooth_linear(w, b, sm)
-        y = SimLinear(qtype, linear_tensors(ws, bs, qtype, in_range, dtype), dtype)(xs)  # [n, N]
-        total += float((y - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
+    for qtype in sorted({q for _, _, q in members} - {FLOAT}):
+        # the linears of one type read the same x: one runtime call on their rows stacked (per-row quantization)
+        idx = [j for j, m in enumerate(members) if m[2] == qtype]
+        smoothed = [smooth_linear(members[j][0], members[j][1], sm) for j in idx]
+        w = torch.cat([ws for ws, _ in smoothed])  # [sum N_j, K]
+        b = torch.cat([bs if bs is not None else ws.new_zeros(ws.shape[0]) for ws, bs in smoothed])  # [sum N_j]
+        bias = b if any(bs is not None for _, bs in smoothed) else None
+        y = SimLinear(qtype, linear_tensors(w, bias, qtype, in_range, dtype), dtype)(xs)  # [n, sum N_j]
+        for j, y_j in zip(idx, y.split([ws.shape[0] for ws, _ in smoothed], dim=1), strict=True):
+            w_j, b_j, _ = members[j]
+            ref = refs[j] if refs is not None else F.linear(x, w_j.float(), None if b_j is None else b_j.float())
+            total += float((y_j - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
     return total

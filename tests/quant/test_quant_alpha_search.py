@@ -62,11 +62,23 @@ def test_search_picks_the_brute_force_minimum(static, method):
     rng.update(x)
     qtype = "W8A8" if static else "W8A8_DYNAMIC"
     members = [(w, None, qtype) for w in w_list]
-    alpha, errors = search_alpha(x, rng, members, method, torch.float32, GRID)
+    alpha, errors = search_alpha(x, rng, members, method, torch.float32, GRID, refine=0.0)
     want = brute_force_errors(x, w_list, GRID, static, shift=method == "iterative")
-    torch.testing.assert_close(torch.tensor(errors), torch.tensor(want), rtol=1e-2, atol=1e-6)
+    assert list(errors) == list(GRID)
+    torch.testing.assert_close(torch.tensor(list(errors.values())), torch.tensor(want), rtol=1e-2, atol=1e-6)
     assert alpha == GRID[min(range(len(GRID)), key=want.__getitem__)]
-    assert errors[GRID.index(alpha)] <= min(errors)
+
+
+def test_refinement_scores_the_neighbours_of_the_best_grid_alpha():
+    g = torch.Generator().manual_seed(6)
+    x, w = outlier_inputs(128, 32), torch.randn(24, 32, generator=g)
+    rng = ChannelRange()
+    rng.update(x)
+    members = [(w, None, "W8A8")]
+    coarse, first = search_alpha(x, rng, members, "smoothquant", torch.float32, GRID, refine=0.0)
+    alpha, errors = search_alpha(x, rng, members, "smoothquant", torch.float32, GRID, refine=0.125)
+    assert set(errors) == set(GRID) | ({coarse - 0.125, coarse + 0.125} & {a / 8 for a in range(9)})
+    assert errors[alpha] == min(errors.values()) <= first[coarse]
 
 
 def test_token_sample_is_strided_and_bounded():
