@@ -10,7 +10,7 @@ from slimquant.kernels.int8_ops import (
     quantize_static,
     static_linear,
 )
-from slimquant.kernels.layer_ops import add_rms_norm, decode_attention
+from slimquant.kernels.layer_ops import add_rms_norm, decode_attention, silu_and_mul
 
 __all__ = [
     "add_rms_norm",
@@ -23,5 +23,6 @@ __all__ = [
     "pack_weight",
     "quantize_per_token",
     "quantize_static",
+    "silu_and_mul",
     "static_linear",
 ]

@@ -1,4 +1,4 @@
-"""Native fused ops for a decoder layer's non-GEMM work: residual add + RMSNorm, decode attention with rope.
+"""Native fused ops for a decoder layer's non-GEMM work: residual add + RMSNorm, SiLU-and-mul, decode attention.
 
 A decode step of a small model is dominated by per-op overhead, not arithmetic: these replace a dozen torch
 ops each with one call. Each returns None where it does not apply (not CPU fp32, no native kernels), and the
@@ -32,6 +32,16 @@ def add_rms_norm(
         eps, summed.data_ptr(), y.data_ptr(),
     )  # fmt: skip
     return y, summed
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for x [T, 2I] = [gate | up] -> [T, I]; None where the native op does not apply."""
+    if x.dim() != 2 or x.stride(-1) != 1 or not native.available() or not _fp32_cpu(x):
+        return None
+    t, inter = x.shape[0], x.shape[1] // 2
+    y = torch.empty(t, inter)  # [T, I]
+    native.library().sq_silu_and_mul(x.data_ptr(), t, inter, x.stride(0), y.data_ptr())
+    return y
 
 
 def decode_attention(

@@ -77,3 +77,10 @@ def test_add_rms_norm_equals_torch_norm(t, h, with_residual, with_bias):
     ref_sum = x if res is None else x + res
     assert torch.equal(summed, ref_sum)
     torch.testing.assert_close(y, norm._norm(ref_sum), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("t", "inter"), [(1, 3), (5, 64), (40, 1000)])
+def test_silu_and_mul_equals_torch(t, inter):
+    x = torch.randn(t, 2 * inter + 7)[:, : 2 * inter] * 4  # rows with a stride of their own
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_and_mul(x), torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6)

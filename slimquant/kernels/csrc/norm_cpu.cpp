@@ -28,3 +28,18 @@ void sq_add_rms_norm(const float* x, int t, int h, int ldx, const float* residua
 }
 
 }  // extern "C"
+
+extern "C" {
+
+// y [T, I] = silu(gate) * up for x [T, 2I] = [gate | up] (row stride ldx): gate / (1 + exp(-gate)) * up.
+void sq_silu_and_mul(const float* x, int t, int inter, int ldx, float* y) {
+#pragma omp parallel for schedule(static) if ((int64_t)t * inter > 65536)
+  for (int i = 0; i < t; ++i) {
+    const float* g = x + (int64_t)i * ldx;
+    const float* u = g + inter;
+    float* yi = y + (int64_t)i * inter;
+    for (int j = 0; j < inter; ++j) yi[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+  }
+}
+
+}  // extern "C"
