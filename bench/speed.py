@@ -58,14 +58,14 @@ def table(src: Path, args: argparse.Namespace, **quant_kw) -> None:
     """transformers bf16, slimquant float, W8A8_DYNAMIC and W8A8 of one source model."""
     paths = [str(src)] + [str(quantized(src, t, **quant_kw)) for t in ("w8a8_dynamic", "w8a8")]
     print(f"\n### {src.name}", flush=True)
-    bench.print_table(bench.measure(paths, args, transformers=not args.no_transformers), args)
+    bench.print_table(bench.measure(paths, args, transformers=args.transformers), args)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--large", action="store_true", help="add the Qwen2.5-1.5B-shaped table")
     p.add_argument("--only-large", action="store_true", help="only the Qwen2.5-1.5B-shaped table")
-    p.add_argument("--no-transformers", action="store_true", help="skip the transformers rows")
+    p.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True, help="transformers rows")
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=512)

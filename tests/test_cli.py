@@ -25,11 +25,24 @@ def test_errors_are_one_line(capsys, tmp_path):
 
 def test_bench_prints_one_row_per_system(tiny_model, capsys):
     path = str(tiny_model("llama"))
-    assert main(["bench", path, path, "--prompt-len", "8", "--decode-tokens", "4", "--streams", "2"]) == 0
+    args = ["bench", path, path, "--prompt-len", "8", "--decode-tokens", "4", "--streams", "2"]
+    assert main([*args, "--no-transformers"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("slimquant ")]
     assert len(rows) == 2 and "( 1.00x)" in rows[0]
     assert "memory read bandwidth measured now" in out and out.count("of weights per decode step -> limit") == 2
+
+
+def test_bench_baseline_is_transformers_on_the_float_model(tiny_model, tmp_path, capsys):
+    src = tiny_model("llama")
+    main(["quantize", str(src), str(tmp_path / "q"), "--type", "w8a8_dynamic", "--num-samples", "2", "--no-progress"])
+    capsys.readouterr()
+    args = ["--prompt-len", "8", "--decode-tokens", "4", "--streams", "2"]
+    assert main(["bench", str(tmp_path / "q"), str(src), *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    first = lines.index(next(line for line in lines if line.startswith("system"))) + 1
+    assert lines[first].startswith("transformers float32") and "( 1.00x)" in lines[first]
+    assert lines[first + 1].startswith("slimquant q ") and lines[first + 2].startswith("slimquant ")
 
 
 def test_bench_rejects_bad_sizes(tiny_model, capsys):

@@ -7,6 +7,7 @@ import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 COLUMNS = ("decode, 1 stream", "prefill", "decode, N streams")
 
@@ -18,11 +19,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="tokens/s of models side by side (decode 1 stream, prefill, decode N streams)",
         description="Measure each MODEL in this process, one after another: greedy decode of one stream, one "
         "prefill of --prompt-len tokens, and --streams concurrent streams decoding --decode-tokens each. "
-        "Ratios are against the first row (the baseline), measured in the same run.\n\n"
-        "example: slimquant bench out/float out/w8a8-dynamic --transformers",
+        "Ratios are against the first row (the baseline), measured in the same run: transformers on the first "
+        "float model given, unless --no-transformers. Then each model's decode speed against the memory-bandwidth "
+        "limit (bytes of weights per decode step / read bandwidth measured now).\n\n"
+        "example: slimquant bench SmolLM2-135M-Instruct out/w8a8-dynamic out/w8a8",
     )
     p.add_argument("models", nargs="+", help="model folders, or 'SmolLM2-135M-Instruct'; the first is the baseline")
-    p.add_argument("--transformers", action="store_true", help="add a transformers row for the first model")
+    p.add_argument(
+        "--transformers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="first row: transformers on the first float (non-ascend) model [on]",
+    )
     p.add_argument("--prompt-len", type=int, default=512, help="prefill length in tokens (default 512)")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode stream (default 128)")
     p.add_argument("--streams", type=int, default=16, help="concurrent decode streams (default 16)")
@@ -51,13 +59,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def measure(paths: list[str], args: argparse.Namespace, transformers: bool) -> list[Row]:
-    """One row per model (slimquant), plus transformers on the first model first if asked."""
+    """One row per model (slimquant), after transformers on the first float model if asked."""
+    from slimquant.quant.modelslim import is_modelslim_dir
+
     rows = []
+    float_dirs = [p for p in paths if not is_modelslim_dir(Path(p))]
+    if transformers and float_dirs:
+        rows.append(_bench_transformers(float_dirs[0], args))
+    elif transformers:
+        print("no float model among MODEL...: transformers cannot run the ascend format, so it has no row")
     for p in paths:
         rows.append(_bench_slimquant(p, args))
         gc.collect()  # free one engine (weights, KV cache) before the next
-    if transformers:
-        rows.insert(0, _bench_transformers(paths[0], args))
     return rows
 
 
