@@ -8,6 +8,9 @@ values stay in [-127, 127] as round-to-nearest's do, so the checkpoint format an
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from slimquant.quant import primitives as P
@@ -37,8 +40,20 @@ def gptq_quantize(
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.shape[1])  # [K]
     w, h = w[:, perm], h[perm][:, perm]
     u = _inverse_cholesky(h, damp).to(w.dtype)  # [K, K] upper
-    q = _quantize_columns(w, u, scale, block)  # [N, K] int8 values as fp32
+    with _one_thread():  # thousands of small ops: thread hand-offs cost more than they save
+        q = _quantize_columns(w, u, scale, block)  # [N, K] int8 values as fp32
     return q[:, torch.argsort(perm)].to(torch.int8), scale
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one intra-op thread within the block, the previous count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
