@@ -63,6 +63,7 @@ class ArchSpec:
     w8a8_mix: tuple[tuple[str, str], ...] = ()  # (glob, TYPE) applied after --mix when --type is w8a8
     model_quant_type: str | None = None  # forced description model_quant_type (else --type)
     static_method: str = "smoothquant"  # default anti-outlier when some linear is static W8A8
+    dynamic_method: str = "smoothquant"  # default anti-outlier when every linear is dynamic (or float)
     config_fields: dict[str, dict[str, str]] | None = None  # --type -> fields added to config.json
     config_indent: int = 2
     config_class: str | None = None  # build the config from config.json with this class (no AutoConfig)
@@ -113,6 +114,7 @@ def _mla(module: str, prefix: str, **kw) -> ArchSpec:
         w8a8_mix=MLA_MIX,
         model_quant_type="W8A8_DYNAMIC",
         static_method="iterative",
+        dynamic_method="none",  # ModelSlim's DeepSeek recipe with --dynamic: no smoothing
         config_fields={
             "W8A8": {"mla_quantize": "w8a8", "quantize": "w8a8_dynamic"},
             "W8A8_DYNAMIC": {"mla_quantize": "w8a8_dynamic", "quantize": "w8a8_dynamic"},

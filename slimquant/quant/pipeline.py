@@ -37,7 +37,7 @@ def quantize(
     quant_type: str = "w8a8",
     *,
     anti_outlier: str | None = None,
-    alpha: float | str = 0.5,
+    alpha: float | str = "auto",
     rounding: str = "nearest",
     calib_data: str | os.PathLike | None = None,
     num_samples: int = 16,
@@ -127,8 +127,8 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
 
 
 def _default_method(spec: ArchSpec, plan: dict[str, str]) -> str:
-    """The architecture's smoothing (SmoothQuant; iterative for DeepSeek) when some linear is static W8A8; else none."""
-    return spec.static_method if "W8A8" in plan.values() else "none"
+    """Default smoothing: the architecture's static_method if some linear is static W8A8, else its dynamic_method."""
+    return spec.static_method if "W8A8" in plan.values() else spec.dynamic_method
 
 
 def _check_device(device: str) -> str:

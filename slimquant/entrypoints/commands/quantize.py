@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 
 HELP = """Quantize a model to the ascend (ModelSlim) int8 format, one decoder layer at a time.
---anti-outlier defaults to smoothquant when some linear is static W8A8 (per-tensor activation scales
-need it), else to none (per-token dynamic scales absorb outliers). lm_head always stays float.
-Static per-tensor scales suit mlp.down_proj worst (silu(gate)*up has large outliers; it is smoothed into
-up_proj's rows). SmolLM2-135M perplexity: 31.0 float, 36.8 W8A8 (smoothquant), 31.4 W8A8 with
---keep-float '*.down_proj', 32.1 W8A8_DYNAMIC.
+Defaults: --anti-outlier smoothquant for both types, --alpha auto: per smoothing group (input_layernorm ->
+q/k/v, post_attention_layernorm -> gate/up, up_proj -> down_proj) the alpha of 0, 0.1, ..., 1 (then the best
++-0.05) whose quantized outputs, computed as the runtime does on 512 calibration tokens, are closest to float.
+--rounding nearest; gptq compensates each weight's rounding error (same format). lm_head always stays float.
+SmolLM2-135M-Instruct, Pride and Prejudice, 4096 tokens in 512-token windows, float 22.004:
+W8A8_DYNAMIC +3.17% without smoothing, +1.31% smoothquant alpha 0.5, +1.11% alpha auto (default).
+W8A8 static: +15.2% smoothquant alpha 0.5. Static per-tensor scales suit mlp.down_proj worst (silu(gate)*up
+has large outliers; it is smoothed into up_proj's rows): --keep-float '*.down_proj' gives about +1%.
 DeepSeek V2/V3 and Kimi K2 (ModelSlim's DeepSeek recipe): --type w8a8 makes the MLA linears static W8A8 and
 every MLP linear (dense, shared and routed experts) W8A8_DYNAMIC, smoothed with iterative by default;
 kv_b_proj, the router and multi-token-prediction layers stay float; FP8 block weights are dequantized."""
@@ -35,12 +38,12 @@ def register(subparsers) -> None:
         "--anti-outlier",
         choices=("none", "smoothquant", "iterative"),
         help="smoothing folded into norms: smoothquant, iterative (with shift, ModelSlim m4) or none "
-        "[smoothquant (iterative for DeepSeek/Kimi) if any linear is w8a8, else none]",
+        "[smoothquant; for DeepSeek/Kimi iterative if any linear is w8a8, else none]",
     )
     p.add_argument(
         "--alpha",
-        default=0.5,
-        help="smoothing strength in [0, 1], or 'auto': searched per smoothing group on calibration data [0.5]",
+        default="auto",
+        help="smoothing strength in [0, 1], or 'auto': searched per smoothing group on calibration data [auto]",
     )
     p.add_argument(
         "--rounding",
