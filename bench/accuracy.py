@@ -10,8 +10,7 @@ whether the issue's targets are met by the default settings: W8A8_DYNAMIC within
     .venv/bin/python bench/accuracy.py --methods float,dyn-default,w8a8-default --max-tokens 4096
 
 A method whose settings quantize() does not accept (yet) prints "n/a". Add a method: one line in METHODS.
-The defaults are W8A8_DYNAMIC without smoothing and W8A8 with SmoothQuant alpha 0.5 (the note column says which
-smoothing each row got), so those two have no rows of their own.
+With --reuse, a folder quantized by older code keeps its label: delete --work after changing the quantizer.
 """
 
 from __future__ import annotations
@@ -36,19 +35,22 @@ class Method:
 
 
 DYN, STATIC = {"quant_type": "w8a8_dynamic"}, {"quant_type": "w8a8"}
-METHODS = [
+METHODS = [  # "-default": quantize()'s own defaults for the type (the note column says which smoothing ran)
     Method("float", None),
     Method("dyn-default", DYN),
+    Method("dyn-none", DYN | {"anti_outlier": "none"}),
     Method("dyn-sq0.5", DYN | {"anti_outlier": "smoothquant", "alpha": 0.5}),
     Method("dyn-auto", DYN | {"anti_outlier": "smoothquant", "alpha": "auto"}),
     Method("dyn-gptq", DYN | {"rounding": "gptq"}),
     Method("dyn-maxloss1", DYN | {"max_loss": 1.0}),
     Method("w8a8-default", STATIC),
     Method("w8a8-none", STATIC | {"anti_outlier": "none"}),
-    Method("w8a8-iterative", STATIC | {"anti_outlier": "iterative"}),
+    Method("w8a8-sq0.5", STATIC | {"anti_outlier": "smoothquant", "alpha": 0.5}),
+    Method("w8a8-iterative0.5", STATIC | {"anti_outlier": "iterative", "alpha": 0.5}),
     Method("w8a8-auto", STATIC | {"anti_outlier": "smoothquant", "alpha": "auto"}),
     Method("w8a8-gptq", STATIC | {"rounding": "gptq"}),
     Method("w8a8-auto-gptq", STATIC | {"anti_outlier": "smoothquant", "alpha": "auto", "rounding": "gptq"}),
+    Method("w8a8-sq0.5-maxloss3", STATIC | {"anti_outlier": "smoothquant", "alpha": 0.5, "max_loss": 3.0}),
     Method("w8a8-maxloss3", STATIC | {"max_loss": 3.0}),
     Method("w8a8-maxloss1", STATIC | {"max_loss": 1.0}),
 ]
@@ -99,15 +101,16 @@ def build(method: Method, src: Path, work: Path, reuse: bool) -> Built:
     unknown = sorted(set(method.kwargs) - set(inspect.signature(quantize).parameters))
     if unknown:
         return Built(method, None, f"n/a: quantize() has no {', '.join(unknown)} yet")
-    dst = work / method.label
+    dst, note_file = work / method.label, work / f"{method.label}.note"
     if reuse and (dst / "quant_model_description.json").is_file():
-        return Built(method, dst, "reused")
+        return Built(method, dst, note_file.read_text() if note_file.is_file() else "reused")
     start = time.perf_counter()
     try:
         summary = quantize(src, dst, overwrite=True, progress=False, **method.kwargs)
     except (TypeError, ValueError) as e:
         return Built(method, None, f"n/a: {e}")
     note = " ".join(filter(None, [f"smoothing {summary.anti_outlier}", _fallback_note(summary)]))
+    note_file.write_text(note)  # shown again with --reuse
     print(f"quantized {method.label} in {time.perf_counter() - start:.0f} s {note}", file=sys.stderr, flush=True)
     return Built(method, dst, note, time.perf_counter() - start)
 
