@@ -48,6 +48,7 @@ METHODS = [  # "-default": quantize()'s own defaults for the type (the note colu
     Method("w8a8-sq0.5", STATIC | {"anti_outlier": "smoothquant", "alpha": 0.5}),
     Method("w8a8-iterative0.5", STATIC | {"anti_outlier": "iterative", "alpha": 0.5}),
     Method("w8a8-auto", STATIC | {"anti_outlier": "smoothquant", "alpha": "auto"}),
+    Method("w8a8-iterative-auto", STATIC | {"anti_outlier": "iterative", "alpha": "auto"}),
     Method("w8a8-gptq", STATIC | {"rounding": "gptq"}),
     Method("w8a8-auto-gptq", STATIC | {"anti_outlier": "smoothquant", "alpha": "auto", "rounding": "gptq"}),
     Method("w8a8-sq0.5-maxloss3", STATIC | {"anti_outlier": "smoothquant", "alpha": 0.5, "max_loss": 3.0}),
