@@ -37,7 +37,7 @@ def quantize(
     quant_type: str = "w8a8",
     *,
     anti_outlier: str | None = None,
-    alpha: float | str | None = None,
+    alpha: float | str = 0.5,
     rounding: str = "nearest",
     calib_data: str | os.PathLike | None = None,
     num_samples: int = 16,
@@ -67,7 +67,7 @@ def quantize(
     qtype = parse_quant_type(quant_type)
     mix_pairs, keep = parse_mix(mix), [keep_float] if isinstance(keep_float, str) else list(keep_float)
     shard_bytes, device = parse_size(shard_size), _check_device(device)
-    alpha = check_alpha(alpha) if alpha is not None else None
+    alpha = check_alpha(alpha)
     rounding = parse_rounding(rounding)
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -79,7 +79,6 @@ def quantize(
         num_layers = int(ckpt.config["num_hidden_layers"])
         plan = plan_types(spec, num_layers, qtype, mix_pairs, keep, ckpt.config)
         method = parse_method(anti_outlier if anti_outlier is not None else _default_method(spec, plan))
-        alpha = alpha if alpha is not None else _default_alpha(plan)
         model_qtype = spec.model_quant_type or qtype
         ids = token_batches(load_tokenizer(hf_dir), texts, num_samples, seq_len)  # [S, T]
         dtype = _model_dtype(ckpt)
@@ -131,11 +130,6 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
 def _default_method(spec: ArchSpec, plan: dict[str, str]) -> str:
     """Default smoothing: the architecture's static_method if some linear is static W8A8, else its dynamic_method."""
     return spec.static_method if "W8A8" in plan.values() else spec.dynamic_method
-
-
-def _default_alpha(plan: dict[str, str]) -> float | str:
-    """Default smoothing strength: 0.5 if some linear is static W8A8 (auto measured worse there), else auto."""
-    return 0.5 if "W8A8" in plan.values() else "auto"
 
 
 def _check_device(device: str) -> str:

@@ -9,7 +9,7 @@ from test_quant_smooth import calibration_ids, load_float, load_quantized
 
 from slimquant import LLM, SamplingParams
 from slimquant.quant.observers import ChannelRange, TokenSample
-from slimquant.quant.pipeline import _default_alpha, quantize
+from slimquant.quant.pipeline import quantize
 from slimquant.quant.smooth import check_alpha, search_alpha
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -114,8 +114,3 @@ def test_bad_alpha_in_quantize(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="--alpha must be a number in \\[0, 1\\] or 'auto', got 'bogus'"):
         quantize(tiny_model("llama"), tmp_path / "out", alpha="bogus", **FAST)
     assert not (tmp_path / "out").exists()
-
-
-def test_default_alpha_per_type():
-    assert _default_alpha({"a": "W8A8_DYNAMIC", "b": "FLOAT"}) == "auto"
-    assert _default_alpha({"a": "W8A8_DYNAMIC", "b": "W8A8"}) == 0.5
