@@ -33,7 +33,7 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
         return F.linear(x, w, bias)
     if w.dtype != torch.bfloat16 or x.dtype != torch.float32 or x.shape[0] > NATIVE_MAX_TOKENS:
         return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = native.rows_contiguous(x)  # [T, K]
     bias = None if bias is None else bias.float().contiguous()
     y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)  # [T, N]
     native.library().sq_bf16_linear(

@@ -45,7 +45,7 @@ def _is_native(packed: torch.Tensor) -> bool:
 def int8_mm_packed(x_q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """Exact int32 product x_q int8 [T, K] @ W^T for a weight made by pack_weight -> int32 [T, N]."""
     if _is_native(packed):
-        x_q = _rows_contiguous(x_q)
+        x_q = native.rows_contiguous(x_q)
         out = torch.empty(x_q.shape[0], packed.shape[0], dtype=torch.int32)  # [T, N]
         native.library().sq_int8_gemm(
             x_q.data_ptr(), *_dims(x_q), packed.data_ptr(), packed.shape[0], packed.shape[1], out.data_ptr()
@@ -69,7 +69,7 @@ def dynamic_linear(
     w_scale: fp32 [N] (already rounded to the model dtype); bias fp32 [N] or None.
     """
     if _is_native(packed) and x.device.type == "cpu":
-        xf = _rows_contiguous(x.float())  # [T, K]
+        xf = native.rows_contiguous(x.float())  # [T, K]
         y = torch.empty(xf.shape[0], packed.shape[0], dtype=torch.float32)  # [T, N]
         native.library().sq_dynamic_linear(
             xf.data_ptr(), *_dims(xf), packed.data_ptr(), packed.shape[0], packed.shape[1],
@@ -94,7 +94,7 @@ def static_linear(
     inv_scale, offset: [1] in x's dtype (the quantization runs in it); quant_bias int32 [N]; deq_scale fp32 [N].
     """
     if _is_native(packed) and x.dtype == torch.float32 and inv_scale.dtype == torch.float32:
-        x = _rows_contiguous(x)  # [T, K]
+        x = native.rows_contiguous(x)  # [T, K]
         y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)  # [T, N]
         native.library().sq_static_linear(
             x.data_ptr(), *_dims(x), float(inv_scale), float(offset), packed.data_ptr(), packed.shape[0],
@@ -109,16 +109,11 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric per-token int8: x [T, K] -> (x_q int8 [T, K], scale fp32 [T, 1])."""
     if not (native.available() and x.device.type == "cpu"):
         return _quantize_per_token_torch(x)
-    xf = _rows_contiguous(x.float())  # [T, K]
+    xf = native.rows_contiguous(x.float())  # [T, K]
     x_q = torch.empty(xf.shape, dtype=torch.int8)
     scale = torch.empty(xf.shape[0], 1, dtype=torch.float32)
     native.library().sq_quantize_per_token(xf.data_ptr(), *_dims(xf), x_q.data_ptr(), scale.data_ptr())
     return x_q, scale
-
-
-def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """x [T, K] with unit stride along K (a row stride of its own is fine)."""
-    return x if x.stride(-1) == 1 and x.stride(0) >= x.shape[1] else x.contiguous()
 
 
 def _dims(x: torch.Tensor) -> tuple[int, int, int]:

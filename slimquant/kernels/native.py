@@ -68,6 +68,11 @@ def available() -> bool:
     return library() is not None
 
 
+def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x [T, K] with unit stride along K and rows that do not overlap (the kernels' layout); copied if not."""
+    return x if x.stride(-1) == 1 and x.stride(0) >= x.shape[1] else x.contiguous()
+
+
 def _unavailable_reason() -> str | None:
     if os.environ.get("SLIMQUANT_NATIVE", "1") == "0":
         return "SLIMQUANT_NATIVE=0"
