@@ -10,11 +10,23 @@ from slimquant.kernels.int8_ops import (
     quantize_static,
     static_linear,
 )
-from slimquant.kernels.layer_ops import add_rms_norm, decode_attention, silu_and_mul
+from slimquant.kernels.layer_ops import (
+    DecoderLayerPlan,
+    LinearForm,
+    add_rms_norm,
+    decode_attention,
+    decoder_layer,
+    decoder_layer_plan,
+    silu_and_mul,
+)
 
 __all__ = [
+    "DecoderLayerPlan",
+    "LinearForm",
     "add_rms_norm",
     "decode_attention",
+    "decoder_layer",
+    "decoder_layer_plan",
     "dynamic_linear",
     "float_linear",
     "int8_mm",

@@ -52,6 +52,10 @@ class QuantMethod:
         """y [T, N] in x's dtype from x [T, K]."""
         raise NotImplementedError
 
+    def native_form(self, layer: nn.Module) -> kernels.LinearForm | None:
+        """The layer's runtime form for the fused native decoder layer, or None where it has none."""
+        return None
+
 
 class UnquantizedMethod(QuantMethod):
     """Float weights: y = x W^T + b."""
@@ -64,6 +68,11 @@ class UnquantizedMethod(QuantMethod):
 
     def apply(self, layer, x, bias):
         return kernels.float_linear(x, layer.weight, bias)
+
+    def native_form(self, layer):
+        if layer.weight.dtype != torch.bfloat16:  # fp32 weights that are not exact bf16 run through BLAS
+            return None
+        return kernels.LinearForm("bf16", *layer.weight.shape, layer.weight, {"bias": layer.bias})
 
 
 class W8A8StaticMethod(QuantMethod):
@@ -92,6 +101,14 @@ class W8A8StaticMethod(QuantMethod):
             x, layer.weight, layer.input_inv_scale, layer.input_offset_rt, layer.quant_bias, layer.deq_scale
         )  # [T, N] fp32
         return y.to(x.dtype)
+
+    def native_form(self, layer):
+        if layer.input_inv_scale.dtype != torch.float32:  # the native kernel quantizes in fp32 only
+            return None
+        tensors = {"quant_bias": layer.quant_bias, "deq_scale": layer.deq_scale}
+        n, k = layer.weight.shape[0], layer.in_features
+        inv_scale, offset = float(layer.input_inv_scale), float(layer.input_offset_rt)
+        return kernels.LinearForm("static", n, k, layer.weight, tensors, inv_scale, offset)
 
 
 def _fused_input_params(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +141,10 @@ class W8A8DynamicMethod(QuantMethod):
         # x: [T, K] -> [T, N]
         bias = None if bias is None else bias.float()
         return kernels.dynamic_linear(x, layer.weight, layer.weight_scale, bias).to(x.dtype)
+
+    def native_form(self, layer):
+        tensors = {"w_scale": layer.weight_scale, "bias": layer.bias}
+        return kernels.LinearForm("dynamic", layer.weight.shape[0], layer.in_features, layer.weight, tensors)
 
 
 METHODS_BY_TYPE: dict[str, type[QuantMethod]] = {"W8A8": W8A8StaticMethod, "W8A8_DYNAMIC": W8A8DynamicMethod}

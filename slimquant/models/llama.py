@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slimquant import kernels
 from slimquant.layers.activation import silu_and_mul
 from slimquant.layers.attention import Attention
+from slimquant.layers.context import get_context
 from slimquant.layers.linear import Linear
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
@@ -94,6 +96,33 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
         self.self_attn = LlamaAttention(config, quant_config, f"{prefix}.self_attn", dtype, variant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
         self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", dtype)
+        self._native_plan: kernels.DecoderLayerPlan | None | bool = False  # False: not built yet
+
+    def forward(self, x, residual, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        # x, residual: [T, H]; a CPU decode step runs the whole layer as one native call where it can
+        fused = self._native_decode(x, residual, cos, sin) if get_context().is_decode else None
+        return fused if fused is not None else super().forward(x, residual, cos, sin)
+
+    def _native_decode(self, x, residual, cos, sin) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if x.device.type != "cpu":
+            return None
+        if self._native_plan is False:
+            self._native_plan = self._plan_native()
+        if self._native_plan is None:
+            return None
+        attn = self.self_attn
+        return kernels.decoder_layer(self._native_plan, x, residual, (cos, sin), attn.attn.kv_cache, get_context())
+
+    def _plan_native(self) -> kernels.DecoderLayerPlan | None:
+        """The layer's native form (built on its first decode step, after loading); None: per-op path."""
+        attn, mlp = self.self_attn, self.mlp
+        if attn.q_norm is not None:  # Qwen3's per-head q/k norms are not in the fused kernel
+            return None
+        norms = [(n.weight, n.bias) for n in (self.input_layernorm, self.post_attention_layernorm)]
+        linears = {"qkv": attn.qkv_proj, "o": attn.o_proj, "gate_up": mlp.gate_up_proj, "down": mlp.down_proj}
+        forms = {name: lin.method.native_form(lin) for name, lin in linears.items()}
+        heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
+        return kernels.decoder_layer_plan(norms, self.input_layernorm.eps, forms, heads, attn.attn.scale)
 
 
 class LlamaForCausalLM(CausalLM):

@@ -1,0 +1,61 @@
+"""The fused native decoder layer (one call per layer per decode step) equals the per-op path bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimquant.kernels import native
+from slimquant.models.llama import LlamaDecoderLayer
+from slimquant.models.loader import load_model
+from tests.models.ascend_ckpt import write_ascend
+from tests.models.paged import PROMPT, PagedRunner
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+
+
+def mixed(prefix: str) -> str:
+    """Layer 0's MLP float (bf16 weights), layer 1's attention dynamic, the rest static."""
+    if prefix.startswith("model.layers.0.mlp"):
+        return "FLOAT"
+    return "W8A8_DYNAMIC" if prefix.startswith("model.layers.1.self_attn") else "W8A8"
+
+
+SCHEMES = {"dynamic": lambda p: "W8A8_DYNAMIC", "static": lambda p: "W8A8", "mixed": mixed}
+
+
+def decode_run(folder, fused: bool, steps: int = 3) -> tuple[torch.Tensor, list[torch.Tensor], list]:
+    """Logits of three sequences (prefill, then `steps` batched decode steps), the KV caches, the layers' plans."""
+    model = load_model(str(folder), dtype=torch.float32).model
+    layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
+    if not fused:
+        for layer in layers:
+            layer._native_plan = None  # never plan: the per-op path
+    runner = PagedRunner(model, torch.float32)
+    prompts = {0: PROMPT[:5], 1: PROMPT[3:12], 2: PROMPT[:1]}
+    logits = [runner.step({seq: tokens}) for seq, tokens in prompts.items()]
+    for i in range(steps):
+        logits.append(runner.step({seq: [PROMPT[i + seq]] for seq in prompts}))  # one token per sequence
+    caches = [layer.self_attn.attn.kv_cache for layer in layers]
+    return torch.cat(logits), caches, [layer._native_plan for layer in layers]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_fused_layer_equals_per_op_path(tiny_model, tmp_path, arch, scheme):
+    src = tiny_model(arch, dtype=torch.bfloat16)  # bf16 float weights: the fused layer takes them too
+    dst = write_ascend(src, tmp_path / "q", SCHEMES[scheme], dtype=torch.bfloat16, shift=True)
+    fused, fused_caches, plans = decode_run(dst, fused=True)
+    per_op, per_op_caches, _ = decode_run(dst, fused=False)
+    assert all(plan is not None and plan is not False for plan in plans)  # every layer really ran fused
+    assert torch.equal(fused, per_op)
+    assert all(torch.equal(a, b) for a, b in zip(fused_caches, per_op_caches, strict=True))
+
+
+def test_qwen3_and_fp32_float_weights_keep_the_per_op_path(tiny_model, tmp_path):
+    qwen3 = write_ascend(tiny_model("qwen3"), tmp_path / "q3", SCHEMES["dynamic"])
+    _, _, plans = decode_run(qwen3, fused=True, steps=1)
+    assert plans and all(plan is None for plan in plans)  # per-head q/k norms: not in the fused kernel
+    fp32_float = write_ascend(tiny_model("llama"), tmp_path / "f32", mixed)  # random fp32: not exact bf16
+    _, _, plans = decode_run(fp32_float, fused=True, steps=1)
+    assert plans[0] is None and all(plan is not None for plan in plans[1:])
