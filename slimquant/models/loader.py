@@ -10,6 +10,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from slimquant.kernels import native
 from slimquant.kernels.cpu import has_native_half
 from slimquant.layers.quant_config import AscendQuantConfig, QuantConfig
 from slimquant.models.registry import model_class
@@ -45,7 +46,7 @@ def load_model(
 
     quantized = _use_ascend(path, quantization)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    torch_dtype = resolve_dtype(dtype, config, device)
+    torch_dtype = resolve_dtype(dtype, config, device, quantized)
     quant_config = AscendQuantConfig.from_folder(path) if quantized else QuantConfig()
     with torch.device(device):
         model = model_class(config)(config, quant_config, torch_dtype)
@@ -73,13 +74,13 @@ def _use_ascend(path: str, quantization: str | None) -> bool:
     return has_description
 
 
-def resolve_dtype(dtype: str | torch.dtype, config, device: str | None = None) -> torch.dtype:
-    """'auto' -> the config's dtype (float32 if absent, or on a CPU without native bf16/fp16); names accepted."""
+def resolve_dtype(dtype: str | torch.dtype, config, device: str | None = None, quantized: bool = False) -> torch.dtype:
+    """'auto' -> the config's dtype; float32 if absent, or on a CPU that runs it faster (see _cpu_auto_dtype)."""
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         if isinstance(dtype, str) and dtype not in DTYPES:
             raise ValueError(f"config.json has dtype {dtype!r}; pass dtype= one of {sorted(DTYPES)}")
-        dtype = _cpu_auto_dtype(DTYPES.get(str(dtype).removeprefix("torch."), dtype), device)
+        dtype = _cpu_auto_dtype(DTYPES.get(str(dtype).removeprefix("torch."), dtype), device, quantized)
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype.removeprefix("torch."), dtype)
     if dtype not in DTYPES.values():
@@ -87,11 +88,17 @@ def resolve_dtype(dtype: str | torch.dtype, config, device: str | None = None) -
     return dtype
 
 
-def _cpu_auto_dtype(dtype: torch.dtype, device: str | None) -> torch.dtype:
-    """On a CPU that only emulates bf16/fp16 (about 10x slower than fp32), 'auto' picks float32."""
-    if device is None or not str(device).startswith("cpu") or dtype == torch.float32 or has_native_half():
+def _cpu_auto_dtype(dtype: torch.dtype, device: str | None, quantized: bool) -> torch.dtype:
+    """float32 on a CPU where it is faster: int8 checkpoints with the native kernels (they take fp32
+    activations and fuse the layer's other ops only in fp32), or bf16/fp16 only emulated (~10x slower)."""
+    if device is None or not str(device).startswith("cpu") or dtype == torch.float32:
         return dtype
-    logger.info("this CPU has no native %s: dtype='auto' runs in float32 (pass dtype= to override)", dtype)
+    if quantized and native.available():
+        logger.info("int8 checkpoint on CPU: dtype='auto' runs activations in float32 (the native kernels' dtype)")
+    elif has_native_half():
+        return dtype
+    else:
+        logger.info("this CPU has no native %s: dtype='auto' runs in float32 (pass dtype= to override)", dtype)
     return torch.float32
 
 

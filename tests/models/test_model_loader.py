@@ -79,6 +79,17 @@ def test_auto_dtype_on_cpu_follows_native_half_support(monkeypatch, native, expe
     assert resolve_dtype("bfloat16", config, "cpu") == torch.bfloat16  # an explicit dtype is kept
 
 
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_auto_dtype_of_int8_checkpoint_on_cpu_is_the_native_kernels_dtype(monkeypatch, kernels_on):
+    monkeypatch.setattr("slimquant.models.loader.has_native_half", lambda: True)
+    monkeypatch.setattr("slimquant.models.loader.native.available", lambda: kernels_on)
+    config = SimpleNamespace(dtype="bfloat16")
+    expected = torch.float32 if kernels_on else torch.bfloat16
+    assert resolve_dtype("auto", config, "cpu", quantized=True) == expected
+    assert resolve_dtype("auto", config, "cpu", quantized=False) == torch.bfloat16
+    assert resolve_dtype("bfloat16", config, "cpu", quantized=True) == torch.bfloat16
+
+
 def test_ascend_folder_detected_and_logged(tiny_model, tmp_path, caplog):
     dst = write_ascend(tiny_model("llama"), tmp_path / "q", lambda p: "W8A8_DYNAMIC")
     with caplog.at_level(logging.INFO, logger="slimquant.models.loader"):
