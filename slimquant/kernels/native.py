@@ -25,7 +25,13 @@ logger = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))  # int8 GEMM, attention, norm
 FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
-K_ALIGN = 32  # the kernel reads K in steps of 32 bytes: weights are padded to a multiple of it
+K_ALIGN = 32  # the kernel reads K in steps of 32 bytes (VNNI: 64, then one 32): weights are padded to it
+# Extra flags per instruction set; the AVX2 flags above stay in every build (the quantization loops use them).
+ISA_FLAGS = {
+    "avx2": [],
+    "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-DSQ_AVX512VNNI"],
+}
+_VNNI_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
 _ABI_VERSION = 1
 
 _i, _p, _f = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
@@ -88,10 +94,30 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def _build() -> Path:
+def isa() -> str:
+    """The instruction set the kernels are built for: "avx512vnni" where the CPU has it, else "avx2".
+
+    SLIMQUANT_ISA=avx2 forces the AVX2 build (to test or compare it on a VNNI machine).
+    """
+    forced = os.environ.get("SLIMQUANT_ISA")
+    if forced:
+        if forced not in ISA_FLAGS:
+            raise ValueError(f"SLIMQUANT_ISA={forced!r}: expected one of {sorted(ISA_FLAGS)}")
+        return forced
+    return "avx512vnni" if cpu_flags() >= _VNNI_CPU_FLAGS else "avx2"
+
+
+@functools.cache
+def library_for(target: str) -> ctypes.CDLL:
+    """A library built for the given instruction set (one of ISA_FLAGS), whatever isa() picks: tests, benchmarks."""
+    return _load(_build(target))
+
+
+def _build(target: str | None = None) -> Path:
     """Compile the source unless a library built from the same source and flags is cached."""
+    flags = FLAGS + ISA_FLAGS[target or isa()]
     source = b"".join(p.read_bytes() for p in SOURCES)
-    tag = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     out = cache_dir() / f"slimquant_cpu-{tag}.so"
     if out.exists():
         return out
@@ -99,7 +125,7 @@ def _build() -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
         sources = [str(p) for p in SOURCES]
-        subprocess.run([_compiler(), *FLAGS, *sources, "-o", str(staged)], check=True, capture_output=True)
+        subprocess.run([_compiler(), *flags, *sources, "-o", str(staged)], check=True, capture_output=True)
         os.replace(staged, out)  # atomic: a concurrent build never sees half a file
     logger.info("built native kernels: %s", out)
     return out

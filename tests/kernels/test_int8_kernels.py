@@ -137,3 +137,52 @@ def test_failed_build_falls_back_to_the_torch_path(monkeypatch, tmp_path, caplog
         assert torch.equal(K.dynamic_linear(x, packed, torch.ones(5), None), expected)
     finally:
         native.library.cache_clear()  # the next caller loads the real library again
+
+
+needs_vnni = pytest.mark.skipif(
+    not (native.available() and cpu_flags() >= {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
+    reason="the CPU has no AVX-512 VNNI",
+)
+
+
+def _gemm_with(lib, x_q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(x_q.shape[0], packed.shape[0], dtype=torch.int32)
+    lib.sq_int8_gemm(x_q.data_ptr(), *K._dims(x_q), packed.data_ptr(), packed.shape[0], packed.shape[1], out.data_ptr())
+    return out
+
+
+def _dynamic_with(lib, x: torch.Tensor, packed: torch.Tensor, w_s: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)
+    lib.sq_dynamic_linear(
+        x.data_ptr(), *K._dims(x), packed.data_ptr(), packed.shape[0], packed.shape[1], w_s.data_ptr(),
+        bias.data_ptr(), y.data_ptr(),
+    )  # fmt: skip
+    return y
+
+
+@needs_vnni
+@pytest.mark.parametrize("m", [1, 3, 17, 70])
+@pytest.mark.parametrize("k", [5, 33, 100, 576])
+@pytest.mark.parametrize("n", [1, 7, 65])
+def test_avx512_and_avx2_builds_agree(m, k, n):
+    """Both builds compute the same exact integers (and so the same fused outputs) at odd sizes."""
+    vnni, avx2 = native.library_for("avx512vnni"), native.library_for("avx2")
+    assert (vnni.sq_isa(), avx2.sq_isa()) == (1, 0)
+    g = torch.Generator().manual_seed(m * 100 + k * 10 + n)
+    x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    x_q[0, : min(k, 4)] = -128  # the extremes, where a sign or offset trick would overflow first
+    w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    w_q[0, : min(k, 4)] = 127
+    packed = K.pack_weight(w_q)
+    got = _gemm_with(vnni, x_q, packed)
+    assert torch.equal(got, _gemm_with(avx2, x_q, packed))
+    assert torch.equal(got, P.int8_matmul_reference(x_q, w_q))
+    x = torch.randn(m, k, generator=g) * 3
+    w_s, bias = torch.rand(n, generator=g) / 50, torch.randn(n, generator=g)
+    assert torch.equal(_dynamic_with(vnni, x, packed, w_s, bias), _dynamic_with(avx2, x, packed, w_s, bias))
+
+
+@needs_native
+def test_isa_names_the_build():
+    assert native.isa() in native.ISA_FLAGS
+    assert native.library().sq_isa() == (1 if native.isa() == "avx512vnni" else 0)

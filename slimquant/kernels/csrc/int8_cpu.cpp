@@ -1,9 +1,16 @@
-// int8 x int8 -> int32 GEMM for AVX2 CPUs, with the activation quantization and the dequantization fused.
+// int8 x int8 -> int32 GEMM for AVX2 / AVX-512 VNNI CPUs, with the activation quantization and the
+// dequantization fused.
 //
-// The products are exact integers: vpmaddubsw multiplies |x| (u8) by sign(x) * w (s8) in pairs, and a pair
-// never saturates int16 because |x| <= 128 and |w| <= 127 (the caller keeps weights of -128 off this path).
-// Every float step repeats, in the same order, what the pure-torch path of slimquant/kernels computes, so
-// the results are bit-identical to it; build with -ffp-contract=off so that no multiply-add is fused.
+// Two builds of the same source (slimquant/kernels/native.py picks one, SQ_AVX512VNNI marks the second):
+// - AVX2: vpmaddubsw multiplies |x| (u8) by sign(x) * w (s8) in pairs; a pair never saturates int16 because
+//   |x| <= 128 and |w| <= 127 (the caller keeps weights of -128 off this path).
+// - AVX-512 VNNI: vpdpbusd multiplies u = x + 128 (u8) by w (s8) in groups of 4 straight into int32 lanes,
+//   without saturation; sum(u * w) = sum(x * w) + 128 * sum(w), and the second term, computed by the same
+//   instruction on a row of 128s, is subtracted. int32 arithmetic wraps, so the result is exact whenever the
+//   true dot product fits int32.
+// The products are exact integers either way. Every float step repeats, in the same order, what the
+// pure-torch path of slimquant/kernels computes, so the results are bit-identical to it; build with
+// -ffp-contract=off so that no multiply-add is fused.
 //
 // Layouts: activations x fp32 [M, K] (row stride ldx); weights int8 [N, Kp], K padded with zeros to Kp, a
 // multiple of 32; outputs row-major [M, N].
@@ -22,11 +29,166 @@ constexpr int kTokTile = 64;  // tokens whose quantized rows stay in L2 while a 
 constexpr int kRowTile = 16;  // weight rows per parallel work item
 constexpr float kTinyScale = 1e-8f;
 
+// Quantized activations: the int8 values and the form the GEMM multiplies (|x| for AVX2, x + 128 for VNNI).
 struct QuantizedX {
-  std::vector<int8_t> q;     // [M, Kp] x_q
-  std::vector<uint8_t> abs;  // [M, Kp] |x_q|
+  std::vector<int8_t> q;   // [M, Kp] x_q
+  std::vector<uint8_t> a;  // [M, Kp] |x_q| (AVX2) or x_q + 128 (VNNI); zero in the padding
   int kp;
+  const uint8_t* row(int i) const { return &a[(size_t)i * kp]; }
 };
+
+// The GEMM's unsigned operand for one int8 activation value.
+inline uint8_t gemm_operand(int8_t v) {
+#ifdef SQ_AVX512VNNI
+  return static_cast<uint8_t>(v) ^ 0x80;  // v + 128
+#else
+  return static_cast<uint8_t>(v < 0 ? -v : v);
+#endif
+}
+
+inline __m256i gemm_operand32(__m256i v) {
+#ifdef SQ_AVX512VNNI
+  return _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80)));
+#else
+  return _mm256_abs_epi8(v);  // |-128| = 0x80 = 128 as u8
+#endif
+}
+
+#ifdef SQ_AVX512VNNI
+
+// ---- AVX-512 VNNI inner kernels ----
+
+// Lane i of the result = the sum of the 16 int32 lanes of v[i] (a transpose-and-add tree: 45 ops for 16 sums).
+inline __m512i reduce16(const __m512i* v) {
+  __m512i s[8], t[4], u[2];
+  for (int i = 0; i < 8; ++i)  // 128-bit lane: [v2i, v2i+1, v2i, v2i+1] partials
+    s[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // 128-bit lane: [v4i .. v4i+3] partials of that lane
+    t[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(s[2 * i], s[2 * i + 1]), _mm512_unpackhi_epi64(s[2 * i], s[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)  // lanes: [t2i lanes 0+1, t2i lanes 2+3, t2i+1 lanes 0+1, t2i+1 lanes 2+3]
+    u[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(t[2 * i], t[2 * i + 1], 0x88),
+                            _mm512_shuffle_i32x4(t[2 * i], t[2 * i + 1], 0xdd));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88), _mm512_shuffle_i32x4(u[0], u[1], 0xdd));
+}
+
+// acc += u . w (vpdpbusd); inline asm because GCC 12 wraps the intrinsic in two register copies per call.
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i w) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(w));
+  return acc;
+}
+
+inline __m512i load64(const void* p) { return _mm512_loadu_si512(p); }
+inline __m512i load32(const void* p) { return _mm512_maskz_loadu_epi8(0xffffffffull, p); }  // upper half zero
+
+// One K step of R weight rows x T activation rows: acc[t * R + r] += u[t] . w[r] in groups of 4 bytes.
+template <int R, int T, bool Full>
+inline void vnni_step(__m512i* acc, const int8_t* w, size_t kp, const uint8_t* const* x, size_t k) {
+  __m512i xv[T];
+  for (int t = 0; t < T; ++t) xv[t] = Full ? load64(x[t] + k) : load32(x[t] + k);
+  for (int r = 0; r < R; ++r) {
+    const __m512i wv = Full ? load64(w + r * kp + k) : load32(w + r * kp + k);
+    for (int t = 0; t < T; ++t) acc[t * R + r] = dpbusd(acc[t * R + r], xv[t], wv);
+  }
+}
+
+// R weight rows (stride kp) x T u8 activation rows of dot products over kp: out[t * R + r], R * T <= 16.
+template <int R, int T>
+inline void block_dot(const int8_t* w, size_t kp, const uint8_t* const* x, int32_t* out) {
+  static_assert(R * T <= 16, "one reduce16 per block");
+  __m512i acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_si512();
+  size_t k = 0;
+  for (; k + 64 <= kp; k += 64) vnni_step<R, T, true>(acc, w, kp, x, k);
+  if (k < kp) vnni_step<R, T, false>(acc, w, kp, x, k);  // kp is a multiple of 32: one half step left
+  _mm512_storeu_si512(out, reduce16(acc));
+}
+
+// r[t * R + i] - c[i] for tokens [m, m + T) and rows [n, n + R) to epi: 4 rows at a time where R == 4.
+template <int R, int T, class Epi>
+inline void emit_results(const int32_t* r, const int32_t* c, int m, int n, const Epi& epi) {
+  if constexpr (R == 4) {
+    const __m128i c4 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
+    for (int t = 0; t < T; ++t)
+      epi.row4(m + t, n, _mm_sub_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 4 * t)), c4));
+  } else {
+    for (int t = 0; t < T; ++t)
+      for (int i = 0; i < R; ++i) epi(m + t, n + i, r[t * R + i] - c[i]);
+  }
+}
+
+// Rows [n, n + R) x tokens [m, m + T) to epi. comp[i] = 128 * sum(w[n + i]) where the caller has it;
+// with comp == nullptr it is computed here as one more activation row (of 128s) in the same block.
+template <int R, int T, class Epi>
+inline void emit(const int8_t* w, const QuantizedX& x, const uint8_t* c128, int m, int n, const int32_t* comp,
+                 const Epi& epi) {
+  const uint8_t* rows[T + 1];
+  for (int t = 0; t < T; ++t) rows[t] = x.row(m + t);
+  rows[T] = c128;
+  alignas(64) int32_t r[16];
+  const int8_t* wn = w + (size_t)n * x.kp;
+  if (comp) {
+    block_dot<R, T>(wn, x.kp, rows, r);
+    emit_results<R, T>(r, comp, m, n, epi);
+  } else if constexpr (R * (T + 1) <= 16) {
+    block_dot<R, T + 1>(wn, x.kp, rows, r);  // r[T * R + i] = 128 * sum(w[n + i])
+    emit_results<R, T>(r, r + T * R, m, n, epi);
+  }
+}
+
+// Tokens [m, m + t) with t in 1..3 (a remainder) against rows [n, n + R).
+template <int R, class Epi>
+inline void emit_few(const int8_t* w, const QuantizedX& x, const uint8_t* c128, int m, int t, int n,
+                     const int32_t* comp, const Epi& epi) {
+  if (t == 1) emit<R, 1>(w, x, c128, m, n, comp, epi);
+  if (t == 2) emit<R, 2>(w, x, c128, m, n, comp, epi);
+  if (t == 3) emit<R, 3>(w, x, c128, m, n, comp, epi);
+}
+
+// One row group [n0, n1) x token tile [m0, m1): epi(m, n, acc) receives every exact int32 result.
+template <class Epi>
+void tile(const int8_t* w, const QuantizedX& x, const uint8_t* c128, int m0, int m1, int n0, int n1,
+          const Epi& epi) {
+  const int kp = x.kp;
+  if (m1 - m0 < 4) {  // decode: the 128 * sum(w) term rides along in each block
+    int n = n0;
+    for (; n + 4 <= n1; n += 4) emit_few<4>(w, x, c128, m0, m1 - m0, n, nullptr, epi);
+    for (; n < n1; ++n) emit_few<1>(w, x, c128, m0, m1 - m0, n, nullptr, epi);
+    return;
+  }
+  int32_t comp[kRowTile + 16];  // 128 * sum(w[n]) for the rows of this group, computed once
+  alignas(64) int32_t r[16];
+  const uint8_t* ones[1] = {c128};
+  int n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    block_dot<4, 1>(w + (size_t)n * kp, kp, ones, r);
+    for (int i = 0; i < 4; ++i) comp[n - n0 + i] = r[i];
+  }
+  for (; n < n1; ++n) {
+    block_dot<1, 1>(w + (size_t)n * kp, kp, ones, r);
+    comp[n - n0] = r[0];
+  }
+  // token groups outer: 4 activation rows and the group's weight rows (kRowTile x kp) stay in L1
+  int m = m0;
+  for (; m < m1; m += 4) {
+    const int t = std::min(4, m1 - m);
+    for (n = n0; n + 4 <= n1; n += 4) {
+      if (t == 4)
+        emit<4, 4>(w, x, c128, m, n, comp + (n - n0), epi);
+      else
+        emit_few<4>(w, x, c128, m, t, n, comp + (n - n0), epi);
+    }
+    for (; n < n1; ++n) {
+      if (t == 4)
+        emit<1, 4>(w, x, c128, m, n, comp + (n - n0), epi);
+      else
+        emit_few<1>(w, x, c128, m, t, n, comp + (n - n0), epi);
+    }
+  }
+}
+
+#else  // AVX2
+
+// ---- AVX2 inner kernels ----
 
 inline __m256i dot32(__m256i acc, __m256i w, __m256i xs, __m256i xa) {
   const __m256i ones = _mm256_set1_epi16(1);
@@ -51,7 +213,7 @@ inline void block_dot(const int8_t* w, const QuantizedX& x, int m0, int kp, int3
     __m256i xs[T], xa[T];
     for (int t = 0; t < T; ++t) {
       xs[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.q[(size_t)(m0 + t) * kp + k]));
-      xa[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.abs[(size_t)(m0 + t) * kp + k]));
+      xa[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.a[(size_t)(m0 + t) * kp + k]));
     }
     for (int r = 0; r < R; ++r) {
       __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (size_t)r * kp + k));
@@ -64,7 +226,7 @@ inline void block_dot(const int8_t* w, const QuantizedX& x, int m0, int kp, int3
 
 // One row group [n0, n1) x token tile [m0, m1): epi(m, n, acc) receives every exact int32 result.
 template <class Epi>
-void tile(const int8_t* w, const QuantizedX& x, int m0, int m1, int n0, int n1, const Epi& epi) {
+void tile(const int8_t* w, const QuantizedX& x, const uint8_t*, int m0, int m1, int n0, int n1, const Epi& epi) {
   const int kp = x.kp;
   int32_t r[8];
   int n = n0;
@@ -87,40 +249,81 @@ void tile(const int8_t* w, const QuantizedX& x, int m0, int m1, int n0, int n1, 
     }
 }
 
+#endif  // SQ_AVX512VNNI
+
 template <class Epi>
 void gemm(const int8_t* w, const QuantizedX& x, int m, int n, const Epi& epi) {
+  const std::vector<uint8_t> c128(x.kp, 0x80);  // the VNNI build's row of 128s (see the header)
   const int tok_tiles = (m + kTokTile - 1) / kTokTile, row_tiles = (n + kRowTile - 1) / kRowTile;
 #pragma omp parallel for collapse(2) schedule(static) if ((size_t)m * n * x.kp > 65536)
   for (int mt = 0; mt < tok_tiles; ++mt)
     for (int nt = 0; nt < row_tiles; ++nt)
-      tile(w, x, mt * kTokTile, std::min(m, (mt + 1) * kTokTile), nt * kRowTile, std::min(n, (nt + 1) * kRowTile),
-           epi);
+      tile(w, x, c128.data(), mt * kTokTile, std::min(m, (mt + 1) * kTokTile), nt * kRowTile,
+           std::min(n, (nt + 1) * kRowTile), epi);
 }
 
-inline void store_row(QuantizedX& out, int row, const float* q, int k) {
-  // q: k integer-valued floats in [-128, 127]
-  int8_t* dst = &out.q[(size_t)row * out.kp];
-  uint8_t* dabs = &out.abs[(size_t)row * out.kp];
-  for (int i = 0; i < k; ++i) {
-    const int v = static_cast<int>(q[i]);
-    dst[i] = static_cast<int8_t>(v);
-    dabs[i] = static_cast<uint8_t>(v < 0 ? -v : v);
-  }
+// ---- activation quantization (AVX2 in both builds: the same float steps as torch, 8 lanes at a time) ----
+
+// clamp(round_half_even(v), -128, 127) as int32 lanes.
+inline __m256i clamp_round8(__m256 v) {
+  const __m256 r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(_mm256_set1_ps(-128.0f), r)));
 }
 
 inline float clamp_round(float v) { return std::min(127.0f, std::max(-128.0f, std::nearbyint(v))); }
+
+// Four vectors of 8 int32 in [-128, 127] -> 32 int8 in order.
+inline __m256i pack32(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+  return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Row i of out from k floats: q = clamp(round(f(x))), f = x / scale (Div) or x * inv + off (static).
+template <bool Div>
+void quantize_row(const float* x, int k, float scale, float inv, float off, QuantizedX& out, int i) {
+  int8_t* dst = &out.q[(size_t)i * out.kp];
+  uint8_t* da = &out.a[(size_t)i * out.kp];
+  const __m256 vs = _mm256_set1_ps(scale), vi = _mm256_set1_ps(inv), vo = _mm256_set1_ps(off);
+  auto f = [&](__m256 v) { return Div ? _mm256_div_ps(v, vs) : _mm256_add_ps(_mm256_mul_ps(v, vi), vo); };
+  int j = 0;
+  for (; j + 32 <= k; j += 32) {
+    __m256i q[4];
+    for (int c = 0; c < 4; ++c) q[c] = clamp_round8(f(_mm256_loadu_ps(x + j + 8 * c)));
+    const __m256i b = pack32(q[0], q[1], q[2], q[3]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), b);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(da + j), gemm_operand32(b));
+  }
+  for (; j < k; ++j) {
+    if (Div) {
+      dst[j] = static_cast<int8_t>(clamp_round(x[j] / scale));
+    } else {
+      const float scaled = x[j] * inv;
+      dst[j] = static_cast<int8_t>(clamp_round(scaled + off));
+    }
+    da[j] = gemm_operand(dst[j]);
+  }
+}
+
+inline float abs_max(const float* x, int k) {
+  const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 m8 = _mm256_setzero_ps();
+  int j = 0;
+  for (; j + 8 <= k; j += 8) m8 = _mm256_max_ps(m8, _mm256_and_ps(mask, _mm256_loadu_ps(x + j)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m8);
+  float amax = 0.0f;
+  for (float v : lanes) amax = std::max(amax, v);
+  for (; j < k; ++j) amax = std::max(amax, std::fabs(x[j]));
+  return amax;
+}
 
 // Per-token symmetric quantization: scale = max(amax / 127, 1e-8), q = clamp(round(x / scale)).
 void quantize_dynamic(const float* x, int m, int k, int ldx, QuantizedX& out, float* scales) {
 #pragma omp parallel for schedule(static) if ((size_t)m * k > 65536)
   for (int i = 0; i < m; ++i) {
     const float* row = x + (size_t)i * ldx;
-    float amax = 0.0f;
-    for (int j = 0; j < k; ++j) amax = std::max(amax, std::fabs(row[j]));
-    const float scale = std::max(amax / 127.0f, kTinyScale);
-    std::vector<float> q(k);
-    for (int j = 0; j < k; ++j) q[j] = clamp_round(row[j] / scale);
-    store_row(out, i, q.data(), k);
+    const float scale = std::max(abs_max(row, k) / 127.0f, kTinyScale);
+    quantize_row<true>(row, k, scale, 0.0f, 0.0f, out, i);
     scales[i] = scale;
   }
 }
@@ -128,18 +331,12 @@ void quantize_dynamic(const float* x, int m, int k, int ldx, QuantizedX& out, fl
 // Static per-tensor quantization: q = clamp(round(x * inv_scale + offset)).
 void quantize_static(const float* x, int m, int k, int ldx, float inv, float off, QuantizedX& out) {
 #pragma omp parallel for schedule(static) if ((size_t)m * k > 65536)
-  for (int i = 0; i < m; ++i) {
-    const float* row = x + (size_t)i * ldx;
-    std::vector<float> q(k);
-    for (int j = 0; j < k; ++j) {
-      const float scaled = row[j] * inv;
-      q[j] = clamp_round(scaled + off);
-    }
-    store_row(out, i, q.data(), k);
-  }
+  for (int i = 0; i < m; ++i) quantize_row<false>(x + (size_t)i * ldx, k, 1.0f, inv, off, out, i);
 }
 
-QuantizedX empty_x(int m, int kp) { return QuantizedX{std::vector<int8_t>((size_t)m * kp), std::vector<uint8_t>((size_t)m * kp), kp}; }
+QuantizedX empty_x(int m, int kp) {
+  return QuantizedX{std::vector<int8_t>((size_t)m * kp), std::vector<uint8_t>((size_t)m * kp), kp};
+}
 
 
 // ---- float linears with bf16-stored weights: y = x W^T computed in fp32 (a bf16 value is exact in fp32) ----
@@ -197,11 +394,62 @@ void bf16_tile(const float* x, int ldx, const uint16_t* w, int k, int n, int m0,
     }
 }
 
+// ---- epilogues: each exact int32 result (or 4 of one token's consecutive rows) to its output ----
+
+struct StoreInt32 {
+  int32_t* out;
+  int n;
+  void operator()(int i, int j, int32_t acc) const { out[(size_t)i * n + j] = acc; }
+  void row4(int i, int j, __m128i acc) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (size_t)i * n + j), acc);
+  }
+};
+
+// y = (acc * s_t) * w_scale (+ bias)
+struct DynamicEpilogue {
+  const float *st, *w_scale, *bias;
+  float* y;
+  int n;
+  void operator()(int i, int j, int32_t acc) const {
+    const float v = static_cast<float>(acc) * st[i] * w_scale[j];
+    y[(size_t)i * n + j] = bias ? v + bias[j] : v;
+  }
+  void row4(int i, int j, __m128i acc) const {
+    __m128 v = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(acc), _mm_set1_ps(st[i])), _mm_loadu_ps(w_scale + j));
+    if (bias) v = _mm_add_ps(v, _mm_loadu_ps(bias + j));
+    _mm_storeu_ps(y + (size_t)i * n + j, v);
+  }
+};
+
+// y = float(acc + quant_bias) * deq
+struct StaticEpilogue {
+  const int32_t* quant_bias;
+  const float* deq;
+  float* y;
+  int n;
+  void operator()(int i, int j, int32_t acc) const {
+    y[(size_t)i * n + j] = static_cast<float>(acc + quant_bias[j]) * deq[j];
+  }
+  void row4(int i, int j, __m128i acc) const {
+    const __m128i a = _mm_add_epi32(acc, _mm_loadu_si128(reinterpret_cast<const __m128i*>(quant_bias + j)));
+    _mm_storeu_ps(y + (size_t)i * n + j, _mm_mul_ps(_mm_cvtepi32_ps(a), _mm_loadu_ps(deq + j)));
+  }
+};
+
 }  // namespace
 
 extern "C" {
 
 int sq_abi_version() { return 1; }
+
+// The instruction set this library was built for: 1 = AVX-512 VNNI, 0 = AVX2.
+int sq_isa() {
+#ifdef SQ_AVX512VNNI
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // out int32 [M, N] = x_q int8 [M, K] (row stride ldx) @ w int8 [N, Kp]^T.
 void sq_int8_gemm(const int8_t* xq, int m, int k, int ldx, const int8_t* w, int n, int kp, int32_t* out) {
@@ -210,9 +458,9 @@ void sq_int8_gemm(const int8_t* xq, int m, int k, int ldx, const int8_t* w, int 
     for (int j = 0; j < k; ++j) {
       const int8_t v = xq[(size_t)i * ldx + j];
       x.q[(size_t)i * kp + j] = v;
-      x.abs[(size_t)i * kp + j] = static_cast<uint8_t>(v < 0 ? -v : v);
+      x.a[(size_t)i * kp + j] = gemm_operand(v);
     }
-  gemm(w, x, m, n, [=](int i, int j, int32_t acc) { out[(size_t)i * n + j] = acc; });
+  gemm(w, x, m, n, StoreInt32{out, n});
 }
 
 // W8A8_DYNAMIC: y [M, N] = (acc * s_t) * w_scale (+ bias), x quantized per token.
@@ -221,14 +469,7 @@ void sq_dynamic_linear(const float* x, int m, int k, int ldx, const int8_t* w, i
   QuantizedX xq = empty_x(m, kp);
   std::vector<float> s_t(m);
   quantize_dynamic(x, m, k, ldx, xq, s_t.data());
-  const float* st = s_t.data();
-  if (bias)
-    gemm(w, xq, m, n, [=](int i, int j, int32_t acc) {
-      const float v = static_cast<float>(acc) * st[i] * w_scale[j];
-      y[(size_t)i * n + j] = v + bias[j];
-    });
-  else
-    gemm(w, xq, m, n, [=](int i, int j, int32_t acc) { y[(size_t)i * n + j] = static_cast<float>(acc) * st[i] * w_scale[j]; });
+  gemm(w, xq, m, n, DynamicEpilogue{s_t.data(), w_scale, bias, y, n});
 }
 
 // W8A8 (static): y [M, N] = float(acc + quant_bias) * deq_scale, x quantized with one scale and offset.
@@ -236,9 +477,7 @@ void sq_static_linear(const float* x, int m, int k, int ldx, float inv_scale, fl
                       int kp, const int32_t* quant_bias, const float* deq, float* y) {
   QuantizedX xq = empty_x(m, kp);
   quantize_static(x, m, k, ldx, inv_scale, offset, xq);
-  gemm(w, xq, m, n, [=](int i, int j, int32_t acc) {
-    y[(size_t)i * n + j] = static_cast<float>(acc + quant_bias[j]) * deq[j];
-  });
+  gemm(w, xq, m, n, StaticEpilogue{quant_bias, deq, y, n});
 }
 
 // Per-token quantization alone: x_q int8 [M, K] and scales fp32 [M].

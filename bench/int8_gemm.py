@@ -1,0 +1,114 @@
+"""Micro-benchmark: our native int8 linear (AVX2 and AVX-512 VNNI builds) against torch's float and int8 GEMMs.
+
+For the SmolLM2-135M linear shapes (K -> N) and M tokens, times y = x @ W^T:
+- torch bf16 F.linear (oneDNN; uses AVX512-BF16 where the CPU has it) and fp32 F.linear (BLAS);
+- torch._int_mm (int8 x int8 -> int32);
+- ours: sq_dynamic_linear (fp32 x in, per-token quantization fused, fp32 y out) from each ISA build.
+Each cell is the median of --repeats timings (microseconds per call), each the mean of enough calls to fill
+about --min-ms; "x" columns are the time relative to bf16 F.linear measured in the same run (below 1 = faster).
+
+    .venv/bin/python bench/int8_gemm.py [--threads 2] [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from slimquant.kernels import int8_ops, native
+from slimquant.kernels.cpu import cpu_flags
+
+SHAPES = [(576, 960, "qkv"), (576, 3072, "gate_up"), (1536, 576, "down")]  # (K, N, name) of SmolLM2-135M
+TOKENS = [1, 16, 512]
+
+
+def _time_us(fn, repeats: int, min_ms: float) -> float:
+    """Median over repeats of the mean time of one call, in microseconds."""
+    fn()
+    start, calls = time.perf_counter(), 0
+    while time.perf_counter() - start < min_ms / 1e3 or calls < 2:
+        fn()
+        calls += 1
+    per_call = (time.perf_counter() - start) / calls
+    inner = max(1, int(min_ms / 1e3 / per_call))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) / inner * 1e6)
+    return statistics.median(samples)
+
+
+def _ours(lib, x: torch.Tensor, packed: torch.Tensor, w_s: torch.Tensor):
+    y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)
+    dims = (x.shape[0], x.shape[1], x.stride(0), packed.data_ptr(), packed.shape[0], packed.shape[1])
+
+    def run():
+        lib.sq_dynamic_linear(x.data_ptr(), *dims, w_s.data_ptr(), None, y.data_ptr())
+
+    return run
+
+
+def _int_mm_usable(x_q: torch.Tensor, w_t: torch.Tensor) -> bool:
+    try:
+        torch._int_mm(x_q, w_t)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _candidates(m: int, k: int, n: int, libs: dict) -> dict:
+    """name -> a zero-argument callable computing the [m, n] product once."""
+    g = torch.Generator().manual_seed(m + k + n)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    xb, wb = x.bfloat16(), w.bfloat16()
+    w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    w_s = torch.rand(n, generator=g) / 50
+    packed = int8_ops.pack_weight(w_q)
+    runs = {"bf16 F.linear": lambda: F.linear(xb, wb), "fp32 F.linear": lambda: F.linear(x, w)}
+    w_qt = w_q.t()
+    runs["torch._int_mm"] = (lambda: torch._int_mm(x_q, w_qt)) if _int_mm_usable(x_q, w_qt) else None
+    for name, lib in libs.items():
+        runs[f"ours {name}"] = _ours(lib, x, packed, w_s)
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--min-ms", type=float, default=20.0, help="time per repeat")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    libs = {}
+    if native.available():
+        vnni_cpu = cpu_flags() >= {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+        for isa in ["avx2", "avx512vnni"] if vnni_cpu else ["avx2"]:
+            libs[isa] = native.library_for(isa)
+    print(f"threads={args.threads} repeats={args.repeats} native default isa={native.isa()} torch={torch.__version__}")
+    print("ours = sq_dynamic_linear: fp32 in, per-token int8 quantization fused, fp32 out; x = time / bf16 time")
+    header = None
+    for k, n, name in SHAPES:
+        for m in TOKENS:
+            runs = _candidates(m, k, n, libs)
+            us = {label: _time_us(fn, args.repeats, args.min_ms) for label, fn in runs.items() if fn is not None}
+            if header is None:
+                header = list(runs)
+                cols = "".join(f"{label:>22}" for label in header)
+                print(f"{'shape':<18}{'M':>5}{cols}")
+            base = us["bf16 F.linear"]
+            cells = "".join(
+                f"{us[label]:>13.1f}us {us[label] / base:>5.2f}x" if label in us else f"{'n/a':>22}" for label in header
+            )
+            print(f"{f'{name} {k}->{n}':<18}{m:>5}{cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
