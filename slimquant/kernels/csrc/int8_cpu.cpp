@@ -100,7 +100,11 @@ inline void block_dot(const int8_t* w, size_t kp, const uint8_t* const* x, int32
   size_t k = 0;
   for (; k + 64 <= kp; k += 64) vnni_step<R, T, true>(acc, w, kp, x, k);
   if (k < kp) vnni_step<R, T, false>(acc, w, kp, x, k);  // kp is a multiple of 32: one half step left
-  _mm512_storeu_si512(out, reduce16(acc));
+  if constexpr (R * T <= 4) {  // decode: a few sums, each reduced alone
+    for (int i = 0; i < R * T; ++i) out[i] = _mm512_reduce_add_epi32(acc[i]);
+  } else {
+    _mm512_storeu_si512(out, reduce16(acc));
+  }
 }
 
 // r[t * R + i] - c[i] for tokens [m, m + T) and rows [n, n + R) to epi: 4 rows at a time where R == 4.
@@ -149,10 +153,9 @@ template <class Epi>
 void tile(const int8_t* w, const QuantizedX& x, const uint8_t* c128, int m0, int m1, int n0, int n1,
           const Epi& epi) {
   const int kp = x.kp;
-  if (m1 - m0 < 4) {  // decode: the 128 * sum(w) term rides along in each block
-    int n = n0;
-    for (; n + 4 <= n1; n += 4) emit_few<4>(w, x, c128, m0, m1 - m0, n, nullptr, epi);
-    for (; n < n1; ++n) emit_few<1>(w, x, c128, m0, m1 - m0, n, nullptr, epi);
+  if (m1 - m0 < 4) {  // decode: one weight row at a time (one sequential stream from memory, ~2x the
+    // bandwidth of 4 interleaved rows), the 128 * sum(w) term riding along as one more activation row
+    for (int n = n0; n < n1; ++n) emit_few<1>(w, x, c128, m0, m1 - m0, n, nullptr, epi);
     return;
   }
   int32_t comp[kRowTile + 16];  // 128 * sum(w[n]) for the rows of this group, computed once
@@ -230,7 +233,8 @@ void tile(const int8_t* w, const QuantizedX& x, const uint8_t*, int m0, int m1, 
   const int kp = x.kp;
   int32_t r[8];
   int n = n0;
-  for (; n + 4 <= n1; n += 4) {
+  const bool decode = m1 - m0 == 1;  // one token: rows one at a time below (a single sequential stream)
+  for (; !decode && n + 4 <= n1; n += 4) {
     const int8_t* wn = w + (size_t)n * kp;
     int m = m0;
     for (; m + 2 <= m1; m += 2) {
@@ -371,10 +375,25 @@ inline void block_dot_bf16(const uint16_t* w, int k, const float* x, int ldx, fl
     for (int t = 0; t < T; ++t) out[r * T + t] = hsum_ps(acc[r][t]);
 }
 
+// One token against one weight row, four independent sums (the FMA latency hides): decode streams rows.
+inline float row_dot_bf16(const uint16_t* w, int k, const float* x) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int j = 0;
+  for (; j + 32 <= k; j += 32)
+    for (int u = 0; u < 4; ++u)
+      acc[u] = _mm256_fmadd_ps(load_bf16x8(w + j + 8 * u), _mm256_loadu_ps(x + j + 8 * u), acc[u]);
+  for (; j < k; j += 8) acc[0] = _mm256_fmadd_ps(load_bf16x8(w + j), _mm256_loadu_ps(x + j), acc[0]);
+  return hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+
 void bf16_tile(const float* x, int ldx, const uint16_t* w, int k, int n, int m0, int m1, int n0, int n1,
                const float* bias, float* y) {
   float r[8];
   auto put = [&](int i, int j, float v) { y[(size_t)i * n + j] = bias ? v + bias[j] : v; };
+  if (m1 - m0 == 1) {  // one token: one weight row at a time, a single sequential stream from memory
+    for (int j = n0; j < n1; ++j) put(m0, j, row_dot_bf16(w + (size_t)j * k, k, x + (size_t)m0 * ldx));
+    return;
+  }
   int j = n0;
   for (; j + 4 <= n1; j += 4) {
     int i = m0;
