@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -386,14 +387,60 @@ inline float row_dot_bf16(const uint16_t* w, int k, const float* x) {
   return hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 }
 
+#ifdef SQ_AVX512VNNI
+// 16 bf16 weights as fp32 (the upper 8 zero when half is set: K's last 8 when K is not a multiple of 16).
+inline __m512 load_bf16x16(const uint16_t* p, bool half) {
+  const __m256i raw = half ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
+                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// One weight row x T tokens (T <= 8) with 512-bit FMAs: the row streams from memory once, the tokens' rows
+// stay in L1. out[t] = w . x[t].
+template <int T, bool Half>
+inline void bf16_row_step(__m512* acc, const uint16_t* w, const float* x, int ldx, int j) {
+  const __m512 wv = load_bf16x16(w + j, Half);
+  for (int t = 0; t < T; ++t) {
+    const float* xt = x + (size_t)t * ldx + j;
+    acc[t] = _mm512_fmadd_ps(wv, Half ? _mm512_maskz_loadu_ps(0xff, xt) : _mm512_loadu_ps(xt), acc[t]);
+  }
+}
+
+template <int T>
+inline void row_dot_bf16_tokens(const uint16_t* w, int k, const float* x, int ldx, float* out) {
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  int j = 0;
+  for (; j + 16 <= k; j += 16) bf16_row_step<T, false>(acc, w, x, ldx, j);
+  if (j < k) bf16_row_step<T, true>(acc, w, x, ldx, j);  // k is a multiple of 8: one half step left
+  for (int t = 0; t < T; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
+}
+#endif
+
 void bf16_tile(const float* x, int ldx, const uint16_t* w, int k, int n, int m0, int m1, int n0, int n1,
                const float* bias, float* y) {
-  float r[8];
+  float r[16];
   auto put = [&](int i, int j, float v) { y[(size_t)i * n + j] = bias ? v + bias[j] : v; };
   if (m1 - m0 == 1) {  // one token: one weight row at a time, a single sequential stream from memory
     for (int j = n0; j < n1; ++j) put(m0, j, row_dot_bf16(w + (size_t)j * k, k, x + (size_t)m0 * ldx));
     return;
   }
+#ifdef SQ_AVX512VNNI
+  for (int j = n0; j < n1; ++j) {  // rows one at a time (one sequential stream from memory), tokens in groups
+    const uint16_t* wj = w + (size_t)j * k;
+    auto group = [&](auto tokens, int i) {
+      constexpr int T = decltype(tokens)::value;
+      row_dot_bf16_tokens<T>(wj, k, x + (size_t)i * ldx, ldx, r);
+      for (int t = 0; t < T; ++t) put(i + t, j, r[t]);
+    };
+    int i = m0;
+    for (; i + 8 <= m1; i += 8) group(std::integral_constant<int, 8>{}, i);
+    for (; i + 4 <= m1; i += 4) group(std::integral_constant<int, 4>{}, i);
+    for (; i + 2 <= m1; i += 2) group(std::integral_constant<int, 2>{}, i);
+    for (; i < m1; ++i) group(std::integral_constant<int, 1>{}, i);
+  }
+  return;
+#endif
   int j = n0;
   for (; j + 4 <= n1; j += 4) {
     int i = m0;
