@@ -24,10 +24,11 @@ def test_weights_not_exact_in_bf16_stay_fp32():
     assert float_ops.pack_float_weight(torch.randn(3, 12).bfloat16().float()).dtype == torch.float32  # K % 8 != 0
 
 
+FLOAT_SHAPES = [(1, 8, 1), (1, 40, 7), (1, 576, 70), (2, 24, 5), (3, 576, 37), (9, 584, 11), (16, 64, 9), (17, 40, 6)]
+
+
 @needs_native
-@pytest.mark.parametrize(
-    ("m", "k", "n"), [(1, 8, 1), (1, 40, 7), (1, 576, 70), (2, 24, 5), (3, 576, 37), (16, 64, 9), (17, 40, 6), (9, 584, 11)]
-)
+@pytest.mark.parametrize(("m", "k", "n"), FLOAT_SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_float_linear_matches_fp32_blas(m, k, n, with_bias):
     g = torch.Generator().manual_seed(m + k + n)
