@@ -17,6 +17,7 @@ from slimquant.kernels.layer_ops import (
     decode_attention,
     decoder_layer,
     decoder_layer_plan,
+    rms_norm_heads,
     silu_and_mul,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "pack_weight",
     "quantize_per_token",
     "quantize_static",
+    "rms_norm_heads",
     "silu_and_mul",
     "static_linear",
 ]

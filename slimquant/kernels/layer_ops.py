@@ -38,6 +38,19 @@ def add_rms_norm(
     return y, summed
 
 
+def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor | None:
+    """Per-head RMSNorm of x [T, heads, D] (each token's heads contiguous) -> [T, heads, D]; None where the
+    native op does not apply."""
+    if not native.available() or not _fp32_cpu(x, weight, bias) or not _heads_packed(x):
+        return None
+    t, heads, d = x.shape
+    y = torch.empty(t, heads, d)  # [T, heads, D]
+    native.library().sq_rms_norm_heads(
+        x.data_ptr(), t, heads, d, x.stride(0), weight.data_ptr(), _ptr(bias), eps, y.data_ptr(), heads * d
+    )
+    return y
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) * up for x [T, 2I] = [gate | up] -> [T, I]; None where the native op does not apply."""
     if x.dim() != 2 or x.stride(-1) != 1 or not native.available() or not _fp32_cpu(x):
@@ -113,6 +126,8 @@ class NativeDecoderLayer(ctypes.Structure):
         ("eps", ctypes.c_float), ("attn_scale", ctypes.c_float),
         ("in_norm_w", ctypes.c_void_p), ("in_norm_b", ctypes.c_void_p),
         ("post_norm_w", ctypes.c_void_p), ("post_norm_b", ctypes.c_void_p),
+        ("q_norm_w", ctypes.c_void_p), ("q_norm_b", ctypes.c_void_p),
+        ("k_norm_w", ctypes.c_void_p), ("k_norm_b", ctypes.c_void_p),
         ("qkv", NativeLinear), ("o", NativeLinear), ("gate_up", NativeLinear), ("down", NativeLinear),
     ]  # fmt: skip
 
@@ -139,28 +154,34 @@ class DecoderLayerPlan:
     max_batch: int  # float linears switch to BLAS above NATIVE_MAX_TOKENS rows: no bit-equal native form there
 
 
+NormWeights = tuple[torch.Tensor, torch.Tensor | None]  # an RMSNorm's (weight, bias or None)
+
+
 def decoder_layer_plan(
-    norms: tuple[tuple[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]],
+    norms: dict[str, NormWeights],
     eps: float,
     linears: dict[str, LinearForm | None],
     heads: tuple[int, int, int],
     attn_scale: float,
 ) -> DecoderLayerPlan | None:
-    """The native form of a layer: norms ((w, b) input, (w, b) post), linears qkv/o/gate_up/down, heads
-    (num_heads, num_kv_heads, head_dim); None where any piece has no native form (then the per-op path runs)."""
+    """The native form of a layer: norms "input", "post" (and per-head "q", "k": Qwen3), linears qkv / o /
+    gate_up / down, heads (num_heads, num_kv_heads, head_dim); None where any piece has no native form (then
+    the per-op path runs)."""
     if not native.available() or any(lf is None or not _valid_form(lf) for lf in linears.values()):
         return None
-    keep = [t for norm in norms for t in norm if t is not None]
+    norm_tensors = [t for pair in norms.values() for t in pair]
+    keep = [t for t in norm_tensors if t is not None]
     keep += [t for lf in linears.values() for t in (lf.weight, *lf.tensors.values()) if t is not None]
-    if not (_fp32_cpu(*(t for norm in norms for t in norm)) and all(t.is_contiguous() for t in keep)):
+    if not (_fp32_cpu(*norm_tensors) and all(t.is_contiguous() for t in keep)):
         return None
-    if not _shapes_agree(norms[0][0].shape[0], linears, heads):
+    hidden = norms["input"][0].shape[0]
+    if not _shapes_agree(hidden, linears, heads) or any(norms[n][0].numel() != heads[2] for n in norms if n in "qk"):
         return None
-    (in_w, in_b), (post_w, post_b) = norms
     num_heads, num_kv_heads, head_dim = heads
+    no_norm = (None, None)
+    norm_ptrs = [_ptr(t) for name in ("input", "post", "q", "k") for t in norms.get(name, no_norm)]
     struct = NativeDecoderLayer(
-        in_w.shape[0], num_heads, num_kv_heads, head_dim, linears["down"].k, eps, attn_scale,
-        _ptr(in_w), _ptr(in_b), _ptr(post_w), _ptr(post_b),
+        hidden, num_heads, num_kv_heads, head_dim, linears["down"].k, eps, attn_scale, *norm_ptrs,
         *(_native_linear(linears[name]) for name in ("qkv", "o", "gate_up", "down")),
     )  # fmt: skip
     has_float = any(lf.kind == "bf16" for lf in linears.values())

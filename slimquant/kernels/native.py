@@ -43,6 +43,7 @@ _SIGNATURES = {
     "sq_bf16_linear": [_p, _i, _i, _i, _p, _i, _p, _p],
     "sq_decode_attention": [_p, _i, _p, _i, _p, _i, _p, _p, _p, _p, _p, _p, _i, _p, _i, _i, _i, _i, _i, _f, _p],
     "sq_add_rms_norm": [_p, _i, _i, _i, _p, _i, _p, _p, _f, _p, _p],
+    "sq_rms_norm_heads": [_p, _i, _i, _i, _i, _p, _p, _f, _p, _i],
     "sq_silu_and_mul": [_p, _i, _i, _i, _p],
     "sq_decoder_layer": [_p, _i, _p, _p, _i, _p, _p, _p, _p, _p, _p, _p, _i, _p, _i],
 }

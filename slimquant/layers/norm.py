@@ -24,6 +24,9 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with a residual: (norm(x + residual), x + residual)."""
+        if x.dim() == 3 and residual is None:  # per-head norms (Qwen3's q/k): x [T, heads, D]
+            fused = kernels.rms_norm_heads(x, self.weight, self.bias, self.eps)
+            return fused if fused is not None else self._norm(x)
         fused = kernels.add_rms_norm(x, residual, self.weight, self.bias, self.eps)  # native, fp32 CPU only
         if fused is not None:
             return fused if residual is not None else fused[0]

@@ -116,9 +116,12 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
     def _plan_native(self) -> kernels.DecoderLayerPlan | None:
         """The layer's native form (built on its first decode step, after loading); None: per-op path."""
         attn, mlp = self.self_attn, self.mlp
-        if attn.q_norm is not None:  # Qwen3's per-head q/k norms are not in the fused kernel
+        norms = {"input": self.input_layernorm, "post": self.post_attention_layernorm}
+        if attn.q_norm is not None:  # Qwen3
+            norms |= {"q": attn.q_norm, "k": attn.k_norm}
+        if len({n.eps for n in norms.values()}) != 1:
             return None
-        norms = [(n.weight, n.bias) for n in (self.input_layernorm, self.post_attention_layernorm)]
+        norms = {name: (n.weight, n.bias) for name, n in norms.items()}
         linears = {"qkv": attn.qkv_proj, "o": attn.o_proj, "gate_up": mlp.gate_up_proj, "down": mlp.down_proj}
         forms = {name: lin.method.native_form(lin) for name, lin in linears.items()}
         heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)

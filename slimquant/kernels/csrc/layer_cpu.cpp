@@ -1,5 +1,6 @@
 // One decode step of a whole pre-norm Llama-style decoder layer in one call:
-//   s = x + residual; h = rmsnorm(s); qkv = Wqkv h; o = Wo attention(rope(q), rope(k), v);
+//   s = x + residual; h = rmsnorm(s); qkv = Wqkv h; (q, k per-head rmsnorm: Qwen3)
+//   o = Wo attention(rope(q), rope(k), v);
 //   s2 = o + s; h2 = rmsnorm(s2); x' = Wdown (silu(gate) * up)(Wgate_up h2).
 // At a small model's decode size the arithmetic is a few microseconds per op and the per-op overhead of
 // Python and torch dominates; here the layer is a plain sequence of the same native kernels the per-op path
@@ -18,6 +19,8 @@ void sq_bf16_linear(const float* x, int m, int k, int ldx, const uint16_t* w, in
 void sq_add_rms_norm(const float* x, int t, int h, int ldx, const float* residual, int ldr, const float* weight,
                      const float* bias, float eps, float* sum_out, float* y);
 void sq_silu_and_mul(const float* x, int t, int inter, int ldx, float* y);
+void sq_rms_norm_heads(const float* x, int t, int heads, int d, int ldx, const float* weight, const float* bias,
+                       float eps, float* y, int ldy);
 void sq_decode_attention(const float* q, int ldq, const float* k, int ldk, const float* v, int ldv, const float* cos,
                          const float* sin, float* k_cache, float* v_cache, const int64_t* slots,
                          const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size,
@@ -48,6 +51,7 @@ struct SqDecoderLayer {
   int32_t hidden, num_heads, num_kv_heads, head_dim, inter;
   float eps, attn_scale;
   const float *in_norm_w, *in_norm_b, *post_norm_w, *post_norm_b;  // [H]; biases may be null
+  const float *q_norm_w, *q_norm_b, *k_norm_w, *k_norm_b;  // [D] per-head norms (Qwen3), or all null
   SqLinear qkv, o, gate_up, down;
 };
 
@@ -93,6 +97,11 @@ void sq_decoder_layer(const SqDecoderLayer* L, int batch, const float* x, float*
 
   float* qkv = scratch(qkv_buf, (size_t)b * ld_qkv);
   run_linear(L->qkv, normed, b, h, qkv);
+  if (L->q_norm_w) {  // normalize each q and k head in place, before rope
+    sq_rms_norm_heads(qkv, b, nh, d, ld_qkv, L->q_norm_w, L->q_norm_b, L->eps, qkv, ld_qkv);
+    float* k_heads = qkv + (size_t)nh * d;
+    sq_rms_norm_heads(k_heads, b, kvh, d, ld_qkv, L->k_norm_w, L->k_norm_b, L->eps, k_heads, ld_qkv);
+  }
   float* attn = scratch(attn_buf, (size_t)b * nh * d);
   const float *k = qkv + (size_t)nh * d, *v = k + (size_t)kvh * d;
   sq_decode_attention(qkv, ld_qkv, k, ld_qkv, v, ld_qkv, cos, sin, k_cache, v_cache, slots, block_tables, max_blocks,

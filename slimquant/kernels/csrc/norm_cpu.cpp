@@ -4,6 +4,26 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
+
+namespace {
+
+// One row: s = x (+ r); y = weight * (s * inv_rms(s)) (+ bias). y may be x (in place); s is its own.
+inline void norm_row(const float* x, const float* r, int h, const float* weight, const float* bias, float eps,
+                     float* s, float* y) {
+  double sq = 0.0;  // a double sum of fp32 squares: closer to the exact mean than any fp32 order
+  for (int j = 0; j < h; ++j) {
+    s[j] = r ? x[j] + r[j] : x[j];
+    sq += (double)s[j] * s[j];
+  }
+  const float inv = 1.0f / std::sqrt((float)(sq / h) + eps);
+  for (int j = 0; j < h; ++j) {
+    const float v = weight[j] * (s[j] * inv);
+    y[j] = bias ? v + bias[j] : v;
+  }
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -11,18 +31,21 @@ void sq_add_rms_norm(const float* x, int t, int h, int ldx, const float* residua
                      const float* bias, float eps, float* sum_out, float* y) {
 #pragma omp parallel for schedule(static) if ((int64_t)t * h > 65536)
   for (int i = 0; i < t; ++i) {
-    float* s = sum_out + (int64_t)i * h;
-    const float* xi = x + (int64_t)i * ldx;
-    double sq = 0.0;  // a double sum of fp32 squares: closer to the exact mean than any fp32 order
-    for (int j = 0; j < h; ++j) {
-      s[j] = residual ? xi[j] + residual[(int64_t)i * ldr + j] : xi[j];
-      sq += (double)s[j] * s[j];
-    }
-    const float inv = 1.0f / std::sqrt((float)(sq / h) + eps);
-    float* yi = y + (int64_t)i * h;
-    for (int j = 0; j < h; ++j) {
-      const float v = weight[j] * (s[j] * inv);
-      yi[j] = bias ? v + bias[j] : v;
+    const float* r = residual ? residual + (int64_t)i * ldr : nullptr;
+    norm_row(x + (int64_t)i * ldx, r, h, weight, bias, eps, sum_out + (int64_t)i * h, y + (int64_t)i * h);
+  }
+}
+
+// Per-head RMSNorm (Qwen3's q/k norms): x [T, heads, D] with token rows at stride ldx, y at stride ldy (y == x
+// normalizes in place); the same arithmetic per head as sq_add_rms_norm per row.
+void sq_rms_norm_heads(const float* x, int t, int heads, int d, int ldx, const float* weight, const float* bias,
+                       float eps, float* y, int ldy) {
+#pragma omp parallel for schedule(static) if ((int64_t)t * heads * d > 65536)
+  for (int i = 0; i < t; ++i) {
+    std::vector<float> s(d);
+    for (int h = 0; h < heads; ++h) {
+      const int64_t off = (int64_t)h * d;
+      norm_row(x + (int64_t)i * ldx + off, nullptr, d, weight, bias, eps, s.data(), y + (int64_t)i * ldy + off);
     }
   }
 }
