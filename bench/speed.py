@@ -70,8 +70,10 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True, help="llama.cpp row (SmolLM2)")
     args = p.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    args.gguf = None  # the llama.cpp row: made for SmolLM2 only
+    print(bench.machine_line())
     if not args.only_large:
         table(zoo.default_model_dir(), args)
     if args.large or args.only_large:

@@ -58,3 +58,23 @@ def test_eval_json(tiny_model, tmp_path, capsys):
     results = json.loads(capsys.readouterr().out)
     assert len(results) == 2 and results[0]["perplexity"] == results[1]["perplexity"]
     assert results[1]["top1_agreement"] == 1.0
+
+
+def test_bench_says_why_there_is_no_llama_cpp_row(tiny_model, monkeypatch, capsys):
+    monkeypatch.setattr("slimquant.entrypoints.commands.llama_cpp_row.installed", lambda: False)
+    args = ["--prompt-len", "4", "--decode-tokens", "2", "--streams", "1", "--no-transformers"]
+    assert main(["bench", str(tiny_model("llama")), *args]) == 0
+    assert "no llama.cpp row: llama-cpp-python is not installed" in capsys.readouterr().out
+
+
+def test_llama_cpp_row_batches_streams_like_single_runs():
+    pytest.importorskip("llama_cpp")
+    from slimquant.entrypoints.commands import llama_cpp_row
+
+    runner = llama_cpp_row.LlamaCppRunner(llama_cpp_row.default_gguf(), streams=2, max_len=32, batch=16, threads=1)
+    try:
+        alone = [runner.decode([p], 5)[0] for p in ([1, 2, 3], [4, 5, 6, 7])]
+        together = runner.decode([[1, 2, 3], [4, 5, 6, 7]], 5)
+    finally:
+        runner.close()
+    assert together == alone and len(set(map(tuple, alone))) == 2  # each stream its own sequence

@@ -21,6 +21,17 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name ('' where /proc/cpuinfo does not say)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+    return names[0] if names else ""
+
+
 def has_native_half() -> bool:
     """True if bf16/fp16 matmuls run in hardware here (AVX512-BF16/FP16 or AMX); else torch emulates them slowly."""
     return bool(cpu_flags() & _HALF_FLAGS)

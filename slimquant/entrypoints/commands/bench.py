@@ -31,6 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=True,
         help="first row: transformers on the first float (non-ascend) model [on]",
     )
+    p.add_argument(
+        "--llama-cpp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a llama.cpp row when llama-cpp-python is installed: --gguf, or Q8_0 of the built-in SmolLM2 [on]",
+    )
+    p.add_argument("--gguf", type=Path, help="GGUF file for the llama.cpp row (default: made for SmolLM2 only)")
     p.add_argument("--prompt-len", type=int, default=512, help="prefill length in tokens (default 512)")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode stream (default 128)")
     p.add_argument("--streams", type=int, default=16, help="concurrent decode streams (default 16)")
@@ -54,8 +61,27 @@ def run(args: argparse.Namespace) -> int:
     if min(args.prompt_len, args.decode_tokens, args.streams) < 1:
         raise ValueError("--prompt-len, --decode-tokens and --streams must be at least 1")
     paths = [str(zoo.resolve_model(m)) for m in args.models]
+    print(machine_line())
     print_table(measure(paths, args, transformers=args.transformers), args)
     return 0
+
+
+def machine_line() -> str:
+    """CPU model, threads, the ISA extensions that matter here and which native kernels run."""
+    import platform
+
+    import torch
+
+    from slimquant.kernels import native
+    from slimquant.kernels.cpu import cpu_flags, cpu_model
+
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    flags = " ".join(f for f in wanted if f in cpu_flags()) or "none of avx2/avx512/amx"
+    kernels = native.isa() if native.available() else "off (pure torch)"
+    return (
+        f"{cpu_model() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"CPU flags: {flags}; native kernels: {kernels}"
+    )
 
 
 def measure(paths: list[str], args: argparse.Namespace, transformers: bool) -> list[Row]:
@@ -68,6 +94,9 @@ def measure(paths: list[str], args: argparse.Namespace, transformers: bool) -> l
         rows.append(_bench_transformers(float_dirs[0], args))
     elif transformers:
         print("no float model among MODEL...: transformers cannot run the ascend format, so it has no row")
+    gguf = _llama_cpp_gguf(args, float_dirs) if args.llama_cpp else None
+    if gguf is not None:
+        rows.append(_bench_llama_cpp(gguf, args))
     for p in paths:
         rows.append(_bench_slimquant(p, args))
         gc.collect()  # free one engine (weights, KV cache) before the next
@@ -147,6 +176,34 @@ def _bench_transformers(path: str, args: argparse.Namespace) -> Row:
         batch = torch.tensor([[1, 2, 3 + i] for i in range(args.streams)])
         dn = _tokens_per_s(n * args.streams, lambda: generate(batch, n))
     return Row(f"transformers {model.dtype} {_short(path)}".replace("torch.", ""), (d1, pf, dn))
+
+
+def _llama_cpp_gguf(args: argparse.Namespace, float_dirs: list[str]) -> Path | None:
+    """The GGUF for the llama.cpp row, or None (with the reason printed) where there is no row."""
+    from slimquant import zoo
+    from slimquant.entrypoints.commands import llama_cpp_row
+
+    if not llama_cpp_row.installed():
+        print("no llama.cpp row: llama-cpp-python is not installed (pip install llama-cpp-python to add one)")
+        return None
+    if args.gguf is not None:
+        if not args.gguf.is_file():
+            raise ValueError(f"--gguf {args.gguf}: no such file")
+        return args.gguf
+    default = zoo.cache_dir() / f"{zoo.DEFAULT_MODEL}-bf16"
+    if float_dirs and Path(float_dirs[0]).resolve() == default.resolve():
+        return llama_cpp_row.default_gguf()
+    print("no llama.cpp row: pass --gguf FILE (a GGUF of the first model) to add one")
+    return None
+
+
+def _bench_llama_cpp(gguf: Path, args: argparse.Namespace) -> Row:
+    import torch
+
+    from slimquant.entrypoints.commands import llama_cpp_row
+
+    speeds = llama_cpp_row.measure(gguf, args.prompt_len, args.decode_tokens, args.streams, torch.get_num_threads())
+    return Row(f"llama.cpp {_short(str(gguf))}", speeds)
 
 
 def _short(path: str) -> str:
