@@ -149,11 +149,44 @@ inline void emit_few(const int8_t* w, const QuantizedX& x, const uint8_t* c128, 
   if (t == 3) emit<R, 3>(w, x, c128, m, n, comp, epi);
 }
 
+// One token (decode) against rows [n0, n1), each row streamed once from memory: u . w - 128 * sum(w), the
+// second sum from a register of 128s (no activation row to load for it).
+template <class Epi>
+void gemv_rows(const int8_t* w, const uint8_t* u, size_t kp, int m, int n0, int n1, const Epi& epi) {
+  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int n = n0; n < n1; ++n) {
+    const int8_t* wn = w + (size_t)n * kp;
+    __m512i dot = _mm512_setzero_si512(), comp = _mm512_setzero_si512(), dot2 = dot, comp2 = dot;
+    size_t k = 0;
+    for (; k + 128 <= kp; k += 128) {  // two chains each: the dpbusd latency stays hidden
+      const __m512i wv = load64(wn + k), wv2 = load64(wn + k + 64);
+      dot = dpbusd(dot, load64(u + k), wv);
+      comp = dpbusd(comp, c128, wv);
+      dot2 = dpbusd(dot2, load64(u + k + 64), wv2);
+      comp2 = dpbusd(comp2, c128, wv2);
+    }
+    dot = _mm512_add_epi32(dot, dot2);
+    comp = _mm512_add_epi32(comp, comp2);
+    for (; k + 64 <= kp; k += 64) {
+      const __m512i wv = load64(wn + k);
+      dot = dpbusd(dot, load64(u + k), wv);
+      comp = dpbusd(comp, c128, wv);
+    }
+    if (k < kp) {  // kp is a multiple of 32: one half step left (upper lanes zero)
+      const __m512i wv = load32(wn + k);
+      dot = dpbusd(dot, load32(u + k), wv);
+      comp = dpbusd(comp, c128, wv);
+    }
+    epi(m, n, _mm512_reduce_add_epi32(dot) - _mm512_reduce_add_epi32(comp));
+  }
+}
+
 // One row group [n0, n1) x token tile [m0, m1): epi(m, n, acc) receives every exact int32 result.
 template <class Epi>
 void tile(const int8_t* w, const QuantizedX& x, const uint8_t* c128, int m0, int m1, int n0, int n1,
           const Epi& epi) {
   const int kp = x.kp;
+  if (m1 - m0 == 1) return gemv_rows(w, x.row(m0), kp, m0, n0, n1, epi);
   if (m1 - m0 < 4) {  // decode: one weight row at a time (one sequential stream from memory, ~2x the
     // bandwidth of 4 interleaved rows), the 128 * sum(w) term riding along as one more activation row
     for (int n = n0; n < n1; ++n) emit_few<1>(w, x, c128, m0, m1 - m0, n, nullptr, epi);
