@@ -12,22 +12,26 @@ from slimquant.kernels.int8_ops import (
 )
 from slimquant.kernels.layer_ops import (
     DecoderLayerPlan,
+    DecoderStackPlan,
     LinearForm,
     add_rms_norm,
     decode_attention,
     decoder_layer,
     decoder_layer_plan,
+    decoder_stack,
     rms_norm_heads,
     silu_and_mul,
 )
 
 __all__ = [
     "DecoderLayerPlan",
+    "DecoderStackPlan",
     "LinearForm",
     "add_rms_norm",
     "decode_attention",
     "decoder_layer",
     "decoder_layer_plan",
+    "decoder_stack",
     "dynamic_linear",
     "float_linear",
     "int8_mm",

@@ -224,6 +224,52 @@ _FORM_DTYPES = {  # kind -> (weight dtype, {tensor name: dtype})
 }
 
 
+class DecoderStackPlan:
+    """Every layer's plan with the pointer arrays sq_decoder_stack reads (cache pointers refreshed on change)."""
+
+    def __init__(self, plans: list[DecoderLayerPlan]):
+        self.plans = plans
+        self.layers = (ctypes.c_void_p * len(plans))(*(ctypes.addressof(p.struct) for p in plans))
+        self.max_batch = min(p.max_batch for p in plans)
+        self.caches: list[torch.Tensor] = []
+        self.k_ptrs = self.v_ptrs = None
+
+    def cache_pointers(self, caches: list[torch.Tensor]) -> tuple[ctypes.Array, ctypes.Array]:
+        """(k, v) pointer arrays for the layers' caches [2, NB, BS, KVH, D], rebuilt when a cache is replaced."""
+        if len(caches) != len(self.caches) or any(a is not b for a, b in zip(caches, self.caches, strict=False)):
+            array = ctypes.c_void_p * len(caches)
+            self.k_ptrs = array(*(c[0].data_ptr() for c in caches))
+            self.v_ptrs = array(*(c[1].data_ptr() for c in caches))
+            self.caches = list(caches)
+        return self.k_ptrs, self.v_ptrs
+
+
+def decoder_stack(
+    stack: DecoderStackPlan,
+    x: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+    kv_caches: list[torch.Tensor],
+    ctx,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One decode step of every layer in one native call: x [B, H] embeddings -> (last MLP output [B, H],
+    residual [B, H]); None where it does not apply (the caller runs the layers one by one)."""
+    cos, sin = rope if rope is not None else (None, None)
+    b, h = x.shape
+    if b > stack.max_batch or not _fp32_cpu(x, cos, sin, *kv_caches):
+        return None
+    if not all(t is None or t.is_contiguous() for t in (x, cos, sin, *kv_caches)):
+        return None
+    residual, out = torch.empty(b, h), torch.empty(b, h)  # [B, H] each
+    k_ptrs, v_ptrs = stack.cache_pointers(kv_caches)
+    tables = ctx.block_tables
+    native.library().sq_decoder_stack(
+        stack.layers, k_ptrs, v_ptrs, len(stack.plans), b, x.data_ptr(), residual.data_ptr(), out.data_ptr(),
+        _ptr(cos), _ptr(sin), ctx.slot_mapping.data_ptr(), tables.data_ptr(), tables.shape[1],
+        ctx.context_lens_tensor.data_ptr(), kv_caches[0].shape[2],
+    )  # fmt: skip
+    return out, residual
+
+
 def _valid_form(lf: LinearForm) -> bool:
     """Every tensor on the CPU in the dtype and length the kernel reads; no unknown tensors."""
     weight_dtype, dtypes = _FORM_DTYPES[lf.kind]

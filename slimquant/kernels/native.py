@@ -46,6 +46,7 @@ _SIGNATURES = {
     "sq_rms_norm_heads": [_p, _i, _i, _i, _i, _p, _p, _f, _p, _i],
     "sq_silu_and_mul": [_p, _i, _i, _i, _p],
     "sq_decoder_layer": [_p, _i, _p, _p, _i, _p, _p, _p, _p, _p, _p, _p, _i, _p, _i],
+    "sq_decoder_stack": [_p, _p, _p, _i, _i, _p, _p, _p, _p, _p, _p, _p, _i, _p, _i],
 }
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from slimquant import kernels
+from slimquant.layers.context import get_context
 from slimquant.layers.embedding import VocabEmbedding
 from slimquant.layers.linear import Linear
 from slimquant.layers.norm import RMSNorm
@@ -42,14 +43,31 @@ class DecoderModel(nn.Module):
         self.rotary = RotaryEmbedding(rope_dim, rope_parameters(config))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
+        self._stack_plan: kernels.DecoderStackPlan | None | bool = False  # False: not built yet
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None  # [T, H]
         cos, sin = self.rotary(positions, x.dtype)  # [T, rope_dim]
-        for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin)
+        stacked = self._native_decode(x, cos, sin) if get_context().is_decode else None
+        if stacked is not None:
+            x, residual = stacked
+        else:
+            for layer in self.layers:
+                x, residual = layer(x, residual, cos, sin)
         x, _ = self.norm(x, residual)
         return x
+
+    def _native_decode(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A CPU decode step of every layer in one native call, where each layer has a native plan."""
+        if x.device.type != "cpu":
+            return None
+        if self._stack_plan is False:  # built on the first decode step: every layer planned, or None
+            plans = [layer.native_plan() if hasattr(layer, "native_plan") else None for layer in self.layers]
+            self._stack_plan = kernels.DecoderStackPlan(plans) if plans and all(p is not None for p in plans) else None
+        if self._stack_plan is None:
+            return None
+        caches = [layer.kv_cache for layer in self.layers]
+        return kernels.decoder_stack(self._stack_plan, x, (cos, sin), caches, get_context())
 
 
 class CausalLM(nn.Module):

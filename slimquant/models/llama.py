@@ -103,15 +103,22 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
         fused = self._native_decode(x, residual, cos, sin) if get_context().is_decode else None
         return fused if fused is not None else super().forward(x, residual, cos, sin)
 
-    def _native_decode(self, x, residual, cos, sin) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if x.device.type != "cpu":
-            return None
+    def native_plan(self) -> kernels.DecoderLayerPlan | None:
+        """The layer's native decode form (built once, after loading), or None: the per-op path runs."""
         if self._native_plan is False:
             self._native_plan = self._plan_native()
-        if self._native_plan is None:
+        return self._native_plan
+
+    @property
+    def kv_cache(self) -> torch.Tensor | None:
+        """This layer's paged KV cache [2, NB, BS, KVH, D]."""
+        return self.self_attn.attn.kv_cache
+
+    def _native_decode(self, x, residual, cos, sin) -> tuple[torch.Tensor, torch.Tensor] | None:
+        plan = self.native_plan() if x.device.type == "cpu" else None
+        if plan is None:
             return None
-        attn = self.self_attn
-        return kernels.decoder_layer(self._native_plan, x, residual, (cos, sin), attn.attn.kv_cache, get_context())
+        return kernels.decoder_layer(plan, x, residual, (cos, sin), self.kv_cache, get_context())
 
     def _plan_native(self) -> kernels.DecoderLayerPlan | None:
         """The layer's native form (built on its first decode step, after loading); None: per-op path."""

@@ -26,13 +26,18 @@ def mixed(prefix: str) -> str:
 SCHEMES = {"dynamic": lambda p: "W8A8_DYNAMIC", "static": lambda p: "W8A8", "mixed": mixed}
 
 
-def decode_run(folder, fused: bool, steps: int = 3) -> tuple[torch.Tensor, list[torch.Tensor], list]:
-    """Logits of three sequences (prefill, then `steps` batched decode steps), the KV caches, the layers' plans."""
+def decode_run(folder, mode: str, steps: int = 3) -> tuple[torch.Tensor, list[torch.Tensor], list]:
+    """Logits of three sequences (prefill, then `steps` batched decode steps), the KV caches, the layers' plans.
+
+    mode: "stack" (one native call for all layers), "layer" (one per layer) or "per-op" (no native layers).
+    """
     model = load_model(str(folder), dtype=torch.float32).model
     layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
-    if not fused:
+    if mode != "stack":
+        model.model._stack_plan = None  # never stack
+    if mode == "per-op":
         for layer in layers:
-            layer._native_plan = None  # never plan: the per-op path
+            layer._native_plan = None  # never plan
     runner = PagedRunner(model, torch.float32)
     prompts = {0: PROMPT[:5], 1: PROMPT[3:12], 2: PROMPT[:1]}
     logits = [runner.step({seq: tokens}) for seq, tokens in prompts.items()]
@@ -44,19 +49,23 @@ def decode_run(folder, fused: bool, steps: int = 3) -> tuple[torch.Tensor, list[
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
-def test_fused_layer_equals_per_op_path(tiny_model, tmp_path, arch, scheme):
+def test_fused_layers_equal_per_op_path(tiny_model, tmp_path, monkeypatch, arch, scheme):
     src = tiny_model(arch, dtype=torch.bfloat16)  # bf16 float weights: the fused layer takes them too
     dst = write_ascend(src, tmp_path / "q", SCHEMES[scheme], dtype=torch.bfloat16, shift=True)
-    fused, fused_caches, plans = decode_run(dst, fused=True)
-    per_op, per_op_caches, _ = decode_run(dst, fused=False)
-    assert all(plan is not None and plan is not False for plan in plans)  # every layer really ran fused
-    assert torch.equal(fused, per_op)
-    assert all(torch.equal(a, b) for a, b in zip(fused_caches, per_op_caches, strict=True))
+    per_op, per_op_caches, _ = decode_run(dst, "per-op")
+    for mode in ("stack", "layer"):
+        with monkeypatch.context() as m:
+            if mode == "stack":  # the stack really runs: no layer-by-layer native call happens
+                m.setattr(kernels, "decoder_layer", lambda *a: pytest.fail("decoded layer by layer"))
+            fused, fused_caches, plans = decode_run(dst, mode)
+        assert all(plan is not None and plan is not False for plan in plans)  # every layer really ran fused
+        assert torch.equal(fused, per_op), mode
+        assert all(torch.equal(a, b) for a, b in zip(fused_caches, per_op_caches, strict=True)), mode
 
 
 def test_fp32_float_weights_keep_the_per_op_path(tiny_model, tmp_path):
     fp32_float = write_ascend(tiny_model("llama"), tmp_path / "f32", mixed)  # random fp32: not exact bf16
-    _, _, plans = decode_run(fp32_float, fused=True, steps=1)
+    _, _, plans = decode_run(fp32_float, "stack", steps=1)
     assert plans[0] is None and all(plan is not None for plan in plans[1:])
 
 

@@ -118,4 +118,16 @@ void sq_decoder_layer(const SqDecoderLayer* L, int batch, const float* x, float*
   run_linear(L->down, act, b, L->inter, out);
 }
 
+// Every layer of a decoder stack in one call: x [B, H] (the embeddings) in, out [B, H] (the last layer's MLP
+// output) and residual [B, H] written; k_caches / v_caches: one pair per layer. sq_decoder_layer reads its x
+// before it writes its out, so the stack runs in place in out.
+void sq_decoder_stack(const SqDecoderLayer* const* layers, float* const* k_caches, float* const* v_caches,
+                      int num_layers, int batch, const float* x, float* residual, float* out, const float* cos,
+                      const float* sin, const int64_t* slots, const int32_t* block_tables, int max_blocks,
+                      const int32_t* context_lens, int block_size) {
+  for (int l = 0; l < num_layers; ++l)
+    sq_decoder_layer(layers[l], batch, l == 0 ? x : out, residual, l == 0, out, cos, sin, k_caches[l], v_caches[l],
+                     slots, block_tables, max_blocks, context_lens, block_size);
+}
+
 }  // extern "C"
