@@ -1,4 +1,4 @@
-"""Compute kernels: int8 GEMM with fused (de)quantization; pure-torch definitions + native AVX2 fast paths."""
+"""Compute kernels: int8 GEMM with fused (de)quantization, fused decoder layers; pure-torch + native CPU paths."""
 
 from slimquant.kernels.float_ops import float_linear, pack_float_weight
 from slimquant.kernels.int8_ops import (

@@ -1,4 +1,5 @@
-"""The native AVX2 kernels (csrc/*.cpp): built once with the system C++ compiler into one library, loaded by ctypes.
+"""The native CPU kernels (csrc/*.cpp, AVX2 or AVX-512 VNNI): built once with the system C++ compiler into one
+library, loaded by ctypes.
 
 The library lands in $SLIMQUANT_CACHE/kernels (default ~/.cache/slimquant/kernels) under a name that hashes
 the source and the flags, so an edit rebuilds it. Where there is no compiler, no AVX2, or
