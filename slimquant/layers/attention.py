@@ -19,9 +19,21 @@ from slimquant.layers.rotary import apply_rotary
 class KVCacheLayer(nn.Module):
     """Base of layers that own a slice of the paged KV cache."""
 
+    generation = 0  # bumped whenever any layer's cache is assigned: holders of cache pointers know to refresh
+
     def __init__(self):
         super().__init__()
-        self.kv_cache: torch.Tensor | None = None
+        self._kv_cache: torch.Tensor | None = None
+
+    @property
+    def kv_cache(self) -> torch.Tensor | None:
+        """This layer's cache (assigned by the engine), or None before."""
+        return self._kv_cache
+
+    @kv_cache.setter
+    def kv_cache(self, value: torch.Tensor | None) -> None:
+        self._kv_cache = value
+        KVCacheLayer.generation += 1
 
     def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """Shape of this layer's cache tensor for the given block pool."""

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from slimquant import kernels
+from slimquant.layers.attention import KVCacheLayer
 from slimquant.layers.context import get_context
 from slimquant.layers.embedding import VocabEmbedding
 from slimquant.layers.linear import Linear
@@ -44,6 +45,7 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
         self._stack_plan: kernels.DecoderStackPlan | None | bool = False  # False: not built yet
+        self._caches: tuple[int, list[torch.Tensor]] = (-1, [])  # (KVCacheLayer.generation, each layer's cache)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None  # [T, H]
@@ -66,8 +68,9 @@ class DecoderModel(nn.Module):
             self._stack_plan = kernels.DecoderStackPlan(plans) if plans and all(p is not None for p in plans) else None
         if self._stack_plan is None:
             return None
-        caches = [layer.kv_cache for layer in self.layers]
-        return kernels.decoder_stack(self._stack_plan, x, (cos, sin), caches, get_context())
+        if self._caches[0] != KVCacheLayer.generation:  # a cache was (re)assigned since the last step
+            self._caches = (KVCacheLayer.generation, [layer.kv_cache for layer in self.layers])
+        return kernels.decoder_stack(self._stack_plan, x, (cos, sin), self._caches[1], get_context())
 
 
 class CausalLM(nn.Module):
