@@ -1,5 +1,13 @@
 """Compute kernels: int8 GEMM with fused (de)quantization, fused decoder layers; pure-torch + native CPU paths."""
 
+from slimquant.kernels.decoder_ops import (
+    DecoderLayerPlan,
+    DecoderStackPlan,
+    LinearForm,
+    decoder_layer,
+    decoder_layer_plan,
+    decoder_stack,
+)
 from slimquant.kernels.float_ops import float_linear, pack_float_weight
 from slimquant.kernels.int8_ops import (
     dynamic_linear,
@@ -10,18 +18,7 @@ from slimquant.kernels.int8_ops import (
     quantize_static,
     static_linear,
 )
-from slimquant.kernels.layer_ops import (
-    DecoderLayerPlan,
-    DecoderStackPlan,
-    LinearForm,
-    add_rms_norm,
-    decode_attention,
-    decoder_layer,
-    decoder_layer_plan,
-    decoder_stack,
-    rms_norm_heads,
-    silu_and_mul,
-)
+from slimquant.kernels.layer_ops import add_rms_norm, decode_attention, rms_norm_heads, silu_and_mul
 
 __all__ = [
     "DecoderLayerPlan",
