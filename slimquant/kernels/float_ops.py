@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slimquant.kernels import native
+from slimquant.kernels import native, weight_memory
 
 NATIVE_MAX_TOKENS = 16  # above this many rows, fp32 BLAS on a temporary fp32 copy is faster
 _K_MULTIPLE = 8  # the kernel reads 8 bf16 values at a time
@@ -24,7 +24,9 @@ def pack_float_weight(w: torch.Tensor) -> torch.Tensor:
     if not native.available():
         return w
     w16 = w.bfloat16()
-    return w16 if torch.equal(w16.float(), w) else w
+    if not torch.equal(w16.float(), w):
+        return w
+    return weight_memory.empty(tuple(w16.shape), torch.bfloat16).copy_(w16)  # huge pages where possible
 
 
 def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

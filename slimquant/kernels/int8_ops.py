@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.kernels import native
+from slimquant.kernels import native, weight_memory
 from slimquant.quant.primitives import QMAX, QMIN, int8_matmul_reference
 from slimquant.quant.primitives import quantize_per_token as _quantize_per_token_torch
 
@@ -28,7 +28,8 @@ def pack_weight(w_q: torch.Tensor) -> torch.Tensor:
         return w_q
     if native.available() and (w_q.numel() == 0 or int(w_q.min()) > QMIN):
         k = w_q.shape[-1]
-        padded = torch.zeros(*w_q.shape[:-1], _round_up(k, native.K_ALIGN), dtype=torch.int8)  # [..., N, Kp]
+        padded = weight_memory.empty((*w_q.shape[:-1], _round_up(k, native.K_ALIGN)), torch.int8)  # [..., N, Kp]
+        padded[..., k:] = 0
         padded[..., :k] = w_q
         return padded
     return w_q.float().transpose(-1, -2).contiguous()  # [..., K, N]
