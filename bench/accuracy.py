@@ -5,6 +5,8 @@ slimquant.evaluation.evaluate() call: Pride and Prejudice (slimquant.zoo.EVAL_TE
 tokens, --context-token windows, float (the bf16 source upcast to fp32 on CPU) first as the baseline. Prints a
 markdown table (method, type, perplexity, change vs float, top-1 agreement with float, float linears, size) and
 whether the issue's targets are met by the default settings: W8A8_DYNAMIC within +1.0%, W8A8 within +3.0%.
+"w8a8-default" is quantize()'s default for --type w8a8 (Llama/Qwen: mlp.down_proj W8A8_DYNAMIC, the rest static);
+"w8a8-static-all" and the w8a8-* rows after it quantize every linear static (static_all=True).
 
     .venv/bin/python bench/accuracy.py                                  # all methods, 20480 tokens
     .venv/bin/python bench/accuracy.py --methods float,dyn-default,w8a8-default --max-tokens 4096
@@ -35,6 +37,7 @@ class Method:
 
 
 DYN, STATIC = {"quant_type": "w8a8_dynamic"}, {"quant_type": "w8a8"}
+PURE = STATIC | {"static_all": True}  # every quantized linear static (the default w8a8 makes down_proj dynamic)
 METHODS = [  # "-default": quantize()'s own defaults for the type (the note column says which smoothing ran)
     Method("float", None),
     Method("dyn-default", DYN),
@@ -44,16 +47,17 @@ METHODS = [  # "-default": quantize()'s own defaults for the type (the note colu
     Method("dyn-gptq", DYN | {"rounding": "gptq"}),
     Method("dyn-maxloss1", DYN | {"max_loss": 1.0}),
     Method("w8a8-default", STATIC),
-    Method("w8a8-none", STATIC | {"anti_outlier": "none"}),
-    Method("w8a8-sq0.5", STATIC | {"anti_outlier": "smoothquant", "alpha": 0.5}),
-    Method("w8a8-iterative0.5", STATIC | {"anti_outlier": "iterative", "alpha": 0.5}),
-    Method("w8a8-auto", STATIC | {"anti_outlier": "smoothquant", "alpha": "auto"}),
-    Method("w8a8-iterative-auto", STATIC | {"anti_outlier": "iterative", "alpha": "auto"}),
-    Method("w8a8-gptq", STATIC | {"rounding": "gptq"}),
-    Method("w8a8-auto-gptq", STATIC | {"anti_outlier": "smoothquant", "alpha": "auto", "rounding": "gptq"}),
-    Method("w8a8-sq0.5-maxloss3", STATIC | {"anti_outlier": "smoothquant", "alpha": 0.5, "max_loss": 3.0}),
-    Method("w8a8-maxloss3", STATIC | {"max_loss": 3.0}),
-    Method("w8a8-maxloss1", STATIC | {"max_loss": 1.0}),
+    Method("w8a8-static-all", PURE),
+    Method("w8a8-none", PURE | {"anti_outlier": "none"}),
+    Method("w8a8-sq0.5", PURE | {"anti_outlier": "smoothquant", "alpha": 0.5}),
+    Method("w8a8-iterative0.5", PURE | {"anti_outlier": "iterative", "alpha": 0.5}),
+    Method("w8a8-auto", PURE | {"anti_outlier": "smoothquant", "alpha": "auto"}),
+    Method("w8a8-iterative-auto", PURE | {"anti_outlier": "iterative", "alpha": "auto"}),
+    Method("w8a8-gptq", PURE | {"rounding": "gptq"}),
+    Method("w8a8-auto-gptq", PURE | {"anti_outlier": "smoothquant", "alpha": "auto", "rounding": "gptq"}),
+    Method("w8a8-sq0.5-maxloss3", PURE | {"anti_outlier": "smoothquant", "alpha": 0.5, "max_loss": 3.0}),
+    Method("w8a8-maxloss3", PURE | {"max_loss": 3.0}),
+    Method("w8a8-maxloss1", PURE | {"max_loss": 1.0}),
 ]
 
 
@@ -110,7 +114,8 @@ def build(method: Method, src: Path, work: Path, reuse: bool) -> Built:
         summary = quantize(src, dst, overwrite=True, progress=False, **method.kwargs)
     except (TypeError, ValueError) as e:
         return Built(method, None, f"n/a: {e}")
-    note = " ".join(filter(None, [f"smoothing {summary.anti_outlier}", _fallback_note(summary)]))
+    mix = getattr(summary, "default_mix", "")
+    note = " ".join(filter(None, [f"smoothing {summary.anti_outlier}", mix and f"mix {mix}", _fallback_note(summary)]))
     note_file.write_text(note)  # shown again with --reuse
     print(f"quantized {method.label} in {time.perf_counter() - start:.0f} s {note}", file=sys.stderr, flush=True)
     return Built(method, dst, note, time.perf_counter() - start)

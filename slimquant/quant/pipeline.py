@@ -23,7 +23,7 @@ from slimquant.quant.layer_quant import LayerJob, quantize_layer
 from slimquant.quant.mappings import EMBED_PREFIX, LAYER_PREFIX, ArchSpec, arch_spec, layer_prefix
 from slimquant.quant.modelslim import FLOAT, ModelSlimWriter, is_modelslim_dir
 from slimquant.quant.output import check_destination, folder_bytes, parse_size, staged_output, write_model_files
-from slimquant.quant.plan import parse_mix, parse_quant_type, plan_types
+from slimquant.quant.plan import parse_mix, parse_quant_type, plan_types, recipe_note
 from slimquant.quant.smooth import check_alpha, parse_method
 from slimquant.quant.sources import HFCheckpoint
 from slimquant.quant.summary import QuantizeSummary
@@ -51,11 +51,14 @@ def quantize(
     progress: bool = True,
     report: bool = False,
     max_loss: float | None = None,
+    static_all: bool = False,
 ) -> QuantizeSummary:
     """Quantize the HF folder or .gguf file `src` into the ascend (ModelSlim) folder `dst`; see FORMAT.md.
 
     report: also write the per-linear sensitivity report (sensitivity.md/.json/.png, quant/sensitivity.py) into dst.
     max_loss: keep the most sensitive linears float until held-out perplexity is within max_loss % (quant/fallback.py).
+    static_all: for quant_type w8a8, make every quantized linear static. By default Llama/Qwen models get
+        mlp.down_proj W8A8_DYNAMIC (mappings.DOWN_DYNAMIC_MIX; the summary's "default mix" says so).
     """
     arguments = dict(locals())  # first statement: exactly the arguments
     if max_loss is not None:
@@ -77,7 +80,7 @@ def quantize(
         ckpt = HFCheckpoint(hf_dir)
         spec = arch_spec(ckpt.config)
         num_layers = int(ckpt.config["num_hidden_layers"])
-        plan = plan_types(spec, num_layers, qtype, mix_pairs, keep, ckpt.config)
+        plan = plan_types(spec, num_layers, qtype, mix_pairs, keep, ckpt.config, static_all=static_all)
         method = parse_method(anti_outlier if anti_outlier is not None else _default_method(spec, plan))
         model_qtype = spec.model_quant_type or qtype
         ids = token_batches(load_tokenizer(hf_dir), texts, num_samples, seq_len)  # [S, T]
@@ -105,6 +108,7 @@ def quantize(
         output_bytes=folder_bytes(dst),
         seconds=time.perf_counter() - start,
         report=dst / "sensitivity.md" if report else None,
+        default_mix=recipe_note(spec, qtype, static_all, plan),
     )
 
 

@@ -47,13 +47,18 @@ def plan_types(
     mix: list[tuple[str, str]],
     keep_float: list[str],
     config: dict | None = None,
+    static_all: bool = False,
 ) -> dict[str, str]:
-    """Full linear name -> W8A8 | W8A8_DYNAMIC | FLOAT; ValueError for globs that match nothing."""
+    """Full linear name -> W8A8 | W8A8_DYNAMIC | FLOAT; ValueError for globs that match nothing.
+
+    For --type w8a8 the user's --mix globs come first, then the architecture's w8a8_mix (format constraints),
+    then its w8a8_default_mix (the accuracy recipe, e.g. Llama/Qwen mlp.down_proj dynamic) unless static_all.
+    """
     names = linear_names(spec, num_layers, config)
     _check_globs_match(names, [g for g, _ in mix], "--mix", with_head=False)
     _check_globs_match(names, keep_float, "--keep-float", with_head=True)
     floats = list(spec.keep_float) + list(keep_float)
-    mix = list(mix) + (list(spec.w8a8_mix) if quant_type == "W8A8" else [])  # the user's globs win
+    mix = list(mix) + (list(default_mix(spec, static_all)) if quant_type == "W8A8" else [])  # the user's globs win
     plan = {}
     for name in names:
         if any(fnmatchcase(name, g) for g in floats):
@@ -62,6 +67,22 @@ def plan_types(
             plan[name] = next((t for g, t in mix if fnmatchcase(name, g)), quant_type)
     _check_fused(spec, num_layers, plan, config or {})
     return plan
+
+
+def default_mix(spec: ArchSpec, static_all: bool = False) -> tuple[tuple[str, str], ...]:
+    """The (glob, TYPE) pairs that --type w8a8 adds after the user's --mix: all of them, or static_all's."""
+    return spec.w8a8_mix + (() if static_all else spec.w8a8_default_mix)
+
+
+def recipe_note(spec: ArchSpec, quant_type: str, static_all: bool, plan: dict[str, str]) -> str:
+    """What the default w8a8 recipe made dynamic, e.g. '*.mlp.down_proj=W8A8_DYNAMIC (30 linears)', or ''."""
+    if quant_type != "W8A8" or static_all or not spec.w8a8_default_mix:
+        return ""
+    parts = []
+    for glob, t in spec.w8a8_default_mix:
+        n = sum(fnmatchcase(name, glob) and got == t for name, got in plan.items())
+        parts.append(f"{glob}={t} ({n} linears)")
+    return ", ".join(parts)
 
 
 def _check_globs_match(names: list[str], globs: list[str], option: str, with_head: bool) -> None:

@@ -26,6 +26,7 @@ class QuantizeSummary:
     seconds: float = 0.0
     report: Path | None = None  # sensitivity.md written with report=True (+ .json, .png beside it)
     fallback: FallbackResult | None = None  # what max_loss= kept float, and the measured held-out loss
+    default_mix: str = ""  # what the default w8a8 recipe made dynamic (empty with static_all or none applied)
 
     def __str__(self) -> str:
         quantized = {k: v for k, v in self.linears.items() if k != "FLOAT"}
@@ -36,6 +37,7 @@ class QuantizeSummary:
             ("decoder layers", str(self.num_layers)),
             ("linears quantized", ", ".join(f"{n} {t}" for t, n in quantized.items()) or "0"),
             ("linears kept float", str(self.linears.get("FLOAT", 0))),
+            *([("default mix", f"{self.default_mix} (--static-all: all static)")] if self.default_mix else []),
             *([("MTP layers (float)", str(self.float_layers))] if self.float_layers else []),
             *([("experts with no tokens", str(self.idle_experts))] if self.idle_experts else []),
             ("size before", _human(self.source_bytes)),

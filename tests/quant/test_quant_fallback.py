@@ -77,7 +77,8 @@ def test_loose_max_loss_keeps_nothing_float(tiny_model, tmp_path):
     desc, _ = read_output(tmp_path / "out")
     assert summary.fallback.met and summary.fallback.kept_float == [] and summary.fallback.tried[0][0] == 0
     assert [k for k, v in desc.items() if k.endswith("_proj.weight") and v == "FLOAT"] == []
-    assert "max-loss" in str(summary) and summary.linears["W8A8"] == 14
+    assert "max-loss" in str(summary) and summary.linears["W8A8"] == 12  # down_proj: dynamic by default
+    assert summary.linears["W8A8_DYNAMIC"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # candidates and work folder are gone
 
 

@@ -64,12 +64,23 @@ def check_output(src, dst, plan_of, dtype) -> None:
             check_linear(tensors, name[: -len(".weight")], qtype, n, k, dtype)
 
 
+def default_plan(name: str) -> str:
+    """--type w8a8's default recipe on Llama/Qwen: mlp.down_proj dynamic, every other linear static."""
+    return "W8A8_DYNAMIC" if name.endswith("mlp.down_proj") else "W8A8"
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("quant_type", ["w8a8", "w8a8_dynamic"])
+@pytest.mark.parametrize("quant_type", ["w8a8", "w8a8_dynamic", "w8a8-static-all"])
 def test_round_trip(quantized, arch, quant_type):
-    src, dst, summary = quantized(arch, quant_type)
-    check_output(src, dst, lambda name: quant_type.upper(), torch.float32)
-    assert summary.linears == {quant_type.upper(): 14, "FLOAT": 1}
+    if quant_type == "w8a8":
+        src, dst, summary = quantized(arch, quant_type)
+        check_output(src, dst, default_plan, torch.float32)
+        assert summary.linears == {"W8A8": 12, "W8A8_DYNAMIC": 2, "FLOAT": 1}
+    else:
+        qtype = quant_type.removesuffix("-static-all")
+        src, dst, summary = quantized(arch, qtype, **({"static_all": True} if qtype != quant_type else {}))
+        check_output(src, dst, lambda name: qtype.upper(), torch.float32)
+        assert summary.linears == {qtype.upper(): 14, "FLOAT": 1}
     assert summary.output_bytes > 0 and summary.source_bytes > 0
 
 
@@ -89,7 +100,7 @@ def test_mix_and_keep_float(quantized, arch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_model_dtype_sets_deq_scale_and_float_dtypes(quantized, dtype):
     src, dst, _ = quantized("qwen2", "w8a8", dtype=dtype)
-    check_output(src, dst, lambda name: "W8A8", dtype)
+    check_output(src, dst, default_plan, dtype)
 
 
 def test_shards_and_index(quantized):

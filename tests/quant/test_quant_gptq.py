@@ -70,7 +70,8 @@ def test_gptq_checkpoint_format_and_quality(tiny_model, tmp_path, quant_type, me
     outs = {}
     for rounding in ("nearest", "gptq"):
         outs[rounding] = tmp_path / rounding
-        quantize(src, outs[rounding], quant_type, anti_outlier=method, rounding=rounding, **FAST)
+        # static_all: every linear of the type, down_proj (checked below) included
+        quantize(src, outs[rounding], quant_type, anti_outlier=method, rounding=rounding, static_all=True, **FAST)
     check_output(src, outs["gptq"], lambda name: quant_type.upper(), torch.float32)
     _, t = read_output(outs["gptq"])
     _, ref = read_output(outs["nearest"])
