@@ -40,24 +40,21 @@ DYN, STATIC = {"quant_type": "w8a8_dynamic"}, {"quant_type": "w8a8"}
 PURE = STATIC | {"static_all": True}  # every quantized linear static (the default w8a8 makes down_proj dynamic)
 METHODS = [  # "-default": quantize()'s own defaults for the type (the note column says which smoothing ran)
     Method("float", None),
-    Method("dyn-default", DYN),
+    Method("dyn-default", DYN),  # SmoothQuant alpha 0.5
     Method("dyn-none", DYN | {"anti_outlier": "none"}),
-    Method("dyn-sq0.5", DYN | {"anti_outlier": "smoothquant", "alpha": 0.5}),
+    Method("dyn-iterative0.5", DYN | {"anti_outlier": "iterative", "alpha": 0.5}),
     Method("dyn-auto", DYN | {"anti_outlier": "smoothquant", "alpha": "auto"}),
     Method("dyn-gptq", DYN | {"rounding": "gptq"}),
-    Method("dyn-maxloss1", DYN | {"max_loss": 1.0}),
-    Method("w8a8-default", STATIC),
-    Method("w8a8-static-all", PURE),
+    Method("dyn-maxloss0.5", DYN | {"max_loss": 0.5}),
+    Method("w8a8-default", STATIC),  # SmoothQuant alpha 0.5, mlp.down_proj dynamic
+    Method("w8a8-default-gptq", STATIC | {"rounding": "gptq"}),
+    Method("w8a8-default-maxloss1", STATIC | {"max_loss": 1.0}),
+    Method("w8a8-static-all", PURE),  # SmoothQuant alpha 0.5, every linear static
     Method("w8a8-none", PURE | {"anti_outlier": "none"}),
-    Method("w8a8-sq0.5", PURE | {"anti_outlier": "smoothquant", "alpha": 0.5}),
     Method("w8a8-iterative0.5", PURE | {"anti_outlier": "iterative", "alpha": 0.5}),
     Method("w8a8-auto", PURE | {"anti_outlier": "smoothquant", "alpha": "auto"}),
-    Method("w8a8-iterative-auto", PURE | {"anti_outlier": "iterative", "alpha": "auto"}),
     Method("w8a8-gptq", PURE | {"rounding": "gptq"}),
-    Method("w8a8-auto-gptq", PURE | {"anti_outlier": "smoothquant", "alpha": "auto", "rounding": "gptq"}),
-    Method("w8a8-sq0.5-maxloss3", PURE | {"anti_outlier": "smoothquant", "alpha": 0.5, "max_loss": 3.0}),
     Method("w8a8-maxloss3", PURE | {"max_loss": 3.0}),
-    Method("w8a8-maxloss1", PURE | {"max_loss": 1.0}),
 ]
 
 
