@@ -143,12 +143,13 @@ class DecoderStackPlan:
         self.k_ptrs = self.v_ptrs = None
 
     def cache_pointers(self, caches: list[torch.Tensor]) -> tuple[ctypes.Array, ctypes.Array]:
-        """(k, v) pointer arrays for the layers' caches [2, NB, BS, KVH, D], rebuilt when a cache is replaced."""
-        if len(caches) != len(self.caches) or any(a is not b for a, b in zip(caches, self.caches, strict=False)):
+        """(k, v) pointer arrays for the layers' caches [2, NB, BS, KVH, D]; the caller passes a new list
+        object whenever a cache is replaced, and the arrays are rebuilt then."""
+        if caches is not self.caches:
             array = ctypes.c_void_p * len(caches)
             self.k_ptrs = array(*(c[0].data_ptr() for c in caches))
             self.v_ptrs = array(*(c[1].data_ptr() for c in caches))
-            self.caches = list(caches)
+            self.caches = caches
         return self.k_ptrs, self.v_ptrs
 
 

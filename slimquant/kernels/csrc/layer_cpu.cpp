@@ -6,8 +6,8 @@
 // Python and torch dominates; here the layer is a plain sequence of the same native kernels the per-op path
 // calls (int8_cpu.cpp, attention_cpu.cpp, norm_cpu.cpp), in the same order on the same values, so its result
 // is bit-identical to that path's.
+#include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 extern "C" {
@@ -87,13 +87,12 @@ extern "C" {
 void sq_decoder_layer(const SqDecoderLayer* L, int batch, const float* x, float* residual, int first, float* out,
                       const float* cos, const float* sin, float* k_cache, float* v_cache, const int64_t* slots,
                       const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size) {
-  thread_local std::vector<float> norm_buf, sum_buf, qkv_buf, attn_buf, o_buf, gu_buf, act_buf;
+  thread_local std::vector<float> norm_buf, qkv_buf, attn_buf, o_buf, gu_buf, act_buf;
   const int h = L->hidden, b = batch, d = L->head_dim, nh = L->num_heads, kvh = L->num_kv_heads;
   const int ld_qkv = L->qkv.n;
   float* normed = scratch(norm_buf, (size_t)b * h);
-  float* summed = scratch(sum_buf, (size_t)b * h);
-  sq_add_rms_norm(x, b, h, h, first ? nullptr : residual, h, L->in_norm_w, L->in_norm_b, L->eps, summed, normed);
-  std::memcpy(residual, summed, sizeof(float) * b * h);
+  // the sum x + residual goes straight back into residual (each element is read before it is written)
+  sq_add_rms_norm(x, b, h, h, first ? nullptr : residual, h, L->in_norm_w, L->in_norm_b, L->eps, residual, normed);
 
   float* qkv = scratch(qkv_buf, (size_t)b * ld_qkv);
   run_linear(L->qkv, normed, b, h, qkv);
@@ -109,8 +108,7 @@ void sq_decoder_layer(const SqDecoderLayer* L, int batch, const float* x, float*
   float* o = scratch(o_buf, (size_t)b * h);
   run_linear(L->o, attn, b, nh * d, o);
 
-  sq_add_rms_norm(o, b, h, h, residual, h, L->post_norm_w, L->post_norm_b, L->eps, summed, normed);
-  std::memcpy(residual, summed, sizeof(float) * b * h);
+  sq_add_rms_norm(o, b, h, h, residual, h, L->post_norm_w, L->post_norm_b, L->eps, residual, normed);
   float* gate_up = scratch(gu_buf, (size_t)b * 2 * L->inter);
   run_linear(L->gate_up, normed, b, h, gate_up);
   float* act = scratch(act_buf, (size_t)b * L->inter);
