@@ -79,8 +79,9 @@ def _perplexity(paths: list[Path], max_tokens: int) -> list[float]:
     from slimquant.evaluation import evaluate
     from slimquant.zoo import EVAL_TEXT
 
-    print(f"\n== perplexity on the first {max_tokens} tokens of {EVAL_TEXT.name}")
-    results = evaluate([str(p) for p in paths], EVAL_TEXT.read_text(), context=512, max_tokens=max_tokens)
+    print(f"\n== perplexity on the first {max_tokens} tokens of {EVAL_TEXT.name} (every model computed in fp32)")
+    text = EVAL_TEXT.read_text()
+    results = evaluate([str(p) for p in paths], text, context=512, max_tokens=max_tokens, dtype="float32")
     return [r.perplexity for r in results]
 
 
