@@ -34,9 +34,14 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def default_model_path() -> Path:
+    """Where the default model's HF folder is (or will be, once converted)."""
+    return cache_dir() / f"{DEFAULT_MODEL}-bf16"
+
+
 def default_model_dir() -> Path:
     """The default model as a HF folder, converted from its GGUF on first use (atomically)."""
-    out = cache_dir() / f"{DEFAULT_MODEL}-bf16"
+    out = default_model_path()
     if (out / "config.json").is_file():
         return out
     from slimquant.quant.gguf import gguf_to_hf

@@ -116,9 +116,7 @@ def decoder_layer(
     does not apply (the caller runs the per-op path)."""
     cos, sin = rope if rope is not None else (None, None)
     b, h = x.shape
-    if b > plan.max_batch or not fp32_cpu(x, residual, cos, sin, kv_cache) or not kv_cache.is_contiguous():
-        return None
-    if not all(t is None or t.is_contiguous() for t in (x, residual, cos, sin)):
+    if b > plan.max_batch or not _kernel_ready(x, residual, cos, sin, kv_cache):
         return None
     first = residual is None
     residual = torch.empty(b, h) if first else residual  # [B, H]
@@ -142,15 +140,18 @@ class DecoderStackPlan:
         self.caches: list[torch.Tensor] = []
         self.k_ptrs = self.v_ptrs = None
 
-    def cache_pointers(self, caches: list[torch.Tensor]) -> tuple[ctypes.Array, ctypes.Array]:
-        """(k, v) pointer arrays for the layers' caches [2, NB, BS, KVH, D]; the caller passes a new list
-        object whenever a cache is replaced, and the arrays are rebuilt then."""
+    def cache_pointers(self, caches: list[torch.Tensor]) -> tuple[ctypes.Array, ctypes.Array] | None:
+        """(k, v) pointer arrays for the layers' caches [2, NB, BS, KVH, D], or None where a cache is not fp32
+        contiguous on the CPU; the caller passes a new list object whenever a cache is replaced, and the arrays
+        (and that check) are redone then."""
         if caches is not self.caches:
-            array = ctypes.c_void_p * len(caches)
-            self.k_ptrs = array(*(c[0].data_ptr() for c in caches))
-            self.v_ptrs = array(*(c[1].data_ptr() for c in caches))
             self.caches = caches
-        return self.k_ptrs, self.v_ptrs
+            self.k_ptrs = self.v_ptrs = None
+            if _kernel_ready(*caches):
+                array = ctypes.c_void_p * len(caches)
+                self.k_ptrs = array(*(c[0].data_ptr() for c in caches))
+                self.v_ptrs = array(*(c[1].data_ptr() for c in caches))
+        return None if self.k_ptrs is None else (self.k_ptrs, self.v_ptrs)
 
 
 def decoder_stack(
@@ -164,12 +165,11 @@ def decoder_stack(
     residual [B, H]); None where it does not apply (the caller runs the layers one by one)."""
     cos, sin = rope if rope is not None else (None, None)
     b, h = x.shape
-    if b > stack.max_batch or not fp32_cpu(x, cos, sin, *kv_caches):
+    pointers = stack.cache_pointers(kv_caches)
+    if pointers is None or b > stack.max_batch or not _kernel_ready(x, cos, sin):
         return None
-    if not all(t is None or t.is_contiguous() for t in (x, cos, sin, *kv_caches)):
-        return None
+    k_ptrs, v_ptrs = pointers
     residual, out = torch.empty(b, h), torch.empty(b, h)  # [B, H] each
-    k_ptrs, v_ptrs = stack.cache_pointers(kv_caches)
     tables = ctx.block_tables
     native.library().sq_decoder_stack(
         stack.layers, k_ptrs, v_ptrs, len(stack.plans), b, x.data_ptr(), residual.data_ptr(), out.data_ptr(),
@@ -177,6 +177,11 @@ def decoder_stack(
         ctx.context_lens_tensor.data_ptr(), kv_caches[0].shape[2],
     )  # fmt: skip
     return out, residual
+
+
+def _kernel_ready(*ts: torch.Tensor | None) -> bool:
+    """Every tensor given (None skipped) is fp32, on the CPU and contiguous: what the native layer reads."""
+    return fp32_cpu(*ts) and all(t is None or t.is_contiguous() for t in ts)
 
 
 _FORM_DTYPES = {  # kind -> (weight dtype, {tensor name: dtype})

@@ -45,7 +45,7 @@ _ARENA = _Arena()
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Like torch.empty(shape, dtype=dtype) on the CPU, in huge-page-backed memory where the kernel allows."""
-    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < _ALIGN:
         return torch.empty(shape, dtype=dtype)
     return _ARENA.take(nbytes).view(dtype).view(shape)

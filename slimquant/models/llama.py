@@ -106,7 +106,7 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
     def native_plan(self) -> kernels.DecoderLayerPlan | None:
         """The layer's native decode form (built once, after loading), or None: the per-op path runs."""
         if self._native_plan is False:
-            self._native_plan = self._plan_native()
+            self._native_plan = self._build_native_plan()
         return self._native_plan
 
     @property
@@ -120,7 +120,7 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
             return None
         return kernels.decoder_layer(plan, x, residual, (cos, sin), self.kv_cache, get_context())
 
-    def _plan_native(self) -> kernels.DecoderLayerPlan | None:
+    def _build_native_plan(self) -> kernels.DecoderLayerPlan | None:
         """The layer's native form (built on its first decode step, after loading); None: per-op path."""
         attn, mlp = self.self_attn, self.mlp
         norms = {"input": self.input_layernorm, "post": self.post_attention_layernorm}

@@ -190,8 +190,7 @@ def _llama_cpp_gguf(args: argparse.Namespace, float_dirs: list[str]) -> Path | N
         if not args.gguf.is_file():
             raise ValueError(f"--gguf {args.gguf}: no such file")
         return args.gguf
-    default = zoo.cache_dir() / f"{zoo.DEFAULT_MODEL}-bf16"
-    if float_dirs and Path(float_dirs[0]).resolve() == default.resolve():
+    if float_dirs and Path(float_dirs[0]).resolve() == zoo.default_model_path().resolve():
         return llama_cpp_row.default_gguf()
     print("no llama.cpp row: pass --gguf FILE (a GGUF of the first model) to add one")
     return None
@@ -202,8 +201,17 @@ def _bench_llama_cpp(gguf: Path, args: argparse.Namespace) -> Row:
 
     from slimquant.entrypoints.commands import llama_cpp_row
 
-    speeds = llama_cpp_row.measure(gguf, args.prompt_len, args.decode_tokens, args.streams, torch.get_num_threads())
-    return Row(f"llama.cpp {_short(str(gguf))}", speeds)
+    n, streams = args.decode_tokens, args.streams
+    max_len, batch = args.prompt_len + n + 16, max(args.prompt_len, streams)
+    runner = llama_cpp_row.LlamaCppRunner(gguf, streams, max_len, batch, torch.get_num_threads())
+    try:
+        runner.decode([[1, 2, 3]], 4)  # warm-up
+        d1 = _tokens_per_s(n, lambda: runner.decode([[1, 2, 3]], n))
+        pf = _tokens_per_s(args.prompt_len, lambda: runner.prefill(list(range(100, 100 + args.prompt_len))))
+        dn = _tokens_per_s(n * streams, lambda: runner.decode([[1, 2, 3 + i] for i in range(streams)], n))
+    finally:
+        runner.close()
+    return Row(f"llama.cpp {_short(str(gguf))}", (d1, pf, dn))
 
 
 def _short(path: str) -> str:

@@ -1,7 +1,8 @@
 """The llama.cpp row of `slimquant bench`, through llama-cpp-python's C API (optional: only when it is installed).
 
-Same three columns as the other rows: greedy decode of one stream, one prefill, N streams decoded together in
-one llama_decode batch per step (each sequence its own seq_id), with llama.cpp's own threads set to torch's.
+bench.py times it in the same three columns as the other rows: greedy decode of one stream, one prefill, N
+streams decoded together in one llama_decode batch per step (each sequence its own seq_id), with llama.cpp's
+own threads set to torch's.
 The GGUF is the user's (--gguf) or, for the built-in SmolLM2, a Q8_0 made once from the package's Q4_1 GGUF by
 llama.cpp's own quantizer (same weights' values as Q4_1, the speed of Q8_0).
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-import time
 from pathlib import Path
 
 Q8_0_NAME = "SmolLM2-135M-Instruct-Q8_0.gguf"
@@ -107,23 +107,3 @@ class LlamaCppRunner:
 @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 def _QUIET(level, text, user_data):  # noqa: N802 - a C callback: llama.cpp's log goes nowhere
     return None
-
-
-def measure(gguf: Path, prompt_len: int, decode_tokens: int, streams: int, threads: int) -> tuple[float, ...]:
-    """(decode 1 stream, prefill, decode N streams) tokens/s of llama.cpp."""
-    runner = LlamaCppRunner(gguf, streams, prompt_len + decode_tokens + 16, max(prompt_len, streams), threads)
-    try:
-        runner.decode([[1, 2, 3]], 4)  # warm-up
-        d1 = _rate(decode_tokens, lambda: runner.decode([[1, 2, 3]], decode_tokens))
-        pf = _rate(prompt_len, lambda: runner.prefill(list(range(100, 100 + prompt_len))))
-        prompts = [[1, 2, 3 + i] for i in range(streams)]
-        dn = _rate(decode_tokens * streams, lambda: runner.decode(prompts, decode_tokens))
-    finally:
-        runner.close()
-    return d1, pf, dn
-
-
-def _rate(n: int, fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return n / (time.perf_counter() - start)

@@ -35,7 +35,7 @@ enum LinearKind : int32_t { kDynamic = 1, kStatic = 2, kBf16 = 3 };
 
 extern "C" {
 
-// A linear's runtime form (mirrored by ctypes in kernels/layer_ops.py: keep the field order).
+// A linear's runtime form (mirrored by ctypes in kernels/decoder_ops.py: keep the field order).
 struct SqLinear {
   int32_t kind, n, k, kp;     // kp: padded K of int8 weights
   const void* w;              // int8 [N, Kp] (kDynamic, kStatic) or bf16 [N, K] (kBf16)
@@ -46,7 +46,7 @@ struct SqLinear {
   float inv_scale, offset;    // kStatic: the per-tensor activation quantization
 };
 
-// A decoder layer's weights and shapes (mirrored in kernels/layer_ops.py).
+// A decoder layer's weights and shapes (mirrored in kernels/decoder_ops.py).
 struct SqDecoderLayer {
   int32_t hidden, num_heads, num_kv_heads, head_dim, inter;
   float eps, attn_scale;
