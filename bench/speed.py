@@ -6,6 +6,7 @@ stream, prefill of --prompt-len tokens, decode of --streams streams (tokens/s, r
 each model's decode speed against the memory-bandwidth limit measured in the same run.
 
     .venv/bin/python bench/speed.py [--large] [--decode-tokens 64] [--streams 16] [--prompt-len 512]
+    python bench/speed.py --device cuda --random --large   # on a GPU machine without the model files
 
 Run it on a quiet machine: with 2 OpenMP threads, any other busy process stalls every parallel op.
 """
@@ -24,6 +25,17 @@ from slimquant import quantize, zoo  # noqa: E402
 from slimquant.entrypoints.commands import bench  # noqa: E402
 from slimquant.random_models import make_tiny_model  # noqa: E402
 
+SMOLLM2_135M_SHAPE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
 QWEN25_15B_SHAPE = dict(
     hidden_size=1536,
     intermediate_size=8960,
@@ -45,12 +57,12 @@ def quantized(src: Path, qtype: str, **kw) -> Path:
     return dst
 
 
-def qwen25_shape_model() -> Path:
-    """A random bf16 model with Qwen2.5-1.5B's shapes (speed does not depend on the weights' values)."""
-    out = zoo.cache_dir() / "bench" / "qwen2.5-1.5b-shape-random-bf16"
+def random_model(arch: str, name: str, shape: dict) -> Path:
+    """A random bf16 model of the given shape, built once (speed does not depend on the weights' values)."""
+    out = zoo.cache_dir() / "bench" / f"{name}-shape-random-bf16"
     if not (out / "config.json").is_file():
         print(f"building {out} (random weights)", flush=True)
-        make_tiny_model("qwen2", out, dtype=torch.bfloat16, **QWEN25_15B_SHAPE)
+        make_tiny_model(arch, out, dtype=torch.bfloat16, **shape)
     return out
 
 
@@ -71,14 +83,20 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True, help="llama.cpp row (SmolLM2)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every system runs")
+    p.add_argument("--random", action="store_true", help="SmolLM2-135M's shape with random weights (no model files)")
     args = p.parse_args()
     args.gguf = None  # the llama.cpp row: made for SmolLM2 only
-    print(bench.machine_line())
+    bench.check_device(args.device)
+    print(bench.machine_line(args.device))
+    quick = dict(num_samples=4, seq_len=64, alpha=0.5, rounding="nearest")  # random weights: calibration is moot
     if not args.only_large:
-        table(zoo.default_model_dir(), args)
+        if args.random:
+            table(random_model("llama", "smollm2-135m", SMOLLM2_135M_SHAPE), args, **quick)
+        else:
+            table(zoo.default_model_dir(), args)
     if args.large or args.only_large:
-        # random weights: calibration quality is moot, keep it quick
-        table(qwen25_shape_model(), args, num_samples=4, seq_len=64, alpha=0.5, rounding="nearest")
+        table(random_model("qwen2", "qwen2.5-1.5b", QWEN25_15B_SHAPE), args, **quick)
 
 
 if __name__ == "__main__":

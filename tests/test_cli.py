@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from slimquant.entrypoints.cli import COMMANDS, main
 
@@ -48,6 +49,12 @@ def test_bench_baseline_is_transformers_on_the_float_model(tiny_model, tmp_path,
 def test_bench_rejects_bad_sizes(tiny_model, capsys):
     assert main(["bench", str(tiny_model("llama")), "--streams", "0"]) == 1
     assert "--streams" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no GPU is seen")
+def test_bench_on_cuda_without_a_gpu_says_so(tiny_model, capsys):
+    assert main(["bench", str(tiny_model("llama")), "--device", "cuda"]) == 1
+    assert "torch sees no CUDA GPU" in capsys.readouterr().err
 
 
 def test_eval_json(tiny_model, tmp_path, capsys):

@@ -8,7 +8,7 @@ Runtime weight forms made by `pack_weight` from int8 [N, K]:
 - CPU without the native kernels (or a weight holding -128, which the AVX2 trick cannot take): an exact fp32
   [K, N] copy multiplied in K-chunks of at most 1024, so every partial sum is an integer below 2^24 that fp32
   holds exactly (torch._int_mm has no vectorised CPU kernel without VNNI/AMX: 25-1000x slower than fp32 BLAS);
-- CUDA: int8 [N, K] for torch._int_mm.
+- CUDA: int8 [N, K] for torch._int_mm (cuBLASLt), rows padded to its minimum of 17.
 """
 
 from __future__ import annotations
@@ -54,12 +54,7 @@ def int8_mm_packed(x_q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         return out
     if packed.dtype == torch.int8:
         return int8_mm(x_q, packed)
-    x = x_q.float()  # [T, K]
-    out = None
-    for k in range(0, x.shape[1], _EXACT_K):
-        part = (x[:, k : k + _EXACT_K] @ packed[k : k + _EXACT_K]).to(torch.int32)  # [T, N], exact
-        out = part if out is None else out + part
-    return out
+    return _exact_float_mm(x_q, packed)
 
 
 def dynamic_linear(
@@ -124,19 +119,35 @@ def _dims(x: torch.Tensor) -> tuple[int, int, int]:
 
 def int8_mm(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """Exact int32 product x_q int8 [T, K] @ w_q int8 [N, K]^T -> int32 [T, N]."""
-    if _int_mm_supported(x_q, w_q):
+    if x_q.device.type == "cuda":
+        return _cuda_int8_mm(x_q, w_q)
+    if x_q.device.type == "cpu":
         return torch._int_mm(x_q, w_q.t())
     return int8_matmul_reference(x_q, w_q)
 
 
-def _int_mm_supported(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
-    """torch._int_mm is exact on CPU at any shape; CUDA needs T > 16 and K, N multiples of 8."""
-    if x_q.device.type == "cpu":
-        return True
-    if x_q.device.type == "cuda":
-        t, k = x_q.shape
-        return t > 16 and k % 8 == 0 and w_q.shape[0] % 8 == 0
-    return False
+_CUDA_MIN_ROWS = 24  # torch._int_mm on CUDA needs more than 16 rows; a multiple of 8 keeps cuBLASLt aligned
+
+
+def _cuda_int8_mm(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """cuBLASLt int8 GEMM via torch._int_mm: rows zero-padded to its minimum; K or N off its grid of 8 multiply
+    in exact fp32 K-chunks instead (CUDA has no integer matmul for int64)."""
+    t, k = x_q.shape
+    if k % 8 or w_q.shape[0] % 8:
+        return _exact_float_mm(x_q, w_q.float().t())
+    rows = max(_round_up(t, 8), _CUDA_MIN_ROWS)
+    x_pad = torch.nn.functional.pad(x_q, (0, 0, 0, rows - t)) if rows != t else x_q.contiguous()  # [rows, K]
+    return torch._int_mm(x_pad, w_q.t())[:t]  # [T, N]
+
+
+def _exact_float_mm(x_q: torch.Tensor, w_kn: torch.Tensor) -> torch.Tensor:
+    """x_q int8 [T, K] @ w_kn (int8 values as fp32 [K, N]) in K-chunks of 1024, each partial sum exact -> int32."""
+    x = x_q.float()  # [T, K]
+    out = None
+    for k in range(0, x.shape[1], _EXACT_K):
+        part = (x[:, k : k + _EXACT_K] @ w_kn[k : k + _EXACT_K]).to(torch.int32)  # [T, N]
+        out = part if out is None else out + part
+    return out
 
 
 def quantize_static(x: torch.Tensor, inv_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

@@ -19,11 +19,13 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> No
 class PagedRunner:
     """Runs a CausalLM step by step over a paged KV cache; blocks are handed out in a shuffled order."""
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, num_blocks: int = 64, block_size: int = 4):
-        self.model, self.block_size = model, block_size
+    def __init__(
+        self, model: torch.nn.Module, dtype: torch.dtype, num_blocks: int = 64, block_size: int = 4, device="cpu"
+    ):
+        self.model, self.block_size, self.device = model, block_size, torch.device(device)
         for layer in model.modules():
             if isinstance(layer, KVCacheLayer):
-                layer.kv_cache = torch.zeros(layer.cache_shape(num_blocks, block_size), dtype=dtype)
+                layer.kv_cache = torch.zeros(layer.cache_shape(num_blocks, block_size), dtype=dtype, device=device)
         self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
         self.blocks: dict[int, list[int]] = {}  # seq id -> block ids
         self.lengths: dict[int, int] = {}  # seq id -> tokens cached
@@ -41,10 +43,14 @@ class PagedRunner:
             query_lens.append(len(tokens))
             context_lens.append(start + len(tokens))
             self.lengths[seq] = start + len(tokens)
-        ctx = ForwardContext(query_lens, context_lens, torch.tensor(slots), self._tables(chunks), self.block_size)
+        tables = self._tables(chunks).to(self.device)
+        ctx = ForwardContext(query_lens, context_lens, self._tensor(slots), tables, self.block_size)
         with forward_context(ctx), torch.inference_mode():
-            hidden = self.model(torch.tensor(ids), torch.tensor(positions))
-            return self.model.compute_logits(hidden)
+            hidden = self.model(self._tensor(ids), self._tensor(positions))
+            return self.model.compute_logits(hidden).cpu()
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, device=self.device)
 
     def _reserve(self, seq: int, length: int) -> None:
         blocks = self.blocks.setdefault(seq, [])

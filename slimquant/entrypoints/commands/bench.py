@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode stream (default 128)")
     p.add_argument("--streams", type=int, default=16, help="concurrent decode streams (default 16)")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every system runs [cpu]")
     p.set_defaults(func=run)
 
 
@@ -61,16 +62,29 @@ def run(args: argparse.Namespace) -> int:
     if min(args.prompt_len, args.decode_tokens, args.streams) < 1:
         raise ValueError("--prompt-len, --decode-tokens and --streams must be at least 1")
     paths = [str(zoo.resolve_model(m)) for m in args.models]
-    print(machine_line())
+    check_device(args.device)
+    print(machine_line(args.device))
     print_table(measure(paths, args, transformers=args.transformers), args)
     return 0
 
 
-def machine_line() -> str:
-    """CPU model, threads, the ISA extensions that matter here and which native kernels run."""
+def check_device(device: str) -> None:
+    """ValueError unless torch can run on device."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA GPU (a CPU-only torch build, or no driver)")
+
+
+def machine_line(device: str = "cpu") -> str:
+    """CPU model, threads, the ISA extensions that matter here and which native kernels run (or the GPU)."""
     import platform
 
     import torch
+
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        return f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, CUDA {torch.version.cuda}"
 
     from slimquant.kernels import native
     from slimquant.kernels.cpu import cpu_flags, cpu_model
@@ -94,7 +108,7 @@ def measure(paths: list[str], args: argparse.Namespace, transformers: bool) -> l
         rows.append(_bench_transformers(float_dirs[0], args))
     elif transformers:
         print("no float model among MODEL...: transformers cannot run the ascend format, so it has no row")
-    gguf = _llama_cpp_gguf(args, float_dirs) if args.llama_cpp else None
+    gguf = _llama_cpp_gguf(args, float_dirs) if args.llama_cpp and args.device == "cpu" else None
     if gguf is not None:
         rows.append(_bench_llama_cpp(gguf, args))
     for p in paths:
@@ -104,9 +118,7 @@ def measure(paths: list[str], args: argparse.Namespace, transformers: bool) -> l
 
 
 def _tokens_per_s(n_tokens: int, fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return n_tokens / (time.perf_counter() - start)
+    return n_tokens / _seconds(fn)
 
 
 def _bench_slimquant(path: str, args: argparse.Namespace) -> Row:
@@ -120,6 +132,7 @@ def _bench_slimquant(path: str, args: argparse.Namespace) -> Row:
         max_num_seqs=max(args.streams, 1),
         max_num_batched_tokens=max(args.prompt_len, 512),
         enable_prefix_caching=False,
+        device=args.device,
     )
     prompt = list(range(100, 100 + args.prompt_len))
     decode = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
@@ -143,37 +156,50 @@ def decode_weight_bytes(model) -> int:
     return total if model.lm_head is None else total - embed.numel() * embed.element_size()
 
 
-def read_bandwidth(gib: float = 0.5, repeats: int = 5) -> float:
+def read_bandwidth(device: str = "cpu", gib: float = 0.5, repeats: int = 5) -> float:
     """Memory read bandwidth in bytes/s now (best of a few sums over a buffer far larger than the caches)."""
     import torch
 
-    buf = torch.ones(int(gib * 2**30) // 4)
+    buf = torch.ones(int(gib * 2**30) // 4, device=device)
     buf.sum()  # touch every page first
     best = min(_seconds(buf.sum) for _ in range(repeats))
     return buf.numel() * 4 / best
 
 
 def _seconds(fn: Callable[[], object]) -> float:
+    """Wall time of fn(), GPU work included."""
+    _sync()
     start = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - start
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _bench_transformers(path: str, args: argparse.Namespace) -> Row:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(args.device).eval()
     n = args.decode_tokens
 
-    def generate(ids: torch.Tensor, new: int) -> None:
-        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    def ids(rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(rows, device=args.device)
+
+    def generate(prompt: torch.Tensor, new: int) -> None:
+        model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
 
     with torch.inference_mode():
-        generate(torch.tensor([[1, 2, 3]]), 2)  # warm-up
-        d1 = _tokens_per_s(n, lambda: generate(torch.tensor([[1, 2, 3]]), n))
-        pf = _tokens_per_s(args.prompt_len, lambda: model(torch.arange(100, 100 + args.prompt_len)[None]))
-        batch = torch.tensor([[1, 2, 3 + i] for i in range(args.streams)])
+        generate(ids([[1, 2, 3]]), 2)  # warm-up
+        d1 = _tokens_per_s(n, lambda: generate(ids([[1, 2, 3]]), n))
+        pf = _tokens_per_s(args.prompt_len, lambda: model(ids([list(range(100, 100 + args.prompt_len))])))
+        batch = ids([[1, 2, 3 + i] for i in range(args.streams)])
         dn = _tokens_per_s(n * args.streams, lambda: generate(batch, n))
     return Row(f"transformers {model.dtype} {_short(path)}".replace("torch.", ""), (d1, pf, dn))
 
@@ -221,7 +247,7 @@ def _short(path: str) -> str:
 def print_table(rows: list[Row], args: argparse.Namespace) -> None:
     """The side-by-side table, then each slimquant row's decode speed against the memory-bandwidth limit."""
     _print(rows, args)
-    bandwidth = read_bandwidth()
+    bandwidth = read_bandwidth(args.device)
     print(f"\nmemory read bandwidth measured now: {bandwidth / 1e9:.1f} GB/s")
     for r in rows:
         if r.weight_bytes:
