@@ -49,7 +49,7 @@ QWEN25_15B_SHAPE = dict(
 
 
 def quantized(src: Path, qtype: str, **kw) -> Path:
-    """src quantized to qtype, cached next to the other cached models."""
+    """src quantized to qtype (calibrated on kw's device), cached next to the other cached models."""
     dst = zoo.cache_dir() / "bench" / f"{src.name}-{qtype}"
     if not (dst / "quant_model_description.json").is_file():
         print(f"quantizing {src.name} to {qtype} -> {dst}", flush=True)
@@ -68,7 +68,7 @@ def random_model(arch: str, name: str, shape: dict) -> Path:
 
 def table(src: Path, args: argparse.Namespace, **quant_kw) -> None:
     """transformers bf16, slimquant float, W8A8_DYNAMIC and W8A8 of one source model."""
-    paths = [str(src)] + [str(quantized(src, t, **quant_kw)) for t in ("w8a8_dynamic", "w8a8")]
+    paths = [str(src)] + [str(quantized(src, t, device=args.device, **quant_kw)) for t in ("w8a8_dynamic", "w8a8")]
     print(f"\n### {src.name}", flush=True)
     bench.print_table(bench.measure(paths, args, transformers=args.transformers), args)
 
@@ -84,6 +84,7 @@ def main() -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True, help="llama.cpp row (SmolLM2)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every system runs")
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: slimquant decodes without CUDA graphs")
     p.add_argument("--random", action="store_true", help="SmolLM2-135M's shape with random weights (no model files)")
     args = p.parse_args()
     args.gguf = None  # the llama.cpp row: made for SmolLM2 only

@@ -17,7 +17,6 @@ DEFAULT_KV_CACHE_BYTES = 2 << 30  # upper bound when kv_cache_memory_bytes is no
 VLLM_IGNORED = frozenset(
     {
         "gpu_memory_utilization",
-        "enforce_eager",
         "swap_space",
         "cpu_offload_gb",
         "disable_log_stats",
@@ -62,6 +61,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     block_size: int = 16
     device: str = "cpu"
+    enforce_eager: bool = False  # CUDA: run decode steps op by op instead of as CUDA graph replays
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
 

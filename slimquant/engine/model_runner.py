@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slimquant.config import DEFAULT_KV_CACHE_BYTES, EngineConfig
+from slimquant.engine.cuda_graphs import CudaGraphDecoder, graphs_supported
 from slimquant.engine.scheduler import ScheduledBatch
 from slimquant.engine.sequence import Sequence
 from slimquant.layers.attention import KVCacheLayer
@@ -72,11 +73,21 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(config.device)
         self.block_size = config.block_size
-        self.num_blocks = self._allocate_kv_cache(dtype)
+        use_graphs = self._use_graphs()
+        self.num_blocks = self._allocate_kv_cache(dtype, scratch_blocks=int(use_graphs))
+        self.graphs = None
+        if use_graphs:  # the scratch block (id num_blocks) takes the padding rows' KV writes
+            max_blocks = -(-config.max_model_len // self.block_size)
+            self.graphs = CudaGraphDecoder(model, config.max_num_seqs, max_blocks, self.block_size, self.num_blocks)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
 
-    def _allocate_kv_cache(self, dtype: torch.dtype) -> int:
-        """Zero KV tensors for the configured budget on every KVCacheLayer; returns the number of blocks."""
+    def _use_graphs(self) -> bool:
+        """Decode by CUDA graph replay: on a GPU, unless enforce_eager, where the model's forward allows it."""
+        return self.device.type == "cuda" and not self.config.enforce_eager and graphs_supported(self.model)
+
+    def _allocate_kv_cache(self, dtype: torch.dtype, scratch_blocks: int = 0) -> int:
+        """Zero KV tensors for the configured budget (+ scratch blocks) on every KVCacheLayer; returns the number
+        of blocks for sequences."""
         layers = [m for m in self.model.modules() if isinstance(m, KVCacheLayer)]
         assert layers, "the model has no KVCacheLayer"
         block_bytes = sum(math.prod(layer.cache_shape(1, self.block_size)) for layer in layers) * dtype.itemsize
@@ -89,7 +100,7 @@ class ModelRunner:
             )
         for layer in layers:
             layer.kv_cache = torch.zeros(
-                layer.cache_shape(num_blocks, self.block_size), dtype=dtype, device=self.device
+                layer.cache_shape(num_blocks + scratch_blocks, self.block_size), dtype=dtype, device=self.device
             )
         logger.info(
             "KV cache: %d blocks x %d tokens (%.1f MiB)", num_blocks, self.block_size, num_blocks * block_bytes / 2**20
@@ -107,8 +118,10 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepResult:
         """Run one forward over the batch, sample where a sequence reached its last token."""
         inputs = self.prepare(batch)
-        with forward_context(inputs.context):
-            hidden = self.model(inputs.input_ids, inputs.positions)  # [T, H]
+        hidden = None if self.graphs is None else self.graphs.run(inputs.input_ids, inputs.positions, inputs.context)
+        if hidden is None:
+            with forward_context(inputs.context):
+                hidden = self.model(inputs.input_ids, inputs.positions)  # [T, H]
         rows = inputs.rows
         index = torch.tensor(rows.indices(), dtype=torch.long, device=hidden.device)
         logits = self.model.compute_logits(hidden[index]) if len(index) else None  # [S + P, V] float32

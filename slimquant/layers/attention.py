@@ -59,16 +59,17 @@ class Attention(KVCacheLayer):
         ctx = get_context()
         assert self.kv_cache is not None, "the engine must assign kv_cache before running attention"
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]  # [NB, BS, KVH, D]
-        if ctx.is_decode and q.device.type == "cpu":  # one fused native call where it applies
+        if ctx.is_decode and q.device.type == "cpu" and not ctx.graph_step:  # one fused native call
             caches, lens = (k_cache, v_cache), ctx.context_lens_tensor
             out = kernels.decode_attention(q, k, v, rope, caches, ctx.slot_mapping, ctx.block_tables, lens, self.scale)
             if out is not None:
                 return out
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        store_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
+        store_kv(k_cache, v_cache, k, v, ctx.slot_mapping, check_slots=not ctx.graph_step)
         if ctx.is_decode:  # one batched call, contexts padded to the longest
-            out = paged_attention(q[:, None], k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale)
+            lens = ctx.device_context_lens if ctx.graph_step else ctx.context_lens
+            out = paged_attention(q[:, None], k_cache, v_cache, ctx.block_tables, lens, self.scale)
             return out.reshape(q.shape[0], -1)  # [B, 1, H, D] -> [T, H * D]
         outs, start = [], 0
         for i, q_len in enumerate(ctx.query_lens):  # prefill chunks: one sequence at a time
@@ -80,12 +81,17 @@ class Attention(KVCacheLayer):
 
 
 def store_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    check_slots: bool = True,
 ) -> None:
-    """Write k/v [T, KVH, D] into caches [NB, BS, KVH, D] at flat slots [T]; slots of -1 are skipped."""
+    """Write k/v [T, KVH, D] into caches [NB, BS, KVH, D] at flat slots [T]; slots of -1 are skipped (when checked:
+    that costs a host sync, which a CUDA graph cannot hold)."""
     slots = slot_mapping.to(device=k.device, dtype=torch.long)
-    valid = slots >= 0
-    if not bool(valid.all()):
+    if check_slots and not bool((valid := slots >= 0).all()):
         slots, k, v = slots[valid], k[valid], v[valid]
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
@@ -96,18 +102,23 @@ def paged_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
-    context_lens: list[int],
+    context_lens: list[int] | torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
     """Causal attention of the last Q tokens of each of B sequences over their cached context.
 
     q: [B, Q, H, D] (the queries sit at positions ctx_len - Q .. ctx_len - 1; in a decode batch Q = 1);
-    block_tables: [B, max_blocks]; returns [B, Q, H, D].
+    block_tables: [B, max_blocks]; returns [B, Q, H, D]. Lengths as a device tensor (a CUDA-graph step) attend
+    over every block of the table, masked, so that shapes do not depend on them.
     """
     b, q_len = q.shape[:2]
-    k = gather_context(k_cache, block_tables, max(context_lens))  # [B, S, KVH, D]
-    v = gather_context(v_cache, block_tables, max(context_lens))
-    ctx = torch.tensor(context_lens, device=q.device)[:, None, None]  # [B, 1, 1]
+    if isinstance(context_lens, torch.Tensor):
+        length, lens = block_tables.shape[1] * k_cache.shape[1], context_lens.to(q.device)
+    else:
+        length, lens = max(context_lens), torch.tensor(context_lens, device=q.device)
+    k = gather_context(k_cache, block_tables, length)  # [B, S, KVH, D]
+    v = gather_context(v_cache, block_tables, length)
+    ctx = lens[:, None, None]  # [B, 1, 1]
     last_key = ctx - q_len + torch.arange(q_len, device=q.device)[None, :, None]  # [B, Q, 1]
     mask = torch.arange(k.shape[1], device=q.device)[None, None, :] <= last_key  # [B, Q, S]
     out = F.scaled_dot_product_attention(

@@ -22,11 +22,18 @@ class ForwardContext:
     slot_mapping: torch.Tensor  # [T] int64 flat KV slot (block_id * block_size + offset) for each new token
     block_tables: torch.Tensor  # [B, max_blocks] int32 block ids, -1 padded
     block_size: int
+    device_context_lens: torch.Tensor | None = None  # [B] int32 on the model's device in a CUDA-graph step
+
 
     @functools.cached_property
     def context_lens_tensor(self) -> torch.Tensor:
         """context_lens as int32 [B] on the CPU (made once per step, for the native attention kernel)."""
         return torch.tensor(self.context_lens, dtype=torch.int32)
+
+    @property
+    def graph_step(self) -> bool:
+        """True in a CUDA-graph step (or its CPU stand-in in tests): shapes fixed, no host lengths to read."""
+        return self.device_context_lens is not None
 
     @property
     def is_decode(self) -> bool:

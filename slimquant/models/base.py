@@ -61,7 +61,7 @@ class DecoderModel(nn.Module):
 
     def _native_decode(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A CPU decode step of every layer in one native call, where each layer has a native plan."""
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or get_context().graph_step:
             return None
         if self._stack_plan is False:  # built on the first decode step: every layer planned, or None
             plans = [layer.native_plan() if hasattr(layer, "native_plan") else None for layer in self.layers]

@@ -115,7 +115,7 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
         return self.self_attn.attn.kv_cache
 
     def _native_decode(self, x, residual, cos, sin) -> tuple[torch.Tensor, torch.Tensor] | None:
-        plan = self.native_plan() if x.device.type == "cpu" else None
+        plan = self.native_plan() if x.device.type == "cpu" and not get_context().graph_step else None
         if plan is None:
             return None
         return kernels.decoder_layer(plan, x, residual, (cos, sin), self.kv_cache, get_context())

@@ -11,10 +11,10 @@ from slimquant.config import EngineConfig
 
 def test_vllm_only_arguments_warn_in_one_line(caplog):
     with caplog.at_level(logging.WARNING):
-        cfg = EngineConfig.from_kwargs("m", gpu_memory_utilization=0.9, enforce_eager=True, tensor_parallel_size=1)
+        cfg = EngineConfig.from_kwargs("m", gpu_memory_utilization=0.9, swap_space=4, tensor_parallel_size=1)
     assert cfg.model == "m"
     [record] = [r for r in caplog.records if "ignoring" in r.getMessage()]
-    assert "enforce_eager" in record.getMessage() and "gpu_memory_utilization" in record.getMessage()
+    assert "swap_space" in record.getMessage() and "gpu_memory_utilization" in record.getMessage()
     assert "\n" not in record.getMessage()
 
 

@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--streams", type=int, default=16, help="concurrent decode streams (default 16)")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every system runs [cpu]")
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: slimquant decodes without CUDA graphs")
     p.set_defaults(func=run)
 
 
@@ -133,6 +134,7 @@ def _bench_slimquant(path: str, args: argparse.Namespace) -> Row:
         max_num_batched_tokens=max(args.prompt_len, 512),
         enable_prefix_caching=False,
         device=args.device,
+        enforce_eager=args.enforce_eager,
     )
     prompt = list(range(100, 100 + args.prompt_len))
     decode = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)

@@ -31,6 +31,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=["ascend"], help="expect an ascend (ModelSlim) checkpoint")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: decode op by op, without CUDA graphs")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code")
 
@@ -53,6 +54,7 @@ def make_llm(args: argparse.Namespace, **engine_kwargs):
         quantization=args.quantization,
         dtype=args.dtype,
         device=args.device,
+        enforce_eager=args.enforce_eager,
         max_model_len=args.max_model_len,
         trust_remote_code=args.trust_remote_code,
         **engine_kwargs,

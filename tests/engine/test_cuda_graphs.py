@@ -1,0 +1,70 @@
+"""CUDA-graph decode steps: padded, fixed-shape inputs give the eager step's results (run here with the graphs'
+CPU stand-in; tests/cuda captures real graphs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimquant import LLM, SamplingParams
+from slimquant.engine import cuda_graphs
+from slimquant.engine.model_runner import ModelRunner
+
+PROMPTS = [[5, 17, 300, 42], [7, 99], [250, 3, 11, 60, 128, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 17, 18], [77]]
+
+
+def _run(path, graphs: bool, monkeypatch, **kw) -> tuple[list, LLM]:
+    """Greedy tokens and logprobs of PROMPTS (3 of them batched: a padded bucket of 4), and the LLM."""
+    with monkeypatch.context() as m:
+        m.setattr(ModelRunner, "_use_graphs", lambda self: graphs)
+        llm = LLM(str(path), max_model_len=96, block_size=4, dtype="float32", **kw)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    outs = llm.generate(PROMPTS[:3], params, use_tqdm=False) + llm.generate(PROMPTS[3:], params, use_tqdm=False)
+    return [(o.outputs[0].token_ids, [next(iter(d.values())).logprob for d in o.outputs[0].logprobs]) for o in outs], llm
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_model, tmp_path_factory):
+    from slimquant import quantize
+
+    dst = tmp_path_factory.mktemp("graphs") / "q"
+    quantize(tiny_model("qwen3"), dst, "w8a8_dynamic", num_samples=4, seq_len=32, progress=False)
+    return dst
+
+
+@pytest.mark.parametrize("model", ["float", "int8"])
+def test_graph_steps_match_eager_steps(tiny_model, quantized, model, monkeypatch):
+    path = tiny_model("llama") if model == "float" else quantized
+    eager, _ = _run(path, False, monkeypatch)
+    graphed, llm = _run(path, True, monkeypatch)
+    decoder = llm.llm_engine.runner.graphs
+    assert {size for size, _ in decoder.graphs} == {4, 1}  # 3 sequences ran padded to 4; then 1 alone
+    assert {width for _, width in decoder.graphs} == {8}  # <= 29 tokens of 4: 8 blocks
+    for (tokens_e, lp_e), (tokens_g, lp_g) in zip(eager, graphed, strict=True):
+        assert tokens_g == tokens_e
+        torch.testing.assert_close(torch.tensor(lp_g), torch.tensor(lp_e), rtol=0, atol=1e-4)
+
+
+def test_padding_rows_write_only_the_scratch_block(tiny_model, monkeypatch):
+    _, llm = _run(tiny_model("llama"), True, monkeypatch, num_kv_blocks=40)
+    runner = llm.llm_engine.runner
+    assert runner.num_blocks == 40 and runner.graphs.scratch_block == 40
+    cache = runner.model.model.layers[0].self_attn.attn.kv_cache  # [2, 41, 4, KVH, D]
+    assert cache.shape[1] == 41 and cache[:, 40].abs().sum() > 0  # the padding rows' writes landed there
+
+
+def test_buckets_and_support():
+    assert cuda_graphs._buckets(20, cuda_graphs.BATCH_BUCKETS) == [1, 2, 4, 8, 16, 20]
+    assert cuda_graphs._buckets(1, cuda_graphs.BATCH_BUCKETS) == [1]
+
+
+def test_models_with_host_values_decode_eagerly(tiny_model):
+    from slimquant.models.loader import load_model
+
+    assert cuda_graphs.graphs_supported(load_model(str(tiny_model("qwen2"))).model)
+    assert not cuda_graphs.graphs_supported(load_model(str(tiny_model("deepseek_v3"))).model)
+
+
+def test_enforce_eager_and_cpu_have_no_graphs(tiny_model):
+    llm = LLM(str(tiny_model("llama")), max_model_len=64, enforce_eager=True)
+    assert llm.llm_engine.runner.graphs is None and llm.llm_engine.runner.num_blocks > 0
