@@ -13,6 +13,8 @@ Runtime weight forms made by `pack_weight` from int8 [N, K]:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from slimquant.kernels import native, weight_memory
@@ -58,12 +60,23 @@ def int8_mm_packed(x_q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 def dynamic_linear(
-    x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """W8A8_DYNAMIC: y [T, N] = (int8(x) @ W^T) * s_t * w_scale (+ bias) in fp32, x [T, K] quantized per token.
+    """W8A8_DYNAMIC: y [T, N] = (int8(x) @ W^T) * s_t * w_scale (+ bias) in fp32, x [T, K] quantized per token;
+    returned in out_dtype.
 
-    w_scale: fp32 [N] (already rounded to the model dtype); bias fp32 [N] or None.
+    w_scale: fp32 [N] (already rounded to the model dtype); bias [N] (added in fp32) or None.
     """
+    if _on_triton(x, packed):
+        return _cuda_int8().dynamic_linear(x, packed, w_scale, bias, out_dtype)
+    return _dynamic_linear(x, packed, w_scale, None if bias is None else bias.float()).to(out_dtype)
+
+
+def _dynamic_linear(x, packed, w_scale, bias) -> torch.Tensor:
     if _is_native(packed) and x.device.type == "cpu":
         xf = native.rows_contiguous(x.float())  # [T, K]
         y = torch.empty(xf.shape[0], packed.shape[0], dtype=torch.float32)  # [T, N]
@@ -84,11 +97,19 @@ def static_linear(
     offset: torch.Tensor,
     quant_bias: torch.Tensor,
     deq_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """W8A8: y [T, N] = float(int8(x) @ W^T + quant_bias) * deq_scale, x [T, K] quantized with one scale/offset.
+    """W8A8: y [T, N] = float(int8(x) @ W^T + quant_bias) * deq_scale, x [T, K] quantized with one scale/offset;
+    returned in out_dtype.
 
     inv_scale, offset: [1] in x's dtype (the quantization runs in it); quant_bias int32 [N]; deq_scale fp32 [N].
     """
+    if _on_triton(x, packed):
+        return _cuda_int8().static_linear(x, packed, inv_scale, offset, quant_bias, deq_scale, out_dtype)
+    return _static_linear(x, packed, inv_scale, offset, quant_bias, deq_scale).to(out_dtype)
+
+
+def _static_linear(x, packed, inv_scale, offset, quant_bias, deq_scale) -> torch.Tensor:
     if _is_native(packed) and x.dtype == torch.float32 and inv_scale.dtype == torch.float32:
         x = native.rows_contiguous(x)  # [T, K]
         y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)  # [T, N]
@@ -99,6 +120,22 @@ def static_linear(
         return y
     acc = int8_mm_packed(quantize_static(x, inv_scale, offset), packed)  # [T, N] int32
     return (acc + quant_bias).float() * deq_scale
+
+
+def _on_triton(x: torch.Tensor, packed: torch.Tensor) -> bool:
+    """CUDA int8 weights on cuBLASLt's grid of 8, where Triton is installed: the three-kernel path."""
+    on_grid = packed.shape[-1] % 8 == 0 and packed.shape[0] % 8 == 0
+    return x.device.type == "cuda" and on_grid and _cuda_int8() is not None
+
+
+@functools.cache
+def _cuda_int8():
+    """kernels/cuda_int8.py, or None where Triton is missing (the pure-torch path runs)."""
+    try:
+        from slimquant.kernels import cuda_int8
+    except ImportError:
+        return None
+    return cuda_int8
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

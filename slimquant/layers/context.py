@@ -24,7 +24,6 @@ class ForwardContext:
     block_size: int
     device_context_lens: torch.Tensor | None = None  # [B] int32 on the model's device in a CUDA-graph step
 
-
     @functools.cached_property
     def context_lens_tensor(self) -> torch.Tensor:
         """context_lens as int32 [B] on the CPU (made once per step, for the native attention kernel)."""

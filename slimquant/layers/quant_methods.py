@@ -97,10 +97,9 @@ class W8A8StaticMethod(QuantMethod):
 
     def apply(self, layer, x, bias):
         # x: [T, K]; the float bias is folded into quant_bias, so `bias` is not added (as on the NPU)
-        y = kernels.static_linear(
-            x, layer.weight, layer.input_inv_scale, layer.input_offset_rt, layer.quant_bias, layer.deq_scale
-        )  # [T, N] fp32
-        return y.to(x.dtype)
+        return kernels.static_linear(
+            x, layer.weight, layer.input_inv_scale, layer.input_offset_rt, layer.quant_bias, layer.deq_scale, x.dtype
+        )  # [T, N]
 
     def native_form(self, layer):
         if layer.input_inv_scale.dtype != torch.float32:  # the native kernel quantizes in fp32 only
@@ -139,8 +138,7 @@ class W8A8DynamicMethod(QuantMethod):
 
     def apply(self, layer, x, bias):
         # x: [T, K] -> [T, N]
-        bias = None if bias is None else bias.float()
-        return kernels.dynamic_linear(x, layer.weight, layer.weight_scale, bias).to(x.dtype)
+        return kernels.dynamic_linear(x, layer.weight, layer.weight_scale, bias, x.dtype)
 
     def native_form(self, layer):
         tensors = {"w_scale": layer.weight_scale, "bias": layer.bias}

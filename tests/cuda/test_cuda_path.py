@@ -11,6 +11,7 @@ import torch
 from slimquant import kernels as K
 from slimquant.models.loader import load_model
 from slimquant.quant import primitives as P
+from tests.engine.reference import tokens_and_logprobs
 from tests.models.ascend_ckpt import write_ascend
 from tests.models.paged import PROMPT, PagedRunner, assert_close
 from tests.models.reference import reference_logits, reference_model
@@ -50,6 +51,27 @@ def test_dynamic_and_static_linears_match_the_math(t, k, n):
     acc = P.int8_matmul_reference(K.quantize_static(x, inv, off), w_q)
     args = [a.cuda() for a in (x, packed, inv, off, qbias, deq)]
     torch.testing.assert_close(K.static_linear(*args).cpu(), (acc + qbias).float() * deq, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t,k,n", [(1, 64, 48), (5, 72, 40), (40, 96, 200), (3, 2048, 16)])
+def test_triton_linears_equal_the_torch_path(t, k, n, dtype):
+    """The three-kernel path (kernels/cuda_int8.py) gives the pure-torch path's numbers bit for bit."""
+    from slimquant.kernels import int8_ops
+
+    assert int8_ops._cuda_int8() is not None, "CUDA builds of torch ship Triton"
+    gen = torch.Generator().manual_seed(t + k + n)
+    x = (torch.randn(t, k, generator=gen) * 3).to(dtype).cuda()
+    w_q = _int8(n, k, seed=n).cuda()
+    w_s, bias = (torch.rand(n, generator=gen) / 100).cuda(), torch.randn(n, generator=gen).to(dtype).cuda()
+    torch_path = int8_ops._dynamic_linear(x, w_q, w_s, bias.float()).to(dtype)
+    assert torch.equal(K.dynamic_linear(x, w_q, w_s, bias, dtype), torch_path)
+
+    inv, off = torch.tensor([0.7], dtype=dtype).cuda(), torch.tensor([3.0], dtype=dtype).cuda()
+    qbias = torch.randint(-1000, 1000, (n,), dtype=torch.int32, generator=gen).cuda()
+    deq = torch.rand(n, generator=gen).cuda()
+    torch_path = int8_ops._static_linear(x, w_q, inv, off, qbias, deq).to(dtype)
+    assert torch.equal(K.static_linear(x, w_q, inv, off, qbias, deq, dtype), torch_path)
 
 
 def _logits_on_cuda(ascend_dir) -> torch.Tensor:
@@ -111,8 +133,7 @@ def _greedy_with_logprobs(path, dtype: str, eager: bool) -> tuple[list, object]:
     llm = LLM(str(path), max_model_len=64, dtype=dtype, device="cuda", enforce_eager=eager)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
     outs = llm.generate([[5, 17, 300, 42], [7, 99], [250, 3, 11, 60, 128]], params, use_tqdm=False)
-    runs = [(o.outputs[0].token_ids, [next(iter(d.values())).logprob for d in o.outputs[0].logprobs]) for o in outs]
-    return runs, llm.llm_engine.runner.graphs
+    return tokens_and_logprobs(outs), llm.llm_engine.runner.graphs
 
 
 def test_cuda_graph_decode_matches_eager(quantized_llama):

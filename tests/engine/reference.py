@@ -19,3 +19,10 @@ def hf_logprobs(hf_model, ids: list[int]) -> torch.Tensor:
     """[len(ids), V] log_softmax of transformers' logits at every position."""
     with torch.no_grad():
         return torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def tokens_and_logprobs(outputs) -> list[tuple[list[int], list[float]]]:
+    """(token ids, logprob of each chosen token) of each RequestOutput's first completion (logprobs=0 asked)."""
+    return [
+        (list(o.outputs[0].token_ids), [next(iter(d.values())).logprob for d in o.outputs[0].logprobs]) for o in outputs
+    ]

@@ -9,6 +9,7 @@ import torch
 from slimquant import LLM, SamplingParams
 from slimquant.engine import cuda_graphs
 from slimquant.engine.model_runner import ModelRunner
+from tests.engine.reference import tokens_and_logprobs
 
 PROMPTS = [[5, 17, 300, 42], [7, 99], [250, 3, 11, 60, 128, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 17, 18], [77]]
 
@@ -20,7 +21,7 @@ def _run(path, graphs: bool, monkeypatch, **kw) -> tuple[list, LLM]:
         llm = LLM(str(path), max_model_len=96, block_size=4, dtype="float32", **kw)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
     outs = llm.generate(PROMPTS[:3], params, use_tqdm=False) + llm.generate(PROMPTS[3:], params, use_tqdm=False)
-    return [(o.outputs[0].token_ids, [next(iter(d.values())).logprob for d in o.outputs[0].logprobs]) for o in outs], llm
+    return tokens_and_logprobs(outs), llm
 
 
 @pytest.fixture(scope="module")

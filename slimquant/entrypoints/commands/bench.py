@@ -143,10 +143,11 @@ def _bench_slimquant(path: str, args: argparse.Namespace) -> Row:
     def gen(prompts, params):
         return llm.generate(prompts, params, use_tqdm=False)
 
-    gen([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    streams = [[1, 2, 3 + i] for i in range(args.streams)]
+    warm = SamplingParams(max_tokens=4, ignore_eos=True)
+    gen([[1, 2, 3]], warm), gen([prompt], one), gen(streams, warm)  # warm-up: every shape (and CUDA graph) timed
     d1 = _tokens_per_s(args.decode_tokens, lambda: gen([[1, 2, 3]], decode))
     pf = _tokens_per_s(args.prompt_len, lambda: gen([prompt], one))
-    streams = [[1, 2, 3 + i] for i in range(args.streams)]
     dn = _tokens_per_s(args.decode_tokens * args.streams, lambda: gen(streams, decode))
     return Row(f"slimquant {_short(path)}", (d1, pf, dn), decode_weight_bytes(llm.llm_engine.runner.model))
 
@@ -198,10 +199,11 @@ def _bench_transformers(path: str, args: argparse.Namespace) -> Row:
         model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
 
     with torch.inference_mode():
-        generate(ids([[1, 2, 3]]), 2)  # warm-up
-        d1 = _tokens_per_s(n, lambda: generate(ids([[1, 2, 3]]), n))
-        pf = _tokens_per_s(args.prompt_len, lambda: model(ids([list(range(100, 100 + args.prompt_len))])))
         batch = ids([[1, 2, 3 + i] for i in range(args.streams)])
+        prompt = ids([list(range(100, 100 + args.prompt_len))])
+        generate(ids([[1, 2, 3]]), 2), model(prompt), generate(batch, 2)  # warm-up: every shape timed
+        d1 = _tokens_per_s(n, lambda: generate(ids([[1, 2, 3]]), n))
+        pf = _tokens_per_s(args.prompt_len, lambda: model(prompt))
         dn = _tokens_per_s(n * args.streams, lambda: generate(batch, n))
     return Row(f"transformers {model.dtype} {_short(path)}".replace("torch.", ""), (d1, pf, dn))
 

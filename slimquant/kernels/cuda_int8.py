@@ -1,0 +1,141 @@
+"""int8 linears on CUDA in three kernels: quantize the activations (Triton), int8 GEMM (cuBLASLt via
+torch._int_mm), dequantize (Triton).
+
+The pure-torch path spends about fifteen kernels per linear on the same math; a small model's decode step is
+bound by kernel count, not bytes, even as a CUDA graph. Each kernel here computes FORMAT.md's numbers in the
+pure-torch path's order and precision (IEEE division, round half to even, the model dtype's rounding where the
+activations are quantized in it), so the results equal that path's. Needs Triton (bundled with CUDA builds of
+torch); `TRITON_INTERPRET=1` runs the kernels on CPU tensors for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TINY = 1e-8  # as quant.primitives: a row of zeros quantizes to zeros
+_MIN_ROWS = 24  # torch._int_mm on CUDA needs more than 16 rows (a multiple of 8 keeps cuBLASLt aligned)
+_BLOCK_K = 1024
+_BLOCK_N = 128
+
+
+@triton.jit
+def _rint(v):
+    """Round half to even (torch.round) of fp32 v, with no fast-math assumption."""
+    f = tl.floor(v)
+    d = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def _round_to(v, dt: tl.constexpr):
+    """fp32 v rounded to dtype dt (to nearest even, as torch's elementwise ops in dt), back in fp32.
+    bf16 rounds on the bits (the interpreter's own bf16 cast truncates), so tests and GPUs agree."""
+    if dt == tl.bfloat16:
+        u = v.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+    if dt == tl.float16:
+        return v.to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _quantize_per_token(x_ptr, stride_x, q_ptr, scale_ptr, K: tl.constexpr, BLOCK: tl.constexpr):
+    """Row r of x [T, K]: scale = max(amax / 127, tiny); q = clamp(rint(x / scale), -128, 127)."""
+    row = tl.program_id(0)
+    x_row = x_ptr + row.to(tl.int64) * stride_x
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), 1e-8)
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, scale)), -128.0), 127.0)
+        tl.store(q_ptr + row.to(tl.int64) * K + offs, q.to(tl.int8), mask=offs < K)
+
+
+@triton.jit
+def _quantize_static(x_ptr, stride_x, inv_ptr, off_ptr, q_ptr, K: tl.constexpr, BLOCK: tl.constexpr):
+    """Row r of x [T, K]: q = clamp(rint(x * inv + off), -128, 127), each step rounded to x's dtype."""
+    row = tl.program_id(0)
+    dt = x_ptr.dtype.element_ty
+    inv, off = tl.load(inv_ptr).to(tl.float32), tl.load(off_ptr).to(tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row.to(tl.int64) * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+        v = _round_to((_round_to(x * inv, dt) + off), dt)
+        q = tl.minimum(tl.maximum(_rint(v), -128.0), 127.0)
+        tl.store(q_ptr + row.to(tl.int64) * K + offs, q.to(tl.int8), mask=offs < K)
+
+
+@triton.jit
+def _dequantize(
+    acc_ptr, y_ptr, N, row_scale_ptr, col_scale_ptr, add_ptr,
+    STATIC: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Row r of acc int32 [R, N] -> y [T, N] in y's dtype.
+    dynamic: (acc * s_t[r]) * w_scale (+ bias); static: (acc + quant_bias) * deq_scale."""
+    row, cols = tl.program_id(0), tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    acc = tl.load(acc_ptr + row.to(tl.int64) * N + cols, mask=mask, other=0)
+    col_scale = tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
+    if STATIC:
+        y = (acc + tl.load(add_ptr + cols, mask=mask, other=0)).to(tl.float32) * col_scale
+    else:
+        y = acc.to(tl.float32) * tl.load(row_scale_ptr + row) * col_scale
+        if HAS_ADD:
+            y = y + tl.load(add_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dt = y_ptr.dtype.element_ty
+    tl.store(y_ptr + row.to(tl.int64) * N + cols, _round_to(y, dt).to(dt), mask=mask)  # exact: already rounded
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [T, K] with unit column stride (a view where it has one)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _block(k: int) -> int:
+    return min(triton.next_power_of_2(k), _BLOCK_K)
+
+
+def _q_buffer(t: int, k: int, device: torch.device) -> torch.Tensor:
+    """int8 [R, K] with R >= _int_mm's minimum; rows past T are left as they are (their products are dropped)."""
+    return torch.empty(max((t + 7) // 8 * 8, _MIN_ROWS), k, dtype=torch.int8, device=device)
+
+
+def _matmul_dequantize(q, w_q, t, out_dtype, row_scale, col_scale, add, static: bool) -> torch.Tensor:
+    acc = torch._int_mm(q, w_q.t())  # [R, N] int32
+    n = w_q.shape[0]
+    y = torch.empty(t, n, dtype=out_dtype, device=q.device)  # [T, N]
+    dummy = col_scale if add is None else add
+    _dequantize[(t, triton.cdiv(n, _BLOCK_N))](
+        acc, y, n, col_scale if row_scale is None else row_scale, col_scale, dummy,
+        STATIC=static, HAS_ADD=add is not None, BLOCK_N=_BLOCK_N,
+    )  # fmt: skip
+    return y
+
+
+def dynamic_linear(x, w_q, w_scale, bias, out_dtype: torch.dtype) -> torch.Tensor:
+    """W8A8_DYNAMIC: x [T, K] float, w_q int8 [N, K] (K, N multiples of 8), w_scale fp32 [N], bias [N] or None
+    -> y [T, N] in out_dtype."""
+    x = _rows(x)
+    t, k = x.shape
+    q, scale = _q_buffer(t, k, x.device), torch.empty(t, dtype=torch.float32, device=x.device)
+    _quantize_per_token[(t,)](x, x.stride(0), q, scale, K=k, BLOCK=_block(k))
+    return _matmul_dequantize(q, w_q, t, out_dtype, scale, w_scale, bias, static=False)
+
+
+def static_linear(x, w_q, inv_scale, offset, quant_bias, deq_scale, out_dtype: torch.dtype) -> torch.Tensor:
+    """W8A8: x [T, K] quantized with inv_scale / offset [1] in x's dtype; y [T, N] = (acc + quant_bias) * deq."""
+    x = _rows(x)
+    t, k = x.shape
+    q = _q_buffer(t, k, x.device)
+    _quantize_static[(t,)](x, x.stride(0), inv_scale, offset, q, K=k, BLOCK=_block(k))
+    return _matmul_dequantize(q, w_q, t, out_dtype, None, deq_scale, quant_bias, static=True)
