@@ -25,6 +25,7 @@ from slimquant.kernels.cpu import cpu_flags
 logger = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))  # int8 GEMM, attention, norm
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))  # part of the cache key, not compiled alone
 FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
 K_ALIGN = 32  # the kernel reads K in steps of 32 bytes (VNNI: 64, then one 32): weights are padded to it
 # Extra flags per instruction set; the AVX2 flags above stay in every build (the quantization loops use them).
@@ -119,7 +120,7 @@ def library_for(target: str) -> ctypes.CDLL:
 def _build(target: str | None = None) -> Path:
     """Compile the source unless a library built from the same source and flags is cached."""
     flags = FLAGS + ISA_FLAGS[target or isa()]
-    source = b"".join(p.read_bytes() for p in SOURCES)
+    source = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     tag = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     out = cache_dir() / f"slimquant_cpu-{tag}.so"
     if out.exists():

@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_kernels.h"
+
 namespace {
 
 // out[i] = x[i] * cos[i] + (-x[i + h]) * sin[i]; out[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h].
@@ -46,50 +48,66 @@ inline void axpy(float w, const float* x, float* y, int d) {
 
 }  // namespace
 
+namespace sq {
+
+void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos, const float* sin, float* k_cache,
+              float* v_cache, const int64_t* slots, int num_kv_heads, int head_dim, int b, int h) {
+  if (slots[b] < 0) return;
+  const int d = head_dim;
+  float* kc = k_cache + ((size_t)slots[b] * num_kv_heads + h) * d;
+  const float* kn = k + (size_t)b * ldk + (size_t)h * d;
+  if (cos) rope_neox(kn, cos + (size_t)b * d, sin + (size_t)b * d, d, kc);
+  else std::copy(kn, kn + d, kc);
+  const float* vn = v + (size_t)b * ldv + (size_t)h * d;
+  std::copy(vn, vn + d, v_cache + ((size_t)slots[b] * num_kv_heads + h) * d);
+}
+
+void attend_head(const float* q, int ldq, const float* cos, const float* sin, const float* k_cache,
+                 const float* v_cache, const int32_t* block_tables, int max_blocks, const int32_t* context_lens,
+                 int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int b, int h,
+                 float* out) {
+  thread_local std::vector<float> qr, scores;  // per-thread scratch, grown on demand
+  const int d = head_dim, n = context_lens[b], kvh = h / (num_heads / num_kv_heads);
+  if (qr.size() < (size_t)d) qr.resize(d);
+  if (scores.size() < (size_t)std::max(n, 1)) scores.resize(std::max(n, 1));
+  const float* qh = q + (size_t)b * ldq + (size_t)h * d;
+  if (cos) rope_neox(qh, cos + (size_t)b * d, sin + (size_t)b * d, d, qr.data());
+  else std::copy(qh, qh + d, qr.begin());
+  float top = -INFINITY;
+  for (int t = 0; t < n; ++t) {
+    const int64_t slot = (int64_t)block_tables[(size_t)b * max_blocks + t / block_size] * block_size + t % block_size;
+    scores[t] = dot(qr.data(), k_cache + ((size_t)slot * num_kv_heads + kvh) * d, d) * scale;
+    top = std::max(top, scores[t]);
+  }
+  float* o = out + ((size_t)b * num_heads + h) * d;
+  std::fill(o, o + d, 0.0f);
+  float total = 0.0f;
+  for (int t = 0; t < n; ++t) {
+    const int64_t slot = (int64_t)block_tables[(size_t)b * max_blocks + t / block_size] * block_size + t % block_size;
+    const float p = std::exp(scores[t] - top);
+    total += p;
+    axpy(p, v_cache + ((size_t)slot * num_kv_heads + kvh) * d, o, d);
+  }
+  const float inv = n > 0 ? 1.0f / total : 0.0f;
+  for (int i = 0; i < d; ++i) o[i] *= inv;
+}
+
+}  // namespace sq
+
 extern "C" {
 
 void sq_decode_attention(const float* q, int ldq, const float* k, int ldk, const float* v, int ldv, const float* cos,
                          const float* sin, float* k_cache, float* v_cache, const int64_t* slots,
                          const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size,
                          int batch, int num_heads, int num_kv_heads, int head_dim, float scale, float* out) {
-  const int d = head_dim, group = num_heads / num_kv_heads;
-  for (int b = 0; b < batch; ++b) {  // write the new token's k (rotated) and v into the cache
-    if (slots[b] < 0) continue;
-    for (int h = 0; h < num_kv_heads; ++h) {
-      float* kc = k_cache + ((size_t)slots[b] * num_kv_heads + h) * d;
-      const float* kn = k + (size_t)b * ldk + (size_t)h * d;
-      if (cos) rope_neox(kn, cos + (size_t)b * d, sin + (size_t)b * d, d, kc);
-      else std::copy(kn, kn + d, kc);
-      const float* vn = v + (size_t)b * ldv + (size_t)h * d;
-      std::copy(vn, vn + d, v_cache + ((size_t)slots[b] * num_kv_heads + h) * d);
-    }
-  }
+  for (int b = 0; b < batch; ++b)  // write the new token's k (rotated) and v into the cache
+    for (int h = 0; h < num_kv_heads; ++h)
+      sq::kv_store(k, ldk, v, ldv, cos, sin, k_cache, v_cache, slots, num_kv_heads, head_dim, b, h);
 #pragma omp parallel for collapse(2) schedule(dynamic, 1) if (batch * num_heads > 1)
   for (int b = 0; b < batch; ++b)
-    for (int h = 0; h < num_heads; ++h) {
-      const int n = context_lens[b], kvh = h / group;
-      std::vector<float> qr(d), scores(std::max(n, 1));
-      const float* qh = q + (size_t)b * ldq + (size_t)h * d;
-      if (cos) rope_neox(qh, cos + (size_t)b * d, sin + (size_t)b * d, d, qr.data());
-      else std::copy(qh, qh + d, qr.begin());
-      float top = -INFINITY;
-      for (int t = 0; t < n; ++t) {
-        const int64_t slot = (int64_t)block_tables[(size_t)b * max_blocks + t / block_size] * block_size + t % block_size;
-        scores[t] = dot(qr.data(), k_cache + ((size_t)slot * num_kv_heads + kvh) * d, d) * scale;
-        top = std::max(top, scores[t]);
-      }
-      float* o = out + ((size_t)b * num_heads + h) * d;
-      std::fill(o, o + d, 0.0f);
-      float total = 0.0f;
-      for (int t = 0; t < n; ++t) {
-        const int64_t slot = (int64_t)block_tables[(size_t)b * max_blocks + t / block_size] * block_size + t % block_size;
-        const float p = std::exp(scores[t] - top);
-        total += p;
-        axpy(p, v_cache + ((size_t)slot * num_kv_heads + kvh) * d, o, d);
-      }
-      const float inv = n > 0 ? 1.0f / total : 0.0f;
-      for (int i = 0; i < d; ++i) o[i] *= inv;
-    }
+    for (int h = 0; h < num_heads; ++h)
+      sq::attend_head(q, ldq, cos, sin, k_cache, v_cache, block_tables, max_blocks, context_lens, block_size,
+                      num_heads, num_kv_heads, head_dim, scale, b, h, out);
 }
 
 }  // extern "C"

@@ -24,19 +24,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_kernels.h"
+
 namespace {
 
 constexpr int kTokTile = 64;  // tokens whose quantized rows stay in L2 while a row group streams past
 constexpr int kRowTile = 16;  // weight rows per parallel work item
 constexpr float kTinyScale = 1e-8f;
 
-// Quantized activations: the int8 values and the form the GEMM multiplies (|x| for AVX2, x + 128 for VNNI).
-struct QuantizedX {
-  std::vector<int8_t> q;   // [M, Kp] x_q
-  std::vector<uint8_t> a;  // [M, Kp] |x_q| (AVX2) or x_q + 128 (VNNI); zero in the padding
-  int kp;
-  const uint8_t* row(int i) const { return &a[(size_t)i * kp]; }
-};
+using sq::QuantizedX;
 
 // The GEMM's unsigned operand for one int8 activation value.
 inline uint8_t gemm_operand(int8_t v) {
@@ -289,14 +285,30 @@ void tile(const int8_t* w, const QuantizedX& x, const uint8_t*, int m0, int m1, 
 
 #endif  // SQ_AVX512VNNI
 
+// A row of kp 128s (the VNNI build's second operand for 128 * sum(w), see the header), per thread.
+const uint8_t* row_of_128s(int kp) {
+  thread_local std::vector<uint8_t> c128;
+  if (c128.size() < (size_t)kp) c128.assign(kp, 0x80);
+  return c128.data();
+}
+
+// Output columns [n0, n1) for every token, in the tiles gemm() runs (serial: one thread's slice of rows).
+template <class Epi>
+void gemm_rows(const int8_t* w, const QuantizedX& x, int m, int n0, int n1, const Epi& epi) {
+  const uint8_t* c128 = row_of_128s(x.kp);
+  for (int m0 = 0; m0 < m; m0 += kTokTile)
+    for (int r = n0; r < n1; r += kRowTile)
+      tile(w, x, c128, m0, std::min(m, m0 + kTokTile), r, std::min(n1, r + kRowTile), epi);
+}
+
 template <class Epi>
 void gemm(const int8_t* w, const QuantizedX& x, int m, int n, const Epi& epi) {
-  const std::vector<uint8_t> c128(x.kp, 0x80);  // the VNNI build's row of 128s (see the header)
+  const uint8_t* c128 = row_of_128s(x.kp);  // the calling thread's, read by the whole team
   const int tok_tiles = (m + kTokTile - 1) / kTokTile, row_tiles = (n + kRowTile - 1) / kRowTile;
 #pragma omp parallel for collapse(2) schedule(static) if ((size_t)m * n * x.kp > 65536)
   for (int mt = 0; mt < tok_tiles; ++mt)
     for (int nt = 0; nt < row_tiles; ++nt)
-      tile(w, x, c128.data(), mt * kTokTile, std::min(m, (mt + 1) * kTokTile), nt * kRowTile,
+      tile(w, x, c128, mt * kTokTile, std::min(m, (mt + 1) * kTokTile), nt * kRowTile,
            std::min(n, (nt + 1) * kRowTile), epi);
 }
 
@@ -355,15 +367,16 @@ inline float abs_max(const float* x, int k) {
   return amax;
 }
 
-// Per-token symmetric quantization: scale = max(amax / 127, 1e-8), q = clamp(round(x / scale)).
+// Per-token symmetric quantization of row i: scale = max(amax / 127, 1e-8), q = clamp(round(x / scale)).
+float quantize_dynamic_row(const float* row, int k, QuantizedX& out, int i) {
+  const float scale = std::max(abs_max(row, k) / 127.0f, kTinyScale);
+  quantize_row<true>(row, k, scale, 0.0f, 0.0f, out, i);
+  return scale;
+}
+
 void quantize_dynamic(const float* x, int m, int k, int ldx, QuantizedX& out, float* scales) {
 #pragma omp parallel for schedule(static) if ((size_t)m * k > 65536)
-  for (int i = 0; i < m; ++i) {
-    const float* row = x + (size_t)i * ldx;
-    const float scale = std::max(abs_max(row, k) / 127.0f, kTinyScale);
-    quantize_row<true>(row, k, scale, 0.0f, 0.0f, out, i);
-    scales[i] = scale;
-  }
+  for (int i = 0; i < m; ++i) scales[i] = quantize_dynamic_row(x + (size_t)i * ldx, k, out, i);
 }
 
 // Static per-tensor quantization: q = clamp(round(x * inv_scale + offset)).
@@ -536,6 +549,35 @@ struct StaticEpilogue {
 };
 
 }  // namespace
+
+namespace sq {
+
+void quantize_dynamic_rows(const float* x, int m, int k, int ldx, QuantizedX& out, float* scales) {
+  for (int i = 0; i < m; ++i) scales[i] = quantize_dynamic_row(x + (size_t)i * ldx, k, out, i);
+}
+
+void quantize_static_rows(const float* x, int m, int k, int ldx, float inv, float off, QuantizedX& out) {
+  for (int i = 0; i < m; ++i) quantize_row<false>(x + (size_t)i * ldx, k, 1.0f, inv, off, out, i);
+}
+
+void dynamic_linear_rows(const int8_t* w, const QuantizedX& x, int m, int n, int n0, int n1, const float* scales,
+                         const float* w_scale, const float* bias, float* y) {
+  gemm_rows(w, x, m, n0, n1, DynamicEpilogue{scales, w_scale, bias, y, n});
+}
+
+void static_linear_rows(const int8_t* w, const QuantizedX& x, int m, int n, int n0, int n1,
+                        const int32_t* quant_bias, const float* deq, float* y) {
+  gemm_rows(w, x, m, n0, n1, StaticEpilogue{quant_bias, deq, y, n});
+}
+
+void bf16_linear_rows(const float* x, int m, int k, int ldx, const uint16_t* w, int n, int n0, int n1,
+                      const float* bias, float* y) {
+  for (int m0 = 0; m0 < m; m0 += kTokTile)  // the token tiles sq_bf16_linear runs (they set the sum order)
+    for (int r = n0; r < n1; r += kRowTile)
+      bf16_tile(x, ldx, w, k, n, m0, std::min(m, m0 + kTokTile), r, std::min(n1, r + kRowTile), bias, y);
+}
+
+}  // namespace sq
 
 extern "C" {
 

@@ -6,9 +6,22 @@
 // Python and torch dominates; here the layer is a plain sequence of the same native kernels the per-op path
 // calls (int8_cpu.cpp, attention_cpu.cpp, norm_cpu.cpp), in the same order on the same values, so its result
 // is bit-identical to that path's.
+//
+// The stack (every layer of a decode step) runs, for up to kRegionMaxBatch tokens, inside one OpenMP parallel
+// region instead of a fork/join per parallel op (five per layer): each thread computes a fixed slice of every
+// linear's output rows with the same serial kernels (cpu_kernels.h), quantizing the activation rows itself
+// (redundantly: the same values on every thread), and barriers separate the dependent phases; the values are
+// the per-op path's. SLIMQUANT_STACK_REGION=0 runs the stack as the loop of per-layer calls instead (to compare).
+#include <omp.h>
+
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
+
+#include "cpu_kernels.h"
 
 extern "C" {
 void sq_dynamic_linear(const float* x, int m, int k, int ldx, const int8_t* w, int n, int kp, const float* w_scale,
@@ -116,6 +129,151 @@ void sq_decoder_layer(const SqDecoderLayer* L, int batch, const float* x, float*
   run_linear(L->down, act, b, L->inter, out);
 }
 
+}  // extern "C"
+
+namespace {
+
+constexpr int kRegionMaxBatch = 16;  // larger batches run the per-op loop (its kernels split tokens too)
+constexpr int kSliceAlign = 16;      // slice boundaries on 16 rows: whole cache lines of fp32 outputs
+
+// Thread `tid` of `nt`'s share [n0, n1) of n output rows.
+inline void slice(int n, int tid, int nt, int& n0, int& n1) {
+  const int blocks = (n + kSliceAlign - 1) / kSliceAlign;
+  n0 = std::min(n, (int)((int64_t)blocks * tid / nt) * kSliceAlign);
+  n1 = std::min(n, (int)((int64_t)blocks * (tid + 1) / nt) * kSliceAlign);
+}
+
+// One thread's scratch in the region: its copy of the residual stream, the normed rows, the quantized rows.
+struct ThreadScratch {
+  std::vector<float> residual, normed, head, scales;
+  sq::QuantizedX xq;
+};
+
+// A linear's input rows x [M, K] (stride ldx) quantized into t (on this thread; nothing for bf16 weights).
+void quantize_input(const SqLinear& l, const float* x, int m, int ldx, ThreadScratch& t) {
+  if (l.kind == kBf16) return;
+  t.xq.reset(m, l.k, l.kp);
+  if (l.kind == kDynamic) sq::quantize_dynamic_rows(x, m, l.k, ldx, t.xq, t.scales.data());
+  else sq::quantize_static_rows(x, m, l.k, ldx, l.inv_scale, l.offset, t.xq);
+}
+
+// Output rows [n0, n1) of y [M, N] = linear(x [M, K] at stride ldx), x quantized into t by quantize_input.
+void linear_rows(const SqLinear& l, const float* x, int m, int ldx, int n0, int n1, const ThreadScratch& t,
+                 float* y) {
+  const int8_t* w8 = static_cast<const int8_t*>(l.w);
+  switch (l.kind) {
+    case kDynamic: sq::dynamic_linear_rows(w8, t.xq, m, l.n, n0, n1, t.scales.data(), l.w_scale, l.bias, y); break;
+    case kStatic: sq::static_linear_rows(w8, t.xq, m, l.n, n0, n1, l.quant_bias, l.deq_scale, y); break;
+    case kBf16: sq::bf16_linear_rows(x, m, l.k, ldx, static_cast<const uint16_t*>(l.w), l.n, n0, n1, l.bias, y); break;
+  }
+}
+
+// quantize_input, then linear_rows on this thread's slice of the rows (nothing where the slice is empty).
+void linear_slice(const SqLinear& l, const float* x, int m, int ldx, int tid, int nt, ThreadScratch& t, float* y) {
+  int n0, n1;
+  slice(l.n, tid, nt, n0, n1);
+  if (n0 >= n1) return;
+  quantize_input(l, x, m, ldx, t);
+  linear_rows(l, x, m, ldx, n0, n1, t, y);
+}
+
+bool region_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("SLIMQUANT_STACK_REGION");
+    return !(v && std::strcmp(v, "0") == 0);
+  }();
+  return on;
+}
+
+// sq_decoder_stack in one parallel region (see the header); the same arguments.
+void decoder_stack_region(const SqDecoderLayer* const* layers, float* const* k_caches, float* const* v_caches,
+                          int num_layers, int b, const float* x, float* residual, float* out, const float* cos,
+                          const float* sin, const int64_t* slots, const int32_t* block_tables, int max_blocks,
+                          const int32_t* context_lens, int block_size) {
+  int max_qkv = 0, max_attn = 0, max_inter = 0, max_d = 0;
+  for (int l = 0; l < num_layers; ++l) {
+    const SqDecoderLayer& L = *layers[l];
+    max_qkv = std::max(max_qkv, L.qkv.n);
+    max_attn = std::max(max_attn, L.num_heads * L.head_dim);
+    max_inter = std::max(max_inter, L.inter);
+    max_d = std::max(max_d, L.head_dim);
+  }
+  const int h = layers[0]->hidden;
+  thread_local std::vector<float> qkv_buf, attn_buf, o_buf, gu_buf, act_buf;  // shared by the team
+  float* qkv = scratch(qkv_buf, (size_t)b * max_qkv);
+  float* attn = scratch(attn_buf, (size_t)b * max_attn);
+  float* o = scratch(o_buf, (size_t)b * h);
+  float* gate_up = scratch(gu_buf, (size_t)b * 2 * max_inter);
+  float* act = scratch(act_buf, (size_t)b * max_inter);
+#pragma omp parallel
+  {
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    thread_local ThreadScratch t;
+    float* res = scratch(t.residual, (size_t)b * h);
+    float* normed = scratch(t.normed, (size_t)b * h);
+    float* head = scratch(t.head, max_d);
+    scratch(t.scales, b);
+    for (int l = 0; l < num_layers; ++l) {
+      const SqDecoderLayer& L = *layers[l];
+      const int d = L.head_dim, nh = L.num_heads, kvh = L.num_kv_heads, inter = L.inter, ld_qkv = L.qkv.n;
+      const float* in = l == 0 ? x : out;
+      // every thread: s = x + residual into its own residual copy, the normed rows, their quantization
+      for (int i = 0; i < b; ++i)
+        sq::norm_row(in + (size_t)i * h, l == 0 ? nullptr : res + (size_t)i * h, h, L.in_norm_w, L.in_norm_b,
+                     L.eps, res + (size_t)i * h, normed + (size_t)i * h);
+      linear_slice(L.qkv, normed, b, h, tid, nt, t, qkv);
+#pragma omp barrier
+      // the new token's k (normed per head: Qwen3; rotated) and v into the cache; then attention per head
+      float* k_heads = qkv + (size_t)nh * d;
+      const float* v_heads = k_heads + (size_t)kvh * d;
+#pragma omp for schedule(static)
+      for (int it = 0; it < b * kvh; ++it) {
+        const int bi = it / kvh, g = it % kvh;
+        if (L.k_norm_w) {
+          float* kh = k_heads + (size_t)bi * ld_qkv + (size_t)g * d;
+          sq::norm_row(kh, nullptr, d, L.k_norm_w, L.k_norm_b, L.eps, head, kh);
+        }
+        sq::kv_store(k_heads, ld_qkv, v_heads, ld_qkv, cos, sin, k_caches[l], v_caches[l], slots, kvh, d, bi, g);
+      }
+#pragma omp for schedule(dynamic, 1)
+      for (int it = 0; it < b * nh; ++it) {
+        const int bi = it / nh, hd = it % nh;
+        if (L.q_norm_w) {
+          float* qh = qkv + (size_t)bi * ld_qkv + (size_t)hd * d;
+          sq::norm_row(qh, nullptr, d, L.q_norm_w, L.q_norm_b, L.eps, head, qh);
+        }
+        sq::attend_head(qkv, ld_qkv, cos, sin, k_caches[l], v_caches[l], block_tables, max_blocks, context_lens,
+                        block_size, nh, kvh, d, L.attn_scale, bi, hd, attn);
+      }
+      linear_slice(L.o, attn, b, nh * d, tid, nt, t, o);
+#pragma omp barrier
+      for (int i = 0; i < b; ++i)
+        sq::norm_row(o + (size_t)i * h, res + (size_t)i * h, h, L.post_norm_w, L.post_norm_b, L.eps,
+                     res + (size_t)i * h, normed + (size_t)i * h);
+      // this thread's gate rows [n0, n1) and the matching up rows, then silu(gate) * up of those columns
+      int n0, n1;
+      slice(inter, tid, nt, n0, n1);
+      if (n0 < n1) {
+        quantize_input(L.gate_up, normed, b, h, t);
+        linear_rows(L.gate_up, normed, b, h, n0, n1, t, gate_up);
+        linear_rows(L.gate_up, normed, b, h, inter + n0, inter + n1, t, gate_up);
+        for (int i = 0; i < b; ++i) {
+          const float* g = gate_up + (size_t)i * 2 * inter;
+          sq::silu_and_mul_range(g, g + inter, n0, n1, act + (size_t)i * inter);
+        }
+      }
+#pragma omp barrier
+      linear_slice(L.down, act, b, inter, tid, nt, t, out);
+#pragma omp barrier
+    }
+    if (tid == 0) std::copy(res, res + (size_t)b * h, residual);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
 // Every layer of a decoder stack in one call: x [B, H] (the embeddings) in, out [B, H] (the last layer's MLP
 // output) and residual [B, H] written; k_caches / v_caches: one pair per layer. sq_decoder_layer reads its x
 // before it writes its out, so the stack runs in place in out.
@@ -123,6 +281,9 @@ void sq_decoder_stack(const SqDecoderLayer* const* layers, float* const* k_cache
                       int num_layers, int batch, const float* x, float* residual, float* out, const float* cos,
                       const float* sin, const int64_t* slots, const int32_t* block_tables, int max_blocks,
                       const int32_t* context_lens, int block_size) {
+  if (num_layers > 0 && batch <= kRegionMaxBatch && region_enabled())
+    return decoder_stack_region(layers, k_caches, v_caches, num_layers, batch, x, residual, out, cos, sin, slots,
+                                block_tables, max_blocks, context_lens, block_size);
   for (int l = 0; l < num_layers; ++l)
     sq_decoder_layer(layers[l], batch, l == 0 ? x : out, residual, l == 0, out, cos, sin, k_caches[l], v_caches[l],
                      slots, block_tables, max_blocks, context_lens, block_size);

@@ -6,24 +6,31 @@
 #include <cstdint>
 #include <vector>
 
-namespace {
+#include "cpu_kernels.h"
 
-// One row: s = x (+ r); y = weight * (s * inv_rms(s)) (+ bias). y may be x (in place); s is its own.
-inline void norm_row(const float* x, const float* r, int h, const float* weight, const float* bias, float eps,
-                     float* s, float* y) {
-  double sq = 0.0;  // a double sum of fp32 squares: closer to the exact mean than any fp32 order
+namespace sq {
+
+void norm_row(const float* x, const float* r, int h, const float* weight, const float* bias, float eps, float* s,
+              float* y) {
+  double sum_sq = 0.0;  // a double sum of fp32 squares: closer to the exact mean than any fp32 order
   for (int j = 0; j < h; ++j) {
     s[j] = r ? x[j] + r[j] : x[j];
-    sq += (double)s[j] * s[j];
+    sum_sq += (double)s[j] * s[j];
   }
-  const float inv = 1.0f / std::sqrt((float)(sq / h) + eps);
+  const float inv = 1.0f / std::sqrt((float)(sum_sq / h) + eps);
   for (int j = 0; j < h; ++j) {
     const float v = weight[j] * (s[j] * inv);
     y[j] = bias ? v + bias[j] : v;
   }
 }
 
-}  // namespace
+void silu_and_mul_range(const float* g, const float* u, int j0, int j1, float* y) {
+  for (int j = j0; j < j1; ++j) y[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+}
+
+}  // namespace sq
+
+using sq::norm_row;
 
 extern "C" {
 
@@ -59,9 +66,7 @@ void sq_silu_and_mul(const float* x, int t, int inter, int ldx, float* y) {
 #pragma omp parallel for schedule(static) if ((int64_t)t * inter > 65536)
   for (int i = 0; i < t; ++i) {
     const float* g = x + (int64_t)i * ldx;
-    const float* u = g + inter;
-    float* yi = y + (int64_t)i * inter;
-    for (int j = 0; j < inter; ++j) yi[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+    sq::silu_and_mul_range(g, g + inter, 0, inter, y + (int64_t)i * inter);
   }
 }
 

@@ -1,0 +1,65 @@
+// The serial building blocks the per-op entry points (int8_cpu.cpp, norm_cpu.cpp, attention_cpu.cpp) run
+// inside their own OpenMP loops, shared with the decoder stack (layer_cpu.cpp), which calls them on a slice
+// of rows from inside one parallel region. None of them opens a parallel region. The same function on the
+// same values gives the same bits, whichever path calls it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace sq {
+
+// Quantized activations: the int8 values and the form the GEMM multiplies (|x| for AVX2, x + 128 for VNNI).
+struct QuantizedX {
+  std::vector<int8_t> q;   // [M, Kp] x_q
+  std::vector<uint8_t> a;  // [M, Kp] |x_q| (AVX2) or x_q + 128 (VNNI); zero in the padding
+  int kp = 0;
+  const uint8_t* row(int i) const { return &a[(size_t)i * kp]; }
+
+  // Room for m rows of kp (grown, never shrunk: a reused scratch), the padding [k, kp) of each row zeroed.
+  void reset(int m, int k, int kp_) {
+    kp = kp_;
+    if (q.size() < (size_t)m * kp) q.resize((size_t)m * kp), a.resize((size_t)m * kp);
+    for (int i = 0; i < m && k < kp; ++i) {
+      std::memset(&q[(size_t)i * kp + k], 0, kp - k);
+      std::memset(&a[(size_t)i * kp + k], 0, kp - k);
+    }
+  }
+};
+
+// ---- int8_cpu.cpp ----
+
+// Rows 0..m-1 of x (stride ldx, k values each) quantized into out (kp set): per token, scales[i] written.
+void quantize_dynamic_rows(const float* x, int m, int k, int ldx, QuantizedX& out, float* scales);
+// Static per-tensor quantization of rows 0..m-1: q = clamp(round(x * inv + off)).
+void quantize_static_rows(const float* x, int m, int k, int ldx, float inv, float off, QuantizedX& out);
+// Output columns [n0, n1) of y [M, N] = dynamic / static linear of the quantized x, every token.
+void dynamic_linear_rows(const int8_t* w, const QuantizedX& x, int m, int n, int n0, int n1, const float* scales,
+                         const float* w_scale, const float* bias, float* y);
+void static_linear_rows(const int8_t* w, const QuantizedX& x, int m, int n, int n0, int n1,
+                        const int32_t* quant_bias, const float* deq, float* y);
+// Output columns [n0, n1) of y [M, N] = x [M, K] (stride ldx) @ w bf16 [N, K]^T (+ bias).
+void bf16_linear_rows(const float* x, int m, int k, int ldx, const uint16_t* w, int n, int n0, int n1,
+                      const float* bias, float* y);
+
+// ---- norm_cpu.cpp ----
+
+// One row: s = x (+ r); y = weight * (s * inv_rms(s)) (+ bias). y may be x, s may be r (in place).
+void norm_row(const float* x, const float* r, int h, const float* weight, const float* bias, float eps, float* s,
+              float* y);
+// y[j] = silu(g[j]) * u[j] for j in [j0, j1).
+void silu_and_mul_range(const float* g, const float* u, int j0, int j1, float* y);
+
+// ---- attention_cpu.cpp ----
+
+// Token b's k (rotated) and v of kv head h into the caches at slots[b] (nothing where slots[b] < 0).
+void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos, const float* sin, float* k_cache,
+              float* v_cache, const int64_t* slots, int num_kv_heads, int head_dim, int b, int h);
+// out [B, NH, D] for token b, head h: softmax(rope(q) . K * scale) V over the token's cached context.
+void attend_head(const float* q, int ldq, const float* cos, const float* sin, const float* k_cache,
+                 const float* v_cache, const int32_t* block_tables, int max_blocks, const int32_t* context_lens,
+                 int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int b, int h, float* out);
+
+}  // namespace sq
