@@ -4,8 +4,9 @@ torch._int_mm), dequantize (Triton).
 The pure-torch path spends about fifteen kernels per linear on the same math; a small model's decode step is
 bound by kernel count, not bytes, even as a CUDA graph. Each kernel here computes FORMAT.md's numbers in the
 pure-torch path's order and precision (IEEE division, round half to even, the model dtype's rounding where the
-activations are quantized in it), so the results equal that path's. Needs Triton (bundled with CUDA builds of
-torch); `TRITON_INTERPRET=1` runs the kernels on CPU tensors for tests.
+activations are quantized in it, no FMA contraction), so the int8 values equal that path's and so, op for op,
+should the floats (tests/cuda checks the int8 values exactly and the floats to 2 ulps). Needs Triton (bundled
+with CUDA builds of torch); `TRITON_INTERPRET=1` runs the kernels on CPU tensors for tests.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ _TINY = 1e-8  # as quant.primitives: a row of zeros quantizes to zeros
 _MIN_ROWS = 24  # torch._int_mm on CUDA needs more than 16 rows (a multiple of 8 keeps cuBLASLt aligned)
 _BLOCK_K = 1024
 _BLOCK_N = 128
+_EXACT = {"enable_fp_fusion": False}  # no FMA contraction: each multiply and add rounds, as torch's separate ops
 
 
 @triton.jit
@@ -117,25 +119,37 @@ def _matmul_dequantize(q, w_q, t, out_dtype, row_scale, col_scale, add, static: 
     dummy = col_scale if add is None else add
     _dequantize[(t, triton.cdiv(n, _BLOCK_N))](
         acc, y, n, col_scale if row_scale is None else row_scale, col_scale, dummy,
-        STATIC=static, HAS_ADD=add is not None, BLOCK_N=_BLOCK_N,
+        STATIC=static, HAS_ADD=add is not None, BLOCK_N=_BLOCK_N, **_EXACT,
     )  # fmt: skip
     return y
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] float -> (int8 [R, K] whose first T rows hold the quantized x, scales fp32 [T])."""
+    x = _rows(x)
+    t, k = x.shape
+    q, scale = _q_buffer(t, k, x.device), torch.empty(t, dtype=torch.float32, device=x.device)
+    _quantize_per_token[(t,)](x, x.stride(0), q, scale, K=k, BLOCK=_block(k), **_EXACT)
+    return q, scale
+
+
+def quantize_static(x: torch.Tensor, inv_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """x [T, K] float, inv_scale / offset [1] in x's dtype -> int8 [R, K] whose first T rows hold the quantized x."""
+    x = _rows(x)
+    t, k = x.shape
+    q = _q_buffer(t, k, x.device)
+    _quantize_static[(t,)](x, x.stride(0), inv_scale, offset, q, K=k, BLOCK=_block(k), **_EXACT)
+    return q
 
 
 def dynamic_linear(x, w_q, w_scale, bias, out_dtype: torch.dtype) -> torch.Tensor:
     """W8A8_DYNAMIC: x [T, K] float, w_q int8 [N, K] (K, N multiples of 8), w_scale fp32 [N], bias [N] or None
     -> y [T, N] in out_dtype."""
-    x = _rows(x)
-    t, k = x.shape
-    q, scale = _q_buffer(t, k, x.device), torch.empty(t, dtype=torch.float32, device=x.device)
-    _quantize_per_token[(t,)](x, x.stride(0), q, scale, K=k, BLOCK=_block(k))
-    return _matmul_dequantize(q, w_q, t, out_dtype, scale, w_scale, bias, static=False)
+    q, scale = quantize_per_token(x)
+    return _matmul_dequantize(q, w_q, x.shape[0], out_dtype, scale, w_scale, bias, static=False)
 
 
 def static_linear(x, w_q, inv_scale, offset, quant_bias, deq_scale, out_dtype: torch.dtype) -> torch.Tensor:
     """W8A8: x [T, K] quantized with inv_scale / offset [1] in x's dtype; y [T, N] = (acc + quant_bias) * deq."""
-    x = _rows(x)
-    t, k = x.shape
-    q = _q_buffer(t, k, x.device)
-    _quantize_static[(t,)](x, x.stride(0), inv_scale, offset, q, K=k, BLOCK=_block(k))
-    return _matmul_dequantize(q, w_q, t, out_dtype, None, deq_scale, quant_bias, static=True)
+    q = quantize_static(x, inv_scale, offset)
+    return _matmul_dequantize(q, w_q, x.shape[0], out_dtype, None, deq_scale, quant_bias, static=True)
