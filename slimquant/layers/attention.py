@@ -73,9 +73,12 @@ class Attention(KVCacheLayer):
             return out.reshape(q.shape[0], -1)  # [B, 1, H, D] -> [T, H * D]
         outs, start = [], 0
         for i, q_len in enumerate(ctx.query_lens):  # prefill chunks: one sequence at a time
-            q_i = q[None, start : start + q_len]  # [1, Q, H, D]
-            tables = ctx.block_tables[i : i + 1]
-            outs.append(paged_attention(q_i, k_cache, v_cache, tables, ctx.context_lens[i : i + 1], self.scale))
+            span = slice(start, start + q_len)
+            if ctx.context_lens[i] == q_len:  # nothing cached before this chunk: attend to its own k / v
+                outs.append(causal_attention(q[None, span], k[None, span], v[None, span], self.scale))
+            else:
+                tables, lens = ctx.block_tables[i : i + 1], ctx.context_lens[i : i + 1]
+                outs.append(paged_attention(q[None, span], k_cache, v_cache, tables, lens, self.scale))
             start += q_len
         return torch.cat(outs, dim=1).reshape(q.shape[0], -1)
 
@@ -124,6 +127,14 @@ def paged_attention(
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scale, enable_gqa=True
     )  # [B, H, Q, D]
+    return out.transpose(1, 2)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal self-attention of one chunk: q [1, Q, H, D], k / v [1, Q, KVH, D] -> [1, Q, H, D]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=True
+    )  # [1, H, Q, D]
     return out.transpose(1, 2)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.layers.attention import paged_attention, store_kv
+from slimquant.layers.attention import causal_attention, paged_attention, store_kv
 
 
 def test_store_kv_skips_padding_slots():
@@ -40,3 +40,22 @@ def test_paged_attention_equals_dense_reference():
             one = paged_attention(q[i : i + 1], k_cache, v_cache, tables[i : i + 1], [n], d**-0.5)[0]
             expected = dense_attention(q[i], k, v, d**-0.5)
             assert torch.allclose(one, expected, atol=1e-5) and torch.allclose(out[i], expected, atol=1e-5)
+
+
+def test_causal_attention_of_a_fresh_chunk_equals_dense_reference():
+    """A first prefill chunk attends to its own k / v (no gather from the cache)."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(13, 6, 8), torch.randn(13, 2, 8), torch.randn(13, 2, 8)  # [Q, H | KVH, D]
+    out = causal_attention(q[None], k[None], v[None], 8**-0.5)[0]
+    torch.testing.assert_close(out, dense_attention(q, k, v, 8**-0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_with_device_lengths_masks_the_rest_of_the_table():
+    """CUDA-graph steps pass lengths as a tensor: attention spans the whole table, masked past each length."""
+    torch.manual_seed(2)
+    k_cache, v_cache = torch.randn(2, 12, 4, 2, 8).unbind(0)
+    tables = torch.tensor([[7, 2, 9, 1], [3, 11, 0, 5]], dtype=torch.int32)
+    q = torch.randn(2, 1, 4, 8)
+    by_list = paged_attention(q, k_cache, v_cache, tables, [10, 15], 8**-0.5)
+    by_tensor = paged_attention(q, k_cache, v_cache, tables, torch.tensor([10, 15], dtype=torch.int32), 8**-0.5)
+    torch.testing.assert_close(by_tensor, by_list, rtol=1e-6, atol=1e-6)
