@@ -76,14 +76,14 @@ class CudaGraphDecoder:
         """hidden [B, H] of a decode step by graph replay, or None where no graph fits (run it eagerly)."""
         b, width = len(ctx.query_lens), ctx.block_tables.shape[1]
         size = next((s for s in self.sizes if s >= b), None)
-        w = next((w for w in self.widths if w >= width), None)
-        if not ctx.is_decode or size is None or w is None:
+        cols = next((c for c in self.widths if c >= width), None)
+        if not ctx.is_decode or size is None or cols is None:
             return None
         self._fill(input_ids, positions, ctx, size)
-        key = (size, w)
+        key = (size, cols)
         if key not in self.graphs:
             try:
-                self.graphs[key] = self.capture(size, w)
+                self.graphs[key] = self.capture(size, cols)
             except RuntimeError as e:  # keep serving: eager steps are slower, not wrong
                 logger.warning("CUDA graph capture failed, decoding eagerly from now on: %s", e)
                 self.sizes = []
