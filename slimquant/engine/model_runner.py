@@ -14,7 +14,14 @@ from slimquant.engine.scheduler import ScheduledBatch
 from slimquant.engine.sequence import Sequence
 from slimquant.layers.attention import KVCacheLayer
 from slimquant.layers.context import ForwardContext, forward_context
-from slimquant.layers.sampler import Sampler, SamplerOutput, SamplingBatch, TopLogprobs, top_logprobs
+from slimquant.layers.sampler import (
+    SAMPLING_EPS,
+    Sampler,
+    SamplerOutput,
+    SamplingBatch,
+    TopLogprobs,
+    top_logprobs,
+)
 from slimquant.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -123,12 +130,21 @@ class ModelRunner:
             with forward_context(inputs.context):
                 hidden = self.model(inputs.input_ids, inputs.positions)  # [T, H]
         rows = inputs.rows
-        index = torch.tensor(rows.indices(), dtype=torch.long, device=hidden.device)
-        logits = self.model.compute_logits(hidden[index]) if len(index) else None  # [S + P, V] float32
+        logits = self._logits(hidden, rows.indices())  # [S + P, V] float32, or None
         sampled = None
-        if rows.sample_seqs:
+        if rows.sample_seqs and all(plain_greedy(s) for s in rows.sample_seqs):
+            sampled = Sampler.argmax(logits[: len(rows.sample_rows)])
+        elif rows.sample_seqs:
             sampled = self.sampler(logits[: len(rows.sample_rows)], self.sampling_batch(rows.sample_seqs))
         return StepResult(rows.sample_seqs, sampled, self._prompt_logprobs(rows, logits))
+
+    def _logits(self, hidden: torch.Tensor, indices: list[int]) -> torch.Tensor | None:
+        """Logits of the hidden rows at indices (a plain slice when they are 0 .. n-1, as in decode)."""
+        if not indices:
+            return None
+        if indices == list(range(len(indices))):
+            return self.model.compute_logits(hidden[: len(indices)])
+        return self.model.compute_logits(hidden[torch.tensor(indices, dtype=torch.long, device=hidden.device)])
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Pack the scheduled tokens of all sequences along one axis and describe them in a ForwardContext."""
@@ -193,6 +209,19 @@ class ModelRunner:
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
+
+
+def plain_greedy(seq: Sequence) -> bool:
+    """Greedy with nothing to apply or report (no logprobs, penalties, biases, allowed or banned tokens): argmax."""
+    p = seq.params
+    return (
+        p.temperature < SAMPLING_EPS
+        and p.logprobs is None
+        and not penalized(p)
+        and not p.logit_bias
+        and p.allowed_token_ids is None
+        and seq.num_output_tokens >= p.min_tokens
+    )
 
 
 def penalized(params: SamplingParams) -> bool:

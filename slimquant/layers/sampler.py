@@ -57,6 +57,12 @@ class Sampler:
         chosen = raw.gather(1, tokens[:, None])[:, 0]
         return SamplerOutput(tokens.tolist(), chosen.tolist(), top_logprobs(raw, tokens, batch.num_logprobs))
 
+    @staticmethod
+    def argmax(logits: torch.Tensor) -> SamplerOutput:
+        """Greedy rows with no logprobs asked for: logits [N, V] -> the argmax; logprobs are not computed (0.0)."""
+        tokens = logits.argmax(dim=-1).tolist()
+        return SamplerOutput(tokens, [0.0] * len(tokens), [None] * len(tokens))
+
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logits: [N, V] processed -> [N] int64 tokens (argmax for greedy rows)."""
         greedy = batch.temperature < SAMPLING_EPS  # [N]

@@ -109,3 +109,28 @@ def test_logprobs_ranks_and_top_k():
     [entries] = top_logprobs(lp, torch.tensor([0]), [2])
     assert [(t, r) for t, _, r in entries] == [(0, 1), (2, 2)]
     assert top_logprobs(lp, torch.tensor([0]), [None]) == [None]
+
+
+def test_plain_greedy_rows_take_the_argmax_shortcut_only_when_nothing_else_applies():
+    from types import SimpleNamespace
+
+    from slimquant.engine.model_runner import plain_greedy
+    from slimquant.sampling_params import SamplingParams
+
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(0))
+    full = Sampler(torch.Generator())(logits, batch(3, temperature=[0.0] * 3))
+    assert Sampler.argmax(logits).token_ids == full.token_ids
+
+    def seq(**params) -> SimpleNamespace:  # what plain_greedy reads of a Sequence
+        return SimpleNamespace(params=SamplingParams(**params), num_output_tokens=0)
+
+    assert plain_greedy(seq(temperature=0))
+    for params in (
+        dict(temperature=0.5),
+        dict(temperature=0, logprobs=0),
+        dict(temperature=0, repetition_penalty=1.2),
+        dict(temperature=0, logit_bias={3: 1.0}),
+        dict(temperature=0, allowed_token_ids=[3]),
+        dict(temperature=0, min_tokens=2),  # EOS is banned until 2 tokens are out
+    ):
+        assert not plain_greedy(seq(**params)), params
