@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-_TINY = 1e-8  # as quant.primitives: a row of zeros quantizes to zeros
-_MIN_ROWS = 24  # torch._int_mm on CUDA needs more than 16 rows (a multiple of 8 keeps cuBLASLt aligned)
+from slimquant.kernels.int8_ops import cuda_gemm_rows
+
 _BLOCK_K = 1024
 _BLOCK_N = 128
 _EXACT = {"enable_fp_fusion": False}  # no FMA contraction: each multiply and add rounds, as torch's separate ops
@@ -54,7 +54,7 @@ def _quantize_per_token(x_ptr, stride_x, q_ptr, scale_ptr, K: tl.constexpr, BLOC
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), 1e-8)
+    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), 1e-8)  # quant.primitives' smallest scale
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
@@ -109,7 +109,7 @@ def _block(k: int) -> int:
 
 def _q_buffer(t: int, k: int, device: torch.device) -> torch.Tensor:
     """int8 [R, K] with R >= _int_mm's minimum; rows past T are left as they are (their products are dropped)."""
-    return torch.empty(max((t + 7) // 8 * 8, _MIN_ROWS), k, dtype=torch.int8, device=device)
+    return torch.empty(cuda_gemm_rows(t), k, dtype=torch.int8, device=device)
 
 
 def _matmul_dequantize(q, w_q, t, out_dtype, row_scale, col_scale, add, static: bool) -> torch.Tensor:

@@ -172,9 +172,14 @@ def _cuda_int8_mm(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     t, k = x_q.shape
     if k % 8 or w_q.shape[0] % 8:
         return _exact_float_mm(x_q, w_q.float().t())
-    rows = max(_round_up(t, 8), _CUDA_MIN_ROWS)
+    rows = cuda_gemm_rows(t)
     x_pad = torch.nn.functional.pad(x_q, (0, 0, 0, rows - t)) if rows != t else x_q.contiguous()  # [rows, K]
     return torch._int_mm(x_pad, w_q.t())[:t]  # [T, N]
+
+
+def cuda_gemm_rows(t: int) -> int:
+    """Rows to give torch._int_mm on CUDA for t tokens."""
+    return max(_round_up(t, 8), _CUDA_MIN_ROWS)
 
 
 def _exact_float_mm(x_q: torch.Tensor, w_kn: torch.Tensor) -> torch.Tensor:
