@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slimquant import quantize, zoo  # noqa: E402
+from slimquant.devices import check_device  # noqa: E402
 from slimquant.entrypoints.commands import bench  # noqa: E402
 from slimquant.random_models import make_tiny_model  # noqa: E402
 
@@ -88,7 +89,7 @@ def main() -> None:
     p.add_argument("--random", action="store_true", help="SmolLM2-135M's shape with random weights (no model files)")
     args = p.parse_args()
     args.gguf = None  # the llama.cpp row: made for SmolLM2 only
-    bench.check_device(args.device)
+    check_device(args.device)
     print(bench.machine_line(args.device))
     quick = dict(num_samples=4, seq_len=64, alpha=0.5, rounding="nearest")  # random weights: calibration is moot
     if not args.only_large:

@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from slimquant.devices import check_device
+
 logger = logging.getLogger(__name__)
 
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32")
@@ -77,7 +79,7 @@ class EngineConfig:
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
         _check(isinstance(self.seed, int), "seed", self.seed, "an int")
-        _check(self.device.split(":")[0] in ("cpu", "cuda"), "device", self.device, "'cpu' or 'cuda'")
+        check_device(self.device)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:

@@ -16,6 +16,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from slimquant.devices import check_device
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
 from slimquant.quant.decoder import LayerRunner
 from slimquant.quant.gptq import parse_rounding
@@ -69,7 +70,7 @@ def quantize(
     src, dst = Path(src), Path(dst)
     qtype = parse_quant_type(quant_type)
     mix_pairs, keep = parse_mix(mix), [keep_float] if isinstance(keep_float, str) else list(keep_float)
-    shard_bytes, device = parse_size(shard_size), _check_device(device)
+    shard_bytes, device = parse_size(shard_size), check_device(device)
     alpha = check_alpha(alpha)
     rounding = parse_rounding(rounding)
     if batch_size < 1:
@@ -134,14 +135,6 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
 def _default_method(spec: ArchSpec, plan: dict[str, str]) -> str:
     """Default smoothing: the architecture's static_method if some linear is static W8A8, else its dynamic_method."""
     return spec.static_method if "W8A8" in plan.values() else spec.dynamic_method
-
-
-def _check_device(device: str) -> str:
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; choose cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but torch sees no CUDA GPU; use --device cpu")
-    return device
 
 
 @contextmanager

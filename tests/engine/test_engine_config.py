@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 
 from slimquant.config import EngineConfig
 
@@ -116,3 +117,18 @@ def test_missing_tokenizer_is_a_value_error(llama_path, tmp_path):
 
     with pytest.raises(ValueError, match="cannot load a tokenizer"):
         LLM(str(llama_path), tokenizer=str(tmp_path), max_model_len=64)
+
+
+@pytest.mark.parametrize(
+    "device,match",
+    [("tpu", "device must be 'cpu', 'cuda' or 'cuda:N'"), ("cuda:x", "device must be"), ("cpu:0", "device must be")],
+)
+def test_bad_devices_are_a_value_error(device, match):
+    with pytest.raises(ValueError, match=match):
+        EngineConfig(model="m", device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no GPU is seen")
+def test_cuda_without_a_gpu_says_what_to_do():
+    with pytest.raises(ValueError, match="torch sees no CUDA GPU.*use device 'cpu'"):
+        EngineConfig(model="m", device="cuda")

@@ -86,7 +86,7 @@ def test_empty_calibration(src, tmp_path, content):
         ({"keep_float": ["*.q_proj"]}, "fused linears must share one quant type.*q_proj=FLOAT, k_proj=W8A8"),
         ({"shard_size": "lots"}, "cannot read size 'lots'"),
         ({"anti_outlier": "awq"}, "unknown anti-outlier method 'awq'"),
-        ({"device": "tpu"}, "unknown device 'tpu'"),
+        ({"device": "tpu"}, "device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
         ({"alpha": 1.5}, "--alpha must be in \\[0, 1\\]"),
         ({"batch_size": 0}, "batch size must be at least 1"),
         ({"num_samples": 0}, "need num_samples >= 1"),

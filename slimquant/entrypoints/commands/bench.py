@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from slimquant.devices import check_device
+
 COLUMNS = ("decode, 1 stream", "prefill", "decode, N streams")
 
 
@@ -67,14 +69,6 @@ def run(args: argparse.Namespace) -> int:
     print(machine_line(args.device))
     print_table(measure(paths, args, transformers=args.transformers), args)
     return 0
-
-
-def check_device(device: str) -> None:
-    """ValueError unless torch can run on device."""
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA GPU (a CPU-only torch build, or no driver)")
 
 
 def machine_line(device: str = "cpu") -> str:
