@@ -8,7 +8,7 @@ Runtime weight forms made by `pack_weight` from int8 [N, K]:
 - CPU without the native kernels (or a weight holding -128, which the AVX2 trick cannot take): an exact fp32
   [K, N] copy multiplied in K-chunks of at most 1024, so every partial sum is an integer below 2^24 that fp32
   holds exactly (torch._int_mm has no vectorised CPU kernel without VNNI/AMX: 25-1000x slower than fp32 BLAS);
-- CUDA: int8 [N, K] for torch._int_mm (cuBLASLt), rows padded to its minimum of 17.
+- CUDA: int8 [N, K] for torch._int_mm (cuBLASLt), activation rows padded past its minimum of 17 (cuda_gemm_rows).
 """
 
 from __future__ import annotations
