@@ -13,7 +13,10 @@ from slimquant.kernels.cpu import cpu_flags
 from slimquant.quant import primitives as P
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
-SHAPES = [(1, 1, 1), (1, 17, 5), (2, 31, 3), (3, 33, 17), (5, 1025, 7), (17, 64, 9), (65, 100, 13), (130, 40, 4)]
+SHAPES = [
+    (1, 1, 1), (1, 17, 5), (2, 31, 3), (3, 33, 17), (5, 1025, 7), (6, 64, 5), (8, 70, 11),  # decode: rows stream
+    (17, 64, 9), (65, 100, 13), (130, 40, 4),
+]  # fmt: skip
 
 
 def test_native_kernels_build_where_the_cpu_and_compiler_allow():

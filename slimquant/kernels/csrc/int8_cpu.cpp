@@ -30,6 +30,7 @@ namespace {
 
 constexpr int kTokTile = 64;  // tokens whose quantized rows stay in L2 while a row group streams past
 constexpr int kRowTile = 16;  // weight rows per parallel work item
+constexpr int kStreamTokens = 8;  // up to this many tokens, weight rows stream one at a time past all of them
 constexpr float kTinyScale = 1e-8f;
 
 using sq::QuantizedX;
@@ -183,9 +184,14 @@ void tile(const int8_t* w, const QuantizedX& x, const uint8_t* c128, int m0, int
           const Epi& epi) {
   const int kp = x.kp;
   if (m1 - m0 == 1) return gemv_rows(w, x.row(m0), kp, m0, n0, n1, epi);
-  if (m1 - m0 < 4) {  // decode: one weight row at a time (one sequential stream from memory, ~2x the
-    // bandwidth of 4 interleaved rows), the 128 * sum(w) term riding along as one more activation row
-    for (int n = n0; n < n1; ++n) emit_few<1>(w, x, c128, m0, m1 - m0, n, nullptr, epi);
+  if (m1 - m0 <= kStreamTokens) {  // decode batches: one weight row at a time (one sequential stream from
+    // memory, ~2x the bandwidth of 4 interleaved rows), the 128 * sum(w) term riding along as one more row
+    for (int n = n0; n < n1; ++n) {
+      int m = m0;
+      for (; m + 8 <= m1; m += 8) emit<1, 8>(w, x, c128, m, n, nullptr, epi);
+      for (; m + 4 <= m1; m += 4) emit<1, 4>(w, x, c128, m, n, nullptr, epi);
+      if (m < m1) emit_few<1>(w, x, c128, m, m1 - m, n, nullptr, epi);
+    }
     return;
   }
   int32_t comp[kRowTile + 16];  // 128 * sum(w[n]) for the rows of this group, computed once
