@@ -13,11 +13,17 @@ QMIN, QMAX = -128, 127
 _TINY = 1e-8  # smallest scale: a channel of zeros quantizes to zeros, never to NaN
 
 
+def _over_127(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 127, one IEEE division on every device (CUDA turns division by a Python scalar into a multiply by
+    its reciprocal, which can land an ulp away)."""
+    return amax / torch.full((), 127.0, dtype=amax.dtype, device=amax.device)
+
+
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: w [N, K] -> (w_q int8 [N, K], scale fp32 [N, 1])."""
     w = w.float()
     lo, hi = w.aminmax(dim=1, keepdim=True)  # [N, 1] each; no |w| copy of the weight
-    scale = (torch.maximum(-lo, hi) / 127.0).clamp(min=_TINY)  # [N, 1]
+    scale = _over_127(torch.maximum(-lo, hi)).clamp(min=_TINY)  # [N, 1]
     w_q = (w / scale).round_().clamp_(QMIN, QMAX).to(torch.int8)  # one fp32 temporary, not three
     return w_q, scale
 
@@ -48,7 +54,7 @@ def quantize_static(x: torch.Tensor, input_scale: torch.Tensor, input_offset: to
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric per-token int8: x [T, K] -> (x_q int8 [T, K], scale fp32 [T, 1])."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=_TINY)  # [T, 1]
+    scale = _over_127(xf.abs().amax(dim=-1, keepdim=True)).clamp(min=_TINY)  # [T, 1]
     x_q = torch.clamp(torch.round(xf / scale), QMIN, QMAX).to(torch.int8)
     return x_q, scale
 

@@ -69,6 +69,7 @@ def test_triton_linears_match_the_torch_path(t, k, n, dtype):
     q, scale = cuda_int8.quantize_per_token(x)
     x_q, s_t = P.quantize_per_token(x)
     assert torch.equal(q[:t], x_q) and torch.equal(scale, s_t[:, 0])
+    assert torch.equal(s_t.cpu(), P.quantize_per_token(x.cpu())[1]), "the GPU's scales are the CPU's"
     torch_path = int8_ops._dynamic_linear(x, w_q, w_s, bias.float()).to(dtype)
     torch.testing.assert_close(K.dynamic_linear(x, w_q, w_s, bias, dtype), torch_path, **ulps)
 
