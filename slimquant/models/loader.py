@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,6 +45,7 @@ def load_model(
     """Load the model in folder `path`; ascend checkpoints are detected by their quant_model_description.json."""
     from transformers import AutoConfig
 
+    _check_folder(path)
     quantized = _use_ascend(path, quantization)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     torch_dtype = resolve_dtype(dtype, config, device, quantized)
@@ -55,6 +57,18 @@ def load_model(
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()
     return LoadedModel(model=model.eval(), hf_config=config, dtype=torch_dtype, quantized=quantized)
+
+
+def _check_folder(path: str) -> None:
+    """A model is a local folder with a config.json (nothing is fetched from a model hub)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(
+            f"model folder {path!r} not found: slimquant loads local folders only (download the model first, "
+            "e.g. `huggingface-cli download <repo> --local-dir <folder>`)"
+        )
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{path!r} has no config.json: pass the folder that holds the model's config and weights")
 
 
 def _use_ascend(path: str, quantization: str | None) -> bool:

@@ -30,6 +30,13 @@ def test_missing_tensors_are_listed(tiny_model, tmp_path):
     assert "model.layers.1.mlp.down_proj.weight" in str(e.value) and "model.norm.weight" in str(e.value)
 
 
+def test_missing_folder_or_config(tmp_path):
+    with pytest.raises(ValueError, match="not found: slimquant loads local folders only"):
+        load_model(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="has no config.json"):
+        load_model(str(tmp_path))
+
+
 def test_shards_with_different_quant_types(tiny_model, tmp_path):
     src = tiny_model("llama")
     dst = write_ascend(src, tmp_path / "q", lambda p: "W8A8_DYNAMIC" if p.endswith("k_proj") else "W8A8")
