@@ -18,13 +18,14 @@ from slimquant.kernels.int8_ops import (
     quantize_static,
     static_linear,
 )
-from slimquant.kernels.layer_ops import add_rms_norm, decode_attention, rms_norm_heads, silu_and_mul
+from slimquant.kernels.layer_ops import add_rms_norm, cuda_layer_ops, decode_attention, rms_norm_heads, silu_and_mul
 
 __all__ = [
     "DecoderLayerPlan",
     "DecoderStackPlan",
     "LinearForm",
     "add_rms_norm",
+    "cuda_layer_ops",
     "decode_attention",
     "decoder_layer",
     "decoder_layer_plan",

@@ -13,11 +13,10 @@ Runtime weight forms made by `pack_weight` from int8 [N, K]:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from slimquant.kernels import native, weight_memory
+from slimquant.kernels.triton_kernels import triton_module
 from slimquant.quant.primitives import QMAX, QMIN, int8_matmul_reference
 from slimquant.quant.primitives import quantize_per_token as _quantize_per_token_torch
 
@@ -128,14 +127,9 @@ def _on_triton(x: torch.Tensor, packed: torch.Tensor) -> bool:
     return x.device.type == "cuda" and on_grid and _cuda_int8() is not None
 
 
-@functools.cache
 def _cuda_int8():
     """kernels/cuda_int8.py, or None where Triton is missing (the pure-torch path runs)."""
-    try:
-        from slimquant.kernels import cuda_int8
-    except ImportError:
-        return None
-    return cuda_int8
+    return triton_module("cuda_int8")
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

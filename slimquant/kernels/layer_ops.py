@@ -1,15 +1,20 @@
-"""Native fused ops for a decoder layer's non-GEMM work: residual add + RMSNorm, SiLU-and-mul, decode attention.
+"""Fused ops for a decoder layer's non-GEMM work: residual add + RMSNorm, SiLU-and-mul, decode attention.
 
 A decode step of a small model is dominated by per-op overhead, not arithmetic: these replace a dozen torch
-ops each with one call. Each returns None where it does not apply (not CPU fp32, no native kernels), and the
-caller then runs its pure-torch definition.
+ops each with one call, native on CPU fp32, Triton on CUDA (kernels/cuda_layers.py). Each returns None where
+neither applies, and the caller then runs its pure-torch definition.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
 from slimquant.kernels import native
+from slimquant.kernels.triton_kernels import triton_module
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def fp32_cpu(*ts: torch.Tensor | None) -> bool:
@@ -17,10 +22,25 @@ def fp32_cpu(*ts: torch.Tensor | None) -> bool:
     return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in ts)
 
 
+def _is_cuda(t: torch.Tensor) -> bool:
+    return t.is_cuda  # tests patch this to run the Triton kernels on CPU tensors, in Triton's interpreter
+
+
+def cuda_layer_ops(*ts: torch.Tensor | None) -> ModuleType | None:
+    """kernels/cuda_layers.py where every tensor given (None skipped) is on CUDA in one float dtype with unit
+    column stride, and Triton is installed; else None."""
+    live = [t for t in ts if t is not None]
+    if not all(_is_cuda(t) and t.dtype == live[0].dtype and t.stride(-1) == 1 for t in live):
+        return None
+    return triton_module("cuda_layers") if live[0].dtype in _TRITON_DTYPES else None
+
+
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(norm(x + residual) * weight (+ bias), x + residual) for x [T, H]; None where the native op does not apply."""
+    """(norm(x + residual) * weight (+ bias), x + residual) for x [T, H]; None where no fused op applies."""
+    if x.dim() == 2 and (cuda := cuda_layer_ops(x, residual, weight, bias)) is not None:
+        return cuda.add_rms_norm(x, residual, weight, bias, eps)
     if x.dim() != 2 or not native.available() or not fp32_cpu(x, residual, weight, bias):
         return None
     if x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
@@ -49,7 +69,9 @@ def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
-    """silu(gate) * up for x [T, 2I] = [gate | up] -> [T, I]; None where the native op does not apply."""
+    """silu(gate) * up for x [T, 2I] = [gate | up] -> [T, I]; None where no fused op applies."""
+    if x.dim() == 2 and (cuda := cuda_layer_ops(x)) is not None:
+        return cuda.silu_and_mul(x)
     if x.dim() != 2 or x.stride(-1) != 1 or not native.available() or not fp32_cpu(x):
         return None
     t, inter = x.shape[0], x.shape[1] // 2

@@ -64,9 +64,16 @@ class Attention(KVCacheLayer):
             out = kernels.decode_attention(q, k, v, rope, caches, ctx.slot_mapping, ctx.block_tables, lens, self.scale)
             if out is not None:
                 return out
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        store_kv(k_cache, v_cache, k, v, ctx.slot_mapping, check_slots=not ctx.graph_step)
+        if (cuda := kernels.cuda_layer_ops(q, k, v, k_cache, v_cache, *(rope or ()))) is not None:  # Triton kernels
+            q, k = cuda.rope_store(q, k, v, rope, k_cache, v_cache, ctx.slot_mapping)
+            if ctx.is_decode:
+                lens = ctx.lens_on_device  # [B] int32
+                out = cuda.paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, lens, self.scale)
+                return out.reshape(q.shape[0], -1)  # [B, NH, D] -> [T, NH * D]
+        else:
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            store_kv(k_cache, v_cache, k, v, ctx.slot_mapping, check_slots=not ctx.graph_step)
         if ctx.is_decode:  # one batched call, contexts padded to the longest
             lens = ctx.device_context_lens if ctx.graph_step else ctx.context_lens
             out = paged_attention(q[:, None], k_cache, v_cache, ctx.block_tables, lens, self.scale)

@@ -29,6 +29,14 @@ class ForwardContext:
         """context_lens as int32 [B] on the CPU (made once per step, for the native attention kernel)."""
         return torch.tensor(self.context_lens, dtype=torch.int32)
 
+    @functools.cached_property
+    def lens_on_device(self) -> torch.Tensor:
+        """context_lens as int32 [B] on the block tables' device: the graph's buffer in a CUDA-graph step, else
+        one copy per step, shared by every layer."""
+        if self.device_context_lens is not None:
+            return self.device_context_lens
+        return self.context_lens_tensor.to(self.block_tables.device)
+
     @property
     def graph_step(self) -> bool:
         """True in a CUDA-graph step (or its CPU stand-in in tests): shapes fixed, no host lengths to read."""

@@ -1,0 +1,188 @@
+"""A decoder layer's non-GEMM work on CUDA, one Triton kernel each: residual add + RMSNorm, SiLU-and-mul, rotary
++ KV-cache store, paged decode attention.
+
+A small model's decode step is bound by kernel count, even as a CUDA graph: the pure-torch forms of these take
+about thirty kernels per layer. Each kernel computes in fp32 and rounds where the torch form rounds (to the model
+dtype after each elementwise op), so the rotary and the store equal it exactly and the reductions (norm,
+softmax) differ only in summation order. The KV store masks padding slots (-1) on the device: no host sync.
+`TRITON_INTERPRET=1` runs the kernels on CPU tensors for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from slimquant.kernels.cuda_int8 import _EXACT, _round_to
+
+_BLOCK_COLS = 1024
+
+
+@triton.jit
+def _add_rms_norm(
+    x_ptr, stride_x, res_ptr, stride_r, w_ptr, b_ptr, y_ptr, sum_ptr, H, eps,
+    HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Row r: s = x + res (rounded to the dtype); y = w * (s * rsqrt(mean(s^2) + eps)) (+ b)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    dt = y_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        x = _round_to(x + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32), dt)
+        tl.store(sum_ptr + row * H + cols, x.to(dt), mask=mask)
+    inv_rms = tl.math.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, axis=0) / H + eps))
+    y = _round_to(tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * _round_to(x * inv_rms, dt), dt)
+    if HAS_BIAS:
+        y = _round_to(y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32), dt)
+    tl.store(y_ptr + row * H + cols, y.to(dt), mask=mask)
+
+
+@triton.jit
+def _silu_and_mul(x_ptr, stride_x, y_ptr, inter, BLOCK: tl.constexpr):
+    """Row r of x [T, 2I] = [gate | up]: y = silu(gate) * up, each op rounded to the dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    dt = y_ptr.dtype.element_ty
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    silu = _round_to(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), dt)
+    tl.store(y_ptr + row * inter + cols, _round_to(silu * up, dt).to(dt), mask=mask)
+
+
+@triton.jit
+def _rotate_half(x1, x2, c1, c2, s1, s2, dt: tl.constexpr):
+    """neox rotary of halves (x1, x2): (x1 c1 - x2 s1, x2 c2 + x1 s2), rounded as torch's x*cos + rot(x)*sin."""
+    y1 = _round_to(_round_to(x1 * c1, dt) + _round_to(-x2 * s1, dt), dt)
+    y2 = _round_to(_round_to(x2 * c2, dt) + _round_to(x1 * s2, dt), dt)
+    return y1, y2
+
+
+@triton.jit
+def _rope_store(
+    q_ptr, sq_t, sq_h, k_ptr, sk_t, sk_h, v_ptr, sv_t, sv_h, cos_ptr, sin_ptr, stride_c,
+    qo_ptr, ko_ptr, kc_ptr, vc_ptr, slot_ptr, NH, KVH,
+    D: tl.constexpr, HALF: tl.constexpr, ROPE: tl.constexpr,
+):  # fmt: skip
+    """Program (t, h): h < NH rotates q[t, h]; else kv head h - NH: rotates k, stores k and v at slot[t] (>= 0)."""
+    t, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    lo = tl.arange(0, HALF)
+    mask = lo < D // 2
+    hi = lo + D // 2
+    dt = qo_ptr.dtype.element_ty
+    if h < NH:
+        src, dst = q_ptr + t * sq_t + h * sq_h, qo_ptr + (t * NH + h) * D
+    else:
+        src, dst = k_ptr + t * sk_t + (h - NH) * sk_h, ko_ptr + (t * KVH + h - NH) * D
+    x1 = tl.load(src + lo, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + hi, mask=mask, other=0.0).to(tl.float32)
+    if ROPE:
+        c1 = tl.load(cos_ptr + t * stride_c + lo, mask=mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + t * stride_c + hi, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + t * stride_c + lo, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + t * stride_c + hi, mask=mask, other=0.0).to(tl.float32)
+        x1, x2 = _rotate_half(x1, x2, c1, c2, s1, s2, dt)
+    tl.store(dst + lo, x1.to(dt), mask=mask)
+    tl.store(dst + hi, x2.to(dt), mask=mask)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if (h >= NH) & (slot >= 0):
+        at = slot * (KVH * D) + (h - NH) * D
+        tl.store(kc_ptr + at + lo, x1.to(dt), mask=mask)
+        tl.store(kc_ptr + at + hi, x2.to(dt), mask=mask)
+        v = v_ptr + t * sv_t + (h - NH) * sv_h
+        tl.store(vc_ptr + at + lo, tl.load(v + lo, mask=mask, other=0.0), mask=mask)
+        tl.store(vc_ptr + at + hi, tl.load(v + hi, mask=mask, other=0.0), mask=mask)
+
+
+@triton.jit
+def _paged_decode_attention(
+    q_ptr, stride_qb, kc_ptr, vc_ptr, tables_ptr, stride_tb, W, lens_ptr, o_ptr, scale,
+    W_LOOP: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr,
+    D: tl.constexpr, D_BLOCK: tl.constexpr, BS: tl.constexpr, BS_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Program (b, kv head): the G query heads of that kv head over sequence b's cached tokens, online softmax."""
+    b, kv = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    gs, ds, ts = tl.arange(0, G_BLOCK), tl.arange(0, D_BLOCK), tl.arange(0, BS_BLOCK)
+    heads = kv * G + gs  # [G]
+    qd_mask = (gs < G)[:, None] & (ds < D)[None, :]  # [G, D]
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * D + ds[None, :], mask=qd_mask, other=0.0).to(tl.float32)
+    length = tl.load(lens_ptr + b)
+    m = tl.full([G_BLOCK], float("-inf"), tl.float32)  # running max [G]
+    denom = tl.zeros([G_BLOCK], tl.float32)  # [G]
+    acc = tl.zeros([G_BLOCK, D_BLOCK], tl.float32)  # [G, D]
+    for j in range(0, W_LOOP):  # a constexpr bound (Triton's interpreter takes no runtime one); W <= W_LOOP
+        if (j < W) & (j * BS < length):
+            block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)
+            valid = (ts < BS) & (j * BS + ts < length)  # [BS]
+            at = (block * BS + ts)[:, None] * (KVH * D) + kv * D + ds[None, :]  # [BS, D]
+            kd_mask = valid[:, None] & (ds < D)[None, :]
+            k = tl.load(kc_ptr + at, mask=kd_mask, other=0.0).to(tl.float32)  # [BS, D]
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G, BS]
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)  # [G]
+            p = tl.exp(s - m_new[:, None])  # [G, BS]
+            v = tl.load(vc_ptr + at, mask=kd_mask, other=0.0).to(tl.float32)  # [BS, D]
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            denom = denom * alpha + tl.sum(p, axis=1)
+            m = m_new
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]  # a zero-length row (padding) gives zeros
+    dt = o_ptr.dtype.element_ty
+    tl.store(o_ptr + b * stride_qb + heads[:, None] * D + ds[None, :], out.to(dt), mask=qd_mask)
+
+
+def add_rms_norm(x, residual, weight, bias, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual) * weight (+ bias), x + residual) for x [T, H] (unit column stride); x itself as the
+    second value when residual is None."""
+    t, h = x.shape
+    y = torch.empty(t, h, dtype=x.dtype, device=x.device)  # [T, H]
+    summed = torch.empty_like(y) if residual is not None else x
+    res = residual if residual is not None else x
+    _add_rms_norm[(t,)](
+        x, x.stride(0), res, res.stride(0), weight, weight if bias is None else bias, y, summed, h, eps,
+        HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(h), **_EXACT,
+    )  # fmt: skip
+    return y, summed
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x [T, 2I] = [gate | up] (unit column stride) -> [T, I]."""
+    t, inter = x.shape[0], x.shape[1] // 2
+    y = torch.empty(t, inter, dtype=x.dtype, device=x.device)  # [T, I]
+    block = min(triton.next_power_of_2(inter), _BLOCK_COLS)
+    _silu_and_mul[(t, triton.cdiv(inter, block))](x, x.stride(0), y, inter, BLOCK=block, **_EXACT)
+    return y
+
+
+def rope_store(q, k, v, rope, k_cache, v_cache, slots) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, NH, D] and k [T, KVH, D] (neox; rope = (cos, sin) [T, D] or None: no rotation), store k and v
+    into caches [NB, BS, KVH, D] at flat slots int64 [T] (-1: skipped) -> (q, k) rotated, contiguous."""
+    t, nh, d = q.shape
+    kvh = k.shape[1]
+    q_out = torch.empty(t, nh, d, dtype=q.dtype, device=q.device)  # [T, NH, D]
+    k_out = torch.empty(t, kvh, d, dtype=k.dtype, device=k.device)  # [T, KVH, D]
+    cos, sin = rope if rope is not None else (q_out, q_out)
+    _rope_store[(t, nh + kvh)](
+        q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), cos, sin,
+        cos.stride(0), q_out, k_out, k_cache, v_cache, slots, nh, kvh,
+        D=d, HALF=triton.next_power_of_2(d // 2), ROPE=rope is not None, **_EXACT,
+    )  # fmt: skip
+    return q_out, k_out
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
+    """One query token per sequence: q [B, NH, D] (contiguous) over caches [NB, BS, KVH, D] by block_tables int32
+    [B, W] and context_lens int32 [B] (device) -> [B, NH, D]."""
+    b, nh, d = q.shape
+    bs, kvh = k_cache.shape[1], k_cache.shape[2]
+    g, w = nh // kvh, block_tables.shape[1]
+    out = torch.empty_like(q)  # [B, NH, D]
+    pow2 = triton.next_power_of_2
+    _paged_decode_attention[(b, kvh)](
+        q, q.stride(0), k_cache, v_cache, block_tables, block_tables.stride(0), w, context_lens, out, scale,
+        W_LOOP=pow2(w), KVH=kvh, G=g, G_BLOCK=pow2(g), D=d, D_BLOCK=pow2(d), BS=bs, BS_BLOCK=pow2(bs), **_EXACT,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,120 @@
+"""The CUDA layer kernels (kernels/cuda_layers.py) against the layers' pure-torch forms, run by Triton's interpreter
+on the CPU (tests/cuda runs them compiled on a GPU). Rotary and the KV store are exact; norms, SiLU and attention
+reduce in another order, so they are compared to a few ulps."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimquant.layers.attention import paged_attention, store_kv
+from slimquant.layers.norm import RMSNorm
+from slimquant.layers.rotary import apply_rotary
+
+if torch.cuda.is_available():
+    pytest.skip("tests/cuda runs these kernels compiled", allow_module_level=True)
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: kernels run on CPU tensors
+pytest.importorskip("triton")
+from slimquant.kernels import cuda_layers  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _ulps(dtype: torch.dtype, n: int = 2) -> dict:
+    return dict(rtol=n * torch.finfo(dtype).eps, atol=n * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_add_rms_norm(dtype, with_residual, with_bias):
+    gen = torch.Generator().manual_seed(3)
+    t, h = 5, 96
+    norm = RMSNorm(h, 1e-5, dtype, bias=with_bias)
+    norm.weight.copy_(torch.rand(h, generator=gen) + 0.5)
+    if with_bias:
+        norm.bias.copy_(torch.randn(h, generator=gen) / 10)
+    wide = (torch.randn(t, 2 * h, generator=gen) * 2).to(dtype)
+    x = wide[:, :h]  # a strided view, as a split projection output
+    residual = torch.randn(t, h, generator=gen).to(dtype) if with_residual else None
+    y, summed = cuda_layers.add_rms_norm(x, residual, norm.weight, norm.bias, norm.eps)
+    expected_sum = x + residual if with_residual else x
+    assert torch.equal(summed, expected_sum)
+    torch.testing.assert_close(y, norm._norm(expected_sum), **_ulps(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [40, 1500])  # 1500: columns over one program's block
+def test_silu_and_mul(dtype, inter):
+    gen = torch.Generator().manual_seed(inter)
+    x = (torch.randn(3, 2 * inter, generator=gen) * 4).to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(cuda_layers.silu_and_mul(x), F.silu(gate) * up, **_ulps(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 48])
+@pytest.mark.parametrize("with_rope", [True, False])
+def test_rope_store_equals_rotary_then_store(dtype, d, with_rope):
+    gen = torch.Generator().manual_seed(d)
+    t, nh, kvh, nb, bs = 4, 6, 2, 5, 4
+    qkv = torch.randn(t, (nh + 2 * kvh) * d, generator=gen).to(dtype)
+    q, k, v = (part.view(t, -1, d) for part in qkv.split([nh * d, kvh * d, kvh * d], dim=-1))  # strided views
+    angles = torch.rand(t, d // 2, generator=gen) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    rope = (cos, sin) if with_rope else None
+    slots = torch.tensor([3, -1, 17, 8])  # -1: a padding token, not stored
+    caches = [torch.zeros(nb, bs, kvh, d, dtype=dtype) for _ in range(2)]
+    expected_caches = [c.clone() for c in caches]
+    q_rot, k_rot = cuda_layers.rope_store(q, k, v, rope, *caches, slots)
+    q_ref, k_ref = (apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)) if with_rope else (q, k)
+    store_kv(*expected_caches, k_ref, v, slots)
+    assert torch.equal(q_rot, q_ref) and torch.equal(k_rot, k_ref)
+    assert torch.equal(caches[0], expected_caches[0]) and torch.equal(caches[1], expected_caches[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nh,kvh,d,bs", [(9, 3, 64, 16), (4, 4, 48, 8), (8, 1, 32, 16)])
+def test_paged_decode_attention(dtype, nh, kvh, d, bs):
+    gen = torch.Generator().manual_seed(nh + d)
+    nb, lens = 12, [1, 37, 16, 0]  # 0: a padding row, all zeros
+    caches = [torch.randn(nb, bs, kvh, d, generator=gen).to(dtype) for _ in range(2)]
+    tables = torch.randperm(nb, generator=gen)[: 4 * 3].view(4, 3).to(torch.int32)  # [B, W]
+    q = torch.randn(4, nh, d, generator=gen).to(dtype)
+    scale = d**-0.5
+    out = cuda_layers.paged_decode_attention(q, *caches, tables, torch.tensor(lens, dtype=torch.int32), scale)
+    live = [i for i, n in enumerate(lens) if n]
+    ref = paged_attention(q[live][:, None], *caches, tables[live], [lens[i] for i in live], scale)[:, 0]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else _ulps(dtype, 4)
+    torch.testing.assert_close(out[live], ref, **tol)
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_model_on_triton_layers_matches_torch_path(tiny_model, monkeypatch, arch):
+    """A bf16 model's logits (a prefill chunk, then decode steps of two sequences) with the CUDA path's layer
+    kernels standing in for the torch ops, against the torch ops."""
+    from slimquant.kernels import layer_ops
+    from slimquant.models.loader import load_model
+    from tests.models.paged import PROMPT, PagedRunner, assert_close
+
+    model = load_model(str(tiny_model(arch)), dtype=torch.bfloat16).model
+
+    def logits() -> torch.Tensor:
+        runner = PagedRunner(model, torch.bfloat16)
+        steps = [runner.step({0: PROMPT[:7], 1: PROMPT[3:5]})]
+        steps += [runner.step({0: [t], 1: [t + 1]}) for t in PROMPT[7:]]
+        return torch.cat(steps).float()
+
+    expected = logits()
+    calls: dict[str, int] = {}
+    for name in ("add_rms_norm", "silu_and_mul", "rope_store", "paged_decode_attention"):
+        kernel = getattr(cuda_layers, name)
+        monkeypatch.setattr(cuda_layers, name, lambda *a, _k=kernel, _n=name: calls.update({_n: 1}) or _k(*a))
+    monkeypatch.setattr(layer_ops, "_is_cuda", lambda t: True)
+    got = logits()
+    assert set(calls) == {"add_rms_norm", "silu_and_mul", "rope_store", "paged_decode_attention"}
+    assert_close(got, expected, rel=2e-2)  # bf16: about one ulp of the largest logit (a 1.2x softmax scale: 10%)
