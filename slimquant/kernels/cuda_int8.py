@@ -11,6 +11,8 @@ with CUDA builds of torch); `TRITON_INTERPRET=1` runs the kernels on CPU tensors
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -20,6 +22,9 @@ from slimquant.kernels.int8_ops import cuda_gemm_rows
 _BLOCK_K = 1024
 _BLOCK_N = 128
 _EXACT = {"enable_fp_fusion": False}  # no FMA contraction: each multiply and add rounds, as torch's separate ops
+# One kernel per linear instead of three (quantize inside the GEMM's K loop, dequantize in its epilogue), the
+# same numbers. Opt-in until measured on a GPU: SLIMQUANT_CUDA_FUSED_INT8=1 (bench it against the default).
+FUSED = os.environ.get("SLIMQUANT_CUDA_FUSED_INT8", "0") == "1"
 
 
 @triton.jit
@@ -98,6 +103,72 @@ def _dequantize(
     tl.store(y_ptr + row.to(tl.int64) * N + cols, _round_to(y, dt).to(dt), mask=mask)  # exact: already rounded
 
 
+@triton.jit
+def _fused_linear(
+    x_ptr, stride_x, w_ptr, y_ptr, M, N, col_scale_ptr, add_ptr, inv_ptr, off_ptr,
+    K: tl.constexpr, STATIC: tl.constexpr, HAS_ADD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Tile [BLOCK_M, BLOCK_N] of y = x [M, K] @ w_q [N, K]^T with x quantized on the fly (per token, or static)
+    and the dequantization in the epilogue: the numbers of _quantize_* + _int_mm + _dequantize."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    rmask, cmask = rows < M, cols < N
+    dt = x_ptr.dtype.element_ty
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x  # [BM, 1]
+    if STATIC:
+        inv, off = tl.load(inv_ptr).to(tl.float32), tl.load(off_ptr).to(tl.float32)
+        scale = tl.zeros([BLOCK_M], dtype=tl.float32)
+    else:
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + ks) < K
+            x = tl.load(x_rows + k0 + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        scale = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-8)  # [BM]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = (k0 + ks) < K
+        x = tl.load(x_rows + k0 + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        if STATIC:  # noqa: SIM108 (a constexpr branch: inv exists only in it)
+            v = _round_to(_round_to(x * inv, dt) + off, dt)
+        else:
+            v = tl.math.div_rn(x, scale[:, None])
+        q = tl.minimum(tl.maximum(_rint(v), -128.0), 127.0)
+        q = tl.where(kmask[None, :], q, 0.0).to(tl.int8)  # [BM, BK]; K's tail adds nothing
+        w = tl.load(
+            w_ptr + cols.to(tl.int64)[None, :] * K + k0 + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0
+        )  # [BK, BN]
+        acc += tl.dot(q, w, out_dtype=tl.int32)
+    col_scale = tl.load(col_scale_ptr + cols, mask=cmask, other=0.0)
+    if STATIC:
+        y = (acc + tl.load(add_ptr + cols, mask=cmask, other=0)[None, :]).to(tl.float32) * col_scale[None, :]
+    else:
+        y = acc.to(tl.float32) * scale[:, None] * col_scale[None, :]
+        if HAS_ADD:
+            y = y + tl.load(add_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    out_dt = y_ptr.dtype.element_ty
+    y_at = y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(y_at, _round_to(y, out_dt).to(out_dt), mask=rmask[:, None] & cmask[None, :])
+
+
+def _fused(x, w_q, out_dtype, col_scale, add, inv=None, off=None) -> torch.Tensor:
+    """y [T, N] of the one-kernel linear (dynamic where inv is None, else static)."""
+    x = _rows(x)
+    (t, k), n = x.shape, w_q.shape[0]
+    y = torch.empty(t, n, dtype=out_dtype, device=x.device)  # [T, N]
+    block_m = 16 if t <= 16 else 64
+    grid = (triton.cdiv(t, block_m), triton.cdiv(n, 64))
+    dummy = col_scale
+    _fused_linear[grid](
+        x, x.stride(0), w_q, y, t, n, col_scale, dummy if add is None else add,
+        dummy if inv is None else inv, dummy if off is None else off, K=k, STATIC=inv is not None,
+        HAS_ADD=add is not None, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, **_EXACT,
+    )  # fmt: skip
+    return y
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x [T, K] with unit column stride (a view where it has one)."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -145,11 +216,15 @@ def quantize_static(x: torch.Tensor, inv_scale: torch.Tensor, offset: torch.Tens
 def dynamic_linear(x, w_q, w_scale, bias, out_dtype: torch.dtype) -> torch.Tensor:
     """W8A8_DYNAMIC: x [T, K] float, w_q int8 [N, K] (K, N multiples of 8), w_scale fp32 [N], bias [N] or None
     -> y [T, N] in out_dtype."""
+    if FUSED:
+        return _fused(x, w_q, out_dtype, w_scale, bias)
     q, scale = quantize_per_token(x)
     return _matmul_dequantize(q, w_q, x.shape[0], out_dtype, scale, w_scale, bias, static=False)
 
 
 def static_linear(x, w_q, inv_scale, offset, quant_bias, deq_scale, out_dtype: torch.dtype) -> torch.Tensor:
     """W8A8: x [T, K] quantized with inv_scale / offset [1] in x's dtype; y [T, N] = (acc + quant_bias) * deq."""
+    if FUSED:
+        return _fused(x, w_q, out_dtype, deq_scale, quant_bias, inv_scale, offset)
     q = quantize_static(x, inv_scale, offset)
     return _matmul_dequantize(q, w_q, x.shape[0], out_dtype, None, deq_scale, quant_bias, static=True)

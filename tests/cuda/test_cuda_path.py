@@ -81,6 +81,34 @@ def test_triton_linears_match_the_torch_path(t, k, n, dtype):
     torch.testing.assert_close(K.static_linear(x, w_q, inv, off, qbias, deq, dtype), torch_path, **ulps)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t,k,n", [(1, 576, 960), (5, 72, 40), (40, 96, 200), (300, 1536, 576)])
+def test_fused_int8_linears_equal_the_three_kernels(monkeypatch, t, k, n, dtype):
+    """SLIMQUANT_CUDA_FUSED_INT8's one-kernel linears: the three-kernel path's outputs, bit for bit."""
+    from slimquant.kernels import cuda_int8
+
+    gen = torch.Generator().manual_seed(t + k + n)
+    x = (torch.randn(t, k, generator=gen) * 3).to(dtype).cuda()
+    w_q, w_s = _int8(n, k, seed=n).cuda(), (torch.rand(n, generator=gen) / 100).cuda()
+    bias = torch.randn(n, generator=gen).to(dtype).cuda()
+    inv, off = torch.tensor([0.7], dtype=dtype).cuda(), torch.tensor([3.0], dtype=dtype).cuda()
+    qbias = torch.randint(-1000, 1000, (n,), dtype=torch.int32, generator=gen).cuda()
+    deq = torch.rand(n, generator=gen).cuda()
+
+    def both() -> list[torch.Tensor]:
+        return [
+            cuda_int8.dynamic_linear(x, w_q, w_s, bias, dtype),
+            cuda_int8.dynamic_linear(x, w_q, w_s, None, dtype),
+            cuda_int8.static_linear(x, w_q, inv, off, qbias, deq, dtype),
+        ]
+
+    monkeypatch.setattr(cuda_int8, "FUSED", False)
+    three = both()
+    monkeypatch.setattr(cuda_int8, "FUSED", True)
+    for fused, ref in zip(both(), three, strict=True):
+        assert torch.equal(fused, ref)
+
+
 def _logits_on_cuda(ascend_dir) -> torch.Tensor:
     """Our logits for PROMPT on the GPU: a prefill chunk, then decode steps."""
     loaded = load_model(str(ascend_dir), dtype=torch.float32, device="cuda")

@@ -16,6 +16,14 @@ os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: kernels run o
 pytest.importorskip("triton")
 from slimquant.kernels import cuda_int8  # noqa: E402
 
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["three-kernel", "fused"])
+def fused(request, monkeypatch):
+    """Every linear test runs both forms: three kernels, and one (SLIMQUANT_CUDA_FUSED_INT8=1)."""
+    monkeypatch.setattr(cuda_int8, "FUSED", request.param)
+    return request.param
+
+
 SHAPES = [(1, 64, 48), (5, 72, 40), (17, 128, 24), (40, 96, 200), (3, 2048, 16)]  # the last: K over one block
 
 
