@@ -1,5 +1,5 @@
-"""A decoder layer's non-GEMM work on CUDA, one Triton kernel each: residual add + RMSNorm, SiLU-and-mul, rotary
-+ KV-cache store, paged decode attention.
+"""A decoder layer's non-GEMM work on CUDA, one Triton kernel each: residual add + RMSNorm (and Qwen3's per-head
+norms), SiLU-and-mul, rotary + KV-cache store, paged decode attention.
 
 A small model's decode step is bound by kernel count, even as a CUDA graph: the pure-torch forms of these take
 about thirty kernels per layer. Each kernel computes in fp32 and rounds where the torch form rounds (to the model
@@ -21,15 +21,17 @@ _BLOCK_COLS = 1024
 
 @triton.jit
 def _add_rms_norm(
-    x_ptr, stride_x, res_ptr, stride_r, w_ptr, b_ptr, y_ptr, sum_ptr, H, eps,
-    HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, stride_x, stride_h, res_ptr, stride_r, w_ptr, b_ptr, y_ptr, sum_ptr, H, eps,
+    HEADS: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Row r: s = x + res (rounded to the dtype); y = w * (s * rsqrt(mean(s^2) + eps)) (+ b)."""
+    """Row r (token r // HEADS, head r % HEADS): s = x + res (rounded to the dtype);
+    y = w * (s * rsqrt(mean(s^2) + eps)) (+ b)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
     dt = y_ptr.dtype.element_ty
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    x_row = x_ptr + (row // HEADS) * stride_x + (row % HEADS) * stride_h
+    x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         x = _round_to(x + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32), dt)
         tl.store(sum_ptr + row * H + cols, x.to(dt), mask=mask)
@@ -142,10 +144,21 @@ def add_rms_norm(x, residual, weight, bias, eps: float) -> tuple[torch.Tensor, t
     summed = torch.empty_like(y) if residual is not None else x
     res = residual if residual is not None else x
     _add_rms_norm[(t,)](
-        x, x.stride(0), res, res.stride(0), weight, weight if bias is None else bias, y, summed, h, eps,
-        HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(h), **_EXACT,
+        x, x.stride(0), 0, res, res.stride(0), weight, weight if bias is None else bias, y, summed, h, eps,
+        HEADS=1, HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(h), **_EXACT,
     )  # fmt: skip
     return y, summed
+
+
+def rms_norm_heads(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+    """Per-head RMSNorm (Qwen3's q/k norms) of x [T, heads, D] (unit column stride) -> contiguous [T, heads, D]."""
+    t, heads, d = x.shape
+    y = torch.empty(t, heads, d, dtype=x.dtype, device=x.device)  # [T, heads, D]
+    _add_rms_norm[(t * heads,)](
+        x, x.stride(0), x.stride(1), x, 0, weight, weight if bias is None else bias, y, y, d, eps,
+        HEADS=heads, HAS_RES=False, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(d), **_EXACT,
+    )  # fmt: skip
+    return y
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -56,8 +56,10 @@ def add_rms_norm(
 
 
 def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor | None:
-    """Per-head RMSNorm of x [T, heads, D] (each token's heads contiguous) -> [T, heads, D]; None where the
-    native op does not apply."""
+    """Per-head RMSNorm of x [T, heads, D] (natively: each token's heads contiguous) -> [T, heads, D]; None where
+    no fused op applies."""
+    if (cuda := cuda_layer_ops(x, weight, bias)) is not None:
+        return cuda.rms_norm_heads(x, weight, bias, eps)
     if not native.available() or not fp32_cpu(x, weight, bias) or not _heads_packed(x):
         return None
     t, heads, d = x.shape

@@ -47,6 +47,22 @@ def test_add_rms_norm(dtype, with_residual, with_bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_rms_norm_heads(dtype, with_bias):
+    gen = torch.Generator().manual_seed(5)
+    t, heads, d = 3, 4, 48
+    norm = RMSNorm(d, 1e-6, dtype, bias=with_bias)
+    norm.weight.copy_(torch.rand(d, generator=gen) + 0.5)
+    if with_bias:
+        norm.bias.copy_(torch.randn(d, generator=gen) / 10)
+    qkv = (torch.randn(t, (heads + 4) * d, generator=gen) * 2).to(dtype)
+    q = qkv[:, : heads * d].view(t, heads, d)  # a strided view, as Qwen3's q before its norm
+    torch.testing.assert_close(
+        cuda_layers.rms_norm_heads(q, norm.weight, norm.bias, norm.eps), norm._norm(q), **_ulps(dtype)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter", [40, 1500])  # 1500: columns over one program's block
 def test_silu_and_mul(dtype, inter):
     gen = torch.Generator().manual_seed(inter)
@@ -111,10 +127,12 @@ def test_model_on_triton_layers_matches_torch_path(tiny_model, monkeypatch, arch
 
     expected = logits()
     calls: dict[str, int] = {}
-    for name in ("add_rms_norm", "silu_and_mul", "rope_store", "paged_decode_attention"):
+    names = {"add_rms_norm", "silu_and_mul", "rope_store", "paged_decode_attention"}
+    names |= {"rms_norm_heads"} if arch == "qwen3" else set()
+    for name in names:
         kernel = getattr(cuda_layers, name)
         monkeypatch.setattr(cuda_layers, name, lambda *a, _k=kernel, _n=name: calls.update({_n: 1}) or _k(*a))
     monkeypatch.setattr(layer_ops, "_is_cuda", lambda t: True)
     got = logits()
-    assert set(calls) == {"add_rms_norm", "silu_and_mul", "rope_store", "paged_decode_attention"}
+    assert set(calls) == names
     assert_close(got, expected, rel=2e-2)  # bf16: about one ulp of the largest logit (a 1.2x softmax scale: 10%)
