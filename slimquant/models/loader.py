@@ -76,6 +76,11 @@ def _use_ascend(path: str, quantization: str | None) -> bool:
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be None or 'ascend', got {quantization!r}")
     has_description = is_modelslim_dir(path)
+    if not has_description and any(Path(path).glob("quant_model_weight*.safetensors")):
+        raise ValueError(
+            f"{path} holds quantized weights (quant_model_weight*.safetensors) but no {DESCRIPTION_FILE}, which "
+            "says how each tensor was quantized: copy it from where the checkpoint was made, or quantize again"
+        )
     if quantization == "ascend" and not has_description:
         raise ValueError(
             f"quantization='ascend' but {path} has no {DESCRIPTION_FILE}: it is a float checkpoint. "

@@ -37,6 +37,13 @@ def test_missing_folder_or_config(tmp_path):
         load_model(str(tmp_path))
 
 
+def test_quantized_weights_without_their_description(tiny_model, tmp_path):
+    dst = write_ascend(tiny_model("llama"), tmp_path / "q", lambda p: "W8A8_DYNAMIC")
+    (dst / "quant_model_description.json").unlink()
+    with pytest.raises(ValueError, match="quantized weights .* but no quant_model_description.json"):
+        load_model(str(dst))
+
+
 def test_shards_with_different_quant_types(tiny_model, tmp_path):
     src = tiny_model("llama")
     dst = write_ascend(src, tmp_path / "q", lambda p: "W8A8_DYNAMIC" if p.endswith("k_proj") else "W8A8")
