@@ -93,7 +93,7 @@ def test_rope_store_equals_rotary_then_store(dtype, d, with_rope):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("nh,kvh,d,bs", [(9, 3, 64, 16), (4, 4, 48, 8), (8, 1, 32, 16)])
+@pytest.mark.parametrize("nh,kvh,d,bs", [(9, 3, 64, 16), (4, 4, 48, 8), (8, 1, 32, 16), (28, 4, 128, 16)])
 def test_paged_decode_attention(dtype, nh, kvh, d, bs):
     gen = torch.Generator().manual_seed(nh + d)
     nb, lens = 12, [1, 37, 16, 0]  # 0: a padding row, all zeros
