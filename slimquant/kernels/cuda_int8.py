@@ -119,7 +119,6 @@ def _fused_linear(
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x  # [BM, 1]
     if STATIC:
         inv, off = tl.load(inv_ptr).to(tl.float32), tl.load(off_ptr).to(tl.float32)
-        scale = tl.zeros([BLOCK_M], dtype=tl.float32)
     else:
         amax = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
