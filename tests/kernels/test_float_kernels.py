@@ -24,7 +24,19 @@ def test_weights_not_exact_in_bf16_stay_fp32():
     assert float_ops.pack_float_weight(torch.randn(3, 12).bfloat16().float()).dtype == torch.float32  # K % 8 != 0
 
 
-FLOAT_SHAPES = [(1, 8, 1), (1, 40, 7), (1, 576, 70), (2, 24, 5), (3, 576, 37), (9, 584, 11), (16, 64, 9), (17, 40, 6)]
+FLOAT_SHAPES = [
+    (1, 8, 1),
+    (1, 40, 7),
+    (1, 576, 70),
+    (2, 24, 5),
+    (3, 576, 37),
+    (9, 584, 11),
+    (16, 64, 9),
+    (17, 40, 6),
+    (23, 584, 13),
+    (128, 72, 10),
+    (129, 40, 6),
+]
 
 
 @needs_native

@@ -31,6 +31,7 @@ namespace {
 constexpr int kTokTile = 64;  // tokens whose quantized rows stay in L2 while a row group streams past
 constexpr int kRowTile = 16;  // weight rows per parallel work item
 constexpr int kStreamTokens = 8;  // up to this many tokens, weight rows stream one at a time past all of them
+constexpr int kBf16BlockTokens = 9;  // from this many tokens, bf16 linears take 4 x 4 register blocks
 constexpr float kTinyScale = 1e-8f;
 
 using sq::QuantizedX;
@@ -467,6 +468,29 @@ inline void row_dot_bf16_tokens(const uint16_t* w, int k, const float* x, int ld
   if (j < k) bf16_row_step<T, true>(acc, w, x, ldx, j);  // k is a multiple of 8: one half step left
   for (int t = 0; t < T; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
 }
+
+// 4 weight rows x 4 tokens (compute-bound batches): each weight and activation vector loaded feeds 4 FMAs, not
+// 1. Each (row, token) sum runs over the same lanes in the same order as row_dot_bf16_tokens: the same bits.
+// out[t * 4 + r] = w[r] . x[t].
+template <bool Half>
+inline void bf16_block_step(__m512* acc, const uint16_t* w, int k, const float* x, int ldx, int j) {
+  __m512 wv[4];
+  for (int r = 0; r < 4; ++r) wv[r] = load_bf16x16(w + (size_t)r * k + j, Half);
+  for (int t = 0; t < 4; ++t) {
+    const float* xt = x + (size_t)t * ldx + j;
+    const __m512 xv = Half ? _mm512_maskz_loadu_ps(0xff, xt) : _mm512_loadu_ps(xt);
+    for (int r = 0; r < 4; ++r) acc[t * 4 + r] = _mm512_fmadd_ps(wv[r], xv, acc[t * 4 + r]);
+  }
+}
+
+inline void bf16_block4x4(const uint16_t* w, int k, const float* x, int ldx, float* out) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  int j = 0;
+  for (; j + 16 <= k; j += 16) bf16_block_step<false>(acc, w, k, x, ldx, j);
+  if (j < k) bf16_block_step<true>(acc, w, k, x, ldx, j);  // k is a multiple of 8: one half step left
+  for (int i = 0; i < 16; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
 #endif
 
 void bf16_tile(const float* x, int ldx, const uint16_t* w, int k, int n, int m0, int m1, int n0, int n1,
@@ -478,7 +502,23 @@ void bf16_tile(const float* x, int ldx, const uint16_t* w, int k, int n, int m0,
     return;
   }
 #ifdef SQ_AVX512VNNI
-  for (int j = n0; j < n1; ++j) {  // rows one at a time (one sequential stream from memory), tokens in groups
+  int j0 = n0;
+  if (m1 - m0 >= kBf16BlockTokens) {  // compute-bound: 4 x 4 blocks, the tokens' remainder in groups below
+    for (; j0 + 4 <= n1; j0 += 4) {
+      int i = m0;
+      for (; i + 4 <= m1; i += 4) {
+        bf16_block4x4(w + (size_t)j0 * k, k, x + (size_t)i * ldx, ldx, r);
+        for (int t = 0; t < 4; ++t)
+          for (int c = 0; c < 4; ++c) put(i + t, j0 + c, r[t * 4 + c]);
+      }
+      for (; i < m1; ++i)
+        for (int c = 0; c < 4; ++c) {
+          row_dot_bf16_tokens<1>(w + (size_t)(j0 + c) * k, k, x + (size_t)i * ldx, ldx, r);
+          put(i, j0 + c, r[0]);
+        }
+    }
+  }
+  for (int j = j0; j < n1; ++j) {  // rows one at a time (one sequential stream from memory), tokens in groups
     const uint16_t* wj = w + (size_t)j * k;
     auto group = [&](auto tokens, int i) {
       constexpr int T = decltype(tokens)::value;
