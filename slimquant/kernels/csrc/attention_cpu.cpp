@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -46,6 +47,57 @@ inline void axpy(float w, const float* x, float* y, int d) {
   for (; i < d; ++i) y[i] += w * x[i];
 }
 
+// e^x for x <= 0 (scores minus their maximum), 8 lanes: Cephes' expf (x = n ln 2 + r, e^r by a degree-5
+// polynomial, times 2^n), within a few ulp of std::exp; lanes below -87.3 (or -inf) give 0.
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3365447f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: r exact to fp32
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(two_n)));
+}
+
+// Lane j = the sum of the 8 lanes of v[j].
+inline __m256 hsum8(const __m256* v) {
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // [sums 0-3 | sums 4-7], lane halves
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// Lane j = q . rows[j] over d (a multiple of 8): 8 dot products reduced together.
+inline __m256 dot8(const float* q, const float* const* rows, int d) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int i = 0; i < d; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[j] + i), acc[j]);
+  }
+  return hsum8(acc);
+}
+
+// o[c, c + 8W) = (sum over t of p[t] * v_t[c, c + 8W)) * inv, the sums in registers (each lane in the order of t,
+// as axpy's).
+template <int W>
+inline void weighted_sum(const float* p, const float* const* v_rows, int n, int c, float inv, float* o) {
+  __m256 acc[W];
+  for (int u = 0; u < W; ++u) acc[u] = _mm256_setzero_ps();
+  for (int t = 0; t < n; ++t) {
+    const __m256 pv = _mm256_set1_ps(p[t]);
+    for (int u = 0; u < W; ++u) acc[u] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v_rows[t] + c + 8 * u), acc[u]);
+  }
+  const __m256 iv = _mm256_set1_ps(inv);
+  for (int u = 0; u < W; ++u) _mm256_storeu_ps(o + c + 8 * u, _mm256_mul_ps(acc[u], iv));
+}
+
 }  // namespace
 
 namespace sq {
@@ -67,28 +119,43 @@ void attend_head(const float* q, int ldq, const float* cos, const float* sin, co
                  int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int b, int h,
                  float* out) {
   thread_local std::vector<float> qr, scores;  // per-thread scratch, grown on demand
+  thread_local std::vector<const float*> k_rows, v_rows;
   const int d = head_dim, n = context_lens[b], kvh = h / (num_heads / num_kv_heads);
   if (qr.size() < (size_t)d) qr.resize(d);
-  if (scores.size() < (size_t)std::max(n, 1)) scores.resize(std::max(n, 1));
+  if (scores.size() < (size_t)n) scores.resize(n), k_rows.resize(n), v_rows.resize(n);
   const float* qh = q + (size_t)b * ldq + (size_t)h * d;
   if (cos) rope_neox(qh, cos + (size_t)b * d, sin + (size_t)b * d, d, qr.data());
   else std::copy(qh, qh + d, qr.begin());
+  for (int t = 0; t < n;) {  // each position's cached k / v row, block by block
+    const size_t block = (size_t)block_tables[(size_t)b * max_blocks + t / block_size] * block_size;
+    for (int off = 0; off < block_size && t < n; ++off, ++t) {
+      const size_t at = ((block + off) * num_kv_heads + kvh) * d;
+      k_rows[t] = k_cache + at, v_rows[t] = v_cache + at;
+    }
+  }
   float top = -INFINITY;
-  for (int t = 0; t < n; ++t) {
-    const int64_t slot = (int64_t)block_tables[(size_t)b * max_blocks + t / block_size] * block_size + t % block_size;
-    scores[t] = dot(qr.data(), k_cache + ((size_t)slot * num_kv_heads + kvh) * d, d) * scale;
-    top = std::max(top, scores[t]);
-  }
-  float* o = out + ((size_t)b * num_heads + h) * d;
-  std::fill(o, o + d, 0.0f);
+  int t = 0;
+  if (d % 8 == 0)
+    for (; t + 8 <= n; t += 8)
+      _mm256_storeu_ps(&scores[t], _mm256_mul_ps(dot8(qr.data(), &k_rows[t], d), _mm256_set1_ps(scale)));
+  for (; t < n; ++t) scores[t] = dot(qr.data(), k_rows[t], d) * scale;
+  for (t = 0; t < n; ++t) top = std::max(top, scores[t]);
+  t = 0;  // the probabilities, unnormalized
+  for (; t + 8 <= n; t += 8)
+    _mm256_storeu_ps(&scores[t], exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(&scores[t]), _mm256_set1_ps(top))));
+  for (; t < n; ++t) scores[t] = std::exp(scores[t] - top);
   float total = 0.0f;
-  for (int t = 0; t < n; ++t) {
-    const int64_t slot = (int64_t)block_tables[(size_t)b * max_blocks + t / block_size] * block_size + t % block_size;
-    const float p = std::exp(scores[t] - top);
-    total += p;
-    axpy(p, v_cache + ((size_t)slot * num_kv_heads + kvh) * d, o, d);
-  }
+  for (t = 0; t < n; ++t) total += scores[t];
   const float inv = n > 0 ? 1.0f / total : 0.0f;
+  float* o = out + ((size_t)b * num_heads + h) * d;
+  if (d % 8 == 0) {
+    int c = 0;
+    for (; c + 64 <= d; c += 64) weighted_sum<8>(scores.data(), v_rows.data(), n, c, inv, o);
+    for (; c < d; c += 8) weighted_sum<1>(scores.data(), v_rows.data(), n, c, inv, o);
+    return;
+  }
+  std::fill(o, o + d, 0.0f);
+  for (t = 0; t < n; ++t) axpy(scores[t], v_rows[t], o, d);
   for (int i = 0; i < d; ++i) o[i] *= inv;
 }
 
