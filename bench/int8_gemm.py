@@ -71,12 +71,11 @@ def _candidates(m: int, k: int, n: int, libs: dict) -> dict:
     w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
     w_s = torch.rand(n, generator=g) / 50
-    packed = int8_ops.pack_weight(w_q)
     runs = {"bf16 F.linear": lambda: F.linear(xb, wb), "fp32 F.linear": lambda: F.linear(x, w)}
     w_qt = w_q.t()
     runs["torch._int_mm"] = (lambda: torch._int_mm(x_q, w_qt)) if _int_mm_usable(x_q, w_qt) else None
     for name, lib in libs.items():
-        runs[f"ours {name}"] = _ours(lib, x, packed, w_s)
+        runs[f"ours {name}"] = _ours(lib, x, int8_ops.pack_weight(w_q, isa=name), w_s)  # each build's layout
     return runs
 
 

@@ -4,7 +4,8 @@ Each op has a pure-torch path (the definition) and, on AVX2 CPUs, a native path 
 computes the same numbers bit for bit: exact int32 products, then the same float steps in the same order.
 
 Runtime weight forms made by `pack_weight` from int8 [N, K]:
-- native CPU: int8 [N, Kp], K zero-padded to a multiple of 32 (1 byte per weight);
+- native CPU: int8 [N, Kp], K zero-padded to a multiple of 32 (1 byte per weight); for the AVX-512 VNNI build,
+  each whole block of 16 rows re-laid so that one 64-byte load feeds 16 rows (`_block_rows`);
 - CPU without the native kernels (or a weight holding -128, which the AVX2 trick cannot take): an exact fp32
   [K, N] copy multiplied in K-chunks of at most 1024, so every partial sum is an integer below 2^24 that fp32
   holds exactly (torch._int_mm has no vectorised CPU kernel without VNNI/AMX: 25-1000x slower than fp32 BLAS);
@@ -21,10 +22,12 @@ from slimquant.quant.primitives import QMAX, QMIN, int8_matmul_reference
 from slimquant.quant.primitives import quantize_per_token as _quantize_per_token_torch
 
 _EXACT_K = 1024  # 1024 * 128 * 128 = 2^24: fp32 sums of this many int8 products are exact
+_BLOCK_ROWS = 16  # the VNNI build's row blocks (csrc/int8_cpu.cpp: kBlockRows)
 
 
-def pack_weight(w_q: torch.Tensor) -> torch.Tensor:
-    """Runtime form of int8 weights [..., N, K] (see the module docstring); a stack of experts packs alike."""
+def pack_weight(w_q: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+    """Runtime form of int8 weights [..., N, K] (see the module docstring) for the native build `isa` (default:
+    the one that runs); a stack of experts packs alike."""
     if w_q.device.type != "cpu":
         return w_q
     if native.available() and (w_q.numel() == 0 or int(w_q.min()) > QMIN):
@@ -32,8 +35,22 @@ def pack_weight(w_q: torch.Tensor) -> torch.Tensor:
         padded = weight_memory.empty((*w_q.shape[:-1], _round_up(k, native.K_ALIGN)), torch.int8)  # [..., N, Kp]
         padded[..., k:] = 0
         padded[..., :k] = w_q
+        if (isa or native.isa()) == "avx512vnni":
+            _block_rows(padded)
         return padded
     return w_q.float().transpose(-1, -2).contiguous()  # [..., K, N]
+
+
+def _block_rows(padded: torch.Tensor) -> None:
+    """In place: each whole block of 16 rows [16, Kp] of padded [..., N, Kp] laid out as [Kp / 4, 16, 4], the
+    VNNI kernels' form (csrc/int8_cpu.cpp); the last N % 16 rows stay as they are."""
+    n, kp = padded.shape[-2:]
+    full = n - n % _BLOCK_ROWS
+    if full == 0:
+        return
+    rows = padded[..., :full, :]  # [..., full, Kp]
+    blocks = rows.reshape(*rows.shape[:-2], full // _BLOCK_ROWS, _BLOCK_ROWS, kp // 4, 4)  # [..., B, 16, Kp/4, 4]
+    rows.copy_(blocks.transpose(-3, -2).reshape(rows.shape))  # [..., B, Kp/4, 16, 4]
 
 
 def _round_up(k: int, multiple: int) -> int:

@@ -13,7 +13,9 @@
 // -ffp-contract=off so that no multiply-add is fused.
 //
 // Layouts: activations x fp32 [M, K] (row stride ldx); weights int8 [N, Kp], K padded with zeros to Kp, a
-// multiple of 32; outputs row-major [M, N].
+// multiple of 32; outputs row-major [M, N]. The VNNI build takes its weights blocked (int8_ops.pack_weight):
+// each whole block of 16 rows [16, Kp] is stored as [Kp / 4, 16, 4] (four bytes of each row in turn), so one
+// 64-byte load feeds 16 rows' dot products; the last N % 16 rows stay plain rows, at the same offsets.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -30,6 +32,7 @@ namespace {
 
 constexpr int kTokTile = 64;  // tokens whose quantized rows stay in L2 while a row group streams past
 constexpr int kRowTile = 16;  // weight rows per parallel work item
+constexpr int kBlockRows = 16;  // VNNI build: rows per block of the blocked weight layout (one per kRowTile)
 constexpr int kStreamTokens = 8;  // up to this many tokens, weight rows stream one at a time past all of them
 constexpr int kBf16BlockTokens = 9;  // from this many tokens, bf16 linears take 4 x 4 register blocks
 constexpr float kTinyScale = 1e-8f;
@@ -179,11 +182,74 @@ void gemv_rows(const int8_t* w, const uint8_t* u, size_t kp, int m, int n0, int 
   }
 }
 
-// One row group [n0, n1) x token tile [m0, m1): epi(m, n, acc) receives every exact int32 result.
+// Tokens [m, m + T) x the 16 rows [n, n + 16) of one block in the blocked layout (see pack_weight: byte
+// (r, 4c + i) of the block at 64c + 4r + i). Lane r of a vpdpbusd sums row r's products with four bytes of a
+// token broadcast to every lane: no horizontal sums; lane r of comp is 128 * sum(w[n + r]).
+template <int T, class Epi>
+__attribute__((noinline)) void block16(const int8_t* blk, int kp, const QuantizedX& x, int m, int n, const Epi& epi) {
+  // noinline: inlined into tile(), GCC 12 runs out of registers and spills the row pointers
+  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i acc[T], comp = _mm512_setzero_si512();
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_si512();
+  const uint8_t* xa = x.row(m);  // T rows at stride kp
+  for (int c = 0; c < kp / 4; ++c) {
+    const __m512i wv = load64(blk + 64 * c);
+    comp = dpbusd(comp, c128, wv);
+    for (int t = 0; t < T; ++t) {
+      int32_t four;
+      std::memcpy(&four, xa + (size_t)t * kp + 4 * c, 4);
+      acc[t] = dpbusd(acc[t], _mm512_set1_epi32(four), wv);
+    }
+  }
+  for (int t = 0; t < T; ++t) epi.rows16(m + t, n, _mm512_sub_epi32(acc[t], comp));
+}
+
+// One token x one block: block16<1> with two chains each for the sums and comp (even and odd steps), so that
+// the vpdpbusd latency is hidden where there is only one token to multiply.
 template <class Epi>
-void tile(const int8_t* w, const QuantizedX& x, const uint8_t* c128, int m0, int m1, int n0, int n1,
+__attribute__((noinline)) void block16_one(const int8_t* blk, int kp, const QuantizedX& x, int m, int n,
+                                           const Epi& epi) {
+  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i acc = _mm512_setzero_si512(), acc2 = acc, comp = acc, comp2 = acc;
+  const uint8_t* xa = x.row(m);
+  int c = 0;
+  for (; c + 2 <= kp / 4; c += 2) {
+    const __m512i wv = load64(blk + 64 * c), wv2 = load64(blk + 64 * c + 64);
+    int32_t four[2];
+    std::memcpy(four, xa + 4 * c, 8);
+    acc = dpbusd(acc, _mm512_set1_epi32(four[0]), wv);
+    comp = dpbusd(comp, c128, wv);
+    acc2 = dpbusd(acc2, _mm512_set1_epi32(four[1]), wv2);
+    comp2 = dpbusd(comp2, c128, wv2);
+  }
+  if (c < kp / 4) {
+    const __m512i wv = load64(blk + 64 * c);
+    int32_t four;
+    std::memcpy(&four, xa + 4 * c, 4);
+    acc = dpbusd(acc, _mm512_set1_epi32(four), wv);
+    comp = dpbusd(comp, c128, wv);
+  }
+  epi.rows16(m, n, _mm512_sub_epi32(_mm512_add_epi32(acc, acc2), _mm512_add_epi32(comp, comp2)));
+}
+
+// Tokens [m0, m1) x one block of 16 rows at n, in groups of 8 tokens.
+template <class Epi>
+void block16_tokens(const int8_t* blk, int kp, const QuantizedX& x, int m0, int m1, int n, const Epi& epi) {
+  int m = m0;
+  for (; m + 8 <= m1; m += 8) block16<8>(blk, kp, x, m, n, epi);
+  for (; m + 4 <= m1; m += 4) block16<4>(blk, kp, x, m, n, epi);
+  for (; m + 2 <= m1; m += 2) block16<2>(blk, kp, x, m, n, epi);
+  if (m < m1) block16_one(blk, kp, x, m, n, epi);
+}
+
+// One row group [n0, n1) x token tile [m0, m1) of a weight of nrows rows: epi(m, n, acc) receives every exact
+// int32 result. A whole block of 16 rows (below nrows - nrows % 16) is in the blocked layout; the rest in rows.
+template <class Epi>
+void tile(const int8_t* w, const QuantizedX& x, const uint8_t* c128, int m0, int m1, int n0, int n1, int nrows,
           const Epi& epi) {
   const int kp = x.kp;
+  if (n1 - n0 == kBlockRows && n0 % kBlockRows == 0 && n1 <= nrows - nrows % kBlockRows)
+    return block16_tokens(w + (size_t)n0 * kp, kp, x, m0, m1, n0, epi);
   if (m1 - m0 == 1) return gemv_rows(w, x.row(m0), kp, m0, n0, n1, epi);
   if (m1 - m0 <= kStreamTokens) {  // decode batches: one weight row at a time (one sequential stream from
     // memory, ~2x the bandwidth of 4 interleaved rows), the 128 * sum(w) term riding along as one more row
@@ -266,7 +332,8 @@ inline void block_dot(const int8_t* w, const QuantizedX& x, int m0, int kp, int3
 
 // One row group [n0, n1) x token tile [m0, m1): epi(m, n, acc) receives every exact int32 result.
 template <class Epi>
-void tile(const int8_t* w, const QuantizedX& x, const uint8_t*, int m0, int m1, int n0, int n1, const Epi& epi) {
+void tile(const int8_t* w, const QuantizedX& x, const uint8_t*, int m0, int m1, int n0, int n1, int,
+          const Epi& epi) {
   const int kp = x.kp;
   int32_t r[8];
   int n = n0;
@@ -299,13 +366,13 @@ const uint8_t* row_of_128s(int kp) {
   return c128.data();
 }
 
-// Output columns [n0, n1) for every token, in the tiles gemm() runs (serial: one thread's slice of rows).
+// Output columns [n0, n1) of n for every token, in the tiles gemm() runs (serial: one thread's slice of rows).
 template <class Epi>
-void gemm_rows(const int8_t* w, const QuantizedX& x, int m, int n0, int n1, const Epi& epi) {
+void gemm_rows(const int8_t* w, const QuantizedX& x, int m, int n, int n0, int n1, const Epi& epi) {
   const uint8_t* c128 = row_of_128s(x.kp);
   for (int m0 = 0; m0 < m; m0 += kTokTile)
     for (int r = n0; r < n1; r += kRowTile)
-      tile(w, x, c128, m0, std::min(m, m0 + kTokTile), r, std::min(n1, r + kRowTile), epi);
+      tile(w, x, c128, m0, std::min(m, m0 + kTokTile), r, std::min(n1, r + kRowTile), n, epi);
 }
 
 template <class Epi>
@@ -316,7 +383,7 @@ void gemm(const int8_t* w, const QuantizedX& x, int m, int n, const Epi& epi) {
   for (int mt = 0; mt < tok_tiles; ++mt)
     for (int nt = 0; nt < row_tiles; ++nt)
       tile(w, x, c128, mt * kTokTile, std::min(m, (mt + 1) * kTokTile), nt * kRowTile,
-           std::min(n, (nt + 1) * kRowTile), epi);
+           std::min(n, (nt + 1) * kRowTile), n, epi);
 }
 
 // ---- activation quantization (AVX2 in both builds: the same float steps as torch, 8 lanes at a time) ----
@@ -561,6 +628,9 @@ struct StoreInt32 {
   void row4(int i, int j, __m128i acc) const {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (size_t)i * n + j), acc);
   }
+#ifdef SQ_AVX512VNNI
+  void rows16(int i, int j, __m512i acc) const { _mm512_storeu_si512(out + (size_t)i * n + j, acc); }
+#endif
 };
 
 // y = (acc * s_t) * w_scale (+ bias)
@@ -577,6 +647,14 @@ struct DynamicEpilogue {
     if (bias) v = _mm_add_ps(v, _mm_loadu_ps(bias + j));
     _mm_storeu_ps(y + (size_t)i * n + j, v);
   }
+#ifdef SQ_AVX512VNNI
+  void rows16(int i, int j, __m512i acc) const {
+    const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(st[i]));
+    __m512 v = _mm512_mul_ps(scaled, _mm512_loadu_ps(w_scale + j));
+    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
+    _mm512_storeu_ps(y + (size_t)i * n + j, v);
+  }
+#endif
 };
 
 // y = float(acc + quant_bias) * deq
@@ -592,6 +670,12 @@ struct StaticEpilogue {
     const __m128i a = _mm_add_epi32(acc, _mm_loadu_si128(reinterpret_cast<const __m128i*>(quant_bias + j)));
     _mm_storeu_ps(y + (size_t)i * n + j, _mm_mul_ps(_mm_cvtepi32_ps(a), _mm_loadu_ps(deq + j)));
   }
+#ifdef SQ_AVX512VNNI
+  void rows16(int i, int j, __m512i acc) const {
+    const __m512i a = _mm512_add_epi32(acc, _mm512_loadu_si512(quant_bias + j));
+    _mm512_storeu_ps(y + (size_t)i * n + j, _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_loadu_ps(deq + j)));
+  }
+#endif
 };
 
 }  // namespace
@@ -608,12 +692,12 @@ void quantize_static_rows(const float* x, int m, int k, int ldx, float inv, floa
 
 void dynamic_linear_rows(const int8_t* w, const QuantizedX& x, int m, int n, int n0, int n1, const float* scales,
                          const float* w_scale, const float* bias, float* y) {
-  gemm_rows(w, x, m, n0, n1, DynamicEpilogue{scales, w_scale, bias, y, n});
+  gemm_rows(w, x, m, n, n0, n1, DynamicEpilogue{scales, w_scale, bias, y, n});
 }
 
 void static_linear_rows(const int8_t* w, const QuantizedX& x, int m, int n, int n0, int n1,
                         const int32_t* quant_bias, const float* deq, float* y) {
-  gemm_rows(w, x, m, n0, n1, StaticEpilogue{quant_bias, deq, y, n});
+  gemm_rows(w, x, m, n, n0, n1, StaticEpilogue{quant_bias, deq, y, n});
 }
 
 void bf16_linear_rows(const float* x, int m, int k, int ldx, const uint16_t* w, int n, int n0, int n1,
