@@ -250,6 +250,7 @@ void tile(const int8_t* w, const QuantizedX& x, const uint8_t* c128, int m0, int
   const int kp = x.kp;
   if (n1 - n0 == kBlockRows && n0 % kBlockRows == 0 && n1 <= nrows - nrows % kBlockRows)
     return block16_tokens(w + (size_t)n0 * kp, kp, x, m0, m1, n0, epi);
+  // below: the plain rows past the last whole block
   if (m1 - m0 == 1) return gemv_rows(w, x.row(m0), kp, m0, n0, n1, epi);
   if (m1 - m0 <= kStreamTokens) {  // decode batches: one weight row at a time (one sequential stream from
     // memory, ~2x the bandwidth of 4 interleaved rows), the 128 * sum(w) term riding along as one more row
