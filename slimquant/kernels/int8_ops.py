@@ -46,11 +46,10 @@ def _block_rows(padded: torch.Tensor) -> None:
     VNNI kernels' form (csrc/int8_cpu.cpp); the last N % 16 rows stay as they are."""
     n, kp = padded.shape[-2:]
     full = n - n % _BLOCK_ROWS
-    if full == 0:
-        return
-    rows = padded[..., :full, :]  # [..., full, Kp]
-    blocks = rows.reshape(*rows.shape[:-2], full // _BLOCK_ROWS, _BLOCK_ROWS, kp // 4, 4)  # [..., B, 16, Kp/4, 4]
-    rows.copy_(blocks.transpose(-3, -2).reshape(rows.shape))  # [..., B, Kp/4, 16, 4]
+    for matrix in padded.view(-1, n, kp) if full else ():  # one expert at a time: a temporary of one matrix
+        rows = matrix[:full]  # [full, Kp], contiguous
+        blocks = rows.view(full // _BLOCK_ROWS, _BLOCK_ROWS, kp // 4, 4)  # [B, 16, Kp/4, 4]
+        rows.copy_(blocks.transpose(1, 2).reshape(full, kp))  # [B, Kp/4, 16, 4]
 
 
 def _round_up(k: int, multiple: int) -> int:
