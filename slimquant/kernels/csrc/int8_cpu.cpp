@@ -182,19 +182,31 @@ void gemv_rows(const int8_t* w, const uint8_t* u, size_t kp, int m, int n0, int 
   }
 }
 
-// Tokens [m, m + T) x the 16 rows [n, n + 16) of one block in the blocked layout (see pack_weight: byte
-// (r, 4c + i) of the block at 64c + 4r + i). Lane r of a vpdpbusd sums row r's products with four bytes of a
-// token broadcast to every lane: no horizontal sums; lane r of comp is 128 * sum(w[n + r]).
-template <int T, class Epi>
-__attribute__((noinline)) void block16(const int8_t* blk, int kp, const QuantizedX& x, int m, int n, const Epi& epi) {
-  // noinline: inlined into tile(), GCC 12 runs out of registers and spills the row pointers
+// Lane r = 128 * sum(w[n + r]) of one block in the blocked layout (see pack_weight): the VNNI offset's term.
+__attribute__((noinline)) __m512i block16_comp(const int8_t* blk, int kp) {
   const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512i acc[T], comp = _mm512_setzero_si512();
+  __m512i comp = _mm512_setzero_si512(), comp2 = comp;
+  int c = 0;
+  for (; c + 2 <= kp / 4; c += 2) {
+    comp = dpbusd(comp, c128, load64(blk + 64 * c));
+    comp2 = dpbusd(comp2, c128, load64(blk + 64 * c + 64));
+  }
+  if (c < kp / 4) comp = dpbusd(comp, c128, load64(blk + 64 * c));
+  return _mm512_add_epi32(comp, comp2);
+}
+
+// Tokens [m, m + T) x the 16 rows [n, n + 16) of one block in the blocked layout (byte (r, 4c + i) of the
+// block at 64c + 4r + i). Lane r of a vpdpbusd sums row r's products with four bytes of a token broadcast to
+// every lane: no horizontal sums. comp: block16_comp of the block.
+template <int T, class Epi>
+__attribute__((noinline)) void block16(const int8_t* blk, int kp, const QuantizedX& x, int m, int n, __m512i comp,
+                                       const Epi& epi) {
+  // noinline: inlined into tile(), GCC 12 runs out of registers and spills the row pointers
+  __m512i acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_si512();
   const uint8_t* xa = x.row(m);  // T rows at stride kp
   for (int c = 0; c < kp / 4; ++c) {
     const __m512i wv = load64(blk + 64 * c);
-    comp = dpbusd(comp, c128, wv);
     for (int t = 0; t < T; ++t) {
       int32_t four;
       std::memcpy(&four, xa + (size_t)t * kp + 4 * c, 4);
@@ -235,11 +247,13 @@ __attribute__((noinline)) void block16_one(const int8_t* blk, int kp, const Quan
 // Tokens [m0, m1) x one block of 16 rows at n, in groups of 8 tokens.
 template <class Epi>
 void block16_tokens(const int8_t* blk, int kp, const QuantizedX& x, int m0, int m1, int n, const Epi& epi) {
+  if (m1 - m0 == 1) return block16_one(blk, kp, x, m0, n, epi);  // decode: comp rides along
+  const __m512i comp = block16_comp(blk, kp);  // once for every token group
   int m = m0;
-  for (; m + 8 <= m1; m += 8) block16<8>(blk, kp, x, m, n, epi);
-  for (; m + 4 <= m1; m += 4) block16<4>(blk, kp, x, m, n, epi);
-  for (; m + 2 <= m1; m += 2) block16<2>(blk, kp, x, m, n, epi);
-  if (m < m1) block16_one(blk, kp, x, m, n, epi);
+  for (; m + 8 <= m1; m += 8) block16<8>(blk, kp, x, m, n, comp, epi);
+  for (; m + 4 <= m1; m += 4) block16<4>(blk, kp, x, m, n, comp, epi);
+  for (; m + 2 <= m1; m += 2) block16<2>(blk, kp, x, m, n, comp, epi);
+  if (m < m1) block16<1>(blk, kp, x, m, n, comp, epi);
 }
 
 // One row group [n0, n1) x token tile [m0, m1) of a weight of nrows rows: epi(m, n, acc) receives every exact
