@@ -161,20 +161,21 @@ def decoder_stack(
     kv_caches: list[torch.Tensor],
     ctx,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One decode step of every layer in one native call: x [B, H] embeddings -> (last MLP output [B, H],
-    residual [B, H]); None where it does not apply (the caller runs the layers one by one)."""
+    """Every layer of a step in one native call, one attention row per token (ctx.token_rows: a decode step, or
+    small prefill chunks): x [T, H] embeddings -> (last MLP output [T, H], residual [T, H]); None where it does
+    not apply (the caller runs the layers one by one)."""
     cos, sin = rope if rope is not None else (None, None)
     b, h = x.shape
     pointers = stack.cache_pointers(kv_caches)
     if pointers is None or b > stack.max_batch or not _kernel_ready(x, cos, sin):
         return None
     k_ptrs, v_ptrs = pointers
-    residual, out = torch.empty(b, h), torch.empty(b, h)  # [B, H] each
-    tables = ctx.block_tables
+    residual, out = torch.empty(b, h), torch.empty(b, h)  # [T, H] each
+    tables, lens = ctx.token_rows  # [T, W], [T]
     native.library().sq_decoder_stack(
         stack.layers, k_ptrs, v_ptrs, len(stack.plans), b, x.data_ptr(), residual.data_ptr(), out.data_ptr(),
         ptr_or_none(cos), ptr_or_none(sin), ctx.slot_mapping.data_ptr(), tables.data_ptr(), tables.shape[1],
-        ctx.context_lens_tensor.data_ptr(), kv_caches[0].shape[2],
+        lens.data_ptr(), kv_caches[0].shape[2],
     )  # fmt: skip
     return out, residual
 

@@ -37,6 +37,17 @@ class ForwardContext:
             return self.device_context_lens
         return self.context_lens_tensor.to(self.block_tables.device)
 
+    @functools.cached_property
+    def token_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One attention row per token, for the native decode kernels: (block tables [T, W] on the CPU, context
+        lengths int32 [T]). Token j of a chunk of q new tokens over L attends to the first L - q + j + 1
+        positions (in a decode step: the rows as they are)."""
+        if self.is_decode:
+            return self.block_tables, self.context_lens_tensor
+        seq = torch.repeat_interleave(torch.arange(len(self.query_lens)), torch.tensor(self.query_lens))  # [T]
+        lens = [n - q + j + 1 for q, n in zip(self.query_lens, self.context_lens, strict=True) for j in range(q)]
+        return self.block_tables[seq.to(self.block_tables.device)], torch.tensor(lens, dtype=torch.int32)
+
     @property
     def graph_step(self) -> bool:
         """True in a CUDA-graph step (or its CPU stand-in in tests): shapes fixed, no host lengths to read."""

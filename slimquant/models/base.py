@@ -14,6 +14,10 @@ from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.rotary import RotaryEmbedding, rope_parameters
 
+# Prefill steps of up to this many tokens run the native decoder stack too, one attention row per token (its
+# attention walks each token's context position by position: for long prompts torch's SDPA is faster).
+STACK_PREFILL_TOKENS = 16
+
 
 class PreNormDecoderLayer(nn.Module):
     """x -> norm -> self_attn -> (+ residual) -> norm -> mlp, residual adds fused into the norms.
@@ -50,7 +54,9 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None  # [T, H]
         cos, sin = self.rotary(positions, x.dtype)  # [T, rope_dim]
-        stacked = self._native_decode(x, cos, sin) if get_context().is_decode else None
+        ctx = get_context()
+        small = ctx.is_decode or x.shape[0] <= STACK_PREFILL_TOKENS  # row-wise attention: cheap for few tokens
+        stacked = self._native_decode(x, cos, sin) if small else None
         if stacked is not None:
             x, residual = stacked
         else:
@@ -60,7 +66,8 @@ class DecoderModel(nn.Module):
         return x
 
     def _native_decode(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A CPU decode step of every layer in one native call, where each layer has a native plan."""
+        """A CPU step (decode, or a few prefill tokens) of every layer in one native call, where each layer has a
+        native plan."""
         if x.device.type != "cpu" or get_context().graph_step:
             return None
         if self._stack_plan is False:  # built on the first decode step: every layer planned, or None

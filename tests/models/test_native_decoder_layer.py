@@ -8,6 +8,7 @@ import torch
 from slimquant import kernels
 from slimquant.kernels import native
 from slimquant.layers.norm import RMSNorm
+from slimquant.models import base
 from slimquant.models.llama import LlamaDecoderLayer
 from slimquant.models.loader import load_model
 from tests.models.ascend_ckpt import write_ascend
@@ -52,6 +53,7 @@ def decode_run(folder, mode: str, steps: int = 3) -> tuple[torch.Tensor, list[to
 def test_fused_layers_equal_per_op_path(tiny_model, tmp_path, monkeypatch, arch, scheme):
     src = tiny_model(arch, dtype=torch.bfloat16)  # bf16 float weights: the fused layer takes them too
     dst = write_ascend(src, tmp_path / "q", SCHEMES[scheme], dtype=torch.bfloat16, shift=True)
+    monkeypatch.setattr(base, "STACK_PREFILL_TOKENS", 0)  # prefills per op in every mode: decode compared alone
     per_op, per_op_caches, _ = decode_run(dst, "per-op")
     for mode in ("stack", "layer"):
         with monkeypatch.context() as m:
@@ -61,6 +63,24 @@ def test_fused_layers_equal_per_op_path(tiny_model, tmp_path, monkeypatch, arch,
         assert all(plan is not None and plan is not False for plan in plans)  # every layer really ran fused
         assert torch.equal(fused, per_op), mode
         assert all(torch.equal(a, b) for a, b in zip(fused_caches, per_op_caches, strict=True)), mode
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_small_prefills_run_the_stack(tiny_model, tmp_path, monkeypatch, arch):
+    """Prefill chunks of up to STACK_PREFILL_TOKENS tokens take the native stack, one attention row per token;
+    its attention sums in another order than torch's SDPA, so the logits agree to fp32 rounding."""
+    dst = write_ascend(tiny_model(arch), tmp_path / "q", SCHEMES["dynamic"])
+    per_op, _, _ = decode_run(dst, "per-op")
+    calls = []
+    stack = kernels.decoder_stack
+    monkeypatch.setattr(kernels, "decoder_stack", lambda *a: calls.append(a[1].shape[0]) or stack(*a))
+    stacked, _, _ = decode_run(dst, "stack")
+    assert calls == [5, 9, 1, 3, 3, 3]  # the three prefills (5, 9 and 1 tokens), then three decode steps of 3
+    torch.testing.assert_close(stacked, per_op, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(base, "STACK_PREFILL_TOKENS", 4)
+    calls.clear()
+    decode_run(dst, "stack")
+    assert calls == [1, 3, 3, 3]  # the 5- and 9-token prefills ran per op
 
 
 def test_fp32_float_weights_keep_the_per_op_path(tiny_model, tmp_path):
