@@ -33,7 +33,6 @@ namespace {
 constexpr int kTokTile = 64;  // tokens whose quantized rows stay in L2 while a row group streams past
 constexpr int kRowTile = 16;  // weight rows per parallel work item
 constexpr int kBlockRows = 16;  // VNNI build: rows per block of the blocked weight layout (one per kRowTile)
-constexpr int kStreamTokens = 8;  // up to this many tokens, weight rows stream one at a time past all of them
 constexpr int kBf16BlockTokens = 9;  // from this many tokens, bf16 linears take 4 x 4 register blocks
 constexpr float kTinyScale = 1e-8f;
 
@@ -109,45 +108,15 @@ inline void block_dot(const int8_t* w, size_t kp, const uint8_t* const* x, int32
   }
 }
 
-// r[t * R + i] - c[i] for tokens [m, m + T) and rows [n, n + R) to epi: 4 rows at a time where R == 4.
-template <int R, int T, class Epi>
-inline void emit_results(const int32_t* r, const int32_t* c, int m, int n, const Epi& epi) {
-  if constexpr (R == 4) {
-    const __m128i c4 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
-    for (int t = 0; t < T; ++t)
-      epi.row4(m + t, n, _mm_sub_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 4 * t)), c4));
-  } else {
-    for (int t = 0; t < T; ++t)
-      for (int i = 0; i < R; ++i) epi(m + t, n + i, r[t * R + i] - c[i]);
-  }
-}
-
-// Rows [n, n + R) x tokens [m, m + T) to epi. comp[i] = 128 * sum(w[n + i]) where the caller has it;
-// with comp == nullptr it is computed here as one more activation row (of 128s) in the same block.
-template <int R, int T, class Epi>
-inline void emit(const int8_t* w, const QuantizedX& x, const uint8_t* c128, int m, int n, const int32_t* comp,
-                 const Epi& epi) {
+// Row n x tokens [m, m + T) to epi, 128 * sum(w[n]) computed as one more activation row (of 128s).
+template <int T, class Epi>
+inline void emit(const int8_t* w, const QuantizedX& x, const uint8_t* c128, int m, int n, const Epi& epi) {
   const uint8_t* rows[T + 1];
   for (int t = 0; t < T; ++t) rows[t] = x.row(m + t);
   rows[T] = c128;
   alignas(64) int32_t r[16];
-  const int8_t* wn = w + (size_t)n * x.kp;
-  if (comp) {
-    block_dot<R, T>(wn, x.kp, rows, r);
-    emit_results<R, T>(r, comp, m, n, epi);
-  } else if constexpr (R * (T + 1) <= 16) {
-    block_dot<R, T + 1>(wn, x.kp, rows, r);  // r[T * R + i] = 128 * sum(w[n + i])
-    emit_results<R, T>(r, r + T * R, m, n, epi);
-  }
-}
-
-// Tokens [m, m + t) with t in 1..3 (a remainder) against rows [n, n + R).
-template <int R, class Epi>
-inline void emit_few(const int8_t* w, const QuantizedX& x, const uint8_t* c128, int m, int t, int n,
-                     const int32_t* comp, const Epi& epi) {
-  if (t == 1) emit<R, 1>(w, x, c128, m, n, comp, epi);
-  if (t == 2) emit<R, 2>(w, x, c128, m, n, comp, epi);
-  if (t == 3) emit<R, 3>(w, x, c128, m, n, comp, epi);
+  block_dot<1, T + 1>(w + (size_t)n * x.kp, x.kp, rows, r);  // r[T] = 128 * sum(w[n])
+  for (int t = 0; t < T; ++t) epi(m + t, n, r[t] - r[T]);
 }
 
 // One token (decode) against rows [n0, n1), each row streamed once from memory: u . w - 128 * sum(w), the
@@ -264,46 +233,13 @@ void tile(const int8_t* w, const QuantizedX& x, const uint8_t* c128, int m0, int
   const int kp = x.kp;
   if (n1 - n0 == kBlockRows && n0 % kBlockRows == 0 && n1 <= nrows - nrows % kBlockRows)
     return block16_tokens(w + (size_t)n0 * kp, kp, x, m0, m1, n0, epi);
-  // below: the plain rows past the last whole block
+  // below: the plain rows past the last whole block (fewer than 16), each streamed once past every token
   if (m1 - m0 == 1) return gemv_rows(w, x.row(m0), kp, m0, n0, n1, epi);
-  if (m1 - m0 <= kStreamTokens) {  // decode batches: one weight row at a time (one sequential stream from
-    // memory, ~2x the bandwidth of 4 interleaved rows), the 128 * sum(w) term riding along as one more row
-    for (int n = n0; n < n1; ++n) {
-      int m = m0;
-      for (; m + 8 <= m1; m += 8) emit<1, 8>(w, x, c128, m, n, nullptr, epi);
-      for (; m + 4 <= m1; m += 4) emit<1, 4>(w, x, c128, m, n, nullptr, epi);
-      if (m < m1) emit_few<1>(w, x, c128, m, m1 - m, n, nullptr, epi);
-    }
-    return;
-  }
-  int32_t comp[kRowTile + 16];  // 128 * sum(w[n]) for the rows of this group, computed once
-  alignas(64) int32_t r[16];
-  const uint8_t* ones[1] = {c128};
-  int n = n0;
-  for (; n + 4 <= n1; n += 4) {
-    block_dot<4, 1>(w + (size_t)n * kp, kp, ones, r);
-    for (int i = 0; i < 4; ++i) comp[n - n0 + i] = r[i];
-  }
-  for (; n < n1; ++n) {
-    block_dot<1, 1>(w + (size_t)n * kp, kp, ones, r);
-    comp[n - n0] = r[0];
-  }
-  // token groups outer: 4 activation rows and the group's weight rows (kRowTile x kp) stay in L1
-  int m = m0;
-  for (; m < m1; m += 4) {
-    const int t = std::min(4, m1 - m);
-    for (n = n0; n + 4 <= n1; n += 4) {
-      if (t == 4)
-        emit<4, 4>(w, x, c128, m, n, comp + (n - n0), epi);
-      else
-        emit_few<4>(w, x, c128, m, t, n, comp + (n - n0), epi);
-    }
-    for (; n < n1; ++n) {
-      if (t == 4)
-        emit<1, 4>(w, x, c128, m, n, comp + (n - n0), epi);
-      else
-        emit_few<1>(w, x, c128, m, t, n, comp + (n - n0), epi);
-    }
+  for (int n = n0; n < n1; ++n) {
+    int m = m0;
+    for (; m + 8 <= m1; m += 8) emit<8>(w, x, c128, m, n, epi);
+    for (; m + 4 <= m1; m += 4) emit<4>(w, x, c128, m, n, epi);
+    for (; m < m1; ++m) emit<1>(w, x, c128, m, n, epi);
   }
 }
 
@@ -640,9 +576,6 @@ struct StoreInt32 {
   int32_t* out;
   int n;
   void operator()(int i, int j, int32_t acc) const { out[(size_t)i * n + j] = acc; }
-  void row4(int i, int j, __m128i acc) const {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (size_t)i * n + j), acc);
-  }
 #ifdef SQ_AVX512VNNI
   void rows16(int i, int j, __m512i acc) const { _mm512_storeu_si512(out + (size_t)i * n + j, acc); }
 #endif
@@ -656,11 +589,6 @@ struct DynamicEpilogue {
   void operator()(int i, int j, int32_t acc) const {
     const float v = static_cast<float>(acc) * st[i] * w_scale[j];
     y[(size_t)i * n + j] = bias ? v + bias[j] : v;
-  }
-  void row4(int i, int j, __m128i acc) const {
-    __m128 v = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(acc), _mm_set1_ps(st[i])), _mm_loadu_ps(w_scale + j));
-    if (bias) v = _mm_add_ps(v, _mm_loadu_ps(bias + j));
-    _mm_storeu_ps(y + (size_t)i * n + j, v);
   }
 #ifdef SQ_AVX512VNNI
   void rows16(int i, int j, __m512i acc) const {
@@ -680,10 +608,6 @@ struct StaticEpilogue {
   int n;
   void operator()(int i, int j, int32_t acc) const {
     y[(size_t)i * n + j] = static_cast<float>(acc + quant_bias[j]) * deq[j];
-  }
-  void row4(int i, int j, __m128i acc) const {
-    const __m128i a = _mm_add_epi32(acc, _mm_loadu_si128(reinterpret_cast<const __m128i*>(quant_bias + j)));
-    _mm_storeu_ps(y + (size_t)i * n + j, _mm_mul_ps(_mm_cvtepi32_ps(a), _mm_loadu_ps(deq + j)));
   }
 #ifdef SQ_AVX512VNNI
   void rows16(int i, int j, __m512i acc) const {
