@@ -52,3 +52,28 @@ def test_float_linear_matches_fp32_blas(m, k, n, with_bias):
     assert y.dtype == torch.float32
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * k**0.5)
     torch.testing.assert_close(y, F.linear(x, w, bias), rtol=1e-5, atol=1e-5 * k**0.5)
+
+
+def _bf16_linear_with(lib, x: torch.Tensor, w16: torch.Tensor) -> torch.Tensor:
+    y = torch.empty(x.shape[0], w16.shape[0], dtype=torch.float32)
+    m, k = x.shape
+    lib.sq_bf16_linear(x.data_ptr(), m, k, x.stride(0), w16.data_ptr(), w16.shape[0], None, y.data_ptr())
+    return y
+
+
+@needs_native
+@pytest.mark.parametrize("isa", native.ISA_FLAGS)
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 576, 37), (3, 40, 70), (9, 584, 23), (16, 64, 41), (70, 72, 9)])
+def test_bf16_linear_is_batch_invariant(isa, m, k, n):
+    """Each output has the same bits whatever other rows and tokens share the call (decode, 4 x 4 blocks, tails)."""
+    if isa == "avx512vnni" and native.isa() != isa:
+        pytest.skip("this CPU cannot run the AVX-512 VNNI build")
+    lib = native.library_for(isa)
+    g = torch.Generator().manual_seed(m * 7 + n)
+    w16 = torch.randn(n, k, generator=g).bfloat16()
+    x = torch.randn(m, k, generator=g)
+    full = _bf16_linear_with(lib, x, w16)  # [m, n]
+    rows = torch.randperm(n, generator=g)[: max(1, n // 3)]  # another row set and order, tails in other places
+    for t in (0, m // 2, m - 1):
+        assert torch.equal(_bf16_linear_with(lib, x[t : t + 1], w16[rows].contiguous()), full[t, rows][None])
+    assert torch.equal(_bf16_linear_with(lib, x[1:], w16), full[1:])

@@ -447,17 +447,6 @@ inline void block_dot_bf16(const uint16_t* w, int k, const float* x, int ldx, fl
     for (int t = 0; t < T; ++t) out[r * T + t] = hsum_ps(acc[r][t]);
 }
 
-// One token against one weight row, four independent sums (the FMA latency hides): decode streams rows.
-inline float row_dot_bf16(const uint16_t* w, int k, const float* x) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  int j = 0;
-  for (; j + 32 <= k; j += 32)
-    for (int u = 0; u < 4; ++u)
-      acc[u] = _mm256_fmadd_ps(load_bf16x8(w + j + 8 * u), _mm256_loadu_ps(x + j + 8 * u), acc[u]);
-  for (; j < k; j += 8) acc[0] = _mm256_fmadd_ps(load_bf16x8(w + j), _mm256_loadu_ps(x + j), acc[0]);
-  return hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-}
-
 #ifdef SQ_AVX512VNNI
 // 16 bf16 weights as fp32 (the upper 8 zero when half is set: K's last 8 when K is not a multiple of 16).
 inline __m512 load_bf16x16(const uint16_t* p, bool half) {
@@ -487,53 +476,52 @@ inline void row_dot_bf16_tokens(const uint16_t* w, int k, const float* x, int ld
   for (int t = 0; t < T; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
 }
 
-// 4 weight rows x 4 tokens (compute-bound batches): each weight and activation vector loaded feeds 4 FMAs, not
-// 1. Each (row, token) sum runs over the same lanes in the same order as row_dot_bf16_tokens: the same bits.
-// out[t * 4 + r] = w[r] . x[t].
-template <bool Half>
+// 4 weight rows x T tokens (compute-bound batches): each weight and activation vector loaded feeds T and 4 FMAs,
+// not 1. Each (row, token) sum runs over the same lanes in the same order as row_dot_bf16_tokens: the same bits.
+// out[t * 4 + r] = w[r] . x[t]. (For decode, one row at a time is faster: 4 rows side by side ran 2x slower.)
+template <int T, bool Half>
 inline void bf16_block_step(__m512* acc, const uint16_t* w, int k, const float* x, int ldx, int j) {
   __m512 wv[4];
   for (int r = 0; r < 4; ++r) wv[r] = load_bf16x16(w + (size_t)r * k + j, Half);
-  for (int t = 0; t < 4; ++t) {
+  for (int t = 0; t < T; ++t) {
     const float* xt = x + (size_t)t * ldx + j;
     const __m512 xv = Half ? _mm512_maskz_loadu_ps(0xff, xt) : _mm512_loadu_ps(xt);
     for (int r = 0; r < 4; ++r) acc[t * 4 + r] = _mm512_fmadd_ps(wv[r], xv, acc[t * 4 + r]);
   }
 }
 
-inline void bf16_block4x4(const uint16_t* w, int k, const float* x, int ldx, float* out) {
-  __m512 acc[16];
-  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+template <int T>
+inline void bf16_block4(const uint16_t* w, int k, const float* x, int ldx, float* out) {
+  __m512 acc[4 * T];
+  for (int i = 0; i < 4 * T; ++i) acc[i] = _mm512_setzero_ps();
   int j = 0;
-  for (; j + 16 <= k; j += 16) bf16_block_step<false>(acc, w, k, x, ldx, j);
-  if (j < k) bf16_block_step<true>(acc, w, k, x, ldx, j);  // k is a multiple of 8: one half step left
-  for (int i = 0; i < 16; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+  for (; j + 16 <= k; j += 16) bf16_block_step<T, false>(acc, w, k, x, ldx, j);
+  if (j < k) bf16_block_step<T, true>(acc, w, k, x, ldx, j);  // k is a multiple of 8: one half step left
+  for (int i = 0; i < 4 * T; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
 #endif
 
+// Rows [n0, n1) x tokens [m0, m1) of y = x W^T (+ bias). Every (row, token) sum is one function of the weight row
+// and the token row, whichever tile, block or batch computes it (batch-invariant): logits of a subset of rows or
+// tokens have the same bits as those of the whole (the greedy head's screening relies on it).
 void bf16_tile(const float* x, int ldx, const uint16_t* w, int k, int n, int m0, int m1, int n0, int n1,
                const float* bias, float* y) {
   float r[16];
   auto put = [&](int i, int j, float v) { y[(size_t)i * n + j] = bias ? v + bias[j] : v; };
-  if (m1 - m0 == 1) {  // one token: one weight row at a time, a single sequential stream from memory
-    for (int j = n0; j < n1; ++j) put(m0, j, row_dot_bf16(w + (size_t)j * k, k, x + (size_t)m0 * ldx));
-    return;
-  }
 #ifdef SQ_AVX512VNNI
   int j0 = n0;
-  if (m1 - m0 >= kBf16BlockTokens) {  // compute-bound: 4 x 4 blocks, the tokens' remainder in groups below
+  if (m1 - m0 >= kBf16BlockTokens) {  // compute-bound: 4 x 4 blocks, the tokens' remainder 4 rows at a time
     for (; j0 + 4 <= n1; j0 += 4) {
       int i = m0;
       for (; i + 4 <= m1; i += 4) {
-        bf16_block4x4(w + (size_t)j0 * k, k, x + (size_t)i * ldx, ldx, r);
+        bf16_block4<4>(w + (size_t)j0 * k, k, x + (size_t)i * ldx, ldx, r);
         for (int t = 0; t < 4; ++t)
           for (int c = 0; c < 4; ++c) put(i + t, j0 + c, r[t * 4 + c]);
       }
-      for (; i < m1; ++i)
-        for (int c = 0; c < 4; ++c) {
-          row_dot_bf16_tokens<1>(w + (size_t)(j0 + c) * k, k, x + (size_t)i * ldx, ldx, r);
-          put(i, j0 + c, r[0]);
-        }
+      for (; i < m1; ++i) {
+        bf16_block4<1>(w + (size_t)j0 * k, k, x + (size_t)i * ldx, ldx, r);
+        for (int c = 0; c < 4; ++c) put(i, j0 + c, r[c]);
+      }
     }
   }
   for (int j = j0; j < n1; ++j) {  // rows one at a time (one sequential stream from memory), tokens in groups
@@ -551,7 +539,7 @@ void bf16_tile(const float* x, int ldx, const uint16_t* w, int k, int n, int m0,
   }
   return;
 #endif
-  int j = n0;
+  int j = n0;  // AVX2: one accumulator per (row, token), in blocks of 4 rows
   for (; j + 4 <= n1; j += 4) {
     int i = m0;
     for (; i + 2 <= m1; i += 2) {
