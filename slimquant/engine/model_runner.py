@@ -130,21 +130,28 @@ class ModelRunner:
             with forward_context(inputs.context):
                 hidden = self.model(inputs.input_ids, inputs.positions)  # [T, H]
         rows = inputs.rows
+        greedy = bool(rows.sample_seqs) and all(plain_greedy(s) for s in rows.sample_seqs)
+        if greedy and not rows.prompt_rows:  # only argmaxes wanted: the model may skip most of the head
+            tokens = self.model.greedy_tokens(self._rows(hidden, rows.sample_rows))
+            return StepResult(rows.sample_seqs, Sampler.greedy_output(tokens), [])
         logits = self._logits(hidden, rows.indices())  # [S + P, V] float32, or None
         sampled = None
-        if rows.sample_seqs and all(plain_greedy(s) for s in rows.sample_seqs):
+        if greedy:
             sampled = Sampler.argmax(logits[: len(rows.sample_rows)])
         elif rows.sample_seqs:
             sampled = self.sampler(logits[: len(rows.sample_rows)], self.sampling_batch(rows.sample_seqs))
         return StepResult(rows.sample_seqs, sampled, self._prompt_logprobs(rows, logits))
 
     def _logits(self, hidden: torch.Tensor, indices: list[int]) -> torch.Tensor | None:
-        """Logits of the hidden rows at indices (a plain slice when they are 0 .. n-1, as in decode)."""
-        if not indices:
-            return None
+        """Logits of the hidden rows at indices."""
+        return self.model.compute_logits(self._rows(hidden, indices)) if indices else None
+
+    @staticmethod
+    def _rows(hidden: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """hidden [T, H] -> the rows at indices (a plain slice when they are 0 .. n-1, as in decode)."""
         if indices == list(range(len(indices))):
-            return self.model.compute_logits(hidden[: len(indices)])
-        return self.model.compute_logits(hidden[torch.tensor(indices, dtype=torch.long, device=hidden.device)])
+            return hidden[: len(indices)]
+        return hidden[torch.tensor(indices, dtype=torch.long, device=hidden.device)]
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Pack the scheduled tokens of all sequences along one axis and describe them in a ForwardContext."""

@@ -24,7 +24,7 @@ from slimquant.kernels.cpu import cpu_flags
 
 logger = logging.getLogger(__name__)
 
-SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))  # int8 GEMM, attention, norm
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))  # int8 GEMM, attention, norm, greedy screen
 HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))  # part of the cache key, not compiled alone
 FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
 K_ALIGN = 32  # the kernel reads K in steps of 32 bytes (VNNI: 64, then one 32): weights are padded to it
@@ -36,7 +36,7 @@ ISA_FLAGS = {
 _VNNI_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
 _ABI_VERSION = 1
 
-_i, _p, _f = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+_i, _p, _f, _d = ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
 _SIGNATURES = {
     "sq_int8_gemm": [_p, _i, _i, _i, _p, _i, _i, _p],
     "sq_dynamic_linear": [_p, _i, _i, _i, _p, _i, _i, _p, _p, _p],
@@ -48,8 +48,11 @@ _SIGNATURES = {
     "sq_rms_norm_heads": [_p, _i, _i, _i, _i, _p, _p, _f, _p, _i],
     "sq_silu_and_mul": [_p, _i, _i, _i, _p],
     "sq_decoder_layer": [_p, _i, _p, _p, _i, _p, _p, _p, _p, _p, _p, _p, _i, _p, _i],
+    "sq_greedy_argmax": [_p, _i, _i, _i, _p, _i, _i, _p, _p, _d, _d, _p],
     "sq_decoder_stack": [_p, _p, _p, _i, _i, _p, _p, _p, _p, _p, _p, _p, _i, _p, _i],
 }
+
+_RETURNS = {"sq_greedy_argmax": _i}  # the others return nothing
 
 
 def cache_dir() -> Path:
@@ -142,5 +145,5 @@ def _load(path: Path) -> ctypes.CDLL:
         raise OSError(f"{path} has ABI {lib.sq_abi_version()}, expected {_ABI_VERSION}")
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, None
+        fn.argtypes, fn.restype = args, _RETURNS.get(name)
     return lib

@@ -6,12 +6,14 @@ import torch
 from torch import nn
 
 from slimquant import kernels
+from slimquant.layers import greedy_head
 from slimquant.layers.attention import KVCacheLayer
 from slimquant.layers.context import get_context
 from slimquant.layers.embedding import VocabEmbedding
 from slimquant.layers.linear import Linear
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
+from slimquant.layers.quant_methods import UnquantizedMethod
 from slimquant.layers.rotary import RotaryEmbedding, rope_parameters
 
 # Prefill steps of up to this many tokens run the native decoder stack too, one attention row per token (its
@@ -91,6 +93,7 @@ class CausalLM(nn.Module):
         if not getattr(config, "tie_word_embeddings", False):
             h, v = config.hidden_size, config.vocab_size
             self.lm_head = Linear(h, [v], bias=False, quant_config=quant_config, prefix="lm_head", dtype=dtype)
+        self._greedy: greedy_head.GreedyHead | None | bool = False  # False: not built yet
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden [T, H]; reads the engine's ForwardContext."""
@@ -101,3 +104,25 @@ class CausalLM(nn.Module):
         if self.lm_head is None:
             return kernels.float_linear(hidden, self.model.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:
+        """hidden [N, H] -> each row's argmax token, as compute_logits(hidden).argmax(-1); an int8 copy of the head
+        screens the vocabulary where it can (layers/greedy_head.py)."""
+        head = self._greedy_head(hidden)
+        tokens = None if head is None else head.argmax(hidden)
+        return tokens if tokens is not None else self.compute_logits(hidden).argmax(dim=-1).tolist()
+
+    def _greedy_head(self, hidden: torch.Tensor) -> greedy_head.GreedyHead | None:
+        """The screening head, built on the first fp32 call where the float head runs on the native kernel."""
+        if self._greedy is False and hidden.dtype == torch.float32:
+            weight = self._float_head_weight()
+            usable = greedy_head.ENABLED and weight is not None and greedy_head.usable(weight)
+            self._greedy = greedy_head.GreedyHead(weight) if usable else None
+        return self._greedy or None
+
+    def _float_head_weight(self) -> torch.Tensor | None:
+        """The head's float weight [V, H] when it is a plain float linear without bias, else None."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.weight
+        plain = isinstance(self.lm_head.method, UnquantizedMethod) and self.lm_head.bias is None
+        return self.lm_head.weight if plain else None

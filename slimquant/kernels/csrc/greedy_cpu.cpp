@@ -1,0 +1,172 @@
+// The greedy head (slimquant/layers/greedy_head.py, whose `screen_reference` defines the screen): the argmax of
+// each token's logits x W^T without reading most of the bf16 head W, screened by an int8 copy of it.
+//
+// Each token row x is held as s_x * p with p = round(x / s_x) in 16 bits (|p| <= kPMax), split into two int8
+// rows p = 256 * hi + lo that the int8 GEMM multiplies exactly. Logit n is approx = (256 * dot(hi) + dot(lo)) *
+// s_x * s_w[n] within bound = ((c0 * s_w[n] + c1 * (s_w[n] * |q|_1[n])) + c2 * |w|_1[n]) * slack of the float
+// head's value; a row is a candidate when approx + bound reaches the token's max over rows of approx - bound.
+// Those steps repeat the reference's double-precision operations in the same order (built with
+// -ffp-contract=off). Candidates get their float logit from bf16_linear_rows, which gives every (row, token)
+// the bits of the full head's sq_bf16_linear; the largest wins, the first index on ties (as torch.argmax).
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "cpu_kernels.h"
+
+extern "C" void sq_int8_gemm(const int8_t* xq, int m, int k, int ldx, const int8_t* w, int n, int kp, int32_t* out);
+
+namespace {
+
+constexpr int kPMax = 127 * 256 + 127;  // both int8 halves of p stay within [-127, 127]
+constexpr int kChunk = 1024;  // head rows per parallel work item
+
+struct TokenTerms {
+  double s_x, c0, c1, c2;  // scale of p, then the bound's per-token factors
+};
+
+// Row x [k] -> hi, lo int8 [k] and its terms; false when x holds a NaN or an infinity.
+bool split_row(const float* x, int k, double fp_term, int8_t* hi, int8_t* lo, TokenTerms& terms) {
+  float amax = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    const float a = std::fabs(x[j]);
+    if (!std::isfinite(a)) return false;
+    amax = std::max(amax, a);
+  }
+  double l1 = 0.0;
+  for (int j = 0; j < k; ++j) l1 += std::fabs(static_cast<double>(x[j]));  // left to right, as the reference
+  const double s_x = amax > 0.0f ? static_cast<double>(amax) / kPMax : 1.0;
+  for (int j = 0; j < k; ++j) {
+    const double p = std::min<double>(kPMax, std::max<double>(-kPMax, std::nearbyint(x[j] / s_x)));
+    const int pi = static_cast<int>(p), l = ((pi + 128) % 256 + 256) % 256 - 128;
+    lo[j] = static_cast<int8_t>(l);
+    hi[j] = static_cast<int8_t>((pi - l) / 256);
+  }
+  terms = TokenTerms{s_x, l1 / 2, s_x / 2, static_cast<double>(amax) * (fp_term * k)};
+  return true;
+}
+
+// The head's per-row factors: s_w, |q|_1 and |w|_1 (rounded up), float32 [3, N].
+struct RowTerms {
+  const float *s_w, *q_l1, *w_l1;
+};
+
+inline double approx_at(const int32_t* hi, const int32_t* lo, const TokenTerms& t, const RowTerms& r, int j) {
+  return (static_cast<double>(hi[j]) * 256 + lo[j]) * t.s_x * static_cast<double>(r.s_w[j]);
+}
+
+inline double bound_at(const TokenTerms& t, const RowTerms& r, int j, double slack) {
+  const double s_w = r.s_w[j];
+  return ((t.c0 * s_w + t.c1 * (s_w * static_cast<double>(r.q_l1[j]))) + t.c2 * static_cast<double>(r.w_l1[j])) * slack;
+}
+
+// approx - bound and approx + bound of rows [j, j + 4): the scalar steps above, four lanes at a time.
+inline void bounds4(const int32_t* h, const int32_t* l, const TokenTerms& t, const RowTerms& r, int j, double slack,
+                    __m256d& lower, __m256d& upper) {
+  const __m256d hi = _mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + j)));
+  const __m256d lo = _mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(l + j)));
+  const __m256d s_w = _mm256_cvtps_pd(_mm_loadu_ps(r.s_w + j));
+  const __m256d q_l1 = _mm256_cvtps_pd(_mm_loadu_ps(r.q_l1 + j));
+  const __m256d w_l1 = _mm256_cvtps_pd(_mm_loadu_ps(r.w_l1 + j));
+  const __m256d dot = _mm256_add_pd(_mm256_mul_pd(hi, _mm256_set1_pd(256)), lo);
+  const __m256d approx = _mm256_mul_pd(_mm256_mul_pd(dot, _mm256_set1_pd(t.s_x)), s_w);
+  const __m256d first = _mm256_add_pd(_mm256_mul_pd(_mm256_set1_pd(t.c0), s_w),
+                                      _mm256_mul_pd(_mm256_set1_pd(t.c1), _mm256_mul_pd(s_w, q_l1)));
+  const __m256d bound = _mm256_mul_pd(_mm256_add_pd(first, _mm256_mul_pd(_mm256_set1_pd(t.c2), w_l1)),
+                                      _mm256_set1_pd(slack));
+  lower = _mm256_sub_pd(approx, bound);
+  upper = _mm256_add_pd(approx, bound);
+}
+
+// Token i's best lower bound over rows [j0, j1), folded into m.
+double floor_of(const int32_t* h, const int32_t* l, const TokenTerms& t, const RowTerms& r, int j0, int j1,
+                double slack, double m) {
+  __m256d best = _mm256_set1_pd(m), lower, upper;
+  int j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    bounds4(h, l, t, r, j, slack, lower, upper);
+    best = _mm256_max_pd(best, lower);
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, best);
+  for (double v : lanes) m = std::max(m, v);
+  for (; j < j1; ++j) m = std::max(m, approx_at(h, l, t, r, j) - bound_at(t, r, j, slack));
+  return m;
+}
+
+struct Best {
+  float logit = -INFINITY;
+  int64_t row = -1;
+  void offer(float v, int64_t j) {  // the larger logit; on a tie the smaller row
+    if (row < 0 || v > logit || (v == logit && j < row)) logit = v, row = j;
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// tokens[t] = argmax over rows of x[t] . w[row] for x fp32 [T, K] (row stride ldx), w bf16 [N, K], screened with
+// its int8 copy wq [N, Kp] (int8_ops.pack_weight) and rows float32 [3, N]. Returns 0, or 1 when x is not finite.
+int sq_greedy_argmax(const float* x, int t, int k, int ldx, const int8_t* wq, int n, int kp, const float* rows,
+                     const uint16_t* w, double slack, double fp_term, int64_t* tokens) {
+  std::vector<int8_t> halves((size_t)2 * t * k);  // [2T, K]: hi rows, then lo rows
+  std::vector<TokenTerms> terms(t);
+  for (int i = 0; i < t; ++i)
+    if (!split_row(x + (size_t)i * ldx, k, fp_term, &halves[(size_t)i * k], &halves[(size_t)(t + i) * k], terms[i]))
+      return 1;
+  thread_local std::vector<int32_t> acc;  // [2T, N], exact; kept between calls (no page faults per step)
+  if (acc.size() < (size_t)2 * t * n) acc.resize((size_t)2 * t * n);
+  int32_t* dots = acc.data();  // a plain pointer: inside the parallel region `acc` would be each thread's own
+  sq_int8_gemm(halves.data(), 2 * t, k, k, wq, n, kp, dots);
+  const RowTerms r{rows, rows + n, rows + 2 * (size_t)n};
+  auto hi = [&](int i) { return dots + (size_t)i * n; };
+  auto lo = [&](int i) { return dots + (size_t)(t + i) * n; };
+  const int chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> floor(t, -INFINITY);  // per token: the best lower bound
+  std::vector<Best> best(t);
+#pragma omp parallel
+  {
+    std::vector<double> mine(t, -INFINITY);
+#pragma omp for schedule(static)
+    for (int c = 0; c < chunks; ++c)
+      for (int i = 0; i < t; ++i)
+        mine[i] = floor_of(hi(i), lo(i), terms[i], r, c * kChunk, std::min(n, (c + 1) * kChunk), slack, mine[i]);
+#pragma omp critical
+    for (int i = 0; i < t; ++i) floor[i] = std::max(floor[i], mine[i]);
+#pragma omp barrier
+    std::vector<Best> found(t);
+#pragma omp for schedule(static)
+    for (int c = 0; c < chunks; ++c)
+      for (int i = 0; i < t; ++i) {
+        auto offer = [&](int j) {  // row j's logit for token i, with the full head's bits
+          float logit;
+          sq::bf16_linear_rows(x + (size_t)i * ldx, 1, k, ldx, w + (size_t)j * k, 1, 0, 1, nullptr, &logit);
+          found[i].offer(logit, j);
+        };
+        const int32_t *h = hi(i), *l = lo(i);
+        const int j1 = std::min(n, (c + 1) * kChunk);
+        const __m256d fl = _mm256_set1_pd(floor[i]);
+        __m256d lower, upper;
+        int j = c * kChunk;
+        for (; j + 4 <= j1; j += 4) {
+          bounds4(h, l, terms[i], r, j, slack, lower, upper);
+          for (int bits = _mm256_movemask_pd(_mm256_cmp_pd(upper, fl, _CMP_GE_OQ)); bits; bits &= bits - 1)
+            offer(j + __builtin_ctz(bits));
+        }
+        for (; j < j1; ++j)
+          if (approx_at(h, l, terms[i], r, j) + bound_at(terms[i], r, j, slack) >= floor[i]) offer(j);
+      }
+#pragma omp critical
+    for (int i = 0; i < t; ++i)
+      if (found[i].row >= 0) best[i].offer(found[i].logit, found[i].row);
+  }
+  for (int i = 0; i < t; ++i) tokens[i] = best[i].row;
+  return 0;
+}
+
+}  // extern "C"
