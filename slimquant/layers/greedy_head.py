@@ -41,6 +41,10 @@ class GreedyHead:
         q, self.row_terms = quantize_rows(weight)  # int8 [V, K]; [3, V] fp32: the bound's per-row factors
         self.packed = int8_ops.pack_weight(q)  # int8 for the native GEMM
 
+    def screen_bytes(self) -> int:
+        """Bytes the screen reads per step (the int8 copy and the per-row factors; the candidates' rows aside)."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.row_terms))
+
     def argmax(self, x: torch.Tensor) -> list[int] | None:
         """x fp32 [T, K] -> the argmax token of each row's logits; None where the screen does not apply
         (non-finite x, or more tokens than the native float kernel takes)."""

@@ -118,6 +118,10 @@ class CausalLM(nn.Module):
             weight = self._float_head_weight()
             usable = greedy_head.ENABLED and weight is not None and greedy_head.usable(weight)
             self._greedy = greedy_head.GreedyHead(weight) if usable else None
+        return self.greedy_head()
+
+    def greedy_head(self) -> greedy_head.GreedyHead | None:
+        """The screening head if greedy steps have built one, else None."""
         return self._greedy or None
 
     def _float_head_weight(self) -> torch.Tensor | None:

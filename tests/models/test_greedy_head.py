@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slimquant.entrypoints.commands.bench import decode_weight_bytes
 from slimquant.kernels import float_ops, int8_ops, native
 from slimquant.layers import greedy_head
 from slimquant.layers.greedy_head import GreedyHead
@@ -69,8 +70,15 @@ def test_model_greedy_tokens_use_the_screen(tmp_path, tiny_model, tied):
     folder = write_ascend(src, tmp_path, lambda prefix: "W8A8_DYNAMIC", dtype=torch.bfloat16)
     model = load_model(str(folder)).model
     hidden = torch.randn(5, model.config.hidden_size) * 3
+    assert model.greedy_head() is None  # built by the first greedy step
     assert model.greedy_tokens(hidden) == model.compute_logits(hidden).argmax(dim=1).tolist()
-    assert isinstance(model._greedy, GreedyHead)
+    assert isinstance(model.greedy_head(), GreedyHead)
+    v, h = model.config.vocab_size, model.config.hidden_size
+    linears = sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n
+    )
+    screen = v * -(-h // 32) * 32 + 3 * 4 * v  # int8 rows padded to 32 bytes, three fp32 factors per row
+    assert decode_weight_bytes(model) == linears + screen  # the head's float bytes are not read
 
 
 @needs_native

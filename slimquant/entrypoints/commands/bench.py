@@ -147,10 +147,18 @@ def _bench_slimquant(path: str, args: argparse.Namespace) -> Row:
 
 
 def decode_weight_bytes(model) -> int:
-    """Bytes of weights one decode step reads: every parameter, but of the embedding table one row (unless tied)."""
+    """Bytes of weights one greedy decode step reads: every parameter, but of the embedding table one row (unless
+    tied), and the greedy head's int8 screen in place of the float LM head where it runs (layers/greedy_head.py)."""
     embed = model.model.embed_tokens.weight
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return total if model.lm_head is None else total - embed.numel() * embed.element_size()
+    total = sum(_nbytes(p) for p in model.parameters())
+    if model.lm_head is not None:
+        total -= _nbytes(embed)
+    head = model.greedy_head()
+    return total if head is None else total - _nbytes(head.weight) + head.screen_bytes()
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
 
 
 def read_bandwidth(device: str = "cpu", gib: float = 0.5, repeats: int = 5) -> float:
