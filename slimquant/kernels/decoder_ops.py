@@ -180,6 +180,57 @@ def decoder_stack(
     return out, residual
 
 
+@dataclass
+class ModelEnds:
+    """What a whole-model step adds around the stack: the embedding table [V, H] (bf16 or fp32), the rope
+    tables (cos, sin) fp32 [P, D] covering every position of the step (None: no rope), the final norm."""
+
+    embed: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    norm_weight: torch.Tensor
+    norm_bias: torch.Tensor | None
+    eps: float
+
+
+def decoder_model(
+    stack: DecoderStackPlan,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    ends: ModelEnds,
+    kv_caches: list[torch.Tensor],
+    ctx,
+) -> torch.Tensor | None:
+    """A whole step in one native call: input_ids, positions [T] -> the final norm's output [T, H] (embeddings,
+    every layer as decoder_stack, final norm); None where it does not apply (the caller runs the ops)."""
+    b, h = input_ids.shape[0], ends.embed.shape[1]
+    pointers = stack.cache_pointers(kv_caches)
+    cos, sin = ends.rope if ends.rope is not None else (None, None)
+    if pointers is None or b > stack.max_batch or not _ends_ready(ends, input_ids, positions):
+        return None
+    k_ptrs, v_ptrs = pointers
+    hidden = torch.empty(b, h)  # [T, H]
+    tables, lens = ctx.token_rows  # [T, W], [T]
+    native.library().sq_decoder_model(
+        stack.layers, k_ptrs, v_ptrs, len(stack.plans), b, input_ids.data_ptr(), ends.embed.data_ptr(),
+        int(ends.embed.dtype == torch.bfloat16), positions.data_ptr(), ptr_or_none(cos), ptr_or_none(sin),
+        0 if cos is None else cos.shape[1], ends.norm_weight.data_ptr(), ptr_or_none(ends.norm_bias), ends.eps,
+        hidden.data_ptr(), ctx.slot_mapping.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(),
+        kv_caches[0].shape[2],
+    )  # fmt: skip
+    return hidden
+
+
+def _ends_ready(ends: ModelEnds, input_ids: torch.Tensor, positions: torch.Tensor) -> bool:
+    """The tensors in the dtypes, device and layout sq_decoder_model reads."""
+    ids_ok = all(
+        t.dtype == torch.int64 and t.device.type == "cpu" and t.is_contiguous() for t in (input_ids, positions)
+    )
+    embed = ends.embed
+    embed_ok = embed.dtype in (torch.bfloat16, torch.float32) and embed.device.type == "cpu" and embed.is_contiguous()
+    rope = ends.rope or ()
+    return ids_ok and embed_ok and _kernel_ready(ends.norm_weight, ends.norm_bias, *rope)
+
+
 def _kernel_ready(*ts: torch.Tensor | None) -> bool:
     """Every tensor given (None skipped) is fp32, on the CPU and contiguous: what the native layer reads."""
     return fp32_cpu(*ts) and all(t is None or t.is_contiguous() for t in ts)

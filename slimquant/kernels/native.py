@@ -50,6 +50,7 @@ _SIGNATURES = {
     "sq_decoder_layer": [_p, _i, _p, _p, _i, _p, _p, _p, _p, _p, _p, _p, _i, _p, _i],
     "sq_greedy_argmax": [_p, _i, _i, _i, _p, _i, _i, _p, _p, _d, _d, _p],
     "sq_decoder_stack": [_p, _p, _p, _i, _i, _p, _p, _p, _p, _p, _p, _p, _i, _p, _i],
+    "sq_decoder_model": [_p, _p, _p, _i, _i, _p, _p, _i, _p, _p, _p, _i, _p, _p, _f, _p, _p, _p, _i, _p, _i],
 }
 
 _RETURNS = {"sq_greedy_argmax": _i}  # the others return nothing

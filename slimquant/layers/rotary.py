@@ -110,6 +110,14 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", inverse_frequencies(head_dim, params), persistent=False)
         self.scaling = attention_factor(params)
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def table(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) fp32 [P, D] for positions 0 .. P - 1, P >= n: row p is forward(p)'s (grown by doubling)."""
+        if self._table is None or self._table[0].shape[0] < n:
+            size = max(n, 256, 0 if self._table is None else 2 * self._table[0].shape[0])
+            self._table = self(torch.arange(size, device=self.inv_freq.device), torch.float32)
+        return self._table
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq  # [T, D/2]

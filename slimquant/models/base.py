@@ -54,32 +54,34 @@ class DecoderModel(nn.Module):
         self._caches: tuple[int, list[torch.Tensor]] = (-1, [])  # (KVCacheLayer.generation, each layer's cache)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        ctx = get_context()
+        if ctx.is_decode or input_ids.shape[0] <= STACK_PREFILL_TOKENS:  # row-wise attention: cheap for few tokens
+            hidden = self._native_step(input_ids, positions)
+            if hidden is not None:
+                return hidden
         x, residual = self.embed_tokens(input_ids), None  # [T, H]
         cos, sin = self.rotary(positions, x.dtype)  # [T, rope_dim]
-        ctx = get_context()
-        small = ctx.is_decode or x.shape[0] <= STACK_PREFILL_TOKENS  # row-wise attention: cheap for few tokens
-        stacked = self._native_decode(x, cos, sin) if small else None
-        if stacked is not None:
-            x, residual = stacked
-        else:
-            for layer in self.layers:
-                x, residual = layer(x, residual, cos, sin)
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin)
         x, _ = self.norm(x, residual)
         return x
 
-    def _native_decode(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A CPU step (decode, or a few prefill tokens) of every layer in one native call, where each layer has a
-        native plan."""
-        if x.device.type != "cpu" or get_context().graph_step:
+    def _native_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """A CPU step (decode, or a few prefill tokens) of the whole model in one native call, where every layer
+        has a native plan: embeddings, layers, final norm -> hidden [T, H]."""
+        ctx = get_context()
+        if input_ids.device.type != "cpu" or ctx.graph_step:
             return None
-        if self._stack_plan is False:  # built on the first decode step: every layer planned, or None
+        if self._stack_plan is False:  # built on the first such step: every layer planned, or None
             plans = [layer.native_plan() if hasattr(layer, "native_plan") else None for layer in self.layers]
             self._stack_plan = kernels.DecoderStackPlan(plans) if plans and all(p is not None for p in plans) else None
         if self._stack_plan is None:
             return None
         if self._caches[0] != KVCacheLayer.generation:  # a cache was (re)assigned since the last step
             self._caches = (KVCacheLayer.generation, [layer.kv_cache for layer in self.layers])
-        return kernels.decoder_stack(self._stack_plan, x, (cos, sin), self._caches[1], get_context())
+        rope = self.rotary.table(max(ctx.context_lens))  # rows for every position of the step
+        ends = kernels.ModelEnds(self.embed_tokens.weight, rope, self.norm.weight, self.norm.bias, self.norm.eps)
+        return kernels.decoder_model(self._stack_plan, input_ids, positions, ends, self._caches[1], ctx)
 
 
 class CausalLM(nn.Module):

@@ -72,8 +72,8 @@ def test_small_prefills_run_the_stack(tiny_model, tmp_path, monkeypatch, arch):
     dst = write_ascend(tiny_model(arch), tmp_path / "q", SCHEMES["dynamic"])
     per_op, _, _ = decode_run(dst, "per-op")
     calls = []
-    stack = kernels.decoder_stack
-    monkeypatch.setattr(kernels, "decoder_stack", lambda *a: calls.append(a[1].shape[0]) or stack(*a))
+    step = kernels.decoder_model
+    monkeypatch.setattr(kernels, "decoder_model", lambda *a: calls.append(a[1].shape[0]) or step(*a))
     stacked, _, _ = decode_run(dst, "stack")
     assert calls == [5, 9, 1, 3, 3, 3]  # the three prefills (5, 9 and 1 tokens), then three decode steps of 3
     torch.testing.assert_close(stacked, per_op, rtol=1e-4, atol=1e-4)

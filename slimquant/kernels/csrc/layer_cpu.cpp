@@ -289,4 +289,46 @@ void sq_decoder_stack(const SqDecoderLayer* const* layers, float* const* k_cache
                      slots, block_tables, max_blocks, context_lens, block_size);
 }
 
+// A whole step of a decoder model around sq_decoder_stack: the embedding rows of ids [B] (table [V, H], bf16 when
+// embed_bf16 != 0, else fp32), the rope rows of positions [B] (tables [P, rope_dim]; null: no rope), every layer,
+// then the final norm (weight, bias or null, eps) of out + residual into hidden [B, H]. The same steps as the
+// per-op path (F.embedding, RotaryEmbedding rows, add_rms_norm): the same bits.
+void sq_decoder_model(const SqDecoderLayer* const* layers, float* const* k_caches, float* const* v_caches,
+                      int num_layers, int batch, const int64_t* ids, const void* embed, int embed_bf16,
+                      const int64_t* positions, const float* cos_table, const float* sin_table, int rope_dim,
+                      const float* norm_w, const float* norm_b, float eps, float* hidden, const int64_t* slots,
+                      const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size) {
+  const int h = layers[0]->hidden;
+  thread_local std::vector<float> x_buf, res_buf, out_buf, cos_buf, sin_buf;
+  float* x = scratch(x_buf, (size_t)batch * h);
+  float* residual = scratch(res_buf, (size_t)batch * h);
+  float* out = scratch(out_buf, (size_t)batch * h);
+  float *cos = nullptr, *sin = nullptr;
+  for (int i = 0; i < batch; ++i) {
+    float* row = x + (size_t)i * h;
+    if (embed_bf16) {
+      const uint16_t* e = static_cast<const uint16_t*>(embed) + (size_t)ids[i] * h;
+      for (int j = 0; j < h; ++j) {
+        const uint32_t bits = static_cast<uint32_t>(e[j]) << 16;
+        std::memcpy(row + j, &bits, 4);
+      }
+    } else {
+      std::memcpy(row, static_cast<const float*>(embed) + (size_t)ids[i] * h, sizeof(float) * h);
+    }
+  }
+  if (cos_table) {
+    cos = scratch(cos_buf, (size_t)batch * rope_dim);
+    sin = scratch(sin_buf, (size_t)batch * rope_dim);
+    for (int i = 0; i < batch; ++i) {
+      std::memcpy(cos + (size_t)i * rope_dim, cos_table + (size_t)positions[i] * rope_dim, sizeof(float) * rope_dim);
+      std::memcpy(sin + (size_t)i * rope_dim, sin_table + (size_t)positions[i] * rope_dim, sizeof(float) * rope_dim);
+    }
+  }
+  sq_decoder_stack(layers, k_caches, v_caches, num_layers, batch, x, residual, out, cos, sin, slots, block_tables,
+                   max_blocks, context_lens, block_size);
+  for (int i = 0; i < batch; ++i)
+    sq::norm_row(out + (size_t)i * h, residual + (size_t)i * h, h, norm_w, norm_b, eps, residual + (size_t)i * h,
+                 hidden + (size_t)i * h);
+}
+
 }  // extern "C"
