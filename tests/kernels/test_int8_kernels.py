@@ -164,7 +164,7 @@ def _dynamic_with(lib, x: torch.Tensor, packed: torch.Tensor, w_s: torch.Tensor,
 
 
 @needs_vnni
-@pytest.mark.parametrize("m", [1, 3, 17, 70])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 17, 70])  # 2-4: the single-pass few-token blocks
 @pytest.mark.parametrize("k", [5, 33, 100, 576])
 @pytest.mark.parametrize("n", [1, 7, 16, 65])  # 16, 65: whole blocks of 16 rows (+ a row in plain layout)
 def test_avx512_and_avx2_builds_agree(m, k, n):
