@@ -51,11 +51,14 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: [N, V] float32 -> one token per row."""
-        raw = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
-        logits = apply_penalties(apply_constraints(logits.float().clone(), batch), batch)
+        raw = logits.float()  # [N, V]
+        logits = apply_penalties(apply_constraints(raw, batch), batch)
         tokens = self.sample(logits, batch)  # [N]
-        chosen = raw.gather(1, tokens[:, None])[:, 0]
-        return SamplerOutput(tokens.tolist(), chosen.tolist(), top_logprobs(raw, tokens, batch.num_logprobs))
+        chosen = raw.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(raw, dim=-1)  # the raw logprob
+        if all(k is None for k in batch.num_logprobs):
+            return SamplerOutput(tokens.tolist(), chosen.tolist(), [None] * len(tokens))
+        top = top_logprobs(torch.log_softmax(raw, dim=-1), tokens, batch.num_logprobs)
+        return SamplerOutput(tokens.tolist(), chosen.tolist(), top)
 
     @staticmethod
     def argmax(logits: torch.Tensor) -> SamplerOutput:
@@ -73,24 +76,33 @@ class Sampler:
         if bool(greedy.all()):
             return logits.argmax(dim=-1)
         temperature = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
-        scaled = apply_top_k_top_p(apply_min_p(logits / temperature[:, None], batch.min_p), batch.top_k, batch.top_p)
-        probs = torch.softmax(scaled, dim=-1)  # [N, V]
-        sampled = (probs / self._exponential(probs, batch.generators)).argmax(dim=-1)
+        scaled = apply_min_p(logits / temperature[:, None], batch.min_p)  # [N, V]
+        ids, kept = top_k_top_p_candidates(scaled, batch.top_k, batch.top_p)  # [N, C] each (ids None: all of V)
+        picked = self._draw(torch.softmax(kept, dim=-1), batch.generators)  # [N] positions in C
+        sampled = picked if ids is None else ids.gather(1, picked[:, None])[:, 0]
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
-    def _exponential(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-        """Exp(1) noise [N, V]: argmax(probs / noise) is a draw from probs; each row uses its own generator."""
-        noise = torch.empty_like(probs)
+    def _draw(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """One draw per row of probs [N, C] by inverse CDF (one uniform per row, from its own generator)."""
+        cdf = probs.cumsum(dim=-1)  # [N, C]
+        u = self._uniform(probs.shape[0], probs.device, generators) * cdf[:, -1]  # [N]
+        picked = torch.searchsorted(cdf, u[:, None], right=True)[:, 0]  # first position whose cdf exceeds u
+        last = probs.shape[1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(dim=-1)  # [N] last possible token
+        return torch.minimum(picked, last)  # u rounded up to the total: the last token with probability > 0
+
+    def _uniform(self, n: int, device: torch.device, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """[N] uniforms in [0, 1); each row from its own generator where it has one, else the shared one."""
         if all(g is None for g in generators):
-            return noise.exponential_(generator=self.generator)
-        for i, g in enumerate(generators):
-            noise[i].exponential_(generator=g or self.generator)
-        return noise
+            return torch.rand(n, generator=self.generator, device=device)
+        return torch.cat([torch.rand(1, generator=g or self.generator, device=device) for g in generators])
 
 
 def apply_constraints(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Allowed-token masks, logit bias and banned tokens, row by row (in place). logits: [N, V]."""
-    rows = zip(batch.allowed_ids, batch.logit_bias, batch.banned_ids, strict=True)
+    """Allowed-token masks, logit bias and banned tokens, row by row (on a copy, where any applies). logits: [N, V]."""
+    rows = list(zip(batch.allowed_ids, batch.logit_bias, batch.banned_ids, strict=True))
+    if all(allowed is None and not bias and not banned for allowed, bias, banned in rows):
+        return logits
+    logits = logits.clone()
     for i, (allowed, bias, banned) in enumerate(rows):
         if allowed is not None:
             keep = torch.full_like(logits[i], float("-inf"))
@@ -149,6 +161,33 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     drop[:, -1] = False  # always keep the most likely token
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def top_k_top_p_candidates(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, width: int = 64
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """apply_top_k_top_p without sorting the vocabulary: the k most likely tokens (torch.topk), then the nucleus
+    within them, widening the window until it holds every row's nucleus. logits [N, V] -> (token ids [N, C] or
+    None, their logits [N, C] with -inf where dropped); None and logits unchanged when no row filters."""
+    vocab = logits.shape[1]
+    k = torch.where((top_k <= 0) | (top_k > vocab), torch.full_like(top_k, vocab), top_k).to(logits.device)  # [N]
+    nucleus = top_p < 1.0  # [N]
+    if not bool(nucleus.any()) and bool((k == vocab).all()):
+        return None, logits
+    unfiltered = (k == vocab) & ~nucleus  # such a row in a mixed batch needs the whole vocabulary
+    width = vocab if bool(unfiltered.any()) else min(vocab, max(width, int(k.masked_fill(k == vocab, 0).max())))
+    while True:
+        values, ids = logits.topk(width, dim=-1)  # [N, W] descending
+        values = values.masked_fill(torch.arange(width, device=logits.device) >= k[:, None], float("-inf"))
+        whole = torch.where(k <= width, torch.logsumexp(values, -1), torch.logsumexp(logits, -1))  # [N]
+        probs = torch.exp(values - whole[:, None])  # [N, W] of the top-k-filtered distribution
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        p = top_p.to(logits.device)[:, None]
+        drop = (before >= p) & nucleus.to(logits.device)[:, None]
+        covered = (k <= width) | (probs.sum(dim=-1) >= p[:, 0])  # every row's kept tokens are in the window
+        if width == vocab or bool(covered.all()):
+            return ids, values.masked_fill(drop, float("-inf"))
+        width = min(vocab, width * 4)
 
 
 def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, ks: list[int | None]) -> list[TopLogprobs | None]:

@@ -11,6 +11,7 @@ from slimquant.layers.sampler import (
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
+    top_k_top_p_candidates,
     top_logprobs,
 )
 
@@ -134,3 +135,27 @@ def test_plain_greedy_rows_take_the_argmax_shortcut_only_when_nothing_else_appli
         dict(temperature=0, min_tokens=2),  # EOS is banned until 2 tokens are out
     ):
         assert not plain_greedy(seq(**params)), params
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_candidates_keep_the_tokens_the_sorting_masks_keep(seed):
+    """top_k_top_p_candidates (topk, widened until every nucleus fits) keeps apply_top_k_top_p's token set."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = 3000
+    logits = torch.randn(6, vocab, generator=g) * torch.tensor([[0.5], [1.0], [2.0], [4.0], [1.0], [0.3]])
+    top_k = torch.tensor([0, 40, 0, 2500, 7, 0])
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.95, 0.3, 0.999])  # the last row's nucleus needs most of the vocabulary
+    want = apply_top_k_top_p(logits, top_k, top_p) > float("-inf")  # [N, V]
+    ids, kept = top_k_top_p_candidates(logits, top_k, top_p, width=16)
+    got = torch.zeros_like(want).scatter_(1, ids, kept > float("-inf"))
+    assert torch.equal(got, want)
+    assert top_k_top_p_candidates(logits, torch.zeros(6, dtype=torch.int64), torch.ones(6))[0] is None
+
+
+def test_sampler_leaves_the_logits_alone():
+    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(3))
+    before = logits.clone()
+    b = batch(2, temperature=[0.7, 0.0], top_p=[0.8, 1.0], logit_bias=[{1: 5.0}, None])
+    b.banned_ids = [[2], []]
+    Sampler(torch.Generator().manual_seed(0))(logits, b)
+    assert torch.equal(logits, before)
