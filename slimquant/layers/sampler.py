@@ -87,7 +87,7 @@ class Sampler:
         cdf = probs.cumsum(dim=-1)  # [N, C]
         u = self._uniform(probs.shape[0], probs.device, generators) * cdf[:, -1]  # [N]
         picked = torch.searchsorted(cdf, u[:, None], right=True)[:, 0]  # first position whose cdf exceeds u
-        last = probs.shape[1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(dim=-1)  # [N] last possible token
+        last = probs.shape[1] - 1 - (probs > 0).flip(-1).to(torch.int32).argmax(dim=-1)  # [N] last possible token
         return torch.minimum(picked, last)  # u rounded up to the total: the last token with probability > 0
 
     def _uniform(self, n: int, device: torch.device, generators: list[torch.Generator | None]) -> torch.Tensor:
