@@ -18,6 +18,7 @@ from slimquant.kernels.float_ops import NATIVE_MAX_TOKENS
 from slimquant.kernels.layer_ops import fp32_cpu, ptr_or_none
 
 _LINEAR_KIND = {"dynamic": 1, "static": 2, "bf16": 3}
+_SLICE_ROWS = 16  # csrc/layer_cpu.cpp: kSliceAlign, the blocked int8 layout's rows per block
 
 
 class NativeLinear(ctypes.Structure):
@@ -259,7 +260,10 @@ def _shapes_agree(hidden: int, linears: dict[str, LinearForm], heads: tuple[int,
     nh, kvh, d = heads
     qkv, o, gate_up, down = (linears[name] for name in ("qkv", "o", "gate_up", "down"))
     attention_ok = (qkv.k, qkv.n, o.k, o.n) == (hidden, (nh + 2 * kvh) * d, nh * d, hidden)
-    return attention_ok and (gate_up.k, gate_up.n, down.n) == (hidden, 2 * down.k, hidden)
+    # each thread computes its slice of the gate rows and the same slice of the up rows, which start at row
+    # inter: for int8 weights (blocks of 16 rows in the VNNI layout) that must fall on a block boundary
+    up_aligned = gate_up.kind == "bf16" or down.k % _SLICE_ROWS == 0
+    return attention_ok and up_aligned and (gate_up.k, gate_up.n, down.n) == (hidden, 2 * down.k, hidden)
 
 
 def _native_linear(lf: LinearForm) -> NativeLinear:

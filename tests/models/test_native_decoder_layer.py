@@ -11,6 +11,7 @@ from slimquant.layers.norm import RMSNorm
 from slimquant.models import base
 from slimquant.models.llama import LlamaDecoderLayer
 from slimquant.models.loader import load_model
+from slimquant.random_models import make_tiny_model
 from tests.models.ascend_ckpt import write_ascend
 from tests.models.paged import PROMPT, PagedRunner
 
@@ -96,3 +97,13 @@ def test_per_head_norm_equals_torch_definition():
     q = qkv[:, : 4 * 16].view(3, 4, 16)
     assert kernels.rms_norm_heads(q, norm.weight, None, norm.eps) is not None  # the native path runs here
     torch.testing.assert_close(norm(q), norm._norm(q), rtol=1e-6, atol=1e-6)
+
+
+def test_intermediate_size_off_the_int8_blocks_keeps_the_per_op_path(tmp_path):
+    """The stack splits gate_up's up half at row `intermediate_size`, which must start a block of 16 int8 rows."""
+    src = make_tiny_model("llama", tmp_path / "src", dtype=torch.bfloat16, intermediate_size=72)
+    dst = write_ascend(src, tmp_path / "q", SCHEMES["dynamic"], dtype=torch.bfloat16)
+    per_op, _, _ = decode_run(dst, "per-op")
+    stacked, _, plans = decode_run(dst, "stack")
+    assert all(plan is None for plan in plans)
+    assert torch.equal(stacked, per_op)
