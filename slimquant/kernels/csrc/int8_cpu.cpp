@@ -166,16 +166,18 @@ __attribute__((noinline)) __m512i block16_comp(const int8_t* blk, int kp) {
 
 // Tokens [m, m + T) x the 16 rows [n, n + 16) of one block in the blocked layout (byte (r, 4c + i) of the
 // block at 64c + 4r + i). Lane r of a vpdpbusd sums row r's products with four bytes of a token broadcast to
-// every lane: no horizontal sums. comp: block16_comp of the block.
-template <int T, class Epi>
+// every lane: no horizontal sums. comp: block16_comp of the block, or (OwnComp) zero and summed here alongside.
+template <int T, bool OwnComp, class Epi>
 __attribute__((noinline)) void block16(const int8_t* blk, int kp, const QuantizedX& x, int m, int n, __m512i comp,
                                        const Epi& epi) {
   // noinline: inlined into tile(), GCC 12 runs out of registers and spills the row pointers
+  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512i acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_si512();
   const uint8_t* xa = x.row(m);  // T rows at stride kp
   for (int c = 0; c < kp / 4; ++c) {
     const __m512i wv = load64(blk + 64 * c);
+    if (OwnComp) comp = dpbusd(comp, c128, wv);
     for (int t = 0; t < T; ++t) {
       int32_t four;
       std::memcpy(&four, xa + (size_t)t * kp + 4 * c, 4);
@@ -213,42 +215,24 @@ __attribute__((noinline)) void block16_one(const int8_t* blk, int kp, const Quan
   epi.rows16(m, n, _mm512_sub_epi32(_mm512_add_epi32(acc, acc2), _mm512_add_epi32(comp, comp2)));
 }
 
-// 2 to 4 tokens x one block in a single pass, comp alongside: the block streams from memory once (a separate
-// comp pass first cost a fifth of the bandwidth at 2 tokens).
-template <int T, class Epi>
-__attribute__((noinline)) void block16_few(const int8_t* blk, int kp, const QuantizedX& x, int m, int n,
-                                           const Epi& epi) {
-  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512i acc[T], comp = _mm512_setzero_si512();
-  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_si512();
-  const uint8_t* xa = x.row(m);  // T rows at stride kp
-  for (int c = 0; c < kp / 4; ++c) {
-    const __m512i wv = load64(blk + 64 * c);
-    comp = dpbusd(comp, c128, wv);
-    for (int t = 0; t < T; ++t) {
-      int32_t four;
-      std::memcpy(&four, xa + (size_t)t * kp + 4 * c, 4);
-      acc[t] = dpbusd(acc[t], _mm512_set1_epi32(four), wv);
-    }
-  }
-  for (int t = 0; t < T; ++t) epi.rows16(m + t, n, _mm512_sub_epi32(acc[t], comp));
-}
-
 // Tokens [m0, m1) x one block of 16 rows at n, in groups of 8 tokens.
 template <class Epi>
 void block16_tokens(const int8_t* blk, int kp, const QuantizedX& x, int m0, int m1, int n, const Epi& epi) {
-  switch (m1 - m0) {  // a few tokens (decode of a few streams): comp rides along, one pass over the block
+  // a few tokens (decode of a few streams): comp rides along, one pass over the block from memory (a separate
+  // comp pass first cost a fifth of the bandwidth at 2 tokens)
+  const __m512i zero = _mm512_setzero_si512();
+  switch (m1 - m0) {
     case 1: return block16_one(blk, kp, x, m0, n, epi);
-    case 2: return block16_few<2>(blk, kp, x, m0, n, epi);
-    case 3: return block16_few<3>(blk, kp, x, m0, n, epi);
-    case 4: return block16_few<4>(blk, kp, x, m0, n, epi);
+    case 2: return block16<2, true>(blk, kp, x, m0, n, zero, epi);
+    case 3: return block16<3, true>(blk, kp, x, m0, n, zero, epi);
+    case 4: return block16<4, true>(blk, kp, x, m0, n, zero, epi);
   }
   const __m512i comp = block16_comp(blk, kp);  // once for every token group
   int m = m0;
-  for (; m + 8 <= m1; m += 8) block16<8>(blk, kp, x, m, n, comp, epi);
-  for (; m + 4 <= m1; m += 4) block16<4>(blk, kp, x, m, n, comp, epi);
-  for (; m + 2 <= m1; m += 2) block16<2>(blk, kp, x, m, n, comp, epi);
-  if (m < m1) block16<1>(blk, kp, x, m, n, comp, epi);
+  for (; m + 8 <= m1; m += 8) block16<8, false>(blk, kp, x, m, n, comp, epi);
+  for (; m + 4 <= m1; m += 4) block16<4, false>(blk, kp, x, m, n, comp, epi);
+  for (; m + 2 <= m1; m += 2) block16<2, false>(blk, kp, x, m, n, comp, epi);
+  if (m < m1) block16<1, false>(blk, kp, x, m, n, comp, epi);
 }
 
 // One row group [n0, n1) x token tile [m0, m1) of a weight of nrows rows: epi(m, n, acc) receives every exact
