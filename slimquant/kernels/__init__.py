@@ -8,7 +8,6 @@ from slimquant.kernels.decoder_ops import (
     decoder_layer,
     decoder_layer_plan,
     decoder_model,
-    decoder_stack,
 )
 from slimquant.kernels.float_ops import float_linear, pack_float_weight
 from slimquant.kernels.int8_ops import (
@@ -33,7 +32,6 @@ __all__ = [
     "decoder_layer",
     "decoder_layer_plan",
     "decoder_model",
-    "decoder_stack",
     "dynamic_linear",
     "float_linear",
     "int8_mm",

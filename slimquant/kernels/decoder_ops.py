@@ -155,32 +155,6 @@ class DecoderStackPlan:
         return None if self.k_ptrs is None else (self.k_ptrs, self.v_ptrs)
 
 
-def decoder_stack(
-    stack: DecoderStackPlan,
-    x: torch.Tensor,
-    rope: tuple[torch.Tensor, torch.Tensor] | None,
-    kv_caches: list[torch.Tensor],
-    ctx,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Every layer of a step in one native call, one attention row per token (ctx.token_rows: a decode step, or
-    small prefill chunks): x [T, H] embeddings -> (last MLP output [T, H], residual [T, H]); None where it does
-    not apply (the caller runs the layers one by one)."""
-    cos, sin = rope if rope is not None else (None, None)
-    b, h = x.shape
-    pointers = stack.cache_pointers(kv_caches)
-    if pointers is None or b > stack.max_batch or not _kernel_ready(x, cos, sin):
-        return None
-    k_ptrs, v_ptrs = pointers
-    residual, out = torch.empty(b, h), torch.empty(b, h)  # [T, H] each
-    tables, lens = ctx.token_rows  # [T, W], [T]
-    native.library().sq_decoder_stack(
-        stack.layers, k_ptrs, v_ptrs, len(stack.plans), b, x.data_ptr(), residual.data_ptr(), out.data_ptr(),
-        ptr_or_none(cos), ptr_or_none(sin), ctx.slot_mapping.data_ptr(), tables.data_ptr(), tables.shape[1],
-        lens.data_ptr(), kv_caches[0].shape[2],
-    )  # fmt: skip
-    return out, residual
-
-
 @dataclass
 class ModelEnds:
     """What a whole-model step adds around the stack: the embedding table [V, H] (bf16 or fp32), the rope
@@ -201,8 +175,9 @@ def decoder_model(
     kv_caches: list[torch.Tensor],
     ctx,
 ) -> torch.Tensor | None:
-    """A whole step in one native call: input_ids, positions [T] -> the final norm's output [T, H] (embeddings,
-    every layer as decoder_stack, final norm); None where it does not apply (the caller runs the ops)."""
+    """A whole step in one native call, one attention row per token (ctx.token_rows: a decode step, or small
+    prefill chunks): input_ids, positions [T] -> the final norm's output [T, H] (embeddings, every layer, final
+    norm); None where it does not apply (the caller runs the ops)."""
     b, h = input_ids.shape[0], ends.embed.shape[1]
     pointers = stack.cache_pointers(kv_caches)
     cos, sin = ends.rope if ends.rope is not None else (None, None)
