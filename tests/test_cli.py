@@ -31,7 +31,8 @@ def test_bench_prints_one_row_per_system(tiny_model, capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("slimquant ")]
     assert len(rows) == 2 and "( 1.00x)" in rows[0]
-    assert "memory read bandwidth measured now" in out and out.count("of weights per decode step -> limit") == 2
+    assert "memory-bandwidth limit of single-stream decode" in out
+    assert out.count("of weights per decode step at") == 2 and out.count("GB/s -> limit") == 2
 
 
 def test_bench_baseline_is_transformers_on_the_float_model(tiny_model, tmp_path, capsys):

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "prefill of --prompt-len tokens, and --streams concurrent streams decoding --decode-tokens each. "
         "Ratios are against the first row (the baseline), measured in the same run: transformers on the first "
         "float model given, unless --no-transformers. Then each model's decode speed against the memory-bandwidth "
-        "limit (bytes of weights per decode step / read bandwidth measured now).\n\n"
+        "limit (bytes of weights per decode step / read bandwidth measured right after that model's decode).\n\n"
         "example: slimquant bench SmolLM2-135M-Instruct out/w8a8-dynamic out/w8a8",
     )
     p.add_argument("models", nargs="+", help="model folders, or 'SmolLM2-135M-Instruct'; the first is the baseline")
@@ -51,11 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @dataclass
 class Row:
-    """tokens/s of one system in each column; weight_bytes: bytes of weights one decode step reads."""
+    """tokens/s of one system in each column; weight_bytes: bytes of weights one decode step reads, bandwidth:
+    the memory read bandwidth (bytes/s) measured right after its single-stream decode."""
 
     name: str
     speeds: tuple[float, float, float]
     weight_bytes: int | None = None
+    bandwidth: float | None = None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -141,9 +143,11 @@ def _bench_slimquant(path: str, args: argparse.Namespace) -> Row:
     warm = SamplingParams(max_tokens=4, ignore_eos=True)
     gen([[1, 2, 3]], warm), gen([prompt], one), gen(streams, warm)  # warm-up: every shape (and CUDA graph) timed
     d1 = _tokens_per_s(args.decode_tokens, lambda: gen([[1, 2, 3]], decode))
+    bandwidth = read_bandwidth(args.device)  # the machine's bandwidth moves: read it next to the decode it limits
     pf = _tokens_per_s(args.prompt_len, lambda: gen([prompt], one))
     dn = _tokens_per_s(args.decode_tokens * args.streams, lambda: gen(streams, decode))
-    return Row(f"slimquant {_short(path)}", (d1, pf, dn), decode_weight_bytes(llm.llm_engine.runner.model))
+    weight_bytes = decode_weight_bytes(llm.llm_engine.runner.model)
+    return Row(f"slimquant {_short(path)}", (d1, pf, dn), weight_bytes, bandwidth)
 
 
 def decode_weight_bytes(model) -> int:
@@ -253,14 +257,13 @@ def _short(path: str) -> str:
 def print_table(rows: list[Row], args: argparse.Namespace) -> None:
     """The side-by-side table, then each slimquant row's decode speed against the memory-bandwidth limit."""
     _print(rows, args)
-    bandwidth = read_bandwidth(args.device)
-    print(f"\nmemory read bandwidth measured now: {bandwidth / 1e9:.1f} GB/s")
+    print("\nmemory-bandwidth limit of single-stream decode (read bandwidth measured right after that decode):")
     for r in rows:
-        if r.weight_bytes:
-            limit = bandwidth / r.weight_bytes
+        if r.weight_bytes and r.bandwidth:
+            limit = r.bandwidth / r.weight_bytes
             print(
-                f"  {r.name}: {r.weight_bytes / 1e6:.0f} MB of weights per decode step -> limit {limit:.0f} "
-                f"tokens/s; decode 1 stream reached {r.speeds[0] / limit:.0%} of it"
+                f"  {r.name}: {r.weight_bytes / 1e6:.0f} MB of weights per decode step at {r.bandwidth / 1e9:.1f} "
+                f"GB/s -> limit {limit:.0f} tokens/s; decode 1 stream reached {r.speeds[0] / limit:.0%} of it"
             )
 
 
