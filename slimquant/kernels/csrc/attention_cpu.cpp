@@ -47,24 +47,6 @@ inline void axpy(float w, const float* x, float* y, int d) {
   for (; i < d; ++i) y[i] += w * x[i];
 }
 
-// e^x for x <= 0 (scores minus their maximum), 8 lanes: Cephes' expf (x = n ln 2 + r, e^r by a degree-5
-// polynomial, times 2^n), within a few ulp of std::exp; lanes below -87.3 (or -inf) give 0.
-inline __m256 exp_nonpositive(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365447f);
-  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lo);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: r exact to fp32
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(two_n)));
-}
-
 // Lane j = the sum of the 8 lanes of v[j].
 inline __m256 hsum8(const __m256* v) {
   const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
@@ -142,7 +124,7 @@ void attend_head(const float* q, int ldq, const float* cos, const float* sin, co
   for (t = 0; t < n; ++t) top = std::max(top, scores[t]);
   t = 0;  // the probabilities, unnormalized
   for (; t + 8 <= n; t += 8)
-    _mm256_storeu_ps(&scores[t], exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(&scores[t]), _mm256_set1_ps(top))));
+    _mm256_storeu_ps(&scores[t], sq::exp8(_mm256_sub_ps(_mm256_loadu_ps(&scores[t]), _mm256_set1_ps(top))));
   for (; t < n; ++t) scores[t] = std::exp(scores[t] - top);
   float total = 0.0f;
   for (t = 0; t < n; ++t) total += scores[t];

@@ -4,9 +4,13 @@
 // same values gives the same bits, whichever path calls it.
 #pragma once
 
+#include <immintrin.h>
+
 #include <cstddef>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <vector>
 
 namespace sq {
@@ -28,6 +32,29 @@ struct QuantizedX {
     }
   }
 };
+
+// e^x, 8 lanes: Cephes' expf (x = n ln 2 + r, e^r by a degree-5 polynomial, times 2^n), within a few ulp of
+// std::exp (at most 1 over [-90, 0]); lanes below -87.3 (or -inf) give 0, above 88.37 +inf, as std::exp.
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3365447f), hi = _mm256_set1_ps(88.3762626647949f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ), over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: r exact to fp32
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // 2^n in two factors: n reaches 128 at the top of the range, one past the largest fp32 exponent
+  const __m256i half_n = _mm256_srai_epi32(_mm256_cvtps_epi32(n), 1);
+  const __m256i rest = _mm256_sub_epi32(_mm256_cvtps_epi32(n), half_n);
+  const __m256 two_a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half_n, _mm256_set1_epi32(127)), 23));
+  const __m256 two_b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(rest, _mm256_set1_epi32(127)), 23));
+  const __m256 e = _mm256_mul_ps(_mm256_mul_ps(y, two_a), two_b);
+  return _mm256_blendv_ps(_mm256_andnot_ps(under, e), _mm256_set1_ps(INFINITY), over);
+}
 
 // ---- int8_cpu.cpp ----
 
