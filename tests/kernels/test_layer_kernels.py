@@ -84,3 +84,10 @@ def test_silu_and_mul_equals_torch(t, inter):
     x = torch.randn(t, 2 * inter + 7)[:, : 2 * inter] * 4  # rows with a stride of their own
     gate, up = x.chunk(2, dim=-1)
     torch.testing.assert_close(kernels.silu_and_mul(x), torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6)
+
+
+def test_silu_and_mul_at_the_ends_of_exp():
+    """Gates where e^-g overflows (g < -88.4: silu is -0) or underflows (g > 87.3: silu is g), and between."""
+    gate = torch.tensor([[-1000.0, -100.0, -88.5, -88.3, -87.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 87.2, 87.4, 100.0]])
+    x = torch.cat([gate, torch.full_like(gate, 1.5)], dim=1)
+    torch.testing.assert_close(kernels.silu_and_mul(x), torch.nn.functional.silu(gate) * 1.5, rtol=1e-6, atol=1e-30)
