@@ -199,6 +199,19 @@ def test_seeded_sampling_on_cuda_is_reproducible(quantized_llama):
     assert runs[0] == runs[1] and len(runs[0]) == 12
 
 
+def test_top_k_top_p_candidates_on_cuda_keep_the_sorting_masks_tokens():
+    from slimquant.layers.sampler import apply_top_k_top_p, top_k_top_p_candidates
+
+    logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(0)) * torch.tensor(
+        [[0.5], [1.0], [2.0], [0.3]]
+    )
+    top_k, top_p = torch.tensor([0, 40, 0, 0]), torch.tensor([0.9, 1.0, 0.5, 0.999])
+    want = apply_top_k_top_p(logits, top_k, top_p) > float("-inf")
+    ids, kept = top_k_top_p_candidates(logits.cuda(), top_k.cuda(), top_p.cuda(), width=16)
+    got = torch.zeros_like(want).scatter_(1, ids.cpu(), (kept > float("-inf")).cpu())
+    assert torch.equal(got, want)
+
+
 def test_calibration_on_cuda_matches_cpu(tiny_model, tmp_path):
     """quantize(device="cuda") writes the checkpoint the CPU writes, up to float rounding in the statistics."""
     from slimquant import quantize
