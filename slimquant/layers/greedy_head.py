@@ -28,7 +28,6 @@ ENABLED = os.environ.get("SLIMQUANT_GREEDY_SCREEN", "1") != "0"  # 0: greedy ste
 P_MAX = 127 * 256 + 127  # |p| <= P_MAX keeps both int8 halves of p = 256 * hi + lo within [-127, 127]
 _SLACK = 1.0 + 1e-4  # covers the fp32 rounding of q = round(w / s_w) and of s_w itself
 _FP32_SUM = 2.0 * 2.0**-24  # per term: the float kernel's summation error, with room (K u / (1 - K u) <= 2 K u)
-_MAX_CANDIDATE_SHARE = 8  # more candidates than 1 / 8 of the vocabulary: the screen failed, run the whole head
 _BUILD_ROWS = 8192  # weight rows quantized at a time (bounds the fp32 temporary)
 
 
