@@ -66,18 +66,61 @@ inline __m256 dot8(const float* q, const float* const* rows, int d) {
   return hsum8(acc);
 }
 
-// o[c, c + 8W) = (sum over t of p[t] * v_t[c, c + 8W)) * inv, the sums in registers (each lane in the order of t,
-// as axpy's).
-template <int W>
-inline void weighted_sum(const float* p, const float* const* v_rows, int n, int c, float inv, float* o) {
-  __m256 acc[W];
-  for (int u = 0; u < W; ++u) acc[u] = _mm256_setzero_ps();
+// o[j][c, c + 8W) = (sum over t of p[j][t] * v_t[c, c + 8W)) * inv[j] for the G heads of a group (p: [G, n]),
+// the sums in registers, each lane in the order of t (as axpy's); every v row chunk is loaded once for all heads.
+template <int G, int W>
+inline void group_weighted_sum(const float* p, int n, const float* const* v_rows, int c, int d, const float* inv,
+                               float* o) {
+  __m256 acc[G][W];
+  for (int j = 0; j < G; ++j)
+    for (int u = 0; u < W; ++u) acc[j][u] = _mm256_setzero_ps();
   for (int t = 0; t < n; ++t) {
-    const __m256 pv = _mm256_set1_ps(p[t]);
-    for (int u = 0; u < W; ++u) acc[u] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v_rows[t] + c + 8 * u), acc[u]);
+    __m256 v[W];
+    for (int u = 0; u < W; ++u) v[u] = _mm256_loadu_ps(v_rows[t] + c + 8 * u);
+    for (int j = 0; j < G; ++j) {
+      const __m256 pv = _mm256_set1_ps(p[(size_t)j * n + t]);
+      for (int u = 0; u < W; ++u) acc[j][u] = _mm256_fmadd_ps(pv, v[u], acc[j][u]);
+    }
   }
-  const __m256 iv = _mm256_set1_ps(inv);
-  for (int u = 0; u < W; ++u) _mm256_storeu_ps(o + c + 8 * u, _mm256_mul_ps(acc[u], iv));
+  for (int j = 0; j < G; ++j)
+    for (int u = 0; u < W; ++u)
+      _mm256_storeu_ps(o + (size_t)j * d + c + 8 * u, _mm256_mul_ps(acc[j][u], _mm256_set1_ps(inv[j])));
+}
+
+// All heads of a group, in column chunks as wide as twelve accumulators allow (d a multiple of 8).
+template <int G>
+void group_weighted_sums(const float* p, int n, const float* const* v_rows, int d, const float* inv, float* o) {
+  constexpr int W = G >= 12 ? 1 : (12 / G >= 8 ? 8 : (12 / G >= 4 ? 4 : (12 / G >= 2 ? 2 : 1)));
+  int c = 0;
+  for (; c + 8 * W <= d; c += 8 * W) group_weighted_sum<G, W>(p, n, v_rows, c, d, inv, o);
+  for (; c < d; c += 8) group_weighted_sum<G, 1>(p, n, v_rows, c, d, inv, o);
+}
+
+void weighted_sums(const float* p, int n, const float* const* v_rows, int d, int heads, const float* inv, float* o) {
+  switch (heads) {  // the common group sizes unrolled; others one head at a time
+    case 1: return group_weighted_sums<1>(p, n, v_rows, d, inv, o);
+    case 2: return group_weighted_sums<2>(p, n, v_rows, d, inv, o);
+    case 3: return group_weighted_sums<3>(p, n, v_rows, d, inv, o);
+    case 4: return group_weighted_sums<4>(p, n, v_rows, d, inv, o);
+    case 5: return group_weighted_sums<5>(p, n, v_rows, d, inv, o);
+    case 6: return group_weighted_sums<6>(p, n, v_rows, d, inv, o);
+    case 7: return group_weighted_sums<7>(p, n, v_rows, d, inv, o);
+    case 8: return group_weighted_sums<8>(p, n, v_rows, d, inv, o);
+  }
+  for (int j = 0; j < heads; ++j) group_weighted_sums<1>(p + (size_t)j * n, n, v_rows, d, inv + j, o + (size_t)j * d);
+}
+
+// scores [n] -> their unnormalized softmax weights e^(s - max), in place; returns 1 / their sum (0 if n is 0).
+float softmax_weights(float* scores, int n) {
+  float top = -INFINITY;
+  for (int t = 0; t < n; ++t) top = std::max(top, scores[t]);
+  int t = 0;
+  for (; t + 8 <= n; t += 8)
+    _mm256_storeu_ps(&scores[t], sq::exp8(_mm256_sub_ps(_mm256_loadu_ps(&scores[t]), _mm256_set1_ps(top))));
+  for (; t < n; ++t) scores[t] = std::exp(scores[t] - top);
+  float total = 0.0f;
+  for (t = 0; t < n; ++t) total += scores[t];
+  return n > 0 ? 1.0f / total : 0.0f;
 }
 
 }  // namespace
@@ -96,49 +139,46 @@ void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos
   std::copy(vn, vn + d, v_cache + ((size_t)slots[b] * num_kv_heads + h) * d);
 }
 
-void attend_head(const float* q, int ldq, const float* cos, const float* sin, const float* k_cache,
-                 const float* v_cache, const int32_t* block_tables, int max_blocks, const int32_t* context_lens,
-                 int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int b, int h,
-                 float* out) {
-  thread_local std::vector<float> qr, scores;  // per-thread scratch, grown on demand
+void attend_group(const float* q, int ldq, const float* cos, const float* sin, const float* k_cache,
+                  const float* v_cache, const int32_t* block_tables, int max_blocks, const int32_t* context_lens,
+                  int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int b, int g, int j0,
+                  int j1, float* out) {
+  thread_local std::vector<float> qr, scores, inv;  // per-thread scratch, grown on demand: [G, D], [G, n], [G]
   thread_local std::vector<const float*> k_rows, v_rows;
-  const int d = head_dim, n = context_lens[b], kvh = h / (num_heads / num_kv_heads);
-  if (qr.size() < (size_t)d) qr.resize(d);
-  if (scores.size() < (size_t)n) scores.resize(n), k_rows.resize(n), v_rows.resize(n);
-  const float* qh = q + (size_t)b * ldq + (size_t)h * d;
-  if (cos) rope_neox(qh, cos + (size_t)b * d, sin + (size_t)b * d, d, qr.data());
-  else std::copy(qh, qh + d, qr.begin());
-  for (int t = 0; t < n;) {  // each position's cached k / v row, block by block
+  const int d = head_dim, n = context_lens[b], heads = j1 - j0, h0 = g * (num_heads / num_kv_heads) + j0;
+  if (qr.size() < (size_t)heads * d) qr.resize((size_t)heads * d);
+  if (scores.size() < (size_t)heads * n) scores.resize((size_t)heads * n);
+  if (k_rows.size() < (size_t)n) k_rows.resize(n), v_rows.resize(n);
+  if (inv.size() < (size_t)heads) inv.resize(heads);
+  for (int j = 0; j < heads; ++j) {  // the group's query heads, rotated
+    const float* qh = q + (size_t)b * ldq + (size_t)(h0 + j) * d;
+    if (cos) rope_neox(qh, cos + (size_t)b * d, sin + (size_t)b * d, d, &qr[(size_t)j * d]);
+    else std::copy(qh, qh + d, qr.begin() + (size_t)j * d);
+  }
+  for (int t = 0; t < n;) {  // each position's cached k / v row of kv head g, block by block
     const size_t block = (size_t)block_tables[(size_t)b * max_blocks + t / block_size] * block_size;
     for (int off = 0; off < block_size && t < n; ++off, ++t) {
-      const size_t at = ((block + off) * num_kv_heads + kvh) * d;
+      const size_t at = ((block + off) * num_kv_heads + g) * d;
       k_rows[t] = k_cache + at, v_rows[t] = v_cache + at;
     }
   }
-  float top = -INFINITY;
-  int t = 0;
+  int t = 0;  // scores: eight k rows at a time, each multiplied by every head of the group while it is in L1
   if (d % 8 == 0)
     for (; t + 8 <= n; t += 8)
-      _mm256_storeu_ps(&scores[t], _mm256_mul_ps(dot8(qr.data(), &k_rows[t], d), _mm256_set1_ps(scale)));
-  for (; t < n; ++t) scores[t] = dot(qr.data(), k_rows[t], d) * scale;
-  for (t = 0; t < n; ++t) top = std::max(top, scores[t]);
-  t = 0;  // the probabilities, unnormalized
-  for (; t + 8 <= n; t += 8)
-    _mm256_storeu_ps(&scores[t], sq::exp8(_mm256_sub_ps(_mm256_loadu_ps(&scores[t]), _mm256_set1_ps(top))));
-  for (; t < n; ++t) scores[t] = std::exp(scores[t] - top);
-  float total = 0.0f;
-  for (t = 0; t < n; ++t) total += scores[t];
-  const float inv = n > 0 ? 1.0f / total : 0.0f;
-  float* o = out + ((size_t)b * num_heads + h) * d;
-  if (d % 8 == 0) {
-    int c = 0;
-    for (; c + 64 <= d; c += 64) weighted_sum<8>(scores.data(), v_rows.data(), n, c, inv, o);
-    for (; c < d; c += 8) weighted_sum<1>(scores.data(), v_rows.data(), n, c, inv, o);
-    return;
+      for (int j = 0; j < heads; ++j)
+        _mm256_storeu_ps(&scores[(size_t)j * n + t],
+                         _mm256_mul_ps(dot8(&qr[(size_t)j * d], &k_rows[t], d), _mm256_set1_ps(scale)));
+  for (; t < n; ++t)
+    for (int j = 0; j < heads; ++j) scores[(size_t)j * n + t] = dot(&qr[(size_t)j * d], k_rows[t], d) * scale;
+  for (int j = 0; j < heads; ++j) inv[j] = softmax_weights(&scores[(size_t)j * n], n);
+  float* o = out + ((size_t)b * num_heads + h0) * d;  // the group's heads are consecutive: [G, D]
+  if (d % 8 == 0) return weighted_sums(scores.data(), n, v_rows.data(), d, heads, inv.data(), o);
+  for (int j = 0; j < heads; ++j) {
+    float* oj = o + (size_t)j * d;
+    std::fill(oj, oj + d, 0.0f);
+    for (t = 0; t < n; ++t) axpy(scores[(size_t)j * n + t], v_rows[t], oj, d);
+    for (int i = 0; i < d; ++i) oj[i] *= inv[j];
   }
-  std::fill(o, o + d, 0.0f);
-  for (t = 0; t < n; ++t) axpy(scores[t], v_rows[t], o, d);
-  for (int i = 0; i < d; ++i) o[i] *= inv;
 }
 
 }  // namespace sq
@@ -152,11 +192,13 @@ void sq_decode_attention(const float* q, int ldq, const float* k, int ldk, const
   for (int b = 0; b < batch; ++b)  // write the new token's k (rotated) and v into the cache
     for (int h = 0; h < num_kv_heads; ++h)
       sq::kv_store(k, ldk, v, ldv, cos, sin, k_cache, v_cache, slots, num_kv_heads, head_dim, b, h);
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) if (batch * num_heads > 1)
-  for (int b = 0; b < batch; ++b)
-    for (int h = 0; h < num_heads; ++h)
-      sq::attend_head(q, ldq, cos, sin, k_cache, v_cache, block_tables, max_blocks, context_lens, block_size,
-                      num_heads, num_kv_heads, head_dim, scale, b, h, out);
+#pragma omp parallel if (batch * num_heads > 1)
+  sq::for_attention_share(batch, num_heads, num_kv_heads, omp_get_thread_num(), omp_get_num_threads(),
+                          [&](int b, int g, int j0, int j1) {
+                            sq::attend_group(q, ldq, cos, sin, k_cache, v_cache, block_tables, max_blocks,
+                                             context_lens, block_size, num_heads, num_kv_heads, head_dim, scale, b, g,
+                                             j0, j1, out);
+                          });
 }
 
 }  // extern "C"

@@ -84,9 +84,26 @@ void silu_and_mul_range(const float* g, const float* u, int j0, int j1, float* y
 // Token b's k (rotated) and v of kv head h into the caches at slots[b] (nothing where slots[b] < 0).
 void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos, const float* sin, float* k_cache,
               float* v_cache, const int64_t* slots, int num_kv_heads, int head_dim, int b, int h);
-// out [B, NH, D] for token b, head h: softmax(rope(q) . K * scale) V over the token's cached context.
-void attend_head(const float* q, int ldq, const float* cos, const float* sin, const float* k_cache,
-                 const float* v_cache, const int32_t* block_tables, int max_blocks, const int32_t* context_lens,
-                 int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int b, int h, float* out);
+// out [B, NH, D] for token b, query heads [j0, j1) of kv head g's group: softmax(rope(q) . K * scale) V over the
+// token's cached context, its cached rows read once for all those heads (per head, the sums of one head alone).
+void attend_group(const float* q, int ldq, const float* cos, const float* sin, const float* k_cache,
+                  const float* v_cache, const int32_t* block_tables, int max_blocks, const int32_t* context_lens,
+                  int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int b, int g, int j0,
+                  int j1, float* out);
+
+// Thread tid's share of the batch * num_heads query heads, a contiguous range, as runs of heads within one kv
+// group: fn(b, g, j0, j1) for token b, kv group g, its heads [j0, j1). The shares are balanced to a head, and the
+// heads of a group that fall in one share read the group's cached rows together.
+template <class Fn>
+void for_attention_share(int batch, int num_heads, int num_kv_heads, int tid, int nt, const Fn& fn) {
+  const int total = batch * num_heads, heads = num_heads / num_kv_heads;
+  const int end = (int)((int64_t)total * (tid + 1) / nt);
+  for (int h = (int)((int64_t)total * tid / nt); h < end;) {
+    const int b = h / num_heads, hd = h % num_heads, g = hd / heads, j0 = hd % heads;
+    const int j1 = std::min(heads, j0 + (end - h));
+    fn(b, g, j0, j1);
+    h += j1 - j0;
+  }
+}
 
 }  // namespace sq

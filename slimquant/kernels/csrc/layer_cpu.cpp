@@ -235,16 +235,15 @@ void decoder_stack_region(const SqDecoderLayer* const* layers, float* const* k_c
         }
         sq::kv_store(k_heads, ld_qkv, v_heads, ld_qkv, cos, sin, k_caches[l], v_caches[l], slots, kvh, d, bi, g);
       }
-#pragma omp for schedule(dynamic, 1)
-      for (int it = 0; it < b * nh; ++it) {
-        const int bi = it / nh, hd = it % nh;
-        if (L.q_norm_w) {
+      sq::for_attention_share(b, nh, kvh, tid, nt, [&](int bi, int g, int j0, int j1) {
+        for (int hd = g * (nh / kvh) + j0; hd < g * (nh / kvh) + j1 && L.q_norm_w; ++hd) {
           float* qh = qkv + (size_t)bi * ld_qkv + (size_t)hd * d;
           sq::norm_row(qh, nullptr, d, L.q_norm_w, L.q_norm_b, L.eps, head, qh);
         }
-        sq::attend_head(qkv, ld_qkv, cos, sin, k_caches[l], v_caches[l], block_tables, max_blocks, context_lens,
-                        block_size, nh, kvh, d, L.attn_scale, bi, hd, attn);
-      }
+        sq::attend_group(qkv, ld_qkv, cos, sin, k_caches[l], v_caches[l], block_tables, max_blocks, context_lens,
+                         block_size, nh, kvh, d, L.attn_scale, bi, g, j0, j1, attn);
+      });
+#pragma omp barrier
       linear_slice(L.o, attn, b, nh * d, tid, nt, t, o);
 #pragma omp barrier
       for (int i = 0; i < b; ++i)
