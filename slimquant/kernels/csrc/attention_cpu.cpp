@@ -66,6 +66,12 @@ inline __m256 dot8(const float* q, const float* const* rows, int d) {
   return hsum8(acc);
 }
 
+constexpr int kAhead = 16;  // cached rows are prefetched this many positions ahead (blocks are scattered)
+
+inline void prefetch_row(const float* row, int d) {
+  for (int i = 0; i < d; i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
+}
+
 // o[j][c, c + 8W) = (sum over t of p[j][t] * v_t[c, c + 8W)) * inv[j] for the G heads of a group (p: [G, n]),
 // the sums in registers, each lane in the order of t (as axpy's); every v row chunk is loaded once for all heads.
 template <int G, int W>
@@ -75,6 +81,7 @@ inline void group_weighted_sum(const float* p, int n, const float* const* v_rows
   for (int j = 0; j < G; ++j)
     for (int u = 0; u < W; ++u) acc[j][u] = _mm256_setzero_ps();
   for (int t = 0; t < n; ++t) {
+    if (t + kAhead < n) _mm_prefetch(reinterpret_cast<const char*>(v_rows[t + kAhead] + c), _MM_HINT_T0);
     __m256 v[W];
     for (int u = 0; u < W; ++u) v[u] = _mm256_loadu_ps(v_rows[t] + c + 8 * u);
     for (int j = 0; j < G; ++j) {
@@ -164,10 +171,12 @@ void attend_group(const float* q, int ldq, const float* cos, const float* sin, c
   }
   int t = 0;  // scores: eight k rows at a time, each multiplied by every head of the group while it is in L1
   if (d % 8 == 0)
-    for (; t + 8 <= n; t += 8)
+    for (; t + 8 <= n; t += 8) {
+      for (int i = t + kAhead; i < std::min(n, t + kAhead + 8); ++i) prefetch_row(k_rows[i], d);
       for (int j = 0; j < heads; ++j)
         _mm256_storeu_ps(&scores[(size_t)j * n + t],
                          _mm256_mul_ps(dot8(&qr[(size_t)j * d], &k_rows[t], d), _mm256_set1_ps(scale)));
+    }
   for (; t < n; ++t)
     for (int j = 0; j < heads; ++j) scores[(size_t)j * n + t] = dot(&qr[(size_t)j * d], k_rows[t], d) * scale;
   for (int j = 0; j < heads; ++j) inv[j] = softmax_weights(&scores[(size_t)j * n], n);
