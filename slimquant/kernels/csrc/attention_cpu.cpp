@@ -94,10 +94,17 @@ inline void group_weighted_sum(const float* p, int n, const float* const* v_rows
       _mm256_storeu_ps(o + (size_t)j * d + c + 8 * u, _mm256_mul_ps(acc[j][u], _mm256_set1_ps(inv[j])));
 }
 
-// All heads of a group, in column chunks as wide as twelve accumulators allow (d a multiple of 8).
+// Column chunk width, in vectors of 8, for G heads: the widest power of two up to 8 with at most 12 accumulators.
+constexpr int chunk_width(int g) {
+  int w = 8;
+  while (w > 1 && g * w > 12) w /= 2;
+  return w;
+}
+
+// All heads of a group, in column chunks of chunk_width(G) vectors (d a multiple of 8).
 template <int G>
 void group_weighted_sums(const float* p, int n, const float* const* v_rows, int d, const float* inv, float* o) {
-  constexpr int W = G >= 12 ? 1 : (12 / G >= 8 ? 8 : (12 / G >= 4 ? 4 : (12 / G >= 2 ? 2 : 1)));
+  constexpr int W = chunk_width(G);
   int c = 0;
   for (; c + 8 * W <= d; c += 8 * W) group_weighted_sum<G, W>(p, n, v_rows, c, d, inv, o);
   for (; c < d; c += 8) group_weighted_sum<G, 1>(p, n, v_rows, c, d, inv, o);
