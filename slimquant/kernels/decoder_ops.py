@@ -198,11 +198,12 @@ def decoder_model(
 
 def _ends_ready(ends: ModelEnds, input_ids: torch.Tensor, positions: torch.Tensor) -> bool:
     """The tensors in the dtypes, device and layout sq_decoder_model reads."""
-    ids_ok = all(
-        t.dtype == torch.int64 and t.device.type == "cpu" and t.is_contiguous() for t in (input_ids, positions)
-    )
-    embed = ends.embed
-    embed_ok = embed.dtype in (torch.bfloat16, torch.float32) and embed.device.type == "cpu" and embed.is_contiguous()
+
+    def on_cpu(t: torch.Tensor, *dtypes: torch.dtype) -> bool:
+        return t.dtype in dtypes and t.device.type == "cpu" and t.is_contiguous()
+
+    ids_ok = on_cpu(input_ids, torch.int64) and on_cpu(positions, torch.int64)
+    embed_ok = on_cpu(ends.embed, torch.bfloat16, torch.float32)
     rope = ends.rope or ()
     return ids_ok and embed_ok and _kernel_ready(ends.norm_weight, ends.norm_bias, *rope)
 
