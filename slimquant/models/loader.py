@@ -21,6 +21,7 @@ from slimquant.quant.sources import SafetensorsFolder
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 QUANTIZATIONS = (None, "ascend")
 
 
@@ -101,7 +102,8 @@ def resolve_dtype(dtype: str | torch.dtype, config, device: str | None = None, q
             raise ValueError(f"config.json has dtype {dtype!r}; pass dtype= one of {sorted(DTYPES)}")
         dtype = _cpu_auto_dtype(DTYPES.get(str(dtype).removeprefix("torch."), dtype), device, quantized)
     if isinstance(dtype, str):
-        dtype = DTYPES.get(dtype.removeprefix("torch."), dtype)
+        name = dtype.removeprefix("torch.")
+        dtype = DTYPES.get(DTYPE_ALIASES.get(name, name), dtype)
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be 'auto', one of {sorted(DTYPES)} or the torch dtype, got {dtype!r}")
     return dtype

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from slimquant.config import DTYPES as CONFIG_DTYPES
 from slimquant.layers.attention import KVCacheLayer
 from slimquant.layers.quant_methods import W8A8DynamicMethod
 from slimquant.layers.rotary import inverse_frequencies, rope_parameters
@@ -68,6 +69,14 @@ def test_dtype_resolution(tiny_model):
     loaded = load_model(str(tiny_model("llama", dtype=torch.bfloat16)), dtype="float32")
     assert loaded.dtype == torch.float32 and loaded.model.model.norm.weight.dtype == torch.float32
     assert loaded.model.model.embed_tokens(torch.tensor([1, 2])).dtype == torch.float32  # table may be held as bf16
+
+
+@pytest.mark.parametrize("name", CONFIG_DTYPES)
+def test_every_dtype_the_config_accepts_resolves(name):
+    """Each dtype name the engine config accepts (vLLM's 'half' and 'float' among them) resolves to its dtype."""
+    got = resolve_dtype(name, SimpleNamespace(dtype="bfloat16"))
+    expected = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32", "bf16": "bfloat16"}
+    assert got == (torch.bfloat16 if name == "auto" else getattr(torch, expected.get(name, name)))
 
 
 @pytest.mark.parametrize("native,expected", [(True, torch.bfloat16), (False, torch.float32)])
