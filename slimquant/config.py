@@ -12,6 +12,7 @@ from slimquant.devices import check_device
 logger = logging.getLogger(__name__)
 
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "bf16", "float32", "fp32", "float")  # auto: see loader.kv_cache_dtype
 QUANTIZATIONS = (None, "ascend")
 DEFAULT_KV_CACHE_BYTES = 2 << 30  # upper bound when kv_cache_memory_bytes is not given
 
@@ -37,7 +38,6 @@ VLLM_IGNORED = frozenset(
         "task",
         "hf_token",
         "worker_cls",
-        "kv_cache_dtype",
         "num_scheduler_steps",
         "allowed_local_media_path",
     }
@@ -53,6 +53,7 @@ class EngineConfig:
     model: str
     tokenizer: str | None = None
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
     quantization: str | None = None
     max_model_len: int | None = None
     trust_remote_code: bool = False
@@ -72,6 +73,13 @@ class EngineConfig:
         if self.tokenizer is not None:
             self.tokenizer = str(self.tokenizer)
         _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
+        if str(self.kv_cache_dtype).startswith("fp8"):
+            raise ValueError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: slimquant caches keys and values in "
+                "'auto' (the model's dtype), 'bfloat16' or 'float32'"
+            )
+        kv_dtype = self.kv_cache_dtype
+        _check(kv_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", kv_dtype, f"one of {KV_CACHE_DTYPES}")
         _check(self.quantization in QUANTIZATIONS, "quantization", self.quantization, f"one of {QUANTIZATIONS}")
         for name in ("max_num_seqs", "block_size"):
             _check_positive(name, getattr(self, name))

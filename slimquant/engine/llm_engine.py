@@ -30,7 +30,7 @@ class LLMEngine:
     """The offline engine: a scheduler over a paged KV cache and a model runner."""
 
     def __init__(self, config: EngineConfig):
-        from slimquant.models.loader import load_model
+        from slimquant.models.loader import kv_cache_dtype, load_model
 
         self.config = config
         loaded = load_model(
@@ -45,7 +45,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config)
         self.vocab_size = int(loaded.hf_config.vocab_size)
         self.eos_token_ids, self.generation_defaults = stop_token_ids(config, loaded.hf_config, self.tokenizer)
-        self.runner = ModelRunner(config, loaded.model, loaded.dtype)
+        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, config.dtype, loaded, config.device)
+        self.runner = ModelRunner(config, loaded.model, kv_dtype)
         block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, block_manager)
         self.requests: dict[str, Request] = {}

@@ -75,13 +75,13 @@ class StepResult:
 class ModelRunner:
     """Runs the model over the paged KV cache it allocates on every KVCacheLayer."""
 
-    def __init__(self, config: EngineConfig, model: torch.nn.Module, dtype: torch.dtype):
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, kv_dtype: torch.dtype):
         self.config = config
         self.model = model
         self.device = torch.device(config.device)
         self.block_size = config.block_size
         use_graphs = self._use_graphs()
-        self.num_blocks = self._allocate_kv_cache(dtype, scratch_blocks=int(use_graphs))
+        self.num_blocks = self._allocate_kv_cache(kv_dtype, scratch_blocks=int(use_graphs))
         self.graphs = None
         if use_graphs:  # the scratch block (id num_blocks) takes the padding rows' KV writes
             max_blocks = -(-config.max_model_len // self.block_size)

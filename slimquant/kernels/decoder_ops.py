@@ -15,7 +15,7 @@ import torch
 
 from slimquant.kernels import native
 from slimquant.kernels.float_ops import NATIVE_MAX_TOKENS
-from slimquant.kernels.layer_ops import fp32_cpu, ptr_or_none
+from slimquant.kernels.layer_ops import fp32_cpu, kv_caches_ready, ptr_or_none
 
 _LINEAR_KIND = {"dynamic": 1, "static": 2, "bf16": 3}
 _SLICE_ROWS = 16  # csrc/layer_cpu.cpp: kSliceAlign, the blocked int8 layout's rows per block
@@ -113,11 +113,11 @@ def decoder_layer(
     ctx,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One decode step of a planned layer: (mlp output [B, H], residual [B, H], updated in place); x [B, H]
-    with one token per sequence, kv_cache [2, NB, BS, KVH, D], ctx the step's ForwardContext. None where it
-    does not apply (the caller runs the per-op path)."""
+    with one token per sequence, kv_cache [2, NB, BS, KVH, D] (fp32 or bf16), ctx the step's ForwardContext. None
+    where it does not apply (the caller runs the per-op path)."""
     cos, sin = rope if rope is not None else (None, None)
     b, h = x.shape
-    if b > plan.max_batch or not _kernel_ready(x, residual, cos, sin, kv_cache):
+    if b > plan.max_batch or not _kernel_ready(x, residual, cos, sin) or not kv_caches_ready(kv_cache):
         return None
     first = residual is None
     residual = torch.empty(b, h) if first else residual  # [B, H]
@@ -125,8 +125,9 @@ def decoder_layer(
     tables = ctx.block_tables
     native.library().sq_decoder_layer(
         ctypes.byref(plan.struct), b, x.data_ptr(), residual.data_ptr(), int(first), out.data_ptr(),
-        ptr_or_none(cos), ptr_or_none(sin), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), ctx.slot_mapping.data_ptr(),
-        tables.data_ptr(), tables.shape[1], ctx.context_lens_tensor.data_ptr(), kv_cache.shape[2],
+        ptr_or_none(cos), ptr_or_none(sin), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+        int(kv_cache.dtype == torch.bfloat16), ctx.slot_mapping.data_ptr(), tables.data_ptr(), tables.shape[1],
+        ctx.context_lens_tensor.data_ptr(), kv_cache.shape[2],
     )  # fmt: skip
     return out, residual
 
@@ -142,13 +143,13 @@ class DecoderStackPlan:
         self.k_ptrs = self.v_ptrs = None
 
     def cache_pointers(self, caches: list[torch.Tensor]) -> tuple[ctypes.Array, ctypes.Array] | None:
-        """(k, v) pointer arrays for the layers' caches [2, NB, BS, KVH, D], or None where a cache is not fp32
-        contiguous on the CPU; the caller passes a new list object whenever a cache is replaced, and the arrays
-        (and that check) are redone then."""
+        """(k, v) pointer arrays for the layers' caches [2, NB, BS, KVH, D], or None where they are not contiguous
+        on the CPU in one dtype the kernels hold (fp32 or bf16); the caller passes a new list object whenever a
+        cache is replaced, and the arrays (and that check) are redone then."""
         if caches is not self.caches:
             self.caches = caches
             self.k_ptrs = self.v_ptrs = None
-            if _kernel_ready(*caches):
+            if kv_caches_ready(*caches):
                 array = ctypes.c_void_p * len(caches)
                 self.k_ptrs = array(*(c[0].data_ptr() for c in caches))
                 self.v_ptrs = array(*(c[1].data_ptr() for c in caches))
@@ -186,8 +187,9 @@ def decoder_model(
     k_ptrs, v_ptrs = pointers
     hidden = torch.empty(b, h)  # [T, H]
     tables, lens = ctx.token_rows  # [T, W], [T]
+    kv_bf16 = int(kv_caches[0].dtype == torch.bfloat16)
     native.library().sq_decoder_model(
-        stack.layers, k_ptrs, v_ptrs, len(stack.plans), b, input_ids.data_ptr(), ends.embed.data_ptr(),
+        stack.layers, k_ptrs, v_ptrs, kv_bf16, len(stack.plans), b, input_ids.data_ptr(), ends.embed.data_ptr(),
         int(ends.embed.dtype == torch.bfloat16), positions.data_ptr(), ptr_or_none(cos), ptr_or_none(sin),
         0 if cos is None else cos.shape[1], ends.norm_weight.data_ptr(), ptr_or_none(ends.norm_bias), ends.eps,
         hidden.data_ptr(), ctx.slot_mapping.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(),

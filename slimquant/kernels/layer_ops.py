@@ -22,6 +22,17 @@ def fp32_cpu(*ts: torch.Tensor | None) -> bool:
     return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in ts)
 
 
+KV_CACHE_DTYPES = (torch.float32, torch.bfloat16)  # what the native kernels store and read
+
+
+def kv_caches_ready(*caches: torch.Tensor) -> bool:
+    """Every cache is contiguous on the CPU in one dtype the native kernels hold (fp32 or bf16)."""
+    dtype = caches[0].dtype
+    return dtype in KV_CACHE_DTYPES and all(
+        c.dtype == dtype and c.device.type == "cpu" and c.is_contiguous() for c in caches
+    )
+
+
 def _is_cuda(t: torch.Tensor) -> bool:
     return t.is_cuda  # tests patch this to run the Triton kernels on CPU tensors, in Triton's interpreter
 
@@ -95,23 +106,25 @@ def decode_attention(
 ) -> torch.Tensor | None:
     """One decode token per sequence: rotate q/k (neox, if rope), store k/v at slots, attend -> [B, NH * D].
 
-    q [B, NH, D], k/v [B, KVH, D] (rows may be strided); rope: (cos, sin) [B, D]; caches [NB, BS, KVH, D];
-    slots int64 [B]; block_tables int32 [B, max_blocks]; context_lens int32 [B]. None where it does not apply.
+    q [B, NH, D], k/v [B, KVH, D] (rows may be strided); rope: (cos, sin) [B, D]; caches [NB, BS, KVH, D], fp32
+    or bf16; slots int64 [B]; block_tables int32 [B, max_blocks]; context_lens int32 [B]. None where it does not
+    apply.
     """
     k_cache, v_cache = caches
     cos, sin = rope if rope is not None else (None, None)
-    if not native.available() or not fp32_cpu(q, k, v, k_cache, v_cache, cos, sin):
+    if not native.available() or not fp32_cpu(q, k, v, cos, sin) or not kv_caches_ready(k_cache, v_cache):
         return None
-    if not (_heads_packed(q) and _heads_packed(k) and _heads_packed(v) and k_cache.is_contiguous()):
+    if not (_heads_packed(q) and _heads_packed(k) and _heads_packed(v)):
         return None
-    if not (v_cache.is_contiguous() and (cos is None or (cos.is_contiguous() and sin.is_contiguous()))):
+    if cos is not None and not (cos.is_contiguous() and sin.is_contiguous()):
         return None
     b, nh, d = q.shape
     out = torch.empty(b, nh * d)  # [B, NH * D]
     native.library().sq_decode_attention(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
         None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
-        k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+        k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16), slots.data_ptr(),
+        block_tables.data_ptr(), block_tables.shape[1],
         context_lens.data_ptr(), k_cache.shape[1], b, nh, k.shape[1], d, scale, out.data_ptr(),
     )  # fmt: skip
     return out

@@ -43,13 +43,13 @@ _SIGNATURES = {
     "sq_static_linear": [_p, _i, _i, _i, _f, _f, _p, _i, _i, _p, _p, _p],
     "sq_quantize_per_token": [_p, _i, _i, _i, _p, _p],
     "sq_bf16_linear": [_p, _i, _i, _i, _p, _i, _p, _p],
-    "sq_decode_attention": [_p, _i, _p, _i, _p, _i, _p, _p, _p, _p, _p, _p, _i, _p, _i, _i, _i, _i, _i, _f, _p],
+    "sq_decode_attention": [_p, _i, _p, _i, _p, _i, _p, _p, _p, _p, _i, _p, _p, _i, _p, _i, _i, _i, _i, _i, _f, _p],
     "sq_add_rms_norm": [_p, _i, _i, _i, _p, _i, _p, _p, _f, _p, _p],
     "sq_rms_norm_heads": [_p, _i, _i, _i, _i, _p, _p, _f, _p, _i],
     "sq_silu_and_mul": [_p, _i, _i, _i, _p],
-    "sq_decoder_layer": [_p, _i, _p, _p, _i, _p, _p, _p, _p, _p, _p, _p, _i, _p, _i],
+    "sq_decoder_layer": [_p, _i, _p, _p, _i, _p, _p, _p, _p, _p, _i, _p, _p, _i, _p, _i],
     "sq_greedy_argmax": [_p, _i, _i, _i, _p, _i, _i, _p, _p, _d, _d, _p],
-    "sq_decoder_model": [_p, _p, _p, _i, _i, _p, _p, _i, _p, _p, _p, _i, _p, _p, _f, _p, _p, _p, _i, _p, _i],
+    "sq_decoder_model": [_p, _p, _p, _i, _i, _i, _p, _p, _i, _p, _p, _p, _i, _p, _p, _f, _p, _p, _p, _i, _p, _i],
 }
 
 _RETURNS = {"sq_greedy_argmax": _i}  # the others return nothing

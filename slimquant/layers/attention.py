@@ -126,8 +126,8 @@ def paged_attention(
         length, lens = block_tables.shape[1] * k_cache.shape[1], context_lens.to(q.device)
     else:
         length, lens = max(context_lens), torch.tensor(context_lens, device=q.device)
-    k = gather_context(k_cache, block_tables, length)  # [B, S, KVH, D]
-    v = gather_context(v_cache, block_tables, length)
+    k = gather_context(k_cache, block_tables, length).to(q.dtype)  # [B, S, KVH, D] (the cache may hold bf16)
+    v = gather_context(v_cache, block_tables, length).to(q.dtype)
     ctx = lens[:, None, None]  # [B, 1, 1]
     last_key = ctx - q_len + torch.arange(q_len, device=q.device)[None, :, None]  # [B, Q, 1]
     mask = torch.arange(k.shape[1], device=q.device)[None, None, :] <= last_key  # [B, Q, S]

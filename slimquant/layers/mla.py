@@ -47,7 +47,7 @@ class MLAttention(KVCacheLayer):
         self, q: torch.Tensor, block_tables: torch.Tensor, context_lens: list[int], kv_b_proj: Linear
     ) -> torch.Tensor:
         """Causal attention of q [B, Q, NH, Dqk] over the cached context; returns [B, Q, NH, V]."""
-        cached = gather_context(self.kv_cache, block_tables, max(context_lens))  # [B, S, R + rope]
+        cached = gather_context(self.kv_cache, block_tables, max(context_lens)).to(q.dtype)  # [B, S, R + rope]
         b, s = cached.shape[:2]
         latent, k_pe = cached.split([self.kv_lora_rank, self.rope], dim=-1)
         kv = kv_b_proj(latent.reshape(b * s, -1)).view(b, s, self.num_heads, self.nope + self.v_dim)
@@ -63,7 +63,8 @@ class MLAttention(KVCacheLayer):
         self, q: torch.Tensor, block_tables: torch.Tensor, context_lens: list[int], kv_b_proj: Linear
     ) -> torch.Tensor:
         """As _attend, with kv_b_proj's W_UK folded into q and W_UV applied after attention over latents."""
-        cached = gather_context(self.kv_cache, block_tables, max(context_lens))[:, None]  # [B, 1, S, R + rope]
+        cached = gather_context(self.kv_cache, block_tables, max(context_lens)).to(q.dtype)[:, None]
+        # cached: [B, 1, S, R + rope]
         w = kv_b_proj.weight.to(q.dtype)  # [NH * (nope + V), R]: float, maybe held as bf16
         w = w.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)  # [NH, nope + V, R]
         w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # [NH, nope, R], [NH, V, R]

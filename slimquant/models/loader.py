@@ -109,6 +109,18 @@ def resolve_dtype(dtype: str | torch.dtype, config, device: str | None = None, q
     return dtype
 
 
+def kv_cache_dtype(kv_cache_dtype: str, dtype: str | torch.dtype, loaded: LoadedModel, device: str) -> torch.dtype:
+    """The KV cache's dtype for the engine's kv_cache_dtype setting. 'auto' is the model's dtype, as in vLLM: the
+    activations' dtype, except where dtype='auto' widened a bf16 checkpoint's activations to fp32 on the CPU
+    (int8 kernels, or no native bf16): the cache stays bf16 there, half the bytes for the kernels to read."""
+    if kv_cache_dtype != "auto":
+        return resolve_dtype(kv_cache_dtype, loaded.hf_config)
+    widened = dtype == "auto" and str(device).startswith("cpu") and loaded.dtype == torch.float32
+    if widened and resolve_dtype("auto", loaded.hf_config) == torch.bfloat16:
+        return torch.bfloat16
+    return loaded.dtype
+
+
 def _cpu_auto_dtype(dtype: torch.dtype, device: str | None, quantized: bool) -> torch.dtype:
     """float32 on a CPU where it is faster: int8 checkpoints with the native kernels (they take fp32
     activations and fuse the layer's other ops only in fp32), or bf16/fp16 only emulated (~10x slower)."""

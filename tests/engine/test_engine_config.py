@@ -41,6 +41,8 @@ def test_unknown_arguments_through_llm(llama_path):
         ({"kv_cache_memory_bytes": 0}, "kv_cache_memory_bytes"),
         ({"device": "tpu"}, "device"),
         ({"tensor_parallel_size": 2}, "tensor_parallel_size"),
+        ({"kv_cache_dtype": "int4"}, "kv_cache_dtype"),
+        ({"kv_cache_dtype": "fp8_e4m3"}, "kv_cache_dtype='fp8_e4m3' is not supported"),
     ],
 )
 def test_invalid_settings_raise_value_error(kwargs, field):
@@ -86,6 +88,53 @@ def test_bfloat16_runs_with_a_bfloat16_cache(llama_path):
     assert len(out[0].outputs[0].token_ids) == 3
     caches = [m.kv_cache for m in llm.llm_engine.runner.model.modules() if isinstance(m, KVCacheLayer)]
     assert caches and all(c.dtype == torch.bfloat16 for c in caches)
+
+
+def test_bfloat16_kv_cache_halves_its_bytes_and_keeps_greedy_tokens(llama_path):
+    """kv_cache_dtype='bfloat16' with fp32 activations: twice the blocks for the same budget; the tiny model's
+    greedy tokens stay those of the fp32 cache, the logprobs within bf16 rounding."""
+    from slimquant import LLM, SamplingParams
+    from slimquant.layers.attention import KVCacheLayer
+
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
+    runs = {}
+    for kv_dtype in ("auto", "bfloat16"):
+        llm = LLM(str(llama_path), max_model_len=64, kv_cache_memory_bytes=20 * 8192, kv_cache_dtype=kv_dtype)
+        caches = [m.kv_cache for m in llm.llm_engine.runner.model.modules() if isinstance(m, KVCacheLayer)]
+        assert {c.dtype for c in caches} == {torch.float32 if kv_dtype == "auto" else torch.bfloat16}
+        out = llm.generate(["Hello, my name is", "It is a truth"], params, use_tqdm=False)
+        runs[kv_dtype] = (llm.llm_engine.runner.num_blocks, out)
+    (blocks32, out32), (blocks16, out16) = runs["auto"], runs["bfloat16"]
+    assert (blocks32, blocks16) == (20, 40)
+    for a, b in zip(out32, out16, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        chosen = [
+            [s[t].logprob for s, t in zip(o.logprobs, o.token_ids, strict=True)] for o in (a.outputs[0], b.outputs[0])
+        ]
+        assert chosen[0] != chosen[1]  # the bf16 cache really rounds
+        torch.testing.assert_close(torch.tensor(chosen[0]), torch.tensor(chosen[1]), rtol=0, atol=0.05)
+
+
+def test_auto_kv_cache_keeps_a_bf16_checkpoint_in_bf16(tiny_model, tmp_path):
+    """dtype='auto' runs an int8 model's activations in fp32 on the CPU; its cache keeps the checkpoint's bf16
+    (as vLLM caches in the model's dtype). An explicit dtype, or kv_cache_dtype, decides otherwise."""
+    from slimquant import LLM
+    from slimquant.layers.attention import KVCacheLayer
+    from tests.models.ascend_ckpt import write_ascend
+
+    bf16_int8 = write_ascend(tiny_model("llama", dtype=torch.bfloat16), tmp_path / "q", lambda p: "W8A8_DYNAMIC")
+    cases = [
+        (bf16_int8, {}, torch.bfloat16),
+        (bf16_int8, {"dtype": "float32"}, torch.float32),
+        (bf16_int8, {"kv_cache_dtype": "float32"}, torch.float32),
+        (tiny_model("llama"), {}, torch.float32),  # an fp32 checkpoint
+        (tiny_model("llama"), {"kv_cache_dtype": "bf16"}, torch.bfloat16),
+    ]
+    for path, kwargs, expected in cases:
+        llm = LLM(str(path), max_model_len=32, num_kv_blocks=16, **kwargs)
+        caches = [m.kv_cache for m in llm.llm_engine.runner.model.modules() if isinstance(m, KVCacheLayer)]
+        assert {c.dtype for c in caches} == {expected}, kwargs
+        assert llm.llm_engine.runner.model.model.norm.weight.dtype == torch.float32  # activations stay fp32
 
 
 BAD_PROMPTS = [("", "empty"), ([3.5], "must be a str"), ({"text": "x"}, "needs 'prompt'")]

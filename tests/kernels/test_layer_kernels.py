@@ -29,17 +29,22 @@ def _case(nh: int, kvh: int, d: int, lens: list[int], block_size: int = 4, seed:
     return cache, tables, slots, q.view(b, nh, d), k.view(b, kvh, d), v.view(b, kvh, d), (cos, sin)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("nh", "kvh", "d", "lens"), [(4, 2, 16, [1, 7, 9]), (3, 3, 12, [13]), (8, 1, 64, [5, 30])])
-def test_decode_attention_equals_torch_path(nh, kvh, d, lens):
+def test_decode_attention_equals_torch_path(nh, kvh, d, lens, cache_dtype):
     cache, tables, slots, q, k, v, rope = _case(nh, kvh, d, lens)
+    cache = cache.to(cache_dtype)
+    v[0, 0, :4] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), float("nan")])  # bf16 ties and a NaN
     ref_cache = cache.clone()
     qr, kr = apply_rotary(q, *rope), apply_rotary(k, *rope)
-    store_kv(ref_cache[0], ref_cache[1], kr, v, slots)
+    store_kv(ref_cache[0], ref_cache[1], kr, v, slots)  # (bf16: rounded by torch's conversion)
     ref = paged_attention(qr[:, None], ref_cache[0], ref_cache[1], tables, lens, d**-0.5)  # [B, 1, NH, D]
     lens_t = torch.tensor(lens, dtype=torch.int32)
     out = kernels.decode_attention(q, k, v, rope, (cache[0], cache[1]), slots, tables, lens_t, d**-0.5)
-    assert torch.equal(cache, ref_cache)  # rotated k and v stored bit for bit as the torch path stores them
-    torch.testing.assert_close(out, ref.reshape(len(lens), -1), rtol=1e-5, atol=1e-6)
+    assert out is not None
+    # rotated k and v stored as the torch path stores them: the same values, NaN where it has NaN
+    torch.testing.assert_close(cache, ref_cache, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out, ref.reshape(len(lens), -1), rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 def test_decode_attention_skips_padding_slots_and_runs_without_rope():
@@ -61,6 +66,10 @@ def test_decode_attention_declines_other_dtypes():
     assert (
         kernels.decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, bf, slots, tables, lens_t, 1.0) is None
     )
+    mixed = (cache[0], cache[1].bfloat16())  # the caches must share one dtype
+    assert kernels.decode_attention(q, k, v, None, mixed, slots, tables, lens_t, 1.0) is None
+    half = (cache[0].half(), cache[1].half())
+    assert kernels.decode_attention(q, k, v, None, half, slots, tables, lens_t, 1.0) is None
 
 
 @pytest.mark.parametrize("with_residual", [False, True])

@@ -28,7 +28,9 @@ def mixed(prefix: str) -> str:
 SCHEMES = {"dynamic": lambda p: "W8A8_DYNAMIC", "static": lambda p: "W8A8", "mixed": mixed}
 
 
-def decode_run(folder, mode: str, steps: int = 3) -> tuple[torch.Tensor, list[torch.Tensor], list]:
+def decode_run(
+    folder, mode: str, steps: int = 3, kv_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, list[torch.Tensor], list]:
     """Logits of three sequences (prefill, then `steps` batched decode steps), the KV caches, the layers' plans.
 
     mode: "stack" (one native call for all layers), "layer" (one per layer) or "per-op" (no native layers).
@@ -40,7 +42,7 @@ def decode_run(folder, mode: str, steps: int = 3) -> tuple[torch.Tensor, list[to
     if mode == "per-op":
         for layer in layers:
             layer._native_plan = None  # never plan
-    runner = PagedRunner(model, torch.float32)
+    runner = PagedRunner(model, kv_dtype)
     prompts = {0: PROMPT[:5], 1: PROMPT[3:12], 2: PROMPT[:1]}
     logits = [runner.step({seq: tokens}) for seq, tokens in prompts.items()]
     for i in range(steps):
@@ -49,18 +51,22 @@ def decode_run(folder, mode: str, steps: int = 3) -> tuple[torch.Tensor, list[to
     return torch.cat(logits), caches, [layer._native_plan for layer in layers]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("scheme", sorted(SCHEMES))
-def test_fused_layers_equal_per_op_path(tiny_model, tmp_path, monkeypatch, arch, scheme):
+@pytest.mark.parametrize(
+    "arch, scheme, kv_dtype",
+    [(arch, scheme, torch.float32) for arch in ("llama", "qwen2", "qwen3") for scheme in sorted(SCHEMES)]
+    + [("llama", "mixed", torch.bfloat16), ("qwen3", "dynamic", torch.bfloat16)],
+)
+def test_fused_layers_equal_per_op_path(tiny_model, tmp_path, monkeypatch, arch, scheme, kv_dtype):
     src = tiny_model(arch, dtype=torch.bfloat16)  # bf16 float weights: the fused layer takes them too
     dst = write_ascend(src, tmp_path / "q", SCHEMES[scheme], dtype=torch.bfloat16, shift=True)
     monkeypatch.setattr(base, "STACK_PREFILL_TOKENS", 0)  # prefills per op in every mode: decode compared alone
-    per_op, per_op_caches, _ = decode_run(dst, "per-op")
+    per_op, per_op_caches, _ = decode_run(dst, "per-op", kv_dtype=kv_dtype)
+    assert all(c.dtype == kv_dtype for c in per_op_caches)
     for mode in ("stack", "layer"):
         with monkeypatch.context() as m:
             if mode == "stack":  # the stack really runs: no layer-by-layer native call happens
                 m.setattr(kernels, "decoder_layer", lambda *a: pytest.fail("decoded layer by layer"))
-            fused, fused_caches, plans = decode_run(dst, mode)
+            fused, fused_caches, plans = decode_run(dst, mode, kv_dtype=kv_dtype)
         assert all(plan is not None and plan is not False for plan in plans)  # every layer really ran fused
         assert torch.equal(fused, per_op), mode
         assert all(torch.equal(a, b) for a, b in zip(fused_caches, per_op_caches, strict=True)), mode

@@ -30,6 +30,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Model-loading and engine options shared by generate, chat and serve."""
     p.add_argument("--quantization", choices=["ascend"], help="expect an ascend (ModelSlim) checkpoint")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) | bfloat16 | float32")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: decode op by op, without CUDA graphs")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
@@ -53,6 +54,7 @@ def make_llm(args: argparse.Namespace, **engine_kwargs):
         str(zoo.resolve_model(args.model)),
         quantization=args.quantization,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         device=args.device,
         enforce_eager=args.enforce_eager,
         max_model_len=args.max_model_len,

@@ -2,14 +2,17 @@
 // layer instead of a dozen small torch ops. fp32 throughout; built with -ffp-contract=off so the rotation
 // rounds exactly like torch's x * cos + rotate_half(x) * sin.
 //
-// q [B, NH, D] at row stride ldq (elements per token), k / v [B, KVH, D] at ldk / ldv; caches [slots, KVH, D];
-// block_tables int32 [B, max_blocks]; slots int64 [B] (-1: do not store); cos / sin [B, D] or null (no rope).
+// q [B, NH, D] at row stride ldq (elements per token), k / v [B, KVH, D] at ldk / ldv; caches [slots, KVH, D],
+// fp32 or bf16 (kv_bf16 != 0: stored rounded to nearest even, as torch's .to(torch.bfloat16), and read back
+// exactly widened); block_tables int32 [B, max_blocks]; slots int64 [B] (-1: do not store); cos / sin [B, D] or
+// null (no rope).
 #include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <vector>
 
@@ -28,23 +31,51 @@ void rope_neox(const float* x, const float* cos, const float* sin, int d, float*
   }
 }
 
-inline float dot(const float* a, const float* b, int d) {
+// A cached row's values as fp32: fp32 rows as they are, bf16 rows (uint16_t) widened exactly.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline float load1(float x) { return x; }
+inline float load1(uint16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// fp32 -> bf16 rounded to nearest even, NaN kept a (quiet) NaN: torch's c10::BFloat16 conversion.
+inline uint16_t to_bf16(float x) {
+  if (std::isnan(x)) return 0x7FC0;
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+inline void store_row(const float* x, int d, float* out) { std::copy(x, x + d, out); }
+inline void store_row(const float* x, int d, uint16_t* out) {
+  for (int i = 0; i < d; ++i) out[i] = to_bf16(x[i]);
+}
+
+template <class C>
+inline float dot(const float* a, const C* b, int d) {
   __m256 acc = _mm256_setzero_ps();
   int i = 0;
-  for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   float r = _mm_cvtss_f32(s);
-  for (; i < d; ++i) r += a[i] * b[i];
+  for (; i < d; ++i) r += a[i] * load1(b[i]);
   return r;
 }
 
-inline void axpy(float w, const float* x, float* y, int d) {
+template <class C>
+inline void axpy(float w, const C* x, float* y, int d) {
   const __m256 wv = _mm256_set1_ps(w);
   int i = 0;
-  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < d; ++i) y[i] += w * x[i];
+  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, load8(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < d; ++i) y[i] += w * load1(x[i]);
 }
 
 // Lane j = the sum of the 8 lanes of v[j].
@@ -56,26 +87,28 @@ inline __m256 hsum8(const __m256* v) {
 }
 
 // Lane j = q . rows[j] over d (a multiple of 8): 8 dot products reduced together.
-inline __m256 dot8(const float* q, const float* const* rows, int d) {
+template <class C>
+inline __m256 dot8(const float* q, const C* const* rows, int d) {
   __m256 acc[8];
   for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
   for (int i = 0; i < d; i += 8) {
     const __m256 qv = _mm256_loadu_ps(q + i);
-    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[j] + i), acc[j]);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, load8(rows[j] + i), acc[j]);
   }
   return hsum8(acc);
 }
 
 constexpr int kAhead = 16;  // cached rows are prefetched this many positions ahead (blocks are scattered)
 
-inline void prefetch_row(const float* row, int d) {
-  for (int i = 0; i < d; i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
+template <class C>
+inline void prefetch_row(const C* row, int d) {
+  for (int i = 0; i < d; i += 64 / sizeof(C)) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
 }
 
 // o[j][c, c + 8W) = (sum over t of p[j][t] * v_t[c, c + 8W)) * inv[j] for the G heads of a group (p: [G, n]),
 // the sums in registers, each lane in the order of t (as axpy's); every v row chunk is loaded once for all heads.
-template <int G, int W>
-inline void group_weighted_sum(const float* p, int n, const float* const* v_rows, int c, int d, const float* inv,
+template <int G, int W, class C>
+inline void group_weighted_sum(const float* p, int n, const C* const* v_rows, int c, int d, const float* inv,
                                float* o) {
   __m256 acc[G][W];
   for (int j = 0; j < G; ++j)
@@ -83,7 +116,7 @@ inline void group_weighted_sum(const float* p, int n, const float* const* v_rows
   for (int t = 0; t < n; ++t) {
     if (t + kAhead < n) _mm_prefetch(reinterpret_cast<const char*>(v_rows[t + kAhead] + c), _MM_HINT_T0);
     __m256 v[W];
-    for (int u = 0; u < W; ++u) v[u] = _mm256_loadu_ps(v_rows[t] + c + 8 * u);
+    for (int u = 0; u < W; ++u) v[u] = load8(v_rows[t] + c + 8 * u);
     for (int j = 0; j < G; ++j) {
       const __m256 pv = _mm256_set1_ps(p[(size_t)j * n + t]);
       for (int u = 0; u < W; ++u) acc[j][u] = _mm256_fmadd_ps(pv, v[u], acc[j][u]);
@@ -102,26 +135,27 @@ constexpr int chunk_width(int g) {
 }
 
 // All heads of a group, in column chunks of chunk_width(G) vectors (d a multiple of 8).
-template <int G>
-void group_weighted_sums(const float* p, int n, const float* const* v_rows, int d, const float* inv, float* o) {
+template <int G, class C>
+void group_weighted_sums(const float* p, int n, const C* const* v_rows, int d, const float* inv, float* o) {
   constexpr int W = chunk_width(G);
   int c = 0;
-  for (; c + 8 * W <= d; c += 8 * W) group_weighted_sum<G, W>(p, n, v_rows, c, d, inv, o);
-  for (; c < d; c += 8) group_weighted_sum<G, 1>(p, n, v_rows, c, d, inv, o);
+  for (; c + 8 * W <= d; c += 8 * W) group_weighted_sum<G, W, C>(p, n, v_rows, c, d, inv, o);
+  for (; c < d; c += 8) group_weighted_sum<G, 1, C>(p, n, v_rows, c, d, inv, o);
 }
 
-void weighted_sums(const float* p, int n, const float* const* v_rows, int d, int heads, const float* inv, float* o) {
+template <class C>
+void weighted_sums(const float* p, int n, const C* const* v_rows, int d, int heads, const float* inv, float* o) {
   switch (heads) {  // the common group sizes unrolled; others one head at a time
-    case 1: return group_weighted_sums<1>(p, n, v_rows, d, inv, o);
-    case 2: return group_weighted_sums<2>(p, n, v_rows, d, inv, o);
-    case 3: return group_weighted_sums<3>(p, n, v_rows, d, inv, o);
-    case 4: return group_weighted_sums<4>(p, n, v_rows, d, inv, o);
-    case 5: return group_weighted_sums<5>(p, n, v_rows, d, inv, o);
-    case 6: return group_weighted_sums<6>(p, n, v_rows, d, inv, o);
-    case 7: return group_weighted_sums<7>(p, n, v_rows, d, inv, o);
-    case 8: return group_weighted_sums<8>(p, n, v_rows, d, inv, o);
+    case 1: return group_weighted_sums<1, C>(p, n, v_rows, d, inv, o);
+    case 2: return group_weighted_sums<2, C>(p, n, v_rows, d, inv, o);
+    case 3: return group_weighted_sums<3, C>(p, n, v_rows, d, inv, o);
+    case 4: return group_weighted_sums<4, C>(p, n, v_rows, d, inv, o);
+    case 5: return group_weighted_sums<5, C>(p, n, v_rows, d, inv, o);
+    case 6: return group_weighted_sums<6, C>(p, n, v_rows, d, inv, o);
+    case 7: return group_weighted_sums<7, C>(p, n, v_rows, d, inv, o);
+    case 8: return group_weighted_sums<8, C>(p, n, v_rows, d, inv, o);
   }
-  for (int j = 0; j < heads; ++j) group_weighted_sums<1>(p + (size_t)j * n, n, v_rows, d, inv + j, o + (size_t)j * d);
+  for (int j = 0; j < heads; ++j) group_weighted_sums<1, C>(p + (size_t)j * n, n, v_rows, d, inv + j, o + (size_t)j * d);
 }
 
 // scores [n] -> their unnormalized softmax weights e^(s - max), in place; returns 1 / their sum (0 if n is 0).
@@ -141,24 +175,29 @@ float softmax_weights(float* scores, int n) {
 
 namespace sq {
 
-void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos, const float* sin, float* k_cache,
-              float* v_cache, const int64_t* slots, int num_kv_heads, int head_dim, int b, int h) {
+template <class C>
+void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos, const float* sin, C* k_cache,
+              C* v_cache, const int64_t* slots, int num_kv_heads, int head_dim, int b, int h) {
   if (slots[b] < 0) return;
+  thread_local std::vector<float> rotated;
   const int d = head_dim;
-  float* kc = k_cache + ((size_t)slots[b] * num_kv_heads + h) * d;
+  const size_t at = ((size_t)slots[b] * num_kv_heads + h) * d;
   const float* kn = k + (size_t)b * ldk + (size_t)h * d;
-  if (cos) rope_neox(kn, cos + (size_t)b * d, sin + (size_t)b * d, d, kc);
-  else std::copy(kn, kn + d, kc);
-  const float* vn = v + (size_t)b * ldv + (size_t)h * d;
-  std::copy(vn, vn + d, v_cache + ((size_t)slots[b] * num_kv_heads + h) * d);
+  if (cos) {
+    if (rotated.size() < (size_t)d) rotated.resize(d);
+    rope_neox(kn, cos + (size_t)b * d, sin + (size_t)b * d, d, rotated.data());
+    kn = rotated.data();
+  }
+  store_row(kn, d, k_cache + at);
+  store_row(v + (size_t)b * ldv + (size_t)h * d, d, v_cache + at);
 }
 
-void attend_group(const float* q, int ldq, const float* cos, const float* sin, const float* k_cache,
-                  const float* v_cache, const int32_t* block_tables, int max_blocks, const int32_t* context_lens,
-                  int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int b, int g, int j0,
-                  int j1, float* out) {
+template <class C>
+void attend_group(const float* q, int ldq, const float* cos, const float* sin, const C* k_cache, const C* v_cache,
+                  const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size,
+                  int num_heads, int num_kv_heads, int head_dim, float scale, int b, int g, int j0, int j1, float* out) {
   thread_local std::vector<float> qr, scores, inv;  // per-thread scratch, grown on demand: [G, D], [G, n], [G]
-  thread_local std::vector<const float*> k_rows, v_rows;
+  thread_local std::vector<const C*> k_rows, v_rows;
   const int d = head_dim, n = context_lens[b], heads = j1 - j0, h0 = g * (num_heads / num_kv_heads) + j0;
   if (qr.size() < (size_t)heads * d) qr.resize((size_t)heads * d);
   if (scores.size() < (size_t)heads * n) scores.resize((size_t)heads * n);
@@ -197,24 +236,37 @@ void attend_group(const float* q, int ldq, const float* cos, const float* sin, c
   }
 }
 
+template void kv_store(const float*, int, const float*, int, const float*, const float*, float*, float*,
+                      const int64_t*, int, int, int, int);
+template void kv_store(const float*, int, const float*, int, const float*, const float*, uint16_t*, uint16_t*,
+                      const int64_t*, int, int, int, int);
+template void attend_group(const float*, int, const float*, const float*, const float*, const float*,
+                           const int32_t*, int, const int32_t*, int, int, int, int, float, int, int, int, int, float*);
+template void attend_group(const float*, int, const float*, const float*, const uint16_t*, const uint16_t*,
+                           const int32_t*, int, const int32_t*, int, int, int, int, float, int, int, int, int, float*);
+
 }  // namespace sq
 
 extern "C" {
 
 void sq_decode_attention(const float* q, int ldq, const float* k, int ldk, const float* v, int ldv, const float* cos,
-                         const float* sin, float* k_cache, float* v_cache, const int64_t* slots,
+                         const float* sin, void* k_cache, void* v_cache, int kv_bf16, const int64_t* slots,
                          const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size,
                          int batch, int num_heads, int num_kv_heads, int head_dim, float scale, float* out) {
-  for (int b = 0; b < batch; ++b)  // write the new token's k (rotated) and v into the cache
-    for (int h = 0; h < num_kv_heads; ++h)
-      sq::kv_store(k, ldk, v, ldv, cos, sin, k_cache, v_cache, slots, num_kv_heads, head_dim, b, h);
+  sq::with_cache_type(kv_bf16, [&](auto element) {
+    using C = decltype(element);
+    C *kc = static_cast<C*>(k_cache), *vc = static_cast<C*>(v_cache);
+    for (int b = 0; b < batch; ++b)  // write the new token's k (rotated) and v into the cache
+      for (int h = 0; h < num_kv_heads; ++h)
+        sq::kv_store(k, ldk, v, ldv, cos, sin, kc, vc, slots, num_kv_heads, head_dim, b, h);
 #pragma omp parallel if (batch * num_heads > 1)
-  sq::for_attention_share(batch, num_heads, num_kv_heads, omp_get_thread_num(), omp_get_num_threads(),
-                          [&](int b, int g, int j0, int j1) {
-                            sq::attend_group(q, ldq, cos, sin, k_cache, v_cache, block_tables, max_blocks,
-                                             context_lens, block_size, num_heads, num_kv_heads, head_dim, scale, b, g,
-                                             j0, j1, out);
-                          });
+    sq::for_attention_share(batch, num_heads, num_kv_heads, omp_get_thread_num(), omp_get_num_threads(),
+                            [&](int b, int g, int j0, int j1) {
+                              sq::attend_group(q, ldq, cos, sin, static_cast<const C*>(kc), static_cast<const C*>(vc),
+                                               block_tables, max_blocks, context_lens, block_size, num_heads,
+                                               num_kv_heads, head_dim, scale, b, g, j0, j1, out);
+                            });
+  });
 }
 
 }  // extern "C"

@@ -81,15 +81,24 @@ void silu_and_mul_range(const float* g, const float* u, int j0, int j1, float* y
 
 // ---- attention_cpu.cpp ----
 
-// Token b's k (rotated) and v of kv head h into the caches at slots[b] (nothing where slots[b] < 0).
-void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos, const float* sin, float* k_cache,
-              float* v_cache, const int64_t* slots, int num_kv_heads, int head_dim, int b, int h);
+// KV caches hold C = float (fp32) or uint16_t (bf16) values: fn(C{}) with the type that kv_bf16 names.
+template <class Fn>
+void with_cache_type(int kv_bf16, const Fn& fn) {
+  if (kv_bf16) fn(uint16_t{});
+  else fn(float{});
+}
+
+// Token b's k (rotated) and v of kv head h into the caches at slots[b] (nothing where slots[b] < 0); bf16 caches
+// get each value rounded to nearest even.
+template <class C>
+void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos, const float* sin, C* k_cache,
+              C* v_cache, const int64_t* slots, int num_kv_heads, int head_dim, int b, int h);
 // out [B, NH, D] for token b, query heads [j0, j1) of kv head g's group: softmax(rope(q) . K * scale) V over the
 // token's cached context, its cached rows read once for all those heads (per head, the sums of one head alone).
-void attend_group(const float* q, int ldq, const float* cos, const float* sin, const float* k_cache,
-                  const float* v_cache, const int32_t* block_tables, int max_blocks, const int32_t* context_lens,
-                  int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int b, int g, int j0,
-                  int j1, float* out);
+template <class C>
+void attend_group(const float* q, int ldq, const float* cos, const float* sin, const C* k_cache, const C* v_cache,
+                  const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size,
+                  int num_heads, int num_kv_heads, int head_dim, float scale, int b, int g, int j0, int j1, float* out);
 
 // Thread tid's share of the batch * num_heads query heads, a contiguous range, as runs of heads within one kv
 // group: fn(b, g, j0, j1) for token b, kv group g, its heads [j0, j1). The shares are balanced to a head, and the

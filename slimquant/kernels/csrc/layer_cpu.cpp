@@ -35,7 +35,7 @@ void sq_silu_and_mul(const float* x, int t, int inter, int ldx, float* y);
 void sq_rms_norm_heads(const float* x, int t, int heads, int d, int ldx, const float* weight, const float* bias,
                        float eps, float* y, int ldy);
 void sq_decode_attention(const float* q, int ldq, const float* k, int ldk, const float* v, int ldv, const float* cos,
-                         const float* sin, float* k_cache, float* v_cache, const int64_t* slots,
+                         const float* sin, void* k_cache, void* v_cache, int kv_bf16, const int64_t* slots,
                          const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size,
                          int batch, int num_heads, int num_kv_heads, int head_dim, float scale, float* out);
 }
@@ -96,9 +96,10 @@ extern "C" {
 
 // x [B, H] in: the layer's input (the previous layer's MLP output, or the embeddings if first != 0);
 // residual [B, H] in/out (written, not read, when first != 0); out [B, H]: this layer's MLP output.
-// cos / sin [B, D] (null: no rope); caches [slots, KVH, D]; the rest as in sq_decode_attention.
+// cos / sin [B, D] (null: no rope); caches [slots, KVH, D] (bf16 when kv_bf16 != 0, else fp32); the rest as in
+// sq_decode_attention.
 void sq_decoder_layer(const SqDecoderLayer* L, int batch, const float* x, float* residual, int first, float* out,
-                      const float* cos, const float* sin, float* k_cache, float* v_cache, const int64_t* slots,
+                      const float* cos, const float* sin, void* k_cache, void* v_cache, int kv_bf16, const int64_t* slots,
                       const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size) {
   thread_local std::vector<float> norm_buf, qkv_buf, attn_buf, o_buf, gu_buf, act_buf;
   const int h = L->hidden, b = batch, d = L->head_dim, nh = L->num_heads, kvh = L->num_kv_heads;
@@ -116,8 +117,8 @@ void sq_decoder_layer(const SqDecoderLayer* L, int batch, const float* x, float*
   }
   float* attn = scratch(attn_buf, (size_t)b * nh * d);
   const float *k = qkv + (size_t)nh * d, *v = k + (size_t)kvh * d;
-  sq_decode_attention(qkv, ld_qkv, k, ld_qkv, v, ld_qkv, cos, sin, k_cache, v_cache, slots, block_tables, max_blocks,
-                      context_lens, block_size, b, nh, kvh, d, L->attn_scale, attn);
+  sq_decode_attention(qkv, ld_qkv, k, ld_qkv, v, ld_qkv, cos, sin, k_cache, v_cache, kv_bf16, slots, block_tables,
+                      max_blocks, context_lens, block_size, b, nh, kvh, d, L->attn_scale, attn);
   float* o = scratch(o_buf, (size_t)b * h);
   run_linear(L->o, attn, b, nh * d, o);
 
@@ -186,8 +187,9 @@ bool region_enabled() {
 }
 
 // sq_decoder_stack in one parallel region (see the header); the same arguments.
-void decoder_stack_region(const SqDecoderLayer* const* layers, float* const* k_caches, float* const* v_caches,
-                          int num_layers, int b, const float* x, float* residual, float* out, const float* cos,
+template <class C>
+void decoder_stack_region(const SqDecoderLayer* const* layers, C* const* k_caches, C* const* v_caches, int num_layers,
+                          int b, const float* x, float* residual, float* out, const float* cos,
                           const float* sin, const int64_t* slots, const int32_t* block_tables, int max_blocks,
                           const int32_t* context_lens, int block_size) {
   int max_qkv = 0, max_attn = 0, max_inter = 0, max_d = 0;
@@ -240,8 +242,8 @@ void decoder_stack_region(const SqDecoderLayer* const* layers, float* const* k_c
           float* qh = qkv + (size_t)bi * ld_qkv + (size_t)hd * d;
           sq::norm_row(qh, nullptr, d, L.q_norm_w, L.q_norm_b, L.eps, head, qh);
         }
-        sq::attend_group(qkv, ld_qkv, cos, sin, k_caches[l], v_caches[l], block_tables, max_blocks, context_lens,
-                         block_size, nh, kvh, d, L.attn_scale, bi, g, j0, j1, attn);
+        sq::attend_group<C>(qkv, ld_qkv, cos, sin, k_caches[l], v_caches[l], block_tables, max_blocks, context_lens,
+                            block_size, nh, kvh, d, L.attn_scale, bi, g, j0, j1, attn);
       });
 #pragma omp barrier
       linear_slice(L.o, attn, b, nh * d, tid, nt, t, o);
@@ -274,25 +276,29 @@ void decoder_stack_region(const SqDecoderLayer* const* layers, float* const* k_c
 extern "C" {
 
 // Every layer of a decoder stack in one call: x [B, H] (the embeddings) in, out [B, H] (the last layer's MLP
-// output) and residual [B, H] written; k_caches / v_caches: one pair per layer. sq_decoder_layer reads its x
-// before it writes its out, so the stack runs in place in out.
-void sq_decoder_stack(const SqDecoderLayer* const* layers, float* const* k_caches, float* const* v_caches,
+// output) and residual [B, H] written; k_caches / v_caches: one pair per layer, bf16 when kv_bf16 != 0, else
+// fp32. sq_decoder_layer reads its x before it writes its out, so the stack runs in place in out.
+void sq_decoder_stack(const SqDecoderLayer* const* layers, void* const* k_caches, void* const* v_caches, int kv_bf16,
                       int num_layers, int batch, const float* x, float* residual, float* out, const float* cos,
                       const float* sin, const int64_t* slots, const int32_t* block_tables, int max_blocks,
                       const int32_t* context_lens, int block_size) {
   if (num_layers > 0 && batch <= kRegionMaxBatch && region_enabled())
-    return decoder_stack_region(layers, k_caches, v_caches, num_layers, batch, x, residual, out, cos, sin, slots,
-                                block_tables, max_blocks, context_lens, block_size);
+    return sq::with_cache_type(kv_bf16, [&](auto element) {
+      using C = decltype(element);
+      decoder_stack_region(layers, reinterpret_cast<C* const*>(k_caches), reinterpret_cast<C* const*>(v_caches),
+                           num_layers, batch, x, residual, out, cos, sin, slots, block_tables, max_blocks,
+                           context_lens, block_size);
+    });
   for (int l = 0; l < num_layers; ++l)
     sq_decoder_layer(layers[l], batch, l == 0 ? x : out, residual, l == 0, out, cos, sin, k_caches[l], v_caches[l],
-                     slots, block_tables, max_blocks, context_lens, block_size);
+                     kv_bf16, slots, block_tables, max_blocks, context_lens, block_size);
 }
 
 // A whole step of a decoder model around sq_decoder_stack: the embedding rows of ids [B] (table [V, H], bf16 when
 // embed_bf16 != 0, else fp32), the rope rows of positions [B] (tables [P, rope_dim]; null: no rope), every layer,
 // then the final norm (weight, bias or null, eps) of out + residual into hidden [B, H]. The same steps as the
 // per-op path (F.embedding, RotaryEmbedding rows, add_rms_norm): the same bits.
-void sq_decoder_model(const SqDecoderLayer* const* layers, float* const* k_caches, float* const* v_caches,
+void sq_decoder_model(const SqDecoderLayer* const* layers, void* const* k_caches, void* const* v_caches, int kv_bf16,
                       int num_layers, int batch, const int64_t* ids, const void* embed, int embed_bf16,
                       const int64_t* positions, const float* cos_table, const float* sin_table, int rope_dim,
                       const float* norm_w, const float* norm_b, float eps, float* hidden, const int64_t* slots,
@@ -323,8 +329,8 @@ void sq_decoder_model(const SqDecoderLayer* const* layers, float* const* k_cache
       std::memcpy(sin + (size_t)i * rope_dim, sin_table + (size_t)positions[i] * rope_dim, sizeof(float) * rope_dim);
     }
   }
-  sq_decoder_stack(layers, k_caches, v_caches, num_layers, batch, x, residual, out, cos, sin, slots, block_tables,
-                   max_blocks, context_lens, block_size);
+  sq_decoder_stack(layers, k_caches, v_caches, kv_bf16, num_layers, batch, x, residual, out, cos, sin, slots,
+                   block_tables, max_blocks, context_lens, block_size);
   for (int i = 0; i < batch; ++i)
     sq::norm_row(out + (size_t)i * h, residual + (size_t)i * h, h, norm_w, norm_b, eps, residual + (size_t)i * h,
                  hidden + (size_t)i * h);
