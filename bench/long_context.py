@@ -1,8 +1,10 @@
-"""Single-stream decode at long contexts: the KV cache in fp32 (the default for int8 models on CPU) against bf16
-(`kv_cache_dtype="bfloat16"`), both engines in one process, runs alternating, medians reported.
+"""Single-stream decode at long contexts: the KV cache in fp32 (`kv_cache_dtype="float32"`) against bf16 (the
+default for a bf16 checkpoint), both engines in one process, runs alternating, medians reported.
 
 At a 1500-token context a SmolLM2 decode step reads 69 MB of fp32 KV cache besides its 136 MB of weights; bf16
-halves the cache. Prints tokens/s per context length and the ratio, and how many of the greedy tokens agree.
+halves the cache. Prints tokens/s per context length and the ratio, and how many of the greedy tokens agree;
+then the perplexity of the book's first --ppl-tokens tokens scored in 64-token prefill chunks, each chunk
+attending to the earlier ones through the cache (so the cache's rounding counts), under each cache dtype.
 
     .venv/bin/python bench/long_context.py [--model SmolLM2-135M-Instruct] [--contexts 64 500 1500]
         [--decode-tokens 32] [--rounds 5]
@@ -11,6 +13,7 @@ halves the cache. Prints tokens/s per context length and the ratio, and how many
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -21,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.speed import quantized  # noqa: E402
 from slimquant import LLM, SamplingParams, zoo  # noqa: E402
 
-KV_DTYPES = ("auto", "bfloat16")
+KV_DTYPES = ("float32", "bfloat16")
 
 
 def decode_rate(llm: LLM, prompt: list[int], tokens: int) -> tuple[float, list[int]]:
@@ -40,6 +43,17 @@ def decode_rate(llm: LLM, prompt: list[int], tokens: int) -> tuple[float, list[i
     return rate, list(outs[0].outputs[0].token_ids)
 
 
+def chunked_perplexity(path: Path, kv_dtype: str, ids: list[int]) -> float:
+    """Perplexity of ids scored in 64-token prefill chunks, each reading the earlier chunks from the KV cache."""
+    llm = LLM(
+        str(path), quantization="ascend", max_model_len=len(ids) + 8, max_num_batched_tokens=64,
+        enable_prefix_caching=False, kv_cache_dtype=kv_dtype,
+    )  # fmt: skip
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    scores = [row[t].logprob for row, t in zip(out[0].prompt_logprobs[1:], ids[1:], strict=True)]
+    return math.exp(-sum(scores) / len(scores))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="SmolLM2-135M-Instruct", help="a model folder or the built-in name")
@@ -47,6 +61,7 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[64, 500, 1500])
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--ppl-tokens", type=int, default=1024, help="tokens of the perplexity check (0: skip it)")
     args = ap.parse_args()
     path = zoo.resolve_model(args.model)
     if not (path / "quant_model_description.json").is_file():
@@ -56,7 +71,7 @@ def main() -> None:
         kv: LLM(str(path), quantization="ascend", max_model_len=longest, enable_prefix_caching=False, kv_cache_dtype=kv)
         for kv in KV_DTYPES
     }
-    ids = llms["auto"].get_tokenizer()(zoo.EVAL_TEXT.read_text()).input_ids[: max(args.contexts)]  # the book
+    ids = llms["float32"].get_tokenizer()(zoo.EVAL_TEXT.read_text()).input_ids  # the book
     print(f"{path.name}, single-stream greedy decode of {args.decode_tokens} tokens, medians of {args.rounds} runs")
     print("| context | KV fp32 (tokens/s) | KV bf16 (tokens/s) | bf16 / fp32 | same tokens |")
     print("|---:|---:|---:|---:|---:|")
@@ -69,7 +84,13 @@ def main() -> None:
                 rates[kv].append(rate)
         fp32, bf16 = (statistics.median(rates[kv]) for kv in KV_DTYPES)
         same = sum(a == b for a, b in zip(*outs.values(), strict=True))
-        print(f"| {ctx} | {fp32:.1f} | {bf16:.1f} | {bf16 / fp32:.2f}x | {same}/{len(outs['auto'])} |", flush=True)
+        print(f"| {ctx} | {fp32:.1f} | {bf16:.1f} | {bf16 / fp32:.2f}x | {same}/{len(outs['float32'])} |", flush=True)
+
+    if args.ppl_tokens:
+        ppl = {kv: chunked_perplexity(path, kv, ids[: args.ppl_tokens]) for kv in KV_DTYPES}
+        fp32, bf16 = ppl["float32"], ppl["bfloat16"]
+        print(f"perplexity of {args.ppl_tokens} book tokens in 64-token chunks through the cache: ", end="")
+        print(f"KV fp32 {fp32:.3f}, KV bf16 {bf16:.3f} ({bf16 / fp32 - 1:+.2%})")
 
 
 if __name__ == "__main__":
