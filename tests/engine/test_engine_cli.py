@@ -28,6 +28,14 @@ def test_generate_several_prompts(llama_path, capsys):
     assert len(lines) == 2 and lines[0].startswith("'a' -> ")
 
 
+def test_engine_options_reach_the_llm(llama_path, monkeypatch):
+    monkeypatch.setattr("slimquant.LLM", lambda model, **kwargs: kwargs)  # make_llm imports it from slimquant
+    parser = argparse.ArgumentParser()
+    generate.register(parser.add_subparsers())
+    args = parser.parse_args(["generate", str(llama_path), "--prompt", "a", "--kv-cache-dtype", "bfloat16"])
+    assert generate.make_llm(args)["kv_cache_dtype"] == "bfloat16"
+
+
 def test_chat_streams_replies_until_exit(llama_path, monkeypatch, capsys):
     inputs = iter(["Hello", "/reset", "Again", "/exit"])
     monkeypatch.setattr("builtins.input", lambda _: next(inputs))
