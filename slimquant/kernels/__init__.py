@@ -8,6 +8,7 @@ from slimquant.kernels.decoder_ops import (
     decoder_layer,
     decoder_layer_plan,
     decoder_model,
+    fp32_copy,
 )
 from slimquant.kernels.float_ops import float_linear, pack_float_weight
 from slimquant.kernels.int8_ops import (
@@ -34,6 +35,7 @@ __all__ = [
     "decoder_model",
     "dynamic_linear",
     "float_linear",
+    "fp32_copy",
     "int8_mm",
     "int8_mm_packed",
     "pack_float_weight",

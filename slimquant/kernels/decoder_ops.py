@@ -81,9 +81,14 @@ def decoder_layer_plan(
 ) -> DecoderLayerPlan | None:
     """The native form of a layer: norms "input", "post" (and per-head "q", "k": Qwen3), linears qkv / o /
     gate_up / down, heads (num_heads, num_kv_heads, head_dim); None where any piece has no native form (then
-    the per-op path runs)."""
-    if not native.available() or any(lf is None or not _valid_form(lf) for lf in linears.values()):
+    the per-op path runs). The kernels compute in fp32: float norms and biases of a bf16 model are held as fp32
+    copies."""
+    if not native.available() or any(lf is None for lf in linears.values()):
         return None
+    linears = {name: _fp32_tensors(lf) for name, lf in linears.items()}
+    if not all(_valid_form(lf) for lf in linears.values()):
+        return None
+    norms = {name: (fp32_copy(w), fp32_copy(b)) for name, (w, b) in norms.items()}
     norm_tensors = [t for pair in norms.values() for t in pair]
     keep = [t for t in norm_tensors if t is not None]
     keep += [t for lf in linears.values() for t in (lf.weight, *lf.tensors.values()) if t is not None]
@@ -220,6 +225,17 @@ _FORM_DTYPES = {  # kind -> (weight dtype, {tensor name: dtype})
     "static": (torch.int8, {"quant_bias": torch.int32, "deq_scale": torch.float32}),
     "bf16": (torch.bfloat16, {"bias": torch.float32}),
 }
+
+
+def fp32_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A float tensor as the native kernels read it: fp32 and contiguous (t itself if it is already)."""
+    return t if t is None or not t.is_floating_point() else t.float().contiguous()
+
+
+def _fp32_tensors(lf: LinearForm) -> LinearForm:
+    """lf with its float tensors other than the weight (scales, biases) in fp32, the kernels' dtype."""
+    tensors = {name: fp32_copy(t) for name, t in lf.tensors.items()}
+    return LinearForm(lf.kind, lf.n, lf.k, lf.weight, tensors, lf.inv_scale, lf.offset)
 
 
 def _valid_form(lf: LinearForm) -> bool:

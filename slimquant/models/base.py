@@ -51,6 +51,7 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
         self._stack_plan: kernels.DecoderStackPlan | None | bool = False  # False: not built yet
+        self._final_norm: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fp32 (weight, bias) for it
         self._caches: tuple[int, list[torch.Tensor]] = (-1, [])  # (KVCacheLayer.generation, each layer's cache)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -68,19 +69,21 @@ class DecoderModel(nn.Module):
 
     def _native_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """A CPU step (decode, or a few prefill tokens) of the whole model in one native call, where every layer
-        has a native plan: embeddings, layers, final norm -> hidden [T, H]."""
+        has a native plan: embeddings, layers, final norm -> hidden fp32 [T, H]. The kernels compute in fp32 over
+        the weights as held (int8, or bf16 for float layers), whatever dtype the per-op path runs in."""
         ctx = get_context()
         if input_ids.device.type != "cpu" or ctx.graph_step:
             return None
         if self._stack_plan is False:  # built on the first such step: every layer planned, or None
             plans = [layer.native_plan() if hasattr(layer, "native_plan") else None for layer in self.layers]
             self._stack_plan = kernels.DecoderStackPlan(plans) if plans and all(p is not None for p in plans) else None
+            self._final_norm = (kernels.fp32_copy(self.norm.weight), kernels.fp32_copy(self.norm.bias))
         if self._stack_plan is None:
             return None
         if self._caches[0] != KVCacheLayer.generation:  # a cache was (re)assigned since the last step
             self._caches = (KVCacheLayer.generation, [layer.kv_cache for layer in self.layers])
         rope = self.rotary.table(max(ctx.context_lens))  # rows for every position of the step
-        ends = kernels.ModelEnds(self.embed_tokens.weight, rope, self.norm.weight, self.norm.bias, self.norm.eps)
+        ends = kernels.ModelEnds(self.embed_tokens.weight, rope, *self._final_norm, self.norm.eps)
         return kernels.decoder_model(self._stack_plan, input_ids, positions, ends, self._caches[1], ctx)
 
 

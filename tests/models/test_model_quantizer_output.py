@@ -11,11 +11,16 @@ from tests.models.paged import PROMPT, PagedRunner, assert_close
 from tests.models.reference import reference_logits, reference_model
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("quant_type", ["w8a8", "w8a8_dynamic"])
-def test_quantizer_checkpoint_matches_reference(tiny_model, tmp_path, quant_type):
+def test_quantizer_checkpoint_matches_reference(tiny_model, tmp_path, quant_type, dtype):
+    """fp32: the native step (the 13-token prompt is a small prefill); bf16: the per-op path in bf16 (the native
+    step, which computes in fp32 whatever the dtype, turned off)."""
     src = tiny_model("qwen3", dtype=torch.bfloat16)
     dst = tmp_path / "q"
     quantize(src, dst, quant_type, anti_outlier="iterative", num_samples=2, seq_len=16, progress=False)
-    loaded = load_model(str(dst), dtype=torch.bfloat16)
+    loaded = load_model(str(dst), dtype=dtype)
+    if dtype == torch.bfloat16:
+        loaded.model.model._stack_plan = None
     ours = PagedRunner(loaded.model, loaded.dtype).step({0: PROMPT})
-    assert_close(ours, reference_logits(reference_model(src, dst, torch.bfloat16), PROMPT), rel=1e-3)
+    assert_close(ours, reference_logits(reference_model(src, dst, dtype), PROMPT), rel=1e-3)

@@ -29,13 +29,13 @@ SCHEMES = {"dynamic": lambda p: "W8A8_DYNAMIC", "static": lambda p: "W8A8", "mix
 
 
 def decode_run(
-    folder, mode: str, steps: int = 3, kv_dtype: torch.dtype = torch.float32
+    folder, mode: str, steps: int = 3, kv_dtype: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, list[torch.Tensor], list]:
     """Logits of three sequences (prefill, then `steps` batched decode steps), the KV caches, the layers' plans.
 
     mode: "stack" (one native call for all layers), "layer" (one per layer) or "per-op" (no native layers).
     """
-    model = load_model(str(folder), dtype=torch.float32).model
+    model = load_model(str(folder), dtype=dtype).model
     layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
     if mode != "stack":
         model.model._stack_plan = None  # never stack
@@ -88,6 +88,20 @@ def test_small_prefills_run_the_stack(tiny_model, tmp_path, monkeypatch, arch):
     calls.clear()
     decode_run(dst, "stack")
     assert calls == [1, 3, 3, 3]  # the 5- and 9-token prefills ran per op
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])  # qwen2: biases on q/k/v; qwen3: per-head norms
+def test_bf16_models_decode_in_fp32_natively(tiny_model, monkeypatch, arch):
+    """A bf16 float model's decode steps (and small prefills) run the native step, in fp32 over the bf16 weights:
+    the same logits, bit for bit, as the model loaded in fp32 over the same bf16 cache."""
+    src = tiny_model(arch, dtype=torch.bfloat16)
+    calls = []
+    step = kernels.decoder_model
+    monkeypatch.setattr(kernels, "decoder_model", lambda *a: calls.append(1) or step(*a))
+    as_bf16, _, plans = decode_run(src, "stack", kv_dtype=torch.bfloat16, dtype=torch.bfloat16)
+    assert len(calls) == 6 and all(plan is not None for plan in plans)  # 3 small prefills + 3 decode steps
+    as_fp32, _, _ = decode_run(src, "stack", kv_dtype=torch.bfloat16, dtype=torch.float32)
+    assert as_bf16.dtype == torch.float32 and torch.equal(as_bf16, as_fp32)
 
 
 def test_fp32_float_weights_keep_the_per_op_path(tiny_model, tmp_path):
