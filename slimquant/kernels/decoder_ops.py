@@ -144,6 +144,8 @@ class DecoderStackPlan:
         self.plans = plans
         self.layers = (ctypes.c_void_p * len(plans))(*(ctypes.addressof(p.struct) for p in plans))
         self.max_batch = min(p.max_batch for p in plans)
+        linears = [lin for p in plans for lin in (p.struct.qkv, p.struct.o, p.struct.gate_up, p.struct.down)]
+        self.macs_per_token = sum(lin.n * lin.k for lin in linears)  # multiply-adds of the linears, per token
         self.caches: list[torch.Tensor] = []
         self.k_ptrs = self.v_ptrs = None
 

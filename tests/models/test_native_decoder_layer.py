@@ -104,6 +104,22 @@ def test_bf16_models_decode_in_fp32_natively(tiny_model, monkeypatch, arch):
     assert as_bf16.dtype == torch.float32 and torch.equal(as_bf16, as_fp32)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bf16_models_step_natively_below_the_work_limit(tiny_model, monkeypatch, dtype):
+    """A bf16 model's steps above BF16_STEP_MAX_MACS multiply-adds run per op (its bf16 GEMMs are faster there);
+    an fp32 model's always run natively."""
+    model = load_model(str(tiny_model("llama", dtype=torch.bfloat16)), dtype=dtype).model
+    runner = PagedRunner(model, torch.bfloat16)
+    sizes = []
+    step = kernels.decoder_model
+    monkeypatch.setattr(kernels, "decoder_model", lambda *a: sizes.append(a[1].shape[0]) or step(*a))
+    runner.step({0: PROMPT[:2]})  # builds the stack's plan
+    monkeypatch.setattr(base, "BF16_STEP_MAX_MACS", 2 * model.model._stack_plan.macs_per_token)
+    runner.step({1: PROMPT[:3]})
+    runner.step({0: [PROMPT[2]], 1: [PROMPT[3]]})
+    assert sizes == ([2, 2] if dtype == torch.bfloat16 else [2, 3, 2])
+
+
 def test_fp32_float_weights_keep_the_per_op_path(tiny_model, tmp_path):
     fp32_float = write_ascend(tiny_model("llama"), tmp_path / "f32", mixed)  # random fp32: not exact bf16
     _, _, plans = decode_run(fp32_float, "stack", steps=1)

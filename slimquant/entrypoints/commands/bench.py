@@ -141,7 +141,9 @@ def _bench_slimquant(path: str, args: argparse.Namespace) -> Row:
 
     streams = [[1, 2, 3 + i] for i in range(args.streams)]
     warm = SamplingParams(max_tokens=4, ignore_eos=True)
-    gen([[1, 2, 3]], warm), gen([prompt], one), gen(streams, warm)  # warm-up: every shape (and CUDA graph) timed
+    # warm-up: every shape (and CUDA graph) timed, and the greedy head's screen (built on the first greedy step
+    # whose hidden states are fp32: a short prompt's, for a bf16 model)
+    gen([[1, 2, 3]], warm), gen([[1, 2, 3]], one), gen([prompt], one), gen(streams, warm)
     d1 = _tokens_per_s(args.decode_tokens, lambda: gen([[1, 2, 3]], decode))
     bandwidth = read_bandwidth(args.device)  # the machine's bandwidth moves: read it next to the decode it limits
     pf = _tokens_per_s(args.prompt_len, lambda: gen([prompt], one))
