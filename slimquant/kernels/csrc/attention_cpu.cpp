@@ -155,7 +155,8 @@ void weighted_sums(const float* p, int n, const C* const* v_rows, int d, int hea
     case 7: return group_weighted_sums<7, C>(p, n, v_rows, d, inv, o);
     case 8: return group_weighted_sums<8, C>(p, n, v_rows, d, inv, o);
   }
-  for (int j = 0; j < heads; ++j) group_weighted_sums<1, C>(p + (size_t)j * n, n, v_rows, d, inv + j, o + (size_t)j * d);
+  for (int j = 0; j < heads; ++j)
+    group_weighted_sums<1, C>(p + (size_t)j * n, n, v_rows, d, inv + j, o + (size_t)j * d);
 }
 
 // scores [n] -> their unnormalized softmax weights e^(s - max), in place; returns 1 / their sum (0 if n is 0).
@@ -195,7 +196,8 @@ void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos
 template <class C>
 void attend_group(const float* q, int ldq, const float* cos, const float* sin, const C* k_cache, const C* v_cache,
                   const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size,
-                  int num_heads, int num_kv_heads, int head_dim, float scale, int b, int g, int j0, int j1, float* out) {
+                  int num_heads, int num_kv_heads, int head_dim, float scale, int b, int g, int j0, int j1,
+                  float* out) {
   thread_local std::vector<float> qr, scores, inv;  // per-thread scratch, grown on demand: [G, D], [G, n], [G]
   thread_local std::vector<const C*> k_rows, v_rows;
   const int d = head_dim, n = context_lens[b], heads = j1 - j0, h0 = g * (num_heads / num_kv_heads) + j0;
@@ -262,9 +264,9 @@ void sq_decode_attention(const float* q, int ldq, const float* k, int ldk, const
 #pragma omp parallel if (batch * num_heads > 1)
     sq::for_attention_share(batch, num_heads, num_kv_heads, omp_get_thread_num(), omp_get_num_threads(),
                             [&](int b, int g, int j0, int j1) {
-                              sq::attend_group(q, ldq, cos, sin, static_cast<const C*>(kc), static_cast<const C*>(vc),
-                                               block_tables, max_blocks, context_lens, block_size, num_heads,
-                                               num_kv_heads, head_dim, scale, b, g, j0, j1, out);
+                              sq::attend_group<C>(q, ldq, cos, sin, kc, vc, block_tables, max_blocks, context_lens,
+                                                  block_size, num_heads, num_kv_heads, head_dim, scale, b, g, j0, j1,
+                                                  out);
                             });
   });
 }

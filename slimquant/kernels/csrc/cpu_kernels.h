@@ -98,7 +98,8 @@ void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos
 template <class C>
 void attend_group(const float* q, int ldq, const float* cos, const float* sin, const C* k_cache, const C* v_cache,
                   const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size,
-                  int num_heads, int num_kv_heads, int head_dim, float scale, int b, int g, int j0, int j1, float* out);
+                  int num_heads, int num_kv_heads, int head_dim, float scale, int b, int g, int j0, int j1,
+                  float* out);
 
 // Thread tid's share of the batch * num_heads query heads, a contiguous range, as runs of heads within one kv
 // group: fn(b, g, j0, j1) for token b, kv group g, its heads [j0, j1). The shares are balanced to a head, and the

@@ -99,8 +99,9 @@ extern "C" {
 // cos / sin [B, D] (null: no rope); caches [slots, KVH, D] (bf16 when kv_bf16 != 0, else fp32); the rest as in
 // sq_decode_attention.
 void sq_decoder_layer(const SqDecoderLayer* L, int batch, const float* x, float* residual, int first, float* out,
-                      const float* cos, const float* sin, void* k_cache, void* v_cache, int kv_bf16, const int64_t* slots,
-                      const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size) {
+                      const float* cos, const float* sin, void* k_cache, void* v_cache, int kv_bf16,
+                      const int64_t* slots, const int32_t* block_tables, int max_blocks, const int32_t* context_lens,
+                      int block_size) {
   thread_local std::vector<float> norm_buf, qkv_buf, attn_buf, o_buf, gu_buf, act_buf;
   const int h = L->hidden, b = batch, d = L->head_dim, nh = L->num_heads, kvh = L->num_kv_heads;
   const int ld_qkv = L->qkv.n;
