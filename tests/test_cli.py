@@ -52,6 +52,11 @@ def test_bench_rejects_bad_sizes(tiny_model, capsys):
     assert "--streams" in capsys.readouterr().err
 
 
+def test_bench_passes_the_kv_cache_dtype(tiny_model, capsys):
+    assert main(["bench", str(tiny_model("llama")), "--no-transformers", "--kv-cache-dtype", "fp8"]) == 1
+    assert "kv_cache_dtype='fp8' is not supported" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no GPU is seen")
 def test_bench_on_cuda_without_a_gpu_says_so(tiny_model, capsys):
     assert main(["bench", str(tiny_model("llama")), "--device", "cuda"]) == 1

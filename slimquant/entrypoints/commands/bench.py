@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode stream (default 128)")
     p.add_argument("--streams", type=int, default=16, help="concurrent decode streams (default 16)")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    p.add_argument("--kv-cache-dtype", default="auto", help="slimquant's KV cache: auto | bfloat16 | float32")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every system runs [cpu]")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: slimquant decodes without CUDA graphs")
     p.set_defaults(func=run)
@@ -125,6 +126,7 @@ def _bench_slimquant(path: str, args: argparse.Namespace) -> Row:
     llm = LLM(
         model=path,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=max_len,
         max_num_seqs=max(args.streams, 1),
         max_num_batched_tokens=max(args.prompt_len, 512),
