@@ -12,6 +12,7 @@ from slimquant.config import DEFAULT_KV_CACHE_BYTES, EngineConfig
 from slimquant.engine.cuda_graphs import CudaGraphDecoder, graphs_supported
 from slimquant.engine.scheduler import ScheduledBatch
 from slimquant.engine.sequence import Sequence
+from slimquant.layers import greedy_head
 from slimquant.layers.attention import KVCacheLayer
 from slimquant.layers.context import ForwardContext, forward_context
 from slimquant.layers.sampler import (
@@ -133,7 +134,9 @@ class ModelRunner:
         greedy = bool(rows.sample_seqs) and all(plain_greedy(s) for s in rows.sample_seqs)
         if greedy and not rows.prompt_rows:  # only argmaxes wanted: the model may skip most of the head
             tokens = self.model.greedy_tokens(self._rows(hidden, rows.sample_rows))
-            return StepResult(rows.sample_seqs, Sampler.greedy_output(tokens), [])
+            return StepResult(rows.sample_seqs, Sampler.unscored_output(tokens), [])
+        if (screened := self._sample_top_k(hidden, rows)) is not None:
+            return screened
         logits = self._logits(hidden, rows.indices())  # [S + P, V] float32, or None
         sampled = None
         if greedy:
@@ -141,6 +144,19 @@ class ModelRunner:
         elif rows.sample_seqs:
             sampled = self.sampler(logits[: len(rows.sample_rows)], self.sampling_batch(rows.sample_seqs))
         return StepResult(rows.sample_seqs, sampled, self._prompt_logprobs(rows, logits))
+
+    def _sample_top_k(self, hidden: torch.Tensor, rows: LogitRows) -> StepResult | None:
+        """Top-k sampling among the head screen's candidates (layers/greedy_head.py) where each sampled row needs
+        only its top-k logits; None where that does not apply."""
+        top_k = screened_top_k(rows.sample_seqs)
+        if top_k is None or rows.prompt_rows:
+            return None
+        found = self.model.top_k_candidates(self._rows(hidden, rows.sample_rows), top_k)
+        if found is None:
+            return None
+        ids, logits = found  # [S, C] each
+        picked = self.sampler.sample(logits, self.sampling_batch(rows.sample_seqs))  # [S] positions in C
+        return StepResult(rows.sample_seqs, Sampler.unscored_output(ids.gather(1, picked[:, None])[:, 0].tolist()), [])
 
     def _logits(self, hidden: torch.Tensor, indices: list[int]) -> torch.Tensor | None:
         """Logits of the hidden rows at indices."""
@@ -220,15 +236,29 @@ class ModelRunner:
 
 def plain_greedy(seq: Sequence) -> bool:
     """Greedy with nothing to apply or report (no logprobs, penalties, biases, allowed or banned tokens): argmax."""
+    return seq.params.temperature < SAMPLING_EPS and plain_logits(seq)
+
+
+def plain_logits(seq: Sequence) -> bool:
+    """The row's raw logits decide alone: no logprobs to report, no penalties, biases, allowed or banned tokens."""
     p = seq.params
     return (
-        p.temperature < SAMPLING_EPS
-        and p.logprobs is None
+        p.logprobs is None
         and not penalized(p)
         and not p.logit_bias
         and p.allowed_token_ids is None
         and seq.num_output_tokens >= p.min_tokens
     )
+
+
+def screened_top_k(seqs: list[Sequence]) -> int | None:
+    """The largest top_k of sampling rows that need only their top-k logits (top-k sampling with nothing else to
+    apply or report, as plain_greedy), or None where a row needs more or there are none."""
+    if not seqs:
+        return None
+    ks = [s.params.top_k for s in seqs]
+    plain = all(plain_logits(s) for s in seqs)
+    return max(ks) if plain and all(0 < k <= greedy_head.TOP_K_MAX for k in ks) else None
 
 
 def penalized(params: SamplingParams) -> bool:

@@ -49,10 +49,11 @@ _SIGNATURES = {
     "sq_silu_and_mul": [_p, _i, _i, _i, _p],
     "sq_decoder_layer": [_p, _i, _p, _p, _i, _p, _p, _p, _p, _p, _i, _p, _p, _i, _p, _i],
     "sq_greedy_argmax": [_p, _i, _i, _i, _p, _i, _i, _p, _p, _d, _d, _p],
+    "sq_topk_screen": [_p, _i, _i, _i, _p, _i, _i, _p, _p, _d, _d, _i, _i, _p, _p, _p],
     "sq_decoder_model": [_p, _p, _p, _i, _i, _i, _p, _p, _i, _p, _p, _p, _i, _p, _p, _f, _p, _p, _p, _i, _p, _i],
 }
 
-_RETURNS = {"sq_greedy_argmax": _i}  # the others return nothing
+_RETURNS = {"sq_greedy_argmax": _i, "sq_topk_screen": _i}  # the others return nothing
 
 
 def cache_dir() -> Path:

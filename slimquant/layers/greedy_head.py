@@ -29,6 +29,8 @@ P_MAX = 127 * 256 + 127  # |p| <= P_MAX keeps both int8 halves of p = 256 * hi +
 _SLACK = 1.0 + 1e-4  # covers the fp32 rounding of q = round(w / s_w) and of s_w itself
 _FP32_SUM = 2.0 * 2.0**-24  # per term: the float kernel's summation error, with room (K u / (1 - K u) <= 2 K u)
 _BUILD_ROWS = 8192  # weight rows quantized at a time (bounds the fp32 temporary)
+TOP_K_MAX = 256  # top-k sampling takes the screen up to this k
+_CANDIDATE_CAP = 4096  # candidates per token above which the whole head is computed instead
 
 
 class GreedyHead:
@@ -57,6 +59,30 @@ class GreedyHead:
             self.row_terms.data_ptr(), self.weight.data_ptr(), _SLACK, _FP32_SUM, tokens.data_ptr(),
         )  # fmt: skip
         return None if status else tokens.tolist()
+
+    def top_k_candidates(self, x: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """x fp32 [T, K] -> (ids int64 [T, C], logits fp32 [T, C]): each token's rows that can be among its top_k
+        largest logits, ascending, with their exact logits (the full head's bits), padded with -inf; None where
+        the screen does not apply (as argmax, or too many candidates). Top-k sampling over them keeps the same
+        tokens with the same probabilities as over the whole vocabulary."""
+        if x.dtype != torch.float32 or x.shape[0] > float_ops.NATIVE_MAX_TOKENS or not 0 < top_k <= TOP_K_MAX:
+            return None
+        x = native.rows_contiguous(x)
+        (t, k), v = x.shape, self.weight.shape[0]
+        ids = torch.empty(t, _CANDIDATE_CAP, dtype=torch.int64)
+        logits = torch.empty(t, _CANDIDATE_CAP, dtype=torch.float32)
+        counts = torch.empty(t, dtype=torch.int32)
+        status = native.library().sq_topk_screen(
+            x.data_ptr(), t, k, x.stride(0), self.packed.data_ptr(), v, self.packed.shape[1],
+            self.row_terms.data_ptr(), self.weight.data_ptr(), _SLACK, _FP32_SUM, top_k, _CANDIDATE_CAP,
+            ids.data_ptr(), logits.data_ptr(), counts.data_ptr(),
+        )  # fmt: skip
+        if status:
+            return None
+        width = int(counts.max())
+        ids, logits = ids[:, :width], logits[:, :width]  # [T, C]
+        padding = torch.arange(width)[None, :] >= counts[:, None]  # [T, C]
+        return ids.masked_fill(padding, 0), logits.masked_fill(padding, float("-inf"))
 
 
 def screen_reference(x: torch.Tensor, q: torch.Tensor, row_terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,11 +63,11 @@ class Sampler:
     @staticmethod
     def argmax(logits: torch.Tensor) -> SamplerOutput:
         """Greedy rows with no logprobs asked for: logits [N, V] -> the argmax; logprobs are not computed (0.0)."""
-        return Sampler.greedy_output(logits.argmax(dim=-1).tolist())
+        return Sampler.unscored_output(logits.argmax(dim=-1).tolist())
 
     @staticmethod
-    def greedy_output(tokens: list[int]) -> SamplerOutput:
-        """The output of greedy rows with no logprobs asked for (logprobs not computed: 0.0)."""
+    def unscored_output(tokens: list[int]) -> SamplerOutput:
+        """The output of rows with no logprobs asked for (logprobs not computed: 0.0)."""
         return SamplerOutput(tokens, [0.0] * len(tokens), [None] * len(tokens))
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

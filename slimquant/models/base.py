@@ -128,6 +128,12 @@ class CausalLM(nn.Module):
         tokens = None if head is None else head.argmax(hidden)
         return tokens if tokens is not None else self.compute_logits(hidden).argmax(dim=-1).tolist()
 
+    def top_k_candidates(self, hidden: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """hidden [N, H] -> (ids [N, C], logits [N, C]): the rows of compute_logits(hidden) that can be among each
+        row's top_k largest, with their values (-inf padding); None where the head's screen does not apply."""
+        head = self._greedy_head(hidden)
+        return None if head is None else head.top_k_candidates(hidden, top_k)
+
     def _greedy_head(self, hidden: torch.Tensor) -> greedy_head.GreedyHead | None:
         """The screening head, built on the first fp32 call where the float head runs on the native kernel."""
         if self._greedy is False and hidden.dtype == torch.float32:

@@ -95,3 +95,60 @@ def test_both_builds_pick_the_full_heads_argmax(isa):
         greedy_head._SLACK, greedy_head._FP32_SUM, tokens.data_ptr(),
     )  # fmt: skip
     assert status == 0 and tokens.tolist() == float_ops.float_linear(x, w).argmax(dim=1).tolist()
+
+
+@needs_native
+@pytest.mark.parametrize(("v", "k", "t", "top_k"), [(4096, 64, 1, 40), (3001, 72, 3, 1), (5000, 576, 16, 256)])
+def test_top_k_candidates_hold_every_row_of_the_top_k_with_the_full_heads_logits(v, k, t, top_k):
+    w, x = _head_and_inputs(v, k, t, seed=7)
+    full = float_ops.float_linear(x, w)  # [T, V]
+    ids, logits = GreedyHead(w).top_k_candidates(x, top_k)  # [T, C]
+    for i in range(t):
+        live = logits[i] > float("-inf")
+        rows = ids[i][live]
+        assert torch.equal(rows, rows.sort().values) and len(rows) < v // 4  # ascending; a screen
+        assert set(full[i].topk(top_k).indices.tolist()) <= set(rows.tolist())
+        assert torch.equal(logits[i][live], full[i][rows])  # the full head's bits
+        threshold = full[i].topk(top_k).values[-1]
+        outside = torch.ones(v, dtype=torch.bool)
+        outside[rows] = False
+        assert bool((full[i][outside] < threshold).all())  # no row left out reaches the top_k
+
+
+@needs_native
+def test_top_k_candidates_decline_what_they_cannot_screen(monkeypatch):
+    w, x = _head_and_inputs(2048, 64, 2, seed=8)
+    head = GreedyHead(w)
+    assert head.top_k_candidates(torch.full((1, 64), float("nan")), 5) is None
+    assert head.top_k_candidates(x, greedy_head.TOP_K_MAX + 1) is None
+    assert head.top_k_candidates(x, 0) is None
+    monkeypatch.setattr(greedy_head, "_CANDIDATE_CAP", 3)  # more candidates than that: the caller takes the head
+    assert head.top_k_candidates(x, 5) is None
+
+
+@needs_native
+def test_top_k_sampling_over_the_candidates_draws_the_same_tokens(tmp_path, tiny_model, monkeypatch):
+    """Seeded top-k (+ top-p, min-p) sampling of an int8 model: the same tokens whether the sampler sees the
+    screen's candidates or the whole vocabulary; rows asking for logprobs take the whole vocabulary."""
+    from slimquant import LLM, SamplingParams
+    from slimquant.models.base import CausalLM
+
+    folder = write_ascend(tiny_model("llama"), tmp_path, lambda prefix: "W8A8_DYNAMIC", dtype=torch.bfloat16)
+    llm = LLM(str(folder), max_model_len=64)
+    prompts = ["Hello, my name is", "It is a truth", "The capital of"]
+    params = [
+        SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m, max_tokens=12, ignore_eos=True, seed=s)
+        for t, k, p, m, s in [(0.8, 40, 1.0, 0.0, 1), (1.3, 7, 0.9, 0.0, 2), (0.6, 256, 0.95, 0.05, 3)]
+    ]
+    calls = []
+    screen = CausalLM.top_k_candidates
+    monkeypatch.setattr(CausalLM, "top_k_candidates", lambda self, *a: calls.append(1) or screen(self, *a))
+    screened = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert calls and llm.llm_engine.runner.model.greedy_head() is not None
+    monkeypatch.setattr(CausalLM, "top_k_candidates", lambda self, *a: None)  # the whole vocabulary
+    full = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert screened == full and len({tuple(t) for t in full}) == 3
+    calls.clear()
+    monkeypatch.setattr(CausalLM, "top_k_candidates", lambda self, *a: calls.append(1) or screen(self, *a))
+    llm.generate(prompts[0], SamplingParams(top_k=5, max_tokens=3, logprobs=2), use_tqdm=False)
+    assert not calls  # logprobs need the whole vocabulary

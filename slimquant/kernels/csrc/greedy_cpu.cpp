@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
+#include <utility>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -98,6 +100,77 @@ double floor_of(const int32_t* h, const int32_t* l, const TokenTerms& t, const R
   return m;
 }
 
+// The screen of T token rows: their terms and the exact int8 dot products of their hi and lo halves with every
+// row of the int8 copy (the bound's per-row factors in r).
+struct Screen {
+  int t = 0, n = 0;
+  std::vector<TokenTerms> terms;
+  int32_t* dots = nullptr;  // [2T, N]: the hi rows, then the lo rows
+  RowTerms r{};
+  const int32_t* hi(int i) const { return dots + (size_t)i * n; }
+  const int32_t* lo(int i) const { return dots + (size_t)(t + i) * n; }
+};
+
+// Split and multiply x [T, K] (row stride ldx) against wq [N, Kp]; false when x holds a NaN or an infinity.
+bool screen(const float* x, int t, int k, int ldx, const int8_t* wq, int n, int kp, const float* rows,
+            double fp_term, Screen& s) {
+  std::vector<int8_t> halves((size_t)2 * t * k);  // [2T, K]: hi rows, then lo rows
+  s.t = t, s.n = n, s.terms.resize(t);
+  for (int i = 0; i < t; ++i)
+    if (!split_row(x + (size_t)i * ldx, k, fp_term, &halves[(size_t)i * k], &halves[(size_t)(t + i) * k], s.terms[i]))
+      return false;
+  thread_local std::vector<int32_t> acc;  // [2T, N], exact; kept between calls (no page faults per step)
+  if (acc.size() < (size_t)2 * t * n) acc.resize((size_t)2 * t * n);
+  s.dots = acc.data();  // a plain pointer: inside a parallel region `acc` would be each thread's own
+  sq_int8_gemm(halves.data(), 2 * t, k, k, wq, n, kp, s.dots);
+  s.r = RowTerms{rows, rows + n, rows + 2 * (size_t)n};
+  return true;
+}
+
+// Row j's logit for token row x, with the bits of the full head's (sq_bf16_linear's).
+inline float exact_logit(const float* x, int k, int ldx, const uint16_t* w, int j) {
+  float logit;
+  sq::bf16_linear_rows(x, 1, k, ldx, w + (size_t)j * k, 1, 0, 1, nullptr, &logit);
+  return logit;
+}
+
+// fn(j, lower, upper) for token i's rows [j0, j1): the bounds of bounds4, four rows at a time, then the scalar
+// steps for the rest (the same values).
+template <class Fn>
+void each_bound(const Screen& sc, int i, int j0, int j1, double slack, const Fn& fn) {
+  alignas(32) double lo4[4], up4[4];
+  int j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    __m256d lower, upper;
+    bounds4(sc.hi(i), sc.lo(i), sc.terms[i], sc.r, j, slack, lower, upper);
+    _mm256_store_pd(lo4, lower);
+    _mm256_store_pd(up4, upper);
+    for (int u = 0; u < 4; ++u) fn(j + u, lo4[u], up4[u]);
+  }
+  for (; j < j1; ++j) {
+    const double approx = approx_at(sc.hi(i), sc.lo(i), sc.terms[i], sc.r, j);
+    const double bound = bound_at(sc.terms[i], sc.r, j, slack);
+    fn(j, approx - bound, approx + bound);
+  }
+}
+
+// The `size` largest values offered, as a min-heap (front: the smallest kept).
+struct Largest {
+  size_t size;
+  std::vector<double> heap;
+  void offer(double v) {
+    if (heap.size() < size) {
+      heap.push_back(v);
+      std::push_heap(heap.begin(), heap.end(), std::greater<>());
+    } else if (v > heap.front()) {
+      std::pop_heap(heap.begin(), heap.end(), std::greater<>());
+      heap.back() = v;
+      std::push_heap(heap.begin(), heap.end(), std::greater<>());
+    }
+  }
+  double floor() const { return heap.size() < size ? -INFINITY : heap.front(); }  // the size-th largest
+};
+
 struct Best {
   float logit = -INFINITY;
   int64_t row = -1;
@@ -114,18 +187,12 @@ extern "C" {
 // its int8 copy wq [N, Kp] (int8_ops.pack_weight) and rows float32 [3, N]. Returns 0, or 1 when x is not finite.
 int sq_greedy_argmax(const float* x, int t, int k, int ldx, const int8_t* wq, int n, int kp, const float* rows,
                      const uint16_t* w, double slack, double fp_term, int64_t* tokens) {
-  std::vector<int8_t> halves((size_t)2 * t * k);  // [2T, K]: hi rows, then lo rows
-  std::vector<TokenTerms> terms(t);
-  for (int i = 0; i < t; ++i)
-    if (!split_row(x + (size_t)i * ldx, k, fp_term, &halves[(size_t)i * k], &halves[(size_t)(t + i) * k], terms[i]))
-      return 1;
-  thread_local std::vector<int32_t> acc;  // [2T, N], exact; kept between calls (no page faults per step)
-  if (acc.size() < (size_t)2 * t * n) acc.resize((size_t)2 * t * n);
-  int32_t* dots = acc.data();  // a plain pointer: inside the parallel region `acc` would be each thread's own
-  sq_int8_gemm(halves.data(), 2 * t, k, k, wq, n, kp, dots);
-  const RowTerms r{rows, rows + n, rows + 2 * (size_t)n};
-  auto hi = [&](int i) { return dots + (size_t)i * n; };
-  auto lo = [&](int i) { return dots + (size_t)(t + i) * n; };
+  Screen sc;
+  if (!screen(x, t, k, ldx, wq, n, kp, rows, fp_term, sc)) return 1;
+  const RowTerms& r = sc.r;
+  auto hi = [&](int i) { return sc.hi(i); };
+  auto lo = [&](int i) { return sc.lo(i); };
+  const std::vector<TokenTerms>& terms = sc.terms;
   const int chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> floor(t, -INFINITY);  // per token: the best lower bound
   std::vector<Best> best(t);
@@ -143,11 +210,7 @@ int sq_greedy_argmax(const float* x, int t, int k, int ldx, const int8_t* wq, in
 #pragma omp for schedule(static)
     for (int c = 0; c < chunks; ++c)
       for (int i = 0; i < t; ++i) {
-        auto offer = [&](int j) {  // row j's logit for token i, with the full head's bits
-          float logit;
-          sq::bf16_linear_rows(x + (size_t)i * ldx, 1, k, ldx, w + (size_t)j * k, 1, 0, 1, nullptr, &logit);
-          found[i].offer(logit, j);
-        };
+        auto offer = [&](int j) { found[i].offer(exact_logit(x + (size_t)i * ldx, k, ldx, w, j), j); };
         const int32_t *h = hi(i), *l = lo(i);
         const int j1 = std::min(n, (c + 1) * kChunk);
         const __m256d fl = _mm256_set1_pd(floor[i]);
@@ -166,6 +229,57 @@ int sq_greedy_argmax(const float* x, int t, int k, int ldx, const int8_t* wq, in
       if (found[i].row >= 0) best[i].offer(found[i].logit, found[i].row);
   }
   for (int i = 0; i < t; ++i) tokens[i] = best[i].row;
+  return 0;
+}
+
+// For top-k sampling: every row that can be among each token's top_k largest logits of x[t] W^T (its upper
+// bound reaches the top_k-th largest lower bound), with its exact logit (the full head's bits). Token i's
+// counts[i] rows, ascending, and logits go to rows_out / logits_out [T, cap]. Returns 0; 1 when x is not finite;
+// 2 when a token has more than cap candidates (the caller computes the whole head then).
+int sq_topk_screen(const float* x, int t, int k, int ldx, const int8_t* wq, int n, int kp, const float* rows,
+                   const uint16_t* w, double slack, double fp_term, int top_k, int cap, int64_t* rows_out,
+                   float* logits_out, int32_t* counts) {
+  Screen sc;
+  if (!screen(x, t, k, ldx, wq, n, kp, rows, fp_term, sc)) return 1;
+  const size_t keep = (size_t)std::max(1, std::min(top_k, n));
+  const int chunks = (n + kChunk - 1) / kChunk;
+  std::vector<Largest> lowest(t, Largest{keep, {}});  // per token: the `keep` largest lower bounds
+  std::vector<double> floors(t);
+  std::vector<std::vector<std::pair<int64_t, float>>> found(t);
+#pragma omp parallel
+  {
+    std::vector<Largest> mine(t, Largest{keep, {}});
+#pragma omp for schedule(static)
+    for (int c = 0; c < chunks; ++c)
+      for (int i = 0; i < t; ++i)
+        each_bound(sc, i, c * kChunk, std::min(n, (c + 1) * kChunk), slack, [&](int, double lower, double) {
+          mine[i].offer(lower);
+        });
+#pragma omp critical
+    for (int i = 0; i < t; ++i)
+      for (double v : mine[i].heap) lowest[i].offer(v);
+#pragma omp barrier
+#pragma omp single
+    for (int i = 0; i < t; ++i) floors[i] = lowest[i].floor();
+    std::vector<std::vector<std::pair<int64_t, float>>> picked(t);
+#pragma omp for schedule(static)
+    for (int c = 0; c < chunks; ++c)
+      for (int i = 0; i < t; ++i)
+        each_bound(sc, i, c * kChunk, std::min(n, (c + 1) * kChunk), slack, [&](int j, double, double upper) {
+          if (upper >= floors[i]) picked[i].emplace_back(j, exact_logit(x + (size_t)i * ldx, k, ldx, w, j));
+        });
+#pragma omp critical
+    for (int i = 0; i < t; ++i) found[i].insert(found[i].end(), picked[i].begin(), picked[i].end());
+  }
+  for (int i = 0; i < t; ++i) {
+    if (found[i].size() > (size_t)cap) return 2;
+    std::sort(found[i].begin(), found[i].end());
+    counts[i] = static_cast<int32_t>(found[i].size());
+    for (size_t c = 0; c < found[i].size(); ++c) {
+      rows_out[(size_t)i * cap + c] = found[i][c].first;
+      logits_out[(size_t)i * cap + c] = found[i][c].second;
+    }
+  }
   return 0;
 }
 
