@@ -95,6 +95,15 @@ def test_both_builds_pick_the_full_heads_argmax(isa):
         greedy_head._SLACK, greedy_head._FP32_SUM, tokens.data_ptr(),
     )  # fmt: skip
     assert status == 0 and tokens.tolist() == float_ops.float_linear(x, w).argmax(dim=1).tolist()
+    cap, top = 512, float_ops.float_linear(x, w).topk(10).indices  # [9, 10]
+    rows, logits = torch.empty(9, cap, dtype=torch.int64), torch.empty(9, cap)
+    counts = torch.empty(9, dtype=torch.int32)
+    status = native.library_for(isa).sq_topk_screen(
+        x.data_ptr(), 9, 584, 584, packed.data_ptr(), 3001, packed.shape[1], terms.data_ptr(), w.data_ptr(),
+        greedy_head._SLACK, greedy_head._FP32_SUM, 10, cap, rows.data_ptr(), logits.data_ptr(), counts.data_ptr(),
+    )  # fmt: skip
+    assert status == 0
+    assert all(set(top[i].tolist()) <= set(rows[i, : counts[i]].tolist()) for i in range(9))
 
 
 @needs_native
