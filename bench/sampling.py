@@ -1,0 +1,67 @@
+"""Top-k sampling decode: the sampler over the head screen's candidates against the whole vocabulary, one engine,
+runs alternating (medians), the same seeds: the tokens must agree.
+
+    .venv/bin/python bench/sampling.py [--model SmolLM2-135M-Instruct] [--streams 1 16] [--tokens 64] [--rounds 5]
+        [--temperature 0.7] [--top-k 40] [--top-p 0.9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.speed import quantized  # noqa: E402
+from slimquant import LLM, SamplingParams, zoo  # noqa: E402
+
+
+def run(llm: LLM, screen: bool, streams: int, args: argparse.Namespace) -> tuple[float, list[list[int]]]:
+    """tokens/s and the tokens of `streams` seeded sampling requests, with or without the screen."""
+    model = llm.llm_engine.runner.model
+    model.top_k_candidates = type(model).top_k_candidates.__get__(model) if screen else (lambda *a: None)
+    params = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_tokens=args.tokens, ignore_eos=True,
+        seed=7,
+    )  # fmt: skip
+    start = time.perf_counter()
+    outs = llm.generate([f"Once upon a time {i}" for i in range(streams)], params, use_tqdm=False)
+    return streams * args.tokens / (time.perf_counter() - start), [o.outputs[0].token_ids for o in outs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct", help="a model folder or the built-in name")
+    ap.add_argument("--scheme", default="w8a8_dynamic", help="quantize the built-in model to this (cached)")
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top-k", type=int, default=40)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    args = ap.parse_args()
+    path = zoo.resolve_model(args.model)
+    if not (path / "quant_model_description.json").is_file():
+        path = quantized(path, args.scheme)
+    llm = LLM(str(path), max_model_len=512, enable_prefix_caching=False)
+    run(llm, True, 2, args), run(llm, False, 2, args)  # warm-up (the screen is built on first use)
+    print(f"{path.name}: temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}, {args.tokens} tokens")
+    print("| streams | whole vocabulary (tokens/s) | screen candidates (tokens/s) | ratio | same tokens |")
+    print("|---:|---:|---:|---:|---|")
+    for streams in args.streams:
+        rates: dict[bool, list[float]] = {True: [], False: []}
+        tokens: dict[bool, list[list[int]]] = {}
+        for _ in range(args.rounds):
+            for screen in (False, True):
+                rate, tokens[screen] = run(llm, screen, streams, args)
+                rates[screen].append(rate)
+        full, screened = statistics.median(rates[False]), statistics.median(rates[True])
+        same = "yes" if tokens[True] == tokens[False] else "NO"
+        print(f"| {streams} | {full:.1f} | {screened:.1f} | {screened / full:.2f}x | {same} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
