@@ -18,11 +18,13 @@ def ascend_path(llama_path, tmp_path_factory):
     return write_ascend(llama_path, dst, lambda prefix: "W8A8_DYNAMIC" if ".mlp." in prefix else "W8A8")
 
 
-def test_quantized_batch_and_preemption_match_single_runs(ascend_path):
-    roomy = LLM(str(ascend_path), quantization="ascend", max_model_len=32, num_kv_blocks=64, block_size=4)
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16"])
+def test_quantized_batch_and_preemption_match_single_runs(ascend_path, kv_cache_dtype):
+    kw = {"quantization": "ascend", "max_model_len": 32, "block_size": 4, "kv_cache_dtype": kv_cache_dtype}
+    roomy = LLM(str(ascend_path), num_kv_blocks=64, **kw)
     alone = [roomy.generate(p, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
     batch = [o.outputs[0].token_ids for o in roomy.generate(PROMPTS, GREEDY, use_tqdm=False)]
-    tight = LLM(str(ascend_path), quantization="ascend", max_model_len=32, num_kv_blocks=9, block_size=4)
+    tight = LLM(str(ascend_path), num_kv_blocks=9, **kw)
     preempted = [o.outputs[0].token_ids for o in tight.generate(PROMPTS, GREEDY, use_tqdm=False)]
     assert batch == alone == preempted and all(len(t) == 12 for t in alone)
     assert tight.llm_engine.scheduler.num_preemptions > 0
