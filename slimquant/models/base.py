@@ -17,9 +17,9 @@ from slimquant.layers.quant_methods import UnquantizedMethod
 from slimquant.layers.rotary import RotaryEmbedding, rope_parameters
 
 # A bf16 model's step runs natively (fp32 arithmetic over the bf16 weights) while its linears' multiply-adds stay
-# below this; above, the per-op path's bf16 GEMMs (AVX512-BF16 / AMX) are faster. Measured (native / per-op
-# tokens/s): Qwen2.5-1.5B's shape (1.31 G multiply-adds per token) 2.57x at 1 token, 1.39x at 2, 1.12x and
-# 0.86x at 4 (two runs), 0.77x at 8; SmolLM2 (0.106 G) 1.75x at 16, 1.33x at 32, 1.07x at 64.
+# below this; above, the per-op path's bf16 GEMMs (AVX512-BF16 / AMX) are faster. bench/float_step.py measures
+# native / per-op tokens/s: Qwen2.5-1.5B's shape (1.31 G multiply-adds per token) 3.14x at 1 stream, 1.35x at
+# 2, 1.17x at 4 (0.86x in another run), 0.79x at 8; SmolLM2 (0.106 G) 1.88x at 16, 1.01x at 64.
 BF16_STEP_MAX_MACS = 4_000_000_000
 # Prefill steps of up to this many tokens run the native decoder stack too, one attention row per token (its
 # attention walks each token's context position by position: for long prompts torch's SDPA is faster).
