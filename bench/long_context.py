@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.speed import quantized  # noqa: E402
+from bench.speed import add_model_args, int8_model  # noqa: E402
 from slimquant import LLM, SamplingParams, zoo  # noqa: E402
 
 KV_DTYPES = ("float32", "bfloat16")
@@ -56,16 +56,13 @@ def chunked_perplexity(path: Path, kv_dtype: str, ids: list[int]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="SmolLM2-135M-Instruct", help="a model folder or the built-in name")
-    ap.add_argument("--scheme", default="w8a8_dynamic", help="quantize the built-in model to this (cached)")
+    add_model_args(ap)
     ap.add_argument("--contexts", type=int, nargs="+", default=[64, 500, 1500])
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--ppl-tokens", type=int, default=1024, help="tokens of the perplexity check (0: skip it)")
     args = ap.parse_args()
-    path = zoo.resolve_model(args.model)
-    if not (path / "quant_model_description.json").is_file():
-        path = quantized(path, args.scheme)
+    path = int8_model(args)
     longest = max(args.contexts) + args.decode_tokens + 2
     llms = {
         kv: LLM(str(path), quantization="ascend", max_model_len=longest, enable_prefix_caching=False, kv_cache_dtype=kv)

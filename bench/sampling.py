@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.speed import quantized  # noqa: E402
-from slimquant import LLM, SamplingParams, zoo  # noqa: E402
+from bench.speed import add_model_args, int8_model  # noqa: E402
+from slimquant import LLM, SamplingParams  # noqa: E402
 
 
 def run(llm: LLM, screen: bool, streams: int, args: argparse.Namespace) -> tuple[float, list[list[int]]]:
@@ -34,8 +34,7 @@ def run(llm: LLM, screen: bool, streams: int, args: argparse.Namespace) -> tuple
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="SmolLM2-135M-Instruct", help="a model folder or the built-in name")
-    ap.add_argument("--scheme", default="w8a8_dynamic", help="quantize the built-in model to this (cached)")
+    add_model_args(ap)
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
@@ -43,9 +42,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=40)
     ap.add_argument("--top-p", type=float, default=0.9)
     args = ap.parse_args()
-    path = zoo.resolve_model(args.model)
-    if not (path / "quant_model_description.json").is_file():
-        path = quantized(path, args.scheme)
+    path = int8_model(args)
     llm = LLM(str(path), max_model_len=512, enable_prefix_caching=False)
     run(llm, True, 2, args), run(llm, False, 2, args)  # warm-up (the screen is built on first use)
     print(f"{path.name}: temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}, {args.tokens} tokens")

@@ -58,6 +58,18 @@ def quantized(src: Path, qtype: str, **kw) -> Path:
     return dst
 
 
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """--model (a folder or the built-in name) and --scheme (what a float model is quantized to, cached)."""
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct", help="a model folder or the built-in name")
+    ap.add_argument("--scheme", default="w8a8_dynamic", help="quantize a float --model to this (cached)")
+
+
+def int8_model(args: argparse.Namespace) -> Path:
+    """The --model folder if it holds an ascend checkpoint, else --model quantized to --scheme (cached)."""
+    path = zoo.resolve_model(args.model)
+    return path if (path / "quant_model_description.json").is_file() else quantized(path, args.scheme)
+
+
 def random_model(arch: str, name: str, shape: dict) -> Path:
     """A random bf16 model of the given shape, built once (speed does not depend on the weights' values)."""
     out = zoo.cache_dir() / "bench" / f"{name}-shape-random-bf16"

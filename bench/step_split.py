@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.speed import quantized  # noqa: E402
-from slimquant import LLM, SamplingParams, zoo  # noqa: E402
+from bench.speed import add_model_args, int8_model  # noqa: E402
+from slimquant import LLM, SamplingParams  # noqa: E402
 from slimquant.layers import greedy_head  # noqa: E402
 from slimquant.models import base  # noqa: E402
 
@@ -36,15 +36,12 @@ def timed(name: str, fn):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="SmolLM2-135M-Instruct", help="a model folder or the built-in name")
-    ap.add_argument("--scheme", default="w8a8_dynamic", help="quantize the built-in model to this (cached)")
+    add_model_args(ap)
     ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    path = zoo.resolve_model(args.model)
-    if not (path / "quant_model_description.json").is_file():
-        path = quantized(path, args.scheme)
+    path = int8_model(args)
     engine = LLM(str(path), max_model_len=args.tokens + 64).llm_engine
     base.kernels.decoder_model = timed("stack", base.kernels.decoder_model)
     greedy_head.GreedyHead.argmax = timed("head", greedy_head.GreedyHead.argmax)
