@@ -189,10 +189,6 @@ int sq_greedy_argmax(const float* x, int t, int k, int ldx, const int8_t* wq, in
                      const uint16_t* w, double slack, double fp_term, int64_t* tokens) {
   Screen sc;
   if (!screen(x, t, k, ldx, wq, n, kp, rows, fp_term, sc)) return 1;
-  const RowTerms& r = sc.r;
-  auto hi = [&](int i) { return sc.hi(i); };
-  auto lo = [&](int i) { return sc.lo(i); };
-  const std::vector<TokenTerms>& terms = sc.terms;
   const int chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> floor(t, -INFINITY);  // per token: the best lower bound
   std::vector<Best> best(t);
@@ -202,28 +198,18 @@ int sq_greedy_argmax(const float* x, int t, int k, int ldx, const int8_t* wq, in
 #pragma omp for schedule(static)
     for (int c = 0; c < chunks; ++c)
       for (int i = 0; i < t; ++i)
-        mine[i] = floor_of(hi(i), lo(i), terms[i], r, c * kChunk, std::min(n, (c + 1) * kChunk), slack, mine[i]);
+        mine[i] = floor_of(sc.hi(i), sc.lo(i), sc.terms[i], sc.r, c * kChunk, std::min(n, (c + 1) * kChunk), slack,
+                           mine[i]);
 #pragma omp critical
     for (int i = 0; i < t; ++i) floor[i] = std::max(floor[i], mine[i]);
 #pragma omp barrier
     std::vector<Best> found(t);
 #pragma omp for schedule(static)
     for (int c = 0; c < chunks; ++c)
-      for (int i = 0; i < t; ++i) {
-        auto offer = [&](int j) { found[i].offer(exact_logit(x + (size_t)i * ldx, k, ldx, w, j), j); };
-        const int32_t *h = hi(i), *l = lo(i);
-        const int j1 = std::min(n, (c + 1) * kChunk);
-        const __m256d fl = _mm256_set1_pd(floor[i]);
-        __m256d lower, upper;
-        int j = c * kChunk;
-        for (; j + 4 <= j1; j += 4) {
-          bounds4(h, l, terms[i], r, j, slack, lower, upper);
-          for (int bits = _mm256_movemask_pd(_mm256_cmp_pd(upper, fl, _CMP_GE_OQ)); bits; bits &= bits - 1)
-            offer(j + __builtin_ctz(bits));
-        }
-        for (; j < j1; ++j)
-          if (approx_at(h, l, terms[i], r, j) + bound_at(terms[i], r, j, slack) >= floor[i]) offer(j);
-      }
+      for (int i = 0; i < t; ++i)
+        each_bound(sc, i, c * kChunk, std::min(n, (c + 1) * kChunk), slack, [&](int j, double, double upper) {
+          if (upper >= floor[i]) found[i].offer(exact_logit(x + (size_t)i * ldx, k, ldx, w, j), j);
+        });
 #pragma omp critical
     for (int i = 0; i < t; ++i)
       if (found[i].row >= 0) best[i].offer(found[i].logit, found[i].row);
