@@ -109,12 +109,12 @@ def resolve_dtype(dtype: str | torch.dtype, config, device: str | None = None, q
     return dtype
 
 
-def kv_cache_dtype(kv_cache_dtype: str, dtype: str | torch.dtype, loaded: LoadedModel, device: str) -> torch.dtype:
+def kv_cache_dtype(setting: str, dtype: str | torch.dtype, loaded: LoadedModel, device: str) -> torch.dtype:
     """The KV cache's dtype for the engine's kv_cache_dtype setting. 'auto' is the model's dtype, as in vLLM: the
     activations' dtype, except where dtype='auto' widened a bf16 checkpoint's activations to fp32 on the CPU
     (int8 kernels, or no native bf16): the cache stays bf16 there, half the bytes for the kernels to read."""
-    if kv_cache_dtype != "auto":
-        return resolve_dtype(kv_cache_dtype, loaded.hf_config)
+    if setting != "auto":
+        return resolve_dtype(setting, loaded.hf_config)
     widened = dtype == "auto" and str(device).startswith("cpu") and loaded.dtype == torch.float32
     if widened and resolve_dtype("auto", loaded.hf_config) == torch.bfloat16:
         return torch.bfloat16
