@@ -1,16 +1,11 @@
-"""Fixtures for the quantizer tests: cached quantize() runs on the tiny models, and an output reader."""
+"""Fixtures for the quantizer tests: cached quantize() runs on the tiny models."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-from safetensors import safe_open
 
 from slimquant.quant.pipeline import quantize
-
-FAST = dict(num_samples=2, seq_len=16, progress=False)
+from tests.quant.common import FAST
 
 
 @pytest.fixture(scope="session")
@@ -29,24 +24,3 @@ def quantized(tiny_model, tmp_path_factory):
         return cache[key]
 
     return run
-
-
-def read_output(folder: Path) -> tuple[dict, dict]:
-    """(description, {name: tensor}) of a written checkpoint, via its index."""
-    desc = json.loads((folder / "quant_model_description.json").read_text())
-    (index_file,) = folder.glob("*.safetensors.index.json")
-    weight_map = json.loads(index_file.read_text())["weight_map"]
-    tensors = {}
-    for file in sorted(set(weight_map.values())):
-        with safe_open(str(folder / file), framework="pt") as f:
-            tensors |= {k: f.get_tensor(k) for k in f.keys()}
-    return desc, tensors
-
-
-def read_source(folder: Path) -> dict:
-    """{name: tensor} of a source HF folder."""
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out |= {k: f.get_tensor(k) for k in f.keys()}
-    return out

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAST
-from test_quant_smooth import calibration_ids, load_float, load_quantized
 
 from slimquant import LLM, SamplingParams
 from slimquant.quant.observers import ChannelRange, TokenSample
 from slimquant.quant.pipeline import quantize
 from slimquant.quant.smooth import check_alpha, search_alpha
+from tests.quant.common import FAST, calibration_ids, load_float, load_quantized
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -23,7 +22,7 @@ def outlier_inputs(n: int, k: int, seed: int = 0) -> torch.Tensor:
 
 
 def brute_force_errors(x, w_list, alpha_grid, static: bool, shift: bool) -> list[float]:
-    """The group's error per alpha, written out from FORMAT.md independently of slimquant.quant."""
+    """The group's error per alpha, written out from docs/FORMAT.md independently of slimquant.quant."""
     lo, hi = x.amin(0), x.amax(0)  # [K]
     c = (hi + lo) / 2 if shift else torch.zeros_like(lo)
     a_max = (hi - lo) / 2 if shift else torch.maximum(lo.abs(), hi.abs())

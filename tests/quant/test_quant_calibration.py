@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import read_output
 from transformers import AutoModelForCausalLM
 
 from slimquant.quant.calibration import BUILTIN, load_texts, load_tokenizer, token_batches
 from slimquant.quant.observers import observe_inputs
 from slimquant.quant.smooth import smoothing_factors
+from tests.quant.common import read_output
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -1,4 +1,4 @@
-"""DeepSeek V2/V3 and Kimi K2: MLA + MoE quantized as FORMAT.md's DeepSeek sections say, layer by layer."""
+"""DeepSeek V2/V3 and Kimi K2: MLA + MoE quantized as docs/FORMAT.md's DeepSeek sections say, layer by layer."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import FAST, read_output, read_source
 from safetensors.torch import save_file
 
 from slimquant.quant.pipeline import quantize
+from tests.quant.common import FAST, read_output, read_source
 
 FLOAT, W8A8, DYN = "FLOAT", "W8A8", "W8A8_DYNAMIC"
 STATIC_SUFFIXES = ("weight", "weight_scale", "weight_offset", "input_scale", "input_offset", "quant_bias", "deq_scale")
@@ -19,7 +19,7 @@ MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
 def expected_description(config: dict, attn: str = W8A8, shifted: bool = True) -> dict[str, str]:
-    """FORMAT.md's DeepSeek mix written out by hand: MLA `attn`, every MLP linear dynamic, the rest FLOAT."""
+    """docs/FORMAT.md's DeepSeek mix written out by hand: MLA `attn`, every MLP linear dynamic, the rest FLOAT."""
     q = ("q_a_proj", "q_b_proj") if config.get("q_lora_rank") else ("q_proj",)
     desc = {"model.embed_tokens.weight": FLOAT}
     for i in range(config["num_hidden_layers"]):

@@ -6,10 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAST, read_output, read_source
 from safetensors.torch import save_file
-from test_quant_deepseek import copy_with
-from test_quant_fp8 import write_pair
 from transformers import AutoModelForCausalLM
 
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
@@ -19,6 +16,9 @@ from slimquant.quant.observers import observe_inputs
 from slimquant.quant.pipeline import quantize
 from slimquant.quant.smooth import smooth_linear, smooth_norm, smoothing_factors
 from slimquant.quant.sources import HFCheckpoint
+from tests.quant.common import FAST, read_output, read_source
+from tests.quant.test_quant_deepseek import copy_with
+from tests.quant.test_quant_fp8 import write_pair
 
 
 def test_fp8_source_matches_bf16_dequantization(tiny_model, tmp_path):

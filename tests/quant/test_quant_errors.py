@@ -6,12 +6,12 @@ import json
 import shutil
 
 import pytest
-from conftest import FAST, read_source
 from safetensors.torch import save_file
 
 import slimquant.quant.pipeline as pipeline
 from slimquant.entrypoints.cli import main
 from slimquant.quant.pipeline import quantize
+from tests.quant.common import FAST, read_source
 
 
 @pytest.fixture

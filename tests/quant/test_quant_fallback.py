@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest import FAST, read_output
 
 from slimquant.quant import fallback
 from slimquant.quant.fallback import keep_units, parse_max_loss, search, split_texts
 from slimquant.quant.pipeline import quantize
 from slimquant.quant.sensitivity import SensitivityReport, SensitivityRow
+from tests.quant.common import FAST, read_output
 
 
 @pytest.mark.parametrize("bad", [-1, "-0.5", "abc", "", float("nan"), float("inf"), None, True])

@@ -1,4 +1,4 @@
-"""The written checkpoint matches FORMAT.md: names, order, dtypes, shapes, types, index, shards, weights."""
+"""The written checkpoint matches docs/FORMAT.md: names, order, dtypes, shapes, types, index, shards, weights."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import read_output, read_source
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from slimquant.quant.primitives import decode_deq_scale
+from tests.quant.common import read_output, read_source
 
 ARCHS = ("llama", "qwen2", "qwen3")
 STATIC = ("weight", "bias", "weight_scale", "weight_offset", "input_scale", "input_offset", "quant_bias", "deq_scale")

@@ -7,11 +7,11 @@ import math
 import shutil
 
 import torch
-from conftest import FAST, read_output, read_source
 from safetensors.torch import save_file
 
 from slimquant.quant.pipeline import quantize
 from slimquant.quant.sources import dequantize_fp8_block
+from tests.quant.common import FAST, read_output, read_source
 
 FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 

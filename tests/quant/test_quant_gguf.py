@@ -5,10 +5,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import FAST, read_output
 
 import slimquant.quant.gguf as gguf
 from slimquant.quant.pipeline import quantize
+from tests.quant.common import FAST, read_output
 
 
 def test_gguf_source_goes_through_a_temporary_folder(tiny_model, tmp_path, monkeypatch):

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAST, read_output
-from test_quant_format import check_output
-from test_quant_smooth import calibration_ids, load_float, load_quantized
 
 from slimquant import LLM, SamplingParams
 from slimquant.quant import primitives as P
 from slimquant.quant.gptq import gptq_quantize
 from slimquant.quant.observers import SecondMoment
 from slimquant.quant.pipeline import quantize
+from tests.quant.common import FAST, calibration_ids, load_float, load_quantized, read_output
+from tests.quant.test_quant_format import check_output
 
 
 def correlated_inputs(n: int, k: int, seed: int = 0) -> torch.Tensor:

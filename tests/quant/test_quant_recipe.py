@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import read_output
-from test_quant_smooth import calibration_ids, load_float, load_quantized
 
 from slimquant.entrypoints.cli import main
 from slimquant.quant.mappings import ARCHS
 from slimquant.quant.plan import plan_types
+from tests.quant.common import calibration_ids, load_float, load_quantized, read_output
 
 STATIC_SUFFIXES = ("input_scale", "input_offset", "quant_bias", "deq_scale")
 

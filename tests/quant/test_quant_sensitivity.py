@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAST, read_output
 
 from slimquant.quant import primitives as P
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
 from slimquant.quant.sensitivity import REPORT_FILES, SensitivityReport, _producer_scale, measure_sensitivity
 from slimquant.quant.sources import SafetensorsFolder
+from tests.quant.common import FAST, read_output
 
 
 def _float_inputs(src, layer: int) -> dict[str, torch.Tensor]:

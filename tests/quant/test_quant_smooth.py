@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import read_output
 from torch import nn
-from transformers import AutoModelForCausalLM
 
-from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
 from slimquant.quant.decoder import BiasedNorm, replace_module
 from slimquant.quant.mappings import SMOOTH_PAIRS
 from slimquant.quant.observers import observe_inputs
 from slimquant.quant.smooth import smooth_linear, smooth_norm, smooth_producer_linear, smoothing_factors
-
-
-def calibration_ids(src, n=2, t=24) -> torch.Tensor:
-    return token_batches(load_tokenizer(src), load_texts(), n, t)  # [S, T]
-
-
-def load_float(src) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+from tests.quant.common import calibration_ids, load_float, load_quantized, read_output
 
 
 def smooth_model(model: nn.Module, ids: torch.Tensor, method: str, alpha: float) -> None:
@@ -68,43 +58,6 @@ def test_smoothing_leaves_logits_unchanged(tiny_model, arch, method):
     with torch.no_grad():
         got = model(ids).logits
     assert ((got - ref).norm() / ref.norm()).item() < 1e-4
-
-
-class RuntimeLinear(nn.Module):
-    """FORMAT.md runtime math, written out independently of slimquant.quant.primitives."""
-
-    def __init__(self, t: dict, name: str, qtype: str):
-        super().__init__()
-        self.t = {k[len(name) + 1 :]: v for k, v in t.items() if k.startswith(name + ".")}
-        self.qtype = qtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, K] fp32
-        t, w = self.t, self.t["weight"].double()
-        if self.qtype == "W8A8":
-            x_q = torch.clamp(torch.round(x.double() / t["input_scale"].double() + t["input_offset"]), -128, 127)
-            deq = (
-                t["deq_scale"].to(torch.int32).view(torch.float32)
-                if t["deq_scale"].dtype == torch.int64
-                else t["deq_scale"]
-            )
-            return ((x_q @ w.T + t["quant_bias"]) * deq.double()).float()
-        s = x.double().abs().amax(-1, keepdim=True) / 127  # [B, T, 1]
-        y = torch.round(x.double() / s) @ w.T * t["weight_scale"].double().T * s
-        return (y + t.get("bias", torch.zeros(1)).double()).float()
-
-
-def load_quantized(src, dst) -> nn.Module:
-    """The float transformers model with every quantized linear replaced by RuntimeLinear, norms (+bias) loaded."""
-    desc, t = read_output(dst)
-    model = load_float(src)
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, nn.Linear) and desc.get(name + ".weight") not in (None, "FLOAT"):
-            replace_module(model, name, RuntimeLinear(t, name, desc[name + ".weight"]))
-        elif name.endswith("norm"):
-            mod.weight.data.copy_(t[name + ".weight"])
-            if name + ".bias" in t:
-                replace_module(model, name, BiasedNorm(mod, t[name + ".bias"]))
-    return model
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The CUDA int8 kernels (kernels/cuda_int8.py) equal FORMAT.md's math, run by Triton's interpreter on the CPU
+"""The CUDA int8 kernels (kernels/cuda_int8.py) equal docs/FORMAT.md's math, run by Triton's interpreter on the CPU
 (tests/cuda runs them compiled on a GPU). Skipped where Triton is not installed (CI: it ships with CUDA torch)."""
 
 from __future__ import annotations
