@@ -27,6 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "example: slimquant bench SmolLM2-135M-Instruct out/w8a8-dynamic out/w8a8",
     )
     p.add_argument("models", nargs="+", help="model folders, or 'SmolLM2-135M-Instruct'; the first is the baseline")
+    add_measure_args(p)
+    p.set_defaults(func=run)
+
+
+def add_measure_args(p: argparse.ArgumentParser) -> None:
+    """The options of what is measured and how; `slimquant bench` and bench/speed.py share them."""
     p.add_argument(
         "--transformers",
         action=argparse.BooleanOptionalAction,
@@ -40,14 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a llama.cpp row when llama-cpp-python is installed: --gguf, or Q8_0 of the built-in SmolLM2 [on]",
     )
     p.add_argument("--gguf", type=Path, help="GGUF file for the llama.cpp row (default: made for SmolLM2 only)")
-    p.add_argument("--prompt-len", type=int, default=512, help="prefill length in tokens (default 512)")
-    p.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode stream (default 128)")
-    p.add_argument("--streams", type=int, default=16, help="concurrent decode streams (default 16)")
+    p.add_argument("--prompt-len", type=int, default=512, help="prefill length in tokens [%(default)s]")
+    p.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode stream [%(default)s]")
+    p.add_argument("--streams", type=int, default=16, help="concurrent decode streams [%(default)s]")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     p.add_argument("--kv-cache-dtype", default="auto", help="slimquant's KV cache: auto | bfloat16 | float32")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every system runs [cpu]")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: slimquant decodes without CUDA graphs")
-    p.set_defaults(func=run)
 
 
 @dataclass
@@ -65,8 +70,6 @@ def run(args: argparse.Namespace) -> int:
     """Measure and print the table."""
     from slimquant import zoo
 
-    if min(args.prompt_len, args.decode_tokens, args.streams) < 1:
-        raise ValueError("--prompt-len, --decode-tokens and --streams must be at least 1")
     paths = [str(zoo.resolve_model(m)) for m in args.models]
     check_device(args.device)
     print(machine_line(args.device))
@@ -98,6 +101,8 @@ def machine_line(device: str = "cpu") -> str:
 
 def measure(paths: list[str], args: argparse.Namespace, transformers: bool) -> list[Row]:
     """One row per model (slimquant), after transformers on the first float model if asked."""
+    if min(args.prompt_len, args.decode_tokens, args.streams) < 1:
+        raise ValueError("--prompt-len, --decode-tokens and --streams must be at least 1")
     from slimquant.quant.modelslim import is_modelslim_dir
 
     rows = []
