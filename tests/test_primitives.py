@@ -1,4 +1,4 @@
-"""The quantization math against hand-computed values of FORMAT.md's formulas."""
+"""The quantization math against hand-computed values of docs/FORMAT.md's formulas."""
 
 import torch
 

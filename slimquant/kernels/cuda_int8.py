@@ -2,7 +2,7 @@
 torch._int_mm), dequantize (Triton).
 
 The pure-torch path spends about fifteen kernels per linear on the same math; a small model's decode step is
-bound by kernel count, not bytes, even as a CUDA graph. Each kernel here computes FORMAT.md's numbers in the
+bound by kernel count, not bytes, even as a CUDA graph. Each kernel here computes docs/FORMAT.md's numbers in the
 pure-torch path's order and precision (IEEE division, round half to even, the model dtype's rounding where the
 activations are quantized in it, no FMA contraction), so the int8 values equal that path's and so, op for op,
 should the floats (tests/cuda checks the int8 values exactly and the floats to 2 ulps). Needs Triton (bundled

@@ -1,4 +1,4 @@
-"""RMSNorm with an optional bias (the anti-outlier shift of FORMAT.md) and a fused residual add."""
+"""RMSNorm with an optional bias (the anti-outlier shift of docs/FORMAT.md) and a fused residual add."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Linear quant methods, one object per scheme: how a layer holds its weights and computes y = x W^T (+ b).
 
 Every method has three jobs (vLLM's plug-in shape): create_weights registers the parameters the checkpoint
-fills, process_weights_after_loading turns them into runtime form, apply runs the math of FORMAT.md.
+fills, process_weights_after_loading turns them into runtime form, apply runs the math of docs/FORMAT.md.
 """
 
 from __future__ import annotations

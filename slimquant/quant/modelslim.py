@@ -1,4 +1,4 @@
-"""Writer and reader of the ascend (ModelSlim) checkpoint layout (FORMAT.md).
+"""Writer and reader of the ascend (ModelSlim) checkpoint layout (docs/FORMAT.md).
 
 A checkpoint folder holds `quant_model_description.json` (version, model_quant_type, then every tensor
 name -> type in write order), shards `quant_model_weight_<type>-0000i-of-0000N.safetensors` and their index

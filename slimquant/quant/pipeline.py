@@ -54,7 +54,7 @@ def quantize(
     max_loss: float | None = None,
     static_all: bool = False,
 ) -> QuantizeSummary:
-    """Quantize the HF folder or .gguf file `src` into the ascend (ModelSlim) folder `dst`; see FORMAT.md.
+    """Quantize the HF folder or .gguf file `src` into the ascend (ModelSlim) folder `dst`; see docs/FORMAT.md.
 
     report: also write the per-linear sensitivity report (sensitivity.md/.json/.png, quant/sensitivity.py) into dst.
     max_loss: keep the most sensitive linears float until held-out perplexity is within max_loss % (quant/fallback.py).

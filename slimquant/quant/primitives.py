@@ -1,6 +1,6 @@
 """The int8 quantization math of the ascend (ModelSlim) format, in plain torch.
 
-Every function here is the definition that the quantizer writes and the engine reads (FORMAT.md):
+Every function here is the definition that the quantizer writes and the engine reads (docs/FORMAT.md):
 weights are symmetric per output channel, static activations are per-tensor asymmetric (min-max),
 dynamic activations are symmetric per token. round() is torch.round: half to even.
 """

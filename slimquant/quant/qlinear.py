@@ -1,4 +1,4 @@
-"""One linear -> its ascend tensors (FORMAT.md write order) and a module that runs them as the runtime does."""
+"""One linear -> its ascend tensors (docs/FORMAT.md write order) and a module that runs them as the runtime does."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 For every quantized linear L of a written checkpoint, rel_error = ||y_q - y_f||_F / ||y_f||_F over all calibration
 tokens, where y_f is the float linear of the SOURCE model and y_q the int8 linear read from the CHECKPOINT and run
-with FORMAT.md's runtime math (qlinear.SimLinear -> primitives.static_linear / dynamic_linear).
+with docs/FORMAT.md's runtime math (qlinear.SimLinear -> primitives.static_linear / dynamic_linear).
 
 Each linear is measured in isolation: the hidden states entering every decoder layer, and every linear's input, are
 those of the float source model (layer by layer with LayerRunner, as the quantizer calibrates), so an error is

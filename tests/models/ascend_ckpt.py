@@ -88,7 +88,7 @@ def _activation_params(prefix: str, cache: dict, gen: torch.Generator) -> tuple[
 
 
 def _quantized(w, bias, qtype, params, dtype, deq_int64) -> dict[str, torch.Tensor]:
-    """The tensors FORMAT.md lists for one quantized linear, in write order."""
+    """The tensors docs/FORMAT.md lists for one quantized linear, in write order."""
     w_q, w_scale = P.quantize_weight(w)
     out = {"weight": w_q}
     if bias is not None:

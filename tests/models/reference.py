@@ -1,5 +1,5 @@
 """Independent reference for quantized checkpoints: transformers' model with every quantized nn.Linear
-replaced by a plain per-linear implementation of FORMAT.md's runtime math, read straight from the checkpoint.
+replaced by a plain per-linear implementation of docs/FORMAT.md's runtime math, read straight from the checkpoint.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Quantized DeepSeek: the default mix (MLA static W8A8, MLP / shared / routed experts W8A8_DYNAMIC, kv_b_proj and
-router float) equals transformers' DeepSeek with plain FORMAT.md int8 math in its linears and experts."""
+router float) equals transformers' DeepSeek with plain docs/FORMAT.md int8 math in its linears and experts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Quantized path: our int8 model equals an independent plain implementation of FORMAT.md's runtime math."""
+"""Quantized path: our int8 model equals an independent plain implementation of docs/FORMAT.md's runtime math."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""End to end with the project's quantizer: its checkpoints run exactly as FORMAT.md's reference math says."""
+"""End to end with the project's quantizer: its checkpoints run exactly as docs/FORMAT.md's reference math says."""
 
 from __future__ import annotations
 
