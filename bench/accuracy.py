@@ -127,7 +127,7 @@ def _fallback_note(summary) -> str:
 
 def describe(path: Path) -> tuple[str, int, float]:
     """(type, float decoder linears, weight MB) of a model folder."""
-    from slimquant.quant.modelslim import is_modelslim_dir, read_description, tensor_types
+    from slimquant.format.checkpoint import is_modelslim_dir, read_description, tensor_types
 
     mb = round(sum(f.stat().st_size for f in path.glob("*.safetensors")) / 10**6, 1)
     if not is_modelslim_dir(path):

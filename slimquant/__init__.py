@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 # Public names -> the module that defines them; imported on first use so `import slimquant` stays light.
 _EXPORTS = {
-    "quantize": "slimquant.quant.pipeline",
+    "quantize": "slimquant.convert",
     "LLM": "slimquant.entrypoints.llm",
     "SamplingParams": "slimquant.sampling_params",
     "RequestOutput": "slimquant.outputs",

@@ -7,12 +7,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from slimquant.devices import check_device
+from slimquant.format.dtypes import DTYPE_NAMES, names_of
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32")
-KV_CACHE_DTYPES = ("auto", "bfloat16", "bf16", "float32", "fp32", "float")  # auto: see loader.kv_cache_dtype
+KV_CACHE_DTYPES = ("auto", *names_of(torch.bfloat16, torch.float32))  # auto: see loader.kv_cache_dtype
 QUANTIZATIONS = (None, "ascend")
 DEFAULT_KV_CACHE_BYTES = 2 << 30  # upper bound when kv_cache_memory_bytes is not given
 
@@ -72,7 +74,7 @@ class EngineConfig:
         self.model = str(self.model)
         if self.tokenizer is not None:
             self.tokenizer = str(self.tokenizer)
-        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
+        _check(self.dtype in DTYPE_NAMES, "dtype", self.dtype, f"one of {DTYPE_NAMES}")
         if str(self.kv_cache_dtype).startswith("fp8"):
             raise ValueError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: slimquant caches keys and values in "

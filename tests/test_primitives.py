@@ -2,7 +2,7 @@
 
 import torch
 
-from slimquant.quant import primitives as P
+from slimquant.format import primitives as P
 
 
 def test_weight_roundtrip_within_half_step():

@@ -59,7 +59,7 @@ def _quantize_per_token(x_ptr, stride_x, q_ptr, scale_ptr, K: tl.constexpr, BLOC
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), 1e-8)  # quant.primitives' smallest scale
+    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), 1e-8)  # format.primitives. smallest scale
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
+from slimquant.format.primitives import QMAX, QMIN, int8_matmul_reference
+from slimquant.format.primitives import quantize_per_token as _quantize_per_token_torch
 from slimquant.kernels import native, weight_memory
 from slimquant.kernels.triton_kernels import triton_module
-from slimquant.quant.primitives import QMAX, QMIN, int8_matmul_reference
-from slimquant.quant.primitives import quantize_per_token as _quantize_per_token_torch
 
 _EXACT_K = 1024  # 1024 * 128 * 128 = 2^24: fp32 sums of this many int8 products are exact
 _BLOCK_ROWS = 16  # the VNNI build's row blocks (csrc/int8_cpu.cpp: kBlockRows)

@@ -21,8 +21,8 @@ import os
 
 import torch
 
+from slimquant.format.primitives import int8_matmul_reference
 from slimquant.kernels import float_ops, int8_ops, native
-from slimquant.quant.primitives import int8_matmul_reference
 
 ENABLED = os.environ.get("SLIMQUANT_GREEDY_SCREEN", "1") != "0"  # 0: greedy steps compute the whole head
 P_MAX = 127 * 256 + 127  # |p| <= P_MAX keeps both int8 halves of p = 256 * hi + lo within [-127, 127]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimquant import kernels
+from slimquant.format.schemes import FLOAT
 from slimquant.layers.activation import silu_and_mul
 from slimquant.layers.linear import Linear
 from slimquant.layers.quant_config import QuantConfig
@@ -103,7 +104,7 @@ class RoutedExperts(nn.Module):
         self.num_experts, self.inter, self.prefix, self.dtype = num_experts, inter, prefix, dtype
         expert_linears = [f"{prefix}.{e}.{p}" for e in range(num_experts) for p in PROJS]
         self.quant_type = quant_config.moe_quant_type(prefix, expert_linears)
-        self.quantized = self.quant_type != "FLOAT"
+        self.quantized = self.quant_type != FLOAT
         w_dtype = torch.int8 if self.quantized else dtype
         self.w13 = _param((num_experts, 2 * inter, hidden), w_dtype)
         self.w2 = _param((num_experts, hidden, inter), w_dtype)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
+from slimquant.format.checkpoint import read_description, tensor_types
+from slimquant.format.schemes import FLOAT, W8A8_DYNAMIC
 from slimquant.layers.quant_methods import METHODS_BY_TYPE, QuantMethod, UnquantizedMethod
-from slimquant.quant.modelslim import FLOAT, read_description, tensor_types
 
-MOE_TYPES = ("W8A8_DYNAMIC",)
+MOE_TYPES = (W8A8_DYNAMIC,)
 
 
 class QuantConfig:

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from slimquant import kernels
-from slimquant.quant.primitives import decode_deq_scale
+from slimquant.format.primitives import decode_deq_scale
+from slimquant.format.schemes import W8A8, W8A8_DYNAMIC
 
 logger = logging.getLogger(__name__)
 
@@ -145,4 +146,4 @@ class W8A8DynamicMethod(QuantMethod):
         return kernels.LinearForm("dynamic", layer.weight.shape[0], layer.in_features, layer.weight, tensors)
 
 
-METHODS_BY_TYPE: dict[str, type[QuantMethod]] = {"W8A8": W8A8StaticMethod, "W8A8_DYNAMIC": W8A8DynamicMethod}
+METHODS_BY_TYPE: dict[str, type[QuantMethod]] = {W8A8: W8A8StaticMethod, W8A8_DYNAMIC: W8A8DynamicMethod}

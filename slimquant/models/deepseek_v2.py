@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimquant.format.architectures import is_moe_layer
 from slimquant.layers.linear import Linear
 from slimquant.layers.mla import MLAttention
 from slimquant.layers.moe import DeepseekMoE, GatedMLP
@@ -95,14 +96,6 @@ class DeepseekDecoderLayer(PreNormDecoderLayer):
             mlp_bias = bool(getattr(config, "mlp_bias", False))
             h, i = config.hidden_size, config.intermediate_size
             self.mlp = GatedMLP(h, i, quant_config, f"{prefix}.mlp", dtype, mlp_bias)
-
-
-def is_moe_layer(config, index: int) -> bool:
-    """Layers from first_k_dense_replace on (every moe_layer_freq-th) use the MoE MLP."""
-    if not getattr(config, "n_routed_experts", None):
-        return False
-    freq = getattr(config, "moe_layer_freq", 1) or 1
-    return index >= (getattr(config, "first_k_dense_replace", 0) or 0) and index % freq == 0
 
 
 class DeepseekV2ForCausalLM(CausalLM):

@@ -11,17 +11,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimquant.format.checkpoint import DESCRIPTION_FILE, is_modelslim_dir
+from slimquant.format.dtypes import FLOAT_DTYPES, float_dtype
+from slimquant.format.safetensors_io import SafetensorsFolder
 from slimquant.kernels import native
 from slimquant.kernels.cpu import has_native_half
 from slimquant.layers.quant_config import AscendQuantConfig, QuantConfig
 from slimquant.models.registry import model_class
-from slimquant.quant.modelslim import DESCRIPTION_FILE, is_modelslim_dir
-from slimquant.quant.sources import SafetensorsFolder
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 QUANTIZATIONS = (None, "ascend")
 
 
@@ -97,16 +96,13 @@ def _use_ascend(path: str, quantization: str | None) -> bool:
 def resolve_dtype(dtype: str | torch.dtype, config, device: str | None = None, quantized: bool = False) -> torch.dtype:
     """'auto' -> the config's dtype; float32 if absent, or on a CPU that runs it faster (see _cpu_auto_dtype)."""
     if dtype == "auto":
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-        if isinstance(dtype, str) and dtype not in DTYPES:
-            raise ValueError(f"config.json has dtype {dtype!r}; pass dtype= one of {sorted(DTYPES)}")
-        dtype = _cpu_auto_dtype(DTYPES.get(str(dtype).removeprefix("torch."), dtype), device, quantized)
-    if isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        dtype = DTYPES.get(DTYPE_ALIASES.get(name, name), dtype)
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be 'auto', one of {sorted(DTYPES)} or the torch dtype, got {dtype!r}")
-    return dtype
+        named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        if (resolved := float_dtype(named)) is None:
+            raise ValueError(f"config.json has dtype {named!r}; pass dtype= one of {sorted(FLOAT_DTYPES)}")
+        return _cpu_auto_dtype(resolved, device, quantized)
+    if (resolved := float_dtype(dtype)) is None:
+        raise ValueError(f"dtype must be 'auto', one of {sorted(FLOAT_DTYPES)} or the torch dtype, got {dtype!r}")
+    return resolved
 
 
 def kv_cache_dtype(setting: str, dtype: str | torch.dtype, loaded: LoadedModel, device: str) -> torch.dtype:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimquant.quant.mappings import ArchSpec
+from slimquant.format.architectures import ArchSpec
 from slimquant.quant.moe import unfuse_experts
 
 

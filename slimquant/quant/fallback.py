@@ -2,9 +2,10 @@
 
 Held-out text: the calibration texts (the built-in prompt set, or --calib-data) are split once; the last text and
 every 4th before it (a quarter) are held out and never calibrate any candidate, the others calibrate all of them.
-The loss is 100 * (ppl(quantized) / ppl(float) - 1) on the held-out texts joined (512-token windows, at most
-8192 tokens), the float SRC as the baseline, both through slimquant.evaluation.evaluate(). The built-in set holds
-out about 200 tokens only: give a larger --calib-data (a book chapter) for a steadier measure.
+The loss is 100 * (ppl(quantized) / ppl(float) - 1) on the held-out texts joined, the float SRC as the baseline,
+both measured by the `score` callable the caller passes (slimquant.convert binds the engine's evaluation: 512-token
+windows, at most 8192 tokens); this package never imports the engine. The built-in set holds out about 200 tokens
+only: give a larger --calib-data (a book chapter) for a steadier measure.
 
 Search: quantize with the user's settings; if the loss exceeds P, measure each linear's sensitivity on that
 checkpoint (sensitivity.py) and rank the keep-float units (a linear, or a group that must share one type: q/k/v,
@@ -23,43 +24,20 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
+from slimquant.format.architectures import arch_spec
 from slimquant.quant.calibration import load_texts
-from slimquant.quant.mappings import arch_spec
 from slimquant.quant.output import check_destination, folder_bytes
+from slimquant.quant.pipeline import quantize
 from slimquant.quant.sensitivity import SensitivityReport, measure_sensitivity
 from slimquant.quant.sources import HFCheckpoint
-from slimquant.quant.summary import QuantizeSummary
+from slimquant.quant.summary import FallbackResult, QuantizeSummary
 
 HELDOUT_EVERY = 4  # one calibration text in 4 is held out
-HELDOUT_CONTEXT, HELDOUT_MAX_TOKENS = 512, 8192
 REFINE = 8  # bisection stops within k / 8 of the smallest passing k (each step is a full quantize run)
-
-
-@dataclass
-class FallbackResult:
-    """What --max-loss did: the bound, the measured loss, and the linears it kept float."""
-
-    max_loss: float  # P, percent
-    loss: float  # measured loss of the written checkpoint, percent
-    met: bool
-    kept_float: list[str] = field(default_factory=list)  # full linear names
-    tried: list[tuple[int, float]] = field(default_factory=list)  # (units kept float, loss %) in search order
-    units: int = 0  # keep-float units that were candidates
-    heldout_tokens: int = 0
-
-    def rows(self) -> list[tuple[str, str]]:
-        """Lines for the printed summary."""
-        verdict = "met" if self.met else f"NOT met even with all {self.units} quantized units float"
-        kept = ", ".join(self.kept_float[:6]) + (f", ... ({len(self.kept_float)})" if len(self.kept_float) > 6 else "")
-        loss = f"held-out loss {self.loss:+.3f}% on {self.heldout_tokens} tokens"
-        return [
-            ("max-loss", f"{self.max_loss:g}% ({verdict}); {loss}"),
-            ("max-loss kept float", kept or "none"),
-            ("max-loss search", " ".join(f"{k}:{loss:+.2f}%" for k, loss in self.tried)),
-        ]
+Score = Callable[[Path, str], tuple[float, int]]  # (model folder, text) -> (perplexity, tokens scored)
 
 
 def parse_max_loss(value: object) -> float:
@@ -146,9 +124,11 @@ def quantize_within_loss(
     overwrite: bool = False,
     progress: bool = True,
     report: bool = False,
+    score: Score,
     **kw,
 ) -> QuantizeSummary:
-    """quantize() with the fewest most-sensitive linears kept float so that held-out loss <= max_loss %."""
+    """quantize() with the fewest most-sensitive linears kept float so that held-out loss <= max_loss %;
+    score(model folder, text) -> (perplexity, tokens scored) measures the loss."""
     start = time.perf_counter()
     p, src, dst = parse_max_loss(max_loss), Path(src), Path(dst)
     check_destination(dst, overwrite)
@@ -159,7 +139,7 @@ def quantize_within_loss(
     try:
         hf_dir = _hf_source(src, work)
         (work / "calib.json").write_text(json.dumps(calib))
-        run = _Runner(hf_dir, work, quant_type, keep_float, progress, kw, "\n\n".join(held))
+        run = _Runner(hf_dir, work, quant_type, keep_float, progress, kw, "\n\n".join(held), score)
         result, chosen = run.search(p)
         _move_into_place(chosen, dst)
         summary = run.summaries[chosen]
@@ -181,36 +161,27 @@ def quantize_within_loss(
 class _Runner:
     """Quantizes candidates into a work folder and measures their held-out loss against the float source."""
 
-    def __init__(self, hf_dir: Path, work: Path, quant_type: str, keep_float, progress: bool, kw: dict, text: str):
+    def __init__(self, hf_dir, work: Path, quant_type, keep_float, progress: bool, kw: dict, text: str, score: Score):
         self.hf_dir, self.work, self.quant_type, self.progress, self.kw = hf_dir, work, quant_type, progress, kw
+        self.score = score
         self.keep = [keep_float] if isinstance(keep_float, str) else list(keep_float)
         self.text, self.base_ppl, self.tokens = text, 0.0, 0  # held-out text; the float source's score on it
         self.summaries: dict[Path, QuantizeSummary] = {}
         self.units: list[tuple[str, ...]] = []
 
-    def _score(self, folder: Path):
-        """evaluate() of one model on the held-out text."""
-        from slimquant.evaluation import evaluate
-
-        (res,) = evaluate([str(folder)], self.text, HELDOUT_CONTEXT, max_tokens=HELDOUT_MAX_TOKENS, progress=False)
-        return res
-
     def _baseline(self) -> None:
         """Score the float source on the held-out text (once; after the first quantize() checked the inputs)."""
         if not self.tokens:
-            base = self._score(self.hf_dir)
-            self.base_ppl, self.tokens = base.perplexity, base.tokens
+            self.base_ppl, self.tokens = self.score(self.hf_dir, self.text)
 
     def quantize(self, k: int) -> tuple[Path, float]:
         """Quantize with the top k units float; (folder, held-out loss %)."""
-        from slimquant.quant.pipeline import quantize
-
         out = self.work / f"float-{k}"
         keep = self.keep + [n for unit in self.units[:k] for n in unit]
         kw = dict(keep_float=keep, calib_data=self.work / "calib.json", overwrite=True, progress=False)
         self.summaries[out] = quantize(self.hf_dir, out, self.quant_type, **kw, **self.kw)
         self._baseline()
-        loss = 100 * (self._score(out).perplexity / self.base_ppl - 1)
+        loss = 100 * (self.score(out, self.text)[0] / self.base_ppl - 1)
         self._say(f"max-loss: {k} unit(s) float -> held-out loss {loss:+.3f}%")
         return out, loss
 

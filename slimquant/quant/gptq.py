@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from slimquant.quant import primitives as P
+from slimquant.format import primitives as P
 
 ROUNDINGS = ("nearest", "gptq")
 QLIM = 127  # |w_q| <= 127, as quantize_weight gives (its scale is absmax / 127)

@@ -8,13 +8,14 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
+from slimquant.format.architectures import GPTQ_SKIP, ArchSpec, layer_prefix
+from slimquant.format.checkpoint import ModelSlimWriter
+from slimquant.format.schemes import FLOAT, W8A8
 from slimquant.quant.decoder import BiasedNorm, LayerRunner, replace_module
 from slimquant.quant.gptq import gptq_quantize
-from slimquant.quant.mappings import GPTQ_SKIP, ArchSpec, layer_prefix
-from slimquant.quant.modelslim import FLOAT, ModelSlimWriter
 from slimquant.quant.moe import count_idle
 from slimquant.quant.observers import ChannelRange, SecondMoment, TokenSample, observe_inputs
-from slimquant.quant.qlinear import W8A8, SimLinear, Tensors, linear_tensors
+from slimquant.quant.qlinear import SimLinear, Tensors, linear_tensors
 from slimquant.quant.smooth import (
     AUTO,
     Smoothing,

@@ -17,19 +17,19 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from slimquant.devices import check_device
+from slimquant.format.architectures import EMBED_PREFIX, LAYER_PREFIX, ArchSpec, arch_spec, layer_prefix
+from slimquant.format.checkpoint import ModelSlimWriter, is_modelslim_dir
+from slimquant.format.dtypes import float_dtype
+from slimquant.format.schemes import FLOAT, W8A8, parse_scheme
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
 from slimquant.quant.decoder import LayerRunner
 from slimquant.quant.gptq import parse_rounding
 from slimquant.quant.layer_quant import LayerJob, quantize_layer
-from slimquant.quant.mappings import EMBED_PREFIX, LAYER_PREFIX, ArchSpec, arch_spec, layer_prefix
-from slimquant.quant.modelslim import FLOAT, ModelSlimWriter, is_modelslim_dir
 from slimquant.quant.output import check_destination, folder_bytes, parse_size, staged_output, write_model_files
-from slimquant.quant.plan import parse_mix, parse_quant_type, plan_types, recipe_note
+from slimquant.quant.plan import parse_mix, plan_types, recipe_note
 from slimquant.quant.smooth import check_alpha, parse_method
 from slimquant.quant.sources import HFCheckpoint
 from slimquant.quant.summary import QuantizeSummary
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def quantize(
@@ -51,24 +51,17 @@ def quantize(
     batch_size: int = 4,
     progress: bool = True,
     report: bool = False,
-    max_loss: float | None = None,
     static_all: bool = False,
 ) -> QuantizeSummary:
     """Quantize the HF folder or .gguf file `src` into the ascend (ModelSlim) folder `dst`; see docs/FORMAT.md.
 
     report: also write the per-linear sensitivity report (sensitivity.md/.json/.png, quant/sensitivity.py) into dst.
-    max_loss: keep the most sensitive linears float until held-out perplexity is within max_loss % (quant/fallback.py).
     static_all: for quant_type w8a8, make every quantized linear static. By default Llama/Qwen models get
-        mlp.down_proj W8A8_DYNAMIC (mappings.DOWN_DYNAMIC_MIX; the summary's "default mix" says so).
+        mlp.down_proj W8A8_DYNAMIC (format.architectures.DOWN_DYNAMIC_MIX; the summary's "default mix" says so).
     """
-    arguments = dict(locals())  # first statement: exactly the arguments
-    if max_loss is not None:
-        from slimquant.quant.fallback import quantize_within_loss
-
-        return quantize_within_loss(**arguments)
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    qtype = parse_quant_type(quant_type)
+    qtype = parse_scheme(quant_type)
     mix_pairs, keep = parse_mix(mix), [keep_float] if isinstance(keep_float, str) else list(keep_float)
     shard_bytes, device = parse_size(shard_size), check_device(device)
     alpha = check_alpha(alpha)
@@ -134,7 +127,7 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
 
 def _default_method(spec: ArchSpec, plan: dict[str, str]) -> str:
     """Default smoothing: the architecture's static_method if some linear is static W8A8, else its dynamic_method."""
-    return spec.static_method if "W8A8" in plan.values() else spec.dynamic_method
+    return spec.static_method if W8A8 in plan.values() else spec.dynamic_method
 
 
 @contextmanager
@@ -154,11 +147,8 @@ def _hf_folder(src: Path, dst: Path) -> Iterator[Path]:
 
 def _model_dtype(ckpt: HFCheckpoint) -> torch.dtype:
     """The dtype of float tensors: config dtype/torch_dtype, else that of the embeddings."""
-    name = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
-    if name in _DTYPES:
-        return _DTYPES[name]
-    embed = ckpt.get(EMBED_PREFIX + "weight").dtype
-    return embed if embed in _DTYPES.values() else torch.bfloat16
+    named = float_dtype(ckpt.config.get("dtype") or ckpt.config.get("torch_dtype") or "")
+    return named or float_dtype(ckpt.get(EMBED_PREFIX + "weight").dtype) or torch.bfloat16
 
 
 def _check_complete(ckpt: HFCheckpoint, runner: LayerRunner, num_layers: int) -> None:

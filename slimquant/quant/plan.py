@@ -4,20 +4,10 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-from slimquant.quant.mappings import ArchSpec, layer_prefix
-from slimquant.quant.modelslim import FLOAT, QUANT_TYPES
+from slimquant.format.architectures import ArchSpec, layer_prefix
+from slimquant.format.schemes import FLOAT, W8A8, parse_scheme
 
-_TYPE_NAMES = {t.lower(): t for t in QUANT_TYPES} | {"float": FLOAT}
 HEAD_LINEARS = ("lm_head",)  # always float: the quantizer does not calibrate the head
-
-
-def parse_quant_type(name: str, allow_float: bool = False) -> str:
-    """'w8a8' / 'w8a8_dynamic' (any case; 'float' if allowed) -> the description type string."""
-    t = _TYPE_NAMES.get(str(name).strip().lower())
-    if t is None or (t == FLOAT and not allow_float):
-        choices = [k for k, v in _TYPE_NAMES.items() if allow_float or v != FLOAT]
-        raise ValueError(f"unknown quant type {name!r}; choose one of: {', '.join(choices)}")
-    return t
 
 
 def parse_mix(items: list[str] | dict[str, str] | None) -> list[tuple[str, str]]:
@@ -25,7 +15,7 @@ def parse_mix(items: list[str] | dict[str, str] | None) -> list[tuple[str, str]]
     if not items:
         return []
     pairs = list(items.items()) if isinstance(items, dict) else [_split_mix(s) for s in items]
-    return [(glob, parse_quant_type(t, allow_float=True)) for glob, t in pairs]
+    return [(glob, parse_scheme(t, allow_float=True)) for glob, t in pairs]
 
 
 def _split_mix(item: str) -> tuple[str, str]:
@@ -58,7 +48,7 @@ def plan_types(
     _check_globs_match(names, [g for g, _ in mix], "--mix", with_head=False)
     _check_globs_match(names, keep_float, "--keep-float", with_head=True)
     floats = list(spec.keep_float) + list(keep_float)
-    mix = list(mix) + (list(default_mix(spec, static_all)) if quant_type == "W8A8" else [])  # the user's globs win
+    mix = list(mix) + (list(default_mix(spec, static_all)) if quant_type == W8A8 else [])  # the user's globs win
     plan = {}
     for name in names:
         if any(fnmatchcase(name, g) for g in floats):
@@ -76,7 +66,7 @@ def default_mix(spec: ArchSpec, static_all: bool = False) -> tuple[tuple[str, st
 
 def recipe_note(spec: ArchSpec, quant_type: str, static_all: bool, plan: dict[str, str]) -> str:
     """What the default w8a8 recipe made dynamic, e.g. '*.mlp.down_proj=W8A8_DYNAMIC (30 linears)', or ''."""
-    if quant_type != "W8A8" or static_all or not spec.w8a8_default_mix:
+    if quant_type != W8A8 or static_all or not spec.w8a8_default_mix:
         return ""
     parts = []
     for glob, t in spec.w8a8_default_mix:

@@ -6,10 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from slimquant.quant import primitives as P
-from slimquant.quant.modelslim import FLOAT
-
-W8A8, W8A8_DYNAMIC = "W8A8", "W8A8_DYNAMIC"
+from slimquant.format import primitives as P
+from slimquant.format.schemes import FLOAT, W8A8
 
 Tensors = dict[str, tuple[torch.Tensor, str]]  # suffix -> (tensor, description type), in write order
 

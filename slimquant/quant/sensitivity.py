@@ -2,7 +2,7 @@
 
 For every quantized linear L of a written checkpoint, rel_error = ||y_q - y_f||_F / ||y_f||_F over all calibration
 tokens, where y_f is the float linear of the SOURCE model and y_q the int8 linear read from the CHECKPOINT and run
-with docs/FORMAT.md's runtime math (qlinear.SimLinear -> primitives.static_linear / dynamic_linear).
+with docs/FORMAT.md's runtime math (qlinear.SimLinear -> format.primitives.static_linear / dynamic_linear).
 
 Each linear is measured in isolation: the hidden states entering every decoder layer, and every linear's input, are
 those of the float source model (layer by layer with LayerRunner, as the quantizer calibrates), so an error is
@@ -34,10 +34,11 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from slimquant.format.architectures import EMBED_PREFIX, arch_spec, layer_prefix
+from slimquant.format.checkpoint import read_description, tensor_types
+from slimquant.format.schemes import FLOAT
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
 from slimquant.quant.decoder import BiasedNorm, LayerRunner
-from slimquant.quant.mappings import EMBED_PREFIX, arch_spec, layer_prefix
-from slimquant.quant.modelslim import FLOAT, read_description, tensor_types
 from slimquant.quant.qlinear import SimLinear
 from slimquant.quant.sources import HFCheckpoint
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from slimquant.quant.modelslim import FLOAT
+from slimquant.format.schemes import FLOAT
 from slimquant.quant.observers import ChannelRange
 from slimquant.quant.qlinear import SimLinear, linear_tensors
 

@@ -1,13 +1,36 @@
-"""What a quantize() run did: linears per type, sizes on disk, time."""
+"""What a quantize() run did: linears per type, sizes on disk, time, and what --max-loss kept float."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from slimquant.quant.fallback import FallbackResult
+from slimquant.format.schemes import FLOAT
+
+
+@dataclass
+class FallbackResult:
+    """What --max-loss did: the bound, the measured loss, and the linears it kept float."""
+
+    max_loss: float  # P, percent
+    loss: float  # measured loss of the written checkpoint, percent
+    met: bool
+    kept_float: list[str] = field(default_factory=list)  # full linear names
+    tried: list[tuple[int, float]] = field(default_factory=list)  # (units kept float, loss %) in search order
+    units: int = 0  # keep-float units that were candidates
+    heldout_tokens: int = 0
+
+    def rows(self) -> list[tuple[str, str]]:
+        """Lines for the printed summary."""
+        verdict = "met" if self.met else f"NOT met even with all {self.units} quantized units float"
+        kept = ", ".join(self.kept_float[:6]) + (f", ... ({len(self.kept_float)})" if len(self.kept_float) > 6 else "")
+        loss = f"held-out loss {self.loss:+.3f}% on {self.heldout_tokens} tokens"
+        return [
+            ("max-loss", f"{self.max_loss:g}% ({verdict}); {loss}"),
+            ("max-loss kept float", kept or "none"),
+            ("max-loss search", " ".join(f"{k}:{loss:+.2f}%" for k, loss in self.tried)),
+        ]
+
 
 
 @dataclass
@@ -29,14 +52,14 @@ class QuantizeSummary:
     default_mix: str = ""  # what the default w8a8 recipe made dynamic (empty with static_all or none applied)
 
     def __str__(self) -> str:
-        quantized = {k: v for k, v in self.linears.items() if k != "FLOAT"}
+        quantized = {k: v for k, v in self.linears.items() if k != FLOAT}
         rows = [
             ("output", str(self.output)),
             ("model_quant_type", self.model_quant_type),
             ("anti-outlier", self.anti_outlier),
             ("decoder layers", str(self.num_layers)),
             ("linears quantized", ", ".join(f"{n} {t}" for t, n in quantized.items()) or "0"),
-            ("linears kept float", str(self.linears.get("FLOAT", 0))),
+            ("linears kept float", str(self.linears.get(FLOAT, 0))),
             *([("default mix", f"{self.default_mix} (--static-all: all static)")] if self.default_mix else []),
             *([("MTP layers (float)", str(self.float_layers))] if self.float_layers else []),
             *([("experts with no tokens", str(self.idle_experts))] if self.idle_experts else []),

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from slimquant import kernels as K
+from slimquant.format import primitives as P
 from slimquant.models.loader import load_model
-from slimquant.quant import primitives as P
 from tests.engine.reference import tokens_and_logprobs
 from tests.models.ascend_ckpt import write_ascend
 from tests.models.paged import PROMPT, PagedRunner, assert_close
@@ -215,7 +215,7 @@ def test_top_k_top_p_candidates_on_cuda_keep_the_sorting_masks_tokens():
 def test_calibration_on_cuda_matches_cpu(tiny_model, tmp_path):
     """quantize(device="cuda") writes the checkpoint the CPU writes, up to float rounding in the statistics."""
     from slimquant import quantize
-    from slimquant.quant.sources import SafetensorsFolder
+    from slimquant.format.safetensors_io import SafetensorsFolder
 
     src = tiny_model("qwen2")
     kw = dict(num_samples=4, seq_len=32, progress=False)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from slimquant.quant import primitives as P
-from slimquant.quant.modelslim import FLOAT, ModelSlimWriter
-from slimquant.quant.sources import SafetensorsFolder
+from slimquant.format import primitives as P
+from slimquant.format.checkpoint import ModelSlimWriter
+from slimquant.format.safetensors_io import SafetensorsFolder
+from slimquant.format.schemes import FLOAT
 
 MLA_LINEARS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")  # DeepSeek V2/V3 attention
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", *MLA_LINEARS)

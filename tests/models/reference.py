@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimquant.quant.modelslim import FLOAT, read_description, tensor_types
-from slimquant.quant.sources import SafetensorsFolder
+from slimquant.format.checkpoint import read_description, tensor_types
+from slimquant.format.safetensors_io import SafetensorsFolder
+from slimquant.format.schemes import FLOAT
 
 
 class StaticRef(nn.Module):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from slimquant import kernels
+from slimquant.format import primitives as P
 from slimquant.layers.linear import Linear
 from slimquant.layers.quant_config import AscendQuantConfig
-from slimquant.quant import primitives as P
 
 
 @pytest.mark.parametrize("t,k,n", [(1, 64, 32), (17, 1025, 33), (3, 5, 7)])

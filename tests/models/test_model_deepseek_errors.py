@@ -70,6 +70,6 @@ def test_registry_maps_deepseek_and_kimi_k2():
 
     assert model_class(SimpleNamespace(architectures=None, model_type="kimi_k2")) is DeepseekV3ForCausalLM
     assert (
-        model_class(SimpleNamespace(architectures=["DeepseekV3ForCausalLM"], model_type="x")) is DeepseekV3ForCausalLM
+        model_class(SimpleNamespace(architectures=["DeepseekV3ForCausalLM"], model_type=None)) is DeepseekV3ForCausalLM
     )
     assert model_class(SimpleNamespace(architectures=None, model_type="deepseek_v2")) is DeepseekV2ForCausalLM

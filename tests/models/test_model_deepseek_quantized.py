@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slimquant.format.checkpoint import read_description, tensor_types
+from slimquant.format.safetensors_io import SafetensorsFolder
 from slimquant.layers.moe import RoutedExperts
 from slimquant.models.loader import load_model
-from slimquant.quant.modelslim import read_description, tensor_types
-from slimquant.quant.sources import SafetensorsFolder
 from tests.models.ascend_ckpt import write_ascend
 from tests.models.paged import PROMPT, PagedRunner, assert_close
 from tests.models.reference import experts_ref, reference_logits, reference_model

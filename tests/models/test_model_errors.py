@@ -77,7 +77,7 @@ def test_unsupported_architecture_lists_supported(tiny_model, tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     cfg.update(architectures=["MistralForCausalLM"], model_type="mistral")
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="unsupported model.*MistralForCausalLM"):
+    with pytest.raises(ValueError, match="unsupported architecture.*MistralForCausalLM"):
         load_model(str(folder))
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slimquant.config import DTYPES as CONFIG_DTYPES
+from slimquant.format.dtypes import DTYPE_NAMES as CONFIG_DTYPES
 from slimquant.layers.attention import KVCacheLayer
 from slimquant.layers.quant_methods import W8A8DynamicMethod
 from slimquant.layers.rotary import inverse_frequencies, rope_parameters

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slimquant.format.safetensors_io import SafetensorsFolder
 from slimquant.models.loader import load_model
-from slimquant.quant.sources import SafetensorsFolder
 from tests.models.ascend_ckpt import write_ascend
 from tests.models.paged import PROMPT, PagedRunner, assert_close
 from tests.models.reference import reference_logits, reference_model

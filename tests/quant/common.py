@@ -46,7 +46,7 @@ def load_float(src) -> nn.Module:
 
 
 class RuntimeLinear(nn.Module):
-    """docs/FORMAT.md runtime math, written out independently of slimquant.quant.primitives."""
+    """docs/FORMAT.md runtime math, written out independently of slimquant.format.primitives."""
 
     def __init__(self, t: dict, name: str, qtype: str):
         super().__init__()

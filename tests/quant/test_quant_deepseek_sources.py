@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from slimquant.format.architectures import ARCHS
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
 from slimquant.quant.decoder import BiasedNorm, LayerRunner, replace_module
-from slimquant.quant.mappings import ARCHS
 from slimquant.quant.observers import observe_inputs
 from slimquant.quant.pipeline import quantize
 from slimquant.quant.smooth import smooth_linear, smooth_norm, smoothing_factors

@@ -168,7 +168,7 @@ def test_cli_success_prints_summary(src, tmp_path, capsys):
 
 
 def test_keep_float_lm_head_is_accepted():
-    from slimquant.quant.mappings import ARCHS
+    from slimquant.format.architectures import ARCHS
     from slimquant.quant.plan import plan_types
 
     plan = plan_types(ARCHS["llama"], 2, "W8A8", [("*.down_proj", "FLOAT")], ["lm_head"])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from slimquant.convert import quantize
 from slimquant.quant import fallback
 from slimquant.quant.fallback import keep_units, parse_max_loss, search, split_texts
-from slimquant.quant.pipeline import quantize
 from slimquant.quant.sensitivity import SensitivityReport, SensitivityRow
 from tests.quant.common import FAST, read_output
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from slimquant.quant.primitives import decode_deq_scale
+from slimquant.format.primitives import decode_deq_scale
 from tests.quant.common import read_output, read_source
 
 ARCHS = ("llama", "qwen2", "qwen3")

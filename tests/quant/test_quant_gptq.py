@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slimquant import LLM, SamplingParams
-from slimquant.quant import primitives as P
+from slimquant.format import primitives as P
 from slimquant.quant.gptq import gptq_quantize
 from slimquant.quant.observers import SecondMoment
 from slimquant.quant.pipeline import quantize

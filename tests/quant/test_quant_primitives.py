@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimquant.quant import primitives as P
+from slimquant.format import primitives as P
 
 
 @pytest.mark.parametrize("t,k,n", [(1, 1, 1), (17, 1025, 33), (5, 3000, 7)])

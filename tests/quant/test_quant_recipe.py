@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slimquant.entrypoints.cli import main
-from slimquant.quant.mappings import ARCHS
+from slimquant.format.architectures import ARCHS
 from slimquant.quant.plan import plan_types
 from tests.quant.common import calibration_ids, load_float, load_quantized, read_output
 

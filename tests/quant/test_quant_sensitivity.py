@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimquant.quant import primitives as P
+from slimquant.format import primitives as P
+from slimquant.format.safetensors_io import SafetensorsFolder
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
 from slimquant.quant.sensitivity import REPORT_FILES, SensitivityReport, _producer_scale, measure_sensitivity
-from slimquant.quant.sources import SafetensorsFolder
 from tests.quant.common import FAST, read_output
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from slimquant.format.architectures import SMOOTH_PAIRS
 from slimquant.quant.decoder import BiasedNorm, replace_module
-from slimquant.quant.mappings import SMOOTH_PAIRS
 from slimquant.quant.observers import observe_inputs
 from slimquant.quant.smooth import smooth_linear, smooth_norm, smooth_producer_linear, smoothing_factors
 from tests.quant.common import calibration_ids, load_float, load_quantized, read_output

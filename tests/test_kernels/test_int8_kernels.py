@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
+from slimquant.format import primitives as P
 from slimquant.kernels import int8_ops as K
 from slimquant.kernels import native
 from slimquant.kernels.cpu import cpu_flags
-from slimquant.quant import primitives as P
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
 SHAPES = [

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from slimquant.quant import primitives as P
+from slimquant.format import primitives as P
 
 if torch.cuda.is_available():
     pytest.skip("tests/cuda runs these kernels compiled", allow_module_level=True)

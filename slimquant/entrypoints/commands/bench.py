@@ -103,7 +103,7 @@ def measure(paths: list[str], args: argparse.Namespace, transformers: bool) -> l
     """One row per model (slimquant), after transformers on the first float model if asked."""
     if min(args.prompt_len, args.decode_tokens, args.streams) < 1:
         raise ValueError("--prompt-len, --decode-tokens and --streams must be at least 1")
-    from slimquant.quant.modelslim import is_modelslim_dir
+    from slimquant.format.checkpoint import is_modelslim_dir
 
     rows = []
     float_dirs = [p for p in paths if not is_modelslim_dir(Path(p))]

@@ -94,7 +94,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Quantize and print the summary."""
-    from slimquant.quant.pipeline import quantize
+    from slimquant.convert import quantize
 
     summary = quantize(
         args.src,

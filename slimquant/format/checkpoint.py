@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 
-from slimquant.quant.shard_stream import StreamingShard
+from slimquant.format.safetensors_io import StreamingShard
+from slimquant.format.schemes import QUANT_SCHEMES
 
 DESCRIPTION_FILE = "quant_model_description.json"
 FORMAT_VERSION = "1.0.0"
-QUANT_TYPES = ("W8A8", "W8A8_DYNAMIC")
-FLOAT = "FLOAT"
 DEFAULT_SHARD_BYTES = 4 * 1024**3
 
 
@@ -31,8 +30,9 @@ class ModelSlimWriter:
     """Streams tensors into size-capped safetensors shards and records their description types."""
 
     def __init__(self, out_dir: str | os.PathLike, model_quant_type: str, shard_bytes: int = DEFAULT_SHARD_BYTES):
-        if model_quant_type not in QUANT_TYPES:
-            raise ValueError(f"model_quant_type must be one of {QUANT_TYPES}, got {model_quant_type!r}")
+        if model_quant_type not in QUANT_SCHEMES:
+            names = [str(s) for s in QUANT_SCHEMES]
+            raise ValueError(f"model_quant_type must be one of {names}, got {model_quant_type!r}")
         if shard_bytes <= 0:
             raise ValueError(f"shard size must be positive, got {shard_bytes}")
         self.out_dir = Path(out_dir)

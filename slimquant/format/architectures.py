@@ -1,9 +1,12 @@
-"""Per-architecture tables, as data: decoder-layer classes, linears, fused groups, smoothing pairs, keep-float."""
+"""The one architecture registry both halves read: per model_type, the runtime's model class and the quantizer's
+tables, as data (decoder-layer classes, linears, fused groups, smoothing pairs, keep-float)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+
+from slimquant.format.schemes import W8A8, W8A8_DYNAMIC, Scheme
 
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -45,18 +48,20 @@ MLA_SMOOTH_PAIRS = (
 # Linears that --rounding gptq leaves round-to-nearest: routed experts (one K x K Hessian per expert is too much).
 GPTQ_SKIP = ("mlp.experts.*",)
 # --type w8a8 on these models: MLA static, every MLP linear dynamic (ModelSlim's DeepSeek recipe).
-MLA_MIX = (("*.mlp.*", "W8A8_DYNAMIC"),)
+MLA_MIX = (("*.mlp.*", W8A8_DYNAMIC),)
 # --type w8a8 on Llama / Qwen by default: mlp.down_proj dynamic, the rest static. Its input silu(gate) * up holds
 # massive activations on a few tokens (thousands on the first token, a few elsewhere) that one per-tensor static
 # scale cannot follow (SmolLM2-135M: +14.5% perplexity all-static, +1.5% with this mix). quantize(static_all=True)
 # (--static-all) drops it.
-DOWN_DYNAMIC_MIX = (("*.mlp.down_proj", "W8A8_DYNAMIC"),)
+DOWN_DYNAMIC_MIX = (("*.mlp.down_proj", W8A8_DYNAMIC),)
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """How the quantizer handles one model_type: transformers classes and per-layer tables."""
+    """One model_type: the runtime's model class, and how the quantizer handles it (transformers classes and
+    per-layer tables)."""
 
+    model_class: str  # class name in slimquant.models (the runtime), also the HF `architectures` name
     module: str  # transformers modeling module
     decoder_layer: str  # class name of one decoder layer
     rotary: str  # class name of the rotary embedding
@@ -65,19 +70,19 @@ class ArchSpec:
     smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...] = SMOOTH_PAIRS
     keep_float: tuple[str, ...] = ("lm_head",)  # globs over full linear names
     same_type: tuple[tuple[str, ...], ...] = ()  # further groups (globs) that must share one type, like fused
-    w8a8_mix: tuple[tuple[str, str], ...] = ()  # (glob, TYPE) applied after --mix when --type is w8a8
-    w8a8_default_mix: tuple[tuple[str, str], ...] = ()  # then these, unless static_all (accuracy, not format)
-    model_quant_type: str | None = None  # forced description model_quant_type (else --type)
+    w8a8_mix: tuple[tuple[str, Scheme], ...] = ()  # (glob, TYPE) applied after --mix when --type is w8a8
+    w8a8_default_mix: tuple[tuple[str, Scheme], ...] = ()  # then these, unless static_all (accuracy, not format)
+    model_quant_type: Scheme | None = None  # forced description model_quant_type (else --type)
     static_method: str = "smoothquant"  # default anti-outlier when some linear is static W8A8
     dynamic_method: str = "smoothquant"  # default anti-outlier when every linear is dynamic (or float)
-    config_fields: dict[str, dict[str, str]] | None = None  # --type -> fields added to config.json
+    config_fields: dict[Scheme, dict[str, str]] | None = None  # --type -> fields added to config.json
     config_indent: int = 2
     config_class: str | None = None  # build the config from config.json with this class (no AutoConfig)
 
     def layer_linears(self, config: dict, i: int) -> tuple[str, ...]:
         """Linears of decoder layer i (relative names): dense or MoE MLP, MLA with or without q_lora_rank."""
         present = [r for r in self.linears if r not in _absent(config, i)]
-        if _is_moe_layer(config, i):
+        if is_moe_layer(config, i):
             experts = tuple(r.format(e=e) for e in range(int(config["n_routed_experts"])) for r in ROUTED_EXPERT)
             present = [r for r in present if r not in MLP] + list(SHARED_EXPERTS) + list(experts)
         return tuple(present)
@@ -103,12 +108,23 @@ def _absent(config: dict, i: int) -> tuple[str, ...]:
     return ("self_attn.q_proj",)
 
 
-def _is_moe_layer(config: dict, i: int) -> bool:
-    return bool(config.get("n_routed_experts")) and i >= int(config.get("first_k_dense_replace", 0))
+def config_value(config, key: str, default=None):
+    """config[key] of a config.json dict, or the attribute of a transformers config; default where absent/None."""
+    value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+    return default if value is None else value
+
+
+def is_moe_layer(config, i: int) -> bool:
+    """DeepSeek: layers from first_k_dense_replace on (every moe_layer_freq-th) have the MoE MLP."""
+    if not config_value(config, "n_routed_experts"):
+        return False
+    freq = int(config_value(config, "moe_layer_freq", 1)) or 1
+    return i >= int(config_value(config, "first_k_dense_replace", 0)) and i % freq == 0
 
 
 def _mla(module: str, prefix: str, **kw) -> ArchSpec:
     return ArchSpec(
+        f"{prefix}ForCausalLM",
         module,
         f"{prefix}DecoderLayer",
         f"{prefix}RotaryEmbedding",
@@ -118,12 +134,12 @@ def _mla(module: str, prefix: str, **kw) -> ArchSpec:
         smooth_pairs=MLA_SMOOTH_PAIRS,
         keep_float=("lm_head", "*.self_attn.kv_b_proj"),
         w8a8_mix=MLA_MIX,
-        model_quant_type="W8A8_DYNAMIC",
+        model_quant_type=W8A8_DYNAMIC,
         static_method="iterative",
         dynamic_method="none",  # ModelSlim's DeepSeek recipe with --dynamic: no smoothing
         config_fields={
-            "W8A8": {"mla_quantize": "w8a8", "quantize": "w8a8_dynamic"},
-            "W8A8_DYNAMIC": {"mla_quantize": "w8a8_dynamic", "quantize": "w8a8_dynamic"},
+            W8A8: {"mla_quantize": "w8a8", "quantize": "w8a8_dynamic"},
+            W8A8_DYNAMIC: {"mla_quantize": "w8a8_dynamic", "quantize": "w8a8_dynamic"},
         },
         config_indent=4,
         **kw,
@@ -134,18 +150,21 @@ _DSV2 = "transformers.models.deepseek_v2.modeling_deepseek_v2"
 _DSV3 = "transformers.models.deepseek_v3.modeling_deepseek_v3"
 ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec(
+        "LlamaForCausalLM",
         "transformers.models.llama.modeling_llama",
         "LlamaDecoderLayer",
         "LlamaRotaryEmbedding",
         w8a8_default_mix=DOWN_DYNAMIC_MIX,
     ),
     "qwen2": ArchSpec(
+        "Qwen2ForCausalLM",
         "transformers.models.qwen2.modeling_qwen2",
         "Qwen2DecoderLayer",
         "Qwen2RotaryEmbedding",
         w8a8_default_mix=DOWN_DYNAMIC_MIX,
     ),
     "qwen3": ArchSpec(
+        "Qwen3ForCausalLM",
         "transformers.models.qwen3.modeling_qwen3",
         "Qwen3DecoderLayer",
         "Qwen3RotaryEmbedding",
@@ -160,15 +179,19 @@ LAYER_PREFIX = "model.layers."
 EMBED_PREFIX = "model.embed_tokens."
 
 
-def arch_spec(config: dict) -> ArchSpec:
-    """The table for config['model_type'], or a ValueError listing the supported architectures."""
-    model_type = config.get("model_type")
-    if model_type not in ARCHS:
+def arch_spec(config) -> ArchSpec:
+    """The entry for a config (a config.json dict or a transformers config): by model_type, or by the
+    `architectures` names where it has none; ValueError listing what is supported."""
+    model_type = config_value(config, "model_type")
+    archs = config_value(config, "architectures", [])
+    by_class = {spec.model_class: spec for spec in reversed(ARCHS.values())}  # the first model_type of a class
+    found = ARCHS.get(model_type) if model_type else next((by_class[a] for a in archs if a in by_class), None)
+    if found is None:
         raise ValueError(
-            f"unsupported architecture {model_type!r} (config.json model_type); "
-            f"the quantizer supports: {', '.join(sorted(ARCHS))}"
+            f"unsupported architecture {model_type!r} (config.json: model_type {model_type!r}, architectures "
+            f"{archs}); supported model types: {', '.join(sorted(ARCHS))}; architectures: {', '.join(sorted(by_class))}"
         )
-    return ARCHS[model_type]
+    return found
 
 
 def layer_prefix(i: int) -> str:

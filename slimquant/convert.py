@@ -1,0 +1,32 @@
+"""slimquant.quantize(): the quantizer, and --max-loss bound to the engine's perplexity (the one module that joins
+the offline quantizer with the engine; slimquant.quant never imports the engine)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from slimquant.quant.fallback import quantize_within_loss
+from slimquant.quant.pipeline import quantize as quantize_once
+from slimquant.quant.summary import QuantizeSummary
+
+HELDOUT_CONTEXT, HELDOUT_MAX_TOKENS = 512, 8192  # --max-loss: windows and budget of the held-out perplexity
+
+
+def quantize(
+    src: str | os.PathLike, dst: str | os.PathLike, quant_type: str = "w8a8", *, max_loss: float | None = None, **kw
+) -> QuantizeSummary:
+    """Quantize the HF folder or .gguf file src into the ascend folder dst (quant.pipeline.quantize's options);
+    max_loss: keep the most sensitive linears float until held-out perplexity is within max_loss % (quant/fallback.py).
+    """
+    if max_loss is None:
+        return quantize_once(src, dst, quant_type, **kw)
+    return quantize_within_loss(src, dst, quant_type, max_loss=max_loss, score=heldout_perplexity, **kw)
+
+
+def heldout_perplexity(model: Path, text: str) -> tuple[float, int]:
+    """(perplexity, tokens scored) of the model folder on text, through the engine (slimquant.evaluation)."""
+    from slimquant.evaluation import evaluate
+
+    (res,) = evaluate([str(model)], text, HELDOUT_CONTEXT, max_tokens=HELDOUT_MAX_TOKENS, progress=False)
+    return res.perplexity, res.tokens

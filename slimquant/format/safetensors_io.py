@@ -1,0 +1,156 @@
+"""safetensors files, tensor by tensor: StreamingShard writes one, SafetensorsFolder reads a folder of them.
+
+Writing: tensors go to one spill file per element size; at finish the header and the spill files (8-, 4-, 2-,
+then 1-byte elements, so every tensor stays aligned) are concatenated into the final file, with no metadata.
+Reading: one tensor at a time with plain file reads (no mmap: mapped pages would count towards the process's
+memory for as long as the file stays open), so memory never holds more than the tensor asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+SAFETENSORS_DTYPES = {code: dtype for dtype, code in _CODES.items()}  # "BF16" -> torch.bfloat16, ...
+
+
+class StreamingShard:
+    """Append tensors one at a time; finish() writes the safetensors file at `path`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._entries: dict[str, tuple[str, list[int], int, int]] = {}  # name -> (dtype, shape, bucket, nbytes)
+        self._spill = {size: open(self._spill_path(size), "wb") for size in (8, 4, 2, 1)}  # noqa: SIM115 (closed in finish/discard)
+
+    def _spill_path(self, size: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.spill{size}")
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names, in the order added."""
+        return list(self._entries)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor's bytes to its spill file."""
+        if tensor.dtype not in _CODES:
+            raise ValueError(f"cannot store {name!r}: dtype {tensor.dtype} has no safetensors code")
+        t = tensor.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        self._spill[t.element_size()].write(memoryview(raw))
+        self._entries[name] = (_CODES[t.dtype], list(t.shape), t.element_size(), raw.nbytes)
+
+    def finish(self) -> None:
+        """Write header + data to `path` and remove the spill files."""
+        for f in self._spill.values():
+            f.close()
+        header, offset = {}, 0
+        for size in (8, 4, 2, 1):
+            for name, (dtype, shape, bucket, nbytes) in self._entries.items():
+                if bucket == size:
+                    header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+                    offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+        with open(self.path, "wb") as out:
+            out.write(struct.pack("<Q", len(blob)) + blob)
+            for size in (8, 4, 2, 1):
+                with open(self._spill_path(size), "rb") as src:
+                    shutil.copyfileobj(src, out, 16 * 2**20)
+        self.discard()
+
+    def discard(self) -> None:
+        """Remove the spill files (after finish, or on abort)."""
+        for size, f in self._spill.items():
+            f.close()
+            self._spill_path(size).unlink(missing_ok=True)
+
+
+class SafetensorsFolder:
+    """Lazy, name-addressed access to every tensor in a folder of safetensors files (read one at a time)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._where = _locate_tensors(self.path)
+
+    def keys(self) -> list[str]:
+        """Every tensor name, in file order."""
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (a fresh copy read from its file)."""
+        if name not in self._where:
+            raise KeyError(name)
+        return _read_tensor(self.path / self._where[name], name)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) one at a time."""
+        for name in self._where:
+            yield name, self.get(name)
+
+
+def _read_tensor(file: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file via its header offsets: [8-byte length][JSON header][data]."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        info = json.loads(f.read(n))[name]
+        start, end = info["data_offsets"]
+        dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        f.seek(8 + n + start)
+        buf = bytearray(end - start)
+        if f.readinto(buf) != len(buf):
+            raise ValueError(f"cannot read {name!r} from {file}: the file is truncated")
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _locate_tensors(path: Path) -> dict[str, str]:
+    """Map tensor name -> file name, from the index if present else from every *.safetensors header."""
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {path}")
+    where: dict[str, str] = {}
+    for file in files:
+        try:
+            with safe_open(str(path / file), framework="pt") as f:
+                where.update({k: file for k in f.keys()})
+        except Exception as e:
+            raise ValueError(f"cannot read {path / file}: {e}; the file is corrupt or truncated") from e
+    _check_index(path, where)
+    return where
+
+
+def _check_index(path: Path, where: dict[str, str]) -> None:
+    """If an index names files or tensors that are not on disk, say which ones are missing."""
+    for index_file in path.glob("*.safetensors.index.json"):
+        weight_map = json.loads(index_file.read_text()).get("weight_map", {})
+        missing_files = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if missing_files:
+            raise ValueError(f"{index_file.name} lists shards that are missing from {path}: {missing_files}")
+        missing = [k for k in weight_map if k not in where]
+        if missing:
+            raise ValueError(f"{index_file.name} lists tensors that no shard holds: {missing[:5]}")

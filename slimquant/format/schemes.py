@@ -1,0 +1,31 @@
+"""The quantization schemes a description names, as one enum (docs/FORMAT.md, "Tensors of each scheme")."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Scheme(str, Enum):
+    """A description's type of a tensor; equal to its string ("W8A8" == Scheme.W8A8), so JSON reads compare."""
+
+    FLOAT = "FLOAT"
+    W8A8 = "W8A8"  # static: per-tensor asymmetric activations, calibrated
+    W8A8_DYNAMIC = "W8A8_DYNAMIC"  # per-token symmetric activations
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+FLOAT, W8A8, W8A8_DYNAMIC = Scheme.FLOAT, Scheme.W8A8, Scheme.W8A8_DYNAMIC
+QUANT_SCHEMES = (W8A8, W8A8_DYNAMIC)  # the int8 ones
+
+
+def parse_scheme(name: str, allow_float: bool = False) -> Scheme:
+    """'w8a8' / 'w8a8_dynamic' (any case; 'float' if allowed) -> the Scheme; ValueError naming the choices."""
+    choices = [s for s in Scheme if allow_float or s != FLOAT]
+    for scheme in choices:
+        if str(name).strip().upper() == scheme.value:
+            return scheme
+    raise ValueError(f"unknown quant type {name!r}; choose one of: {', '.join(s.value.lower() for s in choices)}")
