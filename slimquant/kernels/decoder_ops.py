@@ -1,9 +1,9 @@
-"""A whole Llama-family decoder layer (or all of them) per CPU decode step, in one native call (csrc/layer_cpu.cpp).
+"""Every Llama-family decoder layer of a CPU step in one native call (csrc/layer_cpu.cpp).
 
 At a small model's decode size every op is a few microseconds of arithmetic and the per-op overhead of Python
 and torch dominates. A layer whose linears all have a native form (int8 dynamic / static, bf16 float) gets a
-plan once (pointers to its weights, in a ctypes struct); each decode step then runs the same native kernels
-the per-op path calls, in the same order, so the results are bit-identical to it.
+plan once (pointers to its weights, in a ctypes struct); each step then runs the same native kernels the
+per-op path calls, in the same order, so the results are bit-identical to it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ _SLICE_ROWS = 16  # csrc/layer_cpu.cpp: kSliceAlign, the blocked int8 layout's r
 
 
 class NativeLinear(ctypes.Structure):
-    """A linear's runtime form for sq_decoder_layer (field order = struct SqLinear)."""
+    """A linear's runtime form for sq_decoder_model (field order = struct SqLinear)."""
 
     _fields_ = [
         ("kind", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("kp", ctypes.c_int32),
@@ -33,7 +33,7 @@ class NativeLinear(ctypes.Structure):
 
 
 class NativeDecoderLayer(ctypes.Structure):
-    """A pre-norm decoder layer's weights and shapes for sq_decoder_layer (field order = struct SqDecoderLayer)."""
+    """A pre-norm decoder layer's weights and shapes for sq_decoder_model (field order = struct SqDecoderLayer)."""
 
     _fields_ = [
         ("hidden", ctypes.c_int32), ("num_heads", ctypes.c_int32), ("num_kv_heads", ctypes.c_int32),
@@ -49,7 +49,7 @@ class NativeDecoderLayer(ctypes.Structure):
 
 @dataclass
 class LinearForm:
-    """What sq_decoder_layer needs of one linear: kind ('dynamic' | 'static' | 'bf16'), shape, tensors, scalars."""
+    """What sq_decoder_model needs of one linear: kind ('dynamic' | 'static' | 'bf16'), shape, tensors, scalars."""
 
     kind: str
     n: int
@@ -107,34 +107,6 @@ def decoder_layer_plan(
     )  # fmt: skip
     has_float = any(lf.kind == "bf16" for lf in linears.values())
     return DecoderLayerPlan(struct, keep, NATIVE_MAX_TOKENS if has_float else 1 << 30)
-
-
-def decoder_layer(
-    plan: DecoderLayerPlan,
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    rope: tuple[torch.Tensor, torch.Tensor] | None,
-    kv_cache: torch.Tensor,
-    ctx,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One decode step of a planned layer: (mlp output [B, H], residual [B, H], updated in place); x [B, H]
-    with one token per sequence, kv_cache [2, NB, BS, KVH, D] (fp32 or bf16), ctx the step's ForwardContext. None
-    where it does not apply (the caller runs the per-op path)."""
-    cos, sin = rope if rope is not None else (None, None)
-    b, h = x.shape
-    if b > plan.max_batch or not _kernel_ready(x, residual, cos, sin) or not kv_caches_ready(kv_cache):
-        return None
-    first = residual is None
-    residual = torch.empty(b, h) if first else residual  # [B, H]
-    out = torch.empty(b, h)  # [B, H]
-    tables = ctx.block_tables
-    native.library().sq_decoder_layer(
-        ctypes.byref(plan.struct), b, x.data_ptr(), residual.data_ptr(), int(first), out.data_ptr(),
-        ptr_or_none(cos), ptr_or_none(sin), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
-        int(kv_cache.dtype == torch.bfloat16), ctx.slot_mapping.data_ptr(), tables.data_ptr(), tables.shape[1],
-        ctx.context_lens_tensor.data_ptr(), kv_cache.shape[2],
-    )  # fmt: skip
-    return out, residual
 
 
 class DecoderStackPlan:

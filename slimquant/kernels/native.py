@@ -47,7 +47,6 @@ _SIGNATURES = {
     "sq_add_rms_norm": [_p, _i, _i, _i, _p, _i, _p, _p, _f, _p, _p],
     "sq_rms_norm_heads": [_p, _i, _i, _i, _i, _p, _p, _f, _p, _i],
     "sq_silu_and_mul": [_p, _i, _i, _i, _p],
-    "sq_decoder_layer": [_p, _i, _p, _p, _i, _p, _p, _p, _p, _p, _i, _p, _p, _i, _p, _i],
     "sq_greedy_argmax": [_p, _i, _i, _i, _p, _i, _i, _p, _p, _d, _d, _p],
     "sq_topk_screen": [_p, _i, _i, _i, _p, _i, _i, _p, _p, _d, _d, _i, _i, _p, _p, _p],
     "sq_decoder_model": [_p, _p, _p, _i, _i, _i, _p, _p, _i, _p, _p, _p, _i, _p, _p, _f, _p, _p, _p, _i, _p, _i],

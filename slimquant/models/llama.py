@@ -10,7 +10,6 @@ from torch import nn
 from slimquant import kernels
 from slimquant.layers.activation import silu_and_mul
 from slimquant.layers.attention import Attention
-from slimquant.layers.context import get_context
 from slimquant.layers.linear import Linear
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
@@ -98,13 +97,8 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
         self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", dtype)
         self._native_plan: kernels.DecoderLayerPlan | None | bool = False  # False: not built yet
 
-    def forward(self, x, residual, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        # x, residual: [T, H]; a CPU decode step runs the whole layer as one native call where it can
-        fused = self._native_decode(x, residual, cos, sin) if get_context().is_decode else None
-        return fused if fused is not None else super().forward(x, residual, cos, sin)
-
     def native_plan(self) -> kernels.DecoderLayerPlan | None:
-        """The layer's native decode form (built once, after loading), or None: the per-op path runs."""
+        """The layer's native form for the decoder stack (built once, after loading), or None: the per-op path."""
         if self._native_plan is False:
             self._native_plan = self._build_native_plan()
         return self._native_plan
@@ -113,12 +107,6 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
     def kv_cache(self) -> torch.Tensor | None:
         """This layer's paged KV cache [2, NB, BS, KVH, D]."""
         return self.self_attn.attn.kv_cache
-
-    def _native_decode(self, x, residual, cos, sin) -> tuple[torch.Tensor, torch.Tensor] | None:
-        plan = self.native_plan() if x.device.type == "cpu" and not get_context().graph_step else None
-        if plan is None:
-            return None
-        return kernels.decoder_layer(plan, x, residual, (cos, sin), self.kv_cache, get_context())
 
     def _build_native_plan(self) -> kernels.DecoderLayerPlan | None:
         """The layer's native form (built on its first decode step, after loading); None: per-op path."""

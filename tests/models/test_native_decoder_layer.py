@@ -1,4 +1,4 @@
-"""The fused native decoder layer (one call per layer per decode step) equals the per-op path bit for bit."""
+"""The native decoder stack (one call for every layer of a step) equals the per-op path bit for bit."""
 
 from __future__ import annotations
 
@@ -33,15 +33,12 @@ def decode_run(
 ) -> tuple[torch.Tensor, list[torch.Tensor], list]:
     """Logits of three sequences (prefill, then `steps` batched decode steps), the KV caches, the layers' plans.
 
-    mode: "stack" (one native call for all layers), "layer" (one per layer) or "per-op" (no native layers).
+    mode: "stack" (one native call for all layers) or "per-op" (no native layers).
     """
     model = load_model(str(folder), dtype=dtype).model
     layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
-    if mode != "stack":
-        model.model._stack_plan = None  # never stack
     if mode == "per-op":
-        for layer in layers:
-            layer._native_plan = None  # never plan
+        model.model._stack_plan = None  # never stack
     runner = PagedRunner(model, kv_dtype)
     prompts = {0: PROMPT[:5], 1: PROMPT[3:12], 2: PROMPT[:1]}
     logits = [runner.step({seq: tokens}) for seq, tokens in prompts.items()]
@@ -62,14 +59,14 @@ def test_fused_layers_equal_per_op_path(tiny_model, tmp_path, monkeypatch, arch,
     monkeypatch.setattr(base, "STACK_PREFILL_TOKENS", 0)  # prefills per op in every mode: decode compared alone
     per_op, per_op_caches, _ = decode_run(dst, "per-op", kv_dtype=kv_dtype)
     assert all(c.dtype == kv_dtype for c in per_op_caches)
-    for mode in ("stack", "layer"):
-        with monkeypatch.context() as m:
-            if mode == "stack":  # the stack really runs: no layer-by-layer native call happens
-                m.setattr(kernels, "decoder_layer", lambda *a: pytest.fail("decoded layer by layer"))
-            fused, fused_caches, plans = decode_run(dst, mode, kv_dtype=kv_dtype)
-        assert all(plan is not None and plan is not False for plan in plans)  # every layer really ran fused
-        assert torch.equal(fused, per_op), mode
-        assert all(torch.equal(a, b) for a, b in zip(fused_caches, per_op_caches, strict=True)), mode
+    calls = []
+    step = kernels.decoder_model
+    monkeypatch.setattr(kernels, "decoder_model", lambda *a: calls.append(a[1].shape[0]) or step(*a))
+    fused, fused_caches, plans = decode_run(dst, "stack", kv_dtype=kv_dtype)
+    assert calls == [1, 3, 3, 3]  # the stack really ran: the one-token prompt, then every decode step
+    assert all(plan is not None and plan is not False for plan in plans)
+    assert torch.equal(fused, per_op)
+    assert all(torch.equal(a, b) for a, b in zip(fused_caches, per_op_caches, strict=True))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -122,8 +119,10 @@ def test_bf16_models_step_natively_below_the_work_limit(tiny_model, monkeypatch,
 
 def test_fp32_float_weights_keep_the_per_op_path(tiny_model, tmp_path):
     fp32_float = write_ascend(tiny_model("llama"), tmp_path / "f32", mixed)  # random fp32: not exact bf16
-    _, _, plans = decode_run(fp32_float, "stack", steps=1)
-    assert plans[0] is None and all(plan is not None for plan in plans[1:])
+    per_op, _, _ = decode_run(fp32_float, "per-op", steps=1)
+    stacked, _, plans = decode_run(fp32_float, "stack", steps=1)
+    assert plans[0] is None and all(plan is not None for plan in plans[1:])  # one layer without a native form:
+    assert torch.equal(stacked, per_op)  # the whole step runs per op
 
 
 def test_per_head_norm_equals_torch_definition():

@@ -1,44 +1,24 @@
-// One decode step of a whole pre-norm Llama-style decoder layer in one call:
+// One decode step (or a few prefill tokens, one attention row each) of a stack of pre-norm Llama-style decoder
+// layers in one call; per layer:
 //   s = x + residual; h = rmsnorm(s); qkv = Wqkv h; (q, k per-head rmsnorm: Qwen3)
 //   o = Wo attention(rope(q), rope(k), v);
 //   s2 = o + s; h2 = rmsnorm(s2); x' = Wdown (silu(gate) * up)(Wgate_up h2).
 // At a small model's decode size the arithmetic is a few microseconds per op and the per-op overhead of
-// Python and torch dominates; here the layer is a plain sequence of the same native kernels the per-op path
-// calls (int8_cpu.cpp, attention_cpu.cpp, norm_cpu.cpp), in the same order on the same values, so its result
-// is bit-identical to that path's.
-//
-// The stack (every layer of a decode step) runs, for up to kRegionMaxBatch tokens, inside one OpenMP parallel
-// region instead of a fork/join per parallel op (five per layer): each thread computes a fixed slice of every
-// linear's output rows with the same serial kernels (cpu_kernels.h), quantizing the activation rows itself
-// (redundantly: the same values on every thread), and barriers separate the dependent phases; the values are
-// the per-op path's. SLIMQUANT_STACK_REGION=0 runs the stack as the loop of per-layer calls instead (to compare).
+// Python and torch dominates; here the whole stack runs inside one OpenMP parallel region instead of a
+// fork/join per parallel op: each thread computes a fixed slice of every linear's output rows with the serial
+// kernels that the per-op entry points run (cpu_kernels.h), quantizing the activation rows itself (redundantly:
+// the same values on every thread), and barriers separate the dependent phases. The same kernels on the same
+// values in the same order: the per-op path's bits.
 #include <omp.h>
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "cpu_kernels.h"
 
-extern "C" {
-void sq_dynamic_linear(const float* x, int m, int k, int ldx, const int8_t* w, int n, int kp, const float* w_scale,
-                       const float* bias, float* y);
-void sq_static_linear(const float* x, int m, int k, int ldx, float inv_scale, float offset, const int8_t* w, int n,
-                      int kp, const int32_t* quant_bias, const float* deq, float* y);
-void sq_bf16_linear(const float* x, int m, int k, int ldx, const uint16_t* w, int n, const float* bias, float* y);
-void sq_add_rms_norm(const float* x, int t, int h, int ldx, const float* residual, int ldr, const float* weight,
-                     const float* bias, float eps, float* sum_out, float* y);
-void sq_silu_and_mul(const float* x, int t, int inter, int ldx, float* y);
-void sq_rms_norm_heads(const float* x, int t, int heads, int d, int ldx, const float* weight, const float* bias,
-                       float eps, float* y, int ldy);
-void sq_decode_attention(const float* q, int ldq, const float* k, int ldk, const float* v, int ldv, const float* cos,
-                         const float* sin, void* k_cache, void* v_cache, int kv_bf16, const int64_t* slots,
-                         const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size,
-                         int batch, int num_heads, int num_kv_heads, int head_dim, float scale, float* out);
-}
 
 namespace {
 
@@ -72,18 +52,6 @@ struct SqDecoderLayer {
 
 namespace {
 
-// y [M, N] = linear(x [M, K] at row stride ldx).
-void run_linear(const SqLinear& l, const float* x, int m, int ldx, float* y) {
-  const int8_t* w8 = static_cast<const int8_t*>(l.w);
-  switch (l.kind) {
-    case kDynamic: sq_dynamic_linear(x, m, l.k, ldx, w8, l.n, l.kp, l.w_scale, l.bias, y); break;
-    case kStatic:
-      sq_static_linear(x, m, l.k, ldx, l.inv_scale, l.offset, w8, l.n, l.kp, l.quant_bias, l.deq_scale, y);
-      break;
-    case kBf16: sq_bf16_linear(x, m, l.k, ldx, static_cast<const uint16_t*>(l.w), l.n, l.bias, y); break;
-  }
-}
-
 // Per-thread scratch, grown on demand: a decode step allocates nothing once warm.
 float* scratch(std::vector<float>& buf, size_t n) {
   if (buf.size() < n) buf.resize(n);
@@ -92,51 +60,9 @@ float* scratch(std::vector<float>& buf, size_t n) {
 
 }  // namespace
 
-extern "C" {
-
-// x [B, H] in: the layer's input (the previous layer's MLP output, or the embeddings if first != 0);
-// residual [B, H] in/out (written, not read, when first != 0); out [B, H]: this layer's MLP output.
-// cos / sin [B, D] (null: no rope); caches [slots, KVH, D] (bf16 when kv_bf16 != 0, else fp32); the rest as in
-// sq_decode_attention.
-void sq_decoder_layer(const SqDecoderLayer* L, int batch, const float* x, float* residual, int first, float* out,
-                      const float* cos, const float* sin, void* k_cache, void* v_cache, int kv_bf16,
-                      const int64_t* slots, const int32_t* block_tables, int max_blocks, const int32_t* context_lens,
-                      int block_size) {
-  thread_local std::vector<float> norm_buf, qkv_buf, attn_buf, o_buf, gu_buf, act_buf;
-  const int h = L->hidden, b = batch, d = L->head_dim, nh = L->num_heads, kvh = L->num_kv_heads;
-  const int ld_qkv = L->qkv.n;
-  float* normed = scratch(norm_buf, (size_t)b * h);
-  // the sum x + residual goes straight back into residual (each element is read before it is written)
-  sq_add_rms_norm(x, b, h, h, first ? nullptr : residual, h, L->in_norm_w, L->in_norm_b, L->eps, residual, normed);
-
-  float* qkv = scratch(qkv_buf, (size_t)b * ld_qkv);
-  run_linear(L->qkv, normed, b, h, qkv);
-  if (L->q_norm_w) {  // normalize each q and k head in place, before rope
-    sq_rms_norm_heads(qkv, b, nh, d, ld_qkv, L->q_norm_w, L->q_norm_b, L->eps, qkv, ld_qkv);
-    float* k_heads = qkv + (size_t)nh * d;
-    sq_rms_norm_heads(k_heads, b, kvh, d, ld_qkv, L->k_norm_w, L->k_norm_b, L->eps, k_heads, ld_qkv);
-  }
-  float* attn = scratch(attn_buf, (size_t)b * nh * d);
-  const float *k = qkv + (size_t)nh * d, *v = k + (size_t)kvh * d;
-  sq_decode_attention(qkv, ld_qkv, k, ld_qkv, v, ld_qkv, cos, sin, k_cache, v_cache, kv_bf16, slots, block_tables,
-                      max_blocks, context_lens, block_size, b, nh, kvh, d, L->attn_scale, attn);
-  float* o = scratch(o_buf, (size_t)b * h);
-  run_linear(L->o, attn, b, nh * d, o);
-
-  sq_add_rms_norm(o, b, h, h, residual, h, L->post_norm_w, L->post_norm_b, L->eps, residual, normed);
-  float* gate_up = scratch(gu_buf, (size_t)b * 2 * L->inter);
-  run_linear(L->gate_up, normed, b, h, gate_up);
-  float* act = scratch(act_buf, (size_t)b * L->inter);
-  sq_silu_and_mul(gate_up, b, L->inter, 2 * L->inter, act);
-  run_linear(L->down, act, b, L->inter, out);
-}
-
-}  // extern "C"
-
 namespace {
 
-constexpr int kRegionMaxBatch = 16;  // larger batches run the per-op loop (its kernels split tokens too)
-constexpr int kSliceAlign = 16;      // slice boundaries on 16 rows: whole cache lines of fp32 outputs
+constexpr int kSliceAlign = 16;  // slice boundaries on 16 rows: whole cache lines of fp32 outputs
 
 // Thread `tid` of `nt`'s share [n0, n1) of n output rows.
 inline void slice(int n, int tid, int nt, int& n0, int& n1) {
@@ -179,15 +105,7 @@ void linear_slice(const SqLinear& l, const float* x, int m, int ldx, int tid, in
   linear_rows(l, x, m, ldx, n0, n1, t, y);
 }
 
-bool region_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("SLIMQUANT_STACK_REGION");
-    return !(v && std::strcmp(v, "0") == 0);
-  }();
-  return on;
-}
-
-// sq_decoder_stack in one parallel region (see the header); the same arguments.
+// sq_decoder_stack, templated on the cache element (float or bf16 bits); the same arguments.
 template <class C>
 void decoder_stack_region(const SqDecoderLayer* const* layers, C* const* k_caches, C* const* v_caches, int num_layers,
                           int b, const float* x, float* residual, float* out, const float* cos,
@@ -278,21 +196,18 @@ extern "C" {
 
 // Every layer of a decoder stack in one call: x [B, H] (the embeddings) in, out [B, H] (the last layer's MLP
 // output) and residual [B, H] written; k_caches / v_caches: one pair per layer, bf16 when kv_bf16 != 0, else
-// fp32. sq_decoder_layer reads its x before it writes its out, so the stack runs in place in out.
+// fp32; cos / sin [B, D] (null: no rope); the rest as in sq_decode_attention.
 void sq_decoder_stack(const SqDecoderLayer* const* layers, void* const* k_caches, void* const* v_caches, int kv_bf16,
                       int num_layers, int batch, const float* x, float* residual, float* out, const float* cos,
                       const float* sin, const int64_t* slots, const int32_t* block_tables, int max_blocks,
                       const int32_t* context_lens, int block_size) {
-  if (num_layers > 0 && batch <= kRegionMaxBatch && region_enabled())
-    return sq::with_cache_type(kv_bf16, [&](auto element) {
-      using C = decltype(element);
-      decoder_stack_region(layers, reinterpret_cast<C* const*>(k_caches), reinterpret_cast<C* const*>(v_caches),
-                           num_layers, batch, x, residual, out, cos, sin, slots, block_tables, max_blocks,
-                           context_lens, block_size);
-    });
-  for (int l = 0; l < num_layers; ++l)
-    sq_decoder_layer(layers[l], batch, l == 0 ? x : out, residual, l == 0, out, cos, sin, k_caches[l], v_caches[l],
-                     kv_bf16, slots, block_tables, max_blocks, context_lens, block_size);
+  if (num_layers <= 0) return;
+  sq::with_cache_type(kv_bf16, [&](auto element) {
+    using C = decltype(element);
+    decoder_stack_region(layers, reinterpret_cast<C* const*>(k_caches), reinterpret_cast<C* const*>(v_caches),
+                         num_layers, batch, x, residual, out, cos, sin, slots, block_tables, max_blocks, context_lens,
+                         block_size);
+  });
 }
 
 // A whole step of a decoder model around sq_decoder_stack: the embedding rows of ids [B] (table [V, H], bf16 when
