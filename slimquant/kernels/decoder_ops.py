@@ -15,36 +15,10 @@ import torch
 
 from slimquant.kernels import native
 from slimquant.kernels.float_ops import NATIVE_MAX_TOKENS
-from slimquant.kernels.layer_ops import fp32_cpu, kv_caches_ready, ptr_or_none
+from slimquant.kernels.layer_ops import fp32_cpu, kv_caches_ready, ptr_or_none, step_rows
 
 _LINEAR_KIND = {"dynamic": 1, "static": 2, "bf16": 3}
 _SLICE_ROWS = 16  # csrc/layer_cpu.cpp: kSliceAlign, the blocked int8 layout's rows per block
-
-
-class NativeLinear(ctypes.Structure):
-    """A linear's runtime form for sq_decoder_model (field order = struct SqLinear)."""
-
-    _fields_ = [
-        ("kind", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("kp", ctypes.c_int32),
-        ("w", ctypes.c_void_p), ("w_scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-        ("quant_bias", ctypes.c_void_p), ("deq_scale", ctypes.c_void_p),
-        ("inv_scale", ctypes.c_float), ("offset", ctypes.c_float),
-    ]  # fmt: skip
-
-
-class NativeDecoderLayer(ctypes.Structure):
-    """A pre-norm decoder layer's weights and shapes for sq_decoder_model (field order = struct SqDecoderLayer)."""
-
-    _fields_ = [
-        ("hidden", ctypes.c_int32), ("num_heads", ctypes.c_int32), ("num_kv_heads", ctypes.c_int32),
-        ("head_dim", ctypes.c_int32), ("inter", ctypes.c_int32),
-        ("eps", ctypes.c_float), ("attn_scale", ctypes.c_float),
-        ("in_norm_w", ctypes.c_void_p), ("in_norm_b", ctypes.c_void_p),
-        ("post_norm_w", ctypes.c_void_p), ("post_norm_b", ctypes.c_void_p),
-        ("q_norm_w", ctypes.c_void_p), ("q_norm_b", ctypes.c_void_p),
-        ("k_norm_w", ctypes.c_void_p), ("k_norm_b", ctypes.c_void_p),
-        ("qkv", NativeLinear), ("o", NativeLinear), ("gate_up", NativeLinear), ("down", NativeLinear),
-    ]  # fmt: skip
 
 
 @dataclass
@@ -62,9 +36,9 @@ class LinearForm:
 
 @dataclass
 class DecoderLayerPlan:
-    """A layer's native form; holds the tensors its pointers refer to."""
+    """A layer's native form (an SqDecoderLayer, csrc/exports.h); holds the tensors its pointers refer to."""
 
-    struct: NativeDecoderLayer
+    struct: ctypes.Structure
     keep: list[torch.Tensor]
     max_batch: int  # float linears switch to BLAS above NATIVE_MAX_TOKENS rows: no bit-equal native form there
 
@@ -100,10 +74,15 @@ def decoder_layer_plan(
         return None
     num_heads, num_kv_heads, head_dim = heads
     no_norm = (None, None)
-    norm_ptrs = [ptr_or_none(t) for name in ("input", "post", "q", "k") for t in norms.get(name, no_norm)]
-    struct = NativeDecoderLayer(
-        hidden, num_heads, num_kv_heads, head_dim, linears["down"].k, eps, attn_scale, *norm_ptrs,
-        *(_native_linear(linears[name]) for name in ("qkv", "o", "gate_up", "down")),
+    norm_ptrs = {
+        f"{short}_norm_{part}": ptr_or_none(t)
+        for name, short in (("input", "in"), ("post", "post"), ("q", "q"), ("k", "k"))
+        for part, t in zip("wb", norms.get(name, no_norm), strict=True)
+    }
+    struct = native.library().structs["SqDecoderLayer"](
+        hidden=hidden, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, inter=linears["down"].k,
+        eps=eps, attn_scale=attn_scale, **norm_ptrs,
+        **{name: _native_linear(linears[name]) for name in ("qkv", "o", "gate_up", "down")},
     )  # fmt: skip
     has_float = any(lf.kind == "bf16" for lf in linears.values())
     return DecoderLayerPlan(struct, keep, NATIVE_MAX_TOKENS if has_float else 1 << 30)
@@ -166,13 +145,16 @@ def decoder_model(
     k_ptrs, v_ptrs = pointers
     hidden = torch.empty(b, h)  # [T, H]
     tables, lens = ctx.token_rows  # [T, W], [T]
-    kv_bf16 = int(kv_caches[0].dtype == torch.bfloat16)
-    native.library().sq_decoder_model(
-        stack.layers, k_ptrs, v_ptrs, kv_bf16, len(stack.plans), b, input_ids.data_ptr(), ends.embed.data_ptr(),
-        int(ends.embed.dtype == torch.bfloat16), positions.data_ptr(), ptr_or_none(cos), ptr_or_none(sin),
-        0 if cos is None else cos.shape[1], ends.norm_weight.data_ptr(), ptr_or_none(ends.norm_bias), ends.eps,
-        hidden.data_ptr(), ctx.slot_mapping.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(),
-        kv_caches[0].shape[2],
+    lib = native.library()
+    model_ends = lib.structs["SqModelEnds"](
+        embed=ends.embed.data_ptr(), embed_bf16=int(ends.embed.dtype == torch.bfloat16),
+        rope_dim=0 if cos is None else cos.shape[1], cos_table=ptr_or_none(cos), sin_table=ptr_or_none(sin),
+        norm_w=ends.norm_weight.data_ptr(), norm_b=ptr_or_none(ends.norm_bias), eps=ends.eps,
+    )  # fmt: skip
+    lib.sq_decoder_model(
+        layers=stack.layers, num_layers=len(stack.plans), k_caches=k_ptrs, v_caches=v_ptrs,
+        step=step_rows(ctx.slot_mapping, tables, lens, kv_caches[0]), ends=model_ends,
+        ids=input_ids.data_ptr(), positions=positions.data_ptr(), hidden=hidden.data_ptr(),
     )  # fmt: skip
     return hidden
 
@@ -234,10 +216,10 @@ def _shapes_agree(hidden: int, linears: dict[str, LinearForm], heads: tuple[int,
     return attention_ok and up_aligned and (gate_up.k, gate_up.n, down.n) == (hidden, 2 * down.k, hidden)
 
 
-def _native_linear(lf: LinearForm) -> NativeLinear:
+def _native_linear(lf: LinearForm) -> ctypes.Structure:
+    """The SqLinear (csrc/exports.h) of a linear form."""
     t = {name: ptr_or_none(lf.tensors.get(name)) for name in ("w_scale", "bias", "quant_bias", "deq_scale")}
-    kp = lf.weight.shape[1]
-    return NativeLinear(
-        _LINEAR_KIND[lf.kind], lf.n, lf.k, kp, lf.weight.data_ptr(), t["w_scale"], t["bias"], t["quant_bias"],
-        t["deq_scale"], lf.inv_scale, lf.offset,
+    return native.library().structs["SqLinear"](
+        kind=_LINEAR_KIND[lf.kind], n=lf.n, k=lf.k, kp=lf.weight.shape[1], w=lf.weight.data_ptr(),
+        inv_scale=lf.inv_scale, offset=lf.offset, **t,
     )  # fmt: skip

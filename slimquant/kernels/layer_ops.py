@@ -121,11 +121,10 @@ def decode_attention(
     b, nh, d = q.shape
     out = torch.empty(b, nh * d)  # [B, NH * D]
     native.library().sq_decode_attention(
-        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-        None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
-        k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16), slots.data_ptr(),
-        block_tables.data_ptr(), block_tables.shape[1],
-        context_lens.data_ptr(), k_cache.shape[1], b, nh, k.shape[1], d, scale, out.data_ptr(),
+        q=q.data_ptr(), ldq=q.stride(0), k=k.data_ptr(), ldk=k.stride(0), v=v.data_ptr(), ldv=v.stride(0),
+        cos=ptr_or_none(cos), sin=ptr_or_none(sin), k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
+        step=step_rows(slots, block_tables, context_lens, k_cache), num_heads=nh, num_kv_heads=k.shape[1],
+        head_dim=d, scale=scale, out=out.data_ptr(),
     )  # fmt: skip
     return out
 
@@ -138,3 +137,13 @@ def _heads_packed(x: torch.Tensor) -> bool:
 def ptr_or_none(t: torch.Tensor | None) -> int | None:
     """t's data pointer, or None (a null pointer for ctypes)."""
     return None if t is None else t.data_ptr()
+
+
+def step_rows(slots: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, cache: torch.Tensor):
+    """An SqStep (csrc/exports.h) for rows with these slots [B] int64, block tables [B, W] int32 and context
+    lengths [B] int32 over caches like `cache` [.., NB, BS, KVH, D] (its dtype and block size)."""
+    return native.library().structs["SqStep"](
+        batch=slots.shape[0], kv_bf16=int(cache.dtype == torch.bfloat16), block_size=cache.shape[-3],
+        max_blocks=block_tables.shape[1], slots=slots.data_ptr(), block_tables=block_tables.data_ptr(),
+        context_lens=context_lens.data_ptr(),
+    )  # fmt: skip

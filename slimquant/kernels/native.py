@@ -1,5 +1,7 @@
 """The native CPU kernels (csrc/*.cpp, AVX2 or AVX-512 VNNI): built once with the system C++ compiler into one
-library, loaded by ctypes.
+library, loaded by ctypes. Its interface comes from the library itself: csrc/exports.h lists every function and
+struct once, the compiler checks the definitions against it, and the library returns those lists as text, from
+which `Library` builds the ctypes prototypes (callable by parameter name) and structs (offsets checked).
 
 The library lands in $SLIMQUANT_CACHE/kernels (default ~/.cache/slimquant/kernels) under a name that hashes
 the source and the flags, so an edit rebuilds it. Where there is no compiler, no AVX2, or
@@ -34,25 +36,8 @@ ISA_FLAGS = {
     "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-DSQ_AVX512VNNI"],
 }
 _VNNI_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
-_ABI_VERSION = 1
-
-_i, _p, _f, _d = ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_double
-_SIGNATURES = {
-    "sq_int8_gemm": [_p, _i, _i, _i, _p, _i, _i, _p],
-    "sq_dynamic_linear": [_p, _i, _i, _i, _p, _i, _i, _p, _p, _p],
-    "sq_static_linear": [_p, _i, _i, _i, _f, _f, _p, _i, _i, _p, _p, _p],
-    "sq_quantize_per_token": [_p, _i, _i, _i, _p, _p],
-    "sq_bf16_linear": [_p, _i, _i, _i, _p, _i, _p, _p],
-    "sq_decode_attention": [_p, _i, _p, _i, _p, _i, _p, _p, _p, _p, _i, _p, _p, _i, _p, _i, _i, _i, _i, _i, _f, _p],
-    "sq_add_rms_norm": [_p, _i, _i, _i, _p, _i, _p, _p, _f, _p, _p],
-    "sq_rms_norm_heads": [_p, _i, _i, _i, _i, _p, _p, _f, _p, _i],
-    "sq_silu_and_mul": [_p, _i, _i, _i, _p],
-    "sq_greedy_argmax": [_p, _i, _i, _i, _p, _i, _i, _p, _p, _d, _d, _p],
-    "sq_topk_screen": [_p, _i, _i, _i, _p, _i, _i, _p, _p, _d, _d, _i, _i, _p, _p, _p],
-    "sq_decoder_model": [_p, _p, _p, _i, _i, _i, _p, _p, _i, _p, _p, _p, _i, _p, _p, _f, _p, _p, _p, _i, _p, _i],
-}
-
-_RETURNS = {"sq_greedy_argmax": _i, "sq_topk_screen": _i}  # the others return nothing
+_SCALARS = {"int": ctypes.c_int, "int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64, "float": ctypes.c_float}
+_SCALARS |= {"double": ctypes.c_double, "const char*": ctypes.c_char_p}
 
 
 def cache_dir() -> Path:
@@ -62,7 +47,7 @@ def cache_dir() -> Path:
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
+def library() -> Library | None:
     """The loaded kernel library, or None where it cannot run here (the reason is logged once)."""
     reason = _unavailable_reason()
     if reason is None:
@@ -115,7 +100,7 @@ def isa() -> str:
 
 
 @functools.cache
-def library_for(target: str) -> ctypes.CDLL:
+def library_for(target: str) -> Library:
     """A library built for the given instruction set (one of ISA_FLAGS), whatever isa() picks: tests, benchmarks."""
     return _load(_build(target))
 
@@ -138,12 +123,73 @@ def _build(target: str | None = None) -> Path:
     return out
 
 
-def _load(path: Path) -> ctypes.CDLL:
+def _load(path: Path) -> Library:
     torch.get_num_threads()  # torch's OpenMP runtime first: the library shares it (same soname)
-    lib = ctypes.CDLL(str(path))
-    if lib.sq_abi_version() != _ABI_VERSION:
-        raise OSError(f"{path} has ABI {lib.sq_abi_version()}, expected {_ABI_VERSION}")
-    for name, args in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, _RETURNS.get(name)
-    return lib
+    return Library(ctypes.CDLL(str(path)))
+
+
+class Library:
+    """A loaded kernel library: each exported function as a method with the C parameter names (positional or
+    keyword), and its structs by name (`structs["SqStep"]`), all built from the library's own tables."""
+
+    def __init__(self, cdll: ctypes.CDLL):
+        self.cdll = cdll
+        for name in ("sq_signatures", "sq_struct_layouts"):
+            getattr(cdll, name).restype = ctypes.c_char_p
+        self.structs = _structs(cdll.sq_struct_layouts().decode())
+        for ret, name, params in _signatures(cdll.sq_signatures().decode()):
+            setattr(self, name, _bind(getattr(cdll, name), name, ret, params, self.structs))
+
+
+def _signatures(text: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """'void f(const float* x, int m);' lines -> [(return type, name, [(type, parameter name)])]."""
+    out = []
+    for line in filter(None, text.splitlines()):
+        head, _, params = line.rstrip(";").partition("(")
+        ret, name = head.rsplit(" ", 1)
+        pairs = [p.rsplit(" ", 1) for p in params.rstrip(")").split(", ") if p]
+        out.append((ret, name, [(t, n.lstrip("*")) for t, n in pairs]))
+    return out
+
+
+def _ctype(c_type: str, structs: dict[str, type]) -> type | None:
+    """The ctypes type of a C type name: scalars, a struct, a pointer to a struct, any other pointer, void."""
+    if c_type == "void":
+        return None
+    if c_type in _SCALARS:
+        return _SCALARS[c_type]
+    base = c_type.removeprefix("const ").rstrip("*").strip()
+    if c_type.count("*") == 1 and base in structs:
+        return ctypes.POINTER(structs[base])
+    if "*" in c_type:
+        return ctypes.c_void_p
+    if c_type in structs:
+        return structs[c_type]
+    raise OSError(f"the kernel library exports a type slimquant cannot map: {c_type!r}")
+
+
+def _bind(fn, name: str, ret: str, params: list[tuple[str, str]], structs: dict[str, type]):
+    """fn with its prototype set, wrapped in a Python function that takes the C parameter names."""
+    fn.argtypes = [_ctype(t, structs) for t, _ in params]
+    fn.restype = _ctype(ret, structs)
+    names = ", ".join(n for _, n in params)
+    namespace = {"fn": fn}
+    exec(f"def {name}({names}):\n    return fn({names})", namespace)  # a plain call: no per-call checking cost
+    return namespace[name]
+
+
+@functools.cache
+def _structs(text: str) -> dict[str, type]:
+    """'SqStep 40: int32_t batch 0; ...' lines -> ctypes Structures whose size and offsets equal the C++ ones
+    (cached per layout, so every library with this layout shares the classes)."""
+    structs: dict[str, type] = {}
+    for line in filter(None, text.splitlines()):
+        head, _, fields = line.partition(":")
+        name, size = head.split()
+        parsed = [f.strip().rsplit(" ", 2) for f in fields.split(";") if f.strip()]
+        cls = type(name, (ctypes.Structure,), {"_fields_": [(n, _ctype(t, structs)) for t, n, _ in parsed]})
+        wrong = [n for t, n, off in parsed if getattr(cls, n).offset != int(off)]
+        if ctypes.sizeof(cls) != int(size) or wrong:
+            raise OSError(f"struct {name}: ctypes lays out {wrong or 'its size'} unlike the C++ compiler")
+        structs[name] = cls
+    return structs

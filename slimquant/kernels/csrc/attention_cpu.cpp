@@ -3,9 +3,10 @@
 // rounds exactly like torch's x * cos + rotate_half(x) * sin.
 //
 // q [B, NH, D] at row stride ldq (elements per token), k / v [B, KVH, D] at ldk / ldv; caches [slots, KVH, D],
-// fp32 or bf16 (kv_bf16 != 0: stored rounded to nearest even, as torch's .to(torch.bfloat16), and read back
-// exactly widened); block_tables int32 [B, max_blocks]; slots int64 [B] (-1: do not store); cos / sin [B, D] or
-// null (no rope).
+// fp32 or bf16 (stored rounded to nearest even, as torch's .to(torch.bfloat16), and read back exactly widened);
+// the rows' slots, block tables and context lengths in an SqStep (exports.h); cos / sin [B, D] or null (no rope).
+#include "exports.h"
+
 #include <immintrin.h>
 #include <omp.h>
 
@@ -252,10 +253,12 @@ template void attend_group(const float*, int, const float*, const float*, const 
 extern "C" {
 
 void sq_decode_attention(const float* q, int ldq, const float* k, int ldk, const float* v, int ldv, const float* cos,
-                         const float* sin, void* k_cache, void* v_cache, int kv_bf16, const int64_t* slots,
-                         const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size,
-                         int batch, int num_heads, int num_kv_heads, int head_dim, float scale, float* out) {
-  sq::with_cache_type(kv_bf16, [&](auto element) {
+                         const float* sin, void* k_cache, void* v_cache, const SqStep* step, int num_heads,
+                         int num_kv_heads, int head_dim, float scale, float* out) {
+  const int batch = step->batch, max_blocks = step->max_blocks, block_size = step->block_size;
+  const int64_t* slots = step->slots;
+  const int32_t *block_tables = step->block_tables, *context_lens = step->context_lens;
+  sq::with_cache_type(step->kv_bf16, [&](auto element) {
     using C = decltype(element);
     C *kc = static_cast<C*>(k_cache), *vc = static_cast<C*>(v_cache);
     for (int b = 0; b < batch; ++b)  // write the new token's k (rotated) and v into the cache

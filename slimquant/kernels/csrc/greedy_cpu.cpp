@@ -8,6 +8,8 @@
 // Those steps repeat the reference's double-precision operations in the same order (built with
 // -ffp-contract=off). Candidates get their float logit from bf16_linear_rows, which gives every (row, token)
 // the bits of the full head's sq_bf16_linear; the largest wins, the first index on ties (as torch.argmax).
+#include "exports.h"
+
 #include <immintrin.h>
 #include <omp.h>
 
@@ -20,7 +22,6 @@
 
 #include "cpu_kernels.h"
 
-extern "C" void sq_int8_gemm(const int8_t* xq, int m, int k, int ldx, const int8_t* w, int n, int kp, int32_t* out);
 
 namespace {
 

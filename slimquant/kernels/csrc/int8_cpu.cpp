@@ -16,6 +16,8 @@
 // multiple of 32; outputs row-major [M, N]. The VNNI build takes its weights blocked (int8_ops.pack_weight):
 // each whole block of 16 rows [16, Kp] is stored as [Kp / 4, 16, 4] (four bytes of each row in turn), so one
 // 64-byte load feeds 16 rows' dot products; the last N % 16 rows stay plain rows, at the same offsets.
+#include "exports.h"
+
 #include <immintrin.h>
 #include <omp.h>
 
@@ -647,8 +649,6 @@ void bf16_linear_rows(const float* x, int m, int k, int ldx, const uint16_t* w, 
 }  // namespace sq
 
 extern "C" {
-
-int sq_abi_version() { return 1; }
 
 // The instruction set this library was built for: 1 = AVX-512 VNNI, 0 = AVX2.
 int sq_isa() {

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "exports.h"
 
 
 namespace {
@@ -26,29 +27,6 @@ enum LinearKind : int32_t { kDynamic = 1, kStatic = 2, kBf16 = 3 };
 
 }  // namespace
 
-extern "C" {
-
-// A linear's runtime form (mirrored by ctypes in kernels/decoder_ops.py: keep the field order).
-struct SqLinear {
-  int32_t kind, n, k, kp;     // kp: padded K of int8 weights
-  const void* w;              // int8 [N, Kp] (kDynamic, kStatic) or bf16 [N, K] (kBf16)
-  const float* w_scale;       // kDynamic: [N]
-  const float* bias;          // kDynamic, kBf16: [N] or null
-  const int32_t* quant_bias;  // kStatic: [N]
-  const float* deq_scale;     // kStatic: [N]
-  float inv_scale, offset;    // kStatic: the per-tensor activation quantization
-};
-
-// A decoder layer's weights and shapes (mirrored in kernels/decoder_ops.py).
-struct SqDecoderLayer {
-  int32_t hidden, num_heads, num_kv_heads, head_dim, inter;
-  float eps, attn_scale;
-  const float *in_norm_w, *in_norm_b, *post_norm_w, *post_norm_b;  // [H]; biases may be null
-  const float *q_norm_w, *q_norm_b, *k_norm_w, *k_norm_b;  // [D] per-head norms (Qwen3), or all null
-  SqLinear qkv, o, gate_up, down;
-};
-
-}  // extern "C"
 
 namespace {
 
@@ -105,12 +83,16 @@ void linear_slice(const SqLinear& l, const float* x, int m, int ldx, int tid, in
   linear_rows(l, x, m, ldx, n0, n1, t, y);
 }
 
-// sq_decoder_stack, templated on the cache element (float or bf16 bits); the same arguments.
+// Every layer of a decoder stack, in one parallel region: x [B, H] (the embeddings) in, out [B, H] (the last
+// layer's MLP output) and residual [B, H] written; one pair of caches per layer, of element C (float, or uint16_t
+// holding bf16); cos / sin [B, D] (null: no rope); the rows of the step as in sq_decode_attention.
 template <class C>
-void decoder_stack_region(const SqDecoderLayer* const* layers, C* const* k_caches, C* const* v_caches, int num_layers,
-                          int b, const float* x, float* residual, float* out, const float* cos,
-                          const float* sin, const int64_t* slots, const int32_t* block_tables, int max_blocks,
-                          const int32_t* context_lens, int block_size) {
+void decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* const* v_caches, int num_layers,
+                   const SqStep& step, const float* x, float* residual, float* out, const float* cos,
+                   const float* sin) {
+  const int b = step.batch, max_blocks = step.max_blocks, block_size = step.block_size;
+  const int64_t* slots = step.slots;
+  const int32_t *block_tables = step.block_tables, *context_lens = step.context_lens;
   int max_qkv = 0, max_attn = 0, max_inter = 0, max_d = 0;
   for (int l = 0; l < num_layers; ++l) {
     const SqDecoderLayer& L = *layers[l];
@@ -194,32 +176,14 @@ void decoder_stack_region(const SqDecoderLayer* const* layers, C* const* k_cache
 
 extern "C" {
 
-// Every layer of a decoder stack in one call: x [B, H] (the embeddings) in, out [B, H] (the last layer's MLP
-// output) and residual [B, H] written; k_caches / v_caches: one pair per layer, bf16 when kv_bf16 != 0, else
-// fp32; cos / sin [B, D] (null: no rope); the rest as in sq_decode_attention.
-void sq_decoder_stack(const SqDecoderLayer* const* layers, void* const* k_caches, void* const* v_caches, int kv_bf16,
-                      int num_layers, int batch, const float* x, float* residual, float* out, const float* cos,
-                      const float* sin, const int64_t* slots, const int32_t* block_tables, int max_blocks,
-                      const int32_t* context_lens, int block_size) {
-  if (num_layers <= 0) return;
-  sq::with_cache_type(kv_bf16, [&](auto element) {
-    using C = decltype(element);
-    decoder_stack_region(layers, reinterpret_cast<C* const*>(k_caches), reinterpret_cast<C* const*>(v_caches),
-                         num_layers, batch, x, residual, out, cos, sin, slots, block_tables, max_blocks, context_lens,
-                         block_size);
-  });
-}
-
-// A whole step of a decoder model around sq_decoder_stack: the embedding rows of ids [B] (table [V, H], bf16 when
-// embed_bf16 != 0, else fp32), the rope rows of positions [B] (tables [P, rope_dim]; null: no rope), every layer,
-// then the final norm (weight, bias or null, eps) of out + residual into hidden [B, H]. The same steps as the
+// A whole step of a decoder model: the embedding rows of ids [B], the rope rows of positions [B], every layer, then
+// the final norm of out + residual into hidden [B, H] (ends: exports.h's SqModelEnds). The same steps as the
 // per-op path (F.embedding, RotaryEmbedding rows, add_rms_norm): the same bits.
-void sq_decoder_model(const SqDecoderLayer* const* layers, void* const* k_caches, void* const* v_caches, int kv_bf16,
-                      int num_layers, int batch, const int64_t* ids, const void* embed, int embed_bf16,
-                      const int64_t* positions, const float* cos_table, const float* sin_table, int rope_dim,
-                      const float* norm_w, const float* norm_b, float eps, float* hidden, const int64_t* slots,
-                      const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size) {
-  const int h = layers[0]->hidden;
+void sq_decoder_model(const SqDecoderLayer* const* layers, int num_layers, void* const* k_caches,
+                      void* const* v_caches, const SqStep* step, const SqModelEnds* ends, const int64_t* ids,
+                      const int64_t* positions, float* hidden) {
+  if (num_layers <= 0) return;
+  const int h = layers[0]->hidden, batch = step->batch, rope_dim = ends->rope_dim;
   thread_local std::vector<float> x_buf, res_buf, out_buf, cos_buf, sin_buf;
   float* x = scratch(x_buf, (size_t)batch * h);
   float* residual = scratch(res_buf, (size_t)batch * h);
@@ -227,29 +191,33 @@ void sq_decoder_model(const SqDecoderLayer* const* layers, void* const* k_caches
   float *cos = nullptr, *sin = nullptr;
   for (int i = 0; i < batch; ++i) {
     float* row = x + (size_t)i * h;
-    if (embed_bf16) {
-      const uint16_t* e = static_cast<const uint16_t*>(embed) + (size_t)ids[i] * h;
+    if (ends->embed_bf16) {
+      const uint16_t* e = static_cast<const uint16_t*>(ends->embed) + (size_t)ids[i] * h;
       for (int j = 0; j < h; ++j) {
         const uint32_t bits = static_cast<uint32_t>(e[j]) << 16;
         std::memcpy(row + j, &bits, 4);
       }
     } else {
-      std::memcpy(row, static_cast<const float*>(embed) + (size_t)ids[i] * h, sizeof(float) * h);
+      std::memcpy(row, static_cast<const float*>(ends->embed) + (size_t)ids[i] * h, sizeof(float) * h);
     }
   }
-  if (cos_table) {
+  if (ends->cos_table) {
     cos = scratch(cos_buf, (size_t)batch * rope_dim);
     sin = scratch(sin_buf, (size_t)batch * rope_dim);
     for (int i = 0; i < batch; ++i) {
-      std::memcpy(cos + (size_t)i * rope_dim, cos_table + (size_t)positions[i] * rope_dim, sizeof(float) * rope_dim);
-      std::memcpy(sin + (size_t)i * rope_dim, sin_table + (size_t)positions[i] * rope_dim, sizeof(float) * rope_dim);
+      const size_t row = (size_t)positions[i] * rope_dim;
+      std::memcpy(cos + (size_t)i * rope_dim, ends->cos_table + row, sizeof(float) * rope_dim);
+      std::memcpy(sin + (size_t)i * rope_dim, ends->sin_table + row, sizeof(float) * rope_dim);
     }
   }
-  sq_decoder_stack(layers, k_caches, v_caches, kv_bf16, num_layers, batch, x, residual, out, cos, sin, slots,
-                   block_tables, max_blocks, context_lens, block_size);
+  sq::with_cache_type(step->kv_bf16, [&](auto element) {
+    using C = decltype(element);
+    decoder_stack(layers, reinterpret_cast<C* const*>(k_caches), reinterpret_cast<C* const*>(v_caches), num_layers,
+                  *step, x, residual, out, cos, sin);
+  });
   for (int i = 0; i < batch; ++i)
-    sq::norm_row(out + (size_t)i * h, residual + (size_t)i * h, h, norm_w, norm_b, eps, residual + (size_t)i * h,
-                 hidden + (size_t)i * h);
+    sq::norm_row(out + (size_t)i * h, residual + (size_t)i * h, h, ends->norm_w, ends->norm_b, ends->eps,
+                 residual + (size_t)i * h, hidden + (size_t)i * h);
 }
 
 }  // extern "C"

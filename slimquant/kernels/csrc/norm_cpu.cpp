@@ -1,5 +1,7 @@
 // RMSNorm with the residual add fused: s = x + residual; y = weight * (s / sqrt(mean(s^2) + eps)) (+ bias).
 // fp32 rows of H at row strides ldx / ldr; s and y are written contiguous [T, H]. One call per norm.
+#include "exports.h"
+
 #include <omp.h>
 
 #include <algorithm>

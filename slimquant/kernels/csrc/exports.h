@@ -1,0 +1,137 @@
+// The library's C interface, written once. Every exported function and struct is listed here by X-macro:
+// - each .cpp includes this header, so the compiler checks every definition against its declaration;
+// - sq_signatures() and sq_struct_layouts() (exports.cpp) return the same lists as text, from which
+//   kernels/native.py builds its ctypes prototypes (parameter names included) and structs (checked against
+//   sizeof / offsetof) when it loads the library. Python holds no copy of a signature or a field order.
+#pragma once
+
+#include <cstdint>
+
+// ---- structs: X(type, name) per field; a field's type is a scalar, a pointer or another struct below ----
+
+// A linear's runtime form: kind 1 = int8 dynamic, 2 = int8 static, 3 = bf16 float.
+#define SQ_LINEAR_FIELDS(X)                                                                              \
+  X(int32_t, kind)                                                                                      \
+  X(int32_t, n)                                                                                         \
+  X(int32_t, k)                                                                                         \
+  X(int32_t, kp) /* padded K of int8 weights */                                                         \
+  X(const void*, w) /* int8 [N, Kp] (dynamic, static) or bf16 [N, K] (float) */                        \
+  X(const float*, w_scale) /* dynamic: [N] */                                                           \
+  X(const float*, bias) /* dynamic, float: [N] or null */                                               \
+  X(const int32_t*, quant_bias) /* static: [N] */                                                       \
+  X(const float*, deq_scale) /* static: [N] */                                                          \
+  X(float, inv_scale) /* static: the per-tensor activation quantization */                              \
+  X(float, offset)
+
+// A pre-norm decoder layer's weights and shapes; norm biases and the per-head norms (Qwen3) may be null.
+#define SQ_DECODER_LAYER_FIELDS(X)                                                                       \
+  X(int32_t, hidden)                                                                                    \
+  X(int32_t, num_heads)                                                                                 \
+  X(int32_t, num_kv_heads)                                                                              \
+  X(int32_t, head_dim)                                                                                  \
+  X(int32_t, inter)                                                                                     \
+  X(float, eps)                                                                                         \
+  X(float, attn_scale)                                                                                  \
+  X(const float*, in_norm_w)                                                                            \
+  X(const float*, in_norm_b)                                                                            \
+  X(const float*, post_norm_w)                                                                          \
+  X(const float*, post_norm_b)                                                                          \
+  X(const float*, q_norm_w)                                                                             \
+  X(const float*, q_norm_b)                                                                             \
+  X(const float*, k_norm_w)                                                                             \
+  X(const float*, k_norm_b)                                                                             \
+  X(SqLinear, qkv)                                                                                      \
+  X(SqLinear, o)                                                                                        \
+  X(SqLinear, gate_up)                                                                                  \
+  X(SqLinear, down)
+
+// One step's rows over the paged KV cache (the engine's ForwardContext): row b stores its new k / v at
+// slots[b] (-1: nowhere) and attends to the first context_lens[b] positions of its block table.
+#define SQ_STEP_FIELDS(X)                                                                                \
+  X(int32_t, batch)                                                                                     \
+  X(int32_t, kv_bf16) /* caches hold bf16 (1, stored rounded to nearest even) or fp32 (0) */            \
+  X(int32_t, block_size)                                                                                \
+  X(int32_t, max_blocks) /* block_tables' row width */                                                  \
+  X(const int64_t*, slots) /* [B] */                                                                    \
+  X(const int32_t*, block_tables) /* [B, max_blocks] */                                                 \
+  X(const int32_t*, context_lens) /* [B] */
+
+// What a whole-model step adds around the layers: embedding rows, rope rows, the final norm.
+#define SQ_MODEL_ENDS_FIELDS(X)                                                                          \
+  X(const void*, embed) /* [V, H], bf16 when embed_bf16 != 0, else fp32 */                              \
+  X(int32_t, embed_bf16)                                                                                \
+  X(int32_t, rope_dim) /* columns of the rope tables */                                                 \
+  X(const float*, cos_table) /* [P, rope_dim], or null: no rope */                                      \
+  X(const float*, sin_table)                                                                            \
+  X(const float*, norm_w) /* [H] */                                                                     \
+  X(const float*, norm_b) /* [H] or null */                                                             \
+  X(float, eps)
+
+#define SQ_STRUCTS(X)                                                                                    \
+  X(SqLinear, SQ_LINEAR_FIELDS)                                                                         \
+  X(SqDecoderLayer, SQ_DECODER_LAYER_FIELDS)                                                            \
+  X(SqStep, SQ_STEP_FIELDS)                                                                             \
+  X(SqModelEnds, SQ_MODEL_ENDS_FIELDS)
+
+// ---- functions: X(return type, name, (parameters)) ----
+
+#define SQ_FUNCTIONS(X)                                                                                  \
+  /* The instruction set of this build: 1 = AVX-512 VNNI, 0 = AVX2. */                                  \
+  X(int, sq_isa, ())                                                                                    \
+  /* out int32 [M, N] = x_q int8 [M, K] (row stride ldx) @ w int8 [N, Kp]^T. */                         \
+  X(void, sq_int8_gemm, (const int8_t* xq, int m, int k, int ldx, const int8_t* w, int n, int kp,         \
+                         int32_t* out))                                                                 \
+  /* W8A8_DYNAMIC: y [M, N] = (acc * s_t) * w_scale (+ bias), x quantized per token. */                \
+  X(void, sq_dynamic_linear, (const float* x, int m, int k, int ldx, const int8_t* w, int n, int kp,    \
+                              const float* w_scale, const float* bias, float* y))                       \
+  /* W8A8: y [M, N] = float(acc + quant_bias) * deq_scale, x quantized with one scale and offset. */   \
+  X(void, sq_static_linear, (const float* x, int m, int k, int ldx, float inv_scale, float offset,      \
+                             const int8_t* w, int n, int kp, const int32_t* quant_bias, const float* deq, \
+                             float* y))                                                                 \
+  /* Per-token quantization alone: x_q int8 [M, K] and scales fp32 [M]. */                              \
+  X(void, sq_quantize_per_token, (const float* x, int m, int k, int ldx, int8_t* xq, float* scales))    \
+  /* y fp32 [M, N] = x fp32 [M, K] (row stride ldx) @ w bf16 [N, K]^T (+ bias [N]); K % 8 == 0. */    \
+  X(void, sq_bf16_linear, (const float* x, int m, int k, int ldx, const uint16_t* w, int n,             \
+                           const float* bias, float* y))                                                \
+  /* One token per row of step: rotate q / k (neox; cos / sin [B, D] or null), store k / v, attend. */  \
+  X(void, sq_decode_attention, (const float* q, int ldq, const float* k, int ldk, const float* v,         \
+                                int ldv,                                                                \
+                                const float* cos, const float* sin, void* k_cache, void* v_cache,       \
+                                const SqStep* step, int num_heads, int num_kv_heads, int head_dim,      \
+                                float scale, float* out))                                               \
+  /* s = x + residual (or x); y = rmsnorm(s) * weight (+ bias); rows of H at strides ldx / ldr. */      \
+  X(void, sq_add_rms_norm, (const float* x, int t, int h, int ldx, const float* residual, int ldr,      \
+                            const float* weight, const float* bias, float eps, float* sum_out, float* y)) \
+  /* Per-head RMSNorm: x [T, heads, D] at row stride ldx -> y at row stride ldy (may be x). */          \
+  X(void, sq_rms_norm_heads, (const float* x, int t, int heads, int d, int ldx, const float* weight,    \
+                              const float* bias, float eps, float* y, int ldy))                         \
+  /* y [T, I] = silu(gate) * up for x [T, 2I] = [gate | up] at row stride ldx. */                       \
+  X(void, sq_silu_and_mul, (const float* x, int t, int inter, int ldx, float* y))                       \
+  /* Greedy head (greedy_cpu.cpp): 0, or 1 when x is not finite. */                                     \
+  X(int, sq_greedy_argmax, (const float* x, int t, int k, int ldx, const int8_t* wq, int n, int kp,     \
+                            const float* rows, const uint16_t* w, double slack, double fp_term,         \
+                            int64_t* tokens))                                                           \
+  /* Top-k candidates (greedy_cpu.cpp): 0; 1 when x is not finite; 2 when a token has more than cap. */  \
+  X(int, sq_topk_screen, (const float* x, int t, int k, int ldx, const int8_t* wq, int n, int kp,       \
+                          const float* rows, const uint16_t* w, double slack, double fp_term, int top_k, \
+                          int cap, int64_t* rows_out, float* logits_out, int32_t* counts))              \
+  /* A whole step (layer_cpu.cpp): embeddings of ids, every layer, final norm -> hidden [B, H]. */       \
+  X(void, sq_decoder_model, (const SqDecoderLayer* const* layers, int num_layers,                       \
+                             void* const* k_caches,                                                     \
+                             void* const* v_caches, const SqStep* step, const SqModelEnds* ends,        \
+                             const int64_t* ids, const int64_t* positions, float* hidden))              \
+  /* The two lists above as text (exports.cpp). */                                                      \
+  X(const char*, sq_signatures, ())                                                                     \
+  X(const char*, sq_struct_layouts, ())
+
+#define SQ_FIELD(type, name) type name;
+#define SQ_DEFINE_STRUCT(name, fields) \
+  struct name {                        \
+    fields(SQ_FIELD)                   \
+  };
+#define SQ_DECLARE_FUNCTION(ret, name, params) ret name params;
+
+extern "C" {
+SQ_STRUCTS(SQ_DEFINE_STRUCT)
+SQ_FUNCTIONS(SQ_DECLARE_FUNCTION)
+}
