@@ -19,7 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from slimquant.kernels import int8_ops, native
+from slimquant.backends.native_ops import NativeOps
+from slimquant.kernels import native
 from slimquant.kernels.cpu import cpu_flags
 
 SHAPES = [(576, 960, "qkv"), (576, 3072, "gate_up"), (1536, 576, "down")]  # (K, N, name) of SmolLM2-135M
@@ -75,7 +76,7 @@ def _candidates(m: int, k: int, n: int, libs: dict) -> dict:
     w_qt = w_q.t()
     runs["torch._int_mm"] = (lambda: torch._int_mm(x_q, w_qt)) if _int_mm_usable(x_q, w_qt) else None
     for name, lib in libs.items():
-        runs[f"ours {name}"] = _ours(lib, x, int8_ops.pack_weight(w_q, isa=name), w_s)  # each build's layout
+        runs[f"ours {name}"] = _ours(lib, x, NativeOps(lib, name).pack_weight(w_q), w_s)  # each build's layout
     return runs
 
 
@@ -90,8 +91,9 @@ def main() -> None:
     if native.available():
         vnni_cpu = cpu_flags() >= {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
         for isa in ["avx2", "avx512vnni"] if vnni_cpu else ["avx2"]:
-            libs[isa] = native.library_for(isa)
-    print(f"threads={args.threads} repeats={args.repeats} native default isa={native.isa()} torch={torch.__version__}")
+            libs[isa] = native.load(isa)
+    isa = native.best_isa()
+    print(f"threads={args.threads} repeats={args.repeats} native default isa={isa} torch={torch.__version__}")
     print("ours = sq_dynamic_linear: fp32 in, per-token int8 quantization fused, fp32 out; x = time / bf16 time")
     header = None
     for k, n, name in SHAPES:

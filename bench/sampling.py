@@ -21,8 +21,8 @@ from slimquant import LLM, SamplingParams  # noqa: E402
 
 def run(llm: LLM, screen: bool, streams: int, args: argparse.Namespace) -> tuple[float, list[list[int]]]:
     """tokens/s and the tokens of `streams` seeded sampling requests, with or without the screen."""
-    model = llm.llm_engine.runner.model
-    model.top_k_candidates = type(model).top_k_candidates.__get__(model) if screen else (lambda *a: None)
+    head = llm.llm_engine.runner.sampler.head  # the cpu-native backend's ScreenedHead
+    head.screens = type(head).screens.__get__(head) if screen else (lambda top_k=None: False)
     params = SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_tokens=args.tokens, ignore_eos=True,
         seed=7,

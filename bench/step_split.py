@@ -16,8 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.speed import add_model_args, int8_model  # noqa: E402
 from slimquant import LLM, SamplingParams  # noqa: E402
-from slimquant.layers import greedy_head  # noqa: E402
-from slimquant.models import base  # noqa: E402
+from slimquant.backends import cpu_native, greedy_screen  # noqa: E402
 
 TIMES: dict[str, float] = defaultdict(float)
 
@@ -43,8 +42,8 @@ def main() -> None:
     args = ap.parse_args()
     path = int8_model(args)
     engine = LLM(str(path), max_model_len=args.tokens + 64).llm_engine
-    base.kernels.decoder_model = timed("stack", base.kernels.decoder_model)
-    greedy_head.GreedyHead.argmax = timed("head", greedy_head.GreedyHead.argmax)
+    cpu_native.decoder_model = timed("stack", cpu_native.decoder_model)
+    greedy_screen.GreedyHead.argmax = timed("head", greedy_screen.GreedyHead.argmax)
     for name in ("schedule", "update"):
         setattr(engine.scheduler, name, timed(name, getattr(engine.scheduler, name)))
     engine.runner.prepare = timed("inputs", engine.runner.prepare)

@@ -1,10 +1,16 @@
-"""Engine configuration: one dataclass that carries every setting, validated with ValueError."""
+"""Engine configuration: dataclasses that carry every setting, validated with ValueError.
+
+The SLIMQUANT_* environment variables are read here and nowhere else: each is the documented default of one field
+(ENVIRONMENT lists them), read when a config is made at an entry point, so a setting can always be passed instead.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 KV_CACHE_DTYPES = ("auto", *names_of(torch.bfloat16, torch.float32))  # auto: see loader.kv_cache_dtype
 QUANTIZATIONS = (None, "ascend")
+BACKENDS = ("auto", "cpu-native", "cuda-triton", "torch-reference")
+ISAS = ("auto", "avx2", "avx512vnni")
 DEFAULT_KV_CACHE_BYTES = 2 << 30  # upper bound when kv_cache_memory_bytes is not given
 
 # vLLM engine arguments that have no meaning here: accepted with a one-line warning.
@@ -48,6 +56,67 @@ VLLM_IGNORED = frozenset(
 VLLM_SINGLE_DEVICE = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
 
 
+# variable -> (what it sets, its default): the only place the environment is read.
+ENVIRONMENT = {
+    "SLIMQUANT_BACKEND": ("KernelConfig.backend", "auto"),
+    "SLIMQUANT_NATIVE": ("0: KernelConfig.backend torch-reference on the CPU (older name)", "1"),
+    "SLIMQUANT_ISA": ("KernelConfig.isa", "auto"),
+    "SLIMQUANT_GREEDY_SCREEN": ("KernelConfig.greedy_screen", "1"),
+    "SLIMQUANT_CUDA_FUSED_INT8": ("KernelConfig.cuda_fused_int8", "0"),
+    "SLIMQUANT_HUGEPAGES": ("KernelConfig.hugepages", "1"),
+    "SLIMQUANT_CACHE": ("KernelConfig.cache_dir; the demo's models (zoo.py)", "~/.cache/slimquant"),
+    "SLIMQUANT_API_KEY": ("slimquant serve --api-key", ""),
+}
+
+
+def env_setting(name: str) -> str:
+    """The value of one SLIMQUANT_* variable, or its documented default (ENVIRONMENT)."""
+    return os.environ.get(name) or ENVIRONMENT[name][1]
+
+
+def cache_root() -> Path:
+    """$SLIMQUANT_CACHE, default ~/.cache/slimquant: built kernels and the demo's converted models."""
+    return Path(env_setting("SLIMQUANT_CACHE")).expanduser()
+
+
+def _env_flag(name: str) -> bool:
+    return env_setting(name) != "0"
+
+
+def _env_backend() -> str:
+    return "torch-reference" if env_setting("SLIMQUANT_NATIVE") == "0" else env_setting("SLIMQUANT_BACKEND")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Which kernels run a model and how; picked once when the model loads (slimquant/backends). Each field
+    defaults to its SLIMQUANT_* variable (ENVIRONMENT), read when the config is made."""
+
+    backend: str = field(default_factory=_env_backend)  # auto: cpu-native on a CPU, cuda-triton on a GPU
+    isa: str = field(default_factory=lambda: env_setting("SLIMQUANT_ISA"))  # the native build (auto: the CPU's best)
+    greedy_screen: bool = field(default_factory=lambda: _env_flag("SLIMQUANT_GREEDY_SCREEN"))  # int8 head screen
+    cuda_fused_int8: bool = field(default_factory=lambda: env_setting("SLIMQUANT_CUDA_FUSED_INT8") == "1")
+    hugepages: bool = field(default_factory=lambda: _env_flag("SLIMQUANT_HUGEPAGES"))  # weights in huge pages
+    cache_dir: Path = field(default_factory=lambda: cache_root() / "kernels")  # built native libraries
+
+    def __post_init__(self) -> None:
+        _check(self.backend in BACKENDS, "backend", self.backend, f"one of {BACKENDS}")
+        _check(self.isa in ISAS, "isa", self.isa, f"one of {ISAS}")
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
+
+    @classmethod
+    def of(cls, value: KernelConfig | dict | None) -> KernelConfig:
+        """A KernelConfig from itself, a dict of its fields (LLM(kernels={...})), or None (the defaults)."""
+        if isinstance(value, KernelConfig):
+            return value
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"kernels must be a KernelConfig or a dict of its fields, got {value!r}")
+        unknown = sorted(set(value or {}) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown kernel setting(s) {unknown}; known: {[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**(value or {}))
+
+
 @dataclass
 class EngineConfig:
     """Everything the engine needs; max_model_len is resolved from the model config when None."""
@@ -69,8 +138,10 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: run decode steps op by op instead of as CUDA graph replays
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    kernels: KernelConfig | dict | None = None  # KernelConfig, or a dict of its fields; None: the defaults
 
     def __post_init__(self) -> None:
+        self.kernels = KernelConfig.of(self.kernels)
         self.model = str(self.model)
         if self.tokenizer is not None:
             self.tokenizer = str(self.tokenizer)

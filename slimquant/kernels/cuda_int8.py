@@ -11,20 +11,15 @@ with CUDA builds of torch); `TRITON_INTERPRET=1` runs the kernels on CPU tensors
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from slimquant.kernels.int8_ops import cuda_gemm_rows
+from slimquant.kernels.int_mm import cuda_gemm_rows
 
 _BLOCK_K = 1024
 _BLOCK_N = 128
 _EXACT = {"enable_fp_fusion": False}  # no FMA contraction: each multiply and add rounds, as torch's separate ops
-# One kernel per linear instead of three (quantize inside the GEMM's K loop, dequantize in its epilogue), the
-# same numbers. Opt-in until measured on a GPU: SLIMQUANT_CUDA_FUSED_INT8=1 (bench it against the default).
-FUSED = os.environ.get("SLIMQUANT_CUDA_FUSED_INT8", "0") == "1"
 
 
 @triton.jit
@@ -212,18 +207,22 @@ def quantize_static(x: torch.Tensor, inv_scale: torch.Tensor, offset: torch.Tens
     return q
 
 
-def dynamic_linear(x, w_q, w_scale, bias, out_dtype: torch.dtype) -> torch.Tensor:
+def dynamic_linear(x, w_q, w_scale, bias, out_dtype: torch.dtype, fused: bool = False) -> torch.Tensor:
     """W8A8_DYNAMIC: x [T, K] float, w_q int8 [N, K] (K, N multiples of 8), w_scale fp32 [N], bias [N] or None
-    -> y [T, N] in out_dtype."""
-    if FUSED:
+    -> y [T, N] in out_dtype. fused: one kernel instead of three (quantize inside the GEMM's K loop, dequantize in
+    its epilogue), the same numbers."""
+    if fused:
         return _fused(x, w_q, out_dtype, w_scale, bias)
     q, scale = quantize_per_token(x)
     return _matmul_dequantize(q, w_q, x.shape[0], out_dtype, scale, w_scale, bias, static=False)
 
 
-def static_linear(x, w_q, inv_scale, offset, quant_bias, deq_scale, out_dtype: torch.dtype) -> torch.Tensor:
-    """W8A8: x [T, K] quantized with inv_scale / offset [1] in x's dtype; y [T, N] = (acc + quant_bias) * deq."""
-    if FUSED:
+def static_linear(
+    x, w_q, inv_scale, offset, quant_bias, deq_scale, out_dtype: torch.dtype, fused: bool = False
+) -> torch.Tensor:
+    """W8A8: x [T, K] quantized with inv_scale / offset [1] in x's dtype; y [T, N] = (acc + quant_bias) * deq;
+    fused as in dynamic_linear."""
+    if fused:
         return _fused(x, w_q, out_dtype, deq_scale, quant_bias, inv_scale, offset)
     q = quantize_static(x, inv_scale, offset)
     return _matmul_dequantize(q, w_q, x.shape[0], out_dtype, None, deq_scale, quant_bias, static=True)

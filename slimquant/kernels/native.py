@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from slimquant.config import cache_root
 from slimquant.kernels.cpu import cpu_flags
 
 logger = logging.getLogger(__name__)
@@ -40,31 +41,42 @@ _SCALARS = {"int": ctypes.c_int, "int32_t": ctypes.c_int32, "int64_t": ctypes.c_
 _SCALARS |= {"double": ctypes.c_double, "const char*": ctypes.c_char_p}
 
 
-def cache_dir() -> Path:
-    """Where built kernels are kept."""
-    root = os.environ.get("SLIMQUANT_CACHE") or Path.home() / ".cache" / "slimquant"
-    return Path(root) / "kernels"
+class NativeUnavailable(RuntimeError):
+    """The native kernels cannot run here; the message says why."""
+
+
+def best_isa() -> str:
+    """The best native build this CPU runs: "avx512vnni" where it has AVX-512 VNNI, else "avx2"."""
+    return "avx512vnni" if cpu_flags() >= _VNNI_CPU_FLAGS else "avx2"
 
 
 @functools.cache
-def library() -> Library | None:
-    """The loaded kernel library, or None where it cannot run here (the reason is logged once)."""
-    reason = _unavailable_reason()
-    if reason is None:
-        try:
-            return _load(_build())
-        except subprocess.CalledProcessError as err:
-            tail = err.stderr.decode(errors="replace").strip().splitlines()[-3:]
-            reason = f"compiling {SOURCES[0].parent} failed: {' | '.join(tail)}"
-        except OSError as err:
-            reason = f"loading the kernel library failed: {err}"
-    logger.warning("native kernels off (%s); the pure-torch paths run instead (slower)", reason)
-    return None
+def load(isa: str = "auto", cache_dir: Path | None = None) -> Library:
+    """The kernel library built for isa ("auto": best_isa()), compiled once into cache_dir (default:
+    $SLIMQUANT_CACHE/kernels); NativeUnavailable with the reason where it cannot run here."""
+    if "avx2" not in cpu_flags():
+        raise NativeUnavailable("this CPU has no AVX2")
+    if _compiler() is None:
+        raise NativeUnavailable("no C++ compiler found (install g++ or set CXX)")
+    target = best_isa() if isa == "auto" else isa
+    if target not in ISA_FLAGS:
+        raise ValueError(f"isa must be 'auto' or one of {sorted(ISA_FLAGS)}, got {isa!r}")
+    try:
+        return _load(_build(target, cache_dir or cache_root() / "kernels"))
+    except subprocess.CalledProcessError as err:
+        tail = err.stderr.decode(errors="replace").strip().splitlines()[-3:]
+        raise NativeUnavailable(f"compiling {SOURCES[0].parent} failed: {' | '.join(tail)}") from err
+    except OSError as err:
+        raise NativeUnavailable(f"loading the kernel library failed: {err}") from err
 
 
 def available() -> bool:
-    """True when the native kernels are loaded."""
-    return library() is not None
+    """Whether the default build loads here (tests and benchmarks ask; the engine's backend decides itself)."""
+    try:
+        load()
+    except NativeUnavailable:
+        return False
+    return True
 
 
 def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -72,45 +84,16 @@ def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 and x.stride(0) >= x.shape[1] else x.contiguous()
 
 
-def _unavailable_reason() -> str | None:
-    if os.environ.get("SLIMQUANT_NATIVE", "1") == "0":
-        return "SLIMQUANT_NATIVE=0"
-    if "avx2" not in cpu_flags():
-        return "this CPU has no AVX2"
-    if _compiler() is None:
-        return "no C++ compiler found (install g++ or set CXX)"
-    return None
-
-
 def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "g++"))
+    return shutil.which(os.environ.get("CXX", "g++"))  # the standard build variable, as make and pip read it
 
 
-def isa() -> str:
-    """The instruction set the kernels are built for: "avx512vnni" where the CPU has it, else "avx2".
-
-    SLIMQUANT_ISA=avx2 forces the AVX2 build (to test or compare it on a VNNI machine).
-    """
-    forced = os.environ.get("SLIMQUANT_ISA")
-    if forced:
-        if forced not in ISA_FLAGS:
-            raise ValueError(f"SLIMQUANT_ISA={forced!r}: expected one of {sorted(ISA_FLAGS)}")
-        return forced
-    return "avx512vnni" if cpu_flags() >= _VNNI_CPU_FLAGS else "avx2"
-
-
-@functools.cache
-def library_for(target: str) -> Library:
-    """A library built for the given instruction set (one of ISA_FLAGS), whatever isa() picks: tests, benchmarks."""
-    return _load(_build(target))
-
-
-def _build(target: str | None = None) -> Path:
-    """Compile the source unless a library built from the same source and flags is cached."""
-    flags = FLAGS + ISA_FLAGS[target or isa()]
+def _build(target: str, cache_dir: Path) -> Path:
+    """Compile the source for target unless a library built from the same source and flags is cached."""
+    flags = FLAGS + ISA_FLAGS[target]
     source = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     tag = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
-    out = cache_dir() / f"slimquant_cpu-{tag}.so"
+    out = cache_dir / f"slimquant_cpu-{tag}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

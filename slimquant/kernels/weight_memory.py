@@ -4,7 +4,7 @@ Decode reads every weight once per token. With 4 KiB pages a 135M-parameter mode
 in a virtual machine each TLB miss is a nested page walk: a one-token GEMV streamed ~19 GB/s from 4 KiB pages
 and ~31 GB/s from 2 MiB pages on one core here. Weights are carved out of large chunks that are marked
 MADV_HUGEPAGE before they are first touched; where the kernel has THP off (or no madvise), nothing changes.
-SLIMQUANT_HUGEPAGES=0 turns it off.
+KernelConfig.hugepages=False (SLIMQUANT_HUGEPAGES=0) makes NativeOps allocate plain memory instead.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import ctypes
 import ctypes.util
 import functools
 import math
-import os
 
 import torch
 
@@ -57,7 +56,7 @@ def _huge_chunk(nbytes: int) -> torch.Tensor:
     offset = -buf.data_ptr() % HUGE_PAGE
     chunk = buf[offset : offset + nbytes]
     libc = _libc()
-    if libc is not None and os.environ.get("SLIMQUANT_HUGEPAGES", "1") != "0":
+    if libc is not None:
         whole_pages = nbytes // HUGE_PAGE * HUGE_PAGE
         libc.madvise(ctypes.c_void_p(chunk.data_ptr()), ctypes.c_size_t(whole_pages), _MADV_HUGEPAGE)
     return chunk

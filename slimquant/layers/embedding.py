@@ -6,11 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimquant import kernels
+from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
 
 
 class VocabEmbedding(nn.Module):
     """ids [T] -> embeddings [T, H]; weight created empty, filled by the loader."""
+
+    ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
 
     def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype):
         super().__init__()
@@ -18,8 +20,8 @@ class VocabEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_embeddings, dim, dtype=dtype), requires_grad=False)
 
     def process_weights_after_loading(self) -> None:
-        """Hold the table as bf16 where that is exact (kernels/float_ops.py); rows come out in the model dtype."""
-        self.weight = nn.Parameter(kernels.pack_float_weight(self.weight.data), requires_grad=False)
+        """The table in the backend's float form (cpu-native: bf16 where exact); rows come out in the model dtype."""
+        self.weight = nn.Parameter(self.ops.pack_float_weight(self.weight.data), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight).to(self.dtype)

@@ -12,12 +12,15 @@ from functools import partial
 import torch
 from torch import nn
 
+from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.quant_methods import add_param
 
 
 class Linear(nn.Module):
     """y = x W^T (+ b) with W the concatenation of its shards' rows; quantized by its prefix's scheme."""
+
+    ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind), which the quant method calls
 
     def __init__(
         self,

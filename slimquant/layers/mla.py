@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slimquant.layers.attention import KVCacheLayer, gather_context
+from slimquant.backends.torch_ops import gather_context
+from slimquant.layers.attention import KVCacheLayer
 from slimquant.layers.context import get_context
 from slimquant.layers.linear import Linear
 from slimquant.layers.quant_methods import UnquantizedMethod

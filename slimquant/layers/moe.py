@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimquant import kernels
+from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
 from slimquant.format.schemes import FLOAT
-from slimquant.layers.activation import silu_and_mul
 from slimquant.layers.linear import Linear
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.quant_methods import replace_param
@@ -25,6 +24,8 @@ PROJS = ("gate_proj", "up_proj", "down_proj")
 
 class GatedMLP(nn.Module):
     """down_proj(silu(gate_proj x) * up_proj x), gate and up fused (dense layers and shared experts)."""
+
+    ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
 
     def __init__(
         self, hidden: int, inter: int, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, bias: bool = False
@@ -37,7 +38,7 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(inter, [hidden], prefix=f"{prefix}.down_proj", **common)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [T, H] -> [T, 2I] -> [T, I] -> [T, H]
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))  # [T, H] -> [T, 2I] -> [T, I] -> [T, H]
 
 
 class TopkRouter(nn.Module):
@@ -97,6 +98,8 @@ def _check_routing(scoring: str, topk_method: str, num_experts: int, n_group: in
 class RoutedExperts(nn.Module):
     """E gated MLPs; forward(x, topk_weights, topk_ids) = sum_k weight_k * expert_k(x) per token."""
 
+    ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
+
     def __init__(
         self, num_experts: int, hidden: int, inter: int, quant_config: QuantConfig, prefix: str, dtype: torch.dtype
     ):
@@ -139,13 +142,13 @@ class RoutedExperts(nn.Module):
         for name in ("w13", "w2"):
             scale = getattr(self, f"{name}_scale").data  # [E, N, 1] fp32
             replace_param(self, f"{name}_scale", scale.to(self.dtype).reshape(self.num_experts, -1))  # [E, N]
-            packed = kernels.pack_weight(getattr(self, name).data)  # [E, ...]: one form for all experts
+            packed = self.ops.pack_weight(getattr(self, name).data)  # [E, ...]: one form for all experts
             replace_param(self, name, packed)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; topk_weights fp32 / topk_ids: [T, K]
         out = torch.zeros_like(x)
-        x_in = kernels.quantize_per_token(x) if self.quantized else x  # quantize once: per-token scales
+        x_in = self.ops.quantize_per_token(x) if self.quantized else x  # quantize once: per-token scales
         for e in topk_ids.unique().tolist():
             token_idx, pos = torch.where(topk_ids == e)
             y = self._expert(e, x_in, token_idx, x.dtype)  # [n, H]
@@ -155,11 +158,11 @@ class RoutedExperts(nn.Module):
     def _expert(self, e: int, x_in, token_idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Expert e on the tokens token_idx: [n, H]; x_in is x, or (x_q, s_t) when the experts are int8."""
         if not self.quantized:
-            return F.linear(silu_and_mul(F.linear(x_in[token_idx], self.w13[e])), self.w2[e])
+            return F.linear(self.ops.silu_and_mul(F.linear(x_in[token_idx], self.w13[e])), self.w2[e])
         x_q, s_t = x_in[0][token_idx], x_in[1][token_idx]  # [n, H] int8, [n, 1]
-        gate_up = (kernels.int8_mm_packed(x_q, self.w13[e]).float() * s_t * self.w13_scale[e].float()).to(dtype)
-        a_q, s2 = kernels.quantize_per_token(silu_and_mul(gate_up))  # [n, I] int8, [n, 1]
-        return (kernels.int8_mm_packed(a_q, self.w2[e]).float() * s2 * self.w2_scale[e].float()).to(dtype)
+        gate_up = (self.ops.int8_mm(x_q, self.w13[e]).float() * s_t * self.w13_scale[e].float()).to(dtype)
+        a_q, s2 = self.ops.quantize_per_token(self.ops.silu_and_mul(gate_up))  # [n, I] int8, [n, 1]
+        return (self.ops.int8_mm(a_q, self.w2[e]).float() * s2 * self.w2_scale[e].float()).to(dtype)
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> nn.Parameter:

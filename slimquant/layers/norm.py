@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimquant import kernels
+from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
 
 
 class RMSNorm(nn.Module):
     """norm(x) = x / rms(x) * weight (+ bias), computed in fp32 like transformers."""
+
+    ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, bias: bool = False):
         super().__init__()
@@ -23,21 +25,8 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """norm(x), or with a residual: (norm(x + residual), x + residual)."""
-        if x.dim() == 3 and residual is None:  # per-head norms (Qwen3's q/k): x [T, heads, D]
-            fused = kernels.rms_norm_heads(x, self.weight, self.bias, self.eps)
-            return fused if fused is not None else self._norm(x)
-        fused = kernels.add_rms_norm(x, residual, self.weight, self.bias, self.eps)  # native, fp32 CPU only
-        if fused is not None:
-            return fused if residual is not None else fused[0]
+        """norm(x) of x [T, D] or [T, heads, D] (per-head norms: Qwen3's q/k), or with a residual [T, D]:
+        (norm(x + residual), x + residual)."""
         if residual is None:
-            return self._norm(x)
-        x = x + residual
-        return self._norm(x), x
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., D]
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * xf.to(x.dtype)
-        return out if self.bias is None else out + self.bias
+            return self.ops.rms_norm(x, self.weight, self.bias, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.bias, self.eps)

@@ -1,7 +1,8 @@
 """Linear quant methods, one object per scheme: how a layer holds its weights and computes y = x W^T (+ b).
 
 Every method has three jobs (vLLM's plug-in shape): create_weights registers the parameters the checkpoint
-fills, process_weights_after_loading turns them into runtime form, apply runs the math of docs/FORMAT.md.
+fills, process_weights_after_loading turns them into the backend's runtime form, apply runs the math of
+docs/FORMAT.md with the backend's ops (layer.ops).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from slimquant import kernels
 from slimquant.format.primitives import decode_deq_scale
 from slimquant.format.schemes import W8A8, W8A8_DYNAMIC
 
@@ -53,10 +53,6 @@ class QuantMethod:
         """y [T, N] in x's dtype from x [T, K]."""
         raise NotImplementedError
 
-    def native_form(self, layer: nn.Module) -> kernels.LinearForm | None:
-        """The layer's runtime form for the fused native decoder layer, or None where it has none."""
-        return None
-
 
 class UnquantizedMethod(QuantMethod):
     """Float weights: y = x W^T + b."""
@@ -65,15 +61,10 @@ class UnquantizedMethod(QuantMethod):
         add_param(layer, "weight", (out_features, in_features), dtype)
 
     def process_weights_after_loading(self, layer):
-        replace_param(layer, "weight", kernels.pack_float_weight(layer.weight.data))  # bf16 if exact, else as is
+        replace_param(layer, "weight", layer.ops.pack_float_weight(layer.weight.data))
 
     def apply(self, layer, x, bias):
-        return kernels.float_linear(x, layer.weight, bias)
-
-    def native_form(self, layer):
-        if layer.weight.dtype != torch.bfloat16:  # fp32 weights that are not exact bf16 run through BLAS
-            return None
-        return kernels.LinearForm("bf16", *layer.weight.shape, layer.weight, {"bias": layer.bias})
+        return layer.ops.float_linear(x, layer.weight, bias)
 
 
 class W8A8StaticMethod(QuantMethod):
@@ -94,21 +85,13 @@ class W8A8StaticMethod(QuantMethod):
         scale, offset = _fused_input_params(layer)
         layer.register_buffer("input_inv_scale", (1.0 / scale).to(layer.params_dtype).reshape(1))
         layer.register_buffer("input_offset_rt", offset.to(layer.params_dtype).reshape(1))
-        replace_param(layer, "weight", kernels.pack_weight(layer.weight.data))
+        replace_param(layer, "weight", layer.ops.pack_weight(layer.weight.data))
 
     def apply(self, layer, x, bias):
         # x: [T, K]; the float bias is folded into quant_bias, so `bias` is not added (as on the NPU)
-        return kernels.static_linear(
+        return layer.ops.static_linear(
             x, layer.weight, layer.input_inv_scale, layer.input_offset_rt, layer.quant_bias, layer.deq_scale, x.dtype
         )  # [T, N]
-
-    def native_form(self, layer):
-        if layer.input_inv_scale.dtype != torch.float32:  # the native kernel quantizes in fp32 only
-            return None
-        tensors = {"quant_bias": layer.quant_bias, "deq_scale": layer.deq_scale}
-        n, k = layer.weight.shape[0], layer.in_features
-        inv_scale, offset = float(layer.input_inv_scale), float(layer.input_offset_rt)
-        return kernels.LinearForm("static", n, k, layer.weight, tensors, inv_scale, offset)
 
 
 def _fused_input_params(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,15 +118,11 @@ class W8A8DynamicMethod(QuantMethod):
     def process_weights_after_loading(self, layer):
         # scales as the NPU sees them (rounded to the model dtype), held in fp32 for the kernel: [N]
         replace_param(layer, "weight_scale", layer.weight_scale.data.to(layer.params_dtype).float().reshape(-1))
-        replace_param(layer, "weight", kernels.pack_weight(layer.weight.data))
+        replace_param(layer, "weight", layer.ops.pack_weight(layer.weight.data))
 
     def apply(self, layer, x, bias):
         # x: [T, K] -> [T, N]
-        return kernels.dynamic_linear(x, layer.weight, layer.weight_scale, bias, x.dtype)
-
-    def native_form(self, layer):
-        tensors = {"w_scale": layer.weight_scale, "bias": layer.bias}
-        return kernels.LinearForm("dynamic", layer.weight.shape[0], layer.in_features, layer.weight, tensors)
+        return layer.ops.dynamic_linear(x, layer.weight, layer.weight_scale, bias, x.dtype)
 
 
 METHODS_BY_TYPE: dict[str, type[QuantMethod]] = {W8A8: W8A8StaticMethod, W8A8_DYNAMIC: W8A8DynamicMethod}

@@ -7,13 +7,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slimquant import kernels
-from slimquant.layers.activation import silu_and_mul
+from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
 from slimquant.layers.attention import Attention
 from slimquant.layers.linear import Linear
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
-from slimquant.models.base import CausalLM, DecoderModel, PreNormDecoderLayer
+from slimquant.models.base import CausalLM, DecoderModel, LayerParts, PreNormDecoderLayer
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """down_proj(silu(gate_proj x) * up_proj x), gate and up fused."""
 
+    ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
+
     def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype):
         super().__init__()
         if config.hidden_act != "silu":
@@ -82,7 +83,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(i, [h], prefix=f"{prefix}.down_proj", **common)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [T, H] -> [T, 2I] -> [T, I] -> [T, H]
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))  # [T, H] -> [T, 2I] -> [T, I] -> [T, H]
 
 
 class LlamaDecoderLayer(PreNormDecoderLayer):
@@ -95,32 +96,25 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
         self.self_attn = LlamaAttention(config, quant_config, f"{prefix}.self_attn", dtype, variant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
         self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", dtype)
-        self._native_plan: kernels.DecoderLayerPlan | None | bool = False  # False: not built yet
-
-    def native_plan(self) -> kernels.DecoderLayerPlan | None:
-        """The layer's native form for the decoder stack (built once, after loading), or None: the per-op path."""
-        if self._native_plan is False:
-            self._native_plan = self._build_native_plan()
-        return self._native_plan
 
     @property
     def kv_cache(self) -> torch.Tensor | None:
         """This layer's paged KV cache [2, NB, BS, KVH, D]."""
         return self.self_attn.attn.kv_cache
 
-    def _build_native_plan(self) -> kernels.DecoderLayerPlan | None:
-        """The layer's native form (built on its first decode step, after loading); None: per-op path."""
+    def stack_parts(self) -> LayerParts | None:
+        """What a whole-step backend needs of this layer (norms, linears, heads), or None where its norms do
+        not share one eps."""
         attn, mlp = self.self_attn, self.mlp
         norms = {"input": self.input_layernorm, "post": self.post_attention_layernorm}
         if attn.q_norm is not None:  # Qwen3
             norms |= {"q": attn.q_norm, "k": attn.k_norm}
         if len({n.eps for n in norms.values()}) != 1:
             return None
-        norms = {name: (n.weight, n.bias) for name, n in norms.items()}
         linears = {"qkv": attn.qkv_proj, "o": attn.o_proj, "gate_up": mlp.gate_up_proj, "down": mlp.down_proj}
-        forms = {name: lin.method.native_form(lin) for name, lin in linears.items()}
         heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
-        return kernels.decoder_layer_plan(norms, self.input_layernorm.eps, forms, heads, attn.attn.scale)
+        weights = {name: (n.weight, n.bias) for name, n in norms.items()}
+        return LayerParts(weights, self.input_layernorm.eps, linears, heads, attn.attn.scale)
 
 
 class LlamaForCausalLM(CausalLM):

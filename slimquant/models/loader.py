@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimquant.backends.base import Backend
+from slimquant.backends.select import select_backend
+from slimquant.config import KernelConfig
 from slimquant.format.checkpoint import DESCRIPTION_FILE, is_modelslim_dir
 from slimquant.format.dtypes import FLOAT_DTYPES, float_dtype
 from slimquant.format.safetensors_io import SafetensorsFolder
-from slimquant.kernels import native
 from slimquant.kernels.cpu import has_native_half
 from slimquant.layers.quant_config import AscendQuantConfig, QuantConfig
 from slimquant.models.registry import model_class
@@ -32,6 +34,7 @@ class LoadedModel:
     hf_config: object  # transformers.PretrainedConfig
     dtype: torch.dtype
     quantized: bool  # True if loaded from an ascend checkpoint
+    backend: Backend  # which kernels run it (slimquant/backends), picked at load
 
 
 def load_model(
@@ -41,22 +44,29 @@ def load_model(
     device: str = "cpu",
     quantization: str | None = None,
     trust_remote_code: bool = False,
+    kernels: KernelConfig | None = None,
+    enforce_eager: bool = False,
 ) -> LoadedModel:
-    """Load the model in folder `path`; ascend checkpoints are detected by their quant_model_description.json."""
+    """Load the model in folder `path`; ascend checkpoints are detected by their quant_model_description.json.
+    kernels picks the backend (default: KernelConfig(), the fastest that runs here); enforce_eager: no CUDA graphs."""
     from transformers import AutoConfig
 
     _check_folder(path)
     quantized = _use_ascend(path, quantization)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    torch_dtype = resolve_dtype(dtype, config, device, quantized)
+    backend = select_backend(device, kernels or KernelConfig(), enforce_eager)
+    torch_dtype = resolve_dtype(dtype, config, device, quantized, native=backend.name == "cpu-native")
     quant_config = AscendQuantConfig.from_folder(path) if quantized else QuantConfig()
     with torch.device(device):
         model = model_class(config)(config, quant_config, torch_dtype)
+    backend.bind(model)
     load_weights(model, SafetensorsFolder(path))
     for module in model.modules():
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()
-    return LoadedModel(model=model.eval(), hf_config=config, dtype=torch_dtype, quantized=quantized)
+    backend.prepare(model)
+    logger.info("backend: %s", backend.describe())
+    return LoadedModel(model.eval(), config, torch_dtype, quantized, backend)
 
 
 def _check_folder(path: str) -> None:
@@ -93,13 +103,16 @@ def _use_ascend(path: str, quantization: str | None) -> bool:
     return has_description
 
 
-def resolve_dtype(dtype: str | torch.dtype, config, device: str | None = None, quantized: bool = False) -> torch.dtype:
-    """'auto' -> the config's dtype; float32 if absent, or on a CPU that runs it faster (see _cpu_auto_dtype)."""
+def resolve_dtype(
+    dtype: str | torch.dtype, config, device: str | None = None, quantized: bool = False, native: bool = False
+) -> torch.dtype:
+    """'auto' -> the config's dtype; float32 if absent, or on a CPU that runs it faster (see _cpu_auto_dtype;
+    native: the cpu-native backend runs the model)."""
     if dtype == "auto":
         named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         if (resolved := float_dtype(named)) is None:
             raise ValueError(f"config.json has dtype {named!r}; pass dtype= one of {sorted(FLOAT_DTYPES)}")
-        return _cpu_auto_dtype(resolved, device, quantized)
+        return _cpu_auto_dtype(resolved, device, quantized and native)
     if (resolved := float_dtype(dtype)) is None:
         raise ValueError(f"dtype must be 'auto', one of {sorted(FLOAT_DTYPES)} or the torch dtype, got {dtype!r}")
     return resolved
@@ -117,12 +130,12 @@ def kv_cache_dtype(setting: str, dtype: str | torch.dtype, loaded: LoadedModel, 
     return loaded.dtype
 
 
-def _cpu_auto_dtype(dtype: torch.dtype, device: str | None, quantized: bool) -> torch.dtype:
-    """float32 on a CPU where it is faster: int8 checkpoints with the native kernels (they take fp32
-    activations and fuse the layer's other ops only in fp32), or bf16/fp16 only emulated (~10x slower)."""
+def _cpu_auto_dtype(dtype: torch.dtype, device: str | None, native_int8: bool) -> torch.dtype:
+    """float32 on a CPU where it is faster: int8 checkpoints on the native kernels (they take fp32 activations
+    and fuse the layer's other ops only in fp32), or bf16/fp16 only emulated (~10x slower)."""
     if device is None or not str(device).startswith("cpu") or dtype == torch.float32:
         return dtype
-    if quantized and native.available():
+    if native_int8:
         logger.info("int8 checkpoint on CPU: dtype='auto' runs activations in float32 (the native kernels' dtype)")
     elif has_native_half():
         return dtype

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimquant import kernels as K
+from slimquant.backends.torch_ops import TorchOps, quantize_static
 from slimquant.format import primitives as P
+from slimquant.kernels.triton_kernels import triton_module
 from slimquant.models.loader import load_model
 from tests.engine.reference import tokens_and_logprobs
 from tests.models.ascend_ckpt import write_ascend
@@ -19,6 +20,13 @@ from tests.models.test_model_deepseek_quantized import deepseek_mix
 from tests.models.test_model_quantized import dynamic, mixed, static
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _triton_ops():
+    """The cuda-triton backend's ops (CUDA builds of torch ship Triton)."""
+    from slimquant.backends.triton_ops import TritonOps
+
+    return TritonOps()
 
 # (tokens, K, N): decode, a few tokens, cuBLASLt's minimum of 17 rows, a batch, and K / N off the grid of 8
 SHAPES = [(1, 64, 48), (5, 72, 40), (17, 128, 24), (40, 96, 200), (3, 100, 30), (2, 64, 36)]
@@ -31,8 +39,9 @@ def _int8(*shape: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("t,k,n", SHAPES)
 def test_int8_gemm_is_exact(t, k, n):
     x_q, w_q = _int8(t, k, seed=t), _int8(n, k, seed=k + n)  # -128 included
+    K = _triton_ops()
     packed = K.pack_weight(w_q.cuda())
-    assert torch.equal(K.int8_mm_packed(x_q.cuda(), packed).cpu(), P.int8_matmul_reference(x_q, w_q))
+    assert torch.equal(K.int8_mm(x_q.cuda(), packed).cpu(), P.int8_matmul_reference(x_q, w_q))
 
 
 @pytest.mark.parametrize("t,k,n", SHAPES)
@@ -42,15 +51,17 @@ def test_dynamic_and_static_linears_match_the_math(t, k, n):
     w_s, bias = torch.rand(n, generator=gen) / 100, torch.randn(n, generator=gen)
     x_q, s_t = P.quantize_per_token(x)  # [T, K], [T, 1]
     expected = P.int8_matmul_reference(x_q, w_q).float() * s_t * w_s + bias
+    K = _triton_ops()
     packed = K.pack_weight(w_q.cuda())
-    y = K.dynamic_linear(x.cuda(), packed, w_s.cuda(), bias.cuda()).cpu()
+    y = K.dynamic_linear(x.cuda(), packed, w_s.cuda(), bias.cuda(), torch.float32).cpu()
     torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-5)
 
     inv, off = torch.tensor([0.7]), torch.tensor([3.0])
     qbias, deq = torch.randint(-1000, 1000, (n,), dtype=torch.int32, generator=gen), torch.rand(n, generator=gen)
-    acc = P.int8_matmul_reference(K.quantize_static(x, inv, off), w_q)
+    acc = P.int8_matmul_reference(quantize_static(x, inv, off), w_q)
     args = [a.cuda() for a in (x, packed, inv, off, qbias, deq)]
-    torch.testing.assert_close(K.static_linear(*args).cpu(), (acc + qbias).float() * deq, rtol=1e-6, atol=1e-5)
+    y = K.static_linear(*args, torch.float32).cpu()
+    torch.testing.assert_close(y, (acc + qbias).float() * deq, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -58,9 +69,10 @@ def test_dynamic_and_static_linears_match_the_math(t, k, n):
 def test_triton_linears_match_the_torch_path(t, k, n, dtype):
     """The three-kernel path (kernels/cuda_int8.py): the torch path's int8 activations and scales exactly, its
     outputs to 2 ulps (an H200 run before FMA contraction was turned off missed exactness by that much)."""
-    from slimquant.kernels import cuda_int8, int8_ops
+    from slimquant.kernels import cuda_int8
 
-    assert int8_ops._cuda_int8() is not None, "CUDA builds of torch ship Triton"
+    assert triton_module("cuda_int8") is not None, "CUDA builds of torch ship Triton"
+    K, T = _triton_ops(), TorchOps()
     gen = torch.Generator().manual_seed(t + k + n)
     x = (torch.randn(t, k, generator=gen) * 3).to(dtype).cuda()
     w_q = _int8(n, k, seed=n).cuda()
@@ -70,21 +82,21 @@ def test_triton_linears_match_the_torch_path(t, k, n, dtype):
     x_q, s_t = P.quantize_per_token(x)
     assert torch.equal(q[:t], x_q) and torch.equal(scale, s_t[:, 0])
     assert torch.equal(s_t.cpu(), P.quantize_per_token(x.cpu())[1]), "the GPU's scales are the CPU's"
-    torch_path = int8_ops._dynamic_linear(x, w_q, w_s, bias.float()).to(dtype)
+    torch_path = T.dynamic_linear(x, w_q, w_s, bias, dtype)
     torch.testing.assert_close(K.dynamic_linear(x, w_q, w_s, bias, dtype), torch_path, **ulps)
 
     inv, off = torch.tensor([0.7], dtype=dtype).cuda(), torch.tensor([3.0], dtype=dtype).cuda()
-    assert torch.equal(cuda_int8.quantize_static(x, inv, off)[:t], K.quantize_static(x, inv, off))
+    assert torch.equal(cuda_int8.quantize_static(x, inv, off)[:t], quantize_static(x, inv, off))
     qbias = torch.randint(-1000, 1000, (n,), dtype=torch.int32, generator=gen).cuda()
     deq = torch.rand(n, generator=gen).cuda()
-    torch_path = int8_ops._static_linear(x, w_q, inv, off, qbias, deq).to(dtype)
+    torch_path = T.static_linear(x, w_q, inv, off, qbias, deq, dtype)
     torch.testing.assert_close(K.static_linear(x, w_q, inv, off, qbias, deq, dtype), torch_path, **ulps)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("t,k,n", [(1, 576, 960), (5, 72, 40), (40, 96, 200), (300, 1536, 576)])
-def test_fused_int8_linears_equal_the_three_kernels(monkeypatch, t, k, n, dtype):
-    """SLIMQUANT_CUDA_FUSED_INT8's one-kernel linears: the three-kernel path's outputs, bit for bit."""
+def test_fused_int8_linears_equal_the_three_kernels(t, k, n, dtype):
+    """KernelConfig.cuda_fused_int8's one-kernel linears: the three-kernel path's outputs, bit for bit."""
     from slimquant.kernels import cuda_int8
 
     gen = torch.Generator().manual_seed(t + k + n)
@@ -95,24 +107,22 @@ def test_fused_int8_linears_equal_the_three_kernels(monkeypatch, t, k, n, dtype)
     qbias = torch.randint(-1000, 1000, (n,), dtype=torch.int32, generator=gen).cuda()
     deq = torch.rand(n, generator=gen).cuda()
 
-    def both() -> list[torch.Tensor]:
+    def both(fused: bool) -> list[torch.Tensor]:
         return [
-            cuda_int8.dynamic_linear(x, w_q, w_s, bias, dtype),
-            cuda_int8.dynamic_linear(x, w_q, w_s, None, dtype),
-            cuda_int8.static_linear(x, w_q, inv, off, qbias, deq, dtype),
+            cuda_int8.dynamic_linear(x, w_q, w_s, bias, dtype, fused=fused),
+            cuda_int8.dynamic_linear(x, w_q, w_s, None, dtype, fused=fused),
+            cuda_int8.static_linear(x, w_q, inv, off, qbias, deq, dtype, fused=fused),
         ]
 
-    monkeypatch.setattr(cuda_int8, "FUSED", False)
-    three = both()
-    monkeypatch.setattr(cuda_int8, "FUSED", True)
-    for fused, ref in zip(both(), three, strict=True):
+    three = both(False)
+    for fused, ref in zip(both(True), three, strict=True):
         assert torch.equal(fused, ref)
 
 
 def _logits_on_cuda(ascend_dir) -> torch.Tensor:
     """Our logits for PROMPT on the GPU: a prefill chunk, then decode steps."""
     loaded = load_model(str(ascend_dir), dtype=torch.float32, device="cuda")
-    runner = PagedRunner(loaded.model, torch.float32, device="cuda")
+    runner = PagedRunner.of(loaded, torch.float32, device="cuda")
     return torch.cat([runner.step({0: PROMPT[:7]}), *[runner.step({0: [t]}) for t in PROMPT[7:]]])
 
 
@@ -168,7 +178,7 @@ def _greedy_with_logprobs(path, dtype: str, eager: bool) -> tuple[list, object]:
     llm = LLM(str(path), max_model_len=64, dtype=dtype, device="cuda", enforce_eager=eager)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
     outs = llm.generate([[5, 17, 300, 42], [7, 99], [250, 3, 11, 60, 128]], params, use_tqdm=False)
-    return tokens_and_logprobs(outs), llm.llm_engine.runner.graphs
+    return tokens_and_logprobs(outs), llm.llm_engine.runner.backend.graphs
 
 
 def test_cuda_graph_decode_matches_eager(quantized_llama):

@@ -7,17 +7,18 @@ import pytest
 import torch
 
 from slimquant import LLM, SamplingParams
-from slimquant.engine import cuda_graphs
-from slimquant.engine.model_runner import ModelRunner
+from slimquant.backends import cuda_graphs
+from slimquant.backends.base import Backend
 from tests.engine.reference import tokens_and_logprobs
 
 PROMPTS = [[5, 17, 300, 42], [7, 99], [250, 3, 11, 60, 128, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 17, 18], [77]]
 
 
 def _run(path, graphs: bool, monkeypatch, **kw) -> tuple[list, LLM]:
-    """Greedy tokens and logprobs of PROMPTS (3 of them batched: a padded bucket of 4), and the LLM."""
+    """Greedy tokens and logprobs of PROMPTS (3 of them batched: a padded bucket of 4), and the LLM; the
+    torch-reference backend, with graph replays (here: their CPU stand-in) where graphs is set."""
     with monkeypatch.context() as m:
-        m.setattr(ModelRunner, "_use_graphs", lambda self: graphs)
+        m.setattr("slimquant.models.loader.select_backend", lambda *a: Backend(graphs=graphs))
         llm = LLM(str(path), max_model_len=96, block_size=4, dtype="float32", **kw)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
     outs = llm.generate(PROMPTS[:3], params, use_tqdm=False) + llm.generate(PROMPTS[3:], params, use_tqdm=False)
@@ -38,7 +39,7 @@ def test_graph_steps_match_eager_steps(tiny_model, quantized, model, monkeypatch
     path = tiny_model("llama") if model == "float" else quantized
     eager, _ = _run(path, False, monkeypatch)
     graphed, llm = _run(path, True, monkeypatch)
-    decoder = llm.llm_engine.runner.graphs
+    decoder = llm.llm_engine.runner.backend.graphs
     assert {size for size, _ in decoder.graphs} == {4, 1}  # 3 sequences ran padded to 4; then 1 alone
     assert {width for _, width in decoder.graphs} == {8}  # <= 29 tokens of 4: 8 blocks
     for (tokens_e, lp_e), (tokens_g, lp_g) in zip(eager, graphed, strict=True):
@@ -49,7 +50,7 @@ def test_graph_steps_match_eager_steps(tiny_model, quantized, model, monkeypatch
 def test_padding_rows_write_only_the_scratch_block(tiny_model, monkeypatch):
     _, llm = _run(tiny_model("llama"), True, monkeypatch, num_kv_blocks=40)
     runner = llm.llm_engine.runner
-    assert runner.num_blocks == 40 and runner.graphs.scratch_block == 40
+    assert runner.num_blocks == 40 and runner.backend.graphs.scratch_block == 40
     cache = runner.model.model.layers[0].self_attn.attn.kv_cache  # [2, 41, 4, KVH, D]
     assert cache.shape[1] == 41 and cache[:, 40].abs().sum() > 0  # the padding rows' writes landed there
 
@@ -68,4 +69,4 @@ def test_models_with_host_values_decode_eagerly(tiny_model):
 
 def test_enforce_eager_and_cpu_have_no_graphs(tiny_model):
     llm = LLM(str(tiny_model("llama")), max_model_len=64, enforce_eager=True)
-    assert llm.llm_engine.runner.graphs is None and llm.llm_engine.runner.num_blocks > 0
+    assert llm.llm_engine.runner.backend.graphs is None and llm.llm_engine.runner.num_blocks > 0

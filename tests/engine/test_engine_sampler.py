@@ -115,7 +115,7 @@ def test_logprobs_ranks_and_top_k():
 def test_plain_greedy_rows_take_the_argmax_shortcut_only_when_nothing_else_applies():
     from types import SimpleNamespace
 
-    from slimquant.engine.model_runner import plain_greedy
+    from slimquant.engine.step_sampler import plain_greedy
     from slimquant.sampling_params import SamplingParams
 
     logits = torch.randn(3, V, generator=torch.Generator().manual_seed(0))

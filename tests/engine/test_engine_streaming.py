@@ -120,7 +120,7 @@ def test_streamed_multibyte_text_is_never_cut_mid_character(llama_path):
     ids = engine.tokenizer.encode(text)
     assert any("\ufffd" in engine.tokenizer.decode([t]) for t in ids)
     for stop, expected in ((None, text), ("😀", text[: text.index("😀")])):
-        engine.runner.sampler = ScriptedSampler(ids)
+        engine.runner.sampler.sampler = ScriptedSampler(ids)
         params = SamplingParams(max_tokens=len(ids), stop=stop, output_kind=RequestOutputKind.DELTA)
         engine.add_request("mb", "Hello", params)
         pieces = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.layers.attention import causal_attention, paged_attention, store_kv
+from slimquant.backends.torch_ops import causal_attention, paged_attention, store_kv
 
 
 def test_store_kv_skips_padding_slots():

@@ -1,18 +1,25 @@
-"""The greedy head: an int8 screen of the LM head, then float rows; the argmax equals the full float head's."""
+"""The cpu-native backend's screened head: an int8 screen of the LM head, then float rows; the argmax equals the
+full float head's (backends/greedy_screen.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from slimquant.backends import greedy_screen as greedy_head
+from slimquant.backends.cpu_native import ScreenedHead
+from slimquant.backends.native_ops import NativeOps
 from slimquant.entrypoints.commands.bench import decode_weight_bytes
-from slimquant.kernels import float_ops, int8_ops, native
-from slimquant.layers import greedy_head
-from slimquant.layers.greedy_head import GreedyHead
+from slimquant.kernels import native
 from slimquant.models.loader import load_model
 from tests.models.ascend_ckpt import write_ascend
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+float_ops = NativeOps(native.load(), native.best_isa()) if native.available() else None
+
+
+def GreedyHead(w: torch.Tensor) -> greedy_head.GreedyHead:  # noqa: N802: the class, built on the default build
+    return greedy_head.GreedyHead(w, float_ops)
 
 
 def _head_and_inputs(v: int, k: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,29 +75,30 @@ def test_model_greedy_tokens_use_the_screen(tmp_path, tiny_model, tied):
     """A W8A8_DYNAMIC model (fp32 activations, bf16 head): greedy tokens from the screen equal the logits' argmax."""
     src = tiny_model("llama", tie_word_embeddings=tied)
     folder = write_ascend(src, tmp_path, lambda prefix: "W8A8_DYNAMIC", dtype=torch.bfloat16)
-    model = load_model(str(folder)).model
+    loaded = load_model(str(folder))
+    model, head = loaded.model, loaded.backend.head(loaded.model)
     hidden = torch.randn(5, model.config.hidden_size) * 3
-    assert model.greedy_head() is None  # built by the first greedy step
-    assert model.greedy_tokens(hidden) == model.compute_logits(hidden).argmax(dim=1).tolist()
-    assert isinstance(model.greedy_head(), GreedyHead)
+    assert isinstance(head, ScreenedHead) and head._screen is False  # built by the first greedy step
+    assert head.argmax(hidden) == model.compute_logits(hidden).argmax(dim=1).tolist()
+    assert isinstance(head.screen(), greedy_head.GreedyHead)
     v, h = model.config.vocab_size, model.config.hidden_size
     linears = sum(
         p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n
     )
     screen = v * -(-h // 32) * 32 + 3 * 4 * v  # int8 rows padded to 32 bytes, three fp32 factors per row
-    assert decode_weight_bytes(model) == linears + screen  # the head's float bytes are not read
+    assert decode_weight_bytes(model, head) == linears + screen  # the head's float bytes are not read
 
 
 @needs_native
 @pytest.mark.parametrize("isa", native.ISA_FLAGS)
 def test_both_builds_pick_the_full_heads_argmax(isa):
-    if isa == "avx512vnni" and native.isa() != isa:
+    if isa == "avx512vnni" and native.best_isa() != isa:
         pytest.skip("this CPU cannot run the AVX-512 VNNI build")
     w, x = _head_and_inputs(3001, 584, 9, seed=6)
     q, terms = greedy_head.quantize_rows(w)
-    packed = int8_ops.pack_weight(q, isa=isa)
+    packed = NativeOps(native.load(isa), isa).pack_weight(q)
     tokens = torch.empty(9, dtype=torch.int64)
-    status = native.library_for(isa).sq_greedy_argmax(
+    status = native.load(isa).sq_greedy_argmax(
         x.data_ptr(), 9, 584, 584, packed.data_ptr(), 3001, packed.shape[1], terms.data_ptr(), w.data_ptr(),
         greedy_head._SLACK, greedy_head._FP32_SUM, tokens.data_ptr(),
     )  # fmt: skip
@@ -98,7 +106,7 @@ def test_both_builds_pick_the_full_heads_argmax(isa):
     cap, top = 512, float_ops.float_linear(x, w).topk(10).indices  # [9, 10]
     rows, logits = torch.empty(9, cap, dtype=torch.int64), torch.empty(9, cap)
     counts = torch.empty(9, dtype=torch.int32)
-    status = native.library_for(isa).sq_topk_screen(
+    status = native.load(isa).sq_topk_screen(
         x.data_ptr(), 9, 584, 584, packed.data_ptr(), 3001, packed.shape[1], terms.data_ptr(), w.data_ptr(),
         greedy_head._SLACK, greedy_head._FP32_SUM, 10, cap, rows.data_ptr(), logits.data_ptr(), counts.data_ptr(),
     )  # fmt: skip
@@ -140,7 +148,6 @@ def test_top_k_sampling_over_the_candidates_draws_the_same_tokens(tmp_path, tiny
     """Seeded top-k (+ top-p, min-p) sampling of an int8 model: the same tokens whether the sampler sees the
     screen's candidates or the whole vocabulary; rows asking for logprobs take the whole vocabulary."""
     from slimquant import LLM, SamplingParams
-    from slimquant.models.base import CausalLM
 
     folder = write_ascend(tiny_model("llama"), tmp_path, lambda prefix: "W8A8_DYNAMIC", dtype=torch.bfloat16)
     llm = LLM(str(folder), max_model_len=64)
@@ -150,14 +157,19 @@ def test_top_k_sampling_over_the_candidates_draws_the_same_tokens(tmp_path, tiny
         for t, k, p, m, s in [(0.8, 40, 1.0, 0.0, 1), (1.3, 7, 0.9, 0.0, 2), (0.6, 256, 0.95, 0.05, 3)]
     ]
     calls = []
-    screen = CausalLM.top_k_candidates
-    monkeypatch.setattr(CausalLM, "top_k_candidates", lambda self, *a: calls.append(1) or screen(self, *a))
+    screen = greedy_head.GreedyHead.top_k_candidates
+    monkeypatch.setattr(
+        greedy_head.GreedyHead, "top_k_candidates", lambda self, *a: calls.append(1) or screen(self, *a)
+    )
     screened = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert calls and llm.llm_engine.runner.model.greedy_head() is not None
-    monkeypatch.setattr(CausalLM, "top_k_candidates", lambda self, *a: None)  # the whole vocabulary
+    assert calls and llm.llm_engine.runner.sampler.head.screen() is not None
+    monkeypatch.setattr(ScreenedHead, "screens", lambda self, top_k=None: False)  # the whole vocabulary
     full = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert screened == full and len({tuple(t) for t in full}) == 3
+    monkeypatch.undo()
     calls.clear()
-    monkeypatch.setattr(CausalLM, "top_k_candidates", lambda self, *a: calls.append(1) or screen(self, *a))
+    monkeypatch.setattr(
+        greedy_head.GreedyHead, "top_k_candidates", lambda self, *a: calls.append(1) or screen(self, *a)
+    )
     llm.generate(prompts[0], SamplingParams(top_k=5, max_tokens=3, logprobs=2), use_tqdm=False)
     assert not calls  # logprobs need the whole vocabulary

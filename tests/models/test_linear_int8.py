@@ -1,4 +1,5 @@
-"""int8 kernels and the fused Linear's quant methods, at odd sizes."""
+"""TorchOps' int8 products (the definition every backend equals) and the fused Linear's quant methods, at odd
+sizes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from slimquant import kernels
+from slimquant.backends.torch_ops import TorchOps, quantize_static
 from slimquant.format import primitives as P
 from slimquant.layers.linear import Linear
 from slimquant.layers.quant_config import AscendQuantConfig
@@ -18,8 +19,9 @@ def test_int8_mm_is_exact(t, k, n):
     gen = torch.Generator().manual_seed(t)
     x_q = torch.randint(-128, 128, (t, k), dtype=torch.int8, generator=gen)
     w_q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
-    assert torch.equal(kernels.int8_mm(x_q, w_q), P.int8_matmul_reference(x_q, w_q))
-    assert torch.equal(kernels.int8_mm_packed(x_q, kernels.pack_weight(w_q)), P.int8_matmul_reference(x_q, w_q))
+    ops = TorchOps()
+    assert torch.equal(ops.int8_mm(x_q, w_q), P.int8_matmul_reference(x_q, w_q))  # int8 weights: torch._int_mm
+    assert torch.equal(ops.int8_mm(x_q, ops.pack_weight(w_q)), P.int8_matmul_reference(x_q, w_q))  # exact fp32
 
 
 def test_packed_mm_exact_at_extreme_values():
@@ -27,14 +29,15 @@ def test_packed_mm_exact_at_extreme_values():
     x_q = torch.full((2, 2100), -128, dtype=torch.int8)
     w_q = torch.full((3, 2100), -128, dtype=torch.int8)
     expected = torch.full((2, 3), 2100 * 128 * 128, dtype=torch.int32)
-    assert torch.equal(kernels.int8_mm_packed(x_q, kernels.pack_weight(w_q)), expected)
+    ops = TorchOps()
+    assert torch.equal(ops.int8_mm(x_q, ops.pack_weight(w_q)), expected)
 
 
 def test_quantize_static_matches_primitives():
     x = torch.randn(17, 1025) * 3
     scale, offset = P.static_activation_params(-2.0, 5.0)
     s, o = torch.tensor([scale]), torch.tensor([offset])
-    assert torch.equal(kernels.quantize_static(x, 1.0 / s, o), P.quantize_static(x, s, o))
+    assert torch.equal(quantize_static(x, 1.0 / s, o), P.quantize_static(x, s, o))
 
 
 def _static_qkv(scales: list[float], process: bool = True) -> Linear:

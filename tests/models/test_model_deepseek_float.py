@@ -21,7 +21,7 @@ def folder_of(tiny_model, arch):
 def test_prefill_matches_transformers(tiny_model, arch):
     folder = folder_of(tiny_model, arch)
     loaded = load_model(str(folder))
-    logits = PagedRunner(loaded.model, loaded.dtype).step({0: PROMPT})
+    logits = PagedRunner.of(loaded).step({0: PROMPT})
     assert_close(logits, hf_logits(folder, PROMPT))
 
 
@@ -40,7 +40,7 @@ def test_chunked_prefill_then_decode_through_latent_cache(tiny_model, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batch_of_two_sequences(tiny_model, arch):
     folder = folder_of(tiny_model, arch)
-    runner = PagedRunner(load_model(str(folder)).model, torch.float32)
+    runner = PagedRunner.of(load_model(str(folder)), torch.float32)
     a, b = PROMPT, PROMPT[3:9]
     logits = runner.step({0: a[:-2], 1: b[:-2]})
     decode1 = runner.step({0: [a[-2]], 1: [b[-2]]})
@@ -56,7 +56,7 @@ def test_absorbed_decode_equals_up_projected_decode(tiny_model, monkeypatch):
     folder = tiny_model("deepseek_v3")
 
     def decode_logits() -> torch.Tensor:
-        runner = PagedRunner(load_model(str(folder)).model, torch.float32)
+        runner = PagedRunner.of(load_model(str(folder)), torch.float32)
         runner.step({0: PROMPT[:6], 1: PROMPT[2:5]})
         return torch.cat([runner.step({0: [t], 1: [t]}) for t in PROMPT[6:]])
 
@@ -73,7 +73,7 @@ def test_absorbed_decode_is_as_accurate_in_bf16(tiny_model, monkeypatch):
     truth = hf_logits(folder, PROMPT)[6:]  # fp32
 
     def decode_error() -> float:
-        runner = PagedRunner(load_model(str(folder), dtype=torch.bfloat16).model, torch.bfloat16)
+        runner = PagedRunner.of(load_model(str(folder), dtype=torch.bfloat16), torch.bfloat16)
         runner.step({0: PROMPT[:6]})
         ours = torch.cat([runner.step({0: [t]}) for t in PROMPT[6:]])
         return (ours - truth).abs().max().item() / truth.abs().max().item()

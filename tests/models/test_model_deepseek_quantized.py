@@ -33,7 +33,7 @@ def run_both(src, dst) -> tuple[torch.Tensor, torch.Tensor]:
     """(our logits, reference logits) for PROMPT: a prefill chunk, then decode steps."""
     loaded = load_model(str(dst))
     assert loaded.quantized
-    runner = PagedRunner(loaded.model, torch.float32)
+    runner = PagedRunner.of(loaded, torch.float32)
     ours = torch.cat([runner.step({0: PROMPT[:7]}), *[runner.step({0: [t]}) for t in PROMPT[7:]]])
     return ours, reference_logits(reference_model(src, dst, torch.float32), PROMPT)
 
@@ -112,6 +112,6 @@ def test_project_quantizer_checkpoint_matches_reference(tiny_model, tmp_path, mo
     quantize(src, dst, quant_type, anti_outlier="iterative", num_samples=2, seq_len=16, progress=False)
     loaded = load_model(str(dst), dtype=torch.bfloat16)
     assert any(m.quantized for m in loaded.model.modules() if isinstance(m, RoutedExperts))
-    runner = PagedRunner(loaded.model, loaded.dtype)
+    runner = PagedRunner.of(loaded)
     ours = torch.cat([runner.step({0: PROMPT[:7]}), *[runner.step({0: [t]}) for t in PROMPT[7:]]])
     assert_close(ours, reference_logits(reference_model(src, dst, torch.bfloat16), PROMPT), rel=1e-3)

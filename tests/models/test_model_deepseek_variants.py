@@ -36,7 +36,7 @@ VARIANTS = {
 
 
 def chunked_then_decode(folder) -> torch.Tensor:
-    runner = PagedRunner(load_model(str(folder)).model, torch.float32)
+    runner = PagedRunner.of(load_model(str(folder)), torch.float32)
     return torch.cat([runner.step({0: PROMPT[:5]}), *[runner.step({0: [t]}) for t in PROMPT[5:]]])
 
 

@@ -16,14 +16,14 @@ def test_prefill_matches_transformers(tiny_model, arch):
     folder = tiny_model(arch)
     loaded = load_model(str(folder))
     assert not loaded.quantized and loaded.dtype == torch.float32
-    logits = PagedRunner(loaded.model, loaded.dtype).step({0: PROMPT})
+    logits = PagedRunner.of(loaded).step({0: PROMPT})
     assert_close(logits, hf_logits(folder, PROMPT))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_chunked_prefill_then_decode(tiny_model, arch):
     folder = tiny_model(arch)
-    runner = PagedRunner(load_model(str(folder)).model, torch.float32)
+    runner = PagedRunner.of(load_model(str(folder)), torch.float32)
     first = runner.step({0: PROMPT[:6]})
     rest = [runner.step({0: [t]}) for t in PROMPT[6:]]
     assert_close(torch.cat([first, *rest]), hf_logits(folder, PROMPT))
@@ -32,7 +32,7 @@ def test_chunked_prefill_then_decode(tiny_model, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batch_of_two_sequences(tiny_model, arch):
     folder = tiny_model(arch)
-    runner = PagedRunner(load_model(str(folder)).model, torch.float32)
+    runner = PagedRunner.of(load_model(str(folder)), torch.float32)
     a, b = PROMPT, PROMPT[3:9]
     logits = runner.step({0: a[:-2], 1: b[:-2]})  # mixed-length prefill in one step
     decode1 = runner.step({0: [a[-2]], 1: [b[-2]]})  # batched decode

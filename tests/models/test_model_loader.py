@@ -40,7 +40,7 @@ LLAMA3_ROPE = {
 )
 def test_llama_variants_match_transformers(tmp_path, overrides):
     folder = make_tiny_model("llama", tmp_path, **overrides)  # the fixture's cache key cannot hold dicts
-    runner = PagedRunner(load_model(str(folder)).model, torch.float32)
+    runner = PagedRunner.of(load_model(str(folder)), torch.float32)
     logits = torch.cat([runner.step({0: PROMPT[:5]}), *[runner.step({0: [t]}) for t in PROMPT[5:]]])
     assert_close(logits, hf_logits(folder, PROMPT))
 
@@ -91,12 +91,11 @@ def test_auto_dtype_on_cpu_follows_native_half_support(monkeypatch, native, expe
 @pytest.mark.parametrize("kernels_on", [True, False])
 def test_auto_dtype_of_int8_checkpoint_on_cpu_is_the_native_kernels_dtype(monkeypatch, kernels_on):
     monkeypatch.setattr("slimquant.models.loader.has_native_half", lambda: True)
-    monkeypatch.setattr("slimquant.models.loader.native.available", lambda: kernels_on)
     config = SimpleNamespace(dtype="bfloat16")
     expected = torch.float32 if kernels_on else torch.bfloat16
-    assert resolve_dtype("auto", config, "cpu", quantized=True) == expected
-    assert resolve_dtype("auto", config, "cpu", quantized=False) == torch.bfloat16
-    assert resolve_dtype("bfloat16", config, "cpu", quantized=True) == torch.bfloat16
+    assert resolve_dtype("auto", config, "cpu", quantized=True, native=kernels_on) == expected
+    assert resolve_dtype("auto", config, "cpu", quantized=False, native=kernels_on) == torch.bfloat16
+    assert resolve_dtype("bfloat16", config, "cpu", quantized=True, native=kernels_on) == torch.bfloat16
 
 
 def test_ascend_folder_detected_and_logged(tiny_model, tmp_path, caplog):
@@ -118,4 +117,4 @@ def test_extra_checkpoint_tensors_are_ignored(tiny_model, tmp_path):
     tensors = load_file(folder / "model.safetensors")
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
     save_file(tensors, folder / "model.safetensors")
-    assert_close(PagedRunner(load_model(str(folder)).model, torch.float32).step({0: PROMPT}), hf_logits(folder, PROMPT))
+    assert_close(PagedRunner.of(load_model(str(folder)), torch.float32).step({0: PROMPT}), hf_logits(folder, PROMPT))

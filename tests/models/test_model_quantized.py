@@ -31,7 +31,7 @@ def run_both(float_folder, ascend_folder, dtype=torch.float32, chunked=True) -> 
     """(our logits, reference logits) for PROMPT; chunked = a prefill chunk then decode steps."""
     loaded = load_model(str(ascend_folder), dtype=dtype)
     assert loaded.quantized and loaded.dtype == dtype
-    runner = PagedRunner(loaded.model, dtype)
+    runner = PagedRunner.of(loaded, dtype)
     if chunked:
         ours = torch.cat([runner.step({0: PROMPT[:7]}), *[runner.step({0: [t]}) for t in PROMPT[7:]]])
     else:

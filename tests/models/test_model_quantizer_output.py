@@ -21,6 +21,6 @@ def test_quantizer_checkpoint_matches_reference(tiny_model, tmp_path, quant_type
     quantize(src, dst, quant_type, anti_outlier="iterative", num_samples=2, seq_len=16, progress=False)
     loaded = load_model(str(dst), dtype=dtype)
     if dtype == torch.bfloat16:
-        loaded.model.model._stack_plan = None
-    ours = PagedRunner(loaded.model, loaded.dtype).step({0: PROMPT})
+        loaded.backend.stack = None
+    ours = PagedRunner.of(loaded).step({0: PROMPT})
     assert_close(ours, reference_logits(reference_model(src, dst, dtype), PROMPT), rel=1e-3)

@@ -1,14 +1,15 @@
-"""The native decoder stack (one call for every layer of a step) equals the per-op path bit for bit."""
+"""The cpu-native backend's whole step (one native call for every layer) equals the per-op path bit for bit."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from slimquant import kernels
+from slimquant.backends import cpu_native
+from slimquant.backends.native_ops import NativeOps
+from slimquant.backends.torch_ops import TorchOps
 from slimquant.kernels import native
 from slimquant.layers.norm import RMSNorm
-from slimquant.models import base
 from slimquant.models.llama import LlamaDecoderLayer
 from slimquant.models.loader import load_model
 from slimquant.random_models import make_tiny_model
@@ -30,22 +31,31 @@ SCHEMES = {"dynamic": lambda p: "W8A8_DYNAMIC", "static": lambda p: "W8A8", "mix
 
 def decode_run(
     folder, mode: str, steps: int = 3, kv_dtype: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32
-) -> tuple[torch.Tensor, list[torch.Tensor], list]:
-    """Logits of three sequences (prefill, then `steps` batched decode steps), the KV caches, the layers' plans.
+) -> tuple[torch.Tensor, list[torch.Tensor], object]:
+    """Logits of three sequences (prefill, then `steps` batched decode steps), the KV caches, the stack's plan.
 
-    mode: "stack" (one native call for all layers) or "per-op" (no native layers).
+    mode: "stack" (the cpu-native backend: one native call for all layers) or "per-op" (its stack off).
     """
-    model = load_model(str(folder), dtype=dtype).model
-    layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
+    loaded = load_model(str(folder), dtype=dtype)
+    assert loaded.backend.name == "cpu-native"
     if mode == "per-op":
-        model.model._stack_plan = None  # never stack
-    runner = PagedRunner(model, kv_dtype)
+        loaded.backend.stack = None  # never stack
+    layers = [m for m in loaded.model.modules() if isinstance(m, LlamaDecoderLayer)]
+    runner = PagedRunner.of(loaded, kv_dtype)
     prompts = {0: PROMPT[:5], 1: PROMPT[3:12], 2: PROMPT[:1]}
     logits = [runner.step({seq: tokens}) for seq, tokens in prompts.items()]
     for i in range(steps):
         logits.append(runner.step({seq: [PROMPT[i + seq]] for seq in prompts}))  # one token per sequence
     caches = [layer.self_attn.attn.kv_cache for layer in layers]
-    return torch.cat(logits), caches, [layer._native_plan for layer in layers]
+    return torch.cat(logits), caches, loaded.backend.stack
+
+
+def count_stack_calls(monkeypatch) -> list[int]:
+    """The token count of every whole-step native call from now on."""
+    calls: list[int] = []
+    step = cpu_native.decoder_model
+    monkeypatch.setattr(cpu_native, "decoder_model", lambda *a: calls.append(a[2].shape[0]) or step(*a))
+    return calls
 
 
 @pytest.mark.parametrize(
@@ -56,15 +66,12 @@ def decode_run(
 def test_fused_layers_equal_per_op_path(tiny_model, tmp_path, monkeypatch, arch, scheme, kv_dtype):
     src = tiny_model(arch, dtype=torch.bfloat16)  # bf16 float weights: the fused layer takes them too
     dst = write_ascend(src, tmp_path / "q", SCHEMES[scheme], dtype=torch.bfloat16, shift=True)
-    monkeypatch.setattr(base, "STACK_PREFILL_TOKENS", 0)  # prefills per op in every mode: decode compared alone
+    monkeypatch.setattr(cpu_native, "STACK_PREFILL_TOKENS", 0)  # prefills per op in every mode: decode alone
     per_op, per_op_caches, _ = decode_run(dst, "per-op", kv_dtype=kv_dtype)
     assert all(c.dtype == kv_dtype for c in per_op_caches)
-    calls = []
-    step = kernels.decoder_model
-    monkeypatch.setattr(kernels, "decoder_model", lambda *a: calls.append(a[1].shape[0]) or step(*a))
-    fused, fused_caches, plans = decode_run(dst, "stack", kv_dtype=kv_dtype)
-    assert calls == [1, 3, 3, 3]  # the stack really ran: the one-token prompt, then every decode step
-    assert all(plan is not None and plan is not False for plan in plans)
+    calls = count_stack_calls(monkeypatch)
+    fused, fused_caches, stack = decode_run(dst, "stack", kv_dtype=kv_dtype)
+    assert calls == [1, 3, 3, 3] and stack is not None  # the stack ran: the one-token prompt, every decode step
     assert torch.equal(fused, per_op)
     assert all(torch.equal(a, b) for a, b in zip(fused_caches, per_op_caches, strict=True))
 
@@ -75,13 +82,11 @@ def test_small_prefills_run_the_stack(tiny_model, tmp_path, monkeypatch, arch):
     its attention sums in another order than torch's SDPA, so the logits agree to fp32 rounding."""
     dst = write_ascend(tiny_model(arch), tmp_path / "q", SCHEMES["dynamic"])
     per_op, _, _ = decode_run(dst, "per-op")
-    calls = []
-    step = kernels.decoder_model
-    monkeypatch.setattr(kernels, "decoder_model", lambda *a: calls.append(a[1].shape[0]) or step(*a))
+    calls = count_stack_calls(monkeypatch)
     stacked, _, _ = decode_run(dst, "stack")
     assert calls == [5, 9, 1, 3, 3, 3]  # the three prefills (5, 9 and 1 tokens), then three decode steps of 3
     torch.testing.assert_close(stacked, per_op, rtol=1e-4, atol=1e-4)
-    monkeypatch.setattr(base, "STACK_PREFILL_TOKENS", 4)
+    monkeypatch.setattr(cpu_native, "STACK_PREFILL_TOKENS", 4)
     calls.clear()
     decode_run(dst, "stack")
     assert calls == [1, 3, 3, 3]  # the 5- and 9-token prefills ran per op
@@ -92,11 +97,9 @@ def test_bf16_models_decode_in_fp32_natively(tiny_model, monkeypatch, arch):
     """A bf16 float model's decode steps (and small prefills) run the native step, in fp32 over the bf16 weights:
     the same logits, bit for bit, as the model loaded in fp32 over the same bf16 cache."""
     src = tiny_model(arch, dtype=torch.bfloat16)
-    calls = []
-    step = kernels.decoder_model
-    monkeypatch.setattr(kernels, "decoder_model", lambda *a: calls.append(1) or step(*a))
-    as_bf16, _, plans = decode_run(src, "stack", kv_dtype=torch.bfloat16, dtype=torch.bfloat16)
-    assert len(calls) == 6 and all(plan is not None for plan in plans)  # 3 small prefills + 3 decode steps
+    calls = count_stack_calls(monkeypatch)
+    as_bf16, _, stack = decode_run(src, "stack", kv_dtype=torch.bfloat16, dtype=torch.bfloat16)
+    assert len(calls) == 6 and stack is not None  # 3 small prefills + 3 decode steps
     as_fp32, _, _ = decode_run(src, "stack", kv_dtype=torch.bfloat16, dtype=torch.float32)
     assert as_bf16.dtype == torch.float32 and torch.equal(as_bf16, as_fp32)
 
@@ -105,13 +108,11 @@ def test_bf16_models_decode_in_fp32_natively(tiny_model, monkeypatch, arch):
 def test_bf16_models_step_natively_below_the_work_limit(tiny_model, monkeypatch, dtype):
     """A bf16 model's steps above BF16_STEP_MAX_MACS multiply-adds run per op (its bf16 GEMMs are faster there);
     an fp32 model's always run natively."""
-    model = load_model(str(tiny_model("llama", dtype=torch.bfloat16)), dtype=dtype).model
-    runner = PagedRunner(model, torch.bfloat16)
-    sizes = []
-    step = kernels.decoder_model
-    monkeypatch.setattr(kernels, "decoder_model", lambda *a: sizes.append(a[1].shape[0]) or step(*a))
-    runner.step({0: PROMPT[:2]})  # builds the stack's plan
-    monkeypatch.setattr(base, "BF16_STEP_MAX_MACS", 2 * model.model._stack_plan.macs_per_token)
+    loaded = load_model(str(tiny_model("llama", dtype=torch.bfloat16)), dtype=dtype)
+    runner = PagedRunner.of(loaded, torch.bfloat16)
+    sizes = count_stack_calls(monkeypatch)
+    runner.step({0: PROMPT[:2]})
+    monkeypatch.setattr(cpu_native, "BF16_STEP_MAX_MACS", 2 * loaded.backend.stack.macs_per_token)
     runner.step({1: PROMPT[:3]})
     runner.step({0: [PROMPT[2]], 1: [PROMPT[3]]})
     assert sizes == ([2, 2] if dtype == torch.bfloat16 else [2, 3, 2])
@@ -119,19 +120,31 @@ def test_bf16_models_step_natively_below_the_work_limit(tiny_model, monkeypatch,
 
 def test_fp32_float_weights_keep_the_per_op_path(tiny_model, tmp_path):
     fp32_float = write_ascend(tiny_model("llama"), tmp_path / "f32", mixed)  # random fp32: not exact bf16
+    loaded = load_model(str(fp32_float))
+    assert loaded.backend.stack is None  # one layer without a native form: every step runs per op, and says why
+    assert (
+        "layer 0 (model.layers.0.mlp.gate_up_proj: float weights that are not exactly bf16" in loaded.backend.describe()
+    )
     per_op, _, _ = decode_run(fp32_float, "per-op", steps=1)
-    stacked, _, plans = decode_run(fp32_float, "stack", steps=1)
-    assert plans[0] is None and all(plan is not None for plan in plans[1:])  # one layer without a native form:
-    assert torch.equal(stacked, per_op)  # the whole step runs per op
+    stacked, _, _ = decode_run(fp32_float, "stack", steps=1)
+    assert torch.equal(stacked, per_op)
 
 
-def test_per_head_norm_equals_torch_definition():
+def test_per_head_norm_equals_torch_definition(monkeypatch):
     norm = RMSNorm(16, 1e-6, torch.float32)
+    norm.ops = NativeOps(native.load(), native.best_isa())
     norm.weight.data = torch.randn(16)
     qkv = torch.randn(3, 5 * 16)  # a fused projection's rows: the heads are strided views
     q = qkv[:, : 4 * 16].view(3, 4, 16)
-    assert kernels.rms_norm_heads(q, norm.weight, None, norm.eps) is not None  # the native path runs here
-    torch.testing.assert_close(norm(q), norm._norm(q), rtol=1e-6, atol=1e-6)
+    calls = []
+    monkeypatch.setattr(
+        norm.ops.lib,
+        "sq_rms_norm_heads",
+        lambda *a, _f=norm.ops.lib.sq_rms_norm_heads, **k: calls.append(1) or _f(*a, **k),
+    )
+    got = norm(q)
+    assert calls  # the native kernel ran
+    torch.testing.assert_close(got, TorchOps().rms_norm(q, norm.weight, None, norm.eps), rtol=1e-6, atol=1e-6)
 
 
 def test_intermediate_size_off_the_int8_blocks_keeps_the_per_op_path(tmp_path):
@@ -139,6 +152,6 @@ def test_intermediate_size_off_the_int8_blocks_keeps_the_per_op_path(tmp_path):
     src = make_tiny_model("llama", tmp_path / "src", dtype=torch.bfloat16, intermediate_size=72)
     dst = write_ascend(src, tmp_path / "q", SCHEMES["dynamic"], dtype=torch.bfloat16)
     per_op, _, _ = decode_run(dst, "per-op")
-    stacked, _, plans = decode_run(dst, "stack")
-    assert all(plan is None for plan in plans)
+    stacked, _, stack = decode_run(dst, "stack")
+    assert stack is None
     assert torch.equal(stacked, per_op)

@@ -1,4 +1,5 @@
-"""Native int8 kernels vs the pure-torch definitions: exact integers, bit-identical fused (de)quantization."""
+"""Native int8 ops (NativeOps) vs the torch definitions (TorchOps, format.primitives): exact integers,
+bit-identical fused (de)quantization; the backend choice when the native build cannot load."""
 
 from __future__ import annotations
 
@@ -7,12 +8,18 @@ import shutil
 import pytest
 import torch
 
+from slimquant.backends.native_ops import NativeOps
+from slimquant.backends.select import select_backend
+from slimquant.backends.torch_ops import TorchOps, quantize_static
+from slimquant.config import KernelConfig
 from slimquant.format import primitives as P
-from slimquant.kernels import int8_ops as K
 from slimquant.kernels import native
 from slimquant.kernels.cpu import cpu_flags
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+K = NativeOps(native.load(), native.best_isa()) if native.available() else None  # the default build's ops
+T = TorchOps()
+F32 = torch.float32
 SHAPES = [
     (1, 1, 1), (1, 17, 5), (2, 31, 3), (3, 33, 17), (5, 1025, 7), (6, 64, 5), (8, 70, 11),  # decode: rows stream
     (17, 64, 9), (65, 100, 13), (130, 40, 4),
@@ -26,7 +33,7 @@ def test_native_kernels_build_where_the_cpu_and_compiler_allow():
 
 
 def _torch_form(w_q: torch.Tensor) -> torch.Tensor:
-    return w_q.float().t().contiguous()  # what pack_weight gives without native kernels: [K, N]
+    return T.pack_weight(w_q)  # TorchOps' exact fp32 [K, N]
 
 
 @needs_native
@@ -37,22 +44,23 @@ def test_int8_gemm_is_exact(m, k, n):
     w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     packed = K.pack_weight(w_q)
     assert packed.dtype == torch.int8 and packed.shape == (n, -(-k // 32) * 32)
-    assert torch.equal(K.int8_mm_packed(x_q, packed), P.int8_matmul_reference(x_q, w_q))
+    assert torch.equal(K.int8_mm(x_q, packed), P.int8_matmul_reference(x_q, w_q))
 
 
 @needs_native
 def test_int8_gemm_extremes_do_not_saturate():
     x_q = torch.full((3, 1024), -128, dtype=torch.int8)
     w_q = torch.cat([torch.full((2, 1024), 127), torch.full((2, 1024), -127)]).to(torch.int8)  # [4, 1024]
-    assert torch.equal(K.int8_mm_packed(x_q, K.pack_weight(w_q)), P.int8_matmul_reference(x_q, w_q))
+    assert torch.equal(K.int8_mm(x_q, K.pack_weight(w_q)), P.int8_matmul_reference(x_q, w_q))
 
 
+@needs_native
 def test_weight_with_minus_128_keeps_the_exact_fp32_form():
     w_q = torch.tensor([[-128, 3], [5, 7]], dtype=torch.int8)
     packed = K.pack_weight(w_q)
     assert packed.dtype == torch.float32
     x_q = torch.tensor([[-128, 127]], dtype=torch.int8)
-    assert torch.equal(K.int8_mm_packed(x_q, packed), P.int8_matmul_reference(x_q, w_q))
+    assert torch.equal(K.int8_mm(x_q, packed), P.int8_matmul_reference(x_q, w_q))
 
 
 @needs_native
@@ -66,8 +74,8 @@ def test_fused_dynamic_linear_equals_unfused(m, k, n, with_bias):
         x[2] = 0.0
     w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     w_s, bias = torch.rand(n, generator=g) / 50, torch.randn(n, generator=g) if with_bias else None
-    fused = K.dynamic_linear(x, K.pack_weight(w_q), w_s, bias)
-    assert torch.equal(fused, K.dynamic_linear(x, _torch_form(w_q), w_s, bias))
+    fused = K.dynamic_linear(x, K.pack_weight(w_q), w_s, bias, F32)
+    assert torch.equal(fused, T.dynamic_linear(x, _torch_form(w_q), w_s, bias, F32))
     x_q, s_t = P.quantize_per_token(x)  # the definition, step by step
     y = P.int8_matmul_reference(x_q, w_q).float() * s_t * w_s
     assert torch.equal(fused, y if bias is None else y + bias)
@@ -83,9 +91,9 @@ def test_fused_static_linear_equals_unfused(m, k, n):
     w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     qb = torch.randint(-5000, 5000, (n,), dtype=torch.int32, generator=g)
     deq = torch.rand(n, generator=g) / 1000
-    fused = K.static_linear(x, K.pack_weight(w_q), inv, off, qb, deq)
-    assert torch.equal(fused, K.static_linear(x, _torch_form(w_q), inv, off, qb, deq))
-    acc = P.int8_matmul_reference(K.quantize_static(x, inv, off), w_q)
+    fused = K.static_linear(x, K.pack_weight(w_q), inv, off, qb, deq, F32)
+    assert torch.equal(fused, T.static_linear(x, _torch_form(w_q), inv, off, qb, deq, F32))
+    acc = P.int8_matmul_reference(quantize_static(x, inv, off), w_q)
     assert torch.equal(fused, (acc + qb).float() * deq)
 
 
@@ -97,11 +105,12 @@ def test_strided_and_bf16_inputs():
     w_q = torch.randint(-127, 128, (9, 65), dtype=torch.int8, generator=g)
     w_s = torch.rand(9, generator=g)
     assert torch.equal(
-        K.dynamic_linear(x, K.pack_weight(w_q), w_s, None), K.dynamic_linear(x.clone(), _torch_form(w_q), w_s, None)
+        K.dynamic_linear(x, K.pack_weight(w_q), w_s, None, F32),
+        T.dynamic_linear(x.clone(), _torch_form(w_q), w_s, None, F32),
     )
     xb = x.bfloat16()
     assert torch.equal(
-        K.dynamic_linear(xb, K.pack_weight(w_q), w_s, None), K.dynamic_linear(xb, _torch_form(w_q), w_s, None)
+        K.dynamic_linear(xb, K.pack_weight(w_q), w_s, None, F32), T.dynamic_linear(xb, _torch_form(w_q), w_s, None, F32)
     )
 
 
@@ -121,25 +130,27 @@ def test_stacked_expert_weights_pack_alike():
     packed = K.pack_weight(w)
     x_q = torch.randint(-128, 128, (4, 40), dtype=torch.int8)
     for e in range(3):
-        assert torch.equal(K.int8_mm_packed(x_q, packed[e]), P.int8_matmul_reference(x_q, w[e]))
+        assert torch.equal(K.int8_mm(x_q, packed[e]), P.int8_matmul_reference(x_q, w[e]))
 
 
-def test_failed_build_falls_back_to_the_torch_path(monkeypatch, tmp_path, caplog):
+def test_failed_build_picks_the_torch_backend_and_says_why(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
-    monkeypatch.setenv("SLIMQUANT_CACHE", str(tmp_path))
-    native.library.cache_clear()
+    settings = KernelConfig(cache_dir=tmp_path)
     try:
-        assert native.library() is None
-        assert "native kernels off" in caplog.text
+        backend = select_backend("cpu", settings)
+        assert backend.name == "torch-reference" and "cpu-native unavailable" in backend.describe()
+        assert "compiling" in backend.describe() or "no C++ compiler" in backend.describe()
+        with pytest.raises(ValueError, match="backend 'cpu-native' cannot run here"):
+            select_backend("cpu", KernelConfig(backend="cpu-native", cache_dir=tmp_path))
         w_q = torch.randint(-127, 128, (5, 40), dtype=torch.int8)
-        packed = K.pack_weight(w_q)
+        packed = backend.ops.pack_weight(w_q)
         assert packed.dtype == torch.float32  # the exact fp32 form
         x = torch.randn(3, 40)
         x_q, s_t = P.quantize_per_token(x)
         expected = P.int8_matmul_reference(x_q, w_q).float() * s_t * torch.ones(5)
-        assert torch.equal(K.dynamic_linear(x, packed, torch.ones(5), None), expected)
+        assert torch.equal(backend.ops.dynamic_linear(x, packed, torch.ones(5), None, F32), expected)
     finally:
-        native.library.cache_clear()  # the next caller loads the real library again
+        native.load.cache_clear()  # the next caller loads the real library again
 
 
 needs_vnni = pytest.mark.skipif(
@@ -150,15 +161,18 @@ needs_vnni = pytest.mark.skipif(
 
 def _gemm_with(lib, x_q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x_q.shape[0], packed.shape[0], dtype=torch.int32)
-    lib.sq_int8_gemm(x_q.data_ptr(), *K._dims(x_q), packed.data_ptr(), packed.shape[0], packed.shape[1], out.data_ptr())
+    m, k = x_q.shape
+    lib.sq_int8_gemm(
+        x_q.data_ptr(), m, k, x_q.stride(0), packed.data_ptr(), packed.shape[0], packed.shape[1], out.data_ptr()
+    )
     return out
 
 
 def _dynamic_with(lib, x: torch.Tensor, packed: torch.Tensor, w_s: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)
     lib.sq_dynamic_linear(
-        x.data_ptr(), *K._dims(x), packed.data_ptr(), packed.shape[0], packed.shape[1], w_s.data_ptr(),
-        bias.data_ptr(), y.data_ptr(),
+        x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), packed.data_ptr(), packed.shape[0], packed.shape[1],
+        w_s.data_ptr(), bias.data_ptr(), y.data_ptr(),
     )  # fmt: skip
     return y
 
@@ -169,14 +183,14 @@ def _dynamic_with(lib, x: torch.Tensor, packed: torch.Tensor, w_s: torch.Tensor,
 @pytest.mark.parametrize("n", [1, 7, 16, 65])  # 16, 65: whole blocks of 16 rows (+ a row in plain layout)
 def test_avx512_and_avx2_builds_agree(m, k, n):
     """Both builds compute the same exact integers (and so the same fused outputs) at odd sizes."""
-    vnni, avx2 = native.library_for("avx512vnni"), native.library_for("avx2")
+    vnni, avx2 = native.load("avx512vnni"), native.load("avx2")
     assert (vnni.sq_isa(), avx2.sq_isa()) == (1, 0)
     g = torch.Generator().manual_seed(m * 100 + k * 10 + n)
     x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
     x_q[0, : min(k, 4)] = -128  # the extremes, where a sign or offset trick would overflow first
     w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     w_q[0, : min(k, 4)] = 127
-    packed = {isa: K.pack_weight(w_q, isa=isa) for isa in ("avx512vnni", "avx2")}  # each build's layout
+    packed = {isa: NativeOps(lib, isa).pack_weight(w_q) for isa, lib in (("avx512vnni", vnni), ("avx2", avx2))}
     got = _gemm_with(vnni, x_q, packed["avx512vnni"])
     assert torch.equal(got, _gemm_with(avx2, x_q, packed["avx2"]))
     assert torch.equal(got, P.int8_matmul_reference(x_q, w_q))
@@ -191,5 +205,5 @@ def test_avx512_and_avx2_builds_agree(m, k, n):
 
 @needs_native
 def test_isa_names_the_build():
-    assert native.isa() in native.ISA_FLAGS
-    assert native.library().sq_isa() == (1 if native.isa() == "avx512vnni" else 0)
+    assert native.best_isa() in native.ISA_FLAGS
+    assert native.load().sq_isa() == (1 if native.best_isa() == "avx512vnni" else 0)

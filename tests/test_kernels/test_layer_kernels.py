@@ -1,17 +1,26 @@
-"""Native decode attention (rope + cache write fused) and residual RMSNorm vs their pure-torch definitions."""
+"""NativeOps' decode attention (rope + cache write fused), residual RMSNorm and SiLU-and-mul vs TorchOps'
+definitions."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from slimquant import kernels
+from slimquant.backends.native_ops import NativeOps
+from slimquant.backends.torch_ops import TorchOps, paged_attention, store_kv
 from slimquant.kernels import native
-from slimquant.layers.attention import paged_attention, store_kv
+from slimquant.layers.context import ForwardContext
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.rotary import apply_rotary
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+kernels = NativeOps(native.load(), native.best_isa()) if native.available() else None
+
+
+def decode_attention(ops, q, k, v, rope, cache, slots, tables, lens, scale):
+    """ops.attention of one decode step: q [B, NH, D], k / v [B, KVH, D], cache [2, NB, BS, KVH, D]."""
+    ctx = ForwardContext([1] * len(lens), list(lens), slots, tables, cache.shape[2])
+    return ops.attention(q, k, v, rope, cache, ctx, scale)
 
 
 def _case(nh: int, kvh: int, d: int, lens: list[int], block_size: int = 4, seed: int = 0):
@@ -39,9 +48,7 @@ def test_decode_attention_equals_torch_path(nh, kvh, d, lens, cache_dtype):
     qr, kr = apply_rotary(q, *rope), apply_rotary(k, *rope)
     store_kv(ref_cache[0], ref_cache[1], kr, v, slots)  # (bf16: rounded by torch's conversion)
     ref = paged_attention(qr[:, None], ref_cache[0], ref_cache[1], tables, lens, d**-0.5)  # [B, 1, NH, D]
-    lens_t = torch.tensor(lens, dtype=torch.int32)
-    out = kernels.decode_attention(q, k, v, rope, (cache[0], cache[1]), slots, tables, lens_t, d**-0.5)
-    assert out is not None
+    out = decode_attention(kernels, q, k, v, rope, cache, slots, tables, lens, d**-0.5)
     # rotated k and v stored as the torch path stores them: the same values, NaN where it has NaN
     torch.testing.assert_close(cache, ref_cache, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(out, ref.reshape(len(lens), -1), rtol=1e-5, atol=1e-6, equal_nan=True)
@@ -51,25 +58,23 @@ def test_decode_attention_skips_padding_slots_and_runs_without_rope():
     cache, tables, slots, q, k, v, _ = _case(2, 1, 8, [3, 4])
     before = cache.clone()
     slots[1] = -1
-    lens_t = torch.tensor([3, 4], dtype=torch.int32)
-    out = kernels.decode_attention(q, k, v, None, (cache[0], cache[1]), slots, tables, lens_t, 0.3)
+    out = decode_attention(kernels, q, k, v, None, cache, slots, tables, [3, 4], 0.3)
     store_kv(before[0], before[1], k, v, slots)
     assert torch.equal(cache, before)
     ref = paged_attention(q[:, None], before[0], before[1], tables, [3, 4], 0.3)
     torch.testing.assert_close(out, ref.reshape(2, -1), rtol=1e-5, atol=1e-6)
 
 
-def test_decode_attention_declines_other_dtypes():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_attention_of_other_dtypes_is_the_torch_definition(dtype):
+    """Activations the native kernel does not take (bf16, fp16) get TorchOps' attention, bit for bit."""
     cache, tables, slots, q, k, v, rope = _case(2, 1, 8, [3])
-    lens_t = torch.tensor([3], dtype=torch.int32)
-    bf = (cache[0].bfloat16(), cache[1].bfloat16())
-    assert (
-        kernels.decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, bf, slots, tables, lens_t, 1.0) is None
-    )
-    mixed = (cache[0], cache[1].bfloat16())  # the caches must share one dtype
-    assert kernels.decode_attention(q, k, v, None, mixed, slots, tables, lens_t, 1.0) is None
-    half = (cache[0].half(), cache[1].half())
-    assert kernels.decode_attention(q, k, v, None, half, slots, tables, lens_t, 1.0) is None
+    q, k, v, cache = q.to(dtype), k.to(dtype), v.to(dtype), cache.to(dtype)
+    rope = tuple(r.to(dtype) for r in rope)
+    ref_cache = cache.clone()
+    ref = decode_attention(TorchOps(), q, k, v, rope, ref_cache, slots, tables, [3], 1.0)
+    out = decode_attention(kernels, q, k, v, rope, cache, slots, tables, [3], 1.0)
+    assert torch.equal(out, ref) and torch.equal(cache, ref_cache)
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
@@ -85,7 +90,7 @@ def test_add_rms_norm_equals_torch_norm(t, h, with_residual, with_bias):
     y, summed = kernels.add_rms_norm(x, res, norm.weight, norm.bias, norm.eps)
     ref_sum = x if res is None else x + res
     assert torch.equal(summed, ref_sum)
-    torch.testing.assert_close(y, norm._norm(ref_sum), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, TorchOps().rms_norm(ref_sum, norm.weight, norm.bias, norm.eps), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("t", "inter"), [(1, 3), (5, 64), (40, 1000)])

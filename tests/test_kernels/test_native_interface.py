@@ -16,7 +16,7 @@ CSRC = native.SOURCES[0].parent
 
 
 def test_every_exported_function_takes_its_c_parameter_names():
-    lib = native.library()
+    lib = native.load()
     signatures = native._signatures(lib.cdll.sq_signatures().decode())
     assert {name for _, name, _ in signatures} >= {"sq_decoder_model", "sq_decode_attention", "sq_int8_gemm"}
     for _, name, params in signatures:
@@ -25,11 +25,11 @@ def test_every_exported_function_takes_its_c_parameter_names():
 
 def test_a_wrong_parameter_name_is_a_type_error():
     with pytest.raises(TypeError, match="unexpected keyword argument 'rows'"):
-        native.library().sq_silu_and_mul(x=0, t=0, inter=0, ldx=0, y=0, rows=1)
+        native.load().sq_silu_and_mul(x=0, t=0, inter=0, ldx=0, y=0, rows=1)
 
 
 def test_structs_take_the_cpp_layout_and_refuse_another():
-    lib = native.library()
+    lib = native.load()
     step = lib.structs["SqStep"](batch=3, kv_bf16=1)
     assert (step.batch, step.kv_bf16, step.slots) == (3, 1, None)
     text = lib.cdll.sq_struct_layouts().decode()

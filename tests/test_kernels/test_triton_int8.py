@@ -17,10 +17,9 @@ pytest.importorskip("triton")
 from slimquant.kernels import cuda_int8  # noqa: E402
 
 
-@pytest.fixture(autouse=True, params=[False, True], ids=["three-kernel", "fused"])
-def fused(request, monkeypatch):
-    """Every linear test runs both forms: three kernels, and one (SLIMQUANT_CUDA_FUSED_INT8=1)."""
-    monkeypatch.setattr(cuda_int8, "FUSED", request.param)
+@pytest.fixture(params=[False, True], ids=["three-kernel", "fused"])
+def fused(request) -> bool:
+    """Every linear test runs both forms: three kernels, and one (KernelConfig.cuda_fused_int8)."""
     return request.param
 
 
@@ -37,20 +36,20 @@ def _inputs(t: int, k: int, n: int, dtype: torch.dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("t,k,n", SHAPES)
-def test_dynamic_linear(t, k, n, dtype):
+def test_dynamic_linear(t, k, n, dtype, fused):
     x, w_q, gen = _inputs(t, k, n, dtype)
     w_s, bias = torch.rand(n, generator=gen) / 100, torch.randn(n, generator=gen).to(dtype)
     x_q, s_t = P.quantize_per_token(x)  # [T, K], [T, 1]
     expected = (P.int8_matmul_reference(x_q, w_q).float() * s_t * w_s + bias.float()).to(dtype)
-    assert torch.equal(cuda_int8.dynamic_linear(x, w_q, w_s, bias, dtype), expected)
+    assert torch.equal(cuda_int8.dynamic_linear(x, w_q, w_s, bias, dtype, fused=fused), expected)
     no_bias = (P.int8_matmul_reference(x_q, w_q).float() * s_t * w_s).to(dtype)
-    assert torch.equal(cuda_int8.dynamic_linear(x, w_q, w_s, None, dtype), no_bias)
+    assert torch.equal(cuda_int8.dynamic_linear(x, w_q, w_s, None, dtype, fused=fused), no_bias)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("t,k,n", SHAPES)
-def test_static_linear(t, k, n, dtype):
-    from slimquant.kernels import quantize_static
+def test_static_linear(t, k, n, dtype, fused):
+    from slimquant.backends.torch_ops import quantize_static
 
     x, w_q, gen = _inputs(t, k, n, dtype)
     inv, off = torch.tensor([0.7], dtype=dtype), torch.tensor([3.0], dtype=dtype)  # in x's dtype, as at runtime
@@ -58,14 +57,14 @@ def test_static_linear(t, k, n, dtype):
     deq = torch.rand(n, generator=gen)
     acc = P.int8_matmul_reference(quantize_static(x, inv, off), w_q)
     expected = ((acc + qbias).float() * deq).to(dtype)
-    assert torch.equal(cuda_int8.static_linear(x, w_q, inv, off, qbias, deq, dtype), expected)
+    assert torch.equal(cuda_int8.static_linear(x, w_q, inv, off, qbias, deq, dtype, fused=fused), expected)
 
 
-def test_rows_with_a_stride():
+def test_rows_with_a_stride(fused):
     """A column slice of a wider tensor (as a fused projection's output) is read in place."""
     wide, w_q, gen = _inputs(3, 160, 32, torch.float32)
     x = wide[:, 16:80]  # [3, 64], row stride 160
     w_q, w_s = w_q[:, :64].contiguous(), torch.rand(32, generator=gen)
     x_q, s_t = P.quantize_per_token(x)
     expected = P.int8_matmul_reference(x_q, w_q).float() * s_t * w_s
-    assert torch.equal(cuda_int8.dynamic_linear(x, w_q, w_s, None, torch.float32), expected)
+    assert torch.equal(cuda_int8.dynamic_linear(x, w_q, w_s, None, torch.float32, fused=fused), expected)

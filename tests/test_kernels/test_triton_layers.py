@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimquant.layers.attention import paged_attention, store_kv
+from slimquant.backends.torch_ops import TorchOps, paged_attention, store_kv
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.rotary import apply_rotary
 
@@ -43,7 +43,7 @@ def test_add_rms_norm(dtype, with_residual, with_bias):
     y, summed = cuda_layers.add_rms_norm(x, residual, norm.weight, norm.bias, norm.eps)
     expected_sum = x + residual if with_residual else x
     assert torch.equal(summed, expected_sum)
-    torch.testing.assert_close(y, norm._norm(expected_sum), **_ulps(dtype))
+    torch.testing.assert_close(y, TorchOps().rms_norm(expected_sum, norm.weight, norm.bias, norm.eps), **_ulps(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -58,7 +58,9 @@ def test_rms_norm_heads(dtype, with_bias):
     qkv = (torch.randn(t, (heads + 4) * d, generator=gen) * 2).to(dtype)
     q = qkv[:, : heads * d].view(t, heads, d)  # a strided view, as Qwen3's q before its norm
     torch.testing.assert_close(
-        cuda_layers.rms_norm_heads(q, norm.weight, norm.bias, norm.eps), norm._norm(q), **_ulps(dtype)
+        cuda_layers.rms_norm_heads(q, norm.weight, norm.bias, norm.eps),
+        TorchOps().rms_norm(q, norm.weight, norm.bias, norm.eps),
+        **_ulps(dtype),
     )
 
 
@@ -113,14 +115,14 @@ def test_paged_decode_attention(dtype, nh, kvh, d, bs):
 def test_model_on_triton_layers_matches_torch_path(tiny_model, monkeypatch, arch):
     """A bf16 model's logits (a prefill chunk, then decode steps of two sequences) with the CUDA path's layer
     kernels standing in for the torch ops, against the torch ops."""
-    from slimquant.kernels import layer_ops
+    from slimquant.backends.base import Backend
+    from slimquant.backends.triton_ops import TritonOps
+    from slimquant.config import KernelConfig
     from slimquant.models.loader import load_model
     from tests.models.paged import PROMPT, PagedRunner, assert_close
 
-    model = load_model(str(tiny_model(arch)), dtype=torch.bfloat16).model
-    model.model._stack_plan = None  # the CPU's native decode step off: every step runs the layer ops
-    for layer in model.model.layers:
-        layer._native_plan = None
+    torch_reference = KernelConfig(backend="torch-reference")
+    model = load_model(str(tiny_model(arch)), dtype=torch.bfloat16, kernels=torch_reference).model
 
     def logits() -> torch.Tensor:
         runner = PagedRunner(model, torch.bfloat16)
@@ -135,7 +137,7 @@ def test_model_on_triton_layers_matches_torch_path(tiny_model, monkeypatch, arch
     for name in names:
         kernel = getattr(cuda_layers, name)
         monkeypatch.setattr(cuda_layers, name, lambda *a, _k=kernel, _n=name: calls.update({_n: 1}) or _k(*a))
-    monkeypatch.setattr(layer_ops, "_is_cuda", lambda t: True)
+    Backend(TritonOps()).bind(model)  # the cuda-triton backend's ops, on the CPU in Triton's interpreter
     got = logits()
     assert set(calls) == names
     assert_close(got, expected, rel=2e-2)  # bf16: about one ulp of the largest logit (a 1.2x softmax scale: 10%)

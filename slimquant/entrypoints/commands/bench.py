@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimquant.devices import check_device
+from slimquant.entrypoints.commands.generate import add_backend_arg, kernels_of
 
 COLUMNS = ("decode, 1 stream", "prefill", "decode, N streams")
 
@@ -53,6 +54,7 @@ def add_measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", help="slimquant's KV cache: auto | bfloat16 | float32")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every system runs [cpu]")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: slimquant decodes without CUDA graphs")
+    add_backend_arg(p)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Row:
     speeds: tuple[float, float, float]
     weight_bytes: int | None = None
     bandwidth: float | None = None
+    backend: str = ""  # slimquant rows: the backend and what it decided at load (Backend.describe)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,7 +95,7 @@ def machine_line(device: str = "cpu") -> str:
 
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
     flags = " ".join(f for f in wanted if f in cpu_flags()) or "none of avx2/avx512/amx"
-    kernels = native.isa() if native.available() else "off (pure torch)"
+    kernels = native.best_isa() if native.available() else "unavailable"
     return (
         f"{cpu_model() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"CPU flags: {flags}; native kernels: {kernels}"
@@ -138,6 +141,7 @@ def _bench_slimquant(path: str, args: argparse.Namespace) -> Row:
         enable_prefix_caching=False,
         device=args.device,
         enforce_eager=args.enforce_eager,
+        kernels=kernels_of(args),
     )
     prompt = list(range(100, 100 + args.prompt_len))
     decode = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
@@ -155,19 +159,20 @@ def _bench_slimquant(path: str, args: argparse.Namespace) -> Row:
     bandwidth = read_bandwidth(args.device)  # the machine's bandwidth moves: read it next to the decode it limits
     pf = _tokens_per_s(args.prompt_len, lambda: gen([prompt], one))
     dn = _tokens_per_s(args.decode_tokens * args.streams, lambda: gen(streams, decode))
-    weight_bytes = decode_weight_bytes(llm.llm_engine.runner.model)
-    return Row(f"slimquant {_short(path)}", (d1, pf, dn), weight_bytes, bandwidth)
+    runner = llm.llm_engine.runner
+    weight_bytes = decode_weight_bytes(runner.model, runner.sampler.head)
+    return Row(f"slimquant {_short(path)}", (d1, pf, dn), weight_bytes, bandwidth, runner.backend.describe())
 
 
-def decode_weight_bytes(model) -> int:
+def decode_weight_bytes(model, head) -> int:
     """Bytes of weights one greedy decode step reads: every parameter, but of the embedding table one row (unless
-    tied), and the greedy head's int8 screen in place of the float LM head where it runs (layers/greedy_head.py)."""
+    tied), and of the LM head what the backend's head reads for an argmax (cpu-native: its int8 screen)."""
     embed = model.model.embed_tokens.weight
     total = sum(_nbytes(p) for p in model.parameters())
     if model.lm_head is not None:
         total -= _nbytes(embed)
-    head = model.greedy_head()
-    return total if head is None else total - _nbytes(head.weight) + head.screen_bytes()
+    screen = head.argmax_bytes()
+    return total if screen is None else total - _nbytes(model.float_head_weight()) + screen
 
 
 def _nbytes(t) -> int:
@@ -264,8 +269,13 @@ def _short(path: str) -> str:
 
 
 def print_table(rows: list[Row], args: argparse.Namespace) -> None:
-    """The side-by-side table, then each slimquant row's decode speed against the memory-bandwidth limit."""
+    """The side-by-side table, each slimquant row's backend, then its decode speed against the memory-bandwidth
+    limit."""
     _print(rows, args)
+    print("\nbackends:")
+    for r in rows:
+        if r.backend:
+            print(f"  {r.name}: {r.backend}")
     print("\nmemory-bandwidth limit of single-stream decode (read bandwidth measured right after that decode):")
     for r in rows:
         if r.weight_bytes and r.bandwidth:

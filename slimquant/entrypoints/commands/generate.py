@@ -35,6 +35,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: decode op by op, without CUDA graphs")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code")
+    add_backend_arg(p)
+
+
+def add_backend_arg(p: argparse.ArgumentParser) -> None:
+    """--backend: which kernels run the model (KernelConfig.backend; default $SLIMQUANT_BACKEND, else auto)."""
+    from slimquant.config import BACKENDS
+
+    p.add_argument(
+        "--backend", choices=BACKENDS, help="kernels: auto (the fastest that runs here) | " + " | ".join(BACKENDS[1:])
+    )
+
+
+def kernels_of(args: argparse.Namespace) -> dict:
+    """LLM(kernels=...) for --backend: only what the user set, the rest from KernelConfig's defaults."""
+    return {"backend": args.backend} if getattr(args, "backend", None) else {}
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -57,6 +72,7 @@ def make_llm(args: argparse.Namespace, **engine_kwargs):
         kv_cache_dtype=args.kv_cache_dtype,
         device=args.device,
         enforce_eager=args.enforce_eager,
+        kernels=kernels_of(args),
         max_model_len=args.max_model_len,
         trust_remote_code=args.trust_remote_code,
         **engine_kwargs,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
+from slimquant.config import env_setting
 from slimquant.entrypoints.commands.generate import add_engine_args, make_llm
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", help="the name clients use in 'model' (default: the folder name)")
     p.add_argument(
         "--api-key",
-        default=os.environ.get("SLIMQUANT_API_KEY"),
+        default=env_setting("SLIMQUANT_API_KEY") or None,
         help="require 'Authorization: Bearer KEY' on /v1 routes (or set SLIMQUANT_API_KEY)",
     )
     add_engine_args(p)

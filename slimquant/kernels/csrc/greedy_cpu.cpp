@@ -1,4 +1,4 @@
-// The greedy head (slimquant/layers/greedy_head.py, whose `screen_reference` defines the screen): the argmax of
+// The greedy head (slimquant/backends/greedy_screen.py, whose `screen_reference` defines the screen): the argmax of
 // each token's logits x W^T without reading most of the bf16 head W, screened by an int8 copy of it.
 //
 // Each token row x is held as s_x * p with p = round(x / s_x) in 16 bits (|p| <= kPMax), split into two int8

@@ -17,14 +17,12 @@ bound to thousands of candidates; 16-bit activations shrink that term 256-fold.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from slimquant.backends.native_ops import NATIVE_MAX_TOKENS, NativeOps
 from slimquant.format.primitives import int8_matmul_reference
-from slimquant.kernels import float_ops, int8_ops, native
+from slimquant.kernels import native
 
-ENABLED = os.environ.get("SLIMQUANT_GREEDY_SCREEN", "1") != "0"  # 0: greedy steps compute the whole head
 P_MAX = 127 * 256 + 127  # |p| <= P_MAX keeps both int8 halves of p = 256 * hi + lo within [-127, 127]
 _SLACK = 1.0 + 1e-4  # covers the fp32 rounding of q = round(w / s_w) and of s_w itself
 _FP32_SUM = 2.0 * 2.0**-24  # per term: the float kernel's summation error, with room (K u / (1 - K u) <= 2 K u)
@@ -36,11 +34,12 @@ _CANDIDATE_CAP = 4096  # candidates per token above which the whole head is comp
 class GreedyHead:
     """argmax(x W^T) per token row for a bf16 weight W [V, K] held for the native float kernel, on CPU."""
 
-    def __init__(self, weight: torch.Tensor):
-        assert usable(weight), "GreedyHead needs a CPU bf16 weight and the native kernels"
+    def __init__(self, weight: torch.Tensor, ops: NativeOps):
+        assert usable(weight), "GreedyHead needs a CPU bf16 weight"
+        self.lib = ops.lib
         self.weight = weight  # [V, K] bf16, the float head's own tensor (not copied)
         q, self.row_terms = quantize_rows(weight)  # int8 [V, K]; [3, V] fp32: the bound's per-row factors
-        self.packed = int8_ops.pack_weight(q)  # int8 for the native GEMM
+        self.packed = ops.pack_weight(q)  # int8 for the native GEMM
 
     def screen_bytes(self) -> int:
         """Bytes the screen reads per step (the int8 copy and the per-row factors; the candidates' rows aside)."""
@@ -49,12 +48,12 @@ class GreedyHead:
     def argmax(self, x: torch.Tensor) -> list[int] | None:
         """x fp32 [T, K] -> the argmax token of each row's logits; None where the screen does not apply
         (non-finite x, or more tokens than the native float kernel takes)."""
-        if x.dtype != torch.float32 or x.shape[0] > float_ops.NATIVE_MAX_TOKENS:
+        if x.dtype != torch.float32 or x.shape[0] > NATIVE_MAX_TOKENS:
             return None
         x = native.rows_contiguous(x)
         (t, k), v = x.shape, self.weight.shape[0]
         tokens = torch.empty(t, dtype=torch.int64)
-        status = native.library().sq_greedy_argmax(
+        status = self.lib.sq_greedy_argmax(
             x.data_ptr(), t, k, x.stride(0), self.packed.data_ptr(), v, self.packed.shape[1],
             self.row_terms.data_ptr(), self.weight.data_ptr(), _SLACK, _FP32_SUM, tokens.data_ptr(),
         )  # fmt: skip
@@ -65,14 +64,14 @@ class GreedyHead:
         largest logits, ascending, with their exact logits (the full head's bits), padded with -inf; None where
         the screen does not apply (as argmax, or too many candidates). Top-k sampling over them keeps the same
         tokens with the same probabilities as over the whole vocabulary."""
-        if x.dtype != torch.float32 or x.shape[0] > float_ops.NATIVE_MAX_TOKENS or not 0 < top_k <= TOP_K_MAX:
+        if x.dtype != torch.float32 or x.shape[0] > NATIVE_MAX_TOKENS or not 0 < top_k <= TOP_K_MAX:
             return None
         x = native.rows_contiguous(x)
         (t, k), v = x.shape, self.weight.shape[0]
         ids = torch.empty(t, _CANDIDATE_CAP, dtype=torch.int64)
         logits = torch.empty(t, _CANDIDATE_CAP, dtype=torch.float32)
         counts = torch.empty(t, dtype=torch.int32)
-        status = native.library().sq_topk_screen(
+        status = self.lib.sq_topk_screen(
             x.data_ptr(), t, k, x.stride(0), self.packed.data_ptr(), v, self.packed.shape[1],
             self.row_terms.data_ptr(), self.weight.data_ptr(), _SLACK, _FP32_SUM, top_k, _CANDIDATE_CAP,
             ids.data_ptr(), logits.data_ptr(), counts.data_ptr(),
@@ -110,7 +109,7 @@ def candidates(approx: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
 
 def usable(weight: torch.Tensor) -> bool:
     """Whether a head weight runs on the native bf16 kernel, which the screen's exactness needs."""
-    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2 and native.available()
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,9 +1,9 @@
-"""Every Llama-family decoder layer of a CPU step in one native call (csrc/layer_cpu.cpp).
+"""Every decoder layer of a CPU step in one native call (csrc/layer_cpu.cpp: sq_decoder_model).
 
 At a small model's decode size every op is a few microseconds of arithmetic and the per-op overhead of Python
 and torch dominates. A layer whose linears all have a native form (int8 dynamic / static, bf16 float) gets a
-plan once (pointers to its weights, in a ctypes struct); each step then runs the same native kernels the
-per-op path calls, in the same order, so the results are bit-identical to it.
+plan once (pointers to its weights, in an SqDecoderLayer struct, csrc/exports.h); each step then runs the same
+native kernels the per-op path calls, in the same order, so the results are bit-identical to it.
 """
 
 from __future__ import annotations
@@ -12,18 +12,20 @@ import ctypes
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
+from slimquant.backends.native_ops import NATIVE_MAX_TOKENS, is_native_weight, kv_cache_ready, step_rows
 from slimquant.kernels import native
-from slimquant.kernels.float_ops import NATIVE_MAX_TOKENS
-from slimquant.kernels.layer_ops import fp32_cpu, kv_caches_ready, ptr_or_none, step_rows
+from slimquant.layers.context import ForwardContext
+from slimquant.layers.quant_methods import UnquantizedMethod, W8A8DynamicMethod, W8A8StaticMethod
+from slimquant.models.base import LayerParts
 
 _LINEAR_KIND = {"dynamic": 1, "static": 2, "bf16": 3}
 _SLICE_ROWS = 16  # csrc/layer_cpu.cpp: kSliceAlign, the blocked int8 layout's rows per block
 
-
 @dataclass
 class LinearForm:
-    """What sq_decoder_model needs of one linear: kind ('dynamic' | 'static' | 'bf16'), shape, tensors, scalars."""
+    """What the stack needs of one linear: kind ('dynamic' | 'static' | 'bf16'), shape, tensors, scalars."""
 
     kind: str
     n: int
@@ -36,60 +38,65 @@ class LinearForm:
 
 @dataclass
 class DecoderLayerPlan:
-    """A layer's native form (an SqDecoderLayer, csrc/exports.h); holds the tensors its pointers refer to."""
+    """A layer's native form (an SqDecoderLayer); holds the tensors its pointers refer to."""
 
     struct: ctypes.Structure
     keep: list[torch.Tensor]
     max_batch: int  # float linears switch to BLAS above NATIVE_MAX_TOKENS rows: no bit-equal native form there
 
 
-NormWeights = tuple[torch.Tensor, torch.Tensor | None]  # an RMSNorm's (weight, bias or None)
+def linear_form(layer: nn.Module) -> LinearForm | str:
+    """A Linear's native form, or why it has none."""
+    method, w = layer.method, layer.weight
+    if isinstance(method, UnquantizedMethod):
+        if w.dtype != torch.bfloat16:
+            return f"{layer.prefix}: float weights that are not exactly bf16 run through BLAS"
+        return LinearForm("bf16", *w.shape, w, {"bias": layer.bias})
+    if not is_native_weight(w):
+        return f"{layer.prefix}: an int8 weight holding -128 runs on the exact fp32 path"
+    n, k = w.shape[0], layer.in_features
+    if isinstance(method, W8A8DynamicMethod):
+        return LinearForm("dynamic", n, k, w, {"w_scale": layer.weight_scale, "bias": layer.bias})
+    if isinstance(method, W8A8StaticMethod):
+        if layer.input_inv_scale.dtype != torch.float32:
+            return f"{layer.prefix}: static activations quantized in {layer.input_inv_scale.dtype}, not fp32"
+        tensors = {"quant_bias": layer.quant_bias, "deq_scale": layer.deq_scale}
+        return LinearForm("static", n, k, w, tensors, float(layer.input_inv_scale), float(layer.input_offset_rt))
+    return f"{layer.prefix}: no native form for {type(method).__name__}"
 
 
-def decoder_layer_plan(
-    norms: dict[str, NormWeights],
-    eps: float,
-    linears: dict[str, LinearForm | None],
-    heads: tuple[int, int, int],
-    attn_scale: float,
-) -> DecoderLayerPlan | None:
-    """The native form of a layer: norms "input", "post" (and per-head "q", "k": Qwen3), linears qkv / o /
-    gate_up / down, heads (num_heads, num_kv_heads, head_dim); None where any piece has no native form (then
-    the per-op path runs). The kernels compute in fp32: float norms and biases of a bf16 model are held as fp32
-    copies."""
-    if not native.available() or any(lf is None for lf in linears.values()):
-        return None
-    linears = {name: _fp32_tensors(lf) for name, lf in linears.items()}
-    if not all(_valid_form(lf) for lf in linears.values()):
-        return None
-    norms = {name: (fp32_copy(w), fp32_copy(b)) for name, (w, b) in norms.items()}
-    norm_tensors = [t for pair in norms.values() for t in pair]
-    keep = [t for t in norm_tensors if t is not None]
+def decoder_layer_plan(lib: native.Library, parts: LayerParts) -> DecoderLayerPlan | str:
+    """The native form of a layer, or why it has none (then the per-op path runs). The kernels compute in fp32:
+    float norms and biases of a bf16 model are held as fp32 copies."""
+    forms = {name: linear_form(lin) for name, lin in parts.linears.items()}
+    if reasons := [f for f in forms.values() if isinstance(f, str)]:
+        return reasons[0]
+    linears = {name: _fp32_tensors(lf) for name, lf in forms.items()}
+    norms = {name: (fp32_copy(w), fp32_copy(b)) for name, (w, b) in parts.norms.items()}
+    keep = [t for pair in norms.values() for t in pair if t is not None]
     keep += [t for lf in linears.values() for t in (lf.weight, *lf.tensors.values()) if t is not None]
-    if not (fp32_cpu(*norm_tensors) and all(t.is_contiguous() for t in keep)):
-        return None
-    hidden = norms["input"][0].shape[0]
-    head_norms_ok = all(norms[n][0].numel() == heads[2] for n in norms if n in ("q", "k"))
-    if not (head_norms_ok and _shapes_agree(hidden, linears, heads)):
-        return None
-    num_heads, num_kv_heads, head_dim = heads
+    hidden, (num_heads, num_kv_heads, head_dim) = norms["input"][0].shape[0], parts.heads
+    if not all(norms[n][0].numel() == head_dim for n in norms if n in ("q", "k")):
+        return "per-head norms of another size than head_dim"
+    if (why := _shapes_disagree(hidden, linears, parts.heads)) is not None:
+        return why
     no_norm = (None, None)
     norm_ptrs = {
-        f"{short}_norm_{part}": ptr_or_none(t)
+        f"{short}_norm_{part}": _ptr(t)
         for name, short in (("input", "in"), ("post", "post"), ("q", "q"), ("k", "k"))
         for part, t in zip("wb", norms.get(name, no_norm), strict=True)
     }
-    struct = native.library().structs["SqDecoderLayer"](
+    struct = lib.structs["SqDecoderLayer"](
         hidden=hidden, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, inter=linears["down"].k,
-        eps=eps, attn_scale=attn_scale, **norm_ptrs,
-        **{name: _native_linear(linears[name]) for name in ("qkv", "o", "gate_up", "down")},
+        eps=parts.eps, attn_scale=parts.attn_scale, **norm_ptrs,
+        **{name: _native_linear(lib, linears[name]) for name in ("qkv", "o", "gate_up", "down")},
     )  # fmt: skip
     has_float = any(lf.kind == "bf16" for lf in linears.values())
     return DecoderLayerPlan(struct, keep, NATIVE_MAX_TOKENS if has_float else 1 << 30)
 
 
 class DecoderStackPlan:
-    """Every layer's plan with the pointer arrays sq_decoder_stack reads (cache pointers refreshed on change)."""
+    """Every layer's plan with the pointer arrays sq_decoder_model reads (cache pointers refreshed on change)."""
 
     def __init__(self, plans: list[DecoderLayerPlan]):
         self.plans = plans
@@ -107,7 +114,7 @@ class DecoderStackPlan:
         if caches is not self.caches:
             self.caches = caches
             self.k_ptrs = self.v_ptrs = None
-            if kv_caches_ready(*caches):
+            if kv_cache_ready(*caches):
                 array = ctypes.c_void_p * len(caches)
                 self.k_ptrs = array(*(c[0].data_ptr() for c in caches))
                 self.v_ptrs = array(*(c[1].data_ptr() for c in caches))
@@ -127,16 +134,17 @@ class ModelEnds:
 
 
 def decoder_model(
+    lib: native.Library,
     stack: DecoderStackPlan,
     input_ids: torch.Tensor,
     positions: torch.Tensor,
     ends: ModelEnds,
     kv_caches: list[torch.Tensor],
-    ctx,
+    ctx: ForwardContext,
 ) -> torch.Tensor | None:
     """A whole step in one native call, one attention row per token (ctx.token_rows: a decode step, or small
     prefill chunks): input_ids, positions [T] -> the final norm's output [T, H] (embeddings, every layer, final
-    norm); None where it does not apply (the caller runs the ops)."""
+    norm); None where the step's tensors are not in the layout the kernel reads."""
     b, h = input_ids.shape[0], ends.embed.shape[1]
     pointers = stack.cache_pointers(kv_caches)
     cos, sin = ends.rope if ends.rope is not None else (None, None)
@@ -145,35 +153,34 @@ def decoder_model(
     k_ptrs, v_ptrs = pointers
     hidden = torch.empty(b, h)  # [T, H]
     tables, lens = ctx.token_rows  # [T, W], [T]
-    lib = native.library()
     model_ends = lib.structs["SqModelEnds"](
         embed=ends.embed.data_ptr(), embed_bf16=int(ends.embed.dtype == torch.bfloat16),
-        rope_dim=0 if cos is None else cos.shape[1], cos_table=ptr_or_none(cos), sin_table=ptr_or_none(sin),
-        norm_w=ends.norm_weight.data_ptr(), norm_b=ptr_or_none(ends.norm_bias), eps=ends.eps,
+        rope_dim=0 if cos is None else cos.shape[1], cos_table=_ptr(cos), sin_table=_ptr(sin),
+        norm_w=ends.norm_weight.data_ptr(), norm_b=_ptr(ends.norm_bias), eps=ends.eps,
     )  # fmt: skip
     lib.sq_decoder_model(
         layers=stack.layers, num_layers=len(stack.plans), k_caches=k_ptrs, v_caches=v_ptrs,
-        step=step_rows(ctx.slot_mapping, tables, lens, kv_caches[0]), ends=model_ends,
+        step=step_rows(lib, ctx.slot_mapping, tables, lens, kv_caches[0]), ends=model_ends,
         ids=input_ids.data_ptr(), positions=positions.data_ptr(), hidden=hidden.data_ptr(),
     )  # fmt: skip
     return hidden
 
 
+def fp32_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A float tensor as the native kernels read it: fp32 and contiguous (t itself if it is already)."""
+    return t if t is None or not t.is_floating_point() else t.float().contiguous()
+
+
 def _ends_ready(ends: ModelEnds, input_ids: torch.Tensor, positions: torch.Tensor) -> bool:
     """The tensors in the dtypes, device and layout sq_decoder_model reads."""
 
-    def on_cpu(t: torch.Tensor, *dtypes: torch.dtype) -> bool:
-        return t.dtype in dtypes and t.device.type == "cpu" and t.is_contiguous()
+    def on_cpu(t: torch.Tensor | None, *dtypes: torch.dtype) -> bool:
+        return t is None or (t.dtype in dtypes and t.device.type == "cpu" and t.is_contiguous())
 
     ids_ok = on_cpu(input_ids, torch.int64) and on_cpu(positions, torch.int64)
     embed_ok = on_cpu(ends.embed, torch.bfloat16, torch.float32)
-    rope = ends.rope or ()
-    return ids_ok and embed_ok and _kernel_ready(ends.norm_weight, ends.norm_bias, *rope)
-
-
-def _kernel_ready(*ts: torch.Tensor | None) -> bool:
-    """Every tensor given (None skipped) is fp32, on the CPU and contiguous: what the native layer reads."""
-    return fp32_cpu(*ts) and all(t is None or t.is_contiguous() for t in ts)
+    floats = [ends.norm_weight, ends.norm_bias, *(ends.rope or ())]
+    return ids_ok and embed_ok and all(on_cpu(t, torch.float32) for t in floats)
 
 
 _FORM_DTYPES = {  # kind -> (weight dtype, {tensor name: dtype})
@@ -183,43 +190,40 @@ _FORM_DTYPES = {  # kind -> (weight dtype, {tensor name: dtype})
 }
 
 
-def fp32_copy(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A float tensor as the native kernels read it: fp32 and contiguous (t itself if it is already)."""
-    return t if t is None or not t.is_floating_point() else t.float().contiguous()
-
-
 def _fp32_tensors(lf: LinearForm) -> LinearForm:
     """lf with its float tensors other than the weight (scales, biases) in fp32, the kernels' dtype."""
     tensors = {name: fp32_copy(t) for name, t in lf.tensors.items()}
-    return LinearForm(lf.kind, lf.n, lf.k, lf.weight, tensors, lf.inv_scale, lf.offset)
-
-
-def _valid_form(lf: LinearForm) -> bool:
-    """Every tensor on the CPU in the dtype and length the kernel reads; no unknown tensors."""
+    form = LinearForm(lf.kind, lf.n, lf.k, lf.weight, tensors, lf.inv_scale, lf.offset)
     weight_dtype, dtypes = _FORM_DTYPES[lf.kind]
-    if lf.weight.dtype != weight_dtype or lf.weight.device.type != "cpu" or lf.weight.shape[0] != lf.n:
-        return False
-    if set(lf.tensors) - set(dtypes) or any(lf.tensors.get(name) is None for name in dtypes if name != "bias"):
-        return False
-    present = [(t, dtypes[name]) for name, t in lf.tensors.items() if t is not None]
-    return all(t.dtype == dt and t.device.type == "cpu" and t.numel() == lf.n for t, dt in present)
+    assert lf.weight.dtype == weight_dtype and lf.weight.shape[0] == lf.n, f"{lf.kind} weight {lf.weight.shape}"
+    assert all(t is None or (t.dtype == dtypes[n] and t.numel() == lf.n) for n, t in tensors.items()), lf.kind
+    return form
 
 
-def _shapes_agree(hidden: int, linears: dict[str, LinearForm], heads: tuple[int, int, int]) -> bool:
-    """The linears chain as qkv [H -> (NH + 2 KVH) D], o [NH D -> H], gate_up [H -> 2I], down [I -> H]."""
+def _shapes_disagree(hidden: int, linears: dict[str, LinearForm], heads: tuple[int, int, int]) -> str | None:
+    """None when the linears chain as qkv [H -> (NH + 2 KVH) D], o [NH D -> H], gate_up [H -> 2I], down [I -> H]
+    and the up half of gate_up starts a block of int8 rows; else what does not fit."""
     nh, kvh, d = heads
     qkv, o, gate_up, down = (linears[name] for name in ("qkv", "o", "gate_up", "down"))
-    attention_ok = (qkv.k, qkv.n, o.k, o.n) == (hidden, (nh + 2 * kvh) * d, nh * d, hidden)
+    if (qkv.k, qkv.n, o.k, o.n) != (hidden, (nh + 2 * kvh) * d, nh * d, hidden):
+        return "attention linears of other shapes than the heads'"
+    if (gate_up.k, gate_up.n, down.n) != (hidden, 2 * down.k, hidden):
+        return "MLP linears of other shapes than [H -> 2I -> H]"
     # each thread computes its slice of the gate rows and the same slice of the up rows, which start at row
     # inter: for int8 weights (blocks of 16 rows in the VNNI layout) that must fall on a block boundary
-    up_aligned = gate_up.kind == "bf16" or down.k % _SLICE_ROWS == 0
-    return attention_ok and up_aligned and (gate_up.k, gate_up.n, down.n) == (hidden, 2 * down.k, hidden)
+    if gate_up.kind != "bf16" and down.k % _SLICE_ROWS:
+        return f"intermediate_size {down.k} is not a multiple of {_SLICE_ROWS} (the int8 row blocks)"
+    return None
 
 
-def _native_linear(lf: LinearForm) -> ctypes.Structure:
+def _native_linear(lib: native.Library, lf: LinearForm) -> ctypes.Structure:
     """The SqLinear (csrc/exports.h) of a linear form."""
-    t = {name: ptr_or_none(lf.tensors.get(name)) for name in ("w_scale", "bias", "quant_bias", "deq_scale")}
-    return native.library().structs["SqLinear"](
+    t = {name: _ptr(lf.tensors.get(name)) for name in ("w_scale", "bias", "quant_bias", "deq_scale")}
+    return lib.structs["SqLinear"](
         kind=_LINEAR_KIND[lf.kind], n=lf.n, k=lf.k, kp=lf.weight.shape[1], w=lf.weight.data_ptr(),
         inv_scale=lf.inv_scale, offset=lf.offset, **t,
     )  # fmt: skip
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()

@@ -1,0 +1,132 @@
+"""The cpu-native backend: the native kernels (AVX2 / AVX-512 VNNI) for every op, and whole steps in one call.
+
+Per op (NativeOps), every layer's kernels equal TorchOps' numbers. A decode step, or a prefill chunk of up to
+STACK_PREFILL_TOKENS tokens, of a model whose every layer has a native form runs embeddings, all layers and the
+final norm in one native call (native_stack.py), with the per-op path's bits. A model with bf16 activations (a
+float checkpoint on a CPU with native bf16) runs that step in fp32 over its bf16 weights only while the step's
+multiply-adds stay below BF16_STEP_MAX_MACS; above, the per-op path's bf16 GEMMs are faster. The head screens
+greedy and top-k steps with an int8 copy of itself (greedy_screen.py).
+
+The two thresholds were measured with bench/float_step.py and bench/step_split.py (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from slimquant.backends import greedy_screen
+from slimquant.backends.base import Backend, LogitsHead
+from slimquant.backends.native_ops import NativeOps
+from slimquant.backends.native_stack import (
+    DecoderStackPlan,
+    ModelEnds,
+    decoder_layer_plan,
+    decoder_model,
+    fp32_copy,
+)
+from slimquant.kernels import native
+from slimquant.layers.attention import KVCacheLayer
+from slimquant.layers.context import ForwardContext
+
+logger = logging.getLogger(__name__)
+
+STACK_PREFILL_TOKENS = 16  # prefill chunks up to this size run the stack too (its attention walks row by row)
+BF16_STEP_MAX_MACS = 4_000_000_000  # bf16 activations: the stack runs while a step's linears stay below this
+
+
+class CpuNativeBackend(Backend):
+    """Native kernels per op, and the whole-model native step where it applies."""
+
+    name = "cpu-native"
+
+    def __init__(self, lib: native.Library, isa: str, greedy_screen: bool = True, hugepages: bool = True):
+        super().__init__(NativeOps(lib, isa, hugepages))
+        self.lib, self.isa, self.greedy_screen = lib, isa, greedy_screen
+        self.stack: DecoderStackPlan | None = None
+        self.fp32_steps_only = True  # the stack pays at any size (fp32 activations); else up to BF16_STEP_MAX_MACS
+        self._final_norm: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._caches: tuple[int, list[torch.Tensor]] = (-1, [])  # (KVCacheLayer.generation, each layer's cache)
+
+    def describe(self) -> str:
+        build = "AVX-512 VNNI" if self.isa == "avx512vnni" else "AVX2"
+        return super().describe().replace(self.name, f"{self.name} ({build} build)", 1)
+
+    def prepare(self, model: nn.Module) -> None:
+        """Plan every layer for the stack (or note which one cannot be, and why)."""
+        decoder = model.model
+        parts = [layer.stack_parts() if hasattr(layer, "stack_parts") else None for layer in decoder.layers]
+        if any(p is None for p in parts):
+            self.notes.append(f"steps run per op: {type(decoder.layers[0]).__name__} has no native stack form")
+            return
+        plans = [decoder_layer_plan(self.lib, p) for p in parts]
+        if reasons := [(i, r) for i, r in enumerate(plans) if isinstance(r, str)]:
+            i, reason = reasons[0]
+            self.notes.append(f"steps run per op: layer {i} ({reason})")
+            return
+        self.stack = DecoderStackPlan(plans)
+        self.fp32_steps_only = decoder.norm.weight.dtype == torch.float32
+        self._final_norm = (fp32_copy(decoder.norm.weight), fp32_copy(decoder.norm.bias))
+        limit = "" if self.fp32_steps_only else f", up to {BF16_STEP_MAX_MACS / 1e9:g} G multiply-adds per step"
+        self.notes.append(f"decode and prefill chunks <= {STACK_PREFILL_TOKENS} tokens in one native call{limit}")
+
+    def forward(
+        self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        if self._stack_takes(input_ids.shape[0], ctx):
+            hidden = self._stack_step(model, input_ids, positions, ctx)
+            if hidden is not None:
+                return hidden
+        return super().forward(model, input_ids, positions, ctx)
+
+    def head(self, model: nn.Module) -> LogitsHead:
+        return ScreenedHead(model, self.ops) if self.greedy_screen else LogitsHead(model)
+
+    def _stack_takes(self, tokens: int, ctx: ForwardContext) -> bool:
+        """Whether this step runs the stack: a decode step or a small prefill, within the bf16 work limit."""
+        if self.stack is None or not (ctx.is_decode or tokens <= STACK_PREFILL_TOKENS):
+            return False
+        return self.fp32_steps_only or tokens * self.stack.macs_per_token <= BF16_STEP_MAX_MACS
+
+    def _stack_step(self, model: nn.Module, input_ids, positions, ctx: ForwardContext) -> torch.Tensor | None:
+        """hidden fp32 [T, H] of one native call, or None where the step's tensors are not in its layout."""
+        decoder = model.model
+        if self._caches[0] != KVCacheLayer.generation:  # a cache was (re)assigned since the last step
+            self._caches = (KVCacheLayer.generation, [layer.kv_cache for layer in decoder.layers])
+        rope = decoder.rotary.table(max(ctx.context_lens))  # rows for every position of the step
+        ends = ModelEnds(decoder.embed_tokens.weight, rope, *self._final_norm, decoder.norm.eps)
+        return decoder_model(self.lib, self.stack, input_ids, positions, ends, self._caches[1], ctx)
+
+
+class ScreenedHead(LogitsHead):
+    """The LM head with an int8 screen for greedy and top-k steps (greedy_screen.py), built on first use where
+    the head is a plain bf16 weight; the full head otherwise. Same tokens, same probabilities as the full head."""
+
+    def __init__(self, model: nn.Module, ops: NativeOps):
+        super().__init__(model)
+        self.ops = ops
+        self._screen: greedy_screen.GreedyHead | None | bool = False  # False: not built yet
+
+    def screen(self) -> greedy_screen.GreedyHead | None:
+        """The screen, built on the first call where the head allows one."""
+        if self._screen is False:
+            weight = self.model.float_head_weight()
+            usable = weight is not None and greedy_screen.usable(weight)
+            self._screen = greedy_screen.GreedyHead(weight, self.ops) if usable else None
+        return self._screen
+
+    def screens(self, top_k: int | None = None) -> bool:
+        return self.screen() is not None and (top_k is None or 0 < top_k <= greedy_screen.TOP_K_MAX)
+
+    def argmax_bytes(self) -> int | None:
+        return self.screen().screen_bytes() if self.screens() else None
+
+    def argmax(self, hidden: torch.Tensor) -> list[int]:
+        tokens = self.screen().argmax(hidden) if self.screens() else None
+        return tokens if tokens is not None else super().argmax(hidden)
+
+    def top_k(self, hidden: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        found = self.screen().top_k_candidates(hidden, top_k) if self.screens(top_k) else None
+        return found if found is not None else super().top_k(hidden, top_k)

@@ -1,0 +1,218 @@
+"""The cpu-native backend's ops: the native CPU kernels (kernels/csrc, AVX2 or AVX-512 VNNI) for fp32 activations,
+computing TorchOps' numbers bit for bit (exact int32 products, then the same float steps in the same order).
+
+Weight forms: `pack_weight` pads int8 [N, K] to Kp (a multiple of 32, one byte per weight); the AVX-512 VNNI build
+lays each whole block of 16 rows out as [Kp / 4, 16, 4] so that one 64-byte load feeds 16 rows. A weight holding
+-128 (which the AVX2 kernel's sign trick cannot take) keeps TorchOps' exact fp32 form. `pack_float_weight` holds
+an fp32 weight whose values are all exact bf16 as bf16: half the bytes, the same values, multiplied in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimquant.backends.torch_ops import Rope, TorchOps
+from slimquant.format.primitives import QMIN
+from slimquant.kernels import native, weight_memory
+from slimquant.layers.context import ForwardContext
+
+# The native bf16 kernel runs up to this many rows; above, fp32 BLAS on a temporary fp32 copy is faster (Zen 4,
+# lm_head and MLP shapes, bench/float_step.py). Its sums per (row, token) do not depend on the batch below it.
+NATIVE_MAX_TOKENS = 128
+KV_CACHE_DTYPES = (torch.float32, torch.bfloat16)  # what the native attention stores and reads
+_BLOCK_ROWS = 16  # the VNNI build's row blocks (csrc/int8_cpu.cpp: kBlockRows)
+_K_MULTIPLE = 8  # the bf16 kernel reads 8 values at a time
+
+
+class NativeOps(TorchOps):
+    """TorchOps with the native kernels wherever the activations are fp32 on the CPU (the cpu-native backend's
+    activation dtype); other inputs take TorchOps' definitions."""
+
+    name = "native"
+
+    def __init__(self, lib: native.Library, isa: str, hugepages: bool = True):
+        self.lib, self.isa, self.hugepages = lib, isa, hugepages
+
+    # ---- norms and activation ----
+
+    def add_rms_norm(self, x, residual, weight, bias, eps):
+        unit_stride = x.dim() == 2 and x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1)
+        if not (unit_stride and _fp32(x, residual, weight, bias)):
+            return super().add_rms_norm(x, residual, weight, bias, eps)
+        t, h = x.shape
+        summed, y = torch.empty(t, h), torch.empty(t, h)  # [T, H] each
+        self.lib.sq_add_rms_norm(
+            x=x.data_ptr(), t=t, h=h, ldx=x.stride(0), residual=_ptr(residual),
+            ldr=0 if residual is None else residual.stride(0), weight=weight.data_ptr(), bias=_ptr(bias), eps=eps,
+            sum_out=summed.data_ptr(), y=y.data_ptr(),
+        )  # fmt: skip
+        return y, summed
+
+    def rms_norm(self, x, weight, bias, eps):
+        if x.dim() == 2:
+            return self.add_rms_norm(x, None, weight, bias, eps)[0]
+        if not (heads_packed(x) and _fp32(x, weight, bias)):  # [T, heads, D], each token's heads contiguous
+            return super().rms_norm(x, weight, bias, eps)
+        t, heads, d = x.shape
+        y = torch.empty(t, heads, d)
+        self.lib.sq_rms_norm_heads(
+            x=x.data_ptr(), t=t, heads=heads, d=d, ldx=x.stride(0), weight=weight.data_ptr(), bias=_ptr(bias),
+            eps=eps, y=y.data_ptr(), ldy=heads * d,
+        )  # fmt: skip
+        return y
+
+    def silu_and_mul(self, x):
+        if x.dim() != 2 or x.stride(-1) != 1 or not _fp32(x):
+            return super().silu_and_mul(x)
+        t, inter = x.shape[0], x.shape[1] // 2
+        y = torch.empty(t, inter)  # [T, I]
+        self.lib.sq_silu_and_mul(x=x.data_ptr(), t=t, inter=inter, ldx=x.stride(0), y=y.data_ptr())
+        return y
+
+    # ---- attention ----
+
+    def attention(self, q, k, v, rope: Rope, kv_cache, ctx: ForwardContext, scale: float):
+        """Decode steps: rope, cache write and attention in one native call; prefill: TorchOps (SDPA)."""
+        cos, sin = (None, None) if rope is None else (rope[0].contiguous(), rope[1].contiguous())  # [B, D]
+        native_step = ctx.is_decode and not ctx.graph_step and kv_cache_ready(kv_cache)
+        if not (native_step and _fp32(q, k, v, cos, sin) and all(heads_packed(t) for t in (q, k, v))):
+            return super().attention(q, k, v, rope, kv_cache, ctx, scale)
+        b, nh, d = q.shape
+        out = torch.empty(b, nh * d)  # [B, NH * D]
+        step = step_rows(self.lib, ctx.slot_mapping, ctx.block_tables, ctx.context_lens_tensor, kv_cache)
+        self.lib.sq_decode_attention(
+            q=q.data_ptr(), ldq=q.stride(0), k=k.data_ptr(), ldk=k.stride(0), v=v.data_ptr(), ldv=v.stride(0),
+            cos=_ptr(cos), sin=_ptr(sin), k_cache=kv_cache[0].data_ptr(),
+            v_cache=kv_cache[1].data_ptr(), step=step, num_heads=nh, num_kv_heads=k.shape[1], head_dim=d,
+            scale=scale, out=out.data_ptr(),
+        )  # fmt: skip
+        return out
+
+    # ---- int8 linears ----
+
+    def pack_weight(self, w_q):
+        if w_q.device.type != "cpu" or (w_q.numel() and int(w_q.min()) <= QMIN):
+            return super().pack_weight(w_q)
+        k = w_q.shape[-1]
+        padded = self._empty((*w_q.shape[:-1], -(-k // native.K_ALIGN) * native.K_ALIGN), torch.int8)  # [..., N, Kp]
+        padded[..., k:] = 0
+        padded[..., :k] = w_q
+        if self.isa == "avx512vnni":
+            block_rows(padded)
+        return padded
+
+    def int8_mm(self, x_q, packed):
+        if not is_native_weight(packed):
+            return super().int8_mm(x_q, packed)
+        x_q = native.rows_contiguous(x_q)
+        out = torch.empty(x_q.shape[0], packed.shape[0], dtype=torch.int32)  # [T, N]
+        self.lib.sq_int8_gemm(
+            xq=x_q.data_ptr(), m=x_q.shape[0], k=x_q.shape[1], ldx=x_q.stride(0), w=packed.data_ptr(),
+            n=packed.shape[0], kp=packed.shape[1], out=out.data_ptr(),
+        )  # fmt: skip
+        return out
+
+    def quantize_per_token(self, x):
+        xf = native.rows_contiguous(x.float())  # [T, K]
+        x_q = torch.empty(xf.shape, dtype=torch.int8)
+        scale = torch.empty(xf.shape[0], 1, dtype=torch.float32)
+        self.lib.sq_quantize_per_token(
+            x=xf.data_ptr(), m=xf.shape[0], k=xf.shape[1], ldx=xf.stride(0), xq=x_q.data_ptr(), scales=scale.data_ptr()
+        )
+        return x_q, scale
+
+    def dynamic_linear(self, x, packed, w_scale, bias, out_dtype):
+        if not is_native_weight(packed):
+            return super().dynamic_linear(x, packed, w_scale, bias, out_dtype)
+        xf = native.rows_contiguous(x.float())  # [T, K]
+        bias = None if bias is None else bias.float()
+        y = torch.empty(xf.shape[0], packed.shape[0], dtype=torch.float32)  # [T, N]
+        self.lib.sq_dynamic_linear(
+            x=xf.data_ptr(), m=xf.shape[0], k=xf.shape[1], ldx=xf.stride(0), w=packed.data_ptr(), n=packed.shape[0],
+            kp=packed.shape[1], w_scale=w_scale.data_ptr(), bias=_ptr(bias), y=y.data_ptr(),
+        )  # fmt: skip
+        return y.to(out_dtype)
+
+    def static_linear(self, x, packed, inv_scale, offset, quant_bias, deq_scale, out_dtype):
+        if not (is_native_weight(packed) and x.dtype == torch.float32 and inv_scale.dtype == torch.float32):
+            return super().static_linear(x, packed, inv_scale, offset, quant_bias, deq_scale, out_dtype)
+        x = native.rows_contiguous(x)  # [T, K]
+        y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)  # [T, N]
+        self.lib.sq_static_linear(
+            x=x.data_ptr(), m=x.shape[0], k=x.shape[1], ldx=x.stride(0), inv_scale=float(inv_scale),
+            offset=float(offset), w=packed.data_ptr(), n=packed.shape[0], kp=packed.shape[1],
+            quant_bias=quant_bias.data_ptr(), deq=deq_scale.data_ptr(), y=y.data_ptr(),
+        )  # fmt: skip
+        return y.to(out_dtype)
+
+    # ---- float linears ----
+
+    def pack_float_weight(self, w):
+        exact_bf16 = w.dim() == 2 and w.shape[1] % _K_MULTIPLE == 0 and w.dtype == torch.float32
+        if w.device.type != "cpu" or not exact_bf16 or not torch.equal((w16 := w.bfloat16()).float(), w):
+            return w
+        return self._empty(tuple(w16.shape), torch.bfloat16).copy_(w16)
+
+    def float_linear(self, x, w, bias=None):
+        if w.dtype != torch.bfloat16 or x.dtype != torch.float32 or x.shape[0] > NATIVE_MAX_TOKENS:
+            return super().float_linear(x, w, bias)
+        x = native.rows_contiguous(x)  # [T, K]
+        bias = None if bias is None else bias.float().contiguous()
+        y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)  # [T, N]
+        self.lib.sq_bf16_linear(
+            x=x.data_ptr(), m=x.shape[0], k=x.shape[1], ldx=x.stride(0), w=w.data_ptr(), n=w.shape[0], bias=_ptr(bias),
+            y=y.data_ptr(),
+        )  # fmt: skip
+        return y
+
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return weight_memory.empty(shape, dtype) if self.hugepages else torch.empty(shape, dtype=dtype)
+
+
+def block_rows(padded: torch.Tensor) -> None:
+    """In place: each whole block of 16 rows [16, Kp] of padded [..., N, Kp] laid out as [Kp / 4, 16, 4], the
+    VNNI kernels' form (csrc/int8_cpu.cpp); the last N % 16 rows stay as they are."""
+    n, kp = padded.shape[-2:]
+    full = n - n % _BLOCK_ROWS
+    for matrix in padded.view(-1, n, kp) if full else ():  # one expert at a time: a temporary of one matrix
+        rows = matrix[:full]  # [full, Kp], contiguous
+        blocks = rows.view(full // _BLOCK_ROWS, _BLOCK_ROWS, kp // 4, 4)  # [B, 16, Kp/4, 4]
+        rows.copy_(blocks.transpose(1, 2).reshape(full, kp))  # [B, Kp/4, 16, 4]
+
+
+def is_native_weight(packed: torch.Tensor) -> bool:
+    """An int8 weight in NativeOps.pack_weight's form (not TorchOps' fp32 one)."""
+    return packed.dtype == torch.int8 and packed.device.type == "cpu"
+
+
+def heads_packed(x: torch.Tensor) -> bool:
+    """x [T, heads, D] with each token's heads contiguous (a row stride of its own is fine)."""
+    return x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
+
+
+def kv_cache_ready(*caches: torch.Tensor) -> bool:
+    """Every cache is contiguous on the CPU in one dtype the native kernels hold (fp32 or bf16)."""
+    dtype = caches[0].dtype
+    return dtype in KV_CACHE_DTYPES and all(
+        c.dtype == dtype and c.device.type == "cpu" and c.is_contiguous() for c in caches
+    )
+
+
+def step_rows(lib: native.Library, slots, block_tables, context_lens, cache: torch.Tensor):
+    """An SqStep (csrc/exports.h) for rows with these slots [B] int64, block tables [B, W] int32 and context
+    lengths [B] int32 over caches like `cache` [.., NB, BS, KVH, D] (its dtype and block size)."""
+    return lib.structs["SqStep"](
+        batch=slots.shape[0], kv_bf16=int(cache.dtype == torch.bfloat16), block_size=cache.shape[-3],
+        max_blocks=block_tables.shape[1], slots=slots.data_ptr(), block_tables=block_tables.data_ptr(),
+        context_lens=context_lens.data_ptr(),
+    )  # fmt: skip
+
+
+def _fp32(*ts: torch.Tensor | None) -> bool:
+    """Every tensor given (None skipped) is fp32 on the CPU: the native kernels' dtype."""
+    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in ts)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    """t's data pointer, or None (a null pointer)."""
+    return None if t is None else t.data_ptr()

@@ -1,0 +1,229 @@
+"""The ops a model's layers call, defined in plain torch: the torch-reference backend, and the definition that
+every other backend's ops (native_ops.py, triton_ops.py) must equal. Each op always returns its result.
+
+int8 weights are held in a runtime form made by `pack_weight`: on CUDA, int8 [N, K] for torch._int_mm (cuBLASLt);
+on the CPU, an exact fp32 [K, N] copy multiplied in K-chunks of at most 1024 columns, so every partial sum is an
+integer below 2^24 that fp32 holds exactly (torch._int_mm has no vectorised CPU kernel without VNNI / AMX).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slimquant.format.primitives import QMAX, QMIN, int8_matmul_reference
+from slimquant.format.primitives import quantize_per_token as _quantize_per_token
+from slimquant.kernels.int_mm import cuda_int8_mm, exact_float_mm
+from slimquant.layers.context import ForwardContext
+from slimquant.layers.rotary import apply_rotary
+
+Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) [T, D] of the tokens' positions, or no rope
+
+
+
+class TorchOps:
+    """Norms, activation, attention over the paged cache, int8 and float linears, in torch."""
+
+    name = "torch"
+
+    # ---- norms and activation ----
+
+    def add_rms_norm(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(s) * weight (+ bias), s) with s = x + residual (x without one); x [T, H]."""
+        s = x if residual is None else x + residual
+        return rms_norm(s, weight, bias, eps), s
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+        """x / rms(x) * weight (+ bias) over the last dim, in fp32 like transformers: x [..., D]."""
+        return rms_norm(x, weight, bias, eps)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for x = [gate | up]: [T, 2I] -> [T, I]."""
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    # ---- attention over the paged KV cache ----
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: Rope,
+        kv_cache: torch.Tensor,
+        ctx: ForwardContext,
+        scale: float,
+    ) -> torch.Tensor:
+        """Rotate q [T, NH, D] / k [T, KVH, D] by rope (neox), store k / v in kv_cache [2, NB, BS, KVH, D] at the
+        step's slots, attend over each sequence's context: -> [T, NH * D]."""
+        k_cache, v_cache = kv_cache[0], kv_cache[1]  # [NB, BS, KVH, D]
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        store_kv(k_cache, v_cache, k, v, ctx.slot_mapping, check_slots=not ctx.graph_step)
+        return self.attend(q, k, v, k_cache, v_cache, ctx, scale)
+
+    def attend(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
+        """Attention of the rotated q [T, NH, D] once k / v are stored: decode batched, prefill per sequence."""
+        if ctx.is_decode:  # one batched call, contexts padded to the longest
+            lens = ctx.device_context_lens if ctx.graph_step else ctx.context_lens
+            out = paged_attention(q[:, None], k_cache, v_cache, ctx.block_tables, lens, scale)
+            return out.reshape(q.shape[0], -1)  # [B, 1, NH, D] -> [T, NH * D]
+        outs, start = [], 0
+        for i, q_len in enumerate(ctx.query_lens):  # prefill chunks: one sequence at a time
+            span = slice(start, start + q_len)
+            if ctx.context_lens[i] == q_len:  # nothing cached before this chunk: attend to its own k / v
+                outs.append(causal_attention(q[None, span], k[None, span], v[None, span], scale))
+            else:
+                tables, lens = ctx.block_tables[i : i + 1], ctx.context_lens[i : i + 1]
+                outs.append(paged_attention(q[None, span], k_cache, v_cache, tables, lens, scale))
+            start += q_len
+        return torch.cat(outs, dim=1).reshape(q.shape[0], -1)
+
+    # ---- int8 linears (docs/FORMAT.md's runtime math) ----
+
+    def pack_weight(self, w_q: torch.Tensor) -> torch.Tensor:
+        """Runtime form of int8 weights [..., N, K] (a stack of experts packs alike): see the module docstring."""
+        if w_q.device.type == "cuda":
+            return w_q
+        return w_q.float().transpose(-1, -2).contiguous()  # [..., K, N]
+
+    def int8_mm(self, x_q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """Exact int32 product x_q int8 [T, K] @ W^T for a weight from pack_weight -> int32 [T, N]."""
+        if packed.dtype != torch.int8:
+            return exact_float_mm(x_q, packed)
+        if x_q.device.type == "cuda":
+            return cuda_int8_mm(x_q, packed)
+        if x_q.device.type == "cpu":
+            return torch._int_mm(x_q, packed.t())
+        return int8_matmul_reference(x_q, packed)
+
+    def quantize_per_token(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dynamic symmetric per-token int8: x [T, K] -> (x_q int8 [T, K], scale fp32 [T, 1])."""
+        return _quantize_per_token(x)
+
+    def dynamic_linear(
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        w_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """W8A8_DYNAMIC: y [T, N] = (int8(x) @ W^T) * s_t * w_scale (+ bias) in fp32, x [T, K] quantized per
+        token; w_scale fp32 [N] (already rounded to the model dtype); returned in out_dtype."""
+        x_q, s_t = self.quantize_per_token(x)  # [T, K] int8, [T, 1] fp32
+        y = self.int8_mm(x_q, packed).float() * s_t * w_scale  # [T, N]
+        return (y if bias is None else y + bias.float()).to(out_dtype)
+
+    def static_linear(
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        inv_scale: torch.Tensor,
+        offset: torch.Tensor,
+        quant_bias: torch.Tensor,
+        deq_scale: torch.Tensor,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """W8A8: y [T, N] = float(int8(x) @ W^T + quant_bias) * deq_scale, x [T, K] quantized with one scale and
+        offset ([1] each, in x's dtype: the quantization runs in it); returned in out_dtype."""
+        acc = self.int8_mm(quantize_static(x, inv_scale, offset), packed)  # [T, N] int32
+        return ((acc + quant_bias).float() * deq_scale).to(out_dtype)
+
+    # ---- float linears ----
+
+    def pack_float_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """Runtime form of a float weight [N, K]: as it is."""
+        return w
+
+    def float_linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """y [T, N] = x [T, K] @ w^T (+ bias), in x's dtype."""
+        if w.dtype == x.dtype:
+            return F.linear(x, w, bias)
+        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """TorchOps.rms_norm's definition (each op set's fallback calls this, not a method it may override)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * xf.to(x.dtype)
+    return out if bias is None else out + bias
+
+
+def quantize_static(x: torch.Tensor, inv_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Static per-tensor int8: clamp(round(x * inv_scale + offset)); x [T, K], inv_scale / offset in x's dtype."""
+    return torch.clamp(torch.round(x * inv_scale + offset), QMIN, QMAX).to(torch.int8)
+
+
+def store_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    check_slots: bool = True,
+) -> None:
+    """Write k/v [T, KVH, D] into caches [NB, BS, KVH, D] at flat slots [T]; slots of -1 are skipped (when checked:
+    that costs a host sync, which a CUDA graph cannot hold)."""
+    slots = slot_mapping.to(device=k.device, dtype=torch.long)
+    if check_slots and not bool((valid := slots >= 0).all()):
+        slots, k, v = slots[valid], k[valid], v[valid]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: list[int] | torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of the last Q tokens of each of B sequences over their cached context.
+
+    q: [B, Q, H, D] (the queries sit at positions ctx_len - Q .. ctx_len - 1; in a decode batch Q = 1);
+    block_tables: [B, max_blocks]; returns [B, Q, H, D]. Lengths as a device tensor (a CUDA-graph step) attend
+    over every block of the table, masked, so that shapes do not depend on them.
+    """
+    b, q_len = q.shape[:2]
+    if isinstance(context_lens, torch.Tensor):
+        length, lens = block_tables.shape[1] * k_cache.shape[1], context_lens.to(q.device)
+    else:
+        length, lens = max(context_lens), torch.tensor(context_lens, device=q.device)
+    k = gather_context(k_cache, block_tables, length).to(q.dtype)  # [B, S, KVH, D] (the cache may hold bf16)
+    v = gather_context(v_cache, block_tables, length).to(q.dtype)
+    ctx = lens[:, None, None]  # [B, 1, 1]
+    last_key = ctx - q_len + torch.arange(q_len, device=q.device)[None, :, None]  # [B, Q, 1]
+    mask = torch.arange(k.shape[1], device=q.device)[None, None, :] <= last_key  # [B, Q, S]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scale, enable_gqa=True
+    )  # [B, H, Q, D]
+    return out.transpose(1, 2)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal self-attention of one chunk: q [1, Q, H, D], k / v [1, Q, KVH, D] -> [1, Q, H, D]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=True
+    )  # [1, H, Q, D]
+    return out.transpose(1, 2)
+
+
+def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached tokens of each sequence: cache [NB, BS, KVH, D] -> [B, length, KVH, D]."""
+    block_size = cache.shape[1]
+    num_blocks = -(-length // block_size)
+    ids = block_tables[:, :num_blocks].to(device=cache.device, dtype=torch.long).clamp(min=0)  # [B, nb]
+    return cache[ids].flatten(1, 2)[:, :length]  # [B, nb * BS, KVH, D] -> [B, length, KVH, D]
+
+
+TORCH_OPS = TorchOps()  # what layers call until a backend binds its own ops (Backend.bind)
