@@ -13,14 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from slimquant.devices import check_device
 from slimquant.format.dtypes import DTYPE_NAMES, names_of
 
 logger = logging.getLogger(__name__)
 
-KV_CACHE_DTYPES = ("auto", *names_of(torch.bfloat16, torch.float32))  # auto: see loader.kv_cache_dtype
+KV_CACHE_DTYPES = ("auto", *names_of("bfloat16", "float32"))  # auto: see loader.kv_cache_dtype
 QUANTIZATIONS = (None, "ascend")
 BACKENDS = ("auto", "cpu-native", "cuda-triton", "torch-reference")
 ISAS = ("auto", "avx2", "avx512vnni")

@@ -7,21 +7,32 @@ import os
 from pathlib import Path
 
 from slimquant.quant.fallback import quantize_within_loss
-from slimquant.quant.pipeline import quantize as quantize_once
+from slimquant.quant.options import QuantizeOptions
+from slimquant.quant.pipeline import run
 from slimquant.quant.summary import QuantizeSummary
 
 HELDOUT_CONTEXT, HELDOUT_MAX_TOKENS = 512, 8192  # --max-loss: windows and budget of the held-out perplexity
 
 
 def quantize(
-    src: str | os.PathLike, dst: str | os.PathLike, quant_type: str = "w8a8", *, max_loss: float | None = None, **kw
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    quant_type: str = "w8a8",
+    *,
+    max_loss: float | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options,
 ) -> QuantizeSummary:
-    """Quantize the HF folder or .gguf file src into the ascend folder dst (quant.pipeline.quantize's options);
-    max_loss: keep the most sensitive linears float until held-out perplexity is within max_loss % (quant/fallback.py).
-    """
+    """Quantize the HF folder or .gguf file src into the ascend folder dst; options: QuantizeOptions.parse's
+    (quant.pipeline.quantize); max_loss: keep the most sensitive linears float until held-out perplexity is
+    within max_loss % (quant/fallback.py)."""
+    opts = QuantizeOptions.parse(quant_type, **options)
     if max_loss is None:
-        return quantize_once(src, dst, quant_type, **kw)
-    return quantize_within_loss(src, dst, quant_type, max_loss=max_loss, score=heldout_perplexity, **kw)
+        return run(src, dst, opts, overwrite=overwrite, progress=progress)
+    return quantize_within_loss(
+        src, dst, opts, max_loss=max_loss, score=heldout_perplexity, overwrite=overwrite, progress=progress
+    )
 
 
 def heldout_perplexity(model: Path, text: str) -> tuple[float, int]:

@@ -91,3 +91,14 @@ def test_llama_cpp_row_batches_streams_like_single_runs():
     finally:
         runner.close()
     assert together == alone and len(set(map(tuple, alone))) == 2  # each stream its own sequence
+
+
+def test_building_the_command_line_imports_no_torch():
+    """`slimquant --help` and every sub-command's parser load in a fraction of a second: no torch at import."""
+    import subprocess
+    import sys
+
+    code = "import sys; from slimquant.entrypoints.cli import build_parser as b; b(); print('torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"

@@ -45,8 +45,6 @@ MLA_SMOOTH_PAIRS = (
     ("input_layernorm", ("self_attn.q_a_proj", "self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),
     ("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
 )
-# Linears that --rounding gptq leaves round-to-nearest: routed experts (one K x K Hessian per expert is too much).
-GPTQ_SKIP = ("mlp.experts.*",)
 # --type w8a8 on these models: MLA static, every MLP linear dynamic (ModelSlim's DeepSeek recipe).
 MLA_MIX = (("*.mlp.*", W8A8_DYNAMIC),)
 # --type w8a8 on Llama / Qwen by default: mlp.down_proj dynamic, the rest static. Its input silu(gate) * up holds

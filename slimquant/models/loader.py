@@ -15,7 +15,7 @@ from slimquant.backends.base import Backend
 from slimquant.backends.select import select_backend
 from slimquant.config import KernelConfig
 from slimquant.format.checkpoint import DESCRIPTION_FILE, is_modelslim_dir
-from slimquant.format.dtypes import FLOAT_DTYPES, float_dtype
+from slimquant.format.dtypes import CANONICAL, float_dtype
 from slimquant.format.safetensors_io import SafetensorsFolder
 from slimquant.kernels.cpu import has_native_half
 from slimquant.layers.quant_config import AscendQuantConfig, QuantConfig
@@ -111,10 +111,10 @@ def resolve_dtype(
     if dtype == "auto":
         named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         if (resolved := float_dtype(named)) is None:
-            raise ValueError(f"config.json has dtype {named!r}; pass dtype= one of {sorted(FLOAT_DTYPES)}")
+            raise ValueError(f"config.json has dtype {named!r}; pass dtype= one of {list(CANONICAL)}")
         return _cpu_auto_dtype(resolved, device, quantized and native)
     if (resolved := float_dtype(dtype)) is None:
-        raise ValueError(f"dtype must be 'auto', one of {sorted(FLOAT_DTYPES)} or the torch dtype, got {dtype!r}")
+        raise ValueError(f"dtype must be 'auto', one of {list(CANONICAL)} or the torch dtype, got {dtype!r}")
     return resolved
 
 

@@ -29,8 +29,9 @@ from pathlib import Path
 
 from slimquant.format.architectures import arch_spec
 from slimquant.quant.calibration import load_texts
+from slimquant.quant.options import QuantizeOptions
 from slimquant.quant.output import check_destination, folder_bytes
-from slimquant.quant.pipeline import quantize
+from slimquant.quant.pipeline import run
 from slimquant.quant.sensitivity import SensitivityReport, measure_sensitivity
 from slimquant.quant.sources import HFCheckpoint
 from slimquant.quant.summary import FallbackResult, QuantizeSummary
@@ -116,35 +117,32 @@ def _merge(groups: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
 def quantize_within_loss(
     src: str | os.PathLike,
     dst: str | os.PathLike,
-    quant_type: str = "w8a8",
+    opts: QuantizeOptions,
     *,
     max_loss: float,
-    keep_float: str | list[str] | tuple[str, ...] = (),
-    calib_data: str | os.PathLike | None = None,
+    score: Score,
     overwrite: bool = False,
     progress: bool = True,
-    report: bool = False,
-    score: Score,
-    **kw,
 ) -> QuantizeSummary:
     """quantize() with the fewest most-sensitive linears kept float so that held-out loss <= max_loss %;
     score(model folder, text) -> (perplexity, tokens scored) measures the loss."""
     start = time.perf_counter()
     p, src, dst = parse_max_loss(max_loss), Path(src), Path(dst)
     check_destination(dst, overwrite)
-    calib, held = split_texts(load_texts(calib_data))
+    calib, held = split_texts(load_texts(opts.calib_data))
     work = dst.parent / f".{dst.name}.maxloss-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
         hf_dir = _hf_source(src, work)
         (work / "calib.json").write_text(json.dumps(calib))
-        run = _Runner(hf_dir, work, quant_type, keep_float, progress, kw, "\n\n".join(held), score)
-        result, chosen = run.search(p)
+        candidates = replace(opts, calib_data=work / "calib.json", report=False)  # every candidate, the held-out split
+        runner = _Runner(hf_dir, work, candidates, progress, "\n\n".join(held), score)
+        result, chosen = runner.search(p)
         _move_into_place(chosen, dst)
-        summary = run.summaries[chosen]
-        if report:
-            run.sensitivity(dst).save(dst)
+        summary = runner.summaries[chosen]
+        if opts.report:
+            runner.sensitivity(dst).save(dst)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return replace(
@@ -154,17 +152,15 @@ def quantize_within_loss(
         output_bytes=folder_bytes(dst),
         seconds=time.perf_counter() - start,
         fallback=result,
-        report=dst / "sensitivity.md" if report else None,
+        report=dst / "sensitivity.md" if opts.report else None,
     )
 
 
 class _Runner:
     """Quantizes candidates into a work folder and measures their held-out loss against the float source."""
 
-    def __init__(self, hf_dir, work: Path, quant_type, keep_float, progress: bool, kw: dict, text: str, score: Score):
-        self.hf_dir, self.work, self.quant_type, self.progress, self.kw = hf_dir, work, quant_type, progress, kw
-        self.score = score
-        self.keep = [keep_float] if isinstance(keep_float, str) else list(keep_float)
+    def __init__(self, hf_dir: Path, work: Path, opts: QuantizeOptions, progress: bool, text: str, score: Score):
+        self.hf_dir, self.work, self.opts, self.progress, self.score = hf_dir, work, opts, progress, score
         self.text, self.base_ppl, self.tokens = text, 0.0, 0  # held-out text; the float source's score on it
         self.summaries: dict[Path, QuantizeSummary] = {}
         self.units: list[tuple[str, ...]] = []
@@ -177,9 +173,8 @@ class _Runner:
     def quantize(self, k: int) -> tuple[Path, float]:
         """Quantize with the top k units float; (folder, held-out loss %)."""
         out = self.work / f"float-{k}"
-        keep = self.keep + [n for unit in self.units[:k] for n in unit]
-        kw = dict(keep_float=keep, calib_data=self.work / "calib.json", overwrite=True, progress=False)
-        self.summaries[out] = quantize(self.hf_dir, out, self.quant_type, **kw, **self.kw)
+        keep = self.opts.keep_float + tuple(n for unit in self.units[:k] for n in unit)
+        self.summaries[out] = run(self.hf_dir, out, replace(self.opts, keep_float=keep), overwrite=True, progress=False)
         self._baseline()
         loss = 100 * (self.score(out, self.text)[0] / self.base_ppl - 1)
         self._say(f"max-loss: {k} unit(s) float -> held-out loss {loss:+.3f}%")
@@ -187,8 +182,9 @@ class _Runner:
 
     def sensitivity(self, folder: Path) -> SensitivityReport:
         """Per-linear sensitivity of a candidate, on the calibration split."""
-        kw = {k: self.kw[k] for k in ("num_samples", "seq_len", "batch_size", "device") if k in self.kw}
-        return measure_sensitivity(self.hf_dir, folder, calib_data=self.work / "calib.json", **kw)
+        o = self.opts
+        kw = dict(num_samples=o.num_samples, seq_len=o.seq_len, batch_size=o.batch_size, device=o.device)
+        return measure_sensitivity(self.hf_dir, folder, calib_data=o.calib_data, **kw)
 
     def search(self, p: float) -> tuple[FallbackResult, Path]:
         """Run the search; (result, folder of the chosen candidate). Candidates that cannot be chosen are deleted."""

@@ -15,15 +15,7 @@ import torch
 
 from slimquant.format import primitives as P
 
-ROUNDINGS = ("nearest", "gptq")
 QLIM = 127  # |w_q| <= 127, as quantize_weight gives (its scale is absmax / 127)
-
-
-def parse_rounding(name: str) -> str:
-    """Validate a --rounding value."""
-    if name not in ROUNDINGS:
-        raise ValueError(f"unknown rounding {name!r}; choose one of: {', '.join(ROUNDINGS)}")
-    return name
 
 
 @torch.no_grad()

@@ -8,42 +8,35 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from slimquant.format.architectures import GPTQ_SKIP, ArchSpec, layer_prefix
+from slimquant.format.architectures import ArchSpec, layer_prefix
 from slimquant.format.checkpoint import ModelSlimWriter
 from slimquant.format.schemes import FLOAT, W8A8
 from slimquant.quant.decoder import BiasedNorm, LayerRunner, replace_module
-from slimquant.quant.gptq import gptq_quantize
 from slimquant.quant.moe import count_idle
 from slimquant.quant.observers import ChannelRange, SecondMoment, TokenSample, observe_inputs
 from slimquant.quant.qlinear import SimLinear, Tensors, linear_tensors
-from slimquant.quant.smooth import (
-    AUTO,
-    Smoothing,
-    search_alpha,
-    smooth_linear,
-    smooth_norm,
-    smooth_producer_linear,
-    smoothing_factors,
-)
+from slimquant.quant.smooth import Smoothing, smooth_linear, smooth_norm, smooth_producer_linear
+from slimquant.quant.steps.alpha import FixedAlpha
+from slimquant.quant.steps.rounding import NearestRounding
+from slimquant.quant.steps.smoothing import Smoother
 
 NormParams = dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # norm -> (weight, bias or None), fp32
 
 
 @dataclass
 class LayerJob:
-    """Settings shared by every layer."""
+    """What every layer shares: the plan and the run's steps (quant/steps), and what they record."""
 
     spec: ArchSpec
     plan: dict[str, str]  # full linear name -> W8A8 | W8A8_DYNAMIC | FLOAT
-    method: str  # none | smoothquant | iterative
-    alpha: float | str  # in [0, 1], or "auto": searched per smoothing group
+    smoother: Smoother
+    alpha: FixedAlpha
+    rounder: NearestRounding
     dtype: torch.dtype
     batch_size: int
     config: dict = field(default_factory=dict)  # config.json (which linears each layer has)
     idle_experts: int = 0  # routed experts that received no calibration token, over all layers so far
-    rounding: str = "nearest"  # nearest | gptq
-    sample_tokens: int = 512  # calibration tokens per smoothing group that alpha "auto" scores on
-    alphas: dict[str, float] = field(default_factory=dict)  # full producer name -> alpha "auto" chose
+    alphas: dict[str, float] = field(default_factory=dict)  # full producer name -> the alpha each group got
 
 
 @torch.no_grad()
@@ -60,8 +53,9 @@ def quantize_layer(
     state.clear()  # the layer holds its own (compute-dtype) copies
     linears = job.spec.layer_linears(job.config, i)
     types = {rel: job.plan[layer_prefix(i) + rel] for rel in linears}
-    samples = {group[0]: TokenSample(job.sample_tokens) for _, group in _pairs(types, job)} if job.alpha == AUTO else {}
-    input_of = _gptq_inputs(types, job) if job.rounding == "gptq" else {}  # linear -> the linear its input is read at
+    kept = job.alpha.sample_tokens  # calibration tokens per group that the alpha step scores on (0: none)
+    samples = {group[0]: TokenSample(kept) for _, group in _pairs(types, job)} if kept else {}
+    input_of = _hessian_inputs(types, job) if job.rounder.needs_hessian else {}  # linear -> where its input is read
     moments = {key: SecondMoment() for key in set(input_of.values())}
     extra = {n: [r for r in (samples.get(n), moments.get(n)) if r is not None] for n in linears}
     with observe_inputs(layer, list(linears), extra) as ranges:
@@ -84,6 +78,7 @@ def quantize_layer(
             types[rel],
             in_ranges.get(rel),
             job.dtype,
+            job.rounder,
             hessians.get(rel),
         )
         for rel in types
@@ -95,7 +90,7 @@ def quantize_layer(
 
 def _pairs(types: dict[str, str], job: LayerJob) -> list[tuple[str, tuple[str, ...]]]:
     """The smoothing pairs (producer, linears) with at least one quantized linear; none without smoothing."""
-    if job.method == "none":
+    if not job.smoother.active:
         return []
     pairs = job.spec.layer_smooth_pairs(tuple(types))
     return [(src, group) for src, group in pairs if any(types[rel] != FLOAT for rel in group)]
@@ -108,23 +103,23 @@ def _smoothings(
     out = {}
     for src, group in _pairs(types, job):
         lins = [layer.get_submodule(rel) for rel in group]
-        method = "smoothquant" if src in types else job.method  # a linear producer takes no shift
-        alpha = job.alpha
-        if alpha == AUTO:
-            members = [(lin.weight, lin.bias, types[rel]) for rel, lin in zip(group, lins, strict=True)]
-            alpha, _ = search_alpha(samples[group[0]].tensor(), ranges[group[0]], members, method, job.dtype)
-            job.alphas[prefix + src] = alpha
-        out[src] = (smoothing_factors(ranges[group[0]], [lin.weight for lin in lins], alpha, method), group)
+        smoother = job.smoother.for_linear_producer() if src in types else job.smoother  # a linear takes no shift
+        members = [(lin.weight, lin.bias, types[rel]) for rel, lin in zip(group, lins, strict=True)]
+        sample = samples[group[0]].tensor() if group[0] in samples else None
+        alpha = job.alpha.choose(sample, ranges[group[0]], members, smoother, job.dtype)
+        job.alphas[prefix + src] = alpha
+        out[src] = (smoother.factors(ranges[group[0]], [lin.weight for lin in lins], alpha), group)
     return out
 
 
-def _gptq_inputs(types: dict[str, str], job: LayerJob) -> dict[str, str]:
-    """Each quantized linear that GPTQ rounds -> the linear whose input it shares (first of its smoothing group)."""
+def _hessian_inputs(types: dict[str, str], job: LayerJob) -> dict[str, str]:
+    """Each quantized linear the rounder rounds with a Hessian -> the linear whose input it shares (the first of its
+    smoothing group)."""
     first = {rel: group[0] for _, group in job.spec.layer_smooth_pairs(tuple(types)) for rel in group}
     return {
         rel: first.get(rel, rel)
         for rel, t in types.items()
-        if t != FLOAT and not any(fnmatchcase(rel, g) for g in GPTQ_SKIP)
+        if t != FLOAT and not any(fnmatchcase(rel, g) for g in job.rounder.skip)
     }
 
 
@@ -160,7 +155,9 @@ def _input_ranges(ranges, by_linear: dict[str, Smoothing], fused) -> dict[str, t
     return out
 
 
-def _quantize_linear(layer, rel, sm, sm_rows, qtype, in_range, dtype, hessian=None) -> Tensors:
+def _quantize_linear(
+    layer, rel, sm, sm_rows, qtype, in_range, dtype, rounder: NearestRounding, hessian=None
+) -> Tensors:
     if qtype == W8A8 and in_range is None:
         raise ValueError(
             f"{rel} received no calibration token, so static W8A8 has no input range for it; "
@@ -172,7 +169,7 @@ def _quantize_linear(layer, rel, sm, sm_rows, qtype, in_range, dtype, hessian=No
         w, b = smooth_linear(w, b, sm)
     if sm_rows is not None:
         w, b = smooth_producer_linear(w, b, sm_rows)
-    quantized = gptq_quantize(w, hessian.to(w.device)) if hessian is not None and qtype != FLOAT else None
+    quantized = rounder.round(w, hessian) if qtype != FLOAT else None
     return linear_tensors(w, b, qtype, in_range, dtype, quantized)
 
 

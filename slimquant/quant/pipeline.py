@@ -16,18 +16,16 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from slimquant.devices import check_device
-from slimquant.format.architectures import EMBED_PREFIX, LAYER_PREFIX, ArchSpec, arch_spec, layer_prefix
+from slimquant.format.architectures import EMBED_PREFIX, LAYER_PREFIX, arch_spec, layer_prefix
 from slimquant.format.checkpoint import ModelSlimWriter, is_modelslim_dir
 from slimquant.format.dtypes import float_dtype
-from slimquant.format.schemes import FLOAT, W8A8, parse_scheme
+from slimquant.format.schemes import FLOAT, W8A8
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
 from slimquant.quant.decoder import LayerRunner
-from slimquant.quant.gptq import parse_rounding
 from slimquant.quant.layer_quant import LayerJob, quantize_layer
-from slimquant.quant.output import check_destination, folder_bytes, parse_size, staged_output, write_model_files
-from slimquant.quant.plan import parse_mix, plan_types, recipe_note
-from slimquant.quant.smooth import check_alpha, parse_method
+from slimquant.quant.options import QuantizeOptions
+from slimquant.quant.output import check_destination, folder_bytes, staged_output, write_model_files
+from slimquant.quant.plan import plan_types, recipe_note
 from slimquant.quant.sources import HFCheckpoint
 from slimquant.quant.summary import QuantizeSummary
 
@@ -37,63 +35,58 @@ def quantize(
     dst: str | os.PathLike,
     quant_type: str = "w8a8",
     *,
-    anti_outlier: str | None = None,
-    alpha: float | str = 0.5,
-    rounding: str = "nearest",
-    calib_data: str | os.PathLike | None = None,
-    num_samples: int = 16,
-    seq_len: int = 256,
-    keep_float: str | list[str] | tuple[str, ...] = (),
-    mix: list[str] | dict[str, str] | None = None,
-    device: str = "cpu",
-    shard_size: int | str = "4GiB",
     overwrite: bool = False,
-    batch_size: int = 4,
     progress: bool = True,
-    report: bool = False,
-    static_all: bool = False,
+    **options,
 ) -> QuantizeSummary:
     """Quantize the HF folder or .gguf file `src` into the ascend (ModelSlim) folder `dst`; see docs/FORMAT.md.
 
-    report: also write the per-linear sensitivity report (sensitivity.md/.json/.png, quant/sensitivity.py) into dst.
+    options: QuantizeOptions.parse's keyword arguments (anti_outlier, alpha, rounding, calib_data, num_samples,
+    seq_len, keep_float, mix, device, shard_size, batch_size, report, static_all), e.g.
+    report: also write the per-linear sensitivity report (sensitivity.md/.json/.png, quant/sensitivity.py) into dst;
     static_all: for quant_type w8a8, make every quantized linear static. By default Llama/Qwen models get
-        mlp.down_proj W8A8_DYNAMIC (format.architectures.DOWN_DYNAMIC_MIX; the summary's "default mix" says so).
+    mlp.down_proj W8A8_DYNAMIC (format.architectures.DOWN_DYNAMIC_MIX; the summary's "default mix" says so).
     """
+    return run(src, dst, QuantizeOptions.parse(quant_type, **options), overwrite=overwrite, progress=progress)
+
+
+def run(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    opts: QuantizeOptions,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> QuantizeSummary:
+    """quantize() with its options parsed."""
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    qtype = parse_scheme(quant_type)
-    mix_pairs, keep = parse_mix(mix), [keep_float] if isinstance(keep_float, str) else list(keep_float)
-    shard_bytes, device = parse_size(shard_size), check_device(device)
-    alpha = check_alpha(alpha)
-    rounding = parse_rounding(rounding)
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
     _check_paths(src, dst, overwrite)
-    texts = load_texts(calib_data)
+    texts = load_texts(opts.calib_data)
     with _hf_folder(src, dst) as hf_dir:
         ckpt = HFCheckpoint(hf_dir)
         spec = arch_spec(ckpt.config)
         num_layers = int(ckpt.config["num_hidden_layers"])
-        plan = plan_types(spec, num_layers, qtype, mix_pairs, keep, ckpt.config, static_all=static_all)
-        method = parse_method(anti_outlier if anti_outlier is not None else _default_method(spec, plan))
-        model_qtype = spec.model_quant_type or qtype
-        ids = token_batches(load_tokenizer(hf_dir), texts, num_samples, seq_len)  # [S, T]
+        plan = plan_types(spec, num_layers, opts.quant_type, list(opts.mix), list(opts.keep_float), ckpt.config,
+                          static_all=opts.static_all)  # fmt: skip
+        smoother = opts.smoother(spec.static_method if W8A8 in plan.values() else spec.dynamic_method)
+        model_qtype = spec.model_quant_type or opts.quant_type
+        ids = token_batches(load_tokenizer(hf_dir), texts, opts.num_samples, opts.seq_len)  # [S, T]
         dtype = _model_dtype(ckpt)
-        runner = LayerRunner(hf_dir, spec, dtype, device)
+        runner = LayerRunner(hf_dir, spec, dtype, opts.device)
         _check_complete(ckpt, runner, num_layers)
-        job = LayerJob(spec, plan, method, alpha, dtype, batch_size, ckpt.config, rounding=rounding)
+        job = LayerJob(spec, plan, smoother, opts.alpha_chooser(), opts.rounder(), dtype, opts.batch_size, ckpt.config)
         with staged_output(dst, overwrite) as out:
-            writer = ModelSlimWriter(out, model_qtype, shard_bytes)
+            writer = ModelSlimWriter(out, model_qtype, opts.shard_bytes)
             extra_layers = _convert(ckpt, runner, job, ids, writer, num_layers, progress)
-            fields = (spec.config_fields or {}).get(qtype, {})
+            fields = (spec.config_fields or {}).get(opts.quant_type, {})
             write_model_files(hf_dir, out, ckpt.config | fields, spec.config_indent)
-            if report:
-                _write_report(hf_dir, out, calib_data, num_samples, seq_len, batch_size, device, progress)
+            if opts.report:
+                _write_report(hf_dir, out, opts, progress)
     counts = Counter(plan.values()) + Counter({FLOAT: int("lm_head.weight" in ckpt)})
     return QuantizeSummary(
         output=dst,
         model_quant_type=model_qtype,
-        anti_outlier=method,
+        anti_outlier=smoother.name,
         linears=dict(sorted(counts.items())),
         num_layers=num_layers,
         float_layers=extra_layers,
@@ -101,17 +94,17 @@ def quantize(
         source_bytes=folder_bytes(src, "*.safetensors"),
         output_bytes=folder_bytes(dst),
         seconds=time.perf_counter() - start,
-        report=dst / "sensitivity.md" if report else None,
-        default_mix=recipe_note(spec, qtype, static_all, plan),
+        report=dst / "sensitivity.md" if opts.report else None,
+        default_mix=recipe_note(spec, opts.quant_type, opts.static_all, plan),
     )
 
 
-def _write_report(hf_dir: Path, out: Path, calib_data, num_samples, seq_len, batch_size, device, progress) -> None:
+def _write_report(hf_dir: Path, out: Path, opts: QuantizeOptions, progress: bool) -> None:
     """Per-linear sensitivity of the checkpoint just written in out, saved beside it."""
     from slimquant.quant.sensitivity import measure_sensitivity
 
-    kw = dict(num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, device=device, progress=progress)
-    measure_sensitivity(hf_dir, out, calib_data=calib_data, **kw).save(out)
+    kw = dict(num_samples=opts.num_samples, seq_len=opts.seq_len, batch_size=opts.batch_size, device=opts.device)
+    measure_sensitivity(hf_dir, out, calib_data=opts.calib_data, progress=progress, **kw).save(out)
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
@@ -123,11 +116,6 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
     if a == b or b in a.parents or a in b.parents:
         raise ValueError(f"DST {dst} must be outside SRC {src} (and SRC outside DST); choose another folder")
     check_destination(dst, overwrite)
-
-
-def _default_method(spec: ArchSpec, plan: dict[str, str]) -> str:
-    """Default smoothing: the architecture's static_method if some linear is static W8A8, else its dynamic_method."""
-    return spec.static_method if W8A8 in plan.values() else spec.dynamic_method
 
 
 @contextmanager

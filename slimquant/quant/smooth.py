@@ -1,4 +1,5 @@
-"""Anti-outlier smoothing folded into a producer (norm) and the linears that read it: exact re-parameterisation.
+"""Anti-outlier smoothing's math, folded into a producer (norm) and the linears that read it: exact
+re-parameterisation (the plug-ins that choose it: quant/steps/smoothing.py, quant/steps/alpha.py).
 
 SmoothQuant: s = clamp(A_absmax^a / W_colmax^(1-a), min 1e-5) per input channel; norm.weight /= s and each
 linear's columns *= s. Iterative (ModelSlim m4) first shifts each channel by (max+min)/2: the norm gains a
@@ -12,6 +13,7 @@ summed relative output error against float.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +23,6 @@ from slimquant.format.schemes import FLOAT
 from slimquant.quant.observers import ChannelRange
 from slimquant.quant.qlinear import SimLinear, linear_tensors
 
-METHODS = ("none", "smoothquant", "iterative")
-AUTO = "auto"
 ALPHA_GRID = tuple(i / 10 for i in range(11))  # 0, 0.1, ..., 1
 ALPHA_REFINE = 0.05  # then the best grid alpha +- this
 _MIN_SCALE = 1e-5
@@ -36,30 +36,11 @@ class Smoothing:
     shift: torch.Tensor | None = None
 
 
-def parse_method(name: str) -> str:
-    """Validate an --anti-outlier value."""
-    if name not in METHODS:
-        raise ValueError(f"unknown anti-outlier method {name!r}; choose one of: {', '.join(METHODS)}")
-    return name
-
-
-def check_alpha(alpha: float | str) -> float | str:
-    """Validate an --alpha value: a migration strength in [0, 1] (0 keeps it on activations) or "auto" (per group)."""
-    if isinstance(alpha, str) and alpha.strip().lower() == AUTO:
-        return AUTO
-    try:
-        value = float(alpha)
-    except (TypeError, ValueError):
-        raise ValueError(f"--alpha must be a number in [0, 1] or 'auto', got {alpha!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"--alpha must be in [0, 1] or 'auto', got {alpha}")
-    return value
-
-
-def smoothing_factors(rng: ChannelRange, weights: list[torch.Tensor], alpha: float, method: str) -> Smoothing:
-    """The scale (and shift) for one norm -> linears group from its input range and weights [N_i, K]."""
+def smoothing_factors(rng: ChannelRange, weights: list[torch.Tensor], alpha: float, shift: bool) -> Smoothing:
+    """The scale (and, with shift, the centring shift) for one norm -> linears group from its input range and
+    weights [N_i, K]."""
     assert 0.0 <= alpha <= 1.0, alpha
-    shift = (rng.max + rng.min) / 2 if method == "iterative" else None  # [K]
+    shift = (rng.max + rng.min) / 2 if shift else None  # [K]
     a_max = (rng.max - rng.min) / 2 if shift is not None else rng.absmax()  # [K]
     w_max = torch.stack([w.float().abs().amax(dim=0) for w in weights]).amax(dim=0)  # [K]
     scale = (a_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=_MIN_SCALE)  # [K]
@@ -95,11 +76,14 @@ def smooth_producer_linear(
 Member = tuple[torch.Tensor, torch.Tensor | None, str]  # one linear of a group: weight [N, K], bias [N], qtype
 
 
+Factors = Callable[[ChannelRange, list[torch.Tensor], float], Smoothing]  # a smoother's (rng, weights, alpha) -> ...
+
+
 def search_alpha(
     x: torch.Tensor,
     rng: ChannelRange,
     members: list[Member],
-    method: str,
+    factors: Factors,
     dtype: torch.dtype,
     grid: tuple[float, ...] = ALPHA_GRID,
     refine: float = ALPHA_REFINE,
@@ -114,7 +98,7 @@ def search_alpha(
 
     def score(alpha: float) -> None:
         if alpha not in errors and 0.0 <= alpha <= 1.0:
-            errors[alpha] = group_error(x, rng, members, smoothing_factors(rng, weights, alpha, method), dtype, refs)
+            errors[alpha] = group_error(x, rng, members, factors(rng, weights, alpha), dtype, refs)
 
     for alpha in grid:
         score(alpha)

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from slimquant import LLM, SamplingParams
+from slimquant.quant import steps
 from slimquant.quant.observers import ChannelRange, TokenSample
 from slimquant.quant.pipeline import quantize
-from slimquant.quant.smooth import check_alpha, search_alpha
+from slimquant.quant.smooth import search_alpha
+from slimquant.quant.steps.alpha import SearchedAlpha
 from tests.quant.common import FAST, calibration_ids, load_float, load_quantized
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -61,7 +63,7 @@ def test_search_picks_the_brute_force_minimum(static, method):
     rng.update(x)
     qtype = "W8A8" if static else "W8A8_DYNAMIC"
     members = [(w, None, qtype) for w in w_list]
-    alpha, errors = search_alpha(x, rng, members, method, torch.float32, GRID, refine=0.0)
+    alpha, errors = search_alpha(x, rng, members, steps.smoother(method).factors, torch.float32, GRID, refine=0.0)
     want = brute_force_errors(x, w_list, GRID, static, shift=method == "iterative")
     assert list(errors) == list(GRID)
     torch.testing.assert_close(torch.tensor(list(errors.values())), torch.tensor(want), rtol=1e-2, atol=1e-6)
@@ -74,8 +76,9 @@ def test_refinement_scores_the_neighbours_of_the_best_grid_alpha():
     rng = ChannelRange()
     rng.update(x)
     members = [(w, None, "W8A8")]
-    coarse, first = search_alpha(x, rng, members, "smoothquant", torch.float32, GRID, refine=0.0)
-    alpha, errors = search_alpha(x, rng, members, "smoothquant", torch.float32, GRID, refine=0.125)
+    factors = steps.smoother("smoothquant").factors
+    coarse, first = search_alpha(x, rng, members, factors, torch.float32, GRID, refine=0.0)
+    alpha, errors = search_alpha(x, rng, members, factors, torch.float32, GRID, refine=0.125)
     assert set(errors) == set(GRID) | ({coarse - 0.125, coarse + 0.125} & {a / 8 for a in range(9)})
     assert errors[alpha] == min(errors.values()) <= first[coarse]
 
@@ -102,11 +105,12 @@ def test_auto_alpha_checkpoint_close_to_float_and_runs(quantized):
 
 
 def test_alpha_values():
-    assert check_alpha("auto") == "auto" and check_alpha("AUTO") == "auto"
-    assert check_alpha("0.3") == 0.3 and check_alpha(1) == 1.0
+    assert isinstance(steps.alpha_chooser("auto"), SearchedAlpha)
+    assert isinstance(steps.alpha_chooser("AUTO"), SearchedAlpha)
+    assert steps.alpha_chooser("0.3").value == 0.3 and steps.alpha_chooser(1).value == 1.0
     for bad in ("bogus", 1.5, "-0.1"):
         with pytest.raises(ValueError, match="--alpha must be"):
-            check_alpha(bad)
+            steps.alpha_chooser(bad)
 
 
 def test_bad_alpha_in_quantize(tiny_model, tmp_path):

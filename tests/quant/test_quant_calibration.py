@@ -52,7 +52,7 @@ def layer0_inputs(src, dst, ids) -> dict[str, tuple[float, float]]:
     # up_proj -> down_proj smoothing lives in up_proj's rows: recompute it from the same statistics
     with torch.no_grad():
         w_down = layer.mlp.down_proj.weight
-        smoothing["down_proj"] = smoothing_factors(ranges["mlp.down_proj"], [w_down], 0.5, "smoothquant").scale
+        smoothing["down_proj"] = smoothing_factors(ranges["mlp.down_proj"], [w_down], 0.5, shift=False).scale
     out = {}
     for n, r in ranges.items():
         s = smoothing.get(n.split(".")[-1])

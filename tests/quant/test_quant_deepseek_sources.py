@@ -102,7 +102,7 @@ def test_smoothing_leaves_logits_unchanged(tiny_model, arch):
         for i, ps in pairs.items():
             for src_norm, group in ps:
                 p, lins = f"model.layers.{i}.", [model.get_submodule(f"model.layers.{i}.{r}") for r in group]
-                sm = smoothing_factors(ranges[p + group[0]], [lin.weight for lin in lins], 0.5, "iterative")
+                sm = smoothing_factors(ranges[p + group[0]], [lin.weight for lin in lins], 0.5, shift=True)
                 for lin in lins:
                     w, b = smooth_linear(lin.weight, lin.bias, sm)
                     lin.weight.copy_(w)

@@ -26,7 +26,7 @@ def smooth_model(model: nn.Module, ids: torch.Tensor, method: str, alpha: float)
                 lins = [model.get_submodule(p + rel) for rel in group]
                 producer = model.get_submodule(p + src)
                 how = "smoothquant" if isinstance(producer, nn.Linear) else method
-                sm = smoothing_factors(ranges[p + group[0]], [lin.weight for lin in lins], alpha, how)
+                sm = smoothing_factors(ranges[p + group[0]], [lin.weight for lin in lins], alpha, how == "iterative")
                 for lin in lins:
                     w, b = smooth_linear(lin.weight, lin.bias, sm)
                     lin.weight.copy_(w)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from slimquant.quant import steps
+
 HELP = """Quantize a model to the ascend (ModelSlim) int8 format, one decoder layer at a time.
 Defaults: --anti-outlier smoothquant for both types, --alpha 0.5. --alpha auto: per smoothing group
 (input_layernorm -> q/k/v, post_attention_layernorm -> gate/up,
@@ -39,7 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--type", dest="quant_type", default="w8a8", help="w8a8 (static) or w8a8_dynamic [w8a8]")
     p.add_argument(
         "--anti-outlier",
-        choices=("none", "smoothquant", "iterative"),
+        choices=tuple(steps.SMOOTHERS),
         help="smoothing folded into norms: smoothquant, iterative (with shift, ModelSlim m4) or none "
         "[smoothquant; for DeepSeek/Kimi iterative if any linear is w8a8, else none]",
     )
@@ -50,7 +52,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--rounding",
-        choices=("nearest", "gptq"),
+        choices=tuple(steps.ROUNDERS),
         default="nearest",
         help="weight rounding: nearest, or gptq (error compensated with calibration Hessians, same format) [nearest]",
     )
