@@ -1,4 +1,5 @@
-"""Random-weight Hugging Face checkpoints for tests and benchmarks (no model hub needed).
+"""Random-weight Hugging Face checkpoints for tests and benchmarks, no model hub needed (dev tooling: not part of
+the library's API).
 
 `make_tiny_model("llama", dir)` writes config.json, model.safetensors and a small byte-level BPE
 tokenizer with a chat template; transformers' own modeling code is the float reference for them.

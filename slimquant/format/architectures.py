@@ -48,9 +48,8 @@ MLA_SMOOTH_PAIRS = (
 # --type w8a8 on these models: MLA static, every MLP linear dynamic (ModelSlim's DeepSeek recipe).
 MLA_MIX = (("*.mlp.*", W8A8_DYNAMIC),)
 # --type w8a8 on Llama / Qwen by default: mlp.down_proj dynamic, the rest static. Its input silu(gate) * up holds
-# massive activations on a few tokens (thousands on the first token, a few elsewhere) that one per-tensor static
-# scale cannot follow (SmolLM2-135M: +14.5% perplexity all-static, +1.5% with this mix). quantize(static_all=True)
-# (--static-all) drops it.
+# massive activations on a few tokens (the first token's above all) that one per-tensor static scale cannot follow
+# (docs/benchmarks.md, "Accuracy"). quantize(static_all=True) (--static-all) drops it.
 DOWN_DYNAMIC_MIX = (("*.mlp.down_proj", W8A8_DYNAMIC),)
 
 

@@ -1,4 +1,5 @@
-"""The llama.cpp row of `slimquant bench`, through llama-cpp-python's C API (optional: only when it is installed).
+"""The llama.cpp row of `slimquant bench`, through llama-cpp-python's C API (optional: only when it is installed;
+dev tooling for the comparison tables, not part of the library's API).
 
 bench.py times it in the same three columns as the other rows: greedy decode of one stream, one prefill, N
 streams decoded together in one llama_decode batch per step (each sequence its own seq_id), with llama.cpp's

@@ -12,12 +12,10 @@ Defaults: --anti-outlier smoothquant for both types, --alpha 0.5. --alpha auto: 
 up_proj -> down_proj) the alpha of 0, 0.1, ..., 1 (then the best +-0.05) whose quantized outputs, computed as
 the runtime does on 512 calibration tokens, are closest to float (summed squared error relative to float's).
 --rounding nearest; gptq compensates each weight's rounding error (same format). lm_head always stays float.
-SmolLM2-135M-Instruct, Pride and Prejudice, 20480 tokens in 512-token windows, fp32 float 25.399:
-W8A8_DYNAMIC +0.97% smoothquant alpha 0.5 (default), +1.30% alpha auto, +0.78% iterative.
+What each method costs in perplexity: docs/benchmarks.md, Accuracy (bench/accuracy.py).
 --type w8a8 on Llama/Qwen (default recipe, as ModelSlim mixes DeepSeek's MLPs): every linear static W8A8
 except mlp.down_proj, which is W8A8_DYNAMIC (its input silu(gate)*up holds massive per-token outliers that one
 per-tensor static scale cannot follow); the summary prints this "default mix". --static-all: all static.
-SmolLM2 W8A8: +1.54% with this default mix, +14.5% with --static-all (README, Accuracy).
 DeepSeek V2/V3 and Kimi K2 (ModelSlim's DeepSeek recipe): --type w8a8 makes the MLA linears static W8A8 and
 every MLP linear (dense, shared and routed experts) W8A8_DYNAMIC, smoothed with iterative by default;
 kv_b_proj, the router and multi-token-prediction layers stay float; FP8 block weights are dequantized."""
@@ -88,7 +86,7 @@ def register(subparsers) -> None:
         "--static-all",
         action="store_true",
         help="--type w8a8: make every quantized linear static; by default Llama/Qwen mlp.down_proj is "
-        "w8a8_dynamic (its per-token outliers defeat one static scale: SmolLM2 +14.5%% -> +1.5%%)",
+        "w8a8_dynamic (its per-token outliers defeat one static scale)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
