@@ -8,16 +8,12 @@ says once in `notes` (logged by the loader, printed by `slimquant bench`).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
 from slimquant.backends.cuda_graphs import CudaGraphDecoder, graphs_supported
 from slimquant.backends.torch_ops import TorchOps
 from slimquant.layers.context import ForwardContext, forward_context
-
-logger = logging.getLogger(__name__)
 
 
 class Backend:

@@ -23,6 +23,7 @@ from slimquant.models.base import LayerParts
 _LINEAR_KIND = {"dynamic": 1, "static": 2, "bf16": 3}
 _SLICE_ROWS = 16  # csrc/layer_cpu.cpp: kSliceAlign, the blocked int8 layout's rows per block
 
+
 @dataclass
 class LinearForm:
     """What the stack needs of one linear: kind ('dynamic' | 'static' | 'bf16'), shape, tensors, scalars."""

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 from slimquant.backends.base import Backend
 from slimquant.config import KernelConfig
 from slimquant.kernels import native
 from slimquant.kernels.triton_kernels import triton_module
 
-logger = logging.getLogger(__name__)
 
 def select_backend(device: str, kernels: KernelConfig, enforce_eager: bool = False) -> Backend:
     """The backend for a device: kernels.backend, or for "auto" the fastest that runs here (cpu-native on a CPU,

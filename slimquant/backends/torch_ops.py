@@ -20,7 +20,6 @@ from slimquant.layers.rotary import apply_rotary
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) [T, D] of the tokens' positions, or no rope
 
 
-
 class TorchOps:
     """Norms, activation, attention over the paged cache, int8 and float linears, in torch."""
 
