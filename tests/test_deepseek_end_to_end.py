@@ -43,11 +43,12 @@ def test_quantized_next_token_agreement_and_perplexity(float_and_quantized):
 
 
 def test_bfloat16_latent_cache_matches_fp32_cache(float_and_quantized):
-    """The MLA latent cache in bf16 (kv_cache_dtype) with fp32 activations: while the greedy tokens agree with
-    those of the fp32 cache (a tiny random model's near ties may flip later), their logprobs agree within 0.1
-    (bf16 rounding of the latents, which can move a static int8 activation by a step)."""
+    """The MLA latent cache in bf16 (kv_cache_dtype) with fp32 activations: logprobs agree with those of the fp32
+    cache within 0.1 (bf16 rounding of the latents, which can move a static int8 activation by a step), at every
+    step while the greedy tokens agree. MLA's prefill reads its latents back from the cache too, so even a first
+    token can flip where a tiny random model has a near tie: the first step is compared through each run's top-5."""
     _, dst = float_and_quantized
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=5)
     runs = []
     for kv_dtype in ("auto", "bfloat16"):
         llm = LLM(str(dst), quantization="ascend", max_model_len=128, dtype="float32", kv_cache_dtype=kv_dtype)
@@ -55,9 +56,9 @@ def test_bfloat16_latent_cache_matches_fp32_cache(float_and_quantized):
     compared = 0
     for a, b in zip(*runs, strict=True):
         steps = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)) if x != y), 16)
-        assert steps >= 2  # the first token comes from the prefill, the second from a step reading the cache
-        compared += steps
-        for i in range(steps):
+        for i in range(max(steps, 1)):
             token = a.token_ids[i]
+            assert token in b.logprobs[i], "the fp32 cache's token is not even in the bf16 cache's top 5"
             assert abs(a.logprobs[i][token].logprob - b.logprobs[i][token].logprob) < 0.1
+            compared += 1
     assert compared >= 24

@@ -42,11 +42,12 @@ def static_activation_params(x_min: float, x_max: float) -> tuple[float, float]:
 
 
 def quantize_static(x: torch.Tensor, input_scale: torch.Tensor, input_offset: torch.Tensor) -> torch.Tensor:
-    """Static W8A8 activation quantization, as the runtime does it: reciprocal scale in the model dtype.
+    """Static W8A8 activation quantization, as the runtime does it: input_scale cast to the model dtype, then its
+    reciprocal taken in that dtype (vLLM-Ascend's order).
 
     x: [..., K] in the model dtype; input_scale, input_offset: [1]. Returns int8 [..., K].
     """
-    inv = (1.0 / input_scale.float()).to(x.dtype)
+    inv = 1.0 / input_scale.to(x.dtype)
     x_q = torch.round(x * inv + input_offset.to(x.dtype))
     return torch.clamp(x_q, QMIN, QMAX).to(torch.int8)
 

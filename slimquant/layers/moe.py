@@ -107,6 +107,7 @@ class RoutedExperts(nn.Module):
         self.num_experts, self.inter, self.prefix, self.dtype = num_experts, inter, prefix, dtype
         expert_linears = [f"{prefix}.{e}.{p}" for e in range(num_experts) for p in PROJS]
         self.quant_type = quant_config.moe_quant_type(prefix, expert_linears)
+        self.scale_dtype = quant_config.model_dtype or dtype  # the NPU holds the scales in the model dtype
         self.quantized = self.quant_type != FLOAT
         w_dtype = torch.int8 if self.quantized else dtype
         self.w13 = _param((num_experts, 2 * inter, hidden), w_dtype)
@@ -141,7 +142,7 @@ class RoutedExperts(nn.Module):
             return
         for name in ("w13", "w2"):
             scale = getattr(self, f"{name}_scale").data  # [E, N, 1] fp32
-            replace_param(self, f"{name}_scale", scale.to(self.dtype).reshape(self.num_experts, -1))  # [E, N]
+            replace_param(self, f"{name}_scale", scale.to(self.scale_dtype).reshape(self.num_experts, -1))  # [E, N]
             packed = self.ops.pack_weight(getattr(self, name).data)  # [E, ...]: one form for all experts
             replace_param(self, name, packed)
 

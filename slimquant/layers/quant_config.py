@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from slimquant.format.checkpoint import read_description, tensor_types
 from slimquant.format.schemes import FLOAT, W8A8_DYNAMIC
 from slimquant.layers.quant_methods import METHODS_BY_TYPE, QuantMethod, UnquantizedMethod
@@ -15,6 +17,7 @@ class QuantConfig:
     """No quantization: every linear is float, norms have no bias."""
 
     norm_has_bias: bool = False
+    model_dtype: torch.dtype | None = None  # the format math's dtype (QuantMethod); None: the activations'
 
     def linear_method(self, prefix: str, shard_prefixes: list[str]) -> QuantMethod:
         """The method for the linear at `prefix`, built from checkpoint linears `shard_prefixes`."""
@@ -32,16 +35,18 @@ class QuantConfig:
 class AscendQuantConfig(QuantConfig):
     """An ascend (ModelSlim) checkpoint's description: per-tensor quant types by name."""
 
-    def __init__(self, description: dict):
+    def __init__(self, description: dict, model_dtype: torch.dtype | None = None):
+        _check_header(description)
+        self.model_dtype = model_dtype  # the format math's dtype (QuantMethod); None: the activations'
         self.types = tensor_types(description)
         self.model_quant_type = description.get("model_quant_type")
         # vLLM-Ascend gives RMSNorm a bias whenever the anti-outlier shift wrote any "*norm.bias"
         self.norm_has_bias = any("norm.bias" in name for name in self.types)
 
     @classmethod
-    def from_folder(cls, path: str | os.PathLike) -> AscendQuantConfig:
+    def from_folder(cls, path: str | os.PathLike, model_dtype: torch.dtype | None = None) -> AscendQuantConfig:
         """Read quant_model_description.json of a checkpoint folder."""
-        return cls(read_description(path))
+        return cls(read_description(path), model_dtype)
 
     def linear_method(self, prefix: str, shard_prefixes: list[str]) -> QuantMethod:
         types = [self._weight_type(p, prefix) for p in shard_prefixes]
@@ -63,7 +68,7 @@ class AscendQuantConfig(QuantConfig):
             raise ValueError(
                 f"{prefix}: quant type {types[0]!r} is not supported; supported: {sorted(METHODS_BY_TYPE)}"
             )
-        return METHODS_BY_TYPE[types[0]]()
+        return METHODS_BY_TYPE[types[0]](self.model_dtype)
 
     def moe_quant_type(self, prefix: str, expert_prefixes: list[str]) -> str:
         # vLLM-Ascend: experts stay float if any description key under their prefix is FLOAT
@@ -91,3 +96,27 @@ class AscendQuantConfig(QuantConfig):
                 "(e.g. MTP layers). Re-quantize with `slimquant quantize`, or fix the description."
             )
         return self.types[key]
+
+
+# Header keys of features slimquant does not run: refused at load with what they are, never run as something else.
+UNSUPPORTED_HEADER = {
+    "fa_quant_type": "quantized attention (FAQuant / FAKQuant)",
+    "reduce_quant_type": "quantized tensor-parallel reductions",
+}
+
+
+def _check_header(description: dict) -> None:
+    """ValueError naming a description's feature that slimquant cannot run (its linears' types are checked where
+    each layer is built)."""
+    for key, what in UNSUPPORTED_HEADER.items():
+        if description.get(key):
+            raise ValueError(
+                f"quant_model_description.json says {key}={description[key]!r}: {what}, which slimquant does not run "
+                "(it runs W8A8 and W8A8_DYNAMIC linears); quantize the float model again without it"
+            )
+    kv = description.get("kv_cache_type") or description.get("kv_quant_type")
+    if kv:
+        raise ValueError(
+            f"quant_model_description.json says kv_cache_type={kv!r}: an int8 KV cache, which slimquant does not run "
+            "yet; quantize the float model again without the KV-cache option"
+        )

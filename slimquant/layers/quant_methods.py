@@ -40,7 +40,11 @@ def replace_param(layer: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 class QuantMethod:
-    """Base of all linear methods."""
+    """Base of all linear methods. model_dtype: the dtype the format's math rounds scales to (vLLM-Ascend's model
+    dtype: dtype= where given, else the checkpoint's), whatever dtype the activations run in here."""
+
+    def __init__(self, model_dtype: torch.dtype | None = None):
+        self.model_dtype = model_dtype
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> None:
         """Register the parameters (empty) that the checkpoint fills; the layer adds its float bias itself."""
@@ -73,8 +77,9 @@ class W8A8StaticMethod(QuantMethod):
     def create_weights(self, layer, in_features, out_features, dtype):
         num_shards = len(layer.shard_prefixes)
         add_param(layer, "weight", (out_features, in_features), torch.int8)
-        add_param(layer, "weight_scale", (out_features, 1), torch.float32)
-        add_param(layer, "weight_offset", (out_features, 1), torch.float32)
+        for name in ("weight_scale", "weight_offset"):  # unused at run time (deq_scale holds the scale): ModelSlim's
+            add_param(layer, name, (out_features, 1), torch.float32)  # V1 saver leaves them out, as vLLM-Ascend may
+            getattr(layer, name).optional = True
         add_param(layer, "input_scale", (num_shards,), torch.float32, per_shard=True)
         add_param(layer, "input_offset", (num_shards,), torch.float32, per_shard=True)
         add_param(layer, "quant_bias", (out_features,), torch.int32)
@@ -83,7 +88,9 @@ class W8A8StaticMethod(QuantMethod):
 
     def process_weights_after_loading(self, layer):
         scale, offset = _fused_input_params(layer)
-        layer.register_buffer("input_inv_scale", (1.0 / scale).to(layer.params_dtype).reshape(1))
+        # as the NPU: input_scale cast to the model dtype first, its reciprocal taken in that dtype
+        inv = 1.0 / scale.to(self.model_dtype or layer.params_dtype)
+        layer.register_buffer("input_inv_scale", inv.to(layer.params_dtype).reshape(1))
         layer.register_buffer("input_offset_rt", offset.to(layer.params_dtype).reshape(1))
         replace_param(layer, "weight", layer.ops.pack_weight(layer.weight.data))
 
@@ -117,7 +124,8 @@ class W8A8DynamicMethod(QuantMethod):
 
     def process_weights_after_loading(self, layer):
         # scales as the NPU sees them (rounded to the model dtype), held in fp32 for the kernel: [N]
-        replace_param(layer, "weight_scale", layer.weight_scale.data.to(layer.params_dtype).float().reshape(-1))
+        w_scale = layer.weight_scale.data.to(self.model_dtype or layer.params_dtype).float().reshape(-1)
+        replace_param(layer, "weight_scale", w_scale)
         replace_param(layer, "weight", layer.ops.pack_weight(layer.weight.data))
 
     def apply(self, layer, x, bias):

@@ -56,7 +56,8 @@ def load_model(
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     backend = select_backend(device, kernels or KernelConfig(), enforce_eager)
     torch_dtype = resolve_dtype(dtype, config, device, quantized, native=backend.name == "cpu-native")
-    quant_config = AscendQuantConfig.from_folder(path) if quantized else QuantConfig()
+    model_dtype = resolve_dtype(dtype, config)  # vLLM-Ascend's: dtype= where given, else the checkpoint's
+    quant_config = AscendQuantConfig.from_folder(path, model_dtype) if quantized else QuantConfig()
     with torch.device(device):
         model = model_class(config)(config, quant_config, torch_dtype)
     backend.bind(model)

@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from slimquant.format.architectures import EMBED_PREFIX, LAYER_PREFIX, arch_spec, layer_prefix
+from slimquant.format.architectures import EMBED_PREFIX, LAYER_PREFIX, ArchSpec, arch_spec, layer_prefix
 from slimquant.format.checkpoint import ModelSlimWriter, is_modelslim_dir
 from slimquant.format.dtypes import float_dtype
 from slimquant.format.schemes import FLOAT, W8A8
@@ -28,6 +28,12 @@ from slimquant.quant.output import check_destination, folder_bytes, staged_outpu
 from slimquant.quant.plan import plan_types, recipe_note
 from slimquant.quant.sources import HFCheckpoint
 from slimquant.quant.summary import QuantizeSummary
+
+HEAD_WEIGHT = "lm_head.weight"
+FP32_NOTE = (
+    "a float32 model: slimquant runs it, vLLM-Ascend does not (its ascend quantization takes bf16 / fp16 models "
+    "only); save the source in bf16 first for a checkpoint it loads"
+)
 
 
 def quantize(
@@ -74,6 +80,8 @@ def run(
         dtype = _model_dtype(ckpt)
         runner = LayerRunner(hf_dir, spec, dtype, opts.device)
         _check_complete(ckpt, runner, num_layers)
+        if smoother.shifts:
+            _check_shift_targets(spec, plan, runner, num_layers, ckpt.config)
         job = LayerJob(spec, plan, smoother, opts.alpha_chooser(), opts.rounder(), dtype, opts.batch_size, ckpt.config)
         with staged_output(dst, overwrite) as out:
             writer = ModelSlimWriter(out, model_qtype, opts.shard_bytes)
@@ -82,7 +90,8 @@ def run(
             write_model_files(hf_dir, out, ckpt.config | fields, spec.config_indent)
             if opts.report:
                 _write_report(hf_dir, out, opts, progress)
-    counts = Counter(plan.values()) + Counter({FLOAT: int("lm_head.weight" in ckpt)})
+    counts = Counter(plan.values()) + Counter({FLOAT: 1})  # lm_head: the source's, or the tied embeddings
+
     return QuantizeSummary(
         output=dst,
         model_quant_type=model_qtype,
@@ -96,6 +105,7 @@ def run(
         seconds=time.perf_counter() - start,
         report=dst / "sensitivity.md" if opts.report else None,
         default_mix=recipe_note(spec, opts.quant_type, opts.static_all, plan),
+        notes=[FP32_NOTE] if dtype == torch.float32 else [],
     )
 
 
@@ -139,6 +149,25 @@ def _model_dtype(ckpt: HFCheckpoint) -> torch.dtype:
     return named or float_dtype(ckpt.get(EMBED_PREFIX + "weight").dtype) or torch.bfloat16
 
 
+def _check_shift_targets(spec: ArchSpec, plan: dict[str, str], runner: LayerRunner, n: int, config: dict) -> None:
+    """The iterative shift gives each linear a norm feeds a bias (W @ shift). A static W8A8 linear carries it in its
+    quant_bias; a dynamic or float one needs a bias parameter, and vLLM-Ascend drops the bias of a module its model
+    builds without one: wrong output there, so refuse before anything is written."""
+    bad = []
+    for i in range(n):
+        linears, bias_free = spec.layer_linears(config, i), runner.bias_free(i)
+        for producer, group in spec.layer_smooth_pairs(linears):
+            types = {r: plan[layer_prefix(i) + r] for r in group}
+            if producer not in linears and set(types.values()) != {FLOAT}:  # a norm producer, smoothed: it shifts
+                bad += [layer_prefix(i) + r for r, t in types.items() if t != W8A8 and r in bias_free]
+    if bad:
+        raise ValueError(
+            f"--anti-outlier iterative would give {len(bad)} bias-free linears a bias (e.g. {bad[0]}, "
+            f"{plan[bad[0]]}), which vLLM-Ascend drops: its output would be wrong there. Use --anti-outlier "
+            "smoothquant (no shift), or quantize those linears static W8A8 (their quant_bias carries the shift)"
+        )
+
+
 def _check_complete(ckpt: HFCheckpoint, runner: LayerRunner, num_layers: int) -> None:
     """Every tensor the layers need is present, before any work starts."""
     need = [EMBED_PREFIX + "weight"] + [layer_prefix(i) + r for i in range(num_layers) for r in runner.param_names(i)]
@@ -168,8 +197,15 @@ def _convert(ckpt, runner, job: LayerJob, ids, writer: ModelSlimWriter, num_laye
         _return_freed_memory()
     for name in tail:
         writer.add(name, ckpt.get(name).to(_float_dtype(name, job.dtype)), FLOAT)
+    if tied_head(ckpt):  # vLLM-Ascend looks lm_head up in the description: written as ModelSlim V1 writes it
+        writer.add(HEAD_WEIGHT, ckpt.get(EMBED_PREFIX + "weight").to(job.dtype), FLOAT)
     writer.close()
     return len({_layer_index(k) for k in tail} - {None})
+
+
+def tied_head(ckpt: HFCheckpoint) -> bool:
+    """Whether the model's LM head is its embeddings (tie_word_embeddings, no lm_head.weight of its own)."""
+    return bool(ckpt.config.get("tie_word_embeddings")) and HEAD_WEIGHT not in ckpt
 
 
 def _float_dtype(name: str, dtype: torch.dtype) -> torch.dtype:

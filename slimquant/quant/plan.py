@@ -8,6 +8,7 @@ from slimquant.format.architectures import ArchSpec, layer_prefix
 from slimquant.format.schemes import FLOAT, W8A8, parse_scheme
 
 HEAD_LINEARS = ("lm_head",)  # always float: the quantizer does not calibrate the head
+ROUTED_EXPERTS = "*.mlp.experts.*"  # no loader runs them static: vLLM-Ascend's fused MoE is W8A8_DYNAMIC only
 
 
 def parse_mix(items: list[str] | dict[str, str] | None) -> list[tuple[str, str]]:
@@ -56,7 +57,19 @@ def plan_types(
         else:
             plan[name] = next((t for g, t in mix if fnmatchcase(name, g)), quant_type)
     _check_fused(spec, num_layers, plan, config or {})
+    _check_no_static_experts(plan)
     return plan
+
+
+def _check_no_static_experts(plan: dict[str, str]) -> None:
+    """Routed experts quantized static W8A8 make a checkpoint that no current loader runs: refuse at plan time."""
+    static = [name for name, t in plan.items() if t == W8A8 and fnmatchcase(name, ROUTED_EXPERTS)]
+    if static:
+        raise ValueError(
+            f"{len(static)} routed expert linears would be static W8A8 (e.g. {static[0]}), which no current loader "
+            "runs (vLLM-Ascend's fused MoE is W8A8_DYNAMIC only, and slimquant's too): make them w8a8_dynamic, "
+            f"e.g. --mix '{ROUTED_EXPERTS}=w8a8_dynamic' first, or keep them float"
+        )
 
 
 def default_mix(spec: ArchSpec, static_all: bool = False) -> tuple[tuple[str, str], ...]:

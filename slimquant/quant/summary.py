@@ -50,6 +50,7 @@ class QuantizeSummary:
     report: Path | None = None  # sensitivity.md written with report=True (+ .json, .png beside it)
     fallback: FallbackResult | None = None  # what max_loss= kept float, and the measured held-out loss
     default_mix: str = ""  # what the default w8a8 recipe made dynamic (empty with static_all or none applied)
+    notes: list[str] = field(default_factory=list)  # what a user should know about where the checkpoint runs
 
     def __str__(self) -> str:
         quantized = {k: v for k, v in self.linears.items() if k != FLOAT}
@@ -68,6 +69,7 @@ class QuantizeSummary:
             ("time", f"{self.seconds:.1f} s"),
             *(self.fallback.rows() if self.fallback else []),
             *([("sensitivity report", str(self.report))] if self.report else []),
+            *(("note", note) for note in self.notes),
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

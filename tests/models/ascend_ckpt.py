@@ -1,11 +1,20 @@
 """Test helper: turn a tiny float HF folder into an ascend (ModelSlim) checkpoint with chosen quant types.
 
-Written directly with the quant primitives and ModelSlimWriter (not the project's quantizer), with random
-but calibrated-looking static activation parameters (non-zero input_offset).
+Written directly with the quant primitives (not the project's quantizer), with random but calibrated-looking
+static activation parameters (non-zero input_offset), in one of three layouts:
+- "slimquant": what slimquant's own writer (ModelSlimWriter) writes;
+- "v0": ModelSlim's older saver (llm_ptq_tools): quant_model_weight_<type>-*.safetensors, header keys first,
+  indent 2, static linears with weight_scale / weight_offset, a bf16 model's input_scale / input_offset in bf16;
+- "v1": ModelSlim's current saver (modelslim_v1 ascendv1.py): quant_model_weights-*.safetensors, tensors first then
+  version / model_quant_type / metadata / group_size / optional, indent 4; static linears without weight_scale /
+  weight_offset (weight, quant_bias, input_scale, input_offset, deq_scale, bias), input_offset and float biases in
+  fp32, lm_head written (a copy of the embeddings) for tied models.
+The v0 / v1 files are written with safetensors and json directly, from those rules, not with slimquant's writer.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +25,8 @@ from slimquant.format import primitives as P
 from slimquant.format.checkpoint import ModelSlimWriter
 from slimquant.format.safetensors_io import SafetensorsFolder
 from slimquant.format.schemes import FLOAT
+
+LAYOUTS = ("slimquant", "v0", "v1")
 
 MLA_LINEARS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")  # DeepSeek V2/V3 attention
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", *MLA_LINEARS)
@@ -39,24 +50,26 @@ def write_ascend(
     deq_int64: bool | None = None,
     shift: bool = False,
     seed: int = 0,
+    layout: str = "slimquant",
 ) -> Path:
-    """Write dst from src; quant_type(linear prefix) -> "W8A8" | "W8A8_DYNAMIC" | "FLOAT".
+    """Write dst from src; quant_type(linear prefix) -> "W8A8" | "W8A8_DYNAMIC" | "FLOAT"; layout: one of LAYOUTS.
 
     shift=True mimics the anti-outlier shift: every layernorm gets a bias and every linear it feeds gets one.
     """
+    assert layout in LAYOUTS, layout
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
             shutil.copy(f, dst / f.name)
     tensors, gen = SafetensorsFolder(src), torch.Generator().manual_seed(seed)
-    writer, act_params = ModelSlimWriter(dst, "W8A8"), {}
+    entries, act_params = _Entries(), {}
     for name in tensors.keys():
         prefix, _, leaf = name.rpartition(".")
         linear = prefix.rpartition(".")[2]
         if linear not in LINEARS:
-            writer.add(name, tensors.get(name).to(dtype), FLOAT)
+            entries.add(name, tensors.get(name).to(dtype), FLOAT)
             if shift and name.endswith("layernorm.weight"):
-                writer.add(f"{prefix}.bias", _random_like(tensors.get(name), gen).to(dtype), FLOAT)
+                entries.add(f"{prefix}.bias", _random_like(tensors.get(name), gen).to(dtype), FLOAT)
             continue
         if leaf != "weight":
             continue  # a linear's bias is written with its weight
@@ -68,10 +81,57 @@ def write_ascend(
             out = {"weight": w.to(dtype)} | ({} if bias is None else {"bias": bias.to(dtype)})
         else:
             out = _quantized(w, bias, qtype, _activation_params(prefix, act_params, gen), dtype, deq_int64)
+            out = _as_layout(out, qtype, dtype, layout)
         for key, t in out.items():
-            writer.add(f"{prefix}.{key}", t, FLOAT if qtype == FLOAT or key == "bias" else qtype)
-    writer.close()
+            entries.add(f"{prefix}.{key}", t, FLOAT if qtype == FLOAT or key == "bias" else qtype)
+    if layout == "v1" and "lm_head.weight" not in tensors:  # a tied head: V1 writes it
+        entries.add("lm_head.weight", tensors.get("model.embed_tokens.weight").to(dtype), FLOAT)
+    if layout == "slimquant":
+        writer = ModelSlimWriter(dst, "W8A8")
+        for name, t, qtype in entries:
+            writer.add(name, t, qtype)
+        writer.close()
+    else:
+        _save_modelslim(dst, entries, layout)
     return dst
+
+
+class _Entries(list):
+    """(name, tensor, description type) in write order."""
+
+    def add(self, name: str, t: torch.Tensor, qtype: str) -> None:
+        self.append((name, t, qtype))
+
+
+def _as_layout(out: dict[str, torch.Tensor], qtype: str, dtype: torch.dtype, layout: str) -> dict[str, torch.Tensor]:
+    """One quantized linear's tensors in the saver's order and dtypes."""
+    if layout == "v0" and qtype == "W8A8" and dtype == torch.bfloat16:  # the older saver's bf16 activation params
+        return out | {"input_scale": out["input_scale"].bfloat16(), "input_offset": out["input_offset"].bfloat16()}
+    if layout != "v1":
+        return out
+    bias = {} if "bias" not in out else {"bias": out["bias"].float()}
+    if qtype == "W8A8_DYNAMIC":
+        return {k: out[k] for k in ("weight", "weight_scale", "weight_offset")} | bias
+    return {k: out[k] for k in ("weight", "quant_bias", "input_scale", "input_offset", "deq_scale")} | bias
+
+
+def _save_modelslim(dst: Path, entries: _Entries, layout: str) -> None:
+    """One shard, its index and the description, named and ordered as the V0 or V1 saver does."""
+    from safetensors.torch import save_file
+
+    types = {name: qtype for name, _, qtype in entries}
+    stem = "quant_model_weights" if layout == "v1" else "quant_model_weight_w8a8"
+    shard = f"{stem}-00001-of-00001.safetensors"
+    save_file({name: t.contiguous() for name, t, _ in entries}, str(dst / shard))
+    size = sum(t.numel() * t.element_size() for _, t, _ in entries)
+    index = {"metadata": {"total_size": size}, "weight_map": dict.fromkeys(types, shard)}
+    (dst / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if layout == "v1":
+        header = {"version": "1.0.0", "model_quant_type": "W8A8", "metadata": {}, "group_size": 0, "optional": {}}
+        description, indent = types | header, 4
+    else:
+        description, indent = {"version": "1.0.0", "model_quant_type": "W8A8"} | types, 2
+    (dst / "quant_model_description.json").write_text(json.dumps(description, indent=indent))
 
 
 def _random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -13,15 +13,16 @@ from slimquant.format.schemes import FLOAT
 
 
 class StaticRef(nn.Module):
-    """W8A8: y = ((clamp(round(x / s_in + o_in)) @ W^T) + quant_bias) * deq_scale."""
+    """W8A8: y = ((clamp(round(x * (1 / s_in) + o_in)) @ W^T) + quant_bias) * deq_scale, with s_in cast to the
+    model dtype (scale_dtype) and its reciprocal taken there, as vLLM-Ascend does."""
 
-    def __init__(self, t: dict[str, torch.Tensor]):
+    def __init__(self, t: dict[str, torch.Tensor], scale_dtype: torch.dtype):
         super().__init__()
-        self.t = t
+        self.t, self.scale_dtype = t, scale_dtype
 
     def forward(self, x):
         t = self.t
-        inv = (1.0 / t["input_scale"].float()).to(x.dtype)
+        inv = (1.0 / t["input_scale"].to(self.scale_dtype)).to(x.dtype)
         x_q = torch.clamp(torch.round(x * inv + t["input_offset"].to(x.dtype)), -128, 127)
         acc = x_q.long() @ t["weight"].long().T + t["quant_bias"].long()
         deq = t["deq_scale"]
@@ -36,7 +37,7 @@ class DynamicRef(StaticRef):
         t = self.t
         s_t = x.float().abs().amax(-1, keepdim=True) / 127.0
         x_q = torch.clamp(torch.round(x.float() / s_t), -128, 127)
-        w_s = t["weight_scale"].to(x.dtype).float().reshape(-1)
+        w_s = t["weight_scale"].to(self.scale_dtype).float().reshape(-1)
         y = (x_q.long() @ t["weight"].long().T).float() * s_t * w_s
         if "bias" in t:
             y = y + t["bias"].float()
@@ -62,7 +63,7 @@ class ExpertsRef(nn.Module):
         return out
 
 
-def experts_ref(name: str, tensors: SafetensorsFolder, types: dict[str, str]) -> ExpertsRef | None:
+def experts_ref(name: str, tensors: SafetensorsFolder, types: dict[str, str], scale_dtype) -> ExpertsRef | None:
     """An ExpertsRef for the MoE experts module `name` if the checkpoint holds them W8A8_DYNAMIC."""
     if types.get(f"{name}.0.gate_proj.weight") != "W8A8_DYNAMIC":
         return None
@@ -71,16 +72,19 @@ def experts_ref(name: str, tensors: SafetensorsFolder, types: dict[str, str]) ->
         linears = {}
         for proj in ("gate_proj", "up_proj", "down_proj"):
             prefix = f"{name}.{e}.{proj}"
-            linears[proj] = DynamicRef(
-                {k.rpartition(".")[2]: tensors.get(k) for k in types if k.startswith(prefix + ".")}
-            )
+            t = {k.rpartition(".")[2]: tensors.get(k) for k in types if k.startswith(prefix + ".")}
+            linears[proj] = DynamicRef(t, scale_dtype)
         experts.append(linears)
         e += 1
     return ExpertsRef(experts)
 
 
-def reference_model(float_folder, ascend_folder, dtype: torch.dtype) -> nn.Module:
-    """transformers' model of float_folder, running the ascend checkpoint's tensors with reference math."""
+def reference_model(
+    float_folder, ascend_folder, dtype: torch.dtype, scale_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """transformers' model of float_folder in dtype, running the ascend checkpoint's tensors with reference math;
+    scale_dtype: the model dtype the scales are rounded to (default: dtype)."""
+    scale_dtype = scale_dtype or dtype
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(float_folder, dtype=dtype)
@@ -88,14 +92,14 @@ def reference_model(float_folder, ascend_folder, dtype: torch.dtype) -> nn.Modul
     floats = {k: tensors.get(k) for k, v in types.items() if v == FLOAT and not k.endswith("norm.bias")}
     model.load_state_dict(floats, strict=False)
     for name, module in list(model.named_modules()):
-        if name.endswith("mlp.experts") and (experts := experts_ref(name, tensors, types)) is not None:
+        if name.endswith("mlp.experts") and (experts := experts_ref(name, tensors, types, scale_dtype)) is not None:
             model.get_submodule(name.rpartition(".")[0]).experts = experts
             continue
         kind = types.get(f"{name}.weight")
         if isinstance(module, nn.Linear) and kind in ("W8A8", "W8A8_DYNAMIC"):
             t = {k.rpartition(".")[2]: tensors.get(k) for k in types if k.rpartition(".")[0] == name}
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, (StaticRef if kind == "W8A8" else DynamicRef)(t))
+            setattr(model.get_submodule(parent), leaf, (StaticRef if kind == "W8A8" else DynamicRef)(t, scale_dtype))
         if isinstance(module, nn.Linear) and kind == FLOAT and module.bias is None and f"{name}.bias" in types:
             module.bias = nn.Parameter(tensors.get(f"{name}.bias"))  # the anti-outlier shift's bias
         if f"{name}.bias" in types and name.endswith("norm"):

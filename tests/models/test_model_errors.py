@@ -95,3 +95,30 @@ def test_bad_options(tiny_model, kwargs):
 def test_unsupported_rope_type():
     with pytest.raises(ValueError, match="rope type 'longrope' is not supported.*llama3"):
         inverse_frequencies(16, {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0})
+
+
+@pytest.mark.parametrize(
+    "header,match",
+    [
+        ({"fa_quant_type": "FAKQuant"}, "fa_quant_type='FAKQuant': quantized attention"),
+        ({"reduce_quant_type": "per_channel"}, "reduce_quant_type='per_channel'"),
+        ({"kv_cache_type": "C8"}, "kv_cache_type='C8': an int8 KV cache"),
+    ],
+)
+def test_features_slimquant_cannot_run_are_refused_by_name(tiny_model, tmp_path, header, match):
+    dst = write_ascend(tiny_model("llama"), tmp_path / "q", lambda p: "W8A8_DYNAMIC")
+    desc_file = dst / "quant_model_description.json"
+    desc_file.write_text(json.dumps(json.loads(desc_file.read_text()) | header))
+    with pytest.raises(ValueError, match=match):
+        load_model(str(dst))
+
+
+@pytest.mark.parametrize("qtype", ["W4A8_DYNAMIC", "W8A16", "W8A8_MIX"])
+def test_linear_types_slimquant_cannot_run_are_refused_by_name(tiny_model, tmp_path, qtype):
+    dst = write_ascend(tiny_model("llama"), tmp_path / "q", lambda p: "W8A8_DYNAMIC")
+    desc_file = dst / "quant_model_description.json"
+    desc = json.loads(desc_file.read_text())
+    desc |= {k: qtype for k in desc if k.startswith("model.layers.0.self_attn.o_proj.")}
+    desc_file.write_text(json.dumps(desc))
+    with pytest.raises(ValueError, match=f"o_proj: quant type '{qtype}' is not supported; supported: .*W8A8"):
+        load_model(str(dst))

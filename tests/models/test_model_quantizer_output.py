@@ -18,7 +18,8 @@ def test_quantizer_checkpoint_matches_reference(tiny_model, tmp_path, quant_type
     step, which computes in fp32 whatever the dtype, turned off)."""
     src = tiny_model("qwen3", dtype=torch.bfloat16)
     dst = tmp_path / "q"
-    quantize(src, dst, quant_type, anti_outlier="iterative", num_samples=2, seq_len=16, progress=False)
+    method = "iterative" if quant_type == "w8a8" else "smoothquant"  # no shift into bias-free dynamic linears
+    quantize(src, dst, quant_type, anti_outlier=method, num_samples=2, seq_len=16, progress=False)
     loaded = load_model(str(dst), dtype=dtype)
     if dtype == torch.bfloat16:
         loaded.backend.stack = None

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from slimquant.format.primitives import decode_deq_scale
-from tests.quant.common import read_output, read_source
+from tests.quant.common import FAST, read_output, read_source
 
 ARCHS = ("llama", "qwen2", "qwen3")
 STATIC = ("weight", "bias", "weight_scale", "weight_offset", "input_scale", "input_offset", "quant_bias", "deq_scale")
@@ -138,3 +138,28 @@ def test_dequantized_weights_within_half_step(quantized, anti_outlier):
             assert torch.equal(s_attn, torch.ones_like(s_attn))
         else:
             assert not torch.allclose(s_attn, torch.ones_like(s_attn))
+
+
+def test_tied_embeddings_get_an_lm_head_entry(tiny_model, tmp_path):
+    """vLLM-Ascend looks lm_head.weight up in the description (a KeyError without it): written FLOAT, a copy of the
+    embeddings, as ModelSlim V1 writes it; slimquant still runs the model tied."""
+    from slimquant import LLM, SamplingParams
+    from slimquant.quant.pipeline import quantize
+
+    src = tiny_model("llama", tie_word_embeddings=True)
+    dst = tmp_path / "q"
+    summary = quantize(src, dst, "w8a8_dynamic", **FAST)
+    desc, tensors = read_output(dst)
+    assert "lm_head.weight" not in read_source(src)  # the source ties: no head of its own
+    assert list(desc)[-1] == "lm_head.weight" and desc["lm_head.weight"] == "FLOAT"
+    assert torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    assert summary.linears["FLOAT"] == 1
+    out = LLM(str(dst), max_model_len=32).generate(["hi"], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_float32_sources_are_told_that_vllm_ascend_will_not_load_them(quantized):
+    _, _, fp32 = quantized("llama", "w8a8_dynamic")
+    _, _, bf16 = quantized("llama", "w8a8_dynamic", dtype=torch.bfloat16)
+    assert any("vLLM-Ascend does not" in n for n in fp32.notes) and "note" in str(fp32)
+    assert bf16.notes == []

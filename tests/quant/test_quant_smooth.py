@@ -75,3 +75,27 @@ def test_quantized_model_close_to_float(quantized, arch, quant_type, method):
         desc = read_output(dst)[0]
         assert desc["model.layers.0.input_layernorm.bias"] == "FLOAT"
         assert desc["model.layers.0.self_attn.q_proj.bias"] == "FLOAT"
+
+
+@pytest.mark.parametrize(
+    "arch,quant_type,refused",
+    [
+        ("llama", "w8a8_dynamic", "model.layers.0.self_attn.q_proj"),  # bias-free q/k/v, dynamic
+        ("qwen2", "w8a8_dynamic", "model.layers.0.mlp.gate_proj"),  # q/k/v have biases; gate/up do not
+        ("deepseek_v3", "w8a8_dynamic", "model.layers.0.self_attn.q_a_proj"),
+        ("llama", "w8a8", None),  # static q/k/v/gate/up: quant_bias carries the shift; down_proj is not shifted
+        ("deepseek_v3", "w8a8", None),  # ModelSlim's DeepSeek recipe: iterative on static MLA linears
+    ],
+)
+def test_iterative_shift_only_into_linears_that_can_carry_it(tiny_model, tmp_path, arch, quant_type, refused):
+    """vLLM-Ascend drops a bias on a module its model builds without one: the shift must land in a quant_bias."""
+    from slimquant.quant.pipeline import quantize
+    from tests.quant.common import FAST
+
+    run = lambda: quantize(tiny_model(arch), tmp_path / "q", quant_type, anti_outlier="iterative", **FAST)  # noqa: E731
+    if refused is None:
+        assert run().anti_outlier == "iterative"
+        return
+    with pytest.raises(ValueError, match=f"would give .* bias-free linears a bias \\(e.g. {refused}.*smoothquant"):
+        run()
+    assert not (tmp_path / "q").exists()

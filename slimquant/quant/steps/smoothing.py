@@ -14,6 +14,7 @@ class Smoother:
 
     name = "none"
     active = False  # whether the run forms smoothing pairs at all
+    shifts = False  # whether a norm producer's linears gain a bias (W @ shift)
 
     def factors(self, rng: ChannelRange, weights: list[torch.Tensor], alpha: float) -> Smoothing:
         """The scale (and shift) of one producer -> linears group from its input range and weights [N_i, K]."""
@@ -39,6 +40,7 @@ class IterativeSmooth(SmoothQuant):
     as a bias and the linears' biases as W @ shift."""
 
     name = "iterative"
+    shifts = True
 
     def factors(self, rng, weights, alpha):
         return smoothing_factors(rng, weights, alpha, shift=True)
