@@ -20,6 +20,7 @@ from slimquant.layers.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class StepInputs:
     """Packed inputs of one forward and which hidden rows need logits."""
@@ -106,5 +107,3 @@ class ModelRunner:
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
-
-

@@ -138,7 +138,6 @@ def _rows(hidden: torch.Tensor, indices: list[int]) -> torch.Tensor:
     return hidden[torch.tensor(indices, dtype=torch.long, device=hidden.device)]
 
 
-
 def plain_greedy(seq: Sequence) -> bool:
     """Greedy with nothing to apply or report (no logprobs, penalties, biases, allowed or banned tokens): argmax."""
     return seq.params.temperature < SAMPLING_EPS and plain_logits(seq)

@@ -75,6 +75,9 @@ class ArchSpec:
     config_fields: dict[Scheme, dict[str, str]] | None = None  # --type -> fields added to config.json
     config_indent: int = 2
     config_class: str | None = None  # build the config from config.json with this class (no AutoConfig)
+    # (glob over layer linears, config flag that turns their bias on, or None: always) as transformers (and vLLM)
+    # build them; every other linear is bias-free
+    biases: tuple[tuple[str, str | None], ...] = (("self_attn.[qkvo]_proj", "attention_bias"), ("mlp.*", "mlp_bias"))
 
     def layer_linears(self, config: dict, i: int) -> tuple[str, ...]:
         """Linears of decoder layer i (relative names): dense or MoE MLP, MLA with or without q_lora_rank."""
@@ -83,6 +86,12 @@ class ArchSpec:
             experts = tuple(r.format(e=e) for e in range(int(config["n_routed_experts"])) for r in ROUTED_EXPERT)
             present = [r for r in present if r not in MLP] + list(SHARED_EXPERTS) + list(experts)
         return tuple(present)
+
+    def has_bias(self, config, rel: str) -> bool:
+        """Whether the model builds layer linear rel (relative name) with a bias."""
+        return any(
+            fnmatchcase(rel, glob) and (flag is None or bool(config_value(config, flag))) for glob, flag in self.biases
+        )
 
     def layer_fused(self, linears: tuple[str, ...], with_same_type: bool = False) -> list[tuple[str, ...]]:
         """The fused groups (globs allowed; + same_type) resolved to one layer's linears; empty groups dropped."""
@@ -139,6 +148,7 @@ def _mla(module: str, prefix: str, **kw) -> ArchSpec:
             W8A8_DYNAMIC: {"mla_quantize": "w8a8_dynamic", "quantize": "w8a8_dynamic"},
         },
         config_indent=4,
+        biases=tuple((f"self_attn.{r}", "attention_bias") for r in ("q_a_proj", "kv_a_proj_with_mqa", "o_proj")),
         **kw,
     )
 
@@ -159,6 +169,7 @@ ARCHS: dict[str, ArchSpec] = {
         "Qwen2DecoderLayer",
         "Qwen2RotaryEmbedding",
         w8a8_default_mix=DOWN_DYNAMIC_MIX,
+        biases=(("self_attn.[qkv]_proj", None),),
     ),
     "qwen3": ArchSpec(
         "Qwen3ForCausalLM",
@@ -166,6 +177,7 @@ ARCHS: dict[str, ArchSpec] = {
         "Qwen3DecoderLayer",
         "Qwen3RotaryEmbedding",
         w8a8_default_mix=DOWN_DYNAMIC_MIX,
+        biases=(("self_attn.[qkvo]_proj", "attention_bias"),),
     ),
     "deepseek_v2": _mla(_DSV2, "DeepseekV2"),
     "deepseek_v3": _mla(_DSV3, "DeepseekV3"),

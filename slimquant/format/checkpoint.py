@@ -121,3 +121,27 @@ _HEADER_KEYS = {
     "group_size",
     "reduce_quant_type",
 }
+
+
+# Header keys of features slimquant does not run: refused at load with what they are, never run as something else.
+UNSUPPORTED_HEADER = {
+    "fa_quant_type": "quantized attention (FAQuant / FAKQuant)",
+    "reduce_quant_type": "quantized tensor-parallel reductions",
+}
+
+
+def unsupported_features(desc: dict) -> list[str]:
+    """What the description's header asks for that slimquant cannot run, one sentence each (empty: nothing)."""
+    out = [
+        f"quant_model_description.json says {key}={desc[key]!r}: {what}, which slimquant does not run (it runs "
+        "W8A8 and W8A8_DYNAMIC linears); quantize the float model again without it"
+        for key, what in UNSUPPORTED_HEADER.items()
+        if desc.get(key)
+    ]
+    kv = desc.get("kv_cache_type") or desc.get("kv_quant_type")
+    if kv:
+        out.append(
+            f"quant_model_description.json says kv_cache_type={kv!r}: an int8 KV cache, which slimquant does not run "
+            "yet; quantize the float model again without the KV-cache option"
+        )
+    return out

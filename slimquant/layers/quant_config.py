@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from slimquant.format.checkpoint import read_description, tensor_types
+from slimquant.format.checkpoint import read_description, tensor_types, unsupported_features
 from slimquant.format.schemes import FLOAT, W8A8_DYNAMIC
 from slimquant.layers.quant_methods import METHODS_BY_TYPE, QuantMethod, UnquantizedMethod
 
@@ -36,7 +36,8 @@ class AscendQuantConfig(QuantConfig):
     """An ascend (ModelSlim) checkpoint's description: per-tensor quant types by name."""
 
     def __init__(self, description: dict, model_dtype: torch.dtype | None = None):
-        _check_header(description)
+        if problems := unsupported_features(description):
+            raise ValueError(problems[0])
         self.model_dtype = model_dtype  # the format math's dtype (QuantMethod); None: the activations'
         self.types = tensor_types(description)
         self.model_quant_type = description.get("model_quant_type")
@@ -96,27 +97,3 @@ class AscendQuantConfig(QuantConfig):
                 "(e.g. MTP layers). Re-quantize with `slimquant quantize`, or fix the description."
             )
         return self.types[key]
-
-
-# Header keys of features slimquant does not run: refused at load with what they are, never run as something else.
-UNSUPPORTED_HEADER = {
-    "fa_quant_type": "quantized attention (FAQuant / FAKQuant)",
-    "reduce_quant_type": "quantized tensor-parallel reductions",
-}
-
-
-def _check_header(description: dict) -> None:
-    """ValueError naming a description's feature that slimquant cannot run (its linears' types are checked where
-    each layer is built)."""
-    for key, what in UNSUPPORTED_HEADER.items():
-        if description.get(key):
-            raise ValueError(
-                f"quant_model_description.json says {key}={description[key]!r}: {what}, which slimquant does not run "
-                "(it runs W8A8 and W8A8_DYNAMIC linears); quantize the float model again without it"
-            )
-    kv = description.get("kv_cache_type") or description.get("kv_quant_type")
-    if kv:
-        raise ValueError(
-            f"quant_model_description.json says kv_cache_type={kv!r}: an int8 KV cache, which slimquant does not run "
-            "yet; quantize the float model again without the KV-cache option"
-        )

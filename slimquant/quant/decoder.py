@@ -45,10 +45,6 @@ class LayerRunner:
         """Names of layer i's parameters, relative to the layer."""
         return list(self._meta_layer(i).state_dict())
 
-    def bias_free(self, i: int) -> set[str]:
-        """Layer i's linears that transformers (and so vLLM) builds without a bias, relative names."""
-        return {name for name, m in self._meta_layer(i).named_modules() if isinstance(m, nn.Linear) and m.bias is None}
-
     def _meta_layer(self, i: int) -> nn.Module:
         """Layer i without storage, routed experts one module per expert (the checkpoint's layout)."""
         with torch.device("meta"):

@@ -81,7 +81,7 @@ def run(
         runner = LayerRunner(hf_dir, spec, dtype, opts.device)
         _check_complete(ckpt, runner, num_layers)
         if smoother.shifts:
-            _check_shift_targets(spec, plan, runner, num_layers, ckpt.config)
+            _check_shift_targets(spec, plan, num_layers, ckpt.config)
         job = LayerJob(spec, plan, smoother, opts.alpha_chooser(), opts.rounder(), dtype, opts.batch_size, ckpt.config)
         with staged_output(dst, overwrite) as out:
             writer = ModelSlimWriter(out, model_qtype, opts.shard_bytes)
@@ -149,17 +149,17 @@ def _model_dtype(ckpt: HFCheckpoint) -> torch.dtype:
     return named or float_dtype(ckpt.get(EMBED_PREFIX + "weight").dtype) or torch.bfloat16
 
 
-def _check_shift_targets(spec: ArchSpec, plan: dict[str, str], runner: LayerRunner, n: int, config: dict) -> None:
+def _check_shift_targets(spec: ArchSpec, plan: dict[str, str], n: int, config: dict) -> None:
     """The iterative shift gives each linear a norm feeds a bias (W @ shift). A static W8A8 linear carries it in its
     quant_bias; a dynamic or float one needs a bias parameter, and vLLM-Ascend drops the bias of a module its model
     builds without one: wrong output there, so refuse before anything is written."""
     bad = []
     for i in range(n):
-        linears, bias_free = spec.layer_linears(config, i), runner.bias_free(i)
+        linears = spec.layer_linears(config, i)
         for producer, group in spec.layer_smooth_pairs(linears):
             types = {r: plan[layer_prefix(i) + r] for r in group}
             if producer not in linears and set(types.values()) != {FLOAT}:  # a norm producer, smoothed: it shifts
-                bad += [layer_prefix(i) + r for r, t in types.items() if t != W8A8 and r in bias_free]
+                bad += [layer_prefix(i) + r for r, t in types.items() if t != W8A8 and not spec.has_bias(config, r)]
     if bad:
         raise ValueError(
             f"--anti-outlier iterative would give {len(bad)} bias-free linears a bias (e.g. {bad[0]}, "

@@ -32,7 +32,6 @@ class FallbackResult:
         ]
 
 
-
 @dataclass
 class QuantizeSummary:
     """Returned by slimquant.quantize() and printed by `slimquant quantize`."""

@@ -28,6 +28,7 @@ def _triton_ops():
 
     return TritonOps()
 
+
 # (tokens, K, N): decode, a few tokens, cuBLASLt's minimum of 17 rows, a batch, and K / N off the grid of 8
 SHAPES = [(1, 64, 48), (5, 72, 40), (17, 128, 24), (40, 96, 200), (3, 100, 30), (2, 64, 36)]
 
