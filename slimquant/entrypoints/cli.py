@@ -8,7 +8,7 @@ import logging
 import sys
 
 # Each module defines register(subparsers) that adds its parser and sets func=run(args) -> int.
-COMMANDS = ("demo", "quantize", "generate", "chat", "eval", "bench", "serve")
+COMMANDS = ("demo", "quantize", "inspect", "generate", "chat", "eval", "bench", "serve")
 
 
 class CommandParser(argparse.ArgumentParser):

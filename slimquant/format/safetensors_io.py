@@ -13,10 +13,10 @@ import os
 import shutil
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 _CODES = {
     torch.float64: "F64",
@@ -91,10 +91,10 @@ class SafetensorsFolder:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._where = _locate_tensors(self.path)
+        self._where = _locate_tensors(self.path)  # name -> (file name, data start, header entry)
 
     def keys(self) -> list[str]:
-        """Every tensor name, in file order."""
+        """Every tensor name: file by file, sorted within each (as safetensors lists them)."""
         return list(self._where)
 
     def __contains__(self, name: str) -> bool:
@@ -104,7 +104,14 @@ class SafetensorsFolder:
         """Load one tensor (a fresh copy read from its file)."""
         if name not in self._where:
             raise KeyError(name)
-        return _read_tensor(self.path / self._where[name], name)
+        file, data_start, entry = self._where[name]
+        return _read_tensor(self.path / file, name, data_start, entry)
+
+    def info(self, name: str) -> TensorInfo:
+        """A tensor's file, dtype code ("BF16", "I8", ...), shape and size, from the header (no data read)."""
+        file, _, entry = self._where[name]
+        start, end = entry["data_offsets"]
+        return TensorInfo(file, entry["dtype"], tuple(entry["shape"]), end - start)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) one at a time."""
@@ -112,39 +119,65 @@ class SafetensorsFolder:
             yield name, self.get(name)
 
 
-def _read_tensor(file: Path, name: str) -> torch.Tensor:
-    """One tensor of a safetensors file via its header offsets: [8-byte length][JSON header][data]."""
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a safetensors header describes it."""
+
+    file: str
+    dtype: str  # safetensors code: "BF16", "F32", "I8", ...
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_header(file: Path) -> tuple[int, dict[str, dict]]:
+    """(data start, name -> {dtype, shape, data_offsets}) of one safetensors file; ValueError if it is not one."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+        unknown = {entry["dtype"] for entry in header.values()} - set(SAFETENSORS_DTYPES)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ValueError(f"cannot read {file}: {e}; the file is corrupt or truncated") from e
+    if 8 + n + end > size:
+        raise ValueError(f"cannot read {file}: its tensors end past the file; the file is corrupt or truncated")
+    if unknown:
+        raise ValueError(f"cannot read {file}: unknown dtypes {sorted(unknown)}")
+    return 8 + n, header
+
+
+def _read_tensor(file: Path, name: str, data_start: int, entry: dict) -> torch.Tensor:
+    """One tensor of a safetensors file via its header entry: [8-byte length][JSON header][data]."""
+    start, end = entry["data_offsets"]
+    dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
+    if end == start:
+        return torch.empty(shape, dtype=dtype)
     with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        info = json.loads(f.read(n))[name]
-        start, end = info["data_offsets"]
-        dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
-        if end == start:
-            return torch.empty(shape, dtype=dtype)
-        f.seek(8 + n + start)
+        f.seek(data_start + start)
         buf = bytearray(end - start)
         if f.readinto(buf) != len(buf):
             raise ValueError(f"cannot read {name!r} from {file}: the file is truncated")
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
-def _locate_tensors(path: Path) -> dict[str, str]:
-    """Map tensor name -> file name, from the index if present else from every *.safetensors header."""
+def _locate_tensors(path: Path) -> dict[str, tuple[str, int, dict]]:
+    """Map tensor name -> (file name, data start, header entry) over every *.safetensors file; checks the index."""
     files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors files in {path}")
-    where: dict[str, str] = {}
+    where: dict[str, tuple[str, int, dict]] = {}
     for file in files:
-        try:
-            with safe_open(str(path / file), framework="pt") as f:
-                where.update({k: file for k in f.keys()})
-        except Exception as e:
-            raise ValueError(f"cannot read {path / file}: {e}; the file is corrupt or truncated") from e
+        data_start, header = read_header(path / file)
+        where.update({k: (file, data_start, header[k]) for k in sorted(header)})
     _check_index(path, where)
     return where
 
 
-def _check_index(path: Path, where: dict[str, str]) -> None:
+def _check_index(path: Path, where: dict) -> None:
     """If an index names files or tensors that are not on disk, say which ones are missing."""
     for index_file in path.glob("*.safetensors.index.json"):
         weight_map = json.loads(index_file.read_text()).get("weight_map", {})

@@ -29,3 +29,12 @@ def parse_scheme(name: str, allow_float: bool = False) -> Scheme:
         if str(name).strip().upper() == scheme.value:
             return scheme
     raise ValueError(f"unknown quant type {name!r}; choose one of: {', '.join(s.value.lower() for s in choices)}")
+
+
+# The tensors each linear of a scheme stores, besides an optional float bias (docs/FORMAT.md): (required, optional).
+# weight_scale / weight_offset of a static linear are unused at run time; ModelSlim's V1 saver leaves them out.
+SCHEME_TENSORS: dict[Scheme, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    FLOAT: (("weight",), ()),
+    W8A8: (("weight", "input_scale", "input_offset", "quant_bias", "deq_scale"), ("weight_scale", "weight_offset")),
+    W8A8_DYNAMIC: (("weight", "weight_scale", "weight_offset"), ()),
+}
