@@ -18,7 +18,7 @@ from slimquant.format.dtypes import DTYPE_NAMES, names_of
 
 logger = logging.getLogger(__name__)
 
-KV_CACHE_DTYPES = ("auto", *names_of("bfloat16", "float32"))  # auto: see loader.kv_cache_dtype
+KV_CACHE_DTYPES = ("auto", *names_of("bfloat16", "float32"), "int8")  # see loader.kv_cache_dtype
 QUANTIZATIONS = (None, "ascend")
 BACKENDS = ("auto", "cpu-native", "cuda-triton", "torch-reference")
 ISAS = ("auto", "avx2", "avx512vnni")
@@ -147,7 +147,8 @@ class EngineConfig:
         if str(self.kv_cache_dtype).startswith("fp8"):
             raise ValueError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: slimquant caches keys and values in "
-                "'auto' (the model's dtype), 'bfloat16' or 'float32'"
+                "'auto' (the model's dtype, or int8 for a checkpoint with int8 KV-cache scales), 'bfloat16', "
+                "'float32' or 'int8'"
             )
         kv_dtype = self.kv_cache_dtype
         _check(kv_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", kv_dtype, f"one of {KV_CACHE_DTYPES}")

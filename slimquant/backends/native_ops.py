@@ -71,12 +71,12 @@ class NativeOps(TorchOps):
 
     # ---- attention ----
 
-    def attention(self, q, k, v, rope: Rope, kv_cache, ctx: ForwardContext, scale: float):
+    def attention(self, q, k, v, rope: Rope, kv_cache, ctx: ForwardContext, scale: float, kv_quant=None):
         """Decode steps: rope, cache write and attention in one native call; prefill: TorchOps (SDPA)."""
         cos, sin = (None, None) if rope is None else (rope[0].contiguous(), rope[1].contiguous())  # [B, D]
-        native_step = ctx.is_decode and not ctx.graph_step and kv_cache_ready(kv_cache)
+        native_step = ctx.is_decode and not ctx.graph_step and kv_cache_ready(kv_cache) and kv_quant is None
         if not (native_step and _fp32(q, k, v, cos, sin) and all(heads_packed(t) for t in (q, k, v))):
-            return super().attention(q, k, v, rope, kv_cache, ctx, scale)
+            return super().attention(q, k, v, rope, kv_cache, ctx, scale, kv_quant)
         b, nh, d = q.shape
         out = torch.empty(b, nh * d)  # [B, NH * D]
         step = step_rows(self.lib, ctx.slot_mapping, ctx.block_tables, ctx.context_lens_tensor, kv_cache)

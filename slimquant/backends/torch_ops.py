@@ -8,16 +8,29 @@ integer below 2^24 that fp32 holds exactly (torch._int_mm has no vectorised CPU 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-from slimquant.format.primitives import QMAX, QMIN, int8_matmul_reference
+from slimquant.format.primitives import QMAX, QMIN, dequantize_kv, int8_matmul_reference, quantize_kv
 from slimquant.format.primitives import quantize_per_token as _quantize_per_token
 from slimquant.kernels.int_mm import cuda_int8_mm, exact_float_mm
 from slimquant.layers.context import ForwardContext
 from slimquant.layers.rotary import apply_rotary
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) [T, D] of the tokens' positions, or no rope
+
+
+class KvQuant(NamedTuple):
+    """An int8 KV cache's runtime parameters, fp32 [KVH, D] each, holding model-dtype values (docs/FORMAT.md)."""
+
+    k_scale: torch.Tensor
+    k_inv: torch.Tensor
+    k_offset: torch.Tensor
+    v_scale: torch.Tensor
+    v_inv: torch.Tensor
+    v_offset: torch.Tensor
 
 
 class TorchOps:
@@ -59,20 +72,24 @@ class TorchOps:
         kv_cache: torch.Tensor,
         ctx: ForwardContext,
         scale: float,
+        kv_quant: KvQuant | None = None,
     ) -> torch.Tensor:
         """Rotate q [T, NH, D] / k [T, KVH, D] by rope (neox), store k / v in kv_cache [2, NB, BS, KVH, D] at the
-        step's slots, attend over each sequence's context: -> [T, NH * D]."""
+        step's slots (quantized with kv_quant in an int8 cache), attend over each sequence's context: -> [T, NH * D].
+        """
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # [NB, BS, KVH, D]
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        store_kv(k_cache, v_cache, k, v, ctx.slot_mapping, check_slots=not ctx.graph_step)
-        return self.attend(q, k, v, k_cache, v_cache, ctx, scale)
+        store_kv(k_cache, v_cache, k, v, ctx.slot_mapping, check_slots=not ctx.graph_step, kv_quant=kv_quant)
+        return self.attend(q, k, v, k_cache, v_cache, ctx, scale, kv_quant)
 
-    def attend(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
-        """Attention of the rotated q [T, NH, D] once k / v are stored: decode batched, prefill per sequence."""
+    def attend(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float, kv_quant=None) -> torch.Tensor:
+        """Attention of the rotated q [T, NH, D] once k / v are stored: decode batched, prefill per sequence. A
+        chunk with nothing cached before it attends to its own float k / v; everything else reads the cache (as
+        vLLM-Ascend does with an int8 cache)."""
         if ctx.is_decode:  # one batched call, contexts padded to the longest
             lens = ctx.device_context_lens if ctx.graph_step else ctx.context_lens
-            out = paged_attention(q[:, None], k_cache, v_cache, ctx.block_tables, lens, scale)
+            out = paged_attention(q[:, None], k_cache, v_cache, ctx.block_tables, lens, scale, kv_quant)
             return out.reshape(q.shape[0], -1)  # [B, 1, NH, D] -> [T, NH * D]
         outs, start = [], 0
         for i, q_len in enumerate(ctx.query_lens):  # prefill chunks: one sequence at a time
@@ -81,7 +98,7 @@ class TorchOps:
                 outs.append(causal_attention(q[None, span], k[None, span], v[None, span], scale))
             else:
                 tables, lens = ctx.block_tables[i : i + 1], ctx.context_lens[i : i + 1]
-                outs.append(paged_attention(q[None, span], k_cache, v_cache, tables, lens, scale))
+                outs.append(paged_attention(q[None, span], k_cache, v_cache, tables, lens, scale, kv_quant))
             start += q_len
         return torch.cat(outs, dim=1).reshape(q.shape[0], -1)
 
@@ -169,12 +186,15 @@ def store_kv(
     v: torch.Tensor,
     slot_mapping: torch.Tensor,
     check_slots: bool = True,
+    kv_quant: KvQuant | None = None,
 ) -> None:
-    """Write k/v [T, KVH, D] into caches [NB, BS, KVH, D] at flat slots [T]; slots of -1 are skipped (when checked:
-    that costs a host sync, which a CUDA graph cannot hold)."""
+    """Write k/v [T, KVH, D] into caches [NB, BS, KVH, D] at flat slots [T], quantized with kv_quant into an int8
+    cache; slots of -1 are skipped (when checked: that costs a host sync, which a CUDA graph cannot hold)."""
     slots = slot_mapping.to(device=k.device, dtype=torch.long)
     if check_slots and not bool((valid := slots >= 0).all()):
         slots, k, v = slots[valid], k[valid], v[valid]
+    if kv_quant is not None:
+        k, v = quantize_kv(k, kv_quant.k_inv, kv_quant.k_offset), quantize_kv(v, kv_quant.v_inv, kv_quant.v_offset)
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
 
@@ -186,8 +206,10 @@ def paged_attention(
     block_tables: torch.Tensor,
     context_lens: list[int] | torch.Tensor,
     scale: float,
+    kv_quant: KvQuant | None = None,
 ) -> torch.Tensor:
-    """Causal attention of the last Q tokens of each of B sequences over their cached context.
+    """Causal attention of the last Q tokens of each of B sequences over their cached context (an int8 cache
+    dequantized with kv_quant).
 
     q: [B, Q, H, D] (the queries sit at positions ctx_len - Q .. ctx_len - 1; in a decode batch Q = 1);
     block_tables: [B, max_blocks]; returns [B, Q, H, D]. Lengths as a device tensor (a CUDA-graph step) attend
@@ -198,8 +220,13 @@ def paged_attention(
         length, lens = block_tables.shape[1] * k_cache.shape[1], context_lens.to(q.device)
     else:
         length, lens = max(context_lens), torch.tensor(context_lens, device=q.device)
-    k = gather_context(k_cache, block_tables, length).to(q.dtype)  # [B, S, KVH, D] (the cache may hold bf16)
-    v = gather_context(v_cache, block_tables, length).to(q.dtype)
+    k = gather_context(k_cache, block_tables, length)  # [B, S, KVH, D] (the cache may hold bf16 or int8)
+    v = gather_context(v_cache, block_tables, length)
+    if kv_quant is None:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    else:
+        k = dequantize_kv(k, kv_quant.k_scale, kv_quant.k_offset, q.dtype)
+        v = dequantize_kv(v, kv_quant.v_scale, kv_quant.v_offset, q.dtype)
     ctx = lens[:, None, None]  # [B, 1, 1]
     last_key = ctx - q_len + torch.arange(q_len, device=q.device)[None, :, None]  # [B, Q, 1]
     mask = torch.arange(k.shape[1], device=q.device)[None, None, :] <= last_key  # [B, Q, S]

@@ -44,11 +44,12 @@ class TritonOps(TorchOps):
             return super().silu_and_mul(x)
         return self.layers.silu_and_mul(x)
 
-    def attention(self, q, k, v, rope: Rope, kv_cache, ctx: ForwardContext, scale: float):
-        """Rope and the cache write in one kernel; decode attention in one kernel; prefill: TorchOps (SDPA)."""
+    def attention(self, q, k, v, rope: Rope, kv_cache, ctx: ForwardContext, scale: float, kv_quant=None):
+        """Rope and the cache write in one kernel; decode attention in one kernel; prefill: TorchOps (SDPA). An
+        int8 cache runs TorchOps' (no Triton kernel for it yet)."""
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # [NB, BS, KVH, D]
-        if not _same_float(q, k, v, k_cache, v_cache, *(rope or ())):
-            return super().attention(q, k, v, rope, kv_cache, ctx, scale)
+        if kv_quant is not None or not _same_float(q, k, v, k_cache, v_cache, *(rope or ())):
+            return super().attention(q, k, v, rope, kv_cache, ctx, scale, kv_quant)
         q, k = self.layers.rope_store(q, k, v, rope, k_cache, v_cache, ctx.slot_mapping)
         if not ctx.is_decode:
             return self.attend(q, k, v, k_cache, v_cache, ctx, scale)

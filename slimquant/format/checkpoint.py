@@ -19,6 +19,15 @@ from slimquant.format.schemes import QUANT_SCHEMES
 DESCRIPTION_FILE = "quant_model_description.json"
 FORMAT_VERSION = "1.0.0"
 DEFAULT_SHARD_BYTES = 4 * 1024**3
+C8 = "C8"  # an int8 KV cache: the header's kv_cache_type (older: kv_quant_type) and its tensors' type
+# the int8 KV-cache tensors of one attention layer, relative to its self_attn prefix: scale and offset per channel
+# [kv_heads * head_dim] (or one value), keys taken after RoPE
+KV_CACHE_TENSORS = (
+    "k_proj.kv_cache_scale",
+    "k_proj.kv_cache_offset",
+    "v_proj.kv_cache_scale",
+    "v_proj.kv_cache_offset",
+)
 
 
 def shard_prefix(model_quant_type: str) -> str:
@@ -29,7 +38,13 @@ def shard_prefix(model_quant_type: str) -> str:
 class ModelSlimWriter:
     """Streams tensors into size-capped safetensors shards and records their description types."""
 
-    def __init__(self, out_dir: str | os.PathLike, model_quant_type: str, shard_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        model_quant_type: str,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        kv_cache_type: str | None = None,
+    ):
         if model_quant_type not in QUANT_SCHEMES:
             names = [str(s) for s in QUANT_SCHEMES]
             raise ValueError(f"model_quant_type must be one of {names}, got {model_quant_type!r}")
@@ -39,6 +54,8 @@ class ModelSlimWriter:
         self.model_quant_type = model_quant_type
         self.shard_bytes = shard_bytes
         self.description: dict[str, str] = {"version": FORMAT_VERSION, "model_quant_type": model_quant_type}
+        if kv_cache_type:  # both keys, as ModelSlim's V1 saver writes them (vLLM-Ascend reads kv_cache_type)
+            self.description |= {"kv_cache_type": kv_cache_type, "kv_quant_type": kv_cache_type}
         self._pending: StreamingShard | None = None  # the open shard, spilled to disk tensor by tensor
         self._pending_bytes = 0
         self._shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
@@ -138,10 +155,15 @@ def unsupported_features(desc: dict) -> list[str]:
         for key, what in UNSUPPORTED_HEADER.items()
         if desc.get(key)
     ]
-    kv = desc.get("kv_cache_type") or desc.get("kv_quant_type")
-    if kv:
-        out.append(
-            f"quant_model_description.json says kv_cache_type={kv!r}: an int8 KV cache, which slimquant does not run "
-            "yet; quantize the float model again without the KV-cache option"
-        )
+    for key in ("kv_cache_type", "kv_quant_type"):
+        if desc.get(key) and desc[key] != C8:
+            out.append(
+                f"quant_model_description.json says {key}={desc[key]!r}: slimquant runs int8 KV caches of type "
+                f"{C8!r} only; quantize the float model again with `--kv-cache int8`, or without it"
+            )
     return out
+
+
+def kv_cache_int8(desc: dict) -> bool:
+    """Whether the description asks for an int8 (C8) KV cache: kv_cache_type, or the older saver's kv_quant_type."""
+    return C8 in (desc.get("kv_cache_type"), desc.get("kv_quant_type"))

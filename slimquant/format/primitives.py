@@ -124,3 +124,32 @@ def dynamic_linear(
     if bias is not None:
         y = y + bias.to(x.dtype).double()
     return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+# ---- int8 KV cache (C8): static per-channel scales over kv_heads * head_dim, keys after RoPE ----
+
+
+def kv_cache_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-channel C8 scale from the calibration's max |k| (or |v|) per channel: fp32, same shape."""
+    return _over_127(amax.float()).clamp(min=_TINY)
+
+
+def kv_cache_runtime_params(
+    scale: torch.Tensor, offset: torch.Tensor, model_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, 1 / scale, offset) as vLLM-Ascend holds them: cast to the model dtype, the reciprocal taken there;
+    returned in fp32, each of the given shape."""
+    scale_m = scale.to(model_dtype)
+    return scale_m.float(), (1.0 / scale_m).float(), offset.to(model_dtype).float()
+
+
+def quantize_kv(x: torch.Tensor, inv_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Store into an int8 KV cache: clamp(round(x * (1 / scale) + offset)) in x's dtype; x [T, KVH, D], inv_scale /
+    offset [KVH, D]. Returns int8 [T, KVH, D]."""
+    x_q = torch.round(x * inv_scale.to(x.dtype) + offset.to(x.dtype))
+    return torch.clamp(x_q, QMIN, QMAX).to(torch.int8)
+
+
+def dequantize_kv(x_q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Read an int8 KV cache back: (x_q - offset) * scale in dtype; x_q [..., KVH, D], scale / offset [KVH, D]."""
+    return (x_q.to(dtype) - offset.to(dtype)) * scale.to(dtype)

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from slimquant.format.checkpoint import read_description, tensor_types, unsupported_features
+from slimquant.format.checkpoint import kv_cache_int8, read_description, tensor_types, unsupported_features
 from slimquant.format.schemes import FLOAT, W8A8_DYNAMIC
 from slimquant.layers.quant_methods import METHODS_BY_TYPE, QuantMethod, UnquantizedMethod
 
@@ -18,6 +18,7 @@ class QuantConfig:
 
     norm_has_bias: bool = False
     model_dtype: torch.dtype | None = None  # the format math's dtype (QuantMethod); None: the activations'
+    kv_cache_int8: bool = False  # the checkpoint carries int8 (C8) KV-cache scales for every attention layer
 
     def linear_method(self, prefix: str, shard_prefixes: list[str]) -> QuantMethod:
         """The method for the linear at `prefix`, built from checkpoint linears `shard_prefixes`."""
@@ -43,6 +44,7 @@ class AscendQuantConfig(QuantConfig):
         self.model_quant_type = description.get("model_quant_type")
         # vLLM-Ascend gives RMSNorm a bias whenever the anti-outlier shift wrote any "*norm.bias"
         self.norm_has_bias = any("norm.bias" in name for name in self.types)
+        self.kv_cache_int8 = kv_cache_int8(description)
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, model_dtype: torch.dtype | None = None) -> AscendQuantConfig:

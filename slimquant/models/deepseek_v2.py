@@ -34,6 +34,12 @@ class DeepseekMLA(nn.Module):
 
     def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype):
         super().__init__()
+        if quant_config.kv_cache_int8:
+            raise ValueError(
+                "the checkpoint asks for an int8 (C8) KV cache, which is for standard attention: MLA caches one "
+                "latent vector per token, and vLLM-Ascend quantizes it another way (FAKQuant), which slimquant does "
+                "not run; quantize the float model again without --kv-cache int8"
+            )
         h, nh, eps = config.hidden_size, config.num_attention_heads, config.rms_norm_eps
         self.num_heads, self.q_lora_rank, self.kv_lora_rank = nh, config.q_lora_rank, config.kv_lora_rank
         self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim

@@ -51,7 +51,10 @@ class LlamaAttention(nn.Module):
         if variant.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        kv_scales_dtype = (quant_config.model_dtype or dtype) if quant_config.kv_cache_int8 else None
+        self.attn = Attention(
+            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, f"{prefix}.attn", kv_scales_dtype
+        )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; cos/sin: [T, D]

@@ -18,6 +18,7 @@ from slimquant.format.checkpoint import DESCRIPTION_FILE, is_modelslim_dir
 from slimquant.format.dtypes import CANONICAL, float_dtype
 from slimquant.format.safetensors_io import SafetensorsFolder
 from slimquant.kernels.cpu import has_native_half
+from slimquant.layers.attention import Attention
 from slimquant.layers.quant_config import AscendQuantConfig, QuantConfig
 from slimquant.models.registry import model_class
 
@@ -120,15 +121,29 @@ def resolve_dtype(
 
 
 def kv_cache_dtype(setting: str, dtype: str | torch.dtype, loaded: LoadedModel, device: str) -> torch.dtype:
-    """The KV cache's dtype for the engine's kv_cache_dtype setting. 'auto' is the model's dtype, as in vLLM: the
-    activations' dtype, except where dtype='auto' widened a bf16 checkpoint's activations to fp32 on the CPU
-    (int8 kernels, or no native bf16): the cache stays bf16 there, half the bytes for the kernels to read."""
+    """The KV cache's dtype for the engine's kv_cache_dtype setting. 'auto' is int8 for a checkpoint with int8
+    (C8) KV-cache scales, as in vLLM-Ascend; else the model's dtype, as in vLLM: the activations' dtype, except
+    where dtype='auto' widened a bf16 checkpoint's activations to fp32 on the CPU (int8 kernels, or no native
+    bf16): the cache stays bf16 there, half the bytes for the kernels to read."""
+    scales = has_kv_cache_scales(loaded.model)
+    if setting == "int8" and not scales:
+        raise ValueError(
+            "kv_cache_dtype='int8' needs the checkpoint's int8 KV-cache scales, and this model has none: quantize it "
+            "with `slimquant quantize --kv-cache int8` (or use a ModelSlim checkpoint with kv_cache_type C8)"
+        )
+    if setting == "int8" or (setting == "auto" and scales):
+        return torch.int8
     if setting != "auto":
         return resolve_dtype(setting, loaded.hf_config)
     widened = dtype == "auto" and str(device).startswith("cpu") and loaded.dtype == torch.float32
     if widened and resolve_dtype("auto", loaded.hf_config) == torch.bfloat16:
         return torch.bfloat16
     return loaded.dtype
+
+
+def has_kv_cache_scales(model: nn.Module) -> bool:
+    """Whether the model's attention layers carry int8 KV-cache scales (a C8 checkpoint)."""
+    return any(isinstance(m, Attention) and m.kv_quant is not None for m in model.modules())
 
 
 def _cpu_auto_dtype(dtype: torch.dtype, device: str | None, native_int8: bool) -> torch.dtype:

@@ -51,10 +51,13 @@ def write_ascend(
     shift: bool = False,
     seed: int = 0,
     layout: str = "slimquant",
+    kv_cache: str | None = None,
 ) -> Path:
     """Write dst from src; quant_type(linear prefix) -> "W8A8" | "W8A8_DYNAMIC" | "FLOAT"; layout: one of LAYOUTS.
 
     shift=True mimics the anti-outlier shift: every layernorm gets a bias and every linear it feeds gets one.
+    kv_cache="sym" / "asym" adds int8 (C8) KV-cache scales per channel (offsets zero, or small integers) and the
+    header keys, as both savers write them (scale fp32; offset int32 in V1, fp32 otherwise).
     """
     assert layout in LAYOUTS, layout
     dst.mkdir(parents=True, exist_ok=True)
@@ -84,16 +87,32 @@ def write_ascend(
             out = _as_layout(out, qtype, dtype, layout)
         for key, t in out.items():
             entries.add(f"{prefix}.{key}", t, FLOAT if qtype == FLOAT or key == "bias" else qtype)
+    if kv_cache:
+        _add_kv_cache_scales(entries, json.loads((src / "config.json").read_text()), kv_cache, gen, layout)
     if layout == "v1" and "lm_head.weight" not in tensors:  # a tied head: V1 writes it
         entries.add("lm_head.weight", tensors.get("model.embed_tokens.weight").to(dtype), FLOAT)
     if layout == "slimquant":
-        writer = ModelSlimWriter(dst, "W8A8")
+        writer = ModelSlimWriter(dst, "W8A8", kv_cache_type="C8" if kv_cache else None)
         for name, t, qtype in entries:
             writer.add(name, t, qtype)
         writer.close()
     else:
-        _save_modelslim(dst, entries, layout)
+        _save_modelslim(dst, entries, layout, kv_cache is not None)
     return dst
+
+
+def _add_kv_cache_scales(entries: _Entries, config: dict, kind: str, gen: torch.Generator, layout: str) -> None:
+    """Per layer, k / v scales [KVH * D] around the tiny models' max |k| and |v| (1.2 .. 2.8) / 127."""
+    assert kind in ("sym", "asym"), kind
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    channels = config["num_key_value_heads"] * head_dim
+    for i in range(config["num_hidden_layers"]):
+        for proj in ("k_proj", "v_proj"):
+            scale = (1.2 + 1.6 * torch.rand(channels, generator=gen)) / 127
+            offset = torch.zeros(channels) if kind == "sym" else torch.randint(-8, 9, (channels,), generator=gen)
+            offset = offset.to(torch.int32 if layout == "v1" else torch.float32)
+            entries.add(f"model.layers.{i}.self_attn.{proj}.kv_cache_scale", scale, "C8")
+            entries.add(f"model.layers.{i}.self_attn.{proj}.kv_cache_offset", offset, "C8")
 
 
 class _Entries(list):
@@ -115,7 +134,7 @@ def _as_layout(out: dict[str, torch.Tensor], qtype: str, dtype: torch.dtype, lay
     return {k: out[k] for k in ("weight", "quant_bias", "input_scale", "input_offset", "deq_scale")} | bias
 
 
-def _save_modelslim(dst: Path, entries: _Entries, layout: str) -> None:
+def _save_modelslim(dst: Path, entries: _Entries, layout: str, kv_cache: bool = False) -> None:
     """One shard, its index and the description, named and ordered as the V0 or V1 saver does."""
     from safetensors.torch import save_file
 
@@ -126,11 +145,12 @@ def _save_modelslim(dst: Path, entries: _Entries, layout: str) -> None:
     size = sum(t.numel() * t.element_size() for _, t, _ in entries)
     index = {"metadata": {"total_size": size}, "weight_map": dict.fromkeys(types, shard)}
     (dst / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    kv = {"kv_cache_type": "C8", "kv_quant_type": "C8"} if kv_cache else {}
     if layout == "v1":
         header = {"version": "1.0.0", "model_quant_type": "W8A8", "metadata": {}, "group_size": 0, "optional": {}}
-        description, indent = types | header, 4
+        description, indent = types | kv | header, 4
     else:
-        description, indent = {"version": "1.0.0", "model_quant_type": "W8A8"} | types, 2
+        description, indent = {"version": "1.0.0", "model_quant_type": "W8A8"} | kv | types, 2
     (dst / "quant_model_description.json").write_text(json.dumps(description, indent=indent))
 
 

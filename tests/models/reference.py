@@ -112,3 +112,50 @@ def reference_logits(model: nn.Module, token_ids: list[int]) -> torch.Tensor:
     """fp32 logits [T, V] of one sequence."""
     with torch.inference_mode():
         return model(torch.tensor([token_ids])).logits[0].float()
+
+
+def c8_cache(ascend_folder, num_layers: int, scale_dtype: torch.dtype):
+    """A transformers cache that holds k / v as docs/FORMAT.md's int8 KV cache reads them back: stored
+    clamp(round(x * (1 / s) + o)) with s cast to scale_dtype and its reciprocal taken there, read (q - o) * s. The
+    first chunk of the sequence attends to its own float k / v, every later step to the cache (vLLM-Ascend)."""
+    from transformers import DynamicCache
+
+    tensors = SafetensorsFolder(ascend_folder)
+
+    def params(i: int, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+        stem = f"model.layers.{i}.self_attn.{proj}.kv_cache_"
+        return tensors.get(stem + "scale").to(scale_dtype), tensors.get(stem + "offset").to(scale_dtype)
+
+    class C8Cache(DynamicCache):
+        def __init__(self):
+            super().__init__()
+            self.kv = {i: (params(i, "k_proj"), params(i, "v_proj")) for i in range(num_layers)}
+            self.seen: set[int] = set()
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            # key_states / value_states [B, KVH, T, D] (keys after RoPE); scales [KVH * D] -> [KVH, 1, D]
+            stored = []
+            for x, (scale, offset) in zip((key_states, value_states), self.kv[layer_idx], strict=True):
+                s, o = (t.reshape(x.shape[1], 1, x.shape[3]).to(x.dtype) for t in (scale, offset))
+                inv = (1.0 / scale).reshape(s.shape).to(x.dtype)
+                x_q = torch.clamp(torch.round(x * inv + o), -128, 127)
+                stored.append((x_q - o) * s)
+            keys, values = super().update(*stored, layer_idx, *args, **kwargs)
+            first = layer_idx not in self.seen
+            self.seen.add(layer_idx)
+            return (key_states, value_states) if first else (keys, values)
+
+    return C8Cache()
+
+
+def reference_steps(model: nn.Module, chunks: list[list[int]], cache) -> torch.Tensor:
+    """fp32 logits [T, V] of one sequence fed chunk by chunk through transformers with the given cache (None: a
+    float one)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache() if cache is None else cache
+    out = []
+    with torch.inference_mode():
+        for chunk in chunks:
+            out.append(model(torch.tensor([chunk]), cache=cache, use_cache=True).logits[0].float())
+    return torch.cat(out)

@@ -102,7 +102,8 @@ def test_unsupported_rope_type():
     [
         ({"fa_quant_type": "FAKQuant"}, "fa_quant_type='FAKQuant': quantized attention"),
         ({"reduce_quant_type": "per_channel"}, "reduce_quant_type='per_channel'"),
-        ({"kv_cache_type": "C8"}, "kv_cache_type='C8': an int8 KV cache"),
+        ({"kv_cache_type": "C4"}, "kv_cache_type='C4': slimquant runs int8 KV caches of type 'C8' only"),
+        ({"kv_cache_type": "C8"}, "tensors are missing .*self_attn.k_proj.kv_cache_scale"),  # C8 without its scales
     ],
 )
 def test_features_slimquant_cannot_run_are_refused_by_name(tiny_model, tmp_path, header, match):
