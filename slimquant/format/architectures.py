@@ -78,6 +78,7 @@ class ArchSpec:
     # (glob over layer linears, config flag that turns their bias on, or None: always) as transformers (and vLLM)
     # build them; every other linear is bias-free
     biases: tuple[tuple[str, str | None], ...] = (("self_attn.[qkvo]_proj", "attention_bias"), ("mlp.*", "mlp_bias"))
+    int8_kv_cache: bool = True  # C8 scales are per k / v channel: standard attention (MLA caches a latent)
 
     def layer_linears(self, config: dict, i: int) -> tuple[str, ...]:
         """Linears of decoder layer i (relative names): dense or MoE MLP, MLA with or without q_lora_rank."""
@@ -149,6 +150,7 @@ def _mla(module: str, prefix: str, **kw) -> ArchSpec:
         },
         config_indent=4,
         biases=tuple((f"self_attn.{r}", "attention_bias") for r in ("q_a_proj", "kv_a_proj_with_mqa", "o_proj")),
+        int8_kv_cache=False,
         **kw,
     )
 

@@ -13,7 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from slimquant.format.architectures import ArchSpec, arch_spec, config_value, layer_prefix
-from slimquant.format.checkpoint import read_description, tensor_types, unsupported_features
+from slimquant.format.checkpoint import (
+    KV_CACHE_TENSORS,
+    kv_cache_int8,
+    read_description,
+    tensor_types,
+    unsupported_features,
+)
 from slimquant.format.dtypes import canonical_name
 from slimquant.format.safetensors_io import SafetensorsFolder
 from slimquant.format.schemes import FLOAT, SCHEME_TENSORS, W8A8
@@ -120,7 +126,7 @@ def inspect_checkpoint(path: str | Path) -> Report:
         dtype=ckpt.dtype,
         tied_embeddings=ckpt.tied,
         model_quant_type=desc.get("model_quant_type"),
-        kv_cache="float",
+        kv_cache="int8 (C8)" if ckpt.kv_int8 else "float",
         shards=len({ckpt.tensors.info(n).file for n in ckpt.tensors.keys()}),
         bytes_by_scheme=ckpt.bytes_by_scheme(),
         linears_by_scheme=ckpt.linears_by_scheme(),
@@ -139,6 +145,13 @@ class _Checkpoint:
         self.num_layers = int(config_value(config, "num_hidden_layers", 0))
         self.dtype = canonical_name(config_value(config, "torch_dtype") or config_value(config, "dtype")) or "?"
         self.tied = bool(config_value(config, "tie_word_embeddings", False))
+        self.kv_int8 = kv_cache_int8(desc)
+
+    def kv_tensors(self) -> list[str]:
+        """The int8 KV-cache tensors a C8 checkpoint of this model needs (none for a float cache or MLA)."""
+        if not (self.kv_int8 and self.spec.int8_kv_cache):
+            return []
+        return [f"{layer_prefix(i)}self_attn.{t}" for i in range(self.num_layers) for t in KV_CACHE_TENSORS]
 
     def layer_linears(self, i: int) -> list[str]:
         """Full names of layer i's linears."""
@@ -363,6 +376,7 @@ def tensor_rules(ck: _Checkpoint) -> list[Finding]:
         if scheme in SCHEME_TENSORS and not (name == HEAD and ck.tied):
             required, _ = SCHEME_TENSORS[scheme]
             missing += [f"{name}.{leaf}" for leaf in required if f"{name}.{leaf}" not in ck.tensors]
+    missing += [n for n in ck.kv_tensors() if n not in ck.tensors]
     absent = [
         n for n in ck.types if n not in ck.tensors and n not in missing and not (ck.tied and n == f"{HEAD}.weight")
     ]
@@ -464,4 +478,40 @@ def _same_input_params(ck: _Checkpoint, group: tuple[str, ...]) -> bool:
     return len(seen) == 1
 
 
-RULES = (header_rules, dtype_rules, entry_rules, type_rules, group_rules, tensor_rules, bias_rules, static_value_rules)
+def kv_cache_rules(ck: _Checkpoint) -> list[Finding]:
+    """C8 caches: only for standard attention; vLLM-Ascend reads the cache back with the scales alone."""
+    if not ck.kv_int8:
+        return []
+    if not ck.spec.int8_kv_cache:
+        return _finding(
+            SLIMQUANT,
+            ERROR,
+            "kv-cache",
+            ["kv_cache_type"],
+            "the description asks for an int8 (C8) KV cache, which is for standard attention; this model's MLA "
+            "caches one latent vector per token",
+            "quantize the float model again without --kv-cache int8",
+        )
+    nonzero = [n for n in ck.kv_tensors() if n.endswith("offset") and n in ck.tensors and ck.tensors.get(n).any()]
+    return _finding(
+        VLLM_ASCEND,
+        ERROR,
+        "kv-cache-offset",
+        nonzero,
+        "{n} int8 KV-cache offsets are not zero ({names}): vLLM-Ascend adds them when it stores k / v but reads "
+        "the cache back with the scales alone, so it runs wrong (slimquant subtracts them)",
+        "calibrate symmetric KV-cache scales (`slimquant quantize --kv-cache int8` writes zero offsets)",
+    )
+
+
+RULES = (
+    header_rules,
+    dtype_rules,
+    entry_rules,
+    type_rules,
+    group_rules,
+    tensor_rules,
+    bias_rules,
+    static_value_rules,
+    kv_cache_rules,
+)

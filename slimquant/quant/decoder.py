@@ -60,12 +60,13 @@ class LayerRunner:
         return layer.eval()
 
     @torch.no_grad()
-    def run(self, layer: nn.Module, hidden: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """hidden: [S, T, H] -> the layer's output [S, T, H], batch_size samples at a time."""
+    def run(self, layer: nn.Module, hidden: torch.Tensor, batch_size: int, cache=None) -> torch.Tensor:
+        """hidden: [S, T, H] -> the layer's output [S, T, H], batch_size samples at a time; cache: what the
+        attention hands its k / v to (transformers' cache interface), e.g. an observers.KvRange."""
         pos = self._position_embeddings(hidden.shape[1])
         outs = []
         for h in hidden.split(batch_size):
-            out = layer(h, attention_mask=None, position_embeddings=pos)
+            out = layer(h, attention_mask=None, position_embeddings=pos, cache=cache)
             outs.append(out[0] if isinstance(out, tuple) else out)
         return torch.cat(outs)
 

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from slimquant.format.architectures import ArchSpec, layer_prefix
-from slimquant.format.checkpoint import ModelSlimWriter
+from slimquant.format.checkpoint import C8, ModelSlimWriter
+from slimquant.format.primitives import kv_cache_scale
 from slimquant.format.schemes import FLOAT, W8A8
 from slimquant.quant.decoder import BiasedNorm, LayerRunner, replace_module
 from slimquant.quant.moe import count_idle
-from slimquant.quant.observers import ChannelRange, SecondMoment, TokenSample, observe_inputs
+from slimquant.quant.observers import ChannelRange, KvRange, SecondMoment, TokenSample, observe_inputs
 from slimquant.quant.qlinear import SimLinear, Tensors, linear_tensors
 from slimquant.quant.smooth import Smoothing, smooth_linear, smooth_norm, smooth_producer_linear
 from slimquant.quant.steps.alpha import FixedAlpha
@@ -37,6 +38,7 @@ class LayerJob:
     config: dict = field(default_factory=dict)  # config.json (which linears each layer has)
     idle_experts: int = 0  # routed experts that received no calibration token, over all layers so far
     alphas: dict[str, float] = field(default_factory=dict)  # full producer name -> the alpha each group got
+    kv_cache_int8: bool = False  # also calibrate and write int8 (C8) KV-cache scales
 
 
 @torch.no_grad()
@@ -85,7 +87,20 @@ def quantize_layer(
     }
     _write(writer, layer_prefix(i), layer, tensors, norms, job.dtype)
     _patch(layer, tensors, norms, types, job.dtype, runner.dtype)
-    return runner.run(layer, hidden, job.batch_size)
+    kv = KvRange() if job.kv_cache_int8 else None  # k / v as the quantized layer computes them
+    out = runner.run(layer, hidden, job.batch_size, cache=kv)
+    if kv is not None:
+        _write_kv_cache_scales(writer, layer_prefix(i), kv)
+    return out
+
+
+def _write_kv_cache_scales(writer: ModelSlimWriter, prefix: str, kv: KvRange) -> None:
+    """Symmetric per-channel C8 scales [KVH * D] (fp32) and zero offsets (int32), as ModelSlim's V1 saver writes."""
+    for proj, amax in (("k_proj", kv.k_amax), ("v_proj", kv.v_amax)):
+        assert amax is not None, "the layer's attention never handed its k / v to the observer"
+        scale = kv_cache_scale(amax).reshape(-1)  # [KVH * D]
+        writer.add(f"{prefix}self_attn.{proj}.kv_cache_scale", scale, C8)
+        writer.add(f"{prefix}self_attn.{proj}.kv_cache_offset", torch.zeros_like(scale, dtype=torch.int32), C8)
 
 
 def _pairs(types: dict[str, str], job: LayerJob) -> list[tuple[str, tuple[str, ...]]]:

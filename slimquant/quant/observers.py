@@ -123,3 +123,19 @@ def _recorder_hook(recorders: list):
             r.update(args[0])
 
     return hook
+
+
+class KvRange:
+    """Stands in for transformers' cache in one decoder layer's forward: records max |k| (after RoPE) and max |v|
+    per channel, and hands k / v back unchanged (the attention runs on them as without a cache)."""
+
+    def __init__(self):
+        self.k_amax: torch.Tensor | None = None  # [KVH, D] fp32
+        self.v_amax: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        # key_states / value_states: [B, KVH, T, D]
+        k, v = key_states.detach().abs().float().amax(dim=(0, 2)), value_states.detach().abs().float().amax(dim=(0, 2))
+        self.k_amax = k if self.k_amax is None else torch.maximum(self.k_amax, k)
+        self.v_amax = v if self.v_amax is None else torch.maximum(self.v_amax, v)
+        return key_states, value_states

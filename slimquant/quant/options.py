@@ -16,6 +16,8 @@ from slimquant.quant.steps.alpha import FixedAlpha
 from slimquant.quant.steps.rounding import NearestRounding
 from slimquant.quant.steps.smoothing import Smoother
 
+KV_CACHE_CHOICES = ("float", "int8")
+
 
 @dataclass(frozen=True)
 class QuantizeOptions:
@@ -35,12 +37,15 @@ class QuantizeOptions:
     batch_size: int = 4
     report: bool = False  # also write the per-linear sensitivity report
     static_all: bool = False  # w8a8: no default dynamic mix (Llama / Qwen mlp.down_proj)
+    kv_cache: str = "float"  # "int8": also calibrate int8 (C8) KV-cache scales
 
     def __post_init__(self) -> None:
         steps.alpha_chooser(self.alpha)  # each raises ValueError naming the choices
         steps.rounder(self.rounding)
         if self.anti_outlier is not None:
             steps.smoother(self.anti_outlier)
+        if self.kv_cache not in KV_CACHE_CHOICES:
+            raise ValueError(f"kv cache must be one of {list(KV_CACHE_CHOICES)}, got {self.kv_cache!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:  # num_samples, seq_len: calibration.py
             raise ValueError(f"batch size must be at least 1, got {self.batch_size!r}")
 

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from slimquant.format.architectures import EMBED_PREFIX, LAYER_PREFIX, ArchSpec, arch_spec, layer_prefix
-from slimquant.format.checkpoint import ModelSlimWriter, is_modelslim_dir
+from slimquant.format.checkpoint import C8, ModelSlimWriter, is_modelslim_dir
 from slimquant.format.dtypes import float_dtype
 from slimquant.format.schemes import FLOAT, W8A8
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
@@ -82,9 +82,11 @@ def run(
         _check_complete(ckpt, runner, num_layers)
         if smoother.shifts:
             _check_shift_targets(spec, plan, num_layers, ckpt.config)
-        job = LayerJob(spec, plan, smoother, opts.alpha_chooser(), opts.rounder(), dtype, opts.batch_size, ckpt.config)
+        kv_int8 = _check_kv_cache(spec, opts.kv_cache)
+        job = LayerJob(spec, plan, smoother, opts.alpha_chooser(), opts.rounder(), dtype, opts.batch_size, ckpt.config,
+                       kv_cache_int8=kv_int8)  # fmt: skip
         with staged_output(dst, overwrite) as out:
-            writer = ModelSlimWriter(out, model_qtype, opts.shard_bytes)
+            writer = ModelSlimWriter(out, model_qtype, opts.shard_bytes, kv_cache_type=C8 if kv_int8 else None)
             extra_layers = _convert(ckpt, runner, job, ids, writer, num_layers, progress)
             fields = (spec.config_fields or {}).get(opts.quant_type, {})
             write_model_files(hf_dir, out, ckpt.config | fields, spec.config_indent)
@@ -106,6 +108,7 @@ def run(
         report=dst / "sensitivity.md" if opts.report else None,
         default_mix=recipe_note(spec, opts.quant_type, opts.static_all, plan),
         notes=[FP32_NOTE] if dtype == torch.float32 else [],
+        kv_cache="int8 (C8)" if kv_int8 else "float",
     )
 
 
@@ -147,6 +150,16 @@ def _model_dtype(ckpt: HFCheckpoint) -> torch.dtype:
     """The dtype of float tensors: config dtype/torch_dtype, else that of the embeddings."""
     named = float_dtype(ckpt.config.get("dtype") or ckpt.config.get("torch_dtype") or "")
     return named or float_dtype(ckpt.get(EMBED_PREFIX + "weight").dtype) or torch.bfloat16
+
+
+def _check_kv_cache(spec: ArchSpec, kv_cache: str) -> bool:
+    """Whether to calibrate int8 KV-cache scales; ValueError for a model whose cache cannot take them."""
+    if kv_cache == "int8" and not spec.int8_kv_cache:
+        raise ValueError(
+            f"--kv-cache int8 is for standard attention; {spec.model_class} uses MLA, whose cache holds one latent "
+            "vector per token (vLLM-Ascend quantizes it with FAKQuant, which slimquant does not run)"
+        )
+    return kv_cache == "int8"
 
 
 def _check_shift_targets(spec: ArchSpec, plan: dict[str, str], n: int, config: dict) -> None:

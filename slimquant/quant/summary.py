@@ -50,6 +50,7 @@ class QuantizeSummary:
     fallback: FallbackResult | None = None  # what max_loss= kept float, and the measured held-out loss
     default_mix: str = ""  # what the default w8a8 recipe made dynamic (empty with static_all or none applied)
     notes: list[str] = field(default_factory=list)  # what a user should know about where the checkpoint runs
+    kv_cache: str = "float"  # "int8 (C8)" when KV-cache scales were calibrated
 
     def __str__(self) -> str:
         quantized = {k: v for k, v in self.linears.items() if k != FLOAT}
@@ -60,6 +61,7 @@ class QuantizeSummary:
             ("decoder layers", str(self.num_layers)),
             ("linears quantized", ", ".join(f"{n} {t}" for t, n in quantized.items()) or "0"),
             ("linears kept float", str(self.linears.get(FLOAT, 0))),
+            ("KV cache", self.kv_cache),
             *([("default mix", f"{self.default_mix} (--static-all: all static)")] if self.default_mix else []),
             *([("MTP layers (float)", str(self.float_layers))] if self.float_layers else []),
             *([("experts with no tokens", str(self.idle_experts))] if self.idle_experts else []),

@@ -58,21 +58,24 @@ def rewrite(src: Path, dst: Path, drop=(), change=None, describe=None) -> Path:
 
 
 @pytest.mark.parametrize(
-    "arch,quant_type,overrides",
+    "arch,quant_type,options",
     [
-        ("llama", "w8a8", {"tie_word_embeddings": True}),
+        ("llama", "w8a8", {"config": {"tie_word_embeddings": True}}),
         ("qwen2", "w8a8", {}),
         ("llama", "w8a8_dynamic", {}),
         ("deepseek_v3", "w8a8", {}),
+        ("qwen3", "w8a8", {"kv_cache": "int8"}),
     ],
 )
-def test_our_checkpoints_break_no_rule(tiny_model, tmp_path, arch, quant_type, overrides):
+def test_our_checkpoints_break_no_rule(tiny_model, tmp_path, arch, quant_type, options):
     from slimquant.quant.pipeline import quantize
     from tests.quant.common import FAST
 
-    src, dst = tiny_model(arch, torch.bfloat16, **overrides), tmp_path / "q"
-    summary = quantize(src, dst, quant_type, **FAST)
+    config, options = options.get("config", {}), {k: v for k, v in options.items() if k != "config"}
+    src, dst = tiny_model(arch, torch.bfloat16, **config), tmp_path / "q"
+    summary = quantize(src, dst, quant_type, **FAST, **options)
     report = inspect_checkpoint(dst)
+    assert report.kv_cache == ("int8 (C8)" if options.get("kv_cache") == "int8" else "float")
     assert report.findings == [] and report.layout == "ModelSlim V0"
     assert report.loads(SLIMQUANT) and report.loads(VLLM_ASCEND)
     assert report.linears_by_scheme == {k: v for k, v in summary.linears.items() if v}
@@ -174,6 +177,21 @@ BROKEN = {
     "float32 model": (
         lambda model, base, tmp: write_ascend(model(torch.float32), tmp, static_qkv, torch.float32, layout="v1"),
         {"float32-model"},
+        set(),
+    ),
+    "asymmetric KV cache": (written(static_qkv, layout="v1", kv_cache="asym"), {"kv-cache-offset"}, set()),
+    "C8 without its scales": (
+        lambda model, base, tmp: rewrite(base, tmp, describe=lambda d: d | {"kv_cache_type": "C8"}),
+        {"missing-tensor"},
+        {"missing-tensor"},
+    ),
+    "only the older KV key": (
+        lambda model, base, tmp: rewrite(
+            write_ascend(model(torch.bfloat16), tmp.parent / "c8", static_qkv, torch.bfloat16, kv_cache="sym"),
+            tmp,
+            describe=lambda d: {k: v for k, v in d.items() if k != "kv_cache_type"},
+        ),
+        {"kv-quant-type"},
         set(),
     ),
     "quantized attention": (

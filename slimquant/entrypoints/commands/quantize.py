@@ -88,6 +88,13 @@ def register(subparsers) -> None:
         help="--type w8a8: make every quantized linear static; by default Llama/Qwen mlp.down_proj is "
         "w8a8_dynamic (its per-token outliers defeat one static scale)",
     )
+    p.add_argument(
+        "--kv-cache",
+        choices=("float", "int8"),
+        default="float",
+        help="int8: also calibrate per-channel int8 KV-cache scales (ModelSlim's C8; keys after RoPE), which "
+        "the engine and vLLM-Ascend then run as an int8 cache [float]",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -116,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         report=args.report,
         max_loss=args.max_loss,
         static_all=args.static_all,
+        kv_cache=args.kv_cache,
     )
     print(summary)
     return 0
