@@ -95,6 +95,10 @@ class CpuNativeBackend(Backend):
         decoder = model.model
         if self._caches[0] != KVCacheLayer.generation:  # a cache was (re)assigned since the last step
             self._caches = (KVCacheLayer.generation, [layer.kv_cache for layer in decoder.layers])
+        if self._caches[1][0].dtype == torch.int8 and any(
+            q > 1 and n == q for q, n in zip(ctx.query_lens, ctx.context_lens, strict=True)
+        ):
+            return None  # a new prompt over an int8 cache attends to its own float k / v: the per-op path's SDPA
         rope = decoder.rotary.table(max(ctx.context_lens))  # rows for every position of the step
         ends = ModelEnds(decoder.embed_tokens.weight, rope, *self._final_norm, decoder.norm.eps)
         return decoder_model(self.lib, self.stack, input_ids, positions, ends, self._caches[1], ctx)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.backends.torch_ops import Rope, TorchOps
+from slimquant.backends.torch_ops import KvQuant, Rope, TorchOps
 from slimquant.format.primitives import QMIN
 from slimquant.kernels import native, weight_memory
 from slimquant.layers.context import ForwardContext
@@ -19,7 +19,7 @@ from slimquant.layers.context import ForwardContext
 # The native bf16 kernel runs up to this many rows; above, fp32 BLAS on a temporary fp32 copy is faster
 # (docs/benchmarks.md). Its sums per (row, token) do not depend on the batch below it.
 NATIVE_MAX_TOKENS = 128
-KV_CACHE_DTYPES = (torch.float32, torch.bfloat16)  # what the native attention stores and reads
+KV_CACHE_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # what the native attention holds: SqStep
 _BLOCK_ROWS = 16  # the VNNI build's row blocks (csrc/int8_cpu.cpp: kBlockRows)
 _K_MULTIPLE = 8  # the bf16 kernel reads 8 values at a time
 
@@ -74,9 +74,10 @@ class NativeOps(TorchOps):
     def attention(self, q, k, v, rope: Rope, kv_cache, ctx: ForwardContext, scale: float, kv_quant=None):
         """Decode steps: rope, cache write and attention in one native call; prefill: TorchOps (SDPA)."""
         cos, sin = (None, None) if rope is None else (rope[0].contiguous(), rope[1].contiguous())  # [B, D]
-        native_step = ctx.is_decode and not ctx.graph_step and kv_cache_ready(kv_cache) and kv_quant is None
+        native_step = ctx.is_decode and not ctx.graph_step and kv_cache_ready(kv_cache)
         if not (native_step and _fp32(q, k, v, cos, sin) and all(heads_packed(t) for t in (q, k, v))):
             return super().attention(q, k, v, rope, kv_cache, ctx, scale, kv_quant)
+        kq = kv_quant_struct(self.lib, kv_quant)
         b, nh, d = q.shape
         out = torch.empty(b, nh * d)  # [B, NH * D]
         step = step_rows(self.lib, ctx.slot_mapping, ctx.block_tables, ctx.context_lens_tensor, kv_cache)
@@ -84,7 +85,7 @@ class NativeOps(TorchOps):
             q=q.data_ptr(), ldq=q.stride(0), k=k.data_ptr(), ldk=k.stride(0), v=v.data_ptr(), ldv=v.stride(0),
             cos=_ptr(cos), sin=_ptr(sin), k_cache=kv_cache[0].data_ptr(),
             v_cache=kv_cache[1].data_ptr(), step=step, num_heads=nh, num_kv_heads=k.shape[1], head_dim=d,
-            scale=scale, out=out.data_ptr(),
+            scale=scale, kv_quant=kq, out=out.data_ptr(),
         )  # fmt: skip
         return out
 
@@ -191,9 +192,9 @@ def heads_packed(x: torch.Tensor) -> bool:
 
 
 def kv_cache_ready(*caches: torch.Tensor) -> bool:
-    """Every cache is contiguous on the CPU in one dtype the native kernels hold (fp32 or bf16)."""
+    """Every cache is contiguous on the CPU in one dtype the native kernels hold (fp32, bf16 or int8)."""
     dtype = caches[0].dtype
-    return dtype in KV_CACHE_DTYPES and all(
+    return dtype in KV_CACHE_TYPES and all(
         c.dtype == dtype and c.device.type == "cpu" and c.is_contiguous() for c in caches
     )
 
@@ -202,10 +203,18 @@ def step_rows(lib: native.Library, slots, block_tables, context_lens, cache: tor
     """An SqStep (csrc/exports.h) for rows with these slots [B] int64, block tables [B, W] int32 and context
     lengths [B] int32 over caches like `cache` [.., NB, BS, KVH, D] (its dtype and block size)."""
     return lib.structs["SqStep"](
-        batch=slots.shape[0], kv_bf16=int(cache.dtype == torch.bfloat16), block_size=cache.shape[-3],
+        batch=slots.shape[0], kv_type=KV_CACHE_TYPES[cache.dtype], block_size=cache.shape[-3],
         max_blocks=block_tables.shape[1], slots=slots.data_ptr(), block_tables=block_tables.data_ptr(),
         context_lens=context_lens.data_ptr(),
     )  # fmt: skip
+
+
+def kv_quant_struct(lib: native.Library, kv_quant: KvQuant | None):
+    """The SqKvQuant (csrc/exports.h) of an int8 cache's parameters (fp32 [KVH, D] each); all null without."""
+    if kv_quant is None:
+        return lib.structs["SqKvQuant"]()
+    assert all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in kv_quant)
+    return lib.structs["SqKvQuant"](**{name: t.data_ptr() for name, t in kv_quant._asdict().items()})
 
 
 def _fp32(*ts: torch.Tensor | None) -> bool:

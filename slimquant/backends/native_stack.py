@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from slimquant.backends.native_ops import NATIVE_MAX_TOKENS, is_native_weight, kv_cache_ready, step_rows
+from slimquant.backends.native_ops import (
+    NATIVE_MAX_TOKENS,
+    is_native_weight,
+    kv_cache_ready,
+    kv_quant_struct,
+    step_rows,
+)
 from slimquant.kernels import native
 from slimquant.layers.context import ForwardContext
 from slimquant.layers.quant_methods import UnquantizedMethod, W8A8DynamicMethod, W8A8StaticMethod
@@ -44,6 +50,7 @@ class DecoderLayerPlan:
     struct: ctypes.Structure
     keep: list[torch.Tensor]
     max_batch: int  # float linears switch to BLAS above NATIVE_MAX_TOKENS rows: no bit-equal native form there
+    int8_kv: bool = False  # the struct holds int8 KV-cache parameters: it can run over int8 caches
 
 
 def linear_form(layer: nn.Module) -> LinearForm | str:
@@ -89,11 +96,12 @@ def decoder_layer_plan(lib: native.Library, parts: LayerParts) -> DecoderLayerPl
     }
     struct = lib.structs["SqDecoderLayer"](
         hidden=hidden, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, inter=linears["down"].k,
-        eps=parts.eps, attn_scale=parts.attn_scale, **norm_ptrs,
+        eps=parts.eps, attn_scale=parts.attn_scale, **norm_ptrs, kv_quant=kv_quant_struct(lib, parts.kv_quant),
         **{name: _native_linear(lib, linears[name]) for name in ("qkv", "o", "gate_up", "down")},
     )  # fmt: skip
+    keep += list(parts.kv_quant or ())
     has_float = any(lf.kind == "bf16" for lf in linears.values())
-    return DecoderLayerPlan(struct, keep, NATIVE_MAX_TOKENS if has_float else 1 << 30)
+    return DecoderLayerPlan(struct, keep, NATIVE_MAX_TOKENS if has_float else 1 << 30, parts.kv_quant is not None)
 
 
 class DecoderStackPlan:
@@ -103,6 +111,7 @@ class DecoderStackPlan:
         self.plans = plans
         self.layers = (ctypes.c_void_p * len(plans))(*(ctypes.addressof(p.struct) for p in plans))
         self.max_batch = min(p.max_batch for p in plans)
+        self.int8_kv = all(p.int8_kv for p in plans)  # every layer has int8 KV-cache parameters
         linears = [lin for p in plans for lin in (p.struct.qkv, p.struct.o, p.struct.gate_up, p.struct.down)]
         self.macs_per_token = sum(lin.n * lin.k for lin in linears)  # multiply-adds of the linears, per token
         self.caches: list[torch.Tensor] = []
@@ -110,12 +119,13 @@ class DecoderStackPlan:
 
     def cache_pointers(self, caches: list[torch.Tensor]) -> tuple[ctypes.Array, ctypes.Array] | None:
         """(k, v) pointer arrays for the layers' caches [2, NB, BS, KVH, D], or None where they are not contiguous
-        on the CPU in one dtype the kernels hold (fp32 or bf16); the caller passes a new list object whenever a
-        cache is replaced, and the arrays (and that check) are redone then."""
+        on the CPU in one dtype the kernels hold (fp32, bf16, or int8 with every layer's parameters); the caller
+        passes a new list object whenever a cache is replaced, and the arrays (and that check) are redone then."""
         if caches is not self.caches:
             self.caches = caches
             self.k_ptrs = self.v_ptrs = None
-            if kv_cache_ready(*caches):
+            int8_ready = caches[0].dtype != torch.int8 or self.int8_kv
+            if kv_cache_ready(*caches) and int8_ready:
                 array = ctypes.c_void_p * len(caches)
                 self.k_ptrs = array(*(c[0].data_ptr() for c in caches))
                 self.v_ptrs = array(*(c[1].data_ptr() for c in caches))

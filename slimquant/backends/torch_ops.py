@@ -89,8 +89,11 @@ class TorchOps:
         vLLM-Ascend does with an int8 cache)."""
         if ctx.is_decode:  # one batched call, contexts padded to the longest
             lens = ctx.device_context_lens if ctx.graph_step else ctx.context_lens
-            out = paged_attention(q[:, None], k_cache, v_cache, ctx.block_tables, lens, scale, kv_quant)
-            return out.reshape(q.shape[0], -1)  # [B, 1, NH, D] -> [T, NH * D]
+            out = paged_attention(q[:, None], k_cache, v_cache, ctx.block_tables, lens, scale, kv_quant)[:, 0]
+            if kv_quant is not None:  # a one-token prompt (nothing cached before) attends to its own float v
+                own = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # [B, KVH, D] -> [B, NH, D]
+                out = torch.where((ctx.lens_on_device == 1)[:, None, None], own.to(out.dtype), out)
+            return out.reshape(q.shape[0], -1)  # [B, NH, D] -> [T, NH * D]
         outs, start = [], 0
         for i, q_len in enumerate(ctx.query_lens):  # prefill chunks: one sequence at a time
             span = slice(start, start + q_len)

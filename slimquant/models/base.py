@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
+from slimquant.backends.torch_ops import TORCH_OPS, KvQuant, TorchOps
 from slimquant.layers.embedding import VocabEmbedding
 from slimquant.layers.linear import Linear
 from slimquant.layers.norm import RMSNorm
@@ -22,13 +22,14 @@ NormWeights = tuple[torch.Tensor, torch.Tensor | None]  # an RMSNorm's (weight, 
 class LayerParts:
     """What a whole-step backend needs of a pre-norm decoder layer (its stack_parts()): norms "input", "post" (and
     per-head "q", "k": Qwen3) with one eps, linears qkv / o / gate_up / down, heads (num_heads, num_kv_heads,
-    head_dim) and the attention's scale."""
+    head_dim), the attention's scale and its int8 KV-cache parameters."""
 
     norms: dict[str, NormWeights]
     eps: float
     linears: dict[str, nn.Module]
     heads: tuple[int, int, int]
     attn_scale: float
+    kv_quant: KvQuant | None = None  # the int8 KV cache's parameters, where the checkpoint has them
 
 
 class PreNormDecoderLayer(nn.Module):

@@ -117,7 +117,7 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
         linears = {"qkv": attn.qkv_proj, "o": attn.o_proj, "gate_up": mlp.gate_up_proj, "down": mlp.down_proj}
         heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
         weights = {name: (n.weight, n.bias) for name, n in norms.items()}
-        return LayerParts(weights, self.input_layernorm.eps, linears, heads, attn.attn.scale)
+        return LayerParts(weights, self.input_layernorm.eps, linears, heads, attn.attn.scale, attn.attn.kv_quant)
 
 
 class LlamaForCausalLM(CausalLM):

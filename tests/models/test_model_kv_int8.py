@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from slimquant.config import KernelConfig
 from slimquant.models.loader import load_model
 from tests.models.ascend_ckpt import LAYOUTS, write_ascend
 from tests.models.paged import PROMPT, PagedRunner, assert_close
@@ -20,33 +21,39 @@ def mixed(prefix: str) -> str:
     return "W8A8_DYNAMIC" if ".mlp." in prefix else "W8A8"
 
 
-def run_steps(folder, kv_dtype: torch.dtype | None, dtype: str = "auto", **kw) -> torch.Tensor:
+def run_steps(folder, kv_dtype: torch.dtype | None, first: int = FIRST, backend: str = "auto") -> torch.Tensor:
     """Logits [T, V]: the first chunk as one prefill step, then one token per step (decode)."""
-    runner = PagedRunner.of(load_model(str(folder), dtype=dtype, **kw), kv_dtype)
-    return torch.cat([runner.step({0: PROMPT[:FIRST]}), *[runner.step({0: [t]}) for t in PROMPT[FIRST:]]])
+    # torch-reference: fp32 given (its "auto" would run bf16 here), so fp32 is the model dtype scales round to
+    dtype = "float32" if backend == "torch-reference" else "auto"
+    runner = PagedRunner.of(load_model(str(folder), dtype=dtype, kernels=KernelConfig(backend=backend)), kv_dtype)
+    return torch.cat([runner.step({0: PROMPT[:first]}), *[runner.step({0: [t]}) for t in PROMPT[first:]]])
 
 
 @pytest.mark.parametrize(
-    "arch,overrides,offsets",
+    "arch,offsets,first,backend",
     [
-        ("llama", {}, "sym"),
-        ("llama", {}, "asym"),
-        ("qwen2", {}, "sym"),  # q/k/v biases
-        ("qwen3", {}, "sym"),  # q / k norms before RoPE
+        ("llama", "sym", FIRST, "auto"),
+        ("llama", "asym", FIRST, "auto"),
+        ("llama", "asym", 1, "auto"),  # a one-token prompt: its own float v, then decode steps
+        ("llama", "asym", FIRST, "torch-reference"),
+        ("llama", "asym", 1, "torch-reference"),
+        ("qwen2", "sym", FIRST, "auto"),  # q/k/v biases
+        ("qwen3", "sym", FIRST, "auto"),  # q / k norms before RoPE
     ],
 )
-def test_int8_kv_cache_is_format_math(tiny_model, tmp_path, arch, overrides, offsets):
-    src = tiny_model(arch, dtype=torch.bfloat16, **overrides)
+def test_int8_kv_cache_is_format_math(tiny_model, tmp_path, arch, offsets, first, backend):
+    src = tiny_model(arch, dtype=torch.bfloat16)
     folder = write_ascend(src, tmp_path / "c8", mixed, torch.bfloat16, layout="v1", kv_cache=offsets)
-    ours = run_steps(folder, torch.int8)
-    model = reference_model(src, folder, torch.float32, torch.bfloat16)
+    ours = run_steps(folder, torch.int8, first, backend)
+    scale_dtype = torch.float32 if backend == "torch-reference" else torch.bfloat16
+    model = reference_model(src, folder, torch.float32, scale_dtype)
     n_layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
-    chunks = [PROMPT[:FIRST]] + [[t] for t in PROMPT[FIRST:]]
-    ref = reference_steps(model, chunks, c8_cache(folder, n_layers, torch.bfloat16))
+    chunks = [PROMPT[:first]] + [[t] for t in PROMPT[first:]]
+    ref = reference_steps(model, chunks, c8_cache(folder, n_layers, scale_dtype))
     assert_close(ours, ref, rel=1e-3)
-    float_cache, ours_float = reference_steps(model, chunks, None), run_steps(folder, torch.float32)
+    float_cache, ours_float = reference_steps(model, chunks, None), run_steps(folder, torch.float32, first, backend)
     assert_close(ours_float, float_cache, rel=1e-3)  # the same model over a float cache
-    assert torch.equal(ours[:FIRST], ours_float[:FIRST])  # the first chunk never reads the cache
+    assert torch.equal(ours[:first], ours_float[:first])  # the first chunk never reads the cache
     drift = (ref[FIRST:] - float_cache[FIRST:]).abs().max().item()
     assert drift > 10 * (ours - ref).abs().max().item()  # the int8 cache is really read: a visible difference
 

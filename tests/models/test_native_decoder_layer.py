@@ -61,11 +61,13 @@ def count_stack_calls(monkeypatch) -> list[int]:
 @pytest.mark.parametrize(
     "arch, scheme, kv_dtype",
     [(arch, scheme, torch.float32) for arch in ("llama", "qwen2", "qwen3") for scheme in sorted(SCHEMES)]
-    + [("llama", "mixed", torch.bfloat16), ("qwen3", "dynamic", torch.bfloat16)],
+    + [("llama", "mixed", torch.bfloat16), ("qwen3", "dynamic", torch.bfloat16)]
+    + [("llama", "mixed", torch.int8), ("qwen3", "dynamic", torch.int8)],  # int8 (C8) caches, asymmetric
 )
 def test_fused_layers_equal_per_op_path(tiny_model, tmp_path, monkeypatch, arch, scheme, kv_dtype):
     src = tiny_model(arch, dtype=torch.bfloat16)  # bf16 float weights: the fused layer takes them too
-    dst = write_ascend(src, tmp_path / "q", SCHEMES[scheme], dtype=torch.bfloat16, shift=True)
+    kv_cache = "asym" if kv_dtype == torch.int8 else None
+    dst = write_ascend(src, tmp_path / "q", SCHEMES[scheme], dtype=torch.bfloat16, shift=True, kv_cache=kv_cache)
     monkeypatch.setattr(cpu_native, "STACK_PREFILL_TOKENS", 0)  # prefills per op in every mode: decode alone
     per_op, per_op_caches, _ = decode_run(dst, "per-op", kv_dtype=kv_dtype)
     assert all(c.dtype == kv_dtype for c in per_op_caches)

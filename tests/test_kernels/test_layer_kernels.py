@@ -3,11 +3,13 @@ definitions."""
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 import torch
 
 from slimquant.backends.native_ops import NativeOps
-from slimquant.backends.torch_ops import TorchOps, paged_attention, store_kv
+from slimquant.backends.torch_ops import KvQuant, TorchOps, paged_attention, store_kv
 from slimquant.kernels import native
 from slimquant.layers.context import ForwardContext
 from slimquant.layers.norm import RMSNorm
@@ -52,6 +54,28 @@ def test_decode_attention_equals_torch_path(nh, kvh, d, lens, cache_dtype):
     # rotated k and v stored as the torch path stores them: the same values, NaN where it has NaN
     torch.testing.assert_close(cache, ref_cache, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(out, ref.reshape(len(lens), -1), rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("offsets", [False, True])
+@pytest.mark.parametrize(("nh", "kvh", "d", "lens"), [(4, 2, 16, [1, 7, 9]), (3, 3, 12, [13]), (8, 1, 64, [5, 30])])
+def test_int8_cache_decode_attention_equals_torch_path(nh, kvh, d, lens, offsets):
+    """An int8 (C8) cache: k / v stored as format.primitives.quantize_kv stores them (bit for bit, ties to even),
+    read back as (q - offset) * scale."""
+    cache, tables, slots, q, k, v, rope = _case(nh, kvh, d, lens)
+    g = torch.Generator().manual_seed(1)
+    cache = torch.randint(-128, 128, cache.shape, generator=g, dtype=torch.int8)  # old context
+    scale = (0.02 + 0.03 * torch.rand(2, kvh, d, generator=g)).bfloat16().float()  # model-dtype values
+    offset = torch.randint(-6, 7, (2, kvh, d), generator=g).float() if offsets else torch.zeros(2, kvh, d)
+    kv_quant = KvQuant(scale[0], 1 / scale[0], offset[0], scale[1], 1 / scale[1], offset[1])
+    v[0, 0, :3] = torch.tensor([2.5, -0.5, 3.5]) * scale[1, 0, :3] - offset[1, 0, :3] * scale[1, 0, :3]  # ties
+    v[-1, -1, :2] = torch.tensor([1e3, -1e3])  # clamped
+    ref_cache = cache.clone()
+    ctx = ForwardContext([1] * len(lens), list(lens), slots, tables, cache.shape[2])
+    ref = TorchOps().attention(q, k, v, rope, ref_cache, ctx, d**-0.5, kv_quant)  # a length-1 row: its own v
+    with patch.object(TorchOps, "attention", side_effect=AssertionError("fell back to the torch path")):
+        out = kernels.attention(q, k, v, rope, cache, ctx, d**-0.5, kv_quant)
+    assert torch.equal(cache, ref_cache)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_decode_attention_skips_padding_slots_and_runs_without_rope():

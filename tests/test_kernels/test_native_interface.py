@@ -30,11 +30,11 @@ def test_a_wrong_parameter_name_is_a_type_error():
 
 def test_structs_take_the_cpp_layout_and_refuse_another():
     lib = native.load()
-    step = lib.structs["SqStep"](batch=3, kv_bf16=1)
-    assert (step.batch, step.kv_bf16, step.slots) == (3, 1, None)
+    step = lib.structs["SqStep"](batch=3, kv_type=1)
+    assert (step.batch, step.kv_type, step.slots) == (3, 1, None)
     text = lib.cdll.sq_struct_layouts().decode()
     line = next(x for x in text.splitlines() if x.startswith("SqStep "))
-    moved = line.replace("int32_t kv_bf16 4;", "int32_t kv_bf16 8;")
+    moved = line.replace("int32_t kv_type 4;", "int32_t kv_type 8;")
     assert moved != line
     with pytest.raises(OSError, match="SqStep"):
         native._structs(moved)

@@ -3,7 +3,9 @@
 // rounds exactly like torch's x * cos + rotate_half(x) * sin.
 //
 // q [B, NH, D] at row stride ldq (elements per token), k / v [B, KVH, D] at ldk / ldv; caches [slots, KVH, D],
-// fp32 or bf16 (stored rounded to nearest even, as torch's .to(torch.bfloat16), and read back exactly widened);
+// fp32 or bf16 (stored rounded to nearest even, as torch's .to(torch.bfloat16), and read back exactly widened)
+// or int8 (stored clamp(round(x * inv + offset)) per channel, as format.primitives.quantize_kv, and read back as
+// (q - offset) * scale: the scale is folded into the query for k and into the output for v);
 // the rows' slots, block tables and context lengths in an SqStep (exports.h); cos / sin [B, D] or null (no rope).
 #include "exports.h"
 
@@ -15,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -38,7 +41,11 @@ inline __m256 load8(const uint16_t* p) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline float load1(float x) { return x; }
+inline float load1(int8_t x) { return static_cast<float>(x); }
 inline float load1(uint16_t x) {
   const uint32_t bits = static_cast<uint32_t>(x) << 16;
   float f;
@@ -56,6 +63,13 @@ inline uint16_t to_bf16(float x) {
 inline void store_row(const float* x, int d, float* out) { std::copy(x, x + d, out); }
 inline void store_row(const float* x, int d, uint16_t* out) {
   for (int i = 0; i < d; ++i) out[i] = to_bf16(x[i]);
+}
+// clamp(round(x * inv + offset)), rounded half to even (the default rounding mode), in two roundings as torch.
+inline void store_row(const float* x, int d, int8_t* out, const float* inv, const float* offset) {
+  for (int i = 0; i < d; ++i) {
+    const float y = std::nearbyint(x[i] * inv[i] + offset[i]);
+    out[i] = static_cast<int8_t>(std::min(127.0f, std::max(-128.0f, y)));
+  }
 }
 
 template <class C>
@@ -179,7 +193,7 @@ namespace sq {
 
 template <class C>
 void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos, const float* sin, C* k_cache,
-              C* v_cache, const int64_t* slots, int num_kv_heads, int head_dim, int b, int h) {
+              C* v_cache, const int64_t* slots, int num_kv_heads, int head_dim, int b, int h, const SqKvQuant* kq) {
   if (slots[b] < 0) return;
   thread_local std::vector<float> rotated;
   const int d = head_dim;
@@ -190,26 +204,43 @@ void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos
     rope_neox(kn, cos + (size_t)b * d, sin + (size_t)b * d, d, rotated.data());
     kn = rotated.data();
   }
-  store_row(kn, d, k_cache + at);
-  store_row(v + (size_t)b * ldv + (size_t)h * d, d, v_cache + at);
+  const float* vn = v + (size_t)b * ldv + (size_t)h * d;
+  if constexpr (std::is_same_v<C, int8_t>) {
+    const size_t c = (size_t)h * d;  // this kv head's channels
+    store_row(kn, d, k_cache + at, kq->k_inv + c, kq->k_offset + c);
+    store_row(vn, d, v_cache + at, kq->v_inv + c, kq->v_offset + c);
+  } else {
+    store_row(kn, d, k_cache + at);
+    store_row(vn, d, v_cache + at);
+  }
 }
 
 template <class C>
 void attend_group(const float* q, int ldq, const float* cos, const float* sin, const C* k_cache, const C* v_cache,
                   const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size,
                   int num_heads, int num_kv_heads, int head_dim, float scale, int b, int g, int j0, int j1,
-                  float* out) {
-  thread_local std::vector<float> qr, scores, inv;  // per-thread scratch, grown on demand: [G, D], [G, n], [G]
+                  const SqKvQuant* kq, float* out) {
+  constexpr bool int8 = std::is_same_v<C, int8_t>;
+  thread_local std::vector<float> qr, scores, inv, shift;  // per-thread scratch, grown: [G, D], [G, n], [G], [G]
   thread_local std::vector<const C*> k_rows, v_rows;
   const int d = head_dim, n = context_lens[b], heads = j1 - j0, h0 = g * (num_heads / num_kv_heads) + j0;
   if (qr.size() < (size_t)heads * d) qr.resize((size_t)heads * d);
   if (scores.size() < (size_t)heads * n) scores.resize((size_t)heads * n);
   if (k_rows.size() < (size_t)n) k_rows.resize(n), v_rows.resize(n);
-  if (inv.size() < (size_t)heads) inv.resize(heads);
+  if (inv.size() < (size_t)heads) inv.resize(heads), shift.resize(heads);
   for (int j = 0; j < heads; ++j) {  // the group's query heads, rotated
     const float* qh = q + (size_t)b * ldq + (size_t)(h0 + j) * d;
     if (cos) rope_neox(qh, cos + (size_t)b * d, sin + (size_t)b * d, d, &qr[(size_t)j * d]);
     else std::copy(qh, qh + d, qr.begin() + (size_t)j * d);
+  }
+  if constexpr (int8) {  // q . ((k_q - offset) * scale) = (q * scale) . k_q - (q * scale) . offset
+    const float *ks = kq->k_scale + (size_t)g * d, *ko = kq->k_offset + (size_t)g * d;
+    for (int j = 0; j < heads; ++j) {
+      float* qj = &qr[(size_t)j * d];
+      float sum = 0.0f;
+      for (int i = 0; i < d; ++i) qj[i] *= ks[i], sum += qj[i] * ko[i];
+      shift[j] = sum;
+    }
   }
   for (int t = 0; t < n;) {  // each position's cached k / v row of kv head g, block by block
     const size_t block = (size_t)block_tables[(size_t)b * max_blocks + t / block_size] * block_size;
@@ -222,31 +253,54 @@ void attend_group(const float* q, int ldq, const float* cos, const float* sin, c
   if (d % 8 == 0)
     for (; t + 8 <= n; t += 8) {
       for (int i = t + kAhead; i < std::min(n, t + kAhead + 8); ++i) prefetch_row(k_rows[i], d);
-      for (int j = 0; j < heads; ++j)
-        _mm256_storeu_ps(&scores[(size_t)j * n + t],
-                         _mm256_mul_ps(dot8(&qr[(size_t)j * d], &k_rows[t], d), _mm256_set1_ps(scale)));
+      for (int j = 0; j < heads; ++j) {
+        __m256 s8 = dot8(&qr[(size_t)j * d], &k_rows[t], d);
+        if constexpr (int8) s8 = _mm256_sub_ps(s8, _mm256_set1_ps(shift[j]));
+        _mm256_storeu_ps(&scores[(size_t)j * n + t], _mm256_mul_ps(s8, _mm256_set1_ps(scale)));
+      }
     }
   for (; t < n; ++t)
-    for (int j = 0; j < heads; ++j) scores[(size_t)j * n + t] = dot(&qr[(size_t)j * d], k_rows[t], d) * scale;
+    for (int j = 0; j < heads; ++j) {
+      float s1 = dot(&qr[(size_t)j * d], k_rows[t], d);
+      if constexpr (int8) s1 -= shift[j];
+      scores[(size_t)j * n + t] = s1 * scale;
+    }
   for (int j = 0; j < heads; ++j) inv[j] = softmax_weights(&scores[(size_t)j * n], n);
   float* o = out + ((size_t)b * num_heads + h0) * d;  // the group's heads are consecutive: [G, D]
-  if (d % 8 == 0) return weighted_sums(scores.data(), n, v_rows.data(), d, heads, inv.data(), o);
-  for (int j = 0; j < heads; ++j) {
-    float* oj = o + (size_t)j * d;
-    std::fill(oj, oj + d, 0.0f);
-    for (t = 0; t < n; ++t) axpy(scores[(size_t)j * n + t], v_rows[t], oj, d);
-    for (int i = 0; i < d; ++i) oj[i] *= inv[j];
+  if (d % 8 == 0) {
+    weighted_sums(scores.data(), n, v_rows.data(), d, heads, inv.data(), o);
+  } else {
+    for (int j = 0; j < heads; ++j) {
+      float* oj = o + (size_t)j * d;
+      std::fill(oj, oj + d, 0.0f);
+      for (t = 0; t < n; ++t) axpy(scores[(size_t)j * n + t], v_rows[t], oj, d);
+      for (int i = 0; i < d; ++i) oj[i] *= inv[j];
+    }
+  }
+  if constexpr (int8) {  // the weights sum to one: sum_t p_t (v_q - offset) * scale = (sum_t p_t v_q - offset) * scale
+    const float *vs = kq->v_scale + (size_t)g * d, *vo = kq->v_offset + (size_t)g * d;
+    for (int j = 0; j < heads; ++j)
+      for (int i = 0; i < d; ++i) o[(size_t)j * d + i] = (o[(size_t)j * d + i] - vo[i]) * vs[i];
   }
 }
 
-template void kv_store(const float*, int, const float*, int, const float*, const float*, float*, float*,
-                      const int64_t*, int, int, int, int);
-template void kv_store(const float*, int, const float*, int, const float*, const float*, uint16_t*, uint16_t*,
-                      const int64_t*, int, int, int, int);
-template void attend_group(const float*, int, const float*, const float*, const float*, const float*,
-                           const int32_t*, int, const int32_t*, int, int, int, int, float, int, int, int, int, float*);
-template void attend_group(const float*, int, const float*, const float*, const uint16_t*, const uint16_t*,
-                           const int32_t*, int, const int32_t*, int, int, int, int, float, int, int, int, int, float*);
+void own_value(const float* v, int ldv, int b, int g, int j0, int j1, int num_heads, int num_kv_heads,
+               int head_dim, float* out) {
+  const float* vg = v + (size_t)b * ldv + (size_t)g * head_dim;
+  const int h0 = g * (num_heads / num_kv_heads);
+  for (int j = j0; j < j1; ++j) std::copy(vg, vg + head_dim, out + ((size_t)b * num_heads + h0 + j) * head_dim);
+}
+
+#define SQ_INSTANTIATE(C)                                                                                     \
+  template void kv_store(const float*, int, const float*, int, const float*, const float*, C*, C*, const int64_t*, \
+                         int, int, int, int, const SqKvQuant*);                                                  \
+  template void attend_group(const float*, int, const float*, const float*, const C*, const C*, const int32_t*,   \
+                             int, const int32_t*, int, int, int, int, float, int, int, int, int, const SqKvQuant*, \
+                             float*);
+SQ_INSTANTIATE(float)
+SQ_INSTANTIATE(uint16_t)
+SQ_INSTANTIATE(int8_t)
+#undef SQ_INSTANTIATE
 
 }  // namespace sq
 
@@ -254,22 +308,24 @@ extern "C" {
 
 void sq_decode_attention(const float* q, int ldq, const float* k, int ldk, const float* v, int ldv, const float* cos,
                          const float* sin, void* k_cache, void* v_cache, const SqStep* step, int num_heads,
-                         int num_kv_heads, int head_dim, float scale, float* out) {
+                         int num_kv_heads, int head_dim, float scale, const SqKvQuant* kv_quant, float* out) {
   const int batch = step->batch, max_blocks = step->max_blocks, block_size = step->block_size;
   const int64_t* slots = step->slots;
   const int32_t *block_tables = step->block_tables, *context_lens = step->context_lens;
-  sq::with_cache_type(step->kv_bf16, [&](auto element) {
+  sq::with_cache_type(step->kv_type, [&](auto element) {
     using C = decltype(element);
     C *kc = static_cast<C*>(k_cache), *vc = static_cast<C*>(v_cache);
     for (int b = 0; b < batch; ++b)  // write the new token's k (rotated) and v into the cache
       for (int h = 0; h < num_kv_heads; ++h)
-        sq::kv_store(k, ldk, v, ldv, cos, sin, kc, vc, slots, num_kv_heads, head_dim, b, h);
+        sq::kv_store(k, ldk, v, ldv, cos, sin, kc, vc, slots, num_kv_heads, head_dim, b, h, kv_quant);
 #pragma omp parallel if (batch * num_heads > 1)
     sq::for_attention_share(batch, num_heads, num_kv_heads, omp_get_thread_num(), omp_get_num_threads(),
                             [&](int b, int g, int j0, int j1) {
+                              if (std::is_same_v<C, int8_t> && context_lens[b] == 1)
+                                return sq::own_value(v, ldv, b, g, j0, j1, num_heads, num_kv_heads, head_dim, out);
                               sq::attend_group<C>(q, ldq, cos, sin, kc, vc, block_tables, max_blocks, context_lens,
                                                   block_size, num_heads, num_kv_heads, head_dim, scale, b, g, j0, j1,
-                                                  out);
+                                                  kv_quant, out);
                             });
   });
 }

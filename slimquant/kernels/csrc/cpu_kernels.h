@@ -13,6 +13,8 @@
 #include <initializer_list>
 #include <vector>
 
+#include "exports.h"
+
 namespace sq {
 
 // Quantized activations: the int8 values and the form the GEMM multiplies (|x| for AVX2, x + 128 for VNNI).
@@ -81,25 +83,33 @@ void silu_and_mul_range(const float* g, const float* u, int j0, int j1, float* y
 
 // ---- attention_cpu.cpp ----
 
-// KV caches hold C = float (fp32) or uint16_t (bf16) values: fn(C{}) with the type that kv_bf16 names.
+// KV caches hold C = float (fp32), uint16_t (bf16) or int8_t values: fn(C{}) with the type kv_type names
+// (SqStep: 0, 1, 2).
 template <class Fn>
-void with_cache_type(int kv_bf16, const Fn& fn) {
-  if (kv_bf16) fn(uint16_t{});
+void with_cache_type(int kv_type, const Fn& fn) {
+  if (kv_type == 2) fn(int8_t{});
+  else if (kv_type == 1) fn(uint16_t{});
   else fn(float{});
 }
 
 // Token b's k (rotated) and v of kv head h into the caches at slots[b] (nothing where slots[b] < 0); bf16 caches
-// get each value rounded to nearest even.
+// get each value rounded to nearest even, int8 caches clamp(round(x * inv + offset)) with kq's parameters.
 template <class C>
 void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos, const float* sin, C* k_cache,
-              C* v_cache, const int64_t* slots, int num_kv_heads, int head_dim, int b, int h);
+              C* v_cache, const int64_t* slots, int num_kv_heads, int head_dim, int b, int h, const SqKvQuant* kq);
 // out [B, NH, D] for token b, query heads [j0, j1) of kv head g's group: softmax(rope(q) . K * scale) V over the
-// token's cached context, its cached rows read once for all those heads (per head, the sums of one head alone).
+// token's cached context, its cached rows read once for all those heads (per head, the sums of one head alone);
+// int8 rows are read as (q - offset) * scale with kq's parameters.
 template <class C>
 void attend_group(const float* q, int ldq, const float* cos, const float* sin, const C* k_cache, const C* v_cache,
                   const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size,
                   int num_heads, int num_kv_heads, int head_dim, float scale, int b, int g, int j0, int j1,
-                  float* out);
+                  const SqKvQuant* kq, float* out);
+
+// Row b of a sequence with nothing cached before it (context length 1) over an int8 cache attends to its own float
+// v, as vLLM-Ascend does: its query heads [j0, j1) of kv group g get v's row of kv head g.
+void own_value(const float* v, int ldv, int b, int g, int j0, int j1, int num_heads, int num_kv_heads,
+               int head_dim, float* out);
 
 // Thread tid's share of the batch * num_heads query heads, a contiguous range, as runs of heads within one kv
 // group: fn(b, g, j0, j1) for token b, kv group g, its heads [j0, j1). The shares are balanced to a head, and the

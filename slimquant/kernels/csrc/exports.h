@@ -23,6 +23,16 @@
   X(float, inv_scale) /* static: the per-tensor activation quantization */                              \
   X(float, offset)
 
+// An int8 KV cache's per-channel parameters, fp32 [KVH * D] each (model-dtype values): a row is stored as
+// clamp(round(x * inv + offset)) and read back as (q - offset) * scale. All null for a float cache.
+#define SQ_KV_QUANT_FIELDS(X)                                                                            \
+  X(const float*, k_scale)                                                                              \
+  X(const float*, k_inv)                                                                                \
+  X(const float*, k_offset)                                                                             \
+  X(const float*, v_scale)                                                                              \
+  X(const float*, v_inv)                                                                                \
+  X(const float*, v_offset)
+
 // A pre-norm decoder layer's weights and shapes; norm biases and the per-head norms (Qwen3) may be null.
 #define SQ_DECODER_LAYER_FIELDS(X)                                                                       \
   X(int32_t, hidden)                                                                                    \
@@ -43,13 +53,14 @@
   X(SqLinear, qkv)                                                                                      \
   X(SqLinear, o)                                                                                        \
   X(SqLinear, gate_up)                                                                                  \
-  X(SqLinear, down)
+  X(SqLinear, down)                                                                                     \
+  X(SqKvQuant, kv_quant) /* read when the step's caches are int8 */
 
 // One step's rows over the paged KV cache (the engine's ForwardContext): row b stores its new k / v at
 // slots[b] (-1: nowhere) and attends to the first context_lens[b] positions of its block table.
 #define SQ_STEP_FIELDS(X)                                                                                \
   X(int32_t, batch)                                                                                     \
-  X(int32_t, kv_bf16) /* caches hold bf16 (1, stored rounded to nearest even) or fp32 (0) */            \
+  X(int32_t, kv_type) /* caches hold fp32 (0), bf16 (1, rounded to nearest even) or int8 (2, SqKvQuant) */ \
   X(int32_t, block_size)                                                                                \
   X(int32_t, max_blocks) /* block_tables' row width */                                                  \
   X(const int64_t*, slots) /* [B] */                                                                    \
@@ -69,6 +80,7 @@
 
 #define SQ_STRUCTS(X)                                                                                    \
   X(SqLinear, SQ_LINEAR_FIELDS)                                                                         \
+  X(SqKvQuant, SQ_KV_QUANT_FIELDS)                                                                      \
   X(SqDecoderLayer, SQ_DECODER_LAYER_FIELDS)                                                            \
   X(SqStep, SQ_STEP_FIELDS)                                                                             \
   X(SqModelEnds, SQ_MODEL_ENDS_FIELDS)
@@ -93,12 +105,13 @@
   /* y fp32 [M, N] = x fp32 [M, K] (row stride ldx) @ w bf16 [N, K]^T (+ bias [N]); K % 8 == 0. */    \
   X(void, sq_bf16_linear, (const float* x, int m, int k, int ldx, const uint16_t* w, int n,             \
                            const float* bias, float* y))                                                \
-  /* One token per row of step: rotate q / k (neox; cos / sin [B, D] or null), store k / v, attend. */  \
+  /* One token per row of step: rotate q / k (neox; cos / sin [B, D] or null), store k / v, attend; an */ \
+  /* int8 cache (step->kv_type 2) with kv_quant's parameters. */                                        \
   X(void, sq_decode_attention, (const float* q, int ldq, const float* k, int ldk, const float* v,         \
                                 int ldv,                                                                \
                                 const float* cos, const float* sin, void* k_cache, void* v_cache,       \
                                 const SqStep* step, int num_heads, int num_kv_heads, int head_dim,      \
-                                float scale, float* out))                                               \
+                                float scale, const SqKvQuant* kv_quant, float* out))                    \
   /* s = x + residual (or x); y = rmsnorm(s) * weight (+ bias); rows of H at strides ldx / ldr. */      \
   X(void, sq_add_rms_norm, (const float* x, int t, int h, int ldx, const float* residual, int ldr,      \
                             const float* weight, const float* bias, float eps, float* sum_out, float* y)) \

@@ -15,6 +15,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -84,8 +85,9 @@ void linear_slice(const SqLinear& l, const float* x, int m, int ldx, int tid, in
 }
 
 // Every layer of a decoder stack, in one parallel region: x [B, H] (the embeddings) in, out [B, H] (the last
-// layer's MLP output) and residual [B, H] written; one pair of caches per layer, of element C (float, or uint16_t
-// holding bf16); cos / sin [B, D] (null: no rope); the rows of the step as in sq_decode_attention.
+// layer's MLP output) and residual [B, H] written; one pair of caches per layer, of element C (float, uint16_t
+// holding bf16, or int8_t with each layer's kv_quant); cos / sin [B, D] (null: no rope); the rows of the step as
+// in sq_decode_attention.
 template <class C>
 void decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* const* v_caches, int num_layers,
                    const SqStep& step, const float* x, float* residual, float* out, const float* cos,
@@ -136,15 +138,18 @@ void decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* c
           float* kh = k_heads + (size_t)bi * ld_qkv + (size_t)g * d;
           sq::norm_row(kh, nullptr, d, L.k_norm_w, L.k_norm_b, L.eps, head, kh);
         }
-        sq::kv_store(k_heads, ld_qkv, v_heads, ld_qkv, cos, sin, k_caches[l], v_caches[l], slots, kvh, d, bi, g);
+        sq::kv_store(k_heads, ld_qkv, v_heads, ld_qkv, cos, sin, k_caches[l], v_caches[l], slots, kvh, d, bi, g,
+                     &L.kv_quant);
       }
       sq::for_attention_share(b, nh, kvh, tid, nt, [&](int bi, int g, int j0, int j1) {
+        if (std::is_same_v<C, int8_t> && context_lens[bi] == 1)  // nothing cached before: its own float v
+          return sq::own_value(v_heads, ld_qkv, bi, g, j0, j1, nh, kvh, d, attn);
         for (int hd = g * (nh / kvh) + j0; hd < g * (nh / kvh) + j1 && L.q_norm_w; ++hd) {
           float* qh = qkv + (size_t)bi * ld_qkv + (size_t)hd * d;
           sq::norm_row(qh, nullptr, d, L.q_norm_w, L.q_norm_b, L.eps, head, qh);
         }
         sq::attend_group<C>(qkv, ld_qkv, cos, sin, k_caches[l], v_caches[l], block_tables, max_blocks, context_lens,
-                            block_size, nh, kvh, d, L.attn_scale, bi, g, j0, j1, attn);
+                            block_size, nh, kvh, d, L.attn_scale, bi, g, j0, j1, &L.kv_quant, attn);
       });
 #pragma omp barrier
       linear_slice(L.o, attn, b, nh * d, tid, nt, t, o);
@@ -210,7 +215,7 @@ void sq_decoder_model(const SqDecoderLayer* const* layers, int num_layers, void*
       std::memcpy(sin + (size_t)i * rope_dim, ends->sin_table + row, sizeof(float) * rope_dim);
     }
   }
-  sq::with_cache_type(step->kv_bf16, [&](auto element) {
+  sq::with_cache_type(step->kv_type, [&](auto element) {
     using C = decltype(element);
     decoder_stack(layers, reinterpret_cast<C* const*>(k_caches), reinterpret_cast<C* const*>(v_caches), num_layers,
                   *step, x, residual, out, cos, sin);
