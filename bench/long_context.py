@@ -1,13 +1,19 @@
-"""Single-stream decode at long contexts: the KV cache in fp32 (`kv_cache_dtype="float32"`) against bf16 (the
-default for a bf16 checkpoint), both engines in one process, runs alternating, medians reported.
+"""The KV cache's dtype at long contexts: fp32, bf16 and int8 (C8) caches of one checkpoint, side by side.
 
-At a 1500-token context a SmolLM2 decode step reads 69 MB of fp32 KV cache besides its 136 MB of weights; bf16
-halves the cache. Prints tokens/s per context length and the ratio, and how many of the greedy tokens agree;
-then the perplexity of the book's first --ppl-tokens tokens scored in 64-token prefill chunks, each chunk
-attending to the earlier ones through the cache (so the cache's rounding counts), under each cache dtype.
+The checkpoint is --model quantized to --scheme with int8 KV-cache scales (`--kv-cache int8`, cached); the fp32
+and bf16 rows run the same checkpoint with kv_cache_dtype="float32" / "bfloat16", which leave the scales unused.
 
-    .venv/bin/python bench/long_context.py [--model SmolLM2-135M-Instruct] [--contexts 64 500 1500]
-        [--decode-tokens 32] [--rounds 5]
+Speed: single-stream greedy decode of --decode-tokens tokens after a prompt of each context length (the prefill
+untimed), the three engines in one process, runs alternating; medians over --rounds runs, [min-max] beside them,
+and each ratio of two caches' speeds as the median of the per-round ratios [min-max].
+
+Accuracy: the book cut into windows of each context length, each window scored in 64-token prefill chunks, so
+that every chunk after the first attends to the earlier ones through the cache (the first chunk of a prompt
+attends to its own float k / v in every row, as vLLM-Ascend does). Perplexity per cache, and its change against
+fp32 as the mean of the per-window changes of log perplexity, +- its standard error over the windows.
+
+    .venv/bin/python bench/long_context.py [--model SmolLM2-135M-Instruct] [--contexts 512 2048]
+        [--decode-tokens 32] [--rounds 5] [--ppl-tokens 0 (all of the book)]
 """
 
 from __future__ import annotations
@@ -21,10 +27,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.speed import add_model_args, int8_model  # noqa: E402
+from bench.speed import add_model_args, quantized  # noqa: E402
 from slimquant import LLM, SamplingParams, zoo  # noqa: E402
+from slimquant.format.checkpoint import is_modelslim_dir, kv_cache_int8, read_description  # noqa: E402
 
-KV_DTYPES = ("float32", "bfloat16")
+KV_DTYPES = ("float32", "bfloat16", "int8")
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "int8": "int8"}
+CHUNK = 64  # prefill tokens per step in the accuracy runs
+
+
+def c8_model(args: argparse.Namespace) -> Path:
+    """--model if it is an ascend checkpoint with int8 KV-cache scales, else --model quantized to --scheme with
+    them (cached)."""
+    path = zoo.resolve_model(args.model)
+    if is_modelslim_dir(path):
+        if not kv_cache_int8(read_description(path)):
+            raise SystemExit(f"{path} has no int8 KV-cache scales: pass its float model, or one quantized with them")
+        return path
+    return quantized(path, args.scheme, kv_cache="int8", suffix="c8")
 
 
 def decode_rate(llm: LLM, prompt: list[int], tokens: int) -> tuple[float, list[int]]:
@@ -43,51 +63,75 @@ def decode_rate(llm: LLM, prompt: list[int], tokens: int) -> tuple[float, list[i
     return rate, list(outs[0].outputs[0].token_ids)
 
 
-def chunked_perplexity(path: Path, kv_dtype: str, ids: list[int]) -> float:
-    """Perplexity of ids scored in 64-token prefill chunks, each reading the earlier chunks from the KV cache."""
+def window_nlls(path: Path, kv_dtype: str, windows: list[list[int]]) -> list[float]:
+    """Mean negative log-likelihood of each window, scored in CHUNK-token prefill chunks through the cache."""
     llm = LLM(
-        str(path), quantization="ascend", max_model_len=len(ids) + 8, max_num_batched_tokens=64,
+        str(path), max_model_len=max(map(len, windows)) + 8, max_num_batched_tokens=CHUNK, max_num_seqs=4,
         enable_prefix_caching=False, kv_cache_dtype=kv_dtype,
     )  # fmt: skip
-    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    scores = [row[t].logprob for row, t in zip(out[0].prompt_logprobs[1:], ids[1:], strict=True)]
-    return math.exp(-sum(scores) / len(scores))
+    outs = llm.generate(
+        [{"prompt_token_ids": w} for w in windows], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
+    )
+    nlls = []
+    for out, ids in zip(outs, windows, strict=True):
+        scores = [row[t].logprob for row, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
+        nlls.append(-sum(scores) / len(scores))
+    return nlls
+
+
+def speed_table(llms: dict[str, LLM], ids: list[int], args: argparse.Namespace) -> None:
+    print(f"\nsingle-stream greedy decode of {args.decode_tokens} tokens: medians of {args.rounds} alternating runs")
+    pairs = (("bfloat16", "float32"), ("int8", "float32"), ("int8", "bfloat16"))
+    names = [f"{SHORT[a]} / {SHORT[b]}" for a, b in pairs]
+    print("| context | " + " | ".join([f"KV {kv} (tokens/s)" for kv in KV_DTYPES] + names) + " |")
+    print("|---:|" + "---:|" * (len(KV_DTYPES) + len(pairs)))
+    for ctx in args.contexts:
+        rates: dict[str, list[float]] = {kv: [] for kv in KV_DTYPES}
+        for _ in range(args.rounds):
+            for kv, llm in llms.items():
+                rates[kv].append(decode_rate(llm, ids[:ctx], args.decode_tokens)[0])
+        cells = [f"{statistics.median(r):.1f} [{min(r):.1f}-{max(r):.1f}]" for r in rates.values()]
+        ratios = []
+        for a, b in pairs:
+            per_round = [x / y for x, y in zip(rates[a], rates[b], strict=True)]
+            ratios.append(f"{statistics.median(per_round):.2f}x [{min(per_round):.2f}-{max(per_round):.2f}]")
+        print(f"| {ctx} | " + " | ".join(cells + ratios) + " |", flush=True)
+
+
+def accuracy_table(path: Path, ids: list[int], args: argparse.Namespace) -> None:
+    print(f"\nperplexity of the book in windows, each scored in {CHUNK}-token chunks through the cache")
+    print("| context | windows | " + " | ".join(f"KV {kv}" for kv in KV_DTYPES) + " | bf16 vs fp32 | int8 vs fp32 |")
+    print("|---:|---:|" + "---:|" * (len(KV_DTYPES) + 2))
+    for ctx in args.contexts:
+        windows = [ids[i : i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)]
+        nlls = {kv: window_nlls(path, kv, windows) for kv in KV_DTYPES}
+        cells = [f"{math.exp(statistics.fmean(v)):.3f}" for v in nlls.values()]
+        for kv in ("bfloat16", "int8"):
+            diffs = [a - b for a, b in zip(nlls[kv], nlls["float32"], strict=True)]  # change of log perplexity
+            err = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+            cells.append(f"{statistics.fmean(diffs) * 100:+.2f}% +- {err * 100:.2f}%")
+        print(f"| {ctx} | {len(windows)} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
-    ap.add_argument("--contexts", type=int, nargs="+", default=[64, 500, 1500])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--ppl-tokens", type=int, default=1024, help="tokens of the perplexity check (0: skip it)")
+    ap.add_argument("--ppl-tokens", type=int, default=0, help="book tokens of the accuracy table (0: all; -1: skip)")
     args = ap.parse_args()
-    path = int8_model(args)
+    path = c8_model(args)
     longest = max(args.contexts) + args.decode_tokens + 2
     llms = {
-        kv: LLM(str(path), quantization="ascend", max_model_len=longest, enable_prefix_caching=False, kv_cache_dtype=kv)
-        for kv in KV_DTYPES
+        kv: LLM(str(path), max_model_len=longest, enable_prefix_caching=False, kv_cache_dtype=kv) for kv in KV_DTYPES
     }
     ids = llms["float32"].get_tokenizer()(zoo.EVAL_TEXT.read_text()).input_ids  # the book
-    print(f"{path.name}, single-stream greedy decode of {args.decode_tokens} tokens, medians of {args.rounds} runs")
-    print("| context | KV fp32 (tokens/s) | KV bf16 (tokens/s) | bf16 / fp32 | same tokens |")
-    print("|---:|---:|---:|---:|---:|")
-    for ctx in args.contexts:
-        rates: dict[str, list[float]] = {kv: [] for kv in KV_DTYPES}
-        outs: dict[str, list[int]] = {}
-        for _ in range(args.rounds):
-            for kv, llm in llms.items():
-                rate, outs[kv] = decode_rate(llm, ids[:ctx], args.decode_tokens)
-                rates[kv].append(rate)
-        fp32, bf16 = (statistics.median(rates[kv]) for kv in KV_DTYPES)
-        same = sum(a == b for a, b in zip(*outs.values(), strict=True))
-        print(f"| {ctx} | {fp32:.1f} | {bf16:.1f} | {bf16 / fp32:.2f}x | {same}/{len(outs['float32'])} |", flush=True)
-
-    if args.ppl_tokens:
-        ppl = {kv: chunked_perplexity(path, kv, ids[: args.ppl_tokens]) for kv in KV_DTYPES}
-        fp32, bf16 = ppl["float32"], ppl["bfloat16"]
-        print(f"perplexity of {args.ppl_tokens} book tokens in 64-token chunks through the cache: ", end="")
-        print(f"KV fp32 {fp32:.3f}, KV bf16 {bf16:.3f} ({bf16 / fp32 - 1:+.2%})")
+    print(f"{path.name} ({len(ids)} book tokens)")
+    speed_table(llms, ids, args)
+    del llms
+    if args.ppl_tokens >= 0:
+        accuracy_table(path, ids[: args.ppl_tokens or None], args)
 
 
 if __name__ == "__main__":

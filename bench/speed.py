@@ -49,9 +49,9 @@ QWEN25_15B_SHAPE = dict(
 )
 
 
-def quantized(src: Path, qtype: str, **kw) -> Path:
-    """src quantized to qtype (calibrated on kw's device), cached next to the other cached models."""
-    dst = zoo.cache_dir() / "bench" / f"{src.name}-{qtype}"
+def quantized(src: Path, qtype: str, suffix: str = "", **kw) -> Path:
+    """src quantized to qtype with quantize()'s keywords kw (a suffix naming them), cached with the other models."""
+    dst = zoo.cache_dir() / "bench" / f"{src.name}-{qtype}{'-' + suffix if suffix else ''}"
     if not (dst / "quant_model_description.json").is_file():
         print(f"quantizing {src.name} to {qtype} -> {dst}", flush=True)
         quantize(src, dst, qtype, overwrite=True, progress=False, **kw)

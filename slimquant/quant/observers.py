@@ -126,8 +126,12 @@ def _recorder_hook(recorders: list):
 
 
 class KvRange:
-    """Stands in for transformers' cache in one decoder layer's forward: records max |k| (after RoPE) and max |v|
-    per channel, and hands k / v back unchanged (the attention runs on them as without a cache)."""
+    """Stands in for transformers' cache in one decoder layer's forward: records the range of k (after RoPE) and of
+    v per channel, and hands k / v back unchanged (the attention runs on them as without a cache).
+
+    A key channel's range is that of its RoPE pair (d, d + D/2): the largest norm of the pair, which RoPE only
+    rotates. Calibration sequences are short, and the slow pairs barely turn within them; at a later position the
+    same key turns into the pair's other channel, which max |k| alone would have sized too small."""
 
     def __init__(self):
         self.k_amax: torch.Tensor | None = None  # [KVH, D] fp32
@@ -135,7 +139,9 @@ class KvRange:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         # key_states / value_states: [B, KVH, T, D]
-        k, v = key_states.detach().abs().float().amax(dim=(0, 2)), value_states.detach().abs().float().amax(dim=(0, 2))
+        k1, k2 = key_states.detach().float().chunk(2, dim=-1)  # the two halves RoPE rotates together
+        pair = torch.sqrt(k1 * k1 + k2 * k2).amax(dim=(0, 2))  # [KVH, D/2]
+        k, v = torch.cat([pair, pair], dim=-1), value_states.detach().abs().float().amax(dim=(0, 2))
         self.k_amax = k if self.k_amax is None else torch.maximum(self.k_amax, k)
         self.v_amax = v if self.v_amax is None else torch.maximum(self.v_amax, v)
         return key_states, value_states

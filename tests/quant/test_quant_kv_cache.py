@@ -1,5 +1,5 @@
-"""`slimquant quantize --kv-cache int8`: per-channel C8 scales from the keys (after RoPE) and values that the
-quantized model computes on the calibration set, written as ModelSlim's V1 saver writes them."""
+"""`slimquant quantize --kv-cache int8`: per-channel C8 scales from the keys (after RoPE; a pair's norm) and values
+that the quantized model computes on the calibration set, written as ModelSlim's V1 saver writes them."""
 
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ from tests.quant.common import FAST, calibration_ids, load_quantized, read_outpu
 
 
 class AmaxCache(DynamicCache):
-    """transformers' cache, also recording per-layer max |k| and |v| per channel ([B, KVH, T, D])."""
+    """transformers' cache, also recording per layer the range of k (its RoPE pair's norm: every position fits)
+    and of v per channel ([B, KVH, T, D])."""
 
     def __init__(self):
         super().__init__()
         self.amax: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, k, v, layer_idx, *args, **kwargs):
-        self.amax[layer_idx] = (k.abs().amax(dim=(0, 2)).flatten(), v.abs().amax(dim=(0, 2)).flatten())
+        half = k.shape[-1] // 2
+        pair = torch.hypot(k[..., :half], k[..., half:]).amax(dim=(0, 2))  # a RoPE pair's norm: [KVH, D/2]
+        self.amax[layer_idx] = (torch.cat([pair, pair], -1).flatten(), v.abs().amax(dim=(0, 2)).flatten())
         return super().update(k, v, layer_idx, *args, **kwargs)
 
 

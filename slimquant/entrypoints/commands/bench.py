@@ -51,7 +51,7 @@ def add_measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode stream [%(default)s]")
     p.add_argument("--streams", type=int, default=16, help="concurrent decode streams [%(default)s]")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
-    p.add_argument("--kv-cache-dtype", default="auto", help="slimquant's KV cache: auto | bfloat16 | float32")
+    p.add_argument("--kv-cache-dtype", default="auto", help="slimquant's KV cache: auto | bfloat16 | float32 | int8")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every system runs [cpu]")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: slimquant decodes without CUDA graphs")
     add_backend_arg(p)

@@ -30,7 +30,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Model-loading and engine options shared by generate, chat and serve."""
     p.add_argument("--quantization", choices=["ascend"], help="expect an ascend (ModelSlim) checkpoint")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
-    p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) | bfloat16 | float32")
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        help="auto (the model's dtype; int8 for a checkpoint with int8 KV-cache scales) | bfloat16 | float32 | int8",
+    )
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: decode op by op, without CUDA graphs")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
