@@ -48,7 +48,8 @@ def quantize(
     """Quantize the HF folder or .gguf file `src` into the ascend (ModelSlim) folder `dst`; see docs/FORMAT.md.
 
     options: QuantizeOptions.parse's keyword arguments (anti_outlier, alpha, rounding, calib_data, num_samples,
-    seq_len, keep_float, mix, device, shard_size, batch_size, report, static_all), e.g.
+    seq_len, keep_float, mix, device, shard_size, batch_size, report, static_all, kv_cache), e.g.
+    kv_cache: "int8" also calibrates int8 (C8) KV-cache scales (docs/FORMAT.md, "Int8 KV cache");
     report: also write the per-linear sensitivity report (sensitivity.md/.json/.png, quant/sensitivity.py) into dst;
     static_all: for quant_type w8a8, make every quantized linear static. By default Llama/Qwen models get
     mlp.down_proj W8A8_DYNAMIC (format.architectures.DOWN_DYNAMIC_MIX; the summary's "default mix" says so).
