@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from enum import IntEnum
 
+from slimquant.errors import ParamError
+
 logger = logging.getLogger(__name__)
 
 SAMPLING_EPS = 1e-5  # temperature below this is greedy
@@ -107,4 +109,4 @@ class SamplingParams:
 
 def _require(ok: bool, name: str, value: object, why: str) -> None:
     if not ok:
-        raise ValueError(f"{name} {why}, got {value!r}.")
+        raise ParamError(name, f"{name} {why}, got {value!r}.")

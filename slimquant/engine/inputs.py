@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from slimquant.config import EngineConfig
+from slimquant.errors import ParamError
 
 # A prompt: text, token ids, or a vLLM TextPrompt / TokensPrompt dict.
 PromptType = Union[str, list[int], dict[str, Any]]  # noqa: UP007 (a runtime alias)
@@ -19,19 +20,21 @@ def parse_prompt(prompt: PromptType, tokenizer, truncate: int | None = None) -> 
     if isinstance(prompt, dict):
         text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
         if ids is None and text is None:
-            raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
+            raise ParamError("prompt", f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
     elif isinstance(prompt, str):
         text, ids = prompt, None
     elif isinstance(prompt, (list, tuple)):
         text, ids = None, prompt
     else:
-        raise ValueError(f"a prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
+        raise ParamError(
+            "prompt", f"a prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}"
+        )
     if ids is None:
         if not isinstance(text, str):
-            raise ValueError(f"'prompt' must be a str, got {type(text).__name__}")
+            raise ParamError("prompt", f"'prompt' must be a str, got {type(text).__name__}")
         ids = tokenizer.encode(text)
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-        raise ValueError("prompt token ids must be ints")
+        raise ParamError("prompt", "prompt token ids must be ints")
     ids = list(ids)
     return text, ids[-truncate:] if truncate else ids
 

@@ -23,6 +23,7 @@ from slimquant.engine.output_processor import make_output, process_token, to_log
 from slimquant.engine.scheduler import Scheduler
 from slimquant.engine.sequence import Request, Sequence
 from slimquant.engine.step_sampler import StepResult
+from slimquant.errors import ParamError
 from slimquant.outputs import RequestOutput
 from slimquant.sampling_params import SamplingParams
 
@@ -97,12 +98,13 @@ class LLMEngine:
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
-            raise ValueError("the prompt is empty (0 tokens)")
+            raise ParamError("prompt", "the prompt is empty (0 tokens)")
         max_len = self.config.max_model_len
         if len(ids) >= max_len:
-            raise ValueError(
+            raise ParamError(
+                "prompt",
                 f"the prompt has {len(ids)} tokens but max_model_len is {max_len}: "
-                "it must leave room for at least one generated token"
+                "it must leave room for at least one generated token",
             )
         for name, tokens in (
             ("prompt", ids),
@@ -112,7 +114,7 @@ class LLMEngine:
         ):
             bad = [t for t in tokens if not 0 <= t < self.vocab_size]
             if bad:
-                raise ValueError(f"{name} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+                raise ParamError(name, f"{name} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Cancel requests (unknown or finished ids are ignored) and free their KV blocks."""

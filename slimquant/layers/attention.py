@@ -17,6 +17,7 @@ from torch import nn
 from slimquant.backends.torch_ops import TORCH_OPS, KvQuant, TorchOps
 from slimquant.format.checkpoint import KV_CACHE_TENSORS
 from slimquant.format.primitives import kv_cache_runtime_params
+from slimquant.format.validation import KV_CACHE_SCALE, OFFSET
 from slimquant.layers.context import get_context
 
 
@@ -81,6 +82,7 @@ class Attention(KVCacheLayer):
 
     def _load_kv_tensor(self, name: str, tensor: torch.Tensor) -> None:
         target = getattr(self, _buffer(name))
+        (KV_CACHE_SCALE if name.endswith("scale") else OFFSET).check(f"{self.prefix.rpartition('.')[0]}.{name}", tensor)
         if tensor.numel() not in (1, target.numel()):
             raise ValueError(
                 f"{self.prefix.rpartition('.')[0]}.{name}: {tensor.numel()} values, expected "

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
+from slimquant.format.validation import FLOAT_TENSOR
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.quant_methods import add_param
 
@@ -41,7 +42,7 @@ class Linear(nn.Module):
         self.method = quant_config.linear_method(prefix, self.shard_prefixes)
         self.method.create_weights(self, in_features, sum(out_sizes), dtype)
         if bias or quant_config.linear_has_bias(self.shard_prefixes):
-            add_param(self, "bias", (sum(out_sizes),), dtype)
+            add_param(self, "bias", (sum(out_sizes),), dtype, FLOAT_TENSOR)
             self.bias.optional = not bias  # a shift bias: zero for shards the checkpoint gives none
             if not bias:
                 self.bias.data.zero_()
@@ -64,19 +65,15 @@ class Linear(nn.Module):
 
     def load_shard(self, name: str, shard: int, tensor: torch.Tensor) -> None:
         """Copy one checkpoint tensor into parameter `name`: its shard's rows, or its per-shard slot."""
-        param = getattr(self, name)
+        param, stored = getattr(self, name), tensor
         if param.load_transform is not None:
             tensor = param.load_transform(tensor)
+        param.rule.check(f"{self.shard_prefixes[shard]}.{name}", stored, tensor)
         if param.per_shard:
             target = param.data[shard : shard + 1]
         else:
             offset = sum(self.out_sizes[:shard])
             target = param.data.narrow(0, offset, self.out_sizes[shard])
-        if tensor.is_floating_point() != target.is_floating_point():
-            raise ValueError(
-                f"{self.shard_prefixes[shard]}.{name}: checkpoint dtype {tensor.dtype} where {target.dtype} is "
-                "expected; quant_model_description.json does not match the stored tensors"
-            )
         if tensor.numel() != target.numel():
             raise ValueError(
                 f"{self.shard_prefixes[shard]}.{name}: checkpoint shape {tuple(tensor.shape)} does not fit "

@@ -15,6 +15,7 @@ from torch import nn
 
 from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
 from slimquant.format.schemes import FLOAT
+from slimquant.format.validation import FLOAT_TENSOR, INT8_WEIGHT, WEIGHT_OFFSET, WEIGHT_SCALE
 from slimquant.layers.linear import Linear
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.quant_methods import replace_param
@@ -129,10 +130,12 @@ class RoutedExperts(nn.Module):
         target = getattr(self, param_name).data[expert]  # [2I | H, ...]
         if proj != "down_proj":
             target = target.narrow(0, 0 if proj == "gate_proj" else self.inter, self.inter)
-        if tensor.is_floating_point() != target.is_floating_point() or tensor.numel() != target.numel():
+        rule = {"weight": INT8_WEIGHT if self.quantized else FLOAT_TENSOR, "weight_scale": WEIGHT_SCALE}
+        rule.get(name.rpartition(".")[2], WEIGHT_OFFSET).check(name, tensor)
+        if tensor.numel() != target.numel():
             raise ValueError(
-                f"{name}: checkpoint {tensor.dtype} {tuple(tensor.shape)} does not fit {target.dtype} "
-                f"{tuple(target.shape)}; the checkpoint does not match config.json or its description"
+                f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit {tuple(target.shape)}; the checkpoint "
+                "does not match config.json"
             )
         target.copy_(tensor.reshape(target.shape))
 

@@ -15,6 +15,17 @@ from torch import nn
 
 from slimquant.format.primitives import decode_deq_scale
 from slimquant.format.schemes import W8A8, W8A8_DYNAMIC
+from slimquant.format.validation import (
+    DEQ_SCALE,
+    FLOAT_TENSOR,
+    INPUT_SCALE,
+    INT8_WEIGHT,
+    OFFSET,
+    QUANT_BIAS,
+    WEIGHT_OFFSET,
+    WEIGHT_SCALE,
+    TensorRule,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +35,14 @@ def add_param(
     name: str,
     shape: tuple[int, ...],
     dtype: torch.dtype,
+    rule: TensorRule,
     per_shard: bool = False,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
-    """Register an empty parameter; per_shard ones hold one value per shard, others are split along dim 0."""
+    """Register an empty parameter that checkpoint tensors obeying rule fill; per_shard ones hold one value per
+    shard, others are split along dim 0."""
     param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-    param.per_shard = per_shard
-    param.load_transform = transform
+    param.rule, param.per_shard, param.load_transform = rule, per_shard, transform
     layer.register_parameter(name, param)
 
 
@@ -62,7 +74,7 @@ class UnquantizedMethod(QuantMethod):
     """Float weights: y = x W^T + b."""
 
     def create_weights(self, layer, in_features, out_features, dtype):
-        add_param(layer, "weight", (out_features, in_features), dtype)
+        add_param(layer, "weight", (out_features, in_features), dtype, FLOAT_TENSOR)
 
     def process_weights_after_loading(self, layer):
         replace_param(layer, "weight", layer.ops.pack_float_weight(layer.weight.data))
@@ -76,14 +88,14 @@ class W8A8StaticMethod(QuantMethod):
 
     def create_weights(self, layer, in_features, out_features, dtype):
         num_shards = len(layer.shard_prefixes)
-        add_param(layer, "weight", (out_features, in_features), torch.int8)
-        for name in ("weight_scale", "weight_offset"):  # unused at run time (deq_scale holds the scale): ModelSlim's
-            add_param(layer, name, (out_features, 1), torch.float32)  # V1 saver leaves them out, as vLLM-Ascend may
-            getattr(layer, name).optional = True
-        add_param(layer, "input_scale", (num_shards,), torch.float32, per_shard=True)
-        add_param(layer, "input_offset", (num_shards,), torch.float32, per_shard=True)
-        add_param(layer, "quant_bias", (out_features,), torch.int32)
-        add_param(layer, "deq_scale", (out_features,), torch.float32, transform=decode_deq_scale)
+        add_param(layer, "weight", (out_features, in_features), torch.int8, INT8_WEIGHT)
+        for name, rule in (("weight_scale", WEIGHT_SCALE), ("weight_offset", WEIGHT_OFFSET)):  # unused at run time
+            add_param(layer, name, (out_features, 1), torch.float32, rule)  # (deq_scale holds the scale): ModelSlim's
+            getattr(layer, name).optional = True  # V1 saver leaves them out, as vLLM-Ascend may
+        add_param(layer, "input_scale", (num_shards,), torch.float32, INPUT_SCALE, per_shard=True)
+        add_param(layer, "input_offset", (num_shards,), torch.float32, OFFSET, per_shard=True)
+        add_param(layer, "quant_bias", (out_features,), torch.int32, QUANT_BIAS)
+        add_param(layer, "deq_scale", (out_features,), torch.float32, DEQ_SCALE, transform=decode_deq_scale)
         layer.params_dtype = dtype
 
     def process_weights_after_loading(self, layer):
@@ -117,9 +129,9 @@ class W8A8DynamicMethod(QuantMethod):
     """W8A8_DYNAMIC: symmetric per-token activations, per-channel int8 weights, scales in the model dtype."""
 
     def create_weights(self, layer, in_features, out_features, dtype):
-        add_param(layer, "weight", (out_features, in_features), torch.int8)
-        add_param(layer, "weight_scale", (out_features, 1), torch.float32)
-        add_param(layer, "weight_offset", (out_features, 1), torch.float32)
+        add_param(layer, "weight", (out_features, in_features), torch.int8, INT8_WEIGHT)
+        add_param(layer, "weight_scale", (out_features, 1), torch.float32, WEIGHT_SCALE)
+        add_param(layer, "weight_offset", (out_features, 1), torch.float32, WEIGHT_OFFSET)
         layer.params_dtype = dtype
 
     def process_weights_after_loading(self, layer):

@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from slimquant.format.architectures import ArchSpec, arch_spec, config_value, layer_prefix
 from slimquant.format.checkpoint import (
     KV_CACHE_TENSORS,
@@ -21,8 +23,10 @@ from slimquant.format.checkpoint import (
     unsupported_features,
 )
 from slimquant.format.dtypes import canonical_name
-from slimquant.format.safetensors_io import SafetensorsFolder
+from slimquant.format.primitives import decode_deq_scale
+from slimquant.format.safetensors_io import SAFETENSORS_DTYPES, SafetensorsFolder
 from slimquant.format.schemes import FLOAT, SCHEME_TENSORS, W8A8
+from slimquant.format.validation import TensorRule, rule_for
 
 SLIMQUANT, VLLM_ASCEND = "slimquant", "vllm-ascend"
 ERROR, WARNING = "error", "warning"
@@ -389,6 +393,46 @@ def tensor_rules(ck: _Checkpoint) -> list[Finding]:
     )
 
 
+def value_rules(ck: _Checkpoint) -> list[Finding]:
+    """Every tensor of a quantized linear (and of the int8 KV cache) in its stored dtype, and its values usable
+    (format.validation, the checks slimquant's loader makes; weights by dtype only): NaN or zero scales run wrong
+    anywhere."""
+    problems: dict[str, str] = {}
+    for name in ck.linears():
+        scheme = ck.scheme(name)
+        if scheme in SCHEME_TENSORS and scheme != FLOAT:
+            for leaf in (*SCHEME_TENSORS[scheme][0], *SCHEME_TENSORS[scheme][1], "bias"):
+                _check_value(ck, f"{name}.{leaf}", rule_for(leaf, scheme), problems)
+    for name in ck.kv_tensors():
+        _check_value(ck, name, rule_for(name.rpartition(".")[2], "C8"), problems)
+    if not problems:
+        return []
+    first = next(iter(problems.values()))
+    return _both(
+        ERROR,
+        "tensor-value",
+        list(problems),
+        "{n} tensors break the format's dtypes or ranges ({names}); the first: " + first,
+        "re-download the checkpoint, or quantize the float model again",
+    )
+
+
+def _check_value(ck: _Checkpoint, name: str, rule: TensorRule | None, problems: dict[str, str]) -> None:
+    """Record why the tensor breaks its rule (dtype from the header; values read unless it is a weight)."""
+    if rule is None or name not in ck.tensors:
+        return  # tensor_rules reports missing ones
+    info = ck.tensors.info(name)
+    stored = torch.empty(0, dtype=SAFETENSORS_DTYPES[info.dtype])
+    try:
+        if name.endswith(".weight"):
+            rule.check(name, stored)
+        else:
+            raw = ck.tensors.get(name)
+            rule.check(name, raw, decode_deq_scale(raw) if name.endswith(".deq_scale") else raw)
+    except ValueError as e:
+        problems[name] = str(e)
+
+
 def bias_rules(ck: _Checkpoint) -> list[Finding]:
     """vLLM-Ascend's models drop the bias of a linear they build without one (a static linear's float bias is
     folded into quant_bias and not read anyway)."""
@@ -412,8 +456,8 @@ def bias_rules(ck: _Checkpoint) -> list[Finding]:
 
 
 def static_value_rules(ck: _Checkpoint) -> list[Finding]:
-    """Static linears' tensors in the forms vLLM-Ascend's parameters take: deq_scale's dtype by model dtype,
-    an integer input_offset; one input quantization per fused layer."""
+    """Static linears' tensors in the forms vLLM-Ascend's parameters take: deq_scale's dtype by model dtype; one
+    input quantization per fused layer."""
     want = VLLM_DEQ_SCALE_DTYPE.get(ck.dtype)
     static = [n for n in ck.linears() if ck.scheme(n) == W8A8]
     wrong_deq = [
@@ -421,7 +465,6 @@ def static_value_rules(ck: _Checkpoint) -> list[Finding]:
         for n in static
         if want and f"{n}.deq_scale" in ck.tensors and ck.tensors.info(f"{n}.deq_scale").dtype != want
     ]
-    bad_offset = [f"{n}.input_offset" for n in static if not _int8_valued(ck, f"{n}.input_offset")]
     out = _finding(
         VLLM_ASCEND,
         ERROR,
@@ -430,14 +473,6 @@ def static_value_rules(ck: _Checkpoint) -> list[Finding]:
         f"{{n}} deq_scale tensors are not {want} ({{names}}), the form vLLM-Ascend's {ck.dtype} models read: "
         "their values would be misread",
         "re-quantize with `slimquant quantize` from the model in its serving dtype",
-    )
-    out += _finding(
-        VLLM_ASCEND,
-        ERROR,
-        "input-offset",
-        bad_offset,
-        "{n} input_offset tensors do not hold an integer in [-128, 127] ({names}); vLLM-Ascend stores them as int8",
-        "re-quantize with `slimquant quantize`",
     )
     differ = [
         g.prefix
@@ -455,13 +490,6 @@ def static_value_rules(ck: _Checkpoint) -> list[Finding]:
         "quantizes their input once, with the last shard's",
         "calibrate fused shards together (`slimquant quantize` does)",
     )
-
-
-def _int8_valued(ck: _Checkpoint, name: str) -> bool:
-    if name not in ck.tensors:
-        return True  # tensor_rules reports it
-    values = ck.tensors.get(name).double().flatten().tolist()
-    return all(v == round(v) and -128 <= v <= 127 for v in values)
 
 
 def _same_input_params(ck: _Checkpoint, group: tuple[str, ...]) -> bool:
@@ -506,6 +534,7 @@ def kv_cache_rules(ck: _Checkpoint) -> list[Finding]:
 
 RULES = (
     header_rules,
+    value_rules,
     dtype_rules,
     entry_rules,
     type_rules,

@@ -17,6 +17,7 @@ from slimquant.config import KernelConfig
 from slimquant.format.checkpoint import DESCRIPTION_FILE, is_modelslim_dir
 from slimquant.format.dtypes import CANONICAL, float_dtype
 from slimquant.format.safetensors_io import SafetensorsFolder
+from slimquant.format.validation import FLOAT_TENSOR
 from slimquant.kernels.cpu import has_native_half
 from slimquant.layers.attention import Attention
 from slimquant.layers.quant_config import AscendQuantConfig, QuantConfig
@@ -190,6 +191,8 @@ def weight_entries(model: nn.Module) -> Iterator[tuple[str, Callable[[torch.Tens
 
 
 def _copy_into(name: str, param: nn.Parameter, tensor: torch.Tensor) -> None:
+    if param.is_floating_point():
+        FLOAT_TENSOR.check(name, tensor)
     if tensor.shape != param.shape:
         raise ValueError(
             f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}; "

@@ -69,7 +69,7 @@ def test_fused_static_shards_with_different_input_scales_use_the_last(caplog):
 
 def test_float_tensor_for_int8_weight_is_rejected():
     layer = _static_qkv([0.02] * 3, process=False)
-    with pytest.raises(ValueError, match="a.k_proj.weight: checkpoint dtype torch.float32"):
+    with pytest.raises(ValueError, match="a.k_proj.weight is stored as torch.float32, where the format has torch.int8"):
         layer.load_shard("weight", 1, torch.randn(2, 8))
 
 

@@ -123,3 +123,26 @@ def test_linear_types_slimquant_cannot_run_are_refused_by_name(tiny_model, tmp_p
     desc_file.write_text(json.dumps(desc))
     with pytest.raises(ValueError, match=f"o_proj: quant type '{qtype}' is not supported; supported: .*W8A8"):
         load_model(str(dst))
+
+
+@pytest.mark.parametrize(
+    "arch,kv_cache,tensor,value",
+    [
+        ("llama", "sym", "model.layers.1.self_attn.k_proj.kv_cache_scale", float("nan")),
+        ("llama", "sym", "model.layers.0.self_attn.v_proj.kv_cache_offset", 3.5),
+        ("deepseek_v3", None, "model.layers.1.mlp.experts.2.up_proj.weight_scale", float("inf")),
+        ("deepseek_v3", None, "model.layers.1.mlp.experts.0.down_proj.weight_scale", -1.0),
+    ],
+)
+def test_corrupt_scales_are_refused_by_name(tiny_model, tmp_path, arch, kv_cache, tensor, value):
+    """NaN / infinite / negative scales and fractional offsets: a clear error naming the tensor, not nonsense."""
+    import torch
+
+    qtype = lambda p: "W8A8_DYNAMIC" if ".mlp." in p else "W8A8"  # noqa: E731
+    dst = write_ascend(tiny_model(arch, torch.bfloat16), tmp_path / "q", qtype, torch.bfloat16, kv_cache=kv_cache)
+    (shard,) = dst.glob("*.safetensors")
+    tensors = load_file(shard)
+    tensors[tensor] = torch.full_like(tensors[tensor], value)
+    save_file(tensors, shard)
+    with pytest.raises(ValueError, match=f"{tensor} (holds|must hold)"):
+        load_model(str(dst))

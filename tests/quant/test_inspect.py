@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from slimquant.entrypoints.cli import main
 from slimquant.format.safetensors_io import SafetensorsFolder
 from slimquant.format.schemes import SCHEME_TENSORS
+from slimquant.format.validation import rule_for
 from slimquant.layers.quant_methods import METHODS_BY_TYPE, UnquantizedMethod
 from slimquant.models.compat import SLIMQUANT, VLLM_ASCEND, inspect_checkpoint
 from slimquant.models.loader import load_model
@@ -164,8 +165,27 @@ BROKEN = {
         lambda model, base, tmp: rewrite(
             base, tmp, change={f"model.layers.0.self_attn.{p}_proj.input_offset": torch.tensor([3.5]) for p in "qkv"}
         ),
-        {"input-offset"},
-        set(),
+        {"tensor-value"},
+        {"tensor-value"},
+    ),
+    "NaN weight scale": (
+        lambda model, base, tmp: rewrite(
+            base, tmp, change={"model.layers.0.mlp.down_proj.weight_scale": torch.full((64, 1), float("nan"))}
+        ),
+        {"tensor-value"},
+        {"tensor-value"},
+    ),
+    "zero input scale": (
+        lambda model, base, tmp: rewrite(
+            base, tmp, change={f"model.layers.0.self_attn.{p}_proj.input_scale": torch.zeros(1) for p in "qkv"}
+        ),
+        {"tensor-value"},
+        {"tensor-value"},
+    ),
+    "int8 weight stored as float": (
+        lambda model, base, tmp: rewrite(base, tmp, change={f"{Q}.weight": torch.zeros(64, 64)}),
+        {"tensor-value"},
+        {"tensor-value"},
     ),
     "fused shards calibrated apart": (
         lambda model, base, tmp: rewrite(
@@ -248,3 +268,4 @@ def test_scheme_tensors_are_what_the_methods_load(scheme):
     required = tuple(n for n, p in params.items() if not getattr(p, "optional", False))
     optional = tuple(n for n, p in params.items() if getattr(p, "optional", False))
     assert (set(required), set(optional)) == tuple(set(x) for x in SCHEME_TENSORS[scheme])
+    assert all(p.rule is rule_for(name, scheme) for name, p in params.items())  # the rules inspect checks

@@ -3,73 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
-import openai
 import pytest
 
-API_KEY = "test-key"
-MODEL = "tiny"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model):
-    """Start `slimquant serve` on a tiny llama; yields its base URL."""
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "slimquant.entrypoints.cli",
-        "serve",
-        str(tiny_model("llama")),
-        "--port",
-        str(port),
-        "--api-key",
-        API_KEY,
-        "--served-model-name",
-        MODEL,
-        "--max-model-len",
-        "128",
-        "--max-n",
-        "4",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "CI": "1"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read().decode()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not become healthy in 120 s")
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
-
-
-def _auth() -> dict:
-    return {"Authorization": f"Bearer {API_KEY}"}
+from tests.server.conftest import MODEL
+from tests.server.conftest import auth as _auth
 
 
 def test_models(client):

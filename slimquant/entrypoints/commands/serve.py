@@ -36,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-n", type=int, default=16, help="largest 'n' a request may ask for (default 16)")
     p.add_argument("--chat-template", help="a Jinja chat template file that replaces the tokenizer's")
     p.add_argument("--kv-cache-memory-bytes", type=int, help="KV-cache size in bytes (default: the engine's choice)")
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=8 << 20,
+        help="refuse request bodies larger than this with 413 (default 8 MiB)",
+    )
     p.set_defaults(func=run)
 
 
@@ -49,7 +55,10 @@ def run(args: argparse.Namespace) -> int:
     engine_args = {"max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes": args.kv_cache_memory_bytes}
     llm = make_llm(args, **{k: v for k, v in engine_args.items() if v is not None})
     name = args.served_model_name or Path(args.model).name
-    app, engine = make_server_app(llm, name, api_key=args.api_key, chat_template=template, max_n=args.max_n)
+    if args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes must be positive, got {args.max_request_bytes}")
+    limits = dict(max_n=args.max_n, max_request_bytes=args.max_request_bytes)
+    app, engine = make_server_app(llm, name, api_key=args.api_key, chat_template=template, **limits)
     log.info("serving %s as '%s' on http://%s:%d/v1", args.model, name, args.host, args.port)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

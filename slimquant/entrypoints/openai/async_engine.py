@@ -29,29 +29,19 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="slimquant-engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, request_id: str, prompt: Any, params: Any) -> AsyncIterator[Any]:
-        """Add a request and yield its RequestOutputs until finished; aborts it if the consumer stops early."""
+    def add(self, request_id: str, prompt: Any, params: Any) -> RequestStream:
+        """Queue a request now (ValueError for bad input, nothing added); its outputs come from the stream."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         with self._lock:
-            self.engine.add_request(request_id, prompt, params)  # ValueError for bad input, nothing added
+            self.engine.add_request(request_id, prompt, params)
             self._queues[request_id] = (loop, queue)
         self._wake.set()
-        finished, timing, last = False, _Timing(), None
-        try:
-            while not finished:
-                out = await queue.get()
-                if isinstance(out, BaseException):
-                    raise out
-                finished, last = out.finished, out
-                timing.tick()
-                yield out
-        finally:
-            if not finished:
-                self.abort(request_id)
-            if self.metrics is not None and last is not None:
-                n_out = sum(len(c.token_ids) for c in last.outputs)
-                reason = (last.outputs[0].finish_reason or "abort") if finished else "abort"
-                self.metrics.observe_request(reason, len(last.prompt_token_ids), n_out, timing.ttft, timing.decode_time)
+        return RequestStream(self, request_id, queue)
+
+    async def generate(self, request_id: str, prompt: Any, params: Any) -> AsyncIterator[Any]:
+        """Add a request and yield its RequestOutputs until finished; aborts it if the consumer stops early."""
+        async for out in self.add(request_id, prompt, params).outputs():
+            yield out
 
     def abort(self, request_id: str) -> None:
         """Cancel a request and free its KV blocks (no-op if already finished)."""
@@ -102,6 +92,41 @@ class AsyncEngine:
         for request_id in list(self._queues):
             self.engine.abort_request(request_id)
             self._deliver(request_id, error, remove=True)
+
+
+class RequestStream:
+    """One queued request's outputs; the request is aborted if its consumer stops before it finishes."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue):
+        self.engine, self.request_id, self.queue = engine, request_id, queue
+        self.last: Any = None  # the newest RequestOutput
+
+    async def outputs(self) -> AsyncIterator[Any]:
+        """Yield RequestOutputs until the finished one."""
+        finished, timing, last = False, _Timing(), None
+        try:
+            while not finished:
+                out = await self.queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished, last = out.finished, out
+                self.last = out
+                timing.tick()
+                yield out
+        finally:
+            if not finished:
+                self.engine.abort(self.request_id)
+            metrics = self.engine.metrics
+            if metrics is not None and last is not None:
+                n_out = sum(len(c.token_ids) for c in last.outputs)
+                reason = (last.outputs[0].finish_reason or "abort") if finished else "abort"
+                metrics.observe_request(reason, len(last.prompt_token_ids), n_out, timing.ttft, timing.decode_time)
+
+    async def final(self) -> Any:
+        """The last (finished) RequestOutput."""
+        async for _ in self.outputs():
+            pass
+        return self.last
 
 
 class _Timing:

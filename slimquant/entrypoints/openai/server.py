@@ -27,14 +27,68 @@ from slimquant.entrypoints.openai.protocol import (
 log = logging.getLogger(__name__)
 
 
-def build_app(ctx: serving.ServingContext, api_key: str | None = None, metrics: ServerMetrics | None = None) -> FastAPI:
-    """The app serving ctx's engine; every /v1 route needs `Authorization: Bearer api_key` when one is set."""
+DEFAULT_MAX_REQUEST_BYTES = 8 << 20  # a request body past this is refused with 413, unread
+
+
+def build_app(
+    ctx: serving.ServingContext,
+    api_key: str | None = None,
+    metrics: ServerMetrics | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> FastAPI:
+    """The app serving ctx's engine; every /v1 route needs `Authorization: Bearer api_key` when one is set; bodies
+    over max_request_bytes are refused."""
     app = FastAPI(title="slimquant", version="0.1.0")
     app.state.ctx, app.state.metrics = ctx, metrics
     _install_errors(app)
     _install_auth_and_counting(app, api_key, metrics)
     _install_routes(app, ctx, metrics)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     return app
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over max_bytes gets 413 (OpenAI's error object) before the app sees it; a
+    declared Content-Length over it is refused without reading, a chunked body once the count passes it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        body, more, replay = b"", True, []
+        while more:  # buffer the body (the app reads all of it anyway), counting
+            message = await receive()
+            if message["type"] != "http.request":
+                replay.append(message)
+                break
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await self._refuse(scope, receive, send, more)
+        replay.insert(0, {"type": "http.request", "body": body, "more_body": False})
+
+        async def replayed():
+            return replay.pop(0) if replay else await receive()
+
+        return await self.app(scope, replayed, send)
+
+    async def _refuse(self, scope, receive, send, more: bool = True) -> None:
+        drained = 0  # read what the client still sends (up to a bound), so that it gets the answer
+        while more and drained < 8 * self.max_bytes:
+            message = await receive()
+            drained += len(message.get("body", b""))
+            more = message.get("type") == "http.request" and message.get("more_body", False)
+        error = OpenAIError(
+            f"the request body is larger than this server accepts ({self.max_bytes} bytes; see --max-request-bytes)",
+            status=413,
+            code="request_too_large",
+        )
+        await JSONResponse(error.body(), status_code=413)(scope, receive, send)
 
 
 def _install_errors(app: FastAPI) -> None:
@@ -103,16 +157,19 @@ def _install_routes(app: FastAPI, ctx: serving.ServingContext, metrics: ServerMe
         if (req.prompt is None) == (req.messages is None):
             raise OpenAIError("give exactly one of 'prompt' or 'messages'", param="prompt")
         if req.messages is not None:
-            ids = serving.chat_prompt(ChatCompletionRequest(messages=req.messages), ctx)
+            ids = await serving.chat_prompt(ChatCompletionRequest(messages=req.messages), ctx)
         else:
-            ids = ctx.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+            ctx.check_text_length(req.prompt, "prompt")
+            encoded = await ctx.run_tokenizer(ctx.tokenizer, req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = encoded.input_ids
         return {"tokens": ids, "count": len(ids), "max_model_len": ctx.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
-        if any(t < 0 or t >= len(ctx.tokenizer) for t in req.tokens):
-            raise OpenAIError(f"token ids must be in [0, {len(ctx.tokenizer)})", param="tokens")
-        return {"prompt": ctx.tokenizer.decode(req.tokens)}
+        bad = [t for t in req.tokens if not 0 <= t < len(ctx.tokenizer)]
+        if bad:
+            raise OpenAIError(f"token ids must be in [0, {len(ctx.tokenizer)}), got {bad[:5]}", param="tokens")
+        return {"prompt": await ctx.run_tokenizer(ctx.tokenizer.decode, req.tokens)}
 
     if metrics is not None:
 
@@ -148,7 +205,12 @@ async def _guard_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
 
 
 def make_server_app(
-    llm: Any, model_name: str, api_key: str | None = None, chat_template: str | None = None, max_n: int = 16
+    llm: Any,
+    model_name: str,
+    api_key: str | None = None,
+    chat_template: str | None = None,
+    max_n: int = 16,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> tuple[FastAPI, AsyncEngine]:
     """Wire an LLM (its engine and tokenizer) into an app; returns the app and its engine thread."""
     engine = llm.llm_engine
@@ -164,4 +226,4 @@ def make_server_app(
         chat_template=chat_template,
         generation_defaults=dict(engine.generation_defaults),
     )
-    return build_app(ctx, api_key=api_key, metrics=metrics), async_engine
+    return build_app(ctx, api_key=api_key, metrics=metrics, max_request_bytes=max_request_bytes), async_engine

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +20,10 @@ from slimquant.entrypoints.openai.protocol import (
     random_id,
     usage,
 )
+from slimquant.errors import ParamError
 from slimquant.sampling_params import SamplingParams
 
+log = logging.getLogger(__name__)
 _DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default; chat defaults to the room left in the context
 _GEN_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -34,6 +39,29 @@ class ServingContext:
     max_n: int = 16
     chat_template: str | None = None
     generation_defaults: dict[str, float] = field(default_factory=dict)
+    # one thread tokenizes, off the event loop (and one call at a time: the tokenizer is not thread-safe)
+    tokenizer_thread: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "slimquant-tokenize"))
+
+    async def run_tokenizer(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs) on the tokenizer thread, awaited."""
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, call)
+
+    @functools.cached_property
+    def max_prompt_chars(self) -> int:
+        """Characters past which a text cannot fit the context: max_model_len times the longest token's text
+        (a token never covers more characters than its own text has)."""
+        longest = max(len(t or "") for t in self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer)))))
+        return self.max_model_len * max(longest, 1)
+
+    def check_text_length(self, text: str, param: str) -> None:
+        """OpenAIError at once for a text too long to fit the context whatever its tokens (no tokenizing)."""
+        if len(text) > self.max_prompt_chars:
+            raise OpenAIError(
+                f"the {param} has {len(text)} characters, more than any {self.max_model_len}-token context can hold",
+                param=param,
+                code="context_length_exceeded",
+            )
 
 
 def sampling_params(
@@ -69,7 +97,7 @@ def sampling_params(
             logprobs=logprobs,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
-            logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()} or None,
+            logit_bias=_logit_bias(req.logit_bias),
             ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens,
             stop_token_ids=req.stop_token_ids,
@@ -77,11 +105,26 @@ def sampling_params(
             include_stop_str_in_output=req.include_stop_str_in_output,
             **{k: v for k, v in values.items() if v is not None},
         )
+    except ParamError as e:
+        raise OpenAIError(str(e), param=e.param) from e
     except ValueError as e:
         raise OpenAIError(str(e)) from e
 
 
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias (token id as a string -> bias); ParamError naming a key that is not a token id."""
+    out = {}
+    for key, value in (bias or {}).items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise ParamError("logit_bias", f"logit_bias keys must be token ids, got {key!r}") from None
+    return out or None
+
+
 def _check_model(req: SamplingFields, ctx: ServingContext) -> None:
+    if req.model_extra:
+        log.warning("the request's fields %s are not supported and were ignored", sorted(req.model_extra))
     if req.model is not None and req.model != ctx.model_name:
         raise OpenAIError(
             f"the model '{req.model}' does not exist; this server serves '{ctx.model_name}'",
@@ -91,23 +134,40 @@ def _check_model(req: SamplingFields, ctx: ServingContext) -> None:
         )
 
 
-def completion_prompts(req: CompletionRequest, ctx: ServingContext) -> list[list[int]]:
-    """Token ids of each prompt in a completions request."""
+async def completion_prompts(req: CompletionRequest, ctx: ServingContext) -> list[list[int]]:
+    """Token ids of each prompt in a completions request (texts tokenized off the event loop)."""
     p = req.prompt
     if isinstance(p, str):
         p = [p]
     if not p:
-        raise OpenAIError("prompt must not be empty", param="prompt")
+        raise OpenAIError("the prompt is empty", param="prompt")
     if all(isinstance(t, int) for t in p):
-        return [list(p)]
-    return [list(x) if isinstance(x, list) else ctx.tokenizer(x).input_ids for x in p]
+        p = [list(p)]
+    out = []
+    for x in p:
+        if isinstance(x, str):
+            ctx.check_text_length(x, "prompt")
+            x = (await ctx.run_tokenizer(ctx.tokenizer, x)).input_ids
+        if not x:
+            raise OpenAIError("the prompt is empty (0 tokens)", param="prompt")
+        out.append(list(x))
+    return out
 
 
-def chat_prompt(req: ChatCompletionRequest, ctx: ServingContext) -> list[int]:
-    """Token ids of the conversation rendered with the chat template."""
-    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+async def chat_prompt(req: ChatCompletionRequest, ctx: ServingContext) -> list[int]:
+    """Token ids of the conversation rendered with the chat template (off the event loop)."""
+    messages = [_message(m.model_dump(exclude_none=True), i) for i, m in enumerate(req.messages)]
+    for i, m in enumerate(messages):
+        if isinstance(m.get("content"), str):
+            ctx.check_text_length(m["content"], f"messages[{i}].content")
+    text = await ctx.run_tokenizer(_render_chat, ctx, messages, req)
+    ctx.check_text_length(text, "messages")
+    return (await ctx.run_tokenizer(ctx.tokenizer, text, add_special_tokens=False)).input_ids
+
+
+def _render_chat(ctx: ServingContext, messages: list[dict], req: ChatCompletionRequest) -> str:
     try:
-        text = ctx.tokenizer.apply_chat_template(
+        return ctx.tokenizer.apply_chat_template(
             messages,
             chat_template=req.chat_template or ctx.chat_template,
             add_generation_prompt=req.add_generation_prompt,
@@ -115,28 +175,50 @@ def chat_prompt(req: ChatCompletionRequest, ctx: ServingContext) -> list[int]:
         )
     except Exception as e:  # jinja errors, missing template
         raise OpenAIError(f"cannot apply the chat template: {e}", param="messages") from e
-    return ctx.tokenizer(text, add_special_tokens=False).input_ids
 
 
-async def _final(ctx: ServingContext, request_id: str, ids: list[int], params: SamplingParams):
-    """Run one prompt to completion; returns its last RequestOutput."""
-    final = None
-    async for out in ctx.engine.generate(request_id, ids, params):
-        final = out
-    return final
+def _message(message: dict, i: int) -> dict:
+    """A chat message with OpenAI's content parts joined into one text, as vLLM does for text-only models."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    where, texts = f"messages[{i}].content", []
+    for part in content:
+        kind = part.get("type")
+        if kind is None:
+            raise OpenAIError(f"{where}: every part needs a 'type'", param=where)
+        if kind != "text":
+            raise OpenAIError(f"{where}: part type {kind!r} is not supported: this model takes text only", param=where)
+        if not isinstance(part.get("text"), str):
+            raise OpenAIError(f"{where}: a text part needs a 'text' string", param=where)
+        texts.append(part["text"])
+    return message | {"content": "\n".join(texts)}
+
+
+def _start(ctx: ServingContext, rid: str, prompts: list[list[int]], params: list[SamplingParams]) -> list:
+    """Queue every prompt now, or none: a bad one aborts those already queued and becomes a 400."""
+    streams = []
+    try:
+        for i, (ids, sp) in enumerate(zip(prompts, params, strict=True)):
+            streams.append(ctx.engine.add(f"{rid}-{i}", ids, sp))
+    except ValueError as e:
+        for stream in streams:
+            ctx.engine.abort(stream.request_id)
+        raise OpenAIError(str(e), param=getattr(e, "param", None)) from e
+    return streams
 
 
 async def create_completion(req: CompletionRequest, ctx: ServingContext) -> dict | AsyncIterator[str]:
     """POST /v1/completions."""
     _check_model(req, ctx)
-    prompts = completion_prompts(req, ctx)
+    prompts = await completion_prompts(req, ctx)
     params = [sampling_params(req, ctx, len(p), req.logprobs, _DEFAULT_MAX_TOKENS) for p in prompts]
     rid = random_id("cmpl")
+    streams = _start(ctx, rid, prompts, params)
     if req.stream:
-        return _stream(ctx, rid, "text_completion", prompts, params, req)
-    jobs = [_final(ctx, f"{rid}-{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+        return _stream(ctx, rid, "text_completion", streams, prompts, req)
     choices, n_out = [], 0
-    for i, out in enumerate(await asyncio.gather(*jobs)):
+    for i, out in enumerate(await asyncio.gather(*(s.final() for s in streams))):
         for c in out.outputs:
             text = (out.prompt or ctx.tokenizer.decode(out.prompt_token_ids)) + c.text if req.echo else c.text
             choices.append(
@@ -163,13 +245,14 @@ async def create_completion(req: CompletionRequest, ctx: ServingContext) -> dict
 async def create_chat(req: ChatCompletionRequest, ctx: ServingContext) -> dict | AsyncIterator[str]:
     """POST /v1/chat/completions."""
     _check_model(req, ctx)
-    ids = chat_prompt(req, ctx)
+    ids = await chat_prompt(req, ctx)
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, ctx, len(ids), top, None)
     rid = random_id("chatcmpl")
+    streams = _start(ctx, rid, [ids], [params])
     if req.stream:
-        return _stream(ctx, rid, "chat.completion.chunk", [ids], [params], req)
-    out = await _final(ctx, rid, ids, params)
+        return _stream(ctx, rid, "chat.completion.chunk", streams, [ids], req)
+    out = await streams[0].final()
     choices = [
         {
             "index": c.index,
@@ -191,26 +274,19 @@ async def create_chat(req: ChatCompletionRequest, ctx: ServingContext) -> dict |
     }
 
 
-async def _stream(ctx, rid, obj, prompts, params, req) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per new text piece, a final usage chunk on request, then [DONE]."""
+async def _stream(ctx, rid, obj, streams, prompts, req) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per new text piece, a final usage chunk on request, then [DONE]. Requests not
+    yet streamed are aborted if the client goes away."""
     chat = obj == "chat.completion.chunk"
-    n_in = sum(len(p) for p in prompts)
-    n_out = 0
-    for i, (ids, sp) in enumerate(zip(prompts, params, strict=True)):
-        sent: dict[int, int] = {}
-        async for out in ctx.engine.generate(f"{rid}-{i}", ids, sp):
-            for c in out.outputs:
-                index = i * req.n + c.index
-                if chat and c.index not in sent:
-                    yield _sse(_chunk(rid, obj, ctx, index, {"role": "assistant", "content": ""}, None, chat))
-                delta = c.text[sent.get(c.index, 0) :]
-                sent[c.index] = len(c.text)
-                if delta or c.finish_reason:
-                    body = {"content": delta} if chat else delta
-                    yield _sse(_chunk(rid, obj, ctx, index, body, c.finish_reason, chat))
-                if out.finished:
-                    n_out += len(c.token_ids)
+    try:
+        async for chunk in _stream_chunks(ctx, rid, obj, streams, req, chat):
+            yield chunk
+    finally:
+        for stream in streams:
+            ctx.engine.abort(stream.request_id)  # no-op for the finished ones
     if req.stream_options and req.stream_options.include_usage:
+        n_in = sum(len(p) for p in prompts)
+        n_out = sum(len(c.token_ids) for stream in streams if stream.last for c in stream.last.outputs)
         yield _sse(
             {
                 "id": rid,
@@ -222,6 +298,22 @@ async def _stream(ctx, rid, obj, prompts, params, req) -> AsyncIterator[str]:
             }
         )
     yield "data: [DONE]\n\n"
+
+
+async def _stream_chunks(ctx, rid, obj, streams, req, chat) -> AsyncIterator[str]:
+    """Each request's SSE chunks in turn."""
+    for i, stream in enumerate(streams):
+        sent: dict[int, int] = {}
+        async for out in stream.outputs():
+            for c in out.outputs:
+                index = i * req.n + c.index
+                if chat and c.index not in sent:
+                    yield _sse(_chunk(rid, obj, ctx, index, {"role": "assistant", "content": ""}, None, chat))
+                delta = c.text[sent.get(c.index, 0) :]
+                sent[c.index] = len(c.text)
+                if delta or c.finish_reason:
+                    body = {"content": delta} if chat else delta
+                    yield _sse(_chunk(rid, obj, ctx, index, body, c.finish_reason, chat))
 
 
 def _chunk(rid, obj, ctx, index, body, finish_reason, chat) -> dict:
