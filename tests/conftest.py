@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 from slimquant.random_models import make_tiny_model
+
+# The fuzzers' budgets: "ci" is fixed (same examples every run) and bounded; "hunt" searches long and at random.
+settings.register_profile("ci", max_examples=100, derandomize=True, print_blob=True)
+settings.register_profile("hunt", max_examples=2000, derandomize=False, print_blob=True)
+settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

@@ -93,8 +93,10 @@ class ChatCompletionRequest(SamplingFields):
 class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool = True
+    add_generation_prompt: bool = True  # with messages, as for chat
+    chat_template: str | None = None
 
 
 class DetokenizeRequest(BaseModel):

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from slimquant.entrypoints.openai import serving
 from slimquant.entrypoints.openai.async_engine import AsyncEngine
@@ -96,6 +97,11 @@ def _install_errors(app: FastAPI) -> None:
     async def openai_error(_: Request, e: OpenAIError):
         return JSONResponse(e.body(), status_code=e.status)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException):  # a body that is not UTF-8, a wrong method, an unknown path
+        body = OpenAIError(str(e.detail), status=e.status_code).body()
+        return JSONResponse(body, status_code=e.status_code, headers=e.headers)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
@@ -157,7 +163,7 @@ def _install_routes(app: FastAPI, ctx: serving.ServingContext, metrics: ServerMe
         if (req.prompt is None) == (req.messages is None):
             raise OpenAIError("give exactly one of 'prompt' or 'messages'", param="prompt")
         if req.messages is not None:
-            ids = await serving.chat_prompt(ChatCompletionRequest(messages=req.messages), ctx)
+            ids = await serving.chat_prompt(req, ctx)
         else:
             ctx.check_text_length(req.prompt, "prompt")
             encoded = await ctx.run_tokenizer(ctx.tokenizer, req.prompt, add_special_tokens=req.add_special_tokens)

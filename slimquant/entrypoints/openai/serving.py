@@ -16,6 +16,7 @@ from slimquant.entrypoints.openai.protocol import (
     CompletionRequest,
     OpenAIError,
     SamplingFields,
+    TokenizeRequest,
     now,
     random_id,
     usage,
@@ -154,7 +155,7 @@ async def completion_prompts(req: CompletionRequest, ctx: ServingContext) -> lis
     return out
 
 
-async def chat_prompt(req: ChatCompletionRequest, ctx: ServingContext) -> list[int]:
+async def chat_prompt(req: ChatCompletionRequest | TokenizeRequest, ctx: ServingContext) -> list[int]:
     """Token ids of the conversation rendered with the chat template (off the event loop)."""
     messages = [_message(m.model_dump(exclude_none=True), i) for i, m in enumerate(req.messages)]
     for i, m in enumerate(messages):
@@ -165,7 +166,7 @@ async def chat_prompt(req: ChatCompletionRequest, ctx: ServingContext) -> list[i
     return (await ctx.run_tokenizer(ctx.tokenizer, text, add_special_tokens=False)).input_ids
 
 
-def _render_chat(ctx: ServingContext, messages: list[dict], req: ChatCompletionRequest) -> str:
+def _render_chat(ctx: ServingContext, messages: list[dict], req: ChatCompletionRequest | TokenizeRequest) -> str:
     try:
         return ctx.tokenizer.apply_chat_template(
             messages,
