@@ -75,7 +75,8 @@ async def run_load(base: str, clients: int, max_tokens: int, concurrent: bool, t
     }
 
 
-def start_server(model: Path, port: int) -> subprocess.Popen:
+def start_server(model: Path, port: int, *extra: str) -> subprocess.Popen:
+    """`slimquant serve model` on loopback with 64 sequences of up to 512 tokens (plus extra options), healthy."""
     cmd = [
         sys.executable,
         "-m",
@@ -90,6 +91,7 @@ def start_server(model: Path, port: int) -> subprocess.Popen:
         "64",
         "--max-model-len",
         "512",
+        *extra,
     ]
     proc = subprocess.Popen(cmd)
     for _ in range(600):

@@ -9,6 +9,7 @@ memory for as long as the file stays open), so memory never holds more than the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -139,15 +140,32 @@ def read_header(file: Path) -> tuple[int, dict[str, dict]]:
                 raise ValueError(f"header length {n} exceeds the file")
             header = json.loads(f.read(n))
         header.pop("__metadata__", None)
-        end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-        unknown = {entry["dtype"] for entry in header.values()} - set(SAFETENSORS_DTYPES)
-    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+    except (struct.error, ValueError, AttributeError) as e:
         raise ValueError(f"cannot read {file}: {e}; the file is corrupt or truncated") from e
-    if 8 + n + end > size:
-        raise ValueError(f"cannot read {file}: its tensors end past the file; the file is corrupt or truncated")
-    if unknown:
-        raise ValueError(f"cannot read {file}: unknown dtypes {sorted(unknown)}")
+    for name, entry in header.items():
+        problem = _entry_problem(entry, size - 8 - n)
+        if problem:
+            raise ValueError(f"cannot read {file}: tensor {name!r} {problem}; the file is corrupt or truncated")
     return 8 + n, header
+
+
+def _entry_problem(entry, data_size: int) -> str | None:
+    """What is wrong with one header entry (as the safetensors spec has it), or None."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        return "has no dtype, shape and data_offsets"
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        return f"has an unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return f"has a bad shape {shape!r}"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        return f"has bad data_offsets {offsets!r}"
+    start, end = offsets
+    if not 0 <= start <= end <= data_size:
+        return "ends past the file" if end > data_size else f"has bad data_offsets {offsets!r}"
+    if (end - start) != math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize:
+        return f"has {end - start} bytes for shape {shape} of {dtype}"
+    return None
 
 
 def _read_tensor(file: Path, name: str, data_start: int, entry: dict) -> torch.Tensor:
@@ -177,10 +195,22 @@ def _locate_tensors(path: Path) -> dict[str, tuple[str, int, dict]]:
     return where
 
 
+def _weight_map(index_file: Path) -> dict[str, str]:
+    """The index's tensor -> shard file map; ValueError when the file is not such a map."""
+    try:
+        weight_map = json.loads(index_file.read_text()).get("weight_map", {})
+    except (ValueError, AttributeError) as e:  # not JSON, or not an object
+        raise ValueError(f"{index_file} is not a safetensors index (JSON with a weight_map): {e}") from e
+    bad = [k for k, f in weight_map.items() if not isinstance(f, str)] if isinstance(weight_map, dict) else ["*"]
+    if bad:
+        raise ValueError(f"{index_file}: the weight_map must map tensor names to shard file names; bad: {bad[:5]}")
+    return weight_map
+
+
 def _check_index(path: Path, where: dict) -> None:
     """If an index names files or tensors that are not on disk, say which ones are missing."""
     for index_file in path.glob("*.safetensors.index.json"):
-        weight_map = json.loads(index_file.read_text()).get("weight_map", {})
+        weight_map = _weight_map(index_file)
         missing_files = sorted({f for f in weight_map.values() if not (path / f).is_file()})
         if missing_files:
             raise ValueError(f"{index_file.name} lists shards that are missing from {path}: {missing_files}")

@@ -51,17 +51,14 @@ def load_model(
 ) -> LoadedModel:
     """Load the model in folder `path`; ascend checkpoints are detected by their quant_model_description.json.
     kernels picks the backend (default: KernelConfig(), the fastest that runs here); enforce_eager: no CUDA graphs."""
-    from transformers import AutoConfig
-
     _check_folder(path)
     quantized = _use_ascend(path, quantization)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = _read_config(path, trust_remote_code)
     backend = select_backend(device, kernels or KernelConfig(), enforce_eager)
     torch_dtype = resolve_dtype(dtype, config, device, quantized, native=backend.name == "cpu-native")
     model_dtype = resolve_dtype(dtype, config)  # vLLM-Ascend's: dtype= where given, else the checkpoint's
     quant_config = AscendQuantConfig.from_folder(path, model_dtype) if quantized else QuantConfig()
-    with torch.device(device):
-        model = model_class(config)(config, quant_config, torch_dtype)
+    model = _build(path, config, quant_config, torch_dtype, device)
     backend.bind(model)
     load_weights(model, SafetensorsFolder(path))
     for module in model.modules():
@@ -70,6 +67,38 @@ def load_model(
     backend.prepare(model)
     logger.info("backend: %s", backend.describe())
     return LoadedModel(model.eval(), config, torch_dtype, quantized, backend)
+
+
+# config.json sizes that must be positive integers where present (a negative one makes no tensor)
+_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "vocab_size", "head_dim", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok",
+          "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")  # fmt: skip
+
+
+def _build(path: str, config, quant_config: QuantConfig, torch_dtype: torch.dtype, device: str) -> nn.Module:
+    """The empty model of config; ValueError naming config.json when its sizes cannot make one."""
+    bad = {k: v for k in _SIZES if (v := getattr(config, k, None)) is not None and not _positive_int(v)}
+    if bad:
+        raise ValueError(f"{path}/config.json: these sizes must be positive integers: {bad}")
+    try:
+        with torch.device(device):
+            return model_class(config)(config, quant_config, torch_dtype)
+    except (RuntimeError, TypeError, ZeroDivisionError) as e:  # sizes that do not fit together
+        raise ValueError(f"{path}/config.json does not describe a model that can be built: {e}") from e
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _read_config(path: str, trust_remote_code: bool):
+    """transformers' config of the folder; ValueError (not transformers' own errors) when config.json is broken."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a field of the wrong type
+        raise ValueError(f"{path}/config.json cannot be read as a model config: {e}") from e
 
 
 def _check_folder(path: str) -> None:
