@@ -3,6 +3,7 @@ large request does not stall the others."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -139,3 +140,19 @@ def test_a_text_longer_than_any_context_is_refused_untokenized(server):
 def test_unknown_fields_are_ignored(server):
     r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2, "no_such_field": 1, "model": MODEL})
     assert r.status_code == 200, r.text
+
+
+def test_slow_senders_do_not_hold_up_others(server):
+    """Connections that trickle half a request (slowloris) leave /health and a completion unaffected."""
+    host, port = server.removeprefix("http://").split(":")
+    slow = [socket.create_connection((host, int(port))) for _ in range(16)]
+    try:
+        for s in slow:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+        start = time.perf_counter()
+        assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+        r = post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200 and time.perf_counter() - start < 10, r.text
+    finally:
+        for s in slow:
+            s.close()
