@@ -51,7 +51,7 @@ VLLM_IGNORED = frozenset(
     }
 )
 # vLLM parallelism arguments: accepted when 1 (the only supported value).
-VLLM_SINGLE_DEVICE = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+VLLM_SINGLE_DEVICE = ("pipeline_parallel_size", "data_parallel_size")
 
 
 # variable -> (what it sets, its default): the only place the environment is read.
@@ -137,6 +137,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     kernels: KernelConfig | dict | None = None  # KernelConfig, or a dict of its fields; None: the defaults
+    tensor_parallel_size: int = 1  # > 1: one rank of a torch.distributed group of this size (torchrun)
 
     def __post_init__(self) -> None:
         self.kernels = KernelConfig.of(self.kernels)
@@ -153,7 +154,7 @@ class EngineConfig:
         kv_dtype = self.kv_cache_dtype
         _check(kv_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", kv_dtype, f"one of {KV_CACHE_DTYPES}")
         _check(self.quantization in QUANTIZATIONS, "quantization", self.quantization, f"one of {QUANTIZATIONS}")
-        for name in ("max_num_seqs", "block_size"):
+        for name in ("max_num_seqs", "block_size", "tensor_parallel_size"):
             _check_positive(name, getattr(self, name))
         for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes", "num_kv_blocks"):
             if getattr(self, name) is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from slimquant.backends.torch_ops import KvQuant, Rope, TorchOps
+from slimquant.distributed.tensor_parallel import SINGLE
 from slimquant.format.primitives import QMIN
 from slimquant.kernels import native, weight_memory
 from slimquant.layers.context import ForwardContext
@@ -113,7 +114,9 @@ class NativeOps(TorchOps):
         )  # fmt: skip
         return out
 
-    def quantize_per_token(self, x):
+    def quantize_per_token(self, x, absmax=None):
+        if absmax is not None:
+            return super().quantize_per_token(x, absmax)
         xf = native.rows_contiguous(x.float())  # [T, K]
         x_q = torch.empty(xf.shape, dtype=torch.int8)
         scale = torch.empty(xf.shape[0], 1, dtype=torch.float32)
@@ -122,9 +125,9 @@ class NativeOps(TorchOps):
         )
         return x_q, scale
 
-    def dynamic_linear(self, x, packed, w_scale, bias, out_dtype):
-        if not is_native_weight(packed):
-            return super().dynamic_linear(x, packed, w_scale, bias, out_dtype)
+    def dynamic_linear(self, x, packed, w_scale, bias, out_dtype, tp=SINGLE):
+        if tp.size > 1 or not is_native_weight(packed):  # the fused kernel cannot reduce across ranks
+            return super().dynamic_linear(x, packed, w_scale, bias, out_dtype, tp)
         xf = native.rows_contiguous(x.float())  # [T, K]
         bias = None if bias is None else bias.float()
         y = torch.empty(xf.shape[0], packed.shape[0], dtype=torch.float32)  # [T, N]
@@ -134,9 +137,10 @@ class NativeOps(TorchOps):
         )  # fmt: skip
         return y.to(out_dtype)
 
-    def static_linear(self, x, packed, inv_scale, offset, quant_bias, deq_scale, out_dtype):
-        if not (is_native_weight(packed) and x.dtype == torch.float32 and inv_scale.dtype == torch.float32):
-            return super().static_linear(x, packed, inv_scale, offset, quant_bias, deq_scale, out_dtype)
+    def static_linear(self, x, packed, inv_scale, offset, quant_bias, deq_scale, out_dtype, tp=SINGLE):
+        fits = is_native_weight(packed) and x.dtype == torch.float32 and inv_scale.dtype == torch.float32
+        if tp.size > 1 or not fits:
+            return super().static_linear(x, packed, inv_scale, offset, quant_bias, deq_scale, out_dtype, tp)
         x = native.rows_contiguous(x)  # [T, K]
         y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)  # [T, N]
         self.lib.sq_static_linear(

@@ -8,12 +8,19 @@ from slimquant.kernels import native
 from slimquant.kernels.triton_kernels import triton_module
 
 
-def select_backend(device: str, kernels: KernelConfig, enforce_eager: bool = False) -> Backend:
+def select_backend(device: str, kernels: KernelConfig, enforce_eager: bool = False, tp_size: int = 1) -> Backend:
     """The backend for a device: kernels.backend, or for "auto" the fastest that runs here (cpu-native on a CPU,
     cuda-triton on a GPU; torch-reference where their kernels cannot load, said in its notes). A backend asked
-    for by name that cannot run here is a ValueError with the reason."""
+    for by name that cannot run here is a ValueError with the reason. Tensor parallel (tp_size > 1) runs on
+    torch-reference: the native and Triton whole-step paths do not reduce across ranks yet."""
     on_cuda = str(device).startswith("cuda")
     wanted = kernels.backend
+    if tp_size > 1:
+        if wanted not in ("auto", "torch-reference"):
+            raise ValueError(f"backend {wanted!r} does not run tensor parallel yet; use 'auto' or 'torch-reference'")
+        backend = Backend()
+        backend.notes.append(f"tensor parallel over {tp_size} ranks: every op in torch, the int8 sums over ranks")
+        return backend
     if wanted == "auto":
         wanted = "cuda-triton" if on_cuda else "cpu-native"
     if wanted != "torch-reference" and (wanted == "cuda-triton") != on_cuda:

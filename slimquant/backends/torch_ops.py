@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.format.primitives import QMAX, QMIN, dequantize_kv, int8_matmul_reference, quantize_kv
 from slimquant.format.primitives import quantize_per_token as _quantize_per_token
 from slimquant.kernels.int_mm import cuda_int8_mm, exact_float_mm
@@ -123,9 +124,12 @@ class TorchOps:
             return torch._int_mm(x_q, packed.t())
         return int8_matmul_reference(x_q, packed)
 
-    def quantize_per_token(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dynamic symmetric per-token int8: x [T, K] -> (x_q int8 [T, K], scale fp32 [T, 1])."""
-        return _quantize_per_token(x)
+    def quantize_per_token(
+        self, x: torch.Tensor, absmax: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dynamic symmetric per-token int8: x [T, K] -> (x_q int8 [T, K], scale fp32 [T, 1]); absmax [T, 1]: the
+        row's max |x| where x is a part of it."""
+        return _quantize_per_token(x, absmax)
 
     def dynamic_linear(
         self,
@@ -134,11 +138,14 @@ class TorchOps:
         w_scale: torch.Tensor,
         bias: torch.Tensor | None,
         out_dtype: torch.dtype,
+        tp: TensorParallel = SINGLE,
     ) -> torch.Tensor:
         """W8A8_DYNAMIC: y [T, N] = (int8(x) @ W^T) * s_t * w_scale (+ bias) in fp32, x [T, K] quantized per
-        token; w_scale fp32 [N] (already rounded to the model dtype); returned in out_dtype."""
-        x_q, s_t = self.quantize_per_token(x)  # [T, K] int8, [T, 1] fp32
-        y = self.int8_mm(x_q, packed).float() * s_t * w_scale  # [T, N]
+        token; w_scale fp32 [N] (already rounded to the model dtype); returned in out_dtype. Row-parallel (tp): x
+        and W hold this rank's part of K; the ranks agree on each token's absmax and sum the int32 products."""
+        absmax = None if tp.size == 1 else tp.max(x.float().abs().amax(dim=-1, keepdim=True))  # [T, 1]
+        x_q, s_t = self.quantize_per_token(x, absmax)  # [T, K] int8, [T, 1] fp32
+        y = tp.sum(self.int8_mm(x_q, packed)).float() * s_t * w_scale  # [T, N]
         return (y if bias is None else y + bias.float()).to(out_dtype)
 
     def static_linear(
@@ -150,10 +157,12 @@ class TorchOps:
         quant_bias: torch.Tensor,
         deq_scale: torch.Tensor,
         out_dtype: torch.dtype,
+        tp: TensorParallel = SINGLE,
     ) -> torch.Tensor:
         """W8A8: y [T, N] = float(int8(x) @ W^T + quant_bias) * deq_scale, x [T, K] quantized with one scale and
-        offset ([1] each, in x's dtype: the quantization runs in it); returned in out_dtype."""
-        acc = self.int8_mm(quantize_static(x, inv_scale, offset), packed)  # [T, N] int32
+        offset ([1] each, in x's dtype: the quantization runs in it); returned in out_dtype. Row-parallel (tp): x
+        and W hold this rank's part of K; the ranks sum the int32 products."""
+        acc = tp.sum(self.int8_mm(quantize_static(x, inv_scale, offset), packed))  # [T, N] int32
         return ((acc + quant_bias).float() * deq_scale).to(out_dtype)
 
     # ---- float linears ----

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from slimquant.backends.torch_ops import Rope, TorchOps
+from slimquant.distributed.tensor_parallel import SINGLE
 from slimquant.layers.context import ForwardContext
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -56,14 +57,14 @@ class TritonOps(TorchOps):
         out = self.layers.paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.lens_on_device, scale)
         return out.reshape(q.shape[0], -1)  # [B, NH, D] -> [T, NH * D]
 
-    def dynamic_linear(self, x, packed, w_scale, bias, out_dtype):
-        if not _on_grid(packed):
-            return super().dynamic_linear(x, packed, w_scale, bias, out_dtype)
+    def dynamic_linear(self, x, packed, w_scale, bias, out_dtype, tp=SINGLE):
+        if tp.size > 1 or not _on_grid(packed):  # the fused kernels cannot reduce across ranks
+            return super().dynamic_linear(x, packed, w_scale, bias, out_dtype, tp)
         return self.int8.dynamic_linear(x, packed, w_scale, bias, out_dtype, fused=self.fused_int8)
 
-    def static_linear(self, x, packed, inv_scale, offset, quant_bias, deq_scale, out_dtype):
-        if not _on_grid(packed):
-            return super().static_linear(x, packed, inv_scale, offset, quant_bias, deq_scale, out_dtype)
+    def static_linear(self, x, packed, inv_scale, offset, quant_bias, deq_scale, out_dtype, tp=SINGLE):
+        if tp.size > 1 or not _on_grid(packed):
+            return super().static_linear(x, packed, inv_scale, offset, quant_bias, deq_scale, out_dtype, tp)
         return self.int8.static_linear(
             x, packed, inv_scale, offset, quant_bias, deq_scale, out_dtype, fused=self.fused_int8
         )

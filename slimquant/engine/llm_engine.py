@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from slimquant.config import EngineConfig
+from slimquant.distributed.tensor_parallel import TensorParallel
 from slimquant.engine.block_manager import BlockManager
 from slimquant.engine.detokenizer import IncrementalDetokenizer, TokenTexts
 from slimquant.engine.inputs import PromptType, load_tokenizer, model_max_len, parse_prompt, stop_token_ids
@@ -35,6 +36,7 @@ class LLMEngine:
         from slimquant.models.loader import kv_cache_dtype, load_model
 
         self.config = config
+        self.tp = tp = TensorParallel.from_default_group(config.tensor_parallel_size)  # every rank runs this engine
         loaded = load_model(
             config.model,
             dtype=config.dtype,
@@ -43,6 +45,7 @@ class LLMEngine:
             trust_remote_code=config.trust_remote_code,
             kernels=config.kernels,
             enforce_eager=config.enforce_eager,
+            tp=tp,
         )
         self.hf_config = loaded.hf_config
         config.resolve(model_max_len(loaded.hf_config))

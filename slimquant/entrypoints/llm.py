@@ -93,7 +93,7 @@ class LLM:
             for prompt, p in zip(prompts, params, strict=True):
                 ids.append(str(next(self._ids)))
                 engine.add_request(ids[-1], prompt, dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY))
-            return self._drain(ids, use_tqdm)
+            return self._drain(ids, use_tqdm and engine.tp.rank == 0)  # one progress bar for all ranks
         except BaseException:
             engine.abort_request(ids)
             raise

@@ -52,10 +52,13 @@ def quantize_static(x: torch.Tensor, input_scale: torch.Tensor, input_offset: to
     return torch.clamp(x_q, QMIN, QMAX).to(torch.int8)
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric per-token int8: x [T, K] -> (x_q int8 [T, K], scale fp32 [T, 1])."""
+def quantize_per_token(x: torch.Tensor, absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token int8: x [T, K] -> (x_q int8 [T, K], scale fp32 [T, 1]); absmax [T, 1] fp32:
+    each token's max |x| when x is a part of the row (tensor parallel), else taken from x."""
     xf = x.float()
-    scale = _over_127(xf.abs().amax(dim=-1, keepdim=True)).clamp(min=_TINY)  # [T, 1]
+    if absmax is None:
+        absmax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = _over_127(absmax).clamp(min=_TINY)  # [T, 1]
     x_q = torch.clamp(torch.round(xf / scale), QMIN, QMAX).to(torch.int8)
     return x_q, scale
 

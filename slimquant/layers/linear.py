@@ -1,7 +1,12 @@
 """One linear layer for plain and fused (packed) projections; its quant method does the math.
 
 A fused layer such as qkv_proj is built from checkpoint linears (shards) q_proj, k_proj, v_proj whose
-output rows are concatenated along N. No tensor parallelism: every layer holds its full weight.
+output rows are concatenated along N.
+
+Tensor parallel (Megatron): a column-parallel layer holds this rank's part of every shard's output rows; a
+row-parallel int8 layer holds its part of K, and the ranks agree on the per-token absmax (W8A8_DYNAMIC) and sum
+the int32 products before dequantizing, so each rank's output is one process's, bit for bit. A row-parallel float
+layer keeps its whole weight and gathers its input instead: a float sum split over ranks would round differently.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ import torch
 from torch import nn
 
 from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
+from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.format.validation import FLOAT_TENSOR
 from slimquant.layers.quant_config import QuantConfig
-from slimquant.layers.quant_methods import add_param
+from slimquant.layers.quant_methods import UnquantizedMethod, add_param
+
+PARALLEL = (None, "column", "row")
 
 
 class Linear(nn.Module):
@@ -33,13 +41,24 @@ class Linear(nn.Module):
         prefix: str,
         dtype: torch.dtype,
         shards: list[str] | None = None,
+        parallel: str | None = None,
+        tp: TensorParallel = SINGLE,
     ):
         super().__init__()
         if shards is not None and len(shards) != len(out_sizes):
             raise ValueError(f"{prefix}: {len(shards)} shard names for {len(out_sizes)} output sizes")
-        self.in_features, self.out_sizes, self.prefix = in_features, list(out_sizes), prefix
+        assert parallel in PARALLEL, parallel
+        self.prefix, self.tp = prefix, tp
         self.shard_prefixes = _shard_prefixes(prefix, shards)
         self.method = quant_config.linear_method(prefix, self.shard_prefixes)
+        self.parallel = parallel if tp.size > 1 else None
+        self.gather_input = self.parallel == "row" and isinstance(self.method, UnquantizedMethod)
+        self.reduce = tp if self.parallel == "row" and not self.gather_input else SINGLE  # sums int32 products
+        if self.parallel == "column":  # this rank's rows of each shard
+            out_sizes = [tp.share(n, f"{prefix}: output size")[1] for n in out_sizes]
+        if self.reduce.size > 1:  # this rank's columns
+            in_features = tp.share(in_features, f"{prefix}: input size")[1]
+        self.in_features, self.out_sizes = in_features, list(out_sizes)
         self.method.create_weights(self, in_features, sum(out_sizes), dtype)
         if bias or quant_config.linear_has_bias(self.shard_prefixes):
             add_param(self, "bias", (sum(out_sizes),), dtype, FLOAT_TENSOR)
@@ -50,7 +69,9 @@ class Linear(nn.Module):
             self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, K] -> [T, N]
+        # x: [T, K] -> [T, N] (row-parallel float: [T, K / tp] gathered to [T, K] first)
+        if self.gather_input:
+            x = self.tp.gather(x)
         return self.method.apply(self, x, self.bias)
 
     def checkpoint_entries(self) -> Iterator[tuple[str, Callable[[torch.Tensor], None], bool]]:
@@ -69,6 +90,7 @@ class Linear(nn.Module):
         if param.load_transform is not None:
             tensor = param.load_transform(tensor)
         param.rule.check(f"{self.shard_prefixes[shard]}.{name}", stored, tensor)
+        tensor = self._rank_part(name, shard, tensor)
         if param.per_shard:
             target = param.data[shard : shard + 1]
         else:
@@ -80,6 +102,18 @@ class Linear(nn.Module):
                 f"{tuple(target.shape)}; the checkpoint does not match config.json"
             )
         target.copy_(tensor.reshape(target.shape))
+
+    def _rank_part(self, name: str, shard: int, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor: its rows of a column-parallel layer's shard, its columns of a
+        row-parallel layer's weight; the whole tensor otherwise."""
+        param = getattr(self, name)
+        if self.parallel == "column" and not param.per_shard and tensor.dim() >= 1:
+            size = self.out_sizes[shard]
+            return tensor.narrow(0, self.tp.rank * size, size) if tensor.shape[0] == size * self.tp.size else tensor
+        if self.reduce.size > 1 and name == "weight" and tensor.dim() == 2:
+            k = self.in_features
+            return tensor.narrow(1, self.tp.rank * k, k) if tensor.shape[1] == k * self.tp.size else tensor
+        return tensor
 
 
 def _shard_prefixes(prefix: str, shards: list[str] | None) -> list[str]:

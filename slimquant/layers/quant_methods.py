@@ -109,7 +109,14 @@ class W8A8StaticMethod(QuantMethod):
     def apply(self, layer, x, bias):
         # x: [T, K]; the float bias is folded into quant_bias, so `bias` is not added (as on the NPU)
         return layer.ops.static_linear(
-            x, layer.weight, layer.input_inv_scale, layer.input_offset_rt, layer.quant_bias, layer.deq_scale, x.dtype
+            x,
+            layer.weight,
+            layer.input_inv_scale,
+            layer.input_offset_rt,
+            layer.quant_bias,
+            layer.deq_scale,
+            x.dtype,
+            layer.reduce,
         )  # [T, N]
 
 
@@ -142,7 +149,7 @@ class W8A8DynamicMethod(QuantMethod):
 
     def apply(self, layer, x, bias):
         # x: [T, K] -> [T, N]
-        return layer.ops.dynamic_linear(x, layer.weight, layer.weight_scale, bias, x.dtype)
+        return layer.ops.dynamic_linear(x, layer.weight, layer.weight_scale, bias, x.dtype, layer.reduce)
 
 
 METHODS_BY_TYPE: dict[str, type[QuantMethod]] = {W8A8: W8A8StaticMethod, W8A8_DYNAMIC: W8A8DynamicMethod}

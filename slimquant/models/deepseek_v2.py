@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.format.architectures import is_moe_layer
 from slimquant.layers.linear import Linear
 from slimquant.layers.mla import MLAttention
@@ -109,7 +110,12 @@ class DeepseekV2ForCausalLM(CausalLM):
 
     packed_modules_mapping = PACKED_MODULES
 
-    def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype):
+    def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype, tp: TensorParallel = SINGLE):
+        if tp.size > 1:
+            raise ValueError(
+                "tensor_parallel_size > 1 is not supported for DeepSeek (MLA + MoE) models yet: run them in one "
+                "process (Llama, Qwen2 and Qwen3 run tensor parallel)"
+            )
         layers = [DeepseekDecoderLayer(config, quant_config, i, dtype) for i in range(config.num_hidden_layers)]
         model = DecoderModel(config, quant_config, dtype, config.qk_rope_head_dim, layers)
         super().__init__(config, quant_config, dtype, model)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
+from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.layers.attention import Attention
 from slimquant.layers.linear import Linear
 from slimquant.layers.norm import RMSNorm
@@ -36,24 +37,28 @@ def head_dim_of(config) -> int:
 class LlamaAttention(nn.Module):
     """qkv_proj -> (q/k norm) -> rope -> paged attention -> o_proj."""
 
-    def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, variant: Variant):
+    def __init__(
+        self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, variant: Variant, tp: TensorParallel
+    ):
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.num_heads = tp.share(config.num_attention_heads, "num_attention_heads")[1]  # this rank's heads
+        self.num_kv_heads = tp.share(config.num_key_value_heads, "num_key_value_heads")[1]
         self.head_dim = head_dim_of(config)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        common = dict(quant_config=quant_config, dtype=dtype)
+        q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        common = dict(quant_config=quant_config, dtype=dtype, tp=tp)
         h, shards = config.hidden_size, PACKED_MODULES["qkv_proj"]
         self.qkv_proj = Linear(
-            h, [q_size, kv_size, kv_size], bias=variant.qkv_bias, prefix=f"{prefix}.qkv_proj", shards=shards, **common
-        )
-        self.o_proj = Linear(q_size, [h], bias=variant.o_bias, prefix=f"{prefix}.o_proj", **common)
+            h, [q_size, kv_size, kv_size], bias=variant.qkv_bias, prefix=f"{prefix}.qkv_proj", shards=shards,
+            parallel="column", **common,
+        )  # fmt: skip
+        self.o_proj = Linear(q_size, [h], bias=variant.o_bias, prefix=f"{prefix}.o_proj", parallel="row", **common)
         self.q_norm = self.k_norm = None
         if variant.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
         kv_scales_dtype = (quant_config.model_dtype or dtype) if quant_config.kv_cache_int8 else None
         self.attn = Attention(
-            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, f"{prefix}.attn", kv_scales_dtype
+            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, f"{prefix}.attn", kv_scales_dtype, tp
         )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -73,17 +78,18 @@ class LlamaMLP(nn.Module):
 
     ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
 
-    def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype):
+    def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, tp: TensorParallel):
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; only 'silu'")
         bias = bool(getattr(config, "mlp_bias", False))
         h, i = config.hidden_size, config.intermediate_size
-        common = dict(quant_config=quant_config, dtype=dtype, bias=bias)
+        common = dict(quant_config=quant_config, dtype=dtype, bias=bias, tp=tp)
         self.gate_up_proj = Linear(
-            h, [i, i], prefix=f"{prefix}.gate_up_proj", shards=PACKED_MODULES["gate_up_proj"], **common
-        )
-        self.down_proj = Linear(i, [h], prefix=f"{prefix}.down_proj", **common)
+            h, [i, i], prefix=f"{prefix}.gate_up_proj", shards=PACKED_MODULES["gate_up_proj"], parallel="column",
+            **common,
+        )  # fmt: skip
+        self.down_proj = Linear(i, [h], prefix=f"{prefix}.down_proj", parallel="row", **common)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))  # [T, H] -> [T, 2I] -> [T, I] -> [T, H]
@@ -92,13 +98,15 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(PreNormDecoderLayer):
     """Pre-norm block: attention and MLP, each with a residual add fused into the next norm."""
 
-    def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, variant: Variant):
+    def __init__(
+        self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, variant: Variant, tp: TensorParallel
+    ):
         super().__init__()
         eps, bias = config.rms_norm_eps, quant_config.norm_has_bias
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
-        self.self_attn = LlamaAttention(config, quant_config, f"{prefix}.self_attn", dtype, variant)
+        self.self_attn = LlamaAttention(config, quant_config, f"{prefix}.self_attn", dtype, variant, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
-        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", dtype)
+        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", dtype, tp)
 
     @property
     def kv_cache(self) -> torch.Tensor | None:
@@ -125,10 +133,11 @@ class LlamaForCausalLM(CausalLM):
 
     packed_modules_mapping = PACKED_MODULES
 
-    def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype):
+    def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype, tp: TensorParallel = SINGLE):
+        """tp: this process's tensor-parallel group (heads and MLP columns split; embeddings and head whole)."""
         variant = self.variant(config)
         layers = [
-            LlamaDecoderLayer(config, quant_config, f"model.layers.{i}", dtype, variant)
+            LlamaDecoderLayer(config, quant_config, f"model.layers.{i}", dtype, variant, tp)
             for i in range(config.num_hidden_layers)
         ]
         super().__init__(

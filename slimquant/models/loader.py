@@ -14,6 +14,7 @@ from torch import nn
 from slimquant.backends.base import Backend
 from slimquant.backends.select import select_backend
 from slimquant.config import KernelConfig
+from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.format.checkpoint import DESCRIPTION_FILE, is_modelslim_dir
 from slimquant.format.dtypes import CANONICAL, float_dtype
 from slimquant.format.safetensors_io import SafetensorsFolder
@@ -48,17 +49,19 @@ def load_model(
     trust_remote_code: bool = False,
     kernels: KernelConfig | None = None,
     enforce_eager: bool = False,
+    tp: TensorParallel = SINGLE,
 ) -> LoadedModel:
     """Load the model in folder `path`; ascend checkpoints are detected by their quant_model_description.json.
-    kernels picks the backend (default: KernelConfig(), the fastest that runs here); enforce_eager: no CUDA graphs."""
+    kernels picks the backend (default: KernelConfig(), the fastest that runs here); enforce_eager: no CUDA graphs;
+    tp: this process's tensor-parallel group (it loads its part of the model)."""
     _check_folder(path)
     quantized = _use_ascend(path, quantization)
     config = _read_config(path, trust_remote_code)
-    backend = select_backend(device, kernels or KernelConfig(), enforce_eager)
+    backend = select_backend(device, kernels or KernelConfig(), enforce_eager, tp.size)
     torch_dtype = resolve_dtype(dtype, config, device, quantized, native=backend.name == "cpu-native")
     model_dtype = resolve_dtype(dtype, config)  # vLLM-Ascend's: dtype= where given, else the checkpoint's
     quant_config = AscendQuantConfig.from_folder(path, model_dtype) if quantized else QuantConfig()
-    model = _build(path, config, quant_config, torch_dtype, device)
+    model = _build(path, config, quant_config, torch_dtype, device, tp)
     backend.bind(model)
     load_weights(model, SafetensorsFolder(path))
     for module in model.modules():
@@ -75,14 +78,16 @@ _SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attentio
           "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")  # fmt: skip
 
 
-def _build(path: str, config, quant_config: QuantConfig, torch_dtype: torch.dtype, device: str) -> nn.Module:
+def _build(
+    path: str, config, quant_config: QuantConfig, torch_dtype: torch.dtype, device: str, tp: TensorParallel
+) -> nn.Module:
     """The empty model of config; ValueError naming config.json when its sizes cannot make one."""
     bad = {k: v for k in _SIZES if (v := getattr(config, k, None)) is not None and not _positive_int(v)}
     if bad:
         raise ValueError(f"{path}/config.json: these sizes must be positive integers: {bad}")
     try:
         with torch.device(device):
-            return model_class(config)(config, quant_config, torch_dtype)
+            return model_class(config)(config, quant_config, torch_dtype, tp)
     except (RuntimeError, TypeError, ZeroDivisionError) as e:  # sizes that do not fit together
         raise ValueError(f"{path}/config.json does not describe a model that can be built: {e}") from e
 

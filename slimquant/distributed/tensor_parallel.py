@@ -1,0 +1,70 @@
+"""TensorParallel: this process's place in a tensor-parallel group, and the collectives the layers call.
+
+Size 1 (SINGLE) is one process: every collective returns its input. The collectives keep one process's numbers:
+sums are only ever taken over int32 accumulators (exact in any order), maxima are exact, and gathers concatenate
+in rank order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """rank of size processes in group (None: torch.distributed's default group)."""
+
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.rank < self.size, (self.rank, self.size)
+
+    @classmethod
+    def from_default_group(cls, size: int) -> TensorParallel:
+        """The initialized default group (torchrun, or the caller's init_process_group) as a group of size."""
+        if size == 1:
+            return SINGLE
+        if not dist.is_initialized():
+            raise ValueError(
+                f"tensor_parallel_size={size} needs torch.distributed initialized with {size} processes: start "
+                f"them with `torchrun --nproc-per-node {size} ...` (or call init_process_group in each)"
+            )
+        if dist.get_world_size() != size:
+            raise ValueError(f"tensor_parallel_size={size}, but torch.distributed has {dist.get_world_size()} ranks")
+        return cls(dist.get_rank(), size)
+
+    def share(self, n: int, what: str) -> tuple[int, int]:
+        """(start, length) of this rank's equal part of n items; ValueError naming what when n does not divide."""
+        if n % self.size:
+            raise ValueError(f"{what} = {n} is not divisible by tensor_parallel_size = {self.size}")
+        part = n // self.size
+        return self.rank * part, part
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks of an integer tensor (in place)."""
+        assert not t.is_floating_point(), "float sums would depend on the order: reduce int32 accumulators"
+        if self.size > 1:
+            dist.all_reduce(t, dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum over ranks (in place)."""
+        if self.size > 1:
+            dist.all_reduce(t, dist.ReduceOp.MAX, group=self.group)
+        return t
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's t [..., n] concatenated along the last dim in rank order -> [..., size * n]."""
+        if self.size == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+SINGLE = TensorParallel()

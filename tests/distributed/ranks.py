@@ -1,0 +1,54 @@
+"""Test helper: run a function on N gloo ranks (spawned processes on loopback) and collect what each returns."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+
+from tests.server.conftest import free_port
+
+
+def run_ranks(fn: Callable, size: int, *args, timeout: float = 300) -> list:
+    """[fn(rank, size, *args) for each rank], each in its own process in one gloo group; a rank's exception or a
+    timeout fails with its traceback, and every process is killed (nothing is left hanging)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(fn, rank, size, port, results, args)) for rank in range(size)]
+    for p in procs:
+        p.start()
+    out: dict[int, object] = {}
+    try:
+        while len(out) < size:
+            rank, ok, value = results.get(timeout=timeout)
+            if not ok:
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            out[rank] = value
+    except queue.Empty:
+        raise AssertionError(f"ranks {sorted(set(range(size)) - set(out))} gave no result in {timeout:.0f} s") from None
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [out[r] for r in range(size)]
+
+
+def _rank_main(fn: Callable, rank: int, size: int, port: int, results, args: tuple) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=timedelta(seconds=60)
+        )
+        results.put((rank, True, fn(rank, size, *args)))
+    except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
