@@ -29,11 +29,7 @@ class TensorParallel:
         """The initialized default group (torchrun, or the caller's init_process_group) as a group of size."""
         if size == 1:
             return SINGLE
-        if not dist.is_initialized():
-            raise ValueError(
-                f"tensor_parallel_size={size} needs torch.distributed initialized with {size} processes: start "
-                f"them with `torchrun --nproc-per-node {size} ...` (or call init_process_group in each)"
-            )
+        assert dist.is_initialized(), "ranks the engine starts itself make their own group (WorkerGroup)"
         if dist.get_world_size() != size:
             raise ValueError(f"tensor_parallel_size={size}, but torch.distributed has {dist.get_world_size()} ranks")
         return cls(dist.get_rank(), size)
@@ -57,6 +53,20 @@ class TensorParallel:
         if self.size > 1:
             dist.all_reduce(t, dist.ReduceOp.MAX, group=self.group)
         return t
+
+    def min_int(self, n: int) -> int:
+        """The smallest of every rank's n (what all ranks can allocate)."""
+        if self.size == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.int64)
+        dist.all_reduce(t, dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
+    def broadcast(self, obj: object = None) -> object:
+        """Rank 0's obj on every rank (picklable; others pass nothing)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's t [..., n] concatenated along the last dim in rank order -> [..., size * n]."""

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
 from slimquant.config import EngineConfig
 from slimquant.distributed.tensor_parallel import TensorParallel
+from slimquant.distributed.workers import WorkerGroup
 from slimquant.engine.block_manager import BlockManager
 from slimquant.engine.detokenizer import IncrementalDetokenizer, TokenTexts
 from slimquant.engine.inputs import PromptType, load_tokenizer, model_max_len, parse_prompt, stop_token_ids
@@ -28,36 +30,43 @@ from slimquant.errors import ParamError
 from slimquant.outputs import RequestOutput
 from slimquant.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from slimquant.models.loader import LoadedModel
+
 
 class LLMEngine:
     """The offline engine: a scheduler over a paged KV cache and a model runner."""
 
     def __init__(self, config: EngineConfig):
-        from slimquant.models.loader import kv_cache_dtype, load_model
-
         self.config = config
-        self.tp = tp = TensorParallel.from_default_group(config.tensor_parallel_size)  # every rank runs this engine
-        loaded = load_model(
-            config.model,
-            dtype=config.dtype,
-            device=config.device,
-            quantization=config.quantization,
-            trust_remote_code=config.trust_remote_code,
-            kernels=config.kernels,
-            enforce_eager=config.enforce_eager,
-            tp=tp,
-        )
+        self.workers: WorkerGroup | None = None
+        if config.tensor_parallel_size > 1 and not dist.is_initialized():  # start the other ranks; this is rank 0
+            self.workers = WorkerGroup.start(config)
+            self.tp, broadcast = self.workers.tp, True
+        else:  # one process, or torchrun: every rank runs this engine on the same requests
+            self.tp, broadcast = TensorParallel.from_default_group(config.tensor_parallel_size), False
+        if self.workers is None:
+            self.runner, loaded = load_runner(config, self.tp, broadcast)
+        else:
+            try:
+                self.runner, loaded = self.workers.guard(load_runner, config, self.tp, broadcast)
+            except BaseException:
+                self.workers.kill()
+                raise
         self.hf_config = loaded.hf_config
-        config.resolve(model_max_len(loaded.hf_config))
         self.tokenizer = load_tokenizer(config)
         self.vocab_size = int(loaded.hf_config.vocab_size)
         self.eos_token_ids, self.generation_defaults = stop_token_ids(config, loaded.hf_config, self.tokenizer)
-        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, config.dtype, loaded, config.device)
-        self.runner = ModelRunner(config, loaded.model, loaded.backend, kv_dtype)
         block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, block_manager)
         self.requests: dict[str, Request] = {}
         self.token_texts = TokenTexts(self.tokenizer)
+
+    def shutdown(self) -> None:
+        """Stop the ranks this engine started (nothing for one process); the engine cannot step afterwards."""
+        if self.workers is not None:
+            self.workers.stop(self.runner)
+            self.workers = None
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> LLMEngine:
@@ -157,7 +166,7 @@ class LLMEngine:
             metrics = seq.request.metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time, metrics.time_in_queue = now, now - metrics.arrival_time
-        result = self.runner.execute(batch)
+        result = self.workers.guard(self.runner.execute, batch) if self.workers else self.runner.execute(batch)
         self.scheduler.update(batch)
         return self._process(result)
 
@@ -180,6 +189,25 @@ class LLMEngine:
             if request.is_finished:
                 del self.requests[request.request_id]
         return outputs
+
+
+def load_runner(config: EngineConfig, tp: TensorParallel, broadcast: bool) -> tuple[ModelRunner, LoadedModel]:
+    """This rank's part of the model and its KV cache (config.max_model_len resolved from the model)."""
+    from slimquant.models.loader import kv_cache_dtype, load_model
+
+    loaded = load_model(
+        config.model,
+        dtype=config.dtype,
+        device=config.device,
+        quantization=config.quantization,
+        trust_remote_code=config.trust_remote_code,
+        kernels=config.kernels,
+        enforce_eager=config.enforce_eager,
+        tp=tp,
+    )
+    config.resolve(model_max_len(loaded.hf_config))
+    kv_dtype = kv_cache_dtype(config.kv_cache_dtype, config.dtype, loaded, config.device)
+    return ModelRunner(config, loaded.model, loaded.backend, kv_dtype, tp, broadcast), loaded
 
 
 def _update_metrics(request: Request, now: float) -> None:

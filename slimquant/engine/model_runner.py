@@ -11,6 +11,7 @@ import torch
 
 from slimquant.backends.base import Backend
 from slimquant.config import DEFAULT_KV_CACHE_BYTES, EngineConfig
+from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.engine.scheduler import ScheduledBatch
 from slimquant.engine.sequence import Sequence
 from slimquant.engine.step_sampler import LogitRows, StepResult, StepSampler
@@ -32,10 +33,22 @@ class StepInputs:
 
 
 class ModelRunner:
-    """Runs the model's steps through its backend over the paged KV cache it allocates on every KVCacheLayer."""
+    """Runs the model's steps through its backend over the paged KV cache it allocates on every KVCacheLayer.
 
-    def __init__(self, config: EngineConfig, model: torch.nn.Module, backend: Backend, kv_dtype: torch.dtype):
-        self.config = config
+    Tensor parallel: with broadcast (this is rank 0 of ranks the engine started), each step's inputs go to the
+    other ranks, which run the same forward in serve_steps(); without it (torchrun), every rank runs its own
+    engine on the same requests. The ranks agree on the number of KV blocks."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: torch.nn.Module,
+        backend: Backend,
+        kv_dtype: torch.dtype,
+        tp: TensorParallel = SINGLE,
+        broadcast: bool = False,
+    ):
+        self.config, self.tp, self.broadcast = config, tp, broadcast
         self.model, self.backend = model, backend
         self.device = torch.device(config.device)
         self.block_size = config.block_size
@@ -51,7 +64,7 @@ class ModelRunner:
         layers = [m for m in self.model.modules() if isinstance(m, KVCacheLayer)]
         assert layers, "the model has no KVCacheLayer"
         block_bytes = sum(math.prod(layer.cache_shape(1, self.block_size)) for layer in layers) * dtype.itemsize
-        num_blocks = self.config.num_kv_blocks or self._blocks_for_budget(block_bytes)
+        num_blocks = self.tp.min_int(self.config.num_kv_blocks or self._blocks_for_budget(block_bytes))
         if num_blocks * self.block_size < self.config.max_model_len:
             raise ValueError(
                 f"the KV cache ({num_blocks} blocks of {self.block_size} tokens) cannot hold one sequence of "
@@ -78,8 +91,22 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepResult:
         """Run one forward over the batch, sample where a sequence reached its last token."""
         inputs = self.prepare(batch)
+        if self.broadcast:
+            self.tp.broadcast((inputs.input_ids, inputs.positions, inputs.context))
         hidden = self.backend.forward(self.model, inputs.input_ids, inputs.positions, inputs.context)  # [T, H]
         return self.sampler.sample(hidden, inputs.rows)
+
+    @torch.inference_mode()
+    def serve_steps(self) -> None:
+        """A rank > 0: run the forward of each step rank 0 broadcasts, until it broadcasts None."""
+        while (step := self.tp.broadcast()) is not None:
+            input_ids, positions, context = step
+            self.backend.forward(self.model, input_ids, positions, context)
+
+    def stop_serving(self) -> None:
+        """Rank 0: let the other ranks' serve_steps() return."""
+        if self.broadcast:
+            self.tp.broadcast(None)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Pack the scheduled tokens of all sequences along one axis and describe them in a ForwardContext."""

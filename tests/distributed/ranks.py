@@ -11,13 +11,15 @@ from datetime import timedelta
 from tests.server.conftest import free_port
 
 
-def run_ranks(fn: Callable, size: int, *args, timeout: float = 300) -> list:
-    """[fn(rank, size, *args) for each rank], each in its own process in one gloo group; a rank's exception or a
-    timeout fails with its traceback, and every process is killed (nothing is left hanging)."""
+def run_ranks(fn: Callable, size: int, *args, timeout: float = 300, threads: int = 1) -> list:
+    """[fn(rank, size, *args) for each rank], each in its own process (of threads threads) in one gloo group; a
+    rank's exception or a timeout fails with its traceback, and every process is killed (nothing is left hanging)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, rank, size, port, results, args)) for rank in range(size)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(fn, rank, size, port, threads, results, args)) for rank in range(size)
+    ]
     for p in procs:
         p.start()
     out: dict[int, object] = {}
@@ -37,11 +39,11 @@ def run_ranks(fn: Callable, size: int, *args, timeout: float = 300) -> list:
     return [out[r] for r in range(size)]
 
 
-def _rank_main(fn: Callable, rank: int, size: int, port: int, results, args: tuple) -> None:
+def _rank_main(fn: Callable, rank: int, size: int, port: int, threads: int, results, args: tuple) -> None:
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=timedelta(seconds=60)
