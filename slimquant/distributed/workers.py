@@ -34,6 +34,10 @@ _SPAWN_HINT = (
 _WAIT = timedelta(days=30)
 
 
+class RankFailure(RuntimeError):
+    """A tensor-parallel rank died or failed: the engine cannot go on (every rank has been stopped)."""
+
+
 class WorkerGroup:
     """Ranks 1..N-1 of an engine's tensor-parallel group, started by WorkerGroup.start."""
 
@@ -88,13 +92,18 @@ class WorkerGroup:
                 self.fail(e)
             raise
 
+    def check(self) -> None:
+        """RankFailure if a rank has died (say, while the engine was idle)."""
+        if self._dead():
+            self.fail(None)
+
     def fail(self, cause: BaseException | None, hint: str = "") -> None:
         """Stop every rank and raise RuntimeError with what the failed ranks said."""
         dead, said = self._dead(), self._errors() or hint
         codes = ", ".join(f"rank {r} exited with code {self.procs[r - 1].exitcode}" for r in dead)
         self.kill()
         who = f"rank(s) {dead}" if dead else "a rank"
-        raise RuntimeError(
+        raise RankFailure(
             f"tensor parallel: {who} of {self.tp.size} failed ({codes or 'a collective failed'}; a negative code is "
             f"the signal that ended it, -9: killed, e.g. out of memory); every rank is stopped. {said}"
         ) from cause

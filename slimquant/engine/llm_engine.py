@@ -62,6 +62,11 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.token_texts = TokenTexts(self.tokenizer)
 
+    def check_health(self) -> None:
+        """RankFailure if a tensor-parallel rank this engine started has died (nothing to check otherwise)."""
+        if self.workers is not None:
+            self.workers.check()
+
     def shutdown(self) -> None:
         """Stop the ranks this engine started (nothing for one process); the engine cannot step afterwards."""
         if self.workers is not None:

@@ -28,12 +28,15 @@ def auth() -> dict:
     return {"Authorization": f"Bearer {API_KEY}"}
 
 
-def start_server(model, *extra: str, timeout: float = 120) -> tuple[subprocess.Popen, str]:
-    """`slimquant serve model` with the test key and name on a free port, healthy; (process, base URL)."""
+def start_server(model, *extra: str, timeout: float = 120, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`slimquant serve model` with the test key and name on a free port (env: more environment), healthy;
+    (process, base URL)."""
     port = free_port()
     cmd = [sys.executable, "-m", "slimquant.entrypoints.cli", "serve", str(model), "--port", str(port)]
     cmd += ["--api-key", API_KEY, "--served-model-name", MODEL, "--max-model-len", "128", "--max-n", "4", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "CI": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "CI": "1", **(env or {})}
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -39,6 +39,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: decode op by op, without CUDA graphs")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code")
+    p.add_argument(
+        "-tp", "--tensor-parallel-size", type=int, default=1, help="run the model split over this many processes"
+    )
     add_backend_arg(p)
 
 
@@ -79,6 +82,7 @@ def make_llm(args: argparse.Namespace, **engine_kwargs):
         kernels=kernels_of(args),
         max_model_len=args.max_model_len,
         trust_remote_code=args.trust_remote_code,
+        tensor_parallel_size=args.tensor_parallel_size,
         **engine_kwargs,
     )
 

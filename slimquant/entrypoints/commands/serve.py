@@ -58,12 +58,25 @@ def run(args: argparse.Namespace) -> int:
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be positive, got {args.max_request_bytes}")
     limits = dict(max_n=args.max_n, max_request_bytes=args.max_request_bytes)
-    app, engine = make_server_app(llm, name, api_key=args.api_key, chat_template=template, **limits)
+    failures: list[Exception] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(error: Exception) -> None:  # a tensor-parallel rank died: answer no more, exit non-zero
+        failures.append(error)
+        if server is not None:
+            server.should_exit = True
+
+    app, engine = make_server_app(llm, name, api_key=args.api_key, chat_template=template, on_fatal=on_fatal, **limits)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     log.info("serving %s as '%s' on http://%s:%d/v1", args.model, name, args.host, args.port)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        server.run()
     finally:
         engine.shutdown()
+        llm.llm_engine.shutdown()
+    if failures:
+        log.error("stopped: %s", failures[0])
+        return 1
     return 0
 
 

@@ -10,8 +10,10 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from slimquant.distributed.workers import RankFailure
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +21,12 @@ log = logging.getLogger(__name__)
 class AsyncEngine:
     """Thread-safe, asyncio-facing wrapper around an LLMEngine."""
 
-    def __init__(self, engine: Any, metrics: Any = None):
+    def __init__(self, engine: Any, metrics: Any = None, on_fatal: Callable[[Exception], None] | None = None):
+        """on_fatal(error): called once, from the engine thread, when the engine cannot go on (a rank died)."""
         self.engine = engine
         self.metrics = metrics  # ServerMetrics or None
+        self.on_fatal = on_fatal
+        self._failure: RankFailure | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -63,9 +68,24 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._stopped:
             self._wake.wait(timeout=0.5)
-            while not self._stopped and self._step():
+            try:
+                getattr(self.engine, "check_health", lambda: None)()
+            except RankFailure as e:
+                self._failure = e
+            while not self._stopped and self._failure is None and self._step():
                 pass
+            if self._failure is not None:
+                self._fatal(self._failure)
             self._wake.clear()
+
+    def _fatal(self, error: Exception) -> None:
+        """The engine is gone: fail every request, stop stepping, tell the owner (the server exits)."""
+        log.error("the engine failed and cannot go on: %s", error)
+        with self._lock:
+            self._fail_all(error)
+        self._stopped = True
+        if self.on_fatal is not None:
+            self.on_fatal(error)
 
     def _step(self) -> bool:
         """Run one engine step and deliver its outputs; False when there is nothing to do."""
@@ -74,6 +94,9 @@ class AsyncEngine:
                 return False
             try:
                 outputs = self.engine.step()
+            except RankFailure as e:
+                self._failure = e  # handled by _run, outside the lock
+                return False
             except Exception as e:  # a failing step fails its requests, not the server
                 log.exception("engine step failed")
                 self._fail_all(e)

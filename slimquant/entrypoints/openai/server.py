@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -217,10 +217,12 @@ def make_server_app(
     chat_template: str | None = None,
     max_n: int = 16,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    on_fatal: Callable[[Exception], None] | None = None,
 ) -> tuple[FastAPI, AsyncEngine]:
-    """Wire an LLM (its engine and tokenizer) into an app; returns the app and its engine thread."""
+    """Wire an LLM (its engine and tokenizer) into an app; returns the app and its engine thread (which calls
+    on_fatal when the engine cannot go on)."""
     engine = llm.llm_engine
-    async_engine = AsyncEngine(engine)
+    async_engine = AsyncEngine(engine, on_fatal=on_fatal)
     metrics = ServerMetrics(async_engine.stats)
     async_engine.metrics = metrics
     ctx = serving.ServingContext(
