@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -93,6 +94,7 @@ class SafetensorsFolder:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._where = _locate_tensors(self.path)  # name -> (file name, data start, header entry)
+        self.bytes_read = 0  # tensor bytes read so far
 
     def keys(self) -> list[str]:
         """Every tensor name: file by file, sorted within each (as safetensors lists them)."""
@@ -101,12 +103,18 @@ class SafetensorsFolder:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (a fresh copy read from its file)."""
+    def get(self, name: str, part: Part | None = None) -> torch.Tensor:
+        """Load one tensor (a fresh copy read from its file), or only part = (dim, start, length) of it: the bytes
+        of that slice are all that is copied (a tensor-parallel rank's rows or columns)."""
         if name not in self._where:
             raise KeyError(name)
         file, data_start, entry = self._where[name]
-        return _read_tensor(self.path / file, name, data_start, entry)
+        if part is None:
+            tensor = _read_tensor(self.path / file, name, data_start, entry)
+        else:
+            tensor = _read_part(self.path / file, name, data_start, entry, part)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
 
     def info(self, name: str) -> TensorInfo:
         """A tensor's file, dtype code ("BF16", "I8", ...), shape and size, from the header (no data read)."""
@@ -118,6 +126,9 @@ class SafetensorsFolder:
         """Yield (name, tensor) one at a time."""
         for name in self._where:
             yield name, self.get(name)
+
+
+Part = tuple[int, int, int]  # (dim, start, length): a slice of a tensor to read
 
 
 @dataclass(frozen=True)
@@ -180,6 +191,25 @@ def _read_tensor(file: Path, name: str, data_start: int, entry: dict) -> torch.T
         if f.readinto(buf) != len(buf):
             raise ValueError(f"cannot read {name!r} from {file}: the file is truncated")
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _read_part(file: Path, name: str, data_start: int, entry: dict, part: Part) -> torch.Tensor:
+    """Slice `start:start + length` along `dim` of one tensor, copied out of a memory map of its file."""
+    dim, start, length = part
+    shape = entry["shape"]
+    if not (0 <= dim < len(shape) and start >= 0 and start + length <= shape[dim]):
+        raise ValueError(
+            f"{name}: stored shape {shape} has no slice {start}:{start + length} along dim {dim}; the checkpoint does "
+            "not match config.json"
+        )
+    begin, end = entry["data_offsets"]
+    with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+        view = memoryview(mapped)[data_start + begin : data_start + end]
+        whole = torch.frombuffer(view, dtype=SAFETENSORS_DTYPES[entry["dtype"]]).reshape(shape)
+        out = whole.narrow(dim, start, length).clone()
+        del whole
+        view.release()
+    return out
 
 
 def _locate_tensors(path: Path) -> dict[str, tuple[str, int, dict]]:

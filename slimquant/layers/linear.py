@@ -19,6 +19,7 @@ from torch import nn
 
 from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
+from slimquant.format.safetensors_io import Part
 from slimquant.format.validation import FLOAT_TENSOR
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.quant_methods import UnquantizedMethod, add_param
@@ -74,11 +75,13 @@ class Linear(nn.Module):
             x = self.tp.gather(x)
         return self.method.apply(self, x, self.bias)
 
-    def checkpoint_entries(self) -> Iterator[tuple[str, Callable[[torch.Tensor], None], bool]]:
-        """(checkpoint tensor name, function that loads it, optional) for every tensor this layer reads."""
+    def checkpoint_entries(self) -> Iterator[tuple[str, Callable[[torch.Tensor], None], bool, Part | None]]:
+        """(checkpoint tensor name, function that loads it, optional, the part this rank reads) for every tensor
+        this layer reads."""
         for name, param in self.named_parameters(recurse=False):
-            for i, shard_prefix in enumerate(self.shard_prefixes):
-                yield f"{shard_prefix}.{name}", partial(self.load_shard, name, i), getattr(param, "optional", False)
+            for i, prefix in enumerate(self.shard_prefixes):
+                optional = getattr(param, "optional", False)
+                yield f"{prefix}.{name}", partial(self.load_shard, name, i), optional, self._part(name, i)
 
     def process_weights_after_loading(self) -> None:
         """Hand the loaded parameters to the quant method for their runtime form."""
@@ -90,7 +93,6 @@ class Linear(nn.Module):
         if param.load_transform is not None:
             tensor = param.load_transform(tensor)
         param.rule.check(f"{self.shard_prefixes[shard]}.{name}", stored, tensor)
-        tensor = self._rank_part(name, shard, tensor)
         if param.per_shard:
             target = param.data[shard : shard + 1]
         else:
@@ -103,17 +105,15 @@ class Linear(nn.Module):
             )
         target.copy_(tensor.reshape(target.shape))
 
-    def _rank_part(self, name: str, shard: int, tensor: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a checkpoint tensor: its rows of a column-parallel layer's shard, its columns of a
-        row-parallel layer's weight; the whole tensor otherwise."""
-        param = getattr(self, name)
-        if self.parallel == "column" and not param.per_shard and tensor.dim() >= 1:
+    def _part(self, name: str, shard: int) -> Part | None:
+        """What this rank reads of a checkpoint tensor: its rows of a column-parallel layer's shard, its columns of a
+        row-parallel layer's weight; None: all of it."""
+        if self.parallel == "column" and not getattr(self, name).per_shard:
             size = self.out_sizes[shard]
-            return tensor.narrow(0, self.tp.rank * size, size) if tensor.shape[0] == size * self.tp.size else tensor
-        if self.reduce.size > 1 and name == "weight" and tensor.dim() == 2:
-            k = self.in_features
-            return tensor.narrow(1, self.tp.rank * k, k) if tensor.shape[1] == k * self.tp.size else tensor
-        return tensor
+            return 0, self.tp.rank * size, size
+        if self.reduce.size > 1 and name == "weight":
+            return 1, self.tp.rank * self.in_features, self.in_features
+        return None
 
 
 def _shard_prefixes(prefix: str, shards: list[str] | None) -> list[str]:

@@ -17,7 +17,7 @@ from slimquant.config import KernelConfig
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.format.checkpoint import DESCRIPTION_FILE, is_modelslim_dir
 from slimquant.format.dtypes import CANONICAL, float_dtype
-from slimquant.format.safetensors_io import SafetensorsFolder
+from slimquant.format.safetensors_io import Part, SafetensorsFolder
 from slimquant.format.validation import FLOAT_TENSOR
 from slimquant.kernels.cpu import has_native_half
 from slimquant.layers.attention import Attention
@@ -38,6 +38,7 @@ class LoadedModel:
     dtype: torch.dtype
     quantized: bool  # True if loaded from an ascend checkpoint
     backend: Backend  # which kernels run it (slimquant/backends), picked at load
+    bytes_read: int = 0  # checkpoint bytes this process read (a tensor-parallel rank: about its share)
 
 
 def load_model(
@@ -63,13 +64,14 @@ def load_model(
     quant_config = AscendQuantConfig.from_folder(path, model_dtype) if quantized else QuantConfig()
     model = _build(path, config, quant_config, torch_dtype, device, tp)
     backend.bind(model)
-    load_weights(model, SafetensorsFolder(path))
+    tensors = SafetensorsFolder(path)
+    load_weights(model, tensors)
     for module in model.modules():
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()
     backend.prepare(model)
     logger.info("backend: %s", backend.describe())
-    return LoadedModel(model.eval(), config, torch_dtype, quantized, backend)
+    return LoadedModel(model.eval(), config, torch_dtype, quantized, backend, tensors.bytes_read)
 
 
 # config.json sizes that must be positive integers where present (a negative one makes no tensor)
@@ -198,9 +200,9 @@ def _cpu_auto_dtype(dtype: torch.dtype, device: str | None, native_int8: bool) -
 def load_weights(model: nn.Module, tensors: SafetensorsFolder) -> None:
     """Fill every parameter from the checkpoint (extra tensors are ignored); ValueError naming missing ones."""
     missing = []
-    for name, load, optional in weight_entries(model):
+    for name, load, optional, part in weight_entries(model):
         if name in tensors:
-            load(tensors.get(name))
+            load(tensors.get(name, part))
         elif not optional:
             missing.append(name)
     if missing:
@@ -212,16 +214,18 @@ def load_weights(model: nn.Module, tensors: SafetensorsFolder) -> None:
         )
 
 
-def weight_entries(model: nn.Module) -> Iterator[tuple[str, Callable[[torch.Tensor], None], bool]]:
-    """(checkpoint name, loader, optional) for every parameter; modules with checkpoint_entries() name their own."""
+def weight_entries(model: nn.Module) -> Iterator[tuple[str, Callable[[torch.Tensor], None], bool, Part | None]]:
+    """(checkpoint name, loader, optional, the part of it to read or None) for every parameter; modules with
+    checkpoint_entries() name their own (Linear: its shards, quant tensors and a tensor-parallel rank's part)."""
     for module_name, module in model.named_modules():
-        if hasattr(module, "checkpoint_entries"):  # Linear (and later fused MoE): shards, quant tensors
+        if hasattr(module, "checkpoint_entries"):
             assert module.prefix == module_name, f"layer prefix {module.prefix} built at {module_name}"
-            yield from module.checkpoint_entries()
+            for name, load, optional, *part in module.checkpoint_entries():
+                yield name, load, optional, part[0] if part else None
             continue
         for param_name, param in module.named_parameters(recurse=False):
             name = f"{module_name}.{param_name}"
-            yield name, partial(_copy_into, name, param), getattr(param, "optional", False)
+            yield name, partial(_copy_into, name, param), getattr(param, "optional", False), None
 
 
 def _copy_into(name: str, param: nn.Parameter, tensor: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from slimquant import LLM, SamplingParams
 from slimquant.distributed.tensor_parallel import TensorParallel
+from slimquant.format.safetensors_io import SafetensorsFolder
 from slimquant.models.loader import load_model
 from tests.distributed.ranks import run_ranks
 
@@ -46,3 +47,23 @@ def test_every_rank_returns_one_process_tokens_and_logprobs(checkpoints, size):
 def test_models_that_cannot_split_say_why(tiny_model, arch, words):
     with pytest.raises(ValueError, match=words):
         load_model(str(tiny_model(arch)), tp=TensorParallel(rank=1, size=3))  # loading runs no collective
+
+
+@pytest.mark.parametrize("name", ["qwen2-float", "llama-W8A8"])
+def test_a_rank_reads_only_its_part_of_the_linears(checkpoints, name):
+    """Column-parallel tensors (q/k/v/gate/up: every per-row tensor) and row-parallel int8 weights (o/down) are read
+    half by each of 2 ranks; everything else whole (a float row-parallel layer keeps its whole weight). Expected
+    bytes from the safetensors headers."""
+    folder = SafetensorsFolder(checkpoints[name])
+    column = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    expected = 0
+    for key in folder.keys():
+        info, parts = folder.info(key), key.split(".")
+        split = (parts[-2] in column and parts[-1] not in ("input_scale", "input_offset")) or (
+            parts[-2] in ("o_proj", "down_proj") and parts[-1] == "weight" and info.dtype == "I8"
+        )
+        expected += info.nbytes // 2 if split else info.nbytes
+    for rank in (0, 1):
+        loaded = load_model(checkpoints[name], tp=TensorParallel(rank=rank, size=2))  # loading runs no collective
+        assert loaded.bytes_read == expected
+    assert load_model(checkpoints[name]).bytes_read == sum(folder.info(k).nbytes for k in folder.keys())
