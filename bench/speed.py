@@ -37,6 +37,16 @@ SMOLLM2_135M_SHAPE = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=True,
 )
+QWEN25_05B_SHAPE = dict(  # 14 heads and 2 kv heads: splits over 2 tensor-parallel ranks (bench/parallel.py)
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
 QWEN25_15B_SHAPE = dict(
     hidden_size=1536,
     intermediate_size=8960,

@@ -50,7 +50,7 @@ class WorkerGroup:
         """Spawn ranks 1..N-1 (each on its share of the cores) and join them as rank 0."""
         size = config.tensor_parallel_size
         threads = max(1, (os.cpu_count() or 1) // size)
-        port, ctx = _free_port(), mp.get_context("spawn")
+        port, ctx = free_port(), mp.get_context("spawn")
         errors = ctx.Queue()
         procs = [
             ctx.Process(target=_worker_main, args=(config, rank, size, port, threads, errors), daemon=True)
@@ -172,7 +172,8 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

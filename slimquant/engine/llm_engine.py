@@ -54,6 +54,7 @@ class LLMEngine:
                 self.workers.kill()
                 raise
         self.hf_config = loaded.hf_config
+        self.bytes_read = loaded.bytes_read  # of the checkpoint, by this rank
         self.tokenizer = load_tokenizer(config)
         self.vocab_size = int(loaded.hf_config.vocab_size)
         self.eos_token_ids, self.generation_defaults = stop_token_ids(config, loaded.hf_config, self.tokenizer)

@@ -11,7 +11,7 @@ import pytest
 import torch.distributed as dist
 
 from slimquant import LLM, SamplingParams
-from tests.distributed.ranks import run_ranks
+from slimquant.distributed.launch import run_ranks
 from tests.distributed.test_tensor_parallel import PARAMS, PROMPTS, rank_generate
 
 SIZE = 2

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 
 from slimquant import LLM, SamplingParams
+from slimquant.distributed.launch import run_ranks
 from slimquant.distributed.tensor_parallel import TensorParallel
 from slimquant.format.safetensors_io import SafetensorsFolder
 from slimquant.models.loader import load_model
-from tests.distributed.ranks import run_ranks
 
 PROMPTS = ["The capital of France is", "Hello, my name is Ada and", "0 1 2 3"]
 PARAMS = dict(temperature=0, max_tokens=6, logprobs=2, ignore_eos=True)

@@ -1,4 +1,5 @@
-"""Test helper: run a function on N gloo ranks (spawned processes on loopback) and collect what each returns."""
+"""run_ranks: a function on N local gloo ranks (spawned processes on loopback), what each returns collected; the
+way tests and benchmarks run torchrun-style ranks (each its own engine) without torchrun."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import traceback
 from collections.abc import Callable
 from datetime import timedelta
 
-from tests.server.conftest import free_port
+from slimquant.distributed.workers import free_port
 
 
 def run_ranks(fn: Callable, size: int, *args, timeout: float = 300, threads: int = 1) -> list:
-    """[fn(rank, size, *args) for each rank], each in its own process (of threads threads) in one gloo group; a
-    rank's exception or a timeout fails with its traceback, and every process is killed (nothing is left hanging)."""
+    """[fn(rank, size, *args) for each rank], each in its own process (of threads threads) in one gloo group; fn
+    must be importable (a module-level function). A rank's exception or a timeout is a RuntimeError with its
+    traceback, and every process is killed (nothing is left hanging)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -27,10 +29,10 @@ def run_ranks(fn: Callable, size: int, *args, timeout: float = 300, threads: int
         while len(out) < size:
             rank, ok, value = results.get(timeout=timeout)
             if not ok:
-                raise AssertionError(f"rank {rank} failed:\n{value}")
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
             out[rank] = value
     except queue.Empty:
-        raise AssertionError(f"ranks {sorted(set(range(size)) - set(out))} gave no result in {timeout:.0f} s") from None
+        raise RuntimeError(f"ranks {sorted(set(range(size)) - set(out))} gave no result in {timeout:.0f} s") from None
     finally:
         for p in procs:
             p.join(timeout=10)
