@@ -137,7 +137,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     kernels: KernelConfig | dict | None = None  # KernelConfig, or a dict of its fields; None: the defaults
-    tensor_parallel_size: int = 1  # > 1: one rank of a torch.distributed group of this size (torchrun)
+    tensor_parallel_size: int = 1  # > 1: the model split over this many processes (started here, or torchrun's)
+    nnodes: int = 1  # machines the ranks are spread over (tensor_parallel_size / nnodes ranks on each)
+    node_rank: int = 0  # this machine's index; 0 serves, the others run --headless
+    master_addr: str = "127.0.0.1"  # node 0's address, where the ranks meet
+    master_port: int | None = None  # its port (needed with nnodes > 1; else a free one)
 
     def __post_init__(self) -> None:
         self.kernels = KernelConfig.of(self.kernels)
@@ -154,13 +158,21 @@ class EngineConfig:
         kv_dtype = self.kv_cache_dtype
         _check(kv_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", kv_dtype, f"one of {KV_CACHE_DTYPES}")
         _check(self.quantization in QUANTIZATIONS, "quantization", self.quantization, f"one of {QUANTIZATIONS}")
-        for name in ("max_num_seqs", "block_size", "tensor_parallel_size"):
+        for name in ("max_num_seqs", "block_size", "tensor_parallel_size", "nnodes"):
             _check_positive(name, getattr(self, name))
         for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes", "num_kv_blocks"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
         _check(isinstance(self.seed, int), "seed", self.seed, "an int")
+        self._check_nodes()
         check_device(self.device)
+
+    def _check_nodes(self) -> None:
+        tp, n = self.tensor_parallel_size, self.nnodes
+        _check(tp % n == 0, "nnodes", n, f"a divisor of tensor_parallel_size={tp} (the same ranks on every node)")
+        _check(0 <= self.node_rank < n, "node_rank", self.node_rank, f"in [0, nnodes={n})")
+        if n > 1 and self.master_port is None:
+            raise ValueError("nnodes > 1 needs master_port (--master-port): the port on node 0 where the ranks meet")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:

@@ -68,6 +68,11 @@ class TensorParallel:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
+    def barrier(self) -> None:
+        """Wait until every rank reaches this point."""
+        if self.size > 1:
+            dist.barrier(group=self.group)
+
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's t [..., n] concatenated along the last dim in rank order -> [..., size * n]."""
         if self.size == 1:

@@ -1,11 +1,15 @@
-"""The ranks an engine starts itself (vLLM's multiprocessing executor): one spawned process per rank > 0 on this
-machine, in one gloo group whose rank 0 is the engine's own process. Rank 0 schedules and samples; the others run
-each step's forward (ModelRunner.serve_steps). A rank that fails is named in the error rank 0 raises, and every
-other rank is stopped: nothing is left waiting."""
+"""The ranks an engine starts itself (vLLM's multiprocessing executor): one spawned process per rank on each node,
+in one gloo group whose rank 0 is the engine's own process on node 0. Rank 0 schedules and samples; the others run
+each step's forward (ModelRunner.serve_steps). Node k > 0 runs `serve --headless`: its ranks only (run_headless).
+At start-up the ranks compare a fingerprint of the checkpoint and settings, and refuse to run mismatched. A rank
+that fails is named in the error rank 0 raises, and every other rank is stopped: nothing is left waiting."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import multiprocessing as mp
 import os
 import socket
@@ -14,12 +18,14 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from slimquant.distributed.tensor_parallel import TensorParallel
+from slimquant.format.safetensors_io import read_header
 
 if TYPE_CHECKING:
     from slimquant.config import EngineConfig
@@ -32,6 +38,7 @@ _SPAWN_HINT = (
 # Ranks wait for rank 0's next step as long as it takes (a server may idle for days); a dead peer ends the wait at
 # once (its socket closes), and a worker whose parent died exits (_watch_parent).
 _WAIT = timedelta(days=30)
+_NODE_WAIT = timedelta(minutes=10)  # how long node 0 waits for the other nodes to join
 
 
 class RankFailure(RuntimeError):
@@ -41,44 +48,60 @@ class RankFailure(RuntimeError):
 class WorkerGroup:
     """Ranks 1..N-1 of an engine's tensor-parallel group, started by WorkerGroup.start."""
 
-    def __init__(self, procs: list, errors: Any, tp: TensorParallel):
-        self.procs, self.errors, self.tp = procs, errors, tp
+    def __init__(self, procs: list, errors: Any, tp: TensorParallel, ranks: list[int]):
+        self.procs, self.errors, self.tp, self.ranks = procs, errors, tp, ranks  # ranks: each proc's global rank
         self.threads = torch.get_num_threads()  # this process's, given back by kill()
 
     @classmethod
     def start(cls, config: EngineConfig) -> WorkerGroup:
-        """Spawn ranks 1..N-1 (each on its share of the cores) and join them as rank 0."""
-        size = config.tensor_parallel_size
-        threads = max(1, (os.cpu_count() or 1) // size)
-        port, ctx = free_port(), mp.get_context("spawn")
+        """On node 0: spawn this node's ranks after 0 (each on its share of the cores), join them (and the other
+        nodes' ranks) as rank 0, and check that every rank has the same checkpoint and settings."""
+        if config.nnodes == 1 and config.master_port is None:
+            config = dataclasses.replace(config, master_port=free_port())
+        group = cls._spawn(config, _node_ranks(config)[1:])
+        group.threads = torch.get_num_threads()
+        torch.set_num_threads(_threads(config))
+        group._join_as_rank0(config)
+        try:
+            group.guard(_check_fingerprints, config, group.tp)
+        except BaseException:
+            group.kill()
+            raise
+        return group
+
+    @classmethod
+    def _spawn(cls, config: EngineConfig, ranks: list[int]) -> WorkerGroup:
+        ctx = mp.get_context("spawn")
         errors = ctx.Queue()
         procs = [
-            ctx.Process(target=_worker_main, args=(config, rank, size, port, threads, errors), daemon=True)
-            for rank in range(1, size)
+            ctx.Process(target=_worker_main, args=(config, rank, _threads(config), errors), daemon=True)
+            for rank in ranks
         ]
         for p in procs:
             p.start()
-        group = cls(procs, errors, TensorParallel(0, size))
-        torch.set_num_threads(threads)
-        group._join_as_rank0(port)
-        return group
+        return cls(procs, errors, TensorParallel(0, config.tensor_parallel_size), ranks)
 
-    def _join_as_rank0(self, port: int) -> None:
-        """init_process_group for rank 0, failing as soon as a worker dies before joining."""
+    def _join_as_rank0(self, config: EngineConfig) -> None:
+        """init_process_group for rank 0, failing as soon as a local rank dies before joining, or when other
+        nodes have not joined in _NODE_WAIT."""
         done, failure = threading.Event(), []
 
         def init() -> None:
             try:
-                _init_group(0, self.tp.size, port)
+                _init_group(0, config)
             except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
                 failure.append(e)
             finally:
                 done.set()
 
         threading.Thread(target=init, daemon=True).start()
+        deadline = time.monotonic() + _NODE_WAIT.total_seconds()
         while not done.wait(0.2):
             if self._dead():
                 self.fail(None, _SPAWN_HINT)
+            if config.nnodes > 1 and time.monotonic() > deadline:
+                self.fail(None, f"nodes 1..{config.nnodes - 1} did not join in {_NODE_WAIT}: run the same command "
+                          "with --node-rank K --headless on each")  # fmt: skip
         if failure:
             self.fail(failure[0])
 
@@ -100,7 +123,7 @@ class WorkerGroup:
     def fail(self, cause: BaseException | None, hint: str = "") -> None:
         """Stop every rank and raise RuntimeError with what the failed ranks said."""
         dead, said = self._dead(), self._errors() or hint
-        codes = ", ".join(f"rank {r} exited with code {self.procs[r - 1].exitcode}" for r in dead)
+        codes = ", ".join(f"rank {r} exited with code {self.procs[self.ranks.index(r)].exitcode}" for r in dead)
         self.kill()
         who = f"rank(s) {dead}" if dead else "a rank"
         raise RankFailure(
@@ -117,7 +140,7 @@ class WorkerGroup:
         self.kill()
 
     def _dead(self) -> list[int]:
-        return [rank for rank, p in enumerate(self.procs, start=1) if p.exitcode is not None and p.exitcode != 0]
+        return [rank for rank, p in zip(self.ranks, self.procs, strict=True) if p.exitcode not in (None, 0)]
 
     def _errors(self) -> str:
         said = []
@@ -139,19 +162,79 @@ class WorkerGroup:
         torch.set_num_threads(self.threads)
 
 
-def _init_group(rank: int, size: int, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=_WAIT)
+def run_headless(config: EngineConfig) -> int:
+    """Node node_rank > 0: run this node's ranks until rank 0 stops them; 0, or 1 when one failed (said)."""
+    if config.node_rank == 0:
+        raise ValueError("--headless is for nodes 1..nnodes-1: node 0 serves")
+    group = WorkerGroup._spawn(config, _node_ranks(config))
+    while any(p.is_alive() for p in group.procs) and not group._dead():
+        time.sleep(0.5)
+    dead, said = group._dead(), group._errors()
+    group.kill()
+    if dead:
+        print(f"tensor parallel: rank(s) {dead} on node {config.node_rank} failed. {said}", flush=True)
+        return 1
+    return 0
 
 
-def _worker_main(config: EngineConfig, rank: int, size: int, port: int, threads: int, errors: Any) -> None:
-    """A rank > 0: join the group, load this rank's part of the model, run steps until rank 0 says stop."""
+def _node_ranks(config: EngineConfig) -> list[int]:
+    """The global ranks that run on this node."""
+    per_node = config.tensor_parallel_size // config.nnodes
+    return list(range(config.node_rank * per_node, (config.node_rank + 1) * per_node))
+
+
+def _threads(config: EngineConfig) -> int:
+    """Each rank's share of this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // (config.tensor_parallel_size // config.nnodes))
+
+
+def _init_group(rank: int, config: EngineConfig) -> None:
+    address, size = f"tcp://{config.master_addr}:{config.master_port}", config.tensor_parallel_size
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=size, timeout=_WAIT)
+
+
+def fingerprint(config: EngineConfig) -> str:
+    """What every rank must agree on: config.json, the quant description, the safetensors headers and the engine
+    settings that shape the model (not where it is, nor how many threads)."""
+    folder = Path(config.model)
+    h = hashlib.sha256()
+    for path in sorted([*folder.glob("*.json"), *folder.glob("*.safetensors")]):
+        if path.name.startswith("tokenizer"):
+            continue
+        h.update(path.name.encode())
+        h.update(path.read_bytes() if path.suffix == ".json" else json.dumps(read_header(path)[1]).encode())
+    for name in ("dtype", "kv_cache_dtype", "quantization", "max_model_len", "block_size", "tensor_parallel_size"):
+        h.update(f"{name}={getattr(config, name)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _check_fingerprints(config: EngineConfig, tp: TensorParallel) -> None:
+    """Every rank's fingerprint against rank 0's; ValueError on rank 0 naming the ranks that differ."""
+    prints: list[str | None] = [None] * tp.size
+    dist.all_gather_object(prints, fingerprint(config), group=tp.group)
+    differ = [r for r, f in enumerate(prints) if f != prints[0]]
+    if differ and tp.rank == 0:
+        raise ValueError(
+            f"rank(s) {differ} have another checkpoint or settings than rank 0 (fingerprints {prints}): every node "
+            "must run the same model folder contents with the same --dtype, --kv-cache-dtype, --quantization, "
+            "--max-model-len and -tp"
+        )
+    if differ:
+        raise ValueError("this rank's checkpoint or settings differ from rank 0's (rank 0 says which)")
+
+
+def _worker_main(config: EngineConfig, rank: int, threads: int, errors: Any) -> None:
+    """A rank > 0: join the group, check it runs what rank 0 runs, load its part of the model, run steps until
+    rank 0 says stop."""
     from slimquant.engine.llm_engine import load_runner
 
     torch.set_num_threads(threads)
     _watch_parent()
     try:
-        _init_group(rank, size, port)
-        runner, _ = load_runner(config, TensorParallel(rank, size), broadcast=False)
+        _init_group(rank, config)
+        tp = TensorParallel(rank, config.tensor_parallel_size)
+        _check_fingerprints(config, tp)
+        runner, _ = load_runner(config, tp, broadcast=False)
         runner.serve_steps()
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, then this process exits
         errors.put((rank, f"{type(e).__name__}: {e}" if isinstance(e, ValueError) else traceback.format_exc(-3)))

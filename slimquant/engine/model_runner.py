@@ -102,11 +102,13 @@ class ModelRunner:
         while (step := self.tp.broadcast()) is not None:
             input_ids, positions, context = step
             self.backend.forward(self.model, input_ids, positions, context)
+        self.tp.barrier()  # every rank has the stop before any leaves the group
 
     def stop_serving(self) -> None:
         """Rank 0: let the other ranks' serve_steps() return."""
         if self.broadcast:
             self.tp.broadcast(None)
+            self.tp.barrier()
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Pack the scheduled tokens of all sequences along one axis and describe them in a ForwardContext."""

@@ -3,12 +3,14 @@ server exits with an error instead of hanging."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import httpx
 import psutil
 
-from tests.server.conftest import auth, start_server, stop_server
+from tests.server.conftest import auth, free_port, start_server, stop_server
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as each of 2 ranks on 2 cores: the same float rounding
 CHAT = {"messages": [{"role": "user", "content": "The capital of France is"}], "max_tokens": 12, "temperature": 0}
@@ -57,3 +59,39 @@ def test_a_rank_killed_mid_generation_stops_the_server(checkpoints):
     finally:
         if proc.poll() is None:
             stop_server(proc)
+
+
+def _headless(path: str, port: int, *extra: str) -> subprocess.Popen:
+    """Node 1 of 2 on this machine: its rank only."""
+    cmd = [sys.executable, "-m", "slimquant.entrypoints.cli", "serve", path, "-tp", "2", "--nnodes", "2"]
+    cmd += ["--node-rank", "1", "--headless", "--master-port", str(port), "--backend", "torch-reference", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_two_nodes_on_one_machine_answer_as_one_process(checkpoints):
+    path = checkpoints["qwen2-W8A8_DYNAMIC"]
+    (one, base) = start_server(path, "--backend", "torch-reference")
+    try:
+        want = _chat(base)
+    finally:
+        stop_server(one)
+    port = free_port()
+    node1 = _headless(path, port, "--max-model-len", "128")
+    nodes = ("-tp", "2", "--nnodes", "2", "--master-port", str(port))
+    head, base = start_server(path, "--backend", "torch-reference", *nodes)
+    try:
+        assert _chat(base) == want
+    finally:
+        stop_server(head)
+    assert node1.wait(timeout=30) == 0, node1.stdout.read().decode()[-2000:]
+
+
+def test_nodes_with_different_settings_are_refused_at_start(checkpoints):
+    path, port = checkpoints["llama-W8A8"], free_port()
+    node1 = _headless(path, port, "--max-model-len", "96")  # the head runs 128
+    cmd = [sys.executable, "-m", "slimquant.entrypoints.cli", "serve", path, "-tp", "2", "--nnodes", "2"]
+    cmd += ["--master-port", str(port), "--max-model-len", "128", "--port", str(free_port())]
+    head = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert head.returncode != 0
+    assert "rank(s) [1] have another checkpoint or settings than rank 0" in head.stdout + head.stderr
+    assert node1.wait(timeout=30) == 1

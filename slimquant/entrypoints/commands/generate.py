@@ -70,10 +70,17 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 def make_llm(args: argparse.Namespace, **engine_kwargs):
     """The LLM the engine options describe (plus any other LLM() keyword arguments)."""
-    from slimquant import LLM, zoo
+    from slimquant import LLM
 
-    return LLM(
-        str(zoo.resolve_model(args.model)),
+    model, kwargs = llm_arguments(args, **engine_kwargs)
+    return LLM(model, **kwargs)
+
+
+def llm_arguments(args: argparse.Namespace, **engine_kwargs) -> tuple[str, dict]:
+    """(model folder, LLM() keyword arguments) of the engine options."""
+    from slimquant import zoo
+
+    return str(zoo.resolve_model(args.model)), dict(
         quantization=args.quantization,
         dtype=args.dtype,
         kv_cache_dtype=args.kv_cache_dtype,

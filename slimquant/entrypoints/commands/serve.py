@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from slimquant.config import env_setting
-from slimquant.entrypoints.commands.generate import add_engine_args, make_llm
+from slimquant.entrypoints.commands.generate import add_engine_args, llm_arguments, make_llm
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-n", type=int, default=16, help="largest 'n' a request may ask for (default 16)")
     p.add_argument("--chat-template", help="a Jinja chat template file that replaces the tokenizer's")
     p.add_argument("--kv-cache-memory-bytes", type=int, help="KV-cache size in bytes (default: the engine's choice)")
+    nodes = p.add_argument_group("several machines (-tp N split over --nnodes; node 0 serves)")
+    nodes.add_argument("--nnodes", type=int, default=1, help="machines the ranks run on (default 1)")
+    nodes.add_argument("--node-rank", type=int, default=0, help="this machine's index (0: the one that serves)")
+    nodes.add_argument("--master-addr", default="127.0.0.1", help="node 0's address, reachable from every node")
+    nodes.add_argument("--master-port", type=int, help="a free port on node 0 where the ranks meet")
+    nodes.add_argument("--headless", action="store_true", help="run this node's ranks only, no HTTP (nodes > 0)")
     p.add_argument(
         "--max-request-bytes",
         type=int,
@@ -53,7 +59,17 @@ def run(args: argparse.Namespace) -> int:
 
     template = _read_template(args.chat_template)
     engine_args = {"max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes": args.kv_cache_memory_bytes}
-    llm = make_llm(args, **{k: v for k, v in engine_args.items() if v is not None})
+    engine_args = {k: v for k, v in engine_args.items() if v is not None} | _node_args(args)
+    if args.headless:
+        from slimquant.config import EngineConfig
+        from slimquant.distributed.workers import run_headless
+
+        model, kwargs = llm_arguments(args, **engine_args)
+        log.info("node %d: running its ranks headless (node 0 serves)", args.node_rank)
+        return run_headless(EngineConfig.from_kwargs(model, **kwargs))
+    if args.node_rank != 0:
+        raise ValueError("--node-rank > 0 runs ranks only: add --headless (node 0 serves)")
+    llm = make_llm(args, **engine_args)
     name = args.served_model_name or Path(args.model).name
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be positive, got {args.max_request_bytes}")
@@ -78,6 +94,13 @@ def run(args: argparse.Namespace) -> int:
         log.error("stopped: %s", failures[0])
         return 1
     return 0
+
+
+def _node_args(args: argparse.Namespace) -> dict:
+    """EngineConfig's node settings from the options."""
+    return dict(
+        nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port
+    )
 
 
 def _read_template(path: str | None) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,8 +39,16 @@ def build_app(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """The app serving ctx's engine; every /v1 route needs `Authorization: Bearer api_key` when one is set; bodies
-    over max_request_bytes are refused."""
-    app = FastAPI(title="slimquant", version="0.1.0")
+    over max_request_bytes are refused. When the server shuts down (Ctrl-C, SIGTERM), the engine stops with it:
+    its stepping thread, and the tensor-parallel ranks it started."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        ctx.engine.shutdown()
+        getattr(ctx.engine.engine, "shutdown", lambda: None)()
+
+    app = FastAPI(title="slimquant", version="0.1.0", lifespan=lifespan)
     app.state.ctx, app.state.metrics = ctx, metrics
     _install_errors(app)
     _install_auth_and_counting(app, api_key, metrics)
