@@ -40,7 +40,6 @@ VLLM_IGNORED = frozenset(
         "download_dir",
         "load_format",
         "compilation_config",
-        "distributed_executor_backend",
         "disable_async_output_proc",
         "max_logprobs",
         "task",
@@ -64,6 +63,7 @@ ENVIRONMENT = {
     "SLIMQUANT_HUGEPAGES": ("KernelConfig.hugepages", "1"),
     "SLIMQUANT_CACHE": ("KernelConfig.cache_dir; the demo's models (zoo.py)", "~/.cache/slimquant"),
     "SLIMQUANT_API_KEY": ("slimquant serve --api-key", ""),
+    "WORLD_SIZE": ("torchrun's: slimquant serve joins its group (-tp = its size; rank 0 serves)", ""),
 }
 
 
@@ -142,6 +142,9 @@ class EngineConfig:
     node_rank: int = 0  # this machine's index; 0 serves, the others run --headless
     master_addr: str = "127.0.0.1"  # node 0's address, where the ranks meet
     master_port: int | None = None  # its port (needed with nnodes > 1; else a free one)
+    # "mp": this process is rank 0 and drives the others (started here, or torchrun's); "external_launcher": every
+    # rank of torchrun's group runs its own engine; None: external_launcher under torchrun, else mp (as vLLM)
+    distributed_executor_backend: str | None = None
 
     def __post_init__(self) -> None:
         self.kernels = KernelConfig.of(self.kernels)
@@ -165,6 +168,8 @@ class EngineConfig:
                 _check_positive(name, getattr(self, name))
         _check(isinstance(self.seed, int), "seed", self.seed, "an int")
         self._check_nodes()
+        executor, executors = self.distributed_executor_backend, (None, "mp", "external_launcher")
+        _check(executor in executors, "distributed_executor_backend", executor, f"one of {executors}")
         check_device(self.device)
 
     def _check_nodes(self) -> None:

@@ -70,6 +70,20 @@ class WorkerGroup:
         return group
 
     @classmethod
+    def attach(cls, config: EngineConfig) -> WorkerGroup:
+        """Drive the ranks of the default group someone else started (torchrun; the others run run_rank): this
+        process must be its rank 0."""
+        if dist.get_rank() != 0 or dist.get_world_size() != config.tensor_parallel_size:
+            raise ValueError(
+                f"distributed_executor_backend='mp' in a torch.distributed group drives it from rank 0 of "
+                f"tensor_parallel_size={config.tensor_parallel_size} ranks; this is rank {dist.get_rank()} of "
+                f"{dist.get_world_size()}"
+            )
+        group = cls([], None, TensorParallel(0, config.tensor_parallel_size), [])
+        _check_fingerprints(config, group.tp)
+        return group
+
+    @classmethod
     def _spawn(cls, config: EngineConfig, ranks: list[int]) -> WorkerGroup:
         ctx = mp.get_context("spawn")
         errors = ctx.Queue()
@@ -144,6 +158,8 @@ class WorkerGroup:
 
     def _errors(self) -> str:
         said = []
+        if self.errors is None:  # ranks this group did not start: their own logs say why
+            return ""
         while True:
             try:
                 said.append(self.errors.get(timeout=0.5 if not said else 0.05))
@@ -223,19 +239,24 @@ def _check_fingerprints(config: EngineConfig, tp: TensorParallel) -> None:
         raise ValueError("this rank's checkpoint or settings differ from rank 0's (rank 0 says which)")
 
 
-def _worker_main(config: EngineConfig, rank: int, threads: int, errors: Any) -> None:
-    """A rank > 0: join the group, check it runs what rank 0 runs, load its part of the model, run steps until
-    rank 0 says stop."""
+def run_rank(config: EngineConfig) -> None:
+    """A rank > 0 of the default group: check it runs what rank 0 runs, load its part of the model, run steps
+    until rank 0 says stop."""
     from slimquant.engine.llm_engine import load_runner
 
+    tp = TensorParallel(dist.get_rank(), config.tensor_parallel_size)
+    _check_fingerprints(config, tp)
+    runner, _ = load_runner(config, tp, broadcast=False)
+    runner.serve_steps()
+
+
+def _worker_main(config: EngineConfig, rank: int, threads: int, errors: Any) -> None:
+    """A rank > 0 this node started: join the group, then run_rank."""
     torch.set_num_threads(threads)
     _watch_parent()
     try:
         _init_group(rank, config)
-        tp = TensorParallel(rank, config.tensor_parallel_size)
-        _check_fingerprints(config, tp)
-        runner, _ = load_runner(config, tp, broadcast=False)
-        runner.serve_steps()
+        run_rank(config)
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, then this process exits
         errors.put((rank, f"{type(e).__name__}: {e}" if isinstance(e, ValueError) else traceback.format_exc(-3)))
         time.sleep(0.2)  # let the queue's feeder thread send it

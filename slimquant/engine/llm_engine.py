@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from slimquant.config import EngineConfig
-from slimquant.distributed.tensor_parallel import TensorParallel
+from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.distributed.workers import WorkerGroup
 from slimquant.engine.block_manager import BlockManager
 from slimquant.engine.detokenizer import IncrementalDetokenizer, TokenTexts
@@ -40,11 +40,14 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.workers: WorkerGroup | None = None
-        if config.tensor_parallel_size > 1 and not dist.is_initialized():  # start the other ranks; this is rank 0
-            self.workers = WorkerGroup.start(config)
-            self.tp, broadcast = self.workers.tp, True
-        else:  # one process, or torchrun: every rank runs this engine on the same requests
-            self.tp, broadcast = TensorParallel.from_default_group(config.tensor_parallel_size), False
+        self.tp, broadcast = SINGLE, False
+        if config.tensor_parallel_size > 1:
+            launched = dist.is_initialized()  # torchrun (or the caller) made the group
+            if (config.distributed_executor_backend or ("external_launcher" if launched else "mp")) == "mp":
+                self.workers = WorkerGroup.attach(config) if launched else WorkerGroup.start(config)
+                self.tp, broadcast = self.workers.tp, True  # this process drives the other ranks
+            else:  # every rank runs this engine on the same requests
+                self.tp = TensorParallel.from_default_group(config.tensor_parallel_size)
         if self.workers is None:
             self.runner, loaded = load_runner(config, self.tp, broadcast)
         else:

@@ -3,6 +3,8 @@ server exits with an error instead of hanging."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -95,3 +97,32 @@ def test_nodes_with_different_settings_are_refused_at_start(checkpoints):
     assert head.returncode != 0
     assert "rank(s) [1] have another checkpoint or settings than rank 0" in head.stdout + head.stderr
     assert node1.wait(timeout=30) == 1
+
+
+def test_serve_under_torchrun_answers_as_one_process(checkpoints):
+    """`torchrun --nproc-per-node 2 -m slimquant.entrypoints.cli serve ...`: rank 0 serves, rank 1 runs steps."""
+    path = checkpoints["llama-W8A8_DYNAMIC"]
+    one, base = start_server(path, "--backend", "torch-reference", env=ONE_THREAD)  # torchrun's OMP_NUM_THREADS=1
+    try:
+        want = _chat(base)
+    finally:
+        stop_server(one)
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    cmd += ["-m", "slimquant.entrypoints.cli", "serve", path, "--port", str(port), "--max-model-len", "128"]
+    cmd += ["--api-key", "test-key", "--served-model-name", "tiny"]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline and run.poll() is None:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert run.poll() is None, run.stdout.read().decode()[-3000:]
+        assert _chat(base) == want
+    finally:
+        os.killpg(run.pid, signal.SIGTERM)
+        run.wait(timeout=60)

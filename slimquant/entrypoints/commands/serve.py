@@ -60,7 +60,16 @@ def run(args: argparse.Namespace) -> int:
     template = _read_template(args.chat_template)
     engine_args = {"max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes": args.kv_cache_memory_bytes}
     engine_args = {k: v for k, v in engine_args.items() if v is not None} | _node_args(args)
-    if args.headless:
+    if env_setting("WORLD_SIZE"):  # under torchrun: rank 0 serves, the others run steps
+        if _join_torchrun(args) > 0:
+            from slimquant.config import EngineConfig
+            from slimquant.distributed.workers import run_rank
+
+            model, kwargs = llm_arguments(args, **engine_args)
+            run_rank(EngineConfig.from_kwargs(model, **kwargs))
+            return 0
+        engine_args["distributed_executor_backend"] = "mp"
+    elif args.headless:
         from slimquant.config import EngineConfig
         from slimquant.distributed.workers import run_headless
 
@@ -94,6 +103,19 @@ def run(args: argparse.Namespace) -> int:
         log.error("stopped: %s", failures[0])
         return 1
     return 0
+
+
+def _join_torchrun(args: argparse.Namespace) -> int:
+    """Join the group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); -tp becomes its size.
+    Returns this process's rank."""
+    import torch.distributed as dist
+
+    world = int(env_setting("WORLD_SIZE"))
+    if args.tensor_parallel_size not in (1, world):
+        raise ValueError(f"-tp {args.tensor_parallel_size} under torchrun with {world} processes: they must agree")
+    args.tensor_parallel_size = world
+    dist.init_process_group("gloo")
+    return dist.get_rank()
 
 
 def _node_args(args: argparse.Namespace) -> dict:
