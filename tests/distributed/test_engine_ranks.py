@@ -56,3 +56,26 @@ def test_a_model_that_cannot_split_is_a_value_error_and_leaves_nothing(tiny_mode
     import multiprocessing
 
     assert not [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+STRESS = dict(max_num_batched_tokens=16, num_kv_blocks=10, block_size=8, max_num_seqs=4)  # chunks, preemption
+LONG_PROMPTS = [f"{i} The quick brown fox jumps over the lazy dog, again and again" for i in range(4)]
+
+
+def _stress(rank: int, size: int, path: str) -> list:
+    """Sampled (n=2, seeded and unseeded) completions under chunked prefill and preemption."""
+    llm = LLM(path, tensor_parallel_size=size, kernels={"backend": "torch-reference"}, max_model_len=64, **STRESS)
+    params = [SamplingParams(temperature=0.8, n=2, max_tokens=12, seed=s, ignore_eos=True) for s in (7, None, 9, None)]
+    outs = llm.generate(LONG_PROMPTS, params, use_tqdm=False)
+    preempted = llm.llm_engine.scheduler.num_preemptions
+    if size > 1 and llm.llm_engine.workers is not None:
+        llm.llm_engine.shutdown()
+    return [[c.token_ids for c in o.outputs] for o in outs], preempted
+
+
+def test_sampling_chunked_prefill_and_preemption_match_one_process(checkpoints):
+    path = checkpoints["qwen3-W8A8_DYNAMIC"]
+    (want,) = run_ranks(_stress, 1, path, threads=THREADS)
+    got = _stress(0, SIZE, path)
+    assert want[1] > 0, "the settings must force preemption"
+    assert got == want
