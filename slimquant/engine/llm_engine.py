@@ -9,6 +9,7 @@ while engine.has_unfinished_requests():
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,7 @@ class LLMEngine:
             except BaseException:
                 self.workers.kill()
                 raise
+            self._stop_ranks = weakref.finalize(self, self.workers.stop, self.runner)  # also when dropped or at exit
         self.hf_config = loaded.hf_config
         self.bytes_read = loaded.bytes_read  # of the checkpoint, by this rank
         self.tokenizer = load_tokenizer(config)
@@ -74,7 +76,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the ranks this engine started (nothing for one process); the engine cannot step afterwards."""
         if self.workers is not None:
-            self.workers.stop(self.runner)
+            self._stop_ranks()
             self.workers = None
 
     @classmethod

@@ -4,6 +4,7 @@ with an error that names it, within seconds, and leaves no process or process gr
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 
@@ -79,3 +80,16 @@ def test_sampling_chunked_prefill_and_preemption_match_one_process(checkpoints):
     got = _stress(0, SIZE, path)
     assert want[1] > 0, "the settings must force preemption"
     assert got == want
+
+
+def test_an_engine_dropped_without_shutdown_stops_its_ranks(checkpoints):
+    llm = _llm(checkpoints["llama-float"])
+    procs = llm.llm_engine.workers.procs
+    del llm
+    gc.collect()
+    assert not dist.is_initialized() and not any(p.is_alive() for p in procs)
+    llm = _llm(checkpoints["llama-float"])  # a new group, new ranks
+    try:
+        assert llm.generate(PROMPTS[:1], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+    finally:
+        llm.llm_engine.shutdown()
