@@ -2,11 +2,14 @@
 
 A random model of Qwen2.5-0.5B's shape (14 heads, 2 kv heads: splits in 2), quantized to --scheme (cached). Each
 row starts its ranks as torchrun would (slimquant.distributed.launch.run_ranks: every rank its own engine, each on
-cores / N threads) and measures on every rank: checkpoint bytes read, peak RSS, prefill tokens/s of a
+cores / N threads; collectives over gloo), except the "engine-started" rows: LLM(tensor_parallel_size=N) in this
+process, which drives ranks it starts, their collectives through shared memory (rank 0 measured). It measures on
+every rank: checkpoint bytes read, peak RSS, prefill tokens/s of a
 --prompt-tokens prompt, single-stream greedy decode tokens/s of --decode-tokens tokens (medians over --rounds, the
-range beside them), and for N > 1 the latency of one gloo all-reduce of a decode step's size (what each
-row-parallel layer pays, twice for W8A8_DYNAMIC: the absmax and the int32 sum). The 1-process rows run on the
-torch-reference backend (what the ranks run) and on cpu-native (today's fastest single process).
+range beside them), and for N > 1 the latency of one all-reduce of a decode step's size over gloo and through
+shared memory (what each row-parallel layer pays, twice for W8A8_DYNAMIC: the absmax and the int32 sum). The
+1-process rows run on the torch-reference backend (what the ranks run) and on cpu-native (today's fastest single
+process).
 
     .venv/bin/python bench/parallel.py [--sizes 1 2] [--scheme w8a8_dynamic] [--rounds 3]
         [--prompt-tokens 256] [--decode-tokens 32]
@@ -28,11 +31,8 @@ from bench.speed import QWEN25_05B_SHAPE, quantized, random_model  # noqa: E402
 from slimquant.distributed.launch import run_ranks  # noqa: E402
 
 
-def measure(rank: int, size: int, path: str, backend: str, args: argparse.Namespace) -> dict:
-    """One rank: load, then time prefill and decode; its bytes read, peak RSS and all-reduce latency."""
-    import torch
-    import torch.distributed as dist
-
+def measure(rank: int, size: int, path: str, backend: str, args: argparse.Namespace, probe: bool = True) -> dict:
+    """One rank: load, then time prefill and decode; its bytes read, peak RSS and (probe) all-reduce latencies."""
     from slimquant import LLM, SamplingParams
 
     llm = LLM(path, tensor_parallel_size=size, kernels={"backend": backend}, max_model_len=1024)
@@ -48,17 +48,33 @@ def measure(rank: int, size: int, path: str, backend: str, args: argparse.Namesp
         start = time.perf_counter()
         llm.generate([prompt], long, use_tqdm=False)
         decode.append(args.decode_tokens / (time.perf_counter() - start - args.prompt_tokens / prefill[-1]))
-    latency = None
-    if size > 1:
-        x = torch.zeros(1, QWEN25_05B_SHAPE["hidden_size"], dtype=torch.int32)
+    latency = all_reduce_latency(rank, size) if size > 1 and probe else None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
+    engine.shutdown()
+    return dict(bytes=engine.bytes_read, rss=rss, prefill=prefill, decode=decode, latency=latency)
+
+
+def all_reduce_latency(rank: int, size: int) -> dict[str, float]:
+    """Seconds per int32 all-reduce of one decode token's hidden state: over gloo, and through shared memory."""
+    import torch
+
+    from slimquant.distributed.tensor_parallel import TensorParallel
+    from slimquant.distributed.workers import _share_memory
+
+    x = torch.zeros(1, QWEN25_05B_SHAPE["hidden_size"], dtype=torch.int32)
+    out = {}
+    for name, offer in (("gloo", False), ("shm", True)):
+        tp = _share_memory(TensorParallel(rank, size), offer)
         for _ in range(20):
-            dist.all_reduce(x)
+            tp.sum(x)
         start = time.perf_counter()
         for _ in range(200):
-            dist.all_reduce(x)
-        latency = (time.perf_counter() - start) / 200
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
-    return dict(bytes=engine.bytes_read, rss=rss, prefill=prefill, decode=decode, latency=latency)
+            tp.sum(x)
+        out[name] = (time.perf_counter() - start) / 200
+        tp.barrier()
+        if tp.local is not None:
+            tp.local.close(unlink=rank == 0)
+    return out
 
 
 def spread(values: list[float]) -> str:
@@ -80,22 +96,26 @@ def main() -> None:
     for size, backend in runs:
         ranks = run_ranks(measure, size, path, backend, args, threads=max(1, cores // size), timeout=1800)
         rows.append((size, backend, ranks))
+    for size in [n for n in args.sizes if n > 1]:  # the engine starts the ranks: rank 0 drives, shared memory
+        rows.append((size, "engine-started", [measure(0, size, path, "torch-reference", args, probe=False)]))
     layers = QWEN25_05B_SHAPE["num_hidden_layers"]
     per_step = layers * 2 * (2 if args.scheme == "w8a8_dynamic" else 1)
     print(f"\n{Path(path).name}: prompt {args.prompt_tokens} tokens, decode {args.decode_tokens}, {cores} cores")
     print(f"{'ranks':>5} {'backend':<16}{'rank':>5}{'read MB':>9}{'peak RSS MiB':>13}"
-          f"{'prefill tok/s [range]':>26}{'decode tok/s [range]':>26}{'all-reduce us':>15}")  # fmt: skip
+          f"{'prefill tok/s [range]':>26}{'decode tok/s [range]':>26}{'gloo us':>9}{'shm us':>8}")  # fmt: skip
     for size, backend, ranks in rows:
         for rank, r in enumerate(ranks):
-            lat = f"{r['latency'] * 1e6:15.0f}" if r["latency"] else f"{'-':>15}"
+            lat = f"{'-':>17}"
+            if r["latency"]:
+                lat = f"{r['latency']['gloo'] * 1e6:9.0f}{r['latency']['shm'] * 1e6:8.0f}"
             print(f"{size:>5} {backend:<16}{rank:>5}{r['bytes'] / 1e6:9.1f}{r['rss']:13.0f}"
                   f"{spread(r['prefill']):>26}{spread(r['decode']):>26}{lat}")  # fmt: skip
     for size, _, ranks in rows:
         if ranks[0]["latency"]:
             step = 1 / statistics.median(ranks[0]["decode"])
-            comm = per_step * ranks[0]["latency"]
-            print(f"tp={size}: {per_step} all-reduces per decode step x {ranks[0]['latency'] * 1e6:.0f} us = "
-                  f"{comm * 1e3:.1f} ms of a {step * 1e3:.1f} ms step ({comm / step:.0%})")  # fmt: skip
+            for name, latency in ranks[0]["latency"].items():
+                print(f"tp={size}: {per_step} all-reduces per decode step x {latency * 1e6:.0f} us ({name}) = "
+                      f"{per_step * latency * 1e3:.1f} ms of a {step * 1e3:.1f} ms gloo step")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from slimquant.distributed.shared_memory import SharedMemoryExchange
+
 
 @dataclass(frozen=True)
 class TensorParallel:
@@ -20,6 +22,7 @@ class TensorParallel:
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
+    local: SharedMemoryExchange | None = None  # ranks on one machine: small tensors through shared memory
 
     def __post_init__(self) -> None:
         assert 0 <= self.rank < self.size, (self.rank, self.size)
@@ -44,12 +47,19 @@ class TensorParallel:
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks of an integer tensor (in place)."""
         assert not t.is_floating_point(), "float sums would depend on the order: reduce int32 accumulators"
+        if self.local is not None and self.local.fits(t):
+            parts = self.local.exchange(t)
+            for part in parts[1:]:
+                parts[0] += part
+            return t.copy_(parts[0])
         if self.size > 1:
             dist.all_reduce(t, dist.ReduceOp.SUM, group=self.group)
         return t
 
     def max(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise maximum over ranks (in place)."""
+        if self.local is not None and self.local.fits(t):
+            return t.copy_(torch.stack(self.local.exchange(t)).amax(dim=0))
         if self.size > 1:
             dist.all_reduce(t, dist.ReduceOp.MAX, group=self.group)
         return t
@@ -77,6 +87,8 @@ class TensorParallel:
         """Every rank's t [..., n] concatenated along the last dim in rank order -> [..., size * n]."""
         if self.size == 1:
             return t
+        if self.local is not None and self.local.fits(t):
+            return torch.cat(self.local.exchange(t), dim=-1)
         parts = [torch.empty_like(t) for _ in range(self.size)]
         dist.all_gather(parts, t.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)

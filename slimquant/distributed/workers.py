@@ -12,6 +12,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import platform
 import socket
 import threading
 import time
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from slimquant.distributed.shared_memory import SharedMemoryExchange
 from slimquant.distributed.tensor_parallel import TensorParallel
 from slimquant.format.safetensors_io import read_header
 
@@ -64,6 +66,7 @@ class WorkerGroup:
         group._join_as_rank0(config)
         try:
             group.guard(_check_fingerprints, config, group.tp)
+            group.tp = group.guard(_share_memory, group.tp, config.nnodes == 1, lambda: not group._dead())
         except BaseException:
             group.kill()
             raise
@@ -81,6 +84,7 @@ class WorkerGroup:
             )
         group = cls([], None, TensorParallel(0, config.tensor_parallel_size), [])
         _check_fingerprints(config, group.tp)
+        _share_memory(group.tp, False)  # torchrun's ranks may be on several machines: gloo
         return group
 
     @classmethod
@@ -175,6 +179,9 @@ class WorkerGroup:
             p.join(timeout=10)
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self.tp.local is not None:
+            self.tp.local.close(unlink=True)
+            self.tp = dataclasses.replace(self.tp, local=None)
         torch.set_num_threads(self.threads)
 
 
@@ -224,6 +231,21 @@ def fingerprint(config: EngineConfig) -> str:
     return h.hexdigest()[:16]
 
 
+def _share_memory(tp: TensorParallel, offer: bool, alive: Callable[[], bool] = lambda: True) -> TensorParallel:
+    """tp with a shared-memory exchange where rank 0 offers one (all ranks on this x86 machine), else tp; rank 0
+    creates the segment and broadcasts its name, the others attach."""
+    if tp.rank == 0:
+        local = SharedMemoryExchange(0, tp.size, alive=alive) if offer and platform.machine() in _X86 else None
+        tp.broadcast(None if local is None else local.name)
+    else:
+        name = tp.broadcast()
+        local = None if name is None else SharedMemoryExchange(tp.rank, tp.size, name)
+    return dataclasses.replace(tp, local=local)
+
+
+_X86 = ("x86_64", "AMD64")  # stores stay in order: what the exchange's publish relies on
+
+
 def _check_fingerprints(config: EngineConfig, tp: TensorParallel) -> None:
     """Every rank's fingerprint against rank 0's; ValueError on rank 0 naming the ranks that differ."""
     prints: list[str | None] = [None] * tp.size
@@ -246,8 +268,13 @@ def run_rank(config: EngineConfig) -> None:
 
     tp = TensorParallel(dist.get_rank(), config.tensor_parallel_size)
     _check_fingerprints(config, tp)
-    runner, _ = load_runner(config, tp, broadcast=False)
-    runner.serve_steps()
+    tp = _share_memory(tp, False)
+    try:
+        runner, _ = load_runner(config, tp, broadcast=False)
+        runner.serve_steps()
+    finally:
+        if tp.local is not None:
+            tp.local.close(unlink=False)
 
 
 def _worker_main(config: EngineConfig, rank: int, threads: int, errors: Any) -> None:
