@@ -138,6 +138,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     kernels: KernelConfig | dict | None = None  # KernelConfig, or a dict of its fields; None: the defaults
     tensor_parallel_size: int = 1  # > 1: the model split over this many processes (started here, or torchrun's)
+    enable_expert_parallel: bool = False  # MoE layers: whole experts per rank instead of a part of every expert
     nnodes: int = 1  # machines the ranks are spread over (tensor_parallel_size / nnodes ranks on each)
     node_rank: int = 0  # this machine's index; 0 serves, the others run --headless
     master_addr: str = "127.0.0.1"  # node 0's address, where the ranks meet

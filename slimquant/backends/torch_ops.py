@@ -58,8 +58,12 @@ class TorchOps:
         return rms_norm(x, weight, bias, eps)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up for x = [gate | up]: [T, 2I] -> [T, I]."""
+        """silu(gate) * up for x = [gate | up]: [T, 2I] -> [T, I]. On the CPU silu runs in float64: float32's
+        vectorized and scalar exp differ in the last bit, and which one an element gets depends on the tensor's
+        shape and thread split, so a tensor-parallel rank's part of the columns would round unlike one process."""
         gate, up = x.chunk(2, dim=-1)
+        if x.device.type == "cpu":
+            return F.silu(gate.double()).to(x.dtype) * up
         return F.silu(gate) * up
 
     # ---- attention over the paged KV cache ----

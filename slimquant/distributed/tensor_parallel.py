@@ -23,6 +23,7 @@ class TensorParallel:
     size: int = 1
     group: dist.ProcessGroup | None = None
     local: SharedMemoryExchange | None = None  # ranks on one machine: small tensors through shared memory
+    expert_parallel: bool = False  # MoE layers: whole experts per rank instead of a part of every expert
 
     def __post_init__(self) -> None:
         assert 0 <= self.rank < self.size, (self.rank, self.size)
@@ -47,6 +48,14 @@ class TensorParallel:
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks of an integer tensor (in place)."""
         assert not t.is_floating_point(), "float sums would depend on the order: reduce int32 accumulators"
+        return self._sum(t)
+
+    def sum_disjoint(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks of a tensor each element of which is zero on all ranks but one at most: exact in any order,
+        float too (in place)."""
+        return self._sum(t)
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.local is not None and self.local.fits(t):
             parts = self.local.exchange(t)
             for part in parts[1:]:

@@ -226,7 +226,8 @@ def fingerprint(config: EngineConfig) -> str:
             continue
         h.update(path.name.encode())
         h.update(path.read_bytes() if path.suffix == ".json" else json.dumps(read_header(path)[1]).encode())
-    for name in ("dtype", "kv_cache_dtype", "quantization", "max_model_len", "block_size", "tensor_parallel_size"):
+    names = ("dtype", "kv_cache_dtype", "quantization", "max_model_len", "block_size", "tensor_parallel_size")
+    for name in (*names, "enable_expert_parallel"):
         h.update(f"{name}={getattr(config, name)}".encode())
     return h.hexdigest()[:16]
 

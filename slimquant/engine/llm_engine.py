@@ -8,6 +8,7 @@ while engine.has_unfinished_requests():
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from collections.abc import Iterable
@@ -206,6 +207,7 @@ def load_runner(config: EngineConfig, tp: TensorParallel, broadcast: bool) -> tu
     """This rank's part of the model and its KV cache (config.max_model_len resolved from the model)."""
     from slimquant.models.loader import kv_cache_dtype, load_model
 
+    split = dataclasses.replace(tp, expert_parallel=config.enable_expert_parallel)  # how the layers split
     loaded = load_model(
         config.model,
         dtype=config.dtype,
@@ -214,7 +216,7 @@ def load_runner(config: EngineConfig, tp: TensorParallel, broadcast: bool) -> tu
         trust_remote_code=config.trust_remote_code,
         kernels=config.kernels,
         enforce_eager=config.enforce_eager,
-        tp=tp,
+        tp=split,
     )
     config.resolve(model_max_len(loaded.hf_config))
     kv_dtype = kv_cache_dtype(config.kv_cache_dtype, config.dtype, loaded, config.device)

@@ -2,6 +2,12 @@
 
 Routed experts are read from `<prefix>.{e}.{gate_proj,up_proj,down_proj}.*` and held packed as in vLLM:
 w13 [E, 2I, H] (gate rows first), w2 [E, H, I]; int8 scales w13_scale [E, 2I, 1], w2_scale [E, H, 1].
+
+Tensor parallel: with expert parallel (tp.expert_parallel) each rank holds E / tp whole experts and the ranks swap
+their weighted outputs once per layer; without, each rank holds 1 / tp of every expert's intermediate size (its
+gate and up rows, its down columns: E, 2I / tp, H and E, H, I / tp) and the ranks agree on the activation's absmax
+and sum the int32 down products (int8), or gather the activation (float experts keep their whole down weights).
+Either way each token's expert outputs are added in ascending expert order, as one process adds them.
 """
 
 from __future__ import annotations
@@ -14,32 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
+from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
+from slimquant.format.safetensors_io import Part
 from slimquant.format.schemes import FLOAT
 from slimquant.format.validation import FLOAT_TENSOR, INT8_WEIGHT, WEIGHT_OFFSET, WEIGHT_SCALE
-from slimquant.layers.linear import Linear
+from slimquant.layers.mlp import GatedMLP, check_activation
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.quant_methods import replace_param
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
-
-
-class GatedMLP(nn.Module):
-    """down_proj(silu(gate_proj x) * up_proj x), gate and up fused (dense layers and shared experts)."""
-
-    ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
-
-    def __init__(
-        self, hidden: int, inter: int, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, bias: bool = False
-    ):
-        super().__init__()
-        common = dict(quant_config=quant_config, dtype=dtype, bias=bias)
-        self.gate_up_proj = Linear(
-            hidden, [inter, inter], prefix=f"{prefix}.gate_up_proj", shards=["gate_proj", "up_proj"], **common
-        )
-        self.down_proj = Linear(inter, [hidden], prefix=f"{prefix}.down_proj", **common)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))  # [T, H] -> [T, 2I] -> [T, I] -> [T, H]
 
 
 class TopkRouter(nn.Module):
@@ -102,29 +91,57 @@ class RoutedExperts(nn.Module):
     ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
 
     def __init__(
-        self, num_experts: int, hidden: int, inter: int, quant_config: QuantConfig, prefix: str, dtype: torch.dtype
+        self,
+        num_experts: int,
+        hidden: int,
+        inter: int,
+        quant_config: QuantConfig,
+        prefix: str,
+        dtype: torch.dtype,
+        tp: TensorParallel = SINGLE,
     ):
         super().__init__()
-        self.num_experts, self.inter, self.prefix, self.dtype = num_experts, inter, prefix, dtype
+        self.num_experts, self.prefix, self.dtype, self.tp = num_experts, prefix, dtype, tp
         expert_linears = [f"{prefix}.{e}.{p}" for e in range(num_experts) for p in PROJS]
         self.quant_type = quant_config.moe_quant_type(prefix, expert_linears)
         self.scale_dtype = quant_config.model_dtype or dtype  # the NPU holds the scales in the model dtype
         self.quantized = self.quant_type != FLOAT
+        self.expert_parallel = tp.size > 1 and tp.expert_parallel
+        split = tp.size > 1 and not self.expert_parallel  # each expert's intermediate size split over the ranks
+        self.first, self.num_local = 0, num_experts  # this rank's experts
+        if self.expert_parallel:
+            self.first, self.num_local = tp.share(num_experts, "n_routed_experts")
+        self.inter = tp.share(inter, "moe_intermediate_size")[1] if split else inter  # this rank's gate / up rows
+        self.gather = split and not self.quantized  # float: gather the activation, whole down weights
+        self.reduce = tp if split and self.quantized else SINGLE  # int8: absmax MAX, int32 SUM
+        down_in = inter if self.gather else self.inter
         w_dtype = torch.int8 if self.quantized else dtype
-        self.w13 = _param((num_experts, 2 * inter, hidden), w_dtype)
-        self.w2 = _param((num_experts, hidden, inter), w_dtype)
+        self.w13 = _param((self.num_local, 2 * self.inter, hidden), w_dtype)
+        self.w2 = _param((self.num_local, hidden, down_in), w_dtype)
         if self.quantized:
-            self.w13_scale, self.w13_offset = _param((num_experts, 2 * inter, 1)), _param((num_experts, 2 * inter, 1))
-            self.w2_scale, self.w2_offset = _param((num_experts, hidden, 1)), _param((num_experts, hidden, 1))
+            e, i2 = self.num_local, 2 * self.inter
+            self.w13_scale, self.w13_offset = _param((e, i2, 1)), _param((e, i2, 1))
+            self.w2_scale, self.w2_offset = _param((e, hidden, 1)), _param((e, hidden, 1))
 
-    def checkpoint_entries(self) -> Iterator[tuple[str, Callable[[torch.Tensor], None], bool]]:
-        """(checkpoint tensor name, loader, optional) for every expert's gate/up/down tensors."""
+    def checkpoint_entries(self) -> Iterator[tuple[str, Callable[[torch.Tensor], None], bool, Part | None]]:
+        """(checkpoint tensor name, loader, optional, the part this rank reads) for its experts' gate/up/down
+        tensors."""
         leaves = {"weight": ""} | ({"weight_scale": "_scale", "weight_offset": "_offset"} if self.quantized else {})
-        for e in range(self.num_experts):
+        for e in range(self.first, self.first + self.num_local):
             for proj in PROJS:
                 for leaf, suffix in leaves.items():
                     name, param = f"{self.prefix}.{e}.{proj}.{leaf}", ("w2" if proj == "down_proj" else "w13") + suffix
-                    yield name, partial(self._load, name, param, e, proj), False
+                    load = partial(self._load, name, param, e - self.first, proj)
+                    yield name, load, False, self._part(proj, leaf)
+
+    def _part(self, proj: str, leaf: str) -> Part | None:
+        """This rank's rows of gate/up tensors and columns of the down weight, where the experts are split."""
+        if self.reduce.size == 1 and not self.gather:
+            return None
+        start = self.tp.rank * self.inter
+        if proj != "down_proj":
+            return 0, start, self.inter
+        return (1, start, self.inter) if leaf == "weight" and not self.gather else None
 
     def _load(self, name: str, param_name: str, expert: int, proj: str, tensor: torch.Tensor) -> None:
         target = getattr(self, param_name).data[expert]  # [2I | H, ...]
@@ -145,28 +162,62 @@ class RoutedExperts(nn.Module):
             return
         for name in ("w13", "w2"):
             scale = getattr(self, f"{name}_scale").data  # [E, N, 1] fp32
-            replace_param(self, f"{name}_scale", scale.to(self.scale_dtype).reshape(self.num_experts, -1))  # [E, N]
+            replace_param(self, f"{name}_scale", scale.to(self.scale_dtype).reshape(self.num_local, -1))  # [E, N]
             packed = self.ops.pack_weight(getattr(self, name).data)  # [E, ...]: one form for all experts
             replace_param(self, name, packed)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; topk_weights fp32 / topk_ids: [T, K]
-        out = torch.zeros_like(x)
-        x_in = self.ops.quantize_per_token(x) if self.quantized else x  # quantize once: per-token scales
-        for e in topk_ids.unique().tolist():
-            token_idx, pos = torch.where(topk_ids == e)
-            y = self._expert(e, x_in, token_idx, x.dtype)  # [n, H]
-            out.index_add_(0, token_idx, (y * topk_weights[token_idx, pos, None]).to(x.dtype))
-        return out
+        local = (topk_ids >= self.first) & (topk_ids < self.first + self.num_local)
+        ids = topk_ids[local].unique().tolist()  # ascending; the same on every rank unless expert parallel
+        routes = [torch.where(topk_ids == e) for e in ids]  # (token index [n], slot [n]) per expert
+        experts = [e - self.first for e in ids]  # their index among this rank's experts
+        outs = x.new_zeros(*topk_ids.shape, x.shape[-1])  # [T, K, H]: each slot's weighted output
+        if experts:
+            x_in = self.ops.quantize_per_token(x) if self.quantized else x  # quantize once: per-token scales
+            acts = [self._gate_up(e, x_in, tokens, x.dtype) for e, (tokens, _) in zip(experts, routes, strict=True)]
+            downs = self._down(experts, acts, x.dtype)  # [n, H] per expert
+            for (tokens, slots), y in zip(routes, downs, strict=True):
+                outs[tokens, slots] = (y * topk_weights[tokens, slots, None]).to(x.dtype)
+        if self.expert_parallel:  # every slot was filled on the one rank that holds its expert
+            outs = self.tp.sum_disjoint(outs)
+        return add_in_expert_order(outs, topk_ids)
 
-    def _expert(self, e: int, x_in, token_idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Expert e on the tokens token_idx: [n, H]; x_in is x, or (x_q, s_t) when the experts are int8."""
+    def _gate_up(self, e: int, x_in, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """silu(gate) * up of local expert e on tokens: [n, I / tp]; x_in is x, or (x_q, s_t) for int8 experts."""
         if not self.quantized:
-            return F.linear(self.ops.silu_and_mul(F.linear(x_in[token_idx], self.w13[e])), self.w2[e])
-        x_q, s_t = x_in[0][token_idx], x_in[1][token_idx]  # [n, H] int8, [n, 1]
+            return self.ops.silu_and_mul(F.linear(x_in[tokens], self.w13[e]))
+        x_q, s_t = x_in[0][tokens], x_in[1][tokens]  # [n, H] int8, [n, 1]
         gate_up = (self.ops.int8_mm(x_q, self.w13[e]).float() * s_t * self.w13_scale[e].float()).to(dtype)
-        a_q, s2 = self.ops.quantize_per_token(self.ops.silu_and_mul(gate_up))  # [n, I] int8, [n, 1]
-        return (self.ops.int8_mm(a_q, self.w2[e]).float() * s2 * self.w2_scale[e].float()).to(dtype)
+        return self.ops.silu_and_mul(gate_up)
+
+    def _down(self, experts: list[int], acts: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Each local expert's down projection of its activation [n_e, I / tp] -> [n_e, H]; one collective (or
+        two) for all experts."""
+        sizes, a = [len(t) for t in acts], torch.cat(acts)  # [N, I / tp]
+        if not self.quantized:
+            a = self.tp.gather(a) if self.gather else a  # [N, I]
+            return [F.linear(part, self.w2[e]) for e, part in zip(experts, a.split(sizes), strict=True)]
+        absmax = None if self.reduce.size == 1 else self.reduce.max(a.float().abs().amax(dim=-1, keepdim=True))
+        a_q, s2 = self.ops.quantize_per_token(a, absmax)  # [N, I / tp] int8, [N, 1]
+        parts = zip(experts, a_q.split(sizes), strict=True)
+        acc = torch.cat([self.ops.int8_mm(q, self.w2[e]) for e, q in parts])  # [N, H] int32
+        acc = self.reduce.sum(acc)
+        return [
+            (part.float() * s * self.w2_scale[e].float()).to(dtype)
+            for e, part, s in zip(experts, acc.split(sizes), s2.split(sizes), strict=True)
+        ]
+
+
+def add_in_expert_order(outs: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """outs [T, K, H] summed over K in ascending expert id per token, in outs' dtype -> [T, H]: the order in which
+    one process adds its experts' outputs, whichever rank made them."""
+    order = topk_ids.argsort(dim=-1, stable=True)  # [T, K]
+    ordered = outs.gather(1, order[..., None].expand_as(outs))  # [T, K, H]
+    total = torch.zeros_like(ordered[:, 0])  # [T, H]
+    for k in range(ordered.shape[1]):
+        total += ordered[:, k]
+    return total
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> nn.Parameter:
@@ -176,18 +227,17 @@ def _param(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> nn.Par
 class DeepseekMoE(nn.Module):
     """Router + routed experts + shared experts: y = experts(x) + shared(x)."""
 
-    def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype):
+    def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         super().__init__()
         h, i = config.hidden_size, config.moe_intermediate_size
-        if config.hidden_act != "silu":
-            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; only 'silu'")
+        check_activation(config)
         self.gate = TopkRouter(config)
-        self.experts = RoutedExperts(config.n_routed_experts, h, i, quant_config, f"{prefix}.experts", dtype)
+        self.experts = RoutedExperts(config.n_routed_experts, h, i, quant_config, f"{prefix}.experts", dtype, tp)
         self.shared_experts = None
         if getattr(config, "n_shared_experts", None):
             bias = bool(getattr(config, "mlp_bias", False))
             shared = i * config.n_shared_experts
-            self.shared_experts = GatedMLP(h, shared, quant_config, f"{prefix}.shared_experts", dtype, bias)
+            self.shared_experts = GatedMLP(h, shared, quant_config, f"{prefix}.shared_experts", dtype, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H]

@@ -1,6 +1,10 @@
 """DeepSeek V2 / V3 (and Kimi-K2, the V3 layout): MLA attention over a latent cache, dense then MoE MLPs.
 
 Multi-token-prediction layers (index >= num_hidden_layers) are not built; their tensors are ignored.
+
+Tensor parallel: the latent projections (q_a, kv_a) and their norms are whole on every rank, which caches the whole
+latent; q / q_b and kv_b are column-parallel (each rank its heads), o_proj row-parallel; MLPs as in layers.mlp and
+layers.moe (expert parallel where tp.expert_parallel).
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.format.architectures import is_moe_layer
 from slimquant.layers.linear import Linear
 from slimquant.layers.mla import MLAttention
-from slimquant.layers.moe import DeepseekMoE, GatedMLP
+from slimquant.layers.mlp import GatedMLP, check_activation
+from slimquant.layers.moe import DeepseekMoE
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.rotary import (
@@ -33,7 +38,7 @@ PACKED_MODULES = {
 class DeepseekMLA(nn.Module):
     """q (lora or direct) and latent kv projections -> rope on the pe parts -> latent-cache attention -> o_proj."""
 
-    def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype):
+    def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, tp: TensorParallel):
         super().__init__()
         if quant_config.kv_cache_int8:
             raise ValueError(
@@ -42,31 +47,33 @@ class DeepseekMLA(nn.Module):
                 "not run; quantize the float model again without --kv-cache int8"
             )
         h, nh, eps = config.hidden_size, config.num_attention_heads, config.rms_norm_eps
-        self.num_heads, self.q_lora_rank, self.kv_lora_rank = nh, config.q_lora_rank, config.kv_lora_rank
+        self.num_heads = tp.share(nh, "num_attention_heads")[1]  # this rank's heads
+        self.q_lora_rank, self.kv_lora_rank = config.q_lora_rank, config.kv_lora_rank
         self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         qk_dim, bias, norm_bias = self.nope + self.rope, bool(config.attention_bias), quant_config.norm_has_bias
 
-        def linear(name: str, k: int, n: int | list[int], has_bias: bool = False, shards=None) -> Linear:
-            sizes, common = n if isinstance(n, list) else [n], dict(quant_config=quant_config, dtype=dtype)
-            return Linear(k, sizes, bias=has_bias, prefix=f"{prefix}.{name}", shards=shards, **common)
+        def linear(name: str, k: int, n: int | list[int], has_bias=False, shards=None, parallel=None) -> Linear:
+            sizes = n if isinstance(n, list) else [n]
+            common = dict(quant_config=quant_config, dtype=dtype, tp=tp, shards=shards, parallel=parallel)
+            return Linear(k, sizes, bias=has_bias, prefix=f"{prefix}.{name}", **common)
 
         kv_a_size = self.kv_lora_rank + self.rope
         if self.q_lora_rank is None:
-            self.q_proj = linear("q_proj", h, nh * qk_dim)
+            self.q_proj = linear("q_proj", h, nh * qk_dim, parallel="column")
             self.kv_a_proj_with_mqa = linear("kv_a_proj_with_mqa", h, kv_a_size, bias)
         else:  # q_a_proj and kv_a_proj_with_mqa read the same input: one GEMM (vLLM's fused_qkv_a_proj)
             shards = PACKED_MODULES["fused_qkv_a_proj"]
             self.fused_qkv_a_proj = linear("fused_qkv_a_proj", h, [self.q_lora_rank, kv_a_size], bias, shards)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps, dtype, bias=norm_bias)
-            self.q_b_proj = linear("q_b_proj", self.q_lora_rank, nh * qk_dim)
+            self.q_b_proj = linear("q_b_proj", self.q_lora_rank, nh * qk_dim, parallel="column")
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps, dtype, bias=norm_bias)
-        self.kv_b_proj = linear("kv_b_proj", self.kv_lora_rank, nh * (self.nope + self.v_dim))
-        self.o_proj = linear("o_proj", nh * self.v_dim, h, bias)
+        self.kv_b_proj = linear("kv_b_proj", self.kv_lora_rank, nh * (self.nope + self.v_dim), parallel="column")
+        self.o_proj = linear("o_proj", nh * self.v_dim, h, bias, parallel="row")
         # transformers' V2 always rotates interleaved pairs; V3 unless rope_interleave is false
         interleave = config.model_type == "deepseek_v2" or getattr(config, "rope_interleave", True)
         self.rotate = apply_rotary_interleaved if interleave else apply_rotary
         scale = mla_softmax_scale(rope_parameters(config), qk_dim)
-        self.attn = MLAttention(nh, self.nope, self.rope, self.v_dim, self.kv_lora_rank, scale)
+        self.attn = MLAttention(self.num_heads, self.nope, self.rope, self.v_dim, self.kv_lora_rank, scale)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; cos/sin: [T, rope]
@@ -89,20 +96,19 @@ class DeepseekMLA(nn.Module):
 class DeepseekDecoderLayer(PreNormDecoderLayer):
     """Pre-norm block: MLA and a dense or MoE MLP, each residual add fused into the next norm."""
 
-    def __init__(self, config, quant_config: QuantConfig, index: int, dtype: torch.dtype):
+    def __init__(self, config, quant_config: QuantConfig, index: int, dtype: torch.dtype, tp: TensorParallel):
         super().__init__()
         prefix, eps, bias = f"model.layers.{index}", config.rms_norm_eps, quant_config.norm_has_bias
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
-        self.self_attn = DeepseekMLA(config, quant_config, f"{prefix}.self_attn", dtype)
+        self.self_attn = DeepseekMLA(config, quant_config, f"{prefix}.self_attn", dtype, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
         if is_moe_layer(config, index):
-            self.mlp = DeepseekMoE(config, quant_config, f"{prefix}.mlp", dtype)
+            self.mlp = DeepseekMoE(config, quant_config, f"{prefix}.mlp", dtype, tp)
         else:
-            if config.hidden_act != "silu":
-                raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; only 'silu'")
+            check_activation(config)
             mlp_bias = bool(getattr(config, "mlp_bias", False))
             h, i = config.hidden_size, config.intermediate_size
-            self.mlp = GatedMLP(h, i, quant_config, f"{prefix}.mlp", dtype, mlp_bias)
+            self.mlp = GatedMLP(h, i, quant_config, f"{prefix}.mlp", dtype, mlp_bias, tp)
 
 
 class DeepseekV2ForCausalLM(CausalLM):
@@ -111,12 +117,10 @@ class DeepseekV2ForCausalLM(CausalLM):
     packed_modules_mapping = PACKED_MODULES
 
     def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype, tp: TensorParallel = SINGLE):
-        if tp.size > 1:
-            raise ValueError(
-                "tensor_parallel_size > 1 is not supported for DeepSeek (MLA + MoE) models yet: run them in one "
-                "process (Llama, Qwen2 and Qwen3 run tensor parallel)"
-            )
-        layers = [DeepseekDecoderLayer(config, quant_config, i, dtype) for i in range(config.num_hidden_layers)]
+        """tp: this process's tensor-parallel group (heads, MLP columns and experts split; embeddings, head and
+        latent projections whole)."""
+        n = config.num_hidden_layers
+        layers = [DeepseekDecoderLayer(config, quant_config, i, dtype, tp) for i in range(n)]
         model = DecoderModel(config, quant_config, dtype, config.qk_rope_head_dim, layers)
         super().__init__(config, quant_config, dtype, model)
 

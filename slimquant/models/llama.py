@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.layers.attention import Attention
 from slimquant.layers.linear import Linear
+from slimquant.layers.mlp import GatedMLP, check_activation
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.models.base import CausalLM, DecoderModel, LayerParts, PreNormDecoderLayer
@@ -73,28 +73,6 @@ class LlamaAttention(nn.Module):
         return self.o_proj(o)
 
 
-class LlamaMLP(nn.Module):
-    """down_proj(silu(gate_proj x) * up_proj x), gate and up fused."""
-
-    ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
-
-    def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, tp: TensorParallel):
-        super().__init__()
-        if config.hidden_act != "silu":
-            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; only 'silu'")
-        bias = bool(getattr(config, "mlp_bias", False))
-        h, i = config.hidden_size, config.intermediate_size
-        common = dict(quant_config=quant_config, dtype=dtype, bias=bias, tp=tp)
-        self.gate_up_proj = Linear(
-            h, [i, i], prefix=f"{prefix}.gate_up_proj", shards=PACKED_MODULES["gate_up_proj"], parallel="column",
-            **common,
-        )  # fmt: skip
-        self.down_proj = Linear(i, [h], prefix=f"{prefix}.down_proj", parallel="row", **common)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))  # [T, H] -> [T, 2I] -> [T, I] -> [T, H]
-
-
 class LlamaDecoderLayer(PreNormDecoderLayer):
     """Pre-norm block: attention and MLP, each with a residual add fused into the next norm."""
 
@@ -106,7 +84,9 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
         self.self_attn = LlamaAttention(config, quant_config, f"{prefix}.self_attn", dtype, variant, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
-        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", dtype, tp)
+        check_activation(config)
+        mlp_bias, h, i = bool(getattr(config, "mlp_bias", False)), config.hidden_size, config.intermediate_size
+        self.mlp = GatedMLP(h, i, quant_config, f"{prefix}.mlp", dtype, mlp_bias, tp)
 
     @property
     def kv_cache(self) -> torch.Tensor | None:

@@ -42,7 +42,10 @@ def test_every_rank_returns_one_process_tokens_and_logprobs(checkpoints, size):
 
 @pytest.mark.parametrize(
     "arch,words",
-    [("llama", "num_attention_heads = 4 is not divisible by tensor_parallel_size = 3"), ("deepseek_v3", "DeepSeek")],
+    [
+        ("llama", "num_attention_heads = 4 is not divisible by tensor_parallel_size = 3"),
+        ("deepseek_v3", "num_attention_heads = 4 is not divisible by tensor_parallel_size = 3"),
+    ],
 )
 def test_models_that_cannot_split_say_why(tiny_model, arch, words):
     with pytest.raises(ValueError, match=words):

@@ -42,6 +42,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-tp", "--tensor-parallel-size", type=int, default=1, help="run the model split over this many processes"
     )
+    p.add_argument(
+        "--enable-expert-parallel", action="store_true", help="MoE models under -tp: whole experts per process"
+    )
     add_backend_arg(p)
 
 
@@ -90,6 +93,7 @@ def llm_arguments(args: argparse.Namespace, **engine_kwargs) -> tuple[str, dict]
         max_model_len=args.max_model_len,
         trust_remote_code=args.trust_remote_code,
         tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
         **engine_kwargs,
     )
 

@@ -1,0 +1,45 @@
+"""GatedMLP: the SwiGLU MLP of Llama-family layers, DeepSeek's dense layers and its shared experts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
+from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
+from slimquant.layers.linear import Linear
+from slimquant.layers.quant_config import QuantConfig
+
+
+class GatedMLP(nn.Module):
+    """down_proj(silu(gate_proj x) * up_proj x), gate and up fused; under tensor parallel gate_up is
+    column-parallel and down row-parallel."""
+
+    ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
+
+    def __init__(
+        self,
+        hidden: int,
+        inter: int,
+        quant_config: QuantConfig,
+        prefix: str,
+        dtype: torch.dtype,
+        bias: bool = False,
+        tp: TensorParallel = SINGLE,
+    ):
+        super().__init__()
+        common = dict(quant_config=quant_config, dtype=dtype, bias=bias, tp=tp)
+        self.gate_up_proj = Linear(
+            hidden, [inter, inter], prefix=f"{prefix}.gate_up_proj", shards=["gate_proj", "up_proj"],
+            parallel="column", **common,
+        )  # fmt: skip
+        self.down_proj = Linear(inter, [hidden], prefix=f"{prefix}.down_proj", parallel="row", **common)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))  # [T, H] -> [T, 2I] -> [T, I] -> [T, H]
+
+
+def check_activation(config) -> None:
+    """ValueError unless config's hidden_act is silu (the only one the MLPs run)."""
+    if config.hidden_act != "silu":
+        raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; only 'silu'")
