@@ -42,9 +42,12 @@ class CpuNativeBackend(Backend):
 
     name = "cpu-native"
 
-    def __init__(self, lib: native.Library, isa: str, greedy_screen: bool = True, hugepages: bool = True):
+    def __init__(
+        self, lib: native.Library, isa: str, greedy_screen: bool = True, hugepages: bool = True, tp_size: int = 1
+    ):
+        """tp_size > 1: a tensor-parallel rank, which runs every step per op (the stack reduces across no ranks)."""
         super().__init__(NativeOps(lib, isa, hugepages))
-        self.lib, self.isa, self.greedy_screen = lib, isa, greedy_screen
+        self.lib, self.isa, self.greedy_screen, self.tp_size = lib, isa, greedy_screen, tp_size
         self.stack: DecoderStackPlan | None = None
         self.fp32_steps_only = True  # the stack pays at any size (fp32 activations); else up to BF16_STEP_MAX_MACS
         self._final_norm: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -57,6 +60,10 @@ class CpuNativeBackend(Backend):
     def prepare(self, model: nn.Module) -> None:
         """Plan every layer for the stack (or note which one cannot be, and why)."""
         decoder = model.model
+        if self.tp_size > 1:
+            self.notes.append(f"steps run per op: tensor parallel over {self.tp_size} ranks (the row-parallel int8 "
+                              "linears sum their int32 products across ranks between the native kernels)")  # fmt: skip
+            return
         parts = [layer.stack_parts() if hasattr(layer, "stack_parts") else None for layer in decoder.layers]
         if any(p is None for p in parts):
             self.notes.append(f"steps run per op: {type(decoder.layers[0]).__name__} has no native stack form")

@@ -11,22 +11,22 @@ from slimquant.kernels.triton_kernels import triton_module
 def select_backend(device: str, kernels: KernelConfig, enforce_eager: bool = False, tp_size: int = 1) -> Backend:
     """The backend for a device: kernels.backend, or for "auto" the fastest that runs here (cpu-native on a CPU,
     cuda-triton on a GPU; torch-reference where their kernels cannot load, said in its notes). A backend asked
-    for by name that cannot run here is a ValueError with the reason. Tensor parallel (tp_size > 1) runs on
-    torch-reference: the native and Triton whole-step paths do not reduce across ranks yet."""
+    for by name that cannot run here is a ValueError with the reason. Tensor parallel (tp_size > 1) runs cpu-native
+    per op (its whole-step path does not reduce across ranks) and on a GPU torch-reference (nor do Triton's)."""
     on_cuda = str(device).startswith("cuda")
     wanted = kernels.backend
-    if tp_size > 1:
-        if wanted not in ("auto", "torch-reference"):
-            raise ValueError(f"backend {wanted!r} does not run tensor parallel yet; use 'auto' or 'torch-reference'")
+    if wanted == "auto":
+        wanted = "cuda-triton" if on_cuda else "cpu-native"
+    if tp_size > 1 and wanted == "cuda-triton":  # its whole-step graphs do not reduce across ranks
+        if kernels.backend != "auto":
+            raise ValueError("backend 'cuda-triton' does not run tensor parallel yet; use 'auto' or 'torch-reference'")
         backend = Backend()
         backend.notes.append(f"tensor parallel over {tp_size} ranks: every op in torch, the int8 sums over ranks")
         return backend
-    if wanted == "auto":
-        wanted = "cuda-triton" if on_cuda else "cpu-native"
     if wanted != "torch-reference" and (wanted == "cuda-triton") != on_cuda:
         raise ValueError(f"backend {wanted!r} does not run on device {device!r}; use 'auto' or 'torch-reference'")
     try:
-        return _make(wanted, kernels, graphs=on_cuda and not enforce_eager)
+        return _make(wanted, kernels, graphs=on_cuda and not enforce_eager, tp_size=tp_size)
     except _Unavailable as e:
         if kernels.backend != "auto":
             raise ValueError(f"backend {wanted!r} cannot run here: {e}") from None
@@ -39,7 +39,7 @@ class _Unavailable(Exception):
     pass
 
 
-def _make(name: str, kernels: KernelConfig, graphs: bool) -> Backend:
+def _make(name: str, kernels: KernelConfig, graphs: bool, tp_size: int = 1) -> Backend:
     if name == "cpu-native":
         from slimquant.backends.cpu_native import CpuNativeBackend
 
@@ -48,7 +48,7 @@ def _make(name: str, kernels: KernelConfig, graphs: bool) -> Backend:
         except native.NativeUnavailable as e:
             raise _Unavailable(str(e)) from None
         isa = native.best_isa() if kernels.isa == "auto" else kernels.isa
-        return CpuNativeBackend(lib, isa, kernels.greedy_screen, kernels.hugepages)
+        return CpuNativeBackend(lib, isa, kernels.greedy_screen, kernels.hugepages, tp_size)
     if name == "cuda-triton":
         if triton_module("cuda_layers") is None:
             raise _Unavailable("Triton is not installed")
