@@ -1,15 +1,14 @@
 """Tensor parallel on one machine: 1 process vs N ranks, side by side in one run.
 
-A random model of Qwen2.5-0.5B's shape (14 heads, 2 kv heads: splits in 2), quantized to --scheme (cached). Each
-row starts its ranks as torchrun would (slimquant.distributed.launch.run_ranks: every rank its own engine, each on
-cores / N threads; collectives over gloo), except the "engine-started" rows: LLM(tensor_parallel_size=N) in this
-process, which drives ranks it starts, their collectives through shared memory (rank 0 measured). It measures on
-every rank: checkpoint bytes read, peak RSS, prefill tokens/s of a
---prompt-tokens prompt, single-stream greedy decode tokens/s of --decode-tokens tokens (medians over --rounds, the
-range beside them), and for N > 1 the latency of one all-reduce of a decode step's size over gloo and through
-shared memory (what each row-parallel layer pays, twice for W8A8_DYNAMIC: the absmax and the int32 sum). The
-1-process rows run on the torch-reference backend (what the ranks run) and on cpu-native (today's fastest single
-process).
+A random model of Qwen2.5-0.5B's shape (14 heads, 2 kv heads: splits in 2), quantized to --scheme (cached), on the
+torch-reference and cpu-native backends (one process of cpu-native runs its whole-step native stack; its ranks run
+per op). Rows "torchrun" start their ranks as torchrun would (slimquant.distributed.launch.run_ranks: every rank its
+own engine, each on cores / N threads; collectives over gloo); rows "engine" are LLM(tensor_parallel_size=N) in
+this process, which drives the ranks it starts, their collectives through shared memory (rank 0 measured). It
+measures on every rank: checkpoint bytes read, peak RSS, prefill tokens/s of a --prompt-tokens prompt,
+single-stream greedy decode tokens/s of --decode-tokens tokens (medians over --rounds, the range beside them), and
+for N > 1 the latency of one all-reduce of a decode step's size over gloo and through shared memory (what each
+row-parallel layer pays, twice for W8A8_DYNAMIC: the absmax and the int32 sum).
 
     .venv/bin/python bench/parallel.py [--sizes 1 2] [--scheme w8a8_dynamic] [--rounds 3]
         [--prompt-tokens 256] [--decode-tokens 32]
@@ -91,31 +90,34 @@ def main() -> None:
     args = ap.parse_args()
     path = str(quantized(random_model("qwen2", "qwen2.5-0.5b", QWEN25_05B_SHAPE), args.scheme))
     cores = os.cpu_count() or 1
-    runs = [(1, "cpu-native")] + [(n, "torch-reference") for n in args.sizes]
     rows = []
-    for size, backend in runs:
-        ranks = run_ranks(measure, size, path, backend, args, threads=max(1, cores // size), timeout=1800)
-        rows.append((size, backend, ranks))
-    for size in [n for n in args.sizes if n > 1]:  # the engine starts the ranks: rank 0 drives, shared memory
-        rows.append((size, "engine-started", [measure(0, size, path, "torch-reference", args, probe=False)]))
+    for backend in ("torch-reference", "cpu-native"):
+        for size in args.sizes:
+            ranks = run_ranks(measure, size, path, backend, args, threads=max(1, cores // size), timeout=1800)
+            rows.append((size, backend, "torchrun", ranks))
+        for size in [n for n in args.sizes if n > 1]:  # the engine starts the ranks: rank 0 drives, shared memory
+            rows.append((size, backend, "engine", [measure(0, size, path, backend, args, probe=False)]))
     layers = QWEN25_05B_SHAPE["num_hidden_layers"]
     per_step = layers * 2 * (2 if args.scheme == "w8a8_dynamic" else 1)
     print(f"\n{Path(path).name}: prompt {args.prompt_tokens} tokens, decode {args.decode_tokens}, {cores} cores")
-    print(f"{'ranks':>5} {'backend':<16}{'rank':>5}{'read MB':>9}{'peak RSS MiB':>13}"
+    print(f"{'ranks':>5} {'backend':<16}{'started by':<11}{'rank':>5}{'read MB':>9}{'peak RSS MiB':>13}"
           f"{'prefill tok/s [range]':>26}{'decode tok/s [range]':>26}{'gloo us':>9}{'shm us':>8}")  # fmt: skip
-    for size, backend, ranks in rows:
+    for size, backend, launch, ranks in rows:
         for rank, r in enumerate(ranks):
             lat = f"{'-':>17}"
             if r["latency"]:
                 lat = f"{r['latency']['gloo'] * 1e6:9.0f}{r['latency']['shm'] * 1e6:8.0f}"
-            print(f"{size:>5} {backend:<16}{rank:>5}{r['bytes'] / 1e6:9.1f}{r['rss']:13.0f}"
+            launched = launch if size > 1 else "-"
+            print(f"{size:>5} {backend:<16}{launched:<11}{rank:>5}{r['bytes'] / 1e6:9.1f}{r['rss']:13.0f}"
                   f"{spread(r['prefill']):>26}{spread(r['decode']):>26}{lat}")  # fmt: skip
-    for size, _, ranks in rows:
-        if ranks[0]["latency"]:
+    for size, backend, _, ranks in rows:
+        if ranks[0]["latency"] and backend == "torch-reference":
             step = 1 / statistics.median(ranks[0]["decode"])
             for name, latency in ranks[0]["latency"].items():
-                print(f"tp={size}: {per_step} all-reduces per decode step x {latency * 1e6:.0f} us ({name}) = "
-                      f"{per_step * latency * 1e3:.1f} ms of a {step * 1e3:.1f} ms gloo step")  # fmt: skip
+                print(
+                    f"tp={size}: {per_step} all-reduces per decode step x {latency * 1e6:.0f} us ({name}) = "
+                    f"{per_step * latency * 1e3:.1f} ms of a {step * 1e3:.1f} ms gloo step (torch-reference)"
+                )
 
 
 if __name__ == "__main__":

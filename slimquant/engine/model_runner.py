@@ -91,18 +91,30 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepResult:
         """Run one forward over the batch, sample where a sequence reached its last token."""
         inputs = self.prepare(batch)
+        split_head = self.model.vocab_tp.size > 1  # every rank computes its part of the logits
+        indices = inputs.rows.indices() if split_head else None
         if self.broadcast:
-            self.tp.broadcast((inputs.input_ids, inputs.positions, inputs.context))
+            self.tp.broadcast((inputs.input_ids, inputs.positions, inputs.context, indices))
         hidden = self.backend.forward(self.model, inputs.input_ids, inputs.positions, inputs.context)  # [T, H]
+        if split_head:
+            return self.sampler.sample_logits(self._logits(hidden, indices), inputs.rows)
         return self.sampler.sample(hidden, inputs.rows)
 
     @torch.inference_mode()
     def serve_steps(self) -> None:
         """A rank > 0: run the forward of each step rank 0 broadcasts, until it broadcasts None."""
         while (step := self.tp.broadcast()) is not None:
-            input_ids, positions, context = step
-            self.backend.forward(self.model, input_ids, positions, context)
+            input_ids, positions, context, indices = step
+            hidden = self.backend.forward(self.model, input_ids, positions, context)
+            self._logits(hidden, indices)
         self.tp.barrier()  # every rank has the stop before any leaves the group
+
+    def _logits(self, hidden: torch.Tensor, indices: list[int] | None) -> torch.Tensor | None:
+        """Logits [len(indices), V] of the hidden rows at indices, where the head is split (a collective); else
+        None."""
+        if not indices:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(indices, dtype=torch.long, device=hidden.device)])
 
     def stop_serving(self) -> None:
         """Rank 0: let the other ranks' serve_steps() return."""

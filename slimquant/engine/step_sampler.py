@@ -42,6 +42,14 @@ class LogitRows:
         """Rows to compute logits for: sampling rows first, then prompt-scoring rows."""
         return self.sample_rows + [r for _, rows in self.prompt_rows for r in rows]
 
+    def renumbered(self) -> LogitRows:
+        """The same rows numbered as they come in indices(): 0 .. n-1."""
+        out, n = LogitRows(list(range(len(self.sample_rows))), self.sample_seqs), len(self.sample_rows)
+        for seq, rows in self.prompt_rows:
+            out.prompt_rows.append((seq, list(range(n, n + len(rows)))))
+            n += len(rows)
+        return out
+
 
 @dataclass
 class StepResult:
@@ -73,6 +81,10 @@ class StepSampler:
         elif rows.sample_seqs:
             sampled = self.sampler(logits[: len(rows.sample_rows)], self.sampling_batch(rows.sample_seqs))
         return StepResult(rows.sample_seqs, sampled, self._prompt_logprobs(rows, logits))
+
+    def sample_logits(self, logits: torch.Tensor | None, rows: LogitRows) -> StepResult:
+        """As sample, from the logits of rows.indices() [S + P, V] computed already (a head split over ranks)."""
+        return StepSampler(GivenLogits(), self.sampler, self.device).sample(logits, rows.renumbered())
 
     def _sample_top_k(self, hidden: torch.Tensor, rows: LogitRows) -> StepResult | None:
         """Top-k sampling among the head screen's candidates (backends/greedy_screen.py) where each sampled row needs
@@ -129,6 +141,16 @@ class StepSampler:
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
+
+
+class GivenLogits(LogitsHead):
+    """A head whose input rows are their logits already."""
+
+    def __init__(self):
+        super().__init__(None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
 
 
 def _rows(hidden: torch.Tensor, indices: list[int]) -> torch.Tensor:

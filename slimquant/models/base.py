@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from slimquant.backends.torch_ops import TORCH_OPS, KvQuant, TorchOps
-from slimquant.layers.embedding import VocabEmbedding
+from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
+from slimquant.layers.embedding import VocabEmbedding, vocab_group
 from slimquant.layers.linear import Linear
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
@@ -55,9 +56,12 @@ class DecoderModel(nn.Module):
     Each layer is called as layer(x, residual, cos, sin) -> (x, residual), residual None on the first.
     """
 
-    def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype, rope_dim: int, layers: list[nn.Module]):
+    def __init__(
+        self, config, quant_config: QuantConfig, dtype: torch.dtype, rope_dim: int, layers: list[nn.Module],
+        tp: TensorParallel = SINGLE,
+    ):  # fmt: skip
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype, tp=tp)
         self.rotary = RotaryEmbedding(rope_dim, rope_parameters(config))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
@@ -72,31 +76,42 @@ class DecoderModel(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """A DecoderModel plus LM head (tied to the embeddings when the config says so)."""
+    """A DecoderModel plus LM head (tied to the embeddings when the config says so). Under tensor parallel the head
+    is split by vocabulary like the embeddings (vocab_tp): each rank computes its logits, gathered in rank order."""
 
     ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind): the tied head's float linear
 
-    def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype, model: DecoderModel):
+    def __init__(
+        self, config, quant_config: QuantConfig, dtype: torch.dtype, model: DecoderModel, tp: TensorParallel = SINGLE
+    ):
         super().__init__()
         self.config = config
         self.model = model
+        self.vocab_tp = vocab_group(config.vocab_size, tp)
         self.lm_head = None
         if not getattr(config, "tie_word_embeddings", False):
             h, v = config.hidden_size, config.vocab_size
-            self.lm_head = Linear(h, [v], bias=False, quant_config=quant_config, prefix="lm_head", dtype=dtype)
+            self.lm_head = Linear(
+                h, [v], bias=False, quant_config=quant_config, prefix="lm_head", dtype=dtype, parallel="column",
+                tp=self.vocab_tp,
+            )  # fmt: skip
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden [T, H] (per op; the backend may run the step another way)."""
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> fp32 logits [N, V]."""
+        """hidden [N, H] -> fp32 logits [N, V] (a collective where the head is split: every rank calls it)."""
         if self.lm_head is None:
-            return self.ops.float_linear(hidden, self.model.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+            logits = self.ops.float_linear(hidden, self.model.embed_tokens.weight).float()  # [N, V / tp]
+        else:
+            logits = self.lm_head(hidden).float()
+        return self.vocab_tp.gather(logits)
 
     def float_head_weight(self) -> torch.Tensor | None:
-        """The head's float weight [V, H] when it is a plain float linear without bias, else None."""
+        """The head's float weight [V, H] when it is a plain float linear without bias and whole here, else None."""
+        if self.vocab_tp.size > 1:
+            return None
         if self.lm_head is None:
             return self.model.embed_tokens.weight
         plain = isinstance(self.lm_head.method, UnquantizedMethod) and self.lm_head.bias is None

@@ -117,12 +117,12 @@ class DeepseekV2ForCausalLM(CausalLM):
     packed_modules_mapping = PACKED_MODULES
 
     def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype, tp: TensorParallel = SINGLE):
-        """tp: this process's tensor-parallel group (heads, MLP columns and experts split; embeddings, head and
+        """tp: this process's tensor-parallel group (heads, MLP columns, experts and the vocabulary split; the
         latent projections whole)."""
         n = config.num_hidden_layers
         layers = [DeepseekDecoderLayer(config, quant_config, i, dtype, tp) for i in range(n)]
-        model = DecoderModel(config, quant_config, dtype, config.qk_rope_head_dim, layers)
-        super().__init__(config, quant_config, dtype, model)
+        model = DecoderModel(config, quant_config, dtype, config.qk_rope_head_dim, layers, tp)
+        super().__init__(config, quant_config, dtype, model, tp)
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):

@@ -114,15 +114,14 @@ class LlamaForCausalLM(CausalLM):
     packed_modules_mapping = PACKED_MODULES
 
     def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype, tp: TensorParallel = SINGLE):
-        """tp: this process's tensor-parallel group (heads and MLP columns split; embeddings and head whole)."""
+        """tp: this process's tensor-parallel group (heads, MLP columns and the vocabulary split)."""
         variant = self.variant(config)
         layers = [
             LlamaDecoderLayer(config, quant_config, f"model.layers.{i}", dtype, variant, tp)
             for i in range(config.num_hidden_layers)
         ]
-        super().__init__(
-            config, quant_config, dtype, DecoderModel(config, quant_config, dtype, head_dim_of(config), layers)
-        )
+        model = DecoderModel(config, quant_config, dtype, head_dim_of(config), layers, tp)
+        super().__init__(config, quant_config, dtype, model, tp)
 
     @staticmethod
     def variant(config) -> Variant:

@@ -11,21 +11,23 @@ from slimquant import LLM, SamplingParams
 from slimquant.distributed.launch import run_ranks
 from slimquant.distributed.tensor_parallel import TensorParallel
 from slimquant.format.safetensors_io import SafetensorsFolder
+from slimquant.kernels import native
 from slimquant.models.loader import load_model
+from tests.models.ascend_ckpt import write_ascend
 
 PROMPTS = ["The capital of France is", "Hello, my name is Ada and", "0 1 2 3"]
 PARAMS = dict(temperature=0, max_tokens=6, logprobs=2, ignore_eos=True)
 
 
-def generate(path: str, **kwargs) -> list[tuple]:
+def generate(path: str, backend: str = "torch-reference", **kwargs) -> list[tuple]:
     """(token ids, each token's logprobs) per prompt."""
-    llm = LLM(path, kernels={"backend": "torch-reference"}, max_model_len=64, **kwargs)
+    llm = LLM(path, kernels={"backend": backend}, max_model_len=64, **kwargs)
     outs = llm.generate(PROMPTS, SamplingParams(**PARAMS), use_tqdm=False)
     return [(o.outputs[0].token_ids, [sorted(d.items()) for d in o.outputs[0].logprobs]) for o in outs]
 
 
-def rank_generate(rank: int, size: int, paths: list[str]) -> list:
-    return [generate(p, tensor_parallel_size=size) for p in paths]
+def rank_generate(rank: int, size: int, paths: list[str], backend: str = "torch-reference") -> list:
+    return [generate(p, backend, tensor_parallel_size=size) for p in paths]
 
 
 @pytest.mark.parametrize("size", [2, 4])
@@ -38,6 +40,29 @@ def test_every_rank_returns_one_process_tokens_and_logprobs(checkpoints, size):
         want = one[i]
         for rank, got in enumerate(ranks):
             assert got[i] == want, f"{name}: rank {rank} of {size} differs from one process"
+
+
+def test_tied_embeddings_split_by_vocabulary(tiny_model, tmp_path):
+    """A tied head is the split embedding table: each rank's logits of its vocabulary rows, gathered."""
+    src = tiny_model("qwen2", num_key_value_heads=4, tie_word_embeddings=True)
+    paths = [str(src), str(write_ascend(src, tmp_path / "q", lambda p: "W8A8_DYNAMIC"))]
+    (one,) = run_ranks(rank_generate, 1, paths)
+    for rank, got in enumerate(run_ranks(rank_generate, 2, paths)):
+        assert got == one, f"rank {rank}"
+    loaded = load_model(paths[0], tp=TensorParallel(rank=1, size=2))
+    assert loaded.model.lm_head is None and loaded.model.model.embed_tokens.weight.shape[0] == 256
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+def test_native_ranks_return_one_native_process_results(checkpoints):
+    """cpu-native ranks run per op, the row-parallel sums between the native kernels; one process runs the whole
+    native decoder stack: the same bits."""
+    names = ["llama-W8A8", "qwen3-W8A8_DYNAMIC", "qwen2-mixed", "qwen2-float"]
+    paths = [checkpoints[n] for n in names]
+    (one,) = run_ranks(rank_generate, 1, paths, "cpu-native")
+    for rank, got in enumerate(run_ranks(rank_generate, 2, paths, "cpu-native")):
+        for name, outs, want in zip(names, got, one, strict=True):
+            assert outs == want, f"{name}: rank {rank} differs from one process"
 
 
 @pytest.mark.parametrize(
@@ -54,11 +79,12 @@ def test_models_that_cannot_split_say_why(tiny_model, arch, words):
 
 @pytest.mark.parametrize("name", ["qwen2-float", "llama-W8A8"])
 def test_a_rank_reads_only_its_part_of_the_linears(checkpoints, name):
-    """Column-parallel tensors (q/k/v/gate/up: every per-row tensor) and row-parallel int8 weights (o/down) are read
-    half by each of 2 ranks; everything else whole (a float row-parallel layer keeps its whole weight). Expected
+    """Column-parallel tensors (q/k/v/gate/up: every per-row tensor), row-parallel int8 weights (o/down), the
+    embeddings and the LM head are read half by each of 2 ranks; everything else whole (a float row-parallel layer
+    keeps its whole weight). Expected
     bytes from the safetensors headers."""
     folder = SafetensorsFolder(checkpoints[name])
-    column = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    column = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head")
     expected = 0
     for key in folder.keys():
         info, parts = folder.info(key), key.split(".")

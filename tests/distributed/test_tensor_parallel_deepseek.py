@@ -74,13 +74,13 @@ def test_engine_started_expert_parallel_ranks_match_one_process(deepseek, one_pr
 
 
 _EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.")
-_COLUMN = ("q_proj", "q_b_proj", "kv_b_proj", "gate_proj", "up_proj")  # every per-row tensor split
+_COLUMN = ("q_proj", "q_b_proj", "kv_b_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head")  # rows split
 
 
 def expected_bytes(folder: SafetensorsFolder, rank: int, size: int, expert_parallel: bool, experts: int) -> int:
-    """What one rank of a float DeepSeek reads, from the safetensors headers: column-parallel rows split, float
-    row-parallel weights whole (their input is gathered), routed experts its own (expert parallel) or its rows of
-    gate / up and whole down weights."""
+    """What one rank of a float DeepSeek reads, from the safetensors headers: column-parallel and vocabulary rows
+    split, float row-parallel weights whole (their input is gathered), routed experts its own (expert parallel) or
+    its rows of gate / up and whole down weights."""
     total = 0
     for key in folder.keys():
         nbytes, proj = folder.info(key).nbytes, key.split(".")[-2]
