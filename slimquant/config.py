@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from slimquant.devices import check_device
+from slimquant.distributed.cpu_binding import check_spec
 from slimquant.format.dtypes import DTYPE_NAMES, names_of
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,11 @@ VLLM_IGNORED = frozenset(
     }
 )
 # vLLM parallelism arguments: accepted when 1 (the only supported value).
+# How tensor-parallel row-parallel linears reduce: "exact" sums int32 products (after agreeing on each token's
+# absmax) and dequantizes once, as one process does; "vllm-ascend" does what vLLM-Ascend does on NPUs: each rank
+# quantizes its own part of the input, dequantizes its product (quant_bias and the float bias on rank 0 only), and
+# the ranks sum the float outputs.
+TENSOR_PARALLEL_ORDERS = ("exact", "vllm-ascend")
 VLLM_SINGLE_DEVICE = ("pipeline_parallel_size", "data_parallel_size")
 
 
@@ -63,6 +69,7 @@ ENVIRONMENT = {
     "SLIMQUANT_HUGEPAGES": ("KernelConfig.hugepages", "1"),
     "SLIMQUANT_CACHE": ("KernelConfig.cache_dir; the demo's models (zoo.py)", "~/.cache/slimquant"),
     "SLIMQUANT_API_KEY": ("slimquant serve --api-key", ""),
+    "VLLM_CPU_OMP_THREADS_BIND": ("EngineConfig.cpu_threads_bind: each tensor-parallel rank's cores", "auto"),
     "WORLD_SIZE": ("torchrun's: slimquant serve joins its group (-tp = its size; rank 0 serves)", ""),
 }
 
@@ -139,6 +146,11 @@ class EngineConfig:
     kernels: KernelConfig | dict | None = None  # KernelConfig, or a dict of its fields; None: the defaults
     tensor_parallel_size: int = 1  # > 1: the model split over this many processes (started here, or torchrun's)
     enable_expert_parallel: bool = False  # MoE layers: whole experts per rank instead of a part of every expert
+    # row-parallel linears: "exact" (one process's bits) or "vllm-ascend" (its float all-reduce of each rank's part)
+    tensor_parallel_order: str = "exact"
+    # each local rank's cores: "auto" (contiguous groups), "0-3|4-7", or "all" (no binding); vLLM's
+    # VLLM_CPU_OMP_THREADS_BIND (distributed/cpu_binding.py)
+    cpu_threads_bind: str = field(default_factory=lambda: env_setting("VLLM_CPU_OMP_THREADS_BIND"))
     nnodes: int = 1  # machines the ranks are spread over (tensor_parallel_size / nnodes ranks on each)
     node_rank: int = 0  # this machine's index; 0 serves, the others run --headless
     master_addr: str = "127.0.0.1"  # node 0's address, where the ranks meet
@@ -168,7 +180,10 @@ class EngineConfig:
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
         _check(isinstance(self.seed, int), "seed", self.seed, "an int")
+        order, orders = self.tensor_parallel_order, TENSOR_PARALLEL_ORDERS
+        _check(order in orders, "tensor_parallel_order", order, f"one of {orders}")
         self._check_nodes()
+        check_spec(self.cpu_threads_bind, self.tensor_parallel_size // self.nnodes)
         executor, executors = self.distributed_executor_backend, (None, "mp", "external_launcher")
         _check(executor in executors, "distributed_executor_backend", executor, f"one of {executors}")
         check_device(self.device)

@@ -24,6 +24,7 @@ class TensorParallel:
     group: dist.ProcessGroup | None = None
     local: SharedMemoryExchange | None = None  # ranks on one machine: small tensors through shared memory
     expert_parallel: bool = False  # MoE layers: whole experts per rank instead of a part of every expert
+    order: str = "exact"  # how row-parallel linears reduce: config.TENSOR_PARALLEL_ORDERS
 
     def __post_init__(self) -> None:
         assert 0 <= self.rank < self.size, (self.rank, self.size)
@@ -53,6 +54,11 @@ class TensorParallel:
     def sum_disjoint(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks of a tensor each element of which is zero on all ranks but one at most: exact in any order,
         float too (in place)."""
+        return self._sum(t)
+
+    def sum_float(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks of float partial results in the collective's order (in place): vLLM-Ascend's row-parallel
+        reduction; every rank gets the same values, but not one process's bits."""
         return self._sum(t)
 
     def _sum(self, t: torch.Tensor) -> torch.Tensor:

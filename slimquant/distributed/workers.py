@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from slimquant.distributed.cpu_binding import bind, core_groups
 from slimquant.distributed.shared_memory import SharedMemoryExchange
 from slimquant.distributed.tensor_parallel import TensorParallel
 from slimquant.format.safetensors_io import read_header
@@ -53,6 +54,7 @@ class WorkerGroup:
     def __init__(self, procs: list, errors: Any, tp: TensorParallel, ranks: list[int]):
         self.procs, self.errors, self.tp, self.ranks = procs, errors, tp, ranks  # ranks: each proc's global rank
         self.threads = torch.get_num_threads()  # this process's, given back by kill()
+        self.affinity = os.sched_getaffinity(0)  # its cores, given back by kill()
 
     @classmethod
     def start(cls, config: EngineConfig) -> WorkerGroup:
@@ -60,9 +62,10 @@ class WorkerGroup:
         nodes' ranks) as rank 0, and check that every rank has the same checkpoint and settings."""
         if config.nnodes == 1 and config.master_port is None:
             config = dataclasses.replace(config, master_port=free_port())
-        group = cls._spawn(config, _node_ranks(config)[1:])
-        group.threads = torch.get_num_threads()
-        torch.set_num_threads(_threads(config))
+        cores = _local_cores(config)
+        group = cls._spawn(config, _node_ranks(config)[1:], cores[1:])
+        group.threads, group.affinity = torch.get_num_threads(), os.sched_getaffinity(0)
+        _bind(config, cores[0])
         group._join_as_rank0(config)
         try:
             group.guard(_check_fingerprints, config, group.tp)
@@ -88,12 +91,12 @@ class WorkerGroup:
         return group
 
     @classmethod
-    def _spawn(cls, config: EngineConfig, ranks: list[int]) -> WorkerGroup:
+    def _spawn(cls, config: EngineConfig, ranks: list[int], cores: list[list[int] | None]) -> WorkerGroup:
         ctx = mp.get_context("spawn")
         errors = ctx.Queue()
         procs = [
-            ctx.Process(target=_worker_main, args=(config, rank, _threads(config), errors), daemon=True)
-            for rank in ranks
+            ctx.Process(target=_worker_main, args=(config, rank, mine, errors), daemon=True)
+            for rank, mine in zip(ranks, cores, strict=True)
         ]
         for p in procs:
             p.start()
@@ -182,6 +185,7 @@ class WorkerGroup:
         if self.tp.local is not None:
             self.tp.local.close(unlink=True)
             self.tp = dataclasses.replace(self.tp, local=None)
+        os.sched_setaffinity(0, self.affinity)
         torch.set_num_threads(self.threads)
 
 
@@ -189,7 +193,7 @@ def run_headless(config: EngineConfig) -> int:
     """Node node_rank > 0: run this node's ranks until rank 0 stops them; 0, or 1 when one failed (said)."""
     if config.node_rank == 0:
         raise ValueError("--headless is for nodes 1..nnodes-1: node 0 serves")
-    group = WorkerGroup._spawn(config, _node_ranks(config))
+    group = WorkerGroup._spawn(config, _node_ranks(config), _local_cores(config))
     while any(p.is_alive() for p in group.procs) and not group._dead():
         time.sleep(0.5)
     dead, said = group._dead(), group._errors()
@@ -204,6 +208,20 @@ def _node_ranks(config: EngineConfig) -> list[int]:
     """The global ranks that run on this node."""
     per_node = config.tensor_parallel_size // config.nnodes
     return list(range(config.node_rank * per_node, (config.node_rank + 1) * per_node))
+
+
+def _local_cores(config: EngineConfig) -> list[list[int] | None]:
+    """Each of this node's ranks' cores (config.cpu_threads_bind), None for each where nothing is bound."""
+    local = config.tensor_parallel_size // config.nnodes
+    return core_groups(config.cpu_threads_bind, local) or [None] * local
+
+
+def _bind(config: EngineConfig, cores: list[int] | None) -> None:
+    """Run this process on cores, or where nothing is bound on its share of the cores' count."""
+    if cores is None:
+        torch.set_num_threads(_threads(config))
+    else:
+        bind(cores)
 
 
 def _threads(config: EngineConfig) -> int:
@@ -227,7 +245,7 @@ def fingerprint(config: EngineConfig) -> str:
         h.update(path.name.encode())
         h.update(path.read_bytes() if path.suffix == ".json" else json.dumps(read_header(path)[1]).encode())
     names = ("dtype", "kv_cache_dtype", "quantization", "max_model_len", "block_size", "tensor_parallel_size")
-    for name in (*names, "enable_expert_parallel"):
+    for name in (*names, "enable_expert_parallel", "tensor_parallel_order"):
         h.update(f"{name}={getattr(config, name)}".encode())
     return h.hexdigest()[:16]
 
@@ -278,9 +296,9 @@ def run_rank(config: EngineConfig) -> None:
             tp.local.close(unlink=False)
 
 
-def _worker_main(config: EngineConfig, rank: int, threads: int, errors: Any) -> None:
-    """A rank > 0 this node started: join the group, then run_rank."""
-    torch.set_num_threads(threads)
+def _worker_main(config: EngineConfig, rank: int, cores: list[int] | None, errors: Any) -> None:
+    """A rank > 0 this node started: bind it, join the group, then run_rank."""
+    _bind(config, cores)
     _watch_parent()
     try:
         _init_group(rank, config)

@@ -207,7 +207,8 @@ def load_runner(config: EngineConfig, tp: TensorParallel, broadcast: bool) -> tu
     """This rank's part of the model and its KV cache (config.max_model_len resolved from the model)."""
     from slimquant.models.loader import kv_cache_dtype, load_model
 
-    split = dataclasses.replace(tp, expert_parallel=config.enable_expert_parallel)  # how the layers split
+    order, experts = config.tensor_parallel_order, config.enable_expert_parallel
+    split = dataclasses.replace(tp, expert_parallel=experts, order=order)  # how the layers split and reduce
     loaded = load_model(
         config.model,
         dtype=config.dtype,

@@ -7,6 +7,8 @@ Tensor parallel (Megatron): a column-parallel layer holds this rank's part of ev
 row-parallel int8 layer holds its part of K, and the ranks agree on the per-token absmax (W8A8_DYNAMIC) and sum
 the int32 products before dequantizing, so each rank's output is one process's, bit for bit. A row-parallel float
 layer keeps its whole weight and gathers its input instead: a float sum split over ranks would round differently.
+With tp.order "vllm-ascend" a row-parallel layer (int8 or float) computes its rank's float partial output instead,
+and the ranks sum those (config.TENSOR_PARALLEL_ORDERS).
 """
 
 from __future__ import annotations
@@ -53,11 +55,14 @@ class Linear(nn.Module):
         self.shard_prefixes = _shard_prefixes(prefix, shards)
         self.method = quant_config.linear_method(prefix, self.shard_prefixes)
         self.parallel = parallel if tp.size > 1 else None
-        self.gather_input = self.parallel == "row" and isinstance(self.method, UnquantizedMethod)
-        self.reduce = tp if self.parallel == "row" and not self.gather_input else SINGLE  # sums int32 products
+        row = self.parallel == "row"
+        self.partial_sum = row and tp.order == "vllm-ascend"  # each rank's float output, summed across ranks
+        self.gather_input = row and not self.partial_sum and isinstance(self.method, UnquantizedMethod)
+        self.split_k = row and not self.gather_input
+        self.reduce = tp if self.split_k and not self.partial_sum else SINGLE  # sums int32 products
         if self.parallel == "column":  # this rank's rows of each shard
             out_sizes = [tp.share(n, f"{prefix}: output size")[1] for n in out_sizes]
-        if self.reduce.size > 1:  # this rank's columns
+        if self.split_k:  # this rank's columns
             in_features = tp.share(in_features, f"{prefix}: input size")[1]
         self.in_features, self.out_sizes = in_features, list(out_sizes)
         self.method.create_weights(self, in_features, sum(out_sizes), dtype)
@@ -73,7 +78,10 @@ class Linear(nn.Module):
         # x: [T, K] -> [T, N] (row-parallel float: [T, K / tp] gathered to [T, K] first)
         if self.gather_input:
             x = self.tp.gather(x)
-        return self.method.apply(self, x, self.bias)
+        if not self.partial_sum:
+            return self.method.apply(self, x, self.bias)
+        y = self.method.apply(self, x, self.bias if self.tp.rank == 0 else None)  # [T, N]: this rank's part
+        return self.tp.sum_float(y)
 
     def checkpoint_entries(self) -> Iterator[tuple[str, Callable[[torch.Tensor], None], bool, Part | None]]:
         """(checkpoint tensor name, function that loads it, optional, the part this rank reads) for every tensor
@@ -85,6 +93,8 @@ class Linear(nn.Module):
 
     def process_weights_after_loading(self) -> None:
         """Hand the loaded parameters to the quant method for their runtime form."""
+        if self.partial_sum and self.tp.rank > 0 and hasattr(self, "quant_bias"):
+            self.quant_bias.data.zero_()  # vLLM-Ascend: only rank 0 adds it
         self.method.process_weights_after_loading(self)
 
     def load_shard(self, name: str, shard: int, tensor: torch.Tensor) -> None:
@@ -111,7 +121,7 @@ class Linear(nn.Module):
         if self.parallel == "column" and not getattr(self, name).per_shard:
             size = self.out_sizes[shard]
             return 0, self.tp.rank * size, size
-        if self.reduce.size > 1 and name == "weight":
+        if self.split_k and name == "weight":
             return 1, self.tp.rank * self.in_features, self.in_features
         return None
 

@@ -6,10 +6,13 @@ backend and thread count."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from slimquant import LLM, SamplingParams
+from slimquant.config import KernelConfig
 from slimquant.distributed.launch import run_ranks
 from slimquant.distributed.tensor_parallel import TensorParallel
+from slimquant.format.primitives import decode_deq_scale
 from slimquant.format.safetensors_io import SafetensorsFolder
 from slimquant.kernels import native
 from slimquant.models.loader import load_model
@@ -96,3 +99,74 @@ def test_a_rank_reads_only_its_part_of_the_linears(checkpoints, name):
         loaded = load_model(checkpoints[name], tp=TensorParallel(rank=rank, size=2))  # loading runs no collective
         assert loaded.bytes_read == expected
     assert load_model(checkpoints[name]).bytes_read == sum(folder.info(k).nbytes for k in folder.keys())
+
+
+def rank_logprobs(rank: int, size: int, paths: list[str], order: str) -> list:
+    """Each prompt's greedy tokens and the logprob of the first one."""
+    outs = []
+    for p in paths:
+        llm = LLM(p, kernels={"backend": "torch-reference"}, max_model_len=64, tensor_parallel_size=size,
+                  tensor_parallel_order=order)  # fmt: skip
+        for o in llm.generate(PROMPTS, SamplingParams(**PARAMS), use_tqdm=False):
+            first = o.outputs[0].logprobs[0][o.outputs[0].token_ids[0]].logprob
+            outs.append((o.outputs[0].token_ids, first))
+    return outs
+
+
+def test_vllm_ascend_order_ranks_agree_and_differ_from_one_process_by_rounding(checkpoints):
+    """tensor_parallel_order="vllm-ascend": each rank quantizes its own part of a row-parallel layer's input and the
+    float outputs are summed. Every rank returns the same; the first token's logprob moves from one process's by
+    rounding only (static W8A8 keeps one activation scale: closer than W8A8_DYNAMIC's per-rank absmax)."""
+    names = ["llama-W8A8", "qwen3-W8A8_DYNAMIC", "qwen2-mixed"]
+    paths = [checkpoints[n] for n in names]
+    (one,) = run_ranks(rank_logprobs, 1, paths, "exact")
+    ranks = run_ranks(rank_logprobs, 2, paths, "vllm-ascend")
+    assert ranks[0] == ranks[1]
+    got = ranks[0]
+    assert got != one  # the option changes the numbers ...
+    for (_, want_lp), (_, got_lp) in zip(one, got, strict=True):
+        assert abs(want_lp - got_lp) < 0.05  # ... by int8 rounding, not by a wrong sum
+
+
+ROW_LAYERS = {"llama-W8A8": "model.layers.0.self_attn.o_proj", "qwen3-W8A8_DYNAMIC": "model.layers.1.mlp.down_proj"}
+
+
+def _row_layer_output(rank: int, size: int, path: str, name: str, x: torch.Tensor) -> list:
+    """A row-parallel layer of a vllm-ascend-order rank on its part of x [T, K] (a list: tensors cannot outlive
+    the rank's process in a queue)."""
+    tp = TensorParallel(rank, size, order="vllm-ascend")
+    layer = load_model(path, kernels=KernelConfig(backend="torch-reference"), tp=tp).model.get_submodule(name)
+    k = layer.in_features
+    with torch.inference_mode():
+        return layer(x[:, rank * k : (rank + 1) * k]).tolist()
+
+
+def _plain_partial_sums(folder: SafetensorsFolder, name: str, x: torch.Tensor, size: int) -> torch.Tensor:
+    """vLLM-Ascend's row-parallel math written out: each part of K quantized on its own (static: the one input
+    scale; dynamic: the part's absmax), its int32 product (+ quant_bias on the first) dequantized, the parts added."""
+    w, k = folder.get(f"{name}.weight").to(torch.int64), x.shape[1] // size  # [N, K]
+    total = None
+    for r in range(size):
+        xr, wr = x[:, r * k : (r + 1) * k], w[:, r * k : (r + 1) * k]
+        if f"{name}.deq_scale" in folder:  # static W8A8
+            inv, off = 1 / folder.get(f"{name}.input_scale").float(), folder.get(f"{name}.input_offset").float()
+            q = torch.clamp(torch.round(xr * inv + off), -128, 127).to(torch.int64)
+            acc = q @ wr.T + (folder.get(f"{name}.quant_bias").to(torch.int64) if r == 0 else 0)
+            y = acc.float() * decode_deq_scale(folder.get(f"{name}.deq_scale"))
+        else:  # W8A8_DYNAMIC
+            s = (xr.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-8)
+            q = torch.clamp(torch.round(xr / s), -128, 127).to(torch.int64)
+            y = (q @ wr.T).float() * s * folder.get(f"{name}.weight_scale").float().reshape(-1)
+        total = y if total is None else total + y
+    return total
+
+
+@pytest.mark.parametrize("ckpt", ROW_LAYERS)
+def test_vllm_ascend_order_row_layer_is_the_sum_of_per_rank_dequantized_parts(checkpoints, ckpt):
+    name, path = ROW_LAYERS[ckpt], checkpoints[ckpt]
+    folder = SafetensorsFolder(path)
+    x = torch.randn(3, folder.info(f"{name}.weight").shape[1], generator=torch.Generator().manual_seed(0)) * 4
+    ranks = run_ranks(_row_layer_output, 2, path, name, x)
+    want = _plain_partial_sums(folder, name, x, 2)
+    for got in ranks:
+        torch.testing.assert_close(torch.tensor(got), want, rtol=1e-6, atol=1e-5)

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Model-loading and engine options shared by generate, chat and serve."""
+    from slimquant.config import TENSOR_PARALLEL_ORDERS
+
     p.add_argument("--quantization", choices=["ascend"], help="expect an ascend (ModelSlim) checkpoint")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     p.add_argument(
@@ -45,6 +47,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--enable-expert-parallel", action="store_true", help="MoE models under -tp: whole experts per process"
     )
+    p.add_argument(
+        "--tensor-parallel-order", choices=TENSOR_PARALLEL_ORDERS, default="exact",
+        help="how -tp sums row-parallel layers: exact (one process's numbers) or vllm-ascend (each rank's float part)",
+    )  # fmt: skip
     add_backend_arg(p)
 
 
@@ -94,6 +100,7 @@ def llm_arguments(args: argparse.Namespace, **engine_kwargs) -> tuple[str, dict]
         trust_remote_code=args.trust_remote_code,
         tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
+        tensor_parallel_order=args.tensor_parallel_order,
         **engine_kwargs,
     )
 
