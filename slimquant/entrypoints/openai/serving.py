@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -210,10 +211,17 @@ def _start(ctx: ServingContext, rid: str, prompts: list[list[int]], params: list
 
 
 async def create_completion(req: CompletionRequest, ctx: ServingContext) -> dict | AsyncIterator[str]:
-    """POST /v1/completions."""
+    """POST /v1/completions. echo returns the prompt before the completion, with its tokens' logprobs (the first
+    null) where logprobs are asked for, as OpenAI's legacy API and vLLM do; max_tokens 0 with echo scores the
+    prompt only."""
     _check_model(req, ctx)
+    if req.max_tokens == 0 and not req.echo:
+        raise OpenAIError("max_tokens=0 returns nothing without echo=true (scoring the prompt)", param="max_tokens")
     prompts = await completion_prompts(req, ctx)
-    params = [sampling_params(req, ctx, len(p), req.logprobs, _DEFAULT_MAX_TOKENS) for p in prompts]
+    generate = req.model_copy(update={"max_tokens": 1}) if req.max_tokens == 0 else req  # its token is dropped
+    params = [sampling_params(generate, ctx, len(p), req.logprobs, _DEFAULT_MAX_TOKENS) for p in prompts]
+    if (scored := _prompt_logprobs_wanted(req)) is not None:
+        params = [dataclasses.replace(p, prompt_logprobs=scored) for p in params]
     rid = random_id("cmpl")
     streams = _start(ctx, rid, prompts, params)
     if req.stream:
@@ -221,17 +229,8 @@ async def create_completion(req: CompletionRequest, ctx: ServingContext) -> dict
     choices, n_out = [], 0
     for i, out in enumerate(await asyncio.gather(*(s.final() for s in streams))):
         for c in out.outputs:
-            text = (out.prompt or ctx.tokenizer.decode(out.prompt_token_ids)) + c.text if req.echo else c.text
-            choices.append(
-                {
-                    "index": i * req.n + c.index,
-                    "text": text,
-                    "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason,
-                    "logprobs": _completion_logprobs(c, ctx),
-                }
-            )
-            n_out += len(c.token_ids)
+            choices.append(_completion_choice(out, c, i * req.n + c.index, req, ctx))
+            n_out += 0 if req.max_tokens == 0 else len(c.token_ids)
     n_in = sum(len(p) for p in prompts)
     return {
         "id": rid,
@@ -246,6 +245,8 @@ async def create_completion(req: CompletionRequest, ctx: ServingContext) -> dict
 async def create_chat(req: ChatCompletionRequest, ctx: ServingContext) -> dict | AsyncIterator[str]:
     """POST /v1/chat/completions."""
     _check_model(req, ctx)
+    if req.max_tokens == 0:
+        raise OpenAIError("max_tokens must be at least 1 (scoring a prompt is for completions)", param="max_tokens")
     ids = await chat_prompt(req, ctx)
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, ctx, len(ids), top, None)
@@ -303,6 +304,7 @@ async def _stream(ctx, rid, obj, streams, prompts, req) -> AsyncIterator[str]:
 
 async def _stream_chunks(ctx, rid, obj, streams, req, chat) -> AsyncIterator[str]:
     """Each request's SSE chunks in turn."""
+    echo = not chat and req.echo
     for i, stream in enumerate(streams):
         sent: dict[int, int] = {}
         async for out in stream.outputs():
@@ -310,8 +312,11 @@ async def _stream_chunks(ctx, rid, obj, streams, req, chat) -> AsyncIterator[str
                 index = i * req.n + c.index
                 if chat and c.index not in sent:
                     yield _sse(_chunk(rid, obj, ctx, index, {"role": "assistant", "content": ""}, None, chat))
-                delta = c.text[sent.get(c.index, 0) :]
-                sent[c.index] = len(c.text)
+                text = "" if not chat and req.max_tokens == 0 else c.text  # scoring only: no completion
+                delta = text[sent.get(c.index, 0) :]
+                if echo and c.index not in sent:  # the prompt comes first, as in the non-streamed text
+                    delta = (out.prompt or ctx.tokenizer.decode(out.prompt_token_ids)) + delta
+                sent[c.index] = len(text)
                 if delta or c.finish_reason:
                     body = {"content": delta} if chat else delta
                     yield _sse(_chunk(rid, obj, ctx, index, body, c.finish_reason, chat))
@@ -327,16 +332,56 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def _completion_logprobs(c, ctx) -> dict | None:
-    if c.logprobs is None:
-        return None
-    tokens, token_lps, tops = [], [], []
-    for tok, lps in zip(c.token_ids, c.logprobs, strict=True):
-        tokens.append(_token_text(ctx, tok, lps))
-        token_lps.append(lps[tok].logprob)
-        tops.append({_token_text(ctx, t, lps): lp.logprob for t, lp in lps.items()})
-    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]  # into the completion text
+def _prompt_logprobs_wanted(req: CompletionRequest) -> int | None:
+    """How many top logprobs each prompt token needs: echo's logprobs, vLLM's prompt_logprobs field; None: none."""
+    wanted = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
+    return max(wanted) if wanted else None
+
+
+def _completion_choice(out, c, index: int, req: CompletionRequest, ctx) -> dict:
+    """One choice of a completion response: the echoed prompt (its tokens' logprobs first) and the completion."""
+    token_ids, logprobs, text = list(c.token_ids), c.logprobs, c.text
+    if req.max_tokens == 0:  # scoring only: the one generated token is not part of the answer
+        token_ids, logprobs, text = [], [] if logprobs is not None else None, ""
+    if req.echo:
+        text = (out.prompt or ctx.tokenizer.decode(out.prompt_token_ids)) + text
+        if logprobs is not None:
+            token_ids, logprobs = list(out.prompt_token_ids) + token_ids, list(out.prompt_logprobs) + logprobs
+    choice = {
+        "index": index,
+        "text": text,
+        "finish_reason": "length" if req.max_tokens == 0 else c.finish_reason,
+        "stop_reason": None if req.max_tokens == 0 else c.stop_reason,
+        "logprobs": None if logprobs is None else _completion_logprobs(token_ids, logprobs, ctx),
+    }
+    if req.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = [None if lps is None else _by_token_id(lps) for lps in out.prompt_logprobs]
+    return choice
+
+
+def _completion_logprobs(token_ids: list[int], logprobs: list[dict | None], ctx) -> dict:
+    """OpenAI's legacy logprobs of tokens (an entry of None: a first prompt token, scored by nothing): each
+    token's text, logprob, top logprobs by text, and offset into the choice's text."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for tok, lps in zip(token_ids, logprobs, strict=True):
+        offsets.append(offsets[-1] + len(tokens[-1]) if tokens else 0)
+        tokens.append(ctx.tokenizer.decode([tok]) if lps is None else _token_text(ctx, tok, lps))
+        token_lps.append(None if lps is None else _finite(lps[tok].logprob))
+        tops.append(None if lps is None else {_token_text(ctx, t, lps): _finite(lp.logprob) for t, lp in lps.items()})
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _by_token_id(lps: dict) -> dict:
+    """vLLM's prompt_logprobs entry: token id -> its logprob, rank and text."""
+    return {
+        str(t): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+        for t, lp in lps.items()
+    }
+
+
+def _finite(logprob: float) -> float:
+    """A logprob JSON can carry: -inf (a masked token) as vLLM's -9999.0."""
+    return max(logprob, -9999.0)
 
 
 def _chat_logprobs(c, ctx, k: int) -> dict:
