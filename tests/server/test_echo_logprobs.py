@@ -1,7 +1,7 @@
 """Scoring through /v1/completions as lm-evaluation-harness does (echo=true, logprobs=1, max_tokens 0 or 1): one
 entry per prompt token (the first null) with the model's log p(token | tokens before), equal to transformers'
 within 1e-4, text offsets into the echoed text, then the completion's; vLLM's prompt_logprobs field; batched
-prompts and streaming echo too."""
+prompts and streaming (echo, and each chunk's logprobs adding up to the whole) too."""
 
 from __future__ import annotations
 
@@ -66,10 +66,8 @@ def test_vllm_prompt_logprobs_field(client, reference):
 
 
 def test_streamed_echo_starts_with_the_prompt(server):
-    body = {"model": MODEL, "prompt": PROMPTS[1], "echo": True, "max_tokens": 3, "stream": True}
-    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=auth(), timeout=60) as r:
-        chunks = [line for line in r.iter_lines() if line.startswith("data: {")]
-    text = "".join(json.loads(c[6:])["choices"][0]["text"] for c in chunks)
+    body = {"model": MODEL, "prompt": PROMPTS[1], "echo": True, "max_tokens": 3}
+    text = "".join(c["text"] for c in _stream(server, "/v1/completions", body))
     assert text.startswith(PROMPTS[1]) and len(text) > len(PROMPTS[1])
 
 
@@ -86,3 +84,24 @@ def test_chat_max_tokens_zero_is_a_400(server):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 0}
     r = httpx.post(f"{server}/v1/chat/completions", json=body, headers=auth())
     assert r.status_code == 400 and "at least 1" in r.text
+
+
+def _stream(server: str, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", f"{server}{path}", json={**body, "stream": True}, headers=auth(), timeout=60) as r:
+        return [json.loads(line[6:])["choices"][0] for line in r.iter_lines() if line.startswith("data: {")]
+
+
+def test_streamed_completion_logprobs_add_up_to_the_whole(server):
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 6, "logprobs": 2, "echo": True, "temperature": 0}
+    whole = httpx.post(f"{server}/v1/completions", json=body, headers=auth(), timeout=60).json()["choices"][0]
+    parts = [c["logprobs"] for c in _stream(server, "/v1/completions", body) if c.get("logprobs")]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for p in parts for x in p[key]] == whole["logprobs"][key], key
+
+
+def test_streamed_chat_logprobs_add_up_to_the_whole(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "logprobs": True,
+            "top_logprobs": 2, "temperature": 0}  # fmt: skip
+    whole = httpx.post(f"{server}/v1/chat/completions", json=body, headers=auth(), timeout=60).json()["choices"][0]
+    parts = [c["logprobs"]["content"] for c in _stream(server, "/v1/chat/completions", body) if c.get("logprobs")]
+    assert [x for p in parts for x in p] == whole["logprobs"]["content"] and len(whole["logprobs"]["content"]) == 6

@@ -261,7 +261,7 @@ async def create_chat(req: ChatCompletionRequest, ctx: ServingContext) -> dict |
             "message": {"role": "assistant", "content": c.text},
             "finish_reason": c.finish_reason,
             "stop_reason": c.stop_reason,
-            "logprobs": _chat_logprobs(c, ctx, top or 0) if req.logprobs else None,
+            "logprobs": _chat_logprobs(c.token_ids, c.logprobs or [], ctx, top or 0) if req.logprobs else None,
         }
         for c in out.outputs
     ]
@@ -303,23 +303,32 @@ async def _stream(ctx, rid, obj, streams, prompts, req) -> AsyncIterator[str]:
 
 
 async def _stream_chunks(ctx, rid, obj, streams, req, chat) -> AsyncIterator[str]:
-    """Each request's SSE chunks in turn."""
-    echo = not chat and req.echo
+    """Each request's SSE chunks in turn, each with the logprobs of the tokens it adds where they are asked for."""
+    echo, scoring = not chat and req.echo, not chat and req.max_tokens == 0
+    top = (req.top_logprobs or 0) if chat else None
     for i, stream in enumerate(streams):
-        sent: dict[int, int] = {}
+        sent: dict[int, tuple[int, int, int]] = {}  # choice -> (characters, tokens, next token's text offset)
         async for out in stream.outputs():
             for c in out.outputs:
-                index = i * req.n + c.index
-                if chat and c.index not in sent:
+                index, first = i * req.n + c.index, c.index not in sent
+                if chat and first:
                     yield _sse(_chunk(rid, obj, ctx, index, {"role": "assistant", "content": ""}, None, chat))
-                text = "" if not chat and req.max_tokens == 0 else c.text  # scoring only: no completion
-                delta = text[sent.get(c.index, 0) :]
-                if echo and c.index not in sent:  # the prompt comes first, as in the non-streamed text
+                chars, tokens, offset = sent.get(c.index, (0, 0, 0))
+                text, ids, lps = ("", [], []) if scoring else (c.text, list(c.token_ids), c.logprobs)
+                delta, new_ids, new_lps = text[chars:], ids[tokens:], None if lps is None else lps[tokens:]
+                if echo and first:  # the prompt comes first, as in the non-streamed text
                     delta = (out.prompt or ctx.tokenizer.decode(out.prompt_token_ids)) + delta
-                sent[c.index] = len(text)
-                if delta or c.finish_reason:
-                    body = {"content": delta} if chat else delta
-                    yield _sse(_chunk(rid, obj, ctx, index, body, c.finish_reason, chat))
+                    if new_lps is not None:
+                        new_ids, new_lps = list(out.prompt_token_ids) + new_ids, list(out.prompt_logprobs) + new_lps
+                if delta or c.finish_reason or new_ids:
+                    chunk = _chunk(rid, obj, ctx, index, {"content": delta} if chat else delta, c.finish_reason, chat)
+                    if new_lps is not None and chat:
+                        chunk["choices"][0]["logprobs"] = _chat_logprobs(new_ids, new_lps, ctx, top)
+                    elif new_lps is not None:  # offsets go on from the tokens sent, as in the whole response
+                        chunk["choices"][0]["logprobs"] = lp = _completion_logprobs(new_ids, new_lps, ctx, offset)
+                        offset += sum(len(t) for t in lp["tokens"])
+                    yield _sse(chunk)
+                sent[c.index] = (len(text), len(ids), offset)
 
 
 def _chunk(rid, obj, ctx, index, body, finish_reason, chat) -> dict:
@@ -359,12 +368,12 @@ def _completion_choice(out, c, index: int, req: CompletionRequest, ctx) -> dict:
     return choice
 
 
-def _completion_logprobs(token_ids: list[int], logprobs: list[dict | None], ctx) -> dict:
+def _completion_logprobs(token_ids: list[int], logprobs: list[dict | None], ctx, start: int = 0) -> dict:
     """OpenAI's legacy logprobs of tokens (an entry of None: a first prompt token, scored by nothing): each
-    token's text, logprob, top logprobs by text, and offset into the choice's text."""
+    token's text, logprob, top logprobs by text, and offset into the choice's text (the first at start)."""
     tokens, token_lps, tops, offsets = [], [], [], []
     for tok, lps in zip(token_ids, logprobs, strict=True):
-        offsets.append(offsets[-1] + len(tokens[-1]) if tokens else 0)
+        offsets.append(offsets[-1] + len(tokens[-1]) if tokens else start)
         tokens.append(ctx.tokenizer.decode([tok]) if lps is None else _token_text(ctx, tok, lps))
         token_lps.append(None if lps is None else _finite(lps[tok].logprob))
         tops.append(None if lps is None else {_token_text(ctx, t, lps): _finite(lp.logprob) for t, lp in lps.items()})
@@ -384,21 +393,22 @@ def _finite(logprob: float) -> float:
     return max(logprob, -9999.0)
 
 
-def _chat_logprobs(c, ctx, k: int) -> dict:
+def _chat_logprobs(token_ids: list[int], logprobs: list[dict], ctx, k: int) -> dict:
+    """Chat's logprobs of tokens: each token's text, logprob, bytes and its k most likely alternatives."""
     content = []
-    for tok, lps in zip(c.token_ids, c.logprobs or [], strict=False):
+    for tok, lps in zip(token_ids, logprobs, strict=True):
         top = sorted(
             (kv for kv in lps.items() if kv[1].rank is not None and kv[1].rank <= k), key=lambda kv: kv[1].rank
         )
         content.append(
             {
                 "token": _token_text(ctx, tok, lps),
-                "logprob": lps[tok].logprob,
+                "logprob": _finite(lps[tok].logprob),
                 "bytes": list(_token_text(ctx, tok, lps).encode()),
                 "top_logprobs": [
                     {
                         "token": _token_text(ctx, t, lps),
-                        "logprob": lp.logprob,
+                        "logprob": _finite(lp.logprob),
                         "bytes": list(_token_text(ctx, t, lps).encode()),
                     }
                     for t, lp in top
