@@ -39,12 +39,17 @@ class TensorParallel:
             raise ValueError(f"tensor_parallel_size={size}, but torch.distributed has {dist.get_world_size()} ranks")
         return cls(dist.get_rank(), size)
 
-    def share(self, n: int, what: str) -> tuple[int, int]:
-        """(start, length) of this rank's equal part of n items; ValueError naming what when n does not divide."""
-        if n % self.size:
+    def share(self, n: int, what: str, groups: int | None = None) -> tuple[int, int]:
+        """(start, length) of this rank's equal part of n items; ValueError naming what when n does not divide.
+        groups < size: n splits into groups parts, each held by size / groups consecutive ranks (vLLM's
+        replicated kv heads)."""
+        groups = groups or self.size
+        if groups < self.size and self.size % groups:
+            raise ValueError(f"tensor_parallel_size = {self.size} is not a multiple of {what} = {groups}")
+        if n % groups:
             raise ValueError(f"{what} = {n} is not divisible by tensor_parallel_size = {self.size}")
-        part = n // self.size
-        return self.rank * part, part
+        part = n // groups
+        return self.rank // (self.size // groups) * part, part
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks of an integer tensor (in place)."""

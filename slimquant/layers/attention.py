@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from slimquant.backends.torch_ops import TORCH_OPS, KvQuant, TorchOps
-from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.format.checkpoint import KV_CACHE_TENSORS
 from slimquant.format.primitives import kv_cache_runtime_params
 from slimquant.format.validation import KV_CACHE_SCALE, OFFSET
@@ -62,11 +61,12 @@ class Attention(KVCacheLayer):
         scale: float,
         prefix: str = "",
         kv_scales_dtype: torch.dtype | None = None,
-        tp: TensorParallel = SINGLE,
+        kv_heads: tuple[int, int] | None = None,
     ):
-        """Heads are this rank's (tp): its KV-cache scales are the rows of its kv heads."""
+        """Heads are this rank's; kv_heads (tensor parallel): (its first kv head, the model's kv heads), whose rows
+        of the KV-cache scales it takes."""
         super().__init__()
-        self.tp = tp
+        self.kv_head_start, self.kv_heads_total = kv_heads or (0, num_kv_heads)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
@@ -87,8 +87,8 @@ class Attention(KVCacheLayer):
     def _load_kv_tensor(self, name: str, tensor: torch.Tensor) -> None:
         target = getattr(self, _buffer(name))
         (KV_CACHE_SCALE if name.endswith("scale") else OFFSET).check(f"{self.prefix.rpartition('.')[0]}.{name}", tensor)
-        if tensor.numel() == target.numel() * self.tp.size > target.numel():  # every kv head's: take this rank's
-            tensor = tensor.reshape(-1, self.head_dim).narrow(0, self.tp.rank * self.num_kv_heads, self.num_kv_heads)
+        if tensor.numel() == self.kv_heads_total * self.head_dim > target.numel():  # every kv head's: take this rank's
+            tensor = tensor.reshape(-1, self.head_dim).narrow(0, self.kv_head_start, self.num_kv_heads)
         if tensor.numel() not in (1, target.numel()):
             raise ValueError(
                 f"{self.prefix.rpartition('.')[0]}.{name}: {tensor.numel()} values, expected "

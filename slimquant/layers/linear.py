@@ -46,7 +46,10 @@ class Linear(nn.Module):
         shards: list[str] | None = None,
         parallel: str | None = None,
         tp: TensorParallel = SINGLE,
+        shard_groups: list[int] | None = None,
     ):
+        """shard_groups (column-parallel): into how many parts each shard's rows split (default tp.size; fewer:
+        each part held by several ranks, as replicated kv heads)."""
         super().__init__()
         if shards is not None and len(shards) != len(out_sizes):
             raise ValueError(f"{prefix}: {len(shards)} shard names for {len(out_sizes)} output sizes")
@@ -60,8 +63,11 @@ class Linear(nn.Module):
         self.gather_input = row and not self.partial_sum and isinstance(self.method, UnquantizedMethod)
         self.split_k = row and not self.gather_input
         self.reduce = tp if self.split_k and not self.partial_sum else SINGLE  # sums int32 products
-        if self.parallel == "column":  # this rank's rows of each shard
-            out_sizes = [tp.share(n, f"{prefix}: output size")[1] for n in out_sizes]
+        if self.parallel == "column":  # this rank's rows of each shard: (start, length)
+            groups = shard_groups or [tp.size] * len(out_sizes)
+            what = f"{prefix}: output size"
+            self.row_parts = [tp.share(n, what, g) for n, g in zip(out_sizes, groups, strict=True)]
+            out_sizes = [length for _, length in self.row_parts]
         if self.split_k:  # this rank's columns
             in_features = tp.share(in_features, f"{prefix}: input size")[1]
         self.in_features, self.out_sizes = in_features, list(out_sizes)
@@ -119,8 +125,8 @@ class Linear(nn.Module):
         """What this rank reads of a checkpoint tensor: its rows of a column-parallel layer's shard, its columns of a
         row-parallel layer's weight; None: all of it."""
         if self.parallel == "column" and not getattr(self, name).per_shard:
-            size = self.out_sizes[shard]
-            return 0, self.tp.rank * size, size
+            start, size = self.row_parts[shard]
+            return 0, start, size
         if self.split_k and name == "weight":
             return 1, self.tp.rank * self.in_features, self.in_features
         return None

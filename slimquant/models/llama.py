@@ -42,14 +42,15 @@ class LlamaAttention(nn.Module):
     ):
         super().__init__()
         self.num_heads = tp.share(config.num_attention_heads, "num_attention_heads")[1]  # this rank's heads
-        self.num_kv_heads = tp.share(config.num_key_value_heads, "num_key_value_heads")[1]
+        kv_groups = min(config.num_key_value_heads, tp.size)  # fewer kv heads than ranks: each on several ranks
+        kv_start, self.num_kv_heads = tp.share(config.num_key_value_heads, "num_key_value_heads", kv_groups)
         self.head_dim = head_dim_of(config)
         q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
         common = dict(quant_config=quant_config, dtype=dtype, tp=tp)
         h, shards = config.hidden_size, PACKED_MODULES["qkv_proj"]
         self.qkv_proj = Linear(
             h, [q_size, kv_size, kv_size], bias=variant.qkv_bias, prefix=f"{prefix}.qkv_proj", shards=shards,
-            parallel="column", **common,
+            parallel="column", shard_groups=[tp.size, kv_groups, kv_groups], **common,
         )  # fmt: skip
         self.o_proj = Linear(q_size, [h], bias=variant.o_bias, prefix=f"{prefix}.o_proj", parallel="row", **common)
         self.q_norm = self.k_norm = None
@@ -58,8 +59,9 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, bias=quant_config.norm_has_bias)
         kv_scales_dtype = (quant_config.model_dtype or dtype) if quant_config.kv_cache_int8 else None
         self.attn = Attention(
-            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, f"{prefix}.attn", kv_scales_dtype, tp
-        )
+            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, f"{prefix}.attn", kv_scales_dtype,
+            (kv_start, config.num_key_value_heads),
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; cos/sin: [T, D]

@@ -51,8 +51,8 @@ def test_a_rank_that_dies_stops_the_engine_naming_it(checkpoints):
 
 
 def test_a_model_that_cannot_split_is_a_value_error_and_leaves_nothing(tiny_model):
-    with pytest.raises(ValueError, match="num_key_value_heads = 2 is not divisible by tensor_parallel_size = 4"):
-        LLM(str(tiny_model("llama")), tensor_parallel_size=4)
+    with pytest.raises(ValueError, match="tensor_parallel_size = 3 is not a multiple of num_key_value_heads = 2"):
+        LLM(str(tiny_model("llama", hidden_size=96, num_attention_heads=6)), tensor_parallel_size=3)
     assert not dist.is_initialized()
     import multiprocessing
 

@@ -45,6 +45,16 @@ def test_every_rank_returns_one_process_tokens_and_logprobs(checkpoints, size):
             assert got[i] == want, f"{name}: rank {rank} of {size} differs from one process"
 
 
+def test_fewer_kv_heads_than_ranks_are_replicated(tiny_model, tmp_path):
+    """2 kv heads on 4 ranks: each kv head (its k / v rows and its int8 KV-cache scales) on 2 ranks, as vLLM does."""
+    src = tiny_model("llama")  # 4 heads, 2 kv heads
+    paths = [str(src), str(write_ascend(src, tmp_path / "dyn", lambda p: "W8A8_DYNAMIC"))]
+    paths.append(str(write_ascend(src, tmp_path / "c8", lambda p: "W8A8", kv_cache="asym")))
+    (one,) = run_ranks(rank_generate, 1, paths)
+    for rank, got in enumerate(run_ranks(rank_generate, 4, paths)):
+        assert got == one, f"rank {rank}"
+
+
 def test_tied_embeddings_split_by_vocabulary(tiny_model, tmp_path):
     """A tied head is the split embedding table: each rank's logits of its vocabulary rows, gathered."""
     src = tiny_model("qwen2", num_key_value_heads=4, tie_word_embeddings=True)
