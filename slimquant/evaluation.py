@@ -1,4 +1,6 @@
-"""Perplexity and next-token agreement of several models on exactly the same token windows."""
+"""Perplexity and next-token agreement of several models on exactly the same token windows, with a 95% interval
+of each model's change against the first (paired by window) and, on request, its sensitivity: how far the
+per-window perplexity moves when every RMSNorm weight moves by about 1e-6 (a change below it is noise)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 
 from slimquant.layers.attention import KVCacheLayer
 from slimquant.layers.context import ForwardContext
+from slimquant.layers.norm import RMSNorm
 from slimquant.models.loader import LoadedModel, load_model
 
 
@@ -22,6 +25,9 @@ class EvalResult:
     mean_nll: float
     tokens: int
     top1_agreement: float | None = None
+    windows: int = 1
+    change_interval: tuple[float, float] | None = None  # 95%, of perplexity / the first model's - 1
+    sensitivity: float | None = None  # mean |relative per-window perplexity change| under perturb_norms
 
     def to_dict(self) -> dict:
         """Plain dict for JSON output."""
@@ -79,8 +85,10 @@ def evaluate(
     max_tokens: int | None = None,
     dtype: str = "auto",
     progress: bool = True,
+    sensitivity: bool = False,
 ) -> list[EvalResult]:
-    """Perplexity of each model on the same windows of text (tokenized by the first model's tokenizer)."""
+    """Perplexity of each model on the same windows of text (tokenized by the first model's tokenizer);
+    sensitivity: score each model a second time with perturbed norms (twice the time)."""
     from transformers import AutoTokenizer
 
     if not models:
@@ -90,17 +98,27 @@ def evaluate(
     if ids.numel() < 2:
         raise ValueError("the corpus is too short: it needs at least two tokens")
     windows = token_windows(ids.numel(), context, stride or context)
-    results, reference = [], None
+    results, reference, base = [], None, None
     for path in models:
-        nll, pred = _score_model(load_model(path, dtype=dtype), ids, windows, path, progress)
+        lm = load_model(path, dtype=dtype)
+        nlls, pred = _score_model(lm, ids, windows, path, progress)
+        per_window = torch.stack([n.double().mean() for n in nlls])  # [W] mean NLL of each window
         agree = None if reference is None else (pred == reference).float().mean().item()
         reference = pred if reference is None else reference
-        mean = nll.double().mean().item()
-        results.append(EvalResult(str(path), math.exp(mean), mean, nll.numel(), agree))
+        base = per_window if base is None else base
+        mean = torch.cat(nlls).double().mean().item()
+        result = EvalResult(str(path), math.exp(mean), mean, pred.numel(), agree, len(windows))
+        result.change_interval = None if len(results) == 0 else change_interval(base, per_window)
+        if sensitivity:
+            perturb_norms(lm.model)
+            moved = torch.stack([n.double().mean() for n in _score_model(lm, ids, windows, path, progress)[0]])
+            result.sensitivity = (moved - per_window).exp().sub(1).abs().mean().item()
+        results.append(result)
     return results
 
 
-def _score_model(lm, ids, windows, name, progress) -> tuple[torch.Tensor, torch.Tensor]:
+def _score_model(lm, ids, windows, name, progress) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each window's NLL of the tokens it scores, and all predictions."""
     from tqdm import tqdm
 
     nlls, preds = [], []
@@ -109,4 +127,36 @@ def _score_model(lm, ids, windows, name, progress) -> tuple[torch.Tensor, torch.
         keep = slice(first - start - 1, None)  # row r predicts token start + r + 1
         nlls.append(nll[keep])
         preds.append(pred[keep])
-    return torch.cat(nlls), torch.cat(preds)
+    return nlls, torch.cat(preds)
+
+
+# Student's t 0.975 quantiles for 1 .. 30 degrees of freedom (beyond: the normal's 1.96)
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+    2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def change_interval(base: torch.Tensor, other: torch.Tensor) -> tuple[float, float] | None:
+    """95% interval of the relative perplexity change (other / base - 1) from per-window mean NLLs [W] of two
+    models on the same windows (paired: the windows' own difficulty cancels); None with fewer than 2 windows."""
+    diff = (other - base).double()  # [W]
+    n = diff.numel()
+    if n < 2:
+        return None
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+    half = t * diff.std().item() / math.sqrt(n)
+    return math.exp(diff.mean().item() - half) - 1, math.exp(diff.mean().item() + half) - 1
+
+
+def perturb_norms(model: torch.nn.Module, rel: float = 1e-6) -> None:
+    """Multiply every RMSNorm weight by (1 + rel), and where its dtype cannot hold that change, move it by one unit
+    in the last place away from zero (bf16: 0.4%)."""
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            w = m.weight.data
+            moved = (w.double() * (1 + rel)).to(w.dtype)
+            stuck = moved == w
+            ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[w.element_size()]
+            bumped = (w.view(ints) + 1).view(w.dtype)  # the next magnitude up, sign kept
+            w.copy_(torch.where(stuck, bumped, moved))

@@ -54,3 +54,42 @@ def test_perplexity_matches_transformers(tiny_model):
     assert math.isclose(results[1].perplexity, math.exp(nll_b.mean()), rel_tol=1e-4)
     assert results[0].top1_agreement is None
     assert math.isclose(results[1].top1_agreement, (pred_a == pred_b).float().mean().item(), abs_tol=1e-6)
+
+
+def test_change_interval_is_the_paired_t_interval():
+    """Windows' mean NLL differences 0.01, 0.03, 0.02, 0.04 (mean 0.025, sd 0.0129, t(3) 3.182): the change's
+    interval is exp(0.025 -+ 3.182 * 0.0129 / 2) - 1, computed here from the definition."""
+    from slimquant.evaluation import change_interval
+
+    base = torch.tensor([2.0, 3.0, 2.5, 4.0], dtype=torch.float64)
+    diff = torch.tensor([0.01, 0.03, 0.02, 0.04], dtype=torch.float64)
+    sd = math.sqrt(sum((d - 0.025) ** 2 for d in diff.tolist()) / 3)
+    low, high = change_interval(base, base + diff)
+    assert math.isclose(low, math.exp(0.025 - 3.182 * sd / 2) - 1, rel_tol=1e-9)
+    assert math.isclose(high, math.exp(0.025 + 3.182 * sd / 2) - 1, rel_tol=1e-9)
+    assert change_interval(base[:1], base[:1]) is None  # one window: no spread to measure
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_perturbed_norms_move_by_1e6_or_one_ulp(dtype):
+    from slimquant.evaluation import perturb_norms
+    from slimquant.layers.norm import RMSNorm
+
+    norm = RMSNorm(4, 1e-6, dtype)
+    norm.weight.data.copy_(torch.tensor([1.0, -2.0, 0.5, 3.0]))
+    before = norm.weight.data.clone()
+    perturb_norms(norm)
+    change = (norm.weight.data.double() / before.double() - 1).abs()
+    if dtype == torch.float32:  # 1e-6 fits: moved by it (to float32's rounding)
+        assert torch.allclose(change, torch.full_like(change, 1e-6), rtol=0.1)
+    else:  # bf16 cannot move by 1e-6: one unit in the last place, away from zero (2^-7 relative at 1.0)
+        assert torch.equal(norm.weight.data.abs() > before.abs(), torch.ones(4, dtype=torch.bool))
+        assert change.max() <= 2**-7
+
+
+def test_eval_reports_interval_and_sensitivity(tiny_model):
+    a = str(tiny_model("llama"))
+    results = evaluate([a, a], TEXT, context=32, progress=False, sensitivity=True)
+    assert results[1].windows > 1 and results[1].change_interval == (0.0, 0.0)  # the same model: no change
+    assert results[0].change_interval is None
+    assert all(r.sensitivity is not None and 0 < r.sensitivity < 1e-3 for r in results)  # float: tiny but moved

@@ -75,26 +75,30 @@ def _generate(name: str, path: Path, chat: bool) -> float:
     return speed
 
 
-def _perplexity(paths: list[Path], max_tokens: int) -> list[float]:
+def _perplexity(paths: list[Path], max_tokens: int) -> list:
     from slimquant.evaluation import evaluate
     from slimquant.zoo import EVAL_TEXT
 
     print(f"\n== perplexity on the first {max_tokens} tokens of {EVAL_TEXT.name} (every model computed in fp32)")
     text = EVAL_TEXT.read_text()
-    results = evaluate([str(p) for p in paths], text, context=512, max_tokens=max_tokens, dtype="float32")
-    return [r.perplexity for r in results]
+    return evaluate([str(p) for p in paths], text, context=512, max_tokens=max_tokens, dtype="float32")
 
 
-def _print_table(models: dict[str, Path], speeds: dict[str, float], ppl: list[float]) -> None:
+def _print_table(models: dict[str, Path], speeds: dict[str, float], results: list) -> None:
     base_size, base_speed, base_ppl = (
         folder_bytes(next(iter(models.values())), "*.safetensors"),
         speeds["float (bf16)"],
-        ppl[0],
+        results[0].perplexity,
     )
-    print(f"\n{'model':<14}{'size MB':>9}{'x':>7}{'decode tok/s':>14}{'x':>7}{'perplexity':>12}{'change':>9}")
-    for (name, path), p in zip(models.items(), ppl, strict=True):
+    print(f"\n{'model':<14}{'size MB':>9}{'x':>7}{'decode tok/s':>14}{'x':>7}{'perplexity':>12}"
+          f"{'change [95% interval]':>26}")  # fmt: skip
+    for (name, path), r in zip(models.items(), results, strict=True):
         size, speed = folder_bytes(path, "*.safetensors"), speeds[name]
+        change = f"{(r.perplexity / base_ppl - 1) * 100:+.2f}%"
+        if r.change_interval is not None:
+            change += f" [{r.change_interval[0] * 100:+.2f}, {r.change_interval[1] * 100:+.2f}]"
         print(
             f"{name:<14}{size / 1e6:>9.1f}{size / base_size:>7.2f}{speed:>14.1f}{speed / base_speed:>7.2f}"
-            f"{p:>12.3f}{(p / base_ppl - 1) * 100:>+8.2f}%"
+            f"{r.perplexity:>12.3f}{change:>26}"
         )
+    print(f"(the interval: paired over the {results[0].windows} windows of 512 tokens)")

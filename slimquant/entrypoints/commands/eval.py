@@ -22,6 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stride", type=int, help="window step (default: --context, non-overlapping)")
     p.add_argument("--max-tokens", type=int, help="use only the first N tokens of the corpus")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    p.add_argument(
+        "--sensitivity", action="store_true",
+        help="also score each model with every norm weight moved by ~1e-6 (twice the time): a change below it is noise",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -35,17 +39,31 @@ def run(args: argparse.Namespace) -> int:
     if not corpus.is_file():
         raise ValueError(f"corpus file not found: {corpus}")
     models = [str(zoo.resolve_model(m)) for m in args.models]
+    text = corpus.read_text(encoding="utf-8")
     results = evaluate(
-        models, corpus.read_text(encoding="utf-8"), args.context, args.stride, args.max_tokens, args.dtype
+        models, text, args.context, args.stride, args.max_tokens, args.dtype, sensitivity=args.sensitivity
     )
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
         return 0
-    base = results[0].perplexity
-    print(f"{'model':<48}{'tokens':>8}{'perplexity':>12}{'change':>9}{'top-1 agree':>13}")
-    for r in results:
-        agree = "" if r.top1_agreement is None else f"{r.top1_agreement * 100:.2f}%"
-        print(
-            f"{r.model[-48:]:<48}{r.tokens:>8}{r.perplexity:>12.4f}{(r.perplexity / base - 1) * 100:>+8.2f}%{agree:>13}"
-        )
+    print(table(results))
     return 0
+
+
+def table(results: list) -> str:
+    """Perplexity, change against the first model with its 95% interval, agreement and (if measured) sensitivity."""
+    base, sens = results[0].perplexity, results[0].sensitivity is not None
+    lines = [f"{'model':<40}{'tokens':>8}{'perplexity':>12}{'change [95% interval]':>26}{'top-1 agree':>13}"
+             + (f"{'sensitivity':>13}" if sens else "")]  # fmt: skip
+    for r in results:
+        change = "" if r is results[0] else f"{(r.perplexity / base - 1) * 100:+.2f}%"
+        if r.change_interval is not None:
+            change += f" [{r.change_interval[0] * 100:+.2f}, {r.change_interval[1] * 100:+.2f}]"
+        agree = "" if r.top1_agreement is None else f"{r.top1_agreement * 100:.2f}%"
+        line = f"{r.model[-40:]:<40}{r.tokens:>8}{r.perplexity:>12.4f}{change:>26}{agree:>13}"
+        lines.append(line + (f"{r.sensitivity * 100:>12.3f}%" if sens else ""))
+    n = results[0].windows
+    lines.append(f"{n} windows; the interval is paired by window (Student's t)" if n > 1 else "one window: no interval")
+    if sens:
+        lines.append("sensitivity: mean |per-window perplexity change| when every norm weight moves by ~1e-6")
+    return "\n".join(lines)
