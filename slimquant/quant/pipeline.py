@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import resource
 import shutil
 import time
 from collections import Counter
@@ -110,6 +111,7 @@ def run(
         default_mix=recipe_note(spec, opts.quant_type, opts.static_all, plan),
         notes=[FP32_NOTE] if dtype == torch.float32 else [],
         kv_cache="int8 (C8)" if kv_int8 else "float",
+        peak_rss_bytes=peak_rss_bytes(),
     )
 
 
@@ -205,16 +207,23 @@ def _convert(ckpt, runner, job: LayerJob, ids, writer: ModelSlimWriter, num_laye
     del embed
     for name in head:
         writer.add(name, ckpt.get(name).to(job.dtype), FLOAT)
-    for i in tqdm(range(num_layers), desc="quantizing", unit="layer", disable=not progress):
+    bar = tqdm(range(num_layers), desc="quantizing", unit="layer", disable=not progress)  # elapsed < ETA
+    for i in bar:
         state = {r: ckpt.get(layer_prefix(i) + r) for r in runner.param_names(i)}
         hidden = quantize_layer(i, state, runner, job, hidden, writer)
         _return_freed_memory()
+        bar.set_postfix_str(f"peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
     for name in tail:
         writer.add(name, ckpt.get(name).to(_float_dtype(name, job.dtype)), FLOAT)
     if tied_head(ckpt):  # vLLM-Ascend looks lm_head up in the description: written as ModelSlim V1 writes it
         writer.add(HEAD_WEIGHT, ckpt.get(EMBED_PREFIX + "weight").to(job.dtype), FLOAT)
     writer.close()
     return len({_layer_index(k) for k in tail} - {None})
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def tied_head(ckpt: HFCheckpoint) -> bool:

@@ -51,6 +51,7 @@ class QuantizeSummary:
     default_mix: str = ""  # what the default w8a8 recipe made dynamic (empty with static_all or none applied)
     notes: list[str] = field(default_factory=list)  # what a user should know about where the checkpoint runs
     kv_cache: str = "float"  # "int8 (C8)" when KV-cache scales were calibrated
+    peak_rss_bytes: int = 0  # this process's peak resident memory during the run
 
     def __str__(self) -> str:
         quantized = {k: v for k, v in self.linears.items() if k != FLOAT}
@@ -67,7 +68,8 @@ class QuantizeSummary:
             *([("experts with no tokens", str(self.idle_experts))] if self.idle_experts else []),
             ("size before", _human(self.source_bytes)),
             ("size after", f"{_human(self.output_bytes)} ({self.output_bytes / max(self.source_bytes, 1):.2f}x)"),
-            ("time", f"{self.seconds:.1f} s"),
+            ("time", f"{self.seconds:.1f} s ({self.seconds / max(self.num_layers, 1):.1f} s per decoder layer)"),
+            ("peak memory", f"{_human(self.peak_rss_bytes)} (resident, this process)"),
             *(self.fallback.rows() if self.fallback else []),
             *([("sensitivity report", str(self.report))] if self.report else []),
             *(("note", note) for note in self.notes),

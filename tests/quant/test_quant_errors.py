@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 
 import pytest
@@ -165,6 +166,10 @@ def test_cli_success_prints_summary(src, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "8 W8A8, 5 W8A8_DYNAMIC" in out and "linears kept float  2" in out and "smoothquant" in out
+    peak = next(line for line in out.splitlines() if line.startswith("peak memory"))
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB: the run was in this process
+    value, unit = peak.split()[2:4]
+    assert unit in ("MiB", "GiB") and 0 < float(value) * (1024 if unit == "GiB" else 1) <= mine + 1
 
 
 def test_keep_float_lm_head_is_accepted():
