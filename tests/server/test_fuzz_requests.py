@@ -39,6 +39,7 @@ MESSAGE = st.fixed_dictionaries(
     {"role": st.one_of(st.sampled_from(["system", "user", "assistant", "tool", "developer"]), JSON)},
     optional={"content": st.one_of(TEXTS, st.lists(CONTENT_PART, max_size=3), JSON), "name": JSON},
 )
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 SPECIAL = {
     "prompt": st.one_of(
         st.text(min_size=1, max_size=40),
@@ -56,6 +57,14 @@ SPECIAL = {
     "max_completion_tokens": st.one_of(st.integers(-2, 8), INTS, JSON),
     "n": st.one_of(st.integers(-1, 6), JSON),
     "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": st.booleans()}), JSON),
+    "tools": st.lists(
+        st.one_of(st.just(TOOL), st.fixed_dictionaries({"type": TEXTS, "function": JSON}), JSON), max_size=2
+    ),
+    "tool_choice": st.one_of(
+        st.sampled_from(["none", "auto", "required"]),
+        st.just({"type": "function", "function": {"name": "f"}}),
+        JSON,
+    ),
 }
 
 

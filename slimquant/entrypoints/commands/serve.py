@@ -8,6 +8,7 @@ from pathlib import Path
 
 from slimquant.config import env_setting
 from slimquant.entrypoints.commands.generate import add_engine_args, llm_arguments, make_llm
+from slimquant.entrypoints.openai.tool_calls import PARSERS
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-seqs", type=int, help="sequences batched together at most")
     p.add_argument("--max-n", type=int, default=16, help="largest 'n' a request may ask for (default 16)")
     p.add_argument("--chat-template", help="a Jinja chat template file that replaces the tokenizer's")
+    p.add_argument(
+        "--enable-auto-tool-choice", action="store_true", help='let chat requests use tool_choice "auto" (as vLLM)'
+    )
+    p.add_argument("--tool-call-parser", choices=PARSERS, help="how tool calls are read from the model's text")
     p.add_argument("--kv-cache-memory-bytes", type=int, help="KV-cache size in bytes (default: the engine's choice)")
     nodes = p.add_argument_group("several machines (-tp N split over --nnodes; node 0 serves)")
     nodes.add_argument("--nnodes", type=int, default=1, help="machines the ranks run on (default 1)")
@@ -58,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     from slimquant.entrypoints.openai.server import make_server_app
 
     template = _read_template(args.chat_template)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser (one of {', '.join(PARSERS)})")
     engine_args = {"max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes": args.kv_cache_memory_bytes}
     engine_args = {k: v for k, v in engine_args.items() if v is not None} | _node_args(args)
     if env_setting("WORLD_SIZE"):  # under torchrun: rank 0 serves, the others run steps
@@ -82,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or Path(args.model).name
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be positive, got {args.max_request_bytes}")
-    limits = dict(max_n=args.max_n, max_request_bytes=args.max_request_bytes)
+    tools = args.tool_call_parser if args.enable_auto_tool_choice else None
+    limits = dict(max_n=args.max_n, max_request_bytes=args.max_request_bytes, tool_parser=tools)
     failures: list[Exception] = []
     server: uvicorn.Server | None = None
 

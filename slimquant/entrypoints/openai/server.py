@@ -227,6 +227,7 @@ def make_server_app(
     max_n: int = 16,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     on_fatal: Callable[[Exception], None] | None = None,
+    tool_parser: str | None = None,
 ) -> tuple[FastAPI, AsyncEngine]:
     """Wire an LLM (its engine and tokenizer) into an app; returns the app and its engine thread (which calls
     on_fatal when the engine cannot go on)."""
@@ -242,5 +243,6 @@ def make_server_app(
         max_n=max_n,
         chat_template=chat_template,
         generation_defaults=dict(engine.generation_defaults),
+        tool_parser=tool_parser,
     )
     return build_app(ctx, api_key=api_key, metrics=metrics, max_request_bytes=max_request_bytes), async_engine

@@ -22,6 +22,13 @@ from slimquant.entrypoints.openai.protocol import (
     random_id,
     usage,
 )
+from slimquant.entrypoints.openai.tool_calls import (
+    ParsedTools,
+    content_before_calls,
+    parse_hermes,
+    parses_tools,
+    template_message,
+)
 from slimquant.errors import ParamError
 from slimquant.sampling_params import SamplingParams
 
@@ -41,6 +48,7 @@ class ServingContext:
     max_n: int = 16
     chat_template: str | None = None
     generation_defaults: dict[str, float] = field(default_factory=dict)
+    tool_parser: str | None = None  # --tool-call-parser with --enable-auto-tool-choice: "auto" tool choice parses
     # one thread tokenizes, off the event loop (and one call at a time: the tokenizer is not thread-safe)
     tokenizer_thread: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "slimquant-tokenize"))
 
@@ -158,7 +166,7 @@ async def completion_prompts(req: CompletionRequest, ctx: ServingContext) -> lis
 
 async def chat_prompt(req: ChatCompletionRequest | TokenizeRequest, ctx: ServingContext) -> list[int]:
     """Token ids of the conversation rendered with the chat template (off the event loop)."""
-    messages = [_message(m.model_dump(exclude_none=True), i) for i, m in enumerate(req.messages)]
+    messages = [template_message(_message(m.model_dump(exclude_none=True), i)) for i, m in enumerate(req.messages)]
     for i, m in enumerate(messages):
         if isinstance(m.get("content"), str):
             ctx.check_text_length(m["content"], f"messages[{i}].content")
@@ -173,6 +181,7 @@ def _render_chat(ctx: ServingContext, messages: list[dict], req: ChatCompletionR
             messages,
             chat_template=req.chat_template or ctx.chat_template,
             add_generation_prompt=req.add_generation_prompt,
+            tools=getattr(req, "tools", None) or None,
             tokenize=False,
         )
     except Exception as e:  # jinja errors, missing template
@@ -247,24 +256,30 @@ async def create_chat(req: ChatCompletionRequest, ctx: ServingContext) -> dict |
     _check_model(req, ctx)
     if req.max_tokens == 0:
         raise OpenAIError("max_tokens must be at least 1 (scoring a prompt is for completions)", param="max_tokens")
+    tools = parses_tools(req.tools, req.tool_choice, ctx.tool_parser)
     ids = await chat_prompt(req, ctx)
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, ctx, len(ids), top, None)
     rid = random_id("chatcmpl")
     streams = _start(ctx, rid, [ids], [params])
     if req.stream:
-        return _stream(ctx, rid, "chat.completion.chunk", streams, [ids], req)
+        return _stream(ctx, rid, "chat.completion.chunk", streams, [ids], req, tools)
     out = await streams[0].final()
-    choices = [
-        {
-            "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
-            "finish_reason": c.finish_reason,
-            "stop_reason": c.stop_reason,
-            "logprobs": _chat_logprobs(c.token_ids, c.logprobs or [], ctx, top or 0) if req.logprobs else None,
-        }
-        for c in out.outputs
-    ]
+    choices = []
+    for c in out.outputs:
+        parsed = parse_hermes(c.text) if tools else ParsedTools(c.text)
+        message = {"role": "assistant", "content": parsed.content}
+        if parsed.calls:
+            message["tool_calls"] = parsed.calls
+        choices.append(
+            {
+                "index": c.index,
+                "message": message,
+                "finish_reason": "tool_calls" if parsed.calls else c.finish_reason,
+                "stop_reason": c.stop_reason,
+                "logprobs": _chat_logprobs(c.token_ids, c.logprobs or [], ctx, top or 0) if req.logprobs else None,
+            }
+        )
     n_out = sum(len(c.token_ids) for c in out.outputs)
     return {
         "id": rid,
@@ -276,12 +291,12 @@ async def create_chat(req: ChatCompletionRequest, ctx: ServingContext) -> dict |
     }
 
 
-async def _stream(ctx, rid, obj, streams, prompts, req) -> AsyncIterator[str]:
+async def _stream(ctx, rid, obj, streams, prompts, req, tools: bool = False) -> AsyncIterator[str]:
     """Server-sent events: one chunk per new text piece, a final usage chunk on request, then [DONE]. Requests not
     yet streamed are aborted if the client goes away."""
     chat = obj == "chat.completion.chunk"
     try:
-        async for chunk in _stream_chunks(ctx, rid, obj, streams, req, chat):
+        async for chunk in _stream_chunks(ctx, rid, obj, streams, req, chat, tools):
             yield chunk
     finally:
         for stream in streams:
@@ -302,8 +317,9 @@ async def _stream(ctx, rid, obj, streams, prompts, req) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-async def _stream_chunks(ctx, rid, obj, streams, req, chat) -> AsyncIterator[str]:
-    """Each request's SSE chunks in turn, each with the logprobs of the tokens it adds where they are asked for."""
+async def _stream_chunks(ctx, rid, obj, streams, req, chat, tools: bool = False) -> AsyncIterator[str]:
+    """Each request's SSE chunks in turn, each with the logprobs of the tokens it adds where they are asked for;
+    with tools, text from a <tool_call> on is held back and sent as tool_calls when the choice ends."""
     echo, scoring = not chat and req.echo, not chat and req.max_tokens == 0
     top = (req.top_logprobs or 0) if chat else None
     for i, stream in enumerate(streams):
@@ -315,13 +331,23 @@ async def _stream_chunks(ctx, rid, obj, streams, req, chat) -> AsyncIterator[str
                     yield _sse(_chunk(rid, obj, ctx, index, {"role": "assistant", "content": ""}, None, chat))
                 chars, tokens, offset = sent.get(c.index, (0, 0, 0))
                 text, ids, lps = ("", [], []) if scoring else (c.text, list(c.token_ids), c.logprobs)
+                calls = []
+                if tools and c.finish_reason is None:
+                    text = content_before_calls(text)
+                elif tools:  # the end: calls, or what was held back is content after all
+                    parsed = parse_hermes(text)
+                    calls, text = parsed.calls, (parsed.content or "") if parsed.calls else text
                 delta, new_ids, new_lps = text[chars:], ids[tokens:], None if lps is None else lps[tokens:]
                 if echo and first:  # the prompt comes first, as in the non-streamed text
                     delta = (out.prompt or ctx.tokenizer.decode(out.prompt_token_ids)) + delta
                     if new_lps is not None:
                         new_ids, new_lps = list(out.prompt_token_ids) + new_ids, list(out.prompt_logprobs) + new_lps
+                if calls:  # the held-back calls, whole
+                    body = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
+                    yield _sse(_chunk(rid, obj, ctx, index, body, None, chat))
                 if delta or c.finish_reason or new_ids:
-                    chunk = _chunk(rid, obj, ctx, index, {"content": delta} if chat else delta, c.finish_reason, chat)
+                    finish = "tool_calls" if calls else c.finish_reason
+                    chunk = _chunk(rid, obj, ctx, index, {"content": delta} if chat else delta, finish, chat)
                     if new_lps is not None and chat:
                         chunk["choices"][0]["logprobs"] = _chat_logprobs(new_ids, new_lps, ctx, top)
                     elif new_lps is not None:  # offsets go on from the tokens sent, as in the whole response

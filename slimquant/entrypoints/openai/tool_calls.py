@@ -1,0 +1,114 @@
+"""Tool calls on chat completions, as vLLM serves them: which tool_choice a request may use, the tools handed to the
+chat template, and the hermes parser (`--tool-call-parser hermes`: Qwen2.5 / Qwen3's
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`) that turns the model's text into OpenAI tool_calls."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from slimquant.entrypoints.openai.protocol import OpenAIError
+
+PARSERS = ("hermes",)
+START, END = "<tool_call>", "</tool_call>"
+_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)  # a last call may be cut off by max_tokens
+
+
+@dataclass
+class ParsedTools:
+    """The text a model wrote, split into its content (None: only calls) and its tool calls (OpenAI's entries)."""
+
+    content: str | None
+    calls: list[dict] = field(default_factory=list)
+
+
+def parse_hermes(text: str) -> ParsedTools:
+    """Each <tool_call> block as a call and the text before the first as content; text whose blocks are not all
+    JSON objects with a "name" stays content, with no calls (as vLLM's parser does)."""
+    blocks = _CALL.findall(text)
+    if not blocks:
+        return ParsedTools(text)
+    try:
+        calls = [_call(json.loads(b)) for b in blocks]
+    except (ValueError, KeyError, TypeError):
+        return ParsedTools(text)
+    return ParsedTools(text[: text.find(START)].strip() or None, calls)
+
+
+def _call(obj: dict) -> dict:
+    args = obj.get("arguments", {})
+    return {
+        "id": f"chatcmpl-tool-{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": obj["name"], "arguments": args if isinstance(args, str) else json.dumps(args)},
+    }
+
+
+def content_before_calls(text: str) -> str:
+    """The part of a growing text that is surely content: up to the first <tool_call>, less a tail that could be
+    its start (what a stream may send before the model is done)."""
+    cut = text.find(START)
+    if cut >= 0:
+        return text[:cut]
+    for n in range(min(len(START) - 1, len(text)), 0, -1):
+        if START.startswith(text[-n:]):
+            return text[:-n]
+    return text
+
+
+def parses_tools(tools: list[dict] | None, tool_choice: Any, parser: str | None) -> bool:
+    """Whether a chat request's answer goes through the tool parser; OpenAIError for a choice this server cannot
+    honour (vLLM's rules: "auto" needs --enable-auto-tool-choice and --tool-call-parser)."""
+    if not tools:
+        if tool_choice not in (None, "none"):
+            raise OpenAIError("tool_choice needs 'tools' to choose from", param="tool_choice")
+        return False
+    _check_tools(tools)
+    choice = "auto" if tool_choice is None else tool_choice
+    if choice == "none":
+        return False
+    if choice == "auto":
+        if parser is None:
+            raise OpenAIError(
+                '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+                param="tool_choice",
+            )
+        return True
+    if choice == "required" or isinstance(choice, dict):
+        raise OpenAIError(
+            "tool_choice 'required' and named functions need structured outputs (a grammar that forces the call), "
+            "which this server does not have yet: use 'auto'",
+            param="tool_choice",
+        )
+    raise OpenAIError(f"tool_choice {choice!r} is not 'none', 'auto', 'required' or a function", param="tool_choice")
+
+
+def _check_tools(tools: list[dict]) -> None:
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        named = isinstance(function, dict) and isinstance(function.get("name"), str)
+        if not named or tool.get("type") != "function":
+            raise OpenAIError(
+                f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}",
+                param=f"tools[{i}]",
+            )
+
+
+def template_message(message: dict) -> dict:
+    """An assistant message's tool calls with their arguments as objects, which chat templates expect (OpenAI
+    clients send them as JSON strings)."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return message
+    fixed = []
+    for call in calls:
+        function = dict(call.get("function") or {})
+        if isinstance(function.get("arguments"), str):
+            with contextlib.suppress(ValueError):  # not JSON: the template gets the text
+                function["arguments"] = json.loads(function["arguments"])
+        fixed.append({**call, "function": function})
+    return message | {"tool_calls": fixed}
