@@ -105,3 +105,28 @@ def test_streamed_chat_logprobs_add_up_to_the_whole(server):
     whole = httpx.post(f"{server}/v1/chat/completions", json=body, headers=auth(), timeout=60).json()["choices"][0]
     parts = [c["logprobs"]["content"] for c in _stream(server, "/v1/chat/completions", body) if c.get("logprobs")]
     assert [x for p in parts for x in p] == whole["logprobs"]["content"] and len(whole["logprobs"]["content"]) == 6
+
+
+def test_chat_logprobs_are_the_models(server, tiny_model):
+    """Chat's logprobs and top_logprobs of each generated token equal transformers' log-softmax after the rendered
+    conversation and the tokens before it (within 1e-4), the top ones in order."""
+    path = tiny_model("llama")
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    messages = [{"role": "user", "content": "Name three colours."}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 5, "temperature": 0, "logprobs": True,
+            "top_logprobs": 3, "ignore_eos": True}  # fmt: skip
+    got = httpx.post(f"{server}/v1/chat/completions", json=body, headers=auth(), timeout=60).json()
+    content = got["choices"][0]["logprobs"]["content"]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert got["usage"]["prompt_tokens"] == len(ids) and len(content) == 5
+    for entry in content:
+        with torch.no_grad():
+            lps = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+        top = lps.topk(3)
+        token = int(top.indices[0])  # greedy
+        assert entry["token"] == tok.decode([token]) and abs(entry["logprob"] - lps[token].item()) < 1e-4
+        tops = zip(entry["top_logprobs"], top.values.tolist(), strict=True)
+        assert all(abs(t["logprob"] - v) < 1e-4 for t, v in tops)
+        assert all(t["logprob"] >= u["logprob"] for t, u in itertools.pairwise(entry["top_logprobs"]))
+        ids.append(token)
