@@ -183,10 +183,15 @@ class EngineConfig:
         order, orders = self.tensor_parallel_order, TENSOR_PARALLEL_ORDERS
         _check(order in orders, "tensor_parallel_order", order, f"one of {orders}")
         self._check_nodes()
-        check_spec(self.cpu_threads_bind, self.tensor_parallel_size // self.nnodes)
+        check_spec(self.cpu_threads_bind, self.ranks_per_node)
         executor, executors = self.distributed_executor_backend, (None, "mp", "external_launcher")
         _check(executor in executors, "distributed_executor_backend", executor, f"one of {executors}")
         check_device(self.device)
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Tensor-parallel ranks on each machine."""
+        return self.tensor_parallel_size // self.nnodes
 
     def _check_nodes(self) -> None:
         tp, n = self.tensor_parallel_size, self.nnodes

@@ -102,7 +102,7 @@ def evaluate(
     for path in models:
         lm = load_model(path, dtype=dtype)
         nlls, pred = _score_model(lm, ids, windows, path, progress)
-        per_window = torch.stack([n.double().mean() for n in nlls])  # [W] mean NLL of each window
+        per_window = _window_means(nlls)
         agree = None if reference is None else (pred == reference).float().mean().item()
         reference = pred if reference is None else reference
         base = per_window if base is None else base
@@ -111,7 +111,7 @@ def evaluate(
         result.change_interval = None if len(results) == 0 else change_interval(base, per_window)
         if sensitivity:
             perturb_norms(lm.model)
-            moved = torch.stack([n.double().mean() for n in _score_model(lm, ids, windows, path, progress)[0]])
+            moved = _window_means(_score_model(lm, ids, windows, path, progress)[0])
             result.sensitivity = (moved - per_window).exp().sub(1).abs().mean().item()
         results.append(result)
     return results
@@ -128,6 +128,11 @@ def _score_model(lm, ids, windows, name, progress) -> tuple[list[torch.Tensor], 
         nlls.append(nll[keep])
         preds.append(pred[keep])
     return nlls, torch.cat(preds)
+
+
+def _window_means(nlls: list[torch.Tensor]) -> torch.Tensor:
+    """[W] mean NLL of each window, in float64."""
+    return torch.stack([n.double().mean() for n in nlls])
 
 
 # Student's t 0.975 quantiles for 1 .. 30 degrees of freedom (beyond: the normal's 1.96)

@@ -19,22 +19,24 @@ def parse_core_list(text: str) -> list[int]:
     return cores
 
 
-def check_spec(spec: str, local_ranks: int) -> None:
-    """ValueError unless spec is "auto", "all", or one core list per local rank separated by '|'."""
+def check_spec(spec: str, local_ranks: int) -> list[list[int]] | None:
+    """The core sets spec names (None for "auto" and "all"); ValueError unless it is one of those or one core list
+    per local rank separated by '|'."""
     if spec in ("auto", "all"):
-        return
+        return None
     groups = [parse_core_list(part) for part in spec.split("|")]
     if len(groups) != local_ranks:
         raise ValueError(
             f"cpu_threads_bind {spec!r} names {len(groups)} core sets for {local_ranks} ranks on this machine: "
             "give one per rank, separated by '|' (e.g. '0-3|4-7'), or 'auto' or 'all'"
         )
+    return groups
 
 
 def core_groups(spec: str, local_ranks: int, allowed: list[int] | None = None) -> list[list[int]] | None:
     """Each local rank's cores in local rank order, or None: no binding ("all", or "auto" with fewer allowed cores
     than ranks). allowed: the cores this process may run on (default: its affinity)."""
-    check_spec(spec, local_ranks)
+    named = check_spec(spec, local_ranks)
     allowed = sorted(os.sched_getaffinity(0)) if allowed is None else allowed
     if spec == "all" or (spec == "auto" and len(allowed) < local_ranks):
         return None
@@ -42,10 +44,9 @@ def core_groups(spec: str, local_ranks: int, allowed: list[int] | None = None) -
         per, extra = divmod(len(allowed), local_ranks)
         starts = [r * per + min(r, extra) for r in range(local_ranks + 1)]
         return [allowed[starts[r] : starts[r + 1]] for r in range(local_ranks)]
-    groups = [parse_core_list(part) for part in spec.split("|")]
-    if missing := sorted({c for g in groups for c in g} - set(allowed)):
+    if missing := sorted({c for g in named for c in g} - set(allowed)):
         raise ValueError(f"cpu_threads_bind {spec!r}: cores {missing} are not available here (allowed: {allowed})")
-    return groups
+    return named
 
 
 def bind(cores: list[int]) -> None:

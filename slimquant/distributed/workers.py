@@ -63,8 +63,7 @@ class WorkerGroup:
         if config.nnodes == 1 and config.master_port is None:
             config = dataclasses.replace(config, master_port=free_port())
         cores = _local_cores(config)
-        group = cls._spawn(config, _node_ranks(config)[1:], cores[1:])
-        group.threads, group.affinity = torch.get_num_threads(), os.sched_getaffinity(0)
+        group = cls._spawn(config, _node_ranks(config)[1:], cores[1:])  # it keeps this process's threads and cores
         _bind(config, cores[0])
         group._join_as_rank0(config)
         try:
@@ -206,14 +205,13 @@ def run_headless(config: EngineConfig) -> int:
 
 def _node_ranks(config: EngineConfig) -> list[int]:
     """The global ranks that run on this node."""
-    per_node = config.tensor_parallel_size // config.nnodes
+    per_node = config.ranks_per_node
     return list(range(config.node_rank * per_node, (config.node_rank + 1) * per_node))
 
 
 def _local_cores(config: EngineConfig) -> list[list[int] | None]:
     """Each of this node's ranks' cores (config.cpu_threads_bind), None for each where nothing is bound."""
-    local = config.tensor_parallel_size // config.nnodes
-    return core_groups(config.cpu_threads_bind, local) or [None] * local
+    return core_groups(config.cpu_threads_bind, config.ranks_per_node) or [None] * config.ranks_per_node
 
 
 def _bind(config: EngineConfig, cores: list[int] | None) -> None:
@@ -226,7 +224,7 @@ def _bind(config: EngineConfig, cores: list[int] | None) -> None:
 
 def _threads(config: EngineConfig) -> int:
     """Each rank's share of this machine's cores."""
-    return max(1, (os.cpu_count() or 1) // (config.tensor_parallel_size // config.nnodes))
+    return max(1, (os.cpu_count() or 1) // config.ranks_per_node)
 
 
 def _init_group(rank: int, config: EngineConfig) -> None:
@@ -274,7 +272,7 @@ def _check_fingerprints(config: EngineConfig, tp: TensorParallel) -> None:
         raise ValueError(
             f"rank(s) {differ} have another checkpoint or settings than rank 0 (fingerprints {prints}): every node "
             "must run the same model folder contents with the same --dtype, --kv-cache-dtype, --quantization, "
-            "--max-model-len and -tp"
+            "--max-model-len, -tp, --enable-expert-parallel and --tensor-parallel-order"
         )
     if differ:
         raise ValueError("this rank's checkpoint or settings differ from rank 0's (rank 0 says which)")

@@ -14,7 +14,7 @@ from slimquant.config import DEFAULT_KV_CACHE_BYTES, EngineConfig
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.engine.scheduler import ScheduledBatch
 from slimquant.engine.sequence import Sequence
-from slimquant.engine.step_sampler import LogitRows, StepResult, StepSampler
+from slimquant.engine.step_sampler import LogitRows, StepResult, StepSampler, rows_at
 from slimquant.layers.attention import KVCacheLayer
 from slimquant.layers.context import ForwardContext
 from slimquant.layers.sampler import Sampler
@@ -114,7 +114,7 @@ class ModelRunner:
         None."""
         if not indices:
             return None
-        return self.model.compute_logits(hidden[torch.tensor(indices, dtype=torch.long, device=hidden.device)])
+        return self.model.compute_logits(rows_at(hidden, indices))
 
     def stop_serving(self) -> None:
         """Rank 0: let the other ranks' serve_steps() return."""

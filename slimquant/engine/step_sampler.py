@@ -70,7 +70,7 @@ class StepSampler:
         """hidden [T, H] of the step -> the tokens of the sequences that reached their end, and prompt logprobs."""
         greedy = bool(rows.sample_seqs) and all(plain_greedy(s) for s in rows.sample_seqs)
         if greedy and not rows.prompt_rows:  # only argmaxes wanted: a screen may skip most of the head
-            tokens = self.head.argmax(_rows(hidden, rows.sample_rows))
+            tokens = self.head.argmax(rows_at(hidden, rows.sample_rows))
             return StepResult(rows.sample_seqs, Sampler.unscored_output(tokens), [])
         if (screened := self._sample_top_k(hidden, rows)) is not None:
             return screened
@@ -94,13 +94,13 @@ class StepSampler:
             return None
         if not self.head.screens(top_k):
             return None
-        ids, logits = self.head.top_k(_rows(hidden, rows.sample_rows), top_k)  # [S, C] each
+        ids, logits = self.head.top_k(rows_at(hidden, rows.sample_rows), top_k)  # [S, C] each
         picked = self.sampler.sample(logits, self.sampling_batch(rows.sample_seqs))  # [S] positions in C
         return StepResult(rows.sample_seqs, Sampler.unscored_output(ids.gather(1, picked[:, None])[:, 0].tolist()), [])
 
     def _logits(self, hidden: torch.Tensor, indices: list[int]) -> torch.Tensor | None:
         """Logits of the hidden rows at indices."""
-        return self.head.logits(_rows(hidden, indices)) if indices else None
+        return self.head.logits(rows_at(hidden, indices)) if indices else None
 
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         """Per-row sampling settings of the sequences being sampled."""
@@ -153,7 +153,7 @@ class GivenLogits(LogitsHead):
         return hidden
 
 
-def _rows(hidden: torch.Tensor, indices: list[int]) -> torch.Tensor:
+def rows_at(hidden: torch.Tensor, indices: list[int]) -> torch.Tensor:
     """hidden [T, H] -> the rows at indices (a plain slice when they are 0 .. n-1, as in decode)."""
     if indices == list(range(len(indices))):
         return hidden[: len(indices)]

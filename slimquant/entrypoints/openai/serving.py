@@ -339,7 +339,7 @@ async def _stream_chunks(ctx, rid, obj, streams, req, chat, tools: bool = False)
                     calls, text = parsed.calls, (parsed.content or "") if parsed.calls else text
                 delta, new_ids, new_lps = text[chars:], ids[tokens:], None if lps is None else lps[tokens:]
                 if echo and first:  # the prompt comes first, as in the non-streamed text
-                    delta = (out.prompt or ctx.tokenizer.decode(out.prompt_token_ids)) + delta
+                    delta = _prompt_text(out, ctx) + delta
                     if new_lps is not None:
                         new_ids, new_lps = list(out.prompt_token_ids) + new_ids, list(out.prompt_logprobs) + new_lps
                 if calls:  # the held-back calls, whole
@@ -379,7 +379,7 @@ def _completion_choice(out, c, index: int, req: CompletionRequest, ctx) -> dict:
     if req.max_tokens == 0:  # scoring only: the one generated token is not part of the answer
         token_ids, logprobs, text = [], [] if logprobs is not None else None, ""
     if req.echo:
-        text = (out.prompt or ctx.tokenizer.decode(out.prompt_token_ids)) + text
+        text = _prompt_text(out, ctx) + text
         if logprobs is not None:
             token_ids, logprobs = list(out.prompt_token_ids) + token_ids, list(out.prompt_logprobs) + logprobs
     choice = {
@@ -392,6 +392,11 @@ def _completion_choice(out, c, index: int, req: CompletionRequest, ctx) -> dict:
     if req.prompt_logprobs is not None:
         choice["prompt_logprobs"] = [None if lps is None else _by_token_id(lps) for lps in out.prompt_logprobs]
     return choice
+
+
+def _prompt_text(out, ctx) -> str:
+    """A request's prompt as text (decoded where it came as token ids): what echo puts first."""
+    return out.prompt or ctx.tokenizer.decode(out.prompt_token_ids)
 
 
 def _completion_logprobs(token_ids: list[int], logprobs: list[dict | None], ctx, start: int = 0) -> dict:
