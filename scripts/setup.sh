@@ -2,7 +2,7 @@
 # Create .venv in the repository and install slimquant into it from the lock files in requirements/ (exact
 # versions, hashes checked; no model hub access). Idempotent; the venv is rebuilt from scratch when a lock changes.
 #   bash scripts/setup.sh         # runtime: what the quick start needs
-#   bash scripts/setup.sh --dev   # runtime + tests, ruff, uv and triton (the CUDA kernels' CPU interpreter)
+#   bash scripts/setup.sh --dev   # runtime + tests, ruff, uv, lm-eval and hypothesis
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kind=runtime lock=requirements/lock.txt

@@ -2,7 +2,7 @@
 # Install (if needed) and run the test suite; fails if pytest collects no tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh --dev  # tests, ruff and triton (the CUDA kernels' tests in its CPU interpreter)
+bash scripts/setup.sh --dev  # tests, ruff and the other dev tools
 .venv/bin/ruff check .
 set +e
 .venv/bin/python -m pytest -q "$@"

@@ -12,6 +12,7 @@ _EXPORTS = {
     "quantize": "slimquant.convert",
     "LLM": "slimquant.entrypoints.llm",
     "SamplingParams": "slimquant.sampling_params",
+    "StructuredOutputsParams": "slimquant.sampling_params",
     "RequestOutput": "slimquant.outputs",
     "CompletionOutput": "slimquant.outputs",
 }

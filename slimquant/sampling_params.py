@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import IntEnum
+from typing import Any, ClassVar
 
 from slimquant.errors import ParamError
 
@@ -19,6 +21,56 @@ class RequestOutputKind(IntEnum):
     CUMULATIVE = 0
     DELTA = 1
     FINAL_ONLY = 2
+
+
+@dataclass
+class StructuredOutputsParams:
+    """One constraint on a request's output, as vLLM's: a JSON schema, any JSON object, a regex, one of some
+    choices, a grammar (xgrammar's EBNF, or Lark) or an xgrammar structural tag."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False  # JSON without whitespace between its tokens
+    disable_additional_properties: bool = False  # objects of a json schema get no properties it does not name
+    disable_fallback: bool = False  # accepted for vLLM's clients: xgrammar is the only backend, there is no fallback
+    whitespace_pattern: str | None = None
+
+    CONSTRAINTS: ClassVar[tuple[str, ...]] = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+    def __post_init__(self) -> None:
+        given = [name for name in self.CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ParamError(
+                "structured_outputs",
+                f"structured_outputs needs exactly one of {', '.join(self.CONSTRAINTS)}; got {given or 'none'}",
+            )
+        if self.whitespace_pattern is not None:
+            raise ParamError(
+                "structured_outputs",
+                "whitespace_pattern is not supported by xgrammar; use disable_any_whitespace for compact JSON",
+            )
+        if self.choice is not None and not (self.choice and all(isinstance(c, str) and c for c in self.choice)):
+            raise ParamError("structured_outputs", f"choice must be a list of non-empty strings, got {self.choice!r}")
+        if hasattr(self.json, "model_json_schema"):  # a pydantic model class
+            self.json = self.json.model_json_schema()
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as e:
+                raise ParamError("structured_outputs", f"the json schema is not valid JSON: {e}") from None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StructuredOutputsParams:
+        """From a request's structured_outputs object; ParamError naming a field this does not know."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ParamError("structured_outputs", f"structured_outputs has unknown fields {unknown}")
+        return cls(**data)
 
 
 @dataclass
@@ -49,6 +101,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
@@ -61,6 +114,8 @@ class SamplingParams:
         self.stop_token_ids = [int(t) for t in self.stop_token_ids or []]
         if self.logit_bias is not None:
             self.logit_bias = {int(k): max(-100.0, min(100.0, float(v))) for k, v in self.logit_bias.items()}
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         self._verify()
         if self.best_of is not None and self.best_of > self.n:
             logger.warning("best_of=%d is ignored: slimquant returns the n=%d samples", self.best_of, self.n)

@@ -24,10 +24,11 @@ from slimquant.engine.block_manager import BlockManager
 from slimquant.engine.detokenizer import IncrementalDetokenizer, TokenTexts
 from slimquant.engine.inputs import PromptType, load_tokenizer, model_max_len, parse_prompt, stop_token_ids
 from slimquant.engine.model_runner import ModelRunner
-from slimquant.engine.output_processor import make_output, process_token, to_logprobs
+from slimquant.engine.output_processor import advance_grammar, make_output, process_token, to_logprobs
 from slimquant.engine.scheduler import Scheduler
 from slimquant.engine.sequence import Request, Sequence
 from slimquant.engine.step_sampler import StepResult
+from slimquant.engine.structured_output import Grammars
 from slimquant.errors import ParamError
 from slimquant.outputs import RequestOutput
 from slimquant.sampling_params import SamplingParams
@@ -68,6 +69,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, block_manager)
         self.requests: dict[str, Request] = {}
         self.token_texts = TokenTexts(self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
 
     def check_health(self) -> None:
         """RankFailure if a tensor-parallel rank this engine started has died (nothing to check otherwise)."""
@@ -110,9 +112,12 @@ class LLMEngine:
         if arrival_time is not None:
             request.metrics.arrival_time = arrival_time
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
-        for i in range(params.n):
+        grammars = [None] * params.n
+        if params.structured_outputs is not None:
+            grammars = self.grammars.matchers(params.structured_outputs, params.n)
+        for i, grammar in enumerate(grammars):
             detok = IncrementalDetokenizer(self.tokenizer, ids, params)
-            request.seqs.append(Sequence(request, i, self._generator(params.seed, i), detok, stop_ids))
+            request.seqs.append(Sequence(request, i, self._generator(params.seed, i), detok, stop_ids, grammar))
         self.requests[request_id] = request
         for seq in request.seqs:
             self.scheduler.add(seq)
@@ -192,6 +197,7 @@ class LLMEngine:
             top = out.top_logprobs[i]
             seq.append_token(out.token_ids[i], out.logprobs[i], to_logprobs(top, self.token_texts))
             process_token(seq, out.token_ids[i], self.config.max_model_len)
+            advance_grammar(seq, out.token_ids[i])
             if seq.is_finished:
                 self.scheduler.finish(seq)
             touched[seq.request.request_id] = seq.request

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from slimquant.engine.detokenizer import TokenTexts, find_stop_string
 from slimquant.engine.sequence import Request, Sequence
 from slimquant.layers.sampler import TopLogprobs
 from slimquant.outputs import CompletionOutput, Logprob, RequestOutput
 from slimquant.sampling_params import RequestOutputKind
+
+logger = logging.getLogger(__name__)
 
 
 def to_logprobs(entries: TopLogprobs | None, texts: TokenTexts) -> dict[int, Logprob] | None:
@@ -30,6 +34,21 @@ def process_token(seq: Sequence, token: int, max_model_len: int) -> None:
         seq.finish("length")
     if seq.is_finished and not isinstance(seq.stop_reason, str):
         seq.detok.flush()  # a character cut short by the end is emitted as is
+
+
+def advance_grammar(seq: Sequence, token: int) -> None:
+    """Move the sequence's structured-output matcher past its new token; a grammar that is complete (it took a stop
+    token that does not stop this sequence, e.g. with ignore_eos) or that rejects the token (no token was both
+    allowed and possible, e.g. allowed_token_ids outside the grammar) ends the sequence."""
+    grammar = seq.grammar
+    if grammar is None or seq.is_finished:
+        return
+    if not grammar.accept_token(token):
+        logger.warning("request %s: the structured output cannot go on (no allowed token)", seq.request.request_id)
+        seq.finish("abort")
+    elif grammar.is_terminated():
+        seq.finish("stop")
+        seq.detok.flush()
 
 
 def _check_stop_strings(seq: Sequence, new_chars: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from enum import Enum, auto
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ class Sequence:
         generator: torch.Generator | None,
         detok: IncrementalDetokenizer,
         stop_ids: frozenset[int],
+        grammar: Any = None,
     ):
         self.seq_id = next(Sequence._ids)
         self.request = request
@@ -48,6 +50,7 @@ class Sequence:
         self.num_committed_blocks = 0  # leading blocks registered in the prefix cache
         self.generator = generator
         self.stop_ids = stop_ids  # EOS (unless ignore_eos) and stop_token_ids
+        self.grammar = grammar  # an xgrammar GrammarMatcher of the request's structured output, or None
         self.detok = detok
         self.logprobs: SampleLogprobs | None = [] if self.params.logprobs is not None else None
         self.cumulative_logprob = 0.0

@@ -122,6 +122,7 @@ class StepSampler:
             logit_bias=[p.logit_bias for p in params],
             allowed_ids=[p.allowed_token_ids for p in params],
             banned_ids=[sorted(s.stop_ids) if s.num_output_tokens < s.params.min_tokens else [] for s in seqs],
+            grammars=[s.grammar for s in seqs],
             generators=[s.generator for s in seqs],
             num_logprobs=[p.logprobs for p in params],
         )
@@ -161,15 +162,18 @@ def rows_at(hidden: torch.Tensor, indices: list[int]) -> torch.Tensor:
 
 
 def plain_greedy(seq: Sequence) -> bool:
-    """Greedy with nothing to apply or report (no logprobs, penalties, biases, allowed or banned tokens): argmax."""
+    """Greedy with nothing to apply or report (no logprobs, penalties, biases, grammar, allowed or banned tokens):
+    argmax."""
     return seq.params.temperature < SAMPLING_EPS and plain_logits(seq)
 
 
 def plain_logits(seq: Sequence) -> bool:
-    """The row's raw logits decide alone: no logprobs to report, no penalties, biases, allowed or banned tokens."""
+    """The row's raw logits decide alone: no logprobs to report, no penalties, biases, grammar, allowed or banned
+    tokens."""
     p = seq.params
     return (
-        p.logprobs is None
+        seq.grammar is None
+        and p.logprobs is None
         and not penalized(p)
         and not p.logit_bias
         and p.allowed_token_ids is None

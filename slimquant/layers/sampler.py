@@ -7,6 +7,7 @@ masks, penalties, greedy argmax or temperature -> min-p -> top-k/top-p -> a draw
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,6 +31,7 @@ class SamplingBatch:
     logit_bias: list[dict[int, float] | None]
     allowed_ids: list[list[int] | None]
     banned_ids: list[list[int]]  # e.g. EOS and stop tokens before min_tokens is reached
+    grammars: list[Any]  # an xgrammar GrammarMatcher whose next-token mask applies (structured outputs), or None
     generators: list[torch.Generator | None]  # None = the sampler's shared generator
     num_logprobs: list[int | None]  # top logprobs to return (-1 = whole vocabulary)
 
@@ -98,11 +100,15 @@ class Sampler:
 
 
 def apply_constraints(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Allowed-token masks, logit bias and banned tokens, row by row (on a copy, where any applies). logits: [N, V]."""
+    """Grammar masks, allowed-token masks, logit bias and banned tokens, row by row (on a copy, where any applies);
+    a ban never leaves a row nothing to pick (a complete grammar allows only stop tokens). logits: [N, V]."""
     rows = list(zip(batch.allowed_ids, batch.logit_bias, batch.banned_ids, strict=True))
-    if all(allowed is None and not bias and not banned for allowed, bias, banned in rows):
+    grammars = any(g is not None for g in batch.grammars)
+    if not grammars and all(allowed is None and not bias and not banned for allowed, bias, banned in rows):
         return logits
     logits = logits.clone()
+    if grammars:
+        apply_grammar_masks(logits, batch.grammars)
     for i, (allowed, bias, banned) in enumerate(rows):
         if allowed is not None:
             keep = torch.full_like(logits[i], float("-inf"))
@@ -111,8 +117,21 @@ def apply_constraints(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
         if bias:
             logits[i, list(bias)] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
         if banned:
-            logits[i, banned] = float("-inf")
+            kept = logits[i].index_fill(0, torch.tensor(banned, device=logits.device), float("-inf"))
+            if bool(torch.isfinite(kept).any()):
+                logits[i] = kept
     return logits
+
+
+def apply_grammar_masks(logits: torch.Tensor, grammars: list[Any]) -> None:
+    """Set to -inf, in place, the logits [N, V] of the tokens each row's grammar matcher does not allow next."""
+    import xgrammar
+
+    bitmask = xgrammar.allocate_token_bitmask(len(grammars), logits.shape[1])  # [N, ceil(V / 32)] all allowed
+    for i, grammar in enumerate(grammars):
+        if grammar is not None:
+            grammar.fill_next_token_bitmask(bitmask, i)
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device))
 
 
 def token_counts(ids: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:

@@ -25,7 +25,7 @@ def batch(n: int = 1, **overrides) -> SamplingBatch:
     fields = {k: torch.tensor(overrides.pop(k, [v] * n), dtype=torch.float32) for k, v in floats.items()}
     fields["top_k"] = torch.tensor(overrides.pop("top_k", [0] * n), dtype=torch.int64)
     lists = dict(prompt_ids=[[]] * n, output_ids=[[]] * n, logit_bias=[None] * n, allowed_ids=[None] * n)
-    lists.update(banned_ids=[[]] * n, generators=[None] * n, num_logprobs=[None] * n)
+    lists.update(banned_ids=[[]] * n, grammars=[None] * n, generators=[None] * n, num_logprobs=[None] * n)
     return SamplingBatch(**fields, **{**lists, **overrides})
 
 
@@ -122,10 +122,11 @@ def test_plain_greedy_rows_take_the_argmax_shortcut_only_when_nothing_else_appli
     full = Sampler(torch.Generator())(logits, batch(3, temperature=[0.0] * 3))
     assert Sampler.argmax(logits).token_ids == full.token_ids
 
-    def seq(**params) -> SimpleNamespace:  # what plain_greedy reads of a Sequence
-        return SimpleNamespace(params=SamplingParams(**params), num_output_tokens=0)
+    def seq(grammar=None, **params) -> SimpleNamespace:  # what plain_greedy reads of a Sequence
+        return SimpleNamespace(params=SamplingParams(**params), num_output_tokens=0, grammar=grammar)
 
     assert plain_greedy(seq(temperature=0))
+    assert not plain_greedy(seq(grammar=object(), temperature=0))  # a structured output's mask applies
     for params in (
         dict(temperature=0.5),
         dict(temperature=0, logprobs=0),

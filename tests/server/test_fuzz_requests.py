@@ -40,6 +40,21 @@ MESSAGE = st.fixed_dictionaries(
     optional={"content": st.one_of(TEXTS, st.lists(CONTENT_PART, max_size=3), JSON), "name": JSON},
 )
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+REGEXES = st.one_of(TEXTS, st.sampled_from(["(", "[a-", "a{99999}", "(a*)*b", "\\", "[^\\x00-\\x{10FFFF}]", "a{2,1}"]))
+GRAMMARS = st.one_of(TEXTS, st.sampled_from(['root ::= "a"', "root ::= root", "root ::= ", 'a ::= "b"', "start: x"]))
+SCHEMAS = st.one_of(
+    JSON,
+    st.sampled_from(
+        [{"type": "object"}, {"$ref": "#/nope"}, {"type": "string", "pattern": "("}, {"enum": []}, {"minItems": -1}]
+    ),
+    st.fixed_dictionaries({"type": st.sampled_from(["object", "array", "string", "integer", "x"])}, optional={
+        "properties": st.dictionaries(TEXTS, JSON, max_size=2), "minimum": JSON, "maxLength": JSON}),
+)  # fmt: skip
+STRUCTURED = st.fixed_dictionaries(
+    {},
+    optional={"json": SCHEMAS, "regex": REGEXES, "choice": st.lists(TEXTS, max_size=3) | JSON, "grammar": GRAMMARS,
+              "json_object": JSON, "structural_tag": TEXTS | SCHEMAS.map(json.dumps), "disable_any_whitespace": JSON},
+)  # fmt: skip
 SPECIAL = {
     "prompt": st.one_of(
         st.text(min_size=1, max_size=40),
@@ -60,6 +75,16 @@ SPECIAL = {
     "tools": st.lists(
         st.one_of(st.just(TOOL), st.fixed_dictionaries({"type": TEXTS, "function": JSON}), JSON), max_size=2
     ),
+    "structured_outputs": STRUCTURED | JSON,
+    "response_format": st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "json_object", "json_schema", "structural_tag", "x"])},
+        optional={"json_schema": st.fixed_dictionaries({}, optional={"name": TEXTS, "schema": SCHEMAS}) | JSON},
+    )
+    | JSON,
+    "guided_json": SCHEMAS,
+    "guided_regex": REGEXES,
+    "guided_choice": st.lists(TEXTS, max_size=3),
+    "guided_grammar": GRAMMARS,
     "tool_choice": st.one_of(
         st.sampled_from(["none", "auto", "required"]),
         st.just({"type": "function", "function": {"name": "f"}}),

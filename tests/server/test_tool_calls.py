@@ -1,7 +1,7 @@
 """Tool calls on chat completions as vLLM serves them: the hermes parser (Qwen's <tool_call> JSON blocks), vLLM's
-tool_choice rules (auto needs --enable-auto-tool-choice --tool-call-parser; required / named need structured
-outputs, a 400 that says so), tools and tool-call messages reaching the chat template, and the parsed calls in the
-response, whole and streamed (checked on a stub engine that writes a call)."""
+tool_choice rules (auto needs --enable-auto-tool-choice --tool-call-parser; required / named become structured
+outputs), tools and tool-call messages reaching the chat template, and the parsed calls in the response, whole and
+streamed (checked on a stub engine that writes a call). Forced calls on a model: tests/server/test_structured.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from slimquant.entrypoints.openai import serving
 from slimquant.entrypoints.openai.protocol import ChatCompletionRequest, OpenAIError
-from slimquant.entrypoints.openai.tool_calls import content_before_calls, parse_hermes, parses_tools
+from slimquant.entrypoints.openai.tool_calls import content_before_calls, parse_hermes, tool_mode
 from slimquant.outputs import CompletionOutput, RequestOutput
 from tests.server.conftest import MODEL, auth, start_server, stop_server
 
@@ -45,8 +45,8 @@ def test_content_held_back_from_a_possible_call():
     [
         ([WEATHER], "auto", None, '"auto" tool choice requires --enable-auto-tool-choice'),
         ([WEATHER], None, None, '"auto" tool choice requires'),  # tools and no choice: auto, as vLLM
-        ([WEATHER], "required", "hermes", "need structured outputs"),
-        ([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, "hermes", "structured outputs"),
+        ([WEATHER], {"type": "function", "function": {"name": "get_time"}}, None, "one of the tools' names"),
+        ([WEATHER], {"type": "function"}, None, "one of the tools' names"),
         (None, "auto", "hermes", "needs 'tools'"),
         ([{"type": "function"}], "auto", "hermes", r"tools\[0\] must be"),
         ([WEATHER], "sometimes", "hermes", "is not 'none'"),
@@ -54,12 +54,36 @@ def test_content_held_back_from_a_possible_call():
 )
 def test_tool_choice_rules(tools, choice, parser, words):
     with pytest.raises(OpenAIError, match=words):
-        parses_tools(tools, choice, parser)
+        tool_mode(tools, choice, parser)
 
 
-def test_parsing_follows_the_choice():
-    assert parses_tools([WEATHER], "auto", "hermes") and not parses_tools([WEATHER], "none", None)
-    assert not parses_tools(None, None, None)
+def test_the_mode_follows_the_choice():
+    assert (
+        tool_mode([WEATHER], "auto", "hermes").kind == "auto"
+        and tool_mode([WEATHER], "auto", "hermes").structured is None
+    )
+    assert tool_mode([WEATHER], "none", None) is None and tool_mode(None, None, None) is None
+    named = tool_mode([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, None)  # no flags needed
+    assert named.kind == "named" and named.structured.json == WEATHER["function"]["parameters"]
+    required = tool_mode([WEATHER], "required", None, parallel=False).structured.json
+    assert required["minItems"] == 1 and required["maxItems"] == 1
+    assert required["items"]["anyOf"][0]["properties"]["name"]["enum"] == ["get_weather"]
+
+
+def test_forced_answers_parse_as_calls():
+    named = tool_mode([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, None)
+    parsed = named.parse('{"city": "Oslo"}')
+    assert parsed.content is None and parsed.calls[0]["function"] == {
+        "name": "get_weather",
+        "arguments": '{"city": "Oslo"}',
+    }
+    assert named.finish_reason(parsed, "stop") == "stop"  # as OpenAI for a named function
+    required = tool_mode([WEATHER], "required", None)
+    parsed = required.parse('[{"name": "get_weather", "parameters": {"city": "Oslo"}}]')
+    assert json.loads(parsed.calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+    assert required.finish_reason(parsed, "stop") == "tool_calls"
+    assert required.parse('[{"name": "get_wea').calls == []  # cut short by max_tokens: content, no calls
+    assert required.visible("[{") == "" and named.visible("{") == ""  # a forced answer streams only as calls
 
 
 class _Stream:

@@ -43,6 +43,11 @@ class AsyncEngine:
         self._wake.set()
         return RequestStream(self, request_id, queue)
 
+    def compile_grammar(self, structured: Any) -> None:
+        """Compile a request's structured output into the engine's grammar cache, outside the engine lock (slow for a
+        big schema; adding the request then finds it compiled); ParamError when it does not compile."""
+        self.engine.grammars.compile(structured)
+
     async def generate(self, request_id: str, prompt: Any, params: Any) -> AsyncIterator[Any]:
         """Add a request and yield its RequestOutputs until finished; aborts it if the consumer stops early."""
         async for out in self.add(request_id, prompt, params).outputs():

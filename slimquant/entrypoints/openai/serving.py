@@ -22,15 +22,10 @@ from slimquant.entrypoints.openai.protocol import (
     random_id,
     usage,
 )
-from slimquant.entrypoints.openai.tool_calls import (
-    ParsedTools,
-    content_before_calls,
-    parse_hermes,
-    parses_tools,
-    template_message,
-)
+from slimquant.entrypoints.openai.structured import structured_outputs
+from slimquant.entrypoints.openai.tool_calls import ParsedTools, ToolMode, template_message, tool_mode
 from slimquant.errors import ParamError
-from slimquant.sampling_params import SamplingParams
+from slimquant.sampling_params import SamplingParams, StructuredOutputsParams
 
 log = logging.getLogger(__name__)
 _DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default; chat defaults to the room left in the context
@@ -75,7 +70,12 @@ class ServingContext:
 
 
 def sampling_params(
-    req: SamplingFields, ctx: ServingContext, prompt_len: int, logprobs: int | None, default_max: int | None
+    req: SamplingFields,
+    ctx: ServingContext,
+    prompt_len: int,
+    logprobs: int | None,
+    default_max: int | None,
+    structured: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     """Build SamplingParams from a request, with generation_config.json defaults for unset fields."""
     if req.n > ctx.max_n:
@@ -113,6 +113,7 @@ def sampling_params(
             stop_token_ids=req.stop_token_ids,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
+            structured_outputs=structured,
             **{k: v for k, v in values.items() if v is not None},
         )
     except ParamError as e:
@@ -206,6 +207,16 @@ def _message(message: dict, i: int) -> dict:
     return message | {"content": "\n".join(texts)}
 
 
+async def _compile(ctx: ServingContext, structured: StructuredOutputsParams | None) -> None:
+    """A structured output compiled on the tokenizer thread (which xgrammar's first use reads the vocabulary on),
+    not on the event loop; OpenAIError with the reason when it does not compile."""
+    if structured is not None:
+        try:
+            await ctx.run_tokenizer(ctx.engine.compile_grammar, structured)
+        except ParamError as e:
+            raise OpenAIError(str(e), param=e.param) from e
+
+
 def _start(ctx: ServingContext, rid: str, prompts: list[list[int]], params: list[SamplingParams]) -> list:
     """Queue every prompt now, or none: a bad one aborts those already queued and becomes a 400."""
     streams = []
@@ -228,7 +239,9 @@ async def create_completion(req: CompletionRequest, ctx: ServingContext) -> dict
         raise OpenAIError("max_tokens=0 returns nothing without echo=true (scoring the prompt)", param="max_tokens")
     prompts = await completion_prompts(req, ctx)
     generate = req.model_copy(update={"max_tokens": 1}) if req.max_tokens == 0 else req  # its token is dropped
-    params = [sampling_params(generate, ctx, len(p), req.logprobs, _DEFAULT_MAX_TOKENS) for p in prompts]
+    structured = structured_outputs(req)
+    params = [sampling_params(generate, ctx, len(p), req.logprobs, _DEFAULT_MAX_TOKENS, structured) for p in prompts]
+    await _compile(ctx, structured)
     if (scored := _prompt_logprobs_wanted(req)) is not None:
         params = [dataclasses.replace(p, prompt_logprobs=scored) for p in params]
     rid = random_id("cmpl")
@@ -256,10 +269,12 @@ async def create_chat(req: ChatCompletionRequest, ctx: ServingContext) -> dict |
     _check_model(req, ctx)
     if req.max_tokens == 0:
         raise OpenAIError("max_tokens must be at least 1 (scoring a prompt is for completions)", param="max_tokens")
-    tools = parses_tools(req.tools, req.tool_choice, ctx.tool_parser)
+    tools = tool_mode(req.tools, req.tool_choice, ctx.tool_parser, req.parallel_tool_calls)
+    structured = structured_outputs(req, tools.structured if tools else None)
     ids = await chat_prompt(req, ctx)
     top = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, ctx, len(ids), top, None)
+    params = sampling_params(req, ctx, len(ids), top, None, structured)
+    await _compile(ctx, structured)
     rid = random_id("chatcmpl")
     streams = _start(ctx, rid, [ids], [params])
     if req.stream:
@@ -267,7 +282,7 @@ async def create_chat(req: ChatCompletionRequest, ctx: ServingContext) -> dict |
     out = await streams[0].final()
     choices = []
     for c in out.outputs:
-        parsed = parse_hermes(c.text) if tools else ParsedTools(c.text)
+        parsed = tools.parse(c.text) if tools else ParsedTools(c.text)
         message = {"role": "assistant", "content": parsed.content}
         if parsed.calls:
             message["tool_calls"] = parsed.calls
@@ -275,7 +290,7 @@ async def create_chat(req: ChatCompletionRequest, ctx: ServingContext) -> dict |
             {
                 "index": c.index,
                 "message": message,
-                "finish_reason": "tool_calls" if parsed.calls else c.finish_reason,
+                "finish_reason": tools.finish_reason(parsed, c.finish_reason) if tools else c.finish_reason,
                 "stop_reason": c.stop_reason,
                 "logprobs": _chat_logprobs(c.token_ids, c.logprobs or [], ctx, top or 0) if req.logprobs else None,
             }
@@ -291,7 +306,7 @@ async def create_chat(req: ChatCompletionRequest, ctx: ServingContext) -> dict |
     }
 
 
-async def _stream(ctx, rid, obj, streams, prompts, req, tools: bool = False) -> AsyncIterator[str]:
+async def _stream(ctx, rid, obj, streams, prompts, req, tools: ToolMode | None = None) -> AsyncIterator[str]:
     """Server-sent events: one chunk per new text piece, a final usage chunk on request, then [DONE]. Requests not
     yet streamed are aborted if the client goes away."""
     chat = obj == "chat.completion.chunk"
@@ -317,9 +332,10 @@ async def _stream(ctx, rid, obj, streams, prompts, req, tools: bool = False) -> 
     yield "data: [DONE]\n\n"
 
 
-async def _stream_chunks(ctx, rid, obj, streams, req, chat, tools: bool = False) -> AsyncIterator[str]:
+async def _stream_chunks(ctx, rid, obj, streams, req, chat, tools: ToolMode | None = None) -> AsyncIterator[str]:
     """Each request's SSE chunks in turn, each with the logprobs of the tokens it adds where they are asked for;
-    with tools, text from a <tool_call> on is held back and sent as tool_calls when the choice ends."""
+    with tools, text that may be calls (from a <tool_call> on; all of a forced call) is held back and sent as
+    tool_calls when the choice ends."""
     echo, scoring = not chat and req.echo, not chat and req.max_tokens == 0
     top = (req.top_logprobs or 0) if chat else None
     for i, stream in enumerate(streams):
@@ -331,12 +347,13 @@ async def _stream_chunks(ctx, rid, obj, streams, req, chat, tools: bool = False)
                     yield _sse(_chunk(rid, obj, ctx, index, {"role": "assistant", "content": ""}, None, chat))
                 chars, tokens, offset = sent.get(c.index, (0, 0, 0))
                 text, ids, lps = ("", [], []) if scoring else (c.text, list(c.token_ids), c.logprobs)
-                calls = []
+                calls, finish = [], c.finish_reason
                 if tools and c.finish_reason is None:
-                    text = content_before_calls(text)
+                    text = tools.visible(text)
                 elif tools:  # the end: calls, or what was held back is content after all
-                    parsed = parse_hermes(text)
+                    parsed = tools.parse(text)
                     calls, text = parsed.calls, (parsed.content or "") if parsed.calls else text
+                    finish = tools.finish_reason(parsed, c.finish_reason)
                 delta, new_ids, new_lps = text[chars:], ids[tokens:], None if lps is None else lps[tokens:]
                 if echo and first:  # the prompt comes first, as in the non-streamed text
                     delta = _prompt_text(out, ctx) + delta
@@ -346,7 +363,6 @@ async def _stream_chunks(ctx, rid, obj, streams, req, chat, tools: bool = False)
                     body = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
                     yield _sse(_chunk(rid, obj, ctx, index, body, None, chat))
                 if delta or c.finish_reason or new_ids:
-                    finish = "tool_calls" if calls else c.finish_reason
                     chunk = _chunk(rid, obj, ctx, index, {"content": delta} if chat else delta, finish, chat)
                     if new_lps is not None and chat:
                         chunk["choices"][0]["logprobs"] = _chat_logprobs(new_ids, new_lps, ctx, top)
