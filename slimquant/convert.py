@@ -22,14 +22,17 @@ def quantize(
     max_loss: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = False,
     **options,
 ) -> QuantizeSummary:
     """Quantize the HF folder or .gguf file src into the ascend folder dst; options: QuantizeOptions.parse's
     (quant.pipeline.quantize); max_loss: keep the most sensitive linears float until held-out perplexity is
-    within max_loss % (quant/fallback.py)."""
+    within max_loss % (quant/fallback.py); resume: go on from where an interrupted run into dst stopped."""
     opts = QuantizeOptions.parse(quant_type, **options)
     if max_loss is None:
-        return run(src, dst, opts, overwrite=overwrite, progress=progress)
+        return run(src, dst, opts, overwrite=overwrite, progress=progress, resume=resume)
+    if resume:
+        raise ValueError("--resume continues one quantization; --max-loss runs several: use one or the other")
     return quantize_within_loss(
         src, dst, opts, max_loss=max_loss, score=heldout_perplexity, overwrite=overwrite, progress=progress
     )

@@ -83,6 +83,41 @@ class ModelSlimWriter:
         self._shards.append((self._pending.path.name, self._pending.names))
         self._pending, self._pending_bytes = None, 0
 
+    def state(self) -> dict:
+        """What restore() needs to go on from here after a crash (JSON): the finished shards, the open one."""
+        pending = None if self._pending is None else self._pending.state()
+        return {
+            "description": self.description,
+            "shards": self._shards,
+            "pending": pending,
+            "pending_bytes": self._pending_bytes,
+            "total_bytes": self.total_bytes,
+        }
+
+    def restore(self, state: dict) -> None:
+        """Go on from state(): shards finished after it are removed and close()'s renames undone, so that what is
+        written from here on gives the bytes an uninterrupted run gives; ValueError where that cannot be."""
+        self._undo_close()
+        self.description = dict(state["description"])
+        self._shards = [(name, list(tensors)) for name, tensors in state["shards"]]
+        self._pending_bytes, self.total_bytes = state["pending_bytes"], state["total_bytes"]
+        pending = state["pending"]
+        self._pending = None if pending is None else StreamingShard.reopen(self.out_dir, pending)
+        keep = {name for name, _ in self._shards} | ({pending["path"]} if pending else set())
+        for file in self.out_dir.glob(".shard-*.safetensors*"):
+            if file.name.split(".safetensors")[0] + ".safetensors" not in keep:
+                file.unlink()
+
+    def _undo_close(self) -> None:
+        """Shards an interrupted close() renamed i-of-N get their temporary names back; its index and description
+        go."""
+        stem = shard_prefix(self.model_quant_type)
+        for file in self.out_dir.glob(f"{stem}-*-of-*.safetensors"):
+            i = int(file.name[len(stem) + 1 :].split("-", 1)[0])
+            os.replace(file, self.out_dir / f".shard-{i - 1:05d}.safetensors")
+        for name in (f"{stem}.safetensors.index.json", DESCRIPTION_FILE):
+            (self.out_dir / name).unlink(missing_ok=True)
+
     def close(self) -> list[str]:
         """Flush, name the shards i-of-N, write index and description; returns the shard file names."""
         self.flush()

@@ -87,6 +87,61 @@ class StreamingShard:
             f.close()
             self._spill_path(size).unlink(missing_ok=True)
 
+    def state(self) -> dict:
+        """What reopen() needs to go on with this shard from now, whatever happens to it later: its tensors and
+        the length of each spill file (written through to disk)."""
+        lengths = {}
+        for size, f in self._spill.items():
+            f.flush()
+            os.fsync(f.fileno())
+            lengths[str(size)] = f.tell()
+        return {"path": self.path.name, "entries": self._entries, "lengths": lengths}
+
+    @classmethod
+    def reopen(cls, folder: Path, state: dict) -> StreamingShard:
+        """The shard as state() saw it: its spill files cut back to their lengths then, or rebuilt from the shard
+        file where a later finish() wrote it and removed them; ValueError where neither is there."""
+        shard = cls.__new__(cls)
+        shard.path = Path(folder) / state["path"]
+        shard._entries = {name: tuple(entry) for name, entry in state["entries"].items()}
+        lengths = {int(size): n for size, n in state["lengths"].items()}
+        spilled = all(
+            shard._spill_path(s).exists() and shard._spill_path(s).stat().st_size >= n for s, n in lengths.items()
+        )
+        if not spilled:
+            shard._spill_from_file()
+        shard.path.unlink(missing_ok=True)
+        shard._spill = {}
+        for size, n in lengths.items():
+            f = open(shard._spill_path(size), "r+b")  # noqa: SIM115 (closed in finish/discard)
+            f.truncate(n)
+            f.seek(n)
+            shard._spill[size] = f
+        return shard
+
+    def _spill_from_file(self) -> None:
+        """Write the spill files of this shard's tensors from the finished shard file (which may hold more)."""
+        if not self.path.is_file():
+            raise ValueError(f"{self.path.name} and its spill files are gone: the partial run cannot go on")
+        start, header = read_header(self.path)
+        with open(self.path, "rb") as src:
+            for size in (8, 4, 2, 1):
+                with open(self._spill_path(size), "wb") as out:
+                    for name, (_, _, bucket, nbytes) in self._entries.items():
+                        if bucket == size:
+                            src.seek(start + header[name]["data_offsets"][0])
+                            _copy_bytes(src, out, nbytes)
+
+
+def _copy_bytes(src, out, n: int, chunk: int = 16 * 2**20) -> None:
+    """n bytes from src's position to out, a chunk at a time."""
+    while n > 0:
+        data = src.read(min(chunk, n))
+        if not data:
+            raise ValueError(f"{src.name} ends early: it is truncated")
+        out.write(data)
+        n -= len(data)
+
 
 class SafetensorsFolder:
     """Lazy, name-addressed access to every tensor in a folder of safetensors files (read one at a time)."""

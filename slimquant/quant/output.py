@@ -1,4 +1,5 @@
-"""The output folder: staged in a temporary sibling and renamed into place only when complete."""
+"""The output folder: its name checks, the files copied beside the weights, and its move into place when complete
+(staged by quant/resume.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 # Files copied from the source folder besides the weights (config.json is rewritten, not copied).
@@ -36,23 +35,8 @@ def check_destination(dst: Path, overwrite: bool) -> None:
         raise ValueError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
 
 
-@contextmanager
-def staged_output(dst: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces dst, on any error (or Ctrl-C) it is removed."""
-    check_destination(dst, overwrite)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        _replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace(tmp: Path, dst: Path) -> None:
+def replace_folder(tmp: Path, dst: Path) -> None:
+    """Put the finished folder tmp in dst's place (an old dst, with overwrite, goes afterwards)."""
     old = dst.parent / f".{dst.name}.old-{os.getpid()}"
     if dst.exists():
         os.replace(dst, old)

@@ -25,8 +25,9 @@ from slimquant.quant.calibration import load_texts, load_tokenizer, token_batche
 from slimquant.quant.decoder import LayerRunner
 from slimquant.quant.layer_quant import LayerJob, quantize_layer
 from slimquant.quant.options import QuantizeOptions
-from slimquant.quant.output import check_destination, folder_bytes, staged_output, write_model_files
+from slimquant.quant.output import check_destination, folder_bytes, write_model_files
 from slimquant.quant.plan import plan_types, recipe_note
+from slimquant.quant.resume import Checkpoint, PartialRun, fingerprint
 from slimquant.quant.sources import HFCheckpoint
 from slimquant.quant.summary import QuantizeSummary
 
@@ -44,9 +45,11 @@ def quantize(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = False,
     **options,
 ) -> QuantizeSummary:
     """Quantize the HF folder or .gguf file `src` into the ascend (ModelSlim) folder `dst`; see docs/FORMAT.md.
+    resume: go on from the last finished layer of an interrupted run into dst (quant/resume.py).
 
     options: QuantizeOptions.parse's keyword arguments (anti_outlier, alpha, rounding, calib_data, num_samples,
     seq_len, keep_float, mix, device, shard_size, batch_size, report, static_all, kv_cache), e.g.
@@ -55,7 +58,8 @@ def quantize(
     static_all: for quant_type w8a8, make every quantized linear static. By default Llama/Qwen models get
     mlp.down_proj W8A8_DYNAMIC (format.architectures.DOWN_DYNAMIC_MIX; the summary's "default mix" says so).
     """
-    return run(src, dst, QuantizeOptions.parse(quant_type, **options), overwrite=overwrite, progress=progress)
+    opts = QuantizeOptions.parse(quant_type, **options)
+    return run(src, dst, opts, overwrite=overwrite, progress=progress, resume=resume)
 
 
 def run(
@@ -64,11 +68,13 @@ def run(
     opts: QuantizeOptions,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = False,
 ) -> QuantizeSummary:
     """quantize() with its options parsed."""
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     _check_paths(src, dst, overwrite)
+    partial = PartialRun(dst, fingerprint(src, opts))
     texts = load_texts(opts.calib_data)
     with _hf_folder(src, dst) as hf_dir:
         ckpt = HFCheckpoint(hf_dir)
@@ -87,9 +93,11 @@ def run(
         kv_int8 = _check_kv_cache(spec, opts.kv_cache)
         job = LayerJob(spec, plan, smoother, opts.alpha_chooser(), opts.rounder(), dtype, opts.batch_size, ckpt.config,
                        kv_cache_int8=kv_int8)  # fmt: skip
-        with staged_output(dst, overwrite) as out:
+        with partial.staged(resume, overwrite) as checkpoint:
+            out = partial.path
             writer = ModelSlimWriter(out, model_qtype, opts.shard_bytes, kv_cache_type=C8 if kv_int8 else None)
-            extra_layers = _convert(ckpt, runner, job, ids, writer, num_layers, progress)
+            extra_layers = _convert(ckpt, runner, job, ids, writer, num_layers, progress, partial, checkpoint)
+            resumed = checkpoint.layers_done if checkpoint else 0
             fields = (spec.config_fields or {}).get(opts.quant_type, {})
             write_model_files(hf_dir, out, ckpt.config | fields, spec.config_indent)
             if opts.report:
@@ -112,6 +120,7 @@ def run(
         notes=[FP32_NOTE] if dtype == torch.float32 else [],
         kv_cache="int8 (C8)" if kv_int8 else "float",
         peak_rss_bytes=peak_rss_bytes(),
+        resumed_layers=resumed,
     )
 
 
@@ -195,22 +204,37 @@ def _check_complete(ckpt: HFCheckpoint, runner: LayerRunner, num_layers: int) ->
         )
 
 
-def _convert(ckpt, runner, job: LayerJob, ids, writer: ModelSlimWriter, num_layers: int, progress: bool) -> int:
-    """Embeddings, each decoder layer (calibrated on the quantized output of the previous), then the rest FLOAT.
+def _convert(
+    ckpt,
+    runner,
+    job: LayerJob,
+    ids,
+    writer: ModelSlimWriter,
+    num_layers: int,
+    progress: bool,
+    partial: PartialRun,
+    checkpoint: Checkpoint | None,
+) -> int:
+    """Embeddings, each decoder layer (calibrated on the quantized output of the previous, checkpointed after
+    each), then the rest FLOAT; from the checkpoint's layer on where there is one.
 
     The rest includes layers past num_hidden_layers (DeepSeek's multi-token-prediction layers): written as they
     are, so that a reader finds every key. Returns how many such layers there were.
     """
     head, tail = _outer_names(ckpt, num_layers)
-    embed = ckpt.get(EMBED_PREFIX + "weight").to(runner.device, job.dtype)  # [V, H]
-    hidden = F.embedding(ids.to(runner.device), embed).to(runner.dtype)  # [S, T, H] in the compute dtype
-    del embed
-    for name in head:
-        writer.add(name, ckpt.get(name).to(job.dtype), FLOAT)
-    bar = tqdm(range(num_layers), desc="quantizing", unit="layer", disable=not progress)  # elapsed < ETA
+    if checkpoint is None:
+        hidden = _embed(ckpt, runner, job, ids, writer, head)  # [S, T, H]
+        first = 0
+    else:
+        writer.restore(checkpoint.writer)
+        job.idle_experts, job.alphas = checkpoint.job["idle_experts"], checkpoint.job["alphas"]
+        hidden, first = checkpoint.hidden.to(runner.device), checkpoint.layers_done
+    bar = tqdm(range(first, num_layers), desc="quantizing", unit="layer", disable=not progress, initial=first,
+               total=num_layers)  # fmt: skip
     for i in bar:
         state = {r: ckpt.get(layer_prefix(i) + r) for r in runner.param_names(i)}
         hidden = quantize_layer(i, state, runner, job, hidden, writer)
+        partial.save(i + 1, hidden, writer.state(), {"idle_experts": job.idle_experts, "alphas": job.alphas})
         _return_freed_memory()
         bar.set_postfix_str(f"peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
     for name in tail:
@@ -219,6 +243,16 @@ def _convert(ckpt, runner, job: LayerJob, ids, writer: ModelSlimWriter, num_laye
         writer.add(HEAD_WEIGHT, ckpt.get(EMBED_PREFIX + "weight").to(job.dtype), FLOAT)
     writer.close()
     return len({_layer_index(k) for k in tail} - {None})
+
+
+def _embed(ckpt, runner, job: LayerJob, ids: torch.Tensor, writer: ModelSlimWriter, head: list[str]) -> torch.Tensor:
+    """Write the embeddings; the calibration tokens' hidden states [S, T, H] in the compute dtype."""
+    embed = ckpt.get(EMBED_PREFIX + "weight").to(runner.device, job.dtype)  # [V, H]
+    hidden = F.embedding(ids.to(runner.device), embed).to(runner.dtype)  # [S, T, H]
+    del embed
+    for name in head:
+        writer.add(name, ckpt.get(name).to(job.dtype), FLOAT)
+    return hidden
 
 
 def peak_rss_bytes() -> int:

@@ -52,6 +52,11 @@ class QuantizeSummary:
     notes: list[str] = field(default_factory=list)  # what a user should know about where the checkpoint runs
     kv_cache: str = "float"  # "int8 (C8)" when KV-cache scales were calibrated
     peak_rss_bytes: int = 0  # this process's peak resident memory during the run
+    resumed_layers: int = 0  # decoder layers a resumed run took from the interrupted run's checkpoint
+
+    @property
+    def _layers_run(self) -> int:
+        return self.num_layers - self.resumed_layers
 
     def __str__(self) -> str:
         quantized = {k: v for k, v in self.linears.items() if k != FLOAT}
@@ -68,7 +73,12 @@ class QuantizeSummary:
             *([("experts with no tokens", str(self.idle_experts))] if self.idle_experts else []),
             ("size before", _human(self.source_bytes)),
             ("size after", f"{_human(self.output_bytes)} ({self.output_bytes / max(self.source_bytes, 1):.2f}x)"),
-            ("time", f"{self.seconds:.1f} s ({self.seconds / max(self.num_layers, 1):.1f} s per decoder layer)"),
+            *(
+                [("resumed", f"after layer {self.resumed_layers - 1} (the interrupted run's)")]
+                if self.resumed_layers
+                else []
+            ),
+            ("time", f"{self.seconds:.1f} s ({self.seconds / max(self._layers_run, 1):.1f} s per decoder layer)"),
             ("peak memory", f"{_human(self.peak_rss_bytes)} (resident, this process)"),
             *(self.fallback.rows() if self.fallback else []),
             *([("sensitivity report", str(self.report))] if self.report else []),

@@ -126,19 +126,21 @@ def test_existing_destination_refused_then_overwritten(src, tmp_path):
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
-def test_interrupt_leaves_nothing(src, tmp_path, monkeypatch, exc):
+@pytest.mark.parametrize("layer", [0, 1])
+def test_interrupt_leaves_no_output(src, tmp_path, monkeypatch, exc, layer):
+    """No DST; the hidden partial run stays only where a layer finished (to --resume: test_quant_resume.py)."""
     real = pipeline.quantize_layer
 
-    def fail_on_layer_1(i, *args):
-        if i == 1:
+    def fail_on_layer(i, *args):
+        if i == layer:
             raise exc("stop")
         return real(i, *args)
 
-    monkeypatch.setattr(pipeline, "quantize_layer", fail_on_layer_1)
+    monkeypatch.setattr(pipeline, "quantize_layer", fail_on_layer)
     dst = tmp_path / "out"
     with pytest.raises(exc):
         quantize(src, dst, **FAST)
-    assert list(tmp_path.iterdir()) == [src]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([".out.partial"] if layer else []) + ["src"]
 
 
 def test_existing_destination_kept_after_failure(src, tmp_path, monkeypatch):
@@ -149,7 +151,7 @@ def test_existing_destination_kept_after_failure(src, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         quantize(src, dst, overwrite=True, **FAST)
     assert sorted(p.name for p in dst.iterdir()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no layer finished: no partial run kept
 
 
 def test_cli_prints_one_line(src, tmp_path, capsys):

@@ -72,6 +72,12 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward [4]")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from the last finished layer of an interrupted run into DST (same SRC and options); the "
+        "result is byte-identical to an uninterrupted run",
+    )
+    p.add_argument(
         "--report",
         action="store_true",
         help="also write DST/sensitivity.md, .json, .png: each quantized linear's relative output error",
@@ -118,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         shard_size=args.shard_size,
         overwrite=args.overwrite,
+        resume=args.resume,
         batch_size=args.batch_size,
         progress=not args.no_progress,
         report=args.report,
