@@ -1,22 +1,25 @@
-"""Peak memory of `slimquant quantize` on two random DeepSeek-V3-shaped (MLA + MoE) checkpoints, 4x apart in
-routed experts x layers.
+"""Peak memory of `slimquant quantize` on random DeepSeek-V3-shaped (MLA + MoE) checkpoints that differ only in
+the number of routed experts (64, 128, 256 by default), at the same expert size.
 
-Memory should follow one decoder layer (its routed experts included), not the model. Same method as
-bench/quant_memory.py (whose child runner and table this reuses): one shard per layer, a fresh subprocess per run.
+Routed experts are calibrated and quantized a group at a time (slimquant/quant/expert_stream.py, --expert-memory),
+so peak memory should not grow with their number: the goal is the largest run within 1.2x of the smallest, and
+below the size of one float MoE layer. Two decoder layers (one dense, one MoE), a fresh subprocess per run, peak
+RSS read from /proc (VmHWM) as bench/quant_memory.py does.
 
-    .venv/bin/python bench/quant_memory_moe.py [--hidden 1024] [--experts 16 32] [--layers 4 8] [--type w8a8]
+    .venv/bin/python bench/quant_memory_moe.py [--hidden 2048] [--experts 64 128 256] [--type w8a8_dynamic]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from quant_memory import print_table, quantize_in_child, random_tensor
+from quant_memory import quantize_in_child, random_tensor
 from safetensors.torch import save_file
 
 from slimquant.quant.moe import unfuse_experts
@@ -80,25 +83,40 @@ def write_checkpoint(out: Path, hidden: int, layers: int, experts: int, vocab: i
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--experts", type=int, nargs=2, default=(16, 32), metavar=("SMALL", "LARGE"))
-    p.add_argument("--layers", type=int, nargs=2, default=(4, 8), metavar=("SMALL", "LARGE"))
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--experts", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--type", default="w8a8")
+    p.add_argument("--type", default="w8a8_dynamic")
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--tmp", default=None, help="parent of the temporary folder [system temp]")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="quant-mem-moe-", dir=args.tmp) as tmp:
-        for name, layers, experts in zip(("small", "large"), args.layers, args.experts, strict=True):
-            src = Path(tmp) / f"{name}-src"
-            float_bytes = write_checkpoint(src, args.hidden, layers, experts, args.vocab)
-            peak, secs, out_bytes = quantize_in_child(src, Path(tmp) / f"{name}-out", args)
-            rows.append((name, layers, float_bytes, out_bytes, peak, secs))
-            print(f"{name}: done in {secs:.0f} s", file=sys.stderr, flush=True)
-    print(f"routed experts per MoE layer: small {args.experts[0]}, large {args.experts[1]}")
-    print_table(rows, args)
+        for experts in args.experts:
+            src = Path(tmp) / f"src-{experts}"
+            write_checkpoint(src, args.hidden, 2, experts, args.vocab)
+            moe_bytes = (src / "model-00003-of-00004.safetensors").stat().st_size  # layer 1: the MoE layer
+            peak, secs, _ = quantize_in_child(src, Path(tmp) / f"out-{experts}", args)
+            rows.append((experts, moe_bytes, peak, secs))
+            shutil.rmtree(src)
+            print(f"{experts} experts: done in {secs:.0f} s", file=sys.stderr, flush=True)
+    print_rows(rows, args)
+
+
+def print_rows(rows: list[tuple[int, int, int, float]], args) -> None:
+    gib = 1024**3
+    print(f"quantize --type {args.type}, calibration {args.num_samples} x {args.seq_len} tokens, hidden {args.hidden}, "
+          "--expert-memory 1GiB (default)")  # fmt: skip
+    print(
+        "{:>8} {:>20} {:>13} {:>18} {:>7}".format(
+            "experts", "MoE layer GiB (bf16)", "peak RSS GiB", "peak / smallest's", "time s"
+        )
+    )
+    for experts, moe, peak, secs in rows:
+        print(f"{experts:>8} {moe / gib:>20.2f} {peak / gib:>13.2f} {peak / rows[0][2]:>18.2f} {secs:>7.0f}")
+    print(f"largest / smallest peak: {rows[-1][2] / rows[0][2]:.2f}x (goal <= 1.2)")
+    print(f"largest run's peak below its MoE layer: {'yes' if rows[-1][2] < rows[-1][1] else 'no'} (goal: yes)")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from slimquant.format.architectures import ArchSpec
-from slimquant.quant.moe import unfuse_experts
+from slimquant.quant.moe import is_routed_expert, unfuse_experts
 
 
 class BiasedNorm(nn.Module):
@@ -53,11 +53,17 @@ class LayerRunner:
         return layer
 
     def build(self, i: int, state: dict[str, torch.Tensor]) -> nn.Module:
-        """Layer i with the given weights (assigned), in eval mode, on the device in the compute dtype."""
+        """Layer i with the given weights (assigned), in eval mode, on the device in the compute dtype; routed
+        experts, which state leaves out, stay on the meta device (quant/expert_stream.py loads them a group at a
+        time)."""
         layer = self._meta_layer(i)
-        state = {k: v.to(self.device, self.dtype) for k, v in state.items()}
-        layer.load_state_dict(state, strict=True, assign=True)
+        missing, unexpected = layer.load_state_dict(self.to_compute(state), strict=False, assign=True)
+        assert not unexpected and all(is_routed_expert(k) for k in missing), (unexpected, missing)
         return layer.eval()
+
+    def to_compute(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors on the device in the compute dtype."""
+        return {k: v.to(self.device, self.dtype) for k, v in state.items()}
 
     @torch.no_grad()
     def run(self, layer: nn.Module, hidden: torch.Tensor, batch_size: int, cache=None) -> torch.Tensor:

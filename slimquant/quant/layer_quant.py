@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -13,7 +14,8 @@ from slimquant.format.checkpoint import C8, ModelSlimWriter
 from slimquant.format.primitives import kv_cache_scale
 from slimquant.format.schemes import FLOAT, W8A8
 from slimquant.quant.decoder import BiasedNorm, LayerRunner, replace_module
-from slimquant.quant.moe import count_idle
+from slimquant.quant.expert_stream import EXPERT_GROUP_BYTES, StreamedExperts, streamed_experts
+from slimquant.quant.moe import count_idle, is_routed_expert
 from slimquant.quant.observers import ChannelRange, KvRange, SecondMoment, TokenSample, observe_inputs
 from slimquant.quant.qlinear import SimLinear, Tensors, linear_tensors
 from slimquant.quant.smooth import Smoothing, smooth_linear, smooth_norm, smooth_producer_linear
@@ -22,6 +24,7 @@ from slimquant.quant.steps.rounding import NearestRounding
 from slimquant.quant.steps.smoothing import Smoother
 
 NormParams = dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # norm -> (weight, bias or None), fp32
+Entry = tuple[str, torch.Tensor, str]  # a tensor to write: full name, tensor, description type
 
 
 @dataclass
@@ -39,6 +42,7 @@ class LayerJob:
     idle_experts: int = 0  # routed experts that received no calibration token, over all layers so far
     alphas: dict[str, float] = field(default_factory=dict)  # full producer name -> the alpha each group got
     kv_cache_int8: bool = False  # also calibrate and write int8 (C8) KV-cache scales
+    expert_group_bytes: int = EXPERT_GROUP_BYTES  # float routed-expert weights held at once (expert_stream.py)
 
 
 @torch.no_grad()
@@ -49,27 +53,46 @@ def quantize_layer(
     job: LayerJob,
     hidden: torch.Tensor,
     writer: ModelSlimWriter,
+    fetch: Callable[[str], torch.Tensor],
 ) -> torch.Tensor:
-    """Quantize and write layer i (state: its float tensors, relative names, consumed); returns its output."""
+    """Quantize and write layer i (state: its float tensors but the routed experts', relative names, consumed;
+    fetch(name): a routed expert's tensor by its name relative to the layer); returns its output [S, T, H]."""
     layer = runner.build(i, state)
     state.clear()  # the layer holds its own (compute-dtype) copies
-    linears = job.spec.layer_linears(job.config, i)
-    types = {rel: job.plan[layer_prefix(i) + rel] for rel in linears}
+    prefix = layer_prefix(i)
+    types = {rel: job.plan[prefix + rel] for rel in job.spec.layer_linears(job.config, i)}
+    experts = streamed_experts(layer)
+    run = lambda: runner.run(layer, hidden, job.batch_size)  # noqa: E731  hidden: [S, T, H]
+    if experts is None:
+        tensors, norms = _calibrate(layer, types, job, prefix, run)
+        _write(writer, _entries(prefix, layer, tensors, norms, job.dtype))
+        _patch(layer, tensors, norms, types, job.dtype, runner.dtype)
+    else:
+        _quantize_moe_layer(layer, experts, types, job, prefix, run, writer, runner, fetch)
+    kv = KvRange() if job.kv_cache_int8 else None  # k / v as the quantized layer computes them
+    out = runner.run(layer, hidden, job.batch_size, cache=kv)
+    if kv is not None:
+        _write_kv_cache_scales(writer, prefix, kv)
+    return out
+
+
+def _calibrate(layer: nn.Module, types: dict[str, str], job: LayerJob, prefix: str, run: Callable[[], object]):
+    """Observe the linears' inputs during run(), smooth, and quantize them: (tensors per linear, smoothed norms)."""
     kept = job.alpha.sample_tokens  # calibration tokens per group that the alpha step scores on (0: none)
     samples = {group[0]: TokenSample(kept) for _, group in _pairs(types, job)} if kept else {}
     input_of = _hessian_inputs(types, job) if job.rounder.needs_hessian else {}  # linear -> where its input is read
     moments = {key: SecondMoment() for key in set(input_of.values())}
-    extra = {n: [r for r in (samples.get(n), moments.get(n)) if r is not None] for n in linears}
-    with observe_inputs(layer, list(linears), extra) as ranges:
-        runner.run(layer, hidden, job.batch_size)  # hidden: [S, T, H]
-    job.idle_experts += count_idle(ranges, linears)
-    smoothings = _smoothings(layer, ranges, types, job, samples, layer_prefix(i))
+    extra = {n: [r for r in (samples.get(n), moments.get(n)) if r is not None] for n in types}
+    with observe_inputs(layer, list(types), extra) as ranges:
+        run()
+    job.idle_experts += count_idle(ranges, tuple(types))
+    smoothings = _smoothings(layer, ranges, types, job, samples, prefix)
     norms = {
         src: smooth_norm(layer.get_submodule(src).weight, sm) for src, (sm, _) in smoothings.items() if src not in types
     }
     by_linear = {rel: sm for sm, group in smoothings.values() for rel in group}  # column smoothing
     by_rows = {src: sm for src, (sm, _) in smoothings.items() if src in types}  # row smoothing (producer)
-    in_ranges = _input_ranges(ranges, by_linear, job.spec.layer_fused(linears))
+    in_ranges = _input_ranges(ranges, by_linear, job.spec.layer_fused(tuple(types)))
     hessians = _hessians(input_of, moments, by_linear)
     tensors = {
         rel: _quantize_linear(
@@ -85,13 +108,53 @@ def quantize_layer(
         )
         for rel in types
     }
-    _write(writer, layer_prefix(i), layer, tensors, norms, job.dtype)
-    _patch(layer, tensors, norms, types, job.dtype, runner.dtype)
-    kv = KvRange() if job.kv_cache_int8 else None  # k / v as the quantized layer computes them
-    out = runner.run(layer, hidden, job.batch_size, cache=kv)
-    if kv is not None:
-        _write_kv_cache_scales(writer, layer_prefix(i), kv)
-    return out
+    return tensors, norms
+
+
+def _quantize_moe_layer(layer, experts: StreamedExperts, types, job, prefix, run, writer, runner, fetch) -> None:
+    """The MoE layer quantized and written with one group of routed experts in memory at a time
+    (quant/expert_stream.py); leaves it patched, its experts replaying their summed outputs for the last run."""
+    rest = {rel: t for rel, t in types.items() if not is_routed_expert(rel)}
+    tensors, norms = _calibrate(layer, rest, job, prefix, run)  # the float layer; experts record their inputs
+    float_batches = experts.take_recorded()
+    before, after = _around_experts(layer)
+    _write(writer, _entries(prefix, layer, tensors, norms, job.dtype, before))
+    after_experts = _entries(prefix, layer, tensors, norms, job.dtype, after)  # of the float layer, written later
+    _patch(layer, tensors, norms, rest, job.dtype, runner.dtype)
+    run()  # the quantized layer; experts record their inputs again
+    quant_batches = experts.take_recorded()
+    outputs = [torch.zeros_like(h) for h, _, _ in quant_batches]  # [T, H] per batch: the routed experts' sum
+    names = list(experts.template.state_dict())
+    per_expert = sum(p.numel() for p in experts.template.parameters()) * runner.dtype.itemsize
+    for group in experts.groups(per_expert, job.expert_group_bytes):
+        for e in group:
+            experts.load(e, runner.to_compute({n: fetch(f"mlp.experts.{e}.{n}") for n in names}))
+        group_types = {rel: t for rel, t in types.items() if _expert_of(rel) in group}
+        assert not _pairs(group_types, job), "routed experts share no smoothing pair with the rest of the layer"
+        group_tensors, _ = _calibrate(layer, group_types, job, prefix, lambda g=group: experts.run(g, float_batches))
+        in_group = lambda name, g=group: _expert_of(name) in g  # noqa: E731
+        _write(writer, _entries(prefix, layer, group_tensors, {}, job.dtype, in_group))
+        _patch(layer, group_tensors, {}, group_types, job.dtype, runner.dtype)
+        experts.run(group, quant_batches, outputs)
+        experts.release(group)
+    _write(writer, after_experts)
+    experts.replay = outputs
+
+
+def _expert_of(name: str) -> int | None:
+    """E of a name under mlp.experts.E (relative to the layer), else None."""
+    if not is_routed_expert(name):
+        return None
+    return int(name.split(".")[2])
+
+
+def _around_experts(layer: nn.Module) -> tuple[Callable[[str], bool], Callable[[str], bool]]:
+    """Tests for the module names that come before the routed experts in named_modules() order, and after them."""
+    names = [n for n, _ in layer.named_modules() if n != "mlp.experts" and not is_routed_expert(n)]
+    order = [n for n, _ in layer.named_modules()]
+    first = order.index("mlp.experts")
+    before = {n for n in names if order.index(n) < first}
+    return before.__contains__, (set(names) - before).__contains__
 
 
 def _write_kv_cache_scales(writer: ModelSlimWriter, prefix: str, kv: KvRange) -> None:
@@ -188,21 +251,32 @@ def _quantize_linear(
     return linear_tensors(w, b, qtype, in_range, dtype, quantized)
 
 
-def _write(writer: ModelSlimWriter, prefix: str, layer: nn.Module, tensors, norms: NormParams, dtype) -> None:
-    """Every tensor of the layer, in named_modules() order; norms after smoothing."""
+def _write(writer: ModelSlimWriter, entries: list[Entry]) -> None:
+    for name, tensor, qtype in entries:
+        writer.add(name, tensor, qtype)
+
+
+def _entries(
+    prefix: str, layer: nn.Module, tensors, norms: NormParams, dtype, part: Callable[[str], bool] = lambda name: True
+) -> list[Entry]:
+    """What to write for the modules part() selects of the float layer, in named_modules() order: each quantized
+    linear's tensors, the other parameters and persistent buffers, norms after smoothing."""
+    out = []
     for name, mod in layer.named_modules():
+        if not part(name):
+            continue
         if name in tensors:
-            for suffix, (t, qtype) in tensors[name].items():
-                writer.add(f"{prefix}{name}.{suffix}", t, qtype)
+            out += [(f"{prefix}{name}.{suffix}", t, qtype) for suffix, (t, qtype) in tensors[name].items()]
             continue
         for pname, p in mod.named_parameters(recurse=False):
             value = norms[name][0] if name in norms and pname == "weight" else p
-            writer.add(f"{prefix}{name}.{pname}", value.to(dtype), FLOAT)
+            out.append((f"{prefix}{name}.{pname}", value.to(dtype), FLOAT))
         for bname, buf in mod.named_buffers(recurse=False):  # e.g. the router's e_score_correction_bias: fp32
             if bname not in mod._non_persistent_buffers_set:
-                writer.add(f"{prefix}{name}.{bname}", buf.float(), FLOAT)
+                out.append((f"{prefix}{name}.{bname}", buf.float(), FLOAT))
         if name in norms and norms[name][1] is not None:
-            writer.add(f"{prefix}{name}.bias", norms[name][1].to(dtype), FLOAT)
+            out.append((f"{prefix}{name}.bias", norms[name][1].to(dtype), FLOAT))
+    return out
 
 
 def _patch(layer: nn.Module, tensors, norms: NormParams, types: dict[str, str], dtype, compute_dtype) -> None:

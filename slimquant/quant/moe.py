@@ -43,6 +43,11 @@ def unfuse_experts(layer: nn.Module) -> None:
         )
 
 
+def is_routed_expert(name: str) -> bool:
+    """Whether a name relative to a decoder layer belongs to a routed expert (mlp.experts.E.*)."""
+    return name.startswith("mlp.experts.")
+
+
 def count_idle(ranges: dict, linears: tuple[str, ...]) -> int:
     """How many routed experts of one layer received no calibration token (their gate_proj saw no input)."""
     gates = [r for r in linears if r.startswith("mlp.experts.") and r.endswith(".gate_proj")]

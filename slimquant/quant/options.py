@@ -10,6 +10,7 @@ from pathlib import Path
 from slimquant.devices import check_device
 from slimquant.format.schemes import W8A8, Scheme, parse_scheme
 from slimquant.quant import steps
+from slimquant.quant.expert_stream import EXPERT_GROUP_BYTES
 from slimquant.quant.output import parse_size
 from slimquant.quant.plan import parse_mix
 from slimquant.quant.steps.alpha import FixedAlpha
@@ -38,6 +39,7 @@ class QuantizeOptions:
     report: bool = False  # also write the per-linear sensitivity report
     static_all: bool = False  # w8a8: no default dynamic mix (Llama / Qwen mlp.down_proj)
     kv_cache: str = "float"  # "int8": also calibrate int8 (C8) KV-cache scales
+    expert_memory: int = EXPERT_GROUP_BYTES  # float routed-expert weights held at once (quant/expert_stream.py)
 
     def __post_init__(self) -> None:
         steps.alpha_chooser(self.alpha)  # each raises ValueError naming the choices
@@ -58,6 +60,7 @@ class QuantizeOptions:
         mix: list[str] | dict[str, str] | None = None,
         calib_data: str | os.PathLike | None = None,
         shard_size: int | str = "4GiB",
+        expert_memory: int | str = EXPERT_GROUP_BYTES,
         device: str = "cpu",
         **kw,
     ) -> QuantizeOptions:
@@ -71,6 +74,7 @@ class QuantizeOptions:
             mix=tuple(parse_mix(mix)),
             calib_data=None if calib_data is None else Path(calib_data),
             shard_bytes=parse_size(shard_size),
+            expert_memory=parse_size(expert_memory, "expert memory"),
             device=check_device(device),
             **kw,
         )

@@ -15,8 +15,8 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**1
 _SIZE_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30}
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like '500MB', '4GiB', '1.5G'."""
+def parse_size(size: int | str, what: str = "shard size") -> int:
+    """Bytes from an int or a string like '500MB', '4GiB', '1.5G'; ValueError naming what for a bad one."""
     if isinstance(size, int):
         value = size
     else:
@@ -25,7 +25,7 @@ def parse_size(size: int | str) -> int:
             raise ValueError(f"cannot read size {size!r}; write e.g. 500MB, 2GB or 4GiB")
         value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
     if value <= 0:
-        raise ValueError(f"shard size must be positive, got {size!r}")
+        raise ValueError(f"{what} must be positive, got {size!r}")
     return value
 
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
-import resource
 import shutil
 import time
 from collections import Counter
@@ -24,6 +21,8 @@ from slimquant.format.schemes import FLOAT, W8A8
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
 from slimquant.quant.decoder import LayerRunner
 from slimquant.quant.layer_quant import LayerJob, quantize_layer
+from slimquant.quant.memory import peak_rss_bytes, return_freed_memory
+from slimquant.quant.moe import is_routed_expert
 from slimquant.quant.options import QuantizeOptions
 from slimquant.quant.output import check_destination, folder_bytes, write_model_files
 from slimquant.quant.plan import plan_types, recipe_note
@@ -92,7 +91,7 @@ def run(
             _check_shift_targets(spec, plan, num_layers, ckpt.config)
         kv_int8 = _check_kv_cache(spec, opts.kv_cache)
         job = LayerJob(spec, plan, smoother, opts.alpha_chooser(), opts.rounder(), dtype, opts.batch_size, ckpt.config,
-                       kv_cache_int8=kv_int8)  # fmt: skip
+                       kv_cache_int8=kv_int8, expert_group_bytes=opts.expert_memory)  # fmt: skip
         with partial.staged(resume, overwrite) as checkpoint:
             out = partial.path
             writer = ModelSlimWriter(out, model_qtype, opts.shard_bytes, kv_cache_type=C8 if kv_int8 else None)
@@ -232,10 +231,11 @@ def _convert(
     bar = tqdm(range(first, num_layers), desc="quantizing", unit="layer", disable=not progress, initial=first,
                total=num_layers)  # fmt: skip
     for i in bar:
-        state = {r: ckpt.get(layer_prefix(i) + r) for r in runner.param_names(i)}
-        hidden = quantize_layer(i, state, runner, job, hidden, writer)
+        prefix = layer_prefix(i)
+        state = {r: ckpt.get(prefix + r) for r in runner.param_names(i) if not is_routed_expert(r)}
+        hidden = quantize_layer(i, state, runner, job, hidden, writer, lambda rel, p=prefix: ckpt.get(p + rel))
         partial.save(i + 1, hidden, writer.state(), {"idle_experts": job.idle_experts, "alphas": job.alphas})
-        _return_freed_memory()
+        return_freed_memory()
         bar.set_postfix_str(f"peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
     for name in tail:
         writer.add(name, ckpt.get(name).to(_float_dtype(name, job.dtype)), FLOAT)
@@ -253,11 +253,6 @@ def _embed(ckpt, runner, job: LayerJob, ids: torch.Tensor, writer: ModelSlimWrit
     for name in head:
         writer.add(name, ckpt.get(name).to(job.dtype), FLOAT)
     return hidden
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def tied_head(ckpt: HFCheckpoint) -> bool:
@@ -284,9 +279,3 @@ def _layer_index(name: str) -> int | None:
         return None
     index = name[len(LAYER_PREFIX) :].split(".", 1)[0]
     return int(index) if index.isdigit() else None
-
-
-def _return_freed_memory() -> None:
-    """Hand freed heap back to the OS (glibc keeps it otherwise, and peak memory would creep layer by layer)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)

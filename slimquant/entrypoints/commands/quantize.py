@@ -69,6 +69,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where calibration runs [cpu]")
     p.add_argument("--shard-size", default="4GiB", help="cap per output shard, e.g. 500MB, 4GiB [4GiB]")
+    p.add_argument(
+        "--expert-memory",
+        default="1GiB",
+        metavar="SIZE",
+        help="MoE layers: routed experts are calibrated and quantized a group at a time, this much of their float "
+        "weights (in the calibration dtype) in memory at once [1GiB]",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward [4]")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument(
@@ -123,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         mix=args.mix,
         device=args.device,
         shard_size=args.shard_size,
+        expert_memory=args.expert_memory,
         overwrite=args.overwrite,
         resume=args.resume,
         batch_size=args.batch_size,
