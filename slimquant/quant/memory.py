@@ -12,6 +12,18 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+_M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Make glibc serve every allocation from threshold bytes up with its own mapping, returned to the OS when
+    freed. By default glibc raises that threshold to 32 MiB as large blocks come and go, after which tensors of
+    a few MiB (an expert's weights, one at a time) live in the heap, cut it up, and the process's peak memory
+    wanders from run to run by a large part of what a layer holds."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold)
+
+
 def return_freed_memory() -> None:
     """Hand freed heap back to the OS (glibc keeps it otherwise, and peak memory would creep layer by layer)."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do

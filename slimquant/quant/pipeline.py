@@ -21,7 +21,7 @@ from slimquant.format.schemes import FLOAT, W8A8
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
 from slimquant.quant.decoder import LayerRunner
 from slimquant.quant.layer_quant import LayerJob, quantize_layer
-from slimquant.quant.memory import peak_rss_bytes, return_freed_memory
+from slimquant.quant.memory import map_large_allocations, peak_rss_bytes, return_freed_memory
 from slimquant.quant.moe import is_routed_expert
 from slimquant.quant.options import QuantizeOptions
 from slimquant.quant.output import check_destination, folder_bytes, write_model_files
@@ -73,6 +73,7 @@ def run(
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     _check_paths(src, dst, overwrite)
+    map_large_allocations()
     partial = PartialRun(dst, fingerprint(src, opts))
     texts = load_texts(opts.calib_data)
     with _hf_folder(src, dst) as hf_dir:
