@@ -3,6 +3,7 @@ the offline quantizer with the engine; slimquant.quant never imports the engine)
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -33,14 +34,14 @@ def quantize(
         return run(src, dst, opts, overwrite=overwrite, progress=progress, resume=resume)
     if resume:
         raise ValueError("--resume continues one quantization; --max-loss runs several: use one or the other")
-    return quantize_within_loss(
-        src, dst, opts, max_loss=max_loss, score=heldout_perplexity, overwrite=overwrite, progress=progress
-    )
+    score = functools.partial(heldout_perplexity, trust_remote_code=opts.trust_remote_code)
+    return quantize_within_loss(src, dst, opts, max_loss=max_loss, score=score, overwrite=overwrite, progress=progress)
 
 
-def heldout_perplexity(model: Path, text: str) -> tuple[float, int]:
+def heldout_perplexity(model: Path, text: str, trust_remote_code: bool = False) -> tuple[float, int]:
     """(perplexity, tokens scored) of the model folder on text, through the engine (slimquant.evaluation)."""
     from slimquant.evaluation import evaluate
 
-    (res,) = evaluate([str(model)], text, HELDOUT_CONTEXT, max_tokens=HELDOUT_MAX_TOKENS, progress=False)
+    kw = dict(max_tokens=HELDOUT_MAX_TOKENS, progress=False, trust_remote_code=trust_remote_code)
+    (res,) = evaluate([str(model)], text, HELDOUT_CONTEXT, **kw)
     return res.perplexity, res.tokens

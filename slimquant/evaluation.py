@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from slimquant.format.tokenizer import load_tokenizer
 from slimquant.layers.attention import KVCacheLayer
 from slimquant.layers.context import ForwardContext
 from slimquant.layers.norm import RMSNorm
@@ -86,21 +87,22 @@ def evaluate(
     dtype: str = "auto",
     progress: bool = True,
     sensitivity: bool = False,
+    trust_remote_code: bool = False,
 ) -> list[EvalResult]:
     """Perplexity of each model on the same windows of text (tokenized by the first model's tokenizer);
-    sensitivity: score each model a second time with perturbed norms (twice the time)."""
-    from transformers import AutoTokenizer
-
+    sensitivity: score each model a second time with perturbed norms (twice the time); trust_remote_code: let the
+    model folders' own code run (Kimi-K2's tokenizer and config)."""
     if not models:
         raise ValueError("give at least one model to evaluate")
-    ids = torch.tensor(AutoTokenizer.from_pretrained(models[0])(text).input_ids, dtype=torch.int64)
+    tokenizer = load_tokenizer(models[0], trust_remote_code)
+    ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.int64)
     ids = ids[:max_tokens] if max_tokens else ids
     if ids.numel() < 2:
         raise ValueError("the corpus is too short: it needs at least two tokens")
     windows = token_windows(ids.numel(), context, stride or context)
     results, reference, base = [], None, None
     for path in models:
-        lm = load_model(path, dtype=dtype)
+        lm = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
         nlls, pred = _score_model(lm, ids, windows, path, progress)
         per_window = _window_means(nlls)
         agree = None if reference is None else (pred == reference).float().mean().item()

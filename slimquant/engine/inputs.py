@@ -8,6 +8,7 @@ from typing import Any, Union
 
 from slimquant.config import EngineConfig
 from slimquant.errors import ParamError
+from slimquant.format import tokenizer as format_tokenizer
 
 # A prompt: text, token ids, or a vLLM TextPrompt / TokensPrompt dict.
 PromptType = Union[str, list[int], dict[str, Any]]  # noqa: UP007 (a runtime alias)
@@ -41,13 +42,11 @@ def parse_prompt(prompt: PromptType, tokenizer, truncate: int | None = None) -> 
 
 def load_tokenizer(config: EngineConfig):
     """The tokenizer of config.tokenizer (or the model folder)."""
-    from transformers import AutoTokenizer
-
     path = config.tokenizer or config.model
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load a tokenizer from {path} ({e}); pass tokenizer= a folder that has one") from e
+        return format_tokenizer.load_tokenizer(path, config.trust_remote_code, "trust_remote_code=True")
+    except ValueError as e:
+        raise ValueError(f"{e}; pass tokenizer= a folder that has one") from e
 
 
 def model_max_len(hf_config) -> int | None:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from slimquant.format import tokenizer as format_tokenizer
+
 BUILTIN = Path(__file__).parent / "data" / "calibration.json"
 
 
@@ -66,13 +68,9 @@ def token_batches(tokenizer, texts: list[str], num_samples: int, seq_len: int) -
     return ids.view(num_samples, seq_len)  # [S, T]
 
 
-def load_tokenizer(model_dir: str | os.PathLike):
+def load_tokenizer(model_dir: str | os.PathLike, trust_remote_code: bool = False):
     """The model folder's own tokenizer, with a clear error when it has none."""
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError, TypeError) as e:
-        raise ValueError(
-            f"cannot load a tokenizer from {model_dir} ({e}); calibration needs the model's tokenizer"
-        ) from e
+        return format_tokenizer.load_tokenizer(model_dir, trust_remote_code)
+    except ValueError as e:
+        raise ValueError(f"{e}; calibration needs the model's tokenizer") from e

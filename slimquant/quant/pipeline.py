@@ -84,7 +84,8 @@ def run(
                           static_all=opts.static_all)  # fmt: skip
         smoother = opts.smoother(spec.static_method if W8A8 in plan.values() else spec.dynamic_method)
         model_qtype = spec.model_quant_type or opts.quant_type
-        ids = token_batches(load_tokenizer(hf_dir), texts, opts.num_samples, opts.seq_len)  # [S, T]
+        tokenizer = load_tokenizer(hf_dir, opts.trust_remote_code)
+        ids = token_batches(tokenizer, texts, opts.num_samples, opts.seq_len)  # [S, T]
         dtype = _model_dtype(ckpt)
         runner = LayerRunner(hf_dir, spec, dtype, opts.device)
         _check_complete(ckpt, runner, num_layers)
@@ -128,7 +129,8 @@ def _write_report(hf_dir: Path, out: Path, opts: QuantizeOptions, progress: bool
     """Per-linear sensitivity of the checkpoint just written in out, saved beside it."""
     from slimquant.quant.sensitivity import measure_sensitivity
 
-    kw = dict(num_samples=opts.num_samples, seq_len=opts.seq_len, batch_size=opts.batch_size, device=opts.device)
+    kw = dict(num_samples=opts.num_samples, seq_len=opts.seq_len, batch_size=opts.batch_size, device=opts.device,
+              trust_remote_code=opts.trust_remote_code)  # fmt: skip
     measure_sensitivity(hf_dir, out, calib_data=opts.calib_data, progress=progress, **kw).save(out)
 
 

@@ -176,6 +176,7 @@ def measure_sensitivity(
     batch_size: int = 4,
     device: str = "cpu",
     progress: bool = False,
+    trust_remote_code: bool = False,
 ) -> SensitivityReport:
     """Sensitivity of every quantized linear of checkpoint dst (quantized from the HF folder src)."""
     ckpt, quant = HFCheckpoint(src), _Shards(Path(dst))
@@ -183,7 +184,7 @@ def measure_sensitivity(
     spec = arch_spec(ckpt.config)
     dtype = quant.get(EMBED_PREFIX + "weight").dtype  # the model dtype the quantizer wrote
     runner = LayerRunner(src, spec, dtype, device)
-    ids = token_batches(load_tokenizer(src), load_texts(calib_data), num_samples, seq_len)  # [S, T]
+    ids = token_batches(load_tokenizer(src, trust_remote_code), load_texts(calib_data), num_samples, seq_len)  # [S, T]
     hidden = F.embedding(ids.to(runner.device), ckpt.get(EMBED_PREFIX + "weight").to(runner.device, runner.dtype))
     rows: list[SensitivityRow] = []
     for i in tqdm(range(int(ckpt.config["num_hidden_layers"])), desc="sensitivity", disable=not progress):

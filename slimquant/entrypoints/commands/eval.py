@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stride", type=int, help="window step (default: --context, non-overlapping)")
     p.add_argument("--max-tokens", type=int, help="use only the first N tokens of the corpus")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model folders' own code")
     p.add_argument(
         "--sensitivity", action="store_true",
         help="also score each model with every norm weight moved by ~1e-6 (twice the time): a change below it is noise",
@@ -41,7 +42,14 @@ def run(args: argparse.Namespace) -> int:
     models = [str(zoo.resolve_model(m)) for m in args.models]
     text = corpus.read_text(encoding="utf-8")
     results = evaluate(
-        models, text, args.context, args.stride, args.max_tokens, args.dtype, sensitivity=args.sensitivity
+        models,
+        text,
+        args.context,
+        args.stride,
+        args.max_tokens,
+        args.dtype,
+        sensitivity=args.sensitivity,
+        trust_remote_code=args.trust_remote_code,
     )
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))

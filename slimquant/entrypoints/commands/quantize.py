@@ -76,6 +76,11 @@ def register(subparsers) -> None:
         help="MoE layers: routed experts are calibrated and quantized a group at a time, this much of their float "
         "weights (in the calibration dtype) in memory at once [1GiB]",
     )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let SRC's own tokenizer code run (Kimi-K2's tokenization_kimi.py); it is copied to DST either way",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward [4]")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument(
@@ -131,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         shard_size=args.shard_size,
         expert_memory=args.expert_memory,
+        trust_remote_code=args.trust_remote_code,
         overwrite=args.overwrite,
         resume=args.resume,
         batch_size=args.batch_size,
