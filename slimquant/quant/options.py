@@ -39,6 +39,7 @@ class QuantizeOptions:
     report: bool = False  # also write the per-linear sensitivity report
     static_all: bool = False  # w8a8: no default dynamic mix (Llama / Qwen mlp.down_proj)
     kv_cache: str = "float"  # "int8": also calibrate int8 (C8) KV-cache scales
+    quant_mtp: bool = False  # also quantize DeepSeek's MTP layers, as ModelSlim's --quant_mtp mix (quant/mtp.py)
     trust_remote_code: bool = False  # the source's own tokenizer code (Kimi-K2's tokenization_kimi.py) may run
     expert_memory: int = EXPERT_GROUP_BYTES  # float routed-expert weights held at once (quant/expert_stream.py)
 

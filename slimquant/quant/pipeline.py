@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -18,11 +19,14 @@ from slimquant.format.architectures import EMBED_PREFIX, LAYER_PREFIX, ArchSpec,
 from slimquant.format.checkpoint import C8, ModelSlimWriter, is_modelslim_dir
 from slimquant.format.dtypes import float_dtype
 from slimquant.format.schemes import FLOAT, W8A8
+from slimquant.quant import steps
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
 from slimquant.quant.decoder import LayerRunner
 from slimquant.quant.layer_quant import LayerJob, quantize_layer
 from slimquant.quant.memory import map_large_allocations, peak_rss_bytes, return_freed_memory
 from slimquant.quant.moe import is_routed_expert
+from slimquant.quant.mtp import CONFIG_FIELDS as MTP_CONFIG
+from slimquant.quant.mtp import check_mtp, mtp_input
 from slimquant.quant.options import QuantizeOptions
 from slimquant.quant.output import check_destination, folder_bytes, write_model_files
 from slimquant.quant.plan import plan_types, recipe_note
@@ -80,7 +84,9 @@ def run(
         ckpt = HFCheckpoint(hf_dir)
         spec = arch_spec(ckpt.config)
         num_layers = int(ckpt.config["num_hidden_layers"])
-        plan = plan_types(spec, num_layers, opts.quant_type, list(opts.mix), list(opts.keep_float), ckpt.config,
+        mtp = check_mtp(ckpt.keys(), num_layers) if opts.quant_mtp else []
+        layers = num_layers + len(mtp)  # decoder layers to quantize
+        plan = plan_types(spec, layers, opts.quant_type, list(opts.mix), list(opts.keep_float), ckpt.config,
                           static_all=opts.static_all)  # fmt: skip
         smoother = opts.smoother(spec.static_method if W8A8 in plan.values() else spec.dynamic_method)
         model_qtype = spec.model_quant_type or opts.quant_type
@@ -88,7 +94,7 @@ def run(
         ids = token_batches(tokenizer, texts, opts.num_samples, opts.seq_len)  # [S, T]
         dtype = _model_dtype(ckpt)
         runner = LayerRunner(hf_dir, spec, dtype, opts.device)
-        _check_complete(ckpt, runner, num_layers)
+        _check_complete(ckpt, runner, layers)
         if smoother.shifts:
             _check_shift_targets(spec, plan, num_layers, ckpt.config)
         kv_int8 = _check_kv_cache(spec, opts.kv_cache)
@@ -97,10 +103,10 @@ def run(
         with partial.staged(resume, overwrite) as checkpoint:
             out = partial.path
             writer = ModelSlimWriter(out, model_qtype, opts.shard_bytes, kv_cache_type=C8 if kv_int8 else None)
-            extra_layers = _convert(ckpt, runner, job, ids, writer, num_layers, progress, partial, checkpoint)
+            extra_layers = _convert(ckpt, runner, job, ids, writer, (num_layers, layers), progress, partial, checkpoint)
             resumed = checkpoint.layers_done if checkpoint else 0
             fields = (spec.config_fields or {}).get(opts.quant_type, {})
-            write_model_files(hf_dir, out, ckpt.config | fields, spec.config_indent)
+            write_model_files(hf_dir, out, ckpt.config | fields | (MTP_CONFIG if mtp else {}), spec.config_indent)
             if opts.report:
                 _write_report(hf_dir, out, opts, progress)
     counts = Counter(plan.values()) + Counter({FLOAT: 1})  # lm_head: the source's, or the tied embeddings
@@ -112,6 +118,7 @@ def run(
         linears=dict(sorted(counts.items())),
         num_layers=num_layers,
         float_layers=extra_layers,
+        mtp_quantized=len(mtp),
         idle_experts=job.idle_experts,
         source_bytes=folder_bytes(src, "*.safetensors"),
         output_bytes=folder_bytes(dst),
@@ -212,18 +219,20 @@ def _convert(
     job: LayerJob,
     ids,
     writer: ModelSlimWriter,
-    num_layers: int,
+    layers: tuple[int, int],
     progress: bool,
     partial: PartialRun,
     checkpoint: Checkpoint | None,
 ) -> int:
     """Embeddings, each decoder layer (calibrated on the quantized output of the previous, checkpointed after
-    each), then the rest FLOAT; from the checkpoint's layer on where there is one.
+    each), then the rest FLOAT; from the checkpoint's layer on where there is one. layers: (num_hidden_layers,
+    decoder layers to quantize), the second larger by the MTP layers quantized with --quant-mtp (quant/mtp.py).
 
-    The rest includes layers past num_hidden_layers (DeepSeek's multi-token-prediction layers): written as they
-    are, so that a reader finds every key. Returns how many such layers there were.
+    The rest includes layers past those (DeepSeek's multi-token-prediction layers without --quant-mtp): written as
+    they are, so that a reader finds every key. Returns how many such layers there were.
     """
-    head, tail = _outer_names(ckpt, num_layers)
+    num_layers, total = layers
+    head, tail = _outer_names(ckpt, total)
     if checkpoint is None:
         hidden = _embed(ckpt, runner, job, ids, writer, head)  # [S, T, H]
         first = 0
@@ -231,12 +240,19 @@ def _convert(
         writer.restore(checkpoint.writer)
         job.idle_experts, job.alphas = checkpoint.job["idle_experts"], checkpoint.job["alphas"]
         hidden, first = checkpoint.hidden.to(runner.device), checkpoint.layers_done
-    bar = tqdm(range(first, num_layers), desc="quantizing", unit="layer", disable=not progress, initial=first,
-               total=num_layers)  # fmt: skip
+    bar = tqdm(range(first, total), desc="quantizing", unit="layer", disable=not progress, initial=first, total=total)
+    mtp_job = dataclasses.replace(job, smoother=steps.smoother("none"))  # ModelSlim does not smooth MTP layers
     for i in bar:
-        prefix = layer_prefix(i)
-        state = {r: ckpt.get(prefix + r) for r in runner.param_names(i) if not is_routed_expert(r)}
-        hidden = quantize_layer(i, state, runner, job, hidden, writer, lambda rel, p=prefix: ckpt.get(p + rel))
+        prefix, names = layer_prefix(i), runner.param_names(i)
+        state = {r: ckpt.get(prefix + r) for r in names if not is_routed_expert(r)}
+        fetch = lambda rel, p=prefix: ckpt.get(p + rel)  # noqa: E731
+        if i < num_layers:
+            hidden = quantize_layer(i, state, runner, job, hidden, writer, fetch)
+        else:
+            x = mtp_input(ckpt, i, num_layers, ids, hidden, float(ckpt.config.get("rms_norm_eps", 1e-6)))
+            hidden = quantize_layer(i, state, runner, mtp_job, x, writer, fetch)
+            for name in [k for k in ckpt.keys() if k.startswith(prefix) and k[len(prefix) :] not in names]:
+                writer.add(name, ckpt.get(name).to(job.dtype), FLOAT)  # enorm, hnorm, eh_proj, shared_head, ...
         partial.save(i + 1, hidden, writer.state(), {"idle_experts": job.idle_experts, "alphas": job.alphas})
         return_freed_memory()
         bar.set_postfix_str(f"peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")

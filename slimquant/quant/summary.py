@@ -42,6 +42,7 @@ class QuantizeSummary:
     linears: dict[str, int] = field(default_factory=dict)  # W8A8 / W8A8_DYNAMIC / FLOAT -> count (lm_head in FLOAT)
     num_layers: int = 0
     float_layers: int = 0  # layers past num_hidden_layers (multi-token prediction), written FLOAT
+    mtp_quantized: int = 0  # multi-token-prediction layers quantized (--quant-mtp)
     idle_experts: int = 0  # routed experts that received no calibration token (quantized all the same)
     source_bytes: int = 0  # float checkpoint on disk (weights only; the .gguf file for a GGUF source)
     output_bytes: int = 0  # everything written to the output folder
@@ -70,6 +71,7 @@ class QuantizeSummary:
             ("KV cache", self.kv_cache),
             *([("default mix", f"{self.default_mix} (--static-all: all static)")] if self.default_mix else []),
             *([("MTP layers (float)", str(self.float_layers))] if self.float_layers else []),
+            *([("MTP layers (quantized)", str(self.mtp_quantized))] if self.mtp_quantized else []),
             *([("experts with no tokens", str(self.idle_experts))] if self.idle_experts else []),
             ("size before", _human(self.source_bytes)),
             ("size after", f"{_human(self.output_bytes)} ({self.output_bytes / max(self.source_bytes, 1):.2f}x)"),

@@ -68,6 +68,70 @@ def test_mtp_layer_written_float(tiny_model, tmp_path):
     assert keys.index("model.layers.1.post_attention_layernorm.weight") < first_mtp < keys.index("model.norm.weight")
 
 
+@pytest.fixture
+def mtp_source(tiny_model, tmp_path):
+    """A tiny DeepSeek-V3 with an MTP layer after its decoder layers: (folder, the MTP tensors, num_hidden_layers)."""
+    src = tiny_model("deepseek_v3")
+    source = read_source(src)
+    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    copy_with(src, tmp_path / "src", source)
+    extra = mtp_tensors(source, n)
+    save_file(extra, str(tmp_path / "src" / "model-mtp.safetensors"))
+    return tmp_path / "src", extra, n
+
+
+def test_quant_mtp_writes_modelslims_mix(mtp_source, tmp_path, monkeypatch):
+    """--quant-mtp: the MTP decoder layer as the others (static MLA under w8a8, dynamic experts, kv_b_proj and the
+    router float) but not smoothed; eh_proj, enorm, hnorm, embed_tokens, shared_head float as they are; config.json
+    says mtp_quantize. Its input is DeepSeek's eh_proj([enorm(embed(t[i + 1])); hnorm(h[i])]), checked here
+    against a plain formula on the hidden states the last main layer gave."""
+    from slimquant.quant import pipeline
+
+    src, extra, n = mtp_source
+    seen = {}
+    real_input, real_layer = pipeline.mtp_input, pipeline.quantize_layer
+
+    def record_input(*args):
+        seen["input"] = (args, real_input(*args))
+        return seen["input"][1]
+
+    def record_layer(i, state, runner, job, hidden, *args):
+        seen[i] = hidden  # the layer's input
+        seen["out", i] = real_layer(i, state, runner, job, hidden, *args)
+        return seen["out", i]
+
+    monkeypatch.setattr(pipeline, "mtp_input", record_input)
+    monkeypatch.setattr(pipeline, "quantize_layer", record_layer)
+    summary = quantize(src, tmp_path / "out", "w8a8", quant_mtp=True, **FAST)
+    assert summary.mtp_quantized == 1 and summary.float_layers == 0 and "MTP layers (quantized)  1" in str(summary)
+    desc, out = read_output(tmp_path / "out")
+    p = f"model.layers.{n}."
+    for rel in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"):
+        assert desc[f"{p}self_attn.{rel}.weight"] == "W8A8" and f"{p}self_attn.{rel}.deq_scale" in out
+    assert desc[f"{p}self_attn.kv_b_proj.weight"] == "FLOAT" and desc[f"{p}mlp.gate.weight"] == "FLOAT"
+    assert (
+        desc[f"{p}mlp.experts.0.gate_proj.weight"] == desc[f"{p}mlp.shared_experts.down_proj.weight"] == "W8A8_DYNAMIC"
+    )
+    assert f"{p}input_layernorm.bias" not in desc and "model.layers.1.input_layernorm.bias" in desc  # not smoothed
+    for rel in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.head.weight", "embed_tokens.weight"):
+        assert desc[p + rel] == "FLOAT" and torch.equal(out[p + rel], extra[p + rel].to(out[p + rel].dtype)), rel
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["mtp_quantize"] == "w8a8_dynamic"
+    (ckpt, i, num_layers, ids, hidden, eps), given = seen["input"]
+    assert i == n and num_layers == n and torch.equal(seen[n], given) and torch.equal(hidden, seen["out", n - 1])
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    tokens = extra[p + "embed_tokens.weight"].float()[ids[:, 1:]]  # [S, T - 1, H]: token i + 1 ...
+    joined = torch.cat([rms(tokens, extra[p + "enorm.weight"]), rms(hidden[:, :-1], extra[p + "hnorm.weight"])], -1)
+    torch.testing.assert_close(given, joined @ extra[p + "eh_proj.weight"].float().T)  # ... beside h[i]
+
+
+def test_quant_mtp_without_an_mtp_layer_says_so(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="no layers past num_hidden_layers"):
+        quantize(tiny_model("deepseek_v3"), tmp_path / "out", "w8a8", quant_mtp=True, **FAST)
+
+
 def test_kimi_k2_quantizes_as_deepseek_v3(quantized, tiny_model, tmp_path):
     src, ref, _ = quantized("deepseek_v3")
     copy_with(src, tmp_path / "kimi", read_source(src))

@@ -77,6 +77,12 @@ def register(subparsers) -> None:
         "weights (in the calibration dtype) in memory at once [1GiB]",
     )
     p.add_argument(
+        "--quant-mtp",
+        action="store_true",
+        help="DeepSeek-V3 / R1: also quantize the multi-token-prediction layer (ModelSlim's --quant_mtp mix: "
+        "config.json gets mtp_quantize) for vLLM-Ascend's MTP speculative decoding; float by default",
+    )
+    p.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="let SRC's own tokenizer code run (Kimi-K2's tokenization_kimi.py); it is copied to DST either way",
@@ -137,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         expert_memory=args.expert_memory,
         trust_remote_code=args.trust_remote_code,
+        quant_mtp=args.quant_mtp,
         overwrite=args.overwrite,
         resume=args.resume,
         batch_size=args.batch_size,
