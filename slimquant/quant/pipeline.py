@@ -241,18 +241,14 @@ def _convert(
         job.idle_experts, job.alphas = checkpoint.job["idle_experts"], checkpoint.job["alphas"]
         hidden, first = checkpoint.hidden.to(runner.device), checkpoint.layers_done
     bar = tqdm(range(first, total), desc="quantizing", unit="layer", disable=not progress, initial=first, total=total)
-    mtp_job = dataclasses.replace(job, smoother=steps.smoother("none"))  # ModelSlim does not smooth MTP layers
     for i in bar:
-        prefix, names = layer_prefix(i), runner.param_names(i)
-        state = {r: ckpt.get(prefix + r) for r in names if not is_routed_expert(r)}
+        prefix = layer_prefix(i)
+        state = {r: ckpt.get(prefix + r) for r in runner.param_names(i) if not is_routed_expert(r)}
         fetch = lambda rel, p=prefix: ckpt.get(p + rel)  # noqa: E731
         if i < num_layers:
             hidden = quantize_layer(i, state, runner, job, hidden, writer, fetch)
         else:
-            x = mtp_input(ckpt, i, num_layers, ids, hidden, float(ckpt.config.get("rms_norm_eps", 1e-6)))
-            hidden = quantize_layer(i, state, runner, mtp_job, x, writer, fetch)
-            for name in [k for k in ckpt.keys() if k.startswith(prefix) and k[len(prefix) :] not in names]:
-                writer.add(name, ckpt.get(name).to(job.dtype), FLOAT)  # enorm, hnorm, eh_proj, shared_head, ...
+            hidden = _quantize_mtp_layer(i, num_layers, ckpt, ids, state, runner, job, hidden, writer, fetch)
         partial.save(i + 1, hidden, writer.state(), {"idle_experts": job.idle_experts, "alphas": job.alphas})
         return_freed_memory()
         bar.set_postfix_str(f"peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
@@ -262,6 +258,19 @@ def _convert(
         writer.add(HEAD_WEIGHT, ckpt.get(EMBED_PREFIX + "weight").to(job.dtype), FLOAT)
     writer.close()
     return len({_layer_index(k) for k in tail} - {None})
+
+
+def _quantize_mtp_layer(i, num_layers, ckpt, ids, state, runner, job: LayerJob, hidden, writer, fetch):
+    """MTP layer i (quant/mtp.py) quantized without smoothing, as ModelSlim does, on its own input; its other
+    tensors (enorm, hnorm, eh_proj, embed_tokens, shared_head) written float. Returns its output."""
+    x = mtp_input(ckpt, i, num_layers, ids, hidden, float(ckpt.config.get("rms_norm_eps", 1e-6)))  # [S, T - d, H]
+    mtp_job = dataclasses.replace(job, smoother=steps.smoother("none"))
+    out = quantize_layer(i, state, runner, mtp_job, x, writer, fetch)
+    job.idle_experts = mtp_job.idle_experts
+    prefix, names = layer_prefix(i), set(runner.param_names(i))
+    for name in [k for k in ckpt.keys() if k.startswith(prefix) and k[len(prefix) :] not in names]:
+        writer.add(name, ckpt.get(name).to(job.dtype), FLOAT)
+    return out
 
 
 def _embed(ckpt, runner, job: LayerJob, ids: torch.Tensor, writer: ModelSlimWriter, head: list[str]) -> torch.Tensor:
