@@ -51,23 +51,6 @@ def mtp_tensors(source: dict, n: int) -> dict:
     return out | {p + "embed_tokens.weight": source["model.embed_tokens.weight"].clone()}
 
 
-def test_mtp_layer_written_float(tiny_model, tmp_path):
-    src = tiny_model("deepseek_v3")
-    source = read_source(src)
-    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
-    copy_with(src, tmp_path / "src", source)
-    extra = mtp_tensors(source, n)
-    save_file(extra, str(tmp_path / "src" / "model-mtp.safetensors"))
-    summary = quantize(tmp_path / "src", tmp_path / "out", "w8a8", **FAST)
-    assert summary.float_layers == 1 and "MTP layers (float)  1" in str(summary)
-    desc, out = read_output(tmp_path / "out")
-    for name, t in extra.items():
-        assert desc[name] == "FLOAT" and torch.equal(out[name], t), name
-    keys = list(desc)
-    first_mtp = keys.index(min((k for k in extra), key=keys.index))
-    assert keys.index("model.layers.1.post_attention_layernorm.weight") < first_mtp < keys.index("model.norm.weight")
-
-
 @pytest.fixture
 def mtp_source(tiny_model, tmp_path):
     """A tiny DeepSeek-V3 with an MTP layer after its decoder layers: (folder, the MTP tensors, num_hidden_layers)."""
@@ -78,6 +61,18 @@ def mtp_source(tiny_model, tmp_path):
     extra = mtp_tensors(source, n)
     save_file(extra, str(tmp_path / "src" / "model-mtp.safetensors"))
     return tmp_path / "src", extra, n
+
+
+def test_mtp_layer_written_float(mtp_source, tmp_path):
+    src, extra, _ = mtp_source
+    summary = quantize(src, tmp_path / "out", "w8a8", **FAST)
+    assert summary.float_layers == 1 and "MTP layers (float)  1" in str(summary)
+    desc, out = read_output(tmp_path / "out")
+    for name, t in extra.items():
+        assert desc[name] == "FLOAT" and torch.equal(out[name], t), name
+    keys = list(desc)
+    first_mtp = keys.index(min((k for k in extra), key=keys.index))
+    assert keys.index("model.layers.1.post_attention_layernorm.weight") < first_mtp < keys.index("model.norm.weight")
 
 
 def test_quant_mtp_writes_modelslims_mix(mtp_source, tmp_path, monkeypatch):
