@@ -42,7 +42,7 @@ class StructuredOutputsParams:
     CONSTRAINTS: ClassVar[tuple[str, ...]] = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
     def __post_init__(self) -> None:
-        given = [name for name in self.CONSTRAINTS if getattr(self, name) not in (None, False)]
+        given = self._given()
         if len(given) != 1:
             raise ParamError(
                 "structured_outputs",
@@ -62,6 +62,15 @@ class StructuredOutputsParams:
                 self.json = json.loads(self.json)
             except ValueError as e:
                 raise ParamError("structured_outputs", f"the json schema is not valid JSON: {e}") from None
+
+    @property
+    def constraint(self) -> str:
+        """The name of the one constraint set (json, regex, choice, grammar, json_object or structural_tag)."""
+        (name,) = self._given()
+        return name
+
+    def _given(self) -> list[str]:
+        return [name for name in self.CONSTRAINTS if getattr(self, name) not in (None, False)]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StructuredOutputsParams:

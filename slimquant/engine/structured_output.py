@@ -101,8 +101,7 @@ def _no_additional_properties(schema: object) -> object:
 
 def _kind(p: StructuredOutputsParams) -> str:
     names = {"json": "json schema", "json_object": "json grammar", "choice": "choice list"}
-    given = next(n for n in StructuredOutputsParams.CONSTRAINTS if getattr(p, n) not in (None, False))
-    return names.get(given, given)
+    return names.get(p.constraint, p.constraint)
 
 
 def _reason(error: Exception) -> str:

@@ -208,3 +208,11 @@ def arch_spec(config) -> ArchSpec:
 def layer_prefix(i: int) -> str:
     """'model.layers.{i}.'"""
     return f"{LAYER_PREFIX}{i}."
+
+
+def layer_index(name: str) -> int | None:
+    """i of 'model.layers.{i}.*', else None."""
+    if not name.startswith(LAYER_PREFIX):
+        return None
+    index = name[len(LAYER_PREFIX) :].split(".", 1)[0]
+    return int(index) if index.isdigit() else None

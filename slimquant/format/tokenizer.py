@@ -8,6 +8,7 @@ there (the same function, from transformers' own converter) before loading, so t
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -30,8 +31,6 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False, fla
 
 def _has_own_code(path: Path) -> bool:
     """Whether tokenizer_config.json's auto_map names a tokenizer class in the folder's own code."""
-    import json
-
     file = path / "tokenizer_config.json"
     try:
         auto_map = json.loads(file.read_text()).get("auto_map") or {}

@@ -150,11 +150,11 @@ def _expert_of(name: str) -> int | None:
 
 def _around_experts(layer: nn.Module) -> tuple[Callable[[str], bool], Callable[[str], bool]]:
     """Tests for the module names that come before the routed experts in named_modules() order, and after them."""
-    names = [n for n, _ in layer.named_modules() if n != "mlp.experts" and not is_routed_expert(n)]
     order = [n for n, _ in layer.named_modules()]
     first = order.index("mlp.experts")
-    before = {n for n in names if order.index(n) < first}
-    return before.__contains__, (set(names) - before).__contains__
+    before = set(order[:first])
+    after = {n for n in order[first + 1 :] if not is_routed_expert(n)}
+    return before.__contains__, after.__contains__
 
 
 def _write_kv_cache_scales(writer: ModelSlimWriter, prefix: str, kv: KvRange) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.format.architectures import EMBED_PREFIX, LAYER_PREFIX, layer_prefix
+from slimquant.format.architectures import EMBED_PREFIX, layer_index, layer_prefix
 
 CONFIG_FIELDS = {"mtp_quantize": "w8a8_dynamic"}
 INPUT_TENSORS = ("enorm.weight", "hnorm.weight", "eh_proj.weight")  # what builds the layer's input
@@ -19,8 +19,7 @@ INPUT_TENSORS = ("enorm.weight", "hnorm.weight", "eh_proj.weight")  # what build
 
 def mtp_layers(keys: list[str], num_layers: int) -> list[int]:
     """Indices of the checkpoint's layers past num_hidden_layers, in order."""
-    found = {int(k[len(LAYER_PREFIX) :].split(".", 1)[0]) for k in keys if k.startswith(LAYER_PREFIX)}
-    return sorted(i for i in found if i >= num_layers)
+    return sorted({i for k in keys if (i := layer_index(k)) is not None and i >= num_layers})
 
 
 def check_mtp(keys: list[str], num_layers: int) -> list[int]:

@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from slimquant.format.architectures import EMBED_PREFIX, LAYER_PREFIX, ArchSpec, arch_spec, layer_prefix
+from slimquant.format.architectures import EMBED_PREFIX, LAYER_PREFIX, ArchSpec, arch_spec, layer_index, layer_prefix
 from slimquant.format.checkpoint import C8, ModelSlimWriter, is_modelslim_dir
 from slimquant.format.dtypes import float_dtype
 from slimquant.format.schemes import FLOAT, W8A8
@@ -257,7 +257,7 @@ def _convert(
     if tied_head(ckpt):  # vLLM-Ascend looks lm_head up in the description: written as ModelSlim V1 writes it
         writer.add(HEAD_WEIGHT, ckpt.get(EMBED_PREFIX + "weight").to(job.dtype), FLOAT)
     writer.close()
-    return len({_layer_index(k) for k in tail} - {None})
+    return len({layer_index(k) for k in tail} - {None})
 
 
 def _quantize_mtp_layer(i, num_layers, ckpt, ids, state, runner, job: LayerJob, hidden, writer, fetch):
@@ -295,15 +295,7 @@ def _float_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 
 def _outer_names(ckpt: HFCheckpoint, num_layers: int) -> tuple[list[str], list[str]]:
     """Tensors outside decoder layers 0..num_layers-1: (embeddings, extra layers then model.* then lm_head)."""
-    outer = [k for k in ckpt.keys() if (_layer_index(k) or 0) >= num_layers or not k.startswith(LAYER_PREFIX)]
+    outer = [k for k in ckpt.keys() if (layer_index(k) or 0) >= num_layers or not k.startswith(LAYER_PREFIX)]
     head = [k for k in outer if k.startswith(EMBED_PREFIX)]
-    rank = {k: (_layer_index(k) is None, not k.startswith("model.")) for k in outer}
+    rank = {k: (layer_index(k) is None, not k.startswith("model.")) for k in outer}
     return head, sorted((k for k in outer if k not in head), key=rank.__getitem__)
-
-
-def _layer_index(name: str) -> int | None:
-    """i of 'model.layers.{i}.*', else None."""
-    if not name.startswith(LAYER_PREFIX):
-        return None
-    index = name[len(LAYER_PREFIX) :].split(".", 1)[0]
-    return int(index) if index.isdigit() else None
