@@ -95,10 +95,11 @@ sys.exit(rc)
 """
 
 
-def quantize_in_child(src: Path, dst: Path, args) -> tuple[int, float, int]:
-    """Run the CLI in a fresh process; returns (peak RSS bytes, seconds, output bytes)."""
+def quantize_in_child(src: Path, dst: Path, args, extra: tuple[str, ...] = ()) -> tuple[int, float, int]:
+    """Run the CLI in a fresh process (extra: more of its arguments); returns (peak RSS bytes, seconds, output
+    bytes)."""
     cmd = [sys.executable, "-c", CHILD, "quantize", str(src), str(dst), "--type", args.type]
-    cmd += ["--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len), "--no-progress"]
+    cmd += ["--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len), "--no-progress", *extra]
     start = time.perf_counter()
     child = subprocess.run(cmd, capture_output=True, text=True)
     if child.returncode != 0:

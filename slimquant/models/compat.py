@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from slimquant.format.architectures import ArchSpec, arch_spec, config_value, layer_prefix
+from slimquant.format.architectures import ArchSpec, arch_spec, config_value, layer_index, layer_prefix
 from slimquant.format.checkpoint import (
     KV_CACHE_TENSORS,
     kv_cache_int8,
@@ -85,6 +85,7 @@ class LayerGroup:
     first: int
     last: int
     schemes: dict[str, list[str]]  # scheme -> short linear names, e.g. {"W8A8": ["q", "k", "v", "o"]}
+    mtp: bool = False  # layers past num_hidden_layers: DeepSeek's multi-token-prediction layers
 
 
 @dataclass
@@ -201,19 +202,26 @@ class _Checkpoint:
             out[scheme] = out.get(scheme, 0) + 1
         return out
 
+    def mtp_layers(self) -> list[int]:
+        """Indices of the described layers past num_hidden_layers (DeepSeek's MTP layers), in order."""
+        return sorted({layer_index(name) for name in self.types} - {None} - set(range(self.num_layers)))
+
     def layer_groups(self) -> list[LayerGroup]:
+        """The decoder layers, then the MTP layers, consecutive ones with the same schemes in one group."""
         groups: list[LayerGroup] = []
-        for i in range(self.num_layers):
+        for i in [*range(self.num_layers), *self.mtp_layers()]:
+            mtp = i >= self.num_layers
             schemes: dict[str, list[str]] = {}
             for rel in self.spec.layer_linears(self.config, i):
                 short = _short_name(rel)
                 names = schemes.setdefault(self.scheme(layer_prefix(i) + rel) or "missing", [])
                 if short not in names:
                     names.append(short)
-            if groups and groups[-1].schemes == schemes and groups[-1].last == i - 1:
-                groups[-1].last = i
+            last = groups[-1] if groups else None
+            if last and last.schemes == schemes and last.last == i - 1 and last.mtp == mtp:
+                last.last = i
             else:
-                groups.append(LayerGroup(i, i, schemes))
+                groups.append(LayerGroup(i, i, schemes, mtp))
         return groups
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from slimquant.format.architectures import ArchSpec
+from slimquant.quant.activations import Activations
 from slimquant.quant.moe import is_routed_expert, unfuse_experts
 
 
@@ -66,15 +67,16 @@ class LayerRunner:
         return {k: v.to(self.device, self.dtype) for k, v in state.items()}
 
     @torch.no_grad()
-    def run(self, layer: nn.Module, hidden: torch.Tensor, batch_size: int, cache=None) -> torch.Tensor:
-        """hidden: [S, T, H] -> the layer's output [S, T, H], batch_size samples at a time; cache: what the
-        attention hands its k / v to (transformers' cache interface), e.g. an observers.KvRange."""
-        pos = self._position_embeddings(hidden.shape[1])
-        outs = []
-        for h in hidden.split(batch_size):
-            out = layer(h, attention_mask=None, position_embeddings=pos, cache=cache)
-            outs.append(out[0] if isinstance(out, tuple) else out)
-        return torch.cat(outs)
+    def run(self, layer: nn.Module, hidden: Activations, cache=None, keep: bool = True) -> Activations | None:
+        """The layer over each batch [B, T, H] of hidden -> its outputs, batch by batch (keep=False: none, for a run
+        that only observes); cache: what the attention hands its k / v to (transformers' cache interface), e.g. an
+        observers.KvRange."""
+        out = hidden.like() if keep else None
+        for h in hidden:
+            y = layer(h, attention_mask=None, position_embeddings=self._position_embeddings(h.shape[1]), cache=cache)
+            if out is not None:
+                out.append(y[0] if isinstance(y, tuple) else y)
+        return out
 
     def _position_embeddings(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._pos is None or self._pos[0].shape[1] != seq_len:

@@ -7,7 +7,8 @@ quantize_layer runs the float layer once (recording), quantizes the rest of the 
 once (recording again), then for each group: loads its float weights, observes each expert on its tokens of the
 float run, quantizes and writes it, adds its outputs on the quantized run's tokens, and frees it. A last run
 replays the summed outputs. Every expert sees exactly the tokens it sees when the whole layer is in memory, and
-the outputs are summed in the same order (expert by expert, per batch), so the result is the same bytes.
+the outputs are summed in the same order (expert by expert, per batch), so the result is the same bytes. What is
+recorded and replayed is held in bounded memory (quant/activations.py).
 """
 
 from __future__ import annotations
@@ -18,33 +19,42 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from slimquant.quant.activations import Activations
 from slimquant.quant.memory import return_freed_memory
 from slimquant.quant.moe import PerExpert
 
 EXPERT_GROUP_BYTES = 2**30  # float expert weights (compute dtype) held at once
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # MoE input [T, H], expert ids [T, k], weights [T, k]
 
 
 class StreamedExperts(PerExpert):
     """The routed experts of a layer, all on the meta device but the group being worked on."""
 
-    def __init__(self, experts: PerExpert):
+    def __init__(self, experts: PerExpert, new_store: Callable[[], Activations]):
         super().__init__(list(experts))
         self._template = (copy.deepcopy(experts[0]).to("meta"),)  # an expert without storage (not a submodule)
-        self.recorded: list[Batch] = []
-        self.replay: list[torch.Tensor] | None = None
+        self._new_store = new_store
+        self.recorded = new_store()  # per forward: (MoE input [T, H], expert ids [T, k], weights [T, k])
+        self.replay: Activations | None = None  # routed outputs [T, H], one per forward, in order
+        self._replayed = 0
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, H] -> the replayed routed output [T, H], or (recording) zeros."""
         if self.replay is not None:
-            return self.replay.pop(0)
+            self._replayed += 1
+            return self.replay[self._replayed - 1]
         self.recorded.append((hidden, top_k_index, top_k_weights))
         return torch.zeros_like(hidden)
 
-    def take_recorded(self) -> list[Batch]:
+    def take_recorded(self) -> Activations:
         """The batches recorded since the last call."""
-        out, self.recorded = self.recorded, []
+        out, self.recorded = self.recorded, self._new_store()
         return out
+
+    def end_replay(self) -> None:
+        """Every replayed output was used: release them."""
+        assert self.replay is not None and self._replayed == len(self.replay), (self._replayed, self.replay)
+        self.replay.release()
+        self.replay, self._replayed = None, 0
 
     def groups(self, bytes_per_expert: int, budget: int = EXPERT_GROUP_BYTES) -> Iterator[range]:
         """Expert ids in consecutive groups of at most budget bytes (at least one expert each)."""
@@ -71,29 +81,28 @@ class StreamedExperts(PerExpert):
             self[e] = copy.deepcopy(self.template)
         return_freed_memory()
 
-    def run(self, experts: range, batches: list[Batch], outputs: list[torch.Tensor] | None = None) -> None:
+    def run(self, experts: range, batches: Activations, outputs: Activations | None = None) -> None:
         """Run the experts over their tokens of each batch, adding their weighted outputs into outputs [T, H] per
         batch where given (expert by expert, as PerExpert.forward sums them)."""
         for b, (hidden, index, weights) in enumerate(batches):
+            out = None if outputs is None else outputs[b]  # [T, H]
             for e in experts:
                 tok, pos = torch.where(index == e)  # [n], [n]
                 if tok.numel() == 0:
                     continue
                 y = self[e](hidden[tok])  # [n, H]
-                if outputs is not None:
-                    outputs[b].index_add_(0, tok, (y * weights[tok, pos, None]).to(outputs[b].dtype))
+                if out is not None:
+                    out.index_add_(0, tok, (y * weights[tok, pos, None]).to(out.dtype))
+            if outputs is not None:
+                outputs[b] = out
 
 
-def streamed_experts(layer: nn.Module) -> StreamedExperts | None:
-    """Swap the layer's routed experts (PerExpert, on the meta device) for StreamedExperts; None for a dense layer."""
+def streamed_experts(layer: nn.Module, new_store: Callable[[], Activations]) -> StreamedExperts | None:
+    """Swap the layer's routed experts (PerExpert, on the meta device) for StreamedExperts recording into stores
+    new_store() makes; None for a dense layer."""
     mlp = getattr(layer, "mlp", None)
     experts = getattr(mlp, "experts", None)
     if not isinstance(experts, PerExpert):
         return None
-    mlp.experts = StreamedExperts(experts)
+    mlp.experts = StreamedExperts(experts, new_store)
     return mlp.experts
-
-
-def expert_state(fetch: Callable[[str], torch.Tensor], e: int, names: list[str]) -> dict[str, torch.Tensor]:
-    """Expert e's float tensors, relative to the expert, from the checkpoint (names: relative to an expert)."""
-    return {n: fetch(f"mlp.experts.{e}.{n}") for n in names}

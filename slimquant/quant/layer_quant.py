@@ -13,6 +13,7 @@ from slimquant.format.architectures import ArchSpec, layer_prefix
 from slimquant.format.checkpoint import C8, ModelSlimWriter
 from slimquant.format.primitives import kv_cache_scale
 from slimquant.format.schemes import FLOAT, W8A8
+from slimquant.quant.activations import Activations, Spill
 from slimquant.quant.decoder import BiasedNorm, LayerRunner, replace_module
 from slimquant.quant.expert_stream import EXPERT_GROUP_BYTES, StreamedExperts, streamed_experts
 from slimquant.quant.moe import count_idle, is_routed_expert
@@ -43,6 +44,7 @@ class LayerJob:
     alphas: dict[str, float] = field(default_factory=dict)  # full producer name -> the alpha each group got
     kv_cache_int8: bool = False  # also calibrate and write int8 (C8) KV-cache scales
     expert_group_bytes: int = EXPERT_GROUP_BYTES  # float routed-expert weights held at once (expert_stream.py)
+    spill: Spill = field(default_factory=Spill)  # the in-memory budget of calibration activations (activations.py)
 
 
 @torch.no_grad()
@@ -51,18 +53,19 @@ def quantize_layer(
     state: dict[str, torch.Tensor],
     runner: LayerRunner,
     job: LayerJob,
-    hidden: torch.Tensor,
+    hidden: Activations,
     writer: ModelSlimWriter,
     fetch: Callable[[str], torch.Tensor],
-) -> torch.Tensor:
+) -> Activations:
     """Quantize and write layer i (state: its float tensors but the routed experts', relative names, consumed;
-    fetch(name): a routed expert's tensor by its name relative to the layer); returns its output [S, T, H]."""
+    fetch(name): a routed expert's tensor by its name relative to the layer); returns its output, batches
+    [B, T, H] as hidden's."""
     layer = runner.build(i, state)
     state.clear()  # the layer holds its own (compute-dtype) copies
     prefix = layer_prefix(i)
     types = {rel: job.plan[prefix + rel] for rel in job.spec.layer_linears(job.config, i)}
-    experts = streamed_experts(layer)
-    run = lambda: runner.run(layer, hidden, job.batch_size)  # noqa: E731  hidden: [S, T, H]
+    experts = streamed_experts(layer, hidden.like)
+    run = lambda: runner.run(layer, hidden, keep=False)  # noqa: E731  observing only
     if experts is None:
         tensors, norms = _calibrate(layer, types, job, prefix, run)
         _write(writer, _entries(prefix, layer, tensors, norms, job.dtype))
@@ -70,7 +73,9 @@ def quantize_layer(
     else:
         _quantize_moe_layer(layer, experts, types, job, prefix, run, writer, runner, fetch)
     kv = KvRange() if job.kv_cache_int8 else None  # k / v as the quantized layer computes them
-    out = runner.run(layer, hidden, job.batch_size, cache=kv)
+    out = runner.run(layer, hidden, cache=kv)
+    if experts is not None:
+        experts.end_replay()
     if kv is not None:
         _write_kv_cache_scales(writer, prefix, kv)
     return out
@@ -123,7 +128,7 @@ def _quantize_moe_layer(layer, experts: StreamedExperts, types, job, prefix, run
     _patch(layer, tensors, norms, rest, job.dtype, runner.dtype)
     run()  # the quantized layer; experts record their inputs again
     quant_batches = experts.take_recorded()
-    outputs = [torch.zeros_like(h) for h, _, _ in quant_batches]  # [T, H] per batch: the routed experts' sum
+    outputs = quant_batches.map(lambda b, batch: torch.zeros_like(batch[0]))  # [T, H]: the routed experts' sum
     names = list(experts.template.state_dict())
     per_expert = sum(p.numel() for p in experts.template.parameters()) * runner.dtype.itemsize
     for group in experts.groups(per_expert, job.expert_group_bytes):
@@ -138,6 +143,8 @@ def _quantize_moe_layer(layer, experts: StreamedExperts, types, job, prefix, run
         experts.run(group, quant_batches, outputs)
         experts.release(group)
     _write(writer, after_experts)
+    float_batches.release()
+    quant_batches.release()
     experts.replay = outputs
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from slimquant.devices import check_device
 from slimquant.format.schemes import W8A8, Scheme, parse_scheme
 from slimquant.quant import steps
+from slimquant.quant.activations import ACTIVATION_BYTES
 from slimquant.quant.expert_stream import EXPERT_GROUP_BYTES
 from slimquant.quant.output import parse_size
 from slimquant.quant.plan import parse_mix
@@ -42,6 +43,7 @@ class QuantizeOptions:
     quant_mtp: bool = False  # also quantize DeepSeek's MTP layers, as ModelSlim's --quant_mtp mix (quant/mtp.py)
     trust_remote_code: bool = False  # the source's own tokenizer code (Kimi-K2's tokenization_kimi.py) may run
     expert_memory: int = EXPERT_GROUP_BYTES  # float routed-expert weights held at once (quant/expert_stream.py)
+    activation_memory: int = ACTIVATION_BYTES  # calibration activations held in memory (quant/activations.py)
 
     def __post_init__(self) -> None:
         steps.alpha_chooser(self.alpha)  # each raises ValueError naming the choices
@@ -63,6 +65,7 @@ class QuantizeOptions:
         calib_data: str | os.PathLike | None = None,
         shard_size: int | str = "4GiB",
         expert_memory: int | str = EXPERT_GROUP_BYTES,
+        activation_memory: int | str = ACTIVATION_BYTES,
         device: str = "cpu",
         **kw,
     ) -> QuantizeOptions:
@@ -77,6 +80,7 @@ class QuantizeOptions:
             calib_data=None if calib_data is None else Path(calib_data),
             shard_bytes=parse_size(shard_size),
             expert_memory=parse_size(expert_memory, "expert memory"),
+            activation_memory=parse_size(activation_memory, "activation memory"),
             device=check_device(device),
             **kw,
         )

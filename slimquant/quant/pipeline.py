@@ -20,6 +20,7 @@ from slimquant.format.checkpoint import C8, ModelSlimWriter, is_modelslim_dir
 from slimquant.format.dtypes import float_dtype
 from slimquant.format.schemes import FLOAT, W8A8
 from slimquant.quant import steps
+from slimquant.quant.activations import Activations, Spill
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
 from slimquant.quant.decoder import LayerRunner
 from slimquant.quant.layer_quant import LayerJob, quantize_layer
@@ -99,7 +100,8 @@ def run(
             _check_shift_targets(spec, plan, num_layers, ckpt.config)
         kv_int8 = _check_kv_cache(spec, opts.kv_cache)
         job = LayerJob(spec, plan, smoother, opts.alpha_chooser(), opts.rounder(), dtype, opts.batch_size, ckpt.config,
-                       kv_cache_int8=kv_int8, expert_group_bytes=opts.expert_memory)  # fmt: skip
+                       kv_cache_int8=kv_int8, expert_group_bytes=opts.expert_memory,
+                       spill=Spill(partial.spill_folder, opts.activation_memory))  # fmt: skip
         with partial.staged(resume, overwrite) as checkpoint:
             out = partial.path
             writer = ModelSlimWriter(out, model_qtype, opts.shard_bytes, kv_cache_type=C8 if kv_int8 else None)
@@ -234,21 +236,23 @@ def _convert(
     num_layers, total = layers
     head, tail = _outer_names(ckpt, total)
     if checkpoint is None:
-        hidden = _embed(ckpt, runner, job, ids, writer, head)  # [S, T, H]
+        hidden = _embed(ckpt, runner, job, ids, writer, head)  # batches [B, T, H]
         first = 0
     else:
         writer.restore(checkpoint.writer)
         job.idle_experts, job.alphas = checkpoint.job["idle_experts"], checkpoint.job["alphas"]
-        hidden, first = checkpoint.hidden.to(runner.device), checkpoint.layers_done
+        hidden, first = Activations.load(checkpoint.hidden, job.spill, runner.device), checkpoint.layers_done
     bar = tqdm(range(first, total), desc="quantizing", unit="layer", disable=not progress, initial=first, total=total)
     for i in bar:
         prefix = layer_prefix(i)
         state = {r: ckpt.get(prefix + r) for r in runner.param_names(i) if not is_routed_expert(r)}
         fetch = lambda rel, p=prefix: ckpt.get(p + rel)  # noqa: E731
         if i < num_layers:
-            hidden = quantize_layer(i, state, runner, job, hidden, writer, fetch)
+            out = quantize_layer(i, state, runner, job, hidden, writer, fetch)
         else:
-            hidden = _quantize_mtp_layer(i, num_layers, ckpt, ids, state, runner, job, hidden, writer, fetch)
+            out = _quantize_mtp_layer(i, num_layers, ckpt, ids, state, runner, job, hidden, writer, fetch)
+        hidden.release()
+        hidden = out
         partial.save(i + 1, hidden, writer.state(), {"idle_experts": job.idle_experts, "alphas": job.alphas})
         return_freed_memory()
         bar.set_postfix_str(f"peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
@@ -256,6 +260,7 @@ def _convert(
         writer.add(name, ckpt.get(name).to(_float_dtype(name, job.dtype)), FLOAT)
     if tied_head(ckpt):  # vLLM-Ascend looks lm_head up in the description: written as ModelSlim V1 writes it
         writer.add(HEAD_WEIGHT, ckpt.get(EMBED_PREFIX + "weight").to(job.dtype), FLOAT)
+    hidden.release()
     writer.close()
     return len({layer_index(k) for k in tail} - {None})
 
@@ -263,9 +268,11 @@ def _convert(
 def _quantize_mtp_layer(i, num_layers, ckpt, ids, state, runner, job: LayerJob, hidden, writer, fetch):
     """MTP layer i (quant/mtp.py) quantized without smoothing, as ModelSlim does, on its own input; its other
     tensors (enorm, hnorm, eh_proj, embed_tokens, shared_head) written float. Returns its output."""
-    x = mtp_input(ckpt, i, num_layers, ids, hidden, float(ckpt.config.get("rms_norm_eps", 1e-6)))  # [S, T - d, H]
+    eps, ids = float(ckpt.config.get("rms_norm_eps", 1e-6)), ids.split(job.batch_size)  # hidden's batches
+    x = hidden.map(lambda b, h: mtp_input(ckpt, i, num_layers, ids[b], h, eps))  # [B, T - d, H] each
     mtp_job = dataclasses.replace(job, smoother=steps.smoother("none"))
     out = quantize_layer(i, state, runner, mtp_job, x, writer, fetch)
+    x.release()
     job.idle_experts = mtp_job.idle_experts
     prefix, names = layer_prefix(i), set(runner.param_names(i))
     for name in [k for k in ckpt.keys() if k.startswith(prefix) and k[len(prefix) :] not in names]:
@@ -273,10 +280,13 @@ def _quantize_mtp_layer(i, num_layers, ckpt, ids, state, runner, job: LayerJob, 
     return out
 
 
-def _embed(ckpt, runner, job: LayerJob, ids: torch.Tensor, writer: ModelSlimWriter, head: list[str]) -> torch.Tensor:
-    """Write the embeddings; the calibration tokens' hidden states [S, T, H] in the compute dtype."""
+def _embed(ckpt, runner, job: LayerJob, ids: torch.Tensor, writer: ModelSlimWriter, head: list[str]) -> Activations:
+    """Write the embeddings; the calibration tokens' hidden states in the compute dtype, batch_size samples a batch
+    ([B, T, H] each, the split every layer keeps)."""
     embed = ckpt.get(EMBED_PREFIX + "weight").to(runner.device, job.dtype)  # [V, H]
-    hidden = F.embedding(ids.to(runner.device), embed).to(runner.dtype)  # [S, T, H]
+    rows = ids.split(job.batch_size)  # [B, T] each
+    batches = (F.embedding(r.to(runner.device), embed).to(runner.dtype) for r in rows)
+    hidden = Activations.of(batches, job.spill, runner.device)
     del embed
     for name in head:
         writer.add(name, ckpt.get(name).to(job.dtype), FLOAT)

@@ -4,8 +4,9 @@ The output is staged in `.DST.partial` beside DST and renamed into place only wh
 is never taken for a finished one. After each decoder layer the run saves a checkpoint there: the hidden states
 the next layer calibrates on, the writer's shards (the open one's spill-file lengths) and what the run has
 counted. A resumed run starts after the last checkpoint and writes exactly the bytes an uninterrupted run writes.
-The checkpoint file is replaced atomically and names its own hidden-state file, so a kill at any moment leaves the
-previous checkpoint whole. A lock keeps two runs out of one folder.
+The checkpoint file is replaced atomically and names its own hidden-state folder, so a kill at any moment leaves the
+previous checkpoint whole. A lock keeps two runs out of one folder. Activations that do not fit their memory budget
+are spilled into its `activations` folder (quant/activations.py), which no checkpoint needs.
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
+from slimquant.quant.activations import Activations
 from slimquant.quant.options import QuantizeOptions
 from slimquant.quant.output import check_destination, replace_folder
 
 log = logging.getLogger(__name__)
 STATE_FILE = "resume-state.json"
-_HIDDEN = "resume-hidden-{}.safetensors"  # the hidden states after that many layers
+_HIDDEN = "resume-hidden-{}"  # the hidden states after that many layers: a folder of batches
+SPILL_FOLDER = "activations"
+_MEMORY_OPTIONS = ("expert_memory", "activation_memory")
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Checkpoint:
     """Where a run stood after its last finished layer."""
 
     layers_done: int
-    hidden: torch.Tensor  # [S, T, H] on the CPU: the next layer's input
+    hidden: Path  # the next layer's input: the folder Activations.save wrote
     writer: dict  # ModelSlimWriter.state()
     job: dict  # what LayerJob has counted (idle_experts, alphas)
 
@@ -49,6 +50,7 @@ class PartialRun:
     def __init__(self, dst: Path, fingerprint: dict):
         self.dst, self.fingerprint = dst, fingerprint
         self.path = dst.parent / f".{dst.name}.partial"
+        self.spill_folder = self.path / SPILL_FOLDER
 
     @contextmanager
     def staged(self, resume: bool, overwrite: bool) -> Iterator[Checkpoint | None]:
@@ -61,24 +63,28 @@ class PartialRun:
             if checkpoint is None:
                 shutil.rmtree(self.path, ignore_errors=True)
                 self.path.mkdir()
+            shutil.rmtree(self.spill_folder, ignore_errors=True)
             try:
                 yield checkpoint
             except BaseException:
+                shutil.rmtree(self.spill_folder, ignore_errors=True)
                 self._keep_or_remove()
                 raise
-            for file in self.path.glob("resume-*"):
-                file.unlink()
+            shutil.rmtree(self.spill_folder, ignore_errors=True)
+            for entry in self.path.glob("resume-*"):
+                _remove(entry)
             replace_folder(self.path, self.dst)
 
-    def save(self, layers_done: int, hidden: torch.Tensor, writer: dict, job: dict) -> None:
+    def save(self, layers_done: int, hidden: Activations, writer: dict, job: dict) -> None:
         """Checkpoint after layers_done layers (the hidden states first, then the state that names them)."""
-        hidden_file = _HIDDEN.format(layers_done)
-        save_file({"hidden": hidden.detach().cpu().contiguous()}, self.path / hidden_file)
-        state = {"fingerprint": self.fingerprint, "layers_done": layers_done, "hidden": hidden_file}
+        hidden_dir = _HIDDEN.format(layers_done)
+        _remove(self.path / hidden_dir)  # a kill's leftover: no checkpoint names it
+        hidden.save(self.path / hidden_dir)
+        state = {"fingerprint": self.fingerprint, "layers_done": layers_done, "hidden": hidden_dir}
         _write_atomic(self.path / STATE_FILE, json.dumps(state | {"writer": writer, "job": job}))
-        for file in self.path.glob(_HIDDEN.format("*")):
-            if file.name != hidden_file:
-                file.unlink()
+        for entry in self.path.glob(_HIDDEN.format("*")):
+            if entry.name != hidden_dir:
+                _remove(entry)
 
     def _load(self) -> Checkpoint | None:
         """The folder's checkpoint, or None (nothing to resume: the run starts over); ValueError for one made from
@@ -95,9 +101,8 @@ class PartialRun:
                 f"the partial run in {self.path} was made with a different {', '.join(differs)}; run again with the "
                 "same source and options, or without --resume to start over"
             )
-        hidden = load_file(self.path / state["hidden"])["hidden"]
         log.info("resuming %s after layer %d", self.dst, state["layers_done"] - 1)
-        return Checkpoint(state["layers_done"], hidden, state["writer"], state["job"])
+        return Checkpoint(state["layers_done"], self.path / state["hidden"], state["writer"], state["job"])
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -120,12 +125,14 @@ class PartialRun:
 
 
 def fingerprint(src: Path, opts: QuantizeOptions) -> dict:
-    """What must not change between a run and its resumption: slimquant's version, the options, and each source
-    file's name, size and modification time."""
+    """What must not change between a run and its resumption: slimquant's version, the options (but the memory
+    budgets, which change no byte of the output: a run that ran out of memory resumes with smaller ones), and each
+    source file's name, size and modification time."""
     files = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.is_file())
+    options = {k: v for k, v in dataclasses.asdict(opts).items() if k not in _MEMORY_OPTIONS}
     return {
         "slimquant": importlib.metadata.version("slimquant"),
-        "options": json.loads(json.dumps(dataclasses.asdict(opts), default=str)),
+        "options": json.loads(json.dumps(options, default=str)),
         "source": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files},
     }
 
@@ -138,6 +145,14 @@ def _differences(old: dict, new: dict) -> list[str]:
     if old.get("slimquant") != new["slimquant"]:
         out.append(f"slimquant version ({old.get('slimquant')} then)")
     return out or ["run"]
+
+
+def _remove(path: Path) -> None:
+    """A file or folder, if there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:

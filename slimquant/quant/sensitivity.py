@@ -37,6 +37,7 @@ from tqdm import tqdm
 from slimquant.format.architectures import EMBED_PREFIX, arch_spec, layer_prefix
 from slimquant.format.checkpoint import read_description, tensor_types
 from slimquant.format.schemes import FLOAT
+from slimquant.quant.activations import Activations
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
 from slimquant.quant.decoder import BiasedNorm, LayerRunner
 from slimquant.quant.qlinear import SimLinear
@@ -185,13 +186,15 @@ def measure_sensitivity(
     dtype = quant.get(EMBED_PREFIX + "weight").dtype  # the model dtype the quantizer wrote
     runner = LayerRunner(src, spec, dtype, device)
     ids = token_batches(load_tokenizer(src, trust_remote_code), load_texts(calib_data), num_samples, seq_len)  # [S, T]
-    hidden = F.embedding(ids.to(runner.device), ckpt.get(EMBED_PREFIX + "weight").to(runner.device, runner.dtype))
+    embed = ckpt.get(EMBED_PREFIX + "weight").to(runner.device, runner.dtype)  # [V, H]
+    hidden = Activations.of(F.embedding(r.to(runner.device), embed) for r in ids.split(batch_size))  # [B, T, H]
+    del embed
     rows: list[SensitivityRow] = []
     for i in tqdm(range(int(ckpt.config["num_hidden_layers"])), desc="sensitivity", disable=not progress):
         layer = runner.build(i, {r: ckpt.get(layer_prefix(i) + r) for r in runner.param_names(i)})
         probe = _LayerProbe(layer, layer_prefix(i), spec.layer_linears(ckpt.config, i), spec, quant, types, dtype)
         with probe.attached():
-            hidden = runner.run(layer, hidden, batch_size)  # [S, T, H], float
+            hidden = runner.run(layer, hidden)  # float
         rows += probe.rows()
         del layer, probe
         quant.close()

@@ -9,7 +9,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from slimquant.entrypoints.commands.inspect import render
 from slimquant.format.architectures import ARCHS
+from slimquant.models.compat import inspect_checkpoint
+from slimquant.quant.activations import Activations
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
 from slimquant.quant.decoder import BiasedNorm, LayerRunner, replace_module
 from slimquant.quant.observers import observe_inputs
@@ -83,17 +86,18 @@ def test_quant_mtp_writes_modelslims_mix(mtp_source, tmp_path, monkeypatch):
     from slimquant.quant import pipeline
 
     src, extra, n = mtp_source
-    seen = {}
+    seen = {"input": []}
     real_input, real_layer = pipeline.mtp_input, pipeline.quantize_layer
 
-    def record_input(*args):
-        seen["input"] = (args, real_input(*args))
-        return seen["input"][1]
+    def record_input(*args):  # called per batch of samples
+        seen["input"].append((args, real_input(*args)))
+        return seen["input"][-1][1]
 
     def record_layer(i, state, runner, job, hidden, *args):
-        seen[i] = hidden  # the layer's input
-        seen["out", i] = real_layer(i, state, runner, job, hidden, *args)
-        return seen["out", i]
+        seen[i] = hidden.tensor()  # the layer's input [S, T, H]
+        out = real_layer(i, state, runner, job, hidden, *args)
+        seen["out", i] = out.tensor()
+        return out
 
     monkeypatch.setattr(pipeline, "mtp_input", record_input)
     monkeypatch.setattr(pipeline, "quantize_layer", record_layer)
@@ -111,7 +115,15 @@ def test_quant_mtp_writes_modelslims_mix(mtp_source, tmp_path, monkeypatch):
     for rel in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.head.weight", "embed_tokens.weight"):
         assert desc[p + rel] == "FLOAT" and torch.equal(out[p + rel], extra[p + rel].to(out[p + rel].dtype)), rel
     assert json.loads((tmp_path / "out" / "config.json").read_text())["mtp_quantize"] == "w8a8_dynamic"
-    (ckpt, i, num_layers, ids, hidden, eps), given = seen["input"]
+    report = inspect_checkpoint(tmp_path / "out")  # `slimquant inspect` lists the MTP layer in a row of its own
+    main_layers, mtp_row = report.layers[:-1], report.layers[-1]
+    assert main_layers[-1].last == n - 1 and not any(g.mtp for g in main_layers)
+    assert {f.rule for f in report.findings} == {"float32-model"}  # the tiny model's dtype, nothing of the MTP layer
+    assert (mtp_row.first, mtp_row.last, mtp_row.mtp) == (n, n, True)
+    assert mtp_row.schemes["W8A8"] == ["q_a", "q_b", "kv_a_with_mqa", "o"]
+    assert f"layers {n} MTP " in render(report)
+    (_, i, num_layers, _, _, eps), _ = seen["input"][0]
+    ids, hidden, given = (torch.cat([call[0][k] if k < 5 else call[1] for call in seen["input"]]) for k in (3, 4, 5))
     assert i == n and num_layers == n and torch.equal(seen[n], given) and torch.equal(hidden, seen["out", n - 1])
 
     def rms(x, w):
@@ -187,7 +199,7 @@ def test_layer_built_per_expert_matches_transformers(tiny_model):
     hidden = torch.randn(2, 12, model.config.hidden_size)  # [S, T, H]
     with torch.no_grad():
         want = model.model.layers[1](hidden, position_embeddings=runner._position_embeddings(12))
-    got = runner.run(layer, hidden, batch_size=1)
+    got = runner.run(layer, Activations.of(hidden.split(1))).tensor()  # one sample a batch
     torch.testing.assert_close(got, want[0] if isinstance(want, tuple) else want, rtol=1e-5, atol=1e-5)
 
 

@@ -64,14 +64,17 @@ def test_a_bad_budget_is_a_value_error(tiny_model, tmp_path):
         quantize(tiny_model("deepseek_v3", num_hidden_layers=3), tmp_path / "out", expert_memory=0, **KW)
 
 
+@pytest.mark.parametrize("spill", [False, True])
 @pytest.mark.parametrize("group", [1, 3, 8])
-def test_streamed_sums_equal_the_whole_layers_bit_for_bit(group):
+def test_streamed_sums_equal_the_whole_layers_bit_for_bit(group, spill, tmp_path):
     """StreamedExperts.run over groups, summing into the outputs, gives PerExpert.forward's tensor exactly (same
-    tokens per expert, same order of addition); recording and replay hand the layer what it would compute."""
+    tokens per expert, same order of addition); recording and replay hand the layer what it would compute, also
+    with what it records and sums held in files."""
     import torch
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MLP
 
+    from slimquant.quant.activations import Activations, Spill
     from slimquant.quant.moe import PerExpert
 
     torch.manual_seed(0)
@@ -81,12 +84,13 @@ def test_streamed_sums_equal_the_whole_layers_bit_for_bit(group):
     index = torch.stack([torch.randperm(8)[:4] for _ in range(40)])  # [T, k]: 4, so that the order of sums shows
     weights = torch.rand(40, 4)
     want = whole(hidden, index, weights)
-    streamed = expert_stream.StreamedExperts(PerExpert([m.to("meta") for m in
-                                                        PerExpert([DeepseekV3MLP(config, intermediate_size=32)
-                                                                   for _ in range(8)])]))  # fmt: skip
+    budget = Spill(tmp_path, budget=1) if spill else Spill()
+    meta = PerExpert([DeepseekV3MLP(config, intermediate_size=32).to("meta") for _ in range(8)])
+    streamed = expert_stream.StreamedExperts(meta, lambda: Activations(budget))
     assert torch.equal(streamed(hidden, index, weights), torch.zeros_like(hidden))  # recording
     batches = streamed.take_recorded()
-    outputs = [torch.zeros_like(hidden)]
+    outputs = Activations.of([torch.zeros_like(hidden)], budget)
+    assert batches.spilled == outputs.spilled == int(spill)
     for experts in streamed.groups(1, budget=group):
         for e in experts:
             streamed.load(e, whole[e].state_dict())
@@ -94,4 +98,7 @@ def test_streamed_sums_equal_the_whole_layers_bit_for_bit(group):
         streamed.release(experts)
     assert torch.equal(outputs[0], want)
     streamed.replay = outputs
-    assert torch.equal(streamed(hidden, index, weights), want) and streamed.replay == []
+    assert torch.equal(streamed(hidden, index, weights), want)
+    streamed.end_replay()
+    batches.release()
+    assert streamed.replay is None and len(outputs) == 0 and list(tmp_path.iterdir()) == [] and budget.held == 0

@@ -54,8 +54,8 @@ def render(report) -> str:
         "linears     " + ", ".join(f"{k} {v}" for k, v in report.linears_by_scheme.items()),
     ]
     for g in report.layers:
-        span = f"{g.first}" if g.first == g.last else f"{g.first}-{g.last}"
-        lines.append(f"layers {span:<5}" + " · ".join(f"{k}: {' '.join(v)}" for k, v in g.schemes.items()))
+        span = (f"{g.first}" if g.first == g.last else f"{g.first}-{g.last}") + (" MTP" if g.mtp else "")
+        lines.append(f"layers {span:<5} " + " · ".join(f"{k}: {' '.join(v)}" for k, v in g.schemes.items()))
     for loader, name in LOADERS.items():
         found = [f for f in report.findings if f.loader == loader]
         errors = sum(f.level == "error" for f in found)

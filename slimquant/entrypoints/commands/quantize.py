@@ -77,6 +77,13 @@ def register(subparsers) -> None:
         "weights (in the calibration dtype) in memory at once [1GiB]",
     )
     p.add_argument(
+        "--activation-memory",
+        default="4GiB",
+        metavar="SIZE",
+        help="calibration hidden states (and a MoE layer's recorded expert inputs) held in memory; the rest goes to "
+        "files in the staging folder beside DST [4GiB]",
+    )
+    p.add_argument(
         "--quant-mtp",
         action="store_true",
         help="DeepSeek-V3 / R1: also quantize the multi-token-prediction layer (ModelSlim's --quant_mtp mix: "
@@ -142,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         shard_size=args.shard_size,
         expert_memory=args.expert_memory,
+        activation_memory=args.activation_memory,
         trust_remote_code=args.trust_remote_code,
         quant_mtp=args.quant_mtp,
         overwrite=args.overwrite,
