@@ -14,6 +14,8 @@ from slimquant.quant.activations import ACTIVATION_BYTES
 from slimquant.quant.expert_stream import EXPERT_GROUP_BYTES
 from slimquant.quant.output import parse_size
 from slimquant.quant.plan import parse_mix
+from slimquant.quant.rotation import RotatedSource
+from slimquant.quant.sources import HFCheckpoint
 from slimquant.quant.steps.alpha import FixedAlpha
 from slimquant.quant.steps.rounding import NearestRounding
 from slimquant.quant.steps.smoothing import Smoother
@@ -44,6 +46,7 @@ class QuantizeOptions:
     trust_remote_code: bool = False  # the source's own tokenizer code (Kimi-K2's tokenization_kimi.py) may run
     expert_memory: int = EXPERT_GROUP_BYTES  # float routed-expert weights held at once (quant/expert_stream.py)
     activation_memory: int = ACTIVATION_BYTES  # calibration activations held in memory (quant/activations.py)
+    rotate: bool = False  # fold a Hadamard rotation of the residual stream into the weights first (quant/rotation.py)
 
     def __post_init__(self) -> None:
         steps.alpha_chooser(self.alpha)  # each raises ValueError naming the choices
@@ -84,6 +87,11 @@ class QuantizeOptions:
             device=check_device(device),
             **kw,
         )
+
+    def source(self, hf_dir: Path) -> HFCheckpoint | RotatedSource:
+        """The float source as the quantizer reads it: the folder, or its rotated view with rotate."""
+        ckpt = HFCheckpoint(hf_dir)
+        return RotatedSource(ckpt) if self.rotate else ckpt
 
     def smoother(self, default: str) -> Smoother:
         """The smoothing step: anti_outlier, or the architecture's default for this plan."""

@@ -82,7 +82,7 @@ def run(
     partial = PartialRun(dst, fingerprint(src, opts))
     texts = load_texts(opts.calib_data)
     with _hf_folder(src, dst) as hf_dir:
-        ckpt = HFCheckpoint(hf_dir)
+        ckpt = opts.source(hf_dir)
         spec = arch_spec(ckpt.config)
         num_layers = int(ckpt.config["num_hidden_layers"])
         mtp = check_mtp(ckpt.keys(), num_layers) if opts.quant_mtp else []
@@ -139,7 +139,7 @@ def _write_report(hf_dir: Path, out: Path, opts: QuantizeOptions, progress: bool
     from slimquant.quant.sensitivity import measure_sensitivity
 
     kw = dict(num_samples=opts.num_samples, seq_len=opts.seq_len, batch_size=opts.batch_size, device=opts.device,
-              trust_remote_code=opts.trust_remote_code)  # fmt: skip
+              trust_remote_code=opts.trust_remote_code, rotate=opts.rotate)  # fmt: skip
     measure_sensitivity(hf_dir, out, calib_data=opts.calib_data, progress=progress, **kw).save(out)
 
 

@@ -41,6 +41,7 @@ from slimquant.quant.activations import Activations
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
 from slimquant.quant.decoder import BiasedNorm, LayerRunner
 from slimquant.quant.qlinear import SimLinear
+from slimquant.quant.rotation import RotatedSource
 from slimquant.quant.sources import HFCheckpoint
 
 REPORT_FILES = ("sensitivity.md", "sensitivity.json", "sensitivity.png")
@@ -178,9 +179,12 @@ def measure_sensitivity(
     device: str = "cpu",
     progress: bool = False,
     trust_remote_code: bool = False,
+    rotate: bool = False,
 ) -> SensitivityReport:
-    """Sensitivity of every quantized linear of checkpoint dst (quantized from the HF folder src)."""
+    """Sensitivity of every quantized linear of checkpoint dst (quantized from the HF folder src; rotate: with
+    quantize's rotate, against the rotated float model)."""
     ckpt, quant = HFCheckpoint(src), _Shards(Path(dst))
+    ckpt = RotatedSource(ckpt) if rotate else ckpt
     types = tensor_types(read_description(dst))
     spec = arch_spec(ckpt.config)
     dtype = quant.get(EMBED_PREFIX + "weight").dtype  # the model dtype the quantizer wrote

@@ -126,6 +126,12 @@ def register(subparsers) -> None:
         help="int8: also calibrate per-channel int8 KV-cache scales (ModelSlim's C8; keys after RoPE), which "
         "the engine and vLLM-Ascend then run as an int8 cache [float]",
     )
+    p.add_argument(
+        "--rotate",
+        action="store_true",
+        help="Llama / Qwen: fold the norms and a Hadamard rotation of the residual stream into the weights first "
+        "(QuaRot's R1: the same float model, an ordinary checkpoint; outlier channels spread out; see README)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -160,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         max_loss=args.max_loss,
         static_all=args.static_all,
         kv_cache=args.kv_cache,
+        rotate=args.rotate,
     )
     print(summary)
     return 0
