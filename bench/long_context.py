@@ -126,7 +126,7 @@ def main() -> None:
     llms = {
         kv: LLM(str(path), max_model_len=longest, enable_prefix_caching=False, kv_cache_dtype=kv) for kv in KV_DTYPES
     }
-    ids = llms["float32"].get_tokenizer()(zoo.EVAL_TEXT.read_text()).input_ids  # the book
+    ids = llms["float32"].get_tokenizer()(zoo.DEV_TEXT.read_text()).input_ids  # the book
     print(f"{path.name} ({len(ids)} book tokens)")
     speed_table(llms, ids, args)
     del llms

@@ -29,6 +29,7 @@ class EvalResult:
     windows: int = 1
     change_interval: tuple[float, float] | None = None  # 95%, of perplexity / the first model's - 1
     sensitivity: float | None = None  # mean |relative per-window perplexity change| under perturb_norms
+    window_nll: list[float] | None = None  # each window's mean NLL, for paired comparisons between any two models
 
     def to_dict(self) -> dict:
         """Plain dict for JSON output."""
@@ -109,7 +110,9 @@ def evaluate(
         reference = pred if reference is None else reference
         base = per_window if base is None else base
         mean = torch.cat(nlls).double().mean().item()
-        result = EvalResult(str(path), math.exp(mean), mean, pred.numel(), agree, len(windows))
+        result = EvalResult(
+            str(path), math.exp(mean), mean, pred.numel(), agree, len(windows), window_nll=per_window.tolist()
+        )
         result.change_interval = None if len(results) == 0 else change_interval(base, per_window)
         if sensitivity:
             perturb_norms(lm.model)

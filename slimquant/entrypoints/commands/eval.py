@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "example: slimquant eval out/float out/w8a8 --corpus book.txt --context 512",
     )
     p.add_argument("models", nargs="+", help="model folders; the first is the baseline (usually float)")
-    p.add_argument("--corpus", help="UTF-8 text file (default: the built-in Pride and Prejudice excerpt)")
+    p.add_argument("--corpus", help="UTF-8 text file (default: the built-in excerpt of Persuasion)")
     p.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--stride", type=int, help="window step (default: --context, non-overlapping)")
     p.add_argument("--max-tokens", type=int, help="use only the first N tokens of the corpus")
