@@ -165,7 +165,7 @@ def describe(path: Path) -> tuple[str, int, float]:
 
 def table(built: list[Built], results: list) -> list[dict]:
     """One dict per row, n/a methods included, in METHODS order."""
-    from slimquant.evaluation import change_interval
+    from slimquant.stats import change_interval
 
     scored = iter(results)
     base = results[0].perplexity

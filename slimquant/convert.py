@@ -38,10 +38,11 @@ def quantize(
     return quantize_within_loss(src, dst, opts, max_loss=max_loss, score=score, overwrite=overwrite, progress=progress)
 
 
-def heldout_perplexity(model: Path, text: str, trust_remote_code: bool = False) -> tuple[float, int]:
-    """(perplexity, tokens scored) of the model folder on text, through the engine (slimquant.evaluation)."""
+def heldout_perplexity(model: Path, text: str, trust_remote_code: bool = False) -> tuple[float, int, list[float]]:
+    """(perplexity, tokens scored, each window's mean NLL) of the model folder on text, through the engine
+    (slimquant.evaluation)."""
     from slimquant.evaluation import evaluate
 
     kw = dict(max_tokens=HELDOUT_MAX_TOKENS, progress=False, trust_remote_code=trust_remote_code)
     (res,) = evaluate([str(model)], text, HELDOUT_CONTEXT, **kw)
-    return res.perplexity, res.tokens
+    return res.perplexity, res.tokens, res.window_nll

@@ -59,7 +59,7 @@ def test_perplexity_matches_transformers(tiny_model):
 def test_change_interval_is_the_paired_t_interval():
     """Windows' mean NLL differences 0.01, 0.03, 0.02, 0.04 (mean 0.025, sd 0.0129, t(3) 3.182): the change's
     interval is exp(0.025 -+ 3.182 * 0.0129 / 2) - 1, computed here from the definition."""
-    from slimquant.evaluation import change_interval
+    from slimquant.stats import change_interval
 
     base = torch.tensor([2.0, 3.0, 2.5, 4.0], dtype=torch.float64)
     diff = torch.tensor([0.01, 0.03, 0.02, 0.04], dtype=torch.float64)

@@ -4,8 +4,9 @@ Held-out text: the calibration texts (the built-in prompt set, or --calib-data) 
 every 4th before it (a quarter) are held out and never calibrate any candidate, the others calibrate all of them.
 The loss is 100 * (ppl(quantized) / ppl(float) - 1) on the held-out texts joined, the float SRC as the baseline,
 both measured by the `score` callable the caller passes (slimquant.convert binds the engine's evaluation: 512-token
-windows, at most 8192 tokens); this package never imports the engine. The built-in set holds out about 200 tokens
-only: give a larger --calib-data (a book chapter) for a steadier measure.
+windows, at most 8192 tokens); this package never imports the engine. The written checkpoint's loss comes with a 95%
+interval paired by window (slimquant.stats). The built-in set holds out about 200 tokens only, one window, so no
+interval: give a larger --calib-data (a book chapter) for a steadier measure and its interval.
 
 Search: quantize with the user's settings; if the loss exceeds P, measure each linear's sensitivity on that
 checkpoint (sensitivity.py) and rank the keep-float units (a linear, or a group that must share one type: q/k/v,
@@ -27,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from slimquant.format.architectures import arch_spec
 from slimquant.quant.calibration import load_texts
 from slimquant.quant.options import QuantizeOptions
@@ -35,10 +38,12 @@ from slimquant.quant.pipeline import run
 from slimquant.quant.sensitivity import SensitivityReport, measure_sensitivity
 from slimquant.quant.sources import HFCheckpoint
 from slimquant.quant.summary import FallbackResult, QuantizeSummary
+from slimquant.stats import change_interval
 
 HELDOUT_EVERY = 4  # one calibration text in 4 is held out
 REFINE = 8  # bisection stops within k / 8 of the smallest passing k (each step is a full quantize run)
-Score = Callable[[Path, str], tuple[float, int]]  # (model folder, text) -> (perplexity, tokens scored)
+# (model folder, text) -> (perplexity, tokens scored, each window's mean NLL)
+Score = Callable[[Path, str], tuple[float, int, list[float]]]
 
 
 def parse_max_loss(value: object) -> float:
@@ -162,13 +167,15 @@ class _Runner:
     def __init__(self, hf_dir: Path, work: Path, opts: QuantizeOptions, progress: bool, text: str, score: Score):
         self.hf_dir, self.work, self.opts, self.progress, self.score = hf_dir, work, opts, progress, score
         self.text, self.base_ppl, self.tokens = text, 0.0, 0  # held-out text; the float source's score on it
+        self.base_windows: list[float] = []
+        self.intervals: dict[Path, tuple[float, float] | None] = {}  # each candidate's 95% loss interval, percent
         self.summaries: dict[Path, QuantizeSummary] = {}
         self.units: list[tuple[str, ...]] = []
 
     def _baseline(self) -> None:
         """Score the float source on the held-out text (once; after the first quantize() checked the inputs)."""
         if not self.tokens:
-            self.base_ppl, self.tokens = self.score(self.hf_dir, self.text)
+            self.base_ppl, self.tokens, self.base_windows = self.score(self.hf_dir, self.text)
 
     def quantize(self, k: int) -> tuple[Path, float]:
         """Quantize with the top k units float; (folder, held-out loss %)."""
@@ -176,7 +183,10 @@ class _Runner:
         keep = self.opts.keep_float + tuple(n for unit in self.units[:k] for n in unit)
         self.summaries[out] = run(self.hf_dir, out, replace(self.opts, keep_float=keep), overwrite=True, progress=False)
         self._baseline()
-        loss = 100 * (self.score(out, self.text)[0] / self.base_ppl - 1)
+        ppl, _, windows = self.score(out, self.text)
+        loss = 100 * (ppl / self.base_ppl - 1)
+        interval = change_interval(torch.tensor(self.base_windows), torch.tensor(windows))
+        self.intervals[out] = None if interval is None else (100 * interval[0], 100 * interval[1])
         self._say(f"max-loss: {k} unit(s) float -> held-out loss {loss:+.3f}%")
         return out, loss
 
@@ -209,7 +219,10 @@ class _Runner:
         k, tried = search(len(self.units), measure, p, loss0)
         loss = dict(tried)[k]
         kept = [n for unit in self.units[:k] for n in unit]
-        return FallbackResult(p, loss, loss <= p, kept, tried, len(self.units), self.tokens), folders[k]
+        result = FallbackResult(
+            p, loss, loss <= p, kept, tried, len(self.units), self.tokens, self.intervals[folders[k]]
+        )
+        return result, folders[k]
 
     def _say(self, line: str) -> None:
         if self.progress:

@@ -19,12 +19,18 @@ class FallbackResult:
     tried: list[tuple[int, float]] = field(default_factory=list)  # (units kept float, loss %) in search order
     units: int = 0  # keep-float units that were candidates
     heldout_tokens: int = 0
+    interval: tuple[float, float] | None = None  # 95% interval of loss, paired by window (None: one window)
 
     def rows(self) -> list[tuple[str, str]]:
         """Lines for the printed summary."""
         verdict = "met" if self.met else f"NOT met even with all {self.units} quantized units float"
         kept = ", ".join(self.kept_float[:6]) + (f", ... ({len(self.kept_float)})" if len(self.kept_float) > 6 else "")
-        loss = f"held-out loss {self.loss:+.3f}% on {self.heldout_tokens} tokens"
+        spread = (
+            f" [{self.interval[0]:+.2f}, {self.interval[1]:+.2f}] (95%)"
+            if self.interval
+            else " (one window: no interval; a longer --calib-data gives one)"
+        )
+        loss = f"held-out loss {self.loss:+.3f}%{spread} on {self.heldout_tokens} tokens"
         return [
             ("max-loss", f"{self.max_loss:g}% ({verdict}); {loss}"),
             ("max-loss kept float", kept or "none"),
