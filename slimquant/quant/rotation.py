@@ -13,6 +13,10 @@ R is a Hadamard matrix with random signs where H = 2^a * (q + 1) for a prime q =
 construction times Paley's; e.g. 576 = 72 * 8, 896 = 224 * 4, 1536 = 12 * 128, 7168 = 224 * 32), which spreads a
 single channel perfectly evenly; otherwise a random orthogonal matrix. Both are fixed by the seed.
 
+Each attention head's values are turned too (SpinQuant's R2): v_proj's rows of head h by one orthogonal R_h
+[D, D], o_proj's columns of every query head by R_h^T, which attention (a weighted sum of values per head) carries
+through exactly; o_proj's input, the attention output, is then as spread out as the residual.
+
 A model with tied embeddings gets an LM head of its own (E diag(g_final) R^T differs from E R^T), and config.json
 says tie_word_embeddings: false.
 """
@@ -97,7 +101,9 @@ class RotatedSource:
             )
         self._src, self.path = ckpt, ckpt.path
         self.config = ckpt.config | {"tie_word_embeddings": False}
-        self.rotation = rotation_matrix(int(ckpt.config["hidden_size"]), seed)  # R [H, H], fp64
+        hidden, heads = int(ckpt.config["hidden_size"]), int(ckpt.config["num_attention_heads"])
+        self.rotation = rotation_matrix(hidden, seed)  # R [H, H], fp64
+        self.head_rotation = rotation_matrix(int(ckpt.config.get("head_dim") or hidden // heads), seed + 1)  # [D, D]
         self._tied = bool(ckpt.config.get("tie_word_embeddings")) and HEAD not in ckpt
 
     @property
@@ -127,10 +133,24 @@ class RotatedSource:
         linear, _, kind = rel.rpartition(".")
         if linear in READS and kind == "weight":
             norm = self._src.get(f"{prefix}.layers.{rest.split('.')[0]}.{READS[linear]}.weight")
-            return self._reader(t, norm)
-        if linear in WRITES and kind in ("weight", "bias"):
-            return (self.rotation @ t.double()).float()  # [H, K] or [H]
+            t = self._reader(t, norm)
+        elif linear in WRITES and kind in ("weight", "bias"):
+            t = (self.rotation @ t.double()).float()  # [H, K] or [H]
+        if linear == "self_attn.v_proj" and kind in ("weight", "bias"):
+            return self._per_head(t, rows=True)
+        if linear == "self_attn.o_proj" and kind == "weight":
+            return self._per_head(t, rows=False)
         return t
+
+    def _per_head(self, t: torch.Tensor, rows: bool) -> torch.Tensor:
+        """v_proj's weight [KVH * D, H] or bias [KVH * D] with each head's rows turned by R_h, or o_proj's weight
+        [H, NH * D] with each head's columns turned by R_h^T; fp32."""
+        r, d = self.head_rotation, self.head_rotation.shape[0]
+        if rows:
+            heads = t.double().reshape(-1, d, *t.shape[1:])  # [KVH, D, (H)]
+            return torch.einsum("ij,kj...->ki...", r, heads).reshape(t.shape).float()
+        cols = t.double().reshape(t.shape[0], -1, d)  # [H, NH, D]
+        return torch.einsum("hkj,ij->hki", cols, r).reshape(t.shape).float()
 
     def _reader(self, w: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         """W [N, H] of a linear reading a norm's output -> W diag(g) R^T, fp32."""
