@@ -11,7 +11,8 @@ float linears, size; with --sensitivity also each model's mean |per-window perpl
 weight moves by 1e-6) and whether issue 23's goals are met by the default settings: W8A8_DYNAMIC within +0.5%,
 W8A8 within +1.5% (by the interval's upper end, or by the point estimate only), intervals narrower than +-0.3
 points, sensitivity below 0.2%.
-"w8a8-default" is quantize()'s default for --type w8a8 (Llama/Qwen: mlp.down_proj W8A8_DYNAMIC, the rest static);
+"w8a8-default" is quantize()'s default for --type w8a8 (Llama/Qwen: rotated, mlp.down_proj W8A8_DYNAMIC, the rest
+static);
 "w8a8-static-all" and the w8a8-* rows after it quantize every linear static (static_all=True).
 
     .venv/bin/python bench/accuracy.py                                  # all methods, 20480 tokens
@@ -60,11 +61,11 @@ METHODS = [  # "-default": quantize()'s own defaults for the type (the note colu
     Method("dyn-maxloss0.5", DYN | {"max_loss": 0.5}),
     Method("dyn-rotate", DYN | {"rotate": True}),  # Hadamard rotation of the residual stream folded in first
     Method("dyn-float-down", DYN | {"keep_float": ["*.mlp.down_proj"]}),  # the linear that costs most, float
-    Method("w8a8-default", STATIC),  # SmoothQuant alpha 0.5, mlp.down_proj dynamic
+    Method("w8a8-default", STATIC),  # rotated (Llama / Qwen), SmoothQuant alpha 0.5, mlp.down_proj dynamic
+    Method("w8a8-no-rotate", STATIC | {"rotate": False}),
     Method("w8a8-default-gptq", STATIC | {"rounding": "gptq"}),
     Method("w8a8-default-maxloss1", STATIC | {"max_loss": 1.0}),
-    Method("w8a8-rotate", STATIC | {"rotate": True}),
-    Method("w8a8-rotate-float-down", STATIC | {"rotate": True, "keep_float": ["*.mlp.down_proj"]}),
+    Method("w8a8-float-down", STATIC | {"keep_float": ["*.mlp.down_proj"]}),
     Method("w8a8-static-all", PURE),  # SmoothQuant alpha 0.5, every linear static
     Method("w8a8-none", PURE | {"anti_outlier": "none"}),
     Method("w8a8-iterative0.5", PURE | {"anti_outlier": "iterative", "alpha": 0.5}),

@@ -194,7 +194,7 @@ class _Runner:
         """Per-linear sensitivity of a candidate, on the calibration split."""
         o = self.opts
         kw = dict(num_samples=o.num_samples, seq_len=o.seq_len, batch_size=o.batch_size, device=o.device,
-                  rotate=o.rotate)  # fmt: skip
+                  rotate=o.rotates(HFCheckpoint(self.hf_dir).config))  # fmt: skip
         return measure_sensitivity(self.hf_dir, folder, calib_data=o.calib_data, **kw)
 
     def search(self, p: float) -> tuple[FallbackResult, Path]:

@@ -32,6 +32,7 @@ from slimquant.quant.options import QuantizeOptions
 from slimquant.quant.output import check_destination, folder_bytes, write_model_files
 from slimquant.quant.plan import plan_types, recipe_note
 from slimquant.quant.resume import Checkpoint, PartialRun, fingerprint
+from slimquant.quant.rotation import RotatedSource
 from slimquant.quant.sources import HFCheckpoint
 from slimquant.quant.summary import QuantizeSummary
 
@@ -110,13 +111,14 @@ def run(
             fields = (spec.config_fields or {}).get(opts.quant_type, {})
             write_model_files(hf_dir, out, ckpt.config | fields | (MTP_CONFIG if mtp else {}), spec.config_indent)
             if opts.report:
-                _write_report(hf_dir, out, opts, progress)
+                _write_report(hf_dir, out, opts, progress, isinstance(ckpt, RotatedSource))
     counts = Counter(plan.values()) + Counter({FLOAT: 1})  # lm_head: the source's, or the tied embeddings
 
     return QuantizeSummary(
         output=dst,
         model_quant_type=model_qtype,
         anti_outlier=smoother.name,
+        rotated=isinstance(ckpt, RotatedSource),
         linears=dict(sorted(counts.items())),
         num_layers=num_layers,
         float_layers=extra_layers,
@@ -134,12 +136,12 @@ def run(
     )
 
 
-def _write_report(hf_dir: Path, out: Path, opts: QuantizeOptions, progress: bool) -> None:
+def _write_report(hf_dir: Path, out: Path, opts: QuantizeOptions, progress: bool, rotated: bool) -> None:
     """Per-linear sensitivity of the checkpoint just written in out, saved beside it."""
     from slimquant.quant.sensitivity import measure_sensitivity
 
     kw = dict(num_samples=opts.num_samples, seq_len=opts.seq_len, batch_size=opts.batch_size, device=opts.device,
-              trust_remote_code=opts.trust_remote_code, rotate=opts.rotate)  # fmt: skip
+              trust_remote_code=opts.trust_remote_code, rotate=rotated)  # fmt: skip
     measure_sensitivity(hf_dir, out, calib_data=opts.calib_data, progress=progress, **kw).save(out)
 
 

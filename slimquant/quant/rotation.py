@@ -88,13 +88,18 @@ def rotation_matrix(n: int, seed: int = 0) -> torch.Tensor:
     return h * signs[None, :] / math.sqrt(n)
 
 
+def can_rotate(config: dict) -> bool:
+    """Whether rotation folds into this architecture."""
+    return (config.get("architectures") or ["?"])[0] in ROTATED_ARCHS
+
+
 class RotatedSource:
     """A float source checkpoint (quant/sources.py) seen with its residual stream rotated and its norms folded:
     get() turns each tensor as it is read, so memory still follows one tensor."""
 
     def __init__(self, ckpt, seed: int = 0):
-        arch = (ckpt.config.get("architectures") or ["?"])[0]
-        if arch not in ROTATED_ARCHS:
+        if not can_rotate(ckpt.config):
+            arch = (ckpt.config.get("architectures") or ["?"])[0]
             raise ValueError(
                 f"--rotate supports {', '.join(ROTATED_ARCHS)}; this checkpoint is {arch} (its residual stream is "
                 "read by layers that rotation does not fold yet): quantize it without --rotate"

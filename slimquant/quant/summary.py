@@ -45,6 +45,7 @@ class QuantizeSummary:
     output: Path
     model_quant_type: str  # W8A8 | W8A8_DYNAMIC (the shard-name type; a --mix may hold both)
     anti_outlier: str  # none | smoothquant | iterative
+    rotated: bool = False  # Hadamard rotations folded into the weights first (quant/rotation.py)
     linears: dict[str, int] = field(default_factory=dict)  # W8A8 / W8A8_DYNAMIC / FLOAT -> count (lm_head in FLOAT)
     num_layers: int = 0
     float_layers: int = 0  # layers past num_hidden_layers (multi-token prediction), written FLOAT
@@ -71,6 +72,7 @@ class QuantizeSummary:
             ("output", str(self.output)),
             ("model_quant_type", self.model_quant_type),
             ("anti-outlier", self.anti_outlier),
+            ("rotation", "Hadamard, folded into the weights (--no-rotate: none)" if self.rotated else "none"),
             ("decoder layers", str(self.num_layers)),
             ("linears quantized", ", ".join(f"{n} {t}" for t, n in quantized.items()) or "0"),
             ("linears kept float", str(self.linears.get(FLOAT, 0))),

@@ -69,12 +69,18 @@ class RuntimeLinear(nn.Module):
 
 
 def load_quantized(src, dst) -> nn.Module:
-    """The float transformers model with every quantized linear replaced by RuntimeLinear, norms (+bias) loaded."""
+    """The float transformers model with every quantized linear replaced by RuntimeLinear, and the checkpoint's float
+    tensors loaded: norms (+bias), embeddings, float linears and the LM head (a rotated checkpoint changes them all;
+    a tied head gets the checkpoint's own)."""
     desc, t = read_output(dst)
     model = load_float(src)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and desc.get(name + ".weight") not in (None, "FLOAT"):
             replace_module(model, name, RuntimeLinear(t, name, desc[name + ".weight"]))
+        elif isinstance(mod, (nn.Linear, nn.Embedding)) and name + ".weight" in t:
+            mod.weight = nn.Parameter(t[name + ".weight"].float().clone(), requires_grad=False)
+            if getattr(mod, "bias", None) is not None and name + ".bias" in t:
+                mod.bias = nn.Parameter(t[name + ".bias"].float().clone(), requires_grad=False)
         elif name.endswith("norm"):
             mod.weight.data.copy_(t[name + ".weight"])
             if name + ".bias" in t:

@@ -122,7 +122,7 @@ def test_shards_and_index(quantized):
 
 @pytest.mark.parametrize("anti_outlier", ["none", "smoothquant"])
 def test_dequantized_weights_within_half_step(quantized, anti_outlier):
-    src, dst, _ = quantized("qwen3", "w8a8", anti_outlier=anti_outlier)
+    src, dst, _ = quantized("qwen3", "w8a8", anti_outlier=anti_outlier, rotate=False)  # the source's own weights
     _, t = read_output(dst)
     source = read_source(src)
     for i in range(2):

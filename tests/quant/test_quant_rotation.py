@@ -5,6 +5,7 @@ the unrotated source), and an outlier channel of the residual stream costs int8 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -88,3 +89,26 @@ def test_rotation_spreads_an_outlier_channel(tiny_model, tmp_path):
 def test_rotate_refuses_architectures_it_does_not_fold(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="--rotate supports LlamaForCausalLM"):
         quantize(tiny_model("deepseek_v3"), tmp_path / "out", rotate=True, **FAST)
+
+
+def test_w8a8_rotates_by_default_where_it_folds(tiny_model, tmp_path):
+    """--type w8a8 on Llama / Qwen rotates unless told not to; w8a8_dynamic and DeepSeek do not; the rotated default
+    checkpoint breaks no loader rule (the tiny model's float32 dtype aside)."""
+    from slimquant.models.compat import inspect_checkpoint
+
+    src = tiny_model("llama", tie_word_embeddings=True)
+    runs = {
+        "w8a8": quantize(src, tmp_path / "w8a8", "w8a8", **FAST),
+        "no-rotate": quantize(src, tmp_path / "no-rotate", "w8a8", rotate=False, **FAST),
+        "dyn": quantize(src, tmp_path / "dyn", "w8a8_dynamic", **FAST),
+        "dyn-rotate": quantize(src, tmp_path / "dyn-rotate", "w8a8_dynamic", rotate=True, **FAST),
+        "deepseek": quantize(tiny_model("deepseek_v3"), tmp_path / "deepseek", "w8a8", **FAST),
+    }
+    assert {k: s.rotated for k, s in runs.items()} == {
+        "w8a8": True, "no-rotate": False, "dyn": False, "dyn-rotate": True, "deepseek": False
+    }  # fmt: skip
+    assert re.search(r"\nrotation +Hadamard", str(runs["w8a8"])) and re.search(r"\nrotation +none", str(runs["dyn"]))
+    for name in ("w8a8", "no-rotate"):
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        assert config["tie_word_embeddings"] is (name == "no-rotate")
+    assert {f.rule for f in inspect_checkpoint(tmp_path / "w8a8").findings} == {"float32-model"}

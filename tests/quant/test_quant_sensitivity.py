@@ -39,7 +39,7 @@ def _static(x: torch.Tensor, t: dict, name: str) -> torch.Tensor:
 
 
 def test_sensitivity_equals_a_straightforward_computation(quantized):
-    src, dst, _ = quantized("llama", "w8a8")  # smoothquant: q/k/v read a smoothed input_layernorm
+    src, dst, _ = quantized("llama", "w8a8", rotate=False)  # smoothquant: q/k/v read a smoothed input_layernorm
     report = {r.name: r for r in measure_sensitivity(src, dst, num_samples=2, seq_len=16).rows}
     _, t = read_output(dst)
     f = _float_inputs(src, layer=1)

@@ -128,9 +128,11 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--rotate",
-        action="store_true",
-        help="Llama / Qwen: fold the norms and a Hadamard rotation of the residual stream into the weights first "
-        "(QuaRot's R1: the same float model, an ordinary checkpoint; outlier channels spread out; see README)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Llama / Qwen: fold the norms and Hadamard rotations of the residual stream and of each head's values "
+        "into the weights first (QuaRot / SpinQuant's R1 + R2: the same float model, an ordinary checkpoint, "
+        "outlier channels spread out) [on for --type w8a8, off for w8a8_dynamic]",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
