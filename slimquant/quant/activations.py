@@ -97,10 +97,11 @@ class Activations:
     def __setitem__(self, b: int, batch: Batch) -> None:
         """Replace batch b (a batch of the same shapes; in memory, the same tensors is a no-op)."""
         item = self._items[b]
-        if isinstance(item, _OnDisk):
-            self._write(batch, item.path) if item.owned else self._replace(b, batch)
-        elif item is not batch:
-            self.spill.free(_nbytes(item))
+        if isinstance(item, _OnDisk) and item.owned:
+            self._write(batch, item.path)  # its own file, rewritten
+        elif item is not batch:  # a new batch in memory or a file of its own (a checkpoint's file stays as it is)
+            if not isinstance(item, _OnDisk):
+                self.spill.free(_nbytes(item))
             self._items[b] = self._place(batch)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -143,10 +144,6 @@ class Activations:
         count = len(list(folder.glob("*.safetensors")))
         store._items = [_OnDisk(folder / f"{b}.safetensors", owned=False) for b in range(count)]
         return store
-
-    def _replace(self, b: int, batch: Batch) -> None:
-        """Batch b, read from a file this store does not own, replaced by batch (in memory or a file of its own)."""
-        self._items[b] = self._place(batch)
 
     def _place(self, batch: Batch) -> Batch | _OnDisk:
         if self.spill.admit(_nbytes(batch)):

@@ -27,15 +27,12 @@ import math
 
 import torch
 
+from slimquant.format.architectures import EMBED_PREFIX, SMOOTH_PAIRS
+
 ROTATED_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-EMBED, FINAL_NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
-READS = {  # linear (relative to its layer) -> the norm whose output it reads
-    "self_attn.q_proj": "input_layernorm",
-    "self_attn.k_proj": "input_layernorm",
-    "self_attn.v_proj": "input_layernorm",
-    "mlp.gate_proj": "post_attention_layernorm",
-    "mlp.up_proj": "post_attention_layernorm",
-}
+EMBED, FINAL_NORM, HEAD = EMBED_PREFIX + "weight", "model.norm.weight", "lm_head.weight"
+# linear (relative to its layer) -> the norm whose output it reads: the norm producers of the smoothing table
+READS = {linear: norm for norm, linears in SMOOTH_PAIRS if norm.endswith("layernorm") for linear in linears}
 WRITES = ("self_attn.o_proj", "mlp.down_proj")  # linears whose output is added to the residual
 
 
