@@ -7,10 +7,14 @@ tokenizer with a chat template; transformers' own modeling code is the float ref
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from slimquant.format.schemes import FLOAT, Scheme, parse_scheme
 
 ARCHS = ("llama", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3")
 CHAT_TEMPLATE = (
@@ -130,3 +134,98 @@ def _spread_weights(model: torch.nn.Module) -> None:
                 p.copy_(0.1 * torch.randn_like(p))
             elif p.dim() == 2:
                 p.normal_(0.0, 0.08)
+
+
+def make_random_checkpoint(
+    arch: str, out_dir: str | os.PathLike, qtype: str = "float", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+    **shape,
+) -> Path:  # fmt: skip
+    """A random checkpoint of a dense model's shape (llama / qwen2 / qwen3), written tensor by tensor without
+    building the model: float (Hugging Face layout), or ascend qtype "w8a8" / "w8a8_dynamic" straight from random
+    int8 weights and scales (the quantizer's default plan, no calibration). For speed benches of large shapes."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise ValueError(f"random checkpoints are written for dense models only (llama, qwen2, qwen3), not {arch!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer()
+    cfg = tiny_config(arch, **shape)
+    cfg.vocab_size = max(cfg.vocab_size, len(tok))
+    cfg.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    cfg.bos_token_id = tok.convert_tokens_to_ids("<|endoftext|>")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    gen = torch.Generator().manual_seed(seed)
+    if qtype == "float":
+        _write_float(out, ((name, _random_float(name, s, dtype, gen)) for name, s in shapes.items()))
+    else:
+        _write_ascend(out, cfg.to_dict(), shapes, parse_scheme(qtype), dtype, gen)
+    cfg.save_pretrained(out)
+    GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _random_float(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Norm weights near 1, matrices scaled by 1 / sqrt(fan-in) (activations keep their size), the rest small."""
+    if name.endswith("norm.weight"):
+        return (1.0 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
+    matrix = len(shape) == 2 and not name.endswith("embed_tokens.weight")
+    return (torch.randn(shape, generator=gen) * (shape[-1] ** -0.5 if matrix else 0.1)).to(dtype)
+
+
+def _write_float(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], shard_bytes: int = 2 * 2**30) -> None:
+    """(name, tensor) pairs as model-0000i-of-0000N.safetensors shards of about shard_bytes, and their index."""
+    from slimquant.format.safetensors_io import StreamingShard
+
+    done: list[StreamingShard] = []
+    shard, size = None, 0
+    for name, t in tensors:
+        if shard is None or size >= shard_bytes:
+            if shard is not None:
+                shard.finish()
+            shard, size = StreamingShard(out / f".part-{len(done)}.safetensors"), 0
+            done.append(shard)
+        shard.add(name, t)
+        size += t.numel() * t.element_size()
+    shard.finish()
+    weight_map = {}
+    for i, s in enumerate(done, start=1):
+        final = f"model-{i:05d}-of-{len(done):05d}.safetensors"
+        os.replace(s.path, out / final)
+        weight_map |= dict.fromkeys(s.names, final)
+    total = sum((out / f).stat().st_size for f in set(weight_map.values()))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_ascend(out: Path, config: dict, shapes: dict, qtype: Scheme, dtype: torch.dtype, gen) -> None:
+    """The ascend checkpoint of the quantizer's default plan for qtype: each quantized linear's int8 weight
+    uniform, its scale 1 / (74 sqrt(K)) (a fan-in-preserving linear), static input range [-4, 4]."""
+    from slimquant.format.architectures import arch_spec
+    from slimquant.format.checkpoint import ModelSlimWriter
+    from slimquant.quant.plan import plan_types
+    from slimquant.quant.qlinear import linear_tensors
+
+    spec = arch_spec(config)
+    plan = plan_types(spec, int(config["num_hidden_layers"]), qtype, [], [], config)
+    writer = ModelSlimWriter(out, spec.model_quant_type or qtype)
+    for name, shape in shapes.items():
+        prefix, _, leaf = name.rpartition(".")
+        if plan.get(prefix, FLOAT) == FLOAT:
+            writer.add(name, _random_float(name, shape, dtype, gen), FLOAT)
+        elif leaf == "weight":
+            n, k = shape
+            w_q = torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8)  # [N, K]
+            w_s = torch.full((n, 1), 1.0 / (74.0 * k**0.5))  # [N, 1]; 74: the std of uniform int8
+            bias = _random_float(f"{prefix}.bias", (n,), dtype, gen) if f"{prefix}.bias" in shapes else None
+            tensors = linear_tensors(None, bias, plan[prefix], (-4.0, 4.0), dtype, quantized=(w_q, w_s))
+            for suffix, (t, t_type) in tensors.items():
+                writer.add(f"{prefix}.{suffix}", t, t_type)
+        else:
+            assert leaf == "bias", name  # written with its weight
+    writer.close()

@@ -1,0 +1,45 @@
+"""random_models.make_random_checkpoint: float checkpoints that transformers reads as written, and ascend ones that
+run as docs/FORMAT.md's plain math of their own tensors, with the quantizer's default plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimquant.format.architectures import arch_spec
+from slimquant.format.checkpoint import read_description, tensor_types
+from slimquant.format.schemes import W8A8, W8A8_DYNAMIC
+from slimquant.models.loader import load_model
+from slimquant.random_models import make_random_checkpoint
+from tests.models.paged import PROMPT, PagedRunner, assert_close, hf_logits
+from tests.models.reference import reference_logits, reference_model
+
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_float_checkpoint_is_what_transformers_reads(tmp_path, arch):
+    folder = make_random_checkpoint(arch, tmp_path / "f", "float", torch.float32, **SHAPE)
+    ours = PagedRunner.of(load_model(str(folder)), torch.float32).step({0: PROMPT})
+    assert_close(ours, hf_logits(folder, PROMPT))  # a tensor transformers missed would be initialised anew
+
+
+@pytest.mark.parametrize("qtype", [W8A8, W8A8_DYNAMIC])
+def test_ascend_checkpoint_runs_its_own_tensors(tmp_path, qtype):
+    src = make_random_checkpoint("qwen2", tmp_path / "f", "float", torch.float32, **SHAPE)  # the reference's frame
+    folder = make_random_checkpoint("qwen2", tmp_path / "q", qtype, torch.float32, seed=1, **SHAPE)
+    types = tensor_types(read_description(folder))
+    down_type = W8A8_DYNAMIC  # the quantizer's default mix for --type w8a8 on Qwen (and the only type otherwise)
+    assert types["model.layers.1.mlp.down_proj.weight"] == down_type
+    assert types["model.layers.1.self_attn.k_proj.weight"] == qtype
+    assert arch_spec({"model_type": "qwen2"}).w8a8_default_mix  # (what makes down_proj dynamic above)
+    loaded = load_model(str(folder), dtype=torch.float32)
+    ours = PagedRunner.of(loaded, torch.float32).step({0: PROMPT})
+    ref = reference_logits(reference_model(src, folder, torch.float32), PROMPT)
+    assert_close(ours, ref, rel=1e-4)
+    assert ours.std() > 0.1  # the random scales keep activations alive through the layers
+
+
+def test_moe_shapes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="dense models only"):
+        make_random_checkpoint("deepseek_v3", tmp_path / "x", "w8a8_dynamic")
