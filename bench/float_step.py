@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.speed import QWEN25_15B_SHAPE, random_model  # noqa: E402
+from bench.speed import QWEN25_15B_SHAPE, random_checkpoint  # noqa: E402
 from slimquant import LLM, SamplingParams, zoo  # noqa: E402
 from slimquant.backends import cpu_native  # noqa: E402
 
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 8, 16, 32, 64])
     ap.add_argument("--tokens", type=int, default=8)
     args = ap.parse_args()
-    path = random_model("qwen2", "qwen2.5-1.5b", QWEN25_15B_SHAPE) if args.large else zoo.resolve_model(args.model)
+    path = random_checkpoint("qwen2", "qwen2.5-1.5b", QWEN25_15B_SHAPE) if args.large else zoo.resolve_model(args.model)
     llm = LLM(str(path), max_model_len=256, max_num_seqs=max(args.streams), enable_prefix_caching=False)
     rate(llm, 1, 2)  # warm-up: builds the native plans and the greedy head's screen
     backend = llm.llm_engine.runner.backend

@@ -1,6 +1,6 @@
 """Tensor parallel on one machine: 1 process vs N ranks, side by side in one run.
 
-A random model of Qwen2.5-0.5B's shape (14 heads, 2 kv heads: splits in 2), quantized to --scheme (cached), on the
+A random checkpoint of Qwen2.5-0.5B's shape (14 heads, 2 kv heads: splits in 2) in --scheme (cached), on the
 torch-reference and cpu-native backends (one process of cpu-native runs its whole-step native stack; its ranks run
 per op). Rows "torchrun" start their ranks as torchrun would (slimquant.distributed.launch.run_ranks: every rank its
 own engine, each on cores / N threads; collectives over gloo); rows "engine" are LLM(tensor_parallel_size=N) in
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.speed import QWEN25_05B_SHAPE, quantized, random_model  # noqa: E402
+from bench.speed import QWEN25_05B_SHAPE, random_checkpoint  # noqa: E402
 from slimquant.distributed.launch import run_ranks  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--decode-tokens", type=int, default=32)
     args = ap.parse_args()
-    path = str(quantized(random_model("qwen2", "qwen2.5-0.5b", QWEN25_05B_SHAPE), args.scheme))
+    path = str(random_checkpoint("qwen2", "qwen2.5-0.5b", QWEN25_05B_SHAPE, args.scheme))
     cores = os.cpu_count() or 1
     rows = []
     for backend in ("torch-reference", "cpu-native"):

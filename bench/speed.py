@@ -1,12 +1,14 @@
-"""Speed table of issue 7: transformers vs slimquant float / W8A8_DYNAMIC / W8A8, measured in one run.
+"""Speed table of issues 7 and 21: transformers vs slimquant float / W8A8_DYNAMIC / W8A8, measured in one run.
 
-Rows for SmolLM2-135M-Instruct (the built-in model; quantized copies cached in $SLIMQUANT_CACHE) and, with
---large, for a random-weight model of Qwen2.5-1.5B's shape (built once, cached). Columns: decode of one
-stream, prefill of --prompt-len tokens, decode of --streams streams (tokens/s, ratio to the first row), then
-each model's decode speed against the memory-bandwidth limit measured in the same run.
+Rows for SmolLM2-135M-Instruct (the built-in model; quantized copies cached in $SLIMQUANT_CACHE), or with --random
+for random checkpoints of its shape; with --large / --7b also for random checkpoints of Qwen2.5-1.5B's / 7B's shape
+(random_models.make_random_checkpoint: int8 weights and scales written straight from the shape, no calibration;
+built once, cached). Columns: decode of one stream, prefill of --prompt-len tokens, decode of --streams streams
+(tokens/s, ratio to the first row), then each model's decode speed against the memory-bandwidth limit measured in
+the same run. `--cuda-int8-gemm cublas,triton` adds a row per int8 GEMM.
 
     .venv/bin/python bench/speed.py [--large] [--decode-tokens 64] [--streams 16] [--prompt-len 512]
-    python bench/speed.py --device cuda --random --large   # on a GPU machine without the model files
+    python bench/speed.py --device cuda --random --7b --cuda-int8-gemm cublas,triton   # a GPU machine
 
 Run it on a quiet machine: with 2 OpenMP threads, any other busy process stalls every parallel op.
 """
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from slimquant import quantize, zoo  # noqa: E402
 from slimquant.devices import check_device  # noqa: E402
 from slimquant.entrypoints.commands import bench  # noqa: E402
-from slimquant.random_models import make_tiny_model  # noqa: E402
+from slimquant.random_models import make_random_checkpoint  # noqa: E402
 
 SMOLLM2_135M_SHAPE = dict(
     hidden_size=576,
@@ -59,6 +61,19 @@ QWEN25_15B_SHAPE = dict(
 )
 
 
+QWEN25_7B_SHAPE = dict(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+QTYPES = ("float", "w8a8_dynamic", "w8a8")
+
+
 def quantized(src: Path, qtype: str, suffix: str = "", **kw) -> Path:
     """src quantized to qtype with quantize()'s keywords kw (a suffix naming them), cached with the other models."""
     dst = zoo.cache_dir() / "bench" / f"{src.name}-{qtype}{'-' + suffix if suffix else ''}"
@@ -80,40 +95,48 @@ def int8_model(args: argparse.Namespace) -> Path:
     return path if (path / "quant_model_description.json").is_file() else quantized(path, args.scheme)
 
 
-def random_model(arch: str, name: str, shape: dict) -> Path:
-    """A random bf16 model of the given shape, built once (speed does not depend on the weights' values)."""
-    out = zoo.cache_dir() / "bench" / f"{name}-shape-random-bf16"
+def random_checkpoint(arch: str, name: str, shape: dict, qtype: str = "float") -> Path:
+    """A random checkpoint of a shape in bf16, or ascend qtype, built once (speed does not depend on the values)."""
+    out = zoo.cache_dir() / "bench" / f"{name}-shape-random-{qtype}"
     if not (out / "config.json").is_file():
-        print(f"building {out} (random weights)", flush=True)
-        make_tiny_model(arch, out, dtype=torch.bfloat16, **shape)
+        print(f"writing {out} (random weights)", flush=True)
+        make_random_checkpoint(arch, out, qtype, torch.bfloat16, **shape)
     return out
 
 
-def table(src: Path, args: argparse.Namespace, **quant_kw) -> None:
-    """transformers bf16, slimquant float, W8A8_DYNAMIC and W8A8 of one source model."""
-    paths = [str(src)] + [str(quantized(src, t, device=args.device, **quant_kw)) for t in ("w8a8_dynamic", "w8a8")]
-    print(f"\n### {src.name}", flush=True)
-    bench.print_table(bench.measure(paths, args, transformers=args.transformers), args)
+def random_models(arch: str, name: str, shape: dict) -> list[Path]:
+    """random_checkpoint of each of QTYPES."""
+    return [random_checkpoint(arch, name, shape, qtype) for qtype in QTYPES]
+
+
+def table(paths: list[Path], args: argparse.Namespace) -> None:
+    """transformers bf16, then slimquant's float and int8 rows of one model shape."""
+    print(f"\n### {paths[0].name}", flush=True)
+    bench.print_table(bench.measure([str(p) for p in paths], args, transformers=args.transformers), args)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--large", action="store_true", help="add the Qwen2.5-1.5B-shaped table")
     p.add_argument("--only-large", action="store_true", help="only the Qwen2.5-1.5B-shaped table")
+    p.add_argument("--7b", dest="qwen7b", action="store_true", help="add the Qwen2.5-7B-shaped table (random)")
+    p.add_argument("--only-7b", action="store_true", help="only the Qwen2.5-7B-shaped table")
     bench.add_measure_args(p)
     p.set_defaults(decode_tokens=64)
     p.add_argument("--random", action="store_true", help="SmolLM2-135M's shape with random weights (no model files)")
     args = p.parse_args()
     check_device(args.device)
     print(bench.machine_line(args.device))
-    quick = dict(num_samples=4, seq_len=64, alpha=0.5, rounding="nearest")  # random weights: calibration is moot
-    if not args.only_large:
+    if not (args.only_large or args.only_7b):
         if args.random:
-            table(random_model("llama", "smollm2-135m", SMOLLM2_135M_SHAPE), args, **quick)
+            table(random_models("llama", "smollm2-135m", SMOLLM2_135M_SHAPE), args)
         else:
-            table(zoo.default_model_dir(), args)
+            src = zoo.default_model_dir()
+            table([src] + [quantized(src, t, device=args.device) for t in QTYPES[1:]], args)
     if args.large or args.only_large:
-        table(random_model("qwen2", "qwen2.5-1.5b", QWEN25_15B_SHAPE), args, **quick)
+        table(random_models("qwen2", "qwen2.5-1.5b", QWEN25_15B_SHAPE), args)
+    if args.qwen7b or args.only_7b:
+        table(random_models("qwen2", "qwen2.5-7b", QWEN25_7B_SHAPE), args)
 
 
 if __name__ == "__main__":

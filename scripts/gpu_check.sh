@@ -1,23 +1,46 @@
 #!/usr/bin/env bash
-# CUDA checks for a GPU machine whose python3 already holds a CUDA torch and transformers (nothing is installed):
-# the CUDA tests, then bench/speed.py on the GPU with random-weight models of SmolLM2-135M's shape (CUDA graphs,
-# then eager, then with SLIMQUANT_CUDA_FUSED_INT8=1), then of Qwen2.5-1.5B's shape unless --no-large.
-# Logs go to $OUT (or /tmp/gpu_check).
-#   bash scripts/gpu_check.sh [--no-large]
+# The CUDA checks of issue 21, for a GPU machine whose python3 already holds a CUDA torch and transformers (nothing is
+# installed), about 6 minutes on an H200, each stage timed:
+#   1. tests/cuda and the kernels' compile test;
+#   2. bench/cuda_linear.py: one linear at Llama-3-8B / 70B shapes, bf16 against the int8 paths (--sweep: also the
+#      fastest Triton tiles of the 8B rows at T = 1 and 2048);
+#   3. bench/speed.py: random Qwen2.5-7B-shaped checkpoints, transformers and slimquant bf16, W8A8_DYNAMIC and W8A8
+#      with each int8 GEMM (decode of 1 and 16 streams, prefill of 2048 tokens);
+#   4. bench/speed.py: the same for SmolLM2-135M's shape (CUDA graphs), unless --quick.
+# Logs go to $OUT (or /tmp/gpu_check); the random checkpoints to $SLIMQUANT_CACHE (written once, about 2 minutes).
+#   bash scripts/gpu_check.sh [--quick] [--sweep]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 SLIMQUANT_CACHE=${SLIMQUANT_CACHE:-/tmp/slimquant_cache}
-speed() { python3 bench/speed.py --device cuda --no-llama-cpp "$@"; }
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
-python3 -m pytest -q -p no:cacheprovider tests/cuda 2>&1 | tee "$out/tests.log"
-status=$?
-speed --random 2>&1 | tee "$out/speed.log" || status=1
-speed --random --enforce-eager --no-transformers 2>&1 | tee "$out/speed_eager.log" || status=1
-# the one-kernel int8 linears (opt-in until measured): compare their rows with speed.log's
-SLIMQUANT_CUDA_FUSED_INT8=1 speed --random --no-transformers 2>&1 | tee "$out/speed_fused.log" || status=1
-if [[ "${1:-}" != "--no-large" ]]; then
-  speed --only-large --decode-tokens 32 --streams 8 --prompt-len 256 2>&1 | tee "$out/speed_large.log" || status=1
+quick=0 sweep=0
+for arg in "$@"; do
+  case $arg in
+    --quick) quick=1 ;;
+    --sweep) sweep=1 ;;
+    *) echo "unknown option $arg; use --quick, --sweep" >&2; exit 2 ;;
+  esac
+done
+status=0
+stage() {  # stage NAME LOG COMMAND...: run it, tee its log, time it, remember a failure
+  local name=$1 log=$2 start=$SECONDS
+  shift 2
+  echo "=== $name" | tee "$out/$log"
+  "$@" 2>&1 | tee -a "$out/$log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: rc $rc, $((SECONDS - start)) s" | tee -a "$out/$log" "$out/summary.log"
+  [[ $rc == 0 ]] || status=1
+}
+speed() { python3 bench/speed.py --device cuda --no-llama-cpp --cuda-int8-gemm cublas,triton "$@"; }
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" | tee "$out/summary.log"
+stage "tests" tests.log python3 -m pytest -q -p no:cacheprovider tests/cuda tests/test_kernels/test_cuda_compile.py
+stage "one linear" linear.log python3 bench/cuda_linear.py
+if [[ $sweep == 1 ]]; then
+  stage "tile sweep" sweep.log python3 bench/cuda_linear.py --shapes 8b --tokens 1,2048 --sweep
+fi
+stage "Qwen2.5-7B shape" speed_7b.log speed --only-7b --decode-tokens 32 --streams 16 --prompt-len 2048
+if [[ $quick == 0 ]]; then
+  stage "SmolLM2-135M shape" speed_smollm2.log speed --random --decode-tokens 64
 fi
 exit $status

@@ -23,6 +23,8 @@ KV_CACHE_DTYPES = ("auto", *names_of("bfloat16", "float32"), "int8")  # see load
 QUANTIZATIONS = (None, "ascend")
 BACKENDS = ("auto", "cpu-native", "cuda-triton", "torch-reference")
 ISAS = ("auto", "avx2", "avx512vnni")
+# int8 GEMM of the cuda-triton backend: cuBLASLt (torch._int_mm) + a dequantize kernel, or one Triton kernel
+CUDA_INT8_GEMMS = ("cublas", "triton")
 DEFAULT_KV_CACHE_BYTES = 2 << 30  # upper bound when kv_cache_memory_bytes is not given
 
 # vLLM engine arguments that have no meaning here: accepted with a one-line warning.
@@ -65,7 +67,7 @@ ENVIRONMENT = {
     "SLIMQUANT_NATIVE": ("0: KernelConfig.backend torch-reference on the CPU (older name)", "1"),
     "SLIMQUANT_ISA": ("KernelConfig.isa", "auto"),
     "SLIMQUANT_GREEDY_SCREEN": ("KernelConfig.greedy_screen", "1"),
-    "SLIMQUANT_CUDA_FUSED_INT8": ("KernelConfig.cuda_fused_int8", "0"),
+    "SLIMQUANT_CUDA_INT8_GEMM": ("KernelConfig.cuda_int8_gemm", "cublas"),
     "SLIMQUANT_HUGEPAGES": ("KernelConfig.hugepages", "1"),
     "SLIMQUANT_CACHE": ("KernelConfig.cache_dir; the demo's models (zoo.py)", "~/.cache/slimquant"),
     "SLIMQUANT_API_KEY": ("slimquant serve --api-key", ""),
@@ -100,13 +102,16 @@ class KernelConfig:
     backend: str = field(default_factory=_env_backend)  # auto: cpu-native on a CPU, cuda-triton on a GPU
     isa: str = field(default_factory=lambda: env_setting("SLIMQUANT_ISA"))  # the native build (auto: the CPU's best)
     greedy_screen: bool = field(default_factory=lambda: _env_flag("SLIMQUANT_GREEDY_SCREEN"))  # int8 head screen
-    cuda_fused_int8: bool = field(default_factory=lambda: env_setting("SLIMQUANT_CUDA_FUSED_INT8") == "1")
+    cuda_int8_gemm: str = field(default_factory=lambda: env_setting("SLIMQUANT_CUDA_INT8_GEMM"))  # CUDA_INT8_GEMMS
     hugepages: bool = field(default_factory=lambda: _env_flag("SLIMQUANT_HUGEPAGES"))  # weights in huge pages
     cache_dir: Path = field(default_factory=lambda: cache_root() / "kernels")  # built native libraries
 
     def __post_init__(self) -> None:
         _check(self.backend in BACKENDS, "backend", self.backend, f"one of {BACKENDS}")
         _check(self.isa in ISAS, "isa", self.isa, f"one of {ISAS}")
+        _check(
+            self.cuda_int8_gemm in CUDA_INT8_GEMMS, "cuda_int8_gemm", self.cuda_int8_gemm, f"one of {CUDA_INT8_GEMMS}"
+        )
         object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
 
     @classmethod

@@ -171,11 +171,21 @@ def make_random_checkpoint(
 
 
 def _random_float(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """Norm weights near 1, matrices scaled by 1 / sqrt(fan-in) (activations keep their size), the rest small."""
+    """Norm weights near 1, matrices uniform with 1 / sqrt(fan-in) spread (activations keep their size; drawn as
+    int8, which is quicker for 7B shapes), the rest small."""
     if name.endswith("norm.weight"):
         return (1.0 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
-    matrix = len(shape) == 2 and not name.endswith("embed_tokens.weight")
-    return (torch.randn(shape, generator=gen) * (shape[-1] ** -0.5 if matrix else 0.1)).to(dtype)
+    if len(shape) == 2 and not name.endswith("embed_tokens.weight"):
+        return _random_int8(shape, gen).to(dtype) * (1.0 / (_INT8_STD * shape[-1] ** 0.5))
+    return (torch.randn(shape, generator=gen) * 0.1).to(dtype)
+
+
+_INT8_STD = 74.0  # the standard deviation of uniform int8
+
+
+def _random_int8(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Uniform in [-127, 127], as symmetric weight quantization writes (no -128: the native kernels' fast path)."""
+    return torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
 
 
 def _write_float(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], shard_bytes: int = 2 * 2**30) -> None:
@@ -205,7 +215,7 @@ def _write_float(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], shard_b
 
 def _write_ascend(out: Path, config: dict, shapes: dict, qtype: Scheme, dtype: torch.dtype, gen) -> None:
     """The ascend checkpoint of the quantizer's default plan for qtype: each quantized linear's int8 weight
-    uniform, its scale 1 / (74 sqrt(K)) (a fan-in-preserving linear), static input range [-4, 4]."""
+    uniform, its scale 1 / (std sqrt(K)) (a fan-in-preserving linear), static input range [-4, 4]."""
     from slimquant.format.architectures import arch_spec
     from slimquant.format.checkpoint import ModelSlimWriter
     from slimquant.quant.plan import plan_types
@@ -220,8 +230,8 @@ def _write_ascend(out: Path, config: dict, shapes: dict, qtype: Scheme, dtype: t
             writer.add(name, _random_float(name, shape, dtype, gen), FLOAT)
         elif leaf == "weight":
             n, k = shape
-            w_q = torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8)  # [N, K]
-            w_s = torch.full((n, 1), 1.0 / (74.0 * k**0.5))  # [N, 1]; 74: the std of uniform int8
+            w_q = _random_int8(shape, gen)  # [N, K]
+            w_s = torch.full((n, 1), 1.0 / (_INT8_STD * k**0.5))  # [N, 1]
             bias = _random_float(f"{prefix}.bias", (n,), dtype, gen) if f"{prefix}.bias" in shapes else None
             tensors = linear_tensors(None, bias, plan[prefix], (-4.0, 4.0), dtype, quantized=(w_q, w_s))
             for suffix, (t, t_type) in tensors.items():

@@ -12,7 +12,7 @@ class CudaTritonBackend(Backend):
 
     name = "cuda-triton"
 
-    def __init__(self, fused_int8: bool = False, graphs: bool = True):
-        super().__init__(TritonOps(fused_int8), graphs=graphs)
-        if fused_int8:
-            self.notes.append("int8 linears in one Triton kernel each (cuda_fused_int8)")
+    def __init__(self, int8_gemm: str = "cublas", graphs: bool = True):
+        super().__init__(TritonOps(int8_gemm), graphs=graphs)
+        if int8_gemm != "cublas":
+            self.notes.append(f"int8 GEMMs: {int8_gemm} (cuda_int8_gemm)")

@@ -54,5 +54,5 @@ def _make(name: str, kernels: KernelConfig, graphs: bool, tp_size: int = 1) -> B
             raise _Unavailable("Triton is not installed")
         from slimquant.backends.cuda_triton import CudaTritonBackend
 
-        return CudaTritonBackend(kernels.cuda_fused_int8, graphs)
+        return CudaTritonBackend(kernels.cuda_int8_gemm, graphs)
     return Backend(graphs=graphs)

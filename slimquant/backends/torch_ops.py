@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.format.primitives import QMAX, QMIN, dequantize_kv, int8_matmul_reference, quantize_kv
 from slimquant.format.primitives import quantize_per_token as _quantize_per_token
+from slimquant.kernels.int8_input import InputQuant, Int8Rows
 from slimquant.kernels.int_mm import cuda_int8_mm, exact_float_mm
 from slimquant.layers.context import ForwardContext
 from slimquant.layers.rotary import apply_rotary
@@ -56,6 +57,25 @@ class TorchOps:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
         """x / rms(x) * weight (+ bias) over the last dim, in fp32 like transformers: x [..., D]."""
         return rms_norm(x, weight, bias, eps)
+
+    def add_rms_norm_quant(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        eps: float,
+        quant: InputQuant | None,
+    ) -> tuple[torch.Tensor | Int8Rows, torch.Tensor]:
+        """add_rms_norm's pair for an int8 linear that quantizes its input as quant says (None: a float linear):
+        the norm's output quantized where the ops fuse that (Int8Rows), else float (here: float)."""
+        if residual is None:
+            return self.rms_norm(x, weight, bias, eps), x
+        return self.add_rms_norm(x, residual, weight, bias, eps)
+
+    def silu_and_mul_quant(self, x: torch.Tensor, quant: InputQuant | None) -> torch.Tensor | Int8Rows:
+        """silu_and_mul(x) for the int8 linear that reads it, as add_rms_norm_quant (here: float)."""
+        return self.silu_and_mul(x)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for x = [gate | up]: [T, 2I] -> [T, I]. On the CPU silu runs in float64: float32's

@@ -1,7 +1,8 @@
 """The cuda-triton backend's ops: Triton kernels (kernels/cuda_layers.py, kernels/cuda_int8.py) for the norms, the
-activation, rope + cache write, decode attention and the int8 linears' quantize / dequantize around cuBLASLt;
-TorchOps' definitions for the rest (prefill attention: SDPA; float linears: cuBLAS). Each kernel computes TorchOps'
-numbers in its order and precision (tests/cuda: int8 values exact, floats within 2 ulps).
+activation, rope + cache write, decode attention and the int8 linears (the norm or SiLU-and-mul before an int8
+linear quantizes its output for it; the GEMM: cuBLASLt + a dequantize kernel, or one Triton kernel); TorchOps'
+definitions for the rest (prefill attention: SDPA; float linears: cuBLAS). Each kernel computes TorchOps' numbers in
+its order and precision (tests/cuda: int8 values exact, floats within 2 ulps).
 
 `TRITON_INTERPRET=1` runs the kernels on CPU tensors, which is how CI tests them without a GPU.
 """
@@ -12,6 +13,7 @@ import torch
 
 from slimquant.backends.torch_ops import Rope, TorchOps
 from slimquant.distributed.tensor_parallel import SINGLE
+from slimquant.kernels.int8_input import InputQuant, Int8Rows
 from slimquant.layers.context import ForwardContext
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -23,15 +25,25 @@ class TritonOps(TorchOps):
 
     name = "triton"
 
-    def __init__(self, fused_int8: bool = False):
+    def __init__(self, int8_gemm: str = "cublas"):
+        """int8_gemm: config.CUDA_INT8_GEMMS (weights off cuBLASLt's grid of 8 take Triton's)."""
         from slimquant.kernels import cuda_int8, cuda_layers  # needs Triton: the backend checked it is installed
 
-        self.int8, self.layers, self.fused_int8 = cuda_int8, cuda_layers, fused_int8
+        self.int8, self.layers, self.int8_gemm = cuda_int8, cuda_layers, int8_gemm
+
+    def pack_weight(self, w_q):
+        """int8 [..., N, K] as it is, on any device: the kernels read it so (and TorchOps.int8_mm does)."""
+        return w_q
 
     def add_rms_norm(self, x, residual, weight, bias, eps):
         if x.dim() != 2 or not _same_float(x, residual, weight, bias):
             return super().add_rms_norm(x, residual, weight, bias, eps)
         return self.layers.add_rms_norm(x, residual, weight, bias, eps)
+
+    def add_rms_norm_quant(self, x, residual, weight, bias, eps, quant):
+        if quant is None or x.dim() != 2 or not _same_float(x, residual, weight, bias, *_static(quant)):
+            return super().add_rms_norm_quant(x, residual, weight, bias, eps, quant)
+        return self.layers.add_rms_norm(x, residual, weight, bias, eps, quant)
 
     def rms_norm(self, x, weight, bias, eps):
         if x.dim() == 2:
@@ -44,6 +56,11 @@ class TritonOps(TorchOps):
         if x.dim() != 2 or not _same_float(x):
             return super().silu_and_mul(x)
         return self.layers.silu_and_mul(x)
+
+    def silu_and_mul_quant(self, x, quant):
+        if quant is None or x.dim() != 2 or not _same_float(x, *_static(quant)):
+            return super().silu_and_mul_quant(x, quant)
+        return self.layers.silu_and_mul(x, quant)
 
     def attention(self, q, k, v, rope: Rope, kv_cache, ctx: ForwardContext, scale: float, kv_quant=None):
         """Rope and the cache write in one kernel; decode attention in one kernel; prefill: TorchOps (SDPA). An
@@ -58,21 +75,32 @@ class TritonOps(TorchOps):
         return out.reshape(q.shape[0], -1)  # [B, NH, D] -> [T, NH * D]
 
     def dynamic_linear(self, x, packed, w_scale, bias, out_dtype, tp=SINGLE):
-        if tp.size > 1 or not _on_grid(packed):  # the fused kernels cannot reduce across ranks
+        """x: float [T, K], or Int8Rows from the op before (quantized per token, out_dtype its dtype)."""
+        if not isinstance(x, Int8Rows) and (tp.size > 1 or not _runs(x, out_dtype)):  # no reduction across ranks
             return super().dynamic_linear(x, packed, w_scale, bias, out_dtype, tp)
-        return self.int8.dynamic_linear(x, packed, w_scale, bias, out_dtype, fused=self.fused_int8)
+        assert tp.size == 1 and packed.dtype == torch.int8, "only this backend's ops quantize for a linear"
+        return self.int8.dynamic_linear(x, packed, w_scale, bias, self._gemm(packed))
 
     def static_linear(self, x, packed, inv_scale, offset, quant_bias, deq_scale, out_dtype, tp=SINGLE):
-        if tp.size > 1 or not _on_grid(packed):
+        """x: float [T, K], or Int8Rows from the op before (quantized with inv_scale / offset)."""
+        if not isinstance(x, Int8Rows) and (tp.size > 1 or not _runs(x, out_dtype, inv_scale, offset)):
             return super().static_linear(x, packed, inv_scale, offset, quant_bias, deq_scale, out_dtype, tp)
-        return self.int8.static_linear(
-            x, packed, inv_scale, offset, quant_bias, deq_scale, out_dtype, fused=self.fused_int8
-        )
+        assert tp.size == 1 and packed.dtype == torch.int8, "only this backend's ops quantize for a linear"
+        return self.int8.static_linear(x, packed, inv_scale, offset, quant_bias, deq_scale, self._gemm(packed))
+
+    def _gemm(self, packed: torch.Tensor) -> str:
+        """The configured int8 GEMM; Triton's for a weight [N, K] off cuBLASLt's grid of 8."""
+        return self.int8_gemm if packed.shape[-1] % 8 == 0 and packed.shape[0] % 8 == 0 else "triton"
 
 
-def _on_grid(packed: torch.Tensor) -> bool:
-    """An int8 weight [N, K] on cuBLASLt's grid of 8 (the three-kernel path's GEMM)."""
-    return packed.dtype == torch.int8 and packed.shape[-1] % 8 == 0 and packed.shape[0] % 8 == 0
+def _runs(x: torch.Tensor, out_dtype: torch.dtype, *params: torch.Tensor) -> bool:
+    """Whether the int8 kernels take float x [T, K] (their output is in x's dtype)."""
+    return x.dim() == 2 and x.dtype == out_dtype and _same_float(x, *params)
+
+
+def _static(quant: InputQuant) -> tuple[torch.Tensor, ...]:
+    """A static quant's (inv_scale, offset), which must share the activations' dtype; () for per token."""
+    return () if quant.inv_scale is None else (quant.inv_scale, quant.offset)
 
 
 def _same_float(*ts: torch.Tensor | None) -> bool:

@@ -1,24 +1,28 @@
-"""int8 linears on CUDA in three kernels: quantize the activations (Triton), int8 GEMM (cuBLASLt via
-torch._int_mm), dequantize (Triton).
+"""int8 linears on CUDA: the activations quantized by the op before the linear where it can (RMSNorm,
+SiLU-and-mul: kernels/cuda_layers.py) or by a quantize kernel here, then one int8 GEMM with the dequantization in
+its epilogue: cuBLASLt (torch._int_mm) and a dequantize kernel, or one Triton GEMM (split-K for few tokens).
 
-The pure-torch path spends about fifteen kernels per linear on the same math; a small model's decode step is
-bound by kernel count, not bytes, even as a CUDA graph. Each kernel here computes docs/FORMAT.md's numbers in the
-pure-torch path's order and precision (IEEE division, round half to even, the model dtype's rounding where the
-activations are quantized in it, no FMA contraction), so the int8 values equal that path's and so, op for op,
-should the floats (tests/cuda checks the int8 values exactly and the floats to 2 ulps). Needs Triton (bundled
-with CUDA builds of torch); `TRITON_INTERPRET=1` runs the kernels on CPU tensors for tests.
+Each kernel computes docs/FORMAT.md's numbers in the pure-torch path's order and precision (IEEE division, round
+half to even, the model dtype's rounding where the activations are quantized in it, no FMA contraction), so the
+int8 values equal that path's and so, op for op, should the floats (tests/cuda checks the int8 values exactly and
+the floats to 2 ulps). The int32 sums are exact in any order, split-K's too. Needs Triton (bundled with CUDA
+builds of torch); `TRITON_INTERPRET=1` runs the kernels on CPU tensors for tests.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from slimquant.kernels.int8_input import PER_TOKEN, InputQuant, Int8Rows
 from slimquant.kernels.int_mm import cuda_gemm_rows
 
 _BLOCK_K = 1024
 _BLOCK_N = 128
+_DEQ_BLOCK_M = 16
 _EXACT = {"enable_fp_fusion": False}  # no FMA contraction: each multiply and add rounds, as torch's separate ops
 
 
@@ -45,6 +49,24 @@ def _round_to(v, dt: tl.constexpr):
 
 
 @triton.jit
+def _to_int8(v):
+    """clamp(rint(v), -128, 127) as int8."""
+    return tl.minimum(tl.maximum(_rint(v), -128.0), 127.0).to(tl.int8)
+
+
+@triton.jit
+def _token_scale(amax):
+    """A token's scale from its max |x|: max(amax / 127, 1e-8) (format.primitives' smallest scale)."""
+    return tl.maximum(tl.math.div_rn(amax, 127.0), 1e-8)
+
+
+@triton.jit
+def _static_value(x, inv, off, dt: tl.constexpr):
+    """x * inv + off with each step rounded to dt (the static quantization runs in the model dtype)."""
+    return _round_to(_round_to(x * inv, dt) + off, dt)
+
+
+@triton.jit
 def _quantize_per_token(x_ptr, stride_x, q_ptr, scale_ptr, K: tl.constexpr, BLOCK: tl.constexpr):
     """Row r of x [T, K]: scale = max(amax / 127, tiny); q = clamp(rint(x / scale), -128, 127)."""
     row = tl.program_id(0)
@@ -54,13 +76,12 @@ def _quantize_per_token(x_ptr, stride_x, q_ptr, scale_ptr, K: tl.constexpr, BLOC
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), 1e-8)  # format.primitives. smallest scale
+    scale = _token_scale(tl.max(amax, axis=0))
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, scale)), -128.0), 127.0)
-        tl.store(q_ptr + row.to(tl.int64) * K + offs, q.to(tl.int8), mask=offs < K)
+        tl.store(q_ptr + row.to(tl.int64) * K + offs, _to_int8(tl.math.div_rn(x, scale)), mask=offs < K)
 
 
 @triton.jit
@@ -72,95 +93,117 @@ def _quantize_static(x_ptr, stride_x, inv_ptr, off_ptr, q_ptr, K: tl.constexpr, 
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row.to(tl.int64) * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-        v = _round_to((_round_to(x * inv, dt) + off), dt)
-        q = tl.minimum(tl.maximum(_rint(v), -128.0), 127.0)
-        tl.store(q_ptr + row.to(tl.int64) * K + offs, q.to(tl.int8), mask=offs < K)
+        tl.store(q_ptr + row.to(tl.int64) * K + offs, _to_int8(_static_value(x, inv, off, dt)), mask=offs < K)
+
+
+@triton.jit
+def _dequantize_tile(acc, row_scale, col_scale, add, STATIC: tl.constexpr, HAS_ADD: tl.constexpr):
+    """int32 acc [BM, BN] -> fp32: dynamic (acc * s_t) * w_scale (+ bias); static (acc + quant_bias) * deq_scale.
+    row_scale [BM], col_scale / add [BN]."""
+    if STATIC:
+        y = (acc + add[None, :]).to(tl.float32) * col_scale[None, :]
+    else:
+        y = acc.to(tl.float32) * row_scale[:, None] * col_scale[None, :]
+        if HAS_ADD:
+            y = y + add[None, :].to(tl.float32)
+    return y
+
+
+@triton.jit
+def _store_rows(y_ptr, y, rows, cols, N, mask):
+    """y fp32 [BM, BN] rounded to y_ptr's dtype at rows x cols of y [T, N]."""
+    dt = y_ptr.dtype.element_ty
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], _round_to(y, dt).to(dt), mask=mask)
+
+
+@triton.jit
+def _epilogue_operands(row_scale_ptr, col_scale_ptr, add_ptr, rows, cols, rmask, cmask, STATIC: tl.constexpr):
+    """(row scales [BM], column scales [BN], bias or quant_bias [BN]) with masked lanes 0."""
+    col_scale = tl.load(col_scale_ptr + cols, mask=cmask, other=0.0)
+    add = tl.load(add_ptr + cols, mask=cmask, other=0)
+    if STATIC:  # noqa: SIM108 (a constexpr branch: the load exists only in the other)
+        row_scale = rows.to(tl.float32) * 0.0  # [BM], unused
+    else:
+        row_scale = tl.load(row_scale_ptr + rows, mask=rmask, other=0.0)
+    return row_scale, col_scale, add
 
 
 @triton.jit
 def _dequantize(
-    acc_ptr, y_ptr, N, row_scale_ptr, col_scale_ptr, add_ptr,
-    STATIC: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_N: tl.constexpr,
+    acc_ptr, y_ptr, M, T, N, row_scale_ptr, col_scale_ptr, add_ptr,
+    SPLITS: tl.constexpr, STATIC: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Row r of acc int32 [R, N] -> y [T, N] in y's dtype.
-    dynamic: (acc * s_t[r]) * w_scale (+ bias); static: (acc + quant_bias) * deq_scale."""
-    row, cols = tl.program_id(0), tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < N
-    acc = tl.load(acc_ptr + row.to(tl.int64) * N + cols, mask=mask, other=0)
-    col_scale = tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
-    if STATIC:
-        y = (acc + tl.load(add_ptr + cols, mask=mask, other=0)).to(tl.float32) * col_scale
-    else:
-        y = acc.to(tl.float32) * tl.load(row_scale_ptr + row) * col_scale
-        if HAS_ADD:
-            y = y + tl.load(add_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    dt = y_ptr.dtype.element_ty
-    tl.store(y_ptr + row.to(tl.int64) * N + cols, _round_to(y, dt).to(dt), mask=mask)  # exact: already rounded
+    """Tile (m, n) of y [T, N] from int32 acc [SPLITS, M, N] (M >= T rows; split K's partial sums, added exactly)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask, cmask = rows < T, cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for s in range(SPLITS):
+        acc += tl.load(acc_ptr + (s * M + rows).to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0)
+    row_scale, col_scale, add = _epilogue_operands(
+        row_scale_ptr, col_scale_ptr, add_ptr, rows, cols, rmask, cmask, STATIC
+    )
+    _store_rows(y_ptr, _dequantize_tile(acc, row_scale, col_scale, add, STATIC, HAS_ADD), rows, cols, N, mask)
 
 
 @triton.jit
-def _fused_linear(
-    x_ptr, stride_x, w_ptr, y_ptr, M, N, col_scale_ptr, add_ptr, inv_ptr, off_ptr,
-    K: tl.constexpr, STATIC: tl.constexpr, HAS_ADD: tl.constexpr,
+def _int8_gemm(
+    a_ptr, w_ptr, out_ptr, M, N, row_scale_ptr, col_scale_ptr, add_ptr,
+    K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, STATIC: tl.constexpr, HAS_ADD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Tile [BLOCK_M, BLOCK_N] of y = x [M, K] @ w_q [N, K]^T with x quantized on the fly (per token, or static)
-    and the dequantization in the epilogue: the numbers of _quantize_* + _int_mm + _dequantize."""
+    """Tile (m, n) of a int8 [M, K] @ w int8 [N, K]^T over split s's K_PER_SPLIT columns of K: the dequantized
+    y [M, N] where SPLITS is 1, else int32 partial sums into out [SPLITS, M, N] (_dequantize adds them)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
+    k_left = tl.minimum(K - tl.program_id(2) * K_PER_SPLIT, K_PER_SPLIT)  # this split's columns of K
     rmask, cmask = rows < M, cols < N
-    dt = x_ptr.dtype.element_ty
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x  # [BM, 1]
-    if STATIC:
-        inv, off = tl.load(inv_ptr).to(tl.float32), tl.load(off_ptr).to(tl.float32)
-    else:
-        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kmask = (k0 + ks) < K
-            x = tl.load(x_rows + k0 + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-        scale = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-8)  # [BM]
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    a_at = a_ptr + rows.to(tl.int64)[:, None] * K + k_start + ks[None, :]  # [BM, BK]
+    w_at = w_ptr + cols.to(tl.int64)[None, :] * K + k_start + ks[:, None]  # [BK, BN]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        kmask = (k0 + ks) < K
-        x = tl.load(x_rows + k0 + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-        if STATIC:  # noqa: SIM108 (a constexpr branch: inv exists only in it)
-            v = _round_to(_round_to(x * inv, dt) + off, dt)
-        else:
-            v = tl.math.div_rn(x, scale[:, None])
-        q = tl.minimum(tl.maximum(_rint(v), -128.0), 127.0)
-        q = tl.where(kmask[None, :], q, 0.0).to(tl.int8)  # [BM, BK]; K's tail adds nothing
-        w = tl.load(
-            w_ptr + cols.to(tl.int64)[None, :] * K + k0 + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0
-        )  # [BK, BN]
-        acc += tl.dot(q, w, out_dtype=tl.int32)
-    col_scale = tl.load(col_scale_ptr + cols, mask=cmask, other=0.0)
-    if STATIC:
-        y = (acc + tl.load(add_ptr + cols, mask=cmask, other=0)[None, :]).to(tl.float32) * col_scale[None, :]
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):  # constexpr bounds: Triton's interpreter takes no other
+        a = tl.load(a_at, mask=rmask[:, None] & (ks[None, :] < k_left - k0), other=0)
+        w = tl.load(w_at, mask=(ks[:, None] < k_left - k0) & cmask[None, :], other=0)
+        acc += tl.dot(a, w, out_dtype=tl.int32)
+        a_at += BLOCK_K
+        w_at += BLOCK_K
+    mask = rmask[:, None] & cmask[None, :]
+    if SPLITS == 1:
+        row_scale, col_scale, add = _epilogue_operands(
+            row_scale_ptr, col_scale_ptr, add_ptr, rows, cols, rmask, cmask, STATIC
+        )
+        _store_rows(out_ptr, _dequantize_tile(acc, row_scale, col_scale, add, STATIC, HAS_ADD), rows, cols, N, mask)
     else:
-        y = acc.to(tl.float32) * scale[:, None] * col_scale[None, :]
-        if HAS_ADD:
-            y = y + tl.load(add_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    out_dt = y_ptr.dtype.element_ty
-    y_at = y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(y_at, _round_to(y, out_dt).to(out_dt), mask=rmask[:, None] & cmask[None, :])
+        tl.store(out_ptr + (tl.program_id(2) * M + rows).to(tl.int64)[:, None] * N + cols[None, :], acc, mask=mask)
 
 
-def _fused(x, w_q, out_dtype, col_scale, add, inv=None, off=None) -> torch.Tensor:
-    """y [T, N] of the one-kernel linear (dynamic where inv is None, else static)."""
-    x = _rows(x)
-    (t, k), n = x.shape, w_q.shape[0]
-    y = torch.empty(t, n, dtype=out_dtype, device=x.device)  # [T, N]
-    block_m = 16 if t <= 16 else 64
-    grid = (triton.cdiv(t, block_m), triton.cdiv(n, 64))
-    dummy = col_scale
-    _fused_linear[grid](
-        x, x.stride(0), w_q, y, t, n, col_scale, dummy if add is None else add,
-        dummy if inv is None else inv, dummy if off is None else off, K=k, STATIC=inv is not None,
-        HAS_ADD=add is not None, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, **_EXACT,
-    )  # fmt: skip
-    return y
+@dataclass(frozen=True)
+class GemmTiles:
+    """One launch shape of _int8_gemm: tile sizes, K split in SPLITS parts, warps and pipeline stages."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    splits: int
+    warps: int = 4
+    stages: int = 3
+
+
+def gemm_tiles(t: int, n: int, k: int, programs: int = 264) -> GemmTiles:
+    """Tiles for t tokens: a small M tile and K split until about `programs` programs stream the weight
+    (decode, t <= 16: bandwidth-bound), wider tiles without a split for more tokens (compute-bound)."""
+    if t <= 16:
+        bm, bn, bk, warps = 16, 64, 256, 4
+    elif t <= 128:
+        bm, bn, bk, warps = 64, 128, 128, 4
+    else:
+        bm, bn, bk, warps = 128, 128, 128, 8
+    tiles = triton.cdiv(t, bm) * triton.cdiv(n, bn)
+    splits = max(1, min(programs // max(tiles, 1), k // (4 * bk)))  # each split: 4 K-blocks or more
+    return GemmTiles(bm, bn, bk, splits, warps)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -172,57 +215,75 @@ def _block(k: int) -> int:
     return min(triton.next_power_of_2(k), _BLOCK_K)
 
 
-def _q_buffer(t: int, k: int, device: torch.device) -> torch.Tensor:
+def q_buffer(t: int, k: int, device: torch.device) -> torch.Tensor:
     """int8 [R, K] with R >= _int_mm's minimum; rows past T are left as they are (their products are dropped)."""
     return torch.empty(cuda_gemm_rows(t), k, dtype=torch.int8, device=device)
 
 
-def _matmul_dequantize(q, w_q, t, out_dtype, row_scale, col_scale, add, static: bool) -> torch.Tensor:
-    acc = torch._int_mm(q, w_q.t())  # [R, N] int32
-    n = w_q.shape[0]
-    y = torch.empty(t, n, dtype=out_dtype, device=q.device)  # [T, N]
-    dummy = col_scale if add is None else add
-    _dequantize[(t, triton.cdiv(n, _BLOCK_N))](
-        acc, y, n, col_scale if row_scale is None else row_scale, col_scale, dummy,
-        STATIC=static, HAS_ADD=add is not None, BLOCK_N=_BLOCK_N, **_EXACT,
+def quantize(x: torch.Tensor, quant: InputQuant) -> Int8Rows:
+    """x [T, K] float quantized as quant says."""
+    x = _rows(x)
+    t, k = x.shape
+    q = q_buffer(t, k, x.device)
+    if quant.inv_scale is not None:
+        _quantize_static[(t,)](x, x.stride(0), quant.inv_scale, quant.offset, q, K=k, BLOCK=_block(k), **_EXACT)
+        return Int8Rows(q, None, t, x.dtype)
+    scale = torch.empty(t, dtype=torch.float32, device=x.device)
+    _quantize_per_token[(t,)](x, x.stride(0), q, scale, K=k, BLOCK=_block(k), **_EXACT)
+    return Int8Rows(q, scale, t, x.dtype)
+
+
+def int8_linear(
+    a: Int8Rows, w_q: torch.Tensor, col_scale: torch.Tensor, add: torch.Tensor | None, gemm: str = "cublas",
+    tiles: GemmTiles | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """y [T, N] in a.dtype from quantized activations and w_q int8 [N, K]: dynamic (a.scale given):
+    acc * s_t * w_scale (+ bias: add); static: (acc + quant_bias: add) * deq_scale (col_scale). gemm "cublas"
+    (torch._int_mm + a dequantize kernel; K and N multiples of 8) or "triton" (one kernel; tiles: gemm_tiles'
+    unless given)."""
+    static = a.scale is None
+    (n, k), t = w_q.shape, a.t
+    y = torch.empty(t, n, dtype=a.dtype, device=w_q.device)  # [T, N]
+    row_scale = col_scale if static else a.scale
+    flags = dict(STATIC=static, HAS_ADD=add is not None, **_EXACT)
+    add = col_scale if add is None else add
+    if gemm == "cublas":
+        acc = torch._int_mm(a.q, w_q.t())  # [R, N] int32
+        _dequantize_all(acc, y, 1, row_scale, col_scale, add, flags)
+        return y
+    tl_ = tiles or gemm_tiles(t, n, k)
+    k_per_split = triton.cdiv(triton.cdiv(k, tl_.splits), tl_.block_k) * tl_.block_k
+    splits = triton.cdiv(k, k_per_split)
+    out = y if splits == 1 else torch.empty(splits, t, n, dtype=torch.int32, device=w_q.device)
+    grid = (triton.cdiv(t, tl_.block_m), triton.cdiv(n, tl_.block_n), splits)
+    _int8_gemm[grid](
+        a.q, w_q, out, t, n, row_scale, col_scale, add, K=k, K_PER_SPLIT=k_per_split, SPLITS=splits,
+        BLOCK_M=tl_.block_m, BLOCK_N=tl_.block_n, BLOCK_K=tl_.block_k, num_warps=tl_.warps,
+        num_stages=tl_.stages, **flags,
     )  # fmt: skip
+    if splits > 1:
+        _dequantize_all(out, y, splits, row_scale, col_scale, add, flags)
     return y
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, K] float -> (int8 [R, K] whose first T rows hold the quantized x, scales fp32 [T])."""
-    x = _rows(x)
-    t, k = x.shape
-    q, scale = _q_buffer(t, k, x.device), torch.empty(t, dtype=torch.float32, device=x.device)
-    _quantize_per_token[(t,)](x, x.stride(0), q, scale, K=k, BLOCK=_block(k), **_EXACT)
-    return q, scale
+def _dequantize_all(acc, y, splits: int, row_scale, col_scale, add, flags: dict) -> None:
+    """y [T, N] from int32 acc [splits, M >= T, N]."""
+    (t, n), m = y.shape, acc.shape[-2]
+    grid = (triton.cdiv(t, _DEQ_BLOCK_M), triton.cdiv(n, _BLOCK_N))
+    _dequantize[grid](
+        acc, y, m, t, n, row_scale, col_scale, add, SPLITS=splits, BLOCK_M=_DEQ_BLOCK_M, BLOCK_N=_BLOCK_N, **flags
+    )
 
 
-def quantize_static(x: torch.Tensor, inv_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """x [T, K] float, inv_scale / offset [1] in x's dtype -> int8 [R, K] whose first T rows hold the quantized x."""
-    x = _rows(x)
-    t, k = x.shape
-    q = _q_buffer(t, k, x.device)
-    _quantize_static[(t,)](x, x.stride(0), inv_scale, offset, q, K=k, BLOCK=_block(k), **_EXACT)
-    return q
+def dynamic_linear(x, w_q, w_scale, bias, gemm: str = "cublas") -> torch.Tensor:
+    """W8A8_DYNAMIC: x [T, K] float (or Int8Rows quantized per token), w_q int8 [N, K], w_scale fp32 [N], bias
+    [N] or None -> y [T, N] in x's dtype."""
+    a = x if isinstance(x, Int8Rows) else quantize(x, PER_TOKEN)
+    return int8_linear(a, w_q, w_scale, bias, gemm)
 
 
-def dynamic_linear(x, w_q, w_scale, bias, out_dtype: torch.dtype, fused: bool = False) -> torch.Tensor:
-    """W8A8_DYNAMIC: x [T, K] float, w_q int8 [N, K] (K, N multiples of 8), w_scale fp32 [N], bias [N] or None
-    -> y [T, N] in out_dtype. fused: one kernel instead of three (quantize inside the GEMM's K loop, dequantize in
-    its epilogue), the same numbers."""
-    if fused:
-        return _fused(x, w_q, out_dtype, w_scale, bias)
-    q, scale = quantize_per_token(x)
-    return _matmul_dequantize(q, w_q, x.shape[0], out_dtype, scale, w_scale, bias, static=False)
-
-
-def static_linear(
-    x, w_q, inv_scale, offset, quant_bias, deq_scale, out_dtype: torch.dtype, fused: bool = False
-) -> torch.Tensor:
-    """W8A8: x [T, K] quantized with inv_scale / offset [1] in x's dtype; y [T, N] = (acc + quant_bias) * deq;
-    fused as in dynamic_linear."""
-    if fused:
-        return _fused(x, w_q, out_dtype, deq_scale, quant_bias, inv_scale, offset)
-    q = quantize_static(x, inv_scale, offset)
-    return _matmul_dequantize(q, w_q, x.shape[0], out_dtype, None, deq_scale, quant_bias, static=True)
+def static_linear(x, w_q, inv_scale, offset, quant_bias, deq_scale, gemm: str = "cublas") -> torch.Tensor:
+    """W8A8: x [T, K] float quantized with inv_scale / offset [1] in x's dtype (or Int8Rows quantized so);
+    y [T, N] = (acc + quant_bias) * deq in x's dtype."""
+    a = x if isinstance(x, Int8Rows) else quantize(x, InputQuant(inv_scale, offset))
+    return int8_linear(a, w_q, deq_scale, quant_bias, gemm)

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from slimquant.kernels.cuda_int8 import _EXACT, _round_to
+from slimquant.kernels.cuda_int8 import _EXACT, _round_to, _static_value, _to_int8, _token_scale, q_buffer
+from slimquant.kernels.int8_input import InputQuant, Int8Rows
 
 _BLOCK_COLS = 1024
 
@@ -22,14 +23,15 @@ _BLOCK_COLS = 1024
 @triton.jit
 def _add_rms_norm(
     x_ptr, stride_x, stride_h, res_ptr, stride_r, w_ptr, b_ptr, y_ptr, sum_ptr, H, eps,
-    HEADS: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    scale_ptr, inv_ptr, off_ptr,
+    HEADS: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Row r (token r // HEADS, head r % HEADS): s = x + res (rounded to the dtype);
-    y = w * (s * rsqrt(mean(s^2) + eps)) (+ b)."""
+    y = w * (s * rsqrt(mean(s^2) + eps)) (+ b); QUANT 1 / 2: y quantized per token / static into int8 y_ptr."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
-    dt = y_ptr.dtype.element_ty
+    dt = sum_ptr.dtype.element_ty
     x_row = x_ptr + (row // HEADS) * stride_x + (row % HEADS) * stride_h
     x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
@@ -39,20 +41,60 @@ def _add_rms_norm(
     y = _round_to(tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * _round_to(x * inv_rms, dt), dt)
     if HAS_BIAS:
         y = _round_to(y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32), dt)
-    tl.store(y_ptr + row * H + cols, y.to(dt), mask=mask)
+    _store_quantized(y_ptr + row * H, y, cols, mask, scale_ptr + row, inv_ptr, off_ptr, QUANT, dt)
 
 
 @triton.jit
-def _silu_and_mul(x_ptr, stride_x, y_ptr, inter, BLOCK: tl.constexpr):
-    """Row r of x [T, 2I] = [gate | up]: y = silu(gate) * up, each op rounded to the dtype."""
+def _store_quantized(out_row, y, cols, mask, scale_at, inv_ptr, off_ptr, QUANT: tl.constexpr, dt: tl.constexpr):
+    """Store a row's values y (fp32, already rounded to dt): as dt (QUANT 0), or int8 per token with its scale at
+    scale_at (1), or int8 static with inv / offset (2), as TorchOps quantizes the stored dt values."""
+    if QUANT == 0:
+        tl.store(out_row + cols, y.to(dt), mask=mask)
+    elif QUANT == 1:
+        scale = _token_scale(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0))
+        tl.store(scale_at, scale)
+        tl.store(out_row + cols, _to_int8(tl.math.div_rn(y, scale)), mask=mask)
+    else:
+        inv, off = tl.load(inv_ptr).to(tl.float32), tl.load(off_ptr).to(tl.float32)
+        tl.store(out_row + cols, _to_int8(_static_value(y, inv, off, dt)), mask=mask)
+
+
+@triton.jit
+def _silu_mul_values(x_row, cols, mask, inter, dt: tl.constexpr):
+    """silu(gate) * up at cols of one row of [gate | up], each op rounded to dt, in fp32."""
+    gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    silu = _round_to(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), dt)
+    return _round_to(silu * up, dt)
+
+
+@triton.jit
+def _silu_and_mul(x_ptr, stride_x, y_ptr, inter, inv_ptr, off_ptr, QUANT: tl.constexpr, BLOCK: tl.constexpr):
+    """Block of row r of x [T, 2I] = [gate | up]: y = silu(gate) * up, as dt (QUANT 0) or int8 static (2)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
-    dt = y_ptr.dtype.element_ty
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    silu = _round_to(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), dt)
-    tl.store(y_ptr + row * inter + cols, _round_to(silu * up, dt).to(dt), mask=mask)
+    dt = x_ptr.dtype.element_ty
+    y = _silu_mul_values(x_ptr + row * stride_x, cols, mask, inter, dt)
+    _store_quantized(y_ptr + row * inter, y, cols, mask, inv_ptr, inv_ptr, off_ptr, QUANT, dt)
+
+
+@triton.jit
+def _silu_and_mul_per_token(x_ptr, stride_x, q_ptr, scale_ptr, INTER: tl.constexpr, BLOCK: tl.constexpr):
+    """Row r of x [T, 2I]: silu(gate) * up quantized per token (its max |y| first, then y again, quantized)."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    dt = x_ptr.dtype.element_ty
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for c0 in range(0, INTER, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(_silu_mul_values(x_row, cols, cols < INTER, INTER, dt)))
+    scale = _token_scale(tl.max(amax, axis=0))
+    tl.store(scale_ptr + row, scale)
+    for c0 in range(0, INTER, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        y = _silu_mul_values(x_row, cols, cols < INTER, INTER, dt)
+        tl.store(q_ptr + row * INTER + cols, _to_int8(tl.math.div_rn(y, scale)), mask=cols < INTER)
 
 
 @triton.jit
@@ -136,18 +178,44 @@ def _paged_decode_attention(
     tl.store(o_ptr + b * stride_qb + heads[:, None] * D + ds[None, :], out.to(dt), mask=qd_mask)
 
 
-def add_rms_norm(x, residual, weight, bias, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x, residual, weight, bias, eps: float, quant: InputQuant | None = None
+) -> tuple[torch.Tensor | Int8Rows, torch.Tensor]:
     """(norm(x + residual) * weight (+ bias), x + residual) for x [T, H] (unit column stride); x itself as the
-    second value when residual is None."""
+    second value when residual is None. quant: the norm's output quantized so, for the int8 linear that reads it."""
     t, h = x.shape
-    y = torch.empty(t, h, dtype=x.dtype, device=x.device)  # [T, H]
-    summed = torch.empty_like(y) if residual is not None else x
+    summed = torch.empty_like(x) if residual is not None else x  # [T, H]
     res = residual if residual is not None else x
+    y, scale, out = _quantized_out(t, h, x, quant)
+    inv, off = _static_params(quant, x)
     _add_rms_norm[(t,)](
         x, x.stride(0), 0, res, res.stride(0), weight, weight if bias is None else bias, y, summed, h, eps,
-        HEADS=1, HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(h), **_EXACT,
+        scale, inv, off, HEADS=1, HAS_RES=residual is not None, HAS_BIAS=bias is not None, QUANT=_mode(quant),
+        BLOCK=triton.next_power_of_2(h), **_EXACT,
     )  # fmt: skip
-    return y, summed
+    return out, summed
+
+
+def _mode(quant: InputQuant | None) -> int:
+    """The kernels' QUANT: 0 float out, 1 per token, 2 static."""
+    return 0 if quant is None else 1 if quant.inv_scale is None else 2
+
+
+def _quantized_out(t: int, k: int, x: torch.Tensor, quant: InputQuant | None):
+    """(output buffer, per-token scale buffer or a placeholder, what the op returns) for a [T, K] result."""
+    if quant is None:
+        y = torch.empty(t, k, dtype=x.dtype, device=x.device)  # [T, K]
+        return y, y, y
+    q = q_buffer(t, k, x.device)  # int8 [R, K]
+    scale = torch.empty(t, dtype=torch.float32, device=x.device) if quant.inv_scale is None else None  # [T]
+    return q, q if scale is None else scale, Int8Rows(q, scale, t, x.dtype)
+
+
+def _static_params(quant: InputQuant | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inv_scale, offset) of a static quant, else placeholders the kernel does not read."""
+    if quant is None or quant.inv_scale is None:
+        return x, x
+    return quant.inv_scale, quant.offset
 
 
 def rms_norm_heads(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
@@ -155,19 +223,26 @@ def rms_norm_heads(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
     t, heads, d = x.shape
     y = torch.empty(t, heads, d, dtype=x.dtype, device=x.device)  # [T, heads, D]
     _add_rms_norm[(t * heads,)](
-        x, x.stride(0), x.stride(1), x, 0, weight, weight if bias is None else bias, y, y, d, eps,
-        HEADS=heads, HAS_RES=False, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(d), **_EXACT,
+        x, x.stride(0), x.stride(1), x, 0, weight, weight if bias is None else bias, y, y, d, eps, y, y, y,
+        HEADS=heads, HAS_RES=False, HAS_BIAS=bias is not None, QUANT=0, BLOCK=triton.next_power_of_2(d), **_EXACT,
     )  # fmt: skip
     return y
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for x [T, 2I] = [gate | up] (unit column stride) -> [T, I]."""
+def silu_and_mul(x: torch.Tensor, quant: InputQuant | None = None) -> torch.Tensor | Int8Rows:
+    """silu(gate) * up for x [T, 2I] = [gate | up] (unit column stride) -> [T, I], or quantized as quant says
+    for the int8 linear that reads it."""
     t, inter = x.shape[0], x.shape[1] // 2
-    y = torch.empty(t, inter, dtype=x.dtype, device=x.device)  # [T, I]
+    y, scale, out = _quantized_out(t, inter, x, quant)
     block = min(triton.next_power_of_2(inter), _BLOCK_COLS)
-    _silu_and_mul[(t, triton.cdiv(inter, block))](x, x.stride(0), y, inter, BLOCK=block, **_EXACT)
-    return y
+    if _mode(quant) == 1:
+        _silu_and_mul_per_token[(t,)](x, x.stride(0), y, scale, INTER=inter, BLOCK=block, **_EXACT)
+        return out
+    inv, off = _static_params(quant, x)
+    _silu_and_mul[(t, triton.cdiv(inter, block))](
+        x, x.stride(0), y, inter, inv, off, QUANT=_mode(quant), BLOCK=block, **_EXACT
+    )
+    return out
 
 
 def rope_store(q, k, v, rope, k_cache, v_cache, slots) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.format.safetensors_io import Part
 from slimquant.format.validation import FLOAT_TENSOR
+from slimquant.kernels.int8_input import InputQuant, Int8Rows
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.quant_methods import UnquantizedMethod, add_param
 
@@ -80,7 +81,13 @@ class Linear(nn.Module):
         else:
             self.bias = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def input_quant(self) -> InputQuant | None:
+        """How this layer quantizes its input, for the op before it to do where the backend fuses that (its forward
+        then takes Int8Rows); None for a float layer and where the ranks quantize together (split K)."""
+        return None if self.split_k or self.gather_input else self.method.input_quant(self)
+
+    def forward(self, x: torch.Tensor | Int8Rows) -> torch.Tensor:
         # x: [T, K] -> [T, N] (row-parallel float: [T, K / tp] gathered to [T, K] first)
         if self.gather_input:
             x = self.tp.gather(x)

@@ -7,6 +7,7 @@ from torch import nn
 
 from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
+from slimquant.kernels.int8_input import InputQuant, Int8Rows
 from slimquant.layers.linear import Linear
 from slimquant.layers.quant_config import QuantConfig
 
@@ -35,8 +36,14 @@ class GatedMLP(nn.Module):
         )  # fmt: skip
         self.down_proj = Linear(inter, [hidden], prefix=f"{prefix}.down_proj", parallel="row", **common)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))  # [T, H] -> [T, 2I] -> [T, I] -> [T, H]
+    @property
+    def input_quant(self) -> InputQuant | None:
+        """gate_up_proj's input quantization (PreNormDecoderLayer)."""
+        return self.gate_up_proj.input_quant
+
+    def forward(self, x: torch.Tensor | Int8Rows) -> torch.Tensor:
+        # [T, H] -> [T, 2I] -> [T, I] (quantized for down_proj where the ops fuse it) -> [T, H]
+        return self.down_proj(self.ops.silu_and_mul_quant(self.gate_up_proj(x), self.down_proj.input_quant))
 
 
 def check_activation(config) -> None:

@@ -239,6 +239,8 @@ class DeepseekMoE(nn.Module):
             shared = i * config.n_shared_experts
             self.shared_experts = GatedMLP(h, shared, quant_config, f"{prefix}.shared_experts", dtype, bias, tp)
 
+    input_quant = None  # the router reads the float input too (PreNormDecoderLayer)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H]
         weights, ids = self.gate(x)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
+from slimquant.kernels.int8_input import InputQuant, Int8Rows
 
 
 class RMSNorm(nn.Module):
@@ -30,3 +31,10 @@ class RMSNorm(nn.Module):
         if residual is None:
             return self.ops.rms_norm(x, self.weight, self.bias, self.eps)
         return self.ops.add_rms_norm(x, residual, self.weight, self.bias, self.eps)
+
+    def for_linear(
+        self, x: torch.Tensor, residual: torch.Tensor | None, quant: InputQuant | None
+    ) -> tuple[torch.Tensor | Int8Rows, torch.Tensor]:
+        """(norm(x + residual), x + residual) of x [T, D] (residual None: x itself) for the linear that alone reads
+        the norm: quantized as its input_quant says where the backend fuses that, else float."""
+        return self.ops.add_rms_norm_quant(x, residual, self.weight, self.bias, self.eps, quant)

@@ -26,6 +26,7 @@ from slimquant.format.validation import (
     WEIGHT_SCALE,
     TensorRule,
 )
+from slimquant.kernels.int8_input import PER_TOKEN, InputQuant, Int8Rows
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,13 @@ class QuantMethod:
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Turn loaded parameters into their runtime form."""
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """y [T, N] in x's dtype from x [T, K]."""
+    def apply(self, layer: nn.Module, x: torch.Tensor | Int8Rows, bias: torch.Tensor | None) -> torch.Tensor:
+        """y [T, N] in x's dtype from x [T, K] (or from x quantized by the op before, as input_quant says)."""
         raise NotImplementedError
+
+    def input_quant(self, layer: nn.Module) -> InputQuant | None:
+        """How the layer quantizes its input (after loading), for the op before it to do; None: float input."""
+        return None
 
 
 class UnquantizedMethod(QuantMethod):
@@ -105,6 +110,9 @@ class W8A8StaticMethod(QuantMethod):
         layer.register_buffer("input_inv_scale", inv.to(layer.params_dtype).reshape(1))
         layer.register_buffer("input_offset_rt", offset.to(layer.params_dtype).reshape(1))
         replace_param(layer, "weight", layer.ops.pack_weight(layer.weight.data))
+
+    def input_quant(self, layer):
+        return InputQuant(layer.input_inv_scale, layer.input_offset_rt)
 
     def apply(self, layer, x, bias):
         # x: [T, K]; the float bias is folded into quant_bias, so `bias` is not added (as on the NPU)
@@ -146,6 +154,9 @@ class W8A8DynamicMethod(QuantMethod):
         w_scale = layer.weight_scale.data.to(self.model_dtype or layer.params_dtype).float().reshape(-1)
         replace_param(layer, "weight_scale", w_scale)
         replace_param(layer, "weight", layer.ops.pack_weight(layer.weight.data))
+
+    def input_quant(self, layer):
+        return PER_TOKEN
 
     def apply(self, layer, x, bias):
         # x: [T, K] -> [T, N]

@@ -36,17 +36,15 @@ class LayerParts:
 class PreNormDecoderLayer(nn.Module):
     """x -> norm -> self_attn -> (+ residual) -> norm -> mlp, residual adds fused into the norms.
 
-    Subclasses create input_layernorm, self_attn, post_attention_layernorm and mlp.
+    Subclasses create input_layernorm, self_attn, post_attention_layernorm and mlp; self_attn and mlp say how their
+    first linear quantizes its input (input_quant), which the norm before them does where the backend fuses it.
     """
 
     def forward(self, x, residual, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         # x, residual: [T, H] (residual None on the first layer)
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.input_layernorm.for_linear(x, residual, self.self_attn.input_quant)
         x = self.self_attn(x, cos, sin)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm.for_linear(x, residual, self.mlp.input_quant)
         return self.mlp(x), residual
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.format.architectures import is_moe_layer
+from slimquant.kernels.int8_input import InputQuant, Int8Rows
 from slimquant.layers.linear import Linear
 from slimquant.layers.mla import MLAttention
 from slimquant.layers.mlp import GatedMLP, check_activation
@@ -75,9 +76,13 @@ class DeepseekMLA(nn.Module):
         scale = mla_softmax_scale(rope_parameters(config), qk_dim)
         self.attn = MLAttention(self.num_heads, self.nope, self.rope, self.v_dim, self.kv_lora_rank, scale)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [T, H]; cos/sin: [T, rope]
-        t = x.shape[0]
+    @property
+    def input_quant(self) -> InputQuant | None:
+        """fused_qkv_a_proj's input quantization where it alone reads the input (PreNormDecoderLayer)."""
+        return None if self.q_lora_rank is None else self.fused_qkv_a_proj.input_quant
+
+    def forward(self, x: torch.Tensor | Int8Rows, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [T, H] (or quantized for fused_qkv_a_proj); cos/sin: [T, rope]
         if self.q_lora_rank is None:
             q, kv_a = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         else:
@@ -85,6 +90,7 @@ class DeepseekMLA(nn.Module):
                 self.fused_qkv_a_proj.out_sizes, dim=-1
             )  # [T, Q_R], [T, R + rope]
             q = self.q_b_proj(self.q_a_layernorm(q_a))
+        t = q.shape[0]
         q_nope, q_pe = q.view(t, self.num_heads, -1).split([self.nope, self.rope], dim=-1)  # [T, NH, *]
         latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)  # [T, R], [T, rope]
         q = torch.cat([q_nope, self.rotate(q_pe, cos, sin)], dim=-1)  # [T, NH, nope + rope]

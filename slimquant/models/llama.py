@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
+from slimquant.kernels.int8_input import InputQuant, Int8Rows
 from slimquant.layers.attention import Attention
 from slimquant.layers.linear import Linear
 from slimquant.layers.mlp import GatedMLP, check_activation
@@ -63,10 +64,15 @@ class LlamaAttention(nn.Module):
             (kv_start, config.num_key_value_heads),
         )  # fmt: skip
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [T, H]; cos/sin: [T, D]
-        t = x.shape[0]
+    @property
+    def input_quant(self) -> InputQuant | None:
+        """qkv_proj's input quantization (PreNormDecoderLayer)."""
+        return self.qkv_proj.input_quant
+
+    def forward(self, x: torch.Tensor | Int8Rows, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [T, H] (or quantized for qkv_proj); cos/sin: [T, D]
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
+        t = q.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)  # [T, NH, D]
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         if self.q_norm is not None:

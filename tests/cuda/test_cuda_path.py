@@ -10,6 +10,7 @@ import torch
 
 from slimquant.backends.torch_ops import TorchOps, quantize_static
 from slimquant.format import primitives as P
+from slimquant.kernels.int8_input import PER_TOKEN, InputQuant
 from slimquant.kernels.triton_kernels import triton_module
 from slimquant.models.loader import load_model
 from tests.engine.reference import tokens_and_logprobs
@@ -79,15 +80,15 @@ def test_triton_linears_match_the_torch_path(t, k, n, dtype):
     w_q = _int8(n, k, seed=n).cuda()
     w_s, bias = (torch.rand(n, generator=gen) / 100).cuda(), torch.randn(n, generator=gen).to(dtype).cuda()
     ulps = dict(rtol=2 * torch.finfo(dtype).eps, atol=torch.finfo(dtype).tiny)
-    q, scale = cuda_int8.quantize_per_token(x)
+    a = cuda_int8.quantize(x, PER_TOKEN)
     x_q, s_t = P.quantize_per_token(x)
-    assert torch.equal(q[:t], x_q) and torch.equal(scale, s_t[:, 0])
+    assert torch.equal(a.q[:t], x_q) and torch.equal(a.scale, s_t[:, 0])
     assert torch.equal(s_t.cpu(), P.quantize_per_token(x.cpu())[1]), "the GPU's scales are the CPU's"
     torch_path = T.dynamic_linear(x, w_q, w_s, bias, dtype)
     torch.testing.assert_close(K.dynamic_linear(x, w_q, w_s, bias, dtype), torch_path, **ulps)
 
     inv, off = torch.tensor([0.7], dtype=dtype).cuda(), torch.tensor([3.0], dtype=dtype).cuda()
-    assert torch.equal(cuda_int8.quantize_static(x, inv, off)[:t], quantize_static(x, inv, off))
+    assert torch.equal(cuda_int8.quantize(x, InputQuant(inv, off)).q[:t], quantize_static(x, inv, off))
     qbias = torch.randint(-1000, 1000, (n,), dtype=torch.int32, generator=gen).cuda()
     deq = torch.rand(n, generator=gen).cuda()
     torch_path = T.static_linear(x, w_q, inv, off, qbias, deq, dtype)
@@ -95,29 +96,31 @@ def test_triton_linears_match_the_torch_path(t, k, n, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("t,k,n", [(1, 576, 960), (5, 72, 40), (40, 96, 200), (300, 1536, 576)])
-def test_fused_int8_linears_equal_the_three_kernels(t, k, n, dtype):
-    """KernelConfig.cuda_fused_int8's one-kernel linears: the three-kernel path's outputs, bit for bit."""
-    from slimquant.kernels import cuda_int8
+@pytest.mark.parametrize("t,k,n", [(1, 576, 960), (5, 72, 40), (40, 96, 200), (300, 1536, 576), (2, 4096, 4096)])
+def test_triton_gemm_equals_cublas(t, k, n, dtype):
+    """KernelConfig.cuda_int8_gemm "triton" (its decode tiles split K): cuBLASLt's outputs, bit for bit, and the
+    norm's and SiLU-and-mul's own quantization the linear's."""
+    from slimquant.kernels import cuda_int8, cuda_layers
 
     gen = torch.Generator().manual_seed(t + k + n)
     x = (torch.randn(t, k, generator=gen) * 3).to(dtype).cuda()
     w_q, w_s = _int8(n, k, seed=n).cuda(), (torch.rand(n, generator=gen) / 100).cuda()
     bias = torch.randn(n, generator=gen).to(dtype).cuda()
-    inv, off = torch.tensor([0.7], dtype=dtype).cuda(), torch.tensor([3.0], dtype=dtype).cuda()
+    static = InputQuant(torch.tensor([0.7], dtype=dtype).cuda(), torch.tensor([3.0], dtype=dtype).cuda())
     qbias = torch.randint(-1000, 1000, (n,), dtype=torch.int32, generator=gen).cuda()
     deq = torch.rand(n, generator=gen).cuda()
-
-    def both(fused: bool) -> list[torch.Tensor]:
-        return [
-            cuda_int8.dynamic_linear(x, w_q, w_s, bias, dtype, fused=fused),
-            cuda_int8.dynamic_linear(x, w_q, w_s, None, dtype, fused=fused),
-            cuda_int8.static_linear(x, w_q, inv, off, qbias, deq, dtype, fused=fused),
-        ]
-
-    three = both(False)
-    for fused, ref in zip(both(True), three, strict=True):
-        assert torch.equal(fused, ref)
+    for quant, scale, add in ((PER_TOKEN, w_s, bias), (PER_TOKEN, w_s, None), (static, deq, qbias)):
+        a = cuda_int8.quantize(x, quant)
+        ref = cuda_int8.int8_linear(a, w_q, scale, add, "cublas")
+        assert torch.equal(cuda_int8.int8_linear(a, w_q, scale, add, "triton"), ref)
+    weight = (torch.rand(k, generator=gen) + 0.5).to(dtype).cuda()
+    for quant in (PER_TOKEN, static):
+        a, _ = cuda_layers.add_rms_norm(x, x, weight, None, 1e-6, quant)
+        y, _ = cuda_layers.add_rms_norm(x, x, weight, None, 1e-6)
+        assert torch.equal(a.q[:t], cuda_int8.quantize(y, quant).q[:t])
+        g = torch.cat([x, x.flip(0)], dim=1)  # [T, 2K]
+        a = cuda_layers.silu_and_mul(g, quant)
+        assert torch.equal(a.q[:t], cuda_int8.quantize(cuda_layers.silu_and_mul(g), quant).q[:t])
 
 
 def _logits_on_cuda(ascend_dir) -> torch.Tensor:

@@ -43,3 +43,12 @@ def test_ascend_checkpoint_runs_its_own_tensors(tmp_path, qtype):
 def test_moe_shapes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="dense models only"):
         make_random_checkpoint("deepseek_v3", tmp_path / "x", "w8a8_dynamic")
+
+
+def test_int8_weights_are_symmetric(tmp_path):
+    """No -128, as the quantizer writes them: the CPU's native kernels take such weights on their fast path."""
+    from slimquant.format.safetensors_io import SafetensorsFolder
+
+    folder = make_random_checkpoint("llama", tmp_path / "q", W8A8_DYNAMIC, **SHAPE)
+    w = SafetensorsFolder(folder).get("model.layers.0.mlp.gate_proj.weight")
+    assert w.dtype == torch.int8 and int(w.min()) == -127 and int(w.max()) == 127

@@ -54,7 +54,22 @@ def add_measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", help="slimquant's KV cache: auto | bfloat16 | float32 | int8")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every system runs [cpu]")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: slimquant decodes without CUDA graphs")
+    p.add_argument(
+        "--cuda-int8-gemm",
+        type=_gemm_list,
+        help="CUDA: the int8 models' GEMM, cublas | triton, or both comma-separated (a row each) [KernelConfig's]",
+    )
     add_backend_arg(p)
+
+
+def _gemm_list(text: str) -> list[str]:
+    """'cublas,triton' -> ['cublas', 'triton'] (argparse type: ArgumentTypeError names the choices)."""
+    from slimquant.config import CUDA_INT8_GEMMS
+
+    gemms = [g.strip() for g in text.split(",") if g.strip()]
+    if not gemms or any(g not in CUDA_INT8_GEMMS for g in gemms):
+        raise argparse.ArgumentTypeError(f"expected one or more of {', '.join(CUDA_INT8_GEMMS)}, comma-separated")
+    return gemms
 
 
 @dataclass
@@ -118,8 +133,9 @@ def measure(paths: list[str], args: argparse.Namespace, transformers: bool) -> l
     if gguf is not None:
         rows.append(_bench_llama_cpp(gguf, args))
     for p in paths:
-        rows.append(_bench_slimquant(p, args))
-        gc.collect()  # free one engine (weights, KV cache) before the next
+        for gemm in (args.cuda_int8_gemm if is_modelslim_dir(Path(p)) else None) or [None]:
+            rows.append(_bench_slimquant(p, args, gemm))
+            gc.collect()  # free one engine (weights, KV cache) before the next
     return rows
 
 
@@ -127,7 +143,7 @@ def _tokens_per_s(n_tokens: int, fn: Callable[[], object]) -> float:
     return n_tokens / _seconds(fn)
 
 
-def _bench_slimquant(path: str, args: argparse.Namespace) -> Row:
+def _bench_slimquant(path: str, args: argparse.Namespace, int8_gemm: str | None = None) -> Row:
     from slimquant import LLM, SamplingParams
 
     max_len = args.prompt_len + args.decode_tokens + 16
@@ -141,7 +157,7 @@ def _bench_slimquant(path: str, args: argparse.Namespace) -> Row:
         enable_prefix_caching=False,
         device=args.device,
         enforce_eager=args.enforce_eager,
-        kernels=kernels_of(args),
+        kernels=kernels_of(args) | ({"cuda_int8_gemm": int8_gemm} if int8_gemm else {}),
     )
     prompt = list(range(100, 100 + args.prompt_len))
     decode = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
@@ -161,7 +177,8 @@ def _bench_slimquant(path: str, args: argparse.Namespace) -> Row:
     dn = _tokens_per_s(args.decode_tokens * args.streams, lambda: gen(streams, decode))
     runner = llm.llm_engine.runner
     weight_bytes = decode_weight_bytes(runner.model, runner.sampler.head)
-    return Row(f"slimquant {_short(path)}", (d1, pf, dn), weight_bytes, bandwidth, runner.backend.describe())
+    name = f"slimquant {_short(path)}" + (f" ({int8_gemm})" if int8_gemm else "")
+    return Row(name, (d1, pf, dn), weight_bytes, bandwidth, runner.backend.describe())
 
 
 def decode_weight_bytes(model, head) -> int:

@@ -1,0 +1,75 @@
+"""The CUDA Triton kernels compile for an H100 / H200 (sm_90) and an A100 (sm_80) with no GPU here: Triton's own
+ptxas builds each at the shapes the model runs, so a kernel the interpreter runs but the compiler refuses fails in
+CI, not on a lent GPU's clock. (The numbers are test_triton_int8.py's and tests/cuda's.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("triton") is None:  # not imported here: the interpreter tests set TRITON_INTERPRET first
+    pytest.skip("needs Triton", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[2]
+GEMM_TILES = [(16, 64, 256, 1, 4), (16, 64, 256, 4, 4), (64, 128, 128, 1, 4), (128, 128, 128, 1, 8)]
+
+
+def _sig(**kinds: str) -> dict[str, str]:
+    return kinds
+
+
+def compile_all(arch: int) -> list[str]:
+    """Compile every kernel of kernels/cuda_int8.py and the quantizing ones of kernels/cuda_layers.py for sm_<arch>
+    in bf16 (names of what compiled)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from slimquant.kernels import cuda_int8 as C
+    from slimquant.kernels import cuda_layers as L
+
+    done = []
+
+    def build(fn, signature: dict, constexprs: dict, warps: int = 4) -> None:
+        signature = signature | dict.fromkeys(constexprs, "constexpr")
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, **C._EXACT})
+        done.append(fn.__name__)
+
+    dt, f32, i8, i32 = "*bf16", "*fp32", "*i8", "*i32"
+    for bm, bn, bk, splits, warps in GEMM_TILES:
+        for static in (False, True):
+            sig = _sig(a_ptr=i8, w_ptr=i8, out_ptr=dt if splits == 1 else i32, M="i32", N="i32", row_scale_ptr=f32,
+                       col_scale_ptr=f32, add_ptr=i32 if static else dt)  # fmt: skip
+            ce = dict(K=4096, K_PER_SPLIT=4096 // splits, SPLITS=splits, STATIC=static, HAS_ADD=True, BLOCK_M=bm,
+                      BLOCK_N=bn, BLOCK_K=bk)  # fmt: skip
+            build(C._int8_gemm, sig, ce, warps)
+    sig = _sig(acc_ptr=i32, y_ptr=dt, M="i32", T="i32", N="i32", row_scale_ptr=f32, col_scale_ptr=f32, add_ptr=dt)
+    build(C._dequantize, sig, dict(SPLITS=4, STATIC=False, HAS_ADD=True, BLOCK_M=16, BLOCK_N=128))
+    build(C._quantize_per_token, _sig(x_ptr=dt, stride_x="i32", q_ptr=i8, scale_ptr=f32), dict(K=4096, BLOCK=1024))
+    sig = _sig(x_ptr=dt, stride_x="i32", inv_ptr=dt, off_ptr=dt, q_ptr=i8)
+    build(C._quantize_static, sig, dict(K=4096, BLOCK=1024))
+    for quant in (0, 1, 2):
+        sig = _sig(x_ptr=dt, stride_x="i32", stride_h="i32", res_ptr=dt, stride_r="i32", w_ptr=dt, b_ptr=dt)
+        sig |= _sig(y_ptr=i8 if quant else dt, sum_ptr=dt, H="i32", eps="fp32", scale_ptr=f32, inv_ptr=dt, off_ptr=dt)
+        build(L._add_rms_norm, sig, dict(HEADS=1, HAS_RES=True, HAS_BIAS=False, QUANT=quant, BLOCK=4096))
+    for quant in (0, 2):
+        sig = _sig(x_ptr=dt, stride_x="i32", y_ptr=i8 if quant else dt, inter="i32", inv_ptr=dt, off_ptr=dt)
+        build(L._silu_and_mul, sig, dict(QUANT=quant, BLOCK=1024))
+    sig = _sig(x_ptr=dt, stride_x="i32", q_ptr=i8, scale_ptr=f32)
+    build(L._silu_and_mul_per_token, sig, dict(INTER=14336, BLOCK=1024))
+    return done
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_kernels_compile_for_nvidia_gpus(tmp_path, arch):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    code = f"from tests.test_kernels.test_cuda_compile import compile_all; print(len(compile_all({arch})))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-1] == str(2 * len(GEMM_TILES) + 3 + 3 + 2 + 1)  # every kernel built
