@@ -2,9 +2,10 @@
 
 Every method in METHODS is quantized (into --work, reused with --reuse), then every model is scored by one
 slimquant.evaluation.evaluate() call: --text (default: Persuasion, slimquant.zoo.EVAL_TEXT, which no method was
-tuned on; "dev": Pride and Prejudice, zoo.DEV_TEXT, the text methods were developed on), the first --max-tokens
-tokens, --context-token windows, every model computed in fp32: float (the bf16 source upcast) first, as the
-baseline, whatever the CPU's native dtype (a bf16 baseline would shift every row's change). Prints a
+tuned on: volume one, chapters 1-12, about 34,000 tokens; "dev": Pride and Prejudice, zoo.DEV_TEXT, the text
+methods were developed on), all of it or the first --max-tokens tokens, in --context-token windows, every model
+computed in fp32: float (the bf16 source upcast) first, as the baseline, whatever the CPU's native dtype (a bf16
+baseline would shift every row's change). Prints a
 markdown table (method, type, perplexity, change vs float with its 95% interval paired by window, the change
 against its type's default with its paired interval and whether it is significant, top-1 agreement with float,
 float linears, size; with --sensitivity also each model's mean |per-window perplexity change| when every norm
@@ -15,7 +16,7 @@ points, sensitivity below 0.2%.
 static);
 "w8a8-static-all" and the w8a8-* rows after it quantize every linear static (static_all=True).
 
-    .venv/bin/python bench/accuracy.py                                  # all methods, 20480 tokens
+    .venv/bin/python bench/accuracy.py                                  # all methods, all of the text
     .venv/bin/python bench/accuracy.py --methods float,dyn-default,w8a8-default --max-tokens 4096
 
 A method whose settings quantize() does not accept (yet) prints "n/a". Add a method: one line in METHODS.
@@ -91,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", help=f"comma-separated labels (default: all): {','.join(m.label for m in METHODS)}")
-    p.add_argument("--max-tokens", type=int, default=20480, help="tokens of the text to score [20480]")
+    p.add_argument("--max-tokens", type=int, help="tokens of the text to score [all]")
     p.add_argument("--text", default="heldout", help="heldout (Persuasion), dev (Pride and Prejudice) or a file")
     p.add_argument("--context", type=int, default=512, help="tokens per window [512]")
     p.add_argument("--model", default=None, help="float HF folder [the zoo's SmolLM2-135M-Instruct bf16]")

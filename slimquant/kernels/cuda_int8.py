@@ -251,15 +251,15 @@ def int8_linear(
         acc = torch._int_mm(a.q, w_q.t())  # [R, N] int32
         _dequantize_all(acc, y, 1, row_scale, col_scale, add, flags)
         return y
-    tl_ = tiles or gemm_tiles(t, n, k)
-    k_per_split = triton.cdiv(triton.cdiv(k, tl_.splits), tl_.block_k) * tl_.block_k
-    splits = triton.cdiv(k, k_per_split)
+    tiles = tiles or gemm_tiles(t, n, k)
+    k_per_split = triton.cdiv(triton.cdiv(k, tiles.splits), tiles.block_k) * tiles.block_k
+    splits = triton.cdiv(k, k_per_split)  # tiles.splits or fewer: every split holds whole K blocks
     out = y if splits == 1 else torch.empty(splits, t, n, dtype=torch.int32, device=w_q.device)
-    grid = (triton.cdiv(t, tl_.block_m), triton.cdiv(n, tl_.block_n), splits)
+    grid = (triton.cdiv(t, tiles.block_m), triton.cdiv(n, tiles.block_n), splits)
     _int8_gemm[grid](
         a.q, w_q, out, t, n, row_scale, col_scale, add, K=k, K_PER_SPLIT=k_per_split, SPLITS=splits,
-        BLOCK_M=tl_.block_m, BLOCK_N=tl_.block_n, BLOCK_K=tl_.block_k, num_warps=tl_.warps,
-        num_stages=tl_.stages, **flags,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.warps,
+        num_stages=tiles.stages, **flags,
     )  # fmt: skip
     if splits > 1:
         _dequantize_all(out, y, splits, row_scale, col_scale, add, flags)

@@ -1,12 +1,11 @@
 """--max-loss P: keep the most sensitive linears float, fewest first, until held-out perplexity is within P %.
 
-Held-out text: the calibration texts (the built-in prompt set, or --calib-data) are split once; the last text and
-every 4th before it (a quarter) are held out and never calibrate any candidate, the others calibrate all of them.
-The loss is 100 * (ppl(quantized) / ppl(float) - 1) on the held-out texts joined, the float SRC as the baseline,
-both measured by the `score` callable the caller passes (slimquant.convert binds the engine's evaluation: 512-token
-windows, at most 8192 tokens); this package never imports the engine. The written checkpoint's loss comes with a 95%
-interval paired by window (slimquant.stats). The built-in set holds out about 200 tokens only, one window, so no
-interval: give a larger --calib-data (a book chapter) for a steadier measure and its interval.
+Held-out text: the caller's loss text, which calibrates no candidate (slimquant.convert: --loss-data, by default
+the packaged prose of zoo.DEV_TEXT; the built-in chat prompts held out too few tokens, about 200, to predict prose).
+The loss is 100 * (ppl(quantized) / ppl(float) - 1) on it, the float SRC as the baseline, both measured by the
+`score` callable the caller passes (slimquant.convert binds the engine's evaluation: 512-token windows, at most
+8192 tokens); this package never imports the engine. The written checkpoint's loss comes with a 95% interval paired
+by window (slimquant.stats).
 
 Search: quantize with the user's settings; if the loss exceeds P, measure each linear's sensitivity on that
 checkpoint (sensitivity.py) and rank the keep-float units (a linear, or a group that must share one type: q/k/v,
@@ -18,7 +17,6 @@ summary says that P was not met. Kept linears are FLOAT in the description (as -
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -31,7 +29,6 @@ from pathlib import Path
 import torch
 
 from slimquant.format.architectures import arch_spec
-from slimquant.quant.calibration import load_texts
 from slimquant.quant.options import QuantizeOptions
 from slimquant.quant.output import check_destination, folder_bytes
 from slimquant.quant.pipeline import run
@@ -40,7 +37,6 @@ from slimquant.quant.sources import HFCheckpoint
 from slimquant.quant.summary import FallbackResult, QuantizeSummary
 from slimquant.stats import change_interval
 
-HELDOUT_EVERY = 4  # one calibration text in 4 is held out
 REFINE = 8  # bisection stops within k / 8 of the smallest passing k (each step is a full quantize run)
 # (model folder, text) -> (perplexity, tokens scored, each window's mean NLL)
 Score = Callable[[Path, str], tuple[float, int, list[float]]]
@@ -58,17 +54,6 @@ def parse_max_loss(value: object) -> float:
     if not math.isfinite(p) or p < 0:
         raise ValueError(f"--max-loss must be a finite percentage >= 0 (e.g. 1.0 for +1% perplexity), got {value!r}")
     return p
-
-
-def split_texts(texts: list[str]) -> tuple[list[str], list[str]]:
-    """(calibration texts, held-out texts): the last text and every 4th before it are held out."""
-    if len(texts) < 2:
-        raise ValueError(
-            "--max-loss needs at least 2 calibration texts (a quarter is held out to measure the loss); "
-            "give --calib-data with more texts (paragraphs of a .txt are separated by blank lines)"
-        )
-    held = set(range(len(texts) - 1, 0, -HELDOUT_EVERY))
-    return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
 
 
 def search(units: int, measure: Callable[[int], float], max_loss: float, loss0: float) -> tuple[int, list]:
@@ -126,23 +111,24 @@ def quantize_within_loss(
     *,
     max_loss: float,
     score: Score,
+    loss_text: str,
     overwrite: bool = False,
     progress: bool = True,
 ) -> QuantizeSummary:
-    """quantize() with the fewest most-sensitive linears kept float so that held-out loss <= max_loss %;
-    score(model folder, text) -> (perplexity, tokens scored) measures the loss."""
+    """quantize() with the fewest most-sensitive linears kept float so that the loss on loss_text <= max_loss %;
+    score(model folder, text) -> (perplexity, tokens scored, window NLLs) measures it."""
     start = time.perf_counter()
     p, src, dst = parse_max_loss(max_loss), Path(src), Path(dst)
     check_destination(dst, overwrite)
-    calib, held = split_texts(load_texts(opts.calib_data))
+    if not loss_text.strip():
+        raise ValueError("--max-loss needs a loss text to measure on; --loss-data is empty")
     work = dst.parent / f".{dst.name}.maxloss-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
         hf_dir = _hf_source(src, work)
-        (work / "calib.json").write_text(json.dumps(calib))
-        candidates = replace(opts, calib_data=work / "calib.json", report=False)  # every candidate, the held-out split
-        runner = _Runner(hf_dir, work, candidates, progress, "\n\n".join(held), score)
+        candidates = replace(opts, report=False)  # the report: of the chosen candidate only
+        runner = _Runner(hf_dir, work, candidates, progress, loss_text, score)
         result, chosen = runner.search(p)
         _move_into_place(chosen, dst)
         summary = runner.summaries[chosen]

@@ -28,7 +28,7 @@ class FallbackResult:
         spread = (
             f" [{self.interval[0]:+.2f}, {self.interval[1]:+.2f}] (95%)"
             if self.interval
-            else " (one window: no interval; a longer --calib-data gives one)"
+            else " (one window: no interval; a longer --loss-data gives one)"
         )
         loss = f"held-out loss {self.loss:+.3f}%{spread} on {self.heldout_tokens} tokens"
         return [

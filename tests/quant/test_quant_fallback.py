@@ -6,7 +6,7 @@ import pytest
 
 from slimquant.convert import quantize
 from slimquant.quant import fallback
-from slimquant.quant.fallback import keep_units, parse_max_loss, search, split_texts
+from slimquant.quant.fallback import keep_units, parse_max_loss, search
 from slimquant.quant.sensitivity import SensitivityReport, SensitivityRow
 from tests.quant.common import FAST, read_output
 
@@ -27,11 +27,10 @@ def test_quantize_rejects_a_bad_max_loss_before_writing(tiny_model, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_split_texts_holds_out_a_quarter():
-    calib, held = split_texts([str(i) for i in range(8)])
-    assert held == ["3", "7"] and calib == ["0", "1", "2", "4", "5", "6"]
-    with pytest.raises(ValueError, match="at least 2"):
-        split_texts(["one"])
+def test_loss_data_without_max_loss_is_a_value_error(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="--loss-data .* give --max-loss too"):
+        quantize(tiny_model("llama"), tmp_path / "out", loss_data=tmp_path / "text.txt", **FAST)
+    assert not (tmp_path / "out").exists()
 
 
 def _measure(losses: dict[int, float]):
@@ -78,7 +77,7 @@ def test_loose_max_loss_keeps_nothing_float(tiny_model, tmp_path):
     assert summary.fallback.met and summary.fallback.kept_float == [] and summary.fallback.tried[0][0] == 0
     assert [k for k, v in desc.items() if k.endswith("_proj.weight") and v == "FLOAT"] == []
     assert "max-loss" in str(summary) and summary.linears["W8A8"] == 12  # down_proj: dynamic by default
-    assert summary.fallback.heldout_tokens < 1024 and "(95%)" in str(summary)  # two windows of the built-in set
+    assert summary.fallback.heldout_tokens > 4096 and "(95%)" in str(summary)  # the packaged prose, 8192 tokens
     assert summary.linears["W8A8_DYNAMIC"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # candidates and work folder are gone
 
@@ -104,20 +103,18 @@ def test_zero_max_loss_keeps_the_most_sensitive_linears_float(tiny_model, tmp_pa
 
 
 def test_the_loss_comes_with_its_paired_interval(tiny_model, tmp_path):
-    """With a calibration file long enough to hold out several 512-token windows, the summary's loss has the 95%
-    interval that evaluate() gives the written checkpoint against the source on the held-out texts."""
+    """The summary's loss on --loss-data has the 95% interval that evaluate() gives the written checkpoint against
+    the source on that text (its paragraphs joined)."""
     import json
 
     from slimquant import zoo
     from slimquant.evaluation import evaluate
-    from slimquant.quant.calibration import load_texts
 
-    paragraphs = [p for p in zoo.DEV_TEXT.read_text().split("\n\n") if len(p) > 400][:48]
-    (tmp_path / "calib.json").write_text(json.dumps(paragraphs))
+    paragraphs = [p for p in zoo.EVAL_TEXT.read_text().split("\n\n") if len(p) > 400][:12]
+    (tmp_path / "loss.json").write_text(json.dumps(paragraphs))
     src = tiny_model("llama")
-    summary = quantize(src, tmp_path / "out", "w8a8", max_loss=50, calib_data=tmp_path / "calib.json", **FAST)
-    _, held = split_texts(load_texts(tmp_path / "calib.json"))
-    base, quant = evaluate([str(src), str(tmp_path / "out")], "\n\n".join(held), 512, max_tokens=8192,
+    summary = quantize(src, tmp_path / "out", "w8a8", max_loss=50, loss_data=tmp_path / "loss.json", **FAST)
+    base, quant = evaluate([str(src), str(tmp_path / "out")], "\n\n".join(paragraphs), 512, max_tokens=8192,
                            progress=False)  # fmt: skip
     low, high = summary.fallback.interval
     assert quant.windows >= 3 and (low, high) == pytest.approx([100 * c for c in quant.change_interval], abs=1e-3)
@@ -129,6 +126,6 @@ def test_a_one_window_loss_says_it_has_no_interval():
     from slimquant.quant.summary import FallbackResult
 
     (_, line), *_ = FallbackResult(1.0, 0.4, True, heldout_tokens=200).rows()
-    assert "held-out loss +0.400% (one window: no interval; a longer --calib-data gives one) on 200" in line
+    assert "held-out loss +0.400% (one window: no interval; a longer --loss-data gives one) on 200" in line
     (_, line), *_ = FallbackResult(1.0, 0.4, True, heldout_tokens=2000, interval=(-0.1, 0.9)).rows()
     assert "held-out loss +0.400% [-0.10, +0.90] (95%) on 2000 tokens" in line

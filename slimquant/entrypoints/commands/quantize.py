@@ -110,8 +110,14 @@ def register(subparsers) -> None:
     p.add_argument(
         "--max-loss",
         metavar="P",
-        help="keep the most sensitive linears float, fewest first, until perplexity on held-out calibration "
-        "text (a quarter of it) is within +P%% of float, e.g. 1.0 (re-quantizes several times)",
+        help="keep the most sensitive linears float, fewest first, until perplexity on held-out text (--loss-data) "
+        "is within +P%% of float, e.g. 1.0 (re-quantizes several times)",
+    )
+    p.add_argument(
+        "--loss-data",
+        metavar="FILE",
+        help="the text --max-loss measures on (.txt, .json or .jsonl, as --calib-data; at most 8192 tokens), not "
+        "used to calibrate; default: packaged Pride and Prejudice chapters",
     )
     p.add_argument(
         "--static-all",
@@ -166,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         report=args.report,
         max_loss=args.max_loss,
+        loss_data=args.loss_data,
         static_all=args.static_all,
         kv_cache=args.kv_cache,
         rotate=args.rotate,
