@@ -47,6 +47,21 @@ def test_bench_baseline_is_transformers_on_the_float_model(tiny_model, tmp_path,
     assert lines[first + 1].startswith("slimquant q ") and lines[first + 2].startswith("slimquant ")
 
 
+def test_bench_rows_per_int8_gemm(tiny_model, tmp_path, capsys):
+    """--cuda-int8-gemm cublas,triton: a row per GEMM for each int8 model (KernelConfig.cuda_int8_gemm), one for a
+    float model; a GEMM not in the list is a usage error naming the choices."""
+    src = tiny_model("llama")
+    main(["quantize", str(src), str(tmp_path / "q"), "--type", "w8a8_dynamic", "--num-samples", "2", "--no-progress"])
+    args = ["--prompt-len", "8", "--decode-tokens", "4", "--streams", "2", "--no-transformers"]
+    capsys.readouterr()
+    assert main(["bench", str(src), str(tmp_path / "q"), *args, "--cuda-int8-gemm", "cublas,triton"]) == 0
+    rows = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("slimquant ")]
+    assert rows[:3] == [f"slimquant {src.name}", "slimquant q (cublas)", "slimquant q (triton)"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", str(src), "--cuda-int8-gemm", "cublas,cutlass"])
+    assert exit_info.value.code == 2 and "expected one or more of cublas, triton" in capsys.readouterr().err
+
+
 def test_bench_rejects_bad_sizes(tiny_model, capsys):
     assert main(["bench", str(tiny_model("llama")), "--streams", "0"]) == 1
     assert "--streams" in capsys.readouterr().err
