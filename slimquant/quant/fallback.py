@@ -9,10 +9,14 @@ by window (slimquant.stats).
 
 Search: quantize with the user's settings; if the loss exceeds P, measure each linear's sensitivity on that
 checkpoint (sensitivity.py) and rank the keep-float units (a linear, or a group that must share one type: q/k/v,
-gate/up, a layer's routed experts) by their most sensitive member. Quantize again with the top k units float,
-k = 1, 2, 4, ... until within P, then bisect down towards the smallest such k (to within k/8: every step is a
-full quantize run). The bound is every unit float: if even that misses P, that checkpoint is written and the
-summary says that P was not met. Kept linears are FLOAT in the description (as --keep-float makes them).
+gate/up, a layer's routed experts) by their most sensitive member. Then rank the roles (a unit's linears without
+their layer: q/k/v, o_proj, gate/up, down_proj, ...) by the loss each gives kept float in every layer (one more
+quantize run per role), most useful first, the units of a role in their sensitivity order: a linear's relative
+output error does not tell what keeping it float buys (SmolLM2's v_proj ranks first by it and buys nothing).
+Quantize again with the top k units float, k = 1, 2, 4, ... until within P, then bisect down towards the smallest
+such k (to within k/8: every step is a full quantize run). The bound is every unit float: if even that misses P,
+that checkpoint is written and the summary says that P was not met. Kept linears are FLOAT in the description
+(as --keep-float makes them).
 """
 
 from __future__ import annotations
@@ -94,6 +98,17 @@ def keep_units(report: SensitivityReport, config: dict) -> list[tuple[str, ...]]
     return sorted(units, key=lambda u: -max(err.get(n, 0.0) for n in u))
 
 
+def role_of(unit: tuple[str, ...]) -> tuple[str, ...]:
+    """A unit's linears without their layer: ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj')."""
+    return tuple(name.split(".", 3)[3] for name in unit)
+
+
+def rank_by_role(units: list[tuple[str, ...]], role_loss: dict[tuple[str, ...], float]) -> list[tuple[str, ...]]:
+    """units (in sensitivity order) reordered: the role whose float copy in every layer gave the lowest loss
+    first, each role's units in their order."""
+    return sorted(units, key=lambda u: role_loss[role_of(u)])  # stable: sensitivity order within a role
+
+
 def _merge(groups: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
     """Union of overlapping groups, in first-seen order."""
     out: list[list[str]] = []
@@ -165,15 +180,19 @@ class _Runner:
 
     def quantize(self, k: int) -> tuple[Path, float]:
         """Quantize with the top k units float; (folder, held-out loss %)."""
-        out = self.work / f"float-{k}"
-        keep = self.opts.keep_float + tuple(n for unit in self.units[:k] for n in unit)
+        return self.quantize_keeping(tuple(n for unit in self.units[:k] for n in unit), f"{k} unit(s)", f"float-{k}")
+
+    def quantize_keeping(self, kept: tuple[str, ...], what: str, name: str = "role") -> tuple[Path, float]:
+        """Quantize with the linears kept float (besides the user's --keep-float); (folder, held-out loss %)."""
+        out = self.work / name
+        keep = self.opts.keep_float + kept
         self.summaries[out] = run(self.hf_dir, out, replace(self.opts, keep_float=keep), overwrite=True, progress=False)
         self._baseline()
         ppl, _, windows = self.score(out, self.text)
         loss = 100 * (ppl / self.base_ppl - 1)
         interval = change_interval(torch.tensor(self.base_windows), torch.tensor(windows))
         self.intervals[out] = None if interval is None else (100 * interval[0], 100 * interval[1])
-        self._say(f"max-loss: {k} unit(s) float -> held-out loss {loss:+.3f}%")
+        self._say(f"max-loss: {what} float -> held-out loss {loss:+.3f}%")
         return out, loss
 
     def sensitivity(self, folder: Path) -> SensitivityReport:
@@ -188,7 +207,7 @@ class _Runner:
         first, loss0 = self.quantize(0)
         folders = {0: first}  # k -> folder, only those that may still be chosen
         if loss0 > p:
-            self.units = keep_units(self.sensitivity(first), HFCheckpoint(self.hf_dir).config)
+            self.units = self.by_role(keep_units(self.sensitivity(first), HFCheckpoint(self.hf_dir).config))
             if self.units:
                 shutil.rmtree(folders.pop(0))
 
@@ -209,6 +228,19 @@ class _Runner:
             p, loss, loss <= p, kept, tried, len(self.units), self.tokens, self.intervals[folders[k]]
         )
         return result, folders[k]
+
+    def by_role(self, units: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+        """units ranked by role (rank_by_role), each role's loss measured with its units float in every layer."""
+        roles = list(dict.fromkeys(role_of(u) for u in units))
+        if len(roles) < 2:
+            return units
+        role_loss = {}
+        for role in roles:
+            keep = tuple(n for u in units if role_of(u) == role for n in u)
+            name = "/".join(r.rpartition(".")[2] for r in role)  # q_proj/k_proj/v_proj
+            folder, role_loss[role] = self.quantize_keeping(keep, f"every {name}")
+            shutil.rmtree(folder)
+        return rank_by_role(units, role_loss)
 
     def _say(self, line: str) -> None:
         if self.progress:

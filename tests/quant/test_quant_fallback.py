@@ -129,3 +129,35 @@ def test_a_one_window_loss_says_it_has_no_interval():
     assert "held-out loss +0.400% (one window: no interval; a longer --loss-data gives one) on 200" in line
     (_, line), *_ = FallbackResult(1.0, 0.4, True, heldout_tokens=2000, interval=(-0.1, 0.9)).rows()
     assert "held-out loss +0.400% [-0.10, +0.90] (95%) on 2000 tokens" in line
+
+
+def test_units_rank_by_what_their_role_buys_then_by_sensitivity():
+    """Roles ordered by the loss with every unit of the role float (lowest first); a role's units keep their
+    sensitivity order, whatever their sensitivity against other roles' units."""
+    from slimquant.quant.fallback import rank_by_role, role_of
+
+    qkv = tuple(f"model.layers.{{}}.self_attn.{p}_proj" for p in "qkv")
+    units = [tuple(n.format(1) for n in qkv), ("model.layers.0.mlp.down_proj",), tuple(n.format(0) for n in qkv),
+             ("model.layers.1.mlp.down_proj",)]  # fmt: skip
+    assert role_of(units[1]) == ("mlp.down_proj",) and role_of(units[0]) == role_of(units[2])
+    loss = {role_of(units[0]): 1.1, ("mlp.down_proj",): 0.3}
+    assert rank_by_role(units, loss) == [units[1], units[3], units[0], units[2]]
+
+
+def test_roles_are_measured_before_the_search(tiny_model, tmp_path, monkeypatch, capsys):
+    """With units of two roles, each role is quantized float in every layer once and scored, then the search runs
+    over the units in role order; no probe folder is left behind."""
+    picked = []
+
+    def two_roles(*args):
+        units = keep_units(*args)
+        picked.extend([next(u for u in units if len(u) == 3), next(u for u in units if u[0].endswith("o_proj"))])
+        return list(picked)
+
+    monkeypatch.setattr(fallback, "keep_units", two_roles)
+    summary = quantize(tiny_model("llama"), tmp_path / "out", "w8a8_dynamic", max_loss=0, **(FAST | {"progress": True}))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("max-loss:")]
+    assert [line.split(" float")[0] for line in lines[1:3]] == ["max-loss: every q_proj/k_proj/v_proj",
+                                                                 "max-loss: every o_proj"]  # fmt: skip
+    assert len(summary.fallback.tried) >= 2 and set(summary.fallback.kept_float) <= {n for u in picked for n in u}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
