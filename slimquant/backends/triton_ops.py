@@ -14,6 +14,7 @@ import torch
 from slimquant.backends.torch_ops import Rope, TorchOps
 from slimquant.distributed.tensor_parallel import SINGLE
 from slimquant.kernels.int8_input import InputQuant, Int8Rows
+from slimquant.kernels.int_mm import on_cublas_grid
 from slimquant.layers.context import ForwardContext
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -90,7 +91,7 @@ class TritonOps(TorchOps):
 
     def _gemm(self, packed: torch.Tensor) -> str:
         """The configured int8 GEMM; Triton's for a weight [N, K] off cuBLASLt's grid of 8."""
-        return self.int8_gemm if packed.shape[-1] % 8 == 0 and packed.shape[0] % 8 == 0 else "triton"
+        return self.int8_gemm if on_cublas_grid(packed) else "triton"
 
 
 def _runs(x: torch.Tensor, out_dtype: torch.dtype, *params: torch.Tensor) -> bool:

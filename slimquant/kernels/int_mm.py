@@ -24,11 +24,16 @@ def cuda_gemm_rows(t: int) -> int:
     return max(-(-t // 8) * 8, _CUDA_MIN_ROWS)
 
 
+def on_cublas_grid(w_q: torch.Tensor) -> bool:
+    """Whether int8 weight [N, K] fits cuBLASLt's int8 GEMM (torch._int_mm): N and K multiples of 8."""
+    return w_q.shape[-1] % 8 == 0 and w_q.shape[-2] % 8 == 0
+
+
 def cuda_int8_mm(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """x_q int8 [T, K] @ w_q int8 [N, K]^T -> int32 [T, N] with cuBLASLt (torch._int_mm), rows zero-padded to its
     minimum; K or N off its grid of 8 multiply in exact fp32 K-chunks instead (CUDA has no int64 matmul)."""
-    t, k = x_q.shape
-    if k % 8 or w_q.shape[0] % 8:
+    t = x_q.shape[0]
+    if not on_cublas_grid(w_q):
         return exact_float_mm(x_q, w_q.float().t())
     rows = cuda_gemm_rows(t)
     x_pad = F.pad(x_q, (0, 0, 0, rows - t)) if rows != t else x_q.contiguous()  # [rows, K]
