@@ -62,11 +62,13 @@ METHODS = [  # "-default": quantize()'s own defaults for the type (the note colu
     Method("dyn-maxloss0.5", DYN | {"max_loss": 0.5}),
     Method("dyn-rotate", DYN | {"rotate": True}),  # Hadamard rotation of the residual stream folded in first
     Method("dyn-float-down", DYN | {"keep_float": ["*.mlp.down_proj"]}),  # the linear that costs most, float
+    Method("dyn-down-w8a16", DYN | {"mix": ["*.mlp.down_proj=w8a16"]}),  # its weight int8, its input float
     Method("w8a8-default", STATIC),  # rotated (Llama / Qwen), SmoothQuant alpha 0.5, mlp.down_proj dynamic
     Method("w8a8-no-rotate", STATIC | {"rotate": False}),
     Method("w8a8-default-gptq", STATIC | {"rounding": "gptq"}),
     Method("w8a8-default-maxloss1", STATIC | {"max_loss": 1.0}),
     Method("w8a8-float-down", STATIC | {"keep_float": ["*.mlp.down_proj"]}),
+    Method("w8a8-down-w8a16", STATIC | {"mix": ["*.mlp.down_proj=w8a16"]}),
     Method("w8a8-static-all", PURE),  # SmoothQuant alpha 0.5, every linear static
     Method("w8a8-none", PURE | {"anti_outlier": "none"}),
     Method("w8a8-iterative0.5", PURE | {"anti_outlier": "iterative", "alpha": 0.5}),

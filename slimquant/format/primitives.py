@@ -129,6 +129,29 @@ def dynamic_linear(
     return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
+def weight_only_weight(
+    w_q: torch.Tensor, weight_scale: torch.Tensor, weight_offset: torch.Tensor, model_dtype: torch.dtype
+) -> torch.Tensor:
+    """W8A16's weight as the runtime sees it: (w_q + weight_offset) * weight_scale with both held in the model
+    dtype (vLLM-Ascend registers them so; npu_weight_quant_batchmatmul's antiquant form), rounded to it: [N, K]."""
+    scale = weight_scale.to(model_dtype).float().reshape(-1, 1)  # [N, 1]
+    offset = weight_offset.to(model_dtype).float().reshape(-1, 1)  # [N, 1]
+    return ((w_q.float() + offset) * scale).to(model_dtype)
+
+
+def weight_only_linear(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_offset: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W8A16 runtime: y = x @ weight_only_weight(...)^T + bias, in x's (the model's) dtype: [..., K] -> [..., N]."""
+    w = weight_only_weight(w_q, weight_scale, weight_offset, x.dtype).float()  # [N, K]
+    b = None if bias is None else bias.to(x.dtype).float()
+    return torch.nn.functional.linear(x.float(), w, b).to(x.dtype)
+
+
 # ---- int8 KV cache (C8): static per-channel scales over kv_heads * head_dim, keys after RoPE ----
 
 

@@ -11,6 +11,7 @@ class Scheme(str, Enum):
     FLOAT = "FLOAT"
     W8A8 = "W8A8"  # static: per-tensor asymmetric activations, calibrated
     W8A8_DYNAMIC = "W8A8_DYNAMIC"  # per-token symmetric activations
+    W8A16 = "W8A16"  # weight-only: int8 weights, float activations
 
     def __str__(self) -> str:
         return self.value
@@ -18,13 +19,15 @@ class Scheme(str, Enum):
     __format__ = str.__format__
 
 
-FLOAT, W8A8, W8A8_DYNAMIC = Scheme.FLOAT, Scheme.W8A8, Scheme.W8A8_DYNAMIC
-QUANT_SCHEMES = (W8A8, W8A8_DYNAMIC)  # the int8 ones
+FLOAT, W8A8, W8A8_DYNAMIC, W8A16 = Scheme.FLOAT, Scheme.W8A8, Scheme.W8A8_DYNAMIC, Scheme.W8A16
+QUANT_SCHEMES = (W8A8, W8A8_DYNAMIC, W8A16)  # the int8-weight ones
+INPUT_QUANT_SCHEMES = (W8A8, W8A8_DYNAMIC)  # the ones that quantize their input (smoothing serves them)
 
 
-def parse_scheme(name: str, allow_float: bool = False) -> Scheme:
-    """'w8a8' / 'w8a8_dynamic' (any case; 'float' if allowed) -> the Scheme; ValueError naming the choices."""
-    choices = [s for s in Scheme if allow_float or s != FLOAT]
+def parse_scheme(name: str, allow_float: bool = False, allow_weight_only: bool = False) -> Scheme:
+    """'w8a8' / 'w8a8_dynamic' (any case; 'float' and 'w8a16' if allowed) -> the Scheme; ValueError naming the
+    choices."""
+    choices = [s for s in Scheme if (allow_float or s != FLOAT) and (allow_weight_only or s != W8A16)]
     for scheme in choices:
         if str(name).strip().upper() == scheme.value:
             return scheme
@@ -37,4 +40,5 @@ SCHEME_TENSORS: dict[Scheme, tuple[tuple[str, ...], tuple[str, ...]]] = {
     FLOAT: (("weight",), ()),
     W8A8: (("weight", "input_scale", "input_offset", "quant_bias", "deq_scale"), ("weight_scale", "weight_offset")),
     W8A8_DYNAMIC: (("weight", "weight_scale", "weight_offset"), ()),
+    W8A16: (("weight", "weight_scale", "weight_offset"), ()),
 }

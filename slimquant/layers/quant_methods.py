@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from slimquant.format.primitives import decode_deq_scale
-from slimquant.format.schemes import W8A8, W8A8_DYNAMIC
+from slimquant.format.primitives import decode_deq_scale, weight_only_weight
+from slimquant.format.schemes import W8A8, W8A8_DYNAMIC, W8A16
 from slimquant.format.validation import (
     DEQ_SCALE,
     FLOAT_TENSOR,
@@ -163,4 +163,27 @@ class W8A8DynamicMethod(QuantMethod):
         return layer.ops.dynamic_linear(x, layer.weight, layer.weight_scale, bias, x.dtype, layer.reduce)
 
 
-METHODS_BY_TYPE: dict[str, type[QuantMethod]] = {W8A8: W8A8StaticMethod, W8A8_DYNAMIC: W8A8DynamicMethod}
+class W8A16Method(UnquantizedMethod):
+    """W8A16: per-channel int8 weights, float activations: y = x ((W_q + weight_offset) * weight_scale)^T + b, the
+    scale and offset in the model dtype (vLLM-Ascend's npu_weight_quant_batchmatmul). The weight is dequantized to
+    the activations' dtype once, at load, and runs as a float linear (so tensor parallel treats it as one)."""
+
+    def create_weights(self, layer, in_features, out_features, dtype):
+        add_param(layer, "weight", (out_features, in_features), torch.int8, INT8_WEIGHT)
+        add_param(layer, "weight_scale", (out_features, 1), torch.float32, WEIGHT_SCALE)
+        add_param(layer, "weight_offset", (out_features, 1), torch.float32, WEIGHT_OFFSET)
+        layer.params_dtype = dtype
+
+    def process_weights_after_loading(self, layer):
+        model_dtype = self.model_dtype or layer.params_dtype
+        w = weight_only_weight(layer.weight.data, layer.weight_scale.data, layer.weight_offset.data, model_dtype)
+        replace_param(layer, "weight", w.to(layer.params_dtype))  # [N, K]
+        del layer.weight_scale, layer.weight_offset  # folded into the weight
+        super().process_weights_after_loading(layer)
+
+
+METHODS_BY_TYPE: dict[str, type[QuantMethod]] = {
+    W8A8: W8A8StaticMethod,
+    W8A8_DYNAMIC: W8A8DynamicMethod,
+    W8A16: W8A16Method,
+}

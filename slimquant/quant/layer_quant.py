@@ -12,7 +12,7 @@ from torch import nn
 from slimquant.format.architectures import ArchSpec, layer_prefix
 from slimquant.format.checkpoint import C8, ModelSlimWriter
 from slimquant.format.primitives import kv_cache_scale
-from slimquant.format.schemes import FLOAT, W8A8
+from slimquant.format.schemes import FLOAT, INPUT_QUANT_SCHEMES, W8A8
 from slimquant.quant.activations import Activations, Spill
 from slimquant.quant.decoder import BiasedNorm, LayerRunner, replace_module
 from slimquant.quant.expert_stream import EXPERT_GROUP_BYTES, StreamedExperts, streamed_experts
@@ -33,7 +33,7 @@ class LayerJob:
     """What every layer shares: the plan and the run's steps (quant/steps), and what they record."""
 
     spec: ArchSpec
-    plan: dict[str, str]  # full linear name -> W8A8 | W8A8_DYNAMIC | FLOAT
+    plan: dict[str, str]  # full linear name -> W8A8 | W8A8_DYNAMIC | W8A16 | FLOAT
     smoother: Smoother
     alpha: FixedAlpha
     rounder: NearestRounding
@@ -174,11 +174,12 @@ def _write_kv_cache_scales(writer: ModelSlimWriter, prefix: str, kv: KvRange) ->
 
 
 def _pairs(types: dict[str, str], job: LayerJob) -> list[tuple[str, tuple[str, ...]]]:
-    """The smoothing pairs (producer, linears) with at least one quantized linear; none without smoothing."""
+    """The smoothing pairs (producer, linears) with at least one linear that quantizes its input (a float or
+    W8A16 linear's input is not quantized: smoothing it only coarsens its weight); none without smoothing."""
     if not job.smoother.active:
         return []
     pairs = job.spec.layer_smooth_pairs(tuple(types))
-    return [(src, group) for src, group in pairs if any(types[rel] != FLOAT for rel in group)]
+    return [(src, group) for src, group in pairs if any(types[rel] in INPUT_QUANT_SCHEMES for rel in group)]
 
 
 def _smoothings(

@@ -5,18 +5,18 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 
 from slimquant.format.architectures import ArchSpec, layer_prefix
-from slimquant.format.schemes import FLOAT, W8A8, parse_scheme
+from slimquant.format.schemes import FLOAT, W8A8, W8A16, parse_scheme
 
 HEAD_LINEARS = ("lm_head",)  # always float: the quantizer does not calibrate the head
-ROUTED_EXPERTS = "*.mlp.experts.*"  # no loader runs them static: vLLM-Ascend's fused MoE is W8A8_DYNAMIC only
+ROUTED_EXPERTS = "*.mlp.experts.*"  # no loader runs them static or W8A16: vLLM-Ascend's fused MoE has neither
 
 
 def parse_mix(items: list[str] | dict[str, str] | None) -> list[tuple[str, str]]:
-    """['*.mlp.*=w8a8_dynamic', ...] or {glob: type} -> [(glob, TYPE)], in order."""
+    """['*.mlp.*=w8a8_dynamic', '*.mlp.down_proj=w8a16', ...] or {glob: type} -> [(glob, TYPE)], in order."""
     if not items:
         return []
     pairs = list(items.items()) if isinstance(items, dict) else [_split_mix(s) for s in items]
-    return [(glob, parse_scheme(t, allow_float=True)) for glob, t in pairs]
+    return [(glob, parse_scheme(t, allow_float=True, allow_weight_only=True)) for glob, t in pairs]
 
 
 def _split_mix(item: str) -> tuple[str, str]:
@@ -40,7 +40,7 @@ def plan_types(
     config: dict | None = None,
     static_all: bool = False,
 ) -> dict[str, str]:
-    """Full linear name -> W8A8 | W8A8_DYNAMIC | FLOAT; ValueError for globs that match nothing.
+    """Full linear name -> W8A8 | W8A8_DYNAMIC | W8A16 | FLOAT; ValueError for globs that match nothing.
 
     For --type w8a8 the user's --mix globs come first, then the architecture's w8a8_mix (format constraints),
     then its w8a8_default_mix (the accuracy recipe, e.g. Llama/Qwen mlp.down_proj dynamic) unless static_all.
@@ -62,14 +62,16 @@ def plan_types(
 
 
 def _check_no_static_experts(plan: dict[str, str]) -> None:
-    """Routed experts quantized static W8A8 make a checkpoint that no current loader runs: refuse at plan time."""
-    static = [name for name, t in plan.items() if t == W8A8 and fnmatchcase(name, ROUTED_EXPERTS)]
-    if static:
-        raise ValueError(
-            f"{len(static)} routed expert linears would be static W8A8 (e.g. {static[0]}), which no current loader "
-            "runs (vLLM-Ascend's fused MoE is W8A8_DYNAMIC only, and slimquant's too): make them w8a8_dynamic, "
-            f"e.g. --mix '{ROUTED_EXPERTS}=w8a8_dynamic' first, or keep them float"
-        )
+    """Routed experts quantized static W8A8 or W8A16 make a checkpoint that no current loader runs: refuse at plan
+    time."""
+    for qtype in (W8A8, W8A16):
+        bad = [name for name, t in plan.items() if t == qtype and fnmatchcase(name, ROUTED_EXPERTS)]
+        if bad:
+            raise ValueError(
+                f"{len(bad)} routed expert linears would be {qtype} (e.g. {bad[0]}), which no current loader runs "
+                "(vLLM-Ascend's fused MoE has no static W8A8 or W8A16 method, and slimquant's neither): make them "
+                f"w8a8_dynamic, e.g. --mix '{ROUTED_EXPERTS}=w8a8_dynamic' first, or keep them float"
+            )
 
 
 def default_mix(spec: ArchSpec, static_all: bool = False) -> tuple[tuple[str, str], ...]:

@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from slimquant.format import primitives as P
-from slimquant.format.schemes import FLOAT, W8A8
+from slimquant.format.schemes import FLOAT, W8A8, W8A16
 
 Tensors = dict[str, tuple[torch.Tensor, str]]  # suffix -> (tensor, description type), in write order
 
@@ -20,7 +20,8 @@ def linear_tensors(
     dtype: torch.dtype,
     quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Tensors:
-    """Quantize w [N, K] (fp32, already smoothed) as qtype; in_range (min, max) of its input for W8A8.
+    """Quantize w [N, K] (fp32, already smoothed) as qtype; in_range (min, max) of its input for W8A8. W8A16 and
+    W8A8_DYNAMIC store the same tensors (weight, weight_scale, zero weight_offset).
 
     quantized: (w_q int8 [N, K], scale [N, 1]) rounded elsewhere (GPTQ); default: round to nearest.
     """
@@ -75,4 +76,6 @@ class SimLinear(nn.Module):
             return F.linear(x.float(), t["weight"].float(), None if b is None else b.float()).to(x.dtype)
         if self.qtype == W8A8:
             return P.static_linear(x, t["weight"], t["quant_bias"], t["deq_scale"], t["input_scale"], t["input_offset"])
+        if self.qtype == W8A16:
+            return P.weight_only_linear(x, t["weight"], t["weight_scale"], t["weight_offset"], t.get("bias"))
         return P.dynamic_linear(x, t["weight"], t["weight_scale"], t.get("bias"))

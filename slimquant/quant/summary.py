@@ -43,10 +43,10 @@ class QuantizeSummary:
     """Returned by slimquant.quantize() and printed by `slimquant quantize`."""
 
     output: Path
-    model_quant_type: str  # W8A8 | W8A8_DYNAMIC (the shard-name type; a --mix may hold both)
+    model_quant_type: str  # W8A8 | W8A8_DYNAMIC (the shard-name type; a --mix may hold others)
     anti_outlier: str  # none | smoothquant | iterative
     rotated: bool = False  # Hadamard rotations folded into the weights first (quant/rotation.py)
-    linears: dict[str, int] = field(default_factory=dict)  # W8A8 / W8A8_DYNAMIC / FLOAT -> count (lm_head in FLOAT)
+    linears: dict[str, int] = field(default_factory=dict)  # type -> count (lm_head in FLOAT)
     num_layers: int = 0
     float_layers: int = 0  # layers past num_hidden_layers (multi-token prediction), written FLOAT
     mtp_quantized: int = 0  # multi-token-prediction layers quantized (--quant-mtp)

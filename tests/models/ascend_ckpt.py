@@ -53,7 +53,8 @@ def write_ascend(
     layout: str = "slimquant",
     kv_cache: str | None = None,
 ) -> Path:
-    """Write dst from src; quant_type(linear prefix) -> "W8A8" | "W8A8_DYNAMIC" | "FLOAT"; layout: one of LAYOUTS.
+    """Write dst from src; quant_type(linear prefix) -> "W8A8" | "W8A8_DYNAMIC" | "W8A16" | "FLOAT"; layout: one of
+    LAYOUTS.
 
     shift=True mimics the anti-outlier shift: every layernorm gets a bias and every linear it feeds gets one.
     kv_cache="sym" / "asym" adds int8 (C8) KV-cache scales per channel (offsets zero, or small integers) and the
@@ -129,7 +130,7 @@ def _as_layout(out: dict[str, torch.Tensor], qtype: str, dtype: torch.dtype, lay
     if layout != "v1":
         return out
     bias = {} if "bias" not in out else {"bias": out["bias"].float()}
-    if qtype == "W8A8_DYNAMIC":
+    if qtype in ("W8A8_DYNAMIC", "W8A16"):
         return {k: out[k] for k in ("weight", "weight_scale", "weight_offset")} | bias
     return {k: out[k] for k in ("weight", "quant_bias", "input_scale", "input_offset", "deq_scale")} | bias
 
@@ -170,6 +171,8 @@ def _activation_params(prefix: str, cache: dict, gen: torch.Generator) -> tuple[
 
 def _quantized(w, bias, qtype, params, dtype, deq_int64) -> dict[str, torch.Tensor]:
     """The tensors docs/FORMAT.md lists for one quantized linear, in write order."""
+    if qtype == "W8A16":
+        return _weight_only(w, bias, dtype)
     w_q, w_scale = P.quantize_weight(w)
     out = {"weight": w_q}
     if bias is not None:
@@ -184,3 +187,13 @@ def _quantized(w, bias, qtype, params, dtype, deq_int64) -> dict[str, torch.Tens
     out["input_scale"], out["input_offset"] = torch.tensor([scale]), torch.tensor([offset])
     out["quant_bias"], out["deq_scale"] = P.quant_bias(bias, deq, w_q, offset), deq
     return out
+
+
+def _weight_only(w, bias, dtype) -> dict[str, torch.Tensor]:
+    """W8A16 with asymmetric weights (ModelSlim's w_sym=False), so the offset matters: w ~ (w_q + offset) * scale."""
+    lo, hi = w.float().aminmax(dim=1, keepdim=True)  # [N, 1] each
+    scale = ((hi - lo) / 255).clamp(min=1e-8)
+    zero = torch.round(-lo / scale) - 128
+    w_q = (torch.round(w.float() / scale) + zero).clamp(-128, 127).to(torch.int8)
+    out = {"weight": w_q} | ({} if bias is None else {"bias": bias.to(dtype)})
+    return out | {"weight_scale": scale, "weight_offset": -zero}

@@ -44,6 +44,22 @@ class DynamicRef(StaticRef):
         return y.to(x.dtype)
 
 
+class WeightOnlyRef(StaticRef):
+    """W8A16: y = x @ ((W_q + weight_offset) * weight_scale)^T + bias, scale and offset in the model dtype and the
+    weight rounded to it (npu_weight_quant_batchmatmul's antiquant form)."""
+
+    def forward(self, x):
+        t = self.t
+        scale = t["weight_scale"].to(self.scale_dtype).float()  # [N, 1]
+        offset = t["weight_offset"].to(self.scale_dtype).float()  # [N, 1]
+        w = ((t["weight"].float() + offset) * scale).to(x.dtype)  # [N, K]
+        b = t["bias"].to(x.dtype) if "bias" in t else None
+        return nn.functional.linear(x, w, b)
+
+
+REFS = {"W8A8": StaticRef, "W8A8_DYNAMIC": DynamicRef, "W8A16": WeightOnlyRef}
+
+
 class ExpertsRef(nn.Module):
     """W8A8_DYNAMIC routed experts of transformers' DeepSeek MoE, token by token and expert by expert:
     gate/up = DynamicRef(x), a = silu(gate) * up, down = DynamicRef(a), out = sum_k weight_k * down."""
@@ -96,10 +112,10 @@ def reference_model(
             model.get_submodule(name.rpartition(".")[0]).experts = experts
             continue
         kind = types.get(f"{name}.weight")
-        if isinstance(module, nn.Linear) and kind in ("W8A8", "W8A8_DYNAMIC"):
+        if isinstance(module, nn.Linear) and kind in REFS:
             t = {k.rpartition(".")[2]: tensors.get(k) for k in types if k.rpartition(".")[0] == name}
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, (StaticRef if kind == "W8A8" else DynamicRef)(t, scale_dtype))
+            setattr(model.get_submodule(parent), leaf, REFS[kind](t, scale_dtype))
         if isinstance(module, nn.Linear) and kind == FLOAT and module.bias is None and f"{name}.bias" in types:
             module.bias = nn.Parameter(tensors.get(f"{name}.bias"))  # the anti-outlier shift's bias
         if f"{name}.bias" in types and name.endswith("norm"):

@@ -114,7 +114,7 @@ def test_features_slimquant_cannot_run_are_refused_by_name(tiny_model, tmp_path,
         load_model(str(dst))
 
 
-@pytest.mark.parametrize("qtype", ["W4A8_DYNAMIC", "W8A16", "W8A8_MIX"])
+@pytest.mark.parametrize("qtype", ["W4A8_DYNAMIC", "W4A16", "W8A8_MIX"])
 def test_linear_types_slimquant_cannot_run_are_refused_by_name(tiny_model, tmp_path, qtype):
     dst = write_ascend(tiny_model("llama"), tmp_path / "q", lambda p: "W8A8_DYNAMIC")
     desc_file = dst / "quant_model_description.json"

@@ -27,6 +27,13 @@ def mixed(prefix: str) -> str:
     return "W8A8_DYNAMIC" if prefix.startswith("model.layers.1.self_attn") else "W8A8"
 
 
+def weight_only(prefix: str, rest=dynamic) -> str:
+    """Every down_proj and layer 1's attention W8A16 (int8 weights, float activations), the rest as rest()."""
+    if prefix.endswith("mlp.down_proj") or prefix.startswith("model.layers.1.self_attn"):
+        return "W8A16"
+    return rest(prefix)
+
+
 def run_both(float_folder, ascend_folder, dtype=torch.float32, chunked=True) -> tuple[torch.Tensor, torch.Tensor]:
     """(our logits, reference logits) for PROMPT; chunked = a prefill chunk then decode steps."""
     loaded = load_model(str(ascend_folder), dtype=dtype)
@@ -40,7 +47,7 @@ def run_both(float_folder, ascend_folder, dtype=torch.float32, chunked=True) -> 
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("scheme", [static, dynamic, mixed])
+@pytest.mark.parametrize("scheme", [static, dynamic, mixed, weight_only])
 def test_quantized_matches_reference(tiny_model, tmp_path, arch, scheme):
     src = tiny_model(arch)
     ours, ref = run_both(src, write_ascend(src, tmp_path / "q", scheme))
@@ -74,3 +81,12 @@ def test_half_precision_checkpoints(tiny_model, tmp_path, dtype):
     assert deq.dtype == (torch.int64 if dtype == torch.float16 else torch.float32)
     ours, ref = run_both(src, dst, dtype, chunked=False)
     assert_close(ours, ref, rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weight_only(tiny_model, tmp_path, dtype):
+    """W8A16's scale and offset are rounded to the model dtype before they dequantize the weight: exact."""
+    src = tiny_model("llama", dtype=dtype)
+    dst = write_ascend(src, tmp_path / "q", lambda prefix: weight_only(prefix, rest=mixed), dtype=dtype)
+    ours, ref = run_both(src, dst, dtype, chunked=False)
+    assert torch.equal(ours, ref)

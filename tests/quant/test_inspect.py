@@ -142,9 +142,14 @@ BROKEN = {
         {"layer-type"},
     ),
     "a type only vLLM-Ascend runs": (
-        lambda model, base, tmp: rewrite(base, tmp, describe=_retype("W8A16")),
+        lambda model, base, tmp: rewrite(base, tmp, describe=_retype("W8A8_MIX")),
         set(),
         {"layer-type"},
+    ),
+    "a dynamic linear retyped W8A16 (both run it, same tensors)": (
+        lambda model, base, tmp: rewrite(base, tmp, describe=_retype("W8A16")),
+        set(),
+        set(),
     ),
     "deq_scale missing": (
         lambda model, base, tmp: rewrite(base, tmp, drop=[f"{Q}.deq_scale"]),

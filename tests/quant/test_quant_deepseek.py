@@ -140,8 +140,9 @@ def test_expert_without_tokens_is_quantized_and_counted(tiny_model, tmp_path):
         quantize(tmp_path / "src", tmp_path / "out3", "w8a8", mix=["*.experts.3.*=w8a8"], **FAST)
 
 
-def test_static_routed_experts_are_refused_before_anything_is_written(tiny_model, tmp_path):
-    """No current loader runs a static MoE layer (vLLM-Ascend's fused MoE is W8A8_DYNAMIC only)."""
-    with pytest.raises(ValueError, match="routed expert linears would be static W8A8.*no current loader"):
-        quantize(tiny_model("deepseek_v3"), tmp_path / "out", "w8a8", mix=["*.mlp.experts.*=w8a8"], **FAST)
+@pytest.mark.parametrize("qtype", ["w8a8", "w8a16"])
+def test_static_or_weight_only_routed_experts_are_refused_before_anything_is_written(tiny_model, tmp_path, qtype):
+    """No current loader runs a static or W8A16 MoE layer (vLLM-Ascend's fused MoE has neither method)."""
+    with pytest.raises(ValueError, match=f"routed expert linears would be {qtype.upper()} .*no current loader"):
+        quantize(tiny_model("deepseek_v3"), tmp_path / "out", "w8a8", mix=[f"*.mlp.experts.*={qtype}"], **FAST)
     assert not (tmp_path / "out").exists()

@@ -97,6 +97,26 @@ def test_mix_and_keep_float(quantized, arch):
     assert summary.linears == {"W8A8": 4, "W8A8_DYNAMIC": 6, "FLOAT": 5}
 
 
+def test_weight_only_down_proj_is_not_smoothed(quantized):
+    """--mix '*.mlp.down_proj=w8a16': its input stays float, so up_proj -> down_proj is not smoothed (it would only
+    coarsen the weight): down_proj is the source's own and up_proj only column-smoothed by its norm (which still
+    is), within half a step."""
+    src, dst, summary = quantized("llama", "w8a8_dynamic", mix=["*.mlp.down_proj=w8a16"])
+    check_output(src, dst, lambda name: "W8A16" if name.endswith("down_proj") else "W8A8_DYNAMIC", torch.float32)
+    assert summary.linears == {"W8A8_DYNAMIC": 12, "W8A16": 2, "FLOAT": 1}
+    _, t = read_output(dst)
+    source = read_source(src)
+    for i in range(2):
+        p = f"model.layers.{i}."
+        s_mlp = source[p + "post_attention_layernorm.weight"] / t[p + "post_attention_layernorm.weight"]  # [K]
+        assert not torch.allclose(s_mlp, torch.ones_like(s_mlp))
+        for rel, s in (("mlp.up_proj", s_mlp), ("mlp.down_proj", None)):
+            w = source[p + rel + ".weight"] * (1 if s is None else s[None, :])  # [N, K]
+            scale = t[p + rel + ".weight_scale"]  # [N, 1]
+            err = (t[p + rel + ".weight"].float() * scale - w).abs()
+            assert (err <= scale * 0.5 * (1 + 1e-4) + 1e-7).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_model_dtype_sets_deq_scale_and_float_dtypes(quantized, dtype):
     src, dst, _ = quantized("qwen2", "w8a8", dtype=dtype)

@@ -65,7 +65,8 @@ def register(subparsers) -> None:
         action="append",
         default=[],
         metavar="GLOB=TYPE",
-        help="per-layer type, e.g. '*.mlp.*=w8a8_dynamic' (repeatable, first match wins, else --type)",
+        help="per-layer type: w8a8, w8a8_dynamic, w8a16 (weight-only) or float, e.g. '*.mlp.*=w8a8_dynamic' "
+        "(repeatable, first match wins, else --type)",
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where calibration runs [cpu]")
     p.add_argument("--shard-size", default="4GiB", help="cap per output shard, e.g. 500MB, 4GiB [4GiB]")
