@@ -90,12 +90,15 @@ def evaluate(
     progress: bool = True,
     sensitivity: bool = False,
     trust_remote_code: bool = False,
+    perturbation: float = 1e-6,
 ) -> list[EvalResult]:
     """Perplexity of each model on the same windows of text (tokenized by the first model's tokenizer);
-    sensitivity: score each model a second time with perturbed norms (twice the time); trust_remote_code: let the
-    model folders' own code run (Kimi-K2's tokenizer and config)."""
+    sensitivity: score each model a second time with every norm weight multiplied by (1 + perturbation) (twice the
+    time); trust_remote_code: let the model folders' own code run (Kimi-K2's tokenizer and config)."""
     if not models:
         raise ValueError("give at least one model to evaluate")
+    if not 0 < abs(perturbation) <= 0.01:
+        raise ValueError(f"the perturbation is a relative change of the norm weights in (0, 0.01], got {perturbation}")
     tokenizer = load_tokenizer(models[0], trust_remote_code)
     ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.int64)
     ids = ids[:max_tokens] if max_tokens else ids
@@ -116,7 +119,7 @@ def evaluate(
         )
         result.change_interval = None if len(results) == 0 else change_interval(base, per_window)
         if sensitivity:
-            perturb_norms(lm.model)
+            perturb_norms(lm.model, perturbation)
             moved = _window_means(_score_model(lm, ids, windows, path, progress)[0])
             result.sensitivity = (moved - per_window).exp().sub(1).abs().mean().item()
         results.append(result)

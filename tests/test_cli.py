@@ -88,6 +88,17 @@ def test_eval_json(tiny_model, tmp_path, capsys):
     assert results[1]["top1_agreement"] == 1.0
 
 
+def test_eval_sensitivity_names_its_perturbation(tiny_model, tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    path = str(tiny_model("qwen2"))
+    args = ["eval", path, "--corpus", str(corpus), "--context", "32", "--sensitivity", "--perturbation", "1e-4"]
+    assert main(args) == 0
+    assert "every norm weight moves by 0.0001" in capsys.readouterr().out
+    assert main([*args[:-1], "0.5"]) == 1
+    assert "relative change of the norm weights in (0, 0.01], got 0.5" in capsys.readouterr().err
+
+
 def test_bench_says_why_there_is_no_llama_cpp_row(tiny_model, monkeypatch, capsys):
     monkeypatch.setattr("slimquant.entrypoints.commands.llama_cpp_row.installed", lambda: False)
     args = ["--prompt-len", "4", "--decode-tokens", "2", "--streams", "1", "--no-transformers"]

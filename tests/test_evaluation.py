@@ -93,3 +93,17 @@ def test_eval_reports_interval_and_sensitivity(tiny_model):
     assert results[1].windows > 1 and results[1].change_interval == (0.0, 0.0)  # the same model: no change
     assert results[0].change_interval is None
     assert all(r.sensitivity is not None and 0 < r.sensitivity < 1e-3 for r in results)  # float: tiny but moved
+
+
+def test_sensitivity_scales_with_the_perturbation_on_a_float_model(tiny_model):
+    """A float model's perplexity moves in proportion to its norms' change (an int8 one does not: see
+    docs/benchmarks.md); a perturbation outside (0, 0.01] is refused."""
+    a = str(tiny_model("llama"))
+    small, large = (
+        evaluate([a], TEXT, context=32, progress=False, sensitivity=True, perturbation=rel)[0].sensitivity
+        for rel in (1e-6, 1e-4)
+    )
+    assert 30 < large / small < 300
+    for bad in (0.0, 0.5):
+        with pytest.raises(ValueError, match="relative change of the norm weights"):
+            evaluate([a], TEXT, context=32, progress=False, sensitivity=True, perturbation=bad)

@@ -27,6 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--sensitivity", action="store_true",
         help="also score each model with every norm weight moved by ~1e-6 (twice the time): a change below it is noise",
     )  # fmt: skip
+    p.add_argument(
+        "--perturbation", type=float, default=1e-6, metavar="REL",
+        help="--sensitivity's relative change of the norm weights (default 1e-6; int8 models move about as much "
+        "at 1e-8 as at 1e-3: the roundings that flip, not the size of the change, move them)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -50,15 +55,16 @@ def run(args: argparse.Namespace) -> int:
         args.dtype,
         sensitivity=args.sensitivity,
         trust_remote_code=args.trust_remote_code,
+        perturbation=args.perturbation,
     )
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
         return 0
-    print(table(results))
+    print(table(results, args.perturbation))
     return 0
 
 
-def table(results: list) -> str:
+def table(results: list, perturbation: float = 1e-6) -> str:
     """Perplexity, change against the first model with its 95% interval, agreement and (if measured) sensitivity."""
     base, sens = results[0].perplexity, results[0].sensitivity is not None
     lines = [f"{'model':<40}{'tokens':>8}{'perplexity':>12}{'change [95% interval]':>26}{'top-1 agree':>13}"
@@ -73,5 +79,6 @@ def table(results: list) -> str:
     n = results[0].windows
     lines.append(f"{n} windows; the interval is paired by window (Student's t)" if n > 1 else "one window: no interval")
     if sens:
-        lines.append("sensitivity: mean |per-window perplexity change| when every norm weight moves by ~1e-6")
+        moved = f"when every norm weight moves by {perturbation:g}"
+        lines.append(f"sensitivity: mean |per-window perplexity change| {moved}")
     return "\n".join(lines)
