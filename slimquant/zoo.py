@@ -61,10 +61,15 @@ def default_model_dir() -> Path:
     return out
 
 
+def is_default_name(name: str) -> bool:
+    """Whether name calls for the built-in model (its name, 'smollm2' or 'default'; any case)."""
+    return name.lower() in (DEFAULT_MODEL.lower(), "smollm2", "default")
+
+
 def resolve_model(name_or_path: str) -> Path:
     """A model folder: an existing path, or the default model's name (case-insensitive)."""
     if Path(name_or_path).exists():
         return Path(name_or_path)
-    if name_or_path.lower() in (DEFAULT_MODEL.lower(), "smollm2", "default"):
+    if is_default_name(name_or_path):
         return default_model_dir()
     raise ValueError(f"model {name_or_path!r} not found: pass a model folder, or '{DEFAULT_MODEL}' for the default")

@@ -128,3 +128,15 @@ def test_building_the_command_line_imports_no_torch():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "False"
+
+
+def test_quantize_takes_the_built_in_model_by_name(tiny_model, tmp_path, monkeypatch, capsys):
+    """SRC 'SmolLM2-135M-Instruct' (as bench / eval / generate take it) is the built-in model's folder; the mix
+    takes W8A16, which the summary counts."""
+    monkeypatch.setattr("slimquant.zoo.default_model_dir", lambda: tiny_model("llama"))
+    args = ["--type", "w8a8_dynamic", "--mix", "*.mlp.down_proj=w8a16", "--num-samples", "2", "--no-progress"]
+    assert main(["quantize", "SmolLM2-135M-Instruct", str(tmp_path / "q"), *args]) == 0
+    assert "2 W8A16" in capsys.readouterr().out
+    assert (
+        json.loads((tmp_path / "q" / "quant_model_description.json").read_text())["model_quant_type"] == "W8A8_DYNAMIC"
+    )

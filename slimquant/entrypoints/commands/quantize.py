@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from slimquant.quant import steps
 
@@ -34,7 +35,9 @@ def register(subparsers) -> None:
         description=HELP,
         epilog=EXAMPLES,
     )
-    p.add_argument("src", metavar="SRC", help="Hugging Face model folder (safetensors) or a .gguf file")
+    p.add_argument(
+        "src", metavar="SRC", help="Hugging Face model folder (safetensors), a .gguf file, or SmolLM2-135M-Instruct"
+    )
     p.add_argument("dst", metavar="DST", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--type", dest="quant_type", default="w8a8", help="w8a8 (static) or w8a8_dynamic [w8a8]")
     p.add_argument(
@@ -147,10 +150,12 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Quantize and print the summary."""
+    from slimquant import zoo
     from slimquant.convert import quantize
 
+    builtin = not Path(args.src).exists() and zoo.is_default_name(args.src)
     summary = quantize(
-        args.src,
+        zoo.default_model_dir() if builtin else args.src,
         args.dst,
         args.quant_type,
         anti_outlier=args.anti_outlier,
