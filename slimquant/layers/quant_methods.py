@@ -52,6 +52,15 @@ def replace_param(layer: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(layer, name, nn.Parameter(value, requires_grad=False))
 
 
+def add_per_channel_int8(layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+    """The tensors of a per-channel int8 weight (W8A8_DYNAMIC's and W8A16's): weight [N, K], weight_scale and
+    weight_offset [N, 1]."""
+    add_param(layer, "weight", (out_features, in_features), torch.int8, INT8_WEIGHT)
+    add_param(layer, "weight_scale", (out_features, 1), torch.float32, WEIGHT_SCALE)
+    add_param(layer, "weight_offset", (out_features, 1), torch.float32, WEIGHT_OFFSET)
+    layer.params_dtype = dtype
+
+
 class QuantMethod:
     """Base of all linear methods. model_dtype: the dtype the format's math rounds scales to (vLLM-Ascend's model
     dtype: dtype= where given, else the checkpoint's), whatever dtype the activations run in here."""
@@ -144,10 +153,7 @@ class W8A8DynamicMethod(QuantMethod):
     """W8A8_DYNAMIC: symmetric per-token activations, per-channel int8 weights, scales in the model dtype."""
 
     def create_weights(self, layer, in_features, out_features, dtype):
-        add_param(layer, "weight", (out_features, in_features), torch.int8, INT8_WEIGHT)
-        add_param(layer, "weight_scale", (out_features, 1), torch.float32, WEIGHT_SCALE)
-        add_param(layer, "weight_offset", (out_features, 1), torch.float32, WEIGHT_OFFSET)
-        layer.params_dtype = dtype
+        add_per_channel_int8(layer, in_features, out_features, dtype)
 
     def process_weights_after_loading(self, layer):
         # scales as the NPU sees them (rounded to the model dtype), held in fp32 for the kernel: [N]
@@ -169,10 +175,7 @@ class W8A16Method(UnquantizedMethod):
     the activations' dtype once, at load, and runs as a float linear (so tensor parallel treats it as one)."""
 
     def create_weights(self, layer, in_features, out_features, dtype):
-        add_param(layer, "weight", (out_features, in_features), torch.int8, INT8_WEIGHT)
-        add_param(layer, "weight_scale", (out_features, 1), torch.float32, WEIGHT_SCALE)
-        add_param(layer, "weight_offset", (out_features, 1), torch.float32, WEIGHT_OFFSET)
-        layer.params_dtype = dtype
+        add_per_channel_int8(layer, in_features, out_features, dtype)
 
     def process_weights_after_loading(self, layer):
         model_dtype = self.model_dtype or layer.params_dtype
