@@ -80,13 +80,14 @@ def default_mix(spec: ArchSpec, static_all: bool = False) -> tuple[tuple[str, st
 
 
 def recipe_note(spec: ArchSpec, quant_type: str, static_all: bool, plan: dict[str, str]) -> str:
-    """What the default w8a8 recipe made dynamic, e.g. '*.mlp.down_proj=W8A8_DYNAMIC (30 linears)', or ''."""
+    """What the default w8a8 recipe made dynamic, e.g. '*.mlp.down_proj=W8A8_DYNAMIC (30 linears)', or '' (also
+    where the user's globs took every linear it would have)."""
     if quant_type != W8A8 or static_all or not spec.w8a8_default_mix:
         return ""
     parts = []
     for glob, t in spec.w8a8_default_mix:
         n = sum(fnmatchcase(name, glob) and got == t for name, got in plan.items())
-        parts.append(f"{glob}={t} ({n} linears)")
+        parts += [f"{glob}={t} ({n} linears)"] if n else []  # none: the user's --mix / --keep-float took them all
     return ", ".join(parts)
 
 

@@ -74,3 +74,9 @@ def test_cli_prints_the_mix_and_static_all_turns_it_off(tiny_model, tmp_path, ca
     assert "default mix" not in out and "14 W8A8" in out and "W8A8_DYNAMIC" not in out
     desc, _ = read_output(tmp_path / "b")
     assert {v for k, v in desc.items() if k.endswith("_proj.weight")} == {"W8A8"}
+
+
+def test_no_default_mix_is_reported_where_the_users_mix_took_every_linear(quantized):
+    _, _, summary = quantized("llama", "w8a8", mix=["*.mlp.down_proj=w8a16"])
+    assert summary.default_mix == "" and "default mix" not in str(summary)
+    assert summary.linears == {"W8A8": 12, "W8A16": 2, "FLOAT": 1}
