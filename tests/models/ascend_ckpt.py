@@ -52,6 +52,7 @@ def write_ascend(
     seed: int = 0,
     layout: str = "slimquant",
     kv_cache: str | None = None,
+    model_quant_type: str = "W8A8",
 ) -> Path:
     """Write dst from src; quant_type(linear prefix) -> "W8A8" | "W8A8_DYNAMIC" | "W8A16" | "FLOAT"; layout: one of
     LAYOUTS.
@@ -93,12 +94,12 @@ def write_ascend(
     if layout == "v1" and "lm_head.weight" not in tensors:  # a tied head: V1 writes it
         entries.add("lm_head.weight", tensors.get("model.embed_tokens.weight").to(dtype), FLOAT)
     if layout == "slimquant":
-        writer = ModelSlimWriter(dst, "W8A8", kv_cache_type="C8" if kv_cache else None)
+        writer = ModelSlimWriter(dst, model_quant_type, kv_cache_type="C8" if kv_cache else None)
         for name, t, qtype in entries:
             writer.add(name, t, qtype)
         writer.close()
     else:
-        _save_modelslim(dst, entries, layout, kv_cache is not None)
+        _save_modelslim(dst, entries, layout, kv_cache is not None, model_quant_type)
     return dst
 
 
@@ -135,12 +136,14 @@ def _as_layout(out: dict[str, torch.Tensor], qtype: str, dtype: torch.dtype, lay
     return {k: out[k] for k in ("weight", "quant_bias", "input_scale", "input_offset", "deq_scale")} | bias
 
 
-def _save_modelslim(dst: Path, entries: _Entries, layout: str, kv_cache: bool = False) -> None:
+def _save_modelslim(
+    dst: Path, entries: _Entries, layout: str, kv_cache: bool = False, model_quant_type: str = "W8A8"
+) -> None:
     """One shard, its index and the description, named and ordered as the V0 or V1 saver does."""
     from safetensors.torch import save_file
 
     types = {name: qtype for name, _, qtype in entries}
-    stem = "quant_model_weights" if layout == "v1" else "quant_model_weight_w8a8"
+    stem = "quant_model_weights" if layout == "v1" else f"quant_model_weight_{model_quant_type.lower()}"
     shard = f"{stem}-00001-of-00001.safetensors"
     save_file({name: t.contiguous() for name, t, _ in entries}, str(dst / shard))
     size = sum(t.numel() * t.element_size() for _, t, _ in entries)
@@ -148,10 +151,11 @@ def _save_modelslim(dst: Path, entries: _Entries, layout: str, kv_cache: bool = 
     (dst / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
     kv = {"kv_cache_type": "C8", "kv_quant_type": "C8"} if kv_cache else {}
     if layout == "v1":
-        header = {"version": "1.0.0", "model_quant_type": "W8A8", "metadata": {}, "group_size": 0, "optional": {}}
+        header = {"version": "1.0.0", "model_quant_type": model_quant_type, "metadata": {}, "group_size": 0}
+        header |= {"optional": {}}
         description, indent = types | kv | header, 4
     else:
-        description, indent = {"version": "1.0.0", "model_quant_type": "W8A8"} | kv | types, 2
+        description, indent = {"version": "1.0.0", "model_quant_type": model_quant_type} | kv | types, 2
     (dst / "quant_model_description.json").write_text(json.dumps(description, indent=indent))
 
 
