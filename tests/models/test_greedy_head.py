@@ -18,7 +18,7 @@ needs_native = pytest.mark.skipif(not native.available(), reason="native kernels
 float_ops = NativeOps(native.load(), native.best_isa()) if native.available() else None
 
 
-def GreedyHead(w: torch.Tensor) -> greedy_head.GreedyHead:  # noqa: N802: the class, built on the default build
+def GreedyHead(w: torch.Tensor) -> greedy_head.GreedyHead:  # noqa: N802 (the class, built on the default build)
     return greedy_head.GreedyHead(w, float_ops)
 
 
