@@ -61,15 +61,18 @@ def default_model_dir() -> Path:
     return out
 
 
-def is_default_name(name: str) -> bool:
-    """Whether name calls for the built-in model (its name, 'smollm2' or 'default'; any case)."""
-    return name.lower() in (DEFAULT_MODEL.lower(), "smollm2", "default")
+def builtin_or_path(name_or_path: str) -> Path:
+    """The built-in model's folder where name_or_path is no existing path but its name ('smollm2', 'default'; any
+    case), else name_or_path as given (which may not exist)."""
+    path = Path(name_or_path)
+    if not path.exists() and name_or_path.lower() in (DEFAULT_MODEL.lower(), "smollm2", "default"):
+        return default_model_dir()
+    return path
 
 
 def resolve_model(name_or_path: str) -> Path:
     """A model folder: an existing path, or the default model's name (case-insensitive)."""
-    if Path(name_or_path).exists():
-        return Path(name_or_path)
-    if is_default_name(name_or_path):
-        return default_model_dir()
+    path = builtin_or_path(name_or_path)
+    if path.exists():
+        return path
     raise ValueError(f"model {name_or_path!r} not found: pass a model folder, or '{DEFAULT_MODEL}' for the default")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
 
 
@@ -22,6 +23,12 @@ class Scheme(str, Enum):
 FLOAT, W8A8, W8A8_DYNAMIC, W8A16 = Scheme.FLOAT, Scheme.W8A8, Scheme.W8A8_DYNAMIC, Scheme.W8A16
 QUANT_SCHEMES = (W8A8, W8A8_DYNAMIC, W8A16)  # the int8-weight ones
 INPUT_QUANT_SCHEMES = (W8A8, W8A8_DYNAMIC)  # the ones that quantize their input (smoothing serves them)
+
+
+def quantizes_input(types: Iterable[str]) -> bool:
+    """Whether any of these linear types quantizes its input: then smoothing their shared input serves them (a
+    float or W8A16 linear's input stays float, and smoothing would only coarsen its weight)."""
+    return any(t in INPUT_QUANT_SCHEMES for t in types)
 
 
 def parse_scheme(name: str, allow_float: bool = False, allow_weight_only: bool = False) -> Scheme:

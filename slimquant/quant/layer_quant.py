@@ -12,7 +12,7 @@ from torch import nn
 from slimquant.format.architectures import ArchSpec, layer_prefix
 from slimquant.format.checkpoint import C8, ModelSlimWriter
 from slimquant.format.primitives import kv_cache_scale
-from slimquant.format.schemes import FLOAT, INPUT_QUANT_SCHEMES, W8A8
+from slimquant.format.schemes import FLOAT, W8A8, quantizes_input
 from slimquant.quant.activations import Activations, Spill
 from slimquant.quant.decoder import BiasedNorm, LayerRunner, replace_module
 from slimquant.quant.expert_stream import EXPERT_GROUP_BYTES, StreamedExperts, streamed_experts
@@ -174,12 +174,12 @@ def _write_kv_cache_scales(writer: ModelSlimWriter, prefix: str, kv: KvRange) ->
 
 
 def _pairs(types: dict[str, str], job: LayerJob) -> list[tuple[str, tuple[str, ...]]]:
-    """The smoothing pairs (producer, linears) with at least one linear that quantizes its input (a float or
-    W8A16 linear's input is not quantized: smoothing it only coarsens its weight); none without smoothing."""
+    """The smoothing pairs (producer, linears) with at least one linear that quantizes its input; none without
+    smoothing."""
     if not job.smoother.active:
         return []
     pairs = job.spec.layer_smooth_pairs(tuple(types))
-    return [(src, group) for src, group in pairs if any(types[rel] in INPUT_QUANT_SCHEMES for rel in group)]
+    return [(src, group) for src, group in pairs if quantizes_input(types[rel] for rel in group)]
 
 
 def _smoothings(

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from slimquant.format.architectures import EMBED_PREFIX, LAYER_PREFIX, ArchSpec, arch_spec, layer_index, layer_prefix
 from slimquant.format.checkpoint import C8, ModelSlimWriter, is_modelslim_dir
 from slimquant.format.dtypes import float_dtype
-from slimquant.format.schemes import FLOAT, INPUT_QUANT_SCHEMES, W8A8
+from slimquant.format.schemes import FLOAT, W8A8, quantizes_input
 from slimquant.quant import steps
 from slimquant.quant.activations import Activations, Spill
 from slimquant.quant.calibration import load_texts, load_tokenizer, token_batches
@@ -196,7 +196,7 @@ def _check_shift_targets(spec: ArchSpec, plan: dict[str, str], n: int, config: d
         linears = spec.layer_linears(config, i)
         for producer, group in spec.layer_smooth_pairs(linears):
             types = {r: plan[layer_prefix(i) + r] for r in group}
-            if producer not in linears and set(types.values()) & set(INPUT_QUANT_SCHEMES):  # a smoothed norm: it shifts
+            if producer not in linears and quantizes_input(types.values()):  # a smoothed norm: it shifts
                 bad += [layer_prefix(i) + r for r, t in types.items() if t != W8A8 and not spec.has_bias(config, r)]
     if bad:
         raise ValueError(

@@ -57,11 +57,11 @@ def plan_types(
         else:
             plan[name] = next((t for g, t in mix if fnmatchcase(name, g)), quant_type)
     _check_fused(spec, num_layers, plan, config or {})
-    _check_no_static_experts(plan)
+    _check_expert_types(plan)
     return plan
 
 
-def _check_no_static_experts(plan: dict[str, str]) -> None:
+def _check_expert_types(plan: dict[str, str]) -> None:
     """Routed experts quantized static W8A8 or W8A16 make a checkpoint that no current loader runs: refuse at plan
     time."""
     for qtype in (W8A8, W8A16):

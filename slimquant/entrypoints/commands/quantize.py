@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from slimquant.quant import steps
 
@@ -153,9 +152,8 @@ def run(args: argparse.Namespace) -> int:
     from slimquant import zoo
     from slimquant.convert import quantize
 
-    builtin = not Path(args.src).exists() and zoo.is_default_name(args.src)
     summary = quantize(
-        zoo.default_model_dir() if builtin else args.src,
+        zoo.builtin_or_path(args.src),
         args.dst,
         args.quant_type,
         anti_outlier=args.anti_outlier,
