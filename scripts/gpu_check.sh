@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA checks of issue 21, for a GPU machine whose python3 already holds a CUDA torch and transformers (nothing is
 # installed), about 6 minutes on an H200, each stage timed:
-#   1. tests/cuda and the kernels' compile test;
+#   1. tests/cuda (with issue 19's tensor parallel on CUDA tensors; its NCCL test wants two GPUs) and the kernels'
+#      compile test;
 #   2. bench/cuda_linear.py: one linear at Llama-3-8B / 70B shapes, bf16 against the int8 paths (--sweep: also the
 #      fastest Triton tiles of the 8B rows at T = 1 and 2048);
 #   3. bench/speed.py: random Qwen2.5-7B-shaped checkpoints, transformers and slimquant bf16, W8A8_DYNAMIC and W8A8

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimquant.devices import check_device
+from slimquant.devices import check_device, rank_device
 from slimquant.distributed.cpu_binding import check_spec
 from slimquant.format.dtypes import DTYPE_NAMES, names_of
 
@@ -73,6 +73,7 @@ ENVIRONMENT = {
     "SLIMQUANT_API_KEY": ("slimquant serve --api-key", ""),
     "VLLM_CPU_OMP_THREADS_BIND": ("EngineConfig.cpu_threads_bind: each tensor-parallel rank's cores", "auto"),
     "WORLD_SIZE": ("torchrun's: slimquant serve joins its group (-tp = its size; rank 0 serves)", ""),
+    "LOCAL_RANK": ("torchrun's: EngineConfig.local_rank, a tensor-parallel rank's GPU (cuda:LOCAL_RANK)", ""),
 }
 
 
@@ -84,6 +85,11 @@ def env_setting(name: str) -> str:
 def cache_root() -> Path:
     """$SLIMQUANT_CACHE, default ~/.cache/slimquant: built kernels and the demo's converted models."""
     return Path(env_setting("SLIMQUANT_CACHE")).expanduser()
+
+
+def _env_int(name: str) -> int | None:
+    value = env_setting(name)
+    return int(value) if value else None
 
 
 def _env_flag(name: str) -> bool:
@@ -160,6 +166,8 @@ class EngineConfig:
     node_rank: int = 0  # this machine's index; 0 serves, the others run --headless
     master_addr: str = "127.0.0.1"  # node 0's address, where the ranks meet
     master_port: int | None = None  # its port (needed with nnodes > 1; else a free one)
+    # this process's index among its machine's ranks (torchrun's LOCAL_RANK); None: the rank modulo ranks_per_node
+    local_rank: int | None = field(default_factory=lambda: _env_int("LOCAL_RANK"))
     # "mp": this process is rank 0 and drives the others (started here, or torchrun's); "external_launcher": every
     # rank of torchrun's group runs its own engine; None: external_launcher under torchrun, else mp (as vLLM)
     distributed_executor_backend: str | None = None
@@ -192,6 +200,14 @@ class EngineConfig:
         executor, executors = self.distributed_executor_backend, (None, "mp", "external_launcher")
         _check(executor in executors, "distributed_executor_backend", executor, f"one of {executors}")
         check_device(self.device)
+        if self.local_rank is not None:
+            _check(self.local_rank >= 0, "local_rank", self.local_rank, "a rank's index on its machine (>= 0)")
+        self.rank_device(self.ranks_per_node - 1)  # this machine's last rank has its GPU (torchrun: this rank)
+
+    def rank_device(self, rank: int) -> str:
+        """Where tensor-parallel rank rank runs (devices.rank_device): cuda:LOCAL_RANK on a GPU."""
+        local = self.local_rank if self.local_rank is not None else rank % self.ranks_per_node
+        return rank_device(self.device, local, self.tensor_parallel_size)
 
     @property
     def ranks_per_node(self) -> int:

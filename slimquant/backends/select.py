@@ -12,8 +12,10 @@ def select_backend(device: str, kernels: KernelConfig, enforce_eager: bool = Fal
     """The backend for a device: kernels.backend, or for "auto" the fastest that runs here (cpu-native on a CPU,
     cuda-triton on a GPU; torch-reference where their kernels cannot load, said in its notes). A backend asked
     for by name that cannot run here is a ValueError with the reason. Tensor parallel (tp_size > 1) runs cpu-native
-    per op (its whole-step path does not reduce across ranks) and on a GPU torch-reference (nor do Triton's)."""
+    per op (its whole-step path does not reduce across ranks) and on a GPU torch-reference (nor do Triton's), without
+    CUDA graphs."""
     on_cuda = str(device).startswith("cuda")
+    graphs = on_cuda and not enforce_eager and tp_size == 1  # a step's collectives are not captured (yet)
     wanted = kernels.backend
     if wanted == "auto":
         wanted = "cuda-triton" if on_cuda else "cpu-native"
@@ -26,11 +28,11 @@ def select_backend(device: str, kernels: KernelConfig, enforce_eager: bool = Fal
     if wanted != "torch-reference" and (wanted == "cuda-triton") != on_cuda:
         raise ValueError(f"backend {wanted!r} does not run on device {device!r}; use 'auto' or 'torch-reference'")
     try:
-        return _make(wanted, kernels, graphs=on_cuda and not enforce_eager, tp_size=tp_size)
+        return _make(wanted, kernels, graphs=graphs, tp_size=tp_size)
     except _Unavailable as e:
         if kernels.backend != "auto":
             raise ValueError(f"backend {wanted!r} cannot run here: {e}") from None
-        backend = Backend(graphs=on_cuda and not enforce_eager)
+        backend = Backend(graphs=graphs)
         backend.notes.append(f"{wanted} unavailable ({e}): every op in torch, slower")
         return backend
 

@@ -2,7 +2,8 @@
 
 Size 1 (SINGLE) is one process: every collective returns its input. The collectives keep one process's numbers:
 sums are only ever taken over int32 accumulators (exact in any order), maxima are exact, and gathers concatenate
-in rank order.
+in rank order. Objects and host integers go through group (gloo); CUDA tensors through device_group (NCCL) where
+the ranks run on GPUs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class TensorParallel:
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
+    device_group: dist.ProcessGroup | None = None  # CUDA tensors' collectives (NCCL); None: group's
     local: SharedMemoryExchange | None = None  # ranks on one machine: small tensors through shared memory
     expert_parallel: bool = False  # MoE layers: whole experts per rank instead of a part of every expert
     order: str = "exact"  # how row-parallel linears reduce: config.TENSOR_PARALLEL_ORDERS
@@ -73,7 +75,7 @@ class TensorParallel:
                 parts[0] += part
             return t.copy_(parts[0])
         if self.size > 1:
-            dist.all_reduce(t, dist.ReduceOp.SUM, group=self.group)
+            dist.all_reduce(t, dist.ReduceOp.SUM, group=self._group_of(t))
         return t
 
     def max(self, t: torch.Tensor) -> torch.Tensor:
@@ -81,7 +83,7 @@ class TensorParallel:
         if self.local is not None and self.local.fits(t):
             return t.copy_(torch.stack(self.local.exchange(t)).amax(dim=0))
         if self.size > 1:
-            dist.all_reduce(t, dist.ReduceOp.MAX, group=self.group)
+            dist.all_reduce(t, dist.ReduceOp.MAX, group=self._group_of(t))
         return t
 
     def min_int(self, n: int) -> int:
@@ -110,8 +112,12 @@ class TensorParallel:
         if self.local is not None and self.local.fits(t):
             return torch.cat(self.local.exchange(t), dim=-1)
         parts = [torch.empty_like(t) for _ in range(self.size)]
-        dist.all_gather(parts, t.contiguous(), group=self.group)
+        dist.all_gather(parts, t.contiguous(), group=self._group_of(t))
         return torch.cat(parts, dim=-1)
+
+    def _group_of(self, t: torch.Tensor) -> dist.ProcessGroup | None:
+        """The group that reduces t: device_group for a CUDA tensor where there is one, else group."""
+        return self.device_group if t.is_cuda and self.device_group is not None else self.group
 
 
 SINGLE = TensorParallel()

@@ -42,6 +42,9 @@ _SPAWN_HINT = (
 # once (its socket closes), and a worker whose parent died exits (_watch_parent).
 _WAIT = timedelta(days=30)
 _NODE_WAIT = timedelta(minutes=10)  # how long node 0 waits for the other nodes to join
+# A collective inside a step (NCCL, on GPUs): a rank that died mid-step leaves the others waiting this long at most,
+# then NCCL's watchdog ends them (gloo's host collectives see a dead peer at once)
+_NCCL_WAIT = timedelta(minutes=2)
 
 
 class RankFailure(RuntimeError):
@@ -68,7 +71,7 @@ class WorkerGroup:
         group._join_as_rank0(config)
         try:
             group.guard(_check_fingerprints, config, group.tp)
-            group.tp = group.guard(_share_memory, group.tp, config.nnodes == 1, lambda: not group._dead())
+            group.tp = group.guard(_links, group.tp, config, config.nnodes == 1, lambda: not group._dead())
         except BaseException:
             group.kill()
             raise
@@ -86,13 +89,14 @@ class WorkerGroup:
             )
         group = cls([], None, TensorParallel(0, config.tensor_parallel_size), [])
         _check_fingerprints(config, group.tp)
-        _share_memory(group.tp, False)  # torchrun's ranks may be on several machines: gloo
+        group.tp = _links(group.tp, config, False)  # torchrun's ranks may be on several machines: no shared memory
         return group
 
     @classmethod
     def _spawn(cls, config: EngineConfig, ranks: list[int], cores: list[list[int] | None]) -> WorkerGroup:
         ctx = mp.get_context("spawn")
         errors = ctx.Queue()
+        config = dataclasses.replace(config, local_rank=None)  # each places itself by its rank
         procs = [
             ctx.Process(target=_worker_main, args=(config, rank, mine, errors), daemon=True)
             for rank, mine in zip(ranks, cores, strict=True)
@@ -248,6 +252,29 @@ def fingerprint(config: EngineConfig) -> str:
     return h.hexdigest()[:16]
 
 
+def launched_group(config: EngineConfig) -> TensorParallel:
+    """This process's place in the group torchrun (or the caller) made, where every rank runs its own engine
+    (distributed_executor_backend='external_launcher')."""
+    tp = TensorParallel.from_default_group(config.tensor_parallel_size)
+    if tp.size > 1 and dist.get_backend() == "nccl":
+        raise ValueError(
+            "the torch.distributed group is NCCL only: slimquant's ranks also exchange host values; initialize it "
+            "with init_process_group('gloo') (slimquant adds an NCCL group for GPU tensors itself)"
+        )
+    return _links(tp, config, False)
+
+
+def _links(tp: TensorParallel, config: EngineConfig, offer: bool, alive: Callable[[], bool] = lambda: True):
+    """tp with what its tensor collectives go through: on GPUs, this rank's GPU made current and an NCCL group
+    (every rank makes it: a collective); on CPUs, a shared-memory exchange where offer (ranks on one machine)."""
+    if tp.size == 1:
+        return tp
+    if config.device.startswith("cuda"):
+        torch.cuda.set_device(config.rank_device(tp.rank))
+        return dataclasses.replace(tp, device_group=dist.new_group(backend="nccl", timeout=_NCCL_WAIT))
+    return _share_memory(tp, offer, alive)
+
+
 def _share_memory(tp: TensorParallel, offer: bool, alive: Callable[[], bool] = lambda: True) -> TensorParallel:
     """tp with a shared-memory exchange where rank 0 offers one (all ranks on this x86 machine), else tp; rank 0
     creates the segment and broadcasts its name, the others attach."""
@@ -285,7 +312,7 @@ def run_rank(config: EngineConfig) -> None:
 
     tp = TensorParallel(dist.get_rank(), config.tensor_parallel_size)
     _check_fingerprints(config, tp)
-    tp = _share_memory(tp, False)
+    tp = _links(tp, config, False)
     try:
         runner, _ = load_runner(config, tp, broadcast=False)
         runner.serve_steps()

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from slimquant.config import EngineConfig
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
-from slimquant.distributed.workers import WorkerGroup
+from slimquant.distributed.workers import WorkerGroup, launched_group
 from slimquant.engine.block_manager import BlockManager
 from slimquant.engine.detokenizer import IncrementalDetokenizer, TokenTexts
 from slimquant.engine.inputs import PromptType, load_tokenizer, model_max_len, parse_prompt, stop_token_ids
@@ -50,7 +50,7 @@ class LLMEngine:
                 self.workers = WorkerGroup.attach(config) if launched else WorkerGroup.start(config)
                 self.tp, broadcast = self.workers.tp, True  # this process drives the other ranks
             else:  # every rank runs this engine on the same requests
-                self.tp = TensorParallel.from_default_group(config.tensor_parallel_size)
+                self.tp = launched_group(config)
         if self.workers is None:
             self.runner, loaded = load_runner(config, self.tp, broadcast)
         else:
@@ -218,7 +218,7 @@ def load_runner(config: EngineConfig, tp: TensorParallel, broadcast: bool) -> tu
     loaded = load_model(
         config.model,
         dtype=config.dtype,
-        device=config.device,
+        device=config.rank_device(tp.rank),
         quantization=config.quantization,
         trust_remote_code=config.trust_remote_code,
         kernels=config.kernels,
@@ -226,7 +226,7 @@ def load_runner(config: EngineConfig, tp: TensorParallel, broadcast: bool) -> tu
         tp=split,
     )
     config.resolve(model_max_len(loaded.hf_config))
-    kv_dtype = kv_cache_dtype(config.kv_cache_dtype, config.dtype, loaded, config.device)
+    kv_dtype = kv_cache_dtype(config.kv_cache_dtype, config.dtype, loaded, config.rank_device(tp.rank))
     return ModelRunner(config, loaded.model, loaded.backend, kv_dtype, tp, broadcast), loaded
 
 

@@ -50,7 +50,7 @@ class ModelRunner:
     ):
         self.config, self.tp, self.broadcast = config, tp, broadcast
         self.model, self.backend = model, backend
-        self.device = torch.device(config.device)
+        self.device = torch.device(config.rank_device(tp.rank))  # cuda:LOCAL_RANK for a rank on a GPU
         self.block_size = config.block_size
         self.num_blocks = self._allocate_kv_cache(kv_dtype, scratch_blocks=backend.scratch_blocks(model))
         max_blocks = -(-config.max_model_len // self.block_size)  # scratch block num_blocks: padding rows' writes
@@ -93,8 +93,9 @@ class ModelRunner:
         inputs = self.prepare(batch)
         split_head = self.model.vocab_tp.size > 1  # every rank computes its part of the logits
         indices = inputs.rows.indices() if split_head else None
-        if self.broadcast:
-            self.tp.broadcast((inputs.input_ids, inputs.positions, inputs.context, indices))
+        if self.broadcast:  # as host tensors: each rank moves them to its own device
+            host = inputs.context.to(torch.device("cpu"))
+            self.tp.broadcast((inputs.input_ids.cpu(), inputs.positions.cpu(), host, indices))
         hidden = self.backend.forward(self.model, inputs.input_ids, inputs.positions, inputs.context)  # [T, H]
         if split_head:
             return self.sampler.sample_logits(self._logits(hidden, indices), inputs.rows)
@@ -105,7 +106,8 @@ class ModelRunner:
         """A rank > 0: run the forward of each step rank 0 broadcasts, until it broadcasts None."""
         while (step := self.tp.broadcast()) is not None:
             input_ids, positions, context, indices = step
-            hidden = self.backend.forward(self.model, input_ids, positions, context)
+            ids, positions, context = input_ids.to(self.device), positions.to(self.device), context.to(self.device)
+            hidden = self.backend.forward(self.model, ids, positions, context)
             self._logits(hidden, indices)
         self.tp.barrier()  # every rank has the stop before any leaves the group
 

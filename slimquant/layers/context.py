@@ -6,6 +6,7 @@ one decode token) on top of context_lens[i] - query_lens[i] tokens already in it
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,14 @@ class ForwardContext:
     block_tables: torch.Tensor  # [B, max_blocks] int32 block ids, -1 padded
     block_size: int
     device_context_lens: torch.Tensor | None = None  # [B] int32 on the model's device in a CUDA-graph step
+
+    def to(self, device: torch.device) -> ForwardContext:
+        """This context with its tensors on device (itself where they are there already)."""
+        if self.block_tables.device == device:
+            return self
+        lens = None if self.device_context_lens is None else self.device_context_lens.to(device)
+        moved = (self.slot_mapping.to(device), self.block_tables.to(device), lens)
+        return dataclasses.replace(self, slot_mapping=moved[0], block_tables=moved[1], device_context_lens=moved[2])
 
     @functools.cached_property
     def context_lens_tensor(self) -> torch.Tensor:
