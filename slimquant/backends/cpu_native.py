@@ -23,10 +23,12 @@ from slimquant.backends.native_ops import NativeOps
 from slimquant.backends.native_stack import (
     DecoderStackPlan,
     ModelEnds,
+    StackRanks,
     decoder_layer_plan,
     decoder_model,
     fp32_copy,
 )
+from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.kernels import native
 from slimquant.layers.attention import KVCacheLayer
 from slimquant.layers.context import ForwardContext
@@ -43,11 +45,19 @@ class CpuNativeBackend(Backend):
     name = "cpu-native"
 
     def __init__(
-        self, lib: native.Library, isa: str, greedy_screen: bool = True, hugepages: bool = True, tp_size: int = 1
+        self,
+        lib: native.Library,
+        isa: str,
+        greedy_screen: bool = True,
+        hugepages: bool = True,
+        tp: TensorParallel = SINGLE,
     ):
-        """tp_size > 1: a tensor-parallel rank, which runs every step per op (the stack reduces across no ranks)."""
+        """tp: this process's tensor-parallel group; its whole steps reduce across the ranks from inside the
+        native call (StackRanks)."""
         super().__init__(NativeOps(lib, isa, hugepages))
-        self.lib, self.isa, self.greedy_screen, self.tp_size = lib, isa, greedy_screen, tp_size
+        self.lib, self.isa, self.greedy_screen, self.tp = lib, isa, greedy_screen, tp
+        self.ranks = StackRanks(lib, tp) if tp.size > 1 else None
+        self._ranks_agree = tp.size == 1  # the ranks agreed which steps run the stack (on the first step)
         self.stack: DecoderStackPlan | None = None
         self.fp32_steps_only = True  # the stack pays at any size (fp32 activations); else up to BF16_STEP_MAX_MACS
         self._final_norm: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -60,10 +70,6 @@ class CpuNativeBackend(Backend):
     def prepare(self, model: nn.Module) -> None:
         """Plan every layer for the stack (or note which one cannot be, and why)."""
         decoder = model.model
-        if self.tp_size > 1:
-            self.notes.append(f"steps run per op: tensor parallel over {self.tp_size} ranks (the row-parallel int8 "
-                              "linears sum their int32 products across ranks between the native kernels)")  # fmt: skip
-            return
         parts = [layer.stack_parts() if hasattr(layer, "stack_parts") else None for layer in decoder.layers]
         if any(p is None for p in parts):
             self.notes.append(f"steps run per op: {type(decoder.layers[0]).__name__} has no native stack form")
@@ -77,11 +83,16 @@ class CpuNativeBackend(Backend):
         self.fp32_steps_only = decoder.norm.weight.dtype == torch.float32
         self._final_norm = (fp32_copy(decoder.norm.weight), fp32_copy(decoder.norm.bias))
         limit = "" if self.fp32_steps_only else f", up to {BF16_STEP_MAX_MACS / 1e9:g} G multiply-adds per step"
-        self.notes.append(f"decode and prefill chunks <= {STACK_PREFILL_TOKENS} tokens in one native call{limit}")
+        ranks = f", reduced across {self.tp.size} ranks from inside it" if self.tp.size > 1 else ""
+        self.notes.append(
+            f"decode and prefill chunks <= {STACK_PREFILL_TOKENS} tokens in one native call{limit}{ranks}"
+        )
 
     def forward(
         self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
+        if not self._ranks_agree:
+            self._agree()
         if self._stack_takes(input_ids.shape[0], ctx):
             hidden = self._stack_step(model, input_ids, positions, ctx)
             if hidden is not None:
@@ -90,6 +101,14 @@ class CpuNativeBackend(Backend):
 
     def head(self, model: nn.Module) -> LogitsHead:
         return ScreenedHead(model, self.ops) if self.greedy_screen else LogitsHead(model)
+
+    def _agree(self) -> None:
+        """Every rank runs the stack, or none (a rank's part of a weight may hold -128, which has no native form):
+        the ranks run the same steps' collectives."""
+        if self.tp.min_int(int(self.stack is not None)) == 0 and self.stack is not None:
+            self.stack = None
+            self.notes.append("steps run per op: another tensor-parallel rank's layers have no native stack form")
+        self._ranks_agree = True
 
     def _stack_takes(self, tokens: int, ctx: ForwardContext) -> bool:
         """Whether this step runs the stack: a decode step or a small prefill, within the bf16 work limit."""
@@ -107,8 +126,10 @@ class CpuNativeBackend(Backend):
         ):
             return None  # a new prompt over an int8 cache attends to its own float k / v: the per-op path's SDPA
         rope = decoder.rotary.table(max(ctx.context_lens))  # rows for every position of the step
-        ends = ModelEnds(decoder.embed_tokens.weight, rope, *self._final_norm, decoder.norm.eps)
-        return decoder_model(self.lib, self.stack, input_ids, positions, ends, self._caches[1], ctx)
+        embed = decoder.embed_tokens
+        vocab = dict(vocab_start=embed.start, vocab_split=embed.tp.size > 1)  # this rank's rows of the table
+        ends = ModelEnds(embed.weight, rope, *self._final_norm, decoder.norm.eps, **vocab)
+        return decoder_model(self.lib, self.stack, input_ids, positions, ends, self._caches[1], ctx, self.ranks)
 
 
 class ScreenedHead(LogitsHead):

@@ -9,6 +9,7 @@ native kernels the per-op path calls, in the same order, so the results are bit-
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,7 @@ from slimquant.backends.native_ops import (
     kv_quant_struct,
     step_rows,
 )
+from slimquant.distributed.tensor_parallel import TensorParallel
 from slimquant.kernels import native
 from slimquant.layers.context import ForwardContext
 from slimquant.layers.quant_methods import UnquantizedMethod, W8A8DynamicMethod, W8A8StaticMethod
@@ -41,6 +43,7 @@ class LinearForm:
     tensors: dict[str, torch.Tensor | None] = field(default_factory=dict)  # w_scale, bias, quant_bias, deq_scale
     inv_scale: float = 0.0
     offset: float = 0.0
+    split_k: bool = False  # row-parallel int8: this rank's part of K, the ranks reduce (StackRanks)
 
 
 @dataclass
@@ -56,6 +59,8 @@ class DecoderLayerPlan:
 def linear_form(layer: nn.Module) -> LinearForm | str:
     """A Linear's native form, or why it has none."""
     method, w = layer.method, layer.weight
+    if layer.gather_input or layer.partial_sum:
+        return f"{layer.prefix}: a row-parallel linear that gathers its input or sums float parts runs per op"
     if isinstance(method, UnquantizedMethod):
         if w.dtype != torch.bfloat16:
             return f"{layer.prefix}: float weights that are not exactly bf16 run through BLAS"
@@ -64,12 +69,14 @@ def linear_form(layer: nn.Module) -> LinearForm | str:
         return f"{layer.prefix}: an int8 weight holding -128 runs on the exact fp32 path"
     n, k = w.shape[0], layer.in_features
     if isinstance(method, W8A8DynamicMethod):
-        return LinearForm("dynamic", n, k, w, {"w_scale": layer.weight_scale, "bias": layer.bias})
+        tensors = {"w_scale": layer.weight_scale, "bias": layer.bias}
+        return LinearForm("dynamic", n, k, w, tensors, split_k=layer.split_k)
     if isinstance(method, W8A8StaticMethod):
         if layer.input_inv_scale.dtype != torch.float32:
             return f"{layer.prefix}: static activations quantized in {layer.input_inv_scale.dtype}, not fp32"
         tensors = {"quant_bias": layer.quant_bias, "deq_scale": layer.deq_scale}
-        return LinearForm("static", n, k, w, tensors, float(layer.input_inv_scale), float(layer.input_offset_rt))
+        scalars = (float(layer.input_inv_scale), float(layer.input_offset_rt))
+        return LinearForm("static", n, k, w, tensors, *scalars, split_k=layer.split_k)
     return f"{layer.prefix}: no native form for {type(method).__name__}"
 
 
@@ -134,14 +141,50 @@ class DecoderStackPlan:
 
 @dataclass
 class ModelEnds:
-    """What a whole-model step adds around the stack: the embedding table [V, H] (bf16 or fp32), the rope
-    tables (cos, sin) fp32 [P, D] covering every position of the step (None: no rope), the final norm."""
+    """What a whole-model step adds around the stack: the embedding table [V, H] (bf16 or fp32; under tensor
+    parallel this rank's rows from vocab_start, summed across ranks where vocab_split), the rope tables (cos, sin)
+    fp32 [P, D] covering every position of the step (None: no rope), the final norm."""
 
     embed: torch.Tensor
     rope: tuple[torch.Tensor, torch.Tensor] | None
     norm_weight: torch.Tensor
     norm_bias: torch.Tensor | None
     eps: float
+    vocab_start: int = 0
+    vocab_split: bool = False
+
+
+_REDUCE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64)  # SqRanks.reduce
+_REDUCE_OPS = {  # SqRanks.reduce's op -> (element, TensorParallel collective)
+    0: (torch.int32, "sum"),
+    1: (torch.float32, "max"),
+    2: (torch.float32, "sum_disjoint"),
+}
+
+
+class StackRanks:
+    """The SqRanks of a tensor-parallel rank: sq_decoder_model calls tp's collectives back from its calling thread
+    (between its team's barriers) on the step's buffers; a collective's exception is kept for raise_failure."""
+
+    def __init__(self, lib: native.Library, tp: TensorParallel):
+        self.tp, self.error = tp, None
+        self._callback = _REDUCE(self._reduce)  # alive as long as the struct points at it
+        self.struct = lib.structs["SqRanks"](size=tp.size, reduce=ctypes.cast(self._callback, ctypes.c_void_p))
+
+    def _reduce(self, op: int, data: int, count: int) -> int:
+        try:
+            dtype, collective = _REDUCE_OPS[op]
+            raw = (ctypes.c_byte * (count * dtype.itemsize)).from_address(data)
+            getattr(self.tp, collective)(torch.frombuffer(raw, dtype=dtype))  # in place, in the native buffer
+            return 0
+        except BaseException as e:  # noqa: BLE001 - a callback cannot raise into C: raise_failure does
+            self.error = e
+            return 1
+
+    def raise_failure(self) -> None:
+        """Raise what failed inside the last native step."""
+        error, self.error = self.error, None
+        raise error if error is not None else RuntimeError("a tensor-parallel reduction of the native step failed")
 
 
 def decoder_model(
@@ -152,6 +195,7 @@ def decoder_model(
     ends: ModelEnds,
     kv_caches: list[torch.Tensor],
     ctx: ForwardContext,
+    ranks: StackRanks | None = None,
 ) -> torch.Tensor | None:
     """A whole step in one native call, one attention row per token (ctx.token_rows: a decode step, or small
     prefill chunks): input_ids, positions [T] -> the final norm's output [T, H] (embeddings, every layer, final
@@ -168,12 +212,17 @@ def decoder_model(
         embed=ends.embed.data_ptr(), embed_bf16=int(ends.embed.dtype == torch.bfloat16),
         rope_dim=0 if cos is None else cos.shape[1], cos_table=_ptr(cos), sin_table=_ptr(sin),
         norm_w=ends.norm_weight.data_ptr(), norm_b=_ptr(ends.norm_bias), eps=ends.eps,
+        vocab_start=ends.vocab_start, vocab_rows=ends.embed.shape[0], vocab_split=int(ends.vocab_split),
     )  # fmt: skip
-    lib.sq_decoder_model(
+    failed = lib.sq_decoder_model(
         layers=stack.layers, num_layers=len(stack.plans), k_caches=k_ptrs, v_caches=v_ptrs,
         step=step_rows(lib, ctx.slot_mapping, tables, lens, kv_caches[0]), ends=model_ends,
-        ids=input_ids.data_ptr(), positions=positions.data_ptr(), hidden=hidden.data_ptr(),
+        ranks=None if ranks is None else ranks.struct, ids=input_ids.data_ptr(), positions=positions.data_ptr(),
+        hidden=hidden.data_ptr(),
     )  # fmt: skip
+    if failed:
+        assert ranks is not None, "only a reduction across ranks fails"
+        ranks.raise_failure()
     return hidden
 
 
@@ -204,7 +253,7 @@ _FORM_DTYPES = {  # kind -> (weight dtype, {tensor name: dtype})
 def _fp32_tensors(lf: LinearForm) -> LinearForm:
     """lf with its float tensors other than the weight (scales, biases) in fp32, the kernels' dtype."""
     tensors = {name: fp32_copy(t) for name, t in lf.tensors.items()}
-    form = LinearForm(lf.kind, lf.n, lf.k, lf.weight, tensors, lf.inv_scale, lf.offset)
+    form = dataclasses.replace(lf, tensors=tensors)
     weight_dtype, dtypes = _FORM_DTYPES[lf.kind]
     assert lf.weight.dtype == weight_dtype and lf.weight.shape[0] == lf.n, f"{lf.kind} weight {lf.weight.shape}"
     assert all(t is None or (t.dtype == dtypes[n] and t.numel() == lf.n) for n, t in tensors.items()), lf.kind
@@ -232,7 +281,7 @@ def _native_linear(lib: native.Library, lf: LinearForm) -> ctypes.Structure:
     t = {name: _ptr(lf.tensors.get(name)) for name in ("w_scale", "bias", "quant_bias", "deq_scale")}
     return lib.structs["SqLinear"](
         kind=_LINEAR_KIND[lf.kind], n=lf.n, k=lf.k, kp=lf.weight.shape[1], w=lf.weight.data_ptr(),
-        inv_scale=lf.inv_scale, offset=lf.offset, **t,
+        inv_scale=lf.inv_scale, offset=lf.offset, split_k=int(lf.split_k), **t,
     )  # fmt: skip
 
 

@@ -4,31 +4,33 @@ from __future__ import annotations
 
 from slimquant.backends.base import Backend
 from slimquant.config import KernelConfig
+from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.kernels import native
 from slimquant.kernels.triton_kernels import triton_module
 
 
-def select_backend(device: str, kernels: KernelConfig, enforce_eager: bool = False, tp_size: int = 1) -> Backend:
+def select_backend(
+    device: str, kernels: KernelConfig, enforce_eager: bool = False, tp: TensorParallel = SINGLE
+) -> Backend:
     """The backend for a device: kernels.backend, or for "auto" the fastest that runs here (cpu-native on a CPU,
     cuda-triton on a GPU; torch-reference where their kernels cannot load, said in its notes). A backend asked
-    for by name that cannot run here is a ValueError with the reason. Tensor parallel (tp_size > 1) runs cpu-native
-    per op (its whole-step path does not reduce across ranks) and on a GPU torch-reference (nor do Triton's), without
-    CUDA graphs."""
+    for by name that cannot run here is a ValueError with the reason. Tensor parallel (tp.size > 1) runs on a GPU
+    torch-reference (Triton's whole-step graphs do not reduce across ranks), without CUDA graphs."""
     on_cuda = str(device).startswith("cuda")
-    graphs = on_cuda and not enforce_eager and tp_size == 1  # a step's collectives are not captured (yet)
+    graphs = on_cuda and not enforce_eager and tp.size == 1  # a step's collectives are not captured (yet)
     wanted = kernels.backend
     if wanted == "auto":
         wanted = "cuda-triton" if on_cuda else "cpu-native"
-    if tp_size > 1 and wanted == "cuda-triton":  # its whole-step graphs do not reduce across ranks
+    if tp.size > 1 and wanted == "cuda-triton":  # its whole-step graphs do not reduce across ranks
         if kernels.backend != "auto":
             raise ValueError("backend 'cuda-triton' does not run tensor parallel yet; use 'auto' or 'torch-reference'")
         backend = Backend()
-        backend.notes.append(f"tensor parallel over {tp_size} ranks: every op in torch, the int8 sums over ranks")
+        backend.notes.append(f"tensor parallel over {tp.size} ranks: every op in torch, the int8 sums over ranks")
         return backend
     if wanted != "torch-reference" and (wanted == "cuda-triton") != on_cuda:
         raise ValueError(f"backend {wanted!r} does not run on device {device!r}; use 'auto' or 'torch-reference'")
     try:
-        return _make(wanted, kernels, graphs=graphs, tp_size=tp_size)
+        return _make(wanted, kernels, graphs=graphs, tp=tp)
     except _Unavailable as e:
         if kernels.backend != "auto":
             raise ValueError(f"backend {wanted!r} cannot run here: {e}") from None
@@ -41,7 +43,7 @@ class _Unavailable(Exception):
     pass
 
 
-def _make(name: str, kernels: KernelConfig, graphs: bool, tp_size: int = 1) -> Backend:
+def _make(name: str, kernels: KernelConfig, graphs: bool, tp: TensorParallel = SINGLE) -> Backend:
     if name == "cpu-native":
         from slimquant.backends.cpu_native import CpuNativeBackend
 
@@ -50,7 +52,7 @@ def _make(name: str, kernels: KernelConfig, graphs: bool, tp_size: int = 1) -> B
         except native.NativeUnavailable as e:
             raise _Unavailable(str(e)) from None
         isa = native.best_isa() if kernels.isa == "auto" else kernels.isa
-        return CpuNativeBackend(lib, isa, kernels.greedy_screen, kernels.hugepages, tp_size)
+        return CpuNativeBackend(lib, isa, kernels.greedy_screen, kernels.hugepages, tp)
     if name == "cuda-triton":
         if triton_module("cuda_layers") is None:
             raise _Unavailable("Triton is not installed")

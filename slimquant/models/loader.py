@@ -58,7 +58,7 @@ def load_model(
     _check_folder(path)
     quantized = _use_ascend(path, quantization)
     config = _read_config(path, trust_remote_code)
-    backend = select_backend(device, kernels or KernelConfig(), enforce_eager, tp.size)
+    backend = select_backend(device, kernels or KernelConfig(), enforce_eager, tp)
     torch_dtype = resolve_dtype(dtype, config, device, quantized, native=backend.name == "cpu-native")
     model_dtype = resolve_dtype(dtype, config)  # vLLM-Ascend's: dtype= where given, else the checkpoint's
     quant_config = AscendQuantConfig.from_folder(path, model_dtype) if quantized else QuantConfig()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from slimquant import LLM, SamplingParams
+from slimquant.backends.native_stack import StackRanks
 from slimquant.config import KernelConfig
 from slimquant.distributed.launch import run_ranks
 from slimquant.distributed.tensor_parallel import TensorParallel
@@ -17,6 +18,7 @@ from slimquant.format.safetensors_io import SafetensorsFolder
 from slimquant.kernels import native
 from slimquant.models.loader import load_model
 from tests.models.ascend_ckpt import write_ascend
+from tests.models.paged import PROMPT, PagedRunner
 
 PROMPTS = ["The capital of France is", "Hello, my name is Ada and", "0 1 2 3"]
 PARAMS = dict(temperature=0, max_tokens=6, logprobs=2, ignore_eos=True)
@@ -68,14 +70,35 @@ def test_tied_embeddings_split_by_vocabulary(tiny_model, tmp_path):
 
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
 def test_native_ranks_return_one_native_process_results(checkpoints):
-    """cpu-native ranks run per op, the row-parallel sums between the native kernels; one process runs the whole
-    native decoder stack: the same bits."""
+    """cpu-native ranks run the whole native decoder stack, reducing the row-parallel linears (absmax, int32
+    products) and the split embedding table across ranks from inside it, or per op where a layer has no stack form
+    under TP (a float row-parallel linear gathers its input); one process runs the stack: the same bits."""
     names = ["llama-W8A8", "qwen3-W8A8_DYNAMIC", "qwen2-mixed", "qwen2-float"]
     paths = [checkpoints[n] for n in names]
     (one,) = run_ranks(rank_generate, 1, paths, "cpu-native")
     for rank, got in enumerate(run_ranks(rank_generate, 2, paths, "cpu-native")):
         for name, outs, want in zip(names, got, one, strict=True):
             assert outs == want, f"{name}: rank {rank} differs from one process"
+    for name, path in zip(names, paths, strict=True):
+        notes = load_model(path, tp=TensorParallel(rank=1, size=2)).backend.notes  # loading runs no collective
+        stacked = any("reduced across 2 ranks from inside it" in n for n in notes)
+        assert stacked == (name in ("llama-W8A8", "qwen3-W8A8_DYNAMIC")), (name, notes)
+
+
+class _FailingCollectives(TensorParallel):
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a tensor-parallel rank stopped answering")
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+def test_a_collective_that_fails_inside_the_native_step_raises_its_error(checkpoints):
+    """The stack calls the ranks' collectives back from inside the native call; one that fails (a dead rank) ends
+    the step with its error instead of numbers."""
+    loaded = load_model(checkpoints["qwen3-W8A8_DYNAMIC"], tp=TensorParallel(rank=0, size=2))
+    backend = loaded.backend
+    backend.ranks, backend._ranks_agree = StackRanks(backend.lib, _FailingCollectives(0, 2)), True
+    with pytest.raises(RuntimeError, match="stopped answering"):
+        PagedRunner.of(loaded).step({0: PROMPT[:4]})
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,17 @@ void dynamic_linear_rows(const int8_t* w, const QuantizedX& x, int m, int n, int
                          const float* w_scale, const float* bias, float* y);
 void static_linear_rows(const int8_t* w, const QuantizedX& x, int m, int n, int n0, int n1,
                         const int32_t* quant_bias, const float* deq, float* y);
+// Split K (tensor parallel): each row's max |x| into absmax [M]; rows quantized per token with given maxima (the
+// whole row's, agreed across ranks; scales[i] written); int32 output columns [n0, n1) of acc [M, N]; and those
+// columns of y from summed accumulators, as dynamic_linear_rows / static_linear_rows finish them.
+void abs_max_rows(const float* x, int m, int k, int ldx, float* absmax);
+void quantize_dynamic_rows_at(const float* x, int m, int k, int ldx, const float* absmax, QuantizedX& out,
+                              float* scales);
+void int32_rows(const int8_t* w, const QuantizedX& x, int m, int n, int n0, int n1, int32_t* acc);
+void dynamic_epilogue_rows(const int32_t* acc, int m, int n, int n0, int n1, const float* scales,
+                           const float* w_scale, const float* bias, float* y);
+void static_epilogue_rows(const int32_t* acc, int m, int n, int n0, int n1, const int32_t* quant_bias,
+                          const float* deq, float* y);
 // Output columns [n0, n1) of y [M, N] = x [M, K] (stride ldx) @ w bf16 [N, K]^T (+ bias).
 void bf16_linear_rows(const float* x, int m, int k, int ldx, const uint16_t* w, int n, int n0, int n1,
                       const float* bias, float* y);

@@ -21,7 +21,8 @@
   X(const int32_t*, quant_bias) /* static: [N] */                                                       \
   X(const float*, deq_scale) /* static: [N] */                                                          \
   X(float, inv_scale) /* static: the per-tensor activation quantization */                              \
-  X(float, offset)
+  X(float, offset)                                                                                      \
+  X(int32_t, split_k) /* int8, row-parallel: this rank's part of K, reduced across ranks (SqRanks) */
 
 // An int8 KV cache's per-channel parameters, fp32 [KVH * D] each (model-dtype values): a row is stored as
 // clamp(round(x * inv + offset)) and read back as (q - offset) * scale. All null for a float cache.
@@ -76,14 +77,25 @@
   X(const float*, sin_table)                                                                            \
   X(const float*, norm_w) /* [H] */                                                                     \
   X(const float*, norm_b) /* [H] or null */                                                             \
-  X(float, eps)
+  X(float, eps)                                                                                         \
+  X(int64_t, vocab_start) /* the id of embed's first row */                                              \
+  X(int32_t, vocab_rows) /* embed's rows: ids outside them give zero rows */                            \
+  X(int32_t, vocab_split) /* 1: the ranks hold parts of the table, their rows are summed (SqRanks) */
+
+// The tensor-parallel ranks a whole step reduces across. reduce, an int (*)(int op, void* data, int64_t count),
+// replaces data in place by every rank's: op 0 int32 sum, 1 fp32 maximum, 2 fp32 sum of values non-zero on one
+// rank at most; it returns 0, or non-zero when the ranks failed (the step then reduces nothing more).
+#define SQ_RANKS_FIELDS(X)                                                                               \
+  X(int32_t, size)                                                                                      \
+  X(void*, reduce)
 
 #define SQ_STRUCTS(X)                                                                                    \
   X(SqLinear, SQ_LINEAR_FIELDS)                                                                         \
   X(SqKvQuant, SQ_KV_QUANT_FIELDS)                                                                      \
   X(SqDecoderLayer, SQ_DECODER_LAYER_FIELDS)                                                            \
   X(SqStep, SQ_STEP_FIELDS)                                                                             \
-  X(SqModelEnds, SQ_MODEL_ENDS_FIELDS)
+  X(SqModelEnds, SQ_MODEL_ENDS_FIELDS)                                                                  \
+  X(SqRanks, SQ_RANKS_FIELDS)
 
 // ---- functions: X(return type, name, (parameters)) ----
 
@@ -128,11 +140,13 @@
   X(int, sq_topk_screen, (const float* x, int t, int k, int ldx, const int8_t* wq, int n, int kp,       \
                           const float* rows, const uint16_t* w, double slack, double fp_term, int top_k, \
                           int cap, int64_t* rows_out, float* logits_out, int32_t* counts))              \
-  /* A whole step (layer_cpu.cpp): embeddings of ids, every layer, final norm -> hidden [B, H]. */       \
-  X(void, sq_decoder_model, (const SqDecoderLayer* const* layers, int num_layers,                       \
-                             void* const* k_caches,                                                     \
-                             void* const* v_caches, const SqStep* step, const SqModelEnds* ends,        \
-                             const int64_t* ids, const int64_t* positions, float* hidden))              \
+  /* A whole step (layer_cpu.cpp): embeddings of ids, every layer, final norm -> hidden [B, H]; ranks */ \
+  /* (null: one process) reduce row-parallel linears and a split table. 0, or 1 when a reduction failed. */ \
+  X(int, sq_decoder_model, (const SqDecoderLayer* const* layers, int num_layers,                        \
+                            void* const* k_caches,                                                      \
+                            void* const* v_caches, const SqStep* step, const SqModelEnds* ends,         \
+                            const SqRanks* ranks, const int64_t* ids, const int64_t* positions,         \
+                            float* hidden))                                                             \
   /* The two lists above as text (exports.cpp). */                                                      \
   X(const char*, sq_signatures, ())                                                                     \
   X(const char*, sq_struct_layouts, ())

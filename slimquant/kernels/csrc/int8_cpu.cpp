@@ -639,6 +639,36 @@ void static_linear_rows(const int8_t* w, const QuantizedX& x, int m, int n, int 
   gemm_rows(w, x, m, n, n0, n1, StaticEpilogue{quant_bias, deq, y, n});
 }
 
+void abs_max_rows(const float* x, int m, int k, int ldx, float* absmax) {
+  for (int i = 0; i < m; ++i) absmax[i] = abs_max(x + (size_t)i * ldx, k);
+}
+
+void quantize_dynamic_rows_at(const float* x, int m, int k, int ldx, const float* absmax, QuantizedX& out,
+                              float* scales) {
+  for (int i = 0; i < m; ++i) {
+    scales[i] = std::max(absmax[i] / 127.0f, kTinyScale);  // quantize_dynamic_row's scale, of the whole row
+    quantize_row<true>(x + (size_t)i * ldx, k, scales[i], 0.0f, 0.0f, out, i);
+  }
+}
+
+void int32_rows(const int8_t* w, const QuantizedX& x, int m, int n, int n0, int n1, int32_t* acc) {
+  gemm_rows(w, x, m, n, n0, n1, StoreInt32{acc, n});
+}
+
+void dynamic_epilogue_rows(const int32_t* acc, int m, int n, int n0, int n1, const float* scales,
+                           const float* w_scale, const float* bias, float* y) {
+  const DynamicEpilogue epi{scales, w_scale, bias, y, n};
+  for (int i = 0; i < m; ++i)
+    for (int j = n0; j < n1; ++j) epi(i, j, acc[(size_t)i * n + j]);
+}
+
+void static_epilogue_rows(const int32_t* acc, int m, int n, int n0, int n1, const int32_t* quant_bias,
+                          const float* deq, float* y) {
+  const StaticEpilogue epi{quant_bias, deq, y, n};
+  for (int i = 0; i < m; ++i)
+    for (int j = n0; j < n1; ++j) epi(i, j, acc[(size_t)i * n + j]);
+}
+
 void bf16_linear_rows(const float* x, int m, int k, int ldx, const uint16_t* w, int n, int n0, int n1,
                       const float* bias, float* y) {
   for (int m0 = 0; m0 < m; m0 += kTokTile)  // the token tiles sq_bf16_linear runs (they set the sum order)

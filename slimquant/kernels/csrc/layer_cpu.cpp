@@ -8,7 +8,8 @@
 // fork/join per parallel op: each thread computes a fixed slice of every linear's output rows with the serial
 // kernels that the per-op entry points run (cpu_kernels.h), quantizing the activation rows itself (redundantly:
 // the same values on every thread), and barriers separate the dependent phases. The same kernels on the same
-// values in the same order: the per-op path's bits.
+// values in the same order: the per-op path's bits. Under tensor parallel a row-parallel int8 linear (split_k) has
+// thread 0 call the ranks' reduction (SqRanks) between barriers: the absmax, then the int32 products.
 #include <omp.h>
 
 #include <algorithm>
@@ -84,14 +85,66 @@ void linear_slice(const SqLinear& l, const float* x, int m, int ldx, int tid, in
   linear_rows(l, x, m, ldx, n0, n1, t, y);
 }
 
+enum ReduceOp : int { kSumInt32 = 0, kMaxFloat = 1, kSumDisjoint = 2 };
+using ReduceFn = int (*)(int op, void* data, int64_t count);
+
+// One reduction over the ranks (SqRanks); after a failure, none: failed stays set and the step's numbers are void.
+inline void reduce(const SqRanks* ranks, int op, void* data, int64_t count, int& failed) {
+  if (!failed) failed = reinterpret_cast<ReduceFn>(ranks->reduce)(op, data, count) != 0;
+}
+
+// What a row-parallel (split_k) linear shares across the team: each token's absmax [M], the int32 products [M, N],
+// whether a reduction failed.
+struct SplitKShared {
+  float* absmax;
+  int32_t* acc;
+  int failed;
+};
+
+// A row-parallel int8 linear, x this rank's part of K: the ranks agree on each token's absmax (dynamic), each
+// thread computes its slice of the int32 products, thread 0 sums them over the ranks, each thread dequantizes its
+// slice: one process's numbers over the whole K. Every thread of the team calls it (it holds barriers).
+void split_k_slice(const SqLinear& l, const float* x, int m, int ldx, int tid, int nt, ThreadScratch& t,
+                   const SqRanks* ranks, SplitKShared& shared, float* y) {
+  if (l.kind == kDynamic) {
+    if (tid == 0) {
+      sq::abs_max_rows(x, m, l.k, ldx, shared.absmax);
+      reduce(ranks, kMaxFloat, shared.absmax, m, shared.failed);
+    }
+#pragma omp barrier
+    t.xq.reset(m, l.k, l.kp);
+    sq::quantize_dynamic_rows_at(x, m, l.k, ldx, shared.absmax, t.xq, t.scales.data());
+  } else {
+    quantize_input(l, x, m, ldx, t);
+  }
+  int n0, n1;
+  slice(l.n, tid, nt, n0, n1);
+  if (n0 < n1) sq::int32_rows(static_cast<const int8_t*>(l.w), t.xq, m, l.n, n0, n1, shared.acc);
+#pragma omp barrier
+  if (tid == 0) reduce(ranks, kSumInt32, shared.acc, (int64_t)m * l.n, shared.failed);
+#pragma omp barrier
+  if (n0 >= n1) return;
+  if (l.kind == kDynamic)
+    sq::dynamic_epilogue_rows(shared.acc, m, l.n, n0, n1, t.scales.data(), l.w_scale, l.bias, y);
+  else
+    sq::static_epilogue_rows(shared.acc, m, l.n, n0, n1, l.quant_bias, l.deq_scale, y);
+}
+
+// linear_slice, or split_k_slice for a row-parallel linear.
+void output_slice(const SqLinear& l, const float* x, int m, int ldx, int tid, int nt, ThreadScratch& t,
+                  const SqRanks* ranks, SplitKShared& shared, float* y) {
+  if (l.split_k) split_k_slice(l, x, m, ldx, tid, nt, t, ranks, shared, y);
+  else linear_slice(l, x, m, ldx, tid, nt, t, y);
+}
+
 // Every layer of a decoder stack, in one parallel region: x [B, H] (the embeddings) in, out [B, H] (the last
 // layer's MLP output) and residual [B, H] written; one pair of caches per layer, of element C (float, uint16_t
 // holding bf16, or int8_t with each layer's kv_quant); cos / sin [B, D] (null: no rope); the rows of the step as
 // in sq_decode_attention.
 template <class C>
-void decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* const* v_caches, int num_layers,
-                   const SqStep& step, const float* x, float* residual, float* out, const float* cos,
-                   const float* sin) {
+int decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* const* v_caches, int num_layers,
+                  const SqStep& step, const SqRanks* ranks, const float* x, float* residual, float* out,
+                  const float* cos, const float* sin) {
   const int b = step.batch, max_blocks = step.max_blocks, block_size = step.block_size;
   const int64_t* slots = step.slots;
   const int32_t *block_tables = step.block_tables, *context_lens = step.context_lens;
@@ -110,6 +163,10 @@ void decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* c
   float* o = scratch(o_buf, (size_t)b * h);
   float* gate_up = scratch(gu_buf, (size_t)b * 2 * max_inter);
   float* act = scratch(act_buf, (size_t)b * max_inter);
+  thread_local std::vector<float> absmax_buf;
+  thread_local std::vector<int32_t> acc_buf;
+  if (acc_buf.size() < (size_t)b * h) acc_buf.resize((size_t)b * h);  // the row-parallel linears' outputs: [B, H]
+  SplitKShared shared{scratch(absmax_buf, b), acc_buf.data(), 0};
 #pragma omp parallel
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -152,7 +209,7 @@ void decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* c
                             block_size, nh, kvh, d, L.attn_scale, bi, g, j0, j1, &L.kv_quant, attn);
       });
 #pragma omp barrier
-      linear_slice(L.o, attn, b, nh * d, tid, nt, t, o);
+      output_slice(L.o, attn, b, nh * d, tid, nt, t, ranks, shared, o);
 #pragma omp barrier
       for (int i = 0; i < b; ++i)
         sq::norm_row(o + (size_t)i * h, res + (size_t)i * h, h, L.post_norm_w, L.post_norm_b, L.eps,
@@ -170,11 +227,12 @@ void decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* c
         }
       }
 #pragma omp barrier
-      linear_slice(L.down, act, b, inter, tid, nt, t, out);
+      output_slice(L.down, act, b, inter, tid, nt, t, ranks, shared, out);
 #pragma omp barrier
     }
     if (tid == 0) std::copy(res, res + (size_t)b * h, residual);
   }
+  return shared.failed;
 }
 
 }  // namespace
@@ -183,11 +241,12 @@ extern "C" {
 
 // A whole step of a decoder model: the embedding rows of ids [B], the rope rows of positions [B], every layer, then
 // the final norm of out + residual into hidden [B, H] (ends: exports.h's SqModelEnds). The same steps as the
-// per-op path (F.embedding, RotaryEmbedding rows, add_rms_norm): the same bits.
-void sq_decoder_model(const SqDecoderLayer* const* layers, int num_layers, void* const* k_caches,
-                      void* const* v_caches, const SqStep* step, const SqModelEnds* ends, const int64_t* ids,
-                      const int64_t* positions, float* hidden) {
-  if (num_layers <= 0) return;
+// per-op path (F.embedding, RotaryEmbedding rows, add_rms_norm): the same bits. Under tensor parallel (ranks) a
+// split table's rows and the row-parallel linears' products are reduced across the ranks as the per-op path does.
+int sq_decoder_model(const SqDecoderLayer* const* layers, int num_layers, void* const* k_caches,
+                     void* const* v_caches, const SqStep* step, const SqModelEnds* ends, const SqRanks* ranks,
+                     const int64_t* ids, const int64_t* positions, float* hidden) {
+  if (num_layers <= 0) return 0;
   const int h = layers[0]->hidden, batch = step->batch, rope_dim = ends->rope_dim;
   thread_local std::vector<float> x_buf, res_buf, out_buf, cos_buf, sin_buf;
   float* x = scratch(x_buf, (size_t)batch * h);
@@ -196,16 +255,21 @@ void sq_decoder_model(const SqDecoderLayer* const* layers, int num_layers, void*
   float *cos = nullptr, *sin = nullptr;
   for (int i = 0; i < batch; ++i) {
     float* row = x + (size_t)i * h;
-    if (ends->embed_bf16) {
-      const uint16_t* e = static_cast<const uint16_t*>(ends->embed) + (size_t)ids[i] * h;
+    const int64_t id = ids[i] - ends->vocab_start;  // the row in this rank's part of the table
+    if (id < 0 || id >= ends->vocab_rows) {
+      std::fill(row, row + h, 0.0f);  // another rank's row
+    } else if (ends->embed_bf16) {
+      const uint16_t* e = static_cast<const uint16_t*>(ends->embed) + (size_t)id * h;
       for (int j = 0; j < h; ++j) {
         const uint32_t bits = static_cast<uint32_t>(e[j]) << 16;
         std::memcpy(row + j, &bits, 4);
       }
     } else {
-      std::memcpy(row, static_cast<const float*>(ends->embed) + (size_t)ids[i] * h, sizeof(float) * h);
+      std::memcpy(row, static_cast<const float*>(ends->embed) + (size_t)id * h, sizeof(float) * h);
     }
   }
+  int failed = 0;
+  if (ends->vocab_split) reduce(ranks, kSumDisjoint, x, (int64_t)batch * h, failed);
   if (ends->cos_table) {
     cos = scratch(cos_buf, (size_t)batch * rope_dim);
     sin = scratch(sin_buf, (size_t)batch * rope_dim);
@@ -217,12 +281,13 @@ void sq_decoder_model(const SqDecoderLayer* const* layers, int num_layers, void*
   }
   sq::with_cache_type(step->kv_type, [&](auto element) {
     using C = decltype(element);
-    decoder_stack(layers, reinterpret_cast<C* const*>(k_caches), reinterpret_cast<C* const*>(v_caches), num_layers,
-                  *step, x, residual, out, cos, sin);
+    failed |= decoder_stack(layers, reinterpret_cast<C* const*>(k_caches), reinterpret_cast<C* const*>(v_caches),
+                            num_layers, *step, ranks, x, residual, out, cos, sin);
   });
   for (int i = 0; i < batch; ++i)
     sq::norm_row(out + (size_t)i * h, residual + (size_t)i * h, h, ends->norm_w, ends->norm_b, ends->eps,
                  residual + (size_t)i * h, hidden + (size_t)i * h);
+  return failed;
 }
 
 }  // extern "C"
