@@ -94,3 +94,12 @@ class LogitsHead:
     def argmax_bytes(self) -> int | None:
         """Bytes of the head an argmax reads where that is less than the float weight (a screen); else None."""
         return None
+
+    def screens_locally(self) -> bool:
+        """Whether local_best screens this rank's part of a head split over ranks (the same answer on every rank)."""
+        return False
+
+    def local_best(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For a head split over ranks: each row's argmax id among this rank's rows [N] and its exact logit [N]
+        (ties to the first id), from a screen; None where the screen does not apply to these rows."""
+        return None

@@ -140,6 +140,9 @@ class ScreenedHead(LogitsHead):
         super().__init__(model)
         self.ops = ops
         self._screen: greedy_screen.GreedyHead | None | bool = False  # False: not built yet
+        local = model.local_head_weight() if model.vocab_tp.size > 1 else None  # this rank's rows of a split head
+        usable = local is not None and greedy_screen.usable(local)
+        self._local = greedy_screen.GreedyHead(local, ops) if usable else None  # its screen (built at load)
 
     def screen(self) -> greedy_screen.GreedyHead | None:
         """The screen, built on the first call where the head allows one."""
@@ -162,3 +165,14 @@ class ScreenedHead(LogitsHead):
     def top_k(self, hidden: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         found = self.screen().top_k_candidates(hidden, top_k) if self.screens(top_k) else None
         return found if found is not None else super().top_k(hidden, top_k)
+
+    def screens_locally(self) -> bool:
+        return self._local is not None
+
+    def local_best(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        found = self._local.top_k_candidates(hidden, 1) if self._local is not None else None
+        if found is None:
+            return None
+        ids, logits = found  # [N, C] each: the rows that can hold the maximum, ascending, with their exact logits
+        best = logits.argmax(dim=1, keepdim=True)  # [N, 1]: the first of equal logits
+        return ids.gather(1, best)[:, 0], logits.gather(1, best)[:, 0]

@@ -93,23 +93,34 @@ class ModelRunner:
         inputs = self.prepare(batch)
         split_head = self.model.vocab_tp.size > 1  # every rank computes its part of the logits
         indices = inputs.rows.indices() if split_head else None
+        greedy = split_head and inputs.rows.argmax_only()
         if self.broadcast:  # as host tensors: each rank moves them to its own device
             host = inputs.context.to(torch.device("cpu"))
-            self.tp.broadcast((inputs.input_ids.cpu(), inputs.positions.cpu(), host, indices))
+            self.tp.broadcast((inputs.input_ids.cpu(), inputs.positions.cpu(), host, indices, greedy))
         hidden = self.backend.forward(self.model, inputs.input_ids, inputs.positions, inputs.context)  # [T, H]
-        if split_head:
-            return self.sampler.sample_logits(self._logits(hidden, indices), inputs.rows)
-        return self.sampler.sample(hidden, inputs.rows)
+        if not split_head:
+            return self.sampler.sample(hidden, inputs.rows)
+        if greedy and (tokens := self._split_argmax(hidden, indices)) is not None:
+            return StepResult(inputs.rows.sample_seqs, Sampler.unscored_output(tokens), [])
+        return self.sampler.sample_logits(self._logits(hidden, indices), inputs.rows)
 
     @torch.inference_mode()
     def serve_steps(self) -> None:
         """A rank > 0: run the forward of each step rank 0 broadcasts, until it broadcasts None."""
         while (step := self.tp.broadcast()) is not None:
-            input_ids, positions, context, indices = step
+            input_ids, positions, context, indices, greedy = step
             ids, positions, context = input_ids.to(self.device), positions.to(self.device), context.to(self.device)
             hidden = self.backend.forward(self.model, ids, positions, context)
-            self._logits(hidden, indices)
+            if not (greedy and self._split_argmax(hidden, indices) is not None):
+                self._logits(hidden, indices)
         self.tp.barrier()  # every rank has the stop before any leaves the group
+
+    def _split_argmax(self, hidden: torch.Tensor, indices: list[int]) -> list[int] | None:
+        """Greedy tokens of the hidden rows at indices where the head is split and its head screens each rank's
+        part (a collective), else None (every rank alike: then the logits are gathered)."""
+        if not self.sampler.head.screens_locally():
+            return None
+        return self.model.split_argmax(self.sampler.head.local_best(rows_at(hidden, indices)), len(indices))
 
     def _logits(self, hidden: torch.Tensor, indices: list[int] | None) -> torch.Tensor | None:
         """Logits [len(indices), V] of the hidden rows at indices, where the head is split (a collective); else

@@ -38,6 +38,11 @@ class LogitRows:
             last = min(end, seq.num_prompt_tokens - 1)
             self.prompt_rows.append((seq, [row0 + p - start for p in range(first, last)]))
 
+    def argmax_only(self) -> bool:
+        """Whether the step needs only each sampled row's argmax: plain greedy rows, no prompt rows to score."""
+        plain = bool(self.sample_seqs) and all(plain_greedy(s) for s in self.sample_seqs)
+        return plain and not self.prompt_rows
+
     def indices(self) -> list[int]:
         """Rows to compute logits for: sampling rows first, then prompt-scoring rows."""
         return self.sample_rows + [r for _, rows in self.prompt_rows for r in rows]
@@ -69,7 +74,7 @@ class StepSampler:
     def sample(self, hidden: torch.Tensor, rows: LogitRows) -> StepResult:
         """hidden [T, H] of the step -> the tokens of the sequences that reached their end, and prompt logprobs."""
         greedy = bool(rows.sample_seqs) and all(plain_greedy(s) for s in rows.sample_seqs)
-        if greedy and not rows.prompt_rows:  # only argmaxes wanted: a screen may skip most of the head
+        if rows.argmax_only():  # a screen may skip most of the head
             tokens = self.head.argmax(rows_at(hidden, rows.sample_rows))
             return StepResult(rows.sample_seqs, Sampler.unscored_output(tokens), [])
         if (screened := self._sample_top_k(hidden, rows)) is not None:

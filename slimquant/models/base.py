@@ -108,8 +108,28 @@ class CausalLM(nn.Module):
 
     def float_head_weight(self) -> torch.Tensor | None:
         """The head's float weight [V, H] when it is a plain float linear without bias and whole here, else None."""
-        if self.vocab_tp.size > 1:
+        return self.local_head_weight() if self.vocab_tp.size == 1 else None
+
+    def split_argmax(self, local: tuple[torch.Tensor, torch.Tensor] | None, rows: int) -> list[int] | None:
+        """Greedy tokens of N rows whose logits are split over ranks, from each rank's best (ids [N] among its rows
+        and their exact logits [N], or None where it has none); a collective: every rank calls it and gets the same.
+        The largest logit wins, the lowest id on ties (torch.argmax over the gathered logits); None where a rank has
+        none."""
+        start, _ = self.vocab_tp.share(self.config.vocab_size, "vocab_size")
+        assert self.config.vocab_size < 2**24, "ids travel as exact fp32 integers"
+        mine = torch.zeros(rows, 3)  # [N, 3]: found, logit, global id
+        if local is not None:
+            ids, logits = local
+            mine[:, 0], mine[:, 1], mine[:, 2] = 1.0, logits, (ids + start).float()
+        every = self.vocab_tp.gather(mine).view(rows, self.vocab_tp.size, 3)  # [N, R, 3], ranks in vocabulary order
+        if not bool(every[:, :, 0].all()):
             return None
+        best = every[:, :, 1].argmax(dim=1, keepdim=True)  # [N, 1]: the first rank on ties
+        return every[:, :, 2].gather(1, best)[:, 0].long().tolist()
+
+    def local_head_weight(self) -> torch.Tensor | None:
+        """The head's float weight rows held here ([V / tp, H] where split) when it is a plain float linear without
+        bias, else None."""
         if self.lm_head is None:
             return self.model.embed_tokens.weight
         plain = isinstance(self.lm_head.method, UnquantizedMethod) and self.lm_head.bias is None

@@ -85,6 +85,37 @@ def test_native_ranks_return_one_native_process_results(checkpoints):
         assert stacked == (name in ("llama-W8A8", "qwen3-W8A8_DYNAMIC")), (name, notes)
 
 
+def rank_greedy(rank: int, size: int, paths: list[str]) -> list:
+    """Per checkpoint: each prompt's greedy tokens (no logprobs: argmax-only steps), and how many steps the ranks
+    decided from their screened parts of the head."""
+    return [_greedy(p, size) for p in paths]
+
+
+def _greedy(path: str, size: int) -> tuple[list, int]:
+    llm = LLM(path, kernels={"backend": "cpu-native"}, max_model_len=64, tensor_parallel_size=size)
+    model, screened = llm.llm_engine.runner.model, []
+    split_argmax = model.split_argmax
+    model.split_argmax = lambda *a: screened.append(tokens := split_argmax(*a)) or tokens
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs], sum(t is not None for t in screened)
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+def test_native_ranks_screen_their_part_of_the_head_for_greedy_steps(tiny_model, tmp_path):
+    """Plain greedy steps over a head split by vocabulary (bf16: the screen's kernel): each rank screens its rows
+    with an int8 copy, and the ranks take the largest exact logit, the lowest id on ties; the tokens are one
+    process's, which screens the whole head. An untied head and one tied to the embeddings."""
+    untied = tiny_model("qwen2", dtype=torch.bfloat16, num_key_value_heads=4)
+    tied = tiny_model("llama", dtype=torch.bfloat16, tie_word_embeddings=True)
+    paths = [str(write_ascend(src, tmp_path / name, lambda p: "W8A8_DYNAMIC")) for name, src in
+             (("untied", untied), ("tied", tied))]  # fmt: skip
+    (one,) = run_ranks(rank_greedy, 1, paths)
+    for rank, got in enumerate(run_ranks(rank_greedy, 2, paths)):
+        for (tokens, screened), (want, _) in zip(got, one, strict=True):
+            assert tokens == want, f"rank {rank}"
+            assert screened >= 5, f"rank {rank}: {screened} steps screened"
+
+
 class _FailingCollectives(TensorParallel):
     def max(self, t: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("a tensor-parallel rank stopped answering")
