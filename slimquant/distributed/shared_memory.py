@@ -1,5 +1,5 @@
 """SharedMemoryExchange: the ranks of one machine swap small tensors through one shared-memory segment (a decode
-step's all-reduce: 50 µs against gloo's 0.5-1.4 ms over loopback TCP on the 2-core VM; docs/benchmarks.md).
+step's all-reduce: 15-17 µs against gloo's 0.5-2 ms over loopback TCP on the 2-core VM; docs/benchmarks.md).
 
 Each rank copies its tensor into its slot of one of two alternating buffers, then publishes the exchange's sequence
 number in its counter, and waits until every rank's counter has reached it; then it reads every slot. Two buffers
@@ -10,6 +10,7 @@ before it is written; tensors past the slot size, and other CPUs, use gloo inste
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Callable
 from multiprocessing import shared_memory
@@ -18,6 +19,7 @@ import torch
 
 SLOT_BYTES = 1 << 20  # the largest tensor exchanged here; larger ones (long prefill chunks) go through gloo
 _COUNTER_BYTES = 64  # one cache line per rank's counter
+_COUNTER_WORDS = _COUNTER_BYTES // 8
 
 
 class SharedMemoryExchange:
@@ -30,11 +32,13 @@ class SharedMemoryExchange:
         total = size * _COUNTER_BYTES + 2 * size * SLOT_BYTES
         self.segment = shared_memory.SharedMemory(name=name, create=name is None, size=total if name is None else 0)
         self.name = self.segment.name
-        raw = torch.frombuffer(self.segment.buf, dtype=torch.uint8)
-        self.counters = raw[: size * _COUNTER_BYTES].view(torch.int64).view(size, -1)[:, 0]  # [size]
-        self.slots = raw[size * _COUNTER_BYTES :].view(2, size, SLOT_BYTES)  # [buffer, rank, bytes]
+        # the counters as plain int64 words (read and written without torch: a decode step's exchange is a few µs)
+        self.counters = (ctypes.c_int64 * (size * _COUNTER_WORDS)).from_buffer(self.segment.buf)
+        self._words = [r * _COUNTER_WORDS for r in range(size)]  # each rank's counter
+        raw = torch.frombuffer(self.segment.buf, dtype=torch.uint8)[size * _COUNTER_BYTES :]
+        self.slots = [list(half) for half in raw.view(2, size, SLOT_BYTES)]  # [buffer][rank]: bytes [SLOT_BYTES]
         if name is None:
-            self.counters.zero_()
+            ctypes.memset(self.counters, 0, ctypes.sizeof(self.counters))
         self.seq = 0
 
     def fits(self, t: torch.Tensor) -> bool:
@@ -42,17 +46,18 @@ class SharedMemoryExchange:
         return t.device.type == "cpu" and t.numel() * t.element_size() <= SLOT_BYTES
 
     def exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's t (same shape and dtype on all), in rank order."""
+        """Every rank's t (same shape and dtype on all), in rank order: views into the segment, to be read (not
+        written) before this rank's next exchange, after which another rank may overwrite them."""
         self.seq += 1
-        buffer, nbytes = self.slots[self.seq % 2], t.numel() * t.element_size()
-        buffer[self.rank, :nbytes].copy_(t.contiguous().view(-1).view(torch.uint8))
-        self.counters[self.rank] = self.seq  # publish: the slot is written
+        buffer, nbytes, t = self.slots[self.seq % 2], t.numel() * t.element_size(), t.contiguous()
+        ctypes.memmove(buffer[self.rank].data_ptr(), t.data_ptr(), nbytes)
+        self.counters[self._words[self.rank]] = self.seq  # publish: the slot is written
         self._wait_all(self.seq)
-        return [buffer[r, :nbytes].view(t.dtype).view(t.shape).clone() for r in range(self.size)]
+        return [buffer[r][:nbytes].view(t.dtype).view(t.shape) for r in range(self.size)]
 
     def _wait_all(self, seq: int) -> None:
-        spins = 0
-        while int(self.counters.min()) < seq:
+        counters, spins = self.counters, 0
+        while any(counters[w] < seq for w in self._words):
             spins += 1
             if spins % 1024 == 0:
                 if not self.alive():

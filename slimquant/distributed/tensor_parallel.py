@@ -70,10 +70,11 @@ class TensorParallel:
 
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.local is not None and self.local.fits(t):
-            parts = self.local.exchange(t)
+            parts = self.local.exchange(t)  # views into the segment: summed into t, in rank order
+            t.copy_(parts[0])
             for part in parts[1:]:
-                parts[0] += part
-            return t.copy_(parts[0])
+                t += part
+            return t
         if self.size > 1:
             dist.all_reduce(t, dist.ReduceOp.SUM, group=self._group_of(t))
         return t
@@ -81,7 +82,11 @@ class TensorParallel:
     def max(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise maximum over ranks (in place)."""
         if self.local is not None and self.local.fits(t):
-            return t.copy_(torch.stack(self.local.exchange(t)).amax(dim=0))
+            parts = self.local.exchange(t)  # views into the segment
+            t.copy_(parts[0])
+            for part in parts[1:]:
+                torch.maximum(t, part, out=t)
+            return t
         if self.size > 1:
             dist.all_reduce(t, dist.ReduceOp.MAX, group=self._group_of(t))
         return t
