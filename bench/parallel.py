@@ -3,12 +3,13 @@
 A random checkpoint of Qwen2.5-0.5B's shape (14 heads, 2 kv heads: splits in 2) in --scheme (cached), on the
 torch-reference and cpu-native backends (cpu-native runs its whole-step native stack for decode steps, its ranks
 reducing from inside it). Rows "torchrun" start their ranks as torchrun would (slimquant.distributed.launch.run_ranks:
-every rank its own engine, each on cores / N threads; collectives over gloo); rows "engine" are
-LLM(tensor_parallel_size=N) in this process, which drives the ranks it starts, their collectives through shared
-memory (rank 0 measured). It measures on every rank: checkpoint bytes read, peak RSS, prefill tokens/s of a
---prompt-tokens prompt, single-stream greedy decode tokens/s of --decode-tokens tokens (medians over --rounds, the
-range beside them), and for N > 1 the latency of one all-reduce of a decode step's size over gloo and through shared
-memory (what each row-parallel layer pays, twice for W8A8_DYNAMIC: the absmax and the int32 sum).
+every rank its own engine, each on cores / N threads); rows "engine" are LLM(tensor_parallel_size=N) in this
+process, which drives the ranks it starts (rank 0 measured). Both exchange small tensors through shared memory
+(since the commit after d250917; the torchrun rows went through gloo before). It measures on every rank: checkpoint
+bytes read, peak RSS, prefill tokens/s of a --prompt-tokens prompt, single-stream greedy decode tokens/s of
+--decode-tokens tokens (medians over --rounds, the range beside them), and for N > 1 the latency of one all-reduce
+of a decode step's size over gloo and through shared memory (what each row-parallel layer pays, twice for
+W8A8_DYNAMIC: the absmax and the int32 sum).
 
     .venv/bin/python bench/parallel.py [--sizes 1 2] [--scheme w8a8_dynamic] [--rounds 3]
         [--prompt-tokens 256] [--decode-tokens 32]

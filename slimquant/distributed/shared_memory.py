@@ -70,3 +70,4 @@ class SharedMemoryExchange:
         self.segment.close()
         if unlink:
             self.segment.unlink()
+        self.segment = None

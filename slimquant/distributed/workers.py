@@ -89,7 +89,7 @@ class WorkerGroup:
             )
         group = cls([], None, TensorParallel(0, config.tensor_parallel_size), [])
         _check_fingerprints(config, group.tp)
-        group.tp = _links(group.tp, config, False)  # torchrun's ranks may be on several machines: no shared memory
+        group.tp = _links(group.tp, config, True)  # shared memory where torchrun's ranks share this machine
         return group
 
     @classmethod
@@ -261,12 +261,20 @@ def launched_group(config: EngineConfig) -> TensorParallel:
             "the torch.distributed group is NCCL only: slimquant's ranks also exchange host values; initialize it "
             "with init_process_group('gloo') (slimquant adds an NCCL group for GPU tensors itself)"
         )
-    return _links(tp, config, False)
+    return _links(tp, config, True)
+
+
+def close_exchange(tp: TensorParallel) -> None:
+    """Detach tp's shared-memory exchange, if any (rank 0 removes the segment; the others keep their mapping)."""
+    if tp.local is not None and tp.local.segment is not None:
+        tp.local.close(unlink=tp.rank == 0)
 
 
 def _links(tp: TensorParallel, config: EngineConfig, offer: bool, alive: Callable[[], bool] = lambda: True):
     """tp with what its tensor collectives go through: on GPUs, this rank's GPU made current and an NCCL group
-    (every rank makes it: a collective); on CPUs, a shared-memory exchange where offer (ranks on one machine)."""
+    (every rank makes it: a collective); on CPUs, a shared-memory exchange where rank 0 offers one and every rank
+    is on its machine (offer False: never, e.g. the engine's own ranks on several nodes, whose deaths rank 0 sees
+    only through gloo)."""
     if tp.size == 1:
         return tp
     if config.device.startswith("cuda"):
@@ -276,15 +284,27 @@ def _links(tp: TensorParallel, config: EngineConfig, offer: bool, alive: Callabl
 
 
 def _share_memory(tp: TensorParallel, offer: bool, alive: Callable[[], bool] = lambda: True) -> TensorParallel:
-    """tp with a shared-memory exchange where rank 0 offers one (all ranks on this x86 machine), else tp; rank 0
-    creates the segment and broadcasts its name, the others attach."""
+    """tp with a shared-memory exchange where rank 0 offers one (on x86) and every rank can attach to it (all on
+    rank 0's machine), else tp; rank 0 creates the segment and broadcasts its name, the others attach."""
     if tp.rank == 0:
         local = SharedMemoryExchange(0, tp.size, alive=alive) if offer and platform.machine() in _X86 else None
         tp.broadcast(None if local is None else local.name)
     else:
-        name = tp.broadcast()
-        local = None if name is None else SharedMemoryExchange(tp.rank, tp.size, name)
+        local = _attach(tp, tp.broadcast())
+    if tp.min_int(int(local is not None)) == 0 and local is not None:  # a rank on another machine: gloo for all
+        local.close(unlink=tp.rank == 0)
+        local = None
     return dataclasses.replace(tp, local=local)
+
+
+def _attach(tp: TensorParallel, name: str | None) -> SharedMemoryExchange | None:
+    """This rank's view of rank 0's segment, or None where rank 0 offers none or it is not on this machine."""
+    if name is None:
+        return None
+    try:
+        return SharedMemoryExchange(tp.rank, tp.size, name)
+    except FileNotFoundError:
+        return None
 
 
 _X86 = ("x86_64", "AMD64")  # stores stay in order: what the exchange's publish relies on

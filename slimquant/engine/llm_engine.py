@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from slimquant.config import EngineConfig
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
-from slimquant.distributed.workers import WorkerGroup, launched_group
+from slimquant.distributed.workers import WorkerGroup, close_exchange, launched_group
 from slimquant.engine.block_manager import BlockManager
 from slimquant.engine.detokenizer import IncrementalDetokenizer, TokenTexts
 from slimquant.engine.inputs import PromptType, load_tokenizer, model_max_len, parse_prompt, stop_token_ids
@@ -51,6 +51,7 @@ class LLMEngine:
                 self.tp, broadcast = self.workers.tp, True  # this process drives the other ranks
             else:  # every rank runs this engine on the same requests
                 self.tp = launched_group(config)
+                self._detach = weakref.finalize(self, close_exchange, self.tp)  # also when dropped or at exit
         if self.workers is None:
             self.runner, loaded = load_runner(config, self.tp, broadcast)
         else:
@@ -77,10 +78,13 @@ class LLMEngine:
             self.workers.check()
 
     def shutdown(self) -> None:
-        """Stop the ranks this engine started (nothing for one process); the engine cannot step afterwards."""
+        """Stop the ranks this engine started, or leave the shared memory of torchrun's (nothing for one process);
+        the engine cannot step afterwards."""
         if self.workers is not None:
             self._stop_ranks()
             self.workers = None
+        if hasattr(self, "_detach"):
+            self._detach()
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> LLMEngine:

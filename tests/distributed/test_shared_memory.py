@@ -51,3 +51,33 @@ def test_a_wait_on_a_rank_that_is_gone_stops():
             local.exchange(torch.ones(4))
     finally:
         local.close(unlink=True)
+
+
+def _links(rank: int, size: int, unreachable: int | None) -> bool:
+    """Whether this rank exchanges through shared memory after rank 0 offers it (rank unreachable, if any, cannot
+    attach: as on another machine)."""
+    from slimquant.distributed import workers
+
+    if rank == unreachable:
+        workers._attach = lambda tp, name: None
+    tp = workers._share_memory(TensorParallel(rank, size), True)
+    shared = tp.local is not None
+    if shared:
+        tp.local.close(unlink=rank == 0)
+    return shared
+
+
+def test_shared_memory_only_where_every_rank_can_attach():
+    assert run_ranks(_links, 3, None) == [True] * 3
+    assert run_ranks(_links, 3, 2) == [False] * 3  # one rank elsewhere: gloo for all
+
+
+def _launched_local(rank: int, size: int, path: str) -> bool:
+    from slimquant import LLM
+
+    llm = LLM(path, kernels={"backend": "torch-reference"}, max_model_len=64, tensor_parallel_size=size)
+    return llm.llm_engine.tp.local is not None
+
+
+def test_torchrun_style_ranks_on_one_machine_exchange_through_shared_memory(tiny_model):
+    assert run_ranks(_launched_local, 2, str(tiny_model("llama"))) == [True, True]
