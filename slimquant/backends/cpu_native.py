@@ -134,26 +134,25 @@ class CpuNativeBackend(Backend):
 
 class ScreenedHead(LogitsHead):
     """The LM head with an int8 screen for greedy and top-k steps (greedy_screen.py), built on first use where
-    the head is a plain bf16 weight; the full head otherwise. Same tokens, same probabilities as the full head."""
+    the head is a plain bf16 weight; the full head otherwise. Same tokens, same probabilities as the full head.
+    Where the head is split over ranks, the screen covers this rank's rows (local_best)."""
 
     def __init__(self, model: nn.Module, ops: NativeOps):
         super().__init__(model)
         self.ops = ops
         self._screen: greedy_screen.GreedyHead | None | bool = False  # False: not built yet
-        local = model.local_head_weight() if model.vocab_tp.size > 1 else None  # this rank's rows of a split head
-        usable = local is not None and greedy_screen.usable(local)
-        self._local = greedy_screen.GreedyHead(local, ops) if usable else None  # its screen (built at load)
 
     def screen(self) -> greedy_screen.GreedyHead | None:
-        """The screen, built on the first call where the head allows one."""
+        """The screen of the head rows held here, built on the first call where the head allows one."""
         if self._screen is False:
-            weight = self.model.float_head_weight()
+            weight = self.model.local_head_weight()
             usable = weight is not None and greedy_screen.usable(weight)
             self._screen = greedy_screen.GreedyHead(weight, self.ops) if usable else None
         return self._screen
 
     def screens(self, top_k: int | None = None) -> bool:
-        return self.screen() is not None and (top_k is None or 0 < top_k <= greedy_screen.TOP_K_MAX)
+        whole = self.model.vocab_tp.size == 1
+        return whole and self.screen() is not None and (top_k is None or 0 < top_k <= greedy_screen.TOP_K_MAX)
 
     def argmax_bytes(self) -> int | None:
         return self.screen().screen_bytes() if self.screens() else None
@@ -167,10 +166,10 @@ class ScreenedHead(LogitsHead):
         return found if found is not None else super().top_k(hidden, top_k)
 
     def screens_locally(self) -> bool:
-        return self._local is not None
+        return self.model.vocab_tp.size > 1 and self.screen() is not None
 
     def local_best(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        found = self._local.top_k_candidates(hidden, 1) if self._local is not None else None
+        found = self.screen().top_k_candidates(hidden, 1) if self.screens_locally() else None
         if found is None:
             return None
         ids, logits = found  # [N, C] each: the rows that can hold the maximum, ascending, with their exact logits

@@ -65,7 +65,9 @@ class SharedMemoryExchange:
                 time.sleep(0)
 
     def close(self, unlink: bool) -> None:
-        """Detach (and remove the segment, on the rank that made it)."""
+        """Detach (and remove the segment, on the rank that made it); nothing once closed."""
+        if self.segment is None:
+            return
         del self.counters, self.slots
         self.segment.close()
         if unlink:

@@ -185,9 +185,8 @@ class WorkerGroup:
             p.join(timeout=10)
         if dist.is_initialized():
             dist.destroy_process_group()
-        if self.tp.local is not None:
-            self.tp.local.close(unlink=True)
-            self.tp = dataclasses.replace(self.tp, local=None)
+        close_exchange(self.tp)  # this is rank 0: it removes the segment
+        self.tp = dataclasses.replace(self.tp, local=None)
         os.sched_setaffinity(0, self.affinity)
         torch.set_num_threads(self.threads)
 
@@ -266,7 +265,7 @@ def launched_group(config: EngineConfig) -> TensorParallel:
 
 def close_exchange(tp: TensorParallel) -> None:
     """Detach tp's shared-memory exchange, if any (rank 0 removes the segment; the others keep their mapping)."""
-    if tp.local is not None and tp.local.segment is not None:
+    if tp.local is not None:
         tp.local.close(unlink=tp.rank == 0)
 
 
@@ -337,8 +336,7 @@ def run_rank(config: EngineConfig) -> None:
         runner, _ = load_runner(config, tp, broadcast=False)
         runner.serve_steps()
     finally:
-        if tp.local is not None:
-            tp.local.close(unlink=False)
+        close_exchange(tp)
 
 
 def _worker_main(config: EngineConfig, rank: int, cores: list[int] | None, errors: Any) -> None:

@@ -219,10 +219,11 @@ def load_runner(config: EngineConfig, tp: TensorParallel, broadcast: bool) -> tu
 
     order, experts = config.tensor_parallel_order, config.enable_expert_parallel
     split = dataclasses.replace(tp, expert_parallel=experts, order=order)  # how the layers split and reduce
+    device = config.rank_device(tp.rank)
     loaded = load_model(
         config.model,
         dtype=config.dtype,
-        device=config.rank_device(tp.rank),
+        device=device,
         quantization=config.quantization,
         trust_remote_code=config.trust_remote_code,
         kernels=config.kernels,
@@ -230,7 +231,7 @@ def load_runner(config: EngineConfig, tp: TensorParallel, broadcast: bool) -> tu
         tp=split,
     )
     config.resolve(model_max_len(loaded.hf_config))
-    kv_dtype = kv_cache_dtype(config.kv_cache_dtype, config.dtype, loaded, config.rank_device(tp.rank))
+    kv_dtype = kv_cache_dtype(config.kv_cache_dtype, config.dtype, loaded, device)
     return ModelRunner(config, loaded.model, loaded.backend, kv_dtype, tp, broadcast), loaded
 
 
