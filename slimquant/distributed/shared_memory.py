@@ -6,11 +6,16 @@ number in its counter, and waits until every rank's counter has reached it; then
 suffice: a rank that reaches exchange s has seen every rank publish s - 1, so every rank has finished reading the
 buffer of s - 2 that s overwrites. x86 keeps stores in order, which is what makes a published counter mean the slot
 before it is written; tensors past the slot size, and other CPUs, use gloo instead.
+
+A wait spins for its first _SPIN_SECONDS, then polls every _IDLE_POLL_SECONDS (ranks waiting for an idle server's
+next step use no core). Each rank writes its process id beside its counter: a wait on a rank whose process is gone
+stops with an error within milliseconds, as gloo's does when a peer's socket closes.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from collections.abc import Callable
 from multiprocessing import shared_memory
@@ -19,7 +24,10 @@ import torch
 
 SLOT_BYTES = 1 << 20  # the largest tensor exchanged here; larger ones (long prefill chunks) go through gloo
 _COUNTER_BYTES = 64  # one cache line per rank's counter
-_COUNTER_WORDS = _COUNTER_BYTES // 8
+_COUNTER_WORDS = _COUNTER_BYTES // 8  # word 0: the rank's sequence number; word 1: its process id
+_SPIN_SECONDS = 0.05  # a wait spins this long (a step's collectives), then polls (an idle server's ranks)
+_IDLE_POLL_SECONDS = 0.001
+_CHECK_EVERY = 1024  # spins between two checks of the peers' processes and of the clock
 
 
 class SharedMemoryExchange:
@@ -27,7 +35,8 @@ class SharedMemoryExchange:
     by its name)."""
 
     def __init__(self, rank: int, size: int, name: str | None = None, alive: Callable[[], bool] = lambda: True):
-        """name None: create a new segment (its name in .name for the others); alive(): False stops a wait."""
+        """name None: create a new segment (its name in .name for the others); alive(): False stops a wait (the
+        peers' processes are checked besides)."""
         self.rank, self.size, self.alive = rank, size, alive
         total = size * _COUNTER_BYTES + 2 * size * SLOT_BYTES
         self.segment = shared_memory.SharedMemory(name=name, create=name is None, size=total if name is None else 0)
@@ -39,6 +48,7 @@ class SharedMemoryExchange:
         self.slots = [list(half) for half in raw.view(2, size, SLOT_BYTES)]  # [buffer][rank]: bytes [SLOT_BYTES]
         if name is None:
             ctypes.memset(self.counters, 0, ctypes.sizeof(self.counters))
+        self.counters[self._words[rank] + 1] = os.getpid()
         self.seq = 0
 
     def fits(self, t: torch.Tensor) -> bool:
@@ -49,20 +59,55 @@ class SharedMemoryExchange:
         """Every rank's t (same shape and dtype on all), in rank order: views into the segment, to be read (not
         written) before this rank's next exchange, after which another rank may overwrite them."""
         self.seq += 1
-        buffer, nbytes, t = self.slots[self.seq % 2], t.numel() * t.element_size(), t.contiguous()
-        ctypes.memmove(buffer[self.rank].data_ptr(), t.data_ptr(), nbytes)
+        nbytes, t = t.numel() * t.element_size(), t.contiguous()
+        ctypes.memmove(self.slots[self.seq % 2][self.rank].data_ptr(), t.data_ptr(), nbytes)
         self.counters[self._words[self.rank]] = self.seq  # publish: the slot is written
         self._wait_all(self.seq)
-        return [buffer[r][:nbytes].view(t.dtype).view(t.shape) for r in range(self.size)]
+        return [part[:nbytes].view(t.dtype).view(t.shape) for part in self.slots[self.seq % 2]]
+
+    def broadcast(self, data: bytes | None) -> bytes | None:
+        """Rank 0's data on every rank (the others pass None); None on every rank where it does not fit a slot
+        (send it another way)."""
+        self.seq += 1
+        slot = self.slots[self.seq % 2][0].data_ptr()  # rank 0's slot: [int64 length or -1][bytes]
+        if self.rank == 0:
+            assert data is not None, "rank 0 broadcasts bytes"
+            fits = len(data) + 8 <= SLOT_BYTES
+            ctypes.c_int64.from_address(slot).value = len(data) if fits else -1
+            if fits:
+                ctypes.memmove(slot + 8, data, len(data))
+        self.counters[self._words[self.rank]] = self.seq
+        self._wait_all(self.seq)
+        n = ctypes.c_int64.from_address(slot).value
+        if n < 0:
+            return None
+        return data if self.rank == 0 else ctypes.string_at(slot + 8, n)
 
     def _wait_all(self, seq: int) -> None:
-        counters, spins = self.counters, 0
-        while any(counters[w] < seq for w in self._words):
+        # no local names for views of the segment here or in the callers before it returns: a traceback keeps its
+        # frames, and a view in them would keep close() from unmapping the segment
+        spins, since, idle = 0, None, False
+        while any(self.counters[w] < seq for w in self._words):
             spins += 1
-            if spins % 1024 == 0:
-                if not self.alive():
+            if idle or spins % _CHECK_EVERY == 0:  # spinning: every _CHECK_EVERY turns; idle: every poll
+                if not self._peers_alive():
                     raise RuntimeError("a tensor-parallel rank stopped answering (shared-memory exchange)")
-                time.sleep(0)
+                since = since or time.monotonic()
+                idle = time.monotonic() - since >= _SPIN_SECONDS
+                time.sleep(_IDLE_POLL_SECONDS if idle else 0)
+
+    def sees_peers(self) -> bool:
+        """Whether every other rank has attached and its process is visible from here (not in another container's
+        process namespace): what the checks of a wait rely on."""
+        return all(pid and _exists(pid) for pid in self._peer_pids())
+
+    def _peers_alive(self) -> bool:
+        """Whether every other rank's process that has attached still exists, and alive() says so."""
+        return all(_exists(pid) for pid in self._peer_pids() if pid) and self.alive()
+
+    def _peer_pids(self) -> list[int]:
+        """The other ranks' process ids (0: not attached yet)."""
+        return [self.counters[word + 1] for rank, word in enumerate(self._words) if rank != self.rank]
 
     def close(self, unlink: bool) -> None:
         """Detach (and remove the segment, on the rank that made it); nothing once closed."""
@@ -73,3 +118,14 @@ class SharedMemoryExchange:
         if unlink:
             self.segment.unlink()
         self.segment = None
+
+
+def _exists(pid: int) -> bool:
+    """Whether a process pid exists (a zombie does, until its parent reaps it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it exists
+        return True
+    return True

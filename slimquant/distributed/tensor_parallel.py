@@ -8,6 +8,8 @@ the ranks run on GPUs.
 
 from __future__ import annotations
 
+import io
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -100,10 +102,17 @@ class TensorParallel:
         return int(t.item())
 
     def broadcast(self, obj: object = None) -> object:
-        """Rank 0's obj on every rank (picklable; others pass nothing)."""
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
+        """Rank 0's obj on every rank (picklable; others pass nothing): through shared memory where it fits a slot,
+        else gloo."""
+        if self.size == 1:
+            return obj
+        data = _dumps(obj) if self.rank == 0 else None
+        got = self.local.broadcast(data) if self.local is not None else None
+        if got is None:
+            box = [data]
+            dist.broadcast_object_list(box, src=0, group=self.group)
+            got = box[0]
+        return obj if self.rank == 0 else pickle.loads(got)
 
     def barrier(self) -> None:
         """Wait until every rank reaches this point."""
@@ -126,3 +135,22 @@ class TensorParallel:
 
 
 SINGLE = TensorParallel()
+
+
+class _HostPickler(pickle.Pickler):
+    """Pickles CPU tensors as numpy arrays: a step's inputs in 30 µs instead of torch's 170 (and 14 µs to load
+    instead of 250)."""
+
+    def reducer_override(self, obj: object) -> object:
+        if type(obj) is torch.Tensor and obj.device.type == "cpu" and obj.dtype in _NUMPY_DTYPES:
+            return torch.from_numpy, (obj.detach().numpy(),)
+        return NotImplemented
+
+
+_NUMPY_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.float32)
+
+
+def _dumps(obj: object) -> bytes:
+    out = io.BytesIO()
+    _HostPickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return out.getvalue()

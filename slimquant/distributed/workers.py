@@ -39,7 +39,8 @@ _SPAWN_HINT = (
     "the engine under `if __name__ == '__main__':`."
 )
 # Ranks wait for rank 0's next step as long as it takes (a server may idle for days); a dead peer ends the wait at
-# once (its socket closes), and a worker whose parent died exits (_watch_parent).
+# once (its socket closes, or in shared memory its process is gone), and a worker whose parent died exits
+# (_watch_parent).
 _WAIT = timedelta(days=30)
 _NODE_WAIT = timedelta(minutes=10)  # how long node 0 waits for the other nodes to join
 # A collective inside a step (NCCL, on GPUs): a rank that died mid-step leaves the others waiting this long at most,
@@ -284,16 +285,19 @@ def _links(tp: TensorParallel, config: EngineConfig, offer: bool, alive: Callabl
 
 def _share_memory(tp: TensorParallel, offer: bool, alive: Callable[[], bool] = lambda: True) -> TensorParallel:
     """tp with a shared-memory exchange where rank 0 offers one (on x86) and every rank can attach to it (all on
-    rank 0's machine), else tp; rank 0 creates the segment and broadcasts its name, the others attach."""
+    rank 0's machine, in one process namespace), else tp; rank 0 creates the segment and broadcasts its name, the
+    others attach."""
     if tp.rank == 0:
         local = SharedMemoryExchange(0, tp.size, alive=alive) if offer and platform.machine() in _X86 else None
         tp.broadcast(None if local is None else local.name)
     else:
         local = _attach(tp, tp.broadcast())
-    if tp.min_int(int(local is not None)) == 0 and local is not None:  # a rank on another machine: gloo for all
+    # every rank attached, and then sees every other's process (a wait's checks need it): else gloo for all
+    if tp.min_int(int(local is not None)) and tp.min_int(int(local.sees_peers())):
+        return dataclasses.replace(tp, local=local)
+    if local is not None:
         local.close(unlink=tp.rank == 0)
-        local = None
-    return dataclasses.replace(tp, local=local)
+    return tp
 
 
 def _attach(tp: TensorParallel, name: str | None) -> SharedMemoryExchange | None:

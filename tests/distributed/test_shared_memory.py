@@ -1,12 +1,16 @@
 """The shared-memory exchange gives what gloo gives: int32 sums, maxima and rank-order gathers, exact, for tensors
-up to its slot size (larger ones go through gloo); a wait on a rank that is gone stops."""
+up to its slot size (larger ones go through gloo), and rank 0's objects; a wait on a rank that is gone stops, and a
+long wait does not hold a core."""
 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing as mp
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from slimquant.distributed.launch import run_ranks
 from slimquant.distributed.shared_memory import SLOT_BYTES, SharedMemoryExchange
@@ -41,6 +45,73 @@ def _compare(rank: int, size: int) -> int:
 @pytest.mark.parametrize("size", [2, 3])
 def test_shared_memory_collectives_equal_gloo(size):
     assert run_ranks(_compare, size) == [20] * size
+
+
+def _broadcasts(rank: int, size: int) -> tuple[int, list]:
+    """Rank 0's objects as each rank got them, and how many went through gloo."""
+    tp = TensorParallel(rank, size)
+    name = tp.broadcast(SharedMemoryExchange(0, size).name if rank == 0 else None)
+    tp = dataclasses.replace(tp, local=SharedMemoryExchange(rank, size, name))
+    through_gloo, gloo_broadcast = [], dist.broadcast_object_list
+    dist.broadcast_object_list = lambda *a, **k: (through_gloo.append(1), gloo_broadcast(*a, **k))
+    sent = [
+        (torch.arange(6).view(2, 3)[:, 1], {"ids": [1, 2]}, torch.ones(2, dtype=torch.bfloat16)),  # a view, bf16
+        None,
+        torch.full((SLOT_BYTES // 8 + 1,), 7),  # past the slot: gloo
+        "after",
+    ]
+    got = [tp.broadcast(obj if rank == 0 else None) for obj in sent]
+    same = [
+        torch.equal(got[0][0], sent[0][0]) and got[0][1] == sent[0][1] and torch.equal(got[0][2], sent[0][2]),
+        got[1] is None,
+        torch.equal(got[2], sent[2]),
+        got[3] == "after",
+    ]
+    tp.barrier()
+    tp.local.close(unlink=rank == 0)
+    return len(through_gloo), same
+
+
+def test_broadcast_goes_through_shared_memory_where_it_fits():
+    assert run_ranks(_broadcasts, 3) == [(1, [True] * 4)] * 3
+
+
+def _attach_then(name: str, seconds: float) -> None:
+    """Rank 1 of a two-rank segment: attach, stay seconds, answer one exchange, then exit."""
+    local = SharedMemoryExchange(1, 2, name)
+    time.sleep(seconds)
+    local.exchange(torch.ones(4))
+    local.close(unlink=False)
+
+
+def test_a_wait_on_a_process_that_is_gone_stops_within_seconds():
+    deadline = time.monotonic() + 60  # without the check of the peer's process, the wait would end only here
+    local, ctx = SharedMemoryExchange(0, 2, alive=lambda: time.monotonic() < deadline), mp.get_context("spawn")
+    try:
+        peer = ctx.Process(target=_attach_then, args=(local.name, 0.5))
+        peer.start()
+        local.exchange(torch.ones(4))  # the peer answers one
+        peer.join()  # then exits: gone once reaped
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="stopped answering"):
+            local.exchange(torch.ones(4))
+        assert time.monotonic() - start < 10
+    finally:
+        local.close(unlink=True)
+
+
+def test_a_long_wait_does_not_hold_a_core():
+    local, ctx = SharedMemoryExchange(0, 2), mp.get_context("spawn")
+    try:
+        peer = ctx.Process(target=_attach_then, args=(local.name, 3.0))
+        peer.start()
+        wall, cpu = time.monotonic(), time.process_time()
+        local.exchange(torch.ones(4))  # waits about 3 s: mostly asleep
+        wall, cpu = time.monotonic() - wall, time.process_time() - cpu
+        peer.join()
+        assert wall > 2 and cpu < 0.3 * wall, (wall, cpu)
+    finally:
+        local.close(unlink=True)
 
 
 def test_a_wait_on_a_rank_that_is_gone_stops():
