@@ -14,6 +14,7 @@ stops with an error within milliseconds, as gloo's does when a peer's socket clo
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import time
@@ -90,8 +91,8 @@ class SharedMemoryExchange:
         while any(self.counters[w] < seq for w in self._words):
             spins += 1
             if idle or spins % _CHECK_EVERY == 0:  # spinning: every _CHECK_EVERY turns; idle: every poll
-                if not self._peers_alive():
-                    raise RuntimeError("a tensor-parallel rank stopped answering (shared-memory exchange)")
+                if who := self._gone():
+                    raise RuntimeError(f"{who} of the tensor-parallel group stopped answering (shared-memory exchange)")
                 since = since or time.monotonic()
                 idle = time.monotonic() - since >= _SPIN_SECONDS
                 time.sleep(_IDLE_POLL_SECONDS if idle else 0)
@@ -99,15 +100,17 @@ class SharedMemoryExchange:
     def sees_peers(self) -> bool:
         """Whether every other rank has attached and its process is visible from here (not in another container's
         process namespace): what the checks of a wait rely on."""
-        return all(pid and _exists(pid) for pid in self._peer_pids())
+        return all(pid and _exists(pid) for pid in self._peer_pids().values())
 
-    def _peers_alive(self) -> bool:
-        """Whether every other rank's process that has attached still exists, and alive() says so."""
-        return all(_exists(pid) for pid in self._peer_pids() if pid) and self.alive()
+    def _gone(self) -> str:
+        """Which ranks' processes have ended ("rank(s) [1]"; they had attached), or "a rank" where alive() says one
+        stopped; "" while all answer."""
+        gone = [rank for rank, pid in self._peer_pids().items() if pid and not _exists(pid)]
+        return f"rank(s) {gone}" if gone else "" if self.alive() else "a rank"
 
-    def _peer_pids(self) -> list[int]:
+    def _peer_pids(self) -> dict[int, int]:
         """The other ranks' process ids (0: not attached yet)."""
-        return [self.counters[word + 1] for rank, word in enumerate(self._words) if rank != self.rank]
+        return {rank: self.counters[word + 1] for rank, word in enumerate(self._words) if rank != self.rank}
 
     def close(self, unlink: bool) -> None:
         """Detach (and remove the segment, on the rank that made it); nothing once closed."""
@@ -116,7 +119,9 @@ class SharedMemoryExchange:
         del self.counters, self.slots
         self.segment.close()
         if unlink:
-            self.segment.unlink()
+            # gone already where a killed rank's resource tracker removed it (an attaching process registers too)
+            with contextlib.suppress(FileNotFoundError):
+                self.segment.unlink()
         self.segment = None
 
 

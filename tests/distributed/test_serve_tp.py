@@ -1,5 +1,5 @@
-"""`slimquant serve -tp 2`: the same answers as one process; a rank killed mid-generation fails the request and the
-server exits with an error instead of hanging."""
+"""`slimquant serve -tp 2` (its own ranks, two nodes, or torchrun's): the same answers as one process; a rank killed
+mid-generation fails the request and the server exits with an error instead of hanging."""
 
 from __future__ import annotations
 
@@ -99,6 +99,26 @@ def test_nodes_with_different_settings_are_refused_at_start(checkpoints):
     assert node1.wait(timeout=30) == 1
 
 
+def _torchrun_serve(path: str) -> tuple[subprocess.Popen, str]:
+    """`torchrun --nproc-per-node 2 -m slimquant.entrypoints.cli serve path`, up (its /health answers): (the
+    torchrun process, in its own session, and the server's base URL)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    cmd += ["-m", "slimquant.entrypoints.cli", "serve", path, "--port", str(port), "--max-model-len", "128"]
+    cmd += ["--api-key", "test-key", "--served-model-name", "tiny"]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline and run.poll() is None:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    assert run.poll() is None, run.stdout.read().decode()[-3000:]
+    return run, base
+
+
 def test_serve_under_torchrun_answers_as_one_process(checkpoints):
     """`torchrun --nproc-per-node 2 -m slimquant.entrypoints.cli serve ...`: rank 0 serves, rank 1 runs steps."""
     path = checkpoints["llama-W8A8_DYNAMIC"]
@@ -107,22 +127,29 @@ def test_serve_under_torchrun_answers_as_one_process(checkpoints):
         want = _chat(base)
     finally:
         stop_server(one)
-    port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
-    cmd += ["-m", "slimquant.entrypoints.cli", "serve", path, "--port", str(port), "--max-model-len", "128"]
-    cmd += ["--api-key", "test-key", "--served-model-name", "tiny"]
-    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    run, base = _torchrun_serve(path)
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while time.time() < deadline and run.poll() is None:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        assert run.poll() is None, run.stdout.read().decode()[-3000:]
         assert _chat(base) == want
     finally:
         os.killpg(run.pid, signal.SIGTERM)
         run.wait(timeout=60)
+
+
+def test_a_rank_killed_under_torchrun_fails_the_request_at_once(checkpoints):
+    """Rank 0 sees rank 1's process gone from inside the step's shared-memory wait: the stream ends with that error
+    and torchrun stops the group."""
+    run, base = _torchrun_serve(checkpoints["llama-W8A8"])
+    try:
+        (rank1,) = [p for p in psutil.Process(run.pid).children() if p.environ().get("RANK") == "1"]
+        body = {"prompt": "Hello", "max_tokens": 100, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, headers=auth(), timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            rank1.kill()
+            rest = " ".join(lines)
+        assert "rank(s) [1] of the tensor-parallel group stopped answering" in rest, rest[-500:]
+        assert run.wait(timeout=30) != 0
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGTERM)
+            run.wait(timeout=60)
