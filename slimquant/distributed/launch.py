@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -14,8 +15,8 @@ from slimquant.distributed.workers import free_port
 
 def run_ranks(fn: Callable, size: int, *args, timeout: float = 300, threads: int = 1) -> list:
     """[fn(rank, size, *args) for each rank], each in its own process (of threads threads) in one gloo group; fn
-    must be importable (a module-level function). A rank's exception or a timeout is a RuntimeError with its
-    traceback, and every process is killed (nothing is left hanging)."""
+    must be importable (a module-level function). A rank's exception, death or timeout is a RuntimeError (with its
+    traceback where it raised), and every process is killed (nothing is left hanging)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -25,20 +26,37 @@ def run_ranks(fn: Callable, size: int, *args, timeout: float = 300, threads: int
     for p in procs:
         p.start()
     out: dict[int, object] = {}
+    deadline = time.monotonic() + timeout
     try:
         while len(out) < size:
-            rank, ok, value = results.get(timeout=timeout)
+            try:
+                rank, ok, value = results.get(timeout=0.5)
+            except queue.Empty:
+                _check_waiting(procs, out, deadline, timeout)
+                continue
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             out[rank] = value
-    except queue.Empty:
-        raise RuntimeError(f"ranks {sorted(set(range(size)) - set(out))} gave no result in {timeout:.0f} s") from None
+    except BaseException:
+        for p in procs:  # the others may wait in a collective for the failed one
+            p.kill()
+        raise
     finally:
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
     return [out[r] for r in range(size)]
+
+
+def _check_waiting(procs: list, out: dict, deadline: float, timeout: float) -> None:
+    """RuntimeError if a rank without a result has died (a crash, a signal) or the time is up."""
+    missing = [r for r in range(len(procs)) if r not in out]
+    dead = {r: procs[r].exitcode for r in missing if procs[r].exitcode not in (None, 0)}
+    if dead:
+        raise RuntimeError(f"rank(s) {sorted(dead)} died before giving a result (exit codes {dead})")
+    if time.monotonic() > deadline:
+        raise RuntimeError(f"ranks {missing} gave no result in {timeout:.0f} s")
 
 
 def _rank_main(fn: Callable, rank: int, size: int, port: int, threads: int, results, args: tuple) -> None:
