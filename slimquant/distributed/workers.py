@@ -42,7 +42,6 @@ _SPAWN_HINT = (
 # once (its socket closes, or in shared memory its process is gone), and a worker whose parent died exits
 # (_watch_parent).
 _WAIT = timedelta(days=30)
-_NODE_WAIT = timedelta(minutes=10)  # how long node 0 waits for the other nodes to join
 # A collective inside a step (NCCL, on GPUs): a rank that died mid-step leaves the others waiting this long at most,
 # then NCCL's watchdog ends them (gloo's host collectives see a dead peer at once)
 _NCCL_WAIT = timedelta(minutes=2)
@@ -107,8 +106,8 @@ class WorkerGroup:
         return cls(procs, errors, TensorParallel(0, config.tensor_parallel_size), ranks)
 
     def _join_as_rank0(self, config: EngineConfig) -> None:
-        """init_process_group for rank 0, failing as soon as a local rank dies before joining, or when other
-        nodes have not joined in _NODE_WAIT."""
+        """init_process_group for rank 0, failing as soon as a local rank dies before joining, or when the other
+        ranks have not joined in config.join_timeout."""
         done, failure = threading.Event(), []
 
         def init() -> None:
@@ -120,15 +119,15 @@ class WorkerGroup:
                 done.set()
 
         threading.Thread(target=init, daemon=True).start()
-        deadline = time.monotonic() + _NODE_WAIT.total_seconds()
         while not done.wait(0.2):
             if self._dead():
                 self.fail(None, _SPAWN_HINT)
-            if config.nnodes > 1 and time.monotonic() > deadline:
-                self.fail(None, f"nodes 1..{config.nnodes - 1} did not join in {_NODE_WAIT}: run the same command "
-                          "with --node-rank K --headless on each")  # fmt: skip
-        if failure:
-            self.fail(failure[0])
+        error = failure[0] if failure else None
+        if isinstance(error, ValueError):  # the ranks did not meet: said as it is
+            self.kill()
+            raise error
+        if error is not None:
+            self.fail(error)
 
     def guard(self, fn: Callable, *args: Any) -> Any:
         """fn(*args) on rank 0; if it fails because a rank died, a RuntimeError naming the rank and its error."""
@@ -232,8 +231,19 @@ def _threads(config: EngineConfig) -> int:
 
 
 def _init_group(rank: int, config: EngineConfig) -> None:
-    address, size = f"tcp://{config.master_addr}:{config.master_port}", config.tensor_parallel_size
-    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=size, timeout=_WAIT)
+    """Join the gloo group at master_addr:master_port (rank 0 listens there); ValueError where the ranks do not all
+    meet in join_timeout."""
+    where, size = (config.master_addr, config.master_port), config.tensor_parallel_size
+    try:
+        store = dist.TCPStore(*where, size, is_master=rank == 0, timeout=timedelta(seconds=config.join_timeout))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=size, timeout=_WAIT)
+    except dist.DistError as e:
+        nodes = f"and nodes 1..{config.nnodes - 1} (--node-rank K --headless) " if config.nnodes > 1 else ""
+        raise ValueError(
+            f"the {size} tensor-parallel ranks did not all meet at {where[0]}:{where[1]} in join_timeout="
+            f"{config.join_timeout:g} s ({type(e).__name__}: {e}): start node 0 {nodes}with the same -tp, check "
+            "that --master-addr / --master-port reach node 0 from every node, or raise --join-timeout"
+        ) from e
 
 
 def fingerprint(config: EngineConfig) -> str:

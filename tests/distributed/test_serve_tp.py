@@ -119,6 +119,21 @@ def _torchrun_serve(path: str) -> tuple[subprocess.Popen, str]:
     return run, base
 
 
+def test_nodes_that_do_not_meet_fail_after_join_timeout_naming_the_address(checkpoints):
+    """A headless node whose node 0 never comes, and a node 0 whose other node never comes: each exits with a
+    clear error after --join-timeout instead of waiting forever."""
+    path, port = checkpoints["llama-W8A8"], free_port()
+    node1 = _headless(path, port, "--join-timeout", "3")
+    out = node1.communicate(timeout=120)[0].decode()
+    assert node1.returncode == 1
+    assert f"did not all meet at 127.0.0.1:{port} in join_timeout=3 s" in out, out[-2000:]
+    cmd = [sys.executable, "-m", "slimquant.entrypoints.cli", "serve", path, "-tp", "2", "--nnodes", "2"]
+    cmd += ["--master-port", str(port), "--join-timeout", "3", "--port", str(free_port())]
+    head = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert head.returncode != 0
+    assert "start node 0 and nodes 1..1 (--node-rank K --headless)" in head.stdout + head.stderr
+
+
 def test_serve_under_torchrun_answers_as_one_process(checkpoints):
     """`torchrun --nproc-per-node 2 -m slimquant.entrypoints.cli serve ...`: rank 0 serves, rank 1 runs steps."""
     path = checkpoints["llama-W8A8_DYNAMIC"]

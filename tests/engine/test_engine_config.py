@@ -41,6 +41,8 @@ def test_unknown_arguments_through_llm(llama_path):
         ({"kv_cache_memory_bytes": 0}, "kv_cache_memory_bytes"),
         ({"device": "tpu"}, "device"),
         ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
+        ({"join_timeout": 0}, "join_timeout"),
+        ({"join_timeout": "10"}, "join_timeout"),
         ({"pipeline_parallel_size": 2}, "pipeline_parallel_size"),
         ({"kv_cache_dtype": "int4"}, "kv_cache_dtype"),
         ({"kv_cache_dtype": "fp8_e4m3"}, "kv_cache_dtype='fp8_e4m3' is not supported"),

@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     nodes.add_argument("--master-addr", default="127.0.0.1", help="node 0's address, reachable from every node")
     nodes.add_argument("--master-port", type=int, help="a free port on node 0 where the ranks meet")
     nodes.add_argument("--headless", action="store_true", help="run this node's ranks only, no HTTP (nodes > 0)")
+    nodes.add_argument(
+        "--join-timeout", type=float, default=600.0, help="seconds the ranks wait for each other to meet (default 600)"
+    )
     p.add_argument(
         "--max-request-bytes",
         type=int,
@@ -129,7 +132,11 @@ def _join_torchrun(args: argparse.Namespace) -> int:
 def _node_args(args: argparse.Namespace) -> dict:
     """EngineConfig's node settings from the options."""
     return dict(
-        nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        join_timeout=args.join_timeout,
     )
 
 
