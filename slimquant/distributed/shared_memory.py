@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import time
 from collections.abc import Callable
 from multiprocessing import shared_memory
@@ -31,6 +32,20 @@ _IDLE_POLL_SECONDS = 0.001
 _CHECK_EVERY = 1024  # spins between two checks of the peers' processes and of the clock
 
 
+def segment_bytes(size: int) -> int:
+    """The bytes of a segment for size ranks: a counter line each, two buffers of a slot each."""
+    return size * _COUNTER_BYTES + 2 * size * SLOT_BYTES
+
+
+def room_for(size: int, folder: str = "/dev/shm") -> bool:
+    """Whether folder (where Linux keeps shared memory) has room for size ranks' segment: a segment larger than
+    its free space maps, then kills the first rank that writes past it (SIGBUS; Docker's default is 64 MiB)."""
+    try:
+        return shutil.disk_usage(folder).free >= segment_bytes(size)
+    except OSError:  # no such folder: not Linux's layout, nothing to check
+        return True
+
+
 class SharedMemoryExchange:
     """rank's view of a segment shared by size ranks on one machine (create it on one rank, attach on the others
     by its name)."""
@@ -39,8 +54,8 @@ class SharedMemoryExchange:
         """name None: create a new segment (its name in .name for the others); alive(): False stops a wait (the
         peers' processes are checked besides)."""
         self.rank, self.size, self.alive = rank, size, alive
-        total = size * _COUNTER_BYTES + 2 * size * SLOT_BYTES
-        self.segment = shared_memory.SharedMemory(name=name, create=name is None, size=total if name is None else 0)
+        total = segment_bytes(size) if name is None else 0
+        self.segment = shared_memory.SharedMemory(name=name, create=name is None, size=total)
         self.name = self.segment.name
         # the counters as plain int64 words (read and written without torch: a decode step's exchange is a few µs)
         self.counters = (ctypes.c_int64 * (size * _COUNTER_WORDS)).from_buffer(self.segment.buf)

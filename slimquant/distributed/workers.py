@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import platform
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from slimquant.distributed.cpu_binding import bind, core_groups
-from slimquant.distributed.shared_memory import SharedMemoryExchange
+from slimquant.distributed.shared_memory import SharedMemoryExchange, room_for, segment_bytes
 from slimquant.distributed.tensor_parallel import TensorParallel
 from slimquant.format.safetensors_io import read_header
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from slimquant.config import EngineConfig
     from slimquant.engine.model_runner import ModelRunner
 
+logger = logging.getLogger(__name__)
 _SPAWN_HINT = (
     "It died before joining the group. Ranks are spawned processes that import your script's main module: start "
     "the engine under `if __name__ == '__main__':`."
@@ -298,7 +300,7 @@ def _share_memory(tp: TensorParallel, offer: bool, alive: Callable[[], bool] = l
     rank 0's machine, in one process namespace), else tp; rank 0 creates the segment and broadcasts its name, the
     others attach."""
     if tp.rank == 0:
-        local = SharedMemoryExchange(0, tp.size, alive=alive) if offer and platform.machine() in _X86 else None
+        local = SharedMemoryExchange(0, tp.size, alive=alive) if offer and _can_offer(tp.size) else None
         tp.broadcast(None if local is None else local.name)
     else:
         local = _attach(tp, tp.broadcast())
@@ -321,6 +323,22 @@ def _attach(tp: TensorParallel, name: str | None) -> SharedMemoryExchange | None
 
 
 _X86 = ("x86_64", "AMD64")  # stores stay in order: what the exchange's publish relies on
+
+
+def _can_offer(size: int) -> bool:
+    """Whether rank 0 can offer a shared-memory exchange: on x86, where /dev/shm has room (else it says why)."""
+    if platform.machine() not in _X86:
+        return False
+    if not room_for(size):
+        logger.warning(
+            "tensor parallel: /dev/shm has less than the %.0f MiB free that %d ranks' shared-memory exchange takes; "
+            "they exchange through gloo instead (slower). Give the container more (docker run --shm-size=1g, or "
+            "--ipc=host)",
+            segment_bytes(size) / 2**20,
+            size,
+        )
+        return False
+    return True
 
 
 def _check_fingerprints(config: EngineConfig, tp: TensorParallel) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from slimquant.distributed.launch import run_ranks
-from slimquant.distributed.shared_memory import SLOT_BYTES, SharedMemoryExchange
+from slimquant.distributed.shared_memory import SLOT_BYTES, SharedMemoryExchange, segment_bytes
 from slimquant.distributed.tensor_parallel import TensorParallel
 
 
@@ -141,6 +141,26 @@ def _links(rank: int, size: int, unreachable: int | None) -> bool:
 def test_shared_memory_only_where_every_rank_can_attach():
     assert run_ranks(_links, 3, None) == [True] * 3
     assert run_ranks(_links, 3, 2) == [False] * 3  # one rank elsewhere: gloo for all
+
+
+def _links_with_free(rank: int, size: int, free: int) -> bool:
+    """Whether this rank exchanges through shared memory where /dev/shm has free bytes free."""
+    import collections
+    import shutil
+
+    from slimquant.distributed import workers
+
+    shutil.disk_usage = lambda folder: collections.namedtuple("usage", "total used free")(free, 0, free)
+    tp = workers._share_memory(TensorParallel(rank, size), True)
+    if tp.local is not None:
+        tp.local.close(unlink=rank == 0)
+    return tp.local is not None
+
+
+def test_no_shared_memory_where_dev_shm_has_no_room():
+    assert segment_bytes(2) > 2 * SLOT_BYTES
+    assert run_ranks(_links_with_free, 2, segment_bytes(2)) == [True, True]
+    assert run_ranks(_links_with_free, 2, segment_bytes(2) - 1) == [False, False]  # would die of SIGBUS: gloo
 
 
 def _launched_local(rank: int, size: int, path: str) -> bool:
