@@ -7,9 +7,10 @@ suffice: a rank that reaches exchange s has seen every rank publish s - 1, so ev
 buffer of s - 2 that s overwrites. x86 keeps stores in order, which is what makes a published counter mean the slot
 before it is written; tensors past the slot size, and other CPUs, use gloo instead.
 
-A wait spins for its first _SPIN_SECONDS, then polls every _IDLE_POLL_SECONDS (ranks waiting for an idle server's
-next step use no core). Each rank writes its process id beside its counter: a wait on a rank whose process is gone
-stops with an error within milliseconds, as gloo's does when a peer's socket closes.
+A wait spins for its first _SPIN_SECONDS, then polls every 1% of the time it has waited, 1 to 10 ms (ranks waiting
+for an idle server's next step use next to no CPU, and wake at most 10 ms late). Each rank writes its process id
+beside its counter: a wait on a rank whose process is gone stops with an error within milliseconds, as gloo's does
+when a peer's socket closes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ SLOT_BYTES = 1 << 20  # the largest tensor exchanged here; larger ones (long pre
 _COUNTER_BYTES = 64  # one cache line per rank's counter
 _COUNTER_WORDS = _COUNTER_BYTES // 8  # word 0: the rank's sequence number; word 1: its process id
 _SPIN_SECONDS = 0.05  # a wait spins this long (a step's collectives), then polls (an idle server's ranks)
-_IDLE_POLL_SECONDS = 0.001
+_POLL_SHARE = 0.01  # then it polls every 1% of the time it has waited (wakes at most 1% late) ...
+_POLL_SECONDS = (0.001, 0.01)  # ... but at least every 10 ms and at most every 1 ms
 _CHECK_EVERY = 1024  # spins between two checks of the peers' processes and of the clock
 
 
@@ -109,8 +111,9 @@ class SharedMemoryExchange:
                 if who := self._gone():
                     raise RuntimeError(f"{who} of the tensor-parallel group stopped answering (shared-memory exchange)")
                 since = since or time.monotonic()
-                idle = time.monotonic() - since >= _SPIN_SECONDS
-                time.sleep(_IDLE_POLL_SECONDS if idle else 0)
+                waited = time.monotonic() - since
+                idle = waited >= _SPIN_SECONDS
+                time.sleep(min(max(waited * _POLL_SHARE, _POLL_SECONDS[0]), _POLL_SECONDS[1]) if idle else 0)
 
     def sees_peers(self) -> bool:
         """Whether every other rank has attached and its process is visible from here (not in another container's
