@@ -18,6 +18,11 @@ import torch.distributed as dist
 from slimquant.distributed.shared_memory import SharedMemoryExchange
 
 
+class MidStepFailure(RuntimeError):
+    """Rank 0 failed between sending a step to the other ranks and the step's last collective: they are left inside
+    it, and the group cannot go on (its cause: what failed)."""
+
+
 @dataclass(frozen=True)
 class TensorParallel:
     """rank of size processes in group (None: torch.distributed's default group)."""

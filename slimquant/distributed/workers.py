@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from slimquant.distributed.cpu_binding import bind, core_groups
 from slimquant.distributed.shared_memory import SharedMemoryExchange, room_for, segment_bytes
-from slimquant.distributed.tensor_parallel import TensorParallel
+from slimquant.distributed.tensor_parallel import MidStepFailure, TensorParallel
 from slimquant.format.safetensors_io import read_header
 
 if TYPE_CHECKING:
@@ -132,13 +132,16 @@ class WorkerGroup:
             self.fail(error)
 
     def guard(self, fn: Callable, *args: Any) -> Any:
-        """fn(*args) on rank 0; if it fails because a rank died, a RuntimeError naming the rank and its error."""
+        """fn(*args) on rank 0; if it fails because a rank died, or in the middle of a step the ranks run with it
+        (MidStepFailure), RankFailure naming what failed."""
         try:
             return fn(*args)
         except Exception as e:
             time.sleep(0.5)  # a rank that broke the collective is exiting: let it be seen dead
             if self._dead():
                 self.fail(e)
+            if isinstance(e, MidStepFailure):  # say a rank on another node died, or rank 0's own step failed
+                self.fail(e, f"rank 0 failed inside a step the ranks run together ({e}); they cannot go on")
             raise
 
     def check(self) -> None:

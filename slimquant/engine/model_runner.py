@@ -11,7 +11,7 @@ import torch
 
 from slimquant.backends.base import Backend
 from slimquant.config import DEFAULT_KV_CACHE_BYTES, EngineConfig
-from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
+from slimquant.distributed.tensor_parallel import SINGLE, MidStepFailure, TensorParallel
 from slimquant.engine.scheduler import ScheduledBatch
 from slimquant.engine.sequence import Sequence
 from slimquant.engine.step_sampler import LogitRows, StepResult, StepSampler, rows_at
@@ -94,15 +94,24 @@ class ModelRunner:
         split_head = self.model.vocab_tp.size > 1  # every rank computes its part of the logits
         indices = inputs.rows.indices() if split_head else None
         greedy = split_head and inputs.rows.argmax_only()
-        if self.broadcast:  # as host tensors: each rank moves them to its own device
-            host = inputs.context.to(torch.device("cpu"))
-            self.tp.broadcast((inputs.input_ids.cpu(), inputs.positions.cpu(), host, indices, greedy))
-        hidden = self.backend.forward(self.model, inputs.input_ids, inputs.positions, inputs.context)  # [T, H]
+        tokens = logits = None
+        try:  # the part the other ranks run too
+            if self.broadcast:  # as host tensors: each rank moves them to its own device
+                host = inputs.context.to(torch.device("cpu"))
+                self.tp.broadcast((inputs.input_ids.cpu(), inputs.positions.cpu(), host, indices, greedy))
+            hidden = self.backend.forward(self.model, inputs.input_ids, inputs.positions, inputs.context)  # [T, H]
+            if split_head:
+                tokens = self._split_argmax(hidden, indices) if greedy else None
+                logits = self._logits(hidden, indices) if tokens is None else None
+        except Exception as e:
+            if self.broadcast:
+                raise MidStepFailure(f"{type(e).__name__}: {e}") from e
+            raise
         if not split_head:
             return self.sampler.sample(hidden, inputs.rows)
-        if greedy and (tokens := self._split_argmax(hidden, indices)) is not None:
+        if tokens is not None:
             return StepResult(inputs.rows.sample_seqs, Sampler.unscored_output(tokens), [])
-        return self.sampler.sample_logits(self._logits(hidden, indices), inputs.rows)
+        return self.sampler.sample_logits(logits, inputs.rows)
 
     @torch.inference_mode()
     def serve_steps(self) -> None:

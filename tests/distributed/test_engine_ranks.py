@@ -50,6 +50,26 @@ def test_a_rank_that_dies_stops_the_engine_naming_it(checkpoints):
     assert not dist.is_initialized() and not any(p.is_alive() for p in workers.procs)
 
 
+def test_rank_0_failing_inside_a_step_stops_every_rank(checkpoints):
+    """The other ranks are left inside the step's collectives: a later step would pair its broadcast with them."""
+    llm = _llm(checkpoints["llama-W8A8"])
+    engine, workers = llm.llm_engine, llm.llm_engine.workers
+    forward, calls = engine.runner.backend.forward, []
+
+    def fails_on_the_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom in rank 0's forward")
+        return forward(*args)
+
+    engine.runner.backend.forward = fails_on_the_third
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"rank 0 failed inside a step .*boom in rank 0's forward.*cannot go on"):
+        llm.generate(PROMPTS, SamplingParams(max_tokens=4), use_tqdm=False)
+    assert time.perf_counter() - start < 30
+    assert not dist.is_initialized() and not any(p.is_alive() for p in workers.procs)
+
+
 def test_a_model_that_cannot_split_is_a_value_error_and_leaves_nothing(tiny_model):
     with pytest.raises(ValueError, match="tensor_parallel_size = 3 is not a multiple of num_key_value_heads = 2"):
         LLM(str(tiny_model("llama", hidden_size=96, num_attention_heads=6)), tensor_parallel_size=3)

@@ -88,6 +88,29 @@ def test_two_nodes_on_one_machine_answer_as_one_process(checkpoints):
     assert node1.wait(timeout=30) == 0, node1.stdout.read().decode()[-2000:]
 
 
+def test_a_rank_killed_on_another_node_stops_the_server(checkpoints):
+    """Rank 0 sees a remote rank's death only as its step's collective failing (gloo): that stops every rank too."""
+    path, port = checkpoints["llama-W8A8"], free_port()
+    node1 = _headless(path, port, "--max-model-len", "128")
+    head, base = start_server(path, "--backend", "torch-reference", "-tp", "2", "--nnodes", "2", "--master-port",
+                              str(port))  # fmt: skip
+    try:
+        body = {"prompt": "Hello", "max_tokens": 100, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, headers=auth(), timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            (rank1,) = _ranks(node1)
+            rank1.kill()
+            rest = " ".join(lines)
+        assert "rank 0 failed inside a step the ranks run together" in rest, rest[-500:]
+        assert head.wait(timeout=30) == 1
+        assert node1.wait(timeout=30) == 1
+    finally:
+        for proc in (head, node1):
+            if proc.poll() is None:
+                proc.kill()
+
+
 def test_nodes_with_different_settings_are_refused_at_start(checkpoints):
     path, port = checkpoints["llama-W8A8"], free_port()
     node1 = _headless(path, port, "--max-model-len", "96")  # the head runs 128
