@@ -30,6 +30,16 @@ def _ranks(proc) -> list[psutil.Process]:
     return [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
 
 
+def _kill_mid_stream(base: str, rank: psutil.Process) -> str:
+    """Stream a long completion, kill rank after its first token, and return the rest of the stream."""
+    body = {"prompt": "Hello", "max_tokens": 100, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, headers=auth(), timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+        rank.kill()
+        return " ".join(lines)
+
+
 def test_serve_tp_answers_as_one_process(checkpoints):
     path = checkpoints["qwen2-W8A8_DYNAMIC"]
     answers = []
@@ -46,14 +56,9 @@ def test_serve_tp_answers_as_one_process(checkpoints):
 def test_a_rank_killed_mid_generation_stops_the_server(checkpoints):
     proc, base = start_server(checkpoints["llama-W8A8"], "-tp", "2")
     try:
-        body = {"prompt": "Hello", "max_tokens": 100, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{base}/v1/completions", json=body, headers=auth(), timeout=60) as r:
-            lines = r.iter_lines()
-            assert next(line for line in lines if line.startswith("data: {"))
-            (rank,) = _ranks(proc)
-            rank.kill()
-            rest = list(lines)
-        assert '"error"' in " ".join(rest) and "rank" in " ".join(rest), rest[-3:]
+        (rank,) = _ranks(proc)
+        rest = _kill_mid_stream(base, rank)
+        assert '"error"' in rest and "rank" in rest, rest[-500:]
         start = time.perf_counter()
         assert proc.wait(timeout=30) == 1
         assert time.perf_counter() - start < 30
@@ -95,13 +100,8 @@ def test_a_rank_killed_on_another_node_stops_the_server(checkpoints):
     head, base = start_server(path, "--backend", "torch-reference", "-tp", "2", "--nnodes", "2", "--master-port",
                               str(port))  # fmt: skip
     try:
-        body = {"prompt": "Hello", "max_tokens": 100, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{base}/v1/completions", json=body, headers=auth(), timeout=60) as r:
-            lines = r.iter_lines()
-            assert next(line for line in lines if line.startswith("data: {"))
-            (rank1,) = _ranks(node1)
-            rank1.kill()
-            rest = " ".join(lines)
+        (rank1,) = _ranks(node1)
+        rest = _kill_mid_stream(base, rank1)
         assert "rank 0 failed inside a step the ranks run together" in rest, rest[-500:]
         assert head.wait(timeout=30) == 1
         assert node1.wait(timeout=30) == 1
@@ -179,12 +179,7 @@ def test_a_rank_killed_under_torchrun_fails_the_request_at_once(checkpoints):
     run, base = _torchrun_serve(checkpoints["llama-W8A8"])
     try:
         (rank1,) = [p for p in psutil.Process(run.pid).children() if p.environ().get("RANK") == "1"]
-        body = {"prompt": "Hello", "max_tokens": 100, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{base}/v1/completions", json=body, headers=auth(), timeout=60) as r:
-            lines = r.iter_lines()
-            assert next(line for line in lines if line.startswith("data: {"))
-            rank1.kill()
-            rest = " ".join(lines)
+        rest = _kill_mid_stream(base, rank1)
         assert "rank(s) [1] of the tensor-parallel group stopped answering" in rest, rest[-500:]
         assert run.wait(timeout=30) != 0
     finally:
