@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,11 +78,7 @@ class TensorParallel:
 
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.local is not None and self.local.fits(t):
-            parts = self.local.exchange(t)  # views into the segment: summed into t, in rank order
-            t.copy_(parts[0])
-            for part in parts[1:]:
-                t += part
-            return t
+            return self._combine_shared(t, torch.Tensor.add_)
         if self.size > 1:
             dist.all_reduce(t, dist.ReduceOp.SUM, group=self._group_of(t))
         return t
@@ -89,13 +86,17 @@ class TensorParallel:
     def max(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise maximum over ranks (in place)."""
         if self.local is not None and self.local.fits(t):
-            parts = self.local.exchange(t)  # views into the segment
-            t.copy_(parts[0])
-            for part in parts[1:]:
-                torch.maximum(t, part, out=t)
-            return t
+            return self._combine_shared(t, lambda t, part: torch.maximum(t, part, out=t))
         if self.size > 1:
             dist.all_reduce(t, dist.ReduceOp.MAX, group=self._group_of(t))
+        return t
+
+    def _combine_shared(self, t: torch.Tensor, combine: Callable[[torch.Tensor, torch.Tensor], object]) -> torch.Tensor:
+        """t made rank 0's t, then combined in place with each next rank's, in rank order (shared memory)."""
+        parts = self.local.exchange(t)  # views into the segment
+        t.copy_(parts[0])
+        for part in parts[1:]:
+            combine(t, part)
         return t
 
     def min_int(self, n: int) -> int:

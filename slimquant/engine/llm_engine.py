@@ -43,6 +43,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.workers: WorkerGroup | None = None
+        self._detach: weakref.finalize | None = None  # leaves torchrun's shared memory (external_launcher)
         self.tp, broadcast = SINGLE, False
         if config.tensor_parallel_size > 1:
             launched = dist.is_initialized()  # torchrun (or the caller) made the group
@@ -83,7 +84,7 @@ class LLMEngine:
         if self.workers is not None:
             self._stop_ranks()
             self.workers = None
-        if hasattr(self, "_detach"):
+        if self._detach is not None:
             self._detach()
 
     @classmethod

@@ -38,10 +38,13 @@ class LogitRows:
             last = min(end, seq.num_prompt_tokens - 1)
             self.prompt_rows.append((seq, [row0 + p - start for p in range(first, last)]))
 
+    def greedy(self) -> bool:
+        """Whether there are rows to sample and all are plain greedy."""
+        return bool(self.sample_seqs) and all(plain_greedy(s) for s in self.sample_seqs)
+
     def argmax_only(self) -> bool:
         """Whether the step needs only each sampled row's argmax: plain greedy rows, no prompt rows to score."""
-        plain = bool(self.sample_seqs) and all(plain_greedy(s) for s in self.sample_seqs)
-        return plain and not self.prompt_rows
+        return not self.prompt_rows and self.greedy()
 
     def indices(self) -> list[int]:
         """Rows to compute logits for: sampling rows first, then prompt-scoring rows."""
@@ -73,7 +76,6 @@ class StepSampler:
 
     def sample(self, hidden: torch.Tensor, rows: LogitRows) -> StepResult:
         """hidden [T, H] of the step -> the tokens of the sequences that reached their end, and prompt logprobs."""
-        greedy = bool(rows.sample_seqs) and all(plain_greedy(s) for s in rows.sample_seqs)
         if rows.argmax_only():  # a screen may skip most of the head
             tokens = self.head.argmax(rows_at(hidden, rows.sample_rows))
             return StepResult(rows.sample_seqs, Sampler.unscored_output(tokens), [])
@@ -81,7 +83,7 @@ class StepSampler:
             return screened
         logits = self._logits(hidden, rows.indices())  # [S + P, V] float32, or None
         sampled = None
-        if greedy:
+        if rows.greedy():
             sampled = Sampler.argmax(logits[: len(rows.sample_rows)])
         elif rows.sample_seqs:
             sampled = self.sampler(logits[: len(rows.sample_rows)], self.sampling_batch(rows.sample_seqs))

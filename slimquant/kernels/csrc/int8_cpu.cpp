@@ -404,9 +404,12 @@ inline float abs_max(const float* x, int k) {
   return amax;
 }
 
-// Per-token symmetric quantization of row i: scale = max(amax / 127, 1e-8), q = clamp(round(x / scale)).
+// A token's symmetric int8 scale from its absmax: max(amax / 127, 1e-8).
+inline float dynamic_scale(float amax) { return std::max(amax / 127.0f, kTinyScale); }
+
+// Per-token symmetric quantization of row i: scale = dynamic_scale(amax), q = clamp(round(x / scale)).
 float quantize_dynamic_row(const float* row, int k, QuantizedX& out, int i) {
-  const float scale = std::max(abs_max(row, k) / 127.0f, kTinyScale);
+  const float scale = dynamic_scale(abs_max(row, k));
   quantize_row<true>(row, k, scale, 0.0f, 0.0f, out, i);
   return scale;
 }
@@ -646,7 +649,7 @@ void abs_max_rows(const float* x, int m, int k, int ldx, float* absmax) {
 void quantize_dynamic_rows_at(const float* x, int m, int k, int ldx, const float* absmax, QuantizedX& out,
                               float* scales) {
   for (int i = 0; i < m; ++i) {
-    scales[i] = std::max(absmax[i] / 127.0f, kTinyScale);  // quantize_dynamic_row's scale, of the whole row
+    scales[i] = dynamic_scale(absmax[i]);  // quantize_dynamic_row's scale, of the whole row
     quantize_row<true>(x + (size_t)i * ldx, k, scales[i], 0.0f, 0.0f, out, i);
   }
 }
