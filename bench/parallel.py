@@ -7,9 +7,9 @@ every rank its own engine, each on cores / N threads); rows "engine" are LLM(ten
 process, which drives the ranks it starts (rank 0 measured). Both exchange small tensors through shared memory
 (since the commit after d250917; the torchrun rows went through gloo before). It measures on every rank: checkpoint
 bytes read, peak RSS, prefill tokens/s of a --prompt-tokens prompt, single-stream greedy decode tokens/s of
---decode-tokens tokens (medians over --rounds, the range beside them), and for N > 1 the latency of one all-reduce
-of a decode step's size over gloo and through shared memory (what each row-parallel layer pays, twice for
-W8A8_DYNAMIC: the absmax and the int32 sum).
+--decode-tokens tokens (medians over --rounds, the range beside them), and for N > 1 the latency of one int32
+all-reduce of a decode step's size and of the prompt's, over gloo and through shared memory (what each row-parallel
+layer pays, twice for W8A8_DYNAMIC: the absmax and the int32 sum).
 
     .venv/bin/python bench/parallel.py [--sizes 1 2] [--scheme w8a8_dynamic] [--rounds 3]
         [--prompt-tokens 256] [--decode-tokens 32]
@@ -35,7 +35,9 @@ def measure(rank: int, size: int, path: str, backend: str, args: argparse.Namesp
     """One rank: load, then time prefill and decode; its bytes read, peak RSS and (probe) all-reduce latencies."""
     from slimquant import LLM, SamplingParams
 
-    llm = LLM(path, tensor_parallel_size=size, kernels={"backend": backend}, max_model_len=1024)
+    llm = LLM(
+        path, tensor_parallel_size=size, kernels={"backend": backend}, max_model_len=2048, enable_prefix_caching=False
+    )  # no prefix cache: each round prefills the whole prompt
     engine = llm.llm_engine
     prompt = {"prompt_token_ids": [(7 * i) % 5000 + 100 for i in range(args.prompt_tokens)]}
     prefill, decode = [], []
@@ -48,29 +50,31 @@ def measure(rank: int, size: int, path: str, backend: str, args: argparse.Namesp
         start = time.perf_counter()
         llm.generate([prompt], long, use_tqdm=False)
         decode.append(args.decode_tokens / (time.perf_counter() - start - args.prompt_tokens / prefill[-1]))
-    latency = all_reduce_latency(rank, size) if size > 1 and probe else None
+    latency = all_reduce_latency(rank, size, args.prompt_tokens) if size > 1 and probe else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
     engine.shutdown()
     return dict(bytes=engine.bytes_read, rss=rss, prefill=prefill, decode=decode, latency=latency)
 
 
-def all_reduce_latency(rank: int, size: int) -> dict[str, float]:
-    """Seconds per int32 all-reduce of one decode token's hidden state: over gloo, and through shared memory."""
+def all_reduce_latency(rank: int, size: int, prompt_tokens: int) -> dict[tuple[str, int], float]:
+    """Seconds per int32 all-reduce of one token's hidden state (a decode step's) and of prompt_tokens' (the
+    prompt's prefill), over gloo and through shared memory: {(way, tokens): seconds}."""
     import torch
 
     from slimquant.distributed.tensor_parallel import TensorParallel
     from slimquant.distributed.workers import _share_memory
 
-    x = torch.zeros(1, QWEN25_05B_SHAPE["hidden_size"], dtype=torch.int32)
     out = {}
     for name, offer in (("gloo", False), ("shm", True)):
         tp = _share_memory(TensorParallel(rank, size), offer)
-        for _ in range(20):
-            tp.sum(x)
-        start = time.perf_counter()
-        for _ in range(200):
-            tp.sum(x)
-        out[name] = (time.perf_counter() - start) / 200
+        for tokens, calls in ((1, 200), (prompt_tokens, 20)):
+            x = torch.zeros(tokens, QWEN25_05B_SHAPE["hidden_size"], dtype=torch.int32)
+            for _ in range(calls // 10):
+                tp.sum(x)
+            start = time.perf_counter()
+            for _ in range(calls):
+                tp.sum(x)
+            out[name, tokens] = (time.perf_counter() - start) / calls
         tp.barrier()
         if tp.local is not None:
             tp.local.close(unlink=rank == 0)
@@ -102,22 +106,29 @@ def main() -> None:
     per_step = layers * 2 * (2 if args.scheme == "w8a8_dynamic" else 1)
     print(f"\n{Path(path).name}: prompt {args.prompt_tokens} tokens, decode {args.decode_tokens}, {cores} cores")
     print(f"{'ranks':>5} {'backend':<16}{'started by':<11}{'rank':>5}{'read MB':>9}{'peak RSS MiB':>13}"
-          f"{'prefill tok/s [range]':>26}{'decode tok/s [range]':>26}{'gloo us':>9}{'shm us':>8}")  # fmt: skip
+          f"{'prefill tok/s [range]':>26}{'decode tok/s [range]':>26}{'gloo us':>9}{'shm us':>8}"
+          f"{'prompt gloo ms':>16}{'shm ms':>8}")  # fmt: skip
     for size, backend, launch, ranks in rows:
         for rank, r in enumerate(ranks):
-            lat = f"{'-':>17}"
+            lat = f"{'-':>17}{'-':>24}"
             if r["latency"]:
-                lat = f"{r['latency']['gloo'] * 1e6:9.0f}{r['latency']['shm'] * 1e6:8.0f}"
+                us = [r["latency"][way, 1] * 1e6 for way in ("gloo", "shm")]
+                ms = [r["latency"][way, args.prompt_tokens] * 1e3 for way in ("gloo", "shm")]
+                lat = f"{us[0]:9.0f}{us[1]:8.0f}{ms[0]:16.2f}{ms[1]:8.2f}"
             launched = launch if size > 1 else "-"
             print(f"{size:>5} {backend:<16}{launched:<11}{rank:>5}{r['bytes'] / 1e6:9.1f}{r['rss']:13.0f}"
                   f"{spread(r['prefill']):>26}{spread(r['decode']):>26}{lat}")  # fmt: skip
     for size, backend, _, ranks in rows:
         if ranks[0]["latency"] and backend == "torch-reference":
             step = 1 / statistics.median(ranks[0]["decode"])
-            for name, latency in ranks[0]["latency"].items():
+            prefill = args.prompt_tokens / statistics.median(ranks[0]["prefill"])
+            for (name, tokens), latency in ranks[0]["latency"].items():
+                # a prefill's W8A8_DYNAMIC absmax reductions carry a float per token: only its sums are long
+                what, took, n = ("decode step", step, per_step) if tokens == 1 else (
+                    f"{tokens}-token prefill", prefill, layers * 2)  # fmt: skip
                 print(
-                    f"tp={size}: {per_step} all-reduces per decode step x {latency * 1e6:.0f} us ({name}) = "
-                    f"{per_step * latency * 1e3:.1f} ms, against a {step * 1e3:.1f} ms decode step of the torchrun "
+                    f"tp={size}: {n} all-reduces per {what} x {latency * 1e6:.0f} us ({name}) = "
+                    f"{n * latency * 1e3:.1f} ms, against a {took * 1e3:.1f} ms {what} of the torchrun "
                     "rows (torch-reference, shared memory)"
                 )
 
