@@ -5,7 +5,7 @@ Each rank copies its tensor into its slot of one of two alternating buffers, the
 number in its counter, and waits until every rank's counter has reached it; then it reads every slot. Two buffers
 suffice: a rank that reaches exchange s has seen every rank publish s - 1, so every rank has finished reading the
 buffer of s - 2 that s overwrites. x86 keeps stores in order, which is what makes a published counter mean the slot
-before it is written; tensors past the slot size, and other CPUs, use gloo instead.
+before it is written; other CPUs use gloo instead. A tensor past the slot size goes a slot's worth at a time.
 
 A wait spins for its first _SPIN_SECONDS, then polls every 1% of the time it has waited, 1 to 10 ms (ranks waiting
 for an idle server's next step use next to no CPU, and wake at most 10 ms late). Each rank writes its process id
@@ -25,7 +25,7 @@ from multiprocessing import shared_memory
 
 import torch
 
-SLOT_BYTES = 1 << 20  # the largest tensor exchanged here; larger ones (long prefill chunks) go through gloo
+SLOT_BYTES = 1 << 20  # the most one exchange carries: larger tensors go a slot at a time (long prefill chunks)
 _COUNTER_BYTES = 64  # one cache line per rank's counter
 _COUNTER_WORDS = _COUNTER_BYTES // 8  # word 0: the rank's sequence number; word 1: its process id
 _SPIN_SECONDS = 0.05  # a wait spins this long (a step's collectives), then polls (an idle server's ranks)
@@ -69,15 +69,13 @@ class SharedMemoryExchange:
         self.counters[self._words[rank] + 1] = os.getpid()
         self.seq = 0
 
-    def fits(self, t: torch.Tensor) -> bool:
-        """Whether t goes through shared memory (a CPU tensor of at most SLOT_BYTES)."""
-        return t.device.type == "cpu" and t.numel() * t.element_size() <= SLOT_BYTES
-
     def exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's t (same shape and dtype on all), in rank order: views into the segment, to be read (not
-        written) before this rank's next exchange, after which another rank may overwrite them."""
+        written) before this rank's next exchange, after which another rank may overwrite them. t: a CPU tensor of at
+        most SLOT_BYTES."""
         self.seq += 1
         nbytes, t = t.numel() * t.element_size(), t.contiguous()
+        assert t.device.type == "cpu" and nbytes <= SLOT_BYTES, (t.device, nbytes)
         ctypes.memmove(self.slots[self.seq % 2][self.rank].data_ptr(), t.data_ptr(), nbytes)
         self.counters[self._words[self.rank]] = self.seq  # publish: the slot is written
         self._wait_all(self.seq)

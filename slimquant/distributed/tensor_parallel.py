@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from slimquant.distributed.shared_memory import SharedMemoryExchange
+from slimquant.distributed.shared_memory import SLOT_BYTES, SharedMemoryExchange
 
 
 class MidStepFailure(RuntimeError):
@@ -77,7 +77,7 @@ class TensorParallel:
         return self._sum(t)
 
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.local is not None and self.local.fits(t):
+        if self._shared(t):
             return self._combine_shared(t, torch.Tensor.add_)
         if self.size > 1:
             dist.all_reduce(t, dist.ReduceOp.SUM, group=self._group_of(t))
@@ -85,19 +85,26 @@ class TensorParallel:
 
     def max(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise maximum over ranks (in place)."""
-        if self.local is not None and self.local.fits(t):
+        if self._shared(t):
             return self._combine_shared(t, lambda t, part: torch.maximum(t, part, out=t))
         if self.size > 1:
             dist.all_reduce(t, dist.ReduceOp.MAX, group=self._group_of(t))
         return t
 
+    def _shared(self, t: torch.Tensor) -> bool:
+        """Whether t's collective goes through shared memory (a CPU tensor, ranks on one machine)."""
+        return self.local is not None and t.device.type == "cpu"
+
     def _combine_shared(self, t: torch.Tensor, combine: Callable[[torch.Tensor, torch.Tensor], object]) -> torch.Tensor:
-        """t made rank 0's t, then combined in place with each next rank's, in rank order (shared memory)."""
-        parts = self.local.exchange(t)  # views into the segment
-        t.copy_(parts[0])
-        for part in parts[1:]:
-            combine(t, part)
-        return t
+        """t made rank 0's t, then combined in place with each next rank's, in rank order (shared memory, a slot's
+        worth of elements at a time)."""
+        work = t if t.is_contiguous() else t.contiguous()
+        for piece in work.view(-1).split(SLOT_BYTES // t.element_size()):  # views of work: [<= slot's elements]
+            parts = self.local.exchange(piece)  # views into the segment
+            piece.copy_(parts[0])
+            for part in parts[1:]:
+                combine(piece, part)
+        return t if work is t else t.copy_(work)
 
     def min_int(self, n: int) -> int:
         """The smallest of every rank's n (what all ranks can allocate)."""
@@ -129,8 +136,11 @@ class TensorParallel:
         """Every rank's t [..., n] concatenated along the last dim in rank order -> [..., size * n]."""
         if self.size == 1:
             return t
-        if self.local is not None and self.local.fits(t):
-            return torch.cat(self.local.exchange(t), dim=-1)
+        row_bytes = t.shape[-1] * t.element_size()
+        if self._shared(t) and row_bytes <= SLOT_BYTES:
+            rows = t.reshape(-1, t.shape[-1])  # [rows, n], a slot's worth of rows at a time
+            pieces = [torch.cat(self.local.exchange(part), dim=-1) for part in rows.split(SLOT_BYTES // row_bytes)]
+            return torch.cat(pieces).view(*t.shape[:-1], self.size * t.shape[-1])
         parts = [torch.empty_like(t) for _ in range(self.size)]
         dist.all_gather(parts, t.contiguous(), group=self._group_of(t))
         return torch.cat(parts, dim=-1)

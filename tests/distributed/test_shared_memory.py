@@ -1,9 +1,10 @@
 """The shared-memory exchange gives what gloo gives: int32 sums, maxima and rank-order gathers, exact, for tensors
-up to its slot size (larger ones go through gloo), and rank 0's objects; a wait on a rank that is gone stops, and a
+of any size (past its slot size a slot at a time), and rank 0's objects; a wait on a rank that is gone stops, and a
 long wait does not hold a core."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import time
@@ -17,34 +18,55 @@ from slimquant.distributed.shared_memory import SLOT_BYTES, SharedMemoryExchange
 from slimquant.distributed.tensor_parallel import TensorParallel
 
 
-def _compare(rank: int, size: int) -> int:
-    """Each collective through gloo and through shared memory, on the same inputs; how many agreed."""
+def _compare(rank: int, size: int) -> tuple[int, int]:
+    """Each collective through gloo and through shared memory, on the same inputs: how many agreed, and how many of
+    the shared-memory ones went through gloo."""
     gloo = TensorParallel(rank, size)
     local = SharedMemoryExchange(0, size) if rank == 0 else None
     name = gloo.broadcast(local.name if local else None)
     local = local or SharedMemoryExchange(rank, size, name)
     shm = dataclasses.replace(gloo, local=local)
-    agreed = 0
+    agreed, shm_through_gloo = 0, 0
     for step in range(5):  # both buffers, several times
         g = torch.Generator().manual_seed(100 * step + rank)
         ints = torch.randint(-(2**20), 2**20, (7, 33), generator=g, dtype=torch.int32)
         floats = torch.randn(5, 9, generator=g)
-        big = torch.full((SLOT_BYTES // 4 + 1,), rank + 1, dtype=torch.int32)  # past the slot: gloo
+        # past one slot (a long prefill chunk's activations): 2.5 slots, in slot-sized pieces
+        big = torch.randint(-(2**20), 2**20, (5 * SLOT_BYTES // 4 // 2 // 64, 64), generator=g, dtype=torch.int32)
+        wide = torch.randn(3 * SLOT_BYTES // 4 // 256 + 5, 256, generator=g)  # a gather of more than a slot of rows
+        strided = torch.randn(SLOT_BYTES // 4 // 100 + 3, 200, generator=g)[:, ::2]  # not contiguous
         pairs = [
             (gloo.sum(ints.clone()), shm.sum(ints.clone())),
             (gloo.max(floats.clone()), shm.max(floats.clone())),
             (gloo.gather(floats), shm.gather(floats)),
             (gloo.sum(big.clone()), shm.sum(big.clone())),
+            (gloo.max(strided.clone()), shm.max(strided.clone())),
         ]
+        with _counting_gloo() as calls:
+            pairs += [(gloo.gather(wide), shm.gather(wide)), (gloo.sum(big.clone()), shm.sum(big.clone()))]
+        pairs += [(torch.tensor(len(calls)), torch.tensor(2))]  # gloo's own two calls, none for shared memory
         agreed += sum(torch.equal(a, b) for a, b in pairs)
+        shm_through_gloo += len(calls) - 2
     gloo.barrier()
     local.close(unlink=rank == 0)
-    return agreed
+    return agreed, shm_through_gloo
+
+
+@contextlib.contextmanager
+def _counting_gloo():
+    """The all-reduce and all-gather calls made to torch.distributed inside the block."""
+    calls, reduce, gather = [], dist.all_reduce, dist.all_gather
+    dist.all_reduce = lambda *a, **k: (calls.append("reduce"), reduce(*a, **k))[1]
+    dist.all_gather = lambda *a, **k: (calls.append("gather"), gather(*a, **k))[1]
+    try:
+        yield calls
+    finally:
+        dist.all_reduce, dist.all_gather = reduce, gather
 
 
 @pytest.mark.parametrize("size", [2, 3])
 def test_shared_memory_collectives_equal_gloo(size):
-    assert run_ranks(_compare, size) == [20] * size
+    assert run_ranks(_compare, size) == [(40, 0)] * size
 
 
 def _broadcasts(rank: int, size: int) -> tuple[int, list]:
