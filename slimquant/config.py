@@ -167,6 +167,10 @@ class EngineConfig:
     master_addr: str = "127.0.0.1"  # node 0's address, where the ranks meet
     master_port: int | None = None  # its port (needed with nnodes > 1; else a free one)
     join_timeout: float = 600.0  # seconds the ranks wait for each other to meet there (torchrun's join_timeout)
+    # seconds a step waits for a rank that does not answer (hung, or its machine gone without closing its
+    # connections) before it fails; an idle rank waits for the next step as long as it takes. vLLM's
+    # VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS
+    execute_model_timeout: float = 300.0
     # this process's index among its machine's ranks (torchrun's LOCAL_RANK); None: the rank modulo ranks_per_node
     local_rank: int | None = field(default_factory=lambda: _env_int("LOCAL_RANK"))
     # "mp": this process is rank 0 and drives the others (started here, or torchrun's); "external_launcher": every
@@ -216,9 +220,11 @@ class EngineConfig:
         return self.tensor_parallel_size // self.nnodes
 
     def _check_nodes(self) -> None:
-        tp, n, wait = self.tensor_parallel_size, self.nnodes, self.join_timeout
-        ok = isinstance(wait, int | float) and not isinstance(wait, bool) and wait > 0
-        _check(ok, "join_timeout", wait, "a positive number of seconds")
+        tp, n = self.tensor_parallel_size, self.nnodes
+        for name in ("join_timeout", "execute_model_timeout"):
+            wait = getattr(self, name)
+            ok = isinstance(wait, int | float) and not isinstance(wait, bool) and wait > 0
+            _check(ok, name, wait, "a positive number of seconds")
         _check(tp % n == 0, "nnodes", n, f"a divisor of tensor_parallel_size={tp} (the same ranks on every node)")
         _check(0 <= self.node_rank < n, "node_rank", self.node_rank, f"in [0, nnodes={n})")
         if n > 1 and self.master_port is None:

@@ -105,7 +105,8 @@ class CpuNativeBackend(Backend):
     def _agree(self) -> None:
         """Every rank runs the stack, or none (a rank's part of a weight may hold -128, which has no native form):
         the ranks run the same steps' collectives."""
-        if self.tp.min_int(int(self.stack is not None)) == 0 and self.stack is not None:
+        lacking = self.tp.max(torch.tensor([int(self.stack is None)]))  # [1]: 1 where a rank has no stack
+        if lacking.item() and self.stack is not None:
             self.stack = None
             self.notes.append("steps run per op: another tensor-parallel rank's layers have no native stack form")
         self._ranks_agree = True

@@ -10,7 +10,8 @@ before it is written; other CPUs use gloo instead. A tensor past the slot size g
 A wait spins for its first _SPIN_SECONDS, then polls every 1% of the time it has waited, 1 to 10 ms (ranks waiting
 for an idle server's next step use next to no CPU, and wake at most 10 ms late). Each rank writes its process id
 beside its counter: a wait on a rank whose process is gone stops with an error within milliseconds, as gloo's does
-when a peer's socket closes.
+when a peer's socket closes. Rank 0's waits stop with an error after the engine's execute_model_timeout (a rank
+that hangs); the other ranks wait for rank 0's next step as long as it takes.
 """
 
 from __future__ import annotations
@@ -52,10 +53,18 @@ class SharedMemoryExchange:
     """rank's view of a segment shared by size ranks on one machine (create it on one rank, attach on the others
     by its name)."""
 
-    def __init__(self, rank: int, size: int, name: str | None = None, alive: Callable[[], bool] = lambda: True):
+    def __init__(
+        self,
+        rank: int,
+        size: int,
+        name: str | None = None,
+        alive: Callable[[], bool] = lambda: True,
+        timeout: float | None = None,
+    ):
         """name None: create a new segment (its name in .name for the others); alive(): False stops a wait (the
-        peers' processes are checked besides)."""
-        self.rank, self.size, self.alive = rank, size, alive
+        peers' processes are checked besides); timeout: seconds a wait lasts before it fails (rank 0's), None: no
+        limit."""
+        self.rank, self.size, self.alive, self.timeout = rank, size, alive, timeout
         total = segment_bytes(size) if name is None else 0
         self.segment = shared_memory.SharedMemory(name=name, create=name is None, size=total)
         self.name = self.segment.name
@@ -78,7 +87,7 @@ class SharedMemoryExchange:
         assert t.device.type == "cpu" and nbytes <= SLOT_BYTES, (t.device, nbytes)
         ctypes.memmove(self.slots[self.seq % 2][self.rank].data_ptr(), t.data_ptr(), nbytes)
         self.counters[self._words[self.rank]] = self.seq  # publish: the slot is written
-        self._wait_all(self.seq)
+        self._wait_all(self.seq, self.timeout)
         return [part[:nbytes].view(t.dtype).view(t.shape) for part in self.slots[self.seq % 2]]
 
     def broadcast(self, data: bytes | None) -> bytes | None:
@@ -93,13 +102,13 @@ class SharedMemoryExchange:
             if fits:
                 ctypes.memmove(slot + 8, data, len(data))
         self.counters[self._words[self.rank]] = self.seq
-        self._wait_all(self.seq)
+        self._wait_all(self.seq, self.timeout)
         n = ctypes.c_int64.from_address(slot).value
         if n < 0:
             return None
         return data if self.rank == 0 else ctypes.string_at(slot + 8, n)
 
-    def _wait_all(self, seq: int) -> None:
+    def _wait_all(self, seq: int, limit: float | None) -> None:
         # no local names for views of the segment here or in the callers before it returns: a traceback keeps its
         # frames, and a view in them would keep close() from unmapping the segment
         spins, since, idle = 0, None, False
@@ -110,6 +119,12 @@ class SharedMemoryExchange:
                     raise RuntimeError(f"{who} of the tensor-parallel group stopped answering (shared-memory exchange)")
                 since = since or time.monotonic()
                 waited = time.monotonic() - since
+                if limit is not None and waited > limit:
+                    late = [rank for rank, word in enumerate(self._words) if self.counters[word] < seq]
+                    raise RuntimeError(
+                        f"rank(s) {late} of the tensor-parallel group did not answer in execute_model_timeout="
+                        f"{limit:g} s (shared-memory exchange): hung or stopped"
+                    )
                 idle = waited >= _SPIN_SECONDS
                 time.sleep(min(max(waited * _POLL_SHARE, _POLL_SECONDS[0]), _POLL_SECONDS[1]) if idle else 0)
 

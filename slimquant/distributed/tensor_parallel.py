@@ -2,8 +2,10 @@
 
 Size 1 (SINGLE) is one process: every collective returns its input. The collectives keep one process's numbers:
 sums are only ever taken over int32 accumulators (exact in any order), maxima are exact, and gathers concatenate
-in rank order. Objects and host integers go through group (gloo); CUDA tensors through device_group (NCCL) where
-the ranks run on GPUs.
+in rank order. A step's inputs and host tensors go through step_group (gloo; rank 0's waits there last the engine's
+execute_model_timeout at most), or shared memory where the ranks share a machine; CUDA tensors through device_group
+(NCCL) where the ranks run on GPUs; what the ranks agree on at start-up through group (gloo, no practical limit:
+loading may take long).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class TensorParallel:
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
-    device_group: dist.ProcessGroup | None = None  # CUDA tensors' collectives (NCCL); None: group's
+    step_group: dist.ProcessGroup | None = None  # a step's inputs and host tensors (gloo); None: group
+    device_group: dist.ProcessGroup | None = None  # CUDA tensors' collectives (NCCL); None: step_group's
     local: SharedMemoryExchange | None = None  # ranks on one machine: small tensors through shared memory
     expert_parallel: bool = False  # MoE layers: whole experts per rank instead of a part of every expert
     order: str = "exact"  # how row-parallel linears reduce: config.TENSOR_PARALLEL_ORDERS
@@ -123,7 +126,7 @@ class TensorParallel:
         got = self.local.broadcast(data) if self.local is not None else None
         if got is None:
             box = [data]
-            dist.broadcast_object_list(box, src=0, group=self.group)
+            dist.broadcast_object_list(box, src=0, group=self._host_group())
             got = box[0]
         return obj if self.rank == 0 else pickle.loads(got)
 
@@ -146,8 +149,14 @@ class TensorParallel:
         return torch.cat(parts, dim=-1)
 
     def _group_of(self, t: torch.Tensor) -> dist.ProcessGroup | None:
-        """The group that reduces t: device_group for a CUDA tensor where there is one, else group."""
-        return self.device_group if t.is_cuda and self.device_group is not None else self.group
+        """The group that reduces t: device_group for a CUDA tensor where there is one, else the host group."""
+        if t.is_cuda and self.device_group is not None:
+            return self.device_group
+        return self._host_group()
+
+    def _host_group(self) -> dist.ProcessGroup | None:
+        """The group of a step's host collectives: step_group where there is one, else group."""
+        return self.step_group if self.step_group is not None else self.group
 
 
 SINGLE = TensorParallel()

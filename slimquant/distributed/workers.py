@@ -42,11 +42,8 @@ _SPAWN_HINT = (
 )
 # Ranks wait for rank 0's next step as long as it takes (a server may idle for days); a dead peer ends the wait at
 # once (its socket closes, or in shared memory its process is gone), and a worker whose parent died exits
-# (_watch_parent).
+# (_watch_parent). Rank 0, the engine, waits config.execute_model_timeout at most inside a step (_links).
 _WAIT = timedelta(days=30)
-# A collective inside a step (NCCL, on GPUs): a rank that died mid-step leaves the others waiting this long at most,
-# then NCCL's watchdog ends them (gloo's host collectives see a dead peer at once)
-_NCCL_WAIT = timedelta(minutes=2)
 
 
 class RankFailure(RuntimeError):
@@ -56,8 +53,9 @@ class RankFailure(RuntimeError):
 class WorkerGroup:
     """Ranks 1..N-1 of an engine's tensor-parallel group, started by WorkerGroup.start."""
 
-    def __init__(self, procs: list, errors: Any, tp: TensorParallel, ranks: list[int]):
+    def __init__(self, procs: list, errors: Any, tp: TensorParallel, ranks: list[int], step_timeout: float):
         self.procs, self.errors, self.tp, self.ranks = procs, errors, tp, ranks  # ranks: each proc's global rank
+        self.step_timeout = step_timeout  # config.execute_model_timeout
         self.threads = torch.get_num_threads()  # this process's, given back by kill()
         self.affinity = os.sched_getaffinity(0)  # its cores, given back by kill()
 
@@ -89,7 +87,7 @@ class WorkerGroup:
                 f"tensor_parallel_size={config.tensor_parallel_size} ranks; this is rank {dist.get_rank()} of "
                 f"{dist.get_world_size()}"
             )
-        group = cls([], None, TensorParallel(0, config.tensor_parallel_size), [])
+        group = cls([], None, TensorParallel(0, config.tensor_parallel_size), [], config.execute_model_timeout)
         _check_fingerprints(config, group.tp)
         group.tp = _links(group.tp, config, True)  # shared memory where torchrun's ranks share this machine
         return group
@@ -105,7 +103,7 @@ class WorkerGroup:
         ]
         for p in procs:
             p.start()
-        return cls(procs, errors, TensorParallel(0, config.tensor_parallel_size), ranks)
+        return cls(procs, errors, TensorParallel(0, config.tensor_parallel_size), ranks, config.execute_model_timeout)
 
     def _join_as_rank0(self, config: EngineConfig) -> None:
         """init_process_group for rank 0, failing as soon as a local rank dies before joining, or when the other
@@ -140,9 +138,20 @@ class WorkerGroup:
             time.sleep(0.5)  # a rank that broke the collective is exiting: let it be seen dead
             if self._dead():
                 self.fail(e)
-            if isinstance(e, MidStepFailure):  # say a rank on another node died, or rank 0's own step failed
-                self.fail(e, f"rank 0 failed inside a step the ranks run together ({e}); they cannot go on")
+            if isinstance(e, MidStepFailure):  # say a rank on another node died or hangs, or rank 0's step failed
+                self.fail(
+                    e, f"rank 0 failed inside a step the ranks run together ({e}); they cannot go on{self._late(e)}"
+                )
             raise
+
+    def _late(self, e: MidStepFailure) -> str:
+        """What a step's collective that timed out means (gloo says only "Timed out waiting ..."), else ""."""
+        if "Timed out" not in str(e):
+            return ""
+        return (
+            f": a rank did not answer in execute_model_timeout={self.step_timeout:g} s (it hangs or was stopped, or "
+            "its machine or the network to it is gone)"
+        )
 
     def check(self) -> None:
         """RankFailure if a rank has died (say, while the engine was idle)."""
@@ -286,27 +295,37 @@ def close_exchange(tp: TensorParallel) -> None:
 
 
 def _links(tp: TensorParallel, config: EngineConfig, offer: bool, alive: Callable[[], bool] = lambda: True):
-    """tp with what its tensor collectives go through: on GPUs, this rank's GPU made current and an NCCL group
-    (every rank makes it: a collective); on CPUs, a shared-memory exchange where rank 0 offers one and every rank
-    is on its machine (offer False: never, e.g. the engine's own ranks on several nodes, whose deaths rank 0 sees
-    only through gloo)."""
+    """tp with what a step's collectives go through: a gloo group for its inputs and host tensors, and on GPUs this
+    rank's GPU made current and an NCCL group (every rank makes each group: a collective); on CPUs a shared-memory
+    exchange where rank 0 offers one and every rank is on its machine (offer False: never, e.g. the engine's own
+    ranks on several nodes, whose deaths rank 0 sees only through gloo). Rank 0, the engine, waits there
+    config.execute_model_timeout at most for a rank that does not answer; the others follow it, waiting for its
+    next step as long as it takes."""
     if tp.size == 1:
         return tp
+    step_wait = timedelta(seconds=config.execute_model_timeout)
+    limit = config.execute_model_timeout if tp.rank == 0 else None
+    group = dist.new_group(backend="gloo", timeout=step_wait if tp.rank == 0 else _WAIT)  # each rank's own limit
+    tp = dataclasses.replace(tp, step_group=group)
     if config.device.startswith("cuda"):
         torch.cuda.set_device(config.rank_device(tp.rank))
-        return dataclasses.replace(tp, device_group=dist.new_group(backend="nccl", timeout=_NCCL_WAIT))
-    return _share_memory(tp, offer, alive)
+        return dataclasses.replace(tp, device_group=dist.new_group(backend="nccl", timeout=step_wait))
+    return _share_memory(tp, offer, alive, limit)
 
 
-def _share_memory(tp: TensorParallel, offer: bool, alive: Callable[[], bool] = lambda: True) -> TensorParallel:
+def _share_memory(
+    tp: TensorParallel, offer: bool, alive: Callable[[], bool] = lambda: True, timeout: float | None = None
+) -> TensorParallel:
     """tp with a shared-memory exchange where rank 0 offers one (on x86) and every rank can attach to it (all on
     rank 0's machine, in one process namespace), else tp; rank 0 creates the segment and broadcasts its name, the
-    others attach."""
+    others attach. timeout: how long this rank's waits there last (None: no limit)."""
     if tp.rank == 0:
-        local = SharedMemoryExchange(0, tp.size, alive=alive) if offer and _can_offer(tp.size) else None
+        local = (
+            SharedMemoryExchange(0, tp.size, alive=alive, timeout=timeout) if offer and _can_offer(tp.size) else None
+        )
         tp.broadcast(None if local is None else local.name)
     else:
-        local = _attach(tp, tp.broadcast())
+        local = _attach(tp, tp.broadcast(), timeout)
     # every rank attached, and then sees every other's process (a wait's checks need it): else gloo for all
     if tp.min_int(int(local is not None)) and tp.min_int(int(local.sees_peers())):
         return dataclasses.replace(tp, local=local)
@@ -315,12 +334,12 @@ def _share_memory(tp: TensorParallel, offer: bool, alive: Callable[[], bool] = l
     return tp
 
 
-def _attach(tp: TensorParallel, name: str | None) -> SharedMemoryExchange | None:
+def _attach(tp: TensorParallel, name: str | None, timeout: float | None) -> SharedMemoryExchange | None:
     """This rank's view of rank 0's segment, or None where rank 0 offers none or it is not on this machine."""
     if name is None:
         return None
     try:
-        return SharedMemoryExchange(tp.rank, tp.size, name)
+        return SharedMemoryExchange(tp.rank, tp.size, name, timeout=timeout)
     except FileNotFoundError:
         return None
 

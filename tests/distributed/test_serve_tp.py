@@ -1,8 +1,10 @@
 """`slimquant serve -tp 2` (its own ranks, two nodes, or torchrun's): the same answers as one process; a rank killed
-mid-generation fails the request and the server exits with an error instead of hanging."""
+mid-generation fails the request and the server exits with an error instead of hanging, and so does a rank that
+hangs (stopped), after --execute-model-timeout."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,13 +32,14 @@ def _ranks(proc) -> list[psutil.Process]:
     return [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
 
 
-def _kill_mid_stream(base: str, rank: psutil.Process) -> str:
-    """Stream a long completion, kill rank after its first token, and return the rest of the stream."""
+def _kill_mid_stream(base: str, rank: psutil.Process, how=psutil.Process.kill) -> str:
+    """Stream a long completion, end rank (how: kill, or suspend: SIGSTOP) after its first token, and return the
+    rest of the stream."""
     body = {"prompt": "Hello", "max_tokens": 100, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{base}/v1/completions", json=body, headers=auth(), timeout=60) as r:
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data: {"))
-        rank.kill()
+        how(rank)
         return " ".join(lines)
 
 
@@ -66,6 +69,23 @@ def test_a_rank_killed_mid_generation_stops_the_server(checkpoints):
     finally:
         if proc.poll() is None:
             stop_server(proc)
+
+
+def test_a_rank_that_hangs_mid_generation_stops_the_server_after_the_timeout(checkpoints):
+    proc, base = start_server(checkpoints["llama-W8A8"], "-tp", "2", "--execute-model-timeout", "3")
+    (rank,) = _ranks(proc)
+    try:
+        start = time.perf_counter()
+        rest = _kill_mid_stream(base, rank, psutil.Process.suspend)  # stopped: its process is still there
+        assert "rank(s) [1] of the tensor-parallel group did not answer in execute_model_timeout=3 s" in rest, rest
+        assert proc.wait(timeout=30) == 1
+        assert time.perf_counter() - start < 30
+        assert not rank.is_running()  # killed with the others
+    finally:
+        if proc.poll() is None:
+            stop_server(proc)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rank.kill()
 
 
 def _headless(path: str, port: int, *extra: str) -> subprocess.Popen:
@@ -106,6 +126,28 @@ def test_a_rank_killed_on_another_node_stops_the_server(checkpoints):
         assert head.wait(timeout=30) == 1
         assert node1.wait(timeout=30) == 1
     finally:
+        for proc in (head, node1):
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_a_rank_that_hangs_on_another_node_stops_the_server_after_the_timeout(checkpoints):
+    """A rank stopped on the other node (as if its machine were gone without closing its connections): rank 0's
+    step times out in gloo, and that stops every rank."""
+    path, port, wait = checkpoints["llama-W8A8"], free_port(), ("--execute-model-timeout", "3")
+    node1 = _headless(path, port, "--max-model-len", "128", *wait)
+    head, base = start_server(path, "--backend", "torch-reference", "-tp", "2", "--nnodes", "2", "--master-port",
+                              str(port), *wait)  # fmt: skip
+    (rank1,) = _ranks(node1)
+    try:
+        rest = _kill_mid_stream(base, rank1, psutil.Process.suspend)
+        assert "a rank did not answer in execute_model_timeout=3 s" in rest, rest[-500:]
+        assert head.wait(timeout=30) == 1
+        rank1.resume()  # back: it finds the group gone, and its node exits
+        assert node1.wait(timeout=30) == 1
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rank1.kill()
         for proc in (head, node1):
             if proc.poll() is None:
                 proc.kill()

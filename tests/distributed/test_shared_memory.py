@@ -136,6 +136,51 @@ def test_a_long_wait_does_not_hold_a_core():
         local.close(unlink=True)
 
 
+def test_a_wait_inside_a_step_fails_after_the_timeout_naming_the_rank():
+    local, ctx = SharedMemoryExchange(0, 2, timeout=1.0), mp.get_context("spawn")
+    peer = ctx.Process(target=_attach_then, args=(local.name, 8.0))  # hangs 8 s, as a stopped process would
+    try:
+        peer.start()
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] .* did not answer in execute_model_timeout=1 s"):
+            local.exchange(torch.ones(4))
+        assert 1 <= time.monotonic() - start < 5
+    finally:
+        peer.kill()
+        peer.join()
+        local.close(unlink=True)
+
+
+def _late_to_a_step(rank: int, size: int, offer: bool) -> tuple[str, float]:
+    """Ranks linked as the engine links them, with a 1 s execute_model_timeout: rank 1 waits 2 s for the next step
+    (no limit: only rank 0's waits have one), then comes 6 s late to the step's sum. What rank 0's sum said, and
+    how long it took."""
+    from slimquant.config import EngineConfig
+    from slimquant.distributed import workers
+
+    config = EngineConfig("unused", tensor_parallel_size=size, execute_model_timeout=1)
+    tp = workers._links(TensorParallel(rank, size), config, offer)
+    assert (tp.local is not None) == offer
+    time.sleep(2 if rank == 0 else 0)
+    tp.broadcast("step" if rank == 0 else None)
+    time.sleep(6 if rank == 1 else 0)
+    start, said = time.monotonic(), "answered"
+    try:
+        tp.sum(torch.ones(4, dtype=torch.int32))
+    except RuntimeError as e:
+        said = str(e)
+    took = time.monotonic() - start
+    workers.close_exchange(tp)
+    return said, took
+
+
+@pytest.mark.parametrize("offer", [True, False], ids=["shared-memory", "gloo"])
+def test_a_rank_late_to_a_step_fails_it_after_execute_model_timeout(offer):
+    (said, took), _ = run_ranks(_late_to_a_step, 2, offer)
+    assert 1 <= took < 5, (said, took)
+    assert ("rank(s) [1] of the tensor-parallel group did not answer" if offer else "Timed out") in said, said
+
+
 def test_a_wait_on_a_rank_that_is_gone_stops():
     alive = iter([True, True, False])
     local = SharedMemoryExchange(0, 2, alive=lambda: next(alive))
@@ -152,7 +197,7 @@ def _links(rank: int, size: int, unreachable: int | None) -> bool:
     from slimquant.distributed import workers
 
     if rank == unreachable:
-        workers._attach = lambda tp, name: None
+        workers._attach = lambda tp, name, timeout: None
     tp = workers._share_memory(TensorParallel(rank, size), True)
     shared = tp.local is not None
     if shared:

@@ -43,6 +43,8 @@ def test_unknown_arguments_through_llm(llama_path):
         ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
         ({"join_timeout": 0}, "join_timeout"),
         ({"join_timeout": "10"}, "join_timeout"),
+        ({"execute_model_timeout": -1}, "execute_model_timeout"),
+        ({"execute_model_timeout": True}, "execute_model_timeout"),
         ({"pipeline_parallel_size": 2}, "pipeline_parallel_size"),
         ({"kv_cache_dtype": "int4"}, "kv_cache_dtype"),
         ({"kv_cache_dtype": "fp8_e4m3"}, "kv_cache_dtype='fp8_e4m3' is not supported"),

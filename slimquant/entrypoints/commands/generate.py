@@ -51,6 +51,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--tensor-parallel-order", choices=TENSOR_PARALLEL_ORDERS, default="exact",
         help="how -tp sums row-parallel layers: exact (one process's numbers) or vllm-ascend (each rank's float part)",
     )  # fmt: skip
+    p.add_argument(
+        "--execute-model-timeout", type=float, default=300.0,
+        help="-tp: seconds a step waits for a rank that does not answer (hung, or its machine gone) before it fails "
+        "(default 300, as vLLM's VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS)",
+    )  # fmt: skip
     add_backend_arg(p)
 
 
@@ -101,6 +106,7 @@ def llm_arguments(args: argparse.Namespace, **engine_kwargs) -> tuple[str, dict]
         tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
         tensor_parallel_order=args.tensor_parallel_order,
+        execute_model_timeout=args.execute_model_timeout,
         **engine_kwargs,
     )
 
