@@ -40,10 +40,11 @@ _SPAWN_HINT = (
     "It died before joining the group. Ranks are spawned processes that import your script's main module: start "
     "the engine under `if __name__ == '__main__':`."
 )
-# Ranks wait for rank 0's next step as long as it takes (a server may idle for days); a dead peer ends the wait at
-# once (its socket closes, or in shared memory its process is gone), and a worker whose parent died exits
-# (_watch_parent). Rank 0, the engine, waits config.execute_model_timeout at most inside a step (_links).
-_WAIT = timedelta(days=30)
+# Ranks wait for rank 0's next step as long as it takes (a server may idle for months: ten years is gloo's limit
+# here, which stays far from overflowing its nanosecond deadlines); a dead peer ends the wait at once (its socket
+# closes, or in shared memory its process is gone), and a worker whose parent died exits (_watch_parent). Rank 0,
+# the engine, waits config.execute_model_timeout at most inside a step (_links).
+_WAIT = timedelta(days=3650)
 
 
 class RankFailure(RuntimeError):
