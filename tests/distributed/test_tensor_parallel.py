@@ -117,19 +117,36 @@ def test_native_ranks_screen_their_part_of_the_head_for_greedy_steps(tiny_model,
 
 
 class _FailingCollectives(TensorParallel):
-    def max(self, t: torch.Tensor) -> torch.Tensor:
+    """Every collective fails (a rank stopped answering), counted in calls."""
+
+    calls: list[str] = []
+
+    def _fail(self, name: str) -> None:
+        self.calls.append(name)
         raise RuntimeError("a tensor-parallel rank stopped answering")
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        self._fail("max")
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        self._fail("sum")
+
+    def sum_disjoint(self, t: torch.Tensor) -> torch.Tensor:
+        self._fail("sum_disjoint")
 
 
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
 def test_a_collective_that_fails_inside_the_native_step_raises_its_error(checkpoints):
-    """The stack calls the ranks' collectives back from inside the native call; one that fails (a dead rank) ends
-    the step with its error instead of numbers."""
+    """The stack calls the ranks' collectives back from inside the native call; one that fails (a dead rank, or one
+    that timed out) ends the step with its error instead of numbers, and no other collective is called (each would
+    wait out the timeout again)."""
     loaded = load_model(checkpoints["qwen3-W8A8_DYNAMIC"], tp=TensorParallel(rank=0, size=2))
-    backend = loaded.backend
-    backend.ranks, backend._ranks_agree = StackRanks(backend.lib, _FailingCollectives(0, 2)), True
+    backend, failing = loaded.backend, _FailingCollectives(0, 2)
+    backend.ranks, backend._ranks_agree = StackRanks(backend.lib, failing), True
+    failing.calls.clear()
     with pytest.raises(RuntimeError, match="stopped answering"):
         PagedRunner.of(loaded).step({0: PROMPT[:4]})
+    assert failing.calls == ["sum_disjoint"]  # the split embedding table's rows: the step's first
 
 
 @pytest.mark.parametrize(

@@ -279,6 +279,7 @@ int sq_decoder_model(const SqDecoderLayer* const* layers, int num_layers, void* 
       std::memcpy(sin + (size_t)i * rope_dim, ends->sin_table + row, sizeof(float) * rope_dim);
     }
   }
+  if (failed) return failed;  // the step's numbers are void: no more reductions (each would wait for the ranks)
   sq::with_cache_type(step->kv_type, [&](auto element) {
     using C = decltype(element);
     failed |= decoder_stack(layers, reinterpret_cast<C* const*>(k_caches), reinterpret_cast<C* const*>(v_caches),
