@@ -162,6 +162,11 @@ class TensorParallel:
 SINGLE = TensorParallel()
 
 
+def timed_out(e: BaseException) -> bool:
+    """Whether e is a gloo collective's timeout (gloo says "Timed out waiting ...")."""
+    return "Timed out" in str(e)
+
+
 class _HostPickler(pickle.Pickler):
     """Pickles CPU tensors as numpy arrays: a step's inputs in 30 µs instead of torch's 170 (and 14 µs to load
     instead of 250)."""

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from slimquant.distributed.cpu_binding import bind, core_groups
 from slimquant.distributed.shared_memory import SharedMemoryExchange, room_for, segment_bytes
-from slimquant.distributed.tensor_parallel import MidStepFailure, TensorParallel
+from slimquant.distributed.tensor_parallel import MidStepFailure, TensorParallel, timed_out
 from slimquant.format.safetensors_io import read_header
 
 if TYPE_CHECKING:
@@ -57,6 +57,8 @@ class WorkerGroup:
     def __init__(self, procs: list, errors: Any, tp: TensorParallel, ranks: list[int], step_timeout: float):
         self.procs, self.errors, self.tp, self.ranks = procs, errors, tp, ranks  # ranks: each proc's global rank
         self.step_timeout = step_timeout  # config.execute_model_timeout
+        self._beating = threading.Event()  # set: the keepalive thread stops
+        self._keepalive_failure: BaseException | None = None
         self.threads = torch.get_num_threads()  # this process's, given back by kill()
         self.affinity = os.sched_getaffinity(0)  # its cores, given back by kill()
 
@@ -147,7 +149,7 @@ class WorkerGroup:
 
     def _late(self, e: MidStepFailure) -> str:
         """What a step's collective that timed out means (gloo says only "Timed out waiting ..."), else ""."""
-        if "Timed out" not in str(e):
+        if not timed_out(e):
             return ""
         return (
             f": a rank did not answer in execute_model_timeout={self.step_timeout:g} s (it hangs or was stopped, or "
@@ -155,9 +157,25 @@ class WorkerGroup:
         )
 
     def check(self) -> None:
-        """RankFailure if a rank has died (say, while the engine was idle)."""
+        """RankFailure if a rank has died (say, while the engine was idle), or a keepalive to the ranks failed."""
         if self._dead():
             self.fail(None)
+        if (failure := self._keepalive_failure) is not None:
+            self.fail(failure, f"rank 0's keepalive to the other ranks failed ({failure})")
+
+    def keep_alive(self, runner: ModelRunner) -> None:
+        """Send the other ranks runner.keepalive()s from a thread while the engine idles (until stop or kill): the
+        ranks on other machines wait for rank 0 execute_model_timeout at most (ModelRunner._next_step)."""
+
+        def beat() -> None:
+            while not self._beating.wait(runner.keepalive_period / 2):
+                try:
+                    runner.keepalive()
+                except Exception as e:  # noqa: BLE001 - the engine's next check() raises it
+                    self._keepalive_failure = e
+                    return
+
+        threading.Thread(target=beat, name="slimquant-keepalive", daemon=True).start()
 
     def fail(self, cause: BaseException | None, hint: str = "") -> None:
         """Stop every rank and raise RuntimeError with what the failed ranks said."""
@@ -172,6 +190,7 @@ class WorkerGroup:
 
     def stop(self, runner: ModelRunner) -> None:
         """Let the ranks finish (they leave serve_steps) and reap them."""
+        self._beating.set()
         with contextlib.suppress(Exception):  # a rank is already gone: killed below
             runner.stop_serving()
         for p in self.procs:
@@ -194,6 +213,7 @@ class WorkerGroup:
 
     def kill(self) -> None:
         """End every rank now, leave the process group, and give this process its threads back."""
+        self._beating.set()
         for p in self.procs:
             if p.is_alive():
                 p.kill()
@@ -295,18 +315,22 @@ def close_exchange(tp: TensorParallel) -> None:
         tp.local.close(unlink=tp.rank == 0)
 
 
-def _links(tp: TensorParallel, config: EngineConfig, offer: bool, alive: Callable[[], bool] = lambda: True):
+def _links(
+    tp: TensorParallel, config: EngineConfig, offer: bool, alive: Callable[[], bool] = lambda: True, follows=False
+) -> TensorParallel:
     """tp with what a step's collectives go through: a gloo group for its inputs and host tensors, and on GPUs this
     rank's GPU made current and an NCCL group (every rank makes each group: a collective); on CPUs a shared-memory
     exchange where rank 0 offers one and every rank is on its machine (offer False: never, e.g. the engine's own
     ranks on several nodes, whose deaths rank 0 sees only through gloo). Rank 0, the engine, waits there
-    config.execute_model_timeout at most for a rank that does not answer; the others follow it, waiting for its
-    next step as long as it takes."""
+    config.execute_model_timeout at most for a rank that does not answer. So does a rank that follows rank 0's
+    steps (ModelRunner.serve_steps; rank 0 keeps it alive while idle) in gloo, where it may be on another machine;
+    in shared memory, or running its own engine (torchrun), it waits as long as it takes."""
     if tp.size == 1:
         return tp
     step_wait = timedelta(seconds=config.execute_model_timeout)
     limit = config.execute_model_timeout if tp.rank == 0 else None
-    group = dist.new_group(backend="gloo", timeout=step_wait if tp.rank == 0 else _WAIT)  # each rank's own limit
+    limited = tp.rank == 0 or follows
+    group = dist.new_group(backend="gloo", timeout=step_wait if limited else _WAIT)  # each rank's own limit
     tp = dataclasses.replace(tp, step_group=group)
     if config.device.startswith("cuda"):
         torch.cuda.set_device(config.rank_device(tp.rank))
@@ -386,7 +410,7 @@ def run_rank(config: EngineConfig) -> None:
 
     tp = TensorParallel(dist.get_rank(), config.tensor_parallel_size)
     _check_fingerprints(config, tp)
-    tp = _links(tp, config, False)
+    tp = _links(tp, config, False, follows=True)
     try:
         runner, _ = load_runner(config, tp, broadcast=False)
         runner.serve_steps()

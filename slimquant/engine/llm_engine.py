@@ -62,6 +62,7 @@ class LLMEngine:
                 self.workers.kill()
                 raise
             self._stop_ranks = weakref.finalize(self, self.workers.stop, self.runner)  # also when dropped or at exit
+            self.workers.keep_alive(self.runner)
         self.hf_config = loaded.hf_config
         self.bytes_read = loaded.bytes_read  # of the checkpoint, by this rank
         self.tokenizer = load_tokenizer(config)

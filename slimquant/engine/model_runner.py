@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
 
 from slimquant.backends.base import Backend
 from slimquant.config import DEFAULT_KV_CACHE_BYTES, EngineConfig
-from slimquant.distributed.tensor_parallel import SINGLE, MidStepFailure, TensorParallel
+from slimquant.distributed.tensor_parallel import SINGLE, MidStepFailure, TensorParallel, timed_out
 from slimquant.engine.scheduler import ScheduledBatch
 from slimquant.engine.sequence import Sequence
 from slimquant.engine.step_sampler import LogitRows, StepResult, StepSampler, rows_at
@@ -20,6 +22,8 @@ from slimquant.layers.context import ForwardContext
 from slimquant.layers.sampler import Sampler
 
 logger = logging.getLogger(__name__)
+KEEPALIVE = "keepalive"  # what rank 0 broadcasts instead of a step while it idles (ModelRunner.keepalive) ...
+KEEPALIVE_SHARE = 0.25  # ... after this share of execute_model_timeout without a step
 
 
 @dataclass
@@ -49,6 +53,8 @@ class ModelRunner:
         broadcast: bool = False,
     ):
         self.config, self.tp, self.broadcast = config, tp, broadcast
+        self._step_lock = threading.Lock()  # rank 0: a step's collectives, or a keepalive, at a time
+        self._sent = time.monotonic()  # rank 0: when the other ranks last heard from it
         self.model, self.backend = model, backend
         self.device = torch.device(config.rank_device(tp.rank))  # cuda:LOCAL_RANK for a rank on a GPU
         self.block_size = config.block_size
@@ -95,18 +101,19 @@ class ModelRunner:
         indices = inputs.rows.indices() if split_head else None
         greedy = split_head and inputs.rows.argmax_only()
         tokens = logits = None
-        try:  # the part the other ranks run too
-            if self.broadcast:  # as host tensors: each rank moves them to its own device
-                host = inputs.context.to(torch.device("cpu"))
-                self.tp.broadcast((inputs.input_ids.cpu(), inputs.positions.cpu(), host, indices, greedy))
-            hidden = self.backend.forward(self.model, inputs.input_ids, inputs.positions, inputs.context)  # [T, H]
-            if split_head:
-                tokens = self._split_argmax(hidden, indices) if greedy else None
-                logits = self._logits(hidden, indices) if tokens is None else None
-        except Exception as e:
-            if self.broadcast:
-                raise MidStepFailure(f"{type(e).__name__}: {e}") from e
-            raise
+        with self._step_lock:
+            try:  # the part the other ranks run too
+                if self.broadcast:  # as host tensors: each rank moves them to its own device
+                    host = inputs.context.to(torch.device("cpu"))
+                    self._send((inputs.input_ids.cpu(), inputs.positions.cpu(), host, indices, greedy))
+                hidden = self.backend.forward(self.model, inputs.input_ids, inputs.positions, inputs.context)
+                if split_head:
+                    tokens = self._split_argmax(hidden, indices) if greedy else None
+                    logits = self._logits(hidden, indices) if tokens is None else None
+            except Exception as e:
+                if self.broadcast:
+                    raise MidStepFailure(f"{type(e).__name__}: {e}") from e
+                raise
         if not split_head:
             return self.sampler.sample(hidden, inputs.rows)
         if tokens is not None:
@@ -116,7 +123,9 @@ class ModelRunner:
     @torch.inference_mode()
     def serve_steps(self) -> None:
         """A rank > 0: run the forward of each step rank 0 broadcasts, until it broadcasts None."""
-        while (step := self.tp.broadcast()) is not None:
+        while (step := self._next_step()) is not None:
+            if step == KEEPALIVE:
+                continue
             input_ids, positions, context, indices, greedy = step
             ids, positions, context = input_ids.to(self.device), positions.to(self.device), context.to(self.device)
             hidden = self.backend.forward(self.model, ids, positions, context)
@@ -138,11 +147,43 @@ class ModelRunner:
             return None
         return self.model.compute_logits(rows_at(hidden, indices))
 
+    def _next_step(self) -> object:
+        """A rank > 0: what rank 0 broadcasts next (a step, KEEPALIVE, or None: stop)."""
+        try:
+            return self.tp.broadcast()
+        except RuntimeError as e:
+            if not timed_out(e):
+                raise
+            wait = self.config.execute_model_timeout
+            raise RuntimeError(
+                f"rank 0 sent nothing in execute_model_timeout={wait:g} s (it sends a keepalive every "
+                f"{self.keepalive_period:g} s while idle): it hangs or was stopped, or its machine or the network to "
+                "it is gone"
+            ) from e
+
+    @property
+    def keepalive_period(self) -> float:
+        """Seconds without a step after which rank 0 broadcasts KEEPALIVE."""
+        return self.config.execute_model_timeout * KEEPALIVE_SHARE
+
+    def keepalive(self) -> None:
+        """Rank 0: broadcast KEEPALIVE where the other ranks have heard nothing from it for keepalive_period: ranks
+        on other machines wait for it execute_model_timeout at most."""
+        with self._step_lock:
+            if time.monotonic() - self._sent >= self.keepalive_period:
+                self._send(KEEPALIVE)
+
+    def _send(self, obj: object) -> None:
+        """Rank 0: broadcast obj to the other ranks (under the step lock)."""
+        self.tp.broadcast(obj)
+        self._sent = time.monotonic()
+
     def stop_serving(self) -> None:
         """Rank 0: let the other ranks' serve_steps() return."""
         if self.broadcast:
-            self.tp.broadcast(None)
-            self.tp.barrier()
+            with self._step_lock:
+                self._send(None)
+                self.tp.barrier()
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Pack the scheduled tokens of all sequences along one axis and describe them in a ForwardContext."""

@@ -153,6 +153,29 @@ def test_a_rank_that_hangs_on_another_node_stops_the_server_after_the_timeout(ch
                 proc.kill()
 
 
+def test_an_idle_server_keeps_its_nodes_and_they_exit_when_node_0_hangs(checkpoints):
+    """Node 0 sends the other node's ranks a keepalive while it idles: an idle server outlives
+    --execute-model-timeout. When node 0 stops answering (stopped, as if its machine were gone without closing its
+    connections), the other node's ranks give up after that timeout instead of waiting for ever."""
+    path, port, wait = checkpoints["llama-W8A8"], free_port(), ("--execute-model-timeout", "2")
+    node1 = _headless(path, port, "--max-model-len", "128", *wait)
+    head, base = start_server(path, "--backend", "torch-reference", "-tp", "2", "--nnodes", "2", "--master-port",
+                              str(port), *wait)  # fmt: skip
+    try:
+        time.sleep(6)  # idle for three timeouts
+        assert _chat(base)
+        psutil.Process(head.pid).suspend()
+        start = time.perf_counter()
+        assert node1.wait(timeout=60) == 1
+        assert time.perf_counter() - start < 30
+        out = node1.stdout.read().decode()
+        assert "rank 0 sent nothing in execute_model_timeout=2 s" in out, out[-2000:]
+    finally:
+        for proc in (head, node1):
+            if proc.poll() is None:
+                proc.kill()
+
+
 def test_nodes_with_different_settings_are_refused_at_start(checkpoints):
     path, port = checkpoints["llama-W8A8"], free_port()
     node1 = _headless(path, port, "--max-model-len", "96")  # the head runs 128
