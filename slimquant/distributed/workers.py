@@ -40,10 +40,10 @@ _SPAWN_HINT = (
     "It died before joining the group. Ranks are spawned processes that import your script's main module: start "
     "the engine under `if __name__ == '__main__':`."
 )
-# Ranks wait for rank 0's next step as long as it takes (a server may idle for months: ten years is gloo's limit
-# here, which stays far from overflowing its nanosecond deadlines); a dead peer ends the wait at once (its socket
-# closes, or in shared memory its process is gone), and a worker whose parent died exits (_watch_parent). Rank 0,
-# the engine, waits config.execute_model_timeout at most inside a step (_links).
+# How long the default group's waits last (start-up's agreements after loading, which may take long), and those of
+# ranks without a step timeout (_links): as long as it takes, in practice (ten years stays far from overflowing
+# gloo's nanosecond deadlines). A dead peer ends a wait at once (its socket closes, or in shared memory its process
+# is gone), and a worker whose parent died exits (_watch_parent).
 _WAIT = timedelta(days=3650)
 
 
@@ -316,7 +316,11 @@ def close_exchange(tp: TensorParallel) -> None:
 
 
 def _links(
-    tp: TensorParallel, config: EngineConfig, offer: bool, alive: Callable[[], bool] = lambda: True, follows=False
+    tp: TensorParallel,
+    config: EngineConfig,
+    offer: bool,
+    alive: Callable[[], bool] = lambda: True,
+    follows: bool = False,
 ) -> TensorParallel:
     """tp with what a step's collectives go through: a gloo group for its inputs and host tensors, and on GPUs this
     rank's GPU made current and an NCCL group (every rank makes each group: a collective); on CPUs a shared-memory
