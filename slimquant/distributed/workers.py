@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from slimquant.distributed.cpu_binding import bind, core_groups
 from slimquant.distributed.shared_memory import SharedMemoryExchange, room_for, segment_bytes
-from slimquant.distributed.tensor_parallel import MidStepFailure, TensorParallel, timed_out
+from slimquant.distributed.tensor_parallel import MidStepFailure, TensorParallel
 from slimquant.format.safetensors_io import read_header
 
 if TYPE_CHECKING:
@@ -54,9 +54,8 @@ class RankFailure(RuntimeError):
 class WorkerGroup:
     """Ranks 1..N-1 of an engine's tensor-parallel group, started by WorkerGroup.start."""
 
-    def __init__(self, procs: list, errors: Any, tp: TensorParallel, ranks: list[int], step_timeout: float):
+    def __init__(self, procs: list, errors: Any, tp: TensorParallel, ranks: list[int]):
         self.procs, self.errors, self.tp, self.ranks = procs, errors, tp, ranks  # ranks: each proc's global rank
-        self.step_timeout = step_timeout  # config.execute_model_timeout
         self._beating = threading.Event()  # set: the keepalive thread stops
         self._keepalive_failure: BaseException | None = None
         self.threads = torch.get_num_threads()  # this process's, given back by kill()
@@ -90,7 +89,7 @@ class WorkerGroup:
                 f"tensor_parallel_size={config.tensor_parallel_size} ranks; this is rank {dist.get_rank()} of "
                 f"{dist.get_world_size()}"
             )
-        group = cls([], None, TensorParallel(0, config.tensor_parallel_size), [], config.execute_model_timeout)
+        group = cls([], None, TensorParallel(0, config.tensor_parallel_size), [])
         _check_fingerprints(config, group.tp)
         group.tp = _links(group.tp, config, True)  # shared memory where torchrun's ranks share this machine
         return group
@@ -106,7 +105,7 @@ class WorkerGroup:
         ]
         for p in procs:
             p.start()
-        return cls(procs, errors, TensorParallel(0, config.tensor_parallel_size), ranks, config.execute_model_timeout)
+        return cls(procs, errors, TensorParallel(0, config.tensor_parallel_size), ranks)
 
     def _join_as_rank0(self, config: EngineConfig) -> None:
         """init_process_group for rank 0, failing as soon as a local rank dies before joining, or when the other
@@ -142,19 +141,8 @@ class WorkerGroup:
             if self._dead():
                 self.fail(e)
             if isinstance(e, MidStepFailure):  # say a rank on another node died or hangs, or rank 0's step failed
-                self.fail(
-                    e, f"rank 0 failed inside a step the ranks run together ({e}); they cannot go on{self._late(e)}"
-                )
+                self.fail(e, f"rank 0 failed inside a step the ranks run together ({e}); they cannot go on")
             raise
-
-    def _late(self, e: MidStepFailure) -> str:
-        """What a step's collective that timed out means (gloo says only "Timed out waiting ..."), else ""."""
-        if not timed_out(e):
-            return ""
-        return (
-            f": a rank did not answer in execute_model_timeout={self.step_timeout:g} s (it hangs or was stopped, or "
-            "its machine or the network to it is gone)"
-        )
 
     def check(self) -> None:
         """RankFailure if a rank has died (say, while the engine was idle), or a keepalive to the ranks failed."""

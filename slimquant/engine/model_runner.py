@@ -24,6 +24,7 @@ from slimquant.layers.sampler import Sampler
 logger = logging.getLogger(__name__)
 KEEPALIVE = "keepalive"  # what rank 0 broadcasts instead of a step while it idles (ModelRunner.keepalive) ...
 KEEPALIVE_SHARE = 0.25  # ... after this share of execute_model_timeout without a step
+_SILENT = "it hangs or was stopped, or its machine or the network to it is gone"  # what a rank's silence means
 
 
 @dataclass
@@ -112,7 +113,7 @@ class ModelRunner:
                     logits = self._logits(hidden, indices) if tokens is None else None
             except Exception as e:
                 if self.broadcast:
-                    raise MidStepFailure(f"{type(e).__name__}: {e}") from e
+                    raise MidStepFailure(f"{type(e).__name__}: {e}{self._late(e)}") from e
                 raise
         if not split_head:
             return self.sampler.sample(hidden, inputs.rows)
@@ -157,9 +158,14 @@ class ModelRunner:
             wait = self.config.execute_model_timeout
             raise RuntimeError(
                 f"rank 0 sent nothing in execute_model_timeout={wait:g} s (it sends a keepalive every "
-                f"{self.keepalive_period:g} s while idle): it hangs or was stopped, or its machine or the network to "
-                "it is gone"
+                f"{self.keepalive_period:g} s while idle): {_SILENT}"
             ) from e
+
+    def _late(self, e: Exception) -> str:
+        """What a step's collective that timed out means (gloo says only "Timed out waiting ..."), else ""."""
+        if not timed_out(e):
+            return ""
+        return f": a rank did not answer in execute_model_timeout={self.config.execute_model_timeout:g} s ({_SILENT})"
 
     @property
     def keepalive_period(self) -> float:
