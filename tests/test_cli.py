@@ -24,6 +24,28 @@ def test_errors_are_one_line(capsys, tmp_path):
     assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1
 
 
+def test_a_model_that_does_not_split_over_the_ranks_is_one_line(tiny_model, capsys):
+    """The ranks' model fails to split as rank 0's does: the error is rank 0's ValueError, not a rank failure."""
+    model = str(tiny_model("llama"))
+    capsys.readouterr()
+    assert main(["generate", model, "-tp", "3", "--prompt", "Hi", "--max-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: num_attention_heads = 4 is not divisible by tensor_parallel_size = 3\n", err
+
+
+def test_a_rank_failure_is_one_line(tiny_model, monkeypatch, capsys):
+    from slimquant.entrypoints.commands import generate
+    from slimquant.errors import RankFailure
+
+    def fails(*args, **kwargs):
+        raise RankFailure("tensor parallel: rank(s) [1] of 2 failed (rank 1 exited with code -9; ...)")
+
+    monkeypatch.setattr(generate, "make_llm", fails)
+    assert main(["generate", str(tiny_model("llama")), "--prompt", "Hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: tensor parallel: rank(s) [1] of 2 failed") and err.count("\n") == 1, err
+
+
 def test_bench_prints_one_row_per_system(tiny_model, capsys):
     path = str(tiny_model("llama"))
     args = ["bench", path, path, "--prompt-len", "8", "--decode-tokens", "4", "--streams", "2"]

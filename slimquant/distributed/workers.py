@@ -29,6 +29,7 @@ import torch.distributed as dist
 from slimquant.distributed.cpu_binding import bind, core_groups
 from slimquant.distributed.shared_memory import SharedMemoryExchange, room_for, segment_bytes
 from slimquant.distributed.tensor_parallel import MidStepFailure, TensorParallel
+from slimquant.errors import RankFailure
 from slimquant.format.safetensors_io import read_header
 
 if TYPE_CHECKING:
@@ -45,10 +46,6 @@ _SPAWN_HINT = (
 # gloo's nanosecond deadlines). A dead peer ends a wait at once (its socket closes, or in shared memory its process
 # is gone), and a worker whose parent died exits (_watch_parent).
 _WAIT = timedelta(days=3650)
-
-
-class RankFailure(RuntimeError):
-    """A tensor-parallel rank died or failed: the engine cannot go on (every rank has been stopped)."""
 
 
 class WorkerGroup:
@@ -134,8 +131,19 @@ class WorkerGroup:
     def guard(self, fn: Callable, *args: Any) -> Any:
         """fn(*args) on rank 0; if it fails because a rank died, or in the middle of a step the ranks run with it
         (MidStepFailure), RankFailure naming what failed."""
+        return self._guard(fn, args, own=())
+
+    def guard_load(self, fn: Callable, *args: Any) -> Any:
+        """guard(fn, *args) for loading the model, where a ValueError of rank 0's (its input is at fault: a model
+        that does not split so) stops the ranks, which say the same, and is raised as it is."""
+        return self._guard(fn, args, own=(ValueError,))
+
+    def _guard(self, fn: Callable, args: tuple, own: tuple[type[Exception], ...]) -> Any:
         try:
             return fn(*args)
+        except own:
+            self.kill()
+            raise
         except Exception as e:
             time.sleep(0.5)  # a rank that broke the collective is exiting: let it be seen dead
             if self._dead():
@@ -197,7 +205,10 @@ class WorkerGroup:
                 said.append(self.errors.get(timeout=0.5 if not said else 0.05))
             except Exception:  # noqa: BLE001 - queue.Empty: nothing more
                 break
-        return " ".join(f"rank {rank}: {text}" for rank, text in sorted(said))
+        by_text: dict[str, list[int]] = {}
+        for rank, text in sorted(said):
+            by_text.setdefault(text, []).append(rank)
+        return " ".join(f"rank{'s' * (len(r) > 1)} {', '.join(map(str, r))}: {text}" for text, r in by_text.items())
 
     def kill(self) -> None:
         """End every rank now, leave the process group, and give this process its threads back."""
@@ -218,6 +229,7 @@ def run_headless(config: EngineConfig) -> int:
     """Node node_rank > 0: run this node's ranks until rank 0 stops them; 0, or 1 when one failed (said)."""
     if config.node_rank == 0:
         raise ValueError("--headless is for nodes 1..nnodes-1: node 0 serves")
+    logger.info("node %d: running its ranks headless (node 0 serves)", config.node_rank)
     group = WorkerGroup._spawn(config, _node_ranks(config), _local_cores(config))
     while any(p.is_alive() for p in group.procs) and not group._dead():
         time.sleep(0.5)
@@ -261,6 +273,11 @@ def _init_group(rank: int, config: EngineConfig) -> None:
         store = dist.TCPStore(*where, size, is_master=rank == 0, timeout=timedelta(seconds=config.join_timeout))
         dist.init_process_group("gloo", store=store, rank=rank, world_size=size, timeout=_WAIT)
     except dist.DistError as e:
+        if rank == 0 and "EADDRINUSE" in str(e):
+            raise ValueError(
+                f"master_port {where[1]} (--master-port) is in use on node 0 ({where[0]}): rank 0 listens there for "
+                "the ranks to meet; pick a free port"
+            ) from e
         nodes = f"and nodes 1..{config.nnodes - 1} (--node-rank K --headless) " if config.nnodes > 1 else ""
         raise ValueError(
             f"the {size} tensor-parallel ranks did not all meet at {where[0]}:{where[1]} in join_timeout="

@@ -57,7 +57,7 @@ class LLMEngine:
             self.runner, loaded = load_runner(config, self.tp, broadcast)
         else:
             try:
-                self.runner, loaded = self.workers.guard(load_runner, config, self.tp, broadcast)
+                self.runner, loaded = self.workers.guard_load(load_runner, config, self.tp, broadcast)
             except BaseException:
                 self.workers.kill()
                 raise

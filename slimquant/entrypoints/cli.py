@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from slimquant.errors import RankFailure
+
 # Each module defines register(subparsers) that adds its parser and sets func=run(args) -> int.
 COMMANDS = ("demo", "quantize", "inspect", "generate", "chat", "eval", "bench", "serve")
 
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, TypeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, TypeError, RankFailure) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

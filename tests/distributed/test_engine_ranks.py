@@ -5,7 +5,9 @@ with an error that names it, within seconds, and leaves no process or process gr
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
+import queue
 import time
 
 import pytest
@@ -13,6 +15,9 @@ import torch.distributed as dist
 
 from slimquant import LLM, SamplingParams
 from slimquant.distributed.launch import run_ranks
+from slimquant.distributed.tensor_parallel import TensorParallel
+from slimquant.distributed.workers import WorkerGroup
+from slimquant.errors import RankFailure
 from tests.distributed.test_tensor_parallel import PARAMS, PROMPTS, rank_generate
 
 SIZE = 2
@@ -74,9 +79,40 @@ def test_a_model_that_cannot_split_is_a_value_error_and_leaves_nothing(tiny_mode
     with pytest.raises(ValueError, match="tensor_parallel_size = 3 is not a multiple of num_key_value_heads = 2"):
         LLM(str(tiny_model("llama", hidden_size=96, num_attention_heads=6)), tensor_parallel_size=3)
     assert not dist.is_initialized()
-    import multiprocessing
-
     assert not [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+def _exits_at_once() -> None:
+    raise SystemExit(1)
+
+
+def _group_of_a_dead_rank() -> WorkerGroup:
+    proc = multiprocessing.get_context("spawn").Process(target=_exits_at_once)
+    proc.start()
+    proc.join()
+    return WorkerGroup([proc], None, TensorParallel(rank=0, size=2), ranks=[1])
+
+
+def _value_error() -> None:
+    raise ValueError("num_attention_heads = 4 is not divisible by tensor_parallel_size = 3")
+
+
+def test_rank_0s_value_error_while_loading_is_raised_as_it_is_though_the_ranks_died_of_it_too():
+    """Every rank fails to split the model; whether the others are seen dead yet must not change rank 0's error (a
+    race before: a ValueError, or a RankFailure when they had exited within guard's 0.5 s). In a step, a dead rank
+    makes any failure a RankFailure."""
+    with pytest.raises(ValueError, match="num_attention_heads = 4"):
+        _group_of_a_dead_rank().guard_load(_value_error)
+    with pytest.raises(RankFailure, match=r"rank\(s\) \[1\] of 2 failed \(rank 1 exited with code 1"):
+        _group_of_a_dead_rank().guard(_value_error)
+
+
+def test_what_several_ranks_said_alike_is_said_once():
+    group = _group_of_a_dead_rank()
+    group.errors = queue.Queue()
+    for rank, text in [(2, "ValueError: x"), (1, "ValueError: x"), (3, "MemoryError")]:
+        group.errors.put((rank, text))
+    assert group._errors() == "ranks 1, 2: ValueError: x rank 3: MemoryError"
 
 
 STRESS = dict(max_num_batched_tokens=16, num_kv_blocks=10, block_size=8, max_num_seqs=4)  # chunks, preemption

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -220,6 +221,23 @@ def test_nodes_that_do_not_meet_fail_after_join_timeout_naming_the_address(check
     head = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert head.returncode != 0
     assert "start node 0 and nodes 1..1 (--node-rank K --headless)" in head.stdout + head.stderr
+
+
+def test_node_0_whose_master_port_is_taken_says_so_at_once(checkpoints):
+    """Not 'the ranks did not meet' after --join-timeout: the port is in use where rank 0 must listen."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "slimquant.entrypoints.cli", "serve", checkpoints["llama-W8A8"], "-tp", "2"]
+        cmd += ["--nnodes", "2", "--master-port", str(port), "--join-timeout", "60", "--port", str(free_port())]
+        start = time.monotonic()
+        head = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert head.returncode == 1 and time.monotonic() - start < 30
+    assert head.stderr.endswith(
+        f"error: master_port {port} (--master-port) is in use on node 0 (127.0.0.1): rank 0 "
+        "listens there for the ranks to meet; pick a free port\n"
+    ), head.stderr[-2000:]
 
 
 def test_serve_under_torchrun_answers_as_one_process(checkpoints):

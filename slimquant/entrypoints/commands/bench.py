@@ -282,7 +282,7 @@ def _bench_llama_cpp(gguf: Path, args: argparse.Namespace) -> Row:
 
 
 def _short(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1][-36:]
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def print_table(rows: list[Row], args: argparse.Namespace) -> None:
@@ -309,8 +309,10 @@ def _print(rows: list[Row], args: argparse.Namespace) -> None:
         f"prefill {args.prompt_len}",
         f"decode {args.streams} x {args.decode_tokens}",
     )
-    print(f"\ntokens/s (x = ratio to the first row, same run)\n{'system':<52}" + "".join(f"{h:>24}" for h in heads))
+    width = max(52, *(len(r.name) + 2 for r in rows))
+    print("\ntokens/s (x = ratio to the first row, same run)")
+    print(f"{'system':<{width}}" + "".join(f"{h:>24}" for h in heads))
     base = rows[0].speeds
     for r in rows:
         cells = "".join(f"{s:>14.1f} ({s / b:>5.2f}x)" for s, b in zip(r.speeds, base, strict=True))
-        print(f"{r.name:<52}{cells}")
+        print(f"{r.name:<{width}}{cells}")

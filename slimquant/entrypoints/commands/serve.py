@@ -84,7 +84,6 @@ def run(args: argparse.Namespace) -> int:
         from slimquant.distributed.workers import run_headless
 
         model, kwargs = llm_arguments(args, **engine_args)
-        log.info("node %d: running its ranks headless (node 0 serves)", args.node_rank)
         return run_headless(EngineConfig.from_kwargs(model, **kwargs))
     if args.node_rank != 0:
         raise ValueError("--node-rank > 0 runs ranks only: add --headless (node 0 serves)")

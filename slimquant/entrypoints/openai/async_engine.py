@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from slimquant.distributed.workers import RankFailure
+from slimquant.errors import RankFailure
 
 log = logging.getLogger(__name__)
 
