@@ -179,9 +179,11 @@ class WorkerGroup:
         codes = ", ".join(f"rank {r} exited with code {self.procs[self.ranks.index(r)].exitcode}" for r in dead)
         self.kill()
         who = f"rank(s) {dead}" if dead else "a rank"
+        how = "a collective with it failed"
+        if dead:
+            how = f"{codes}; a negative code is the signal that ended it, -9: killed, e.g. out of memory"
         raise RankFailure(
-            f"tensor parallel: {who} of {self.tp.size} failed ({codes or 'a collective failed'}; a negative code is "
-            f"the signal that ended it, -9: killed, e.g. out of memory); every rank is stopped. {said}"
+            f"tensor parallel: {who} of {self.tp.size} failed ({how}); every rank is stopped. {said}"
         ) from cause
 
     def stop(self, runner: ModelRunner) -> None:

@@ -23,7 +23,8 @@ from slimquant.layers.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 KEEPALIVE = "keepalive"  # what rank 0 broadcasts instead of a step while it idles (ModelRunner.keepalive) ...
-KEEPALIVE_SHARE = 0.25  # ... after this share of execute_model_timeout without a step
+KEEPALIVE_SHARE = 0.25  # ... after this share of execute_model_timeout without a step, ...
+KEEPALIVE_MAX = 5.0  # ... or these seconds if fewer: an idle rank 0 sees a node gone (its broadcast fails) in them
 _SILENT = "it hangs or was stopped, or its machine or the network to it is gone"  # what a rank's silence means
 
 
@@ -170,7 +171,7 @@ class ModelRunner:
     @property
     def keepalive_period(self) -> float:
         """Seconds without a step after which rank 0 broadcasts KEEPALIVE."""
-        return self.config.execute_model_timeout * KEEPALIVE_SHARE
+        return min(self.config.execute_model_timeout * KEEPALIVE_SHARE, KEEPALIVE_MAX)
 
     def keepalive(self) -> None:
         """Rank 0: broadcast KEEPALIVE where the other ranks have heard nothing from it for keepalive_period: ranks

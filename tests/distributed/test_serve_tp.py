@@ -177,6 +177,28 @@ def test_an_idle_server_keeps_its_nodes_and_they_exit_when_node_0_hangs(checkpoi
                 proc.kill()
 
 
+def test_an_idle_server_exits_within_seconds_of_losing_a_node(checkpoints):
+    """The other node stopped with Ctrl-C while node 0 idles (no request comes to find out): node 0's keepalive,
+    every 5 s at most, finds its ranks gone, and the server exits 1 saying so (before: at the next request, a 500)."""
+    path, port = checkpoints["llama-W8A8"], free_port()
+    node1 = _headless(path, port, "--max-model-len", "128")
+    head, base = start_server(path, "--backend", "torch-reference", "-tp", "2", "--nnodes", "2", "--master-port",
+                              str(port))  # fmt: skip
+    try:
+        assert _chat(base)
+        node1.send_signal(signal.SIGINT)
+        assert node1.wait(timeout=30) == 130
+        start = time.perf_counter()
+        assert head.wait(timeout=30) == 1
+        assert time.perf_counter() - start < 10
+        out = head.stdout.read().decode()
+        assert "a rank of 2 failed (a collective with it failed); every rank is stopped. rank 0's keepalive" in out
+    finally:
+        for proc in (head, node1):
+            if proc.poll() is None:
+                proc.kill()
+
+
 def test_nodes_with_different_settings_are_refused_at_start(checkpoints):
     path, port = checkpoints["llama-W8A8"], free_port()
     node1 = _headless(path, port, "--max-model-len", "96")  # the head runs 128
