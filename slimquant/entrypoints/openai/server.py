@@ -25,6 +25,7 @@ from slimquant.entrypoints.openai.protocol import (
     TokenizeRequest,
     now,
 )
+from slimquant.errors import RankFailure
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,14 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, e: OpenAIError):
         return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RankFailure)
+    async def rank_failure(_: Request, e: RankFailure):  # the server logs it once as it stops: no traceback here
+        return JSONResponse(_internal(e).body(), status_code=500)
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, e: Exception):  # a failed step: OpenAI's error object (Starlette logs the trace)
+        return JSONResponse(_internal(e).body(), status_code=500)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException):  # a body that is not UTF-8, a wrong method, an unknown path
@@ -215,8 +224,14 @@ async def _guard_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
     except OpenAIError as e:
         yield f"data: {json.dumps(e.body())}\n\n"
     except Exception as e:
-        log.exception("stream failed")
-        yield f"data: {json.dumps(OpenAIError(str(e), status=500, type='internal_error').body())}\n\n"
+        if not isinstance(e, RankFailure):  # the server logs that once as it stops
+            log.exception("stream failed")
+        yield f"data: {json.dumps(_internal(e).body())}\n\n"
+
+
+def _internal(e: Exception) -> OpenAIError:
+    """The error object of a request that failed on the server's side (a failed step, a rank that failed)."""
+    return OpenAIError(f"{type(e).__name__}: {e}", status=500, type="internal_error")
 
 
 def make_server_app(
