@@ -1,6 +1,9 @@
 """The CUDA Triton kernels compile for an H100 / H200 (sm_90) and an A100 (sm_80) with no GPU here: Triton's own
 ptxas builds each at the shapes the model runs, so a kernel the interpreter runs but the compiler refuses fails in
-CI, not on a lent GPU's clock. (The numbers are test_triton_int8.py's and tests/cuda's.)"""
+CI, not on a lent GPU's clock. Pointers are marked 16-byte aligned, as Triton's launcher marks a torch tensor's;
+without that no load is vectorized and the int8 GEMM's K loop is not software-pipelined, so a build here would say
+nothing of the GPU's. The GEMM's K loop must be pipelined (cp.async into shared memory, `stages` deep) within the
+shared memory a block may have. (The numbers are test_triton_int8.py's and tests/cuda's.)"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +21,7 @@ if importlib.util.find_spec("triton") is None:  # not imported here: the interpr
 
 ROOT = Path(__file__).resolve().parents[2]
 GEMM_TILES = [(16, 64, 256, 1, 4), (16, 64, 256, 4, 4), (64, 128, 128, 1, 4), (128, 128, 128, 1, 8)]
+MAX_SHARED = {90: 232448, 80: 166912}  # bytes of shared memory a block may opt in to: H100 / H200, A100
 
 
 def _sig(**kinds: str) -> dict[str, str]:
@@ -33,13 +38,16 @@ def compile_all(arch: int) -> list[str]:
     from slimquant.kernels import cuda_int8 as C
     from slimquant.kernels import cuda_layers as L
 
-    done = []
+    done, stages = [], C.GemmTiles(16, 64, 256, 1).stages
 
-    def build(fn, signature: dict, constexprs: dict, warps: int = 4) -> None:
+    def build(fn, signature: dict, constexprs: dict, warps: int = 4) -> Any:
+        aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items() if t[0] == "*"}
         signature = signature | dict.fromkeys(constexprs, "constexpr")
-        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, **C._EXACT})
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
+        options = {"num_warps": warps, "num_stages": stages, **C._EXACT}
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
         done.append(fn.__name__)
+        return kernel
 
     dt, f32, i8, i32 = "*bf16", "*fp32", "*i8", "*i32"
     for bm, bn, bk, splits, warps in GEMM_TILES:
@@ -48,7 +56,10 @@ def compile_all(arch: int) -> list[str]:
                        col_scale_ptr=f32, add_ptr=i32 if static else dt)  # fmt: skip
             ce = dict(K=4096, K_PER_SPLIT=4096 // splits, SPLITS=splits, STATIC=static, HAS_ADD=True, BLOCK_M=bm,
                       BLOCK_N=bn, BLOCK_K=bk)  # fmt: skip
-            build(C._int8_gemm, sig, ce, warps)
+            gemm = build(C._int8_gemm, sig, ce, warps)
+            tiles = f"sm_{arch} tiles {bm}x{bn}x{bk}, {splits} split(s), {stages} stages"
+            assert "cp.async" in gemm.asm["ptx"], f"{tiles}: the K loop is not software-pipelined"
+            assert gemm.metadata.shared <= MAX_SHARED[arch], f"{tiles}: {gemm.metadata.shared} bytes of shared memory"
     sig = _sig(acc_ptr=i32, y_ptr=dt, M="i32", T="i32", N="i32", row_scale_ptr=f32, col_scale_ptr=f32, add_ptr=dt)
     build(C._dequantize, sig, dict(SPLITS=4, STATIC=False, HAS_ADD=True, BLOCK_M=16, BLOCK_N=128))
     build(C._quantize_per_token, _sig(x_ptr=dt, stride_x="i32", q_ptr=i8, scale_ptr=f32), dict(K=4096, BLOCK=1024))
