@@ -10,7 +10,7 @@ call, as a model's next layer finds it; launches included, as in an eager step) 
 "x" columns: time / bf16's (issue 21's goals: at most 0.6 for T <= 16, 0.75 for T >= 512). "bw": the best
 pre-quantized int8 GEMM's weight bytes / time against a device copy's bandwidth measured in the same run.
 --sweep also times a grid of Triton tiles per row and prints the fastest (to tune kernels/cuda_int8.gemm_tiles;
-about 30 compiles a row).
+about 30 compiles a row at T <= 16, 32 above).
 
     python bench/cuda_linear.py [--shapes 8b,70b] [--tokens 1,4,16,64,512,2048] [--sweep]
 """
@@ -18,6 +18,7 @@ about 30 compiles a row).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
 from pathlib import Path
@@ -33,8 +34,11 @@ SHAPES = {  # (name, K, N) of each linear of one decoder layer (q/k/v and gate/u
     "8b": [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)],
     "70b": [("qkv", 8192, 10240), ("o", 8192, 8192), ("gate_up", 8192, 57344), ("down", 28672, 8192)],
 }
-SWEEP_FEW = [(16, bn, bk, s, 4) for bn, bk, s in itertools.product((32, 64, 128), (128, 256, 512), (1, 2, 4, 8))]
-SWEEP_MANY = [(bm, bn, bk, 1, w) for bm, bn, bk, w in itertools.product((64, 128), (128, 256), (64, 128), (4, 8))]
+# (block_m, block_n, block_k, splits, warps, stages): decode tiles split K; large T tiles try 3 and 4 pipeline stages
+SWEEP_FEW = [(16, bn, bk, s, 4, 3) for bn, bk, s in itertools.product((32, 64, 128), (128, 256, 512), (1, 2, 4, 8))]
+SWEEP_MANY = [
+    (bm, bn, bk, 1, w, st) for bm, bn, bk, w, st in itertools.product((64, 128), (128, 256), (64, 128), (4, 8), (3, 4))
+]
 
 
 def _ms(fn) -> float:
@@ -78,16 +82,16 @@ def sweep(t: int, k: int, n: int) -> tuple[float, tuple]:
     w_q = torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8)
     w_s, a = torch.rand(n, device="cuda"), cuda_int8.quantize(x, PER_TOKEN)
     best = (float("inf"), ())
-    for bm, bn, bk, s, w in SWEEP_FEW if t <= 16 else SWEEP_MANY:
+    for bm, bn, bk, s, w, st in SWEEP_FEW if t <= 16 else SWEEP_MANY:
         if s * bk * 2 > k:
             continue
-        tiles = cuda_int8.GemmTiles(bm, bn, bk, s, w)
+        tiles = cuda_int8.GemmTiles(bm, bn, bk, s, w, st)
         try:
             ms = _ms(lambda tiles=tiles: cuda_int8.int8_linear(a, w_q, w_s, None, "triton", tiles))
         except Exception as e:  # a tile the compiler refuses (shared memory): skip it
             print(f"  tiles {tiles}: {type(e).__name__}", file=sys.stderr)
             continue
-        best = min(best, (ms, (bm, bn, bk, s, w)))
+        best = min(best, (ms, (bm, bn, bk, s, w, st)))
     return best
 
 
@@ -110,13 +114,13 @@ def main() -> None:
             us = {label: _ms(fn) * 1e3 for label, fn in candidates(t, k, n).items()}
             if header is None:
                 header = list(us)
-                print(f"{'shape':<22}{'T':>5}" + "".join(f"{h:>24}" for h in header) + f"{'bw':>6}{'tiles':>22}")
+                print(f"{'shape':<22}{'T':>5}" + "".join(f"{h:>24}" for h in header) + f"{'bw':>6}{'tiles':>26}")
             base = us["bf16"]
             best = min(us["cublas pre-quantized"], us["triton pre-quantized"])
             cells = "".join(f"{us[h]:>15.1f} {us[h] / base:>6.2f}x" for h in header)
             tiles = cuda_int8.gemm_tiles(t, n, k)
             line = f"{f'{shape} {name} {k}->{n}':<22}{t:>5}{cells}{n * k / (best / 1e6) / bw:>6.0%}"
-            line += f"{str((tiles.block_m, tiles.block_n, tiles.block_k, tiles.splits, tiles.warps)):>22}"
+            line += f"{str(dataclasses.astuple(tiles)):>26}"
             if args.sweep:
                 ms, fastest = sweep(t, k, n)
                 line += f"  fastest {fastest}: {ms * 1e3:.1f} us ({ms * 1e3 / base:.2f}x)"
