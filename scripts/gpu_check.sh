@@ -4,7 +4,8 @@
 #   1. tests/cuda (with issue 19's tensor parallel on CUDA tensors; its NCCL test wants two GPUs) and the kernels'
 #      compile test;
 #   2. bench/cuda_linear.py: one linear at Llama-3-8B / 70B shapes, bf16 against the int8 paths (--sweep: also the
-#      fastest Triton tiles of the 8B rows at T = 1 and 2048);
+#      fastest Triton tiles of the 8B rows at T = 1 and 2048); bench/cuda_attention.py: paged decode attention in
+#      one pass against flash-decoding's split table (B 1, 8, 64; contexts 512 to 32,768);
 #   3. bench/speed.py: random Qwen2.5-7B-shaped checkpoints, transformers and slimquant bf16, W8A8_DYNAMIC and W8A8
 #      with each int8 GEMM (decode of 1 and 16 streams, prefill of 2048 tokens);
 #   4. bench/speed.py: the same for SmolLM2-135M's shape (CUDA graphs), unless --quick.
@@ -37,6 +38,7 @@ speed() { python3 bench/speed.py --device cuda --no-llama-cpp --cuda-int8-gemm c
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" | tee "$out/summary.log"
 stage "tests" tests.log python3 -m pytest -q -p no:cacheprovider tests/cuda tests/test_kernels/test_cuda_compile.py
 stage "one linear" linear.log python3 bench/cuda_linear.py
+stage "decode attention" attention.log python3 bench/cuda_attention.py
 if [[ $sweep == 1 ]]; then
   stage "tile sweep" sweep.log python3 bench/cuda_linear.py --shapes 8b --tokens 1,2048 --sweep
 fi

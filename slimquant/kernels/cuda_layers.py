@@ -1,5 +1,6 @@
 """A decoder layer's non-GEMM work on CUDA, one Triton kernel each: residual add + RMSNorm (and Qwen3's per-head
-norms), SiLU-and-mul, rotary + KV-cache store, paged decode attention.
+norms), SiLU-and-mul, rotary + KV-cache store, paged decode attention (two kernels where the block table is split
+over programs of their own: flash-decoding).
 
 A small model's decode step is bound by kernel count, even as a CUDA graph: the pure-torch forms of these take
 about thirty kernels per layer. Each kernel computes in fp32 and rounds where the torch form rounds (to the model
@@ -143,12 +144,15 @@ def _rope_store(
 
 @triton.jit
 def _paged_decode_attention(
-    q_ptr, stride_qb, kc_ptr, vc_ptr, tables_ptr, stride_tb, W, lens_ptr, o_ptr, scale,
-    W_LOOP: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr,
+    q_ptr, stride_qb, kc_ptr, vc_ptr, tables_ptr, stride_tb, W, lens_ptr, o_ptr, part_acc, part_m, part_l, scale,
+    W_LOOP: tl.constexpr, SPLITS: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr,
     D: tl.constexpr, D_BLOCK: tl.constexpr, BS: tl.constexpr, BS_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Program (b, kv head): the G query heads of that kv head over sequence b's cached tokens, online softmax."""
-    b, kv = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    """Program (b, kv head, split s): the G query heads of that kv head over blocks s * W_LOOP ... of sequence b's
+    table, online softmax. SPLITS 1: the output; else the split's running max, denominator and unnormalized sum
+    into part_m / part_l [B, KVH, SPLITS, G_BLOCK] and part_acc [B, KVH, SPLITS, G_BLOCK, D_BLOCK] fp32
+    (_combine_splits adds them)."""
+    b, kv, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     gs, ds, ts = tl.arange(0, G_BLOCK), tl.arange(0, D_BLOCK), tl.arange(0, BS_BLOCK)
     heads = kv * G + gs  # [G]
     qd_mask = (gs < G)[:, None] & (ds < D)[None, :]  # [G, D]
@@ -157,7 +161,8 @@ def _paged_decode_attention(
     m = tl.full([G_BLOCK], float("-inf"), tl.float32)  # running max [G]
     denom = tl.zeros([G_BLOCK], tl.float32)  # [G]
     acc = tl.zeros([G_BLOCK, D_BLOCK], tl.float32)  # [G, D]
-    for j in range(0, W_LOOP):  # a constexpr bound (Triton's interpreter takes no runtime one); W <= W_LOOP
+    for jj in range(0, W_LOOP):  # a constexpr bound (Triton's interpreter takes no runtime one)
+        j = split * W_LOOP + jj  # this split's blocks; W <= SPLITS * W_LOOP
         if (j < W) & (j * BS < length):
             block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)
             valid = (ts < BS) & (j * BS + ts < length)  # [BS]
@@ -173,9 +178,44 @@ def _paged_decode_attention(
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             denom = denom * alpha + tl.sum(p, axis=1)
             m = m_new
+    if SPLITS == 1:
+        out = acc / tl.where(denom > 0, denom, 1.0)[:, None]  # a zero-length row (padding) gives zeros
+        dt = o_ptr.dtype.element_ty
+        tl.store(o_ptr + b * stride_qb + heads[:, None] * D + ds[None, :], out.to(dt), mask=qd_mask)
+    else:
+        at = (b * KVH + kv) * SPLITS + split
+        tl.store(part_m + at * G_BLOCK + gs, m)
+        tl.store(part_l + at * G_BLOCK + gs, denom)
+        tl.store(part_acc + (at * G_BLOCK + gs)[:, None] * D_BLOCK + ds[None, :], acc)
+
+
+@triton.jit
+def _combine_splits(
+    part_acc, part_m, part_l, o_ptr, stride_qb,
+    SPLITS: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr, D: tl.constexpr,
+    D_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Program (b, kv head): the output of the G query heads from the SPLITS parts of _paged_decode_attention,
+    rescaled to their common max (flash-decoding's reduction); a split that saw no token (max -inf) adds nothing."""
+    b, kv = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    gs, ds = tl.arange(0, G_BLOCK), tl.arange(0, D_BLOCK)
+    first = (b * KVH + kv) * SPLITS
+    top = tl.full([G_BLOCK], float("-inf"), tl.float32)  # [G]
+    for s in range(0, SPLITS):
+        top = tl.maximum(top, tl.load(part_m + (first + s) * G_BLOCK + gs))
+    top = tl.where(top == float("-inf"), 0.0, top)  # no split saw a token (a padding row): every weight is 0
+    denom = tl.zeros([G_BLOCK], tl.float32)  # [G]
+    acc = tl.zeros([G_BLOCK, D_BLOCK], tl.float32)  # [G, D]
+    for s in range(0, SPLITS):
+        weight = tl.exp(tl.load(part_m + (first + s) * G_BLOCK + gs) - top)  # [G]: 0 for a split that saw none
+        denom += tl.load(part_l + (first + s) * G_BLOCK + gs) * weight
+        part = tl.load(part_acc + ((first + s) * G_BLOCK + gs)[:, None] * D_BLOCK + ds[None, :])  # [G, D]
+        acc += part * weight[:, None]
     out = acc / tl.where(denom > 0, denom, 1.0)[:, None]  # a zero-length row (padding) gives zeros
+    heads = kv * G + gs  # [G]
+    mask = (gs < G)[:, None] & (ds < D)[None, :]
     dt = o_ptr.dtype.element_ty
-    tl.store(o_ptr + b * stride_qb + heads[:, None] * D + ds[None, :], out.to(dt), mask=qd_mask)
+    tl.store(o_ptr + b * stride_qb + heads[:, None] * D + ds[None, :], out.to(dt), mask=mask)
 
 
 def add_rms_norm(
@@ -261,16 +301,37 @@ def rope_store(q, k, v, rope, k_cache, v_cache, slots) -> tuple[torch.Tensor, to
     return q_out, k_out
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
+def decode_splits(b: int, kvh: int, w: int, programs: int = 264, min_blocks: int = 4) -> int:
+    """How many parts each sequence's block table [W] splits into (flash-decoding): enough for about `programs`
+    programs (two per SM of an H100 / H200) where B * KVH leave the GPU idle, each part min_blocks blocks or more."""
+    if 2 * b * kvh >= programs:
+        return 1
+    return max(1, min(programs // (b * kvh), w // min_blocks))
+
+
+def paged_decode_attention(
+    q, k_cache, v_cache, block_tables, context_lens, scale: float, splits: int | None = None
+) -> torch.Tensor:  # fmt: skip
     """One query token per sequence: q [B, NH, D] (contiguous) over caches [NB, BS, KVH, D] by block_tables int32
-    [B, W] and context_lens int32 [B] (device) -> [B, NH, D]."""
+    [B, W] and context_lens int32 [B] (device) -> [B, NH, D]. The table splits in `splits` parts (default:
+    decode_splits) that run side by side and are combined after."""
     b, nh, d = q.shape
     bs, kvh = k_cache.shape[1], k_cache.shape[2]
     g, w = nh // kvh, block_tables.shape[1]
-    out = torch.empty_like(q)  # [B, NH, D]
     pow2 = triton.next_power_of_2
-    _paged_decode_attention[(b, kvh)](
-        q, q.stride(0), k_cache, v_cache, block_tables, block_tables.stride(0), w, context_lens, out, scale,
-        W_LOOP=pow2(w), KVH=kvh, G=g, G_BLOCK=pow2(g), D=d, D_BLOCK=pow2(d), BS=bs, BS_BLOCK=pow2(bs), **_EXACT,
+    per_split = pow2(triton.cdiv(w, splits or decode_splits(b, kvh, w)))  # blocks per program (a constexpr)
+    splits = triton.cdiv(w, per_split)
+    out = torch.empty_like(q)  # [B, NH, D]
+    part_acc = part_m = part_l = out  # unused where splits is 1
+    if splits > 1:
+        part_m = torch.empty(b, kvh, splits, pow2(g), dtype=torch.float32, device=q.device)  # [B, KVH, S, G]
+        part_l = torch.empty_like(part_m)  # [B, KVH, S, G]
+        part_acc = torch.empty(b, kvh, splits, pow2(g), pow2(d), dtype=torch.float32, device=q.device)
+    heads = dict(KVH=kvh, G=g, G_BLOCK=pow2(g), D=d, D_BLOCK=pow2(d))
+    _paged_decode_attention[(b, kvh, splits)](
+        q, q.stride(0), k_cache, v_cache, block_tables, block_tables.stride(0), w, context_lens, out, part_acc,
+        part_m, part_l, scale, W_LOOP=per_split, SPLITS=splits, BS=bs, BS_BLOCK=pow2(bs), **heads, **_EXACT,
     )  # fmt: skip
+    if splits > 1:
+        _combine_splits[(b, kvh)](part_acc, part_m, part_l, out, q.stride(0), SPLITS=splits, **heads, **_EXACT)
     return out

@@ -66,6 +66,27 @@ def test_dynamic_and_static_linears_match_the_math(t, k, n):
     torch.testing.assert_close(y, (acc + qbias).float() * deq, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("splits", [1, 4, None])
+def test_decode_attention_in_splits_matches_the_torch_path(splits):
+    """Paged decode attention at Qwen2.5-7B's heads over a 64-block table, in one pass and as flash-decoding's
+    parts (None: as many as decode_splits gives one stream), against TorchOps' attention."""
+    from slimquant.backends.torch_ops import paged_attention
+    from slimquant.kernels import cuda_layers
+
+    gen = torch.Generator().manual_seed(5)
+    b, nh, kvh, d, bs, w = 3, 28, 4, 128, 16, 64
+    lens = [1000, 1, 0]  # 0: a padding row, all zeros
+    caches = [torch.randn(b * w, bs, kvh, d, generator=gen).bfloat16() for _ in range(2)]
+    tables = torch.randperm(b * w, generator=gen).view(b, w).to(torch.int32)  # [B, W]
+    q = torch.randn(b, nh, d, generator=gen).bfloat16()
+    args = [t.cuda() for t in (q, *caches, tables, torch.tensor(lens, dtype=torch.int32))]
+    out = cuda_layers.paged_decode_attention(*args, d**-0.5, splits).cpu()
+    ref = paged_attention(q[:2, None], *caches, tables[:2], lens[:2], d**-0.5)[:, 0]
+    eps = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(out[:2], ref, rtol=4 * eps, atol=4 * eps)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("t,k,n", [(1, 64, 48), (5, 72, 40), (40, 96, 200), (3, 2048, 16)])
 def test_triton_linears_match_the_torch_path(t, k, n, dtype):

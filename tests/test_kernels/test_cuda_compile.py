@@ -74,6 +74,18 @@ def compile_all(arch: int) -> list[str]:
         build(L._silu_and_mul, sig, dict(QUANT=quant, BLOCK=1024))
     sig = _sig(x_ptr=dt, stride_x="i32", q_ptr=i8, scale_ptr=f32)
     build(L._silu_and_mul_per_token, sig, dict(INTER=14336, BLOCK=1024))
+    strides = dict.fromkeys(("sq_t", "sq_h", "sk_t", "sk_h", "sv_t", "sv_h", "stride_c"), "i32")
+    sig = _sig(q_ptr=dt, k_ptr=dt, v_ptr=dt, cos_ptr=dt, sin_ptr=dt, qo_ptr=dt, ko_ptr=dt, kc_ptr=dt, vc_ptr=dt)
+    sig |= strides | _sig(slot_ptr="*i64", NH="i32", KVH="i32")
+    build(L._rope_store, {a: sig[a] for a in L._rope_store.arg_names if a in sig}, dict(D=128, HALF=64, ROPE=True))
+    heads = dict(KVH=4, G=7, G_BLOCK=8, D=128, D_BLOCK=128)  # Qwen2.5-7B's
+    for splits in (1, 8):
+        part = f32 if splits > 1 else dt  # one split writes no parts: the output stands in
+        sig = _sig(q_ptr=dt, stride_qb="i32", kc_ptr=dt, vc_ptr=dt, tables_ptr=i32, stride_tb="i32", W="i32")
+        sig |= _sig(lens_ptr=i32, o_ptr=dt, part_acc=part, part_m=part, part_l=part, scale="fp32")
+        build(L._paged_decode_attention, sig, dict(W_LOOP=32, SPLITS=splits, BS=16, BS_BLOCK=16) | heads)
+    sig = _sig(part_acc=f32, part_m=f32, part_l=f32, o_ptr=dt, stride_qb="i32")
+    build(L._combine_splits, sig, dict(SPLITS=8) | heads)
     return done
 
 
@@ -83,4 +95,4 @@ def test_kernels_compile_for_nvidia_gpus(tmp_path, arch):
     code = f"from tests.test_kernels.test_cuda_compile import compile_all; print(len(compile_all({arch})))"
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split()[-1] == str(2 * len(GEMM_TILES) + 3 + 3 + 2 + 1)  # every kernel built
+    assert run.stdout.split()[-1] == str(2 * len(GEMM_TILES) + 3 + 3 + 2 + 1 + 1 + 2 + 1)  # every kernel built

@@ -111,6 +111,33 @@ def test_paged_decode_attention(dtype, nh, kvh, d, bs):
     assert torch.equal(out[3], torch.zeros_like(out[3]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [2, 3, 8, None])
+def test_paged_decode_attention_in_splits(dtype, splits):
+    """Flash-decoding: the block table's parts run as programs of their own and are combined after. The same
+    attention to a few ulps; a part past a sequence's end adds nothing, and a zero-length row stays zeros."""
+    gen = torch.Generator().manual_seed(11)
+    b, nh, kvh, d, bs, w = 5, 8, 2, 32, 4, 8
+    lens = [1, 5 * bs + 3, w * bs, 0, bs]  # within the first part only, across parts, the whole table, padding
+    caches = [torch.randn(2 * w * b, bs, kvh, d, generator=gen).to(dtype) for _ in range(2)]
+    tables = torch.randperm(2 * w * b, generator=gen)[: b * w].view(b, w).to(torch.int32)  # [B, W]
+    q = torch.randn(b, nh, d, generator=gen).to(dtype)
+    scale = d**-0.5
+    out = cuda_layers.paged_decode_attention(q, *caches, tables, torch.tensor(lens, dtype=torch.int32), scale, splits)
+    live = [i for i, n in enumerate(lens) if n]
+    ref = paged_attention(q[live][:, None], *caches, tables[live], [lens[i] for i in live], scale)[:, 0]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else _ulps(dtype, 4)
+    torch.testing.assert_close(out[live], ref, **tol)
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
+
+
+def test_decode_splits_fill_the_gpu_only_where_few_programs_run():
+    assert cuda_layers.decode_splits(b=1, kvh=4, w=256) == 64  # 7B, one stream at 4,096 tokens: 256 programs
+    assert cuda_layers.decode_splits(b=1, kvh=4, w=8) == 2  # short: parts of 4 blocks at least
+    assert cuda_layers.decode_splits(b=1, kvh=4, w=3) == 1
+    assert cuda_layers.decode_splits(b=64, kvh=4, w=256) == 1  # 256 programs already
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_model_on_triton_layers_matches_torch_path(tiny_model, monkeypatch, arch):
     """A bf16 model's logits (a prefill chunk, then decode steps of two sequences) with the CUDA path's layer
