@@ -139,14 +139,24 @@ class TensorParallel:
         """Every rank's t [..., n] concatenated along the last dim in rank order -> [..., size * n]."""
         if self.size == 1:
             return t
-        row_bytes = t.shape[-1] * t.element_size()
-        if self._shared(t) and row_bytes <= SLOT_BYTES:
-            rows = t.reshape(-1, t.shape[-1])  # [rows, n], a slot's worth of rows at a time
-            pieces = [torch.cat(self.local.exchange(part), dim=-1) for part in rows.split(SLOT_BYTES // row_bytes)]
-            return torch.cat(pieces).view(*t.shape[:-1], self.size * t.shape[-1])
+        if self._shared(t):
+            return self._gather_shared(t)
         parts = [torch.empty_like(t) for _ in range(self.size)]
         dist.all_gather(parts, t.contiguous(), group=self._group_of(t))
         return torch.cat(parts, dim=-1)
+
+    def _gather_shared(self, t: torch.Tensor) -> torch.Tensor:
+        """gather through shared memory, a slot's worth at a time: whole rows where one fits, else parts of a row."""
+        n = t.shape[-1]
+        rows = t.reshape(-1, n)  # [R, n]
+        out = torch.empty(rows.shape[0], self.size, n, dtype=t.dtype)  # [R, ranks, n]
+        width = min(n, SLOT_BYTES // t.element_size())  # columns a piece holds
+        step = SLOT_BYTES // (width * t.element_size())  # rows a piece holds
+        for c in range(0, n, width):
+            for r in range(0, rows.shape[0], step):
+                for rank, part in enumerate(self.local.exchange(rows[r : r + step, c : c + width])):
+                    out[r : r + step, rank, c : c + width] = part
+        return out.view(*t.shape[:-1], self.size * n)
 
     def _group_of(self, t: torch.Tensor) -> dist.ProcessGroup | None:
         """The group that reduces t: device_group for a CUDA tensor where there is one, else the host group."""

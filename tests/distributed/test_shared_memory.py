@@ -1,6 +1,6 @@
 """The shared-memory exchange gives what gloo gives: int32 sums, maxima and rank-order gathers, exact, for tensors
-of any size (past its slot size a slot at a time), and rank 0's objects; a wait on a rank that is gone stops, and a
-long wait does not hold a core."""
+of any size (past its slot size a slot at a time, a gather's rows in parts where one is longer than a slot), and
+rank 0's objects; a wait on a rank that is gone stops, and a long wait does not hold a core."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def _compare(rank: int, size: int) -> tuple[int, int]:
         big = torch.randint(-(2**20), 2**20, (5 * SLOT_BYTES // 4 // 2 // 64, 64), generator=g, dtype=torch.int32)
         wide = torch.randn(3 * SLOT_BYTES // 4 // 256 + 5, 256, generator=g)  # a gather of more than a slot of rows
         strided = torch.randn(SLOT_BYTES // 4 // 100 + 3, 200, generator=g)[:, ::2]  # not contiguous
+        long = torch.randn(2, 3, SLOT_BYTES // 4 + 100, generator=g)  # rows past a slot: a vocabulary's logits
         pairs = [
             (gloo.sum(ints.clone()), shm.sum(ints.clone())),
             (gloo.max(floats.clone()), shm.max(floats.clone())),
@@ -44,9 +45,10 @@ def _compare(rank: int, size: int) -> tuple[int, int]:
         ]
         with _counting_gloo() as calls:
             pairs += [(gloo.gather(wide), shm.gather(wide)), (gloo.sum(big.clone()), shm.sum(big.clone()))]
-        pairs += [(torch.tensor(len(calls)), torch.tensor(2))]  # gloo's own two calls, none for shared memory
+            pairs += [(gloo.gather(long), shm.gather(long))]
+        pairs += [(torch.tensor(len(calls)), torch.tensor(3))]  # gloo's own three calls, none for shared memory
         agreed += sum(torch.equal(a, b) for a, b in pairs)
-        shm_through_gloo += len(calls) - 2
+        shm_through_gloo += len(calls) - 3
     gloo.barrier()
     local.close(unlink=rank == 0)
     return agreed, shm_through_gloo
@@ -66,7 +68,7 @@ def _counting_gloo():
 
 @pytest.mark.parametrize("size", [2, 3])
 def test_shared_memory_collectives_equal_gloo(size):
-    assert run_ranks(_compare, size) == [(40, 0)] * size
+    assert run_ranks(_compare, size) == [(45, 0)] * size
 
 
 def _broadcasts(rank: int, size: int) -> tuple[int, list]:
