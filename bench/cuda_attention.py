@@ -21,8 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cuda_linear import _ms, copy_bandwidth  # noqa: E402
-from slimquant.devices import check_device  # noqa: E402
+from bench.cuda_linear import _ms, device_header  # noqa: E402
 
 NH, KVH, D, BS = 28, 4, 128, 16  # Qwen2.5-7B's heads; slimquant's default block size
 
@@ -49,12 +48,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,64", help="comma-separated sequences per step [%(default)s]")
     p.add_argument("--contexts", default="512,4096,32768", help="comma-separated cached tokens [%(default)s]")
     args = p.parse_args()
-    check_device("cuda")
-    from slimquant.entrypoints.commands.bench import machine_line
-
-    print(machine_line("cuda"))
-    bw = copy_bandwidth()
-    print(f"device copy bandwidth: {bw / 1e12:.2f} TB/s; times in microseconds (median)")
+    bw = device_header()
     print(f"{'B':>4}{'context':>9}{'one pass':>11}{'bw':>6}{'splits':>8}{'split':>10}{'bw':>6}{'x':>8}")
     for b in (int(v) for v in args.batches.split(",")):
         for context in (int(v) for v in args.contexts.split(",")):

@@ -54,6 +54,17 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (_ms(lambda: dst.copy_(src)) / 1e3)
 
 
+def device_header() -> float:
+    """Check for a GPU, print the machine and a device copy's bandwidth (bytes/s, returned)."""
+    check_device("cuda")
+    from slimquant.entrypoints.commands.bench import machine_line
+
+    print(machine_line("cuda"))
+    bw = copy_bandwidth()
+    print(f"device copy bandwidth: {bw / 1e12:.2f} TB/s; times in microseconds (median)")
+    return bw
+
+
 def candidates(t: int, k: int, n: int) -> dict:
     """name -> a zero-argument callable computing the [t, n] product once."""
     from slimquant.kernels import cuda_int8
@@ -101,13 +112,10 @@ def main() -> None:
     p.add_argument("--tokens", default="1,4,16,64,512,2048", help="comma-separated T [%(default)s]")
     p.add_argument("--sweep", action="store_true", help="also find the fastest Triton tiles per row (slow)")
     args = p.parse_args()
-    check_device("cuda")
-    from slimquant.entrypoints.commands.bench import machine_line
     from slimquant.kernels import cuda_int8
 
-    print(machine_line("cuda"))
-    bw = copy_bandwidth()
-    print(f"device copy bandwidth: {bw / 1e12:.2f} TB/s; times in microseconds (median), x = time / bf16's")
+    bw = device_header()
+    print("x = time / bf16's")
     header = None
     for shape in args.shapes.split(","):
         for (name, k, n), t in itertools.product(SHAPES[shape], [int(v) for v in args.tokens.split(",")]):
