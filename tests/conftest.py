@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
+
+if not torch.cuda.is_available():  # Triton's interpreter runs the CUDA kernels on CPU tensors (tests/test_kernels):
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # set before any test module imports a kernel, in any order
 
 from slimquant.random_models import make_tiny_model
 

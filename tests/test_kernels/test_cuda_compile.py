@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-if importlib.util.find_spec("triton") is None:  # not imported here: the interpreter tests set TRITON_INTERPRET first
+if importlib.util.find_spec("triton") is None:  # imported only by the builds (no TRITON_INTERPRET)
     pytest.skip("needs Triton", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[2]

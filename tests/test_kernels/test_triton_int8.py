@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -12,7 +10,6 @@ from slimquant.format import primitives as P
 
 if torch.cuda.is_available():
     pytest.skip("tests/cuda runs these kernels compiled", allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: kernels run on CPU tensors (only this file uses it)
 pytest.importorskip("triton")
 from slimquant.kernels import cuda_int8  # noqa: E402
 from slimquant.kernels.int8_input import PER_TOKEN, InputQuant  # noqa: E402

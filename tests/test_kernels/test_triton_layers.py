@@ -4,8 +4,6 @@ reduce in another order, so they are compared to a few ulps."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +14,6 @@ from slimquant.layers.rotary import apply_rotary
 
 if torch.cuda.is_available():
     pytest.skip("tests/cuda runs these kernels compiled", allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: kernels run on CPU tensors
 pytest.importorskip("triton")
 from slimquant.kernels import cuda_layers  # noqa: E402
 
