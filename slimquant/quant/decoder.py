@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -72,8 +73,9 @@ class LayerRunner:
         that only observes); cache: what the attention hands its k / v to (transformers' cache interface), e.g. an
         observers.KvRange."""
         out = hidden.like() if keep else None
+        cached = {cache_argument(layer.forward): cache} if cache is not None else {}
         for h in hidden:
-            y = layer(h, attention_mask=None, position_embeddings=self._position_embeddings(h.shape[1]), cache=cache)
+            y = layer(h, attention_mask=None, position_embeddings=self._position_embeddings(h.shape[1]), **cached)
             if out is not None:
                 out.append(y[0] if isinstance(y, tuple) else y)
         return out
@@ -84,6 +86,14 @@ class LayerRunner:
             dummy = torch.empty(0, device=self.device, dtype=self.dtype)
             self._pos = self.rotary(dummy, ids)  # cos, sin: [1, T, D]
         return self._pos
+
+
+def cache_argument(forward) -> str:
+    """The name under which a transformers forward takes its KV cache: `cache` since transformers 5.2x, before it
+    `past_key_values` (`past_key_value` in a decoder layer of 4.x); passed under another name, it is dropped
+    silently."""
+    params = inspect.signature(forward).parameters
+    return next((n for n in ("cache", "past_key_values", "past_key_value") if n in params), "cache")
 
 
 def _load_config(src_dir: str | os.PathLike, config_cls: type | None):

@@ -169,9 +169,11 @@ def reference_steps(model: nn.Module, chunks: list[list[int]], cache) -> torch.T
     float one)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache() if cache is None else cache
+    from slimquant.quant.decoder import cache_argument
+
+    cache, name = DynamicCache() if cache is None else cache, cache_argument(model.forward)
     out = []
     with torch.inference_mode():
         for chunk in chunks:
-            out.append(model(torch.tensor([chunk]), cache=cache, use_cache=True).logits[0].float())
+            out.append(model(torch.tensor([chunk]), **{name: cache}, use_cache=True).logits[0].float())
     return torch.cat(out)

@@ -3,10 +3,13 @@ that the quantized model computes on the calibration set, written as ModelSlim's
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import DynamicCache
 
+from slimquant.quant.decoder import cache_argument
 from slimquant.quant.pipeline import quantize
 from tests.quant.common import FAST, calibration_ids, load_quantized, read_output
 
@@ -35,7 +38,8 @@ def test_scales_are_the_quantized_models_kv_ranges(tiny_model, tmp_path, arch):
     model, ids = load_quantized(src, dst), calibration_ids(src, FAST["num_samples"], FAST["seq_len"])
     cache = AmaxCache()
     with torch.no_grad():
-        model.model(ids, cache=cache, use_cache=True)  # the whole calibration batch: every layer's k / v ranges
+        # the whole calibration batch: every layer's k / v ranges
+        model.model(ids, **{cache_argument(model.model.forward): cache}, use_cache=True)
     assert len(cache.amax) == model.config.num_hidden_layers
     for i, (k_amax, v_amax) in cache.amax.items():
         for proj, amax in (("k_proj", k_amax), ("v_proj", v_amax)):
@@ -55,3 +59,17 @@ def test_mla_models_are_refused(tiny_model, tmp_path):
 def test_unknown_kv_cache_is_refused(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="kv cache must be one of"):
         quantize(tiny_model("llama"), tmp_path / "q", kv_cache="fp8", **FAST)
+
+
+def test_the_cache_goes_under_the_name_the_installed_transformers_takes():
+    """transformers 5.2x renamed past_key_values to cache; a layer drops a cache passed under a name it does not
+    take (**kwargs), and the k / v ranges would never be seen (the C8 quantize failed on transformers 5.17)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
+
+    def old(hidden_states, past_key_values=None, **kwargs): ...
+
+    def older(hidden_states, past_key_value=None, **kwargs): ...
+
+    assert cache_argument(old) == "past_key_values" and cache_argument(older) == "past_key_value"
+    for forward in (LlamaDecoderLayer.forward, LlamaModel.forward):  # this transformers' (decorated) forwards
+        assert cache_argument(forward) in inspect.signature(forward).parameters
