@@ -39,7 +39,7 @@ def times(b: int, context: int, device: str = "cuda") -> tuple[float, float, int
     def run(splits: int | None):
         return lambda: cuda_layers.paged_decode_attention(q, *caches, tables, lens, D**-0.5, splits)
 
-    splits = cuda_layers.decode_splits(b, KVH, w)
+    splits, _ = cuda_layers.table_parts(w, cuda_layers.decode_splits(b, KVH, w))  # what run(None) launches
     return _ms(run(1)), _ms(run(None)), splits, 2 * b * context * KVH * D * 2
 
 

@@ -179,9 +179,7 @@ def _paged_decode_attention(
             denom = denom * alpha + tl.sum(p, axis=1)
             m = m_new
     if SPLITS == 1:
-        out = acc / tl.where(denom > 0, denom, 1.0)[:, None]  # a zero-length row (padding) gives zeros
-        dt = o_ptr.dtype.element_ty
-        tl.store(o_ptr + b * stride_qb + heads[:, None] * D + ds[None, :], out.to(dt), mask=qd_mask)
+        _store_heads(o_ptr + b * stride_qb, acc, denom, heads, ds, qd_mask, D)
     else:
         at = (b * KVH + kv) * SPLITS + split
         tl.store(part_m + at * G_BLOCK + gs, m)
@@ -211,11 +209,16 @@ def _combine_splits(
         denom += tl.load(part_l + (first + s) * G_BLOCK + gs) * weight
         part = tl.load(part_acc + ((first + s) * G_BLOCK + gs)[:, None] * D_BLOCK + ds[None, :])  # [G, D]
         acc += part * weight[:, None]
-    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]  # a zero-length row (padding) gives zeros
-    heads = kv * G + gs  # [G]
-    mask = (gs < G)[:, None] & (ds < D)[None, :]
-    dt = o_ptr.dtype.element_ty
-    tl.store(o_ptr + b * stride_qb + heads[:, None] * D + ds[None, :], out.to(dt), mask=mask)
+    mask = (gs < G)[:, None] & (ds < D)[None, :]  # [G, D]
+    _store_heads(o_ptr + b * stride_qb, acc, denom, kv * G + gs, ds, mask, D)
+
+
+@triton.jit
+def _store_heads(row_ptr, acc, denom, heads, ds, mask, D: tl.constexpr):
+    """The attention output of query heads [G] of one sequence's row: acc [G, D] / denom [G] in the row's dtype; a
+    zero-length row (padding) gives zeros."""
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    tl.store(row_ptr + heads[:, None] * D + ds[None, :], out.to(row_ptr.dtype.element_ty), mask=mask)
 
 
 def add_rms_norm(
@@ -309,6 +312,13 @@ def decode_splits(b: int, kvh: int, w: int, programs: int = 264, min_blocks: int
     return max(1, min(programs // (b * kvh), w // min_blocks))
 
 
+def table_parts(w: int, splits: int) -> tuple[int, int]:
+    """(parts, blocks per part) that a block table of w blocks runs in for about `splits` parts: blocks per part a
+    power of two (a constexpr: few compiles), so the parts may be fewer."""
+    per_part = triton.next_power_of_2(triton.cdiv(w, splits))
+    return triton.cdiv(w, per_part), per_part
+
+
 def paged_decode_attention(
     q, k_cache, v_cache, block_tables, context_lens, scale: float, splits: int | None = None
 ) -> torch.Tensor:  # fmt: skip
@@ -319,8 +329,7 @@ def paged_decode_attention(
     bs, kvh = k_cache.shape[1], k_cache.shape[2]
     g, w = nh // kvh, block_tables.shape[1]
     pow2 = triton.next_power_of_2
-    per_split = pow2(triton.cdiv(w, splits or decode_splits(b, kvh, w)))  # blocks per program (a constexpr)
-    splits = triton.cdiv(w, per_split)
+    splits, per_split = table_parts(w, splits or decode_splits(b, kvh, w))
     out = torch.empty_like(q)  # [B, NH, D]
     part_acc = part_m = part_l = out  # unused where splits is 1
     if splits > 1:
