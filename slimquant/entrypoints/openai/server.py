@@ -107,13 +107,12 @@ def _install_errors(app: FastAPI) -> None:
     async def openai_error(_: Request, e: OpenAIError):
         return JSONResponse(e.body(), status_code=e.status)
 
-    @app.exception_handler(RankFailure)
-    async def rank_failure(_: Request, e: RankFailure):  # the server logs it once as it stops: no traceback here
+    async def internal(_: Request, e: Exception):  # a failed step, a rank that failed: OpenAI's error object
         return JSONResponse(_internal(e).body(), status_code=500)
 
-    @app.exception_handler(Exception)
-    async def internal(_: Request, e: Exception):  # a failed step: OpenAI's error object (Starlette logs the trace)
-        return JSONResponse(_internal(e).body(), status_code=500)
+    # registered for Exception, Starlette also logs its traceback; a RankFailure is logged once, as the server stops
+    app.add_exception_handler(RankFailure, internal)
+    app.add_exception_handler(Exception, internal)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException):  # a body that is not UTF-8, a wrong method, an unknown path
