@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks of issue 21, for a GPU machine whose python3 already holds a CUDA torch and transformers (nothing is
 # installed), about 6 minutes on an H200, each stage timed:
-#   1. tests/cuda (with issue 19's tensor parallel on CUDA tensors; its NCCL test wants two GPUs) and the kernels'
+#   1. tests/gpu (with issue 19's tensor parallel on CUDA tensors; its NCCL test wants two GPUs) and the kernels'
 #      compile test;
 #   2. bench/cuda_linear.py: one linear at Llama-3-8B / 70B shapes, bf16 against the int8 paths (--sweep: also the
 #      fastest Triton tiles of the 8B rows at T = 1 and 2048); bench/cuda_attention.py: paged decode attention in
@@ -36,7 +36,7 @@ stage() {  # stage NAME LOG COMMAND...: run it, tee its log, time it, remember a
 }
 speed() { python3 bench/speed.py --device cuda --no-llama-cpp --cuda-int8-gemm cublas,triton "$@"; }
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" | tee "$out/summary.log"
-stage "tests" tests.log python3 -m pytest -q -p no:cacheprovider tests/cuda tests/test_kernels/test_cuda_compile.py
+stage "tests" tests.log python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_kernels/test_cuda_compile.py
 stage "one linear" linear.log python3 bench/cuda_linear.py
 stage "decode attention" attention.log python3 bench/cuda_attention.py
 if [[ $sweep == 1 ]]; then

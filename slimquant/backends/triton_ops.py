@@ -2,7 +2,7 @@
 activation, rope + cache write, decode attention and the int8 linears (the norm or SiLU-and-mul before an int8
 linear quantizes its output for it; the GEMM: cuBLASLt + a dequantize kernel, or one Triton kernel); TorchOps'
 definitions for the rest (prefill attention: SDPA; float linears: cuBLAS). Each kernel computes TorchOps' numbers in
-its order and precision (tests/cuda: int8 values exact, floats within 2 ulps).
+its order and precision (tests/gpu: int8 values exact, floats within 2 ulps).
 
 `TRITON_INTERPRET=1` runs the kernels on CPU tensors, which is how CI tests them without a GPU.
 """

@@ -4,7 +4,7 @@ its epilogue: cuBLASLt (torch._int_mm) and a dequantize kernel, or one Triton GE
 
 Each kernel computes docs/FORMAT.md's numbers in the pure-torch path's order and precision (IEEE division, round
 half to even, the model dtype's rounding where the activations are quantized in it, no FMA contraction), so the
-int8 values equal that path's and so, op for op, should the floats (tests/cuda checks the int8 values exactly and
+int8 values equal that path's and so, op for op, should the floats (tests/gpu checks the int8 values exactly and
 the floats to 2 ulps). The int32 sums are exact in any order, split-K's too. Needs Triton (bundled with CUDA
 builds of torch); `TRITON_INTERPRET=1` runs the kernels on CPU tensors for tests.
 """

@@ -1,6 +1,6 @@
 """Where tensor-parallel ranks run on GPUs: one GPU per rank on each machine (cuda:LOCAL_RANK, as vLLM places them),
 refused up front where a machine lacks its ranks' GPUs; step inputs reach each rank's own device. The GPU count is
-faked here (CI has no GPU); tests/cuda runs the ranks on real ones."""
+faked here (CI has no GPU); tests/gpu runs the ranks on real ones."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """CUDA-graph decode steps: padded, fixed-shape inputs give the eager step's results (run here with the graphs'
-CPU stand-in; tests/cuda captures real graphs)."""
+CPU stand-in; tests/gpu captures real graphs)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ ptxas builds each at the shapes the model runs, so a kernel the interpreter runs
 CI, not on a lent GPU's clock. Pointers are marked 16-byte aligned, as Triton's launcher marks a torch tensor's;
 without that no load is vectorized and the int8 GEMM's K loop is not software-pipelined, so a build here would say
 nothing of the GPU's. The GEMM's K loop must be pipelined (cp.async into shared memory, `stages` deep) within the
-shared memory a block may have. (The numbers are test_triton_int8.py's and tests/cuda's.)"""
+shared memory a block may have. (The numbers are test_triton_int8.py's and tests/gpu's.)"""
 
 from __future__ import annotations
 

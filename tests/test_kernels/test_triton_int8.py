@@ -1,5 +1,5 @@
 """The CUDA int8 kernels (kernels/cuda_int8.py) equal docs/FORMAT.md's math, run by Triton's interpreter on the CPU
-(tests/cuda runs them compiled on a GPU). Skipped where Triton is not installed (CI: it ships with CUDA torch)."""
+(tests/gpu runs them compiled on a GPU). Skipped where Triton is not installed (CI: it ships with CUDA torch)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from slimquant.format import primitives as P
 
 if torch.cuda.is_available():
-    pytest.skip("tests/cuda runs these kernels compiled", allow_module_level=True)
+    pytest.skip("tests/gpu runs these kernels compiled", allow_module_level=True)
 pytest.importorskip("triton")
 from slimquant.kernels import cuda_int8  # noqa: E402
 from slimquant.kernels.int8_input import PER_TOKEN, InputQuant  # noqa: E402

@@ -1,5 +1,5 @@
 """The CUDA layer kernels (kernels/cuda_layers.py) against the layers' pure-torch forms, run by Triton's interpreter
-on the CPU (tests/cuda runs them compiled on a GPU). Rotary and the KV store are exact; norms, SiLU and attention
+on the CPU (tests/gpu runs them compiled on a GPU). Rotary and the KV store are exact; norms, SiLU and attention
 reduce in another order, so they are compared to a few ulps."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from slimquant.layers.norm import RMSNorm
 from slimquant.layers.rotary import apply_rotary
 
 if torch.cuda.is_available():
-    pytest.skip("tests/cuda runs these kernels compiled", allow_module_level=True)
+    pytest.skip("tests/gpu runs these kernels compiled", allow_module_level=True)
 pytest.importorskip("triton")
 from slimquant.kernels import cuda_layers  # noqa: E402
 

@@ -3,7 +3,7 @@ more GPUs the engine's ranks (one GPU each, collectives over NCCL) give one proc
 
 On CPUs the ranks equal one process bit for bit (tests/distributed). On a GPU only the int8 products are exact:
 cuBLAS may pick another kernel (another summation order) for a rank's narrower float matrix, so the float parts
-agree within rounding. Skipped where torch sees no CUDA GPU (CI has none); run with `python -m pytest tests/cuda`.
+agree within rounding. Skipped where torch sees no CUDA GPU (CI has none); run with `python -m pytest tests/gpu`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The CUDA path: int8 GEMMs, quantized models, the engine and calibration on a GPU against CPU references.
 
-Skipped where torch sees no CUDA GPU (CI has none); run on a GPU machine with `python -m pytest tests/cuda`.
+Skipped where torch sees no CUDA GPU (CI has none); run on a GPU machine with `python -m pytest tests/gpu`.
 """
 
 from __future__ import annotations
