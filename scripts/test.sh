@@ -4,12 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev  # tests, ruff and the other dev tools
 .venv/bin/ruff check .
-set +e
-.venv/bin/python -m pytest -q "$@"
-rc=$?
-set -e
-if [ "$rc" -eq 5 ]; then
-    echo "error: pytest collected no tests" >&2
-    exit 1
-fi
-exit "$rc"
+exec bash scripts/run_pytest.sh .venv/bin/python "$@"

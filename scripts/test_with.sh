@@ -33,12 +33,4 @@ differ=$("$uv" pip freeze -q --python "$venv/bin/python" --exclude-editable | se
 cuda=$(grep -cE '^(nvidia|cuda)-' <<< "$differ" || true)
 echo "releases that differ from the locks: $(grep -vE '^(nvidia|cuda)-' <<< "$differ" | tr '\n' ' ')" \
     "$([ "$cuda" = 0 ] || echo "and $cuda CUDA libraries")"
-set +e
-"$venv/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}"
-rc=$?
-set -e
-if [ "$rc" -eq 5 ]; then
-    echo "error: pytest collected no tests" >&2
-    exit 1
-fi
-exit "$rc"
+exec bash scripts/run_pytest.sh "$venv/bin/python" -p no:cacheprovider "${tests[@]}"
