@@ -8,6 +8,7 @@ tokenizer with a chat template; transformers' own modeling code is the float ref
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -183,9 +184,23 @@ def _random_float(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: to
 _INT8_STD = 74.0  # the standard deviation of uniform int8
 
 
-def _random_int8(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Uniform in [-127, 127], as symmetric weight quantization writes (no -128: the native kernels' fast path)."""
-    return torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+_POOL = 1 << 22  # int8 values drawn per tensor at most: torch draws about 0.3 G/s on one core
+
+
+def _random_int8(shape: tuple[int, ...], gen: torch.Generator, pool: int = _POOL) -> torch.Tensor:
+    """Uniform in [-127, 127], as symmetric weight quantization writes (no -128: the native kernels' fast path). A
+    tensor of more than `pool` values is one drawn pool, copied at a random rotation per `pool` values: a 7B
+    shape's weights in seconds instead of minutes of a GPU machine's time."""
+    n = math.prod(shape)
+    if n <= pool:
+        return torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+    drawn = torch.randint(-127, 128, (pool,), generator=gen, dtype=torch.int8)
+    twice = torch.cat([drawn, drawn])  # [2 * pool]: any rotation of drawn is one slice
+    out = torch.empty(n, dtype=torch.int8)
+    for i, start in enumerate(torch.randint(0, pool, (math.ceil(n / pool),), generator=gen).tolist()):
+        part = out[i * pool : (i + 1) * pool]
+        part.copy_(twice[start : start + part.numel()])
+    return out.view(shape)
 
 
 def _write_float(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], shard_bytes: int = 2 * 2**30) -> None:

@@ -52,3 +52,22 @@ def test_int8_weights_are_symmetric(tmp_path):
     folder = make_random_checkpoint("llama", tmp_path / "q", W8A8_DYNAMIC, **SHAPE)
     w = SafetensorsFolder(folder).get("model.layers.0.mlp.gate_proj.weight")
     assert w.dtype == torch.int8 and int(w.min()) == -127 and int(w.max()) == 127
+
+
+def test_large_int8_tensors_rotate_one_drawn_pool():
+    """Past the pool size, each pool-long part is the drawn pool at its own rotation: uniform values in
+    [-127, 127], parts that differ, and the same tensor for the same seed."""
+    from slimquant.random_models import _random_int8
+
+    pool = 4096
+
+    def draw() -> torch.Tensor:
+        return _random_int8((40, 1000), torch.Generator().manual_seed(3), pool=pool)  # 9 whole parts and a rest
+
+    x = draw()
+    assert x.shape == (40, 1000) and torch.equal(x, draw())
+    parts = x.flatten()[: 9 * pool].view(9, pool)  # [9, pool]
+    assert all(torch.equal(p.sort().values, parts[0].sort().values) for p in parts)  # one pool's values
+    assert len({tuple(p[:8].tolist()) for p in parts}) == 9  # each at another rotation
+    counts = torch.bincount(x.flatten().long() + 127, minlength=256)  # [256]: -127 .. 128
+    assert counts[:255].min() > 0 and counts[255] == 0 and abs(x.float().mean().item()) < 6
