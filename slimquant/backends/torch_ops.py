@@ -189,6 +189,22 @@ class TorchOps:
         acc = tp.sum(self.int8_mm(quantize_static(x, inv_scale, offset), packed))  # [T, N] int32
         return ((acc + quant_bias).float() * deq_scale).to(out_dtype)
 
+    # ---- MoE ----
+
+    def grouped_experts(
+        self,
+        x: torch.Tensor,
+        w13: torch.Tensor,
+        w13_scale: torch.Tensor,
+        w2: torch.Tensor,
+        w2_scale: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """Every routed slot's weighted int8 expert output [T, K, H] in one pass, where the backend has kernels
+        for it; None here: RoutedExperts runs its experts one by one with the ops above."""
+        return None
+
     # ---- float linears ----
 
     def pack_float_weight(self, w: torch.Tensor) -> torch.Tensor:

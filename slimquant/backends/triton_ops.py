@@ -1,6 +1,7 @@
 """The cuda-triton backend's ops: Triton kernels (kernels/cuda_layers.py, kernels/cuda_int8.py) for the norms, the
-activation, rope + cache write, decode attention and the int8 linears (the norm or SiLU-and-mul before an int8
-linear quantizes its output for it; the GEMM: cuBLASLt + a dequantize kernel, or one Triton kernel); TorchOps'
+activation, rope + cache write, decode attention, the int8 linears (the norm or SiLU-and-mul before an int8
+linear quantizes its output for it; the GEMM: cuBLASLt + a dequantize kernel, or one Triton kernel) and a MoE
+layer's int8 experts (kernels/cuda_moe.py: two grouped GEMMs for all experts); TorchOps'
 definitions for the rest (prefill attention: SDPA; float linears: cuBLAS). Each kernel computes TorchOps' numbers in
 its order and precision (tests/gpu: int8 values exact, floats within 2 ulps).
 
@@ -28,9 +29,9 @@ class TritonOps(TorchOps):
 
     def __init__(self, int8_gemm: str = "cublas"):
         """int8_gemm: config.CUDA_INT8_GEMMS (weights off cuBLASLt's grid of 8 take Triton's)."""
-        from slimquant.kernels import cuda_int8, cuda_layers  # needs Triton: the backend checked it is installed
+        from slimquant.kernels import cuda_int8, cuda_layers, cuda_moe  # needs Triton: the backend checked for it
 
-        self.int8, self.layers, self.int8_gemm = cuda_int8, cuda_layers, int8_gemm
+        self.int8, self.layers, self.moe, self.int8_gemm = cuda_int8, cuda_layers, cuda_moe, int8_gemm
 
     def pack_weight(self, w_q):
         """int8 [..., N, K] as it is, on any device: the kernels read it so (and TorchOps.int8_mm does)."""
@@ -88,6 +89,12 @@ class TritonOps(TorchOps):
             return super().static_linear(x, packed, inv_scale, offset, quant_bias, deq_scale, out_dtype, tp)
         assert tp.size == 1 and packed.dtype == torch.int8, "only this backend's ops quantize for a linear"
         return self.int8.static_linear(x, packed, inv_scale, offset, quant_bias, deq_scale, self._gemm(packed))
+
+    def grouped_experts(self, x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids):
+        """All experts' int8 GEMMs in two grouped kernels, the routing on the device (kernels/cuda_moe.py)."""
+        if x.dim() != 2 or not _same_float(x) or w13.dtype != torch.int8 or w2.dtype != torch.int8:
+            return None
+        return self.moe.routed_experts(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
 
     def _gemm(self, packed: torch.Tensor) -> str:
         """The configured int8 GEMM; Triton's for a weight [N, K] off cuBLASLt's grid of 8."""

@@ -168,6 +168,10 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; topk_weights fp32 / topk_ids: [T, K]
+        if self.quantized and self.tp.size == 1:
+            outs = self.ops.grouped_experts(x, self.w13, self.w13_scale, self.w2, self.w2_scale, topk_weights, topk_ids)
+            if outs is not None:  # [T, K, H]
+                return add_in_expert_order(outs, topk_ids)
         local = (topk_ids >= self.first) & (topk_ids < self.first + self.num_local)
         ids = topk_ids[local].unique().tolist()  # ascending; the same on every rank unless expert parallel
         routes = [torch.where(topk_ids == e) for e in ids]  # (token index [n], slot [n]) per expert

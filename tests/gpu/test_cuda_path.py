@@ -19,6 +19,7 @@ from tests.models.paged import PROMPT, PagedRunner, assert_close
 from tests.models.reference import reference_logits, reference_model
 from tests.models.test_model_deepseek_quantized import deepseek_mix
 from tests.models.test_model_quantized import dynamic, mixed, static
+from tests.test_kernels.moe_reference import moe_inputs, one_expert_at_a_time
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -157,6 +158,18 @@ def test_quantized_model_matches_reference(tiny_model, tmp_path, arch, scheme):
     src = tiny_model(arch)
     dst = write_ascend(src, tmp_path / "q", scheme)
     assert_close(_logits_on_cuda(dst), reference_logits(reference_model(src, dst, torch.float32), PROMPT), rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "t,e,top_k,h,inter", [(1, 64, 6, 256, 64), (5, 8, 2, 72, 40), (40, 8, 2, 96, 24), (300, 16, 4, 512, 128)]
+)
+def test_grouped_moe_equals_one_expert_at_a_time(t, e, top_k, h, inter, dtype):
+    """kernels/cuda_moe.py compiled: decode (few rows per expert) and prefill tiles, shapes off every tile."""
+    from slimquant.kernels import cuda_moe
+
+    inputs = [v.cuda() for v in moe_inputs(t, e, top_k, h, inter, dtype, seed=t + e)]
+    assert torch.equal(cuda_moe.routed_experts(*inputs), one_expert_at_a_time(*inputs))
 
 
 @pytest.mark.parametrize("arch,overrides", [("deepseek_v3", {}), ("deepseek_v2", {"norm_topk_prob": False})])

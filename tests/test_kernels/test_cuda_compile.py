@@ -21,6 +21,7 @@ if importlib.util.find_spec("triton") is None:  # imported only by the builds (n
 
 ROOT = Path(__file__).resolve().parents[2]
 GEMM_TILES = [(16, 64, 256, 1, 4), (16, 64, 256, 4, 4), (64, 128, 128, 1, 4), (128, 128, 128, 1, 8)]
+MOE_TILES = [(16, 64, 256, 4), (64, 128, 128, 4), (64, 128, 128, 8)]  # (block m, n, k, warps): moe_tiles'
 MAX_SHARED = {90: 232448, 80: 166912}  # bytes of shared memory a block may opt in to: H100 / H200, A100
 
 
@@ -29,14 +30,15 @@ def _sig(**kinds: str) -> dict[str, str]:
 
 
 def compile_all(arch: int) -> list[str]:
-    """Compile every kernel of kernels/cuda_int8.py and the quantizing ones of kernels/cuda_layers.py for sm_<arch>
-    in bf16 (names of what compiled)."""
+    """Compile every kernel of kernels/cuda_int8.py and kernels/cuda_moe.py and the quantizing ones of
+    kernels/cuda_layers.py for sm_<arch> in bf16 (names of what compiled)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from slimquant.kernels import cuda_int8 as C
     from slimquant.kernels import cuda_layers as L
+    from slimquant.kernels import cuda_moe as M
 
     done, stages = [], C.GemmTiles(16, 64, 256, 1).stages
 
@@ -86,6 +88,16 @@ def compile_all(arch: int) -> list[str]:
         build(L._paged_decode_attention, sig, dict(W_LOOP=32, SPLITS=splits, BS=16, BS_BLOCK=16) | heads)
     sig = _sig(part_acc=f32, part_m=f32, part_l=f32, o_ptr=dt, stride_qb="i32")
     build(L._combine_splits, sig, dict(SPLITS=8) | heads)
+    for bm, bn, bk, warps in MOE_TILES:  # DeepSeek-V3's experts: gate_up 7168 -> 4096, down 2048 -> 7168
+        tiles = M.MoeTiles(bm, bn, bk, warps)
+        for gate_up in (True, False):
+            sig = _sig(a_ptr=i8, a_rows_ptr="*i64", w_ptr=i8, y_ptr=dt, y_rows_ptr="*i64", row_scale_ptr=f32,
+                       col_scale_ptr=dt, mult_ptr=f32, expert_ptr=i32, row0_ptr=i32, end_ptr=i32, N="i32")  # fmt: skip
+            ce = dict(K=7168 if gate_up else 2048, GATHER_A=gate_up, SCATTER_Y=not gate_up, HAS_MULT=not gate_up,
+                      BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k)  # fmt: skip
+            gemm = build(M._grouped_int8_gemm, sig, ce, tiles.warps)
+            assert "cp.async" in gemm.asm["ptx"], f"sm_{arch} {tiles}: the K loop is not software-pipelined"
+            assert gemm.metadata.shared <= MAX_SHARED[arch], f"sm_{arch} {tiles}: {gemm.metadata.shared} bytes shared"
     return done
 
 
@@ -95,4 +107,5 @@ def test_kernels_compile_for_nvidia_gpus(tmp_path, arch):
     code = f"from tests.test_kernels.test_cuda_compile import compile_all; print(len(compile_all({arch})))"
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split()[-1] == str(2 * len(GEMM_TILES) + 3 + 3 + 2 + 1 + 1 + 2 + 1)  # every kernel built
+    built = 2 * len(GEMM_TILES) + 3 + 3 + 2 + 1 + 1 + 2 + 1 + 2 * len(MOE_TILES)
+    assert run.stdout.split()[-1] == str(built)  # every kernel

@@ -1,0 +1,44 @@
+"""Inputs and a one-expert-at-a-time reference for the grouped MoE kernels (kernels/cuda_moe.py), on the CPU (Triton's
+interpreter) or a GPU."""
+
+from __future__ import annotations
+
+import torch
+
+from slimquant.format import primitives as P
+from slimquant.kernels.int8_input import PER_TOKEN
+
+
+def moe_inputs(t: int, e: int, top_k: int, h: int, inter: int, dtype: torch.dtype, seed: int = 0):
+    """(x [T, H], w13 [E, 2I, H], w13_scale [E, 2I], w2 [E, H, I], w2_scale [E, H], topk_weights, topk_ids)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(t, h, generator=gen) * 2).to(dtype)
+    w13 = torch.randint(-128, 128, (e, 2 * inter, h), generator=gen, dtype=torch.int8)
+    w2 = torch.randint(-128, 128, (e, h, inter), generator=gen, dtype=torch.int8)
+    s13 = (torch.rand(e, 2 * inter, generator=gen) / 500).to(dtype)
+    s2 = (torch.rand(e, h, generator=gen) / 500).to(dtype)
+    ids = torch.rand(t, e, generator=gen).argsort(dim=-1)[:, :top_k]  # distinct experts per token
+    weights = torch.rand(t, top_k, generator=gen)
+    return x, w13, s13, w2, s2, weights, ids
+
+
+def one_expert_at_a_time(x, w13, s13, w2, s2, weights, ids) -> torch.Tensor:
+    """[T, K, H]: RoutedExperts' per-expert loop in plain torch (SiLU-and-mul: the kernel the grouped path calls,
+    which test_triton_layers checks against torch)."""
+    from slimquant.kernels import cuda_layers
+
+    x_q, s_t = P.quantize_per_token(x)  # [T, H], [T, 1]
+    out = torch.full((*ids.shape, x.shape[1]), float("nan"), dtype=x.dtype, device=x.device)
+    for e in ids.unique().tolist():
+        tokens, slots = torch.where(ids == e)
+        gate_up = (_int8_mm(x_q[tokens], w13[e]).float() * s_t[tokens] * s13[e].float()).to(x.dtype)
+        act = cuda_layers.silu_and_mul(gate_up, PER_TOKEN)
+        acc = _int8_mm(act.q[: len(tokens)], w2[e])  # [n, H]
+        y = (acc.float() * act.scale[:, None] * s2[e].float()).to(x.dtype)
+        out[tokens, slots] = (y * weights[tokens, slots, None]).to(x.dtype)
+    return out
+
+
+def _int8_mm(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """Exact int32 x_q [T, K] @ w_q [N, K]^T, computed on the CPU, on x_q's device."""
+    return P.int8_matmul_reference(x_q.cpu(), w_q.cpu()).to(x_q.device)
