@@ -78,3 +78,22 @@ def test_deepseek_on_grouped_experts_equals_one_expert_at_a_time(tiny_model, tmp
     assert len(calls) == (1 + len(PROMPT[7:])) * moe_layers  # every step's every MoE layer
     monkeypatch.setattr(TritonOps, "grouped_experts", TorchOps.grouped_experts)  # None: one expert at a time
     assert torch.equal(grouped, logits())
+
+
+def test_bench_layers_run_grouped_and_one_at_a_time():
+    """bench/cuda_moe.py's random layers (at a small shape, on the CPU) and its per-expert ops: the same output."""
+    import sys
+    from pathlib import Path
+
+    from slimquant.backends.triton_ops import TritonOps
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from bench.cuda_moe import route, routed_experts
+
+    loop = TritonOps()
+    loop.grouped_experts = lambda *a: None
+    layer = routed_experts(16, True, TritonOps(), device="cpu", hidden=64, inter=32)
+    x, (weights, ids) = torch.randn(9, 64).bfloat16(), route(9, 16, device="cpu")
+    grouped = layer(x, weights, ids)
+    layer.ops = loop
+    assert torch.equal(grouped, layer(x, weights, ids))
