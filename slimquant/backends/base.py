@@ -49,7 +49,7 @@ class Backend:
         if self.scratch_blocks(model):
             self.graphs = CudaGraphDecoder(model, max_num_seqs, max_blocks, block_size, scratch_block)
         elif self.graphs_wanted:
-            self.notes.append("decode runs eagerly: the model's forward needs host values (MLA cache or MoE routing)")
+            self.notes.append("decode runs eagerly: the model's forward needs host values (MoE experts run one by one)")
 
     def forward(
         self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext

@@ -6,7 +6,8 @@ first use into one shared memory pool. Inputs live in static buffers: a batch is
 rows that write a scratch KV block and attend to one token of it, and attention reads the context lengths from
 a device tensor over the bucket's fixed number of blocks (ForwardContext.device_context_lens).
 
-Models whose forward needs host values (DeepSeek's MLA cache and MoE expert routing) run eagerly.
+DeepSeek's MLA attention reads the device lengths over the whole table width in a graph step. Models whose forward
+needs host values (MoE experts run one by one: float experts, or ops without grouped experts) run eagerly.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from slimquant.layers.attention import Attention, KVCacheLayer
 from slimquant.layers.context import ForwardContext, forward_context
+from slimquant.layers.mla import MLAttention
 from slimquant.layers.moe import RoutedExperts
 
 logger = logging.getLogger(__name__)
@@ -37,13 +39,14 @@ class Replay(Protocol):
 
 
 def graphs_supported(model: torch.nn.Module) -> bool:
-    """Whether every part of model's forward runs without host values (plain attention, no routed experts)."""
+    """Whether every part of model's forward runs without host values (attention or MLA; routed experts only
+    where the ops run them grouped)."""
     modules = list(model.modules())
     caches = [m for m in modules if isinstance(m, KVCacheLayer)]
     return (
         bool(caches)
-        and all(type(m) is Attention for m in caches)
-        and not any(isinstance(m, RoutedExperts) for m in modules)
+        and all(type(m) in (Attention, MLAttention) for m in caches)
+        and all(m.grouped for m in modules if isinstance(m, RoutedExperts))
     )
 
 

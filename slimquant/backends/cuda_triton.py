@@ -1,5 +1,5 @@
 """The cuda-triton backend: Triton kernels around cuBLASLt (triton_ops.py), decode steps as CUDA-graph replays
-(cuda_graphs.py) unless enforce_eager, or where the model's forward needs host values (DeepSeek)."""
+(cuda_graphs.py) unless enforce_eager, or where the model's forward needs host values (float MoE experts)."""
 
 from __future__ import annotations
 

@@ -191,6 +191,8 @@ class TorchOps:
 
     # ---- MoE ----
 
+    groups_experts = False  # grouped_experts computes something (RoutedExperts.grouped)
+
     def grouped_experts(
         self,
         x: torch.Tensor,

@@ -90,6 +90,8 @@ class TritonOps(TorchOps):
         assert tp.size == 1 and packed.dtype == torch.int8, "only this backend's ops quantize for a linear"
         return self.int8.static_linear(x, packed, inv_scale, offset, quant_bias, deq_scale, self._gemm(packed))
 
+    groups_experts = True
+
     def grouped_experts(self, x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids):
         """All experts' int8 GEMMs in two grouped kernels, the routing on the device (kernels/cuda_moe.py)."""
         if x.dim() != 2 or not _same_float(x) or w13.dtype != torch.int8 or w2.dtype != torch.int8:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from slimquant.backends.torch_ops import gather_context
 from slimquant.layers.attention import KVCacheLayer
-from slimquant.layers.context import get_context
+from slimquant.layers.context import ForwardContext, get_context
 from slimquant.layers.linear import Linear
 from slimquant.layers.quant_methods import UnquantizedMethod
 
@@ -32,23 +32,25 @@ class MLAttention(KVCacheLayer):
     def forward(self, q: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, kv_b_proj: Linear) -> torch.Tensor:
         ctx = get_context()
         assert self.kv_cache is not None, "the engine must assign kv_cache before running attention"
-        store_latent(self.kv_cache, torch.cat([latent, k_pe], dim=-1), ctx.slot_mapping)
-        if ctx.is_decode:  # one batched call, contexts padded to the longest
+        store_latent(self.kv_cache, torch.cat([latent, k_pe], dim=-1), ctx.slot_mapping, ctx.graph_step)
+        if ctx.is_decode:  # one batched call, contexts padded to the longest (a graph step: to the table's width)
             attend = self._attend_absorbed if absorbable(kv_b_proj) else self._attend
-            out = attend(q[:, None], ctx.block_tables, ctx.context_lens, kv_b_proj)  # [B, 1, NH, V]
+            out = attend(q[:, None], ctx.block_tables, _lens(ctx), kv_b_proj)  # [B, 1, NH, V]
             return out.reshape(q.shape[0], -1)
         outs, start = [], 0
         for i, q_len in enumerate(ctx.query_lens):  # prefill chunks: one sequence at a time
             tables, lens = ctx.block_tables[i : i + 1], ctx.context_lens[i : i + 1]
-            outs.append(self._attend(q[None, start : start + q_len], tables, lens, kv_b_proj))
+            outs.append(self._attend(q[None, start : start + q_len], tables, (lens, lens[0]), kv_b_proj))
             start += q_len
         return torch.cat(outs, dim=1).reshape(q.shape[0], -1)
 
     def _attend(
-        self, q: torch.Tensor, block_tables: torch.Tensor, context_lens: list[int], kv_b_proj: Linear
+        self, q: torch.Tensor, block_tables: torch.Tensor, lens: tuple[list[int] | torch.Tensor, int], kv_b_proj: Linear
     ) -> torch.Tensor:
-        """Causal attention of q [B, Q, NH, Dqk] over the cached context; returns [B, Q, NH, V]."""
-        cached = gather_context(self.kv_cache, block_tables, max(context_lens)).to(q.dtype)  # [B, S, R + rope]
+        """Causal attention of q [B, Q, NH, Dqk] over the cached context (lens: each sequence's context length,
+        and the longest); returns [B, Q, NH, V]."""
+        context_lens, length = lens
+        cached = gather_context(self.kv_cache, block_tables, length).to(q.dtype)  # [B, S, R + rope]
         b, s = cached.shape[:2]
         latent, k_pe = cached.split([self.kv_lora_rank, self.rope], dim=-1)
         kv = kv_b_proj(latent.reshape(b * s, -1)).view(b, s, self.num_heads, self.nope + self.v_dim)
@@ -61,10 +63,11 @@ class MLAttention(KVCacheLayer):
         return out.transpose(1, 2)
 
     def _attend_absorbed(
-        self, q: torch.Tensor, block_tables: torch.Tensor, context_lens: list[int], kv_b_proj: Linear
+        self, q: torch.Tensor, block_tables: torch.Tensor, lens: tuple[list[int] | torch.Tensor, int], kv_b_proj: Linear
     ) -> torch.Tensor:
         """As _attend, with kv_b_proj's W_UK folded into q and W_UV applied after attention over latents."""
-        cached = gather_context(self.kv_cache, block_tables, max(context_lens)).to(q.dtype)[:, None]
+        context_lens, length = lens
+        cached = gather_context(self.kv_cache, block_tables, length).to(q.dtype)[:, None]
         # cached: [B, 1, S, R + rope]
         w = kv_b_proj.weight.to(q.dtype)  # [NH * (nope + V), R]: float, maybe held as bf16
         w = w.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)  # [NH, nope + V, R]
@@ -79,22 +82,33 @@ class MLAttention(KVCacheLayer):
         return torch.einsum("bhqr,hvr->bqhv", out_lat, w_uv)  # [B, Q, NH, V]
 
 
+def _lens(ctx: ForwardContext) -> tuple[list[int] | torch.Tensor, int]:
+    """A decode step's (context lengths, longest): host values, or in a CUDA-graph step the device lengths over the
+    block table's whole width (a graph reads no host value)."""
+    if ctx.graph_step:
+        return ctx.lens_on_device, ctx.block_tables.shape[1] * ctx.block_size
+    return ctx.context_lens, max(ctx.context_lens)
+
+
 def absorbable(kv_b_proj: Linear) -> bool:
     """Whether kv_b_proj is a plain float weight that decode can fold into q and the output."""
     return isinstance(kv_b_proj.method, UnquantizedMethod) and kv_b_proj.bias is None
 
 
-def store_latent(cache: torch.Tensor, entries: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write entries [T, C] into cache [NB, BS, C] at flat slots [T]; slots of -1 are skipped."""
+def store_latent(
+    cache: torch.Tensor, entries: torch.Tensor, slot_mapping: torch.Tensor, all_valid: bool = False
+) -> None:
+    """Write entries [T, C] into cache [NB, BS, C] at flat slots [T]; slots of -1 are skipped (all_valid: there are
+    none, as in a CUDA-graph step, whose padding rows write a scratch block: no host check)."""
     slots = slot_mapping.to(device=entries.device, dtype=torch.long)
     valid = slots >= 0
-    if not bool(valid.all()):
+    if not all_valid and not bool(valid.all()):
         slots, entries = slots[valid], entries[valid]
     cache.view(-1, cache.shape[-1]).index_copy_(0, slots, entries.to(cache.dtype))
 
 
-def causal_mask(context_lens: list[int], q_len: int, length: int, device: torch.device) -> torch.Tensor:
+def causal_mask(context_lens: list[int] | torch.Tensor, q_len: int, length: int, device: torch.device) -> torch.Tensor:
     """[B, Q, S] bool: the Q queries sit at positions ctx_len - Q .. ctx_len - 1 of each sequence."""
-    ctx = torch.tensor(context_lens, device=device)[:, None, None]  # [B, 1, 1]
+    ctx = torch.as_tensor(context_lens, device=device)[:, None, None]  # [B, 1, 1]
     last_key = ctx - q_len + torch.arange(q_len, device=device)[None, :, None]  # [B, Q, 1]
     return torch.arange(length, device=device)[None, None, :] <= last_key

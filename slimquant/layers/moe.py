@@ -166,9 +166,15 @@ class RoutedExperts(nn.Module):
             packed = self.ops.pack_weight(getattr(self, name).data)  # [E, ...]: one form for all experts
             replace_param(self, name, packed)
 
+    @property
+    def grouped(self) -> bool:
+        """Whether the backend's ops run all these experts in one pass, with no host value (CUDA graphs can
+        capture them); else they run one by one after the expert ids come to the host."""
+        return self.quantized and self.tp.size == 1 and self.ops.groups_experts
+
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; topk_weights fp32 / topk_ids: [T, K]
-        if self.quantized and self.tp.size == 1:
+        if self.grouped:
             outs = self.ops.grouped_experts(x, self.w13, self.w13_scale, self.w2, self.w2_scale, topk_weights, topk_ids)
             if outs is not None:  # [T, K, H]
                 return add_in_expert_order(outs, topk_ids)

@@ -14,13 +14,14 @@ from tests.engine.reference import tokens_and_logprobs
 PROMPTS = [[5, 17, 300, 42], [7, 99], [250, 3, 11, 60, 128, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 17, 18], [77]]
 
 
-def _run(path, graphs: bool, monkeypatch, **kw) -> tuple[list, LLM]:
+def _run(path, graphs: bool, monkeypatch, ops=None, max_tokens: int = 12, **kw) -> tuple[list, LLM]:
     """Greedy tokens and logprobs of PROMPTS (3 of them batched: a padded bucket of 4), and the LLM; the
-    torch-reference backend, with graph replays (here: their CPU stand-in) where graphs is set."""
+    torch-reference backend (or one with these ops), with graph replays (here: their CPU stand-in) where graphs
+    is set."""
     with monkeypatch.context() as m:
-        m.setattr("slimquant.models.loader.select_backend", lambda *a: Backend(graphs=graphs))
+        m.setattr("slimquant.models.loader.select_backend", lambda *a: Backend(ops, graphs=graphs))
         llm = LLM(str(path), max_model_len=96, block_size=4, dtype="float32", **kw)
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
     outs = llm.generate(PROMPTS[:3], params, use_tqdm=False) + llm.generate(PROMPTS[3:], params, use_tqdm=False)
     return tokens_and_logprobs(outs), llm
 
@@ -47,6 +48,24 @@ def test_graph_steps_match_eager_steps(tiny_model, quantized, model, monkeypatch
         torch.testing.assert_close(torch.tensor(lp_g), torch.tensor(lp_e), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("scheme", ["deepseek_mix", "kv_b_quantized"])
+def test_deepseek_graph_steps_match_eager_steps(tiny_model, tmp_path, monkeypatch, scheme):
+    """MLA (kv_b_proj absorbed or not) over the table's whole width and the grouped int8 experts (the cuda-triton
+    ops, in Triton's interpreter): graph steps give the eager steps' tokens."""
+    pytest.importorskip("triton")
+    from slimquant.backends.triton_ops import TritonOps
+    from tests.models import test_model_deepseek_quantized as recipes
+    from tests.models.ascend_ckpt import write_ascend
+
+    path = write_ascend(tiny_model("deepseek_v3"), tmp_path / "q", getattr(recipes, scheme))
+    eager, _ = _run(path, False, monkeypatch, TritonOps(), max_tokens=6)
+    graphed, llm = _run(path, True, monkeypatch, TritonOps(), max_tokens=6)
+    assert {size for size, _ in llm.llm_engine.runner.backend.graphs.graphs} == {4, 1}
+    for (tokens_e, lp_e), (tokens_g, lp_g) in zip(eager, graphed, strict=True):
+        assert tokens_g == tokens_e
+        torch.testing.assert_close(torch.tensor(lp_g), torch.tensor(lp_e), rtol=0, atol=1e-4)
+
+
 def test_padding_rows_write_only_the_scratch_block(tiny_model, monkeypatch):
     _, llm = _run(tiny_model("llama"), True, monkeypatch, num_kv_blocks=40)
     runner = llm.llm_engine.runner
@@ -60,11 +79,21 @@ def test_buckets_and_support():
     assert cuda_graphs._buckets(1, cuda_graphs.BATCH_BUCKETS) == [1]
 
 
-def test_models_with_host_values_decode_eagerly(tiny_model):
+def test_models_with_host_values_decode_eagerly(tiny_model, tmp_path):
+    """DeepSeek takes graphs where its experts run grouped (int8 experts, the cuda-triton ops), not one by one."""
     from slimquant.models.loader import load_model
+    from tests.models.ascend_ckpt import write_ascend
+    from tests.models.test_model_deepseek_quantized import deepseek_mix
 
     assert cuda_graphs.graphs_supported(load_model(str(tiny_model("qwen2"))).model)
-    assert not cuda_graphs.graphs_supported(load_model(str(tiny_model("deepseek_v3"))).model)
+    assert not cuda_graphs.graphs_supported(load_model(str(tiny_model("deepseek_v3"))).model)  # float experts
+    int8 = load_model(str(write_ascend(tiny_model("deepseek_v3"), tmp_path / "q", deepseek_mix))).model
+    assert not cuda_graphs.graphs_supported(int8)  # the CPU's ops run experts one by one
+    pytest.importorskip("triton")
+    from slimquant.backends.triton_ops import TritonOps
+
+    Backend(TritonOps()).bind(int8)
+    assert cuda_graphs.graphs_supported(int8)
 
 
 def test_enforce_eager_and_cpu_have_no_graphs(tiny_model):
