@@ -14,19 +14,13 @@ def select_backend(
 ) -> Backend:
     """The backend for a device: kernels.backend, or for "auto" the fastest that runs here (cpu-native on a CPU,
     cuda-triton on a GPU; torch-reference where their kernels cannot load, said in its notes). A backend asked
-    for by name that cannot run here is a ValueError with the reason. Tensor parallel (tp.size > 1) runs on a GPU
-    torch-reference (Triton's whole-step graphs do not reduce across ranks), without CUDA graphs."""
+    for by name that cannot run here is a ValueError with the reason. Tensor parallel (tp.size > 1) on a GPU
+    runs without CUDA graphs (a step's collectives are not captured)."""
     on_cuda = str(device).startswith("cuda")
-    graphs = on_cuda and not enforce_eager and tp.size == 1  # a step's collectives are not captured (yet)
+    graphs = on_cuda and not enforce_eager and tp.size == 1
     wanted = kernels.backend
     if wanted == "auto":
         wanted = "cuda-triton" if on_cuda else "cpu-native"
-    if tp.size > 1 and wanted == "cuda-triton":  # its whole-step graphs do not reduce across ranks
-        if kernels.backend != "auto":
-            raise ValueError("backend 'cuda-triton' does not run tensor parallel yet; use 'auto' or 'torch-reference'")
-        backend = Backend()
-        backend.notes.append(f"tensor parallel over {tp.size} ranks: every op in torch, the int8 sums over ranks")
-        return backend
     if wanted != "torch-reference" and (wanted == "cuda-triton") != on_cuda:
         raise ValueError(f"backend {wanted!r} does not run on device {device!r}; use 'auto' or 'torch-reference'")
     try:

@@ -202,9 +202,11 @@ class TorchOps:
         w2_scale: torch.Tensor,
         topk_weights: torch.Tensor,
         topk_ids: torch.Tensor,
+        first: int | None = None,
     ) -> torch.Tensor | None:
         """Every routed slot's weighted int8 expert output [T, K, H] in one pass, where the backend has kernels
-        for it; None here: RoutedExperts runs its experts one by one with the ops above."""
+        for it (first: the weights are experts first.. of more, expert parallel; other slots 0); None here:
+        RoutedExperts runs its experts one by one with the ops above."""
         return None
 
     # ---- float linears ----

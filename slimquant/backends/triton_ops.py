@@ -92,11 +92,11 @@ class TritonOps(TorchOps):
 
     groups_experts = True
 
-    def grouped_experts(self, x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids):
+    def grouped_experts(self, x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, first=None):
         """All experts' int8 GEMMs in two grouped kernels, the routing on the device (kernels/cuda_moe.py)."""
         if x.dim() != 2 or not _same_float(x) or w13.dtype != torch.int8 or w2.dtype != torch.int8:
             return None
-        return self.moe.routed_experts(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
+        return self.moe.routed_experts(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, first)
 
     def _gemm(self, packed: torch.Tensor) -> str:
         """The configured int8 GEMM; Triton's for a weight [N, K] off cuBLASLt's grid of 8."""

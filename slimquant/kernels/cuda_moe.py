@@ -35,12 +35,17 @@ class ExpertBlocks:
     block_m: int
 
 
-def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
-    """The blocks of topk_ids [T, K] (expert ids in [0, num_experts)) without a host sync."""
+def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int, first: int | None = None) -> ExpertBlocks:
+    """The blocks of topk_ids [T, K] without a host sync: expert ids in [0, num_experts), or with first given, in
+    [first, first + num_experts) for the blocks (this rank's experts) and any other id for none (sorted last)."""
     ids = topk_ids.reshape(-1).long()  # [S]: slot s = token * K + k
+    if first is not None:  # other ranks' experts go to a bin after ours, which gets no block
+        ids = ids - first
+        ids = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)
     s = ids.numel()
     order = ids.argsort(stable=True)  # [S]
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    counts = counts.scatter_add_(0, ids, torch.ones_like(ids))[:num_experts]  # [E]
     ends = counts.cumsum(0)  # [E]: each expert's end row in sorted order
     blocks = (counts + block_m - 1) // block_m  # [E]
     block_ends = blocks.cumsum(0)  # [E]
@@ -133,20 +138,23 @@ def routed_experts(
     w2_scale: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    first: int | None = None,
     tiles: MoeTiles | None = None,
 ) -> torch.Tensor:
     """Each (token, k) slot's weighted expert output [T, K, H] in x's dtype: x [T, H] float; w13 int8 [E, 2I, H]
     (gate rows, then up rows), w2 int8 [E, H, I], scales [E, 2I] / [E, H] (any float dtype); topk_weights fp32 and
-    topk_ids [T, K]."""
+    topk_ids [T, K]. first: these are experts first .. first + E - 1 of more (expert parallel), and the slots
+    routed to others are 0."""
     t, top_k = topk_ids.shape
     (num_experts, inter2, h), s = w13.shape, t * top_k
     tiles = tiles or moe_tiles(s, num_experts)
-    blocks = expert_blocks(topk_ids, num_experts, tiles.block_m)
+    blocks = expert_blocks(topk_ids, num_experts, tiles.block_m, first)
     a = quantize(x, PER_TOKEN)  # q int8 [R >= T, H], scale fp32 [T]
-    gate_up = torch.empty(s, inter2, dtype=x.dtype, device=x.device)  # [S, 2I] in sorted order
+    alloc = torch.empty if first is None else torch.zeros  # other ranks' slots: rows no block writes
+    gate_up = alloc(s, inter2, dtype=x.dtype, device=x.device)  # [S, 2I] in sorted order
     _grouped_gemm(a.q, blocks.order // top_k, w13, gate_up, None, a.scale, w13_scale, None, blocks, tiles)
     act = silu_and_mul(gate_up, PER_TOKEN)  # q int8 [R >= S, I], scale fp32 [S], in sorted order
-    out = torch.empty(s, h, dtype=x.dtype, device=x.device)  # [S, H]: every slot is written once
+    out = alloc(s, h, dtype=x.dtype, device=x.device)  # [S, H]: each slot routed to these experts written once
     weights = topk_weights.reshape(-1).float()  # [S]
     _grouped_gemm(act.q, None, w2, out, blocks.order, act.scale, w2_scale, weights, blocks, tiles)
     return out.view(t, top_k, h)

@@ -170,14 +170,24 @@ class RoutedExperts(nn.Module):
     def grouped(self) -> bool:
         """Whether the backend's ops run all these experts in one pass, with no host value (CUDA graphs can
         capture them); else they run one by one after the expert ids come to the host."""
-        return self.quantized and self.tp.size == 1 and self.ops.groups_experts
+        whole = self.tp.size == 1 or self.expert_parallel  # each expert's matrices on one rank
+        return self.quantized and whole and self.ops.groups_experts
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; topk_weights fp32 / topk_ids: [T, K]
+        outs = None
         if self.grouped:
-            outs = self.ops.grouped_experts(x, self.w13, self.w13_scale, self.w2, self.w2_scale, topk_weights, topk_ids)
-            if outs is not None:  # [T, K, H]
-                return add_in_expert_order(outs, topk_ids)
+            first = self.first if self.expert_parallel else None
+            weights = (self.w13, self.w13_scale, self.w2, self.w2_scale)
+            outs = self.ops.grouped_experts(x, *weights, topk_weights, topk_ids, first)  # [T, K, H]
+        if outs is None:
+            outs = self._one_by_one(x, topk_weights, topk_ids)
+        if self.expert_parallel:  # every slot was filled on the one rank that holds its expert
+            outs = self.tp.sum_disjoint(outs)
+        return add_in_expert_order(outs, topk_ids)
+
+    def _one_by_one(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Each slot's weighted output [T, K, H] of this rank's experts (0 for others'), one expert at a time."""
         local = (topk_ids >= self.first) & (topk_ids < self.first + self.num_local)
         ids = topk_ids[local].unique().tolist()  # ascending; the same on every rank unless expert parallel
         routes = [torch.where(topk_ids == e) for e in ids]  # (token index [n], slot [n]) per expert
@@ -189,9 +199,7 @@ class RoutedExperts(nn.Module):
             downs = self._down(experts, acts, x.dtype)  # [n, H] per expert
             for (tokens, slots), y in zip(routes, downs, strict=True):
                 outs[tokens, slots] = (y * topk_weights[tokens, slots, None]).to(x.dtype)
-        if self.expert_parallel:  # every slot was filled on the one rank that holds its expert
-            outs = self.tp.sum_disjoint(outs)
-        return add_in_expert_order(outs, topk_ids)
+        return outs
 
     def _gate_up(self, e: int, x_in, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """silu(gate) * up of local expert e on tokens: [n, I / tp]; x_in is x, or (x_q, s_t) for int8 experts."""

@@ -22,7 +22,7 @@ from tests.models.test_model_deepseek_quantized import deepseek_mix
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-REFERENCE = KernelConfig(backend="torch-reference")  # what tensor parallel runs on a GPU
+BACKENDS = ["cuda-triton", "torch-reference"]  # tensor parallel runs either on a GPU
 
 
 @pytest.fixture(scope="module")
@@ -43,26 +43,27 @@ def models(tiny_model, tmp_path_factory) -> dict[str, str]:
 FED = [5, 17, 300]  # decode steps' tokens, the same for every run (greedy choices could part on a near tie)
 
 
-def _steps(path: str, tp: TensorParallel) -> list[list[list[float]]]:
+def _steps(path: str, tp: TensorParallel, backend: str) -> list[list[list[float]]]:
     """fp32 logits of a 13-token prefill's last token and of 3 decode steps on cuda:0 (lists: tensors cannot leave
     a rank's process through its result queue)."""
-    loaded = load_model(path, device="cuda:0", kernels=REFERENCE, tp=tp)
+    loaded = load_model(path, device="cuda:0", kernels=KernelConfig(backend=backend), tp=tp)
     runner = PagedRunner.of(loaded, device="cuda:0")
     logits = [runner.step({0: PROMPT})[-1:]] + [runner.step({0: [t]}) for t in FED]
     return [x.tolist() for x in logits]
 
 
-def _rank_steps(rank: int, size: int, paths: list[str]) -> list:
-    return [_steps(p, TensorParallel(rank, size)) for p in paths]
+def _rank_steps(rank: int, size: int, paths: list[str], backend: str) -> list:
+    return [_steps(p, TensorParallel(rank, size), backend) for p in paths]
 
 
-def test_split_layers_on_cuda_tensors_give_one_process_logits(models):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_split_layers_on_cuda_tensors_give_one_process_logits(models, backend):
     """Two ranks on one GPU (gloo reduces their CUDA tensors: the layers' GPU path without NCCL, which refuses two
     ranks on one device): each step's logits as one process's, within float rounding for the float model and
     within a flipped int8 rounding's reach for the others."""
     paths = list(models.values())
-    (one,) = run_ranks(_rank_steps, 1, paths)
-    for rank, got in enumerate(run_ranks(_rank_steps, 2, paths)):
+    (one,) = run_ranks(_rank_steps, 1, paths, backend)
+    for rank, got in enumerate(run_ranks(_rank_steps, 2, paths, backend)):
         for name, steps, want in zip(models, got, one, strict=True):
             rel = 1e-4 if name.endswith("float") else 1e-2
             for i, (g, w) in enumerate(zip(steps, want, strict=True)):
@@ -72,7 +73,8 @@ def test_split_layers_on_cuda_tensors_give_one_process_logits(models):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (one per rank)")
-def test_engine_ranks_on_their_own_gpus_give_one_process_text(models):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_ranks_on_their_own_gpus_give_one_process_text(models, backend):
     """LLM(device='cuda', tensor_parallel_size=2): ranks on cuda:0 and cuda:1, NCCL between them; the greedy text
     and each token's logprob as one process on one GPU."""
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=1, ignore_eos=True)
@@ -80,7 +82,8 @@ def test_engine_ranks_on_their_own_gpus_give_one_process_text(models):
     for name in ("llama-float", "llama-W8A8_DYNAMIC", "deepseek-mix"):
         runs = []
         for tp in (1, 2):
-            llm = LLM(models[name], device="cuda", kernels=REFERENCE, max_model_len=64, tensor_parallel_size=tp)
+            kernels = {"backend": backend}
+            llm = LLM(models[name], device="cuda", kernels=kernels, max_model_len=64, tensor_parallel_size=tp)
             runs.append([o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)])
             llm.llm_engine.shutdown()
         for one, split in zip(*runs, strict=True):

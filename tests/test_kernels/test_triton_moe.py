@@ -22,6 +22,19 @@ def test_grouped_experts_equal_one_expert_at_a_time(t, e, top_k, h, inter, dtype
     assert torch.equal(cuda_moe.routed_experts(*inputs), one_expert_at_a_time(*inputs))
 
 
+@pytest.mark.parametrize("first,local", [(0, 3), (3, 3), (6, 2)])
+def test_a_ranks_experts_fill_their_slots_and_zero_the_others(first, local):
+    """Expert parallel: experts first .. first + local - 1 of 8 on this rank give the whole layer's values in
+    their slots and 0 in the slots other ranks fill."""
+    x, w13, s13, w2, s2, weights, ids = moe_inputs(20, 8, 3, 64, 24, torch.bfloat16, seed=first)
+    whole = one_expert_at_a_time(x, w13, s13, w2, s2, weights, ids)
+    mine = slice(first, first + local)
+    got = cuda_moe.routed_experts(x, w13[mine], s13[mine], w2[mine], s2[mine], weights, ids, first)
+    here = ((ids >= first) & (ids < first + local))[..., None].expand_as(whole)  # [T, K, H]
+    assert here.any() and (~here).any()
+    assert torch.equal(got, torch.where(here, whole, torch.zeros_like(whole)))
+
+
 @pytest.mark.parametrize("tiles", [cuda_moe.MoeTiles(16, 32, 32), cuda_moe.MoeTiles(32, 64, 64)])
 def test_tiles_do_not_change_the_numbers(tiles):
     """Blocks of 16 or 32 rows, K in several blocks, N in several tiles: every slot's value as one expert at a

@@ -1,0 +1,56 @@
+"""The cuda-triton backend's ops under tensor parallel, run by Triton's interpreter on CPU tensors with gloo between
+the ranks (tests/gpu runs them compiled): every rank returns one process's greedy tokens and logprobs on the same
+ops, bit for bit, for int8 and mixed Llama / Qwen2 checkpoints (the norms quantize for column-parallel linears; a
+row-parallel one agrees on each token's absmax first) and DeepSeek-V3 with and without expert parallel (with it,
+each rank runs its own experts in the grouped kernels)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimquant.distributed.launch import run_ranks
+from tests.distributed.test_tensor_parallel_deepseek import generate
+from tests.models.ascend_ckpt import write_ascend
+from tests.models.test_model_deepseek_quantized import deepseek_mix
+
+if torch.cuda.is_available():
+    pytest.skip("tests/gpu runs these kernels compiled", allow_module_level=True)
+pytest.importorskip("triton")
+
+
+def rank_generate_triton(rank: int, size: int, paths: list[str], expert_parallel: bool) -> tuple[list, int]:
+    """(generate's result per checkpoint, grouped MoE calls) on the cuda-triton ops in this rank's process."""
+    from slimquant.backends.base import Backend
+    from slimquant.backends.triton_ops import TritonOps
+    from slimquant.kernels import cuda_moe
+    from slimquant.models import loader
+
+    loader.select_backend = lambda *args: Backend(TritonOps())
+    grouped, calls = cuda_moe.routed_experts, []
+    cuda_moe.routed_experts = lambda *a: calls.append(1) or grouped(*a)
+    outs = [generate(p, tensor_parallel_size=size, enable_expert_parallel=expert_parallel) for p in paths]
+    return outs, len(calls)
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints, tiny_model, tmp_path_factory) -> dict[str, str]:
+    names = ("llama-W8A8_DYNAMIC", "llama-W8A8", "qwen2-mixed")
+    deepseek = write_ascend(tiny_model("deepseek_v3"), tmp_path_factory.mktemp("v3-mix"), deepseek_mix)
+    return {name: checkpoints[name] for name in names} | {"deepseek-v3-mix": str(deepseek)}
+
+
+@pytest.fixture(scope="module")
+def one_process(models) -> list:
+    ((outs, calls),) = run_ranks(rank_generate_triton, 1, list(models.values()), False)
+    assert calls > 0  # one process runs the DeepSeek experts grouped
+    return outs
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_ranks_on_triton_ops_return_one_process_tokens_and_logprobs(models, one_process, expert_parallel):
+    one = one_process
+    for rank, (got, calls) in enumerate(run_ranks(rank_generate_triton, 2, list(models.values()), expert_parallel)):
+        assert (calls > 0) == expert_parallel  # split experts run one by one, their sums over the ranks
+        for name, outs, want in zip(models, got, one, strict=True):
+            assert outs == want, f"{name}: rank {rank} of 2 (ep={expert_parallel}) differs from one process"
