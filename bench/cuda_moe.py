@@ -38,7 +38,7 @@ def routed_experts(num_experts: int, int8: bool, ops, device: str = "cuda", hidd
     layer.ops = ops
     for name, p in layer.named_parameters():
         if p.dtype == torch.int8:
-            p.data.random_(-128, 128)
+            p.data.random_(-127, 128)  # a symmetric quantizer's range, as random_models
         elif name.endswith("_offset"):
             p.data.zero_()
         elif name.endswith("_scale"):
