@@ -10,7 +10,8 @@
 #   3. bench/speed.py: random Qwen2.5-7B-shaped checkpoints, transformers and slimquant bf16, W8A8_DYNAMIC and W8A8
 #      with each int8 GEMM (decode of 1 and 16 streams, prefill of 2048 tokens);
 #   4. bench/speed.py: the same for SmolLM2-135M's shape (CUDA graphs), unless --quick.
-# Logs go to $OUT (or /tmp/gpu_check); the random checkpoints to $SLIMQUANT_CACHE (written once, about 2 minutes).
+# Each stage has a time limit (a hung one is stopped and said so; the next still runs). Logs go to $OUT (or
+# /tmp/gpu_check); the random checkpoints to $SLIMQUANT_CACHE (written once, about 2 minutes).
 #   bash scripts/gpu_check.sh [--quick] [--sweep]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,26 +27,28 @@ for arg in "$@"; do
   esac
 done
 status=0
-stage() {  # stage NAME LOG COMMAND...: run it, tee its log, time it, remember a failure
-  local name=$1 log=$2 start=$SECONDS
-  shift 2
+stage() {  # stage NAME LOG LIMIT COMMAND...: run it for LIMIT s at most (a hang must not eat the GPU's minutes),
+  # tee its log, time it, remember a failure
+  local name=$1 log=$2 limit=$3 start=$SECONDS
+  shift 3
   echo "=== $name" | tee "$out/$log"
-  "$@" 2>&1 | tee -a "$out/$log"
-  local rc=${PIPESTATUS[0]}
-  echo "=== $name: rc $rc, $((SECONDS - start)) s" | tee -a "$out/$log" "$out/summary.log"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$out/$log"
+  local rc=${PIPESTATUS[0]} why=""
+  [[ $rc == 124 || $rc == 137 ]] && why=" (stopped at its limit of $limit s)"
+  echo "=== $name: rc $rc$why, $((SECONDS - start)) s" | tee -a "$out/$log" "$out/summary.log"
   [[ $rc == 0 ]] || status=1
 }
-speed() { python3 bench/speed.py --device cuda --no-llama-cpp --cuda-int8-gemm cublas,triton "$@"; }
+speed=(python3 bench/speed.py --device cuda --no-llama-cpp --cuda-int8-gemm cublas,triton)
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" | tee "$out/summary.log"
-stage "tests" tests.log python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_kernels/test_cuda_compile.py
-stage "one linear" linear.log python3 bench/cuda_linear.py
-stage "decode attention" attention.log python3 bench/cuda_attention.py
-stage "MoE layer" moe.log python3 bench/cuda_moe.py --tokens 1,16,256,2048
+stage "tests" tests.log 240 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_kernels/test_cuda_compile.py
+stage "one linear" linear.log 120 python3 bench/cuda_linear.py
+stage "decode attention" attention.log 90 python3 bench/cuda_attention.py
+stage "MoE layer" moe.log 120 python3 bench/cuda_moe.py --tokens 1,16,256,2048
 if [[ $sweep == 1 ]]; then
-  stage "tile sweep" sweep.log python3 bench/cuda_linear.py --shapes 8b --tokens 1,2048 --sweep
+  stage "tile sweep" sweep.log 180 python3 bench/cuda_linear.py --shapes 8b --tokens 1,2048 --sweep
 fi
-stage "Qwen2.5-7B shape" speed_7b.log speed --only-7b --decode-tokens 32 --streams 16 --prompt-len 2048
+stage "Qwen2.5-7B shape" speed_7b.log 480 "${speed[@]}" --only-7b --decode-tokens 32 --streams 16 --prompt-len 2048
 if [[ $quick == 0 ]]; then
-  stage "SmolLM2-135M shape" speed_smollm2.log speed --random --decode-tokens 64
+  stage "SmolLM2-135M shape" speed_smollm2.log 180 "${speed[@]}" --random --decode-tokens 64
 fi
 exit $status
