@@ -130,6 +130,19 @@ class TorchOps:
             start += q_len
         return torch.cat(outs, dim=1).reshape(q.shape[0], -1)
 
+    def mla_decode(
+        self, q: torch.Tensor, cache: torch.Tensor, ctx: ForwardContext, scale: float, rank: int
+    ) -> torch.Tensor:
+        """Absorbed MLA decode, one query token per sequence: q [B, NH, R + P] over the latent cache
+        [NB, BS, R + P] (tokens' [latent | k_pe]) -> softmax(q . cached) @ latent [B, NH, R], R = rank."""
+        lens, length = decode_lens(ctx)
+        cached = gather_context(cache, ctx.block_tables, length).to(q.dtype)[:, None]  # [B, 1, S, R + P]
+        mask = torch.arange(length, device=q.device)[None, :] < torch.as_tensor(lens, device=q.device)[:, None]
+        out = F.scaled_dot_product_attention(
+            q[:, :, None], cached, cached[..., :rank], attn_mask=mask[:, None, None], scale=scale, enable_gqa=True
+        )  # [B, NH, 1, R]
+        return out[:, :, 0]
+
     # ---- int8 linears (docs/FORMAT.md's runtime math) ----
 
     def pack_weight(self, w_q: torch.Tensor) -> torch.Tensor:
@@ -253,6 +266,14 @@ def store_kv(
         k, v = quantize_kv(k, kv_quant.k_inv, kv_quant.k_offset), quantize_kv(v, kv_quant.v_inv, kv_quant.v_offset)
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def decode_lens(ctx: ForwardContext) -> tuple[list[int] | torch.Tensor, int]:
+    """A decode step's (context lengths, the length to gather): host values and the longest, or in a CUDA-graph
+    step the device lengths and the block table's whole width (a graph reads no host value)."""
+    if ctx.graph_step:
+        return ctx.lens_on_device, ctx.block_tables.shape[1] * ctx.block_size
+    return ctx.context_lens, max(ctx.context_lens)
 
 
 def paged_attention(

@@ -29,9 +29,10 @@ class TritonOps(TorchOps):
 
     def __init__(self, int8_gemm: str = "cublas"):
         """int8_gemm: config.CUDA_INT8_GEMMS (weights off cuBLASLt's grid of 8 take Triton's)."""
-        from slimquant.kernels import cuda_int8, cuda_layers, cuda_moe  # needs Triton: the backend checked for it
+        from slimquant.kernels import cuda_int8, cuda_layers, cuda_mla, cuda_moe  # needs Triton: the backend checked
 
-        self.int8, self.layers, self.moe, self.int8_gemm = cuda_int8, cuda_layers, cuda_moe, int8_gemm
+        self.int8, self.layers, self.moe, self.mla = cuda_int8, cuda_layers, cuda_moe, cuda_mla
+        self.int8_gemm = int8_gemm
 
     def pack_weight(self, w_q):
         """int8 [..., N, K] as it is, on any device: the kernels read it so (and TorchOps.int8_mm does)."""
@@ -75,6 +76,15 @@ class TritonOps(TorchOps):
             return self.attend(q, k, v, k_cache, v_cache, ctx, scale)
         out = self.layers.paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.lens_on_device, scale)
         return out.reshape(q.shape[0], -1)  # [B, NH, D] -> [T, NH * D]
+
+    def mla_decode(self, q, cache, ctx, scale, rank):
+        """The paged MLA decode kernel (kernels/cuda_mla.py) where its tiles fit: R and P powers of two of 16 or
+        more, heads 16 or fewer or a multiple of 16; else TorchOps' gather and SDPA."""
+        nh, p = q.shape[1], q.shape[2] - rank
+        tiles_fit = all(n >= 16 and n & (n - 1) == 0 for n in (rank, p)) and (nh <= 16 or nh % 16 == 0)
+        if not tiles_fit or not _same_float(q, cache) or not q.is_contiguous():
+            return super().mla_decode(q, cache, ctx, scale, rank)
+        return self.mla.mla_decode(q, cache, ctx.block_tables, ctx.lens_on_device, scale, rank)
 
     def dynamic_linear(self, x, packed, w_scale, bias, out_dtype, tp=SINGLE):
         """x: float [T, K], or Int8Rows from the op before (quantized per token, out_dtype its dtype)."""

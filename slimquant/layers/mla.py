@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slimquant.backends.torch_ops import gather_context
+from slimquant.backends.torch_ops import TORCH_OPS, TorchOps, decode_lens, gather_context
 from slimquant.layers.attention import KVCacheLayer
 from slimquant.layers.context import ForwardContext, get_context
 from slimquant.layers.linear import Linear
@@ -20,6 +20,8 @@ from slimquant.layers.quant_methods import UnquantizedMethod
 
 class MLAttention(KVCacheLayer):
     """q [T, NH, nope + rope], latent [T, R], k_pe [T, rope] -> [T, NH * V] through the latent cache."""
+
+    ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
 
     def __init__(self, num_heads: int, qk_nope_dim: int, qk_rope_dim: int, v_dim: int, kv_lora_rank: int, scale: float):
         super().__init__()
@@ -33,10 +35,10 @@ class MLAttention(KVCacheLayer):
         ctx = get_context()
         assert self.kv_cache is not None, "the engine must assign kv_cache before running attention"
         store_latent(self.kv_cache, torch.cat([latent, k_pe], dim=-1), ctx.slot_mapping, ctx.graph_step)
+        if ctx.is_decode and absorbable(kv_b_proj):
+            return self._decode_absorbed(q, ctx, kv_b_proj).reshape(q.shape[0], -1)
         if ctx.is_decode:  # one batched call, contexts padded to the longest (a graph step: to the table's width)
-            attend = self._attend_absorbed if absorbable(kv_b_proj) else self._attend
-            out = attend(q[:, None], ctx.block_tables, _lens(ctx), kv_b_proj)  # [B, 1, NH, V]
-            return out.reshape(q.shape[0], -1)
+            return self._attend(q[:, None], ctx.block_tables, decode_lens(ctx), kv_b_proj).reshape(q.shape[0], -1)
         outs, start = [], 0
         for i, q_len in enumerate(ctx.query_lens):  # prefill chunks: one sequence at a time
             tables, lens = ctx.block_tables[i : i + 1], ctx.context_lens[i : i + 1]
@@ -62,32 +64,16 @@ class MLAttention(KVCacheLayer):
         )  # [B, NH, Q, V]
         return out.transpose(1, 2)
 
-    def _attend_absorbed(
-        self, q: torch.Tensor, block_tables: torch.Tensor, lens: tuple[list[int] | torch.Tensor, int], kv_b_proj: Linear
-    ) -> torch.Tensor:
-        """As _attend, with kv_b_proj's W_UK folded into q and W_UV applied after attention over latents."""
-        context_lens, length = lens
-        cached = gather_context(self.kv_cache, block_tables, length).to(q.dtype)[:, None]
-        # cached: [B, 1, S, R + rope]
+    def _decode_absorbed(self, q: torch.Tensor, ctx: ForwardContext, kv_b_proj: Linear) -> torch.Tensor:
+        """Decode of q [B, NH, Dqk] with kv_b_proj's W_UK folded into q and W_UV applied after attention over the
+        latents (the backend's mla_decode) -> [B, NH, V]."""
         w = kv_b_proj.weight.to(q.dtype)  # [NH * (nope + V), R]: float, maybe held as bf16
         w = w.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)  # [NH, nope + V, R]
         w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # [NH, nope, R], [NH, V, R]
-        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # [B, Q, NH, nope], [B, Q, NH, rope]
-        q_lat = torch.einsum("bqhn,hnr->bhqr", q_nope, w_uk)  # [B, NH, Q, R]
-        q_full = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # [B, NH, Q, R + rope]
-        mask = causal_mask(context_lens, q.shape[1], cached.shape[2], q.device)  # [B, Q, S]
-        out_lat = F.scaled_dot_product_attention(
-            q_full, cached, cached[..., : self.kv_lora_rank], attn_mask=mask[:, None], scale=self.scale, enable_gqa=True
-        )  # [B, NH, Q, R]
-        return torch.einsum("bhqr,hvr->bqhv", out_lat, w_uv)  # [B, Q, NH, V]
-
-
-def _lens(ctx: ForwardContext) -> tuple[list[int] | torch.Tensor, int]:
-    """A decode step's (context lengths, longest): host values, or in a CUDA-graph step the device lengths over the
-    block table's whole width (a graph reads no host value)."""
-    if ctx.graph_step:
-        return ctx.lens_on_device, ctx.block_tables.shape[1] * ctx.block_size
-    return ctx.context_lens, max(ctx.context_lens)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # [B, NH, nope], [B, NH, rope]
+        q_full = torch.cat([torch.einsum("bhn,hnr->bhr", q_nope, w_uk), q_pe], dim=-1)  # [B, NH, R + rope]
+        out_lat = self.ops.mla_decode(q_full, self.kv_cache, ctx, self.scale, self.kv_lora_rank)  # [B, NH, R]
+        return torch.einsum("bhr,hvr->bhv", out_lat, w_uv)  # [B, NH, V]
 
 
 def absorbable(kv_b_proj: Linear) -> bool:

@@ -48,16 +48,17 @@ def test_graph_steps_match_eager_steps(tiny_model, quantized, model, monkeypatch
         torch.testing.assert_close(torch.tensor(lp_g), torch.tensor(lp_e), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("scheme", ["deepseek_mix", "kv_b_quantized"])
-def test_deepseek_graph_steps_match_eager_steps(tiny_model, tmp_path, monkeypatch, scheme):
-    """MLA (kv_b_proj absorbed or not) over the table's whole width and the grouped int8 experts (the cuda-triton
-    ops, in Triton's interpreter): graph steps give the eager steps' tokens."""
+@pytest.mark.parametrize("scheme,rope", [("deepseek_mix", 8), ("deepseek_mix", 16), ("kv_b_quantized", 8)])
+def test_deepseek_graph_steps_match_eager_steps(tiny_model, tmp_path, monkeypatch, scheme, rope):
+    """MLA over the table's whole width (kv_b_proj absorbed: torch's gather and SDPA, or with 16 rope dims the
+    kernel; or not absorbed) and the grouped int8 experts (the cuda-triton ops, in Triton's interpreter): graph
+    steps give the eager steps' tokens."""
     pytest.importorskip("triton")
     from slimquant.backends.triton_ops import TritonOps
     from tests.models import test_model_deepseek_quantized as recipes
     from tests.models.ascend_ckpt import write_ascend
 
-    path = write_ascend(tiny_model("deepseek_v3"), tmp_path / "q", getattr(recipes, scheme))
+    path = write_ascend(tiny_model("deepseek_v3", qk_rope_head_dim=rope), tmp_path / "q", getattr(recipes, scheme))
     eager, _ = _run(path, False, monkeypatch, TritonOps(), max_tokens=6)
     graphed, llm = _run(path, True, monkeypatch, TritonOps(), max_tokens=6)
     assert {size for size, _ in llm.llm_engine.runner.backend.graphs.graphs} == {4, 1}

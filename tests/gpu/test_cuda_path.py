@@ -172,6 +172,25 @@ def test_grouped_moe_equals_one_expert_at_a_time(t, e, top_k, h, inter, dtype):
     assert torch.equal(cuda_moe.routed_experts(*inputs), one_expert_at_a_time(*inputs))
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("b,nh,lens", [(1, 16, [700]), (4, 128, [1, 33, 300, 2000]), (2, 8, [17, 5])])
+def test_mla_decode_kernel_matches_gather_and_sdpa(b, nh, lens, dtype, tol):
+    """kernels/cuda_mla.py compiled at DeepSeek's latent sizes (512 + 64), one pass and in splits."""
+    from slimquant.kernels import cuda_mla
+    from slimquant.layers.context import ForwardContext
+
+    gen = torch.Generator().manual_seed(b * nh)
+    width = max(-(-n // 16) for n in lens)
+    tables = torch.randperm(b * width, generator=gen).view(b, width).int().cuda()
+    cache = torch.randn(b * width, 16, 576, generator=gen).to(dtype).cuda()
+    q = torch.randn(b, nh, 576, generator=gen).to(dtype).cuda()
+    ctx = ForwardContext([1] * b, list(lens), torch.zeros(b, dtype=torch.int64), tables, 16)
+    want = TorchOps().mla_decode(q, cache, ctx, 576**-0.5, 512).float()
+    for splits in (1, None):
+        got = cuda_mla.mla_decode(q, cache, tables, ctx.lens_on_device, 576**-0.5, 512, splits).float()
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("arch,overrides", [("deepseek_v3", {}), ("deepseek_v2", {"norm_topk_prob": False})])
 def test_deepseek_mla_moe_matches_reference(tiny_model, tmp_path, arch, overrides):
     src = tiny_model(arch, **overrides)

@@ -30,7 +30,7 @@ def _sig(**kinds: str) -> dict[str, str]:
 
 
 def compile_all(arch: int) -> list[str]:
-    """Compile every kernel of kernels/cuda_int8.py and kernels/cuda_moe.py and the quantizing ones of
+    """Compile every kernel of kernels/cuda_int8.py, cuda_moe.py and cuda_mla.py and the quantizing ones of
     kernels/cuda_layers.py for sm_<arch> in bf16 (names of what compiled)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -38,6 +38,7 @@ def compile_all(arch: int) -> list[str]:
 
     from slimquant.kernels import cuda_int8 as C
     from slimquant.kernels import cuda_layers as L
+    from slimquant.kernels import cuda_mla as A
     from slimquant.kernels import cuda_moe as M
 
     done, stages = [], C.GemmTiles(16, 64, 256, 1).stages
@@ -88,6 +89,13 @@ def compile_all(arch: int) -> list[str]:
         build(L._paged_decode_attention, sig, dict(W_LOOP=32, SPLITS=splits, BS=16, BS_BLOCK=16) | heads)
     sig = _sig(part_acc=f32, part_m=f32, part_l=f32, o_ptr=dt, stride_qb="i32")
     build(L._combine_splits, sig, dict(SPLITS=8) | heads)
+    for splits in (1, 8):  # DeepSeek-V3's MLA: a 512 latent and 64 rope dims, 16-token blocks
+        part = f32 if splits > 1 else dt
+        sig = _sig(q_ptr=dt, stride_qb="i32", c_ptr=dt, tables_ptr=i32, stride_tb="i32", W="i32", lens_ptr=i32)
+        sig |= _sig(o_ptr=dt, part_acc=part, part_m=part, part_l=part, scale="fp32", NH="i32")
+        ce = dict(W_LOOP=32, SPLITS=splits, G=A.HEADS, R=512, P=64, BS=16, BS_BLOCK=16, PRECISION="tf32", UPCAST=False)
+        mla = build(A._mla_decode, sig, ce)
+        assert mla.metadata.shared <= MAX_SHARED[arch], f"sm_{arch} MLA decode: {mla.metadata.shared} bytes shared"
     for bm, bn, bk, warps in MOE_TILES:  # DeepSeek-V3's experts: gate_up 7168 -> 4096, down 2048 -> 7168
         tiles = M.MoeTiles(bm, bn, bk, warps)
         for gate_up in (True, False):
@@ -107,5 +115,5 @@ def test_kernels_compile_for_nvidia_gpus(tmp_path, arch):
     code = f"from tests.test_kernels.test_cuda_compile import compile_all; print(len(compile_all({arch})))"
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    built = 2 * len(GEMM_TILES) + 3 + 3 + 2 + 1 + 1 + 2 + 1 + 2 * len(MOE_TILES)
+    built = 2 * len(GEMM_TILES) + 3 + 3 + 2 + 1 + 1 + 2 + 1 + 2 + 2 * len(MOE_TILES)
     assert run.stdout.split()[-1] == str(built)  # every kernel
