@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The CUDA checks of issue 21, for a GPU machine whose python3 already holds a CUDA torch and transformers (nothing is
-# installed), about 6 minutes on an H200 before the MoE stage, each stage timed:
+# installed), about 6 minutes on an H200 before the MoE and MLA benches, each stage timed:
 #   1. tests/gpu (with issue 19's tensor parallel on CUDA tensors; its NCCL test wants two GPUs) and the kernels'
 #      compile test;
 #   2. bench/cuda_linear.py: one linear at Llama-3-8B / 70B shapes, bf16 against the int8 paths (--sweep: also the
 #      fastest Triton tiles of the 8B rows at T = 1 and 2048); bench/cuda_attention.py: paged decode attention in
-#      one pass against flash-decoding's split table (B 1, 8, 64; contexts 512 to 32,768); bench/cuda_moe.py: one
+#      one pass against flash-decoding's split table (B 1, 8, 64; contexts 512 to 32,768), and DeepSeek's MLA
+#      decode kernel against the torch gather + SDPA it replaces; bench/cuda_moe.py: one
 #      DeepSeek-V3 MoE layer's routed experts, bf16 and int8 one expert at a time against int8 grouped;
 #   3. bench/speed.py: random Qwen2.5-7B-shaped checkpoints, transformers and slimquant bf16, W8A8_DYNAMIC and W8A8
 #      with each int8 GEMM (decode of 1 and 16 streams, prefill of 2048 tokens);
@@ -42,7 +43,7 @@ speed=(python3 bench/speed.py --device cuda --no-llama-cpp --cuda-int8-gemm cubl
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" | tee "$out/summary.log"
 stage "tests" tests.log 240 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_kernels/test_cuda_compile.py
 stage "one linear" linear.log 120 python3 bench/cuda_linear.py
-stage "decode attention" attention.log 90 python3 bench/cuda_attention.py
+stage "decode attention" attention.log 180 python3 bench/cuda_attention.py
 stage "MoE layer" moe.log 120 python3 bench/cuda_moe.py --tokens 1,16,256,2048
 if [[ $sweep == 1 ]]; then
   stage "tile sweep" sweep.log 180 python3 bench/cuda_linear.py --shapes 8b --tokens 1,2048 --sweep

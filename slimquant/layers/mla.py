@@ -3,7 +3,7 @@
 Each cached token holds [kv_a_layernorm(latent) | roped k_pe] (kv_lora_rank + qk_rope_head_dim values), not
 per-head K/V. Attention gathers a sequence's latents and up-projects them with kv_b_proj into per-head
 k_nope and v; decode steps with a float kv_b_proj instead absorb it into q and the output (one shared
-latent "head" of R + rope dims), which skips up-projecting the whole context every step.
+latent "head" of R + rope dims, the backend's mla_decode), which skips up-projecting the whole context every step.
 """
 
 from __future__ import annotations
