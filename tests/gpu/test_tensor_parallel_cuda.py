@@ -52,8 +52,8 @@ def _steps(path: str, tp: TensorParallel, backend: str) -> list[list[list[float]
     return [x.tolist() for x in logits]
 
 
-def _rank_steps(rank: int, size: int, paths: list[str], backend: str) -> list:
-    return [_steps(p, TensorParallel(rank, size), backend) for p in paths]
+def _rank_steps(rank: int, size: int, paths: list[str], backend: str, expert_parallel: bool = False) -> list:
+    return [_steps(p, TensorParallel(rank, size, expert_parallel=expert_parallel), backend) for p in paths]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -70,6 +70,19 @@ def test_split_layers_on_cuda_tensors_give_one_process_logits(models, backend):
                 g, w = torch.tensor(g), torch.tensor(w)
                 err, scale = (g - w).abs().max().item(), w.abs().max().item()
                 assert err <= rel * scale, f"{name}: rank {rank}, step {i}: max error {err} vs logits {scale}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_parallel_on_cuda_tensors_gives_one_process_logits(models, backend):
+    """DeepSeek-V3 with whole experts per rank (cuda-triton: each rank's experts in the grouped kernels), two ranks
+    on one GPU: one process's logits, within a flipped int8 rounding's reach."""
+    paths = [models["deepseek-mix"]]
+    ((one,),) = run_ranks(_rank_steps, 1, paths, backend)
+    for rank, (got,) in enumerate(run_ranks(_rank_steps, 2, paths, backend, True)):
+        for i, (g, w) in enumerate(zip(got, one, strict=True)):
+            g, w = torch.tensor(g), torch.tensor(w)
+            err, scale = (g - w).abs().max().item(), w.abs().max().item()
+            assert err <= 1e-2 * scale, f"rank {rank}, step {i}: max error {err} vs logits {scale}"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (one per rank)")
