@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# The CUDA checks of issue 21, for a GPU machine whose python3 already holds a CUDA torch and transformers (nothing is
-# installed), about 6 minutes on an H200 before the MoE and MLA benches, each stage timed:
+# The CUDA checks of issues 21 and 19, for a GPU machine whose python3 already holds a CUDA torch and transformers
+# (nothing is installed), each stage timed, in the order issue 21 needs them (a run cut short keeps the logs of the
+# stages that ran); about 6 minutes on an H200 for stages 1-4 (before the DeepSeek benches were added):
 #   1. tests/gpu (with issue 19's tensor parallel on CUDA tensors; its NCCL test wants two GPUs) and the kernels'
 #      compile test;
-#   2. bench/cuda_linear.py: one linear at Llama-3-8B / 70B shapes, bf16 against the int8 paths (--sweep: also the
-#      fastest Triton tiles of the 8B rows at T = 1 and 2048); bench/cuda_attention.py: paged decode attention in
-#      one pass against flash-decoding's split table (B 1, 8, 64; contexts 512 to 32,768), and DeepSeek's MLA
-#      decode kernel against the torch gather + SDPA it replaces; bench/cuda_moe.py: one
-#      DeepSeek-V3 MoE layer's routed experts, bf16 and int8 one expert at a time against int8 grouped;
+#   2. bench/cuda_linear.py: one linear at Llama-3-8B / 70B shapes, bf16 against the int8 paths;
 #   3. bench/speed.py: random Qwen2.5-7B-shaped checkpoints, transformers and slimquant bf16, W8A8_DYNAMIC and W8A8
 #      with each int8 GEMM (decode of 1 and 16 streams, prefill of 2048 tokens);
-#   4. bench/speed.py: the same for SmolLM2-135M's shape (CUDA graphs), unless --quick.
+#   4. bench/speed.py: the same for SmolLM2-135M's shape (CUDA graphs), unless --quick;
+#   5. bench/cuda_attention.py: paged decode attention in one pass against flash-decoding's split table (B 1, 8, 64;
+#      contexts 512 to 32,768), and DeepSeek's MLA decode kernel against the gather + SDPA it replaces;
+#   6. bench/cuda_moe.py: one DeepSeek-V3 MoE layer's routed experts, bf16 and int8 one expert at a time against
+#      int8 grouped;
+#   7. with --sweep: the fastest Triton tiles of the 8B linears at T = 1 and 2048 (bench/cuda_linear.py --sweep).
 # Each stage has a time limit (a hung one is stopped and said so; the next still runs). Logs go to $OUT (or
 # /tmp/gpu_check); the random checkpoints to $SLIMQUANT_CACHE (written once, about 2 minutes).
 #   bash scripts/gpu_check.sh [--quick] [--sweep]
@@ -43,13 +45,13 @@ speed=(python3 bench/speed.py --device cuda --no-llama-cpp --cuda-int8-gemm cubl
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" | tee "$out/summary.log"
 stage "tests" tests.log 240 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_kernels/test_cuda_compile.py
 stage "one linear" linear.log 120 python3 bench/cuda_linear.py
+stage "Qwen2.5-7B shape" speed_7b.log 480 "${speed[@]}" --only-7b --decode-tokens 32 --streams 16 --prompt-len 2048
+if [[ $quick == 0 ]]; then
+  stage "SmolLM2-135M shape" speed_smollm2.log 180 "${speed[@]}" --random --decode-tokens 64
+fi
 stage "decode attention" attention.log 180 python3 bench/cuda_attention.py
 stage "MoE layer" moe.log 120 python3 bench/cuda_moe.py --tokens 1,16,256,2048
 if [[ $sweep == 1 ]]; then
   stage "tile sweep" sweep.log 180 python3 bench/cuda_linear.py --shapes 8b --tokens 1,2048 --sweep
-fi
-stage "Qwen2.5-7B shape" speed_7b.log 480 "${speed[@]}" --only-7b --decode-tokens 32 --streams 16 --prompt-len 2048
-if [[ $quick == 0 ]]; then
-  stage "SmolLM2-135M shape" speed_smollm2.log 180 "${speed[@]}" --random --decode-tokens 64
 fi
 exit $status
