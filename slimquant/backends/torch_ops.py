@@ -113,8 +113,8 @@ class TorchOps:
         chunk with nothing cached before it attends to its own float k / v; everything else reads the cache (as
         vLLM-Ascend does with an int8 cache)."""
         if ctx.is_decode:  # one batched call, contexts padded to the longest
-            lens = ctx.device_context_lens if ctx.graph_step else ctx.context_lens
-            out = paged_attention(q[:, None], k_cache, v_cache, ctx.block_tables, lens, scale, kv_quant)[:, 0]
+            out = paged_attention(q[:, None], k_cache, v_cache, ctx.block_tables, decode_lens(ctx), scale, kv_quant)
+            out = out[:, 0]
             if kv_quant is not None:  # a one-token prompt (nothing cached before) attends to its own float v
                 own = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # [B, KVH, D] -> [B, NH, D]
                 out = torch.where((ctx.lens_on_device == 1)[:, None, None], own.to(out.dtype), out)
@@ -135,11 +135,11 @@ class TorchOps:
     ) -> torch.Tensor:
         """Absorbed MLA decode, one query token per sequence: q [B, NH, R + P] over the latent cache
         [NB, BS, R + P] (tokens' [latent | k_pe]) -> softmax(q . cached) @ latent [B, NH, R], R = rank."""
-        lens, length = decode_lens(ctx)
+        lens, length = context_span(decode_lens(ctx), ctx.block_tables, cache.shape[1], q.device)
         cached = gather_context(cache, ctx.block_tables, length).to(q.dtype)[:, None]  # [B, 1, S, R + P]
-        mask = torch.arange(length, device=q.device)[None, :] < torch.as_tensor(lens, device=q.device)[:, None]
+        mask = causal_mask(lens, 1, cached.shape[2])[:, None]  # [B, 1, 1, S]
         out = F.scaled_dot_product_attention(
-            q[:, :, None], cached, cached[..., :rank], attn_mask=mask[:, None, None], scale=scale, enable_gqa=True
+            q[:, :, None], cached, cached[..., :rank], attn_mask=mask, scale=scale, enable_gqa=True
         )  # [B, NH, 1, R]
         return out[:, :, 0]
 
@@ -268,12 +268,26 @@ def store_kv(
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
-def decode_lens(ctx: ForwardContext) -> tuple[list[int] | torch.Tensor, int]:
-    """A decode step's (context lengths, the length to gather): host values and the longest, or in a CUDA-graph
-    step the device lengths and the block table's whole width (a graph reads no host value)."""
-    if ctx.graph_step:
-        return ctx.lens_on_device, ctx.block_tables.shape[1] * ctx.block_size
-    return ctx.context_lens, max(ctx.context_lens)
+def decode_lens(ctx: ForwardContext) -> list[int] | torch.Tensor:
+    """A decode step's context lengths: host values, or in a CUDA-graph step the device tensor (a graph reads no
+    host value; attention then spans the block table's whole width: context_span)."""
+    return ctx.device_context_lens if ctx.graph_step else ctx.context_lens
+
+
+def context_span(
+    context_lens: list[int] | torch.Tensor, block_tables: torch.Tensor, block_size: int, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """(context lengths [B] on device, tokens to gather per sequence): the longest of host lengths, or for a device
+    tensor (a CUDA-graph step) every block of the table, so that shapes do not depend on the lengths."""
+    if isinstance(context_lens, torch.Tensor):
+        return context_lens.to(device), block_tables.shape[1] * block_size
+    return torch.tensor(context_lens, device=device), max(context_lens)
+
+
+def causal_mask(lens: torch.Tensor, q_len: int, length: int) -> torch.Tensor:
+    """[B, Q, S] bool: the Q queries sit at positions len - Q .. len - 1 of each sequence (lens [B])."""
+    last_key = lens[:, None, None] - q_len + torch.arange(q_len, device=lens.device)[None, :, None]  # [B, Q, 1]
+    return torch.arange(length, device=lens.device)[None, None, :] <= last_key
 
 
 def paged_attention(
@@ -292,11 +306,7 @@ def paged_attention(
     block_tables: [B, max_blocks]; returns [B, Q, H, D]. Lengths as a device tensor (a CUDA-graph step) attend
     over every block of the table, masked, so that shapes do not depend on them.
     """
-    b, q_len = q.shape[:2]
-    if isinstance(context_lens, torch.Tensor):
-        length, lens = block_tables.shape[1] * k_cache.shape[1], context_lens.to(q.device)
-    else:
-        length, lens = max(context_lens), torch.tensor(context_lens, device=q.device)
+    lens, length = context_span(context_lens, block_tables, k_cache.shape[1], q.device)
     k = gather_context(k_cache, block_tables, length)  # [B, S, KVH, D] (the cache may hold bf16 or int8)
     v = gather_context(v_cache, block_tables, length)
     if kv_quant is None:
@@ -304,9 +314,7 @@ def paged_attention(
     else:
         k = dequantize_kv(k, kv_quant.k_scale, kv_quant.k_offset, q.dtype)
         v = dequantize_kv(v, kv_quant.v_scale, kv_quant.v_offset, q.dtype)
-    ctx = lens[:, None, None]  # [B, 1, 1]
-    last_key = ctx - q_len + torch.arange(q_len, device=q.device)[None, :, None]  # [B, Q, 1]
-    mask = torch.arange(k.shape[1], device=q.device)[None, None, :] <= last_key  # [B, Q, S]
+    mask = causal_mask(lens, q.shape[1], k.shape[1])  # [B, Q, S]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scale, enable_gqa=True
     )  # [B, H, Q, D]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slimquant.backends.torch_ops import TORCH_OPS, TorchOps, decode_lens, gather_context
+from slimquant.backends.torch_ops import TORCH_OPS, TorchOps, causal_mask, context_span, decode_lens, gather_context
 from slimquant.layers.attention import KVCacheLayer
 from slimquant.layers.context import ForwardContext, get_context
 from slimquant.layers.linear import Linear
@@ -42,23 +42,23 @@ class MLAttention(KVCacheLayer):
         outs, start = [], 0
         for i, q_len in enumerate(ctx.query_lens):  # prefill chunks: one sequence at a time
             tables, lens = ctx.block_tables[i : i + 1], ctx.context_lens[i : i + 1]
-            outs.append(self._attend(q[None, start : start + q_len], tables, (lens, lens[0]), kv_b_proj))
+            outs.append(self._attend(q[None, start : start + q_len], tables, lens, kv_b_proj))
             start += q_len
         return torch.cat(outs, dim=1).reshape(q.shape[0], -1)
 
     def _attend(
-        self, q: torch.Tensor, block_tables: torch.Tensor, lens: tuple[list[int] | torch.Tensor, int], kv_b_proj: Linear
+        self, q: torch.Tensor, block_tables: torch.Tensor, context_lens: list[int] | torch.Tensor, kv_b_proj: Linear
     ) -> torch.Tensor:
-        """Causal attention of q [B, Q, NH, Dqk] over the cached context (lens: each sequence's context length,
-        and the longest); returns [B, Q, NH, V]."""
-        context_lens, length = lens
+        """Causal attention of q [B, Q, NH, Dqk] over the cached context (lengths as context_span takes them);
+        returns [B, Q, NH, V]."""
+        lens, length = context_span(context_lens, block_tables, self.kv_cache.shape[1], q.device)
         cached = gather_context(self.kv_cache, block_tables, length).to(q.dtype)  # [B, S, R + rope]
         b, s = cached.shape[:2]
         latent, k_pe = cached.split([self.kv_lora_rank, self.rope], dim=-1)
         kv = kv_b_proj(latent.reshape(b * s, -1)).view(b, s, self.num_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [B, S, NH, nope], [B, S, NH, V]
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)], dim=-1)  # [B, S, NH, Dqk]
-        mask = causal_mask(context_lens, q.shape[1], s, q.device)  # [B, Q, S]
+        mask = causal_mask(lens, q.shape[1], s)  # [B, Q, S]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=self.scale
         )  # [B, NH, Q, V]
@@ -91,10 +91,3 @@ def store_latent(
     if not all_valid and not bool(valid.all()):
         slots, entries = slots[valid], entries[valid]
     cache.view(-1, cache.shape[-1]).index_copy_(0, slots, entries.to(cache.dtype))
-
-
-def causal_mask(context_lens: list[int] | torch.Tensor, q_len: int, length: int, device: torch.device) -> torch.Tensor:
-    """[B, Q, S] bool: the Q queries sit at positions ctx_len - Q .. ctx_len - 1 of each sequence."""
-    ctx = torch.as_tensor(context_lens, device=device)[:, None, None]  # [B, 1, 1]
-    last_key = ctx - q_len + torch.arange(q_len, device=device)[None, :, None]  # [B, Q, 1]
-    return torch.arange(length, device=device)[None, None, :] <= last_key
