@@ -148,6 +148,24 @@ def _dequantize(
 
 
 @triton.jit
+def _int8_dot(
+    a_at, w_at, rmask, cmask, k_left, K_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """int32 [BM, BN] = sum over k_left columns of a [BM, K] @ w [BN, K]^T, from pointers a_at [BM, BK] and
+    w_at [BK, BN] at the first column, in BLOCK_K steps over K_LOOP (>= k_left) columns."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K_LOOP, BLOCK_K):  # constexpr bounds: Triton's interpreter takes no other
+        a = tl.load(a_at, mask=rmask[:, None] & (ks[None, :] < k_left - k0), other=0)
+        w = tl.load(w_at, mask=(ks[:, None] < k_left - k0) & cmask[None, :], other=0)
+        acc += tl.dot(a, w, out_dtype=tl.int32)
+        a_at += BLOCK_K
+        w_at += BLOCK_K
+    return acc
+
+
+@triton.jit
 def _int8_gemm(
     a_ptr, w_ptr, out_ptr, M, N, row_scale_ptr, col_scale_ptr, add_ptr,
     K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, STATIC: tl.constexpr, HAS_ADD: tl.constexpr,
@@ -163,13 +181,7 @@ def _int8_gemm(
     k_start = tl.program_id(2) * K_PER_SPLIT
     a_at = a_ptr + rows.to(tl.int64)[:, None] * K + k_start + ks[None, :]  # [BM, BK]
     w_at = w_ptr + cols.to(tl.int64)[None, :] * K + k_start + ks[:, None]  # [BK, BN]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):  # constexpr bounds: Triton's interpreter takes no other
-        a = tl.load(a_at, mask=rmask[:, None] & (ks[None, :] < k_left - k0), other=0)
-        w = tl.load(w_at, mask=(ks[:, None] < k_left - k0) & cmask[None, :], other=0)
-        acc += tl.dot(a, w, out_dtype=tl.int32)
-        a_at += BLOCK_K
-        w_at += BLOCK_K
+    acc = _int8_dot(a_at, w_at, rmask, cmask, k_left, K_PER_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = rmask[:, None] & cmask[None, :]
     if SPLITS == 1:
         row_scale, col_scale, add = _epilogue_operands(

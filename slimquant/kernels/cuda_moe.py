@@ -17,14 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from slimquant.kernels.cuda_int8 import _EXACT, _round_to, _store_rows, quantize
+from slimquant.kernels.cuda_int8 import _EXACT, _dequantize_tile, _int8_dot, _round_to, _store_rows, quantize
 from slimquant.kernels.cuda_layers import silu_and_mul
 from slimquant.kernels.int8_input import PER_TOKEN
 
 
 @dataclass(frozen=True)
 class ExpertBlocks:
-    """Slots sorted by expert and cut into blocks of block_m rows of one expert, all on the device.
+    """Slots sorted by expert and cut into blocks of at most block_m rows of one expert, all on the device.
     order int64 [S]: the slot (token * K + k) at each sorted row; expert / row0 / end int32 [B]: each block's
     expert (-1: an unused block), first sorted row and its expert's end row; B is fixed by S, E and block_m."""
 
@@ -32,7 +32,6 @@ class ExpertBlocks:
     expert: torch.Tensor
     row0: torch.Tensor
     end: torch.Tensor
-    block_m: int
 
 
 def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int, first: int | None = None) -> ExpertBlocks:
@@ -55,7 +54,7 @@ def expert_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int, first:
     used = b < block_ends[-1]
     row0 = ends[e] - counts[e] + (b - (block_ends[e] - blocks[e])) * block_m  # [B]
     expert = torch.where(used, e, -1).to(torch.int32)
-    return ExpertBlocks(order, expert, row0.to(torch.int32), torch.where(used, ends[e], 0).to(torch.int32), block_m)
+    return ExpertBlocks(order, expert, row0.to(torch.int32), torch.where(used, ends[e], 0).to(torch.int32))
 
 
 @dataclass(frozen=True)
@@ -101,16 +100,10 @@ def _grouped_int8_gemm(
     ks = tl.arange(0, BLOCK_K)
     a_at = a_ptr + a_rows.to(tl.int64)[:, None] * K + ks[None, :]  # [BM, BK]
     w_at = w_ptr + (e.to(tl.int64) * N + cols)[None, :] * K + ks[:, None]  # [BK, BN]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_at, mask=rmask[:, None] & (ks[None, :] < K - k0), other=0)
-        w = tl.load(w_at, mask=(ks[:, None] < K - k0) & cmask[None, :], other=0)
-        acc += tl.dot(a, w, out_dtype=tl.int32)
-        a_at += BLOCK_K
-        w_at += BLOCK_K
+    acc = _int8_dot(a_at, w_at, rmask, cmask, K, K, BLOCK_M, BLOCK_N, BLOCK_K)
     row_scale = tl.load(row_scale_ptr + a_rows, mask=rmask, other=0.0)
     col_scale = tl.load(col_scale_ptr + e.to(tl.int64) * N + cols, mask=cmask, other=0.0).to(tl.float32)
-    y = acc.to(tl.float32) * row_scale[:, None] * col_scale[None, :]
+    y = _dequantize_tile(acc, row_scale, col_scale, col_scale, STATIC=False, HAS_ADD=False)
     if HAS_MULT:
         y = _round_to(y, y_ptr.dtype.element_ty) * tl.load(mult_ptr + y_rows, mask=rmask, other=0.0)[:, None]
     _store_rows(y_ptr, y, y_rows, cols, N, rmask[:, None] & cmask[None, :])
