@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import platform
 import socket
@@ -20,6 +21,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +55,8 @@ class WorkerGroup:
 
     def __init__(self, procs: list, errors: Any, tp: TensorParallel, ranks: list[int]):
         self.procs, self.errors, self.tp, self.ranks = procs, errors, tp, ranks  # ranks: each proc's global rank
-        self._beating = threading.Event()  # set: the keepalive thread stops
+        self._stopping = threading.Event()  # set: the engine stops the ranks (the keepalive and watch threads end)
+        self._aborted = False  # the device group was aborted: a rank died (watch_device_group)
         self._keepalive_failure: BaseException | None = None
         self.threads = torch.get_num_threads()  # this process's, given back by kill()
         self.affinity = os.sched_getaffinity(0)  # its cores, given back by kill()
@@ -74,6 +77,8 @@ class WorkerGroup:
         except BaseException:
             group.kill()
             raise
+        if group.tp.device_group is not None:
+            group.watch_device_group(partial(dist.distributed_c10d._abort_process_group, group.tp.device_group))
         return group
 
     @classmethod
@@ -140,7 +145,7 @@ class WorkerGroup:
 
     def _guard(self, fn: Callable, args: tuple, own: tuple[type[Exception], ...]) -> Any:
         try:
-            return fn(*args)
+            result = fn(*args)
         except own:
             self.kill()
             raise
@@ -151,6 +156,9 @@ class WorkerGroup:
             if isinstance(e, MidStepFailure):  # say a rank on another node died or hangs, or rank 0's step failed
                 self.fail(e, f"rank 0 failed inside a step the ranks run together ({e}); they cannot go on")
             raise
+        if self._aborted:  # the step ended because its device group was aborted: its results are void
+            self.fail(None)
+        return result
 
     def check(self) -> None:
         """RankFailure if a rank has died (say, while the engine was idle), or a keepalive to the ranks failed."""
@@ -164,7 +172,7 @@ class WorkerGroup:
         ranks on other machines wait for rank 0 execute_model_timeout at most (ModelRunner._next_step)."""
 
         def beat() -> None:
-            while not self._beating.wait(runner.keepalive_period / 2):
+            while not self._stopping.wait(runner.keepalive_period / 2):
                 try:
                     runner.keepalive()
                 except Exception as e:  # noqa: BLE001 - the engine's next check() raises it
@@ -172,6 +180,28 @@ class WorkerGroup:
                     return
 
         threading.Thread(target=beat, name="slimquant-keepalive", daemon=True).start()
+
+    def watch_device_group(self, abort: Callable[[], None]) -> None:
+        """On GPUs: as soon as one of this node's ranks dies, say so and call abort (of the NCCL group). NCCL waits
+        for a dead peer until its timeout (execute_model_timeout), so a step would hang that long; aborted, it ends
+        in seconds and guard raises RankFailure. (torch's abort of a group is experimental, and works for NCCL only:
+        on CPUs gloo sees a dead peer's socket close.)"""
+
+        def watch() -> None:
+            sentinels = [p.sentinel for p in self.procs]
+            while not mp.connection.wait(sentinels, timeout=0.5):
+                if self._stopping.is_set():
+                    return
+            if self._stopping.is_set() or not self._dead():  # stopped: the ranks exit 0
+                return
+            self._aborted = True
+            logger.error("tensor parallel: rank(s) %s died; aborting the GPU collectives of the step", self._dead())
+            try:
+                abort()
+            except Exception as e:  # noqa: BLE001 - the step then ends at NCCL's timeout, and guard says why
+                logger.error("tensor parallel: aborting the NCCL group failed (%s: %s)", type(e).__name__, e)
+
+        threading.Thread(target=watch, name="slimquant-watch-ranks", daemon=True).start()
 
     def fail(self, cause: BaseException | None, hint: str = "") -> None:
         """Stop every rank and raise RuntimeError with what the failed ranks said."""
@@ -188,7 +218,7 @@ class WorkerGroup:
 
     def stop(self, runner: ModelRunner) -> None:
         """Let the ranks finish (they leave serve_steps) and reap them."""
-        self._beating.set()
+        self._stopping.set()
         with contextlib.suppress(Exception):  # a rank is already gone: killed below
             runner.stop_serving()
         for p in self.procs:
@@ -214,7 +244,7 @@ class WorkerGroup:
 
     def kill(self) -> None:
         """End every rank now, leave the process group, and give this process its threads back."""
-        self._beating.set()
+        self._stopping.set()
         for p in self.procs:
             if p.is_alive():
                 p.kill()

@@ -8,6 +8,7 @@ import gc
 import multiprocessing
 import os
 import queue
+import threading
 import time
 
 import pytest
@@ -91,6 +92,39 @@ def _group_of_a_dead_rank() -> WorkerGroup:
     proc.start()
     proc.join()
     return WorkerGroup([proc], None, TensorParallel(rank=0, size=2), ranks=[1])
+
+
+def _exits_later(code: int) -> None:
+    time.sleep(1.0)
+    os._exit(code)
+
+
+def _watched_rank(code: int) -> tuple[WorkerGroup, threading.Event]:
+    """A group whose rank 1 exits with code in a second, watched as on GPUs, and the event its abort sets."""
+    proc = multiprocessing.get_context("spawn").Process(target=_exits_later, args=(code,))
+    proc.start()
+    group, aborted = WorkerGroup([proc], None, TensorParallel(rank=0, size=2), ranks=[1]), threading.Event()
+    group.watch_device_group(aborted.set)
+    return group, aborted
+
+
+def test_on_gpus_a_rank_that_dies_mid_step_aborts_the_nccl_group_and_the_step_fails_in_seconds():
+    """NCCL waits for a dead peer until its timeout (execute_model_timeout): the step here waits so until the
+    abort ends it, and its (void) result must not be taken."""
+    group, aborted = _watched_rank(3)
+    start = time.perf_counter()
+    with pytest.raises(RankFailure, match=r"rank\(s\) \[1\] of 2 failed \(rank 1 exited with code 3"):
+        group.guard(aborted.wait, 60)
+    assert aborted.is_set() and time.perf_counter() - start < 10
+
+
+def test_ranks_that_exit_as_told_are_not_aborted():
+    group, aborted = _watched_rank(0)
+    group.procs[0].join()
+    assert not aborted.wait(1.0) and group.guard(len, "ok") == 2
+    group, aborted = _watched_rank(3)
+    group.kill()  # the engine stops its ranks
+    assert not aborted.wait(1.5)
 
 
 def _value_error() -> None:

@@ -8,6 +8,9 @@ agree within rounding. Skipped where torch sees no CUDA GPU (CI has none); run w
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -15,6 +18,7 @@ from slimquant import LLM, SamplingParams
 from slimquant.config import KernelConfig
 from slimquant.distributed.launch import run_ranks
 from slimquant.distributed.tensor_parallel import TensorParallel
+from slimquant.errors import RankFailure
 from slimquant.models.loader import load_model
 from tests.models.ascend_ckpt import write_ascend
 from tests.models.paged import PROMPT, PagedRunner
@@ -103,3 +107,17 @@ def test_engine_ranks_on_their_own_gpus_give_one_process_text(models, backend):
             assert split.token_ids == one.token_ids, name
             for a, b, t in zip(split.logprobs, one.logprobs, one.token_ids, strict=True):
                 assert abs(a[t].logprob - b[t].logprob) < 1e-3, name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (one per rank)")
+def test_a_rank_killed_mid_generation_on_nccl_fails_in_seconds(models):
+    """NCCL waits for a dead peer until its timeout (execute_model_timeout, 300 s here): rank 0 aborts the NCCL
+    group when its rank dies (WorkerGroup.watch_device_group), so generate raises RankFailure in seconds."""
+    llm = LLM(models["llama-W8A8_DYNAMIC"], device="cuda", max_model_len=2048, tensor_parallel_size=2)
+    params = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
+    worker = llm.llm_engine.workers.procs[0]
+    threading.Timer(3.0, worker.kill).start()  # while the ranks decode
+    start = time.perf_counter()
+    with pytest.raises(RankFailure, match=r"rank\(s\) \[1\] of 2 failed \(rank 1 exited with code -9"):
+        llm.generate(["0 1 2 3"] * 8, params, use_tqdm=False)
+    assert time.perf_counter() - start < 3.0 + 30
