@@ -77,6 +77,11 @@ class TorchOps:
         """silu_and_mul(x) for the int8 linear that reads it, as add_rms_norm_quant (here: float)."""
         return self.silu_and_mul(x)
 
+    def quantize_input(self, x: torch.Tensor, quant: InputQuant) -> torch.Tensor | Int8Rows:
+        """x [T, K] quantized once, as quant says, for the int8 layers that read it (a MoE layer's routed and
+        shared experts) where the ops fuse input quantization (Int8Rows), else x (each layer quantizes it)."""
+        return x
+
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for x = [gate | up]: [T, 2I] -> [T, I]. On the CPU silu runs in float64: float32's
         vectorized and scalar exp differ in the last bit, and which one an element gets depends on the tensor's
@@ -208,7 +213,7 @@ class TorchOps:
 
     def grouped_experts(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | Int8Rows,
         w13: torch.Tensor,
         w13_scale: torch.Tensor,
         w2: torch.Tensor,
@@ -218,8 +223,9 @@ class TorchOps:
         first: int | None = None,
     ) -> torch.Tensor | None:
         """Every routed slot's weighted int8 expert output [T, K, H] in one pass, where the backend has kernels
-        for it (first: the weights are experts first.. of more, expert parallel; other slots 0); None here:
-        RoutedExperts runs its experts one by one with the ops above."""
+        for it (x: float, or Int8Rows per token from quantize_input; first: the weights are experts first.. of
+        more, expert parallel; other slots 0); None here: RoutedExperts runs its experts one by one with the ops
+        above."""
         return None
 
     # ---- float linears ----

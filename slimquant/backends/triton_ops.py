@@ -65,6 +65,11 @@ class TritonOps(TorchOps):
             return super().silu_and_mul_quant(x, quant)
         return self.layers.silu_and_mul(x, quant)
 
+    def quantize_input(self, x, quant):
+        if x.dim() != 2 or not _same_float(x, *_static(quant)):
+            return x
+        return self.int8.quantize(x, quant)
+
     def attention(self, q, k, v, rope: Rope, kv_cache, ctx: ForwardContext, scale: float, kv_quant=None):
         """Rope and the cache write in one kernel; decode attention in one kernel; prefill: TorchOps (SDPA). An
         int8 cache runs TorchOps' (no Triton kernel for it yet)."""
@@ -104,7 +109,9 @@ class TritonOps(TorchOps):
 
     def grouped_experts(self, x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, first=None):
         """All experts' int8 GEMMs in two grouped kernels, the routing on the device (kernels/cuda_moe.py)."""
-        if x.dim() != 2 or not _same_float(x) or w13.dtype != torch.int8 or w2.dtype != torch.int8:
+        if w13.dtype != torch.int8 or w2.dtype != torch.int8:
+            return None
+        if not isinstance(x, Int8Rows) and (x.dim() != 2 or not _same_float(x)):
             return None
         return self.moe.routed_experts(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, first)
 

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from slimquant.kernels.cuda_int8 import _EXACT, _dequantize_tile, _int8_dot, _round_to, _store_rows, quantize
 from slimquant.kernels.cuda_layers import silu_and_mul
-from slimquant.kernels.int8_input import PER_TOKEN
+from slimquant.kernels.int8_input import PER_TOKEN, Int8Rows
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def _grouped_gemm(a_q, a_rows, w_q, y, y_rows, row_scale, col_scale, mult, block
 
 
 def routed_experts(
-    x: torch.Tensor,
+    x: torch.Tensor | Int8Rows,
     w13: torch.Tensor,
     w13_scale: torch.Tensor,
     w2: torch.Tensor,
@@ -134,7 +134,8 @@ def routed_experts(
     first: int | None = None,
     tiles: MoeTiles | None = None,
 ) -> torch.Tensor:
-    """Each (token, k) slot's weighted expert output [T, K, H] in x's dtype: x [T, H] float; w13 int8 [E, 2I, H]
+    """Each (token, k) slot's weighted expert output [T, K, H] in x's dtype: x [T, H] float, or quantized per token
+    (Int8Rows: its dtype); w13 int8 [E, 2I, H]
     (gate rows, then up rows), w2 int8 [E, H, I], scales [E, 2I] / [E, H] (any float dtype); topk_weights fp32 and
     topk_ids [T, K]. first: these are experts first .. first + E - 1 of more (expert parallel), and the slots
     routed to others are 0."""
@@ -142,12 +143,12 @@ def routed_experts(
     (num_experts, inter2, h), s = w13.shape, t * top_k
     tiles = tiles or moe_tiles(s, num_experts)
     blocks = expert_blocks(topk_ids, num_experts, tiles.block_m, first)
-    a = quantize(x, PER_TOKEN)  # q int8 [R >= T, H], scale fp32 [T]
+    a = x if isinstance(x, Int8Rows) else quantize(x, PER_TOKEN)  # q int8 [R >= T, H], scale fp32 [T]
     alloc = torch.empty if first is None else torch.zeros  # other ranks' slots: rows no block writes
-    gate_up = alloc(s, inter2, dtype=x.dtype, device=x.device)  # [S, 2I] in sorted order
+    gate_up = alloc(s, inter2, dtype=a.dtype, device=a.q.device)  # [S, 2I] in sorted order
     _grouped_gemm(a.q, blocks.order // top_k, w13, gate_up, None, a.scale, w13_scale, None, blocks, tiles)
     act = silu_and_mul(gate_up, PER_TOKEN)  # q int8 [R >= S, I], scale fp32 [S], in sorted order
-    out = alloc(s, h, dtype=x.dtype, device=x.device)  # [S, H]: each slot routed to these experts written once
+    out = alloc(s, h, dtype=a.dtype, device=a.q.device)  # [S, H]: each slot routed to these experts written once
     weights = topk_weights.reshape(-1).float()  # [S]
     _grouped_gemm(act.q, None, w2, out, blocks.order, act.scale, w2_scale, weights, blocks, tiles)
     return out.view(t, top_k, h)

@@ -24,6 +24,7 @@ from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.format.safetensors_io import Part
 from slimquant.format.schemes import FLOAT
 from slimquant.format.validation import FLOAT_TENSOR, INT8_WEIGHT, WEIGHT_OFFSET, WEIGHT_SCALE
+from slimquant.kernels.int8_input import PER_TOKEN, Int8Rows
 from slimquant.layers.mlp import GatedMLP, check_activation
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.quant_methods import replace_param
@@ -173,14 +174,15 @@ class RoutedExperts(nn.Module):
         whole = self.tp.size == 1 or self.expert_parallel  # each expert's matrices on one rank
         return self.quantized and whole and self.ops.groups_experts
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        # x: [T, H]; topk_weights fp32 / topk_ids: [T, K]
+    def forward(self, x: torch.Tensor | Int8Rows, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        # x: [T, H] (Int8Rows from ops.quantize_input where grouped); topk_weights fp32 / topk_ids: [T, K]
         outs = None
         if self.grouped:
             first = self.first if self.expert_parallel else None
             weights = (self.w13, self.w13_scale, self.w2, self.w2_scale)
             outs = self.ops.grouped_experts(x, *weights, topk_weights, topk_ids, first)  # [T, K, H]
         if outs is None:
+            assert not isinstance(x, Int8Rows), "quantized input is for the ops that run the experts grouped"
             outs = self._one_by_one(x, topk_weights, topk_ids)
         if self.expert_parallel:  # every slot was filled on the one rank that holds its expert
             outs = self.tp.sum_disjoint(outs)
@@ -257,10 +259,19 @@ class DeepseekMoE(nn.Module):
             shared = i * config.n_shared_experts
             self.shared_experts = GatedMLP(h, shared, quant_config, f"{prefix}.shared_experts", dtype, bias, tp)
 
+    ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
     input_quant = None  # the router reads the float input too (PreNormDecoderLayer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H]
         weights, ids = self.gate(x)
-        out = self.experts(x, weights, ids)
-        return out if self.shared_experts is None else out + self.shared_experts(x)
+        if self.shared_experts is None:
+            return self.experts(x, weights, ids)
+        x_in = self.ops.quantize_input(x, PER_TOKEN) if self._one_quantization() else x  # for both
+        return self.experts(x_in, weights, ids) + self.shared_experts(x_in)
+
+    def _one_quantization(self) -> bool:
+        """Whether the routed and the shared experts quantize their input alike (per token) and the routed ones
+        run grouped (where the ops take quantized input), so that it is quantized once for both."""
+        quant = self.shared_experts.input_quant
+        return self.experts.grouped and quant is not None and quant.inv_scale is None

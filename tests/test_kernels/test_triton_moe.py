@@ -64,7 +64,8 @@ def test_expert_blocks_cover_every_slot_once(t, e, top_k, block_m):
 @pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2"])
 def test_deepseek_on_grouped_experts_equals_one_expert_at_a_time(tiny_model, tmp_path, monkeypatch, arch):
     """A bf16 DeepSeek with W8A8_DYNAMIC experts on the cuda-triton ops (a prefill chunk, then decode steps of two
-    sequences): the same logits with the grouped kernels as with its experts run one by one."""
+    sequences): the same logits with the grouped kernels, whose input is quantized once for the routed and the shared
+    experts, as with each quantizing its own, and as with its experts run one by one."""
     from slimquant.backends.base import Backend
     from slimquant.backends.torch_ops import TorchOps
     from slimquant.backends.triton_ops import TritonOps
@@ -89,6 +90,13 @@ def test_deepseek_on_grouped_experts_equals_one_expert_at_a_time(tiny_model, tmp
     grouped = logits()
     moe_layers = model.config.num_hidden_layers - model.config.first_k_dense_replace
     assert len(calls) == (1 + len(PROMPT[7:])) * moe_layers  # every step's every MoE layer
+    quantized = []  # each MoE layer quantizes its input once, for its routed and shared experts both
+    monkeypatch.setattr(
+        TritonOps, "quantize_input", lambda *a, _q=TritonOps.quantize_input: quantized.append(1) or _q(*a)
+    )
+    assert torch.equal(grouped, logits()) and len(quantized) == len(calls) // 2
+    monkeypatch.setattr(TritonOps, "quantize_input", TorchOps.quantize_input)  # each quantizes its own
+    assert torch.equal(grouped, logits())
     monkeypatch.setattr(TritonOps, "grouped_experts", TorchOps.grouped_experts)  # None: one expert at a time
     assert torch.equal(grouped, logits())
 
