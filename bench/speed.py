@@ -9,6 +9,7 @@ the same run. `--cuda-int8-gemm cublas,triton` adds a row per int8 GEMM.
 
     .venv/bin/python bench/speed.py [--large] [--decode-tokens 64] [--streams 16] [--prompt-len 512]
     python bench/speed.py --device cuda --random --7b --cuda-int8-gemm cublas,triton   # a GPU machine
+    python bench/speed.py --random --7b --prepare   # only write those random checkpoints (CPU and disk)
 
 Run it on a quiet machine: with 2 OpenMP threads, any other busy process stalls every parallel op.
 """
@@ -124,19 +125,28 @@ def main() -> None:
     bench.add_measure_args(p)
     p.set_defaults(decode_tokens=64)
     p.add_argument("--random", action="store_true", help="SmolLM2-135M's shape with random weights (no model files)")
+    p.add_argument(
+        "--prepare", action="store_true", help="only write the random checkpoints these tables read (no GPU used)"
+    )
     args = p.parse_args()
-    check_device(args.device)
-    print(bench.machine_line(args.device))
+    if not args.prepare:
+        check_device(args.device)
+        print(bench.machine_line(args.device))
+
+    def show(paths: list[Path]) -> None:
+        if not args.prepare:
+            table(paths, args)
+
     if not (args.only_large or args.only_7b):
         if args.random:
-            table(random_models("llama", "smollm2-135m", SMOLLM2_135M_SHAPE), args)
-        else:
+            show(random_models("llama", "smollm2-135m", SMOLLM2_135M_SHAPE))
+        elif not args.prepare:
             src = zoo.default_model_dir()
-            table([src] + [quantized(src, t, device=args.device) for t in QTYPES[1:]], args)
+            show([src] + [quantized(src, t, device=args.device) for t in QTYPES[1:]])
     if args.large or args.only_large:
-        table(random_models("qwen2", "qwen2.5-1.5b", QWEN25_15B_SHAPE), args)
+        show(random_models("qwen2", "qwen2.5-1.5b", QWEN25_15B_SHAPE))
     if args.qwen7b or args.only_7b:
-        table(random_models("qwen2", "qwen2.5-7b", QWEN25_7B_SHAPE), args)
+        show(random_models("qwen2", "qwen2.5-7b", QWEN25_7B_SHAPE))
 
 
 if __name__ == "__main__":

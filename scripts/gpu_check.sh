@@ -14,7 +14,8 @@
 #      int8 grouped;
 #   7. with --sweep: the fastest Triton tiles of the 8B linears at T = 1 and 2048 (bench/cuda_linear.py --sweep).
 # Each stage has a time limit (a hung one is stopped and said so; the next still runs). Logs go to $OUT (or
-# /tmp/gpu_check); the random checkpoints to $SLIMQUANT_CACHE (written once, about 2 minutes).
+# /tmp/gpu_check); the random checkpoints to $SLIMQUANT_CACHE (written once, about 2 minutes, in the background
+# during stages 1 and 2).
 #   bash scripts/gpu_check.sh [--quick] [--sweep]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,8 +44,14 @@ stage() {  # stage NAME LOG LIMIT COMMAND...: run it for LIMIT s at most (a hang
 }
 speed=(python3 bench/speed.py --device cuda --no-llama-cpp --cuda-int8-gemm cublas,triton)
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" | tee "$out/summary.log"
+# The random checkpoints of stages 3 and 4 are written (CPU and disk, a few minutes) while stages 1 and 2 use the GPU.
+start=$SECONDS
+python3 bench/speed.py --random --7b --prepare > "$out/prepare.log" 2>&1 &
+prepare=$!
 stage "tests" tests.log 240 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_kernels/test_cuda_compile.py
 stage "one linear" linear.log 120 python3 bench/cuda_linear.py
+wait $prepare
+echo "=== random checkpoints written: rc $?, $((SECONDS - start)) s (overlapping stages 1 and 2)" | tee -a "$out/summary.log"
 stage "Qwen2.5-7B shape" speed_7b.log 480 "${speed[@]}" --only-7b --decode-tokens 32 --streams 16 --prompt-len 2048
 if [[ $quick == 0 ]]; then
   stage "SmolLM2-135M shape" speed_smollm2.log 180 "${speed[@]}" --random --decode-tokens 64
