@@ -58,6 +58,7 @@ class WorkerGroup:
         self._stopping = threading.Event()  # set: the engine stops the ranks (the keepalive and watch threads end)
         self._aborted = False  # the device group was aborted: a rank died (watch_device_group)
         self._keepalive_failure: BaseException | None = None
+        self._notes: dist.TCPStore | None = None  # where other nodes say that their ranks failed (node 0's store)
         self.threads = torch.get_num_threads()  # this process's, given back by kill()
         self.affinity = os.sched_getaffinity(0)  # its cores, given back by kill()
 
@@ -72,6 +73,8 @@ class WorkerGroup:
         _bind(config, cores[0])
         group._join_as_rank0(config)
         try:
+            if config.nnodes > 1:
+                group._notes = _store_client(config)
             group.guard(_check_fingerprints, config, group.tp)
             group.tp = group.guard(_links, group.tp, config, config.nnodes == 1, lambda: not group._dead())
         except BaseException:
@@ -150,14 +153,16 @@ class WorkerGroup:
             self.kill()
             raise
         except Exception as e:
-            time.sleep(0.5)  # a rank that broke the collective is exiting: let it be seen dead
+            self._settle()  # a rank that broke the collective is exiting: let it be seen dead, or its node say so
             if self._dead():
                 self.fail(e)
-            if isinstance(e, MidStepFailure):  # say a rank on another node died or hangs, or rank 0's step failed
-                self.fail(e, f"rank 0 failed inside a step the ranks run together ({e}); they cannot go on")
+            if isinstance(e, MidStepFailure) or self._aborted:  # a rank on another node died or hangs, or rank 0's
+                # step failed: which one, its node may have said
+                said = f"rank 0 failed inside a step the ranks run together ({e}); they cannot go on"
+                self.fail(e, self._node_failure() or said)
             raise
         if self._aborted:  # the step ended because its device group was aborted: its results are void
-            self.fail(None)
+            self.fail(None, self._node_failure() or "")
         return result
 
     def check(self) -> None:
@@ -165,7 +170,9 @@ class WorkerGroup:
         if self._dead():
             self.fail(None)
         if (failure := self._keepalive_failure) is not None:
-            self.fail(failure, f"rank 0's keepalive to the other ranks failed ({failure})")
+            self.fail(failure, self._node_failure() or f"rank 0's keepalive to the other ranks failed ({failure})")
+        if (note := self._node_failure()) is not None:
+            self.fail(None, note)
 
     def keep_alive(self, runner: ModelRunner) -> None:
         """Send the other ranks runner.keepalive()s from a thread while the engine idles (until stop or kill): the
@@ -188,14 +195,15 @@ class WorkerGroup:
         on CPUs gloo sees a dead peer's socket close.)"""
 
         def watch() -> None:
-            sentinels = [p.sentinel for p in self.procs]
-            while not mp.connection.wait(sentinels, timeout=0.5):
+            sentinels, note = [p.sentinel for p in self.procs], None
+            while not mp.connection.wait(sentinels, timeout=0.5) and (note := self._node_failure()) is None:
                 if self._stopping.is_set():
                     return
-            if self._stopping.is_set() or not self._dead():  # stopped: the ranks exit 0
+            if self._stopping.is_set() or not (self._dead() or note):  # stopped: the ranks exit 0
                 return
             self._aborted = True
-            logger.error("tensor parallel: rank(s) %s died; aborting the GPU collectives of the step", self._dead())
+            said = note or f"rank(s) {self._dead()} died"
+            logger.error("tensor parallel: %s; aborting the GPU collectives of the step", said)
             try:
                 abort()
             except Exception as e:  # noqa: BLE001 - the step then ends at NCCL's timeout, and guard says why
@@ -206,12 +214,9 @@ class WorkerGroup:
     def fail(self, cause: BaseException | None, hint: str = "") -> None:
         """Stop every rank and raise RuntimeError with what the failed ranks said."""
         dead, said = self._dead(), self._errors() or hint
-        codes = ", ".join(f"rank {r} exited with code {self.procs[self.ranks.index(r)].exitcode}" for r in dead)
+        how = self._exit_codes(dead) if dead else "a collective with it failed"
         self.kill()
         who = f"rank(s) {dead}" if dead else "a rank"
-        how = "a collective with it failed"
-        if dead:
-            how = f"{codes}; a negative code is the signal that ended it, -9: killed, e.g. out of memory"
         raise RankFailure(
             f"tensor parallel: {who} of {self.tp.size} failed ({how}); every rank is stopped. {said}"
         ) from cause
@@ -224,6 +229,28 @@ class WorkerGroup:
         for p in self.procs:
             p.join(timeout=10)
         self.kill()
+
+    def _exit_codes(self, dead: list[int]) -> str:
+        """How the dead ranks ended, said for people."""
+        codes = ", ".join(f"rank {r} exited with code {self.procs[self.ranks.index(r)].exitcode}" for r in dead)
+        return f"{codes}; a negative code is the signal that ended it, -9: killed, e.g. out of memory"
+
+    def _settle(self) -> None:
+        """Wait for a failure's cause to show: 0.5 s for local ranks' exits; with other nodes, up to 2 s for their
+        note (a node that lost a rank tells node 0 within its 0.5 s poll, and only then stops the others)."""
+        time.sleep(0.5)
+        end = time.monotonic() + 1.5
+        while self._notes is not None and not self._dead() and self._node_failure() is None and time.monotonic() < end:
+            time.sleep(0.05)
+
+    def _node_failure(self) -> str | None:
+        """What another node said of its failed ranks (_tell_node_0), or None."""
+        if self._notes is None:
+            return None
+        try:
+            return self._notes.get(_FAILED).decode() if self._notes.check([_FAILED]) else None
+        except Exception:  # noqa: BLE001 - node 0's store is gone with this process: nothing to say
+            return None
 
     def _dead(self) -> list[int]:
         return [rank for rank, p in zip(self.ranks, self.procs, strict=True) if p.exitcode not in (None, 0)]
@@ -265,12 +292,39 @@ def run_headless(config: EngineConfig) -> int:
     group = WorkerGroup._spawn(config, _node_ranks(config), _local_cores(config))
     while any(p.is_alive() for p in group.procs) and not group._dead():
         time.sleep(0.5)
-    dead, said = group._dead(), group._errors()
+    dead = group._dead()
+    if not dead:
+        group.kill()
+        return 0
+    what = f"rank(s) {dead} on node {config.node_rank} failed ({group._exit_codes(dead)}). {group._errors()}"
+    _tell_node_0(config, what)  # before the others are stopped: rank 0 waits for it when their links break
     group.kill()
-    if dead:
-        print(f"tensor parallel: rank(s) {dead} on node {config.node_rank} failed. {said}", flush=True)
-        return 1
-    return 0
+    print(f"tensor parallel: {what}", flush=True)
+    return 1
+
+
+_FAILED = "slimquant/failed"  # the key of a node's note in node 0's TCPStore (raw: the groups' keys are prefixed)
+
+
+def _store_client(config: EngineConfig) -> dist.TCPStore:
+    """A client of node 0's TCPStore (where the ranks met)."""
+    return dist.TCPStore(config.master_addr, config.master_port, is_master=False, timeout=timedelta(seconds=5))
+
+
+def _tell_node_0(config: EngineConfig, what: str, wait: float = 3.0) -> None:
+    """Leave rank 0 a note of this node's failure, so that it names the ranks (and on GPUs aborts the step's NCCL
+    collectives, which would wait for them until their timeout); nothing where node 0 does not take it within wait
+    seconds (it may be what failed: gone, or hung)."""
+
+    def post() -> None:
+        try:
+            _store_client(config).set(_FAILED, what)
+        except Exception as e:  # noqa: BLE001 - said below
+            logger.warning("node %d: could not tell node 0 that its ranks failed (%s)", config.node_rank, e)
+
+    poster = threading.Thread(target=post, name="slimquant-tell-node-0", daemon=True)
+    poster.start()
+    poster.join(wait)
 
 
 def _node_ranks(config: EngineConfig) -> list[int]:

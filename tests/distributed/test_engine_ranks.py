@@ -8,6 +8,7 @@ import gc
 import multiprocessing
 import os
 import queue
+import re
 import threading
 import time
 
@@ -15,9 +16,10 @@ import pytest
 import torch.distributed as dist
 
 from slimquant import LLM, SamplingParams
+from slimquant.config import EngineConfig
 from slimquant.distributed.launch import run_ranks
 from slimquant.distributed.tensor_parallel import TensorParallel
-from slimquant.distributed.workers import WorkerGroup
+from slimquant.distributed.workers import WorkerGroup, _store_client, _tell_node_0, free_port
 from slimquant.errors import RankFailure
 from tests.distributed.test_tensor_parallel import PARAMS, PROMPTS, rank_generate
 
@@ -116,6 +118,27 @@ def test_on_gpus_a_rank_that_dies_mid_step_aborts_the_nccl_group_and_the_step_fa
     with pytest.raises(RankFailure, match=r"rank\(s\) \[1\] of 2 failed \(rank 1 exited with code 3"):
         group.guard(aborted.wait, 60)
     assert aborted.is_set() and time.perf_counter() - start < 10
+
+
+def test_on_gpus_a_note_from_another_node_aborts_the_nccl_group_and_names_its_ranks():
+    """A node whose rank died tells node 0 through its TCPStore (run_headless); rank 0's collectives would wait for
+    that rank until NCCL's timeout."""
+    from datetime import timedelta
+
+    port = free_port()
+    master = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
+    config = EngineConfig.from_kwargs(
+        "unused", master_addr="127.0.0.1", master_port=port, nnodes=2, node_rank=1, tensor_parallel_size=2
+    )
+    group, aborted = WorkerGroup([], None, TensorParallel(rank=0, size=2), ranks=[]), threading.Event()
+    group._notes = _store_client(config)
+    group.watch_device_group(aborted.set)
+    note = "rank(s) [1] on node 1 failed (rank 1 exited with code -9)"
+    threading.Timer(1.0, _tell_node_0, (config, note)).start()
+    with pytest.raises(RankFailure, match=re.escape(note)):
+        group.guard(aborted.wait, 60)
+    assert aborted.is_set()
+    del master
 
 
 def test_ranks_that_exit_as_told_are_not_aborted():
