@@ -74,7 +74,7 @@ class WorkerGroup:
         group._join_as_rank0(config)
         try:
             if config.nnodes > 1:
-                group._notes = _store_client(config)
+                group._notes = _notes_of(config)
             group.guard(_check_fingerprints, config, group.tp)
             group.tp = group.guard(_links, group.tp, config, config.nnodes == 1, lambda: not group._dead())
         except BaseException:
@@ -303,12 +303,22 @@ def run_headless(config: EngineConfig) -> int:
     return 1
 
 
-_FAILED = "slimquant/failed"  # the key of a node's note in node 0's TCPStore (raw: the groups' keys are prefixed)
+_FAILED = "slimquant_failed_ranks"  # the key of a node's note in node 0's TCPStore (raw: the groups' keys are prefixed)
 
 
 def _store_client(config: EngineConfig) -> dist.TCPStore:
     """A client of node 0's TCPStore (where the ranks met)."""
     return dist.TCPStore(config.master_addr, config.master_port, is_master=False, timeout=timedelta(seconds=5))
+
+
+def _notes_of(config: EngineConfig) -> dist.TCPStore | None:
+    """Rank 0's client of its own store, where other nodes leave their notes; None (they go unread: a failure is
+    said less precisely) where it cannot connect."""
+    try:
+        return _store_client(config)
+    except Exception as e:  # noqa: BLE001 - said
+        logger.warning("tensor parallel: rank 0 cannot read the other nodes' notes at %s (%s)", config.master_addr, e)
+        return None
 
 
 def _tell_node_0(config: EngineConfig, what: str, wait: float = 3.0) -> None:
