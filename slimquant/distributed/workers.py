@@ -195,21 +195,31 @@ class WorkerGroup:
         on CPUs gloo sees a dead peer's socket close.)"""
 
         def watch() -> None:
-            sentinels, note = [p.sentinel for p in self.procs], None
-            while not mp.connection.wait(sentinels, timeout=0.5) and (note := self._node_failure()) is None:
-                if self._stopping.is_set():
-                    return
-            if self._stopping.is_set() or not (self._dead() or note):  # stopped: the ranks exit 0
+            if (failure := self._first_failure()) is None:
                 return
             self._aborted = True
-            said = note or f"rank(s) {self._dead()} died"
-            logger.error("tensor parallel: %s; aborting the GPU collectives of the step", said)
+            logger.error("tensor parallel: %s; aborting the GPU collectives of the step", failure)
             try:
                 abort()
             except Exception as e:  # noqa: BLE001 - the step then ends at NCCL's timeout, and guard says why
                 logger.error("tensor parallel: aborting the NCCL group failed (%s: %s)", type(e).__name__, e)
 
         threading.Thread(target=watch, name="slimquant-watch-ranks", daemon=True).start()
+
+    def _first_failure(self) -> str | None:
+        """Wait until a rank of this node dies or another node says one of its ranks did, and say which; None when
+        the engine stops the ranks (they exit 0, or it kills them)."""
+        sentinels = [p.sentinel for p in self.procs]
+        while True:
+            exited = mp.connection.wait(sentinels, timeout=0.5)
+            if self._stopping.is_set():
+                return None
+            if dead := self._dead():
+                return f"rank(s) {dead} died"
+            if exited:  # with code 0: told to stop
+                return None
+            if (note := self._node_failure()) is not None:
+                return note
 
     def fail(self, cause: BaseException | None, hint: str = "") -> None:
         """Stop every rank and raise RuntimeError with what the failed ranks said."""
