@@ -46,7 +46,7 @@ speed=(python3 bench/speed.py --device cuda --no-llama-cpp --cuda-int8-gemm cubl
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" | tee "$out/summary.log"
 # The random checkpoints of stages 3 and 4 are written (CPU and disk, a few minutes) while stages 1 and 2 use the GPU.
 start=$SECONDS
-python3 bench/speed.py --random --7b --prepare > "$out/prepare.log" 2>&1 &
+timeout -k 10 300 python3 bench/speed.py --random --7b --prepare > "$out/prepare.log" 2>&1 &  # a bounded wait below
 prepare=$!
 stage "tests" tests.log 240 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_kernels/test_cuda_compile.py
 stage "one linear" linear.log 120 python3 bench/cuda_linear.py
