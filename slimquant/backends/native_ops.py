@@ -72,7 +72,9 @@ class NativeOps(TorchOps):
 
     # ---- attention ----
 
-    def attention(self, q, k, v, rope: Rope, kv_cache, ctx: ForwardContext, scale: float, kv_quant=None):
+    def attention(
+        self, q, k, v, rope: Rope, kv_cache, ctx: ForwardContext, scale: float, kv_quant=None, out_quant=None
+    ):
         """Decode steps: rope, cache write and attention in one native call; prefill: TorchOps (SDPA)."""
         cos, sin = (None, None) if rope is None else (rope[0].contiguous(), rope[1].contiguous())  # [B, D]
         native_step = ctx.is_decode and not ctx.graph_step and kv_cache_ready(kv_cache)

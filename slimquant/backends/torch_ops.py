@@ -103,9 +103,11 @@ class TorchOps:
         ctx: ForwardContext,
         scale: float,
         kv_quant: KvQuant | None = None,
-    ) -> torch.Tensor:
+        out_quant: InputQuant | None = None,
+    ) -> torch.Tensor | Int8Rows:
         """Rotate q [T, NH, D] / k [T, KVH, D] by rope (neox), store k / v in kv_cache [2, NB, BS, KVH, D] at the
         step's slots (quantized with kv_quant in an int8 cache), attend over each sequence's context: -> [T, NH * D].
+        out_quant: how the int8 linear after it (o_proj) quantizes its input, for ops that fuse that (here: float).
         """
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # [NB, BS, KVH, D]
         if rope is not None:

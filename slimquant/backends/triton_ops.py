@@ -70,17 +70,22 @@ class TritonOps(TorchOps):
             return x
         return self.int8.quantize(x, quant)
 
-    def attention(self, q, k, v, rope: Rope, kv_cache, ctx: ForwardContext, scale: float, kv_quant=None):
-        """Rope and the cache write in one kernel; decode attention in one kernel; prefill: TorchOps (SDPA). An
-        int8 cache runs TorchOps' (no Triton kernel for it yet)."""
+    def attention(
+        self, q, k, v, rope: Rope, kv_cache, ctx: ForwardContext, scale: float, kv_quant=None, out_quant=None
+    ):
+        """Rope and the cache write in one kernel; decode attention in one kernel, which quantizes its output for a
+        static o_proj; prefill: TorchOps (SDPA). An int8 cache runs TorchOps' (no Triton kernel for it yet)."""
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # [NB, BS, KVH, D]
         if kv_quant is not None or not _same_float(q, k, v, k_cache, v_cache, *(rope or ())):
             return super().attention(q, k, v, rope, kv_cache, ctx, scale, kv_quant)
         q, k = self.layers.rope_store(q, k, v, rope, k_cache, v_cache, ctx.slot_mapping)
         if not ctx.is_decode:
             return self.attend(q, k, v, k_cache, v_cache, ctx, scale)
-        out = self.layers.paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.lens_on_device, scale)
-        return out.reshape(q.shape[0], -1)  # [B, NH, D] -> [T, NH * D]
+        static = out_quant is not None and out_quant.inv_scale is not None and _same_float(q, *_static(out_quant))
+        quant = out_quant if static else None  # per token: a row's heads come from several programs
+        lens = ctx.lens_on_device
+        out = self.layers.paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, lens, scale, quant=quant)
+        return out if static else out.reshape(q.shape[0], -1)  # [B, NH, D] -> [T, NH * D]
 
     def mla_decode(self, q, cache, ctx, scale, rank):
         """The paged MLA decode kernel (kernels/cuda_mla.py) where its tiles fit: R and P powers of two of 16 or

@@ -144,14 +144,15 @@ def _rope_store(
 
 @triton.jit
 def _paged_decode_attention(
-    q_ptr, stride_qb, kc_ptr, vc_ptr, tables_ptr, stride_tb, W, lens_ptr, o_ptr, part_acc, part_m, part_l, scale,
+    q_ptr, stride_qb, kc_ptr, vc_ptr, tables_ptr, stride_tb, W, lens_ptr, o_ptr, q8_ptr, inv_ptr, off_ptr, part_acc,
+    part_m, part_l, scale,
     W_LOOP: tl.constexpr, SPLITS: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr,
-    D: tl.constexpr, D_BLOCK: tl.constexpr, BS: tl.constexpr, BS_BLOCK: tl.constexpr,
+    D: tl.constexpr, D_BLOCK: tl.constexpr, BS: tl.constexpr, BS_BLOCK: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
     """Program (b, kv head, split s): the G query heads of that kv head over blocks s * W_LOOP ... of sequence b's
-    table, online softmax. SPLITS 1: the output; else the split's running max, denominator and unnormalized sum
-    into part_m / part_l [B, KVH, SPLITS, G_BLOCK] and part_acc [B, KVH, SPLITS, G_BLOCK, D_BLOCK] fp32
-    (_combine_splits adds them)."""
+    table, online softmax. SPLITS 1: the output (QUANT: quantized into q8, see _store_heads); else the split's
+    running max, denominator and unnormalized sum into part_m / part_l [B, KVH, SPLITS, G_BLOCK] and part_acc
+    [B, KVH, SPLITS, G_BLOCK, D_BLOCK] fp32 (_combine_splits adds them)."""
     b, kv, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     gs, ds, ts = tl.arange(0, G_BLOCK), tl.arange(0, D_BLOCK), tl.arange(0, BS_BLOCK)
     heads = kv * G + gs  # [G]
@@ -179,7 +180,8 @@ def _paged_decode_attention(
             denom = denom * alpha + tl.sum(p, axis=1)
             m = m_new
     if SPLITS == 1:
-        _store_heads(o_ptr + b * stride_qb, acc, denom, heads, ds, qd_mask, D)
+        rows = (o_ptr + b * stride_qb, q8_ptr + b * (KVH * G * D), inv_ptr, off_ptr)
+        _store_heads(*rows, acc, denom, heads, ds, qd_mask, D, QUANT)
     else:
         at = (b * KVH + kv) * SPLITS + split
         tl.store(part_m + at * G_BLOCK + gs, m)
@@ -189,12 +191,13 @@ def _paged_decode_attention(
 
 @triton.jit
 def _combine_splits(
-    part_acc, part_m, part_l, o_ptr, stride_qb,
+    part_acc, part_m, part_l, o_ptr, q8_ptr, inv_ptr, off_ptr, stride_qb,
     SPLITS: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr, G_BLOCK: tl.constexpr, D: tl.constexpr,
-    D_BLOCK: tl.constexpr,
+    D_BLOCK: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
     """Program (b, kv head): the output of the G query heads from the SPLITS parts of _paged_decode_attention,
-    rescaled to their common max (flash-decoding's reduction); a split that saw no token (max -inf) adds nothing."""
+    rescaled to their common max (flash-decoding's reduction); a split that saw no token (max -inf) adds nothing.
+    QUANT: quantized into q8 (_store_heads)."""
     b, kv = tl.program_id(0).to(tl.int64), tl.program_id(1)
     gs, ds = tl.arange(0, G_BLOCK), tl.arange(0, D_BLOCK)
     first = (b * KVH + kv) * SPLITS
@@ -210,15 +213,23 @@ def _combine_splits(
         part = tl.load(part_acc + ((first + s) * G_BLOCK + gs)[:, None] * D_BLOCK + ds[None, :])  # [G, D]
         acc += part * weight[:, None]
     mask = (gs < G)[:, None] & (ds < D)[None, :]  # [G, D]
-    _store_heads(o_ptr + b * stride_qb, acc, denom, kv * G + gs, ds, mask, D)
+    rows = (o_ptr + b * stride_qb, q8_ptr + b * (KVH * G * D), inv_ptr, off_ptr)
+    _store_heads(*rows, acc, denom, kv * G + gs, ds, mask, D, QUANT)
 
 
 @triton.jit
-def _store_heads(row_ptr, acc, denom, heads, ds, mask, D: tl.constexpr):
+def _store_heads(row_ptr, q8_row, inv_ptr, off_ptr, acc, denom, heads, ds, mask, D: tl.constexpr, QUANT: tl.constexpr):
     """The attention output of query heads [G] of one sequence's row: acc [G, D] / denom [G] in the row's dtype; a
-    zero-length row (padding) gives zeros."""
-    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
-    tl.store(row_ptr + heads[:, None] * D + ds[None, :], out.to(row_ptr.dtype.element_ty), mask=mask)
+    zero-length row (padding) gives zeros. QUANT: instead, that output quantized statically for the int8 linear that
+    reads it (inv / off [1] in the row's dtype, as _quantize_static quantizes the stored row) into the int8 row q8."""
+    dt = row_ptr.dtype.element_ty
+    out = (acc / tl.where(denom > 0, denom, 1.0)[:, None]).to(dt)  # [G, D]
+    at = heads[:, None] * D + ds[None, :]
+    if QUANT:
+        inv, off = tl.load(inv_ptr).to(tl.float32), tl.load(off_ptr).to(tl.float32)
+        tl.store(q8_row + at, _to_int8(_static_value(out.to(tl.float32), inv, off, dt)), mask=mask)
+    else:
+        tl.store(row_ptr + at, out, mask=mask)
 
 
 def add_rms_norm(
@@ -320,27 +331,35 @@ def table_parts(w: int, splits: int) -> tuple[int, int]:
 
 
 def paged_decode_attention(
-    q, k_cache, v_cache, block_tables, context_lens, scale: float, splits: int | None = None
-) -> torch.Tensor:  # fmt: skip
+    q, k_cache, v_cache, block_tables, context_lens, scale: float, splits: int | None = None,
+    quant: InputQuant | None = None,
+) -> torch.Tensor | Int8Rows:  # fmt: skip
     """One query token per sequence: q [B, NH, D] (contiguous) over caches [NB, BS, KVH, D] by block_tables int32
-    [B, W] and context_lens int32 [B] (device) -> [B, NH, D]. The table splits in `splits` parts (default:
-    decode_splits) that run side by side and are combined after."""
+    [B, W] and context_lens int32 [B] (device) -> [B, NH, D], or with a static quant that output quantized for the
+    int8 linear that reads it (Int8Rows of [B, NH * D]: a row's heads are written by several programs, so a
+    per-token scale cannot be taken here). The table splits in `splits` parts (default: decode_splits) that run
+    side by side and are combined after."""
+    assert quant is None or quant.inv_scale is not None, "only static quantization: per token spans programs"
     b, nh, d = q.shape
     bs, kvh = k_cache.shape[1], k_cache.shape[2]
     g, w = nh // kvh, block_tables.shape[1]
     pow2 = triton.next_power_of_2
     splits, per_split = table_parts(w, splits or decode_splits(b, kvh, w))
-    out = torch.empty_like(q)  # [B, NH, D]
+    out = torch.empty_like(q)  # [B, NH, D] (its dtype only, where quantized)
+    q8 = q_buffer(b, nh * d, q.device) if quant is not None else out  # int8 [R >= B, NH * D]
+    inv, off = _static_params(quant, q)
     part_acc = part_m = part_l = out  # unused where splits is 1
     if splits > 1:
         part_m = torch.empty(b, kvh, splits, pow2(g), dtype=torch.float32, device=q.device)  # [B, KVH, S, G]
         part_l = torch.empty_like(part_m)  # [B, KVH, S, G]
         part_acc = torch.empty(b, kvh, splits, pow2(g), pow2(d), dtype=torch.float32, device=q.device)
-    heads = dict(KVH=kvh, G=g, G_BLOCK=pow2(g), D=d, D_BLOCK=pow2(d))
+    heads = dict(KVH=kvh, G=g, G_BLOCK=pow2(g), D=d, D_BLOCK=pow2(d), QUANT=quant is not None)
     _paged_decode_attention[(b, kvh, splits)](
-        q, q.stride(0), k_cache, v_cache, block_tables, block_tables.stride(0), w, context_lens, out, part_acc,
-        part_m, part_l, scale, W_LOOP=per_split, SPLITS=splits, BS=bs, BS_BLOCK=pow2(bs), **heads, **_EXACT,
+        q, q.stride(0), k_cache, v_cache, block_tables, block_tables.stride(0), w, context_lens, out, q8, inv, off,
+        part_acc, part_m, part_l, scale, W_LOOP=per_split, SPLITS=splits, BS=bs, BS_BLOCK=pow2(bs), **heads,
+        **_EXACT,
     )  # fmt: skip
     if splits > 1:
-        _combine_splits[(b, kvh)](part_acc, part_m, part_l, out, q.stride(0), SPLITS=splits, **heads, **_EXACT)
-    return out
+        parts = (part_acc, part_m, part_l, out, q8, inv, off, q.stride(0))
+        _combine_splits[(b, kvh)](*parts, SPLITS=splits, **heads, **_EXACT)
+    return out if quant is None else Int8Rows(q8, None, b, q.dtype)

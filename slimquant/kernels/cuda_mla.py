@@ -67,7 +67,7 @@ def _mla_decode(
             denom = denom * alpha + tl.sum(p, axis=1)
             m = m_new
     if SPLITS == 1:
-        _store_heads(o_ptr + b * NH * R, acc, denom, heads, rs, (heads < NH)[:, None], R)
+        _store_heads(o_ptr + b * NH * R, o_ptr, o_ptr, o_ptr, acc, denom, heads, rs, (heads < NH)[:, None], R, False)
     else:
         at = (b * tl.num_programs(1) + group) * SPLITS + split
         tl.store(part_m + at * G + gs, m)
@@ -100,7 +100,8 @@ def mla_decode(
     )  # fmt: skip
     if splits > 1:
         heads = dict(KVH=groups, G=min(nh, HEADS), G_BLOCK=HEADS, D=rank, D_BLOCK=rank)  # nh: <= 16 or 16 * n
-        _combine_splits[(b, groups)](part_acc, part_m, part_l, out, nh * rank, SPLITS=splits, **heads, **_EXACT)
+        parts = (part_acc, part_m, part_l, out, out, out, out, nh * rank)  # (the int8 output's: unused)
+        _combine_splits[(b, groups)](*parts, SPLITS=splits, **heads, QUANT=False, **_EXACT)
     return out
 
 

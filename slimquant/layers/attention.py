@@ -18,6 +18,7 @@ from slimquant.backends.torch_ops import TORCH_OPS, KvQuant, TorchOps
 from slimquant.format.checkpoint import KV_CACHE_TENSORS
 from slimquant.format.primitives import kv_cache_runtime_params
 from slimquant.format.validation import KV_CACHE_SCALE, OFFSET
+from slimquant.kernels.int8_input import InputQuant, Int8Rows
 from slimquant.layers.context import get_context
 
 
@@ -109,13 +110,19 @@ class Attention(KVCacheLayer):
         return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """Rotate q/k by rope (cos, sin) [T, D] if given (neox layout), store k/v, attend: -> [T, H * D]."""
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        out_quant: InputQuant | None = None,
+    ) -> torch.Tensor | Int8Rows:
+        """Rotate q/k by rope (cos, sin) [T, D] if given (neox layout), store k/v, attend: -> [T, H * D], or
+        quantized as out_quant says (o_proj's input) where the ops fuse that."""
         assert self.kv_cache is not None, "the engine must assign kv_cache before running attention"
         kv_quant = self.kv_quant if self.kv_cache.dtype == torch.int8 else None
         assert kv_quant is not None or self.kv_cache.dtype != torch.int8, "an int8 KV cache without its scales"
-        return self.ops.attention(q, k, v, rope, self.kv_cache, get_context(), self.scale, kv_quant)
+        return self.ops.attention(q, k, v, rope, self.kv_cache, get_context(), self.scale, kv_quant, out_quant)
 
 
 def _buffer(name: str) -> str:

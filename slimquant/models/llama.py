@@ -77,7 +77,8 @@ class LlamaAttention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        o = self.attn(q, k, v.view(t, self.num_kv_heads, self.head_dim), (cos, sin))  # rotated inside: [T, NH * D]
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        o = self.attn(q, k, v, (cos, sin), self.o_proj.input_quant)  # rotated inside: [T, NH * D] (or int8)
         return self.o_proj(o)
 
 

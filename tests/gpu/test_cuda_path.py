@@ -70,9 +70,10 @@ def test_dynamic_and_static_linears_match_the_math(t, k, n):
 @pytest.mark.parametrize("splits", [1, 4, None])
 def test_decode_attention_in_splits_matches_the_torch_path(splits):
     """Paged decode attention at Qwen2.5-7B's heads over a 64-block table, in one pass and as flash-decoding's
-    parts (None: as many as decode_splits gives one stream), against TorchOps' attention."""
+    parts (None: as many as decode_splits gives one stream), against TorchOps' attention; quantized for a static
+    o_proj, the int8 rows of quantizing that output."""
     from slimquant.backends.torch_ops import paged_attention
-    from slimquant.kernels import cuda_layers
+    from slimquant.kernels import cuda_int8, cuda_layers
 
     gen = torch.Generator().manual_seed(5)
     b, nh, kvh, d, bs, w = 3, 28, 4, 128, 16, 64
@@ -86,6 +87,9 @@ def test_decode_attention_in_splits_matches_the_torch_path(splits):
     eps = torch.finfo(torch.bfloat16).eps
     torch.testing.assert_close(out[:2], ref, rtol=4 * eps, atol=4 * eps)
     assert torch.equal(out[2], torch.zeros_like(out[2]))
+    quant = InputQuant(torch.tensor([30.0]).bfloat16().cuda(), torch.tensor([1.0]).bfloat16().cuda())
+    a = cuda_layers.paged_decode_attention(*args, d**-0.5, splits, quant=quant)  # for a static o_proj
+    assert torch.equal(a.q[:b].cpu(), cuda_int8.quantize(out.cuda().reshape(b, -1), quant).q[:b].cpu())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

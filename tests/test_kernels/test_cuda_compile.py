@@ -82,13 +82,16 @@ def compile_all(arch: int) -> list[str]:
     sig |= strides | _sig(slot_ptr="*i64", NH="i32", KVH="i32")
     build(L._rope_store, {a: sig[a] for a in L._rope_store.arg_names if a in sig}, dict(D=128, HALF=64, ROPE=True))
     heads = dict(KVH=4, G=7, G_BLOCK=8, D=128, D_BLOCK=128)  # Qwen2.5-7B's
-    for splits in (1, 8):
+    out8 = _sig(q8_ptr=i8, inv_ptr=dt, off_ptr=dt)  # the output quantized for a static o_proj (QUANT)
+    for splits, quant in ((1, False), (1, True), (8, False)):
         part = f32 if splits > 1 else dt  # one split writes no parts: the output stands in
         sig = _sig(q_ptr=dt, stride_qb="i32", kc_ptr=dt, vc_ptr=dt, tables_ptr=i32, stride_tb="i32", W="i32")
-        sig |= _sig(lens_ptr=i32, o_ptr=dt, part_acc=part, part_m=part, part_l=part, scale="fp32")
-        build(L._paged_decode_attention, sig, dict(W_LOOP=32, SPLITS=splits, BS=16, BS_BLOCK=16) | heads)
-    sig = _sig(part_acc=f32, part_m=f32, part_l=f32, o_ptr=dt, stride_qb="i32")
-    build(L._combine_splits, sig, dict(SPLITS=8) | heads)
+        sig |= _sig(lens_ptr=i32, o_ptr=dt) | out8 | _sig(part_acc=part, part_m=part, part_l=part, scale="fp32")
+        ce = dict(W_LOOP=32, SPLITS=splits, BS=16, BS_BLOCK=16, QUANT=quant)
+        build(L._paged_decode_attention, sig, ce | heads)
+    for quant in (False, True):
+        sig = _sig(part_acc=f32, part_m=f32, part_l=f32, o_ptr=dt) | out8 | _sig(stride_qb="i32")
+        build(L._combine_splits, sig, dict(SPLITS=8, QUANT=quant) | heads)
     for splits in (1, 8):  # DeepSeek-V3's MLA: a 512 latent and 64 rope dims, 16-token blocks
         part = f32 if splits > 1 else dt
         sig = _sig(q_ptr=dt, stride_qb="i32", c_ptr=dt, tables_ptr=i32, stride_tb="i32", W="i32", lens_ptr=i32)
@@ -115,5 +118,5 @@ def test_kernels_compile_for_nvidia_gpus(tmp_path, arch):
     code = f"from tests.test_kernels.test_cuda_compile import compile_all; print(len(compile_all({arch})))"
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    built = 2 * len(GEMM_TILES) + 3 + 3 + 2 + 1 + 1 + 2 + 1 + 2 + 2 * len(MOE_TILES)
+    built = 2 * len(GEMM_TILES) + 3 + 3 + 2 + 1 + 1 + 3 + 2 + 2 + 2 * len(MOE_TILES)
     assert run.stdout.split()[-1] == str(built)  # every kernel

@@ -139,8 +139,9 @@ def _mixed(prefix: str) -> str:
 @pytest.mark.parametrize("arch", ["qwen2"])  # biases: quant_bias (static) and the epilogue's bias (dynamic)
 def test_int8_model_on_triton_kernels(tiny_model, tmp_path, monkeypatch, arch):
     """A bf16 int8 model (a prefill chunk, then decode steps of two sequences) on the cuda-triton ops in the
-    interpreter: with the norms and SiLU-and-mul quantizing for their linears, bit for bit what the linears give
-    quantizing themselves, with either GEMM; and close to the torch ops (whose float norms round otherwise)."""
+    interpreter: with the norms, SiLU-and-mul and decode attention (for a static o_proj) quantizing for their
+    linears, bit for bit what the linears give quantizing themselves, with either GEMM; and close to the torch ops
+    (whose float norms round otherwise)."""
     from slimquant.backends.base import Backend
     from slimquant.backends.torch_ops import TorchOps
     from slimquant.backends.triton_ops import TritonOps
@@ -167,10 +168,18 @@ def test_int8_model_on_triton_kernels(tiny_model, tmp_path, monkeypatch, arch):
         monkeypatch.setattr(
             cuda_layers, name, lambda *a, _k=kernel, _n=name: fused_calls.append((_n, len(a))) or _k(*a)
         )
+    attention = cuda_layers.paged_decode_attention
+    monkeypatch.setattr(
+        cuda_layers,
+        "paged_decode_attention",
+        lambda *a, **kw: fused_calls.append(("attention", kw.get("quant") is not None)) or attention(*a, **kw),
+    )
     fused = {gemm: logits(TritonOps(gemm)) for gemm in ("cublas", "triton")}
     runs = 2 * 2 * (1 + len(PROMPT[7:]))  # GEMMs x layers x steps
     assert fused_calls.count(("add_rms_norm", 6)) == 2 * runs  # with a quant: both norms of a layer (the first too)
     assert fused_calls.count(("silu_and_mul", 2)) == runs
+    assert fused_calls.count(("attention", True)) == 2 * len(PROMPT[7:])  # decode steps: layer 0's static o_proj
+    assert fused_calls.count(("attention", False)) == 2 * len(PROMPT[7:])  # layer 1's o_proj is per token
 
     class Unfused(TritonOps):  # the linears quantize their float input themselves
         def add_rms_norm_quant(self, x, residual, weight, bias, eps, quant):
@@ -178,6 +187,9 @@ def test_int8_model_on_triton_kernels(tiny_model, tmp_path, monkeypatch, arch):
 
         def silu_and_mul_quant(self, x, quant):
             return self.silu_and_mul(x)
+
+        def attention(self, q, k, v, rope, kv_cache, ctx, scale, kv_quant=None, out_quant=None):
+            return TritonOps.attention(self, q, k, v, rope, kv_cache, ctx, scale, kv_quant)
 
     unfused = logits(Unfused())
     assert torch.equal(fused["cublas"], unfused) and torch.equal(fused["triton"], unfused)

@@ -128,6 +128,28 @@ def test_paged_decode_attention_in_splits(dtype, splits):
     assert torch.equal(out[3], torch.zeros_like(out[3]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_paged_decode_attention_quantizes_for_a_static_linear(dtype, splits):
+    """With o_proj's static quant, in one pass and in parts: the int8 rows of quantizing its own float output, bit
+    for bit (a zero-length row quantizes zeros)."""
+    from slimquant.kernels import cuda_int8
+    from slimquant.kernels.int8_input import InputQuant
+
+    gen = torch.Generator().manual_seed(splits)
+    b, nh, kvh, d, bs, w = 3, 8, 2, 32, 4, 6
+    lens = [5, w * bs, 0]
+    caches = [(torch.randn(w * b, bs, kvh, d, generator=gen) * 3).to(dtype) for _ in range(2)]
+    tables = torch.randperm(w * b, generator=gen).view(b, w).to(torch.int32)  # [B, W]
+    q, lens = torch.randn(b, nh, d, generator=gen).to(dtype), torch.tensor(lens, dtype=torch.int32)
+    quant = InputQuant(torch.tensor([40.0], dtype=dtype), torch.tensor([3.0], dtype=dtype))
+    out = cuda_layers.paged_decode_attention(q, *caches, tables, lens, d**-0.5, splits)  # [B, NH, D]
+    a = cuda_layers.paged_decode_attention(q, *caches, tables, lens, d**-0.5, splits, quant=quant)
+    ref = cuda_int8.quantize(out.reshape(b, -1), quant)
+    assert a.t == b and a.dtype == dtype and a.scale is None and a.q.shape[1] == nh * d
+    assert torch.equal(a.q[:b], ref.q[:b]) and len(ref.q[:b].unique()) > 100
+
+
 def test_decode_splits_fill_the_gpu_only_where_few_programs_run():
     assert cuda_layers.decode_splits(b=1, kvh=4, w=256) == 64  # 7B, one stream at 4,096 tokens: 256 programs
     assert cuda_layers.decode_splits(b=1, kvh=4, w=8) == 2  # short: parts of 4 blocks at least
@@ -160,7 +182,9 @@ def test_model_on_triton_layers_matches_torch_path(tiny_model, monkeypatch, arch
     names |= {"rms_norm_heads"} if arch == "qwen3" else set()
     for name in names:
         kernel = getattr(cuda_layers, name)
-        monkeypatch.setattr(cuda_layers, name, lambda *a, _k=kernel, _n=name: calls.update({_n: 1}) or _k(*a))
+        monkeypatch.setattr(
+            cuda_layers, name, lambda *a, _k=kernel, _n=name, **kw: calls.update({_n: 1}) or _k(*a, **kw)
+        )
     Backend(TritonOps()).bind(model)  # the cuda-triton backend's ops, on the CPU in Triton's interpreter
     got = logits()
     assert set(calls) == names
