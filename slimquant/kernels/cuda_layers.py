@@ -345,7 +345,7 @@ def paged_decode_attention(
     g, w = nh // kvh, block_tables.shape[1]
     pow2 = triton.next_power_of_2
     splits, per_split = table_parts(w, splits or decode_splits(b, kvh, w))
-    out = torch.empty_like(q)  # [B, NH, D] (its dtype only, where quantized)
+    out = torch.empty_like(q) if quant is None else q  # [B, NH, D]; quantized: q gives the dtype, never written
     q8 = q_buffer(b, nh * d, q.device) if quant is not None else out  # int8 [R >= B, NH * D]
     inv, off = _static_params(quant, q)
     part_acc = part_m = part_l = out  # unused where splits is 1
