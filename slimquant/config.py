@@ -171,6 +171,10 @@ class EngineConfig:
     # connections) before it fails; an idle rank waits for the next step as long as it takes. vLLM's
     # VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS
     execute_model_timeout: float = 300.0
+    # nnodes > 1: seconds without a heartbeat after which node 0 counts another node lost, or another node node 0
+    # (its machine down or cut off, or its processes stopped): every rank then stops within seconds, whatever
+    # execute_model_timeout is. TorchElastic's rendezvous gives a node about as long (3 keep-alives 5 s apart)
+    node_timeout: float = 15.0
     # this process's index among its machine's ranks (torchrun's LOCAL_RANK); None: the rank modulo ranks_per_node
     local_rank: int | None = field(default_factory=lambda: _env_int("LOCAL_RANK"))
     # "mp": this process is rank 0 and drives the others (started here, or torchrun's); "external_launcher": every
@@ -221,7 +225,7 @@ class EngineConfig:
 
     def _check_nodes(self) -> None:
         tp, n = self.tensor_parallel_size, self.nnodes
-        for name in ("join_timeout", "execute_model_timeout"):
+        for name in ("join_timeout", "execute_model_timeout", "node_timeout"):
             wait = getattr(self, name)
             ok = isinstance(wait, int | float) and not isinstance(wait, bool) and wait > 0
             _check(ok, name, wait, "a positive number of seconds")

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import io
 import pickle
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -38,6 +40,9 @@ class TensorParallel:
     local: SharedMemoryExchange | None = None  # ranks on one machine: small tensors through shared memory
     expert_parallel: bool = False  # MoE layers: whole experts per rank instead of a part of every expert
     order: str = "exact"  # how row-parallel linears reduce: config.TENSOR_PARALLEL_ORDERS
+    # rank 0 of several nodes: set when a rank died or a node is lost (WorkerGroup.watch); its waits in the host
+    # group's collectives then end (AbandonedCollective) instead of lasting until gloo's timeout
+    abandon: threading.Event | None = None
 
     def __post_init__(self) -> None:
         assert 0 <= self.rank < self.size, (self.rank, self.size)
@@ -83,7 +88,7 @@ class TensorParallel:
         if self._shared(t):
             return self._combine_shared(t, torch.Tensor.add_)
         if self.size > 1:
-            dist.all_reduce(t, dist.ReduceOp.SUM, group=self._group_of(t))
+            self._run(dist.all_reduce, t, dist.ReduceOp.SUM, group=self._group_of(t))
         return t
 
     def max(self, t: torch.Tensor) -> torch.Tensor:
@@ -91,7 +96,7 @@ class TensorParallel:
         if self._shared(t):
             return self._combine_shared(t, lambda t, part: torch.maximum(t, part, out=t))
         if self.size > 1:
-            dist.all_reduce(t, dist.ReduceOp.MAX, group=self._group_of(t))
+            self._run(dist.all_reduce, t, dist.ReduceOp.MAX, group=self._group_of(t))
         return t
 
     def _shared(self, t: torch.Tensor) -> bool:
@@ -125,15 +130,25 @@ class TensorParallel:
         data = _dumps(obj) if self.rank == 0 else None
         got = self.local.broadcast(data) if self.local is not None else None
         if got is None:
-            box = [data]
-            dist.broadcast_object_list(box, src=0, group=self._host_group())
-            got = box[0]
+            got = self._broadcast_bytes(data)
         return obj if self.rank == 0 else pickle.loads(got)
 
+    def _broadcast_bytes(self, data: bytes | None) -> bytes:
+        """Rank 0's data on every rank (others pass None), through the host group: its length, then its bytes."""
+        group = self._host_group()
+        length = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
+        self._run(dist.broadcast, length, src=0, group=group)
+        if data is not None:
+            buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # [length]
+        else:
+            buffer = torch.empty(int(length.item()), dtype=torch.uint8)  # [length]
+        self._run(dist.broadcast, buffer, src=0, group=group)
+        return data if data is not None else buffer.numpy().tobytes()
+
     def barrier(self) -> None:
-        """Wait until every rank reaches this point."""
+        """Wait until every rank reaches this point (in the host group: its waits are a step's)."""
         if self.size > 1:
-            dist.barrier(group=self.group)
+            self._run(dist.barrier, group=self._host_group())
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's t [..., n] concatenated along the last dim in rank order -> [..., size * n]."""
@@ -142,7 +157,7 @@ class TensorParallel:
         if self._shared(t):
             return self._gather_shared(t)
         parts = [torch.empty_like(t) for _ in range(self.size)]
-        dist.all_gather(parts, t.contiguous(), group=self._group_of(t))
+        self._run(dist.all_gather, parts, t.contiguous(), group=self._group_of(t))
         return torch.cat(parts, dim=-1)
 
     def _gather_shared(self, t: torch.Tensor) -> torch.Tensor:
@@ -158,6 +173,24 @@ class TensorParallel:
                     out[r : r + step, rank, c : c + width] = part
         return out.view(*t.shape[:-1], self.size * n)
 
+    def _run(self, collective: Callable, *args: object, group: dist.ProcessGroup | None, **kwargs: object) -> None:
+        """collective(*args, group=group, **kwargs); where this rank may abandon its waits (abandon) and the group
+        is the host's, waited for in slices, and AbandonedCollective once abandon is set. A failure of the
+        collective itself (a peer's socket closed, gloo's timeout) is raised as it is."""
+        if self.abandon is None or group is not self._host_group():
+            collective(*args, group=group, **kwargs)
+            return
+        work = collective(*args, group=group, async_op=True, **kwargs)
+        while True:
+            try:
+                work.wait(timeout=_WAIT_SLICE)
+                return
+            except RuntimeError:
+                if work.is_completed():  # it failed, not the slice
+                    raise
+            if self.abandon.is_set():
+                raise AbandonedCollective("rank 0 abandoned a collective: a rank died or a node is lost")
+
     def _group_of(self, t: torch.Tensor) -> dist.ProcessGroup | None:
         """The group that reduces t: device_group for a CUDA tensor where there is one, else the host group."""
         if t.is_cuda and self.device_group is not None:
@@ -170,6 +203,11 @@ class TensorParallel:
 
 
 SINGLE = TensorParallel()
+_WAIT_SLICE = timedelta(seconds=0.25)  # how often a wait that may be abandoned looks whether it is
+
+
+class AbandonedCollective(RuntimeError):
+    """Rank 0 stopped waiting for a collective because a rank died or a node is lost (TensorParallel.abandon)."""
 
 
 def timed_out(e: BaseException) -> bool:

@@ -2,7 +2,8 @@
 in one gloo group whose rank 0 is the engine's own process on node 0. Rank 0 schedules and samples; the others run
 each step's forward (ModelRunner.serve_steps). Node k > 0 runs `serve --headless`: its ranks only (run_headless).
 At start-up the ranks compare a fingerprint of the checkpoint and settings, and refuse to run mismatched. A rank
-that fails is named in the error rank 0 raises, and every other rank is stopped: nothing is left waiting."""
+that fails is named in the error rank 0 raises, and every other rank is stopped: nothing is left waiting. A node
+that stops answering is found by its heartbeats (nodes.py) and stops every rank too."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from slimquant.distributed.cpu_binding import bind, core_groups
+from slimquant.distributed.nodes import NodeBeat, NodeWatch, tell_node_0
 from slimquant.distributed.shared_memory import SharedMemoryExchange, room_for, segment_bytes
 from slimquant.distributed.tensor_parallel import MidStepFailure, TensorParallel
 from slimquant.errors import RankFailure
@@ -55,10 +57,12 @@ class WorkerGroup:
 
     def __init__(self, procs: list, errors: Any, tp: TensorParallel, ranks: list[int]):
         self.procs, self.errors, self.tp, self.ranks = procs, errors, tp, ranks  # ranks: each proc's global rank
-        self._stopping = threading.Event()  # set: the engine stops the ranks (the keepalive and watch threads end)
-        self._aborted = False  # the device group was aborted: a rank died (watch_device_group)
+        self._stopping = threading.Event()  # set: the engine stops the ranks (the keepalive thread ends)
+        self._killed = threading.Event()  # set: the ranks are gone (the watch thread ends)
+        self._aborted = threading.Event()  # set: a rank died or a node is lost (watch); the step's waits end
         self._keepalive_failure: BaseException | None = None
-        self._notes: dist.TCPStore | None = None  # where other nodes say that their ranks failed (node 0's store)
+        self._nodes: NodeWatch | None = None  # the other nodes' notes and beats (node 0's store)
+        self._lost: str | None = None  # a node whose beats stopped (watch)
         self.threads = torch.get_num_threads()  # this process's, given back by kill()
         self.affinity = os.sched_getaffinity(0)  # its cores, given back by kill()
 
@@ -74,14 +78,16 @@ class WorkerGroup:
         group._join_as_rank0(config)
         try:
             if config.nnodes > 1:
-                group._notes = _notes_of(config)
+                group._nodes = NodeWatch.of(config)
             group.guard(_check_fingerprints, config, group.tp)
             group.tp = group.guard(_links, group.tp, config, config.nnodes == 1, lambda: not group._dead())
         except BaseException:
             group.kill()
             raise
-        if group.tp.device_group is not None:
-            group.watch_device_group(partial(dist.distributed_c10d._abort_process_group, group.tp.device_group))
+        if config.nnodes > 1:  # rank 0's waits for the ranks end when the watch finds one dead or a node lost
+            group.tp = dataclasses.replace(group.tp, abandon=group._aborted)
+        if (device := group.tp.device_group) is not None or config.nnodes > 1:
+            group.watch(partial(dist.distributed_c10d._abort_process_group, device) if device is not None else None)
         return group
 
     @classmethod
@@ -156,12 +162,12 @@ class WorkerGroup:
             self._settle()  # a rank that broke the collective is exiting: let it be seen dead, or its node say so
             if self._dead():
                 self.fail(e)
-            if isinstance(e, MidStepFailure) or self._aborted:  # a rank on another node died or hangs, or rank 0's
-                # step failed: which one, its node may have said
+            if isinstance(e, MidStepFailure) or self._aborted.is_set():  # a rank on another node died or hangs (or
+                # its node is lost), or rank 0's step failed: which one, its node may have said
                 said = f"rank 0 failed inside a step the ranks run together ({e}); they cannot go on"
                 self.fail(e, self._node_failure() or said)
             raise
-        if self._aborted:  # the step ended because its device group was aborted: its results are void
+        if self._aborted.is_set():  # the step ended because a rank died or a node is lost: its results are void
             self.fail(None, self._node_failure() or "")
         return result
 
@@ -188,31 +194,33 @@ class WorkerGroup:
 
         threading.Thread(target=beat, name="slimquant-keepalive", daemon=True).start()
 
-    def watch_device_group(self, abort: Callable[[], None]) -> None:
-        """On GPUs: as soon as one of this node's ranks dies, say so and call abort (of the NCCL group). NCCL waits
-        for a dead peer until its timeout (execute_model_timeout), so a step would hang that long; aborted, it ends
-        in seconds and guard raises RankFailure. (torch's abort of a group is experimental, and works for NCCL only:
-        on CPUs gloo sees a dead peer's socket close.)"""
+    def watch(self, abort: Callable[[], None] | None) -> None:
+        """From a thread: as soon as one of this node's ranks dies, another node says one of its ranks did, or a node
+        stops beating, say so, set _aborted (rank 0's waits in host collectives end: TensorParallel.abandon) and
+        call abort (of the NCCL group: NCCL waits for a dead peer until its timeout, execute_model_timeout; torch's
+        abort of a group is experimental, and works for NCCL only). So a step ends in seconds and guard raises
+        RankFailure."""
 
         def watch() -> None:
             if (failure := self._first_failure()) is None:
                 return
-            self._aborted = True
-            logger.error("tensor parallel: %s; aborting the GPU collectives of the step", failure)
+            self._aborted.set()
+            logger.error("tensor parallel: %s; abandoning the step's collectives", failure)
             try:
-                abort()
+                if abort is not None:
+                    abort()
             except Exception as e:  # noqa: BLE001 - the step then ends at NCCL's timeout, and guard says why
                 logger.error("tensor parallel: aborting the NCCL group failed (%s: %s)", type(e).__name__, e)
 
         threading.Thread(target=watch, name="slimquant-watch-ranks", daemon=True).start()
 
     def _first_failure(self) -> str | None:
-        """Wait until a rank of this node dies or another node says one of its ranks did, and say which; None when
-        the engine stops the ranks (they exit 0, or it kills them)."""
+        """Wait until a rank of this node dies, another node says one of its ranks did, or a node stops beating,
+        and say which; None when the engine stops the ranks (they exit 0, or it kills them)."""
         sentinels = [p.sentinel for p in self.procs]
         while True:
             exited = mp.connection.wait(sentinels, timeout=0.5)
-            if self._stopping.is_set():
+            if self._killed.is_set():
                 return None
             if dead := self._dead():
                 return f"rank(s) {dead} died"
@@ -220,11 +228,14 @@ class WorkerGroup:
                 return None
             if (note := self._node_failure()) is not None:
                 return note
+            if self._nodes is not None and (lost := self._nodes.lost()) is not None:
+                self._lost = lost
+                return lost
 
     def fail(self, cause: BaseException | None, hint: str = "") -> None:
         """Stop every rank and raise RuntimeError with what the failed ranks said."""
         dead, said = self._dead(), self._errors() or hint
-        how = self._exit_codes(dead) if dead else "a collective with it failed"
+        how = self._exit_codes(dead) if dead else "its node is lost" if self._lost else "a collective with it failed"
         self.kill()
         who = f"rank(s) {dead}" if dead else "a rank"
         raise RankFailure(
@@ -250,17 +261,14 @@ class WorkerGroup:
         note (a node that lost a rank tells node 0 within its 0.5 s poll, and only then stops the others)."""
         time.sleep(0.5)
         end = time.monotonic() + 1.5
-        while self._notes is not None and not self._dead() and self._node_failure() is None and time.monotonic() < end:
+        while self._nodes is not None and not self._dead() and self._node_failure() is None and time.monotonic() < end:
             time.sleep(0.05)
 
     def _node_failure(self) -> str | None:
-        """What another node said of its failed ranks (_tell_node_0), or None."""
-        if self._notes is None:
+        """What another node said of its failed ranks (tell_node_0), or which node is lost, or None."""
+        if self._nodes is None:
             return None
-        try:
-            return self._notes.get(_FAILED).decode() if self._notes.check([_FAILED]) else None
-        except Exception:  # noqa: BLE001 - node 0's store is gone with this process: nothing to say
-            return None
+        return self._nodes.note() or self._lost
 
     def _dead(self) -> list[int]:
         return [rank for rank, p in zip(self.ranks, self.procs, strict=True) if p.exitcode not in (None, 0)]
@@ -282,6 +290,7 @@ class WorkerGroup:
     def kill(self) -> None:
         """End every rank now, leave the process group, and give this process its threads back."""
         self._stopping.set()
+        self._killed.set()
         for p in self.procs:
             if p.is_alive():
                 p.kill()
@@ -295,56 +304,27 @@ class WorkerGroup:
 
 
 def run_headless(config: EngineConfig) -> int:
-    """Node node_rank > 0: run this node's ranks until rank 0 stops them; 0, or 1 when one failed (said)."""
+    """Node node_rank > 0: run this node's ranks until rank 0 stops them; 0, or 1 when one failed or node 0 is lost
+    (said)."""
     if config.node_rank == 0:
         raise ValueError("--headless is for nodes 1..nnodes-1: node 0 serves")
     logger.info("node %d: running its ranks headless (node 0 serves)", config.node_rank)
     group = WorkerGroup._spawn(config, _node_ranks(config), _local_cores(config))
-    while any(p.is_alive() for p in group.procs) and not group._dead():
+    beat = NodeBeat(config)
+    while any(p.is_alive() for p in group.procs) and not group._dead() and beat.lost() is None:
         time.sleep(0.5)
-    dead = group._dead()
-    if not dead:
+    dead, lost = group._dead(), beat.lost()
+    if not dead and lost is None:
         group.kill()
         return 0
-    what = f"rank(s) {dead} on node {config.node_rank} failed ({group._exit_codes(dead)}). {group._errors()}"
-    _tell_node_0(config, what)  # before the others are stopped: rank 0 waits for it when their links break
+    if dead:
+        what = f"rank(s) {dead} on node {config.node_rank} failed ({group._exit_codes(dead)}). {group._errors()}"
+        tell_node_0(config, what)  # before the others are stopped: rank 0 waits for it when their links break
+    else:
+        what = f"{lost}; this node's ranks are stopped"
     group.kill()
     print(f"tensor parallel: {what}", flush=True)
     return 1
-
-
-_FAILED = "slimquant_failed_ranks"  # the key of a node's note in node 0's TCPStore (raw: the groups' keys are prefixed)
-
-
-def _store_client(config: EngineConfig) -> dist.TCPStore:
-    """A client of node 0's TCPStore (where the ranks met)."""
-    return dist.TCPStore(config.master_addr, config.master_port, is_master=False, timeout=timedelta(seconds=5))
-
-
-def _notes_of(config: EngineConfig) -> dist.TCPStore | None:
-    """Rank 0's client of its own store, where other nodes leave their notes; None (they go unread: a failure is
-    said less precisely) where it cannot connect."""
-    try:
-        return _store_client(config)
-    except Exception as e:  # noqa: BLE001 - said
-        logger.warning("tensor parallel: rank 0 cannot read the other nodes' notes at %s (%s)", config.master_addr, e)
-        return None
-
-
-def _tell_node_0(config: EngineConfig, what: str, wait: float = 3.0) -> None:
-    """Leave rank 0 a note of this node's failure, so that it names the ranks (and on GPUs aborts the step's NCCL
-    collectives, which would wait for them until their timeout); nothing where node 0 does not take it within wait
-    seconds (it may be what failed: gone, or hung)."""
-
-    def post() -> None:
-        try:
-            _store_client(config).set(_FAILED, what)
-        except Exception as e:  # noqa: BLE001 - said below
-            logger.warning("node %d: could not tell node 0 that its ranks failed (%s)", config.node_rank, e)
-
-    poster = threading.Thread(target=post, name="slimquant-tell-node-0", daemon=True)
-    poster.start()
-    poster.join(wait)
 
 
 def _node_ranks(config: EngineConfig) -> list[int]:

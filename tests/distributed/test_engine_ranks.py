@@ -18,8 +18,9 @@ import torch.distributed as dist
 from slimquant import LLM, SamplingParams
 from slimquant.config import EngineConfig
 from slimquant.distributed.launch import run_ranks
+from slimquant.distributed.nodes import NodeWatch, store_client, tell_node_0
 from slimquant.distributed.tensor_parallel import TensorParallel
-from slimquant.distributed.workers import WorkerGroup, _store_client, _tell_node_0, free_port
+from slimquant.distributed.workers import WorkerGroup, free_port
 from slimquant.errors import RankFailure
 from tests.distributed.test_tensor_parallel import PARAMS, PROMPTS, rank_generate
 
@@ -106,7 +107,7 @@ def _watched_rank(code: int) -> tuple[WorkerGroup, threading.Event]:
     proc = multiprocessing.get_context("spawn").Process(target=_exits_later, args=(code,))
     proc.start()
     group, aborted = WorkerGroup([proc], None, TensorParallel(rank=0, size=2), ranks=[1]), threading.Event()
-    group.watch_device_group(aborted.set)
+    group.watch(aborted.set)
     return group, aborted
 
 
@@ -131,13 +132,33 @@ def test_on_gpus_a_note_from_another_node_aborts_the_nccl_group_and_names_its_ra
         "unused", master_addr="127.0.0.1", master_port=port, nnodes=2, node_rank=1, tensor_parallel_size=2
     )
     group, aborted = WorkerGroup([], None, TensorParallel(rank=0, size=2), ranks=[]), threading.Event()
-    group._notes = _store_client(config)
-    group.watch_device_group(aborted.set)
+    group._nodes = NodeWatch(store_client(config), config)
+    group.watch(aborted.set)
     note = "rank(s) [1] on node 1 failed (rank 1 exited with code -9)"
-    threading.Timer(1.0, _tell_node_0, (config, note)).start()
+    threading.Timer(1.0, tell_node_0, (config, note)).start()
     with pytest.raises(RankFailure, match=re.escape(note)):
         group.guard(aborted.wait, 60)
     assert aborted.is_set()
+    del master
+
+
+def test_on_gpus_a_node_that_stops_beating_aborts_the_nccl_group_in_node_timeout():
+    """A machine gone without closing its connections leaves no note: its beats stop (serve_tp's tests run it
+    whole, on gloo)."""
+    from datetime import timedelta
+
+    port = free_port()
+    master = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
+    config = EngineConfig.from_kwargs(
+        "unused", master_port=port, nnodes=2, node_rank=1, tensor_parallel_size=2, node_timeout=1.5
+    )
+    group, aborted = WorkerGroup([], None, TensorParallel(rank=0, size=2), ranks=[]), threading.Event()
+    group._nodes = NodeWatch(store_client(config), config)
+    start = time.perf_counter()
+    group.watch(aborted.set)
+    with pytest.raises(RankFailure, match=r"its node is lost.*node 1 stopped answering: no heartbeat in node_tim"):
+        group.guard(aborted.wait, 60)
+    assert 1.5 < time.perf_counter() - start < 5
     del master
 
 

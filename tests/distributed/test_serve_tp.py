@@ -200,6 +200,56 @@ def test_an_idle_server_exits_within_seconds_of_losing_a_node(checkpoints):
                 proc.kill()
 
 
+def _two_nodes(path: str, *extra: str) -> tuple[subprocess.Popen, subprocess.Popen, str]:
+    """Node 1 (headless) and node 0 (serving) of -tp 2 on this machine, both with extra: (node 1, node 0, URL)."""
+    port = free_port()
+    node1 = _headless(path, port, "--max-model-len", "128", *extra)
+    head, base = start_server(path, "--backend", "torch-reference", "-tp", "2", "--nnodes", "2", "--master-port",
+                              str(port), *extra)  # fmt: skip
+    return node1, head, base
+
+
+def _end(*procs: subprocess.Popen) -> None:
+    """Kill procs and their children where still running (stopped ones too)."""
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+                p.kill()
+        proc.wait(timeout=30)
+
+
+def test_a_node_that_stops_answering_mid_generation_stops_the_server_within_node_timeout(checkpoints):
+    """Node 1 stopped whole (its process and its rank's: as if its machine were gone without closing its
+    connections): its heartbeat stops, and node 0 fails the request and exits a few seconds after --node-timeout,
+    though its step would wait for the rank execute_model_timeout (300 s)."""
+    node1, head, base = _two_nodes(checkpoints["llama-W8A8"], "--node-timeout", "3")
+    frozen = [psutil.Process(node1.pid), *_ranks(node1)]
+    try:
+        start = time.perf_counter()
+        rest = _kill_mid_stream(base, frozen, lambda procs: [p.suspend() for p in procs])
+        assert "node 1 stopped answering: no heartbeat in node_timeout=3 s" in rest, rest[-500:]
+        assert head.wait(timeout=60) == 1
+        assert time.perf_counter() - start < 20
+    finally:
+        _end(head, node1)
+
+
+def test_a_node_whose_node_0_stops_answering_exits_within_node_timeout(checkpoints):
+    """Node 0 stopped while it idles: node 1 stops its ranks and exits a few seconds after --node-timeout, though
+    they would wait for node 0's next step execute_model_timeout (300 s)."""
+    node1, head, base = _two_nodes(checkpoints["llama-W8A8"], "--node-timeout", "3")
+    try:
+        assert _chat(base)
+        psutil.Process(head.pid).suspend()
+        start = time.perf_counter()
+        assert node1.wait(timeout=60) == 1
+        assert time.perf_counter() - start < 15
+        out = node1.stdout.read().decode()
+        assert "node 0 stopped answering: it took no heartbeat in node_timeout=3 s" in out, out[-2000:]
+    finally:
+        _end(head, node1)
+
+
 def test_nodes_with_different_settings_are_refused_at_start(checkpoints):
     path, port = checkpoints["llama-W8A8"], free_port()
     node1 = _headless(path, port, "--max-model-len", "96")  # the head runs 128

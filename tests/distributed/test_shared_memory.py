@@ -76,8 +76,8 @@ def _broadcasts(rank: int, size: int) -> tuple[int, list]:
     tp = TensorParallel(rank, size)
     name = tp.broadcast(SharedMemoryExchange(0, size).name if rank == 0 else None)
     tp = dataclasses.replace(tp, local=SharedMemoryExchange(rank, size, name))
-    through_gloo, gloo_broadcast = [], dist.broadcast_object_list
-    dist.broadcast_object_list = lambda *a, **k: (through_gloo.append(1), gloo_broadcast(*a, **k))
+    through_gloo, gloo_broadcast = [], TensorParallel._broadcast_bytes
+    TensorParallel._broadcast_bytes = lambda *a: (through_gloo.append(1), gloo_broadcast(*a))[1]
     sent = [
         (torch.arange(6).view(2, 3)[:, 1], {"ids": [1, 2]}, torch.ones(2, dtype=torch.bfloat16)),  # a view, bf16
         None,

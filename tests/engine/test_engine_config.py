@@ -45,6 +45,7 @@ def test_unknown_arguments_through_llm(llama_path):
         ({"join_timeout": "10"}, "join_timeout"),
         ({"execute_model_timeout": -1}, "execute_model_timeout"),
         ({"execute_model_timeout": True}, "execute_model_timeout"),
+        ({"node_timeout": 0}, "node_timeout"),
         ({"pipeline_parallel_size": 2}, "pipeline_parallel_size"),
         ({"kv_cache_dtype": "int4"}, "kv_cache_dtype"),
         ({"kv_cache_dtype": "fp8_e4m3"}, "kv_cache_dtype='fp8_e4m3' is not supported"),

@@ -112,7 +112,7 @@ def test_engine_ranks_on_their_own_gpus_give_one_process_text(models, backend):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (one per rank)")
 def test_a_rank_killed_mid_generation_on_nccl_fails_in_seconds(models):
     """NCCL waits for a dead peer until its timeout (execute_model_timeout, 300 s here): rank 0 aborts the NCCL
-    group when its rank dies (WorkerGroup.watch_device_group), so generate raises RankFailure in seconds."""
+    group when its rank dies (WorkerGroup.watch), so generate raises RankFailure in seconds."""
     llm = LLM(models["llama-W8A8_DYNAMIC"], device="cuda", max_model_len=512, tensor_parallel_size=2)
     assert_killed_mid_generation_fails_in_seconds(llm)
 

@@ -50,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     nodes.add_argument(
         "--join-timeout", type=float, default=600.0, help="seconds the ranks wait for each other to meet (default 600)"
     )
+    nodes.add_argument(
+        "--node-timeout", type=float, default=15.0,
+        help="seconds without a heartbeat after which a node counts as lost and every rank stops (default 15)",
+    )  # fmt: skip
     p.add_argument(
         "--max-request-bytes",
         type=int,
@@ -136,6 +140,7 @@ def _node_args(args: argparse.Namespace) -> dict:
         master_addr=args.master_addr,
         master_port=args.master_port,
         join_timeout=args.join_timeout,
+        node_timeout=args.node_timeout,
     )
 
 
