@@ -35,20 +35,20 @@ def store_client(config: EngineConfig, wait: float = 5.0) -> dist.TCPStore:
     return dist.TCPStore(config.master_addr, config.master_port, is_master=False, timeout=timedelta(seconds=wait))
 
 
-def tell_node_0(config: EngineConfig, what: str, wait: float = 3.0) -> None:
+def tell_node_0(config: EngineConfig, what: str, wait: float = 2.0) -> None:
     """Leave rank 0 a note of this node's failure, so that it names the ranks (and on GPUs aborts the step's NCCL
-    collectives, which would wait for them until their timeout); nothing where node 0 does not take it within wait
-    seconds (it may be what failed: gone, or hung)."""
+    collectives, which would wait for them until their timeout); nothing where node 0 does not take it within a few
+    seconds (it may be what failed: gone, or stopped, where a call to its store may never return)."""
 
     def post() -> None:
         try:
-            store_client(config).set(_FAILED, what)
+            store_client(config, wait).set(_FAILED, what)
         except Exception as e:  # noqa: BLE001 - said below
             logger.warning("node %d: could not tell node 0 that its ranks failed (%s)", config.node_rank, e)
 
     poster = threading.Thread(target=post, name="slimquant-tell-node-0", daemon=True)
     poster.start()
-    poster.join(wait)
+    poster.join(2 * wait + 1)  # connecting, then setting
 
 
 class NodeWatch:
@@ -93,23 +93,30 @@ class NodeWatch:
 
 
 class NodeBeat:
-    """A node > 0's beats to node 0 (from a thread, until the process ends), and whether node 0 still takes them."""
+    """A node > 0's beats to node 0, from a thread (a call to a stopped node 0's store may never return), and
+    whether node 0 still takes them. The thread may be inside the store's C++ when the process exits, which aborts
+    it (SIGABRT): a process that beats leaves with os._exit (serve --headless)."""
 
     def __init__(self, config: EngineConfig):
         self.config = config
         self._taken: float | None = None  # when node 0 last took a beat (None: not yet, it may not be up)
+        self._stop = threading.Event()
         threading.Thread(target=self._beat, name="slimquant-node-beat", daemon=True).start()
 
     def _beat(self) -> None:
         store, key = None, _beat_key(self.config.node_rank)
-        while True:
+        while not self._stop.is_set():
             try:
                 store = store or store_client(self.config, wait=BEAT_PERIOD * 2)
                 store.add(key, 1)
                 self._taken = time.monotonic()
             except Exception:  # noqa: BLE001 - node 0 not up yet, or gone: lost() says when that lasts
                 store = None
-            time.sleep(BEAT_PERIOD)
+            self._stop.wait(BEAT_PERIOD)
+
+    def stop(self) -> None:
+        """End the beats (the thread leaves at its next beat)."""
+        self._stop.set()
 
     def lost(self) -> str | None:
         """That node 0 has taken no beat for node_timeout seconds since it took one, said for people, or None."""

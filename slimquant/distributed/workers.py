@@ -63,6 +63,7 @@ class WorkerGroup:
         self._keepalive_failure: BaseException | None = None
         self._nodes: NodeWatch | None = None  # the other nodes' notes and beats (node 0's store)
         self._lost: str | None = None  # a node whose beats stopped (watch)
+        self._watcher: threading.Thread | None = None  # the watch's thread (kill waits for it)
         self.threads = torch.get_num_threads()  # this process's, given back by kill()
         self.affinity = os.sched_getaffinity(0)  # its cores, given back by kill()
 
@@ -212,7 +213,8 @@ class WorkerGroup:
             except Exception as e:  # noqa: BLE001 - the step then ends at NCCL's timeout, and guard says why
                 logger.error("tensor parallel: aborting the NCCL group failed (%s: %s)", type(e).__name__, e)
 
-        threading.Thread(target=watch, name="slimquant-watch-ranks", daemon=True).start()
+        self._watcher = threading.Thread(target=watch, name="slimquant-watch-ranks", daemon=True)
+        self._watcher.start()
 
     def _first_failure(self) -> str | None:
         """Wait until a rank of this node dies, another node says one of its ranks did, or a node stops beating,
@@ -295,6 +297,8 @@ class WorkerGroup:
             if p.is_alive():
                 p.kill()
             p.join(timeout=10)
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=5)  # it ends at its next look (0.5 s); not inside a store call as we exit
         if dist.is_initialized():
             dist.destroy_process_group()
         close_exchange(self.tp)  # this is rank 0: it removes the segment
@@ -305,15 +309,21 @@ class WorkerGroup:
 
 def run_headless(config: EngineConfig) -> int:
     """Node node_rank > 0: run this node's ranks until rank 0 stops them; 0, or 1 when one failed or node 0 is lost
-    (said)."""
+    (said). The process should then leave with os._exit (NodeBeat)."""
     if config.node_rank == 0:
         raise ValueError("--headless is for nodes 1..nnodes-1: node 0 serves")
     logger.info("node %d: running its ranks headless (node 0 serves)", config.node_rank)
     group = WorkerGroup._spawn(config, _node_ranks(config), _local_cores(config))
     beat = NodeBeat(config)
-    while any(p.is_alive() for p in group.procs) and not group._dead() and beat.lost() is None:
-        time.sleep(0.5)
-    dead, lost = group._dead(), beat.lost()
+    try:
+        while any(p.is_alive() for p in group.procs) and not group._dead() and beat.lost() is None:
+            time.sleep(0.5)
+        dead, lost = group._dead(), beat.lost()
+    except BaseException:  # Ctrl-C
+        group.kill()
+        raise
+    finally:
+        beat.stop()
     if not dead and lost is None:
         group.kill()
         return 0

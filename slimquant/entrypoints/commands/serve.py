@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 from slimquant.config import env_setting
 from slimquant.entrypoints.commands.generate import add_engine_args, llm_arguments, make_llm
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         from slimquant.distributed.workers import run_headless
 
         model, kwargs = llm_arguments(args, **engine_args)
-        return run_headless(EngineConfig.from_kwargs(model, **kwargs))
+        _leave_with(run_headless, EngineConfig.from_kwargs(model, **kwargs))
     if args.node_rank != 0:
         raise ValueError("--node-rank > 0 runs ranks only: add --headless (node 0 serves)")
     llm = make_llm(args, **engine_args)
@@ -117,6 +121,20 @@ def run(args: argparse.Namespace) -> int:
         log.error("stopped: %s", failures[0])
         return 1
     return 0
+
+
+def _leave_with(run: Callable[[Any], int], config: Any) -> NoReturn:
+    """run(config) (a headless node), then leave the process at once with its status (130 on Ctrl-C): its heartbeat
+    thread may be inside a call to node 0's store, under which the interpreter's exit aborts it (SIGABRT)."""
+    try:
+        code = run(config)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _join_torchrun(args: argparse.Namespace) -> int:
