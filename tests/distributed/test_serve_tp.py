@@ -96,6 +96,34 @@ def _headless(path: str, port: int, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+def _two_nodes(path: str, *extra: str) -> tuple[subprocess.Popen, subprocess.Popen, str]:
+    """Node 1 (headless) and node 0 (serving) of -tp 2 on this machine, both with extra: (node 1, node 0, URL)."""
+    port = free_port()
+    node1 = _headless(path, port, "--max-model-len", "128", *extra)
+    head, base = start_server(path, "--backend", "torch-reference", "-tp", "2", "--nnodes", "2", "--master-port",
+                              str(port), *extra)  # fmt: skip
+    return node1, head, base
+
+
+def _end(*procs: subprocess.Popen) -> None:
+    """Kill procs and their children where still running (stopped ones too)."""
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+                p.kill()
+        proc.wait(timeout=30)
+
+
+def _node_1_after_node_0_stops(node1: subprocess.Popen, head: subprocess.Popen, within: float) -> str:
+    """Stop node 0 (as if its machine were gone without closing its connections); node 1's output, once it exited 1
+    within `within` seconds."""
+    psutil.Process(head.pid).suspend()
+    start = time.perf_counter()
+    assert node1.wait(timeout=60) == 1
+    assert time.perf_counter() - start < within
+    return node1.stdout.read().decode()
+
+
 def test_two_nodes_on_one_machine_answer_as_one_process(checkpoints):
     path = checkpoints["qwen2-W8A8_DYNAMIC"]
     (one, base) = start_server(path, "--backend", "torch-reference")
@@ -117,10 +145,7 @@ def test_two_nodes_on_one_machine_answer_as_one_process(checkpoints):
 def test_a_rank_killed_on_another_node_stops_the_server_naming_it(checkpoints):
     """Rank 0 sees a remote rank's death as its step's collective failing (gloo), and that node's note names the
     rank and how it ended: every rank stops."""
-    path, port = checkpoints["llama-W8A8"], free_port()
-    node1 = _headless(path, port, "--max-model-len", "128")
-    head, base = start_server(path, "--backend", "torch-reference", "-tp", "2", "--nnodes", "2", "--master-port",
-                              str(port))  # fmt: skip
+    node1, head, base = _two_nodes(checkpoints["llama-W8A8"])
     try:
         (rank1,) = _ranks(node1)
         rest = _kill_mid_stream(base, rank1)
@@ -128,63 +153,42 @@ def test_a_rank_killed_on_another_node_stops_the_server_naming_it(checkpoints):
         assert head.wait(timeout=30) == 1
         assert node1.wait(timeout=30) == 1
     finally:
-        for proc in (head, node1):
-            if proc.poll() is None:
-                proc.kill()
+        _end(head, node1)
 
 
 def test_a_rank_that_hangs_on_another_node_stops_the_server_after_the_timeout(checkpoints):
     """A rank stopped on the other node (as if its machine were gone without closing its connections): rank 0's
     step times out in gloo, and that stops every rank."""
-    path, port, wait = checkpoints["llama-W8A8"], free_port(), ("--execute-model-timeout", "3")
-    node1 = _headless(path, port, "--max-model-len", "128", *wait)
-    head, base = start_server(path, "--backend", "torch-reference", "-tp", "2", "--nnodes", "2", "--master-port",
-                              str(port), *wait)  # fmt: skip
-    (rank1,) = _ranks(node1)
+    node1, head, base = _two_nodes(checkpoints["llama-W8A8"], "--execute-model-timeout", "3")
     try:
+        (rank1,) = _ranks(node1)
         rest = _kill_mid_stream(base, rank1, psutil.Process.suspend)
         assert "a rank did not answer in execute_model_timeout=3 s" in rest, rest[-500:]
         assert head.wait(timeout=30) == 1
         rank1.resume()  # back: it finds the group gone, and its node exits
         assert node1.wait(timeout=30) == 1
     finally:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            rank1.kill()
-        for proc in (head, node1):
-            if proc.poll() is None:
-                proc.kill()
+        _end(head, node1)
 
 
 def test_an_idle_server_keeps_its_nodes_and_they_exit_when_node_0_hangs(checkpoints):
     """Node 0 sends the other node's ranks a keepalive while it idles: an idle server outlives
     --execute-model-timeout. When node 0 stops answering (stopped, as if its machine were gone without closing its
     connections), the other node's ranks give up after that timeout instead of waiting for ever."""
-    path, port, wait = checkpoints["llama-W8A8"], free_port(), ("--execute-model-timeout", "2")
-    node1 = _headless(path, port, "--max-model-len", "128", *wait)
-    head, base = start_server(path, "--backend", "torch-reference", "-tp", "2", "--nnodes", "2", "--master-port",
-                              str(port), *wait)  # fmt: skip
+    node1, head, base = _two_nodes(checkpoints["llama-W8A8"], "--execute-model-timeout", "2")
     try:
         time.sleep(6)  # idle for three timeouts
         assert _chat(base)
-        psutil.Process(head.pid).suspend()
-        start = time.perf_counter()
-        assert node1.wait(timeout=60) == 1
-        assert time.perf_counter() - start < 30
-        out = node1.stdout.read().decode()
+        out = _node_1_after_node_0_stops(node1, head, within=30)
         assert "rank 0 sent nothing in execute_model_timeout=2 s" in out, out[-2000:]
     finally:
-        for proc in (head, node1):
-            if proc.poll() is None:
-                proc.kill()
+        _end(head, node1)
 
 
 def test_an_idle_server_exits_within_seconds_of_losing_a_node(checkpoints):
     """The other node stopped with Ctrl-C while node 0 idles (no request comes to find out): node 0's keepalive,
     every 5 s at most, finds its ranks gone, and the server exits 1 saying so (before: at the next request, a 500)."""
-    path, port = checkpoints["llama-W8A8"], free_port()
-    node1 = _headless(path, port, "--max-model-len", "128")
-    head, base = start_server(path, "--backend", "torch-reference", "-tp", "2", "--nnodes", "2", "--master-port",
-                              str(port))  # fmt: skip
+    node1, head, base = _two_nodes(checkpoints["llama-W8A8"])
     try:
         assert _chat(base)
         node1.send_signal(signal.SIGINT)
@@ -195,27 +199,7 @@ def test_an_idle_server_exits_within_seconds_of_losing_a_node(checkpoints):
         out = head.stdout.read().decode()
         assert "a rank of 2 failed (a collective with it failed); every rank is stopped. rank 0's keepalive" in out
     finally:
-        for proc in (head, node1):
-            if proc.poll() is None:
-                proc.kill()
-
-
-def _two_nodes(path: str, *extra: str) -> tuple[subprocess.Popen, subprocess.Popen, str]:
-    """Node 1 (headless) and node 0 (serving) of -tp 2 on this machine, both with extra: (node 1, node 0, URL)."""
-    port = free_port()
-    node1 = _headless(path, port, "--max-model-len", "128", *extra)
-    head, base = start_server(path, "--backend", "torch-reference", "-tp", "2", "--nnodes", "2", "--master-port",
-                              str(port), *extra)  # fmt: skip
-    return node1, head, base
-
-
-def _end(*procs: subprocess.Popen) -> None:
-    """Kill procs and their children where still running (stopped ones too)."""
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-                p.kill()
-        proc.wait(timeout=30)
+        _end(head, node1)
 
 
 def test_a_node_that_stops_answering_mid_generation_stops_the_server_within_node_timeout(checkpoints):
@@ -240,11 +224,7 @@ def test_a_node_whose_node_0_stops_answering_exits_within_node_timeout(checkpoin
     node1, head, base = _two_nodes(checkpoints["llama-W8A8"], "--node-timeout", "3")
     try:
         assert _chat(base)
-        psutil.Process(head.pid).suspend()
-        start = time.perf_counter()
-        assert node1.wait(timeout=60) == 1
-        assert time.perf_counter() - start < 15
-        out = node1.stdout.read().decode()
+        out = _node_1_after_node_0_stops(node1, head, within=15)
         assert "node 0 stopped answering: it took no heartbeat in node_timeout=3 s" in out, out[-2000:]
     finally:
         _end(head, node1)
