@@ -173,7 +173,8 @@ class WorkerGroup:
         return result
 
     def check(self) -> None:
-        """RankFailure if a rank has died (say, while the engine was idle), or a keepalive to the ranks failed."""
+        """RankFailure if a rank has died (say, while the engine was idle), another node said one did or is lost, or
+        a keepalive to the ranks failed."""
         if self._dead():
             self.fail(None)
         if (failure := self._keepalive_failure) is not None:
