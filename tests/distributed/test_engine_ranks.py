@@ -121,18 +121,26 @@ def test_on_gpus_a_rank_that_dies_mid_step_aborts_the_nccl_group_and_the_step_fa
     assert aborted.is_set() and time.perf_counter() - start < 10
 
 
-def test_on_gpus_a_note_from_another_node_aborts_the_nccl_group_and_names_its_ranks():
-    """A node whose rank died tells node 0 through its TCPStore (run_headless); rank 0's collectives would wait for
-    that rank until NCCL's timeout."""
+def _node_0_of_two(**settings) -> tuple[dist.TCPStore, EngineConfig, WorkerGroup]:
+    """Node 0's TCPStore on a free port, node 1's config for it (with settings), and a rank-0 group that reads the
+    other node's notes and beats there (no ranks of its own)."""
     from datetime import timedelta
 
     port = free_port()
     master = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
     config = EngineConfig.from_kwargs(
-        "unused", master_addr="127.0.0.1", master_port=port, nnodes=2, node_rank=1, tensor_parallel_size=2
+        "unused", master_port=port, nnodes=2, node_rank=1, tensor_parallel_size=2, **settings
     )
-    group, aborted = WorkerGroup([], None, TensorParallel(rank=0, size=2), ranks=[]), threading.Event()
+    group = WorkerGroup([], None, TensorParallel(rank=0, size=2), ranks=[])
     group._nodes = NodeWatch(store_client(config), config)
+    return master, config, group
+
+
+def test_on_gpus_a_note_from_another_node_aborts_the_nccl_group_and_names_its_ranks():
+    """A node whose rank died tells node 0 through its TCPStore (run_headless); rank 0's collectives would wait for
+    that rank until NCCL's timeout."""
+    master, config, group = _node_0_of_two()
+    aborted = threading.Event()
     group.watch(aborted.set)
     note = "rank(s) [1] on node 1 failed (rank 1 exited with code -9)"
     threading.Timer(1.0, tell_node_0, (config, note)).start()
@@ -145,15 +153,8 @@ def test_on_gpus_a_note_from_another_node_aborts_the_nccl_group_and_names_its_ra
 def test_on_gpus_a_node_that_stops_beating_aborts_the_nccl_group_in_node_timeout():
     """A machine gone without closing its connections leaves no note: its beats stop (serve_tp's tests run it
     whole, on gloo)."""
-    from datetime import timedelta
-
-    port = free_port()
-    master = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
-    config = EngineConfig.from_kwargs(
-        "unused", master_port=port, nnodes=2, node_rank=1, tensor_parallel_size=2, node_timeout=1.5
-    )
-    group, aborted = WorkerGroup([], None, TensorParallel(rank=0, size=2), ranks=[]), threading.Event()
-    group._nodes = NodeWatch(store_client(config), config)
+    master, _, group = _node_0_of_two(node_timeout=1.5)
+    aborted = threading.Event()
     start = time.perf_counter()
     group.watch(aborted.set)
     with pytest.raises(RankFailure, match=r"its node is lost.*node 1 stopped answering: no heartbeat in node_tim"):
