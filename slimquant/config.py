@@ -74,6 +74,10 @@ ENVIRONMENT = {
     "VLLM_CPU_OMP_THREADS_BIND": ("EngineConfig.cpu_threads_bind: each tensor-parallel rank's cores", "auto"),
     "WORLD_SIZE": ("torchrun's: slimquant serve joins its group (-tp = its size; rank 0 serves)", ""),
     "LOCAL_RANK": ("torchrun's: EngineConfig.local_rank, a tensor-parallel rank's GPU (cuda:LOCAL_RANK)", ""),
+    "GROUP_WORLD_SIZE": ("torchrun's: under slimquant serve, EngineConfig.nnodes", "1"),
+    "GROUP_RANK": ("torchrun's: under slimquant serve, EngineConfig.node_rank", "0"),
+    "MASTER_ADDR": ("torchrun's: under slimquant serve, EngineConfig.master_addr (the nodes beat there)", ""),
+    "MASTER_PORT": ("torchrun's: under slimquant serve, EngineConfig.master_port", ""),
 }
 
 

@@ -46,6 +46,23 @@ def test_a_rank_failure_is_one_line(tiny_model, monkeypatch, capsys):
     assert err.startswith("error: tensor parallel: rank(s) [1] of 2 failed") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize(
+    ("option", "said"),
+    [
+        (("-tp", "4"), "-tp 4 under torchrun with 2 processes"),
+        (("--nnodes", "3"), "--nnodes 3 under torchrun with 2 nodes"),
+    ],
+)
+def test_serve_under_torchrun_refuses_other_sizes(tiny_model, monkeypatch, capsys, option, said):
+    """torchrun's group sets -tp and --nnodes: a command that says otherwise is refused before it joins."""
+    for name, value in {"WORLD_SIZE": "2", "GROUP_WORLD_SIZE": "2", "GROUP_RANK": "0", "RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    model = str(tiny_model("llama"))
+    capsys.readouterr()
+    assert main(["serve", model, *option]) == 1
+    assert capsys.readouterr().err == f"error: {said}: they must agree\n"
+
+
 def test_bench_prints_one_row_per_system(tiny_model, capsys):
     path = str(tiny_model("llama"))
     args = ["bench", path, path, "--prompt-len", "8", "--decode-tokens", "4", "--streams", "2"]

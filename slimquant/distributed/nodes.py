@@ -95,7 +95,7 @@ class NodeWatch:
 class NodeBeat:
     """A node > 0's beats to node 0, from a thread (a call to a stopped node 0's store may never return), and
     whether node 0 still takes them. The thread may be inside the store's C++ when the process exits, which aborts
-    it (SIGABRT): a process that beats leaves with os._exit (serve --headless)."""
+    it (SIGABRT): a process that beats leaves with os._exit (serve sets exit_at_once for the CLI)."""
 
     def __init__(self, config: EngineConfig):
         self.config = config

@@ -85,10 +85,7 @@ class WorkerGroup:
         except BaseException:
             group.kill()
             raise
-        if config.nnodes > 1:  # rank 0's waits for the ranks end when the watch finds one dead or a node lost
-            group.tp = dataclasses.replace(group.tp, abandon=group._aborted)
-        if (device := group.tp.device_group) is not None or config.nnodes > 1:
-            group.watch(partial(dist.distributed_c10d._abort_process_group, device) if device is not None else None)
+        group._start_watch(config)
         return group
 
     @classmethod
@@ -102,9 +99,21 @@ class WorkerGroup:
                 f"{dist.get_world_size()}"
             )
         group = cls([], None, TensorParallel(0, config.tensor_parallel_size), [])
+        if config.nnodes > 1:  # the nodes beat to node 0's torchrun agent's store (run_follower)
+            group._nodes = NodeWatch.of(config)
         _check_fingerprints(config, group.tp)
-        group.tp = _links(group.tp, config, True)  # shared memory where torchrun's ranks share this machine
+        # shared memory where torchrun's ranks share this machine; its waits end too when the watch finds a node lost
+        group.tp = _links(group.tp, config, True, lambda: not group._aborted.is_set())
+        group._start_watch(config)
         return group
+
+    def _start_watch(self, config: EngineConfig) -> None:
+        """Watch the ranks (watch) where a step could otherwise wait for a lost one until execute_model_timeout: on
+        GPUs (NCCL), and with several nodes, whose waits in host collectives then end (TensorParallel.abandon)."""
+        if config.nnodes > 1:
+            self.tp = dataclasses.replace(self.tp, abandon=self._aborted)
+        if (device := self.tp.device_group) is not None or config.nnodes > 1:
+            self.watch(partial(dist.distributed_c10d._abort_process_group, device) if device is not None else None)
 
     @classmethod
     def _spawn(cls, config: EngineConfig, ranks: list[int], cores: list[list[int] | None]) -> WorkerGroup:
@@ -336,6 +345,28 @@ def run_headless(config: EngineConfig) -> int:
     group.kill()
     print(f"tensor parallel: {what}", flush=True)
     return 1
+
+
+def run_follower(config: EngineConfig) -> None:
+    """A rank > 0 of torchrun's group under serve: run_rank. With several nodes, the first rank of each node > 0
+    also beats to node 0 (to its torchrun agent's store) and, when node 0 takes no beat for node_timeout, says so
+    and exits 1 (torchrun's agent then stops the node's other ranks). The process should leave with os._exit
+    (NodeBeat)."""
+    if config.nnodes > 1 and config.node_rank > 0 and config.local_rank == 0:
+        _exit_when_lost(NodeBeat(config))
+    run_rank(config)
+
+
+def _exit_when_lost(beat: NodeBeat) -> None:
+    """From a thread: exit this process (1) as soon as beat finds node 0 lost, saying so."""
+
+    def watch() -> None:
+        while (lost := beat.lost()) is None:
+            time.sleep(0.5)
+        print(f"tensor parallel: {lost}; this node's ranks are stopped", flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="slimquant-watch-node-0", daemon=True).start()
 
 
 def _node_ranks(config: EngineConfig) -> list[int]:

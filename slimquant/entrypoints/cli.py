@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+from typing import NoReturn
 
 from slimquant.errors import RankFailure
 
@@ -42,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s")
+    code = _run(args)
+    if getattr(args, "exit_at_once", False):  # a thread may be inside a C++ call the interpreter's exit would abort
+        _exit_now(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """args.func(args)'s exit status; its errors said in one line unless --debug."""
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -52,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Leave the process with code at once, its output flushed (os._exit: no interpreter shutdown)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

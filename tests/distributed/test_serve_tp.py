@@ -241,14 +241,19 @@ def test_nodes_with_different_settings_are_refused_at_start(checkpoints):
     assert node1.wait(timeout=30) == 1
 
 
-def _torchrun_serve(path: str) -> tuple[subprocess.Popen, str]:
-    """`torchrun --nproc-per-node 2 -m slimquant.entrypoints.cli serve path`, up (its /health answers): (the
-    torchrun process, in its own session, and the server's base URL)."""
+def _torchrun(path: str, *launch: str, serve: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`torchrun *launch -m slimquant.entrypoints.cli serve path *serve`, in its own session."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "slimquant.entrypoints.cli", "serve", path]
+    cmd += ["--max-model-len", "128", *serve]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _torchrun_serve(path: str, *launch: str, serve: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """`torchrun --nproc-per-node 2 -m slimquant.entrypoints.cli serve path` (or *launch, serve's extra options),
+    up (its /health answers): (the torchrun process, in its own session, and the server's base URL)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
-    cmd += ["-m", "slimquant.entrypoints.cli", "serve", path, "--port", str(port), "--max-model-len", "128"]
-    cmd += ["--api-key", "test-key", "--served-model-name", "tiny"]
-    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    launch = launch or ("--nproc-per-node", "2", "--master-port", str(free_port()))
+    run = _torchrun(path, *launch, serve=("--port", str(port), "--api-key", "test-key", *serve))
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline and run.poll() is None:
@@ -259,6 +264,14 @@ def _torchrun_serve(path: str) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
     assert run.poll() is None, run.stdout.read().decode()[-3000:]
     return run, base
+
+
+def _torchrun_two_nodes(path: str, *serve: str) -> tuple[subprocess.Popen, subprocess.Popen, str]:
+    """Two torchrun "nodes" of one rank each on this machine: (node 1, node 0 serving, its URL)."""
+    nodes = ("--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(free_port()))
+    node1 = _torchrun(path, *nodes, "--node-rank", "1", serve=serve)
+    head, base = _torchrun_serve(path, *nodes, "--node-rank", "0", serve=serve)
+    return node1, head, base
 
 
 def test_nodes_that_do_not_meet_fail_after_join_timeout_naming_the_address(checkpoints):
@@ -322,3 +335,36 @@ def test_a_rank_killed_under_torchrun_fails_the_request_at_once(checkpoints):
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGTERM)
             run.wait(timeout=60)
+
+
+def test_a_torchrun_node_that_stops_answering_mid_generation_stops_the_server_within_node_timeout(checkpoints):
+    """Under torchrun too, each node > 0 beats to node 0 (to its torchrun agent's store): node 1 stopped whole (its
+    agent and its rank) fails the request, and node 0 exits a few seconds after --node-timeout, though its step
+    would wait for the rank execute_model_timeout (300 s)."""
+    node1, head, base = _torchrun_two_nodes(checkpoints["llama-W8A8"], "--node-timeout", "3")
+    frozen = [psutil.Process(node1.pid), *psutil.Process(node1.pid).children(recursive=True)]
+    try:
+        start = time.perf_counter()
+        rest = _kill_mid_stream(base, frozen, lambda procs: [p.suspend() for p in procs])
+        assert "node 1 stopped answering: no heartbeat in node_timeout=3 s" in rest, rest[-500:]
+        assert head.wait(timeout=60) != 0
+        assert time.perf_counter() - start < 20
+    finally:
+        _end(head, node1)
+
+
+def test_a_torchrun_node_whose_node_0_stops_answering_exits_within_node_timeout(checkpoints):
+    """Node 0 stopped whole (its agent and its rank) while it idles: node 1's rank says so and exits a few seconds
+    after --node-timeout, and its torchrun with it."""
+    node1, head, base = _torchrun_two_nodes(checkpoints["llama-W8A8"], "--node-timeout", "3")
+    try:
+        assert _chat(base)
+        for p in [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]:
+            p.suspend()
+        start = time.perf_counter()
+        assert node1.wait(timeout=60) != 0
+        assert time.perf_counter() - start < 15
+        out = node1.stdout.read().decode()
+        assert "node 0 stopped answering: it took no heartbeat in node_timeout=3 s" in out, out[-2000:]
+    finally:
+        _end(head, node1)

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
 
 from slimquant.config import env_setting
 from slimquant.entrypoints.commands.generate import add_engine_args, llm_arguments, make_llm
@@ -77,22 +73,26 @@ def run(args: argparse.Namespace) -> int:
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser (one of {', '.join(PARSERS)})")
     engine_args = {"max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes": args.kv_cache_memory_bytes}
-    engine_args = {k: v for k, v in engine_args.items() if v is not None} | _node_args(args)
-    if env_setting("WORLD_SIZE"):  # under torchrun: rank 0 serves, the others run steps
-        if _join_torchrun(args) > 0:
-            from slimquant.config import EngineConfig
-            from slimquant.distributed.workers import run_rank
+    engine_args = {k: v for k, v in engine_args.items() if v is not None}
+    rank = _join_torchrun(args) if env_setting("WORLD_SIZE") else None  # under torchrun: rank 0 serves
+    engine_args |= _node_args(args)
+    if rank is not None and rank > 0:  # torchrun's: it runs the steps
+        from slimquant.config import EngineConfig
+        from slimquant.distributed.workers import run_follower
 
-            model, kwargs = llm_arguments(args, **engine_args)
-            run_rank(EngineConfig.from_kwargs(model, **kwargs))
-            return 0
+        args.exit_at_once = True  # it may beat to node 0 (NodeBeat)
+        model, kwargs = llm_arguments(args, **engine_args)
+        run_follower(EngineConfig.from_kwargs(model, **kwargs))
+        return 0
+    if rank == 0:
         engine_args["distributed_executor_backend"] = "mp"
     elif args.headless:
         from slimquant.config import EngineConfig
         from slimquant.distributed.workers import run_headless
 
+        args.exit_at_once = True  # it beats to node 0 (NodeBeat)
         model, kwargs = llm_arguments(args, **engine_args)
-        _leave_with(run_headless, EngineConfig.from_kwargs(model, **kwargs))
+        return run_headless(EngineConfig.from_kwargs(model, **kwargs))
     if args.node_rank != 0:
         raise ValueError("--node-rank > 0 runs ranks only: add --headless (node 0 serves)")
     llm = make_llm(args, **engine_args)
@@ -123,29 +123,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _leave_with(run: Callable[[Any], int], config: Any) -> NoReturn:
-    """run(config) (a headless node), then leave the process at once with its status (130 on Ctrl-C): its heartbeat
-    thread may be inside a call to node 0's store, under which the interpreter's exit aborts it (SIGABRT)."""
-    try:
-        code = run(config)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        code = 130
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def _join_torchrun(args: argparse.Namespace) -> int:
-    """Join the group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); -tp becomes its size.
+    """Join the group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); -tp becomes its size, and
+    --nnodes, --node-rank, --master-addr and --master-port its nodes and its agent's store (where the nodes beat).
     Returns this process's rank."""
     import torch.distributed as dist
 
-    world = int(env_setting("WORLD_SIZE"))
+    world, nodes = int(env_setting("WORLD_SIZE")), int(env_setting("GROUP_WORLD_SIZE"))
     if args.tensor_parallel_size not in (1, world):
         raise ValueError(f"-tp {args.tensor_parallel_size} under torchrun with {world} processes: they must agree")
-    args.tensor_parallel_size = world
+    if args.nnodes not in (1, nodes):
+        raise ValueError(f"--nnodes {args.nnodes} under torchrun with {nodes} nodes: they must agree")
+    args.tensor_parallel_size, args.nnodes, args.node_rank = world, nodes, int(env_setting("GROUP_RANK"))
+    args.master_addr, args.master_port = env_setting("MASTER_ADDR"), int(env_setting("MASTER_PORT"))
     dist.init_process_group("gloo")
     return dist.get_rank()
 
