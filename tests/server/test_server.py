@@ -129,6 +129,9 @@ def _error(r: httpx.Response, status: int) -> dict:
         ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
         ({"prompt": "word " * 400}, 400, "prompt"),
         ({"prompt": "x", "max_tokens": 1000}, 400, "max_tokens"),
+        ({"prompt": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+        ({"prompt": "x", "truncate_prompt_tokens": -2}, 400, "truncate_prompt_tokens"),
+        ({"prompt": "x", "truncate_prompt_tokens": 129}, 400, "truncate_prompt_tokens"),  # over the context of 128
     ],
 )
 def test_bad_completion_requests(server, body, status, param):
@@ -136,11 +139,35 @@ def test_bad_completion_requests(server, body, status, param):
     assert err["param"] == param
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server):
+    """vLLM's truncate_prompt_tokens: the answer is the one to the prompt's last k tokens alone; -1 keeps the
+    model's context (128 here)."""
+
+    def post(path: str, body: dict, status: int = 200) -> dict:
+        r = httpx.post(f"{server}{path}", json=body, headers=_auth(), timeout=60)
+        assert r.status_code == status, r.text
+        return r.json()
+
+    text = "The quick brown fox jumps over the lazy dog"
+    ids = post("/tokenize", {"prompt": text})["tokens"]
+    greedy = {"max_tokens": 6, "temperature": 0, "logprobs": 2}
+    want = post("/v1/completions", {"prompt": ids[-4:], **greedy})["choices"][0]
+    for prompt in (ids, text):
+        got = post("/v1/completions", {"prompt": prompt, "truncate_prompt_tokens": 4, **greedy})
+        assert got["usage"]["prompt_tokens"] == 4 and got["choices"][0] == want
+    chat = {"messages": [{"role": "user", "content": text}], "max_tokens": 2, "truncate_prompt_tokens": 3}
+    assert post("/v1/chat/completions", chat)["usage"]["prompt_tokens"] == 3
+    err = post("/v1/completions", {"prompt": ids * 20, "truncate_prompt_tokens": -1}, status=400)["error"]
+    assert err["message"].startswith("the prompt has 128 tokens but this model's context is 128 tokens"), err
+
+
 def test_malformed_json_and_missing_messages(server):
     r = httpx.post(
         f"{server}/v1/chat/completions", content=b"{not json", headers={**_auth(), "Content-Type": "application/json"}
     )
-    assert "JSON" in _error(r, 400)["message"]
+    err = _error(r, 400)
+    assert err["message"].startswith("the request body is not valid JSON (") and "at character 1)" in err["message"]
+    assert err["param"] is None
     _error(httpx.post(f"{server}/v1/chat/completions", json={"model": MODEL}, headers=_auth()), 400)
     _error(httpx.post(f"{server}/v1/chat/completions", json={"messages": []}, headers=_auth()), 400)
 

@@ -124,8 +124,9 @@ def _install_errors(app: FastAPI) -> None:
         first = e.errors()[0] if e.errors() else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         message = f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}"
-        if first.get("type") == "json_invalid":
-            message = "the request body is not valid JSON"
+        if first.get("type") == "json_invalid":  # loc: ("body", the character where the decoder stopped)
+            why = f" ({first.get('ctx', {}).get('error', 'malformed')} at character {loc[-1]})" if loc else ""
+            message, loc = f"the request body is not valid JSON{why}", []
         return JSONResponse(OpenAIError(message, param=".".join(loc) or None).body(), status_code=400)
 
 

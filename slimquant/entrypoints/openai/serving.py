@@ -161,8 +161,22 @@ async def completion_prompts(req: CompletionRequest, ctx: ServingContext) -> lis
             x = (await ctx.run_tokenizer(ctx.tokenizer, x)).input_ids
         if not x:
             raise OpenAIError("the prompt is empty (0 tokens)", param="prompt")
-        out.append(list(x))
+        out.append(_truncated(list(x), req, ctx))
     return out
+
+
+def _truncated(ids: list[int], req: SamplingFields, ctx: ServingContext) -> list[int]:
+    """ids cut to their last req.truncate_prompt_tokens (-1: the model's context), as vLLM does."""
+    if (keep := req.truncate_prompt_tokens) is None:
+        return ids
+    keep = ctx.max_model_len if keep == -1 else keep
+    if not 1 <= keep <= ctx.max_model_len:
+        raise OpenAIError(
+            f"truncate_prompt_tokens must be from 1 to the model's context of {ctx.max_model_len} tokens, or -1 (the "
+            f"context), got {req.truncate_prompt_tokens}",
+            param="truncate_prompt_tokens",
+        )
+    return ids[-keep:]
 
 
 async def chat_prompt(req: ChatCompletionRequest | TokenizeRequest, ctx: ServingContext) -> list[int]:
@@ -271,7 +285,7 @@ async def create_chat(req: ChatCompletionRequest, ctx: ServingContext) -> dict |
         raise OpenAIError("max_tokens must be at least 1 (scoring a prompt is for completions)", param="max_tokens")
     tools = tool_mode(req.tools, req.tool_choice, ctx.tool_parser, req.parallel_tool_calls)
     structured = structured_outputs(req, tools.structured if tools else None)
-    ids = await chat_prompt(req, ctx)
+    ids = _truncated(await chat_prompt(req, ctx), req, ctx)
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, ctx, len(ids), top, None, structured)
     await _compile(ctx, structured)
