@@ -166,7 +166,8 @@ class SamplingParams:
         _require(all(self.stop), "stop", self.stop, "cannot contain an empty string")
         _require(self.detokenize or not self.stop, "stop", self.stop, "needs detokenize=True")
         trunc = self.truncate_prompt_tokens
-        _require(trunc is None or trunc >= 1, "truncate_prompt_tokens", trunc, "must be at least 1")
+        ok = trunc is None or trunc >= 1 or trunc == -1
+        _require(ok, "truncate_prompt_tokens", trunc, "must be at least 1, or -1 (the model's context)")
         allowed = self.allowed_token_ids
         _require(allowed is None or len(allowed) > 0, "allowed_token_ids", allowed, "must not be empty")
 

@@ -112,7 +112,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params if params is not None else self.default_sampling_params()
-        text, ids = parse_prompt(prompt, self.tokenizer, params.truncate_prompt_tokens)
+        keep = params.truncate_prompt_tokens
+        text, ids = parse_prompt(prompt, self.tokenizer, self.config.max_model_len if keep == -1 else keep)
         self._validate(ids, params)
         request = Request(request_id, text, ids, params)
         if arrival_time is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from slimquant import SamplingParams
@@ -33,6 +35,18 @@ def test_prompt_forms_give_the_same_result(llm, tokenizer):
         assert llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == expected
     outs = llm.generate([ids, ids], GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [expected, expected] and outs[0].prompt is None
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(llm, tokenizer):
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens alone; -1 keeps max_model_len (256 here), which
+    leaves no room to generate."""
+    ids = tokenizer.encode(PROMPTS[2])
+    expected = llm.generate(ids[-3:], GREEDY, use_tqdm=False)[0]
+    for prompt in (ids, PROMPTS[2]):
+        out = llm.generate(prompt, dataclasses.replace(GREEDY, truncate_prompt_tokens=3), use_tqdm=False)[0]
+        assert out.prompt_token_ids == ids[-3:] and out.outputs[0].token_ids == expected.outputs[0].token_ids
+    with pytest.raises(ValueError, match="the prompt has 256 tokens but max_model_len is 256"):
+        llm.generate(list(range(1, 301)), SamplingParams(max_tokens=1, truncate_prompt_tokens=-1), use_tqdm=False)
 
 
 def test_seed_reproduces_and_different_seeds_differ(llm):

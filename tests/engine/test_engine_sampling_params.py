@@ -42,6 +42,7 @@ def test_stop_string_becomes_list_and_greedy_resets_filters():
         ({"n": 2, "temperature": 0.0}, "n"),
         ({"best_of": 1, "n": 2}, "best_of"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
     ],
 )
 def test_invalid_values_raise_naming_the_field(kwargs, field):
