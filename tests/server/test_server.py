@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 
+import slimquant
 from tests.server.conftest import MODEL
 from tests.server.conftest import auth as _auth
 
@@ -78,6 +79,26 @@ def test_streaming_completion_matches_non_streaming(client):
     assert chunks[-1].usage.completion_tokens == 10 and not chunks[-1].choices
 
 
+def test_continuous_usage_stats_count_each_choices_tokens_so_far(client):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the prompt's tokens and its choice's
+    completion tokens so far; the last one of a choice has them all."""
+    kw = dict(model=MODEL, max_tokens=6, temperature=1.0, stream=True, extra_body={"ignore_eos": True})
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    prompt = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=1).usage.prompt_tokens
+    chunks = list(client.completions.create(prompt="Once upon", n=2, seed=3, stream_options=options, **kw))
+    by_choice: dict[int, list[int]] = {}
+    for c in chunks[:-1]:
+        assert c.usage.prompt_tokens == prompt and c.usage.total_tokens == prompt + c.usage.completion_tokens
+        by_choice.setdefault(c.choices[0].index, []).append(c.usage.completion_tokens)
+    assert sorted(by_choice) == [0, 1]
+    for counts in by_choice.values():
+        assert counts == sorted(counts) and counts[-1] == 6 and counts[0] >= 1
+    assert chunks[-1].usage.completion_tokens == 12  # include_usage's total, as before
+    chat = dict(messages=[{"role": "user", "content": "Tell me"}], stream_options=options, **kw)
+    counts = [c.usage.completion_tokens for c in client.chat.completions.create(**chat) if c.choices]
+    assert counts[0] == 0 and counts[-1] == 6 and counts == sorted(counts)  # the role chunk first
+
+
 def test_streaming_chat(client):
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me"}], max_tokens=8, temperature=0)
     full = client.chat.completions.create(**kw)
@@ -97,6 +118,8 @@ def test_raw_stream_ends_with_done(server):
 
 def test_health_metrics_tokenize(server, client):
     assert httpx.get(f"{server}/health").status_code == 200
+    assert httpx.get(f"{server}/ping").status_code == 200 and httpx.post(f"{server}/ping").status_code == 200
+    assert httpx.get(f"{server}/version").json() == {"version": slimquant.__version__}
     client.completions.create(model=MODEL, prompt="count me", max_tokens=2)
     text = httpx.get(f"{server}/metrics").text
     for name in (

@@ -35,6 +35,7 @@ class OpenAIError(Exception):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries its choice's usage so far
 
 
 class SamplingFields(BaseModel):

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from slimquant import __version__
 from slimquant.entrypoints.openai import serving
 from slimquant.entrypoints.openai.async_engine import AsyncEngine
 from slimquant.entrypoints.openai.metrics import ServerMetrics
@@ -154,8 +155,14 @@ def _install_auth_and_counting(app: FastAPI, api_key: str | None, metrics: Serve
 
 def _install_routes(app: FastAPI, ctx: serving.ServingContext, metrics: ServerMetrics | None) -> None:
     @app.get("/health")
+    @app.get("/ping")  # SageMaker's name for it, which vLLM answers too
+    @app.post("/ping")
     async def health():
         return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
 
     @app.get("/v1/models")
     async def models():

@@ -352,14 +352,17 @@ async def _stream_chunks(ctx, rid, obj, streams, req, chat, tools: ToolMode | No
     tool_calls when the choice ends."""
     echo, scoring = not chat and req.echo, not chat and req.max_tokens == 0
     top = (req.top_logprobs or 0) if chat else None
+    continuous = req.stream_options is not None and req.stream_options.continuous_usage_stats
     for i, stream in enumerate(streams):
         sent: dict[int, tuple[int, int, int]] = {}  # choice -> (characters, tokens, next token's text offset)
         async for out in stream.outputs():
             for c in out.outputs:
                 index, first = i * req.n + c.index, c.index not in sent
-                if chat and first:
-                    yield _sse(_chunk(rid, obj, ctx, index, {"role": "assistant", "content": ""}, None, chat))
                 chars, tokens, offset = sent.get(c.index, (0, 0, 0))
+                n_in = len(out.prompt_token_ids)
+                if chat and first:
+                    chunk = _chunk(rid, obj, ctx, index, {"role": "assistant", "content": ""}, None, chat)
+                    yield _sse(chunk | ({"usage": usage(n_in, 0)} if continuous else {}))
                 text, ids, lps = ("", [], []) if scoring else (c.text, list(c.token_ids), c.logprobs)
                 calls, finish = [], c.finish_reason
                 if tools and c.finish_reason is None:
@@ -383,6 +386,8 @@ async def _stream_chunks(ctx, rid, obj, streams, req, chat, tools: ToolMode | No
                     elif new_lps is not None:  # offsets go on from the tokens sent, as in the whole response
                         chunk["choices"][0]["logprobs"] = lp = _completion_logprobs(new_ids, new_lps, ctx, offset)
                         offset += sum(len(t) for t in lp["tokens"])
+                    if continuous:  # this choice's tokens so far, as vLLM counts them
+                        chunk["usage"] = usage(n_in, 0 if scoring else len(ids))
                     yield _sse(chunk)
                 sent[c.index] = (len(text), len(ids), offset)
 
