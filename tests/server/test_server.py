@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import httpx
@@ -97,6 +98,19 @@ def test_continuous_usage_stats_count_each_choices_tokens_so_far(client):
     chat = dict(messages=[{"role": "user", "content": "Tell me"}], stream_options=options, **kw)
     counts = [c.usage.completion_tokens for c in client.chat.completions.create(**chat) if c.choices]
     assert counts[0] == 0 and counts[-1] == 6 and counts == sorted(counts)  # the role chunk first
+
+
+def test_allowed_token_ids_limit_what_is_generated(server):
+    """vLLM's allowed_token_ids (was ignored): every generated token is one of them; ids outside the vocabulary
+    are a 400 naming the field."""
+    body = {"prompt": "Once upon", "max_tokens": 12, "temperature": 1.0, "seed": 5, "ignore_eos": True, "logprobs": 0}
+    allowed = [5, 17, 42]
+    r = httpx.post(f"{server}/v1/completions", json=body | {"allowed_token_ids": allowed}, headers=_auth(), timeout=60)
+    text = r.json()["choices"][0]["text"]
+    pieces = [httpx.post(f"{server}/detokenize", json={"tokens": [t]}).json()["prompt"] for t in allowed]
+    assert re.fullmatch(f"(?:{'|'.join(map(re.escape, pieces))}){{12}}", text), (text, pieces)
+    bad = httpx.post(f"{server}/v1/completions", json=body | {"allowed_token_ids": [10**9]}, headers=_auth())
+    assert bad.status_code == 400 and "allowed_token_ids" in bad.json()["error"]["message"], bad.text
 
 
 def test_streaming_chat(client):

@@ -66,6 +66,8 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # keep the prompt's last k tokens; -1: the context
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    allowed_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
     response_format: dict[str, Any] | None = None

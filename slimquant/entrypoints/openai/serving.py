@@ -112,6 +112,8 @@ def sampling_params(
             min_tokens=req.min_tokens,
             stop_token_ids=req.stop_token_ids,
             skip_special_tokens=req.skip_special_tokens,
+            spaces_between_special_tokens=req.spaces_between_special_tokens,
+            allowed_token_ids=req.allowed_token_ids,
             include_stop_str_in_output=req.include_stop_str_in_output,
             structured_outputs=structured,
             **{k: v for k, v in values.items() if v is not None},
