@@ -172,12 +172,9 @@ def gauges(base: str) -> dict[str, float]:
     out = {}
     for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
         name, _, value = line.partition(" ")
-        if name in (
-            "slimquant_num_requests_running",
-            "slimquant_num_requests_waiting",
-            "slimquant_kv_cache_usage_perc",
-        ):
-            out[name.removeprefix("slimquant_")] = float(value)
+        name = name.partition("{")[0]  # vLLM's names, with their model_name label
+        if name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+            out[name.removeprefix("vllm:")] = float(value)
     return out
 
 

@@ -54,8 +54,8 @@ def test_a_bad_prompt_in_a_stream_or_a_batch_is_a_400_before_anything_runs(serve
     body = {"prompt": [[5, 6], [7, 10**8]], "stream": stream, "max_tokens": 4}
     assert "100000000" in error(post(server, "/v1/completions", body))["message"]
     metrics = httpx.get(f"{server}/metrics").text.splitlines()
-    running = [line for line in metrics if line.startswith("slimquant_num_requests_running ")]
-    assert running == ["slimquant_num_requests_running 0.0"]
+    running = [line for line in metrics if line.startswith("vllm:num_requests_running{")]
+    assert running == ['vllm:num_requests_running{model_name="tiny"} 0.0']
 
 
 def test_chat_content_parts_are_joined_as_vllm_does(server):

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import slimquant
 from tests.server.conftest import MODEL
@@ -134,16 +135,19 @@ def test_health_metrics_tokenize(server, client):
     assert httpx.get(f"{server}/health").status_code == 200
     assert httpx.get(f"{server}/ping").status_code == 200 and httpx.post(f"{server}/ping").status_code == 200
     assert httpx.get(f"{server}/version").json() == {"version": slimquant.__version__}
-    client.completions.create(model=MODEL, prompt="count me", max_tokens=2)
-    text = httpx.get(f"{server}/metrics").text
-    for name in (
-        "slimquant_prompt_tokens_total",
-        "slimquant_generation_tokens_total",
-        "slimquant_time_to_first_token_seconds_bucket",
-        "slimquant_num_requests_running",
-        "slimquant_kv_cache_usage_perc",
+    before = _metrics(server)
+    r = client.completions.create(model=MODEL, prompt="count me", max_tokens=2, extra_body={"ignore_eos": True})
+    after = _metrics(server)
+    # vLLM's names and model_name label, so its dashboards read them
+    for name, grew in (
+        ("vllm:prompt_tokens_total", r.usage.prompt_tokens),
+        ("vllm:generation_tokens_total", 2),
+        ("vllm:time_to_first_token_seconds_count", 1),
+        ("vllm:time_per_output_token_seconds_count", 1),
+        ('vllm:request_success_total{finished_reason="length"}', 1),
     ):
-        assert name in text
+        assert after[name] - before.get(name, 0.0) == grew, name
+    assert after["vllm:num_requests_running"] == after["vllm:kv_cache_usage_perc"] == 0.0
     ids = httpx.post(f"{server}/tokenize", json={"prompt": "Hello"}).json()["tokens"]
     assert httpx.post(f"{server}/detokenize", json={"tokens": ids}).json()["prompt"] == "Hello"
 
@@ -215,11 +219,19 @@ def test_auth_required_on_v1(server):
     assert httpx.get(f"{server}/v1/models", headers=_auth()).status_code == 200
 
 
+def _metrics(server) -> dict[str, float]:
+    """The server's samples of model MODEL by name (with their labels but model_name, if any)."""
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(f"{server}/metrics").text):
+        for sample in family.samples:
+            if sample.labels.pop("model_name", MODEL) == MODEL:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return out
+
+
 def _aborted(server) -> float:
-    for line in httpx.get(f"{server}/metrics").text.splitlines():
-        if line.startswith('slimquant_request_success_total{finished_reason="abort"}'):
-            return float(line.split()[-1])
-    return 0.0
+    return _metrics(server).get('vllm:request_success_total{finished_reason="abort"}', 0.0)
 
 
 def test_disconnect_cancels_and_frees_blocks(server, client):
@@ -230,8 +242,8 @@ def test_disconnect_cancels_and_frees_blocks(server, client):
             if line.startswith("data: {"):
                 break  # leave after the first chunk
     for _ in range(50):
-        metrics = httpx.get(f"{server}/metrics").text
-        if "slimquant_num_requests_running 0.0" in metrics and "slimquant_kv_cache_usage_perc 0.0" in metrics:
+        metrics = _metrics(server)
+        if metrics["vllm:num_requests_running"] == 0 and metrics["vllm:kv_cache_usage_perc"] == 0:
             break
         time.sleep(0.1)
     else:

@@ -255,7 +255,7 @@ def make_server_app(
     on_fatal when the engine cannot go on)."""
     engine = llm.llm_engine
     async_engine = AsyncEngine(engine, on_fatal=on_fatal)
-    metrics = ServerMetrics(async_engine.stats)
+    metrics = ServerMetrics(async_engine.stats, model_name)
     async_engine.metrics = metrics
     ctx = serving.ServingContext(
         engine=async_engine,
