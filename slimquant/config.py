@@ -50,6 +50,10 @@ VLLM_IGNORED = frozenset(
         "worker_cls",
         "num_scheduler_steps",
         "allowed_local_media_path",
+        "additional_config",  # vLLM-Ascend's switches (its schedulers, torchair graphs)
+        "disable_log_requests",  # the server's (vllm serve)
+        "enable_log_requests",
+        "uvicorn_log_level",
     }
 )
 # vLLM parallelism arguments: accepted when 1 (the only supported value).
@@ -247,7 +251,7 @@ class EngineConfig:
             raise TypeError(f"LLM() got unexpected keyword argument(s): {', '.join(unknown)}")
         for name in VLLM_SINGLE_DEVICE:
             if kwargs.pop(name, 1) not in (1, None):
-                raise ValueError(f"{name} must be 1: slimquant runs on a single device")
+                raise ValueError(f"{name} must be 1: slimquant splits a model by tensor (and expert) parallelism only")
         ignored = sorted(k for k in kwargs if k in VLLM_IGNORED)
         if ignored:
             logger.warning("ignoring vLLM argument(s) that have no effect in slimquant: %s", ", ".join(ignored))

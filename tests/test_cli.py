@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 import torch
@@ -61,6 +62,48 @@ def test_serve_under_torchrun_refuses_other_sizes(tiny_model, monkeypatch, capsy
     capsys.readouterr()
     assert main(["serve", model, *option]) == 1
     assert capsys.readouterr().err == f"error: {said}: they must agree\n"
+
+
+VLLM_ASCEND_SERVE = shlex.split(  # vLLM-Ascend's DeepSeek-V3 W8A8 tutorial's options (one node, no data parallel)
+    "--host 127.0.0.1 --port 8004 --seed 1024 --served-model-name deepseek_v3 --max-num-seqs 16 --max-model-len 256 "
+    "--max-num-batched-tokens 256 --trust-remote-code --no-enable-prefix-caching --gpu-memory-utilization 0.9 "
+    "--data-parallel-size 1 --disable-log-requests --block-size 128 --quantization ascend --additional-config "
+    """'{"ascend_scheduler_config": {"enabled": true}, "torchair_graph_config": {"enabled": true}}'"""
+)
+
+
+def test_serve_takes_a_vllm_ascend_command_line(tiny_model, monkeypatch, caplog):
+    """A `vllm serve` command line from vLLM-Ascend's tutorial runs unchanged: the engine options it shares with
+    slimquant take effect, the others are ignored with one warning naming them."""
+    from slimquant.config import EngineConfig
+    from slimquant.entrypoints.commands import serve
+
+    made = []
+
+    def capture(args, **engine_args):
+        model, kwargs = serve.llm_arguments(args, **engine_args)
+        made.append(EngineConfig.from_kwargs(model, **kwargs))
+        raise ValueError("captured")
+
+    monkeypatch.setattr(serve, "make_llm", capture)
+    assert main(["serve", str(tiny_model("llama")), *VLLM_ASCEND_SERVE]) == 1
+    (config,) = made
+    assert (config.seed, config.block_size, config.max_num_batched_tokens) == (1024, 128, 256)
+    assert not config.enable_prefix_caching and config.enable_chunked_prefill and config.max_num_seqs == 16
+    warned = [r.getMessage() for r in caplog.records if "ignoring vLLM argument" in r.getMessage()]
+    assert warned == [
+        "ignoring vLLM argument(s) that have no effect in slimquant: additional_config, disable_log_requests, "
+        "gpu_memory_utilization"
+    ]
+
+
+def test_pipeline_or_data_parallel_is_refused_in_one_line(tiny_model, capsys):
+    model = str(tiny_model("llama"))
+    capsys.readouterr()
+    assert main(["generate", model, "--prompt", "Hi", "-dp", "2"]) == 1
+    assert capsys.readouterr().err == (
+        "error: data_parallel_size must be 1: slimquant splits a model by tensor (and expert) parallelism only\n"
+    )
 
 
 def test_bench_prints_one_row_per_system(tiny_model, capsys):

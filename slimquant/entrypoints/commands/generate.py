@@ -56,7 +56,30 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="-tp: seconds a step waits for a rank that does not answer (hung, or its machine gone) before it fails "
         "(default 300, as vLLM's VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS)",
     )  # fmt: skip
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the model's)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="tokens one step runs at most (default: the engine's)")
+    for name, what in (("prefix-caching", "reuse the KV cache of shared prompt prefixes"), ("chunked-prefill",
+                       "split long prompts over steps, beside the decodes")):  # fmt: skip
+        p.add_argument(f"--enable-{name}", action=argparse.BooleanOptionalAction, default=True, help=f"{what} (on)")
     add_backend_arg(p)
+    _add_vllm_args(p)
+
+
+def _add_vllm_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's engine options that mean nothing here (config.VLLM_IGNORED), so that a vLLM command line runs: each
+    is accepted with or without a value and ignored with a warning; -pp / -dp only as 1."""
+    from slimquant.config import VLLM_IGNORED
+
+    group = p.add_argument_group(
+        "vLLM options",
+        "vLLM's other engine options (--gpu-memory-utilization, --additional-config, ...) are accepted and ignored "
+        "with a warning; --pipeline-parallel-size and --data-parallel-size only as 1",
+    )
+    for name in sorted(VLLM_IGNORED):
+        group.add_argument(f"--{name.replace('_', '-')}", nargs="?", const=True, help=argparse.SUPPRESS)
+    group.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1, help=argparse.SUPPRESS)
+    group.add_argument("-dp", "--data-parallel-size", type=int, default=1, help=argparse.SUPPRESS)
 
 
 def add_backend_arg(p: argparse.ArgumentParser) -> None:
@@ -93,6 +116,7 @@ def make_llm(args: argparse.Namespace, **engine_kwargs):
 def llm_arguments(args: argparse.Namespace, **engine_kwargs) -> tuple[str, dict]:
     """(model folder, LLM() keyword arguments) of the engine options."""
     from slimquant import zoo
+    from slimquant.config import VLLM_IGNORED
 
     return str(zoo.resolve_model(args.model)), dict(
         quantization=args.quantization,
@@ -107,6 +131,14 @@ def llm_arguments(args: argparse.Namespace, **engine_kwargs) -> tuple[str, dict]
         enable_expert_parallel=args.enable_expert_parallel,
         tensor_parallel_order=args.tensor_parallel_order,
         execute_model_timeout=args.execute_model_timeout,
+        tokenizer=args.tokenizer,
+        block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        **{name: value for name in VLLM_IGNORED if (value := getattr(args, name)) is not None},
         **engine_kwargs,
     )
 

@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_engine_args(p)
     p.add_argument("--max-num-seqs", type=int, help="sequences batched together at most")
+    p.add_argument("--seed", type=int, default=0, help="the engine's seed: of requests without their own (default 0)")
     p.add_argument("--max-n", type=int, default=16, help="largest 'n' a request may ask for (default 16)")
     p.add_argument("--chat-template", help="a Jinja chat template file that replaces the tokenizer's")
     p.add_argument(
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser (one of {', '.join(PARSERS)})")
     engine_args = {"max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes": args.kv_cache_memory_bytes}
+    engine_args["seed"] = args.seed
     engine_args = {k: v for k, v in engine_args.items() if v is not None}
     rank = _join_torchrun(args) if env_setting("WORLD_SIZE") else None  # under torchrun: rank 0 serves
     engine_args |= _node_args(args)
