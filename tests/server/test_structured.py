@@ -68,6 +68,13 @@ def test_parse_with_a_pydantic_model(smollm2):
 
 
 @pytest.mark.slow
+def test_responses_parse_with_a_pydantic_model(smollm2):
+    """The openai client's Responses API helper, on /v1/responses."""
+    r = smollm2.responses.parse(model=MODEL, input=MESSAGES, text_format=Verdict, temperature=0, max_output_tokens=60)
+    assert isinstance(r.output_parsed, Verdict), r.output_text
+
+
+@pytest.mark.slow
 def test_a_named_tool_choice_is_a_call_of_that_function(smollm2):
     client = smollm2
     response = client.chat.completions.create(

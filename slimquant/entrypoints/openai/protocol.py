@@ -9,9 +9,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-def random_id(prefix: str) -> str:
-    """An OpenAI-style object id, e.g. 'cmpl-3f2a...'."""
-    return f"{prefix}-{uuid.uuid4().hex}"
+def random_id(prefix: str, sep: str = "-") -> str:
+    """An OpenAI-style object id, e.g. 'cmpl-3f2a...' (the Responses API's: 'resp_3f2a...')."""
+    return f"{prefix}{sep}{uuid.uuid4().hex}"
 
 
 class OpenAIError(Exception):
@@ -104,6 +104,29 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"type": "function", ...}
     parallel_tool_calls: bool = True
+
+
+class ResponsesRequest(BaseModel):
+    """OpenAI's Responses API request, the part of it that text generation uses; other fields are ignored with a
+    warning (model_extra), those that need what slimquant has not (tools, stored responses) are refused."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: bool = False
+    text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    previous_response_id: str | None = None
+    background: bool = False
+    store: bool | None = None  # nothing is stored, whatever it says
+    metadata: dict[str, str] | None = None
+    user: str | None = None
 
 
 class TokenizeRequest(BaseModel):

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from slimquant import __version__
-from slimquant.entrypoints.openai import serving
+from slimquant.entrypoints.openai import responses, serving
 from slimquant.entrypoints.openai.async_engine import AsyncEngine
 from slimquant.entrypoints.openai.metrics import ServerMetrics
 from slimquant.entrypoints.openai.protocol import (
@@ -23,6 +23,7 @@ from slimquant.entrypoints.openai.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     OpenAIError,
+    ResponsesRequest,
     TokenizeRequest,
     now,
 )
@@ -182,6 +183,10 @@ def _install_routes(app: FastAPI, ctx: serving.ServingContext, metrics: ServerMe
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, raw: Request):
         return await _respond(raw, serving.create_chat(req, ctx))
+
+    @app.post("/v1/responses")
+    async def respond(req: ResponsesRequest, raw: Request):
+        return await _respond(raw, responses.create_response(req, ctx))
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
