@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from slimquant.engine.inputs import PromptType
 from slimquant.engine.llm_engine import LLMEngine
+from slimquant.entrypoints import chat_messages
 from slimquant.outputs import RequestOutput
 from slimquant.sampling_params import RequestOutputKind, SamplingParams
 
@@ -68,22 +69,20 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Answer one conversation or a list of them, rendered with the tokenizer's chat template."""
+        """Answer one conversation or a list of them, rendered with the tokenizer's chat template (OpenAI's content
+        parts joined into one text, as the server does)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        tok = self.get_tokenizer()
-        prompts = []
-        for conv in conversations:
-            text = tok.apply_chat_template(
-                conv,
-                chat_template=chat_template,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-                tokenize=False,
-                **(chat_template_kwargs or {}),
-            )
-            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        options = dict(
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            chat_template_kwargs=chat_template_kwargs,
+        )
+        prompts = [chat_messages.prompt(self.get_tokenizer(), conv, **options) for conv in conversations]
         return self._run(prompts, sampling_params, use_tqdm)
 
     def _run(self, prompts: list[PromptType], sampling_params, use_tqdm: bool) -> list[RequestOutput]:

@@ -143,6 +143,21 @@ def test_chat_uses_the_template(llm, tokenizer):
     assert len(llm.chat([messages, messages], GREEDY, use_tqdm=False)) == 2
 
 
+def test_chat_takes_content_parts_and_tools_as_the_server_does(llm):
+    """OpenAI's content parts are joined into one text (they were written into the prompt as a Python list), a
+    part that is not text is a ValueError naming the message, and tools reach the template."""
+    plain = llm.chat([{"role": "user", "content": "Hello\nthere"}], GREEDY, use_tqdm=False)[0]
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
+    assert llm.chat([{"role": "user", "content": parts}], GREEDY, use_tqdm=False)[0].prompt == plain.prompt
+    image = [{"type": "image_url", "image_url": {"url": "x"}}]
+    with pytest.raises(ValueError, match=r"messages\[1\].content: part type 'image_url' is not supported"):
+        llm.chat([{"role": "system", "content": "Hi"}, {"role": "user", "content": image}], GREEDY, use_tqdm=False)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    template = "{% for t in tools %}{{ t['function']['name'] }};{% endfor %}{{ messages[0]['content'] }}"
+    out = llm.chat([{"role": "user", "content": "Hi"}], GREEDY, use_tqdm=False, tools=tools, chat_template=template)
+    assert out[0].prompt == "get_weather;Hi"
+
+
 def test_logit_bias_and_allowed_tokens(llm):
     out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, logit_bias={42: 100.0}), use_tqdm=False)
     assert out[0].outputs[0].token_ids == [42] * 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from slimquant.entrypoints import chat_messages
 from slimquant.entrypoints.commands.generate import (
     add_engine_args,
     add_sampling_args,
@@ -45,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
             messages = list(start)
             continue
         messages.append({"role": "user", "content": line})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt = {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+        prompt = chat_messages.prompt(tokenizer, messages)
         reply = ""
         for piece in stream(llm, prompt, params):
             print(piece, end="", flush=True)

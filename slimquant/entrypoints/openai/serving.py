@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from slimquant.entrypoints import chat_messages
 from slimquant.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -23,7 +24,7 @@ from slimquant.entrypoints.openai.protocol import (
     usage,
 )
 from slimquant.entrypoints.openai.structured import structured_outputs
-from slimquant.entrypoints.openai.tool_calls import ParsedTools, ToolMode, template_message, tool_mode
+from slimquant.entrypoints.openai.tool_calls import ParsedTools, ToolMode, tool_mode
 from slimquant.errors import ParamError
 from slimquant.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -183,7 +184,10 @@ def _truncated(ids: list[int], req: SamplingFields, ctx: ServingContext) -> list
 
 async def chat_prompt(req: ChatCompletionRequest | TokenizeRequest, ctx: ServingContext) -> list[int]:
     """Token ids of the conversation rendered with the chat template (off the event loop)."""
-    messages = [template_message(_message(m.model_dump(exclude_none=True), i)) for i, m in enumerate(req.messages)]
+    try:
+        messages = chat_messages.normalized([m.model_dump(exclude_none=True) for m in req.messages])
+    except ParamError as e:
+        raise OpenAIError(str(e), param=e.param) from None
     for i, m in enumerate(messages):
         if isinstance(m.get("content"), str):
             ctx.check_text_length(m["content"], f"messages[{i}].content")
@@ -194,33 +198,15 @@ async def chat_prompt(req: ChatCompletionRequest | TokenizeRequest, ctx: Serving
 
 def _render_chat(ctx: ServingContext, messages: list[dict], req: ChatCompletionRequest | TokenizeRequest) -> str:
     try:
-        return ctx.tokenizer.apply_chat_template(
+        return chat_messages.render(
+            ctx.tokenizer,
             messages,
             chat_template=req.chat_template or ctx.chat_template,
             add_generation_prompt=req.add_generation_prompt,
-            tools=getattr(req, "tools", None) or None,
-            tokenize=False,
+            tools=getattr(req, "tools", None),
         )
     except Exception as e:  # jinja errors, missing template
         raise OpenAIError(f"cannot apply the chat template: {e}", param="messages") from e
-
-
-def _message(message: dict, i: int) -> dict:
-    """A chat message with OpenAI's content parts joined into one text, as vLLM does for text-only models."""
-    content = message.get("content")
-    if not isinstance(content, list):
-        return message
-    where, texts = f"messages[{i}].content", []
-    for part in content:
-        kind = part.get("type")
-        if kind is None:
-            raise OpenAIError(f"{where}: every part needs a 'type'", param=where)
-        if kind != "text":
-            raise OpenAIError(f"{where}: part type {kind!r} is not supported: this model takes text only", param=where)
-        if not isinstance(part.get("text"), str):
-            raise OpenAIError(f"{where}: a text part needs a 'text' string", param=where)
-        texts.append(part["text"])
-    return message | {"content": "\n".join(texts)}
 
 
 async def _compile(ctx: ServingContext, structured: StructuredOutputsParams | None) -> None:

@@ -4,7 +4,6 @@ chat template, and the hermes parser (`--tool-call-parser hermes`: Qwen2.5 / Qwe
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import uuid
@@ -150,19 +149,3 @@ def _check_tools(tools: list[dict]) -> None:
                 f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}",
                 param=f"tools[{i}]",
             )
-
-
-def template_message(message: dict) -> dict:
-    """An assistant message's tool calls with their arguments as objects, which chat templates expect (OpenAI
-    clients send them as JSON strings)."""
-    calls = message.get("tool_calls")
-    if not isinstance(calls, list):
-        return message
-    fixed = []
-    for call in calls:
-        function = dict(call.get("function") or {})
-        if isinstance(function.get("arguments"), str):
-            with contextlib.suppress(ValueError):  # not JSON: the template gets the text
-                function["arguments"] = json.loads(function["arguments"])
-        fixed.append({**call, "function": function})
-    return message | {"tool_calls": fixed}
