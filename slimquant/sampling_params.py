@@ -109,6 +109,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None  # words never generated (their last token is banned after the others)
     truncate_prompt_tokens: int | None = None
     structured_outputs: StructuredOutputsParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
@@ -170,6 +171,9 @@ class SamplingParams:
         _require(ok, "truncate_prompt_tokens", trunc, "must be at least 1, or -1 (the model's context)")
         allowed = self.allowed_token_ids
         _require(allowed is None or len(allowed) > 0, "allowed_token_ids", allowed, "must not be empty")
+        bad = self.bad_words
+        ok = bad is None or (isinstance(bad, list) and all(isinstance(w, str) and w.strip() for w in bad))
+        _require(ok, "bad_words", bad, "must be a list of words (non-empty strings)")
 
 
 def _require(ok: bool, name: str, value: object, why: str) -> None:

@@ -70,3 +70,22 @@ def stop_token_ids(config: EngineConfig, hf_config, tokenizer) -> tuple[frozense
 def _generation_config(folder: Path) -> dict[str, Any]:
     path = folder / "generation_config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def bad_word_ids(words: list[str] | None, tokenizer: Any) -> list[list[int]]:
+    """The token ids of each bad word as it starts a text and, where that tokenizes differently into as many tokens,
+    after a space (in the middle of a text), as vLLM bans them."""
+    out = []
+    for word in words or []:
+        alone = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        out.append(alone)
+        if len(spaced) == len(alone) and spaced[0] != alone[0]:
+            out.append(spaced)
+    return out
+
+
+def banned_after(output_ids: list[int], words: list[list[int]]) -> list[int]:
+    """The tokens that would complete a bad word after output_ids: each word's last token where the output ends with
+    the rest of it."""
+    return sorted({w[-1] for w in words if len(w) == 1 or output_ids[len(output_ids) - len(w) + 1 :] == w[:-1]})

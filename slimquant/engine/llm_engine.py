@@ -22,7 +22,14 @@ from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.distributed.workers import WorkerGroup, close_exchange, launched_group
 from slimquant.engine.block_manager import BlockManager
 from slimquant.engine.detokenizer import IncrementalDetokenizer, TokenTexts
-from slimquant.engine.inputs import PromptType, load_tokenizer, model_max_len, parse_prompt, stop_token_ids
+from slimquant.engine.inputs import (
+    PromptType,
+    bad_word_ids,
+    load_tokenizer,
+    model_max_len,
+    parse_prompt,
+    stop_token_ids,
+)
 from slimquant.engine.model_runner import ModelRunner
 from slimquant.engine.output_processor import advance_grammar, make_output, process_token, to_logprobs
 from slimquant.engine.scheduler import Scheduler
@@ -116,6 +123,7 @@ class LLMEngine:
         text, ids = parse_prompt(prompt, self.tokenizer, self.config.max_model_len if keep == -1 else keep)
         self._validate(ids, params)
         request = Request(request_id, text, ids, params)
+        request.bad_word_ids = bad_word_ids(params.bad_words, self.tokenizer)
         if arrival_time is not None:
             request.metrics.arrival_time = arrival_time
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)

@@ -110,6 +110,7 @@ class Request:
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params
+        self.bad_word_ids: list[list[int]] = []  # params.bad_words as token ids (the engine fills them)
         self.metrics = RequestMetrics(arrival_time=now, last_token_time=now)
         self.seqs: list[Sequence] = []
         self.sent_prompt_logprobs = False

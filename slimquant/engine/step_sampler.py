@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slimquant.backends.base import LogitsHead
+from slimquant.engine.inputs import banned_after
 from slimquant.engine.sequence import Sequence
 from slimquant.layers.sampler import SAMPLING_EPS, Sampler, SamplerOutput, SamplingBatch, TopLogprobs, top_logprobs
 from slimquant.sampling_params import SamplingParams
@@ -128,7 +129,7 @@ class StepSampler:
             output_ids=[s.output_token_ids if penalized(s.params) else [] for s in seqs],
             logit_bias=[p.logit_bias for p in params],
             allowed_ids=[p.allowed_token_ids for p in params],
-            banned_ids=[sorted(s.stop_ids) if s.num_output_tokens < s.params.min_tokens else [] for s in seqs],
+            banned_ids=[_banned(s) for s in seqs],
             grammars=[s.grammar for s in seqs],
             generators=[s.generator for s in seqs],
             num_logprobs=[p.logprobs for p in params],
@@ -168,6 +169,13 @@ def rows_at(hidden: torch.Tensor, indices: list[int]) -> torch.Tensor:
     return hidden[torch.tensor(indices, dtype=torch.long, device=hidden.device)]
 
 
+def _banned(seq: Sequence) -> list[int]:
+    """Tokens seq may not sample now: its stop tokens before min_tokens, and those that would complete a bad word."""
+    stops = sorted(seq.stop_ids) if seq.num_output_tokens < seq.params.min_tokens else []
+    words = seq.request.bad_word_ids
+    return stops + banned_after(seq.output_token_ids, words) if words else stops
+
+
 def plain_greedy(seq: Sequence) -> bool:
     """Greedy with nothing to apply or report (no logprobs, penalties, biases, grammar, allowed or banned tokens):
     argmax."""
@@ -184,6 +192,7 @@ def plain_logits(seq: Sequence) -> bool:
         and not penalized(p)
         and not p.logit_bias
         and p.allowed_token_ids is None
+        and not p.bad_words
         and seq.num_output_tokens >= p.min_tokens
     )
 

@@ -158,6 +158,48 @@ def test_chat_takes_content_parts_and_tools_as_the_server_does(llm):
     assert out[0].prompt == "get_weather;Hi"
 
 
+def _first(ids: list[int], runs: list[list[int]]) -> tuple[int, list[int]] | None:
+    """Where in ids the first of runs starts, and which; None where none is there."""
+    at = [(i, run) for i in range(len(ids)) for run in runs if ids[i : i + len(run)] == run]
+    return min(at, default=None, key=lambda found: found[0])
+
+
+def _of_length(runs: list[list[int]], length: int) -> list[list[int]]:
+    return [run for run in runs if len(run) == length]
+
+
+@pytest.mark.parametrize("length", [1, 2])
+def test_bad_words_are_never_generated(llm, tokenizer, length):
+    """vLLM's bad_words: no output holds a bad word's tokens (as it starts a text or after a space); a one-token
+    word is banned everywhere, a longer one only right after the rest of it. The word is text of the greedy answer
+    (the first that tokenizes back into it: a random model writes byte fragments too)."""
+    from slimquant.engine.inputs import bad_word_ids
+
+    greedy = dataclasses.replace(GREEDY, max_tokens=24)
+    answers = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+    prompt, plain, word = next(
+        (prompt, ids, text)
+        for prompt, ids in zip(PROMPTS, answers, strict=True)
+        for text in (tokenizer.decode(ids[i : i + length]) for i in range(len(ids) - length + 1))
+        if text.strip() and _first(ids, _of_length(bad_word_ids([text], tokenizer), length))
+    )
+    words = bad_word_ids([word], tokenizer)
+    got = llm.generate(prompt, dataclasses.replace(greedy, bad_words=[word]), use_tqdm=False)[0].outputs[0].token_ids
+    assert _first(got, words) is None, (word, words, got)
+    start, run = _first(plain, words)
+    same = start + len(run) - 1  # the greedy answer's tokens before the word's last one
+    assert got[:same] == plain[:same] and got[same] != plain[same], (word, run, plain, got)
+
+
+def test_bad_word_ids_as_vllm_tokenizes_them(tokenizer):
+    from slimquant.engine.inputs import bad_word_ids, banned_after
+
+    alone, spaced = (tokenizer.encode(text, add_special_tokens=False) for text in ("fox", " fox"))
+    want = [alone] + ([spaced] if len(spaced) == len(alone) and spaced[0] != alone[0] else [])
+    assert bad_word_ids([" fox"], tokenizer) == want
+    assert banned_after([5, 1, 2], [[1, 2, 3], [9], [2, 4], [7, 3]]) == [3, 4, 9]
+
+
 def test_logit_bias_and_allowed_tokens(llm):
     out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, logit_bias={42: 100.0}), use_tqdm=False)
     assert out[0].outputs[0].token_ids == [42] * 4

@@ -43,6 +43,8 @@ def test_stop_string_becomes_list_and_greedy_resets_filters():
         ({"best_of": 1, "n": 2}, "best_of"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
         ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+        ({"bad_words": "word"}, "bad_words"),
+        ({"bad_words": ["ok", " "]}, "bad_words"),
     ],
 )
 def test_invalid_values_raise_naming_the_field(kwargs, field):

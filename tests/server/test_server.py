@@ -114,6 +114,22 @@ def test_allowed_token_ids_limit_what_is_generated(server):
     assert bad.status_code == 400 and "allowed_token_ids" in bad.json()["error"]["message"], bad.text
 
 
+def test_bad_words_reach_the_sampler(server):
+    """vLLM's bad_words (the engine's tests check what they ban): a token of the greedy answer, once banned, is
+    not generated, and the answer is the same before it."""
+
+    def tokens(body: dict) -> list[str]:
+        r = httpx.post(f"{server}/v1/completions", json=body, headers=_auth(), timeout=60)
+        return r.json()["choices"][0]["logprobs"]["tokens"]
+
+    body = {"prompt": "Once upon", "max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 0}
+    plain = tokens(body)
+    ids = [httpx.post(f"{server}/tokenize", json={"prompt": t, "add_special_tokens": False}).json() for t in plain]
+    k = next(i for i, t in enumerate(plain) if t.strip() and ids[i]["count"] == 1 and not t.startswith(" "))
+    got = tokens(body | {"bad_words": [plain[k]]})
+    assert got[:k] == plain[:k] and plain[k] not in got, (plain, got)
+
+
 def test_streaming_chat(client):
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me"}], max_tokens=8, temperature=0)
     full = client.chat.completions.create(**kw)
@@ -170,6 +186,8 @@ def _error(r: httpx.Response, status: int) -> dict:
         ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
         ({"prompt": "word " * 400}, 400, "prompt"),
         ({"prompt": "x", "max_tokens": 1000}, 400, "max_tokens"),
+        ({"prompt": "x", "bad_words": "word"}, 400, "bad_words"),
+        ({"prompt": "x", "bad_words": ["ok", " "]}, 400, "bad_words"),
         ({"prompt": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
         ({"prompt": "x", "truncate_prompt_tokens": -2}, 400, "truncate_prompt_tokens"),
         ({"prompt": "x", "truncate_prompt_tokens": 129}, 400, "truncate_prompt_tokens"),  # over the context of 128

@@ -115,6 +115,7 @@ def sampling_params(
             skip_special_tokens=req.skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens,
             allowed_token_ids=req.allowed_token_ids,
+            bad_words=req.bad_words,
             include_stop_str_in_output=req.include_stop_str_in_output,
             structured_outputs=structured,
             **{k: v for k, v in values.items() if v is not None},
