@@ -10,6 +10,12 @@ from typing import Any
 
 from slimquant.errors import ParamError
 
+# apply_chat_template's own arguments, which chat_template_kwargs may not set
+_ARGUMENTS = frozenset(
+    {"conversation", "messages", "chat_template", "add_generation_prompt", "continue_final_message", "tools",
+     "tokenize", "return_dict", "return_tensors", "padding", "truncation", "max_length", "documents"}
+)  # fmt: skip
+
 
 def normalized(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each message as chat templates take it; ParamError naming a message whose content is not text."""
@@ -25,7 +31,16 @@ def render(
     tools: list[dict[str, Any]] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
 ) -> str:
-    """The conversation as the tokenizer's template (or chat_template) writes it."""
+    """The conversation as the tokenizer's template (or chat_template) writes it; chat_template_kwargs are the
+    template's own variables (e.g. Qwen3's enable_thinking), ParamError where one would override an argument here."""
+    if taken := sorted(set(chat_template_kwargs or {}) & _ARGUMENTS):
+        raise ParamError("chat_template_kwargs", f"chat_template_kwargs may not set {taken}: give them as themselves")
+    if continue_final_message and add_generation_prompt:
+        raise ParamError(
+            "continue_final_message",
+            "continue_final_message and add_generation_prompt cannot both be true: the answer either goes on with "
+            "the last message or starts a new one",
+        )
     return tokenizer.apply_chat_template(
         normalized(messages),
         chat_template=chat_template,

@@ -220,6 +220,29 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server):
     assert err["message"].startswith("the prompt has 128 tokens but this model's context is 128 tokens"), err
 
 
+def test_chat_template_kwargs_and_continue_final_message(server):
+    """vLLM's chat fields: the template's own variables (Qwen3's enable_thinking is one) reach it, and an answer
+    may go on with the last message."""
+
+    def post(path: str, body: dict, status: int = 200) -> dict:
+        r = httpx.post(f"{server}{path}", json=body, headers=_auth(), timeout=60)
+        assert r.status_code == status, r.text
+        return r.json()
+
+    messages = [{"role": "user", "content": "hello"}]
+    template = "{{ flavour }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    body = {"messages": messages, "chat_template": template, "chat_template_kwargs": {"flavour": "mint: "}}
+    ids = post("/tokenize", body)["tokens"]
+    assert post("/detokenize", {"tokens": ids})["prompt"] == "mint: hello"
+    chat = {"messages": [*messages, {"role": "assistant", "content": "Hi"}], "max_tokens": 2}
+    going_on = post("/v1/chat/completions", chat | {"continue_final_message": True, "add_generation_prompt": False})
+    assert going_on["usage"]["prompt_tokens"] < post("/v1/chat/completions", chat)["usage"]["prompt_tokens"]
+    err = post("/v1/chat/completions", chat | {"continue_final_message": True}, 400)["error"]
+    assert err["param"] == "continue_final_message" and "cannot both be true" in err["message"], err
+    err = post("/v1/chat/completions", chat | {"chat_template_kwargs": {"tokenize": True}}, 400)["error"]
+    assert err["param"] == "chat_template_kwargs" and "['tokenize']" in err["message"], err
+
+
 def test_malformed_json_and_missing_messages(server):
     r = httpx.post(
         f"{server}/v1/chat/completions", content=b"{not json", headers={**_auth(), "Content-Type": "application/json"}

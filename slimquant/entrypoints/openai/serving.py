@@ -204,8 +204,12 @@ def _render_chat(ctx: ServingContext, messages: list[dict], req: ChatCompletionR
             messages,
             chat_template=req.chat_template or ctx.chat_template,
             add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
             tools=getattr(req, "tools", None),
+            chat_template_kwargs=req.chat_template_kwargs,
         )
+    except ParamError as e:
+        raise OpenAIError(str(e), param=e.param) from None
     except Exception as e:  # jinja errors, missing template
         raise OpenAIError(f"cannot apply the chat template: {e}", param="messages") from e
 
