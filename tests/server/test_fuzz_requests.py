@@ -15,6 +15,7 @@ from slimquant.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ResponsesRequest,
     TokenizeRequest,
 )
 from tests.server.conftest import auth
@@ -55,7 +56,23 @@ STRUCTURED = st.fixed_dictionaries(
     optional={"json": SCHEMAS, "regex": REGEXES, "choice": st.lists(TEXTS, max_size=3) | JSON, "grammar": GRAMMARS,
               "json_object": JSON, "structural_tag": TEXTS | SCHEMAS.map(json.dumps), "disable_any_whitespace": JSON},
 )  # fmt: skip
+RESPONSE_ITEM = st.fixed_dictionaries(
+    {"type": st.sampled_from(["message", "function_call", "input_text", 5])},
+    optional={
+        "role": st.one_of(st.sampled_from(["user", "assistant", "developer", "system"]), JSON),
+        "content": st.one_of(TEXTS, st.lists(CONTENT_PART, max_size=2), JSON),
+    },
+)
+TEXT_FORMAT = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "json_object", "json_schema", "xml", 5])},
+    optional={"schema": SCHEMAS, "name": TEXTS, "strict": JSON},
+)
 SPECIAL = {
+    "input": st.one_of(TEXTS, st.lists(st.one_of(MESSAGE, RESPONSE_ITEM, JSON), max_size=3)),
+    "text": st.fixed_dictionaries({"format": TEXT_FORMAT | JSON}) | JSON,
+    "max_output_tokens": st.one_of(st.integers(-2, 8), INTS, JSON),
+    "metadata": st.dictionaries(TEXTS, TEXTS, max_size=2) | JSON,
+    "chat_template_kwargs": st.dictionaries(TEXTS, JSON, max_size=3) | JSON,
     "prompt": st.one_of(
         st.text(min_size=1, max_size=40),
         TEXTS,
@@ -131,7 +148,9 @@ def assert_answered(r: httpx.Response) -> None:
         assert err["message"] and isinstance(err["message"], str), r.text
     elif r.headers.get("content-type", "").startswith("text/event-stream"):
         events = [line for line in r.text.splitlines() if line.startswith("data: ")]
-        assert events and (events[-1] == "data: [DONE]" or '"error"' in events[-1]), r.text[-500:]
+        last = events[-1] if events else ""
+        ended = last == "data: [DONE]" or last.startswith('data: {"type": "response.completed"')  # Responses API
+        assert ended or '"error"' in last, r.text[-500:]
     else:
         r.json()
 
@@ -150,6 +169,7 @@ ENDPOINTS = [
     ("/v1/chat/completions", ChatCompletionRequest, ("messages",)),
     ("/tokenize", TokenizeRequest, ("prompt",)),
     ("/detokenize", DetokenizeRequest, ("tokens",)),
+    ("/v1/responses", ResponsesRequest, ("input",)),
 ]
 
 

@@ -107,6 +107,7 @@ def test_a_text_format_constrains_as_chats_response_format(client, fmt, chat_for
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0]", "text"),
         ({"input": [{"type": "function_call_output", "output": "1"}]}, "input[0]", "only messages"),
         ({"input": [{"role": "robot", "content": "x"}]}, "input[0]", "role must be one of"),
+        ({"input": [{"role": ["user"]}]}, "input[0]", "role must be one of"),  # was a 500 (the fuzzer's find)
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "greater than or equal to 1"),
         ({"input": "x", "text": {"format": {"type": "xml"}}}, "text", "json_schema"),
         ({"input": []}, "input", "no message"),

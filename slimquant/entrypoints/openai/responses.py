@@ -68,9 +68,9 @@ def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
         return [*out, {"role": "user", "content": req.input}]
     for i, item in enumerate(req.input):
         where = f"input[{i}]"
-        if item.get("type", "message") != "message":
-            raise OpenAIError(f"{where}: item type {item['type']!r} is not supported: only messages", param=where)
-        if item.get("role") not in _ROLES:
+        if (kind := item.get("type", "message")) != "message":
+            raise OpenAIError(f"{where}: item type {kind!r} is not supported: only messages", param=where)
+        if not isinstance(item.get("role"), str) or item["role"] not in _ROLES:
             raise OpenAIError(f"{where}: role must be one of {sorted(_ROLES)}, got {item.get('role')!r}", param=where)
         out.append({"role": _ROLES[item["role"]], "content": _content(item.get("content"), where)})
     if not out:
