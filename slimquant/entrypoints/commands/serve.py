@@ -74,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser (one of {', '.join(PARSERS)})")
     engine_args = {"max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes": args.kv_cache_memory_bytes}
-    engine_args["seed"] = args.seed
-    engine_args = {k: v for k, v in engine_args.items() if v is not None}
+    engine_args = {k: v for k, v in engine_args.items() if v is not None} | {"seed": args.seed}
     rank = _join_torchrun(args) if env_setting("WORLD_SIZE") else None  # under torchrun: rank 0 serves
     engine_args |= _node_args(args)
     if rank is not None and rank > 0:  # torchrun's: it runs the steps
@@ -137,7 +136,8 @@ def _join_torchrun(args: argparse.Namespace) -> int:
     if args.nnodes not in (1, nodes):
         raise ValueError(f"--nnodes {args.nnodes} under torchrun with {nodes} nodes: they must agree")
     args.tensor_parallel_size, args.nnodes, args.node_rank = world, nodes, int(env_setting("GROUP_RANK"))
-    args.master_addr, args.master_port = env_setting("MASTER_ADDR"), int(env_setting("MASTER_PORT"))
+    port = env_setting("MASTER_PORT")  # torchrun sets both; EngineConfig says what is missing where it is not
+    args.master_addr, args.master_port = env_setting("MASTER_ADDR") or args.master_addr, int(port) if port else None
     dist.init_process_group("gloo")
     return dist.get_rank()
 
