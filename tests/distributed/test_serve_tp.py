@@ -90,10 +90,24 @@ def test_a_rank_that_hangs_mid_generation_stops_the_server_after_the_timeout(che
 
 
 def _headless(path: str, port: int, *extra: str) -> subprocess.Popen:
-    """Node 1 of 2 on this machine: its rank only."""
+    """Node 1 of 2 on this machine: its rank only (its threads' stacks dumped on SIGABRT: _exit_code)."""
     cmd = [sys.executable, "-m", "slimquant.entrypoints.cli", "serve", path, "-tp", "2", "--nnodes", "2"]
     cmd += ["--node-rank", "1", "--headless", "--master-port", str(port), "--backend", "torch-reference", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+
+def _exit_code(proc: subprocess.Popen, within: float) -> int:
+    """proc's exit status once it exits, within `within` seconds; else the test fails with its output and where
+    its threads are (SIGABRT: faulthandler's dump)."""
+    try:
+        return proc.wait(timeout=within)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        _end(proc)
+        raise AssertionError(f"still running after {within:g} s:\n{proc.stdout.read().decode()[-6000:]}") from None
 
 
 def _two_nodes(path: str, *extra: str) -> tuple[subprocess.Popen, subprocess.Popen, str]:
@@ -192,7 +206,7 @@ def test_an_idle_server_exits_within_seconds_of_losing_a_node(checkpoints):
     try:
         assert _chat(base)
         node1.send_signal(signal.SIGINT)
-        assert node1.wait(timeout=30) == 130
+        assert _exit_code(node1, within=30) == 130
         start = time.perf_counter()
         assert head.wait(timeout=30) == 1
         assert time.perf_counter() - start < 10
