@@ -94,7 +94,13 @@ def _headless(path: str, port: int, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "slimquant.entrypoints.cli", "serve", path, "-tp", "2", "--nnodes", "2"]
     cmd += ["--node-rank", "1", "--headless", "--master-port", str(port), "--backend", "torch-reference", *extra]
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=_like_a_terminal)
+
+
+def _like_a_terminal() -> None:
+    """Ctrl-C's default in the child, as at a terminal: a suite run as a background job of a script (no job
+    control) has SIGINT ignored, which its children inherit (Python then raises no KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _exit_code(proc: subprocess.Popen, within: float) -> int:
