@@ -16,7 +16,7 @@ _LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_le
 _SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
-def parse_prompt(prompt: PromptType, tokenizer, truncate: int | None = None) -> tuple[str | None, list[int]]:
+def parse_prompt(prompt: PromptType, tokenizer) -> tuple[str | None, list[int]]:
     """(text or None, token ids) of a prompt; ValueError for a malformed one."""
     if isinstance(prompt, dict):
         text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
@@ -36,8 +36,12 @@ def parse_prompt(prompt: PromptType, tokenizer, truncate: int | None = None) -> 
         ids = tokenizer.encode(text)
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise ParamError("prompt", "prompt token ids must be ints")
-    ids = list(ids)
-    return text, ids[-truncate:] if truncate else ids
+    return text, list(ids)
+
+
+def truncated(ids: list[int], keep: int | None, context: int) -> list[int]:
+    """ids cut to their last keep tokens (vLLM's truncate_prompt_tokens; -1: the context's length; None: all)."""
+    return ids if keep is None else ids[-(context if keep == -1 else keep) :]
 
 
 def load_tokenizer(config: EngineConfig):
@@ -83,9 +87,3 @@ def bad_word_ids(words: list[str] | None, tokenizer: Any) -> list[list[int]]:
         if len(spaced) == len(alone) and spaced[0] != alone[0]:
             out.append(spaced)
     return out
-
-
-def banned_after(output_ids: list[int], words: list[list[int]]) -> list[int]:
-    """The tokens that would complete a bad word after output_ids: each word's last token where the output ends with
-    the rest of it."""
-    return sorted({w[-1] for w in words if len(w) == 1 or output_ids[len(output_ids) - len(w) + 1 :] == w[:-1]})

@@ -29,6 +29,7 @@ from slimquant.engine.inputs import (
     model_max_len,
     parse_prompt,
     stop_token_ids,
+    truncated,
 )
 from slimquant.engine.model_runner import ModelRunner
 from slimquant.engine.output_processor import advance_grammar, make_output, process_token, to_logprobs
@@ -119,11 +120,10 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params if params is not None else self.default_sampling_params()
-        keep = params.truncate_prompt_tokens
-        text, ids = parse_prompt(prompt, self.tokenizer, self.config.max_model_len if keep == -1 else keep)
+        text, ids = parse_prompt(prompt, self.tokenizer)
+        ids = truncated(ids, params.truncate_prompt_tokens, self.config.max_model_len)
         self._validate(ids, params)
-        request = Request(request_id, text, ids, params)
-        request.bad_word_ids = bad_word_ids(params.bad_words, self.tokenizer)
+        request = Request(request_id, text, ids, params, bad_word_ids(params.bad_words, self.tokenizer))
         if arrival_time is not None:
             request.metrics.arrival_time = arrival_time
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)

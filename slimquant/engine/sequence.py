@@ -104,13 +104,20 @@ class Sequence:
 class Request:
     """A prompt and the n sequences sampled from it."""
 
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams):
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        bad_word_ids: list[list[int]] | None = None,
+    ):
         now = time.time()
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params
-        self.bad_word_ids: list[list[int]] = []  # params.bad_words as token ids (the engine fills them)
+        self.bad_word_ids = bad_word_ids or []  # params.bad_words as token ids (engine/inputs.py bad_word_ids)
         self.metrics = RequestMetrics(arrival_time=now, last_token_time=now)
         self.seqs: list[Sequence] = []
         self.sent_prompt_logprobs = False

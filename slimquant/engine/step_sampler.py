@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import torch
 
 from slimquant.backends.base import LogitsHead
-from slimquant.engine.inputs import banned_after
 from slimquant.engine.sequence import Sequence
 from slimquant.layers.sampler import SAMPLING_EPS, Sampler, SamplerOutput, SamplingBatch, TopLogprobs, top_logprobs
 from slimquant.sampling_params import SamplingParams
@@ -174,6 +173,12 @@ def _banned(seq: Sequence) -> list[int]:
     stops = sorted(seq.stop_ids) if seq.num_output_tokens < seq.params.min_tokens else []
     words = seq.request.bad_word_ids
     return stops + banned_after(seq.output_token_ids, words) if words else stops
+
+
+def banned_after(output_ids: list[int], words: list[list[int]]) -> list[int]:
+    """The tokens that would complete a bad word after output_ids: each word's last token where the output ends with
+    the rest of it."""
+    return sorted({w[-1] for w in words if len(w) == 1 or output_ids[len(output_ids) - len(w) + 1 :] == w[:-1]})
 
 
 def plain_greedy(seq: Sequence) -> bool:

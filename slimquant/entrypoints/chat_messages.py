@@ -31,8 +31,9 @@ def render(
     tools: list[dict[str, Any]] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
 ) -> str:
-    """The conversation as the tokenizer's template (or chat_template) writes it; chat_template_kwargs are the
-    template's own variables (e.g. Qwen3's enable_thinking), ParamError where one would override an argument here."""
+    """The conversation (messages as normalized() gives them) as the tokenizer's template (or chat_template) writes
+    it; chat_template_kwargs are the template's own variables (e.g. Qwen3's enable_thinking), ParamError where one
+    would override an argument here."""
     if taken := sorted(set(chat_template_kwargs or {}) & _ARGUMENTS):
         raise ParamError("chat_template_kwargs", f"chat_template_kwargs may not set {taken}: give them as themselves")
     if continue_final_message and add_generation_prompt:
@@ -42,7 +43,7 @@ def render(
             "the last message or starts a new one",
         )
     return tokenizer.apply_chat_template(
-        normalized(messages),
+        messages,
         chat_template=chat_template,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
@@ -55,7 +56,7 @@ def render(
 def prompt(tokenizer: Any, messages: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
     """An engine prompt of the conversation: render(...)'s text and its token ids (the template wrote the special
     tokens)."""
-    text = render(tokenizer, messages, **options)
+    text = render(tokenizer, normalized(messages), **options)
     return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
 

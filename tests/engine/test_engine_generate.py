@@ -192,7 +192,8 @@ def test_bad_words_are_never_generated(llm, tokenizer, length):
 
 
 def test_bad_word_ids_as_vllm_tokenizes_them(tokenizer):
-    from slimquant.engine.inputs import bad_word_ids, banned_after
+    from slimquant.engine.inputs import bad_word_ids
+    from slimquant.engine.step_sampler import banned_after
 
     alone, spaced = (tokenizer.encode(text, add_special_tokens=False) for text in ("fox", " fox"))
     want = [alone] + ([spaced] if len(spaced) == len(alone) and spaced[0] != alone[0] else [])

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from slimquant.engine.inputs import truncated
 from slimquant.entrypoints import chat_messages
 from slimquant.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -173,14 +174,13 @@ def _truncated(ids: list[int], req: SamplingFields, ctx: ServingContext) -> list
     """ids cut to their last req.truncate_prompt_tokens (-1: the model's context), as vLLM does."""
     if (keep := req.truncate_prompt_tokens) is None:
         return ids
-    keep = ctx.max_model_len if keep == -1 else keep
-    if not 1 <= keep <= ctx.max_model_len:
+    if not (keep == -1 or 1 <= keep <= ctx.max_model_len):
         raise OpenAIError(
             f"truncate_prompt_tokens must be from 1 to the model's context of {ctx.max_model_len} tokens, or -1 (the "
             f"context), got {req.truncate_prompt_tokens}",
             param="truncate_prompt_tokens",
         )
-    return ids[-keep:]
+    return truncated(ids, keep, ctx.max_model_len)
 
 
 async def chat_prompt(req: ChatCompletionRequest | TokenizeRequest, ctx: ServingContext) -> list[int]:
