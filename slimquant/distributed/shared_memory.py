@@ -10,8 +10,9 @@ before it is written; other CPUs use gloo instead. A tensor past the slot size g
 A wait spins for its first _SPIN_SECONDS, then polls every 1% of the time it has waited, 1 to 10 ms (ranks waiting
 for an idle server's next step use next to no CPU, and wake at most 10 ms late). Each rank writes its process id
 beside its counter: a wait on a rank whose process is gone stops with an error within milliseconds, as gloo's does
-when a peer's socket closes. Rank 0's waits stop with an error after the engine's execute_model_timeout (a rank
-that hangs); the other ranks wait for rank 0's next step as long as it takes.
+when a peer's socket closes. A wait stops with an error after the engine's execute_model_timeout (a rank that
+hangs), except a rank's that follows rank 0's steps (the engine's own ranks): it waits for the next one as long as
+it takes.
 """
 
 from __future__ import annotations

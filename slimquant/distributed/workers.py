@@ -458,21 +458,19 @@ def _links(
     """tp with what a step's collectives go through: a gloo group for its inputs and host tensors, and on GPUs this
     rank's GPU made current and an NCCL group (every rank makes each group: a collective); on CPUs a shared-memory
     exchange where rank 0 offers one and every rank is on its machine (offer False: never, e.g. the engine's own
-    ranks on several nodes, whose deaths rank 0 sees only through gloo). Rank 0, the engine, waits there
-    config.execute_model_timeout at most for a rank that does not answer. So does a rank that follows rank 0's
-    steps (ModelRunner.serve_steps; rank 0 keeps it alive while idle) in gloo, where it may be on another machine;
-    in shared memory, or running its own engine (torchrun), it waits as long as it takes."""
+    ranks on several nodes, whose deaths rank 0 sees only through gloo). A rank waits config.execute_model_timeout
+    at most for a rank that does not answer, except where it follows rank 0's steps (follows: ModelRunner.
+    serve_steps) in shared memory: there it waits for the next step as long as it takes, since rank 0 shares its
+    machine and a wait ends when rank 0's process does (in gloo, rank 0 keeps it alive while idle)."""
     if tp.size == 1:
         return tp
     step_wait = timedelta(seconds=config.execute_model_timeout)
-    limit = config.execute_model_timeout if tp.rank == 0 else None
-    limited = tp.rank == 0 or follows
-    group = dist.new_group(backend="gloo", timeout=step_wait if limited else _WAIT)  # each rank's own limit
+    group = dist.new_group(backend="gloo", timeout=step_wait)
     tp = dataclasses.replace(tp, step_group=group)
     if config.device.startswith("cuda"):
         torch.cuda.set_device(config.rank_device(tp.rank))
         return dataclasses.replace(tp, device_group=dist.new_group(backend="nccl", timeout=step_wait))
-    return _share_memory(tp, offer, alive, limit)
+    return _share_memory(tp, offer, alive, None if follows else config.execute_model_timeout)
 
 
 def _share_memory(

@@ -115,6 +115,8 @@ class ModelRunner:
             except Exception as e:
                 if self.broadcast:
                     raise MidStepFailure(f"{type(e).__name__}: {e}{self._late(e)}") from e
+                if late := self._late(e):  # every rank runs its own engine (torchrun): gloo says only "Timed out"
+                    raise RuntimeError(f"{e}{late}") from e
                 raise
         if not split_head:
             return self.sampler.sample(hidden, inputs.rows)

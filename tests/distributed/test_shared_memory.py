@@ -153,19 +153,22 @@ def test_a_wait_inside_a_step_fails_after_the_timeout_naming_the_rank():
         local.close(unlink=True)
 
 
-def _late_to_a_step(rank: int, size: int, offer: bool) -> tuple[str, float]:
-    """Ranks linked as the engine links them, with a 1 s execute_model_timeout: rank 1 waits 2 s for the next step
-    (no limit: only rank 0's waits have one), then comes 6 s late to the step's sum. What rank 0's sum said, and
-    how long it took."""
+def _late_to_a_step(rank: int, size: int, offer: bool, follows: bool) -> tuple[str, float]:
+    """Ranks linked as the engine links them, with a 1 s execute_model_timeout. follows: rank 1 follows rank 0's
+    steps (the engine's own ranks); it waits 2 s for the next one (in shared memory without limit; in gloo rank 0
+    would keep it alive), then comes 6 s late to the step's sum. Else every rank runs its own engine (torchrun's
+    external launcher), and rank 0 comes 6 s late. What the other rank's sum said, and how long it took."""
     from slimquant.config import EngineConfig
     from slimquant.distributed import workers
 
     config = EngineConfig("unused", tensor_parallel_size=size, execute_model_timeout=1)
-    tp = workers._links(TensorParallel(rank, size), config, offer)
+    tp = workers._links(TensorParallel(rank, size), config, offer, follows=follows and rank > 0)
     assert (tp.local is not None) == offer
-    time.sleep(2 if rank == 0 else 0)
-    tp.broadcast("step" if rank == 0 else None)
-    time.sleep(6 if rank == 1 else 0)
+    if follows:
+        time.sleep(2 if rank == 0 and offer else 0)
+        tp.broadcast("step" if rank == 0 else None)
+    late = 1 if follows else 0
+    time.sleep(6 if rank == late else 0)
     start, said = time.monotonic(), "answered"
     try:
         tp.sum(torch.ones(4, dtype=torch.int32))
@@ -176,11 +179,14 @@ def _late_to_a_step(rank: int, size: int, offer: bool) -> tuple[str, float]:
     return said, took
 
 
+@pytest.mark.parametrize("follows", [True, False], ids=["follower", "own-engine"])
 @pytest.mark.parametrize("offer", [True, False], ids=["shared-memory", "gloo"])
-def test_a_rank_late_to_a_step_fails_it_after_execute_model_timeout(offer):
-    (said, took), _ = run_ranks(_late_to_a_step, 2, offer)
+def test_a_rank_late_to_a_step_fails_it_after_execute_model_timeout(offer, follows):
+    results = run_ranks(_late_to_a_step, 2, offer, follows)
+    late = 1 if follows else 0
+    said, took = results[1 - late]
     assert 1 <= took < 5, (said, took)
-    assert ("rank(s) [1] of the tensor-parallel group did not answer" if offer else "Timed out") in said, said
+    assert (f"rank(s) [{late}] of the tensor-parallel group did not answer" if offer else "Timed out") in said, said
 
 
 def test_a_wait_on_a_rank_that_is_gone_stops():

@@ -251,3 +251,41 @@ def test_vllm_ascend_order_row_layer_is_the_sum_of_per_rank_dequantized_parts(ch
     want = _plain_partial_sums(folder, name, x, 2)
     for got in ranks:
         torch.testing.assert_close(torch.tensor(got), want, rtol=1e-6, atol=1e-5)
+
+
+def rank_generates_alone(rank: int, size: int, path: str, offer: bool) -> tuple[str, float] | None:
+    """Every rank makes its engine (offer False: the ranks exchange through gloo only); then rank 0 does not
+    generate for 8 s (its script went another way) while the others do, with a 2 s execute_model_timeout: what
+    their generate raised, and how long it took."""
+    import time
+
+    from slimquant.distributed import workers
+
+    if not offer:
+        workers._can_offer = lambda size: False
+    llm = LLM(
+        path,
+        kernels={"backend": "torch-reference"},
+        max_model_len=64,
+        tensor_parallel_size=size,
+        execute_model_timeout=2,
+    )
+    if rank == 0:
+        time.sleep(8)
+        return None
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as failed:
+        llm.generate(PROMPTS, SamplingParams(**PARAMS), use_tqdm=False)
+    return str(failed.value), time.monotonic() - start
+
+
+@pytest.mark.parametrize("offer", [True, False], ids=["shared-memory", "gloo"])
+def test_under_torchrun_a_rank_whose_peer_never_steps_fails_in_execute_model_timeout(checkpoints, offer):
+    """Every rank runs its own engine (torchrun's external launcher), so each waits for the others: execute_model_
+    timeout at most, as rank 0 of the engine's own ranks does; never for ever."""
+    _, (said, took) = run_ranks(rank_generates_alone, 2, checkpoints["llama-W8A8"], offer)
+    assert 2 <= took < 6, (said, took)
+    if offer:
+        assert "rank(s) [0] of the tensor-parallel group did not answer in execute_model_timeout=2 s" in said, said
+    else:
+        assert "Timed out" in said and "a rank did not answer in execute_model_timeout=2 s" in said, said
