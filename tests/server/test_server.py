@@ -130,6 +130,20 @@ def test_bad_words_reach_the_sampler(server):
     assert got[:k] == plain[:k] and plain[k] not in got, (plain, got)
 
 
+def test_a_stream_of_several_prompts_interleaves_them(server):
+    """As vLLM's: each prompt's chunks come as the engine makes them (the second prompt's first ones do not wait
+    for the first prompt's end), and each prompt's text is its own completion's."""
+    body = {"prompt": ["Once upon", "The capital of France"], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    full = httpx.post(f"{server}/v1/completions", json=body, headers=_auth(), timeout=60).json()["choices"]
+    with httpx.stream("POST", f"{server}/v1/completions", json=body | {"stream": True}, headers=_auth()) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line and line != "data: [DONE]"]
+    order = [c["choices"][0]["index"] for c in chunks]
+    assert order.index(1) < max(k for k, i in enumerate(order) if i == 0), order
+    for choice in full:
+        got = "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == choice["index"])
+        assert got == choice["text"]
+
+
 def test_streaming_chat(client):
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me"}], max_tokens=8, temperature=0)
     full = client.chat.completions.create(**kw)
@@ -275,9 +289,10 @@ def _aborted(server) -> float:
     return _metrics(server).get('vllm:request_success_total{finished_reason="abort"}', 0.0)
 
 
-def test_disconnect_cancels_and_frees_blocks(server, client):
+@pytest.mark.parametrize("prompts", [["Go on"], ["Go on", "And on"]], ids=["one-prompt", "two-prompts"])
+def test_disconnect_cancels_and_frees_blocks(server, client, prompts):
     before = _aborted(server)
-    body = {"prompt": "Go on", "max_tokens": 120, "stream": True, "ignore_eos": True}
+    body = {"prompt": prompts, "max_tokens": 120, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=_auth(), timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
@@ -289,7 +304,7 @@ def test_disconnect_cancels_and_frees_blocks(server, client):
         time.sleep(0.1)
     else:
         pytest.fail("the cancelled request still holds the batch or KV blocks:\n" + metrics)
-    assert _aborted(server) == before + 1
+    assert _aborted(server) == before + len(prompts)
     # the server keeps serving
     assert client.completions.create(model=MODEL, prompt="still there?", max_tokens=2).usage.completion_tokens == 2
 

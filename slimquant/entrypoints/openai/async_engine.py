@@ -157,6 +157,30 @@ class RequestStream:
         return self.last
 
 
+async def interleaved(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
+    """(i, output) of streams[i] as each comes, so several prompts' outputs interleave as the engine makes them (as
+    vLLM's do); outputs that come together go in the streams' order. All are closed when this stops."""
+    outputs = [stream.outputs() for stream in streams]
+    pending = {asyncio.ensure_future(anext(it)): i for i, it in enumerate(outputs)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.get):
+                i = pending.pop(task)
+                try:
+                    out = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(outputs[i]))] = i
+                yield i, out
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)  # each ends its generator (aborting the request)
+        for it in outputs:
+            await it.aclose()
+
+
 class _Timing:
     """Arrival times of a request's outputs: time to first token and decode time after it."""
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from slimquant.engine.inputs import truncated
 from slimquant.entrypoints import chat_messages
+from slimquant.entrypoints.openai.async_engine import interleaved
 from slimquant.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -340,49 +341,49 @@ async def _stream(ctx, rid, obj, streams, prompts, req, tools: ToolMode | None =
 
 
 async def _stream_chunks(ctx, rid, obj, streams, req, chat, tools: ToolMode | None = None) -> AsyncIterator[str]:
-    """Each request's SSE chunks in turn, each with the logprobs of the tokens it adds where they are asked for;
-    with tools, text that may be calls (from a <tool_call> on; all of a forced call) is held back and sent as
-    tool_calls when the choice ends."""
+    """The requests' SSE chunks as their outputs come (several prompts' interleave), each with the logprobs of the
+    tokens it adds where they are asked for; with tools, text that may be calls (from a <tool_call> on; all of a
+    forced call) is held back and sent as tool_calls when the choice ends."""
     echo, scoring = not chat and req.echo, not chat and req.max_tokens == 0
     top = (req.top_logprobs or 0) if chat else None
     continuous = req.stream_options is not None and req.stream_options.continuous_usage_stats
-    for i, stream in enumerate(streams):
-        sent: dict[int, tuple[int, int, int]] = {}  # choice -> (characters, tokens, next token's text offset)
-        async for out in stream.outputs():
-            for c in out.outputs:
-                index, first = i * req.n + c.index, c.index not in sent
-                chars, tokens, offset = sent.get(c.index, (0, 0, 0))
-                n_in = len(out.prompt_token_ids)
-                if chat and first:
-                    chunk = _chunk(rid, obj, ctx, index, {"role": "assistant", "content": ""}, None, chat)
-                    yield _sse(chunk | ({"usage": usage(n_in, 0)} if continuous else {}))
-                text, ids, lps = ("", [], []) if scoring else (c.text, list(c.token_ids), c.logprobs)
-                calls, finish = [], c.finish_reason
-                if tools and c.finish_reason is None:
-                    text = tools.visible(text)
-                elif tools:  # the end: calls, or what was held back is content after all
-                    parsed = tools.parse(text)
-                    calls, text = parsed.calls, (parsed.content or "") if parsed.calls else text
-                    finish = tools.finish_reason(parsed, c.finish_reason)
-                delta, new_ids, new_lps = text[chars:], ids[tokens:], None if lps is None else lps[tokens:]
-                if echo and first:  # the prompt comes first, as in the non-streamed text
-                    delta = _prompt_text(out, ctx) + delta
-                    if new_lps is not None:
-                        new_ids, new_lps = list(out.prompt_token_ids) + new_ids, list(out.prompt_logprobs) + new_lps
-                if calls:  # the held-back calls, whole
-                    body = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
-                    yield _sse(_chunk(rid, obj, ctx, index, body, None, chat))
-                if delta or c.finish_reason or new_ids:
-                    chunk = _chunk(rid, obj, ctx, index, {"content": delta} if chat else delta, finish, chat)
-                    if new_lps is not None and chat:
-                        chunk["choices"][0]["logprobs"] = _chat_logprobs(new_ids, new_lps, ctx, top)
-                    elif new_lps is not None:  # offsets go on from the tokens sent, as in the whole response
-                        chunk["choices"][0]["logprobs"] = lp = _completion_logprobs(new_ids, new_lps, ctx, offset)
-                        offset += sum(len(t) for t in lp["tokens"])
-                    if continuous:  # this choice's tokens so far, as vLLM counts them
-                        chunk["usage"] = usage(n_in, 0 if scoring else len(ids))
-                    yield _sse(chunk)
-                sent[c.index] = (len(text), len(ids), offset)
+    sent: dict[int, tuple[int, int, int]] = {}  # choice -> (characters, tokens, next token's text offset)
+    async for i, out in interleaved(streams):
+        for c in out.outputs:
+            index = i * req.n + c.index
+            first = index not in sent
+            chars, tokens, offset = sent.get(index, (0, 0, 0))
+            n_in = len(out.prompt_token_ids)
+            if chat and first:
+                chunk = _chunk(rid, obj, ctx, index, {"role": "assistant", "content": ""}, None, chat)
+                yield _sse(chunk | ({"usage": usage(n_in, 0)} if continuous else {}))
+            text, ids, lps = ("", [], []) if scoring else (c.text, list(c.token_ids), c.logprobs)
+            calls, finish = [], c.finish_reason
+            if tools and c.finish_reason is None:
+                text = tools.visible(text)
+            elif tools:  # the end: calls, or what was held back is content after all
+                parsed = tools.parse(text)
+                calls, text = parsed.calls, (parsed.content or "") if parsed.calls else text
+                finish = tools.finish_reason(parsed, c.finish_reason)
+            delta, new_ids, new_lps = text[chars:], ids[tokens:], None if lps is None else lps[tokens:]
+            if echo and first:  # the prompt comes first, as in the non-streamed text
+                delta = _prompt_text(out, ctx) + delta
+                if new_lps is not None:
+                    new_ids, new_lps = list(out.prompt_token_ids) + new_ids, list(out.prompt_logprobs) + new_lps
+            if calls:  # the held-back calls, whole
+                body = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
+                yield _sse(_chunk(rid, obj, ctx, index, body, None, chat))
+            if delta or c.finish_reason or new_ids:
+                chunk = _chunk(rid, obj, ctx, index, {"content": delta} if chat else delta, finish, chat)
+                if new_lps is not None and chat:
+                    chunk["choices"][0]["logprobs"] = _chat_logprobs(new_ids, new_lps, ctx, top)
+                elif new_lps is not None:  # offsets go on from the tokens sent, as in the whole response
+                    chunk["choices"][0]["logprobs"] = lp = _completion_logprobs(new_ids, new_lps, ctx, offset)
+                    offset += sum(len(t) for t in lp["tokens"])
+                if continuous:  # this choice's tokens so far, as vLLM counts them
+                    chunk["usage"] = usage(n_in, 0 if scoring else len(ids))
+                yield _sse(chunk)
+            sent[index] = (len(text), len(ids), offset)
 
 
 def _chunk(rid, obj, ctx, index, body, finish_reason, chat) -> dict:
