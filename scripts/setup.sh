@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 kind=runtime lock=requirements/lock.txt
 if [ "${1:-}" = --dev ]; then kind=dev lock=requirements/lock-dev.txt; fi
 PY=${PYTHON:-python3}
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null ||
+    { echo "slimquant needs Python 3.10 or newer; $PY is $("$PY" -V 2>&1): set PYTHON=python3.1X" >&2; exit 1; }
 pip=(.venv/bin/python -m pip install --no-deps --disable-pip-version-check)
 want=$(cat requirements/torch.txt requirements/lock.txt requirements/lock-dev.txt requirements/smollm2.txt \
     pyproject.toml | sha256sum | cut -c1-16)

