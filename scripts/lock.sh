@@ -8,9 +8,10 @@ uv=${UV:-.venv/bin/uv}  # UV=path: another uv (to make the first locks); else th
 [ -n "${UV:-}" ] || bash scripts/setup.sh --dev
 upgrade=(--upgrade)
 if [ "$#" -gt 0 ]; then upgrade=(); for p in "$@"; do upgrade+=(--upgrade-package "$p"); done; fi
-# One lock for every Python from 3.10 (pyproject.toml's oldest; markers pick each one's versions); torch is left out of the
-# resolution: setup.sh installs its CPU build first (requirements/torch.txt), and its dependencies from torch-deps.in.
-common=(--universal --python-version 3.10 --generate-hashes "${upgrade[@]}" --quiet --custom-compile-command "bash scripts/lock.sh")
+# One lock for every Python from 3.10 (pyproject.toml's oldest; markers pick each one's versions). torch is left out
+# of the resolution: setup.sh installs its CPU build first (requirements/torch.txt), its dependencies from the locks.
+common=(--universal --python-version 3.10 --generate-hashes "${upgrade[@]}" --quiet
+    --custom-compile-command "bash scripts/lock.sh")
 "$uv" pip compile pyproject.toml requirements/build.in requirements/torch-deps.in --excludes <(echo torch) \
     "${common[@]}" -o requirements/lock.txt
 "$uv" pip compile pyproject.toml requirements/build.in requirements/torch-deps.in --extra dev \

@@ -234,9 +234,10 @@ class WorkerGroup:
             exited = mp.connection.wait(sentinels, timeout=0.5)
             if self._killed.is_set():
                 return None
+            # a sentinel closes a moment before its exit code is there: read sooner, a death would look like a stop
             for p in self.procs:
                 if p.sentinel in exited:
-                    p.join(5)  # its sentinel closes a moment before its exit code is there: else a death looks a stop
+                    p.join(5)
             if dead := self._dead():
                 return f"rank(s) {dead} died"
             if exited:  # with code 0: told to stop
