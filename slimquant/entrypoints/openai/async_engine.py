@@ -7,6 +7,7 @@ Requests join and leave between steps (continuous batching); a request whose con
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -160,6 +161,11 @@ class RequestStream:
 async def interleaved(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
     """(i, output) of streams[i] as each comes, so several prompts' outputs interleave as the engine makes them (as
     vLLM's do); outputs that come together go in the streams' order. All are closed when this stops."""
+    if len(streams) == 1:  # a chat, or one prompt: no task per output (they cost about 12 µs each)
+        async with contextlib.aclosing(streams[0].outputs()) as outputs:
+            async for out in outputs:
+                yield 0, out
+        return
     outputs = [stream.outputs() for stream in streams]
     pending = {asyncio.ensure_future(anext(it)): i for i, it in enumerate(outputs)}
     try:
