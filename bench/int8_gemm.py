@@ -1,4 +1,4 @@
-"""Micro-benchmark: our native int8 linear (AVX2 and AVX-512 VNNI builds) against torch's float and int8 GEMMs.
+"""Micro-benchmark: our native int8 linear (each build the CPU runs) against torch's float and int8 GEMMs.
 
 For the SmolLM2-135M linear shapes (K -> N) and M tokens, times y = x @ W^T:
 - torch bf16 F.linear (oneDNN; uses AVX512-BF16 where the CPU has it) and fp32 F.linear (BLAS);
@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from slimquant.backends.native_ops import NativeOps
 from slimquant.kernels import native
-from slimquant.kernels.cpu import cpu_flags
 
 SHAPES = [(576, 960, "qkv"), (576, 3072, "gate_up"), (1536, 576, "down")]  # (K, N, name) of SmolLM2-135M
 TOKENS = [1, 16, 512]
@@ -76,7 +75,7 @@ def _candidates(m: int, k: int, n: int, libs: dict) -> dict:
     w_qt = w_q.t()
     runs["torch._int_mm"] = (lambda: torch._int_mm(x_q, w_qt)) if _int_mm_usable(x_q, w_qt) else None
     for name, lib in libs.items():
-        runs[f"ours {name}"] = _ours(lib, x, NativeOps(lib, name).pack_weight(w_q), w_s)  # each build's layout
+        runs[f"ours {name}"] = _ours(lib, x, NativeOps(lib).pack_weight(w_q), w_s)  # each build's layout
     return runs
 
 
@@ -89,9 +88,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     libs = {}
     if native.available():
-        vnni_cpu = cpu_flags() >= {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
-        for isa in ["avx2", "avx512vnni"] if vnni_cpu else ["avx2"]:
-            libs[isa] = native.load(isa)
+        libs = {isa: native.load(isa) for isa in native.isas_here()}
     isa = native.best_isa()
     print(f"threads={args.threads} repeats={args.repeats} native default isa={isa} torch={torch.__version__}")
     print("ours = sq_dynamic_linear: fp32 in, per-token int8 quantization fused, fp32 out; x = time / bf16 time")

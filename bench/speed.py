@@ -5,7 +5,8 @@ for random checkpoints of its shape; with --large / --7b also for random checkpo
 (random_models.make_random_checkpoint: int8 weights and scales written straight from the shape, no calibration;
 built once, cached). Columns: decode of one stream, prefill of --prompt-len tokens, decode of --streams streams
 (tokens/s, ratio to the first row), then each model's decode speed against the memory-bandwidth limit measured in
-the same run. `--cuda-int8-gemm cublas,triton` adds a row per int8 GEMM.
+the same run. `--cuda-int8-gemm cublas,triton` adds a row per int8 GEMM, `--isa avx512vnni,amx` a row per native
+CPU build.
 
     .venv/bin/python bench/speed.py [--large] [--decode-tokens 64] [--streams 16] [--prompt-len 512]
     python bench/speed.py --device cuda --random --7b --cuda-int8-gemm cublas,triton   # a GPU machine

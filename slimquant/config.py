@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 KV_CACHE_DTYPES = ("auto", *names_of("bfloat16", "float32"), "int8")  # see loader.kv_cache_dtype
 QUANTIZATIONS = (None, "ascend")
 BACKENDS = ("auto", "cpu-native", "cuda-triton", "torch-reference")
-ISAS = ("auto", "avx2", "avx512vnni")
+ISAS = ("auto", "avx2", "avx512vnni", "amx")
 # int8 GEMM of the cuda-triton backend: cuBLASLt (torch._int_mm) + a dequantize kernel, or one Triton kernel
 CUDA_INT8_GEMMS = ("cublas", "triton")
 DEFAULT_KV_CACHE_BYTES = 2 << 30  # upper bound when kv_cache_memory_bytes is not given

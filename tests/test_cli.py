@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from slimquant.entrypoints.cli import COMMANDS, main
+from slimquant.kernels import native
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -142,6 +143,28 @@ def test_bench_rows_per_int8_gemm(tiny_model, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", str(src), "--cuda-int8-gemm", "cublas,cutlass"])
     assert exit_info.value.code == 2 and "expected one or more of cublas, triton" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+def test_bench_rows_per_native_build(tiny_model, tmp_path, capsys):
+    """--isa: a row per native build for each int8 model, each named and run by that build; a build not in the
+    list is a usage error naming the choices."""
+    src = tiny_model("llama")
+    main(["quantize", str(src), str(tmp_path / "q"), "--type", "w8a8_dynamic", "--num-samples", "2", "--no-progress"])
+    args = ["--prompt-len", "8", "--decode-tokens", "4", "--streams", "2", "--no-transformers"]
+    capsys.readouterr()
+    isas = native.isas_here()
+    assert main(["bench", str(tmp_path / "q"), *args, "--backend", "cpu-native", "--isa", ",".join(isas)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split("  ")[0] for line in out if line.startswith("slimquant ")]
+    assert rows[: len(isas)] == [f"slimquant q ({isa})" for isa in isas]
+    start = out.index("backends:") + 1
+    backends = out[start : start + len(isas)]  # "  slimquant q (isa): cpu-native (... build) ..."
+    for isa, line in zip(isas, backends, strict=True):
+        assert line.startswith(f"  slimquant q ({isa}): ") and f"({native.ISA_NAMES[isa]} build)" in line
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", str(src), "--isa", "avx512"])
+    assert exit_info.value.code == 2 and "expected one or more of avx2, avx512vnni, amx" in capsys.readouterr().err
 
 
 def test_bench_rejects_bad_sizes(tiny_model, capsys):

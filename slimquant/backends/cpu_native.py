@@ -47,15 +47,14 @@ class CpuNativeBackend(Backend):
     def __init__(
         self,
         lib: native.Library,
-        isa: str,
         greedy_screen: bool = True,
         hugepages: bool = True,
         tp: TensorParallel = SINGLE,
     ):
         """tp: this process's tensor-parallel group; its whole steps reduce across the ranks from inside the
         native call (StackRanks)."""
-        super().__init__(NativeOps(lib, isa, hugepages))
-        self.lib, self.isa, self.greedy_screen, self.tp = lib, isa, greedy_screen, tp
+        super().__init__(NativeOps(lib, hugepages))
+        self.lib, self.greedy_screen, self.tp = lib, greedy_screen, tp
         self.ranks = StackRanks(lib, tp) if tp.size > 1 else None
         self._ranks_agree = tp.size == 1  # the ranks agreed which steps run the stack (on the first step)
         self.stack: DecoderStackPlan | None = None
@@ -64,7 +63,7 @@ class CpuNativeBackend(Backend):
         self._caches: tuple[int, list[torch.Tensor]] = (-1, [])  # (KVCacheLayer.generation, each layer's cache)
 
     def describe(self) -> str:
-        build = "AVX-512 VNNI" if self.isa == "avx512vnni" else "AVX2"
+        build = native.ISA_NAMES[self.lib.isa]
         return super().describe().replace(self.name, f"{self.name} ({build} build)", 1)
 
     def prepare(self, model: nn.Module) -> None:

@@ -1,8 +1,9 @@
 """The cpu-native backend's ops: the native CPU kernels (kernels/csrc, AVX2 or AVX-512 VNNI) for fp32 activations,
 computing TorchOps' numbers bit for bit (exact int32 products, then the same float steps in the same order).
 
-Weight forms: `pack_weight` pads int8 [N, K] to Kp (a multiple of 32, one byte per weight); the AVX-512 VNNI build
-lays each whole block of 16 rows out as [Kp / 4, 16, 4] so that one 64-byte load feeds 16 rows. A weight holding
+Weight forms: `pack_weight` pads int8 [N, K] to Kp (a multiple of 32, one byte per weight); the AVX-512 VNNI and
+AMX builds lay each whole block of 16 rows out as [Kp / 4, 16, 4] so that one 64-byte load feeds 16 rows (and
+each 64 bytes of K of a block is one AMX tile). A weight holding
 -128 (which the AVX2 kernel's sign trick cannot take) keeps TorchOps' exact fp32 form. `pack_float_weight` holds
 an fp32 weight whose values are all exact bf16 as bf16: half the bytes, the same values, multiplied in fp32.
 """
@@ -31,8 +32,8 @@ class NativeOps(TorchOps):
 
     name = "native"
 
-    def __init__(self, lib: native.Library, isa: str, hugepages: bool = True):
-        self.lib, self.isa, self.hugepages = lib, isa, hugepages
+    def __init__(self, lib: native.Library, hugepages: bool = True):
+        self.lib, self.hugepages = lib, hugepages
 
     # ---- norms and activation ----
 
@@ -101,7 +102,7 @@ class NativeOps(TorchOps):
         padded = self._empty((*w_q.shape[:-1], -(-k // native.K_ALIGN) * native.K_ALIGN), torch.int8)  # [..., N, Kp]
         padded[..., k:] = 0
         padded[..., :k] = w_q
-        if self.isa == "avx512vnni":
+        if self.lib.isa != "avx2":  # the VNNI and AMX builds read 16-row blocks
             block_rows(padded)
         return padded
 

@@ -45,8 +45,7 @@ def _make(name: str, kernels: KernelConfig, graphs: bool, tp: TensorParallel = S
             lib = native.load(kernels.isa, kernels.cache_dir)
         except native.NativeUnavailable as e:
             raise _Unavailable(str(e)) from None
-        isa = native.best_isa() if kernels.isa == "auto" else kernels.isa
-        return CpuNativeBackend(lib, isa, kernels.greedy_screen, kernels.hugepages, tp)
+        return CpuNativeBackend(lib, kernels.greedy_screen, kernels.hugepages, tp)
     if name == "cuda-triton":
         if triton_module("cuda_layers") is None:
             raise _Unavailable("Triton is not installed")

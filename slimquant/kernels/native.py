@@ -1,12 +1,12 @@
-"""The native CPU kernels (csrc/*.cpp, AVX2 or AVX-512 VNNI): built once with the system C++ compiler into one
-library, loaded by ctypes. Its interface comes from the library itself: csrc/exports.h lists every function and
-struct once, the compiler checks the definitions against it, and the library returns those lists as text, from
-which `Library` builds the ctypes prototypes (callable by parameter name) and structs (offsets checked).
+"""The native CPU kernels (csrc/*.cpp; builds for AVX2, AVX-512 VNNI, and AMX on top of VNNI): built once with
+the system C++ compiler into one library, loaded by ctypes. Its interface comes from the library itself:
+csrc/exports.h lists every function and struct once, the compiler checks the definitions against it, and the
+library returns those lists as text, from which `Library` builds the ctypes prototypes (callable by parameter
+name) and structs (offsets checked).
 
 The library lands in $SLIMQUANT_CACHE/kernels (default ~/.cache/slimquant/kernels) under a name that hashes
 the source and the flags, so an edit rebuilds it. Where there is no compiler, no AVX2, or
-SLIMQUANT_NATIVE=0, `library()` returns None and the callers keep the pure-torch path (logged once).
-"""
+SLIMQUANT_NATIVE=0, `library()` returns None and the callers keep the pure-torch path (logged once)."""
 
 from __future__ import annotations
 
@@ -32,11 +32,13 @@ HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))  # part of the ca
 FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
 K_ALIGN = 32  # the kernel reads K in steps of 32 bytes (VNNI: 64, then one 32): weights are padded to it
 # Extra flags per instruction set; the AVX2 flags above stay in every build (the quantization loops use them).
-ISA_FLAGS = {
-    "avx2": [],
-    "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-DSQ_AVX512VNNI"],
-}
-_VNNI_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+_VNNI_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-DSQ_AVX512VNNI"]
+ISA_FLAGS = {"avx2": [], "avx512vnni": _VNNI_FLAGS, "amx": [*_VNNI_FLAGS, "-mamx-tile", "-mamx-int8", "-DSQ_AMX"]}
+ISA_NAMES = {"avx2": "AVX2", "avx512vnni": "AVX-512 VNNI", "amx": "AMX + AVX-512 VNNI"}
+# What each build needs of the CPU (/proc/cpuinfo's names)
+_CPU_FLAGS = {"avx2": {"avx2"}, "avx512vnni": {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}}
+_CPU_FLAGS["amx"] = _CPU_FLAGS["avx512vnni"] | {"amx_tile", "amx_int8"}
+_ISA_CODES = {0: "avx2", 1: "avx512vnni", 2: "amx"}  # sq_isa()
 _SCALARS = {"int": ctypes.c_int, "int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64, "float": ctypes.c_float}
 _SCALARS |= {"double": ctypes.c_double, "const char*": ctypes.c_char_p}
 
@@ -46,28 +48,48 @@ class NativeUnavailable(RuntimeError):
 
 
 def best_isa() -> str:
-    """The best native build this CPU runs: "avx512vnni" where it has AVX-512 VNNI, else "avx2"."""
-    return "avx512vnni" if cpu_flags() >= _VNNI_CPU_FLAGS else "avx2"
+    """The best native build this CPU runs: "amx" where it has AMX-INT8 (and AVX-512 VNNI), "avx512vnni" where it
+    has AVX-512 VNNI, else "avx2"."""
+    return next((isa for isa in ("amx", "avx512vnni") if cpu_flags() >= _CPU_FLAGS[isa]), "avx2")
+
+
+def isas_here() -> list[str]:
+    """The builds this CPU runs, AVX2 first."""
+    return [isa for isa in ISA_FLAGS if cpu_flags() >= _CPU_FLAGS[isa]]
 
 
 @functools.cache
 def load(isa: str = "auto", cache_dir: Path | None = None) -> Library:
-    """The kernel library built for isa ("auto": best_isa()), compiled once into cache_dir (default:
-    $SLIMQUANT_CACHE/kernels); NativeUnavailable with the reason where it cannot run here."""
-    if "avx2" not in cpu_flags():
-        raise NativeUnavailable("this CPU has no AVX2")
+    """The kernel library built for isa ("auto": best_isa(), or the VNNI build where the AMX one cannot run),
+    compiled once into cache_dir (default: $SLIMQUANT_CACHE/kernels); NativeUnavailable with the reason where it
+    cannot run here."""
+    if isa != "auto" and isa not in ISA_FLAGS:
+        raise ValueError(f"isa must be 'auto' or one of {sorted(ISA_FLAGS)}, got {isa!r}")
+    target = best_isa() if isa == "auto" else isa
+    if missing := sorted(_CPU_FLAGS[target] - cpu_flags()):
+        raise NativeUnavailable(f"this CPU has no {' / '.join(missing)} (the {ISA_NAMES[target]} build's)")
     if _compiler() is None:
         raise NativeUnavailable("no C++ compiler found (install g++ or set CXX)")
-    target = best_isa() if isa == "auto" else isa
-    if target not in ISA_FLAGS:
-        raise ValueError(f"isa must be 'auto' or one of {sorted(ISA_FLAGS)}, got {isa!r}")
     try:
-        return _load(_build(target, cache_dir or cache_root() / "kernels"))
+        return _load_build(target, cache_dir or cache_root() / "kernels")
+    except NativeUnavailable as err:
+        if isa != "auto" or target != "amx":
+            raise
+        logger.warning("%s; using the AVX-512 VNNI build", err)
+        return _load_build("avx512vnni", cache_dir or cache_root() / "kernels")
+
+
+def _load_build(target: str, cache_dir: Path) -> Library:
+    try:
+        lib = _load(_build(target, cache_dir))
     except subprocess.CalledProcessError as err:
         tail = err.stderr.decode(errors="replace").strip().splitlines()[-3:]
         raise NativeUnavailable(f"compiling {SOURCES[0].parent} failed: {' | '.join(tail)}") from err
     except OSError as err:
         raise NativeUnavailable(f"loading the kernel library failed: {err}") from err
+    if target == "amx" and not lib.sq_amx_ready():
+        raise NativeUnavailable("the AMX build cannot run: the kernel refused this process the AMX tile state")
+    return lib
 
 
 def available() -> bool:
@@ -122,6 +144,7 @@ class Library:
         self.structs = _structs(cdll.sq_struct_layouts().decode())
         for ret, name, params in _signatures(cdll.sq_signatures().decode()):
             setattr(self, name, _bind(getattr(cdll, name), name, ret, params, self.structs))
+        self.isa = _ISA_CODES[self.sq_isa()]  # which build this is: a key of ISA_FLAGS
 
 
 def _signatures(text: str) -> list[tuple[str, str, list[tuple[str, str]]]]:

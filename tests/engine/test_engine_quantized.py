@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 from slimquant import LLM, SamplingParams
+from slimquant.kernels import native
 from tests.models.ascend_ckpt import write_ascend
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "It is a truth"]
+AUSTEN = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want"
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
@@ -28,3 +30,21 @@ def test_quantized_batch_and_preemption_match_single_runs(ascend_path, kv_cache_
     preempted = [o.outputs[0].token_ids for o in tight.generate(PROMPTS, GREEDY, use_tqdm=False)]
     assert batch == alone == preempted and all(len(t) == 12 for t in alone)
     assert tight.llm_engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.skipif(not native.available() or len(native.isas_here()) < 2, reason="fewer than two native builds here")
+def test_every_native_build_generates_the_same_tokens_and_logprobs(ascend_path):
+    """KernelConfig.isa picks the build (named by the backend), and every build this CPU runs gives the same
+    greedy tokens and logprobs: prompts of 16 tokens and more prefill on AMX tiles in the AMX build."""
+    prompts = [" ".join([AUSTEN] * 2), AUSTEN, PROMPTS[0]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+    got = {}
+    for isa in native.isas_here():
+        llm = LLM(
+            str(ascend_path), quantization="ascend", max_model_len=128, kernels={"backend": "cpu-native", "isa": isa}
+        )
+        assert f"({native.ISA_NAMES[isa]} build)" in llm.llm_engine.runner.backend.describe()
+        assert len(llm.get_tokenizer()(prompts[0]).input_ids) > 32  # two AMX tiles of tokens
+        outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        got[isa] = [(c.token_ids, [{t: lp.logprob for t, lp in step.items()} for step in c.logprobs]) for c in outs]
+    assert all(v == got["avx2"] for v in got.values())

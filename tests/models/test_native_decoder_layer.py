@@ -134,7 +134,7 @@ def test_fp32_float_weights_keep_the_per_op_path(tiny_model, tmp_path):
 
 def test_per_head_norm_equals_torch_definition(monkeypatch):
     norm = RMSNorm(16, 1e-6, torch.float32)
-    norm.ops = NativeOps(native.load(), native.best_isa())
+    norm.ops = NativeOps(native.load())
     norm.weight.data = torch.randn(16)
     qkv = torch.randn(3, 5 * 16)  # a fused projection's rows: the heads are strided views
     q = qkv[:, : 4 * 16].view(3, 4, 16)

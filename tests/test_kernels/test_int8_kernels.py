@@ -17,7 +17,8 @@ from slimquant.kernels import native
 from slimquant.kernels.cpu import cpu_flags
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
-K = NativeOps(native.load(), native.best_isa()) if native.available() else None  # the default build's ops
+K = NativeOps(native.load()) if native.available() else None  # the default build's ops
+_ISAS_HERE = native.isas_here()  # before any test fakes the CPU's flags
 T = TorchOps()
 F32 = torch.float32
 SHAPES = [
@@ -177,33 +178,67 @@ def _dynamic_with(lib, x: torch.Tensor, packed: torch.Tensor, w_s: torch.Tensor,
     return y
 
 
+# 2-4: the single-pass few-token blocks; from 16, AMX tiles of 16 tokens (up to 4 in a token tile of 64) and the
+# VNNI kernels for the rest
 @needs_vnni
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 17, 70])  # 2-4: the single-pass few-token blocks
-@pytest.mark.parametrize("k", [5, 33, 100, 576])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 16, 17, 40, 70, 130])
+@pytest.mark.parametrize("k", [5, 33, 100, 576])  # Kp 32 (no tiles: 64 bytes of K each), 64, 128, 576
 @pytest.mark.parametrize("n", [1, 7, 16, 65])  # 16, 65: whole blocks of 16 rows (+ a row in plain layout)
-def test_avx512_and_avx2_builds_agree(m, k, n):
-    """Both builds compute the same exact integers (and so the same fused outputs) at odd sizes."""
-    vnni, avx2 = native.load("avx512vnni"), native.load("avx2")
-    assert (vnni.sq_isa(), avx2.sq_isa()) == (1, 0)
+def test_every_build_computes_the_same_integers(m, k, n):
+    """The builds this CPU runs (AVX2, AVX-512 VNNI, AMX) compute the same exact integers (and so the same fused
+    outputs) at odd sizes."""
+    libs = {isa: native.load(isa) for isa in native.isas_here()}
+    assert {isa: lib.isa for isa, lib in libs.items()} == {isa: isa for isa in libs}
     g = torch.Generator().manual_seed(m * 100 + k * 10 + n)
     x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
     x_q[0, : min(k, 4)] = -128  # the extremes, where a sign or offset trick would overflow first
     w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     w_q[0, : min(k, 4)] = 127
-    packed = {isa: NativeOps(lib, isa).pack_weight(w_q) for isa, lib in (("avx512vnni", vnni), ("avx2", avx2))}
-    got = _gemm_with(vnni, x_q, packed["avx512vnni"])
-    assert torch.equal(got, _gemm_with(avx2, x_q, packed["avx2"]))
-    assert torch.equal(got, P.int8_matmul_reference(x_q, w_q))
+    packed = {isa: NativeOps(lib).pack_weight(w_q) for isa, lib in libs.items()}
+    want = P.int8_matmul_reference(x_q, w_q)
+    for isa, lib in libs.items():
+        assert torch.equal(_gemm_with(lib, x_q, packed[isa]), want), isa
     x = torch.randn(m, k, generator=g) * 3
     w_s, bias = torch.rand(n, generator=g) / 50, torch.randn(n, generator=g)
-    y_vnni, y_avx2 = (
-        _dynamic_with(vnni, x, packed["avx512vnni"], w_s, bias),
-        _dynamic_with(avx2, x, packed["avx2"], w_s, bias),
-    )
-    assert torch.equal(y_vnni, y_avx2)
+    y = {isa: _dynamic_with(lib, x, packed[isa], w_s, bias) for isa, lib in libs.items()}
+    for isa in libs:
+        assert torch.equal(y[isa], y["avx2"]), isa
 
 
 @needs_native
 def test_isa_names_the_build():
-    assert native.best_isa() in native.ISA_FLAGS
-    assert native.load().sq_isa() == (1 if native.best_isa() == "avx512vnni" else 0)
+    assert native.best_isa() == native.isas_here()[-1]
+    assert native.load().isa == native.best_isa()  # auto: the best build (where the OS grants AMX its tiles)
+    for isa in native.isas_here():
+        assert native.load(isa).isa == isa
+        assert native.load(isa).sq_amx_ready() == (isa == "amx")
+
+
+def test_a_build_this_cpu_cannot_run_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # an AVX2-only CPU
+    assert (native.best_isa(), native.isas_here()) == ("avx2", ["avx2"])
+    with pytest.raises(native.NativeUnavailable, match="this CPU has no amx_int8 / amx_tile / avx512_vnni"):
+        native.load.__wrapped__("amx")  # past load's cache
+    with pytest.raises(ValueError, match="isa must be"):
+        native.load.__wrapped__("avx512")
+
+
+@needs_native
+def test_auto_takes_the_vnni_build_where_the_amx_one_cannot_run(monkeypatch, caplog):
+    """A compiler without AMX support, or a kernel that refuses the tile state: "auto" warns and loads the VNNI
+    build; asking for "amx" by name is an error."""
+    monkeypatch.setattr(native, "cpu_flags", lambda: native._CPU_FLAGS["amx"] | {"fma"})
+    real = native._load_build
+
+    def no_amx(target, cache_dir):
+        if target == "amx":
+            raise native.NativeUnavailable("compiling failed: unrecognized command-line option '-mamx-tile'")
+        return real(target, cache_dir)
+
+    monkeypatch.setattr(native, "_load_build", no_amx)
+    with pytest.raises(native.NativeUnavailable, match="-mamx-tile"):
+        native.load.__wrapped__("amx")
+    if "avx512vnni" not in _ISAS_HERE:
+        pytest.skip("this CPU cannot run the VNNI build that auto falls back to")
+    assert native.load.__wrapped__("auto").isa == "avx512vnni"
+    assert "'-mamx-tile'; using the AVX-512 VNNI build" in caplog.text

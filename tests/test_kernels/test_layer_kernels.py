@@ -16,7 +16,7 @@ from slimquant.layers.norm import RMSNorm
 from slimquant.layers.rotary import apply_rotary
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
-kernels = NativeOps(native.load(), native.best_isa()) if native.available() else None
+kernels = NativeOps(native.load()) if native.available() else None
 
 
 def decode_attention(ops, q, k, v, rope, cache, slots, tables, lens, scale):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from slimquant.config import CUDA_INT8_GEMMS, ISAS
 from slimquant.devices import check_device
 from slimquant.entrypoints.commands.generate import add_backend_arg, kernels_of
 
@@ -56,20 +58,24 @@ def add_measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: slimquant decodes without CUDA graphs")
     p.add_argument(
         "--cuda-int8-gemm",
-        type=_gemm_list,
+        type=functools.partial(_choice_list, choices=CUDA_INT8_GEMMS),
         help="CUDA: the int8 models' GEMM, cublas | triton, or both comma-separated (a row each) [KernelConfig's]",
+    )
+    p.add_argument(
+        "--isa",
+        type=functools.partial(_choice_list, choices=ISAS[1:]),
+        help="CPU: the int8 models' native build, " + " | ".join(ISAS[1:]) + ", or several comma-separated (a row "
+        "each) [KernelConfig's]",
     )
     add_backend_arg(p)
 
 
-def _gemm_list(text: str) -> list[str]:
+def _choice_list(text: str, choices: tuple[str, ...]) -> list[str]:
     """'cublas,triton' -> ['cublas', 'triton'] (argparse type: ArgumentTypeError names the choices)."""
-    from slimquant.config import CUDA_INT8_GEMMS
-
-    gemms = [g.strip() for g in text.split(",") if g.strip()]
-    if not gemms or any(g not in CUDA_INT8_GEMMS for g in gemms):
-        raise argparse.ArgumentTypeError(f"expected one or more of {', '.join(CUDA_INT8_GEMMS)}, comma-separated")
-    return gemms
+    picked = [c.strip() for c in text.split(",") if c.strip()]
+    if not picked or any(c not in choices for c in picked):
+        raise argparse.ArgumentTypeError(f"expected one or more of {', '.join(choices)}, comma-separated")
+    return picked
 
 
 @dataclass
@@ -110,7 +116,7 @@ def machine_line(device: str = "cpu") -> str:
 
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
     flags = " ".join(f for f in wanted if f in cpu_flags()) or "none of avx2/avx512/amx"
-    kernels = native.best_isa() if native.available() else "unavailable"
+    kernels = native.load().isa if native.available() else "unavailable"
     return (
         f"{cpu_model() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"CPU flags: {flags}; native kernels: {kernels}"
@@ -133,17 +139,25 @@ def measure(paths: list[str], args: argparse.Namespace, transformers: bool) -> l
     if gguf is not None:
         rows.append(_bench_llama_cpp(gguf, args))
     for p in paths:
-        for gemm in (args.cuda_int8_gemm if is_modelslim_dir(Path(p)) else None) or [None]:
-            rows.append(_bench_slimquant(p, args, gemm))
+        for variant in _int8_variants(args) if is_modelslim_dir(Path(p)) else [{}]:
+            rows.append(_bench_slimquant(p, args, variant))
             gc.collect()  # free one engine (weights, KV cache) before the next
     return rows
+
+
+def _int8_variants(args: argparse.Namespace) -> list[dict[str, str]]:
+    """The kernel settings of an int8 model's rows: one per --cuda-int8-gemm and --isa (each pair where both)."""
+    gemms = [{"cuda_int8_gemm": g} for g in args.cuda_int8_gemm or []] or [{}]
+    isas = [{"isa": i} for i in getattr(args, "isa", None) or []] or [{}]
+    return [g | i for g in gemms for i in isas]
 
 
 def _tokens_per_s(n_tokens: int, fn: Callable[[], object]) -> float:
     return n_tokens / _seconds(fn)
 
 
-def _bench_slimquant(path: str, args: argparse.Namespace, int8_gemm: str | None = None) -> Row:
+def _bench_slimquant(path: str, args: argparse.Namespace, variant: dict[str, str]) -> Row:
+    """variant: KernelConfig fields of this row (named after the model)."""
     from slimquant import LLM, SamplingParams
 
     max_len = args.prompt_len + args.decode_tokens + 16
@@ -157,7 +171,7 @@ def _bench_slimquant(path: str, args: argparse.Namespace, int8_gemm: str | None 
         enable_prefix_caching=False,
         device=args.device,
         enforce_eager=args.enforce_eager,
-        kernels=kernels_of(args) | ({"cuda_int8_gemm": int8_gemm} if int8_gemm else {}),
+        kernels=kernels_of(args) | variant,
     )
     prompt = list(range(100, 100 + args.prompt_len))
     decode = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
@@ -177,7 +191,7 @@ def _bench_slimquant(path: str, args: argparse.Namespace, int8_gemm: str | None 
     dn = _tokens_per_s(args.decode_tokens * args.streams, lambda: gen(streams, decode))
     runner = llm.llm_engine.runner
     weight_bytes = decode_weight_bytes(runner.model, runner.sampler.head)
-    name = f"slimquant {_short(path)}" + (f" ({int8_gemm})" if int8_gemm else "")
+    name = f"slimquant {_short(path)}" + (f" ({', '.join(variant.values())})" if variant else "")
     return Row(name, (d1, pf, dn), weight_bytes, bandwidth, runner.backend.describe())
 
 

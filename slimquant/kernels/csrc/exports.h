@@ -100,8 +100,10 @@
 // ---- functions: X(return type, name, (parameters)) ----
 
 #define SQ_FUNCTIONS(X)                                                                                  \
-  /* The instruction set of this build: 1 = AVX-512 VNNI, 0 = AVX2. */                                  \
+  /* The instruction set of this build: 2 = AMX (on AVX-512 VNNI), 1 = AVX-512 VNNI, 0 = AVX2. */       \
   X(int, sq_isa, ())                                                                                    \
+  /* Whether the AMX build's tiles run in this process (the OS granted their state); 0 elsewhere. */    \
+  X(int, sq_amx_ready, ())                                                                              \
   /* out int32 [M, N] = x_q int8 [M, K] (row stride ldx) @ w int8 [N, Kp]^T. */                         \
   X(void, sq_int8_gemm, (const int8_t* xq, int m, int k, int ldx, const int8_t* w, int n, int kp,         \
                          int32_t* out))                                                                 \

@@ -8,6 +8,9 @@
 //   without saturation; sum(u * w) = sum(x * w) + 128 * sum(w), and the second term, computed by the same
 //   instruction on a row of 128s, is subtracted. int32 arithmetic wraps, so the result is exact whenever the
 //   true dot product fits int32.
+// - AMX (a third build, SQ_AMX on top of the VNNI one): tdpbssd multiplies the int8 activations by the weights,
+//   16 tokens x 16 rows x 64 bytes of K per instruction, where at least 16 tokens come together and Kp is a
+//   multiple of 64; the rest runs the VNNI kernels.
 // The products are exact integers either way. Every float step repeats, in the same order, what the
 // pure-torch path of slimquant/kernels computes, so the results are bit-identical to it; build with
 // -ffp-contract=off so that no multiply-add is fused.
@@ -20,6 +23,10 @@
 
 #include <immintrin.h>
 #include <omp.h>
+#ifdef SQ_AMX
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -217,6 +224,104 @@ __attribute__((noinline)) void block16_one(const int8_t* blk, int kp, const Quan
   epi.rows16(m, n, _mm512_sub_epi32(_mm512_add_epi32(acc, acc2), _mm512_add_epi32(comp, comp2)));
 }
 
+#ifdef SQ_AMX
+// ---- AMX tiles (Intel Xeon since Sapphire Rapids) ----
+// A block of the blocked layout is an AMX weight tile as it stands: the 64-byte chunk [k, k + 64) of K is the
+// block's 16 groups of 4 bytes [k / 4, k / 4 + 16), 16 tile rows of 64 bytes (16 rows x 4 bytes), contiguous
+// at 16 k. An activation tile is 16 tokens' int8 rows of that chunk. tdpbssd adds x . w of each (token, row) pair
+// into a tile of 16 x 16 int32 sums (signed x signed: no offset term to subtract), exact.
+
+constexpr int kAmxTokens = 16;  // tokens per tile (its rows)
+constexpr int kAmxChunk = 64;   // bytes of K per tile row
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Whether this process may use the tiles: Linux grants their state on request, once per process.
+bool amx_permitted() {
+  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+  static const bool ok = syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  return ok;
+}
+
+// The calling thread's tiles, configured for amx_block16 while it lives: gemm() and gemm_rows() open one around
+// their tiles wherever 16 tokens or more come (torch's oneDNN configures the same threads' tiles its own way
+// between our calls). Tiles 0-3: the sums of up to 4 groups of 16 tokens; 4 and 6: activations (alternating, so
+// that a load need not wait for the product before it); 5: the weights.
+class TileSession {
+ public:
+  explicit TileSession(int tokens) : active_(tokens >= kAmxTokens && amx_permitted()) {
+    if (!active_) return;
+    TileConfig cfg;
+    for (int t = 0; t < 7; ++t) cfg.rows[t] = kAmxTokens, cfg.colsb[t] = kAmxChunk;
+    _tile_loadconfig(&cfg);
+  }
+  ~TileSession() {
+    if (active_) _tile_release();
+  }
+  TileSession(const TileSession&) = delete;
+  TileSession& operator=(const TileSession&) = delete;
+
+ private:
+  bool active_;
+};
+
+// Tokens [m, m + 16 G) x the block of 16 rows at n (kp a multiple of 64), G <= 4 tiles of sums, to epi.rows16.
+template <int G, class Epi>
+__attribute__((noinline)) void amx_block16(const int8_t* blk, int kp, const QuantizedX& x, int m, int n,
+                                           const Epi& epi) {
+  static_assert(G >= 1 && G <= 4, "four tiles of sums");
+  _tile_zero(0);
+  if constexpr (G > 1) _tile_zero(1);
+  if constexpr (G > 2) _tile_zero(2);
+  if constexpr (G > 3) _tile_zero(3);
+  const int8_t* xq = &x.q[(size_t)m * kp];  // 16 G rows at stride kp
+  const size_t group = (size_t)kAmxTokens * kp;
+  for (int k = 0; k < kp; k += kAmxChunk) {
+    _tile_loadd(5, blk + 16 * k, 64);
+    _tile_loadd(4, xq + k, kp);
+    _tile_dpbssd(0, 4, 5);
+    if constexpr (G > 1) {
+      _tile_loadd(6, xq + group + k, kp);
+      _tile_dpbssd(1, 6, 5);
+    }
+    if constexpr (G > 2) {
+      _tile_loadd(4, xq + 2 * group + k, kp);
+      _tile_dpbssd(2, 4, 5);
+    }
+    if constexpr (G > 3) {
+      _tile_loadd(6, xq + 3 * group + k, kp);
+      _tile_dpbssd(3, 6, 5);
+    }
+  }
+  alignas(64) int32_t sums[G][kAmxTokens][16];  // the tile numbers are immediates: each stored by name
+  _tile_stored(0, sums[0], 64);
+  if constexpr (G > 1) _tile_stored(1, sums[1], 64);
+  if constexpr (G > 2) _tile_stored(2, sums[2], 64);
+  if constexpr (G > 3) _tile_stored(3, sums[3], 64);
+  for (int g = 0; g < G; ++g)
+    for (int t = 0; t < kAmxTokens; ++t) epi.rows16(m + g * kAmxTokens + t, n, _mm512_load_si512(sums[g][t]));
+}
+
+// The whole groups of 16 of tokens [m0, m1) x one block, on the tiles where they run (else none); returns the
+// first token left to the VNNI kernels.
+template <class Epi>
+int amx_tokens(const int8_t* blk, int kp, const QuantizedX& x, int m0, int m1, int n, const Epi& epi) {
+  if (kp % kAmxChunk != 0 || m1 - m0 < kAmxTokens || !amx_permitted()) return m0;
+  int m = m0;
+  for (; m + 4 * kAmxTokens <= m1; m += 4 * kAmxTokens) amx_block16<4>(blk, kp, x, m, n, epi);
+  switch ((m1 - m) / kAmxTokens) {
+    case 3: amx_block16<3>(blk, kp, x, m, n, epi); return m + 3 * kAmxTokens;
+    case 2: amx_block16<2>(blk, kp, x, m, n, epi); return m + 2 * kAmxTokens;
+    case 1: amx_block16<1>(blk, kp, x, m, n, epi); return m + kAmxTokens;
+  }
+  return m;
+}
+#endif  // SQ_AMX
+
 // Tokens [m0, m1) x one block of 16 rows at n, in groups of 8 tokens.
 template <class Epi>
 void block16_tokens(const int8_t* blk, int kp, const QuantizedX& x, int m0, int m1, int n, const Epi& epi) {
@@ -229,8 +334,12 @@ void block16_tokens(const int8_t* blk, int kp, const QuantizedX& x, int m0, int 
     case 3: return block16<3, true>(blk, kp, x, m0, n, zero, epi);
     case 4: return block16<4, true>(blk, kp, x, m0, n, zero, epi);
   }
-  const __m512i comp = block16_comp(blk, kp);  // once for every token group
   int m = m0;
+#ifdef SQ_AMX
+  m = amx_tokens(blk, kp, x, m0, m1, n, epi);
+  if (m == m1) return;
+#endif
+  const __m512i comp = block16_comp(blk, kp);  // once for every token group
   for (; m + 8 <= m1; m += 8) block16<8, false>(blk, kp, x, m, n, comp, epi);
   for (; m + 4 <= m1; m += 4) block16<4, false>(blk, kp, x, m, n, comp, epi);
   for (; m + 2 <= m1; m += 2) block16<2, false>(blk, kp, x, m, n, comp, epi);
@@ -322,6 +431,12 @@ void tile(const int8_t* w, const QuantizedX& x, const uint8_t*, int m0, int m1, 
 
 #endif  // SQ_AVX512VNNI
 
+#ifndef SQ_AMX
+struct TileSession {  // the other builds have no tiles
+  explicit TileSession(int) {}
+};
+#endif
+
 // A row of kp 128s (the VNNI build's second operand for 128 * sum(w), see the header), per thread.
 const uint8_t* row_of_128s(int kp) {
   thread_local std::vector<uint8_t> c128;
@@ -333,6 +448,7 @@ const uint8_t* row_of_128s(int kp) {
 template <class Epi>
 void gemm_rows(const int8_t* w, const QuantizedX& x, int m, int n, int n0, int n1, const Epi& epi) {
   const uint8_t* c128 = row_of_128s(x.kp);
+  [[maybe_unused]] const TileSession tiles(m);
   for (int m0 = 0; m0 < m; m0 += kTokTile)
     for (int r = n0; r < n1; r += kRowTile)
       tile(w, x, c128, m0, std::min(m, m0 + kTokTile), r, std::min(n1, r + kRowTile), n, epi);
@@ -342,11 +458,15 @@ template <class Epi>
 void gemm(const int8_t* w, const QuantizedX& x, int m, int n, const Epi& epi) {
   const uint8_t* c128 = row_of_128s(x.kp);  // the calling thread's, read by the whole team
   const int tok_tiles = (m + kTokTile - 1) / kTokTile, row_tiles = (n + kRowTile - 1) / kRowTile;
-#pragma omp parallel for collapse(2) schedule(static) if ((size_t)m * n * x.kp > 65536)
-  for (int mt = 0; mt < tok_tiles; ++mt)
-    for (int nt = 0; nt < row_tiles; ++nt)
-      tile(w, x, c128, mt * kTokTile, std::min(m, (mt + 1) * kTokTile), nt * kRowTile,
-           std::min(n, (nt + 1) * kRowTile), n, epi);
+#pragma omp parallel if ((size_t)m * n * x.kp > 65536)
+  {
+    [[maybe_unused]] const TileSession tiles(m);
+#pragma omp for collapse(2) schedule(static)
+    for (int mt = 0; mt < tok_tiles; ++mt)
+      for (int nt = 0; nt < row_tiles; ++nt)
+        tile(w, x, c128, mt * kTokTile, std::min(m, (mt + 1) * kTokTile), nt * kRowTile,
+             std::min(n, (nt + 1) * kRowTile), n, epi);
+  }
 }
 
 // ---- activation quantization (AVX2 in both builds: the same float steps as torch, 8 lanes at a time) ----
@@ -683,10 +803,21 @@ void bf16_linear_rows(const float* x, int m, int k, int ldx, const uint16_t* w, 
 
 extern "C" {
 
-// The instruction set this library was built for: 1 = AVX-512 VNNI, 0 = AVX2.
+// The instruction set this library was built for: 2 = AMX (on AVX-512 VNNI), 1 = AVX-512 VNNI, 0 = AVX2.
 int sq_isa() {
-#ifdef SQ_AVX512VNNI
+#if defined(SQ_AMX)
+  return 2;
+#elif defined(SQ_AVX512VNNI)
   return 1;
+#else
+  return 0;
+#endif
+}
+
+// Whether the AMX build's tiles run in this process (the OS granted their state); 0 in the other builds.
+int sq_amx_ready() {
+#ifdef SQ_AMX
+  return amx_permitted();
 #else
   return 0;
 #endif
