@@ -1,13 +1,14 @@
 """Micro-benchmark: our native int8 linear (each build the CPU runs) against torch's float and int8 GEMMs.
 
-For the SmolLM2-135M linear shapes (K -> N) and M tokens, times y = x @ W^T:
-- torch bf16 F.linear (oneDNN; uses AVX512-BF16 where the CPU has it) and fp32 F.linear (BLAS);
+For the linear shapes (K -> N) of SmolLM2-135M (or --shapes qwen2.5-7b) and M tokens, times y = x @ W^T:
+- torch bf16 F.linear (oneDNN; AMX-BF16 or AVX512-BF16 where the CPU has them) and fp32 F.linear (BLAS);
 - torch._int_mm (int8 x int8 -> int32);
 - ours: sq_dynamic_linear (fp32 x in, per-token quantization fused, fp32 y out) from each ISA build.
 Each cell is the median of --repeats timings (microseconds per call), each the mean of enough calls to fill
 about --min-ms; "x" columns are the time relative to bf16 F.linear measured in the same run (below 1 = faster).
 
     .venv/bin/python bench/int8_gemm.py [--threads 2] [--repeats 15]
+    .venv/bin/python bench/int8_gemm.py --shapes qwen2.5-7b --no-fp32 --repeats 5
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ import torch.nn.functional as F
 from slimquant.backends.native_ops import NativeOps
 from slimquant.kernels import native
 
-SHAPES = [(576, 960, "qkv"), (576, 3072, "gate_up"), (1536, 576, "down")]  # (K, N, name) of SmolLM2-135M
+SHAPES = {  # (K, N, name) of each model's linears
+    "smollm2": [(576, 960, "qkv"), (576, 3072, "gate_up"), (1536, 576, "down")],
+    "qwen2.5-7b": [(3584, 4608, "qkv"), (3584, 3584, "o"), (3584, 37888, "gate_up"), (18944, 3584, "down")],
+}
 TOKENS = [1, 16, 512]
 
 
@@ -46,10 +50,10 @@ def _time_us(fn, repeats: int, min_ms: float) -> float:
 
 def _ours(lib, x: torch.Tensor, packed: torch.Tensor, w_s: torch.Tensor):
     y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)
-    dims = (x.shape[0], x.shape[1], x.stride(0), packed.data_ptr(), packed.shape[0], packed.shape[1])
+    dims = (x.shape[0], x.shape[1], x.stride(0), packed.shape[0], packed.shape[1])
 
-    def run():
-        lib.sq_dynamic_linear(x.data_ptr(), *dims, w_s.data_ptr(), None, y.data_ptr())
+    def run():  # holds packed (not just its address): a freed weight of many MB is unmapped at once
+        lib.sq_dynamic_linear(x.data_ptr(), *dims[:3], packed.data_ptr(), *dims[3:], w_s.data_ptr(), None, y.data_ptr())
 
     return run
 
@@ -84,6 +88,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--min-ms", type=float, default=20.0, help="time per repeat")
+    parser.add_argument("--shapes", choices=SHAPES, default="smollm2", help="whose linears [%(default)s]")
+    parser.add_argument("--no-fp32", action="store_true", help="leave out fp32 F.linear (slow at 7B shapes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     libs = {}
@@ -93,9 +99,11 @@ def main() -> None:
     print(f"threads={args.threads} repeats={args.repeats} native default isa={isa} torch={torch.__version__}")
     print("ours = sq_dynamic_linear: fp32 in, per-token int8 quantization fused, fp32 out; x = time / bf16 time")
     header = None
-    for k, n, name in SHAPES:
+    for k, n, name in SHAPES[args.shapes]:
         for m in TOKENS:
             runs = _candidates(m, k, n, libs)
+            if args.no_fp32:
+                del runs["fp32 F.linear"]
             us = {label: _time_us(fn, args.repeats, args.min_ms) for label, fn in runs.items() if fn is not None}
             if header is None:
                 header = list(runs)
