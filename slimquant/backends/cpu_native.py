@@ -1,4 +1,4 @@
-"""The cpu-native backend: the native kernels (AVX2 / AVX-512 VNNI) for every op, and whole steps in one call.
+"""The cpu-native backend: the native kernels (AVX2, AVX-512 VNNI or AMX) for every op, and whole steps in one call.
 
 Per op (NativeOps), every layer's kernels equal TorchOps' numbers. A decode step, or a prefill chunk of up to
 STACK_PREFILL_TOKENS tokens, of a model whose every layer has a native form runs embeddings, all layers and the
