@@ -1,11 +1,12 @@
-"""The cpu-native backend's ops: the native CPU kernels (kernels/csrc, AVX2 or AVX-512 VNNI) for fp32 activations,
-computing TorchOps' numbers bit for bit (exact int32 products, then the same float steps in the same order).
+"""The cpu-native backend's ops: the native CPU kernels (kernels/csrc; AVX2, AVX-512 VNNI or AMX) for fp32
+activations, computing TorchOps' numbers bit for bit (exact int32 products, then the same float steps in the same
+order).
 
 Weight forms: `pack_weight` pads int8 [N, K] to Kp (a multiple of 32, one byte per weight); the AVX-512 VNNI and
 AMX builds lay each whole block of 16 rows out as [Kp / 4, 16, 4] so that one 64-byte load feeds 16 rows (and
-each 64 bytes of K of a block is one AMX tile). A weight holding
--128 (which the AVX2 kernel's sign trick cannot take) keeps TorchOps' exact fp32 form. `pack_float_weight` holds
-an fp32 weight whose values are all exact bf16 as bf16: half the bytes, the same values, multiplied in fp32.
+each 64 bytes of K of a block is one AMX tile). A weight holding -128 (which the AVX2 kernel's sign trick cannot
+take) keeps TorchOps' exact fp32 form. `pack_float_weight` holds an fp32 weight whose values are all exact bf16 as
+bf16: half the bytes, the same values, multiplied in fp32.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ library returns those lists as text, from which `Library` builds the ctypes prot
 name) and structs (offsets checked).
 
 The library lands in $SLIMQUANT_CACHE/kernels (default ~/.cache/slimquant/kernels) under a name that hashes
-the source and the flags, so an edit rebuilds it. Where there is no compiler, no AVX2, or
-SLIMQUANT_NATIVE=0, `library()` returns None and the callers keep the pure-torch path (logged once)."""
+the source and the flags, so an edit rebuilds it. Where there is no compiler or no AVX2, `load()` raises
+NativeUnavailable with the reason, and the backend "auto" runs torch-reference instead (saying why at load)."""
 
 from __future__ import annotations
 

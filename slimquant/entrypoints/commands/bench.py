@@ -148,7 +148,7 @@ def measure(paths: list[str], args: argparse.Namespace, transformers: bool) -> l
 def _int8_variants(args: argparse.Namespace) -> list[dict[str, str]]:
     """The kernel settings of an int8 model's rows: one per --cuda-int8-gemm and --isa (each pair where both)."""
     gemms = [{"cuda_int8_gemm": g} for g in args.cuda_int8_gemm or []] or [{}]
-    isas = [{"isa": i} for i in getattr(args, "isa", None) or []] or [{}]
+    isas = [{"isa": i} for i in args.isa or []] or [{}]
     return [g | i for g in gemms for i in isas]
 
 
