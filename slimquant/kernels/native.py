@@ -54,8 +54,15 @@ def best_isa() -> str:
 
 
 def isas_here() -> list[str]:
-    """The builds this CPU runs, AVX2 first."""
-    return [isa for isa in ISA_FLAGS if cpu_flags() >= _CPU_FLAGS[isa]]
+    """The builds that run here, AVX2 first: those whose instructions the CPU has, less the AMX build where it
+    cannot run (a compiler without AMX, or a Linux that refuses the tile state: a kernel before 5.16)."""
+    isas = [isa for isa in ISA_FLAGS if cpu_flags() >= _CPU_FLAGS[isa]]
+    if "amx" in isas:
+        try:
+            load("amx")
+        except NativeUnavailable:
+            isas.remove("amx")
+    return isas
 
 
 @functools.cache

@@ -207,8 +207,7 @@ def test_every_build_computes_the_same_integers(m, k, n):
 
 @needs_native
 def test_isa_names_the_build():
-    assert native.best_isa() == native.isas_here()[-1]
-    assert native.load().isa == native.best_isa()  # auto: the best build (where the OS grants AMX its tiles)
+    assert native.load().isa == native.isas_here()[-1]  # auto: the best build that runs here
     for isa in native.isas_here():
         assert native.load(isa).isa == isa
         assert native.load(isa).sq_amx_ready() == (isa == "amx")
@@ -221,6 +220,16 @@ def test_a_build_this_cpu_cannot_run_is_refused_by_name(monkeypatch):
         native.load.__wrapped__("amx")  # past load's cache
     with pytest.raises(ValueError, match="isa must be"):
         native.load.__wrapped__("avx512")
+
+
+def test_isas_here_leaves_out_an_amx_build_that_cannot_run(monkeypatch):
+    monkeypatch.setattr(native, "cpu_flags", lambda: native._CPU_FLAGS["amx"])  # AMX in /proc/cpuinfo, but ...
+
+    def load(isa="auto", cache_dir=None):
+        raise native.NativeUnavailable("the AMX build cannot run: the kernel refused this process the tile state")
+
+    monkeypatch.setattr(native, "load", load)
+    assert native.isas_here() == ["avx2", "avx512vnni"]
 
 
 @needs_native
