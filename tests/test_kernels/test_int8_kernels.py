@@ -183,7 +183,7 @@ def _dynamic_with(lib, x: torch.Tensor, packed: torch.Tensor, w_s: torch.Tensor,
 @needs_vnni
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 16, 17, 40, 70, 130])
 @pytest.mark.parametrize("k", [5, 33, 100, 576])  # Kp 32 (no tiles: 64 bytes of K each), 64, 128, 576
-@pytest.mark.parametrize("n", [1, 7, 16, 65])  # 16, 65: whole blocks of 16 rows (+ a row in plain layout)
+@pytest.mark.parametrize("n", [1, 7, 16, 24, 65])  # whole blocks of 16 rows (+ rows in plain layout)
 def test_every_build_computes_the_same_integers(m, k, n):
     """The builds this CPU runs (AVX2, AVX-512 VNNI, AMX) compute the same exact integers (and so the same fused
     outputs) at odd sizes."""

@@ -40,7 +40,7 @@
 namespace {
 
 constexpr int kTokTile = 64;  // tokens whose quantized rows stay in L2 while a row group streams past
-constexpr int kRowTile = 16;  // weight rows per parallel work item
+constexpr int kRowTile = 16;  // weight rows per parallel work item (AMX build, 32 tokens or more: two)
 constexpr int kBlockRows = 16;  // VNNI build: rows per block of the blocked weight layout (one per kRowTile)
 constexpr int kBf16BlockTokens = 9;  // from this many tokens, bf16 linears take 4 x 4 register blocks
 constexpr float kTinyScale = 1e-8f;
@@ -247,16 +247,16 @@ bool amx_permitted() {
   return ok;
 }
 
-// The calling thread's tiles, configured for amx_block16 while it lives: gemm() and gemm_rows() open one around
-// their tiles wherever 16 tokens or more come (torch's oneDNN configures the same threads' tiles its own way
-// between our calls). Tiles 0-3: the sums of up to 4 groups of 16 tokens; 4 and 6: activations (alternating, so
-// that a load need not wait for the product before it); 5: the weights.
+// The calling thread's tiles, configured for amx_block16 / amx_block32 while it lives: gemm() and gemm_rows() open
+// one around their tiles wherever 16 tokens or more come (torch's oneDNN configures the same threads' tiles its
+// own way between our calls). All eight are 16 rows of 64 bytes: 0-3 hold sums, 4 and 6 activations, 5 and 7
+// weights.
 class TileSession {
  public:
   explicit TileSession(int tokens) : active_(tokens >= kAmxTokens && amx_permitted()) {
     if (!active_) return;
     TileConfig cfg;
-    for (int t = 0; t < 7; ++t) cfg.rows[t] = kAmxTokens, cfg.colsb[t] = kAmxChunk;
+    for (int t = 0; t < 8; ++t) cfg.rows[t] = kAmxTokens, cfg.colsb[t] = kAmxChunk;
     _tile_loadconfig(&cfg);
   }
   ~TileSession() {
@@ -270,6 +270,8 @@ class TileSession {
 };
 
 // Tokens [m, m + 16 G) x the block of 16 rows at n (kp a multiple of 64), G <= 4 tiles of sums, to epi.rows16.
+// Each weight tile feeds G products; the activation tiles alternate between 4 and 6, so that a load need not wait
+// for the product before it.
 template <int G, class Epi>
 __attribute__((noinline)) void amx_block16(const int8_t* blk, int kp, const QuantizedX& x, int m, int n,
                                            const Epi& epi) {
@@ -320,6 +322,39 @@ int amx_tokens(const int8_t* blk, int kp, const QuantizedX& x, int m0, int m1, i
   }
   return m;
 }
+
+// Tokens [m, m + 32) x the two blocks of 16 rows at n and n + 16 (kp a multiple of 64): each activation tile and
+// each weight tile feeds two products, four loads for four products (amx_block16<4>: five). gemm() hands out
+// such pairs of blocks where 32 tokens or more come.
+template <class Epi>
+__attribute__((noinline)) void amx_block32(const int8_t* blk, int kp, const QuantizedX& x, int m, int n,
+                                           const Epi& epi) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int8_t* xq = &x.q[(size_t)m * kp];
+  const int8_t* blk2 = blk + (size_t)kAmxTokens * kp;
+  const size_t group = (size_t)kAmxTokens * kp;
+  for (int k = 0; k < kp; k += kAmxChunk) {
+    _tile_loadd(4, xq + k, kp);
+    _tile_loadd(5, blk + 16 * k, 64);
+    _tile_dpbssd(0, 4, 5);
+    _tile_loadd(7, blk2 + 16 * k, 64);
+    _tile_dpbssd(1, 4, 7);
+    _tile_loadd(6, xq + group + k, kp);
+    _tile_dpbssd(2, 6, 5);
+    _tile_dpbssd(3, 6, 7);
+  }
+  alignas(64) int32_t sums[4][kAmxTokens][16];
+  _tile_stored(0, sums[0], 64);
+  _tile_stored(1, sums[1], 64);
+  _tile_stored(2, sums[2], 64);
+  _tile_stored(3, sums[3], 64);
+  for (int g = 0; g < 4; ++g)  // tile g: tokens m + 16 (g / 2), rows n + 16 (g % 2)
+    for (int t = 0; t < kAmxTokens; ++t)
+      epi.rows16(m + (g / 2) * kAmxTokens + t, n + (g % 2) * kBlockRows, _mm512_load_si512(sums[g][t]));
+}
 #endif  // SQ_AMX
 
 // Tokens [m0, m1) x one block of 16 rows at n, in groups of 8 tokens.
@@ -352,6 +387,17 @@ template <class Epi>
 void tile(const int8_t* w, const QuantizedX& x, const uint8_t* c128, int m0, int m1, int n0, int n1, int nrows,
           const Epi& epi) {
   const int kp = x.kp;
+#ifdef SQ_AMX
+  if (n1 - n0 > kBlockRows) {  // gemm()'s row tiles of 32 (two blocks) where 32 tokens or more come
+    const bool pair = n0 % kBlockRows == 0 && n1 <= nrows - nrows % kBlockRows && kp % kAmxChunk == 0;
+    int m = m0;
+    if (pair && amx_permitted())
+      for (; m + 2 * kAmxTokens <= m1; m += 2 * kAmxTokens) amx_block32(w + (size_t)n0 * kp, kp, x, m, n0, epi);
+    for (int r = n0; m < m1 && r < n1; r += kBlockRows)  // the rest, a block (or the plain rows) at a time
+      tile(w, x, c128, m, m1, r, std::min(n1, r + kBlockRows), nrows, epi);
+    return;
+  }
+#endif
   if (n1 - n0 == kBlockRows && n0 % kBlockRows == 0 && n1 <= nrows - nrows % kBlockRows)
     return block16_tokens(w + (size_t)n0 * kp, kp, x, m0, m1, n0, epi);
   // below: the plain rows past the last whole block (fewer than 16), each streamed once past every token
@@ -457,15 +503,20 @@ void gemm_rows(const int8_t* w, const QuantizedX& x, int m, int n, int n0, int n
 template <class Epi>
 void gemm(const int8_t* w, const QuantizedX& x, int m, int n, const Epi& epi) {
   const uint8_t* c128 = row_of_128s(x.kp);  // the calling thread's, read by the whole team
-  const int tok_tiles = (m + kTokTile - 1) / kTokTile, row_tiles = (n + kRowTile - 1) / kRowTile;
+#ifdef SQ_AMX
+  const int row_tile = m >= 2 * kAmxTokens ? 2 * kRowTile : kRowTile;  // pairs of blocks for amx_block32
+#else
+  const int row_tile = kRowTile;
+#endif
+  const int tok_tiles = (m + kTokTile - 1) / kTokTile, row_tiles = (n + row_tile - 1) / row_tile;
 #pragma omp parallel if ((size_t)m * n * x.kp > 65536)
   {
     [[maybe_unused]] const TileSession tiles(m);
 #pragma omp for collapse(2) schedule(static)
     for (int mt = 0; mt < tok_tiles; ++mt)
       for (int nt = 0; nt < row_tiles; ++nt)
-        tile(w, x, c128, mt * kTokTile, std::min(m, (mt + 1) * kTokTile), nt * kRowTile,
-             std::min(n, (nt + 1) * kRowTile), n, epi);
+        tile(w, x, c128, mt * kTokTile, std::min(m, (mt + 1) * kTokTile), nt * row_tile,
+             std::min(n, (nt + 1) * row_tile), n, epi);
   }
 }
 
