@@ -49,11 +49,11 @@ def _time_us(fn, repeats: int, min_ms: float) -> float:
 
 
 def _ours(lib, x: torch.Tensor, packed: torch.Tensor, w_s: torch.Tensor):
-    y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)
-    dims = (x.shape[0], x.shape[1], x.stride(0), packed.shape[0], packed.shape[1])
+    (m, k), ldx, (n, kp) = x.shape, x.stride(0), packed.shape
+    y = torch.empty(m, n, dtype=torch.float32)
 
     def run():  # holds packed (not just its address): a freed weight of many MB is unmapped at once
-        lib.sq_dynamic_linear(x.data_ptr(), *dims[:3], packed.data_ptr(), *dims[3:], w_s.data_ptr(), None, y.data_ptr())
+        lib.sq_dynamic_linear(x.data_ptr(), m, k, ldx, packed.data_ptr(), n, kp, w_s.data_ptr(), None, y.data_ptr())
 
     return run
 

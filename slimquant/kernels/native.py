@@ -77,13 +77,14 @@ def load(isa: str = "auto", cache_dir: Path | None = None) -> Library:
         raise NativeUnavailable(f"this CPU has no {' / '.join(missing)} (the {ISA_NAMES[target]} build's)")
     if _compiler() is None:
         raise NativeUnavailable("no C++ compiler found (install g++ or set CXX)")
+    cache_dir = cache_dir or cache_root() / "kernels"
     try:
-        return _load_build(target, cache_dir or cache_root() / "kernels")
+        return _load_build(target, cache_dir)
     except NativeUnavailable as err:
         if isa != "auto" or target != "amx":
             raise
         logger.warning("%s; using the AVX-512 VNNI build", err)
-        return _load_build("avx512vnni", cache_dir or cache_root() / "kernels")
+        return _load_build("avx512vnni", cache_dir)
 
 
 def _load_build(target: str, cache_dir: Path) -> Library:

@@ -269,6 +269,15 @@ class TileSession {
   bool active_;
 };
 
+// Whether the tiles take a GEMM whose padded K is kp (whole 64-byte chunks) in this process.
+inline bool amx_fits(int kp) { return kp % kAmxChunk == 0 && amx_permitted(); }
+
+// A stored tile of sums, tokens [m, m + 16) x rows [n, n + 16), to epi.rows16.
+template <class Epi>
+inline void emit_tile(const int32_t (*sums)[16], int m, int n, const Epi& epi) {
+  for (int t = 0; t < kAmxTokens; ++t) epi.rows16(m + t, n, _mm512_load_si512(sums[t]));
+}
+
 // Tokens [m, m + 16 G) x the block of 16 rows at n (kp a multiple of 64), G <= 4 tiles of sums, to epi.rows16.
 // Each weight tile feeds G products; the activation tiles alternate between 4 and 6, so that a load need not wait
 // for the product before it.
@@ -304,15 +313,14 @@ __attribute__((noinline)) void amx_block16(const int8_t* blk, int kp, const Quan
   if constexpr (G > 1) _tile_stored(1, sums[1], 64);
   if constexpr (G > 2) _tile_stored(2, sums[2], 64);
   if constexpr (G > 3) _tile_stored(3, sums[3], 64);
-  for (int g = 0; g < G; ++g)
-    for (int t = 0; t < kAmxTokens; ++t) epi.rows16(m + g * kAmxTokens + t, n, _mm512_load_si512(sums[g][t]));
+  for (int g = 0; g < G; ++g) emit_tile(sums[g], m + g * kAmxTokens, n, epi);
 }
 
 // The whole groups of 16 of tokens [m0, m1) x one block, on the tiles where they run (else none); returns the
 // first token left to the VNNI kernels.
 template <class Epi>
 int amx_tokens(const int8_t* blk, int kp, const QuantizedX& x, int m0, int m1, int n, const Epi& epi) {
-  if (kp % kAmxChunk != 0 || m1 - m0 < kAmxTokens || !amx_permitted()) return m0;
+  if (m1 - m0 < kAmxTokens || !amx_fits(kp)) return m0;
   int m = m0;
   for (; m + 4 * kAmxTokens <= m1; m += 4 * kAmxTokens) amx_block16<4>(blk, kp, x, m, n, epi);
   switch ((m1 - m) / kAmxTokens) {
@@ -352,8 +360,7 @@ __attribute__((noinline)) void amx_block32(const int8_t* blk, int kp, const Quan
   _tile_stored(2, sums[2], 64);
   _tile_stored(3, sums[3], 64);
   for (int g = 0; g < 4; ++g)  // tile g: tokens m + 16 (g / 2), rows n + 16 (g % 2)
-    for (int t = 0; t < kAmxTokens; ++t)
-      epi.rows16(m + (g / 2) * kAmxTokens + t, n + (g % 2) * kBlockRows, _mm512_load_si512(sums[g][t]));
+    emit_tile(sums[g], m + (g / 2) * kAmxTokens, n + (g % 2) * kBlockRows, epi);
 }
 #endif  // SQ_AMX
 
@@ -389,9 +396,9 @@ void tile(const int8_t* w, const QuantizedX& x, const uint8_t* c128, int m0, int
   const int kp = x.kp;
 #ifdef SQ_AMX
   if (n1 - n0 > kBlockRows) {  // gemm()'s row tiles of 32 (two blocks) where 32 tokens or more come
-    const bool pair = n0 % kBlockRows == 0 && n1 <= nrows - nrows % kBlockRows && kp % kAmxChunk == 0;
+    const bool pair = n0 % kBlockRows == 0 && n1 <= nrows - nrows % kBlockRows && amx_fits(kp);
     int m = m0;
-    if (pair && amx_permitted())
+    if (pair)
       for (; m + 2 * kAmxTokens <= m1; m += 2 * kAmxTokens) amx_block32(w + (size_t)n0 * kp, kp, x, m, n0, epi);
     for (int r = n0; m < m1 && r < n1; r += kBlockRows)  // the rest, a block (or the plain rows) at a time
       tile(w, x, c128, m, m1, r, std::min(n1, r + kBlockRows), nrows, epi);
