@@ -14,7 +14,7 @@ from slimquant.format.tokenizer import load_tokenizer
 from slimquant.layers.attention import KVCacheLayer
 from slimquant.layers.context import ForwardContext
 from slimquant.layers.norm import RMSNorm
-from slimquant.models.loader import LoadedModel, load_model
+from slimquant.models.loader import LoadedModel, kv_cache_dtype, load_model
 from slimquant.stats import change_interval
 
 
@@ -53,10 +53,13 @@ def token_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, i
 
 
 @torch.inference_mode()
-def score_window(lm: LoadedModel, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [L] -> (nll of tokens 1..L-1 [L-1], argmax prediction for them [L-1]), one prefill step."""
+def score_window(
+    lm: LoadedModel, ids: torch.Tensor, cache_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [L] -> (nll of tokens 1..L-1 [L-1], argmax prediction for them [L-1]), one prefill step over a KV
+    cache of cache_dtype (default: the model's dtype; prefill attention may run in it)."""
     n = ids.numel()
-    _attach_cache(lm, n)
+    _attach_cache(lm, n, cache_dtype or lm.dtype)
     ctx = ForwardContext(
         query_lens=[n],
         context_lens=[n],
@@ -71,13 +74,13 @@ def score_window(lm: LoadedModel, ids: torch.Tensor) -> tuple[torch.Tensor, torc
     return nll, logits.argmax(dim=-1)
 
 
-def _attach_cache(lm: LoadedModel, block_size: int) -> None:
+def _attach_cache(lm: LoadedModel, block_size: int, cache_dtype: torch.dtype) -> None:
     """Give every attention layer a one-block KV cache that holds a whole window."""
     for m in lm.model.modules():
         if isinstance(m, KVCacheLayer):
             shape = m.cache_shape(1, block_size)
             if m.kv_cache is None or tuple(m.kv_cache.shape) != shape:
-                m.kv_cache = torch.zeros(shape, dtype=lm.dtype)
+                m.kv_cache = torch.zeros(shape, dtype=cache_dtype)
 
 
 def evaluate(
@@ -108,7 +111,8 @@ def evaluate(
     results, reference, base = [], None, None
     for path in models:
         lm = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
-        nlls, pred = _score_model(lm, ids, windows, path, progress)
+        cache = kv_cache_dtype("auto", dtype, lm, "cpu")  # the engine's cache for it: scored as it runs
+        nlls, pred = _score_model(lm, cache, ids, windows, path, progress)
         per_window = _window_means(nlls)
         agree = None if reference is None else (pred == reference).float().mean().item()
         reference = pred if reference is None else reference
@@ -120,19 +124,19 @@ def evaluate(
         result.change_interval = None if len(results) == 0 else change_interval(base, per_window)
         if sensitivity:
             perturb_norms(lm.model, perturbation)
-            moved = _window_means(_score_model(lm, ids, windows, path, progress)[0])
+            moved = _window_means(_score_model(lm, cache, ids, windows, path, progress)[0])
             result.sensitivity = (moved - per_window).exp().sub(1).abs().mean().item()
         results.append(result)
     return results
 
 
-def _score_model(lm, ids, windows, name, progress) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _score_model(lm, cache_dtype, ids, windows, name, progress) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each window's NLL of the tokens it scores, and all predictions."""
     from tqdm import tqdm
 
     nlls, preds = [], []
     for start, end, first in tqdm(windows, desc=f"eval {name}", disable=not progress, leave=False):
-        nll, pred = score_window(lm, ids[start:end])
+        nll, pred = score_window(lm, ids[start:end], cache_dtype)
         keep = slice(first - start - 1, None)  # row r predicts token start + r + 1
         nlls.append(nll[keep])
         preds.append(pred[keep])

@@ -6,7 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from slimquant import LLM, SamplingParams
+from slimquant.backends import select
 from slimquant.evaluation import evaluate, token_windows
+from slimquant.kernels import native
+from tests.models.ascend_ckpt import write_ascend
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 12
 
@@ -107,3 +111,22 @@ def test_sensitivity_scales_with_the_perturbation_on_a_float_model(tiny_model):
     for bad in (0.0, 0.5):
         with pytest.raises(ValueError, match="relative change of the norm weights"):
             evaluate([a], TEXT, context=32, progress=False, sensitivity=True, perturbation=bad)
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+@pytest.mark.parametrize("bf16_attention", [False, True])
+def test_eval_scores_an_int8_model_as_the_engine_runs_it(tiny_model, tmp_path, monkeypatch, bf16_attention):
+    """An int8 checkpoint of a bf16 model on the cpu-native backend: fp32 activations over a bf16 KV cache, whose
+    prefill attends in bf16 on a CPU with native bf16 (faked either way here). eval (dtype auto) scores it with the
+    engine's cache and attention: its NLL equals the engine's prompt logprobs'."""
+    monkeypatch.setattr(select, "has_native_half", lambda: bf16_attention)
+    path = str(write_ascend(tiny_model("llama", torch.bfloat16), tmp_path / "int8", lambda prefix: "W8A8_DYNAMIC"))
+    ids = AutoTokenizer.from_pretrained(path)(TEXT).input_ids[:48]
+    llm = LLM(path, max_model_len=64, enable_prefix_caching=False, kernels={"backend": "cpu-native"})
+    assert ("attends in bf16" in llm.llm_engine.runner.backend.describe()) == bf16_attention
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    out = llm.generate([ids], params, use_tqdm=False)[0]
+    served = [-step[t].logprob for step, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
+    result = evaluate([path], TEXT, context=64, max_tokens=48, progress=False)[0]
+    assert result.tokens == 47
+    assert math.isclose(result.mean_nll, sum(served) / len(served), rel_tol=1e-6)

@@ -50,10 +50,13 @@ class CpuNativeBackend(Backend):
         greedy_screen: bool = True,
         hugepages: bool = True,
         tp: TensorParallel = SINGLE,
+        bf16_prefill_attention: bool = False,
     ):
         """tp: this process's tensor-parallel group; its whole steps reduce across the ranks from inside the
-        native call (StackRanks)."""
-        super().__init__(NativeOps(lib, hugepages))
+        native call (StackRanks). bf16_prefill_attention: see TorchOps (for a CPU with native bf16)."""
+        super().__init__(NativeOps(lib, hugepages, bf16_prefill_attention))
+        if bf16_prefill_attention:
+            self.notes.append("prefill over fp32 activations and a bf16 KV cache attends in bf16")
         self.lib, self.greedy_screen, self.tp = lib, greedy_screen, tp
         self.ranks = StackRanks(lib, tp) if tp.size > 1 else None
         self._ranks_agree = tp.size == 1  # the ranks agreed which steps run the stack (on the first step)

@@ -33,8 +33,10 @@ class NativeOps(TorchOps):
 
     name = "native"
 
-    def __init__(self, lib: native.Library, hugepages: bool = True):
+    def __init__(self, lib: native.Library, hugepages: bool = True, bf16_prefill_attention: bool = False):
+        """bf16_prefill_attention: see TorchOps (the backend sets it where the CPU has native bf16)."""
         self.lib, self.hugepages = lib, hugepages
+        self.bf16_prefill_attention = bf16_prefill_attention
 
     # ---- norms and activation ----
 

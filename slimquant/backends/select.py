@@ -6,6 +6,7 @@ from slimquant.backends.base import Backend
 from slimquant.config import KernelConfig
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.kernels import native
+from slimquant.kernels.cpu import has_native_half
 from slimquant.kernels.triton_kernels import triton_module
 
 
@@ -45,7 +46,9 @@ def _make(name: str, kernels: KernelConfig, graphs: bool, tp: TensorParallel = S
             lib = native.load(kernels.isa, kernels.cache_dir)
         except native.NativeUnavailable as e:
             raise _Unavailable(str(e)) from None
-        return CpuNativeBackend(lib, kernels.greedy_screen, kernels.hugepages, tp)
+        return CpuNativeBackend(
+            lib, kernels.greedy_screen, kernels.hugepages, tp, bf16_prefill_attention=has_native_half()
+        )
     if name == "cuda-triton":
         if triton_module("cuda_layers") is None:
             raise _Unavailable("Triton is not installed")

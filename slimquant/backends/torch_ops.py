@@ -39,6 +39,9 @@ class TorchOps:
     """Norms, activation, attention over the paged cache, int8 and float linears, in torch."""
 
     name = "torch"
+    # Prefill over fp32 activations and a bf16 KV cache attends in bf16 where set: the q / k / v values rounded
+    # as the cache holds k / v for later steps, at the speed of bf16 attention (CPUs with native bf16); else fp32.
+    bf16_prefill_attention = False
 
     # ---- norms and activation ----
 
@@ -116,9 +119,9 @@ class TorchOps:
         return self.attend(q, k, v, k_cache, v_cache, ctx, scale, kv_quant)
 
     def attend(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float, kv_quant=None) -> torch.Tensor:
-        """Attention of the rotated q [T, NH, D] once k / v are stored: decode batched, prefill per sequence. A
-        chunk with nothing cached before it attends to its own float k / v; everything else reads the cache (as
-        vLLM-Ascend does with an int8 cache)."""
+        """Attention of the rotated q [T, NH, D] once k / v are stored: decode batched, prefill per sequence (in
+        prefill_attention_dtype). A chunk with nothing cached before it attends to its own float k / v; everything
+        else reads the cache (as vLLM-Ascend does with an int8 cache)."""
         if ctx.is_decode:  # one batched call, contexts padded to the longest
             out = paged_attention(q[:, None], k_cache, v_cache, ctx.block_tables, decode_lens(ctx), scale, kv_quant)
             out = out[:, 0]
@@ -126,16 +129,24 @@ class TorchOps:
                 own = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # [B, KVH, D] -> [B, NH, D]
                 out = torch.where((ctx.lens_on_device == 1)[:, None, None], own.to(out.dtype), out)
             return out.reshape(q.shape[0], -1)  # [B, NH, D] -> [T, NH * D]
+        dtype = self.prefill_attention_dtype(q.dtype, k_cache.dtype)
         outs, start = [], 0
         for i, q_len in enumerate(ctx.query_lens):  # prefill chunks: one sequence at a time
             span = slice(start, start + q_len)
+            q_span = q[None, span].to(dtype)  # [1, Q, NH, D]
             if ctx.context_lens[i] == q_len:  # nothing cached before this chunk: attend to its own k / v
-                outs.append(causal_attention(q[None, span], k[None, span], v[None, span], scale))
-            else:
+                outs.append(causal_attention(q_span, k[None, span].to(dtype), v[None, span].to(dtype), scale))
+            else:  # the cache is read in q_span's dtype
                 tables, lens = ctx.block_tables[i : i + 1], ctx.context_lens[i : i + 1]
-                outs.append(paged_attention(q[None, span], k_cache, v_cache, tables, lens, scale, kv_quant))
+                outs.append(paged_attention(q_span, k_cache, v_cache, tables, lens, scale, kv_quant))
             start += q_len
-        return torch.cat(outs, dim=1).reshape(q.shape[0], -1)
+        return torch.cat(outs, dim=1).to(q.dtype).reshape(q.shape[0], -1)
+
+    def prefill_attention_dtype(self, activations: torch.dtype, cache: torch.dtype) -> torch.dtype:
+        """The dtype prefill attention runs in: bf16 for fp32 activations over a bf16 cache where
+        bf16_prefill_attention is set, else the activations' dtype."""
+        bf16 = self.bf16_prefill_attention and activations == torch.float32 and cache == torch.bfloat16
+        return torch.bfloat16 if bf16 else activations
 
     def mla_decode(
         self, q: torch.Tensor, cache: torch.Tensor, ctx: ForwardContext, scale: float, rank: int

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from slimquant.backends.torch_ops import causal_attention, paged_attention, store_kv
+from slimquant.backends.torch_ops import TorchOps, causal_attention, paged_attention, store_kv
+from slimquant.layers.context import ForwardContext
 
 
 def test_store_kv_skips_padding_slots():
@@ -59,3 +61,45 @@ def test_paged_attention_with_device_lengths_masks_the_rest_of_the_table():
     by_list = paged_attention(q, k_cache, v_cache, tables, [10, 15], 8**-0.5)
     by_tensor = paged_attention(q, k_cache, v_cache, tables, torch.tensor([10, 15], dtype=torch.int32), 8**-0.5)
     torch.testing.assert_close(by_tensor, by_list, rtol=1e-6, atol=1e-6)
+
+
+def _prefill_context(q_lens: list[int], context_lens: list[int], block_size: int = 4) -> ForwardContext:
+    """Prefill chunks of sequence i over blocks 8i.. (a chunk's tokens are the last q_len of its context)."""
+    pairs = enumerate(zip(q_lens, context_lens, strict=True))
+    slots = [8 * i * block_size + p for i, (q, n) in pairs for p in range(n - q, n)]
+    tables = torch.arange(8 * len(q_lens), dtype=torch.int32).reshape(len(q_lens), 8)
+    return ForwardContext(q_lens, context_lens, torch.tensor(slots), tables, block_size)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_prefill_attends_in_bf16_over_a_bf16_cache_where_set(bf16):
+    """fp32 activations over a bf16 cache: with bf16_prefill_attention, both a fresh chunk (its own k / v) and a
+    chunk after cached tokens attend in bf16 (outputs bf16 values, near the math of the bf16-rounded q / k / v);
+    without it, the fp32 path's exact numbers."""
+    torch.manual_seed(3)
+    ops = TorchOps()
+    ops.bf16_prefill_attention = bf16
+    cache = torch.randn(2, 16, 4, 2, 8).bfloat16()  # [2, NB, BS, KVH, D]: sequence 1's first 6 tokens cached
+    q, k, v = torch.randn(13, 6, 8), torch.randn(13, 2, 8), torch.randn(13, 2, 8)  # chunks of 7 and 6 tokens
+    ctx = _prefill_context([7, 6], [7, 12])
+    out = ops.attention(q, k, v, None, cache, ctx, 8**-0.5).view(13, 6, 8)
+    fp32_ops = TorchOps()
+    expected = fp32_ops.attention(q, k, v, None, cache.clone(), ctx, 8**-0.5).view(13, 6, 8)
+    if not bf16:
+        assert torch.equal(out, expected)
+        return
+    assert out.dtype == torch.float32 and torch.equal(out.bfloat16().float(), out)  # computed in bf16
+    assert not torch.equal(out, expected)
+    cached = cache[:, 8:11].flatten(1, 2)[:, :12].float()  # [2, 12, KVH, D]: sequence 1's context as the cache holds it
+    own = [t[:7].bfloat16().float() for t in (q, k, v)]
+    rounded = dense_attention(*own, 8**-0.5), dense_attention(q[7:].bfloat16().float(), *cached, 8**-0.5)
+    torch.testing.assert_close(out, torch.cat(rounded), rtol=0, atol=2e-2)
+
+
+def test_prefill_attention_dtype():
+    ops, fp32, bf16 = TorchOps(), torch.float32, torch.bfloat16
+    assert ops.prefill_attention_dtype(fp32, bf16) == fp32  # not set: the activations'
+    ops.bf16_prefill_attention = True
+    assert ops.prefill_attention_dtype(fp32, bf16) == bf16
+    for activations, cache in [(fp32, fp32), (fp32, torch.int8), (fp32, torch.float16), (bf16, bf16)]:
+        assert ops.prefill_attention_dtype(activations, cache) == activations
