@@ -4,8 +4,10 @@ Per op (NativeOps), every layer's kernels equal TorchOps' numbers. A decode step
 STACK_PREFILL_TOKENS tokens, of a model whose every layer has a native form runs embeddings, all layers and the
 final norm in one native call (native_stack.py), with the per-op path's bits. A model with bf16 activations (a
 float checkpoint on a CPU with native bf16) runs that step in fp32 over its bf16 weights only while the step's
-multiply-adds stay below BF16_STEP_MAX_MACS; above, the per-op path's bf16 GEMMs are faster. The head screens
-greedy and top-k steps with an int8 copy of itself (greedy_screen.py).
+multiply-adds stay below BF16_STEP_MAX_MACS; above, the per-op path's bf16 GEMMs are faster. Where the CPU has
+native bf16, larger prefills over fp32 activations (int8 models) attend in bf16 over a bf16 KV cache
+(TorchOps.bf16_prefill_attention). The head screens greedy and top-k steps with an int8 copy of itself
+(greedy_screen.py).
 
 The two thresholds were measured with bench/float_step.py and bench/step_split.py (docs/benchmarks.md).
 """
@@ -55,8 +57,6 @@ class CpuNativeBackend(Backend):
         """tp: this process's tensor-parallel group; its whole steps reduce across the ranks from inside the
         native call (StackRanks). bf16_prefill_attention: see TorchOps (for a CPU with native bf16)."""
         super().__init__(NativeOps(lib, hugepages, bf16_prefill_attention))
-        if bf16_prefill_attention:
-            self.notes.append("prefill over fp32 activations and a bf16 KV cache attends in bf16")
         self.lib, self.greedy_screen, self.tp = lib, greedy_screen, tp
         self.ranks = StackRanks(lib, tp) if tp.size > 1 else None
         self._ranks_agree = tp.size == 1  # the ranks agreed which steps run the stack (on the first step)
@@ -72,6 +72,8 @@ class CpuNativeBackend(Backend):
     def prepare(self, model: nn.Module) -> None:
         """Plan every layer for the stack (or note which one cannot be, and why)."""
         decoder = model.model
+        if self.ops.bf16_prefill_attention and decoder.norm.weight.dtype == torch.float32:  # fp32 activations
+            self.notes.append("prefill over a bf16 KV cache attends in bf16")
         parts = [layer.stack_parts() if hasattr(layer, "stack_parts") else None for layer in decoder.layers]
         if any(p is None for p in parts):
             self.notes.append(f"steps run per op: {type(decoder.layers[0]).__name__} has no native stack form")
