@@ -2,7 +2,7 @@
 
 Every method in METHODS is quantized (into --work, reused with --reuse), then every model is scored by one
 slimquant.evaluation.evaluate() call: --text (default: Persuasion, slimquant.zoo.EVAL_TEXT, which no method was
-tuned on: volume one, chapters 1-12, about 34,000 tokens; "dev": Pride and Prejudice, zoo.DEV_TEXT, the text
+tuned on: volume one, chapters 1-12, about 53,000 tokens; "dev": Pride and Prejudice, zoo.DEV_TEXT, the text
 methods were developed on), all of it or the first --max-tokens tokens, in --context-token windows, every model
 computed in fp32: float (the bf16 source upcast) first, as the baseline, whatever the CPU's native dtype (a bf16
 baseline would shift every row's change). Prints a
