@@ -26,6 +26,13 @@ def test_a_response_is_the_chat_completions_answer(client):
     assert done or r.incomplete_details.reason == "max_output_tokens"
 
 
+def test_tool_choice_none_is_taken_and_echoed(client):
+    """tool_choice "none" asks for no tool call, which a response without tools honours (as "auto" does)."""
+    r = client.responses.create(input="Tell me a story", tool_choice="none", **GREEDY)
+    plain = client.responses.create(input="Tell me a story", **GREEDY)
+    assert r.tool_choice == "none" and plain.tool_choice == "auto" and r.output_text == plain.output_text
+
+
 def test_input_items_and_content_parts_are_chat_messages(client):
     items = [
         {"role": "developer", "content": "Answer in French"},  # OpenAI's name for a system message
@@ -103,6 +110,8 @@ def test_a_text_format_constrains_as_chats_response_format(client, fmt, chat_for
     "body,param,words",
     [
         ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tools", "use /v1/chat/completions"),
+        ({"input": "x", "tool_choice": "required"}, "tool_choice", "takes no tools"),
+        ({"input": "x", "tool_choice": {"type": "function", "name": "f"}}, "tool_choice", "takes no tools"),
         ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "stores no responses"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0]", "text"),
         ({"input": [{"type": "function_call_output", "output": "1"}]}, "input[0]", "only messages"),

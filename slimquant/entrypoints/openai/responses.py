@@ -38,6 +38,12 @@ def _as_chat(req: ResponsesRequest) -> ChatCompletionRequest:
         log.warning("the request's fields %s are not supported and were ignored", sorted(req.model_extra))
     if req.tools:
         raise OpenAIError("tools are not supported on /v1/responses: use /v1/chat/completions", param="tools")
+    if req.tool_choice not in (None, "none", "auto"):  # a call it asks for could not come without tools
+        raise OpenAIError(
+            f"tool_choice {req.tool_choice!r} asks for a tool call, and /v1/responses takes no tools: use "
+            "/v1/chat/completions",
+            param="tool_choice",
+        )
     if req.previous_response_id is not None:
         raise OpenAIError(
             "previous_response_id is not supported: slimquant stores no responses; send the conversation in input",
@@ -143,7 +149,7 @@ class _Shell:
             "store": False,
             "temperature": req.temperature,
             "text": req.text or {"format": {"type": "text"}},
-            "tool_choice": "auto",
+            "tool_choice": req.tool_choice or "auto",
             "tools": [],
             "top_p": req.top_p,
             "truncation": "disabled",
