@@ -85,19 +85,26 @@ inline void bounds4(const int32_t* h, const int32_t* l, const TokenTerms& t, con
   upper = _mm256_add_pd(approx, bound);
 }
 
-// Token i's best lower bound over rows [j0, j1), folded into m.
+// Token i's best lower bound over rows [j0, j1), folded into m; and the rows' largest upper bound (a chunk whose
+// largest upper bound is below the token's floor holds no candidate, and its second pass is skipped).
 double floor_of(const int32_t* h, const int32_t* l, const TokenTerms& t, const RowTerms& r, int j0, int j1,
-                double slack, double m) {
-  __m256d best = _mm256_set1_pd(m), lower, upper;
+                double slack, double m, double& top) {
+  __m256d best = _mm256_set1_pd(m), most = _mm256_set1_pd(-INFINITY), lower, upper;
   int j = j0;
   for (; j + 4 <= j1; j += 4) {
     bounds4(h, l, t, r, j, slack, lower, upper);
     best = _mm256_max_pd(best, lower);
+    most = _mm256_max_pd(most, upper);
   }
-  alignas(32) double lanes[4];
+  alignas(32) double lanes[4], tops[4];
   _mm256_store_pd(lanes, best);
-  for (double v : lanes) m = std::max(m, v);
-  for (; j < j1; ++j) m = std::max(m, approx_at(h, l, t, r, j) - bound_at(t, r, j, slack));
+  _mm256_store_pd(tops, most);
+  top = -INFINITY;
+  for (int u = 0; u < 4; ++u) m = std::max(m, lanes[u]), top = std::max(top, tops[u]);
+  for (; j < j1; ++j) {
+    const double approx = approx_at(h, l, t, r, j), bound = bound_at(t, r, j, slack);
+    m = std::max(m, approx - bound), top = std::max(top, approx + bound);
+  }
   return m;
 }
 
@@ -192,6 +199,7 @@ int sq_greedy_argmax(const float* x, int t, int k, int ldx, const int8_t* wq, in
   if (!screen(x, t, k, ldx, wq, n, kp, rows, fp_term, sc)) return 1;
   const int chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> floor(t, -INFINITY);  // per token: the best lower bound
+  std::vector<double> tops((size_t)chunks * t);  // [chunks, T]: each chunk's largest upper bound per token
   std::vector<Best> best(t);
 #pragma omp parallel
   {
@@ -200,17 +208,19 @@ int sq_greedy_argmax(const float* x, int t, int k, int ldx, const int8_t* wq, in
     for (int c = 0; c < chunks; ++c)
       for (int i = 0; i < t; ++i)
         mine[i] = floor_of(sc.hi(i), sc.lo(i), sc.terms[i], sc.r, c * kChunk, std::min(n, (c + 1) * kChunk), slack,
-                           mine[i]);
+                           mine[i], tops[(size_t)c * t + i]);
 #pragma omp critical
     for (int i = 0; i < t; ++i) floor[i] = std::max(floor[i], mine[i]);
 #pragma omp barrier
     std::vector<Best> found(t);
 #pragma omp for schedule(static)
     for (int c = 0; c < chunks; ++c)
-      for (int i = 0; i < t; ++i)
+      for (int i = 0; i < t; ++i) {
+        if (tops[(size_t)c * t + i] < floor[i]) continue;  // no row of the chunk reaches the floor
         each_bound(sc, i, c * kChunk, std::min(n, (c + 1) * kChunk), slack, [&](int j, double, double upper) {
           if (upper >= floor[i]) found[i].offer(exact_logit(x + (size_t)i * ldx, k, ldx, w, j), j);
         });
+      }
 #pragma omp critical
     for (int i = 0; i < t; ++i)
       if (found[i].row >= 0) best[i].offer(found[i].logit, found[i].row);
