@@ -38,6 +38,7 @@ from slimquant.layers.context import ForwardContext
 logger = logging.getLogger(__name__)
 
 STACK_PREFILL_TOKENS = 16  # prefill chunks up to this size run the stack too (its attention walks row by row)
+_BF16_ATTENTION = "prefill over a bf16 KV cache attends in bf16"  # a note, where the ops do
 BF16_STEP_MAX_MACS = 4_000_000_000  # bf16 activations: the stack runs while a step's linears stay below this
 
 
@@ -73,7 +74,7 @@ class CpuNativeBackend(Backend):
         """Plan every layer for the stack (or note which one cannot be, and why)."""
         decoder = model.model
         if self.ops.bf16_prefill_attention and decoder.norm.weight.dtype == torch.float32:  # fp32 activations
-            self.notes.append("prefill over a bf16 KV cache attends in bf16")
+            self.notes.append(_BF16_ATTENTION)
         parts = [layer.stack_parts() if hasattr(layer, "stack_parts") else None for layer in decoder.layers]
         if any(p is None for p in parts):
             self.notes.append(f"steps run per op: {type(decoder.layers[0]).__name__} has no native stack form")
@@ -108,11 +109,16 @@ class CpuNativeBackend(Backend):
 
     def _agree(self) -> None:
         """Every rank runs the stack, or none (a rank's part of a weight may hold -128, which has no native form):
-        the ranks run the same steps' collectives."""
-        lacking = self.tp.max(torch.tensor([int(self.stack is None)]))  # [1]: 1 where a rank has no stack
-        if lacking.item() and self.stack is not None:
+        the ranks run the same steps' collectives. And every rank attends in bf16 in prefill, or none (a node's
+        CPU may lack native bf16): the ranks' heads round alike."""
+        lacking = self.tp.max(torch.tensor([int(self.stack is None), int(not self.ops.bf16_prefill_attention)]))
+        if lacking[0].item() and self.stack is not None:
             self.stack = None
             self.notes.append("steps run per op: another tensor-parallel rank's layers have no native stack form")
+        if lacking[1].item() and self.ops.bf16_prefill_attention:
+            self.ops.bf16_prefill_attention = False
+            self.notes = [n for n in self.notes if n != _BF16_ATTENTION]
+            self.notes.append("prefill attends in fp32: another tensor-parallel rank's CPU has no native bf16")
         self._ranks_agree = True
 
     def _stack_takes(self, tokens: int, ctx: ForwardContext) -> bool:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from slimquant import LLM, SamplingParams
+from slimquant.backends import select
 from slimquant.backends.native_stack import StackRanks
 from slimquant.config import KernelConfig
 from slimquant.distributed.launch import run_ranks
@@ -114,6 +115,33 @@ def test_native_ranks_screen_their_part_of_the_head_for_greedy_steps(tiny_model,
         for (tokens, screened), (want, _) in zip(got, one, strict=True):
             assert tokens == want, f"rank {rank}"
             assert screened >= 5, f"rank {rank}: {screened} steps screened"
+
+
+def rank_attention(rank: int, size: int, path: str, native_bf16: list[bool]) -> tuple[list, str]:
+    """Greedy tokens and logprobs of prompts over 16 tokens (prefill runs per op, past the native step), with this
+    rank's CPU taken to have native bf16 or not; and the backend's description."""
+    select.has_native_half = lambda: native_bf16[rank]
+    llm = LLM(path, kernels={"backend": "cpu-native"}, max_model_len=128, tensor_parallel_size=size)
+    prompts = [" ".join(["The capital of France is Paris, and"] * 3), " ".join(PROMPTS)]
+    outs = llm.generate(prompts, SamplingParams(**PARAMS), use_tqdm=False)
+    got = [(o.outputs[0].token_ids, [sorted(d.items()) for d in o.outputs[0].logprobs]) for o in outs]
+    return got, llm.llm_engine.runner.backend.describe()
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+def test_ranks_agree_on_bf16_prefill_attention(tiny_model, tmp_path):
+    """An int8 model (fp32 activations over a bf16 KV cache): prefill attends in bf16 where the CPU has native bf16.
+    Where one rank's CPU lacks it, every rank attends in fp32 and returns one fp32 process's tokens and logprobs;
+    where all have it, one bf16 process's (which differ from fp32's here: the setting is seen)."""
+    src = tiny_model("qwen3", dtype=torch.bfloat16)
+    path = str(write_ascend(src, tmp_path / "int8", lambda p: "W8A8_DYNAMIC"))
+    (fp32, fp32_notes), (bf16, bf16_notes) = (run_ranks(rank_attention, 1, path, [b])[0] for b in (False, True))
+    assert fp32 != bf16 and "attends in bf16" in bf16_notes and "attends in bf16" not in fp32_notes
+    for rank, (got, notes) in enumerate(run_ranks(rank_attention, 2, path, [True, False])):
+        assert got == fp32, f"rank {rank}"
+        assert ("another tensor-parallel rank's CPU has no native bf16" in notes) == (rank == 0), notes
+        assert "attends in bf16" not in notes
+    assert all(got == bf16 for got, _ in run_ranks(rank_attention, 2, path, [True, True]))
 
 
 class _FailingCollectives(TensorParallel):
