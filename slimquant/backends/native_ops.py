@@ -96,6 +96,19 @@ class NativeOps(TorchOps):
         )  # fmt: skip
         return out
 
+    def rotate(self, x, rope):
+        cos, sin = rope
+        fits = heads_packed(x) and cos.shape == sin.shape == (x.shape[0], x.shape[2])
+        if not (fits and _fp32(x, cos, sin) and cos.is_contiguous() and sin.is_contiguous()):
+            return super().rotate(x, rope)
+        t, heads, d = x.shape
+        y = torch.empty(t, heads, d)  # [T, heads, D]
+        self.lib.sq_rope_heads(
+            x=x.data_ptr(), t=t, heads=heads, d=d, ldx=x.stride(0), cos=cos.data_ptr(), sin=sin.data_ptr(),
+            y=y.data_ptr(), ldy=heads * d,
+        )  # fmt: skip
+        return y
+
     # ---- int8 linears ----
 
     def pack_weight(self, w_q):

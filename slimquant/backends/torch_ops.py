@@ -114,9 +114,13 @@ class TorchOps:
         """
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # [NB, BS, KVH, D]
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k = self.rotate(q, rope), self.rotate(k, rope)
         store_kv(k_cache, v_cache, k, v, ctx.slot_mapping, check_slots=not ctx.graph_step, kv_quant=kv_quant)
         return self.attend(q, k, v, k_cache, v_cache, ctx, scale, kv_quant)
+
+    def rotate(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [T, heads, D] rotated by rope's cos / sin [T, D] (neox layout)."""
+        return apply_rotary(x, *rope)
 
     def attend(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float, kv_quant=None) -> torch.Tensor:
         """Attention of the rotated q [T, NH, D] once k / v are stored: decode batched, prefill per sequence (in

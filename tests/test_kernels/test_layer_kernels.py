@@ -101,6 +101,21 @@ def test_decode_attention_of_other_dtypes_is_the_torch_definition(dtype):
     assert torch.equal(out, ref) and torch.equal(cache, ref_cache)
 
 
+@pytest.mark.parametrize(("t", "nh", "kvh", "d"), [(1, 4, 2, 16), (5, 3, 1, 40), (37, 9, 3, 64), (600, 8, 2, 128)])
+def test_rope_of_prefill_heads_equals_the_torch_rotation(t, nh, kvh, d):
+    """q / k as views of a fused qkv projection's rows (their own row stride), cos / sin tables of any values (D
+    not a multiple of 16: the lanes' tail): the bits of TorchOps' rotation (600 tokens: the threads split the rows)."""
+    g = torch.Generator().manual_seed(t)
+    qkv = torch.randn(t, (nh + 2 * kvh) * d, generator=g) * 4
+    q, k, _ = (x.view(t, -1, d) for x in qkv.split([nh * d, kvh * d, kvh * d], dim=-1))  # [T, heads, D]
+    rope = torch.rand(t, d, generator=g) * 2 - 1, torch.rand(t, d, generator=g) * 2 - 1  # [T, D] each, any values
+    for x in (q, k):
+        out = kernels.rotate(x, rope)
+        assert out.is_contiguous() and torch.equal(out, TorchOps().rotate(x, rope))
+    half = q.bfloat16(), tuple(r.bfloat16() for r in rope)  # not fp32: the torch definition
+    assert torch.equal(kernels.rotate(*half), TorchOps().rotate(*half))
+
+
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize(("t", "h"), [(1, 8), (3, 576), (70, 1000)])

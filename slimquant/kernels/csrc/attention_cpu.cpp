@@ -330,4 +330,32 @@ void sq_decode_attention(const float* q, int ldq, const float* k, int ldk, const
   });
 }
 
+// y [T, heads, D] (row stride ldy) = x [T, heads, D] (row stride ldx, each token's heads contiguous) rotated by its
+// token's cos / sin [T, D] (neox): the bits of torch's x * cos + rotate_half(x) * sin, 8 lanes at a time (a + (-p)
+// is a - p exactly).
+void sq_rope_heads(const float* x, int t, int heads, int d, int ldx, const float* cos, const float* sin, float* y,
+                   int ldy) {
+  const int half = d / 2, lanes = half - half % 8;
+#pragma omp parallel for schedule(static) if ((int64_t)t * heads * d > 65536)
+  for (int i = 0; i < t; ++i) {
+    const float *c = cos + (int64_t)i * d, *s = sin + (int64_t)i * d;
+    for (int h = 0; h < heads; ++h) {
+      const float* xh = x + (int64_t)i * ldx + (int64_t)h * d;
+      float* yh = y + (int64_t)i * ldy + (int64_t)h * d;
+      for (int j = 0; j < lanes; j += 8) {
+        const __m256 lo = _mm256_loadu_ps(xh + j), hi = _mm256_loadu_ps(xh + half + j);
+        const __m256 a = _mm256_mul_ps(lo, _mm256_loadu_ps(c + j)), p = _mm256_mul_ps(hi, _mm256_loadu_ps(s + j));
+        const __m256 e = _mm256_mul_ps(hi, _mm256_loadu_ps(c + half + j));
+        const __m256 f = _mm256_mul_ps(lo, _mm256_loadu_ps(s + half + j));
+        _mm256_storeu_ps(yh + j, _mm256_sub_ps(a, p));
+        _mm256_storeu_ps(yh + half + j, _mm256_add_ps(e, f));
+      }
+      for (int j = lanes; j < half; ++j) {
+        yh[j] = xh[j] * c[j] + -xh[half + j] * s[j];
+        yh[half + j] = xh[half + j] * c[half + j] + xh[j] * s[half + j];
+      }
+    }
+  }
+}
+
 }  // extern "C"

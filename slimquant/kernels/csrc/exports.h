@@ -126,6 +126,9 @@
                                 const float* cos, const float* sin, void* k_cache, void* v_cache,       \
                                 const SqStep* step, int num_heads, int num_kv_heads, int head_dim,      \
                                 float scale, const SqKvQuant* kv_quant, float* out))                    \
+  /* y [T, heads, D] = x rotated by its token's cos / sin [T, D] (neox); rows at strides ldx / ldy. */   \
+  X(void, sq_rope_heads, (const float* x, int t, int heads, int d, int ldx, const float* cos,            \
+                          const float* sin, float* y, int ldy))                                         \
   /* s = x + residual (or x); y = rmsnorm(s) * weight (+ bias); rows of H at strides ldx / ldr. */      \
   X(void, sq_add_rms_norm, (const float* x, int t, int h, int ldx, const float* residual, int ldr,      \
                             const float* weight, const float* bias, float eps, float* sum_out, float* y)) \
