@@ -73,7 +73,8 @@ class CpuNativeBackend(Backend):
     def prepare(self, model: nn.Module) -> None:
         """Plan every layer for the stack (or note which one cannot be, and why)."""
         decoder = model.model
-        if self.ops.bf16_prefill_attention and decoder.norm.weight.dtype == torch.float32:  # fp32 activations
+        fp32_activations = decoder.norm.weight.dtype == torch.float32
+        if self.ops.bf16_prefill_attention and fp32_activations:
             self.notes.append(_BF16_ATTENTION)
         parts = [layer.stack_parts() if hasattr(layer, "stack_parts") else None for layer in decoder.layers]
         if any(p is None for p in parts):
@@ -85,7 +86,7 @@ class CpuNativeBackend(Backend):
             self.notes.append(f"steps run per op: layer {i} ({reason})")
             return
         self.stack = DecoderStackPlan(plans)
-        self.fp32_steps_only = decoder.norm.weight.dtype == torch.float32
+        self.fp32_steps_only = fp32_activations
         self._final_norm = (fp32_copy(decoder.norm.weight), fp32_copy(decoder.norm.bias))
         limit = "" if self.fp32_steps_only else f", up to {BF16_STEP_MAX_MACS / 1e9:g} G multiply-adds per step"
         ranks = f", reduced across {self.tp.size} ranks from inside it" if self.tp.size > 1 else ""

@@ -24,10 +24,11 @@
 
 namespace {
 
-// out[i] = x[i] * cos[i] + (-x[i + h]) * sin[i]; out[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h].
-void rope_neox(const float* x, const float* cos, const float* sin, int d, float* out) {
+// out[i] = x[i] * cos[i] + (-x[i + h]) * sin[i]; out[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h], for i
+// from `from` (the rest of a row whose start was rotated 8 lanes at a time) to h = d / 2.
+void rope_neox(const float* x, const float* cos, const float* sin, int d, float* out, int from = 0) {
   const int h = d / 2;
-  for (int i = 0; i < h; ++i) {
+  for (int i = from; i < h; ++i) {
     const float a = x[i] * cos[i], b = -x[i + h] * sin[i];
     const float c = x[i + h] * cos[i + h], e = x[i] * sin[i + h];
     out[i] = a + b;
@@ -350,10 +351,7 @@ void sq_rope_heads(const float* x, int t, int heads, int d, int ldx, const float
         _mm256_storeu_ps(yh + j, _mm256_sub_ps(a, p));
         _mm256_storeu_ps(yh + half + j, _mm256_add_ps(e, f));
       }
-      for (int j = lanes; j < half; ++j) {
-        yh[j] = xh[j] * c[j] + -xh[half + j] * s[j];
-        yh[half + j] = xh[half + j] * c[half + j] + xh[j] * s[half + j];
-      }
+      rope_neox(xh, c, s, d, yh, lanes);
     }
   }
 }
