@@ -79,7 +79,7 @@ def _attach_cache(lm: LoadedModel, block_size: int, cache_dtype: torch.dtype) ->
     for m in lm.model.modules():
         if isinstance(m, KVCacheLayer):
             shape = m.cache_shape(1, block_size)
-            if m.kv_cache is None or tuple(m.kv_cache.shape) != shape:
+            if m.kv_cache is None or tuple(m.kv_cache.shape) != shape or m.kv_cache.dtype != cache_dtype:
                 m.kv_cache = torch.zeros(shape, dtype=cache_dtype)
 
 

@@ -130,3 +130,15 @@ def test_eval_scores_an_int8_model_as_the_engine_runs_it(tiny_model, tmp_path, m
     result = evaluate([path], TEXT, context=64, max_tokens=48, progress=False)[0]
     assert result.tokens == 47
     assert math.isclose(result.mean_nll, sum(served) / len(served), rel_tol=1e-6)
+
+
+def test_score_window_gives_the_layers_a_cache_of_the_dtype_asked(tiny_model):
+    """The same window length over another cache dtype gets a new cache (not the last call's)."""
+    from slimquant.evaluation import score_window
+    from slimquant.layers.attention import KVCacheLayer
+    from slimquant.models.loader import load_model
+
+    lm = load_model(str(tiny_model("llama")), dtype="float32")
+    for dtype in (torch.float32, torch.bfloat16, torch.float32):
+        score_window(lm, torch.arange(5, 20), dtype)
+        assert all(m.kv_cache.dtype == dtype for m in lm.model.modules() if isinstance(m, KVCacheLayer))
