@@ -98,15 +98,12 @@ def test_int8_experts_match_reference_directly(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("quant_type", ["w8a8", "w8a8_dynamic"])
-def test_project_quantizer_checkpoint_matches_reference(tiny_model, tmp_path, monkeypatch, quant_type):
-    """End to end: `slimquant quantize` of a bf16 DeepSeek V3, prefill then decode, against the reference math.
-
-    Decode runs the reference's op order (kv_b_proj up-projection): in bf16 the absorbed decode rounds
-    differently and int8 re-quantization magnifies that (its accuracy is checked in test_model_deepseek_float)."""
-    import slimquant.layers.mla as mla
+def test_project_quantizer_checkpoint_matches_reference(tiny_model, tmp_path, quant_type):
+    """End to end: `slimquant quantize` of a bf16 DeepSeek V3, prefill then decode in bf16, as close to the
+    reference math in fp32 as transformers' own bf16 run of the same int8 checkpoint is. bf16 rounds our op order
+    (fused attention, absorbed decode) differently from the reference's, and int8 re-quantization magnifies that:
+    their exact agreement is checked in fp32 (test_deepseek_mix_matches_reference)."""
     from slimquant.quant.pipeline import quantize
-
-    monkeypatch.setattr(mla, "absorbable", lambda kv_b_proj: False)
 
     src, dst = tiny_model("deepseek_v3", dtype=torch.bfloat16), tmp_path / "q"
     method = "iterative" if quant_type == "w8a8" else "smoothquant"  # no shift into bias-free dynamic linears
@@ -115,4 +112,7 @@ def test_project_quantizer_checkpoint_matches_reference(tiny_model, tmp_path, mo
     assert any(m.quantized for m in loaded.model.modules() if isinstance(m, RoutedExperts))
     runner = PagedRunner.of(loaded)
     ours = torch.cat([runner.step({0: PROMPT[:7]}), *[runner.step({0: [t]}) for t in PROMPT[7:]]])
-    assert_close(ours, reference_logits(reference_model(src, dst, torch.bfloat16), PROMPT), rel=1e-3)
+    truth = reference_logits(reference_model(src, dst, torch.float32), PROMPT)
+    theirs = reference_logits(reference_model(src, dst, torch.bfloat16), PROMPT)
+    ours_err, theirs_err = ((x.float() - truth).abs().max().item() for x in (ours, theirs))
+    assert ours_err <= 1.5 * theirs_err and ours_err < 0.05 * truth.abs().max().item(), (ours_err, theirs_err)
