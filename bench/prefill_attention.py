@@ -8,6 +8,9 @@ where the CPU has native bf16), side by side in one run, on SmolLM2-135M-Instruc
 
     .venv/bin/python bench/prefill_attention.py [--schemes w8a8_dynamic,w8a8] [--prompt-lens 512,2048] [--rounds 5]
 
+--deepseek times MLA instead (speed only): a model of DeepSeek-V2-Lite's attention and expert shapes with random
+weights (3 layers, 16 of its 64 experts), quantized to each scheme; no MLA model with real weights is at hand here.
+
 Run it on a quiet machine: with 2 OpenMP threads, any other busy process stalls every parallel op.
 """
 
@@ -31,9 +34,40 @@ from slimquant.evaluation import score_window, token_windows  # noqa: E402
 from slimquant.format.tokenizer import load_tokenizer  # noqa: E402
 from slimquant.kernels.cpu import has_native_half  # noqa: E402
 from slimquant.models.loader import kv_cache_dtype, load_model  # noqa: E402
+from slimquant.random_models import make_tiny_model  # noqa: E402
 from slimquant.stats import change_interval  # noqa: E402
 
 SETTINGS = (False, True)  # bf16_prefill_attention: fp32 first (the baseline)
+DEEPSEEK_V2_LITE_SHAPE = dict(  # its attention and expert shapes; fewer layers, experts and tokens
+    hidden_size=2048,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    q_lora_rank=None,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    intermediate_size=10944,
+    moe_intermediate_size=1408,
+    n_routed_experts=16,
+    num_experts_per_tok=6,
+    n_shared_experts=2,
+    num_hidden_layers=3,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    vocab_size=4096,
+    max_position_embeddings=8192,
+)
+
+
+def deepseek_model() -> Path:
+    """DEEPSEEK_V2_LITE_SHAPE with random bf16 weights, built once into the cache."""
+    out = zoo.cache_dir() / "bench" / "deepseek-v2-lite-shape-random"
+    if not (out / "config.json").is_file():
+        print(f"writing {out} (random weights)", flush=True)
+        make_tiny_model("deepseek_v2", out, torch.bfloat16, **DEEPSEEK_V2_LITE_SHAPE)
+    return out
 
 
 def prefill_speed(path: Path, lengths: list[int], rounds: int) -> list[tuple[int, list[float], list[float]]]:
@@ -45,7 +79,7 @@ def prefill_speed(path: Path, lengths: list[int], rounds: int) -> list[tuple[int
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     rows = []
     for n in lengths:
-        prompt = list(range(100, 100 + n))
+        prompt = [100 + i % 2000 for i in range(n)]
         times: dict[bool, list[float]] = {s: [] for s in SETTINGS}
         for r in range(rounds + 1):  # round 0 warms up
             for setting in SETTINGS:
@@ -85,10 +119,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per length (after one warm-up)")
     ap.add_argument("--context", type=int, default=512, help="tokens per perplexity window")
     ap.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text (default: all)")
+    ap.add_argument("--deepseek", action="store_true", help="speed of a DeepSeek-V2-Lite-shaped model (random)")
     args = ap.parse_args()
     if not has_native_half():
         print("note: this CPU has no native bf16, so the engine keeps fp32 prefill attention; bf16 here is emulated")
-    src = zoo.default_model_dir()
+    src = deepseek_model() if args.deepseek else zoo.default_model_dir()
     lengths = [int(n) for n in args.prompt_lens.split(",")]
     print("| scheme | prompt | fp32 attention, tok/s | bf16 attention, tok/s | bf16 / fp32 per round |")
     print("|---|---:|---:|---:|---:|")
@@ -100,13 +135,21 @@ def main() -> None:
             cells = [f"{statistics.median(v):.0f} [{min(v):.0f}-{max(v):.0f}]" for v in (fp32, bf16)]
             spread = f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
             print(f"| {scheme} | {n} | {cells[0]} | {cells[1]} | {spread} |", flush=True)
-        accuracy.append((scheme, *perplexities(path, args.context, args.max_tokens)))
+        if not args.deepseek:  # random weights: nothing to score
+            accuracy.append((scheme, *perplexities(path, args.context, args.max_tokens)))
+    if accuracy:
+        print_accuracy(accuracy, args.context)
+    print(f"\nmedians [min-max] over {args.rounds} rounds")
+
+
+def print_accuracy(accuracy: list[tuple], context: int) -> None:
+    """The perplexity table: per scheme, each setting's, the change's interval and top-1 agreement."""
     print("\n| scheme | perplexity, fp32 attention | bf16 attention | change [95% interval] | top-1 agreement |")
     print("|---|---:|---:|---:|---:|")
     for scheme, (fp32, bf16), (low, high), agree in accuracy:
         change = f"{(bf16 / fp32 - 1) * 100:+.2f}% [{low * 100:+.2f}, {high * 100:+.2f}]"
         print(f"| {scheme} | {fp32:.3f} | {bf16:.3f} | {change} | {agree * 100:.2f}% |")
-    print(f"\nmedians [min-max] over {args.rounds} rounds; intervals paired by {args.context}-token window")
+    print(f"intervals paired by {context}-token window")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ class TorchOps:
 
     name = "torch"
     # Prefill over fp32 activations and a bf16 KV cache attends in bf16 where set: the q / k / v values rounded
-    # as the cache holds k / v for later steps, at the speed of bf16 attention (CPUs with native bf16); else fp32.
+    # as the cache holds k / v for later steps (MLA: as a bf16 model's kv_b_proj writes them), at the speed of bf16
+    # attention (CPUs with native bf16); else fp32.
     bf16_prefill_attention = False
 
     # ---- norms and activation ----

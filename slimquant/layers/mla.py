@@ -39,13 +39,14 @@ class MLAttention(KVCacheLayer):
             return self._decode_absorbed(q, ctx, kv_b_proj).reshape(q.shape[0], -1)
         if ctx.is_decode:  # one batched call, contexts padded to the longest (a graph step: to the table's width)
             return self._attend(q[:, None], ctx.block_tables, decode_lens(ctx), kv_b_proj).reshape(q.shape[0], -1)
+        dtype = self.ops.prefill_attention_dtype(q.dtype, self.kv_cache.dtype)
         outs, start = [], 0
         for i, q_len in enumerate(ctx.query_lens):  # prefill chunks: one sequence at a time
             tables, lens = ctx.block_tables[i : i + 1], ctx.context_lens[i : i + 1]
             fresh = ctx.context_lens[i] == q_len  # nothing cached before this chunk
-            outs.append(self._attend(q[None, start : start + q_len], tables, lens, kv_b_proj, causal=fresh))
+            outs.append(self._attend(q[None, start : start + q_len], tables, lens, kv_b_proj, fresh, dtype))
             start += q_len
-        return torch.cat(outs, dim=1).reshape(q.shape[0], -1)
+        return torch.cat(outs, dim=1).to(q.dtype).reshape(q.shape[0], -1)
 
     def _attend(
         self,
@@ -54,18 +55,22 @@ class MLAttention(KVCacheLayer):
         context_lens: list[int] | torch.Tensor,
         kv_b_proj: Linear,
         causal: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Causal attention of q [B, Q, NH, Dqk] over the cached context (lengths as context_span takes them);
-        returns [B, Q, NH, V]. causal: the context is q's own chunk (Q = S), so no mask is built."""
+        returns [B, Q, NH, V] in dtype (default q's: the up-projection runs in q's). causal: the context is q's own
+        chunk (Q = S), so no mask is built."""
+        dtype = dtype or q.dtype
         lens, length = context_span(context_lens, block_tables, self.kv_cache.shape[1], q.device)
         cached = gather_context(self.kv_cache, block_tables, length).to(q.dtype)  # [B, S, R + rope]
         b, s = cached.shape[:2]
         latent, k_pe = cached.split([self.kv_lora_rank, self.rope], dim=-1)
-        kv = kv_b_proj(latent.reshape(b * s, -1)).view(b, s, self.num_heads, self.nope + self.v_dim)
+        kv = kv_b_proj(latent.reshape(b * s, -1)).to(dtype).view(b, s, self.num_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [B, S, NH, nope], [B, S, NH, V]
-        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)], dim=-1)  # [B, S, NH, Dqk]
+        k_pe = k_pe.to(dtype)[:, :, None].expand(-1, -1, self.num_heads, -1)  # [B, S, NH, rope]
+        k = torch.cat([k_nope, k_pe], dim=-1)  # [B, S, NH, Dqk]
         mask = None if causal else causal_mask(lens, q.shape[1], s)[:, None]  # [B, 1, Q, S]
-        return padded_v_attention(q, k, v, mask, self.scale)
+        return padded_v_attention(q.to(dtype), k, v, mask, self.scale)
 
     def _decode_absorbed(self, q: torch.Tensor, ctx: ForwardContext, kv_b_proj: Linear) -> torch.Tensor:
         """Decode of q [B, NH, Dqk] with kv_b_proj's W_UK folded into q and W_UV applied after attention over the

@@ -103,3 +103,53 @@ def test_prefill_attention_dtype():
     assert ops.prefill_attention_dtype(fp32, bf16) == bf16
     for activations, cache in [(fp32, fp32), (fp32, torch.int8), (fp32, torch.float16), (bf16, bf16)]:
         assert ops.prefill_attention_dtype(activations, cache) == activations
+
+
+def _mla_prefill(cache_dtype: torch.dtype, bf16: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """MLA prefill of two chunks (7 fresh tokens; 6 after 6 cached) -> (output [13, NH, V], q [13, NH, Dqk], each
+    sequence's context [S, R + rope] as the cache holds it after the step); kv_b_proj is a seeded nn.Linear."""
+    from slimquant.layers.context import forward_context
+    from slimquant.layers.mla import MLAttention
+
+    torch.manual_seed(4)
+    heads, nope, rope, v_dim, rank = 4, 8, 4, 6, 16
+    layer = MLAttention(heads, nope, rope, v_dim, rank, scale=0.3)
+    layer.ops = TorchOps()
+    layer.ops.bf16_prefill_attention = bf16
+    layer.kv_cache = torch.randn(16, 4, rank + rope).to(cache_dtype)  # [NB, BS, R + rope]
+    kv_b_proj = torch.nn.Linear(rank, heads * (nope + v_dim), bias=False)
+    q, latent, k_pe = torch.randn(13, heads, nope + rope), torch.randn(13, rank), torch.randn(13, rope)
+    ctx = _prefill_context([7, 6], [7, 12])
+    with torch.no_grad(), forward_context(ctx):
+        out = layer(q, latent, k_pe, kv_b_proj).view(13, heads, v_dim)
+    contexts = [layer.kv_cache[8 * i : 8 * i + 3].flatten(0, 1)[:n].float() for i, n in enumerate([7, 12])]
+    return out, q, [_mla_dense(c, kv_b_proj, heads, nope, rank) for c in contexts]
+
+
+def _mla_dense(context: torch.Tensor, kv_b_proj: torch.nn.Module, heads: int, nope: int, rank: int):
+    """A context [S, R + rope] up-projected -> (k [S, NH, nope + rope], v [S, NH, V])."""
+    with torch.no_grad():
+        kv = kv_b_proj(context[:, :rank]).view(context.shape[0], heads, -1)  # [S, NH, nope + V]
+    k_pe = context[:, None, rank:].expand(-1, heads, -1)  # [S, NH, rope]
+    return torch.cat([kv[..., :nope], k_pe], dim=-1), kv[..., nope:]
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_mla_prefill_equals_dense_reference(cache_dtype):
+    """A fresh chunk (causal, no mask) and a chunk after cached tokens (masked), q / k's head dim (12) above v's
+    (6): the fused kernel's padded v gives the dense math of the context as the cache holds it."""
+    out, q, contexts = _mla_prefill(cache_dtype, bf16=False)
+    expected = [dense_attention(q[:7], *contexts[0], 0.3), dense_attention(q[7:], *contexts[1], 0.3)]
+    torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_mla_prefill_attends_in_bf16_over_a_bf16_cache_where_set():
+    """As standard attention: with bf16_prefill_attention, fp32 activations over a bf16 latent cache attend in bf16
+    (q and the up-projected k / v rounded), near the dense math of those rounded values."""
+    out, q, contexts = _mla_prefill(torch.bfloat16, bf16=True)
+    assert out.dtype == torch.float32 and torch.equal(out.bfloat16().float(), out)  # computed in bf16
+    assert not torch.equal(out, _mla_prefill(torch.bfloat16, bf16=False)[0])
+    spans = [slice(7), slice(7, 13)]
+    rounded = [[t.bfloat16().float() for t in (q[span], *kv)] for span, kv in zip(spans, contexts, strict=True)]
+    expected = torch.cat([dense_attention(*r, 0.3) for r in rounded])
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-2)
