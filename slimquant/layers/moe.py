@@ -175,54 +175,70 @@ class RoutedExperts(nn.Module):
         return self.quantized and whole and self.ops.groups_experts
 
     def forward(self, x: torch.Tensor | Int8Rows, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        # x: [T, H] (Int8Rows from ops.quantize_input where grouped); topk_weights fp32 / topk_ids: [T, K]
-        outs = None
+        # x: [T, H] (Int8Rows from ops.quantize_input where grouped); topk_weights fp32 / topk_ids: [T, K] -> [T, H]
         if self.grouped:
             first = self.first if self.expert_parallel else None
             weights = (self.w13, self.w13_scale, self.w2, self.w2_scale)
-            outs = self.ops.grouped_experts(x, *weights, topk_weights, topk_ids, first)  # [T, K, H]
-        if outs is None:
-            assert not isinstance(x, Int8Rows), "quantized input is for the ops that run the experts grouped"
-            outs = self._one_by_one(x, topk_weights, topk_ids)
-        if self.expert_parallel:  # every slot was filled on the one rank that holds its expert
-            outs = self.tp.sum_disjoint(outs)
-        return add_in_expert_order(outs, topk_ids)
+            outs = self.ops.grouped_experts(x, *weights, topk_weights, topk_ids, first)  # [T, K, H] or None
+            if outs is not None:
+                return add_in_expert_order(self._swap(outs), topk_ids)
+        assert not isinstance(x, Int8Rows), "quantized input is for the ops that run the experts grouped"
+        routes = self._routes(topk_ids)
+        ys = self._weighted_outputs(x, topk_weights, routes)  # [n_e, H] per expert
+        if self.expert_parallel:  # the ranks' slots to one [T, K, H], added in one process's order
+            outs = x.new_zeros(*topk_ids.shape, x.shape[-1])  # [T, K, H]: 0 in other ranks' slots
+            for (_, tokens, slots), y in zip(routes, ys, strict=True):
+                outs[tokens, slots] = y
+            return add_in_expert_order(self._swap(outs), topk_ids)
+        total = x.new_zeros(x.shape)  # [T, H]
+        for (_, tokens, _), y in zip(routes, ys, strict=True):  # ascending expert ids: add_in_expert_order's sums
+            total.index_add_(0, tokens, y)
+        return total
 
-    def _one_by_one(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Each slot's weighted output [T, K, H] of this rank's experts (0 for others'), one expert at a time."""
+    def _swap(self, outs: torch.Tensor) -> torch.Tensor:
+        """Each slot's output [T, K, H] from the one rank that holds its expert (expert parallel), else outs."""
+        return self.tp.sum_disjoint(outs) if self.expert_parallel else outs
+
+    def _routes(self, topk_ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(local expert index, token indices [n], their slots [n]) of each local expert that has tokens, in
+        ascending expert id."""
         local = (topk_ids >= self.first) & (topk_ids < self.first + self.num_local)
         ids = topk_ids[local].unique().tolist()  # ascending; the same on every rank unless expert parallel
-        routes = [torch.where(topk_ids == e) for e in ids]  # (token index [n], slot [n]) per expert
-        experts = [e - self.first for e in ids]  # their index among this rank's experts
-        outs = x.new_zeros(*topk_ids.shape, x.shape[-1])  # [T, K, H]: each slot's weighted output
-        if experts:
-            x_in = self.ops.quantize_per_token(x) if self.quantized else x  # quantize once: per-token scales
-            acts = [self._gate_up(e, x_in, tokens, x.dtype) for e, (tokens, _) in zip(experts, routes, strict=True)]
-            downs = self._down(experts, acts, x.dtype)  # [n, H] per expert
-            for (tokens, slots), y in zip(routes, downs, strict=True):
-                outs[tokens, slots] = (y * topk_weights[tokens, slots, None]).to(x.dtype)
-        return outs
+        return [(e - self.first, *torch.where(topk_ids == e)) for e in ids]
 
-    def _gate_up(self, e: int, x_in, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """silu(gate) * up of local expert e on tokens: [n, I / tp]; x_in is x, or (x_q, s_t) for int8 experts."""
+    def _weighted_outputs(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, routes: list[tuple[int, torch.Tensor, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """Each routed expert's output on its tokens times their routing weights, in x's dtype: [n_e, H] each."""
+        if not routes:
+            return []
+        experts = [e for e, _, _ in routes]
+        acts = [self._gate_up(e, x[tokens]) for e, tokens, _ in routes]
+        downs = self._down(experts, acts, x.dtype)  # [n_e, H] per expert
+        pairs = zip(routes, downs, strict=True)
+        return [(y * topk_weights[tokens, slots, None]).to(x.dtype) for (_, tokens, slots), y in pairs]
+
+    def _gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of local expert e on its tokens' rows x [n, H] -> [n, I / tp] (int8: x quantized per
+        token, as a W8A8_DYNAMIC linear does)."""
         if not self.quantized:
-            return self.ops.silu_and_mul(F.linear(x_in[tokens], self.w13[e]))
-        x_q, s_t = x_in[0][tokens], x_in[1][tokens]  # [n, H] int8, [n, 1]
-        gate_up = (self.ops.int8_mm(x_q, self.w13[e]).float() * s_t * self.w13_scale[e].float()).to(dtype)
-        return self.ops.silu_and_mul(gate_up)
+            return self.ops.silu_and_mul(F.linear(x, self.w13[e]))
+        return self.ops.silu_and_mul(self.ops.dynamic_linear(x, self.w13[e], self.w13_scale[e].float(), None, x.dtype))
 
     def _down(self, experts: list[int], acts: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-        """Each local expert's down projection of its activation [n_e, I / tp] -> [n_e, H]; one collective (or
-        two) for all experts."""
+        """Each local expert's down projection of its activation [n_e, I / tp] -> [n_e, H]: int8 whole experts as
+        W8A8_DYNAMIC linears, split ones with one collective (or two) for all experts."""
+        if self.quantized and self.reduce.size == 1:
+            pairs = zip(experts, acts, strict=True)
+            return [self.ops.dynamic_linear(a, self.w2[e], self.w2_scale[e].float(), None, dtype) for e, a in pairs]
         sizes, a = [len(t) for t in acts], torch.cat(acts)  # [N, I / tp]
         if not self.quantized:
             a = self.tp.gather(a) if self.gather else a  # [N, I]
             return [F.linear(part, self.w2[e]) for e, part in zip(experts, a.split(sizes), strict=True)]
-        absmax = None if self.reduce.size == 1 else self.reduce.max(a.float().abs().amax(dim=-1, keepdim=True))
+        absmax = self.reduce.max(a.float().abs().amax(dim=-1, keepdim=True))  # [N, 1]: the whole rows'
         a_q, s2 = self.ops.quantize_per_token(a, absmax)  # [N, I / tp] int8, [N, 1]
         parts = zip(experts, a_q.split(sizes), strict=True)
-        acc = torch.cat([self.ops.int8_mm(q, self.w2[e]) for e, q in parts])  # [N, H] int32
-        acc = self.reduce.sum(acc)
+        acc = self.reduce.sum(torch.cat([self.ops.int8_mm(q, self.w2[e]) for e, q in parts]))  # [N, H] int32
         return [
             (part.float() * s * self.w2_scale[e].float()).to(dtype)
             for e, part, s in zip(experts, acc.split(sizes), s2.split(sizes), strict=True)

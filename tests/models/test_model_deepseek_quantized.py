@@ -97,6 +97,27 @@ def test_int8_experts_match_reference_directly(tiny_model, tmp_path):
     assert all(e["down_proj"].t["weight"].dtype == torch.int8 for e in ref.experts)
 
 
+def test_experts_add_in_ascending_expert_order(tiny_model, tmp_path):
+    """One process adds each token's weighted expert outputs straight into [T, H] in ascending expert id, which
+    must be bit for bit the sum that expert parallel's add_in_expert_order makes of its [T, K, H] slots (four experts
+    per token: with two, either order gives the same sum)."""
+    from slimquant.layers.moe import add_in_expert_order
+
+    src = tiny_model("deepseek_v3")
+    experts = load_model(str(write_ascend(src, tmp_path / "q", deepseek_mix))).model.model.layers[1].mlp.experts
+    gen = torch.Generator().manual_seed(1)
+    x = 3 * torch.randn(40, 64, generator=gen)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:4] for _ in range(40)])  # [T, 4] distinct experts
+    weights = torch.rand(40, 4, generator=gen)
+    routes = experts._routes(ids)
+    slots = torch.zeros(40, 4, 64)  # [T, K, H]
+    for (_, tokens, slot), y in zip(routes, experts._weighted_outputs(x, weights, routes), strict=True):
+        slots[tokens, slot] = y
+    ours = experts(x, weights, ids)
+    assert torch.equal(ours, add_in_expert_order(slots, ids))
+    assert not torch.equal(ours, add_in_expert_order(slots, -ids))  # descending: another sum
+
+
 @pytest.mark.parametrize("quant_type", ["w8a8", "w8a8_dynamic"])
 def test_project_quantizer_checkpoint_matches_reference(tiny_model, tmp_path, quant_type):
     """End to end: `slimquant quantize` of a bf16 DeepSeek V3, prefill then decode in bf16, as close to the
