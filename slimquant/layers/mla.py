@@ -61,8 +61,9 @@ class MLAttention(KVCacheLayer):
         returns [B, Q, NH, V] in dtype (default q's: the up-projection runs in q's). causal: the context is q's own
         chunk (Q = S), so no mask is built."""
         dtype = dtype or q.dtype
+        up_dtype = dtype if bf16_up_projection(kv_b_proj, dtype) else q.dtype
         lens, length = context_span(context_lens, block_tables, self.kv_cache.shape[1], q.device)
-        cached = gather_context(self.kv_cache, block_tables, length).to(q.dtype)  # [B, S, R + rope]
+        cached = gather_context(self.kv_cache, block_tables, length).to(up_dtype)  # [B, S, R + rope]
         b, s = cached.shape[:2]
         latent, k_pe = cached.split([self.kv_lora_rank, self.rope], dim=-1)
         kv = kv_b_proj(latent.reshape(b * s, -1)).to(dtype).view(b, s, self.num_heads, self.nope + self.v_dim)
@@ -96,6 +97,13 @@ def padded_v_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None, scale=scale
     )  # [B, NH, Q, Dqk]
     return out.transpose(1, 2)[..., :v_dim]
+
+
+def bf16_up_projection(kv_b_proj: Linear, dtype: torch.dtype) -> bool:
+    """Whether attention in dtype up-projects the bf16 latents in bf16 too: a plain float kv_b_proj held in bf16
+    (bf16 x bf16 products are exact in fp32 either way; the sums' order differs, and the output is rounded to bf16,
+    as attention in bf16 rounds it anyway): a bf16 GEMM instead of fp32 BLAS on a copy of the weight."""
+    return dtype == torch.bfloat16 and absorbable(kv_b_proj) and kv_b_proj.weight.dtype == torch.bfloat16
 
 
 def absorbable(kv_b_proj: Linear) -> bool:

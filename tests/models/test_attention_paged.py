@@ -107,9 +107,12 @@ def test_prefill_attention_dtype():
 
 def _mla_prefill(cache_dtype: torch.dtype, bf16: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """MLA prefill of two chunks (7 fresh tokens; 6 after 6 cached) -> (output [13, NH, V], q [13, NH, Dqk], each
-    sequence's context [S, R + rope] as the cache holds it after the step); kv_b_proj is a seeded nn.Linear."""
+    sequence's (k, v) up-projected in fp32 from its context as the cache holds it after the step); kv_b_proj is a
+    float Linear held in bf16, as a bf16 checkpoint's."""
     from slimquant.layers.context import forward_context
+    from slimquant.layers.linear import Linear
     from slimquant.layers.mla import MLAttention
+    from slimquant.layers.quant_config import QuantConfig
 
     torch.manual_seed(4)
     heads, nope, rope, v_dim, rank = 4, 8, 4, 6, 16
@@ -117,7 +120,9 @@ def _mla_prefill(cache_dtype: torch.dtype, bf16: bool) -> tuple[torch.Tensor, to
     layer.ops = TorchOps()
     layer.ops.bf16_prefill_attention = bf16
     layer.kv_cache = torch.randn(16, 4, rank + rope).to(cache_dtype)  # [NB, BS, R + rope]
-    kv_b_proj = torch.nn.Linear(rank, heads * (nope + v_dim), bias=False)
+    kv_b_proj = Linear(rank, [heads * (nope + v_dim)], bias=False, quant_config=QuantConfig(), prefix="kv_b_proj",
+                       dtype=torch.bfloat16)  # fmt: skip
+    kv_b_proj.weight.data.copy_(torch.randn(heads * (nope + v_dim), rank) / rank**0.5)
     q, latent, k_pe = torch.randn(13, heads, nope + rope), torch.randn(13, rank), torch.randn(13, rope)
     ctx = _prefill_context([7, 6], [7, 12])
     with torch.no_grad(), forward_context(ctx):
@@ -126,10 +131,9 @@ def _mla_prefill(cache_dtype: torch.dtype, bf16: bool) -> tuple[torch.Tensor, to
     return out, q, [_mla_dense(c, kv_b_proj, heads, nope, rank) for c in contexts]
 
 
-def _mla_dense(context: torch.Tensor, kv_b_proj: torch.nn.Module, heads: int, nope: int, rank: int):
-    """A context [S, R + rope] up-projected -> (k [S, NH, nope + rope], v [S, NH, V])."""
-    with torch.no_grad():
-        kv = kv_b_proj(context[:, :rank]).view(context.shape[0], heads, -1)  # [S, NH, nope + V]
+def _mla_dense(context: torch.Tensor, kv_b_proj, heads: int, nope: int, rank: int):
+    """A context [S, R + rope] up-projected in fp32 -> (k [S, NH, nope + rope], v [S, NH, V])."""
+    kv = (context[:, :rank] @ kv_b_proj.weight.float().T).view(context.shape[0], heads, -1)  # [S, NH, nope + V]
     k_pe = context[:, None, rank:].expand(-1, heads, -1)  # [S, NH, rope]
     return torch.cat([kv[..., :nope], k_pe], dim=-1), kv[..., nope:]
 
@@ -145,7 +149,8 @@ def test_mla_prefill_equals_dense_reference(cache_dtype):
 
 def test_mla_prefill_attends_in_bf16_over_a_bf16_cache_where_set():
     """As standard attention: with bf16_prefill_attention, fp32 activations over a bf16 latent cache attend in bf16
-    (q and the up-projected k / v rounded), near the dense math of those rounded values."""
+    (q and the up-projected k / v rounded; the up-projection of the bf16 latents by the bf16 weight runs in bf16),
+    near the dense math of those rounded values."""
     out, q, contexts = _mla_prefill(torch.bfloat16, bf16=True)
     assert out.dtype == torch.float32 and torch.equal(out.bfloat16().float(), out)  # computed in bf16
     assert not torch.equal(out, _mla_prefill(torch.bfloat16, bf16=False)[0])
@@ -153,3 +158,17 @@ def test_mla_prefill_attends_in_bf16_over_a_bf16_cache_where_set():
     rounded = [[t.bfloat16().float() for t in (q[span], *kv)] for span, kv in zip(spans, contexts, strict=True)]
     expected = torch.cat([dense_attention(*r, 0.3) for r in rounded])
     torch.testing.assert_close(out, expected, rtol=0, atol=2e-2)
+
+
+def test_mla_up_projects_in_bf16_only_a_bf16_float_weight_for_bf16_attention():
+    from slimquant.layers.linear import Linear
+    from slimquant.layers.mla import bf16_up_projection
+    from slimquant.layers.quant_config import QuantConfig
+
+    def kv_b(dtype: torch.dtype, bias: bool = False) -> Linear:
+        return Linear(8, [16], bias=bias, quant_config=QuantConfig(), prefix="kv_b_proj", dtype=dtype)
+
+    assert bf16_up_projection(kv_b(torch.bfloat16), torch.bfloat16)
+    assert not bf16_up_projection(kv_b(torch.bfloat16), torch.float32)  # fp32 attention: fp32 products
+    assert not bf16_up_projection(kv_b(torch.float32), torch.bfloat16)  # an fp32 weight would be rounded
+    assert not bf16_up_projection(kv_b(torch.bfloat16, bias=True), torch.bfloat16)
