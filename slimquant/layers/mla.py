@@ -58,8 +58,8 @@ class MLAttention(KVCacheLayer):
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Causal attention of q [B, Q, NH, Dqk] over the cached context (lengths as context_span takes them);
-        returns [B, Q, NH, V] in dtype (default q's: the up-projection runs in q's). causal: the context is q's own
-        chunk (Q = S), so no mask is built."""
+        returns [B, Q, NH, V] in dtype (default q's). The up-projection runs in q's dtype, or in bf16 where
+        bf16_up_projection says so. causal: the context is q's own chunk (Q = S), so no mask is built."""
         dtype = dtype or q.dtype
         up_dtype = dtype if bf16_up_projection(kv_b_proj, dtype) else q.dtype
         lens, length = context_span(context_lens, block_tables, self.kv_cache.shape[1], q.device)
