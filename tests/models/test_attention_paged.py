@@ -172,3 +172,22 @@ def test_mla_up_projects_in_bf16_only_a_bf16_float_weight_for_bf16_attention():
     assert not bf16_up_projection(kv_b(torch.bfloat16), torch.float32)  # fp32 attention: fp32 products
     assert not bf16_up_projection(kv_b(torch.float32), torch.bfloat16)  # an fp32 weight would be rounded
     assert not bf16_up_projection(kv_b(torch.bfloat16, bias=True), torch.bfloat16)
+
+
+def test_mla_decode_equals_dense_math_and_each_head_alone():
+    """Absorbed MLA decode of two sequences (21 and 9 cached tokens) over a latent cache: the dense math, and each
+    head's numbers bit for bit those of the head computed alone (as a tensor-parallel rank holding fewer heads
+    computes it)."""
+    torch.manual_seed(5)
+    rank, rope, heads = 64, 16, 8
+    cache = torch.randn(16, 4, rank + rope)  # [NB, BS, R + P]
+    tables = torch.tensor([[3, 9, 1, 12, 6, 0], [7, 2, 14, -1, -1, -1]], dtype=torch.int32)
+    ctx = ForwardContext([1, 1], [21, 9], torch.tensor([-1, -1]), tables, 4)
+    q = torch.randn(2, heads, rank + rope)
+    out = TorchOps().mla_decode(q, cache, ctx, 0.1, rank)  # [B, NH, R]
+    for b, n in enumerate([21, 9]):
+        rows = cache[tables[b, : -(-n // 4)].long()].flatten(0, 1)[:n]  # [S, R + P]
+        expected = ((q[b] @ rows.T) * 0.1).softmax(-1) @ rows[:, :rank]  # [NH, R]
+        torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-5)
+    alone = torch.cat([TorchOps().mla_decode(q[:, h : h + 1], cache, ctx, 0.1, rank) for h in range(heads)], dim=1)
+    assert torch.equal(out, alone)
