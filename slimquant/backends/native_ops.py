@@ -96,6 +96,20 @@ class NativeOps(TorchOps):
         )  # fmt: skip
         return out
 
+    def mla_decode(self, q, cache, ctx: ForwardContext, scale: float, rank: int):
+        """One native call over the paged latent cache (fp32 or bf16): each row's cached entries read once for all
+        its heads, in place (no gathered fp32 copy); a head's sums do not depend on the heads beside it."""
+        if ctx.graph_step or not (heads_packed(q) and _fp32(q) and kv_cache_ready(cache) and cache.dtype != torch.int8):
+            return super().mla_decode(q, cache, ctx, scale, rank)
+        b, nh, d = q.shape
+        out = torch.empty(b, nh, rank)  # [B, NH, R]
+        step = step_rows(self.lib, ctx.slot_mapping, ctx.block_tables, ctx.context_lens_tensor, cache[..., None, :])
+        self.lib.sq_mla_decode_attention(
+            q=q.data_ptr(), ldq=q.stride(0), cache=cache.data_ptr(), step=step, num_heads=nh, head_dim=d, rank=rank,
+            scale=scale, out=out.data_ptr(),
+        )  # fmt: skip
+        return out
+
     def rotate(self, x, rope):
         cos, sin = rope
         fits = heads_packed(x) and cos.shape == sin.shape == (x.shape[0], x.shape[2])

@@ -16,6 +16,7 @@ from slimquant import LLM, SamplingParams
 from slimquant.distributed.launch import run_ranks
 from slimquant.distributed.tensor_parallel import TensorParallel
 from slimquant.format.safetensors_io import SafetensorsFolder
+from slimquant.kernels import native
 from slimquant.models.loader import load_model
 from tests.distributed.test_serve_tp import ONE_THREAD, _chat
 from tests.distributed.test_tensor_parallel import PARAMS, PROMPTS
@@ -38,17 +39,19 @@ def deepseek(tiny_model, tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def generate(path: str, **kwargs) -> list[tuple]:
+def generate(path: str, backend: str = "torch-reference", **kwargs) -> list[tuple]:
     """(token ids, each token's logprobs) per prompt."""
-    llm = LLM(path, kernels={"backend": "torch-reference"}, max_model_len=64, **kwargs)
+    llm = LLM(path, kernels={"backend": backend}, max_model_len=64, **kwargs)
     outs = llm.generate(PROMPTS, SamplingParams(**PARAMS), use_tqdm=False)
     if llm.llm_engine.workers is not None:
         llm.llm_engine.shutdown()
     return [(o.outputs[0].token_ids, [sorted(d.items()) for d in o.outputs[0].logprobs]) for o in outs]
 
 
-def rank_generate(rank: int, size: int, paths: list[str], expert_parallel: bool) -> list:
-    return [generate(p, tensor_parallel_size=size, enable_expert_parallel=expert_parallel) for p in paths]
+def rank_generate(
+    rank: int, size: int, paths: list[str], expert_parallel: bool, backend: str = "torch-reference"
+) -> list:
+    return [generate(p, backend, tensor_parallel_size=size, enable_expert_parallel=expert_parallel) for p in paths]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,17 @@ def test_every_rank_returns_one_process_tokens_and_logprobs(deepseek, one_proces
     for rank, got in enumerate(ranks):
         for name, outs in zip(deepseek, got, strict=True):
             assert outs == one_process[name], f"{name}: rank {rank} of {size} (ep={expert_parallel}) differs"
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+def test_native_ranks_return_one_native_process_results(deepseek):
+    """cpu-native ranks: the native absorbed MLA decode over each rank's heads (4 ranks: one head each) gives one
+    cpu-native process's numbers, bit for bit."""
+    paths = [deepseek["v3-float"], deepseek["v3-mix"], deepseek["v2-mix"]]
+    (one,) = run_ranks(rank_generate, 1, paths, False, "cpu-native")
+    for size in (2, 4):
+        for rank, got in enumerate(run_ranks(rank_generate, size, paths, False, "cpu-native")):
+            assert got == one, f"rank {rank} of {size} differs from one process"
 
 
 def test_engine_started_expert_parallel_ranks_match_one_process(deepseek, one_process):

@@ -3,6 +3,7 @@ definitions."""
 
 from __future__ import annotations
 
+import dataclasses
 from unittest.mock import patch
 
 import pytest
@@ -27,9 +28,10 @@ def decode_attention(ops, q, k, v, rope, cache, slots, tables, lens, scale):
 
 def _case(nh: int, kvh: int, d: int, lens: list[int], block_size: int = 4, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    b, nb = len(lens), 32
+    b, width = len(lens), max(8, -(-max(lens) // block_size))
+    nb = max(32, b * width)
     cache = torch.randn(2, nb, block_size, kvh, d, generator=g)  # old context: random
-    tables = torch.randperm(nb, generator=g)[: b * 8].reshape(b, 8).to(torch.int32)  # [B, 8]
+    tables = torch.randperm(nb, generator=g)[: b * width].reshape(b, width).to(torch.int32)  # [B, W]
     slots = torch.tensor(
         [int(tables[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size for i, n in enumerate(lens)]
     )
@@ -41,7 +43,10 @@ def _case(nh: int, kvh: int, d: int, lens: list[int], block_size: int = 4, seed:
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("nh", "kvh", "d", "lens"), [(4, 2, 16, [1, 7, 9]), (3, 3, 12, [13]), (8, 1, 64, [5, 30])])
+@pytest.mark.parametrize(
+    ("nh", "kvh", "d", "lens"),
+    [(4, 2, 16, [1, 7, 9]), (3, 3, 12, [13]), (8, 1, 64, [5, 30]), (12, 1, 16, [300, 9])],  # 300: two row passes
+)
 def test_decode_attention_equals_torch_path(nh, kvh, d, lens, cache_dtype):
     cache, tables, slots, q, k, v, rope = _case(nh, kvh, d, lens)
     cache = cache.to(cache_dtype)
@@ -99,6 +104,40 @@ def test_decode_attention_of_other_dtypes_is_the_torch_definition(dtype):
     ref = decode_attention(TorchOps(), q, k, v, rope, ref_cache, slots, tables, [3], 1.0)
     out = decode_attention(kernels, q, k, v, rope, cache, slots, tables, [3], 1.0)
     assert torch.equal(out, ref) and torch.equal(cache, ref_cache)
+
+
+def _mla_case(heads: int, lens: list[int], dtype: torch.dtype, block_size: int = 16, seed: int = 0):
+    """q [B, NH, 80] and a paged latent cache [NB, BS, 80] (rows [latent 64 | k_pe 16]) of contexts `lens`."""
+    g = torch.Generator().manual_seed(seed)
+    width = -(-max(lens) // block_size)
+    nb = len(lens) * width + 3
+    cache = torch.randn(nb, block_size, 80, generator=g).to(dtype)
+    tables = torch.randperm(nb, generator=g)[: len(lens) * width].reshape(len(lens), width).to(torch.int32)
+    ctx = ForwardContext([1] * len(lens), list(lens), torch.full((len(lens),), -1), tables, block_size)
+    return torch.randn(len(lens), heads, 80, generator=g), cache, ctx
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "lens"), [(1, [1, 5]), (3, [9, 17]), (19, [300, 7]), (16, [530])])
+def test_mla_decode_equals_torch_path_and_each_rank_share(heads, lens, cache_dtype):
+    """Absorbed MLA decode in one native call: TorchOps' numbers (the dense math) to fp32 rounding, and every
+    head's numbers bit for bit those of a tensor-parallel rank holding a share of the heads (19 heads: two groups
+    of eight and three; 300 and 530 cached rows: several passes of the weighted sums)."""
+    q, cache, ctx = _mla_case(heads, lens, cache_dtype)
+    with patch.object(TorchOps, "mla_decode", side_effect=AssertionError("fell back to the torch path")):
+        out = kernels.mla_decode(q, cache, ctx, 0.1, 64)  # [B, NH, 64]
+        shares = [kernels.mla_decode(q[:, s].contiguous(), cache, ctx, 0.1, 64) for s in (slice(1), slice(1, None))]
+    torch.testing.assert_close(out, TorchOps().mla_decode(q, cache, ctx, 0.1, 64), rtol=1e-5, atol=1e-6)
+    assert torch.equal(torch.cat(shares, dim=1), out)
+
+
+def test_mla_decode_of_other_inputs_is_the_torch_definition():
+    """bf16 queries (a bf16 model) and a CUDA-graph step's context get TorchOps' MLA decode, bit for bit."""
+    q, cache, ctx = _mla_case(4, [9, 3], torch.bfloat16)
+    half = q.bfloat16()
+    assert torch.equal(kernels.mla_decode(half, cache, ctx, 0.1, 64), TorchOps().mla_decode(half, cache, ctx, 0.1, 64))
+    graph = dataclasses.replace(ctx, device_context_lens=ctx.context_lens_tensor)
+    assert torch.equal(kernels.mla_decode(q, cache, graph, 0.1, 64), TorchOps().mla_decode(q, cache, graph, 0.1, 64))
 
 
 @pytest.mark.parametrize(("t", "nh", "kvh", "d"), [(1, 4, 2, 16), (5, 3, 1, 40), (37, 9, 3, 64), (600, 8, 2, 128)])

@@ -121,16 +121,16 @@ inline void prefetch_row(const C* row, int d) {
   for (int i = 0; i < d; i += 64 / sizeof(C)) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
 }
 
-// o[j][c, c + 8W) = (sum over t of p[j][t] * v_t[c, c + 8W)) * inv[j] for the G heads of a group (p: [G, n]),
+// o[j][c, c + 8W) += sum over t in [t0, t1) of p[j][t] * v_t[c, c + 8W) for the G heads of a group (p: [G, n]),
 // the sums in registers, each lane in the order of t (as axpy's); every v row chunk is loaded once for all heads.
 template <int G, int W, class C>
-inline void group_weighted_sum(const float* p, int n, const C* const* v_rows, int c, int d, const float* inv,
+inline void group_weighted_sum(const float* p, int n, int t0, int t1, const C* const* v_rows, int c, int d,
                                float* o) {
   __m256 acc[G][W];
   for (int j = 0; j < G; ++j)
-    for (int u = 0; u < W; ++u) acc[j][u] = _mm256_setzero_ps();
-  for (int t = 0; t < n; ++t) {
-    if (t + kAhead < n) _mm_prefetch(reinterpret_cast<const char*>(v_rows[t + kAhead] + c), _MM_HINT_T0);
+    for (int u = 0; u < W; ++u) acc[j][u] = _mm256_loadu_ps(o + (size_t)j * d + c + 8 * u);
+  for (int t = t0; t < t1; ++t) {
+    if (t + kAhead < t1) _mm_prefetch(reinterpret_cast<const char*>(v_rows[t + kAhead] + c), _MM_HINT_T0);
     __m256 v[W];
     for (int u = 0; u < W; ++u) v[u] = load8(v_rows[t] + c + 8 * u);
     for (int j = 0; j < G; ++j) {
@@ -139,8 +139,7 @@ inline void group_weighted_sum(const float* p, int n, const C* const* v_rows, in
     }
   }
   for (int j = 0; j < G; ++j)
-    for (int u = 0; u < W; ++u)
-      _mm256_storeu_ps(o + (size_t)j * d + c + 8 * u, _mm256_mul_ps(acc[j][u], _mm256_set1_ps(inv[j])));
+    for (int u = 0; u < W; ++u) _mm256_storeu_ps(o + (size_t)j * d + c + 8 * u, acc[j][u]);
 }
 
 // Column chunk width, in vectors of 8, for G heads: the widest power of two up to 8 with at most 12 accumulators.
@@ -150,29 +149,73 @@ constexpr int chunk_width(int g) {
   return w;
 }
 
-// All heads of a group, in column chunks of chunk_width(G) vectors (d a multiple of 8).
+// All heads of a group over rows [t0, t1), in column chunks of chunk_width(G) vectors (d a multiple of 8).
 template <int G, class C>
-void group_weighted_sums(const float* p, int n, const C* const* v_rows, int d, const float* inv, float* o) {
+void group_weighted_sums(const float* p, int n, int t0, int t1, const C* const* v_rows, int d, float* o) {
   constexpr int W = chunk_width(G);
   int c = 0;
-  for (; c + 8 * W <= d; c += 8 * W) group_weighted_sum<G, W, C>(p, n, v_rows, c, d, inv, o);
-  for (; c < d; c += 8) group_weighted_sum<G, 1, C>(p, n, v_rows, c, d, inv, o);
+  for (; c + 8 * W <= d; c += 8 * W) group_weighted_sum<G, W, C>(p, n, t0, t1, v_rows, c, d, o);
+  for (; c < d; c += 8) group_weighted_sum<G, 1, C>(p, n, t0, t1, v_rows, c, d, o);
 }
 
+// Rows per pass of the weighted sums: a pass's value rows stay in L2 while every head's column chunks read them.
+constexpr int kRowsPerPass = 256;
+
+// o [heads, d] = (sum over t of p[j][t] * v_t) * inv[j] (p: [heads, n]; d a multiple of 8): eight heads at a time,
+// rows in passes of kRowsPerPass; each lane still sums in the order of t (the fp32 sums are stored between
+// passes), so a head's numbers do not depend on the heads beside it.
 template <class C>
 void weighted_sums(const float* p, int n, const C* const* v_rows, int d, int heads, const float* inv, float* o) {
-  switch (heads) {  // the common group sizes unrolled; others one head at a time
-    case 1: return group_weighted_sums<1, C>(p, n, v_rows, d, inv, o);
-    case 2: return group_weighted_sums<2, C>(p, n, v_rows, d, inv, o);
-    case 3: return group_weighted_sums<3, C>(p, n, v_rows, d, inv, o);
-    case 4: return group_weighted_sums<4, C>(p, n, v_rows, d, inv, o);
-    case 5: return group_weighted_sums<5, C>(p, n, v_rows, d, inv, o);
-    case 6: return group_weighted_sums<6, C>(p, n, v_rows, d, inv, o);
-    case 7: return group_weighted_sums<7, C>(p, n, v_rows, d, inv, o);
-    case 8: return group_weighted_sums<8, C>(p, n, v_rows, d, inv, o);
+  std::fill(o, o + (size_t)heads * d, 0.0f);
+  for (int t0 = 0; t0 < n; t0 += kRowsPerPass) {
+    const int t1 = std::min(n, t0 + kRowsPerPass);
+    int j = 0;
+    for (; j + 8 <= heads; j += 8)
+      group_weighted_sums<8, C>(p + (size_t)j * n, n, t0, t1, v_rows, d, o + (size_t)j * d);
+    const float* pj = p + (size_t)j * n;
+    float* oj = o + (size_t)j * d;
+    switch (heads - j) {  // the rest of the heads together
+      case 1: group_weighted_sums<1, C>(pj, n, t0, t1, v_rows, d, oj); break;
+      case 2: group_weighted_sums<2, C>(pj, n, t0, t1, v_rows, d, oj); break;
+      case 3: group_weighted_sums<3, C>(pj, n, t0, t1, v_rows, d, oj); break;
+      case 4: group_weighted_sums<4, C>(pj, n, t0, t1, v_rows, d, oj); break;
+      case 5: group_weighted_sums<5, C>(pj, n, t0, t1, v_rows, d, oj); break;
+      case 6: group_weighted_sums<6, C>(pj, n, t0, t1, v_rows, d, oj); break;
+      case 7: group_weighted_sums<7, C>(pj, n, t0, t1, v_rows, d, oj); break;
+    }
   }
   for (int j = 0; j < heads; ++j)
-    group_weighted_sums<1, C>(p + (size_t)j * n, n, v_rows, d, inv + j, o + (size_t)j * d);
+    for (int i = 0; i < d; ++i) o[(size_t)j * d + i] *= inv[j];
+}
+
+// scores [heads, n] = (q_j . k_t - shift[j]) * scale (shift null: none), q [heads, d], d a multiple of 8: eight
+// rows at a time, multiplied by every head while they are in L1; rows of another type than fp32 are widened once
+// per eight rows for all the heads (exactly, so the same sums).
+template <class C>
+void score_rows(const float* q, const C* const* k_rows, int n, int d, int heads, const float* shift, float scale,
+                float* scores) {
+  thread_local std::vector<float> wide;  // [8, d]: eight rows widened
+  const bool widen = !std::is_same_v<C, float> && heads > 1;
+  if (widen && wide.size() < (size_t)8 * d) wide.resize((size_t)8 * d);
+  const float* rows[8];  // the widened rows
+  for (int r = 0; r < 8 && widen; ++r) rows[r] = &wide[(size_t)r * d];
+  int t = 0;
+  for (; t + 8 <= n; t += 8) {
+    for (int i = t + kAhead; i < std::min(n, t + kAhead + 8); ++i) prefetch_row(k_rows[i], d);
+    for (int r = 0; r < 8 && widen; ++r)
+      for (int i = 0; i < d; i += 8) _mm256_storeu_ps(&wide[(size_t)r * d + i], load8(k_rows[t + r] + i));
+    for (int j = 0; j < heads; ++j) {
+      __m256 s8 = widen ? dot8(q + (size_t)j * d, rows, d) : dot8(q + (size_t)j * d, &k_rows[t], d);
+      if (shift) s8 = _mm256_sub_ps(s8, _mm256_set1_ps(shift[j]));
+      _mm256_storeu_ps(&scores[(size_t)j * n + t], _mm256_mul_ps(s8, _mm256_set1_ps(scale)));
+    }
+  }
+  for (; t < n; ++t)
+    for (int j = 0; j < heads; ++j) {
+      float s1 = dot(q + (size_t)j * d, k_rows[t], d);
+      if (shift) s1 -= shift[j];
+      scores[(size_t)j * n + t] = s1 * scale;
+    }
 }
 
 // scores [n] -> their unnormalized softmax weights e^(s - max), in place; returns 1 / their sum (0 if n is 0).
@@ -219,12 +262,13 @@ void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos
 template <class C>
 void attend_group(const float* q, int ldq, const float* cos, const float* sin, const C* k_cache, const C* v_cache,
                   const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size,
-                  int num_heads, int num_kv_heads, int head_dim, float scale, int b, int g, int j0, int j1,
-                  const SqKvQuant* kq, float* out) {
+                  int num_heads, int num_kv_heads, int head_dim, int value_dim, float scale, int b, int g, int j0,
+                  int j1, const SqKvQuant* kq, float* out) {
   constexpr bool int8 = std::is_same_v<C, int8_t>;
   thread_local std::vector<float> qr, scores, inv, shift;  // per-thread scratch, grown: [G, D], [G, n], [G], [G]
   thread_local std::vector<const C*> k_rows, v_rows;
-  const int d = head_dim, n = context_lens[b], heads = j1 - j0, h0 = g * (num_heads / num_kv_heads) + j0;
+  const int d = head_dim, dv = value_dim, n = context_lens[b], heads = j1 - j0;
+  const int h0 = g * (num_heads / num_kv_heads) + j0;
   if (qr.size() < (size_t)heads * d) qr.resize((size_t)heads * d);
   if (scores.size() < (size_t)heads * n) scores.resize((size_t)heads * n);
   if (k_rows.size() < (size_t)n) k_rows.resize(n), v_rows.resize(n);
@@ -250,38 +294,31 @@ void attend_group(const float* q, int ldq, const float* cos, const float* sin, c
       k_rows[t] = k_cache + at, v_rows[t] = v_cache + at;
     }
   }
-  int t = 0;  // scores: eight k rows at a time, each multiplied by every head of the group while it is in L1
-  if (d % 8 == 0)
-    for (; t + 8 <= n; t += 8) {
-      for (int i = t + kAhead; i < std::min(n, t + kAhead + 8); ++i) prefetch_row(k_rows[i], d);
+  if (d % 8 == 0) score_rows(qr.data(), k_rows.data(), n, d, heads, int8 ? shift.data() : nullptr, scale,
+                             scores.data());
+  else
+    for (int t = 0; t < n; ++t)
       for (int j = 0; j < heads; ++j) {
-        __m256 s8 = dot8(&qr[(size_t)j * d], &k_rows[t], d);
-        if constexpr (int8) s8 = _mm256_sub_ps(s8, _mm256_set1_ps(shift[j]));
-        _mm256_storeu_ps(&scores[(size_t)j * n + t], _mm256_mul_ps(s8, _mm256_set1_ps(scale)));
+        float s1 = dot(&qr[(size_t)j * d], k_rows[t], d);
+        if constexpr (int8) s1 -= shift[j];
+        scores[(size_t)j * n + t] = s1 * scale;
       }
-    }
-  for (; t < n; ++t)
-    for (int j = 0; j < heads; ++j) {
-      float s1 = dot(&qr[(size_t)j * d], k_rows[t], d);
-      if constexpr (int8) s1 -= shift[j];
-      scores[(size_t)j * n + t] = s1 * scale;
-    }
   for (int j = 0; j < heads; ++j) inv[j] = softmax_weights(&scores[(size_t)j * n], n);
-  float* o = out + ((size_t)b * num_heads + h0) * d;  // the group's heads are consecutive: [G, D]
-  if (d % 8 == 0) {
-    weighted_sums(scores.data(), n, v_rows.data(), d, heads, inv.data(), o);
+  float* o = out + ((size_t)b * num_heads + h0) * dv;  // the group's heads are consecutive: [G, Dv]
+  if (dv % 8 == 0) {
+    weighted_sums(scores.data(), n, v_rows.data(), dv, heads, inv.data(), o);
   } else {
     for (int j = 0; j < heads; ++j) {
-      float* oj = o + (size_t)j * d;
-      std::fill(oj, oj + d, 0.0f);
-      for (t = 0; t < n; ++t) axpy(scores[(size_t)j * n + t], v_rows[t], oj, d);
-      for (int i = 0; i < d; ++i) oj[i] *= inv[j];
+      float* oj = o + (size_t)j * dv;
+      std::fill(oj, oj + dv, 0.0f);
+      for (int t = 0; t < n; ++t) axpy(scores[(size_t)j * n + t], v_rows[t], oj, dv);
+      for (int i = 0; i < dv; ++i) oj[i] *= inv[j];
     }
   }
   if constexpr (int8) {  // the weights sum to one: sum_t p_t (v_q - offset) * scale = (sum_t p_t v_q - offset) * scale
-    const float *vs = kq->v_scale + (size_t)g * d, *vo = kq->v_offset + (size_t)g * d;
+    const float *vs = kq->v_scale + (size_t)g * dv, *vo = kq->v_offset + (size_t)g * dv;
     for (int j = 0; j < heads; ++j)
-      for (int i = 0; i < d; ++i) o[(size_t)j * d + i] = (o[(size_t)j * d + i] - vo[i]) * vs[i];
+      for (int i = 0; i < dv; ++i) o[(size_t)j * dv + i] = (o[(size_t)j * dv + i] - vo[i]) * vs[i];
   }
 }
 
@@ -296,8 +333,8 @@ void own_value(const float* v, int ldv, int b, int g, int j0, int j1, int num_he
   template void kv_store(const float*, int, const float*, int, const float*, const float*, C*, C*, const int64_t*, \
                          int, int, int, int, const SqKvQuant*);                                                  \
   template void attend_group(const float*, int, const float*, const float*, const C*, const C*, const int32_t*,   \
-                             int, const int32_t*, int, int, int, int, float, int, int, int, int, const SqKvQuant*, \
-                             float*);
+                             int, const int32_t*, int, int, int, int, int, float, int, int, int, int,            \
+                             const SqKvQuant*, float*);
 SQ_INSTANTIATE(float)
 SQ_INSTANTIATE(uint16_t)
 SQ_INSTANTIATE(int8_t)
@@ -325,9 +362,28 @@ void sq_decode_attention(const float* q, int ldq, const float* k, int ldk, const
                               if (std::is_same_v<C, int8_t> && context_lens[b] == 1)
                                 return sq::own_value(v, ldv, b, g, j0, j1, num_heads, num_kv_heads, head_dim, out);
                               sq::attend_group<C>(q, ldq, cos, sin, kc, vc, block_tables, max_blocks, context_lens,
-                                                  block_size, num_heads, num_kv_heads, head_dim, scale, b, g, j0, j1,
-                                                  kv_quant, out);
+                                                  block_size, num_heads, num_kv_heads, head_dim, head_dim, scale, b,
+                                                  g, j0, j1, kv_quant, out);
                             });
+  });
+}
+
+// Absorbed MLA decode: standard decode attention's group kernel with one kv head of every query head, whose value
+// is the first `rank` values of the cached row (the latent; the rest is k_pe).
+void sq_mla_decode_attention(const float* q, int ldq, const void* cache, const SqStep* step, int num_heads,
+                             int head_dim, int rank, float scale, float* out) {
+  sq::with_cache_type(step->kv_type, [&](auto element) {
+    using C = decltype(element);
+    if constexpr (!std::is_same_v<C, int8_t>) {  // MLA caches no int8 rows
+      const C* rows = static_cast<const C*>(cache);
+#pragma omp parallel if (step->batch * num_heads > 1)
+      sq::for_attention_share(step->batch, num_heads, 1, omp_get_thread_num(), omp_get_num_threads(),
+                              [&](int b, int g, int j0, int j1) {
+                                sq::attend_group<C>(q, ldq, nullptr, nullptr, rows, rows, step->block_tables,
+                                                    step->max_blocks, step->context_lens, step->block_size,
+                                                    num_heads, 1, head_dim, rank, scale, b, g, j0, j1, nullptr, out);
+                              });
+    }
   });
 }
 

@@ -126,6 +126,10 @@
                                 const float* cos, const float* sin, void* k_cache, void* v_cache,       \
                                 const SqStep* step, int num_heads, int num_kv_heads, int head_dim,      \
                                 float scale, const SqKvQuant* kv_quant, float* out))                    \
+  /* Absorbed MLA decode, one query token per row of step: out [B, NH, R] = softmax(q . c * scale) @ */  \
+  /* c[:R] over the row's cached context c [S, D] (cache [slots, D], fp32 or bf16; nothing stored). */   \
+  X(void, sq_mla_decode_attention, (const float* q, int ldq, const void* cache, const SqStep* step,      \
+                                    int num_heads, int head_dim, int rank, float scale, float* out))    \
   /* y [T, heads, D] = x rotated by its token's cos / sin [T, D] (neox); rows at strides ldx / ldy. */   \
   X(void, sq_rope_heads, (const float* x, int t, int heads, int d, int ldx, const float* cos,            \
                           const float* sin, float* y, int ldy))                                         \

@@ -206,7 +206,7 @@ int decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* co
           sq::norm_row(qh, nullptr, d, L.q_norm_w, L.q_norm_b, L.eps, head, qh);
         }
         sq::attend_group<C>(qkv, ld_qkv, cos, sin, k_caches[l], v_caches[l], block_tables, max_blocks, context_lens,
-                            block_size, nh, kvh, d, L.attn_scale, bi, g, j0, j1, &L.kv_quant, attn);
+                            block_size, nh, kvh, d, d, L.attn_scale, bi, g, j0, j1, &L.kv_quant, attn);
       });
 #pragma omp barrier
       output_slice(L.o, attn, b, nh * d, tid, nt, t, ranks, shared, o);
