@@ -142,10 +142,16 @@ inline void group_weighted_sum(const float* p, int n, int t0, int t1, const C* c
     for (int u = 0; u < W; ++u) _mm256_storeu_ps(o + (size_t)j * d + c + 8 * u, acc[j][u]);
 }
 
-// Column chunk width, in vectors of 8, for G heads: the widest power of two up to 8 with at most 12 accumulators.
+#ifdef SQ_AVX512VNNI
+constexpr int kAccumulators = 24;  // of AVX-512's 32 vector registers (AVX-512 VL gives 256-bit code all 32)
+#else
+constexpr int kAccumulators = 12;  // of AVX2's 16
+#endif
+
+// Column chunk width, in vectors of 8, for G heads: the widest power of two up to 8 with at most kAccumulators.
 constexpr int chunk_width(int g) {
   int w = 8;
-  while (w > 1 && g * w > 12) w /= 2;
+  while (w > 1 && g * w > kAccumulators) w /= 2;
   return w;
 }
 
