@@ -1,0 +1,127 @@
+"""DeepSeek's absorbed MLA decode on the CPU: the native kernel (NativeOps.mla_decode: one call over the paged latent
+cache, each cached row read once for all heads) against TorchOps.mla_decode (each sequence's latents gathered into
+an fp32 copy, then a stride-0 bmm per head), side by side in one run.
+
+- The op alone: B sequences of one query token over C cached tokens each (a bf16 latent cache of 512 + 64 per token,
+  16-token blocks in random order; 16 query heads as DeepSeek-V2-Lite, 128 as DeepSeek-V3, Kimi-K2 has 64): the
+  median ms of each over --rounds calls, alternating, and the ratio per round (median [min-max]).
+- A DeepSeek-V2-Lite-shaped model (bench/prefill_attention.py --deepseek's, random weights, --scheme): greedy
+  decode tokens/s of --streams streams after a prompt of each context length (the prefill untimed: from the
+  requests' first token to their last), the two ops alternating on one LLM for --rounds rounds after a warm-up, and
+  the share of tokens on which they agree (the two sum in other orders; random weights make near-ties common).
+
+    .venv/bin/python bench/mla_decode.py [--contexts 1024,4000] [--heads 16,128] [--batches 1,4] [--streams 1,4]
+        [--scheme w8a8_dynamic] [--rounds 5]
+
+Run it on a quiet machine: with 2 OpenMP threads, any other busy process stalls every parallel op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.prefill_attention import deepseek_model  # noqa: E402
+from bench.speed import quantized  # noqa: E402
+from slimquant import LLM, SamplingParams  # noqa: E402
+from slimquant.backends.native_ops import NativeOps  # noqa: E402
+from slimquant.backends.torch_ops import TorchOps  # noqa: E402
+from slimquant.kernels import native  # noqa: E402
+from slimquant.layers.context import ForwardContext  # noqa: E402
+
+RANK, ROPE, BLOCK = 512, 64, 16  # DeepSeek's kv_lora_rank and qk_rope_head_dim; slimquant's block size
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """'median [min-max]'."""
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
+def op_times(native_ops: NativeOps, heads: int, batch: int, context: int, rounds: int) -> dict[str, list[float]]:
+    """ms per call of each op, alternating, after one warm-up call of each."""
+    blocks = -(-context // BLOCK)
+    cache = torch.randn(batch * blocks, BLOCK, RANK + ROPE).bfloat16()  # [NB, BS, R + P]
+    tables = torch.randperm(batch * blocks, dtype=torch.int32).view(batch, blocks)  # [B, W]
+    ctx = ForwardContext([1] * batch, [context] * batch, torch.full((batch,), -1), tables, BLOCK)
+    q = torch.randn(batch, heads, RANK + ROPE)  # [B, NH, R + P]
+    ops = {"torch": TorchOps(), "native": native_ops}
+    times: dict[str, list[float]] = {name: [] for name in ops}
+    for r in range(rounds + 1):
+        for name, o in ops.items():
+            start = time.perf_counter()
+            o.mla_decode(q, cache, ctx, RANK**-0.5, RANK)
+            if r:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def decode_rates(path: Path, contexts: list[int], streams: list[int], rounds: int) -> list[tuple]:
+    """(context, streams, torch tokens/s per round, native tokens/s per round, tokens agreeing) on one LLM."""
+    llm = LLM(str(path), max_model_len=max(contexts) + 64, max_num_batched_tokens=4096, enable_prefix_caching=False)
+    ops = llm.llm_engine.runner.backend.ops
+    assert isinstance(ops, NativeOps), llm.llm_engine.runner.backend.describe()
+    new = 33
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    rows = []
+    for context in contexts:
+        for n in streams:
+            prompts = [[100 + (i * (j + 1)) % 2000 for i in range(context)] for j in range(n)]
+            rates: dict[str, list[float]] = {"torch": [], "native": []}
+            tokens = {}
+            for r in range(rounds + 1):  # round 0 warms up
+                for name in rates:
+                    if name == "torch":
+                        ops.mla_decode = functools.partial(TorchOps.mla_decode, ops)
+                    outs = llm.generate(prompts, params, use_tqdm=False)
+                    vars(ops).pop("mla_decode", None)
+                    seconds = max(o.metrics.finished_time for o in outs) - max(o.metrics.first_token_time for o in outs)
+                    tokens[name] = [t for o in outs for t in o.outputs[0].token_ids]
+                    if r:
+                        rates[name].append((new - 1) * n / seconds)
+            agree = sum(a == b for a, b in zip(tokens["torch"], tokens["native"], strict=True)) / len(tokens["torch"])
+            rows.append((context, n, rates["torch"], rates["native"], agree))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", default="1024,4000", help="cached tokens per sequence, comma-separated")
+    ap.add_argument("--heads", default="16,128", help="query heads of the op table, comma-separated")
+    ap.add_argument("--batches", default="1,4", help="sequences of the op table, comma-separated")
+    ap.add_argument("--streams", default="1,4", help="streams of the model table, comma-separated")
+    ap.add_argument("--scheme", default="w8a8_dynamic", help="the model table's int8 scheme")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up)")
+    args = ap.parse_args()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    native_ops = NativeOps(native.load())
+    print(f"native build: {native.ISA_NAMES[native_ops.lib.isa]}; {torch.get_num_threads()} threads\n")
+    print("| heads | batch | context | torch, ms | native, ms | torch / native per round |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for heads in (int(h) for h in args.heads.split(",")):
+        for batch in (int(b) for b in args.batches.split(",")):
+            for context in contexts:
+                t = op_times(native_ops, heads, batch, context, args.rounds)
+                ratios = [a / b for a, b in zip(t["torch"], t["native"], strict=True)]
+                row = f"| {heads} | {batch} | {context} | {spread(t['torch'])} | {spread(t['native'])} |"
+                print(f"{row} {spread(ratios)} |", flush=True)
+    path = quantized(deepseek_model(), args.scheme)
+    print(f"\n{path.name}: decode tokens/s after a prompt of each context")
+    print("| context | streams | torch | native | native / torch per round | tokens agreeing |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    streams = [int(s) for s in args.streams.split(",")]
+    for context, n, slow, fast, agree in decode_rates(path, contexts, streams, args.rounds):
+        ratios = [f / s for s, f in zip(slow, fast, strict=True)]
+        print(f"| {context} | {n} | {spread(slow, 1)} | {spread(fast, 1)} | {spread(ratios)} | {agree:.0%} |")
+    print(f"\nmedians [min-max] over {args.rounds} rounds")
+
+
+if __name__ == "__main__":
+    main()
