@@ -1,14 +1,16 @@
-"""DeepSeek's absorbed MLA decode on the CPU: the native kernel (NativeOps.mla_decode: one call over the paged latent
-cache, each cached row read once for all heads) against TorchOps.mla_decode (each sequence's latents gathered into
-an fp32 copy, then a stride-0 bmm per head), side by side in one run.
+"""DeepSeek's absorbed MLA decode on the CPU: the native kernels (NativeOps.mla_decode: one call over the paged latent
+cache, each cached row read once for all heads; NativeOps.head_matmul: kv_b_proj's halves multiplied in place, in
+bf16) against TorchOps' (each sequence's latents gathered into an fp32 copy, then a stride-0 bmm per head; kv_b_proj
+converted to fp32 at every step, then einsum), side by side in one run.
 
 - The op alone: B sequences of one query token over C cached tokens each (a bf16 latent cache of 512 + 64 per token,
   16-token blocks in random order; 16 query heads as DeepSeek-V2-Lite, 128 as DeepSeek-V3, Kimi-K2 has 64): the
   median ms of each over --rounds calls, alternating, and the ratio per round (median [min-max]).
 - A DeepSeek-V2-Lite-shaped model (bench/prefill_attention.py --deepseek's, random weights, --scheme): greedy
   decode tokens/s of --streams streams after a prompt of each context length (the prefill untimed: from the
-  requests' first token to their last), the two ops alternating on one LLM for --rounds rounds after a warm-up, and
-  the share of tokens on which they agree (the two sum in other orders; random weights make near-ties common).
+  requests' first token to their last), TorchOps' two ops patched in and the native ones alternating on one LLM for
+  --rounds rounds after a warm-up, and the share of tokens on which they agree (the two sum in other orders;
+  random weights make near-ties common).
 
     .venv/bin/python bench/mla_decode.py [--contexts 1024,4000] [--heads 16,128] [--batches 1,4] [--streams 1,4]
         [--scheme w8a8_dynamic] [--rounds 5]
@@ -38,6 +40,7 @@ from slimquant.kernels import native  # noqa: E402
 from slimquant.layers.context import ForwardContext  # noqa: E402
 
 RANK, ROPE, BLOCK = 512, 64, 16  # DeepSeek's kv_lora_rank and qk_rope_head_dim; slimquant's block size
+PATCHED = ("mla_decode", "head_matmul")  # NativeOps' methods that the model table's baseline takes from TorchOps
 
 
 def spread(values: list[float], digits: int = 2) -> str:
@@ -78,10 +81,11 @@ def decode_rates(path: Path, contexts: list[int], streams: list[int], rounds: in
             tokens = {}
             for r in range(rounds + 1):  # round 0 warms up
                 for name in rates:
-                    if name == "torch":
-                        ops.mla_decode = functools.partial(TorchOps.mla_decode, ops)
+                    for op in PATCHED if name == "torch" else ():
+                        setattr(ops, op, functools.partial(getattr(TorchOps, op), ops))
                     outs = llm.generate(prompts, params, use_tqdm=False)
-                    vars(ops).pop("mla_decode", None)
+                    for op in PATCHED:
+                        vars(ops).pop(op, None)
                     seconds = max(o.metrics.finished_time for o in outs) - max(o.metrics.first_token_time for o in outs)
                     tokens[name] = [t for o in outs for t in o.outputs[0].token_ids]
                     if r:

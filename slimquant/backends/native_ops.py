@@ -23,6 +23,7 @@ from slimquant.layers.context import ForwardContext
 # (docs/benchmarks.md). Its sums per (row, token) do not depend on the batch below it.
 NATIVE_MAX_TOKENS = 128
 KV_CACHE_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # what the native attention holds: SqStep
+W_TYPES = {torch.float32: 0, torch.bfloat16: 1}  # the weights sq_head_matmul reads
 _BLOCK_ROWS = 16  # the VNNI build's row blocks (csrc/int8_cpu.cpp: kBlockRows)
 _K_MULTIPLE = 8  # the bf16 kernel reads 8 values at a time
 
@@ -109,6 +110,22 @@ class NativeOps(TorchOps):
             scale=scale, out=out.data_ptr(),
         )  # fmt: skip
         return out
+
+    def head_matmul(self, x, w, transposed=False):
+        """One native call over every head, reading a bf16 (or fp32) w in place instead of an fp32 copy of it."""
+        k, n = (w.shape[2], w.shape[1]) if transposed else (w.shape[1], w.shape[2])
+        columns = k if transposed else n  # the kernels read w_h's rows 8 values at a time
+        fits = x.dim() == w.dim() == 3 and x.stride(2) == w.stride(2) == 1 and columns % 8 == 0
+        if not (fits and _fp32(x) and w.dtype in W_TYPES and w.device.type == "cpu"):
+            return super().head_matmul(x, w, transposed)
+        b, nh = x.shape[:2]
+        y = torch.empty(b, nh, n)  # [B, NH, N]
+        self.lib.sq_head_matmul(
+            x=x.data_ptr(), b=b, heads=nh, k=k, ldx_b=x.stride(0), ldx_h=x.stride(1), w=w.data_ptr(),
+            w_type=W_TYPES[w.dtype], n=n, ldw=w.stride(1), ldw_head=w.stride(0), transposed=int(transposed),
+            y=y.data_ptr(),
+        )  # fmt: skip
+        return y
 
     def rotate(self, x, rope):
         cos, sin = rope

@@ -174,6 +174,11 @@ class TorchOps:
             outs.append(torch.bmm(probs[:, None], latents)[:, 0])  # [NH, R]
         return torch.stack(outs)
 
+    def head_matmul(self, x: torch.Tensor, w: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """x [B, NH, K] times each head's matrix w [NH, K, N] (or w [NH, N, K] with transposed: x @ w_h^T) ->
+        [B, NH, N] in x's dtype; w is converted to it (MLA's absorbed kv_b_proj, held in bf16)."""
+        return torch.einsum("bhk,hnk->bhn" if transposed else "bhk,hkn->bhn", x, w.to(x.dtype))
+
     # ---- int8 linears (docs/FORMAT.md's runtime math) ----
 
     def pack_weight(self, w_q: torch.Tensor) -> torch.Tensor:

@@ -76,13 +76,12 @@ class MLAttention(KVCacheLayer):
     def _decode_absorbed(self, q: torch.Tensor, ctx: ForwardContext, kv_b_proj: Linear) -> torch.Tensor:
         """Decode of q [B, NH, Dqk] with kv_b_proj's W_UK folded into q and W_UV applied after attention over the
         latents (the backend's mla_decode) -> [B, NH, V]."""
-        w = kv_b_proj.weight.to(q.dtype)  # [NH * (nope + V), R]: float, maybe held as bf16
-        w = w.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)  # [NH, nope + V, R]
-        w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # [NH, nope, R], [NH, V, R]
+        w = kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)  # [NH, nope + V, R]
+        w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # [NH, nope, R], [NH, V, R]: float, maybe bf16
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # [B, NH, nope], [B, NH, rope]
-        q_full = torch.cat([torch.einsum("bhn,hnr->bhr", q_nope, w_uk), q_pe], dim=-1)  # [B, NH, R + rope]
+        q_full = torch.cat([self.ops.head_matmul(q_nope, w_uk), q_pe], dim=-1)  # [B, NH, R + rope]
         out_lat = self.ops.mla_decode(q_full, self.kv_cache, ctx, self.scale, self.kv_lora_rank)  # [B, NH, R]
-        return torch.einsum("bhr,hvr->bhv", out_lat, w_uv)  # [B, NH, V]
+        return self.ops.head_matmul(out_lat, w_uv, transposed=True)  # [B, NH, V]
 
 
 def padded_v_attention(

@@ -140,6 +140,38 @@ def test_mla_decode_of_other_inputs_is_the_torch_definition():
     assert torch.equal(kernels.mla_decode(q, cache, graph, 0.1, 64), TorchOps().mla_decode(q, cache, graph, 0.1, 64))
 
 
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    ("b", "heads", "k", "n", "transposed"),
+    [(1, 4, 16, 40, False), (11, 3, 20, 16, False), (2, 5, 36, 32, False)]
+    + [(1, 4, 16, 40, True), (11, 3, 24, 16, True), (2, 5, 32, 36, True)],
+)
+def test_head_matmul_equals_torch_and_each_head_alone(b, heads, k, n, transposed, w_dtype):
+    """MLA's absorbed kv_b_proj: x [B, NH, K] (a strided view, as q_nope) times each head's rows of one weight in
+    place (bf16 or fp32): TorchOps' numbers to fp32 rounding, and each head's bits those of the head alone (11 rows:
+    a group of eight and three; w_h's rows not a multiple of 8: K = 20, 36, or N = 36 when transposed)."""
+    g = torch.Generator().manual_seed(b + heads)
+    weight = torch.randn(heads * (k + n + 8), k + n, generator=g).to(w_dtype)  # [NH * rows, cols]: kv_b_proj-like
+    per_head = weight.view(heads, k + n + 8, k + n)
+    w = per_head[:, 8 : 8 + n, :k] if transposed else per_head[:, 8 : 8 + k, :n]  # [NH, N, K] or [NH, K, N]
+    x = torch.randn(b, heads, k + 8, generator=g)[..., :k]  # [B, NH, K], rows strided
+    with patch.object(TorchOps, "head_matmul", side_effect=AssertionError("fell back to the torch path")):
+        out = kernels.head_matmul(x, w, transposed)  # [B, NH, N]
+        alone = torch.cat([kernels.head_matmul(x[:, h : h + 1], w[h : h + 1], transposed) for h in range(heads)], 1)
+    torch.testing.assert_close(out, TorchOps().head_matmul(x, w, transposed), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, alone)
+
+
+def test_head_matmul_of_other_shapes_and_dtypes_is_the_torch_definition():
+    """Columns of w_h not a multiple of 8 (N, or K when transposed), or bf16 activations: TorchOps' einsum, bit for
+    bit."""
+    x, w = torch.randn(2, 3, 16), torch.randn(3, 16, 12).bfloat16()  # N = 12
+    assert torch.equal(kernels.head_matmul(x, w), TorchOps().head_matmul(x, w))
+    x12 = torch.randn(2, 3, 12)  # K = 12, transposed
+    assert torch.equal(kernels.head_matmul(x12, w, transposed=True), TorchOps().head_matmul(x12, w, transposed=True))
+    assert torch.equal(kernels.head_matmul(x.bfloat16(), w), TorchOps().head_matmul(x.bfloat16(), w))
+
+
 @pytest.mark.parametrize(("t", "nh", "kvh", "d"), [(1, 4, 2, 16), (5, 3, 1, 40), (37, 9, 3, 64), (600, 8, 2, 128)])
 def test_rope_of_prefill_heads_equals_the_torch_rotation(t, nh, kvh, d):
     """q / k as views of a fused qkv projection's rows (their own row stride), cos / sin tables of any values (D

@@ -328,6 +328,26 @@ void attend_group(const float* q, int ldq, const float* cos, const float* sin, c
   }
 }
 
+template <class W>
+void head_matmul(const float* x, int b, int heads, int k, int ldx_b, int ldx_h, const W* w, int n, int64_t ldw,
+                 int64_t ldw_head, bool transposed, float* y) {
+#pragma omp parallel for schedule(static) if (heads > 1)
+  for (int h = 0; h < heads; ++h) {
+    thread_local std::vector<float> xs, ys, ones;  // [B, K], [B, N], [B]
+    thread_local std::vector<const W*> rows;       // w_h's rows
+    xs.resize((size_t)b * k), ys.resize((size_t)b * n), ones.assign(b, 1.0f);
+    for (int i = 0; i < b; ++i) {
+      const float* xi = x + (size_t)i * ldx_b + (size_t)h * ldx_h;
+      std::copy(xi, xi + k, &xs[(size_t)i * k]);
+    }
+    rows.resize(transposed ? n : k);
+    for (size_t r = 0; r < rows.size(); ++r) rows[r] = w + h * ldw_head + (int64_t)r * ldw;
+    if (transposed) score_rows(xs.data(), rows.data(), n, k, b, nullptr, 1.0f, ys.data());  // x . w_h's rows
+    else weighted_sums(xs.data(), k, rows.data(), n, b, ones.data(), ys.data());  // sum over k of x_k w_h[k]
+    for (int i = 0; i < b; ++i) std::copy(&ys[(size_t)i * n], &ys[(size_t)i * n] + n, y + ((size_t)i * heads + h) * n);
+  }
+}
+
 void own_value(const float* v, int ldv, int b, int g, int j0, int j1, int num_heads, int num_kv_heads,
                int head_dim, float* out) {
   const float* vg = v + (size_t)b * ldv + (size_t)g * head_dim;
@@ -391,6 +411,14 @@ void sq_mla_decode_attention(const float* q, int ldq, const void* cache, const S
                               });
     }
   });
+}
+
+void sq_head_matmul(const float* x, int b, int heads, int k, int ldx_b, int ldx_h, const void* w, int w_type,
+                    int n, int64_t ldw, int64_t ldw_head, int transposed, float* y) {
+  if (w_type == 1)
+    sq::head_matmul(x, b, heads, k, ldx_b, ldx_h, static_cast<const uint16_t*>(w), n, ldw, ldw_head, transposed, y);
+  else
+    sq::head_matmul(x, b, heads, k, ldx_b, ldx_h, static_cast<const float*>(w), n, ldw, ldw_head, transposed, y);
 }
 
 // y [T, heads, D] (row stride ldy) = x [T, heads, D] (row stride ldx, each token's heads contiguous) rotated by its

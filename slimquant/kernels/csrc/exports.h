@@ -130,6 +130,11 @@
   /* c[:R] over the row's cached context c [S, D] (cache [slots, D], fp32 or bf16; nothing stored). */   \
   X(void, sq_mla_decode_attention, (const float* q, int ldq, const void* cache, const SqStep* step,      \
                                     int num_heads, int head_dim, int rank, float scale, float* out))    \
+  /* y [B, NH, N] = x [B, NH, K] (strides ldx_b / ldx_h) times each head's w_h: [K, N] (x @ w_h), or */ \
+  /* [N, K] where transposed (x @ w_h^T); rows ldw apart, heads ldw_head; fp32 or bf16 (w_type 0 / 1); */ \
+  /* K, N multiples of 8. Each head's numbers are those of the head alone (MLA's absorbed kv_b_proj). */   \
+  X(void, sq_head_matmul, (const float* x, int b, int heads, int k, int ldx_b, int ldx_h, const void* w, \
+                           int w_type, int n, int64_t ldw, int64_t ldw_head, int transposed, float* y))  \
   /* y [T, heads, D] = x rotated by its token's cos / sin [T, D] (neox); rows at strides ldx / ldy. */   \
   X(void, sq_rope_heads, (const float* x, int t, int heads, int d, int ldx, const float* cos,            \
                           const float* sin, float* y, int ldy))                                         \
