@@ -3,9 +3,10 @@ cache, each cached row read once for all heads; NativeOps.head_matmul: kv_b_proj
 bf16) against TorchOps' (each sequence's latents gathered into an fp32 copy, then a stride-0 bmm per head; kv_b_proj
 converted to fp32 at every step, then einsum), side by side in one run.
 
-- The op alone: B sequences of one query token over C cached tokens each (a bf16 latent cache of 512 + 64 per token,
-  16-token blocks in random order; 16 query heads as DeepSeek-V2-Lite, 128 as DeepSeek-V3, Kimi-K2 has 64): the
-  median ms of each over --rounds calls, alternating, and the ratio per round (median [min-max]).
+- The ops alone: B sequences of one query token over C cached tokens each (a bf16 latent cache of 512 + 64 per
+  token, 16-token blocks in random order; 16 query heads as DeepSeek-V2-Lite, 128 as DeepSeek-V3, Kimi-K2 has 64):
+  the median ms of each over --rounds calls, alternating, and the ratio per round (median [min-max]); then the
+  step's two products by kv_b_proj's halves (bf16, 128 + 128 rows of 512 per head).
 - A DeepSeek-V2-Lite-shaped model (bench/prefill_attention.py --deepseek's, random weights, --scheme): greedy
   decode tokens/s of --streams streams after a prompt of each context length (the prefill untimed: from the
   requests' first token to their last), TorchOps' two ops patched in and the native ones alternating on one LLM for
@@ -40,6 +41,7 @@ from slimquant.kernels import native  # noqa: E402
 from slimquant.layers.context import ForwardContext  # noqa: E402
 
 RANK, ROPE, BLOCK = 512, 64, 16  # DeepSeek's kv_lora_rank and qk_rope_head_dim; slimquant's block size
+NOPE = 128  # qk_nope_head_dim = v_head_dim
 PATCHED = ("mla_decode", "head_matmul")  # NativeOps' methods that the model table's baseline takes from TorchOps
 
 
@@ -61,6 +63,23 @@ def op_times(native_ops: NativeOps, heads: int, batch: int, context: int, rounds
         for name, o in ops.items():
             start = time.perf_counter()
             o.mla_decode(q, cache, ctx, RANK**-0.5, RANK)
+            if r:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def absorb_times(native_ops: NativeOps, heads: int, batch: int, rounds: int) -> dict[str, list[float]]:
+    """ms per step of both products by kv_b_proj's halves ([NH, 128 + 128, 512] bf16), alternating."""
+    w = torch.randn(heads, 2 * NOPE, RANK).bfloat16()  # [NH, nope + V, R]: the view of kv_b_proj's weight
+    w_uk, w_uv = w.split([NOPE, NOPE], dim=1)
+    q_nope, latents = torch.randn(batch, heads, NOPE), torch.randn(batch, heads, RANK)
+    ops = {"torch": TorchOps(), "native": native_ops}
+    times: dict[str, list[float]] = {name: [] for name in ops}
+    for r in range(rounds + 1):
+        for name, o in ops.items():
+            start = time.perf_counter()
+            o.head_matmul(q_nope, w_uk)
+            o.head_matmul(latents, w_uv, transposed=True)
             if r:
                 times[name].append((time.perf_counter() - start) * 1e3)
     return times
@@ -116,6 +135,14 @@ def main() -> None:
                 ratios = [a / b for a, b in zip(t["torch"], t["native"], strict=True)]
                 row = f"| {heads} | {batch} | {context} | {spread(t['torch'])} | {spread(t['native'])} |"
                 print(f"{row} {spread(ratios)} |", flush=True)
+    print("\n| heads | batch | kv_b_proj products: torch, ms | native, ms | torch / native per round |")
+    print("|---:|---:|---:|---:|---:|")
+    for heads in (int(h) for h in args.heads.split(",")):
+        for batch in (int(b) for b in args.batches.split(",")):
+            t = absorb_times(native_ops, heads, batch, args.rounds)
+            ratios = [a / b for a, b in zip(t["torch"], t["native"], strict=True)]
+            cells = f"{spread(t['torch'])} | {spread(t['native'])} | {spread(ratios)}"
+            print(f"| {heads} | {batch} | {cells} |", flush=True)
     path = quantized(deepseek_model(), args.scheme)
     print(f"\n{path.name}: decode tokens/s after a prompt of each context")
     print("| context | streams | torch | native | native / torch per round | tokens agreeing |")
