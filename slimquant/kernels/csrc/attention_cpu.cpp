@@ -1,6 +1,8 @@
 // Decode-step attention over a paged KV cache, with rotary embedding and the cache write fused: one call per
 // layer instead of a dozen small torch ops. fp32 throughout; built with -ffp-contract=off so the rotation
-// rounds exactly like torch's x * cos + rotate_half(x) * sin.
+// rounds exactly like torch's x * cos + rotate_half(x) * sin. DeepSeek's absorbed MLA decode runs the same
+// kernel (one kv head for every query head, its value the latent part of the row), and its two products by
+// kv_b_proj's halves run the kernel's two halves per head (sq_head_matmul).
 //
 // q [B, NH, D] at row stride ldq (elements per token), k / v [B, KVH, D] at ldk / ldv; caches [slots, KVH, D],
 // fp32 or bf16 (stored rounded to nearest even, as torch's .to(torch.bfloat16), and read back exactly widened)
