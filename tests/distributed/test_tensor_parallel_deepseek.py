@@ -2,8 +2,8 @@
 greedy tokens and logprobs, bit for bit, for float, the DeepSeek mix (MLA static W8A8, MLPs and experts
 W8A8_DYNAMIC, kv_b float) and all-W8A8_DYNAMIC (an int8 kv_b_proj: the non-absorbed decode) checkpoints; each rank
 reads its heads' rows, its part of every expert or its whole experts, and nothing of the experts it does not run;
-the server answers as one process. The reference is one process on the same (torch-reference) backend and thread
-count."""
+the server answers as one process. The reference is one process on the same backend (torch-reference, or
+cpu-native for the native kernels' test) and thread count."""
 
 from __future__ import annotations
 
@@ -70,8 +70,8 @@ def test_every_rank_returns_one_process_tokens_and_logprobs(deepseek, one_proces
 
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
 def test_native_ranks_return_one_native_process_results(deepseek):
-    """cpu-native ranks: the native absorbed MLA decode over each rank's heads (4 ranks: one head each) gives one
-    cpu-native process's numbers, bit for bit."""
+    """cpu-native ranks: the native absorbed MLA decode and kv_b_proj products over each rank's heads (4 ranks: one
+    head each) give one cpu-native process's numbers, bit for bit."""
     paths = [deepseek["v3-float"], deepseek["v3-mix"], deepseek["v2-mix"]]
     (one,) = run_ranks(rank_generate, 1, paths, False, "cpu-native")
     for size in (2, 4):

@@ -330,6 +330,8 @@ void attend_group(const float* q, int ldq, const float* cos, const float* sin, c
   }
 }
 
+// sq_head_matmul (exports.h) for weights of type W: per head, x's rows gathered, then the weighted sums (x @ w_h)
+// or the scores (x @ w_h^T) of attention, whose sums per row do not depend on the rows or heads beside it.
 template <class W>
 void head_matmul(const float* x, int b, int heads, int k, int ldx_b, int ldx_h, const W* w, int n, int64_t ldw,
                  int64_t ldw_head, bool transposed, float* y) {

@@ -132,7 +132,7 @@
                                     int num_heads, int head_dim, int rank, float scale, float* out))    \
   /* y [B, NH, N] = x [B, NH, K] (strides ldx_b / ldx_h) times each head's w_h: [K, N] (x @ w_h), or */ \
   /* [N, K] where transposed (x @ w_h^T); rows ldw apart, heads ldw_head; fp32 or bf16 (w_type 0 / 1); */ \
-  /* K, N multiples of 8. Each head's numbers are those of the head alone (MLA's absorbed kv_b_proj). */   \
+  /* w_h's rows a multiple of 8 wide. Each head's numbers are those of the head alone (MLA's kv_b_proj). */ \
   X(void, sq_head_matmul, (const float* x, int b, int heads, int k, int ldx_b, int ldx_h, const void* w, \
                            int w_type, int n, int64_t ldw, int64_t ldw_head, int transposed, float* y))  \
   /* y [T, heads, D] = x rotated by its token's cos / sin [T, D] (neox); rows at strides ldx / ldy. */   \
