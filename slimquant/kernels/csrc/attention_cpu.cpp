@@ -198,12 +198,13 @@ void weighted_sums(const float* p, int n, const C* const* v_rows, int d, int hea
 
 // scores [heads, n] = (q_j . k_t - shift[j]) * scale (shift null: none), q [heads, d], d a multiple of 8: eight
 // rows at a time, multiplied by every head while they are in L1; rows of another type than fp32 are widened once
-// per eight rows for all the heads (exactly, so the same sums).
+// per eight rows for all the heads where four or more read them (exactly, so the same sums; for fewer heads the
+// widening cost more than it saved).
 template <class C>
 void score_rows(const float* q, const C* const* k_rows, int n, int d, int heads, const float* shift, float scale,
                 float* scores) {
   thread_local std::vector<float> wide;  // [8, d]: eight rows widened
-  const bool widen = !std::is_same_v<C, float> && heads > 1;
+  const bool widen = !std::is_same_v<C, float> && heads >= 4;
   if (widen && wide.size() < (size_t)8 * d) wide.resize((size_t)8 * d);
   const float* rows[8];  // the widened rows
   for (int r = 0; r < 8 && widen; ++r) rows[r] = &wide[(size_t)r * d];
