@@ -26,6 +26,7 @@ import functools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,39 +51,46 @@ def spread(values: list[float], digits: int = 2) -> str:
     return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
 
 
+def alternate_ms(native_ops: NativeOps, rounds: int, step: Callable[[TorchOps], object]) -> dict[str, list[float]]:
+    """ms of step(ops) for TorchOps and the native ops, alternating, after one warm-up call of each."""
+    ops = {"torch": TorchOps(), "native": native_ops}
+    times: dict[str, list[float]] = {name: [] for name in ops}
+    for r in range(rounds + 1):
+        for name, o in ops.items():
+            start = time.perf_counter()
+            step(o)
+            if r:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def ms_cells(times: dict[str, list[float]]) -> str:
+    """'torch ms | native ms | torch / native per round' cells of a table row."""
+    ratios = [a / b for a, b in zip(times["torch"], times["native"], strict=True)]
+    return f"{spread(times['torch'])} | {spread(times['native'])} | {spread(ratios)}"
+
+
 def op_times(native_ops: NativeOps, heads: int, batch: int, context: int, rounds: int) -> dict[str, list[float]]:
-    """ms per call of each op, alternating, after one warm-up call of each."""
+    """ms per mla_decode call of each ops."""
     blocks = -(-context // BLOCK)
     cache = torch.randn(batch * blocks, BLOCK, RANK + ROPE).bfloat16()  # [NB, BS, R + P]
     tables = torch.randperm(batch * blocks, dtype=torch.int32).view(batch, blocks)  # [B, W]
     ctx = ForwardContext([1] * batch, [context] * batch, torch.full((batch,), -1), tables, BLOCK)
     q = torch.randn(batch, heads, RANK + ROPE)  # [B, NH, R + P]
-    ops = {"torch": TorchOps(), "native": native_ops}
-    times: dict[str, list[float]] = {name: [] for name in ops}
-    for r in range(rounds + 1):
-        for name, o in ops.items():
-            start = time.perf_counter()
-            o.mla_decode(q, cache, ctx, RANK**-0.5, RANK)
-            if r:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return times
+    return alternate_ms(native_ops, rounds, lambda o: o.mla_decode(q, cache, ctx, RANK**-0.5, RANK))
 
 
 def absorb_times(native_ops: NativeOps, heads: int, batch: int, rounds: int) -> dict[str, list[float]]:
-    """ms per step of both products by kv_b_proj's halves ([NH, 128 + 128, 512] bf16), alternating."""
+    """ms per step of both products by kv_b_proj's halves ([NH, 128 + 128, 512] bf16)."""
     w = torch.randn(heads, 2 * NOPE, RANK).bfloat16()  # [NH, nope + V, R]: the view of kv_b_proj's weight
     w_uk, w_uv = w.split([NOPE, NOPE], dim=1)
     q_nope, latents = torch.randn(batch, heads, NOPE), torch.randn(batch, heads, RANK)
-    ops = {"torch": TorchOps(), "native": native_ops}
-    times: dict[str, list[float]] = {name: [] for name in ops}
-    for r in range(rounds + 1):
-        for name, o in ops.items():
-            start = time.perf_counter()
-            o.head_matmul(q_nope, w_uk)
-            o.head_matmul(latents, w_uv, transposed=True)
-            if r:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return times
+
+    def step(o: TorchOps) -> None:
+        o.head_matmul(q_nope, w_uk)
+        o.head_matmul(latents, w_uv, transposed=True)
+
+    return alternate_ms(native_ops, rounds, step)
 
 
 def decode_rates(path: Path, contexts: list[int], streams: list[int], rounds: int) -> list[tuple]:
@@ -132,17 +140,13 @@ def main() -> None:
         for batch in (int(b) for b in args.batches.split(",")):
             for context in contexts:
                 t = op_times(native_ops, heads, batch, context, args.rounds)
-                ratios = [a / b for a, b in zip(t["torch"], t["native"], strict=True)]
-                row = f"| {heads} | {batch} | {context} | {spread(t['torch'])} | {spread(t['native'])} |"
-                print(f"{row} {spread(ratios)} |", flush=True)
+                print(f"| {heads} | {batch} | {context} | {ms_cells(t)} |", flush=True)
     print("\n| heads | batch | kv_b_proj products: torch, ms | native, ms | torch / native per round |")
     print("|---:|---:|---:|---:|---:|")
     for heads in (int(h) for h in args.heads.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
             t = absorb_times(native_ops, heads, batch, args.rounds)
-            ratios = [a / b for a, b in zip(t["torch"], t["native"], strict=True)]
-            cells = f"{spread(t['torch'])} | {spread(t['native'])} | {spread(ratios)}"
-            print(f"| {heads} | {batch} | {cells} |", flush=True)
+            print(f"| {heads} | {batch} | {ms_cells(t)} |", flush=True)
     path = quantized(deepseek_model(), args.scheme)
     print(f"\n{path.name}: decode tokens/s after a prompt of each context")
     print("| context | streams | torch | native | native / torch per round | tokens agreeing |")
