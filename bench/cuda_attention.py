@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cuda_linear import _ms, device_header  # noqa: E402
+from bench.cuda_linear import _ms, comma_ints, device_header  # noqa: E402
 
 NH, KVH, D, BS = 28, 4, 128, 16  # Qwen2.5-7B's heads; slimquant's default block size
 
@@ -65,14 +65,20 @@ def mla_times(b: int, context: int, nh: int, device: str = "cuda") -> tuple[floa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batches", default="1,8,64", help="comma-separated sequences per step [%(default)s]")
-    p.add_argument("--contexts", default="512,4096,32768", help="comma-separated cached tokens [%(default)s]")
-    p.add_argument("--mla-heads", default="16,128", help="comma-separated MLA query heads per GPU [%(default)s]")
+    p.add_argument(
+        "--batches", type=comma_ints, default="1,8,64", help="comma-separated sequences per step [%(default)s]"
+    )
+    p.add_argument(
+        "--contexts", type=comma_ints, default="512,4096,32768", help="comma-separated cached tokens [%(default)s]"
+    )
+    p.add_argument(
+        "--mla-heads", type=comma_ints, default="16,128", help="comma-separated MLA query heads per GPU [%(default)s]"
+    )
     args = p.parse_args()
     bw = device_header()
     print(f"{'B':>4}{'context':>9}{'one pass':>11}{'bw':>6}{'splits':>8}{'split':>10}{'bw':>6}{'x':>8}")
-    for b in (int(v) for v in args.batches.split(",")):
-        for context in (int(v) for v in args.contexts.split(",")):
+    for b in args.batches:
+        for context in args.contexts:
             one, split, n, read = times(b, context)
             print(
                 f"{b:>4}{context:>9}{one * 1e3:>11.1f}{read / (one / 1e3) / bw:>6.0%}{n:>8}{split * 1e3:>10.1f}"
@@ -82,9 +88,9 @@ def main() -> None:
 
     print(f"\nMLA decode (bf16 latents of 512 + 64; torch: gather + SDPA)\n{'B':>4}{'context':>9}{'heads':>7}"
           f"{'kernel':>10}{'bw':>6}{'torch':>10}{'x':>8}")  # fmt: skip
-    for b in (int(v) for v in args.batches.split(",")):
-        for context in (int(v) for v in args.contexts.split(",")):
-            for nh in (int(v) for v in args.mla_heads.split(",")):
+    for b in args.batches:
+        for context in args.contexts:
+            for nh in args.mla_heads:
                 kernel, torch_ms, read = mla_times(b, context, nh)
                 print(
                     f"{b:>4}{context:>9}{nh:>7}{kernel * 1e3:>10.1f}{read / (kernel / 1e3) / bw:>6.0%}"

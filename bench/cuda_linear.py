@@ -41,6 +41,22 @@ SWEEP_MANY = [
 ]
 
 
+def comma_ints(text: str) -> list[int]:
+    """'1,16,2048' -> [1, 16, 2048] (argparse type: a bad list is refused before any GPU work)."""
+    parts = text.split(",")
+    if not all(v.strip().isdigit() and int(v) > 0 for v in parts):
+        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, not {text!r}")
+    return [int(v) for v in parts]
+
+
+def shape_names(text: str) -> list[str]:
+    """'8b,70b' -> ['8b', '70b'], each a key of SHAPES (argparse type)."""
+    names = text.split(",")
+    if any(n not in SHAPES for n in names):
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(SHAPES)}, comma-separated, not {text!r}")
+    return names
+
+
 def _ms(fn) -> float:
     from triton.testing import do_bench
 
@@ -108,8 +124,8 @@ def sweep(t: int, k: int, n: int) -> tuple[float, tuple]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="8b,70b", help="comma-separated: 8b, 70b [%(default)s]")
-    p.add_argument("--tokens", default="1,4,16,64,512,2048", help="comma-separated T [%(default)s]")
+    p.add_argument("--shapes", type=shape_names, default="8b,70b", help="comma-separated: 8b, 70b [%(default)s]")
+    p.add_argument("--tokens", type=comma_ints, default="1,4,16,64,512,2048", help="comma-separated T [%(default)s]")
     p.add_argument("--sweep", action="store_true", help="also find the fastest Triton tiles per row (slow)")
     args = p.parse_args()
     from slimquant.kernels import cuda_int8
@@ -117,8 +133,8 @@ def main() -> None:
     bw = device_header()
     print("x = time / bf16's")
     header = None
-    for shape in args.shapes.split(","):
-        for (name, k, n), t in itertools.product(SHAPES[shape], [int(v) for v in args.tokens.split(",")]):
+    for shape in args.shapes:
+        for (name, k, n), t in itertools.product(SHAPES[shape], args.tokens):
             us = {label: _ms(fn) * 1e3 for label, fn in candidates(t, k, n).items()}
             if header is None:
                 header = list(us)

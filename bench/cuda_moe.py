@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cuda_linear import _ms, device_header  # noqa: E402
+from bench.cuda_linear import _ms, comma_ints, device_header  # noqa: E402
 
 HIDDEN, INTER, TOP_K = 7168, 2048, 8  # DeepSeek-V3 / Kimi-K2's routed experts
 PREFIX = "model.layers.3.mlp.experts"
@@ -70,7 +70,7 @@ def measure(t: int, num_experts: int, bf16, int8, loop_ops, grouped_ops) -> tupl
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="1,8,64,512,2048", help="comma-separated T [%(default)s]")
+    p.add_argument("--tokens", type=comma_ints, default="1,8,64,512,2048", help="comma-separated T [%(default)s]")
     p.add_argument("--experts", type=int, default=256, help="routed experts (DeepSeek-V3: 256, Kimi-K2: 384)")
     args = p.parse_args()
     from slimquant.backends.triton_ops import TritonOps
@@ -82,7 +82,7 @@ def main() -> None:
     int8 = routed_experts(args.experts, True, grouped_ops)
     print(f"{args.experts} experts of {HIDDEN} -> {INTER}, {TOP_K} per token; times in microseconds (median)")
     print(f"{'T':>5}{'bf16 per expert':>17}{'int8 per expert':>23}{'int8 grouped':>23}{'bw':>6}{'same':>6}")
-    for t in (int(v) for v in args.tokens.split(",")):
+    for t in args.tokens:
         us, same, read = measure(t, args.experts, bf16, int8, loop_ops, grouped_ops)
         cells = f"{us[0]:>17.1f}" + "".join(f"{v:>15.1f} {v / us[0]:>6.2f}x" for v in us[1:])
         print(f"{t:>5}{cells}{read / (us[2] / 1e6) / bw:>6.0%}{str(same):>6}", flush=True)

@@ -3,12 +3,15 @@ user's shell runs them (subprocesses), and every file the docs cite exists."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import runpy
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -71,3 +74,67 @@ def test_only_files_in_the_repository_are_cited():
         f"{f.relative_to(REPO)}: {c}" for f, c in cited if c not in REPORT_FILES and not (REPO / c).exists()
     )
     assert not missing, "cited files that are not in the repository:\n" + "\n".join(missing)
+
+
+def test_gpu_check_gives_its_scripts_only_options_they_take(tmp_path, monkeypatch, capsys):
+    """Every command scripts/gpu_check.sh runs (recorded by a stand-in python3) parses with its bench script's own
+    options, and the tests it names exist: a lent GPU's few minutes are not lost to an option renamed since."""
+    calls = _gpu_check_calls(tmp_path)
+    scripts = [argv for argv in calls if argv[0].startswith("bench/")]
+    assert {argv[0] for argv in scripts} == {
+        "bench/speed.py",
+        "bench/cuda_linear.py",
+        "bench/cuda_attention.py",
+        "bench/cuda_moe.py",
+    }
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the scripts put the repository first
+    for argv in scripts:
+        assert _parses(argv), (
+            f"gpu_check.sh runs `{' '.join(argv)}`, which its parser refuses:\n{capsys.readouterr().err}"
+        )
+    (tests,) = [argv for argv in calls if argv[:2] == ["-m", "pytest"]]
+    named = [a for a in tests if a.startswith("tests/")]
+    assert named and all((REPO / a).exists() for a in named), named
+
+
+def _gpu_check_calls(tmp_path: Path) -> list[list[str]]:
+    """The argument lists of every python3 that `bash scripts/gpu_check.sh --sweep` starts, in order."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" "--end--" >> "{log}"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+    run = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--sweep"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    calls, argv = [], []
+    for line in log.read_text().splitlines():
+        if line == "--end--":
+            calls.append(argv)
+            argv = []
+        else:
+            argv.append(line)
+    return calls
+
+
+class _Parsed(Exception):
+    """Raised by a parse_args that succeeded, before the script goes on to use a GPU."""
+
+
+def _parses(argv: list[str]) -> bool:
+    """Whether bench script argv[0] accepts the options argv[1:] (only its argument parser runs)."""
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        real(self, args, namespace)
+        raise _Parsed
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", parse_only), mock.patch.object(sys, "argv", argv):
+        try:
+            runpy.run_path(str(REPO / argv[0]), run_name="__main__")
+        except _Parsed:
+            return True
+        except SystemExit:
+            return False
+    raise AssertionError(f"{argv[0]} never parsed its arguments")
