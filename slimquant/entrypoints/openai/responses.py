@@ -173,8 +173,9 @@ def _usage(used: dict[str, int]) -> dict[str, Any]:
     }
 
 
-async def _events(shell: _Shell, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The Responses API's events for one message, from chat's SSE chunks (the last of which holds the usage)."""
+async def _events(shell: _Shell, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """The Responses API's server-sent events for one message, from chat's stream chunks (the last of which holds
+    the usage)."""
     numbers = itertools.count()
 
     def event(kind: str, **body: Any) -> str:
@@ -186,11 +187,7 @@ async def _events(shell: _Shell, chunks: AsyncIterator[str]) -> AsyncIterator[st
     where = {"item_id": shell.message_id, "output_index": 0, "content_index": 0}
     yield event("response.content_part.added", **where, part=_text_part(""))
     text, finish, used = "", None, None
-    async for sse in chunks:
-        chunk = sse.removeprefix("data: ").strip()
-        if chunk == "[DONE]":
-            continue
-        data = json.loads(chunk)
+    async for data in chunks:
         if not data["choices"]:  # the usage chunk
             used = data["usage"]
             continue

@@ -178,11 +178,11 @@ def _install_routes(app: FastAPI, ctx: serving.ServingContext, metrics: ServerMe
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
-        return await _respond(raw, serving.create_completion(req, ctx))
+        return await _respond(raw, _data_events(serving.create_completion(req, ctx)))
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, raw: Request):
-        return await _respond(raw, serving.create_chat(req, ctx))
+        return await _respond(raw, _data_events(serving.create_chat(req, ctx)))
 
     @app.post("/v1/responses")
     async def respond(req: ResponsesRequest, raw: Request):
@@ -226,6 +226,20 @@ async def _respond(raw: Request, job: Awaitable[dict | AsyncIterator[str]]) -> A
     if isinstance(result, dict):
         return JSONResponse(result)
     return StreamingResponse(_guard_stream(result), media_type="text/event-stream")
+
+
+async def _data_events(job: Awaitable[dict | AsyncIterator[dict]]) -> dict | AsyncIterator[str]:
+    """A finished completion as it is; a stream's chunks as server-sent events, then data: [DONE]."""
+    result = await job
+    if isinstance(result, dict):
+        return result
+
+    async def events() -> AsyncIterator[str]:
+        async for chunk in result:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return events()
 
 
 async def _guard_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -238,7 +237,7 @@ def _start(ctx: ServingContext, rid: str, prompts: list[list[int]], params: list
     return streams
 
 
-async def create_completion(req: CompletionRequest, ctx: ServingContext) -> dict | AsyncIterator[str]:
+async def create_completion(req: CompletionRequest, ctx: ServingContext) -> dict | AsyncIterator[dict]:
     """POST /v1/completions. echo returns the prompt before the completion, with its tokens' logprobs (the first
     null) where logprobs are asked for, as OpenAI's legacy API and vLLM do; max_tokens 0 with echo scores the
     prompt only."""
@@ -272,8 +271,8 @@ async def create_completion(req: CompletionRequest, ctx: ServingContext) -> dict
     }
 
 
-async def create_chat(req: ChatCompletionRequest, ctx: ServingContext) -> dict | AsyncIterator[str]:
-    """POST /v1/chat/completions."""
+async def create_chat(req: ChatCompletionRequest, ctx: ServingContext) -> dict | AsyncIterator[dict]:
+    """POST /v1/chat/completions: the response, or (stream) its chunks."""
     _check_model(req, ctx)
     if req.max_tokens == 0:
         raise OpenAIError("max_tokens must be at least 1 (scoring a prompt is for completions)", param="max_tokens")
@@ -314,9 +313,9 @@ async def create_chat(req: ChatCompletionRequest, ctx: ServingContext) -> dict |
     }
 
 
-async def _stream(ctx, rid, obj, streams, prompts, req, tools: ToolMode | None = None) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per new text piece, a final usage chunk on request, then [DONE]. Requests not
-    yet streamed are aborted if the client goes away."""
+async def _stream(ctx, rid, obj, streams, prompts, req, tools: ToolMode | None = None) -> AsyncIterator[dict]:
+    """The stream's chunks: one per new text piece, then a usage chunk on request. Requests not yet streamed are
+    aborted if the client goes away."""
     chat = obj == "chat.completion.chunk"
     try:
         async for chunk in _stream_chunks(ctx, rid, obj, streams, req, chat, tools):
@@ -327,21 +326,18 @@ async def _stream(ctx, rid, obj, streams, prompts, req, tools: ToolMode | None =
     if req.stream_options and req.stream_options.include_usage:
         n_in = sum(len(p) for p in prompts)
         n_out = sum(len(c.token_ids) for stream in streams if stream.last for c in stream.last.outputs)
-        yield _sse(
-            {
-                "id": rid,
-                "object": obj,
-                "created": now(),
-                "model": ctx.model_name,
-                "choices": [],
-                "usage": usage(n_in, n_out),
-            }
-        )
-    yield "data: [DONE]\n\n"
+        yield {
+            "id": rid,
+            "object": obj,
+            "created": now(),
+            "model": ctx.model_name,
+            "choices": [],
+            "usage": usage(n_in, n_out),
+        }
 
 
-async def _stream_chunks(ctx, rid, obj, streams, req, chat, tools: ToolMode | None = None) -> AsyncIterator[str]:
-    """The requests' SSE chunks as their outputs come (several prompts' interleave), each with the logprobs of the
+async def _stream_chunks(ctx, rid, obj, streams, req, chat, tools: ToolMode | None = None) -> AsyncIterator[dict]:
+    """The requests' chunks as their outputs come (several prompts' interleave), each with the logprobs of the
     tokens it adds where they are asked for; with tools, text that may be calls (from a <tool_call> on; all of a
     forced call) is held back and sent as tool_calls when the choice ends."""
     echo, scoring = not chat and req.echo, not chat and req.max_tokens == 0
@@ -356,7 +352,7 @@ async def _stream_chunks(ctx, rid, obj, streams, req, chat, tools: ToolMode | No
             n_in = len(out.prompt_token_ids)
             if chat and first:
                 chunk = _chunk(rid, obj, ctx, index, {"role": "assistant", "content": ""}, None, chat)
-                yield _sse(chunk | ({"usage": usage(n_in, 0)} if continuous else {}))
+                yield chunk | ({"usage": usage(n_in, 0)} if continuous else {})
             text, ids, lps = ("", [], []) if scoring else (c.text, list(c.token_ids), c.logprobs)
             calls, finish = [], c.finish_reason
             if tools and c.finish_reason is None:
@@ -372,7 +368,7 @@ async def _stream_chunks(ctx, rid, obj, streams, req, chat, tools: ToolMode | No
                     new_ids, new_lps = list(out.prompt_token_ids) + new_ids, list(out.prompt_logprobs) + new_lps
             if calls:  # the held-back calls, whole
                 body = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
-                yield _sse(_chunk(rid, obj, ctx, index, body, None, chat))
+                yield _chunk(rid, obj, ctx, index, body, None, chat)
             if delta or c.finish_reason or new_ids:
                 chunk = _chunk(rid, obj, ctx, index, {"content": delta} if chat else delta, finish, chat)
                 if new_lps is not None and chat:
@@ -382,7 +378,7 @@ async def _stream_chunks(ctx, rid, obj, streams, req, chat, tools: ToolMode | No
                     offset += sum(len(t) for t in lp["tokens"])
                 if continuous:  # this choice's tokens so far, as vLLM counts them
                     chunk["usage"] = usage(n_in, 0 if scoring else len(ids))
-                yield _sse(chunk)
+                yield chunk
             sent[index] = (len(text), len(ids), offset)
 
 
@@ -390,10 +386,6 @@ def _chunk(rid, obj, ctx, index, body, finish_reason, chat) -> dict:
     choice = {"index": index, "finish_reason": finish_reason}
     choice.update({"delta": body} if chat else {"text": body})
     return {"id": rid, "object": obj, "created": now(), "model": ctx.model_name, "choices": [choice]}
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
 
 
 def _prompt_logprobs_wanted(req: CompletionRequest) -> int | None:
