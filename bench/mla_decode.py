@@ -51,23 +51,29 @@ def spread(values: list[float], digits: int = 2) -> str:
     return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
 
 
-def alternate_ms(native_ops: NativeOps, rounds: int, step: Callable[[TorchOps], object]) -> dict[str, list[float]]:
-    """ms of step(ops) for TorchOps and the native ops, alternating, after one warm-up call of each."""
-    ops = {"torch": TorchOps(), "native": native_ops}
-    times: dict[str, list[float]] = {name: [] for name in ops}
+def alternate_ms(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """ms of each named step per round, alternating, after one warm-up call of each."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(rounds + 1):
-        for name, o in ops.items():
+        for name, step in steps.items():
             start = time.perf_counter()
-            step(o)
+            step()
             if r:
                 times[name].append((time.perf_counter() - start) * 1e3)
     return times
 
 
+def torch_and_native(native_ops: NativeOps, step: Callable[[TorchOps], object]) -> dict[str, Callable[[], object]]:
+    """alternate_ms's steps: step(ops) with TorchOps ("torch") and with the native ops ("native")."""
+    torch_ops = TorchOps()
+    return {"torch": lambda: step(torch_ops), "native": lambda: step(native_ops)}
+
+
 def ms_cells(times: dict[str, list[float]]) -> str:
-    """'torch ms | native ms | torch / native per round' cells of a table row."""
-    ratios = [a / b for a, b in zip(times["torch"], times["native"], strict=True)]
-    return f"{spread(times['torch'])} | {spread(times['native'])} | {spread(ratios)}"
+    """'baseline ms | new ms | baseline / new per round' cells of a table row (times: baseline first)."""
+    before, after = times.values()
+    ratios = [a / b for a, b in zip(before, after, strict=True)]
+    return f"{spread(before)} | {spread(after)} | {spread(ratios)}"
 
 
 def op_times(native_ops: NativeOps, heads: int, batch: int, context: int, rounds: int) -> dict[str, list[float]]:
@@ -77,7 +83,7 @@ def op_times(native_ops: NativeOps, heads: int, batch: int, context: int, rounds
     tables = torch.randperm(batch * blocks, dtype=torch.int32).view(batch, blocks)  # [B, W]
     ctx = ForwardContext([1] * batch, [context] * batch, torch.full((batch,), -1), tables, BLOCK)
     q = torch.randn(batch, heads, RANK + ROPE)  # [B, NH, R + P]
-    return alternate_ms(native_ops, rounds, lambda o: o.mla_decode(q, cache, ctx, RANK**-0.5, RANK))
+    return alternate_ms(torch_and_native(native_ops, lambda o: o.mla_decode(q, cache, ctx, RANK**-0.5, RANK)), rounds)
 
 
 def absorb_times(native_ops: NativeOps, heads: int, batch: int, rounds: int) -> dict[str, list[float]]:
@@ -90,11 +96,14 @@ def absorb_times(native_ops: NativeOps, heads: int, batch: int, rounds: int) -> 
         o.head_matmul(q_nope, w_uk)
         o.head_matmul(latents, w_uv, transposed=True)
 
-    return alternate_ms(native_ops, rounds, step)
+    return alternate_ms(torch_and_native(native_ops, step), rounds)
 
 
-def decode_rates(path: Path, contexts: list[int], streams: list[int], rounds: int) -> list[tuple]:
-    """(context, streams, torch tokens/s per round, native tokens/s per round, tokens agreeing) on one LLM."""
+def decode_rates(
+    path: Path, contexts: list[int], streams: list[int], rounds: int, patched: tuple[str, ...] = PATCHED
+) -> list[tuple]:
+    """(context, streams, torch tokens/s per round, native tokens/s per round, tokens agreeing) on one LLM; the
+    "torch" rounds take the NativeOps methods named in patched from TorchOps."""
     llm = LLM(str(path), max_model_len=max(contexts) + 64, max_num_batched_tokens=4096, enable_prefix_caching=False)
     ops = llm.llm_engine.runner.backend.ops
     assert isinstance(ops, NativeOps), llm.llm_engine.runner.backend.describe()
@@ -108,10 +117,10 @@ def decode_rates(path: Path, contexts: list[int], streams: list[int], rounds: in
             tokens = {}
             for r in range(rounds + 1):  # round 0 warms up
                 for name in rates:
-                    for op in PATCHED if name == "torch" else ():
+                    for op in patched if name == "torch" else ():
                         setattr(ops, op, functools.partial(getattr(TorchOps, op), ops))
                     outs = llm.generate(prompts, params, use_tqdm=False)
-                    for op in PATCHED:
+                    for op in patched:
                         vars(ops).pop(op, None)
                     seconds = max(o.metrics.finished_time for o in outs) - max(o.metrics.first_token_time for o in outs)
                     tokens[name] = [t for o in outs for t in o.outputs[0].token_ids]

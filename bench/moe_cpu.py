@@ -1,0 +1,96 @@
+"""DeepSeek's routed W8A8_DYNAMIC experts on the CPU: one native call per MoE layer (NativeOps.grouped_experts,
+csrc/moe_cpu.cpp) against RoutedExperts running them one by one (per expert: its tokens' rows indexed, the two
+dynamic linears and SiLU-and-mul as separate ops, the weighted rows added back), side by side in one run. Both
+give the same bits; the difference is the per-expert Python and torch ops.
+
+- One MoE layer's routed experts of a DeepSeek-V2-Lite-shaped model (bench/prefill_attention.py --deepseek's:
+  hidden 2048, experts of 1408, 6 of 16 per token, random weights) on T tokens routed by the layer's router: the
+  median ms per call of each over --rounds rounds, alternating, and the ratio per round (median [min-max]).
+- That model's greedy decode tokens/s of --streams streams after a prompt of each context length (the prefill
+  untimed), alternating on one LLM (bench/mla_decode.py's decode_rates), and the share of tokens that agree.
+
+    .venv/bin/python bench/moe_cpu.py [--tokens 1,4,16,512] [--contexts 64,1024] [--streams 1,4,16]
+        [--scheme w8a8_dynamic] [--rounds 5]
+
+Run it on a quiet machine: with 2 OpenMP threads, any other busy process stalls every parallel op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.cuda_linear import comma_ints  # noqa: E402
+from bench.mla_decode import alternate_ms, decode_rates, ms_cells, spread  # noqa: E402
+from bench.prefill_attention import deepseek_model  # noqa: E402
+from bench.speed import quantized  # noqa: E402
+from slimquant import LLM  # noqa: E402
+from slimquant.backends.native_ops import NativeOps  # noqa: E402
+from slimquant.backends.torch_ops import TorchOps  # noqa: E402
+from slimquant.kernels import native  # noqa: E402
+from slimquant.layers.moe import DeepseekMoE  # noqa: E402
+
+CALLS = 10  # layer calls per timed sample
+
+
+def layer_times(moe: DeepseekMoE, ops: NativeOps, t: int, rounds: int) -> tuple[dict[str, list[float]], bool]:
+    """ms per call of the layer's routed experts on t random rows, one by one and in one call; equal outputs."""
+    x = torch.randn(t, moe.experts.w13.shape[-1], generator=torch.Generator().manual_seed(t))  # [T, H] fp32
+    weights, ids = moe.gate(x)
+    one_by_one = functools.partial(TorchOps.grouped_experts, ops)  # None: RoutedExperts runs them one by one
+
+    def run(patch: bool) -> torch.Tensor:
+        if patch:
+            ops.grouped_experts = one_by_one
+        try:
+            for _ in range(CALLS):
+                out = moe.experts(x, weights, ids)
+            return out
+        finally:
+            vars(ops).pop("grouped_experts", None)
+
+    with torch.inference_mode():
+        same = torch.equal(run(True), run(False))
+        times = alternate_ms({"one by one": lambda: run(True), "one call": lambda: run(False)}, rounds)
+    return {name: [ms / CALLS for ms in values] for name, values in times.items()}, same
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=comma_ints, default="1,4,16,512", help="rows of the layer table")
+    ap.add_argument("--contexts", type=comma_ints, default="64,1024", help="prompt tokens of the model table")
+    ap.add_argument("--streams", type=comma_ints, default="1,4,16", help="streams of the model table")
+    ap.add_argument("--scheme", default="w8a8_dynamic", help="the model's int8 scheme")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up)")
+    args = ap.parse_args()
+    path = quantized(deepseek_model(), args.scheme)
+    llm = LLM(str(path), max_model_len=64)
+    ops = llm.llm_engine.runner.backend.ops
+    assert isinstance(ops, NativeOps), llm.llm_engine.runner.backend.describe()
+    moe = next(m for m in llm.llm_engine.runner.model.modules() if isinstance(m, DeepseekMoE))
+    print(f"native build: {native.ISA_NAMES[ops.lib.isa]}; {torch.get_num_threads()} threads; {path.name}\n")
+    print("| tokens | one by one, ms | one call, ms | one by one / one call per round | same output |")
+    print("|---:|---:|---:|---:|---|")
+    for t in args.tokens:
+        times, same = layer_times(moe, ops, t, args.rounds)
+        print(f"| {t} | {ms_cells(times)} | {same} |", flush=True)
+    del llm
+    print("\ndecode tokens/s after a prompt of each context")
+    print("| context | streams | one by one | one call | one call / one by one per round | tokens agreeing |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for context, n, slow, fast, agree in decode_rates(
+        path, args.contexts, args.streams, args.rounds, ("grouped_experts",)
+    ):
+        ratios = [f / s for s, f in zip(slow, fast, strict=True)]
+        print(f"| {context} | {n} | {spread(slow, 1)} | {spread(fast, 1)} | {spread(ratios)} | {agree:.0%} |")
+    print(f"\nmedians [min-max] over {args.rounds} rounds")
+
+
+if __name__ == "__main__":
+    main()

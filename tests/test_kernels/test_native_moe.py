@@ -1,0 +1,110 @@
+"""NativeOps.grouped_experts (csrc/moe_cpu.cpp: a MoE layer's routed W8A8_DYNAMIC experts in one call) against
+the native per-op path RoutedExperts runs expert by expert, bit for bit, and against TorchOps' math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimquant.backends.native_ops import NativeOps
+from slimquant.backends.torch_ops import TorchOps
+from slimquant.kernels import native
+from tests.test_kernels.moe_reference import moe_inputs
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+kernels = NativeOps(native.load()) if native.available() else None
+
+
+def one_by_one(ops: TorchOps, x, w13, s13, w2, s2, weights, ids, first: int = 0) -> torch.Tensor:
+    """[T, K, H]: ops' dynamic linears and SiLU-and-mul one expert at a time, as RoutedExperts runs them where
+    they are not grouped (0 in the slots of experts other than first .. first + E - 1)."""
+    out = torch.zeros(*ids.shape, x.shape[1])
+    for e in range(w13.shape[0]):
+        tokens, slots = torch.where(ids == first + e)
+        if len(tokens):
+            act = ops.silu_and_mul(ops.dynamic_linear(x[tokens], w13[e], s13[e].float(), None, x.dtype))
+            y = ops.dynamic_linear(act, w2[e], s2[e].float(), None, x.dtype)  # [n, H]
+            out[tokens, slots] = y * weights[tokens, slots, None]
+    return out
+
+
+def packed(ops: TorchOps, x, w13, s13, w2, s2, weights, ids):
+    """moe_inputs with fp32 activations and the weights in ops' runtime form (-128 clamped: the native kernels take
+    symmetric weights, as ModelSlim writes them)."""
+    w13, w2 = w13.clamp(min=-127), w2.clamp(min=-127)
+    return x.float(), ops.pack_weight(w13), s13, ops.pack_weight(w2), s2, weights, ids
+
+
+SHAPES = [(1, 8, 2, 64, 48), (5, 6, 3, 72, 40), (40, 8, 2, 96, 24), (3, 4, 4, 300, 20), (70, 16, 6, 128, 96)]
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,e,top_k,h,inter", SHAPES)
+def test_one_call_equals_the_per_op_path_and_torch_math(t, e, top_k, h, inter, scale_dtype):
+    """Decode and prefill sizes, hidden and intermediate sizes off the 64-byte padding, scales in fp32 or in the
+    model dtype the NPU holds them in: the per-op path's bits; TorchOps' numbers up to the roundings of the
+    re-quantized activation (its SiLU runs in float64)."""
+    raw = moe_inputs(t, e, top_k, h, inter, scale_dtype, seed=t + e + h)
+    inputs = packed(kernels, *raw)
+    got = kernels.grouped_experts(*inputs)
+    assert got is not None and got.shape == (t, top_k, h)
+    assert torch.equal(got, one_by_one(kernels, *inputs))
+    torch_math = one_by_one(TorchOps(), *packed(TorchOps(), *raw))
+    assert (got - torch_math).abs().max() <= 0.02 * torch_math.abs().max()
+
+
+@pytest.mark.parametrize("first,local", [(0, 3), (3, 3), (6, 2)])
+def test_a_ranks_experts_fill_their_slots_and_zero_the_others(first, local):
+    """Expert parallel: experts first .. first + local - 1 of 8 on this rank give the whole layer's values in
+    their slots and 0 in the slots other ranks fill."""
+    x, w13, s13, w2, s2, weights, ids = packed(kernels, *moe_inputs(20, 8, 3, 64, 24, torch.bfloat16, seed=first))
+    whole = kernels.grouped_experts(x, w13, s13, w2, s2, weights, ids)
+    mine = slice(first, first + local)
+    got = kernels.grouped_experts(x, w13[mine], s13[mine], w2[mine], s2[mine], weights, ids, first)
+    here = ((ids >= first) & (ids < first + local))[..., None].expand_as(whole)  # [T, K, H]
+    assert here.any() and (~here).any()
+    assert torch.equal(got, torch.where(here, whole, torch.zeros_like(whole)))
+
+
+def test_other_inputs_run_one_by_one():
+    """bf16 activations, fp16 scales, or TorchOps' weight form: None (RoutedExperts then runs its experts one by
+    one)."""
+    x, w13, s13, w2, s2, weights, ids = packed(kernels, *moe_inputs(4, 4, 2, 64, 32, torch.bfloat16))
+    assert kernels.grouped_experts(x, w13, s13, w2, s2, weights, ids) is not None
+    assert kernels.grouped_experts(x.bfloat16(), w13, s13, w2, s2, weights, ids) is None
+    assert kernels.grouped_experts(x, w13, s13.half(), w2, s2.half(), weights, ids) is None
+    torch_form = TorchOps().pack_weight(w13)
+    assert kernels.grouped_experts(x, torch_form, s13, w2, s2, weights, ids) is None
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2"])
+def test_deepseek_on_the_cpu_native_backend_gives_the_per_expert_logits(tiny_model, tmp_path, monkeypatch, arch):
+    """A DeepSeek with W8A8_DYNAMIC experts on the default CPU backend (a prefill chunk, then decode steps of two
+    sequences): every MoE layer's routed experts in one native call, the same logits as expert by expert."""
+    from slimquant.models.loader import load_model
+    from tests.models.ascend_ckpt import write_ascend
+    from tests.models.paged import PROMPT, PagedRunner
+    from tests.models.test_model_deepseek_quantized import deepseek_mix
+
+    loaded = load_model(str(write_ascend(tiny_model(arch), tmp_path / "q", deepseek_mix)))
+    assert loaded.backend.name == "cpu-native"
+
+    def logits() -> torch.Tensor:
+        runner = PagedRunner.of(loaded, torch.float32)
+        steps = [runner.step({0: PROMPT[:7], 1: PROMPT[3:5]})]
+        steps += [runner.step({0: [t], 1: [t + 1]}) for t in PROMPT[7:]]
+        return torch.cat(steps)
+
+    calls, one_call = [], NativeOps.grouped_experts
+
+    def counted(*args):
+        calls.append(one_call(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(NativeOps, "grouped_experts", counted)
+    grouped = logits()
+    config = loaded.model.config
+    assert len(calls) == (1 + len(PROMPT[7:])) * (config.num_hidden_layers - config.first_k_dense_replace)
+    assert all(c is not None for c in calls)
+    monkeypatch.setattr(NativeOps, "grouped_experts", TorchOps.grouped_experts)  # None: one expert at a time
+    assert torch.equal(grouped, logits())
