@@ -26,7 +26,7 @@ void scales_fp32(const void* scales, int bf16, int64_t row, int n, std::vector<f
   }
 }
 
-// Per-thread scratch, grown on demand: a decode step allocates nothing once warm.
+// One call's scratch, reused from expert to expert and freed at the end (a long prefill's rows are not kept).
 struct ExpertScratch {
   std::vector<int> slots;  // t * K + k of each row routed to the expert
   std::vector<float> x, y13, act, y2, s13, s2;
@@ -37,7 +37,7 @@ struct ExpertScratch {
 void sq_routed_experts(const float* x, int t, int h, int ldx, const int64_t* ids, const float* weights, int k,
                        int first, int num_local, int inter, const int8_t* w13, int kp13, const int8_t* w2, int kp2,
                        const void* s13, const void* s2, int scales_bf16, float* out) {
-  static thread_local ExpertScratch s;
+  ExpertScratch s;
   std::memset(out, 0, sizeof(float) * (size_t)t * k * h);
   for (int e = 0; e < num_local; ++e) {
     s.slots.clear();
