@@ -41,7 +41,7 @@ CALLS = 10  # layer calls per timed sample
 
 def layer_times(moe: DeepseekMoE, ops: NativeOps, t: int, rounds: int) -> tuple[dict[str, list[float]], bool]:
     """ms per call of the layer's routed experts on t random rows, one by one and in one call; equal outputs."""
-    x = torch.randn(t, moe.experts.w13.shape[-1], generator=torch.Generator().manual_seed(t))  # [T, H] fp32
+    x = torch.randn(t, moe.experts.w2.shape[1], generator=torch.Generator().manual_seed(t))  # [T, H] fp32
     weights, ids = moe.gate(x)
     one_by_one = functools.partial(TorchOps.grouped_experts, ops)  # None: RoutedExperts runs them one by one
 
