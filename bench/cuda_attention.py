@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cuda_linear import _ms, comma_ints, device_header  # noqa: E402
+from bench._options import comma_ints  # noqa: E402
+from bench.cuda_linear import _ms, device_header  # noqa: E402
 
 NH, KVH, D, BS = 28, 4, 128, 16  # Qwen2.5-7B's heads; slimquant's default block size
 

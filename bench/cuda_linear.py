@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._options import comma_ints  # noqa: E402
 from slimquant.devices import check_device  # noqa: E402
 
 SHAPES = {  # (name, K, N) of each linear of one decoder layer (q/k/v and gate/up fused, as slimquant runs them)
@@ -39,14 +40,6 @@ SWEEP_FEW = [(16, bn, bk, s, 4, 3) for bn, bk, s in itertools.product((32, 64, 1
 SWEEP_MANY = [
     (bm, bn, bk, 1, w, st) for bm, bn, bk, w, st in itertools.product((64, 128), (128, 256), (64, 128), (4, 8), (3, 4))
 ]
-
-
-def comma_ints(text: str) -> list[int]:
-    """'1,16,2048' -> [1, 16, 2048] (argparse type: a bad list is refused before any GPU work)."""
-    parts = text.split(",")
-    if not all(v.strip().isdigit() and int(v) > 0 for v in parts):
-        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, not {text!r}")
-    return [int(v) for v in parts]
 
 
 def shape_names(text: str) -> list[str]:

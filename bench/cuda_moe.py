@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cuda_linear import _ms, comma_ints, device_header  # noqa: E402
+from bench._options import comma_ints  # noqa: E402
+from bench.cuda_linear import _ms, device_header  # noqa: E402
 
 HIDDEN, INTER, TOP_K = 7168, 2048, 8  # DeepSeek-V3 / Kimi-K2's routed experts
 PREFIX = "model.layers.3.mlp.experts"

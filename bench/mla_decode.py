@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._options import comma_ints  # noqa: E402
 from bench.prefill_attention import deepseek_model  # noqa: E402
 from bench.speed import quantized  # noqa: E402
 from slimquant import LLM, SamplingParams  # noqa: E402
@@ -133,35 +134,35 @@ def decode_rates(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--contexts", default="1024,4000", help="cached tokens per sequence, comma-separated")
-    ap.add_argument("--heads", default="16,128", help="query heads of the op table, comma-separated")
-    ap.add_argument("--batches", default="1,4", help="sequences of the op table, comma-separated")
-    ap.add_argument("--streams", default="1,4", help="streams of the model table, comma-separated")
+    ap.add_argument(
+        "--contexts", type=comma_ints, default="1024,4000", help="cached tokens per sequence, comma-separated"
+    )
+    ap.add_argument("--heads", type=comma_ints, default="16,128", help="query heads of the op table, comma-separated")
+    ap.add_argument("--batches", type=comma_ints, default="1,4", help="sequences of the op table, comma-separated")
+    ap.add_argument("--streams", type=comma_ints, default="1,4", help="streams of the model table, comma-separated")
     ap.add_argument("--scheme", default="w8a8_dynamic", help="the model table's int8 scheme")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up)")
     args = ap.parse_args()
-    contexts = [int(c) for c in args.contexts.split(",")]
     native_ops = NativeOps(native.load())
     print(f"native build: {native.ISA_NAMES[native_ops.lib.isa]}; {torch.get_num_threads()} threads\n")
     print("| heads | batch | context | torch, ms | native, ms | torch / native per round |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for heads in (int(h) for h in args.heads.split(",")):
-        for batch in (int(b) for b in args.batches.split(",")):
-            for context in contexts:
+    for heads in args.heads:
+        for batch in args.batches:
+            for context in args.contexts:
                 t = op_times(native_ops, heads, batch, context, args.rounds)
                 print(f"| {heads} | {batch} | {context} | {ms_cells(t)} |", flush=True)
     print("\n| heads | batch | kv_b_proj products: torch, ms | native, ms | torch / native per round |")
     print("|---:|---:|---:|---:|---:|")
-    for heads in (int(h) for h in args.heads.split(",")):
-        for batch in (int(b) for b in args.batches.split(",")):
+    for heads in args.heads:
+        for batch in args.batches:
             t = absorb_times(native_ops, heads, batch, args.rounds)
             print(f"| {heads} | {batch} | {ms_cells(t)} |", flush=True)
     path = quantized(deepseek_model(), args.scheme)
     print(f"\n{path.name}: decode tokens/s after a prompt of each context")
     print("| context | streams | torch | native | native / torch per round | tokens agreeing |")
     print("|---:|---:|---:|---:|---:|---:|")
-    streams = [int(s) for s in args.streams.split(",")]
-    for context, n, slow, fast, agree in decode_rates(path, contexts, streams, args.rounds):
+    for context, n, slow, fast, agree in decode_rates(path, args.contexts, args.streams, args.rounds):
         ratios = [f / s for s, f in zip(slow, fast, strict=True)]
         print(f"| {context} | {n} | {spread(slow, 1)} | {spread(fast, 1)} | {spread(ratios)} | {agree:.0%} |")
     print(f"\nmedians [min-max] over {args.rounds} rounds")

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cuda_linear import comma_ints  # noqa: E402
+from bench._options import comma_ints  # noqa: E402
 from bench.mla_decode import alternate_ms, decode_rates, ms_cells, spread  # noqa: E402
 from bench.prefill_attention import deepseek_model  # noqa: E402
 from bench.speed import quantized  # noqa: E402

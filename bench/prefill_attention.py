@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import speed  # noqa: E402
 
+from bench._options import comma_ints  # noqa: E402
 from slimquant import LLM, SamplingParams, zoo  # noqa: E402
 from slimquant.evaluation import score_window, token_windows  # noqa: E402
 from slimquant.format.tokenizer import load_tokenizer  # noqa: E402
@@ -115,7 +116,7 @@ def perplexities(path: Path, context: int, max_tokens: int | None) -> tuple[list
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schemes", default="w8a8_dynamic,w8a8", help="int8 copies of SmolLM2-135M-Instruct")
-    ap.add_argument("--prompt-lens", default="512,2048", help="prefill lengths, comma-separated")
+    ap.add_argument("--prompt-lens", type=comma_ints, default="512,2048", help="prefill lengths, comma-separated")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per length (after one warm-up)")
     ap.add_argument("--context", type=int, default=512, help="tokens per perplexity window")
     ap.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text (default: all)")
@@ -124,13 +125,12 @@ def main() -> None:
     if not has_native_half():
         print("note: this CPU has no native bf16, so the engine keeps fp32 prefill attention; bf16 here is emulated")
     src = deepseek_model() if args.deepseek else zoo.default_model_dir()
-    lengths = [int(n) for n in args.prompt_lens.split(",")]
     print("| scheme | prompt | fp32 attention, tok/s | bf16 attention, tok/s | bf16 / fp32 per round |")
     print("|---|---:|---:|---:|---:|")
     accuracy = []
     for scheme in args.schemes.split(","):
         path = speed.quantized(src, scheme)
-        for n, fp32, bf16 in prefill_speed(path, lengths, args.rounds):
+        for n, fp32, bf16 in prefill_speed(path, args.prompt_lens, args.rounds):
             ratios = [b / f for f, b in zip(fp32, bf16, strict=True)]
             cells = [f"{statistics.median(v):.0f} [{min(v):.0f}-{max(v):.0f}]" for v in (fp32, bf16)]
             spread = f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"

@@ -18,7 +18,7 @@ import pytest
 from slimquant.entrypoints.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH_SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py"))
+BENCH_SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py") if not p.name.startswith("_"))  # _: helpers
 SLIMQUANT = Path(sys.executable).with_name("slimquant")  # the console script pip installed beside python
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # Files that cite others: the docs, and the code's docstrings and comments.
