@@ -22,11 +22,12 @@ Run it on a quiet machine: with 2 OpenMP threads, any other busy process stalls 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -100,6 +101,18 @@ def absorb_times(native_ops: NativeOps, heads: int, batch: int, rounds: int) -> 
     return alternate_ms(torch_and_native(native_ops, step), rounds)
 
 
+@contextlib.contextmanager
+def torch_methods(ops: NativeOps, names: tuple[str, ...]) -> Iterator[None]:
+    """Within: ops' methods named in names are TorchOps' (a baseline's ops on the same model)."""
+    for name in names:
+        setattr(ops, name, functools.partial(getattr(TorchOps, name), ops))
+    try:
+        yield
+    finally:
+        for name in names:
+            vars(ops).pop(name, None)
+
+
 def decode_rates(
     path: Path, contexts: list[int], streams: list[int], rounds: int, patched: tuple[str, ...] = PATCHED
 ) -> list[tuple]:
@@ -118,11 +131,8 @@ def decode_rates(
             tokens = {}
             for r in range(rounds + 1):  # round 0 warms up
                 for name in rates:
-                    for op in patched if name == "torch" else ():
-                        setattr(ops, op, functools.partial(getattr(TorchOps, op), ops))
-                    outs = llm.generate(prompts, params, use_tqdm=False)
-                    for op in patched:
-                        vars(ops).pop(op, None)
+                    with torch_methods(ops, patched if name == "torch" else ()):
+                        outs = llm.generate(prompts, params, use_tqdm=False)
                     seconds = max(o.metrics.finished_time for o in outs) - max(o.metrics.first_token_time for o in outs)
                     tokens[name] = [t for o in outs for t in o.outputs[0].token_ids]
                     if r:
@@ -130,6 +140,23 @@ def decode_rates(
             agree = sum(a == b for a, b in zip(tokens["torch"], tokens["native"], strict=True)) / len(tokens["torch"])
             rows.append((context, n, rates["torch"], rates["native"], agree))
     return rows
+
+
+def print_decode_table(
+    path: Path,
+    args: argparse.Namespace,
+    patched: tuple[str, ...] = PATCHED,
+    names: tuple[str, str] = ("torch", "native"),
+) -> None:
+    """decode_rates of args.contexts x args.streams as a table: the baseline's (names[0], patched) and the native
+    tokens/s, their ratio per round, the share of tokens agreeing."""
+    before, after = names
+    print(f"| context | streams | {before} | {after} | {after} / {before} per round | tokens agreeing |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for context, n, slow, fast, agree in decode_rates(path, args.contexts, args.streams, args.rounds, patched):
+        ratios = [f / s for s, f in zip(slow, fast, strict=True)]
+        print(f"| {context} | {n} | {spread(slow, 1)} | {spread(fast, 1)} | {spread(ratios)} | {agree:.0%} |")
+    print(f"\nmedians [min-max] over {args.rounds} rounds")
 
 
 def main() -> None:
@@ -160,12 +187,7 @@ def main() -> None:
             print(f"| {heads} | {batch} | {ms_cells(t)} |", flush=True)
     path = quantized(deepseek_model(), args.scheme)
     print(f"\n{path.name}: decode tokens/s after a prompt of each context")
-    print("| context | streams | torch | native | native / torch per round | tokens agreeing |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for context, n, slow, fast, agree in decode_rates(path, args.contexts, args.streams, args.rounds):
-        ratios = [f / s for s, f in zip(slow, fast, strict=True)]
-        print(f"| {context} | {n} | {spread(slow, 1)} | {spread(fast, 1)} | {spread(ratios)} | {agree:.0%} |")
-    print(f"\nmedians [min-max] over {args.rounds} rounds")
+    print_decode_table(path, args)
 
 
 if __name__ == "__main__":

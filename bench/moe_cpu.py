@@ -18,7 +18,6 @@ Run it on a quiet machine: with 2 OpenMP threads, any other busy process stalls 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 
@@ -27,12 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._options import comma_ints  # noqa: E402
-from bench.mla_decode import alternate_ms, decode_rates, ms_cells, spread  # noqa: E402
+from bench.mla_decode import alternate_ms, ms_cells, print_decode_table, torch_methods  # noqa: E402
 from bench.prefill_attention import deepseek_model  # noqa: E402
 from bench.speed import quantized  # noqa: E402
 from slimquant import LLM  # noqa: E402
 from slimquant.backends.native_ops import NativeOps  # noqa: E402
-from slimquant.backends.torch_ops import TorchOps  # noqa: E402
 from slimquant.kernels import native  # noqa: E402
 from slimquant.layers.moe import DeepseekMoE  # noqa: E402
 
@@ -43,17 +41,12 @@ def layer_times(moe: DeepseekMoE, ops: NativeOps, t: int, rounds: int) -> tuple[
     """ms per call of the layer's routed experts on t random rows, one by one and in one call; equal outputs."""
     x = torch.randn(t, moe.experts.w2.shape[1], generator=torch.Generator().manual_seed(t))  # [T, H] fp32
     weights, ids = moe.gate(x)
-    one_by_one = functools.partial(TorchOps.grouped_experts, ops)  # None: RoutedExperts runs them one by one
 
-    def run(patch: bool) -> torch.Tensor:
-        if patch:
-            ops.grouped_experts = one_by_one
-        try:
+    def run(one_by_one: bool) -> torch.Tensor:
+        with torch_methods(ops, ("grouped_experts",) if one_by_one else ()):  # TorchOps': None, one by one
             for _ in range(CALLS):
                 out = moe.experts(x, weights, ids)
-            return out
-        finally:
-            vars(ops).pop("grouped_experts", None)
+        return out
 
     with torch.inference_mode():
         same = torch.equal(run(True), run(False))
@@ -82,14 +75,7 @@ def main() -> None:
         print(f"| {t} | {ms_cells(times)} | {same} |", flush=True)
     del llm
     print("\ndecode tokens/s after a prompt of each context")
-    print("| context | streams | one by one | one call | one call / one by one per round | tokens agreeing |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for context, n, slow, fast, agree in decode_rates(
-        path, args.contexts, args.streams, args.rounds, ("grouped_experts",)
-    ):
-        ratios = [f / s for s, f in zip(slow, fast, strict=True)]
-        print(f"| {context} | {n} | {spread(slow, 1)} | {spread(fast, 1)} | {spread(ratios)} | {agree:.0%} |")
-    print(f"\nmedians [min-max] over {args.rounds} rounds")
+    print_decode_table(path, args, ("grouped_experts",), ("one by one", "one call"))
 
 
 if __name__ == "__main__":

@@ -207,11 +207,10 @@ class NativeOps(TorchOps):
     def grouped_experts(self, x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, first=None):
         """The routed experts of fp32 rows in one native call (csrc/moe_cpu.cpp): RoutedExperts' expert-by-expert
         numbers; None for other inputs (it then runs them one by one)."""
-        scales_ok = w13_scale.dtype == w2_scale.dtype and w13_scale.dtype in (torch.float32, torch.bfloat16)
+        rows_ok = isinstance(x, torch.Tensor) and x.dim() == 2 and x.stride(-1) == 1 and _fp32(x)  # [T, H]
         weights_ok = all(is_native_weight(w) and w.is_contiguous() for w in (w13, w2))
-        if not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.stride(-1) == 1 and _fp32(x)) or not (
-            scales_ok and weights_ok and w13_scale.is_contiguous() and w2_scale.is_contiguous()
-        ):
+        scales_ok = w13_scale.dtype == w2_scale.dtype and w13_scale.dtype in (torch.float32, torch.bfloat16)
+        if not (rows_ok and weights_ok and scales_ok and w13_scale.is_contiguous() and w2_scale.is_contiguous()):
             return None
         t, k = topk_ids.shape
         ids = topk_ids.to(torch.int64).contiguous()  # [T, K]
