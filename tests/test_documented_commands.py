@@ -98,24 +98,19 @@ def test_gpu_check_gives_its_scripts_only_options_they_take(tmp_path, monkeypatc
 
 
 def _gpu_check_calls(tmp_path: Path) -> list[list[str]]:
-    """The argument lists of every python3 that `bash scripts/gpu_check.sh --sweep` starts, in order."""
+    """The argument lists of every python3 that `bash scripts/gpu_check.sh --sweep` starts (each written to a file
+    of its own: the script runs two at once, whose lines would interleave in one file)."""
     bin_dir, log = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir()
-    (bin_dir / "python3").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" "--end--" >> "{log}"\n')
+    log.mkdir()
+    (bin_dir / "python3").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$(mktemp "{log}/call.XXXXXX")"\n')
     (bin_dir / "python3").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
     run = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--sweep"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    calls, argv = [], []
-    for line in log.read_text().splitlines():
-        if line == "--end--":
-            calls.append(argv)
-            argv = []
-        else:
-            argv.append(line)
-    return calls
+    return [call.read_text().splitlines() for call in sorted(log.iterdir())]
 
 
 class _Parsed(Exception):
