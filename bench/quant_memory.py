@@ -85,12 +85,12 @@ def write_checkpoint(out: Path, hidden: int, layers: int, vocab: int) -> int:
     return sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
-# The child reports its own VmHWM: ru_maxrss would inherit the parent's high-water mark across fork/exec.
+# The child reports its own peak (VmHWM: ru_maxrss would inherit the parent's high-water mark across fork/exec).
 CHILD = """import sys
 from slimquant.entrypoints.cli import main
+from slimquant.quant.memory import peak_rss_bytes
 rc = main(sys.argv[1:])
-hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print("VmHWM_kB", hwm)
+print("VmHWM_kB", peak_rss_bytes() // 1024)
 sys.exit(rc)
 """
 

@@ -8,8 +8,11 @@ import resource
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory so far: Linux's VmHWM, which starts anew at exec (ru_maxrss keeps the
+    resident memory the parent had when it forked, so a process spawned by a large one would report that)."""
+    with contextlib.suppress(OSError, StopIteration), open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)

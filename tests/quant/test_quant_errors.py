@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import resource
 import shutil
+import subprocess
+import sys
 
 import pytest
 from safetensors.torch import save_file
@@ -174,6 +176,19 @@ def test_cli_success_prints_summary(src, tmp_path, capsys):
     mib = 1024 if unit == "GiB" else 1
     # printed with 2 decimals: up to half of the last digit above the peak (5 MiB in GiB)
     assert unit in ("MiB", "GiB") and 0 < float(value) * mib <= mine + 0.005 * mib + 1
+
+
+def test_peak_memory_is_the_process_own():
+    """The peak memory printed (and bench/parallel.py's per rank) counts from the process's start: a process
+    started by one holding 512 MiB reports its own few MiB, where ru_maxrss would report the parent's."""
+    child = "from slimquant.quant.memory import peak_rss_bytes; print(peak_rss_bytes())"
+    parent = (
+        "import subprocess, sys\n"
+        "held = b'x' * (512 << 20)  # written: resident\n"
+        f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, check=True).stdout)"
+    )
+    run = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True, timeout=60)
+    assert 0 < int(run.stdout) < 256 << 20, run.stdout
 
 
 def test_keep_float_lm_head_is_accepted():
