@@ -7,6 +7,7 @@ import resource
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import save_file
@@ -178,6 +179,7 @@ def test_cli_success_prints_summary(src, tmp_path, capsys):
     assert unit in ("MiB", "GiB") and 0 < float(value) * mib <= mine + 0.005 * mib + 1
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="Linux's /proc (elsewhere: ru_maxrss)")
 def test_peak_memory_is_the_process_own():
     """The peak memory printed (and bench/parallel.py's per rank) counts from the process's start: a process
     started by one holding 512 MiB reports its own few MiB, where ru_maxrss would report the parent's."""
