@@ -70,8 +70,10 @@ def measure(
         start = time.perf_counter()
         llm.generate([prompt], long, use_tqdm=False)
         decode.append(args.decode_tokens / (time.perf_counter() - start - args.prompt_tokens / prefill[-1]))
-    hidden = json.loads((Path(path) / "config.json").read_text())["hidden_size"]
-    latency = all_reduce_latency(rank, size, args.prompt_tokens, hidden) if size > 1 and probe else None
+    latency = None
+    if size > 1 and probe:
+        hidden = json.loads((Path(path) / "config.json").read_text())["hidden_size"]
+        latency = all_reduce_latency(rank, size, args.prompt_tokens, hidden)
     rss = peak_rss_bytes() / 2**20  # MiB: this process's own peak (an engine row runs in a fresh one)
     engine.shutdown()
     return dict(bytes=engine.bytes_read, rss=rss, prefill=prefill, decode=decode, latency=latency)
@@ -147,16 +149,16 @@ def main() -> None:
     args = ap.parse_args()
     path = model_path(args)
     cores = os.cpu_count() or 1
-    splits = (False, True) if args.deepseek else (False,)  # expert parallel off / on
+    ep_choices = (False, True) if args.deepseek else (False,)  # expert parallel off / on, for N > 1
     rows = []
     for backend in ("torch-reference", "cpu-native"):
         for size in args.sizes:
-            for ep in splits if size > 1 else (False,):
+            for ep in ep_choices if size > 1 else (False,):
                 ranks = run_ranks(measure, size, path, backend, args, True, ep, threads=max(1, cores // size),
                                   timeout=1800)  # fmt: skip
                 rows.append((size, backend, "torchrun", ep, ranks))
         for size in [n for n in args.sizes if n > 1]:  # the engine starts the ranks: rank 0 drives, shared memory
-            for ep in splits:
+            for ep in ep_choices:
                 rank0 = in_fresh_process(measure, 0, size, path, backend, args, False, ep)
                 rows.append((size, backend, "engine", ep, [rank0]))
     print(f"\n{Path(path).name}: prompt {args.prompt_tokens} tokens, decode {args.decode_tokens}, {cores} cores")
