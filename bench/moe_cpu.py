@@ -9,8 +9,13 @@ give the same bits; the difference is the per-expert Python and torch ops.
 - That model's greedy decode tokens/s of --streams streams after a prompt of each context length (the prefill
   untimed), alternating on one LLM (bench/mla_decode.py's decode_rates), and the share of tokens that agree.
 
+With --tensor-parallel N the layer table runs on N ranks (N processes of cores / N threads, gloo), each holding
+1 / N of every expert's intermediate size (tensor parallel without expert parallel): one by one, the ranks reduce
+between the linears from Python; in one call, from inside it. The model table is then left out
+(bench/parallel.py --deepseek runs the model split over ranks).
+
     .venv/bin/python bench/moe_cpu.py [--tokens 1,4,16,512] [--contexts 64,1024] [--streams 1,4,16]
-        [--scheme w8a8_dynamic] [--rounds 5]
+        [--scheme w8a8_dynamic] [--rounds 5] [--tensor-parallel N]
 
 Run it on a quiet machine: with 2 OpenMP threads, any other busy process stalls every parallel op.
 """
@@ -31,6 +36,7 @@ from bench.prefill_attention import deepseek_model  # noqa: E402
 from bench.speed import quantized  # noqa: E402
 from slimquant import LLM  # noqa: E402
 from slimquant.backends.native_ops import NativeOps  # noqa: E402
+from slimquant.distributed.launch import run_ranks  # noqa: E402
 from slimquant.kernels import native  # noqa: E402
 from slimquant.layers.moe import DeepseekMoE  # noqa: E402
 
@@ -54,6 +60,21 @@ def layer_times(moe: DeepseekMoE, ops: NativeOps, t: int, rounds: int) -> tuple[
     return {name: [ms / CALLS for ms in values] for name, values in times.items()}, same
 
 
+def layer_rows(rank: int, size: int, path: Path, tokens: list[int], rounds: int) -> list[str]:
+    """The layer table's rows (a header line first) on this rank of size, its LLM holding its part of the model;
+    every rank makes the same calls (their collectives pair up)."""
+    llm = LLM(str(path), max_model_len=64, tensor_parallel_size=size)
+    ops = llm.llm_engine.runner.backend.ops
+    assert isinstance(ops, NativeOps), llm.llm_engine.runner.backend.describe()
+    moe = next(m for m in llm.llm_engine.runner.model.modules() if isinstance(m, DeepseekMoE))
+    ranks = f", {size} ranks (experts split)" if size > 1 else ""
+    rows = [f"native build: {native.ISA_NAMES[ops.lib.isa]}; {torch.get_num_threads()} threads{ranks}; {path.name}"]
+    for t in tokens:
+        times, same = layer_times(moe, ops, t, rounds)
+        rows.append(f"| {t} | {ms_cells(times)} | {same} |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=comma_ints, default="1,4,16,512", help="rows of the layer table")
@@ -61,21 +82,24 @@ def main() -> None:
     ap.add_argument("--streams", type=comma_ints, default="1,4,16", help="streams of the model table")
     ap.add_argument("--scheme", default="w8a8_dynamic", help="the model's int8 scheme")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up)")
+    ap.add_argument("--tensor-parallel", type=int, default=1, help="ranks of the layer table (experts split)")
     args = ap.parse_args()
+    if args.tensor_parallel < 1:
+        ap.error("--tensor-parallel must be at least 1")
     path = quantized(deepseek_model(), args.scheme)
-    llm = LLM(str(path), max_model_len=64)
-    ops = llm.llm_engine.runner.backend.ops
-    assert isinstance(ops, NativeOps), llm.llm_engine.runner.backend.describe()
-    moe = next(m for m in llm.llm_engine.runner.model.modules() if isinstance(m, DeepseekMoE))
-    print(f"native build: {native.ISA_NAMES[ops.lib.isa]}; {torch.get_num_threads()} threads; {path.name}\n")
+    size = args.tensor_parallel
+    if size == 1:
+        rows = layer_rows(0, 1, path, args.tokens, args.rounds)
+    else:
+        threads = max(1, torch.get_num_threads() // size)
+        rows = run_ranks(layer_rows, size, path, args.tokens, args.rounds, timeout=3600, threads=threads)[0]
+    print(rows[0] + "\n")
     print("| tokens | one by one, ms | one call, ms | one by one / one call per round | same output |")
     print("|---:|---:|---:|---:|---|")
-    for t in args.tokens:
-        times, same = layer_times(moe, ops, t, args.rounds)
-        print(f"| {t} | {ms_cells(times)} | {same} |", flush=True)
-    del llm
-    print("\ndecode tokens/s after a prompt of each context")
-    print_decode_table(path, args, ("grouped_experts",), ("one by one", "one call"))
+    print("\n".join(rows[1:]), flush=True)
+    if size == 1:
+        print("\ndecode tokens/s after a prompt of each context")
+        print_decode_table(path, args, ("grouped_experts",), ("one by one", "one call"))
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ from torch import nn
 from slimquant.backends import greedy_screen
 from slimquant.backends.base import Backend, LogitsHead
 from slimquant.backends.native_ops import NativeOps
+from slimquant.backends.native_ranks import NativeRanks
 from slimquant.backends.native_stack import (
     DecoderStackPlan,
     ModelEnds,
-    StackRanks,
     decoder_layer_plan,
     decoder_model,
     fp32_copy,
@@ -56,10 +56,10 @@ class CpuNativeBackend(Backend):
         bf16_prefill_attention: bool = False,
     ):
         """tp: this process's tensor-parallel group; its whole steps reduce across the ranks from inside the
-        native call (StackRanks). bf16_prefill_attention: see TorchOps (for a CPU with native bf16)."""
+        native call (NativeRanks). bf16_prefill_attention: see TorchOps (for a CPU with native bf16)."""
         super().__init__(NativeOps(lib, hugepages, bf16_prefill_attention))
         self.lib, self.greedy_screen, self.tp = lib, greedy_screen, tp
-        self.ranks = StackRanks(lib, tp) if tp.size > 1 else None
+        self.ranks = NativeRanks(lib, tp) if tp.size > 1 else None
         self._ranks_agree = tp.size == 1  # the ranks agreed which steps run the stack (on the first step)
         self.stack: DecoderStackPlan | None = None
         self.fp32_steps_only = True  # the stack pays at any size (fp32 activations); else up to BF16_STEP_MAX_MACS

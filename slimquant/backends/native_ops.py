@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from slimquant.backends.native_ranks import NativeRanks
 from slimquant.backends.torch_ops import KvQuant, Rope, TorchOps
-from slimquant.distributed.tensor_parallel import SINGLE
+from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.format.primitives import QMIN
 from slimquant.kernels import native, weight_memory
 from slimquant.layers.context import ForwardContext
@@ -38,6 +39,7 @@ class NativeOps(TorchOps):
         """bf16_prefill_attention: see TorchOps (the backend sets it where the CPU has native bf16)."""
         self.lib, self.hugepages = lib, hugepages
         self.bf16_prefill_attention = bf16_prefill_attention
+        self.native_ranks: NativeRanks | None = None  # the split experts' ranks (_ranks)
 
     # ---- norms and activation ----
 
@@ -203,10 +205,12 @@ class NativeOps(TorchOps):
     # ---- MoE ----
 
     groups_experts = True
+    groups_split_experts = True
 
-    def grouped_experts(self, x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, first=None):
-        """The routed experts of fp32 rows in one native call (csrc/moe_cpu.cpp): RoutedExperts' expert-by-expert
-        numbers; None for other inputs (it then runs them one by one)."""
+    def grouped_experts(self, x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, first=None, tp=SINGLE):
+        """The routed experts of fp32 rows in one native call (csrc/moe_cpu.cpp), which calls tp's collectives back
+        where the experts are split: RoutedExperts' expert-by-expert numbers; None for other inputs (it then runs
+        them one by one)."""
         rows_ok = isinstance(x, torch.Tensor) and x.dim() == 2 and x.stride(-1) == 1 and _fp32(x)  # [T, H]
         weights_ok = all(is_native_weight(w) and w.is_contiguous() for w in (w13, w2))
         scales_ok = w13_scale.dtype == w2_scale.dtype and w13_scale.dtype in (torch.float32, torch.bfloat16)
@@ -216,13 +220,26 @@ class NativeOps(TorchOps):
         ids = topk_ids.to(torch.int64).contiguous()  # [T, K]
         weights = topk_weights.float().contiguous()  # [T, K]
         out = torch.empty(t, k, x.shape[1])  # [T, K, H]
-        self.lib.sq_routed_experts(
+        ranks = self._ranks(tp)
+        failed = self.lib.sq_routed_experts(
             x=x.data_ptr(), t=t, h=x.shape[1], ldx=x.stride(0), ids=ids.data_ptr(), weights=weights.data_ptr(), k=k,
             first=first or 0, num_local=w13.shape[0], inter=w13.shape[1] // 2, w13=w13.data_ptr(), kp13=w13.shape[2],
             w2=w2.data_ptr(), kp2=w2.shape[2], s13=w13_scale.data_ptr(), s2=w2_scale.data_ptr(),
-            scales_bf16=int(w13_scale.dtype == torch.bfloat16), out=out.data_ptr(),
+            scales_bf16=int(w13_scale.dtype == torch.bfloat16), ranks=None if ranks is None else ranks.struct,
+            out=out.data_ptr(),
         )  # fmt: skip
+        if failed:
+            assert ranks is not None, "only a reduction across ranks fails"
+            ranks.raise_failure()
         return out
+
+    def _ranks(self, tp: TensorParallel) -> NativeRanks | None:
+        """tp as the native calls reduce across it (kept while tp stays the same); None for one process."""
+        if tp.size == 1:
+            return None
+        if self.native_ranks is None or self.native_ranks.tp is not tp:
+            self.native_ranks = NativeRanks(self.lib, tp)
+        return self.native_ranks
 
     # ---- float linears ----
 

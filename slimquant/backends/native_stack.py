@@ -22,7 +22,7 @@ from slimquant.backends.native_ops import (
     kv_quant_struct,
     step_rows,
 )
-from slimquant.distributed.tensor_parallel import TensorParallel
+from slimquant.backends.native_ranks import NativeRanks
 from slimquant.kernels import native
 from slimquant.layers.context import ForwardContext
 from slimquant.layers.quant_methods import UnquantizedMethod, W8A8DynamicMethod, W8A8StaticMethod
@@ -43,7 +43,7 @@ class LinearForm:
     tensors: dict[str, torch.Tensor | None] = field(default_factory=dict)  # w_scale, bias, quant_bias, deq_scale
     inv_scale: float = 0.0
     offset: float = 0.0
-    split_k: bool = False  # row-parallel int8: this rank's part of K, the ranks reduce (StackRanks)
+    split_k: bool = False  # row-parallel int8: this rank's part of K, the ranks reduce (NativeRanks)
 
 
 @dataclass
@@ -154,39 +154,6 @@ class ModelEnds:
     vocab_split: bool = False
 
 
-_REDUCE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64)  # SqRanks.reduce
-_REDUCE_OPS = {  # SqRanks.reduce's op -> (element, TensorParallel collective)
-    0: (torch.int32, "sum"),
-    1: (torch.float32, "max"),
-    2: (torch.float32, "sum_disjoint"),
-}
-
-
-class StackRanks:
-    """The SqRanks of a tensor-parallel rank: sq_decoder_model calls tp's collectives back from its calling thread
-    (between its team's barriers) on the step's buffers; a collective's exception is kept for raise_failure."""
-
-    def __init__(self, lib: native.Library, tp: TensorParallel):
-        self.tp, self.error = tp, None
-        self._callback = _REDUCE(self._reduce)  # alive as long as the struct points at it
-        self.struct = lib.structs["SqRanks"](size=tp.size, reduce=ctypes.cast(self._callback, ctypes.c_void_p))
-
-    def _reduce(self, op: int, data: int, count: int) -> int:
-        try:
-            dtype, collective = _REDUCE_OPS[op]
-            raw = (ctypes.c_byte * (count * dtype.itemsize)).from_address(data)
-            getattr(self.tp, collective)(torch.frombuffer(raw, dtype=dtype))  # in place, in the native buffer
-            return 0
-        except BaseException as e:  # noqa: BLE001 - a callback cannot raise into C: raise_failure does
-            self.error = e
-            return 1
-
-    def raise_failure(self) -> None:
-        """Raise what failed inside the last native step."""
-        error, self.error = self.error, None
-        raise error if error is not None else RuntimeError("a tensor-parallel reduction of the native step failed")
-
-
 def decoder_model(
     lib: native.Library,
     stack: DecoderStackPlan,
@@ -195,7 +162,7 @@ def decoder_model(
     ends: ModelEnds,
     kv_caches: list[torch.Tensor],
     ctx: ForwardContext,
-    ranks: StackRanks | None = None,
+    ranks: NativeRanks | None = None,
 ) -> torch.Tensor | None:
     """A whole step in one native call, one attention row per token (ctx.token_rows: a decode step, or small
     prefill chunks): input_ids, positions [T] -> the final norm's output [T, H] (embeddings, every layer, final

@@ -241,6 +241,7 @@ class TorchOps:
     # ---- MoE ----
 
     groups_experts = False  # grouped_experts computes something (RoutedExperts.grouped)
+    groups_split_experts = False  # ... also for experts split over tensor-parallel ranks (its tp argument)
 
     def grouped_experts(
         self,
@@ -252,11 +253,13 @@ class TorchOps:
         topk_weights: torch.Tensor,
         topk_ids: torch.Tensor,
         first: int | None = None,
+        tp: TensorParallel = SINGLE,
     ) -> torch.Tensor | None:
         """Every routed slot's weighted int8 expert output [T, K, H] in one pass, where the backend has kernels
         for it (x: float, or Int8Rows per token from quantize_input; first: the weights are experts first.. of
-        more, expert parallel; other slots 0); None here: RoutedExperts runs its experts one by one with the ops
-        above."""
+        more, expert parallel; other slots 0; tp: the weights are this rank's part of every expert's
+        intermediate size, and the ranks agree on the activations' absmax and sum the int32 down products); None
+        here: RoutedExperts runs its experts one by one with the ops above."""
         return None
 
     # ---- float linears ----

@@ -111,14 +111,15 @@ class TritonOps(TorchOps):
         return self.int8.static_linear(x, packed, inv_scale, offset, quant_bias, deq_scale, self._gemm(packed))
 
     groups_experts = True
+    groups_split_experts = True
 
-    def grouped_experts(self, x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, first=None):
-        """All experts' int8 GEMMs in two grouped kernels, the routing on the device (kernels/cuda_moe.py)."""
+    def grouped_experts(self, x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, first=None, tp=SINGLE):
+        """All experts' int8 GEMMs in grouped kernels, the routing on the device (kernels/cuda_moe.py)."""
         if w13.dtype != torch.int8 or w2.dtype != torch.int8:
             return None
         if not isinstance(x, Int8Rows) and (x.dim() != 2 or not _same_float(x)):
             return None
-        return self.moe.routed_experts(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, first)
+        return self.moe.routed_experts(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, first, tp=tp)
 
     def _gemm(self, packed: torch.Tensor) -> str:
         """The configured int8 GEMM; Triton's for a weight [N, K] off cuBLASLt's grid of 8."""

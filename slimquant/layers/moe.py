@@ -7,7 +7,9 @@ Tensor parallel: with expert parallel (tp.expert_parallel) each rank holds E / t
 their weighted outputs once per layer; without, each rank holds 1 / tp of every expert's intermediate size (its
 gate and up rows, its down columns: E, 2I / tp, H and E, H, I / tp) and the ranks agree on the activation's absmax
 and sum the int32 down products (int8), or gather the activation (float experts keep their whole down weights).
-Either way each token's expert outputs are added in ascending expert order, as one process adds them.
+Either way each token's expert outputs are added in ascending expert order, as one process adds them. Ops that run
+experts grouped (one pass for all, no host values) do so for whole experts, and, where they say so
+(groups_split_experts), for split int8 ones with the same two reductions.
 """
 
 from __future__ import annotations
@@ -172,14 +174,14 @@ class RoutedExperts(nn.Module):
         """Whether the backend's ops run all these experts in one pass, with no host value (CUDA graphs can
         capture them); else they run one by one after the expert ids come to the host."""
         whole = self.tp.size == 1 or self.expert_parallel  # each expert's matrices on one rank
-        return self.quantized and whole and self.ops.groups_experts
+        return self.quantized and self.ops.groups_experts and (whole or self.ops.groups_split_experts)
 
     def forward(self, x: torch.Tensor | Int8Rows, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H] (Int8Rows from ops.quantize_input where grouped); topk_weights fp32 / topk_ids: [T, K] -> [T, H]
         if self.grouped:
             first = self.first if self.expert_parallel else None
             weights = (self.w13, self.w13_scale, self.w2, self.w2_scale)
-            outs = self.ops.grouped_experts(x, *weights, topk_weights, topk_ids, first)  # [T, K, H] or None
+            outs = self.ops.grouped_experts(x, *weights, topk_weights, topk_ids, first, self.reduce)  # [T, K, H]
             if outs is not None:
                 return add_in_expert_order(self._swap(outs), topk_ids)
         assert not isinstance(x, Int8Rows), "quantized input is for the ops that run the experts grouped"

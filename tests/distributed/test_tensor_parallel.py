@@ -10,7 +10,7 @@ import torch
 
 from slimquant import LLM, SamplingParams
 from slimquant.backends import select
-from slimquant.backends.native_stack import StackRanks
+from slimquant.backends.native_ranks import NativeRanks
 from slimquant.config import KernelConfig
 from slimquant.distributed.launch import run_ranks
 from slimquant.distributed.tensor_parallel import TensorParallel
@@ -170,7 +170,7 @@ def test_a_collective_that_fails_inside_the_native_step_raises_its_error(checkpo
     wait out the timeout again)."""
     loaded = load_model(checkpoints["qwen3-W8A8_DYNAMIC"], tp=TensorParallel(rank=0, size=2))
     backend, failing = loaded.backend, _FailingCollectives(0, 2)
-    backend.ranks, backend._ranks_agree = StackRanks(backend.lib, failing), True
+    backend.ranks, backend._ranks_agree = NativeRanks(backend.lib, failing), True
     failing.calls.clear()
     with pytest.raises(RuntimeError, match="stopped answering"):
         PagedRunner.of(loaded).step({0: PROMPT[:4]})

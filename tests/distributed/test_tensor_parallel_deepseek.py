@@ -68,15 +68,33 @@ def test_every_rank_returns_one_process_tokens_and_logprobs(deepseek, one_proces
             assert outs == one_process[name], f"{name}: rank {rank} of {size} (ep={expert_parallel}) differs"
 
 
+def rank_generate_native(rank: int, size: int, paths: list[str]) -> tuple[list, int]:
+    """rank_generate on cpu-native, and how many MoE layer calls ran experts split over the ranks in the one native
+    call."""
+    from slimquant.backends.native_ops import NativeOps
+
+    one_call, split = NativeOps.grouped_experts, []
+
+    def counted(self, *args):  # RoutedExperts passes its ranks (tp) last
+        out = one_call(self, *args)
+        split.append(args[-1].size > 1 and out is not None)
+        return out
+
+    NativeOps.grouped_experts = counted
+    return rank_generate(rank, size, paths, False, "cpu-native"), sum(split)
+
+
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
 def test_native_ranks_return_one_native_process_results(deepseek):
     """cpu-native ranks: the native absorbed MLA decode and kv_b_proj products over each rank's heads (4 ranks: one
-    head each) give one cpu-native process's numbers, bit for bit."""
+    head each) and the int8 experts split over the ranks in one native call give one cpu-native process's numbers,
+    bit for bit."""
     paths = [deepseek["v3-float"], deepseek["v3-mix"], deepseek["v2-mix"]]
-    (one,) = run_ranks(rank_generate, 1, paths, False, "cpu-native")
+    ((one, _),) = run_ranks(rank_generate_native, 1, paths)
     for size in (2, 4):
-        for rank, got in enumerate(run_ranks(rank_generate, size, paths, False, "cpu-native")):
+        for rank, (got, split_calls) in enumerate(run_ranks(rank_generate_native, size, paths)):
             assert got == one, f"rank {rank} of {size} differs from one process"
+            assert split_calls > 0
 
 
 def test_engine_started_expert_parallel_ranks_match_one_process(deepseek, one_process):

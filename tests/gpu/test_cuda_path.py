@@ -19,7 +19,7 @@ from tests.models.paged import PROMPT, PagedRunner, assert_close
 from tests.models.reference import reference_logits, reference_model
 from tests.models.test_model_deepseek_quantized import deepseek_mix
 from tests.models.test_model_quantized import dynamic, mixed, static
-from tests.test_kernels.moe_reference import moe_inputs, one_expert_at_a_time
+from tests.test_kernels.moe_reference import moe_inputs, one_expert_at_a_time, rank_split_experts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -174,6 +174,15 @@ def test_grouped_moe_equals_one_expert_at_a_time(t, e, top_k, h, inter, dtype):
 
     inputs = [v.cuda() for v in moe_inputs(t, e, top_k, h, inter, dtype, seed=t + e)]
     assert torch.equal(cuda_moe.routed_experts(*inputs), one_expert_at_a_time(*inputs))
+
+
+def test_grouped_moe_split_over_ranks_equals_the_whole_layer():
+    """Tensor parallel without expert parallel, compiled: two ranks on one GPU (gloo between them), each with half
+    of every expert's intermediate size, give the whole layer's values bit for bit."""
+    from slimquant.distributed.launch import run_ranks
+
+    for rank, same in enumerate(run_ranks(rank_split_experts, 2, "cuda")):
+        assert same and all(same), f"rank {rank}: {same}"
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float32, 2e-5)])

@@ -64,7 +64,8 @@ def _rank_steps(rank: int, size: int, paths: list[str], backend: str, expert_par
 def test_split_layers_on_cuda_tensors_give_one_process_logits(models, backend):
     """Two ranks on one GPU (gloo reduces their CUDA tensors: the layers' GPU path without NCCL, which refuses two
     ranks on one device): each step's logits as one process's, within float rounding for the float model and
-    within a flipped int8 rounding's reach for the others."""
+    within a flipped int8 rounding's reach for the others (cuda-triton: DeepSeek's split experts in the grouped
+    kernels, the ranks reducing between them)."""
     paths = list(models.values())
     (one,) = run_ranks(_rank_steps, 1, paths, backend)
     for rank, got in enumerate(run_ranks(_rank_steps, 2, paths, backend)):

@@ -39,6 +39,28 @@ def one_expert_at_a_time(x, w13, s13, w2, s2, weights, ids) -> torch.Tensor:
     return out
 
 
+SPLIT_CASES = [(1, 8, 2, 64, 48), (5, 6, 3, 72, 40), (40, 5, 3, 100, 40)]  # t, e, top_k, h, inter
+
+
+def rank_split_experts(rank: int, size: int, device: str) -> list[bool]:
+    """Whether this rank's part of every expert (its gate / up rows and down columns of inter / size) gives the
+    whole layer's values in kernels/cuda_moe.py, per dtype and case, the ranks reducing between the kernels (gloo;
+    on the CPU, Triton's interpreter)."""
+    from slimquant.distributed.tensor_parallel import TensorParallel
+    from slimquant.kernels import cuda_moe
+
+    tp, same = TensorParallel.from_default_group(size), []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for t, e, top_k, h, inter in SPLIT_CASES:
+            inputs = moe_inputs(t, e, top_k, h, inter, dtype, seed=t + e + h)
+            x, w13, s13, w2, s2, weights, ids = (v.to(device) for v in inputs)
+            cols = torch.arange(rank * inter // size, (rank + 1) * inter // size)  # this rank's intermediate part
+            rows = torch.cat([cols, cols + inter])  # its gate rows, then its up rows
+            got = cuda_moe.routed_experts(x, w13[:, rows], s13[:, rows], w2[..., cols], s2, weights, ids, tp=tp)
+            same.append(torch.equal(got, one_expert_at_a_time(x, w13, s13, w2, s2, weights, ids)))
+    return same
+
+
 def _int8_mm(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """Exact int32 x_q [T, K] @ w_q [N, K]^T, computed on the CPU, on x_q's device."""
     return P.int8_matmul_reference(x_q.cpu(), w_q.cpu()).to(x_q.device)

@@ -101,13 +101,17 @@ def compile_all(arch: int) -> list[str]:
         assert mla.metadata.shared <= MAX_SHARED[arch], f"sm_{arch} MLA decode: {mla.metadata.shared} bytes shared"
     for bm, bn, bk, warps in MOE_TILES:  # DeepSeek-V3's experts: gate_up 7168 -> 4096, down 2048 -> 7168
         tiles = M.MoeTiles(bm, bn, bk, warps)
-        for gate_up in (True, False):
-            sig = _sig(a_ptr=i8, a_rows_ptr="*i64", w_ptr=i8, y_ptr=dt, y_rows_ptr="*i64", row_scale_ptr=f32,
-                       col_scale_ptr=dt, mult_ptr=f32, expert_ptr=i32, row0_ptr=i32, end_ptr=i32, N="i32")  # fmt: skip
-            ce = dict(K=7168 if gate_up else 2048, GATHER_A=gate_up, SCATTER_Y=not gate_up, HAS_MULT=not gate_up,
+        # gate_up; down; under tensor parallel (split experts) down's int32 sums, then their dequantization
+        for gate_up, acc in ((True, 0), (False, 0), (False, 1), (False, 2)):
+            sig = _sig(a_ptr=i32 if acc == 2 else i8, a_rows_ptr="*i64", w_ptr=i8, y_ptr=i32 if acc == 1 else dt,
+                       y_rows_ptr="*i64", row_scale_ptr=f32, col_scale_ptr=dt, mult_ptr=f32, expert_ptr=i32,
+                       row0_ptr=i32, end_ptr=i32, N="i32")  # fmt: skip
+            scatter = not gate_up and acc != 1
+            ce = dict(K=7168 if gate_up else 2048, GATHER_A=gate_up, SCATTER_Y=scatter, HAS_MULT=scatter, ACC=acc,
                       BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k)  # fmt: skip
             gemm = build(M._grouped_int8_gemm, sig, ce, tiles.warps)
-            assert "cp.async" in gemm.asm["ptx"], f"sm_{arch} {tiles}: the K loop is not software-pipelined"
+            if acc != 2:  # the others have a K loop
+                assert "cp.async" in gemm.asm["ptx"], f"sm_{arch} {tiles}: the K loop is not software-pipelined"
             assert gemm.metadata.shared <= MAX_SHARED[arch], f"sm_{arch} {tiles}: {gemm.metadata.shared} bytes shared"
     return done
 
@@ -118,5 +122,5 @@ def test_kernels_compile_for_nvidia_gpus(tmp_path, arch):
     code = f"from tests.test_kernels.test_cuda_compile import compile_all; print(len(compile_all({arch})))"
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    built = 2 * len(GEMM_TILES) + 3 + 3 + 2 + 1 + 1 + 3 + 2 + 2 + 2 * len(MOE_TILES)
+    built = 2 * len(GEMM_TILES) + 3 + 3 + 2 + 1 + 1 + 3 + 2 + 2 + 4 * len(MOE_TILES)
     assert run.stdout.split()[-1] == str(built)  # every kernel

@@ -8,6 +8,7 @@ import torch
 
 from slimquant.backends.native_ops import NativeOps
 from slimquant.backends.torch_ops import TorchOps
+from slimquant.distributed.launch import run_ranks
 from slimquant.kernels import native
 from tests.test_kernels.moe_reference import moe_inputs
 
@@ -64,6 +65,43 @@ def test_a_ranks_experts_fill_their_slots_and_zero_the_others(first, local):
     here = ((ids >= first) & (ids < first + local))[..., None].expand_as(whole)  # [T, K, H]
     assert here.any() and (~here).any()
     assert torch.equal(got, torch.where(here, whole, torch.zeros_like(whole)))
+
+
+def rank_split_experts(rank: int, size: int) -> list[bool]:
+    """Whether this rank's part of every expert (its gate / up rows and down columns of inter / size) gives the
+    whole layer's values in the one native call, which calls the ranks' collectives back (gloo), per shape and
+    scale dtype."""
+    from slimquant.distributed.tensor_parallel import TensorParallel
+
+    ops, tp, same = NativeOps(native.load()), TensorParallel.from_default_group(size), []
+    for t, e, top_k, h, inter in SHAPES:
+        for scale_dtype in (torch.float32, torch.bfloat16):
+            x, w13, s13, w2, s2, weights, ids = moe_inputs(t, e, top_k, h, inter, scale_dtype, seed=t + e + h)
+            whole = ops.grouped_experts(*packed(ops, x, w13, s13, w2, s2, weights, ids))
+            cols = torch.arange(rank * inter // size, (rank + 1) * inter // size)  # this rank's intermediate part
+            rows = torch.cat([cols, cols + inter])  # its gate rows, then its up rows
+            mine = packed(ops, x, w13[:, rows], s13[:, rows], w2[..., cols], s2, weights, ids)
+            same.append(torch.equal(ops.grouped_experts(*mine, None, tp), whole))
+    return same
+
+
+def test_experts_split_over_ranks_give_the_whole_layers_values():
+    """Tensor parallel without expert parallel: two ranks agree on each row's activation absmax and sum the int32
+    down products from inside the native call: one process's values, bit for bit."""
+    for rank, same in enumerate(run_ranks(rank_split_experts, 2)):
+        assert same and all(same), f"rank {rank}: {same}"
+
+
+def test_a_collective_that_fails_inside_the_experts_call_raises_its_error():
+    """A collective that fails (a dead rank) ends the call with its error, and no other collective is called."""
+    from tests.distributed.test_tensor_parallel import _FailingCollectives
+
+    inputs = packed(kernels, *moe_inputs(4, 4, 2, 64, 32, torch.float32))
+    failing = _FailingCollectives(0, 2)
+    failing.calls.clear()
+    with pytest.raises(RuntimeError, match="stopped answering"):
+        kernels.grouped_experts(*inputs, None, failing)
+    assert failing.calls == ["max"]
 
 
 def test_other_inputs_run_one_by_one():

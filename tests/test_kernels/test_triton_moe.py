@@ -9,8 +9,9 @@ import torch
 if torch.cuda.is_available():
     pytest.skip("tests/gpu runs these kernels compiled", allow_module_level=True)
 pytest.importorskip("triton")
+from slimquant.distributed.launch import run_ranks  # noqa: E402
 from slimquant.kernels import cuda_moe  # noqa: E402
-from tests.test_kernels.moe_reference import moe_inputs, one_expert_at_a_time  # noqa: E402
+from tests.test_kernels.moe_reference import moe_inputs, one_expert_at_a_time, rank_split_experts  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -33,6 +34,13 @@ def test_a_ranks_experts_fill_their_slots_and_zero_the_others(first, local):
     here = ((ids >= first) & (ids < first + local))[..., None].expand_as(whole)  # [T, K, H]
     assert here.any() and (~here).any()
     assert torch.equal(got, torch.where(here, whole, torch.zeros_like(whole)))
+
+
+def test_experts_split_over_ranks_give_the_whole_layers_values():
+    """Tensor parallel without expert parallel: two ranks, each with half of every expert's intermediate size, agree
+    on each row's activation absmax and sum the int32 down products: one process's values, bit for bit."""
+    for rank, same in enumerate(run_ranks(rank_split_experts, 2, "cpu")):
+        assert same and all(same), f"rank {rank}: {same}"
 
 
 @pytest.mark.parametrize("tiles", [cuda_moe.MoeTiles(16, 32, 32), cuda_moe.MoeTiles(32, 64, 64)])
@@ -86,7 +94,8 @@ def test_deepseek_on_grouped_experts_equals_one_expert_at_a_time(tiny_model, tmp
         return torch.cat(steps)
 
     calls = []
-    monkeypatch.setattr(cuda_moe, "routed_experts", lambda *a, _k=cuda_moe.routed_experts: calls.append(1) or _k(*a))
+    kernels = cuda_moe.routed_experts
+    monkeypatch.setattr(cuda_moe, "routed_experts", lambda *a, **kw: calls.append(1) or kernels(*a, **kw))
     grouped = logits()
     moe_layers = model.config.num_hidden_layers - model.config.first_k_dense_replace
     moe_calls = (1 + len(PROMPT[7:])) * moe_layers  # every step's every MoE layer

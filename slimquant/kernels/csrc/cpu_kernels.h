@@ -6,6 +6,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cmath>
@@ -56,6 +57,25 @@ inline __m256 exp8(__m256 x) {
   const __m256 two_b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(rest, _mm256_set1_epi32(127)), 23));
   const __m256 e = _mm256_mul_ps(_mm256_mul_ps(y, two_a), two_b);
   return _mm256_blendv_ps(_mm256_andnot_ps(under, e), _mm256_set1_ps(INFINITY), over);
+}
+
+// ---- teams and ranks ----
+
+constexpr int kSliceAlign = 16;  // slice boundaries on 16 rows: the packed weights' blocks, whole cache lines of fp32
+
+// Thread `tid` of `nt`'s share [n0, n1) of n output rows.
+inline void slice(int n, int tid, int nt, int& n0, int& n1) {
+  const int blocks = (n + kSliceAlign - 1) / kSliceAlign;
+  n0 = std::min(n, (int)((int64_t)blocks * tid / nt) * kSliceAlign);
+  n1 = std::min(n, (int)((int64_t)blocks * (tid + 1) / nt) * kSliceAlign);
+}
+
+enum ReduceOp : int { kSumInt32 = 0, kMaxFloat = 1, kSumDisjoint = 2 };  // SqRanks.reduce's ops
+using ReduceFn = int (*)(int op, void* data, int64_t count);
+
+// One reduction over the ranks (SqRanks); after a failure, none: failed stays set and the call's numbers are void.
+inline void reduce(const SqRanks* ranks, int op, void* data, int64_t count, int& failed) {
+  if (!failed) failed = reinterpret_cast<ReduceFn>(ranks->reduce)(op, data, count) != 0;
 }
 
 // ---- int8_cpu.cpp ----

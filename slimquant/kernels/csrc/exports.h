@@ -150,10 +150,12 @@
   /* slot's expert output times its weight, for experts first .. first + num_local - 1 (the */          \
   /* rest 0); x fp32 [T, H] at row stride ldx; ids int64, weights fp32 [T, K]; w13 packed */            \
   /* [E, 2I, kp13], w2 [E, H, kp2]; their scales [E, 2I] / [E, H] fp32 or bf16 (scales_bf16). */        \
-  X(void, sq_routed_experts, (const float* x, int t, int h, int ldx, const int64_t* ids,                \
-                              const float* weights, int k, int first, int num_local, int inter,         \
-                              const int8_t* w13, int kp13, const int8_t* w2, int kp2, const void* s13,  \
-                              const void* s2, int scales_bf16, float* out))                             \
+  /* ranks (null: whole experts): each rank holds inter of every expert's intermediate rows (first */  \
+  /* 0), reduced across the ranks; 0, or 1 when a reduction failed. */                                  \
+  X(int, sq_routed_experts, (const float* x, int t, int h, int ldx, const int64_t* ids,                 \
+                             const float* weights, int k, int first, int num_local, int inter,          \
+                             const int8_t* w13, int kp13, const int8_t* w2, int kp2, const void* s13,   \
+                             const void* s2, int scales_bf16, const SqRanks* ranks, float* out))        \
   /* Greedy head (greedy_cpu.cpp): 0, or 1 when x is not finite. */                                     \
   X(int, sq_greedy_argmax, (const float* x, int t, int k, int ldx, const int8_t* wq, int n, int kp,     \
                             const float* rows, const uint16_t* w, double slack, double fp_term,         \

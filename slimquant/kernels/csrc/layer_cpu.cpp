@@ -42,14 +42,7 @@ float* scratch(std::vector<float>& buf, size_t n) {
 
 namespace {
 
-constexpr int kSliceAlign = 16;  // slice boundaries on 16 rows: whole cache lines of fp32 outputs
-
-// Thread `tid` of `nt`'s share [n0, n1) of n output rows.
-inline void slice(int n, int tid, int nt, int& n0, int& n1) {
-  const int blocks = (n + kSliceAlign - 1) / kSliceAlign;
-  n0 = std::min(n, (int)((int64_t)blocks * tid / nt) * kSliceAlign);
-  n1 = std::min(n, (int)((int64_t)blocks * (tid + 1) / nt) * kSliceAlign);
-}
+using sq::kMaxFloat, sq::kSumDisjoint, sq::kSumInt32, sq::reduce, sq::slice;
 
 // One thread's scratch in the region: its copy of the residual stream, the normed rows, the quantized rows.
 struct ThreadScratch {
@@ -83,14 +76,6 @@ void linear_slice(const SqLinear& l, const float* x, int m, int ldx, int tid, in
   if (n0 >= n1) return;
   quantize_input(l, x, m, ldx, t);
   linear_rows(l, x, m, ldx, n0, n1, t, y);
-}
-
-enum ReduceOp : int { kSumInt32 = 0, kMaxFloat = 1, kSumDisjoint = 2 };
-using ReduceFn = int (*)(int op, void* data, int64_t count);
-
-// One reduction over the ranks (SqRanks); after a failure, none: failed stays set and the step's numbers are void.
-inline void reduce(const SqRanks* ranks, int op, void* data, int64_t count, int& failed) {
-  if (!failed) failed = reinterpret_cast<ReduceFn>(ranks->reduce)(op, data, count) != 0;
 }
 
 // What a row-parallel (split_k) linear shares across the team: each token's absmax [M], the int32 products [M, N],

@@ -4,10 +4,19 @@
 // and each product lands at its token's slot of out [T, K, H] (0 in the slots of experts held elsewhere). The same
 // entry points on the same rows: the bits of RoutedExperts' expert-by-expert path, without its per-expert Python
 // and torch ops (about a third of a decode step's expert time on a 2-core machine).
+//
+// Under tensor parallel without expert parallel (ranks given) each rank holds `inter` of every expert's
+// intermediate rows, and the down projection is split at two reductions, as the per-op path splits it: every
+// expert's y13 and SiLU-and-mul first (its rows kept in expert order), then the ranks' MAX of each row's absmax,
+// each expert's rows quantized with it and their int32 down products, the ranks' SUM of those, and last the
+// dequantization and the routing weight: one process's numbers on every rank.
+#include <omp.h>
+
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "exports.h"
 
 namespace {
@@ -32,13 +41,100 @@ struct ExpertScratch {
   std::vector<float> x, y13, act, y2, s13, s2;
 };
 
+// The slots (t * K + k) routed to experts 0 .. num_experts - 1, sorted by expert (in slot order within one), and
+// where each expert's run begins: begin [E + 1].
+void sort_slots(const int64_t* ids, int slots, int num_experts, std::vector<int>& order, std::vector<int>& begin) {
+  begin.assign(num_experts + 1, 0);
+  for (int i = 0; i < slots; ++i)
+    if (ids[i] >= 0 && ids[i] < num_experts) ++begin[ids[i] + 1];
+  for (int e = 0; e < num_experts; ++e) begin[e + 1] += begin[e];
+  order.resize(begin[num_experts]);
+  std::vector<int> next(begin.begin(), begin.end() - 1);
+  for (int i = 0; i < slots; ++i)
+    if (ids[i] >= 0 && ids[i] < num_experts) order[next[ids[i]]++] = i;
+}
+
+// acc int32 [M, N] = x @ w^T, the output columns shared by the team.
+void int32_products(const int8_t* w, const sq::QuantizedX& x, int m, int n, int32_t* acc) {
+#pragma omp parallel
+  {
+    int n0, n1;
+    sq::slice(n, omp_get_thread_num(), omp_get_num_threads(), n0, n1);
+    if (n0 < n1) sq::int32_rows(w, x, m, n, n0, n1, acc);
+  }
+}
+
+// y [M, N] = (acc * scales) * w_scale, the columns shared by the team.
+void dynamic_epilogue(const int32_t* acc, int m, int n, const float* scales, const float* w_scale, float* y) {
+#pragma omp parallel
+  {
+    int n0, n1;
+    sq::slice(n, omp_get_thread_num(), omp_get_num_threads(), n0, n1);
+    if (n0 < n1) sq::dynamic_epilogue_rows(acc, m, n, n0, n1, scales, w_scale, nullptr, y);
+  }
+}
+
+// Each expert split over the ranks (see the top): 0, or 1 when a reduction failed (out then holds no numbers).
+int split_experts(const float* x, int t, int h, int ldx, const int64_t* ids, const float* weights, int k,
+                  int num_experts, int inter, const int8_t* w13, int kp13, const int8_t* w2, int kp2, const void* s13,
+                  const void* s2, int scales_bf16, const SqRanks* ranks, float* out) {
+  std::vector<int> order, begin;
+  sort_slots(ids, t * k, num_experts, order, begin);
+  const int rows = (int)order.size();
+  std::vector<float> act((size_t)rows * inter), absmax(rows), scales(rows);  // in expert order
+  ExpertScratch s;
+  for (int e = 0; e < num_experts; ++e) {
+    const int b = begin[e], n = begin[e + 1] - b;
+    if (n == 0) continue;
+    s.x.resize((size_t)n * h);
+    for (int r = 0; r < n; ++r) std::memcpy(&s.x[(size_t)r * h], x + (size_t)(order[b + r] / k) * ldx, sizeof(float) * h);
+    scales_fp32(s13, scales_bf16, e, 2 * inter, s.s13);
+    s.y13.resize((size_t)n * 2 * inter);
+    sq_dynamic_linear(s.x.data(), n, h, h, w13 + (size_t)e * 2 * inter * kp13, 2 * inter, kp13, s.s13.data(),
+                      nullptr, s.y13.data());
+    sq_silu_and_mul(s.y13.data(), n, inter, 2 * inter, &act[(size_t)b * inter]);
+  }
+  int failed = 0;
+  sq::abs_max_rows(act.data(), rows, inter, inter, absmax.data());
+  sq::reduce(ranks, sq::kMaxFloat, absmax.data(), rows, failed);
+  if (failed) return 1;
+  std::vector<int32_t> acc((size_t)rows * h);
+  sq::QuantizedX xq;
+  for (int e = 0; e < num_experts; ++e) {
+    const int b = begin[e], n = begin[e + 1] - b;
+    if (n == 0) continue;
+    xq.reset(n, inter, kp2);
+    sq::quantize_dynamic_rows_at(&act[(size_t)b * inter], n, inter, inter, &absmax[b], xq, &scales[b]);
+    int32_products(w2 + (size_t)e * h * kp2, xq, n, h, &acc[(size_t)b * h]);
+  }
+  sq::reduce(ranks, sq::kSumInt32, acc.data(), (int64_t)rows * h, failed);
+  if (failed) return 1;
+  for (int e = 0; e < num_experts; ++e) {
+    const int b = begin[e], n = begin[e + 1] - b;
+    if (n == 0) continue;
+    scales_fp32(s2, scales_bf16, e, h, s.s2);
+    s.y2.resize((size_t)n * h);
+    dynamic_epilogue(&acc[(size_t)b * h], n, h, &scales[b], s.s2.data(), s.y2.data());
+    for (int r = 0; r < n; ++r) {
+      const float w = weights[order[b + r]];
+      float* o = out + (size_t)order[b + r] * h;
+      const float* y = &s.y2[(size_t)r * h];
+      for (int j = 0; j < h; ++j) o[j] = y[j] * w;
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 
-void sq_routed_experts(const float* x, int t, int h, int ldx, const int64_t* ids, const float* weights, int k,
-                       int first, int num_local, int inter, const int8_t* w13, int kp13, const int8_t* w2, int kp2,
-                       const void* s13, const void* s2, int scales_bf16, float* out) {
-  ExpertScratch s;
+int sq_routed_experts(const float* x, int t, int h, int ldx, const int64_t* ids, const float* weights, int k,
+                      int first, int num_local, int inter, const int8_t* w13, int kp13, const int8_t* w2, int kp2,
+                      const void* s13, const void* s2, int scales_bf16, const SqRanks* ranks, float* out) {
   std::memset(out, 0, sizeof(float) * (size_t)t * k * h);
+  if (ranks != nullptr)
+    return split_experts(x, t, h, ldx, ids, weights, k, num_local, inter, w13, kp13, w2, kp2, s13, s2, scales_bf16,
+                         ranks, out);
+  ExpertScratch s;
   for (int e = 0; e < num_local; ++e) {
     s.slots.clear();
     for (int i = 0; i < t * k; ++i) {
@@ -67,4 +163,5 @@ void sq_routed_experts(const float* x, int t, int h, int ldx, const int64_t* ids
       for (int j = 0; j < h; ++j) o[j] = y[j] * w;
     }
   }
+  return 0;
 }
