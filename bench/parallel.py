@@ -108,12 +108,14 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):8.1f} [{min(values):.1f}-{max(values):.1f}]"
 
 
-def in_fresh_process(fn: Callable, *args) -> object:
-    """fn(*args) in a new process (its peak memory its own), which may start processes of its own."""
+def in_fresh_process(fn: Callable, *args, timeout: float = 1800) -> object:
+    """fn(*args) in a new process (its peak memory its own), which may start processes of its own; RuntimeError
+    where it dies or gives no result within timeout seconds (then it is killed)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     proc = ctx.Process(target=_put_result, args=(results, fn, args))
     proc.start()
+    deadline = time.monotonic() + timeout
     try:
         while True:
             alive = proc.is_alive()  # before the wait: a result put just before it exited is still read
@@ -122,7 +124,11 @@ def in_fresh_process(fn: Callable, *args) -> object:
             except queue.Empty:
                 if not alive:
                     raise RuntimeError(f"{fn.__name__} died in its process (exit code {proc.exitcode})") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{fn.__name__} gave no result in {timeout:.0f} s") from None
     finally:
+        if proc.is_alive():
+            proc.kill()  # the ranks an engine row started exit when their rank 0 is gone
         proc.join()
 
 
