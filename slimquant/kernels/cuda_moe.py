@@ -4,7 +4,7 @@ expert's down projection (scaled by its routing weight in the epilogue). The rou
 sync), so a step's shapes depend only on its token count. Under tensor parallel without expert parallel (each rank
 holds a part of every expert's intermediate size), the ranks take a MAX of each row's activation absmax before it is
 quantized, and the down GEMM writes its int32 sums, which the ranks add before a last pass dequantizes them: no host
-sync either, so CUDA graphs capture the step.
+sync either.
 
 Routing as vLLM's fused MoE does it: the (token, k) slots are sorted by expert, and each expert's run of sorted rows
 is cut into blocks of BLOCK_M rows; a program computes one block's rows against one tile of its expert's weight.

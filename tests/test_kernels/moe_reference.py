@@ -42,7 +42,7 @@ def one_expert_at_a_time(x, w13, s13, w2, s2, weights, ids) -> torch.Tensor:
 SPLIT_CASES = [(1, 8, 2, 64, 48), (5, 6, 3, 72, 40), (40, 5, 3, 100, 40)]  # t, e, top_k, h, inter
 
 
-def rank_split_experts(rank: int, size: int, device: str) -> list[bool]:
+def rank_split_experts(rank: int, size: int, device: str, dtypes: tuple[torch.dtype, ...]) -> list[bool]:
     """Whether this rank's part of every expert (its gate / up rows and down columns of inter / size) gives the
     whole layer's values in kernels/cuda_moe.py, per dtype and case, the ranks reducing between the kernels (gloo;
     on the CPU, Triton's interpreter)."""
@@ -50,7 +50,7 @@ def rank_split_experts(rank: int, size: int, device: str) -> list[bool]:
     from slimquant.kernels import cuda_moe
 
     tp, same = TensorParallel.from_default_group(size), []
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype in dtypes:
         for t, e, top_k, h, inter in SPLIT_CASES:
             inputs = moe_inputs(t, e, top_k, h, inter, dtype, seed=t + e + h)
             x, w13, s13, w2, s2, weights, ids = (v.to(device) for v in inputs)

@@ -39,7 +39,8 @@ def test_a_ranks_experts_fill_their_slots_and_zero_the_others(first, local):
 def test_experts_split_over_ranks_give_the_whole_layers_values():
     """Tensor parallel without expert parallel: two ranks, each with half of every expert's intermediate size, agree
     on each row's activation absmax and sum the int32 down products: one process's values, bit for bit."""
-    for rank, same in enumerate(run_ranks(rank_split_experts, 2, "cpu")):
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    for rank, same in enumerate(run_ranks(rank_split_experts, 2, "cpu", dtypes)):
         assert same and all(same), f"rank {rank}: {same}"
 
 
