@@ -39,6 +39,13 @@ def one_expert_at_a_time(x, w13, s13, w2, s2, weights, ids) -> torch.Tensor:
     return out
 
 
+def rank_part(rank: int, size: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w13 rows, w2 columns) of this rank's part of every expert's intermediate size: its gate rows, then its up
+    rows; its down columns."""
+    cols = torch.arange(rank * inter // size, (rank + 1) * inter // size)
+    return torch.cat([cols, cols + inter]), cols
+
+
 SPLIT_CASES = [(1, 8, 2, 64, 48), (5, 6, 3, 72, 40), (40, 5, 3, 100, 40)]  # t, e, top_k, h, inter
 
 
@@ -54,8 +61,7 @@ def rank_split_experts(rank: int, size: int, device: str, dtypes: tuple[torch.dt
         for t, e, top_k, h, inter in SPLIT_CASES:
             inputs = moe_inputs(t, e, top_k, h, inter, dtype, seed=t + e + h)
             x, w13, s13, w2, s2, weights, ids = (v.to(device) for v in inputs)
-            cols = torch.arange(rank * inter // size, (rank + 1) * inter // size)  # this rank's intermediate part
-            rows = torch.cat([cols, cols + inter])  # its gate rows, then its up rows
+            rows, cols = rank_part(rank, size, inter)
             got = cuda_moe.routed_experts(x, w13[:, rows], s13[:, rows], w2[..., cols], s2, weights, ids, tp=tp)
             same.append(torch.equal(got, one_expert_at_a_time(x, w13, s13, w2, s2, weights, ids)))
     return same

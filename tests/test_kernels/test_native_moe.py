@@ -10,7 +10,7 @@ from slimquant.backends.native_ops import NativeOps
 from slimquant.backends.torch_ops import TorchOps
 from slimquant.distributed.launch import run_ranks
 from slimquant.kernels import native
-from tests.test_kernels.moe_reference import moe_inputs
+from tests.test_kernels.moe_reference import moe_inputs, rank_part
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
 kernels = NativeOps(native.load()) if native.available() else None
@@ -78,8 +78,7 @@ def rank_split_experts(rank: int, size: int) -> list[bool]:
         for scale_dtype in (torch.float32, torch.bfloat16):
             x, w13, s13, w2, s2, weights, ids = moe_inputs(t, e, top_k, h, inter, scale_dtype, seed=t + e + h)
             whole = ops.grouped_experts(*packed(ops, x, w13, s13, w2, s2, weights, ids))
-            cols = torch.arange(rank * inter // size, (rank + 1) * inter // size)  # this rank's intermediate part
-            rows = torch.cat([cols, cols + inter])  # its gate rows, then its up rows
+            rows, cols = rank_part(rank, size, inter)
             mine = packed(ops, x, w13[:, rows], s13[:, rows], w2[..., cols], s2, weights, ids)
             same.append(torch.equal(ops.grouped_experts(*mine, None, tp), whole))
     return same

@@ -37,21 +37,42 @@ void scales_fp32(const void* scales, int bf16, int64_t row, int n, std::vector<f
 
 // One call's scratch, reused from expert to expert and freed at the end (a long prefill's rows are not kept).
 struct ExpertScratch {
-  std::vector<int> slots;  // t * K + k of each row routed to the expert
   std::vector<float> x, y13, act, y2, s13, s2;
 };
 
-// The slots (t * K + k) routed to experts 0 .. num_experts - 1, sorted by expert (in slot order within one), and
-// where each expert's run begins: begin [E + 1].
-void sort_slots(const int64_t* ids, int slots, int num_experts, std::vector<int>& order, std::vector<int>& begin) {
+// The slots (t * K + k) routed to experts first .. first + num_experts - 1, sorted by expert (in slot order within
+// one), and where each expert's run begins: begin [E + 1].
+void sort_slots(const int64_t* ids, int slots, int first, int num_experts, std::vector<int>& order,
+                std::vector<int>& begin) {
   begin.assign(num_experts + 1, 0);
   for (int i = 0; i < slots; ++i)
-    if (ids[i] >= 0 && ids[i] < num_experts) ++begin[ids[i] + 1];
+    if (ids[i] >= first && ids[i] < first + num_experts) ++begin[ids[i] - first + 1];
   for (int e = 0; e < num_experts; ++e) begin[e + 1] += begin[e];
   order.resize(begin[num_experts]);
   std::vector<int> next(begin.begin(), begin.end() - 1);
   for (int i = 0; i < slots; ++i)
-    if (ids[i] >= 0 && ids[i] < num_experts) order[next[ids[i]]++] = i;
+    if (ids[i] >= first && ids[i] < first + num_experts) order[next[ids[i] - first]++] = i;
+}
+
+// act [n, I] = silu(gate) * up of local expert e on the token rows of its n slots (x fp32 [T, H] at row stride ldx).
+void expert_activation(const float* x, int h, int ldx, int k, const int* slots, int n, int e, int inter,
+                       const int8_t* w13, int kp13, const void* s13, int scales_bf16, ExpertScratch& s, float* act) {
+  s.x.resize((size_t)n * h);
+  for (int r = 0; r < n; ++r) std::memcpy(&s.x[(size_t)r * h], x + (size_t)(slots[r] / k) * ldx, sizeof(float) * h);
+  scales_fp32(s13, scales_bf16, e, 2 * inter, s.s13);
+  s.y13.resize((size_t)n * 2 * inter);
+  sq_dynamic_linear(s.x.data(), n, h, h, w13 + (size_t)e * 2 * inter * kp13, 2 * inter, kp13, s.s13.data(),
+                    nullptr, s.y13.data());
+  sq_silu_and_mul(s.y13.data(), n, inter, 2 * inter, act);
+}
+
+// out's row of each of the n slots = its row of y [n, H] times its routing weight.
+void write_weighted(const float* y, int n, int h, const int* slots, const float* weights, float* out) {
+  for (int r = 0; r < n; ++r) {
+    const float w = weights[slots[r]];
+    float* o = out + (size_t)slots[r] * h;
+    for (int j = 0; j < h; ++j) o[j] = y[(size_t)r * h + j] * w;
+  }
 }
 
 // acc int32 [M, N] = x @ w^T, the output columns shared by the team.
@@ -74,25 +95,18 @@ void dynamic_epilogue(const int32_t* acc, int m, int n, const float* scales, con
   }
 }
 
-// Each expert split over the ranks (see the top): 0, or 1 when a reduction failed (out then holds no numbers).
-int split_experts(const float* x, int t, int h, int ldx, const int64_t* ids, const float* weights, int k,
-                  int num_experts, int inter, const int8_t* w13, int kp13, const int8_t* w2, int kp2, const void* s13,
-                  const void* s2, int scales_bf16, const SqRanks* ranks, float* out) {
-  std::vector<int> order, begin;
-  sort_slots(ids, t * k, num_experts, order, begin);
-  const int rows = (int)order.size();
+// Each expert split over the ranks (see the top), its slots sorted by sort_slots: 0, or 1 when a reduction failed
+// (out then holds no numbers).
+int split_experts(const float* x, int h, int ldx, const float* weights, int k, const std::vector<int>& order,
+                  const std::vector<int>& begin, int inter, const int8_t* w13, int kp13, const int8_t* w2, int kp2,
+                  const void* s13, const void* s2, int scales_bf16, const SqRanks* ranks, float* out) {
+  const int num_experts = (int)begin.size() - 1, rows = (int)order.size();
   std::vector<float> act((size_t)rows * inter), absmax(rows), scales(rows);  // in expert order
   ExpertScratch s;
   for (int e = 0; e < num_experts; ++e) {
     const int b = begin[e], n = begin[e + 1] - b;
-    if (n == 0) continue;
-    s.x.resize((size_t)n * h);
-    for (int r = 0; r < n; ++r) std::memcpy(&s.x[(size_t)r * h], x + (size_t)(order[b + r] / k) * ldx, sizeof(float) * h);
-    scales_fp32(s13, scales_bf16, e, 2 * inter, s.s13);
-    s.y13.resize((size_t)n * 2 * inter);
-    sq_dynamic_linear(s.x.data(), n, h, h, w13 + (size_t)e * 2 * inter * kp13, 2 * inter, kp13, s.s13.data(),
-                      nullptr, s.y13.data());
-    sq_silu_and_mul(s.y13.data(), n, inter, 2 * inter, &act[(size_t)b * inter]);
+    if (n > 0) expert_activation(x, h, ldx, k, &order[b], n, e, inter, w13, kp13, s13, scales_bf16, s,
+                                 &act[(size_t)b * inter]);
   }
   int failed = 0;
   sq::abs_max_rows(act.data(), rows, inter, inter, absmax.data());
@@ -115,12 +129,7 @@ int split_experts(const float* x, int t, int h, int ldx, const int64_t* ids, con
     scales_fp32(s2, scales_bf16, e, h, s.s2);
     s.y2.resize((size_t)n * h);
     dynamic_epilogue(&acc[(size_t)b * h], n, h, &scales[b], s.s2.data(), s.y2.data());
-    for (int r = 0; r < n; ++r) {
-      const float w = weights[order[b + r]];
-      float* o = out + (size_t)order[b + r] * h;
-      const float* y = &s.y2[(size_t)r * h];
-      for (int j = 0; j < h; ++j) o[j] = y[j] * w;
-    }
+    write_weighted(s.y2.data(), n, h, &order[b], weights, out);
   }
   return 0;
 }
@@ -131,37 +140,22 @@ int sq_routed_experts(const float* x, int t, int h, int ldx, const int64_t* ids,
                       int first, int num_local, int inter, const int8_t* w13, int kp13, const int8_t* w2, int kp2,
                       const void* s13, const void* s2, int scales_bf16, const SqRanks* ranks, float* out) {
   std::memset(out, 0, sizeof(float) * (size_t)t * k * h);
+  std::vector<int> order, begin;
+  sort_slots(ids, t * k, first, num_local, order, begin);
   if (ranks != nullptr)
-    return split_experts(x, t, h, ldx, ids, weights, k, num_local, inter, w13, kp13, w2, kp2, s13, s2, scales_bf16,
+    return split_experts(x, h, ldx, weights, k, order, begin, inter, w13, kp13, w2, kp2, s13, s2, scales_bf16,
                          ranks, out);
   ExpertScratch s;
   for (int e = 0; e < num_local; ++e) {
-    s.slots.clear();
-    for (int i = 0; i < t * k; ++i) {
-      if (ids[i] == first + e) s.slots.push_back(i);
-    }
-    const int n = (int)s.slots.size();
+    const int b = begin[e], n = begin[e + 1] - b;
     if (n == 0) continue;
-    s.x.resize((size_t)n * h);
-    for (int r = 0; r < n; ++r) {
-      std::memcpy(&s.x[(size_t)r * h], x + (size_t)(s.slots[r] / k) * ldx, sizeof(float) * h);
-    }
-    scales_fp32(s13, scales_bf16, e, 2 * inter, s.s13);
-    scales_fp32(s2, scales_bf16, e, h, s.s2);
-    s.y13.resize((size_t)n * 2 * inter);
     s.act.resize((size_t)n * inter);
+    expert_activation(x, h, ldx, k, &order[b], n, e, inter, w13, kp13, s13, scales_bf16, s, s.act.data());
+    scales_fp32(s2, scales_bf16, e, h, s.s2);
     s.y2.resize((size_t)n * h);
-    sq_dynamic_linear(s.x.data(), n, h, h, w13 + (size_t)e * 2 * inter * kp13, 2 * inter, kp13, s.s13.data(),
-                      nullptr, s.y13.data());
-    sq_silu_and_mul(s.y13.data(), n, inter, 2 * inter, s.act.data());
     sq_dynamic_linear(s.act.data(), n, inter, inter, w2 + (size_t)e * h * kp2, h, kp2, s.s2.data(), nullptr,
                       s.y2.data());
-    for (int r = 0; r < n; ++r) {
-      const float w = weights[s.slots[r]];
-      float* o = out + (size_t)s.slots[r] * h;
-      const float* y = &s.y2[(size_t)r * h];
-      for (int j = 0; j < h; ++j) o[j] = y[j] * w;
-    }
+    write_weighted(s.y2.data(), n, h, &order[b], weights, out);
   }
   return 0;
 }
