@@ -38,12 +38,12 @@ from slimquant import LLM  # noqa: E402
 from slimquant.backends.native_ops import NativeOps  # noqa: E402
 from slimquant.distributed.launch import run_ranks  # noqa: E402
 from slimquant.kernels import native  # noqa: E402
-from slimquant.layers.moe import DeepseekMoE  # noqa: E402
+from slimquant.layers.moe import SparseMoE  # noqa: E402
 
 CALLS = 10  # layer calls per timed sample
 
 
-def layer_times(moe: DeepseekMoE, ops: NativeOps, t: int, rounds: int) -> tuple[dict[str, list[float]], bool]:
+def layer_times(moe: SparseMoE, ops: NativeOps, t: int, rounds: int) -> tuple[dict[str, list[float]], bool]:
     """ms per call of the layer's routed experts on t random rows, one by one and in one call; equal outputs."""
     x = torch.randn(t, moe.experts.w2.shape[1], generator=torch.Generator().manual_seed(t))  # [T, H] fp32
     weights, ids = moe.gate(x)
@@ -66,7 +66,7 @@ def layer_rows(rank: int, size: int, path: Path, tokens: list[int], rounds: int)
     llm = LLM(str(path), max_model_len=64, tensor_parallel_size=size)
     ops = llm.llm_engine.runner.backend.ops
     assert isinstance(ops, NativeOps), llm.llm_engine.runner.backend.describe()
-    moe = next(m for m in llm.llm_engine.runner.model.modules() if isinstance(m, DeepseekMoE))
+    moe = next(m for m in llm.llm_engine.runner.model.modules() if isinstance(m, SparseMoE))
     ranks = f", {size} ranks (experts split)" if size > 1 else ""
     rows = [f"native build: {native.ISA_NAMES[ops.lib.isa]}; {torch.get_num_threads()} threads{ranks}; {path.name}"]
     for t in tokens:

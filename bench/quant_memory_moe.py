@@ -58,11 +58,12 @@ def deepseek_config(hidden: int, layers: int, experts: int, vocab: int) -> dict:
 def layer_shapes(cfg: dict, i: int) -> dict[str, tuple[int, ...]]:
     """Relative name -> shape of decoder layer i's tensors, routed experts per expert (the checkpoint layout)."""
     from transformers import DeepseekV3Config
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3MLP
 
     with torch.device("meta"):
-        layer = DeepseekV3DecoderLayer(DeepseekV3Config(**cfg), layer_idx=i)
-        unfuse_experts(layer)
+        config = DeepseekV3Config(**cfg)
+        layer = DeepseekV3DecoderLayer(config, layer_idx=i)
+        unfuse_experts(layer, DeepseekV3MLP, config)
     return {k: tuple(v.shape) for k, v in layer.state_dict().items()}
 
 

@@ -17,7 +17,7 @@ import torch
 
 from slimquant.format.schemes import FLOAT, Scheme, parse_scheme
 
-ARCHS = ("llama", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -33,7 +33,7 @@ _TOKENIZER_TEXT = (
 
 def tiny_config(arch: str, **overrides):
     """A 2-layer, hidden-64 transformers config of the given architecture."""
-    from transformers import DeepseekV2Config, DeepseekV3Config, LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import DeepseekV2Config, DeepseekV3Config, LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=512,
@@ -55,6 +55,9 @@ def tiny_config(arch: str, **overrides):
         cfg = Qwen2Config(**kw)
     elif arch == "qwen3":
         cfg = Qwen3Config(**({"head_dim": 16} | kw))
+    elif arch == "qwen3_moe":  # layer 0 dense, layer 1 routed experts
+        moe = dict(head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0])
+        cfg = Qwen3MoeConfig(**(moe | {"norm_topk_prob": True} | kw))
     elif arch in ("deepseek_v2", "deepseek_v3"):
         cls = DeepseekV3Config if arch == "deepseek_v3" else DeepseekV2Config
         cfg = cls(**(_mla_moe_fields(arch) | common | {"num_key_value_heads": 4} | overrides))

@@ -77,8 +77,10 @@ class CpuNativeBackend(Backend):
         if self.ops.bf16_prefill_attention and fp32_activations:
             self.notes.append(_BF16_ATTENTION)
         parts = [layer.stack_parts() if hasattr(layer, "stack_parts") else None for layer in decoder.layers]
-        if any(p is None for p in parts):
-            self.notes.append(f"steps run per op: {type(decoder.layers[0]).__name__} has no native stack form")
+        if (first := next((i for i, p in enumerate(parts) if p is None), None)) is not None:
+            layer = decoder.layers[first]
+            what = type(layer).__name__ + (f" with {type(layer.mlp).__name__}" if hasattr(layer, "mlp") else "")
+            self.notes.append(f"steps run per op: layer {first} ({what}) has no native stack form")
             return
         plans = [decoder_layer_plan(self.lib, p) for p in parts]
         if reasons := [(i, r) for i, r in enumerate(plans) if isinstance(r, str)]:

@@ -21,6 +21,18 @@ SMOOTH_PAIRS = (
     ("mlp.up_proj", ("mlp.down_proj",)),
 )
 
+# Routed experts "{e}" form one FusedMoE layer (one type, one w13 input quantization): DeepSeek's, and
+# Qwen3-MoE's (the Qwen3 decoder with them, no shared experts, in the layers that is_moe_layer names).
+MOE_FUSED = (
+    ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"),  # one FusedMoE w13: one input quantization
+    ("mlp.experts.*.down_proj",),  # w2
+)
+# --type w8a8 on MoE models: attention static, every MLP linear dynamic (ModelSlim's DeepSeek and Qwen3-MoE
+# recipes, mix_cfg {"*.mlp.*": "w8a8_dynamic", "*": "w8a8"}; no loader runs static routed experts).
+MLP_DYNAMIC_MIX = (("*.mlp.*", W8A8_DYNAMIC),)
+# config.json keys that ModelSlim's MoE scripts add, by --type
+MOE_CONFIG_FIELDS = {W8A8: {"quantize": "w8a8_dynamic"}, W8A8_DYNAMIC: {"quantize": "w8a8_dynamic"}}
+
 # DeepSeek V2/V3, Kimi K2: multi-head latent attention (q_proj instead of q_a/q_b when q_lora_rank is null), then
 # a dense MLP (layers < first_k_dense_replace) or MoE: shared experts and routed experts "{e}" (per expert on disk).
 MLA = (
@@ -37,16 +49,13 @@ MLA_FUSED = (
     ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),  # fused_qkv_a_proj: one input_scale/offset
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
-    ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"),  # one FusedMoE w13: one input quantization
-    ("mlp.experts.*.down_proj",),  # w2
+    *MOE_FUSED,
 )
-MLA_SAME_TYPE = (("mlp.experts.*",),)  # one FusedMoE layer: every routed expert linear shares one type
+MOE_SAME_TYPE = (("mlp.experts.*",),)  # one FusedMoE layer: every routed expert linear shares one type
 MLA_SMOOTH_PAIRS = (
     ("input_layernorm", ("self_attn.q_a_proj", "self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),
     ("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
 )
-# --type w8a8 on these models: MLA static, every MLP linear dynamic (ModelSlim's DeepSeek recipe).
-MLA_MIX = (("*.mlp.*", W8A8_DYNAMIC),)
 # --type w8a8 on Llama / Qwen by default: mlp.down_proj dynamic, the rest static. Its input silu(gate) * up holds
 # massive activations on a few tokens (the first token's above all) that one per-tensor static scale cannot follow
 # (docs/benchmarks.md, "Accuracy"). quantize(static_all=True) (--static-all) drops it.
@@ -79,13 +88,15 @@ class ArchSpec:
     # build them; every other linear is bias-free
     biases: tuple[tuple[str, str | None], ...] = (("self_attn.[qkvo]_proj", "attention_bias"), ("mlp.*", "mlp_bias"))
     int8_kv_cache: bool = True  # C8 scales are per k / v channel: standard attention (MLA caches a latent)
+    expert_mlp: str | None = None  # MoE models: transformers' class of one expert's MLP (the quantizer unfuses them)
 
     def layer_linears(self, config: dict, i: int) -> tuple[str, ...]:
         """Linears of decoder layer i (relative names): dense or MoE MLP, MLA with or without q_lora_rank."""
         present = [r for r in self.linears if r not in _absent(config, i)]
         if is_moe_layer(config, i):
-            experts = tuple(r.format(e=e) for e in range(int(config["n_routed_experts"])) for r in ROUTED_EXPERT)
-            present = [r for r in present if r not in MLP] + list(SHARED_EXPERTS) + list(experts)
+            experts = [r.format(e=e) for e in range(num_routed_experts(config)) for r in ROUTED_EXPERT]
+            shared = list(SHARED_EXPERTS) if config_value(config, "n_shared_experts") else []
+            present = [r for r in present if r not in MLP] + shared + experts
         return tuple(present)
 
     def has_bias(self, config, rel: str) -> bool:
@@ -121,12 +132,23 @@ def config_value(config, key: str, default=None):
     return default if value is None else value
 
 
+def num_routed_experts(config) -> int:
+    """Routed experts per MoE layer: DeepSeek's n_routed_experts, Qwen3-MoE's num_experts (num_local_experts as
+    transformers 5 writes it); 0 for a dense model."""
+    keys = ("n_routed_experts", "num_experts", "num_local_experts")
+    return int(next((v for k in keys if (v := config_value(config, k))), 0))
+
+
 def is_moe_layer(config, i: int) -> bool:
-    """DeepSeek: layers from first_k_dense_replace on (every moe_layer_freq-th) have the MoE MLP."""
-    if not config_value(config, "n_routed_experts"):
+    """Whether layer i has the MoE MLP. DeepSeek: from first_k_dense_replace on, every moe_layer_freq-th;
+    Qwen3-MoE: every decoder_sparse_step-th (counting from 1) that mlp_only_layers does not name."""
+    if not num_routed_experts(config):
         return False
-    freq = int(config_value(config, "moe_layer_freq", 1)) or 1
-    return i >= int(config_value(config, "first_k_dense_replace", 0)) and i % freq == 0
+    if config_value(config, "n_routed_experts"):
+        freq = int(config_value(config, "moe_layer_freq", 1)) or 1
+        return i >= int(config_value(config, "first_k_dense_replace", 0)) and i % freq == 0
+    step = int(config_value(config, "decoder_sparse_step", 1)) or 1
+    return i not in config_value(config, "mlp_only_layers", []) and (i + 1) % step == 0
 
 
 def _mla(module: str, prefix: str, **kw) -> ArchSpec:
@@ -137,10 +159,10 @@ def _mla(module: str, prefix: str, **kw) -> ArchSpec:
         f"{prefix}RotaryEmbedding",
         linears=MLA + MLP,
         fused=MLA_FUSED,
-        same_type=MLA_SAME_TYPE,
+        same_type=MOE_SAME_TYPE,
         smooth_pairs=MLA_SMOOTH_PAIRS,
         keep_float=("lm_head", "*.self_attn.kv_b_proj"),
-        w8a8_mix=MLA_MIX,
+        w8a8_mix=MLP_DYNAMIC_MIX,
         model_quant_type=W8A8_DYNAMIC,
         static_method="iterative",
         dynamic_method="none",  # ModelSlim's DeepSeek recipe with --dynamic: no smoothing
@@ -151,6 +173,7 @@ def _mla(module: str, prefix: str, **kw) -> ArchSpec:
         config_indent=4,
         biases=tuple((f"self_attn.{r}", "attention_bias") for r in ("q_a_proj", "kv_a_proj_with_mqa", "o_proj")),
         int8_kv_cache=False,
+        expert_mlp=f"{prefix}MLP",
         **kw,
     )
 
@@ -180,6 +203,18 @@ ARCHS: dict[str, ArchSpec] = {
         "Qwen3RotaryEmbedding",
         w8a8_default_mix=DOWN_DYNAMIC_MIX,
         biases=(("self_attn.[qkvo]_proj", "attention_bias"),),
+    ),
+    "qwen3_moe": ArchSpec(
+        "Qwen3MoeForCausalLM",
+        "transformers.models.qwen3_moe.modeling_qwen3_moe",
+        "Qwen3MoeDecoderLayer",
+        "Qwen3MoeRotaryEmbedding",
+        fused=FUSED + MOE_FUSED,
+        same_type=MOE_SAME_TYPE,
+        w8a8_mix=MLP_DYNAMIC_MIX,
+        config_fields=MOE_CONFIG_FIELDS,  # ModelSlim's quant_qwen_moe_w8a8.py: "quantize": "w8a8_dynamic"
+        biases=(("self_attn.[qkvo]_proj", "attention_bias"),),
+        expert_mlp="Qwen3MoeMLP",
     ),
     "deepseek_v2": _mla(_DSV2, "DeepseekV2"),
     "deepseek_v3": _mla(_DSV3, "DeepseekV3"),

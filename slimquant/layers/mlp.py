@@ -50,3 +50,10 @@ def check_activation(config) -> None:
     """ValueError unless config's hidden_act is silu (the only one the MLPs run)."""
     if config.hidden_act != "silu":
         raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; only 'silu'")
+
+
+def dense_mlp(config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, tp: TensorParallel) -> GatedMLP:
+    """A decoder layer's dense MLP as config describes it (intermediate_size, mlp_bias, silu)."""
+    check_activation(config)
+    mlp_bias, h, i = bool(getattr(config, "mlp_bias", False)), config.hidden_size, config.intermediate_size
+    return GatedMLP(h, i, quant_config, prefix, dtype, mlp_bias, tp)

@@ -1,4 +1,5 @@
-"""DeepSeek mixture of experts: grouped top-k router, routed experts (float or W8A8_DYNAMIC), shared experts.
+"""Mixture of experts (DeepSeek V2 / V3, Kimi-K2, Qwen3-MoE): top-k router (grouped for DeepSeek), routed experts
+(float or W8A8_DYNAMIC), shared experts where the model has them.
 
 Routed experts are read from `<prefix>.{e}.{gate_proj,up_proj,down_proj}.*` and held packed as in vLLM:
 w13 [E, 2I, H] (gate rows first), w2 [E, H, I]; int8 scales w13_scale [E, 2I, 1], w2_scale [E, H, 1].
@@ -23,6 +24,7 @@ from torch import nn
 
 from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
+from slimquant.format.architectures import num_routed_experts
 from slimquant.format.safetensors_io import Part
 from slimquant.format.schemes import FLOAT
 from slimquant.format.validation import FLOAT_TENSOR, INT8_WEIGHT, WEIGHT_OFFSET, WEIGHT_SCALE
@@ -35,15 +37,18 @@ PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
 class TopkRouter(nn.Module):
-    """gate.weight [E, H] (fp32) -> (topk_weights fp32 [T, K], topk_ids [T, K]) as DeepSeek V2/V3 route."""
+    """gate.weight [E, H] (fp32) -> (topk_weights fp32 [T, K], topk_ids [T, K]) as DeepSeek V2/V3 and Qwen3-MoE
+    route (Qwen3-MoE: softmax, greedy top-k, renormalized where norm_topk_prob)."""
 
     def __init__(self, config):
         super().__init__()
-        self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.num_experts, self.top_k = num_routed_experts(config), config.num_experts_per_tok
         self.n_group, self.topk_group = getattr(config, "n_group", None) or 1, getattr(config, "topk_group", None) or 1
-        self.scoring = getattr(config, "scoring_func", None) or ("sigmoid" if _is_v3(config) else "softmax")
-        self.topk_method = getattr(config, "topk_method", None) or ("noaux_tc" if _is_v3(config) else "greedy")
-        self.norm_topk_prob, self.scaling = bool(config.norm_topk_prob), float(config.routed_scaling_factor)
+        v3 = getattr(config, "model_type", "") not in SOFTMAX_GREEDY_MODELS  # V3's routing unless the config says
+        self.scoring = getattr(config, "scoring_func", None) or ("sigmoid" if v3 else "softmax")
+        self.topk_method = getattr(config, "topk_method", None) or ("noaux_tc" if v3 else "greedy")
+        self.norm_topk_prob = bool(getattr(config, "norm_topk_prob", False))
+        self.scaling = float(getattr(config, "routed_scaling_factor", None) or 1.0)
         _check_routing(self.scoring, self.topk_method, self.num_experts, self.n_group)
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size), requires_grad=False)
         self.e_score_correction_bias = None
@@ -75,8 +80,7 @@ class TopkRouter(nn.Module):
         return scores.masked_fill(~mask.bool(), fill)
 
 
-def _is_v3(config) -> bool:
-    return getattr(config, "model_type", "") != "deepseek_v2"
+SOFTMAX_GREEDY_MODELS = ("deepseek_v2", "qwen3_moe")  # model types whose router defaults to softmax + greedy top-k
 
 
 def _check_routing(scoring: str, topk_method: str, num_experts: int, n_group: int) -> None:
@@ -113,7 +117,7 @@ class RoutedExperts(nn.Module):
         split = tp.size > 1 and not self.expert_parallel  # each expert's intermediate size split over the ranks
         self.first, self.num_local = 0, num_experts  # this rank's experts
         if self.expert_parallel:
-            self.first, self.num_local = tp.share(num_experts, "n_routed_experts")
+            self.first, self.num_local = tp.share(num_experts, "routed experts per layer")
         self.inter = tp.share(inter, "moe_intermediate_size")[1] if split else inter  # this rank's gate / up rows
         self.gather = split and not self.quantized  # float: gather the activation, whole down weights
         self.reduce = tp if split and self.quantized else SINGLE  # int8: absmax MAX, int32 SUM
@@ -262,15 +266,15 @@ def _param(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> nn.Par
     return nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
 
 
-class DeepseekMoE(nn.Module):
-    """Router + routed experts + shared experts: y = experts(x) + shared(x)."""
+class SparseMoE(nn.Module):
+    """Router + routed experts (+ shared experts where the config has them): y = experts(x) (+ shared(x))."""
 
     def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         super().__init__()
-        h, i = config.hidden_size, config.moe_intermediate_size
+        h, i, e = config.hidden_size, config.moe_intermediate_size, num_routed_experts(config)
         check_activation(config)
         self.gate = TopkRouter(config)
-        self.experts = RoutedExperts(config.n_routed_experts, h, i, quant_config, f"{prefix}.experts", dtype, tp)
+        self.experts = RoutedExperts(e, h, i, quant_config, f"{prefix}.experts", dtype, tp)
         self.shared_experts = None
         if getattr(config, "n_shared_experts", None):
             bias = bool(getattr(config, "mlp_bias", False))

@@ -1,1 +1,1 @@
-"""Model code (llama, qwen2, qwen3) and the loader that builds it from a checkpoint folder."""
+"""Model code (Llama, Qwen2, Qwen3, Qwen3-MoE, DeepSeek V2 / V3) and the loader that builds it from a folder."""

@@ -17,8 +17,8 @@ from slimquant.format.architectures import is_moe_layer
 from slimquant.kernels.int8_input import InputQuant, Int8Rows
 from slimquant.layers.linear import Linear
 from slimquant.layers.mla import MLAttention
-from slimquant.layers.mlp import GatedMLP, check_activation
-from slimquant.layers.moe import DeepseekMoE
+from slimquant.layers.mlp import dense_mlp
+from slimquant.layers.moe import SparseMoE
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.rotary import (
@@ -109,12 +109,9 @@ class DeepseekDecoderLayer(PreNormDecoderLayer):
         self.self_attn = DeepseekMLA(config, quant_config, f"{prefix}.self_attn", dtype, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
         if is_moe_layer(config, index):
-            self.mlp = DeepseekMoE(config, quant_config, f"{prefix}.mlp", dtype, tp)
+            self.mlp = SparseMoE(config, quant_config, f"{prefix}.mlp", dtype, tp)
         else:
-            check_activation(config)
-            mlp_bias = bool(getattr(config, "mlp_bias", False))
-            h, i = config.hidden_size, config.intermediate_size
-            self.mlp = GatedMLP(h, i, quant_config, f"{prefix}.mlp", dtype, mlp_bias, tp)
+            self.mlp = dense_mlp(config, quant_config, f"{prefix}.mlp", dtype, tp)
 
 
 class DeepseekV2ForCausalLM(CausalLM):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -11,7 +13,7 @@ from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.kernels.int8_input import InputQuant, Int8Rows
 from slimquant.layers.attention import Attention
 from slimquant.layers.linear import Linear
-from slimquant.layers.mlp import GatedMLP, check_activation
+from slimquant.layers.mlp import GatedMLP, dense_mlp
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.models.base import CausalLM, DecoderModel, LayerParts, PreNormDecoderLayer
@@ -83,19 +85,19 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(PreNormDecoderLayer):
-    """Pre-norm block: attention and MLP, each with a residual add fused into the next norm."""
+    """Pre-norm block: attention and MLP (dense, or the experts its model class builds), each with a residual add
+    fused into the next norm."""
 
     def __init__(
-        self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, variant: Variant, tp: TensorParallel
-    ):
+        self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, variant: Variant, tp: TensorParallel,
+        build_mlp: Callable[[], nn.Module],
+    ):  # fmt: skip
         super().__init__()
         eps, bias = config.rms_norm_eps, quant_config.norm_has_bias
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
         self.self_attn = LlamaAttention(config, quant_config, f"{prefix}.self_attn", dtype, variant, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
-        check_activation(config)
-        mlp_bias, h, i = bool(getattr(config, "mlp_bias", False)), config.hidden_size, config.intermediate_size
-        self.mlp = GatedMLP(h, i, quant_config, f"{prefix}.mlp", dtype, mlp_bias, tp)
+        self.mlp = build_mlp()  # after the attention: a size that cannot split is named in the model's order
 
     @property
     def kv_cache(self) -> torch.Tensor | None:
@@ -104,8 +106,10 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
 
     def stack_parts(self) -> LayerParts | None:
         """What a whole-step backend needs of this layer (norms, linears, heads), or None where its norms do
-        not share one eps."""
+        not share one eps or its MLP is not dense (routed experts)."""
         attn, mlp = self.self_attn, self.mlp
+        if not isinstance(mlp, GatedMLP):
+            return None
         norms = {"input": self.input_layernorm, "post": self.post_attention_layernorm}
         if attn.q_norm is not None:  # Qwen3
             norms |= {"q": attn.q_norm, "k": attn.k_norm}
@@ -125,12 +129,18 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, config, quant_config: QuantConfig, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         """tp: this process's tensor-parallel group (heads, MLP columns and the vocabulary split)."""
         variant = self.variant(config)
-        layers = [
-            LlamaDecoderLayer(config, quant_config, f"model.layers.{i}", dtype, variant, tp)
-            for i in range(config.num_hidden_layers)
-        ]
+        layers = []
+        for i in range(config.num_hidden_layers):
+            prefix = f"model.layers.{i}"
+            mlp = partial(self.mlp, config, quant_config, i, f"{prefix}.mlp", dtype, tp)
+            layers.append(LlamaDecoderLayer(config, quant_config, prefix, dtype, variant, tp, mlp))
         model = DecoderModel(config, quant_config, dtype, head_dim_of(config), layers, tp)
         super().__init__(config, quant_config, dtype, model, tp)
+
+    @staticmethod
+    def mlp(config, quant_config: QuantConfig, index: int, prefix: str, dtype: torch.dtype, tp: TensorParallel):
+        """Layer index's MLP module."""
+        return dense_mlp(config, quant_config, prefix, dtype, tp)
 
     @staticmethod
     def variant(config) -> Variant:

@@ -9,10 +9,18 @@ from slimquant.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCau
 from slimquant.models.llama import LlamaForCausalLM
 from slimquant.models.qwen2 import Qwen2ForCausalLM
 from slimquant.models.qwen3 import Qwen3ForCausalLM
+from slimquant.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODELS: dict[str, type[nn.Module]] = {
     cls.__name__: cls
-    for cls in (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, DeepseekV2ForCausalLM, DeepseekV3ForCausalLM)
+    for cls in (
+        LlamaForCausalLM,
+        Qwen2ForCausalLM,
+        Qwen3ForCausalLM,
+        Qwen3MoeForCausalLM,
+        DeepseekV2ForCausalLM,
+        DeepseekV3ForCausalLM,
+    )
 }
 
 

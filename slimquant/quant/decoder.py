@@ -36,6 +36,7 @@ class LayerRunner:
         self.config = _load_config(src_dir, getattr(module, spec.config_class) if spec.config_class else None)
         self.config._attn_implementation = "sdpa"  # with no mask, sdpa applies the causal mask itself
         self.layer_cls = getattr(module, spec.decoder_layer)
+        self.expert_mlp = getattr(module, spec.expert_mlp) if spec.expert_mlp else None
         self.rotary = getattr(module, spec.rotary)(config=self.config).to(device)
         self.device = torch.device(device)
         # CPUs run bf16/fp16 GEMMs many times slower than fp32: compute there in fp32. SimLinear still rounds
@@ -51,7 +52,7 @@ class LayerRunner:
         """Layer i without storage, routed experts one module per expert (the checkpoint's layout)."""
         with torch.device("meta"):
             layer = self.layer_cls(self.config, layer_idx=i)
-            unfuse_experts(layer)
+            unfuse_experts(layer, self.expert_mlp, self.config)
         return layer
 
     def build(self, i: int, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -27,14 +27,14 @@ class PerExpert(nn.ModuleList):
         return out
 
 
-def unfuse_experts(layer: nn.Module) -> None:
-    """Replace layer.mlp.experts (fused) by a PerExpert of MLPs of the shared experts' class, if the layer has one."""
+def unfuse_experts(layer: nn.Module, mlp_cls: type[nn.Module] | None, config) -> None:
+    """Replace layer.mlp.experts (fused) by a PerExpert of mlp_cls(config, intermediate_size=I) MLPs, if the layer
+    has them."""
     mlp = getattr(layer, "mlp", None)
     experts = getattr(mlp, "experts", None)
     if experts is None or isinstance(experts, PerExpert):
         return
-    assert hasattr(experts, "gate_up_proj") and hasattr(mlp, "shared_experts"), type(experts)
-    mlp_cls, config = type(mlp.shared_experts), mlp.shared_experts.config
+    assert hasattr(experts, "gate_up_proj") and mlp_cls is not None, type(experts)
     size = experts.down_proj.shape[-1]  # I
     device = experts.gate_up_proj.device
     with torch.device(device):

@@ -139,7 +139,7 @@ def test_a_rank_reads_only_its_part(deepseek, expert_parallel):
 
 def test_experts_that_cannot_split_say_why(tiny_model):
     path = str(tiny_model("deepseek_v3", n_routed_experts=6, n_group=2))
-    with pytest.raises(ValueError, match="n_routed_experts = 6 is not divisible by tensor_parallel_size = 4"):
+    with pytest.raises(ValueError, match="routed experts per layer = 6 is not divisible by tensor_parallel_size = 4"):
         load_model(path, tp=TensorParallel(rank=1, size=4, expert_parallel=True))
 
 

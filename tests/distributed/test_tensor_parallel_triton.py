@@ -1,9 +1,9 @@
 """The cuda-triton backend's ops under tensor parallel, run by Triton's interpreter on CPU tensors with gloo between
 the ranks (tests/gpu runs them compiled): every rank returns one process's greedy tokens and logprobs on the same
 ops, bit for bit, for int8 and mixed Llama / Qwen2 checkpoints (the norms quantize for column-parallel linears; a
-row-parallel one agrees on each token's absmax first) and DeepSeek-V3 with and without expert parallel, its int8
-experts in the grouped kernels either way (with it, each rank its own experts; without, its part of every expert,
-the ranks reducing between the kernels)."""
+row-parallel one agrees on each token's absmax first) and DeepSeek-V3 and Qwen3-MoE with and without expert
+parallel, their int8 experts in the grouped kernels either way (with it, each rank its own experts; without, its
+part of every expert, the ranks reducing between the kernels)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from slimquant.distributed.launch import run_ranks
 from tests.distributed.test_tensor_parallel_deepseek import generate
 from tests.models.ascend_ckpt import write_ascend
 from tests.models.test_model_deepseek_quantized import deepseek_mix
+from tests.models.test_model_qwen3_moe import moe_mix
 
 if torch.cuda.is_available():
     pytest.skip("tests/gpu runs these kernels compiled", allow_module_level=True)
@@ -41,13 +42,14 @@ def rank_generate_triton(rank: int, size: int, paths: list[str], expert_parallel
 def models(checkpoints, tiny_model, tmp_path_factory) -> dict[str, str]:
     names = ("llama-W8A8_DYNAMIC", "llama-W8A8", "qwen2-mixed")
     deepseek = write_ascend(tiny_model("deepseek_v3"), tmp_path_factory.mktemp("v3-mix"), deepseek_mix)
-    return {name: checkpoints[name] for name in names} | {"deepseek-v3-mix": str(deepseek)}
+    qwen3_moe = write_ascend(tiny_model("qwen3_moe"), tmp_path_factory.mktemp("qwen3-moe-mix"), moe_mix)
+    return {name: checkpoints[name] for name in names} | {"deepseek-v3-mix": str(deepseek), "qwen3-moe": str(qwen3_moe)}
 
 
 @pytest.fixture(scope="module")
 def one_process(models) -> list:
     ((outs, calls, graphed),) = run_ranks(rank_generate_triton, 1, list(models.values()), False)
-    assert calls and set(calls) == {1} and all(graphed)  # one process runs the DeepSeek experts grouped
+    assert calls and set(calls) == {1} and all(graphed)  # one process runs the MoE experts grouped
     return outs
 
 

@@ -212,6 +212,15 @@ def test_deepseek_mla_moe_matches_reference(tiny_model, tmp_path, arch, override
     assert_close(_logits_on_cuda(dst), reference_logits(reference_model(src, dst, torch.float32), PROMPT), rel=1e-3)
 
 
+def test_qwen3_moe_matches_reference(tiny_model, tmp_path):
+    """Qwen3-MoE's int8 experts (no shared experts) in the grouped kernels, attention static."""
+    from tests.models.test_model_qwen3_moe import moe_mix
+
+    src = tiny_model("qwen3_moe")
+    dst = write_ascend(src, tmp_path / "q", moe_mix)
+    assert_close(_logits_on_cuda(dst), reference_logits(reference_model(src, dst, torch.float32), PROMPT), rel=1e-3)
+
+
 @pytest.fixture(scope="module")
 def quantized_llama(tiny_model, tmp_path_factory):
     """A tiny llama quantized W8A8_DYNAMIC by slimquant's own quantizer (on the CPU)."""

@@ -24,6 +24,7 @@ def files(folder: Path) -> dict[str, bytes]:
         ("deepseek_v3", "w8a8_dynamic", {}),
         ("deepseek_v3", "w8a8", {}),  # static MLA, iterative smoothing
         ("deepseek_v2", "w8a8", {"rounding": "gptq"}),  # a Hessian per expert linear
+        ("qwen3_moe", "w8a8", {}),  # no shared experts, a dense layer first
     ],
 )
 def test_the_group_size_changes_no_byte(tiny_model, tmp_path, arch, quant_type, options):

@@ -18,7 +18,9 @@ except mlp.down_proj, which is W8A8_DYNAMIC (its input silu(gate)*up holds massi
 per-tensor static scale cannot follow); the summary prints this "default mix". --static-all: all static.
 DeepSeek V2/V3 and Kimi K2 (ModelSlim's DeepSeek recipe): --type w8a8 makes the MLA linears static W8A8 and
 every MLP linear (dense, shared and routed experts) W8A8_DYNAMIC, smoothed with iterative by default;
-kv_b_proj, the router and multi-token-prediction layers stay float; FP8 block weights are dequantized."""
+kv_b_proj, the router and multi-token-prediction layers stay float; FP8 block weights are dequantized.
+Qwen3-MoE (ModelSlim's quant_qwen_moe_w8a8.py recipe): --type w8a8 makes attention static W8A8 and every MLP
+linear W8A8_DYNAMIC; the router stays float."""
 EXAMPLES = """examples:
   slimquant quantize Qwen3-8B out/Qwen3-8B-W8A8 --type w8a8
   slimquant quantize model.gguf out/model-dyn --type w8a8_dynamic --keep-float '*.mlp.down_proj'

@@ -1,0 +1,33 @@
+"""Qwen3-MoE: the Qwen3 decoder whose MLP is routed experts (softmax top-k router, no shared experts) in the layers
+that format.architectures.is_moe_layer names (every decoder_sparse_step-th, not in mlp_only_layers), dense in the
+rest. The experts are layers.moe's: grouped int8 kernels, tensor and expert parallel as for DeepSeek."""
+
+from __future__ import annotations
+
+import torch
+
+from slimquant.distributed.tensor_parallel import TensorParallel
+from slimquant.format.architectures import is_moe_layer
+from slimquant.layers.mlp import dense_mlp
+from slimquant.layers.moe import SparseMoE
+from slimquant.layers.quant_config import QuantConfig
+from slimquant.models.qwen3 import Qwen3ForCausalLM
+
+PACKED_MODULES = {
+    "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+    "gate_up_proj": ["gate_proj", "up_proj"],
+    "experts": ["experts.0.gate_proj", "experts.0.up_proj", "experts.0.down_proj"],
+}
+
+
+class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
+    """Qwen3-MoE models (Qwen3-30B-A3B, Qwen3-235B-A22B)."""
+
+    packed_modules_mapping = PACKED_MODULES
+
+    @staticmethod
+    def mlp(config, quant_config: QuantConfig, index: int, prefix: str, dtype: torch.dtype, tp: TensorParallel):
+        """Routed experts in MoE layers, the dense MLP in the others."""
+        if is_moe_layer(config, index):
+            return SparseMoE(config, quant_config, prefix, dtype, tp)
+        return dense_mlp(config, quant_config, prefix, dtype, tp)
