@@ -107,3 +107,21 @@ def test_a_hub_config_that_says_num_experts(tiny_model, tmp_path):
     assert {n.split(".")[5] for n in types if ".mlp.experts." in n} == {str(e) for e in range(8)}
     moe = load_model(str(tmp_path / "q")).model.model.layers[1].mlp
     assert isinstance(moe, SparseMoE) and moe.experts.num_experts == 8 and moe.experts.quantized
+
+
+def test_a_decode_step_is_said_to_read_its_top_k_experts(tiny_model, tmp_path):
+    """`slimquant bench`'s bandwidth limit: one stream's decode step reads 2 of the 8 experts of a MoE layer."""
+    from slimquant.config import KernelConfig
+    from slimquant.entrypoints.commands.bench import decode_weight_bytes
+
+    folder = write_ascend(tiny_model("qwen3_moe"), tmp_path / "q", moe_mix)
+    loaded = load_model(str(folder), kernels=KernelConfig(backend="torch-reference"))
+    model, head = loaded.model, loaded.backend.head(loaded.model)
+    assert head.argmax_bytes() is None  # the float head is read whole
+
+    def nbytes(params) -> int:
+        return sum(p.numel() * p.element_size() for p in params)
+
+    experts = nbytes(model.model.layers[1].mlp.experts.parameters())
+    rest = nbytes(model.parameters()) - experts - nbytes([model.model.embed_tokens.weight])
+    assert decode_weight_bytes(model, head) == rest + experts * 2 // 8

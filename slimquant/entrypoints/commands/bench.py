@@ -196,14 +196,24 @@ def _bench_slimquant(path: str, args: argparse.Namespace, variant: dict[str, str
 
 
 def decode_weight_bytes(model, head) -> int:
-    """Bytes of weights one greedy decode step reads: every parameter, but of the embedding table one row (unless
-    tied), and of the LM head what the backend's head reads for an argmax (cpu-native: its int8 screen)."""
+    """Bytes of weights one greedy decode step of one stream reads: every parameter, but of the embedding table one
+    row (unless tied), of a MoE layer's routed experts the top-k its token is routed to, and of the LM head what the
+    backend's head reads for an argmax (cpu-native: its int8 screen)."""
+    from slimquant.layers.moe import SparseMoE  # torch: not at the CLI's start
+
     embed = model.model.embed_tokens.weight
     total = sum(_nbytes(p) for p in model.parameters())
+    total -= sum(_unrouted_bytes(m) for m in model.modules() if isinstance(m, SparseMoE))
     if model.lm_head is not None:
         total -= _nbytes(embed)
     screen = head.argmax_bytes()
     return total if screen is None else total - _nbytes(model.float_head_weight()) + screen
+
+
+def _unrouted_bytes(moe) -> int:
+    """Bytes of a MoE layer's (SparseMoE) routed experts that one token does not read (all but its top-k)."""
+    experts = sum(_nbytes(p) for p in moe.experts.parameters())  # this rank's
+    return experts - experts * moe.gate.top_k // moe.gate.num_experts
 
 
 def _nbytes(t) -> int:
