@@ -78,7 +78,7 @@ def main() -> None:
 
     bw = device_header()
     loop_ops, grouped_ops = TritonOps(), TritonOps()
-    loop_ops.grouped_experts = lambda *a: None  # RoutedExperts runs its experts one at a time
+    loop_ops.grouped_experts = lambda *a, **kw: None  # RoutedExperts runs its experts one at a time
     bf16 = routed_experts(args.experts, False, loop_ops)
     int8 = routed_experts(args.experts, True, grouped_ops)
     print(f"{args.experts} experts of {HIDDEN} -> {INTER}, {TOP_K} per token; times in microseconds (median)")

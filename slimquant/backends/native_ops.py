@@ -207,10 +207,12 @@ class NativeOps(TorchOps):
     groups_experts = True
     groups_split_experts = True
 
-    def grouped_experts(self, x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, first=None, tp=SINGLE):
+    def grouped_experts(
+        self, x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, first=None, tp=SINGLE, summed=False
+    ):
         """The routed experts of fp32 rows in one native call (csrc/moe_cpu.cpp), which calls tp's collectives back
-        where the experts are split: RoutedExperts' expert-by-expert numbers; None for other inputs (it then runs
-        them one by one)."""
+        where the experts are split and adds each token's products in expert order where summed: RoutedExperts'
+        expert-by-expert numbers; None for other inputs (it then runs them one by one)."""
         rows_ok = isinstance(x, torch.Tensor) and x.dim() == 2 and x.stride(-1) == 1 and _fp32(x)  # [T, H]
         weights_ok = all(is_native_weight(w) and w.is_contiguous() for w in (w13, w2))
         scales_ok = w13_scale.dtype == w2_scale.dtype and w13_scale.dtype in (torch.float32, torch.bfloat16)
@@ -219,14 +221,14 @@ class NativeOps(TorchOps):
         t, k = topk_ids.shape
         ids = topk_ids.to(torch.int64).contiguous()  # [T, K]
         weights = topk_weights.float().contiguous()  # [T, K]
-        out = torch.empty(t, k, x.shape[1])  # [T, K, H]
+        out = torch.empty(t, x.shape[1]) if summed else torch.empty(t, k, x.shape[1])  # [T, H] or [T, K, H]
         ranks = self._ranks(tp)
         failed = self.lib.sq_routed_experts(
             x=x.data_ptr(), t=t, h=x.shape[1], ldx=x.stride(0), ids=ids.data_ptr(), weights=weights.data_ptr(), k=k,
             first=first or 0, num_local=w13.shape[0], inter=w13.shape[1] // 2, w13=w13.data_ptr(), kp13=w13.shape[2],
             w2=w2.data_ptr(), kp2=w2.shape[2], s13=w13_scale.data_ptr(), s2=w2_scale.data_ptr(),
             scales_bf16=int(w13_scale.dtype == torch.bfloat16), ranks=None if ranks is None else ranks.struct,
-            out=out.data_ptr(),
+            summed=int(summed), out=out.data_ptr(),
         )  # fmt: skip
         if failed:
             assert ranks is not None, "only a reduction across ranks fails"

@@ -254,12 +254,14 @@ class TorchOps:
         topk_ids: torch.Tensor,
         first: int | None = None,
         tp: TensorParallel = SINGLE,
+        summed: bool = False,
     ) -> torch.Tensor | None:
         """Every routed slot's weighted int8 expert output [T, K, H] in one pass, where the backend has kernels
         for it (x: float, or Int8Rows per token from quantize_input; first: the weights are experts first.. of
         more, expert parallel; other slots 0; tp: the weights are this rank's part of every expert's
-        intermediate size, and the ranks agree on the activations' absmax and sum the int32 down products); None
-        here: RoutedExperts runs its experts one by one with the ops above."""
+        intermediate size, and the ranks agree on the activations' absmax and sum the int32 down products), or
+        with summed their add_in_expert_order sum [T, H]; None here: RoutedExperts runs its experts one by one
+        with the ops above."""
         return None
 
     # ---- float linears ----
@@ -378,3 +380,14 @@ def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, length: int)
 
 
 TORCH_OPS = TorchOps()  # what layers call until a backend binds its own ops (Backend.bind)
+
+
+def add_in_expert_order(outs: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """outs [T, K, H] summed over K in ascending expert id per token, in outs' dtype -> [T, H]: the order in which
+    one process adds its experts' outputs, whichever rank (or kernel) made them."""
+    order = topk_ids.argsort(dim=-1, stable=True)  # [T, K]
+    ordered = outs.gather(1, order[..., None].expand_as(outs))  # [T, K, H]
+    total = torch.zeros_like(ordered[:, 0])  # [T, H]
+    for k in range(ordered.shape[1]):
+        total += ordered[:, k]
+    return total

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from slimquant.backends.torch_ops import Rope, TorchOps
+from slimquant.backends.torch_ops import Rope, TorchOps, add_in_expert_order
 from slimquant.distributed.tensor_parallel import SINGLE
 from slimquant.kernels.int8_input import InputQuant, Int8Rows
 from slimquant.kernels.int_mm import on_cublas_grid
@@ -113,13 +113,17 @@ class TritonOps(TorchOps):
     groups_experts = True
     groups_split_experts = True
 
-    def grouped_experts(self, x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, first=None, tp=SINGLE):
-        """All experts' int8 GEMMs in grouped kernels, the routing on the device (kernels/cuda_moe.py)."""
+    def grouped_experts(
+        self, x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, first=None, tp=SINGLE, summed=False
+    ):
+        """All experts' int8 GEMMs in grouped kernels, the routing on the device (kernels/cuda_moe.py); summed:
+        their slots added in expert order after them."""
         if w13.dtype != torch.int8 or w2.dtype != torch.int8:
             return None
         if not isinstance(x, Int8Rows) and (x.dim() != 2 or not _same_float(x)):
             return None
-        return self.moe.routed_experts(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, first, tp=tp)
+        outs = self.moe.routed_experts(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, first, tp=tp)
+        return add_in_expert_order(outs, topk_ids) if summed else outs
 
     def _gemm(self, packed: torch.Tensor) -> str:
         """The configured int8 GEMM; Triton's for a weight [N, K] off cuBLASLt's grid of 8."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimquant.backends.torch_ops import TORCH_OPS, TorchOps
+from slimquant.backends.torch_ops import TORCH_OPS, TorchOps, add_in_expert_order
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.format.architectures import num_routed_experts
 from slimquant.format.safetensors_io import Part
@@ -185,9 +185,10 @@ class RoutedExperts(nn.Module):
         if self.grouped:
             first = self.first if self.expert_parallel else None
             weights = (self.w13, self.w13_scale, self.w2, self.w2_scale)
-            outs = self.ops.grouped_experts(x, *weights, topk_weights, topk_ids, first, self.reduce)  # [T, K, H]
+            summed = not self.expert_parallel  # [T, H] (one process's sum), else the slots [T, K, H] to swap
+            outs = self.ops.grouped_experts(x, *weights, topk_weights, topk_ids, first, self.reduce, summed=summed)
             if outs is not None:
-                return add_in_expert_order(self._swap(outs), topk_ids)
+                return outs if summed else add_in_expert_order(self._swap(outs), topk_ids)
         assert not isinstance(x, Int8Rows), "quantized input is for the ops that run the experts grouped"
         routes = self._routes(topk_ids)
         ys = self._weighted_outputs(x, topk_weights, routes)  # [n_e, H] per expert
@@ -249,17 +250,6 @@ class RoutedExperts(nn.Module):
             (part.float() * s * self.w2_scale[e].float()).to(dtype)
             for e, part, s in zip(experts, acc.split(sizes), s2.split(sizes), strict=True)
         ]
-
-
-def add_in_expert_order(outs: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """outs [T, K, H] summed over K in ascending expert id per token, in outs' dtype -> [T, H]: the order in which
-    one process adds its experts' outputs, whichever rank made them."""
-    order = topk_ids.argsort(dim=-1, stable=True)  # [T, K]
-    ordered = outs.gather(1, order[..., None].expand_as(outs))  # [T, K, H]
-    total = torch.zeros_like(ordered[:, 0])  # [T, H]
-    for k in range(ordered.shape[1]):
-        total += ordered[:, k]
-    return total
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> nn.Parameter:

@@ -75,8 +75,8 @@ def rank_generate_native(rank: int, size: int, paths: list[str]) -> tuple[list, 
 
     one_call, split = NativeOps.grouped_experts, []
 
-    def counted(self, *args):  # RoutedExperts passes its ranks (tp) last
-        out = one_call(self, *args)
+    def counted(self, *args, **kwargs):  # RoutedExperts passes its ranks (tp) last of the positional arguments
+        out = one_call(self, *args, **kwargs)
         split.append(args[-1].size > 1 and out is not None)
         return out
 

@@ -101,7 +101,7 @@ def test_experts_add_in_ascending_expert_order(tiny_model, tmp_path):
     """One process adds each token's weighted expert outputs straight into [T, H] in ascending expert id, which
     must be bit for bit the sum that expert parallel's add_in_expert_order makes of its [T, K, H] slots (four experts
     per token: with two, either order gives the same sum)."""
-    from slimquant.layers.moe import add_in_expert_order
+    from slimquant.backends.torch_ops import add_in_expert_order
 
     src = tiny_model("deepseek_v3")
     experts = load_model(str(write_ascend(src, tmp_path / "q", deepseek_mix))).model.model.layers[1].mlp.experts

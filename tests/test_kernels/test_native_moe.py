@@ -1,5 +1,6 @@
 """NativeOps.grouped_experts (csrc/moe_cpu.cpp: a MoE layer's routed W8A8_DYNAMIC experts in one call) against
-the native per-op path RoutedExperts runs expert by expert, bit for bit, and against TorchOps' math."""
+the native per-op path RoutedExperts runs expert by expert, bit for bit, and against TorchOps' math; summed (each
+token's products added in the call, in expert order) against add_in_expert_order of its slots, bit for bit."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from slimquant.backends.native_ops import NativeOps
-from slimquant.backends.torch_ops import TorchOps
+from slimquant.backends.torch_ops import TorchOps, add_in_expert_order
 from slimquant.distributed.launch import run_ranks
 from slimquant.kernels import native
 from tests.test_kernels.moe_reference import moe_inputs, rank_part
@@ -50,6 +51,8 @@ def test_one_call_equals_the_per_op_path_and_torch_math(t, e, top_k, h, inter, s
     got = kernels.grouped_experts(*inputs)
     assert got is not None and got.shape == (t, top_k, h)
     assert torch.equal(got, one_by_one(kernels, *inputs))
+    ids = inputs[-1]
+    assert torch.equal(kernels.grouped_experts(*inputs, summed=True), add_in_expert_order(got, ids))  # [T, H]
     torch_math = one_by_one(TorchOps(), *packed(TorchOps(), *raw))
     assert (got - torch_math).abs().max() <= 0.02 * torch_math.abs().max()
 
@@ -81,6 +84,8 @@ def rank_split_experts(rank: int, size: int) -> list[bool]:
             rows, cols = rank_part(rank, size, inter)
             mine = packed(ops, x, w13[:, rows], s13[:, rows], w2[..., cols], s2, weights, ids)
             same.append(torch.equal(ops.grouped_experts(*mine, None, tp), whole))
+            summed = ops.grouped_experts(*mine, None, tp, summed=True)  # [T, H]
+            same.append(torch.equal(summed, add_in_expert_order(whole, ids)))
     return same
 
 
@@ -134,8 +139,8 @@ def test_deepseek_on_the_cpu_native_backend_gives_the_per_expert_logits(tiny_mod
 
     calls, one_call = [], NativeOps.grouped_experts
 
-    def counted(*args):
-        calls.append(one_call(*args))
+    def counted(*args, **kwargs):
+        calls.append(one_call(*args, **kwargs))
         return calls[-1]
 
     monkeypatch.setattr(NativeOps, "grouped_experts", counted)

@@ -123,7 +123,7 @@ def test_bench_layers_run_grouped_and_one_at_a_time():
     from bench.cuda_moe import route, routed_experts
 
     loop = TritonOps()
-    loop.grouped_experts = lambda *a: None
+    loop.grouped_experts = lambda *a, **kw: None
     layer = routed_experts(16, True, TritonOps(), device="cpu", hidden=64, inter=32)
     x, (weights, ids) = torch.randn(9, 64).bfloat16(), route(9, 16, device="cpu")
     grouped = layer(x, weights, ids)

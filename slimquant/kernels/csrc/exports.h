@@ -148,14 +148,16 @@
   X(void, sq_silu_and_mul, (const float* x, int t, int inter, int ldx, float* y))                       \
   /* A MoE layer's routed W8A8_DYNAMIC experts (moe_cpu.cpp): out fp32 [T, K, H] = each */              \
   /* slot's expert output times its weight, for experts first .. first + num_local - 1 (the */          \
-  /* rest 0); x fp32 [T, H] at row stride ldx; ids int64, weights fp32 [T, K]; w13 packed */            \
-  /* [E, 2I, kp13], w2 [E, H, kp2]; their scales [E, 2I] / [E, H] fp32 or bf16 (scales_bf16). */        \
-  /* ranks (null: whole experts): each rank holds inter of every expert's intermediate rows (first */  \
-  /* 0), reduced across the ranks; 0, or 1 when a reduction failed. */                                  \
+  /* rest 0), or (summed) out [T, H] = each token's products added in ascending expert id; x */         \
+  /* fp32 [T, H] at row stride ldx; ids int64, weights fp32 [T, K]; w13 packed [E, 2I, kp13], */        \
+  /* w2 [E, H, kp2]; their scales [E, 2I] / [E, H] fp32 or bf16 (scales_bf16). ranks (null: */           \
+  /* whole experts): each rank holds inter of every expert's intermediate rows (first 0), */             \
+  /* reduced across the ranks; 0, or 1 when a reduction failed. */                                      \
   X(int, sq_routed_experts, (const float* x, int t, int h, int ldx, const int64_t* ids,                 \
                              const float* weights, int k, int first, int num_local, int inter,          \
                              const int8_t* w13, int kp13, const int8_t* w2, int kp2, const void* s13,   \
-                             const void* s2, int scales_bf16, const SqRanks* ranks, float* out))        \
+                             const void* s2, int scales_bf16, const SqRanks* ranks, int summed,         \
+                             float* out))                                                               \
   /* Greedy head (greedy_cpu.cpp): 0, or 1 when x is not finite. */                                     \
   X(int, sq_greedy_argmax, (const float* x, int t, int k, int ldx, const int8_t* wq, int n, int kp,     \
                             const float* rows, const uint16_t* w, double slack, double fp_term,         \

@@ -1,9 +1,11 @@
 // A MoE layer's routed W8A8_DYNAMIC experts for one step in one call (DeepSeek / Kimi-K2). Per local expert, in
 // ascending id, the rows of its tokens (in token order) go through the per-op path's kernels in its order:
 //   y13 = dynamic linear (gate | up); a = silu(gate) * up; y2 = dynamic linear (down); out = y2 * routing weight,
-// and each product lands at its token's slot of out [T, K, H] (0 in the slots of experts held elsewhere). The same
-// entry points on the same rows: the bits of RoutedExperts' expert-by-expert path, without its per-expert Python
-// and torch ops (about a third of a decode step's expert time on a 2-core machine).
+// and each product lands at its token's slot of out [T, K, H] (0 in the slots of experts held elsewhere), or, summed,
+// is added into its token's row of out [T, H] (from 0, in ascending expert id: the sum RoutedExperts makes of the
+// slots, with no [T, K, H] held or read back). The same entry points on the same rows: the bits of RoutedExperts'
+// expert-by-expert path, without its per-expert Python and torch ops (about a third of a decode step's expert time
+// on a 2-core machine).
 //
 // Under tensor parallel without expert parallel (ranks given) each rank holds `inter` of every expert's
 // intermediate rows, and the down projection is split at two reductions, as the per-op path splits it: every
@@ -66,12 +68,21 @@ void expert_activation(const float* x, int h, int ldx, int k, const int* slots, 
   sq_silu_and_mul(s.y13.data(), n, inter, 2 * inter, act);
 }
 
-// out's row of each of the n slots = its row of y [n, H] times its routing weight.
-void write_weighted(const float* y, int n, int h, const int* slots, const float* weights, float* out) {
+// Each of the n slots' row of y [n, H] times its routing weight: written to the slot's row of out [T, K, H], or
+// (summed) added to its token's row of out [T, H]; a token has one slot per expert, and the experts come in
+// ascending id, so each token's products are added in that order (multiply, then add: no contraction).
+void write_weighted(const float* y, int n, int h, const int* slots, const float* weights, int k, int summed,
+                    float* out) {
   for (int r = 0; r < n; ++r) {
     const float w = weights[slots[r]];
-    float* o = out + (size_t)slots[r] * h;
-    for (int j = 0; j < h; ++j) o[j] = y[(size_t)r * h + j] * w;
+    const float* yr = y + (size_t)r * h;
+    if (summed) {
+      float* o = out + (size_t)(slots[r] / k) * h;
+      for (int j = 0; j < h; ++j) o[j] += yr[j] * w;
+    } else {
+      float* o = out + (size_t)slots[r] * h;
+      for (int j = 0; j < h; ++j) o[j] = yr[j] * w;
+    }
   }
 }
 
@@ -99,7 +110,7 @@ void dynamic_epilogue(const int32_t* acc, int m, int n, const float* scales, con
 // (out then holds no numbers).
 int split_experts(const float* x, int h, int ldx, const float* weights, int k, const std::vector<int>& order,
                   const std::vector<int>& begin, int inter, const int8_t* w13, int kp13, const int8_t* w2, int kp2,
-                  const void* s13, const void* s2, int scales_bf16, const SqRanks* ranks, float* out) {
+                  const void* s13, const void* s2, int scales_bf16, const SqRanks* ranks, int summed, float* out) {
   const int num_experts = (int)begin.size() - 1, rows = (int)order.size();
   std::vector<float> act((size_t)rows * inter), absmax(rows), scales(rows);  // in expert order
   ExpertScratch s;
@@ -129,7 +140,7 @@ int split_experts(const float* x, int h, int ldx, const float* weights, int k, c
     scales_fp32(s2, scales_bf16, e, h, s.s2);
     s.y2.resize((size_t)n * h);
     dynamic_epilogue(&acc[(size_t)b * h], n, h, &scales[b], s.s2.data(), s.y2.data());
-    write_weighted(s.y2.data(), n, h, &order[b], weights, out);
+    write_weighted(s.y2.data(), n, h, &order[b], weights, k, summed, out);
   }
   return 0;
 }
@@ -138,13 +149,14 @@ int split_experts(const float* x, int h, int ldx, const float* weights, int k, c
 
 int sq_routed_experts(const float* x, int t, int h, int ldx, const int64_t* ids, const float* weights, int k,
                       int first, int num_local, int inter, const int8_t* w13, int kp13, const int8_t* w2, int kp2,
-                      const void* s13, const void* s2, int scales_bf16, const SqRanks* ranks, float* out) {
-  std::memset(out, 0, sizeof(float) * (size_t)t * k * h);
+                      const void* s13, const void* s2, int scales_bf16, const SqRanks* ranks, int summed,
+                      float* out) {
+  std::memset(out, 0, sizeof(float) * (size_t)t * (summed ? 1 : k) * h);
   std::vector<int> order, begin;
   sort_slots(ids, t * k, first, num_local, order, begin);
   if (ranks != nullptr)
     return split_experts(x, h, ldx, weights, k, order, begin, inter, w13, kp13, w2, kp2, s13, s2, scales_bf16,
-                         ranks, out);
+                         ranks, summed, out);
   ExpertScratch s;
   for (int e = 0; e < num_local; ++e) {
     const int b = begin[e], n = begin[e + 1] - b;
@@ -155,7 +167,7 @@ int sq_routed_experts(const float* x, int t, int h, int ldx, const int64_t* ids,
     s.y2.resize((size_t)n * h);
     sq_dynamic_linear(s.act.data(), n, inter, inter, w2 + (size_t)e * h * kp2, h, kp2, s.s2.data(), nullptr,
                       s.y2.data());
-    write_weighted(s.y2.data(), n, h, &order[b], weights, out);
+    write_weighted(s.y2.data(), n, h, &order[b], weights, k, summed, out);
   }
   return 0;
 }
