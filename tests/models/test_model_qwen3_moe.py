@@ -12,12 +12,12 @@ import torch
 
 from slimquant.format.checkpoint import read_description, tensor_types
 from slimquant.layers.mlp import GatedMLP
-from slimquant.layers.moe import RoutedExperts, SparseMoE
+from slimquant.layers.moe import SparseMoE
 from slimquant.models.loader import load_model
 from slimquant.random_models import make_tiny_model
 from tests.models.ascend_ckpt import write_ascend
 from tests.models.paged import PROMPT, PagedRunner, assert_close, hf_logits
-from tests.models.test_model_deepseek_quantized import run_both
+from tests.models.test_model_deepseek_quantized import assert_bf16_as_close_as_transformers, run_both
 
 
 def moe_mix(prefix: str) -> str:
@@ -80,16 +80,7 @@ def test_project_quantizer_checkpoint_matches_reference(tiny_model, tmp_path, qu
     for name, t in types.items():
         if name.endswith(".weight_scale"):
             assert t == want(name.rsplit(".", 1)[0]), name
-    loaded = load_model(str(dst), dtype=torch.bfloat16)
-    assert any(m.quantized for m in loaded.model.modules() if isinstance(m, RoutedExperts))
-    runner = PagedRunner.of(loaded)
-    ours = torch.cat([runner.step({0: PROMPT[:7]}), *[runner.step({0: [t]}) for t in PROMPT[7:]]])
-    from tests.models.reference import reference_logits, reference_model
-
-    truth = reference_logits(reference_model(src, dst, torch.float32), PROMPT)
-    theirs = reference_logits(reference_model(src, dst, torch.bfloat16), PROMPT)
-    ours_err, theirs_err = ((x.float() - truth).abs().max().item() for x in (ours, theirs))
-    assert ours_err <= 1.5 * theirs_err and ours_err < 0.05 * truth.abs().max().item(), (ours_err, theirs_err)
+    assert_bf16_as_close_as_transformers(src, dst)
 
 
 def test_a_hub_config_that_says_num_experts(tiny_model, tmp_path):
