@@ -48,7 +48,8 @@ class TopkRouter(nn.Module):
         self.scoring = getattr(config, "scoring_func", None) or ("sigmoid" if v3 else "softmax")
         self.topk_method = getattr(config, "topk_method", None) or ("noaux_tc" if v3 else "greedy")
         self.norm_topk_prob = bool(getattr(config, "norm_topk_prob", False))
-        self.scaling = float(getattr(config, "routed_scaling_factor", None) or 1.0)
+        scaling = getattr(config, "routed_scaling_factor", None)  # DeepSeek's; none in Qwen3-MoE's config
+        self.scaling = 1.0 if scaling is None else float(scaling)
         _check_routing(self.scoring, self.topk_method, self.num_experts, self.n_group)
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size), requires_grad=False)
         self.e_score_correction_bias = None

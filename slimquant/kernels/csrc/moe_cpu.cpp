@@ -1,5 +1,5 @@
-// A MoE layer's routed W8A8_DYNAMIC experts for one step in one call (DeepSeek / Kimi-K2). Per local expert, in
-// ascending id, the rows of its tokens (in token order) go through the per-op path's kernels in its order:
+// A MoE layer's routed W8A8_DYNAMIC experts for one step in one call (DeepSeek, Kimi-K2, Qwen3-MoE). Per local
+// expert, in ascending id, the rows of its tokens (in token order) go through the per-op path's kernels in its order:
 //   y13 = dynamic linear (gate | up); a = silu(gate) * up; y2 = dynamic linear (down); out = y2 * routing weight,
 // and each product lands at its token's slot of out [T, K, H] (0 in the slots of experts held elsewhere), or, summed,
 // is added into its token's row of out [T, H] (from 0, in ascending expert id: the sum RoutedExperts makes of the
