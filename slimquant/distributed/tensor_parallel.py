@@ -211,8 +211,9 @@ class AbandonedCollective(RuntimeError):
 
 
 def timed_out(e: BaseException) -> bool:
-    """Whether e is a gloo collective's timeout (gloo says "Timed out waiting ...")."""
-    return "Timed out" in str(e)
+    """Whether e is a gloo collective's timeout: gloo says "Timed out waiting ..." from its transport, or
+    "Operation timed out!" from its work's wait, whichever side gives up first."""
+    return "timed out" in str(e).lower()
 
 
 class _HostPickler(pickle.Pickler):

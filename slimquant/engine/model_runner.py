@@ -115,7 +115,7 @@ class ModelRunner:
             except Exception as e:
                 if self.broadcast:
                     raise MidStepFailure(f"{type(e).__name__}: {e}{self._late(e)}") from e
-                if late := self._late(e):  # every rank runs its own engine (torchrun): gloo says only "Timed out"
+                if late := self._late(e):  # every rank runs its own engine (torchrun): gloo says only "timed out"
                     raise RuntimeError(f"{e}{late}") from e
                 raise
         if not split_head:
@@ -165,7 +165,7 @@ class ModelRunner:
             ) from e
 
     def _late(self, e: Exception) -> str:
-        """What a step's collective that timed out means (gloo says only "Timed out waiting ..."), else ""."""
+        """What a step's collective that timed out means (gloo says only that it timed out), else ""."""
         if not timed_out(e):
             return ""
         return f": a rank did not answer in execute_model_timeout={self.config.execute_model_timeout:g} s ({_SILENT})"

@@ -13,7 +13,7 @@ from slimquant.backends import select
 from slimquant.backends.native_ranks import NativeRanks
 from slimquant.config import KernelConfig
 from slimquant.distributed.launch import run_ranks
-from slimquant.distributed.tensor_parallel import TensorParallel
+from slimquant.distributed.tensor_parallel import TensorParallel, timed_out
 from slimquant.format.primitives import decode_deq_scale
 from slimquant.format.safetensors_io import SafetensorsFolder
 from slimquant.kernels import native
@@ -316,4 +316,18 @@ def test_under_torchrun_a_rank_whose_peer_never_steps_fails_in_execute_model_tim
     if offer:
         assert "rank(s) [0] of the tensor-parallel group did not answer in execute_model_timeout=2 s" in said, said
     else:
-        assert "Timed out" in said and "a rank did not answer in execute_model_timeout=2 s" in said, said
+        assert "timed out" in said.lower() and "a rank did not answer in execute_model_timeout=2 s" in said, said
+
+
+@pytest.mark.parametrize(
+    "message,timeout",
+    [
+        ("[gloo/transport/tcp/pair.cc:534] Timed out waiting 3000ms for recv operation to complete", True),
+        ("Operation timed out!", True),  # gloo's work wait, which may give up before the transport does
+        ("Connection closed by peer [127.0.0.1]:29500", False),
+    ],
+)
+def test_either_of_gloos_timeout_messages_is_a_timeout(message, timeout):
+    """Both messages mean a rank did not answer in time (execute_model_timeout): a fresh clone's run once got the
+    second, and the server said a collective failed instead of naming the timeout."""
+    assert timed_out(RuntimeError(message)) is timeout
