@@ -34,6 +34,8 @@ from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.quant_methods import replace_param
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
+# A model's packed_modules_mapping entry for its routed experts (vLLM's FusedMoE: one layer of every expert's linears)
+PACKED_EXPERTS = {"experts": [f"experts.0.{p}" for p in PROJS]}
 
 
 class TopkRouter(nn.Module):

@@ -18,7 +18,7 @@ from slimquant.kernels.int8_input import InputQuant, Int8Rows
 from slimquant.layers.linear import Linear
 from slimquant.layers.mla import MLAttention
 from slimquant.layers.mlp import dense_mlp
-from slimquant.layers.moe import SparseMoE
+from slimquant.layers.moe import PACKED_EXPERTS, SparseMoE
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.rotary import (
@@ -32,8 +32,7 @@ from slimquant.models.base import CausalLM, DecoderModel, PreNormDecoderLayer
 PACKED_MODULES = {
     "fused_qkv_a_proj": ["q_a_proj", "kv_a_proj_with_mqa"],
     "gate_up_proj": ["gate_proj", "up_proj"],
-    "experts": ["experts.0.gate_proj", "experts.0.up_proj", "experts.0.down_proj"],
-}
+} | PACKED_EXPERTS
 
 
 class DeepseekMLA(nn.Module):

@@ -9,15 +9,13 @@ import torch
 from slimquant.distributed.tensor_parallel import TensorParallel
 from slimquant.format.architectures import is_moe_layer
 from slimquant.layers.mlp import dense_mlp
-from slimquant.layers.moe import SparseMoE
+from slimquant.layers.moe import PACKED_EXPERTS, SparseMoE
 from slimquant.layers.quant_config import QuantConfig
+from slimquant.models.llama import PACKED_MODULES as LLAMA_PACKED_MODULES
 from slimquant.models.qwen3 import Qwen3ForCausalLM
 
-PACKED_MODULES = {
-    "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-    "gate_up_proj": ["gate_proj", "up_proj"],
-    "experts": ["experts.0.gate_proj", "experts.0.up_proj", "experts.0.down_proj"],
-}
+# the Llama family's fused layers, and one MoE layer's experts (vLLM-Ascend's packed_modules_model_mapping)
+PACKED_MODULES = LLAMA_PACKED_MODULES | PACKED_EXPERTS
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
