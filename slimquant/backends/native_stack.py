@@ -1,9 +1,10 @@
 """Every decoder layer of a CPU step in one native call (csrc/layer_cpu.cpp: sq_decoder_model).
 
 At a small model's decode size every op is a few microseconds of arithmetic and the per-op overhead of Python
-and torch dominates. A layer whose linears all have a native form (int8 dynamic / static, bf16 float) gets a
-plan once (pointers to its weights, in an SqDecoderLayer struct, csrc/exports.h); each step then runs the same
-native kernels the per-op path calls, in the same order, so the results are bit-identical to it.
+and torch dominates. A layer whose linears all have a native form (int8 dynamic / static, bf16 float), and whose
+routed experts, where it has them, are W8A8_DYNAMIC behind a softmax router (Qwen3-MoE), gets a plan once
+(pointers to its weights, in an SqDecoderLayer struct, csrc/exports.h); each step then runs the same native
+kernels the per-op path calls, in the same order, so the results are bit-identical to it.
 """
 
 from __future__ import annotations
@@ -95,18 +96,25 @@ def decoder_layer_plan(lib: native.Library, parts: LayerParts) -> DecoderLayerPl
         return "per-head norms of another size than head_dim"
     if (why := _shapes_disagree(hidden, linears, parts.heads)) is not None:
         return why
+    moe = lib.structs["SqMoe"]() if parts.moe is None else _moe_form(lib, parts.moe, hidden)
+    if isinstance(moe, str):
+        return moe
     no_norm = (None, None)
     norm_ptrs = {
         f"{short}_norm_{part}": _ptr(t)
         for name, short in (("input", "in"), ("post", "post"), ("q", "q"), ("k", "k"))
         for part, t in zip("wb", norms.get(name, no_norm), strict=True)
     }
+    inter = linears["down"].k if parts.moe is None else parts.moe.experts.inter
     struct = lib.structs["SqDecoderLayer"](
-        hidden=hidden, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, inter=linears["down"].k,
+        hidden=hidden, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, inter=inter,
         eps=parts.eps, attn_scale=parts.attn_scale, **norm_ptrs, kv_quant=kv_quant_struct(lib, parts.kv_quant),
-        **{name: _native_linear(lib, linears[name]) for name in ("qkv", "o", "gate_up", "down")},
+        **{name: _native_linear(lib, lf) for name, lf in linears.items()}, moe=moe,
     )  # fmt: skip
     keep += list(parts.kv_quant or ())
+    if parts.moe is not None:
+        experts = parts.moe.experts
+        keep += [parts.moe.gate.weight, experts.w13, experts.w2, experts.w13_scale, experts.w2_scale]
     has_float = any(lf.kind == "bf16" for lf in linears.values())
     return DecoderLayerPlan(struct, keep, NATIVE_MAX_TOKENS if has_float else 1 << 30, parts.kv_quant is not None)
 
@@ -120,7 +128,8 @@ class DecoderStackPlan:
         self.max_batch = min(p.max_batch for p in plans)
         self.int8_kv = all(p.int8_kv for p in plans)  # every layer has int8 KV-cache parameters
         linears = [lin for p in plans for lin in (p.struct.qkv, p.struct.o, p.struct.gate_up, p.struct.down)]
-        self.macs_per_token = sum(lin.n * lin.k for lin in linears)  # multiply-adds of the linears, per token
+        experts = sum(_moe_macs(p.struct) for p in plans)
+        self.macs_per_token = sum(lin.n * lin.k for lin in linears) + experts  # of the linears and experts, per token
         self.caches: list[torch.Tensor] = []
         self.k_ptrs = self.v_ptrs = None
 
@@ -228,12 +237,15 @@ def _fp32_tensors(lf: LinearForm) -> LinearForm:
 
 
 def _shapes_disagree(hidden: int, linears: dict[str, LinearForm], heads: tuple[int, int, int]) -> str | None:
-    """None when the linears chain as qkv [H -> (NH + 2 KVH) D], o [NH D -> H], gate_up [H -> 2I], down [I -> H]
-    and the up half of gate_up starts a block of int8 rows; else what does not fit."""
+    """None when the linears chain as qkv [H -> (NH + 2 KVH) D], o [NH D -> H] and (a dense MLP) gate_up [H -> 2I],
+    down [I -> H], the up half of gate_up starting a block of int8 rows; else what does not fit."""
     nh, kvh, d = heads
-    qkv, o, gate_up, down = (linears[name] for name in ("qkv", "o", "gate_up", "down"))
+    qkv, o = linears["qkv"], linears["o"]
     if (qkv.k, qkv.n, o.k, o.n) != (hidden, (nh + 2 * kvh) * d, nh * d, hidden):
         return "attention linears of other shapes than the heads'"
+    if "down" not in linears:  # routed experts: _moe_form
+        return None
+    gate_up, down = linears["gate_up"], linears["down"]
     if (gate_up.k, gate_up.n, down.n) != (hidden, 2 * down.k, hidden):
         return "MLP linears of other shapes than [H -> 2I -> H]"
     # each thread computes its slice of the gate rows and the same slice of the up rows, which start at row
@@ -241,6 +253,36 @@ def _shapes_disagree(hidden: int, linears: dict[str, LinearForm], heads: tuple[i
     if gate_up.kind != "bf16" and down.k % _SLICE_ROWS:
         return f"intermediate_size {down.k} is not a multiple of {_SLICE_ROWS} (the int8 row blocks)"
     return None
+
+
+def _moe_form(lib: native.Library, moe: nn.Module, hidden: int) -> ctypes.Structure | str:
+    """The SqMoe (csrc/exports.h) of a layers.moe.SparseMoE, or why it runs per op."""
+    router, experts = moe.gate, moe.experts
+    if moe.shared_experts is not None:
+        return f"{experts.prefix}: routed experts with shared experts run per op"
+    if not router.plain_softmax:
+        return f"{experts.prefix}: a {router.scoring} router with {router.topk_method} top-k runs per op"
+    if not experts.quantized or experts.tp.size > 1:
+        return f"{experts.prefix}: {'split over ranks' if experts.quantized else 'float'} experts run per op"
+    w13, w2, s13, s2 = experts.w13, experts.w2, experts.w13_scale, experts.w2_scale
+    weights_ok = all(is_native_weight(w) and w.is_contiguous() for w in (w13, w2))
+    if not weights_ok or s13.dtype not in (torch.float32, torch.bfloat16) or s2.dtype != s13.dtype:
+        return f"{experts.prefix}: expert weights or scales the native call does not take run per op"
+    if experts.inter % _SLICE_ROWS:
+        return f"moe_intermediate_size {experts.inter} is not a multiple of {_SLICE_ROWS} (the int8 row blocks)"
+    assert router.weight.dtype == torch.float32 and router.weight.is_contiguous() and w2.shape[1] == hidden
+    assert s13.is_contiguous() and s2.is_contiguous() and w13.shape[0] == router.weight.shape[0]
+    return lib.structs["SqMoe"](
+        num_experts=w13.shape[0], top_k=router.top_k, renormalize=int(router.norm_topk_prob), scaling=router.scaling,
+        router=router.weight.data_ptr(), w13=w13.data_ptr(), kp13=w13.shape[2], w2=w2.data_ptr(), kp2=w2.shape[2],
+        s13=s13.data_ptr(), s2=s2.data_ptr(), scales_bf16=int(s13.dtype == torch.bfloat16),
+    )  # fmt: skip
+
+
+def _moe_macs(layer: ctypes.Structure) -> int:
+    """Multiply-adds per token of an SqDecoderLayer's router and its top_k experts (0 for a dense MLP)."""
+    moe = layer.moe
+    return moe.num_experts * layer.hidden + moe.top_k * 3 * layer.inter * layer.hidden
 
 
 def _native_linear(lib: native.Library, lf: LinearForm) -> ctypes.Structure:

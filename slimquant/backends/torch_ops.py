@@ -240,6 +240,15 @@ class TorchOps:
 
     # ---- MoE ----
 
+    def softmax_topk(
+        self, x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool, scaling: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A softmax router: x [T, H] @ weight fp32 [E, H]^T in fp32, softmax, each row's top_k largest ->
+        (weights fp32 [T, K], ids [T, K]), the weights divided by their sum where renormalize, times scaling."""
+        scores = F.linear(x.float(), weight.float()).softmax(dim=-1)  # [T, E]
+        weights, ids = torch.topk(scores, top_k, dim=-1)
+        return routing_weights(weights, renormalize, scaling), ids
+
     groups_experts = False  # grouped_experts computes something (RoutedExperts.grouped)
     groups_split_experts = False  # ... also for experts split over tensor-parallel ranks (its tp argument)
 
@@ -380,6 +389,13 @@ def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, length: int)
 
 
 TORCH_OPS = TorchOps()  # what layers call until a backend binds its own ops (Backend.bind)
+
+
+def routing_weights(weights: torch.Tensor, renormalize: bool, scaling: float) -> torch.Tensor:
+    """A router's top-k weights [T, K], divided by their sum (+ 1e-20) where renormalize, times scaling."""
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling
 
 
 def add_in_expert_order(outs: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:

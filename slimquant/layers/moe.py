@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimquant.backends.torch_ops import TORCH_OPS, TorchOps, add_in_expert_order
+from slimquant.backends.torch_ops import TORCH_OPS, TorchOps, add_in_expert_order, routing_weights
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.format.architectures import num_routed_experts
 from slimquant.format.safetensors_io import Part
@@ -58,7 +58,12 @@ class TopkRouter(nn.Module):
         if self.topk_method == "noaux_tc":
             self.e_score_correction_bias = nn.Parameter(torch.zeros(self.num_experts), requires_grad=False)
 
+    ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [T, H] -> weights fp32, ids: [T, K]
+        if self.plain_softmax:  # one op, which the native backend runs in one call
+            return self.ops.softmax_topk(x, self.weight, self.top_k, self.norm_topk_prob, self.scaling)
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         if self.topk_method == "noaux_tc":
@@ -71,9 +76,12 @@ class TopkRouter(nn.Module):
             weights, ids = torch.topk(self._group_masked(scores, group_scores, 0.0), self.top_k, dim=-1)
         else:
             weights, ids = torch.topk(scores, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.scaling, ids  # [T, K]
+        return routing_weights(weights, self.norm_topk_prob, self.scaling), ids
+
+    @property
+    def plain_softmax(self) -> bool:
+        """Whether it routes by softmax and a greedy top-k (Qwen3-MoE, DeepSeek-V2-Lite): ops.softmax_topk."""
+        return self.scoring == "softmax" and self.topk_method == "greedy"
 
     def _group_masked(self, scores: torch.Tensor, group_scores: torch.Tensor, fill: float) -> torch.Tensor:
         """scores [T, E] with experts outside the topk_group best groups set to `fill`."""

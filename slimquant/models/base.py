@@ -22,8 +22,9 @@ NormWeights = tuple[torch.Tensor, torch.Tensor | None]  # an RMSNorm's (weight, 
 @dataclass
 class LayerParts:
     """What a whole-step backend needs of a pre-norm decoder layer (its stack_parts()): norms "input", "post" (and
-    per-head "q", "k": Qwen3) with one eps, linears qkv / o / gate_up / down, heads (num_heads, num_kv_heads,
-    head_dim), the attention's scale and its int8 KV-cache parameters."""
+    per-head "q", "k": Qwen3) with one eps, linears qkv / o and the dense MLP's gate_up / down (or the routed
+    experts, moe), heads (num_heads, num_kv_heads, head_dim), the attention's scale and its int8 KV-cache
+    parameters."""
 
     norms: dict[str, NormWeights]
     eps: float
@@ -31,6 +32,7 @@ class LayerParts:
     heads: tuple[int, int, int]
     attn_scale: float
     kv_quant: KvQuant | None = None  # the int8 KV cache's parameters, where the checkpoint has them
+    moe: nn.Module | None = None  # the layer's layers.moe.SparseMoE in place of gate_up / down
 
 
 class PreNormDecoderLayer(nn.Module):

@@ -13,7 +13,8 @@ from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.kernels.int8_input import InputQuant, Int8Rows
 from slimquant.layers.attention import Attention
 from slimquant.layers.linear import Linear
-from slimquant.layers.mlp import GatedMLP, dense_mlp
+from slimquant.layers.mlp import dense_mlp
+from slimquant.layers.moe import SparseMoE
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.models.base import CausalLM, DecoderModel, LayerParts, PreNormDecoderLayer
@@ -105,20 +106,22 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
         return self.self_attn.attn.kv_cache
 
     def stack_parts(self) -> LayerParts | None:
-        """What a whole-step backend needs of this layer (norms, linears, heads), or None where its norms do
-        not share one eps or its MLP is not dense (routed experts)."""
+        """What a whole-step backend needs of this layer (norms, linears, heads, routed experts), or None where its
+        norms do not share one eps."""
         attn, mlp = self.self_attn, self.mlp
-        if not isinstance(mlp, GatedMLP):
-            return None
+        moe = mlp if isinstance(mlp, SparseMoE) else None
         norms = {"input": self.input_layernorm, "post": self.post_attention_layernorm}
         if attn.q_norm is not None:  # Qwen3
             norms |= {"q": attn.q_norm, "k": attn.k_norm}
         if len({n.eps for n in norms.values()}) != 1:
             return None
-        linears = {"qkv": attn.qkv_proj, "o": attn.o_proj, "gate_up": mlp.gate_up_proj, "down": mlp.down_proj}
+        linears = {"qkv": attn.qkv_proj, "o": attn.o_proj}
+        if moe is None:
+            linears |= {"gate_up": mlp.gate_up_proj, "down": mlp.down_proj}
         heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
         weights = {name: (n.weight, n.bias) for name, n in norms.items()}
-        return LayerParts(weights, self.input_layernorm.eps, linears, heads, attn.attn.scale, attn.attn.kv_quant)
+        eps, scale, kv_quant = self.input_layernorm.eps, attn.attn.scale, attn.attn.kv_quant
+        return LayerParts(weights, eps, linears, heads, scale, kv_quant, moe)
 
 
 class LlamaForCausalLM(CausalLM):

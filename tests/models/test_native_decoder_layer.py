@@ -30,7 +30,7 @@ SCHEMES = {"dynamic": lambda p: "W8A8_DYNAMIC", "static": lambda p: "W8A8", "mix
 
 
 def decode_run(
-    folder, mode: str, steps: int = 3, kv_dtype: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32
+    folder, mode: str, steps: int = 3, kv_dtype: torch.dtype = torch.float32, dtype: torch.dtype | str = torch.float32
 ) -> tuple[torch.Tensor, list[torch.Tensor], object]:
     """Logits of three sequences (prefill, then `steps` batched decode steps), the KV caches, the stack's plan.
 
@@ -76,6 +76,43 @@ def test_fused_layers_equal_per_op_path(tiny_model, tmp_path, monkeypatch, arch,
     assert calls == [1, 3, 3, 3] and stack is not None  # the stack ran: the one-token prompt, every decode step
     assert torch.equal(fused, per_op)
     assert all(torch.equal(a, b) for a, b in zip(fused_caches, per_op_caches, strict=True))
+
+
+def moe_mix(prefix: str) -> str:
+    """ModelSlim's Qwen3-MoE recipe: the MLPs (routed experts too) dynamic, the attention static."""
+    return "W8A8_DYNAMIC" if ".mlp." in prefix else "W8A8"
+
+
+@pytest.mark.parametrize(
+    "scheme, load_dtype, kv_dtype",
+    [("dynamic", torch.float32, torch.float32), ("moe_mix", "auto", torch.float32)]
+    + [("moe_mix", "auto", torch.int8), ("dynamic", "auto", torch.bfloat16)],
+)
+def test_moe_layers_run_in_the_stack_as_per_op(tiny_model, tmp_path, monkeypatch, scheme, load_dtype, kv_dtype):
+    """Qwen3-MoE (layer 0 dense, layer 1 eight routed experts, two per token): the stack routes and runs the experts
+    itself, with the per-op path's bits (its native router and expert call). Loaded in fp32, the scales are fp32;
+    in the checkpoint's dtype (bf16, as LLM loads it), the scales are bf16 and the activations fp32."""
+    src = tiny_model("qwen3_moe", dtype=torch.bfloat16)
+    kv_cache = "asym" if kv_dtype == torch.int8 else None
+    quant_type = moe_mix if scheme == "moe_mix" else SCHEMES[scheme]
+    dst = write_ascend(src, tmp_path / "q", quant_type, dtype=torch.bfloat16, kv_cache=kv_cache)
+    monkeypatch.setattr(cpu_native, "STACK_PREFILL_TOKENS", 0)  # prefills per op in every mode: decode alone
+    per_op, per_op_caches, _ = decode_run(dst, "per-op", steps=5, kv_dtype=kv_dtype, dtype=load_dtype)
+    calls = count_stack_calls(monkeypatch)
+    fused, fused_caches, stack = decode_run(dst, "stack", steps=5, kv_dtype=kv_dtype, dtype=load_dtype)
+    assert calls == [1, 3, 3, 3, 3, 3]
+    assert [p.struct.moe.num_experts for p in stack.plans] == [0, 8]
+    assert stack.plans[1].struct.moe.scales_bf16 == int(load_dtype == "auto")
+    assert torch.equal(fused, per_op)
+    assert all(torch.equal(a, b) for a, b in zip(fused_caches, per_op_caches, strict=True))
+
+
+def test_moe_layers_the_stack_cannot_take_say_why(tiny_model, tmp_path):
+    """Float experts keep the per-op path for every layer, and the backend says which layer and why."""
+    src = tiny_model("qwen3_moe", dtype=torch.bfloat16)
+    loaded = load_model(str(write_ascend(src, tmp_path / "q", lambda p: "FLOAT" if ".experts." in p else "W8A8")))
+    assert loaded.backend.stack is None
+    assert "layer 1 (model.layers.1.mlp.experts: float experts run per op)" in loaded.backend.describe()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

@@ -1,6 +1,7 @@
 """NativeOps.grouped_experts (csrc/moe_cpu.cpp: a MoE layer's routed W8A8_DYNAMIC experts in one call) against
 the native per-op path RoutedExperts runs expert by expert, bit for bit, and against TorchOps' math; summed (each
-token's products added in the call, in expert order) against add_in_expert_order of its slots, bit for bit."""
+token's products added in the call, in expert order) against add_in_expert_order of its slots, bit for bit.
+NativeOps.softmax_topk (the native softmax router) against a float64 reference and TorchOps'."""
 
 from __future__ import annotations
 
@@ -150,3 +151,45 @@ def test_deepseek_on_the_cpu_native_backend_gives_the_per_expert_logits(tiny_mod
     assert all(c is not None for c in calls)
     monkeypatch.setattr(NativeOps, "grouped_experts", TorchOps.grouped_experts)  # None: one expert at a time
     assert torch.equal(grouped, logits())
+
+
+def reference_route(x, weight, top_k: int, renormalize: bool, scaling: float):
+    """Softmax top-k routing in float64, ties to the lower id: (weights fp64 [T, K], ids [T, K])."""
+    scores = (x.double() @ weight.double().T).softmax(dim=-1)  # [T, E]
+    ids = torch.tensor([sorted(range(len(row)), key=lambda e: (-row[e], e))[:top_k] for row in scores.tolist()])
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * scaling, ids
+
+
+@pytest.mark.parametrize("renormalize, scaling", [(True, 1.0), (False, 1.0), (True, 2.5)])
+@pytest.mark.parametrize("t, e, top_k, h", [(1, 8, 2, 64), (7, 128, 8, 200), (33, 16, 6, 72)])
+def test_softmax_router_routes_as_the_float64_reference(t, e, top_k, h, renormalize, scaling):
+    """The native router (csrc/moe_cpu.cpp: the pieces the decoder stack routes with) picks the reference's experts
+    in its order, with weights within fp32 rounding, as TorchOps' router does; rows of a strided view too."""
+    gen = torch.Generator().manual_seed(t + e)
+    x = torch.randn(t, h + 3, generator=gen)[:, :h]  # rows h + 3 apart
+    weight = torch.randn(e, h, generator=gen) / h**0.5
+    want_w, want_ids = reference_route(x, weight, top_k, renormalize, scaling)
+    for ops in (kernels, TorchOps()):
+        got_w, got_ids = ops.softmax_topk(x, weight, top_k, renormalize, scaling)
+        assert got_w.dtype == torch.float32 and torch.equal(got_ids, want_ids)
+        torch.testing.assert_close(got_w.double(), want_w, rtol=1e-5, atol=1e-7)
+
+
+def test_softmax_router_breaks_ties_to_the_lower_id():
+    x = torch.ones(2, 16)
+    weight = torch.zeros(6, 16)
+    weight[[1, 4], 0] = 1.0  # experts 1 and 4 tie above the rest, which tie below
+    weights, ids = kernels.softmax_topk(x, weight, 3, True, 1.0)
+    assert ids.tolist() == [[1, 4, 0]] * 2
+    torch.testing.assert_close(weights.sum(dim=-1), torch.ones(2))
+
+
+def test_softmax_router_other_inputs_run_in_torch():
+    """bf16 rows (a bf16 float model): TorchOps' router, on the rows as they are."""
+    x, weight = torch.randn(3, 32).bfloat16(), torch.randn(8, 32)
+    got = kernels.softmax_topk(x, weight, 2, True, 1.0)
+    want = TorchOps().softmax_topk(x, weight, 2, True, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

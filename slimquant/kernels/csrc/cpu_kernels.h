@@ -112,6 +112,25 @@ void norm_row(const float* x, const float* r, int h, const float* weight, const 
 // y[j] = silu(g[j]) * u[j] for j in [j0, j1).
 void silu_and_mul_range(const float* g, const float* u, int j0, int j1, float* y);
 
+// ---- moe_cpu.cpp ----
+
+// sum_j a[j] * b[j] in one fixed order (fp32): a router's logit.
+float dot_fp32(const float* a, const float* b, int n);
+// Columns [e0, e1) of logits [M, E] = x [M, H] (stride ldx) @ router fp32 [E, H]^T.
+void router_logits(const float* x, int m, int h, int ldx, const float* router, int num_experts, int e0, int e1,
+                   float* logits);
+// One token's route from its logits [E]: softmax, the top_k largest scores (ties to the lower id) into ids /
+// weights [K], divided by their sum (+ 1e-20) where renormalize, times scaling.
+void route_row(const float* logits, int num_experts, int top_k, int renormalize, float scaling, int64_t* ids,
+               float* weights);
+// The slots (t * K + k) routed to experts first .. first + num_experts - 1, sorted by expert (in slot order within
+// one), and where each expert's run begins: begin [E + 1].
+void sort_slots(const int64_t* ids, int slots, int first, int num_experts, std::vector<int>& order,
+                std::vector<int>& begin);
+// out[j] for j in [j0, j1) = row `row` of n scales (fp32, or bf16 where bf16 != 0: the model dtype the NPU holds
+// them in), as fp32.
+void scales_fp32_range(const void* scales, int bf16, int64_t row, int n, int j0, int j1, float* out);
+
 // ---- attention_cpu.cpp ----
 
 // KV caches hold C = float (fp32), uint16_t (bf16) or int8_t values: fn(C{}) with the type kv_type names

@@ -34,13 +34,29 @@
   X(const float*, v_inv)                                                                                \
   X(const float*, v_offset)
 
+// A MoE layer's router and routed W8A8_DYNAMIC experts (Qwen3-MoE: softmax, greedy top-k, no shared experts);
+// num_experts 0: the layer's MLP is dense (gate_up, down).
+#define SQ_MOE_FIELDS(X)                                                                                 \
+  X(int32_t, num_experts)                                                                               \
+  X(int32_t, top_k)                                                                                     \
+  X(int32_t, renormalize) /* 1: the top-k weights divided by their sum (norm_topk_prob) */              \
+  X(float, scaling) /* the weights' factor (routed_scaling_factor; 1 where none) */                     \
+  X(const float*, router) /* fp32 [E, H] */                                                             \
+  X(const int8_t*, w13) /* packed [E, 2I, kp13], gate rows first */                                     \
+  X(int32_t, kp13)                                                                                      \
+  X(const int8_t*, w2) /* packed [E, H, kp2] */                                                         \
+  X(int32_t, kp2)                                                                                       \
+  X(const void*, s13) /* [E, 2I], fp32 or bf16 (scales_bf16) */                                        \
+  X(const void*, s2) /* [E, H] */                                                                       \
+  X(int32_t, scales_bf16)
+
 // A pre-norm decoder layer's weights and shapes; norm biases and the per-head norms (Qwen3) may be null.
 #define SQ_DECODER_LAYER_FIELDS(X)                                                                       \
   X(int32_t, hidden)                                                                                    \
   X(int32_t, num_heads)                                                                                 \
   X(int32_t, num_kv_heads)                                                                              \
   X(int32_t, head_dim)                                                                                  \
-  X(int32_t, inter)                                                                                     \
+  X(int32_t, inter) /* the dense MLP's intermediate size, or each routed expert's */                  \
   X(float, eps)                                                                                         \
   X(float, attn_scale)                                                                                  \
   X(const float*, in_norm_w)                                                                            \
@@ -55,7 +71,8 @@
   X(SqLinear, o)                                                                                        \
   X(SqLinear, gate_up)                                                                                  \
   X(SqLinear, down)                                                                                     \
-  X(SqKvQuant, kv_quant) /* read when the step's caches are int8 */
+  X(SqKvQuant, kv_quant) /* read when the step's caches are int8 */                                     \
+  X(SqMoe, moe) /* routed experts in place of gate_up / down where moe.num_experts > 0 */
 
 // One step's rows over the paged KV cache (the engine's ForwardContext): row b stores its new k / v at
 // slots[b] (-1: nowhere) and attends to the first context_lens[b] positions of its block table.
@@ -92,6 +109,7 @@
 #define SQ_STRUCTS(X)                                                                                    \
   X(SqLinear, SQ_LINEAR_FIELDS)                                                                         \
   X(SqKvQuant, SQ_KV_QUANT_FIELDS)                                                                      \
+  X(SqMoe, SQ_MOE_FIELDS)                                                                               \
   X(SqDecoderLayer, SQ_DECODER_LAYER_FIELDS)                                                            \
   X(SqStep, SQ_STEP_FIELDS)                                                                             \
   X(SqModelEnds, SQ_MODEL_ENDS_FIELDS)                                                                  \
@@ -158,6 +176,11 @@
                              const int8_t* w13, int kp13, const int8_t* w2, int kp2, const void* s13,   \
                              const void* s2, int scales_bf16, const SqRanks* ranks, int summed,         \
                              float* out))                                                               \
+  /* A softmax router (moe_cpu.cpp): logits x fp32 [T, H] (row stride ldx) @ router fp32 [E, H]^T, */    \
+  /* softmax, each row's top_k largest (ties to the lower id) into ids int64 / weights fp32 [T, K], */  \
+  /* divided by their sum where renormalize, times scaling. */                                          \
+  X(void, sq_moe_route, (const float* x, int t, int h, int ldx, const float* router, int num_experts,    \
+                         int top_k, int renormalize, float scaling, int64_t* ids, float* weights))      \
   /* Greedy head (greedy_cpu.cpp): 0, or 1 when x is not finite. */                                     \
   X(int, sq_greedy_argmax, (const float* x, int t, int k, int ldx, const int8_t* wq, int n, int kp,     \
                             const float* rows, const uint16_t* w, double slack, double fp_term,         \

@@ -2,7 +2,8 @@
 // layers in one call; per layer:
 //   s = x + residual; h = rmsnorm(s); qkv = Wqkv h; (q, k per-head rmsnorm: Qwen3)
 //   o = Wo attention(rope(q), rope(k), v);
-//   s2 = o + s; h2 = rmsnorm(s2); x' = Wdown (silu(gate) * up)(Wgate_up h2).
+//   s2 = o + s; h2 = rmsnorm(s2); x' = Wdown (silu(gate) * up)(Wgate_up h2),
+// or, in a MoE layer (Qwen3-MoE), x' = the sum over h2's top-k routed experts of weight * expert(h2).
 // At a small model's decode size the arithmetic is a few microseconds per op and the per-op overhead of
 // Python and torch dominates; here the whole stack runs inside one OpenMP parallel region instead of a
 // fork/join per parallel op: each thread computes a fixed slice of every linear's output rows with the serial
@@ -48,6 +49,9 @@ using sq::kMaxFloat, sq::kSumDisjoint, sq::kSumInt32, sq::reduce, sq::slice;
 struct ThreadScratch {
   std::vector<float> residual, normed, head, scales;
   sq::QuantizedX xq;
+  std::vector<int64_t> ids;  // a MoE layer's routes [B, K], their weights, the slots sorted by expert
+  std::vector<float> weights, rows, s13, s2;
+  std::vector<int> order, begin;
 };
 
 // A linear's input rows x [M, K] (stride ldx) quantized into t (on this thread; nothing for bf16 weights).
@@ -122,6 +126,99 @@ void output_slice(const SqLinear& l, const float* x, int m, int ldx, int tid, in
   else linear_slice(l, x, m, ldx, tid, nt, t, y);
 }
 
+// The dense MLP on the normed rows [B, H] -> out [B, H]: this thread's gate rows [n0, n1) and the matching up rows,
+// silu(gate) * up of those columns into act [B, I], then (after a barrier) its slice of the down projection.
+void dense_mlp_slice(const SqDecoderLayer& L, const float* normed, int b, int tid, int nt, ThreadScratch& t,
+                     const SqRanks* ranks, SplitKShared& shared, float* gate_up, float* act, float* out) {
+  const int h = L.hidden, inter = L.inter;
+  int n0, n1;
+  slice(inter, tid, nt, n0, n1);
+  if (n0 < n1) {
+    quantize_input(L.gate_up, normed, b, h, t);
+    linear_rows(L.gate_up, normed, b, h, n0, n1, t, gate_up);
+    linear_rows(L.gate_up, normed, b, h, inter + n0, inter + n1, t, gate_up);
+    for (int i = 0; i < b; ++i) {
+      const float* g = gate_up + (size_t)i * 2 * inter;
+      sq::silu_and_mul_range(g, g + inter, n0, n1, act + (size_t)i * inter);
+    }
+  }
+#pragma omp barrier
+  output_slice(L.down, act, b, inter, tid, nt, t, ranks, shared, out);
+}
+
+// What a MoE layer shares across the team: the router's logits [B, E]; one expert's gate | up [n, 2I], its
+// activation [n, I] and its down products [n, H].
+struct MoeShared {
+  float *logits, *gate_up, *act, *y;
+};
+
+// Expert e's W8A8_DYNAMIC linear of packed weights [E, n, kp] (k inputs) with its scales w_scale fp32 [n].
+SqLinear expert_linear(int n, int k, int kp, const int8_t* w, int e, const float* w_scale) {
+  SqLinear l{};
+  l.kind = kDynamic, l.n = n, l.k = k, l.kp = kp, l.w = w + (size_t)e * n * kp, l.w_scale = w_scale;
+  return l;
+}
+
+// A MoE layer (L.moe) on the normed rows [B, H] -> out [B, H]: each thread the logits of its slice of the experts;
+// every thread each token's route (the same ones) and the slots sorted by expert; then per expert in ascending id
+// its tokens' rows through gate_up and SiLU-and-mul (each thread a slice of the intermediate rows) and down (a slice
+// of the output columns), each product times its weight added into its token's row of out. sq_moe_route then
+// sq_routed_experts (summed) do the same, kernel for kernel, on the same rows: the per-op path's bits. Every thread
+// of the team calls it (it holds barriers).
+void moe_slice(const SqDecoderLayer& L, const float* normed, int b, int tid, int nt, ThreadScratch& t,
+               const MoeShared& s, float* out) {
+  const SqMoe& m = L.moe;
+  const int h = L.hidden, inter = L.inter, k = m.top_k, num_experts = m.num_experts;
+  int e0, e1, g0, g1, c0, c1;
+  slice(num_experts, tid, nt, e0, e1);
+  slice(inter, tid, nt, g0, g1);
+  slice(h, tid, nt, c0, c1);
+  sq::router_logits(normed, b, h, h, m.router, num_experts, e0, e1, s.logits);
+  for (int i = 0; i < b; ++i) std::fill(out + (size_t)i * h + c0, out + (size_t)i * h + c1, 0.0f);
+#pragma omp barrier
+  t.ids.resize((size_t)b * k);
+  t.weights.resize((size_t)b * k);
+  for (int i = 0; i < b; ++i)
+    sq::route_row(s.logits + (size_t)i * num_experts, num_experts, k, m.renormalize, m.scaling,
+                  &t.ids[(size_t)i * k], &t.weights[(size_t)i * k]);
+  sq::sort_slots(t.ids.data(), b * k, 0, num_experts, t.order, t.begin);
+  float* s13 = scratch(t.s13, (size_t)2 * inter);
+  float* s2 = scratch(t.s2, h);
+  for (int e = 0; e < num_experts; ++e) {
+    const int n = t.begin[e + 1] - t.begin[e];
+    const int* slots = &t.order[t.begin[e]];
+    if (n == 0) continue;  // every thread skips it alike: the same routes
+    if (g0 < g1) {
+      const SqLinear w13 = expert_linear(2 * inter, h, m.kp13, m.w13, e, s13);
+      sq::scales_fp32_range(m.s13, m.scales_bf16, e, 2 * inter, g0, g1, s13);
+      sq::scales_fp32_range(m.s13, m.scales_bf16, e, 2 * inter, inter + g0, inter + g1, s13);
+      float* rows = scratch(t.rows, (size_t)n * h);  // [n, H]: the expert's tokens, in token order
+      for (int r = 0; r < n; ++r)
+        std::memcpy(rows + (size_t)r * h, normed + (size_t)(slots[r] / k) * h, sizeof(float) * h);
+      quantize_input(w13, rows, n, h, t);
+      linear_rows(w13, rows, n, h, g0, g1, t, s.gate_up);
+      linear_rows(w13, rows, n, h, inter + g0, inter + g1, t, s.gate_up);
+      for (int r = 0; r < n; ++r) {
+        const float* g = s.gate_up + (size_t)r * 2 * inter;
+        sq::silu_and_mul_range(g, g + inter, g0, g1, s.act + (size_t)r * inter);
+      }
+    }
+#pragma omp barrier
+    if (c0 < c1) {
+      const SqLinear w2 = expert_linear(h, inter, m.kp2, m.w2, e, s2);
+      sq::scales_fp32_range(m.s2, m.scales_bf16, e, h, c0, c1, s2);
+      quantize_input(w2, s.act, n, inter, t);
+      linear_rows(w2, s.act, n, inter, c0, c1, t, s.y);
+      for (int r = 0; r < n; ++r) {  // multiply, then add (no contraction): moe_cpu.cpp's write_weighted
+        const float w = t.weights[slots[r]], *y = s.y + (size_t)r * h;
+        float* o = out + (size_t)(slots[r] / k) * h;
+        for (int j = c0; j < c1; ++j) o[j] += y[j] * w;
+      }
+    }
+#pragma omp barrier  // the next expert's gate_up and act overwrite this one's
+  }
+}
+
 // Every layer of a decoder stack, in one parallel region: x [B, H] (the embeddings) in, out [B, H] (the last
 // layer's MLP output) and residual [B, H] written; one pair of caches per layer, of element C (float, uint16_t
 // holding bf16, or int8_t with each layer's kv_quant); cos / sin [B, D] (null: no rope); the rows of the step as
@@ -133,13 +230,14 @@ int decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* co
   const int b = step.batch, max_blocks = step.max_blocks, block_size = step.block_size;
   const int64_t* slots = step.slots;
   const int32_t *block_tables = step.block_tables, *context_lens = step.context_lens;
-  int max_qkv = 0, max_attn = 0, max_inter = 0, max_d = 0;
+  int max_qkv = 0, max_attn = 0, max_inter = 0, max_d = 0, max_experts = 0;
   for (int l = 0; l < num_layers; ++l) {
     const SqDecoderLayer& L = *layers[l];
     max_qkv = std::max(max_qkv, L.qkv.n);
     max_attn = std::max(max_attn, L.num_heads * L.head_dim);
     max_inter = std::max(max_inter, L.inter);
     max_d = std::max(max_d, L.head_dim);
+    max_experts = std::max(max_experts, L.moe.num_experts);
   }
   const int h = layers[0]->hidden;
   thread_local std::vector<float> qkv_buf, attn_buf, o_buf, gu_buf, act_buf;  // shared by the team
@@ -148,6 +246,8 @@ int decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* co
   float* o = scratch(o_buf, (size_t)b * h);
   float* gate_up = scratch(gu_buf, (size_t)b * 2 * max_inter);
   float* act = scratch(act_buf, (size_t)b * max_inter);
+  thread_local std::vector<float> logits_buf, moe_y_buf;
+  const MoeShared moe{scratch(logits_buf, (size_t)b * max_experts), gate_up, act, scratch(moe_y_buf, (size_t)b * h)};
   thread_local std::vector<float> absmax_buf;
   thread_local std::vector<int32_t> acc_buf;
   if (acc_buf.size() < (size_t)b * h) acc_buf.resize((size_t)b * h);  // the row-parallel linears' outputs: [B, H]
@@ -162,7 +262,7 @@ int decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* co
     scratch(t.scales, b);
     for (int l = 0; l < num_layers; ++l) {
       const SqDecoderLayer& L = *layers[l];
-      const int d = L.head_dim, nh = L.num_heads, kvh = L.num_kv_heads, inter = L.inter, ld_qkv = L.qkv.n;
+      const int d = L.head_dim, nh = L.num_heads, kvh = L.num_kv_heads, ld_qkv = L.qkv.n;
       const float* in = l == 0 ? x : out;
       // every thread: s = x + residual into its own residual copy, the normed rows, their quantization
       for (int i = 0; i < b; ++i)
@@ -199,20 +299,8 @@ int decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* co
       for (int i = 0; i < b; ++i)
         sq::norm_row(o + (size_t)i * h, res + (size_t)i * h, h, L.post_norm_w, L.post_norm_b, L.eps,
                      res + (size_t)i * h, normed + (size_t)i * h);
-      // this thread's gate rows [n0, n1) and the matching up rows, then silu(gate) * up of those columns
-      int n0, n1;
-      slice(inter, tid, nt, n0, n1);
-      if (n0 < n1) {
-        quantize_input(L.gate_up, normed, b, h, t);
-        linear_rows(L.gate_up, normed, b, h, n0, n1, t, gate_up);
-        linear_rows(L.gate_up, normed, b, h, inter + n0, inter + n1, t, gate_up);
-        for (int i = 0; i < b; ++i) {
-          const float* g = gate_up + (size_t)i * 2 * inter;
-          sq::silu_and_mul_range(g, g + inter, n0, n1, act + (size_t)i * inter);
-        }
-      }
-#pragma omp barrier
-      output_slice(L.down, act, b, inter, tid, nt, t, ranks, shared, out);
+      if (L.moe.num_experts > 0) moe_slice(L, normed, b, tid, nt, t, moe, out);
+      else dense_mlp_slice(L, normed, b, tid, nt, t, ranks, shared, gate_up, act, out);
 #pragma omp barrier
     }
     if (tid == 0) std::copy(res, res + (size_t)b * h, residual);

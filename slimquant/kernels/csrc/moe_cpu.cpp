@@ -12,6 +12,9 @@
 // expert's y13 and SiLU-and-mul first (its rows kept in expert order), then the ranks' MAX of each row's absmax,
 // each expert's rows quantized with it and their int32 down products, the ranks' SUM of those, and last the
 // dequantization and the routing weight: one process's numbers on every rank.
+//
+// The softmax router (sq_moe_route: logits, softmax, greedy top-k) is here too, in serial pieces that the decoder
+// stack (layer_cpu.cpp) calls as well, so that a MoE layer routes alike on both paths.
 #include <omp.h>
 
 #include <cstdint>
@@ -21,29 +24,70 @@
 #include "cpu_kernels.h"
 #include "exports.h"
 
-namespace {
+namespace sq {
 
-// Row of n scales (fp32, or bf16 where bf16 != 0: the model dtype the NPU holds them in) as fp32.
-void scales_fp32(const void* scales, int bf16, int64_t row, int n, std::vector<float>& out) {
-  out.resize(n);
+float dot_fp32(const float* a, const float* b, int n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc1);
+  }
+  if (j + 8 <= n) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
+    j += 8;
+  }
+  float lane[8];
+  _mm256_storeu_ps(lane, _mm256_add_ps(acc0, acc1));
+  float sum = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  for (; j < n; ++j) sum += a[j] * b[j];
+  return sum;
+}
+
+void router_logits(const float* x, int m, int h, int ldx, const float* router, int num_experts, int e0, int e1,
+                   float* logits) {
+  for (int i = 0; i < m; ++i)
+    for (int e = e0; e < e1; ++e)
+      logits[(size_t)i * num_experts + e] = dot_fp32(x + (size_t)i * ldx, router + (size_t)e * h, h);
+}
+
+void route_row(const float* logits, int num_experts, int top_k, int renormalize, float scaling, int64_t* ids,
+               float* weights) {
+  thread_local std::vector<float> p;
+  thread_local std::vector<char> taken;
+  p.resize(num_experts);
+  taken.assign(num_experts, 0);
+  float top = -INFINITY, sum = 0.0f;
+  for (int e = 0; e < num_experts; ++e) top = std::max(top, logits[e]);
+  for (int e = 0; e < num_experts; ++e) sum += (p[e] = std::exp(logits[e] - top));
+  for (int e = 0; e < num_experts; ++e) p[e] /= sum;
+  float chosen = 0.0f;
+  for (int s = 0; s < top_k; ++s) {
+    int best = -1;
+    for (int e = 0; e < num_experts; ++e)
+      if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;  // the first of equal scores
+    taken[best] = 1;
+    ids[s] = best;
+    chosen += (weights[s] = p[best]);
+  }
+  for (int s = 0; s < top_k; ++s) {
+    if (renormalize) weights[s] = weights[s] / (chosen + 1e-20f);
+    weights[s] *= scaling;
+  }
+}
+
+void scales_fp32_range(const void* scales, int bf16, int64_t row, int n, int j0, int j1, float* out) {
   if (!bf16) {
-    std::memcpy(out.data(), static_cast<const float*>(scales) + row * n, sizeof(float) * n);
+    std::memcpy(out + j0, static_cast<const float*>(scales) + row * n + j0, sizeof(float) * (j1 - j0));
     return;
   }
   const uint16_t* s = static_cast<const uint16_t*>(scales) + row * n;
-  for (int j = 0; j < n; ++j) {
+  for (int j = j0; j < j1; ++j) {
     const uint32_t bits = (uint32_t)s[j] << 16;  // bf16 -> fp32 is exact
     std::memcpy(&out[j], &bits, sizeof(float));
   }
 }
 
-// One call's scratch, reused from expert to expert and freed at the end (a long prefill's rows are not kept).
-struct ExpertScratch {
-  std::vector<float> x, y13, act, y2, s13, s2;
-};
-
-// The slots (t * K + k) routed to experts first .. first + num_experts - 1, sorted by expert (in slot order within
-// one), and where each expert's run begins: begin [E + 1].
 void sort_slots(const int64_t* ids, int slots, int first, int num_experts, std::vector<int>& order,
                 std::vector<int>& begin) {
   begin.assign(num_experts + 1, 0);
@@ -55,6 +99,21 @@ void sort_slots(const int64_t* ids, int slots, int first, int num_experts, std::
   for (int i = 0; i < slots; ++i)
     if (ids[i] >= first && ids[i] < first + num_experts) order[next[ids[i] - first]++] = i;
 }
+
+}  // namespace sq
+
+namespace {
+
+// Row of n scales as fp32 (see scales_fp32_range).
+void scales_fp32(const void* scales, int bf16, int64_t row, int n, std::vector<float>& out) {
+  out.resize(n);
+  sq::scales_fp32_range(scales, bf16, row, n, 0, n, out.data());
+}
+
+// One call's scratch, reused from expert to expert and freed at the end (a long prefill's rows are not kept).
+struct ExpertScratch {
+  std::vector<float> x, y13, act, y2, s13, s2;
+};
 
 // act [n, I] = silu(gate) * up of local expert e on the token rows of its n slots (x fp32 [T, H] at row stride ldx).
 void expert_activation(const float* x, int h, int ldx, int k, const int* slots, int n, int e, int inter,
@@ -147,13 +206,25 @@ int split_experts(const float* x, int h, int ldx, const float* weights, int k, c
 
 }  // namespace
 
+void sq_moe_route(const float* x, int t, int h, int ldx, const float* router, int num_experts, int top_k,
+                  int renormalize, float scaling, int64_t* ids, float* weights) {
+  std::vector<float> logits((size_t)t * num_experts);  // [T, E]
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < (int64_t)t * num_experts; ++i)
+    logits[i] = sq::dot_fp32(x + (i / num_experts) * ldx, router + (i % num_experts) * h, h);
+#pragma omp parallel for schedule(static)
+  for (int i = 0; i < t; ++i)
+    sq::route_row(&logits[(size_t)i * num_experts], num_experts, top_k, renormalize, scaling, ids + (size_t)i * top_k,
+                  weights + (size_t)i * top_k);
+}
+
 int sq_routed_experts(const float* x, int t, int h, int ldx, const int64_t* ids, const float* weights, int k,
                       int first, int num_local, int inter, const int8_t* w13, int kp13, const int8_t* w2, int kp2,
                       const void* s13, const void* s2, int scales_bf16, const SqRanks* ranks, int summed,
                       float* out) {
   std::memset(out, 0, sizeof(float) * (size_t)t * (summed ? 1 : k) * h);
   std::vector<int> order, begin;
-  sort_slots(ids, t * k, first, num_local, order, begin);
+  sq::sort_slots(ids, t * k, first, num_local, order, begin);
   if (ranks != nullptr)
     return split_experts(x, h, ldx, weights, k, order, begin, inter, w13, kp13, w2, kp2, s13, s2, scales_bf16,
                          ranks, summed, out);
