@@ -114,10 +114,15 @@ def torch_methods(ops: NativeOps, names: tuple[str, ...]) -> Iterator[None]:
 
 
 def decode_rates(
-    path: Path, contexts: list[int], streams: list[int], rounds: int, patched: tuple[str, ...] = PATCHED
+    path: Path,
+    contexts: list[int],
+    streams: list[int],
+    rounds: int,
+    patched: tuple[str, ...] = PATCHED,
+    baseline: Callable[[LLM], contextlib.AbstractContextManager] | None = None,
 ) -> list[tuple]:
     """(context, streams, torch tokens/s per round, native tokens/s per round, tokens agreeing) on one LLM; the
-    "torch" rounds take the NativeOps methods named in patched from TorchOps."""
+    "torch" rounds take the NativeOps methods named in patched from TorchOps (or run within baseline(llm))."""
     llm = LLM(str(path), max_model_len=max(contexts) + 64, max_num_batched_tokens=4096, enable_prefix_caching=False)
     ops = llm.llm_engine.runner.backend.ops
     assert isinstance(ops, NativeOps), llm.llm_engine.runner.backend.describe()
@@ -131,7 +136,11 @@ def decode_rates(
             tokens = {}
             for r in range(rounds + 1):  # round 0 warms up
                 for name in rates:
-                    with torch_methods(ops, patched if name == "torch" else ()):
+                    if name == "native":
+                        within = contextlib.nullcontext()
+                    else:
+                        within = baseline(llm) if baseline else torch_methods(ops, patched)
+                    with within:
                         outs = llm.generate(prompts, params, use_tqdm=False)
                     seconds = max(o.metrics.finished_time for o in outs) - max(o.metrics.first_token_time for o in outs)
                     tokens[name] = [t for o in outs for t in o.outputs[0].token_ids]
@@ -147,13 +156,15 @@ def print_decode_table(
     args: argparse.Namespace,
     patched: tuple[str, ...] = PATCHED,
     names: tuple[str, str] = ("torch", "native"),
+    baseline: Callable[[LLM], contextlib.AbstractContextManager] | None = None,
 ) -> None:
-    """decode_rates of args.contexts x args.streams as a table: the baseline's (names[0], patched) and the native
-    tokens/s, their ratio per round, the share of tokens agreeing."""
+    """decode_rates of args.contexts x args.streams as a table: the baseline's (names[0]: patched, or baseline)
+    and the native tokens/s, their ratio per round, the share of tokens agreeing."""
     before, after = names
     print(f"| context | streams | {before} | {after} | {after} / {before} per round | tokens agreeing |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for context, n, slow, fast, agree in decode_rates(path, args.contexts, args.streams, args.rounds, patched):
+    rates = decode_rates(path, args.contexts, args.streams, args.rounds, patched, baseline)
+    for context, n, slow, fast, agree in rates:
         ratios = [f / s for s, f in zip(slow, fast, strict=True)]
         print(f"| {context} | {n} | {spread(slow, 1)} | {spread(fast, 1)} | {spread(ratios)} | {agree:.0%} |")
     print(f"\nmedians [min-max] over {args.rounds} rounds")

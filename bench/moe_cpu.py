@@ -9,6 +9,11 @@ give the same bits; the difference is the per-expert Python and torch ops.
 - That model's greedy decode tokens/s of --streams streams after a prompt of each context length (the prefill
   untimed), alternating on one LLM (bench/mla_decode.py's decode_rates), and the share of tokens that agree.
 
+With --qwen3-moe only a model table runs, of a Qwen3-30B-A3B-shaped model cut to --layers layers (hidden 2048,
+32 heads of 128 and 4 kv heads, 128 routed experts of 768 per layer, 8 per token, a 32768-token vocabulary; random
+weights): decode steps per op (the attention's ops one by one, the routed experts in their one call) against the
+whole step in one native call (native_stack.py: the router and the experts inside it), alternating on one LLM.
+
 With --slots the layer table's baseline is the one call returning the [T, K, H] slots, summed per token in expert
 order in torch after it (the path before 75b2537, and still expert parallel's), and the model table is left out.
 
@@ -18,7 +23,7 @@ between the linears from Python; in one call, from inside it. The model table is
 (bench/parallel.py --deepseek runs the model split over ranks).
 
     .venv/bin/python bench/moe_cpu.py [--tokens 1,4,16,512] [--contexts 64,1024] [--streams 1,4,16]
-        [--scheme w8a8_dynamic] [--rounds 5] [--tensor-parallel N] [--slots]
+        [--scheme w8a8_dynamic] [--rounds 5] [--tensor-parallel N] [--slots] [--qwen3-moe [--layers 4]]
 
 Run it on a quiet machine: with 2 OpenMP threads, any other busy process stalls every parallel op.
 """
@@ -26,7 +31,9 @@ Run it on a quiet machine: with 2 OpenMP threads, any other busy process stalls 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -38,14 +45,40 @@ from bench._options import comma_ints  # noqa: E402
 from bench.mla_decode import alternate_ms, ms_cells, print_decode_table, torch_methods  # noqa: E402
 from bench.prefill_attention import deepseek_model  # noqa: E402
 from bench.speed import quantized  # noqa: E402
-from slimquant import LLM  # noqa: E402
+from slimquant import LLM, zoo  # noqa: E402
 from slimquant.backends.native_ops import NativeOps  # noqa: E402
 from slimquant.backends.torch_ops import add_in_expert_order  # noqa: E402
 from slimquant.distributed.launch import run_ranks  # noqa: E402
 from slimquant.kernels import native  # noqa: E402
 from slimquant.layers.moe import SparseMoE  # noqa: E402
+from slimquant.random_models import make_tiny_model  # noqa: E402
 
 CALLS = 10  # layer calls per timed sample
+QWEN3_30B_A3B_SHAPE = dict(
+    hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+    num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True, decoder_sparse_step=1,
+    mlp_only_layers=[], vocab_size=32768, max_position_embeddings=40960,
+)  # fmt: skip
+
+
+def qwen3_moe_model(layers: int) -> Path:
+    """QWEN3_30B_A3B_SHAPE cut to `layers` layers with random bf16 weights, built once into the cache."""
+    out = zoo.cache_dir() / "bench" / f"qwen3-30b-a3b-shape-{layers}-layers-random"
+    if not (out / "config.json").is_file():
+        print(f"writing {out} (random weights)", flush=True)
+        make_tiny_model("qwen3_moe", out, torch.bfloat16, num_hidden_layers=layers, **QWEN3_30B_A3B_SHAPE)
+    return out
+
+
+@contextlib.contextmanager
+def per_op_steps(llm: LLM) -> Iterator[None]:
+    """Within: llm's cpu-native backend runs every step per op (its whole-step stack off)."""
+    backend = llm.llm_engine.runner.backend
+    stack, backend.stack = backend.stack, None
+    try:
+        yield
+    finally:
+        backend.stack = stack
 
 
 def layer_times(
@@ -105,9 +138,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up)")
     ap.add_argument("--tensor-parallel", type=int, default=1, help="ranks of the layer table (experts split)")
     ap.add_argument("--slots", action="store_true", help="layer table only, its baseline the slots summed in torch")
+    ap.add_argument("--qwen3-moe", action="store_true", help="only a Qwen3-MoE model table: per op vs whole step")
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers of the --qwen3-moe model")
     args = ap.parse_args()
-    if args.tensor_parallel < 1:
-        ap.error("--tensor-parallel must be at least 1")
+    if args.tensor_parallel < 1 or args.layers < 1:
+        ap.error("--tensor-parallel and --layers must be at least 1")
+    if args.qwen3_moe:
+        path = quantized(qwen3_moe_model(args.layers), args.scheme)
+        print(f"native build: {native.ISA_NAMES[native.load().isa]}; {torch.get_num_threads()} threads; {path.name}")
+        print("\ndecode tokens/s after a prompt of each context")
+        print_decode_table(path, args, names=("per op", "whole step"), baseline=per_op_steps)
+        return
     path = quantized(deepseek_model(), args.scheme)
     size = args.tensor_parallel
     if size == 1:

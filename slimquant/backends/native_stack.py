@@ -263,7 +263,7 @@ def _moe_form(lib: native.Library, moe: nn.Module, hidden: int) -> ctypes.Struct
     if not router.plain_softmax:
         return f"{experts.prefix}: a {router.scoring} router with {router.topk_method} top-k runs per op"
     if not experts.quantized or experts.tp.size > 1:
-        return f"{experts.prefix}: {'split over ranks' if experts.quantized else 'float'} experts run per op"
+        return f"{experts.prefix}: {'experts split over ranks' if experts.quantized else 'float experts'} run per op"
     w13, w2, s13, s2 = experts.w13, experts.w2, experts.w13_scale, experts.w2_scale
     weights_ok = all(is_native_weight(w) and w.is_contiguous() for w in (w13, w2))
     if not weights_ok or s13.dtype not in (torch.float32, torch.bfloat16) or s2.dtype != s13.dtype:

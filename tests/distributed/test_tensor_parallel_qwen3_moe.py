@@ -40,6 +40,8 @@ def test_every_rank_returns_one_process_tokens_and_logprobs(qwen3_moe, one_proce
 
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
 def test_native_ranks_return_one_native_process_results(qwen3_moe):
+    """One process runs its decode steps in the whole-step native call (routed experts inside it), the ranks per op
+    with their split experts in the experts' native call: the same bits."""
     paths = [qwen3_moe["W8A8_DYNAMIC"], qwen3_moe["mix"]]
     ((one, _),) = run_ranks(rank_generate_native, 1, paths)
     for rank, (got, split_calls) in enumerate(run_ranks(rank_generate_native, 2, paths)):
