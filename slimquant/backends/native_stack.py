@@ -262,18 +262,21 @@ def _moe_form(lib: native.Library, moe: nn.Module, hidden: int) -> ctypes.Struct
         return f"{experts.prefix}: routed experts with shared experts run per op"
     if not router.plain_softmax:
         return f"{experts.prefix}: a {router.scoring} router with {router.topk_method} top-k runs per op"
-    if not experts.quantized or experts.tp.size > 1:
-        return f"{experts.prefix}: {'experts split over ranks' if experts.quantized else 'float experts'} run per op"
+    if not experts.quantized:
+        return f"{experts.prefix}: float experts run per op"
     w13, w2, s13, s2 = experts.w13, experts.w2, experts.w13_scale, experts.w2_scale
     weights_ok = all(is_native_weight(w) and w.is_contiguous() for w in (w13, w2))
     if not weights_ok or s13.dtype not in (torch.float32, torch.bfloat16) or s2.dtype != s13.dtype:
         return f"{experts.prefix}: expert weights or scales the native call does not take run per op"
     if experts.inter % _SLICE_ROWS:
-        return f"moe_intermediate_size {experts.inter} is not a multiple of {_SLICE_ROWS} (the int8 row blocks)"
+        why = f"are not a multiple of {_SLICE_ROWS} (the int8 row blocks)"
+        return f"{experts.prefix}: {experts.inter} intermediate rows per expert held here {why}"
     assert router.weight.dtype == torch.float32 and router.weight.is_contiguous() and w2.shape[1] == hidden
-    assert s13.is_contiguous() and s2.is_contiguous() and w13.shape[0] == router.weight.shape[0]
+    assert s13.is_contiguous() and s2.is_contiguous() and w13.shape[0] == experts.num_local
     return lib.structs["SqMoe"](
-        num_experts=w13.shape[0], top_k=router.top_k, renormalize=int(router.norm_topk_prob), scaling=router.scaling,
+        num_experts=router.num_experts, first=experts.first, num_local=experts.num_local,
+        split=int(experts.reduce.size > 1), swap=int(experts.expert_parallel), top_k=router.top_k,
+        renormalize=int(router.norm_topk_prob), scaling=router.scaling,
         router=router.weight.data_ptr(), w13=w13.data_ptr(), kp13=w13.shape[2], w2=w2.data_ptr(), kp2=w2.shape[2],
         s13=s13.data_ptr(), s2=s2.data_ptr(), scales_bf16=int(s13.dtype == torch.bfloat16),
     )  # fmt: skip

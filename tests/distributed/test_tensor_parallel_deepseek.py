@@ -39,10 +39,12 @@ def deepseek(tiny_model, tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def generate(path: str, backend: str = "torch-reference", **kwargs) -> list[tuple]:
-    """(token ids, each token's logprobs) per prompt."""
+def generate(path: str, backend: str = "torch-reference", notes: list[str] | None = None, **kwargs) -> list[tuple]:
+    """(token ids, each token's logprobs) per prompt; the backend's description appended to notes where given."""
     llm = LLM(path, kernels={"backend": backend}, max_model_len=64, **kwargs)
     outs = llm.generate(PROMPTS, SamplingParams(**PARAMS), use_tqdm=False)
+    if notes is not None:
+        notes.append(llm.llm_engine.runner.backend.describe())
     if llm.llm_engine.workers is not None:
         llm.llm_engine.shutdown()
     return [(o.outputs[0].token_ids, [sorted(d.items()) for d in o.outputs[0].logprobs]) for o in outs]

@@ -9,7 +9,7 @@ import pytest
 
 from slimquant.distributed.launch import run_ranks
 from slimquant.kernels import native
-from tests.distributed.test_tensor_parallel_deepseek import rank_generate, rank_generate_native
+from tests.distributed.test_tensor_parallel_deepseek import generate, rank_generate, rank_generate_native
 from tests.models.ascend_ckpt import write_ascend
 from tests.models.test_model_qwen3_moe import moe_mix
 
@@ -40,10 +40,35 @@ def test_every_rank_returns_one_process_tokens_and_logprobs(qwen3_moe, one_proce
 
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
 def test_native_ranks_return_one_native_process_results(qwen3_moe):
-    """One process runs its decode steps in the whole-step native call (routed experts inside it), the ranks per op
-    with their split experts in the experts' native call: the same bits."""
+    """cpu-native ranks, their int8 experts split: where a step runs per op, the split experts run in the experts'
+    native call, which reduces from inside it; one process's bits."""
     paths = [qwen3_moe["W8A8_DYNAMIC"], qwen3_moe["mix"]]
     ((one, _),) = run_ranks(rank_generate_native, 1, paths)
     for rank, (got, split_calls) in enumerate(run_ranks(rank_generate_native, 2, paths)):
         assert got == one, f"rank {rank} of 2 differs from one process"
         assert split_calls > 0
+
+
+def rank_generate_stacked(rank: int, size: int, paths: list[str], expert_parallel: bool) -> tuple[list, list, int]:
+    """rank_generate on cpu-native, each model's backend description, and how many steps ran in one native call."""
+    from slimquant.backends import cpu_native
+
+    steps, notes, whole_step = [], [], cpu_native.decoder_model
+    cpu_native.decoder_model = lambda *args: steps.append(1) or whole_step(*args)
+    kwargs = dict(tensor_parallel_size=size, enable_expert_parallel=expert_parallel)
+    return [generate(p, "cpu-native", notes, **kwargs) for p in paths], notes, len(steps)
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+@pytest.mark.parametrize("size,expert_parallel", [(2, False), (2, True), (4, True)])
+def test_native_ranks_run_moe_layers_in_the_whole_step(qwen3_moe, size, expert_parallel):
+    """cpu-native ranks run their decode steps in the whole-step native call, MoE layers included: each rank's part
+    of every expert, the absmax and int32 products reduced from inside the call, or (expert parallel) its whole
+    experts, the weighted products swapped and added in expert order. One process's bits. (4 ranks without expert
+    parallel would hold 8 intermediate rows of each expert, off the int8 row blocks: those run per op.)"""
+    paths = [qwen3_moe["W8A8_DYNAMIC"], qwen3_moe["mix"]]
+    ((one, _, one_steps),) = run_ranks(rank_generate_stacked, 1, paths, False)
+    assert one_steps > 0
+    for rank, (got, notes, steps) in enumerate(run_ranks(rank_generate_stacked, size, paths, expert_parallel)):
+        assert got == one, f"rank {rank} of {size} (ep={expert_parallel}) differs from one process"
+        assert steps > 0 and all(f"reduced across {size} ranks from inside it" in n for n in notes), notes

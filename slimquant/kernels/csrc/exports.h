@@ -35,9 +35,15 @@
   X(const float*, v_offset)
 
 // A MoE layer's router and routed W8A8_DYNAMIC experts (Qwen3-MoE: softmax, greedy top-k, no shared experts);
-// num_experts 0: the layer's MLP is dense (gate_up, down).
+// num_experts 0: the layer's MLP is dense (gate_up, down). Under tensor parallel (SqRanks) the experts held here
+// are first .. first + num_local - 1 and the ranks exchange their weighted products (swap: expert parallel), or
+// every expert with this rank's `inter` of its intermediate rows, reduced across the ranks (split).
 #define SQ_MOE_FIELDS(X)                                                                                 \
-  X(int32_t, num_experts)                                                                               \
+  X(int32_t, num_experts) /* the router's */                                                            \
+  X(int32_t, first)                                                                                     \
+  X(int32_t, num_local) /* the experts w13 / w2 / s13 / s2 hold */                                      \
+  X(int32_t, split)                                                                                     \
+  X(int32_t, swap)                                                                                      \
   X(int32_t, top_k)                                                                                     \
   X(int32_t, renormalize) /* 1: the top-k weights divided by their sum (norm_topk_prob) */              \
   X(float, scaling) /* the weights' factor (routed_scaling_factor; 1 where none) */                     \

@@ -146,10 +146,12 @@ void dense_mlp_slice(const SqDecoderLayer& L, const float* normed, int b, int ti
   output_slice(L.down, act, b, inter, tid, nt, t, ranks, shared, out);
 }
 
-// What a MoE layer shares across the team: the router's logits [B, E]; one expert's gate | up [n, 2I], its
-// activation [n, I] and its down products [n, H].
+// What a MoE layer shares across the team: the router's logits [B, E]; every routed row's gate | up [R, 2I] and
+// activation [R, I] (R <= B * K rows, grouped by expert in ascending id), its absmax [R] and int32 down products
+// [R, H] (split experts); one expert's down outputs [B, H]; the weighted products per slot [B * K, H] (swap).
 struct MoeShared {
-  float *logits, *gate_up, *act, *y;
+  float *logits, *gate_up, *act, *absmax, *y, *slots;
+  int32_t* acc;
 };
 
 // Expert e's W8A8_DYNAMIC linear of packed weights [E, n, kp] (k inputs) with its scales w_scale fp32 [n].
@@ -159,64 +161,147 @@ SqLinear expert_linear(int n, int k, int kp, const int8_t* w, int e, const float
   return l;
 }
 
+// The routed rows of every local expert with tokens (t.order / t.begin): each expert's rows (in token order)
+// through gate_up and SiLU-and-mul, this thread's slice [g0, g1) of the intermediate rows, into s.act.
+void expert_activations(const SqMoe& m, const float* normed, int h, int inter, int g0, int g1, ThreadScratch& t,
+                        const MoeShared& s) {
+  float* s13 = scratch(t.s13, (size_t)2 * inter);
+  for (int e = 0; e < m.num_local && g0 < g1; ++e) {
+    const int first = t.begin[e], n = t.begin[e + 1] - first;
+    if (n == 0) continue;
+    const SqLinear w13 = expert_linear(2 * inter, h, m.kp13, m.w13, e, s13);
+    sq::scales_fp32_range(m.s13, m.scales_bf16, e, 2 * inter, g0, g1, s13);
+    sq::scales_fp32_range(m.s13, m.scales_bf16, e, 2 * inter, inter + g0, inter + g1, s13);
+    float* rows = scratch(t.rows, (size_t)n * h);  // [n, H]
+    for (int r = 0; r < n; ++r)
+      std::memcpy(rows + (size_t)r * h, normed + (size_t)(t.order[first + r] / m.top_k) * h, sizeof(float) * h);
+    float* gate_up = s.gate_up + (size_t)first * 2 * inter;  // [n, 2I]
+    quantize_input(w13, rows, n, h, t);
+    linear_rows(w13, rows, n, h, g0, g1, t, gate_up);
+    linear_rows(w13, rows, n, h, inter + g0, inter + g1, t, gate_up);
+    for (int r = 0; r < n; ++r) {
+      const float* g = gate_up + (size_t)r * 2 * inter;
+      sq::silu_and_mul_range(g, g + inter, g0, g1, s.act + (size_t)(first + r) * inter);
+    }
+  }
+}
+
+// Local expert e's down outputs y [n, H], columns [c0, c1), times each slot's routing weight: added into its
+// token's row of out [B, H], or (swap) written to its slot's row of s.slots (moe_cpu.cpp's write_weighted).
+void weighted_products(const SqMoe& m, const float* y, int n, const int* slots, int h, int c0, int c1,
+                       const ThreadScratch& t, const MoeShared& s, float* out) {
+  for (int r = 0; r < n; ++r) {  // multiply, then add (no contraction)
+    const float w = t.weights[slots[r]], *yr = y + (size_t)r * h;
+    if (m.swap) {
+      float* o = s.slots + (size_t)slots[r] * h;
+      for (int j = c0; j < c1; ++j) o[j] = yr[j] * w;
+    } else {
+      float* o = out + (size_t)(slots[r] / m.top_k) * h;
+      for (int j = c0; j < c1; ++j) o[j] += yr[j] * w;
+    }
+  }
+}
+
+// The down projections of s.act, this thread's output columns [c0, c1), then weighted_products. Whole experts:
+// each expert's rows quantized per token and its dynamic linear. Split (each rank `inter` of every expert's rows):
+// the ranks' MAX of each row's absmax, each expert's rows quantized with it and their int32 products, the ranks'
+// SUM, the epilogue: moe_cpu.cpp's split_experts, one process's numbers. Every thread calls it (barriers).
+void expert_downs(const SqMoe& m, int h, int inter, int tid, int c0, int c1, ThreadScratch& t, const SqRanks* ranks,
+                  int& failed, const MoeShared& s, float* out) {
+  const int rows = t.begin[m.num_local];
+  float* s2 = scratch(t.s2, h);
+  float* scales = scratch(t.scales, rows);  // each row's activation scale
+  if (m.split) {
+    if (tid == 0) {
+      sq::abs_max_rows(s.act, rows, inter, inter, s.absmax);
+      reduce(ranks, kMaxFloat, s.absmax, rows, failed);
+    }
+#pragma omp barrier
+  }
+  for (int e = 0; e < m.num_local; ++e) {
+    const int first = t.begin[e], n = t.begin[e + 1] - first;
+    if (n == 0 || c0 >= c1) continue;
+    const SqLinear w2 = expert_linear(h, inter, m.kp2, m.w2, e, s2);
+    const float* act = s.act + (size_t)first * inter;
+    if (m.split) {
+      t.xq.reset(n, inter, m.kp2);
+      sq::quantize_dynamic_rows_at(act, n, inter, inter, s.absmax + first, t.xq, scales + first);
+      sq::int32_rows(static_cast<const int8_t*>(w2.w), t.xq, n, h, c0, c1, s.acc + (size_t)first * h);
+      continue;
+    }
+    sq::scales_fp32_range(m.s2, m.scales_bf16, e, h, c0, c1, s2);
+    quantize_input(w2, act, n, inter, t);
+    linear_rows(w2, act, n, inter, c0, c1, t, s.y);
+    weighted_products(m, s.y, n, &t.order[first], h, c0, c1, t, s, out);
+  }
+  if (!m.split) return;
+#pragma omp barrier
+  if (tid == 0) reduce(ranks, kSumInt32, s.acc, (int64_t)rows * h, failed);
+#pragma omp barrier
+  for (int e = 0; e < m.num_local; ++e) {
+    const int first = t.begin[e], n = t.begin[e + 1] - first;
+    if (n == 0 || c0 >= c1) continue;
+    sq::scales_fp32_range(m.s2, m.scales_bf16, e, h, c0, c1, s2);
+    sq::dynamic_epilogue_rows(s.acc + (size_t)first * h, n, h, c0, c1, scales + first, s2, nullptr, s.y);
+    weighted_products(m, s.y, n, &t.order[first], h, c0, c1, t, s, out);
+  }
+}
+
+// Expert parallel: the ranks' weighted products per slot (0 where another rank's expert) summed over the ranks,
+// then each token's K slots added into its row of out, columns [c0, c1), in ascending expert id: RoutedExperts'
+// sum_disjoint then add_in_expert_order. Every thread calls it (barriers).
+void swapped_sums(const SqMoe& m, int b, int h, int tid, int c0, int c1, const ThreadScratch& t, const SqRanks* ranks,
+                  int& failed, const MoeShared& s, float* out) {
+  const int k = m.top_k;
+#pragma omp barrier
+  if (tid == 0) reduce(ranks, kSumDisjoint, s.slots, (int64_t)b * k * h, failed);
+#pragma omp barrier
+  std::vector<int> order(k);
+  for (int i = 0; i < b; ++i) {
+    const int64_t* ids = &t.ids[(size_t)i * k];
+    for (int j = 0; j < k; ++j) order[j] = j;
+    std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return ids[x] < ids[y]; });
+    float* o = out + (size_t)i * h;
+    for (const int slot : order) {
+      const float* v = s.slots + ((size_t)i * k + slot) * h;
+      for (int j = c0; j < c1; ++j) o[j] += v[j];
+    }
+  }
+}
+
 // A MoE layer (L.moe) on the normed rows [B, H] -> out [B, H]: each thread the logits of its slice of the experts;
-// every thread each token's route (the same ones) and the slots sorted by expert; then per expert in ascending id
-// its tokens' rows through gate_up and SiLU-and-mul (each thread a slice of the intermediate rows) and down (a slice
-// of the output columns), each product times its weight added into its token's row of out. sq_moe_route then
-// sq_routed_experts (summed) do the same, kernel for kernel, on the same rows: the per-op path's bits. Every thread
-// of the team calls it (it holds barriers).
+// every thread each token's route (the same ones) and the slots sorted by expert; every local expert's rows
+// through gate_up and SiLU-and-mul (each thread a slice of the intermediate rows), then down (a slice of the
+// output columns), each product times its weight added into its token's row of out in ascending expert id.
+// sq_moe_route then sq_routed_experts (summed; or its slots, swapped and added in expert order) do the same,
+// kernel for kernel, on the same rows: the per-op path's bits. Every thread of the team calls it (barriers).
 void moe_slice(const SqDecoderLayer& L, const float* normed, int b, int tid, int nt, ThreadScratch& t,
-               const MoeShared& s, float* out) {
+               const SqRanks* ranks, int& failed, const MoeShared& s, float* out) {
   const SqMoe& m = L.moe;
-  const int h = L.hidden, inter = L.inter, k = m.top_k, num_experts = m.num_experts;
+  const int h = L.hidden, inter = L.inter, k = m.top_k;
   int e0, e1, g0, g1, c0, c1;
-  slice(num_experts, tid, nt, e0, e1);
+  slice(m.num_experts, tid, nt, e0, e1);
   slice(inter, tid, nt, g0, g1);
   slice(h, tid, nt, c0, c1);
-  sq::router_logits(normed, b, h, h, m.router, num_experts, e0, e1, s.logits);
-  for (int i = 0; i < b; ++i) std::fill(out + (size_t)i * h + c0, out + (size_t)i * h + c1, 0.0f);
+  sq::router_logits(normed, b, h, h, m.router, m.num_experts, e0, e1, s.logits);
+  for (int i = 0; i < b; ++i) {
+    std::fill(out + (size_t)i * h + c0, out + (size_t)i * h + c1, 0.0f);
+    for (int j = 0; j < k && m.swap; ++j) {
+      float* slot = s.slots + ((size_t)i * k + j) * h;
+      std::fill(slot + c0, slot + c1, 0.0f);  // 0 in the slots of other ranks' experts
+    }
+  }
 #pragma omp barrier
   t.ids.resize((size_t)b * k);
   t.weights.resize((size_t)b * k);
   for (int i = 0; i < b; ++i)
-    sq::route_row(s.logits + (size_t)i * num_experts, num_experts, k, m.renormalize, m.scaling,
+    sq::route_row(s.logits + (size_t)i * m.num_experts, m.num_experts, k, m.renormalize, m.scaling,
                   &t.ids[(size_t)i * k], &t.weights[(size_t)i * k]);
-  sq::sort_slots(t.ids.data(), b * k, 0, num_experts, t.order, t.begin);
-  float* s13 = scratch(t.s13, (size_t)2 * inter);
-  float* s2 = scratch(t.s2, h);
-  for (int e = 0; e < num_experts; ++e) {
-    const int n = t.begin[e + 1] - t.begin[e];
-    const int* slots = &t.order[t.begin[e]];
-    if (n == 0) continue;  // every thread skips it alike: the same routes
-    if (g0 < g1) {
-      const SqLinear w13 = expert_linear(2 * inter, h, m.kp13, m.w13, e, s13);
-      sq::scales_fp32_range(m.s13, m.scales_bf16, e, 2 * inter, g0, g1, s13);
-      sq::scales_fp32_range(m.s13, m.scales_bf16, e, 2 * inter, inter + g0, inter + g1, s13);
-      float* rows = scratch(t.rows, (size_t)n * h);  // [n, H]: the expert's tokens, in token order
-      for (int r = 0; r < n; ++r)
-        std::memcpy(rows + (size_t)r * h, normed + (size_t)(slots[r] / k) * h, sizeof(float) * h);
-      quantize_input(w13, rows, n, h, t);
-      linear_rows(w13, rows, n, h, g0, g1, t, s.gate_up);
-      linear_rows(w13, rows, n, h, inter + g0, inter + g1, t, s.gate_up);
-      for (int r = 0; r < n; ++r) {
-        const float* g = s.gate_up + (size_t)r * 2 * inter;
-        sq::silu_and_mul_range(g, g + inter, g0, g1, s.act + (size_t)r * inter);
-      }
-    }
+  sq::sort_slots(t.ids.data(), b * k, m.first, m.num_local, t.order, t.begin);
+  expert_activations(m, normed, h, inter, g0, g1, t, s);
 #pragma omp barrier
-    if (c0 < c1) {
-      const SqLinear w2 = expert_linear(h, inter, m.kp2, m.w2, e, s2);
-      sq::scales_fp32_range(m.s2, m.scales_bf16, e, h, c0, c1, s2);
-      quantize_input(w2, s.act, n, inter, t);
-      linear_rows(w2, s.act, n, inter, c0, c1, t, s.y);
-      for (int r = 0; r < n; ++r) {  // multiply, then add (no contraction): moe_cpu.cpp's write_weighted
-        const float w = t.weights[slots[r]], *y = s.y + (size_t)r * h;
-        float* o = out + (size_t)(slots[r] / k) * h;
-        for (int j = c0; j < c1; ++j) o[j] += y[j] * w;
-      }
-    }
-#pragma omp barrier  // the next expert's gate_up and act overwrite this one's
-  }
+  expert_downs(m, h, inter, tid, c0, c1, t, ranks, failed, s, out);
+  if (m.swap) swapped_sums(m, b, h, tid, c0, c1, t, ranks, failed, s, out);
 }
 
 // Every layer of a decoder stack, in one parallel region: x [B, H] (the embeddings) in, out [B, H] (the last
@@ -230,7 +315,7 @@ int decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* co
   const int b = step.batch, max_blocks = step.max_blocks, block_size = step.block_size;
   const int64_t* slots = step.slots;
   const int32_t *block_tables = step.block_tables, *context_lens = step.context_lens;
-  int max_qkv = 0, max_attn = 0, max_inter = 0, max_d = 0, max_experts = 0;
+  int max_qkv = 0, max_attn = 0, max_inter = 0, max_d = 0, max_experts = 0, max_top_k = 0, max_moe_inter = 0;
   for (int l = 0; l < num_layers; ++l) {
     const SqDecoderLayer& L = *layers[l];
     max_qkv = std::max(max_qkv, L.qkv.n);
@@ -238,6 +323,8 @@ int decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* co
     max_inter = std::max(max_inter, L.inter);
     max_d = std::max(max_d, L.head_dim);
     max_experts = std::max(max_experts, L.moe.num_experts);
+    max_top_k = std::max(max_top_k, L.moe.top_k);
+    if (L.moe.num_experts > 0) max_moe_inter = std::max(max_moe_inter, L.inter);
   }
   const int h = layers[0]->hidden;
   thread_local std::vector<float> qkv_buf, attn_buf, o_buf, gu_buf, act_buf;  // shared by the team
@@ -246,8 +333,13 @@ int decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* co
   float* o = scratch(o_buf, (size_t)b * h);
   float* gate_up = scratch(gu_buf, (size_t)b * 2 * max_inter);
   float* act = scratch(act_buf, (size_t)b * max_inter);
-  thread_local std::vector<float> logits_buf, moe_y_buf;
-  const MoeShared moe{scratch(logits_buf, (size_t)b * max_experts), gate_up, act, scratch(moe_y_buf, (size_t)b * h)};
+  thread_local std::vector<float> logits_buf, moe_gu_buf, moe_act_buf, moe_absmax_buf, moe_y_buf, moe_slots_buf;
+  thread_local std::vector<int32_t> moe_acc_buf;
+  const size_t routed = (size_t)b * max_top_k;  // rows of the routed experts, at most
+  if (moe_acc_buf.size() < routed * h) moe_acc_buf.resize(routed * h);
+  const MoeShared moe{scratch(logits_buf, (size_t)b * max_experts), scratch(moe_gu_buf, routed * 2 * max_moe_inter),
+                      scratch(moe_act_buf, routed * max_moe_inter), scratch(moe_absmax_buf, routed),
+                      scratch(moe_y_buf, (size_t)b * h), scratch(moe_slots_buf, routed * h), moe_acc_buf.data()};
   thread_local std::vector<float> absmax_buf;
   thread_local std::vector<int32_t> acc_buf;
   if (acc_buf.size() < (size_t)b * h) acc_buf.resize((size_t)b * h);  // the row-parallel linears' outputs: [B, H]
@@ -299,7 +391,7 @@ int decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* co
       for (int i = 0; i < b; ++i)
         sq::norm_row(o + (size_t)i * h, res + (size_t)i * h, h, L.post_norm_w, L.post_norm_b, L.eps,
                      res + (size_t)i * h, normed + (size_t)i * h);
-      if (L.moe.num_experts > 0) moe_slice(L, normed, b, tid, nt, t, moe, out);
+      if (L.moe.num_experts > 0) moe_slice(L, normed, b, tid, nt, t, ranks, shared.failed, moe, out);
       else dense_mlp_slice(L, normed, b, tid, nt, t, ranks, shared, gate_up, act, out);
 #pragma omp barrier
     }
