@@ -120,10 +120,13 @@ def decode_rates(
     rounds: int,
     patched: tuple[str, ...] = PATCHED,
     baseline: Callable[[LLM], contextlib.AbstractContextManager] | None = None,
+    llm_kwargs: dict | None = None,
 ) -> list[tuple]:
-    """(context, streams, torch tokens/s per round, native tokens/s per round, tokens agreeing) on one LLM; the
-    "torch" rounds take the NativeOps methods named in patched from TorchOps (or run within baseline(llm))."""
-    llm = LLM(str(path), max_model_len=max(contexts) + 64, max_num_batched_tokens=4096, enable_prefix_caching=False)
+    """(context, streams, torch tokens/s per round, native tokens/s per round, tokens agreeing) on one LLM (made
+    with llm_kwargs too); the "torch" rounds take the NativeOps methods named in patched from TorchOps (or run
+    within baseline(llm))."""
+    sizes = dict(max_model_len=max(contexts) + 64, max_num_batched_tokens=4096, enable_prefix_caching=False)
+    llm = LLM(str(path), **sizes, **(llm_kwargs or {}))
     ops = llm.llm_engine.runner.backend.ops
     assert isinstance(ops, NativeOps), llm.llm_engine.runner.backend.describe()
     new = 33
@@ -158,16 +161,20 @@ def print_decode_table(
     names: tuple[str, str] = ("torch", "native"),
     baseline: Callable[[LLM], contextlib.AbstractContextManager] | None = None,
 ) -> None:
-    """decode_rates of args.contexts x args.streams as a table: the baseline's (names[0]: patched, or baseline)
-    and the native tokens/s, their ratio per round, the share of tokens agreeing."""
+    """decode_rates of args.contexts x args.streams as a table (print_rates)."""
+    print_rates(decode_rates(path, args.contexts, args.streams, args.rounds, patched, baseline), names, args.rounds)
+
+
+def print_rates(rates: list[tuple], names: tuple[str, str], rounds: int) -> None:
+    """decode_rates' rows as a table: the baseline's (names[0]) and the native tokens/s, their ratio per round, the
+    share of tokens agreeing."""
     before, after = names
     print(f"| context | streams | {before} | {after} | {after} / {before} per round | tokens agreeing |")
     print("|---:|---:|---:|---:|---:|---:|")
-    rates = decode_rates(path, args.contexts, args.streams, args.rounds, patched, baseline)
     for context, n, slow, fast, agree in rates:
         ratios = [f / s for s, f in zip(slow, fast, strict=True)]
         print(f"| {context} | {n} | {spread(slow, 1)} | {spread(fast, 1)} | {spread(ratios)} | {agree:.0%} |")
-    print(f"\nmedians [min-max] over {args.rounds} rounds")
+    print(f"\nmedians [min-max] over {rounds} rounds")
 
 
 def main() -> None:

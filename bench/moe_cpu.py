@@ -12,7 +12,9 @@ give the same bits; the difference is the per-expert Python and torch ops.
 With --qwen3-moe only a model table runs, of a Qwen3-30B-A3B-shaped model cut to --layers layers (hidden 2048,
 32 heads of 128 and 4 kv heads, 128 routed experts of 768 per layer, 8 per token, a 32768-token vocabulary; random
 weights): decode steps per op (the attention's ops one by one, the routed experts in their one call) against the
-whole step in one native call (native_stack.py: the router and the experts inside it), alternating on one LLM.
+whole step in one native call (native_stack.py: the router and the experts inside it), alternating on one LLM;
+with --tensor-parallel N on N ranks (each expert's intermediate rows split, or with --expert-parallel whole experts
+per rank), each rank switching alike, rank 0's rates printed.
 
 With --slots the layer table's baseline is the one call returning the [T, K, H] slots, summed per token in expert
 order in torch after it (the path before 75b2537, and still expert parallel's), and the model table is left out.
@@ -23,7 +25,8 @@ between the linears from Python; in one call, from inside it. The model table is
 (bench/parallel.py --deepseek runs the model split over ranks).
 
     .venv/bin/python bench/moe_cpu.py [--tokens 1,4,16,512] [--contexts 64,1024] [--streams 1,4,16]
-        [--scheme w8a8_dynamic] [--rounds 5] [--tensor-parallel N] [--slots] [--qwen3-moe [--layers 4]]
+        [--scheme w8a8_dynamic] [--rounds 5] [--tensor-parallel N] [--slots]
+        [--qwen3-moe [--layers 4] [--expert-parallel]]
 
 Run it on a quiet machine: with 2 OpenMP threads, any other busy process stalls every parallel op.
 """
@@ -42,7 +45,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._options import comma_ints  # noqa: E402
-from bench.mla_decode import alternate_ms, ms_cells, print_decode_table, torch_methods  # noqa: E402
+from bench.mla_decode import (  # noqa: E402
+    alternate_ms,
+    decode_rates,
+    ms_cells,
+    print_decode_table,
+    print_rates,
+    torch_methods,
+)
 from bench.prefill_attention import deepseek_model  # noqa: E402
 from bench.speed import quantized  # noqa: E402
 from slimquant import LLM, zoo  # noqa: E402
@@ -68,6 +78,12 @@ def qwen3_moe_model(layers: int) -> Path:
         print(f"writing {out} (random weights)", flush=True)
         make_tiny_model("qwen3_moe", out, torch.bfloat16, num_hidden_layers=layers, **QWEN3_30B_A3B_SHAPE)
     return out
+
+
+def qwen3_moe_rates(rank: int, size: int, path: Path, args: argparse.Namespace) -> list[tuple]:
+    """decode_rates of per_op_steps against the whole step on this rank of size (every rank runs the same steps)."""
+    ranks = dict(tensor_parallel_size=size, enable_expert_parallel=args.expert_parallel) if size > 1 else {}
+    return decode_rates(path, args.contexts, args.streams, args.rounds, baseline=per_op_steps, llm_kwargs=ranks)
 
 
 @contextlib.contextmanager
@@ -140,21 +156,27 @@ def main() -> None:
     ap.add_argument("--slots", action="store_true", help="layer table only, its baseline the slots summed in torch")
     ap.add_argument("--qwen3-moe", action="store_true", help="only a Qwen3-MoE model table: per op vs whole step")
     ap.add_argument("--layers", type=int, default=4, help="decoder layers of the --qwen3-moe model")
+    ap.add_argument("--expert-parallel", action="store_true", help="--qwen3-moe on N ranks: whole experts per rank")
     args = ap.parse_args()
     if args.tensor_parallel < 1 or args.layers < 1:
         ap.error("--tensor-parallel and --layers must be at least 1")
+    size = args.tensor_parallel
+    threads = max(1, torch.get_num_threads() // size)
     if args.qwen3_moe:
         path = quantized(qwen3_moe_model(args.layers), args.scheme)
-        print(f"native build: {native.ISA_NAMES[native.load().isa]}; {torch.get_num_threads()} threads; {path.name}")
+        ranks = f", {size} ranks ({'expert parallel' if args.expert_parallel else 'experts split'})" if size > 1 else ""
+        print(f"native build: {native.ISA_NAMES[native.load().isa]}; {threads} threads{ranks}; {path.name}")
         print("\ndecode tokens/s after a prompt of each context")
-        print_decode_table(path, args, names=("per op", "whole step"), baseline=per_op_steps)
+        if size == 1:
+            rates = qwen3_moe_rates(0, 1, path, args)
+        else:
+            rates = run_ranks(qwen3_moe_rates, size, path, args, timeout=3600, threads=threads)[0]
+        print_rates(rates, ("per op", "whole step"), args.rounds)
         return
     path = quantized(deepseek_model(), args.scheme)
-    size = args.tensor_parallel
     if size == 1:
         rows = layer_rows(0, 1, path, args.tokens, args.rounds, args.slots)
     else:
-        threads = max(1, torch.get_num_threads() // size)
         rows = run_ranks(layer_rows, size, path, args.tokens, args.rounds, args.slots, timeout=3600, threads=threads)
         rows = rows[0]
     print(rows[0] + "\n")
