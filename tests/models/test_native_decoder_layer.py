@@ -15,6 +15,7 @@ from slimquant.models.loader import load_model
 from slimquant.random_models import make_tiny_model
 from tests.models.ascend_ckpt import write_ascend
 from tests.models.paged import PROMPT, PagedRunner
+from tests.models.test_model_qwen3_moe import moe_mix
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
 
@@ -76,11 +77,6 @@ def test_fused_layers_equal_per_op_path(tiny_model, tmp_path, monkeypatch, arch,
     assert calls == [1, 3, 3, 3] and stack is not None  # the stack ran: the one-token prompt, every decode step
     assert torch.equal(fused, per_op)
     assert all(torch.equal(a, b) for a, b in zip(fused_caches, per_op_caches, strict=True))
-
-
-def moe_mix(prefix: str) -> str:
-    """ModelSlim's Qwen3-MoE recipe: the MLPs (routed experts too) dynamic, the attention static."""
-    return "W8A8_DYNAMIC" if ".mlp." in prefix else "W8A8"
 
 
 @pytest.mark.parametrize(
