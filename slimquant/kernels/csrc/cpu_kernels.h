@@ -127,6 +127,12 @@ void route_row(const float* logits, int num_experts, int top_k, int renormalize,
 // one), and where each expert's run begins: begin [E + 1].
 void sort_slots(const int64_t* ids, int slots, int first, int num_experts, std::vector<int>& order,
                 std::vector<int>& begin);
+// Each of the n slots' row of y [n, H], columns [c0, c1), times its routing weight (weights [T * K]): written to the
+// slot's row of out [T * K, H], or (summed) added to its token's row of out [T, H]; a token has one slot per expert,
+// and the experts come in ascending id, so each token's products are added in that order (multiply, then add: no
+// contraction).
+void write_weighted(const float* y, int n, int h, int c0, int c1, const int* slots, const float* weights, int k,
+                    int summed, float* out);
 // out[j] for j in [j0, j1) = row `row` of n scales (fp32, or bf16 where bf16 != 0: the model dtype the NPU holds
 // them in), as fp32.
 void scales_fp32_range(const void* scales, int bf16, int64_t row, int n, int j0, int j1, float* out);

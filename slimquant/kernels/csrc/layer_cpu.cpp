@@ -126,24 +126,29 @@ void output_slice(const SqLinear& l, const float* x, int m, int ldx, int tid, in
   else linear_slice(l, x, m, ldx, tid, nt, t, y);
 }
 
-// The dense MLP on the normed rows [B, H] -> out [B, H]: this thread's gate rows [n0, n1) and the matching up rows,
-// silu(gate) * up of those columns into act [B, I], then (after a barrier) its slice of the down projection.
+// silu(gate) * up of rows x [M, K] (stride ldx) through a gate | up linear l [2I, K]: this thread's gate rows
+// [n0, n1) and the matching up rows into gate_up [M, 2I], those columns of act [M, I] (nothing for an empty slice).
+void gated_slice(const SqLinear& l, const float* x, int m, int ldx, int inter, int n0, int n1,
+                 ThreadScratch& t, float* gate_up, float* act) {
+  if (n0 >= n1) return;
+  quantize_input(l, x, m, ldx, t);
+  linear_rows(l, x, m, ldx, n0, n1, t, gate_up);
+  linear_rows(l, x, m, ldx, inter + n0, inter + n1, t, gate_up);
+  for (int i = 0; i < m; ++i) {
+    const float* g = gate_up + (size_t)i * 2 * inter;
+    sq::silu_and_mul_range(g, g + inter, n0, n1, act + (size_t)i * inter);
+  }
+}
+
+// The dense MLP on the normed rows [B, H] -> out [B, H]: gated_slice of this thread's intermediate rows into act
+// [B, I], then (after a barrier) its slice of the down projection.
 void dense_mlp_slice(const SqDecoderLayer& L, const float* normed, int b, int tid, int nt, ThreadScratch& t,
                      const SqRanks* ranks, SplitKShared& shared, float* gate_up, float* act, float* out) {
-  const int h = L.hidden, inter = L.inter;
   int n0, n1;
-  slice(inter, tid, nt, n0, n1);
-  if (n0 < n1) {
-    quantize_input(L.gate_up, normed, b, h, t);
-    linear_rows(L.gate_up, normed, b, h, n0, n1, t, gate_up);
-    linear_rows(L.gate_up, normed, b, h, inter + n0, inter + n1, t, gate_up);
-    for (int i = 0; i < b; ++i) {
-      const float* g = gate_up + (size_t)i * 2 * inter;
-      sq::silu_and_mul_range(g, g + inter, n0, n1, act + (size_t)i * inter);
-    }
-  }
+  slice(L.inter, tid, nt, n0, n1);
+  gated_slice(L.gate_up, normed, b, L.hidden, L.inter, n0, n1, t, gate_up, act);
 #pragma omp barrier
-  output_slice(L.down, act, b, inter, tid, nt, t, ranks, shared, out);
+  output_slice(L.down, act, b, L.inter, tid, nt, t, ranks, shared, out);
 }
 
 // What a MoE layer shares across the team: the router's logits [B, E]; every routed row's gate | up [R, 2I] and
@@ -176,36 +181,16 @@ void expert_activations(const SqMoe& m, const float* normed, int h, int inter, i
     for (int r = 0; r < n; ++r)
       std::memcpy(rows + (size_t)r * h, normed + (size_t)(t.order[first + r] / m.top_k) * h, sizeof(float) * h);
     float* gate_up = s.gate_up + (size_t)first * 2 * inter;  // [n, 2I]
-    quantize_input(w13, rows, n, h, t);
-    linear_rows(w13, rows, n, h, g0, g1, t, gate_up);
-    linear_rows(w13, rows, n, h, inter + g0, inter + g1, t, gate_up);
-    for (int r = 0; r < n; ++r) {
-      const float* g = gate_up + (size_t)r * 2 * inter;
-      sq::silu_and_mul_range(g, g + inter, g0, g1, s.act + (size_t)(first + r) * inter);
-    }
+    gated_slice(w13, rows, n, h, inter, g0, g1, t, gate_up, s.act + (size_t)first * inter);
   }
 }
 
-// Local expert e's down outputs y [n, H], columns [c0, c1), times each slot's routing weight: added into its
-// token's row of out [B, H], or (swap) written to its slot's row of s.slots (moe_cpu.cpp's write_weighted).
-void weighted_products(const SqMoe& m, const float* y, int n, const int* slots, int h, int c0, int c1,
-                       const ThreadScratch& t, const MoeShared& s, float* out) {
-  for (int r = 0; r < n; ++r) {  // multiply, then add (no contraction)
-    const float w = t.weights[slots[r]], *yr = y + (size_t)r * h;
-    if (m.swap) {
-      float* o = s.slots + (size_t)slots[r] * h;
-      for (int j = c0; j < c1; ++j) o[j] = yr[j] * w;
-    } else {
-      float* o = out + (size_t)(slots[r] / m.top_k) * h;
-      for (int j = c0; j < c1; ++j) o[j] += yr[j] * w;
-    }
-  }
-}
-
-// The down projections of s.act, this thread's output columns [c0, c1), then weighted_products. Whole experts:
-// each expert's rows quantized per token and its dynamic linear. Split (each rank `inter` of every expert's rows):
-// the ranks' MAX of each row's absmax, each expert's rows quantized with it and their int32 products, the ranks'
-// SUM, the epilogue: moe_cpu.cpp's split_experts, one process's numbers. Every thread calls it (barriers).
+// The down projections of s.act, this thread's output columns [c0, c1), each product times its routing weight
+// added into its token's row of out, or (swap) written to its slot's row of s.slots (sq::write_weighted). Whole
+// experts: each expert's rows quantized per token and its dynamic linear. Split (each rank `inter` of every
+// expert's rows): the ranks' MAX of each row's absmax, each expert's rows quantized with it and their int32
+// products, the ranks' SUM, the epilogue: moe_cpu.cpp's split_experts, one process's numbers. Every thread calls
+// it (barriers).
 void expert_downs(const SqMoe& m, int h, int inter, int tid, int c0, int c1, ThreadScratch& t, const SqRanks* ranks,
                   int& failed, const MoeShared& s, float* out) {
   const int rows = t.begin[m.num_local];
@@ -232,7 +217,7 @@ void expert_downs(const SqMoe& m, int h, int inter, int tid, int c0, int c1, Thr
     sq::scales_fp32_range(m.s2, m.scales_bf16, e, h, c0, c1, s2);
     quantize_input(w2, act, n, inter, t);
     linear_rows(w2, act, n, inter, c0, c1, t, s.y);
-    weighted_products(m, s.y, n, &t.order[first], h, c0, c1, t, s, out);
+    sq::write_weighted(s.y, n, h, c0, c1, &t.order[first], t.weights.data(), m.top_k, !m.swap, m.swap ? s.slots : out);
   }
   if (!m.split) return;
 #pragma omp barrier
@@ -243,7 +228,7 @@ void expert_downs(const SqMoe& m, int h, int inter, int tid, int c0, int c1, Thr
     if (n == 0 || c0 >= c1) continue;
     sq::scales_fp32_range(m.s2, m.scales_bf16, e, h, c0, c1, s2);
     sq::dynamic_epilogue_rows(s.acc + (size_t)first * h, n, h, c0, c1, scales + first, s2, nullptr, s.y);
-    weighted_products(m, s.y, n, &t.order[first], h, c0, c1, t, s, out);
+    sq::write_weighted(s.y, n, h, c0, c1, &t.order[first], t.weights.data(), m.top_k, !m.swap, m.swap ? s.slots : out);
   }
 }
 

@@ -100,6 +100,21 @@ void sort_slots(const int64_t* ids, int slots, int first, int num_experts, std::
     if (ids[i] >= first && ids[i] < first + num_experts) order[next[ids[i] - first]++] = i;
 }
 
+void write_weighted(const float* y, int n, int h, int c0, int c1, const int* slots, const float* weights, int k,
+                    int summed, float* out) {
+  for (int r = 0; r < n; ++r) {
+    const float w = weights[slots[r]];
+    const float* yr = y + (size_t)r * h;
+    if (summed) {
+      float* o = out + (size_t)(slots[r] / k) * h;
+      for (int j = c0; j < c1; ++j) o[j] += yr[j] * w;
+    } else {
+      float* o = out + (size_t)slots[r] * h;
+      for (int j = c0; j < c1; ++j) o[j] = yr[j] * w;
+    }
+  }
+}
+
 }  // namespace sq
 
 namespace {
@@ -125,24 +140,6 @@ void expert_activation(const float* x, int h, int ldx, int k, const int* slots, 
   sq_dynamic_linear(s.x.data(), n, h, h, w13 + (size_t)e * 2 * inter * kp13, 2 * inter, kp13, s.s13.data(),
                     nullptr, s.y13.data());
   sq_silu_and_mul(s.y13.data(), n, inter, 2 * inter, act);
-}
-
-// Each of the n slots' row of y [n, H] times its routing weight: written to the slot's row of out [T, K, H], or
-// (summed) added to its token's row of out [T, H]; a token has one slot per expert, and the experts come in
-// ascending id, so each token's products are added in that order (multiply, then add: no contraction).
-void write_weighted(const float* y, int n, int h, const int* slots, const float* weights, int k, int summed,
-                    float* out) {
-  for (int r = 0; r < n; ++r) {
-    const float w = weights[slots[r]];
-    const float* yr = y + (size_t)r * h;
-    if (summed) {
-      float* o = out + (size_t)(slots[r] / k) * h;
-      for (int j = 0; j < h; ++j) o[j] += yr[j] * w;
-    } else {
-      float* o = out + (size_t)slots[r] * h;
-      for (int j = 0; j < h; ++j) o[j] = yr[j] * w;
-    }
-  }
 }
 
 // acc int32 [M, N] = x @ w^T, the output columns shared by the team.
@@ -199,7 +196,7 @@ int split_experts(const float* x, int h, int ldx, const float* weights, int k, c
     scales_fp32(s2, scales_bf16, e, h, s.s2);
     s.y2.resize((size_t)n * h);
     dynamic_epilogue(&acc[(size_t)b * h], n, h, &scales[b], s.s2.data(), s.y2.data());
-    write_weighted(s.y2.data(), n, h, &order[b], weights, k, summed, out);
+    sq::write_weighted(s.y2.data(), n, h, 0, h, &order[b], weights, k, summed, out);
   }
   return 0;
 }
@@ -238,7 +235,7 @@ int sq_routed_experts(const float* x, int t, int h, int ldx, const int64_t* ids,
     s.y2.resize((size_t)n * h);
     sq_dynamic_linear(s.act.data(), n, inter, inter, w2 + (size_t)e * h * kp2, h, kp2, s.s2.data(), nullptr,
                       s.y2.data());
-    write_weighted(s.y2.data(), n, h, &order[b], weights, k, summed, out);
+    sq::write_weighted(s.y2.data(), n, h, 0, h, &order[b], weights, k, summed, out);
   }
   return 0;
 }
