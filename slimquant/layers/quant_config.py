@@ -74,14 +74,18 @@ class AscendQuantConfig(QuantConfig):
         return METHODS_BY_TYPE[types[0]](self.model_dtype)
 
     def moe_quant_type(self, prefix: str, expert_prefixes: list[str]) -> str:
-        # vLLM-Ascend: experts stay float if any description key under their prefix is FLOAT
-        if any(k.startswith(f"{prefix}.") and v == FLOAT for k, v in self.types.items()):
-            return FLOAT
         types = {self._weight_type(p, prefix) for p in expert_prefixes}
         if len(types) > 1:
             raise ValueError(f"Not all experts of {prefix} have the same quant type: {sorted(types)}")
+        if biases := [f"{p}.bias" for p in expert_prefixes if f"{p}.bias" in self.types]:
+            raise ValueError(
+                f"{prefix}: the routed experts carry float biases ({biases[0]} and {len(biases) - 1} more), the "
+                "anti-outlier shift into the experts; no MoE runs them (vLLM-Ascend drops them silently and runs "
+                "wrong). Re-quantize with `slimquant quantize` (it refuses this shift) or with --anti-outlier "
+                "smoothquant"
+            )
         (quant_type,) = types
-        if quant_type not in MOE_TYPES:
+        if quant_type not in (FLOAT, *MOE_TYPES):
             raise ValueError(f"{prefix}: expert quant type {quant_type!r} is not supported; supported: {MOE_TYPES}")
         return quant_type
 

@@ -248,6 +248,17 @@ def test_static_routed_experts_are_refused_by_both(tiny_model, tmp_path):
     assert not slimquant_loads(folder)
 
 
+def test_shift_into_routed_experts_is_refused_by_both(tiny_model, tmp_path):
+    """Expert biases (an anti-outlier shift into the experts): vLLM-Ascend drops them; slimquant's loader names
+    them instead of failing later on a float / int8 dtype mismatch."""
+    model = tiny_model("qwen3_moe", torch.bfloat16)
+    folder = write_ascend(model, tmp_path / "q", lambda p: "W8A8_DYNAMIC", torch.bfloat16, shift=True)
+    report = inspect_checkpoint(folder)
+    assert rules(report, VLLM_ASCEND) == {"dropped-bias"} and rules(report, SLIMQUANT) == {"layer-type"}
+    with pytest.raises(ValueError, match=r"experts: the routed experts carry float biases \(model.layers.1.mlp"):
+        load_model(str(folder))
+
+
 def test_cli_exit_status_follows_the_chosen_loader(tiny_model, tmp_path, capsys):
     """Exit 1 when a loader fails it; --loader picks whose verdict counts; --json has both verdicts."""
     tied = write_ascend(tiny_model("llama", torch.bfloat16, tie_word_embeddings=True), tmp_path / "v0", static_qkv,
