@@ -24,12 +24,12 @@ from torch import nn
 
 from slimquant.backends.torch_ops import TORCH_OPS, TorchOps, add_in_expert_order, routing_weights
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
-from slimquant.format.architectures import num_routed_experts
+from slimquant.format.architectures import is_moe_layer, num_routed_experts
 from slimquant.format.safetensors_io import Part
 from slimquant.format.schemes import FLOAT
 from slimquant.format.validation import FLOAT_TENSOR, INT8_WEIGHT, WEIGHT_OFFSET, WEIGHT_SCALE
 from slimquant.kernels.int8_input import PER_TOKEN, Int8Rows
-from slimquant.layers.mlp import GatedMLP, check_activation
+from slimquant.layers.mlp import GatedMLP, check_activation, dense_mlp
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.quant_methods import replace_param
 
@@ -298,3 +298,12 @@ class SparseMoE(nn.Module):
         run grouped (where the ops take quantized input), so that it is quantized once for both."""
         quant = self.shared_experts.input_quant
         return self.experts.grouped and quant is not None and quant.inv_scale is None
+
+
+def sparse_or_dense_mlp(
+    config, quant_config: QuantConfig, index: int, prefix: str, dtype: torch.dtype, tp: TensorParallel
+) -> nn.Module:
+    """Layer index's MLP: routed experts where format.architectures.is_moe_layer says so, else the dense MLP."""
+    if is_moe_layer(config, index):
+        return SparseMoE(config, quant_config, prefix, dtype, tp)
+    return dense_mlp(config, quant_config, prefix, dtype, tp)

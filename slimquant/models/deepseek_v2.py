@@ -13,12 +13,10 @@ import torch
 from torch import nn
 
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
-from slimquant.format.architectures import is_moe_layer
 from slimquant.kernels.int8_input import InputQuant, Int8Rows
 from slimquant.layers.linear import Linear
 from slimquant.layers.mla import MLAttention
-from slimquant.layers.mlp import dense_mlp
-from slimquant.layers.moe import PACKED_EXPERTS, SparseMoE
+from slimquant.layers.moe import PACKED_EXPERTS, sparse_or_dense_mlp
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.rotary import (
@@ -107,10 +105,7 @@ class DeepseekDecoderLayer(PreNormDecoderLayer):
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
         self.self_attn = DeepseekMLA(config, quant_config, f"{prefix}.self_attn", dtype, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
-        if is_moe_layer(config, index):
-            self.mlp = SparseMoE(config, quant_config, f"{prefix}.mlp", dtype, tp)
-        else:
-            self.mlp = dense_mlp(config, quant_config, f"{prefix}.mlp", dtype, tp)
+        self.mlp = sparse_or_dense_mlp(config, quant_config, index, f"{prefix}.mlp", dtype, tp)
 
 
 class DeepseekV2ForCausalLM(CausalLM):

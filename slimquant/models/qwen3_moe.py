@@ -4,13 +4,7 @@ rest. The experts are layers.moe's: grouped int8 kernels, tensor and expert para
 
 from __future__ import annotations
 
-import torch
-
-from slimquant.distributed.tensor_parallel import TensorParallel
-from slimquant.format.architectures import is_moe_layer
-from slimquant.layers.mlp import dense_mlp
-from slimquant.layers.moe import PACKED_EXPERTS, SparseMoE
-from slimquant.layers.quant_config import QuantConfig
+from slimquant.layers.moe import PACKED_EXPERTS, sparse_or_dense_mlp
 from slimquant.models.llama import PACKED_MODULES as LLAMA_PACKED_MODULES
 from slimquant.models.qwen3 import Qwen3ForCausalLM
 
@@ -23,9 +17,4 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
 
     packed_modules_mapping = PACKED_MODULES
 
-    @staticmethod
-    def mlp(config, quant_config: QuantConfig, index: int, prefix: str, dtype: torch.dtype, tp: TensorParallel):
-        """Routed experts in MoE layers, the dense MLP in the others."""
-        if is_moe_layer(config, index):
-            return SparseMoE(config, quant_config, prefix, dtype, tp)
-        return dense_mlp(config, quant_config, prefix, dtype, tp)
+    mlp = staticmethod(sparse_or_dense_mlp)  # routed experts in is_moe_layer's layers, dense in the others
