@@ -129,9 +129,10 @@ def make_tiny_model(
 
 
 def _spread_weights(model: torch.nn.Module) -> None:
-    """Give norms and biases non-trivial random values so tests exercise them (HF inits them to 1 / 0)."""
+    """Give norms and biases non-trivial random values so tests exercise them (HF inits them to 1 / 0; the routers'
+    e_score_correction_bias is a buffer in transformers 5)."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif name.endswith(".bias") or name.endswith("e_score_correction_bias"):

@@ -57,7 +57,8 @@ def write_ascend(
     """Write dst from src; quant_type(linear prefix) -> "W8A8" | "W8A8_DYNAMIC" | "W8A16" | "FLOAT"; layout: one of
     LAYOUTS.
 
-    shift=True mimics the anti-outlier shift: every layernorm gets a bias and every linear it feeds gets one.
+    shift=True mimics the anti-outlier shift: every layernorm gets a bias and every linear it feeds gets one, but
+    routed experts (no MoE runs them with a bias: the loaders refuse it).
     kv_cache="sym" / "asym" adds int8 (C8) KV-cache scales per channel (offsets zero, or small integers) and the
     header keys, as both savers write them (scale fp32; offset int32 in V1, fp32 otherwise).
     """
@@ -80,7 +81,7 @@ def write_ascend(
             continue  # a linear's bias is written with its weight
         w, qtype = tensors.get(name), quant_type(prefix)
         bias = tensors.get(f"{prefix}.bias") if f"{prefix}.bias" in tensors else None
-        if bias is None and shift and linear in INPUT_GROUP:
+        if bias is None and shift and linear in INPUT_GROUP and ".mlp.experts." not in prefix:
             bias = _random_like(w[:, 0], gen)
         if qtype == FLOAT:
             out = {"weight": w.to(dtype)} | ({} if bias is None else {"bias": bias.to(dtype)})

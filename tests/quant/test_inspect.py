@@ -252,7 +252,13 @@ def test_shift_into_routed_experts_is_refused_by_both(tiny_model, tmp_path):
     """Expert biases (an anti-outlier shift into the experts): vLLM-Ascend drops them; slimquant's loader names
     them instead of failing later on a float / int8 dtype mismatch."""
     model = tiny_model("qwen3_moe", torch.bfloat16)
-    folder = write_ascend(model, tmp_path / "q", lambda p: "W8A8_DYNAMIC", torch.bfloat16, shift=True)
+    base = write_ascend(model, tmp_path / "q", lambda p: "W8A8_DYNAMIC", torch.bfloat16, shift=True)
+    assert rules(inspect_checkpoint(base), VLLM_ASCEND) == {"dropped-bias"}  # on q / k / v and the dense gate / up
+    assert rules(inspect_checkpoint(base), SLIMQUANT) == set()
+    biases = {
+        f"model.layers.1.mlp.experts.{e}.{p}.bias": torch.ones(32) for e in range(8) for p in ("gate_proj", "up_proj")
+    }
+    folder = rewrite(base, tmp_path / "shifted", change=biases, describe=lambda d: d | dict.fromkeys(biases, "FLOAT"))
     report = inspect_checkpoint(folder)
     assert rules(report, VLLM_ASCEND) == {"dropped-bias"} and rules(report, SLIMQUANT) == {"layer-type"}
     with pytest.raises(ValueError, match=r"experts: the routed experts carry float biases \(model.layers.1.mlp"):
