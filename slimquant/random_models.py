@@ -17,7 +17,7 @@ import torch
 
 from slimquant.format.schemes import FLOAT, Scheme, parse_scheme
 
-ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "glm4_moe", "deepseek_v2", "deepseek_v3")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -33,7 +33,15 @@ _TOKENIZER_TEXT = (
 
 def tiny_config(arch: str, **overrides):
     """A 2-layer, hidden-64 transformers config of the given architecture."""
-    from transformers import DeepseekV2Config, DeepseekV3Config, LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+    from transformers import (
+        DeepseekV2Config,
+        DeepseekV3Config,
+        Glm4MoeConfig,
+        LlamaConfig,
+        Qwen2Config,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     common = dict(
         vocab_size=512,
@@ -58,6 +66,10 @@ def tiny_config(arch: str, **overrides):
     elif arch == "qwen3_moe":  # layer 0 dense, layer 1 routed experts
         moe = dict(head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0])
         cfg = Qwen3MoeConfig(**(moe | {"norm_topk_prob": True} | kw))
+    elif arch == "glm4_moe":  # layer 0 dense, layer 1 shared + routed experts; rope on half of each head
+        moe = {k: v for k, v in _mla_moe_fields(arch).items() if not k.startswith(("kv_", "q_", "qk_", "v_"))}
+        glm = dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=False)
+        cfg = Glm4MoeConfig(**(moe | glm | kw))
     elif arch in ("deepseek_v2", "deepseek_v3"):
         cls = DeepseekV3Config if arch == "deepseek_v3" else DeepseekV2Config
         cfg = cls(**(_mla_moe_fields(arch) | common | {"num_key_value_heads": 4} | overrides))

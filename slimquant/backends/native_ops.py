@@ -83,6 +83,7 @@ class NativeOps(TorchOps):
         self, q, k, v, rope: Rope, kv_cache, ctx: ForwardContext, scale: float, kv_quant=None, out_quant=None
     ):
         """Decode steps: rope, cache write and attention in one native call; prefill: TorchOps (SDPA)."""
+        q, k, rope = self.whole_head_rope(q, k, rope)
         cos, sin = (None, None) if rope is None else (rope[0].contiguous(), rope[1].contiguous())  # [B, D]
         native_step = ctx.is_decode and not ctx.graph_step and kv_cache_ready(kv_cache)
         if not (native_step and _fp32(q, k, v, cos, sin) and all(heads_packed(t) for t in (q, k, v))):

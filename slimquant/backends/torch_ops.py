@@ -120,8 +120,15 @@ class TorchOps:
         return self.attend(q, k, v, k_cache, v_cache, ctx, scale, kv_quant)
 
     def rotate(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [T, heads, D] rotated by rope's cos / sin [T, D] (neox layout)."""
+        """x [T, heads, D] rotated by rope's cos / sin [T, R] (neox layout; R < D: partial rotary)."""
         return apply_rotary(x, *rope)
+
+    def whole_head_rope(self, q: torch.Tensor, k: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, Rope]:
+        """(q, k, rope) for kernels that turn whole heads: where rope covers only part of a head (partial rotary),
+        q and k rotated here and no rope left to apply."""
+        if rope is None or rope[0].shape[-1] == q.shape[-1]:
+            return q, k, rope
+        return self.rotate(q, rope), self.rotate(k, rope), None
 
     def attend(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float, kv_quant=None) -> torch.Tensor:
         """Attention of the rotated q [T, NH, D] once k / v are stored: decode batched, prefill per sequence (in

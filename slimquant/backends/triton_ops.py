@@ -78,6 +78,7 @@ class TritonOps(TorchOps):
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # [NB, BS, KVH, D]
         if kv_quant is not None or not _same_float(q, k, v, k_cache, v_cache, *(rope or ())):
             return super().attention(q, k, v, rope, kv_cache, ctx, scale, kv_quant)
+        q, k, rope = self.whole_head_rope(q, k, rope)
         q, k = self.layers.rope_store(q, k, v, rope, k_cache, v_cache, ctx.slot_mapping)
         if not ctx.is_decode:
             return self.attend(q, k, v, k_cache, v_cache, ctx, scale)

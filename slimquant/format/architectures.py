@@ -216,6 +216,17 @@ ARCHS: dict[str, ArchSpec] = {
         biases=(("self_attn.[qkvo]_proj", "attention_bias"),),
         expert_mlp="Qwen3MoeMLP",
     ),
+    "glm4_moe": ArchSpec(
+        "Glm4MoeForCausalLM",
+        "transformers.models.glm4_moe.modeling_glm4_moe",
+        "Glm4MoeDecoderLayer",
+        "Glm4MoeRotaryEmbedding",
+        fused=FUSED + (SHARED_EXPERTS[:2],) + MOE_FUSED,
+        same_type=MOE_SAME_TYPE,
+        w8a8_mix=MLP_DYNAMIC_MIX,  # as ModelSlim's MoE recipes: attention static, every MLP linear dynamic
+        biases=(("self_attn.[qkv]_proj", "attention_bias"),),
+        expert_mlp="Glm4MoeMLP",
+    ),
     "deepseek_v2": _mla(_DSV2, "DeepseekV2"),
     "deepseek_v3": _mla(_DSV3, "DeepseekV3"),
     "kimi_k2": _mla(_DSV3, "DeepseekV3", config_class="DeepseekV3Config"),  # DeepSeek-V3 layout, own model_type

@@ -1,8 +1,8 @@
 """Rotary position embeddings (neox / rotate-half layout, as transformers' llama and qwen).
 
-Supported rope types: default, linear, llama3, yarn (as DeepSeek V2/V3 configure it). Both config styles are
-read: transformers-5 `rope_parameters` dicts and the older `rope_theta` + `rope_scaling`. DeepSeek's interleaved
-pair layout is apply_rotary_interleaved.
+Supported rope types: default, linear, llama3, yarn (as DeepSeek V2/V3 configure it), on whole heads or on
+their first partial_rotary_factor part (GLM-4.5). Both config styles are read: transformers-5 `rope_parameters`
+dicts and the older `rope_theta` + `rope_scaling`. DeepSeek's interleaved pair layout is apply_rotary_interleaved.
 """
 
 from __future__ import annotations
@@ -25,21 +25,31 @@ def rope_parameters(config) -> dict:
     return params
 
 
+def rotary_dim(head_dim: int, params: dict) -> int:
+    """The dims of a head that rope turns: all, or its first int(head_dim * partial_rotary_factor) (GLM-4.5: half)."""
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    if dim % 2 or not 0 < dim <= head_dim:
+        raise ValueError(
+            f"partial_rotary_factor {params['partial_rotary_factor']} turns {dim} of a head's {head_dim} dims; "
+            "it must be an even number from 2 to head_dim"
+        )
+    return dim
+
+
 def inverse_frequencies(head_dim: int, params: dict) -> torch.Tensor:
-    """inv_freq fp32 [head_dim / 2] for the given rope settings; ValueError on unsupported types."""
+    """inv_freq fp32 [R / 2] for the given rope settings (R = rotary_dim); ValueError on unsupported types."""
     rope_type = params["rope_type"]
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"rope type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("partial_rotary_factor != 1 is not supported")
+    dim = rotary_dim(head_dim, params)
     base = float(params["rope_theta"])
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if rope_type == "linear":
         return inv_freq / params["factor"]
     if rope_type == "llama3":
         return _llama3_scaling(inv_freq, params)
     if rope_type == "yarn":
-        return _yarn_scaling(inv_freq, head_dim, base, params)
+        return _yarn_scaling(inv_freq, dim, base, params)
     return inv_freq
 
 
@@ -104,7 +114,7 @@ def mla_softmax_scale(params: dict, qk_head_dim: int) -> float:
 
 
 class RotaryEmbedding(nn.Module):
-    """positions [T] -> (cos, sin) [T, D]; apply() rotates q/k of shape [T, heads, D]."""
+    """positions [T] -> (cos, sin) [T, R] (R = rotary_dim: D, or the part of a head that rope turns)."""
 
     def __init__(self, head_dim: int, params: dict):
         super().__init__()
@@ -128,7 +138,9 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, D] by cos/sin [T, D]."""
+    """Rotate x [T, heads, D] by cos/sin [T, R]: R = D, or (partial rotary) the first R dims, the rest kept."""
+    if (r := cos.shape[-1]) < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]

@@ -6,6 +6,7 @@ from torch import nn
 
 from slimquant.format.architectures import arch_spec
 from slimquant.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+from slimquant.models.glm4_moe import Glm4MoeForCausalLM
 from slimquant.models.llama import LlamaForCausalLM
 from slimquant.models.qwen2 import Qwen2ForCausalLM
 from slimquant.models.qwen3 import Qwen3ForCausalLM
@@ -20,6 +21,7 @@ MODELS: dict[str, type[nn.Module]] = {
         Qwen3MoeForCausalLM,
         DeepseekV2ForCausalLM,
         DeepseekV3ForCausalLM,
+        Glm4MoeForCausalLM,
     )
 }
 

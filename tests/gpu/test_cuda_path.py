@@ -212,11 +212,13 @@ def test_deepseek_mla_moe_matches_reference(tiny_model, tmp_path, arch, override
     assert_close(_logits_on_cuda(dst), reference_logits(reference_model(src, dst, torch.float32), PROMPT), rel=1e-3)
 
 
-def test_qwen3_moe_matches_reference(tiny_model, tmp_path):
-    """Qwen3-MoE's int8 experts (no shared experts) in the grouped kernels, attention static."""
+@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe"])
+def test_llama_shaped_moe_matches_reference(tiny_model, tmp_path, arch):
+    """Qwen3-MoE's int8 experts (no shared experts) and GLM-4.5's (shared experts, sigmoid router, rope on half of
+    each head) in the grouped kernels, attention static."""
     from tests.models.test_model_qwen3_moe import moe_mix
 
-    src = tiny_model("qwen3_moe")
+    src = tiny_model(arch)
     dst = write_ascend(src, tmp_path / "q", moe_mix)
     assert_close(_logits_on_cuda(dst), reference_logits(reference_model(src, dst, torch.float32), PROMPT), rel=1e-3)
 

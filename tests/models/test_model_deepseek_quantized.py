@@ -61,7 +61,7 @@ def test_v2_lite_without_q_lora(tiny_model, tmp_path):
 
 
 def test_float_experts_and_shift_biases(tiny_model, tmp_path):
-    """Experts kept float (any FLOAT key under the prefix), anti-outlier norm/linear biases on the MLA path."""
+    """Experts kept float (their weight entries FLOAT), anti-outlier norm / linear biases on the MLA path."""
     src = tiny_model("deepseek_v3")
     dst = write_ascend(src, tmp_path / "q", experts_float, shift=True)
     loaded = load_model(str(dst))

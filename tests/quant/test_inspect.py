@@ -67,6 +67,7 @@ def rewrite(src: Path, dst: Path, drop=(), change=None, describe=None) -> Path:
         ("deepseek_v3", "w8a8", {}),
         ("qwen3", "w8a8", {"kv_cache": "int8"}),
         ("qwen3_moe", "w8a8", {"kv_cache": "int8"}),  # C8 with routed experts
+        ("glm4_moe", "w8a8", {"kv_cache": "int8"}),  # shared experts, q/k/v biases, C8 over partial rope
     ],
 )
 def test_our_checkpoints_break_no_rule(tiny_model, tmp_path, arch, quant_type, options):
