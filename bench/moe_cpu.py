@@ -16,6 +16,11 @@ whole step in one native call (native_stack.py: the router and the experts insid
 with --tensor-parallel N on N ranks (each expert's intermediate rows split, or with --expert-parallel whole experts
 per rank), each rank switching alike, rank 0's rates printed.
 
+With --router only a router table runs: Qwen3-MoE's softmax router and DeepSeek-V3 / Kimi-K2 / GLM-4.5's biased
+sigmoid one (TopkRouter) on T random rows at their shapes, TorchOps' torch ops against NativeOps' one call
+(csrc/moe_cpu.cpp; BLAS's logits above 128 rows), ms per call alternating over --rounds rounds, and whether both
+pick the same experts.
+
 With --slots the layer table's baseline is the one call returning the [T, K, H] slots, summed per token in expert
 order in torch after it (the path before 75b2537, and still expert parallel's), and the model table is left out.
 
@@ -26,7 +31,7 @@ between the linears from Python; in one call, from inside it. The model table is
 
     .venv/bin/python bench/moe_cpu.py [--tokens 1,4,16,512] [--contexts 64,1024] [--streams 1,4,16]
         [--scheme w8a8_dynamic] [--rounds 5] [--tensor-parallel N] [--slots]
-        [--qwen3-moe [--layers 4] [--expert-parallel]]
+        [--qwen3-moe [--layers 4] [--expert-parallel]] [--router]
 
 Run it on a quiet machine: with 2 OpenMP threads, any other busy process stalls every parallel op.
 """
@@ -51,16 +56,17 @@ from bench.mla_decode import (  # noqa: E402
     ms_cells,
     print_decode_table,
     print_rates,
+    torch_and_native,
     torch_methods,
 )
 from bench.prefill_attention import deepseek_model  # noqa: E402
 from bench.speed import quantized  # noqa: E402
 from slimquant import LLM, zoo  # noqa: E402
 from slimquant.backends.native_ops import NativeOps  # noqa: E402
-from slimquant.backends.torch_ops import add_in_expert_order  # noqa: E402
+from slimquant.backends.torch_ops import TorchOps, add_in_expert_order  # noqa: E402
 from slimquant.distributed.launch import run_ranks  # noqa: E402
 from slimquant.kernels import native  # noqa: E402
-from slimquant.layers.moe import SparseMoE  # noqa: E402
+from slimquant.layers.moe import SparseMoE, TopkRouter  # noqa: E402
 from slimquant.random_models import make_tiny_model  # noqa: E402
 
 CALLS = 10  # layer calls per timed sample
@@ -123,6 +129,48 @@ def layer_times(
     return {name: [ms / CALLS for ms in values] for name, values in times.items()}, same
 
 
+# model -> (model_type, hidden, routed experts, groups, groups per token, experts per token), as their config.json
+# give them (Qwen3-MoE: the softmax router; the others: the biased sigmoid one)
+ROUTER_SHAPES = {
+    "Qwen3-30B-A3B": ("qwen3_moe", 2048, 128, 1, 1, 8),
+    "DeepSeek-V3": ("deepseek_v3", 7168, 256, 8, 4, 8),
+    "Kimi-K2": ("deepseek_v3", 7168, 384, 1, 1, 8),
+    "GLM-4.5": ("glm4_moe", 5120, 160, 1, 1, 8),
+    "GLM-4.5-Air": ("glm4_moe", 4096, 128, 1, 1, 8),
+}
+
+
+def router_rows(tokens: list[int], rounds: int) -> list[str]:
+    """The router table's rows: each shape's TopkRouter (random weights and bias) on T random rows, TorchOps
+    against NativeOps, ms per call and whether both pick the same experts."""
+    ops, rows = NativeOps(native.load()), []
+    for name, (model_type, h, e, groups, topk_group, k) in ROUTER_SHAPES.items():
+        scaling = None if model_type == "qwen3_moe" else 2.5
+        config = argparse.Namespace(
+            model_type=model_type, hidden_size=h, num_experts=e, num_experts_per_tok=k, n_group=groups,
+            topk_group=topk_group, norm_topk_prob=True, routed_scaling_factor=scaling,
+        )  # fmt: skip
+        router = TopkRouter(config)
+        gen = torch.Generator().manual_seed(e)
+        router.weight.copy_(torch.randn(e, h, generator=gen) / h**0.5)
+        if router.e_score_correction_bias is not None:
+            router.e_score_correction_bias.copy_(torch.randn(e, generator=gen) * 0.1)
+        for t in tokens:
+            steps = torch_and_native(ops, partial(_route, router, torch.randn(t, h, generator=gen)))
+            same = torch.equal(steps["torch"]()[1], steps["native"]()[1])  # the experts' ids [T, K]
+            times = {n: [ms / CALLS for ms in values] for n, values in alternate_ms(steps, rounds).items()}
+            rows.append(f"| {name} | {t} | {ms_cells(times)} | {same} |")
+    return rows
+
+
+def _route(router: TopkRouter, x: torch.Tensor, ops: TorchOps) -> tuple[torch.Tensor, torch.Tensor]:
+    """CALLS calls of router on x with ops; the last one's (weights, ids)."""
+    router.ops = ops
+    for _ in range(CALLS):
+        out = router(x)
+    return out
+
+
 def _slots_then_sum(ops: NativeOps, *args, summed: bool = False, **kwargs) -> torch.Tensor | None:
     """The one call returning each slot's product [T, K, H], the slots then added in expert order in torch."""
     outs = NativeOps.grouped_experts(ops, *args, **kwargs)
@@ -157,11 +205,18 @@ def main() -> None:
     ap.add_argument("--qwen3-moe", action="store_true", help="only a Qwen3-MoE model table: per op vs whole step")
     ap.add_argument("--layers", type=int, default=4, help="decoder layers of the --qwen3-moe model")
     ap.add_argument("--expert-parallel", action="store_true", help="--qwen3-moe on N ranks: whole experts per rank")
+    ap.add_argument("--router", action="store_true", help="only the routers' table: torch ops vs one call")
     args = ap.parse_args()
     if args.tensor_parallel < 1 or args.layers < 1:
         ap.error("--tensor-parallel and --layers must be at least 1")
     size = args.tensor_parallel
     threads = max(1, torch.get_num_threads() // size)
+    if args.router:
+        print(f"native build: {native.ISA_NAMES[native.load().isa]}; {threads} threads\n")
+        print("| model | tokens | torch, ms | native, ms | torch / native per round | same experts |")
+        print("|---|---:|---:|---:|---:|---|")
+        print("\n".join(router_rows(args.tokens, args.rounds)), flush=True)
+        return
     if args.qwen3_moe:
         path = quantized(qwen3_moe_model(args.layers), args.scheme)
         ranks = f", {size} ranks ({'expert parallel' if args.expert_parallel else 'experts split'})" if size > 1 else ""

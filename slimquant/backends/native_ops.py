@@ -12,6 +12,7 @@ bf16: half the bytes, the same values, multiplied in fp32.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from slimquant.backends.native_ranks import NativeRanks
 from slimquant.backends.torch_ops import KvQuant, Rope, TorchOps
@@ -211,11 +212,27 @@ class NativeOps(TorchOps):
         rows_ok = x.dim() == 2 and x.stride(-1) == 1 and _fp32(x, weight) and weight.is_contiguous()  # [T, H]
         if not rows_ok or x.shape[1] != weight.shape[1]:
             return super().softmax_topk(x, weight, top_k, renormalize, scaling)
-        t = x.shape[0]
+        t, logits = x.shape[0], _blas_logits(x, weight)
         ids, weights = torch.empty(t, top_k, dtype=torch.int64), torch.empty(t, top_k)  # [T, K] each
         self.lib.sq_moe_route(
             x=x.data_ptr(), t=t, h=x.shape[1], ldx=x.stride(0), router=weight.data_ptr(), num_experts=weight.shape[0],
-            top_k=top_k, renormalize=int(renormalize), scaling=scaling, ids=ids.data_ptr(), weights=weights.data_ptr(),
+            logits=_ptr(logits), top_k=top_k, renormalize=int(renormalize), scaling=scaling, ids=ids.data_ptr(),
+            weights=weights.data_ptr(),
+        )  # fmt: skip
+        return weights, ids
+
+    def biased_group_topk(self, x, weight, bias, n_group, topk_group, top_k, renormalize, scaling):
+        """The biased sigmoid router in one native call (csrc/moe_cpu.cpp's serial pieces, as softmax_topk's).
+        Other inputs: TorchOps'."""
+        rows_ok = x.dim() == 2 and x.stride(-1) == 1 and _fp32(x, weight, bias) and weight.is_contiguous()  # [T, H]
+        if not rows_ok or x.shape[1] != weight.shape[1] or not bias.is_contiguous():
+            return super().biased_group_topk(x, weight, bias, n_group, topk_group, top_k, renormalize, scaling)
+        t, logits = x.shape[0], _blas_logits(x, weight)
+        ids, weights = torch.empty(t, top_k, dtype=torch.int64), torch.empty(t, top_k)  # [T, K] each
+        self.lib.sq_moe_route_biased(
+            x=x.data_ptr(), t=t, h=x.shape[1], ldx=x.stride(0), router=weight.data_ptr(), num_experts=weight.shape[0],
+            logits=_ptr(logits), bias=bias.data_ptr(), n_group=n_group, topk_group=topk_group, top_k=top_k,
+            renormalize=int(renormalize), scaling=scaling, ids=ids.data_ptr(), weights=weights.data_ptr(),
         )  # fmt: skip
         return weights, ids
 
@@ -327,6 +344,12 @@ def kv_quant_struct(lib: native.Library, kv_quant: KvQuant | None):
         return lib.structs["SqKvQuant"]()
     assert all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in kv_quant)
     return lib.structs["SqKvQuant"](**{name: t.data_ptr() for name, t in kv_quant._asdict().items()})
+
+
+def _blas_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """A router's logits [T, E] by BLAS above NATIVE_MAX_TOKENS rows (its GEMM is faster there), else None: the
+    native router computes them, as the decoder stack does (whose MoE steps stay within NATIVE_MAX_TOKENS rows)."""
+    return F.linear(x, weight).contiguous() if x.shape[0] > NATIVE_MAX_TOKENS else None
 
 
 def _fp32(*ts: torch.Tensor | None) -> bool:

@@ -53,7 +53,7 @@ class DecoderLayerPlan:
 
     struct: ctypes.Structure
     keep: list[torch.Tensor]
-    max_batch: int  # float linears switch to BLAS above NATIVE_MAX_TOKENS rows: no bit-equal native form there
+    max_batch: int  # float linears and routers switch to BLAS above NATIVE_MAX_TOKENS rows: no bit-equal form there
     int8_kv: bool = False  # the struct holds int8 KV-cache parameters: it can run over int8 caches
 
 
@@ -115,8 +115,9 @@ def decoder_layer_plan(lib: native.Library, parts: LayerParts) -> DecoderLayerPl
     if parts.moe is not None:
         experts = parts.moe.experts
         keep += [parts.moe.gate.weight, experts.w13, experts.w2, experts.w13_scale, experts.w2_scale]
-    has_float = any(lf.kind == "bf16" for lf in linears.values())
-    return DecoderLayerPlan(struct, keep, NATIVE_MAX_TOKENS if has_float else 1 << 30, parts.kv_quant is not None)
+    # float linears and a router's logits go to BLAS above NATIVE_MAX_TOKENS rows on the per-op path
+    to_blas = any(lf.kind == "bf16" for lf in linears.values()) or parts.moe is not None
+    return DecoderLayerPlan(struct, keep, NATIVE_MAX_TOKENS if to_blas else 1 << 30, parts.kv_quant is not None)
 
 
 class DecoderStackPlan:

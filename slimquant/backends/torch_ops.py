@@ -256,6 +256,26 @@ class TorchOps:
         weights, ids = torch.topk(scores, top_k, dim=-1)
         return routing_weights(weights, renormalize, scaling), ids
 
+    def biased_group_topk(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        n_group: int,
+        topk_group: int,
+        top_k: int,
+        renormalize: bool,
+        scaling: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek-V3's router (noaux_tc): sigmoid scores of x [T, H] @ weight fp32 [E, H]^T; choice = score +
+        bias [E]; the topk_group of n_group groups with the best sum of their two best choices; the top_k best
+        choices in them -> (weights fp32 [T, K]: their scores, as routing_weights; ids [T, K])."""
+        scores = F.linear(x.float(), weight.float()).sigmoid()  # [T, E]
+        choice = scores + bias  # the bias picks experts, never weighs them
+        group_scores = choice.view(x.shape[0], n_group, -1).topk(2, dim=-1)[0].sum(-1)  # [T, G]
+        ids = torch.topk(group_masked(choice, group_scores, topk_group, float("-inf")), top_k, dim=-1)[1]
+        return routing_weights(scores.gather(1, ids), renormalize, scaling), ids
+
     groups_experts = False  # grouped_experts computes something (RoutedExperts.grouped)
     groups_split_experts = False  # ... also for experts split over tensor-parallel ranks (its tp argument)
 
@@ -396,6 +416,14 @@ def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, length: int)
 
 
 TORCH_OPS = TorchOps()  # what layers call until a backend binds its own ops (Backend.bind)
+
+
+def group_masked(scores: torch.Tensor, group_scores: torch.Tensor, topk_group: int, fill: float) -> torch.Tensor:
+    """scores [T, E] with the experts outside each row's topk_group best groups (group_scores [T, G]) set to fill."""
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1)[1]  # [T, topk_group]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # [T, G]
+    mask = group_mask[:, :, None].expand(-1, -1, scores.shape[1] // group_scores.shape[1]).reshape(scores.shape)
+    return scores.masked_fill(~mask.bool(), fill)
 
 
 def routing_weights(weights: torch.Tensor, renormalize: bool, scaling: float) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimquant.backends.torch_ops import TORCH_OPS, TorchOps, add_in_expert_order, routing_weights
+from slimquant.backends.torch_ops import TORCH_OPS, TorchOps, add_in_expert_order, group_masked, routing_weights
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.format.architectures import is_moe_layer, num_routed_experts
 from slimquant.format.safetensors_io import Part
@@ -52,7 +52,7 @@ class TopkRouter(nn.Module):
         self.norm_topk_prob = bool(getattr(config, "norm_topk_prob", False))
         scaling = getattr(config, "routed_scaling_factor", None)  # DeepSeek's; none in Qwen3-MoE's config
         self.scaling = 1.0 if scaling is None else float(scaling)
-        _check_routing(self.scoring, self.topk_method, self.num_experts, self.n_group)
+        _check_routing(self.scoring, self.topk_method, self.num_experts, self.n_group, self.topk_group, self.top_k)
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size), requires_grad=False)
         self.e_score_correction_bias = None
         if self.topk_method == "noaux_tc":
@@ -64,16 +64,16 @@ class TopkRouter(nn.Module):
         # x: [T, H] -> weights fp32, ids: [T, K]
         if self.plain_softmax:  # one op, which the native backend runs in one call
             return self.ops.softmax_topk(x, self.weight, self.top_k, self.norm_topk_prob, self.scaling)
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
-        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
-        if self.topk_method == "noaux_tc":
-            choice = scores + self.e_score_correction_bias  # the bias picks experts, never weighs them
-            group_scores = choice.view(-1, self.n_group, self.num_experts // self.n_group).topk(2, dim=-1)[0].sum(-1)
-            ids = torch.topk(self._group_masked(choice, group_scores, float("-inf")), self.top_k, dim=-1)[1]
-            weights = scores.gather(1, ids)
-        elif self.topk_method == "group_limited_greedy":
+        if self.topk_method == "noaux_tc":  # sigmoid scores whose bias picks the experts: one op too
+            bias, groups = self.e_score_correction_bias, (self.n_group, self.topk_group)
+            return self.ops.biased_group_topk(
+                x, self.weight, bias, *groups, self.top_k, self.norm_topk_prob, self.scaling
+            )
+        scores = F.linear(x.float(), self.weight.float())  # [T, E]
+        scores = scores.sigmoid() if self.scoring == "sigmoid" else scores.softmax(dim=-1)
+        if self.topk_method == "group_limited_greedy":
             group_scores = scores.view(-1, self.n_group, self.num_experts // self.n_group).max(dim=-1).values
-            weights, ids = torch.topk(self._group_masked(scores, group_scores, 0.0), self.top_k, dim=-1)
+            weights, ids = torch.topk(group_masked(scores, group_scores, self.topk_group, 0.0), self.top_k, dim=-1)
         else:
             weights, ids = torch.topk(scores, self.top_k, dim=-1)
         return routing_weights(weights, self.norm_topk_prob, self.scaling), ids
@@ -83,24 +83,28 @@ class TopkRouter(nn.Module):
         """Whether it routes by softmax and a greedy top-k (Qwen3-MoE, DeepSeek-V2-Lite): ops.softmax_topk."""
         return self.scoring == "softmax" and self.topk_method == "greedy"
 
-    def _group_masked(self, scores: torch.Tensor, group_scores: torch.Tensor, fill: float) -> torch.Tensor:
-        """scores [T, E] with experts outside the topk_group best groups set to `fill`."""
-        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1)[1]  # [T, topk_group]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # [T, G]
-        mask = group_mask[:, :, None].expand(-1, -1, self.num_experts // self.n_group).reshape(scores.shape)
-        return scores.masked_fill(~mask.bool(), fill)
-
 
 SOFTMAX_GREEDY_MODELS = ("deepseek_v2", "qwen3_moe")  # model types whose router defaults to softmax + greedy top-k
 
 
-def _check_routing(scoring: str, topk_method: str, num_experts: int, n_group: int) -> None:
+def _check_routing(scoring: str, topk_method: str, num_experts: int, n_group: int, topk_group: int, top_k: int) -> None:
     if scoring not in ("sigmoid", "softmax"):
         raise ValueError(f"scoring_func {scoring!r} is not supported; supported: 'sigmoid', 'softmax'")
     if topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
         raise ValueError(f"topk_method {topk_method!r} is not supported: 'noaux_tc', 'greedy', 'group_limited_greedy'")
+    if topk_method == "noaux_tc" and scoring != "sigmoid":
+        raise ValueError(
+            f"topk_method 'noaux_tc' routes by sigmoid scores (DeepSeek-V3); scoring_func {scoring!r} "
+            "is not supported with it"
+        )
     if num_experts % n_group:
         raise ValueError(f"n_routed_experts {num_experts} is not a multiple of n_group {n_group}")
+    if not 1 <= topk_group <= n_group or not 1 <= top_k <= topk_group * (num_experts // n_group):
+        raise ValueError(
+            f"num_experts_per_tok {top_k} experts from topk_group {topk_group} of n_group {n_group} groups of "
+            f"{num_experts // n_group} experts: it needs 1 <= topk_group <= n_group and 1 <= num_experts_per_tok "
+            "<= the experts in topk_group groups"
+        )
 
 
 class RoutedExperts(nn.Module):

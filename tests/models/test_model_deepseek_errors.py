@@ -51,6 +51,20 @@ def test_unknown_routing_is_a_value_error(tiny_model):
         load_model(str(folder))
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"topk_group": 3}, "needs 1 <= topk_group <= n_group"),  # 2 groups
+        ({"num_experts_per_tok": 5}, "num_experts_per_tok 5 experts from topk_group 1"),  # 4 experts per group
+        ({"scoring_func": "softmax"}, "'noaux_tc' routes by sigmoid scores"),
+    ],
+)
+def test_routing_settings_that_cannot_route_are_a_value_error(tiny_model, overrides, message):
+    """Settings the native router would index out of range with, or that transformers' V3 never runs."""
+    with pytest.raises(ValueError, match=message):
+        load_model(str(tiny_model("deepseek_v3", **overrides)))
+
+
 def test_engine_greedy_matches_transformers(tiny_model):
     from transformers import AutoModelForCausalLM
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slimquant.backends import cpu_native
-from slimquant.backends.native_ops import NativeOps
+from slimquant.backends.native_ops import NATIVE_MAX_TOKENS, NativeOps
 from slimquant.backends.torch_ops import TorchOps
 from slimquant.kernels import native
 from slimquant.layers.norm import RMSNorm
@@ -98,6 +98,7 @@ def test_moe_layers_run_in_the_stack_as_per_op(tiny_model, tmp_path, monkeypatch
     fused, fused_caches, stack = decode_run(dst, "stack", steps=5, kv_dtype=kv_dtype, dtype=load_dtype)
     assert calls == [1, 3, 3, 3, 3, 3]
     assert [p.struct.moe.num_experts for p in stack.plans] == [0, 8]
+    assert stack.max_batch == NATIVE_MAX_TOKENS  # above it, the per-op router's logits come from BLAS
     assert stack.plans[1].struct.moe.scales_bf16 == int(load_dtype == "auto")
     assert torch.equal(fused, per_op)
     assert all(torch.equal(a, b) for a, b in zip(fused_caches, per_op_caches, strict=True))

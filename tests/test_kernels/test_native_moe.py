@@ -1,7 +1,7 @@
 """NativeOps.grouped_experts (csrc/moe_cpu.cpp: a MoE layer's routed W8A8_DYNAMIC experts in one call) against
 the native per-op path RoutedExperts runs expert by expert, bit for bit, and against TorchOps' math; summed (each
 token's products added in the call, in expert order) against add_in_expert_order of its slots, bit for bit.
-NativeOps.softmax_topk (the native softmax router) against a float64 reference and TorchOps'."""
+NativeOps.softmax_topk and biased_group_topk (the native routers) against float64 references and TorchOps'."""
 
 from __future__ import annotations
 
@@ -164,10 +164,11 @@ def reference_route(x, weight, top_k: int, renormalize: bool, scaling: float):
 
 
 @pytest.mark.parametrize("renormalize, scaling", [(True, 1.0), (False, 1.0), (True, 2.5)])
-@pytest.mark.parametrize("t, e, top_k, h", [(1, 8, 2, 64), (7, 128, 8, 200), (33, 16, 6, 72)])
+@pytest.mark.parametrize("t, e, top_k, h", [(1, 8, 2, 64), (7, 128, 8, 200), (33, 16, 6, 72), (200, 64, 8, 96)])
 def test_softmax_router_routes_as_the_float64_reference(t, e, top_k, h, renormalize, scaling):
     """The native router (csrc/moe_cpu.cpp: the pieces the decoder stack routes with) picks the reference's experts
-    in its order, with weights within fp32 rounding, as TorchOps' router does; rows of a strided view too."""
+    in its order, with weights within fp32 rounding, as TorchOps' router does; rows of a strided view too; above
+    NATIVE_MAX_TOKENS rows (200) from BLAS's logits."""
     gen = torch.Generator().manual_seed(t + e)
     x = torch.randn(t, h + 3, generator=gen)[:, :h]  # rows h + 3 apart
     weight = torch.randn(e, h, generator=gen) / h**0.5
@@ -193,3 +194,70 @@ def test_softmax_router_other_inputs_run_in_torch():
     got = kernels.softmax_topk(x, weight, 2, True, 1.0)
     want = TorchOps().softmax_topk(x, weight, 2, True, 1.0)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def reference_biased_route(x, weight, bias, n_group: int, topk_group: int, top_k: int, renormalize: bool, scaling):
+    """DeepSeek-V3's routing in float64, ties to the lower group / id: (weights fp64 [T, K], ids [T, K]); a
+    group's score is the sum of its two best choices."""
+    scores = torch.sigmoid(x.double() @ weight.double().T)  # [T, E]
+    per_group, rows = weight.shape[0] // n_group, []
+    for c in (scores + bias.double()).tolist():  # each row's choices
+        group_score = [sum(sorted(c[g * per_group : (g + 1) * per_group])[-2:]) for g in range(n_group)]
+        groups = sorted(range(n_group), key=lambda g: (-group_score[g], g))[:topk_group]
+        allowed = [e for e in range(len(c)) if e // per_group in groups]
+        rows.append(sorted(allowed, key=lambda e: (-c[e], e))[:top_k])
+    ids = torch.tensor(rows)
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * scaling, ids
+
+
+@pytest.mark.parametrize("renormalize, scaling", [(True, 2.5), (False, 1.0)])
+@pytest.mark.parametrize(
+    "t, e, top_k, h, n_group, topk_group",
+    [(1, 8, 2, 64, 1, 1), (7, 256, 8, 200, 8, 4), (33, 16, 6, 72, 4, 2), (5, 128, 8, 96, 1, 1), (200, 64, 6, 96, 4, 2)],
+)
+def test_biased_router_routes_as_the_float64_reference(t, e, top_k, h, n_group, topk_group, renormalize, scaling):
+    """The native biased sigmoid router (DeepSeek-V3's 256 experts in 8 groups, GLM-4.5's 128 in one) picks the
+    reference's experts in its order, with weights within fp32 rounding, as TorchOps' router does; strided rows."""
+    gen = torch.Generator().manual_seed(t + e)
+    x = torch.randn(t, h + 3, generator=gen)[:, :h]  # rows h + 3 apart
+    weight, bias = torch.randn(e, h, generator=gen) / h**0.5, torch.randn(e, generator=gen) * 0.3
+    want_w, want_ids = reference_biased_route(x, weight, bias, n_group, topk_group, top_k, renormalize, scaling)
+    for ops in (kernels, TorchOps()):
+        got_w, got_ids = ops.biased_group_topk(x, weight, bias, n_group, topk_group, top_k, renormalize, scaling)
+        assert got_w.dtype == torch.float32 and torch.equal(got_ids, want_ids), type(ops).__name__
+        torch.testing.assert_close(got_w.double(), want_w, rtol=1e-5, atol=1e-7)
+
+
+def test_biased_router_breaks_ties_to_the_lower_group_and_id():
+    """Equal group scores: the lower group; equal choices: the lower id; the bias picks, the scores weigh."""
+    x, weight = torch.ones(2, 16), torch.zeros(8, 16)  # every score sigmoid(0) = 0.5
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0])  # groups of 2: group 3 best, then 0, 1, 2 tie
+    weights, ids = kernels.biased_group_topk(x, weight, bias, 4, 2, 3, False, 1.0)
+    assert ids.tolist() == [[7, 0, 1]] * 2 and weights.tolist() == [[0.5] * 3] * 2
+
+
+def test_biased_router_other_inputs_run_in_torch():
+    x, weight, bias = torch.randn(3, 32).bfloat16(), torch.randn(8, 32), torch.randn(8)
+    got = kernels.biased_group_topk(x, weight, bias, 2, 1, 2, True, 1.0)
+    want = TorchOps().biased_group_topk(x, weight, bias, 2, 1, 2, True, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("h", [64, 72, 100, 200])
+def test_a_row_routes_alike_alone_and_in_a_batch(h):
+    """The native routers' logits come in blocks of rows (four rows share each router load): a row's route, bit for
+    bit, whether it comes alone (a decode step) or among 37 (a prefill chunk), for hidden sizes with every tail."""
+    gen = torch.Generator().manual_seed(h)
+    x, weight, bias = torch.randn(37, h, generator=gen), torch.randn(24, h, generator=gen), torch.randn(24) * 0.1
+    routes = {
+        "softmax": lambda rows: kernels.softmax_topk(rows, weight, 4, True, 1.0),
+        "biased": lambda rows: kernels.biased_group_topk(rows, weight, bias, 4, 2, 4, True, 2.5),
+    }
+    for name, route in routes.items():
+        batch = route(x)
+        alone = [route(x[i : i + 1]) for i in range(x.shape[0])]
+        for part, got in enumerate(batch):
+            assert torch.equal(got, torch.cat([a[part] for a in alone])), name

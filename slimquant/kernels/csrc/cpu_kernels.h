@@ -123,6 +123,11 @@ void router_logits(const float* x, int m, int h, int ldx, const float* router, i
 // weights [K], divided by their sum (+ 1e-20) where renormalize, times scaling.
 void route_row(const float* logits, int num_experts, int top_k, int renormalize, float scaling, int64_t* ids,
                float* weights);
+// One token's route by sigmoid scores and their bias (DeepSeek-V3's noaux_tc): choice = score + bias [E]; the
+// topk_group groups (of n_group) with the largest sum of their two best choices; the top_k largest choices in
+// them (ties to the lower group / id) into ids [K]; weights [K] their scores, renormalized / scaled as route_row.
+void route_row_biased(const float* logits, int num_experts, const float* bias, int n_group, int topk_group,
+                      int top_k, int renormalize, float scaling, int64_t* ids, float* weights);
 // The slots (t * K + k) routed to experts first .. first + num_experts - 1, sorted by expert (in slot order within
 // one), and where each expert's run begins: begin [E + 1].
 void sort_slots(const int64_t* ids, int slots, int first, int num_experts, std::vector<int>& order,

@@ -182,11 +182,18 @@
                              const int8_t* w13, int kp13, const int8_t* w2, int kp2, const void* s13,   \
                              const void* s2, int scales_bf16, const SqRanks* ranks, int summed,         \
                              float* out))                                                               \
-  /* A softmax router (moe_cpu.cpp): logits x fp32 [T, H] (row stride ldx) @ router fp32 [E, H]^T, */    \
-  /* softmax, each row's top_k largest (ties to the lower id) into ids int64 / weights fp32 [T, K], */  \
-  /* divided by their sum where renormalize, times scaling. */                                          \
+  /* A softmax router (moe_cpu.cpp): logits x fp32 [T, H] (row stride ldx) @ router fp32 [E, H]^T, or */ \
+  /* the logits [T, E] given (null: computed here), softmax, each row's top_k largest (ties to the lower */\
+  /* id) into ids int64 / weights fp32 [T, K], divided by their sum where renormalize, times scaling. */ \
   X(void, sq_moe_route, (const float* x, int t, int h, int ldx, const float* router, int num_experts,    \
-                         int top_k, int renormalize, float scaling, int64_t* ids, float* weights))      \
+                         const float* logits, int top_k, int renormalize, float scaling, int64_t* ids,   \
+                         float* weights))                                                                \
+  /* The biased sigmoid router (moe_cpu.cpp: DeepSeek-V3, Kimi-K2, GLM-4.5): route_row_biased of each */ \
+  /* row's logits (as sq_moe_route's), bias fp32 [E] -> ids, weights [T, K]. */                          \
+  X(void, sq_moe_route_biased, (const float* x, int t, int h, int ldx, const float* router,              \
+                                int num_experts, const float* logits, const float* bias, int n_group,    \
+                                int topk_group, int top_k, int renormalize, float scaling, int64_t* ids, \
+                                float* weights))                                                         \
   /* Greedy head (greedy_cpu.cpp): 0, or 1 when x is not finite. */                                     \
   X(int, sq_greedy_argmax, (const float* x, int t, int k, int ldx, const int8_t* wq, int n, int kp,     \
                             const float* rows, const uint16_t* w, double slack, double fp_term,         \

@@ -13,8 +13,9 @@
 // each expert's rows quantized with it and their int32 down products, the ranks' SUM of those, and last the
 // dequantization and the routing weight: one process's numbers on every rank.
 //
-// The softmax router (sq_moe_route: logits, softmax, greedy top-k) is here too, in serial pieces that the decoder
-// stack (layer_cpu.cpp) calls as well, so that a MoE layer routes alike on both paths.
+// The routers are here too, in serial pieces that the decoder stack (layer_cpu.cpp) calls as well, so that a MoE layer
+// routes alike on both paths: softmax and a greedy top-k (sq_moe_route: Qwen3-MoE, DeepSeek-V2-Lite), and sigmoid
+// scores whose bias picks the groups and experts (sq_moe_route_biased: DeepSeek-V3, Kimi-K2, GLM-4.5).
 #include <omp.h>
 
 #include <cstdint>
@@ -44,11 +45,75 @@ float dot_fp32(const float* a, const float* b, int n) {
   return sum;
 }
 
+// dot_fp32 of four rows a[0..3] with one b (each sum in dot_fp32's order: its bits), b's loads shared; the eight
+// accumulators named, so that they stay in registers.
+void dot4_fp32(const float* const* a, const float* b, int n, float* out) {
+  const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
+  __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256 b0 = _mm256_loadu_ps(b + j), b1 = _mm256_loadu_ps(b + j + 8);
+    p0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + j), b0, p0);
+    q0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + j + 8), b1, q0);
+    p1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + j), b0, p1);
+    q1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + j + 8), b1, q1);
+    p2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + j), b0, p2);
+    q2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + j + 8), b1, q2);
+    p3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + j), b0, p3);
+    q3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + j + 8), b1, q3);
+  }
+  if (j + 8 <= n) {
+    const __m256 b0 = _mm256_loadu_ps(b + j);
+    p0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + j), b0, p0);
+    p1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + j), b0, p1);
+    p2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + j), b0, p2);
+    p3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + j), b0, p3);
+    j += 8;
+  }
+  const __m256 sums[4] = {_mm256_add_ps(p0, q0), _mm256_add_ps(p1, q1), _mm256_add_ps(p2, q2), _mm256_add_ps(p3, q3)};
+  for (int r = 0; r < 4; ++r) {
+    float lane[8];
+    _mm256_storeu_ps(lane, sums[r]);
+    float sum = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    for (int i = j; i < n; ++i) sum += a[r][i] * b[i];
+    out[r] = sum;
+  }
+}
+
 void router_logits(const float* x, int m, int h, int ldx, const float* router, int num_experts, int e0, int e1,
                    float* logits) {
-  for (int i = 0; i < m; ++i)
-    for (int e = e0; e < e1; ++e)
-      logits[(size_t)i * num_experts + e] = dot_fp32(x + (size_t)i * ldx, router + (size_t)e * h, h);
+  constexpr int kRows = 32;  // rows per block: they stay in cache while every expert's router row passes by once
+  for (int i0 = 0; i0 < m; i0 += kRows) {
+    const int i1 = std::min(m, i0 + kRows);
+    for (int e = e0; e < e1; ++e) {
+      const float* w = router + (size_t)e * h;
+      int i = i0;
+      for (; i + 4 <= i1; i += 4) {
+        const float* rows[4] = {x + (size_t)i * ldx, x + (size_t)(i + 1) * ldx, x + (size_t)(i + 2) * ldx,
+                                x + (size_t)(i + 3) * ldx};
+        float out[4];
+        dot4_fp32(rows, w, h, out);
+        for (int r = 0; r < 4; ++r) logits[(size_t)(i + r) * num_experts + e] = out[r];
+      }
+      for (; i < i1; ++i) logits[(size_t)i * num_experts + e] = dot_fp32(x + (size_t)i * ldx, w, h);
+    }
+  }
+}
+
+// router_logits of t rows into logits [T, E], in parallel: blocks of rows times slices of the experts (decode's one
+// row too is split among the threads).
+void router_logits_parallel(const float* x, int t, int h, int ldx, const float* router, int num_experts,
+                            float* logits) {
+  constexpr int kRows = 32;
+  const int blocks = (t + kRows - 1) / kRows, parts = std::max(1, omp_get_max_threads());
+#pragma omp parallel for schedule(static)
+  for (int it = 0; it < blocks * parts; ++it) {
+    const int i0 = it / parts * kRows;
+    int e0, e1;
+    slice(num_experts, it % parts, parts, e0, e1);
+    router_logits(x + (size_t)i0 * ldx, std::min(kRows, t - i0), h, ldx, router, num_experts, e0, e1,
+                  logits + (size_t)i0 * num_experts);
+  }
 }
 
 void route_row(const float* logits, int num_experts, int top_k, int renormalize, float scaling, int64_t* ids,
@@ -69,6 +134,50 @@ void route_row(const float* logits, int num_experts, int top_k, int renormalize,
     taken[best] = 1;
     ids[s] = best;
     chosen += (weights[s] = p[best]);
+  }
+  for (int s = 0; s < top_k; ++s) {
+    if (renormalize) weights[s] = weights[s] / (chosen + 1e-20f);
+    weights[s] *= scaling;
+  }
+}
+
+void route_row_biased(const float* logits, int num_experts, const float* bias, int n_group, int topk_group,
+                      int top_k, int renormalize, float scaling, int64_t* ids, float* weights) {
+  thread_local std::vector<float> score, choice, group_score;
+  thread_local std::vector<char> taken, allowed;
+  score.resize(num_experts);
+  choice.resize(num_experts);
+  group_score.resize(n_group);
+  const int per_group = num_experts / n_group;
+  for (int e = 0; e < num_experts; ++e) {
+    score[e] = 1.0f / (1.0f + std::exp(-logits[e]));
+    choice[e] = score[e] + bias[e];  // the bias picks experts, never weighs them
+  }
+  for (int g = 0; g < n_group; ++g) {  // a group's score: the sum of its two best choices
+    const float* c = &choice[(size_t)g * per_group];
+    float best = -INFINITY, second = -INFINITY;
+    for (int j = 0; j < per_group; ++j) {
+      if (c[j] > best) second = best, best = c[j];
+      else if (c[j] > second) second = c[j];
+    }
+    group_score[g] = per_group > 1 ? best + second : best;
+  }
+  allowed.assign(n_group, 0);
+  for (int s = 0; s < topk_group; ++s) {
+    int best = -1;
+    for (int g = 0; g < n_group; ++g)
+      if (!allowed[g] && (best < 0 || group_score[g] > group_score[best])) best = g;  // the first of equal scores
+    allowed[best] = 1;
+  }
+  taken.assign(num_experts, 0);
+  float chosen = 0.0f;
+  for (int s = 0; s < top_k; ++s) {
+    int best = -1;
+    for (int e = 0; e < num_experts; ++e)
+      if (allowed[e / per_group] && !taken[e] && (best < 0 || choice[e] > choice[best])) best = e;
+    taken[best] = 1;
+    ids[s] = best;
+    chosen += (weights[s] = score[best]);
   }
   for (int s = 0; s < top_k; ++s) {
     if (renormalize) weights[s] = weights[s] / (chosen + 1e-20f);
@@ -203,15 +312,26 @@ int split_experts(const float* x, int h, int ldx, const float* weights, int k, c
 
 }  // namespace
 
-void sq_moe_route(const float* x, int t, int h, int ldx, const float* router, int num_experts, int top_k,
-                  int renormalize, float scaling, int64_t* ids, float* weights) {
-  std::vector<float> logits((size_t)t * num_experts);  // [T, E]
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < (int64_t)t * num_experts; ++i)
-    logits[i] = sq::dot_fp32(x + (i / num_experts) * ldx, router + (i % num_experts) * h, h);
+namespace {
+
+// logits [T, E] as given (BLAS's, for many rows), or router_logits' into buf.
+const float* logits_of(const float* x, int t, int h, int ldx, const float* router, int num_experts, const float* given,
+                       std::vector<float>& buf) {
+  if (given) return given;
+  buf.resize((size_t)t * num_experts);
+  sq::router_logits_parallel(x, t, h, ldx, router, num_experts, buf.data());
+  return buf.data();
+}
+
+}  // namespace
+
+void sq_moe_route(const float* x, int t, int h, int ldx, const float* router, int num_experts, const float* logits,
+                  int top_k, int renormalize, float scaling, int64_t* ids, float* weights) {
+  std::vector<float> buf;
+  const float* z = logits_of(x, t, h, ldx, router, num_experts, logits, buf);  // [T, E]
 #pragma omp parallel for schedule(static)
   for (int i = 0; i < t; ++i)
-    sq::route_row(&logits[(size_t)i * num_experts], num_experts, top_k, renormalize, scaling, ids + (size_t)i * top_k,
+    sq::route_row(z + (size_t)i * num_experts, num_experts, top_k, renormalize, scaling, ids + (size_t)i * top_k,
                   weights + (size_t)i * top_k);
 }
 
@@ -238,4 +358,15 @@ int sq_routed_experts(const float* x, int t, int h, int ldx, const int64_t* ids,
     sq::write_weighted(s.y2.data(), n, h, 0, h, &order[b], weights, k, summed, out);
   }
   return 0;
+}
+
+void sq_moe_route_biased(const float* x, int t, int h, int ldx, const float* router, int num_experts,
+                         const float* logits, const float* bias, int n_group, int topk_group, int top_k,
+                         int renormalize, float scaling, int64_t* ids, float* weights) {
+  std::vector<float> buf;
+  const float* z = logits_of(x, t, h, ldx, router, num_experts, logits, buf);  // [T, E]
+#pragma omp parallel for schedule(static)
+  for (int i = 0; i < t; ++i)
+    sq::route_row_biased(z + (size_t)i * num_experts, num_experts, bias, n_group, topk_group, top_k, renormalize,
+                         scaling, ids + (size_t)i * top_k, weights + (size_t)i * top_k);
 }
