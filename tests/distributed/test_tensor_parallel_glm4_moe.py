@@ -10,18 +10,12 @@ import pytest
 from slimquant.distributed.launch import run_ranks
 from slimquant.kernels import native
 from tests.distributed.test_tensor_parallel_deepseek import rank_generate, rank_generate_native
-from tests.models.ascend_ckpt import write_ascend
-from tests.models.test_model_qwen3_moe import moe_mix
+from tests.distributed.test_tensor_parallel_qwen3_moe import moe_checkpoints
 
 
 @pytest.fixture(scope="module")
 def glm(tiny_model, tmp_path_factory) -> dict[str, str]:
-    """name -> folder: float, W8A8_DYNAMIC and the MoE mix of one tiny GLM-4.5 with 4 kv heads (4 ranks)."""
-    src = tiny_model("glm4_moe", num_key_value_heads=4)
-    out = {"float": str(src)}
-    for name, kind in (("W8A8_DYNAMIC", lambda p: "W8A8_DYNAMIC"), ("mix", moe_mix)):
-        out[name] = str(write_ascend(src, tmp_path_factory.mktemp(f"glm4_moe-{name}"), kind))
-    return out
+    return moe_checkpoints(tiny_model, tmp_path_factory, "glm4_moe")
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,19 @@ from tests.models.ascend_ckpt import write_ascend
 from tests.models.test_model_qwen3_moe import moe_mix
 
 
-@pytest.fixture(scope="module")
-def qwen3_moe(tiny_model, tmp_path_factory) -> dict[str, str]:
-    """name -> folder: float, W8A8_DYNAMIC and the w8a8 mix of one tiny Qwen3-MoE with 4 kv heads (4 ranks)."""
-    src = tiny_model("qwen3_moe", num_key_value_heads=4)
+def moe_checkpoints(tiny_model, tmp_path_factory, arch: str) -> dict[str, str]:
+    """name -> folder: float, W8A8_DYNAMIC and the w8a8 mix of one tiny MoE model of arch with 4 kv heads (4
+    ranks)."""
+    src = tiny_model(arch, num_key_value_heads=4)
     out = {"float": str(src)}
     for name, kind in (("W8A8_DYNAMIC", lambda p: "W8A8_DYNAMIC"), ("mix", moe_mix)):
-        out[name] = str(write_ascend(src, tmp_path_factory.mktemp(f"qwen3_moe-{name}"), kind))
+        out[name] = str(write_ascend(src, tmp_path_factory.mktemp(f"{arch}-{name}"), kind))
     return out
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tiny_model, tmp_path_factory) -> dict[str, str]:
+    return moe_checkpoints(tiny_model, tmp_path_factory, "qwen3_moe")
 
 
 @pytest.fixture(scope="module")

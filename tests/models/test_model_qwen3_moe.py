@@ -35,10 +35,11 @@ def experts_float(prefix: str) -> str:
     return "FLOAT" if ".mlp.experts." in prefix else "W8A8"
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe"])  # GLM-4.5: shared experts, biased router, half rope
 @pytest.mark.parametrize("scheme", [moe_mix, dynamic, experts_float])
 @pytest.mark.parametrize("layout", ["slimquant", "v1"])
-def test_quantized_matches_reference(tiny_model, tmp_path, scheme, layout):
-    src = tiny_model("qwen3_moe")
+def test_quantized_matches_reference(tiny_model, tmp_path, arch, scheme, layout):
+    src = tiny_model(arch)
     ours, ref = run_both(src, write_ascend(src, tmp_path / "q", scheme, layout=layout))
     assert_close(ours, ref, rel=1e-4)
 

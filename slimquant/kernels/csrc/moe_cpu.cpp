@@ -45,6 +45,8 @@ float dot_fp32(const float* a, const float* b, int n) {
   return sum;
 }
 
+namespace {
+
 // dot_fp32 of four rows a[0..3] with one b (each sum in dot_fp32's order: its bits), b's loads shared; the eight
 // accumulators named, so that they stay in registers.
 void dot4_fp32(const float* const* a, const float* b, int n, float* out) {
@@ -79,6 +81,8 @@ void dot4_fp32(const float* const* a, const float* b, int n, float* out) {
     out[r] = sum;
   }
 }
+
+}  // namespace
 
 void router_logits(const float* x, int m, int h, int ldx, const float* router, int num_experts, int e0, int e1,
                    float* logits) {
@@ -116,24 +120,22 @@ void router_logits_parallel(const float* x, int t, int h, int ldx, const float* 
   }
 }
 
-void route_row(const float* logits, int num_experts, int top_k, int renormalize, float scaling, int64_t* ids,
-               float* weights) {
-  thread_local std::vector<float> p;
+namespace {
+
+// The top_k largest of rank [N] (where allowed, by group of per_group: null, all), ties to the lower index, into
+// ids [K]; weights [K] their values in weigh, divided by their sum (+ 1e-20) where renormalize, times scaling.
+void pick_top_k(const float* rank, const float* weigh, int n, const char* allowed, int per_group, int top_k,
+                int renormalize, float scaling, int64_t* ids, float* weights) {
   thread_local std::vector<char> taken;
-  p.resize(num_experts);
-  taken.assign(num_experts, 0);
-  float top = -INFINITY, sum = 0.0f;
-  for (int e = 0; e < num_experts; ++e) top = std::max(top, logits[e]);
-  for (int e = 0; e < num_experts; ++e) sum += (p[e] = std::exp(logits[e] - top));
-  for (int e = 0; e < num_experts; ++e) p[e] /= sum;
+  taken.assign(n, 0);
   float chosen = 0.0f;
   for (int s = 0; s < top_k; ++s) {
     int best = -1;
-    for (int e = 0; e < num_experts; ++e)
-      if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;  // the first of equal scores
+    for (int e = 0; e < n; ++e)
+      if ((!allowed || allowed[e / per_group]) && !taken[e] && (best < 0 || rank[e] > rank[best])) best = e;
     taken[best] = 1;
     ids[s] = best;
-    chosen += (weights[s] = p[best]);
+    chosen += (weights[s] = weigh[best]);
   }
   for (int s = 0; s < top_k; ++s) {
     if (renormalize) weights[s] = weights[s] / (chosen + 1e-20f);
@@ -141,10 +143,23 @@ void route_row(const float* logits, int num_experts, int top_k, int renormalize,
   }
 }
 
+}  // namespace
+
+void route_row(const float* logits, int num_experts, int top_k, int renormalize, float scaling, int64_t* ids,
+               float* weights) {
+  thread_local std::vector<float> p;
+  p.resize(num_experts);
+  float top = -INFINITY, sum = 0.0f;
+  for (int e = 0; e < num_experts; ++e) top = std::max(top, logits[e]);
+  for (int e = 0; e < num_experts; ++e) sum += (p[e] = std::exp(logits[e] - top));
+  for (int e = 0; e < num_experts; ++e) p[e] /= sum;
+  pick_top_k(p.data(), p.data(), num_experts, nullptr, 1, top_k, renormalize, scaling, ids, weights);
+}
+
 void route_row_biased(const float* logits, int num_experts, const float* bias, int n_group, int topk_group,
                       int top_k, int renormalize, float scaling, int64_t* ids, float* weights) {
   thread_local std::vector<float> score, choice, group_score;
-  thread_local std::vector<char> taken, allowed;
+  thread_local std::vector<char> allowed;
   score.resize(num_experts);
   choice.resize(num_experts);
   group_score.resize(n_group);
@@ -169,20 +184,8 @@ void route_row_biased(const float* logits, int num_experts, const float* bias, i
       if (!allowed[g] && (best < 0 || group_score[g] > group_score[best])) best = g;  // the first of equal scores
     allowed[best] = 1;
   }
-  taken.assign(num_experts, 0);
-  float chosen = 0.0f;
-  for (int s = 0; s < top_k; ++s) {
-    int best = -1;
-    for (int e = 0; e < num_experts; ++e)
-      if (allowed[e / per_group] && !taken[e] && (best < 0 || choice[e] > choice[best])) best = e;
-    taken[best] = 1;
-    ids[s] = best;
-    chosen += (weights[s] = score[best]);
-  }
-  for (int s = 0; s < top_k; ++s) {
-    if (renormalize) weights[s] = weights[s] / (chosen + 1e-20f);
-    weights[s] *= scaling;
-  }
+  pick_top_k(choice.data(), score.data(), num_experts, allowed.data(), per_group, top_k, renormalize, scaling, ids,
+             weights);
 }
 
 void scales_fp32_range(const void* scales, int bf16, int64_t row, int n, int j0, int j1, float* out) {
