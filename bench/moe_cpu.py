@@ -16,6 +16,9 @@ whole step in one native call (native_stack.py: the router and the experts insid
 with --tensor-parallel N on N ranks (each expert's intermediate rows split, or with --expert-parallel whole experts
 per rank), each rank switching alike, rank 0's rates printed.
 
+With --glm the same table for a GLM-4.5-Air-shaped model (GLM_45_AIR_SHAPE: every layer MoE, 64 routed experts of
+1408 and a shared one, the biased sigmoid router, rope on half of each head; random weights).
+
 With --router only a router table runs: Qwen3-MoE's softmax router and DeepSeek-V3 / Kimi-K2 / GLM-4.5's biased
 sigmoid one (TopkRouter) on T random rows at their shapes, TorchOps' torch ops against NativeOps' one call
 (csrc/moe_cpu.cpp; BLAS's logits above 128 rows), ms per call alternating over --rounds rounds, and whether both
@@ -31,7 +34,7 @@ between the linears from Python; in one call, from inside it. The model table is
 
     .venv/bin/python bench/moe_cpu.py [--tokens 1,4,16,512] [--contexts 64,1024] [--streams 1,4,16]
         [--scheme w8a8_dynamic] [--rounds 5] [--tensor-parallel N] [--slots]
-        [--qwen3-moe [--layers 4] [--expert-parallel]] [--router]
+        [--qwen3-moe | --glm [--layers 4] [--expert-parallel]] [--router]
 
 Run it on a quiet machine: with 2 OpenMP threads, any other busy process stalls every parallel op.
 """
@@ -77,12 +80,25 @@ QWEN3_30B_A3B_SHAPE = dict(
 )  # fmt: skip
 
 
-def qwen3_moe_model(layers: int) -> Path:
-    """QWEN3_30B_A3B_SHAPE cut to `layers` layers with random bf16 weights, built once into the cache."""
-    out = zoo.cache_dir() / "bench" / f"qwen3-30b-a3b-shape-{layers}-layers-random"
+# GLM-4.5-Air's layer shapes (hidden 4096, 96 heads of 128 and 8 kv heads, experts of 1408, 8 per token, a shared
+# expert, rope on half of each head), every layer MoE, half its experts (64 of 128: the same work per token but
+# the router's; a layer's bf16 weights 2.2 GB instead of 4.4)
+GLM_45_AIR_SHAPE = dict(
+    hidden_size=4096, num_attention_heads=96, num_key_value_heads=8, head_dim=128, intermediate_size=10944,
+    n_routed_experts=64, num_experts_per_tok=8, moe_intermediate_size=1408, n_shared_experts=1, n_group=1,
+    topk_group=1, first_k_dense_replace=0, routed_scaling_factor=1.0, norm_topk_prob=True, use_qk_norm=False,
+    attention_bias=True, vocab_size=32768, max_position_embeddings=131072,
+)  # fmt: skip
+MODEL_SHAPES = {"qwen3-30b-a3b": ("qwen3_moe", QWEN3_30B_A3B_SHAPE), "glm-4.5-air": ("glm4_moe", GLM_45_AIR_SHAPE)}
+
+
+def moe_model(name: str, layers: int) -> Path:
+    """MODEL_SHAPES[name] cut to `layers` layers with random bf16 weights, built once into the cache."""
+    out = zoo.cache_dir() / "bench" / f"{name}-shape-{layers}-layers-random"
     if not (out / "config.json").is_file():
         print(f"writing {out} (random weights)", flush=True)
-        make_tiny_model("qwen3_moe", out, torch.bfloat16, num_hidden_layers=layers, **QWEN3_30B_A3B_SHAPE)
+        arch, shape = MODEL_SHAPES[name]
+        make_tiny_model(arch, out, torch.bfloat16, num_hidden_layers=layers, **shape)
     return out
 
 
@@ -205,6 +221,7 @@ def main() -> None:
     ap.add_argument("--qwen3-moe", action="store_true", help="only a Qwen3-MoE model table: per op vs whole step")
     ap.add_argument("--layers", type=int, default=4, help="decoder layers of the --qwen3-moe model")
     ap.add_argument("--expert-parallel", action="store_true", help="--qwen3-moe on N ranks: whole experts per rank")
+    ap.add_argument("--glm", action="store_true", help="--qwen3-moe's table for a GLM-4.5-Air-shaped model")
     ap.add_argument("--router", action="store_true", help="only the routers' table: torch ops vs one call")
     args = ap.parse_args()
     if args.tensor_parallel < 1 or args.layers < 1:
@@ -217,8 +234,8 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|---|")
         print("\n".join(router_rows(args.tokens, args.rounds)), flush=True)
         return
-    if args.qwen3_moe:
-        path = quantized(qwen3_moe_model(args.layers), args.scheme)
+    if args.qwen3_moe or args.glm:
+        path = quantized(moe_model("glm-4.5-air" if args.glm else "qwen3-30b-a3b", args.layers), args.scheme)
         ranks = f", {size} ranks ({'expert parallel' if args.expert_parallel else 'experts split'})" if size > 1 else ""
         print(f"native build: {native.ISA_NAMES[native.load().isa]}; {threads} threads{ranks}; {path.name}")
         print("\ndecode tokens/s after a prompt of each context")

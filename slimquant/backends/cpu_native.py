@@ -82,9 +82,6 @@ class CpuNativeBackend(Backend):
             what = type(layer).__name__ + (f" with {type(layer.mlp).__name__}" if hasattr(layer, "mlp") else "")
             self.notes.append(f"steps run per op: layer {first} ({what}) has no native stack form")
             return
-        if (turned := 2 * decoder.rotary.inv_freq.numel()) != (head_dim := parts[0].heads[2]):
-            self.notes.append(f"steps run per op: rope turns {turned} of a head's {head_dim} dims (partial rotary)")
-            return
         plans = [decoder_layer_plan(self.lib, p) for p in parts]
         if reasons := [(i, r) for i, r in enumerate(plans) if isinstance(r, str)]:
             i, reason = reasons[0]

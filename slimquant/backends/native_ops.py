@@ -83,8 +83,8 @@ class NativeOps(TorchOps):
     def attention(
         self, q, k, v, rope: Rope, kv_cache, ctx: ForwardContext, scale: float, kv_quant=None, out_quant=None
     ):
-        """Decode steps: rope, cache write and attention in one native call; prefill: TorchOps (SDPA)."""
-        q, k, rope = self.whole_head_rope(q, k, rope)
+        """Decode steps: rope (on all of each head or its first part), cache write and attention in one native call;
+        prefill: TorchOps (SDPA)."""
         cos, sin = (None, None) if rope is None else (rope[0].contiguous(), rope[1].contiguous())  # [B, D]
         native_step = ctx.is_decode and not ctx.graph_step and kv_cache_ready(kv_cache)
         if not (native_step and _fp32(q, k, v, cos, sin) and all(heads_packed(t) for t in (q, k, v))):
@@ -95,7 +95,7 @@ class NativeOps(TorchOps):
         step = step_rows(self.lib, ctx.slot_mapping, ctx.block_tables, ctx.context_lens_tensor, kv_cache)
         self.lib.sq_decode_attention(
             q=q.data_ptr(), ldq=q.stride(0), k=k.data_ptr(), ldk=k.stride(0), v=v.data_ptr(), ldv=v.stride(0),
-            cos=_ptr(cos), sin=_ptr(sin), k_cache=kv_cache[0].data_ptr(),
+            cos=_ptr(cos), sin=_ptr(sin), rope_dim=0 if cos is None else cos.shape[1], k_cache=kv_cache[0].data_ptr(),
             v_cache=kv_cache[1].data_ptr(), step=step, num_heads=nh, num_kv_heads=k.shape[1], head_dim=d,
             scale=scale, kv_quant=kq, out=out.data_ptr(),
         )  # fmt: skip

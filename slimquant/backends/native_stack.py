@@ -2,9 +2,10 @@
 
 At a small model's decode size every op is a few microseconds of arithmetic and the per-op overhead of Python
 and torch dominates. A layer whose linears all have a native form (int8 dynamic / static, bf16 float), and whose
-routed experts, where it has them, are W8A8_DYNAMIC behind a softmax router (Qwen3-MoE), gets a plan once
-(pointers to its weights, in an SqDecoderLayer struct, csrc/exports.h); each step then runs the same native
-kernels the per-op path calls, in the same order, so the results are bit-identical to it.
+routed experts, where it has them, are W8A8_DYNAMIC behind a softmax router (Qwen3-MoE) or DeepSeek-V3's biased
+one, with shared experts or none (GLM-4.5), gets a plan once (pointers to its weights, in an SqDecoderLayer struct,
+csrc/exports.h); each step then runs the same native kernels the per-op path calls, in the same order, so the
+results are bit-identical to it.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def decoder_layer_plan(lib: native.Library, parts: LayerParts) -> DecoderLayerPl
         return "per-head norms of another size than head_dim"
     if (why := _shapes_disagree(hidden, linears, parts.heads)) is not None:
         return why
-    moe = lib.structs["SqMoe"]() if parts.moe is None else _moe_form(lib, parts.moe, hidden)
+    shared_inter = linears["down"].k if parts.moe is not None and "down" in linears else 0
+    moe = lib.structs["SqMoe"]() if parts.moe is None else _moe_form(lib, parts.moe, hidden, shared_inter)
     if isinstance(moe, str):
         return moe
     no_norm = (None, None)
@@ -105,7 +107,7 @@ def decoder_layer_plan(lib: native.Library, parts: LayerParts) -> DecoderLayerPl
         for name, short in (("input", "in"), ("post", "post"), ("q", "q"), ("k", "k"))
         for part, t in zip("wb", norms.get(name, no_norm), strict=True)
     }
-    inter = linears["down"].k if parts.moe is None else parts.moe.experts.inter
+    inter = linears["down"].k if parts.moe is None else parts.moe.experts.inter  # the routed experts'
     struct = lib.structs["SqDecoderLayer"](
         hidden=hidden, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, inter=inter,
         eps=parts.eps, attn_scale=parts.attn_scale, **norm_ptrs, kv_quant=kv_quant_struct(lib, parts.kv_quant),
@@ -115,6 +117,7 @@ def decoder_layer_plan(lib: native.Library, parts: LayerParts) -> DecoderLayerPl
     if parts.moe is not None:
         experts = parts.moe.experts
         keep += [parts.moe.gate.weight, experts.w13, experts.w2, experts.w13_scale, experts.w2_scale]
+        keep += [b] if (b := parts.moe.gate.e_score_correction_bias) is not None else []
     # float linears and a router's logits go to BLAS above NATIVE_MAX_TOKENS rows on the per-op path
     to_blas = any(lf.kind == "bf16" for lf in linears.values()) or parts.moe is not None
     return DecoderLayerPlan(struct, keep, NATIVE_MAX_TOKENS if to_blas else 1 << 30, parts.kv_quant is not None)
@@ -238,13 +241,14 @@ def _fp32_tensors(lf: LinearForm) -> LinearForm:
 
 
 def _shapes_disagree(hidden: int, linears: dict[str, LinearForm], heads: tuple[int, int, int]) -> str | None:
-    """None when the linears chain as qkv [H -> (NH + 2 KVH) D], o [NH D -> H] and (a dense MLP) gate_up [H -> 2I],
+    """None when the linears chain as qkv [H -> (NH + 2 KVH) D], o [NH D -> H] and (a dense MLP, or shared
+    experts) gate_up [H -> 2I],
     down [I -> H], the up half of gate_up starting a block of int8 rows; else what does not fit."""
     nh, kvh, d = heads
     qkv, o = linears["qkv"], linears["o"]
     if (qkv.k, qkv.n, o.k, o.n) != (hidden, (nh + 2 * kvh) * d, nh * d, hidden):
         return "attention linears of other shapes than the heads'"
-    if "down" not in linears:  # routed experts: _moe_form
+    if "down" not in linears:  # routed experts alone: _moe_form
         return None
     gate_up, down = linears["gate_up"], linears["down"]
     if (gate_up.k, gate_up.n, down.n) != (hidden, 2 * down.k, hidden):
@@ -256,12 +260,12 @@ def _shapes_disagree(hidden: int, linears: dict[str, LinearForm], heads: tuple[i
     return None
 
 
-def _moe_form(lib: native.Library, moe: nn.Module, hidden: int) -> ctypes.Structure | str:
-    """The SqMoe (csrc/exports.h) of a layers.moe.SparseMoE, or why it runs per op."""
+def _moe_form(lib: native.Library, moe: nn.Module, hidden: int, shared_inter: int) -> ctypes.Structure | str:
+    """The SqMoe (csrc/exports.h) of a layers.moe.SparseMoE, whose shared experts (the layer's gate_up / down, of
+    shared_inter rows here) the layer's plan holds, or why it runs per op."""
     router, experts = moe.gate, moe.experts
-    if moe.shared_experts is not None:
-        return f"{experts.prefix}: routed experts with shared experts run per op"
-    if not router.plain_softmax:
+    biased = router.topk_method == "noaux_tc"  # DeepSeek-V3's router (GLM-4.5): route_row_biased
+    if not (router.plain_softmax or biased):
         return f"{experts.prefix}: a {router.scoring} router with {router.topk_method} top-k runs per op"
     if not experts.quantized:
         return f"{experts.prefix}: float experts run per op"
@@ -272,19 +276,25 @@ def _moe_form(lib: native.Library, moe: nn.Module, hidden: int) -> ctypes.Struct
     if experts.inter % _SLICE_ROWS:
         why = f"are not a multiple of {_SLICE_ROWS} (the int8 row blocks)"
         return f"{experts.prefix}: {experts.inter} intermediate rows per expert held here {why}"
+    bias = router.e_score_correction_bias if biased else None
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        return f"{experts.prefix}: a router bias of dtype {bias.dtype} runs per op"
     assert router.weight.dtype == torch.float32 and router.weight.is_contiguous() and w2.shape[1] == hidden
     assert s13.is_contiguous() and s2.is_contiguous() and w13.shape[0] == experts.num_local
+    assert (moe.shared_experts is not None) == (shared_inter > 0), "the plan holds the shared experts' linears"
     return lib.structs["SqMoe"](
         num_experts=router.num_experts, first=experts.first, num_local=experts.num_local,
         split=int(experts.reduce.size > 1), swap=int(experts.expert_parallel), top_k=router.top_k,
         renormalize=int(router.norm_topk_prob), scaling=router.scaling,
         router=router.weight.data_ptr(), w13=w13.data_ptr(), kp13=w13.shape[2], w2=w2.data_ptr(), kp2=w2.shape[2],
-        s13=s13.data_ptr(), s2=s2.data_ptr(), scales_bf16=int(s13.dtype == torch.bfloat16),
+        s13=s13.data_ptr(), s2=s2.data_ptr(), scales_bf16=int(s13.dtype == torch.bfloat16), bias=_ptr(bias),
+        n_group=router.n_group, topk_group=router.topk_group, shared_inter=shared_inter,
     )  # fmt: skip
 
 
 def _moe_macs(layer: ctypes.Structure) -> int:
-    """Multiply-adds per token of an SqDecoderLayer's router and its top_k experts (0 for a dense MLP)."""
+    """Multiply-adds per token of an SqDecoderLayer's router and its top_k experts (0 for a dense MLP; its shared
+    experts count among the layer's linears)."""
     moe = layer.moe
     return moe.num_experts * layer.hidden + moe.top_k * 3 * layer.inter * layer.hidden
 

@@ -23,8 +23,8 @@ NormWeights = tuple[torch.Tensor, torch.Tensor | None]  # an RMSNorm's (weight, 
 class LayerParts:
     """What a whole-step backend needs of a pre-norm decoder layer (its stack_parts()): norms "input", "post" (and
     per-head "q", "k": Qwen3) with one eps, linears qkv / o and the dense MLP's gate_up / down (or the routed
-    experts, moe), heads (num_heads, num_kv_heads, head_dim), the attention's scale and its int8 KV-cache
-    parameters."""
+    experts, moe, and its shared experts' gate_up / down where it has them), heads (num_heads, num_kv_heads,
+    head_dim), the attention's scale and its int8 KV-cache parameters."""
 
     norms: dict[str, NormWeights]
     eps: float

@@ -116,8 +116,8 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
         if len({n.eps for n in norms.values()}) != 1:
             return None
         linears = {"qkv": attn.qkv_proj, "o": attn.o_proj}
-        if moe is None:
-            linears |= {"gate_up": mlp.gate_up_proj, "down": mlp.down_proj}
+        if (dense := mlp if moe is None else moe.shared_experts) is not None:  # a MoE layer's shared experts
+            linears |= {"gate_up": dense.gate_up_proj, "down": dense.down_proj}
         heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
         weights = {name: (n.weight, n.bias) for name, n in norms.items()}
         eps, scale, kv_quant = self.input_layernorm.eps, attn.attn.scale, attn.attn.kv_quant

@@ -1,7 +1,7 @@
 """GLM-4.5 split over ranks, with and without expert parallel: every rank returns one process's greedy tokens and
 logprobs, bit for bit, for float, all-W8A8_DYNAMIC and the MoE mix (attention static, every MLP linear dynamic)
-checkpoints, on torch-reference and on cpu-native (whose decode attention takes q and k already turned where rope
-covers half of each head)."""
+checkpoints, on torch-reference and on cpu-native, per op and in the whole-step native call (rope on half of each
+head, shared experts and the biased router inside it)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from slimquant.distributed.launch import run_ranks
 from slimquant.kernels import native
 from tests.distributed.test_tensor_parallel_deepseek import rank_generate, rank_generate_native
-from tests.distributed.test_tensor_parallel_qwen3_moe import moe_checkpoints
+from tests.distributed.test_tensor_parallel_qwen3_moe import moe_checkpoints, rank_generate_stacked
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +39,16 @@ def test_native_ranks_return_one_native_process_results(glm):
     for rank, (got, split_calls) in enumerate(run_ranks(rank_generate_native, 2, paths)):
         assert got == one, f"rank {rank} of 2 differs from one process"
         assert split_calls > 0
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_native_ranks_run_glm_layers_in_the_whole_step(glm, expert_parallel):
+    """2 cpu-native ranks run GLM-4.5's decode steps in the whole-step native call: the routed experts split (or
+    whole, expert parallel) and the shared experts split, each reduced from inside the call. One process's bits."""
+    paths = [glm["W8A8_DYNAMIC"], glm["mix"]]
+    ((one, _, one_steps),) = run_ranks(rank_generate_stacked, 1, paths, False)
+    assert one_steps > 0
+    for rank, (got, notes, steps) in enumerate(run_ranks(rank_generate_stacked, 2, paths, expert_parallel)):
+        assert got == one, f"rank {rank} of 2 (ep={expert_parallel}) differs from one process"
+        assert steps > 0 and all("reduced across 2 ranks from inside it" in n for n in notes), notes

@@ -80,15 +80,19 @@ def test_fused_layers_equal_per_op_path(tiny_model, tmp_path, monkeypatch, arch,
 
 
 @pytest.mark.parametrize(
-    "scheme, load_dtype, kv_dtype",
-    [("dynamic", torch.float32, torch.float32), ("moe_mix", "auto", torch.float32)]
-    + [("moe_mix", "auto", torch.int8), ("dynamic", "auto", torch.bfloat16)],
+    "arch, scheme, load_dtype, kv_dtype",
+    [("qwen3_moe", "dynamic", torch.float32, torch.float32), ("qwen3_moe", "moe_mix", "auto", torch.float32)]
+    + [("qwen3_moe", "moe_mix", "auto", torch.int8), ("qwen3_moe", "dynamic", "auto", torch.bfloat16)]
+    + [("glm4_moe", "dynamic", torch.float32, torch.float32), ("glm4_moe", "moe_mix", "auto", torch.int8)]
+    + [("glm4_moe", "moe_mix", "auto", torch.bfloat16)],
 )
-def test_moe_layers_run_in_the_stack_as_per_op(tiny_model, tmp_path, monkeypatch, scheme, load_dtype, kv_dtype):
-    """Qwen3-MoE (layer 0 dense, layer 1 eight routed experts, two per token): the stack routes and runs the experts
-    itself, with the per-op path's bits (its native router and expert call). Loaded in fp32, the scales are fp32;
-    in the checkpoint's dtype (bf16, as LLM loads it), the scales are bf16 and the activations fp32."""
-    src = tiny_model("qwen3_moe", dtype=torch.bfloat16)
+def test_moe_layers_run_in_the_stack_as_per_op(tiny_model, tmp_path, monkeypatch, arch, scheme, load_dtype, kv_dtype):
+    """Qwen3-MoE (layer 0 dense, layer 1 eight routed experts, two per token; softmax router) and GLM-4.5 (the same
+    with shared experts, the biased sigmoid router, rope on half of each head): the stack routes and runs the
+    experts itself, with the per-op path's bits (its native router, expert call and shared experts' linears). Loaded
+    in fp32, the scales are fp32; in the checkpoint's dtype (bf16, as LLM loads it), the scales are bf16 and the
+    activations fp32."""
+    src = tiny_model(arch, dtype=torch.bfloat16)
     kv_cache = "asym" if kv_dtype == torch.int8 else None
     quant_type = moe_mix if scheme == "moe_mix" else SCHEMES[scheme]
     dst = write_ascend(src, tmp_path / "q", quant_type, dtype=torch.bfloat16, kv_cache=kv_cache)
@@ -99,6 +103,8 @@ def test_moe_layers_run_in_the_stack_as_per_op(tiny_model, tmp_path, monkeypatch
     assert calls == [1, 3, 3, 3, 3, 3]
     assert [p.struct.moe.num_experts for p in stack.plans] == [0, 8]
     assert stack.max_batch == NATIVE_MAX_TOKENS  # above it, the per-op router's logits come from BLAS
+    moe = stack.plans[1].struct.moe
+    assert (moe.shared_inter, bool(moe.bias)) == ((32, True) if arch == "glm4_moe" else (0, False))
     assert stack.plans[1].struct.moe.scales_bf16 == int(load_dtype == "auto")
     assert torch.equal(fused, per_op)
     assert all(torch.equal(a, b) for a, b in zip(fused_caches, per_op_caches, strict=True))

@@ -38,6 +38,13 @@ void rope_neox(const float* x, const float* cos, const float* sin, int d, float*
   }
 }
 
+// x [D] rotated on its first r values by cos / sin [r] (rope_neox within them), the rest copied: rope on part of a
+// head (partial rotary, GLM-4.5), or on all of it where r = D.
+void rope_part(const float* x, const float* cos, const float* sin, int r, int d, float* out) {
+  rope_neox(x, cos, sin, r, out);
+  std::copy(x + r, x + d, out + r);
+}
+
 // A cached row's values as fp32: fp32 rows as they are, bf16 rows (uint16_t) widened exactly.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {
@@ -245,8 +252,9 @@ float softmax_weights(float* scores, int n) {
 namespace sq {
 
 template <class C>
-void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos, const float* sin, C* k_cache,
-              C* v_cache, const int64_t* slots, int num_kv_heads, int head_dim, int b, int h, const SqKvQuant* kq) {
+void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos, const float* sin, int rope_dim,
+              C* k_cache, C* v_cache, const int64_t* slots, int num_kv_heads, int head_dim, int b, int h,
+              const SqKvQuant* kq) {
   if (slots[b] < 0) return;
   thread_local std::vector<float> rotated;
   const int d = head_dim;
@@ -254,7 +262,7 @@ void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos
   const float* kn = k + (size_t)b * ldk + (size_t)h * d;
   if (cos) {
     if (rotated.size() < (size_t)d) rotated.resize(d);
-    rope_neox(kn, cos + (size_t)b * d, sin + (size_t)b * d, d, rotated.data());
+    rope_part(kn, cos + (size_t)b * rope_dim, sin + (size_t)b * rope_dim, rope_dim, d, rotated.data());
     kn = rotated.data();
   }
   const float* vn = v + (size_t)b * ldv + (size_t)h * d;
@@ -269,10 +277,10 @@ void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos
 }
 
 template <class C>
-void attend_group(const float* q, int ldq, const float* cos, const float* sin, const C* k_cache, const C* v_cache,
-                  const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size,
-                  int num_heads, int num_kv_heads, int head_dim, int value_dim, float scale, int b, int g, int j0,
-                  int j1, const SqKvQuant* kq, float* out) {
+void attend_group(const float* q, int ldq, const float* cos, const float* sin, int rope_dim, const C* k_cache,
+                  const C* v_cache, const int32_t* block_tables, int max_blocks, const int32_t* context_lens,
+                  int block_size, int num_heads, int num_kv_heads, int head_dim, int value_dim, float scale, int b,
+                  int g, int j0, int j1, const SqKvQuant* kq, float* out) {
   constexpr bool int8 = std::is_same_v<C, int8_t>;
   thread_local std::vector<float> qr, scores, inv, shift;  // per-thread scratch, grown: [G, D], [G, n], [G], [G]
   thread_local std::vector<const C*> k_rows, v_rows;
@@ -284,7 +292,7 @@ void attend_group(const float* q, int ldq, const float* cos, const float* sin, c
   if (inv.size() < (size_t)heads) inv.resize(heads), shift.resize(heads);
   for (int j = 0; j < heads; ++j) {  // the group's query heads, rotated
     const float* qh = q + (size_t)b * ldq + (size_t)(h0 + j) * d;
-    if (cos) rope_neox(qh, cos + (size_t)b * d, sin + (size_t)b * d, d, &qr[(size_t)j * d]);
+    if (cos) rope_part(qh, cos + (size_t)b * rope_dim, sin + (size_t)b * rope_dim, rope_dim, d, &qr[(size_t)j * d]);
     else std::copy(qh, qh + d, qr.begin() + (size_t)j * d);
   }
   if constexpr (int8) {  // q . ((k_q - offset) * scale) = (q * scale) . k_q - (q * scale) . offset
@@ -361,11 +369,11 @@ void own_value(const float* v, int ldv, int b, int g, int j0, int j1, int num_he
 }
 
 #define SQ_INSTANTIATE(C)                                                                                     \
-  template void kv_store(const float*, int, const float*, int, const float*, const float*, C*, C*, const int64_t*, \
-                         int, int, int, int, const SqKvQuant*);                                                  \
-  template void attend_group(const float*, int, const float*, const float*, const C*, const C*, const int32_t*,   \
-                             int, const int32_t*, int, int, int, int, int, float, int, int, int, int,            \
-                             const SqKvQuant*, float*);
+  template void kv_store(const float*, int, const float*, int, const float*, const float*, int, C*, C*,         \
+                         const int64_t*, int, int, int, int, const SqKvQuant*);                                  \
+  template void attend_group(const float*, int, const float*, const float*, int, const C*, const C*,              \
+                             const int32_t*, int, const int32_t*, int, int, int, int, int, float, int, int, int, \
+                             int, const SqKvQuant*, float*);
 SQ_INSTANTIATE(float)
 SQ_INSTANTIATE(uint16_t)
 SQ_INSTANTIATE(int8_t)
@@ -376,8 +384,9 @@ SQ_INSTANTIATE(int8_t)
 extern "C" {
 
 void sq_decode_attention(const float* q, int ldq, const float* k, int ldk, const float* v, int ldv, const float* cos,
-                         const float* sin, void* k_cache, void* v_cache, const SqStep* step, int num_heads,
-                         int num_kv_heads, int head_dim, float scale, const SqKvQuant* kv_quant, float* out) {
+                         const float* sin, int rope_dim, void* k_cache, void* v_cache, const SqStep* step,
+                         int num_heads, int num_kv_heads, int head_dim, float scale, const SqKvQuant* kv_quant,
+                         float* out) {
   const int batch = step->batch, max_blocks = step->max_blocks, block_size = step->block_size;
   const int64_t* slots = step->slots;
   const int32_t *block_tables = step->block_tables, *context_lens = step->context_lens;
@@ -386,15 +395,15 @@ void sq_decode_attention(const float* q, int ldq, const float* k, int ldk, const
     C *kc = static_cast<C*>(k_cache), *vc = static_cast<C*>(v_cache);
     for (int b = 0; b < batch; ++b)  // write the new token's k (rotated) and v into the cache
       for (int h = 0; h < num_kv_heads; ++h)
-        sq::kv_store(k, ldk, v, ldv, cos, sin, kc, vc, slots, num_kv_heads, head_dim, b, h, kv_quant);
+        sq::kv_store(k, ldk, v, ldv, cos, sin, rope_dim, kc, vc, slots, num_kv_heads, head_dim, b, h, kv_quant);
 #pragma omp parallel if (batch * num_heads > 1)
     sq::for_attention_share(batch, num_heads, num_kv_heads, omp_get_thread_num(), omp_get_num_threads(),
                             [&](int b, int g, int j0, int j1) {
                               if (std::is_same_v<C, int8_t> && context_lens[b] == 1)
                                 return sq::own_value(v, ldv, b, g, j0, j1, num_heads, num_kv_heads, head_dim, out);
-                              sq::attend_group<C>(q, ldq, cos, sin, kc, vc, block_tables, max_blocks, context_lens,
-                                                  block_size, num_heads, num_kv_heads, head_dim, head_dim, scale, b,
-                                                  g, j0, j1, kv_quant, out);
+                              sq::attend_group<C>(q, ldq, cos, sin, rope_dim, kc, vc, block_tables, max_blocks,
+                                                  context_lens, block_size, num_heads, num_kv_heads, head_dim,
+                                                  head_dim, scale, b, g, j0, j1, kv_quant, out);
                             });
   });
 }
@@ -410,7 +419,7 @@ void sq_mla_decode_attention(const float* q, int ldq, const void* cache, const S
 #pragma omp parallel if (step->batch * num_heads > 1)
       sq::for_attention_share(step->batch, num_heads, 1, omp_get_thread_num(), omp_get_num_threads(),
                               [&](int b, int g, int j0, int j1) {
-                                sq::attend_group<C>(q, ldq, nullptr, nullptr, rows, rows, step->block_tables,
+                                sq::attend_group<C>(q, ldq, nullptr, nullptr, 0, rows, rows, step->block_tables,
                                                     step->max_blocks, step->context_lens, step->block_size,
                                                     num_heads, 1, head_dim, rank, scale, b, g, j0, j1, nullptr, out);
                               });

@@ -153,20 +153,22 @@ void with_cache_type(int kv_type, const Fn& fn) {
   else fn(float{});
 }
 
-// Token b's k (rotated) and v of kv head h into the caches at slots[b] (nothing where slots[b] < 0); bf16 caches
-// get each value rounded to nearest even, int8 caches clamp(round(x * inv + offset)) with kq's parameters.
+// Token b's k (its first rope_dim values rotated by cos / sin [B, rope_dim]) and v of kv head h into the caches at
+// slots[b] (nothing where slots[b] < 0); bf16 caches get each value rounded to nearest even, int8 caches
+// clamp(round(x * inv + offset)) with kq's parameters.
 template <class C>
-void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos, const float* sin, C* k_cache,
-              C* v_cache, const int64_t* slots, int num_kv_heads, int head_dim, int b, int h, const SqKvQuant* kq);
-// out [B, NH, Dv] for token b, query heads [j0, j1) of kv head g's group: softmax(rope(q) . K * scale) V over the
-// token's cached context, its cached rows read once for all those heads (per head, the sums of one head alone);
-// int8 rows are read as (q - offset) * scale with kq's parameters. Rows of both caches are head_dim wide; V is
-// the first value_dim (Dv) values of each v row (MLA: the latent part of the one cached row).
+void kv_store(const float* k, int ldk, const float* v, int ldv, const float* cos, const float* sin, int rope_dim,
+              C* k_cache, C* v_cache, const int64_t* slots, int num_kv_heads, int head_dim, int b, int h,
+              const SqKvQuant* kq);
+// out [B, NH, Dv] for token b, query heads [j0, j1) of kv head g's group: softmax(rope(q) . K * scale) V (rope as
+// kv_store's) over the token's cached context, its cached rows read once for all those heads (per head, the sums
+// of one head alone); int8 rows are read as (q - offset) * scale with kq's parameters. Rows of both caches are
+// head_dim wide; V is the first value_dim (Dv) values of each v row (MLA: the latent part of the one cached row).
 template <class C>
-void attend_group(const float* q, int ldq, const float* cos, const float* sin, const C* k_cache, const C* v_cache,
-                  const int32_t* block_tables, int max_blocks, const int32_t* context_lens, int block_size,
-                  int num_heads, int num_kv_heads, int head_dim, int value_dim, float scale, int b, int g, int j0,
-                  int j1, const SqKvQuant* kq, float* out);
+void attend_group(const float* q, int ldq, const float* cos, const float* sin, int rope_dim, const C* k_cache,
+                  const C* v_cache, const int32_t* block_tables, int max_blocks, const int32_t* context_lens,
+                  int block_size, int num_heads, int num_kv_heads, int head_dim, int value_dim, float scale, int b,
+                  int g, int j0, int j1, const SqKvQuant* kq, float* out);
 
 // Row b of a sequence with nothing cached before it (context length 1) over an int8 cache attends to its own float
 // v, as vLLM-Ascend does: its query heads [j0, j1) of kv group g get v's row of kv head g.

@@ -34,8 +34,9 @@
   X(const float*, v_inv)                                                                                \
   X(const float*, v_offset)
 
-// A MoE layer's router and routed W8A8_DYNAMIC experts (Qwen3-MoE: softmax, greedy top-k, no shared experts);
-// num_experts 0: the layer's MLP is dense (gate_up, down). Under tensor parallel (SqRanks) the experts held here
+// A MoE layer's router (softmax and a greedy top-k: Qwen3-MoE; or, where bias is set, DeepSeek-V3's biased sigmoid
+// one: GLM-4.5), its routed W8A8_DYNAMIC experts and its shared experts (shared_inter > 0: GLM-4.5; the layer's
+// gate_up / down), added after the routed ones; num_experts 0: the layer's MLP is dense (gate_up, down). Under tensor parallel (SqRanks) the experts held here
 // are first .. first + num_local - 1 and the ranks exchange their weighted products (swap: expert parallel), or
 // every expert with this rank's `inter` of its intermediate rows, reduced across the ranks (split).
 #define SQ_MOE_FIELDS(X)                                                                                 \
@@ -54,7 +55,11 @@
   X(int32_t, kp2)                                                                                       \
   X(const void*, s13) /* [E, 2I], fp32 or bf16 (scales_bf16) */                                        \
   X(const void*, s2) /* [E, H] */                                                                       \
-  X(int32_t, scales_bf16)
+  X(int32_t, scales_bf16)                                                                               \
+  X(const float*, bias) /* e_score_correction_bias fp32 [E] (route_row_biased), or null (route_row) */   \
+  X(int32_t, n_group)                                                                                   \
+  X(int32_t, topk_group)                                                                                \
+  X(int32_t, shared_inter) /* the shared experts' (the layer's gate_up / down) rows held here; 0: none */
 
 // A pre-norm decoder layer's weights and shapes; norm biases and the per-head norms (Qwen3) may be null.
 #define SQ_DECODER_LAYER_FIELDS(X)                                                                       \
@@ -75,7 +80,7 @@
   X(const float*, k_norm_b)                                                                             \
   X(SqLinear, qkv)                                                                                      \
   X(SqLinear, o)                                                                                        \
-  X(SqLinear, gate_up)                                                                                  \
+  X(SqLinear, gate_up) /* the dense MLP's, or a MoE layer's shared experts' (moe.shared_inter > 0) */   \
   X(SqLinear, down)                                                                                     \
   X(SqKvQuant, kv_quant) /* read when the step's caches are int8 */                                     \
   X(SqMoe, moe) /* routed experts in place of gate_up / down where moe.num_experts > 0 */
@@ -143,11 +148,11 @@
   /* y fp32 [M, N] = x fp32 [M, K] (row stride ldx) @ w bf16 [N, K]^T (+ bias [N]); K % 8 == 0. */    \
   X(void, sq_bf16_linear, (const float* x, int m, int k, int ldx, const uint16_t* w, int n,             \
                            const float* bias, float* y))                                                \
-  /* One token per row of step: rotate q / k (neox; cos / sin [B, D] or null), store k / v, attend; an */ \
-  /* int8 cache (step->kv_type 2) with kv_quant's parameters. */                                        \
+  /* One token per row of step: rotate q / k (neox; cos / sin [B, rope_dim <= D] or null), store k / v, */ \
+  /* attend; an int8 cache (step->kv_type 2) with kv_quant's parameters. */                              \
   X(void, sq_decode_attention, (const float* q, int ldq, const float* k, int ldk, const float* v,         \
-                                int ldv,                                                                \
-                                const float* cos, const float* sin, void* k_cache, void* v_cache,       \
+                                int ldv, const float* cos, const float* sin, int rope_dim,              \
+                                void* k_cache, void* v_cache,                                           \
                                 const SqStep* step, int num_heads, int num_kv_heads, int head_dim,      \
                                 float scale, const SqKvQuant* kv_quant, float* out))                    \
   /* Absorbed MLA decode, one query token per row of step: out [B, NH, R] = softmax(q . c * scale) @ */  \

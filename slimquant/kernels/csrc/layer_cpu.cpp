@@ -3,7 +3,8 @@
 //   s = x + residual; h = rmsnorm(s); qkv = Wqkv h; (q, k per-head rmsnorm: Qwen3)
 //   o = Wo attention(rope(q), rope(k), v);
 //   s2 = o + s; h2 = rmsnorm(s2); x' = Wdown (silu(gate) * up)(Wgate_up h2),
-// or, in a MoE layer (Qwen3-MoE), x' = the sum over h2's top-k routed experts of weight * expert(h2).
+// or, in a MoE layer (Qwen3-MoE, GLM-4.5), x' = the sum over h2's top-k routed experts of weight * expert(h2) (+ the
+// shared experts' MLP of h2, GLM-4.5).
 // At a small model's decode size the arithmetic is a few microseconds per op and the per-op overhead of
 // Python and torch dominates; here the whole stack runs inside one OpenMP parallel region instead of a
 // fork/join per parallel op: each thread computes a fixed slice of every linear's output rows with the serial
@@ -140,15 +141,16 @@ void gated_slice(const SqLinear& l, const float* x, int m, int ldx, int inter, i
   }
 }
 
-// The dense MLP on the normed rows [B, H] -> out [B, H]: gated_slice of this thread's intermediate rows into act
-// [B, I], then (after a barrier) its slice of the down projection.
-void dense_mlp_slice(const SqDecoderLayer& L, const float* normed, int b, int tid, int nt, ThreadScratch& t,
-                     const SqRanks* ranks, SplitKShared& shared, float* gate_up, float* act, float* out) {
+// A gated MLP (gate_up [2I, H], down [H, I]) on the normed rows [B, H] -> out [B, H]: gated_slice of this thread's
+// intermediate rows into act [B, I], then (after a barrier) its slice of the down projection's output columns.
+void gated_mlp_slice(const SqLinear& gate_up_l, const SqLinear& down, int inter, int h, const float* normed, int b,
+                     int tid, int nt, ThreadScratch& t, const SqRanks* ranks, SplitKShared& shared, float* gate_up,
+                     float* act, float* out) {
   int n0, n1;
-  slice(L.inter, tid, nt, n0, n1);
-  gated_slice(L.gate_up, normed, b, L.hidden, L.inter, n0, n1, t, gate_up, act);
+  slice(inter, tid, nt, n0, n1);
+  gated_slice(gate_up_l, normed, b, h, inter, n0, n1, t, gate_up, act);
 #pragma omp barrier
-  output_slice(L.down, act, b, L.inter, tid, nt, t, ranks, shared, out);
+  output_slice(down, act, b, inter, tid, nt, t, ranks, shared, out);
 }
 
 // What a MoE layer shares across the team: the router's logits [B, E]; every routed row's gate | up [R, 2I] and
@@ -257,11 +259,14 @@ void swapped_sums(const SqMoe& m, int b, int h, int tid, int c0, int c1, const T
 // A MoE layer (L.moe) on the normed rows [B, H] -> out [B, H]: each thread the logits of its slice of the experts;
 // every thread each token's route (the same ones) and the slots sorted by expert; every local expert's rows
 // through gate_up and SiLU-and-mul (each thread a slice of the intermediate rows), then down (a slice of the
-// output columns), each product times its weight added into its token's row of out in ascending expert id.
-// sq_moe_route then sq_routed_experts (summed; or its slots, swapped and added in expert order) do the same,
-// kernel for kernel, on the same rows: the per-op path's bits. Every thread of the team calls it (barriers).
+// output columns), each product times its weight added into its token's row of out in ascending expert id; then the
+// shared experts (y: scratch [B, H]) added to that sum. sq_moe_route (or sq_moe_route_biased), sq_routed_experts
+// (summed; or its slots, swapped and added in expert order) and the shared experts' linears do the same, kernel for
+// kernel, on the same rows: the per-op path's bits. Every thread of the team calls it (barriers).
 void moe_slice(const SqDecoderLayer& L, const float* normed, int b, int tid, int nt, ThreadScratch& t,
-               const SqRanks* ranks, int& failed, const MoeShared& s, float* out) {
+               const SqRanks* ranks, SplitKShared& shared, const MoeShared& s, float* gate_up, float* act, float* y,
+               float* out) {
+  int& failed = shared.failed;
   const SqMoe& m = L.moe;
   const int h = L.hidden, inter = L.inter, k = m.top_k;
   int e0, e1, g0, g1, c0, c1;
@@ -279,24 +284,36 @@ void moe_slice(const SqDecoderLayer& L, const float* normed, int b, int tid, int
 #pragma omp barrier
   t.ids.resize((size_t)b * k);
   t.weights.resize((size_t)b * k);
-  for (int i = 0; i < b; ++i)
-    sq::route_row(s.logits + (size_t)i * m.num_experts, m.num_experts, k, m.renormalize, m.scaling,
-                  &t.ids[(size_t)i * k], &t.weights[(size_t)i * k]);
+  for (int i = 0; i < b; ++i) {
+    const float* logits = s.logits + (size_t)i * m.num_experts;
+    int64_t* ids = &t.ids[(size_t)i * k];
+    float* weights = &t.weights[(size_t)i * k];
+    if (m.bias)
+      sq::route_row_biased(logits, m.num_experts, m.bias, m.n_group, m.topk_group, k, m.renormalize, m.scaling, ids,
+                           weights);
+    else
+      sq::route_row(logits, m.num_experts, k, m.renormalize, m.scaling, ids, weights);
+  }
   sq::sort_slots(t.ids.data(), b * k, m.first, m.num_local, t.order, t.begin);
   expert_activations(m, normed, h, inter, g0, g1, t, s);
 #pragma omp barrier
   expert_downs(m, h, inter, tid, c0, c1, t, ranks, failed, s, out);
   if (m.swap) swapped_sums(m, b, h, tid, c0, c1, t, ranks, failed, s, out);
+  if (m.shared_inter == 0) return;
+  // the shared experts into y, each thread then adding its own columns (those it summed the routed experts into)
+  gated_mlp_slice(L.gate_up, L.down, m.shared_inter, h, normed, b, tid, nt, t, ranks, shared, gate_up, act, y);
+  for (int i = 0; i < b; ++i)
+    for (int j = c0; j < c1; ++j) out[(size_t)i * h + j] += y[(size_t)i * h + j];
 }
 
 // Every layer of a decoder stack, in one parallel region: x [B, H] (the embeddings) in, out [B, H] (the last
 // layer's MLP output) and residual [B, H] written; one pair of caches per layer, of element C (float, uint16_t
-// holding bf16, or int8_t with each layer's kv_quant); cos / sin [B, D] (null: no rope); the rows of the step as
-// in sq_decode_attention.
+// holding bf16, or int8_t with each layer's kv_quant); cos / sin [B, rope_dim] (null: no rope; rope_dim < D: on the
+// first rope_dim values of each head); the rows of the step as in sq_decode_attention.
 template <class C>
 int decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* const* v_caches, int num_layers,
                   const SqStep& step, const SqRanks* ranks, const float* x, float* residual, float* out,
-                  const float* cos, const float* sin) {
+                  const float* cos, const float* sin, int rope_dim) {
   const int b = step.batch, max_blocks = step.max_blocks, block_size = step.block_size;
   const int64_t* slots = step.slots;
   const int32_t *block_tables = step.block_tables, *context_lens = step.context_lens;
@@ -305,7 +322,7 @@ int decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* co
     const SqDecoderLayer& L = *layers[l];
     max_qkv = std::max(max_qkv, L.qkv.n);
     max_attn = std::max(max_attn, L.num_heads * L.head_dim);
-    max_inter = std::max(max_inter, L.inter);
+    max_inter = std::max({max_inter, L.inter, L.moe.shared_inter});
     max_d = std::max(max_d, L.head_dim);
     max_experts = std::max(max_experts, L.moe.num_experts);
     max_top_k = std::max(max_top_k, L.moe.top_k);
@@ -357,8 +374,8 @@ int decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* co
           float* kh = k_heads + (size_t)bi * ld_qkv + (size_t)g * d;
           sq::norm_row(kh, nullptr, d, L.k_norm_w, L.k_norm_b, L.eps, head, kh);
         }
-        sq::kv_store(k_heads, ld_qkv, v_heads, ld_qkv, cos, sin, k_caches[l], v_caches[l], slots, kvh, d, bi, g,
-                     &L.kv_quant);
+        sq::kv_store(k_heads, ld_qkv, v_heads, ld_qkv, cos, sin, rope_dim, k_caches[l], v_caches[l], slots, kvh, d,
+                     bi, g, &L.kv_quant);
       }
       sq::for_attention_share(b, nh, kvh, tid, nt, [&](int bi, int g, int j0, int j1) {
         if (std::is_same_v<C, int8_t> && context_lens[bi] == 1)  // nothing cached before: its own float v
@@ -367,8 +384,8 @@ int decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* co
           float* qh = qkv + (size_t)bi * ld_qkv + (size_t)hd * d;
           sq::norm_row(qh, nullptr, d, L.q_norm_w, L.q_norm_b, L.eps, head, qh);
         }
-        sq::attend_group<C>(qkv, ld_qkv, cos, sin, k_caches[l], v_caches[l], block_tables, max_blocks, context_lens,
-                            block_size, nh, kvh, d, d, L.attn_scale, bi, g, j0, j1, &L.kv_quant, attn);
+        sq::attend_group<C>(qkv, ld_qkv, cos, sin, rope_dim, k_caches[l], v_caches[l], block_tables, max_blocks,
+                            context_lens, block_size, nh, kvh, d, d, L.attn_scale, bi, g, j0, j1, &L.kv_quant, attn);
       });
 #pragma omp barrier
       output_slice(L.o, attn, b, nh * d, tid, nt, t, ranks, shared, o);
@@ -376,8 +393,10 @@ int decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* co
       for (int i = 0; i < b; ++i)
         sq::norm_row(o + (size_t)i * h, res + (size_t)i * h, h, L.post_norm_w, L.post_norm_b, L.eps,
                      res + (size_t)i * h, normed + (size_t)i * h);
-      if (L.moe.num_experts > 0) moe_slice(L, normed, b, tid, nt, t, ranks, shared.failed, moe, out);
-      else dense_mlp_slice(L, normed, b, tid, nt, t, ranks, shared, gate_up, act, out);
+      if (L.moe.num_experts > 0)
+        moe_slice(L, normed, b, tid, nt, t, ranks, shared, moe, gate_up, act, o, out);  // o is free again
+      else
+        gated_mlp_slice(L.gate_up, L.down, L.inter, h, normed, b, tid, nt, t, ranks, shared, gate_up, act, out);
 #pragma omp barrier
     }
     if (tid == 0) std::copy(res, res + (size_t)b * h, residual);
@@ -433,7 +452,7 @@ int sq_decoder_model(const SqDecoderLayer* const* layers, int num_layers, void* 
   sq::with_cache_type(step->kv_type, [&](auto element) {
     using C = decltype(element);
     failed |= decoder_stack(layers, reinterpret_cast<C* const*>(k_caches), reinterpret_cast<C* const*>(v_caches),
-                            num_layers, *step, ranks, x, residual, out, cos, sin);
+                            num_layers, *step, ranks, x, residual, out, cos, sin, rope_dim);
   });
   for (int i = 0; i < batch; ++i)
     sq::norm_row(out + (size_t)i * h, residual + (size_t)i * h, h, ends->norm_w, ends->norm_b, ends->eps,
