@@ -85,7 +85,7 @@ class NativeOps(TorchOps):
     ):
         """Decode steps: rope (on all of each head or its first part), cache write and attention in one native call;
         prefill: TorchOps (SDPA)."""
-        cos, sin = (None, None) if rope is None else (rope[0].contiguous(), rope[1].contiguous())  # [B, D]
+        cos, sin = (None, None) if rope is None else (rope[0].contiguous(), rope[1].contiguous())  # [B, R <= D]
         native_step = ctx.is_decode and not ctx.graph_step and kv_cache_ready(kv_cache)
         if not (native_step and _fp32(q, k, v, cos, sin) and all(heads_packed(t) for t in (q, k, v))):
             return super().attention(q, k, v, rope, kv_cache, ctx, scale, kv_quant)

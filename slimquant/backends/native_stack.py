@@ -242,8 +242,8 @@ def _fp32_tensors(lf: LinearForm) -> LinearForm:
 
 def _shapes_disagree(hidden: int, linears: dict[str, LinearForm], heads: tuple[int, int, int]) -> str | None:
     """None when the linears chain as qkv [H -> (NH + 2 KVH) D], o [NH D -> H] and (a dense MLP, or shared
-    experts) gate_up [H -> 2I],
-    down [I -> H], the up half of gate_up starting a block of int8 rows; else what does not fit."""
+    experts) gate_up [H -> 2I], down [I -> H], the up half of gate_up starting a block of int8 rows; else what does
+    not fit."""
     nh, kvh, d = heads
     qkv, o = linears["qkv"], linears["o"]
     if (qkv.k, qkv.n, o.k, o.n) != (hidden, (nh + 2 * kvh) * d, nh * d, hidden):
