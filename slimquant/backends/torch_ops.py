@@ -123,13 +123,6 @@ class TorchOps:
         """x [T, heads, D] rotated by rope's cos / sin [T, R] (neox layout; R < D: partial rotary)."""
         return apply_rotary(x, *rope)
 
-    def whole_head_rope(self, q: torch.Tensor, k: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, Rope]:
-        """(q, k, rope) for kernels that turn whole heads: where rope covers only part of a head (partial rotary),
-        q and k rotated here and no rope left to apply."""
-        if rope is None or rope[0].shape[-1] == q.shape[-1]:
-            return q, k, rope
-        return self.rotate(q, rope), self.rotate(k, rope), None
-
     def attend(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float, kv_quant=None) -> torch.Tensor:
         """Attention of the rotated q [T, NH, D] once k / v are stored: decode batched, prefill per sequence (in
         prefill_attention_dtype). A chunk with nothing cached before it attends to its own float k / v; everything

@@ -78,7 +78,8 @@ class TritonOps(TorchOps):
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # [NB, BS, KVH, D]
         if kv_quant is not None or not _same_float(q, k, v, k_cache, v_cache, *(rope or ())):
             return super().attention(q, k, v, rope, kv_cache, ctx, scale, kv_quant)
-        q, k, rope = self.whole_head_rope(q, k, rope)
+        if rope is not None and rope[0].shape[-1] != q.shape[-1]:  # rope_store turns whole heads: partial rope first
+            q, k, rope = self.rotate(q, rope), self.rotate(k, rope), None
         q, k = self.layers.rope_store(q, k, v, rope, k_cache, v_cache, ctx.slot_mapping)
         if not ctx.is_decode:
             return self.attend(q, k, v, k_cache, v_cache, ctx, scale)
