@@ -80,8 +80,10 @@ class TopkRouter(nn.Module):
 
     @property
     def plain_softmax(self) -> bool:
-        """Whether it routes by softmax and a greedy top-k (Qwen3-MoE, DeepSeek-V2-Lite): ops.softmax_topk."""
-        return self.scoring == "softmax" and self.topk_method == "greedy"
+        """Whether it routes by softmax and a greedy top-k (Qwen3-MoE, DeepSeek-V2-Lite), or a group limit that keeps
+        every group (the same experts): ops.softmax_topk."""
+        every_group = self.topk_method == "group_limited_greedy" and self.topk_group >= self.n_group
+        return self.scoring == "softmax" and (self.topk_method == "greedy" or every_group)
 
 
 SOFTMAX_GREEDY_MODELS = ("deepseek_v2", "qwen3_moe")  # model types whose router defaults to softmax + greedy top-k

@@ -179,6 +179,26 @@ def test_softmax_router_routes_as_the_float64_reference(t, e, top_k, h, renormal
         torch.testing.assert_close(got_w.double(), want_w, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("topk_group, plain", [(2, True), (1, False)])
+def test_a_group_limit_that_keeps_every_group_routes_greedily(topk_group, plain):
+    """DeepSeek-V2's group_limited_greedy with topk_group = n_group limits nothing: the router takes softmax_topk
+    (the native call, and the decoder stack's router), the reference's experts; a real limit keeps the group path."""
+    from slimquant.layers.moe import TopkRouter
+    from slimquant.random_models import tiny_config
+
+    config = tiny_config("deepseek_v2", n_group=2, topk_group=topk_group, norm_topk_prob=False)
+    router = TopkRouter(config)
+    router.ops = kernels
+    router.weight.data = torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(9, config.hidden_size, generator=torch.Generator().manual_seed(4))
+    weights, ids = router(x)
+    assert router.plain_softmax == plain
+    if plain:
+        want_w, want_ids = reference_route(x, router.weight, router.top_k, False, router.scaling)
+        assert torch.equal(ids, want_ids)
+        torch.testing.assert_close(weights.double(), want_w, rtol=1e-5, atol=1e-7)
+
+
 def test_softmax_router_breaks_ties_to_the_lower_id():
     x = torch.ones(2, 16)
     weight = torch.zeros(6, 16)
