@@ -17,7 +17,8 @@ with --tensor-parallel N on N ranks (each expert's intermediate rows split, or w
 per rank), each rank switching alike, rank 0's rates printed.
 
 With --glm the same table for a GLM-4.5-Air-shaped model (GLM_45_AIR_SHAPE: every layer MoE, 64 routed experts of
-1408 and a shared one, the biased sigmoid router, rope on half of each head; random weights).
+1408 and a shared one, the biased sigmoid router, rope on half of each head; random weights); with --deepseek for the
+DeepSeek-V2-Lite-shaped model above (MLA decode absorbed in the whole step; --layers does not apply).
 
 With --router only a router table runs: Qwen3-MoE's softmax router and DeepSeek-V3 / Kimi-K2 / GLM-4.5's biased
 sigmoid one (TopkRouter) on T random rows at their shapes, TorchOps' torch ops against NativeOps' one call
@@ -34,7 +35,7 @@ between the linears from Python; in one call, from inside it. The model table is
 
     .venv/bin/python bench/moe_cpu.py [--tokens 1,4,16,512] [--contexts 64,1024] [--streams 1,4,16]
         [--scheme w8a8_dynamic] [--rounds 5] [--tensor-parallel N] [--slots]
-        [--qwen3-moe | --glm [--layers 4] [--expert-parallel]] [--router]
+        [--qwen3-moe | --glm | --deepseek [--layers 4] [--expert-parallel]] [--router]
 
 Run it on a quiet machine: with 2 OpenMP threads, any other busy process stalls every parallel op.
 """
@@ -222,6 +223,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="decoder layers of the --qwen3-moe model")
     ap.add_argument("--expert-parallel", action="store_true", help="--qwen3-moe on N ranks: whole experts per rank")
     ap.add_argument("--glm", action="store_true", help="--qwen3-moe's table for a GLM-4.5-Air-shaped model")
+    ap.add_argument("--deepseek", action="store_true", help="--qwen3-moe's table for the DeepSeek-V2-Lite shape")
     ap.add_argument("--router", action="store_true", help="only the routers' table: torch ops vs one call")
     args = ap.parse_args()
     if args.tensor_parallel < 1 or args.layers < 1:
@@ -234,8 +236,10 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|---|")
         print("\n".join(router_rows(args.tokens, args.rounds)), flush=True)
         return
-    if args.qwen3_moe or args.glm:
-        path = quantized(moe_model("glm-4.5-air" if args.glm else "qwen3-30b-a3b", args.layers), args.scheme)
+    if args.qwen3_moe or args.glm or args.deepseek:
+        name = "glm-4.5-air" if args.glm else "qwen3-30b-a3b"
+        model = deepseek_model() if args.deepseek else moe_model(name, args.layers)
+        path = quantized(model, args.scheme)
         ranks = f", {size} ranks ({'expert parallel' if args.expert_parallel else 'experts split'})" if size > 1 else ""
         print(f"native build: {native.ISA_NAMES[native.load().isa]}; {threads} threads{ranks}; {path.name}")
         print("\ndecode tokens/s after a prompt of each context")

@@ -26,7 +26,7 @@ def tiny_model(tmp_path_factory):
     cache: dict[tuple, Path] = {}
 
     def build(arch: str, dtype: torch.dtype = torch.float32, **overrides) -> Path:
-        key = (arch, dtype, tuple(sorted(overrides.items())))
+        key = (arch, dtype, tuple(sorted((name, repr(v)) for name, v in overrides.items())))  # dicts too
         if key not in cache:
             out = tmp_path_factory.mktemp(f"tiny-{arch}")
             cache[key] = make_tiny_model(arch, out, dtype=dtype, **overrides)

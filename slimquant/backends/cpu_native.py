@@ -92,9 +92,8 @@ class CpuNativeBackend(Backend):
         self._final_norm = (fp32_copy(decoder.norm.weight), fp32_copy(decoder.norm.bias))
         limit = "" if self.fp32_steps_only else f", up to {BF16_STEP_MAX_MACS / 1e9:g} G multiply-adds per step"
         ranks = f", reduced across {self.tp.size} ranks from inside it" if self.tp.size > 1 else ""
-        self.notes.append(
-            f"decode and prefill chunks <= {STACK_PREFILL_TOKENS} tokens in one native call{limit}{ranks}"
-        )
+        steps = "decode" if self.stack.decode_only else f"decode and prefill chunks <= {STACK_PREFILL_TOKENS} tokens"
+        self.notes.append(f"{steps} in one native call{limit}{ranks}")
 
     def forward(
         self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
@@ -125,8 +124,11 @@ class CpuNativeBackend(Backend):
         self._ranks_agree = True
 
     def _stack_takes(self, tokens: int, ctx: ForwardContext) -> bool:
-        """Whether this step runs the stack: a decode step or a small prefill, within the bf16 work limit."""
-        if self.stack is None or not (ctx.is_decode or tokens <= STACK_PREFILL_TOKENS):
+        """Whether this step runs the stack: a decode step or a small prefill (not for MLA), within the bf16 work
+        limit."""
+        if self.stack is None:
+            return False
+        if not (ctx.is_decode or (tokens <= STACK_PREFILL_TOKENS and not self.stack.decode_only)):
             return False
         return self.fp32_steps_only or tokens * self.stack.macs_per_token <= BF16_STEP_MAX_MACS
 

@@ -5,7 +5,8 @@ and torch dominates. A layer whose linears all have a native form (int8 dynamic 
 routed experts, where it has them, are W8A8_DYNAMIC behind a softmax router (Qwen3-MoE) or DeepSeek-V3's biased
 one, with shared experts or none (GLM-4.5), gets a plan once (pointers to its weights, in an SqDecoderLayer struct,
 csrc/exports.h); each step then runs the same native kernels the per-op path calls, in the same order, so the
-results are bit-identical to it.
+results are bit-identical to it. DeepSeek's MLA layers (a float kv_b_proj) run there in decode steps only, absorbed
+as the per-op decode absorbs them (its prefill up-projects the latents instead).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from slimquant.backends.native_ops import (
 from slimquant.backends.native_ranks import NativeRanks
 from slimquant.kernels import native
 from slimquant.layers.context import ForwardContext
+from slimquant.layers.mla import absorbable
 from slimquant.layers.quant_methods import UnquantizedMethod, W8A8DynamicMethod, W8A8StaticMethod
-from slimquant.models.base import LayerParts
+from slimquant.models.base import LayerParts, MlaParts
 
 _LINEAR_KIND = {"dynamic": 1, "static": 2, "bf16": 3}
 _SLICE_ROWS = 16  # csrc/layer_cpu.cpp: kSliceAlign, the blocked int8 layout's rows per block
@@ -56,6 +58,7 @@ class DecoderLayerPlan:
     keep: list[torch.Tensor]
     max_batch: int  # float linears and routers switch to BLAS above NATIVE_MAX_TOKENS rows: no bit-equal form there
     int8_kv: bool = False  # the struct holds int8 KV-cache parameters: it can run over int8 caches
+    decode_only: bool = False  # MLA: the per-op path up-projects the latents in prefill, absorbs them in decode
 
 
 def linear_form(layer: nn.Module) -> LinearForm | str:
@@ -95,12 +98,19 @@ def decoder_layer_plan(lib: native.Library, parts: LayerParts) -> DecoderLayerPl
     hidden, (num_heads, num_kv_heads, head_dim) = norms["input"][0].shape[0], parts.heads
     if not all(norms[n][0].numel() == head_dim for n in norms if n in ("q", "k")):
         return "per-head norms of another size than head_dim"
-    if (why := _shapes_disagree(hidden, linears, parts.heads)) is not None:
+    if parts.mla is None:
+        why = _attention_shapes_disagree(hidden, linears, parts.heads)
+    else:
+        why = _mla_shapes_disagree(hidden, linears, num_heads, parts.mla)
+    if (why := why or _mlp_shapes_disagree(hidden, linears)) is not None:
         return why
     shared_inter = linears["down"].k if parts.moe is not None and "down" in linears else 0
     moe = lib.structs["SqMoe"]() if parts.moe is None else _moe_form(lib, parts.moe, hidden, shared_inter)
     if isinstance(moe, str):
         return moe
+    mla = lib.structs["SqMla"]() if parts.mla is None else _mla_form(lib, parts.mla, linears, norms)
+    if isinstance(mla, str):
+        return mla
     no_norm = (None, None)
     norm_ptrs = {
         f"{short}_norm_{part}": _ptr(t)
@@ -108,19 +118,21 @@ def decoder_layer_plan(lib: native.Library, parts: LayerParts) -> DecoderLayerPl
         for part, t in zip("wb", norms.get(name, no_norm), strict=True)
     }
     inter = linears["down"].k if parts.moe is None else parts.moe.experts.inter  # the routed experts'
+    layer_linears = {name: _native_linear(lib, lf) for name, lf in linears.items() if name not in _MLA_LINEARS}
     struct = lib.structs["SqDecoderLayer"](
         hidden=hidden, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, inter=inter,
         eps=parts.eps, attn_scale=parts.attn_scale, **norm_ptrs, kv_quant=kv_quant_struct(lib, parts.kv_quant),
-        **{name: _native_linear(lib, lf) for name, lf in linears.items()}, moe=moe,
+        **layer_linears, moe=moe, mla=mla,
     )  # fmt: skip
-    keep += list(parts.kv_quant or ())
+    keep += list(parts.kv_quant or ()) + ([] if parts.mla is None else [parts.mla.kv_b_proj.weight])
     if parts.moe is not None:
         experts = parts.moe.experts
         keep += [parts.moe.gate.weight, experts.w13, experts.w2, experts.w13_scale, experts.w2_scale]
         keep += [b] if (b := parts.moe.gate.e_score_correction_bias) is not None else []
     # float linears and a router's logits go to BLAS above NATIVE_MAX_TOKENS rows on the per-op path
     to_blas = any(lf.kind == "bf16" for lf in linears.values()) or parts.moe is not None
-    return DecoderLayerPlan(struct, keep, NATIVE_MAX_TOKENS if to_blas else 1 << 30, parts.kv_quant is not None)
+    max_batch = NATIVE_MAX_TOKENS if to_blas else 1 << 30
+    return DecoderLayerPlan(struct, keep, max_batch, parts.kv_quant is not None, decode_only=parts.mla is not None)
 
 
 class DecoderStackPlan:
@@ -131,24 +143,27 @@ class DecoderStackPlan:
         self.layers = (ctypes.c_void_p * len(plans))(*(ctypes.addressof(p.struct) for p in plans))
         self.max_batch = min(p.max_batch for p in plans)
         self.int8_kv = all(p.int8_kv for p in plans)  # every layer has int8 KV-cache parameters
+        self.decode_only = any(p.decode_only for p in plans)
         linears = [lin for p in plans for lin in (p.struct.qkv, p.struct.o, p.struct.gate_up, p.struct.down)]
-        experts = sum(_moe_macs(p.struct) for p in plans)
+        linears += [lin for p in plans for lin in (p.struct.mla.kv_a, p.struct.mla.q_b)]
+        experts = sum(_moe_macs(p.struct) + _absorbed_macs(p.struct) for p in plans)
         self.macs_per_token = sum(lin.n * lin.k for lin in linears) + experts  # of the linears and experts, per token
         self.caches: list[torch.Tensor] = []
         self.k_ptrs = self.v_ptrs = None
 
     def cache_pointers(self, caches: list[torch.Tensor]) -> tuple[ctypes.Array, ctypes.Array] | None:
-        """(k, v) pointer arrays for the layers' caches [2, NB, BS, KVH, D], or None where they are not contiguous
-        on the CPU in one dtype the kernels hold (fp32, bf16, or int8 with every layer's parameters); the caller
-        passes a new list object whenever a cache is replaced, and the arrays (and that check) are redone then."""
+        """(k, v) pointer arrays for the layers' caches [2, NB, BS, KVH, D] (MLA's latent cache [NB, BS, R + rope]:
+        k and v both), or None where they are not contiguous on the CPU in one dtype the kernels hold (fp32, bf16,
+        or int8 with every layer's parameters); the caller passes a new list object whenever a cache is replaced,
+        and the arrays (and that check) are redone then."""
         if caches is not self.caches:
             self.caches = caches
             self.k_ptrs = self.v_ptrs = None
             int8_ready = caches[0].dtype != torch.int8 or self.int8_kv
             if kv_cache_ready(*caches) and int8_ready:
                 array = ctypes.c_void_p * len(caches)
-                self.k_ptrs = array(*(c[0].data_ptr() for c in caches))
-                self.v_ptrs = array(*(c[1].data_ptr() for c in caches))
+                self.k_ptrs = array(*(c.data_ptr() if c.dim() == 3 else c[0].data_ptr() for c in caches))
+                self.v_ptrs = array(*(c.data_ptr() if c.dim() == 3 else c[1].data_ptr() for c in caches))
         return None if self.k_ptrs is None else (self.k_ptrs, self.v_ptrs)
 
 
@@ -186,6 +201,7 @@ def decoder_model(
     if pointers is None or b > stack.max_batch or not _ends_ready(ends, input_ids, positions):
         return None
     k_ptrs, v_ptrs = pointers
+    like = kv_caches[0] if kv_caches[0].dim() != 3 else kv_caches[0][..., None, :]  # [.., NB, BS, KVH, D]
     hidden = torch.empty(b, h)  # [T, H]
     tables, lens = ctx.token_rows  # [T, W], [T]
     model_ends = lib.structs["SqModelEnds"](
@@ -196,7 +212,7 @@ def decoder_model(
     )  # fmt: skip
     failed = lib.sq_decoder_model(
         layers=stack.layers, num_layers=len(stack.plans), k_caches=k_ptrs, v_caches=v_ptrs,
-        step=step_rows(lib, ctx.slot_mapping, tables, lens, kv_caches[0]), ends=model_ends,
+        step=step_rows(lib, ctx.slot_mapping, tables, lens, like), ends=model_ends,
         ranks=None if ranks is None else ranks.struct, ids=input_ids.data_ptr(), positions=positions.data_ptr(),
         hidden=hidden.data_ptr(),
     )  # fmt: skip
@@ -240,15 +256,40 @@ def _fp32_tensors(lf: LinearForm) -> LinearForm:
     return form
 
 
-def _shapes_disagree(hidden: int, linears: dict[str, LinearForm], heads: tuple[int, int, int]) -> str | None:
-    """None when the linears chain as qkv [H -> (NH + 2 KVH) D], o [NH D -> H] and (a dense MLP, or shared
-    experts) gate_up [H -> 2I], down [I -> H], the up half of gate_up starting a block of int8 rows; else what does
-    not fit."""
+def _attention_shapes_disagree(hidden: int, linears: dict[str, LinearForm], heads: tuple[int, int, int]) -> str | None:
+    """None when the attention's linears chain as qkv [H -> (NH + 2 KVH) D], o [NH D -> H]; else what does not fit."""
     nh, kvh, d = heads
     qkv, o = linears["qkv"], linears["o"]
     if (qkv.k, qkv.n, o.k, o.n) != (hidden, (nh + 2 * kvh) * d, nh * d, hidden):
         return "attention linears of other shapes than the heads'"
-    if "down" not in linears:  # routed experts alone: _moe_form
+    return None
+
+
+def _mla_shapes_disagree(hidden: int, linears: dict[str, LinearForm], num_heads: int, mla: MlaParts) -> str | None:
+    """None when MLA's linears chain as the widths say (q_a | kv_a, q_b, or q_proj and kv_a; o [NH V -> H]) and the
+    per-op path's native kernels take its latent (R a multiple of 8: the head products' rows); else what does not."""
+    qk, kv_a = num_heads * (mla.nope + mla.rope), mla.rank + mla.rope
+    if mla.q_lora_rank:
+        qkv, q_b = linears["qkv"], linears["q_b"]
+        chain = (qkv.k, qkv.n, q_b.k, q_b.n) == (hidden, mla.q_lora_rank + kv_a, mla.q_lora_rank, qk)
+    else:
+        q, kv = linears["qkv"], linears["kv_a"]
+        chain = (q.k, q.n, kv.k, kv.n) == (hidden, qk, hidden, kv_a)
+    o = linears["o"]
+    if not chain or (o.k, o.n) != (num_heads * mla.v_dim, hidden):
+        return "MLA linears of other shapes than its widths'"
+    kv_b = mla.kv_b_proj
+    if not absorbable(kv_b):
+        return f"{kv_b.prefix}: a quantized kv_b_proj runs per op (decode up-projects the latents through it)"
+    if mla.rank % 8 or kv_b.weight.dtype not in (torch.float32, torch.bfloat16) or not kv_b.weight.is_contiguous():
+        return f"{kv_b.prefix}: a {kv_b.weight.dtype} weight over a latent of {mla.rank} runs per op"
+    return None
+
+
+def _mlp_shapes_disagree(hidden: int, linears: dict[str, LinearForm]) -> str | None:
+    """None when (a dense MLP, or shared experts) gate_up [H -> 2I], down [I -> H] chain, the up half of gate_up
+    starting a block of int8 rows, or there are none (routed experts alone: _moe_form); else what does not fit."""
+    if "down" not in linears:
         return None
     gate_up, down = linears["gate_up"], linears["down"]
     if (gate_up.k, gate_up.n, down.n) != (hidden, 2 * down.k, hidden):
@@ -258,6 +299,23 @@ def _shapes_disagree(hidden: int, linears: dict[str, LinearForm], heads: tuple[i
     if gate_up.kind != "bf16" and down.k % _SLICE_ROWS:
         return f"intermediate_size {down.k} is not a multiple of {_SLICE_ROWS} (the int8 row blocks)"
     return None
+
+
+_MLA_LINEARS = ("kv_a", "q_b")  # linears of the SqMla, not the SqDecoderLayer
+
+
+def _mla_form(
+    lib: native.Library, mla: MlaParts, linears: dict[str, LinearForm], norms: dict[str, tuple]
+) -> ctypes.Structure:
+    """The SqMla (csrc/exports.h) of MLA attention whose shapes _mla_shapes_disagree passed."""
+    parts = {name: _native_linear(lib, linears[name]) for name in _MLA_LINEARS if name in linears}
+    (q_a_w, q_a_b), (kv_a_w, kv_a_b) = norms.get("q_a", (None, None)), norms["kv_a"]
+    return lib.structs["SqMla"](
+        rank=mla.rank, nope=mla.nope, rope=mla.rope, v_dim=mla.v_dim, q_lora_rank=mla.q_lora_rank,
+        interleave=int(mla.interleave), **parts, q_a_norm_w=_ptr(q_a_w), q_a_norm_b=_ptr(q_a_b),
+        kv_a_norm_w=_ptr(kv_a_w), kv_a_norm_b=_ptr(kv_a_b), kv_b=mla.kv_b_proj.weight.data_ptr(),
+        kv_b_bf16=int(mla.kv_b_proj.weight.dtype == torch.bfloat16),
+    )  # fmt: skip
 
 
 def _moe_form(lib: native.Library, moe: nn.Module, hidden: int, shared_inter: int) -> ctypes.Structure | str:
@@ -297,6 +355,12 @@ def _moe_macs(layer: ctypes.Structure) -> int:
     experts count among the layer's linears)."""
     moe = layer.moe
     return moe.num_experts * layer.hidden + moe.top_k * 3 * layer.inter * layer.hidden
+
+
+def _absorbed_macs(layer: ctypes.Structure) -> int:
+    """Multiply-adds per token of an MLA layer's two products by kv_b_proj's halves (0 for other layers)."""
+    mla = layer.mla
+    return layer.num_heads * (mla.nope + mla.v_dim) * mla.rank
 
 
 def _native_linear(lib: native.Library, lf: LinearForm) -> ctypes.Structure:

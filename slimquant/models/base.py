@@ -11,6 +11,7 @@ from slimquant.backends.torch_ops import TORCH_OPS, KvQuant, TorchOps
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.layers.embedding import VocabEmbedding, vocab_group
 from slimquant.layers.linear import Linear
+from slimquant.layers.moe import SparseMoE
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.quant_methods import UnquantizedMethod
@@ -20,11 +21,26 @@ NormWeights = tuple[torch.Tensor, torch.Tensor | None]  # an RMSNorm's (weight, 
 
 
 @dataclass
+class MlaParts:
+    """What a whole-step backend needs of MLA attention (DeepSeek) beside LayerParts' linears and norms: its widths,
+    the rope layout (interleaved pairs or neox halves) and kv_b_proj, whose float weight decode absorbs."""
+
+    rank: int
+    nope: int
+    rope: int
+    v_dim: int
+    q_lora_rank: int  # 0: q_proj
+    interleave: bool
+    kv_b_proj: nn.Module
+
+
+@dataclass
 class LayerParts:
     """What a whole-step backend needs of a pre-norm decoder layer (its stack_parts()): norms "input", "post" (and
-    per-head "q", "k": Qwen3) with one eps, linears qkv / o and the dense MLP's gate_up / down (or the routed
-    experts, moe, and its shared experts' gate_up / down where it has them), heads (num_heads, num_kv_heads,
-    head_dim), the attention's scale and its int8 KV-cache parameters."""
+    per-head "q", "k": Qwen3; "q_a", "kv_a": MLA) with one eps, linears qkv / o (MLA: qkv is fused_qkv_a_proj or
+    q_proj, beside q_b or kv_a) and the dense MLP's gate_up / down (or the routed experts, moe, and its shared
+    experts' gate_up / down where it has them), heads (num_heads, num_kv_heads, head_dim), the attention's scale
+    and its int8 KV-cache parameters."""
 
     norms: dict[str, NormWeights]
     eps: float
@@ -33,6 +49,7 @@ class LayerParts:
     attn_scale: float
     kv_quant: KvQuant | None = None  # the int8 KV cache's parameters, where the checkpoint has them
     moe: nn.Module | None = None  # the layer's layers.moe.SparseMoE in place of gate_up / down
+    mla: MlaParts | None = None  # MLA attention in place of qkv's heads
 
 
 class PreNormDecoderLayer(nn.Module):
@@ -41,6 +58,19 @@ class PreNormDecoderLayer(nn.Module):
     Subclasses create input_layernorm, self_attn, post_attention_layernorm and mlp; self_attn and mlp say how their
     first linear quantizes its input (input_quant), which the norm before them does where the backend fuses it.
     """
+
+    @property
+    def kv_cache(self) -> torch.Tensor | None:
+        """This layer's paged KV cache ([2, NB, BS, KVH, D], or MLA's latent cache [NB, BS, R + rope])."""
+        return self.self_attn.attn.kv_cache
+
+    def mlp_parts(self) -> tuple[dict[str, nn.Module], nn.Module | None]:
+        """stack_parts' MLP half: the dense MLP's (or a MoE layer's shared experts') gate_up / down, and the routed
+        experts (a layers.moe.SparseMoE) or None."""
+        moe = self.mlp if isinstance(self.mlp, SparseMoE) else None
+        dense = self.mlp if moe is None else moe.shared_experts
+        linears = {} if dense is None else {"gate_up": dense.gate_up_proj, "down": dense.down_proj}
+        return linears, moe
 
     def forward(self, x, residual, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         # x, residual: [T, H] (residual None on the first layer)

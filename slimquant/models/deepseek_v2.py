@@ -25,7 +25,7 @@ from slimquant.layers.rotary import (
     mla_softmax_scale,
     rope_parameters,
 )
-from slimquant.models.base import CausalLM, DecoderModel, PreNormDecoderLayer
+from slimquant.models.base import CausalLM, DecoderModel, LayerParts, MlaParts, PreNormDecoderLayer
 
 PACKED_MODULES = {
     "fused_qkv_a_proj": ["q_a_proj", "kv_a_proj_with_mqa"],
@@ -70,6 +70,7 @@ class DeepseekMLA(nn.Module):
         # transformers' V2 always rotates interleaved pairs; V3 unless rope_interleave is false
         interleave = config.model_type == "deepseek_v2" or getattr(config, "rope_interleave", True)
         self.rotate = apply_rotary_interleaved if interleave else apply_rotary
+        self.interleave = interleave
         scale = mla_softmax_scale(rope_parameters(config), qk_dim)
         self.attn = MLAttention(self.num_heads, self.nope, self.rope, self.v_dim, self.kv_lora_rank, scale)
 
@@ -106,6 +107,26 @@ class DeepseekDecoderLayer(PreNormDecoderLayer):
         self.self_attn = DeepseekMLA(config, quant_config, f"{prefix}.self_attn", dtype, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
         self.mlp = sparse_or_dense_mlp(config, quant_config, index, f"{prefix}.mlp", dtype, tp)
+
+    def stack_parts(self) -> LayerParts | None:
+        """What a whole-step backend needs of this layer (norms, linears, MLA's widths and kv_b_proj, routed
+        experts), or None where its norms do not share one eps."""
+        attn = self.self_attn
+        norms = {"input": self.input_layernorm, "post": self.post_attention_layernorm, "kv_a": attn.kv_a_layernorm}
+        if attn.q_lora_rank is not None:
+            norms["q_a"] = attn.q_a_layernorm
+            linears = {"qkv": attn.fused_qkv_a_proj, "q_b": attn.q_b_proj}
+        else:
+            linears = {"qkv": attn.q_proj, "kv_a": attn.kv_a_proj_with_mqa}
+        if len({n.eps for n in norms.values()}) != 1:
+            return None
+        mlp_linears, moe = self.mlp_parts()
+        linears |= {"o": attn.o_proj} | mlp_linears
+        widths = (attn.kv_lora_rank, attn.nope, attn.rope, attn.v_dim, attn.q_lora_rank or 0)
+        mla = MlaParts(*widths, attn.interleave, attn.kv_b_proj)
+        heads = (attn.num_heads, 1, attn.kv_lora_rank + attn.rope)  # one latent "kv head" for every query head
+        weights = {name: (n.weight, n.bias) for name, n in norms.items()}
+        return LayerParts(weights, self.input_layernorm.eps, linears, heads, attn.attn.scale, None, moe, mla)
 
 
 class DeepseekV2ForCausalLM(CausalLM):

@@ -14,7 +14,6 @@ from slimquant.kernels.int8_input import InputQuant, Int8Rows
 from slimquant.layers.attention import Attention
 from slimquant.layers.linear import Linear
 from slimquant.layers.mlp import dense_mlp
-from slimquant.layers.moe import SparseMoE
 from slimquant.layers.norm import RMSNorm
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.models.base import CausalLM, DecoderModel, LayerParts, PreNormDecoderLayer
@@ -100,24 +99,17 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, bias=bias)
         self.mlp = build_mlp()  # after the attention: a size that cannot split is named in the model's order
 
-    @property
-    def kv_cache(self) -> torch.Tensor | None:
-        """This layer's paged KV cache [2, NB, BS, KVH, D]."""
-        return self.self_attn.attn.kv_cache
-
     def stack_parts(self) -> LayerParts | None:
         """What a whole-step backend needs of this layer (norms, linears, heads, routed experts), or None where its
         norms do not share one eps."""
-        attn, mlp = self.self_attn, self.mlp
-        moe = mlp if isinstance(mlp, SparseMoE) else None
+        attn = self.self_attn
         norms = {"input": self.input_layernorm, "post": self.post_attention_layernorm}
         if attn.q_norm is not None:  # Qwen3
             norms |= {"q": attn.q_norm, "k": attn.k_norm}
         if len({n.eps for n in norms.values()}) != 1:
             return None
-        linears = {"qkv": attn.qkv_proj, "o": attn.o_proj}
-        if (dense := mlp if moe is None else moe.shared_experts) is not None:  # a MoE layer's shared experts
-            linears |= {"gate_up": dense.gate_up_proj, "down": dense.down_proj}
+        mlp_linears, moe = self.mlp_parts()
+        linears = {"qkv": attn.qkv_proj, "o": attn.o_proj} | mlp_linears
         heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
         weights = {name: (n.weight, n.bias) for name, n in norms.items()}
         eps, scale, kv_quant = self.input_layernorm.eps, attn.attn.scale, attn.attn.kv_quant

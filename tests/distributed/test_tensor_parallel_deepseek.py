@@ -86,6 +86,16 @@ def rank_generate_native(rank: int, size: int, paths: list[str]) -> tuple[list, 
     return rank_generate(rank, size, paths, False, "cpu-native"), sum(split)
 
 
+def rank_generate_stacked(rank: int, size: int, paths: list[str], expert_parallel: bool) -> tuple[list, list, int]:
+    """rank_generate on cpu-native, each model's backend description, and how many steps ran in one native call."""
+    from slimquant.backends import cpu_native
+
+    steps, notes, whole_step = [], [], cpu_native.decoder_model
+    cpu_native.decoder_model = lambda *args: steps.append(1) or whole_step(*args)
+    kwargs = dict(tensor_parallel_size=size, enable_expert_parallel=expert_parallel)
+    return [generate(p, "cpu-native", notes, **kwargs) for p in paths], notes, len(steps)
+
+
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
 def test_native_ranks_return_one_native_process_results(deepseek):
     """cpu-native ranks: the native absorbed MLA decode and kv_b_proj products over each rank's heads (4 ranks: one
@@ -155,3 +165,18 @@ def test_serve_expert_parallel_answers_as_one_process(deepseek):
         finally:
             stop_server(proc)
     assert answers[0] == answers[1] and answers[0]
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_native_ranks_run_mla_layers_in_the_whole_step(deepseek, expert_parallel):
+    """2 cpu-native ranks decode DeepSeek-V3 in the whole-step native call: each rank's heads of MLA (q_b_proj and
+    kv_b_proj split, the latent projections whole), o_proj's int32 products reduced from inside the call, the
+    experts split (or whole, expert parallel). One process's bits."""
+    ((one, _, one_steps),) = run_ranks(rank_generate_stacked, 1, [deepseek["v3-mix"]], False)
+    assert one_steps > 0
+    for rank, (got, notes, steps) in enumerate(
+        run_ranks(rank_generate_stacked, 2, [deepseek["v3-mix"]], expert_parallel)
+    ):
+        assert got == one, f"rank {rank} of 2 (ep={expert_parallel}) differs from one process"
+        assert steps > 0 and all("decode in one native call, reduced across 2 ranks from inside it" in n for n in notes)

@@ -9,8 +9,8 @@ import pytest
 
 from slimquant.distributed.launch import run_ranks
 from slimquant.kernels import native
-from tests.distributed.test_tensor_parallel_deepseek import rank_generate, rank_generate_native
-from tests.distributed.test_tensor_parallel_qwen3_moe import moe_checkpoints, rank_generate_stacked
+from tests.distributed.test_tensor_parallel_deepseek import rank_generate, rank_generate_native, rank_generate_stacked
+from tests.distributed.test_tensor_parallel_qwen3_moe import moe_checkpoints
 
 
 @pytest.fixture(scope="module")

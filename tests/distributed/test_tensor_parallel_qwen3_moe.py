@@ -9,7 +9,11 @@ import pytest
 
 from slimquant.distributed.launch import run_ranks
 from slimquant.kernels import native
-from tests.distributed.test_tensor_parallel_deepseek import generate, rank_generate, rank_generate_native
+from tests.distributed.test_tensor_parallel_deepseek import (
+    rank_generate,
+    rank_generate_native,
+    rank_generate_stacked,
+)
 from tests.models.ascend_ckpt import write_ascend
 from tests.models.test_model_qwen3_moe import moe_mix
 
@@ -52,16 +56,6 @@ def test_native_ranks_return_one_native_process_results(qwen3_moe):
     for rank, (got, split_calls) in enumerate(run_ranks(rank_generate_native, 2, paths)):
         assert got == one, f"rank {rank} of 2 differs from one process"
         assert split_calls > 0
-
-
-def rank_generate_stacked(rank: int, size: int, paths: list[str], expert_parallel: bool) -> tuple[list, list, int]:
-    """rank_generate on cpu-native, each model's backend description, and how many steps ran in one native call."""
-    from slimquant.backends import cpu_native
-
-    steps, notes, whole_step = [], [], cpu_native.decoder_model
-    cpu_native.decoder_model = lambda *args: steps.append(1) or whole_step(*args)
-    kwargs = dict(tensor_parallel_size=size, enable_expert_parallel=expert_parallel)
-    return [generate(p, "cpu-native", notes, **kwargs) for p in paths], notes, len(steps)
 
 
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")

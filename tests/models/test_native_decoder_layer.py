@@ -10,11 +10,12 @@ from slimquant.backends.native_ops import NATIVE_MAX_TOKENS, NativeOps
 from slimquant.backends.torch_ops import TorchOps
 from slimquant.kernels import native
 from slimquant.layers.norm import RMSNorm
-from slimquant.models.llama import LlamaDecoderLayer
 from slimquant.models.loader import load_model
 from slimquant.random_models import make_tiny_model
 from tests.models.ascend_ckpt import write_ascend
 from tests.models.paged import PROMPT, PagedRunner
+from tests.models.test_model_deepseek_quantized import deepseek_mix, kv_b_quantized
+from tests.models.test_model_deepseek_variants import YARN
 from tests.models.test_model_qwen3_moe import moe_mix
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
@@ -41,13 +42,13 @@ def decode_run(
     assert loaded.backend.name == "cpu-native"
     if mode == "per-op":
         loaded.backend.stack = None  # never stack
-    layers = [m for m in loaded.model.modules() if isinstance(m, LlamaDecoderLayer)]
+    layers = list(loaded.model.model.layers)
     runner = PagedRunner.of(loaded, kv_dtype)
     prompts = {0: PROMPT[:5], 1: PROMPT[3:12], 2: PROMPT[:1]}
     logits = [runner.step({seq: tokens}) for seq, tokens in prompts.items()]
     for i in range(steps):
         logits.append(runner.step({seq: [PROMPT[i + seq]] for seq in prompts}))  # one token per sequence
-    caches = [layer.self_attn.attn.kv_cache for layer in layers]
+    caches = [layer.kv_cache for layer in layers]
     return torch.cat(logits), caches, loaded.backend.stack
 
 
@@ -108,6 +109,53 @@ def test_moe_layers_run_in_the_stack_as_per_op(tiny_model, tmp_path, monkeypatch
     assert stack.plans[1].struct.moe.scales_bf16 == int(load_dtype == "auto")
     assert torch.equal(fused, per_op)
     assert all(torch.equal(a, b) for a, b in zip(fused_caches, per_op_caches, strict=True))
+
+
+# tiny configs' overrides: V3 (q_lora, interleaved rope), V3 with YaRN (scaled cos / sin and softmax scale), V3
+# rotating halves, V2-Lite (q_proj, a softmax router)
+DEEPSEEK = {
+    "v3": ("deepseek_v3", {}),
+    "v3-yarn": ("deepseek_v3", {"rope_parameters": YARN}),
+    "v3-halves": ("deepseek_v3", {"rope_interleave": False}),
+    "v2-lite": ("deepseek_v2", {"q_lora_rank": None, "topk_method": "greedy", "norm_topk_prob": False}),
+}
+
+
+@pytest.mark.parametrize(
+    "model, load_dtype, kv_dtype",
+    [("v3", torch.float32, torch.float32), ("v3", "auto", torch.bfloat16), ("v3-halves", "auto", torch.float32)]
+    + [("v3-yarn", "auto", torch.bfloat16)]
+    + [("v2-lite", torch.float32, torch.bfloat16), ("v2-lite", "auto", torch.float32)],
+)
+def test_mla_layers_run_in_the_stack_as_per_op(tiny_model, tmp_path, monkeypatch, model, load_dtype, kv_dtype):
+    """DeepSeek (layer 0 dense, layer 1 routed and shared experts; ModelSlim's mix, kv_b_proj float): decode steps
+    run MLA in the stack, absorbed as the per-op path absorbs it (q_a norm, q_b, the latent's norm and k_pe's rope
+    into the cache, the head products, attention over the latents), with its bits; prefills stay per op, which
+    up-projects the latents."""
+    arch, overrides = DEEPSEEK[model]
+    src = tiny_model(arch, dtype=torch.bfloat16, **overrides)
+    dst = write_ascend(src, tmp_path / "q", deepseek_mix, dtype=torch.bfloat16)
+    per_op, per_op_caches, _ = decode_run(dst, "per-op", steps=5, kv_dtype=kv_dtype, dtype=load_dtype)
+    calls = count_stack_calls(monkeypatch)
+    fused, fused_caches, stack = decode_run(dst, "stack", steps=5, kv_dtype=kv_dtype, dtype=load_dtype)
+    assert calls == [1, 3, 3, 3, 3, 3] and stack.decode_only  # the one-token prompt (a decode step) and the steps
+    assert [p.struct.mla.q_lora_rank for p in stack.plans] == [0 if model == "v2-lite" else 48] * 2
+    assert [p.struct.moe.num_experts for p in stack.plans] == [0, 8]
+    assert bool(stack.plans[1].struct.moe.bias) == (arch == "deepseek_v3")
+    assert per_op_caches[0].shape[-1] == 32 + 8 and per_op_caches[0].dtype == kv_dtype  # [NB, BS, R + rope]
+    assert torch.equal(fused, per_op)
+    assert all(torch.equal(a, b) for a, b in zip(fused_caches, per_op_caches, strict=True))
+
+
+def test_mla_layers_the_stack_cannot_take_say_why(tiny_model, tmp_path):
+    """A quantized kv_b_proj (decode up-projects through it) and V2's group-limited router keep the per-op path."""
+    v3 = write_ascend(tiny_model("deepseek_v3"), tmp_path / "v3", kv_b_quantized)
+    assert (
+        "layer 0 (model.layers.0.self_attn.kv_b_proj: a quantized kv_b_proj" in load_model(str(v3)).backend.describe()
+    )
+    v2 = write_ascend(tiny_model("deepseek_v2"), tmp_path / "v2", deepseek_mix)
+    why = "layer 1 (model.layers.1.mlp.experts: a softmax router with group_limited_greedy top-k runs per op)"
+    assert why in load_model(str(v2)).backend.describe()
 
 
 def test_moe_layers_the_stack_cannot_take_say_why(tiny_model, tmp_path):

@@ -339,26 +339,47 @@ void attend_group(const float* q, int ldq, const float* cos, const float* sin, i
   }
 }
 
-// sq_head_matmul (exports.h) for weights of type W: per head, x's rows gathered, then the weighted sums (x @ w_h)
-// or the scores (x @ w_h^T) of attention, whose sums per row do not depend on the rows or heads beside it.
+// One head of sq_head_matmul: y [B, N] (row stride ldy) = x [B, K] (row stride ldx) @ w_h [K, N], or @ w_h^T where
+// transposed (w_h [N, K]); w_h's rows ldw apart. x's rows gathered, then the weighted sums or the scores of
+// attention, whose sums per row do not depend on the rows or heads beside it.
+template <class W>
+void head_product(const float* x, int b, int k, int64_t ldx, const W* w_h, int n, int64_t ldw, bool transposed,
+                  float* y, int64_t ldy) {
+  thread_local std::vector<float> xs, ys, ones;  // [B, K], [B, N], [B]
+  thread_local std::vector<const W*> rows;       // w_h's rows
+  xs.resize((size_t)b * k), ys.resize((size_t)b * n), ones.assign(b, 1.0f);
+  for (int i = 0; i < b; ++i) std::copy(x + i * ldx, x + i * ldx + k, &xs[(size_t)i * k]);
+  rows.resize(transposed ? n : k);
+  for (size_t r = 0; r < rows.size(); ++r) rows[r] = w_h + (int64_t)r * ldw;
+  if (transposed) score_rows(xs.data(), rows.data(), n, k, b, nullptr, 1.0f, ys.data());  // x . w_h's rows
+  else weighted_sums(xs.data(), k, rows.data(), n, b, ones.data(), ys.data());  // sum over k of x_k w_h[k]
+  for (int i = 0; i < b; ++i) std::copy(&ys[(size_t)i * n], &ys[(size_t)i * n] + n, y + i * ldy);
+}
+
+// sq_head_matmul (exports.h) for weights of type W: head_product per head.
 template <class W>
 void head_matmul(const float* x, int b, int heads, int k, int ldx_b, int ldx_h, const W* w, int n, int64_t ldw,
                  int64_t ldw_head, bool transposed, float* y) {
 #pragma omp parallel for schedule(static) if (heads > 1)
-  for (int h = 0; h < heads; ++h) {
-    thread_local std::vector<float> xs, ys, ones;  // [B, K], [B, N], [B]
-    thread_local std::vector<const W*> rows;       // w_h's rows
-    xs.resize((size_t)b * k), ys.resize((size_t)b * n), ones.assign(b, 1.0f);
-    for (int i = 0; i < b; ++i) {
-      const float* xi = x + (size_t)i * ldx_b + (size_t)h * ldx_h;
-      std::copy(xi, xi + k, &xs[(size_t)i * k]);
-    }
-    rows.resize(transposed ? n : k);
-    for (size_t r = 0; r < rows.size(); ++r) rows[r] = w + h * ldw_head + (int64_t)r * ldw;
-    if (transposed) score_rows(xs.data(), rows.data(), n, k, b, nullptr, 1.0f, ys.data());  // x . w_h's rows
-    else weighted_sums(xs.data(), k, rows.data(), n, b, ones.data(), ys.data());  // sum over k of x_k w_h[k]
-    for (int i = 0; i < b; ++i) std::copy(&ys[(size_t)i * n], &ys[(size_t)i * n] + n, y + ((size_t)i * heads + h) * n);
+  for (int h = 0; h < heads; ++h)
+    head_product(x + (int64_t)h * ldx_h, b, k, ldx_b, w + h * ldw_head, n, ldw, transposed, y + (int64_t)h * n,
+                 (int64_t)heads * n);
+}
+
+void rope_mla(const float* x, const float* cos, const float* sin, int r, bool interleave, float* out) {
+  if (!interleave) return rope_neox(x, cos, sin, r, out);
+  const int h = r / 2;
+  for (int i = 0; i < h; ++i) {
+    const float a = x[2 * i] * cos[i], b = x[2 * i + 1] * sin[i];
+    const float c = x[2 * i + 1] * cos[i], e = x[2 * i] * sin[i];
+    out[i] = a - b;
+    out[h + i] = c + e;
   }
+}
+
+template <class C>
+void mla_store(const float* entry, int width, C* cache, int64_t slot) {
+  if (slot >= 0) store_row(entry, width, cache + slot * width);
 }
 
 void own_value(const float* v, int ldv, int b, int g, int j0, int j1, int num_heads, int num_kv_heads,
@@ -378,6 +399,10 @@ SQ_INSTANTIATE(float)
 SQ_INSTANTIATE(uint16_t)
 SQ_INSTANTIATE(int8_t)
 #undef SQ_INSTANTIATE
+template void head_product(const float*, int, int, int64_t, const float*, int, int64_t, bool, float*, int64_t);
+template void head_product(const float*, int, int, int64_t, const uint16_t*, int, int64_t, bool, float*, int64_t);
+template void mla_store(const float*, int, float*, int64_t);
+template void mla_store(const float*, int, uint16_t*, int64_t);
 
 }  // namespace sq
 

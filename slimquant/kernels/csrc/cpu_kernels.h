@@ -170,6 +170,21 @@ void attend_group(const float* q, int ldq, const float* cos, const float* sin, i
                   int block_size, int num_heads, int num_kv_heads, int head_dim, int value_dim, float scale, int b,
                   int g, int j0, int j1, const SqKvQuant* kq, float* out);
 
+// MLA (DeepSeek) pieces of the whole step. One head of sq_head_matmul: y [B, N] (row stride ldy) = x [B, K] (row
+// stride ldx) @ w_h [K, N] (rows ldw apart), or @ w_h^T (w_h [N, K]) where transposed; w_h's rows a multiple of 8
+// wide; W float or uint16_t (bf16). The numbers of that head in sq_head_matmul.
+template <class W>
+void head_product(const float* x, int b, int k, int64_t ldx, const W* w_h, int n, int64_t ldw, bool transposed,
+                  float* y, int64_t ldy);
+// x [r] (q_pe or k_pe) rotated by cos / sin [r]: in pairs (x0, x1), (x2, x3), ... written de-interleaved as
+// [evens' | odds'] where interleave (transformers' DeepSeek; the bits of layers.rotary.apply_rotary_interleaved),
+// else in neox halves (apply_rotary).
+void rope_mla(const float* x, const float* cos, const float* sin, int r, bool interleave, float* out);
+// A latent-cache row entry [width] (the normed latent, then the rotated k_pe) into cache [slots, width] at slot,
+// stored as kv_store stores values; nothing where slot < 0.
+template <class C>
+void mla_store(const float* entry, int width, C* cache, int64_t slot);
+
 // Row b of a sequence with nothing cached before it (context length 1) over an int8 cache attends to its own float
 // v, as vLLM-Ascend does: its query heads [j0, j1) of kv group g get v's row of kv head g.
 void own_value(const float* v, int ldv, int b, int g, int j0, int j1, int num_heads, int num_kv_heads,

@@ -61,6 +61,25 @@
   X(int32_t, topk_group)                                                                                \
   X(int32_t, shared_inter) /* the shared experts' (the layer's gate_up / down) rows held here; 0: none */
 
+// A layer's MLA attention (DeepSeek V2 / V3, Kimi-K2) in place of standard attention where rank > 0, decode only
+// (absorbed: q_nope @ W_UK, attention over the latent cache [slots, rank + rope], then @ W_UV^T). The layer's qkv is
+// q_a_proj | kv_a_proj_with_mqa fused (q_lora_rank > 0: q_a normed, then q_b) or q_proj (then kv_a here).
+#define SQ_MLA_FIELDS(X)                                                                                 \
+  X(int32_t, rank) /* kv_lora_rank: the latent's width */                                                \
+  X(int32_t, nope)                                                                                      \
+  X(int32_t, rope) /* qk_rope_head_dim: the rope tables' width */                                       \
+  X(int32_t, v_dim)                                                                                     \
+  X(int32_t, q_lora_rank) /* 0: q_proj */                                                               \
+  X(int32_t, interleave) /* 1: rope on interleaved pairs (rope_mla) */                                  \
+  X(SqLinear, kv_a) /* kv_a_proj_with_mqa where q_lora_rank is 0 */                                     \
+  X(SqLinear, q_b)                                                                                      \
+  X(const float*, q_a_norm_w)                                                                           \
+  X(const float*, q_a_norm_b)                                                                           \
+  X(const float*, kv_a_norm_w)                                                                          \
+  X(const float*, kv_a_norm_b)                                                                          \
+  X(const void*, kv_b) /* kv_b_proj's weight [NH, nope + V, rank], fp32 or bf16 (kv_b_bf16) */           \
+  X(int32_t, kv_b_bf16)
+
 // A pre-norm decoder layer's weights and shapes; norm biases and the per-head norms (Qwen3) may be null.
 #define SQ_DECODER_LAYER_FIELDS(X)                                                                       \
   X(int32_t, hidden)                                                                                    \
@@ -83,7 +102,8 @@
   X(SqLinear, gate_up) /* the dense MLP's, or a MoE layer's shared experts' (moe.shared_inter > 0) */   \
   X(SqLinear, down)                                                                                     \
   X(SqKvQuant, kv_quant) /* read when the step's caches are int8 */                                     \
-  X(SqMoe, moe) /* routed experts in place of gate_up / down where moe.num_experts > 0 */
+  X(SqMoe, moe) /* routed experts in place of gate_up / down where moe.num_experts > 0 */            \
+  X(SqMla, mla) /* MLA attention in place of qkv's heads where mla.rank > 0 (o is o_proj) */
 
 // One step's rows over the paged KV cache (the engine's ForwardContext): row b stores its new k / v at
 // slots[b] (-1: nowhere) and attends to the first context_lens[b] positions of its block table.
@@ -121,6 +141,7 @@
   X(SqLinear, SQ_LINEAR_FIELDS)                                                                         \
   X(SqKvQuant, SQ_KV_QUANT_FIELDS)                                                                      \
   X(SqMoe, SQ_MOE_FIELDS)                                                                               \
+  X(SqMla, SQ_MLA_FIELDS)                                                                               \
   X(SqDecoderLayer, SQ_DECODER_LAYER_FIELDS)                                                            \
   X(SqStep, SQ_STEP_FIELDS)                                                                             \
   X(SqModelEnds, SQ_MODEL_ENDS_FIELDS)                                                                  \

@@ -3,8 +3,9 @@
 //   s = x + residual; h = rmsnorm(s); qkv = Wqkv h; (q, k per-head rmsnorm: Qwen3)
 //   o = Wo attention(rope(q), rope(k), v);
 //   s2 = o + s; h2 = rmsnorm(s2); x' = Wdown (silu(gate) * up)(Wgate_up h2),
-// or, in a MoE layer (Qwen3-MoE, GLM-4.5), x' = the sum over h2's top-k routed experts of weight * expert(h2) (+ the
-// shared experts' MLP of h2, GLM-4.5).
+// or, in a MoE layer (Qwen3-MoE, GLM-4.5, DeepSeek), x' = the sum over h2's top-k routed experts of weight *
+// expert(h2) (+ the shared experts' MLP of h2: GLM-4.5, DeepSeek). DeepSeek's MLA layers attend over their latent
+// cache in place of q, k, v (mla_slice: absorbed decode, as the per-op path's).
 // At a small model's decode size the arithmetic is a few microseconds per op and the per-op overhead of
 // Python and torch dominates; here the whole stack runs inside one OpenMP parallel region instead of a
 // fork/join per parallel op: each thread computes a fixed slice of every linear's output rows with the serial
@@ -53,6 +54,7 @@ struct ThreadScratch {
   std::vector<int64_t> ids;  // a MoE layer's routes [B, K], their weights, the slots sorted by expert
   std::vector<float> weights, rows, s13, s2;
   std::vector<int> order, begin;
+  std::vector<float> q_a, entry, sums;  // an MLA layer's normed q_a rows [B, Q_R], a cache entry, a norm's sums
 };
 
 // A linear's input rows x [M, K] (stride ldx) quantized into t (on this thread; nothing for bf16 weights).
@@ -306,6 +308,113 @@ void moe_slice(const SqDecoderLayer& L, const float* normed, int b, int tid, int
     for (int j = c0; j < c1; ++j) out[(size_t)i * h + j] += y[(size_t)i * h + j];
 }
 
+// Standard attention of the normed rows [B, H] into attn [B, NH * D]: this thread's slice of qkv, then (after a
+// barrier) the new rows' k (normed per head: Qwen3; rotated) and v into the caches, then its share of the query heads.
+// Every thread of the team calls it (it holds barriers); the caller's barrier ends it.
+template <class C>
+void attention_slice(const SqDecoderLayer& L, C* k_cache, C* v_cache, const SqStep& step, const float* cos,
+                     const float* sin, int rope_dim, const float* normed, int tid, int nt, ThreadScratch& t,
+                     float* qkv, float* attn) {
+  const int b = step.batch, d = L.head_dim, nh = L.num_heads, kvh = L.num_kv_heads, ld_qkv = L.qkv.n;
+  float* head = scratch(t.head, d);
+  linear_slice(L.qkv, normed, b, L.hidden, tid, nt, t, qkv);
+#pragma omp barrier
+  float* k_heads = qkv + (size_t)nh * d;
+  const float* v_heads = k_heads + (size_t)kvh * d;
+#pragma omp for schedule(static)
+  for (int it = 0; it < b * kvh; ++it) {
+    const int bi = it / kvh, g = it % kvh;
+    if (L.k_norm_w) {
+      float* kh = k_heads + (size_t)bi * ld_qkv + (size_t)g * d;
+      sq::norm_row(kh, nullptr, d, L.k_norm_w, L.k_norm_b, L.eps, head, kh);
+    }
+    sq::kv_store(k_heads, ld_qkv, v_heads, ld_qkv, cos, sin, rope_dim, k_cache, v_cache, step.slots, kvh, d, bi, g,
+                 &L.kv_quant);
+  }
+  sq::for_attention_share(b, nh, kvh, tid, nt, [&](int bi, int g, int j0, int j1) {
+    if (std::is_same_v<C, int8_t> && step.context_lens[bi] == 1)  // nothing cached before: its own float v
+      return sq::own_value(v_heads, ld_qkv, bi, g, j0, j1, nh, kvh, d, attn);
+    for (int hd = g * (nh / kvh) + j0; hd < g * (nh / kvh) + j1 && L.q_norm_w; ++hd) {
+      float* qh = qkv + (size_t)bi * ld_qkv + (size_t)hd * d;
+      sq::norm_row(qh, nullptr, d, L.q_norm_w, L.q_norm_b, L.eps, head, qh);
+    }
+    sq::attend_group<C>(qkv, ld_qkv, cos, sin, rope_dim, k_cache, v_cache, step.block_tables, step.max_blocks,
+                        step.context_lens, step.block_size, nh, kvh, d, d, L.attn_scale, bi, g, j0, j1, &L.kv_quant,
+                        attn);
+  });
+}
+
+// What an MLA layer's attention shares across the team: kv_a_proj_with_mqa's rows [B, R + rope] (where q_proj is
+// separate), q_b_proj's [B, NH * (nope + rope)], the absorbed queries [B, NH, R + rope], the latent outputs
+// [B, NH, R].
+struct MlaShared {
+  float *kv_a, *q, *q_full, *latent;
+};
+
+// fn(w) with kv_b_proj's weight [NH, nope + V, R] as its element type (fp32 or bf16).
+template <class Fn>
+void with_kv_b(const SqMla& a, const Fn& fn) {
+  if (a.kv_b_bf16) fn(static_cast<const uint16_t*>(a.kv_b));
+  else fn(static_cast<const float*>(a.kv_b));
+}
+
+// MLA attention of the normed rows [B, H] into attn [B, NH * V], the per-op path's absorbed decode step by step
+// (DeepseekMLA, MLAttention._decode_absorbed): q_a | kv_a (or q_proj, kv_a) -> q_a normed -> q_b; each row's latent
+// normed and k_pe rotated into the cache; per head q_nope @ W_UK beside the rotated q_pe, attention over the latent
+// rows, @ W_UV^T. Every thread of the team calls it (it holds barriers); the caller's barrier ends it.
+template <class C>
+void mla_slice(const SqDecoderLayer& L, C* cache, const SqStep& step, const float* cos, const float* sin,
+               int rope_dim, const float* normed, int tid, int nt, ThreadScratch& t, float* qkv, const MlaShared& s,
+               float* attn) {
+  const SqMla& a = L.mla;
+  const int b = step.batch, nh = L.num_heads, r = a.rank, qk = a.nope + a.rope, d = r + a.rope, q_r = a.q_lora_rank;
+  linear_slice(L.qkv, normed, b, L.hidden, tid, nt, t, qkv);
+  if (q_r == 0) linear_slice(a.kv_a, normed, b, L.hidden, tid, nt, t, s.kv_a);
+#pragma omp barrier
+  const float* q = q_r ? s.q : qkv;
+  const float* kv_a = q_r ? qkv + q_r : s.kv_a;
+  const int ldq = q_r ? a.q_b.n : L.qkv.n, ld_kv = q_r ? L.qkv.n : a.kv_a.n;
+  if (q_r) {  // every thread: q_a's rows normed (its own copy), then its slice of q_b_proj
+    float* q_a = scratch(t.q_a, (size_t)b * q_r);
+    for (int i = 0; i < b; ++i)
+      sq::norm_row(qkv + (size_t)i * L.qkv.n, nullptr, q_r, a.q_a_norm_w, a.q_a_norm_b, L.eps,
+                   scratch(t.sums, q_r), q_a + (size_t)i * q_r);
+    linear_slice(a.q_b, q_a, b, q_r, tid, nt, t, s.q);
+  }
+  float* entry = scratch(t.entry, d);
+#pragma omp for schedule(static)
+  for (int i = 0; i < b; ++i) {  // the new rows' cache entries: [normed latent | rotated k_pe]
+    const float* row = kv_a + (size_t)i * ld_kv;
+    sq::norm_row(row, nullptr, r, a.kv_a_norm_w, a.kv_a_norm_b, L.eps, scratch(t.sums, r), entry);
+    sq::rope_mla(row + r, cos + (size_t)i * rope_dim, sin + (size_t)i * rope_dim, a.rope, a.interleave, entry + r);
+    sq::mla_store(entry, d, cache, step.slots[i]);
+  }  // the loop's barrier: q_b's rows are complete too
+  int h0, h1;
+  slice(nh, tid, nt, h0, h1);
+  const int64_t ld_head = (int64_t)(a.nope + a.v_dim) * r;  // kv_b_proj's values per head
+  with_kv_b(a, [&](auto w) {
+    for (int hd = h0; hd < h1; ++hd) {  // the absorbed queries: [q_nope @ W_UK | rotated q_pe]
+      sq::head_product(q + (size_t)hd * qk, b, a.nope, ldq, w + hd * ld_head, r, r, false, s.q_full + (size_t)hd * d,
+                       (int64_t)nh * d);
+      for (int i = 0; i < b; ++i)
+        sq::rope_mla(q + (size_t)i * ldq + (size_t)hd * qk + a.nope, cos + (size_t)i * rope_dim,
+                     sin + (size_t)i * rope_dim, a.rope, a.interleave, s.q_full + ((size_t)i * nh + hd) * d + r);
+    }
+  });
+#pragma omp barrier
+  sq::for_attention_share(b, nh, 1, tid, nt, [&](int bi, int g, int j0, int j1) {
+    sq::attend_group<C>(s.q_full, nh * d, nullptr, nullptr, 0, cache, cache, step.block_tables, step.max_blocks,
+                        step.context_lens, step.block_size, nh, 1, d, r, L.attn_scale, bi, g, j0, j1, nullptr,
+                        s.latent);
+  });
+#pragma omp barrier
+  with_kv_b(a, [&](auto w) {
+    for (int hd = h0; hd < h1; ++hd)  // the heads' outputs: latent @ W_UV^T
+      sq::head_product(s.latent + (size_t)hd * r, b, r, (int64_t)nh * r, w + hd * ld_head + (int64_t)a.nope * r,
+                       a.v_dim, r, true, attn + (size_t)hd * a.v_dim, (int64_t)nh * a.v_dim);
+  });
+}
+
 // Every layer of a decoder stack, in one parallel region: x [B, H] (the embeddings) in, out [B, H] (the last
 // layer's MLP output) and residual [B, H] written; one pair of caches per layer, of element C (float, uint16_t
 // holding bf16, or int8_t with each layer's kv_quant); cos / sin [B, rope_dim] (null: no rope; rope_dim < D: on the
@@ -314,19 +423,20 @@ template <class C>
 int decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* const* v_caches, int num_layers,
                   const SqStep& step, const SqRanks* ranks, const float* x, float* residual, float* out,
                   const float* cos, const float* sin, int rope_dim) {
-  const int b = step.batch, max_blocks = step.max_blocks, block_size = step.block_size;
-  const int64_t* slots = step.slots;
-  const int32_t *block_tables = step.block_tables, *context_lens = step.context_lens;
-  int max_qkv = 0, max_attn = 0, max_inter = 0, max_d = 0, max_experts = 0, max_top_k = 0, max_moe_inter = 0;
+  const int b = step.batch;
+  int max_qkv = 0, max_attn = 0, max_inter = 0, max_experts = 0, max_top_k = 0, max_moe_inter = 0;
+  int max_kv_a = 0, max_q = 0, max_latent = 0;  // MLA layers': kv_a_proj's rows, q_b_proj's, NH * R
   for (int l = 0; l < num_layers; ++l) {
     const SqDecoderLayer& L = *layers[l];
     max_qkv = std::max(max_qkv, L.qkv.n);
     max_attn = std::max(max_attn, L.num_heads * L.head_dim);
     max_inter = std::max({max_inter, L.inter, L.moe.shared_inter});
-    max_d = std::max(max_d, L.head_dim);
     max_experts = std::max(max_experts, L.moe.num_experts);
     max_top_k = std::max(max_top_k, L.moe.top_k);
     if (L.moe.num_experts > 0) max_moe_inter = std::max(max_moe_inter, L.inter);
+    max_kv_a = std::max(max_kv_a, L.mla.kv_a.n);
+    max_q = std::max(max_q, L.mla.q_b.n);
+    max_latent = std::max(max_latent, L.num_heads * L.mla.rank);
   }
   const int h = layers[0]->hidden;
   thread_local std::vector<float> qkv_buf, attn_buf, o_buf, gu_buf, act_buf;  // shared by the team
@@ -346,49 +456,30 @@ int decoder_stack(const SqDecoderLayer* const* layers, C* const* k_caches, C* co
   thread_local std::vector<int32_t> acc_buf;
   if (acc_buf.size() < (size_t)b * h) acc_buf.resize((size_t)b * h);  // the row-parallel linears' outputs: [B, H]
   SplitKShared shared{scratch(absmax_buf, b), acc_buf.data(), 0};
+  thread_local std::vector<float> kv_a_buf, q_buf, q_full_buf, latent_buf;
+  const MlaShared mla{scratch(kv_a_buf, (size_t)b * max_kv_a), scratch(q_buf, (size_t)b * max_q),
+                      scratch(q_full_buf, (size_t)b * max_attn), scratch(latent_buf, (size_t)b * max_latent)};
 #pragma omp parallel
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
     thread_local ThreadScratch t;
     float* res = scratch(t.residual, (size_t)b * h);
     float* normed = scratch(t.normed, (size_t)b * h);
-    float* head = scratch(t.head, max_d);
     scratch(t.scales, b);
     for (int l = 0; l < num_layers; ++l) {
       const SqDecoderLayer& L = *layers[l];
-      const int d = L.head_dim, nh = L.num_heads, kvh = L.num_kv_heads, ld_qkv = L.qkv.n;
       const float* in = l == 0 ? x : out;
       // every thread: s = x + residual into its own residual copy, the normed rows, their quantization
       for (int i = 0; i < b; ++i)
         sq::norm_row(in + (size_t)i * h, l == 0 ? nullptr : res + (size_t)i * h, h, L.in_norm_w, L.in_norm_b,
                      L.eps, res + (size_t)i * h, normed + (size_t)i * h);
-      linear_slice(L.qkv, normed, b, h, tid, nt, t, qkv);
-#pragma omp barrier
-      // the new token's k (normed per head: Qwen3; rotated) and v into the cache; then attention per head
-      float* k_heads = qkv + (size_t)nh * d;
-      const float* v_heads = k_heads + (size_t)kvh * d;
-#pragma omp for schedule(static)
-      for (int it = 0; it < b * kvh; ++it) {
-        const int bi = it / kvh, g = it % kvh;
-        if (L.k_norm_w) {
-          float* kh = k_heads + (size_t)bi * ld_qkv + (size_t)g * d;
-          sq::norm_row(kh, nullptr, d, L.k_norm_w, L.k_norm_b, L.eps, head, kh);
-        }
-        sq::kv_store(k_heads, ld_qkv, v_heads, ld_qkv, cos, sin, rope_dim, k_caches[l], v_caches[l], slots, kvh, d,
-                     bi, g, &L.kv_quant);
+      if (L.mla.rank == 0) {
+        attention_slice(L, k_caches[l], v_caches[l], step, cos, sin, rope_dim, normed, tid, nt, t, qkv, attn);
+      } else if constexpr (!std::is_same_v<C, int8_t>) {  // MLA caches no int8 rows (the plan says so)
+        mla_slice(L, k_caches[l], step, cos, sin, rope_dim, normed, tid, nt, t, qkv, mla, attn);
       }
-      sq::for_attention_share(b, nh, kvh, tid, nt, [&](int bi, int g, int j0, int j1) {
-        if (std::is_same_v<C, int8_t> && context_lens[bi] == 1)  // nothing cached before: its own float v
-          return sq::own_value(v_heads, ld_qkv, bi, g, j0, j1, nh, kvh, d, attn);
-        for (int hd = g * (nh / kvh) + j0; hd < g * (nh / kvh) + j1 && L.q_norm_w; ++hd) {
-          float* qh = qkv + (size_t)bi * ld_qkv + (size_t)hd * d;
-          sq::norm_row(qh, nullptr, d, L.q_norm_w, L.q_norm_b, L.eps, head, qh);
-        }
-        sq::attend_group<C>(qkv, ld_qkv, cos, sin, rope_dim, k_caches[l], v_caches[l], block_tables, max_blocks,
-                            context_lens, block_size, nh, kvh, d, d, L.attn_scale, bi, g, j0, j1, &L.kv_quant, attn);
-      });
 #pragma omp barrier
-      output_slice(L.o, attn, b, nh * d, tid, nt, t, ranks, shared, o);
+      output_slice(L.o, attn, b, L.o.k, tid, nt, t, ranks, shared, o);
 #pragma omp barrier
       for (int i = 0; i < b; ++i)
         sq::norm_row(o + (size_t)i * h, res + (size_t)i * h, h, L.post_norm_w, L.post_norm_b, L.eps,
