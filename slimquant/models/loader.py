@@ -58,6 +58,8 @@ def load_model(
     _check_folder(path)
     quantized = _use_ascend(path, quantization)
     config = _read_config(path, trust_remote_code)
+    if not quantized:
+        _check_float(path, config)
     backend = select_backend(device, kernels or KernelConfig(), enforce_eager, tp)
     torch_dtype = resolve_dtype(dtype, config, device, quantized, native=backend.name == "cpu-native")
     model_dtype = resolve_dtype(dtype, config)  # vLLM-Ascend's: dtype= where given, else the checkpoint's
@@ -106,6 +108,19 @@ def _read_config(path: str, trust_remote_code: bool):
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a field of the wrong type
         raise ValueError(f"{path}/config.json cannot be read as a model config: {e}") from e
+
+
+def _check_float(path: str, config) -> None:
+    """A folder loaded as a float model holds float weights: ValueError for another quantization's release (its
+    weights would load without their scales)."""
+    if (qc := getattr(config, "quantization_config", None)) is None:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    raise ValueError(
+        f"{path} is a {method!r}-quantized release (config.json's quantization_config), which slimquant does not "
+        f"run: convert it with `slimquant quantize {path} OUT --type w8a8_dynamic` (it reads FP8 and 8-bit "
+        "compressed-tensors releases) and run OUT, or start from the model's bf16 release"
+    )
 
 
 def _check_folder(path: str) -> None:

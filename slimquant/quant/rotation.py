@@ -108,10 +108,6 @@ class RotatedSource:
         self.head_rotation = rotation_matrix(int(ckpt.config.get("head_dim") or hidden // heads), seed + 1)  # [D, D]
         self._tied = bool(ckpt.config.get("tie_word_embeddings")) and HEAD not in ckpt
 
-    @property
-    def is_fp8(self) -> bool:
-        return self._src.is_fp8
-
     def keys(self) -> list[str]:
         """The source's tensors, plus an LM head of its own where the source ties it to the embeddings."""
         return self._src.keys() + ([HEAD] if self._tied else [])

@@ -92,6 +92,18 @@ def test_bad_options(tiny_model, kwargs):
         load_model(str(tiny_model("llama")), **kwargs)
 
 
+@pytest.mark.parametrize("method", ["fp8", "compressed-tensors", "gptq"])
+def test_a_quantized_release_is_not_loaded_as_float(tiny_model, tmp_path, method):
+    """An FP8 (or other quantized) release loaded as float would take its weights without their scales: refused,
+    with the conversion that reads it."""
+    folder = tmp_path / "release"
+    shutil.copytree(tiny_model("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": method}}))
+    with pytest.raises(ValueError, match=f"is a '{method}'-quantized release .* `slimquant quantize "):
+        load_model(str(folder))
+
+
 def test_unsupported_rope_type():
     with pytest.raises(ValueError, match="rope type 'longrope' is not supported.*llama3"):
         inverse_frequencies(16, {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0})
