@@ -18,7 +18,8 @@ per rank), each rank switching alike, rank 0's rates printed.
 
 With --glm the same table for a GLM-4.5-Air-shaped model (GLM_45_AIR_SHAPE: every layer MoE, 64 routed experts of
 1408 and a shared one, the biased sigmoid router, rope on half of each head; random weights); with --deepseek for the
-DeepSeek-V2-Lite-shaped model above (MLA decode absorbed in the whole step; --layers does not apply).
+DeepSeek-V2-Lite-shaped model above (MLA decode absorbed in the whole step; --layers does not apply), with
+--deepseek-v3 for a DeepSeek-V3 / Kimi-K2-shaped one (DEEPSEEK_V3_SHAPE: 128 heads, q_lora; 16 routed experts).
 
 With --router only a router table runs: Qwen3-MoE's softmax router and DeepSeek-V3 / Kimi-K2 / GLM-4.5's biased
 sigmoid one (TopkRouter) on T random rows at their shapes, TorchOps' torch ops against NativeOps' one call
@@ -35,7 +36,7 @@ between the linears from Python; in one call, from inside it. The model table is
 
     .venv/bin/python bench/moe_cpu.py [--tokens 1,4,16,512] [--contexts 64,1024] [--streams 1,4,16]
         [--scheme w8a8_dynamic] [--rounds 5] [--tensor-parallel N] [--slots]
-        [--qwen3-moe | --glm | --deepseek [--layers 4] [--expert-parallel]] [--router]
+        [--qwen3-moe | --glm | --deepseek | --deepseek-v3 [--layers 4] [--expert-parallel]] [--router]
 
 Run it on a quiet machine: with 2 OpenMP threads, any other busy process stalls every parallel op.
 """
@@ -90,7 +91,20 @@ GLM_45_AIR_SHAPE = dict(
     topk_group=1, first_k_dense_replace=0, routed_scaling_factor=1.0, norm_topk_prob=True, use_qk_norm=False,
     attention_bias=True, vocab_size=32768, max_position_embeddings=131072,
 )  # fmt: skip
-MODEL_SHAPES = {"qwen3-30b-a3b": ("qwen3_moe", QWEN3_30B_A3B_SHAPE), "glm-4.5-air": ("glm4_moe", GLM_45_AIR_SHAPE)}
+# DeepSeek-V3 / Kimi-K2's layer shapes (hidden 7168, 128 heads, q_lora 1536, latent 512 + 64, experts of 2048 of
+# which 8 per token plus a shared one, the biased sigmoid router), the first layer dense, 16 of the routed experts
+# (the same work per token but the router's), a 4096-token vocabulary
+DEEPSEEK_V3_SHAPE = dict(
+    hidden_size=7168, num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, intermediate_size=18432, moe_intermediate_size=2048,
+    n_routed_experts=16, num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+    routed_scaling_factor=2.5, norm_topk_prob=True, vocab_size=4096, max_position_embeddings=8192,
+)  # fmt: skip
+MODEL_SHAPES = {
+    "qwen3-30b-a3b": ("qwen3_moe", QWEN3_30B_A3B_SHAPE),
+    "glm-4.5-air": ("glm4_moe", GLM_45_AIR_SHAPE),
+    "deepseek-v3": ("deepseek_v3", DEEPSEEK_V3_SHAPE),
+}
 
 
 def moe_model(name: str, layers: int) -> Path:
@@ -224,6 +238,7 @@ def main() -> None:
     ap.add_argument("--expert-parallel", action="store_true", help="--qwen3-moe on N ranks: whole experts per rank")
     ap.add_argument("--glm", action="store_true", help="--qwen3-moe's table for a GLM-4.5-Air-shaped model")
     ap.add_argument("--deepseek", action="store_true", help="--qwen3-moe's table for the DeepSeek-V2-Lite shape")
+    ap.add_argument("--deepseek-v3", action="store_true", help="--qwen3-moe's table for the DeepSeek-V3 shape")
     ap.add_argument("--router", action="store_true", help="only the routers' table: torch ops vs one call")
     args = ap.parse_args()
     if args.tensor_parallel < 1 or args.layers < 1:
@@ -236,8 +251,8 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|---|")
         print("\n".join(router_rows(args.tokens, args.rounds)), flush=True)
         return
-    if args.qwen3_moe or args.glm or args.deepseek:
-        name = "glm-4.5-air" if args.glm else "qwen3-30b-a3b"
+    if args.qwen3_moe or args.glm or args.deepseek or args.deepseek_v3:
+        name = "glm-4.5-air" if args.glm else "deepseek-v3" if args.deepseek_v3 else "qwen3-30b-a3b"
         model = deepseek_model() if args.deepseek else moe_model(name, args.layers)
         path = quantized(model, args.scheme)
         ranks = f", {size} ranks ({'expert parallel' if args.expert_parallel else 'experts split'})" if size > 1 else ""

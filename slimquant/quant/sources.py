@@ -51,11 +51,6 @@ def dequantize_weight(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, in
     return (w.float() * s).to(torch.bfloat16)
 
 
-def dequantize_fp8_block(w: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
-    """FP8 block dequant: w [M, N] fp8 * scale_inv [ceil(M/b), ceil(N/b)] repeated b x b -> bf16 [M, N]."""
-    return dequantize_weight(w, scale_inv, (block, block))
-
-
 def weight_scales(config: dict, path: Path) -> WeightScales | None:
     """The scales of the 8-bit weights config.json's quantization_config describes (None: a float checkpoint), or
     ValueError for a quantization whose weights cannot be dequantized here."""

@@ -13,38 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 from slimquant.quant.pipeline import quantize
-from slimquant.quant.sources import dequantize_fp8_block, dequantize_weight
+from slimquant.quant.sources import dequantize_weight
 from tests.quant.common import FAST, read_output, read_source
 
 FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
-
-
-def to_fp8_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [M, N] -> (fp8 [M, N], scale_inv fp32 [ceil(M/128), ceil(N/128)]), as DeepSeek-V3 checkpoints store."""
-    m, n = w.shape
-    scale = torch.zeros(math.ceil(m / 128), math.ceil(n / 128))
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            scale[i, j] = w[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128].float().abs().max() / 448.0
-    full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:m, :n]  # [M, N]
-    return (w.float() / full).to(torch.float8_e4m3fn), scale
-
-
-def write_pair(src, fp8_dir, bf16_dir) -> None:
-    """The same model as FP8 blocks (+quantization_config) and as their bf16 dequantization."""
-    fp8, deq = {}, {}
-    for name, t in read_source(src).items():
-        if t.dim() == 2 and "_proj" in name:
-            q, s = to_fp8_block(t)
-            fp8 |= {name: q, name + "_scale_inv": s}
-            deq[name] = dequantize_fp8_block(q, s)
-        else:
-            fp8[name] = deq[name] = t
-    for folder, tensors in ((fp8_dir, fp8), (bf16_dir, deq)):
-        shutil.copytree(src, folder, ignore=shutil.ignore_patterns("*.safetensors"))
-        save_file(tensors, str(folder / "model.safetensors"))
-    config = json.loads((fp8_dir / "config.json").read_text())
-    (fp8_dir / "config.json").write_text(json.dumps(config | {"quantization_config": FP8_CONFIG}))
 
 
 def test_fp8_block_source_matches_bf16_dequantization(tiny_model, tmp_path):
@@ -73,6 +45,7 @@ def ct_config(fmt: str, weights: dict) -> dict:
 FP8_MAX, INT8_MAX = 448.0, 127.0
 # name -> (quantization_config, stored dtype, scale layout: "tensor", "row" or (rows, columns) per block)
 SOURCES = {
+    "fp8 blocks of 128 (DeepSeek)": (FP8_CONFIG, torch.float8_e4m3fn, (128, 128)),
     "fp8 per tensor (vLLM)": ({"quant_method": "fp8", "activation_scheme": "dynamic"}, torch.float8_e4m3fn, "tensor"),
     "fp8 blocks of 64 x 32": (FP8_CONFIG | {"weight_block_size": [64, 32]}, torch.float8_e4m3fn, (64, 32)),
     "compressed-tensors fp8 per channel": (
@@ -116,14 +89,10 @@ def to_8bit(w: torch.Tensor, dtype: torch.dtype, layout) -> tuple[torch.Tensor, 
     return q, scale, (q.float() * full).to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("name", SOURCES)
-def test_8bit_sources_quantize_as_their_bf16_dequantization(tiny_model, tmp_path, name):
-    """FP8 per tensor or in blocks of another size, compressed-tensors FP8 / int8 per channel or block (GLM-4.5-FP8,
-    llm-compressor's FP8_DYNAMIC / W8A8): the quantizer reads each as the bf16 its weights and scales stand for;
-    companions it does not need (a static input_scale) are not carried over."""
+def write_pair(src, q_dir, bf16_dir, name: str = "fp8 blocks of 128 (DeepSeek)") -> None:
+    """The same model with its linears' weights as SOURCES[name] stores them (8-bit, their scales, a static
+    input_scale beside them, the quantization_config) and as the bf16 those stand for."""
     qc, dtype, layout = SOURCES[name]
-    src = tiny_model("llama", torch.bfloat16, hidden_size=160, intermediate_size=200, num_attention_heads=4)
-    q_dir, bf16_dir = tmp_path / "8bit", tmp_path / "bf16"
     suffix = "_scale_inv" if qc["quant_method"] == "fp8" and "weight_block_size" in qc else "_scale"
     stored, deq = {}, {}
     for key, t in read_source(src).items():
@@ -137,6 +106,16 @@ def test_8bit_sources_quantize_as_their_bf16_dequantization(tiny_model, tmp_path
         save_file(tensors, str(folder / "model.safetensors"))
     config = json.loads((q_dir / "config.json").read_text())
     (q_dir / "config.json").write_text(json.dumps(config | {"quantization_config": qc}))
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_8bit_sources_quantize_as_their_bf16_dequantization(tiny_model, tmp_path, name):
+    """FP8 per tensor or in blocks of another size, compressed-tensors FP8 / int8 per channel or block (GLM-4.5-FP8,
+    llm-compressor's FP8_DYNAMIC / W8A8): the quantizer reads each as the bf16 its weights and scales stand for;
+    companions it does not need (a static input_scale) are not carried over."""
+    src = tiny_model("llama", torch.bfloat16, hidden_size=160, intermediate_size=200, num_attention_heads=4)
+    q_dir, bf16_dir = tmp_path / "8bit", tmp_path / "bf16"
+    write_pair(src, q_dir, bf16_dir, name)
     a = read_output(quantize(q_dir, tmp_path / "q-a", "w8a8_dynamic", **FAST).output)
     b = read_output(quantize(bf16_dir, tmp_path / "q-b", "w8a8_dynamic", **FAST).output)
     assert a[0] == b[0] and a[1].keys() == b[1].keys()
