@@ -109,8 +109,6 @@ def decoder_layer_plan(lib: native.Library, parts: LayerParts) -> DecoderLayerPl
     if isinstance(moe, str):
         return moe
     mla = lib.structs["SqMla"]() if parts.mla is None else _mla_form(lib, parts.mla, linears, norms)
-    if isinstance(mla, str):
-        return mla
     no_norm = (None, None)
     norm_ptrs = {
         f"{short}_norm_{part}": _ptr(t)
