@@ -57,6 +57,8 @@ def weight_scales(config: dict, path: Path) -> WeightScales | None:
     qc = config.get("quantization_config")
     if qc is None:
         return None
+    if not isinstance(qc, dict):
+        raise ValueError(f"{path}/config.json: quantization_config is {qc!r}, not an object")
     method = qc.get("quant_method")
     if method == "fp8":  # DeepSeek / Qwen3 blocks, or vLLM's serialized per-tensor FP8
         block = qc.get("weight_block_size")
@@ -117,13 +119,14 @@ class HFCheckpoint:
         hidden = {w + suffix for w in self._quantized}
         hidden |= {k for k in names if declared and k.endswith(_COMPANIONS)}
         self._keys = [k for k in names if k not in hidden]
+        self._key_set = set(self._keys)  # membership per tensor name: a trillion-parameter MoE has 100k+ names
 
     def keys(self) -> list[str]:
         """Every logical tensor name (scales and other companions hidden)."""
         return list(self._keys)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._keys
+        return name in self._key_set
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor in float: 8-bit weights come back dequantized to bf16; ValueError for 8-bit weights without
