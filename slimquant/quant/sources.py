@@ -1,7 +1,7 @@
 """The quantizer's source: a Hugging Face folder of float weights (bf16 / fp16 / fp32), or of 8-bit weights with
 their scales, dequantized to bf16 on read: FP8 blocks (DeepSeek-V3, Kimi-K2, Qwen3-FP8: `weight_scale_inv`), vLLM's
-per-tensor FP8, and llm-compressor's compressed-tensors FP8 or int8 (GLM-4.5-FP8 and the FP8_DYNAMIC / W8A8 recipes:
-`weight_scale` per channel, per tensor or per block). Other quantized releases (int4 GPTQ / AWQ, bitsandbytes,
+per-tensor FP8, and llm-compressor's compressed-tensors FP8 or int8 (its FP8_DYNAMIC / W8A8 recipes: `weight_scale`
+per channel, per tensor or per block). Other quantized releases (int4 GPTQ / AWQ, bitsandbytes,
 MXFP4 ...) are refused by name: their float weights cannot be recovered here."""
 
 from __future__ import annotations

@@ -110,8 +110,8 @@ def write_pair(src, q_dir, bf16_dir, name: str = "fp8 blocks of 128 (DeepSeek)")
 
 @pytest.mark.parametrize("name", SOURCES)
 def test_8bit_sources_quantize_as_their_bf16_dequantization(tiny_model, tmp_path, name):
-    """FP8 per tensor or in blocks of another size, compressed-tensors FP8 / int8 per channel or block (GLM-4.5-FP8,
-    llm-compressor's FP8_DYNAMIC / W8A8): the quantizer reads each as the bf16 its weights and scales stand for;
+    """FP8 per tensor or in blocks of another size, compressed-tensors FP8 / int8 per channel or block
+    (llm-compressor's FP8_DYNAMIC / W8A8): the quantizer reads each as the bf16 its weights and scales stand for;
     companions it does not need (a static input_scale) are not carried over."""
     src = tiny_model("llama", torch.bfloat16, hidden_size=160, intermediate_size=200, num_attention_heads=4)
     q_dir, bf16_dir = tmp_path / "8bit", tmp_path / "bf16"
