@@ -17,7 +17,7 @@ import torch
 
 from slimquant.format.schemes import FLOAT, Scheme, parse_scheme
 
-ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "glm4_moe", "deepseek_v2", "deepseek_v3")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "glm4_moe", "deepseek_v2", "deepseek_v3")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -39,6 +39,7 @@ def tiny_config(arch: str, **overrides):
         Glm4MoeConfig,
         LlamaConfig,
         Qwen2Config,
+        Qwen2MoeConfig,
         Qwen3Config,
         Qwen3MoeConfig,
     )
@@ -63,6 +64,9 @@ def tiny_config(arch: str, **overrides):
         cfg = Qwen2Config(**kw)
     elif arch == "qwen3":
         cfg = Qwen3Config(**({"head_dim": 16} | kw))
+    elif arch == "qwen2_moe":  # layer 0 dense, layer 1 routed experts and the gated shared expert
+        moe = dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2)
+        cfg = Qwen2MoeConfig(**(moe | {"mlp_only_layers": [0]} | kw))
     elif arch == "qwen3_moe":  # layer 0 dense, layer 1 routed experts
         moe = dict(head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0])
         cfg = Qwen3MoeConfig(**(moe | {"norm_topk_prob": True} | kw))

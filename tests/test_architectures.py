@@ -19,6 +19,8 @@ from slimquant.random_models import make_tiny_model
         ("llama", {"attention_bias": True, "mlp_bias": True}),
         ("qwen2", {}),
         ("qwen3", {"attention_bias": True}),
+        ("qwen2_moe", {}),
+        ("qwen2_moe", {"qkv_bias": False}),
         ("glm4_moe", {}),
         ("glm4_moe", {"attention_bias": False, "use_qk_norm": True}),
         ("deepseek_v3", {"attention_bias": True}),

@@ -325,6 +325,8 @@ def _moe_form(lib: native.Library, moe: nn.Module, hidden: int, shared_inter: in
         return f"{experts.prefix}: a {router.scoring} router with {router.topk_method} top-k runs per op"
     if not experts.quantized:
         return f"{experts.prefix}: float experts run per op"
+    if moe.shared_expert_gate is not None:
+        return f"{moe.shared_expert_gate.prefix}: a gated shared expert (Qwen2-MoE) runs per op"
     w13, w2, s13, s2 = experts.w13, experts.w2, experts.w13_scale, experts.w2_scale
     weights_ok = all(is_native_weight(w) and w.is_contiguous() for w in (w13, w2))
     if not weights_ok or s13.dtype not in (torch.float32, torch.bfloat16) or s2.dtype != s13.dtype:
@@ -337,7 +339,7 @@ def _moe_form(lib: native.Library, moe: nn.Module, hidden: int, shared_inter: in
         return f"{experts.prefix}: a router bias of dtype {bias.dtype} runs per op"
     assert router.weight.dtype == torch.float32 and router.weight.is_contiguous() and w2.shape[1] == hidden
     assert s13.is_contiguous() and s2.is_contiguous() and w13.shape[0] == experts.num_local
-    assert (moe.shared_experts is not None) == (shared_inter > 0), "the plan holds the shared experts' linears"
+    assert (moe.shared is not None) == (shared_inter > 0), "the plan holds the shared experts' linears"
     return lib.structs["SqMoe"](
         num_experts=router.num_experts, first=experts.first, num_local=experts.num_local,
         split=int(experts.reduce.size > 1), swap=int(experts.expert_parallel), top_k=router.top_k,

@@ -44,6 +44,8 @@ MLA = (
     "self_attn.o_proj",
 )
 SHARED_EXPERTS = ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj")
+# Qwen2-MoE's one shared expert (its output times sigmoid(mlp.shared_expert_gate x), a float [1, H] linear)
+SHARED_EXPERT = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
 ROUTED_EXPERT = ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj")
 MLA_FUSED = (
     ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),  # fused_qkv_a_proj: one input_scale/offset
@@ -89,13 +91,14 @@ class ArchSpec:
     biases: tuple[tuple[str, str | None], ...] = (("self_attn.[qkvo]_proj", "attention_bias"), ("mlp.*", "mlp_bias"))
     int8_kv_cache: bool = True  # C8 scales are per k / v channel: standard attention (MLA caches a latent)
     expert_mlp: str | None = None  # MoE models: transformers' class of one expert's MLP (the quantizer unfuses them)
+    shared_experts: tuple[str, ...] = SHARED_EXPERTS  # a MoE layer's shared experts' linears, where it has them
 
     def layer_linears(self, config: dict, i: int) -> tuple[str, ...]:
         """Linears of decoder layer i (relative names): dense or MoE MLP, MLA with or without q_lora_rank."""
         present = [r for r in self.linears if r not in _absent(config, i)]
         if is_moe_layer(config, i):
             experts = [r.format(e=e) for e in range(num_routed_experts(config)) for r in ROUTED_EXPERT]
-            shared = list(SHARED_EXPERTS) if config_value(config, "n_shared_experts") else []
+            shared = list(self.shared_experts) if has_shared_experts(config) else []
             present = [r for r in present if r not in MLP] + shared + experts
         return tuple(present)
 
@@ -130,6 +133,12 @@ def config_value(config, key: str, default=None):
     """config[key] of a config.json dict, or the attribute of a transformers config; default where absent/None."""
     value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
     return default if value is None else value
+
+
+def has_shared_experts(config) -> bool:
+    """Whether a MoE layer has shared experts: DeepSeek's n_shared_experts, Qwen2-MoE's
+    shared_expert_intermediate_size."""
+    return bool(config_value(config, "n_shared_experts") or config_value(config, "shared_expert_intermediate_size"))
 
 
 def num_routed_experts(config) -> int:
@@ -203,6 +212,19 @@ ARCHS: dict[str, ArchSpec] = {
         "Qwen3RotaryEmbedding",
         w8a8_default_mix=DOWN_DYNAMIC_MIX,
         biases=(("self_attn.[qkvo]_proj", "attention_bias"),),
+    ),
+    "qwen2_moe": ArchSpec(
+        "Qwen2MoeForCausalLM",
+        "transformers.models.qwen2_moe.modeling_qwen2_moe",
+        "Qwen2MoeDecoderLayer",
+        "Qwen2MoeRotaryEmbedding",
+        fused=FUSED + (SHARED_EXPERT[:2],) + MOE_FUSED,
+        same_type=MOE_SAME_TYPE,
+        w8a8_mix=MLP_DYNAMIC_MIX,  # as ModelSlim's MoE recipes: attention static, every MLP linear dynamic
+        config_fields=MOE_CONFIG_FIELDS,
+        biases=(("self_attn.[qkv]_proj", "qkv_bias"),),
+        expert_mlp="Qwen2MoeMLP",
+        shared_experts=SHARED_EXPERT,
     ),
     "qwen3_moe": ArchSpec(
         "Qwen3MoeForCausalLM",

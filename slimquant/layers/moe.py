@@ -1,5 +1,5 @@
-"""Mixture of experts (DeepSeek V2 / V3, Kimi-K2, Qwen3-MoE): top-k router (grouped for DeepSeek), routed experts
-(float or W8A8_DYNAMIC), shared experts where the model has them.
+"""Mixture of experts (DeepSeek V2 / V3, Kimi-K2, Qwen2-MoE, Qwen3-MoE, GLM-4.5): top-k router (grouped for
+DeepSeek), routed experts (float or W8A8_DYNAMIC), shared experts where the model has them (Qwen2-MoE's gated).
 
 Routed experts are read from `<prefix>.{e}.{gate_proj,up_proj,down_proj}.*` and held packed as in vLLM:
 w13 [E, 2I, H] (gate rows first), w2 [E, H, I]; int8 scales w13_scale [E, 2I, 1], w2_scale [E, H, 1].
@@ -29,9 +29,10 @@ from slimquant.format.safetensors_io import Part
 from slimquant.format.schemes import FLOAT
 from slimquant.format.validation import FLOAT_TENSOR, INT8_WEIGHT, WEIGHT_OFFSET, WEIGHT_SCALE
 from slimquant.kernels.int8_input import PER_TOKEN, Int8Rows
+from slimquant.layers.linear import Linear
 from slimquant.layers.mlp import GatedMLP, check_activation, dense_mlp
 from slimquant.layers.quant_config import QuantConfig
-from slimquant.layers.quant_methods import replace_param
+from slimquant.layers.quant_methods import UnquantizedMethod, replace_param
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 # A model's packed_modules_mapping entry for its routed experts (vLLM's FusedMoE: one layer of every expert's linears)
@@ -86,7 +87,8 @@ class TopkRouter(nn.Module):
         return self.scoring == "softmax" and (self.topk_method == "greedy" or every_group)
 
 
-SOFTMAX_GREEDY_MODELS = ("deepseek_v2", "qwen3_moe")  # model types whose router defaults to softmax + greedy top-k
+# model types whose router defaults to softmax + greedy top-k
+SOFTMAX_GREEDY_MODELS = ("deepseek_v2", "qwen2_moe", "qwen3_moe")
 
 
 def _check_routing(scoring: str, topk_method: str, num_experts: int, n_group: int, topk_group: int, top_k: int) -> None:
@@ -274,7 +276,8 @@ def _param(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> nn.Par
 
 
 class SparseMoE(nn.Module):
-    """Router + routed experts (+ shared experts where the config has them): y = experts(x) (+ shared(x))."""
+    """Router + routed experts (+ shared experts where the config has them): y = experts(x) (+ shared(x)), Qwen2-MoE's
+    shared expert times sigmoid(shared_expert_gate x)."""
 
     def __init__(self, config, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         super().__init__()
@@ -282,28 +285,54 @@ class SparseMoE(nn.Module):
         check_activation(config)
         self.gate = TopkRouter(config)
         self.experts = RoutedExperts(e, h, i, quant_config, f"{prefix}.experts", dtype, tp)
-        self.shared_experts = None
-        if getattr(config, "n_shared_experts", None):
-            bias = bool(getattr(config, "mlp_bias", False))
+        self.shared_experts = self.shared_expert = self.shared_expert_gate = None
+        bias = bool(getattr(config, "mlp_bias", False))
+        if getattr(config, "n_shared_experts", None):  # DeepSeek, GLM-4.5
             shared = i * config.n_shared_experts
             self.shared_experts = GatedMLP(h, shared, quant_config, f"{prefix}.shared_experts", dtype, bias, tp)
+        elif size := getattr(config, "shared_expert_intermediate_size", None):  # Qwen2-MoE
+            self.shared_expert = GatedMLP(h, size, quant_config, f"{prefix}.shared_expert", dtype, bias, tp)
+            self.shared_expert_gate = _float_linear(h, 1, quant_config, f"{prefix}.shared_expert_gate", dtype, tp)
 
     ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
     input_quant = None  # the router reads the float input too (PreNormDecoderLayer)
 
+    @property
+    def shared(self) -> GatedMLP | None:
+        """The shared experts' MLP (DeepSeek's shared_experts, Qwen2-MoE's shared_expert), or None."""
+        return self.shared_experts if self.shared_experts is not None else self.shared_expert
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H]
         weights, ids = self.gate(x)
-        if self.shared_experts is None:
+        if self.shared is None:
             return self.experts(x, weights, ids)
         x_in = self.ops.quantize_input(x, PER_TOKEN) if self._one_quantization() else x  # for both
-        return self.experts(x_in, weights, ids) + self.shared_experts(x_in)
+        shared = self.shared(x_in)  # [T, H]
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared  # [T, 1] * [T, H], as transformers
+        return self.experts(x_in, weights, ids) + shared
 
     def _one_quantization(self) -> bool:
         """Whether the routed and the shared experts quantize their input alike (per token) and the routed ones
         run grouped (where the ops take quantized input), so that it is quantized once for both."""
-        quant = self.shared_experts.input_quant
+        quant = self.shared.input_quant
         return self.experts.grouped and quant is not None and quant.inv_scale is None
+
+
+def _float_linear(
+    hidden: int, out: int, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, tp: TensorParallel
+) -> Linear:
+    """A float linear every rank holds whole (Qwen2-MoE's shared_expert_gate: vLLM builds it with quant_config
+    None); ValueError where the checkpoint quantized it."""
+    linear = Linear(hidden, [out], bias=False, quant_config=quant_config, prefix=prefix, dtype=dtype, tp=tp)
+    if not isinstance(linear.method, UnquantizedMethod):
+        raise ValueError(
+            f"{prefix} is quantized in quant_model_description.json, but vLLM and vLLM-Ascend build it float "
+            "(quant_config=None), so neither loads it: re-quantize the model with `slimquant quantize`, which "
+            "keeps it float"
+        )
+    return linear
 
 
 def sparse_or_dense_mlp(

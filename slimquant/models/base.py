@@ -68,7 +68,7 @@ class PreNormDecoderLayer(nn.Module):
         """stack_parts' MLP half: the dense MLP's (or a MoE layer's shared experts') gate_up / down, and the routed
         experts (a layers.moe.SparseMoE) or None."""
         moe = self.mlp if isinstance(self.mlp, SparseMoE) else None
-        dense = self.mlp if moe is None else moe.shared_experts
+        dense = self.mlp if moe is None else moe.shared
         linears = {} if dense is None else {"gate_up": dense.gate_up_proj, "down": dense.down_proj}
         return linears, moe
 

@@ -9,6 +9,7 @@ from slimquant.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCau
 from slimquant.models.glm4_moe import Glm4MoeForCausalLM
 from slimquant.models.llama import LlamaForCausalLM
 from slimquant.models.qwen2 import Qwen2ForCausalLM
+from slimquant.models.qwen2_moe import Qwen2MoeForCausalLM
 from slimquant.models.qwen3 import Qwen3ForCausalLM
 from slimquant.models.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -17,6 +18,7 @@ MODELS: dict[str, type[nn.Module]] = {
     for cls in (
         LlamaForCausalLM,
         Qwen2ForCausalLM,
+        Qwen2MoeForCausalLM,
         Qwen3ForCausalLM,
         Qwen3MoeForCausalLM,
         DeepseekV2ForCausalLM,

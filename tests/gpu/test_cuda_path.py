@@ -212,10 +212,10 @@ def test_deepseek_mla_moe_matches_reference(tiny_model, tmp_path, arch, override
     assert_close(_logits_on_cuda(dst), reference_logits(reference_model(src, dst, torch.float32), PROMPT), rel=1e-3)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "glm4_moe"])
 def test_llama_shaped_moe_matches_reference(tiny_model, tmp_path, arch):
-    """Qwen3-MoE's int8 experts (no shared experts) and GLM-4.5's (shared experts, sigmoid router, rope on half of
-    each head) in the grouped kernels, attention static."""
+    """Qwen3-MoE's int8 experts (no shared experts), Qwen2-MoE's (a gated shared expert) and GLM-4.5's (shared
+    experts, sigmoid router, rope on half of each head) in the grouped kernels, attention static."""
     from tests.models.test_model_qwen3_moe import moe_mix
 
     src = tiny_model(arch)

@@ -1,4 +1,5 @@
-"""Float path: our llama/qwen2/qwen3/qwen3_moe/glm4_moe code equals transformers' logits through the paged KV cache."""
+"""Float path: our llama / qwen2 / qwen3 / qwen2_moe / qwen3_moe / glm4_moe code equals transformers' logits through
+the paged KV cache."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from slimquant.models.loader import load_model
 from tests.models.paged import PROMPT, PagedRunner, assert_close, hf_logits
 
-ARCHS = ["llama", "qwen2", "qwen3", "qwen3_moe", "glm4_moe"]
+ARCHS = ["llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "glm4_moe"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

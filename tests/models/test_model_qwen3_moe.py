@@ -35,7 +35,8 @@ def experts_float(prefix: str) -> str:
     return "FLOAT" if ".mlp.experts." in prefix else "W8A8"
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe"])  # GLM-4.5: shared experts, biased router, half rope
+# Qwen2-MoE: q/k/v biases, the gated shared expert; GLM-4.5: shared experts, biased router, half rope
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "glm4_moe"])
 @pytest.mark.parametrize("scheme", [moe_mix, dynamic, experts_float])
 @pytest.mark.parametrize("layout", ["slimquant", "v1"])
 def test_quantized_matches_reference(tiny_model, tmp_path, arch, scheme, layout):

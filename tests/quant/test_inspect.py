@@ -68,6 +68,7 @@ def rewrite(src: Path, dst: Path, drop=(), change=None, describe=None) -> Path:
         ("qwen3", "w8a8", {"kv_cache": "int8"}),
         ("qwen3_moe", "w8a8", {"kv_cache": "int8"}),  # C8 with routed experts
         ("glm4_moe", "w8a8", {"kv_cache": "int8"}),  # shared experts, q/k/v biases, C8 over partial rope
+        ("qwen2_moe", "w8a8", {}),  # the gated shared expert, its gate float
     ],
 )
 def test_our_checkpoints_break_no_rule(tiny_model, tmp_path, arch, quant_type, options):

@@ -157,7 +157,7 @@ def test_decode_splits_fill_the_gpu_only_where_few_programs_run():
     assert cuda_layers.decode_splits(b=64, kvh=4, w=256) == 1  # 256 programs already
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "glm4_moe"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen2_moe", "glm4_moe"])
 def test_model_on_triton_layers_matches_torch_path(tiny_model, monkeypatch, arch):
     """A bf16 model's logits (a prefill chunk, then decode steps of two sequences) with the CUDA path's layer
     kernels standing in for the torch ops, against the torch ops."""

@@ -1,0 +1,41 @@
+"""Qwen2-MoE split over ranks, with and without expert parallel: every rank returns one process's greedy tokens and
+logprobs, bit for bit, for float, all-W8A8_DYNAMIC and the MoE mix checkpoints, on torch-reference and on cpu-native
+(q/k/v biases, the shared expert split like a dense MLP, its float gate whole on every rank)."""
+
+from __future__ import annotations
+
+import pytest
+
+from slimquant.distributed.launch import run_ranks
+from slimquant.kernels import native
+from tests.distributed.test_tensor_parallel_deepseek import rank_generate, rank_generate_native
+from tests.distributed.test_tensor_parallel_qwen3_moe import moe_checkpoints
+
+
+@pytest.fixture(scope="module")
+def qwen2_moe(tiny_model, tmp_path_factory) -> dict[str, str]:
+    return moe_checkpoints(tiny_model, tmp_path_factory, "qwen2_moe")
+
+
+@pytest.fixture(scope="module")
+def one_process(qwen2_moe) -> list:
+    (outs,) = run_ranks(rank_generate, 1, list(qwen2_moe.values()), False)
+    return outs
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_every_rank_returns_one_process_tokens_and_logprobs(qwen2_moe, one_process, expert_parallel):
+    size = 2
+    for rank, got in enumerate(run_ranks(rank_generate, size, list(qwen2_moe.values()), expert_parallel)):
+        for name, outs, want in zip(qwen2_moe, got, one_process, strict=True):
+            assert outs == want, f"{name}: rank {rank} of {size} (ep={expert_parallel}) differs"
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+def test_native_ranks_return_one_native_process_results(qwen2_moe):
+    """cpu-native ranks, their int8 experts split in the experts' native call."""
+    paths = [qwen2_moe["W8A8_DYNAMIC"], qwen2_moe["mix"]]
+    ((one, _),) = run_ranks(rank_generate_native, 1, paths)
+    for rank, (got, split_calls) in enumerate(run_ranks(rank_generate_native, 2, paths)):
+        assert got == one, f"rank {rank} of 2 differs from one process"
+        assert split_calls > 0
