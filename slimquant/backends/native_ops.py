@@ -206,18 +206,18 @@ class NativeOps(TorchOps):
 
     # ---- MoE ----
 
-    def softmax_topk(self, x, weight, top_k, renormalize, scaling):
+    def softmax_topk(self, x, weight, top_k, renormalize, scaling, n_group=1, topk_group=1):
         """The router in one native call (csrc/moe_cpu.cpp), in the serial pieces the decoder stack routes with:
         a MoE layer routes alike per op and in the whole step. Other inputs: TorchOps'."""
         rows_ok = x.dim() == 2 and x.stride(-1) == 1 and _fp32(x, weight) and weight.is_contiguous()  # [T, H]
         if not rows_ok or x.shape[1] != weight.shape[1]:
-            return super().softmax_topk(x, weight, top_k, renormalize, scaling)
+            return super().softmax_topk(x, weight, top_k, renormalize, scaling, n_group, topk_group)
         t, logits = x.shape[0], _blas_logits(x, weight)
         ids, weights = torch.empty(t, top_k, dtype=torch.int64), torch.empty(t, top_k)  # [T, K] each
         self.lib.sq_moe_route(
             x=x.data_ptr(), t=t, h=x.shape[1], ldx=x.stride(0), router=weight.data_ptr(), num_experts=weight.shape[0],
-            logits=_ptr(logits), top_k=top_k, renormalize=int(renormalize), scaling=scaling, ids=ids.data_ptr(),
-            weights=weights.data_ptr(),
+            logits=_ptr(logits), n_group=n_group, topk_group=topk_group, top_k=top_k, renormalize=int(renormalize),
+            scaling=scaling, ids=ids.data_ptr(), weights=weights.data_ptr(),
         )  # fmt: skip
         return weights, ids
 

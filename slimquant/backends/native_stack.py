@@ -346,7 +346,7 @@ def _moe_form(lib: native.Library, moe: nn.Module, hidden: int, shared_inter: in
         renormalize=int(router.norm_topk_prob), scaling=router.scaling,
         router=router.weight.data_ptr(), w13=w13.data_ptr(), kp13=w13.shape[2], w2=w2.data_ptr(), kp2=w2.shape[2],
         s13=s13.data_ptr(), s2=s2.data_ptr(), scales_bf16=int(s13.dtype == torch.bfloat16), bias=_ptr(bias),
-        n_group=router.n_group, topk_group=router.topk_group, shared_inter=shared_inter,
+        n_group=router.groups[0], topk_group=router.groups[1], shared_inter=shared_inter,
     )  # fmt: skip
 
 

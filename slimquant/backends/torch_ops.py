@@ -241,12 +241,21 @@ class TorchOps:
     # ---- MoE ----
 
     def softmax_topk(
-        self, x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool, scaling: float
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        top_k: int,
+        renormalize: bool,
+        scaling: float,
+        n_group: int = 1,
+        topk_group: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A softmax router: x [T, H] @ weight fp32 [E, H]^T in fp32, softmax, each row's top_k largest ->
-        (weights fp32 [T, K], ids [T, K]), the weights divided by their sum where renormalize, times scaling."""
+        """A softmax router: x [T, H] @ weight fp32 [E, H]^T in fp32, softmax, each row's top_k largest (where
+        topk_group < n_group, in the topk_group groups whose best score is largest: DeepSeek-V2's
+        group_limited_greedy) -> (weights fp32 [T, K], ids [T, K]), the weights divided by their sum where
+        renormalize, times scaling."""
         scores = F.linear(x.float(), weight.float()).softmax(dim=-1)  # [T, E]
-        weights, ids = torch.topk(scores, top_k, dim=-1)
+        weights, ids = torch.topk(best_groups_only(scores, n_group, topk_group), top_k, dim=-1)
         return routing_weights(weights, renormalize, scaling), ids
 
     def biased_group_topk(
@@ -417,6 +426,15 @@ def group_masked(scores: torch.Tensor, group_scores: torch.Tensor, topk_group: i
     group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # [T, G]
     mask = group_mask[:, :, None].expand(-1, -1, scores.shape[1] // group_scores.shape[1]).reshape(scores.shape)
     return scores.masked_fill(~mask.bool(), fill)
+
+
+def best_groups_only(scores: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """scores [T, E] > 0 with 0 outside each row's topk_group groups (of n_group) whose best score is largest
+    (DeepSeek-V2's group_limited_greedy); scores themselves where topk_group >= n_group."""
+    if topk_group >= n_group:
+        return scores
+    group_scores = scores.view(scores.shape[0], n_group, -1).max(dim=-1).values  # [T, G]
+    return group_masked(scores, group_scores, topk_group, 0.0)
 
 
 def routing_weights(weights: torch.Tensor, renormalize: bool, scaling: float) -> torch.Tensor:

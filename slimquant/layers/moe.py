@@ -22,7 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimquant.backends.torch_ops import TORCH_OPS, TorchOps, add_in_expert_order, group_masked, routing_weights
+from slimquant.backends.torch_ops import (
+    TORCH_OPS,
+    TorchOps,
+    add_in_expert_order,
+    best_groups_only,
+    routing_weights,
+)
 from slimquant.distributed.tensor_parallel import SINGLE, TensorParallel
 from slimquant.format.architectures import is_moe_layer, num_routed_experts
 from slimquant.format.safetensors_io import Part
@@ -64,27 +70,27 @@ class TopkRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [T, H] -> weights fp32, ids: [T, K]
         if self.plain_softmax:  # one op, which the native backend runs in one call
-            return self.ops.softmax_topk(x, self.weight, self.top_k, self.norm_topk_prob, self.scaling)
+            return self.ops.softmax_topk(x, self.weight, self.top_k, self.norm_topk_prob, self.scaling, *self.groups)
         if self.topk_method == "noaux_tc":  # sigmoid scores whose bias picks the experts: one op too
-            bias, groups = self.e_score_correction_bias, (self.n_group, self.topk_group)
+            bias = self.e_score_correction_bias
             return self.ops.biased_group_topk(
-                x, self.weight, bias, *groups, self.top_k, self.norm_topk_prob, self.scaling
+                x, self.weight, bias, *self.groups, self.top_k, self.norm_topk_prob, self.scaling
             )
         scores = F.linear(x.float(), self.weight.float())  # [T, E]
-        scores = scores.sigmoid() if self.scoring == "sigmoid" else scores.softmax(dim=-1)
-        if self.topk_method == "group_limited_greedy":
-            group_scores = scores.view(-1, self.n_group, self.num_experts // self.n_group).max(dim=-1).values
-            weights, ids = torch.topk(group_masked(scores, group_scores, self.topk_group, 0.0), self.top_k, dim=-1)
-        else:
-            weights, ids = torch.topk(scores, self.top_k, dim=-1)
+        scores = scores.sigmoid()  # greedy or group-limited (softmax scores took ops.softmax_topk)
+        weights, ids = torch.topk(best_groups_only(scores, *self.groups), self.top_k, dim=-1)
         return routing_weights(weights, self.norm_topk_prob, self.scaling), ids
 
     @property
     def plain_softmax(self) -> bool:
-        """Whether it routes by softmax and a greedy top-k (Qwen3-MoE, DeepSeek-V2-Lite), or a group limit that keeps
-        every group (the same experts): ops.softmax_topk."""
-        every_group = self.topk_method == "group_limited_greedy" and self.topk_group >= self.n_group
-        return self.scoring == "softmax" and (self.topk_method == "greedy" or every_group)
+        """Whether it routes by softmax and a greedy top-k (Qwen2 / Qwen3-MoE, DeepSeek-V2-Lite) or one limited to
+        the best groups (DeepSeek-V2): ops.softmax_topk."""
+        return self.scoring == "softmax" and self.topk_method in ("greedy", "group_limited_greedy")
+
+    @property
+    def groups(self) -> tuple[int, int]:
+        """(n_group, topk_group) that limit its top-k: (1, 1) for a greedy one."""
+        return (1, 1) if self.topk_method == "greedy" else (self.n_group, self.topk_group)
 
 
 # model types whose router defaults to softmax + greedy top-k

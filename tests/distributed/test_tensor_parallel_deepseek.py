@@ -170,13 +170,12 @@ def test_serve_expert_parallel_answers_as_one_process(deepseek):
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
 @pytest.mark.parametrize("expert_parallel", [False, True])
 def test_native_ranks_run_mla_layers_in_the_whole_step(deepseek, expert_parallel):
-    """2 cpu-native ranks decode DeepSeek-V3 in the whole-step native call: each rank's heads of MLA (q_b_proj and
-    kv_b_proj split, the latent projections whole), o_proj's int32 products reduced from inside the call, the
-    experts split (or whole, expert parallel). One process's bits."""
-    ((one, _, one_steps),) = run_ranks(rank_generate_stacked, 1, [deepseek["v3-mix"]], False)
+    """2 cpu-native ranks decode DeepSeek-V3 and V2 (its group-limited router) in the whole-step native call: each
+    rank's heads of MLA (q_b_proj and kv_b_proj split, the latent projections whole), o_proj's int32 products reduced
+    from inside the call, the experts split (or whole, expert parallel). One process's bits."""
+    paths = [deepseek["v3-mix"], deepseek["v2-mix"]]
+    ((one, _, one_steps),) = run_ranks(rank_generate_stacked, 1, paths, False)
     assert one_steps > 0
-    for rank, (got, notes, steps) in enumerate(
-        run_ranks(rank_generate_stacked, 2, [deepseek["v3-mix"]], expert_parallel)
-    ):
+    for rank, (got, notes, steps) in enumerate(run_ranks(rank_generate_stacked, 2, paths, expert_parallel)):
         assert got == one, f"rank {rank} of 2 (ep={expert_parallel}) differs from one process"
         assert steps > 0 and all("decode in one native call, reduced across 2 ranks from inside it" in n for n in notes)

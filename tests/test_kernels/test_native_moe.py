@@ -154,10 +154,17 @@ def test_deepseek_on_the_cpu_native_backend_gives_the_per_expert_logits(tiny_mod
     assert torch.equal(grouped, logits())
 
 
-def reference_route(x, weight, top_k: int, renormalize: bool, scaling: float):
-    """Softmax top-k routing in float64, ties to the lower id: (weights fp64 [T, K], ids [T, K])."""
+def reference_route(x, weight, top_k: int, renormalize: bool, scaling: float, n_group: int = 1, topk_group: int = 1):
+    """Softmax top-k routing in float64, ties to the lower id, among each row's topk_group groups (of n_group) with
+    the best top score: (weights fp64 [T, K], ids [T, K])."""
     scores = (x.double() @ weight.double().T).softmax(dim=-1)  # [T, E]
-    ids = torch.tensor([sorted(range(len(row)), key=lambda e: (-row[e], e))[:top_k] for row in scores.tolist()])
+    per_group, rows = weight.shape[0] // n_group, []
+    for row in scores.tolist():
+        best = [max(row[g * per_group : (g + 1) * per_group]) for g in range(n_group)]
+        groups = sorted(range(n_group), key=lambda g: (-best[g], g))[:topk_group]
+        allowed = [e for e in range(len(row)) if e // per_group in groups]
+        rows.append(sorted(allowed, key=lambda e: (-row[e], e))[:top_k])
+    ids = torch.tensor(rows)
     weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -180,24 +187,36 @@ def test_softmax_router_routes_as_the_float64_reference(t, e, top_k, h, renormal
         torch.testing.assert_close(got_w.double(), want_w, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("topk_group, plain", [(2, True), (1, False)])
-def test_a_group_limit_that_keeps_every_group_routes_greedily(topk_group, plain):
-    """DeepSeek-V2's group_limited_greedy with topk_group = n_group limits nothing: the router takes softmax_topk
-    (the native call, and the decoder stack's router), the reference's experts; a real limit keeps the group path."""
+@pytest.mark.parametrize("t, e, n_group, topk_group, top_k", [(9, 8, 2, 1, 2), (33, 64, 8, 3, 6), (200, 32, 4, 4, 4)])
+def test_group_limited_router_routes_as_the_float64_reference(t, e, n_group, topk_group, top_k):
+    """DeepSeek-V2's group_limited_greedy (each group scored by its best expert; topk_group = n_group limits
+    nothing) through TopkRouter on the native call (the decoder stack's router) and on TorchOps: the reference's
+    experts, weights within fp32 rounding; above NATIVE_MAX_TOKENS rows (200) from BLAS's logits."""
     from slimquant.layers.moe import TopkRouter
     from slimquant.random_models import tiny_config
 
-    config = tiny_config("deepseek_v2", n_group=2, topk_group=topk_group, norm_topk_prob=False)
+    config = tiny_config(
+        "deepseek_v2", n_routed_experts=e, n_group=n_group, topk_group=topk_group, num_experts_per_tok=top_k
+    )
     router = TopkRouter(config)
-    router.ops = kernels
+    assert router.plain_softmax and router.groups == (n_group, topk_group)
     router.weight.data = torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(3))
-    x = torch.randn(9, config.hidden_size, generator=torch.Generator().manual_seed(4))
-    weights, ids = router(x)
-    assert router.plain_softmax == plain
-    if plain:
-        want_w, want_ids = reference_route(x, router.weight, router.top_k, False, router.scaling)
+    x = torch.randn(t, config.hidden_size, generator=torch.Generator().manual_seed(4))
+    want_w, want_ids = reference_route(x, router.weight, top_k, True, router.scaling, n_group, topk_group)
+    for ops in (kernels, TorchOps()):
+        router.ops = ops
+        weights, ids = router(x)
         assert torch.equal(ids, want_ids)
         torch.testing.assert_close(weights.double(), want_w, rtol=1e-5, atol=1e-7)
+
+
+def test_a_greedy_router_ignores_the_configs_groups():
+    """topk_method greedy with n_group / topk_group in the config (DeepSeek-V2-Lite's): no group limit."""
+    from slimquant.layers.moe import TopkRouter
+    from slimquant.random_models import tiny_config
+
+    router = TopkRouter(tiny_config("deepseek_v2", topk_method="greedy", n_group=2, topk_group=1))
+    assert router.plain_softmax and router.groups == (1, 1)
 
 
 def test_softmax_router_breaks_ties_to_the_lower_id():

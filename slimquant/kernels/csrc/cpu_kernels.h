@@ -119,10 +119,11 @@ float dot_fp32(const float* a, const float* b, int n);
 // Columns [e0, e1) of logits [M, E] = x [M, H] (stride ldx) @ router fp32 [E, H]^T.
 void router_logits(const float* x, int m, int h, int ldx, const float* router, int num_experts, int e0, int e1,
                    float* logits);
-// One token's route from its logits [E]: softmax, the top_k largest scores (ties to the lower id) into ids /
+// One token's route from its logits [E]: softmax, the top_k largest scores (ties to the lower id; where topk_group <
+// n_group, among the topk_group groups whose best score is largest: DeepSeek-V2's group_limited_greedy) into ids /
 // weights [K], divided by their sum (+ 1e-20) where renormalize, times scaling.
-void route_row(const float* logits, int num_experts, int top_k, int renormalize, float scaling, int64_t* ids,
-               float* weights);
+void route_row(const float* logits, int num_experts, int n_group, int topk_group, int top_k, int renormalize,
+               float scaling, int64_t* ids, float* weights);
 // One token's route by sigmoid scores and their bias (DeepSeek-V3's noaux_tc): choice = score + bias [E]; the
 // topk_group groups (of n_group) with the largest sum of their two best choices; the top_k largest choices in
 // them (ties to the lower group / id) into ids [K]; weights [K] their scores, renormalized / scaled as route_row.

@@ -210,10 +210,11 @@
                              float* out))                                                               \
   /* A softmax router (moe_cpu.cpp): logits x fp32 [T, H] (row stride ldx) @ router fp32 [E, H]^T, or */ \
   /* the logits [T, E] given (null: computed here), softmax, each row's top_k largest (ties to the lower */\
-  /* id) into ids int64 / weights fp32 [T, K], divided by their sum where renormalize, times scaling. */ \
+  /* id; in its topk_group best groups of n_group where fewer: route_row) into ids int64 / weights fp32 */ \
+  /* [T, K], divided by their sum where renormalize, times scaling. */                                   \
   X(void, sq_moe_route, (const float* x, int t, int h, int ldx, const float* router, int num_experts,    \
-                         const float* logits, int top_k, int renormalize, float scaling, int64_t* ids,   \
-                         float* weights))                                                                \
+                         const float* logits, int n_group, int topk_group, int top_k, int renormalize,   \
+                         float scaling, int64_t* ids, float* weights))                                   \
   /* The biased sigmoid router (moe_cpu.cpp: DeepSeek-V3, Kimi-K2, GLM-4.5): route_row_biased of each */ \
   /* row's logits (as sq_moe_route's), bias fp32 [E] -> ids, weights [T, K]. */                          \
   X(void, sq_moe_route_biased, (const float* x, int t, int h, int ldx, const float* router,              \

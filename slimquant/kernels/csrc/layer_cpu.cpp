@@ -294,7 +294,7 @@ void moe_slice(const SqDecoderLayer& L, const float* normed, int b, int tid, int
       sq::route_row_biased(logits, m.num_experts, m.bias, m.n_group, m.topk_group, k, m.renormalize, m.scaling, ids,
                            weights);
     else
-      sq::route_row(logits, m.num_experts, k, m.renormalize, m.scaling, ids, weights);
+      sq::route_row(logits, m.num_experts, m.n_group, m.topk_group, k, m.renormalize, m.scaling, ids, weights);
   }
   sq::sort_slots(t.ids.data(), b * k, m.first, m.num_local, t.order, t.begin);
   expert_activations(m, normed, h, inter, g0, g1, t, s);

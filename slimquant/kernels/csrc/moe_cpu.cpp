@@ -14,10 +14,12 @@
 // dequantization and the routing weight: one process's numbers on every rank.
 //
 // The routers are here too, in serial pieces that the decoder stack (layer_cpu.cpp) calls as well, so that a MoE layer
-// routes alike on both paths: softmax and a greedy top-k (sq_moe_route: Qwen3-MoE, DeepSeek-V2-Lite), and sigmoid
-// scores whose bias picks the groups and experts (sq_moe_route_biased: DeepSeek-V3, Kimi-K2, GLM-4.5).
+// routes alike on both paths: softmax and a greedy top-k, or one limited to the best groups (sq_moe_route: Qwen2-MoE,
+// Qwen3-MoE, DeepSeek-V2 and V2-Lite), and sigmoid scores whose bias picks the groups and experts
+// (sq_moe_route_biased: DeepSeek-V3, Kimi-K2, GLM-4.5).
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -122,6 +124,17 @@ void router_logits_parallel(const float* x, int t, int h, int ldx, const float* 
 
 namespace {
 
+// allowed [G]: 1 for the topk groups of the largest score [G] (the first of equal scores), else 0.
+void best_groups(const float* score, int n_group, int topk, std::vector<char>& allowed) {
+  allowed.assign(n_group, 0);
+  for (int s = 0; s < topk; ++s) {
+    int best = -1;
+    for (int g = 0; g < n_group; ++g)
+      if (!allowed[g] && (best < 0 || score[g] > score[best])) best = g;
+    allowed[best] = 1;
+  }
+}
+
 // The top_k largest of rank [N] (where allowed, by group of per_group: null, all), ties to the lower index, into
 // ids [K]; weights [K] their values in weigh, divided by their sum (+ 1e-20) where renormalize, times scaling.
 void pick_top_k(const float* rank, const float* weigh, int n, const char* allowed, int per_group, int top_k,
@@ -145,15 +158,25 @@ void pick_top_k(const float* rank, const float* weigh, int n, const char* allowe
 
 }  // namespace
 
-void route_row(const float* logits, int num_experts, int top_k, int renormalize, float scaling, int64_t* ids,
-               float* weights) {
-  thread_local std::vector<float> p;
+void route_row(const float* logits, int num_experts, int n_group, int topk_group, int top_k, int renormalize,
+               float scaling, int64_t* ids, float* weights) {
+  thread_local std::vector<float> p, group_score;
+  thread_local std::vector<char> allowed;
   p.resize(num_experts);
   float top = -INFINITY, sum = 0.0f;
   for (int e = 0; e < num_experts; ++e) top = std::max(top, logits[e]);
   for (int e = 0; e < num_experts; ++e) sum += (p[e] = std::exp(logits[e] - top));
   for (int e = 0; e < num_experts; ++e) p[e] /= sum;
-  pick_top_k(p.data(), p.data(), num_experts, nullptr, 1, top_k, renormalize, scaling, ids, weights);
+  if (topk_group >= n_group) {
+    pick_top_k(p.data(), p.data(), num_experts, nullptr, 1, top_k, renormalize, scaling, ids, weights);
+    return;
+  }
+  const int per_group = num_experts / n_group;
+  group_score.resize(n_group);
+  for (int g = 0; g < n_group; ++g)  // a group's score: its best expert's
+    group_score[g] = *std::max_element(&p[(size_t)g * per_group], &p[(size_t)(g + 1) * per_group]);
+  best_groups(group_score.data(), n_group, topk_group, allowed);
+  pick_top_k(p.data(), p.data(), num_experts, allowed.data(), per_group, top_k, renormalize, scaling, ids, weights);
 }
 
 void route_row_biased(const float* logits, int num_experts, const float* bias, int n_group, int topk_group,
@@ -177,13 +200,7 @@ void route_row_biased(const float* logits, int num_experts, const float* bias, i
     }
     group_score[g] = per_group > 1 ? best + second : best;
   }
-  allowed.assign(n_group, 0);
-  for (int s = 0; s < topk_group; ++s) {
-    int best = -1;
-    for (int g = 0; g < n_group; ++g)
-      if (!allowed[g] && (best < 0 || group_score[g] > group_score[best])) best = g;  // the first of equal scores
-    allowed[best] = 1;
-  }
+  best_groups(group_score.data(), n_group, topk_group, allowed);
   pick_top_k(choice.data(), score.data(), num_experts, allowed.data(), per_group, top_k, renormalize, scaling, ids,
              weights);
 }
@@ -329,13 +346,14 @@ const float* logits_of(const float* x, int t, int h, int ldx, const float* route
 }  // namespace
 
 void sq_moe_route(const float* x, int t, int h, int ldx, const float* router, int num_experts, const float* logits,
-                  int top_k, int renormalize, float scaling, int64_t* ids, float* weights) {
+                  int n_group, int topk_group, int top_k, int renormalize, float scaling, int64_t* ids,
+                  float* weights) {
   std::vector<float> buf;
   const float* z = logits_of(x, t, h, ldx, router, num_experts, logits, buf);  // [T, E]
 #pragma omp parallel for schedule(static)
   for (int i = 0; i < t; ++i)
-    sq::route_row(z + (size_t)i * num_experts, num_experts, top_k, renormalize, scaling, ids + (size_t)i * top_k,
-                  weights + (size_t)i * top_k);
+    sq::route_row(z + (size_t)i * num_experts, num_experts, n_group, topk_group, top_k, renormalize, scaling,
+                  ids + (size_t)i * top_k, weights + (size_t)i * top_k);
 }
 
 int sq_routed_experts(const float* x, int t, int h, int ldx, const int64_t* ids, const float* weights, int k,
