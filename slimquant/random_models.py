@@ -65,7 +65,7 @@ def tiny_config(arch: str, **overrides):
     elif arch == "qwen3":
         cfg = Qwen3Config(**({"head_dim": 16} | kw))
     elif arch == "qwen2_moe":  # layer 0 dense, layer 1 routed experts and the gated shared expert
-        moe = dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2)
+        moe = dict(moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2)
         cfg = Qwen2MoeConfig(**(moe | {"mlp_only_layers": [0]} | kw))
     elif arch == "qwen3_moe":  # layer 0 dense, layer 1 routed experts
         moe = dict(head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0])

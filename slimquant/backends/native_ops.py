@@ -236,6 +236,18 @@ class NativeOps(TorchOps):
         )  # fmt: skip
         return weights, ids
 
+    def shared_gate(self, x, weight):
+        """The gate in one native call (csrc/moe_cpu.cpp's shared_gate, which the decoder stack calls too), for fp32
+        rows and weight; other inputs: TorchOps'."""
+        rows_ok = x.dim() == 2 and x.stride(-1) == 1 and _fp32(x, weight) and weight.is_contiguous()  # [T, H]
+        if not rows_ok or weight.shape != (1, x.shape[1]):
+            return super().shared_gate(x, weight)
+        out = torch.empty(x.shape[0], 1)  # [T, 1]
+        self.lib.sq_shared_gate(
+            x=x.data_ptr(), t=x.shape[0], h=x.shape[1], ldx=x.stride(0), w=weight.data_ptr(), out=out.data_ptr()
+        )
+        return out
+
     groups_experts = True
     groups_split_experts = True
 

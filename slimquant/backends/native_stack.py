@@ -2,11 +2,11 @@
 
 At a small model's decode size every op is a few microseconds of arithmetic and the per-op overhead of Python
 and torch dominates. A layer whose linears all have a native form (int8 dynamic / static, bf16 float), and whose
-routed experts, where it has them, are W8A8_DYNAMIC behind a softmax router (Qwen3-MoE) or DeepSeek-V3's biased
-one, with shared experts or none (GLM-4.5), gets a plan once (pointers to its weights, in an SqDecoderLayer struct,
-csrc/exports.h); each step then runs the same native kernels the per-op path calls, in the same order, so the
-results are bit-identical to it. DeepSeek's MLA layers (a float kv_b_proj) run there in decode steps only, absorbed
-as the per-op decode absorbs them (its prefill up-projects the latents instead).
+routed experts, where it has them, are W8A8_DYNAMIC behind a softmax router (Qwen3-MoE, DeepSeek-V2) or
+DeepSeek-V3's biased one, with shared experts (GLM-4.5; gated: Qwen2-MoE) or none, gets a plan once (pointers to
+its weights, in an SqDecoderLayer struct, csrc/exports.h); each step then runs the same native kernels the per-op
+path calls, in the same order, so the results are bit-identical to it. DeepSeek's MLA layers (a float kv_b_proj) run
+there in decode steps only, absorbed as the per-op decode absorbs them (its prefill up-projects the latents instead).
 """
 
 from __future__ import annotations
@@ -127,6 +127,7 @@ def decoder_layer_plan(lib: native.Library, parts: LayerParts) -> DecoderLayerPl
         experts = parts.moe.experts
         keep += [parts.moe.gate.weight, experts.w13, experts.w2, experts.w13_scale, experts.w2_scale]
         keep += [b] if (b := parts.moe.gate.e_score_correction_bias) is not None else []
+        keep += [g.weight] if (g := parts.moe.shared_expert_gate) is not None else []
     # float linears and a router's logits go to BLAS above NATIVE_MAX_TOKENS rows on the per-op path
     to_blas = any(lf.kind == "bf16" for lf in linears.values()) or parts.moe is not None
     max_batch = NATIVE_MAX_TOKENS if to_blas else 1 << 30
@@ -325,8 +326,6 @@ def _moe_form(lib: native.Library, moe: nn.Module, hidden: int, shared_inter: in
         return f"{experts.prefix}: a {router.scoring} router with {router.topk_method} top-k runs per op"
     if not experts.quantized:
         return f"{experts.prefix}: float experts run per op"
-    if moe.shared_expert_gate is not None:
-        return f"{moe.shared_expert_gate.prefix}: a gated shared expert (Qwen2-MoE) runs per op"
     w13, w2, s13, s2 = experts.w13, experts.w2, experts.w13_scale, experts.w2_scale
     weights_ok = all(is_native_weight(w) and w.is_contiguous() for w in (w13, w2))
     if not weights_ok or s13.dtype not in (torch.float32, torch.bfloat16) or s2.dtype != s13.dtype:
@@ -340,13 +339,15 @@ def _moe_form(lib: native.Library, moe: nn.Module, hidden: int, shared_inter: in
     assert router.weight.dtype == torch.float32 and router.weight.is_contiguous() and w2.shape[1] == hidden
     assert s13.is_contiguous() and s2.is_contiguous() and w13.shape[0] == experts.num_local
     assert (moe.shared is not None) == (shared_inter > 0), "the plan holds the shared experts' linears"
+    gate = None if moe.shared_expert_gate is None else moe.shared_expert_gate.weight  # fp32 [1, H]
+    assert gate is None or (gate.dtype == torch.float32 and gate.is_contiguous() and gate.shape == (1, hidden))
     return lib.structs["SqMoe"](
         num_experts=router.num_experts, first=experts.first, num_local=experts.num_local,
         split=int(experts.reduce.size > 1), swap=int(experts.expert_parallel), top_k=router.top_k,
         renormalize=int(router.norm_topk_prob), scaling=router.scaling,
         router=router.weight.data_ptr(), w13=w13.data_ptr(), kp13=w13.shape[2], w2=w2.data_ptr(), kp2=w2.shape[2],
         s13=s13.data_ptr(), s2=s2.data_ptr(), scales_bf16=int(s13.dtype == torch.bfloat16), bias=_ptr(bias),
-        n_group=router.groups[0], topk_group=router.groups[1], shared_inter=shared_inter,
+        n_group=router.groups[0], topk_group=router.groups[1], shared_inter=shared_inter, shared_gate=_ptr(gate),
     )  # fmt: skip
 
 

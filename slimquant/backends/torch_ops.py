@@ -278,6 +278,11 @@ class TorchOps:
         ids = torch.topk(group_masked(choice, group_scores, topk_group, float("-inf")), top_k, dim=-1)[1]
         return routing_weights(scores.gather(1, ids), renormalize, scaling), ids
 
+    def shared_gate(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Qwen2-MoE's shared-expert gate: sigmoid(x [T, H] @ weight [1, H]^T) -> [T, 1], in x's dtype (as
+        transformers and vLLM compute it)."""
+        return torch.sigmoid(F.linear(x, weight.to(x.dtype)))
+
     groups_experts = False  # grouped_experts computes something (RoutedExperts.grouped)
     groups_split_experts = False  # ... also for experts split over tensor-parallel ranks (its tp argument)
 

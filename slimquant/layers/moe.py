@@ -35,7 +35,6 @@ from slimquant.format.safetensors_io import Part
 from slimquant.format.schemes import FLOAT
 from slimquant.format.validation import FLOAT_TENSOR, INT8_WEIGHT, WEIGHT_OFFSET, WEIGHT_SCALE
 from slimquant.kernels.int8_input import PER_TOKEN, Int8Rows
-from slimquant.layers.linear import Linear
 from slimquant.layers.mlp import GatedMLP, check_activation, dense_mlp
 from slimquant.layers.quant_config import QuantConfig
 from slimquant.layers.quant_methods import UnquantizedMethod, replace_param
@@ -298,7 +297,7 @@ class SparseMoE(nn.Module):
             self.shared_experts = GatedMLP(h, shared, quant_config, f"{prefix}.shared_experts", dtype, bias, tp)
         elif size := getattr(config, "shared_expert_intermediate_size", None):  # Qwen2-MoE
             self.shared_expert = GatedMLP(h, size, quant_config, f"{prefix}.shared_expert", dtype, bias, tp)
-            self.shared_expert_gate = _float_linear(h, 1, quant_config, f"{prefix}.shared_expert_gate", dtype, tp)
+            self.shared_expert_gate = SharedExpertGate(h, quant_config, f"{prefix}.shared_expert_gate")
 
     ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
     input_quant = None  # the router reads the float input too (PreNormDecoderLayer)
@@ -316,7 +315,7 @@ class SparseMoE(nn.Module):
         x_in = self.ops.quantize_input(x, PER_TOKEN) if self._one_quantization() else x  # for both
         shared = self.shared(x_in)  # [T, H]
         if self.shared_expert_gate is not None:
-            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared  # [T, 1] * [T, H], as transformers
+            shared = self.shared_expert_gate(x) * shared  # [T, 1] * [T, H], as transformers
         return self.experts(x_in, weights, ids) + shared
 
     def _one_quantization(self) -> bool:
@@ -326,19 +325,27 @@ class SparseMoE(nn.Module):
         return self.experts.grouped and quant is not None and quant.inv_scale is None
 
 
-def _float_linear(
-    hidden: int, out: int, quant_config: QuantConfig, prefix: str, dtype: torch.dtype, tp: TensorParallel
-) -> Linear:
-    """A float linear every rank holds whole (Qwen2-MoE's shared_expert_gate: vLLM builds it with quant_config
-    None); ValueError where the checkpoint quantized it."""
-    linear = Linear(hidden, [out], bias=False, quant_config=quant_config, prefix=prefix, dtype=dtype, tp=tp)
-    if not isinstance(linear.method, UnquantizedMethod):
-        raise ValueError(
-            f"{prefix} is quantized in quant_model_description.json, but vLLM and vLLM-Ascend build it float "
-            "(quant_config=None), so neither loads it: re-quantize the model with `slimquant quantize`, which "
-            "keeps it float"
-        )
-    return linear
+class SharedExpertGate(nn.Module):
+    """Qwen2-MoE's gate on its shared expert: x [T, H] -> sigmoid(x @ weight^T) [T, 1], weight [1, H] held in fp32
+    (its checkpoint values) and whole on every rank; float, as vLLM builds it (quant_config=None): ValueError where the
+    checkpoint quantized it."""
+
+    ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
+
+    def __init__(self, hidden: int, quant_config: QuantConfig, prefix: str):
+        super().__init__()
+        if not isinstance(quant_config.linear_method(prefix, [prefix]), UnquantizedMethod):
+            raise ValueError(
+                f"{prefix} is quantized in quant_model_description.json, but vLLM and vLLM-Ascend build it float "
+                "(quant_config=None), so neither loads it: re-quantize the model with `slimquant quantize`, which "
+                "keeps it float"
+            )
+        self.prefix = prefix
+        self.weight = nn.Parameter(torch.empty(1, hidden), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, H] -> [T, 1]
+        return self.ops.shared_gate(x, self.weight)
 
 
 def sparse_or_dense_mlp(

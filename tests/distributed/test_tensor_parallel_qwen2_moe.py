@@ -1,6 +1,7 @@
 """Qwen2-MoE split over ranks, with and without expert parallel: every rank returns one process's greedy tokens and
-logprobs, bit for bit, for float, all-W8A8_DYNAMIC and the MoE mix checkpoints, on torch-reference and on cpu-native
-(q/k/v biases, the shared expert split like a dense MLP, its float gate whole on every rank)."""
+logprobs, bit for bit, for float, all-W8A8_DYNAMIC and the MoE mix checkpoints, on torch-reference and on cpu-native,
+per op and in the whole-step native call (q/k/v biases, the shared expert split like a dense MLP, its float gate whole
+on every rank)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from slimquant.distributed.launch import run_ranks
 from slimquant.kernels import native
-from tests.distributed.test_tensor_parallel_deepseek import rank_generate, rank_generate_native
+from tests.distributed.test_tensor_parallel_deepseek import rank_generate, rank_generate_native, rank_generate_stacked
 from tests.distributed.test_tensor_parallel_qwen3_moe import moe_checkpoints
 
 
@@ -39,3 +40,16 @@ def test_native_ranks_return_one_native_process_results(qwen2_moe):
     for rank, (got, split_calls) in enumerate(run_ranks(rank_generate_native, 2, paths)):
         assert got == one, f"rank {rank} of 2 differs from one process"
         assert split_calls > 0
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_native_ranks_run_qwen2_moe_layers_in_the_whole_step(qwen2_moe, expert_parallel):
+    """2 cpu-native ranks run Qwen2-MoE's decode steps in the whole-step native call: the routed experts split (or
+    whole, expert parallel), the shared expert split and reduced, then scaled by its gate. One process's bits."""
+    paths = [qwen2_moe["W8A8_DYNAMIC"], qwen2_moe["mix"]]
+    ((one, _, one_steps),) = run_ranks(rank_generate_stacked, 1, paths, False)
+    assert one_steps > 0
+    for rank, (got, notes, steps) in enumerate(run_ranks(rank_generate_stacked, 2, paths, expert_parallel)):
+        assert got == one, f"rank {rank} of 2 (ep={expert_parallel}) differs from one process"
+        assert steps > 0 and all("reduced across 2 ranks from inside it" in n for n in notes), notes

@@ -85,12 +85,14 @@ def test_fused_layers_equal_per_op_path(tiny_model, tmp_path, monkeypatch, arch,
     [("qwen3_moe", "dynamic", torch.float32, torch.float32), ("qwen3_moe", "moe_mix", "auto", torch.float32)]
     + [("qwen3_moe", "moe_mix", "auto", torch.int8), ("qwen3_moe", "dynamic", "auto", torch.bfloat16)]
     + [("glm4_moe", "dynamic", torch.float32, torch.float32), ("glm4_moe", "moe_mix", "auto", torch.int8)]
-    + [("glm4_moe", "moe_mix", "auto", torch.bfloat16)],
+    + [("glm4_moe", "moe_mix", "auto", torch.bfloat16)]
+    + [("qwen2_moe", "dynamic", torch.float32, torch.float32), ("qwen2_moe", "moe_mix", "auto", torch.bfloat16)],
 )
 def test_moe_layers_run_in_the_stack_as_per_op(tiny_model, tmp_path, monkeypatch, arch, scheme, load_dtype, kv_dtype):
-    """Qwen3-MoE (layer 0 dense, layer 1 eight routed experts, two per token; softmax router) and GLM-4.5 (the same
-    with shared experts, the biased sigmoid router, rope on half of each head): the stack routes and runs the
-    experts itself, with the per-op path's bits (its native router, expert call and shared experts' linears). Loaded
+    """Qwen3-MoE (layer 0 dense, layer 1 eight routed experts, two per token; softmax router), Qwen2-MoE (the same
+    with q/k/v biases and a gated shared expert) and GLM-4.5 (shared experts, the biased sigmoid router, rope on half
+    of each head): the stack routes and runs the experts itself, with the per-op path's bits (its native router,
+    expert call, shared experts' linears and gate). Loaded
     in fp32, the scales are fp32; in the checkpoint's dtype (bf16, as LLM loads it), the scales are bf16 and the
     activations fp32."""
     src = tiny_model(arch, dtype=torch.bfloat16)
@@ -105,7 +107,12 @@ def test_moe_layers_run_in_the_stack_as_per_op(tiny_model, tmp_path, monkeypatch
     assert [p.struct.moe.num_experts for p in stack.plans] == [0, 8]
     assert stack.max_batch == NATIVE_MAX_TOKENS  # above it, the per-op router's logits come from BLAS
     moe = stack.plans[1].struct.moe
-    assert (moe.shared_inter, bool(moe.bias)) == ((32, True) if arch == "glm4_moe" else (0, False))
+    shared_inter = {"glm4_moe": 32, "qwen2_moe": 64}.get(arch, 0)
+    assert (moe.shared_inter, bool(moe.bias), bool(moe.shared_gate)) == (
+        shared_inter,
+        arch == "glm4_moe",
+        arch == "qwen2_moe",
+    )
     assert stack.plans[1].struct.moe.scales_bf16 == int(load_dtype == "auto")
     assert torch.equal(fused, per_op)
     assert all(torch.equal(a, b) for a, b in zip(fused_caches, per_op_caches, strict=True))

@@ -219,6 +219,21 @@ def test_a_greedy_router_ignores_the_configs_groups():
     assert router.plain_softmax and router.groups == (1, 1)
 
 
+@pytest.mark.parametrize("t, h", [(1, 64), (9, 200), (130, 72)])
+def test_shared_expert_gate_is_the_float64_sigmoid(t, h):
+    """Qwen2-MoE's gate sigmoid(x @ w^T) [T, 1]: the native call (the decoder stack's) and TorchOps' within fp32
+    rounding of the float64 value, on rows of a strided view; bf16 rows take TorchOps' bf16 math."""
+    gen = torch.Generator().manual_seed(t)
+    x = torch.randn(t, h + 5, generator=gen)[:, :h]  # rows h + 5 apart
+    w = torch.randn(1, h, generator=gen) / h**0.5
+    want = torch.sigmoid(x.double() @ w.double().T)  # [T, 1]
+    for ops in (kernels, TorchOps()):
+        got = ops.shared_gate(x, w)
+        assert got.shape == (t, 1) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    assert torch.equal(kernels.shared_gate(x.bfloat16(), w), TorchOps().shared_gate(x.bfloat16(), w))
+
+
 def test_softmax_router_breaks_ties_to_the_lower_id():
     x = torch.ones(2, 16)
     weight = torch.zeros(6, 16)

@@ -119,6 +119,8 @@ float dot_fp32(const float* a, const float* b, int n);
 // Columns [e0, e1) of logits [M, E] = x [M, H] (stride ldx) @ router fp32 [E, H]^T.
 void router_logits(const float* x, int m, int h, int ldx, const float* router, int num_experts, int e0, int e1,
                    float* logits);
+// Qwen2-MoE's shared-expert gate of one row x [H]: sigmoid(dot_fp32(x, w)), w fp32 [H].
+float shared_gate(const float* x, const float* w, int h);
 // One token's route from its logits [E]: softmax, the top_k largest scores (ties to the lower id; where topk_group <
 // n_group, among the topk_group groups whose best score is largest: DeepSeek-V2's group_limited_greedy) into ids /
 // weights [K], divided by their sum (+ 1e-20) where renormalize, times scaling.

@@ -35,8 +35,9 @@
   X(const float*, v_offset)
 
 // A MoE layer's router (softmax and a greedy top-k: Qwen3-MoE; or, where bias is set, DeepSeek-V3's biased sigmoid
-// one: GLM-4.5), its routed W8A8_DYNAMIC experts and its shared experts (shared_inter > 0: GLM-4.5; the layer's
-// gate_up / down), added after the routed ones; num_experts 0: the layer's MLP is dense (gate_up, down). Under tensor parallel (SqRanks) the experts held here
+// one: GLM-4.5), its routed W8A8_DYNAMIC experts and its shared experts (shared_inter > 0: GLM-4.5, Qwen2-MoE whose
+// output a gate scales; the layer's gate_up / down), added after the routed ones; num_experts 0: the layer's MLP is
+// dense (gate_up, down). Under tensor parallel (SqRanks) the experts held here
 // are first .. first + num_local - 1 and the ranks exchange their weighted products (swap: expert parallel), or
 // every expert with this rank's `inter` of its intermediate rows, reduced across the ranks (split).
 #define SQ_MOE_FIELDS(X)                                                                                 \
@@ -59,7 +60,8 @@
   X(const float*, bias) /* e_score_correction_bias fp32 [E] (route_row_biased), or null (route_row) */   \
   X(int32_t, n_group)                                                                                   \
   X(int32_t, topk_group)                                                                                \
-  X(int32_t, shared_inter) /* the shared experts' (the layer's gate_up / down) rows held here; 0: none */
+  X(int32_t, shared_inter) /* the shared experts' (the layer's gate_up / down) rows held here; 0: none */   \
+  X(const float*, shared_gate) /* fp32 [H]: the shared experts' output times shared_gate(row) (Qwen2-MoE); or null */
 
 // A layer's MLA attention (DeepSeek V2 / V3, Kimi-K2) in place of standard attention where rank > 0, decode only
 // (absorbed: q_nope @ W_UK, attention over the latent cache [slots, rank + rope], then @ W_UV^T). The layer's qkv is
@@ -221,6 +223,9 @@
                                 int num_experts, const float* logits, const float* bias, int n_group,    \
                                 int topk_group, int top_k, int renormalize, float scaling, int64_t* ids, \
                                 float* weights))                                                         \
+  /* Qwen2-MoE's shared-expert gate (moe_cpu.cpp): out fp32 [T] = shared_gate of each row of x fp32 */  \
+  /* [T, H] (row stride ldx) and w fp32 [H]. */                                                          \
+  X(void, sq_shared_gate, (const float* x, int t, int h, int ldx, const float* w, float* out))          \
   /* Greedy head (greedy_cpu.cpp): 0, or 1 when x is not finite. */                                     \
   X(int, sq_greedy_argmax, (const float* x, int t, int k, int ldx, const int8_t* wq, int n, int kp,     \
                             const float* rows, const uint16_t* w, double slack, double fp_term,         \

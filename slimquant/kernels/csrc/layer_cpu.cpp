@@ -262,9 +262,10 @@ void swapped_sums(const SqMoe& m, int b, int h, int tid, int c0, int c1, const T
 // every thread each token's route (the same ones) and the slots sorted by expert; every local expert's rows
 // through gate_up and SiLU-and-mul (each thread a slice of the intermediate rows), then down (a slice of the
 // output columns), each product times its weight added into its token's row of out in ascending expert id; then the
-// shared experts (y: scratch [B, H]) added to that sum. sq_moe_route (or sq_moe_route_biased), sq_routed_experts
-// (summed; or its slots, swapped and added in expert order) and the shared experts' linears do the same, kernel for
-// kernel, on the same rows: the per-op path's bits. Every thread of the team calls it (barriers).
+// shared experts (y: scratch [B, H]; times each row's sq_shared_gate where gated: Qwen2-MoE) added to that sum.
+// sq_moe_route (or sq_moe_route_biased), sq_routed_experts (summed; or its slots, swapped and added in expert order),
+// the shared experts' linears and sq_shared_gate do the same, kernel for kernel, on the same rows: the per-op path's
+// bits. Every thread of the team calls it (barriers).
 void moe_slice(const SqDecoderLayer& L, const float* normed, int b, int tid, int nt, ThreadScratch& t,
                const SqRanks* ranks, SplitKShared& shared, const MoeShared& s, float* gate_up, float* act, float* y,
                float* out) {
@@ -302,10 +303,19 @@ void moe_slice(const SqDecoderLayer& L, const float* normed, int b, int tid, int
   expert_downs(m, h, inter, tid, c0, c1, t, ranks, failed, s, out);
   if (m.swap) swapped_sums(m, b, h, tid, c0, c1, t, ranks, failed, s, out);
   if (m.shared_inter == 0) return;
-  // the shared experts into y, each thread then adding its own columns (those it summed the routed experts into)
+  // the shared experts into y, each thread then adding its own columns (those it summed the routed experts into),
+  // times each row's gate where the layer has one (every thread computes the rows' gates: a dot product each)
   gated_mlp_slice(L.gate_up, L.down, m.shared_inter, h, normed, b, tid, nt, t, ranks, shared, gate_up, act, y);
-  for (int i = 0; i < b; ++i)
-    for (int j = c0; j < c1; ++j) out[(size_t)i * h + j] += y[(size_t)i * h + j];
+  for (int i = 0; i < b; ++i) {
+    const float* yi = y + (size_t)i * h;
+    float* oi = out + (size_t)i * h;
+    if (!m.shared_gate) {
+      for (int j = c0; j < c1; ++j) oi[j] += yi[j];
+      continue;
+    }
+    const float g = sq::shared_gate(normed + (size_t)i * h, m.shared_gate, h);
+    for (int j = c0; j < c1; ++j) oi[j] += g * yi[j];  // the per-op path's (gate * shared), then routed + it
+  }
 }
 
 // Standard attention of the normed rows [B, H] into attn [B, NH * D]: this thread's slice of qkv, then (after a

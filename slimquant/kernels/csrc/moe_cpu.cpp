@@ -158,6 +158,8 @@ void pick_top_k(const float* rank, const float* weigh, int n, const char* allowe
 
 }  // namespace
 
+float shared_gate(const float* x, const float* w, int h) { return 1.0f / (1.0f + std::exp(-dot_fp32(x, w, h))); }
+
 void route_row(const float* logits, int num_experts, int n_group, int topk_group, int top_k, int renormalize,
                float scaling, int64_t* ids, float* weights) {
   thread_local std::vector<float> p, group_score;
@@ -390,4 +392,8 @@ void sq_moe_route_biased(const float* x, int t, int h, int ldx, const float* rou
   for (int i = 0; i < t; ++i)
     sq::route_row_biased(z + (size_t)i * num_experts, num_experts, bias, n_group, topk_group, top_k, renormalize,
                          scaling, ids + (size_t)i * top_k, weights + (size_t)i * top_k);
+}
+
+void sq_shared_gate(const float* x, int t, int h, int ldx, const float* w, float* out) {
+  for (int i = 0; i < t; ++i) out[i] = sq::shared_gate(x + (size_t)i * ldx, w, h);
 }
