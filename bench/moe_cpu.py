@@ -19,7 +19,10 @@ per rank), each rank switching alike, rank 0's rates printed.
 With --glm the same table for a GLM-4.5-Air-shaped model (GLM_45_AIR_SHAPE: every layer MoE, 64 routed experts of
 1408 and a shared one, the biased sigmoid router, rope on half of each head; random weights); with --deepseek for the
 DeepSeek-V2-Lite-shaped model above (MLA decode absorbed in the whole step; --layers does not apply), with
---deepseek-v3 for a DeepSeek-V3 / Kimi-K2-shaped one (DEEPSEEK_V3_SHAPE: 128 heads, q_lora; 16 routed experts).
+--deepseek-v3 for a DeepSeek-V3 / Kimi-K2-shaped one (DEEPSEEK_V3_SHAPE: 128 heads, q_lora; 16 routed experts), with
+--deepseek-v2 for a DeepSeek-V2-shaped one (DEEPSEEK_V2_SHAPE: the softmax router limited to the best 3 of 8 groups;
+32 routed experts), with --qwen2-moe for a Qwen2-57B-A14B-shaped one (QWEN2_57B_A14B_SHAPE: a gated shared expert;
+16 routed experts).
 
 With --router only a router table runs: Qwen3-MoE's softmax router and DeepSeek-V3 / Kimi-K2 / GLM-4.5's biased
 sigmoid one (TopkRouter) on T random rows at their shapes, TorchOps' torch ops against NativeOps' one call
@@ -36,7 +39,8 @@ between the linears from Python; in one call, from inside it. The model table is
 
     .venv/bin/python bench/moe_cpu.py [--tokens 1,4,16,512] [--contexts 64,1024] [--streams 1,4,16]
         [--scheme w8a8_dynamic] [--rounds 5] [--tensor-parallel N] [--slots]
-        [--qwen3-moe | --glm | --deepseek | --deepseek-v3 [--layers 4] [--expert-parallel]] [--router]
+        [--qwen3-moe | --qwen2-moe | --glm | --deepseek | --deepseek-v2 | --deepseek-v3 [--layers 4]
+        [--expert-parallel]] [--router]
 
 Run it on a quiet machine: with 2 OpenMP threads, any other busy process stalls every parallel op.
 """
@@ -100,8 +104,27 @@ DEEPSEEK_V3_SHAPE = dict(
     n_routed_experts=16, num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
     routed_scaling_factor=2.5, norm_topk_prob=True, vocab_size=4096, max_position_embeddings=8192,
 )  # fmt: skip
+# Qwen2-57B-A14B's layer shapes (hidden 3584, 28 heads of 128 and 4 kv heads, q/k/v biases, experts of 2560 of
+# which 8 per token, the shared expert of 20480 and its gate), every layer MoE, 16 of its 64 routed experts (the same
+# work per token but the router's), a 32768-token vocabulary
+QWEN2_57B_A14B_SHAPE = dict(
+    hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944, num_experts=16,
+    num_experts_per_tok=8, moe_intermediate_size=2560, shared_expert_intermediate_size=20480, norm_topk_prob=False,
+    decoder_sparse_step=1, mlp_only_layers=[], vocab_size=32768, max_position_embeddings=32768,
+)  # fmt: skip
+# DeepSeek-V2's layer shapes (hidden 5120, 128 heads, q_lora 1536, latent 512 + 64, experts of 1536 of which 6 per
+# token from the best 3 of 8 groups, 2 shared ones, the softmax router), the first layer dense, 32 of its 160 routed
+# experts (4 per group: the same work per token but the router's), a 4096-token vocabulary
+DEEPSEEK_V2_SHAPE = dict(
+    hidden_size=5120, num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, intermediate_size=12288, moe_intermediate_size=1536,
+    n_routed_experts=32, num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1, n_group=8, topk_group=3,
+    routed_scaling_factor=16.0, norm_topk_prob=False, vocab_size=4096, max_position_embeddings=8192,
+)  # fmt: skip
 MODEL_SHAPES = {
     "qwen3-30b-a3b": ("qwen3_moe", QWEN3_30B_A3B_SHAPE),
+    "qwen2-57b-a14b": ("qwen2_moe", QWEN2_57B_A14B_SHAPE),
+    "deepseek-v2": ("deepseek_v2", DEEPSEEK_V2_SHAPE),
     "glm-4.5-air": ("glm4_moe", GLM_45_AIR_SHAPE),
     "deepseek-v3": ("deepseek_v3", DEEPSEEK_V3_SHAPE),
 }
@@ -239,6 +262,8 @@ def main() -> None:
     ap.add_argument("--glm", action="store_true", help="--qwen3-moe's table for a GLM-4.5-Air-shaped model")
     ap.add_argument("--deepseek", action="store_true", help="--qwen3-moe's table for the DeepSeek-V2-Lite shape")
     ap.add_argument("--deepseek-v3", action="store_true", help="--qwen3-moe's table for the DeepSeek-V3 shape")
+    ap.add_argument("--deepseek-v2", action="store_true", help="--qwen3-moe's table for the DeepSeek-V2 shape")
+    ap.add_argument("--qwen2-moe", action="store_true", help="--qwen3-moe's table for the Qwen2-57B-A14B shape")
     ap.add_argument("--router", action="store_true", help="only the routers' table: torch ops vs one call")
     args = ap.parse_args()
     if args.tensor_parallel < 1 or args.layers < 1:
@@ -251,8 +276,10 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|---|")
         print("\n".join(router_rows(args.tokens, args.rounds)), flush=True)
         return
-    if args.qwen3_moe or args.glm or args.deepseek or args.deepseek_v3:
-        name = "glm-4.5-air" if args.glm else "deepseek-v3" if args.deepseek_v3 else "qwen3-30b-a3b"
+    presets = {"glm": "glm-4.5-air", "deepseek_v3": "deepseek-v3", "deepseek_v2": "deepseek-v2"}
+    presets |= {"qwen2_moe": "qwen2-57b-a14b", "qwen3_moe": "qwen3-30b-a3b"}
+    if args.deepseek or any(getattr(args, flag) for flag in presets):
+        name = next((name for flag, name in presets.items() if getattr(args, flag)), None)
         model = deepseek_model() if args.deepseek else moe_model(name, args.layers)
         path = quantized(model, args.scheme)
         ranks = f", {size} ranks ({'expert parallel' if args.expert_parallel else 'experts split'})" if size > 1 else ""
