@@ -82,7 +82,7 @@ class TopkRouter(nn.Module):
 
     @property
     def plain_softmax(self) -> bool:
-        """Whether it routes by softmax and a greedy top-k (Qwen2 / Qwen3-MoE, DeepSeek-V2-Lite) or one limited to
+        """Whether it routes by softmax and a greedy top-k (Qwen2-MoE, Qwen3-MoE, DeepSeek-V2-Lite) or one limited to
         the best groups (DeepSeek-V2): ops.softmax_topk."""
         return self.scoring == "softmax" and self.topk_method in ("greedy", "group_limited_greedy")
 

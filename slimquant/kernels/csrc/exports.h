@@ -34,12 +34,13 @@
   X(const float*, v_inv)                                                                                \
   X(const float*, v_offset)
 
-// A MoE layer's router (softmax and a greedy top-k: Qwen3-MoE; or, where bias is set, DeepSeek-V3's biased sigmoid
-// one: GLM-4.5), its routed W8A8_DYNAMIC experts and its shared experts (shared_inter > 0: GLM-4.5, Qwen2-MoE whose
-// output a gate scales; the layer's gate_up / down), added after the routed ones; num_experts 0: the layer's MLP is
-// dense (gate_up, down). Under tensor parallel (SqRanks) the experts held here
-// are first .. first + num_local - 1 and the ranks exchange their weighted products (swap: expert parallel), or
-// every expert with this rank's `inter` of its intermediate rows, reduced across the ranks (split).
+// A MoE layer's router (softmax and a greedy top-k: Qwen3-MoE; limited to the best topk_group of n_group groups:
+// DeepSeek-V2; or, where bias is set, DeepSeek-V3's biased sigmoid one: GLM-4.5), its routed W8A8_DYNAMIC experts
+// and its shared experts (shared_inter > 0: GLM-4.5, Qwen2-MoE whose output a gate scales; the layer's gate_up /
+// down), added after the routed ones; num_experts 0: the layer's MLP is dense (gate_up, down). Under tensor parallel
+// (SqRanks) the experts held here are first .. first + num_local - 1 and the ranks exchange their weighted products
+// (swap: expert parallel), or every expert with this rank's `inter` of its intermediate rows, reduced across the
+// ranks (split).
 #define SQ_MOE_FIELDS(X)                                                                                 \
   X(int32_t, num_experts) /* the router's */                                                            \
   X(int32_t, first)                                                                                     \

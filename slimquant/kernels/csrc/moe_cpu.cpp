@@ -176,7 +176,7 @@ void route_row(const float* logits, int num_experts, int n_group, int topk_group
   const int per_group = num_experts / n_group;
   group_score.resize(n_group);
   for (int g = 0; g < n_group; ++g)  // a group's score: its best expert's
-    group_score[g] = *std::max_element(&p[(size_t)g * per_group], &p[(size_t)(g + 1) * per_group]);
+    group_score[g] = *std::max_element(p.data() + (size_t)g * per_group, p.data() + (size_t)(g + 1) * per_group);
   best_groups(group_score.data(), n_group, topk_group, allowed);
   pick_top_k(p.data(), p.data(), num_experts, allowed.data(), per_group, top_k, renormalize, scaling, ids, weights);
 }
