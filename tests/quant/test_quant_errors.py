@@ -52,7 +52,7 @@ def test_unknown_type(src, tmp_path):
 def test_unsupported_architecture(src, tmp_path):
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(config | {"model_type": "gpt2"}))
-    expect_error(src, tmp_path / "out", "unsupported architecture 'gpt2'.*llama, qwen2, qwen3")
+    expect_error(src, tmp_path / "out", "unsupported architecture 'gpt2'.*llama, qwen2, qwen2_moe, qwen3")
 
 
 def test_missing_shard(src, tmp_path):
