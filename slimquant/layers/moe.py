@@ -37,7 +37,7 @@ from slimquant.format.validation import FLOAT_TENSOR, INT8_WEIGHT, WEIGHT_OFFSET
 from slimquant.kernels.int8_input import PER_TOKEN, Int8Rows
 from slimquant.layers.mlp import GatedMLP, check_activation, dense_mlp
 from slimquant.layers.quant_config import QuantConfig
-from slimquant.layers.quant_methods import UnquantizedMethod, replace_param
+from slimquant.layers.quant_methods import replace_param
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 # A model's packed_modules_mapping entry for its routed experts (vLLM's FusedMoE: one layer of every expert's linears)
@@ -297,7 +297,9 @@ class SparseMoE(nn.Module):
             self.shared_experts = GatedMLP(h, shared, quant_config, f"{prefix}.shared_experts", dtype, bias, tp)
         elif size := getattr(config, "shared_expert_intermediate_size", None):  # Qwen2-MoE
             self.shared_expert = GatedMLP(h, size, quant_config, f"{prefix}.shared_expert", dtype, bias, tp)
-            self.shared_expert_gate = SharedExpertGate(h, quant_config, f"{prefix}.shared_expert_gate")
+            self.shared_expert_gate = SharedExpertGate(h, f"{prefix}.shared_expert_gate")
+        gate_prefixes = [f"{prefix}.gate"] + [g.prefix for g in (self.shared_expert_gate,) if g is not None]
+        quant_config.check_float(gate_prefixes)  # vLLM builds them float: an int8 one loads in neither
 
     ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
     input_quant = None  # the router reads the float input too (PreNormDecoderLayer)
@@ -327,19 +329,12 @@ class SparseMoE(nn.Module):
 
 class SharedExpertGate(nn.Module):
     """Qwen2-MoE's gate on its shared expert: x [T, H] -> sigmoid(x @ weight^T) [T, 1], weight [1, H] held in fp32
-    (its checkpoint values) and whole on every rank; float, as vLLM builds it (quant_config=None): ValueError where the
-    checkpoint quantized it."""
+    (its checkpoint values) and whole on every rank; float, as vLLM builds it (quant_config=None)."""
 
     ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
 
-    def __init__(self, hidden: int, quant_config: QuantConfig, prefix: str):
+    def __init__(self, hidden: int, prefix: str):
         super().__init__()
-        if not isinstance(quant_config.linear_method(prefix, [prefix]), UnquantizedMethod):
-            raise ValueError(
-                f"{prefix} is quantized in quant_model_description.json, but vLLM and vLLM-Ascend build it float "
-                "(quant_config=None), so neither loads it: re-quantize the model with `slimquant quantize`, which "
-                "keeps it float"
-            )
         self.prefix = prefix
         self.weight = nn.Parameter(torch.empty(1, hidden), requires_grad=False)
 

@@ -32,6 +32,10 @@ class QuantConfig:
         """Whether the checkpoint holds a float bias for any of these linears (the anti-outlier shift adds them)."""
         return False
 
+    def check_float(self, prefixes: list[str]) -> None:
+        """ValueError where the checkpoint quantizes any of these layers, which vLLM builds float (quant_config=None:
+        a MoE router, Qwen2-MoE's shared_expert_gate)."""
+
 
 class AscendQuantConfig(QuantConfig):
     """An ascend (ModelSlim) checkpoint's description: per-tensor quant types by name."""
@@ -92,6 +96,15 @@ class AscendQuantConfig(QuantConfig):
     def linear_has_bias(self, shard_prefixes: list[str]) -> bool:
         # the anti-outlier shift adds `<linear>.bias` (FLOAT) to the linears a shifted norm feeds
         return any(f"{p}.bias" in self.types for p in shard_prefixes)
+
+    def check_float(self, prefixes: list[str]) -> None:
+        quantized = {f"{p}.weight": t for p in prefixes if (t := self.types.get(f"{p}.weight", FLOAT)) != FLOAT}
+        if quantized:
+            raise ValueError(
+                f"quant_model_description.json quantizes {quantized}, which vLLM and vLLM-Ascend build float "
+                "(quant_config=None: a MoE router, Qwen2-MoE's shared_expert_gate), so neither loads it: "
+                "re-quantize the model with `slimquant quantize`, which keeps them float"
+            )
 
     def _weight_type(self, shard_prefix: str, prefix: str) -> str:
         key = f"{shard_prefix}.weight"

@@ -463,6 +463,21 @@ def bias_rules(ck: _Checkpoint) -> list[Finding]:
     )
 
 
+def float_layer_rules(ck: _Checkpoint) -> list[Finding]:
+    """A MoE router (mlp.gate) or Qwen2-MoE's mlp.shared_expert_gate quantized: vLLM builds both float
+    (quant_config=None), so neither loader takes an int8 one."""
+    gates = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")
+    quantized = [f"{n}: {t}" for n, t in ck.types.items() if n.endswith(gates) and t != FLOAT]
+    return _both(
+        ERROR,
+        "float-layer",
+        quantized,
+        "{n} weights that vLLM builds float (quant_config=None: a MoE router, Qwen2-MoE's shared_expert_gate) are "
+        "quantized ({names})",
+        "re-quantize with `slimquant quantize`, which keeps them float",
+    )
+
+
 def static_value_rules(ck: _Checkpoint) -> list[Finding]:
     """Static linears' tensors in the forms vLLM-Ascend's parameters take: deq_scale's dtype by model dtype; one
     input quantization per fused layer."""
@@ -549,6 +564,7 @@ RULES = (
     group_rules,
     tensor_rules,
     bias_rules,
+    float_layer_rules,
     static_value_rules,
     kv_cache_rules,
 )

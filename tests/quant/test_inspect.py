@@ -267,6 +267,30 @@ def test_shift_into_routed_experts_is_refused_by_both(tiny_model, tmp_path):
         load_model(str(folder))
 
 
+@pytest.mark.parametrize("layer", ["gate", "shared_expert_gate"])
+def test_quantized_router_or_shared_expert_gate_is_refused_by_both(tiny_model, tmp_path, layer):
+    """vLLM builds a MoE router and Qwen2-MoE's shared_expert_gate float (quant_config=None): one written as a
+    W8A8_DYNAMIC linear (int8 weight, scale, offset) is an error for both loaders, and slimquant's loader refuses it
+    by name."""
+    base = write_ascend(
+        tiny_model("qwen2_moe", torch.bfloat16), tmp_path / "q", lambda p: "W8A8_DYNAMIC", torch.bfloat16
+    )
+    assert rules(inspect_checkpoint(base), VLLM_ASCEND) == set() == rules(inspect_checkpoint(base), SLIMQUANT)
+    prefix = f"model.layers.1.mlp.{layer}"
+    rows = SafetensorsFolder(base).get(f"{prefix}.weight").shape[0]
+    int8 = {
+        f"{prefix}.weight": torch.ones(rows, 64, dtype=torch.int8),
+        f"{prefix}.weight_scale": torch.full((rows, 1), 0.01),
+        f"{prefix}.weight_offset": torch.zeros(rows, 1),
+    }
+    folder = rewrite(base, tmp_path / "int8", change=int8, describe=lambda d: d | dict.fromkeys(int8, "W8A8_DYNAMIC"))
+    name = f"{prefix}.weight"
+    report = inspect_checkpoint(folder)
+    assert rules(report, VLLM_ASCEND) == {"float-layer"} == rules(report, SLIMQUANT)
+    with pytest.raises(ValueError, match=f"quantizes {{'{name}': 'W8A8_DYNAMIC'}}"):
+        load_model(str(folder))
+
+
 def test_cli_exit_status_follows_the_chosen_loader(tiny_model, tmp_path, capsys):
     """Exit 1 when a loader fails it; --loader picks whose verdict counts; --json has both verdicts."""
     tied = write_ascend(tiny_model("llama", torch.bfloat16, tie_word_embeddings=True), tmp_path / "v0", static_qkv,
