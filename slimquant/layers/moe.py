@@ -298,8 +298,7 @@ class SparseMoE(nn.Module):
         elif size := getattr(config, "shared_expert_intermediate_size", None):  # Qwen2-MoE
             self.shared_expert = GatedMLP(h, size, quant_config, f"{prefix}.shared_expert", dtype, bias, tp)
             self.shared_expert_gate = SharedExpertGate(h, f"{prefix}.shared_expert_gate")
-        gate_prefixes = [f"{prefix}.gate"] + [g.prefix for g in (self.shared_expert_gate,) if g is not None]
-        quant_config.check_float(gate_prefixes)  # vLLM builds them float: an int8 one loads in neither
+        quant_config.check_float(float_layers(prefix))  # vLLM builds them float: an int8 one loads in neither
 
     ops: TorchOps = TORCH_OPS  # the backend's ops (Backend.bind)
     input_quant = None  # the router reads the float input too (PreNormDecoderLayer)
@@ -325,6 +324,12 @@ class SparseMoE(nn.Module):
         run grouped (where the ops take quantized input), so that it is quantized once for both."""
         quant = self.shared.input_quant
         return self.experts.grouped and quant is not None and quant.inv_scale is None
+
+
+def float_layers(prefix: str) -> list[str]:
+    """The layers of the MoE at prefix that vLLM builds float (quant_config=None) where the model has them: the
+    router, Qwen2-MoE's shared_expert_gate."""
+    return [f"{prefix}.gate", f"{prefix}.shared_expert_gate"]
 
 
 class SharedExpertGate(nn.Module):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from slimquant.format.architectures import ArchSpec, arch_spec, config_value, layer_index, layer_prefix
+from slimquant.format.architectures import ArchSpec, arch_spec, config_value, is_moe_layer, layer_index, layer_prefix
 from slimquant.format.checkpoint import (
     KV_CACHE_TENSORS,
     kv_cache_int8,
@@ -465,16 +465,29 @@ def bias_rules(ck: _Checkpoint) -> list[Finding]:
 
 def float_layer_rules(ck: _Checkpoint) -> list[Finding]:
     """A MoE router (mlp.gate) or Qwen2-MoE's mlp.shared_expert_gate quantized: vLLM builds both float
-    (quant_config=None), so neither loader takes an int8 one."""
-    gates = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")
+    (quant_config=None), so an int8 one loads in neither; for slimquant, its own loader's check on each MoE layer
+    the engine builds."""
+    from slimquant.layers.moe import float_layers
+    from slimquant.layers.quant_config import AscendQuantConfig  # the engine's rules, to the letter
+
+    qc, ours = AscendQuantConfig(ck.types), []
+    for i in range(ck.num_layers):
+        try:
+            if is_moe_layer(ck.config, i):
+                qc.check_float(float_layers(f"{layer_prefix(i)}mlp"))
+        except ValueError as e:
+            ours.append(str(e))
+    fix = "re-quantize with `slimquant quantize`, which keeps them float"
+    gates = tuple(f"{p}.weight" for p in float_layers("mlp"))
     quantized = [f"{n}: {t}" for n, t in ck.types.items() if n.endswith(gates) and t != FLOAT]
-    return _both(
+    return [Finding(SLIMQUANT, ERROR, "float-layer", m, fix) for m in ours] + _finding(
+        VLLM_ASCEND,
         ERROR,
         "float-layer",
         quantized,
         "{n} weights that vLLM builds float (quant_config=None: a MoE router, Qwen2-MoE's shared_expert_gate) are "
         "quantized ({names})",
-        "re-quantize with `slimquant quantize`, which keeps them float",
+        fix,
     )
 
 
