@@ -118,8 +118,8 @@ def _check_float(path: str, config) -> None:
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
     raise ValueError(
         f"{path} is a {method!r}-quantized release (config.json's quantization_config), which slimquant does not "
-        f"run: convert it with `slimquant quantize {path} OUT --type w8a8_dynamic` (it reads FP8 and 8-bit "
-        "compressed-tensors releases) and run OUT, or start from the model's bf16 release"
+        f"run: convert it with `slimquant quantize {path} OUT --type w8a8_dynamic` (it reads FP8 releases and "
+        "compressed-tensors' 8-bit and packed int4 ones) and run OUT, or start from the model's bf16 release"
     )
 
 

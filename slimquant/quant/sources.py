@@ -1,14 +1,16 @@
-"""The quantizer's source: a Hugging Face folder of float weights (bf16 / fp16 / fp32), or of 8-bit weights with
+"""The quantizer's source: a Hugging Face folder of float weights (bf16 / fp16 / fp32), or of quantized weights with
 their scales, dequantized to bf16 on read: FP8 blocks (DeepSeek-V3, Kimi-K2, Qwen3-FP8: `weight_scale_inv`), vLLM's
 per-tensor FP8, and llm-compressor's compressed-tensors FP8 or int8 (its FP8_DYNAMIC / W8A8 recipes: `weight_scale`
-per channel, per tensor or per block). Other quantized releases (int4 GPTQ / AWQ, bitsandbytes,
-MXFP4 ...) are refused by name: their float weights cannot be recovered here."""
+per channel, per tensor or per block) or packed symmetric int4 (its W4A16 recipe, and the int4 releases of
+Kimi-K2-Thinking and later: `weight_packed`, a scale per group of columns). Other quantized releases (asymmetric
+int4 AWQ, GPTQ's own format, bitsandbytes, MXFP4 ...) are refused by name."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,17 +21,19 @@ from slimquant.format.safetensors_io import SafetensorsFolder
 FP8_BLOCK = 128
 EIGHT_BIT = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)
 _COMPANIONS = (".input_scale", ".weight_zero_point", ".input_zero_point")  # compressed-tensors' other tensors
-_CT_FORMATS = ("float-quantized", "int-quantized", "naive-quantized")  # 8-bit weights stored as they are
+_CT_FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized")  # the last: int32 words
+_PACKED = "_packed"  # compressed-tensors' pack-quantized: `X.weight_packed` holds the ints of the weight `X.weight`
 
 
 @dataclass(frozen=True)
 class WeightScales:
-    """How a source's 8-bit weights carry their scales: the scale tensor's name suffix after the weight's name
-    (`_scale_inv` or `_scale`), and the [rows, columns] each scale covers (None: the scale broadcasts, one per output
-    row or one for the tensor)."""
+    """How a source's quantized weights carry their scales: the scale tensor's name suffix after the weight's name
+    (`_scale_inv` or `_scale`), the [rows, columns] each scale covers (None: the scale broadcasts, one per output
+    row or one for the tensor; (1, G): groups of G columns), and for weights packed into int32 words, their bits."""
 
     suffix: str
     block: tuple[int, int] | None
+    packed_bits: int | None = None
 
 
 _DEEPSEEK_BLOCKS = WeightScales("_scale_inv", (FP8_BLOCK, FP8_BLOCK))
@@ -67,41 +71,74 @@ def weight_scales(config: dict, path: Path) -> WeightScales | None:
         return _compressed_tensors_scales(qc, path)
     raise ValueError(
         f"{path} is a {method!r}-quantized checkpoint (config.json's quantization_config): slimquant quantizes from "
-        "float weights, or from FP8 / int8 ones with their scales (quant_method 'fp8', or 'compressed-tensors' "
-        "float- or int-quantized). Start from the model's bf16 or FP8 release"
+        "float weights, or from FP8 / int8 / symmetric int4 ones with their scales (quant_method 'fp8', or "
+        "'compressed-tensors' float-, int- or pack-quantized). Start from the model's bf16 or FP8 release"
     )
 
 
 def _compressed_tensors_scales(qc: dict, path: Path) -> WeightScales:
-    """WeightScales of an llm-compressor checkpoint: 8-bit symmetric weights per channel, tensor or block."""
+    """WeightScales of an llm-compressor checkpoint: symmetric int / FP8 weights per channel, tensor, block or
+    group, 8-bit as they are or packed into int32 words."""
     fmt, groups = qc.get("format"), list((qc.get("config_groups") or {}).values())
     schemes = {_ct_weights(g.get("weights") or {}, fmt, path) for g in groups}
     if fmt not in _CT_FORMATS or len(schemes) != 1:
         why = f"format {fmt!r}" if fmt not in _CT_FORMATS else f"{len(schemes)} weight schemes in its config groups"
         raise ValueError(
-            f"{path}: a compressed-tensors checkpoint with {why}; slimquant reads one scheme of 8-bit weights stored "
-            f"as they are ({', '.join(_CT_FORMATS)}). Start from the model's bf16 release"
+            f"{path}: a compressed-tensors checkpoint with {why}; slimquant reads one scheme of weights stored "
+            f"as {', '.join(_CT_FORMATS)}. Start from the model's bf16 release"
         )
-    (block,) = schemes
-    return WeightScales("_scale", block)
+    ((block, bits),) = schemes
+    return WeightScales("_scale", block, bits if fmt == "pack-quantized" else None)
 
 
-def _ct_weights(weights: dict, fmt: str, path: Path) -> tuple[int, int] | None:
-    """A config group's weight scheme as WeightScales.block, or ValueError where it is not 8-bit symmetric with
-    one scale per channel, tensor or block."""
+def _ct_weights(weights: dict, fmt: str, path: Path) -> tuple[tuple[int, int] | None, int]:
+    """A config group's weight scheme as (WeightScales.block, bits), or ValueError where it is not symmetric with
+    one scale per channel, tensor, block or group of columns, 8-bit (or 2- to 8-bit int, packed)."""
     strategy, bits, symmetric = weights.get("strategy"), weights.get("num_bits"), weights.get("symmetric", True)
-    if bits != 8 or not symmetric or strategy not in ("channel", "tensor", "block"):
+    packed = fmt == "pack-quantized" and weights.get("type", "int") == "int"
+    ok_bits = isinstance(bits, int) and (2 <= bits <= 8 if packed else bits == 8)
+    if not ok_bits or not symmetric or strategy not in ("channel", "tensor", "block", "group"):
         raise ValueError(
             f"{path}: compressed-tensors weights of {bits} bits, {'' if symmetric else 'a'}symmetric, per {strategy} "
-            f"({fmt}); slimquant dequantizes 8-bit symmetric weights per channel, tensor or block. Start from the "
-            "model's bf16 release"
+            f"({fmt}); slimquant dequantizes symmetric weights per channel, tensor, block or group, of 8 bits (2 to "
+            "8 when int and pack-quantized). Start from the model's bf16 release"
         )
+    if weights.get("actorder") == "group":
+        raise ValueError(
+            f"{path}: compressed-tensors weights in activation-ordered groups (actorder 'group', GPTQ's g_idx), "
+            "which slimquant does not dequantize. Start from the model's bf16 release"
+        )
+    if strategy == "group":
+        size = weights.get("group_size")
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(f"{path}: compressed-tensors weights per group with group_size {size!r}")
+        return (1, size), bits
     block = weights.get("block_structure") if strategy == "block" else None
-    return (int(block[0]), int(block[1])) if block else None
+    return ((int(block[0]), int(block[1])) if block else None), bits
+
+
+def unpack_ints(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """int32 words [M, W] holding `bits`-bit ints back to back from the lowest bit of each row's first word, each
+    stored plus 2^(bits - 1) (compressed-tensors' pack-quantized) -> int8 [M, cols]."""
+    rows, words = packed.shape
+    if packed.dtype != torch.int32 or words * 32 < cols * bits:
+        raise ValueError(f"{cols} ints of {bits} bits do not fit {list(packed.shape)} {packed.dtype} words")
+    assert sys.byteorder == "little", "a word's lowest bits are its first byte"
+    data = packed.contiguous().view(torch.uint8)  # [M, 4W]
+    if 8 % bits == 0:  # 2, 4 or 8 bits: no int straddles two bytes
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)  # [8 / bits]
+        value = ((data[:, :, None] >> shifts) & ((1 << bits) - 1)).view(rows, -1)[:, :cols].to(torch.int16)
+    else:
+        data = torch.cat([data, data.new_zeros(rows, 1)], 1)  # [M, 4W + 1]: the last int's next byte
+        first_bit = torch.arange(cols) * bits  # [cols]
+        low = data[:, first_bit // 8].to(torch.int32)  # [M, cols]: the byte each int starts in, and the next one
+        high = data[:, first_bit // 8 + 1].to(torch.int32)
+        value = ((low | high << 8) >> (first_bit % 8).to(torch.int32)) & ((1 << bits) - 1)
+    return (value - (1 << (bits - 1))).to(torch.int8)
 
 
 class HFCheckpoint:
-    """A Hugging Face model folder: config.json plus safetensors, 8-bit weights dequantized on read."""
+    """A Hugging Face model folder: config.json plus safetensors, quantized weights dequantized on read."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -114,30 +151,49 @@ class HFCheckpoint:
         self.tensors = SafetensorsFolder(self.path)
         declared = weight_scales(self.config, self.path)
         self.scales = declared or _DEEPSEEK_BLOCKS  # FP8 blocks with no quantization_config: read as DeepSeek's
-        names, suffix = self.tensors.keys(), self.scales.suffix
+        names, suffix, packed = self.tensors.keys(), self.scales.suffix, self.scales.packed_bits is not None
         self._quantized = {k[: -len(suffix)] for k in names if k.endswith(".weight" + suffix)}
-        hidden = {w + suffix for w in self._quantized}
+        hidden = {w + suffix for w in self._quantized} | {w + "_shape" for w in self._quantized if packed}
         hidden |= {k for k in names if declared and k.endswith(_COMPANIONS)}
-        self._keys = [k for k in names if k not in hidden]
+        logical = {w + _PACKED: w for w in self._quantized} if packed else {}  # stored name -> the weight's
+        self._keys = [logical.get(k, k) for k in names if k not in hidden]
         self._key_set = set(self._keys)  # membership per tensor name: a trillion-parameter MoE has 100k+ names
 
     def keys(self) -> list[str]:
-        """Every logical tensor name (scales and other companions hidden)."""
+        """Every logical tensor name (scales and other companions hidden; a packed weight under its own name)."""
         return list(self._keys)
 
     def __contains__(self, name: str) -> bool:
         return name in self._key_set
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor in float: 8-bit weights come back dequantized to bf16; ValueError for 8-bit weights without
-        scales (an already quantized folder)."""
-        t = self.tensors.get(name)
+        """One tensor in float: quantized weights come back dequantized to bf16; ValueError for 8-bit weights
+        without scales (an already quantized folder)."""
         if name in self._quantized:
-            return dequantize_weight(t, self.tensors.get(name + self.scales.suffix), self.scales.block)
+            scale = self.tensors.get(name + self.scales.suffix)
+            return dequantize_weight(self._ints(name), scale, self.scales.block)
+        t = self.tensors.get(name)
         if t.dtype in EIGHT_BIT:
             raise ValueError(
                 f"{self.path}: {name} is stored as {t.dtype} with no scale that config.json's quantization_config "
                 "names; is this folder already quantized (an ascend checkpoint)? slimquant quantizes float weights, "
-                "or FP8 / int8 ones with their scales"
+                "or FP8 / int8 / packed int4 ones with their scales"
             )
         return t
+
+    def _ints(self, name: str) -> torch.Tensor:
+        """A quantized weight's stored values [M, N]: as stored, or unpacked from its int32 words."""
+        bits = self.scales.packed_bits
+        if bits is None:
+            return self.tensors.get(name)
+        if name + _PACKED not in self.tensors or name + "_shape" not in self.tensors:
+            raise ValueError(
+                f"{self.path}: {name}{self.scales.suffix} has no {name}{_PACKED} and {name}_shape beside it"
+            )
+        shape = [int(n) for n in self.tensors.get(name + "_shape").tolist()]
+        if len(shape) != 2:
+            raise ValueError(f"{self.path}: {name}_shape is {shape}, not the [rows, columns] of a weight")
+        ints = unpack_ints(self.tensors.get(name + _PACKED), bits, shape[1])
+        if ints.shape[0] != shape[0]:
+            raise ValueError(f"{self.path}: {name}{_PACKED} has {ints.shape[0]} rows; {name}_shape says {shape}")
+        return ints

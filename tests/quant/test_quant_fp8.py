@@ -63,6 +63,11 @@ SOURCES = {
         torch.int8,
         "row",
     ),
+    "compressed-tensors int8 per group of 32": (
+        ct_config("int-quantized", {"type": "int", "strategy": "group", "group_size": 32}),
+        torch.int8,
+        (1, 32),
+    ),
 }
 
 
@@ -128,7 +133,7 @@ def test_8bit_sources_quantize_as_their_bf16_dequantization(tiny_model, tmp_path
     [
         ({"quant_method": "gptq", "bits": 4}, "a 'gptq'-quantized checkpoint"),
         ({"quant_method": "mxfp4"}, "a 'mxfp4'-quantized checkpoint"),
-        (ct_config("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group"}), "4 bits"),
+        (ct_config("int-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32}), "4 bits"),
         (ct_config("int-quantized", {"type": "int", "strategy": "channel", "symmetric": False}), "asymmetric"),
     ],
 )
