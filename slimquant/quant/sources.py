@@ -1,9 +1,9 @@
 """The quantizer's source: a Hugging Face folder of float weights (bf16 / fp16 / fp32), or of quantized weights with
 their scales, dequantized to bf16 on read: FP8 blocks (DeepSeek-V3, Kimi-K2, Qwen3-FP8: `weight_scale_inv`), vLLM's
 per-tensor FP8, and llm-compressor's compressed-tensors FP8 or int8 (its FP8_DYNAMIC / W8A8 recipes: `weight_scale`
-per channel, per tensor or per block) or packed symmetric int4 (its W4A16 recipe, and the int4 releases of
-Kimi-K2-Thinking and later: `weight_packed`, a scale per group of columns). Other quantized releases (asymmetric
-int4 AWQ, GPTQ's own format, bitsandbytes, MXFP4 ...) are refused by name."""
+per channel, per tensor or per block) or packed int4 (its W4A16 / W4A16_ASYM / GPTQ / AWQ recipes, and the int4
+releases of Kimi-K2-Thinking and later: `weight_packed`, a scale and zero point per group of columns). Other
+quantized releases (GPTQ's or AWQ's own formats, bitsandbytes, MXFP4 ...) are refused by name."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from slimquant.format.safetensors_io import SafetensorsFolder
 
 FP8_BLOCK = 128
 EIGHT_BIT = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)
-_COMPANIONS = (".input_scale", ".weight_zero_point", ".input_zero_point")  # compressed-tensors' other tensors
+_COMPANIONS = (".input_scale", ".weight_zero_point", ".input_zero_point", ".weight_g_idx")  # compressed-tensors'
+# other tensors: read beside the weight (zero points, GPTQ's column order) or not needed
 _CT_FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized")  # the last: int32 words
 _PACKED = "_packed"  # compressed-tensors' pack-quantized: `X.weight_packed` holds the ints of the weight `X.weight`
 
@@ -29,30 +30,53 @@ _PACKED = "_packed"  # compressed-tensors' pack-quantized: `X.weight_packed` hol
 class WeightScales:
     """How a source's quantized weights carry their scales: the scale tensor's name suffix after the weight's name
     (`_scale_inv` or `_scale`), the [rows, columns] each scale covers (None: the scale broadcasts, one per output
-    row or one for the tensor; (1, G): groups of G columns), and for weights packed into int32 words, their bits."""
+    row or one for the tensor; (1, G): groups of G columns), for weights packed into int32 words their bits, and
+    whether zero points (`_zero_point`, laid out as the scales) are subtracted first."""
 
     suffix: str
     block: tuple[int, int] | None
     packed_bits: int | None = None
+    zero_points: bool = False
 
 
 _DEEPSEEK_BLOCKS = WeightScales("_scale_inv", (FP8_BLOCK, FP8_BLOCK))
 
 
-def dequantize_weight(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
-    """w fp8 / int8 [M, N] times its scale -> bf16 [M, N]: per block (scale [ceil(M/bm), ceil(N/bn)] repeated
-    bm x bn), per output row (scale [M] or [M, 1]) or per tensor (one value); ValueError for another shape."""
-    m, n = w.shape
+def dequantize_weight(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int] | None,
+    zero: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(w - zero) times scale -> bf16 [M, N], w fp8 / int [M, N]; scale (and zero, the same shape) per block
+    ([ceil(M/bm), ceil(N/bn)] repeated bm x bn; with groups [N], column j's block is groups[j], GPTQ's g_idx), per
+    output row ([M] or [M, 1]) or per tensor (one value); ValueError for another shape."""
+    s = _per_weight(scale, w.shape, block, groups, "scales")
+    x = w.float() if zero is None else w.float() - _per_weight(zero, w.shape, block, groups, "zero points")
+    return (x * s).to(torch.bfloat16)
+
+
+def _per_weight(
+    t: torch.Tensor, shape, block: tuple[int, int] | None, groups: torch.Tensor | None, what: str
+) -> torch.Tensor:
+    """A weight's scales or zero points spread over it: [M, N], or [M or 1, 1] to broadcast."""
+    m, n = shape
     if block is not None:
         bm, bn = block
-        if tuple(scale.shape) != (math.ceil(m / bm), math.ceil(n / bn)):
-            raise ValueError(f"a weight [{m}, {n}] in blocks of {bm} x {bn} has scales of shape {list(scale.shape)}")
-        s = scale.float().repeat_interleave(bm, dim=0).repeat_interleave(bn, dim=1)[:m, :n]  # [M, N]
-    elif scale.numel() in (1, m):
-        s = scale.float().reshape(-1, 1)  # [M or 1, 1]
-    else:
-        raise ValueError(f"a weight [{m}, {n}] has {scale.numel()} scales: neither one per row nor one in all")
-    return (w.float() * s).to(torch.bfloat16)
+        count = math.ceil(n / bn) if groups is None else int(groups.max()) + 1 if groups.numel() == n else -1
+        if tuple(t.shape) != (math.ceil(m / bm), count):
+            raise ValueError(
+                f"a weight [{m}, {n}] in blocks of {bm} x {bn}{' (with g_idx)' if groups is not None else ''} has "
+                f"{what} of shape {list(t.shape)}"
+            )
+        rows = t.float().repeat_interleave(bm, dim=0)[:m]  # [M, blocks across]
+        return rows[:, groups.long()] if groups is not None else rows.repeat_interleave(bn, dim=1)[:, :n]  # [M, N]
+    if groups is not None:
+        raise ValueError(f"a weight [{m}, {n}] has a g_idx but no groups of columns")
+    if t.numel() in (1, m):
+        return t.float().reshape(-1, 1)  # [M or 1, 1]
+    raise ValueError(f"a weight [{m}, {n}] has {t.numel()} {what}: neither one per row nor one in all")
 
 
 def weight_scales(config: dict, path: Path) -> WeightScales | None:
@@ -71,14 +95,14 @@ def weight_scales(config: dict, path: Path) -> WeightScales | None:
         return _compressed_tensors_scales(qc, path)
     raise ValueError(
         f"{path} is a {method!r}-quantized checkpoint (config.json's quantization_config): slimquant quantizes from "
-        "float weights, or from FP8 / int8 / symmetric int4 ones with their scales (quant_method 'fp8', or "
+        "float weights, or from FP8 / int8 / int4 ones with their scales (quant_method 'fp8', or "
         "'compressed-tensors' float-, int- or pack-quantized). Start from the model's bf16 or FP8 release"
     )
 
 
 def _compressed_tensors_scales(qc: dict, path: Path) -> WeightScales:
-    """WeightScales of an llm-compressor checkpoint: symmetric int / FP8 weights per channel, tensor, block or
-    group, 8-bit as they are or packed into int32 words."""
+    """WeightScales of an llm-compressor checkpoint: int / FP8 weights per channel, tensor, block or group, 8-bit
+    as they are or int packed into int32 words, int ones with or without zero points."""
     fmt, groups = qc.get("format"), list((qc.get("config_groups") or {}).values())
     schemes = {_ct_weights(g.get("weights") or {}, fmt, path) for g in groups}
     if fmt not in _CT_FORMATS or len(schemes) != 1:
@@ -87,34 +111,31 @@ def _compressed_tensors_scales(qc: dict, path: Path) -> WeightScales:
             f"{path}: a compressed-tensors checkpoint with {why}; slimquant reads one scheme of weights stored "
             f"as {', '.join(_CT_FORMATS)}. Start from the model's bf16 release"
         )
-    ((block, bits),) = schemes
-    return WeightScales("_scale", block, bits if fmt == "pack-quantized" else None)
+    ((block, bits, symmetric),) = schemes
+    return WeightScales("_scale", block, bits if fmt == "pack-quantized" else None, not symmetric)
 
 
-def _ct_weights(weights: dict, fmt: str, path: Path) -> tuple[tuple[int, int] | None, int]:
-    """A config group's weight scheme as (WeightScales.block, bits), or ValueError where it is not symmetric with
-    one scale per channel, tensor, block or group of columns, 8-bit (or 2- to 8-bit int, packed)."""
+def _ct_weights(weights: dict, fmt: str, path: Path) -> tuple[tuple[int, int] | None, int, bool]:
+    """A config group's weight scheme as (WeightScales.block, bits, symmetric), or ValueError where it is not one
+    scale per channel, tensor, block or group of columns, of 8 bits (2 to 8 when int and packed), symmetric unless
+    int."""
     strategy, bits, symmetric = weights.get("strategy"), weights.get("num_bits"), weights.get("symmetric", True)
-    packed = fmt == "pack-quantized" and weights.get("type", "int") == "int"
-    ok_bits = isinstance(bits, int) and (2 <= bits <= 8 if packed else bits == 8)
-    if not ok_bits or not symmetric or strategy not in ("channel", "tensor", "block", "group"):
+    is_int = weights.get("type", "int") == "int"
+    ok_bits = isinstance(bits, int) and (2 <= bits <= 8 if fmt == "pack-quantized" and is_int else bits == 8)
+    if not ok_bits or not (symmetric or is_int) or strategy not in ("channel", "tensor", "block", "group"):
+        kind = f"{'' if symmetric else 'a'}symmetric {weights.get('type', 'int')}"
         raise ValueError(
-            f"{path}: compressed-tensors weights of {bits} bits, {'' if symmetric else 'a'}symmetric, per {strategy} "
-            f"({fmt}); slimquant dequantizes symmetric weights per channel, tensor, block or group, of 8 bits (2 to "
-            "8 when int and pack-quantized). Start from the model's bf16 release"
-        )
-    if weights.get("actorder") == "group":
-        raise ValueError(
-            f"{path}: compressed-tensors weights in activation-ordered groups (actorder 'group', GPTQ's g_idx), "
-            "which slimquant does not dequantize. Start from the model's bf16 release"
+            f"{path}: compressed-tensors weights of {bits} bits, {kind}, per {strategy} ({fmt}); slimquant "
+            "dequantizes weights per channel, tensor, block or group, of 8 bits (ints of 2 to 8 bits when "
+            "pack-quantized), with zero points only when int. Start from the model's bf16 release"
         )
     if strategy == "group":
         size = weights.get("group_size")
         if not isinstance(size, int) or size <= 0:
             raise ValueError(f"{path}: compressed-tensors weights per group with group_size {size!r}")
-        return (1, size), bits
+        return (1, size), bits, bool(symmetric)
     block = weights.get("block_structure") if strategy == "block" else None
-    return ((int(block[0]), int(block[1])) if block else None), bits
+    return ((int(block[0]), int(block[1])) if block else None), bits, bool(symmetric)
 
 
 def unpack_ints(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
@@ -170,8 +191,10 @@ class HFCheckpoint:
         """One tensor in float: quantized weights come back dequantized to bf16; ValueError for 8-bit weights
         without scales (an already quantized folder)."""
         if name in self._quantized:
-            scale = self.tensors.get(name + self.scales.suffix)
-            return dequantize_weight(self._ints(name), scale, self.scales.block)
+            ints = self._ints(name)
+            zero = self._zero_points(name, ints.shape[0]) if self.scales.zero_points else None
+            groups = self.tensors.get(name + "_g_idx") if name + "_g_idx" in self.tensors else None
+            return dequantize_weight(ints, self.tensors.get(name + self.scales.suffix), self.scales.block, zero, groups)
         t = self.tensors.get(name)
         if t.dtype in EIGHT_BIT:
             raise ValueError(
@@ -197,3 +220,15 @@ class HFCheckpoint:
         if ints.shape[0] != shape[0]:
             raise ValueError(f"{self.path}: {name}{_PACKED} has {ints.shape[0]} rows; {name}_shape says {shape}")
         return ints
+
+    def _zero_points(self, name: str, rows: int) -> torch.Tensor:
+        """A weight's zero points, laid out as its scales: as stored, or unpacked from int32 words down each column
+        (compressed-tensors packs them along the rows)."""
+        if name + "_zero_point" not in self.tensors:
+            raise ValueError(
+                f"{self.path}: {name} is quantized with zero points (asymmetric) but has no {name}_zero_point"
+            )
+        zero = self.tensors.get(name + "_zero_point")
+        if self.scales.packed_bits is None or zero.dtype != torch.int32:
+            return zero
+        return unpack_ints(zero.t().contiguous(), self.scales.packed_bits, rows).t()  # [M, groups]

@@ -134,7 +134,6 @@ def test_8bit_sources_quantize_as_their_bf16_dequantization(tiny_model, tmp_path
         ({"quant_method": "gptq", "bits": 4}, "a 'gptq'-quantized checkpoint"),
         ({"quant_method": "mxfp4"}, "a 'mxfp4'-quantized checkpoint"),
         (ct_config("int-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32}), "4 bits"),
-        (ct_config("int-quantized", {"type": "int", "strategy": "channel", "symmetric": False}), "asymmetric"),
     ],
 )
 def test_other_quantized_sources_are_refused_by_name(tiny_model, tmp_path, qc, message):

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
@@ -33,28 +34,40 @@ def scheme(bits: int = 4, **weights) -> QuantizationScheme:
     return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**args))
 
 
-def pack(w: torch.Tensor, s: QuantizationScheme) -> dict[str, torch.Tensor]:
-    """w [M, N] -> compressed-tensors' own tensors for it (weight_packed, weight_scale, weight_shape): scales from
-    each group's (or row's) absmax, the ints and their packing by PackedQuantizationCompressor."""
-    top = 2 ** (s.weights.num_bits - 1) - 1
-    m, n = w.shape
+COMPRESSORS = {"pack-quantized": PackedQuantizationCompressor, "int-quantized": IntQuantizationCompressor}
+
+
+def pack(w: torch.Tensor, s: QuantizationScheme, fmt: str = "pack-quantized") -> dict[str, torch.Tensor]:
+    """w [M, N] -> compressed-tensors' own tensors for it (weight_packed, weight_scale, weight_shape, and
+    weight_zero_point when asymmetric): scales (and zero points) from each group's (or row's) range, the ints and
+    their packing by compressed-tensors' compressor of that format."""
+    bits, m, n = s.weights.num_bits, *w.shape
     size = GROUP if s.weights.strategy == "group" else n
-    scale = (w.float().view(m, n // size, size).abs().amax(-1) / top).clamp(min=1e-6).to(torch.bfloat16)
-    return PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, s)
+    x = w.float().view(m, n // size, size)
+    parts = {"weight": w}
+    if s.weights.symmetric:
+        scale = x.abs().amax(-1) / (2 ** (bits - 1) - 1)  # [M, N / size]
+    else:
+        low, high = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
+        scale = (high - low) / (2**bits - 1)
+        zero = (-low / scale.clamp(min=1e-6)).round() - 2 ** (bits - 1)
+        parts["weight_zero_point"] = zero.clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1).to(torch.int8)
+    parts["weight_scale"] = scale.clamp(min=1e-6).to(torch.bfloat16)
+    return COMPRESSORS[fmt].compress(parts, s)
 
 
-def write_packed(src, dst, packed, s: QuantizationScheme, ignore: list[str]) -> None:
+def write_packed(src, dst, packed, s: QuantizationScheme, ignore: list[str], fmt: str = "pack-quantized") -> None:
     """A copy of the HF folder src whose linears `packed(name)` selects are stored as compressed-tensors packs them,
     with the quantization_config llm-compressor writes."""
     stored = {}
     for key, t in read_source(src).items():
         if packed(key):
-            stored |= {key[: -len("weight")] + k: v for k, v in pack(t, s).items()}
+            stored |= {key[: -len("weight")] + k: v for k, v in pack(t, s, fmt).items()}
         else:
             stored[key] = t
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
     save_file(stored, str(dst / "model.safetensors"))
-    qc = QuantizationConfig(config_groups={"group_0": s}, format="pack-quantized", ignore=ignore)
+    qc = QuantizationConfig(config_groups={"group_0": s}, format=fmt, ignore=ignore)
     qc = qc.model_dump(mode="json") | {"quantization_status": "compressed"}
     config = json.loads((dst / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps(config | {"quantization_config": qc}))
@@ -90,14 +103,26 @@ def test_unpack_refuses_words_too_few():
         unpack_ints(torch.zeros(2, 12, dtype=torch.int32), 4, 100)
 
 
-@pytest.mark.parametrize("bits, strategy", [(4, "group"), (8, "group"), (4, "channel"), (3, "group")])
-def test_w4a16_source_reads_as_transformers_decompresses_it(tiny_model, tmp_path, bits, strategy):
-    """llm-compressor's W4A16 (every linear int4, a scale per 32 columns), and 8- / 3-bit or per-channel packs:
-    each weight the quantizer reads equals the bf16 transformers decompresses it to (with compressed-tensors), and
-    the quantized output equals that of the bf16 folder transformers' weights make."""
+@pytest.mark.parametrize(
+    "fmt, bits, strategy, symmetric",
+    [
+        ("pack-quantized", 4, "group", True),
+        ("pack-quantized", 4, "group", False),
+        ("pack-quantized", 8, "group", True),
+        ("pack-quantized", 4, "channel", False),
+        ("pack-quantized", 3, "group", True),
+        ("int-quantized", 8, "channel", False),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")  # transformers: it reads ours
+def test_int_source_reads_as_transformers_decompresses_it(tiny_model, tmp_path, fmt, bits, strategy, symmetric):
+    """llm-compressor's W4A16 (every linear int4, a scale per 32 columns) and W4A16_ASYM (AWQ's: a zero point
+    too), 8- / 3-bit or per-channel packs, asymmetric int8: each weight the quantizer reads equals the bf16
+    transformers decompresses it to (with compressed-tensors), and the quantized output equals that of the bf16
+    folder transformers' weights make."""
     src = tiny_model("llama", torch.bfloat16)
-    s = scheme(bits, strategy=strategy, group_size=GROUP if strategy == "group" else None)
-    write_packed(src, tmp_path / "int", lambda k: k.endswith("_proj.weight"), s, ["lm_head"])
+    s = scheme(bits, strategy=strategy, group_size=GROUP if strategy == "group" else None, symmetric=symmetric)
+    write_packed(src, tmp_path / "int", lambda k: k.endswith("_proj.weight"), s, ["lm_head"], fmt)
     config = CompressedTensorsConfig(dequantize=True)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "int", dtype=torch.bfloat16, quantization_config=config)
     expected = reference.state_dict()
@@ -138,19 +163,46 @@ def test_kimi_k2_thinking_int4_experts_quantize_as_their_decompression(tiny_mode
     assert json.loads((a / "config.json").read_text())["model_type"] == "kimi_k2"
 
 
+def test_gptq_column_order_is_followed(tiny_model, tmp_path):
+    """Older compressed-tensors checkpoints of GPTQ's activation order store `weight_g_idx`, each column's group:
+    column j dequantizes with scale[:, g_idx[j]] (the format's math written out here)."""
+    src = tiny_model("llama", torch.bfloat16)
+    write_packed(src, tmp_path / "int", lambda k: k.endswith("_proj.weight"), scheme(), ["lm_head"])
+    tensors = read_source(tmp_path / "int")
+    name = "model.layers.1.mlp.down_proj.weight"
+    m, n = tensors[name + "_shape"].tolist()
+    g_idx = torch.randperm(n, generator=torch.Generator().manual_seed(0)) % (n // GROUP)  # [N]
+    tensors[name + "_g_idx"] = g_idx.to(torch.int32)
+    save_file(tensors, str(tmp_path / "int" / "model.safetensors"))
+    q = pack_to_int32_inverse(tensors[name + "_packed"], n)
+    expected = torch.stack([q[:, j].float() * tensors[name + "_scale"][:, g_idx[j]].float() for j in range(n)], 1)
+    ckpt = HFCheckpoint(tmp_path / "int")
+    assert torch.equal(ckpt.get(name), expected.to(torch.bfloat16)) and name + "_g_idx" not in ckpt
+    tensors[name + "_g_idx"] = g_idx[:-1].to(torch.int32)
+    save_file(tensors, str(tmp_path / "int" / "model.safetensors"))
+    with pytest.raises(ValueError, match=re.escape(f"a weight [{m}, {n}] in blocks of 1 x 32 (with g_idx)")):
+        HFCheckpoint(tmp_path / "int").get(name)
+
+
+def pack_to_int32_inverse(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """int4 ints [M, cols] from int32 words, bit by bit: int j of a row is bits 4j .. 4j + 3, less 8."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF  # [M, W]
+    return torch.stack([((words[:, j // 8] >> (4 * (j % 8))) & 15) - 8 for j in range(cols)], 1)
+
+
 @pytest.mark.parametrize(
-    "weights, message",
+    "fmt, weights, message",
     [
-        (dict(symmetric=False), "4 bits, asymmetric, per group"),
-        (dict(actorder="group"), "activation-ordered groups"),
-        (dict(num_bits=1), "1 bits"),
+        ("float-quantized", dict(type="float", num_bits=8, symmetric=False), "8 bits, asymmetric float"),
+        ("pack-quantized", dict(num_bits=1), "1 bits"),
+        ("int-quantized", dict(num_bits=4), "4 bits, symmetric int"),
     ],
 )
-def test_packed_schemes_it_cannot_read_are_refused_by_name(tiny_model, tmp_path, weights, message):
+def test_schemes_it_cannot_read_are_refused_by_name(tiny_model, tmp_path, fmt, weights, message):
     src = tiny_model("llama")
-    s = scheme()
-    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {}}}
-    qc["config_groups"]["group_0"] = {"targets": ["Linear"], "weights": s.weights.model_dump(mode="json") | weights}
+    qc = {"quant_method": "compressed-tensors", "format": fmt, "config_groups": {"group_0": {}}}
+    qc["config_groups"]["group_0"] = {"targets": ["Linear"], "weights": scheme().weights.model_dump(mode="json")}
+    qc["config_groups"]["group_0"]["weights"] |= weights
     shutil.copytree(src, tmp_path / "src")
     config = json.loads((tmp_path / "src" / "config.json").read_text())
     (tmp_path / "src" / "config.json").write_text(json.dumps(config | {"quantization_config": qc}))
