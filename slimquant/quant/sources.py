@@ -1,9 +1,9 @@
 """The quantizer's source: a Hugging Face folder of float weights (bf16 / fp16 / fp32), or of quantized weights with
 their scales, dequantized to bf16 on read: FP8 blocks (DeepSeek-V3, Kimi-K2, Qwen3-FP8: `weight_scale_inv`), vLLM's
 per-tensor FP8, and llm-compressor's compressed-tensors FP8 or int8 (its FP8_DYNAMIC / W8A8 recipes: `weight_scale`
-per channel, per tensor or per block) or packed int4 (its W4A16 / W4A16_ASYM / GPTQ / AWQ recipes, and the int4
-releases of Kimi-K2-Thinking and later: `weight_packed`, a scale and zero point per group of columns). Other
-quantized releases (GPTQ's or AWQ's own formats, bitsandbytes, MXFP4 ...) are refused by name."""
+per channel, per tensor or per block) or packed int4 (its W4A16 / W4A16_ASYM / GPTQ / AWQ recipes, and
+Kimi-K2-Thinking's int4 release: `weight_packed`, a scale and zero point per group of columns). Other quantized
+releases (GPTQ's or AWQ's own formats, bitsandbytes, MXFP4 ...) are refused by name."""
 
 from __future__ import annotations
 

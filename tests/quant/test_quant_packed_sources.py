@@ -1,6 +1,6 @@
-"""Packed int sources (compressed-tensors' pack-quantized: llm-compressor's W4A16, the int4 releases of
-Kimi-K2-Thinking and later): each is read as the bf16 compressed-tensors itself decompresses it to, packed by
-compressed-tensors' own compressor and decompressed by transformers or compressed-tensors."""
+"""Int sources (compressed-tensors' pack-quantized: llm-compressor's W4A16, Kimi-K2-Thinking's int4 release; and
+asymmetric int8): each is read as the bf16 compressed-tensors itself decompresses it to, written by
+compressed-tensors' own compressors and decompressed by transformers or compressed-tensors."""
 
 from __future__ import annotations
 
