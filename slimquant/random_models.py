@@ -17,7 +17,7 @@ import torch
 
 from slimquant.format.schemes import FLOAT, Scheme, parse_scheme
 
-ARCHS = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "glm4_moe", "deepseek_v2", "deepseek_v3")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "glm4_moe", "glm4_moe_lite", "deepseek_v2", "deepseek_v3")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -37,6 +37,7 @@ def tiny_config(arch: str, **overrides):
         DeepseekV2Config,
         DeepseekV3Config,
         Glm4MoeConfig,
+        Glm4MoeLiteConfig,
         LlamaConfig,
         Qwen2Config,
         Qwen2MoeConfig,
@@ -77,6 +78,9 @@ def tiny_config(arch: str, **overrides):
     elif arch in ("deepseek_v2", "deepseek_v3"):
         cls = DeepseekV3Config if arch == "deepseek_v3" else DeepseekV2Config
         cfg = cls(**(_mla_moe_fields(arch) | common | {"num_key_value_heads": 4} | overrides))
+    elif arch == "glm4_moe_lite":  # GLM-4.7-Flash: DeepSeek-V3's MLA and MoE; mlp_layer_types: layer 0 dense
+        mla = {k: v for k, v in _mla_moe_fields(arch).items() if k != "first_k_dense_replace"}
+        cfg = Glm4MoeLiteConfig(**(mla | common | {"num_key_value_heads": 4} | overrides))
     else:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}")
     return cfg

@@ -37,3 +37,25 @@ def test_which_linears_have_a_bias_is_transformers(tmp_path, arch, overrides):
         layer = runner._meta_layer(i)
         built = {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
         assert {r for r in spec.layer_linears(config, i) if spec.has_bias(config, r)} == built, (arch, i)
+
+
+@pytest.mark.parametrize(
+    "arch,overrides",
+    [
+        ("qwen2_moe", {"num_hidden_layers": 4, "mlp_only_layers": [2], "decoder_sparse_step": 1}),
+        ("qwen3_moe", {"num_hidden_layers": 4, "mlp_only_layers": [], "decoder_sparse_step": 2}),
+        ("glm4_moe", {"num_hidden_layers": 3, "first_k_dense_replace": 2}),
+        ("deepseek_v3", {"num_hidden_layers": 4, "first_k_dense_replace": 2}),  # moe_layer_freq: vLLM's, not here
+        ("glm4_moe_lite", {"num_hidden_layers": 4, "mlp_layer_types": ["dense", "sparse", "dense", "sparse"]}),
+    ],
+)
+def test_which_layers_are_moe_is_transformers(tmp_path, arch, overrides):
+    """is_moe_layer over config.json (as the quantizer reads it) against the layers transformers builds."""
+    from slimquant.format.architectures import is_moe_layer
+
+    src = make_tiny_model(arch, tmp_path, **overrides)
+    config = json.loads((src / "config.json").read_text())
+    runner = LayerRunner(src, ARCHS[arch], torch.float32, "cpu")
+    built = [hasattr(runner._meta_layer(i).mlp, "experts") for i in range(config["num_hidden_layers"])]
+    assert [is_moe_layer(config, i) for i in range(config["num_hidden_layers"])] == built
+    assert any(built) and not all(built)

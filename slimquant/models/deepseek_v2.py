@@ -145,3 +145,8 @@ class DeepseekV2ForCausalLM(CausalLM):
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
     """DeepSeek V3 / R1 and Kimi-K2 (same layout; sigmoid noaux_tc routing)."""
+
+
+class Glm4MoeLiteForCausalLM(DeepseekV3ForCausalLM):
+    """GLM-4.7-Flash (glm4_moe_lite): DeepSeek-V3's layout under GLM's model_type, its MoE layers named by
+    mlp_layer_types."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from slimquant.format.architectures import arch_spec
-from slimquant.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+from slimquant.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, Glm4MoeLiteForCausalLM
 from slimquant.models.glm4_moe import Glm4MoeForCausalLM
 from slimquant.models.llama import LlamaForCausalLM
 from slimquant.models.qwen2 import Qwen2ForCausalLM
@@ -24,6 +24,7 @@ MODELS: dict[str, type[nn.Module]] = {
         DeepseekV2ForCausalLM,
         DeepseekV3ForCausalLM,
         Glm4MoeForCausalLM,
+        Glm4MoeLiteForCausalLM,
     )
 }
 

@@ -76,11 +76,14 @@ def test_engine_greedy_matches_transformers(tiny_model):
         assert out.outputs[0].token_ids == hf_greedy(hf, out.prompt_token_ids, 6)
 
 
-def test_registry_maps_deepseek_and_kimi_k2():
+def test_registry_maps_deepseek_kimi_k2_and_glm_4_7_flash():
     from types import SimpleNamespace
 
-    from slimquant.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+    from slimquant.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, Glm4MoeLiteForCausalLM
     from slimquant.models.registry import model_class
+
+    glm = model_class(SimpleNamespace(architectures=["Glm4MoeLiteForCausalLM"], model_type="glm4_moe_lite"))
+    assert glm is Glm4MoeLiteForCausalLM and issubclass(glm, DeepseekV3ForCausalLM)
 
     assert model_class(SimpleNamespace(architectures=None, model_type="kimi_k2")) is DeepseekV3ForCausalLM
     assert (

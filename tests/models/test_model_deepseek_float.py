@@ -10,7 +10,7 @@ from slimquant.models.loader import load_model
 from tests.models.paged import PROMPT, PagedRunner, assert_close, hf_logits
 
 # transformers' V2 router ignores norm_topk_prob (DeepSeek's own code and vLLM honour it): compare without it
-ARCHS = {"deepseek_v3": {}, "deepseek_v2": {"norm_topk_prob": False}}
+ARCHS = {"deepseek_v3": {}, "deepseek_v2": {"norm_topk_prob": False}, "glm4_moe_lite": {}}
 
 
 def folder_of(tiny_model, arch):

@@ -14,7 +14,7 @@ from tests.models.ascend_ckpt import write_ascend
 from tests.models.paged import PROMPT, PagedRunner, assert_close
 from tests.models.reference import experts_ref, reference_logits, reference_model
 
-ARCHS = {"deepseek_v3": {}, "deepseek_v2": {"norm_topk_prob": False}}
+ARCHS = {"deepseek_v3": {}, "deepseek_v2": {"norm_topk_prob": False}, "glm4_moe_lite": {}}
 
 
 def deepseek_mix(prefix: str) -> str:

@@ -126,6 +126,7 @@ DEEPSEEK = {
     "v3-halves": ("deepseek_v3", {"rope_interleave": False}),
     "v2": ("deepseek_v2", {}),
     "v2-lite": ("deepseek_v2", {"q_lora_rank": None, "topk_method": "greedy", "norm_topk_prob": False}),
+    "glm-4.7-flash": ("glm4_moe_lite", {}),
 }
 
 
@@ -133,7 +134,8 @@ DEEPSEEK = {
     "model, load_dtype, kv_dtype",
     [("v3", torch.float32, torch.float32), ("v3", "auto", torch.bfloat16), ("v3-halves", "auto", torch.float32)]
     + [("v3-yarn", "auto", torch.bfloat16)]
-    + [("v2", "auto", torch.float32), ("v2-lite", torch.float32, torch.bfloat16), ("v2-lite", "auto", torch.float32)],
+    + [("v2", "auto", torch.float32), ("v2-lite", torch.float32, torch.bfloat16), ("v2-lite", "auto", torch.float32)]
+    + [("glm-4.7-flash", "auto", torch.bfloat16)],
 )
 def test_mla_layers_run_in_the_stack_as_per_op(tiny_model, tmp_path, monkeypatch, model, load_dtype, kv_dtype):
     """DeepSeek (layer 0 dense, layer 1 routed and shared experts; ModelSlim's mix, kv_b_proj float): decode steps
@@ -149,7 +151,7 @@ def test_mla_layers_run_in_the_stack_as_per_op(tiny_model, tmp_path, monkeypatch
     assert calls == [1, 3, 3, 3, 3, 3] and stack.decode_only  # the one-token prompt (a decode step) and the steps
     assert [p.struct.mla.q_lora_rank for p in stack.plans] == [0 if model == "v2-lite" else 48] * 2
     assert [p.struct.moe.num_experts for p in stack.plans] == [0, 8]
-    assert bool(stack.plans[1].struct.moe.bias) == (arch == "deepseek_v3")
+    assert bool(stack.plans[1].struct.moe.bias) == (arch != "deepseek_v2")
     assert (stack.plans[1].struct.moe.n_group, stack.plans[1].struct.moe.topk_group) == (
         (1, 1) if model == "v2-lite" else (2, 1)  # V2: the best 1 of 2 groups
     )

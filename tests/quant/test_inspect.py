@@ -65,6 +65,7 @@ def rewrite(src: Path, dst: Path, drop=(), change=None, describe=None) -> Path:
         ("qwen2", "w8a8", {}),
         ("llama", "w8a8_dynamic", {}),
         ("deepseek_v3", "w8a8", {}),
+        ("glm4_moe_lite", "w8a8_dynamic", {}),  # GLM-4.7-Flash: DeepSeek-V3's layout, MoE layers by mlp_layer_types
         ("qwen3", "w8a8", {"kv_cache": "int8"}),
         ("qwen3_moe", "w8a8", {"kv_cache": "int8"}),  # C8 with routed experts
         ("glm4_moe", "w8a8", {"kv_cache": "int8"}),  # shared experts, q/k/v biases, C8 over partial rope

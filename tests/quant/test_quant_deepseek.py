@@ -29,7 +29,8 @@ def expected_description(config: dict, attn: str = W8A8, shifted: bool = True) -
         desc |= {p + "self_attn.kv_a_layernorm.weight": FLOAT, p + "self_attn.kv_b_proj.weight": FLOAT}
         if "q_a_proj" in q:
             desc |= norm(p + "self_attn.q_a_layernorm", shifted)
-        if i < config["first_k_dense_replace"]:
+        types = config.get("mlp_layer_types")  # GLM-4.7-Flash's; DeepSeek's first_k_dense_replace
+        if types[i] == "dense" if types else i < config["first_k_dense_replace"]:
             for proj in MLP_PROJS:
                 desc |= linear(f"{p}mlp.{proj}", DYN)
         else:
@@ -65,7 +66,7 @@ def copy_with(src, dst, tensors: dict) -> None:
     save_file(tensors, str(dst / "model.safetensors"))
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "glm4_moe_lite"])
 def test_mixed_recipe_description(quantized, arch):
     src, dst, summary = quantized(arch)
     desc, tensors = read_output(dst)
