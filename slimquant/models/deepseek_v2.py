@@ -1,4 +1,5 @@
-"""DeepSeek V2 / V3 (and Kimi-K2, the V3 layout): MLA attention over a latent cache, dense then MoE MLPs.
+"""DeepSeek V2 / V3 (and Kimi-K2 and GLM-4.7-Flash, the V3 layout): MLA attention over a latent cache, dense then
+MoE MLPs.
 
 Multi-token-prediction layers (index >= num_hidden_layers) are not built; their tensors are ignored.
 
