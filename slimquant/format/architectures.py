@@ -149,13 +149,13 @@ def num_routed_experts(config) -> int:
 
 
 def is_moe_layer(config, i: int) -> bool:
-    """Whether layer i has the MoE MLP. Where mlp_layer_types lists them (GLM-4.7-Flash), the "sparse" ones;
-    DeepSeek: from first_k_dense_replace on, every moe_layer_freq-th; Qwen3-MoE: every decoder_sparse_step-th
-    (counting from 1) that mlp_only_layers does not name."""
+    """Whether layer i has the MoE MLP. Where mlp_layer_types lists them (GLM-4.7-Flash), the "sparse" ones and the
+    MTP layers past the list (MoE, as DeepSeek-V3's); DeepSeek: from first_k_dense_replace on, every
+    moe_layer_freq-th; Qwen3-MoE: every decoder_sparse_step-th (counting from 1) that mlp_only_layers does not name."""
     if not num_routed_experts(config):
         return False
     if types := config_value(config, "mlp_layer_types"):
-        return types[i] == "sparse"
+        return i >= len(types) or types[i] == "sparse"
     if config_value(config, "n_routed_experts"):
         freq = int(config_value(config, "moe_layer_freq", 1)) or 1
         return i >= int(config_value(config, "first_k_dense_replace", 0)) and i % freq == 0

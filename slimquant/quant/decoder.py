@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import json
@@ -51,7 +52,7 @@ class LayerRunner:
     def _meta_layer(self, i: int) -> nn.Module:
         """Layer i without storage, routed experts one module per expert (the checkpoint's layout)."""
         with torch.device("meta"):
-            layer = self.layer_cls(self.config, layer_idx=i)
+            layer = self.layer_cls(_reaching(self.config, i), layer_idx=i)
             unfuse_experts(layer, self.expert_mlp, self.config)
         return layer
 
@@ -105,6 +106,17 @@ def _load_config(src_dir: str | os.PathLike, config_cls: type | None):
         return AutoConfig.from_pretrained(str(src_dir))
     raw = json.loads((Path(src_dir) / "config.json").read_text())
     return config_cls(**{k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures")})
+
+
+def _reaching(config, i: int):
+    """The config, its mlp_layer_types (GLM-4.7-Flash's, one per main layer) grown with "sparse" to reach an MTP
+    layer i past them, which is MoE as DeepSeek-V3's (format.architectures.is_moe_layer)."""
+    types = getattr(config, "mlp_layer_types", None)
+    if types is None or i < len(types):
+        return config
+    grown = copy.copy(config)
+    grown.mlp_layer_types = [*types, *["sparse"] * (i + 1 - len(types))]
+    return grown
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -54,10 +54,11 @@ def mtp_tensors(source: dict, n: int) -> dict:
     return out | {p + "embed_tokens.weight": source["model.embed_tokens.weight"].clone()}
 
 
-@pytest.fixture
-def mtp_source(tiny_model, tmp_path):
-    """A tiny DeepSeek-V3 with an MTP layer after its decoder layers: (folder, the MTP tensors, num_hidden_layers)."""
-    src = tiny_model("deepseek_v3")
+@pytest.fixture(params=["deepseek_v3", "glm4_moe_lite"])
+def mtp_source(tiny_model, tmp_path, request):
+    """A tiny DeepSeek-V3 (or GLM-4.7-Flash, whose mlp_layer_types names the main layers only) with an MTP layer
+    after its decoder layers: (folder, the MTP tensors, num_hidden_layers)."""
+    src = tiny_model(request.param)
     source = read_source(src)
     n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
     copy_with(src, tmp_path / "src", source)
@@ -155,7 +156,9 @@ def test_unsupported_architecture_lists_deepseek(tiny_model, tmp_path):
     copy_with(src, tmp_path / "src", read_source(src))
     config = json.loads((src / "config.json").read_text())
     (tmp_path / "src" / "config.json").write_text(json.dumps(config | {"model_type": "deepseek_v4"}))
-    with pytest.raises(ValueError, match="'deepseek_v4'.*deepseek_v2, deepseek_v3, glm4_moe, kimi_k2, llama, qwen"):
+    with pytest.raises(
+        ValueError, match="'deepseek_v4'.*deepseek_v2, deepseek_v3, glm4_moe, glm4_moe_lite, kimi_k2, llama, qwen"
+    ):
         quantize(tmp_path / "src", tmp_path / "out", "w8a8", **FAST)
 
 
