@@ -20,8 +20,8 @@ from slimquant.format.safetensors_io import SafetensorsFolder
 
 FP8_BLOCK = 128
 EIGHT_BIT = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)
-_COMPANIONS = (".input_scale", ".weight_zero_point", ".input_zero_point", ".weight_g_idx")  # compressed-tensors'
-# other tensors: read beside the weight (zero points, GPTQ's column order) or not needed
+# compressed-tensors' other tensors: read beside their weight (zero points, GPTQ's column order) or not needed
+_COMPANIONS = (".input_scale", ".weight_zero_point", ".input_zero_point", ".weight_g_idx")
 _CT_FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized")  # the last: int32 words
 _PACKED = "_packed"  # compressed-tensors' pack-quantized: `X.weight_packed` holds the ints of the weight `X.weight`
 
@@ -64,8 +64,8 @@ def _per_weight(
     m, n = shape
     if block is not None:
         bm, bn = block
-        count = math.ceil(n / bn) if groups is None else int(groups.max()) + 1 if groups.numel() == n else -1
-        if tuple(t.shape) != (math.ceil(m / bm), count):
+        across = math.ceil(n / bn) if groups is None else _groups_named(groups, n)
+        if tuple(t.shape) != (math.ceil(m / bm), across):
             raise ValueError(
                 f"a weight [{m}, {n}] in blocks of {bm} x {bn}{' (with g_idx)' if groups is not None else ''} has "
                 f"{what} of shape {list(t.shape)}"
@@ -77,6 +77,12 @@ def _per_weight(
     if t.numel() in (1, m):
         return t.float().reshape(-1, 1)  # [M or 1, 1]
     raise ValueError(f"a weight [{m}, {n}] has {t.numel()} {what}: neither one per row nor one in all")
+
+
+def _groups_named(groups: torch.Tensor, n: int) -> int:
+    """How many groups a g_idx [N] names (one past its largest), or -1 where it is not one index >= 0 per column."""
+    ok = groups.dim() == 1 and groups.numel() == n > 0 and int(groups.min()) >= 0
+    return int(groups.max()) + 1 if ok else -1
 
 
 def weight_scales(config: dict, path: Path) -> WeightScales | None:

@@ -178,10 +178,11 @@ def test_gptq_column_order_is_followed(tiny_model, tmp_path):
     expected = torch.stack([q[:, j].float() * tensors[name + "_scale"][:, g_idx[j]].float() for j in range(n)], 1)
     ckpt = HFCheckpoint(tmp_path / "int")
     assert torch.equal(ckpt.get(name), expected.to(torch.bfloat16)) and name + "_g_idx" not in ckpt
-    tensors[name + "_g_idx"] = g_idx[:-1].to(torch.int32)
-    save_file(tensors, str(tmp_path / "int" / "model.safetensors"))
-    with pytest.raises(ValueError, match=re.escape(f"a weight [{m}, {n}] in blocks of 1 x 32 (with g_idx)")):
-        HFCheckpoint(tmp_path / "int").get(name)
+    for bad in (g_idx[:-1], torch.cat([g_idx[:-1], torch.tensor([-1])])):  # a column short; one index negative
+        tensors[name + "_g_idx"] = bad.to(torch.int32)
+        save_file(tensors, str(tmp_path / "int" / "model.safetensors"))
+        with pytest.raises(ValueError, match=re.escape(f"a weight [{m}, {n}] in blocks of 1 x 32 (with g_idx)")):
+            HFCheckpoint(tmp_path / "int").get(name)
 
 
 def pack_to_int32_inverse(packed: torch.Tensor, cols: int) -> torch.Tensor:
