@@ -53,14 +53,17 @@ def dequantize_weight(
     ([ceil(M/bm), ceil(N/bn)] repeated bm x bn; with groups [N], column j's block is groups[j], GPTQ's g_idx), per
     output row ([M] or [M, 1]) or per tensor (one value); ValueError for another shape."""
     s = _per_weight(scale, w.shape, block, groups, "scales")
-    x = w.float() if zero is None else w.float() - _per_weight(zero, w.shape, block, groups, "zero points")
-    return (x * s).to(torch.bfloat16)
+    x = w.float() if s.dim() == 2 else w.float().view(s.shape[0], s.shape[1], -1)  # [M, N] or [M, N / bn, bn]
+    if zero is not None:
+        x = x - _per_weight(zero, w.shape, block, groups, "zero points")
+    return (x * s).to(torch.bfloat16).view(w.shape)
 
 
 def _per_weight(
     t: torch.Tensor, shape, block: tuple[int, int] | None, groups: torch.Tensor | None, what: str
 ) -> torch.Tensor:
-    """A weight's scales or zero points spread over it: [M, N], or [M or 1, 1] to broadcast."""
+    """A weight's scales or zero points spread over it: [M, N]; [M, N / bn, 1] over its [M, N / bn, bn] view, for
+    blocks that split rows evenly; or [M or 1, 1] to broadcast."""
     m, n = shape
     if block is not None:
         bm, bn = block
@@ -70,8 +73,10 @@ def _per_weight(
                 f"a weight [{m}, {n}] in blocks of {bm} x {bn}{' (with g_idx)' if groups is not None else ''} has "
                 f"{what} of shape {list(t.shape)}"
             )
-        rows = t.float().repeat_interleave(bm, dim=0)[:m]  # [M, blocks across]
-        return rows[:, groups.long()] if groups is not None else rows.repeat_interleave(bn, dim=1)[:, :n]  # [M, N]
+        rows = t.float().repeat_interleave(bm, dim=0)[:m] if bm > 1 else t.float()  # [M, blocks across]
+        if groups is not None:
+            return rows[:, groups.long()]  # [M, N]
+        return rows[:, :, None] if n % bn == 0 else rows.repeat_interleave(bn, dim=1)[:, :n]
     if groups is not None:
         raise ValueError(f"a weight [{m}, {n}] has a g_idx but no groups of columns")
     if t.numel() in (1, m):
@@ -152,15 +157,17 @@ def unpack_ints(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
         raise ValueError(f"{cols} ints of {bits} bits do not fit {list(packed.shape)} {packed.dtype} words")
     assert sys.byteorder == "little", "a word's lowest bits are its first byte"
     data = packed.contiguous().view(torch.uint8)  # [M, 4W]
-    if 8 % bits == 0:  # 2, 4 or 8 bits: no int straddles two bytes
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)  # [8 / bits]
-        value = ((data[:, :, None] >> shifts) & ((1 << bits) - 1)).view(rows, -1)[:, :cols].to(torch.int16)
-    else:
-        data = torch.cat([data, data.new_zeros(rows, 1)], 1)  # [M, 4W + 1]: the last int's next byte
-        first_bit = torch.arange(cols) * bits  # [cols]
-        low = data[:, first_bit // 8].to(torch.int32)  # [M, cols]: the byte each int starts in, and the next one
-        high = data[:, first_bit // 8 + 1].to(torch.int32)
-        value = ((low | high << 8) >> (first_bit % 8).to(torch.int32)) & ((1 << bits) - 1)
+    if bits == 8:
+        return (data[:, :cols] ^ 0x80).view(torch.int8)  # minus 128, as int8 reads the top bit
+    if 8 % bits == 0:  # 2 or 4 bits: no int straddles two bytes, each below 128
+        parts = [(data >> shift) & ((1 << bits) - 1) for shift in range(0, 8, bits)]  # 8 / bits of [M, 4W]
+        value = torch.stack(parts, -1).view(rows, -1)[:, :cols]  # [M, cols]
+        return value.view(torch.int8) - (1 << (bits - 1))
+    data = torch.cat([data, data.new_zeros(rows, 1)], 1)  # [M, 4W + 1]: the last int's next byte
+    first_bit = torch.arange(cols) * bits  # [cols]
+    low = data[:, first_bit // 8].to(torch.int32)  # [M, cols]: the byte each int starts in, and the next one
+    high = data[:, first_bit // 8 + 1].to(torch.int32)
+    value = ((low | high << 8) >> (first_bit % 8).to(torch.int32)) & ((1 << bits) - 1)
     return (value - (1 << (bits - 1))).to(torch.int8)
 
 
