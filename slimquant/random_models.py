@@ -80,6 +80,7 @@ def tiny_config(arch: str, **overrides):
         cfg = cls(**(_mla_moe_fields(arch) | common | {"num_key_value_heads": 4} | overrides))
     elif arch == "glm4_moe_lite":  # GLM-4.7-Flash: DeepSeek-V3's MLA and MoE; mlp_layer_types: layer 0 dense
         mla = {k: v for k, v in _mla_moe_fields(arch).items() if k != "first_k_dense_replace"}
+        mla["v_head_dim"] = 24  # wider than qk_nope_head_dim (16), as GLM-4.7-Flash's 256 and 192
         cfg = Glm4MoeLiteConfig(**(mla | common | {"num_key_value_heads": 4} | overrides))
     else:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}")
