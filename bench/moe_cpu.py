@@ -22,7 +22,8 @@ DeepSeek-V2-Lite-shaped model above (MLA decode absorbed in the whole step; --la
 --deepseek-v3 for a DeepSeek-V3 / Kimi-K2-shaped one (DEEPSEEK_V3_SHAPE: 128 heads, q_lora; 16 routed experts), with
 --deepseek-v2 for a DeepSeek-V2-shaped one (DEEPSEEK_V2_SHAPE: the softmax router limited to the best 3 of 8 groups;
 32 routed experts), with --qwen2-moe for a Qwen2-57B-A14B-shaped one (QWEN2_57B_A14B_SHAPE: a gated shared expert;
-16 routed experts).
+16 routed experts), with --glm-flash for a GLM-4.7-Flash-shaped one (GLM_47_FLASH_SHAPE: MLA with v heads wider
+than the k heads' non-rope part; 32 routed experts).
 
 With --router only a router table runs: Qwen3-MoE's softmax router and DeepSeek-V3 / Kimi-K2 / GLM-4.5's biased
 sigmoid one (TopkRouter) on T random rows at their shapes, TorchOps' torch ops against NativeOps' one call
@@ -121,8 +122,18 @@ DEEPSEEK_V2_SHAPE = dict(
     n_routed_experts=32, num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1, n_group=8, topk_group=3,
     routed_scaling_factor=16.0, norm_topk_prob=False, vocab_size=4096, max_position_embeddings=8192,
 )  # fmt: skip
+# GLM-4.7-Flash's layer shapes (hidden 2048, 20 heads, q_lora 768, latent 512 + 64, k heads of 192 + 64 and v heads
+# of 256, experts of 1536 of which 4 per token plus a shared one, the biased sigmoid router), the first layer dense,
+# 32 of its 64 routed experts (the same work per token but the router's), a 32768-token vocabulary
+GLM_47_FLASH_SHAPE = dict(
+    hidden_size=2048, num_attention_heads=20, num_key_value_heads=20, q_lora_rank=768, kv_lora_rank=512,
+    qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256, intermediate_size=10240, moe_intermediate_size=1536,
+    n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1, n_group=1, topk_group=1,
+    routed_scaling_factor=1.8, norm_topk_prob=True, vocab_size=32768, max_position_embeddings=8192,
+)  # fmt: skip
 MODEL_SHAPES = {
     "qwen3-30b-a3b": ("qwen3_moe", QWEN3_30B_A3B_SHAPE),
+    "glm-4.7-flash": ("glm4_moe_lite", GLM_47_FLASH_SHAPE),
     "qwen2-57b-a14b": ("qwen2_moe", QWEN2_57B_A14B_SHAPE),
     "deepseek-v2": ("deepseek_v2", DEEPSEEK_V2_SHAPE),
     "glm-4.5-air": ("glm4_moe", GLM_45_AIR_SHAPE),
@@ -264,6 +275,7 @@ def main() -> None:
     ap.add_argument("--deepseek-v3", action="store_true", help="--qwen3-moe's table for the DeepSeek-V3 shape")
     ap.add_argument("--deepseek-v2", action="store_true", help="--qwen3-moe's table for the DeepSeek-V2 shape")
     ap.add_argument("--qwen2-moe", action="store_true", help="--qwen3-moe's table for the Qwen2-57B-A14B shape")
+    ap.add_argument("--glm-flash", action="store_true", help="--qwen3-moe's table for the GLM-4.7-Flash shape")
     ap.add_argument("--router", action="store_true", help="only the routers' table: torch ops vs one call")
     args = ap.parse_args()
     if args.tensor_parallel < 1 or args.layers < 1:
@@ -277,7 +289,7 @@ def main() -> None:
         print("\n".join(router_rows(args.tokens, args.rounds)), flush=True)
         return
     presets = {"glm": "glm-4.5-air", "deepseek_v3": "deepseek-v3", "deepseek_v2": "deepseek-v2"}
-    presets |= {"qwen2_moe": "qwen2-57b-a14b", "qwen3_moe": "qwen3-30b-a3b"}
+    presets |= {"qwen2_moe": "qwen2-57b-a14b", "qwen3_moe": "qwen3-30b-a3b", "glm_flash": "glm-4.7-flash"}
     if args.deepseek or any(getattr(args, flag) for flag in presets):
         name = next((name for flag, name in presets.items() if getattr(args, flag)), None)
         model = deepseek_model() if args.deepseek else moe_model(name, args.layers)
