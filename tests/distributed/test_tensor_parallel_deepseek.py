@@ -27,13 +27,15 @@ from tests.server.conftest import start_server, stop_server
 
 @pytest.fixture(scope="module")
 def deepseek(tiny_model, tmp_path_factory) -> dict[str, str]:
-    """name -> folder: V3 float / mix / all-dynamic, V2 (softmax, group-limited greedy) mix."""
+    """name -> folder: V3 float / mix / all-dynamic, V2 (softmax, group-limited greedy) mix, GLM-4.7-Flash (v heads
+    wider than k's non-rope part) mix."""
     v3, v2 = tiny_model("deepseek_v3"), tiny_model("deepseek_v2", norm_topk_prob=False)
     out = {"v3-float": str(v3)}
     for name, src, kind in (
         ("v3-mix", v3, deepseek_mix),
         ("v3-W8A8_DYNAMIC", v3, lambda p: "W8A8_DYNAMIC"),
         ("v2-mix", v2, deepseek_mix),
+        ("glm-4.7-flash-mix", tiny_model("glm4_moe_lite"), deepseek_mix),
     ):
         out[name] = str(write_ascend(src, tmp_path_factory.mktemp(name), kind))
     return out
@@ -170,10 +172,10 @@ def test_serve_expert_parallel_answers_as_one_process(deepseek):
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
 @pytest.mark.parametrize("expert_parallel", [False, True])
 def test_native_ranks_run_mla_layers_in_the_whole_step(deepseek, expert_parallel):
-    """2 cpu-native ranks decode DeepSeek-V3 and V2 (its group-limited router) in the whole-step native call: each
-    rank's heads of MLA (q_b_proj and kv_b_proj split, the latent projections whole), o_proj's int32 products reduced
-    from inside the call, the experts split (or whole, expert parallel). One process's bits."""
-    paths = [deepseek["v3-mix"], deepseek["v2-mix"]]
+    """2 cpu-native ranks decode DeepSeek-V3, V2 (its group-limited router) and GLM-4.7-Flash in the whole-step
+    native call: each rank's heads of MLA (q_b_proj and kv_b_proj split, the latent projections whole), o_proj's int32
+    products reduced from inside the call, the experts split (or whole, expert parallel). One process's bits."""
+    paths = [deepseek["v3-mix"], deepseek["v2-mix"], deepseek["glm-4.7-flash-mix"]]
     ((one, _, one_steps),) = run_ranks(rank_generate_stacked, 1, paths, False)
     assert one_steps > 0
     for rank, (got, notes, steps) in enumerate(run_ranks(rank_generate_stacked, 2, paths, expert_parallel)):
