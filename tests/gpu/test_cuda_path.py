@@ -205,7 +205,9 @@ def test_mla_decode_kernel_matches_gather_and_sdpa(b, nh, lens, dtype, tol):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("arch,overrides", [("deepseek_v3", {}), ("deepseek_v2", {"norm_topk_prob": False})])
+@pytest.mark.parametrize(
+    "arch,overrides", [("deepseek_v3", {}), ("deepseek_v2", {"norm_topk_prob": False}), ("glm4_moe_lite", {})]
+)
 def test_deepseek_mla_moe_matches_reference(tiny_model, tmp_path, arch, overrides):
     src = tiny_model(arch, **overrides)
     dst = write_ascend(src, tmp_path / "q", deepseek_mix)

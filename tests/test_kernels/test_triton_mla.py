@@ -61,7 +61,7 @@ def test_padding_blocks_and_longer_tables_change_nothing():
     torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "glm4_moe_lite"])
 def test_deepseek_on_the_mla_kernel_matches_gather_and_sdpa(tiny_model, monkeypatch, arch):
     """A bf16 DeepSeek on the cuda-triton ops (a prefill chunk, then decode steps of two sequences): decode attention
     through the kernel gives the logits of TorchOps' gather and SDPA on the same ops otherwise."""
