@@ -59,3 +59,16 @@ def test_which_layers_are_moe_is_transformers(tmp_path, arch, overrides):
     built = [hasattr(runner._meta_layer(i).mlp, "experts") for i in range(config["num_hidden_layers"])]
     assert [is_moe_layer(config, i) for i in range(config["num_hidden_layers"])] == built
     assert any(built) and not all(built)
+
+
+def test_a_multimodal_wrapper_is_refused_naming_its_text_model():
+    """Kimi-K2.5 / K2.6 as transformers reads it: a kimi_k25 config around a DeepSeek-V3 text_config."""
+    from transformers.models.kimi_k25 import Kimi_K25Config
+
+    from slimquant.format.architectures import arch_spec
+
+    for config in (Kimi_K25Config(), {"model_type": "kimi_k25", "text_config": {"model_type": "kimi_k2"}}):
+        with pytest.raises(ValueError, match=r"'kimi_k25' .*it wraps a '(deepseek_v3|kimi_k2)' text model"):
+            arch_spec(config)
+    with pytest.raises(ValueError, match=r"architectures \[\]\); supported"):  # no wrapper: no word of one
+        arch_spec({"model_type": "mamba"})

@@ -271,9 +271,15 @@ def arch_spec(config) -> ArchSpec:
     by_class = {spec.model_class: spec for spec in reversed(ARCHS.values())}  # the first model_type of a class
     found = ARCHS.get(model_type) if model_type else next((by_class[a] for a in archs if a in by_class), None)
     if found is None:
+        text = config_value(config, "text_config")
+        inner = config_value(text, "model_type") if text is not None else None
+        wrapper = (
+            f"; it wraps a {inner!r} text model with other modalities, which slimquant does not read" if inner else ""
+        )
         raise ValueError(
             f"unsupported architecture {model_type!r} (config.json: model_type {model_type!r}, architectures "
-            f"{archs}); supported model types: {', '.join(sorted(ARCHS))}; architectures: {', '.join(sorted(by_class))}"
+            f"{archs}{wrapper}); supported model types: {', '.join(sorted(ARCHS))}; architectures: "
+            f"{', '.join(sorted(by_class))}"
         )
     return found
 
