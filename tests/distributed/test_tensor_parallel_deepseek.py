@@ -103,9 +103,14 @@ def test_native_ranks_return_one_native_process_results(deepseek):
     """cpu-native ranks: the native absorbed MLA decode and kv_b_proj products over each rank's heads (4 ranks: one
     head each) and the int8 experts split over the ranks in one native call give one cpu-native process's numbers,
     bit for bit."""
-    paths = [deepseek["v3-float"], deepseek["v3-mix"], deepseek["v2-mix"]]
+    assert_native_ranks_match_one_process([deepseek["v3-float"], deepseek["v3-mix"], deepseek["v2-mix"]], (2, 4))
+
+
+def assert_native_ranks_match_one_process(paths: list[str], sizes: tuple[int, ...] = (2,)) -> None:
+    """cpu-native ranks of each size give one cpu-native process's tokens and logprobs for every path, each rank
+    having run its share of the int8 experts split in the experts' native call."""
     ((one, _),) = run_ranks(rank_generate_native, 1, paths)
-    for size in (2, 4):
+    for size in sizes:
         for rank, (got, split_calls) in enumerate(run_ranks(rank_generate_native, size, paths)):
             assert got == one, f"rank {rank} of {size} differs from one process"
             assert split_calls > 0

@@ -10,8 +10,8 @@ import pytest
 from slimquant.distributed.launch import run_ranks
 from slimquant.kernels import native
 from tests.distributed.test_tensor_parallel_deepseek import (
+    assert_native_ranks_match_one_process,
     rank_generate,
-    rank_generate_native,
     rank_generate_stacked,
 )
 from tests.models.ascend_ckpt import write_ascend
@@ -51,11 +51,7 @@ def test_every_rank_returns_one_process_tokens_and_logprobs(qwen3_moe, one_proce
 def test_native_ranks_return_one_native_process_results(qwen3_moe):
     """cpu-native ranks, their int8 experts split: where a step runs per op, the split experts run in the experts'
     native call, which reduces from inside it; one process's bits."""
-    paths = [qwen3_moe["W8A8_DYNAMIC"], qwen3_moe["mix"]]
-    ((one, _),) = run_ranks(rank_generate_native, 1, paths)
-    for rank, (got, split_calls) in enumerate(run_ranks(rank_generate_native, 2, paths)):
-        assert got == one, f"rank {rank} of 2 differs from one process"
-        assert split_calls > 0
+    assert_native_ranks_match_one_process([qwen3_moe["W8A8_DYNAMIC"], qwen3_moe["mix"]])
 
 
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")

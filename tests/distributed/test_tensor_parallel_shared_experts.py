@@ -10,7 +10,11 @@ import pytest
 
 from slimquant.distributed.launch import run_ranks
 from slimquant.kernels import native
-from tests.distributed.test_tensor_parallel_deepseek import rank_generate, rank_generate_native, rank_generate_stacked
+from tests.distributed.test_tensor_parallel_deepseek import (
+    assert_native_ranks_match_one_process,
+    rank_generate,
+    rank_generate_stacked,
+)
 from tests.distributed.test_tensor_parallel_qwen3_moe import moe_checkpoints
 
 
@@ -35,11 +39,7 @@ def test_every_rank_returns_one_process_tokens_and_logprobs(checkpoints, one_pro
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
 def test_native_ranks_return_one_native_process_results(checkpoints):
     """cpu-native ranks (steps per op), their int8 experts split in the experts' native call."""
-    paths = [checkpoints["W8A8_DYNAMIC"], checkpoints["mix"]]
-    ((one, _),) = run_ranks(rank_generate_native, 1, paths)
-    for rank, (got, split_calls) in enumerate(run_ranks(rank_generate_native, 2, paths)):
-        assert got == one, f"rank {rank} of 2 differs from one process"
-        assert split_calls > 0
+    assert_native_ranks_match_one_process([checkpoints["W8A8_DYNAMIC"], checkpoints["mix"]])
 
 
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2 or compiler)")
